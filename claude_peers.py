@@ -1,0 +1,1596 @@
+#!/usr/bin/env python3
+"""claude-peers: the fleet hub for Claude Code sessions.
+
+Sessions on every machine of a homelab register with one broker, list each other,
+and exchange messages that are pushed into Claude Code through its channel
+protocol. One module, many subcommands; run ``python claude_peers.py --help``.
+
+Sections, in dependency order: common helpers, config, store, broker HTTP,
+broker client, CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import http.client
+import http.server
+import ipaddress
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+import urllib.parse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("claude-peers")
+
+
+# ===========================================================================
+# Common helpers
+# ===========================================================================
+
+
+class UserError(Exception):
+    """A problem the user can fix: printed as one line, never as a traceback."""
+
+
+class ApiError(Exception):
+    """An error answered over the API as ``{"error": message, ...}`` with a status."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds as an ISO-8601 UTC string with milliseconds."""
+    if ts is None:
+        return None
+    stamp = dt.datetime.fromtimestamp(ts, dt.UTC)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_id(nbytes: int = 5) -> str:
+    return secrets.token_hex(nbytes)
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs on this machine (zombies count as dead)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Structured-enough logs on stderr: stdout belongs to the MCP wire and to CLI output."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+# ===========================================================================
+# Config: daemons.toml, paths, token
+# ===========================================================================
+
+# The built-in defaults; the repo's daemons.toml carries exactly these values.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "fleet": {
+        "name": "homelab",
+        "machine": "",  # empty: the hostname
+    },
+    "broker": {
+        "listen": "127.0.0.1:7899",
+        "url": "",  # empty: http://<listen>
+        "token_file": "",  # empty: $CLAUDE_PEERS_HOME/token
+        "stale_after_s": 45,
+        "lease_s": 30,
+        "poll_wait_s": 25,
+        "max_body_bytes": 262144,
+        "max_text_bytes": 65536,
+        "memory_max_bytes": 16384,
+        "rate_per_s": 100.0,
+        "rate_burst": 200,
+        "retention_days": 7,
+        "tls_cert": "",
+        "tls_key": "",
+    },
+}
+
+MIN_TOKEN_LEN = 16
+
+
+def data_home() -> Path:
+    return Path(os.environ.get("CLAUDE_PEERS_HOME") or Path.home() / ".local/share/claude-peers")
+
+
+def config_path(explicit: str | None = None) -> Path | None:
+    """The config file in effect, or None for built-in defaults."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("CLAUDE_PEERS_CONFIG"):
+        return Path(os.environ["CLAUDE_PEERS_CONFIG"])
+    user = Path.home() / ".config/claude-peers/daemons.toml"
+    return user if user.exists() else None
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _check_positive(value: Any) -> None:
+    if value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+
+
+def _check_non_negative(value: Any) -> None:
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+
+
+# Extra checks beyond the type of the default value.
+KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
+    ("broker", "listen"): parse_hostport,
+    ("broker", "stale_after_s"): _check_positive,
+    ("broker", "lease_s"): _check_positive,
+    ("broker", "poll_wait_s"): _check_positive,
+    ("broker", "max_body_bytes"): _check_positive,
+    ("broker", "max_text_bytes"): _check_positive,
+    ("broker", "memory_max_bytes"): _check_positive,
+    ("broker", "rate_per_s"): _check_non_negative,
+    ("broker", "rate_burst"): _check_positive,
+    ("broker", "retention_days"): _check_positive,
+}
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return type(value) is type(default)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+class Config:
+    """The validated config: one namespace per table (``cfg.broker.listen``)."""
+
+    def __init__(self, raw: dict[str, Any], source: Path | None) -> None:
+        self.source = source
+        where = str(source) if source else "built-in defaults"
+        for table, defaults in DEFAULTS.items():
+            given = raw.get(table, {})
+            if not isinstance(given, dict):
+                raise UserError(f"{where}: [{table}] must be a table")
+            values = dict(defaults)
+            for key, value in given.items():
+                if key not in defaults:
+                    raise UserError(f"{where}: {table}.{key}: unknown key (known: {', '.join(defaults)})")
+                if not _type_ok(value, defaults[key]):
+                    kind = type(defaults[key]).__name__
+                    raise UserError(f"{where}: {table}.{key}: expected {kind}, got {value!r}")
+                try:
+                    KEY_CHECKS.get((table, key), lambda v: v)(value)
+                except ValueError as exc:
+                    raise UserError(f"{where}: {table}.{key}: {exc}") from None
+                values[key] = float(value) if isinstance(defaults[key], float) else value
+            setattr(self, table, SimpleNamespace(**values))
+        unknown = set(raw) - set(DEFAULTS)
+        if unknown:
+            raise UserError(f"{where}: unknown table [{min(unknown)}] (known: {', '.join(DEFAULTS)})")
+
+    @property
+    def machine(self) -> str:
+        return self.fleet.machine or socket.gethostname()
+
+    @property
+    def broker_url(self) -> str:
+        if os.environ.get("CLAUDE_PEERS_URL"):
+            return os.environ["CLAUDE_PEERS_URL"].rstrip("/")
+        if self.broker.url:
+            return self.broker.url.rstrip("/")
+        host, port = parse_hostport(self.broker.listen)
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        scheme = "https" if self.broker.tls_cert else "http"
+        return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    @property
+    def token_path(self) -> Path:
+        return Path(self.broker.token_file).expanduser() if self.broker.token_file else data_home() / "token"
+
+
+def load_config(explicit: str | None = None) -> Config:
+    path = config_path(explicit)
+    if path is None:
+        return Config({}, None)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found (pass --config or unset CLAUDE_PEERS_CONFIG)") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read config: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML: {exc}") from None
+    return Config(raw, path)
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write a secret file readable by its owner only (0600 from the first byte)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+    os.chmod(path, 0o600)
+
+
+def read_token(cfg: Config, create: bool = False) -> str:
+    """The fleet token: $CLAUDE_PEERS_TOKEN, else the token file (created 0600 if asked)."""
+    if os.environ.get("CLAUDE_PEERS_TOKEN"):
+        return os.environ["CLAUDE_PEERS_TOKEN"].strip()
+    path = cfg.token_path
+    if not path.exists():
+        if not create:
+            raise UserError(f"{path}: no fleet token (set CLAUDE_PEERS_TOKEN, or copy it from the hub: claude-peers token)")
+        write_secret(path, secrets.token_urlsafe(32))
+        log.info("created fleet token %s (mode 0600)", path)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)
+        log.warning("%s was readable by others; tightened to 0600", path)
+    return path.read_text().strip()
+
+
+# ===========================================================================
+# Store: sessions, messages, events and memory in sqlite (WAL)
+# ===========================================================================
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions(
+    id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    name TEXT,
+    machine TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    cwd TEXT NOT NULL,
+    git_root TEXT NOT NULL,
+    branch TEXT NOT NULL,
+    tty TEXT NOT NULL,
+    client TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    live INTEGER NOT NULL DEFAULT 1
+);
+CREATE UNIQUE INDEX IF NOT EXISTS sessions_live_name ON sessions(name) WHERE live = 1 AND name IS NOT NULL;
+CREATE INDEX IF NOT EXISTS sessions_live ON sessions(last_seen) WHERE live = 1;
+CREATE TABLE IF NOT EXISTS messages(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    thread_id TEXT NOT NULL,
+    reply_to TEXT,
+    from_id TEXT NOT NULL,
+    from_name TEXT NOT NULL,
+    from_machine TEXT NOT NULL,
+    from_cwd TEXT NOT NULL,
+    to_addr TEXT NOT NULL,
+    to_session TEXT,
+    to_name TEXT,
+    text TEXT NOT NULL,
+    state TEXT NOT NULL,
+    sent_at REAL NOT NULL,
+    delivered_at REAL,
+    read_at REAL,
+    lease_until REAL,
+    leased_to TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_open_session ON messages(to_session, seq) WHERE state IN ('queued', 'delivered');
+CREATE INDEX IF NOT EXISTS messages_open_name ON messages(to_name, seq) WHERE state IN ('queued', 'delivered');
+CREATE INDEX IF NOT EXISTS messages_sent ON messages(sent_at);
+CREATE TABLE IF NOT EXISTS events(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    at REAL NOT NULL,
+    payload TEXT NOT NULL,
+    published_at REAL
+);
+CREATE INDEX IF NOT EXISTS events_unpublished ON events(seq) WHERE published_at IS NULL;
+CREATE TABLE IF NOT EXISTS memory(
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    text TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    updated_by TEXT NOT NULL
+);
+"""
+
+SCOPES = ("all", "machine", "repo", "directory")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SESSION_ID_RE = re.compile(r"^[0-9a-f]{10}$")
+OPERATOR = "operator"  # the CLI's identity: authenticated by the fleet token alone
+
+SESSION_FIELDS = ("id", "name", "machine", "pid", "cwd", "git_root", "branch", "tty", "client", "summary")
+
+
+def valid_name(name: str) -> bool:
+    """Agent names: identifier-like, never shaped like a session id, never the operator."""
+    return bool(NAME_RE.match(name)) and not SESSION_ID_RE.match(name) and name != OPERATOR
+
+
+def session_view(row: sqlite3.Row) -> dict[str, Any]:
+    view = {key: row[key] for key in SESSION_FIELDS}
+    view["started_at"] = iso(row["started_at"])
+    view["last_seen"] = iso(row["last_seen"])
+    return view
+
+
+def message_view(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "thread_id": row["thread_id"],
+        "reply_to": row["reply_to"],
+        "from_id": row["from_id"],
+        "from_name": row["from_name"],
+        "from_machine": row["from_machine"],
+        "from_cwd": row["from_cwd"],
+        "to": row["to_addr"],
+        "to_id": row["to_session"],
+        "to_name": row["to_name"],
+        "text": row["text"],
+        "state": row["state"],
+        "sent_at": iso(row["sent_at"]),
+        "delivered_at": iso(row["delivered_at"]),
+        "read_at": iso(row["read_at"]),
+    }
+
+
+class Store:
+    """The broker's state. One connection behind a lock: sqlite serialises writers
+    anyway, and one connection keeps memory flat with thousands of long-polls."""
+
+    def __init__(self, path: Path, cfg: Config) -> None:
+        self.cfg = cfg
+        self.machine = cfg.machine
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000", "foreign_keys=ON"):
+            self.db.execute(f"PRAGMA {pragma}")
+        self.db.executescript(SCHEMA)
+        self.lock = threading.RLock()
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction taken up front (BEGIN IMMEDIATE): commit or roll back."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self.lock:
+            return self.db.execute(sql, args).fetchall()
+
+    # -- events ------------------------------------------------------------
+
+    def _event(self, c: sqlite3.Connection, kind: str, subject: str, **fields: Any) -> None:
+        """Record an event in the caller's transaction (the outbox)."""
+        event_id = new_id(8)
+        now = time.time()
+        payload = {"id": event_id, "type": kind, "at": iso(now), "machine": fields.pop("machine", self.machine)}
+        payload.update(fields)
+        c.execute(
+            "INSERT INTO events(id, type, subject, at, payload) VALUES (?,?,?,?,?)",
+            (event_id, kind, subject, now, json.dumps(payload)),
+        )
+
+    def events_after(self, after: int, limit: int) -> list[dict[str, Any]]:
+        rows = self.read("SELECT seq, subject, payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
+        return [{"seq": r["seq"], "subject": r["subject"], **json.loads(r["payload"])} for r in rows]
+
+    def last_event_seq(self) -> int:
+        return self.read("SELECT COALESCE(MAX(seq), 0) FROM events")[0][0]
+
+    # -- sessions ----------------------------------------------------------
+
+    def _alive(self, row: sqlite3.Row, now: float) -> bool:
+        if not row["live"] or row["last_seen"] < now - self.cfg.broker.stale_after_s:
+            return False
+        return row["machine"] != self.machine or pid_alive(row["pid"])
+
+    def _end_session(self, c: sqlite3.Connection, row: sqlite3.Row, reason: str) -> None:
+        """Mark a session gone: its unnamed mail becomes undeliverable, named mail waits for the name."""
+        sid = row["id"]
+        c.execute("UPDATE sessions SET live = 0 WHERE id = ?", (sid,))
+        c.execute(
+            "UPDATE messages SET state = 'undeliverable', lease_until = NULL, leased_to = NULL"
+            " WHERE to_session = ? AND to_name IS NULL AND state = 'queued'",
+            (sid,),
+        )
+        c.execute(
+            "UPDATE messages SET lease_until = NULL, leased_to = NULL WHERE leased_to = ? AND state = 'queued'",
+            (sid,),
+        )
+        self._event(c, "peer.left", "fleet.peer.left", machine=row["machine"], session_id=sid,
+                    name=row["name"], reason=reason)
+
+    def _reap(self, c: sqlite3.Connection, now: float) -> int:
+        """End every live session that is stale or whose local pid died."""
+        rows = c.execute("SELECT * FROM sessions WHERE live = 1").fetchall()
+        dead = [r for r in rows if not self._alive(r, now)]
+        for row in dead:
+            stale = row["last_seen"] < now - self.cfg.broker.stale_after_s
+            self._end_session(c, row, "stale" if stale else "process exited")
+        return len(dead)
+
+    def reap(self) -> int:
+        with self.tx() as c:
+            return self._reap(c, time.time())
+
+    def register(self, info: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        name = info.get("name") or None
+        if name is not None and not valid_name(name):
+            raise ApiError(400, f"invalid agent name {name!r}: use 1-64 letters, digits, '.', '_' or '-'"
+                           " (not a session id, not 'operator')")
+        sid, secret = new_id(), secrets.token_urlsafe(24)
+        with self.tx() as c:
+            self._reap(c, now)
+            if name is not None:
+                holder = c.execute("SELECT * FROM sessions WHERE live = 1 AND name = ?", (name,)).fetchone()
+                if holder is not None:
+                    raise ApiError(409, f"agent name {name!r} is held by live session {holder['id']}"
+                                   f" on {holder['machine']} ({holder['cwd']})", holder=session_view(holder))
+            c.execute(
+                "INSERT INTO sessions(id, secret_hash, name, machine, pid, cwd, git_root, branch, tty, client,"
+                " summary, started_at, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (sid, sha256_hex(secret), name, info["machine"], info["pid"], info["cwd"],
+                 info.get("git_root", ""), info.get("branch", ""), info.get("tty", ""),
+                 info.get("client", ""), info.get("summary", ""), now, now),
+            )
+            row = c.execute("SELECT * FROM sessions WHERE id = ?", (sid,)).fetchone()
+            self._event(c, "peer.joined", "fleet.peer.joined", **session_view(row))
+        return {**session_view(row), "secret": secret}
+
+    def authenticate(self, sid: str, secret: str) -> sqlite3.Row:
+        """The live session ``sid`` if ``secret`` is its secret; touches last_seen."""
+        with self.lock:
+            row = self.db.execute("SELECT * FROM sessions WHERE id = ?", (sid,)).fetchone()
+            if row is None:
+                raise ApiError(404, f"unknown session {sid}: register again", code="unknown_session")
+            if not hmac.compare_digest(row["secret_hash"], sha256_hex(secret)):
+                raise ApiError(403, f"wrong session secret for session {sid}")
+            now = time.time()
+            if not self._alive(row, now):
+                if row["live"]:
+                    with self.tx() as c:
+                        self._end_session(c, row, "stale")
+                raise ApiError(404, f"session {sid} has ended: register again", code="unknown_session")
+            self.db.execute("UPDATE sessions SET last_seen = ? WHERE id = ?", (now, sid))
+            return row
+
+    def set_summary(self, session: sqlite3.Row, summary: str) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE sessions SET summary = ? WHERE id = ?", (summary, session["id"]))
+            self._event(c, "peer.summary", "fleet.peer.summary", machine=session["machine"],
+                        session_id=session["id"], name=session["name"], summary=summary)
+
+    def leave(self, session: sqlite3.Row) -> None:
+        with self.tx() as c:
+            self._end_session(c, session, "left")
+
+    def peers(self, scope: str, ref: dict[str, Any], exclude: str | None = None) -> list[dict[str, Any]]:
+        """Live sessions in ``scope`` relative to ``ref`` (a session or the operator's hints)."""
+        if scope not in SCOPES:
+            raise ApiError(400, f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
+        now = time.time()
+        rows = self.read("SELECT * FROM sessions WHERE live = 1 AND last_seen >= ? ORDER BY machine, started_at",
+                         (now - self.cfg.broker.stale_after_s,))
+        out = []
+        for row in rows:
+            if row["id"] == exclude or not self._alive(row, now) or not in_scope(scope, ref, row):
+                continue
+            out.append(session_view(row))
+        return out
+
+    # -- messages ----------------------------------------------------------
+
+    def send(self, sender: dict[str, Any], to: str, text: str, reply_to: str | None,
+             scope: str) -> tuple[dict[str, Any], set[str]]:
+        """Commit a message (one row per recipient); returns the result and the session ids to wake."""
+        if not text.strip():
+            raise ApiError(400, "text is empty")
+        if len(text.encode()) > self.cfg.broker.max_text_bytes:
+            raise ApiError(413, f"text is {len(text.encode())} bytes; the limit is {self.cfg.broker.max_text_bytes}")
+        now = time.time()
+        with self.tx() as c:
+            thread_id = None
+            if reply_to:
+                parent = c.execute("SELECT * FROM messages WHERE id = ?", (reply_to,)).fetchone()
+                if parent is None or sender["id"] not in (parent["from_id"], parent["to_session"]) and (
+                        not sender["name"] or sender["name"] != parent["to_name"]):
+                    raise ApiError(404, f"reply_to: no message {reply_to} sent to or by you")
+                thread_id = parent["thread_id"]
+                if parent["state"] != "read" and sender["id"] != parent["from_id"]:
+                    c.execute("UPDATE messages SET state = 'read', read_at = ?, lease_until = NULL,"
+                              " delivered_at = COALESCE(delivered_at, ?) WHERE id = ?", (now, now, reply_to))
+            targets = self._resolve(c, sender, to, scope, now)
+            results, wake = [], set()
+            for target in targets:
+                mid = new_id(6)
+                state = "undeliverable" if target["undeliverable"] else "queued"
+                c.execute(
+                    "INSERT INTO messages(id, thread_id, reply_to, from_id, from_name, from_machine, from_cwd,"
+                    " to_addr, to_session, to_name, text, state, sent_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (mid, thread_id or mid, reply_to, sender["id"], sender["name"] or sender["id"],
+                     sender["machine"], sender["cwd"], to, target["session"], target["name"], text, state, now),
+                )
+                if target["session"] and state == "queued":
+                    wake.add(target["session"])
+                self._event(c, "message.sent", "fleet.message.sent", machine=sender["machine"], message_id=mid,
+                            thread_id=thread_id or mid, from_id=sender["id"], from_name=sender["name"],
+                            to=to, to_id=target["session"], to_name=target["name"], state=state,
+                            bytes=len(text.encode()))
+                results.append({"id": mid, "to_id": target["session"], "to_name": target["name"],
+                                "state": state, "online": target["session"] is not None})
+        result: dict[str, Any] = {"thread_id": thread_id or (results[0]["id"] if len(results) == 1 else None),
+                                  "messages": results}
+        if to != "*":
+            result.update(id=results[0]["id"], state=results[0]["state"], online=results[0]["online"])
+        return result, wake
+
+    def _resolve(self, c: sqlite3.Connection, sender: dict[str, Any], to: str, scope: str,
+                 now: float) -> list[dict[str, Any]]:
+        """Who receives a message to ``to``: live session ids, a name (maybe offline), or a broadcast."""
+        if to == "*":
+            if sender["id"] == OPERATOR and scope != "all":
+                raise ApiError(400, "the operator can only broadcast with scope 'all'")
+            rows = c.execute("SELECT * FROM sessions WHERE live = 1").fetchall()
+            return [{"session": r["id"], "name": r["name"], "undeliverable": False} for r in rows
+                    if r["id"] != sender["id"] and self._alive(r, now) and in_scope(scope, sender, r)]
+        if to in (sender["id"], sender["name"]):
+            raise ApiError(400, "cannot send a message to yourself")
+        row = c.execute("SELECT * FROM sessions WHERE id = ?", (to,)).fetchone()
+        if row is not None:
+            if self._alive(row, now):
+                return [{"session": row["id"], "name": row["name"], "undeliverable": False}]
+            if row["live"]:
+                self._end_session(c, row, "stale")
+            if row["name"] is None:
+                return [{"session": row["id"], "name": None, "undeliverable": True}]
+            to = row["name"]  # a named session's mail goes to the next holder of the name
+        elif not valid_name(to):
+            raise ApiError(400, f"to: {to!r} is neither a session id, an agent name, nor '*'")
+        holder = c.execute("SELECT * FROM sessions WHERE live = 1 AND name = ?", (to,)).fetchone()
+        if holder is not None and not self._alive(holder, now):
+            self._end_session(c, holder, "stale")
+            holder = None
+        return [{"session": holder["id"] if holder else None, "name": to, "undeliverable": False}]
+
+    def lease(self, session: sqlite3.Row, limit: int) -> tuple[list[dict[str, Any]], float | None]:
+        """Lease the session's next queued messages; also returns when the next foreign lease ends."""
+        now = time.time()
+        with self.tx() as c:
+            rows = c.execute(
+                "SELECT * FROM messages WHERE state = 'queued' AND (to_session = ? OR to_name = ?) ORDER BY seq",
+                (session["id"], session["name"]),
+            ).fetchall()
+            ready = [r for r in rows if r["lease_until"] is None or r["lease_until"] <= now][:limit]
+            pending = [r["lease_until"] for r in rows if r["lease_until"] is not None and r["lease_until"] > now]
+            until = now + self.cfg.broker.lease_s
+            c.executemany("UPDATE messages SET lease_until = ?, leased_to = ? WHERE seq = ?",
+                          [(until, session["id"], r["seq"]) for r in ready])
+        return [message_view(r) for r in ready], (min(pending) if pending else None)
+
+    def ack(self, session: sqlite3.Row, ids: list[str], state: str) -> int:
+        """Mark messages addressed to this session ``delivered`` or ``read``; returns how many changed."""
+        now = time.time()
+        allowed = ("queued",) if state == "delivered" else ("queued", "delivered")
+        marks = ",".join("?" * len(ids))
+        column = "delivered_at" if state == "delivered" else "read_at"
+        with self.tx() as c:
+            cur = c.execute(
+                f"UPDATE messages SET state = ?, {column} = ?, delivered_at = COALESCE(delivered_at, ?),"
+                f" lease_until = NULL WHERE id IN ({marks}) AND state IN ({','.join('?' * len(allowed))})"
+                " AND (to_session = ? OR to_name = ?)",
+                (state, now, now, *ids, *allowed, session["id"], session["name"]),
+            )
+            return cur.rowcount
+
+    def inbox(self, session: sqlite3.Row) -> list[dict[str, Any]]:
+        """Every message to this session not yet read, now marked read (``check_messages``)."""
+        now = time.time()
+        with self.tx() as c:
+            rows = c.execute(
+                "SELECT * FROM messages WHERE state IN ('queued', 'delivered') AND (to_session = ? OR to_name = ?)"
+                " ORDER BY seq", (session["id"], session["name"])).fetchall()
+            c.executemany("UPDATE messages SET state = 'read', read_at = ?, delivered_at = COALESCE(delivered_at, ?),"
+                          " lease_until = NULL WHERE seq = ?", [(now, now, r["seq"]) for r in rows])
+        return [message_view(r) for r in rows]
+
+    def unread(self, session: sqlite3.Row) -> int:
+        return self.read("SELECT COUNT(*) FROM messages WHERE state IN ('queued', 'delivered')"
+                         " AND (to_session = ? OR to_name = ?)", (session["id"], session["name"]))[0][0]
+
+    def message(self, mid: str, viewer: dict[str, Any]) -> dict[str, Any]:
+        rows = self.read("SELECT * FROM messages WHERE id = ?", (mid,))
+        if not rows or viewer["id"] != OPERATOR and viewer["id"] not in (rows[0]["from_id"], rows[0]["to_session"]) \
+                and (not viewer["name"] or viewer["name"] != rows[0]["to_name"]):
+            raise ApiError(404, f"no message {mid}")
+        return message_view(rows[0])
+
+    def recent_messages(self, limit: int) -> list[dict[str, Any]]:
+        rows = self.read("SELECT * FROM messages ORDER BY seq DESC LIMIT ?", (limit,))
+        return [message_view(r) for r in reversed(rows)]
+
+    # -- memory, status, housekeeping ----------------------------------------
+
+    def memory(self) -> dict[str, Any]:
+        rows = self.read("SELECT * FROM memory WHERE id = 1")
+        if not rows:
+            return {"text": "", "updated_at": None, "updated_by": None}
+        return {"text": rows[0]["text"], "updated_at": iso(rows[0]["updated_at"]), "updated_by": rows[0]["updated_by"]}
+
+    def set_memory(self, text: str, author: str) -> None:
+        limit = self.cfg.broker.memory_max_bytes
+        if len(text.encode()) > limit:
+            raise ApiError(413, f"memory is {len(text.encode())} bytes; the limit is {limit}")
+        with self.tx() as c:
+            c.execute("INSERT INTO memory(id, text, updated_at, updated_by) VALUES (1, ?, ?, ?) ON CONFLICT(id)"
+                      " DO UPDATE SET text = excluded.text, updated_at = excluded.updated_at,"
+                      " updated_by = excluded.updated_by", (text, time.time(), author))
+            self._event(c, "memory.updated", "fleet.memory.updated", by=author, bytes=len(text.encode()))
+
+    def counts(self) -> dict[str, Any]:
+        states = dict(self.read("SELECT state, COUNT(*) FROM messages GROUP BY state"))
+        return {
+            "sessions_live": len(self.peers("all", {})),
+            "messages": {s: states.get(s, 0) for s in ("queued", "delivered", "read", "undeliverable")},
+            "events": self.read("SELECT COUNT(*) FROM events")[0][0],
+            "last_event_seq": self.last_event_seq(),
+        }
+
+    def prune(self) -> None:
+        """Keep idle cost flat: drop finished messages, ended sessions and old events past retention."""
+        cutoff = time.time() - self.cfg.broker.retention_days * 86400
+        with self.tx() as c:
+            c.execute("DELETE FROM messages WHERE sent_at < ? AND state IN ('read', 'undeliverable', 'delivered')",
+                      (cutoff,))
+            c.execute("DELETE FROM sessions WHERE live = 0 AND last_seen < ?", (cutoff,))
+            c.execute("DELETE FROM events WHERE at < ?", (cutoff,))
+        with self.lock:
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def in_scope(scope: str, ref: dict[str, Any], row: Any) -> bool:
+    if scope == "all":
+        return True
+    if scope == "machine":
+        return row["machine"] == ref.get("machine")
+    if scope == "repo" and ref.get("git_root"):
+        return row["git_root"] == ref.get("git_root") and row["machine"] == ref.get("machine")
+    return row["cwd"] == ref.get("cwd") and row["machine"] == ref.get("machine")
+
+
+# ===========================================================================
+# Broker HTTP: the JSON API over the store
+# ===========================================================================
+
+# Request bodies: field -> (type, required, max length for strings / items for lists).
+Schema = dict[str, tuple[type, bool, int]]
+REGISTER_SCHEMA: Schema = {
+    "machine": (str, True, 255), "pid": (int, True, 0), "cwd": (str, True, 4096), "git_root": (str, False, 4096),
+    "branch": (str, False, 255), "tty": (str, False, 255), "client": (str, False, 64),
+    "summary": (str, False, 1000), "name": (str, False, 64),
+}
+SUMMARY_SCHEMA: Schema = {"summary": (str, True, 1000)}
+SEND_SCHEMA: Schema = {"to": (str, True, 64), "text": (str, True, 1 << 30), "reply_to": (str, False, 64),
+                       "scope": (str, False, 16)}
+POLL_SCHEMA: Schema = {"wait_s": (float, False, 0), "max": (int, False, 0)}
+ACK_SCHEMA: Schema = {"ids": (list, True, 1000), "state": (str, True, 16)}
+MEMORY_SCHEMA: Schema = {"text": (str, True, 1 << 30)}
+EMPTY_SCHEMA: Schema = {}
+
+
+def validate(body: Any, schema: Schema) -> dict[str, Any]:
+    """Check a JSON body against a schema: unknown, missing and mistyped fields are 400s."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object")
+    for key in body:
+        if key not in schema:
+            raise ApiError(400, f"unknown field {key!r} (allowed: {', '.join(schema) or 'none'})")
+    for key, (kind, required, limit) in schema.items():
+        if key not in body or body[key] is None:
+            if required:
+                raise ApiError(400, f"missing field {key!r}")
+            continue
+        value = body[key]
+        ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+        if isinstance(value, bool) or not ok:
+            raise ApiError(400, f"field {key!r} must be {'a number' if kind is float else kind.__name__}")
+        if kind is str and len(value) > limit:
+            raise ApiError(413 if key == "text" else 400, f"field {key!r} is longer than {limit} characters")
+        if kind is list and (len(value) > limit or not all(isinstance(v, str) for v in value)):
+            raise ApiError(400, f"field {key!r} must be a list of at most {limit} strings")
+    return body
+
+
+class RateLimiter:
+    """A token bucket per session: a runaway peer gets 429s, not the whole fleet's attention."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[str, tuple[float, float]] = {}
+        self.lock = threading.Lock()
+
+    def allow(self, key: str) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        with self.lock:
+            tokens, last = self.buckets.get(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            if tokens < 1:
+                self.buckets[key] = (tokens, now)
+                return False
+            self.buckets[key] = (tokens - 1, now)
+            return True
+
+
+class Broker:
+    """The hub: routes requests to the store and wakes long-polls when mail or events arrive."""
+
+    def __init__(self, cfg: Config, home: Path, token: str) -> None:
+        self.cfg = cfg
+        self.token = token
+        self.store = Store(home / "broker.db", cfg)
+        self.limiter = RateLimiter(cfg.broker.rate_per_s, cfg.broker.rate_burst)
+        self.mail = threading.Condition()  # notified when any session may have new mail
+        self.mail_gen: dict[str, int] = {}
+        self.events = threading.Condition()  # notified when events were written
+        self.started = time.time()
+        self.stopping = threading.Event()
+
+    # -- wake-ups -----------------------------------------------------------
+
+    def wake(self, sids: set[str]) -> None:
+        if sids:
+            with self.mail:
+                for sid in sids:
+                    self.mail_gen[sid] = self.mail_gen.get(sid, 0) + 1
+                self.mail.notify_all()
+        with self.events:
+            self.events.notify_all()
+
+    def poll(self, session: sqlite3.Row, wait_s: float, limit: int) -> list[dict[str, Any]]:
+        """Lease mail for a session, waiting up to ``wait_s`` for some to arrive."""
+        deadline = time.monotonic() + wait_s
+        sid = session["id"]
+        while True:
+            with self.mail:
+                gen = self.mail_gen.get(sid, 0)
+            messages, next_lease_end = self.store.lease(session, limit)
+            remaining = deadline - time.monotonic()
+            if messages or remaining <= 0 or self.stopping.is_set():
+                return messages
+            if next_lease_end is not None:
+                remaining = min(remaining, max(0.01, next_lease_end - time.time()))
+            with self.mail:
+                self.mail.wait_for(lambda gen=gen: self.mail_gen.get(sid, 0) != gen or self.stopping.is_set(),
+                                   remaining)
+
+    def wait_events(self, after: int, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        with self.events:
+            while self.store.last_event_seq() <= after and not self.stopping.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self.events.wait(remaining)
+
+    # -- housekeeping ---------------------------------------------------------
+
+    def janitor(self) -> None:
+        """Reap dead sessions every few seconds; prune history hourly."""
+        interval = max(0.5, min(5.0, self.cfg.broker.stale_after_s / 3))
+        last_prune = 0.0
+        while not self.stopping.wait(interval):
+            try:
+                if self.store.reap():
+                    self.wake(set())
+                if time.time() - last_prune > 3600:
+                    self.store.prune()
+                    last_prune = time.time()
+            except sqlite3.Error as exc:
+                log.error("janitor: %s", exc)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self.mail:
+            self.mail.notify_all()
+        with self.events:
+            self.events.notify_all()
+
+    def status(self) -> dict[str, Any]:
+        return {"version": __version__, "fleet": self.cfg.fleet.name, "machine": self.store.machine,
+                "uptime_s": round(time.time() - self.started, 1), **self.store.counts()}
+
+
+class Request(SimpleNamespace):
+    """One parsed API call: path groups, query, JSON body, caller identity."""
+
+
+OPERATOR_IDENTITY = {"id": OPERATOR, "name": OPERATOR, "machine": "", "cwd": ""}
+
+
+def r_status(b: Broker, req: Request) -> Any:
+    return b.status()
+
+
+def r_register(b: Broker, req: Request) -> Any:
+    if req.body["pid"] < 0:
+        raise ApiError(400, "field 'pid' must be >= 0")
+    session = b.store.register(req.body)
+    b.wake(set())
+    return 201, {**session, "stale_after_s": b.cfg.broker.stale_after_s, "lease_s": b.cfg.broker.lease_s,
+                 "poll_wait_s": b.cfg.broker.poll_wait_s}
+
+
+def r_whoami(b: Broker, req: Request) -> Any:
+    return {**session_view(req.session), "unread": b.store.unread(req.session)}
+
+
+def r_summary(b: Broker, req: Request) -> Any:
+    b.store.set_summary(req.session, req.body["summary"])
+    b.wake(set())
+    return {"ok": True, "unread": b.store.unread(req.session)}
+
+
+def r_leave(b: Broker, req: Request) -> Any:
+    b.store.leave(req.session)
+    b.wake(set())
+    return {"ok": True}
+
+
+def _scope(req: Request) -> str:
+    return req.query.get("scope", "all")
+
+
+def r_session_peers(b: Broker, req: Request) -> Any:
+    peers = b.store.peers(_scope(req), dict(req.session), exclude=req.session["id"])
+    return {"peers": peers, "unread": b.store.unread(req.session)}
+
+
+def r_peers(b: Broker, req: Request) -> Any:
+    ref = {k: req.query.get(k, "") for k in ("machine", "git_root", "cwd")}
+    return {"peers": b.store.peers(_scope(req), ref)}
+
+
+def _send(b: Broker, sender: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    scope = body.get("scope", "all")
+    if scope not in SCOPES:
+        raise ApiError(400, f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
+    result, wake = b.store.send(sender, body["to"], body["text"], body.get("reply_to"), scope)
+    b.wake(wake)
+    return result
+
+
+def r_session_send(b: Broker, req: Request) -> Any:
+    result = _send(b, dict(req.session), req.body)
+    return 201, {**result, "unread": b.store.unread(req.session)}
+
+
+def r_operator_send(b: Broker, req: Request) -> Any:
+    return 201, _send(b, OPERATOR_IDENTITY, req.body)
+
+
+def r_poll(b: Broker, req: Request) -> Any:
+    wait_s = min(float(req.body.get("wait_s", b.cfg.broker.poll_wait_s)), 60.0)
+    limit = max(1, min(int(req.body.get("max", 100)), 1000))
+    messages = b.poll(req.session, max(0.0, wait_s), limit)
+    return {"messages": messages}
+
+
+def r_ack(b: Broker, req: Request) -> Any:
+    if req.body["state"] not in ("delivered", "read"):
+        raise ApiError(400, "field 'state' must be 'delivered' or 'read'")
+    changed = b.store.ack(req.session, req.body["ids"], req.body["state"])
+    return {"changed": changed, "unread": b.store.unread(req.session)}
+
+
+def r_inbox(b: Broker, req: Request) -> Any:
+    return {"messages": b.store.inbox(req.session)}
+
+
+def r_session_message(b: Broker, req: Request) -> Any:
+    return b.store.message(req.args[1], dict(req.session))
+
+
+def r_message(b: Broker, req: Request) -> Any:
+    return b.store.message(req.args[0], OPERATOR_IDENTITY)
+
+
+def r_messages(b: Broker, req: Request) -> Any:
+    return {"messages": b.store.recent_messages(_int_query(req, "limit", 50, 1, 1000))}
+
+
+def _int_query(req: Request, key: str, default: int, low: int, high: int) -> int:
+    raw = req.query.get(key, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"query parameter {key!r} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ApiError(400, f"query parameter {key!r} must be between {low} and {high}")
+    return value
+
+
+def r_events(b: Broker, req: Request) -> Any:
+    after = _int_query(req, "after", 0, 0, 1 << 62)
+    limit = _int_query(req, "limit", 100, 1, 1000)
+    wait_s = _int_query(req, "wait_s", 0, 0, 60)
+    if wait_s:
+        b.wait_events(after, wait_s)
+    events = b.store.events_after(after, limit)
+    return {"events": events, "cursor": events[-1]["seq"] if events else after}
+
+
+def r_memory(b: Broker, req: Request) -> Any:
+    return b.store.memory()
+
+
+def r_set_memory(b: Broker, req: Request) -> Any:
+    author = req.session["name"] or req.session["id"] if req.session is not None else OPERATOR
+    b.store.set_memory(req.body["text"], author)
+    b.wake(set())
+    return b.store.memory()
+
+
+SID = r"([0-9a-f]{10})"
+# (method, path pattern, handler, needs a session, body schema for POSTs)
+ROUTES: list[tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool, Schema | None]] = [
+    (m, re.compile(f"^{p}$"), h, s, schema) for m, p, h, s, schema in [
+        ("GET", "/api/status", r_status, False, None),
+        ("GET", "/api/peers", r_peers, False, None),
+        ("POST", "/api/sessions", r_register, False, REGISTER_SCHEMA),
+        ("GET", f"/api/sessions/{SID}", r_whoami, True, None),
+        ("GET", f"/api/sessions/{SID}/peers", r_session_peers, True, None),
+        ("POST", f"/api/sessions/{SID}/summary", r_summary, True, SUMMARY_SCHEMA),
+        ("POST", f"/api/sessions/{SID}/send", r_session_send, True, SEND_SCHEMA),
+        ("POST", f"/api/sessions/{SID}/poll", r_poll, True, POLL_SCHEMA),
+        ("POST", f"/api/sessions/{SID}/ack", r_ack, True, ACK_SCHEMA),
+        ("POST", f"/api/sessions/{SID}/inbox", r_inbox, True, EMPTY_SCHEMA),
+        ("POST", f"/api/sessions/{SID}/leave", r_leave, True, EMPTY_SCHEMA),
+        ("POST", f"/api/sessions/{SID}/memory", r_set_memory, True, MEMORY_SCHEMA),
+        ("GET", f"/api/sessions/{SID}/messages/([0-9a-f]{{12}})", r_session_message, True, None),
+        ("POST", "/api/send", r_operator_send, False, SEND_SCHEMA),
+        ("GET", "/api/messages", r_messages, False, None),
+        ("GET", "/api/messages/([0-9a-f]{12})", r_message, False, None),
+        ("GET", "/api/events", r_events, False, None),
+        ("GET", "/api/memory", r_memory, False, None),
+        ("POST", "/api/memory", r_set_memory, False, MEMORY_SCHEMA),
+    ]
+]
+
+
+class ApiHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive, Nagle off: the stdlib defaults stall each reply on delayed ACKs."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server_version = f"claude-peers/{__version__}"
+    broker: Broker  # set on the subclass made by make_server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def _dispatch(self, method: str) -> None:
+        try:
+            status, body = self._handle(method)
+        except ApiError as exc:
+            status, body = exc.status, {"error": exc.message, **exc.extra}
+        except sqlite3.Error as exc:
+            log.exception("store error on %s %s", method, self.path)
+            status, body = 503, {"error": f"store error: {exc}"}
+        self._reply(status, body)
+
+    def _reply(self, status: int, body: Any) -> None:
+        data = json.dumps(body, separators=(",", ":")).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        if status == 429:
+            self.send_header("Retry-After", "1")
+        if status in (411, 413) or self.close_connection:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _handle(self, method: str) -> tuple[int, Any]:
+        url = urllib.parse.urlsplit(self.path)
+        allowed = [r for r in ROUTES if r[1].match(url.path)]
+        if not allowed:
+            raise ApiError(404, f"no such endpoint {url.path}")
+        route = next((r for r in allowed if r[0] == method), None)
+        if route is None:
+            raise ApiError(405, f"{method} not allowed on {url.path} (use {allowed[0][0]})")
+        _, pattern, handler, needs_session, schema = route
+        self._check_token()
+        req = Request(args=pattern.match(url.path).groups(), session=None, body={},
+                      query=dict(urllib.parse.parse_qsl(url.query)))
+        if needs_session:
+            secret = self.headers.get("X-Session-Secret")
+            if not secret:
+                raise ApiError(401, "missing X-Session-Secret header for a session call")
+            req.session = self.broker.store.authenticate(req.args[0], secret)
+            if not self.broker.limiter.allow(req.args[0]):
+                raise ApiError(429, "rate limit exceeded for this session; slow down")
+        if method == "POST":
+            req.body = validate(self._read_json(), schema or {})
+        result = handler(self.broker, req)
+        return result if isinstance(result, tuple) else (200, result)
+
+    def _check_token(self) -> None:
+        header = self.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise ApiError(401, "missing fleet token (Authorization: Bearer <token>)")
+        if not hmac.compare_digest(given.strip().encode(), self.broker.token.encode()):
+            raise ApiError(401, "wrong fleet token")
+
+    def _read_json(self) -> Any:
+        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            raise ApiError(411, "Content-Length required")
+        if int(length) > self.broker.cfg.broker.max_body_bytes:
+            self.close_connection = True
+            raise ApiError(413, f"body is {length} bytes; the limit is {self.broker.cfg.broker.max_body_bytes}")
+        raw = self.rfile.read(int(length))
+        if ctype != "application/json":
+            raise ApiError(415, "POST bodies must be Content-Type: application/json")
+        try:
+            return json.loads(raw or b"{}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"malformed JSON: {exc}") from None
+
+
+class BrokerServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_server(cfg: Config, home: Path, listen: str | None = None) -> tuple[BrokerServer, Broker]:
+    """Bind the API: loopback by default; anything else needs a strong token."""
+    host, port = parse_hostport(listen or cfg.broker.listen)
+    token = read_token(cfg, create=True)
+    if not is_loopback(host) and len(token) < MIN_TOKEN_LEN:
+        raise UserError(f"refusing to listen on {host}: the fleet token is missing or shorter than"
+                        f" {MIN_TOKEN_LEN} characters (see {cfg.token_path})")
+    broker = Broker(cfg, home, token)
+    handler = type("BoundApiHandler", (ApiHandler,), {"broker": broker})
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_cls = type("BoundServer", (BrokerServer,), {"address_family": family})
+    try:
+        server = server_cls((host, port), handler)
+    except OSError as exc:
+        broker.store.close()
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}"
+                        " (is another broker running? pick another --listen)") from None
+    if cfg.broker.tls_cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(cfg.broker.tls_cert, cfg.broker.tls_key or None)
+        except (OSError, ssl.SSLError) as exc:
+            server.server_close()
+            raise UserError(f"broker.tls_cert: cannot load {cfg.broker.tls_cert}: {exc}") from None
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    return server, broker
+
+
+def run_broker(cfg: Config, listen: str | None = None) -> None:
+    home = data_home()
+    server, broker = make_server(cfg, home, listen)
+    threading.Thread(target=broker.janitor, name="janitor", daemon=True).start()
+    host, port = server.server_address[:2]
+    log.info("broker %s listening on %s:%s (db %s)", __version__, host, port, home / "broker.db")
+    print(f"claude-peers broker listening on {cfg.broker_url if listen is None else f'{host}:{port}'}",
+          file=sys.stderr, flush=True)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        broker.stop()
+        server.server_close()
+        broker.store.close()
+
+
+# ===========================================================================
+# Broker client: used by the shim, the CLI, the supervisor and bench
+# ===========================================================================
+
+
+class BrokerUnreachable(UserError):
+    """The broker did not answer (down, wrong URL, network)."""
+
+
+class BrokerClient:
+    """A keep-alive JSON client for the broker API; one connection, so one caller at a time."""
+
+    def __init__(self, url: str, token: str, timeout: float = 10.0) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UserError(f"broker url {url!r} is not an http(s) URL (set CLAUDE_PEERS_URL or [broker] url)")
+        self.url = url
+        self.parts = parts
+        self.token = token
+        self.timeout = timeout
+        self.conn: http.client.HTTPConnection | None = None
+        self.lock = threading.Lock()
+        self.session_id: str | None = None
+        self.session_secret: str | None = None
+
+    def _connect(self, timeout: float) -> http.client.HTTPConnection:
+        port = self.parts.port or (443 if self.parts.scheme == "https" else 80)
+        if self.parts.scheme == "https":
+            return http.client.HTTPSConnection(self.parts.hostname, port, timeout=timeout,
+                                               context=ssl.create_default_context())
+        return http.client.HTTPConnection(self.parts.hostname, port, timeout=timeout)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+             timeout: float | None = None) -> Any:
+        """One API call; retried once on a dropped keep-alive connection."""
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        if self.session_secret:
+            headers["X-Session-Secret"] = self.session_secret
+        data = None
+        if body is not None or method == "POST":
+            data = json.dumps(body or {}).encode()
+            headers["Content-Type"] = "application/json"
+        with self.lock:
+            for attempt in (0, 1):
+                fresh = self.conn is None
+                if fresh:
+                    self.conn = self._connect(timeout or self.timeout)
+                self.conn.timeout = timeout or self.timeout
+                if self.conn.sock is not None:
+                    self.conn.sock.settimeout(self.conn.timeout)
+                try:
+                    self.conn.request(method, path, body=data, headers=headers)
+                    response = self.conn.getresponse()
+                    raw = response.read()
+                    break
+                except (OSError, http.client.HTTPException) as exc:
+                    self.conn.close()
+                    self.conn = None
+                    if fresh or attempt or isinstance(exc, TimeoutError):
+                        raise BrokerUnreachable(f"broker at {self.url} unreachable: {exc or type(exc).__name__}") \
+                            from None
+        try:
+            payload = json.loads(raw) if raw else {}
+        except ValueError:
+            raise BrokerUnreachable(f"{self.url} answered {response.status} with non-JSON: is it a claude-peers"
+                                    " broker?") from None
+        if response.status >= 400:
+            message = payload.get("error", raw.decode(errors="replace")) if isinstance(payload, dict) else str(payload)
+            raise ApiError(response.status, message, **{k: v for k, v in payload.items() if k != "error"})
+        return payload
+
+    # -- session calls --------------------------------------------------------
+
+    def register(self, info: dict[str, Any]) -> dict[str, Any]:
+        session = self.call("POST", "/api/sessions", info)
+        self.session_id, self.session_secret = session["id"], session["secret"]
+        return session
+
+    def attach(self, other: BrokerClient) -> BrokerClient:
+        """Share another client's session (a second connection for the long-poll)."""
+        self.session_id, self.session_secret = other.session_id, other.session_secret
+        return self
+
+    def session_call(self, method: str, suffix: str, body: dict[str, Any] | None = None,
+                     timeout: float | None = None) -> Any:
+        if self.session_id is None:
+            raise BrokerUnreachable("not registered with the broker yet")
+        return self.call(method, f"/api/sessions/{self.session_id}{suffix}", body, timeout)
+
+
+def client_from_config(cfg: Config, timeout: float = 10.0) -> BrokerClient:
+    return BrokerClient(cfg.broker_url, read_token(cfg), timeout)
+
+
+# ===========================================================================
+# Bench: the figures of SPEC.md section 9, measured on this machine
+# ===========================================================================
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
+
+
+class BenchBroker:
+    """A real broker subprocess in a temp dir, for bench."""
+
+    def __init__(self, extra_toml: str = "") -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="claude-peers-bench-")
+        home = Path(self.tmp.name)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.config = home / "daemons.toml"
+        self.config.write_text(f'[broker]\nlisten = "127.0.0.1:{port}"\nrate_per_s = 0.0\n{extra_toml}')
+        self.env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(self.config)}
+        self.env.pop("CLAUDE_PEERS_URL", None)
+        self.env.pop("CLAUDE_PEERS_TOKEN", None)
+        self.proc = subprocess.Popen([sys.executable, __file__, "broker"], env=self.env,
+                                     stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if (home / "token").exists():
+                self.token = (home / "token").read_text().strip()
+                try:
+                    BrokerClient(self.url, self.token, 1).call("GET", "/api/status")
+                    return
+                except (BrokerUnreachable, ApiError):
+                    pass
+            time.sleep(0.05)
+        raise UserError("bench: the broker did not start")
+
+    def client(self) -> BrokerClient:
+        return BrokerClient(self.url, self.token, 60)
+
+    def session(self, name: str | None = None) -> BrokerClient:
+        client = self.client()
+        client.register({"machine": "bench", "pid": os.getpid(), "cwd": "/bench", "name": name, "client": "bench"})
+        return client
+
+    def rss_mb(self) -> float:
+        return rss_mb(self.proc.pid)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.tmp.cleanup()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench_send_rate(broker: BenchBroker, clients: int, per_client: int) -> float:
+    """Messages/s committed by ``clients`` senders, each on its own keep-alive connection."""
+    receiver = broker.session()
+    senders = [broker.session() for _ in range(clients)]
+    barrier = threading.Barrier(clients + 1)
+
+    def sender(client: BrokerClient) -> None:
+        barrier.wait()
+        for i in range(per_client):
+            client.session_call("POST", "/send", {"to": receiver.session_id, "text": f"bench {i}"})
+
+    threads = [threading.Thread(target=sender, args=(c,)) for c in senders]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return clients * per_client / (time.perf_counter() - start)
+
+
+def bench_wakeup(broker: BenchBroker, samples: int) -> list[float]:
+    """Latency (ms) from a send returning to the long-polling receiver holding the message."""
+    receiver = broker.session()
+    sender = broker.session()
+    got = threading.Event()
+    arrived: dict[str, float] = {}
+
+    def poller() -> None:
+        poll = broker.client().attach(receiver)
+        while len(arrived) < samples:
+            for message in poll.session_call("POST", "/poll", {"wait_s": 5})["messages"]:
+                arrived[message["id"]] = time.perf_counter()
+                poll.session_call("POST", "/ack", {"ids": [message["id"]], "state": "delivered"})
+                got.set()
+
+    threading.Thread(target=poller, daemon=True).start()
+    latencies = []
+    for _ in range(samples):
+        got.clear()
+        time.sleep(0.005)  # let the poller park in its long-poll
+        sent = time.perf_counter()
+        mid = sender.session_call("POST", "/send", {"to": receiver.session_id, "text": "ping"})["id"]
+        got.wait(5)
+        if mid in arrived:
+            latencies.append((arrived[mid] - sent) * 1000)
+    return latencies
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    print(f"claude-peers {__version__} bench on {socket.gethostname()} ({os.cpu_count()} cores)")
+    broker = BenchBroker()
+    try:
+        rate = bench_send_rate(broker, 8, args.messages // 8)
+        print(f"broker send, 8 concurrent clients:        {rate:8.0f} messages/s  (target >= 2600)")
+        lat = bench_wakeup(broker, args.samples)
+        print(f"long-poll wake-up latency ({len(lat)} samples): p50 {percentile(lat, 50):6.2f} ms"
+              f"  p99 {percentile(lat, 99):6.2f} ms")
+        print(f"broker resident memory:                   {broker.rss_mb():8.1f} MB")
+    finally:
+        broker.close()
+    return 0
+
+
+# ===========================================================================
+# CLI
+# ===========================================================================
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def ago(stamp: str | None) -> str:
+    if not stamp:
+        return "-"
+    seconds = time.time() - dt.datetime.fromisoformat(stamp).timestamp()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{max(0, int(seconds))}s ago"
+
+
+def cmd_broker(cfg: Config, args: argparse.Namespace) -> int:
+    run_broker(cfg, args.listen)
+    return 0
+
+
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    client = client_from_config(cfg)
+    if args.message_id:
+        message = client.call("GET", f"/api/messages/{urllib.parse.quote(args.message_id)}")
+        if args.json:
+            print_json(message)
+        else:
+            print(f"message {message['id']} to {message['to']}: {message['state']}"
+                  f" (sent {ago(message['sent_at'])}, delivered {ago(message['delivered_at'])},"
+                  f" read {ago(message['read_at'])})")
+        return 0
+    status = client.call("GET", "/api/status")
+    if args.json:
+        print_json(status)
+        return 0
+    counts = status["messages"]
+    print(f"broker {cfg.broker_url}  version {status['version']}  fleet {status['fleet']}"
+          f"  machine {status['machine']}  up {status['uptime_s']:.0f}s")
+    print(f"sessions live: {status['sessions_live']}")
+    print("messages: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"events: {status['events']} (last seq {status['last_event_seq']})")
+    return 0
+
+
+def cmd_peers(cfg: Config, args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({"scope": args.scope, "machine": cfg.machine, "cwd": os.getcwd(),
+                                    "git_root": git_info(Path.cwd())[0]})
+    peers = client_from_config(cfg).call("GET", f"/api/peers?{query}")["peers"]
+    if args.json:
+        print_json(peers)
+        return 0
+    if not peers:
+        print(f"no live sessions (scope {args.scope})")
+    for peer in peers:
+        label = peer["name"] or "-"
+        print(f"{peer['id']}  {label:<20} {peer['machine']:<16} {peer['cwd']}"
+              f"{' [' + peer['branch'] + ']' if peer['branch'] else ''}  seen {ago(peer['last_seen'])}")
+        if peer["summary"]:
+            print(f"            {peer['summary']}")
+    return 0
+
+
+def cmd_send(cfg: Config, args: argparse.Namespace) -> int:
+    body = {"to": args.to, "text": args.text, "reply_to": args.reply_to, "scope": args.scope}
+    result = client_from_config(cfg).call("POST", "/api/send", {k: v for k, v in body.items() if v})
+    if args.json:
+        print_json(result)
+        return 0
+    if not result["messages"]:
+        print("no live sessions in scope: nothing sent")
+    for message in result["messages"]:
+        target = message["to_name"] or message["to_id"]
+        print(f"message {message['id']} to {target}: {message['state']}"
+              f"{'' if message['online'] or message['state'] == 'undeliverable' else ' (recipient offline)'}")
+    return 0
+
+
+def cmd_memory(cfg: Config, args: argparse.Namespace) -> int:
+    client = client_from_config(cfg)
+    if args.set is not None:
+        text = sys.stdin.read() if args.set == "-" else read_user_file(args.set)
+        memory = client.call("POST", "/api/memory", {"text": text})
+    else:
+        memory = client.call("GET", "/api/memory")
+    if args.json:
+        print_json(memory)
+    elif args.set is None:
+        print(memory["text"] or "(fleet memory is empty)")
+    else:
+        print(f"fleet memory replaced ({len(memory['text'].encode())} bytes)")
+    return 0
+
+
+def read_user_file(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def cmd_token(cfg: Config, args: argparse.Namespace) -> int:
+    print(read_token(cfg, create=args.create))
+    return 0
+
+
+def git_info(cwd: Path) -> tuple[str, str]:
+    """(git root, branch) of ``cwd``, or empty strings outside a repository."""
+    try:
+        out = subprocess.run(["git", "-C", str(cwd), "rev-parse", "--show-toplevel", "--abbrev-ref", "HEAD"],
+                             capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "", ""
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) < 2:
+        return (lines[0], "") if out.returncode == 0 and lines else ("", "")
+    return lines[0], lines[1]
+
+
+EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH = 1, 2, 3, 4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="claude-peers", description="Fleet hub for Claude Code sessions.")
+    parser.add_argument("--config", help="path to daemons.toml (default: $CLAUDE_PEERS_CONFIG,"
+                        " ~/.config/claude-peers/daemons.toml, built-in defaults)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+    parser.add_argument("--version", action="version", version=f"claude-peers {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable[[Config, argparse.Namespace], int], help_text: str,
+                json_flag: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    p = command("broker", cmd_broker, "run the broker (HTTP API + sqlite store)")
+    p.add_argument("--listen", help="HOST:PORT (default: [broker] listen, 127.0.0.1:7899)")
+    p = command("status", cmd_status, "broker status, or one message's delivery state", json_flag=True)
+    p.add_argument("message_id", nargs="?", help="a message id to look up")
+    p = command("peers", cmd_peers, "list live sessions", json_flag=True)
+    p.add_argument("--scope", choices=SCOPES, default="all", help="relative to this machine and directory")
+    p = command("send", cmd_send, "send a message as the operator", json_flag=True)
+    p.add_argument("to", help="session id, agent name, or '*' (broadcast)")
+    p.add_argument("text")
+    p.add_argument("--reply-to", help="message id this answers")
+    p.add_argument("--scope", choices=SCOPES, help="broadcast scope (operator: all)")
+    p = command("memory", cmd_memory, "show or replace the fleet memory", json_flag=True)
+    p.add_argument("--set", metavar="FILE", help="replace the memory with FILE's text ('-' for stdin)")
+    p = command("token", cmd_token, "print the fleet token (to copy to other machines)")
+    p.add_argument("--create", action="store_true", help="create the token file (0600) if missing")
+    p = command("bench", run_bench_cmd, "measure the SPEC section 9 figures on this machine")
+    p.add_argument("--messages", type=int, default=4000, help="messages for the throughput run")
+    p.add_argument("--samples", type=int, default=300, help="samples for latency runs")
+    return parser
+
+
+def run_bench_cmd(cfg: Config, args: argparse.Namespace) -> int:
+    return run_bench(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        cfg = load_config(args.config)
+        return args.func(cfg, args)
+    except BrokerUnreachable as exc:
+        print(f"claude-peers: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except ApiError as exc:
+        hint = " (check CLAUDE_PEERS_TOKEN or the token file; `claude-peers token` on the hub)" \
+            if exc.status == 401 else ""
+        print(f"claude-peers: broker said {exc.status}: {exc.message}{hint}", file=sys.stderr)
+        return EXIT_AUTH if exc.status in (401, 403) else EXIT_ERROR
+    except UserError as exc:
+        print(f"claude-peers: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
