@@ -12,18 +12,20 @@ broker client, CLI.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import hashlib
 import hmac
+import http
 import http.client
-import http.server
 import ipaddress
 import json
 import logging
 import os
 import re
 import secrets
+import signal
 import socket
 import sqlite3
 import ssl
@@ -300,7 +302,6 @@ CREATE TABLE IF NOT EXISTS sessions(
     live INTEGER NOT NULL DEFAULT 1
 );
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_live_name ON sessions(name) WHERE live = 1 AND name IS NOT NULL;
-CREATE INDEX IF NOT EXISTS sessions_live ON sessions(last_seen) WHERE live = 1;
 CREATE TABLE IF NOT EXISTS messages(
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -323,10 +324,9 @@ CREATE TABLE IF NOT EXISTS messages(
 );
 CREATE INDEX IF NOT EXISTS messages_open_session ON messages(to_session, seq) WHERE state IN ('queued', 'delivered');
 CREATE INDEX IF NOT EXISTS messages_open_name ON messages(to_name, seq) WHERE state IN ('queued', 'delivered');
-CREATE INDEX IF NOT EXISTS messages_sent ON messages(sent_at);
 CREATE TABLE IF NOT EXISTS events(
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
+    id TEXT NOT NULL,
     type TEXT NOT NULL,
     subject TEXT NOT NULL,
     at REAL NOT NULL,
@@ -355,10 +355,10 @@ def valid_name(name: str) -> bool:
     return bool(NAME_RE.match(name)) and not SESSION_ID_RE.match(name) and name != OPERATOR
 
 
-def session_view(row: sqlite3.Row) -> dict[str, Any]:
+def session_view(row: Any, last_seen: float | None = None) -> dict[str, Any]:
     view = {key: row[key] for key in SESSION_FIELDS}
     view["started_at"] = iso(row["started_at"])
-    view["last_seen"] = iso(row["last_seen"])
+    view["last_seen"] = iso(last_seen or row["last_seen"])
     return view
 
 
@@ -384,18 +384,30 @@ def message_view(row: sqlite3.Row) -> dict[str, Any]:
 
 class Store:
     """The broker's state. One connection behind a lock: sqlite serialises writers
-    anyway, and one connection keeps memory flat with thousands of long-polls."""
+    anyway, and one connection keeps memory flat with thousands of long-polls.
+
+    Two things stay off the request path: heartbeats (``seen``, flushed by the
+    janitor) and WAL checkpoints (``checkpoint`` on a connection of its own)."""
 
     def __init__(self, path: Path, cfg: Config) -> None:
         self.cfg = cfg
+        self.path = path
         self.machine = cfg.machine
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000", "foreign_keys=ON"):
-            self.db.execute(f"PRAGMA {pragma}")
+        self.db = self._connect()
+        self.db.execute("PRAGMA wal_autocheckpoint=0")
         self.db.executescript(SCHEMA)
         self.lock = threading.RLock()
+        self.seen: dict[str, float] = {}  # heartbeats not yet written down
+        self.commits = 0
+        self._load_live()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000", "foreign_keys=ON"):
+            db.execute(f"PRAGMA {pragma}")
+        return db
 
     def close(self) -> None:
         with self.lock:
@@ -403,15 +415,37 @@ class Store:
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction taken up front (BEGIN IMMEDIATE): commit or roll back."""
+        """A write transaction taken up front (BEGIN IMMEDIATE): commit or roll back.
+
+        Inside another transaction (a group commit) it is a savepoint, so one
+        failing operation rolls back alone."""
         with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
+            nested = self.db.in_transaction
+            self.db.execute("SAVEPOINT op" if nested else "BEGIN IMMEDIATE")
             try:
                 yield self.db
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self.db.execute("ROLLBACK TO op" if nested else "ROLLBACK")
+                if nested:
+                    self.db.execute("RELEASE op")
+                self._load_live()
                 raise
-            self.db.execute("COMMIT")
+            self.db.execute("RELEASE op" if nested else "COMMIT")
+            self.commits += not nested
+
+    def checkpoint(self, stop: threading.Event, every_commits: int = 256, every_s: float = 5.0) -> None:
+        """Copy the WAL back into the database once enough commits or seconds piled up."""
+        db = self._connect()
+        done, last = 0, time.monotonic()
+        try:
+            while not stop.wait(0.2):
+                pending = self.commits - done
+                if pending >= every_commits or pending and time.monotonic() - last >= every_s:
+                    done, last = self.commits, time.monotonic()
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            db.close()
 
     def read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self.lock:
@@ -438,16 +472,27 @@ class Store:
         return self.read("SELECT COALESCE(MAX(seq), 0) FROM events")[0][0]
 
     # -- sessions ----------------------------------------------------------
+    # Live sessions are cached in ``live`` (id -> dict) and ``names`` (name -> id):
+    # every request authenticates and most resolve a target, so neither hits sqlite.
+    # The cache changes inside the write transaction and is reloaded if it rolls back.
 
-    def _alive(self, row: sqlite3.Row, now: float) -> bool:
-        if not row["live"] or row["last_seen"] < now - self.cfg.broker.stale_after_s:
+    def _load_live(self) -> None:
+        rows = self.db.execute("SELECT * FROM sessions WHERE live = 1").fetchall()
+        self.live = {r["id"]: dict(r) for r in rows}
+        self.names = {r["name"]: r["id"] for r in rows if r["name"]}
+
+    def _last_seen(self, session: dict[str, Any]) -> float:
+        return max(session["last_seen"], self.seen.get(session["id"], 0.0))
+
+    def _alive(self, session: dict[str, Any], now: float) -> bool:
+        if self._last_seen(session) < now - self.cfg.broker.stale_after_s:
             return False
-        return row["machine"] != self.machine or pid_alive(row["pid"])
+        return session["machine"] != self.machine or pid_alive(session["pid"])
 
-    def _end_session(self, c: sqlite3.Connection, row: sqlite3.Row, reason: str) -> None:
+    def _end_session(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
         """Mark a session gone: its unnamed mail becomes undeliverable, named mail waits for the name."""
-        sid = row["id"]
-        c.execute("UPDATE sessions SET live = 0 WHERE id = ?", (sid,))
+        sid = session["id"]
+        c.execute("UPDATE sessions SET live = 0, last_seen = ? WHERE id = ?", (self._last_seen(session), sid))
         c.execute(
             "UPDATE messages SET state = 'undeliverable', lease_until = NULL, leased_to = NULL"
             " WHERE to_session = ? AND to_name IS NULL AND state = 'queued'",
@@ -457,20 +502,38 @@ class Store:
             "UPDATE messages SET lease_until = NULL, leased_to = NULL WHERE leased_to = ? AND state = 'queued'",
             (sid,),
         )
-        self._event(c, "peer.left", "fleet.peer.left", machine=row["machine"], session_id=sid,
-                    name=row["name"], reason=reason)
+        self._event(c, "peer.left", "fleet.peer.left", machine=session["machine"], session_id=sid,
+                    name=session["name"], reason=reason)
+        self.live.pop(sid, None)
+        self.seen.pop(sid, None)
+        if session["name"] and self.names.get(session["name"]) == sid:
+            del self.names[session["name"]]
+
+    def _live_session(self, c: sqlite3.Connection, sid: str | None, now: float) -> dict[str, Any] | None:
+        """The live session ``sid``, ending it first if it is found dead."""
+        session = self.live.get(sid) if sid else None
+        if session is not None and not self._alive(session, now):
+            self._end_session(c, session, "stale")
+            return None
+        return session
 
     def _reap(self, c: sqlite3.Connection, now: float) -> int:
         """End every live session that is stale or whose local pid died."""
-        rows = c.execute("SELECT * FROM sessions WHERE live = 1").fetchall()
-        dead = [r for r in rows if not self._alive(r, now)]
-        for row in dead:
-            stale = row["last_seen"] < now - self.cfg.broker.stale_after_s
-            self._end_session(c, row, "stale" if stale else "process exited")
+        dead = [s for s in self.live.values() if not self._alive(s, now)]
+        for session in dead:
+            stale = self._last_seen(session) < now - self.cfg.broker.stale_after_s
+            self._end_session(c, session, "stale" if stale else "process exited")
         return len(dead)
 
     def reap(self) -> int:
+        """Write heartbeats down, then end dead sessions; returns how many ended."""
         with self.tx() as c:
+            c.executemany("UPDATE sessions SET last_seen = ? WHERE id = ? AND last_seen < ?",
+                          [(ts, sid, ts) for sid, ts in self.seen.items()])
+            for sid, ts in self.seen.items():
+                if sid in self.live:
+                    self.live[sid]["last_seen"] = ts
+            self.seen = {}
             return self._reap(c, time.time())
 
     def register(self, info: dict[str, Any]) -> dict[str, Any]:
@@ -480,48 +543,53 @@ class Store:
             raise ApiError(400, f"invalid agent name {name!r}: use 1-64 letters, digits, '.', '_' or '-'"
                            " (not a session id, not 'operator')")
         sid, secret = new_id(), secrets.token_urlsafe(24)
+        session = {"id": sid, "secret_hash": sha256_hex(secret), "name": name, "machine": info["machine"],
+                   "pid": info["pid"], "cwd": info["cwd"], "git_root": info.get("git_root") or "",
+                   "branch": info.get("branch") or "", "tty": info.get("tty") or "",
+                   "client": info.get("client") or "", "summary": info.get("summary") or "",
+                   "started_at": now, "last_seen": now, "live": 1}
         with self.tx() as c:
             self._reap(c, now)
-            if name is not None:
-                holder = c.execute("SELECT * FROM sessions WHERE live = 1 AND name = ?", (name,)).fetchone()
-                if holder is not None:
-                    raise ApiError(409, f"agent name {name!r} is held by live session {holder['id']}"
-                                   f" on {holder['machine']} ({holder['cwd']})", holder=session_view(holder))
-            c.execute(
-                "INSERT INTO sessions(id, secret_hash, name, machine, pid, cwd, git_root, branch, tty, client,"
-                " summary, started_at, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (sid, sha256_hex(secret), name, info["machine"], info["pid"], info["cwd"],
-                 info.get("git_root", ""), info.get("branch", ""), info.get("tty", ""),
-                 info.get("client", ""), info.get("summary", ""), now, now),
-            )
-            row = c.execute("SELECT * FROM sessions WHERE id = ?", (sid,)).fetchone()
-            self._event(c, "peer.joined", "fleet.peer.joined", **session_view(row))
-        return {**session_view(row), "secret": secret}
+            holder = self.live.get(self.names.get(name)) if name else None
+            if holder is not None:
+                raise ApiError(409, f"agent name {name!r} is held by live session {holder['id']}"
+                               f" on {holder['machine']} ({holder['cwd']})", holder=session_view(holder))
+            c.execute(f"INSERT INTO sessions({', '.join(session)}) VALUES ({', '.join('?' * len(session))})",
+                      tuple(session.values()))
+            self._event(c, "peer.joined", "fleet.peer.joined", **session_view(session))
+            self.live[sid] = session
+            if name:
+                self.names[name] = sid
+        return {**session_view(session), "secret": secret}
 
-    def authenticate(self, sid: str, secret: str) -> sqlite3.Row:
-        """The live session ``sid`` if ``secret`` is its secret; touches last_seen."""
+    def authenticate(self, sid: str, secret: str) -> dict[str, Any]:
+        """The live session ``sid`` if ``secret`` is its secret; counts as a heartbeat."""
         with self.lock:
-            row = self.db.execute("SELECT * FROM sessions WHERE id = ?", (sid,)).fetchone()
-            if row is None:
-                raise ApiError(404, f"unknown session {sid}: register again", code="unknown_session")
-            if not hmac.compare_digest(row["secret_hash"], sha256_hex(secret)):
+            session = self.live.get(sid)
+            if session is None:
+                row = self.db.execute("SELECT secret_hash FROM sessions WHERE id = ?", (sid,)).fetchone()
+                if row is not None and not hmac.compare_digest(row["secret_hash"], sha256_hex(secret)):
+                    raise ApiError(403, f"wrong session secret for session {sid}")
+                state = "has ended" if row else "is unknown"
+                raise ApiError(404, f"session {sid} {state}: register again", code="unknown_session")
+            if not hmac.compare_digest(session["secret_hash"], sha256_hex(secret)):
                 raise ApiError(403, f"wrong session secret for session {sid}")
             now = time.time()
-            if not self._alive(row, now):
-                if row["live"]:
-                    with self.tx() as c:
-                        self._end_session(c, row, "stale")
+            if not self._alive(session, now):
+                with self.tx() as c:
+                    self._end_session(c, session, "stale")
                 raise ApiError(404, f"session {sid} has ended: register again", code="unknown_session")
-            self.db.execute("UPDATE sessions SET last_seen = ? WHERE id = ?", (now, sid))
-            return row
+            self.seen[sid] = now
+            return session
 
-    def set_summary(self, session: sqlite3.Row, summary: str) -> None:
+    def set_summary(self, session: dict[str, Any], summary: str) -> None:
         with self.tx() as c:
             c.execute("UPDATE sessions SET summary = ? WHERE id = ?", (summary, session["id"]))
             self._event(c, "peer.summary", "fleet.peer.summary", machine=session["machine"],
                         session_id=session["id"], name=session["name"], summary=summary)
+            session["summary"] = summary
 
-    def leave(self, session: sqlite3.Row) -> None:
+    def leave(self, session: dict[str, Any]) -> None:
         with self.tx() as c:
             self._end_session(c, session, "left")
 
@@ -530,14 +598,10 @@ class Store:
         if scope not in SCOPES:
             raise ApiError(400, f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
         now = time.time()
-        rows = self.read("SELECT * FROM sessions WHERE live = 1 AND last_seen >= ? ORDER BY machine, started_at",
-                         (now - self.cfg.broker.stale_after_s,))
-        out = []
-        for row in rows:
-            if row["id"] == exclude or not self._alive(row, now) or not in_scope(scope, ref, row):
-                continue
-            out.append(session_view(row))
-        return out
+        with self.lock:
+            sessions = sorted(self.live.values(), key=lambda s: (s["machine"], s["started_at"]))
+            return [session_view(s, self._last_seen(s)) for s in sessions
+                    if s["id"] != exclude and self._alive(s, now) and in_scope(scope, ref, s)]
 
     # -- messages ----------------------------------------------------------
 
@@ -591,36 +655,41 @@ class Store:
         if to == "*":
             if sender["id"] == OPERATOR and scope != "all":
                 raise ApiError(400, "the operator can only broadcast with scope 'all'")
-            rows = c.execute("SELECT * FROM sessions WHERE live = 1").fetchall()
-            return [{"session": r["id"], "name": r["name"], "undeliverable": False} for r in rows
-                    if r["id"] != sender["id"] and self._alive(r, now) and in_scope(scope, sender, r)]
+            return [{"session": s["id"], "name": s["name"], "undeliverable": False} for s in list(self.live.values())
+                    if s["id"] != sender["id"] and in_scope(scope, sender, s) and self._live_session(c, s["id"], now)]
         if to in (sender["id"], sender["name"]):
             raise ApiError(400, "cannot send a message to yourself")
-        row = c.execute("SELECT * FROM sessions WHERE id = ?", (to,)).fetchone()
-        if row is not None:
-            if self._alive(row, now):
-                return [{"session": row["id"], "name": row["name"], "undeliverable": False}]
-            if row["live"]:
-                self._end_session(c, row, "stale")
+        if SESSION_ID_RE.match(to):
+            session = self._live_session(c, to, now)
+            if session is not None:
+                return [{"session": to, "name": session["name"], "undeliverable": False}]
+            row = c.execute("SELECT name FROM sessions WHERE id = ?", (to,)).fetchone()
+            if row is None:
+                raise ApiError(404, f"to: no session {to}")
             if row["name"] is None:
-                return [{"session": row["id"], "name": None, "undeliverable": True}]
+                return [{"session": to, "name": None, "undeliverable": True}]
             to = row["name"]  # a named session's mail goes to the next holder of the name
         elif not valid_name(to):
             raise ApiError(400, f"to: {to!r} is neither a session id, an agent name, nor '*'")
-        holder = c.execute("SELECT * FROM sessions WHERE live = 1 AND name = ?", (to,)).fetchone()
-        if holder is not None and not self._alive(holder, now):
-            self._end_session(c, holder, "stale")
-            holder = None
+        holder = self._live_session(c, self.names.get(to), now)
         return [{"session": holder["id"] if holder else None, "name": to, "undeliverable": False}]
 
-    def lease(self, session: sqlite3.Row, limit: int) -> tuple[list[dict[str, Any]], float | None]:
+    def _open(self, c: sqlite3.Connection, session: dict[str, Any], extra: str = "",
+              columns: str = "*") -> list[sqlite3.Row]:
+        """Unread messages addressed to a session, by id or by name, in send order.
+
+        Two indexed SELECTs in a UNION: an OR across columns would scan the whole table."""
+        part = f"SELECT {columns} FROM messages WHERE state IN ('queued', 'delivered') AND {{}} = ?{extra}"
+        sql, args = part.format("to_session"), [session["id"]]
+        if session["name"]:
+            sql, args = f"{sql} UNION {part.format('to_name')}", [*args, session["name"]]
+        return c.execute(f"{sql} ORDER BY seq", args).fetchall()
+
+    def lease(self, session: dict[str, Any], limit: int) -> tuple[list[dict[str, Any]], float | None]:
         """Lease the session's next queued messages; also returns when the next foreign lease ends."""
         now = time.time()
         with self.tx() as c:
-            rows = c.execute(
-                "SELECT * FROM messages WHERE state = 'queued' AND (to_session = ? OR to_name = ?) ORDER BY seq",
-                (session["id"], session["name"]),
-            ).fetchall()
+            rows = self._open(c, session, " AND state = 'queued'")
             ready = [r for r in rows if r["lease_until"] is None or r["lease_until"] <= now][:limit]
             pending = [r["lease_until"] for r in rows if r["lease_until"] is not None and r["lease_until"] > now]
             until = now + self.cfg.broker.lease_s
@@ -628,7 +697,7 @@ class Store:
                           [(until, session["id"], r["seq"]) for r in ready])
         return [message_view(r) for r in ready], (min(pending) if pending else None)
 
-    def ack(self, session: sqlite3.Row, ids: list[str], state: str) -> int:
+    def ack(self, session: dict[str, Any], ids: list[str], state: str) -> int:
         """Mark messages addressed to this session ``delivered`` or ``read``; returns how many changed."""
         now = time.time()
         allowed = ("queued",) if state == "delivered" else ("queued", "delivered")
@@ -643,20 +712,18 @@ class Store:
             )
             return cur.rowcount
 
-    def inbox(self, session: sqlite3.Row) -> list[dict[str, Any]]:
+    def inbox(self, session: dict[str, Any]) -> list[dict[str, Any]]:
         """Every message to this session not yet read, now marked read (``check_messages``)."""
         now = time.time()
         with self.tx() as c:
-            rows = c.execute(
-                "SELECT * FROM messages WHERE state IN ('queued', 'delivered') AND (to_session = ? OR to_name = ?)"
-                " ORDER BY seq", (session["id"], session["name"])).fetchall()
+            rows = self._open(c, session)
             c.executemany("UPDATE messages SET state = 'read', read_at = ?, delivered_at = COALESCE(delivered_at, ?),"
                           " lease_until = NULL WHERE seq = ?", [(now, now, r["seq"]) for r in rows])
         return [message_view(r) for r in rows]
 
-    def unread(self, session: sqlite3.Row) -> int:
-        return self.read("SELECT COUNT(*) FROM messages WHERE state IN ('queued', 'delivered')"
-                         " AND (to_session = ? OR to_name = ?)", (session["id"], session["name"]))[0][0]
+    def unread(self, session: dict[str, Any]) -> int:
+        with self.lock:
+            return len(self._open(self.db, session, columns="seq"))
 
     def message(self, mid: str, viewer: dict[str, Any]) -> dict[str, Any]:
         rows = self.read("SELECT * FROM messages WHERE id = ?", (mid,))
@@ -704,8 +771,6 @@ class Store:
                       (cutoff,))
             c.execute("DELETE FROM sessions WHERE live = 0 AND last_seen < ?", (cutoff,))
             c.execute("DELETE FROM events WHERE at < ?", (cutoff,))
-        with self.lock:
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def in_scope(scope: str, ref: dict[str, Any], row: Any) -> bool:
@@ -784,63 +849,97 @@ class RateLimiter:
 
 
 class Broker:
-    """The hub: routes requests to the store and wakes long-polls when mail or events arrive."""
+    """The hub: one asyncio loop serves every connection, so thousands of parked
+    long-polls cost a coroutine each, and store calls never contend for the GIL."""
 
     def __init__(self, cfg: Config, home: Path, token: str) -> None:
         self.cfg = cfg
         self.token = token
         self.store = Store(home / "broker.db", cfg)
         self.limiter = RateLimiter(cfg.broker.rate_per_s, cfg.broker.rate_burst)
-        self.mail = threading.Condition()  # notified when any session may have new mail
-        self.mail_gen: dict[str, int] = {}
-        self.events = threading.Condition()  # notified when events were written
+        self.mailboxes: dict[str, asyncio.Event] = {}  # set when a session may have new mail
+        self.batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self.new_events = asyncio.Event()  # replaced each time it fires
         self.started = time.time()
         self.stopping = threading.Event()
+
+    # -- group commit -------------------------------------------------------
+
+    async def write(self, operation: Callable[[], Any]) -> Any:
+        """Run a store write in the next group commit: the writes of every request
+        ready in this loop turn share one sqlite transaction, and each caller
+        resumes only after that transaction committed."""
+        future = asyncio.get_running_loop().create_future()
+        self.batch.append((operation, future))
+        if len(self.batch) == 1:
+            asyncio.get_running_loop().call_soon(self._commit_batch)
+        return await future
+
+    def _commit_batch(self) -> None:
+        batch, self.batch = self.batch, []
+        outcomes: list[tuple[asyncio.Future[Any], Any, bool]] = []
+        try:
+            with self.store.tx():
+                for operation, future in batch:
+                    try:
+                        outcomes.append((future, operation(), True))
+                    except ApiError as exc:
+                        outcomes.append((future, exc, False))
+        except sqlite3.Error as exc:  # the commit itself failed: nothing in the batch happened
+            outcomes = [(future, exc, False) for _, future in batch]
+        for future, value, ok in outcomes:
+            if not future.done():
+                future.set_result(value) if ok else future.set_exception(value)
 
     # -- wake-ups -----------------------------------------------------------
 
     def wake(self, sids: set[str]) -> None:
-        if sids:
-            with self.mail:
-                for sid in sids:
-                    self.mail_gen[sid] = self.mail_gen.get(sid, 0) + 1
-                self.mail.notify_all()
-        with self.events:
-            self.events.notify_all()
+        """Wake the long-polls of ``sids`` and every event-feed waiter."""
+        for sid in sids:
+            if sid in self.mailboxes:
+                self.mailboxes[sid].set()
+        self.new_events.set()
+        self.new_events = asyncio.Event()
 
-    def poll(self, session: sqlite3.Row, wait_s: float, limit: int) -> list[dict[str, Any]]:
+    async def poll(self, session: dict[str, Any], wait_s: float, limit: int) -> list[dict[str, Any]]:
         """Lease mail for a session, waiting up to ``wait_s`` for some to arrive."""
-        deadline = time.monotonic() + wait_s
-        sid = session["id"]
-        while True:
-            with self.mail:
-                gen = self.mail_gen.get(sid, 0)
-            messages, next_lease_end = self.store.lease(session, limit)
-            remaining = deadline - time.monotonic()
-            if messages or remaining <= 0 or self.stopping.is_set():
-                return messages
-            if next_lease_end is not None:
-                remaining = min(remaining, max(0.01, next_lease_end - time.time()))
-            with self.mail:
-                self.mail.wait_for(lambda gen=gen: self.mail_gen.get(sid, 0) != gen or self.stopping.is_set(),
-                                   remaining)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        mailbox = self.mailboxes.setdefault(session["id"], asyncio.Event())
+        try:
+            while True:
+                mailbox.clear()
+                messages, next_lease_end = await self.write(lambda: self.store.lease(session, limit))
+                remaining = deadline - loop.time()
+                if messages or remaining <= 0 or self.stopping.is_set():
+                    return messages
+                if next_lease_end is not None:
+                    remaining = min(remaining, max(0.01, next_lease_end - time.time()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(mailbox.wait(), remaining)
+        finally:
+            if self.mailboxes.get(session["id"]) is mailbox and not mailbox.is_set():
+                del self.mailboxes[session["id"]]
 
-    def wait_events(self, after: int, wait_s: float) -> None:
-        deadline = time.monotonic() + wait_s
-        with self.events:
-            while self.store.last_event_seq() <= after and not self.stopping.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                self.events.wait(remaining)
+    async def wait_events(self, after: int, wait_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while self.store.last_event_seq() <= after and not self.stopping.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.new_events.wait(), remaining)
 
     # -- housekeeping ---------------------------------------------------------
 
-    def janitor(self) -> None:
+    async def janitor(self, close_idle: Callable[[], None]) -> None:
         """Reap dead sessions every few seconds; prune history hourly."""
         interval = max(0.5, min(5.0, self.cfg.broker.stale_after_s / 3))
         last_prune = 0.0
-        while not self.stopping.wait(interval):
+        while not self.stopping.is_set():
+            await asyncio.sleep(interval)
+            close_idle()
             try:
                 if self.store.reap():
                     self.wake(set())
@@ -849,13 +948,6 @@ class Broker:
                     last_prune = time.time()
             except sqlite3.Error as exc:
                 log.error("janitor: %s", exc)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        with self.mail:
-            self.mail.notify_all()
-        with self.events:
-            self.events.notify_all()
 
     def status(self) -> dict[str, Any]:
         return {"version": __version__, "fleet": self.cfg.fleet.name, "machine": self.store.machine,
@@ -889,7 +981,7 @@ def r_whoami(b: Broker, req: Request) -> Any:
 def r_summary(b: Broker, req: Request) -> Any:
     b.store.set_summary(req.session, req.body["summary"])
     b.wake(set())
-    return {"ok": True, "unread": b.store.unread(req.session)}
+    return {"ok": True}
 
 
 def r_leave(b: Broker, req: Request) -> Any:
@@ -903,8 +995,8 @@ def _scope(req: Request) -> str:
 
 
 def r_session_peers(b: Broker, req: Request) -> Any:
-    peers = b.store.peers(_scope(req), dict(req.session), exclude=req.session["id"])
-    return {"peers": peers, "unread": b.store.unread(req.session)}
+    peers = b.store.peers(_scope(req), req.session, exclude=req.session["id"])
+    return {"peers": peers}
 
 
 def r_peers(b: Broker, req: Request) -> Any:
@@ -912,36 +1004,35 @@ def r_peers(b: Broker, req: Request) -> Any:
     return {"peers": b.store.peers(_scope(req), ref)}
 
 
-def _send(b: Broker, sender: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+async def _send(b: Broker, sender: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
     scope = body.get("scope", "all")
     if scope not in SCOPES:
         raise ApiError(400, f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
-    result, wake = b.store.send(sender, body["to"], body["text"], body.get("reply_to"), scope)
+    result, wake = await b.write(lambda: b.store.send(sender, body["to"], body["text"], body.get("reply_to"), scope))
     b.wake(wake)
     return result
 
 
-def r_session_send(b: Broker, req: Request) -> Any:
-    result = _send(b, dict(req.session), req.body)
-    return 201, {**result, "unread": b.store.unread(req.session)}
+async def r_session_send(b: Broker, req: Request) -> Any:
+    return 201, await _send(b, req.session, req.body)
 
 
-def r_operator_send(b: Broker, req: Request) -> Any:
-    return 201, _send(b, OPERATOR_IDENTITY, req.body)
+async def r_operator_send(b: Broker, req: Request) -> Any:
+    return 201, await _send(b, OPERATOR_IDENTITY, req.body)
 
 
-def r_poll(b: Broker, req: Request) -> Any:
+async def r_poll(b: Broker, req: Request) -> Any:
     wait_s = min(float(req.body.get("wait_s", b.cfg.broker.poll_wait_s)), 60.0)
     limit = max(1, min(int(req.body.get("max", 100)), 1000))
-    messages = b.poll(req.session, max(0.0, wait_s), limit)
+    messages = await b.poll(req.session, max(0.0, wait_s), limit)
     return {"messages": messages}
 
 
-def r_ack(b: Broker, req: Request) -> Any:
+async def r_ack(b: Broker, req: Request) -> Any:
     if req.body["state"] not in ("delivered", "read"):
         raise ApiError(400, "field 'state' must be 'delivered' or 'read'")
-    changed = b.store.ack(req.session, req.body["ids"], req.body["state"])
-    return {"changed": changed, "unread": b.store.unread(req.session)}
+    changed = await b.write(lambda: b.store.ack(req.session, req.body["ids"], req.body["state"]))
+    return {"changed": changed}
 
 
 def r_inbox(b: Broker, req: Request) -> Any:
@@ -949,7 +1040,7 @@ def r_inbox(b: Broker, req: Request) -> Any:
 
 
 def r_session_message(b: Broker, req: Request) -> Any:
-    return b.store.message(req.args[1], dict(req.session))
+    return b.store.message(req.args[1], req.session)
 
 
 def r_message(b: Broker, req: Request) -> Any:
@@ -971,12 +1062,12 @@ def _int_query(req: Request, key: str, default: int, low: int, high: int) -> int
     return value
 
 
-def r_events(b: Broker, req: Request) -> Any:
+async def r_events(b: Broker, req: Request) -> Any:
     after = _int_query(req, "after", 0, 0, 1 << 62)
     limit = _int_query(req, "limit", 100, 1, 1000)
     wait_s = _int_query(req, "wait_s", 0, 0, 60)
     if wait_s:
-        b.wait_events(after, wait_s)
+        await b.wait_events(after, wait_s)
     events = b.store.events_after(after, limit)
     return {"events": events, "cursor": events[-1]["seq"] if events else after}
 
@@ -1019,107 +1110,156 @@ ROUTES: list[tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool,
 ]
 
 
-class ApiHandler(http.server.BaseHTTPRequestHandler):
-    """HTTP/1.1 keep-alive, Nagle off: the stdlib defaults stall each reply on delayed ACKs."""
+class HttpError(Exception):
+    """A request that cannot be parsed as HTTP/1.1: answered, then the connection closes."""
 
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    server_version = f"claude-peers/{__version__}"
-    broker: Broker  # set on the subclass made by make_server
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
 
-    def do_GET(self) -> None:
-        self._dispatch("GET")
+HEADER_LIMIT = 16384
+IDLE_TIMEOUT_S = 120.0
 
-    def do_POST(self) -> None:
-        self._dispatch("POST")
 
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
+class ApiServer:
+    """A small HTTP/1.1 server on asyncio streams: keep-alive, Content-Length bodies,
+    one write per response. The stdlib's threaded server spent most of its time
+    parsing headers with the email package and switching threads."""
 
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.idle_since: dict[asyncio.StreamWriter, float] = {}  # connections between requests
 
-    def _dispatch(self, method: str) -> None:
+    def close_idle(self) -> None:
+        """Drop keep-alive connections idle too long (cheaper than a timeout per read)."""
+        cutoff = time.monotonic() - IDLE_TIMEOUT_S
+        for writer, since in list(self.idle_since.items()):
+            if since < cutoff:
+                writer.close()
+
+    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            status, body = self._handle(method)
+            while not self.broker.stopping.is_set():
+                self.idle_since[writer] = time.monotonic()
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                except asyncio.LimitOverrunError:
+                    await self._write(writer, 431, {"error": "request headers too large"}, close=True)
+                    return
+                finally:
+                    self.idle_since.pop(writer, None)
+                try:
+                    method, target, headers = parse_head(head)
+                    body = await self._read_body(reader, writer, method, headers)
+                except HttpError as exc:
+                    await self._write(writer, exc.status, {"error": str(exc)}, close=True)
+                    return
+                status, payload = await self.dispatch(method, target, headers, body)
+                close = headers.get("connection", "").lower() == "close"
+                await self._write(writer, status, payload, close=close)
+                if close:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            writer.close()
+
+    async def _read_body(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, method: str,
+                         headers: dict[str, str]) -> bytes | None:
+        if method != "POST":
+            return None
+        if "transfer-encoding" in headers or not headers.get("content-length", "").isdigit():
+            raise HttpError(411, "Content-Length required")
+        length = int(headers["content-length"])
+        limit = self.broker.cfg.broker.max_body_bytes
+        if length > limit:
+            raise HttpError(413, f"body is {length} bytes; the limit is {limit}")
+        if headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return await reader.readexactly(length)
+
+    async def _write(self, writer: asyncio.StreamWriter, status: int, payload: Any, close: bool = False) -> None:
+        data = json.dumps(payload, separators=(",", ":")).encode()
+        reason = http.HTTPStatus(status).phrase
+        extra = "Retry-After: 1\r\n" if status == 429 else ""
+        writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(data)}\r\nCache-Control: no-store\r\n{extra}"
+                     f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n".encode() + data)
+        if writer.transport.get_write_buffer_size() > 65536:
+            await writer.drain()
+
+    async def dispatch(self, method: str, target: str, headers: dict[str, str],
+                       body: bytes | None) -> tuple[int, Any]:
+        try:
+            result = await self._route(method, target, headers, body)
+            return result if isinstance(result, tuple) else (200, result)
         except ApiError as exc:
-            status, body = exc.status, {"error": exc.message, **exc.extra}
+            return exc.status, {"error": exc.message, **exc.extra}
         except sqlite3.Error as exc:
-            log.exception("store error on %s %s", method, self.path)
-            status, body = 503, {"error": f"store error: {exc}"}
-        self._reply(status, body)
+            log.exception("store error on %s %s", method, target)
+            return 503, {"error": f"store error: {exc}"}
 
-    def _reply(self, status: int, body: Any) -> None:
-        data = json.dumps(body, separators=(",", ":")).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        if status == 429:
-            self.send_header("Retry-After", "1")
-        if status in (411, 413) or self.close_connection:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _handle(self, method: str) -> tuple[int, Any]:
-        url = urllib.parse.urlsplit(self.path)
-        allowed = [r for r in ROUTES if r[1].match(url.path)]
-        if not allowed:
-            raise ApiError(404, f"no such endpoint {url.path}")
-        route = next((r for r in allowed if r[0] == method), None)
+    async def _route(self, method: str, target: str, headers: dict[str, str], body: bytes | None) -> Any:
+        url = urllib.parse.urlsplit(target)
+        route = next((r for r in ROUTES if r[0] == method and r[1].match(url.path)), None)
         if route is None:
-            raise ApiError(405, f"{method} not allowed on {url.path} (use {allowed[0][0]})")
+            allowed = [r[0] for r in ROUTES if r[1].match(url.path)]
+            if not allowed:
+                raise ApiError(404, f"no such endpoint {url.path}")
+            raise ApiError(405, f"{method} not allowed on {url.path} (use {allowed[0]})")
         _, pattern, handler, needs_session, schema = route
-        self._check_token()
+        self._check_token(headers)
         req = Request(args=pattern.match(url.path).groups(), session=None, body={},
                       query=dict(urllib.parse.parse_qsl(url.query)))
         if needs_session:
-            secret = self.headers.get("X-Session-Secret")
+            secret = headers.get("x-session-secret")
             if not secret:
                 raise ApiError(401, "missing X-Session-Secret header for a session call")
             req.session = self.broker.store.authenticate(req.args[0], secret)
             if not self.broker.limiter.allow(req.args[0]):
                 raise ApiError(429, "rate limit exceeded for this session; slow down")
-        if method == "POST":
-            req.body = validate(self._read_json(), schema or {})
+        if body is not None:
+            req.body = validate(parse_json_body(headers, body), schema or {})
         result = handler(self.broker, req)
-        return result if isinstance(result, tuple) else (200, result)
+        return await result if asyncio.iscoroutine(result) else result
 
-    def _check_token(self) -> None:
-        header = self.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
+    def _check_token(self, headers: dict[str, str]) -> None:
+        scheme, _, given = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given:
             raise ApiError(401, "missing fleet token (Authorization: Bearer <token>)")
         if not hmac.compare_digest(given.strip().encode(), self.broker.token.encode()):
             raise ApiError(401, "wrong fleet token")
 
-    def _read_json(self) -> Any:
-        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
-            raise ApiError(411, "Content-Length required")
-        if int(length) > self.broker.cfg.broker.max_body_bytes:
-            self.close_connection = True
-            raise ApiError(413, f"body is {length} bytes; the limit is {self.broker.cfg.broker.max_body_bytes}")
-        raw = self.rfile.read(int(length))
-        if ctype != "application/json":
-            raise ApiError(415, "POST bodies must be Content-Type: application/json")
-        try:
-            return json.loads(raw or b"{}")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"malformed JSON: {exc}") from None
+
+def parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+    """Request line and headers (names lower-cased) of one HTTP/1.1 request."""
+    if len(head) > HEADER_LIMIT:
+        raise HttpError(431, "request headers too large")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1].startswith("/"):
+        raise HttpError(400, f"malformed request line {lines[0][:80]!r}")
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise HttpError(400, f"malformed header line {line[:80]!r}")
+            headers[name.strip().lower()] = value.strip()
+    return parts[0], parts[1], headers
 
 
-class BrokerServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
+def parse_json_body(headers: dict[str, str], body: bytes) -> Any:
+    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise ApiError(415, "POST bodies must be Content-Type: application/json")
+    try:
+        return json.loads(body or b"{}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON: {exc}") from None
 
 
 def is_loopback(host: str) -> bool:
@@ -1131,48 +1271,57 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def make_server(cfg: Config, home: Path, listen: str | None = None) -> tuple[BrokerServer, Broker]:
-    """Bind the API: loopback by default; anything else needs a strong token."""
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    if not cfg.broker.tls_cert:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cfg.broker.tls_cert, cfg.broker.tls_key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise UserError(f"broker.tls_cert: cannot load {cfg.broker.tls_cert}: {exc}") from None
+    return context
+
+
+async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[str], None] | None = None) -> None:
+    """Run the broker until SIGINT/SIGTERM: loopback by default; anything else needs a strong token."""
     host, port = parse_hostport(listen or cfg.broker.listen)
     token = read_token(cfg, create=True)
     if not is_loopback(host) and len(token) < MIN_TOKEN_LEN:
         raise UserError(f"refusing to listen on {host}: the fleet token is missing or shorter than"
                         f" {MIN_TOKEN_LEN} characters (see {cfg.token_path})")
+    home = data_home()
     broker = Broker(cfg, home, token)
-    handler = type("BoundApiHandler", (ApiHandler,), {"broker": broker})
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_cls = type("BoundServer", (BrokerServer,), {"address_family": family})
+    api = ApiServer(broker)
     try:
-        server = server_cls((host, port), handler)
+        server = await asyncio.start_server(api.serve_connection, host, port, ssl=tls_context(cfg),
+                                            limit=HEADER_LIMIT, reuse_address=True, backlog=512)
     except OSError as exc:
         broker.store.close()
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}"
                         " (is another broker running? pick another --listen)") from None
-    if cfg.broker.tls_cert:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(cfg.broker.tls_cert, cfg.broker.tls_key or None)
-        except (OSError, ssl.SSLError) as exc:
-            server.server_close()
-            raise UserError(f"broker.tls_cert: cannot load {cfg.broker.tls_cert}: {exc}") from None
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-    return server, broker
-
-
-def run_broker(cfg: Config, listen: str | None = None) -> None:
-    home = data_home()
-    server, broker = make_server(cfg, home, listen)
-    threading.Thread(target=broker.janitor, name="janitor", daemon=True).start()
-    host, port = server.server_address[:2]
-    log.info("broker %s listening on %s:%s (db %s)", __version__, host, port, home / "broker.db")
-    print(f"claude-peers broker listening on {cfg.broker_url if listen is None else f'{host}:{port}'}",
-          file=sys.stderr, flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    checkpointer = threading.Thread(target=broker.store.checkpoint, args=(broker.stopping,), daemon=True)
+    checkpointer.start()
+    janitor = asyncio.create_task(broker.janitor(api.close_idle))
+    bound = server.sockets[0].getsockname()
+    url = f"{'https' if cfg.broker.tls_cert else 'http'}://{host}:{bound[1]}"
+    log.info("broker %s listening on %s (db %s)", __version__, url, home / "broker.db")
+    if ready:
+        ready(url)
     try:
-        server.serve_forever(poll_interval=0.5)
+        await stop.wait()
     finally:
-        broker.stop()
-        server.server_close()
+        broker.stopping.set()
+        broker.wake(set(broker.mailboxes))
+        server.close()
+        janitor.cancel()
+        broker.store.reap()
+        checkpointer.join()
         broker.store.close()
+        log.info("broker stopped")
 
 
 # ===========================================================================
@@ -1425,7 +1574,8 @@ def ago(stamp: str | None) -> str:
 
 
 def cmd_broker(cfg: Config, args: argparse.Namespace) -> int:
-    run_broker(cfg, args.listen)
+    asyncio.run(serve_broker(cfg, args.listen, ready=lambda url: print(f"claude-peers broker listening on {url}",
+                                                                      file=sys.stderr, flush=True)))
     return 0
 
 
