@@ -646,7 +646,7 @@ class Store:
         result: dict[str, Any] = {"thread_id": thread_id or (results[0]["id"] if len(results) == 1 else None),
                                   "messages": results}
         if to != "*":
-            result.update(id=results[0]["id"], state=results[0]["state"], online=results[0]["online"])
+            result.update(results[0])
         return result, wake
 
     def _resolve(self, c: sqlite3.Connection, sender: dict[str, Any], to: str, scope: str,

@@ -1,0 +1,644 @@
+"""Tests for claude-peers: real broker subprocesses over real HTTP, real sqlite files."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import claude_peers as cp
+
+ROOT = Path(__file__).resolve().parent
+SCRIPT = ROOT / "claude_peers.py"
+PY = sys.executable
+
+
+# ---------------------------------------------------------------------------
+# Harness: a real broker process on an ephemeral loopback port
+# ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class BrokerProc:
+    """`claude_peers.py broker` in a temp home, with its stderr collected."""
+
+    def __init__(self, home: Path, toml: str = "") -> None:
+        self.home = home
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.config = home / "daemons.toml"
+        self.config.write_text(f'[broker]\nlisten = "127.0.0.1:{self.port}"\n{toml}')
+        self.env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(self.config)}
+        for key in ("CLAUDE_PEERS_URL", "CLAUDE_PEERS_TOKEN", "CLAUDE_PEERS_NAME"):
+            self.env.pop(key, None)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[str] | None = None
+        self.log: list[str] = []
+
+    def start(self) -> BrokerProc:
+        self.proc = subprocess.Popen([PY, str(SCRIPT), "broker"], env=self.env, stderr=subprocess.PIPE, text=True)
+        ready = threading.Event()
+
+        def drain(stream) -> None:
+            for line in stream:
+                self.log.append(line)
+                if "listening on" in line:
+                    ready.set()
+
+        threading.Thread(target=drain, args=(self.proc.stderr,), daemon=True).start()
+        if not ready.wait(20):
+            self.stop()
+            raise AssertionError("broker did not start:\n" + "".join(self.log))
+        self.token = (self.home / "token").read_text().strip()
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def client(self, token: str | None = None) -> cp.BrokerClient:
+        return cp.BrokerClient(self.url, token or self.token, timeout=30)
+
+    def session(self, **info) -> cp.BrokerClient:
+        client = self.client()
+        client.register({"machine": "testbox", "pid": os.getpid(), "cwd": "/work/a", **info})
+        return client
+
+    def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PY, str(SCRIPT), *args], env={**self.env, **(env or {})}, capture_output=True,
+                              text=True, timeout=60, check=False)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[BrokerProc]:
+    proc = BrokerProc(tmp_path / "home").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def make_broker(tmp_path: Path) -> Iterator:
+    started: list[BrokerProc] = []
+
+    def make(toml: str = "", name: str = "home") -> BrokerProc:
+        proc = BrokerProc(tmp_path / name, toml).start()
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        proc.stop()
+
+
+def raw_request(broker: BrokerProc, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def api_error(call) -> cp.ApiError:
+    with pytest.raises(cp.ApiError) as info:
+        call()
+    return info.value
+
+
+def send(client: cp.BrokerClient, to: str, text: str, **extra) -> dict:
+    return client.session_call("POST", "/send", {"to": to, "text": text, **extra})
+
+
+def poll(client: cp.BrokerClient, wait_s: float = 0) -> list[dict]:
+    return client.session_call("POST", "/poll", {"wait_s": wait_s})["messages"]
+
+
+def ack(client: cp.BrokerClient, ids: list[str], state: str = "delivered") -> int:
+    return client.session_call("POST", "/ack", {"ids": ids, "state": state})["changed"]
+
+
+def message_state(broker: BrokerProc, mid: str) -> str:
+    return broker.client().call("GET", f"/api/messages/{mid}")["state"]
+
+
+# ---------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------
+
+
+def test_defaults_load_without_a_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("CLAUDE_PEERS_CONFIG", raising=False)
+    cfg = cp.load_config()
+    assert cfg.source is None
+    assert cfg.broker.listen == "127.0.0.1:7899"
+    assert cfg.broker.stale_after_s == 45
+
+
+def test_repo_template_carries_exactly_the_defaults():
+    raw = cp.tomllib.loads((ROOT / "daemons.toml").read_text())
+    for table, defaults in cp.DEFAULTS.items():
+        assert raw[table] == defaults, table
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[broker]\nlisten = 7899\n", "broker.listen: expected str"),
+    ("[broker]\nlisten = 'nohost'\n", "broker.listen: expected HOST:PORT"),
+    ("[broker]\nstale_after = 3\n", "broker.stale_after: unknown key"),
+    ("[brokr]\n", "unknown table [brokr]"),
+    ("[broker]\nlease_s = 0\n", "broker.lease_s: must be > 0"),
+    ("[broker\n", "not valid TOML"),
+])
+def test_config_errors_name_file_key_and_reason(tmp_path, text, expected):
+    path = tmp_path / "daemons.toml"
+    path.write_text(text)
+    with pytest.raises(cp.UserError) as info:
+        cp.load_config(str(path))
+    assert str(path) in str(info.value)
+    assert expected in str(info.value)
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path):
+    path = tmp_path / "daemons.toml"
+    path.write_text("[broker]\nrate_per_s = 'fast'\n")
+    out = subprocess.run([PY, str(SCRIPT), "--config", str(path), "status"], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == cp.EXIT_ERROR
+    assert out.stderr.strip().count("\n") == 0
+    assert "broker.rate_per_s: expected float" in out.stderr
+
+
+# ---------------------------------------------------------------------------
+# Sessions and presence
+# ---------------------------------------------------------------------------
+
+
+def test_register_returns_id_and_secret_and_lists_peers(broker):
+    alice = broker.session(name="alice", summary="fixing the backup timer", git_root="/work", branch="main",
+                           tty="/dev/pts/1", client="claude-code")
+    assert cp.SESSION_ID_RE.match(alice.session_id)
+    assert len(alice.session_secret) >= 20
+    me = alice.session_call("GET", "")
+    assert me["name"] == "alice" and me["summary"] == "fixing the backup timer" and me["unread"] == 0
+    bob = broker.session()
+    peers = bob.session_call("GET", "/peers?scope=all")["peers"]
+    assert [p["id"] for p in peers] == [alice.session_id]  # the caller is not listed
+    assert peers[0]["branch"] == "main" and peers[0]["tty"] == "/dev/pts/1"
+    assert "secret" not in json.dumps(peers) and "secret_hash" not in json.dumps(peers)
+
+
+def test_list_peers_by_scope(broker):
+    me = broker.session(machine="m1", cwd="/r/app", git_root="/r")
+    same_dir = broker.session(machine="m1", cwd="/r/app", git_root="/r")
+    same_repo = broker.session(machine="m1", cwd="/r/lib", git_root="/r")
+    same_machine = broker.session(machine="m1", cwd="/elsewhere")
+    other = broker.session(machine="m2", cwd="/r/app", git_root="/r")
+
+    def ids(scope: str) -> set[str]:
+        return {p["id"] for p in me.session_call("GET", f"/peers?scope={scope}")["peers"]}
+
+    assert ids("all") == {c.session_id for c in (same_dir, same_repo, same_machine, other)}
+    assert ids("machine") == {c.session_id for c in (same_dir, same_repo, same_machine)}
+    assert ids("repo") == {same_dir.session_id, same_repo.session_id}
+    assert ids("directory") == {same_dir.session_id}
+    assert api_error(lambda: me.session_call("GET", "/peers?scope=galaxy")).status == 400
+
+
+def test_stale_session_disappears_at_once(make_broker):
+    broker = make_broker("stale_after_s = 1\n")
+    quiet = broker.session(name="quiet")
+    watcher = broker.session()
+    assert len(watcher.session_call("GET", "/peers")["peers"]) == 1
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        watcher.session_call("GET", "")  # keep the watcher alive
+        if not watcher.session_call("GET", "/peers")["peers"]:
+            break
+        time.sleep(0.1)
+    assert watcher.session_call("GET", "/peers")["peers"] == []
+    error = api_error(lambda: quiet.session_call("GET", ""))
+    assert error.status == 404 and error.extra["code"] == "unknown_session"
+
+
+def test_killed_local_process_disappears(broker):
+    status = broker.client().call("GET", "/api/status")
+    child = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
+    try:
+        broker.session(machine=status["machine"], pid=child.pid, name="doomed")
+        watcher = broker.session()
+        assert [p["name"] for p in watcher.session_call("GET", "/peers")["peers"]] == ["doomed"]
+    finally:
+        child.kill()
+        child.wait()
+    assert watcher.session_call("GET", "/peers")["peers"] == []
+    # the name is free again for a new session
+    broker.session(name="doomed")
+
+
+def test_agent_name_clash_reports_the_holder(broker):
+    first = broker.session(name="homelab-infra", cwd="/srv/infra")
+    error = api_error(lambda: broker.session(name="homelab-infra"))
+    assert error.status == 409
+    assert first.session_id in error.message and "/srv/infra" in error.message
+    assert error.extra["holder"]["id"] == first.session_id
+    # a clash leaves the fleet usable: the same session registers without the name
+    assert broker.session().session_id
+
+
+@pytest.mark.parametrize("name", ["operator", "0123456789", "bad name", "-x", "a" * 65])
+def test_invalid_agent_names_are_rejected(broker, name):
+    assert api_error(lambda: broker.session(name=name)).status == 400
+
+
+def test_summary_update_and_leave(broker):
+    alice = broker.session(name="alice")
+    bob = broker.session()
+    alice.session_call("POST", "/summary", {"summary": "reviewing PR 12"})
+    assert bob.session_call("GET", "/peers")["peers"][0]["summary"] == "reviewing PR 12"
+    alice.session_call("POST", "/leave")
+    assert bob.session_call("GET", "/peers")["peers"] == []
+    assert api_error(lambda: alice.session_call("GET", "")).status == 404
+
+
+# ---------------------------------------------------------------------------
+# Messages: the delivery contract
+# ---------------------------------------------------------------------------
+
+
+def test_message_states_queued_delivered_read(broker):
+    alice, bob = broker.session(name="alice"), broker.session(name="bob")
+    sent = send(alice, "bob", "hello bob")
+    assert sent["state"] == "queued" and sent["online"] is True
+    assert message_state(broker, sent["id"]) == "queued"
+    leased = poll(bob)
+    assert [m["text"] for m in leased] == ["hello bob"]
+    assert leased[0]["from_name"] == "alice" and leased[0]["from_id"] == alice.session_id
+    assert message_state(broker, sent["id"]) == "queued"  # leased, not yet acknowledged
+    assert ack(bob, [sent["id"]]) == 1
+    assert message_state(broker, sent["id"]) == "delivered"
+    assert alice.session_call("GET", f"/messages/{sent['id']}")["state"] == "delivered"  # the sender sees it
+    assert bob.session_call("GET", "")["unread"] == 1
+    assert ack(bob, [sent["id"]], "read") == 1
+    final = broker.client().call("GET", f"/api/messages/{sent['id']}")
+    assert final["state"] == "read" and final["delivered_at"] and final["read_at"]
+    assert bob.session_call("GET", "")["unread"] == 0
+
+
+def test_only_the_recipient_can_acknowledge_or_view(broker):
+    alice, bob, eve = broker.session(), broker.session(), broker.session()
+    sent = send(alice, bob.session_id, "for bob only")
+    assert ack(eve, [sent["id"]]) == 0
+    assert api_error(lambda: eve.session_call("GET", f"/messages/{sent['id']}")).status == 404
+    assert poll(eve) == []
+    assert [m["id"] for m in poll(bob)] == [sent["id"]]
+
+
+def test_unacknowledged_lease_expires_and_is_offered_again(make_broker):
+    broker = make_broker("lease_s = 1\n")
+    alice, bob = broker.session(), broker.session()
+    sent = send(alice, bob.session_id, "try again")
+    assert [m["id"] for m in poll(bob)] == [sent["id"]]
+    assert poll(bob) == []  # still leased
+    again = poll(bob, wait_s=5)  # the long-poll wakes when the lease ends
+    assert [m["id"] for m in again] == [sent["id"]]
+    ack(bob, [sent["id"]])
+    assert poll(bob, wait_s=1.5) == []
+
+
+def test_messages_to_an_offline_name_wait_for_it(broker):
+    alice = broker.session()
+    sent = send(alice, "night-owl", "see this when you wake")
+    assert sent["state"] == "queued" and sent["online"] is False
+    owl = broker.session(name="night-owl")
+    assert [m["text"] for m in poll(owl)] == ["see this when you wake"]
+
+
+def test_a_dead_named_sessions_mail_goes_to_the_next_holder(broker):
+    alice = broker.session()
+    first = broker.session(name="infra")
+    sent = send(alice, first.session_id, "to the infra session")
+    assert [m["id"] for m in poll(first)] == [sent["id"]]  # leased, never acknowledged
+    first.session_call("POST", "/leave")
+    second = broker.session(name="infra")
+    assert [m["id"] for m in poll(second)] == [sent["id"]]
+    # sending to the old id later still reaches the name
+    later = send(alice, first.session_id, "still for infra")
+    assert later["state"] == "queued" and later["to_name"] == "infra"
+    assert [m["id"] for m in poll(second)] == [later["id"]]
+
+
+def test_message_to_a_dead_bare_session_is_undeliverable(broker):
+    alice, bob = broker.session(), broker.session()
+    pending = send(alice, bob.session_id, "you will not see this")
+    bob.session_call("POST", "/leave")
+    assert message_state(broker, pending["id"]) == "undeliverable"
+    after = send(alice, bob.session_id, "nor this")
+    assert after["state"] == "undeliverable"
+    assert api_error(lambda: send(alice, "abcdef0123", "nobody")).status == 404
+
+
+def test_broadcast_respects_scope(broker):
+    me = broker.session(machine="m1", cwd="/r/a", git_root="/r")
+    near = broker.session(machine="m1", cwd="/r/b", git_root="/r")
+    far = broker.session(machine="m2", cwd="/x")
+    result = send(me, "*", "machine-wide note", scope="machine")
+    assert [m["to_id"] for m in result["messages"]] == [near.session_id]
+    assert [m["text"] for m in poll(near)] == ["machine-wide note"]
+    assert poll(far) == []
+    everyone = send(me, "*", "fleet-wide note")
+    assert {m["to_id"] for m in everyone["messages"]} == {near.session_id, far.session_id}
+    assert poll(me) == []  # never to the sender
+
+
+def test_replies_thread_and_mark_the_parent_read(broker):
+    alice, bob = broker.session(name="alice"), broker.session(name="bob")
+    question = send(alice, "bob", "what broke?")
+    poll(bob)
+    ack(bob, [question["id"]])
+    answer = send(bob, "alice", "the timer", reply_to=question["id"])
+    assert answer["thread_id"] == question["id"]
+    assert message_state(broker, question["id"]) == "read"
+    got = poll(alice)
+    assert got[0]["reply_to"] == question["id"] and got[0]["thread_id"] == question["id"]
+    follow_up = send(alice, "bob", "thanks", reply_to=answer["id"])
+    assert follow_up["thread_id"] == question["id"]
+    stranger = broker.session()
+    assert api_error(lambda: send(stranger, "alice", "x", reply_to=question["id"])).status == 404
+
+
+def test_inbox_returns_everything_unread_once(broker):
+    alice, bob = broker.session(), broker.session()
+    ids = [send(alice, bob.session_id, f"note {i}")["id"] for i in range(3)]
+    poll(bob)
+    ack(bob, ids[:1])  # one pushed through a channel, two never leased again
+    inbox = bob.session_call("POST", "/inbox")["messages"]
+    assert [m["id"] for m in inbox] == ids
+    assert bob.session_call("POST", "/inbox")["messages"] == []
+    assert {message_state(broker, i) for i in ids} == {"read"}
+
+
+def test_long_poll_wakes_when_a_message_arrives(broker):
+    alice, bob = broker.session(), broker.session()
+    got: list = []
+
+    def wait() -> None:
+        got.append((time.monotonic(), poll(bob, wait_s=20)))
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.2)  # let the poll park
+    sent_at = time.monotonic()
+    sent = send(alice, bob.session_id, "wake up")
+    waiter.join(20)
+    assert got and [m["id"] for m in got[0][1]] == [sent["id"]]
+    assert got[0][0] - sent_at < 10  # woke by the send, not by the 20 s timeout
+
+
+def test_long_poll_returns_empty_after_its_wait(broker):
+    bob = broker.session()
+    assert poll(bob, wait_s=0.3) == []
+
+
+def test_text_limits_and_validation(broker):
+    alice, bob = broker.session(), broker.session()
+    assert api_error(lambda: send(alice, bob.session_id, "x" * 65537)).status == 413
+    assert api_error(lambda: send(alice, bob.session_id, "   ")).status == 400
+    assert api_error(lambda: send(alice, alice.session_id, "me")).status == 400
+    assert api_error(lambda: send(alice, "not a name!", "x")).status == 400
+    assert api_error(lambda: send(alice, "*", "x", scope="planet")).status == 400
+    assert send(alice, bob.session_id, "x" * 65536)["state"] == "queued"
+
+
+def test_broker_killed_mid_traffic_loses_no_committed_message(make_broker):
+    broker = make_broker()
+    receiver = broker.session(name="receiver")
+    senders = [broker.session() for _ in range(4)]
+    committed: list[str] = []
+    lock = threading.Lock()
+
+    def pump(client: cp.BrokerClient) -> None:
+        for i in range(10_000):
+            try:
+                mid = send(client, "receiver", f"msg {i}")["id"]
+            except (cp.BrokerUnreachable, cp.ApiError):
+                return
+            with lock:
+                committed.append(mid)
+
+    threads = [threading.Thread(target=pump, args=(c,)) for c in senders]
+    for thread in threads:
+        thread.start()
+    while len(committed) < 300:
+        time.sleep(0.01)
+    broker.kill()
+    for thread in threads:
+        thread.join(10)
+    broker.start()
+    check = broker.client()
+    for mid in committed:
+        assert check.call("GET", f"/api/messages/{mid}")["to_name"] == "receiver"
+    # the session survived the restart too, and its mail is all there, in order
+    receiver_ids = [m["id"] for m in receiver.session_call("POST", "/inbox")["messages"]]
+    assert set(committed) <= set(receiver_ids)
+
+
+# ---------------------------------------------------------------------------
+# Events and memory
+# ---------------------------------------------------------------------------
+
+
+def test_event_feed_with_cursor(broker):
+    client = broker.client()
+    alice = broker.session(name="alice")
+    bob = broker.session(name="bob")
+    alice.session_call("POST", "/summary", {"summary": "on call"})
+    send(alice, "bob", "ping")
+    bob.session_call("POST", "/leave")
+    feed = client.call("GET", "/api/events?after=0")
+    kinds = [e["type"] for e in feed["events"]]
+    assert kinds == ["peer.joined", "peer.joined", "peer.summary", "message.sent", "peer.left"]
+    sent = feed["events"][3]
+    assert sent["subject"] == "fleet.message.sent" and sent["from_name"] == "alice" and "text" not in sent
+    for event in feed["events"]:
+        assert {"id", "type", "at", "machine", "seq"} <= set(event)
+    assert client.call("GET", f"/api/events?after={feed['cursor']}")["events"] == []
+    # a waiting reader wakes on the next event
+    results: list = []
+    reader = threading.Thread(target=lambda: results.append(
+        client.call("GET", f"/api/events?after={feed['cursor']}&wait_s=20")))
+    reader.start()
+    time.sleep(0.2)
+    alice.session_call("POST", "/summary", {"summary": "done"})
+    reader.join(20)
+    assert [e["type"] for e in results[0]["events"]] == ["peer.summary"]
+
+
+def test_fleet_memory_read_replace_and_bound(broker):
+    client = broker.client()
+    assert client.call("GET", "/api/memory")["text"] == ""
+    client.call("POST", "/api/memory", {"text": "# Fleet\n- nas: backups nightly\n"})
+    alice = broker.session(name="alice")
+    alice.session_call("POST", "/memory", {"text": "# Fleet\n- pi: replaced SD card\n"})
+    memory = client.call("GET", "/api/memory")
+    assert memory["text"].endswith("replaced SD card\n") and memory["updated_by"] == "alice"
+    assert api_error(lambda: client.call("POST", "/api/memory", {"text": "x" * 20000})).status == 413
+    assert client.call("GET", "/api/memory")["updated_by"] == "alice"  # unchanged by the refusal
+
+
+# ---------------------------------------------------------------------------
+# Security
+# ---------------------------------------------------------------------------
+
+
+def test_token_file_is_created_0600(broker):
+    mode = stat.S_IMODE((broker.home / "token").stat().st_mode)
+    assert mode == 0o600
+    assert len(broker.token) >= cp.MIN_TOKEN_LEN
+
+
+def test_every_call_needs_the_fleet_token(broker):
+    status, body = raw_request(broker, "GET", "/api/status")
+    assert status == 401 and "missing fleet token" in body["error"]
+    status, body = raw_request(broker, "GET", "/api/status", headers={"Authorization": "Bearer nope"})
+    assert status == 401 and body["error"] == "wrong fleet token"
+    status, _ = raw_request(broker, "POST", "/api/sessions", b'{"machine":"m","pid":1,"cwd":"/"}',
+                            {"Content-Type": "application/json"})
+    assert status == 401
+
+
+def test_session_calls_need_the_session_secret(broker):
+    alice, bob = broker.session(), broker.session()
+    thief = broker.client()
+    thief.session_id = bob.session_id
+    error = api_error(lambda: thief.session_call("POST", "/send", {"to": alice.session_id, "text": "x"}))
+    assert error.status == 401
+    thief.session_secret = alice.session_secret  # alice's secret on bob's id
+    assert api_error(lambda: thief.session_call("POST", "/send", {"to": alice.session_id, "text": "x"})).status == 403
+    assert poll(alice) == []
+
+
+def test_from_cannot_be_spoofed(broker):
+    alice, bob = broker.session(name="alice"), broker.session(name="bob")
+    error = api_error(lambda: send(alice, "bob", "hi", **{"from": "root"}))
+    assert error.status == 400 and "unknown field 'from'" in error.message
+    send(alice, "bob", "hi")
+    assert poll(bob)[0]["from_name"] == "alice"
+
+
+def test_operator_sends_as_operator(broker):
+    bob = broker.session(name="bob")
+    sent = broker.client().call("POST", "/api/send", {"to": "bob", "text": "from the human"})
+    assert sent["state"] == "queued"
+    got = poll(bob)[0]
+    assert got["from_id"] == "operator" and got["from_name"] == "operator"
+
+
+@pytest.mark.parametrize(("body", "headers", "status", "fragment"), [
+    (b"to=bob&text=hi", {"Content-Type": "text/plain"}, 415, "application/json"),
+    (b"to=bob", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "application/json"),
+    (b'{"to": "bob", "text": ', {"Content-Type": "application/json"}, 400, "malformed JSON"),
+    (b'["bob"]', {"Content-Type": "application/json"}, 400, "JSON object"),
+    (b'{"to": "bob", "text": "hi", "urgent": true}', {"Content-Type": "application/json"}, 400, "unknown field"),
+    (b'{"to": "bob"}', {"Content-Type": "application/json"}, 400, "missing field 'text'"),
+    (b'{"to": 5, "text": "hi"}', {"Content-Type": "application/json"}, 400, "must be str"),
+    (b"x" * 300_000, {"Content-Type": "application/json"}, 413, "limit"),
+])
+def test_bad_bodies_get_clear_errors(broker, body, headers, status, fragment):
+    got, payload = raw_request(broker, "POST", "/api/send", body,
+                               {"Authorization": f"Bearer {broker.token}", **headers})
+    assert got == status
+    assert fragment in payload["error"]
+
+
+def test_unknown_routes_and_methods(broker):
+    auth = {"Authorization": f"Bearer {broker.token}"}
+    assert raw_request(broker, "GET", "/api/nope", headers=auth)[0] == 404
+    assert raw_request(broker, "DELETE", "/api/status", headers=auth)[0] == 405
+
+
+def test_rate_limit_per_session(make_broker):
+    broker = make_broker("rate_per_s = 1.0\nrate_burst = 3\n")
+    noisy, calm = broker.session(), broker.session()
+    statuses = []
+    for _ in range(6):
+        try:
+            send(noisy, calm.session_id, "spam")
+            statuses.append(201)
+        except cp.ApiError as exc:
+            statuses.append(exc.status)
+    assert statuses[:3] == [201, 201, 201] and 429 in statuses[3:]
+    assert calm.session_call("GET", "")["unread"] == 3  # other sessions unaffected
+
+
+def test_refuses_non_loopback_without_a_strong_token(tmp_path):
+    env = {**os.environ, "CLAUDE_PEERS_HOME": str(tmp_path), "CLAUDE_PEERS_TOKEN": "short"}
+    out = subprocess.run([PY, str(SCRIPT), "broker", "--listen", "0.0.0.0:0"], env=env, capture_output=True,
+                         text=True, timeout=30, check=False)
+    assert out.returncode == cp.EXIT_ERROR
+    assert "refusing to listen on 0.0.0.0" in out.stderr
+
+
+# ---------------------------------------------------------------------------
+# CLI against a running broker
+# ---------------------------------------------------------------------------
+
+
+def test_cli_status_peers_send_memory_token(broker):
+    bob = broker.session(name="bob", summary="watching logs")
+    out = broker.cli("status")
+    assert out.returncode == 0 and "sessions live: 1" in out.stdout
+    out = broker.cli("peers")
+    assert "bob" in out.stdout and "watching logs" in out.stdout
+    peers = json.loads(broker.cli("peers", "--json").stdout)
+    assert peers[0]["id"] == bob.session_id
+    out = broker.cli("send", "bob", "please check the NAS")
+    assert out.returncode == 0 and "queued" in out.stdout
+    message = poll(bob)[0]
+    assert message["text"] == "please check the NAS" and message["from_name"] == "operator"
+    state = json.loads(broker.cli("status", message["id"], "--json").stdout)
+    assert state["state"] == "queued"
+    memory_file = broker.home / "memory.md"
+    memory_file.write_text("# notes\n")
+    assert broker.cli("memory", "--set", str(memory_file)).returncode == 0
+    assert broker.cli("memory").stdout == "# notes\n\n"
+    assert json.loads(broker.cli("memory", "--json").stdout)["text"] == "# notes\n"
+    assert broker.cli("token").stdout.strip() == broker.token
+
+
+def test_cli_unreachable_broker_and_wrong_token(broker):
+    out = broker.cli("status", env={"CLAUDE_PEERS_URL": f"http://127.0.0.1:{free_port()}"})
+    assert out.returncode == cp.EXIT_UNREACHABLE
+    assert out.stderr.count("\n") == 1 and "unreachable" in out.stderr
+    out = broker.cli("peers", env={"CLAUDE_PEERS_TOKEN": "wrong-token-0123456789"})
+    assert out.returncode == cp.EXIT_AUTH
+    assert out.stderr.count("\n") == 1 and "wrong fleet token" in out.stderr
+    out = broker.cli("send", "nobody!", "x")
+    assert out.returncode == cp.EXIT_ERROR and "neither a session id" in out.stderr
