@@ -148,7 +148,7 @@ def config_path(explicit: str | None = None) -> Path | None:
         return Path(explicit)
     if os.environ.get("CLAUDE_PEERS_CONFIG"):
         return Path(os.environ["CLAUDE_PEERS_CONFIG"])
-    user = Path.home() / ".config/claude-peers/daemons.toml"
+    user = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "claude-peers/daemons.toml"
     return user if user.exists() else None
 
 

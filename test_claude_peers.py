@@ -642,3 +642,60 @@ def test_cli_unreachable_broker_and_wrong_token(broker):
     assert out.stderr.count("\n") == 1 and "wrong fleet token" in out.stderr
     out = broker.cli("send", "nobody!", "x")
     assert out.returncode == cp.EXIT_ERROR and "neither a session id" in out.stderr
+
+
+# ---------------------------------------------------------------------------
+# install.sh
+# ---------------------------------------------------------------------------
+
+
+def install_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PEERS_")}
+    env.update(HOME=str(tmp_path / "user"), CLAUDE_PEERS_HOME=str(tmp_path / "user/data"),
+               XDG_CONFIG_HOME=str(tmp_path / "user/config"), PYTHON=sys.executable)
+    return env
+
+
+def test_install_from_checkout_then_piped_is_idempotent(tmp_path):
+    env = install_env(tmp_path)
+    first = subprocess.run(["sh", str(ROOT / "install.sh")], env=env, capture_output=True, text=True,
+                           timeout=600, check=False)
+    assert first.returncode == 0, first.stderr
+    launcher = tmp_path / "user/.local/bin/claude-peers"
+    token_file = tmp_path / "user/data/token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = token_file.read_text()
+    config = tmp_path / "user/config/claude-peers/daemons.toml"
+    assert config.read_text() == (ROOT / "daemons.toml").read_text()
+    version = subprocess.run([str(launcher), "--version"], env=env, capture_output=True, text=True, check=False)
+    assert version.stdout.strip() == f"claude-peers {cp.__version__}"
+    # piped from curl: fetches the files from --source, keeps config and token
+    piped = subprocess.run(f"cat {ROOT / 'install.sh'} | sh -s -- --source file://{ROOT}", shell=True, env=env,
+                           capture_output=True, text=True, timeout=600, check=False)
+    assert piped.returncode == 0, piped.stderr
+    assert f"installing from file://{ROOT}" in piped.stdout
+    assert token_file.read_text() == token
+    printed = subprocess.run([str(launcher), "token"], env=env, capture_output=True, text=True, check=False)
+    assert printed.stdout == token
+
+
+def test_install_refuses_old_python(tmp_path):
+    fake = tmp_path / "python3.9"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = -c ]; then case \"$2\" in *platform*) echo 3.9.2;; *) exit 1;; esac; fi\n")
+    fake.chmod(0o755)
+    env = {**install_env(tmp_path), "PYTHON": str(fake)}
+    out = subprocess.run(["sh", str(ROOT / "install.sh")], env=env, capture_output=True, text=True, check=False)
+    assert out.returncode == 1
+    assert "needs Python 3.11 or newer" in out.stderr and "3.9.2" in out.stderr
+
+
+def test_install_without_network_says_so(tmp_path):
+    env = {**install_env(tmp_path), "PIP_INDEX_URL": f"http://127.0.0.1:{free_port()}/simple",
+           "PIP_CONFIG_FILE": os.devnull, "PIP_RETRIES": "0", "PIP_TIMEOUT": "2", "PIP_NO_CACHE_DIR": "1"}
+    out = subprocess.run(["sh", str(ROOT / "install.sh")], env=env, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 1
+    assert "pip could not install the pinned packages" in out.stderr and "no network?" in out.stderr
+    piped = subprocess.run(f"cat {ROOT / 'install.sh'} | sh -s -- --source http://127.0.0.1:{free_port()}",
+                           shell=True, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert piped.returncode == 1 and "could not download" in piped.stderr
