@@ -699,3 +699,14 @@ def test_install_without_network_says_so(tmp_path):
     piped = subprocess.run(f"cat {ROOT / 'install.sh'} | sh -s -- --source http://127.0.0.1:{free_port()}",
                            shell=True, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert piped.returncode == 1 and "could not download" in piped.stderr
+
+
+def test_poll_acknowledges_the_previous_batch(broker):
+    alice, bob = broker.session(), broker.session()
+    first = send(alice, bob.session_id, "one")
+    assert [m["id"] for m in poll(bob)] == [first["id"]]
+    second = send(alice, bob.session_id, "two")
+    got = bob.session_call("POST", "/poll", {"wait_s": 0, "ack": [first["id"]]})["messages"]
+    assert [m["id"] for m in got] == [second["id"]]
+    assert message_state(broker, first["id"]) == "delivered"
+    assert message_state(broker, second["id"]) == "queued"
