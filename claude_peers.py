@@ -403,6 +403,7 @@ class Store:
         self.db.executescript(SCHEMA)
         self.lock = threading.RLock()
         self.seen: dict[str, float] = {}  # heartbeats not yet written down
+        self.polling: dict[str, int] = {}  # sessions with a long-poll parked: alive however long it waits
         self.commits = 0
         self._load_live()
 
@@ -486,6 +487,8 @@ class Store:
         self.names = {r["name"]: r["id"] for r in rows if r["name"]}
 
     def _last_seen(self, session: dict[str, Any]) -> float:
+        if session["id"] in self.polling:  # a parked long-poll is a live connection
+            return time.time()
         return max(session["last_seen"], self.seen.get(session["id"], 0.0))
 
     def _alive(self, session: dict[str, Any], now: float) -> bool:
@@ -853,6 +856,9 @@ class RateLimiter:
             return True
 
 
+CONNECTION_CHECK_S = 5.0  # how often a parked long-poll checks that its client is still there
+
+
 class Broker:
     """The hub: one asyncio loop serves every connection, so thousands of parked
     long-polls cost a coroutine each, and store calls never contend for the GIL."""
@@ -906,25 +912,36 @@ class Broker:
         self.new_events.set()
         self.new_events = asyncio.Event()
 
-    async def poll(self, session: dict[str, Any], wait_s: float, limit: int) -> list[dict[str, Any]]:
-        """Lease mail for a session, waiting up to ``wait_s`` for some to arrive."""
+    async def poll(self, session: dict[str, Any], wait_s: float, limit: int,
+                   hung_up: Callable[[], bool] = lambda: False) -> list[dict[str, Any]]:
+        """Lease mail for a session, waiting up to ``wait_s`` for some to arrive.
+
+        While it waits the session counts as alive; a client that hangs up is
+        noticed within CONNECTION_CHECK_S, so it does not linger as a ghost."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
-        mailbox = self.mailboxes.setdefault(session["id"], asyncio.Event())
+        sid = session["id"]
+        mailbox = self.mailboxes.setdefault(sid, asyncio.Event())
+        polling = self.store.polling
+        polling[sid] = polling.get(sid, 0) + 1
         try:
             while True:
                 mailbox.clear()
                 messages, next_lease_end = await self.write(lambda: self.store.lease(session, limit))
                 remaining = deadline - loop.time()
-                if messages or remaining <= 0 or self.stopping.is_set():
+                if messages or remaining <= 0 or self.stopping.is_set() or hung_up():
                     return messages
                 if next_lease_end is not None:
                     remaining = min(remaining, max(0.01, next_lease_end - time.time()))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(mailbox.wait(), remaining)
+                    await asyncio.wait_for(mailbox.wait(), min(remaining, CONNECTION_CHECK_S))
         finally:
-            if self.mailboxes.get(session["id"]) is mailbox and not mailbox.is_set():
-                del self.mailboxes[session["id"]]
+            polling[sid] -= 1
+            if not polling[sid]:
+                del polling[sid]
+            self.store.seen[sid] = time.time()
+            if self.mailboxes.get(sid) is mailbox and not mailbox.is_set():
+                del self.mailboxes[sid]
 
     async def wait_events(self, after: int, wait_s: float) -> None:
         loop = asyncio.get_running_loop()
@@ -1032,7 +1049,7 @@ async def r_poll(b: Broker, req: Request) -> Any:
     limit = max(1, min(int(req.body.get("max", 100)), 1000))
     if req.body.get("ack"):
         await b.write(lambda: b.store.ack(req.session, req.body["ack"], "delivered"))
-    messages = await b.poll(req.session, max(0.0, wait_s), limit)
+    messages = await b.poll(req.session, max(0.0, wait_s), limit, req.hung_up)
     return {"messages": messages}
 
 
@@ -1165,7 +1182,8 @@ class ApiServer:
                 except HttpError as exc:
                     await self._write(writer, exc.status, {"error": str(exc)}, close=True)
                     return
-                status, payload = await self.dispatch(method, target, headers, body)
+                hung_up = reader.at_eof
+                status, payload = await self.dispatch(method, target, headers, body, hung_up)
                 close = headers.get("connection", "").lower() == "close"
                 await self._write(writer, status, payload, close=close)
                 if close:
@@ -1199,10 +1217,10 @@ class ApiServer:
         if writer.transport.get_write_buffer_size() > 65536:
             await writer.drain()
 
-    async def dispatch(self, method: str, target: str, headers: dict[str, str],
-                       body: bytes | None) -> tuple[int, Any]:
+    async def dispatch(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
+                       hung_up: Callable[[], bool] = lambda: False) -> tuple[int, Any]:
         try:
-            result = await self._route(method, target, headers, body)
+            result = await self._route(method, target, headers, body, hung_up)
             return result if isinstance(result, tuple) else (200, result)
         except ApiError as exc:
             return exc.status, {"error": exc.message, **exc.extra}
@@ -1210,7 +1228,8 @@ class ApiServer:
             log.exception("store error on %s %s", method, target)
             return 503, {"error": f"store error: {exc}"}
 
-    async def _route(self, method: str, target: str, headers: dict[str, str], body: bytes | None) -> Any:
+    async def _route(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
+                     hung_up: Callable[[], bool]) -> Any:
         url = urllib.parse.urlsplit(target)
         route = next((r for r in ROUTES if r[0] == method and r[1].match(url.path)), None)
         if route is None:
@@ -1220,7 +1239,7 @@ class ApiServer:
             raise ApiError(405, f"{method} not allowed on {url.path} (use {allowed[0]})")
         _, pattern, handler, needs_session, schema = route
         self._check_token(headers)
-        req = Request(args=pattern.match(url.path).groups(), session=None, body={},
+        req = Request(args=pattern.match(url.path).groups(), session=None, body={}, hung_up=hung_up,
                       query=dict(urllib.parse.parse_qsl(url.query)))
         if needs_session:
             secret = headers.get("x-session-secret")
@@ -2333,8 +2352,20 @@ def run_bench_cmd(cfg: Config, args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse the command line; everything after `run` goes to claude untouched."""
+    parser = build_parser()
+    split = next((i for i, arg in enumerate(argv) if arg == "run" and (i == 0 or argv[i - 1] != "--config")),
+                 None)
+    if split is None:
+        return parser.parse_args(argv)
+    args = parser.parse_args(argv[:split + 1])
+    args.claude_args = argv[split + 1:]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.verbose)
     try:
         cfg = load_config(args.config)
