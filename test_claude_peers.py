@@ -1062,18 +1062,29 @@ def test_run_adds_the_channel_flag(tmp_path):
     assert missing.returncode == cp.EXIT_ERROR and "claude not found on PATH" in missing.stderr
 
 
-def test_early_initialize_answer_matches_the_sdk():
+@pytest.mark.anyio
+@pytest.mark.parametrize("requested", ["2025-06-18", "2025-11-25", "2026-07-28", "1999-01-01"])
+async def test_early_initialize_answer_matches_the_sdk(requested):
+    """The shim answers initialize before loading the SDK: it must be what the SDK would say."""
+    import mcp_types
     from mcp.server import Server
-    from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
-
-    assert cp.HANDSHAKE_VERSIONS == HANDSHAKE_PROTOCOL_VERSIONS
+    from mcp.server.runner import serve_loop
+    from mcp.shared.message import SessionMessage
 
     async def list_tools(ctx, params):  # the SDK advertises tools only when a handler exists
         raise AssertionError
 
     server = Server(cp.SERVER_NAME, version=cp.__version__, instructions="x", on_list_tools=list_tools)
     options = server.create_initialization_options(experimental_capabilities={"claude/channel": {}})
-    ours = cp.initialize_result("2025-06-18", "x")
-    assert ours["capabilities"] == options.capabilities.model_dump(by_alias=True, exclude_unset=True, mode="json")
-    assert ours["protocolVersion"] == "2025-06-18"
-    assert cp.initialize_result("2026-07-28", "x")["protocolVersion"] == "2025-11-25"
+    to_sdk, sdk_in = anyio.create_memory_object_stream(10)
+    sdk_out, from_sdk = anyio.create_memory_object_stream(10)
+    request = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": requested, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(lambda: serve_loop(server, sdk_in, sdk_out, lifespan_state=None, init_options=options))
+        await to_sdk.send(SessionMessage(mcp_types.jsonrpc_message_adapter.validate_python(request)))
+        with anyio.fail_after(10):
+            answer = await from_sdk.receive()
+        tasks.cancel_scope.cancel()
+    sdk_result = answer.message.model_dump(by_alias=True, exclude_unset=True, mode="json")["result"]
+    assert cp.initialize_result(requested, "x") == sdk_result
