@@ -25,12 +25,14 @@ import logging
 import os
 import queue
 import re
+import resource
 import secrets
 import shutil
 import signal
 import socket
 import sqlite3
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -404,6 +406,7 @@ class Store:
         self.lock = threading.RLock()
         self.seen: dict[str, float] = {}  # heartbeats not yet written down
         self.polling: dict[str, int] = {}  # sessions with a long-poll parked: alive however long it waits
+        self.pid_checked: dict[str, float] = {}  # when each local session's pid was last seen running
         self.commits = 0
         self._load_live()
 
@@ -491,10 +494,19 @@ class Store:
             return time.time()
         return max(session["last_seen"], self.seen.get(session["id"], 0.0))
 
-    def _alive(self, session: dict[str, Any], now: float) -> bool:
+    def _alive(self, session: dict[str, Any], now: float, pid_max_age: float | None = 0.0) -> bool:
+        """Heard from lately and, on this machine, its pid still runs (checked at most
+        ``pid_max_age`` seconds ago; None: the caller is the session itself)."""
         if self._last_seen(session) < now - self.cfg.broker.stale_after_s:
             return False
-        return session["machine"] != self.machine or pid_alive(session["pid"])
+        if session["machine"] != self.machine or pid_max_age is None:
+            return True
+        if now - self.pid_checked.get(session["id"], 0.0) <= pid_max_age:
+            return True
+        if not pid_alive(session["pid"]):
+            return False
+        self.pid_checked[session["id"]] = now
+        return True
 
     def _end_session(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
         """Mark a session gone: its unnamed mail becomes undeliverable, named mail waits for the name."""
@@ -513,13 +525,14 @@ class Store:
                     name=session["name"], reason=reason)
         self.live.pop(sid, None)
         self.seen.pop(sid, None)
+        self.pid_checked.pop(sid, None)
         if session["name"] and self.names.get(session["name"]) == sid:
             del self.names[session["name"]]
 
     def _live_session(self, c: sqlite3.Connection, sid: str | None, now: float) -> dict[str, Any] | None:
         """The live session ``sid``, ending it first if it is found dead."""
         session = self.live.get(sid) if sid else None
-        if session is not None and not self._alive(session, now):
+        if session is not None and not self._alive(session, now, pid_max_age=1.0):
             self._end_session(c, session, "stale")
             return None
         return session
@@ -582,7 +595,7 @@ class Store:
             if not hmac.compare_digest(session["secret_hash"], sha256_hex(secret)):
                 raise ApiError(403, f"wrong session secret for session {sid}")
             now = time.time()
-            if not self._alive(session, now):
+            if not self._alive(session, now, pid_max_age=None):
                 with self.tx() as c:
                     self._end_session(c, session, "stale")
                 raise ApiError(404, f"session {sid} has ended: register again", code="unknown_session")
@@ -693,10 +706,14 @@ class Store:
         sql = " UNION ".join(part for part, _ in parts)
         return c.execute(f"{sql} ORDER BY seq", [value for _, value in parts]).fetchall()
 
-    def lease(self, session: dict[str, Any], limit: int) -> tuple[list[dict[str, Any]], float | None]:
-        """Lease the session's next queued messages; also returns when the next foreign lease ends."""
+    def lease(self, session: dict[str, Any], limit: int,
+              ack: list[str] | None = None) -> tuple[list[dict[str, Any]], float | None]:
+        """Acknowledge ``ack`` as delivered, then lease the session's next queued messages;
+        also returns when the next lease held elsewhere ends."""
         now = time.time()
         with self.tx() as c:
+            if ack:
+                self.ack(session, ack, "delivered")
             rows = self._open(c, session, ("queued",))
             ready = [r for r in rows if r["lease_until"] is None or r["lease_until"] <= now][:limit]
             pending = [r["lease_until"] for r in rows if r["lease_until"] is not None and r["lease_until"] > now]
@@ -872,6 +889,7 @@ class Broker:
         self.batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self.new_events = asyncio.Event()  # replaced each time it fires
         self.started = time.time()
+        self.requests = 0
         self.stopping = threading.Event()
 
     # -- group commit -------------------------------------------------------
@@ -912,9 +930,10 @@ class Broker:
         self.new_events.set()
         self.new_events = asyncio.Event()
 
-    async def poll(self, session: dict[str, Any], wait_s: float, limit: int,
+    async def poll(self, session: dict[str, Any], wait_s: float, limit: int, ack: list[str] | None = None,
                    hung_up: Callable[[], bool] = lambda: False) -> list[dict[str, Any]]:
-        """Lease mail for a session, waiting up to ``wait_s`` for some to arrive.
+        """Acknowledge ``ack`` (delivered) and lease mail for a session, waiting up to
+        ``wait_s`` for some to arrive; the acknowledgement and the first lease share a commit.
 
         While it waits the session counts as alive; a client that hangs up is
         noticed within CONNECTION_CHECK_S, so it does not linger as a ghost."""
@@ -927,7 +946,8 @@ class Broker:
         try:
             while True:
                 mailbox.clear()
-                messages, next_lease_end = await self.write(lambda: self.store.lease(session, limit))
+                acked, ack = ack, None
+                messages, next_lease_end = await self.write(lambda acked=acked: self.store.lease(session, limit, acked))
                 remaining = deadline - loop.time()
                 if messages or remaining <= 0 or self.stopping.is_set() or hung_up():
                     return messages
@@ -973,7 +993,8 @@ class Broker:
 
     def status(self) -> dict[str, Any]:
         return {"version": __version__, "fleet": self.cfg.fleet.name, "machine": self.store.machine,
-                "uptime_s": round(time.time() - self.started, 1), **self.store.counts()}
+                "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
+                **self.store.counts()}
 
 
 class Request(SimpleNamespace):
@@ -1047,9 +1068,7 @@ async def r_poll(b: Broker, req: Request) -> Any:
     """Acknowledge what the last poll brought (``ack``: delivered ids), then lease more."""
     wait_s = min(float(req.body.get("wait_s", b.cfg.broker.poll_wait_s)), 60.0)
     limit = max(1, min(int(req.body.get("max", 100)), 1000))
-    if req.body.get("ack"):
-        await b.write(lambda: b.store.ack(req.session, req.body["ack"], "delivered"))
-    messages = await b.poll(req.session, max(0.0, wait_s), limit, req.hung_up)
+    messages = await b.poll(req.session, max(0.0, wait_s), limit, req.body.get("ack"), req.hung_up)
     return {"messages": messages}
 
 
@@ -1220,6 +1239,7 @@ class ApiServer:
     async def dispatch(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
                        hung_up: Callable[[], bool] = lambda: False) -> tuple[int, Any]:
         try:
+            self.broker.requests += 1
             result = await self._route(method, target, headers, body, hung_up)
             return result if isinstance(result, tuple) else (200, result)
         except ApiError as exc:
@@ -1309,8 +1329,17 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
     return context
 
 
+def raise_fd_limit() -> None:
+    """One socket per session: lift the soft open-files limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 16, hard))
+
+
 async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[str], None] | None = None) -> None:
     """Run the broker until SIGINT/SIGTERM: loopback by default; anything else needs a strong token."""
+    raise_fd_limit()
     host, port = parse_hostport(listen or cfg.broker.listen)
     token = read_token(cfg, create=True)
     if not is_loopback(host) and len(token) < MIN_TOKEN_LEN:
@@ -1935,14 +1964,19 @@ class ShimServer:
         async def pump_in() -> None:
             async with to_sdk:
                 while True:
-                    line = await anyio.to_thread.run_sync(self.inbox.get)
-                    if line is None:
-                        return
-                    try:
-                        await to_sdk.send(SessionMessage(types.jsonrpc_message_adapter.validate_json(line,
-                                                                                                     by_name=False)))
-                    except ValueError as exc:
-                        await to_sdk.send(exc)
+                    lines = [await anyio.to_thread.run_sync(self.inbox.get)]
+                    with contextlib.suppress(queue.Empty):  # whatever else arrived, without another hop
+                        while lines[-1] is not None:
+                            lines.append(self.inbox.get_nowait())
+                    for line in lines:
+                        if line is None:
+                            return
+                        try:
+                            message = types.jsonrpc_message_adapter.validate_json(line, by_name=False)
+                        except ValueError as exc:
+                            await to_sdk.send(exc)
+                        else:
+                            await to_sdk.send(SessionMessage(message))
 
         async def pump_out() -> None:
             async with from_sdk:
@@ -2144,21 +2178,236 @@ def bench_wakeup(broker: BenchBroker, samples: int) -> list[float]:
     return latencies
 
 
+def bench_spawn_to_initialize(broker: BenchBroker, runs: int = 5) -> list[float]:
+    """Seconds from spawning a shim to its `initialize` answer, as Claude Code sees it."""
+    request = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "0"}}})
+    times = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, __file__, "shim"], env=broker.env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(request.encode() + b"\n")
+        proc.stdin.flush()
+        proc.stdout.readline()
+        times.append(time.perf_counter() - began)
+        proc.stdin.close()
+        proc.wait(10)
+    return times
+
+
+class BenchMcpClient:
+    """A plain JSON-RPC MCP client on a shim's stdio, one reader thread: it timestamps each
+    channel notification the moment the shim's line arrives, with no client framework
+    in between (the figure is the shim's, not a client library's)."""
+
+    def __init__(self, broker: BenchBroker, name: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "shim", "--name", name], env=broker.env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.arrivals: dict[str, float] = {}
+        self.responses: dict[int, Any] = {}
+        self.changed = threading.Condition()
+        self.next_id = 0
+        threading.Thread(target=self._read, daemon=True).start()
+        self.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                                    "clientInfo": {"name": "bench", "version": __version__}})
+        self._send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            at = time.perf_counter()
+            message = json.loads(line)
+            with self.changed:
+                if message.get("method") == CHANNEL_METHOD:
+                    self.arrivals[message["params"]["meta"]["message_id"]] = at
+                elif "id" in message:
+                    self.responses[message["id"]] = message
+                self.changed.notify_all()
+
+    def request(self, method: str, params: dict[str, Any]) -> Any:
+        self.next_id += 1
+        rid = self.next_id
+        self._send({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
+        with self.changed:
+            self.changed.wait_for(lambda: rid in self.responses, 30)
+            return self.responses.pop(rid)["result"]
+
+    def wait_arrival(self, message_id: str, timeout: float = 10) -> float | None:
+        with self.changed:
+            self.changed.wait_for(lambda: message_id in self.arrivals, timeout)
+            return self.arrivals.get(message_id)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+
+
+def bench_shims(broker: BenchBroker, args: argparse.Namespace) -> None:
+    """The figures that need real shims: N shim subprocesses driven as MCP clients."""
+    count = args.sessions
+    clients = [BenchMcpClient(broker, f"bench-{i}") for i in range(count)]
+    operator = broker.client()
+    try:
+        for client in clients:  # answered once the SDK is loaded: the shims are done starting
+            client.request("tools/list", {})
+        while len(operator.call("GET", "/api/peers")["peers"]) < count:
+            time.sleep(0.05)
+        time.sleep(0.5)  # every shim parks its long-poll
+        sender = broker.session()
+
+        def latencies(samples: int) -> list[float]:
+            out = []
+            for i in range(samples):
+                began = time.perf_counter()
+                sent = sender.session_call("POST", "/send", {"to": f"bench-{i % count}", "text": f"latency {i}"})
+                arrival = clients[i % count].wait_arrival(sent["id"])
+                if arrival is not None:
+                    out.append((arrival - began) * 1000)
+            return out
+
+        idle = latencies(args.samples)
+        print(f"send -> channel notification, {count} idle sessions: p50 {percentile(idle, 50):6.2f} ms"
+              f"  p99 {percentile(idle, 99):6.2f} ms   (target <= 5 / <= 25)")
+        load = BenchLoad(broker)
+        try:
+            busy = latencies(args.samples)
+        finally:
+            sent_under_load = load.stop()
+        print(f"same, broker saturated ({sent_under_load} background sends): p50 {percentile(busy, 50):6.2f} ms"
+              f"  p99 {percentile(busy, 99):6.2f} ms   (target <= 50 / <= 200)")
+
+        per_session = max(1, args.messages // count // 4)
+        sent_ids: list[tuple[int, str]] = []
+        lock = threading.Lock()
+
+        def pump(i: int) -> None:
+            for k in range(per_session):
+                result = clients[i].request("tools/call", {"name": "send_message", "arguments": {
+                    "to": f"bench-{(i + 1) % count}", "text": f"tool {k}"}})
+                with lock:
+                    sent_ids.append(((i + 1) % count, result["content"][0]["text"].split()[2]))
+
+        began = time.perf_counter()
+        threads = [threading.Thread(target=pump, args=(i,)) for i in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        last = max(clients[to].wait_arrival(mid, 30) or float("inf") for to, mid in sent_ids)
+        print(f"delivered messages/s, {count} sessions sending through the MCP tool: "
+              f"{len(sent_ids) / (last - began):8.0f}   (target >= 1100)")
+
+        before = operator.call("GET", "/api/status")["requests"]
+        time.sleep(args.idle_seconds)
+        after = operator.call("GET", "/api/status")["requests"]
+        per_minute = (after - before - 1) / count / (args.idle_seconds / 60)
+        print(f"broker requests per idle session per minute ({args.idle_seconds:.0f} s window): {per_minute:6.2f}"
+              "   (target <= 3)")
+        shim_rss = [rss_mb(c.proc.pid) for c in clients]
+        print(f"resident memory: per shim {statistics.mean(shim_rss):5.1f} MB, broker with {count} sessions"
+              f" {broker.rss_mb():5.1f} MB   (target <= 40 / <= 60)")
+    finally:
+        for client in clients:
+            client.close()
+
+
+class BenchLoad:
+    """Background senders keeping the broker busy (a forked process, 8 connections)."""
+
+    def __init__(self, broker: BenchBroker) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        self.stop_flag = ctx.Event()
+        self.counter = ctx.Value("i", 0)
+        senders = [broker.session() for _ in range(8)]
+        sink = broker.session()
+        pairs = [(s.session_id, s.session_secret) for s in senders]
+        self.proc = ctx.Process(target=_bench_load, args=(broker.url, broker.token, pairs, sink.session_id,
+                                                          self.stop_flag, self.counter))
+        self.proc.start()
+        time.sleep(0.5)
+
+    def stop(self) -> int:
+        self.stop_flag.set()
+        self.proc.join(30)
+        return self.counter.value
+
+
+def _bench_load(url: str, token: str, pairs: list[tuple[str, str]], sink: str, stop: Any, counter: Any) -> None:
+    def pump(sid: str, secret: str) -> None:
+        client = BrokerClient(url, token, 60)
+        client.session_id, client.session_secret = sid, secret
+        while not stop.is_set():
+            client.session_call("POST", "/send", {"to": sink, "text": "load"})
+            with counter.get_lock():
+                counter.value += 1
+
+    threads = [threading.Thread(target=pump, args=pair) for pair in pairs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+async def bench_many_sessions(broker: BenchBroker, sessions: int) -> float:
+    """Broker RSS (MB) with ``sessions`` registered, each with a long-poll parked."""
+    writers = []
+    for _ in range(sessions):
+        client = broker.session()
+        _, writer = await asyncio.open_connection("127.0.0.1", urllib.parse.urlsplit(broker.url).port)
+        body = json.dumps({"wait_s": 60}).encode()
+        writer.write(f"POST /api/sessions/{client.session_id}/poll HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {broker.token}\r\nX-Session-Secret: {client.session_secret}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        writers.append(writer)
+        client.close()
+    await asyncio.sleep(1.0)
+    rss = broker.rss_mb()
+    for writer in writers:
+        writer.close()
+    return rss
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    raise_fd_limit()
     print(f"claude-peers {__version__} bench on {socket.gethostname()} ({os.cpu_count()} cores)")
     broker = BenchBroker()
     try:
         rate, _ = bench_delivery_rate(broker, 8, args.messages // 8, receive=False)
-        print(f"send requests/s, 8 concurrent HTTP connections:      {rate:8.0f}")
+        print(f"send requests/s, 8 concurrent HTTP connections: {rate:8.0f}")
         rate, delivered = bench_delivery_rate(broker, 8, args.messages // 8)
-        print(f"delivered messages/s, senders on 8 HTTP connections: {rate:8.0f}  (target >= 2600;"
+        print(f"delivered messages/s, senders on 8 HTTP connections: {rate:8.0f}   (target >= 2600;"
               f" {delivered} of {args.messages // 8 * 8} delivered)")
         lat = bench_wakeup(broker, args.samples)
-        print(f"long-poll wake-up latency ({len(lat)} samples): p50 {percentile(lat, 50):6.2f} ms"
+        print(f"long-poll wake-up latency, HTTP receiver: p50 {percentile(lat, 50):6.2f} ms"
               f"  p99 {percentile(lat, 99):6.2f} ms")
-        print(f"broker resident memory:                   {broker.rss_mb():8.1f} MB")
     finally:
         broker.close()
+    spawn = BenchBroker()
+    try:
+        times = bench_spawn_to_initialize(spawn)
+        print(f"shim spawn -> initialize answered: median {statistics.median(times):5.2f} s"
+              f"  max {max(times):5.2f} s   (target <= 1.0)")
+        if args.sessions:
+            bench_shims(spawn, args)
+    finally:
+        spawn.close()
+    many = BenchBroker()
+    try:
+        rss = asyncio.run(bench_many_sessions(many, 1000))
+        print(f"broker resident memory with 1000 registered sessions, each long-polling: {rss:6.1f} MB"
+              "   (target <= 150)")
+    finally:
+        many.close()
     return 0
 
 
@@ -2325,8 +2574,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("token", cmd_token, "print the fleet token (to copy to other machines)")
     p.add_argument("--create", action="store_true", help="create the token file (0600) if missing")
     p = command("bench", run_bench_cmd, "measure the SPEC section 9 figures on this machine")
-    p.add_argument("--messages", type=int, default=4000, help="messages for the throughput run")
+    p.add_argument("--messages", type=int, default=8000, help="messages for the throughput runs")
     p.add_argument("--samples", type=int, default=300, help="samples for latency runs")
+    p.add_argument("--sessions", type=int, default=20, help="shims driven as MCP clients (0: skip)")
+    p.add_argument("--idle-seconds", type=float, default=60.0, help="window for idle request counting")
     return parser
 
 
