@@ -2571,6 +2571,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="agent name (default: $CLAUDE_PEERS_NAME, or a .claude-peers-name file)")
     p = command("run", cmd_run, "start Claude Code with claude-peers channel pushes enabled")
     p.add_argument("claude_args", nargs=argparse.REMAINDER, help="arguments passed on to claude")
+    command("doctor", cmd_doctor, "check config, token, broker, claude, MCP registration and channel flag")
     p = command("token", cmd_token, "print the fleet token (to copy to other machines)")
     p.add_argument("--create", action="store_true", help="create the token file (0600) if missing")
     p = command("bench", run_bench_cmd, "measure the SPEC section 9 figures on this machine")
@@ -2579,6 +2580,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", type=int, default=20, help="shims driven as MCP clients (0: skip)")
     p.add_argument("--idle-seconds", type=float, default=60.0, help="window for idle request counting")
     return parser
+
+
+MIN_CLAUDE_VERSION = (2, 1, 80)  # the first Claude Code with channels
+
+
+def claude_mcp_registration(cwd: Path) -> str | None:
+    """Where Claude Code has the claude-peers MCP server registered, with its command, or None."""
+    places: list[tuple[str, dict[str, Any]]] = []
+    with contextlib.suppress(OSError, ValueError):
+        user = json.loads((Path.home() / ".claude.json").read_text())
+        places.append(("user scope (~/.claude.json)", user.get("mcpServers") or {}))
+        for folder in (cwd, *cwd.parents):
+            project = (user.get("projects") or {}).get(str(folder)) or {}
+            places.append((f"local scope ({folder})", project.get("mcpServers") or {}))
+    for folder in (cwd, *cwd.parents):
+        with contextlib.suppress(OSError, ValueError):
+            places.append((f"project scope ({folder / '.mcp.json'})",
+                           json.loads((folder / ".mcp.json").read_text()).get("mcpServers") or {}))
+    for where, servers in places:
+        server = servers.get(SERVER_NAME)
+        if isinstance(server, dict):
+            return f"{where}: {' '.join([server.get('command', '?'), *server.get('args', [])])}"
+    return None
+
+
+def doctor_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
+    """(status, check, detail) for each link of the chain; status is ok, warn or FAIL."""
+    yield "ok", "config", str(cfg.source or "built-in defaults (no daemons.toml)")
+    try:
+        token = read_token(cfg)
+        yield "ok", "token", f"{'$CLAUDE_PEERS_TOKEN' if os.environ.get('CLAUDE_PEERS_TOKEN') else cfg.token_path}"
+    except UserError as exc:
+        token = ""
+        yield "FAIL", "token", str(exc)
+    try:
+        status = BrokerClient(cfg.broker_url, token or "-", timeout=5).call("GET", "/api/status")
+        yield "ok", "broker", (f"{cfg.broker_url} answers: version {status['version']}, fleet {status['fleet']}",
+                              f" {status['sessions_live']} live sessions")
+    except BrokerUnreachable as exc:
+        yield "FAIL", "broker", f"{exc} (start it: claude-peers broker, or set CLAUDE_PEERS_URL)"
+    except ApiError as exc:
+        hint = "copy it from the hub: claude-peers token" if exc.status == 401 else exc.message
+        yield "FAIL", "broker", f"{cfg.broker_url} refused the fleet token ({hint})"
+    claude = shutil.which("claude")
+    if claude is None:
+        yield "FAIL", "claude", "claude not on PATH (npm install -g @anthropic-ai/claude-code)"
+    else:
+        try:
+            out = subprocess.run([claude, "--version"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                 timeout=20, check=False).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            out = ""
+        found = re.search(r"(\d+)\.(\d+)\.(\d+)", out)
+        version = tuple(int(x) for x in found.groups()) if found else None
+        if version is None:
+            yield "warn", "claude", f"{claude}: could not read its version"
+        elif version < MIN_CLAUDE_VERSION:
+            yield "FAIL", "claude", f"{claude} is {'.'.join(map(str, version))}; channels need 2.1.80 or newer"
+        else:
+            yield "ok", "claude", f"{claude} {'.'.join(map(str, version))}"
+    registered = claude_mcp_registration(Path.cwd())
+    if registered:
+        yield "ok", "mcp", f"claude-peers registered, {registered}"
+    else:
+        launcher = shutil.which("claude-peers") or f"{sys.executable} {Path(__file__).resolve()}"
+        yield "FAIL", "mcp", (f"claude-peers is not registered with Claude Code: claude mcp add --scope user"
+                             f" {SERVER_NAME} -- {launcher} shim")
+    yield "ok", "channel", (f"`claude-peers run` starts: {' '.join(claude_command([]))} (plain `claude` gets the"
+                           " tools but no pushes; if Claude Code says 'Channels are not currently available',"
+                           " channels are off for the account and check_messages is the way)")
+
+
+def cmd_doctor(cfg: Config, args: argparse.Namespace) -> int:
+    failed = False
+    for status, check, detail in doctor_checks(cfg):
+        failed |= status == "FAIL"
+        print(f"{status:<5} {check:<8} {detail}")
+    return EXIT_ERROR if failed else 0
 
 
 def cmd_shim(cfg: Config, args: argparse.Namespace) -> int:

@@ -108,6 +108,19 @@ elif [ ! -f "$DATA/token" ]; then
     say "created a fleet token in $DATA/token (copy it to other machines: claude-peers token)"
 fi
 
+# -- the MCP server, registered with Claude Code when it is here ------------------
+if command -v claude >/dev/null 2>&1; then
+    if claude mcp get claude-peers >/dev/null 2>&1; then
+        say "claude-peers is already registered with Claude Code"
+    elif claude mcp add --scope user claude-peers -- "$BIN/claude-peers" shim >/dev/null 2>&1; then
+        say "registered the MCP server with Claude Code (user scope)"
+    else
+        say "note: could not register with Claude Code; run: claude mcp add --scope user claude-peers -- $BIN/claude-peers shim"
+    fi
+else
+    say "note: claude not found; once Claude Code is installed run: claude mcp add --scope user claude-peers -- $BIN/claude-peers shim"
+fi
+
 say "installed: $BIN/claude-peers ($("$BIN/claude-peers" --version))"
 case ":$PATH:" in
     *":$BIN:"*) ;;

@@ -1088,3 +1088,30 @@ async def test_early_initialize_answer_matches_the_sdk(requested):
         tasks.cancel_scope.cancel()
     sdk_result = answer.message.model_dump(by_alias=True, exclude_unset=True, mode="json")["result"]
     assert cp.initialize_result(requested, "x") == sdk_result
+
+
+def test_doctor_walks_the_chain(broker, tmp_path):
+    home = tmp_path / "user"
+    (home / "bin").mkdir(parents=True)
+    fake = home / "bin/claude"
+    fake.write_text("#!/bin/sh\necho '2.1.328 (Claude Code)'\n")
+    fake.chmod(0o755)
+    env = {"HOME": str(home), "PATH": f"{home / 'bin'}:{os.environ['PATH']}"}
+    out = broker.cli("doctor", env=env)
+    lines = {line.split()[1]: line for line in out.stdout.splitlines()}
+    assert out.returncode == cp.EXIT_ERROR
+    assert lines["config"].startswith("ok") and str(broker.config) in lines["config"]
+    assert lines["token"].startswith("ok") and lines["broker"].startswith("ok")
+    assert lines["claude"].startswith("ok") and "2.1.328" in lines["claude"]
+    assert lines["mcp"].startswith("FAIL") and "claude mcp add --scope user claude-peers" in lines["mcp"]
+    assert "--dangerously-load-development-channels server:claude-peers" in lines["channel"]
+    (home / ".claude.json").write_text(json.dumps({"mcpServers": {"claude-peers": {
+        "type": "stdio", "command": "claude-peers", "args": ["shim"]}}}))
+    out = broker.cli("doctor", env=env)
+    assert out.returncode == 0, out.stdout
+    assert "user scope" in out.stdout and "claude-peers shim" in out.stdout
+    fake.write_text("#!/bin/sh\necho '2.1.12 (Claude Code)'\n")
+    out = broker.cli("doctor", env={**env, "CLAUDE_PEERS_TOKEN": "wrong-wrong-wrong-wrong"})
+    lines = {line.split()[1]: line for line in out.stdout.splitlines()}
+    assert lines["claude"].startswith("FAIL") and "2.1.80" in lines["claude"]
+    assert lines["broker"].startswith("FAIL") and "refused the fleet token" in lines["broker"]
