@@ -2306,14 +2306,14 @@ def percentile(values: list[float], pct: float) -> float:
 class BenchBroker:
     """A real broker subprocess in a temp dir, for bench."""
 
-    def __init__(self, extra_toml: str = "") -> None:
+    def __init__(self, nats_toml: str = "embedded = false\n", prepare: Callable[[Path], None] | None = None) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="claude-peers-bench-")
         home = Path(self.tmp.name)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         self.config = home / "daemons.toml"
-        self.config.write_text(f'[broker]\nlisten = "127.0.0.1:{port}"\nrate_per_s = 0.0\n{extra_toml}')
+        self.config.write_text(f'[broker]\nlisten = "127.0.0.1:{port}"\nrate_per_s = 0.0\n[nats]\n{nats_toml}')
+        if prepare is not None:
+            prepare(home)
         self.env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(self.config)}
         self.env.pop("CLAUDE_PEERS_URL", None)
         self.env.pop("CLAUDE_PEERS_TOKEN", None)
@@ -2350,6 +2350,39 @@ class BenchBroker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.tmp.cleanup()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bench_relay(events: int) -> tuple[float, int]:
+    """Events/s the relay moves from a full outbox into JetStream (embedded nats-server)."""
+    def fill(home: Path) -> None:
+        cfg = Config({}, None)
+        store = Store(home / "broker.db", cfg)
+        with store.tx() as c:
+            for i in range(events):
+                store._event(c, "message.sent", "fleet.message.sent", message_id=f"{i:012x}", bytes=64)
+        store.close()
+
+    broker = BenchBroker(f'embedded = true\nlisten = "127.0.0.1:{free_port()}"\n', prepare=fill)
+    try:
+        client = broker.client()
+        first = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            nats = client.call("GET", "/api/status")["nats"]
+            if first is None and nats["published"]:
+                first = (time.perf_counter(), nats["published"])
+            if first is not None and nats["backlog"] == 0:
+                return (nats["published"] - first[1]) / (time.perf_counter() - first[0]), nats["published"]
+            time.sleep(0.01)
+        return 0.0, 0
+    finally:
+        broker.close()
 
 
 def rss_mb(pid: int) -> float:
@@ -2681,6 +2714,8 @@ def run_bench(args: argparse.Namespace) -> int:
               "   (target <= 150)")
     finally:
         many.close()
+    rate, published = bench_relay(args.events)
+    print(f"events relayed to JetStream per second: {rate:8.0f}   (target >= 5000; {published} published)")
     return 0
 
 
@@ -2877,6 +2912,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=300, help="samples for latency runs")
     p.add_argument("--sessions", type=int, default=20, help="shims driven as MCP clients (0: skip)")
     p.add_argument("--idle-seconds", type=float, default=60.0, help="window for idle request counting")
+    p.add_argument("--events", type=int, default=20000, help="outbox size for the relay run")
     return parser
 
 
