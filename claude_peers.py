@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import queue
+import random
 import re
 import resource
 import secrets
@@ -39,7 +40,9 @@ import tempfile
 import threading
 import time
 import tomllib
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -148,7 +151,52 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "duplicate_window_s": 120,
         "publish_text": False,
     },
+    "llm": {
+        "base_url": "",  # OpenAI-compatible, e.g. http://litellm.lan:4000/v1; empty: no LLM
+        "api_key_env": "CLAUDE_PEERS_LLM_KEY",
+        "api_key_file": "",
+        "timeout_s": 60,
+        "heavy": [],
+        "routine": [],
+        "local": [],
+    },
+    "alerts": {
+        "webhook": "",  # ntfy-style: POST the alert text to this URL
+        "repeat_after_cycles": 12,
+    },
 }
+
+# [[machines]]: the hosts fleet-scout and probe_host look at.
+MACHINE_DEFAULTS: dict[str, Any] = {"name": "", "ssh": "localhost", "port": 22}
+
+# [daemons.<name>]: one table per daemon.
+DAEMON_DEFAULTS: dict[str, Any] = {
+    "description": "",
+    "enabled": True,
+    "every": "",  # "30s", "15m", "1h", "1d" (with jitter)
+    "cron": "",  # 5 fields, local time
+    "on": [],  # NATS subject patterns (* and >)
+    "jitter": 0.1,  # fraction of `every` added at random
+    "debounce_s": 10.0,  # quiet time after a matching event before the run
+    "runner": "agent",  # agent: LLM loop with tools; command: an external agent command
+    "command": [],  # argv for runner = "command"
+    "role": "",  # the system prompt's role part
+    "tier": "routine",
+    "tools": [],  # built-in tools this daemon may call
+    "commands": [],  # argv prefixes run_command may run, e.g. [["systemctl", "--failed"]]
+    "urls": [],  # URL prefixes http_get may fetch
+    "paths": [],  # directories read_file may read
+    "max_runtime_s": 300,
+    "max_actions": 20,
+    "token_budget": 20000,
+    "dry_run": False,
+    "alert_to": [],  # agent names that receive this daemon's alerts
+    "backoff_s": 60,  # first cooldown after a failure; doubles per failure
+    "backoff_max_s": 3600,
+}
+TIERS = ("heavy", "routine", "local")
+AGENT_TOOLS = ("probe_host", "http_get", "run_command", "read_file", "list_peers", "send_message", "read_events",
+               "read_memory", "write_memory", "alert", "remember", "recall")
 
 MIN_TOKEN_LEN = 16
 
@@ -184,6 +232,37 @@ def _check_non_negative(value: Any) -> None:
         raise ValueError(f"must be >= 0, got {value}")
 
 
+def _raise(message: str) -> None:
+    raise ValueError(message)
+
+
+def _check_strings(value: list[Any]) -> None:
+    if not all(isinstance(v, str) and v for v in value):
+        raise ValueError("must be a list of non-empty strings")
+
+
+def _check_argv_prefixes(value: list[Any]) -> None:
+    if not all(isinstance(p, list) and p and all(isinstance(a, str) for a in p) for p in value):
+        raise ValueError('must be a list of argv prefixes, e.g. [["systemctl", "--failed"]]')
+
+
+def _check_tools(value: list[Any]) -> None:
+    _check_strings(value)
+    unknown = [t for t in value if t not in AGENT_TOOLS]
+    if unknown:
+        raise ValueError(f"unknown tool {unknown[0]!r} (known: {', '.join(AGENT_TOOLS)})")
+
+
+def _check_subjects(value: list[Any]) -> None:
+    _check_strings(value)
+    for pattern in value:
+        tokens = pattern.split(".")
+        if any(not t for t in tokens) or ">" in tokens[:-1] or any(("*" in t or ">" in t) and len(t) > 1
+                                                                   for t in tokens):
+            raise ValueError(f"bad subject pattern {pattern!r} (tokens separated by '.', '*' = one token,"
+                             " '>' = the rest, last only)")
+
+
 # Extra checks beyond the type of the default value.
 KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("broker", "listen"): parse_hostport,
@@ -201,13 +280,130 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("nats", "duplicate_window_s"): _check_positive,
     ("nats", "stream"): lambda v: None if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v) else _raise(
         "must be 1-64 letters, digits, '_' or '-'"),
+    ("daemon", "every"): lambda v: v and parse_duration(v),
+    ("daemon", "cron"): lambda v: v and Cron(v),
+    ("daemon", "on"): lambda v: _check_subjects(v),
+    ("daemon", "jitter"): lambda v: None if 0 <= v <= 1 else _raise(f"must be between 0 and 1, got {v}"),
+    ("daemon", "debounce_s"): _check_non_negative,
+    ("daemon", "runner"): lambda v: None if v in ("agent", "command") else _raise(
+        f"must be \"agent\" or \"command\", got {v!r}"),
+    ("daemon", "command"): lambda v: _check_strings(v),
+    ("daemon", "tier"): lambda v: None if v in TIERS else _raise(f"unknown tier {v!r} (known: {', '.join(TIERS)})"),
+    ("daemon", "tools"): lambda v: _check_tools(v),
+    ("daemon", "commands"): _check_argv_prefixes,
+    ("daemon", "urls"): lambda v: _check_strings(v),
+    ("daemon", "paths"): lambda v: _check_strings(v),
+    ("daemon", "alert_to"): lambda v: _check_strings(v),
+    ("daemon", "max_runtime_s"): _check_positive,
+    ("daemon", "max_actions"): _check_positive,
+    ("daemon", "token_budget"): _check_positive,
+    ("daemon", "backoff_s"): _check_positive,
+    ("daemon", "backoff_max_s"): _check_positive,
+    ("llm", "timeout_s"): _check_positive,
+    ("llm", "heavy"): lambda v: _check_strings(v),
+    ("llm", "routine"): lambda v: _check_strings(v),
+    ("llm", "local"): lambda v: _check_strings(v),
+    ("llm", "base_url"): lambda v: None if not v or v.startswith(("http://", "https://")) else _raise(
+        f"must start with http:// or https://, got {v!r}"),
+    ("alerts", "repeat_after_cycles"): _check_positive,
+    ("machines", "port"): lambda v: None if 0 < v < 65536 else _raise(f"not a port: {v}"),
     ("nats", "url"): lambda v: None if not v or v.startswith(("nats://", "tls://")) else _raise(
         f"must start with nats:// or tls://, got {v!r}"),
 }
 
 
-def _raise(message: str) -> None:
-    raise ValueError(message)
+def check_daemon(where: str, daemon: SimpleNamespace) -> None:
+    """Rules across a daemon's keys."""
+    if daemon.runner == "command" and not daemon.command:
+        raise UserError(f"{where}: daemons.{daemon.name}.command: required with runner = \"command\"")
+    if daemon.runner == "agent" and daemon.command:
+        raise UserError(f"{where}: daemons.{daemon.name}.command: only used with runner = \"command\"")
+
+
+DURATION_RE = re.compile(r"^(\d+)(s|m|h|d)$")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """'30s', '15m', '1h', '1d' -> seconds."""
+    found = DURATION_RE.match(text.strip())
+    if not found or int(found.group(1)) == 0:
+        raise ValueError(f"bad duration {text!r}: use a positive number and s, m, h or d, like \"15m\"")
+    return int(found.group(1)) * DURATION_UNITS[found.group(2)]
+
+
+class Cron:
+    """A 5-field cron expression (minute hour day-of-month month day-of-week), local time.
+
+    Fields take *, numbers, ranges a-b, steps */n and a-b/n, and lists; day-of-week 0 or 7
+    is Sunday. As in Vixie cron, when both day fields are restricted either may match."""
+
+    FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12),
+              ("day of week", 0, 7))
+
+    def __init__(self, expr: str) -> None:
+        parts = expr.split()
+        if len(parts) != 5:
+            raise ValueError(f"cron {expr!r}: needs 5 fields (minute hour day month weekday), got {len(parts)}")
+        self.sets = [self._field(part, *spec) for part, spec in zip(parts, self.FIELDS, strict=True)]
+        if 7 in self.sets[4]:
+            self.sets[4] = (self.sets[4] - {7}) | {0}
+        self.dom_any, self.dow_any = parts[2] == "*", parts[4] == "*"
+
+    @staticmethod
+    def _field(text: str, name: str, low: int, high: int) -> set[int]:
+        values: set[int] = set()
+        for item in text.split(","):
+            body, _, step_text = item.partition("/")
+            if not (step_text.isdigit() if step_text else True) or step_text == "0":
+                raise ValueError(f"cron {name} {item!r}: bad step")
+            step = int(step_text or 1)
+            if body == "*":
+                start, end = low, high
+            else:
+                first, _, last = body.partition("-")
+                if not first.isdigit() or (last and not last.isdigit()):
+                    raise ValueError(f"cron {name} {item!r}: use numbers, ranges a-b, steps */n, lists a,b")
+                start, end = int(first), int(last) if last else (high if step_text else int(first))
+            if not low <= start <= end <= high:
+                raise ValueError(f"cron {name} {item!r}: out of range {low}-{high}")
+            values.update(range(start, end + 1, step))
+        return values
+
+    def _day_matches(self, when: dt.datetime) -> bool:
+        dom = when.day in self.sets[2]
+        dow = (when.isoweekday() % 7) in self.sets[4]
+        if self.dom_any or self.dow_any:
+            return dom and dow
+        return dom or dow
+
+    def next_after(self, after: dt.datetime) -> dt.datetime:
+        """The first matching minute strictly after ``after`` (naive local time)."""
+        when = after.replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
+        limit = when + dt.timedelta(days=366 * 5)
+        while when < limit:
+            if when.month not in self.sets[3]:
+                when = (when.replace(day=1, hour=0, minute=0) + dt.timedelta(days=32)).replace(day=1)
+            elif not self._day_matches(when):
+                when = when.replace(hour=0, minute=0) + dt.timedelta(days=1)
+            elif when.hour not in self.sets[1]:
+                when = when.replace(minute=0) + dt.timedelta(hours=1)
+            elif when.minute not in self.sets[0]:
+                when += dt.timedelta(minutes=1)
+            else:
+                return when
+        raise ValueError("cron expression never matches")
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcards: '*' matches one token, '>' one or more trailing tokens."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or token not in ("*", have[i]):
+            return False
+    return len(want) == len(have)
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -223,27 +419,49 @@ class Config:
 
     def __init__(self, raw: dict[str, Any], source: Path | None) -> None:
         self.source = source
-        where = str(source) if source else "built-in defaults"
-        for table, defaults in DEFAULTS.items():
-            given = raw.get(table, {})
-            if not isinstance(given, dict):
-                raise UserError(f"{where}: [{table}] must be a table")
-            values = dict(defaults)
-            for key, value in given.items():
-                if key not in defaults:
-                    raise UserError(f"{where}: {table}.{key}: unknown key (known: {', '.join(defaults)})")
-                if not _type_ok(value, defaults[key]):
-                    kind = type(defaults[key]).__name__
-                    raise UserError(f"{where}: {table}.{key}: expected {kind}, got {value!r}")
-                try:
-                    KEY_CHECKS.get((table, key), lambda v: v)(value)
-                except ValueError as exc:
-                    raise UserError(f"{where}: {table}.{key}: {exc}") from None
-                values[key] = float(value) if isinstance(defaults[key], float) else value
-            setattr(self, table, SimpleNamespace(**values))
-        unknown = set(raw) - set(DEFAULTS)
+        self.where = str(source) if source else "built-in defaults"
+        known = [*DEFAULTS, "machines", "daemons"]
+        unknown = set(raw) - set(known)
         if unknown:
-            raise UserError(f"{where}: unknown table [{min(unknown)}] (known: {', '.join(DEFAULTS)})")
+            raise UserError(f"{self.where}: unknown table [{min(unknown)}] (known: {', '.join(known)})")
+        for table, defaults in DEFAULTS.items():
+            setattr(self, table, self._table(table, table, raw.get(table, {}), defaults))
+        machines = raw.get("machines", [])
+        if not isinstance(machines, list):
+            raise UserError(f"{self.where}: machines: use [[machines]] entries")
+        self.machines = [self._table("machines", f"machines[{i}]", m, MACHINE_DEFAULTS)
+                         for i, m in enumerate(machines)]
+        for i, machine in enumerate(self.machines):
+            if not machine.name:
+                raise UserError(f"{self.where}: machines[{i}].name: required")
+        daemons = raw.get("daemons", {})
+        if not isinstance(daemons, dict):
+            raise UserError(f"{self.where}: daemons: use one [daemons.<name>] table per daemon")
+        self.daemons = {}
+        for name, table in daemons.items():
+            if not NAME_RE.match(name):
+                raise UserError(f"{self.where}: daemons.{name}: a daemon name is letters, digits, '.', '_', '-'")
+            self.daemons[name] = self._table("daemon", f"daemons.{name}", table, DAEMON_DEFAULTS)
+            self.daemons[name].name = name
+            check_daemon(self.where, self.daemons[name])
+
+    def _table(self, kind: str, prefix: str, given: Any, defaults: dict[str, Any]) -> SimpleNamespace:
+        """One table checked against its defaults: unknown keys, types, and the key's own check."""
+        if not isinstance(given, dict):
+            raise UserError(f"{self.where}: [{prefix}] must be a table")
+        values = dict(defaults)
+        for key, value in given.items():
+            if key not in defaults:
+                raise UserError(f"{self.where}: {prefix}.{key}: unknown key (known: {', '.join(defaults)})")
+            if not _type_ok(value, defaults[key]):
+                kind_name = type(defaults[key]).__name__
+                raise UserError(f"{self.where}: {prefix}.{key}: expected {kind_name}, got {value!r}")
+            try:
+                KEY_CHECKS.get((kind, key), lambda v: v)(value)
+            except ValueError as exc:
+                raise UserError(f"{self.where}: {prefix}.{key}: {exc}") from None
+            values[key] = float(value) if isinstance(defaults[key], float) else value
+        return SimpleNamespace(**values)
 
     @property
     def machine(self) -> str:
@@ -376,6 +594,20 @@ CREATE TABLE IF NOT EXISTS events(
     published_at REAL
 );
 CREATE INDEX IF NOT EXISTS events_unpublished ON events(seq) WHERE published_at IS NULL;
+CREATE TABLE IF NOT EXISTS runs(
+    id TEXT PRIMARY KEY,
+    daemon TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    ended_at TEXT,
+    status TEXT NOT NULL,
+    actions INTEGER NOT NULL DEFAULT 0,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    model TEXT NOT NULL DEFAULT '',
+    summary TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS runs_daemon ON runs(daemon, started_at);
 CREATE TABLE IF NOT EXISTS memory(
     id INTEGER PRIMARY KEY CHECK (id = 1),
     text TEXT NOT NULL,
@@ -388,6 +620,9 @@ SCOPES = ("all", "machine", "repo", "directory")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SESSION_ID_RE = re.compile(r"^[0-9a-f]{10}$")
 OPERATOR = "operator"  # the CLI's identity: authenticated by the fleet token alone
+RUN_STATUSES = ("running", "ok", "failed", "timeout", "limit", "skipped")
+RUN_FINAL = RUN_STATUSES[1:]
+SEVERITIES = ("info", "warning", "critical")
 
 SESSION_FIELDS = ("id", "name", "machine", "pid", "cwd", "git_root", "branch", "tty", "client", "summary")
 
@@ -799,6 +1034,44 @@ class Store:
         rows = self.read("SELECT * FROM messages ORDER BY seq DESC LIMIT ?", (limit,))
         return [message_view(r) for r in reversed(rows)]
 
+    # -- daemon runs, alerts, trigger requests (from supervisors) -------------------
+
+    def record_run(self, run: dict[str, Any]) -> None:
+        """Insert or update a run; its first report is `started`, its final one `finished` or `failed`."""
+        with self.tx() as c:
+            old = c.execute("SELECT status FROM runs WHERE id = ?", (run["id"],)).fetchone()
+            c.execute("INSERT INTO runs(id, daemon, trigger, machine, started_at, ended_at, status, actions, tokens,"
+                      " model, summary) VALUES (:id, :daemon, :trigger, :machine, :started_at, :ended_at, :status,"
+                      " :actions, :tokens, :model, :summary) ON CONFLICT(id) DO UPDATE SET ended_at ="
+                      " excluded.ended_at, status = excluded.status, actions = excluded.actions, tokens ="
+                      " excluded.tokens, model = excluded.model, summary = excluded.summary",
+                      {"ended_at": None, "actions": 0, "tokens": 0, "model": "", "summary": "", **run})
+            fields = {k: run.get(k) for k in ("daemon", "trigger", "status", "actions", "tokens", "model",
+                                              "summary", "started_at", "ended_at")}
+            name = run["daemon"]
+            if old is None:
+                self._event(c, "daemon.started", f"fleet.daemon.{name}.started", machine=run["machine"],
+                            run_id=run["id"], **fields)
+            if run["status"] in RUN_FINAL and (old is None or old["status"] not in RUN_FINAL):
+                kind = "failed" if run["status"] in ("failed", "timeout") else "finished"
+                self._event(c, f"daemon.{kind}", f"fleet.daemon.{name}.{kind}", machine=run["machine"],
+                            run_id=run["id"], **fields)
+
+    def runs(self, daemon: str | None, limit: int) -> list[dict[str, Any]]:
+        where, args = ("WHERE daemon = ?", (daemon, limit)) if daemon else ("", (limit,))
+        rows = self.read(f"SELECT * FROM runs {where} ORDER BY started_at DESC LIMIT ?", args)
+        return [dict(r) for r in rows]
+
+    def alert(self, severity: str, title: str, detail: str, source: str, machine: str) -> str:
+        with self.tx() as c:
+            self._event(c, "alert", f"fleet.alert.{severity}", machine=machine or self.machine, severity=severity,
+                        title=title, detail=detail, source=source)
+            return c.execute("SELECT id FROM events ORDER BY seq DESC LIMIT 1").fetchone()[0]
+
+    def request_run(self, daemon: str) -> None:
+        with self.tx() as c:
+            self._event(c, "daemon.requested", f"fleet.daemon.{daemon}.requested", daemon=daemon, by=OPERATOR)
+
     # -- memory, status, housekeeping ----------------------------------------
 
     def memory(self) -> dict[str, Any]:
@@ -1081,6 +1354,12 @@ SEND_SCHEMA: Schema = {"to": (str, True, 64), "text": (str, True, 1 << 30), "rep
 POLL_SCHEMA: Schema = {"wait_s": (float, False, 0), "max": (int, False, 0), "ack": (list, False, 1000)}
 ACK_SCHEMA: Schema = {"ids": (list, True, 1000), "state": (str, True, 16)}
 MEMORY_SCHEMA: Schema = {"text": (str, True, 1 << 30)}
+RUN_SCHEMA: Schema = {"id": (str, True, 64), "daemon": (str, True, 64), "trigger": (str, True, 500),
+                      "machine": (str, True, 255), "started_at": (str, True, 40), "ended_at": (str, False, 40),
+                      "status": (str, True, 16), "actions": (int, False, 0), "tokens": (int, False, 0),
+                      "model": (str, False, 200), "summary": (str, False, 4000)}
+ALERT_SCHEMA: Schema = {"severity": (str, True, 16), "title": (str, True, 300), "detail": (str, False, 4000),
+                        "source": (str, False, 64), "machine": (str, False, 255)}
 EMPTY_SCHEMA: Schema = {}
 
 
@@ -1378,6 +1657,37 @@ async def r_events(b: Broker, req: Request) -> Any:
     return {"events": events, "cursor": events[-1]["seq"] if events else after}
 
 
+def r_record_run(b: Broker, req: Request) -> Any:
+    run = req.body
+    if run["status"] not in RUN_STATUSES:
+        raise ApiError(400, f"field 'status' must be one of {', '.join(RUN_STATUSES)}")
+    if not NAME_RE.match(run["daemon"]):
+        raise ApiError(400, f"field 'daemon' is not a daemon name: {run['daemon']!r}")
+    b.store.record_run(run)
+    b.wake(set())
+    return {"ok": True}
+
+
+def r_runs(b: Broker, req: Request) -> Any:
+    return {"runs": b.store.runs(req.query.get("daemon"), _int_query(req, "limit", 20, 1, 1000))}
+
+
+def r_alert(b: Broker, req: Request) -> Any:
+    body = req.body
+    if body["severity"] not in SEVERITIES:
+        raise ApiError(400, f"field 'severity' must be one of {', '.join(SEVERITIES)}")
+    event_id = b.store.alert(body["severity"], body["title"], body.get("detail", ""), body.get("source", OPERATOR),
+                             body.get("machine", ""))
+    b.wake(set())
+    return 201, {"id": event_id}
+
+
+def r_request_run(b: Broker, req: Request) -> Any:
+    b.store.request_run(req.args[0])
+    b.wake(set())
+    return 202, {"ok": True, "daemon": req.args[0]}
+
+
 def r_memory(b: Broker, req: Request) -> Any:
     return b.store.memory()
 
@@ -1412,6 +1722,10 @@ ROUTES: list[tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool,
         ("GET", "/api/events", r_events, False, None),
         ("GET", "/api/memory", r_memory, False, None),
         ("POST", "/api/memory", r_set_memory, False, MEMORY_SCHEMA),
+        ("POST", "/api/runs", r_record_run, False, RUN_SCHEMA),
+        ("GET", "/api/runs", r_runs, False, None),
+        ("POST", "/api/alerts", r_alert, False, ALERT_SCHEMA),
+        ("POST", r"/api/daemons/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/trigger", r_request_run, False, EMPTY_SCHEMA),
     ]
 ]
 
@@ -2294,6 +2608,765 @@ def run_shim(cfg: Config, name: str | None) -> int:
 
 
 # ===========================================================================
+# Supervisor: daemons on schedules and events, as policy-bound agents
+# ===========================================================================
+
+SUPERVISOR_SCHEMA = """
+CREATE TABLE IF NOT EXISTS daemon_state(
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL DEFAULT '',
+    next_due REAL,
+    last_started REAL,
+    last_status TEXT,
+    failures INTEGER NOT NULL DEFAULT 0,
+    cooldown_until REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS runs(
+    id TEXT PRIMARY KEY,
+    daemon TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    ended_at TEXT,
+    status TEXT NOT NULL,
+    actions INTEGER NOT NULL DEFAULT 0,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    model TEXT NOT NULL DEFAULT '',
+    summary TEXT NOT NULL DEFAULT '',
+    transcript TEXT NOT NULL DEFAULT '',
+    reported TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS kv(daemon TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+                              PRIMARY KEY (daemon, key));
+CREATE TABLE IF NOT EXISTS cursors(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+RUN_FIELDS = ("id", "daemon", "trigger", "machine", "started_at", "ended_at", "status", "actions", "tokens",
+              "model", "summary")
+OUTPUT_CAP = 16384
+KV_VALUE_CAP = 8192
+CHANGING_TOOLS = ("run_command", "send_message", "write_memory", "alert", "remember")
+
+
+class SupervisorState:
+    """The supervisor's sqlite: schedule state that survives restarts, run records (with
+    what the broker has been told), per-daemon memory (remember/recall), feed cursors."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SUPERVISOR_SCHEMA)
+
+    def state(self, name: str) -> dict[str, Any]:
+        row = self.db.execute("SELECT * FROM daemon_state WHERE name = ?", (name,)).fetchone()
+        return dict(row) if row else {"name": name, "spec": "", "next_due": None, "last_started": None,
+                                      "last_status": None, "failures": 0, "cooldown_until": 0.0}
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO daemon_state(name, spec, next_due, last_started, last_status,"
+                        " failures, cooldown_until) VALUES (:name, :spec, :next_due, :last_started, :last_status,"
+                        " :failures, :cooldown_until)", state)
+
+    def save_run(self, run: dict[str, Any]) -> None:
+        self.db.execute("INSERT INTO runs(id, daemon, trigger, machine, started_at, ended_at, status, actions,"
+                        " tokens, model, summary, transcript) VALUES (:id, :daemon, :trigger, :machine, :started_at,"
+                        " :ended_at, :status, :actions, :tokens, :model, :summary, :transcript) ON CONFLICT(id) DO"
+                        " UPDATE SET ended_at = excluded.ended_at, status = excluded.status, actions ="
+                        " excluded.actions, tokens = excluded.tokens, model = excluded.model, summary ="
+                        " excluded.summary", run)
+
+    def runs(self, daemon: str | None = None) -> list[dict[str, Any]]:
+        where, args = ("WHERE daemon = ?", (daemon,)) if daemon else ("", ())
+        return [dict(r) for r in self.db.execute(f"SELECT * FROM runs {where} ORDER BY started_at", args)]
+
+    def unreported(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM runs WHERE reported != status ORDER BY started_at")]
+
+    def mark_reported(self, run_id: str, status: str) -> None:
+        self.db.execute("UPDATE runs SET reported = ? WHERE id = ?", (status, run_id))
+
+    def recall(self, daemon: str, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM kv WHERE daemon = ? AND key = ?", (daemon, key)).fetchone()
+        return row[0] if row else None
+
+    def remember(self, daemon: str, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO kv(daemon, key, value) VALUES (?, ?, ?)", (daemon, key, value))
+
+    def cursor(self, name: str) -> int | None:
+        row = self.db.execute("SELECT value FROM cursors WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def set_cursor(self, name: str, value: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO cursors(name, value) VALUES (?, ?)", (name, value))
+
+
+def schedule_spec(daemon: SimpleNamespace) -> str:
+    return f"every={daemon.every} cron={daemon.cron}"
+
+
+def next_due(daemon: SimpleNamespace, after: float, first: bool = False) -> float | None:
+    """When the daemon's schedule fires next after ``after`` (epoch seconds), or None.
+
+    `every` adds up to `jitter` of the interval at random, so a fleet of supervisors
+    started together drifts apart; a daemon seen for the first time starts within
+    that jitter instead of a whole interval later."""
+    candidates = []
+    if daemon.every:
+        interval = parse_duration(daemon.every)
+        spread = random.uniform(0, daemon.jitter * interval)
+        candidates.append(after + spread if first else after + interval + spread)
+    if daemon.cron:
+        local = dt.datetime.fromtimestamp(after)
+        candidates.append(Cron(daemon.cron).next_after(local).timestamp())
+    return min(candidates) if candidates else None
+
+
+# -- the agent loop and its tools (run in the daemon's child process) ---------------------
+
+TOOL_SCHEMAS: dict[str, tuple[str, dict[str, Any]]] = {
+    "probe_host": (("Measure a configured machine's health over SSH (load, memory, disks, failed units,"
+                   " uptime)."), {"machine": {"type": "string", "description": "a [[machines]] name"}}),
+    "http_get": ("GET an allowed URL; returns status and the start of the body.",
+                 {"url": {"type": "string"}}),
+    "run_command": ("Run an allowed command (argv list, no shell) with a timeout; returns exit code and output.",
+                    {"argv": {"type": "array", "items": {"type": "string"}}}),
+    "read_file": ("Read the start of a file in an allowed directory.", {"path": {"type": "string"}}),
+    "list_peers": ("List the live Claude Code sessions of the fleet.",
+                   {"scope": {"type": "string", "enum": list(SCOPES)}}),
+    "send_message": ("Send a message to a session (id or agent name) of the fleet.",
+                     {"to": {"type": "string"}, "text": {"type": "string"}}),
+    "read_events": ("Read fleet events after a sequence number (peer joined/left, messages, daemon runs...).",
+                    {"after": {"type": "integer"}, "limit": {"type": "integer"}}),
+    "read_memory": ("Read the fleet memory (shared markdown notes).", {}),
+    "write_memory": ("Replace the fleet memory with new markdown.", {"text": {"type": "string"}}),
+    "alert": ("Raise an alert to the fleet (NATS fleet.alert.<severity>, configured peers, webhook).",
+              {"severity": {"type": "string", "enum": list(SEVERITIES)}, "title": {"type": "string"},
+               "detail": {"type": "string"}}),
+    "remember": ("Store a small value under a key for this daemon's next runs.",
+                 {"key": {"type": "string"}, "value": {"type": "string"}}),
+    "recall": ("Read a value this daemon stored with remember.", {"key": {"type": "string"}}),
+}
+TOOL_REQUIRED = {"probe_host": ["machine"], "http_get": ["url"], "run_command": ["argv"], "read_file": ["path"],
+                 "send_message": ["to", "text"], "write_memory": ["text"], "alert": ["severity", "title"],
+                 "remember": ["key", "value"], "recall": ["key"]}
+
+PROBE_SCRIPT = """\
+echo "uptime_s=$(cut -d' ' -f1 /proc/uptime 2>/dev/null)"
+echo "loadavg=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
+echo "cores=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)"
+awk '/^MemTotal:/{t=$2} /^MemAvailable:/{a=$2} END{if (t) print "mem_available_pct=" int(a*100/t)}' /proc/meminfo
+df -P 2>/dev/null | awk 'NR>1 && $1 !~ /^(tmpfs|devtmpfs|overlay|udev)$/ {print "disk " $6 " used=" $5}'
+command -v systemctl >/dev/null && systemctl --failed --plain --no-legend 2>/dev/null | awk '{print "failed " $1}'
+true
+"""
+
+
+class PolicyError(Exception):
+    """A tool call the daemon's policy does not allow."""
+
+
+class LlmError(Exception):
+    """Every model of the tier failed, or the endpoint refused the request."""
+
+
+def llm_key(cfg: Config) -> str:
+    if cfg.llm.api_key_file:
+        try:
+            return Path(cfg.llm.api_key_file).expanduser().read_text().strip()
+        except OSError as exc:
+            raise LlmError(f"llm.api_key_file: cannot read {cfg.llm.api_key_file}: {exc.strerror}") from None
+    return os.environ.get(cfg.llm.api_key_env, "")
+
+
+def chat_completion(cfg: Config, models: list[str], messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                    log_line: Callable[..., None]) -> tuple[dict[str, Any], int, str]:
+    """One completion, down the tier's model list on connection errors, timeouts and 5xx.
+    Returns (assistant message, tokens used, model)."""
+    key = llm_key(cfg)
+    url = cfg.llm.base_url.rstrip("/") + "/chat/completions"
+    failures = []
+    for model in models:
+        body: dict[str, Any] = {"model": model, "messages": messages}
+        if tools:
+            body.update(tools=tools, tool_choice="auto")
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={
+            "Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
+        try:
+            with urllib.request.urlopen(request, timeout=cfg.llm.timeout_s) as response:
+                reply = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:300].decode(errors="replace")
+            if exc.code < 500:
+                raise LlmError(f"{model}: HTTP {exc.code}: {detail}") from None
+            failures.append(f"{model}: HTTP {exc.code}")
+        except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            failures.append(f"{model}: {type(reason).__name__}: {reason}")
+        else:
+            try:
+                message = reply["choices"][0]["message"]
+            except (KeyError, IndexError, TypeError):
+                raise LlmError(f"{model}: no choices in the reply: {json.dumps(reply)[:300]}") from None
+            usage = reply.get("usage") or {}
+            tokens = usage.get("total_tokens") or (len(json.dumps(messages)) + len(json.dumps(message))) // 4
+            return message, int(tokens), model
+        log_line("model_failed", model=model, error=failures[-1])
+    raise LlmError("every model failed: " + "; ".join(failures))
+
+
+class DaemonRun:
+    """One run of one daemon: the agent loop (or the external command) under its policy,
+    with a JSONL transcript of every step."""
+
+    def __init__(self, cfg: Config, daemon: SimpleNamespace, run_id: str, trigger: str, transcript: Path,
+                 dry_run: bool = False, echo: bool = False) -> None:
+        self.cfg = cfg
+        self.daemon = daemon
+        self.run_id = run_id
+        self.trigger = trigger
+        self.transcript = transcript
+        self.dry_run = dry_run or daemon.dry_run
+        self.echo = echo
+        self.actions = 0
+        self.tokens = 0
+        self.model = ""
+        self.state = SupervisorState(data_home() / "supervisor.db")
+        self._broker: BrokerClient | None = None
+
+    def log_line(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"at": iso(time.time()), "event": event, **fields}, default=str)
+        with self.transcript.open("a") as fh:
+            fh.write(line + "\n")
+        if self.echo:
+            print(line, file=sys.stderr, flush=True)
+
+    def result(self, status: str, summary: str) -> dict[str, Any]:
+        self.log_line("end", status=status, summary=summary, actions=self.actions, tokens=self.tokens)
+        return {"status": status, "summary": summary[:4000], "actions": self.actions, "tokens": self.tokens,
+                "model": self.model}
+
+    def execute(self) -> dict[str, Any]:
+        self.transcript.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.log_line("start", daemon=self.daemon.name, trigger=self.trigger, dry_run=self.dry_run,
+                      runner=self.daemon.runner)
+        try:
+            if self.daemon.runner == "command":
+                return self.run_command_runner()
+            return self.run_agent()
+        except LlmError as exc:
+            return self.result("failed", f"LLM: {exc}")
+        finally:
+            if self._broker is not None and self._broker.session_id:
+                with contextlib.suppress(UserError, ApiError):
+                    self._broker.session_call("POST", "/leave", timeout=3)
+
+    def run_command_runner(self) -> dict[str, Any]:
+        env = {**os.environ, "CLAUDE_PEERS_DAEMON": self.daemon.name, "CLAUDE_PEERS_TRIGGER": self.trigger}
+        if self.dry_run:
+            self.log_line("dry_run", argv=self.daemon.command)
+            return self.result("ok", f"dry run: would run {json.dumps(self.daemon.command)}")
+        self.log_line("command", argv=self.daemon.command)
+        try:
+            proc = subprocess.run(self.daemon.command, stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                                  timeout=self.daemon.max_runtime_s, check=False)
+        except FileNotFoundError:
+            return self.result("failed", f"command not found: {self.daemon.command[0]}")
+        except subprocess.TimeoutExpired:
+            return self.result("timeout", f"killed after {self.daemon.max_runtime_s}s")
+        out = proc.stdout[-OUTPUT_CAP:].decode(errors="replace")
+        self.log_line("output", exit=proc.returncode, stdout=out, stderr=proc.stderr[-4096:].decode(errors="replace"))
+        summary = out.strip()[-2000:] or f"exit {proc.returncode}"
+        return self.result("ok" if proc.returncode == 0 else "failed", summary)
+
+    def system_prompt(self) -> str:
+        d = self.daemon
+        lines = [d.role or f"You are the {d.name} daemon of a homelab fleet.",
+                 f"Daemon: {d.name} - {d.description}" if d.description else f"Daemon: {d.name}",
+                 (f"Machine: {self.cfg.machine}; time: {dt.datetime.now().astimezone().isoformat(timespec='seconds')};"
+                 f" trigger: {self.trigger}."),
+                 f"Policy: at most {d.max_actions} tool calls and {d.token_budget} tokens; tools outside your list"
+                 " and commands outside your allowlist are refused." + (" DRY RUN: changes are only logged."
+                                                                       if self.dry_run else ""),
+                 "When done, answer with a short report and no tool call."]
+        with contextlib.suppress(UserError, ApiError):
+            peers = self.broker(register=False).call("GET", "/api/peers", timeout=3)["peers"]
+            if peers:
+                lines.append("Live sessions: " + "; ".join(f"{p['name'] or p['id']} on {p['machine']}"
+                                                           + (f" ({p['summary']})" if p["summary"] else "")
+                                                           for p in peers[:20]))
+        return "\n".join(lines)
+
+    def run_agent(self) -> dict[str, Any]:
+        if not self.cfg.llm.base_url:
+            return self.result("failed", "no [llm] base_url configured for this agent daemon")
+        models = list(getattr(self.cfg.llm, self.daemon.tier))
+        if not models:
+            return self.result("failed", f"no models in [llm] {self.daemon.tier}")
+        tools = [{"type": "function", "function": {
+            "name": name, "description": TOOL_SCHEMAS[name][0],
+            "parameters": {"type": "object", "properties": TOOL_SCHEMAS[name][1],
+                           "required": TOOL_REQUIRED.get(name, [])}}} for name in self.daemon.tools]
+        messages: list[dict[str, Any]] = [
+            {"role": "system", "content": self.system_prompt()},
+            {"role": "user", "content": f"Run now (trigger: {self.trigger})."}]
+        while True:
+            self.log_line("llm_request", models=models, messages=len(messages))
+            message, tokens, self.model = chat_completion(self.cfg, models, messages, tools, self.log_line)
+            self.tokens += tokens
+            self.log_line("llm_response", model=self.model, tokens=tokens, message=message)
+            messages.append({k: v for k, v in message.items() if k in ("role", "content", "tool_calls")})
+            calls = message.get("tool_calls") or []
+            if not calls:
+                return self.result("ok", message.get("content") or "")
+            for call in calls:
+                if self.actions >= self.daemon.max_actions:
+                    return self.result("limit", f"stopped at max_actions = {self.daemon.max_actions}")
+                self.actions += 1
+                function = call.get("function") or {}
+                output = self.call_tool(function.get("name", ""), function.get("arguments") or "{}")
+                messages.append({"role": "tool", "tool_call_id": call.get("id", ""), "content": output})
+            if self.tokens >= self.daemon.token_budget:
+                return self.result("limit", f"stopped at the token budget ({self.tokens} >= {self.daemon.token_budget})")
+
+    def call_tool(self, name: str, raw_args: str) -> str:
+        """Policy first: an unlisted tool or a bad argument is refused and told to the model."""
+        try:
+            if name not in self.daemon.tools:
+                raise PolicyError(f"tool {name!r} is not allowed for this daemon")
+            try:
+                args = json.loads(raw_args) if isinstance(raw_args, str) else raw_args
+            except ValueError:
+                raise PolicyError(f"arguments are not valid JSON: {raw_args[:200]!r}") from None
+            if not isinstance(args, dict):
+                raise PolicyError("arguments must be a JSON object")
+            for key in TOOL_REQUIRED.get(name, []):
+                if key not in args:
+                    raise PolicyError(f"missing argument {key!r}")
+            unknown = set(args) - set(TOOL_SCHEMAS[name][1])
+            if unknown:
+                raise PolicyError(f"unknown argument {min(unknown)!r}")
+            check = getattr(self, f"check_{name}", None)
+            if check is not None:
+                check(**args)
+            if self.dry_run and name in CHANGING_TOOLS:
+                self.log_line("dry_run", tool=name, args=args)
+                return f"dry run: {name} was not executed (it would change something)"
+            self.log_line("tool_call", tool=name, args=args)
+            output = str(getattr(self, f"tool_{name}")(**args))[:OUTPUT_CAP]
+            self.log_line("tool_result", tool=name, output=output[:2000])
+            return output
+        except PolicyError as exc:
+            self.log_line("refused", tool=name, args=raw_args[:500] if isinstance(raw_args, str) else raw_args,
+                          reason=str(exc))
+            return f"error: refused by policy: {exc}"
+        except (UserError, ApiError, OSError, subprocess.SubprocessError, ValueError, TypeError) as exc:
+            self.log_line("tool_error", tool=name, error=str(exc))
+            return f"error: {exc}"
+
+    # -- policy checks -----------------------------------------------------------
+
+    def check_run_command(self, argv: Any) -> None:
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise PolicyError("argv must be a non-empty list of strings")
+        if not any(argv[:len(prefix)] == prefix for prefix in self.daemon.commands):
+            raise PolicyError(f"command {json.dumps(argv)} matches no allowed prefix"
+                              f" {json.dumps(self.daemon.commands)}")
+
+    def check_http_get(self, url: Any) -> None:
+        if not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in ("http", "https") or not any(
+                url.startswith(prefix) for prefix in self.daemon.urls):
+            raise PolicyError(f"URL {url!r} is not under an allowed prefix {json.dumps(self.daemon.urls)}")
+
+    def check_read_file(self, path: Any) -> None:
+        if not isinstance(path, str):
+            raise PolicyError("path must be a string")
+        real = os.path.realpath(path)
+        if not any(os.path.commonpath([real, os.path.realpath(d)]) == os.path.realpath(d)
+                   for d in self.daemon.paths):
+            raise PolicyError(f"{path!r} is outside the allowed directories {json.dumps(self.daemon.paths)}")
+
+    def check_probe_host(self, machine: Any) -> None:
+        if not any(m.name == machine for m in self.cfg.machines):
+            raise PolicyError(f"unknown machine {machine!r} (configured: {', '.join(m.name for m in self.cfg.machines)})")
+
+    # -- the tools ------------------------------------------------------------------
+
+    def broker(self, register: bool = True) -> BrokerClient:
+        """The broker, as this daemon's own session (daemon-<name>) once it needs one."""
+        if self._broker is None:
+            self._broker = client_from_config(self.cfg, timeout=10)
+        if register and self._broker.session_id is None:
+            info = {"machine": self.cfg.machine, "pid": os.getpid(), "cwd": str(data_home()), "client": "daemon",
+                    "summary": self.daemon.description[:1000]}
+            try:
+                self._broker.register({**info, "name": f"daemon-{self.daemon.name}"})
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+                self._broker.register(info)
+        return self._broker
+
+    def tool_run_command(self, argv: list[str]) -> str:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False)
+        out = (proc.stdout + proc.stderr)[-OUTPUT_CAP:].decode(errors="replace")
+        return f"exit {proc.returncode}\n{out}"
+
+    def tool_http_get(self, url: str) -> str:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return f"HTTP {response.status}\n{response.read(OUTPUT_CAP).decode(errors='replace')}"
+        except urllib.error.HTTPError as exc:
+            return f"HTTP {exc.code}\n{exc.read(4096).decode(errors='replace')}"
+        except (urllib.error.URLError, TimeoutError) as exc:
+            return f"error: {getattr(exc, 'reason', exc)}"
+
+    def tool_read_file(self, path: str) -> str:
+        with open(path, "rb") as fh:
+            return fh.read(OUTPUT_CAP).decode(errors="replace")
+
+    def tool_probe_host(self, machine: str) -> str:
+        target = next(m for m in self.cfg.machines if m.name == machine)
+        return probe_machine(target)
+
+    def tool_list_peers(self, scope: str = "all") -> str:
+        peers = self.broker().session_call("GET", f"/peers?scope={urllib.parse.quote(scope)}")["peers"]
+        return "\n".join(format_peer(p) for p in peers) or "no live sessions"
+
+    def tool_send_message(self, to: str, text: str) -> str:
+        result = self.broker().session_call("POST", "/send", {"to": to, "text": text})
+        return f"message {result['id']}: {result['state']}" + ("" if result["online"] else " (recipient offline)")
+
+    def tool_read_events(self, after: int = 0, limit: int = 50) -> str:
+        feed = self.broker(register=False).call("GET", f"/api/events?after={int(after)}&limit={min(int(limit), 200)}")
+        return json.dumps(feed["events"])[:OUTPUT_CAP]
+
+    def tool_read_memory(self) -> str:
+        return self.broker(register=False).call("GET", "/api/memory")["text"] or "(empty)"
+
+    def tool_write_memory(self, text: str) -> str:
+        self.broker().session_call("POST", "/memory", {"text": text})
+        return "fleet memory replaced"
+
+    def tool_alert(self, severity: str, title: str, detail: str = "") -> str:
+        return raise_alert(self.cfg, self.broker(), self.daemon, severity, title, detail)
+
+    def tool_remember(self, key: str, value: str) -> str:
+        self.state.remember(self.daemon.name, key[:200], value[:KV_VALUE_CAP])
+        return "remembered"
+
+    def tool_recall(self, key: str) -> str:
+        value = self.state.recall(self.daemon.name, key)
+        return value if value is not None else "(nothing stored under that key)"
+
+
+def probe_machine(machine: SimpleNamespace) -> str:
+    """The fixed read-only probe script, locally or over SSH (BatchMode, no shell quoting games)."""
+    if machine.ssh in ("localhost", "127.0.0.1", ""):
+        argv = ["sh", "-s"]
+    else:
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-p", str(machine.port), machine.ssh,
+                "sh", "-s"]
+    try:
+        proc = subprocess.run(argv, input=PROBE_SCRIPT.encode(), capture_output=True, timeout=30, check=False)
+    except subprocess.TimeoutExpired:
+        return f"unreachable: {machine.name} did not answer within 30s"
+    if proc.returncode != 0 and not proc.stdout:
+        return f"unreachable: {machine.name}: {proc.stderr.decode(errors='replace').strip()[:500]}"
+    return proc.stdout.decode(errors="replace")[:OUTPUT_CAP]
+
+
+def raise_alert(cfg: Config, broker: BrokerClient, daemon: SimpleNamespace, severity: str, title: str,
+                detail: str) -> str:
+    """An alert goes to fleet.alert.<severity>, the daemon's alert_to peers, and the webhook."""
+    if severity not in SEVERITIES:
+        raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}")
+    broker.call("POST", "/api/alerts", {"severity": severity, "title": title[:300], "detail": detail[:4000],
+                                        "source": daemon.name, "machine": cfg.machine})
+    text = f"[{severity}] {title}" + (f"\n{detail}" if detail else "")
+    told = []
+    for name in daemon.alert_to:
+        broker.session_call("POST", "/send", {"to": name, "text": text[:60000]})
+        told.append(name)
+    if cfg.alerts.webhook:
+        request = urllib.request.Request(cfg.alerts.webhook, data=text.encode(), method="POST",
+                                         headers={"Title": title[:200], "Priority": severity})
+        with contextlib.suppress(urllib.error.URLError, TimeoutError, OSError):
+            urllib.request.urlopen(request, timeout=10).close()
+            told.append("webhook")
+    return f"alert raised ({severity}); told {', '.join(told) or 'the event stream only'}"
+
+
+def new_run_record(cfg: Config, daemon: str, trigger: str, transcript: Path) -> dict[str, Any]:
+    return {"id": new_id(8), "daemon": daemon, "trigger": trigger[:500], "machine": cfg.machine,
+            "started_at": iso(time.time()), "ended_at": None, "status": "running", "actions": 0, "tokens": 0,
+            "model": "", "summary": "", "transcript": str(transcript)}
+
+
+def cmd_run_daemon(cfg: Config, args: argparse.Namespace) -> int:
+    """Internal: one run in the supervisor's child process; the result goes to a file."""
+    daemon = cfg.daemons.get(args.daemon)
+    if daemon is None:
+        raise UserError(f"{cfg.where}: no [daemons.{args.daemon}]")
+    run_dir = data_home() / "runs"
+    result = DaemonRun(cfg, daemon, args.run_id, args.trigger, run_dir / f"{args.run_id}.jsonl").execute()
+    write_secret(run_dir / f"{args.run_id}.result.json", json.dumps(result))
+    return 0
+
+
+class Supervisor:
+    """Runs the daemons of daemons.toml: on `every` (with jitter), `cron`, `on` events
+    (NATS JetStream durable consumer, or the broker's feed), and requests. One run of a
+    daemon at a time; a trigger meanwhile is coalesced into one more run. Each run is a
+    child process in its own process group, killed with its children at max_runtime_s.
+    Failures cool down exponentially. State survives restarts."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.home = data_home()
+        self.state = SupervisorState(self.home / "supervisor.db")
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.pending: dict[str, str] = {}
+        self.debouncing: set[str] = set()
+        self.wakeup = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.event_source = ""
+
+    # -- config ---------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: take the new file if it is valid; otherwise keep the last good config."""
+        try:
+            cfg = load_config(str(self.cfg.source) if self.cfg.source else None)
+        except UserError as exc:
+            log.error("reload failed, keeping the last good config: %s", exc)
+            return
+        self.cfg = cfg
+        log.info("reloaded %s: %d daemons", cfg.where, len(cfg.daemons))
+        self._sync_schedules()
+        self.wakeup.set()
+
+    def _sync_schedules(self) -> None:
+        now = time.time()
+        for daemon in self.cfg.daemons.values():
+            state = self.state.state(daemon.name)
+            spec = schedule_spec(daemon)
+            if state["spec"] != spec or (state["next_due"] is None and spec != "every= cron="):
+                state["next_due"] = next_due(daemon, now, first=state["last_started"] is None)
+                state["spec"] = spec
+                self.state.save_state(state)
+
+    # -- triggering ---------------------------------------------------------------------
+
+    def trigger(self, name: str, reason: str) -> None:
+        daemon = self.cfg.daemons.get(name)
+        if daemon is None or not daemon.enabled:
+            log.info("trigger for %s ignored: %s", name, "no such daemon" if daemon is None else "disabled")
+            return
+        if name in self.running:
+            self.pending[name] = reason  # coalesced: one more run after this one
+            return
+        state = self.state.state(name)
+        if state["cooldown_until"] > time.time():
+            if not reason.startswith("event"):
+                self._record_skipped(daemon, reason, state)
+            return
+        self.running[name] = asyncio.create_task(self._run(daemon, reason))
+
+    def _record_skipped(self, daemon: SimpleNamespace, reason: str, state: dict[str, Any]) -> None:
+        run = new_run_record(self.cfg, daemon.name, reason, Path(""))
+        left = state["cooldown_until"] - time.time()
+        run.update(status="skipped", ended_at=run["started_at"],
+                   summary=f"cooling down for {left:.0f}s more after {state['failures']} failure(s)")
+        self.state.save_run(run)
+        self.wakeup.set()
+
+    def on_event(self, subject: str) -> None:
+        """A fleet event: explicit requests run at once; `on` patterns run after the debounce."""
+        parts = subject.split(".")
+        if len(parts) == 4 and parts[:2] == ["fleet", "daemon"] and parts[3] == "requested":
+            self.trigger(parts[2], "requested")
+            return
+        for daemon in self.cfg.daemons.values():
+            own = subject.startswith(f"fleet.daemon.{daemon.name}.")  # a daemon never triggers itself
+            wanted = daemon.enabled and not own and any(subject_matches(p, subject) for p in daemon.on)
+            if wanted and daemon.name not in self.debouncing:  # the first event opens the window, later ones join
+                self.debouncing.add(daemon.name)
+                asyncio.get_running_loop().call_later(daemon.debounce_s, self._debounced, daemon.name, subject)
+
+    def _debounced(self, name: str, subject: str) -> None:
+        self.debouncing.discard(name)
+        self.trigger(name, f"event {subject}")
+
+    # -- runs -----------------------------------------------------------------------------
+
+    async def _run(self, daemon: SimpleNamespace, reason: str) -> None:
+        run_dir = self.home / "runs"
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        run = new_run_record(self.cfg, daemon.name, reason, run_dir / "x")
+        run["transcript"] = str(run_dir / f"{run['id']}.jsonl")
+        state = self.state.state(daemon.name)
+        state["last_started"] = time.time()
+        self.state.save_state(state)
+        self.state.save_run(run)
+        self.wakeup.set()
+        log.info("run %s of %s (%s)", run["id"], daemon.name, reason)
+        argv = [sys.executable, str(Path(__file__).resolve()), *(["--config", str(self.cfg.source)]
+                                                               if self.cfg.source else []),
+                "run-daemon", daemon.name, "--run-id", run["id"], "--trigger", reason]
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                        start_new_session=True)
+            try:
+                await asyncio.wait_for(proc.wait(), daemon.max_runtime_s)
+                result_file = run_dir / f"{run['id']}.result.json"
+                try:
+                    result = json.loads(result_file.read_text())
+                except (OSError, ValueError):
+                    result = {"status": "failed", "summary": f"the run exited with {proc.returncode} and no result"}
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # the run and everything it started
+                await proc.wait()
+                result = {"status": "timeout", "summary": f"killed after max_runtime_s = {daemon.max_runtime_s}"}
+        except OSError as exc:
+            result = {"status": "failed", "summary": f"could not start the run: {exc}"}
+        run.update({k: v for k, v in result.items() if k in RUN_FIELDS}, ended_at=iso(time.time()))
+        self.state.save_run(run)
+        state = self.state.state(daemon.name)
+        state["last_status"] = run["status"]
+        if run["status"] in ("failed", "timeout"):
+            state["failures"] += 1
+            cooldown = min(daemon.backoff_s * 2 ** (state["failures"] - 1), daemon.backoff_max_s)
+            state["cooldown_until"] = time.time() + cooldown
+            log.warning("%s %s: %s (cooling down %ss)", daemon.name, run["status"], run["summary"][:200], cooldown)
+        else:
+            state["failures"], state["cooldown_until"] = 0, 0.0
+        self.state.save_state(state)
+        self.running.pop(daemon.name, None)
+        self.wakeup.set()
+        if daemon.name in self.pending:
+            self.trigger(daemon.name, self.pending.pop(daemon.name))
+
+    # -- loops ------------------------------------------------------------------------------
+
+    async def scheduler(self) -> None:
+        while not self.stopping.is_set():
+            now = time.time()
+            soonest = now + 60
+            for daemon in list(self.cfg.daemons.values()):
+                state = self.state.state(daemon.name)
+                due = state["next_due"]
+                if due is None or not daemon.enabled:
+                    continue
+                if due <= now:
+                    state["next_due"] = next_due(daemon, now)
+                    self.state.save_state(state)
+                    self.trigger(daemon.name, "schedule")
+                    due = state["next_due"] or soonest
+                soonest = min(soonest, due)
+            self.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), max(0.05, soonest - time.time()))
+
+    async def reporter(self) -> None:
+        """Tell the broker about every run (start and end); retried while it is unreachable."""
+        client: BrokerClient | None = None
+        while not self.stopping.is_set():
+            try:
+                client = client or client_from_config(self.cfg, timeout=5)
+                for run in self.state.unreported():
+                    body = {k: run[k] for k in RUN_FIELDS if run[k] is not None}
+                    await asyncio.to_thread(client.call, "POST", "/api/runs", body)
+                    self.state.mark_reported(run["id"], run["status"])
+            except (UserError, ApiError) as exc:
+                log.debug("reporting runs: %s", exc)
+                client = None
+            self.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), 2.0)
+
+    async def events_from_nats(self) -> None:
+        """A durable JetStream consumer: events seen while the supervisor was down still arrive."""
+        import nats
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+
+        durable = f"supervisor-{re.sub(r'[^A-Za-z0-9_-]', '_', self.cfg.machine)}"
+        while not self.stopping.is_set():
+            nc = None
+            try:
+                nc = await nats.connect(servers=[self.cfg.nats_url], token=nats_token(self.cfg, create=False) or None,
+                                        connect_timeout=2, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+                sub = await nc.jetstream().pull_subscribe(
+                    "fleet.>", durable=durable, stream=self.cfg.nats.stream,
+                    config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_wait=30))
+                self.event_source = f"nats {self.cfg.nats_url} stream {self.cfg.nats.stream} durable {durable}"
+                log.info("watching events: %s", self.event_source)
+                while not self.stopping.is_set():
+                    try:
+                        messages = await sub.fetch(100, timeout=1)
+                    except nats.errors.TimeoutError:
+                        continue
+                    for message in messages:
+                        self.on_event(message.subject)
+                        await message.ack()
+            except Exception as exc:  # noqa: BLE001 - any NATS trouble: reconnect after a pause
+                log.warning("event consumer: %s: %s (retrying)", type(exc).__name__, exc)
+                await asyncio.sleep(2)
+            finally:
+                if nc is not None:
+                    with contextlib.suppress(Exception):
+                        await nc.close()
+
+    async def events_from_feed(self) -> None:
+        """Without NATS: long-poll the broker's event feed from a persisted cursor."""
+        client: BrokerClient | None = None
+        self.event_source = f"broker feed {self.cfg.broker_url}"
+        while not self.stopping.is_set():
+            try:
+                client = client or client_from_config(self.cfg, timeout=40)
+                cursor = self.state.cursor("feed")
+                if cursor is None:
+                    cursor = (await asyncio.to_thread(client.call, "GET", "/api/status"))["last_event_seq"]
+                    self.state.set_cursor("feed", cursor)
+                feed = await asyncio.to_thread(client.call, "GET", f"/api/events?after={cursor}&limit=500&wait_s=20")
+                for event in feed["events"]:
+                    self.on_event(event["subject"])
+                self.state.set_cursor("feed", feed["cursor"])
+            except (UserError, ApiError) as exc:
+                log.debug("event feed: %s", exc)
+                client = None
+                await asyncio.sleep(2)
+
+    async def serve(self, ready: Callable[[], None] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stopping.set)
+        self._sync_schedules()
+        events = self.events_from_nats() if self.cfg.nats_url else self.events_from_feed()
+        tasks = [asyncio.create_task(coro) for coro in (self.scheduler(), self.reporter(), events)]
+        log.info("supervisor: %d daemons from %s", len(self.cfg.daemons), self.cfg.where)
+        if ready:
+            ready()
+        await self.stopping.wait()
+        for task in tasks:
+            task.cancel()
+        for name, task in list(self.running.items()):
+            log.info("waiting for the running %s to finish", name)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def cmd_supervise(cfg: Config, args: argparse.Namespace) -> int:
+    supervisor = Supervisor(cfg)
+    asyncio.run(supervisor.serve(ready=lambda: print(
+        f"claude-peers supervisor running {len(cfg.daemons)} daemons", file=sys.stderr, flush=True)))
+    return 0
+
+
+# ===========================================================================
 # Bench: the figures of SPEC.md section 9, measured on this machine
 # ===========================================================================
 
@@ -2756,8 +3829,76 @@ def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
               file=sys.stderr)
         print("  Ctrl-C stops everything", file=sys.stderr, flush=True)
 
-    asyncio.run(serve_broker(cfg, args.listen, ready=ready))
+    async def up() -> None:
+        supervisor: list[asyncio.subprocess.Process] = []
+
+        async def start_supervisor() -> None:
+            argv = [sys.executable, str(Path(__file__).resolve()),
+                    *(["--config", str(cfg.source)] if cfg.source else []), "supervise"]
+            supervisor.append(await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL))
+
+        def started(url: str) -> None:
+            ready(url)
+            asyncio.get_running_loop().create_task(start_supervisor())
+
+        try:
+            await serve_broker(cfg, args.listen, ready=started)
+        finally:
+            for proc in supervisor:
+                if proc.returncode is None:
+                    proc.terminate()
+                    await proc.wait()
+
+    asyncio.run(up())
     return 0
+
+
+def cmd_runs(cfg: Config, args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({k: v for k, v in (("daemon", args.daemon), ("limit", args.limit)) if v})
+    runs = client_from_config(cfg).call("GET", f"/api/runs?{query}")["runs"]
+    if args.json:
+        print_json(runs)
+        return 0
+    if not runs:
+        print("no runs yet" + (f" of {args.daemon}" if args.daemon else ""))
+    for run in runs:
+        took = ""
+        if run["ended_at"]:
+            seconds = (dt.datetime.fromisoformat(run["ended_at"]) - dt.datetime.fromisoformat(run["started_at"]))
+            took = f" {seconds.total_seconds():.1f}s"
+        print(f"{run['started_at']}  {run['daemon']:<16} {run['status']:<8}{took:>8}  {run['trigger'][:30]:<30}"
+              f" actions {run['actions']} tokens {run['tokens']}{' ' + run['model'] if run['model'] else ''}")
+        if run["summary"]:
+            print(f"    {run['summary'].splitlines()[0][:150]}")
+    return 0
+
+
+def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
+    if not args.here:
+        if args.dry_run:
+            raise UserError("--dry-run needs --here (a foreground run); a supervisor's run follows daemons.toml")
+        client_from_config(cfg).call("POST", f"/api/daemons/{urllib.parse.quote(args.daemon)}/trigger")
+        print(f"requested a run of {args.daemon}: a running supervisor starts it now (see: claude-peers runs"
+              f" {args.daemon})")
+        return 0
+    daemon = cfg.daemons.get(args.daemon)
+    if daemon is None:
+        raise UserError(f"{cfg.where}: no [daemons.{args.daemon}] (daemons: {', '.join(cfg.daemons) or 'none'})")
+    run_dir = data_home() / "runs"
+    run = new_run_record(cfg, daemon.name, "manual" + (" (dry run)" if args.dry_run else ""), run_dir / "x")
+    run["transcript"] = str(run_dir / f"{run['id']}.jsonl")
+    result = DaemonRun(cfg, daemon, run["id"], run["trigger"], Path(run["transcript"]), dry_run=args.dry_run,
+                       echo=True).execute()
+    run.update({k: v for k, v in result.items() if k in RUN_FIELDS}, ended_at=iso(time.time()))
+    state = SupervisorState(data_home() / "supervisor.db")
+    state.save_run(run)
+    with contextlib.suppress(UserError, ApiError):
+        client_from_config(cfg, timeout=5).call("POST", "/api/runs", {k: run[k] for k in RUN_FIELDS if run[k]
+                                                                       is not None})
+        state.mark_reported(run["id"], run["status"])
+    print(f"{daemon.name}: {run['status']} ({run['actions']} actions, {run['tokens']} tokens)"
+          f"\n{run['summary']}\ntranscript: {run['transcript']}")
+    return 0 if run["status"] in ("ok", "limit") else EXIT_ERROR
 
 
 def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
@@ -2886,7 +4027,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("broker", cmd_broker, "run the broker (HTTP API + sqlite store)")
     p.add_argument("--listen", help="HOST:PORT (default: [broker] listen, 127.0.0.1:7899)")
-    p = command("up", cmd_up, "broker + embedded NATS (+ supervisor) for a single box, in the foreground")
+    p = command("up", cmd_up, "broker + embedded NATS + supervisor for a single box, in the foreground")
     p.add_argument("--listen", help="HOST:PORT for the API (default: [broker] listen)")
     p = command("status", cmd_status, "broker status, or one message's delivery state", json_flag=True)
     p.add_argument("message_id", nargs="?", help="a message id to look up")
@@ -2905,6 +4046,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("run", cmd_run, "start Claude Code with claude-peers channel pushes enabled")
     p.add_argument("claude_args", nargs=argparse.REMAINDER, help="arguments passed on to claude")
     command("doctor", cmd_doctor, "check config, token, broker, claude, MCP registration and channel flag")
+    command("supervise", cmd_supervise, "run the daemons of daemons.toml (SIGHUP reloads)")
+    p = command("runs", cmd_runs, "recent daemon runs", json_flag=True)
+    p.add_argument("daemon", nargs="?", help="only this daemon")
+    p.add_argument("--limit", type=int, default=20)
+    p = command("trigger", cmd_trigger, "run a daemon now (via the supervisor, or here in the foreground)")
+    p.add_argument("daemon")
+    p.add_argument("--here", action="store_true", help="run it in this terminal, printing the transcript")
+    p.add_argument("--dry-run", action="store_true", help="with --here: log changing actions, do none")
+    p = sub.add_parser("run-daemon")  # internal: the supervisor's child process, kept out of --help
+    sub._choices_actions.pop()
+    p.set_defaults(func=cmd_run_daemon)
+    p.add_argument("daemon")
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--trigger", required=True)
     p = command("token", cmd_token, "print the fleet token (to copy to other machines)")
     p.add_argument("--create", action="store_true", help="create the token file (0600) if missing")
     p = command("bench", run_bench_cmd, "measure the SPEC section 9 figures on this machine")
