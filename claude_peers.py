@@ -1991,6 +1991,7 @@ class BrokerClient:
         self.lock = threading.Lock()
         self.session_id: str | None = None
         self.session_secret: str | None = None
+        self.aborted = False
 
     def _connect(self, timeout: float) -> http.client.HTTPConnection:
         port = self.parts.port or (443 if self.parts.scheme == "https" else 80)
@@ -2004,6 +2005,14 @@ class BrokerClient:
             if self.conn is not None:
                 self.conn.close()
                 self.conn = None
+
+    def abort(self) -> None:
+        """From another thread: end a call blocked on this connection (a long-poll) at once."""
+        self.aborted = True
+        conn = self.conn
+        if conn is not None and conn.sock is not None:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
              timeout: float | None = None) -> Any:
@@ -2031,7 +2040,7 @@ class BrokerClient:
                 except (OSError, http.client.HTTPException) as exc:
                     self.conn.close()
                     self.conn = None
-                    if fresh or attempt or isinstance(exc, TimeoutError):
+                    if fresh or attempt or isinstance(exc, TimeoutError) or self.aborted:
                         raise BrokerUnreachable(f"broker at {self.url} unreachable: {exc or type(exc).__name__}") \
                             from None
         try:
@@ -3188,9 +3197,13 @@ class Supervisor:
         if len(parts) == 4 and parts[:2] == ["fleet", "daemon"] and parts[3] == "requested":
             self.trigger(parts[2], "requested")
             return
+        # Run lifecycle events trigger only patterns that name fleet.daemon explicitly, and never the
+        # daemon itself: otherwise two daemons on "fleet.>" would wake each other forever.
+        lifecycle = subject.startswith("fleet.daemon.")
         for daemon in self.cfg.daemons.values():
-            own = subject.startswith(f"fleet.daemon.{daemon.name}.")  # a daemon never triggers itself
-            wanted = daemon.enabled and not own and any(subject_matches(p, subject) for p in daemon.on)
+            patterns = [p for p in daemon.on if not lifecycle or p.startswith("fleet.daemon.")]
+            own = subject.startswith(f"fleet.daemon.{daemon.name}.")
+            wanted = daemon.enabled and not own and any(subject_matches(p, subject) for p in patterns)
             if wanted and daemon.name not in self.debouncing:  # the first event opens the window, later ones join
                 self.debouncing.add(daemon.name)
                 asyncio.get_running_loop().call_later(daemon.debounce_s, self._debounced, daemon.name, subject)
@@ -3323,9 +3336,12 @@ class Supervisor:
         """Without NATS: long-poll the broker's event feed from a persisted cursor."""
         client: BrokerClient | None = None
         self.event_source = f"broker feed {self.cfg.broker_url}"
+        self.feed_clients: list[BrokerClient] = []
         while not self.stopping.is_set():
             try:
-                client = client or client_from_config(self.cfg, timeout=40)
+                if client is None:
+                    client = client_from_config(self.cfg, timeout=40)
+                    self.feed_clients.append(client)
                 cursor = self.state.cursor("feed")
                 if cursor is None:
                     cursor = (await asyncio.to_thread(client.call, "GET", "/api/status"))["last_event_seq"]
@@ -3353,6 +3369,8 @@ class Supervisor:
         await self.stopping.wait()
         for task in tasks:
             task.cancel()
+        for client in getattr(self, "feed_clients", []):
+            client.abort()  # its long-poll thread ends now, not when the poll would have
         for name, task in list(self.running.items()):
             log.info("waiting for the running %s to finish", name)
             with contextlib.suppress(asyncio.CancelledError):

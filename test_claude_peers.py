@@ -1394,3 +1394,401 @@ def test_up_starts_and_stops_the_tree(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------------------
+# Supervisor and the agent runner (the LLM is a scripted OpenAI-compatible server)
+# ---------------------------------------------------------------------------
+
+import http.server
+import itertools
+import sqlite3
+
+
+def tool_call(name: str, args: dict, call_id: str = "call_1", tokens: int = 100) -> dict:
+    return {"choices": [{"finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": None,
+        "tool_calls": [{"id": call_id, "type": "function",
+                        "function": {"name": name, "arguments": json.dumps(args)}}]}}],
+        "usage": {"total_tokens": tokens}}
+
+
+def final(text: str, tokens: int = 50) -> dict:
+    return {"choices": [{"finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "usage": {"total_tokens": tokens}}
+
+
+class FakeLLM:
+    """POST /v1/chat/completions with scripted replies per model: a dict (200), an int
+    (that HTTP status), or "hang" (never answers in time). The last reply repeats."""
+
+    def __init__(self) -> None:
+        self.scripts: dict[str, list] = {}
+        self.requests: list[dict] = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+                script = fake.scripts.get(body["model"], [500])
+                reply = script.pop(0) if len(script) > 1 else script[0]
+                if reply == "hang":
+                    time.sleep(5)
+                    return
+                status, payload = (reply, {"error": {"message": "scripted failure"}}) if isinstance(reply, int) \
+                    else (200, reply)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def tool_messages(self) -> list[str]:
+        """The tool results the model was shown, from the last request (it carries the history)."""
+        return [m["content"] for m in self.requests[-1]["messages"] if m["role"] == "tool"]
+
+
+@pytest.fixture
+def llm() -> Iterator[FakeLLM]:
+    fake = FakeLLM()
+    yield fake
+    fake.server.shutdown()
+
+
+def llm_toml(llm: FakeLLM, models: str = '["good"]', timeout: int = 5) -> str:
+    return f'[llm]\nbase_url = "{llm.url}"\nroutine = {models}\ntimeout_s = {timeout}\n'
+
+
+def write_config(broker: BrokerProc, extra: str) -> None:
+    text = broker.config.read_text().split("\n[llm]")[0].split("\n[daemons")[0]
+    broker.config.write_text(text + "\n" + extra)
+
+
+def foreground(broker: BrokerProc, daemon: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    return broker.cli("trigger", daemon, "--here", *flags, env={"CLAUDE_PEERS_LLM_KEY": "sk-test"})
+
+
+def transcript_events(out: subprocess.CompletedProcess[str]) -> list[dict]:
+    return [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize(("table", "expected"), [
+    ('[daemons.scout]\nevery = "15 minutes"\n', "daemons.scout.every: bad duration"),
+    ('[daemons.scout]\ncron = "*/15 * * *"\n', "daemons.scout.cron: cron '*/15 * * *': needs 5 fields"),
+    ('[daemons.scout]\ncron = "61 * * * *"\n', "out of range 0-59"),
+    ('[daemons.scout]\ntools = ["probe_host", "shell"]\n', "daemons.scout.tools: unknown tool 'shell'"),
+    ('[daemons.scout]\ntier = "giant"\n', "daemons.scout.tier: unknown tier 'giant'"),
+    ('[daemons.scout]\nschedule = "15m"\n', "daemons.scout.schedule: unknown key"),
+    ('[daemons.scout]\non = ["fleet.>.x"]\n', "daemons.scout.on: bad subject pattern"),
+    ('[daemons.scout]\nrunner = "command"\n', "daemons.scout.command: required"),
+    ('[daemons.scout]\ncommands = ["systemctl --failed"]\n', "daemons.scout.commands: must be a list of argv"),
+    ('[daemons.scout]\nmax_actions = 0\n', "daemons.scout.max_actions: must be > 0"),
+    ('[llm]\nroutine = "gpt"\n', "llm.routine: expected list"),
+])
+def test_daemon_config_errors_name_file_key_and_reason(tmp_path, table, expected):
+    path = tmp_path / "daemons.toml"
+    path.write_text(table)
+    with pytest.raises(cp.UserError) as info:
+        cp.load_config(str(path))
+    assert str(path) in str(info.value) and expected in str(info.value)
+
+
+def test_cron_and_subject_wildcards():
+    import datetime as dt
+
+    at = dt.datetime(2026, 11, 28, 12, 7)  # a Saturday
+    assert cp.Cron("*/15 * * * *").next_after(at) == dt.datetime(2026, 11, 28, 12, 15)
+    assert cp.Cron("0 9-17 * * 1-5").next_after(at) == dt.datetime(2026, 11, 30, 9, 0)
+    assert cp.Cron("30 2 1 * *").next_after(at) == dt.datetime(2026, 12, 1, 2, 30)
+    assert cp.Cron("0 0 * * 0").next_after(at) == dt.datetime(2026, 11, 29, 0, 0)  # Sunday
+    assert cp.Cron("0 0 * * 7").next_after(at) == dt.datetime(2026, 11, 29, 0, 0)
+    assert cp.Cron("0 0 13 * 5").next_after(at) == dt.datetime(2026, 12, 4, 0, 0)  # Friday or the 13th
+    assert cp.subject_matches("fleet.>", "fleet.peer.left")
+    assert not cp.subject_matches("fleet.>", "fleet")
+    assert cp.subject_matches("fleet.*.left", "fleet.peer.left")
+    assert not cp.subject_matches("fleet.*", "fleet.peer.left")
+    assert cp.subject_matches("fleet.daemon.*.failed", "fleet.daemon.scout.failed")
+    assert not cp.subject_matches("fleet.peer.joined", "fleet.peer.joined.x")
+
+
+def test_agent_run_calls_allowed_tools_and_finishes(make_broker, llm, tmp_path):
+    broker = make_broker()
+    write_config(broker, llm_toml(llm) + '[daemons.checker]\ndescription = "checks things"\nrole = "You check."\n'
+                 'tools = ["run_command", "remember", "recall"]\ncommands = [["echo"]]\n')
+    llm.scripts["good"] = [tool_call("run_command", {"argv": ["echo", "disk ok"]}),
+                           tool_call("remember", {"key": "last", "value": "disk ok"}, "call_2"),
+                           final("All checks passed.")]
+    out = foreground(broker, "checker")
+    assert out.returncode == 0, out.stderr
+    assert "checker: ok (2 actions, 250 tokens)" in out.stdout and "All checks passed." in out.stdout
+    first = llm.requests[0]
+    assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer sk-test"
+    assert first["messages"][0]["role"] == "system" and "You check." in first["messages"][0]["content"]
+    assert {t["function"]["name"] for t in first["tools"]} == {"run_command", "remember", "recall"}
+    assert llm.tool_messages()[0].startswith("exit 0\ndisk ok")
+    state = cp.SupervisorState(broker.home / "supervisor.db")
+    assert state.recall("checker", "last") == "disk ok"
+    [run] = state.runs("checker")
+    assert run["status"] == "ok" and run["model"] == "good" and run["trigger"] == "manual"
+    events = [json.loads(line)["event"] for line in Path(run["transcript"]).read_text().splitlines()]
+    assert events[0] == "start" and events[-1] == "end" and "tool_call" in events
+    remote = broker.client().call("GET", "/api/runs?daemon=checker")["runs"]
+    assert remote[0]["id"] == run["id"] and remote[0]["status"] == "ok" and remote[0]["actions"] == 2
+
+
+def test_refused_tools_and_commands_never_run(make_broker, llm, tmp_path):
+    canary = tmp_path / "pwned"
+    broker = make_broker()
+    write_config(broker, llm_toml(llm) + '[daemons.guarded]\ntools = ["run_command"]\n'
+                 'commands = [["echo"], ["systemctl", "--failed"]]\n')
+    llm.scripts["good"] = [
+        tool_call("read_file", {"path": "/etc/shadow"}, "c1"),
+        tool_call("run_command", {"argv": ["sh", "-c", f"touch {canary}"]}, "c2"),
+        tool_call("run_command", {"argv": ["systemctl", "stop", "sshd"]}, "c3"),
+        tool_call("run_command", {"argv": ["echo", f"; touch {canary}", f"$(touch {canary})"]}, "c4"),
+        tool_call("run_command", {"argv": "echo hi && touch x"}, "c5"),
+        final("done")]
+    out = foreground(broker, "guarded")
+    assert out.returncode == 0, out.stderr
+    replies = llm.tool_messages()
+    assert "refused by policy: tool 'read_file' is not allowed" in replies[0]
+    assert "refused by policy: command" in replies[1] and "matches no allowed prefix" in replies[1]
+    assert "refused by policy" in replies[2]
+    assert replies[3].startswith("exit 0\n; touch") and "$(touch" in replies[3]  # argv, never a shell
+    assert "argv must be a non-empty list of strings" in replies[4]
+    assert not canary.exists()
+    refused = [e for e in transcript_events(out) if e["event"] == "refused"]
+    assert len(refused) == 4
+
+
+def test_max_actions_and_token_budget_stop_the_run(make_broker, llm):
+    broker = make_broker()
+    write_config(broker, llm_toml(llm) + '[daemons.busy]\ntools = ["recall"]\nmax_actions = 3\n'
+                 '[daemons.chatty]\ntools = ["recall"]\ntoken_budget = 8000\n')
+    llm.scripts["good"] = [tool_call("recall", {"key": "k"}, tokens=10)]
+    out = foreground(broker, "busy")
+    assert "busy: limit (3 actions" in out.stdout and "max_actions = 3" in out.stdout
+    assert len(llm.tool_messages()) == 3
+    llm.scripts["good"] = [tool_call("recall", {"key": "k"}, tokens=5000)]
+    out = foreground(broker, "chatty")
+    assert "chatty: limit (2 actions, 10000 tokens)" in out.stdout and "token budget" in out.stdout
+
+
+def test_model_fallback_on_errors_and_timeouts(make_broker, llm):
+    broker = make_broker()
+    write_config(broker, llm_toml(llm, '["broken", "slow", "good"]', timeout=1)
+                 + '[daemons.resilient]\ntools = []\n')
+    llm.scripts.update(broken=[503], slow=["hang"], good=[final("fine")])
+    out = foreground(broker, "resilient")
+    assert out.returncode == 0 and "resilient: ok" in out.stdout
+    failed = [(e["model"], e["error"]) for e in transcript_events(out) if e["event"] == "model_failed"]
+    assert failed[0] == ("broken", "broken: HTTP 503") and failed[1][0] == "slow"
+    assert [r["model"] for r in llm.requests] == ["broken", "slow", "good"]
+    llm.scripts.update(good=[500])
+    llm.requests.clear()
+    out = foreground(broker, "resilient")
+    assert out.returncode == cp.EXIT_ERROR and "failed" in out.stdout and "every model failed" in out.stdout
+
+
+def test_dry_run_logs_changes_instead_of_making_them(make_broker, llm, tmp_path):
+    target = tmp_path / "created"
+    broker = make_broker()
+    write_config(broker, llm_toml(llm) + '[daemons.careful]\ntools = ["run_command", "recall"]\n'
+                 'commands = [["touch"]]\n')
+    llm.scripts["good"] = [tool_call("run_command", {"argv": ["touch", str(target)]}),
+                           tool_call("recall", {"key": "x"}, "c2"), final("would have touched it")]
+    out = foreground(broker, "careful", "--dry-run")
+    assert out.returncode == 0
+    assert not target.exists()
+    assert "dry run: run_command was not executed" in llm.tool_messages()[0]
+    assert llm.tool_messages()[1] == "(nothing stored under that key)"  # read-only tools still run
+    assert [e["event"] for e in transcript_events(out)].count("dry_run") == 1
+    assert "DRY RUN" in llm.requests[0]["messages"][0]["content"]
+
+
+class SupervisorProc:
+    def __init__(self, broker: BrokerProc) -> None:
+        self.broker = broker
+        self.log: list[str] = []
+        self.proc = subprocess.Popen([PY, str(SCRIPT), "supervise"], env={**broker.env,
+                                     "CLAUDE_PEERS_LLM_KEY": "sk-test"}, stderr=subprocess.PIPE, text=True)
+        ready = threading.Event()
+
+        def drain() -> None:
+            for line in self.proc.stderr:
+                self.log.append(line)
+                if "supervisor running" in line:
+                    ready.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        assert ready.wait(20), "".join(self.log)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+    def runs(self, daemon: str | None = None) -> list[dict]:
+        with contextlib.closing(sqlite3.connect(self.broker.home / "supervisor.db")) as db:
+            db.row_factory = sqlite3.Row
+            where, args = ("WHERE daemon = ?", (daemon,)) if daemon else ("", ())
+            return [dict(r) for r in db.execute(f"SELECT * FROM runs {where} ORDER BY started_at", args)]
+
+    def wait_runs(self, daemon: str, count: int, timeout: float = 20, final_only: bool = True) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            runs = [r for r in self.runs(daemon) if not final_only or r["status"] != "running"]
+            if len(runs) >= count:
+                return runs
+            time.sleep(0.05)
+        raise AssertionError(f"{daemon}: {self.runs(daemon)}\n{''.join(self.log)}")
+
+
+@pytest.fixture
+def supervisors() -> Iterator:
+    started: list[SupervisorProc] = []
+
+    def start(broker: BrokerProc) -> SupervisorProc:
+        started.append(SupervisorProc(broker))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def test_interval_runs_never_overlap_and_coalesce(make_broker, supervisors):
+    broker = make_broker()
+    write_config(broker, '[daemons.slow]\nevery = "1s"\njitter = 0.0\nrunner = "command"\n'
+                 'command = ["sleep", "1.5"]\n')
+    supervisor = supervisors(broker)
+    runs = supervisor.wait_runs("slow", 3, timeout=30)
+    spans = [(cp.dt.datetime.fromisoformat(r["started_at"]), cp.dt.datetime.fromisoformat(r["ended_at"]))
+             for r in runs]
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end  # one at a time
+    assert all(r["status"] == "ok" for r in runs)
+    assert {r["trigger"] for r in runs} == {"schedule"}
+
+
+def test_runtime_limit_kills_the_run_and_its_children(make_broker, supervisors, tmp_path):
+    child_pid = tmp_path / "child.pid"
+    broker = make_broker()
+    write_config(broker, f'[daemons.stuck]\nevery = "1h"\njitter = 0.0\nrunner = "command"\nmax_runtime_s = 1\n'
+                 f'command = ["sh", "-c", "sleep 300 & echo $! > {child_pid}; wait"]\nbackoff_s = 3600\n')
+    supervisor = supervisors(broker)
+    [run] = supervisor.wait_runs("stuck", 1)
+    assert run["status"] == "timeout" and "max_runtime_s = 1" in run["summary"]
+    pid = int(child_pid.read_text())
+    deadline = time.monotonic() + 5
+    while cp.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not cp.pid_alive(pid)
+    state = cp.SupervisorState(broker.home / "supervisor.db").state("stuck")
+    assert state["failures"] == 1 and state["cooldown_until"] > time.time() + 3000
+
+
+def test_failures_back_off_and_triggers_meanwhile_are_skipped(make_broker, supervisors):
+    broker = make_broker()
+    write_config(broker, '[daemons.flaky]\nrunner = "command"\ncommand = ["false"]\nbackoff_s = 3600\n')
+    supervisor = supervisors(broker)
+    assert broker.cli("trigger", "flaky").returncode == 0
+    [failed] = supervisor.wait_runs("flaky", 1)
+    assert failed["status"] == "failed" and failed["trigger"] == "requested"
+    broker.cli("trigger", "flaky")
+    runs = supervisor.wait_runs("flaky", 2)
+    assert runs[1]["status"] == "skipped" and "cooling down" in runs[1]["summary"]
+
+
+def test_run_records_reach_sqlite_broker_and_nats(make_broker, supervisors, nats_server):
+    broker = make_broker("rate_per_s = 0.0\n", nats=nats_server.toml())
+    write_config(broker, '[daemons.reporter]\nrunner = "command"\ncommand = ["echo", "fleet is fine"]\n')
+    supervisor = supervisors(broker)
+    assert "requested a run of reporter" in broker.cli("trigger", "reporter").stdout
+    [run] = supervisor.wait_runs("reporter", 1)
+    assert run["status"] == "ok" and run["summary"] == "fleet is fine"
+    assert Path(run["transcript"]).exists()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        remote = broker.client().call("GET", "/api/runs?daemon=reporter")["runs"]
+        if remote and remote[0]["status"] == "ok":
+            break
+        time.sleep(0.05)
+    assert remote[0]["id"] == run["id"] and remote[0]["summary"] == "fleet is fine"
+    assert "reporter" in broker.cli("runs").stdout and "fleet is fine" in broker.cli("runs", "reporter").stdout
+    wait_published(broker)
+    daemon_events = [m for m in stream_messages(nats_server.url, nats_server.token)
+                     if m["subject"].startswith("fleet.daemon.reporter.")]
+    assert [m["subject"] for m in daemon_events] == ["fleet.daemon.reporter.requested",
+                                                     "fleet.daemon.reporter.started",
+                                                     "fleet.daemon.reporter.finished"]
+    assert daemon_events[-1]["payload"]["status"] == "ok" and daemon_events[-1]["payload"]["run_id"] == run["id"]
+
+
+@pytest.mark.parametrize("source", ["nats", "feed"])
+def test_event_triggers_with_wildcards_and_debounce(make_broker, supervisors, nats_server, source):
+    nats = nats_server.toml() if source == "nats" else "embedded = false\n"
+    broker = make_broker("rate_per_s = 0.0\n", nats=nats)
+    write_config(broker, '[daemons.greeter]\non = ["fleet.peer.*"]\ndebounce_s = 1.0\nrunner = "command"\n'
+                 'command = ["true"]\n[daemons.memo]\non = ["fleet.memory.>"]\ndebounce_s = 0.2\n'
+                 'runner = "command"\ncommand = ["true"]\n[daemons.all]\non = ["fleet.>"]\ndebounce_s = 0.2\n'
+                 'runner = "command"\ncommand = ["true"]\n')
+    supervisor = supervisors(broker)
+    time.sleep(1.5 if source == "nats" else 0.5)  # the consumer / feed cursor is in place
+    for i in range(3):
+        broker.session(name=f"p{i}")
+    [run] = supervisor.wait_runs("greeter", 1)
+    assert run["trigger"] == "event fleet.peer.joined"
+    time.sleep(1.5)
+    assert len(supervisor.runs("greeter")) == 1  # three events, one debounced run
+    assert supervisor.runs("memo") == []
+    broker.client().call("POST", "/api/memory", {"text": "x"})
+    [memo] = supervisor.wait_runs("memo", 1)
+    assert memo["trigger"] == "event fleet.memory.updated"
+    supervisor.wait_runs("all", 1)
+    time.sleep(2)  # run lifecycle events (its own, or the others') do not wake "fleet.>" daemons
+    assert not [r["trigger"] for r in supervisor.runs("all") if "fleet.daemon." in r["trigger"]]
+
+
+def test_supervisor_restart_keeps_schedule_state(make_broker, supervisors):
+    broker = make_broker()
+    write_config(broker, '[daemons.hourly]\nevery = "1h"\njitter = 0.0\nrunner = "command"\ncommand = ["true"]\n')
+    first = supervisors(broker)
+    first.wait_runs("hourly", 1)
+    first.stop()
+    second = supervisors(broker)
+    time.sleep(2)
+    assert len(second.runs("hourly")) == 1  # not re-run at start
+    due = cp.SupervisorState(broker.home / "supervisor.db").state("hourly")["next_due"]
+    assert 3500 < due - time.time() <= 3600
+
+
+def test_reload_keeps_the_last_good_config(make_broker, supervisors):
+    broker = make_broker()
+    write_config(broker, '[daemons.steady]\nevery = "1h"\njitter = 0.0\nrunner = "command"\ncommand = ["true"]\n')
+    supervisor = supervisors(broker)
+    supervisor.wait_runs("steady", 1)
+    good = broker.config.read_text()
+    broker.config.write_text(good + '[daemons.broken]\nevery = "soon"\n')
+    supervisor.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not any("reload failed" in line for line in supervisor.log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(line for line in supervisor.log if "reload failed" in line)
+    assert "keeping the last good config" in line and "daemons.broken.every: bad duration" in line
+    assert supervisor.proc.poll() is None
+    broker.config.write_text(good + '[daemons.added]\nrunner = "command"\ncommand = ["true"]\nevery = "1s"\n'
+                             'jitter = 0.0\n')
+    supervisor.proc.send_signal(signal.SIGHUP)
+    supervisor.wait_runs("added", 1)
+    assert len(supervisor.runs("steady")) == 1
