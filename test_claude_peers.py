@@ -1387,9 +1387,16 @@ def test_up_starts_and_stops_the_tree(tmp_path):
         fake.token = (home / "token").read_text().strip()
         nats_pid = embedded_pid(fake)
         wait_published(fake)
+        deadline = time.monotonic() + 20
+        supervisor = []
+        while not supervisor and time.monotonic() < deadline:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            supervisor = [int(c) for c in children if b"supervise" in Path(f"/proc/{c}/cmdline").read_bytes()]
+            time.sleep(0.05)
+        assert supervisor, "up did not start the supervisor"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
-        assert not cp.pid_alive(nats_pid)
+        assert not cp.pid_alive(nats_pid) and not cp.pid_alive(supervisor[0])
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -1792,3 +1799,52 @@ def test_reload_keeps_the_last_good_config(make_broker, supervisors):
     supervisor.proc.send_signal(signal.SIGHUP)
     supervisor.wait_runs("added", 1)
     assert len(supervisor.runs("steady")) == 1
+
+
+def test_fleet_tools_reach_the_broker_and_stay_inside_their_allowlists(make_broker, llm, tmp_path):
+    allowed_dir = tmp_path / "logs"
+    allowed_dir.mkdir()
+    (allowed_dir / "app.log").write_text("ERROR disk full\n")
+    (tmp_path / "secret").write_text("no")
+    broker = make_broker("rate_per_s = 0.0\n")
+    watcher = broker.session(name="homelab-infra", summary="on call")
+    broker.client().call("POST", "/api/memory", {"text": "# old notes\n"})
+    port = broker.port
+    write_config(broker, llm_toml(llm) + f'[[machines]]\nname = "here"\nssh = "localhost"\n'
+                 '[daemons.ops]\ntools = ["probe_host", "http_get", "read_file", "list_peers", "send_message",'
+                 ' "read_events", "read_memory", "write_memory", "alert"]\n'
+                 f'urls = ["http://127.0.0.1:{port}/api/"]\npaths = ["{allowed_dir}"]\nalert_to = ["homelab-infra"]\n')
+    calls = [("probe_host", {"machine": "here"}), ("probe_host", {"machine": "elsewhere"}),
+             ("http_get", {"url": f"http://127.0.0.1:{port}/api/status"}),
+             ("http_get", {"url": "http://169.254.169.254/latest/meta-data/"}),
+             ("read_file", {"path": str(allowed_dir / "app.log")}),
+             ("read_file", {"path": str(allowed_dir / "../secret")}),
+             ("list_peers", {}), ("send_message", {"to": "homelab-infra", "text": "disk is full on here"}),
+             ("read_events", {"after": 0, "limit": 5}), ("read_memory", {}),
+             ("write_memory", {"text": "# notes\n- here: disk full\n"}),
+             ("alert", {"severity": "critical", "title": "disk full on here", "detail": "/ at 100%"})]
+    llm.scripts["good"] = [tool_call(name, args, f"c{i}") for i, (name, args) in enumerate(calls)] + [final("ok")]
+    out = foreground(broker, "ops")
+    assert out.returncode == 0, out.stderr
+    replies = llm.tool_messages()
+    assert "loadavg=" in replies[0] and "mem_available_pct=" in replies[0]
+    assert "unknown machine 'elsewhere'" in replies[1]
+    assert replies[2].startswith("HTTP 401")  # reached (no token: the daemon gets what the URL gives)
+    assert "not under an allowed prefix" in replies[3]
+    assert replies[4] == "ERROR disk full\n"
+    assert "outside the allowed directories" in replies[5]
+    assert "homelab-infra" in replies[6] and "on call" in replies[6]
+    assert replies[7].startswith("message ") and "queued" in replies[7]
+    assert "peer.joined" in replies[8]
+    assert replies[9] == "# old notes\n"
+    assert replies[10] == "fleet memory replaced"
+    assert "alert raised (critical); told homelab-infra" in replies[11]
+    got = poll(watcher)
+    assert [m["text"] for m in got] == ["disk is full on here", "[critical] disk full on here\n/ at 100%"]
+    assert {m["from_name"] for m in got} == {"daemon-ops"}
+    memory = broker.client().call("GET", "/api/memory")
+    assert memory["updated_by"] == "daemon-ops" and "disk full" in memory["text"]
+    alerts = [e for e in broker.client().call("GET", "/api/events?after=0&limit=200")["events"]
+              if e["type"] == "alert"]
+    assert alerts[0]["subject"] == "fleet.alert.critical" and alerts[0]["source"] == "ops"
+    assert peer_named(broker, "daemon-ops") is None  # the daemon's session ended with the run
