@@ -542,7 +542,25 @@ def read_token(cfg: Config, create: bool = False) -> str:
 # Store: sessions, messages, events and memory in sqlite (WAL)
 # ===========================================================================
 
-SCHEMA = """
+# Daemon runs, as the broker and each supervisor keep them (the supervisor adds columns).
+RUNS_TABLE = """
+CREATE TABLE IF NOT EXISTS runs(
+    id TEXT PRIMARY KEY,
+    daemon TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    ended_at TEXT,
+    status TEXT NOT NULL,
+    actions INTEGER NOT NULL DEFAULT 0,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    model TEXT NOT NULL DEFAULT '',
+    summary TEXT NOT NULL DEFAULT ''{extra}
+);
+CREATE INDEX IF NOT EXISTS runs_daemon ON runs(daemon, started_at);
+"""
+
+SCHEMA = RUNS_TABLE.format(extra="") + """
 CREATE TABLE IF NOT EXISTS sessions(
     id TEXT PRIMARY KEY,
     secret_hash TEXT NOT NULL,
@@ -594,20 +612,6 @@ CREATE TABLE IF NOT EXISTS events(
     published_at REAL
 );
 CREATE INDEX IF NOT EXISTS events_unpublished ON events(seq) WHERE published_at IS NULL;
-CREATE TABLE IF NOT EXISTS runs(
-    id TEXT PRIMARY KEY,
-    daemon TEXT NOT NULL,
-    trigger TEXT NOT NULL,
-    machine TEXT NOT NULL,
-    started_at TEXT NOT NULL,
-    ended_at TEXT,
-    status TEXT NOT NULL,
-    actions INTEGER NOT NULL DEFAULT 0,
-    tokens INTEGER NOT NULL DEFAULT 0,
-    model TEXT NOT NULL DEFAULT '',
-    summary TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS runs_daemon ON runs(daemon, started_at);
 CREATE TABLE IF NOT EXISTS memory(
     id INTEGER PRIMARY KEY CHECK (id = 1),
     text TEXT NOT NULL,
@@ -2620,7 +2624,9 @@ def run_shim(cfg: Config, name: str | None) -> int:
 # Supervisor: daemons on schedules and events, as policy-bound agents
 # ===========================================================================
 
-SUPERVISOR_SCHEMA = """
+SUPERVISOR_SCHEMA = RUNS_TABLE.format(extra=""",
+    transcript TEXT NOT NULL DEFAULT '',
+    reported TEXT NOT NULL DEFAULT ''""") + """
 CREATE TABLE IF NOT EXISTS daemon_state(
     name TEXT PRIMARY KEY,
     spec TEXT NOT NULL DEFAULT '',
@@ -2629,21 +2635,6 @@ CREATE TABLE IF NOT EXISTS daemon_state(
     last_status TEXT,
     failures INTEGER NOT NULL DEFAULT 0,
     cooldown_until REAL NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS runs(
-    id TEXT PRIMARY KEY,
-    daemon TEXT NOT NULL,
-    trigger TEXT NOT NULL,
-    machine TEXT NOT NULL,
-    started_at TEXT NOT NULL,
-    ended_at TEXT,
-    status TEXT NOT NULL,
-    actions INTEGER NOT NULL DEFAULT 0,
-    tokens INTEGER NOT NULL DEFAULT 0,
-    model TEXT NOT NULL DEFAULT '',
-    summary TEXT NOT NULL DEFAULT '',
-    transcript TEXT NOT NULL DEFAULT '',
-    reported TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS kv(daemon TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
                               PRIMARY KEY (daemon, key));

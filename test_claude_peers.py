@@ -176,6 +176,17 @@ def test_repo_template_carries_exactly_the_defaults():
     ("[brokr]\n", "unknown table [brokr]"),
     ("[broker]\nlease_s = 0\n", "broker.lease_s: must be > 0"),
     ("[broker\n", "not valid TOML"),
+    ('[daemons.scout]\nevery = "15 minutes"\n', "daemons.scout.every: bad duration"),
+    ('[daemons.scout]\ncron = "*/15 * * *"\n', "daemons.scout.cron: cron '*/15 * * *': needs 5 fields"),
+    ('[daemons.scout]\ncron = "61 * * * *"\n', "out of range 0-59"),
+    ('[daemons.scout]\ntools = ["probe_host", "shell"]\n', "daemons.scout.tools: unknown tool 'shell'"),
+    ('[daemons.scout]\ntier = "giant"\n', "daemons.scout.tier: unknown tier 'giant'"),
+    ('[daemons.scout]\nschedule = "15m"\n', "daemons.scout.schedule: unknown key"),
+    ('[daemons.scout]\non = ["fleet.>.x"]\n', "daemons.scout.on: bad subject pattern"),
+    ('[daemons.scout]\nrunner = "command"\n', "daemons.scout.command: required"),
+    ('[daemons.scout]\ncommands = ["systemctl --failed"]\n', "daemons.scout.commands: must be a list of argv"),
+    ('[daemons.scout]\nmax_actions = 0\n', "daemons.scout.max_actions: must be > 0"),
+    ('[llm]\nroutine = "gpt"\n', "llm.routine: expected list"),
 ])
 def test_config_errors_name_file_key_and_reason(tmp_path, text, expected):
     path = tmp_path / "daemons.toml"
@@ -1487,27 +1498,6 @@ def foreground(broker: BrokerProc, daemon: str, *flags: str) -> subprocess.Compl
 
 def transcript_events(out: subprocess.CompletedProcess[str]) -> list[dict]:
     return [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
-
-
-@pytest.mark.parametrize(("table", "expected"), [
-    ('[daemons.scout]\nevery = "15 minutes"\n', "daemons.scout.every: bad duration"),
-    ('[daemons.scout]\ncron = "*/15 * * *"\n', "daemons.scout.cron: cron '*/15 * * *': needs 5 fields"),
-    ('[daemons.scout]\ncron = "61 * * * *"\n', "out of range 0-59"),
-    ('[daemons.scout]\ntools = ["probe_host", "shell"]\n', "daemons.scout.tools: unknown tool 'shell'"),
-    ('[daemons.scout]\ntier = "giant"\n', "daemons.scout.tier: unknown tier 'giant'"),
-    ('[daemons.scout]\nschedule = "15m"\n', "daemons.scout.schedule: unknown key"),
-    ('[daemons.scout]\non = ["fleet.>.x"]\n', "daemons.scout.on: bad subject pattern"),
-    ('[daemons.scout]\nrunner = "command"\n', "daemons.scout.command: required"),
-    ('[daemons.scout]\ncommands = ["systemctl --failed"]\n', "daemons.scout.commands: must be a list of argv"),
-    ('[daemons.scout]\nmax_actions = 0\n', "daemons.scout.max_actions: must be > 0"),
-    ('[llm]\nroutine = "gpt"\n', "llm.routine: expected list"),
-])
-def test_daemon_config_errors_name_file_key_and_reason(tmp_path, table, expected):
-    path = tmp_path / "daemons.toml"
-    path.write_text(table)
-    with pytest.raises(cp.UserError) as info:
-        cp.load_config(str(path))
-    assert str(path) in str(info.value) and expected in str(info.value)
 
 
 def test_cron_and_subject_wildcards():
