@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import hashlib
@@ -23,7 +24,6 @@ import ipaddress
 import json
 import logging
 import os
-import queue
 import random
 import re
 import resource
@@ -2018,9 +2018,8 @@ class BrokerClient:
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RDWR)
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
-             timeout: float | None = None) -> Any:
-        """One API call; retried once on a dropped keep-alive connection."""
+    def request_parts(self, method: str, body: dict[str, Any] | None) -> tuple[dict[str, str], bytes | None]:
+        """Headers and body of an API call (the async client sends the same)."""
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
         if self.session_secret:
             headers["X-Session-Secret"] = self.session_secret
@@ -2028,6 +2027,12 @@ class BrokerClient:
         if body is not None or method == "POST":
             data = json.dumps(body or {}).encode()
             headers["Content-Type"] = "application/json"
+        return headers, data
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+             timeout: float | None = None) -> Any:
+        """One API call; retried once on a dropped keep-alive connection."""
+        headers, data = self.request_parts(method, body)
         with self.lock:
             for attempt in (0, 1):
                 fresh = self.conn is None
@@ -2047,15 +2052,7 @@ class BrokerClient:
                     if fresh or attempt or isinstance(exc, TimeoutError) or self.aborted:
                         raise BrokerUnreachable(f"broker at {self.url} unreachable: {exc or type(exc).__name__}") \
                             from None
-        try:
-            payload = json.loads(raw) if raw else {}
-        except ValueError:
-            raise BrokerUnreachable(f"{self.url} answered {response.status} with non-JSON: is it a claude-peers"
-                                    " broker?") from None
-        if response.status >= 400:
-            message = payload.get("error", raw.decode(errors="replace")) if isinstance(payload, dict) else str(payload)
-            raise ApiError(response.status, message, **{k: v for k, v in payload.items() if k != "error"})
-        return payload
+        return decode_reply(self.url, response.status, raw)
 
     # -- session calls --------------------------------------------------------
 
@@ -2074,6 +2071,79 @@ class BrokerClient:
         if self.session_id is None:
             raise BrokerUnreachable("not registered with the broker yet")
         return self.call(method, f"/api/sessions/{self.session_id}{suffix}", body, timeout)
+
+
+def decode_reply(url: str, status: int, raw: bytes) -> Any:
+    """A broker answer as JSON, or the ApiError it carries."""
+    try:
+        payload = json.loads(raw) if raw else {}
+    except ValueError:
+        raise BrokerUnreachable(f"{url} answered {status} with non-JSON: is it a claude-peers broker?") from None
+    if status >= 400:
+        message = payload.get("error", raw.decode(errors="replace")) if isinstance(payload, dict) else str(payload)
+        raise ApiError(status, message, **{k: v for k, v in payload.items() if k != "error"})
+    return payload
+
+
+class AsyncBrokerClient:
+    """The broker API from asyncio, for the shim's tool calls: no thread hop per call.
+    Credentials come from the sync client it wraps (it registers the session)."""
+
+    def __init__(self, client: BrokerClient, timeout: float = 10.0) -> None:
+        self.client = client
+        self.timeout = timeout
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.lock: asyncio.Lock | None = None
+
+    async def session_call(self, method: str, suffix: str, body: dict[str, Any] | None = None) -> Any:
+        if self.client.session_id is None:
+            raise BrokerUnreachable("not registered with the broker yet")
+        return await self.call(method, f"/api/sessions/{self.client.session_id}{suffix}", body)
+
+    async def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One API call; retried once on a dropped keep-alive connection."""
+        headers, data = self.client.request_parts(method, body)
+        parts = self.client.parts
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        request = (f"{method} {path} HTTP/1.1\r\nHost: {parts.netloc}\r\n{head}Content-Length: {len(data or b'')}"
+                   "\r\n\r\n").encode() + (data or b"")
+        self.lock = self.lock or asyncio.Lock()
+        async with self.lock:
+            for attempt in (0, 1):
+                fresh = self.streams is None
+                try:
+                    if self.streams is None:
+                        port = parts.port or (443 if parts.scheme == "https" else 80)
+                        context = ssl.create_default_context() if parts.scheme == "https" else None
+                        self.streams = await asyncio.wait_for(
+                            asyncio.open_connection(parts.hostname, port, ssl=context), self.timeout)
+                    reader, writer = self.streams
+                    writer.write(request)
+                    status, raw, close = await asyncio.wait_for(read_reply(reader), self.timeout)
+                    if close:
+                        self.close()
+                    return decode_reply(self.client.url, status, raw)
+                except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                        ValueError) as exc:
+                    self.close()
+                    if fresh or attempt or isinstance(exc, TimeoutError):
+                        raise BrokerUnreachable(f"broker at {self.client.url} unreachable:"
+                                                f" {exc or type(exc).__name__}") from None
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+            self.streams = None
+
+
+async def read_reply(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """(status, body, server closes) of one HTTP/1.1 response with a Content-Length."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    status = int(head[0].split(" ", 2)[1])
+    fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+    body = await reader.readexactly(int(fields.get("content-length", "0")))
+    return status, body, fields.get("connection", "").lower() == "close"
 
 
 def client_from_config(cfg: Config, timeout: float = 10.0) -> BrokerClient:
@@ -2219,7 +2289,8 @@ class Shim:
             token = read_token(cfg)
         except UserError as exc:
             token, self.token_error = "", str(exc)
-        self.tools_client = BrokerClient(self.url, token, timeout=10)
+        self.tools_client = BrokerClient(self.url, token, timeout=10)  # registration, instructions, leave
+        self.atools = AsyncBrokerClient(self.tools_client)  # tool calls, from the SDK's loop
         self.poll_client = BrokerClient(self.url, token, timeout=10)
         git_root, branch = git_info(cwd)
         self.info = {"machine": cfg.machine, "pid": os.getpid(), "cwd": str(cwd), "git_root": git_root,
@@ -2377,7 +2448,7 @@ class Shim:
                          + ("\n[... truncated]" if len(memory.encode()) > INSTRUCTIONS_MEMORY_BYTES else ""))
         return "\n".join(lines)
 
-    def call_tool(self, name: str, args: dict[str, Any]) -> str:
+    async def call_tool(self, name: str, args: dict[str, Any]) -> str:
         """Run one tool; raises ShimError with a readable message on any failure."""
         handler = {"list_peers": self.tool_list_peers, "send_message": self.tool_send_message,
                    "set_summary": self.tool_set_summary, "check_messages": self.tool_check_messages,
@@ -2397,7 +2468,7 @@ class Shim:
             if value is not None and "enum" in spec and value not in spec["enum"]:
                 raise ShimError(f"{name}: argument {key!r} must be one of {', '.join(spec['enum'])}")
         try:
-            text = handler(**{k: v for k, v in args.items() if v is not None})
+            text = await handler(**{k: v for k, v in args.items() if v is not None})
         except BrokerUnreachable as exc:
             raise ShimError(f"{exc}; claude-peers keeps retrying in the background - try again shortly") from None
         except ApiError as exc:
@@ -2422,17 +2493,17 @@ class Shim:
         return (f"\n\n[claude-peers] {count} peer message{'s' if count > 1 else ''} not yet read or answered"
                 " - call check_messages if you have not seen them.")
 
-    def tool_list_peers(self, scope: str = "all") -> str:
+    async def tool_list_peers(self, scope: str = "all") -> str:
         self._need_session()
-        peers = self.tools_client.session_call("GET", f"/peers?scope={scope}")["peers"]
+        peers = (await self.atools.session_call("GET", f"/peers?scope={scope}"))["peers"]
         if not peers:
             return f"No other live sessions (scope: {scope})."
         return f"Live peers (scope: {scope}, {len(peers)}):\n" + "\n".join(format_peer(p) for p in peers)
 
-    def tool_send_message(self, to: str, text: str, reply_to: str | None = None, scope: str | None = None) -> str:
+    async def tool_send_message(self, to: str, text: str, reply_to: str | None = None, scope: str | None = None) -> str:
         self._need_session()
         body = {"to": to, "text": text, "reply_to": reply_to, "scope": scope}
-        result = self.tools_client.session_call("POST", "/send", {k: v for k, v in body.items() if v})
+        result = await self.atools.session_call("POST", "/send", {k: v for k, v in body.items() if v})
         if reply_to:
             with self.lock:
                 self.unread.pop(reply_to, None)
@@ -2450,16 +2521,16 @@ class Shim:
         return (f"Queued message {result['id']} for {target}: no live session holds that name right now; it"
                 " will be delivered when one registers.")
 
-    def tool_set_summary(self, summary: str) -> str:
+    async def tool_set_summary(self, summary: str) -> str:
         self._need_session()
-        self.tools_client.session_call("POST", "/summary", {"summary": summary})
+        await self.atools.session_call("POST", "/summary", {"summary": summary})
         if self.session is not None:
             self.session["summary"] = summary
         return "Summary updated; peers see it in list_peers."
 
-    def tool_check_messages(self) -> str:
+    async def tool_check_messages(self) -> str:
         self._need_session()
-        messages = self.tools_client.session_call("POST", "/inbox")["messages"]
+        messages = (await self.atools.session_call("POST", "/inbox"))["messages"]
         with self.lock:
             shown = {m["id"] for m in messages if m["id"] in self.seen}
             for message in messages:
@@ -2471,7 +2542,7 @@ class Shim:
         return (f"{len(messages)} peer message(s), oldest first. Each text is from another agent; answer with"
                 " send_message(to=<from id or name>, reply_to=<message_id>).\n\n" + "\n\n".join(parts))
 
-    def tool_whoami(self) -> str:
+    async def tool_whoami(self) -> str:
         if self.session is None:
             return f"Not registered yet: broker {self.url} - {self.last_error or 'connecting'}."
         s = self.session
@@ -2498,7 +2569,9 @@ class ShimServer:
     def __init__(self, shim: Shim) -> None:
         self.shim = shim
         self.wire = shim.wire
-        self.inbox: queue.Queue[bytes | None] = queue.Queue()  # raw lines for the SDK (None: EOF)
+        self.inbox: collections.deque[bytes | None] = collections.deque()  # raw lines for the SDK (None: EOF)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the SDK's loop, once it runs
+        self.arrived: asyncio.Event | None = None
         self.answered: set[Any] = set()  # request ids answered before the SDK was loaded
         self.sdk_ready = threading.Event()
 
@@ -2507,7 +2580,7 @@ class ShimServer:
         while True:
             line = self.wire.readline()
             if not line:
-                self.inbox.put(None)
+                self._queue(None)
                 return
             with contextlib.suppress(ValueError, AttributeError):
                 message = json.loads(line)
@@ -2525,7 +2598,15 @@ class ShimServer:
                                                self.shim.instructions_text)
                     self.answered.add(message.get("id"))
                     self.wire.write({"jsonrpc": "2.0", "id": message.get("id"), "result": result})
-            self.inbox.put(line)
+            self._queue(line)
+
+    def _queue(self, line: bytes | None) -> None:
+        """Hand a line to the SDK's loop: one wake-up, no worker thread."""
+        self.inbox.append(line)
+        loop, arrived = self.loop, self.arrived
+        if loop is not None and arrived is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already closed at exit
+                loop.call_soon_threadsafe(arrived.set)
 
     async def serve(self) -> None:
         """Load the SDK and run its handshake-only loop until stdin closes."""
@@ -2546,7 +2627,7 @@ class ShimServer:
         async def call_tool(ctx: Any, params: Any) -> Any:
             args = params.arguments or {}
             try:
-                text = await anyio.to_thread.run_sync(shim.call_tool, params.name, args)
+                text = await shim.call_tool(params.name, args)
             except ShimError as exc:
                 return as_result(f"claude-peers: {exc}{shim.notice()}", error=True)
             return as_result(text)
@@ -2556,19 +2637,23 @@ class ShimServer:
             instructions = await anyio.to_thread.run_sync(shim.instructions)
         server = Server(SERVER_NAME, version=__version__, instructions=instructions,
                         on_list_tools=list_tools, on_call_tool=call_tool)
+        server.middleware.clear()  # no tracing exporter here: its spans were an eighth of each tool call
         options = server.create_initialization_options(experimental_capabilities={"claude/channel": {}})
         to_sdk, sdk_in = anyio.create_memory_object_stream[Any](1000)
         sdk_out, from_sdk = anyio.create_memory_object_stream[Any](1000)
         self.sdk_ready.set()
 
+        self.arrived = arrived = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+        arrived.set()  # lines queued before the loop was known
+
         async def pump_in() -> None:
             async with to_sdk:
                 while True:
-                    lines = [await anyio.to_thread.run_sync(self.inbox.get)]
-                    with contextlib.suppress(queue.Empty):  # whatever else arrived, without another hop
-                        while lines[-1] is not None:
-                            lines.append(self.inbox.get_nowait())
-                    for line in lines:
+                    await arrived.wait()
+                    arrived.clear()
+                    while self.inbox:
+                        line = self.inbox.popleft()
                         if line is None:
                             return
                         try:
@@ -2581,12 +2666,12 @@ class ShimServer:
         async def pump_out() -> None:
             async with from_sdk:
                 async for item in from_sdk:
-                    payload = item.message.model_dump(by_alias=True, exclude_unset=True, mode="json")
-                    if payload.get("id") in self.answered and "method" not in payload:
-                        self.answered.discard(payload["id"])
-                        check_early_answer(payload)
+                    message = item.message
+                    if not hasattr(message, "method") and getattr(message, "id", None) in self.answered:
+                        self.answered.discard(message.id)
+                        check_early_answer(message.model_dump(by_alias=True, exclude_unset=True, mode="json"))
                         continue
-                    self.wire.write(json.dumps(payload, separators=(",", ":")).encode())
+                    self.wire.write(message.model_dump_json(by_alias=True, exclude_unset=True).encode())
 
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(pump_in)
