@@ -643,7 +643,7 @@ def session_view(row: Any, last_seen: float | None = None) -> dict[str, Any]:
     return view
 
 
-def message_view(row: sqlite3.Row) -> dict[str, Any]:
+def message_view(row: Any) -> dict[str, Any]:
     return {
         "id": row["id"],
         "thread_id": row["thread_id"],
@@ -682,6 +682,8 @@ class Store:
         self.seen: dict[str, float] = {}  # heartbeats not yet written down
         self.polling: dict[str, int] = {}  # sessions with a long-poll parked: alive however long it waits
         self.pid_checked: dict[str, float] = {}  # when each local session's pid was last seen running
+        self.parked: set[str] = set()  # sessions whose long-poll waits right now: mail is handed straight over
+        self.handed: dict[str, list[dict[str, Any]]] = {}  # leased to a parked poll in this transaction
         self.commits = 0
         self._load_live()
 
@@ -711,6 +713,8 @@ class Store:
                 self.db.execute("ROLLBACK TO op" if nested else "ROLLBACK")
                 if nested:
                     self.db.execute("RELEASE op")
+                else:
+                    self.handed.clear()
                 self._load_live()
                 raise
             self.db.execute("RELEASE op" if nested else "COMMIT")
@@ -926,13 +930,19 @@ class Store:
             for target in targets:
                 mid = new_id(6)
                 state = "undeliverable" if target["undeliverable"] else "queued"
-                c.execute(
-                    "INSERT INTO messages(id, thread_id, reply_to, from_id, from_name, from_machine, from_cwd,"
-                    " to_addr, to_session, to_name, text, state, sent_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (mid, thread_id or mid, reply_to, sender["id"], sender["name"] or sender["id"],
-                     sender["machine"], sender["cwd"], to, target["session"], target["name"], text, state, now),
-                )
-                if target["session"] and state == "queued":
+                handover = state == "queued" and target["session"] in self.parked
+                row = {"id": mid, "thread_id": thread_id or mid, "reply_to": reply_to, "from_id": sender["id"],
+                       "from_name": sender["name"] or sender["id"], "from_machine": sender["machine"],
+                       "from_cwd": sender["cwd"], "to_addr": to, "to_session": target["session"],
+                       "to_name": target["name"], "text": text, "state": state, "sent_at": now,
+                       "delivered_at": None, "read_at": None,
+                       "lease_until": now + self.cfg.broker.lease_s if handover else None,
+                       "leased_to": target["session"] if handover else None}
+                c.execute(f"INSERT INTO messages({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                          tuple(row.values()))
+                if handover:  # leased in this commit, handed to the waiting poll right after it
+                    self.handed.setdefault(target["session"], []).append(message_view(row))
+                elif target["session"] and state == "queued":
                     wake.add(target["session"])
                 self._event(c, "message.sent", "fleet.message.sent", machine=sender["machine"], message_id=mid,
                             thread_id=thread_id or mid, from_id=sender["id"], from_name=sender["name"],
@@ -988,16 +998,24 @@ class Store:
         """Acknowledge ``ack`` as delivered, then lease the session's next queued messages;
         also returns when the next lease held elsewhere ends."""
         now = time.time()
-        with self.tx() as c:
-            if ack:
-                self.ack(session, ack, "delivered")
-            rows = self._open(c, session, ("queued",))
+        with self.lock:
+            rows = self._open(self.db, session, ("queued",))  # most polls find nothing: no write transaction
             ready = [r for r in rows if r["lease_until"] is None or r["lease_until"] <= now][:limit]
             pending = [r["lease_until"] for r in rows if r["lease_until"] is not None and r["lease_until"] > now]
-            until = now + self.cfg.broker.lease_s
-            c.executemany("UPDATE messages SET lease_until = ?, leased_to = ? WHERE seq = ?",
-                          [(until, session["id"], r["seq"]) for r in ready])
+            if ack or ready:
+                with self.tx() as c:
+                    if ack:
+                        self.ack(session, ack, "delivered")
+                    until = now + self.cfg.broker.lease_s
+                    c.executemany("UPDATE messages SET lease_until = ?, leased_to = ? WHERE seq = ? AND state ="
+                                  " 'queued'", [(until, session["id"], r["seq"]) for r in ready])
         return [message_view(r) for r in ready], (min(pending) if pending else None)
+
+    def release(self, ids: list[str]) -> None:
+        """Lift leases that were never handed over, so the next lease finds the mail."""
+        with self.tx() as c:
+            c.executemany("UPDATE messages SET lease_until = NULL, leased_to = NULL WHERE id = ? AND state = 'queued'",
+                          [(mid,) for mid in ids])
 
     def ack(self, session: dict[str, Any], ids: list[str], state: str) -> int:
         """Mark messages addressed to this session ``delivered`` or ``read``; returns how many changed."""
@@ -1424,7 +1442,7 @@ class Broker:
         self.token = token
         self.store = Store(home / "broker.db", cfg)
         self.limiter = RateLimiter(cfg.broker.rate_per_s, cfg.broker.rate_burst)
-        self.mailboxes: dict[str, asyncio.Event] = {}  # set when a session may have new mail
+        self.parked: dict[str, asyncio.Future[list[dict[str, Any]] | None]] = {}  # waiting long-polls
         self.batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self.new_events = asyncio.Event()  # replaced each time it fires
         self.started = time.time()
@@ -1448,7 +1466,8 @@ class Broker:
         batch, self.batch = self.batch, []
         outcomes: list[tuple[asyncio.Future[Any], Any, bool]] = []
         try:
-            with self.store.tx():
+            # A lone operation is its own transaction; several share one, each in a savepoint.
+            with self.store.tx() if len(batch) > 1 else contextlib.nullcontext():
                 for operation, future in batch:
                     try:
                         outcomes.append((future, operation(), True))
@@ -1456,17 +1475,34 @@ class Broker:
                         outcomes.append((future, exc, False))
         except sqlite3.Error as exc:  # the commit itself failed: nothing in the batch happened
             outcomes = [(future, exc, False) for _, future in batch]
+        self._hand_over()
         for future, value, ok in outcomes:
             if not future.done():
                 future.set_result(value) if ok else future.set_exception(value)
 
+    def _hand_over(self) -> None:
+        """Give mail leased in the last commit to the polls it was leased for. A poll
+        that was woken meanwhile gets it on its next lease instead: the lease is lifted."""
+        handed, self.store.handed = self.store.handed, {}
+        orphans = []
+        for sid, messages in handed.items():
+            waiter = self.parked.get(sid)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(messages)
+            else:
+                orphans += [m["id"] for m in messages]
+        if orphans:
+            self.store.release(orphans)
+
     # -- wake-ups -----------------------------------------------------------
 
     def wake(self, sids: set[str]) -> None:
-        """Wake the long-polls of ``sids`` and every event-feed waiter."""
+        """Wake the long-polls of ``sids`` (to lease again) and every event-feed waiter."""
         for sid in sids:
-            if sid in self.mailboxes:
-                self.mailboxes[sid].set()
+            waiter = self.parked.get(sid)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+                self.store.parked.discard(sid)
         self.new_events.set()
         self.new_events = asyncio.Event()
         if self.relay is not None:
@@ -1482,12 +1518,10 @@ class Broker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         sid = session["id"]
-        mailbox = self.mailboxes.setdefault(sid, asyncio.Event())
         polling = self.store.polling
         polling[sid] = polling.get(sid, 0) + 1
         try:
             while True:
-                mailbox.clear()
                 acked, ack = ack, None
                 messages, next_lease_end = await self.write(lambda acked=acked: self.store.lease(session, limit, acked))
                 remaining = deadline - loop.time()
@@ -1495,15 +1529,23 @@ class Broker:
                     return messages
                 if next_lease_end is not None:
                     remaining = min(remaining, max(0.01, next_lease_end - time.time()))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(mailbox.wait(), min(remaining, CONNECTION_CHECK_S))
+                waiter = self.parked[sid] = loop.create_future()
+                self.store.parked.add(sid)
+                try:
+                    handed = await asyncio.wait_for(waiter, min(remaining, CONNECTION_CHECK_S))
+                except TimeoutError:
+                    handed = None
+                finally:
+                    if self.parked.get(sid) is waiter:
+                        del self.parked[sid]
+                        self.store.parked.discard(sid)
+                if handed:
+                    return handed
         finally:
             polling[sid] -= 1
             if not polling[sid]:
                 del polling[sid]
             self.store.seen[sid] = time.time()
-            if self.mailboxes.get(sid) is mailbox and not mailbox.is_set():
-                del self.mailboxes[sid]
 
     async def wait_events(self, after: int, wait_s: float) -> None:
         loop = asyncio.get_running_loop()
@@ -1958,7 +2000,7 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
         await stop.wait()
     finally:
         broker.stopping.set()
-        broker.wake(set(broker.mailboxes))
+        broker.wake(set(broker.parked))
         server.close()
         janitor.cancel()
         if embedded is not None:
