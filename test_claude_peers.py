@@ -1838,3 +1838,20 @@ def test_fleet_tools_reach_the_broker_and_stay_inside_their_allowlists(make_brok
               if e["type"] == "alert"]
     assert alerts[0]["subject"] == "fleet.alert.critical" and alerts[0]["source"] == "ops"
     assert peer_named(broker, "daemon-ops") is None  # the daemon's session ended with the run
+
+
+def test_next_due_for_every_and_cron():
+    import datetime as dt
+    from types import SimpleNamespace
+
+    every = SimpleNamespace(every="15m", cron="", jitter=0.1)
+    now = time.time()
+    for _ in range(50):
+        assert now + 900 <= cp.next_due(every, now) <= now + 990  # the interval plus up to 10% jitter
+        assert now <= cp.next_due(every, now, first=True) <= now + 90  # a new daemon starts within the jitter
+    cron = SimpleNamespace(every="", cron="*/15 * * * *", jitter=0.1)
+    at = dt.datetime(2026, 11, 25, 10, 7, 30).timestamp()
+    assert dt.datetime.fromtimestamp(cp.next_due(cron, at)) == dt.datetime(2026, 11, 25, 10, 15)
+    both = SimpleNamespace(every="1h", cron="*/15 * * * *", jitter=0.0)
+    assert cp.next_due(both, at) == dt.datetime(2026, 11, 25, 10, 15).timestamp()  # whichever comes first
+    assert cp.next_due(SimpleNamespace(every="", cron="", jitter=0.1), at) is None
