@@ -1448,6 +1448,7 @@ class Broker:
         self.started = time.time()
         self.requests = 0
         self.relay: EventRelay | None = None
+        self.embedded: EmbeddedNats | None = None
         self.stopping = threading.Event()
 
     # -- group commit -------------------------------------------------------
@@ -1576,9 +1577,11 @@ class Broker:
                 log.error("janitor: %s", exc)
 
     def status(self) -> dict[str, Any]:
-        nats = {"configured": False}
+        nats: dict[str, Any] = {"configured": False}
         if self.relay is not None:
             nats = {"configured": True, **self.relay.status(), "backlog": self.store.backlog()}
+        if self.embedded is not None:
+            nats["embedded_restarts"] = self.embedded.restarts
         return {"version": __version__, "fleet": self.cfg.fleet.name, "machine": self.store.machine,
                 "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
                 **self.store.counts(), "nats": nats}
@@ -1984,7 +1987,7 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
     checkpointer = threading.Thread(target=broker.store.checkpoint, args=(broker.stopping,), daemon=True)
     checkpointer.start()
     janitor = asyncio.create_task(broker.janitor(api.close_idle))
-    embedded = EmbeddedNats(cfg, home) if cfg.nats.embedded and not cfg.nats.url else None
+    embedded = broker.embedded = EmbeddedNats(cfg, home) if cfg.nats.embedded and not cfg.nats.url else None
     nats_tasks = []
     if embedded is not None and embedded.prepare():
         nats_tasks.append(asyncio.create_task(embedded.run()))
@@ -4063,7 +4066,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         print("nats: not configured (events stay in the broker's feed)")
     else:
         state = "connected" if nats["connected"] else f"disconnected ({nats['error'] or 'connecting'})"
-        print(f"nats: {state} to {nats['url']}, stream {nats['stream']}, last published seq"
+        embedded = f" (embedded, restarted {nats['embedded_restarts']}x)" if "embedded_restarts" in nats else ""
+        print(f"nats: {state} to {nats['url']}{embedded}, stream {nats['stream']}, last published seq"
               f" {nats['last_published_seq']}, outbox backlog {nats['backlog']}")
     return 0
 
@@ -4142,7 +4146,7 @@ def git_info(cwd: Path) -> tuple[str, str]:
     return lines[0], lines[1]
 
 
-EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH = 1, 2, 3, 4
+EXIT_ERROR, EXIT_UNREACHABLE, EXIT_AUTH = 1, 3, 4  # 2 is argparse's usage error
 
 
 def build_parser() -> argparse.ArgumentParser:

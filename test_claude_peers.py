@@ -1352,6 +1352,7 @@ def test_embedded_nats_needs_its_token_restarts_after_a_crash_and_stops_with_the
         time.sleep(0.05)
     second = embedded_pid(broker)
     assert second != first
+    assert broker.client().call("GET", "/api/status")["nats"]["embedded_restarts"] == 1
     broker.session(name="two")
     wait_published(broker)
     names = [m["payload"].get("name") for m in stream_messages(url, token_file.read_text().strip())]
