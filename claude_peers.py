@@ -3228,10 +3228,12 @@ def raise_alert(cfg: Config, broker: BrokerClient, daemon: SimpleNamespace, seve
     return f"alert raised ({severity}); told {', '.join(told) or 'the event stream only'}"
 
 
-def new_run_record(cfg: Config, daemon: str, trigger: str, transcript: Path) -> dict[str, Any]:
-    return {"id": new_id(8), "daemon": daemon, "trigger": trigger[:500], "machine": cfg.machine,
+def new_run_record(cfg: Config, daemon: str, trigger: str, run_dir: Path | None) -> dict[str, Any]:
+    """A run as it starts; its transcript goes to ``run_dir`` (None: a run that never ran)."""
+    run_id = new_id(8)
+    return {"id": run_id, "daemon": daemon, "trigger": trigger[:500], "machine": cfg.machine,
             "started_at": iso(time.time()), "ended_at": None, "status": "running", "actions": 0, "tokens": 0,
-            "model": "", "summary": "", "transcript": str(transcript)}
+            "model": "", "summary": "", "transcript": str(run_dir / f"{run_id}.jsonl") if run_dir else ""}
 
 
 def cmd_run_daemon(cfg: Config, args: argparse.Namespace) -> int:
@@ -3305,7 +3307,7 @@ class Supervisor:
         self.running[name] = asyncio.create_task(self._run(daemon, reason))
 
     def _record_skipped(self, daemon: SimpleNamespace, reason: str, state: dict[str, Any]) -> None:
-        run = new_run_record(self.cfg, daemon.name, reason, Path(""))
+        run = new_run_record(self.cfg, daemon.name, reason, None)
         left = state["cooldown_until"] - time.time()
         run.update(status="skipped", ended_at=run["started_at"],
                    summary=f"cooling down for {left:.0f}s more after {state['failures']} failure(s)")
@@ -3338,8 +3340,7 @@ class Supervisor:
     async def _run(self, daemon: SimpleNamespace, reason: str) -> None:
         run_dir = self.home / "runs"
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        run = new_run_record(self.cfg, daemon.name, reason, run_dir / "x")
-        run["transcript"] = str(run_dir / f"{run['id']}.jsonl")
+        run = new_run_record(self.cfg, daemon.name, reason, run_dir)
         state = self.state.state(daemon.name)
         state["last_started"] = time.time()
         self.state.save_state(state)
@@ -4024,8 +4025,7 @@ def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
     if daemon is None:
         raise UserError(f"{cfg.where}: no [daemons.{args.daemon}] (daemons: {', '.join(cfg.daemons) or 'none'})")
     run_dir = data_home() / "runs"
-    run = new_run_record(cfg, daemon.name, "manual" + (" (dry run)" if args.dry_run else ""), run_dir / "x")
-    run["transcript"] = str(run_dir / f"{run['id']}.jsonl")
+    run = new_run_record(cfg, daemon.name, "manual" + (" (dry run)" if args.dry_run else ""), run_dir)
     result = DaemonRun(cfg, daemon, run["id"], run["trigger"], Path(run["transcript"]), dry_run=args.dry_run,
                        echo=True).execute()
     run.update({k: v for k, v in result.items() if k in RUN_FIELDS}, ended_at=iso(time.time()))
