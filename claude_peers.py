@@ -3236,6 +3236,15 @@ def new_run_record(cfg: Config, daemon: str, trigger: str, run_dir: Path | None)
             "model": "", "summary": "", "transcript": str(run_dir / f"{run_id}.jsonl") if run_dir else ""}
 
 
+def finish_run(run: dict[str, Any], result: dict[str, Any]) -> None:
+    run.update({k: v for k, v in result.items() if k in RUN_FIELDS}, ended_at=iso(time.time()))
+
+
+def run_report(run: dict[str, Any]) -> dict[str, Any]:
+    """A run as the broker's POST /api/runs takes it."""
+    return {k: run[k] for k in RUN_FIELDS if run[k] is not None}
+
+
 def cmd_run_daemon(cfg: Config, args: argparse.Namespace) -> int:
     """Internal: one run in the supervisor's child process; the result goes to a file."""
     daemon = cfg.daemons.get(args.daemon)
@@ -3367,7 +3376,7 @@ class Supervisor:
                 result = {"status": "timeout", "summary": f"killed after max_runtime_s = {daemon.max_runtime_s}"}
         except OSError as exc:
             result = {"status": "failed", "summary": f"could not start the run: {exc}"}
-        run.update({k: v for k, v in result.items() if k in RUN_FIELDS}, ended_at=iso(time.time()))
+        finish_run(run, result)
         self.state.save_run(run)
         state = self.state.state(daemon.name)
         state["last_status"] = run["status"]
@@ -3412,8 +3421,7 @@ class Supervisor:
             try:
                 client = client or client_from_config(self.cfg, timeout=5)
                 for run in self.state.unreported():
-                    body = {k: run[k] for k in RUN_FIELDS if run[k] is not None}
-                    await asyncio.to_thread(client.call, "POST", "/api/runs", body)
+                    await asyncio.to_thread(client.call, "POST", "/api/runs", run_report(run))
                     self.state.mark_reported(run["id"], run["status"])
             except (UserError, ApiError) as exc:
                 log.debug("reporting runs: %s", exc)
@@ -4028,12 +4036,11 @@ def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
     run = new_run_record(cfg, daemon.name, "manual" + (" (dry run)" if args.dry_run else ""), run_dir)
     result = DaemonRun(cfg, daemon, run["id"], run["trigger"], Path(run["transcript"]), dry_run=args.dry_run,
                        echo=True).execute()
-    run.update({k: v for k, v in result.items() if k in RUN_FIELDS}, ended_at=iso(time.time()))
+    finish_run(run, result)
     state = SupervisorState(data_home() / "supervisor.db")
     state.save_run(run)
     with contextlib.suppress(UserError, ApiError):
-        client_from_config(cfg, timeout=5).call("POST", "/api/runs", {k: run[k] for k in RUN_FIELDS if run[k]
-                                                                       is not None})
+        client_from_config(cfg, timeout=5).call("POST", "/api/runs", run_report(run))
         state.mark_reported(run["id"], run["status"])
     print(f"{daemon.name}: {run['status']} ({run['actions']} actions, {run['tokens']} tokens)"
           f"\n{run['summary']}\ntranscript: {run['transcript']}")
