@@ -4297,6 +4297,8 @@ def cmd_doctor(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_shim(cfg: Config, args: argparse.Namespace) -> int:
+    if not args.verbose:  # Claude Code files every stderr line of a server under [ERROR]
+        log.setLevel(logging.WARNING)
     return run_shim(cfg, args.name)
 
 

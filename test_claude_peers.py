@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -1856,3 +1857,20 @@ def test_next_due_for_every_and_cron():
     both = SimpleNamespace(every="1h", cron="*/15 * * * *", jitter=0.0)
     assert cp.next_due(both, at) == dt.datetime(2026, 11, 25, 10, 15).timestamp()  # whichever comes first
     assert cp.next_due(SimpleNamespace(every="", cron="", jitter=0.1), at) is None
+
+
+@pytest.mark.skipif(shutil.which("claude") is None, reason="the Claude Code CLI is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("negotiation", ["legacy", "auto"])
+def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation):
+    """`claude mcp list` starts every registered server and reports it: a real-client handshake."""
+    env = {**broker.env, "HOME": str(tmp_path), "MCP_PROTOCOL_NEGOTIATION": negotiation}
+    added = subprocess.run(["claude", "mcp", "add", "--scope", "user", "claude-peers", "--", PY, str(SCRIPT), "shim",
+                            "--name", "real-claude"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert added.returncode == 0, added.stderr
+    listed = subprocess.run(["claude", "mcp", "list"], env=env, capture_output=True, text=True, timeout=120,
+                            check=False)
+    line = next(line for line in listed.stdout.splitlines() if line.startswith("claude-peers:"))
+    assert "Connected" in line, listed.stdout + listed.stderr
+    doctor = broker.cli("doctor", env={"HOME": str(tmp_path)})
+    mcp = next(line for line in doctor.stdout.splitlines() if line.split()[1] == "mcp")
+    assert mcp.startswith("ok") and "user scope" in mcp and "shim --name real-claude" in mcp
