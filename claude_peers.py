@@ -3970,7 +3970,7 @@ def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         nats = cfg.nats_url
         where = "embedded" if nats and not cfg.nats.url else "external"
-        print(f"claude-peers up: API and dashboard at {url}", file=sys.stderr)
+        print(f"claude-peers up: API at {url}", file=sys.stderr)
         print(f"  events: {f'{nats} ({where}), stream {cfg.nats.stream}' if nats else 'NATS off ([nats])'}",
               file=sys.stderr)
         print(f"  state: {data_home()}  token: {cfg.token_path}  config: {cfg.source or 'built-in defaults'}",

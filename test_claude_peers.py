@@ -1393,7 +1393,7 @@ def test_up_starts_and_stops_the_tree(tmp_path):
             if "Ctrl-C" in line:
                 break
         text = "".join(banner)
-        assert f"API and dashboard at http://127.0.0.1:{api_port}" in text
+        assert f"API at http://127.0.0.1:{api_port}" in text
         assert f"nats://127.0.0.1:{nats_port} (embedded), stream FLEET" in text
         fake = BrokerProc.__new__(BrokerProc)
         fake.home, fake.url = home, f"http://127.0.0.1:{api_port}"
