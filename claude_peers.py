@@ -43,7 +43,7 @@ import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -1236,9 +1236,10 @@ class EmbeddedNats:
         backoff = 0.5
         while not self.stopping:
             started = time.monotonic()
+            # its own session: a terminal's Ctrl-C reaches the broker, which stops it in order
             self.proc = await asyncio.create_subprocess_exec(binary, "-c", str(self.conf),
                                                              stdout=asyncio.subprocess.DEVNULL,
-                                                             stderr=asyncio.subprocess.DEVNULL)
+                                                             stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
             log.info("embedded nats-server started (pid %s) on %s", self.proc.pid, self.cfg.nats.listen)
             code = await self.proc.wait()
             if self.stopping:
@@ -1257,6 +1258,22 @@ class EmbeddedNats:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
+
+
+async def connect_nats(url: str, token: str, name: str, on_error: Callable[[str], None]) -> Any:
+    """A nats-py connection that reconnects for ever and reports trouble through ``on_error``
+    (nats-py's default callbacks print tracebacks to stderr)."""
+    import nats
+
+    async def error(exc: Exception) -> None:
+        on_error(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+
+    async def quiet() -> None:
+        return None
+
+    return await nats.connect(servers=[url], token=token or None, connect_timeout=2, max_reconnect_attempts=-1,
+                              reconnect_time_wait=0.5, name=name, error_cb=error, disconnected_cb=quiet,
+                              reconnected_cb=quiet, closed_cb=quiet)
 
 
 class EventRelay:
@@ -1291,9 +1308,7 @@ class EventRelay:
         import nats
         from nats.js.api import StorageType, StreamConfig
 
-        self.nc = await nats.connect(servers=[self.url], token=self.token or None, connect_timeout=2,
-                                     max_reconnect_attempts=-1, reconnect_time_wait=0.5, name="claude-peers broker",
-                                     error_cb=self._quiet, disconnected_cb=self._noop, reconnected_cb=self._noop)
+        self.nc = await connect_nats(self.url, self.token, "claude-peers broker", self._note_error)
         self.js = self.nc.jetstream(timeout=5)
         config = StreamConfig(name=self.cfg.nats.stream, subjects=["fleet.>"], storage=StorageType.FILE,
                               max_age=float(self.cfg.nats.max_age_s),
@@ -1305,11 +1320,8 @@ class EventRelay:
             await self.js.add_stream(config)
         log.info("relaying events to %s stream %s", self.url, self.cfg.nats.stream)
 
-    async def _quiet(self, exc: Exception) -> None:
-        self.error = str(exc) or type(exc).__name__
-
-    async def _noop(self) -> None:
-        return None
+    def _note_error(self, error: str) -> None:
+        self.error = error
 
     async def _close(self) -> None:
         if self.nc is not None:
@@ -1962,7 +1974,8 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 16, hard))
 
 
-async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[str], None] | None = None) -> None:
+async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[str], None] | None = None,
+                       before_stop: Callable[[], Awaitable[None]] | None = None) -> None:
     """Run the broker until SIGINT/SIGTERM: loopback by default; anything else needs a strong token."""
     raise_fd_limit()
     host, port = parse_hostport(listen or cfg.broker.listen)
@@ -2002,6 +2015,8 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
     try:
         await stop.wait()
     finally:
+        if before_stop is not None:
+            await before_stop()
         broker.stopping.set()
         broker.wake(set(broker.parked))
         server.close()
@@ -3439,8 +3454,9 @@ class Supervisor:
         while not self.stopping.is_set():
             nc = None
             try:
-                nc = await nats.connect(servers=[self.cfg.nats_url], token=nats_token(self.cfg, create=False) or None,
-                                        connect_timeout=2, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+                nc = await connect_nats(self.cfg.nats_url, nats_token(self.cfg, create=False),
+                                        f"claude-peers supervisor {self.cfg.machine}",
+                                        lambda error: log.debug("event consumer: %s", error))
                 sub = await nc.jetstream().pull_subscribe(
                     "fleet.>", durable=durable, stream=self.cfg.nats.stream,
                     config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_wait=30))
@@ -3485,6 +3501,15 @@ class Supervisor:
                 client = None
                 await asyncio.sleep(2)
 
+    async def watch_parent(self) -> None:
+        """Started by `up`: stop when `up` is gone, even if it was killed."""
+        parent = os.environ.get("CLAUDE_PEERS_PARENT_PID")
+        while parent and not self.stopping.is_set():
+            if str(os.getppid()) != parent:
+                log.info("the `up` that started this supervisor is gone: stopping")
+                self.stopping.set()
+            await asyncio.sleep(1)
+
     async def serve(self, ready: Callable[[], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -3492,7 +3517,8 @@ class Supervisor:
             loop.add_signal_handler(sig, self.stopping.set)
         self._sync_schedules()
         events = self.events_from_nats() if self.cfg.nats_url else self.events_from_feed()
-        tasks = [asyncio.create_task(coro) for coro in (self.scheduler(), self.reporter(), events)]
+        tasks = [asyncio.create_task(coro) for coro in (self.scheduler(), self.reporter(), events,
+                                                        self.watch_parent())]
         log.info("supervisor: %d daemons from %s", len(self.cfg.daemons), self.cfg.where)
         if ready:
             ready()
@@ -3983,19 +4009,24 @@ def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
         async def start_supervisor() -> None:
             argv = [sys.executable, str(Path(__file__).resolve()),
                     *(["--config", str(cfg.source)] if cfg.source else []), "supervise"]
-            supervisor.append(await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL))
+            env = {**os.environ, "CLAUDE_PEERS_PARENT_PID": str(os.getpid())}
+            supervisor.append(await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, env=env,
+                                                                   start_new_session=True))
+
+        async def stop_supervisor() -> None:  # first, while the broker and NATS still answer
+            for proc in supervisor:
+                if proc.returncode is None:
+                    proc.terminate()
+                    await proc.wait()
 
         def started(url: str) -> None:
             ready(url)
             asyncio.get_running_loop().create_task(start_supervisor())
 
         try:
-            await serve_broker(cfg, args.listen, ready=started)
+            await serve_broker(cfg, args.listen, ready=started, before_stop=stop_supervisor)
         finally:
-            for proc in supervisor:
-                if proc.returncode is None:
-                    proc.terminate()
-                    await proc.wait()
+            await stop_supervisor()
 
     asyncio.run(up())
     return 0
@@ -4252,8 +4283,8 @@ def doctor_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
         yield "FAIL", "token", str(exc)
     try:
         status = BrokerClient(cfg.broker_url, token or "-", timeout=5).call("GET", "/api/status")
-        yield "ok", "broker", (f"{cfg.broker_url} answers: version {status['version']}, fleet {status['fleet']}",
-                              f" {status['sessions_live']} live sessions")
+        yield "ok", "broker", (f"{cfg.broker_url} answers: version {status['version']}, fleet {status['fleet']},"
+                               f" {status['sessions_live']} live sessions")
     except BrokerUnreachable as exc:
         yield "FAIL", "broker", f"{exc} (start it: claude-peers broker, or set CLAUDE_PEERS_URL)"
     except ApiError as exc:
@@ -4351,6 +4382,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `claude-peers peers | head`: the reader left, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

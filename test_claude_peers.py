@@ -1114,6 +1114,7 @@ def test_doctor_walks_the_chain(broker, tmp_path):
     assert out.returncode == cp.EXIT_ERROR
     assert lines["config"].startswith("ok") and str(broker.config) in lines["config"]
     assert lines["token"].startswith("ok") and lines["broker"].startswith("ok")
+    assert lines["broker"].endswith(f"{broker.url} answers: version {cp.__version__}, fleet homelab, 0 live sessions")
     assert lines["claude"].startswith("ok") and "2.1.328" in lines["claude"]
     assert lines["mcp"].startswith("FAIL") and "claude mcp add --scope user claude-peers" in lines["mcp"]
     assert "--dangerously-load-development-channels server:claude-peers" in lines["channel"]
