@@ -1379,7 +1379,8 @@ def test_a_leftover_embedded_server_is_replaced(make_broker):
     wait_published(broker)
 
 
-def test_up_starts_and_stops_the_tree(tmp_path):
+def start_up(tmp_path: Path) -> tuple[subprocess.Popen, BrokerProc, int, str]:
+    """`up` on ephemeral ports; returns it, a handle on its broker, the supervisor pid and its banner."""
     home = tmp_path / "home"
     home.mkdir()
     api_port, nats_port = free_port(), free_port()
@@ -1387,30 +1388,47 @@ def test_up_starts_and_stops_the_tree(tmp_path):
     config.write_text(f'[broker]\nlisten = "127.0.0.1:{api_port}"\n[nats]\nlisten = "127.0.0.1:{nats_port}"\n')
     env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(config)}
     proc = subprocess.Popen([PY, str(SCRIPT), "up"], env=env, stderr=subprocess.PIPE, text=True)
+    banner = []
+    for line in proc.stderr:
+        banner.append(line)
+        if "Ctrl-C" in line:
+            break
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    handle = BrokerProc.__new__(BrokerProc)
+    handle.home, handle.url, handle.port = home, f"http://127.0.0.1:{api_port}", api_port
+    handle.token = (home / "token").read_text().strip()
+    deadline = time.monotonic() + 20
+    supervisor: list[int] = []
+    while not supervisor and time.monotonic() < deadline:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        supervisor = [int(c) for c in children if b"supervise" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        time.sleep(0.05)
+    assert supervisor, "up did not start the supervisor"
+    return proc, handle, supervisor[0], "".join(banner)
+
+
+def test_supervisor_stops_when_up_is_killed(tmp_path):
+    proc, broker, supervisor, _ = start_up(tmp_path)
+    nats_pid = embedded_pid(broker)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while cp.pid_alive(supervisor) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not cp.pid_alive(supervisor)
+    os.kill(nats_pid, signal.SIGTERM)  # what the next broker start would do with the leftover
+
+
+def test_up_starts_and_stops_the_tree(tmp_path):
+    proc, broker, supervisor, banner = start_up(tmp_path)
     try:
-        banner = []
-        for line in proc.stderr:
-            banner.append(line)
-            if "Ctrl-C" in line:
-                break
-        text = "".join(banner)
-        assert f"API at http://127.0.0.1:{api_port}" in text
-        assert f"nats://127.0.0.1:{nats_port} (embedded), stream FLEET" in text
-        fake = BrokerProc.__new__(BrokerProc)
-        fake.home, fake.url = home, f"http://127.0.0.1:{api_port}"
-        fake.token = (home / "token").read_text().strip()
-        nats_pid = embedded_pid(fake)
-        wait_published(fake)
-        deadline = time.monotonic() + 20
-        supervisor = []
-        while not supervisor and time.monotonic() < deadline:
-            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-            supervisor = [int(c) for c in children if b"supervise" in Path(f"/proc/{c}/cmdline").read_bytes()]
-            time.sleep(0.05)
-        assert supervisor, "up did not start the supervisor"
+        assert f"API at {broker.url}" in banner
+        assert "(embedded), stream FLEET" in banner
+        nats_pid = embedded_pid(broker)
+        wait_published(broker)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
-        assert not cp.pid_alive(nats_pid) and not cp.pid_alive(supervisor[0])
+        assert not cp.pid_alive(nats_pid) and not cp.pid_alive(supervisor)
     finally:
         if proc.poll() is None:
             proc.kill()
