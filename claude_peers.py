@@ -3160,8 +3160,17 @@ class DaemonRun:
         return f"exit {proc.returncode}\n{out}"
 
     def tool_http_get(self, url: str) -> str:
+        run = self
+
+        class AllowlistedRedirects(urllib.request.HTTPRedirectHandler):
+            """A redirect is a new URL: it must pass the allowlist too."""
+
+            def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+                run.check_http_get(newurl)
+                return super().redirect_request(req, fp, code, msg, headers, newurl)
+
         try:
-            with urllib.request.urlopen(url, timeout=10) as response:
+            with urllib.request.build_opener(AllowlistedRedirects).open(url, timeout=10) as response:
                 return f"HTTP {response.status}\n{response.read(OUTPUT_CAP).decode(errors='replace')}"
         except urllib.error.HTTPError as exc:
             return f"HTTP {exc.code}\n{exc.read(4096).decode(errors='replace')}"
@@ -3212,7 +3221,7 @@ def probe_machine(machine: SimpleNamespace) -> str:
     if machine.ssh in ("localhost", "127.0.0.1", ""):
         argv = ["sh", "-s"]
     else:
-        argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-p", str(machine.port), machine.ssh,
+        argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-p", str(machine.port), "--", machine.ssh,
                 "sh", "-s"]
     try:
         proc = subprocess.run(argv, input=PROBE_SCRIPT.encode(), capture_output=True, timeout=30, check=False)

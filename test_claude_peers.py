@@ -1824,10 +1824,25 @@ def test_fleet_tools_reach_the_broker_and_stay_inside_their_allowlists(make_brok
     watcher = broker.session(name="homelab-infra", summary="on call")
     broker.client().call("POST", "/api/memory", {"text": "# old notes\n"})
     port = broker.port
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    redirector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=redirector.serve_forever, daemon=True).start()
+    hop = f"http://127.0.0.1:{redirector.server_address[1]}/hop"
     write_config(broker, llm_toml(llm) + f'[[machines]]\nname = "here"\nssh = "localhost"\n'
                  '[daemons.ops]\ntools = ["probe_host", "http_get", "read_file", "list_peers", "send_message",'
                  ' "read_events", "read_memory", "write_memory", "alert"]\n'
-                 f'urls = ["http://127.0.0.1:{port}/api/"]\npaths = ["{allowed_dir}"]\nalert_to = ["homelab-infra"]\n')
+                 f'urls = ["http://127.0.0.1:{port}/api/", "{hop}"]\npaths = ["{allowed_dir}"]\n'
+                 'alert_to = ["homelab-infra"]\n')
     calls = [("probe_host", {"machine": "here"}), ("probe_host", {"machine": "elsewhere"}),
              ("http_get", {"url": f"http://127.0.0.1:{port}/api/status"}),
              ("http_get", {"url": "http://169.254.169.254/latest/meta-data/"}),
@@ -1836,7 +1851,8 @@ def test_fleet_tools_reach_the_broker_and_stay_inside_their_allowlists(make_brok
              ("list_peers", {}), ("send_message", {"to": "homelab-infra", "text": "disk is full on here"}),
              ("read_events", {"after": 0, "limit": 5}), ("read_memory", {}),
              ("write_memory", {"text": "# notes\n- here: disk full\n"}),
-             ("alert", {"severity": "critical", "title": "disk full on here", "detail": "/ at 100%"})]
+             ("alert", {"severity": "critical", "title": "disk full on here", "detail": "/ at 100%"}),
+             ("http_get", {"url": hop})]
     llm.scripts["good"] = [tool_call(name, args, f"c{i}") for i, (name, args) in enumerate(calls)] + [final("ok")]
     out = foreground(broker, "ops")
     assert out.returncode == 0, out.stderr
@@ -1853,6 +1869,8 @@ def test_fleet_tools_reach_the_broker_and_stay_inside_their_allowlists(make_brok
     assert replies[9] == "# old notes\n"
     assert replies[10] == "fleet memory replaced"
     assert "alert raised (critical); told homelab-infra" in replies[11]
+    assert "refused by policy" in replies[12] and "169.254.169.254" in replies[12]  # a redirect is checked too
+    redirector.shutdown()
     got = poll(watcher)
     assert [m["text"] for m in got] == ["disk is full on here", "[critical] disk full on here\n/ at 100%"]
     assert {m["from_name"] for m in got} == {"daemon-ops"}
