@@ -43,7 +43,7 @@ import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Container, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -683,7 +683,7 @@ class Store:
         self.seen: dict[str, float] = {}  # heartbeats not yet written down
         self.polling: dict[str, int] = {}  # sessions with a long-poll parked: alive however long it waits
         self.pid_checked: dict[str, float] = {}  # when each local session's pid was last seen running
-        self.parked: set[str] = set()  # sessions whose long-poll waits right now: mail is handed straight over
+        self.parked: Container[str] = set()  # sessions whose long-poll waits (the broker's map): mail goes straight over
         self.handed: dict[str, list[dict[str, Any]]] = {}  # leased to a parked poll in this transaction
         self.commits = 0
         self._load_live()
@@ -1455,7 +1455,9 @@ class Broker:
         self.token = token
         self.store = Store(home / "broker.db", cfg)
         self.limiter = RateLimiter(cfg.broker.rate_per_s, cfg.broker.rate_burst)
-        self.parked: dict[str, asyncio.Future[list[dict[str, Any]] | None]] = {}  # waiting long-polls
+        # Long-polls waiting right now, until woken or handed mail; the store reads it to hand mail over.
+        self.parked: dict[str, asyncio.Future[list[dict[str, Any]] | None]] = {}
+        self.store.parked = self.parked
         self.batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self.new_events = asyncio.Event()  # replaced each time it fires
         self.started = time.time()
@@ -1500,7 +1502,7 @@ class Broker:
         handed, self.store.handed = self.store.handed, {}
         orphans = []
         for sid, messages in handed.items():
-            waiter = self.parked.get(sid)
+            waiter = self.parked.pop(sid, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(messages)
             else:
@@ -1513,10 +1515,9 @@ class Broker:
     def wake(self, sids: set[str]) -> None:
         """Wake the long-polls of ``sids`` (to lease again) and every event-feed waiter."""
         for sid in sids:
-            waiter = self.parked.get(sid)
+            waiter = self.parked.pop(sid, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-                self.store.parked.discard(sid)
         self.new_events.set()
         self.new_events = asyncio.Event()
         if self.relay is not None:
@@ -1544,7 +1545,6 @@ class Broker:
                 if next_lease_end is not None:
                     remaining = min(remaining, max(0.01, next_lease_end - time.time()))
                 waiter = self.parked[sid] = loop.create_future()
-                self.store.parked.add(sid)
                 try:
                     handed = await asyncio.wait_for(waiter, min(remaining, CONNECTION_CHECK_S))
                 except TimeoutError:
@@ -1552,7 +1552,6 @@ class Broker:
                 finally:
                     if self.parked.get(sid) is waiter:
                         del self.parked[sid]
-                        self.store.parked.discard(sid)
                 if handed:
                     return handed
         finally:
@@ -3298,6 +3297,7 @@ class Supervisor:
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
         self.event_source = ""
+        self.feed_clients: list[BrokerClient] = []  # aborted at stop, so a parked feed poll ends at once
 
     # -- config ---------------------------------------------------------------------
 
@@ -3381,9 +3381,7 @@ class Supervisor:
         self.state.save_run(run)
         self.wakeup.set()
         log.info("run %s of %s (%s)", run["id"], daemon.name, reason)
-        argv = [sys.executable, str(Path(__file__).resolve()), *(["--config", str(self.cfg.source)]
-                                                               if self.cfg.source else []),
-                "run-daemon", daemon.name, "--run-id", run["id"], "--trigger", reason]
+        argv = own_command(self.cfg, "run-daemon", daemon.name, "--run-id", run["id"], "--trigger", reason)
         try:
             proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                         start_new_session=True)
@@ -3492,7 +3490,6 @@ class Supervisor:
         """Without NATS: long-poll the broker's event feed from a persisted cursor."""
         client: BrokerClient | None = None
         self.event_source = f"broker feed {self.cfg.broker_url}"
-        self.feed_clients: list[BrokerClient] = []
         while not self.stopping.is_set():
             try:
                 if client is None:
@@ -3535,12 +3532,18 @@ class Supervisor:
         await self.stopping.wait()
         for task in tasks:
             task.cancel()
-        for client in getattr(self, "feed_clients", []):
+        for client in self.feed_clients:
             client.abort()  # its long-poll thread ends now, not when the poll would have
         for name, task in list(self.running.items()):
             log.info("waiting for the running %s to finish", name)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def own_command(cfg: Config, *args: str) -> list[str]:
+    """This program as a child process, on the same config file."""
+    return [sys.executable, str(Path(__file__).resolve()), *(["--config", str(cfg.source)] if cfg.source else []),
+            *args]
 
 
 def cmd_supervise(cfg: Config, args: argparse.Namespace) -> int:
@@ -4017,8 +4020,7 @@ def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
         supervisor: list[asyncio.subprocess.Process] = []
 
         async def start_supervisor() -> None:
-            argv = [sys.executable, str(Path(__file__).resolve()),
-                    *(["--config", str(cfg.source)] if cfg.source else []), "supervise"]
+            argv = own_command(cfg, "supervise")
             env = {**os.environ, "CLAUDE_PEERS_PARENT_PID": str(os.getpid())}
             supervisor.append(await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, env=env,
                                                                    start_new_session=True))

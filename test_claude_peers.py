@@ -30,10 +30,7 @@ PY = sys.executable
 # ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+free_port = cp.free_port
 
 
 class BrokerProc:
