@@ -3652,14 +3652,20 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _bench_sender(url: str, token: str, senders: list[tuple[str, str]], receivers: list[str], count: int,
-                  start: Any) -> None:
-    """A sender process: one keep-alive connection per sender, cycling over the receivers."""
+def _bench_senders(url: str, token: str, senders: list[tuple[str, str]], receivers: list[str], count: int,
+                   start: Any, stop: Any = None, counter: Any = None) -> None:
+    """A sender process: one keep-alive connection per sender, cycling over the receivers;
+    each sends ``count`` messages (0: until ``stop``), counted in ``counter`` if given."""
     def pump(sid: str, secret: str) -> None:
         client = BrokerClient(url, token, 60)
         client.session_id, client.session_secret = sid, secret
-        for i in range(count):
+        i = 0
+        while i < count if count else not stop.is_set():
             client.session_call("POST", "/send", {"to": receivers[i % len(receivers)], "text": f"bench {i}"})
+            i += 1
+            if counter is not None:
+                with counter.get_lock():
+                    counter.value += 1
 
     threads = [threading.Thread(target=pump, args=pair) for pair in senders]
     start.wait()
@@ -3698,8 +3704,8 @@ def bench_delivery_rate(broker: BenchBroker, connections: int, per_connection: i
     start = ctx.Event()
     pairs = [(s.session_id, s.session_secret) for s in senders]
     targets = [r.session_id for r in receivers]
-    procs = [ctx.Process(target=_bench_sender, args=(broker.url, broker.token, pairs[i::2], targets,
-                                                     per_connection, start)) for i in range(2)]
+    procs = [ctx.Process(target=_bench_senders, args=(broker.url, broker.token, pairs[i::2], targets,
+                                                      per_connection, start)) for i in range(2)]
     for proc in procs:
         proc.start()
     threads = [threading.Thread(target=receive_all, args=(r,)) for r in receivers] if receive else []
@@ -3897,8 +3903,10 @@ class BenchLoad:
         senders = [broker.session() for _ in range(8)]
         sink = broker.session()
         pairs = [(s.session_id, s.session_secret) for s in senders]
-        self.proc = ctx.Process(target=_bench_load, args=(broker.url, broker.token, pairs, sink.session_id,
-                                                          self.stop_flag, self.counter))
+        started = ctx.Event()
+        started.set()
+        self.proc = ctx.Process(target=_bench_senders, args=(broker.url, broker.token, pairs, [sink.session_id], 0,
+                                                             started, self.stop_flag, self.counter))
         self.proc.start()
         time.sleep(0.5)
 
@@ -3906,22 +3914,6 @@ class BenchLoad:
         self.stop_flag.set()
         self.proc.join(30)
         return self.counter.value
-
-
-def _bench_load(url: str, token: str, pairs: list[tuple[str, str]], sink: str, stop: Any, counter: Any) -> None:
-    def pump(sid: str, secret: str) -> None:
-        client = BrokerClient(url, token, 60)
-        client.session_id, client.session_secret = sid, secret
-        while not stop.is_set():
-            client.session_call("POST", "/send", {"to": sink, "text": "load"})
-            with counter.get_lock():
-                counter.value += 1
-
-    threads = [threading.Thread(target=pump, args=pair) for pair in pairs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
 
 
 async def bench_many_sessions(broker: BenchBroker, sessions: int) -> float:
