@@ -664,6 +664,15 @@ def message_view(row: Any) -> dict[str, Any]:
     }
 
 
+def open_sqlite(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, rows by name."""
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={busy_timeout_ms}", "foreign_keys=ON"):
+        db.execute(f"PRAGMA {pragma}")
+    return db
+
+
 class Store:
     """The broker's state. One connection behind a lock: sqlite serialises writers
     anyway, and one connection keeps memory flat with thousands of long-polls.
@@ -689,11 +698,7 @@ class Store:
         self._load_live()
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000", "foreign_keys=ON"):
-            db.execute(f"PRAGMA {pragma}")
-        return db
+        return open_sqlite(self.path, busy_timeout_ms=5000)
 
     def close(self) -> None:
         with self.lock:
@@ -2743,7 +2748,7 @@ class ShimServer:
 def check_early_answer(sdk_answer: dict[str, Any]) -> None:
     """The SDK's own answer to a handshake the shim answered first must say the same."""
     result = sdk_answer.get("result", {})
-    if result.get("capabilities") != {"experimental": {"claude/channel": {}}, "tools": {"listChanged": False}} \
+    if result.get("capabilities") != initialize_result(None, "")["capabilities"] \
             or result.get("protocolVersion") not in HANDSHAKE_VERSIONS:
         log.error("the SDK would have answered initialize differently: %s", json.dumps(result)[:500])
 
@@ -2798,10 +2803,7 @@ class SupervisorState:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db = open_sqlite(path, busy_timeout_ms=10000)  # run children and `trigger --here` write here too
         self.db.executescript(SUPERVISOR_SCHEMA)
 
     def state(self, name: str) -> dict[str, Any]:
