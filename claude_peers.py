@@ -43,14 +43,15 @@ import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Awaitable, Callable, Container, Iterator
+from collections.abc import Awaitable, Callable, Container, Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 __version__ = "0.1.0"
 
 log = logging.getLogger("claude-peers")
+T = TypeVar("T")
 
 
 # ===========================================================================
@@ -70,6 +71,15 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.extra = extra
+
+
+def decode_utf8(where: str, data: bytes) -> str:
+    """Bytes from a file the user gave us as text, or a one-line error saying where they are not UTF-8."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{where}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start});"
+                        " save it as UTF-8") from None
 
 
 def iso(ts: float | None) -> str | None:
@@ -504,7 +514,7 @@ def load_config(explicit: str | None = None) -> Config:
     if path is None:
         return Config({}, None)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(decode_utf8(str(path), path.read_bytes()))
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found (pass --config or unset CLAUDE_PEERS_CONFIG)") from None
     except OSError as exc:
@@ -664,6 +674,14 @@ def message_view(row: Any) -> dict[str, Any]:
     }
 
 
+class Sent(NamedTuple):
+    """A committed send: the answer, mail leased to parked long-polls, and long-polls to wake."""
+
+    answer: dict[str, Any]
+    handed: dict[str, list[dict[str, Any]]]
+    wake: set[str]
+
+
 def open_sqlite(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), WAL, rows by name."""
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -692,9 +710,8 @@ class Store:
         self.seen: dict[str, float] = {}  # heartbeats not yet written down
         self.polling: dict[str, int] = {}  # sessions with a long-poll parked: alive however long it waits
         self.pid_checked: dict[str, float] = {}  # when each local session's pid was last seen running
-        self.parked: Container[str] = set()  # sessions whose long-poll waits (the broker's map): mail goes straight over
-        self.handed: dict[str, list[dict[str, Any]]] = {}  # leased to a parked poll in this transaction
         self.commits = 0
+        self.events_written = 0  # grows with every event recorded: the broker wakes event readers when it moved
         self._load_live()
 
     def _connect(self) -> sqlite3.Connection:
@@ -719,8 +736,6 @@ class Store:
                 self.db.execute("ROLLBACK TO op" if nested else "ROLLBACK")
                 if nested:
                     self.db.execute("RELEASE op")
-                else:
-                    self.handed.clear()
                 self._load_live()
                 raise
             self.db.execute("RELEASE op" if nested else "COMMIT")
@@ -757,6 +772,7 @@ class Store:
             "INSERT INTO events(id, type, subject, at, payload) VALUES (?,?,?,?,?)",
             (event_id, kind, subject, now, json.dumps(payload)),
         )
+        self.events_written += 1
 
     def events_after(self, after: int, limit: int) -> list[dict[str, Any]]:
         rows = self.read("SELECT seq, subject, payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
@@ -912,9 +928,10 @@ class Store:
 
     # -- messages ----------------------------------------------------------
 
-    def send(self, sender: dict[str, Any], to: str, text: str, reply_to: str | None,
-             scope: str) -> tuple[dict[str, Any], set[str]]:
-        """Commit a message (one row per recipient); returns the result and the session ids to wake."""
+    def send(self, sender: dict[str, Any], to: str, text: str, reply_to: str | None, scope: str,
+             parked: Container[str]) -> Sent:
+        """Commit a message (one row per recipient). A recipient whose long-poll is ``parked``
+        gets it leased in this transaction, handed over right after the commit; others are woken."""
         if not text.strip():
             raise ApiError(400, "text is empty")
         if len(text.encode()) > self.cfg.broker.max_text_bytes:
@@ -932,11 +949,11 @@ class Store:
                     c.execute("UPDATE messages SET state = 'read', read_at = ?, lease_until = NULL,"
                               " delivered_at = COALESCE(delivered_at, ?) WHERE id = ?", (now, now, reply_to))
             targets = self._resolve(c, sender, to, scope, now)
-            results, wake = [], set()
+            results, handed, wake = [], {}, set()
             for target in targets:
                 mid = new_id(6)
                 state = "undeliverable" if target["undeliverable"] else "queued"
-                handover = state == "queued" and target["session"] in self.parked
+                handover = state == "queued" and target["session"] in parked
                 row = {"id": mid, "thread_id": thread_id or mid, "reply_to": reply_to, "from_id": sender["id"],
                        "from_name": sender["name"] or sender["id"], "from_machine": sender["machine"],
                        "from_cwd": sender["cwd"], "to_addr": to, "to_session": target["session"],
@@ -947,7 +964,7 @@ class Store:
                 c.execute(f"INSERT INTO messages({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                           tuple(row.values()))
                 if handover:  # leased in this commit, handed to the waiting poll right after it
-                    self.handed.setdefault(target["session"], []).append(message_view(row))
+                    handed.setdefault(target["session"], []).append(message_view(row))
                 elif target["session"] and state == "queued":
                     wake.add(target["session"])
                 self._event(c, "message.sent", "fleet.message.sent", machine=sender["machine"], message_id=mid,
@@ -960,7 +977,7 @@ class Store:
                                   "messages": results}
         if to != "*":
             result.update(results[0])
-        return result, wake
+        return Sent(result, handed, wake)
 
     def _resolve(self, c: sqlite3.Connection, sender: dict[str, Any], to: str, scope: str,
                  now: float) -> list[dict[str, Any]]:
@@ -1381,49 +1398,72 @@ class EventRelay:
 # Broker HTTP: the JSON API over the store
 # ===========================================================================
 
-# Request bodies: field -> (type, required, max length for strings / items for lists).
-Schema = dict[str, tuple[type, bool, int]]
+# Request bodies: field -> (type, required, limit): the most characters for a string, items
+# for a list (of strings of at most 64 characters), the largest value for a number (the least is 0).
+Schema = dict[str, tuple[type, bool, float]]
+JSON_SAFE_INT = (1 << 53) - 1  # the largest integer every JSON client reads exactly
 REGISTER_SCHEMA: Schema = {
-    "machine": (str, True, 255), "pid": (int, True, 0), "cwd": (str, True, 4096), "git_root": (str, False, 4096),
-    "branch": (str, False, 255), "tty": (str, False, 255), "client": (str, False, 64),
+    "machine": (str, True, 255), "pid": (int, True, (1 << 31) - 1), "cwd": (str, True, 4096),
+    "git_root": (str, False, 4096), "branch": (str, False, 255), "tty": (str, False, 255), "client": (str, False, 64),
     "summary": (str, False, 1000), "name": (str, False, 64),
 }
 SUMMARY_SCHEMA: Schema = {"summary": (str, True, 1000)}
 SEND_SCHEMA: Schema = {"to": (str, True, 64), "text": (str, True, 1 << 30), "reply_to": (str, False, 64),
                        "scope": (str, False, 16)}
-POLL_SCHEMA: Schema = {"wait_s": (float, False, 0), "max": (int, False, 0), "ack": (list, False, 1000)}
+POLL_SCHEMA: Schema = {"wait_s": (float, False, 86400), "max": (int, False, JSON_SAFE_INT), "ack": (list, False, 1000)}
 ACK_SCHEMA: Schema = {"ids": (list, True, 1000), "state": (str, True, 16)}
 MEMORY_SCHEMA: Schema = {"text": (str, True, 1 << 30)}
 RUN_SCHEMA: Schema = {"id": (str, True, 64), "daemon": (str, True, 64), "trigger": (str, True, 500),
                       "machine": (str, True, 255), "started_at": (str, True, 40), "ended_at": (str, False, 40),
-                      "status": (str, True, 16), "actions": (int, False, 0), "tokens": (int, False, 0),
-                      "model": (str, False, 200), "summary": (str, False, 4000)}
+                      "status": (str, True, 16), "actions": (int, False, JSON_SAFE_INT),
+                      "tokens": (int, False, JSON_SAFE_INT), "model": (str, False, 200), "summary": (str, False, 4000)}
 ALERT_SCHEMA: Schema = {"severity": (str, True, 16), "title": (str, True, 300), "detail": (str, False, 4000),
                         "source": (str, False, 64), "machine": (str, False, 255)}
 EMPTY_SCHEMA: Schema = {}
 
 
+def storable_text(value: str) -> bool:
+    """True if sqlite can store the string: a lone surrogate (a JSON "\\ud800") cannot be UTF-8."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_field(key: str, value: Any, kind: type, limit: float) -> None:
+    """One present, non-null field against its type and limit: 400 (413 for an oversized text)."""
+    number = kind in (int, float)
+    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+    if isinstance(value, bool) or not ok:
+        raise ApiError(400, f"field {key!r} must be {'a number' if kind is float else kind.__name__}")
+    if number and not 0 <= value <= limit:  # also refuses NaN, which compares false
+        raise ApiError(400, f"field {key!r} must be between 0 and {limit:g}")
+    if kind is str and len(value) > limit:
+        raise ApiError(413 if key == "text" else 400, f"field {key!r} is longer than {limit:g} characters")
+    if kind is list and (len(value) > limit or not all(isinstance(v, str) and len(v) <= 64 for v in value)):
+        raise ApiError(400, f"field {key!r} must be a list of at most {limit:g} strings of up to 64 characters")
+    if not all(storable_text(v) for v in ([value] if kind is str else value if kind is list else [])):
+        raise ApiError(400, f"field {key!r} is not valid Unicode text (a lone surrogate such as \\ud800)")
+
+
 def validate(body: Any, schema: Schema) -> dict[str, Any]:
-    """Check a JSON body against a schema: unknown, missing and mistyped fields are 400s."""
+    """Check a JSON body against a schema and return only what the handler may store:
+    unknown, missing, mistyped, out-of-range and unstorable fields are 400s; null is absent."""
     if not isinstance(body, dict):
         raise ApiError(400, "body must be a JSON object")
     for key in body:
         if key not in schema:
-            raise ApiError(400, f"unknown field {key!r} (allowed: {', '.join(schema) or 'none'})")
+            raise ApiError(400, f"unknown field {str(key)[:64]!r} (allowed: {', '.join(schema) or 'none'})")
+    clean = {}
     for key, (kind, required, limit) in schema.items():
-        if key not in body or body[key] is None:
+        if body.get(key) is None:
             if required:
                 raise ApiError(400, f"missing field {key!r}")
             continue
-        value = body[key]
-        ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
-        if isinstance(value, bool) or not ok:
-            raise ApiError(400, f"field {key!r} must be {'a number' if kind is float else kind.__name__}")
-        if kind is str and len(value) > limit:
-            raise ApiError(413 if key == "text" else 400, f"field {key!r} is longer than {limit} characters")
-        if kind is list and (len(value) > limit or not all(isinstance(v, str) for v in value)):
-            raise ApiError(400, f"field {key!r} must be a list of at most {limit} strings")
-    return body
+        _check_field(key, body[key], kind, limit)
+        clean[key] = body[key]
+    return clean
 
 
 class RateLimiter:
@@ -1460,9 +1500,10 @@ class Broker:
         self.token = token
         self.store = Store(home / "broker.db", cfg)
         self.limiter = RateLimiter(cfg.broker.rate_per_s, cfg.broker.rate_burst)
-        # Long-polls waiting right now, until woken or handed mail; the store reads it to hand mail over.
+        # Long-polls waiting right now, until woken or handed mail (a send leases mail to them).
         self.parked: dict[str, asyncio.Future[list[dict[str, Any]] | None]] = {}
-        self.store.parked = self.parked
+        # Polls woken while between a lease and parking (new mail they did not lease): they lease again.
+        self.missed: set[str] = set()
         self.batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self.new_events = asyncio.Event()  # replaced each time it fires
         self.started = time.time()
@@ -1471,9 +1512,9 @@ class Broker:
         self.embedded: EmbeddedNats | None = None
         self.stopping = threading.Event()
 
-    # -- group commit -------------------------------------------------------
+    # -- group commit: the one path for every write ----------------------------
 
-    async def write(self, operation: Callable[[], Any]) -> Any:
+    async def write(self, operation: Callable[[], T]) -> T:
         """Run a store write in the next group commit: the writes of every request
         ready in this loop turn share one sqlite transaction, and each caller
         resumes only after that transaction committed."""
@@ -1485,48 +1526,58 @@ class Broker:
 
     def _commit_batch(self) -> None:
         batch, self.batch = self.batch, []
-        outcomes: list[tuple[asyncio.Future[Any], Any, bool]] = []
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        events_before = self.store.events_written
         try:
-            # A lone operation is its own transaction; several share one, each in a savepoint.
+            # A lone operation is its own transaction; several share one, each in a savepoint,
+            # so one that fails (bad input, or a bug) rolls back alone and the others commit.
             with self.store.tx() if len(batch) > 1 else contextlib.nullcontext():
                 for operation, future in batch:
                     try:
-                        outcomes.append((future, operation(), True))
-                    except ApiError as exc:
-                        outcomes.append((future, exc, False))
+                        outcomes.append((future, operation(), None))
+                    except Exception as exc:  # noqa: BLE001 - handed to its own caller, answered there
+                        outcomes.append((future, None, exc))
         except sqlite3.Error as exc:  # the commit itself failed: nothing in the batch happened
-            outcomes = [(future, exc, False) for _, future in batch]
-        self._hand_over()
-        for future, value, ok in outcomes:
+            outcomes = [(future, None, exc) for _, future in batch]
+        self._committed([value for _, value, error in outcomes if error is None],
+                        self.store.events_written != events_before)
+        for future, value, error in outcomes:
             if not future.done():
-                future.set_result(value) if ok else future.set_exception(value)
+                future.set_result(value) if error is None else future.set_exception(error)
 
-    def _hand_over(self) -> None:
-        """Give mail leased in the last commit to the polls it was leased for. A poll
-        that was woken meanwhile gets it on its next lease instead: the lease is lifted."""
-        handed, self.store.handed = self.store.handed, {}
+    def _committed(self, values: list[Any], new_events: bool) -> None:
+        """What wakes whom after a commit: mail leased to a parked poll is handed to it,
+        polls with new mail wake to lease it, and new events wake feed readers and the relay.
+        A poll that was woken meanwhile gets handed mail on its next lease: the lease is lifted."""
         orphans = []
-        for sid, messages in handed.items():
-            waiter = self.parked.pop(sid, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(messages)
-            else:
-                orphans += [m["id"] for m in messages]
+        for sent in values:
+            if not isinstance(sent, Sent):
+                continue
+            for sid, messages in sent.handed.items():
+                waiter = self.parked.pop(sid, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(messages)
+                else:
+                    orphans += [m["id"] for m in messages]
+            self.wake(sent.wake)
         if orphans:
             self.store.release(orphans)
+        if new_events:
+            self.new_events.set()
+            self.new_events = asyncio.Event()
+            if self.relay is not None:
+                self.relay.wakeup.set()
 
     # -- wake-ups -----------------------------------------------------------
 
-    def wake(self, sids: set[str]) -> None:
-        """Wake the long-polls of ``sids`` (to lease again) and every event-feed waiter."""
+    def wake(self, sids: Iterable[str]) -> None:
+        """Wake the long-polls of ``sids``: they lease again (new mail, or the broker stops)."""
         for sid in sids:
             waiter = self.parked.pop(sid, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-        self.new_events.set()
-        self.new_events = asyncio.Event()
-        if self.relay is not None:
-            self.relay.wakeup.set()
+            elif sid in self.store.polling:
+                self.missed.add(sid)
 
     async def poll(self, session: dict[str, Any], wait_s: float, limit: int, ack: list[str] | None = None,
                    hung_up: Callable[[], bool] = lambda: False) -> list[dict[str, Any]]:
@@ -1543,10 +1594,13 @@ class Broker:
         try:
             while True:
                 acked, ack = ack, None
+                self.missed.discard(sid)
                 messages, next_lease_end = await self.write(lambda acked=acked: self.store.lease(session, limit, acked))
                 remaining = deadline - loop.time()
                 if messages or remaining <= 0 or self.stopping.is_set() or hung_up():
                     return messages
+                if sid in self.missed:  # mail came in the commit after our lease: lease again, do not park
+                    continue
                 if next_lease_end is not None:
                     remaining = min(remaining, max(0.01, next_lease_end - time.time()))
                 waiter = self.parked[sid] = loop.create_future()
@@ -1563,6 +1617,7 @@ class Broker:
             polling[sid] -= 1
             if not polling[sid]:
                 del polling[sid]
+                self.missed.discard(sid)
             self.store.seen[sid] = time.time()
 
     async def wait_events(self, after: int, wait_s: float) -> None:
@@ -1585,10 +1640,9 @@ class Broker:
             await asyncio.sleep(interval)
             close_idle()
             try:
-                if self.store.reap():
-                    self.wake(set())
+                await self.write(self.store.reap)
                 if time.time() - last_prune > 3600:
-                    self.store.prune()
+                    await self.write(self.store.prune)
                     last_prune = time.time()
             except sqlite3.Error as exc:
                 log.error("janitor: %s", exc)
@@ -1615,11 +1669,8 @@ def r_status(b: Broker, req: Request) -> Any:
     return b.status()
 
 
-def r_register(b: Broker, req: Request) -> Any:
-    if req.body["pid"] < 0:
-        raise ApiError(400, "field 'pid' must be >= 0")
-    session = b.store.register(req.body)
-    b.wake(set())
+async def r_register(b: Broker, req: Request) -> Any:
+    session = await b.write(lambda: b.store.register(req.body))
     return 201, {**session, "stale_after_s": b.cfg.broker.stale_after_s, "lease_s": b.cfg.broker.lease_s,
                  "poll_wait_s": b.cfg.broker.poll_wait_s}
 
@@ -1628,15 +1679,13 @@ def r_whoami(b: Broker, req: Request) -> Any:
     return {**session_view(req.session), "unread": b.store.unread(req.session)}
 
 
-def r_summary(b: Broker, req: Request) -> Any:
-    b.store.set_summary(req.session, req.body["summary"])
-    b.wake(set())
+async def r_summary(b: Broker, req: Request) -> Any:
+    await b.write(lambda: b.store.set_summary(req.session, req.body["summary"]))
     return {"ok": True}
 
 
-def r_leave(b: Broker, req: Request) -> Any:
-    b.store.leave(req.session)
-    b.wake(set())
+async def r_leave(b: Broker, req: Request) -> Any:
+    await b.write(lambda: b.store.leave(req.session))
     return {"ok": True}
 
 
@@ -1658,9 +1707,9 @@ async def _send(b: Broker, sender: dict[str, Any], body: dict[str, Any]) -> dict
     scope = body.get("scope", "all")
     if scope not in SCOPES:
         raise ApiError(400, f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
-    result, wake = await b.write(lambda: b.store.send(sender, body["to"], body["text"], body.get("reply_to"), scope))
-    b.wake(wake)
-    return result
+    sent = await b.write(lambda: b.store.send(sender, body["to"], body["text"], body.get("reply_to"), scope,
+                                              b.parked))
+    return sent.answer
 
 
 async def r_session_send(b: Broker, req: Request) -> Any:
@@ -1686,8 +1735,8 @@ async def r_ack(b: Broker, req: Request) -> Any:
     return {"changed": changed}
 
 
-def r_inbox(b: Broker, req: Request) -> Any:
-    return {"messages": b.store.inbox(req.session)}
+async def r_inbox(b: Broker, req: Request) -> Any:
+    return {"messages": await b.write(lambda: b.store.inbox(req.session))}
 
 
 def r_session_message(b: Broker, req: Request) -> Any:
@@ -1723,14 +1772,13 @@ async def r_events(b: Broker, req: Request) -> Any:
     return {"events": events, "cursor": events[-1]["seq"] if events else after}
 
 
-def r_record_run(b: Broker, req: Request) -> Any:
+async def r_record_run(b: Broker, req: Request) -> Any:
     run = req.body
     if run["status"] not in RUN_STATUSES:
         raise ApiError(400, f"field 'status' must be one of {', '.join(RUN_STATUSES)}")
     if not NAME_RE.match(run["daemon"]):
         raise ApiError(400, f"field 'daemon' is not a daemon name: {run['daemon']!r}")
-    b.store.record_run(run)
-    b.wake(set())
+    await b.write(lambda: b.store.record_run(run))
     return {"ok": True}
 
 
@@ -1738,19 +1786,17 @@ def r_runs(b: Broker, req: Request) -> Any:
     return {"runs": b.store.runs(req.query.get("daemon"), _int_query(req, "limit", 20, 1, 1000))}
 
 
-def r_alert(b: Broker, req: Request) -> Any:
+async def r_alert(b: Broker, req: Request) -> Any:
     body = req.body
     if body["severity"] not in SEVERITIES:
         raise ApiError(400, f"field 'severity' must be one of {', '.join(SEVERITIES)}")
-    event_id = b.store.alert(body["severity"], body["title"], body.get("detail", ""), body.get("source", OPERATOR),
-                             body.get("machine", ""))
-    b.wake(set())
+    event_id = await b.write(lambda: b.store.alert(body["severity"], body["title"], body.get("detail", ""),
+                                                   body.get("source", OPERATOR), body.get("machine", "")))
     return 201, {"id": event_id}
 
 
-def r_request_run(b: Broker, req: Request) -> Any:
-    b.store.request_run(req.args[0])
-    b.wake(set())
+async def r_request_run(b: Broker, req: Request) -> Any:
+    await b.write(lambda: b.store.request_run(req.args[0]))
     return 202, {"ok": True, "daemon": req.args[0]}
 
 
@@ -1758,10 +1804,9 @@ def r_memory(b: Broker, req: Request) -> Any:
     return b.store.memory()
 
 
-def r_set_memory(b: Broker, req: Request) -> Any:
+async def r_set_memory(b: Broker, req: Request) -> Any:
     author = req.session["name"] or req.session["id"] if req.session is not None else OPERATOR
-    b.store.set_memory(req.body["text"], author)
-    b.wake(set())
+    await b.write(lambda: b.store.set_memory(req.body["text"], author))
     return b.store.memory()
 
 
@@ -1858,7 +1903,7 @@ class ApiServer:
                          headers: dict[str, str]) -> bytes | None:
         if method != "POST":
             return None
-        if "transfer-encoding" in headers or not headers.get("content-length", "").isdigit():
+        if "transfer-encoding" in headers or not re.fullmatch(r"[0-9]{1,18}", headers.get("content-length", "")):
             raise HttpError(411, "Content-Length required")
         length = int(headers["content-length"])
         limit = self.broker.cfg.broker.max_body_bytes
@@ -1886,9 +1931,13 @@ class ApiServer:
             return result if isinstance(result, tuple) else (200, result)
         except ApiError as exc:
             return exc.status, {"error": exc.message, **exc.extra}
-        except sqlite3.Error as exc:
+        except sqlite3.OperationalError as exc:  # the disk is full, the database is locked: try again later
             log.exception("store error on %s %s", method, target)
             return 503, {"error": f"store error: {exc}"}
+        except Exception:  # a bug: logged with an id, answered, and the broker serves on
+            error_id = new_id(4)
+            log.exception("internal error %s on %s %s", error_id, method, target.split("?")[0])
+            return 500, {"error": f"internal error {error_id} (the broker log has the details)"}
 
     async def _route(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
                      hung_up: Callable[[], bool]) -> Any:
@@ -1941,14 +1990,20 @@ def parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
     return parts[0], parts[1], headers
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_json_body(headers: dict[str, str], body: bytes) -> Any:
     ctype = headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise ApiError(415, "POST bodies must be Content-Type: application/json")
     try:
-        return json.loads(body or b"{}")
+        return json.loads(body or b"{}", parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply") from None
 
 
 def is_loopback(host: str) -> bool:
@@ -2023,7 +2078,7 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
         if before_stop is not None:
             await before_stop()
         broker.stopping.set()
-        broker.wake(set(broker.parked))
+        broker.wake(list(broker.parked))
         server.close()
         janitor.cancel()
         if embedded is not None:
@@ -4134,8 +4189,17 @@ def cmd_peers(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def utf8_argument(what: str, value: str) -> str:
+    """A command-line argument as text; bytes that are not UTF-8 are the user's to fix, not the broker's."""
+    if not storable_text(value):
+        raw = os.fsencode(value)
+        raise UserError(f"{what} is not valid UTF-8 ({raw[:40]!r}); convert it first, e.g. with iconv -t UTF-8")
+    return value
+
+
 def cmd_send(cfg: Config, args: argparse.Namespace) -> int:
-    body = {"to": args.to, "text": args.text, "reply_to": args.reply_to, "scope": args.scope}
+    body = {"to": utf8_argument("TO", args.to), "text": utf8_argument("TEXT", args.text),
+            "reply_to": args.reply_to, "scope": args.scope}
     result = client_from_config(cfg).call("POST", "/api/send", {k: v for k, v in body.items() if v})
     if args.json:
         print_json(result)
@@ -4152,7 +4216,7 @@ def cmd_send(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_memory(cfg: Config, args: argparse.Namespace) -> int:
     client = client_from_config(cfg)
     if args.set is not None:
-        text = sys.stdin.read() if args.set == "-" else read_user_file(args.set)
+        text = read_user_file(args.set)
         memory = client.call("POST", "/api/memory", {"text": text})
     else:
         memory = client.call("GET", "/api/memory")
@@ -4166,10 +4230,12 @@ def cmd_memory(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def read_user_file(path: str) -> str:
+    """A file the user names ('-': stdin), as UTF-8 text."""
     try:
-        return Path(path).read_text()
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    return decode_utf8("stdin" if path == "-" else path, data)
 
 
 def cmd_token(cfg: Config, args: argparse.Namespace) -> int:
