@@ -26,6 +26,17 @@ FILES="claude_peers.py requirements.txt daemons.toml"
 say() { printf 'install.sh: %s\n' "$*"; }
 die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }
 
+# The template with [broker] url set and [nats] embedded = false, each edited inside its own table only.
+client_config() {
+    CP_BROKER_URL=$BROKER_URL awk '
+        /^[ \t]*\[/ { table = $0; sub(/^[ \t]*\[+[ \t]*/, "", table); sub(/[ \t]*\].*/, "", table) }
+        table == "broker" && /^[ \t]*url[ \t]*=/ { print "url = \"" ENVIRON["CP_BROKER_URL"] "\""; url++; next }
+        table == "nats" && /^[ \t]*embedded[ \t]*=/ { print "embedded = false"; embedded++; next }
+        { print }
+        END { exit !(url == 1 && embedded == 1) }
+    ' "$1"
+}
+
 while [ $# -gt 0 ]; do
     case "$1" in
         --broker-url) [ $# -ge 2 ] || die "--broker-url needs a value"; BROKER_URL=$2; shift 2 ;;
@@ -37,8 +48,14 @@ while [ $# -gt 0 ]; do
 done
 
 case "$BROKER_URL" in
-    ""|http://*|https://*) ;;
+    ""|http://?*|https://?*) ;;
     *) die "--broker-url must start with http:// or https:// (got $BROKER_URL)" ;;
+esac
+case "$BROKER_URL" in  # it goes into daemons.toml as a quoted string
+    *[\"\'\\\`[:space:][:cntrl:]]*) die "--broker-url must not contain quotes, backslashes, spaces or control characters" ;;
+esac
+case "$TOKEN" in
+    *[[:space:][:cntrl:]]*) die "--token must not contain spaces or control characters" ;;
 esac
 
 # -- Python 3.11+ with venv ---------------------------------------------------
@@ -90,11 +107,14 @@ mv "$BIN/claude-peers.new" "$BIN/claude-peers"
 mkdir -p "$CONFIG_DIR"
 if [ ! -f "$CONFIG_DIR/daemons.toml" ]; then
     if [ -n "$BROKER_URL" ]; then
-        sed "s|^url = \"\"|url = \"$BROKER_URL\"|" "$DATA/app/daemons.toml" > "$CONFIG_DIR/daemons.toml"
+        client_config "$DATA/app/daemons.toml" > "$CONFIG_DIR/daemons.toml.new" \
+            || die "could not set [broker] url in $CONFIG_DIR/daemons.toml.new"
+        mv "$CONFIG_DIR/daemons.toml.new" "$CONFIG_DIR/daemons.toml"
+        say "wrote $CONFIG_DIR/daemons.toml (a client: [broker] url = \"$BROKER_URL\", [nats] embedded = false)"
     else
         cp "$DATA/app/daemons.toml" "$CONFIG_DIR/daemons.toml"
+        say "wrote $CONFIG_DIR/daemons.toml"
     fi
-    say "wrote $CONFIG_DIR/daemons.toml"
 elif [ -n "$BROKER_URL" ]; then
     say "kept your $CONFIG_DIR/daemons.toml: set [broker] url = \"$BROKER_URL\" there yourself"
 fi
@@ -103,8 +123,14 @@ if [ -n "$TOKEN" ]; then
     printf '%s\n' "$TOKEN" > "$DATA/token"
     chmod 600 "$DATA/token"
     say "wrote the fleet token to $DATA/token"
-elif [ ! -f "$DATA/token" ]; then
-    CLAUDE_PEERS_HOME=$DATA "$BIN/claude-peers" --config "$CONFIG_DIR/daemons.toml" token --create >/dev/null
+elif [ -f "$DATA/token" ]; then
+    :
+elif [ -n "$BROKER_URL" ]; then
+    say "note: no fleet token yet: copy it from the hub (claude-peers token) into $DATA/token, or run install.sh again with --token"
+else
+    # its log line would repeat ours: shown only when it fails
+    err=$(CLAUDE_PEERS_HOME=$DATA "$BIN/claude-peers" --config "$CONFIG_DIR/daemons.toml" token --create 2>&1 >/dev/null) \
+        || die "could not create the fleet token: $err"
     say "created a fleet token in $DATA/token (copy it to other machines: claude-peers token)"
 fi
 
@@ -121,6 +147,13 @@ else
     say "note: claude not found; once Claude Code is installed run: claude mcp add --scope user claude-peers -- $BIN/claude-peers shim"
 fi
 
+# -- the config must load: doctor's first line says so --------------------------------
+# (its other FAIL lines, e.g. a hub not started yet or no claude, are what is left to do)
+doctor=$("$BIN/claude-peers" --config "$CONFIG_DIR/daemons.toml" doctor 2>&1 </dev/null) || true
+case "$doctor" in
+    "ok    config "*) say "claude-peers doctor:"; printf '%s\n' "$doctor" | sed 's/^/    /' ;;
+    *) die "the installed claude-peers does not load its config: $(printf '%s\n' "$doctor" | head -n 1)" ;;
+esac
 say "installed: $BIN/claude-peers ($("$BIN/claude-peers" --version))"
 case ":$PATH:" in
     *":$BIN:"*) ;;

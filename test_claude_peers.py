@@ -666,6 +666,136 @@ def install_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def run_install(env: dict[str, str], *args: str, script: Path = ROOT / "install.sh",
+                timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(script), *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def installed(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The installed launcher, run the way a user runs it."""
+    return subprocess.run([env["HOME"] + "/.local/bin/claude-peers", *args], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+@pytest.fixture(scope="module")
+def fresh_install(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """One install from nothing (venv, pip): its output, and a venv the other install tests start from."""
+    base = tmp_path_factory.mktemp("fresh")
+    out = run_install(install_env(base))
+    assert out.returncode == 0, out.stdout + out.stderr
+    return base, out
+
+
+def seeded_env(fresh_install: tuple[Path, subprocess.CompletedProcess[str]], base: Path) -> dict[str, str]:
+    """A new HOME holding only a copy of the fresh install's venv: pip finds everything there (~2 s, not ~10)."""
+    shutil.copytree(fresh_install[0] / "user/data/venv", base / "user/data/venv", symlinks=True)
+    return install_env(base)
+
+
+def started(proc: subprocess.Popen[str], ready: str) -> str:
+    """stderr up to the line that says `ready`; the rest is drained in the background."""
+    lines = [""]
+    while ready not in lines[-1]:
+        lines.append(proc.stderr.readline())
+        assert lines[-1], "".join(lines)  # it exited
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    return "".join(lines)
+
+
+def config_of(env: dict[str, str]) -> Path:
+    return Path(env["XDG_CONFIG_HOME"]) / "claude-peers/daemons.toml"
+
+
+def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
+    """The README's two-machine recipe, as two HOMEs on this box: the hub runs `up` from its launcher,
+    the client is installed with --broker-url/--token; its CLI, a shim and a supervisor reach the hub."""
+    hub_env = seeded_env(fresh_install, tmp_path / "hub")
+    assert run_install(hub_env).returncode == 0
+    port = free_port()
+    template = config_of(hub_env).read_text()
+    config_of(hub_env).write_text(template.replace('listen = "127.0.0.1:7899"', f'listen = "127.0.0.1:{port}"')
+                                  .replace('listen = "127.0.0.1:4222"', f'listen = "127.0.0.1:{free_port()}"'))
+    hub = subprocess.Popen([hub_env["HOME"] + "/.local/bin/claude-peers", "up"], env=hub_env,
+                           stderr=subprocess.PIPE, text=True)
+    supervisor = None
+    try:
+        assert "(embedded), stream FLEET" in started(hub, "Ctrl-C")
+        url = f"http://127.0.0.1:{port}"
+        token = (tmp_path / "hub/user/data/token").read_text().strip()
+
+        client_env = seeded_env(fresh_install, tmp_path / "client")
+        out = run_install(client_env, "--broker-url", url, "--token", token)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "ok    broker" in out.stdout  # the closing doctor already reached the hub
+        client_config = cp.tomllib.loads(config_of(client_env).read_text())
+        expected = cp.tomllib.loads(template)
+        expected["broker"]["url"], expected["nats"]["embedded"] = url, False  # nothing else changed
+        assert client_config == expected
+
+        marker = tmp_path / "client-daemon-ran"
+        with config_of(client_env).open("a") as fh:
+            fh.write(f'\n[daemons.touch]\nrunner = "command"\ncommand = ["touch", "{marker}"]\n')
+        supervisor = subprocess.Popen([client_env["HOME"] + "/.local/bin/claude-peers", "supervise"],
+                                      env=client_env, stderr=subprocess.PIPE, text=True)
+        started(supervisor, "supervisor running 1 daemons")
+
+        async def shim_on_the_client() -> None:
+            recorder = ChannelRecorder()
+            params = StdioServerParameters(command=client_env["HOME"] + "/.local/bin/claude-peers",
+                                           args=["shim", "--name", "laptop-web"],
+                                           env={k: client_env[k] for k in ("HOME", "XDG_CONFIG_HOME")})
+            async with Client(params, mode="legacy", extensions=[recorder]) as client:
+                hub_api = cp.BrokerClient(url, token)
+                await wait_until(lambda: any(p["name"] == "laptop-web"
+                                             for p in hub_api.call("GET", "/api/peers")["peers"]))
+                assert "laptop-web" in installed(client_env, "peers").stdout
+                sent = installed(client_env, "send", "laptop-web", "hello from the client CLI")
+                assert sent.returncode == 0, sent.stderr
+                [pushed] = await recorder.wait_for(1)
+                assert pushed.content == "hello from the client CLI"
+                assert "laptop-web" in await ShimSession(client, recorder).ok("whoami")
+
+        anyio.run(shim_on_the_client)
+
+        feed = tmp_path / "client/user/data/supervisor.db"
+        deadline = time.monotonic() + 20
+        while not (feed.exists() and cp.SupervisorState(feed).cursor("feed") is not None):  # reading the feed
+            assert time.monotonic() < deadline, "the client's supervisor never read the hub's event feed"
+            time.sleep(0.05)
+        assert installed(hub_env, "trigger", "touch").returncode == 0
+        deadline = time.monotonic() + 20
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the client's supervisor did not run the triggered daemon"
+            time.sleep(0.05)
+    finally:
+        for proc in (supervisor, hub):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def test_install_fails_loudly_when_the_config_does_not_load(fresh_install, tmp_path):
+    env = seeded_env(fresh_install, tmp_path)
+    config_of(env).parent.mkdir(parents=True)
+    config_of(env).write_text("[broker]\nlisten = 7899\n")  # kept, never overwritten: and it does not load
+    out = run_install(env)
+    assert out.returncode == 1
+    [line] = out.stderr.splitlines()
+    assert line == (f"install.sh: error: could not create the fleet token: claude-peers: {config_of(env)}:"
+                    f" broker.listen: expected str, got 7899")
+    (tmp_path / "user/data/token").write_text("a-fleet-token-from-before\n")  # the last check says it
+    out = run_install(env)
+    assert out.returncode == 1
+    [line] = out.stderr.splitlines()
+    assert line == (f"install.sh: error: the installed claude-peers does not load its config: claude-peers:"
+                    f" {config_of(env)}: broker.listen: expected str, got 7899")
+
+
 def test_install_from_checkout_then_piped_is_idempotent(tmp_path):
     env = install_env(tmp_path)
     first = subprocess.run(["sh", str(ROOT / "install.sh")], env=env, capture_output=True, text=True,
