@@ -783,9 +783,10 @@ def files_under(home: Path) -> set[str]:
 def assert_unit_verifies(unit: Path, tmp_path: Path) -> None:
     """systemd's own check of a unit file. Without a running systemd `systemd-analyze verify --user`
     only needs a runtime dir (XDG_RUNTIME_DIR); it loads the unit as the user manager would and
-    reports unknown keys, bad values and an ExecStart that is not executable (the launcher is real)."""
+    reports unknown keys, bad values and an ExecStart that is not executable (the launcher is real).
+    Where systemd is not installed only the callers' line-by-line checks remain."""
     if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is not installed")
+        return
     runtime = tmp_path / "runtime"
     runtime.mkdir(exist_ok=True, mode=0o700)
     out = subprocess.run(["systemd-analyze", "verify", "--user", str(unit)], env={**os.environ,
