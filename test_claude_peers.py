@@ -925,36 +925,406 @@ def test_cli_unreachable_broker_and_wrong_token(broker):
 # ---------------------------------------------------------------------------
 # install.sh
 # ---------------------------------------------------------------------------
+#
+# install.sh runs in temp HOMEs with stand-ins for systemctl, loginctl and claude first on PATH:
+# they answer what the real ones answer to the calls install.sh makes, and record their argv.
+
+import plistlib
+import re
+
+STANDINS = {
+    "systemctl": r"""#!/bin/sh
+echo "systemctl $*" >> "$STANDIN_DIR/calls"
+[ "$1" = --user ] && shift
+case "$1" in
+    show-environment)
+        if [ -n "${STANDIN_NO_BUS:-}" ]; then echo "Failed to connect to bus: No medium found" >&2; exit 1; fi
+        echo "HOME=$HOME"; echo "PATH=/usr/local/bin:/usr/bin:/bin" ;;
+    is-enabled)
+        if [ -e "$STANDIN_DIR/$2.enabled" ]; then echo enabled; else echo disabled; exit 1; fi ;;
+    enable)
+        touch "$STANDIN_DIR/$3.enabled"
+        echo "Created symlink $XDG_CONFIG_HOME/systemd/user/default.target.wants/$3 → $XDG_CONFIG_HOME/systemd/user/$3." >&2 ;;
+    disable)
+        rm -f "$STANDIN_DIR/$3.enabled"
+        echo "Removed \"$XDG_CONFIG_HOME/systemd/user/default.target.wants/$3\"." >&2 ;;
+    daemon-reload|restart) ;;
+    *) echo "Unknown command verb $1." >&2; exit 1 ;;
+esac
+""",
+    "loginctl": """#!/bin/sh
+echo "loginctl $*" >> "$STANDIN_DIR/calls"
+[ "$1" = show-user ] && echo Linger=no
+""",
+    "claude": r"""#!/bin/sh
+echo "claude $*" >> "$STANDIN_DIR/calls"
+case "$*" in
+    --version) echo "2.1.197 (Claude Code)" ;;
+    "mcp get claude-peers")
+        [ -e "$STANDIN_DIR/mcp" ] || { echo "No MCP server found with name: claude-peers" >&2; exit 1; }
+        cat "$STANDIN_DIR/mcp" ;;
+    "mcp add --scope user claude-peers -- "*)
+        echo "claude-peers: ${*#*-- }" > "$STANDIN_DIR/mcp"
+        echo "Added stdio MCP server claude-peers with command: ${*#*-- } to user config" ;;
+    "mcp remove --scope user claude-peers")
+        rm "$STANDIN_DIR/mcp" 2>/dev/null || { echo "No user-scoped MCP server found with name: claude-peers" >&2; exit 1; }
+        echo "Removed MCP server claude-peers from user config" ;;
+    *) echo "claude stand-in: not expected: $*" >&2; exit 1 ;;
+esac
+""",
+}
 
 
 def install_env(tmp_path: Path) -> dict[str, str]:
+    standins = tmp_path / "standins"
+    standins.mkdir(parents=True, exist_ok=True)
+    for name, text in STANDINS.items():
+        (standins / name).write_text(text)
+        (standins / name).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PEERS_")}
     env.update(HOME=str(tmp_path / "user"), CLAUDE_PEERS_HOME=str(tmp_path / "user/data"),
-               XDG_CONFIG_HOME=str(tmp_path / "user/config"), PYTHON=sys.executable)
+               XDG_CONFIG_HOME=str(tmp_path / "user/config"), PYTHON=sys.executable, STANDIN_DIR=str(standins),
+               PATH=f"{standins}:{os.environ['PATH']}")
     return env
 
 
-def test_install_from_checkout_then_piped_is_idempotent(tmp_path):
+def calls(env: dict[str, str]) -> list[str]:
+    """What the stand-ins were asked since the last look."""
+    log = Path(env["STANDIN_DIR"]) / "calls"
+    lines = log.read_text().splitlines() if log.exists() else []
+    log.unlink(missing_ok=True)
+    return lines
+
+
+def run_install(env: dict[str, str], *args: str, script: Path = ROOT / "install.sh",
+                timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(script), *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def installed(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The installed launcher, run the way a user runs it."""
+    return subprocess.run([env["HOME"] + "/.local/bin/claude-peers", *args], env=env, capture_output=True,
+                          text=True, timeout=60, check=False, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def fresh_install(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """One install from nothing (venv, pip): its output, and a venv the other install tests start from."""
+    base = tmp_path_factory.mktemp("fresh")
+    out = run_install(install_env(base))
+    assert out.returncode == 0, out.stdout + out.stderr
+    return base, out
+
+
+def seeded_env(fresh_install: tuple[Path, subprocess.CompletedProcess[str]], base: Path) -> dict[str, str]:
+    """A new HOME holding only a copy of the fresh install's venv: pip finds everything there (~2 s, not ~10)."""
+    shutil.copytree(fresh_install[0] / "user/data/venv", base / "user/data/venv", symlinks=True)
+    return install_env(base)
+
+
+def started(proc: subprocess.Popen[str], ready: str) -> str:
+    """stderr up to the line that says `ready`; the rest is drained in the background."""
+    lines = [""]
+    while ready not in lines[-1]:
+        lines.append(proc.stderr.readline())
+        assert lines[-1], "".join(lines)  # it exited
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    return "".join(lines)
+
+
+def config_of(env: dict[str, str]) -> Path:
+    return Path(env["XDG_CONFIG_HOME"]) / "claude-peers/daemons.toml"
+
+
+def unit_of(env: dict[str, str], name: str) -> Path:
+    return Path(env["XDG_CONFIG_HOME"]) / f"systemd/user/claude-peers-{name}.service"
+
+
+def files_under(home: Path) -> set[str]:
+    """The files in the places install.sh writes (pip, asking `rustc --version` for its user agent, may
+    leave a ~/.rustup in HOME)."""
+    return {str(p.relative_to(home)) for top in ("data", "config", ".local", "Library") for p in
+            (home / top).rglob("*") if not p.is_dir()}
+
+
+def assert_unit_verifies(unit: Path, tmp_path: Path) -> None:
+    """systemd's own check of a unit file. Without a running systemd `systemd-analyze verify --user`
+    only needs a runtime dir (XDG_RUNTIME_DIR); it loads the unit as the user manager would and
+    reports unknown keys, bad values and an ExecStart that is not executable (the launcher is real).
+    Where systemd is not installed only the callers' line-by-line checks remain."""
+    if shutil.which("systemd-analyze") is None:
+        return
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(exist_ok=True, mode=0o700)
+    out = subprocess.run(["systemd-analyze", "verify", "--user", str(unit)], env={**os.environ,
+                         "XDG_RUNTIME_DIR": str(runtime)}, capture_output=True, text=True, timeout=60, check=False)
+    assert (out.returncode, out.stderr) == (0, ""), out.stderr
+
+
+def test_install_help_is_the_same_piped(tmp_path):
+    local = run_install(install_env(tmp_path), "--help")
+    piped = subprocess.run(f"cat {ROOT / 'install.sh'} | sh -s -- --help", shell=True, env=install_env(tmp_path),
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert local.returncode == piped.returncode == 0
+    assert local.stdout == piped.stdout and local.stdout.startswith("claude-peers installer.")
+    for option in ("--role hub", "--role client", "--with-supervisor", "--system", "--broker-url URL",
+                   "--token TOKEN", "--uninstall", "--purge", "CLAUDE_PEERS_OS"):
+        assert option in local.stdout
+    assert "set -eu" not in local.stdout
+    assert not (tmp_path / "user").exists()
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    (["--role", "client", "--broker-url", "http://hub:7899"], "--role client needs --broker-url URL and --token"),
+    (["--role", "server"], "--role is hub or client (got server)"),
+    (["--role", "hub", "--broker-url", "http://hub:7899"], "--broker-url is for clients"),
+    (["--with-supervisor"], "--with-supervisor goes with --role client"),
+    (["--purge"], "--purge goes with --uninstall"),
+    (["--system"], "--system goes with --role"),
+    (["--uninstall", "--role", "hub"], "--uninstall takes no other option"),
+    (["--broker-url", "hub:7899"], "--broker-url must start with http:// or https://"),
+    (["--broker-url", 'http://hub:7899/"'], "must not contain quotes, backslashes"),
+    (["--broker-url", "http://hub:7899\\"], "must not contain quotes, backslashes"),
+    (["--broker-url", 'http://hub:7899"\nurl = "x'], "must not contain quotes, backslashes"),
+    (["--token", "two words"], "--token must not contain spaces"),
+])
+def test_install_refuses_bad_arguments_before_writing_anything(tmp_path, args, error):
+    out = run_install(install_env(tmp_path), *args)
+    assert out.returncode == 1 and error in out.stderr
+    assert not (tmp_path / "user").exists()
+
+
+def test_install_from_scratch_says_what_it_does_and_runs_the_module_imported(fresh_install, tmp_path):
+    base, out = fresh_install
+    env = install_env(base)
+    lines = out.stdout.splitlines()
+    assert out.stderr == ""
+    assert f"install.sh: creating the virtual environment {base}/user/data/venv" in lines
+    [pip] = [line for line in lines if "(pip)" in line]  # one line: a dot per package, then the count
+    assert re.fullmatch(r"install\.sh: installing the pinned Python packages into \S+/venv \(pip\) (\.+) (\d+)"
+                        r" packages, done", pip)
+    dots, count = re.fullmatch(r".* (\.+) (\d+) packages, done", pip).groups()
+    assert len(dots) == int(count) > 10
+    assert f"install.sh: created a fleet token in {base}/user/data/token" in out.stdout
+    assert all(line.startswith(("install.sh: ", "    ")) for line in lines)  # no raw log line
+    assert f"    ok    config   {config_of(env)}" in lines  # the closing doctor
+    assert not [line for line in lines if "systemctl" in line] and not unit_of(env, "hub").exists()
+    assert stat.S_IMODE((base / "user/data/token").stat().st_mode) == 0o600
+    assert config_of(env).read_text() == (ROOT / "daemons.toml").read_text()
+    launcher = base / "user/.local/bin/claude-peers"
+    assert f'exec "{base}/user/data/venv/bin/python" -P -m claude_peers "$@"' in launcher.read_text()
+    [pth] = (base / "user/data/venv/lib").glob("python3*/site-packages/claude_peers.pth")
+    assert pth.read_text() == f"{base}/user/data/app\n"
+    assert list((base / "user/data/app/__pycache__").glob("claude_peers.*.pyc"))
+    (tmp_path / "claude_peers.py").write_text("raise SystemExit('the wrong claude_peers')\n")
+    version = installed(env, "--version", cwd=tmp_path)  # a claude_peers.py in the current directory is not it
+    assert version.stdout.strip() == f"claude-peers {cp.__version__}", version.stderr
+    assert f"claude mcp add --scope user claude-peers -- {launcher} shim" in calls(env)
+
+
+def test_install_piped_again_keeps_config_and_token(fresh_install, tmp_path):
+    shutil.copytree(fresh_install[0], tmp_path, symlinks=True, dirs_exist_ok=True)
     env = install_env(tmp_path)
-    first = subprocess.run(["sh", str(ROOT / "install.sh")], env=env, capture_output=True, text=True,
-                           timeout=600, check=False)
-    assert first.returncode == 0, first.stderr
-    launcher = tmp_path / "user/.local/bin/claude-peers"
-    token_file = tmp_path / "user/data/token"
-    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-    token = token_file.read_text()
-    config = tmp_path / "user/config/claude-peers/daemons.toml"
-    assert config.read_text() == (ROOT / "daemons.toml").read_text()
-    version = subprocess.run([str(launcher), "--version"], env=env, capture_output=True, text=True, check=False)
-    assert version.stdout.strip() == f"claude-peers {cp.__version__}"
-    # piped from curl: fetches the files from --source, keeps config and token
+    calls(env)
+    token = (tmp_path / "user/data/token").read_text()
+    with config_of(env).open("a") as fh:
+        fh.write("# mine\n")
+    config = config_of(env).read_text()
     piped = subprocess.run(f"cat {ROOT / 'install.sh'} | sh -s -- --source file://{ROOT}", shell=True, env=env,
                            capture_output=True, text=True, timeout=600, check=False)
     assert piped.returncode == 0, piped.stderr
     assert f"installing from file://{ROOT}" in piped.stdout
-    assert token_file.read_text() == token
-    printed = subprocess.run([str(launcher), "token"], env=env, capture_output=True, text=True, check=False)
-    assert printed.stdout == token
+    assert f"kept your {config_of(env)}" in piped.stdout and "claude-peers is already registered" in piped.stdout
+    assert config_of(env).read_text() == config
+    assert (tmp_path / "user/data/token").read_text() == token
+    assert installed(env, "token").stdout == token
+    assert not [c for c in calls(env) if c.startswith("claude mcp add")]
+
+
+def test_install_fails_loudly_when_the_config_does_not_load(fresh_install, tmp_path):
+    env = seeded_env(fresh_install, tmp_path)
+    config_of(env).parent.mkdir(parents=True)
+    config_of(env).write_text("[broker]\nlisten = 7899\n")  # kept, never overwritten: and it does not load
+    out = run_install(env)
+    assert out.returncode == 1
+    [line] = out.stderr.splitlines()
+    assert line == (f"install.sh: error: could not create the fleet token: claude-peers: {config_of(env)}:"
+                    f" broker.listen: expected str, got 7899")
+    (tmp_path / "user/data/token").write_text("a-fleet-token-from-before\n")  # the last check says it
+    out = run_install(env)
+    assert out.returncode == 1
+    [line] = out.stderr.splitlines()
+    assert line == (f"install.sh: error: the installed claude-peers does not load its config: claude-peers:"
+                    f" {config_of(env)}: broker.listen: expected str, got 7899")
+
+
+def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
+    """The README's two-machine recipe, as two HOMEs on this box: the hub runs `up` from its launcher,
+    the client is installed with --broker-url/--token; its CLI, a shim and a supervisor reach the hub."""
+    hub_env = seeded_env(fresh_install, tmp_path / "hub")
+    assert run_install(hub_env).returncode == 0
+    port = free_port()
+    template = config_of(hub_env).read_text()
+    config_of(hub_env).write_text(template.replace('listen = "127.0.0.1:7899"', f'listen = "127.0.0.1:{port}"')
+                                  .replace('listen = "127.0.0.1:4222"', f'listen = "127.0.0.1:{free_port()}"'))
+    hub = subprocess.Popen([hub_env["HOME"] + "/.local/bin/claude-peers", "up"], env=hub_env,
+                           stderr=subprocess.PIPE, text=True)
+    supervisor = None
+    try:
+        assert "(embedded), stream FLEET" in started(hub, "Ctrl-C")
+        url = f"http://127.0.0.1:{port}"
+        token = (tmp_path / "hub/user/data/token").read_text().strip()
+
+        client_env = seeded_env(fresh_install, tmp_path / "client")
+        out = run_install(client_env, "--broker-url", url, "--token", token)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "ok    broker" in out.stdout  # the closing doctor already reached the hub
+        client_config = cp.tomllib.loads(config_of(client_env).read_text())
+        expected = cp.tomllib.loads(template)
+        expected["broker"]["url"], expected["nats"]["embedded"] = url, False  # nothing else changed
+        assert client_config == expected
+
+        marker = tmp_path / "client-daemon-ran"
+        with config_of(client_env).open("a") as fh:
+            fh.write(f'\n[daemons.touch]\nrunner = "command"\ncommand = ["touch", "{marker}"]\n')
+        supervisor = subprocess.Popen([client_env["HOME"] + "/.local/bin/claude-peers", "supervise"],
+                                      env=client_env, stderr=subprocess.PIPE, text=True)
+        started(supervisor, "supervisor running 1 daemons")
+
+        async def shim_on_the_client() -> None:
+            recorder = ChannelRecorder()
+            params = StdioServerParameters(command=client_env["HOME"] + "/.local/bin/claude-peers",
+                                           args=["shim", "--name", "laptop-web"],
+                                           env={k: client_env[k] for k in ("HOME", "XDG_CONFIG_HOME")})
+            async with Client(params, mode="legacy", extensions=[recorder]) as client:
+                hub_api = cp.BrokerClient(url, token)
+                await wait_until(lambda: any(p["name"] == "laptop-web"
+                                             for p in hub_api.call("GET", "/api/peers")["peers"]))
+                assert "laptop-web" in installed(client_env, "peers").stdout
+                sent = installed(client_env, "send", "laptop-web", "hello from the client CLI")
+                assert sent.returncode == 0, sent.stderr
+                [pushed] = await recorder.wait_for(1)
+                assert pushed.content == "hello from the client CLI"
+                assert "laptop-web" in await ShimSession(client, recorder).ok("whoami")
+
+        anyio.run(shim_on_the_client)
+
+        feed = tmp_path / "client/user/data/supervisor.db"
+        deadline = time.monotonic() + 20
+        while not (feed.exists() and cp.SupervisorState(feed).cursor("feed") is not None):  # reading the feed
+            assert time.monotonic() < deadline, "the client's supervisor never read the hub's event feed"
+            time.sleep(0.05)
+        assert installed(hub_env, "trigger", "touch").returncode == 0
+        deadline = time.monotonic() + 20
+        while not marker.exists():  # run by the supervisor's child: the module run as a script
+            assert time.monotonic() < deadline, "the client's supervisor did not run the triggered daemon"
+            time.sleep(0.05)
+    finally:
+        for proc in (supervisor, hub):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def test_install_hub_service_starts_once_and_restarts_only_on_a_change(fresh_install, tmp_path):
+    env = seeded_env(fresh_install, tmp_path)
+    user = env.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+    out = run_install(env, "--role", "hub")
+    assert out.returncode == 0, out.stderr
+    unit = unit_of(env, "hub")
+    launcher, data = tmp_path / "user/.local/bin/claude-peers", tmp_path / "user/data"
+    text = unit.read_text()
+    for line in (f'ExecStart="{launcher}" --config "{config_of(env)}" up', f'Environment="CLAUDE_PEERS_HOME={data}"',
+                 "Restart=on-failure", "KillMode=mixed", "StandardOutput=journal", "StandardError=journal",
+                 "WantedBy=default.target"):
+        assert line in text.splitlines()
+    assert "ExecReload" not in text and "User=" not in text
+    assert_unit_verifies(unit, tmp_path)
+    assert [c for c in calls(env) if not c.startswith("claude")] == [
+        "systemctl --user show-environment", "systemctl --user daemon-reload",
+        "systemctl --user is-enabled claude-peers-hub.service",
+        "systemctl --user enable --now claude-peers-hub.service", f"loginctl show-user {user} --property=Linger"]
+    assert "install.sh: enabled and started claude-peers-hub.service" in out.stdout
+    assert f"loginctl enable-linger {user}" in out.stdout
+
+    again = run_install(env)  # no --role: the services installed before are kept and upgraded
+    assert again.returncode == 0, again.stderr
+    assert "claude-peers-hub.service unchanged, left running" in again.stdout
+    assert not [c for c in calls(env) if " restart " in c or " enable " in c or "daemon-reload" in c]
+
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("install.sh", "claude_peers.py", "requirements.txt", "daemons.toml"):
+        shutil.copy(ROOT / name, checkout / name)
+    with (checkout / "claude_peers.py").open("a") as fh:
+        fh.write("# a new version\n")
+    upgraded = run_install(env, script=checkout / "install.sh")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert "restarted claude-peers-hub.service (new version)" in upgraded.stdout
+    service_calls = [c for c in calls(env) if c.startswith("systemctl")]
+    assert "systemctl --user restart claude-peers-hub.service" in service_calls
+    assert not [c for c in service_calls if " enable " in c or "daemon-reload" in c]  # the unit itself is the same
+    assert unit.read_text() == text
+
+
+def test_install_client_supervisor_service_then_uninstall_and_purge(fresh_install, tmp_path):
+    env = seeded_env(fresh_install, tmp_path)
+    args = ("--role", "client", "--with-supervisor", "--broker-url", f"http://127.0.0.1:{free_port()}",
+            "--token", "fleet-token-from-the-hub-0123456789")
+    out = run_install({**env, "STANDIN_NO_BUS": "1"}, *args)  # e.g. over ssh without a user session
+    assert out.returncode == 0, out.stderr
+    assert ("install.sh:     systemctl --user daemon-reload && systemctl --user enable --now"
+            " claude-peers-supervisor.service") in out.stdout
+    assert not [c for c in calls(env) if " enable " in c]
+    out = run_install(env, *args)  # a session bus now: the unit written before is enabled
+    assert out.returncode == 0, out.stderr
+    assert "systemctl --user enable --now claude-peers-supervisor.service" in calls(env)
+    unit = unit_of(env, "supervisor")
+    text = unit.read_text().splitlines()
+    assert f'ExecStart="{tmp_path}/user/.local/bin/claude-peers" --config "{config_of(env)}" supervise' in text
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in text and "Restart=on-failure" in text
+    assert not unit_of(env, "hub").exists()
+    assert_unit_verifies(unit, tmp_path)
+
+    removed = run_install(env, "--uninstall")
+    assert removed.returncode == 0, removed.stderr
+    assert [c for c in calls(env) if "disable" in c or "remove" in c] == [
+        "systemctl --user disable --now claude-peers-supervisor.service", "claude mcp remove --scope user claude-peers"]
+    assert f"install.sh: kept {tmp_path}/user/config/claude-peers (the config)" in removed.stdout
+    assert f"install.sh: removed {tmp_path}/user/data/venv" in removed.stdout
+    assert files_under(tmp_path / "user") == {"config/claude-peers/daemons.toml", "data/token"}
+
+    purged = run_install(env, "--uninstall", "--purge")
+    assert purged.returncode == 0, purged.stderr
+    assert f"install.sh: removed {tmp_path}/user/data" in purged.stdout
+    assert files_under(tmp_path / "user") == set()
+    assert not (tmp_path / "user/data").exists() and not (tmp_path / "user/config/claude-peers").exists()
+
+
+def test_install_launchd_agent_on_macos(fresh_install, tmp_path):
+    env = {**seeded_env(fresh_install, tmp_path), "CLAUDE_PEERS_OS": "Darwin"}
+    out = run_install(env, "--role", "hub")
+    assert out.returncode == 0, out.stderr
+    agent = tmp_path / "user/Library/LaunchAgents/io.github.claude-peers.hub.plist"
+    plist = plistlib.loads(agent.read_bytes())
+    data = tmp_path / "user/data"
+    assert plist == {
+        "Label": "io.github.claude-peers.hub",
+        "ProgramArguments": [f"{tmp_path}/user/.local/bin/claude-peers", "--config", str(config_of(env)), "up"],
+        "EnvironmentVariables": {"CLAUDE_PEERS_HOME": str(data), "PATH": plist["EnvironmentVariables"]["PATH"]},
+        "RunAtLoad": True, "KeepAlive": {"SuccessfulExit": False}, "ThrottleInterval": 5,
+        "StandardOutPath": f"{data}/logs/hub.log", "StandardErrorPath": f"{data}/logs/hub.log"}
+    assert plist["EnvironmentVariables"]["PATH"].startswith(f"{tmp_path}/user/.local/bin:")
+    assert f"launchctl bootstrap gui/{os.getuid()} {agent}" in out.stdout  # launchctl is not here
+    assert not (tmp_path / "user/config/systemd").exists()
+    assert not [c for c in calls(env) if not c.startswith("claude")]
+    removed = run_install(env, "--uninstall")
+    assert removed.returncode == 0 and f"removed {agent}" in removed.stdout and not agent.exists()
 
 
 def test_install_refuses_old_python(tmp_path):
