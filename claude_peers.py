@@ -3602,7 +3602,8 @@ SCOUT_PSEUDO_FS = frozenset((
 
 # The fixed probe. It only reads; the scout prepends numeric settings as plain assignments. Every
 # section starts with "@@scout-section NAME" and ends with "@@scout-rc STATUS" (or says why it could
-# not run with "@@scout-unavailable REASON"); each is cut to its last scout_lines lines.
+# not run with "@@scout-unavailable REASON"); the journal is cut to its newest scout_lines lines, the
+# other sections to 20000.
 SCOUT_SCRIPT = r"""
 LC_ALL=C
 export LC_ALL
@@ -3622,8 +3623,9 @@ scout_bounded() {
 }
 scout_run() {
     scout_section "$1"
-    shift
-    { scout_bounded "$@" 2>&1; printf '\n@@scout-rc %s\n' "$?"; } | tail -n "$scout_lines"
+    scout_keep=$2
+    shift 2
+    { scout_bounded "$@" 2>&1; printf '\n@@scout-rc %s\n' "$?"; } | tail -n "$scout_keep"
 }
 scout_section host
 echo "now=$scout_now"
@@ -3633,24 +3635,24 @@ echo "since=$scout_since"
 { read -r a b c rest < /proc/loadavg && echo "load=$a $b $c"; } 2>/dev/null
 echo "cores=$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc 2>/dev/null)"
 echo "kernel=$(uname -sr 2>/dev/null)"
-scout_run meminfo cat /proc/meminfo
-scout_run mounts cat /proc/mounts
+scout_run meminfo 20000 cat /proc/meminfo
+scout_run mounts 20000 cat /proc/mounts
 if [ ! -d /run/systemd/system ]; then
     scout_unavailable systemd "systemd is not running (no /run/systemd/system)"
     scout_unavailable journal "systemd-journald is not running (no /run/systemd/system)"
 else
     if command -v systemctl >/dev/null 2>&1; then
-        scout_run failed systemctl list-units --state=failed --all --plain --no-legend --no-pager --full
+        scout_run failed 20000 systemctl list-units --state=failed --all --plain --no-legend --no-pager --full
         scout_units=$(scout_bounded systemctl list-units --type=service --all --plain --no-legend --no-pager \
             --full 2>/dev/null | while read -r unit rest; do
                 case $unit in *.service) echo "$unit" ;; esac
-            done | head -n "$scout_lines")
-        scout_run restarts systemctl show --property=Id,NRestarts,ActiveState,SubState --no-pager -- $scout_units
+            done | head -n 5000)
+        scout_run restarts 20000 systemctl show --property=Id,NRestarts,ActiveState,SubState --no-pager -- $scout_units
     else
         scout_unavailable systemd "systemctl not found"
     fi
     if command -v journalctl >/dev/null 2>&1; then
-        scout_run journal journalctl --priority=err --quiet --no-pager --output=json \
+        scout_run journal "$scout_lines" journalctl --priority=err --no-pager --output=json \
             --output-fields=MESSAGE,PRIORITY,_SYSTEMD_UNIT,_SYSTEMD_USER_UNIT,UNIT,SYSLOG_IDENTIFIER,_COMM,_TRANSPORT \
             --since="@$scout_since" --until="@$scout_now"
         scout_section journal_count
@@ -3661,12 +3663,12 @@ else
     fi
 fi
 if command -v docker >/dev/null 2>&1; then
-    scout_run docker docker ps --all --format '{{json .}}'
+    scout_run docker 20000 docker ps --all --format '{{json .}}'
 else
     scout_unavailable docker "docker not found"
 fi
-scout_run df df -P -T -k
-scout_run inodes df -P -T -i
+scout_run df 20000 df -P -T -k
+scout_run inodes 20000 df -P -T -i
 scout_section end
 exit 0
 """
@@ -4046,6 +4048,9 @@ def parse_probe(text: str) -> dict[str, Any]:
                          "restarts": restarts, "auto_restart": waiting}
     why = reason("journal", "journalctl", "journal")
     patterns, sampled = journal_patterns(lines.get("journal", []))
+    if not why and any("not seeing messages from other users" in line for line in lines.get("journal", [])):
+        unavailable.append("journal: partly: the ssh user sees only its own entries (add it to systemd-journal"
+                           " or adm)")
     counted = _number("".join(lines.get("journal_count", [])).strip())
     report["journal"] = {"available": not why, "reason": why, "since": report.pop("since"),
                          "until": report["collected_at"], "count": max(int(counted or 0), sampled),

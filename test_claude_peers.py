@@ -2489,6 +2489,9 @@ def test_scout_parse_probe_survives_garbage_and_cut_output():
                   "@@scout-section df\n" + "/dev/x ext4 - - - - /\n" + "@@scout-rc zz\n@@scout-section end"):
         report = cp.parse_probe(noise)
         json.dumps(report)
+    hint = probe_text(host="now=9\n", journal="Hint: You are currently not seeing messages from other users and the "
+                      "system.\n      Users in groups 'adm', 'systemd-journal' can see all messages.")
+    assert "journal: partly: the ssh user sees only its own entries" in " ".join(cp.parse_probe(hint)["unavailable"])
     unreached = cp.parse_probe("")
     assert not unreached["reachable"] and unreached["unavailable"] == []
     partial = cp.parse_probe("@@scout-section host\nnow=5\n@@scout-section df\nFilesystem\n@@scout-rc 124\n")
