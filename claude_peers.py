@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import datetime as dt
 import hashlib
@@ -23,6 +24,7 @@ import http.client
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -3608,6 +3610,771 @@ def cmd_supervise(cfg: Config, args: argparse.Namespace) -> int:
     asyncio.run(supervisor.serve(ready=lambda: print(
         f"claude-peers supervisor running {len(cfg.daemons)} daemons", file=sys.stderr, flush=True)))
     return 0
+
+
+# ===========================================================================
+# Fleet-scout: probe every machine over SSH, turn what it sees into findings
+# ===========================================================================
+
+# [daemons.fleet-scout]: what counts as a fault, and how the machines are reached.
+SCOUT_DEFAULTS: dict[str, Any] = {
+    "disk_warning_pct": 85.0,  # blocks used on a real filesystem, % (Netdata warns at 80, node_exporter at 90)
+    "disk_critical_pct": 95.0,  # ... critical from here
+    "inode_warning_pct": 85.0,  # inodes used on a real filesystem, %
+    "inode_critical_pct": 95.0,  # ... critical from here
+    "mem_available_warning_pct": 10.0,  # MemAvailable of MemTotal, %: a warning at or below this
+    "mem_available_critical_pct": 5.0,  # ... critical at or below this
+    "swap_used_warning_pct": 80.0,  # swap in use, % (Netdata's swap_fill: 80 / 95); no swap, no check
+    "swap_used_critical_pct": 95.0,  # ... critical from here
+    "load_per_core_warning": 1.5,  # 15-minute load average divided by the online CPUs
+    "load_per_core_critical": 3.0,  # ... critical from here
+    "restart_warning_count": 1,  # a unit's NRestarts rose by this many since the previous run (same boot)
+    "restart_critical_count": 10,  # ... critical from here; a unit waiting in activating (auto-restart) warns
+    "journal_flood_per_min": 4.0,  # one unit logging one error pattern at least this often a minute, on average
+    "journal_flood_critical_per_min": 60.0,  # ... critical from here
+    "journal_flood_min_count": 5,  # and at least this many lines of it in the window
+    "journal_flood_min_span_pct": 50.0,  # and spread over at least this much of the window (a burst is no flood)
+    "journal_first_window_s": 900,  # how far back the first run of a machine reads its journal
+    "journal_max_window_s": 3600,  # never further back than this (after the scout was down)
+    "journal_max_lines": 2000,  # newest error lines read per run; the total is counted apart
+    "clock_skew_warning_s": 30.0,  # the host's clock against the scout's, seconds either way
+    "clock_skew_critical_s": 300.0,  # ... critical from here (Kerberos refuses 5 minutes)
+    "ssh_timeout_s": 10,  # ssh ConnectTimeout: TCP connect and the SSH banner
+    "probe_timeout_s": 30,  # the whole probe of one machine; then ssh and its children are killed
+    "step_timeout_s": 10,  # one command on the host (df on a dead NFS mount, a stuck docker daemon)
+    "parallel": 8,  # machines probed at once
+    "known_hosts_file": "",  # the scout's own known_hosts; empty: ssh's default (~/.ssh/known_hosts)
+    "host_key_checking": "accept-new",  # "yes": only hosts already known; "accept-new": pin a new host's key
+}
+SCOUT_LOCAL = ("localhost", "127.0.0.1", "::1", "")
+SCOUT_OUTPUT_CAP = 8 * 1024 * 1024  # bytes of probe output kept; the script bounds each section itself
+# Filesystems that are not storage a machine can fill: no disk or inode findings for them.
+SCOUT_PSEUDO_FS = frozenset((
+    "tmpfs", "devtmpfs", "ramfs", "overlay", "squashfs", "iso9660", "proc", "sysfs", "cgroup", "cgroup2", "devpts",
+    "mqueue", "debugfs", "tracefs", "securityfs", "pstore", "bpf", "autofs", "hugetlbfs", "configfs", "fusectl",
+    "binfmt_misc", "efivarfs", "nsfs", "rpc_pipefs", "nfsd", "selinuxfs", "fuse.lxcfs", "fuse.gvfsd-fuse",
+    "fuse.portal", "fuse.snapfuse", "none", "shm", "udev"))
+
+# The fixed probe. It only reads; the scout prepends numeric settings as plain assignments. Every
+# section starts with "@@scout-section NAME" and ends with "@@scout-rc STATUS" (or says why it could
+# not run with "@@scout-unavailable REASON"); the journal is cut to its newest scout_lines lines, the
+# other sections to 20000.
+SCOUT_SCRIPT = r"""
+LC_ALL=C
+export LC_ALL
+set -f
+scout_now=$(date +%s)
+case $scout_now in ''|*[!0-9]*) scout_now=0 ;; esac
+if [ "$scout_since" -le 0 ] || [ "$scout_since" -gt "$scout_now" ]; then
+    scout_since=$((scout_now - scout_window_s))
+fi
+if [ "$scout_since" -lt $((scout_now - scout_max_window_s)) ]; then
+    scout_since=$((scout_now - scout_max_window_s))
+fi
+scout_section() { printf '\n@@scout-section %s\n' "$1"; }
+scout_unavailable() { scout_section "$1"; printf '@@scout-unavailable %s\n' "$2"; }
+scout_bounded() {
+    if command -v timeout >/dev/null 2>&1; then timeout "$scout_step_s" "$@"; else "$@"; fi
+}
+scout_run() {
+    scout_section "$1"
+    scout_keep=$2
+    shift 2
+    { scout_bounded "$@" 2>&1; printf '\n@@scout-rc %s\n' "$?"; } | tail -n "$scout_keep"
+}
+scout_section host
+echo "now=$scout_now"
+echo "since=$scout_since"
+{ read -r v < /proc/sys/kernel/random/boot_id && echo "boot_id=$v"; } 2>/dev/null
+{ read -r v rest < /proc/uptime && echo "uptime_s=$v"; } 2>/dev/null
+{ read -r a b c rest < /proc/loadavg && echo "load=$a $b $c"; } 2>/dev/null
+echo "cores=$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc 2>/dev/null)"
+echo "kernel=$(uname -sr 2>/dev/null)"
+scout_run meminfo 20000 cat /proc/meminfo
+scout_run mounts 20000 cat /proc/mounts
+if [ ! -d /run/systemd/system ]; then
+    scout_unavailable systemd "systemd is not running (no /run/systemd/system)"
+    scout_unavailable journal "systemd-journald is not running (no /run/systemd/system)"
+else
+    if command -v systemctl >/dev/null 2>&1; then
+        scout_run failed 20000 systemctl list-units --state=failed --all --plain --no-legend --no-pager --full
+        scout_units=$(scout_bounded systemctl list-units --type=service --all --plain --no-legend --no-pager \
+            --full 2>/dev/null | while read -r unit rest; do
+                case $unit in *.service) echo "$unit" ;; esac
+            done | head -n 5000)
+        scout_run restarts 20000 systemctl show --property=Id,NRestarts,ActiveState,SubState --no-pager -- $scout_units
+    else
+        scout_unavailable systemd "systemctl not found"
+    fi
+    if command -v journalctl >/dev/null 2>&1; then
+        scout_run journal "$scout_lines" journalctl --priority=err --no-pager --output=json \
+            --output-fields=MESSAGE,PRIORITY,_SYSTEMD_UNIT,_SYSTEMD_USER_UNIT,UNIT,SYSLOG_IDENTIFIER,_COMM,_TRANSPORT \
+            --since="@$scout_since" --until="@$scout_now"
+        scout_section journal_count
+        scout_bounded journalctl --priority=err --quiet --no-pager --output=json --output-fields=PRIORITY \
+            --since="@$scout_since" --until="@$scout_now" 2>/dev/null | wc -l
+    else
+        scout_unavailable journal "journalctl not found"
+    fi
+fi
+if command -v docker >/dev/null 2>&1; then
+    scout_run docker 20000 docker ps --all --format '{{json .}}'
+else
+    scout_unavailable docker "docker not found"
+fi
+scout_run df 20000 df -P -T -k
+scout_run inodes 20000 df -P -T -i
+scout_section end
+exit 0
+"""
+
+
+def scout_limits(thresholds: Any) -> dict[str, Any]:
+    """SCOUT_DEFAULTS overlaid with the given thresholds (a dict or a config namespace)."""
+    given = thresholds if isinstance(thresholds, dict) else vars(thresholds) if thresholds is not None else {}
+    return {key: given.get(key, default) for key, default in SCOUT_DEFAULTS.items()}
+
+
+def _bounded_int(value: Any, low: int, high: int) -> int:
+    """A number for the probe script: an int in [low, high], whatever was given."""
+    try:
+        number = int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        number = low
+    return max(low, min(high, number))
+
+
+def scout_argv(machine: SimpleNamespace, thresholds: Any) -> list[str]:
+    """The one command that runs the probe: `sh -s` here, or ssh to the machine (an argv, never a shell line)."""
+    target = str(machine.ssh)
+    if target in SCOUT_LOCAL:
+        return ["sh", "-s"]
+    if target.startswith("-") or any(c.isspace() or not c.isprintable() for c in target):
+        raise ValueError(f"not an ssh destination: {target!r}")
+    limits = scout_limits(thresholds)
+    checking = limits["host_key_checking"]
+    if checking not in ("yes", "accept-new"):
+        raise ValueError(f'host_key_checking must be "yes" or "accept-new", got {checking!r}')
+    argv = ["ssh", "-T", "-a", "-x", "-o", "BatchMode=yes",
+            "-o", f"ConnectTimeout={_bounded_int(limits['ssh_timeout_s'], 1, 3600)}",
+            "-o", f"StrictHostKeyChecking={checking}", "-o", "ClearAllForwardings=yes"]
+    if limits["known_hosts_file"]:
+        argv += ["-o", f"UserKnownHostsFile={Path(limits['known_hosts_file']).expanduser()}"]
+    identity = getattr(machine, "identity_file", "")
+    if identity:
+        argv += ["-i", str(Path(identity).expanduser()), "-o", "IdentitiesOnly=yes"]
+    return [*argv, "-p", str(_bounded_int(getattr(machine, "port", 22), 1, 65535)), "--", target, "sh", "-s"]
+
+
+def scout_script(thresholds: Any, since: float | None) -> str:
+    """The probe script with its settings: numbers only, so nothing reaches the host's shell but digits."""
+    limits = scout_limits(thresholds)
+    settings = {
+        "scout_since": _bounded_int(since or 0, 0, 2**40),
+        "scout_window_s": _bounded_int(limits["journal_first_window_s"], 1, 86400 * 31),
+        "scout_max_window_s": _bounded_int(limits["journal_max_window_s"], 1, 86400 * 31),
+        "scout_lines": _bounded_int(limits["journal_max_lines"], 10, 100000),
+        "scout_step_s": _bounded_int(limits["step_timeout_s"], 1, 3600),
+    }
+    return "".join(f"{name}={value}\n" for name, value in settings.items()) + SCOUT_SCRIPT
+
+
+def run_capped(argv: list[str], stdin: bytes, timeout: float, cap: int) -> tuple[int | None, bytes, bytes]:
+    """Run argv in its own process group with stdin fed in; (exit status or None if it was killed at the
+    timeout, stdout, stderr), each output cut at cap bytes. The whole group dies at the timeout."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    outputs = (bytearray(), bytearray())
+
+    def pump(stream: Any, keep: bytearray) -> None:
+        with stream:
+            while chunk := os.read(stream.fileno(), 65536):
+                keep += chunk[:max(0, cap - len(keep))]
+
+    pumps = [threading.Thread(target=pump, args=(stream, keep), daemon=True)
+             for stream, keep in zip((proc.stdout, proc.stderr), outputs, strict=True)]
+    for thread in pumps:
+        thread.start()
+    with contextlib.suppress(OSError):
+        assert proc.stdin is not None
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+    try:
+        status: int | None = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # ssh and everything it started
+        proc.wait()
+        status = None
+    for thread in pumps:
+        thread.join(2)  # a straggler outside the group may hold a pipe: take what came
+    return status, bytes(outputs[0]), bytes(outputs[1])
+
+
+def _ssh_failure(status: int | None, stderr: str) -> str:
+    """Why ssh did not run the probe, as 'auth refused: ...', 'host key refused: ...' or 'unreachable: ...'."""
+    lines = [line.strip() for line in stderr.splitlines()
+             if line.strip() and not line.startswith("Warning: Permanently added")]
+    kinds = (("auth refused", ("permission denied", "too many authentication failures")),
+             ("host key refused", ("host key verification failed", "host identification has changed",
+                                   "no matching host key", "has changed and you have requested strict checking")))
+    for kind, needles in kinds:
+        hits = [line for line in lines if any(needle in line.lower() for needle in needles)]
+        if hits:
+            return f"{kind}: {hits[0][:300]}"
+    return f"unreachable: {(lines[-1] if lines else f'exit status {status}')[:300]}"
+
+
+def probe_machine_report(machine: SimpleNamespace, thresholds: Any, since: float | None) -> dict[str, Any]:
+    """One machine probed by one process (ssh, or sh here), killed at probe_timeout_s; the parsed report.
+
+    ``since`` is where the journal window starts, on the host's clock (the previous report's
+    journal "until"); None reads the last journal_first_window_s."""
+    limits = scout_limits(thresholds)
+    timeout = float(limits["probe_timeout_s"])
+    started = time.time()
+    try:
+        argv = scout_argv(machine, limits)
+        status, out, err = run_capped(argv, scout_script(limits, since).encode(), timeout, SCOUT_OUTPUT_CAP)
+    except (OSError, ValueError) as exc:
+        status, out, err = 255, b"", f"cannot run the probe: {exc}".encode()
+    elapsed = time.time() - started
+    report = parse_probe(out.decode(errors="replace"))
+    stderr = err.decode(errors="replace")
+    if status is None:
+        error = f"timeout after {timeout:g}s"
+    elif report["complete"]:
+        error = ""
+    elif not report["reachable"]:
+        error = _ssh_failure(status, stderr)
+    else:
+        error = f"probe output incomplete (exit status {status}): {stderr.strip()[-300:]}".rstrip(": ")
+    report.update(machine=machine.name, error=error, elapsed_s=round(elapsed, 3), started_at=started)
+    return report
+
+
+# ---- parsing what the probe printed ----------------------------------------
+
+def _split_sections(text: str) -> dict[str, dict[str, Any]]:
+    sections: dict[str, dict[str, Any]] = {}
+    current: dict[str, Any] | None = None
+    for line in text.splitlines():
+        if line.startswith("@@scout-section "):
+            current = sections[line[16:].strip()] = {"lines": [], "rc": None, "unavailable": None}
+        elif current is None:
+            continue
+        elif line.startswith("@@scout-rc "):
+            current["rc"] = int(line[11:].strip()) if line[11:].strip().isdigit() else -1
+        elif line.startswith("@@scout-unavailable "):
+            current["unavailable"] = line[20:].strip()
+        else:
+            current["lines"].append(line)
+    return sections
+
+
+def _number(text: Any) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _section_state(sections: dict[str, dict[str, Any]], name: str, what: str) -> str:
+    """'' when the section ran fine, else why it is unavailable."""
+    section = sections.get(name)
+    if section is None:
+        return "not in the probe output"
+    if section["unavailable"]:
+        return section["unavailable"]
+    if section["rc"] == 124:
+        return f"{what} timed out"
+    if section["rc"] is None:
+        return f"{what} was cut short"
+    if section["rc"] != 0:
+        detail = " ".join(line.strip() for line in section["lines"] if line.strip())[-300:]
+        return f"{what} failed (exit status {section['rc']}): {detail}" if detail else \
+            f"{what} failed (exit status {section['rc']})"
+    return ""
+
+
+def _parse_host(lines: list[str]) -> dict[str, Any]:
+    values = dict(line.split("=", 1) for line in lines if "=" in line)
+    load = [_number(v) for v in values.get("load", "").split()]
+    cores = _number(values.get("cores"))
+    since, now = _number(values.get("since")), _number(values.get("now"))
+    return {"collected_at": int(now) if now else None, "since": int(since) if since is not None else None,
+            "boot_id": values.get("boot_id", "").strip() or None, "uptime_s": _number(values.get("uptime_s")),
+            "cores": int(cores) if cores and cores >= 1 else None,
+            "load": load if len(load) == 3 and None not in load else None,
+            "kernel": values.get("kernel", "").strip()}
+
+
+def _parse_meminfo(lines: list[str]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    kib: dict[str, float] = {}
+    for line in lines:
+        key, _, rest = line.partition(":")
+        value = _number(rest.split()[0]) if rest.split() else None
+        if value is not None:
+            kib[key.strip()] = value
+    total = kib.get("MemTotal")
+    if not total:
+        return None, None
+    available = kib.get("MemAvailable")
+    if available is None:  # kernels before 3.14: the usual estimate
+        available = kib.get("MemFree", 0) + kib.get("Buffers", 0) + kib.get("Cached", 0)
+    memory = {"total_bytes": int(total * 1024), "available_bytes": int(available * 1024),
+              "available_pct": round(available * 100 / total, 1)}
+    swap_total, swap_free = kib.get("SwapTotal", 0), kib.get("SwapFree", 0)
+    swap = {"total_bytes": int(swap_total * 1024), "free_bytes": int(swap_free * 1024),
+            "used_pct": round((swap_total - swap_free) * 100 / swap_total, 1) if swap_total else None}
+    return memory, swap
+
+
+DF_ROW_RE = re.compile(r"^(\S+)\s+(\S+)\s+(\d+|-)\s+(\d+|-)\s+(\d+|-)\s+(\d+%|-)\s+(/.*)$")
+
+
+def _parse_df(lines: list[str]) -> dict[str, dict[str, Any]]:
+    """`df -P -T` rows by mount point: device, type, total, used, free (blocks or inodes)."""
+    rows = {}
+    for line in lines:
+        found = DF_ROW_RE.match(line.strip())
+        if found:
+            device, fstype, total, used, free, _, mount = found.groups()
+            rows[mount] = {"device": device, "fstype": fstype,
+                           "total": int(total) if total.isdigit() else None,
+                           "used": int(used) if used.isdigit() else None,
+                           "free": int(free) if free.isdigit() else None}
+    return rows
+
+
+def _used_pct(row: dict[str, Any] | None) -> float | None:
+    """Used of (used + free) as df counts it: blocks reserved for root are not free to users."""
+    if not row or row["used"] is None or row["free"] is None or row["used"] + row["free"] <= 0:
+        return None
+    return round(row["used"] * 100 / (row["used"] + row["free"]), 1)
+
+
+def _parse_filesystems(blocks: list[str], inodes: list[str], mounts: list[str]) -> list[dict[str, Any]]:
+    options = {}
+    for line in mounts:
+        parts = line.split()
+        if len(parts) >= 4:
+            mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])
+            options[mount] = (parts[2], parts[3].split(","))
+    by_inodes = _parse_df(inodes)
+    filesystems = []
+    for mount, row in _parse_df(blocks).items():
+        fstype, opts = options.get(mount, (row["fstype"], []))
+        inode_row = by_inodes.get(mount)
+        filesystems.append({
+            "mount": mount, "device": row["device"], "fstype": row["fstype"] or fstype,
+            "read_only": "ro" in opts, "size_bytes": row["total"] * 1024 if row["total"] is not None else None,
+            "used_bytes": row["used"] * 1024 if row["used"] is not None else None,
+            "avail_bytes": row["free"] * 1024 if row["free"] is not None else None,
+            "used_pct": _used_pct(row), "inodes": inode_row["total"] if inode_row else None,
+            "inodes_used_pct": _used_pct(inode_row)})
+    return filesystems
+
+
+def _parse_failed(lines: list[str]) -> list[dict[str, str]]:
+    failed = []
+    for line in lines:
+        parts = line.split(None, 4)
+        if parts and parts[0] in ("●", "*", "×"):
+            parts = line.split(None, 5)[1:]
+        if len(parts) >= 4 and "." in parts[0]:
+            failed.append({"unit": parts[0], "load": parts[1], "active": parts[2], "sub": parts[3],
+                           "description": parts[4] if len(parts) > 4 else "", "line": line.strip()})
+    return failed
+
+
+def _parse_restarts(lines: list[str]) -> tuple[dict[str, int], list[str]]:
+    """`systemctl show` blocks (Key=Value lines, a blank line between units): NRestarts per unit, and the
+    units waiting in activating (auto-restart)."""
+    restarts: dict[str, int] = {}
+    waiting: list[str] = []
+    block: dict[str, str] = {}
+    for line in [*lines, ""]:
+        if "=" in line:
+            key, _, value = line.partition("=")
+            block[key.strip()] = value.strip()
+            continue
+        unit = block.get("Id", "")
+        if unit:
+            if block.get("NRestarts", "").isdigit():
+                restarts[unit] = int(block["NRestarts"])
+            if block.get("ActiveState") == "activating" and block.get("SubState") == "auto-restart":
+                waiting.append(unit)
+        block = {}
+    return restarts, waiting
+
+
+def _journal_text(value: Any) -> str:
+    """A journal JSON field as text: a string, a byte array, null (too large), or a list of those."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(b, int) and 0 <= b < 256 for b in value):
+        return bytes(value).decode(errors="replace")
+    if isinstance(value, list) and value:
+        return _journal_text(value[0])
+    return "" if value is None else str(value)
+
+
+def _journal_unit(entry: dict[str, Any]) -> str:
+    """Who logged it: the unit systemd reported on, the (user) unit, else the syslog identifier."""
+    unit = _journal_text(entry.get("UNIT")) or _journal_text(entry.get("_SYSTEMD_USER_UNIT")) or \
+        _journal_text(entry.get("_SYSTEMD_UNIT"))
+    ident = _journal_text(entry.get("SYSLOG_IDENTIFIER")) or _journal_text(entry.get("_COMM"))
+    if unit and not (unit.endswith(".scope") and ident):  # session scopes are numbered: name the program
+        return unit
+    return ident or ("kernel" if _journal_text(entry.get("_TRANSPORT")) == "kernel" else "unknown")
+
+
+def journal_patterns(lines: list[str]) -> tuple[list[dict[str, Any]], int]:
+    """`journalctl -o json` lines grouped by unit and normalised message: (patterns, most first; entries)."""
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    entries = 0
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            stamp = int(_journal_text(entry.get("__REALTIME_TIMESTAMP"))) / 1e6
+        except (ValueError, TypeError, AttributeError):
+            continue
+        if not isinstance(entry, dict):
+            continue
+        entries += 1
+        message = _journal_text(entry.get("MESSAGE")) or "(message too large or empty)"
+        unit = _journal_unit(entry)
+        group = groups.setdefault((unit, normalise_log_line(message)), {
+            "unit": unit, "pattern": normalise_log_line(message), "count": 0, "first": stamp, "last": stamp,
+            "sample": ""})
+        group["count"] += 1
+        group["first"], group["last"] = min(group["first"], stamp), max(group["last"], stamp)
+        if stamp >= group["last"]:
+            group["sample"] = message.strip()[:500]
+    return sorted(groups.values(), key=lambda g: -g["count"]), entries
+
+
+def _parse_docker(lines: list[str]) -> list[dict[str, str]]:
+    containers = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("Names"):
+            status = str(row.get("Status", ""))
+            state = str(row.get("State") or ("restarting" if status.startswith("Restarting") else
+                                             "running" if status.startswith("Up") else ""))
+            containers.append({"name": str(row["Names"]), "image": str(row.get("Image", "")),
+                               "state": state, "status": status, "id": str(row.get("ID", ""))})
+    return containers
+
+
+def parse_probe(text: str) -> dict[str, Any]:
+    """The report fields from the probe's output. A section that is missing, failed or timed out makes
+    its check unavailable (listed in "unavailable" with the reason); garbage is skipped, never raised."""
+    sections = _split_sections(text)
+    lines = {name: section["lines"] for name, section in sections.items()}
+    report: dict[str, Any] = {"reachable": "host" in sections, "complete": "end" in sections,
+                              **_parse_host(lines.get("host", []))}
+    unavailable = []
+
+    def reason(name: str, what: str, label: str) -> str:
+        """'' when the section ran, else why not (and the check is listed as unavailable)."""
+        why = _section_state(sections, name, what)
+        if why and report["reachable"]:
+            unavailable.append(f"{label}: {why}")
+        return why
+
+    report["memory"], report["swap"] = _parse_meminfo(lines.get("meminfo", []))
+    missing = {"memory": "memory: no MemTotal in /proc/meminfo", "cores": "load: no CPU count (getconf, nproc)",
+               "load": "load: no /proc/loadavg", "boot_id": "reboot: no boot id in /proc",
+               "collected_at": "clock_skew: the host's date +%s failed"}
+    unavailable += [why for field, why in missing.items() if report["reachable"] and not report.get(field)]
+    reason("df", "df", "disk")
+    report["filesystems"] = _parse_filesystems(lines.get("df", []), lines.get("inodes", []),
+                                               lines.get("mounts", []))
+    why = reason("systemd", "", "systemd") if "systemd" in sections else reason("failed", "systemctl", "systemd")
+    restarts, waiting = _parse_restarts(lines.get("restarts", []))
+    report["systemd"] = {"available": not why, "reason": why,
+                         "failed": [] if why else _parse_failed(lines.get("failed", [])),
+                         "restarts": restarts, "auto_restart": waiting}
+    why = reason("journal", "journalctl", "journal")
+    patterns, sampled = journal_patterns(lines.get("journal", []))
+    if not why and any("not seeing messages from other users" in line for line in lines.get("journal", [])):
+        unavailable.append("journal: partly: the ssh user sees only its own entries (add it to systemd-journal"
+                           " or adm)")
+    counted = _number("".join(lines.get("journal_count", [])).strip())
+    report["journal"] = {"available": not why, "reason": why, "since": report.pop("since"),
+                         "until": report["collected_at"], "count": max(int(counted or 0), sampled),
+                         "sampled": sampled, "patterns": [] if why else patterns[:50]}
+    why = reason("docker", "docker ps", "docker")
+    report["docker"] = {"available": not why, "reason": why,
+                        "containers": [] if why else _parse_docker(lines.get("docker", []))}
+    report["unavailable"] = unavailable
+    return report
+
+
+LOG_NOISE = [(re.compile(pattern, re.IGNORECASE), replacement) for pattern, replacement in (
+    (r"\b\d{4}-\d{2}-\d{2}[T ]\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2}\b)?", "<time>"),
+    (r"\b(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)\s+\d{1,2}\s+\d{1,2}:\d{2}:\d{2}\b", "<time>"),
+    (r"\b\d{1,2}:\d{2}:\d{2}(\.\d+)?\b", "<time>"),
+    (r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", "<uuid>"),
+    (r"\b(\d{1,3}\.){3}\d{1,3}(:\d+)?\b", "<ip>"),
+    (r"\b([0-9a-f]{2}:){5}[0-9a-f]{2}\b", "<mac>"),
+    (r"\b0x[0-9a-f]+\b", "<hex>"),
+    (r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{8,}\b", "<hex>"),
+    (r"\d+(\.\d+)?", "<n>"),
+    (r"\s+", " "))]
+
+
+def normalise_log_line(text: str) -> str:
+    """The shape of a log line: times, ids, hex, addresses and numbers replaced by placeholders, so the
+    same error with a new pid, timestamp or counter groups with the others."""
+    for pattern, replacement in LOG_NOISE:
+        text = pattern.sub(replacement, text)
+    return text.strip()[:300]
+
+
+# ---- findings ---------------------------------------------------------------
+
+def _severity(value: float | None, warning: float, critical: float, below: bool = False) -> str | None:
+    if value is None:
+        return None
+    if below:
+        value, warning, critical = -value, -warning, -critical
+    return "critical" if value >= critical else "warning" if value >= warning else None
+
+
+def _human_bytes(count: float | None) -> str:
+    if count is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+class _Findings(list):
+    """Findings of one machine, built with ``add``."""
+
+    def __init__(self, machine: str) -> None:
+        super().__init__()
+        self.machine = machine
+
+    def add(self, check: str, key: str, severity: str, value: Any, threshold: Any, title: str,
+            evidence: list[str]) -> None:
+        self.append({"machine": self.machine, "check": check, "key": key, "severity": severity, "value": value,
+                     "threshold": threshold, "title": title, "evidence": evidence})
+
+    def measure(self, check: str, key: str, value: float | None, limits: dict[str, Any], warning_key: str,
+                title: str, evidence: str, below: bool = False) -> None:
+        """A finding when value reaches limits[warning_key] or its critical twin (at or below, for below)."""
+        critical_key = warning_key.replace("_warning", "_critical")
+        severity = _severity(value, limits[warning_key], limits[critical_key], below)
+        if severity:
+            threshold = limits[critical_key] if severity == "critical" else limits[warning_key]
+            self.add(check, key, severity, value, threshold, title, [evidence])
+
+
+def _check_connection(report: dict[str, Any], found: _Findings) -> None:
+    error = report.get("error") or ""
+    if not error:
+        return
+    if not report.get("reachable"):
+        check = "auth" if error.startswith(("auth refused", "host key refused")) else "unreachable"
+        key = "host_key" if error.startswith("host key") else "ssh"
+        found.add(check, key, "critical", error, None, error.split(":", 1)[0] if check == "auth" else
+                  f"unreachable ({error})" if error.startswith("timeout") else error.split(":", 1)[0],
+                  [error])
+    else:
+        title = f"probe timed out after {error.split()[-1]}" if error.startswith("timeout") else "probe incomplete"
+        found.add("probe", "probe", "warning", error, None, title, [error])
+
+
+def _check_resources(report: dict[str, Any], limits: dict[str, Any], found: _Findings) -> None:
+    for fs in report.get("filesystems") or []:
+        if fs.get("fstype") in SCOUT_PSEUDO_FS or fs.get("read_only"):
+            continue
+        where = f"{fs['device']} ({fs['fstype']}) on {fs['mount']}"
+        used, free, size = (_human_bytes(fs.get(k)) for k in ("used_bytes", "avail_bytes", "size_bytes"))
+        found.measure("disk", fs["mount"], fs.get("used_pct"), limits, "disk_warning_pct",
+                      f"disk {fs['mount']} {fs.get('used_pct') or 0:.0f}% used",
+                      f"{where}: {used} used, {free} free of {size}")
+        found.measure("inodes", fs["mount"], fs.get("inodes_used_pct"), limits, "inode_warning_pct",
+                      f"inodes {fs['mount']} {fs.get('inodes_used_pct') or 0:.0f}% used",
+                      f"{where}: {fs.get('inodes_used_pct')}% of {fs.get('inodes')} inodes used")
+    memory, swap = report.get("memory"), report.get("swap")
+    if memory:
+        available, total = _human_bytes(memory["available_bytes"]), _human_bytes(memory["total_bytes"])
+        found.measure("memory", "available", memory["available_pct"], limits, "mem_available_warning_pct",
+                      f"memory {memory['available_pct']:.1f}% available",
+                      f"MemAvailable {available} of MemTotal {total}", below=True)
+    if swap and swap.get("used_pct") is not None:
+        free, total = _human_bytes(swap["free_bytes"]), _human_bytes(swap["total_bytes"])
+        found.measure("swap", "swap", swap["used_pct"], limits, "swap_used_warning_pct",
+                      f"swap {swap['used_pct']:.0f}% used", f"SwapFree {free} of SwapTotal {total}")
+    load, cores = report.get("load"), report.get("cores")
+    if load and cores:
+        per_core = round(load[2] / cores, 2)
+        found.measure("load", "load", per_core, limits, "load_per_core_warning",
+                      f"load {per_core:.2f} per core over 15 min",
+                      f"load averages {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min) on {cores} cores")
+
+
+def _check_systemd(report: dict[str, Any], previous: dict[str, Any], limits: dict[str, Any],
+                   found: _Findings, same_boot: bool) -> None:
+    systemd = report.get("systemd") or {}
+    if not systemd.get("available"):
+        return
+    for unit in systemd.get("failed") or []:
+        found.add("failed_unit", unit["unit"], "warning", unit["sub"], None, f"{unit['unit']} failed",
+                  [unit["line"]])
+    before = (previous.get("restarts") or {}) if same_boot else {}
+    waiting = set(systemd.get("auto_restart") or [])
+    for unit, count in sorted((systemd.get("restarts") or {}).items()):
+        rose = count - before[unit] if unit in before and count >= before[unit] else 0
+        severity = _severity(rose, limits["restart_warning_count"], limits["restart_critical_count"]) or \
+            ("warning" if unit in waiting else None)
+        if not severity:
+            continue
+        threshold = limits["restart_critical_count"] if severity == "critical" else limits["restart_warning_count"]
+        title = f"{unit} restarted {rose} times since the last check" if rose else \
+            f"{unit} is waiting to restart (activating auto-restart)"
+        evidence = [f"NRestarts {before[unit]} -> {count}" if unit in before else f"NRestarts {count}"]
+        if unit in waiting:
+            evidence.append("ActiveState=activating SubState=auto-restart")
+        found.add("restart_loop", unit, severity, rose, threshold, title, evidence)
+    for unit in sorted(waiting - set(systemd.get("restarts") or {})):
+        found.add("restart_loop", unit, "warning", 0, limits["restart_warning_count"],
+                  f"{unit} is waiting to restart (activating auto-restart)",
+                  ["ActiveState=activating SubState=auto-restart"])
+
+
+def journal_floods(journal: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]]:
+    """The patterns that flood: at least journal_flood_per_min on average over the window (at least a
+    minute), journal_flood_min_count lines, spread over journal_flood_min_span_pct of it. When more lines
+    came than were read, a pattern's share of the newest lines stands for its share of them all."""
+    if not journal.get("available") or journal.get("since") is None or journal.get("until") is None:
+        return []
+    window_s = max(float(journal["until"] - journal["since"]), 60.0)
+    sampled, total = journal.get("sampled") or 0, journal.get("count") or 0
+    patterns = journal.get("patterns") or []
+    scale = total / sampled if sampled and total > sampled else 1.0
+    observed_s = window_s
+    if scale > 1 and patterns:  # only the newest lines were read: spread is judged over what they cover
+        observed_s = max(max(p["last"] for p in patterns) - min(p["first"] for p in patterns), 60.0)
+    floods = []
+    for pattern in patterns:
+        count = round(pattern["count"] * scale)
+        rate = count * 60 / window_s
+        spread = (pattern["last"] - pattern["first"]) * 100 / observed_s
+        if rate >= limits["journal_flood_per_min"] and count >= limits["journal_flood_min_count"] and \
+                spread >= limits["journal_flood_min_span_pct"]:
+            floods.append({**pattern, "count": count, "rate_per_min": round(rate, 1), "window_s": window_s})
+    return floods
+
+
+def _check_journal(report: dict[str, Any], limits: dict[str, Any], found: _Findings) -> None:
+    for flood in journal_floods(report.get("journal") or {}, limits):
+        severity = "critical" if flood["rate_per_min"] >= limits["journal_flood_critical_per_min"] else "warning"
+        threshold = limits["journal_flood_critical_per_min"] if severity == "critical" else \
+            limits["journal_flood_per_min"]
+        minutes = flood["window_s"] / 60
+        found.add("journal_flood", f"{flood['unit']} {sha256_hex(flood['pattern'])[:8]}", severity,
+                  flood["rate_per_min"], threshold,
+                  f"{flood['unit']} logs the same error {flood['rate_per_min']:g}/min "
+                  f"({flood['count']} in {minutes:.0f} min)",
+                  [f"sample: {flood['sample']}", f"pattern: {flood['pattern']}",
+                   f"{flood['count']} lines from {iso(flood['first'])} to {iso(flood['last'])}"])
+
+
+def _check_clock(report: dict[str, Any], limits: dict[str, Any], found: _Findings, scout_now: float) -> None:
+    """The host read its clock (whole seconds) while the probe ran: only the distance outside that span,
+    on the scout's clock, is skew."""
+    host = report.get("collected_at")
+    if host is None:
+        return
+    elapsed = float(report.get("elapsed_s") or 0)
+    start = float(report.get("started_at") or scout_now - elapsed)
+    end = start + elapsed
+    skew = host - end if host > end else host + 1 - start if host + 1 < start else 0.0
+    found.measure("clock_skew", "clock", abs(round(skew, 1)), limits, "clock_skew_warning_s",
+                  f"clock {skew:+.0f}s off the scout's",
+                  f"host clock {iso(host)}, scout clock {iso(start)} to {iso(end)} during the probe")
+
+
+def _check_docker(report: dict[str, Any], found: _Findings) -> None:
+    docker = report.get("docker") or {}
+    for container in docker.get("containers") or [] if docker.get("available") else []:
+        if container["state"] in ("restarting", "dead"):
+            found.add("docker", container["name"], "critical", container["state"], None,
+                      f"container {container['name']} {container['state']}",
+                      [f"{container['name']} ({container['image']}): {container['status']}"])
+        elif "(unhealthy)" in container["status"]:
+            found.add("docker", container["name"], "warning", "unhealthy", None,
+                      f"container {container['name']} unhealthy",
+                      [f"{container['name']} ({container['image']}): {container['status']}"])
+
+
+def find_faults(report: dict[str, Any], previous: dict[str, Any] | None, thresholds: Any,
+                scout_now: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The findings in one machine's report, and the state its next run compares with.
+
+    ``previous`` is the state this returned last time (None: the machine is new, so nothing can have
+    changed). The state keeps the last known boot id, NRestarts per unit and where the journal window
+    ended (host clock), carried over while the machine is unreachable."""
+    limits = scout_limits(thresholds)
+    previous = previous or {}
+    found = _Findings(str(report.get("machine", "")))
+    state = {"boot_id": previous.get("boot_id"), "restarts": previous.get("restarts") or {},
+             "journal_until": previous.get("journal_until"), "checked_at": scout_now,
+             "reachable": bool(report.get("reachable")), "unavailable": list(report.get("unavailable") or [])}
+    _check_connection(report, found)
+    if not report.get("reachable"):
+        return list(found), state
+    boot_id = report.get("boot_id")
+    same_boot = bool(boot_id) and boot_id == previous.get("boot_id")
+    if boot_id and previous.get("boot_id") and not same_boot:
+        uptime = report.get("uptime_s")
+        found.add("reboot", "boot", "warning", uptime, None,
+                  f"rebooted {uptime / 60:.0f} min ago" if uptime is not None else "rebooted",
+                  [f"boot id {previous['boot_id']} -> {boot_id}", f"up {uptime:.0f}s" if uptime else "uptime unknown"])
+    _check_resources(report, limits, found)
+    _check_systemd(report, previous, limits, found, same_boot)
+    _check_journal(report, limits, found)
+    _check_clock(report, limits, found, scout_now)
+    _check_docker(report, found)
+    systemd, journal = report.get("systemd") or {}, report.get("journal") or {}
+    state.update(boot_id=boot_id or previous.get("boot_id"))
+    if systemd.get("available"):
+        state["restarts"] = dict(systemd.get("restarts") or {})
+    if journal.get("available") and journal.get("until"):
+        state["journal_until"] = journal["until"]
+    return list(found), state
+
+
+def probe_fleet(machines: list[SimpleNamespace], thresholds: Any, previous_by_machine: dict[str, Any] | None,
+                scout_now: float) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]:
+    """Every machine probed, at most `parallel` at once, each bounded by its own probe_timeout_s:
+    {name: (report, findings, state)}."""
+    limits = scout_limits(thresholds)
+    previous_by_machine = previous_by_machine or {}
+
+    def one(machine: SimpleNamespace) -> tuple[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]:
+        previous = previous_by_machine.get(machine.name)
+        report = probe_machine_report(machine, limits, (previous or {}).get("journal_until"))
+        findings, state = find_faults(report, previous, limits, scout_now)
+        return machine.name, (report, findings, state)
+
+    if not machines:
+        return {}
+    workers = _bounded_int(limits["parallel"], 1, 256)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, len(machines))) as pool:
+        return dict(pool.map(one, machines))
 
 
 # ===========================================================================

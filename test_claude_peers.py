@@ -2549,3 +2549,605 @@ def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation
     doctor = broker.cli("doctor", env={"HOME": str(tmp_path)})
     mcp = next(line for line in doctor.stdout.splitlines() if line.split()[1] == "mcp")
     assert mcp.startswith("ok") and "user scope" in mcp and "shim --name real-claude" in mcp
+
+
+# ---------------------------------------------------------------------------
+# Fleet-scout
+# ---------------------------------------------------------------------------
+# Each test host is a real sshd on a loopback port, started in its own mount and PID namespace
+# (`unshare`): a private /run (its /run/sshd, and /run/systemd/system when the host "has systemd"),
+# and its own /proc/meminfo, /proc/loadavg, /proc/uptime and boot id bind-mounted from files the test
+# writes, as LXCFS does for containers. The probe reads the real paths; the host shows other content.
+# systemctl, journalctl, df and docker are stand-ins on the host's PATH (sshd's SetEnv) that print
+# the real tools' formats; the PATH holds no other copy of them. Stopping a host kills its namespace,
+# so whatever a probe left running there dies with it.
+
+import textwrap
+from types import SimpleNamespace
+
+SCOUT_BASE_TOOLS = ("sh", "cat", "date", "getconf", "nproc", "uname", "tail", "head", "wc", "timeout", "sleep")
+BOOT_ID = "3c1f7a52-9d2e-4b8a-a1f0-6e5d4c3b2a19"
+MEMINFO = """\
+MemTotal:       16318412 kB
+MemFree:         1203344 kB
+MemAvailable:   {available} kB
+Buffers:          412380 kB
+Cached:          7318292 kB
+SwapCached:            0 kB
+Active:          6123004 kB
+Inactive:        6890312 kB
+SwapTotal:       {swap_total} kB
+SwapFree:        {swap_free} kB
+Dirty:               112 kB
+Shmem:            301288 kB
+"""
+DF_BLOCKS_HEADER = "Filesystem     Type     1024-blocks      Used Available Capacity Mounted on"
+DF_INODES_HEADER = "Filesystem     Type      Inodes  IUsed   IFree IUse% Mounted on"
+# (device, type, mount, blocks, used, available, inodes, inodes used)
+HEALTHY_FILESYSTEMS = [
+    ("/dev/sda2", "ext4", "/", 61255492, 22345678, 35770862, 3907584, 402113),
+    ("/dev/sda1", "vfat", "/boot/efi", 523248, 6220, 517028, 0, 0),
+    ("tmpfs", "tmpfs", "/run", 1631844, 1631844, 0, 2039801, 1304),  # full, but memory: not checked
+    ("/dev/loop3", "squashfs", "/snap/core22/1380", 75904, 75904, 0, 12210, 12210),  # always 100%
+    ("overlay", "overlay", "/var/lib/docker/overlay2/4f1e/merged", 61255492, 22345678, 35770862, 3907584, 402113),
+]
+
+
+def df_tables(filesystems: list[tuple]) -> tuple[str, str]:
+    """What GNU `df -P -T -k` and `df -P -T -i` print for these filesystems."""
+    blocks, inodes = [DF_BLOCKS_HEADER], [DF_INODES_HEADER]
+    for device, fstype, mount, size, used, avail, inode_total, inode_used in filesystems:
+        capacity = f"{-(-used * 100 // (used + avail))}%" if used + avail else "-"
+        blocks.append(f"{device:<14} {fstype:<8} {size:>11} {used:>9} {avail:>9} {capacity:>8} {mount}")
+        ipct = f"{-(-inode_used * 100 // inode_total)}%" if inode_total else "-"
+        inodes.append(f"{device:<14} {fstype:<8} {inode_total:>7} {inode_used:>6} {inode_total - inode_used:>7}"
+                      f" {ipct:>5} {mount}")
+    return "\n".join(blocks) + "\n", "\n".join(inodes) + "\n"
+
+
+def unit_show(unit: str, restarts: int, active: str = "active", sub: str = "running") -> str:
+    """One unit's block of `systemctl show --property=Id,NRestarts,ActiveState,SubState`."""
+    return f"NRestarts={restarts}\nId={unit}\nActiveState={active}\nSubState={sub}\n"
+
+
+HEALTHY_SERVICES = {"ssh.service": (0, "active", "running"), "cron.service": (0, "active", "running"),
+                    "nginx.service": (0, "active", "running")}
+# systemd's own messages and a few unrelated errors: the noise every host has, no flood.
+JOURNAL_NOISE = [
+    {"at": 700, "fields": {"MESSAGE": "Failed to start Load Kernel Module drm.", "PRIORITY": "3",
+                           "_SYSTEMD_UNIT": "init.scope", "UNIT": "modprobe@drm.service",
+                           "SYSLOG_IDENTIFIER": "systemd", "_COMM": "systemd", "_TRANSPORT": "journal"}},
+    {"at": 400, "fields": {"MESSAGE": "error: kex_exchange_identification: Connection closed by remote host",
+                           "PRIORITY": "3", "_SYSTEMD_UNIT": "ssh.service", "SYSLOG_IDENTIFIER": "sshd",
+                           "_COMM": "sshd", "_TRANSPORT": "syslog"}},
+    {"at": 120, "fields": {"MESSAGE": [98, 97, 100, 32, 255, 98, 121, 116, 101], "PRIORITY": "3",
+                           "_SYSTEMD_UNIT": "cron.service", "SYSLOG_IDENTIFIER": "CRON", "_TRANSPORT": "syslog"}},
+    {"at": 30, "fields": {"MESSAGE": "nvme0: I/O 512 QID 3 timeout, aborting", "PRIORITY": "3",
+                          "SYSLOG_IDENTIFIER": "kernel", "_TRANSPORT": "kernel"}},
+]
+DOCKER_HEALTHY = [
+    {"Command": "\"/docker-entrypoint.…\"", "CreatedAt": "2026-11-20 09:12:44 +0000 UTC", "ID": "4edf61bfedce",
+     "Image": "nginx:1.27", "Labels": "", "LocalVolumes": "0", "Mounts": "", "Names": "web", "Networks": "bridge",
+     "Ports": "0.0.0.0:80->80/tcp", "RunningFor": "5 days ago", "Size": "0B", "State": "running",
+     "Status": "Up 5 days (healthy)"},
+    {"Command": "\"/run.sh\"", "CreatedAt": "2026-11-20 09:12:40 +0000 UTC", "ID": "8ad16badf470",
+     "Image": "grafana/grafana:11.3.0", "Labels": "", "LocalVolumes": "1", "Mounts": "grafana-data",
+     "Names": "grafana", "Networks": "bridge", "Ports": "3000/tcp", "RunningFor": "5 days ago", "Size": "0B",
+     "State": "exited", "Status": "Exited (0) 2 days ago"},
+]
+
+JOURNALCTL_STANDIN = """\
+#!{python}
+# journalctl -o json for the window asked (--since=@S --until=@U), from the events in journal.json:
+# {{"every": seconds}} repeats through the window, {{"at": seconds}} happens that long before --until.
+import json, sys
+opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+since, until = int(opts["since"].lstrip("@")), int(opts["until"].lstrip("@"))
+wanted = opts.get("output-fields", "").split(",")
+entries = []
+for number, event in enumerate(json.load(open({events!r}))):
+    times = range(since + 2, until + 1, event["every"]) if "every" in event else [until - event["at"]]
+    for i, t in enumerate(t for t in times if since <= t <= until):
+        fields = {{k: v.format(n=4000 + i * 7, pid=1200 + i) if isinstance(v, str) else v
+                  for k, v in event["fields"].items()}}
+        entries.append((t, number, i, fields))
+for t, number, i, fields in sorted(entries, key=lambda e: e[:3]):
+    usec = t * 1000000 + 1000 * number + i % 1000
+    entry = {{"__CURSOR": f"s=8f2e;i={{number}}{{i}};b={boot};m={{usec:x}};t={{usec:x}};x=1", "__REALTIME_TIMESTAMP": str(usec),
+             "__MONOTONIC_TIMESTAMP": str(usec - 1700000000000000), "_BOOT_ID": {boot!r}}}
+    entry.update((k, v) for k, v in fields.items() if k in wanted)
+    print(json.dumps(entry, separators=(", ", " : ")))
+"""
+
+SYSTEMCTL_STANDIN = """\
+#!/bin/sh
+# systemctl list-units (--state=failed, or --type=service) and show, from the host's files.
+case "$1 $2" in
+    "list-units --state=failed") cat {dir}/failed.txt ;;
+    "list-units --type=service") cat {dir}/services.txt ;;
+    show*) cat {dir}/show.txt ;;
+    *) echo "systemctl stand-in: unexpected $*" >&2; exit 1 ;;
+esac
+"""
+
+
+class ScoutHost:
+    """A real sshd in its own mount and PID namespace, with the scenario's stand-ins and /proc files."""
+
+    def __init__(self, lab: ScoutLab, name: str, *, systemd: bool = True, failed: str = "",
+                 services: dict | None = None, journal: list | None = None, docker: list | None = None,
+                 filesystems: list | None = None, mem_available_kb: int = 9871234, swap: tuple = (2097148, 2097148),
+                 load: str = "0.42 0.37 0.31", authorized: bool = True, hang: bool = False) -> None:
+        self.lab, self.name = lab, name
+        self.dir = lab.root / name
+        self.bin = self.dir / "bin"
+        (self.dir / "proc").mkdir(parents=True)
+        self.bin.mkdir()
+        self.systemd = systemd
+        self.write_proc(boot_id=BOOT_ID, meminfo=MEMINFO.format(available=mem_available_kb, swap_total=swap[0],
+                                                                 swap_free=swap[1]),
+                        loadavg=f"{load} 2/311 48213", uptime="864012.35 1702345.10")
+        blocks, inodes = df_tables(filesystems or HEALTHY_FILESYSTEMS)
+        (self.dir / "df-blocks.txt").write_text(blocks)
+        (self.dir / "df-inodes.txt").write_text(inodes)
+        self.standin("df", f'#!/bin/sh\n{"exec sleep 3600" if hang else ""}\n'
+                           f'case " $* " in *" -i "*) cat {self.dir}/df-inodes.txt ;; *) cat {self.dir}/df-blocks.txt ;; esac\n')
+        if systemd:
+            (self.dir / "failed.txt").write_text(failed)
+            self.set_services(services or HEALTHY_SERVICES)
+            self.standin("systemctl", SYSTEMCTL_STANDIN.format(dir=self.dir))
+            (self.dir / "journal.json").write_text(json.dumps(journal if journal is not None else JOURNAL_NOISE))
+            self.standin("journalctl", JOURNALCTL_STANDIN.format(python=PY, events=str(self.dir / "journal.json"),
+                                                                 boot=BOOT_ID.replace("-", "")))
+        if docker is not None:
+            (self.dir / "docker.txt").write_text("".join(json.dumps(c) + "\n" for c in docker))
+            self.standin("docker", f"#!/bin/sh\ncat {self.dir}/docker.txt\n")
+        keys = lab.client_key.with_suffix(".pub").read_text() if authorized else ""
+        (self.dir / "authorized_keys").write_text(keys)
+        self.port = free_port()
+        (self.dir / "sshd_config").write_text(textwrap.dedent(f"""\
+            ListenAddress 127.0.0.1
+            Port {self.port}
+            HostKey {lab.host_key}
+            AuthorizedKeysFile {self.dir}/authorized_keys
+            PidFile {self.dir}/sshd.pid
+            StrictModes no
+            UsePAM no
+            PasswordAuthentication no
+            KbdInteractiveAuthentication no
+            PermitRootLogin prohibit-password
+            SetEnv PATH={self.bin}:{lab.base}
+            """))
+        self.machine = SimpleNamespace(name=name, ssh="root@127.0.0.1", port=self.port,
+                                       identity_file=str(lab.client_key))
+        self.proc: subprocess.Popen | None = None
+
+    def standin(self, tool: str, text: str) -> None:
+        (self.bin / tool).write_text(text)
+        (self.bin / tool).chmod(0o755)
+
+    def write_proc(self, **files: str) -> None:
+        """Rewrite a fake /proc file in place: the bind mount shows the new content."""
+        for name, text in files.items():
+            (self.dir / "proc" / name).write_text(text + ("" if text.endswith("\n") else "\n"))
+
+    def set_services(self, services: dict) -> None:
+        (self.dir / "services.txt").write_text("".join(
+            f"{unit} loaded {active} {sub} {unit.split('.')[0]} daemon\n" for unit, (_, active, sub) in services.items()))
+        (self.dir / "show.txt").write_text("\n".join(unit_show(unit, n, active, sub)
+                                                     for unit, (n, active, sub) in services.items()))
+
+    def start(self) -> ScoutHost:
+        proc_dir = self.dir / "proc"
+        setup = [
+            "mount -t tmpfs tmpfs /run", "mkdir /run/sshd",
+            *(["mkdir -p /run/systemd/system"] if self.systemd else []),
+            f"mount --bind {proc_dir}/meminfo /proc/meminfo", f"mount --bind {proc_dir}/loadavg /proc/loadavg",
+            f"mount --bind {proc_dir}/uptime /proc/uptime",
+            f"mount --bind {proc_dir}/boot_id /proc/sys/kernel/random/boot_id",
+            f"exec /usr/sbin/sshd -D -e -f {self.dir}/sshd_config"]
+        with open(self.dir / "sshd.log", "wb") as log:
+            self.proc = subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation",
+                                          "private", "sh", "-ec", " && ".join(setup)],
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                if sock.recv(64).startswith(b"SSH-2.0-"):
+                    return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        self.stop()
+        raise AssertionError(f"sshd for {self.name} did not start:\n{(self.dir / 'sshd.log').read_text()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()  # unshare blocks SIGTERM; --kill-child takes the namespace's first process, so all of it
+            self.proc.wait(10)
+
+
+class ScoutLab:
+    """Keys, a PATH of the basic tools, and the hosts of this module."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.host_key, self.client_key = root / "host_ed25519", root / "client_ed25519"
+        for key in (self.host_key, self.client_key):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key.name, "-f", str(key)],
+                           check=True, timeout=30)
+        self.base = root / "base"
+        self.base.mkdir()
+        for tool in SCOUT_BASE_TOOLS:
+            (self.base / tool).symlink_to(shutil.which(tool))
+        self.known_hosts = root / "known_hosts"
+        self.limits = {**cp.SCOUT_DEFAULTS, "known_hosts_file": str(self.known_hosts), "ssh_timeout_s": 5,
+                       "probe_timeout_s": 15}
+        self.hosts: dict[str, ScoutHost] = {}
+
+    def host(self, name: str, **scenario) -> ScoutHost:
+        if name not in self.hosts:
+            self.hosts[name] = ScoutHost(self, name, **scenario).start()
+        return self.hosts[name]
+
+    def probe(self, host: ScoutHost | SimpleNamespace, previous: dict | None = None, **limits) -> tuple:
+        machine = host.machine if isinstance(host, ScoutHost) else host
+        settings = {**self.limits, **limits}
+        report = cp.probe_machine_report(machine, settings, (previous or {}).get("journal_until"))
+        findings, state = cp.find_faults(report, previous, settings, time.time())
+        json.dumps([report, findings, state])  # all of it can be published as it is
+        return report, findings, state
+
+
+def scout_lab_usable() -> str:
+    if os.geteuid() != 0:
+        return "test hosts need root (mount namespaces)"
+    for tool in ("/usr/sbin/sshd", shutil.which("ssh") or "ssh", shutil.which("unshare") or "unshare"):
+        if not os.path.exists(tool):
+            return f"{tool} is not installed (.ci/run installs openssh-server)"
+    tried = subprocess.run(["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "true"],
+                           capture_output=True, timeout=10, check=False)
+    return "" if tried.returncode == 0 else f"unshare failed: {tried.stderr.decode()}"
+
+
+@pytest.fixture(scope="module")
+def scout_lab(tmp_path_factory) -> Iterator[ScoutLab]:
+    reason = scout_lab_usable()
+    if reason:
+        pytest.skip(reason)
+    lab = ScoutLab(tmp_path_factory.mktemp("scout"))
+    yield lab
+    for host in lab.hosts.values():
+        host.stop()
+
+
+def only(findings: list[dict], check: str) -> dict:
+    matching = [f for f in findings if f["check"] == check]
+    assert len(matching) == 1, findings
+    return matching[0]
+
+
+def test_scout_a_healthy_host_has_no_findings_and_every_check_available(scout_lab):
+    host = scout_lab.host("healthy", docker=DOCKER_HEALTHY)
+    report, findings, state = scout_lab.probe(host)
+    assert findings == [], findings
+    assert report["reachable"] and report["error"] == "" and report["unavailable"] == []
+    assert report["boot_id"] == BOOT_ID and report["load"] == [0.42, 0.37, 0.31] and report["uptime_s"] == 864012.35
+    assert report["memory"]["available_pct"] == pytest.approx(60.5, abs=0.1) and report["swap"]["used_pct"] == 0
+    assert {fs["mount"]: fs["used_pct"] for fs in report["filesystems"]}["/"] == pytest.approx(38.4, abs=0.1)
+    assert report["systemd"]["restarts"] == {"ssh.service": 0, "cron.service": 0, "nginx.service": 0}
+    journal = report["journal"]
+    assert journal["count"] == 4 and journal["until"] - journal["since"] == 900
+    units = {p["unit"] for p in journal["patterns"]}
+    assert units == {"modprobe@drm.service", "ssh.service", "cron.service", "kernel"}
+    assert any(p["sample"] == "bad \ufffdbyte" for p in journal["patterns"])  # a byte-array MESSAGE
+    assert [c["name"] for c in report["docker"]["containers"]] == ["web", "grafana"]
+    assert state["boot_id"] == BOOT_ID and state["journal_until"] == journal["until"]  # first run: no reboot
+
+
+def test_scout_a_failed_unit_is_a_finding_naming_it(scout_lab):
+    host = scout_lab.host("failed", failed="nightly-backup.service loaded failed failed Nightly backup to the NAS\n")
+    finding = only(scout_lab.probe(host)[1], "failed_unit")
+    assert finding["key"] == "nightly-backup.service" and finding["severity"] == "warning"
+    assert finding["machine"] == "failed" and finding["title"] == "nightly-backup.service failed"
+    assert finding["evidence"] == ["nightly-backup.service loaded failed failed Nightly backup to the NAS"]
+
+
+def test_scout_a_timer_failing_every_5_seconds_is_one_flood_finding(scout_lab):
+    flood = {"every": 5, "fields": {
+        "MESSAGE": "rsync: [sender] failed to connect to 192.168.1.20 (192.168.1.20): Connection refused (111) "
+                   "after {n} ms", "PRIORITY": "3", "_SYSTEMD_UNIT": "nas-sync.service",
+        "SYSLOG_IDENTIFIER": "rsync", "_COMM": "rsync", "_TRANSPORT": "stdout"}}
+    host = scout_lab.host("flood", journal=[*JOURNAL_NOISE, flood])
+    report, findings, _ = scout_lab.probe(host)
+    finding = only(findings, "journal_flood")
+    assert len(findings) == 1
+    assert finding["key"].startswith("nas-sync.service ") and finding["severity"] == "warning"
+    assert finding["value"] == 12.0 and finding["threshold"] == 4.0  # 180 lines in 15 minutes
+    assert finding["title"] == "nas-sync.service logs the same error 12/min (180 in 15 min)"
+    assert finding["evidence"][0].startswith("sample: rsync: [sender] failed to connect to 192.168.1.20")
+    assert report["journal"]["count"] == 184
+
+
+def test_scout_a_unit_in_a_restart_loop_is_found_waiting_and_by_its_rising_restart_count(scout_lab):
+    services = {**HEALTHY_SERVICES, "worker.service": (5, "active", "running"),
+                "flaky.service": (17, "activating", "auto-restart")}
+    host = scout_lab.host("restarts", services=services)
+    _, findings, state = scout_lab.probe(host)
+    waiting = only(findings, "restart_loop")  # first run: only the unit waiting to restart
+    assert waiting["key"] == "flaky.service" and waiting["severity"] == "warning"
+    assert "ActiveState=activating SubState=auto-restart" in waiting["evidence"]
+    assert state["restarts"]["worker.service"] == 5
+    host.set_services({**services, "worker.service": (9, "active", "running")})
+    _, findings, state = scout_lab.probe(host, state)
+    loops = {f["key"]: f for f in findings if f["check"] == "restart_loop"}
+    assert set(loops) == {"flaky.service", "worker.service"} and len(findings) == 2
+    assert loops["worker.service"]["value"] == 4 and loops["worker.service"]["evidence"] == ["NRestarts 5 -> 9"]
+    assert loops["worker.service"]["title"] == "worker.service restarted 4 times since the last check"
+
+
+def test_scout_a_full_disk_is_critical_and_a_filling_one_a_warning(scout_lab):
+    filesystems = [*HEALTHY_FILESYSTEMS, ("/dev/sdb1", "xfs", "/srv", 960302804, 921890692, 38412112, 100, 10),
+                   ("/dev/sda3", "ext4", "/var", 20511312, 16900000, 2562000, 1310720, 40000)]
+    host = scout_lab.host("disk", filesystems=filesystems)
+    findings = {f["key"]: f for f in scout_lab.probe(host)[1]}
+    assert set(findings) == {"/srv", "/var"}
+    assert findings["/srv"]["check"] == "disk" and findings["/srv"]["severity"] == "critical"
+    assert findings["/srv"]["title"] == "disk /srv 96% used" and findings["/srv"]["threshold"] == 95.0
+    assert findings["/srv"]["evidence"] == ["/dev/sdb1 (xfs) on /srv: 879.2 GiB used, 36.6 GiB free of 915.8 GiB"]
+    assert findings["/var"]["severity"] == "warning" and findings["/var"]["value"] == 86.8
+
+
+def test_scout_inodes_running_out_is_a_finding_even_with_space_left(scout_lab):
+    filesystems = [*HEALTHY_FILESYSTEMS, ("/dev/sdc1", "ext4", "/var/spool", 10255636, 1200000, 8530000,
+                                          655360, 640000)]
+    host = scout_lab.host("inodes", filesystems=filesystems)
+    finding = only(scout_lab.probe(host)[1], "inodes")
+    assert finding["key"] == "/var/spool" and finding["severity"] == "critical" and finding["value"] == 97.7
+    assert finding["title"] == "inodes /var/spool 98% used"
+
+
+def test_scout_memory_pressure_is_critical_below_5_percent_available(scout_lab):
+    host = scout_lab.host("memory", mem_available_kb=489552, swap=(0, 0))
+    report, findings, _ = scout_lab.probe(host)
+    finding = only(findings, "memory")
+    assert len(findings) == 1 and finding["severity"] == "critical" and finding["value"] == 3.0
+    assert finding["title"] == "memory 3.0% available" and report["swap"]["used_pct"] is None
+
+
+def test_scout_a_reboot_is_found_by_the_boot_id_but_never_on_the_first_run(scout_lab):
+    host = scout_lab.host("reboot")
+    _, findings, state = scout_lab.probe(host)
+    assert findings == []
+    _, findings, state = scout_lab.probe(host, state)
+    assert findings == []
+    new_boot = "9b8c7d6e-5f40-4a3b-8c2d-1e0f9a8b7c6d"
+    host.write_proc(boot_id=new_boot, uptime="312.80 590.11")
+    _, findings, state = scout_lab.probe(host, state)
+    finding = only(findings, "reboot")
+    assert finding["key"] == "boot" and finding["severity"] == "warning" and finding["value"] == 312.8
+    assert finding["evidence"][0] == f"boot id {BOOT_ID} -> {new_boot}" and finding["title"] == "rebooted 5 min ago"
+    assert state["boot_id"] == new_boot
+    host.write_proc(boot_id=BOOT_ID, uptime="864012.35 1702345.10")
+
+
+def test_scout_an_unreachable_host_and_a_refused_key_are_told_apart(scout_lab):
+    closed = SimpleNamespace(name="gone", ssh="root@127.0.0.1", port=free_port(),
+                             identity_file=str(scout_lab.client_key))
+    report, findings, state = scout_lab.probe(closed, {"boot_id": BOOT_ID, "journal_until": 123})
+    assert not report["reachable"] and report["error"].startswith("unreachable: ssh: connect to host 127.0.0.1")
+    assert "Connection refused" in report["error"]
+    finding = only(findings, "unreachable")
+    assert finding["severity"] == "critical" and finding["key"] == "ssh" and len(findings) == 1
+    assert state["boot_id"] == BOOT_ID and state["journal_until"] == 123  # kept for when it comes back
+    refused = scout_lab.host("refused", authorized=False)
+    report, findings, _ = scout_lab.probe(refused)
+    assert not report["reachable"] and report["error"].startswith("auth refused: ")
+    assert "Permission denied (publickey)" in report["error"]
+    finding = only(findings, "auth")
+    assert finding["key"] == "ssh" and finding["severity"] == "critical" and len(findings) == 1
+
+
+def test_scout_a_changed_host_key_is_refused(scout_lab, tmp_path):
+    host = scout_lab.host("healthy", docker=DOCKER_HEALTHY)
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True, timeout=30)
+    pinned = tmp_path / "known_hosts"
+    pinned.write_text(f"[127.0.0.1]:{host.port} {other.with_suffix('.pub').read_text()}")
+    report, findings, _ = scout_lab.probe(host, known_hosts_file=str(pinned))
+    assert not report["reachable"] and report["error"].startswith("host key refused: ")
+    assert only(findings, "auth")["key"] == "host_key"
+
+
+def test_scout_a_host_without_systemd_reports_those_checks_unavailable_not_healthy(scout_lab):
+    host = scout_lab.host("nosystemd", systemd=False)
+    report, findings, state = scout_lab.probe(host)
+    assert findings == []
+    assert report["unavailable"] == ["systemd: systemd is not running (no /run/systemd/system)",
+                                     "journal: systemd-journald is not running (no /run/systemd/system)",
+                                     "docker: docker not found"]
+    assert not report["systemd"]["available"] and not report["journal"]["available"]
+    assert state["unavailable"] == report["unavailable"] and state["journal_until"] is None
+    assert report["filesystems"] and report["memory"]  # the rest was still checked
+
+
+def test_scout_docker_containers_restarting_or_unhealthy_are_findings(scout_lab):
+    containers = [*DOCKER_HEALTHY, {**DOCKER_HEALTHY[0], "ID": "c0ffee123456", "Names": "paperless",
+                                    "Status": "Restarting (1) 5 seconds ago", "State": "restarting"},
+                  {**DOCKER_HEALTHY[0], "ID": "badc0de98765", "Names": "immich",
+                   "Status": "Up 3 hours (unhealthy)", "State": "running"}]
+    host = scout_lab.host("docker", docker=containers)
+    findings = {f["key"]: f for f in scout_lab.probe(host)[1]}
+    assert set(findings) == {"paperless", "immich"}
+    assert findings["paperless"]["severity"] == "critical" and findings["paperless"]["title"] == \
+        "container paperless restarting"
+    assert findings["immich"]["severity"] == "warning"
+    assert findings["immich"]["evidence"] == ["immich (nginx:1.27): Up 3 hours (unhealthy)"]
+
+
+def test_scout_ten_hosts_in_parallel_one_hanging_take_only_the_hang_timeout(scout_lab):
+    hosts = [scout_lab.host("healthy", docker=DOCKER_HEALTHY), scout_lab.host("hang", hang=True)]
+    for i in range(8):
+        hosts.append(scout_lab.host(f"fleet{i}"))
+    limits = {**scout_lab.limits, "probe_timeout_s": 3}
+    started = time.monotonic()
+    results = cp.probe_fleet([h.machine for h in hosts], limits, {}, time.time())
+    took = time.monotonic() - started
+    assert took < 3 + 5, took
+    assert set(results) == {h.name for h in hosts}
+    report, findings, _ = results["hang"]
+    assert report["error"] == "timeout after 3s" and report["reachable"]  # it answered, then df hung
+    assert only(findings, "probe")["title"] == "probe timed out after 3s" and len(findings) == 1
+    assert "disk: df was cut short" in report["unavailable"]
+    for name, (report, findings, _) in results.items():
+        if name != "hang":
+            assert report["complete"] and findings == [], (name, report["error"], findings)
+
+
+def test_scout_this_box_is_probed_locally_without_ssh():
+    assert cp.scout_argv(SimpleNamespace(name="here", ssh="localhost", port=22), {}) == ["sh", "-s"]
+    before = time.time()
+    report = cp.probe_machine_report(SimpleNamespace(name="here", ssh="localhost", port=22), {}, None)
+    assert report["reachable"] and report["complete"] and report["error"] == ""
+    assert report["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert report["cores"] == os.cpu_count() and before - 1 <= report["collected_at"] <= time.time()
+    assert report["systemd"]["available"] == os.path.isdir("/run/systemd/system")
+    findings, _ = cp.find_faults(report, None, {}, time.time())
+    assert not [f for f in findings if f["check"] == "clock_skew"]
+
+
+def test_scout_ssh_argv_is_batch_mode_with_no_shell_and_numbers_only_in_the_script():
+    machine = SimpleNamespace(name="nas", ssh="admin@nas.lan", port=2222, identity_file="~/.ssh/scout")
+    argv = cp.scout_argv(machine, {"ssh_timeout_s": 7, "known_hosts_file": "/etc/scout/known_hosts"})
+    assert argv[:6] == ["ssh", "-T", "-a", "-x", "-o", "BatchMode=yes"]
+    assert "ConnectTimeout=7" in argv and "StrictHostKeyChecking=accept-new" in argv
+    assert "UserKnownHostsFile=/etc/scout/known_hosts" in argv and "IdentitiesOnly=yes" in argv
+    assert argv[argv.index("-i") + 1] == str(Path("~/.ssh/scout").expanduser())
+    assert argv[-6:] == ["-p", "2222", "--", "admin@nas.lan", "sh", "-s"]
+    for bad in ("-oProxyCommand=touch /tmp/x", "nas lan", "nas\n"):
+        with pytest.raises(ValueError):
+            cp.scout_argv(SimpleNamespace(name="x", ssh=bad, port=22), {})
+    with pytest.raises(ValueError):
+        cp.scout_argv(machine, {"host_key_checking": "no"})
+    script = cp.scout_script({"journal_max_lines": "50; rm -rf /", "step_timeout_s": 2.5}, 1700000000.9)
+    assert script.startswith("scout_since=1700000000\nscout_window_s=900\nscout_max_window_s=3600\n"
+                             "scout_lines=10\nscout_step_s=2\n")
+
+
+# ---- pure: the parser, the normaliser and the flood rate -------------------
+
+def probe_text(**sections: str) -> str:
+    """Probe output with these sections (name -> body) and status 0, then the end marker."""
+    parts = []
+    for name, body in sections.items():
+        parts.append(f"\n@@scout-section {name}\n{body}")
+        if name != "host":
+            parts.append("\n@@scout-rc 0\n")
+    return "".join(parts) + "\n@@scout-section end\n"
+
+
+def journal_lines(start: int, seconds: int, every: float, unit: str, message: str) -> str:
+    lines, t, i = [], start + 1.0, 0
+    while t <= start + seconds:
+        lines.append(json.dumps({"__REALTIME_TIMESTAMP": str(int(t * 1e6)), "_SYSTEMD_UNIT": unit,
+                                 "PRIORITY": "3",
+                                 "MESSAGE": message.format(i=i, t=int(t), clock=time.strftime("%H:%M:%S", time.gmtime(t)))}))
+        t, i = t + every, i + 1
+    return "\n".join(lines)
+
+
+def journal_report(start: int, seconds: int, lines: str, count: int | None = None) -> dict:
+    host = f"now={start + seconds}\nsince={start}\nboot_id={BOOT_ID}\n"
+    text = probe_text(host=host, journal=lines, journal_count=str(count if count is not None else
+                                                                  len(lines.splitlines())))
+    return cp.parse_probe(text)
+
+
+@pytest.mark.parametrize("minutes", [1, 15])
+def test_scout_a_5_second_timer_floods_in_a_1_and_a_15_minute_window(minutes):
+    start = 1_800_000_000
+    lines = journal_lines(start, minutes * 60, 5, "cert-check.service",
+                          "cert-check[{i}]: 2026-11-25T{clock}Z error: certificate 0x{t:x} expired ({i} tries)")
+    report = journal_report(start, minutes * 60, lines)
+    findings, _ = cp.find_faults(report, None, {}, start + minutes * 60)
+    flood = only(findings, "journal_flood")
+    assert flood["value"] == 12.0 and flood["key"].startswith("cert-check.service ")
+    assert flood["evidence"][1] == "pattern: cert-check[<n>]: <time> error: certificate <hex> expired (<n> tries)"
+
+
+def test_scout_a_handful_of_distinct_errors_or_one_burst_is_no_flood():
+    start = 1_800_000_000
+    distinct = "\n".join(journal_lines(start + 60 * i, 60, 600, f"unit{i}.service", f"error kind {chr(97 + i)}")
+                         for i in range(6))
+    findings, _ = cp.find_faults(journal_report(start, 900, distinct), None, {}, start + 900)
+    assert findings == []
+    burst = journal_lines(start + 400, 3, 0.05, "app.service", "panic: index {i} out of range")  # 60 in 3 s
+    findings, _ = cp.find_faults(journal_report(start, 900, burst), None, {}, start + 900)
+    assert findings == []
+
+
+def test_scout_a_flood_larger_than_the_sample_is_rated_by_the_total_count():
+    start = 1_800_000_000
+    lines = journal_lines(start + 840, 60, 0.5, "loop.service", "retrying in {i} ms")  # the newest 120 read
+    report = journal_report(start, 900, lines, count=5400)  # of 5400 counted: 6 a second all along
+    flood = only(cp.find_faults(report, None, {}, start + 900)[0], "journal_flood")
+    assert flood["value"] == 360.0 and flood["severity"] == "critical"
+
+
+def test_scout_normalise_log_line_groups_the_same_error():
+    same = ["sshd[1234]: error: Failed password for root from 10.0.0.7 port 51234 ssh2",
+            "sshd[98]: error: Failed password for root from 192.168.1.200 port 2200 ssh2"]
+    assert len({cp.normalise_log_line(line) for line in same}) == 1
+    assert cp.normalise_log_line(same[0]) == "sshd[<n>]: error: Failed password for root from <ip> port <n> ssh<n>"
+    assert cp.normalise_log_line("2026-11-25T10:01:02.123+01:00 job 3f2a9c1e-0b4d-4e5f-8a9b-0c1d2e3f4a5b "
+                                 "failed at 0xdeadbeef in /var/lib/app/42/state  (container 4edf61bfedce12)") == \
+        "<time> job <uuid> failed at <hex> in /var/lib/app/<n>/state (container <hex>)"
+    assert cp.normalise_log_line("Nov  5 10:01:02 disk sda1 full") == "<time> disk sda<n> full"
+    assert cp.normalise_log_line("Connection refused") != cp.normalise_log_line("Connection reset")
+
+
+def test_scout_parse_probe_survives_garbage_and_cut_output():
+    blocks, inodes = df_tables(HEALTHY_FILESYSTEMS)
+    full = probe_text(
+        host=f"now=1800000000\nsince=1799999100\nboot_id={BOOT_ID}\nuptime_s=12.5\nload=0.1 0.2 0.3\ncores=4\n",
+        meminfo=MEMINFO.format(available=8000000, swap_total=1000, swap_free=100), df=blocks, inodes=inodes,
+        failed="● a.service loaded failed failed A\n", restarts=unit_show("b.service", 3) + "\n\nnot a block\n",
+        journal='{"__REALTIME_TIMESTAMP" : "1799999500000000", "MESSAGE" : null}\n[1, 2]\n{"MESSAGE": "x"}\n',
+        journal_count="3", docker='{"Names": "x", "Status": "Restarting (2) 1 second ago"}\nnot json\n{}\n')
+    report = cp.parse_probe(full)
+    assert report["complete"] and report["swap"]["used_pct"] == 90.0 and report["cores"] == 4
+    assert [u["unit"] for u in report["systemd"]["failed"]] == ["a.service"]
+    assert report["systemd"]["restarts"] == {"b.service": 3}
+    assert report["journal"]["sampled"] == 1 and report["journal"]["patterns"][0]["sample"] == \
+        "(message too large or empty)"
+    assert report["docker"]["containers"][0]["state"] == "restarting"
+    for cut in range(0, len(full), 7):
+        cp.parse_probe(full[:cut])
+    for noise in ("", "\x00\xff", "@@scout-section host\nload=a b c\ncores=-3\nnow=x", "@@scout-rc 0\n" * 3,
+                  "@@scout-section df\n" + "/dev/x ext4 - - - - /\n" + "@@scout-rc zz\n@@scout-section end"):
+        report = cp.parse_probe(noise)
+        json.dumps(report)
+    hint = probe_text(host="now=9\n", journal="Hint: You are currently not seeing messages from other users and the "
+                      "system.\n      Users in groups 'adm', 'systemd-journal' can see all messages.")
+    assert "journal: partly: the ssh user sees only its own entries" in " ".join(cp.parse_probe(hint)["unavailable"])
+    unreached = cp.parse_probe("")
+    assert not unreached["reachable"] and unreached["unavailable"] == []
+    partial = cp.parse_probe("@@scout-section host\nnow=5\n@@scout-section df\nFilesystem\n@@scout-rc 124\n")
+    assert "disk: df timed out" in partial["unavailable"] and not partial["complete"]
+
+
+def test_scout_find_faults_on_load_swap_clock_and_pseudo_filesystems():
+    host = f"now=1800000400\nsince=1800000000\nboot_id={BOOT_ID}\nuptime_s=99\nload=9.0 8.0 7.0\ncores=2\n"
+    blocks, inodes = df_tables([("tmpfs", "tmpfs", "/dev/shm", 100, 100, 0, 10, 10),
+                                ("/dev/loop0", "squashfs", "/snap/x/1", 100, 100, 0, 10, 10)])
+    report = cp.parse_probe(probe_text(host=host, meminfo=MEMINFO.format(available=8000000, swap_total=1000,
+                                                                        swap_free=150), df=blocks, inodes=inodes))
+    report.update(machine="m", error="", started_at=1800000000.0, elapsed_s=0.5)
+    findings = {f["check"]: f for f in cp.find_faults(report, {"boot_id": BOOT_ID}, {}, 1800000001)[0]}
+    assert set(findings) == {"load", "swap", "clock_skew"}
+    assert findings["load"]["value"] == 3.5 and findings["load"]["severity"] == "critical"
+    assert findings["swap"]["value"] == 85.0 and findings["swap"]["severity"] == "warning"
+    assert findings["clock_skew"]["value"] == 399.5 and findings["clock_skew"]["severity"] == "critical"
+    assert findings["clock_skew"]["title"] == "clock +400s off the scout's"
+    report.update(collected_at=1800000000)  # read within the probe's span: no skew
+    assert "clock_skew" not in {f["check"] for f in cp.find_faults(report, None, {}, 1800000001)[0]}
