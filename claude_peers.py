@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import concurrent.futures
 import contextlib
 import datetime as dt
@@ -21,11 +20,13 @@ import hashlib
 import hmac
 import http
 import http.client
+import importlib.util
 import ipaddress
 import json
 import logging
 import math
 import os
+import py_compile
 import random
 import re
 import resource
@@ -115,6 +116,13 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return True
     return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def module_command(*args: str) -> list[str]:
+    """This program as a child process that imports the module, so it starts from cached
+    bytecode (a file run as a script is compiled at every start, and keeps the residue)."""
+    boot = "import sys; sys.path.insert(0, sys.argv.pop(1)); import claude_peers; sys.exit(claude_peers.main())"
+    return [sys.executable, "-c", boot, str(Path(__file__).resolve().parent), *args]
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -2102,15 +2110,32 @@ class BrokerUnreachable(UserError):
     """The broker did not answer (down, wrong URL, network)."""
 
 
+def broker_url_parts(url: str) -> urllib.parse.SplitResult:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"broker url {url!r} is not an http(s) URL (set CLAUDE_PEERS_URL or [broker] url)")
+    return parts
+
+
+def request_parts(token: str, secret: str | None, method: str,
+                  body: dict[str, Any] | None) -> tuple[dict[str, str], bytes | None]:
+    """Headers and body of an API call, as both clients send them."""
+    headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+    if secret:
+        headers["X-Session-Secret"] = secret
+    data = None
+    if body is not None or method == "POST":
+        data = json.dumps(body or {}).encode()
+        headers["Content-Type"] = "application/json"
+    return headers, data
+
+
 class BrokerClient:
     """A keep-alive JSON client for the broker API; one connection, so one caller at a time."""
 
     def __init__(self, url: str, token: str, timeout: float = 10.0) -> None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UserError(f"broker url {url!r} is not an http(s) URL (set CLAUDE_PEERS_URL or [broker] url)")
         self.url = url
-        self.parts = parts
+        self.parts = broker_url_parts(url)
         self.token = token
         self.timeout = timeout
         self.conn: http.client.HTTPConnection | None = None
@@ -2140,21 +2165,10 @@ class BrokerClient:
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RDWR)
 
-    def request_parts(self, method: str, body: dict[str, Any] | None) -> tuple[dict[str, str], bytes | None]:
-        """Headers and body of an API call (the async client sends the same)."""
-        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
-        if self.session_secret:
-            headers["X-Session-Secret"] = self.session_secret
-        data = None
-        if body is not None or method == "POST":
-            data = json.dumps(body or {}).encode()
-            headers["Content-Type"] = "application/json"
-        return headers, data
-
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
              timeout: float | None = None) -> Any:
         """One API call; retried once on a dropped keep-alive connection."""
-        headers, data = self.request_parts(method, body)
+        headers, data = request_parts(self.token, self.session_secret, method, body)
         with self.lock:
             for attempt in (0, 1):
                 fresh = self.conn is None
@@ -2208,50 +2222,63 @@ def decode_reply(url: str, status: int, raw: bytes) -> Any:
 
 
 class AsyncBrokerClient:
-    """The broker API from asyncio, for the shim's tool calls: no thread hop per call.
-    Credentials come from the sync client it wraps (it registers the session)."""
+    """The broker API from asyncio, for the shim: one keep-alive connection, one call at a
+    time (a lock), no thread hop per call. A session's second connection (for its
+    long-poll) shares the credentials through ``attach``."""
 
-    def __init__(self, client: BrokerClient, timeout: float = 10.0) -> None:
-        self.client = client
-        self.timeout = timeout
+    def __init__(self, url: str, token: str, timeout: float = 10.0) -> None:
+        self.url, self.parts, self.token, self.timeout = url, broker_url_parts(url), token, timeout
+        self.session_id: str | None = None
+        self.session_secret: str | None = None
         self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        self.lock: asyncio.Lock | None = None
+        self.lock = asyncio.Lock()
 
-    async def session_call(self, method: str, suffix: str, body: dict[str, Any] | None = None) -> Any:
-        if self.client.session_id is None:
+    def attach(self, other: AsyncBrokerClient) -> AsyncBrokerClient:
+        self.session_id, self.session_secret = other.session_id, other.session_secret
+        return self
+
+    async def register(self, info: dict[str, Any]) -> dict[str, Any]:
+        session = await self.call("POST", "/api/sessions", info)
+        self.session_id, self.session_secret = session["id"], session["secret"]
+        return session
+
+    async def session_call(self, method: str, suffix: str, body: dict[str, Any] | None = None,
+                           timeout: float | None = None) -> Any:
+        if self.session_id is None:
             raise BrokerUnreachable("not registered with the broker yet")
-        return await self.call(method, f"/api/sessions/{self.client.session_id}{suffix}", body)
+        return await self.call(method, f"/api/sessions/{self.session_id}{suffix}", body, timeout)
 
-    async def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    async def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+                   timeout: float | None = None) -> Any:
         """One API call; retried once on a dropped keep-alive connection."""
-        headers, data = self.client.request_parts(method, body)
-        parts = self.client.parts
+        headers, data = request_parts(self.token, self.session_secret, method, body)
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        request = (f"{method} {path} HTTP/1.1\r\nHost: {parts.netloc}\r\n{head}Content-Length: {len(data or b'')}"
-                   "\r\n\r\n").encode() + (data or b"")
-        self.lock = self.lock or asyncio.Lock()
+        request = (f"{method} {path} HTTP/1.1\r\nHost: {self.parts.netloc}\r\n{head}Content-Length:"
+                   f" {len(data or b'')}\r\n\r\n").encode() + (data or b"")
         async with self.lock:
             for attempt in (0, 1):
                 fresh = self.streams is None
                 try:
                     if self.streams is None:
-                        port = parts.port or (443 if parts.scheme == "https" else 80)
-                        context = ssl.create_default_context() if parts.scheme == "https" else None
-                        self.streams = await asyncio.wait_for(
-                            asyncio.open_connection(parts.hostname, port, ssl=context), self.timeout)
+                        self.streams = await asyncio.wait_for(self._connect(), self.timeout)
                     reader, writer = self.streams
                     writer.write(request)
-                    status, raw, close = await asyncio.wait_for(read_reply(reader), self.timeout)
+                    status, raw, close = await asyncio.wait_for(read_reply(reader), timeout or self.timeout)
                     if close:
                         self.close()
-                    return decode_reply(self.client.url, status, raw)
+                    return decode_reply(self.url, status, raw)
                 except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                         ValueError) as exc:
                     self.close()
                     if fresh or attempt or isinstance(exc, TimeoutError):
-                        raise BrokerUnreachable(f"broker at {self.client.url} unreachable:"
-                                                f" {exc or type(exc).__name__}") from None
+                        raise BrokerUnreachable(f"broker at {self.url} unreachable: {exc or type(exc).__name__}") \
+                            from None
         raise AssertionError("unreachable")
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        port = self.parts.port or (443 if self.parts.scheme == "https" else 80)
+        context = ssl.create_default_context() if self.parts.scheme == "https" else None
+        return await asyncio.open_connection(self.parts.hostname, port, ssl=context)
 
     def close(self) -> None:
         if self.streams is not None:
@@ -2276,15 +2303,19 @@ def client_from_config(cfg: Config, timeout: float = 10.0) -> BrokerClient:
 # Shim: the MCP server Claude Code spawns in every session
 # ===========================================================================
 #
-# The shim owns stdin/stdout itself and feeds the official SDK through memory
-# streams. That buys three things the SDK's stdio transport cannot give:
-# `initialize` is answered before the SDK (about a second of imports) is loaded;
-# a channel push is known to be written before it is acknowledged; and the
-# handshake stays on the 2025 protocol however the client probes.
+# The shim speaks MCP's stdio transport itself: newline-delimited JSON-RPC 2.0, the
+# `initialize` handshake (kept on the 2025 protocol however the client probes: a server on
+# the 2026 protocol cannot be a channel), `tools/list`, `tools/call`, `ping`, cancellation,
+# and the error the JSON-RPC spec prescribes for every line it cannot take. The official
+# SDK costs ~32 MB and a second of imports per session, so it only judges the shim: the
+# tests and `doctor` drive it with the SDK's client. One asyncio loop holds the session:
+# registration, tool calls, and the long-poll that turns leased mail into channel pushes.
 
 SERVER_NAME = "claude-peers"
 CHANNEL_METHOD = "notifications/claude/channel"
-HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")  # mcp_types' handshake list
+HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")  # the SDK's 2025 handshake list
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR = -32700, -32600, -32601, -32602, -32603
+MAX_LINE_BYTES = 8 << 20  # a longer line is answered as a parse error and skipped
 INSTRUCTIONS_MEMORY_BYTES = 2048
 INSTRUCTIONS_PEERS = 20
 SEEN_LIMIT = 100_000
@@ -2294,7 +2325,7 @@ TOOLS: list[dict[str, Any]] = [
      "description": "List the other Claude Code sessions in the claude-peers fleet (other machines, other"
                     " directories): id, agent name, machine, directory, git branch and what each is working on."
                     " Use it to find who to ask or tell something.",
-     "input_schema": {"type": "object", "properties": {
+     "inputSchema": {"type": "object", "properties": {
          "scope": {"type": "string", "enum": list(SCOPES), "default": "all",
                    "description": "all: the whole fleet; machine: this machine; repo: same git repository;"
                                   " directory: same working directory"}}}},
@@ -2303,7 +2334,7 @@ TOOLS: list[dict[str, Any]] = [
                     " agent name, or to '*' (everyone in a scope). Use this to answer a <channel"
                     " source=\"claude-peers\"> message (pass its message_id as reply_to) - not the built-in"
                     " SendMessage tool. The result says if the peer is online, queued or unreachable.",
-     "input_schema": {"type": "object", "required": ["to", "text"], "properties": {
+     "inputSchema": {"type": "object", "required": ["to", "text"], "properties": {
          "to": {"type": "string", "description": "a session id, an agent name, or '*' for a broadcast"},
          "text": {"type": "string", "description": "the message (up to 64 KiB)"},
          "reply_to": {"type": "string", "description": "the message_id this answers (threads the conversation)"},
@@ -2311,18 +2342,62 @@ TOOLS: list[dict[str, Any]] = [
     {"name": "set_summary",
      "description": "Tell the other sessions in the claude-peers fleet what this session is working on, in"
                     " 1-2 sentences. Call it at the start of work and when the task changes.",
-     "input_schema": {"type": "object", "required": ["summary"], "properties": {
+     "inputSchema": {"type": "object", "required": ["summary"], "properties": {
          "summary": {"type": "string", "description": "1-2 sentences, at most 1000 characters"}}}},
     {"name": "check_messages",
      "description": "Fetch every claude-peers message to this session not yet returned by check_messages."
                     " Use it when a tool result says peer messages are waiting, or if <channel> messages do"
                     " not appear on their own.",
-     "input_schema": {"type": "object", "properties": {}}},
+     "inputSchema": {"type": "object", "properties": {}}},
     {"name": "whoami",
      "description": "Show this session's claude-peers identity (session id, agent name, machine, directory)"
                     " and whether the broker is reachable.",
-     "input_schema": {"type": "object", "properties": {}}},
+     "inputSchema": {"type": "object", "properties": {}}},
 ]
+
+
+class ToolArgumentError(Exception):
+    """Tool arguments that do not fit the tool's input schema."""
+
+
+def _argument_fits(value: Any, spec: dict[str, Any]) -> bool:
+    kind = spec.get("type", "string")
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "array":
+        return isinstance(value, list) and all(_argument_fits(item, spec.get("items", {})) for item in value)
+    return False
+
+
+def check_tool_arguments(tool: str, schema: dict[str, Any], args: Any) -> dict[str, Any]:
+    """Arguments checked against a tool's input schema (types, enums, required, no strangers);
+    null means absent. The shim's tools and the daemons' tools share this one checker."""
+    if not isinstance(args, dict):
+        raise ToolArgumentError(f"{tool}: arguments must be a JSON object")
+    properties = schema.get("properties", {})
+    for key in args:
+        if key not in properties:
+            raise ToolArgumentError(f"{tool}: unknown argument {str(key)[:64]!r}"
+                                    f" (arguments: {', '.join(properties) or 'none'})")
+    clean = {key: value for key, value in args.items() if value is not None}
+    for key in schema.get("required", []):
+        if key not in clean:
+            raise ToolArgumentError(f"{tool}: missing required argument {key!r}")
+    for key, value in clean.items():
+        spec = properties[key]
+        if not _argument_fits(value, spec):
+            raise ToolArgumentError(f"{tool}: argument {key!r} must be {'an' if spec.get('type') == 'integer' else 'a'}"
+                                    f" {spec.get('type', 'string')}" + (" of strings" if spec.get("type") == "array"
+                                                                        else ""))
+        if "enum" in spec and value not in spec["enum"]:
+            raise ToolArgumentError(f"{tool}: argument {key!r} must be one of {', '.join(map(str, spec['enum']))}")
+        texts = value if isinstance(value, list) else [value]
+        if not all(storable_text(t) for t in texts if isinstance(t, str)):
+            raise ToolArgumentError(f"{tool}: argument {key!r} holds a broken character (a lone surrogate, such as"
+                                    " half of a cut emoji); send it again as valid text")
+    return clean
 
 
 def find_agent_name(explicit: str | None, cwd: Path) -> str | None:
@@ -2364,12 +2439,18 @@ class StdioWire:
         self.writer = os.fdopen(wire_out, "wb", buffering=65536)
         self.lock = threading.Lock()
 
-    def readline(self) -> bytes:
-        return self.reader.readline()
+    def readline(self) -> bytes | None:
+        """One line (b'' at EOF); None for a line over MAX_LINE_BYTES, which is skipped."""
+        line = self.reader.readline(MAX_LINE_BYTES + 1)
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            return line
+        while line and not line.endswith(b"\n"):
+            line = self.reader.readline(MAX_LINE_BYTES)
+        return None
 
-    def write(self, message: dict[str, Any] | bytes) -> None:
+    def write(self, message: dict[str, Any]) -> None:
         """Write one message and flush: when this returns, it is in the client's pipe."""
-        data = message if isinstance(message, bytes) else json.dumps(message, separators=(",", ":")).encode()
+        data = json.dumps(message, separators=(",", ":")).encode()  # ASCII: a lone surrogate stays an escape
         with self.lock:
             self.writer.write(data + b"\n")
             self.writer.flush()
@@ -2404,104 +2485,111 @@ class Shim:
         self.cfg = cfg
         self.wire = wire
         self.wanted_name = name
-        self.instructions_text: str | None = None  # as answered in the early handshake
+        self.cwd = cwd
         self.url = cfg.broker_url
-        self.token_error = ""
+        self.token_error = ""  #: why there is no fleet token (the tools say it)
         try:
             token = read_token(cfg)
         except UserError as exc:
             token, self.token_error = "", str(exc)
-        self.tools_client = BrokerClient(self.url, token, timeout=10)  # registration, instructions, leave
-        self.atools = AsyncBrokerClient(self.tools_client)  # tool calls, from the SDK's loop
-        self.poll_client = BrokerClient(self.url, token, timeout=10)
-        git_root, branch = git_info(cwd)
-        self.info = {"machine": cfg.machine, "pid": os.getpid(), "cwd": str(cwd), "git_root": git_root,
-                     "branch": branch, "tty": tty_of(os.getppid()),
-                     "client": "claude-code" if os.environ.get("CLAUDECODE") else "mcp", "summary": ""}
-        self.session: dict[str, Any] | None = None
-        self.name_note = ""  # why the wanted name is not held
-        self.last_error = ""
-        self.lock = threading.Lock()
-        self.seen: dict[str, None] = {}  # message ids pushed or returned: never shown twice
-        self.unread: dict[str, dict[str, Any]] = {}  # pushed, not yet read or answered
-        self.pending_acks: list[str] = []
-        self.first_attempt = threading.Event()
-        self.initialized = threading.Event()  # the client sent notifications/initialized
-        self.stopping = threading.Event()
+        self.tools_client = AsyncBrokerClient(self.url, token)  #: registration, tools, acknowledgements
+        self.poll_client = AsyncBrokerClient(self.url, token, timeout=cfg.broker.poll_wait_s + 15)
+        self.session: dict[str, Any] | None = None  #: as registered; None until then or after the broker forgot it
+        self.name_note = ""  #: why the wanted name is not held
+        self.last_error = ""  #: the last failure to reach the broker, '' when it answers
+        self.seen: dict[str, None] = {}  #: message ids pushed or returned: never shown twice
+        self.unread: dict[str, dict[str, Any]] = {}  #: pushed, not yet read or answered
+        self.unacked: list[str] = []  #: pushed, but the broker has not taken the acknowledgement yet
+        self.attempted = asyncio.Event()  #: the first registration attempt is over (instructions wait for it)
+        self.initialized = asyncio.Event()  #: the client sent notifications/initialized: pushes may flow
 
     # -- connection to the broker ----------------------------------------------
 
-    def _register(self) -> None:
-        info = {**self.info, "summary": self.session["summary"] if self.session else ""}
+    def _session_info(self) -> dict[str, Any]:
+        git_root, branch = git_info(self.cwd)
+        return {"machine": self.cfg.machine, "pid": os.getpid(), "cwd": str(self.cwd), "git_root": git_root,
+                "branch": branch, "tty": tty_of(os.getppid()),
+                "client": "claude-code" if os.environ.get("CLAUDECODE") else "mcp", "summary": ""}
+
+    async def _register(self, info: dict[str, Any]) -> None:
+        info = {**info, "summary": self.session["summary"] if self.session else ""}
+        session = None
         if self.wanted_name:
             try:
-                session = self.tools_client.register({**info, "name": self.wanted_name})
+                session = await self.tools_client.register({**info, "name": self.wanted_name})
                 self.name_note = ""
             except ApiError as exc:
                 if exc.status != 409:
                     raise
                 self.name_note = f"the agent name {self.wanted_name!r} is taken: {exc.message}"
-                session = self.tools_client.register(info)
-        else:
-            session = self.tools_client.register(info)
+        if session is None:
+            session = await self.tools_client.register(info)
         self.poll_client.attach(self.tools_client)
-        with self.lock:
-            self.session = session
-            self.last_error = ""
+        self.session, self.last_error = session, ""
         log.info("registered as session %s%s", session["id"], f" ({session['name']})" if session["name"] else "")
 
-    def run(self) -> None:
-        """The session thread: register, then long-poll and push until stopped; retry with backoff."""
+    async def run(self) -> None:
+        """The session: register, then long-poll and push until cancelled; retry with backoff."""
+        info = await asyncio.to_thread(self._session_info)  # git runs in a subprocess
         backoff = 0.25
-        while not self.stopping.is_set():
+        while True:
             try:
                 if self.session is None:
                     if self.token_error:
                         raise UserError(self.token_error)
-                    self._register()
+                    await self._register(info)
                     backoff = 0.25
-                self.first_attempt.set()
-                if not self.initialized.wait(1.0):
-                    continue
-                self._poll_once()
+                self.attempted.set()
+                await self.initialized.wait()
+                await self._poll_once()
                 backoff = 0.25
             except ApiError as exc:
                 if exc.extra.get("code") == "unknown_session":
                     log.info("broker forgot session %s: registering again", self.session and self.session["id"])
                     self.session = None
                     continue
-                self._failed(f"broker refused: {exc.message}", backoff)
+                await self._failed(f"broker refused: {exc.message}", backoff)
                 backoff = min(backoff * 2, 30.0)
             except UserError as exc:  # BrokerUnreachable, missing token
-                self._failed(str(exc), backoff)
+                await self._failed(str(exc), backoff)
                 backoff = min(backoff * 2, 30.0)
 
-    def _failed(self, error: str, backoff: float) -> None:
-        with self.lock:
-            if error != self.last_error:
-                log.warning("%s (retrying every %.0fs at most)", error, 30)
-            self.last_error = error
-        self.first_attempt.set()
-        self.stopping.wait(backoff)
+    async def _failed(self, error: str, backoff: float) -> None:
+        if error != self.last_error:
+            log.warning("%s (retrying every %.0fs at most)", error, 30)
+        self.last_error = error
+        self.attempted.set()
+        await asyncio.sleep(backoff)
 
-    def _poll_once(self) -> None:
-        acks = self.pending_acks
-        body = {"wait_s": self.cfg.broker.poll_wait_s, "max": 100, "ack": acks}
-        messages = self.poll_client.session_call("POST", "/poll", body,
-                                                 timeout=self.cfg.broker.poll_wait_s + 15)["messages"]
-        if self.pending_acks is acks:
-            self.pending_acks = []
+    async def _poll_once(self) -> None:
+        """Lease mail (waiting for it), push each message, acknowledge the batch at once."""
+        body: dict[str, Any] = {"wait_s": self.cfg.broker.poll_wait_s, "max": 100}
+        if self.unacked:  # an acknowledgement that failed rides on the poll
+            body["ack"], self.unacked = self.unacked, []
+        try:
+            messages = (await self.poll_client.session_call("POST", "/poll", body))["messages"]
+        except (UserError, ApiError):
+            self.unacked = body.get("ack", []) + self.unacked
+            raise
         for message in messages:
             self._push(message)
-            self.pending_acks.append(message["id"])
+        if messages:
+            asyncio.get_running_loop().create_task(self._acknowledge([m["id"] for m in messages]))
+
+    async def _acknowledge(self, ids: list[str]) -> None:
+        """Delivered: the pushes are in the client's pipe. If the broker cannot take it now,
+        the next poll carries it; until then a crash shows these messages again."""
+        try:
+            await self.tools_client.session_call("POST", "/ack", {"ids": ids, "state": "delivered"})
+        except (UserError, ApiError):
+            self.unacked += ids
 
     def _push(self, message: dict[str, Any]) -> None:
         """Write a channel notification once per message id, ever, in this session."""
-        with self.lock:
-            if message["id"] in self.seen:
-                return
-            self._remember(message["id"])
-            self.unread[message["id"]] = message
+        if message["id"] in self.seen:
+            return
+        self._remember(message["id"])
+        self.unread[message["id"]] = message
         meta = {"from_name": message["from_name"], "from_id": message["from_id"],
                 "from_machine": message["from_machine"], "from_cwd": message["from_cwd"],
                 "message_id": message["id"], "thread_id": message["thread_id"], "sent_at": message["sent_at"]}
@@ -2515,23 +2603,23 @@ class Shim:
         if len(self.seen) > SEEN_LIMIT:
             del self.seen[next(iter(self.seen))]
 
-    def leave(self) -> None:
+    async def leave(self) -> None:
         """Flush acknowledgements and unregister (stdin closed: the Claude session ended)."""
-        self.stopping.set()
         if self.session is None:
             return
         with contextlib.suppress(UserError, ApiError):
-            if self.pending_acks:
-                self.tools_client.session_call("POST", "/ack", {"ids": self.pending_acks, "state": "delivered"},
-                                               timeout=3)
-            self.tools_client.session_call("POST", "/leave", timeout=3)
+            if self.unacked:
+                await self.tools_client.session_call("POST", "/ack", {"ids": self.unacked, "state": "delivered"},
+                                                     timeout=3)
+            await self.tools_client.session_call("POST", "/leave", timeout=3)
         log.info("left the fleet")
 
     # -- what the model sees -----------------------------------------------------
 
-    def instructions(self) -> str:
+    async def instructions(self) -> str:
         """The system-prompt addition: who we are, how messages arrive, the fleet right now."""
-        self.first_attempt.wait(3.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.attempted.wait(), 3.0)
         lines = [("This session is connected to claude-peers, the hub that lets the Claude Code sessions on"
                   " every machine of this homelab see and message each other.")]
         peers, memory = [], ""
@@ -2542,8 +2630,8 @@ class Shim:
             if self.name_note:
                 lines.append(f"Note: {self.name_note}. You can still send and receive by session id.")
             with contextlib.suppress(UserError, ApiError):
-                peers = self.tools_client.session_call("GET", "/peers?scope=all", timeout=2)["peers"]
-                memory = self.tools_client.call("GET", "/api/memory", timeout=2)["text"]
+                peers = (await self.tools_client.session_call("GET", "/peers?scope=all", timeout=2))["peers"]
+                memory = (await self.tools_client.call("GET", "/api/memory", timeout=2))["text"]
         else:
             lines.append(f"The broker at {self.url} is not reachable yet ({self.last_error}); the tools will"
                          " say so until it is, and this session registers by itself when it comes back.")
@@ -2570,32 +2658,23 @@ class Shim:
                          + ("\n[... truncated]" if len(memory.encode()) > INSTRUCTIONS_MEMORY_BYTES else ""))
         return "\n".join(lines)
 
-    async def call_tool(self, name: str, args: dict[str, Any]) -> str:
+    async def call_tool(self, name: str, args: Any) -> str:
         """Run one tool; raises ShimError with a readable message on any failure."""
-        handler = {"list_peers": self.tool_list_peers, "send_message": self.tool_send_message,
-                   "set_summary": self.tool_set_summary, "check_messages": self.tool_check_messages,
-                   "whoami": self.tool_whoami}.get(name)
-        if handler is None:
-            raise ShimError(f"unknown tool {name!r}; the tools are {', '.join(t['name'] for t in TOOLS)}")
-        schema = next(t["input_schema"] for t in TOOLS if t["name"] == name)
-        for key in schema.get("required", []):
-            if not isinstance(args.get(key), str):
-                raise ShimError(f"{name}: missing required argument {key!r} (a string)")
-        for key, value in args.items():
-            spec = schema["properties"].get(key)
-            if spec is None:
-                raise ShimError(f"{name}: unknown argument {key!r}")
-            if value is not None and not isinstance(value, str):
-                raise ShimError(f"{name}: argument {key!r} must be a string")
-            if value is not None and "enum" in spec and value not in spec["enum"]:
-                raise ShimError(f"{name}: argument {key!r} must be one of {', '.join(spec['enum'])}")
+        handlers = {"list_peers": self.tool_list_peers, "send_message": self.tool_send_message,
+                    "set_summary": self.tool_set_summary, "check_messages": self.tool_check_messages,
+                    "whoami": self.tool_whoami}
+        tool = next((t for t in TOOLS if t["name"] == name), None)
+        if tool is None:
+            raise ShimError(f"unknown tool {str(name)[:64]!r}; the tools are {', '.join(handlers)}")
         try:
-            text = await handler(**{k: v for k, v in args.items() if v is not None})
+            text = await handlers[name](**check_tool_arguments(name, tool["inputSchema"], args))
+        except ToolArgumentError as exc:
+            raise ShimError(str(exc)) from None
         except BrokerUnreachable as exc:
             raise ShimError(f"{exc}; claude-peers keeps retrying in the background - try again shortly") from None
         except ApiError as exc:
             if exc.extra.get("code") == "unknown_session":
-                self.session = None  # the session thread registers again
+                self.session = None  # the session task registers again
                 raise ShimError("the broker no longer knows this session (it restarted or expired);"
                                 " re-registering now - try again in a moment") from None
             raise ShimError(f"the broker refused: {exc.message}") from None
@@ -2608,8 +2687,7 @@ class Shim:
                             " in the background - try again shortly")
 
     def notice(self) -> str:
-        with self.lock:
-            count = len(self.unread)
+        count = len(self.unread)
         if not count:
             return ""
         return (f"\n\n[claude-peers] {count} peer message{'s' if count > 1 else ''} not yet read or answered"
@@ -2617,7 +2695,7 @@ class Shim:
 
     async def tool_list_peers(self, scope: str = "all") -> str:
         self._need_session()
-        peers = (await self.atools.session_call("GET", f"/peers?scope={scope}"))["peers"]
+        peers = (await self.tools_client.session_call("GET", f"/peers?scope={scope}"))["peers"]
         if not peers:
             return f"No other live sessions (scope: {scope})."
         return f"Live peers (scope: {scope}, {len(peers)}):\n" + "\n".join(format_peer(p) for p in peers)
@@ -2625,10 +2703,9 @@ class Shim:
     async def tool_send_message(self, to: str, text: str, reply_to: str | None = None, scope: str | None = None) -> str:
         self._need_session()
         body = {"to": to, "text": text, "reply_to": reply_to, "scope": scope}
-        result = await self.atools.session_call("POST", "/send", {k: v for k, v in body.items() if v})
+        result = await self.tools_client.session_call("POST", "/send", {k: v for k, v in body.items() if v})
         if reply_to:
-            with self.lock:
-                self.unread.pop(reply_to, None)
+            self.unread.pop(reply_to, None)
         if to == "*":
             targets = ", ".join(m["to_name"] or m["to_id"] for m in result["messages"])
             return (f"Broadcast to {len(result['messages'])} peer(s): {targets}." if result["messages"]
@@ -2645,19 +2722,18 @@ class Shim:
 
     async def tool_set_summary(self, summary: str) -> str:
         self._need_session()
-        await self.atools.session_call("POST", "/summary", {"summary": summary})
+        await self.tools_client.session_call("POST", "/summary", {"summary": summary})
         if self.session is not None:
             self.session["summary"] = summary
         return "Summary updated; peers see it in list_peers."
 
     async def tool_check_messages(self) -> str:
         self._need_session()
-        messages = (await self.atools.session_call("POST", "/inbox"))["messages"]
-        with self.lock:
-            shown = {m["id"] for m in messages if m["id"] in self.seen}
-            for message in messages:
-                self._remember(message["id"])
-                self.unread.pop(message["id"], None)
+        messages = (await self.tools_client.session_call("POST", "/inbox"))["messages"]
+        shown = {m["id"] for m in messages if m["id"] in self.seen}
+        for message in messages:
+            self._remember(message["id"])
+            self.unread.pop(message["id"], None)
         if not messages:
             return "No unread peer messages."
         parts = [format_message(m, m["id"] in shown) for m in messages]
@@ -2677,7 +2753,7 @@ class Shim:
 
 
 def initialize_result(requested: Any, instructions: str) -> dict[str, Any]:
-    """The 2025 `initialize` answer, exactly as the SDK builds it for this server."""
+    """The 2025 `initialize` answer, exactly as the official SDK builds it for this server."""
     version = requested if requested in HANDSHAKE_VERSIONS else HANDSHAKE_VERSIONS[-1]
     return {"protocolVersion": version,
             "capabilities": {"experimental": {"claude/channel": {}}, "tools": {"listChanged": False}},
@@ -2685,145 +2761,136 @@ def initialize_result(requested: Any, instructions: str) -> dict[str, Any]:
             "instructions": instructions}
 
 
-class ShimServer:
-    """Wires the wire, the shim and the SDK together."""
+class JsonRpcError(Exception):
+    """A request answered with a JSON-RPC error object."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def request_id(message: dict[str, Any]) -> Any:
+    """The id of a request, if it is one JSON-RPC allows (a string or a number, never null)."""
+    rid = message.get("id")
+    return rid if isinstance(rid, (str, int, float)) and not isinstance(rid, bool) else None
+
+
+class McpServer:
+    """MCP over stdio for one shim: every line gets its answer, in the shape the JSON-RPC
+    spec prescribes; requests that wait on the broker run as tasks, so a slow tool call
+    never holds up a ping, and `notifications/cancelled` can stop them."""
 
     def __init__(self, shim: Shim) -> None:
         self.shim = shim
         self.wire = shim.wire
-        self.inbox: collections.deque[bytes | None] = collections.deque()  # raw lines for the SDK (None: EOF)
-        self.loop: asyncio.AbstractEventLoop | None = None  # the SDK's loop, once it runs
-        self.arrived: asyncio.Event | None = None
-        self.answered: set[Any] = set()  # request ids answered before the SDK was loaded
-        self.sdk_ready = threading.Event()
+        self.inflight: dict[Any, asyncio.Task[None]] = {}  #: request id -> the task answering it
 
-    def read_stdin(self) -> None:
-        """The reader thread: answer the handshake early, queue everything else for the SDK."""
-        while True:
-            line = self.wire.readline()
-            if not line:
-                self._queue(None)
-                return
-            with contextlib.suppress(ValueError, AttributeError):
-                message = json.loads(line)
-                method = message.get("method")
-                if method == "notifications/initialized":
-                    self.shim.initialized.set()
-                elif method == "server/discover" and not self.sdk_ready.is_set():
-                    # the 2026 probe: "method not found" makes the client fall back to initialize
-                    self.wire.write({"jsonrpc": "2.0", "id": message.get("id"), "error": {
-                        "code": -32601, "message": "Method not found", "data": "server/discover"}})
-                    continue
-                elif method == "initialize" and not self.sdk_ready.is_set():
-                    self.shim.instructions_text = self.shim.instructions()
-                    result = initialize_result((message.get("params") or {}).get("protocolVersion"),
-                                               self.shim.instructions_text)
-                    self.answered.add(message.get("id"))
-                    self.wire.write({"jsonrpc": "2.0", "id": message.get("id"), "result": result})
-            self._queue(line)
+    def handle(self, line: bytes | None) -> None:
+        """One line from the client (None: a line too long to read)."""
+        try:
+            if line is None:
+                raise ValueError("line too long")
+            message = json.loads(line)
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested beyond reason
+            self._error(None, PARSE_ERROR, f"Parse error: {str(exc)[:200]}")
+            return
+        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+            self._error(request_id(message) if isinstance(message, dict) else None, INVALID_REQUEST,
+                        "Invalid Request: expected a JSON-RPC 2.0 object (batches are not part of MCP)")
+            return
+        method = message.get("method")
+        if method is None and ("result" in message or "error" in message):
+            return  # a response: this server sends no requests, so there is nothing to match
+        rid = request_id(message)
+        if not isinstance(method, str) or "id" in message and rid is None:
+            self._error(rid, INVALID_REQUEST, "Invalid Request: method must be a string, id a string or number")
+        elif "id" not in message:
+            self._notification(method, message.get("params"))
+        elif rid in self.inflight:
+            self._error(rid, INVALID_REQUEST, f"Invalid Request: id {rid!r} is already in use")
+        else:
+            task = asyncio.get_running_loop().create_task(self._answer(rid, method, message.get("params")))
+            self.inflight[rid] = task
+            task.add_done_callback(lambda _: self.inflight.pop(rid, None))
 
-    def _queue(self, line: bytes | None) -> None:
-        """Hand a line to the SDK's loop: one wake-up, no worker thread."""
-        self.inbox.append(line)
-        loop, arrived = self.loop, self.arrived
-        if loop is not None and arrived is not None:
-            with contextlib.suppress(RuntimeError):  # the loop already closed at exit
-                loop.call_soon_threadsafe(arrived.set)
+    def _notification(self, method: str, params: Any) -> None:
+        if method == "notifications/initialized":
+            self.shim.initialized.set()
+        elif method == "notifications/cancelled" and isinstance(params, dict):
+            task = self.inflight.get(request_id({"id": params.get("requestId")}))
+            if task is not None:
+                task.cancel()  # the spec: a cancelled request gets no answer
 
-    async def serve(self) -> None:
-        """Load the SDK and run its handshake-only loop until stdin closes."""
-        import anyio
-        import mcp_types as types
-        from mcp.server import Server
-        from mcp.server.runner import serve_loop
-        from mcp.shared.message import SessionMessage
+    async def _answer(self, rid: Any, method: str, params: Any) -> None:
+        try:
+            if params is not None and not isinstance(params, dict):
+                raise JsonRpcError(INVALID_PARAMS, "Invalid params: must be an object")
+            result = await self._dispatch(method, params or {})
+        except JsonRpcError as exc:
+            self._error(rid, exc.code, str(exc))
+        except asyncio.CancelledError:
+            return
+        except Exception:  # a bug: the client still gets an answer, the log the traceback
+            log.exception("internal error answering %s", method)
+            self._error(rid, INTERNAL_ERROR, f"Internal error in claude-peers while answering {method}")
+        else:
+            self.wire.write({"jsonrpc": "2.0", "id": rid, "result": result})
 
-        shim = self.shim
-
-        def as_result(text: str, error: bool = False) -> Any:
-            return types.CallToolResult(content=[types.TextContent(type="text", text=text)], is_error=error)
-
-        async def list_tools(ctx: Any, params: Any) -> Any:
-            return types.ListToolsResult(tools=[types.Tool(**t) for t in TOOLS])
-
-        async def call_tool(ctx: Any, params: Any) -> Any:
-            args = params.arguments or {}
+    async def _dispatch(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        if method == "initialize":  # the 2025 handshake; the 2026 probe (server/discover) is not found below
+            return initialize_result(params.get("protocolVersion"), await self.shim.instructions())
+        if method == "ping":
+            return {}
+        if method == "tools/list":
+            return {"tools": TOOLS}
+        if method == "tools/call":
+            name = params.get("name")
+            if not isinstance(name, str):
+                raise JsonRpcError(INVALID_PARAMS, "Invalid params: tools/call needs a tool name")
             try:
-                text = await shim.call_tool(params.name, args)
+                text, error = await self.shim.call_tool(name, params.get("arguments") or {}), False
             except ShimError as exc:
-                return as_result(f"claude-peers: {exc}{shim.notice()}", error=True)
-            return as_result(text)
+                text, error = f"claude-peers: {exc}{self.shim.notice()}", True
+            return {"content": [{"type": "text", "text": text}], "isError": error}
+        raise JsonRpcError(METHOD_NOT_FOUND, f"Method not found: {method[:100]}")
 
-        instructions = shim.instructions_text
-        if instructions is None:
-            instructions = await anyio.to_thread.run_sync(shim.instructions)
-        server = Server(SERVER_NAME, version=__version__, instructions=instructions,
-                        on_list_tools=list_tools, on_call_tool=call_tool)
-        server.middleware.clear()  # no tracing exporter here: its spans were an eighth of each tool call
-        options = server.create_initialization_options(experimental_capabilities={"claude/channel": {}})
-        to_sdk, sdk_in = anyio.create_memory_object_stream[Any](1000)
-        sdk_out, from_sdk = anyio.create_memory_object_stream[Any](1000)
-        self.sdk_ready.set()
-
-        self.arrived = arrived = asyncio.Event()
-        self.loop = asyncio.get_running_loop()
-        arrived.set()  # lines queued before the loop was known
-
-        async def pump_in() -> None:
-            async with to_sdk:
-                while True:
-                    await arrived.wait()
-                    arrived.clear()
-                    while self.inbox:
-                        line = self.inbox.popleft()
-                        if line is None:
-                            return
-                        try:
-                            message = types.jsonrpc_message_adapter.validate_json(line, by_name=False)
-                        except ValueError as exc:
-                            await to_sdk.send(exc)
-                        else:
-                            await to_sdk.send(SessionMessage(message))
-
-        async def pump_out() -> None:
-            async with from_sdk:
-                async for item in from_sdk:
-                    message = item.message
-                    if not hasattr(message, "method") and getattr(message, "id", None) in self.answered:
-                        self.answered.discard(message.id)
-                        check_early_answer(message.model_dump(by_alias=True, exclude_unset=True, mode="json"))
-                        continue
-                    self.wire.write(message.model_dump_json(by_alias=True, exclude_unset=True).encode())
-
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(pump_in)
-            tasks.start_soon(pump_out)
-            await serve_loop(server, sdk_in, sdk_out, lifespan_state=None, init_options=options)
-            tasks.cancel_scope.cancel()
+    def _error(self, rid: Any, code: int, message: str) -> None:
+        self.wire.write({"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": message}})
 
 
-def check_early_answer(sdk_answer: dict[str, Any]) -> None:
-    """The SDK's own answer to a handshake the shim answered first must say the same."""
-    result = sdk_answer.get("result", {})
-    if result.get("capabilities") != initialize_result(None, "")["capabilities"] \
-            or result.get("protocolVersion") not in HANDSHAKE_VERSIONS:
-        log.error("the SDK would have answered initialize differently: %s", json.dumps(result)[:500])
+def read_stdin(wire: StdioWire, loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[bytes | None]) -> None:
+    """The reader thread: every stdin line into the loop's queue; EOF ends the session."""
+    while True:
+        line = wire.readline()
+        if line == b"":
+            loop.call_soon_threadsafe(lines.put_nowait, b"")
+            return
+        loop.call_soon_threadsafe(lines.put_nowait, line)
+
+
+async def serve_stdio(shim: Shim) -> None:
+    """Answer the client until stdin closes (or SIGTERM), then leave the fleet."""
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+    threading.Thread(target=read_stdin, args=(shim.wire, loop, lines), name="stdin", daemon=True).start()
+    loop.add_signal_handler(signal.SIGTERM, lines.put_nowait, b"")
+    session = loop.create_task(shim.run())
+    server = McpServer(shim)
+    try:
+        while (line := await lines.get()) != b"":
+            if line is None or line.strip():
+                server.handle(line)
+    finally:
+        session.cancel()
+        for task in list(server.inflight.values()):
+            task.cancel()
+        await shim.leave()
 
 
 def run_shim(cfg: Config, name: str | None) -> int:
-    wire = StdioWire()
     cwd = Path.cwd()
-    shim = Shim(cfg, find_agent_name(name, cwd), cwd, wire)
-    server = ShimServer(shim)
-    signal.signal(signal.SIGTERM, lambda *_: (shim.leave(), os._exit(0)))
-    threading.Thread(target=shim.run, name="session", daemon=True).start()
-    threading.Thread(target=server.read_stdin, name="stdin", daemon=True).start()
-    import anyio
-
-    try:
-        anyio.run(server.serve)
-    finally:
-        shim.leave()
+    shim = Shim(cfg, find_agent_name(name, cwd), cwd, StdioWire())
+    asyncio.run(serve_stdio(shim))
     return 0
 
 
@@ -3601,7 +3668,7 @@ class Supervisor:
 
 def own_command(cfg: Config, *args: str) -> list[str]:
     """This program as a child process, on the same config file."""
-    return [sys.executable, str(Path(__file__).resolve()), *(["--config", str(cfg.source)] if cfg.source else []),
+    return [*module_command(), *(["--config", str(cfg.source)] if cfg.source else []),
             *args]
 
 
@@ -4401,7 +4468,7 @@ class BenchBroker:
         self.env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(self.config)}
         self.env.pop("CLAUDE_PEERS_URL", None)
         self.env.pop("CLAUDE_PEERS_TOKEN", None)
-        self.proc = subprocess.Popen([sys.executable, __file__, "broker"], env=self.env,
+        self.proc = subprocess.Popen(module_command("broker"), env=self.env,
                                      stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 15
@@ -4581,7 +4648,7 @@ def bench_spawn_to_initialize(broker: BenchBroker, runs: int = 5) -> list[float]
     times = []
     for _ in range(runs):
         began = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, __file__, "shim"], env=broker.env, stdin=subprocess.PIPE,
+        proc = subprocess.Popen(module_command("shim"), env=broker.env, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(request.encode() + b"\n")
@@ -4599,7 +4666,7 @@ class BenchMcpClient:
     in between (the figure is the shim's, not a client library's)."""
 
     def __init__(self, broker: BenchBroker, name: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, "shim", "--name", name], env=broker.env,
+        self.proc = subprocess.Popen(module_command("shim", "--name", name), env=broker.env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.arrivals: dict[str, float] = {}
         self.responses: dict[int, Any] = {}
@@ -4761,6 +4828,7 @@ async def bench_many_sessions(broker: BenchBroker, sessions: int) -> float:
 
 def run_bench(args: argparse.Namespace) -> int:
     raise_fd_limit()
+    py_compile.compile(__file__, cfile=importlib.util.cache_from_source(__file__))  # as install.sh does
     print(f"claude-peers {__version__} bench on {socket.gethostname()} ({os.cpu_count()} cores)")
     broker = BenchBroker()
     try:

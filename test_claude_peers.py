@@ -1548,6 +1548,152 @@ async def test_shim_killed_between_lease_and_ack_gets_the_message_once_after_res
 
 
 @pytest.mark.anyio
+async def test_a_push_is_acknowledged_as_soon_as_it_is_written(broker):
+    """Delivered right after the push is flushed, not when the shim next polls: a kill -9 after
+    that shows the message to no later session again."""
+    sender = broker.session()
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(shim_session(broker, name="quick"))
+        await first.ok("whoami")
+        pid = peer_named(broker, "quick")["pid"]
+        sent = send(sender, "quick", "one push only")
+        await first.recorder.wait_for(1)
+        await wait_until(lambda: message_state(broker, sent["id"]) == "delivered", timeout=5)
+        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            await stack.aclose()
+    async with shim_session(broker, name="quick") as second:
+        later = send(sender, "quick", "the next one")
+        [note] = await second.recorder.wait_for(1)
+        assert note.meta["message_id"] == later["id"]
+
+
+class RawShim:
+    """A shim subprocess spoken to line by line, without a client library: for the lines no
+    well-behaved client sends. Every line it writes is checked by the official SDK's model of
+    a JSON-RPC message."""
+
+    def __init__(self, broker: BrokerProc) -> None:
+        self.proc = subprocess.Popen([PY, str(SCRIPT), "shim"], env={**broker.env, **shim_env(broker)},
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.lines: list[dict] = []
+        self.arrived = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        import mcp_types
+
+        for raw in self.proc.stdout:
+            mcp_types.jsonrpc_message_adapter.validate_json(raw)  # the SDK accepts every line we write
+            with self.arrived:
+                self.lines.append(json.loads(raw))
+                self.arrived.notify_all()
+
+    def send(self, raw: bytes) -> None:
+        self.proc.stdin.write(raw + b"\n")
+        self.proc.stdin.flush()
+
+    def answer(self, rid, timeout: float = 15) -> dict:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: any(m.get("id") == rid and "method" not in m for m in self.lines),
+                                         timeout), f"no answer to id {rid!r}: {self.lines[-3:]}"
+            return next(m for m in self.lines if m.get("id") == rid and "method" not in m)
+
+    def answers_to_null_id(self) -> list[dict]:
+        with self.arrived:
+            return [m for m in self.lines if "id" in m and m["id"] is None]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def raw_shim(broker) -> Iterator[RawShim]:
+    shim = RawShim(broker)
+    shim.send(json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}).encode())
+    shim.answer(0)
+    shim.send(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}')
+    yield shim
+    shim.close()
+
+
+def call_line(rid, name: str, args: dict | str) -> bytes:
+    arguments = args if isinstance(args, str) else json.dumps(args)
+    return (f'{{"jsonrpc": "2.0", "id": {json.dumps(rid)}, "method": "tools/call", "params": {{"name": "{name}",'
+            f' "arguments": {arguments}}}}}').encode()
+
+
+@pytest.mark.parametrize(("line", "rid", "code"), [
+    (b'{"jsonrpc": "2.0", "id": 7, "method": "tools/list"', None, cp.PARSE_ERROR),
+    (b"\xff\xfe not utf-8", None, cp.PARSE_ERROR),
+    (b"[" * 100_000 + b"]" * 100_000, None, cp.PARSE_ERROR),
+    (b'[{"jsonrpc": "2.0", "id": 7, "method": "ping"}]', None, cp.INVALID_REQUEST),
+    (b'"just a string"', None, cp.INVALID_REQUEST),
+    (b'{"jsonrpc": "1.0", "id": 7, "method": "ping"}', 7, cp.INVALID_REQUEST),
+    (b'{"jsonrpc": "2.0", "id": 7, "method": 12}', 7, cp.INVALID_REQUEST),
+    (b'{"jsonrpc": "2.0", "id": {"x": 1}, "method": "ping"}', None, cp.INVALID_REQUEST),
+    (b'{"jsonrpc": "2.0", "id": 7, "method": "resources/list"}', 7, cp.METHOD_NOT_FOUND),
+    (b'{"jsonrpc": "2.0", "id": 7, "method": "server/discover", "params": {}}', 7, cp.METHOD_NOT_FOUND),
+    (b'{"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": [1]}', 7, cp.INVALID_PARAMS),
+    (b'{"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"arguments": {}}}', 7, cp.INVALID_PARAMS),
+])
+def test_the_shim_answers_every_malformed_line_with_the_json_rpc_error(raw_shim, line, rid, code):
+    before = len(raw_shim.answers_to_null_id())
+    raw_shim.send(line)
+    raw_shim.send(b'{"jsonrpc": "2.0", "id": "after", "method": "ping"}')
+    assert raw_shim.answer("after")["result"] == {}  # still serving, and in order
+    answer = raw_shim.answer(rid) if rid is not None else raw_shim.answers_to_null_id()[before]
+    assert answer["error"]["code"] == code
+
+
+@pytest.mark.parametrize("arguments", ['{"to": "bob", "text": "cut \\ud83d emoji"}',
+                                       '{"to": "bob\\udfff", "text": "hi"}'])
+def test_a_tool_call_holding_a_lone_surrogate_is_answered_as_a_tool_error(raw_shim, arguments):
+    raw_shim.send(call_line(9, "send_message", arguments))
+    result = raw_shim.answer(9)["result"]
+    assert result["isError"] and "lone surrogate" in result["content"][0]["text"]
+
+
+def test_a_cancelled_call_gets_no_answer_and_the_next_one_does(raw_shim, broker):
+    raw_shim.send(call_line(5, "whoami", {}))
+    assert "session id:" in raw_shim.answer(5)["result"]["content"][0]["text"]
+    raw_shim.send(b'{"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 5}}')
+    raw_shim.send(b'{"jsonrpc": "2.0", "method": "notifications/whatever"}')  # unknown notifications: ignored
+    raw_shim.send(b'{"jsonrpc": "2.0", "id": 6, "method": "ping"}')
+    assert raw_shim.answer(6)["result"] == {}
+
+
+RAW_LINES = (st.binary(max_size=200)
+             | st.builds(lambda v: json.dumps(v).encode(), JSON_VALUES)
+             | st.builds(lambda method, params: json.dumps({"jsonrpc": "2.0", "id": "x", "method": method,
+                                                            "params": params}).encode(),
+                         st.sampled_from(["tools/call", "tools/list", "ping", "initialize", "nope"]),
+                         JSON_VALUES | st.fixed_dictionaries({"name": st.sampled_from([t["name"] for t in cp.TOOLS]),
+                                                              "arguments": JSON_VALUES})))
+
+
+def test_every_generated_line_leaves_the_shim_answering(raw_shim):
+    counter = iter(range(10**9))
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(line=RAW_LINES)
+    def throw(line: bytes) -> None:
+        raw_shim.send(line.replace(b"\n", b" "))
+        probe = f"probe-{next(counter)}"
+        raw_shim.send(json.dumps({"jsonrpc": "2.0", "id": probe, "method": "ping"}).encode())
+        assert raw_shim.answer(probe)["result"] == {}
+
+    throw()
+    assert raw_shim.proc.poll() is None
+
+
+@pytest.mark.anyio
 async def test_a_burst_of_a_thousand_is_pushed_once_each_in_order(broker, tmp_path):
     wire_log = tmp_path / "wire.jsonl"
     async with shim_session(broker, name="sink", wire_log=wire_log) as shim:
@@ -1604,10 +1750,10 @@ async def test_without_a_channel_check_messages_and_notices(broker):
 @pytest.mark.anyio
 @pytest.mark.parametrize(("tool", "args", "fragment"), [
     ("send_message", {"text": "no recipient"}, "missing required argument 'to'"),
-    ("send_message", {"to": 42, "text": "x"}, "missing required argument 'to'"),
+    ("send_message", {"to": 42, "text": "x"}, "argument 'to' must be a string"),
     ("send_message", {"to": "x", "text": "y", "urgent": "yes"}, "unknown argument 'urgent'"),
     ("list_peers", {"scope": "galaxy"}, "must be one of"),
-    ("set_summary", {"summary": ["a"]}, "missing required argument 'summary'"),
+    ("set_summary", {"summary": ["a"]}, "argument 'summary' must be a string"),
     ("send_message", {"to": "not a name!", "text": "x"}, "neither a session id"),
     ("send_message", {"to": "x", "text": "x" * 70000}, "limit is 65536"),
     ("frobnicate", {}, "unknown tool"),
@@ -1713,7 +1859,7 @@ def test_run_adds_the_channel_flag(tmp_path):
 @pytest.mark.anyio
 @pytest.mark.parametrize("requested", ["2025-06-18", "2025-11-25", "2026-07-28", "1999-01-01"])
 async def test_early_initialize_answer_matches_the_sdk(requested):
-    """The shim answers initialize before loading the SDK: it must be what the SDK would say."""
+    """The shim answers initialize itself: it must be exactly what the official SDK would say."""
     import mcp_types
     from mcp.server import Server
     from mcp.server.runner import serve_loop
