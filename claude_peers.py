@@ -701,25 +701,66 @@ def open_sqlite(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
     return db
 
 
+class Presence:
+    """Who is alive, from what the broker hears rather than from sqlite: heartbeats not yet
+    written down, long-polls in progress (a waiting poll is a live connection), and local
+    pids checked lately. The broker owns it and records what it hears; the store asks it."""
+
+    def __init__(self, stale_after_s: float, machine: str) -> None:
+        self.stale_after_s = stale_after_s
+        self.machine = machine  #: the broker's machine: only its sessions' pids can be checked
+        self.heard: dict[str, float] = {}  #: heartbeats not yet written down (the janitor's reap does)
+        self.polling: dict[str, int] = {}  #: long-polls in progress per session
+        self.pid_checked: dict[str, float] = {}  #: when each local session's pid was last seen running
+
+    def last_seen(self, session: dict[str, Any]) -> float:
+        if session["id"] in self.polling:
+            return time.time()
+        return max(session["last_seen"], self.heard.get(session["id"], 0.0))
+
+    def stale(self, session: dict[str, Any], now: float) -> bool:
+        return self.last_seen(session) < now - self.stale_after_s
+
+    def alive(self, session: dict[str, Any], now: float, pid_max_age: float | None = 0.0) -> bool:
+        """Heard from lately and, on this machine, its pid still runs (checked at most
+        ``pid_max_age`` seconds ago; None: the caller is the session itself)."""
+        if self.stale(session, now):
+            return False
+        if session["machine"] != self.machine or pid_max_age is None:
+            return True
+        if now - self.pid_checked.get(session["id"], 0.0) <= pid_max_age:
+            return True
+        if not pid_alive(session["pid"]):
+            return False
+        self.pid_checked[session["id"]] = now
+        return True
+
+    def take_heard(self) -> dict[str, float]:
+        heard, self.heard = self.heard, {}
+        return heard
+
+    def forget(self, sid: str) -> None:
+        self.heard.pop(sid, None)
+        self.pid_checked.pop(sid, None)
+
+
 class Store:
     """The broker's state. One connection behind a lock: sqlite serialises writers
     anyway, and one connection keeps memory flat with thousands of long-polls.
 
-    Two things stay off the request path: heartbeats (``seen``, flushed by the
-    janitor) and WAL checkpoints (``checkpoint`` on a connection of its own)."""
+    Two things stay off the request path: heartbeats (kept by ``presence`` and written
+    down by ``reap``) and WAL checkpoints (``checkpoint`` on a connection of its own)."""
 
-    def __init__(self, path: Path, cfg: Config) -> None:
+    def __init__(self, path: Path, cfg: Config, presence: Presence) -> None:
         self.cfg = cfg
         self.path = path
         self.machine = cfg.machine
+        self.presence = presence  #: the broker's: who is alive
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.db = self._connect()
         self.db.execute("PRAGMA wal_autocheckpoint=0")
         self.db.executescript(SCHEMA)
         self.lock = threading.RLock()
-        self.seen: dict[str, float] = {}  # heartbeats not yet written down
-        self.polling: dict[str, int] = {}  # sessions with a long-poll parked: alive however long it waits
-        self.pid_checked: dict[str, float] = {}  # when each local session's pid was last seen running
         self.commits = 0
         self.events_written = 0  # grows with every event recorded: the broker wakes event readers when it moved
         self._load_live()
@@ -801,29 +842,10 @@ class Store:
         self.live = {r["id"]: dict(r) for r in rows}
         self.names = {r["name"]: r["id"] for r in rows if r["name"]}
 
-    def _last_seen(self, session: dict[str, Any]) -> float:
-        if session["id"] in self.polling:  # a parked long-poll is a live connection
-            return time.time()
-        return max(session["last_seen"], self.seen.get(session["id"], 0.0))
-
-    def _alive(self, session: dict[str, Any], now: float, pid_max_age: float | None = 0.0) -> bool:
-        """Heard from lately and, on this machine, its pid still runs (checked at most
-        ``pid_max_age`` seconds ago; None: the caller is the session itself)."""
-        if self._last_seen(session) < now - self.cfg.broker.stale_after_s:
-            return False
-        if session["machine"] != self.machine or pid_max_age is None:
-            return True
-        if now - self.pid_checked.get(session["id"], 0.0) <= pid_max_age:
-            return True
-        if not pid_alive(session["pid"]):
-            return False
-        self.pid_checked[session["id"]] = now
-        return True
-
     def _end_session(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
         """Mark a session gone: its unnamed mail becomes undeliverable, named mail waits for the name."""
         sid = session["id"]
-        c.execute("UPDATE sessions SET live = 0, last_seen = ? WHERE id = ?", (self._last_seen(session), sid))
+        c.execute("UPDATE sessions SET live = 0, last_seen = ? WHERE id = ?", (self.presence.last_seen(session), sid))
         c.execute(
             "UPDATE messages SET state = 'undeliverable', lease_until = NULL, leased_to = NULL"
             " WHERE to_session = ? AND to_name IS NULL AND state = 'queued'",
@@ -836,36 +858,34 @@ class Store:
         self._event(c, "peer.left", "fleet.peer.left", machine=session["machine"], session_id=sid,
                     name=session["name"], reason=reason)
         self.live.pop(sid, None)
-        self.seen.pop(sid, None)
-        self.pid_checked.pop(sid, None)
+        self.presence.forget(sid)
         if session["name"] and self.names.get(session["name"]) == sid:
             del self.names[session["name"]]
 
     def _live_session(self, c: sqlite3.Connection, sid: str | None, now: float) -> dict[str, Any] | None:
         """The live session ``sid``, ending it first if it is found dead."""
         session = self.live.get(sid) if sid else None
-        if session is not None and not self._alive(session, now, pid_max_age=1.0):
+        if session is not None and not self.presence.alive(session, now, pid_max_age=1.0):
             self._end_session(c, session, "stale")
             return None
         return session
 
     def _reap(self, c: sqlite3.Connection, now: float) -> int:
         """End every live session that is stale or whose local pid died."""
-        dead = [s for s in self.live.values() if not self._alive(s, now)]
+        dead = [s for s in self.live.values() if not self.presence.alive(s, now)]
         for session in dead:
-            stale = self._last_seen(session) < now - self.cfg.broker.stale_after_s
-            self._end_session(c, session, "stale" if stale else "process exited")
+            self._end_session(c, session, "stale" if self.presence.stale(session, now) else "process exited")
         return len(dead)
 
     def reap(self) -> int:
         """Write heartbeats down, then end dead sessions; returns how many ended."""
+        heard = self.presence.take_heard()
         with self.tx() as c:
             c.executemany("UPDATE sessions SET last_seen = ? WHERE id = ? AND last_seen < ?",
-                          [(ts, sid, ts) for sid, ts in self.seen.items()])
-            for sid, ts in self.seen.items():
+                          [(ts, sid, ts) for sid, ts in heard.items()])
+            for sid, ts in heard.items():
                 if sid in self.live:
-                    self.live[sid]["last_seen"] = ts
-            self.seen = {}
+                    self.live[sid]["last_seen"] = max(ts, self.live[sid]["last_seen"])
             return self._reap(c, time.time())
 
     def register(self, info: dict[str, Any]) -> dict[str, Any]:
@@ -896,7 +916,7 @@ class Store:
         return {**session_view(session), "secret": secret}
 
     def authenticate(self, sid: str, secret: str) -> dict[str, Any]:
-        """The live session ``sid`` if ``secret`` is its secret; counts as a heartbeat."""
+        """The live session ``sid`` if ``secret`` is its secret (the caller records the heartbeat)."""
         with self.lock:
             session = self.live.get(sid)
             if session is None:
@@ -907,12 +927,10 @@ class Store:
                 raise ApiError(404, f"session {sid} {state}: register again", code="unknown_session")
             if not hmac.compare_digest(session["secret_hash"], sha256_hex(secret)):
                 raise ApiError(403, f"wrong session secret for session {sid}")
-            now = time.time()
-            if not self._alive(session, now, pid_max_age=None):
+            if not self.presence.alive(session, time.time(), pid_max_age=None):
                 with self.tx() as c:
                     self._end_session(c, session, "stale")
                 raise ApiError(404, f"session {sid} has ended: register again", code="unknown_session")
-            self.seen[sid] = now
             return session
 
     def set_summary(self, session: dict[str, Any], summary: str) -> None:
@@ -933,8 +951,8 @@ class Store:
         now = time.time()
         with self.lock:
             sessions = sorted(self.live.values(), key=lambda s: (s["machine"], s["started_at"]))
-            return [session_view(s, self._last_seen(s)) for s in sessions
-                    if s["id"] != exclude and self._alive(s, now) and in_scope(scope, ref, s)]
+            return [session_view(s, self.presence.last_seen(s)) for s in sessions
+                    if s["id"] != exclude and self.presence.alive(s, now) and in_scope(scope, ref, s)]
 
     # -- messages ----------------------------------------------------------
 
@@ -1508,7 +1526,8 @@ class Broker:
     def __init__(self, cfg: Config, home: Path, token: str) -> None:
         self.cfg = cfg
         self.token = token
-        self.store = Store(home / "broker.db", cfg)
+        self.presence = Presence(cfg.broker.stale_after_s, cfg.machine)  #: heartbeats and polls in progress
+        self.store = Store(home / "broker.db", cfg, self.presence)
         self.limiter = RateLimiter(cfg.broker.rate_per_s, cfg.broker.rate_burst)
         # Long-polls waiting right now, until woken or handed mail (a send leases mail to them).
         self.parked: dict[str, asyncio.Future[list[dict[str, Any]] | None]] = {}
@@ -1586,7 +1605,7 @@ class Broker:
             waiter = self.parked.pop(sid, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-            elif sid in self.store.polling:
+            elif sid in self.presence.polling:
                 self.missed.add(sid)
 
     async def poll(self, session: dict[str, Any], wait_s: float, limit: int, ack: list[str] | None = None,
@@ -1599,7 +1618,7 @@ class Broker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         sid = session["id"]
-        polling = self.store.polling
+        polling = self.presence.polling
         polling[sid] = polling.get(sid, 0) + 1
         try:
             while True:
@@ -1628,7 +1647,7 @@ class Broker:
             if not polling[sid]:
                 del polling[sid]
                 self.missed.discard(sid)
-            self.store.seen[sid] = time.time()
+            self.presence.heard[sid] = time.time()
 
     async def wait_events(self, after: int, wait_s: float) -> None:
         loop = asyncio.get_running_loop()
@@ -1967,6 +1986,7 @@ class ApiServer:
             if not secret:
                 raise ApiError(401, "missing X-Session-Secret header for a session call")
             req.session = self.broker.store.authenticate(req.args[0], secret)
+            self.broker.presence.heard[req.args[0]] = time.time()
             if not self.broker.limiter.allow(req.args[0]):
                 raise ApiError(429, "rate limit exceeded for this session; slow down")
         if body is not None:
@@ -4513,7 +4533,7 @@ def bench_relay(events: int) -> tuple[float, int]:
     """Events/s the relay moves from a full outbox into JetStream (embedded nats-server)."""
     def fill(home: Path) -> None:
         cfg = Config({}, None)
-        store = Store(home / "broker.db", cfg)
+        store = Store(home / "broker.db", cfg, Presence(cfg.broker.stale_after_s, cfg.machine))
         with store.tx() as c:
             for i in range(events):
                 store._event(c, "message.sent", "fleet.message.sent", message_id=f"{i:012x}", bytes=64)
