@@ -639,6 +639,30 @@ CREATE TABLE IF NOT EXISTS memory(
     updated_at REAL NOT NULL,
     updated_by TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS alerts(
+    id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    check_name TEXT NOT NULL,
+    key TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    title TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    diagnosis TEXT NOT NULL,
+    opened_at REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    notified_at REAL NOT NULL,
+    cycles INTEGER NOT NULL,
+    resolved_at REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS alerts_open ON alerts(source, machine, check_name, key) WHERE resolved_at IS NULL;
+CREATE TABLE IF NOT EXISTS health(
+    machine TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    at REAL NOT NULL,
+    report TEXT NOT NULL,
+    findings TEXT NOT NULL
+);
 """
 
 SCOPES = ("all", "machine", "repo", "directory")
@@ -1135,11 +1159,79 @@ class Store:
         rows = self.read(f"SELECT * FROM runs {where} ORDER BY started_at DESC LIMIT ?", args)
         return [dict(r) for r in rows]
 
-    def alert(self, severity: str, title: str, detail: str, source: str, machine: str) -> str:
+    # -- alerts and health: what daemons find, once per change --------------------
+
+    def sync_alerts(self, source: str, machine: str, checks: list[str], findings: list[dict[str, Any]],
+                    repeat_after: int) -> list[dict[str, Any]]:
+        """One daemon run's findings for one machine against the open alerts: a new finding or
+        a new severity opens or changes an alert, one still bad repeats every ``repeat_after``
+        runs, and an open alert of a ``checks`` check no longer found is resolved. Returns
+        those changes (each also an event); everything else only moves last_seen."""
+        now, changes = time.time(), []
         with self.tx() as c:
-            self._event(c, "alert", f"fleet.alert.{severity}", machine=machine or self.machine, severity=severity,
-                        title=title, detail=detail, source=source)
-            return c.execute("SELECT id FROM events ORDER BY seq DESC LIMIT 1").fetchone()[0]
+            rows = c.execute("SELECT * FROM alerts WHERE source = ? AND machine = ? AND resolved_at IS NULL",
+                             (source, machine)).fetchall()
+            open_alerts = {(r["check_name"], r["key"]): dict(r) for r in rows}
+            for finding in findings:
+                alert = open_alerts.pop((finding["check"], finding["key"]), None)
+                fields = {"severity": finding["severity"], "title": finding["title"],
+                          "detail": finding.get("detail", ""), "diagnosis": finding.get("diagnosis", "")}
+                if alert is None:
+                    alert = {"id": new_id(6), "source": source, "machine": machine, "check_name": finding["check"],
+                             "key": finding["key"], **fields, "opened_at": now, "last_seen": now, "notified_at": now,
+                             "cycles": 0, "resolved_at": None}
+                    c.execute(f"INSERT INTO alerts({', '.join(alert)}) VALUES ({', '.join('?' * len(alert))})",
+                              tuple(alert.values()))
+                    change = "new"
+                else:
+                    change = ("changed" if alert["severity"] != fields["severity"]
+                              else "repeat" if alert["cycles"] + 1 >= repeat_after else None)
+                    fields["diagnosis"] = fields["diagnosis"] or alert["diagnosis"]
+                    alert.update(fields, last_seen=now, cycles=0 if change else alert["cycles"] + 1,
+                                 notified_at=now if change else alert["notified_at"])
+                    c.execute("UPDATE alerts SET severity = :severity, title = :title, detail = :detail, diagnosis ="
+                              " :diagnosis, last_seen = :last_seen, cycles = :cycles, notified_at = :notified_at"
+                              " WHERE id = :id", alert)
+                if change:
+                    changes.append(self._alert_event(c, alert, change))
+            for alert in open_alerts.values():
+                if alert["check_name"] in checks:
+                    c.execute("UPDATE alerts SET resolved_at = ? WHERE id = ?", (now, alert["id"]))
+                    alert["resolved_at"] = now
+                    changes.append(self._alert_event(c, alert, "resolved"))
+        return changes
+
+    def _alert_event(self, c: sqlite3.Connection, alert: dict[str, Any], change: str) -> dict[str, Any]:
+        view = alert_view(alert)
+        subject = "fleet.alert.resolved" if change == "resolved" else f"fleet.alert.{alert['severity']}"
+        fields = {k: v for k, v in view.items() if k not in ("id", "machine")}
+        self._event(c, "alert", subject, machine=alert["machine"], alert_id=alert["id"], change=change, **fields)
+        return {**view, "change": change}
+
+    def alerts(self, state: str, source: str | None, machine: str | None, limit: int) -> list[dict[str, Any]]:
+        where = {"open": "resolved_at IS NULL", "resolved": "resolved_at IS NOT NULL", "all": "1"}[state]
+        args: list[Any] = []
+        for column, value in (("source", source), ("machine", machine)):
+            if value:
+                where += f" AND {column} = ?"
+                args.append(value)
+        rows = self.read(f"SELECT * FROM alerts WHERE {where} ORDER BY CASE severity WHEN 'critical' THEN 0"
+                         f" WHEN 'warning' THEN 1 ELSE 2 END, opened_at LIMIT ?", (*args, limit))
+        return [alert_view(r) for r in rows]
+
+    def record_health(self, machine: str, source: str, report: dict[str, Any], findings: list[dict[str, Any]]) -> None:
+        """The latest report of a machine (one row each), published as fleet.health.<machine>."""
+        now = time.time()
+        with self.tx() as c:
+            c.execute("INSERT OR REPLACE INTO health(machine, source, at, report, findings) VALUES (?, ?, ?, ?, ?)",
+                      (machine, source, now, json.dumps(report), json.dumps(findings)))
+            subject = "fleet.health." + re.sub(r"[^A-Za-z0-9_-]", "_", machine)
+            self._event(c, "health", subject, machine=machine, source=source, findings=findings, report=report)
+
+    def health(self) -> list[dict[str, Any]]:
+        rows = self.read("SELECT * FROM health ORDER BY machine")
+        return [{"machine": r["machine"], "source": r["source"], "at": iso(r["at"]),
+                 "findings": json.loads(r["findings"]), "report": json.loads(r["report"])} for r in rows]
 
     def request_run(self, daemon: str) -> None:
         with self.tx() as c:
@@ -1180,6 +1272,7 @@ class Store:
             c.execute("DELETE FROM messages WHERE sent_at < ? AND state IN ('read', 'undeliverable', 'delivered')",
                       (cutoff,))
             c.execute("DELETE FROM sessions WHERE live = 0 AND last_seen < ?", (cutoff,))
+            c.execute("DELETE FROM alerts WHERE resolved_at < ?", (cutoff,))
             published = " AND published_at IS NOT NULL" if self.cfg.nats_url else ""
             c.execute(f"DELETE FROM events WHERE at < ?{published}", (cutoff,))
 
@@ -1198,6 +1291,13 @@ class Store:
 
     def backlog(self) -> int:
         return self.read("SELECT COUNT(*) FROM events WHERE published_at IS NULL")[0][0]
+
+
+def alert_view(row: Any) -> dict[str, Any]:
+    return {"id": row["id"], "source": row["source"], "machine": row["machine"], "check": row["check_name"],
+            "key": row["key"], "severity": row["severity"], "title": row["title"], "detail": row["detail"],
+            "diagnosis": row["diagnosis"], "opened_at": iso(row["opened_at"]), "last_seen": iso(row["last_seen"]),
+            "resolved_at": iso(row["resolved_at"])}
 
 
 def in_scope(scope: str, ref: dict[str, Any], row: Any) -> bool:
@@ -1426,27 +1526,48 @@ class EventRelay:
 # Broker HTTP: the JSON API over the store
 # ===========================================================================
 
-# Request bodies: field -> (type, required, limit): the most characters for a string, items
-# for a list (of strings of at most 64 characters), the largest value for a number (the least is 0).
-Schema = dict[str, tuple[type, bool, float]]
+class Field(NamedTuple):
+    """One field of a request body. ``limit``: the most characters of a string, items of a
+    list, bytes of an object as JSON, or the largest number (the least is 0)."""
+
+    kind: type
+    required: bool
+    limit: float
+    items: dict[str, Field] | None = None  #: a list of objects, each checked against this schema
+
+
+Schema = dict[str, Field]
 JSON_SAFE_INT = (1 << 53) - 1  # the largest integer every JSON client reads exactly
 REGISTER_SCHEMA: Schema = {
-    "machine": (str, True, 255), "pid": (int, True, (1 << 31) - 1), "cwd": (str, True, 4096),
-    "git_root": (str, False, 4096), "branch": (str, False, 255), "tty": (str, False, 255), "client": (str, False, 64),
-    "summary": (str, False, 1000), "name": (str, False, 64),
+    "machine": Field(str, True, 255), "pid": Field(int, True, (1 << 31) - 1), "cwd": Field(str, True, 4096),
+    "git_root": Field(str, False, 4096), "branch": Field(str, False, 255), "tty": Field(str, False, 255),
+    "client": Field(str, False, 64), "summary": Field(str, False, 1000), "name": Field(str, False, 64),
 }
-SUMMARY_SCHEMA: Schema = {"summary": (str, True, 1000)}
-SEND_SCHEMA: Schema = {"to": (str, True, 64), "text": (str, True, 1 << 30), "reply_to": (str, False, 64),
-                       "scope": (str, False, 16)}
-POLL_SCHEMA: Schema = {"wait_s": (float, False, 86400), "max": (int, False, JSON_SAFE_INT), "ack": (list, False, 1000)}
-ACK_SCHEMA: Schema = {"ids": (list, True, 1000), "state": (str, True, 16)}
-MEMORY_SCHEMA: Schema = {"text": (str, True, 1 << 30)}
-RUN_SCHEMA: Schema = {"id": (str, True, 64), "daemon": (str, True, 64), "trigger": (str, True, 500),
-                      "machine": (str, True, 255), "started_at": (str, True, 40), "ended_at": (str, False, 40),
-                      "status": (str, True, 16), "actions": (int, False, JSON_SAFE_INT),
-                      "tokens": (int, False, JSON_SAFE_INT), "model": (str, False, 200), "summary": (str, False, 4000)}
-ALERT_SCHEMA: Schema = {"severity": (str, True, 16), "title": (str, True, 300), "detail": (str, False, 4000),
-                        "source": (str, False, 64), "machine": (str, False, 255)}
+SUMMARY_SCHEMA: Schema = {"summary": Field(str, True, 1000)}
+SEND_SCHEMA: Schema = {"to": Field(str, True, 64), "text": Field(str, True, 1 << 30),
+                       "reply_to": Field(str, False, 64), "scope": Field(str, False, 16)}
+POLL_SCHEMA: Schema = {"wait_s": Field(float, False, 86400), "max": Field(int, False, JSON_SAFE_INT),
+                       "ack": Field(list, False, 1000)}
+ACK_SCHEMA: Schema = {"ids": Field(list, True, 1000), "state": Field(str, True, 16)}
+MEMORY_SCHEMA: Schema = {"text": Field(str, True, 1 << 30)}
+RUN_SCHEMA: Schema = {
+    "id": Field(str, True, 64), "daemon": Field(str, True, 64), "trigger": Field(str, True, 500),
+    "machine": Field(str, True, 255), "started_at": Field(str, True, 40), "ended_at": Field(str, False, 40),
+    "status": Field(str, True, 16), "actions": Field(int, False, JSON_SAFE_INT),
+    "tokens": Field(int, False, JSON_SAFE_INT), "model": Field(str, False, 200), "summary": Field(str, False, 4000),
+}
+FINDING_SCHEMA: Schema = {
+    "check": Field(str, True, 64), "key": Field(str, True, 300), "severity": Field(str, True, 16),
+    "title": Field(str, True, 300), "detail": Field(str, False, 4000), "diagnosis": Field(str, False, 2000),
+}
+ALERTS_SCHEMA: Schema = {
+    "source": Field(str, True, 64), "machine": Field(str, True, 255), "checks": Field(list, True, 100),
+    "findings": Field(list, True, 500, FINDING_SCHEMA), "repeat_after": Field(int, True, 1_000_000),
+}
+HEALTH_SCHEMA: Schema = {
+    "machine": Field(str, True, 255), "source": Field(str, True, 64), "report": Field(dict, True, 128 * 1024),
+    "findings": Field(list, True, 500, FINDING_SCHEMA),
+}
 EMPTY_SCHEMA: Schema = {}
 
 
@@ -1459,38 +1580,60 @@ def storable_text(value: str) -> bool:
     return True
 
 
-def _check_field(key: str, value: Any, kind: type, limit: float) -> None:
+def json_strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from json_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from json_strings(item)
+
+
+KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
+
+
+def _check_field(key: str, value: Any, field: Field) -> Any:
     """One present, non-null field against its type and limit: 400 (413 for an oversized text)."""
-    number = kind in (int, float)
+    kind, limit = field.kind, field.limit
     ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
     if isinstance(value, bool) or not ok:
-        raise ApiError(400, f"field {key!r} must be {'a number' if kind is float else kind.__name__}")
-    if number and not 0 <= value <= limit:  # also refuses NaN, which compares false
+        raise ApiError(400, f"field {key!r} must be {KIND_NAMES[kind]}")
+    if kind in (int, float) and not 0 <= value <= limit:  # also refuses NaN, which compares false
         raise ApiError(400, f"field {key!r} must be between 0 and {limit:g}")
     if kind is str and len(value) > limit:
         raise ApiError(413 if key == "text" else 400, f"field {key!r} is longer than {limit:g} characters")
-    if kind is list and (len(value) > limit or not all(isinstance(v, str) and len(v) <= 64 for v in value)):
-        raise ApiError(400, f"field {key!r} must be a list of at most {limit:g} strings of up to 64 characters")
-    if not all(storable_text(v) for v in ([value] if kind is str else value if kind is list else [])):
+    if kind is dict and len(json.dumps(value)) > limit:
+        raise ApiError(413, f"field {key!r} is larger than {limit:g} bytes as JSON")
+    if kind is list and len(value) > limit:
+        raise ApiError(400, f"field {key!r} must be a list of at most {limit:g} items")
+    if kind is list and field.items is not None:
+        return [validate(item, field.items, f"{key}[{i}].") for i, item in enumerate(value)]
+    if kind is list and not all(isinstance(v, str) and len(v) <= 64 for v in value):
+        raise ApiError(400, f"field {key!r} must be a list of strings of up to 64 characters")
+    if not all(storable_text(v) for v in json_strings(value)):
         raise ApiError(400, f"field {key!r} is not valid Unicode text (a lone surrogate such as \\ud800)")
+    return value
 
 
-def validate(body: Any, schema: Schema) -> dict[str, Any]:
+def validate(body: Any, schema: Schema, prefix: str = "") -> dict[str, Any]:
     """Check a JSON body against a schema and return only what the handler may store:
     unknown, missing, mistyped, out-of-range and unstorable fields are 400s; null is absent."""
     if not isinstance(body, dict):
-        raise ApiError(400, "body must be a JSON object")
+        raise ApiError(400, f"{prefix.rstrip('.') or 'body'} must be a JSON object")
     for key in body:
         if key not in schema:
-            raise ApiError(400, f"unknown field {str(key)[:64]!r} (allowed: {', '.join(schema) or 'none'})")
+            raise ApiError(400, f"unknown field {prefix}{str(key)[:64]!r} (allowed: {', '.join(schema) or 'none'})")
     clean = {}
-    for key, (kind, required, limit) in schema.items():
+    for key, field in schema.items():
         if body.get(key) is None:
-            if required:
-                raise ApiError(400, f"missing field {key!r}")
+            if field.required:
+                raise ApiError(400, f"missing field {prefix}{key!r}")
             continue
-        _check_field(key, body[key], kind, limit)
-        clean[key] = body[key]
+        clean[key] = _check_field(prefix + key, body[key], field)
     return clean
 
 
@@ -1815,13 +1958,40 @@ def r_runs(b: Broker, req: Request) -> Any:
     return {"runs": b.store.runs(req.query.get("daemon"), _int_query(req, "limit", 20, 1, 1000))}
 
 
-async def r_alert(b: Broker, req: Request) -> Any:
+def _check_findings(findings: list[dict[str, Any]]) -> None:
+    for i, finding in enumerate(findings):
+        if finding["severity"] not in SEVERITIES:
+            raise ApiError(400, f"field 'findings[{i}].severity' must be one of {', '.join(SEVERITIES)}")
+    keys = [(f["check"], f["key"]) for f in findings]
+    if len(set(keys)) != len(keys):
+        raise ApiError(400, "field 'findings' names one (check, key) twice")
+
+
+async def r_sync_alerts(b: Broker, req: Request) -> Any:
     body = req.body
-    if body["severity"] not in SEVERITIES:
-        raise ApiError(400, f"field 'severity' must be one of {', '.join(SEVERITIES)}")
-    event_id = await b.write(lambda: b.store.alert(body["severity"], body["title"], body.get("detail", ""),
-                                                   body.get("source", OPERATOR), body.get("machine", "")))
-    return 201, {"id": event_id}
+    _check_findings(body["findings"])
+    changes = await b.write(lambda: b.store.sync_alerts(body["source"], body["machine"], body["checks"],
+                                                        body["findings"], max(1, body["repeat_after"])))
+    return {"changes": changes}
+
+
+def r_alerts(b: Broker, req: Request) -> Any:
+    state = req.query.get("state", "open")
+    if state not in ("open", "resolved", "all"):
+        raise ApiError(400, "query parameter 'state' must be open, resolved or all")
+    return {"alerts": b.store.alerts(state, req.query.get("source"), req.query.get("machine"),
+                                     _int_query(req, "limit", 200, 1, 1000))}
+
+
+async def r_record_health(b: Broker, req: Request) -> Any:
+    body = req.body
+    _check_findings(body["findings"])
+    await b.write(lambda: b.store.record_health(body["machine"], body["source"], body["report"], body["findings"]))
+    return {"ok": True}
+
+
+def r_health(b: Broker, req: Request) -> Any:
+    return {"machines": b.store.health()}
 
 
 async def r_request_run(b: Broker, req: Request) -> Any:
@@ -1864,7 +2034,10 @@ ROUTES: list[tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool,
         ("POST", "/api/memory", r_set_memory, False, MEMORY_SCHEMA),
         ("POST", "/api/runs", r_record_run, False, RUN_SCHEMA),
         ("GET", "/api/runs", r_runs, False, None),
-        ("POST", "/api/alerts", r_alert, False, ALERT_SCHEMA),
+        ("POST", "/api/alerts", r_sync_alerts, False, ALERTS_SCHEMA),
+        ("GET", "/api/alerts", r_alerts, False, None),
+        ("POST", "/api/health", r_record_health, False, HEALTH_SCHEMA),
+        ("GET", "/api/health", r_health, False, None),
         ("POST", r"/api/daemons/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/trigger", r_request_run, False, EMPTY_SCHEMA),
     ]
 ]
@@ -3125,6 +3298,7 @@ class DaemonRun:
         self.model = ""
         self.state = SupervisorState(data_home() / "supervisor.db")
         self._broker: BrokerClient | None = None
+        self.raised: dict[str, dict[str, Any]] = {}  #: alerts the agent raised in this run, by title
 
     def log_line(self, event: str, **fields: Any) -> None:
         line = json.dumps({"at": iso(time.time()), "event": event, **fields}, default=str)
@@ -3149,6 +3323,9 @@ class DaemonRun:
         except LlmError as exc:
             return self.result("failed", f"LLM: {exc}")
         finally:
+            if self.daemon.runner == "agent":  # what it raised this run; what it did not raise again resolves
+                with contextlib.suppress(UserError, ApiError):
+                    self.report_alerts(self.cfg.machine, ["agent"], list(self.raised.values()))
             if self._broker is not None and self._broker.session_id:
                 with contextlib.suppress(UserError, ApiError):
                     self._broker.session_call("POST", "/leave", timeout=3)
@@ -3350,7 +3527,52 @@ class DaemonRun:
         return "fleet memory replaced"
 
     def tool_alert(self, severity: str, title: str, detail: str = "") -> str:
-        return raise_alert(self.cfg, self.broker(), self.daemon, severity, title, detail)
+        if severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}")
+        self.raised[title[:300]] = {"check": "agent", "key": title[:300], "severity": severity,
+                                    "title": title[:300], "detail": detail[:4000]}
+        return (f"alert noted ({severity}): sent when the run ends if it is new or changed, repeated while it"
+                " stays raised run after run, resolved when a run no longer raises it")
+
+    # -- alerts: one per change, through the broker's lifecycle ---------------------
+
+    def report_alerts(self, machine: str, checks: list[str], findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """This run's findings for one machine (``checks``: what it looked at) through the
+        broker's alert lifecycle; each change goes to the daemon's alert_to peers and the webhook."""
+        findings = [{k: f[k] for k in FINDING_SCHEMA if f.get(k) not in (None, "")} for f in findings]
+        if self.dry_run:
+            if findings:
+                self.log_line("dry_run", alerts=findings, machine=machine)
+            return []
+        changes = self.broker(register=False).call("POST", "/api/alerts", {
+            "source": self.daemon.name, "machine": machine, "checks": checks, "findings": findings,
+            "repeat_after": self.cfg.alerts.repeat_after_cycles})["changes"]
+        for change in changes:
+            self.log_line("alert", **{k: change[k] for k in ("id", "change", "severity", "machine", "title")},
+                          told=self.notify(change))
+        return changes
+
+    def notify(self, change: dict[str, Any]) -> list[str]:
+        """One alert change as a channel message to each alert_to peer and a POST to the webhook."""
+        label = {"resolved": "resolved", "repeat": f"{change['severity']}, still"}.get(change["change"],
+                                                                                      change["severity"])
+        title = f"[{label}] {change['machine']}: {change['title']}"
+        text = "\n".join(part for part in (title, change["detail"], change["diagnosis"] and
+                                            f"Diagnosis: {change['diagnosis']}") if part)
+        told = []
+        for name in self.daemon.alert_to:
+            with contextlib.suppress(UserError, ApiError):
+                self.broker().session_call("POST", "/send", {"to": name, "text": text[:60000]})
+                told.append(name)
+        if self.cfg.alerts.webhook:
+            priority = {"critical": "urgent", "warning": "high"}.get(change["severity"], "default")
+            request = urllib.request.Request(self.cfg.alerts.webhook, data=text.encode(), method="POST", headers={
+                "Title": title[:200].encode("ascii", "replace").decode(), "Priority": priority,
+                "Tags": f"claude-peers,{change['change']}"})
+            with contextlib.suppress(urllib.error.URLError, TimeoutError, OSError):
+                urllib.request.urlopen(request, timeout=10).close()
+                told.append("webhook")
+        return told
 
     def tool_remember(self, key: str, value: str) -> str:
         self.state.remember(self.daemon.name, key[:200], value[:KV_VALUE_CAP])
@@ -3375,27 +3597,6 @@ def probe_machine(machine: SimpleNamespace) -> str:
     if proc.returncode != 0 and not proc.stdout:
         return f"unreachable: {machine.name}: {proc.stderr.decode(errors='replace').strip()[:500]}"
     return proc.stdout.decode(errors="replace")[:OUTPUT_CAP]
-
-
-def raise_alert(cfg: Config, broker: BrokerClient, daemon: SimpleNamespace, severity: str, title: str,
-                detail: str) -> str:
-    """An alert goes to fleet.alert.<severity>, the daemon's alert_to peers, and the webhook."""
-    if severity not in SEVERITIES:
-        raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}")
-    broker.call("POST", "/api/alerts", {"severity": severity, "title": title[:300], "detail": detail[:4000],
-                                        "source": daemon.name, "machine": cfg.machine})
-    text = f"[{severity}] {title}" + (f"\n{detail}" if detail else "")
-    told = []
-    for name in daemon.alert_to:
-        broker.session_call("POST", "/send", {"to": name, "text": text[:60000]})
-        told.append(name)
-    if cfg.alerts.webhook:
-        request = urllib.request.Request(cfg.alerts.webhook, data=text.encode(), method="POST",
-                                         headers={"Title": title[:200], "Priority": severity})
-        with contextlib.suppress(urllib.error.URLError, TimeoutError, OSError):
-            urllib.request.urlopen(request, timeout=10).close()
-            told.append("webhook")
-    return f"alert raised ({severity}); told {', '.join(told) or 'the event stream only'}"
 
 
 def new_run_record(cfg: Config, daemon: str, trigger: str, run_dir: Path | None) -> dict[str, Any]:

@@ -540,6 +540,69 @@ def test_event_feed_with_cursor(broker):
     assert [e["type"] for e in results[0]["events"]] == ["peer.summary"]
 
 
+def sync_alerts(broker: BrokerProc, findings: list[dict], checks: tuple[str, ...] = ("disk", "memory"),
+                machine: str = "nas", repeat_after: int = 3) -> list[tuple[str, str, str]]:
+    body = {"source": "fleet-scout", "machine": machine, "checks": list(checks), "findings": findings,
+            "repeat_after": repeat_after}
+    changes = broker.client().call("POST", "/api/alerts", body)["changes"]
+    return [(c["change"], c["key"], c["severity"]) for c in changes]
+
+
+def finding(key: str, severity: str = "warning", check: str = "disk") -> dict:
+    return {"check": check, "key": key, "severity": severity, "title": f"{check} {key} full", "detail": "96% used"}
+
+
+def test_an_alert_fires_once_repeats_after_n_runs_and_resolves_once(broker):
+    assert sync_alerts(broker, [finding("/var")]) == [("new", "/var", "warning")]
+    assert sync_alerts(broker, [finding("/var")]) == []  # unchanged: silent
+    assert sync_alerts(broker, [finding("/var")]) == []
+    assert sync_alerts(broker, [finding("/var")]) == [("repeat", "/var", "warning")]  # 3 runs still bad
+    assert sync_alerts(broker, [finding("/var", "critical")]) == [("changed", "/var", "critical")]
+    assert sync_alerts(broker, []) == [("resolved", "/var", "critical")]
+    assert sync_alerts(broker, []) == []  # resolved once
+    assert sync_alerts(broker, [finding("/var")]) == [("new", "/var", "warning")]  # a new episode
+    events = [e for e in broker.client().call("GET", "/api/events?after=0&limit=100")["events"] if e["type"] == "alert"]
+    assert [(e["subject"], e["change"]) for e in events] == [
+        ("fleet.alert.warning", "new"), ("fleet.alert.warning", "repeat"), ("fleet.alert.critical", "changed"),
+        ("fleet.alert.resolved", "resolved"), ("fleet.alert.warning", "new")]
+    assert events[0]["machine"] == "nas" and events[0]["source"] == "fleet-scout" and events[0]["key"] == "/var"
+
+
+def test_alerts_of_checks_not_looked_at_stay_open(broker):
+    sync_alerts(broker, [finding("/"), finding("ram", check="memory")])
+    assert sync_alerts(broker, [finding("down", "critical", "unreachable")], checks=("unreachable",)) == [
+        ("new", "down", "critical")]  # unreachable: disk and memory were not looked at, so they stay
+    assert sorted(sync_alerts(broker, [], checks=("unreachable", "disk", "memory"))) == [
+        ("resolved", "/", "warning"), ("resolved", "down", "critical"), ("resolved", "ram", "warning")]
+    listed = broker.client().call("GET", "/api/alerts?state=all")["alerts"]
+    assert {a["key"]: bool(a["resolved_at"]) for a in listed} == {"/": True, "ram": True, "down": True}
+    assert sync_alerts(broker, [finding("/")], machine="other") == [("new", "/", "warning")]  # per machine
+    assert [a["machine"] for a in broker.client().call("GET", "/api/alerts")["alerts"]] == ["other"]
+
+
+def test_open_alerts_are_listed_worst_first(broker):
+    sync_alerts(broker, [finding("/home"), finding("/var", "critical")])
+    listed = broker.client().call("GET", "/api/alerts?source=fleet-scout&machine=nas")["alerts"]
+    assert [(a["key"], a["severity"]) for a in listed] == [("/var", "critical"), ("/home", "warning")]
+    assert listed[0]["opened_at"] and listed[0]["resolved_at"] is None
+    assert api_error(lambda: broker.client().call("GET", "/api/alerts?state=maybe")).status == 400
+    twice = {"source": "s", "machine": "m", "checks": [], "repeat_after": 1, "findings": [finding("/"), finding("/")]}
+    assert "twice" in api_error(lambda: broker.client().call("POST", "/api/alerts", twice)).message
+    bad = {**twice, "findings": [finding("/", "apocalyptic")]}
+    assert "severity" in api_error(lambda: broker.client().call("POST", "/api/alerts", bad)).message
+
+
+def test_health_keeps_the_latest_report_per_machine_and_publishes_it(broker):
+    client = broker.client()
+    for load in (0.5, 2.5):
+        client.call("POST", "/api/health", {"machine": "nas", "source": "fleet-scout", "report": {"load": [load]},
+                                            "findings": [finding("/")]})
+    [nas] = client.call("GET", "/api/health")["machines"]
+    assert nas["report"] == {"load": [2.5]} and nas["findings"][0]["key"] == "/" and nas["at"]
+    events = [e for e in client.call("GET", "/api/events?after=0")["events"] if e["type"] == "health"]
+    assert [e["subject"] for e in events] == ["fleet.health.nas"] * 2 and events[1]["report"] == {"load": [2.5]}
+
+
 def test_fleet_memory_read_replace_and_bound(broker):
     client = broker.client()
     assert client.call("GET", "/api/memory")["text"] == ""
@@ -637,8 +700,10 @@ HOSTILE_FIELDS = [
     ("", {"machine": "m", "pid": 1, "cwd": "/", "name": "{}"}),
     ("/api/runs", {"id": "r1", "daemon": "d", "trigger": "t", "machine": "m", "started_at": "now",
                    "status": "ok", "summary": "{}"}),
-    ("/api/alerts", {"severity": "info", "title": "{}"}),
-    ("/api/alerts", {"severity": "info", "title": "t", "detail": "{}"}),
+    ("/api/alerts", {"source": "d", "machine": "m", "checks": ["{}"], "findings": [], "repeat_after": 3}),
+    ("/api/alerts", {"source": "d", "machine": "m", "checks": [], "repeat_after": 3, "findings": [
+        {"check": "disk", "key": "/", "severity": "warning", "title": "{}"}]}),
+    ("/api/health", {"source": "d", "machine": "m", "findings": [], "report": {"note": "{}"}}),
 ]
 
 
@@ -692,7 +757,8 @@ def test_huge_integers_non_numbers_and_deep_nesting_are_400s(broker, path, body,
     ("/send", '{"to": "bob", "text": "hi", "reply_to": null, "scope": null}'),
     ("/api/runs", ('{"id": "r1", "daemon": "d", "trigger": "t", "machine": "m", "started_at": "s", "status": "ok",'
                   ' "actions": null, "tokens": null, "model": null, "summary": null, "ended_at": null}')),
-    ("/api/alerts", '{"severity": "info", "title": "t", "detail": null, "source": null, "machine": null}'),
+    ("/api/alerts", '{"source": "d", "machine": "m", "checks": [], "repeat_after": 3, "findings": [{"check": "c",'
+                    ' "key": "k", "severity": "info", "title": "t", "detail": null, "diagnosis": null}]}'),
 ])
 def test_null_in_an_optional_field_means_absent(make_broker, path, body):
     broker = make_broker("poll_wait_s = 1\n")  # a null wait_s is the default wait
@@ -784,7 +850,9 @@ VALID_BODIES = [  # one valid body per schema: the fuzzer breaks one field at a 
     (cp.ACK_SCHEMA, {"ids": ["0" * 12], "state": "read"}),
     (cp.MEMORY_SCHEMA, {"text": "notes"}),
     (cp.RUN_SCHEMA, {"id": "r1", "daemon": "d", "trigger": "t", "machine": "m", "started_at": "s", "status": "ok"}),
-    (cp.ALERT_SCHEMA, {"severity": "info", "title": "t"}),
+    (cp.ALERTS_SCHEMA, {"source": "d", "machine": "m", "checks": ["disk"], "repeat_after": 2, "findings": [
+        {"check": "disk", "key": "/", "severity": "warning", "title": "t"}]}),
+    (cp.HEALTH_SCHEMA, {"source": "d", "machine": "m", "report": {"load": [1]}, "findings": []}),
 ]
 HOSTILE_VALUES = st.sampled_from(["\ud800", "ok\udfff", 2 ** 64, -(2 ** 63) - 1, -1, None, float("nan"),
                                   float("inf"), 1e308, "", [[[[[]]]]], {"a": {}}]) | JSON_VALUES
@@ -2649,11 +2717,12 @@ def test_fleet_tools_reach_the_broker_and_stay_inside_their_allowlists(make_brok
     assert "peer.joined" in replies[8]
     assert replies[9] == "# old notes\n"
     assert replies[10] == "fleet memory replaced"
-    assert "alert raised (critical); told homelab-infra" in replies[11]
+    assert "alert noted (critical)" in replies[11]
     assert "refused by policy" in replies[12] and "169.254.169.254" in replies[12]  # a redirect is checked too
     redirector.shutdown()
     got = poll(watcher)
-    assert [m["text"] for m in got] == ["disk is full on here", "[critical] disk full on here\n/ at 100%"]
+    assert got[0]["text"] == "disk is full on here"
+    assert got[1]["text"].startswith("[critical] ") and got[1]["text"].endswith(": disk full on here\n/ at 100%")
     assert {m["from_name"] for m in got} == {"daemon-ops"}
     memory = broker.client().call("GET", "/api/memory")
     assert memory["updated_by"] == "daemon-ops" and "disk full" in memory["text"]
