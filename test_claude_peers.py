@@ -757,8 +757,8 @@ def test_huge_integers_non_numbers_and_deep_nesting_are_400s(broker, path, body,
     ("/send", '{"to": "bob", "text": "hi", "reply_to": null, "scope": null}'),
     ("/api/runs", ('{"id": "r1", "daemon": "d", "trigger": "t", "machine": "m", "started_at": "s", "status": "ok",'
                   ' "actions": null, "tokens": null, "model": null, "summary": null, "ended_at": null}')),
-    ("/api/alerts", '{"source": "d", "machine": "m", "checks": [], "repeat_after": 3, "findings": [{"check": "c",'
-                    ' "key": "k", "severity": "info", "title": "t", "detail": null, "diagnosis": null}]}'),
+    ("/api/alerts", ('{"source": "d", "machine": "m", "checks": [], "repeat_after": 3, "findings": [{"check": "c",'
+                    ' "key": "k", "severity": "info", "title": "t", "detail": null, "diagnosis": null}]}')),
 ])
 def test_null_in_an_optional_field_means_absent(make_broker, path, body):
     broker = make_broker("poll_wait_s = 1\n")  # a null wait_s is the default wait
