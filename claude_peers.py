@@ -187,7 +187,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 # [[machines]]: the hosts fleet-scout and probe_host look at.
-MACHINE_DEFAULTS: dict[str, Any] = {"name": "", "ssh": "localhost", "port": 22}
+MACHINE_DEFAULTS: dict[str, Any] = {"name": "", "ssh": "localhost", "port": 22, "identity_file": ""}
 
 # [daemons.<name>]: one table per daemon.
 DAEMON_DEFAULTS: dict[str, Any] = {
@@ -198,7 +198,7 @@ DAEMON_DEFAULTS: dict[str, Any] = {
     "on": [],  # NATS subject patterns (* and >)
     "jitter": 0.1,  # fraction of `every` added at random
     "debounce_s": 10.0,  # quiet time after a matching event before the run
-    "runner": "agent",  # agent: LLM loop with tools; command: an external agent command
+    "runner": "agent",  # agent: LLM loop with tools; command: an external agent command; or a built-in daemon
     "command": [],  # argv for runner = "command"
     "role": "",  # the system prompt's role part
     "tier": "routine",
@@ -213,6 +213,47 @@ DAEMON_DEFAULTS: dict[str, Any] = {
     "alert_to": [],  # agent names that receive this daemon's alerts
     "backoff_s": 60,  # first cooldown after a failure; doubles per failure
     "backoff_max_s": 3600,
+}
+# [daemons.<name>] with runner = "fleet-scout": its thresholds and probe settings.
+SCOUT_DEFAULTS: dict[str, Any] = {
+    "disk_warning_pct": 85.0,  # blocks used on a real filesystem, % (Netdata warns at 80, node_exporter at 90)
+    "disk_critical_pct": 95.0,  # ... critical from here
+    "inode_warning_pct": 85.0,  # inodes used on a real filesystem, %
+    "inode_critical_pct": 95.0,  # ... critical from here
+    "mem_available_warning_pct": 10.0,  # MemAvailable of MemTotal, %: a warning at or below this
+    "mem_available_critical_pct": 5.0,  # ... critical at or below this
+    "swap_used_warning_pct": 80.0,  # swap in use, % (Netdata's swap_fill: 80 / 95); no swap, no check
+    "swap_used_critical_pct": 95.0,  # ... critical from here
+    "load_per_core_warning": 1.5,  # 15-minute load average divided by the online CPUs
+    "load_per_core_critical": 3.0,  # ... critical from here
+    "restart_warning_count": 1,  # a unit's NRestarts rose by this many since the previous run (same boot)
+    "restart_critical_count": 10,  # ... critical from here; a unit waiting in activating (auto-restart) warns
+    "journal_flood_per_min": 4.0,  # one unit logging one error pattern at least this often a minute, on average
+    "journal_flood_critical_per_min": 60.0,  # ... critical from here
+    "journal_flood_min_count": 5,  # and at least this many lines of it in the window
+    "journal_flood_min_span_pct": 50.0,  # and spread over at least this much of the window (a burst is no flood)
+    "journal_first_window_s": 900,  # how far back the first run of a machine reads its journal
+    "journal_max_window_s": 3600,  # never further back than this (after the scout was down)
+    "journal_max_lines": 2000,  # newest error lines read per run; the total is counted apart
+    "clock_skew_warning_s": 30.0,  # the host's clock against the scout's, seconds either way
+    "clock_skew_critical_s": 300.0,  # ... critical from here (Kerberos refuses 5 minutes)
+    "ssh_timeout_s": 10,  # ssh ConnectTimeout: TCP connect and the SSH banner
+    "probe_timeout_s": 30,  # the whole probe of one machine; then ssh and its children are killed
+    "step_timeout_s": 10,  # one command on the host (df on a dead NFS mount, a stuck docker daemon)
+    "parallel": 8,  # machines probed at once
+    "known_hosts_file": "",  # the scout's own known_hosts; empty: ssh's default (~/.ssh/known_hosts)
+    "host_key_checking": "accept-new",  # "yes": only hosts already known; "accept-new": pin a new host's key
+}
+
+# Runners: the keys a daemon table takes besides DAEMON_DEFAULTS, per runner.
+RUNNER_DEFAULTS: dict[str, dict[str, Any]] = {"agent": {}, "command": {}, "fleet-scout": SCOUT_DEFAULTS}
+
+# The daemons that exist unless daemons.toml changes them (`enabled = false` turns one off);
+# a [daemons.<name>] table of the same name overrides their keys one by one.
+DEFAULT_DAEMONS: dict[str, dict[str, Any]] = {
+    "fleet-scout": {"runner": "fleet-scout", "every": "15m", "max_runtime_s": 120, "max_actions": 10,
+                    "description": "checks every machine over SSH: disks, memory, load, failed and restarting"
+                                   " units, journal error floods, reboots, clock skew, containers"},
 }
 TIERS = ("heavy", "routine", "local")
 AGENT_TOOLS = ("probe_host", "http_get", "run_command", "read_file", "list_peers", "send_message", "read_events",
@@ -250,6 +291,11 @@ def _check_positive(value: Any) -> None:
 def _check_non_negative(value: Any) -> None:
     if value < 0:
         raise ValueError(f"must be >= 0, got {value}")
+
+
+def _check_percent(value: Any) -> None:
+    if not 0 <= value <= 100:
+        raise ValueError(f"must be a percentage from 0 to 100, got {value}")
 
 
 def _raise(message: str) -> None:
@@ -305,8 +351,6 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("daemon", "on"): lambda v: _check_subjects(v),
     ("daemon", "jitter"): lambda v: None if 0 <= v <= 1 else _raise(f"must be between 0 and 1, got {v}"),
     ("daemon", "debounce_s"): _check_non_negative,
-    ("daemon", "runner"): lambda v: None if v in ("agent", "command") else _raise(
-        f"must be \"agent\" or \"command\", got {v!r}"),
     ("daemon", "command"): lambda v: _check_strings(v),
     ("daemon", "tier"): lambda v: None if v in TIERS else _raise(f"unknown tier {v!r} (known: {', '.join(TIERS)})"),
     ("daemon", "tools"): lambda v: _check_tools(v),
@@ -326,6 +370,12 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("llm", "base_url"): lambda v: None if not v or v.startswith(("http://", "https://")) else _raise(
         f"must start with http:// or https://, got {v!r}"),
     ("alerts", "repeat_after_cycles"): _check_positive,
+    **{("daemon", key): _check_percent for key in SCOUT_DEFAULTS if key.endswith("_pct")},
+    **{("daemon", key): _check_positive for key in SCOUT_DEFAULTS if key.endswith(("_s", "_count", "_per_min",
+                                                                                   "_warning", "_critical"))
+       or key in ("journal_max_lines", "parallel")},
+    ("daemon", "host_key_checking"): lambda v: None if v in ("yes", "accept-new") else _raise(
+        f"must be \"yes\" or \"accept-new\", got {v!r}"),
     ("machines", "port"): lambda v: None if 0 < v < 65536 else _raise(f"not a port: {v}"),
     ("nats", "url"): lambda v: None if not v or all(u.strip().startswith(("nats://", "tls://"))
                                                     for u in v.split(",")) else _raise(
@@ -455,16 +505,29 @@ class Config:
         for i, machine in enumerate(self.machines):
             if not machine.name:
                 raise UserError(f"{self.where}: machines[{i}].name: required")
+        if not self.machines:  # none listed: the fleet is this box
+            self.machines = [SimpleNamespace(**{**MACHINE_DEFAULTS, "name": self.machine})]
         daemons = raw.get("daemons", {})
         if not isinstance(daemons, dict):
             raise UserError(f"{self.where}: daemons: use one [daemons.<name>] table per daemon")
-        self.daemons = {}
-        for name, table in daemons.items():
-            if not NAME_RE.match(name):
-                raise UserError(f"{self.where}: daemons.{name}: a daemon name is letters, digits, '.', '_', '-'")
-            self.daemons[name] = self._table("daemon", f"daemons.{name}", table, DAEMON_DEFAULTS)
-            self.daemons[name].name = name
-            check_daemon(self.where, self.daemons[name])
+        self.daemons = {name: self._daemon(name, daemons.get(name, {}))
+                        for name in [*DEFAULT_DAEMONS, *(n for n in daemons if n not in DEFAULT_DAEMONS)]}
+
+    def _daemon(self, name: str, given: Any) -> SimpleNamespace:
+        """One [daemons.<name>] table over the built-in one of that name, with its runner's keys."""
+        if not NAME_RE.match(name):
+            raise UserError(f"{self.where}: daemons.{name}: a daemon name is letters, digits, '.', '_', '-'")
+        if not isinstance(given, dict):
+            raise UserError(f"{self.where}: [daemons.{name}] must be a table")
+        table = {**DEFAULT_DAEMONS.get(name, {}), **given}
+        runner = table.get("runner", DAEMON_DEFAULTS["runner"])
+        if runner not in RUNNER_DEFAULTS:
+            raise UserError(f"{self.where}: daemons.{name}.runner: unknown runner {runner!r}"
+                            f" (known: {', '.join(RUNNER_DEFAULTS)})")
+        daemon = self._table("daemon", f"daemons.{name}", table, {**DAEMON_DEFAULTS, **RUNNER_DEFAULTS[runner]})
+        daemon.name = name
+        check_daemon(self.where, daemon)
+        return daemon
 
     def _table(self, kind: str, prefix: str, given: Any, defaults: dict[str, Any]) -> SimpleNamespace:
         """One table checked against its defaults: unknown keys, types, and the key's own check."""
@@ -3312,14 +3375,13 @@ class DaemonRun:
         return {"status": status, "summary": summary[:4000], "actions": self.actions, "tokens": self.tokens,
                 "model": self.model}
 
-    def execute(self) -> dict[str, Any]:
+    def execute(self, body: Callable[[DaemonRun], dict[str, Any]]) -> dict[str, Any]:
+        """Run ``body`` (the runner: the agent loop, the command, a built-in daemon) and close the run."""
         self.transcript.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.log_line("start", daemon=self.daemon.name, trigger=self.trigger, dry_run=self.dry_run,
                       runner=self.daemon.runner)
         try:
-            if self.daemon.runner == "command":
-                return self.run_command_runner()
-            return self.run_agent()
+            return body(self)
         except LlmError as exc:
             return self.result("failed", f"LLM: {exc}")
         finally:
@@ -3557,8 +3619,9 @@ class DaemonRun:
         label = {"resolved": "resolved", "repeat": f"{change['severity']}, still"}.get(change["change"],
                                                                                       change["severity"])
         title = f"[{label}] {change['machine']}: {change['title']}"
-        text = "\n".join(part for part in (title, change["detail"], change["diagnosis"] and
-                                            f"Diagnosis: {change['diagnosis']}") if part)
+        details = [] if change["change"] == "resolved" else [change["detail"], change["diagnosis"] and
+                                                             f"Diagnosis: {change['diagnosis']}"]
+        text = "\n".join(part for part in (title, *details) if part)
         told = []
         for name in self.daemon.alert_to:
             with contextlib.suppress(UserError, ApiError):
@@ -3622,7 +3685,8 @@ def cmd_run_daemon(cfg: Config, args: argparse.Namespace) -> int:
     if daemon is None:
         raise UserError(f"{cfg.where}: no [daemons.{args.daemon}]")
     run_dir = data_home() / "runs"
-    result = DaemonRun(cfg, daemon, args.run_id, args.trigger, run_dir / f"{args.run_id}.jsonl").execute()
+    result = DaemonRun(cfg, daemon, args.run_id, args.trigger, run_dir / f"{args.run_id}.jsonl").execute(
+        daemon_body(daemon))
     write_secret(run_dir / f"{args.run_id}.result.json", json.dumps(result))
     return 0
 
@@ -3905,35 +3969,6 @@ def cmd_supervise(cfg: Config, args: argparse.Namespace) -> int:
 # ===========================================================================
 
 # [daemons.fleet-scout]: what counts as a fault, and how the machines are reached.
-SCOUT_DEFAULTS: dict[str, Any] = {
-    "disk_warning_pct": 85.0,  # blocks used on a real filesystem, % (Netdata warns at 80, node_exporter at 90)
-    "disk_critical_pct": 95.0,  # ... critical from here
-    "inode_warning_pct": 85.0,  # inodes used on a real filesystem, %
-    "inode_critical_pct": 95.0,  # ... critical from here
-    "mem_available_warning_pct": 10.0,  # MemAvailable of MemTotal, %: a warning at or below this
-    "mem_available_critical_pct": 5.0,  # ... critical at or below this
-    "swap_used_warning_pct": 80.0,  # swap in use, % (Netdata's swap_fill: 80 / 95); no swap, no check
-    "swap_used_critical_pct": 95.0,  # ... critical from here
-    "load_per_core_warning": 1.5,  # 15-minute load average divided by the online CPUs
-    "load_per_core_critical": 3.0,  # ... critical from here
-    "restart_warning_count": 1,  # a unit's NRestarts rose by this many since the previous run (same boot)
-    "restart_critical_count": 10,  # ... critical from here; a unit waiting in activating (auto-restart) warns
-    "journal_flood_per_min": 4.0,  # one unit logging one error pattern at least this often a minute, on average
-    "journal_flood_critical_per_min": 60.0,  # ... critical from here
-    "journal_flood_min_count": 5,  # and at least this many lines of it in the window
-    "journal_flood_min_span_pct": 50.0,  # and spread over at least this much of the window (a burst is no flood)
-    "journal_first_window_s": 900,  # how far back the first run of a machine reads its journal
-    "journal_max_window_s": 3600,  # never further back than this (after the scout was down)
-    "journal_max_lines": 2000,  # newest error lines read per run; the total is counted apart
-    "clock_skew_warning_s": 30.0,  # the host's clock against the scout's, seconds either way
-    "clock_skew_critical_s": 300.0,  # ... critical from here (Kerberos refuses 5 minutes)
-    "ssh_timeout_s": 10,  # ssh ConnectTimeout: TCP connect and the SSH banner
-    "probe_timeout_s": 30,  # the whole probe of one machine; then ssh and its children are killed
-    "step_timeout_s": 10,  # one command on the host (df on a dead NFS mount, a stuck docker daemon)
-    "parallel": 8,  # machines probed at once
-    "known_hosts_file": "",  # the scout's own known_hosts; empty: ssh's default (~/.ssh/known_hosts)
-    "host_key_checking": "accept-new",  # "yes": only hosts already known; "accept-new": pin a new host's key
-}
 SCOUT_LOCAL = ("localhost", "127.0.0.1", "::1", "")
 SCOUT_OUTPUT_CAP = 8 * 1024 * 1024  # bytes of probe output kept; the script bounds each section itself
 # Filesystems that are not storage a machine can fill: no disk or inode findings for them.
@@ -4665,6 +4700,121 @@ def probe_fleet(machines: list[SimpleNamespace], thresholds: Any, previous_by_ma
         return dict(pool.map(one, machines))
 
 
+# -- the fleet-scout daemon: probe, publish, alert once per change, diagnose -------------
+
+SCOUT_CHECKS = ("unreachable", "auth", "probe", "disk", "inodes", "memory", "swap", "load", "failed_unit",
+                "restart_loop", "journal_flood", "reboot", "clock_skew", "docker")
+NEEDS_SECTION = {"systemd": ("failed_unit", "restart_loop"), "journal": ("journal_flood",), "docker": ("docker",)}
+SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
+
+
+def scout_checks(report: dict[str, Any]) -> list[str]:
+    """The checks a report let the scout look at; a machine's other alerts stay as they were
+    (an unreachable host's full disk is not resolved by the host going dark)."""
+    if not report.get("reachable"):
+        return ["unreachable", "auth"]
+    if not report.get("complete", True):
+        return ["unreachable", "auth", "probe"]
+    skipped = {check for section, checks in NEEDS_SECTION.items()
+               if not (report.get(section) or {}).get("available") for check in checks}
+    return [check for check in SCOUT_CHECKS if check not in skipped]
+
+
+def as_alert(finding: dict[str, Any]) -> dict[str, Any]:
+    """A scout finding as the broker's alert lifecycle takes it."""
+    measured = "" if finding["value"] is None else f"value {finding['value']}"
+    if finding["threshold"] is not None:
+        measured += f" (threshold {finding['threshold']})"
+    detail = "\n".join([measured.strip(), *finding["evidence"]]).strip()
+    return {"check": finding["check"], "key": str(finding["key"])[:300], "severity": finding["severity"],
+            "title": finding["title"][:300], "detail": detail[:4000]}
+
+
+def scout_report_lines(results: dict[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]) -> list[str]:
+    """One line per machine, worst finding first: what `trigger fleet-scout --here` prints."""
+    lines = []
+    for name, (report, findings, _) in sorted(results.items()):
+        worst = sorted(findings, key=lambda f: SEVERITY_RANK[f["severity"]])
+        status = worst[0]["severity"] if worst else "ok"
+        text = "; ".join(f"{f['title']}" for f in worst[:4]) + (f" (+{len(worst) - 4} more)" if len(worst) > 4 else "")
+        unavailable = f" [not checked: {', '.join(u.split(':')[0] for u in report.get('unavailable') or [])}]" \
+            if report.get("reachable") and report.get("unavailable") else ""
+        lines.append(f"{name:<16} {status:<8} {text or 'no findings'}{unavailable}")
+    return lines
+
+
+def diagnose(run: DaemonRun, machine: str, findings: list[dict[str, Any]]) -> str:
+    """One short diagnosis of a machine's new findings, from the evidence only (one LLM action)."""
+    models = list(getattr(run.cfg.llm, run.daemon.tier))
+    evidence = json.dumps([{k: f[k] for k in ("check", "key", "severity", "title", "detail")} for f in findings])
+    messages = [{"role": "system", "content": (
+                    "You are fleet-scout, watching the machines of a homelab. From the findings and evidence of"
+                    " one machine, say the likely cause and the next step an operator should take, in at most"
+                    " three sentences. Use only the evidence given; say when it is not enough. You change"
+                    " nothing on any host.")},
+                {"role": "user", "content": f"Machine {machine}: {evidence[:12000]}"}]
+    run.actions += 1
+    message, tokens, run.model = chat_completion(run.cfg, models, messages, [], run.log_line)
+    run.tokens += tokens
+    run.log_line("diagnosis", machine=machine, tokens=tokens, text=message.get("content") or "")
+    return (message.get("content") or "").strip()[:2000]
+
+
+def add_diagnoses(run: DaemonRun, alerts_by_machine: dict[str, list[dict[str, Any]]]) -> None:
+    """With an LLM configured, a diagnosis for each machine whose findings are new or changed,
+    within the daemon's max_actions and token_budget; without one the findings stand alone."""
+    if not run.cfg.llm.base_url or not getattr(run.cfg.llm, run.daemon.tier):
+        return
+    known = {(a["machine"], a["check"], a["key"]): a["severity"] for a in run.broker(register=False).call(
+        "GET", f"/api/alerts?source={urllib.parse.quote(run.daemon.name)}&limit=1000")["alerts"]}
+    for machine, alerts in alerts_by_machine.items():
+        fresh = [a for a in alerts if known.get((machine, a["check"], a["key"])) != a["severity"]]
+        if not fresh or run.actions >= run.daemon.max_actions or run.tokens >= run.daemon.token_budget:
+            continue
+        try:
+            text = diagnose(run, machine, fresh)
+        except LlmError as exc:
+            run.log_line("diagnosis_failed", machine=machine, error=str(exc))
+            continue
+        for alert in fresh:
+            alert["diagnosis"] = text
+
+
+def daemon_body(daemon: SimpleNamespace) -> Callable[[DaemonRun], dict[str, Any]]:
+    """What a run of this daemon does, by its runner."""
+    return {"agent": DaemonRun.run_agent, "command": DaemonRun.run_command_runner,
+            "fleet-scout": run_fleet_scout}[daemon.runner]
+
+
+def run_fleet_scout(run: DaemonRun) -> dict[str, Any]:
+    """Probe every machine, publish each one's health, and put the findings through the
+    alert lifecycle: deterministic first, the LLM only adds a diagnosis."""
+    daemon, machines = run.daemon, run.cfg.machines
+    previous = {m.name: json.loads(run.state.recall(daemon.name, f"machine:{m.name}") or "null") for m in machines}
+    results = probe_fleet(machines, daemon, previous, time.time())
+    for name, (report, findings, state) in results.items():
+        run.state.remember(daemon.name, f"machine:{name}", json.dumps(state))
+        run.log_line("machine", machine=name, reachable=report["reachable"], error=report.get("error", ""),
+                     elapsed_s=report.get("elapsed_s"), findings=findings, unavailable=report.get("unavailable"))
+    alerts = {name: [as_alert(f) for f in findings] for name, (_, findings, _) in results.items()}
+    lines = scout_report_lines(results)
+    failures = []
+    try:
+        add_diagnoses(run, alerts)
+        for name, (report, _, _) in results.items():
+            if run.dry_run:
+                run.log_line("dry_run", health=name)
+                continue
+            run.broker(register=False).call("POST", "/api/health", {
+                "machine": name, "source": daemon.name, "report": report, "findings": alerts[name]})
+        for name, (report, _, _) in results.items():
+            run.report_alerts(name, scout_checks(report), alerts[name])
+    except (UserError, ApiError) as exc:
+        failures.append(f"could not report to the broker: {exc}")
+    bad = sum(1 for found in alerts.values() if found)
+    head = f"{len(results)} machine(s), {bad} with findings"
+    return run.result("failed" if failures else "ok", "\n".join([head, *lines, *failures]))
+
 # ===========================================================================
 # Bench: the figures of SPEC.md section 9, measured on this machine
 # ===========================================================================
@@ -5183,7 +5333,7 @@ def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
     run_dir = data_home() / "runs"
     run = new_run_record(cfg, daemon.name, "manual" + (" (dry run)" if args.dry_run else ""), run_dir)
     result = DaemonRun(cfg, daemon, run["id"], run["trigger"], Path(run["transcript"]), dry_run=args.dry_run,
-                       echo=True).execute()
+                       echo=True).execute(daemon_body(daemon))
     finish_run(run, result)
     state = SupervisorState(data_home() / "supervisor.db")
     state.save_run(run)
@@ -5224,6 +5374,39 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         embedded = f" (embedded, restarted {nats['embedded_restarts']}x)" if "embedded_restarts" in nats else ""
         print(f"nats: {state} to {nats['url']}{embedded}, stream {nats['stream']}, last published seq"
               f" {nats['last_published_seq']}, outbox backlog {nats['backlog']}")
+    return 0
+
+
+def cmd_health(cfg: Config, args: argparse.Namespace) -> int:
+    machines = client_from_config(cfg).call("GET", "/api/health")["machines"]
+    if args.json:
+        print_json(machines)
+        return 0
+    if not machines:
+        print("no health reports yet (fleet-scout reports every machine of [[machines]]: claude-peers trigger"
+              " fleet-scout)")
+    for machine in machines:
+        worst = sorted(machine["findings"], key=lambda f: SEVERITY_RANK.get(f["severity"], 3))
+        status = worst[0]["severity"] if worst else "ok"
+        text = "; ".join(f["title"] for f in worst[:3]) + (f" (+{len(worst) - 3} more)" if len(worst) > 3 else "")
+        print(f"{machine['machine']:<16} {status:<8} {ago(machine['at']):>8}  {text or 'no findings'}")
+    return 0
+
+
+def cmd_alerts(cfg: Config, args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({"state": "all" if args.all else "open"})
+    alerts = client_from_config(cfg).call("GET", f"/api/alerts?{query}")["alerts"]
+    if args.json:
+        print_json(alerts)
+        return 0
+    if not alerts:
+        print("no open alerts" if not args.all else "no alerts")
+    for alert in alerts:
+        state = f"resolved {ago(alert['resolved_at'])}" if alert["resolved_at"] else f"seen {ago(alert['last_seen'])}"
+        print(f"{alert['severity']:<8} {alert['machine']:<16} {alert['title']}  (since {ago(alert['opened_at'])},"
+              f" {state}; {alert['source']})")
+        if alert["diagnosis"]:
+            print(f"         diagnosis: {alert['diagnosis'].splitlines()[0][:200]}")
     return 0
 
 
@@ -5356,6 +5539,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("runs", cmd_runs, "recent daemon runs", json_flag=True)
     p.add_argument("daemon", nargs="?", help="only this daemon")
     p.add_argument("--limit", type=int, default=20)
+    command("health", cmd_health, "each machine's latest health report, worst finding first", json_flag=True)
+    p = command("alerts", cmd_alerts, "open alerts of every daemon, worst first", json_flag=True)
+    p.add_argument("--all", action="store_true", help="resolved ones too")
     p = command("trigger", cmd_trigger, "run a daemon now (via the supervisor, or here in the foreground)")
     p.add_argument("daemon")
     p.add_argument("--here", action="store_true", help="run it in this terminal, printing the transcript")
