@@ -17,6 +17,7 @@ import collections
 import concurrent.futures
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import hmac
 import http
@@ -215,6 +216,26 @@ MIN_TOKEN_LEN = 16
 
 def data_home() -> Path:
     return Path(os.environ.get("CLAUDE_PEERS_HOME") or Path.home() / ".local/share/claude-peers")
+
+
+def hold_state_dir(home: Path, listen: str) -> Any:
+    """Lock the state dir for this broker's life (the lock dies with the process, even on
+    SIGKILL): a second broker on the same home would share its db and kill its nats-server."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle = (home / "broker.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid, _, where = handle.read().strip().partition(" ")
+        handle.close()
+        raise UserError(f"{home} is in use by another broker (pid {pid or '?'}, listening on {where or '?'}):"
+                        " stop it first, or give this one its own CLAUDE_PEERS_HOME") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} {listen}\n")
+    handle.flush()
+    return handle
 
 
 def config_path(explicit: str | None = None) -> Path | None:
@@ -1209,6 +1230,22 @@ def nats_token(cfg: Config, create: bool) -> str:
     return path.read_text().strip()
 
 
+def process_argv(pid: int) -> list[str]:
+    """A local process's command line ([] when it is gone)."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    return []
+
+
+def runs_a_broker(pid: int) -> bool:
+    """Whether ``pid`` is a live `claude-peers broker` or `up` (an orphan's new parent, init or
+    this very process adopting it, is not)."""
+    if pid in (0, 1, os.getpid()) or not pid_alive(pid):
+        return False
+    argv = process_argv(pid)
+    return any(re.search(r"claude[-_]peers", arg) for arg in argv) and bool({"broker", "up"} & set(argv))
+
+
 class EmbeddedNats:
     """The bundled nats-server on loopback with JetStream and a token: started with the
     broker, restarted when it dies, stopped on exit. Its config file (0600) keeps the
@@ -1233,11 +1270,23 @@ class EmbeddedNats:
             f"jetstream {{ store_dir: {json.dumps(str(self.dir / 'jetstream'))} }}",
             f"authorization {{ token: {json.dumps(token)} }}"]))
 
+    def _is_leftover(self, pid: int) -> bool:
+        """A nats-server on our config whose broker is gone: the pid file alone may name a
+        recycled pid or a server a live broker still runs (we hold the state dir's lock, so
+        none of this home should, but a kill is worth a second look)."""
+        try:
+            argv = process_argv(pid)
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        ours = bool(argv) and Path(argv[0]).name == "nats-server" and str(self.conf) in argv
+        return pid_alive(pid) and ours and not runs_a_broker(parent)
+
     def _stop_leftover(self) -> None:
         """A server left running by a broker that was killed holds our port: end it."""
         with contextlib.suppress(OSError, ValueError):
             pid = int(self.pid_file.read_text().strip())
-            if pid_alive(pid) and "nats-server" in Path(f"/proc/{pid}/cmdline").read_text():
+            if self._is_leftover(pid):
                 os.kill(pid, signal.SIGTERM)
                 for _ in range(50):
                     if not pid_alive(pid):
@@ -2041,11 +2090,12 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
     """Run the broker until SIGINT/SIGTERM: loopback by default; anything else needs a strong token."""
     raise_fd_limit()
     host, port = parse_hostport(listen or cfg.broker.listen)
+    home = data_home()
+    lock = hold_state_dir(home, f"{host}:{port}")  # before the db and NATS: one hub per state dir
     token = read_token(cfg, create=True)
     if not is_loopback(host) and len(token) < MIN_TOKEN_LEN:
         raise UserError(f"refusing to listen on {host}: the fleet token is missing or shorter than"
                         f" {MIN_TOKEN_LEN} characters (see {cfg.token_path})")
-    home = data_home()
     broker = Broker(cfg, home, token)
     api = ApiServer(broker)
     try:
@@ -2090,6 +2140,7 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
         broker.store.reap()
         checkpointer.join()
         broker.store.close()
+        lock.close()
         log.info("broker stopped")
 
 

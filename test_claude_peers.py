@@ -2017,6 +2017,29 @@ def test_a_leftover_embedded_server_is_replaced(make_broker):
     wait_published(broker)
 
 
+def test_a_second_hub_on_the_same_state_dir_is_refused_and_the_first_keeps_serving(make_broker):
+    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{free_port()}"\n')
+    nats_pid = embedded_pid(broker)
+    for command in ("up", "broker"):
+        out = broker.cli(command, "--listen", f"127.0.0.1:{free_port()}")
+        assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1, out.stderr
+        assert f"{broker.home} is in use by another broker (pid {broker.proc.pid}," in out.stderr
+        assert f"listening on 127.0.0.1:{broker.port})" in out.stderr
+    assert embedded_pid(broker) == nats_pid
+    assert broker.client().call("GET", "/api/status")["nats"]["embedded_restarts"] == 0
+    broker.session(name="still-served")
+    wait_published(broker)
+
+
+def test_a_nats_server_whose_broker_lives_is_never_taken_for_a_leftover(make_broker):
+    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{free_port()}"\n')
+    nats_pid = embedded_pid(broker)
+    cp.EmbeddedNats(cp.load_config(str(broker.config)), broker.home)._stop_leftover()  # as if past the lock
+    assert cp.pid_alive(nats_pid) and embedded_pid(broker) == nats_pid
+    broker.session()
+    wait_published(broker)
+
+
 def start_up(tmp_path: Path) -> tuple[subprocess.Popen, BrokerProc, int, str]:
     """`up` on ephemeral ports; returns it, a handle on its broker, the supervisor pid and its banner."""
     home = tmp_path / "home"
