@@ -85,6 +85,11 @@ def decode_utf8(where: str, data: bytes) -> str:
                         " save it as UTF-8") from None
 
 
+def describe_error(exc: BaseException) -> str:
+    """An exception as one line: its type, and its message when it has one."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def iso(ts: float | None) -> str | None:
     """Epoch seconds as an ISO-8601 UTC string with milliseconds."""
     if ts is None:
@@ -1340,7 +1345,7 @@ async def connect_nats(url: str, token: str, name: str, on_error: Callable[[str]
     import nats
 
     async def error(exc: Exception) -> None:
-        on_error(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        on_error(describe_error(exc))
 
     async def quiet() -> None:
         return None
@@ -1435,7 +1440,7 @@ class EventRelay:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - nats-py raises many kinds; all mean: reconnect, retry
-                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                error = describe_error(exc)
                 if error != self.error:
                     log.warning("event relay: %s (backlog %d; retrying)", error, self.store.backlog())
                 self.error = error
@@ -2956,6 +2961,9 @@ class SupervisorState:
     def set_cursor(self, name: str, value: int) -> None:
         self.db.execute("INSERT OR REPLACE INTO cursors(name, value) VALUES (?, ?)", (name, value))
 
+    def forget_cursor(self, name: str) -> None:
+        self.db.execute("DELETE FROM cursors WHERE name = ?", (name,))
+
 
 def schedule_spec(daemon: SimpleNamespace) -> str:
     return f"every={daemon.every} cron={daemon.cron}"
@@ -3390,6 +3398,37 @@ def cmd_run_daemon(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def nats_trouble(exc: Exception, problems: list[str]) -> str:
+    """Why NATS could not be used, in one line: a setup that timed out says what nats-py last reported."""
+    if isinstance(exc, TimeoutError) and problems:
+        return problems[-1]
+    return describe_error(exc)
+
+
+NATS_SETUP_S = 5.0  # connecting and subscribing may take this long before the feed takes over
+NATS_RETRY_S = 30.0  # a supervisor on the feed tries NATS again this often
+SEEN_EVENTS = 10000  # event ids remembered, so a switch between NATS and the feed runs nothing twice
+
+
+async def fetch_events(sub: Any) -> list[Any]:
+    """One pull from the durable consumer. No events yet ends in a timeout: nats-py raises its
+    own TimeoutError, and on one deadline path the builtin one it subclasses; both mean none."""
+    try:
+        return await sub.fetch(100, timeout=1)
+    except TimeoutError:
+        return []
+
+
+def event_id_of(data: bytes) -> str:
+    """The id in an event's JSON payload ('' for a message some other publisher sent)."""
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return ""
+    event_id = payload.get("id") if isinstance(payload, dict) else None
+    return event_id if isinstance(event_id, str) else ""
+
+
 class Supervisor:
     """Runs the daemons of daemons.toml: on `every` (with jitter), `cron`, `on` events
     (NATS JetStream durable consumer, or the broker's feed), and requests. One run of a
@@ -3408,6 +3447,7 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self.event_source = ""
         self.feed_clients: list[BrokerClient] = []  # aborted at stop, so a parked feed poll ends at once
+        self.seen: dict[str, None] = {}  # recent event ids, oldest first
 
     # -- config ---------------------------------------------------------------------
 
@@ -3458,8 +3498,14 @@ class Supervisor:
         self.state.save_run(run)
         self.wakeup.set()
 
-    def on_event(self, subject: str) -> None:
+    def on_event(self, subject: str, event_id: str = "") -> None:
         """A fleet event: explicit requests run at once; `on` patterns run after the debounce."""
+        if event_id in self.seen:
+            return
+        if event_id:
+            self.seen[event_id] = None
+            if len(self.seen) > SEEN_EVENTS:
+                del self.seen[next(iter(self.seen))]
         parts = subject.split(".")
         if len(parts) == 4 and parts[:2] == ["fleet", "daemon"] and parts[3] == "requested":
             self.trigger(parts[2], "requested")
@@ -3564,40 +3610,87 @@ class Supervisor:
                 await asyncio.wait_for(self.wakeup.wait(), 2.0)
 
     async def events_from_nats(self) -> None:
-        """A durable JetStream consumer: events seen while the supervisor was down still arrive."""
-        import nats
-        from nats.js.api import ConsumerConfig, DeliverPolicy
+        """A durable JetStream consumer: events seen while the supervisor was down still arrive.
 
-        durable = f"supervisor-{re.sub(r'[^A-Za-z0-9_-]', '_', self.cfg.machine)}"
-        while not self.stopping.is_set():
-            nc = None
-            try:
-                nc = await connect_nats(self.cfg.nats_url, nats_token(self.cfg, create=False),
-                                        f"claude-peers supervisor {self.cfg.machine}",
-                                        lambda error: log.debug("event consumer: %s", error))
-                sub = await nc.jetstream().pull_subscribe(
-                    "fleet.>", durable=durable, stream=self.cfg.nats.stream,
-                    config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_wait=30))
-                self.event_source = f"nats {self.cfg.nats_url} stream {self.cfg.nats.stream} durable {durable}"
+        A supervisor that cannot reach NATS (nothing listening, refused, no stream) warns once
+        and reads the broker's event feed instead - the same events, from the broker's outbox -
+        so `on` daemons and trigger requests keep working. Every NATS_RETRY_S it tries NATS
+        again and goes back to it once it answers: the durable consumer then also brings what
+        was published meanwhile, and events already handled (by id) are skipped."""
+        feed: asyncio.Task[None] | None = None
+        try:
+            while not self.stopping.is_set():
+                problems: list[str] = []
+                try:
+                    nc, sub = await asyncio.wait_for(self._subscribe(problems), NATS_SETUP_S)
+                except Exception as exc:  # noqa: BLE001 - any NATS trouble: the feed, and NATS again later
+                    why = nats_trouble(exc, problems)
+                    if feed is None:
+                        log.warning("event consumer: NATS at %s: %s; reading the broker's event feed instead"
+                                    " (trying NATS again every %.0fs)", self.cfg.nats_url, why, NATS_RETRY_S)
+                        feed = asyncio.create_task(self.events_from_feed())
+                    log.debug("event consumer: NATS at %s: %s", self.cfg.nats_url, why)
+                    await asyncio.sleep(NATS_RETRY_S)
+                    continue
+                if feed is not None:
+                    self._stop_feed(feed)
+                    feed = None
+                    log.info("event consumer: NATS answers again; back from the broker's event feed")
+                self.state.forget_cursor("feed")  # a later fallback starts there and then: NATS has the rest
                 log.info("watching events: %s", self.event_source)
-                while not self.stopping.is_set():
-                    try:
-                        messages = await sub.fetch(100, timeout=1)
-                    except nats.errors.TimeoutError:
-                        continue
-                    for message in messages:
-                        self.on_event(message.subject)
-                        await message.ack()
-            except Exception as exc:  # noqa: BLE001 - any NATS trouble: reconnect after a pause
-                log.warning("event consumer: %s: %s (retrying)", type(exc).__name__, exc)
-                await asyncio.sleep(2)
-            finally:
-                if nc is not None:
+                try:
+                    await self._consume(nc, sub)
+                except Exception as exc:  # noqa: BLE001 - lost NATS: the next round falls back to the feed
+                    log.debug("event consumer: %s", describe_error(exc))
+                finally:
                     with contextlib.suppress(Exception):
                         await nc.close()
+        finally:
+            if feed is not None:
+                self._stop_feed(feed)
+
+    async def _subscribe(self, problems: list[str]) -> tuple[Any, Any]:
+        """Connected to NATS with this machine's durable pull consumer on the stream."""
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+        from nats.js.errors import NotFoundError
+
+        durable = f"supervisor-{re.sub(r'[^A-Za-z0-9_-]', '_', self.cfg.machine)}"
+        nc = await connect_nats(self.cfg.nats_url, nats_token(self.cfg, create=False),
+                                f"claude-peers supervisor {self.cfg.machine}", problems.append)
+        try:
+            while True:
+                try:
+                    sub = await nc.jetstream().pull_subscribe(
+                        "fleet.>", durable=durable, stream=self.cfg.nats.stream,
+                        config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_wait=30))
+                    break
+                except NotFoundError:  # the broker creates the stream when it first connects
+                    problems.append(f"no stream {self.cfg.nats.stream} on that server")
+                    await asyncio.sleep(0.5)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise
+        self.event_source = f"nats {self.cfg.nats_url} stream {self.cfg.nats.stream} durable {durable}"
+        return nc, sub
+
+    async def _consume(self, nc: Any, sub: Any) -> None:
+        """Hand the consumer's events to ``on_event`` until NATS goes away."""
+        while not self.stopping.is_set():
+            for message in await fetch_events(sub):
+                self.on_event(message.subject, event_id_of(message.data))
+                await message.ack()
+            if not nc.is_connected:
+                raise ConnectionError("lost the connection")
+
+    def _stop_feed(self, feed: asyncio.Task[None]) -> None:
+        feed.cancel()
+        for client in self.feed_clients:
+            client.abort()  # its parked long-poll ends now
+        self.feed_clients.clear()
 
     async def events_from_feed(self) -> None:
-        """Without NATS: long-poll the broker's event feed from a persisted cursor."""
+        """Without NATS (or while it does not answer): long-poll the broker's event feed from a persisted cursor."""
         client: BrokerClient | None = None
         self.event_source = f"broker feed {self.cfg.broker_url}"
         while not self.stopping.is_set():
@@ -3611,7 +3704,7 @@ class Supervisor:
                     self.state.set_cursor("feed", cursor)
                 feed = await asyncio.to_thread(client.call, "GET", f"/api/events?after={cursor}&limit=500&wait_s=20")
                 for event in feed["events"]:
-                    self.on_event(event["subject"])
+                    self.on_event(event["subject"], event["id"])
                 self.state.set_cursor("feed", feed["cursor"])
             except (UserError, ApiError) as exc:
                 log.debug("event feed: %s", exc)

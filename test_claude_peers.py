@@ -2096,6 +2096,17 @@ def test_up_starts_and_stops_the_tree(tmp_path):
             proc.wait()
 
 
+def logged(log: list[str], fragment: str, timeout: float = 20) -> str:
+    """The first line of ``log`` with ``fragment``, once it is there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [line for line in list(log) if fragment in line]
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"never logged {fragment!r}:\n{''.join(log)}")
+
+
 # ---------------------------------------------------------------------------
 # Supervisor and the agent runner (the LLM is a scripted OpenAI-compatible server)
 # ---------------------------------------------------------------------------
@@ -2471,6 +2482,51 @@ def test_reload_keeps_the_last_good_config(make_broker, supervisors):
     supervisor.proc.send_signal(signal.SIGHUP)
     supervisor.wait_runs("added", 1)
     assert len(supervisor.runs("steady")) == 1
+
+
+def feed_in_place(broker: BrokerProc) -> None:
+    """The supervisor reads the broker's feed from a cursor: events from now on reach it."""
+    deadline = time.monotonic() + 20
+    while cp.SupervisorState(broker.home / "supervisor.db").cursor("feed") is None:
+        assert time.monotonic() < deadline, "the supervisor never read the broker's event feed"
+        time.sleep(0.05)
+
+
+def test_a_supervisor_that_cannot_reach_nats_runs_events_and_triggers_from_the_feed(make_broker, supervisors):
+    nowhere = f'embedded = false\nurl = "nats://127.0.0.1:{free_port()}"\ntoken = "nats-token-0123456789"\n'
+    broker = make_broker("rate_per_s = 0.0\n", nats=nowhere)
+    write_config(broker, '[daemons.greeter]\non = ["fleet.peer.joined"]\ndebounce_s = 0.2\nrunner = "command"\n'
+                 'command = ["true"]\n[daemons.manual]\nrunner = "command"\ncommand = ["echo", "by hand"]\n')
+    supervisor = supervisors(broker)
+    warning = logged(supervisor.log, "reading the broker's event feed instead")
+    assert "WARNING" in warning and "Connect call failed" in warning and "trying NATS again" in warning
+    feed_in_place(broker)
+    broker.session(name="newcomer")
+    [greeted] = supervisor.wait_runs("greeter", 1)
+    assert greeted["status"] == "ok" and greeted["trigger"] == "event fleet.peer.joined"
+    assert broker.cli("trigger", "manual").returncode == 0
+    [manual] = supervisor.wait_runs("manual", 1)
+    assert manual["status"] == "ok" and manual["trigger"] == "requested" and manual["summary"] == "by hand"
+    assert len([line for line in supervisor.log if "event consumer" in line]) == 1  # said once
+
+
+@pytest.mark.parametrize("error", [TimeoutError, nats_client.errors.TimeoutError])
+def test_a_fetch_that_times_out_either_way_means_no_events_yet(error):
+    class IdleConsumer:  # nats-py's pull fetch raises either on its deadline paths
+        async def fetch(self, batch: int, timeout: float) -> list:
+            raise error
+
+    assert anyio.run(cp.fetch_events, IdleConsumer()) == []
+
+
+def test_an_idle_supervisor_on_nats_logs_no_warnings(make_broker, supervisors, nats_server):
+    broker = make_broker(nats=nats_server.toml())
+    supervisor = supervisors(broker)
+    logged(supervisor.log, "watching events: nats")
+    deadline = time.monotonic() + 5  # five fetches of 1 s with nothing to fetch
+    while time.monotonic() < deadline:
+        assert not [line for line in supervisor.log if "WARNING" in line], "".join(supervisor.log)
+        time.sleep(0.1)
 
 
 def test_fleet_tools_reach_the_broker_and_stay_inside_their_allowlists(make_broker, llm, tmp_path):
