@@ -457,9 +457,10 @@ def _type_ok(value: Any, default: Any) -> bool:
 class Config:
     """The validated config: one namespace per table (``cfg.broker.listen``)."""
 
-    def __init__(self, raw: dict[str, Any], source: Path | None) -> None:
+    def __init__(self, raw: dict[str, Any], source: Path | None, text: str = "") -> None:
         self.source = source
         self.where = str(source) if source else "built-in defaults"
+        self.text = text  # the file as read: what the supervisor hands its runs
         known = [*DEFAULTS, "machines", "daemons"]
         unknown = set(raw) - set(known)
         if unknown:
@@ -543,14 +544,15 @@ def load_config(explicit: str | None = None) -> Config:
     if path is None:
         return Config({}, None)
     try:
-        raw = tomllib.loads(decode_utf8(str(path), path.read_bytes()))
+        text = decode_utf8(str(path), path.read_bytes())
+        raw = tomllib.loads(text)
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found (pass --config or unset CLAUDE_PEERS_CONFIG)") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read config: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
-    return Config(raw, path)
+    return Config(raw, path, text)
 
 
 def write_secret(path: Path, text: str) -> None:
@@ -3519,6 +3521,8 @@ class Supervisor:
         self.cfg = cfg
         self.home = data_home()
         self.state = SupervisorState(self.home / "supervisor.db")
+        self.snapshot = self.home / "supervisor-config.toml"
+        self._write_snapshot()
         self.running: dict[str, asyncio.Task[None]] = {}
         self.pending: dict[str, str] = {}
         self.debouncing: set[str] = set()
@@ -3538,9 +3542,17 @@ class Supervisor:
             log.error("reload failed, keeping the last good config: %s", exc)
             return
         self.cfg = cfg
+        self._write_snapshot()
         log.info("reloaded %s: %d daemons", cfg.where, len(cfg.daemons))
         self._sync_schedules()
         self.wakeup.set()
+
+    def _write_snapshot(self) -> None:
+        """The config this supervisor runs, for its runs (0600, replaced whole): a run reading
+        daemons.toml itself would meet the broken file a reload refused."""
+        partial = self.snapshot.with_suffix(".tmp")
+        write_secret(partial, self.cfg.text)
+        os.replace(partial, self.snapshot)
 
     def _sync_schedules(self) -> None:
         now = time.time()
@@ -3616,7 +3628,8 @@ class Supervisor:
         self.state.save_run(run)
         self.wakeup.set()
         log.info("run %s of %s (%s)", run["id"], daemon.name, reason)
-        argv = own_command(self.cfg, "run-daemon", daemon.name, "--run-id", run["id"], "--trigger", reason)
+        argv = own_command(self.cfg, "run-daemon", daemon.name, "--run-id", run["id"], "--trigger", reason,
+                           config=self.snapshot)
         try:
             proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                         start_new_session=True)
@@ -3839,10 +3852,10 @@ class Supervisor:
                 await task
 
 
-def own_command(cfg: Config, *args: str) -> list[str]:
-    """This program as a child process, on the same config file."""
-    return [sys.executable, str(Path(__file__).resolve()), *(["--config", str(cfg.source)] if cfg.source else []),
-            *args]
+def own_command(cfg: Config, *args: str, config: Path | None = None) -> list[str]:
+    """This program as a child process, on the same config file (or on ``config``)."""
+    path = config or cfg.source
+    return [sys.executable, str(Path(__file__).resolve()), *(["--config", str(path)] if path else []), *args]
 
 
 def cmd_supervise(cfg: Config, args: argparse.Namespace) -> int:

@@ -2525,6 +2525,21 @@ def feed_in_place(broker: BrokerProc) -> None:
         time.sleep(0.05)
 
 
+def test_runs_after_a_refused_reload_use_the_config_the_supervisor_holds(make_broker, supervisors):
+    broker = make_broker()
+    write_config(broker, '[daemons.steady]\nrunner = "command"\ncommand = ["echo", "last good"]\n')
+    supervisor = supervisors(broker)
+    feed_in_place(broker)
+    broker.config.write_text(broker.config.read_text() + '[daemons.broken]\nevery = "soon"\n')
+    supervisor.proc.send_signal(signal.SIGHUP)
+    logged(supervisor.log, "reload failed")
+    broker.client().call("POST", "/api/daemons/steady/trigger")  # the CLI would refuse the broken file
+    [run] = supervisor.wait_runs("steady", 1)
+    assert run["status"] == "ok" and run["summary"] == "last good"
+    snapshot = broker.home / "supervisor-config.toml"
+    assert stat.S_IMODE(snapshot.stat().st_mode) == 0o600 and "broken" not in snapshot.read_text()
+
+
 def test_a_supervisor_that_cannot_reach_nats_runs_events_and_triggers_from_the_feed(make_broker, supervisors):
     nowhere = f'embedded = false\nurl = "nats://127.0.0.1:{free_port()}"\ntoken = "nats-token-0123456789"\n'
     broker = make_broker("rate_per_s = 0.0\n", nats=nowhere)
