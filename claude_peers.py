@@ -5134,17 +5134,27 @@ def cmd_runs(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def configured_daemon(cfg: Config, name: str, elsewhere: str = "") -> SimpleNamespace:
+    """The daemon a trigger names, as this config has it: an unknown name is a typo to say now."""
+    daemon = cfg.daemons.get(name)
+    if daemon is None:
+        raise UserError(f"{cfg.where}: no [daemons.{name}] (daemons: {', '.join(cfg.daemons) or 'none'}){elsewhere}")
+    return daemon
+
+
 def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
+    daemon = configured_daemon(cfg, args.daemon, "" if args.here else
+                               "; a daemon only another machine's supervisor has: trigger it from that machine")
     if not args.here:
         if args.dry_run:
             raise UserError("--dry-run needs --here (a foreground run); a supervisor's run follows daemons.toml")
+        if not daemon.enabled:
+            raise UserError(f"{cfg.where}: [daemons.{daemon.name}] has enabled = false, so a supervisor ignores"
+                            " a trigger for it (run it here with --here)")
         client_from_config(cfg).call("POST", f"/api/daemons/{urllib.parse.quote(args.daemon)}/trigger")
         print(f"requested a run of {args.daemon}: a running supervisor starts it now (see: claude-peers runs"
               f" {args.daemon})")
         return 0
-    daemon = cfg.daemons.get(args.daemon)
-    if daemon is None:
-        raise UserError(f"{cfg.where}: no [daemons.{args.daemon}] (daemons: {', '.join(cfg.daemons) or 'none'})")
     run_dir = data_home() / "runs"
     run = new_run_record(cfg, daemon.name, "manual" + (" (dry run)" if args.dry_run else ""), run_dir)
     result = DaemonRun(cfg, daemon, run["id"], run["trigger"], Path(run["transcript"]), dry_run=args.dry_run,

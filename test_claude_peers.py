@@ -922,6 +922,18 @@ def test_cli_unreachable_broker_and_wrong_token(broker):
     assert out.returncode == cp.EXIT_ERROR and "neither a session id" in out.stderr
 
 
+def test_trigger_refuses_a_daemon_the_config_does_not_run(broker):
+    write_config(broker, '[daemons.known]\nrunner = "command"\ncommand = ["true"]\n'
+                 '[daemons.off]\nenabled = false\nrunner = "command"\ncommand = ["true"]\n')
+    out = broker.cli("trigger", "knwon")
+    assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1
+    assert f"{broker.config}: no [daemons.knwon] (daemons: known, off)" in out.stderr
+    out = broker.cli("trigger", "off")
+    assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1 and "enabled = false" in out.stderr
+    events = broker.client().call("GET", "/api/events?after=0")["events"]
+    assert not [e for e in events if e["subject"].startswith("fleet.daemon.")]  # nothing was requested
+
+
 # ---------------------------------------------------------------------------
 # install.sh
 # ---------------------------------------------------------------------------
@@ -1215,7 +1227,7 @@ def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
         while not (feed.exists() and cp.SupervisorState(feed).cursor("feed") is not None):  # reading the feed
             assert time.monotonic() < deadline, "the client's supervisor never read the hub's event feed"
             time.sleep(0.05)
-        assert installed(hub_env, "trigger", "touch").returncode == 0
+        assert installed(client_env, "trigger", "touch").returncode == 0  # the machine whose config has it
         deadline = time.monotonic() + 20
         while not marker.exists():  # run by the supervisor's child: the module run as a script
             assert time.monotonic() < deadline, "the client's supervisor did not run the triggered daemon"
