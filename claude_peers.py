@@ -5290,17 +5290,24 @@ def git_info(cwd: Path) -> tuple[str, str]:
 EXIT_ERROR, EXIT_UNREACHABLE, EXIT_AUTH = 1, 3, 4  # 2 is argparse's usage error
 
 
+def add_common_options(parser: argparse.ArgumentParser, config: Any, verbose: Any) -> None:
+    """--config and -v, taken before the subcommand and after it (a subcommand's defaults are
+    SUPPRESS, so they never undo what was given before it)."""
+    parser.add_argument("--config", default=config, help="path to daemons.toml (default: $CLAUDE_PEERS_CONFIG,"
+                        " ~/.config/claude-peers/daemons.toml, built-in defaults)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=verbose, help="debug logs on stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="claude-peers", description="Fleet hub for Claude Code sessions.")
-    parser.add_argument("--config", help="path to daemons.toml (default: $CLAUDE_PEERS_CONFIG,"
-                        " ~/.config/claude-peers/daemons.toml, built-in defaults)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+    add_common_options(parser, None, False)
     parser.add_argument("--version", action="version", version=f"claude-peers {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, func: Callable[[Config, argparse.Namespace], int], help_text: str,
+    def command(name: str, func: Callable[[Config, argparse.Namespace], int], help_text: str | None,
                 json_flag: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, description=help_text, **({"help": help_text} if help_text else {}))
+        add_common_options(p, argparse.SUPPRESS, argparse.SUPPRESS)
         p.set_defaults(func=func)
         if json_flag:
             p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -5325,7 +5332,8 @@ def build_parser() -> argparse.ArgumentParser:
                 " `claude mcp add --scope user claude-peers -- claude-peers shim`")
     p.add_argument("--name", help="agent name (default: $CLAUDE_PEERS_NAME, or a .claude-peers-name file)")
     p = command("run", cmd_run, "start Claude Code with claude-peers channel pushes enabled")
-    p.add_argument("claude_args", nargs=argparse.REMAINDER, help="arguments passed on to claude")
+    p.add_argument("claude_args", nargs=argparse.REMAINDER, help="arguments passed on to claude untouched"
+                   " (after run's own --config, -v, --help; `--` ends those)")
     command("doctor", cmd_doctor, "check config, token, broker, claude, MCP registration and channel flag")
     command("supervise", cmd_supervise, "run the daemons of daemons.toml (SIGHUP reloads)")
     p = command("runs", cmd_runs, "recent daemon runs", json_flag=True)
@@ -5335,9 +5343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("daemon")
     p.add_argument("--here", action="store_true", help="run it in this terminal, printing the transcript")
     p.add_argument("--dry-run", action="store_true", help="with --here: log changing actions, do none")
-    p = sub.add_parser("run-daemon")  # internal: the supervisor's child process, kept out of --help
-    sub._choices_actions.pop()
-    p.set_defaults(func=cmd_run_daemon)
+    p = command("run-daemon", cmd_run_daemon, None)  # internal: the supervisor's child; no help, not listed
     p.add_argument("daemon")
     p.add_argument("--run-id", required=True)
     p.add_argument("--trigger", required=True)
@@ -5454,15 +5460,35 @@ def run_bench_cmd(cfg: Config, args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+RUN_OWN_FLAGS = ("-h", "--help", "-v", "--verbose")
+
+
+def split_run_args(rest: list[str]) -> tuple[list[str], list[str]]:
+    """What follows `run`: its own leading options (--config, -v, --help) and the arguments
+    for claude - from the first other one, or after `--`, all of them untouched."""
+    i = 0
+    while i < len(rest):
+        if rest[i] == "--":
+            return rest[:i], rest[i + 1:]
+        if rest[i] == "--config" and i + 1 < len(rest):
+            i += 2
+        elif rest[i] in RUN_OWN_FLAGS or rest[i].startswith("--config="):
+            i += 1
+        else:
+            break
+    return rest[:i], rest[i:]
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Parse the command line; everything after `run` goes to claude untouched."""
+    """Parse the command line; after `run` and its own options everything goes to claude untouched."""
     parser = build_parser()
     split = next((i for i, arg in enumerate(argv) if arg == "run" and (i == 0 or argv[i - 1] != "--config")),
                  None)
     if split is None:
         return parser.parse_args(argv)
-    args = parser.parse_args(argv[:split + 1])
-    args.claude_args = argv[split + 1:]
+    ours, theirs = split_run_args(argv[split + 1:])
+    args = parser.parse_args(argv[:split + 1] + ours)
+    args.claude_args = theirs
     return args
 
 

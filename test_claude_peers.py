@@ -934,6 +934,27 @@ def test_trigger_refuses_a_daemon_the_config_does_not_run(broker):
     assert not [e for e in events if e["subject"].startswith("fleet.daemon.")]  # nothing was requested
 
 
+def test_help_lists_every_subcommand_with_its_help():
+    out = subprocess.run([PY, str(SCRIPT), "--help"], capture_output=True, text=True, check=True).stdout
+    listed = {line.split()[0]: line for line in out.splitlines() if line.startswith("    ") and line.split()}
+    [commands] = [a for a in cp.build_parser()._actions if isinstance(a, cp.argparse._SubParsersAction)]
+    for name, parser in commands.choices.items():
+        if name == "run-daemon":  # internal: the supervisor's child
+            assert name not in listed
+            continue
+        assert name in listed and " ".join(parser.description.split()[:3]) in listed[name], out
+
+
+def test_config_and_verbose_go_before_or_after_the_subcommand(broker, tmp_path):
+    elsewhere = {"CLAUDE_PEERS_CONFIG": str(tmp_path / "missing.toml")}
+    for argv in (["--config", str(broker.config), "status"], ["status", "--config", str(broker.config)],
+                 ["-v", "status", "--config", str(broker.config)], ["status", "-v", "--config", str(broker.config)]):
+        out = broker.cli(*argv, env=elsewhere)
+        assert out.returncode == 0 and "sessions live: 0" in out.stdout, (argv, out.stderr)
+    out = broker.cli("--config", str(broker.config), "status", "--config", str(tmp_path / "missing.toml"))
+    assert out.returncode == cp.EXIT_ERROR and "missing.toml: config file not found" in out.stderr  # the last wins
+
+
 # ---------------------------------------------------------------------------
 # install.sh
 # ---------------------------------------------------------------------------
@@ -1720,6 +1741,28 @@ def test_run_adds_the_channel_flag(tmp_path):
     missing = subprocess.run([PY, str(SCRIPT), "run"], env={**os.environ, "PATH": str(tmp_path)},
                              capture_output=True, text=True, check=False)
     assert missing.returncode == cp.EXIT_ERROR and "claude not found on PATH" in missing.stderr
+
+
+def test_run_takes_its_own_options_first_and_hands_the_rest_to_claude_untouched(tmp_path):
+    fake = tmp_path / "bin/claude"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
+    fake.chmod(0o755)
+    config = tmp_path / "daemons.toml"
+    config.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PEERS_")}
+
+    def run(*args: str, path: str = f"{fake.parent}:{os.environ['PATH']}") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PY, str(SCRIPT), "run", *args], env={**env, "PATH": path}, capture_output=True,
+                              text=True, check=False)
+
+    out = run("--config", str(config), "-v", "--", "--config", "theirs", "-v")
+    assert out.stdout.split()[2:] == ["--config", "theirs", "-v"], out.stderr
+    assert run("--resume", "--config", "x").stdout.split()[2:] == ["--resume", "--config", "x"]
+    out = run("--config", str(tmp_path / "missing.toml"), "--resume")
+    assert out.returncode == cp.EXIT_ERROR and "missing.toml: config file not found" in out.stderr
+    out = run("--help", path=str(tmp_path))  # no claude on PATH: help is still help
+    assert out.returncode == 0 and out.stdout.startswith("usage: claude-peers run")
 
 
 @pytest.mark.anyio
