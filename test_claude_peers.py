@@ -3339,3 +3339,22 @@ def test_scout_find_faults_on_load_swap_clock_and_pseudo_filesystems():
     assert findings["clock_skew"]["title"] == "clock +400s off the scout's"
     report.update(collected_at=1800000000)  # read within the probe's span: no skew
     assert "clock_skew" not in {f["check"] for f in cp.find_faults(report, None, {}, 1800000001)[0]}
+
+
+# ---------------------------------------------------------------------------
+# Bench
+# ---------------------------------------------------------------------------
+
+
+def test_bench_with_tiny_parameters_prints_every_figure_honestly():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PEERS_")}
+    out = subprocess.run([PY, str(SCRIPT), "bench", "--messages", "80", "--samples", "5", "--sessions", "0",
+                          "--idle-seconds", "1", "--events", "200"], env=env, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    for figure in ("send requests/s", "delivered messages/s", "long-poll wake-up latency", "shim spawn -> initialize",
+                   "broker resident memory with 1000", "events relayed to JetStream per second"):
+        assert figure in out.stdout, out.stdout
+    assert "all 80 delivered" in out.stdout and "200 published" in out.stdout
+    relayed = re.search(r"relayed to JetStream per second: +(\d+)", out.stdout)
+    assert relayed is None or int(relayed[1]) > 0, out.stdout  # a figure, or says it is too few to time
