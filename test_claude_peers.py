@@ -996,7 +996,7 @@ def test_trigger_refuses_a_daemon_the_config_does_not_run(broker):
                  '[daemons.off]\nenabled = false\nrunner = "command"\ncommand = ["true"]\n')
     out = broker.cli("trigger", "knwon")
     assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1
-    assert f"{broker.config}: no [daemons.knwon] (daemons: known, off)" in out.stderr
+    assert f"{broker.config}: no [daemons.knwon] (daemons: fleet-scout, known, off)" in out.stderr
     out = broker.cli("trigger", "off")
     assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1 and "enabled = false" in out.stderr
     events = broker.client().call("GET", "/api/events?after=0")["events"]
