@@ -264,8 +264,40 @@ DEFAULT_DAEMONS: dict[str, dict[str, Any]] = {
                                    " units, journal error floods, reboots, clock skew, containers"},
 }
 TIERS = ("heavy", "routine", "local")
-AGENT_TOOLS = ("probe_host", "http_get", "run_command", "read_file", "list_peers", "send_message", "read_events",
-               "read_memory", "write_memory", "alert", "remember", "recall")
+
+def _tool(description: str, changes: bool, required: tuple[str, ...] = (), **properties: Any) -> dict[str, Any]:
+    return {"description": description, "changes": changes,
+            "inputSchema": {"type": "object", "properties": properties, "required": list(required)}}
+
+
+# The built-in tools a daemon's `tools` may name: what the model is told, the arguments it may
+# pass (checked before anything runs), and whether the tool changes something (dry_run logs those).
+DAEMON_TOOLS: dict[str, dict[str, Any]] = {
+    "probe_host": _tool("Measure a configured machine's health over SSH: load, memory, disks, failed and restarting"
+                        " units, journal errors, clock, containers, with the findings fleet-scout would raise.",
+                        False, ("machine",), machine={"type": "string", "description": "a [[machines]] name"}),
+    "http_get": _tool("GET an allowed URL; returns status and the start of the body.", False, ("url",),
+                      url={"type": "string"}),
+    "run_command": _tool("Run an allowed command (argv list, no shell) with a timeout; returns exit code and output.",
+                         True, ("argv",), argv={"type": "array", "items": {"type": "string"}}),
+    "read_file": _tool("Read the start of a file in an allowed directory.", False, ("path",), path={"type": "string"}),
+    "list_peers": _tool("List the live Claude Code sessions of the fleet.", False,
+                        scope={"type": "string", "enum": ["all", "machine", "repo", "directory"]}),
+    "send_message": _tool("Send a message to a session (id or agent name) of the fleet.", True, ("to", "text"),
+                          to={"type": "string"}, text={"type": "string"}),
+    "read_events": _tool("Read fleet events after a sequence number (peer joined/left, messages, daemon runs...).",
+                         False, after={"type": "integer"}, limit={"type": "integer"}),
+    "read_memory": _tool("Read the fleet memory (shared markdown notes).", False),
+    "write_memory": _tool("Replace the fleet memory with new markdown.", True, ("text",), text={"type": "string"}),
+    "alert": _tool("Raise an alert (fleet.alert.<severity>, the daemon's alert_to peers, the webhook): sent once when"
+                   " new or changed, repeated while it stays raised run after run, resolved when a run stops raising"
+                   " it.", True, ("severity", "title"),
+                   severity={"type": "string", "enum": ["info", "warning", "critical"]}, title={"type": "string"},
+                   detail={"type": "string"}),
+    "remember": _tool("Store a small value under a key for this daemon's next runs.", True, ("key", "value"),
+                      key={"type": "string"}, value={"type": "string"}),
+    "recall": _tool("Read a value this daemon stored with remember.", False, ("key",), key={"type": "string"}),
+}
 
 MIN_TOKEN_LEN = 16
 
@@ -342,9 +374,9 @@ def _check_argv_prefixes(value: list[Any]) -> None:
 
 def _check_tools(value: list[Any]) -> None:
     _check_strings(value)
-    unknown = [t for t in value if t not in AGENT_TOOLS]
+    unknown = [t for t in value if t not in DAEMON_TOOLS]
     if unknown:
-        raise ValueError(f"unknown tool {unknown[0]!r} (known: {', '.join(AGENT_TOOLS)})")
+        raise ValueError(f"unknown tool {unknown[0]!r} (known: {', '.join(DAEMON_TOOLS)})")
 
 
 def _check_subjects(value: list[Any]) -> None:
@@ -1804,7 +1836,7 @@ def _check_field(key: str, value: Any, field: Field) -> Any:
     if kind is list and len(value) > limit:
         raise ApiError(400, f"field {key!r} must be a list of at most {limit:g} items")
     if kind is list and field.items is not None:
-        return [validate(item, field.items, f"{key}[{i}].") for i, item in enumerate(value)]
+        return value  # its items are objects: validate checks each against field.items
     if kind is list and not all(isinstance(v, str) and len(v) <= 64 for v in value):
         raise ApiError(400, f"field {key!r} must be a list of strings of up to 64 characters")
     if not all(storable_text(v) for v in json_strings(value)):
@@ -1827,6 +1859,8 @@ def validate(body: Any, schema: Schema, prefix: str = "") -> dict[str, Any]:
                 raise ApiError(400, f"missing field {prefix}{key!r}")
             continue
         clean[key] = _check_field(prefix + key, body[key], field)
+        if field.items is not None:
+            clean[key] = [validate(item, field.items, f"{prefix}{key}[{i}].") for i, item in enumerate(body[key])]
     return clean
 
 
@@ -2778,9 +2812,8 @@ def check_tool_arguments(tool: str, schema: dict[str, Any], args: Any) -> dict[s
     for key, value in clean.items():
         spec = properties[key]
         if not _argument_fits(value, spec):
-            raise ToolArgumentError(f"{tool}: argument {key!r} must be {'an' if spec.get('type') == 'integer' else 'a'}"
-                                    f" {spec.get('type', 'string')}" + (" of strings" if spec.get("type") == "array"
-                                                                        else ""))
+            kind = {"array": "a list of strings", "integer": "an integer"}.get(spec.get("type"), "a string")
+            raise ToolArgumentError(f"{tool}: argument {key!r} must be {kind}")
         if "enum" in spec and value not in spec["enum"]:
             raise ToolArgumentError(f"{tool}: argument {key!r} must be one of {', '.join(map(str, spec['enum']))}")
         texts = value if isinstance(value, list) else [value]
@@ -3308,7 +3341,6 @@ RUN_FIELDS = ("id", "daemon", "trigger", "machine", "started_at", "ended_at", "s
               "model", "summary")
 OUTPUT_CAP = 16384
 KV_VALUE_CAP = 8192
-CHANGING_TOOLS = ("run_command", "send_message", "write_memory", "alert", "remember")
 
 
 class SupervisorState:
@@ -3389,42 +3421,6 @@ def next_due(daemon: SimpleNamespace, after: float, first: bool = False) -> floa
 
 # -- the agent loop and its tools (run in the daemon's child process) ---------------------
 
-TOOL_SCHEMAS: dict[str, tuple[str, dict[str, Any]]] = {
-    "probe_host": (("Measure a configured machine's health over SSH (load, memory, disks, failed units,"
-                   " uptime)."), {"machine": {"type": "string", "description": "a [[machines]] name"}}),
-    "http_get": ("GET an allowed URL; returns status and the start of the body.",
-                 {"url": {"type": "string"}}),
-    "run_command": ("Run an allowed command (argv list, no shell) with a timeout; returns exit code and output.",
-                    {"argv": {"type": "array", "items": {"type": "string"}}}),
-    "read_file": ("Read the start of a file in an allowed directory.", {"path": {"type": "string"}}),
-    "list_peers": ("List the live Claude Code sessions of the fleet.",
-                   {"scope": {"type": "string", "enum": list(SCOPES)}}),
-    "send_message": ("Send a message to a session (id or agent name) of the fleet.",
-                     {"to": {"type": "string"}, "text": {"type": "string"}}),
-    "read_events": ("Read fleet events after a sequence number (peer joined/left, messages, daemon runs...).",
-                    {"after": {"type": "integer"}, "limit": {"type": "integer"}}),
-    "read_memory": ("Read the fleet memory (shared markdown notes).", {}),
-    "write_memory": ("Replace the fleet memory with new markdown.", {"text": {"type": "string"}}),
-    "alert": ("Raise an alert to the fleet (NATS fleet.alert.<severity>, configured peers, webhook).",
-              {"severity": {"type": "string", "enum": list(SEVERITIES)}, "title": {"type": "string"},
-               "detail": {"type": "string"}}),
-    "remember": ("Store a small value under a key for this daemon's next runs.",
-                 {"key": {"type": "string"}, "value": {"type": "string"}}),
-    "recall": ("Read a value this daemon stored with remember.", {"key": {"type": "string"}}),
-}
-TOOL_REQUIRED = {"probe_host": ["machine"], "http_get": ["url"], "run_command": ["argv"], "read_file": ["path"],
-                 "send_message": ["to", "text"], "write_memory": ["text"], "alert": ["severity", "title"],
-                 "remember": ["key", "value"], "recall": ["key"]}
-
-PROBE_SCRIPT = """\
-echo "uptime_s=$(cut -d' ' -f1 /proc/uptime 2>/dev/null)"
-echo "loadavg=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
-echo "cores=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)"
-awk '/^MemTotal:/{t=$2} /^MemAvailable:/{a=$2} END{if (t) print "mem_available_pct=" int(a*100/t)}' /proc/meminfo
-df -P 2>/dev/null | awk 'NR>1 && $1 !~ /^(tmpfs|devtmpfs|overlay|udev)$/ {print "disk " $6 " used=" $5}'
-command -v systemctl >/dev/null && systemctl --failed --plain --no-legend 2>/dev/null | awk '{print "failed " $1}'
-true
-"""
 
 
 class PolicyError(Exception):
@@ -3571,10 +3567,9 @@ class DaemonRun:
         models = list(getattr(self.cfg.llm, self.daemon.tier))
         if not models:
             return self.result("failed", f"no models in [llm] {self.daemon.tier}")
-        tools = [{"type": "function", "function": {
-            "name": name, "description": TOOL_SCHEMAS[name][0],
-            "parameters": {"type": "object", "properties": TOOL_SCHEMAS[name][1],
-                           "required": TOOL_REQUIRED.get(name, [])}}} for name in self.daemon.tools]
+        tools = [{"type": "function", "function": {"name": name, "description": DAEMON_TOOLS[name]["description"],
+                                                   "parameters": DAEMON_TOOLS[name]["inputSchema"]}}
+                 for name in self.daemon.tools]
         messages: list[dict[str, Any]] = [
             {"role": "system", "content": self.system_prompt()},
             {"role": "user", "content": f"Run now (trigger: {self.trigger})."}]
@@ -3597,8 +3592,17 @@ class DaemonRun:
             if self.tokens >= self.daemon.token_budget:
                 return self.result("limit", f"stopped at the token budget ({self.tokens} >= {self.daemon.token_budget})")
 
-    def call_tool(self, name: str, raw_args: str) -> str:
+    def call_tool(self, name: str, raw_args: Any) -> str:
         """Policy first: an unlisted tool or a bad argument is refused and told to the model."""
+        tools: dict[str, Callable[..., str]] = {
+            "probe_host": self.tool_probe_host, "http_get": self.tool_http_get, "run_command": self.tool_run_command,
+            "read_file": self.tool_read_file, "list_peers": self.tool_list_peers,
+            "send_message": self.tool_send_message, "read_events": self.tool_read_events,
+            "read_memory": self.tool_read_memory, "write_memory": self.tool_write_memory, "alert": self.tool_alert,
+            "remember": self.tool_remember, "recall": self.tool_recall}
+        policies: dict[str, Callable[..., None]] = {
+            "probe_host": self.check_probe_host, "http_get": self.check_http_get,
+            "run_command": self.check_run_command, "read_file": self.check_read_file}
         try:
             if name not in self.daemon.tools:
                 raise PolicyError(f"tool {name!r} is not allowed for this daemon")
@@ -3606,22 +3610,17 @@ class DaemonRun:
                 args = json.loads(raw_args) if isinstance(raw_args, str) else raw_args
             except ValueError:
                 raise PolicyError(f"arguments are not valid JSON: {raw_args[:200]!r}") from None
-            if not isinstance(args, dict):
-                raise PolicyError("arguments must be a JSON object")
-            for key in TOOL_REQUIRED.get(name, []):
-                if key not in args:
-                    raise PolicyError(f"missing argument {key!r}")
-            unknown = set(args) - set(TOOL_SCHEMAS[name][1])
-            if unknown:
-                raise PolicyError(f"unknown argument {min(unknown)!r}")
-            check = getattr(self, f"check_{name}", None)
-            if check is not None:
-                check(**args)
-            if self.dry_run and name in CHANGING_TOOLS:
+            try:
+                args = check_tool_arguments(name, DAEMON_TOOLS[name]["inputSchema"], args)
+            except ToolArgumentError as exc:
+                raise PolicyError(str(exc)) from None
+            if name in policies:
+                policies[name](**args)
+            if self.dry_run and DAEMON_TOOLS[name]["changes"]:
                 self.log_line("dry_run", tool=name, args=args)
                 return f"dry run: {name} was not executed (it would change something)"
             self.log_line("tool_call", tool=name, args=args)
-            output = str(getattr(self, f"tool_{name}")(**args))[:OUTPUT_CAP]
+            output = str(tools[name](**args))[:OUTPUT_CAP]
             self.log_line("tool_result", tool=name, output=output[:2000])
             return output
         except PolicyError as exc:
@@ -3634,27 +3633,25 @@ class DaemonRun:
 
     # -- policy checks -----------------------------------------------------------
 
-    def check_run_command(self, argv: Any) -> None:
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+    def check_run_command(self, argv: list[str]) -> None:
+        if not argv:
             raise PolicyError("argv must be a non-empty list of strings")
         if not any(argv[:len(prefix)] == prefix for prefix in self.daemon.commands):
             raise PolicyError(f"command {json.dumps(argv)} matches no allowed prefix"
                               f" {json.dumps(self.daemon.commands)}")
 
-    def check_http_get(self, url: Any) -> None:
-        if not isinstance(url, str) or urllib.parse.urlsplit(url).scheme not in ("http", "https") or not any(
+    def check_http_get(self, url: str) -> None:
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https") or not any(
                 url.startswith(prefix) for prefix in self.daemon.urls):
             raise PolicyError(f"URL {url!r} is not under an allowed prefix {json.dumps(self.daemon.urls)}")
 
-    def check_read_file(self, path: Any) -> None:
-        if not isinstance(path, str):
-            raise PolicyError("path must be a string")
+    def check_read_file(self, path: str) -> None:
         real = os.path.realpath(path)
         if not any(os.path.commonpath([real, os.path.realpath(d)]) == os.path.realpath(d)
                    for d in self.daemon.paths):
             raise PolicyError(f"{path!r} is outside the allowed directories {json.dumps(self.daemon.paths)}")
 
-    def check_probe_host(self, machine: Any) -> None:
+    def check_probe_host(self, machine: str) -> None:
         if not any(m.name == machine for m in self.cfg.machines):
             raise PolicyError(f"unknown machine {machine!r} (configured: {', '.join(m.name for m in self.cfg.machines)})")
 
@@ -3703,8 +3700,12 @@ class DaemonRun:
             return fh.read(OUTPUT_CAP).decode(errors="replace")
 
     def tool_probe_host(self, machine: str) -> str:
+        """The scout's probe of one machine: its findings, then the report they came from."""
         target = next(m for m in self.cfg.machines if m.name == machine)
-        return probe_machine(target)
+        limits = {**SCOUT_DEFAULTS, **{k: v for k, v in vars(self.daemon).items() if k in SCOUT_DEFAULTS}}
+        report = probe_machine_report(target, limits, None)
+        findings, _ = find_faults(report, None, limits, time.time())
+        return json.dumps({"findings": findings, "report": report})
 
     def tool_list_peers(self, scope: str = "all") -> str:
         peers = self.broker().session_call("GET", f"/peers?scope={urllib.parse.quote(scope)}")["peers"]
@@ -3781,22 +3782,6 @@ class DaemonRun:
     def tool_recall(self, key: str) -> str:
         value = self.state.recall(self.daemon.name, key)
         return value if value is not None else "(nothing stored under that key)"
-
-
-def probe_machine(machine: SimpleNamespace) -> str:
-    """The fixed read-only probe script, locally or over SSH (BatchMode, no shell quoting games)."""
-    if machine.ssh in ("localhost", "127.0.0.1", ""):
-        argv = ["sh", "-s"]
-    else:
-        argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-p", str(machine.port), "--", machine.ssh,
-                "sh", "-s"]
-    try:
-        proc = subprocess.run(argv, input=PROBE_SCRIPT.encode(), capture_output=True, timeout=30, check=False)
-    except subprocess.TimeoutExpired:
-        return f"unreachable: {machine.name} did not answer within 30s"
-    if proc.returncode != 0 and not proc.stdout:
-        return f"unreachable: {machine.name}: {proc.stderr.decode(errors='replace').strip()[:500]}"
-    return proc.stdout.decode(errors="replace")[:OUTPUT_CAP]
 
 
 def new_run_record(cfg: Config, daemon: str, trigger: str, run_dir: Path | None) -> dict[str, Any]:
