@@ -1,12 +1,35 @@
 #!/usr/bin/env python3
 """claude-peers: the fleet hub for Claude Code sessions.
 
-Sessions on every machine of a homelab register with one broker, list each other,
-and exchange messages that are pushed into Claude Code through its channel
-protocol. One module, many subcommands; run ``python claude_peers.py --help``.
+Every Claude Code session on every machine of a homelab runs a small MCP server (the shim)
+that registers with one broker. Sessions list each other and send messages; the broker
+commits each message to sqlite, leases it to the recipient's long-poll, and the shim pushes
+it into Claude Code as a channel notification and acknowledges it once written. Every
+change is also an event: written to an outbox in the same transaction, relayed to NATS
+JetStream. A supervisor runs daemons (fleet-scout and friends, or your own agents) on
+schedules and on those events, under a policy, and their findings become alerts that fire
+once per change. One module, many subcommands; run ``python claude_peers.py --help``.
 
-Sections, in dependency order: common helpers, config, store, broker HTTP,
-broker client, CLI.
+Sections, in dependency order (each uses only what is above it):
+
+  Common helpers       errors, ids, names, text checks, tool-argument checking
+  Schedules            durations and cron expressions
+  Config               daemons.toml: defaults, checks, the Config object, the fleet token
+  Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory
+  Events on NATS       the embedded nats-server and the relay from the outbox to JetStream
+  Broker HTTP          request checks, the group commit, the routes, the HTTP/1.1 server
+  Broker client        the sync and asyncio clients every other part uses
+  Shim                 the MCP server on stdio: handshake, tools, channel pushes
+  Machine probes       what fleet-scout runs on a host over SSH, and the findings it draws
+  Daemon runs          one run in a child process: the agent loop, its tools and policy
+  Daemons              the built-in daemons (fleet-scout), and which runner a daemon uses
+  Supervisor           schedules, event triggers, run records
+  Bench                this hub's figures, measured on this machine
+  CLI                  output helpers, the commands, the parser, main
+
+Where to start: a message is stored by ``Store.send`` and handed to the recipient's
+long-poll by ``Broker._committed``; it is pushed by ``Shim._push``. A daemon's tool call is
+checked in ``DaemonRun.call_tool``; its alerts go through ``Store.sync_alerts``.
 """
 
 from __future__ import annotations
@@ -54,15 +77,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple, TypeVar
 
-__version__ = "0.1.0"
-
-log = logging.getLogger("claude-peers")
-T = TypeVar("T")
-
-
 # ===========================================================================
 # Common helpers
 # ===========================================================================
+
+__version__ = "0.1.0"
+log = logging.getLogger("claude-peers")
+T = TypeVar("T")
 
 
 class UserError(Exception):
@@ -140,6 +161,175 @@ def setup_logging(verbose: bool = False) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
+
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SESSION_ID_RE = re.compile(r"^[0-9a-f]{10}$")
+OPERATOR = "operator"  # the CLI's identity: authenticated by the fleet token alone
+SCOPES = ("all", "machine", "repo", "directory")
+SEVERITIES = ("info", "warning", "critical")
+
+
+def valid_name(name: str) -> bool:
+    """Agent names: identifier-like, never shaped like a session id, never the operator."""
+    return bool(NAME_RE.match(name)) and not SESSION_ID_RE.match(name) and name != OPERATOR
+
+
+def git_info(cwd: Path) -> tuple[str, str]:
+    """(git root, branch) of ``cwd``, or empty strings outside a repository."""
+    try:
+        out = subprocess.run(["git", "-C", str(cwd), "rev-parse", "--show-toplevel", "--abbrev-ref", "HEAD"],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "", ""
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) < 2:
+        return (lines[0], "") if out.returncode == 0 and lines else ("", "")
+    return lines[0], lines[1]
+
+
+def storable_text(value: str) -> bool:
+    """True if sqlite can store the string: a lone surrogate (a JSON "\\ud800") cannot be UTF-8."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def json_strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from json_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from json_strings(item)
+
+
+class ToolArgumentError(Exception):
+    """Tool arguments that do not fit the tool's input schema."""
+
+
+def _argument_fits(value: Any, spec: dict[str, Any]) -> bool:
+    kind = spec.get("type", "string")
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "array":
+        return isinstance(value, list) and all(_argument_fits(item, spec.get("items", {})) for item in value)
+    return False
+
+
+def check_tool_arguments(tool: str, schema: dict[str, Any], args: Any) -> dict[str, Any]:
+    """Arguments checked against a tool's input schema (types, enums, required, no strangers);
+    null means absent. The shim's tools and the daemons' tools share this one checker."""
+    if not isinstance(args, dict):
+        raise ToolArgumentError(f"{tool}: arguments must be a JSON object")
+    properties = schema.get("properties", {})
+    for key in args:
+        if key not in properties:
+            raise ToolArgumentError(f"{tool}: unknown argument {str(key)[:64]!r}"
+                                    f" (arguments: {', '.join(properties) or 'none'})")
+    clean = {key: value for key, value in args.items() if value is not None}
+    for key in schema.get("required", []):
+        if key not in clean:
+            raise ToolArgumentError(f"{tool}: missing required argument {key!r}")
+    for key, value in clean.items():
+        spec = properties[key]
+        if not _argument_fits(value, spec):
+            kind = {"array": "a list of strings", "integer": "an integer"}.get(spec.get("type"), "a string")
+            raise ToolArgumentError(f"{tool}: argument {key!r} must be {kind}")
+        if "enum" in spec and value not in spec["enum"]:
+            raise ToolArgumentError(f"{tool}: argument {key!r} must be one of {', '.join(map(str, spec['enum']))}")
+        texts = value if isinstance(value, list) else [value]
+        if not all(storable_text(t) for t in texts if isinstance(t, str)):
+            raise ToolArgumentError(f"{tool}: argument {key!r} holds a broken character (a lone surrogate, such as"
+                                    " half of a cut emoji); send it again as valid text")
+    return clean
+
+
+# ===========================================================================
+# Schedules: durations and cron
+# ===========================================================================
+
+DURATION_RE = re.compile(r"^(\d+)(s|m|h|d)$")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """'30s', '15m', '1h', '1d' -> seconds."""
+    found = DURATION_RE.match(text.strip())
+    if not found or int(found.group(1)) == 0:
+        raise ValueError(f"bad duration {text!r}: use a positive number and s, m, h or d, like \"15m\"")
+    return int(found.group(1)) * DURATION_UNITS[found.group(2)]
+
+
+class Cron:
+    """A 5-field cron expression (minute hour day-of-month month day-of-week), local time.
+
+    Fields take *, numbers, ranges a-b, steps */n and a-b/n, and lists; day-of-week 0 or 7
+    is Sunday. As in Vixie cron, when both day fields are restricted either may match."""
+
+    FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12),
+              ("day of week", 0, 7))
+
+    def __init__(self, expr: str) -> None:
+        parts = expr.split()
+        if len(parts) != 5:
+            raise ValueError(f"cron {expr!r}: needs 5 fields (minute hour day month weekday), got {len(parts)}")
+        self.sets = [self._field(part, *spec) for part, spec in zip(parts, self.FIELDS, strict=True)]
+        if 7 in self.sets[4]:
+            self.sets[4] = (self.sets[4] - {7}) | {0}
+        self.dom_any, self.dow_any = parts[2] == "*", parts[4] == "*"
+
+    @staticmethod
+    def _field(text: str, name: str, low: int, high: int) -> set[int]:
+        values: set[int] = set()
+        for item in text.split(","):
+            body, _, step_text = item.partition("/")
+            if not (step_text.isdigit() if step_text else True) or step_text == "0":
+                raise ValueError(f"cron {name} {item!r}: bad step")
+            step = int(step_text or 1)
+            if body == "*":
+                start, end = low, high
+            else:
+                first, _, last = body.partition("-")
+                if not first.isdigit() or (last and not last.isdigit()):
+                    raise ValueError(f"cron {name} {item!r}: use numbers, ranges a-b, steps */n, lists a,b")
+                start, end = int(first), int(last) if last else (high if step_text else int(first))
+            if not low <= start <= end <= high:
+                raise ValueError(f"cron {name} {item!r}: out of range {low}-{high}")
+            values.update(range(start, end + 1, step))
+        return values
+
+    def _day_matches(self, when: dt.datetime) -> bool:
+        dom = when.day in self.sets[2]
+        dow = (when.isoweekday() % 7) in self.sets[4]
+        if self.dom_any or self.dow_any:
+            return dom and dow
+        return dom or dow
+
+    def next_after(self, after: dt.datetime) -> dt.datetime:
+        """The first matching minute strictly after ``after`` (naive local time)."""
+        when = after.replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
+        limit = when + dt.timedelta(days=366 * 5)
+        while when < limit:
+            if when.month not in self.sets[3]:
+                when = (when.replace(day=1, hour=0, minute=0) + dt.timedelta(days=32)).replace(day=1)
+            elif not self._day_matches(when):
+                when = when.replace(hour=0, minute=0) + dt.timedelta(days=1)
+            elif when.hour not in self.sets[1]:
+                when = when.replace(minute=0) + dt.timedelta(hours=1)
+            elif when.minute not in self.sets[0]:
+                when += dt.timedelta(minutes=1)
+            else:
+                return when
+        raise ValueError("cron expression never matches")
 
 
 # ===========================================================================
@@ -222,6 +412,7 @@ DAEMON_DEFAULTS: dict[str, Any] = {
     "backoff_s": 60,  # first cooldown after a failure; doubles per failure
     "backoff_max_s": 3600,
 }
+
 # [daemons.<name>] with runner = "fleet-scout": its thresholds and probe settings.
 SCOUT_DEFAULTS: dict[str, Any] = {
     "disk_warning_pct": 85.0,  # blocks used on a real filesystem, % (Netdata warns at 80, node_exporter at 90)
@@ -263,7 +454,9 @@ DEFAULT_DAEMONS: dict[str, dict[str, Any]] = {
                     "description": "checks every machine over SSH: disks, memory, load, failed and restarting"
                                    " units, journal error floods, reboots, clock skew, containers"},
 }
+
 TIERS = ("heavy", "routine", "local")
+
 
 def _tool(description: str, changes: bool, required: tuple[str, ...] = (), **properties: Any) -> dict[str, Any]:
     return {"description": description, "changes": changes,
@@ -282,7 +475,7 @@ DAEMON_TOOLS: dict[str, dict[str, Any]] = {
                          True, ("argv",), argv={"type": "array", "items": {"type": "string"}}),
     "read_file": _tool("Read the start of a file in an allowed directory.", False, ("path",), path={"type": "string"}),
     "list_peers": _tool("List the live Claude Code sessions of the fleet.", False,
-                        scope={"type": "string", "enum": ["all", "machine", "repo", "directory"]}),
+                        scope={"type": "string", "enum": list(SCOPES)}),
     "send_message": _tool("Send a message to a session (id or agent name) of the fleet.", True, ("to", "text"),
                           to={"type": "string"}, text={"type": "string"}),
     "read_events": _tool("Read fleet events after a sequence number (peer joined/left, messages, daemon runs...).",
@@ -292,7 +485,7 @@ DAEMON_TOOLS: dict[str, dict[str, Any]] = {
     "alert": _tool("Raise an alert (fleet.alert.<severity>, the daemon's alert_to peers, the webhook): sent once when"
                    " new or changed, repeated while it stays raised run after run, resolved when a run stops raising"
                    " it.", True, ("severity", "title"),
-                   severity={"type": "string", "enum": ["info", "warning", "critical"]}, title={"type": "string"},
+                   severity={"type": "string", "enum": list(SEVERITIES)}, title={"type": "string"},
                    detail={"type": "string"}),
     "remember": _tool("Store a small value under a key for this daemon's next runs.", True, ("key", "value"),
                       key={"type": "string"}, value={"type": "string"}),
@@ -304,26 +497,6 @@ MIN_TOKEN_LEN = 16
 
 def data_home() -> Path:
     return Path(os.environ.get("CLAUDE_PEERS_HOME") or Path.home() / ".local/share/claude-peers")
-
-
-def hold_state_dir(home: Path, listen: str) -> Any:
-    """Lock the state dir for this broker's life (the lock dies with the process, even on
-    SIGKILL): a second broker on the same home would share its db and kill its nats-server."""
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    handle = (home / "broker.lock").open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        pid, _, where = handle.read().strip().partition(" ")
-        handle.close()
-        raise UserError(f"{home} is in use by another broker (pid {pid or '?'}, listening on {where or '?'}):"
-                        " stop it first, or give this one its own CLAUDE_PEERS_HOME") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()} {listen}\n")
-    handle.flush()
-    return handle
 
 
 def config_path(explicit: str | None = None) -> Path | None:
@@ -451,92 +624,6 @@ def check_daemon(where: str, daemon: SimpleNamespace) -> None:
         raise UserError(f"{where}: daemons.{daemon.name}.command: only used with runner = \"command\"")
 
 
-DURATION_RE = re.compile(r"^(\d+)(s|m|h|d)$")
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> int:
-    """'30s', '15m', '1h', '1d' -> seconds."""
-    found = DURATION_RE.match(text.strip())
-    if not found or int(found.group(1)) == 0:
-        raise ValueError(f"bad duration {text!r}: use a positive number and s, m, h or d, like \"15m\"")
-    return int(found.group(1)) * DURATION_UNITS[found.group(2)]
-
-
-class Cron:
-    """A 5-field cron expression (minute hour day-of-month month day-of-week), local time.
-
-    Fields take *, numbers, ranges a-b, steps */n and a-b/n, and lists; day-of-week 0 or 7
-    is Sunday. As in Vixie cron, when both day fields are restricted either may match."""
-
-    FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12),
-              ("day of week", 0, 7))
-
-    def __init__(self, expr: str) -> None:
-        parts = expr.split()
-        if len(parts) != 5:
-            raise ValueError(f"cron {expr!r}: needs 5 fields (minute hour day month weekday), got {len(parts)}")
-        self.sets = [self._field(part, *spec) for part, spec in zip(parts, self.FIELDS, strict=True)]
-        if 7 in self.sets[4]:
-            self.sets[4] = (self.sets[4] - {7}) | {0}
-        self.dom_any, self.dow_any = parts[2] == "*", parts[4] == "*"
-
-    @staticmethod
-    def _field(text: str, name: str, low: int, high: int) -> set[int]:
-        values: set[int] = set()
-        for item in text.split(","):
-            body, _, step_text = item.partition("/")
-            if not (step_text.isdigit() if step_text else True) or step_text == "0":
-                raise ValueError(f"cron {name} {item!r}: bad step")
-            step = int(step_text or 1)
-            if body == "*":
-                start, end = low, high
-            else:
-                first, _, last = body.partition("-")
-                if not first.isdigit() or (last and not last.isdigit()):
-                    raise ValueError(f"cron {name} {item!r}: use numbers, ranges a-b, steps */n, lists a,b")
-                start, end = int(first), int(last) if last else (high if step_text else int(first))
-            if not low <= start <= end <= high:
-                raise ValueError(f"cron {name} {item!r}: out of range {low}-{high}")
-            values.update(range(start, end + 1, step))
-        return values
-
-    def _day_matches(self, when: dt.datetime) -> bool:
-        dom = when.day in self.sets[2]
-        dow = (when.isoweekday() % 7) in self.sets[4]
-        if self.dom_any or self.dow_any:
-            return dom and dow
-        return dom or dow
-
-    def next_after(self, after: dt.datetime) -> dt.datetime:
-        """The first matching minute strictly after ``after`` (naive local time)."""
-        when = after.replace(second=0, microsecond=0) + dt.timedelta(minutes=1)
-        limit = when + dt.timedelta(days=366 * 5)
-        while when < limit:
-            if when.month not in self.sets[3]:
-                when = (when.replace(day=1, hour=0, minute=0) + dt.timedelta(days=32)).replace(day=1)
-            elif not self._day_matches(when):
-                when = when.replace(hour=0, minute=0) + dt.timedelta(days=1)
-            elif when.hour not in self.sets[1]:
-                when = when.replace(minute=0) + dt.timedelta(hours=1)
-            elif when.minute not in self.sets[0]:
-                when += dt.timedelta(minutes=1)
-            else:
-                return when
-        raise ValueError("cron expression never matches")
-
-
-def subject_matches(pattern: str, subject: str) -> bool:
-    """NATS wildcards: '*' matches one token, '>' one or more trailing tokens."""
-    want, have = pattern.split("."), subject.split(".")
-    for i, token in enumerate(want):
-        if token == ">":
-            return len(have) > i
-        if i >= len(have) or token not in ("*", have[i]):
-            return False
-    return len(want) == len(have)
-
-
 def _type_ok(value: Any, default: Any) -> bool:
     if isinstance(default, bool) or isinstance(value, bool):
         return type(value) is type(default)
@@ -659,6 +746,12 @@ def load_config(explicit: str | None = None) -> Config:
     return Config(raw, path, text)
 
 
+def own_command(cfg: Config, *args: str, config: Path | None = None) -> list[str]:
+    """This program as a child process, on the same config file (or on ``config``)."""
+    path = config or cfg.source
+    return [*module_command(), *(["--config", str(path)] if path else []), *args]
+
+
 def write_secret(path: Path, text: str) -> None:
     """Write a secret file readable by its owner only (0600 from the first byte)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -685,7 +778,7 @@ def read_token(cfg: Config, create: bool = False) -> str:
 
 
 # ===========================================================================
-# Store: sessions, messages, events and memory in sqlite (WAL)
+# Store: sessions, messages, events, alerts and memory in sqlite (WAL)
 # ===========================================================================
 
 # Daemon runs, as the broker and each supervisor keep them (the supervisor adds columns).
@@ -789,21 +882,9 @@ CREATE TABLE IF NOT EXISTS health(
     findings TEXT NOT NULL
 );
 """
-
-SCOPES = ("all", "machine", "repo", "directory")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-SESSION_ID_RE = re.compile(r"^[0-9a-f]{10}$")
-OPERATOR = "operator"  # the CLI's identity: authenticated by the fleet token alone
 RUN_STATUSES = ("running", "ok", "failed", "timeout", "limit", "skipped")
 RUN_FINAL = RUN_STATUSES[1:]
-SEVERITIES = ("info", "warning", "critical")
-
 SESSION_FIELDS = ("id", "name", "machine", "pid", "cwd", "git_root", "branch", "tty", "client", "summary")
-
-
-def valid_name(name: str) -> bool:
-    """Agent names: identifier-like, never shaped like a session id, never the operator."""
-    return bool(NAME_RE.match(name)) and not SESSION_ID_RE.match(name) and name != OPERATOR
 
 
 def session_view(row: Any, last_seen: float | None = None) -> dict[str, Any]:
@@ -831,6 +912,23 @@ def message_view(row: Any) -> dict[str, Any]:
         "delivered_at": iso(row["delivered_at"]),
         "read_at": iso(row["read_at"]),
     }
+
+
+def alert_view(row: Any) -> dict[str, Any]:
+    return {"id": row["id"], "source": row["source"], "machine": row["machine"], "check": row["check_name"],
+            "key": row["key"], "severity": row["severity"], "title": row["title"], "detail": row["detail"],
+            "diagnosis": row["diagnosis"], "opened_at": iso(row["opened_at"]), "last_seen": iso(row["last_seen"]),
+            "resolved_at": iso(row["resolved_at"])}
+
+
+def in_scope(scope: str, ref: dict[str, Any], row: Any) -> bool:
+    if scope == "all":
+        return True
+    if scope == "machine":
+        return row["machine"] == ref.get("machine")
+    if scope == "repo" and ref.get("git_root"):
+        return row["git_root"] == ref.get("git_root") and row["machine"] == ref.get("machine")
+    return row["cwd"] == ref.get("cwd") and row["machine"] == ref.get("machine")
 
 
 class Sent(NamedTuple):
@@ -894,25 +992,24 @@ class Presence:
 
 
 class Store:
-    """The broker's state. One connection behind a lock: sqlite serialises writers
-    anyway, and one connection keeps memory flat with thousands of long-polls.
+    """The broker's sqlite. One connection behind a lock: sqlite serialises writers anyway,
+    and one connection keeps memory flat with thousands of long-polls. Every change writes
+    its event here, in the same transaction (the outbox the relay drains).
 
-    Two things stay off the request path: heartbeats (kept by ``presence`` and written
-    down by ``reap``) and WAL checkpoints (``checkpoint`` on a connection of its own)."""
+    WAL checkpoints stay off the request path (``checkpoint``, on a connection of its own)."""
 
-    def __init__(self, path: Path, cfg: Config, presence: Presence) -> None:
+    def __init__(self, path: Path, cfg: Config) -> None:
         self.cfg = cfg
         self.path = path
         self.machine = cfg.machine
-        self.presence = presence  #: the broker's: who is alive
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.db = self._connect()
         self.db.execute("PRAGMA wal_autocheckpoint=0")
         self.db.executescript(SCHEMA)
         self.lock = threading.RLock()
-        self.commits = 0
-        self.events_written = 0  # grows with every event recorded: the broker wakes event readers when it moved
-        self._load_live()
+        self.commits = 0  #: committed transactions, for the checkpointer
+        self.events_written = 0  #: grows with every event: the broker wakes event readers when it moved
+        self.on_rollback: Callable[[], None] = lambda: None  #: caches to reload when a transaction rolls back
 
     def _connect(self) -> sqlite3.Connection:
         return open_sqlite(self.path, busy_timeout_ms=5000)
@@ -936,7 +1033,7 @@ class Store:
                 self.db.execute("ROLLBACK TO op" if nested else "ROLLBACK")
                 if nested:
                     self.db.execute("RELEASE op")
-                self._load_live()
+                self.on_rollback()
                 raise
             self.db.execute("RELEASE op" if nested else "COMMIT")
             self.commits += not nested
@@ -959,9 +1056,7 @@ class Store:
         with self.lock:
             return self.db.execute(sql, args).fetchall()
 
-    # -- events ------------------------------------------------------------
-
-    def _event(self, c: sqlite3.Connection, kind: str, subject: str, **fields: Any) -> None:
+    def event(self, c: sqlite3.Connection, kind: str, subject: str, **fields: Any) -> None:
         """Record an event in the caller's transaction (the outbox)."""
         event_id = new_id(8)
         now = time.time()
@@ -981,13 +1076,49 @@ class Store:
     def last_event_seq(self) -> int:
         return self.read("SELECT COALESCE(MAX(seq), 0) FROM events")[0][0]
 
-    # -- sessions ----------------------------------------------------------
-    # Live sessions are cached in ``live`` (id -> dict) and ``names`` (name -> id):
-    # every request authenticates and most resolve a target, so neither hits sqlite.
-    # The cache changes inside the write transaction and is reloaded if it rolls back.
+    def prune(self) -> None:
+        """Keep idle cost flat: drop finished messages, ended sessions and old events past
+        retention (with NATS configured, only events already in the stream)."""
+        cutoff = time.time() - self.cfg.broker.retention_days * 86400
+        with self.tx() as c:
+            c.execute("DELETE FROM messages WHERE sent_at < ? AND state IN ('read', 'undeliverable', 'delivered')",
+                      (cutoff,))
+            c.execute("DELETE FROM sessions WHERE live = 0 AND last_seen < ?", (cutoff,))
+            c.execute("DELETE FROM alerts WHERE resolved_at < ?", (cutoff,))
+            published = " AND published_at IS NOT NULL" if self.cfg.nats_url else ""
+            c.execute(f"DELETE FROM events WHERE at < ?{published}", (cutoff,))
+
+    def unpublished(self, limit: int) -> list[tuple[int, str, str, bytes]]:
+        """(seq, id, subject, payload) of the oldest events not yet in the stream."""
+        rows = self.read("SELECT seq, id, subject, payload FROM events WHERE published_at IS NULL ORDER BY seq"
+                         " LIMIT ?", (limit,))
+        return [(r["seq"], r["id"], r["subject"], r["payload"].encode()) for r in rows]
+
+    def mark_published(self, seqs: list[int]) -> None:
+        now = time.time()
+        with self.tx() as c:
+            c.executemany("UPDATE events SET published_at = ? WHERE seq = ?", [(now, seq) for seq in seqs])
+
+    def backlog(self) -> int:
+        return self.read("SELECT COUNT(*) FROM events WHERE published_at IS NULL")[0][0]
+
+
+class Sessions:
+    """The live sessions: registered, authenticated, listed, ended. They are cached in
+    ``live`` (id -> dict) and ``names`` (name -> id), because every request authenticates and
+    most resolve a target; the cache changes inside the write transaction and is reloaded if
+    it rolls back. Who is alive is ``presence``'s to say."""
+
+    def __init__(self, store: Store, presence: Presence) -> None:
+        self.store = store
+        self.presence = presence  #: the broker's: heartbeats and polls in progress
+        self.live: dict[str, dict[str, Any]] = {}  #: id -> session, for the live ones
+        self.names: dict[str, str] = {}  #: agent name -> the id of the live session holding it
+        self._load_live()
+        store.on_rollback = self._load_live
 
     def _load_live(self) -> None:
-        rows = self.db.execute("SELECT * FROM sessions WHERE live = 1").fetchall()
+        rows = self.store.db.execute("SELECT * FROM sessions WHERE live = 1").fetchall()
         self.live = {r["id"]: dict(r) for r in rows}
         self.names = {r["name"]: r["id"] for r in rows if r["name"]}
 
@@ -1004,14 +1135,14 @@ class Store:
             "UPDATE messages SET lease_until = NULL, leased_to = NULL WHERE leased_to = ? AND state = 'queued'",
             (sid,),
         )
-        self._event(c, "peer.left", "fleet.peer.left", machine=session["machine"], session_id=sid,
+        self.store.event(c, "peer.left", "fleet.peer.left", machine=session["machine"], session_id=sid,
                     name=session["name"], reason=reason)
         self.live.pop(sid, None)
         self.presence.forget(sid)
         if session["name"] and self.names.get(session["name"]) == sid:
             del self.names[session["name"]]
 
-    def _live_session(self, c: sqlite3.Connection, sid: str | None, now: float) -> dict[str, Any] | None:
+    def live_session(self, c: sqlite3.Connection, sid: str | None, now: float) -> dict[str, Any] | None:
         """The live session ``sid``, ending it first if it is found dead."""
         session = self.live.get(sid) if sid else None
         if session is not None and not self.presence.alive(session, now, pid_max_age=1.0):
@@ -1029,7 +1160,7 @@ class Store:
     def reap(self) -> int:
         """Write heartbeats down, then end dead sessions; returns how many ended."""
         heard = self.presence.take_heard()
-        with self.tx() as c:
+        with self.store.tx() as c:
             c.executemany("UPDATE sessions SET last_seen = ? WHERE id = ? AND last_seen < ?",
                           [(ts, sid, ts) for sid, ts in heard.items()])
             for sid, ts in heard.items():
@@ -1049,7 +1180,7 @@ class Store:
                    "branch": info.get("branch") or "", "tty": info.get("tty") or "",
                    "client": info.get("client") or "", "summary": info.get("summary") or "",
                    "started_at": now, "last_seen": now, "live": 1}
-        with self.tx() as c:
+        with self.store.tx() as c:
             self._reap(c, now)
             holder = self.live.get(self.names.get(name)) if name else None
             if holder is not None:
@@ -1058,7 +1189,7 @@ class Store:
             c.execute(f"INSERT INTO sessions({', '.join(session)}) VALUES ({', '.join('?' * len(session))})",
                       tuple(session.values()))
             view = session_view(session)
-            self._event(c, "peer.joined", "fleet.peer.joined", session_id=view.pop("id"), **view)
+            self.store.event(c, "peer.joined", "fleet.peer.joined", session_id=view.pop("id"), **view)
             self.live[sid] = session
             if name:
                 self.names[name] = sid
@@ -1066,10 +1197,10 @@ class Store:
 
     def authenticate(self, sid: str, secret: str) -> dict[str, Any]:
         """The live session ``sid`` if ``secret`` is its secret (the caller records the heartbeat)."""
-        with self.lock:
+        with self.store.lock:
             session = self.live.get(sid)
             if session is None:
-                row = self.db.execute("SELECT secret_hash FROM sessions WHERE id = ?", (sid,)).fetchone()
+                row = self.store.db.execute("SELECT secret_hash FROM sessions WHERE id = ?", (sid,)).fetchone()
                 if row is not None and not hmac.compare_digest(row["secret_hash"], sha256_hex(secret)):
                     raise ApiError(403, f"wrong session secret for session {sid}")
                 state = "has ended" if row else "is unknown"
@@ -1077,20 +1208,20 @@ class Store:
             if not hmac.compare_digest(session["secret_hash"], sha256_hex(secret)):
                 raise ApiError(403, f"wrong session secret for session {sid}")
             if not self.presence.alive(session, time.time(), pid_max_age=None):
-                with self.tx() as c:
+                with self.store.tx() as c:
                     self._end_session(c, session, "stale")
                 raise ApiError(404, f"session {sid} has ended: register again", code="unknown_session")
             return session
 
     def set_summary(self, session: dict[str, Any], summary: str) -> None:
-        with self.tx() as c:
+        with self.store.tx() as c:
             c.execute("UPDATE sessions SET summary = ? WHERE id = ?", (summary, session["id"]))
-            self._event(c, "peer.summary", "fleet.peer.summary", machine=session["machine"],
+            self.store.event(c, "peer.summary", "fleet.peer.summary", machine=session["machine"],
                         session_id=session["id"], name=session["name"], summary=summary)
             session["summary"] = summary
 
     def leave(self, session: dict[str, Any]) -> None:
-        with self.tx() as c:
+        with self.store.tx() as c:
             self._end_session(c, session, "left")
 
     def peers(self, scope: str, ref: dict[str, Any], exclude: str | None = None) -> list[dict[str, Any]]:
@@ -1098,12 +1229,19 @@ class Store:
         if scope not in SCOPES:
             raise ApiError(400, f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
         now = time.time()
-        with self.lock:
+        with self.store.lock:
             sessions = sorted(self.live.values(), key=lambda s: (s["machine"], s["started_at"]))
             return [session_view(s, self.presence.last_seen(s)) for s in sessions
                     if s["id"] != exclude and self.presence.alive(s, now) and in_scope(scope, ref, s)]
 
-    # -- messages ----------------------------------------------------------
+
+class Messages:
+    """Mail between sessions: committed, leased to the recipient's long-poll, acknowledged,
+    read. Addresses resolve through ``sessions``."""
+
+    def __init__(self, store: Store, sessions: Sessions) -> None:
+        self.store = store
+        self.sessions = sessions
 
     def send(self, sender: dict[str, Any], to: str, text: str, reply_to: str | None, scope: str,
              parked: Container[str]) -> Sent:
@@ -1111,10 +1249,10 @@ class Store:
         gets it leased in this transaction, handed over right after the commit; others are woken."""
         if not text.strip():
             raise ApiError(400, "text is empty")
-        if len(text.encode()) > self.cfg.broker.max_text_bytes:
-            raise ApiError(413, f"text is {len(text.encode())} bytes; the limit is {self.cfg.broker.max_text_bytes}")
+        if len(text.encode()) > self.store.cfg.broker.max_text_bytes:
+            raise ApiError(413, f"text is {len(text.encode())} bytes; the limit is {self.store.cfg.broker.max_text_bytes}")
         now = time.time()
-        with self.tx() as c:
+        with self.store.tx() as c:
             thread_id = None
             if reply_to:
                 parent = c.execute("SELECT * FROM messages WHERE id = ?", (reply_to,)).fetchone()
@@ -1136,7 +1274,7 @@ class Store:
                        "from_cwd": sender["cwd"], "to_addr": to, "to_session": target["session"],
                        "to_name": target["name"], "text": text, "state": state, "sent_at": now,
                        "delivered_at": None, "read_at": None,
-                       "lease_until": now + self.cfg.broker.lease_s if handover else None,
+                       "lease_until": now + self.store.cfg.broker.lease_s if handover else None,
                        "leased_to": target["session"] if handover else None}
                 c.execute(f"INSERT INTO messages({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                           tuple(row.values()))
@@ -1144,10 +1282,10 @@ class Store:
                     handed.setdefault(target["session"], []).append(message_view(row))
                 elif target["session"] and state == "queued":
                     wake.add(target["session"])
-                self._event(c, "message.sent", "fleet.message.sent", machine=sender["machine"], message_id=mid,
+                self.store.event(c, "message.sent", "fleet.message.sent", machine=sender["machine"], message_id=mid,
                             thread_id=thread_id or mid, from_id=sender["id"], from_name=sender["name"],
                             to=to, to_id=target["session"], to_name=target["name"], state=state,
-                            bytes=len(text.encode()), **({"text": text} if self.cfg.nats.publish_text else {}))
+                            bytes=len(text.encode()), **({"text": text} if self.store.cfg.nats.publish_text else {}))
                 results.append({"id": mid, "to_id": target["session"], "to_name": target["name"],
                                 "state": state, "online": target["session"] is not None})
         result: dict[str, Any] = {"thread_id": thread_id or (results[0]["id"] if len(results) == 1 else None),
@@ -1162,12 +1300,12 @@ class Store:
         if to == "*":
             if sender["id"] == OPERATOR and scope != "all":
                 raise ApiError(400, "the operator can only broadcast with scope 'all'")
-            return [{"session": s["id"], "name": s["name"], "undeliverable": False} for s in list(self.live.values())
-                    if s["id"] != sender["id"] and in_scope(scope, sender, s) and self._live_session(c, s["id"], now)]
+            return [{"session": s["id"], "name": s["name"], "undeliverable": False} for s in list(self.sessions.live.values())
+                    if s["id"] != sender["id"] and in_scope(scope, sender, s) and self.sessions.live_session(c, s["id"], now)]
         if to in (sender["id"], sender["name"]):
             raise ApiError(400, "cannot send a message to yourself")
         if SESSION_ID_RE.match(to):
-            session = self._live_session(c, to, now)
+            session = self.sessions.live_session(c, to, now)
             if session is not None:
                 return [{"session": to, "name": session["name"], "undeliverable": False}]
             row = c.execute("SELECT name FROM sessions WHERE id = ?", (to,)).fetchone()
@@ -1178,7 +1316,7 @@ class Store:
             to = row["name"]  # a named session's mail goes to the next holder of the name
         elif not valid_name(to):
             raise ApiError(400, f"to: {to!r} is neither a session id, an agent name, nor '*'")
-        holder = self._live_session(c, self.names.get(to), now)
+        holder = self.sessions.live_session(c, self.sessions.names.get(to), now)
         return [{"session": holder["id"] if holder else None, "name": to, "undeliverable": False}]
 
     def _open(self, c: sqlite3.Connection, session: dict[str, Any], states: tuple[str, ...] = ("queued", "delivered"),
@@ -1198,22 +1336,22 @@ class Store:
         """Acknowledge ``ack`` as delivered, then lease the session's next queued messages;
         also returns when the next lease held elsewhere ends."""
         now = time.time()
-        with self.lock:
-            rows = self._open(self.db, session, ("queued",))  # most polls find nothing: no write transaction
+        with self.store.lock:
+            rows = self._open(self.store.db, session, ("queued",))  # most polls find nothing: no write transaction
             ready = [r for r in rows if r["lease_until"] is None or r["lease_until"] <= now][:limit]
             pending = [r["lease_until"] for r in rows if r["lease_until"] is not None and r["lease_until"] > now]
             if ack or ready:
-                with self.tx() as c:
+                with self.store.tx() as c:
                     if ack:
                         self.ack(session, ack, "delivered")
-                    until = now + self.cfg.broker.lease_s
+                    until = now + self.store.cfg.broker.lease_s
                     c.executemany("UPDATE messages SET lease_until = ?, leased_to = ? WHERE seq = ? AND state ="
                                   " 'queued'", [(until, session["id"], r["seq"]) for r in ready])
         return [message_view(r) for r in ready], (min(pending) if pending else None)
 
     def release(self, ids: list[str]) -> None:
         """Lift leases that were never handed over, so the next lease finds the mail."""
-        with self.tx() as c:
+        with self.store.tx() as c:
             c.executemany("UPDATE messages SET lease_until = NULL, leased_to = NULL WHERE id = ? AND state = 'queued'",
                           [(mid,) for mid in ids])
 
@@ -1223,7 +1361,7 @@ class Store:
         allowed = ("queued",) if state == "delivered" else ("queued", "delivered")
         marks = ",".join("?" * len(ids))
         column = "delivered_at" if state == "delivered" else "read_at"
-        with self.tx() as c:
+        with self.store.tx() as c:
             cur = c.execute(
                 f"UPDATE messages SET state = ?, {column} = ?, delivered_at = COALESCE(delivered_at, ?),"
                 f" lease_until = NULL WHERE id IN ({marks}) AND state IN ({','.join('?' * len(allowed))})"
@@ -1235,32 +1373,42 @@ class Store:
     def inbox(self, session: dict[str, Any]) -> list[dict[str, Any]]:
         """Every message to this session not yet read, now marked read (``check_messages``)."""
         now = time.time()
-        with self.tx() as c:
+        with self.store.tx() as c:
             rows = self._open(c, session)
             c.executemany("UPDATE messages SET state = 'read', read_at = ?, delivered_at = COALESCE(delivered_at, ?),"
                           " lease_until = NULL WHERE seq = ?", [(now, now, r["seq"]) for r in rows])
         return [message_view(r) for r in rows]
 
     def unread(self, session: dict[str, Any]) -> int:
-        with self.lock:
-            return len(self._open(self.db, session, columns="seq"))
+        with self.store.lock:
+            return len(self._open(self.store.db, session, columns="seq"))
 
     def message(self, mid: str, viewer: dict[str, Any]) -> dict[str, Any]:
-        rows = self.read("SELECT * FROM messages WHERE id = ?", (mid,))
+        rows = self.store.read("SELECT * FROM messages WHERE id = ?", (mid,))
         if not rows or viewer["id"] != OPERATOR and viewer["id"] not in (rows[0]["from_id"], rows[0]["to_session"]) \
                 and (not viewer["name"] or viewer["name"] != rows[0]["to_name"]):
             raise ApiError(404, f"no message {mid}")
         return message_view(rows[0])
 
     def recent_messages(self, limit: int) -> list[dict[str, Any]]:
-        rows = self.read("SELECT * FROM messages ORDER BY seq DESC LIMIT ?", (limit,))
+        rows = self.store.read("SELECT * FROM messages ORDER BY seq DESC LIMIT ?", (limit,))
         return [message_view(r) for r in reversed(rows)]
 
-    # -- daemon runs, alerts, trigger requests (from supervisors) -------------------
+    def counts(self) -> dict[str, int]:
+        states = dict(self.store.read("SELECT state, COUNT(*) FROM messages GROUP BY state"))
+        return {s: states.get(s, 0) for s in ("queued", "delivered", "read", "undeliverable")}
+
+
+class Records:
+    """What daemons and the operator keep on the broker: daemon runs, alerts (one per change),
+    each machine's latest health, trigger requests, and the fleet memory."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     def record_run(self, run: dict[str, Any]) -> None:
         """Insert or update a run; its first report is `started`, its final one `finished` or `failed`."""
-        with self.tx() as c:
+        with self.store.tx() as c:
             old = c.execute("SELECT status FROM runs WHERE id = ?", (run["id"],)).fetchone()
             c.execute("INSERT INTO runs(id, daemon, trigger, machine, started_at, ended_at, status, actions, tokens,"
                       " model, summary) VALUES (:id, :daemon, :trigger, :machine, :started_at, :ended_at, :status,"
@@ -1272,19 +1420,17 @@ class Store:
                                               "summary", "started_at", "ended_at")}
             name = run["daemon"]
             if old is None:
-                self._event(c, "daemon.started", f"fleet.daemon.{name}.started", machine=run["machine"],
+                self.store.event(c, "daemon.started", f"fleet.daemon.{name}.started", machine=run["machine"],
                             run_id=run["id"], **fields)
             if run["status"] in RUN_FINAL and (old is None or old["status"] not in RUN_FINAL):
                 kind = "failed" if run["status"] in ("failed", "timeout") else "finished"
-                self._event(c, f"daemon.{kind}", f"fleet.daemon.{name}.{kind}", machine=run["machine"],
+                self.store.event(c, f"daemon.{kind}", f"fleet.daemon.{name}.{kind}", machine=run["machine"],
                             run_id=run["id"], **fields)
 
     def runs(self, daemon: str | None, limit: int) -> list[dict[str, Any]]:
         where, args = ("WHERE daemon = ?", (daemon, limit)) if daemon else ("", (limit,))
-        rows = self.read(f"SELECT * FROM runs {where} ORDER BY started_at DESC LIMIT ?", args)
+        rows = self.store.read(f"SELECT * FROM runs {where} ORDER BY started_at DESC LIMIT ?", args)
         return [dict(r) for r in rows]
-
-    # -- alerts and health: what daemons find, once per change --------------------
 
     def sync_alerts(self, source: str, machine: str, checks: list[str], findings: list[dict[str, Any]],
                     repeat_after: int) -> list[dict[str, Any]]:
@@ -1293,7 +1439,7 @@ class Store:
         runs, and an open alert of a ``checks`` check no longer found is resolved. Returns
         those changes (each also an event); everything else only moves last_seen."""
         now, changes = time.time(), []
-        with self.tx() as c:
+        with self.store.tx() as c:
             rows = c.execute("SELECT * FROM alerts WHERE source = ? AND machine = ? AND resolved_at IS NULL",
                              (source, machine)).fetchall()
             open_alerts = {(r["check_name"], r["key"]): dict(r) for r in rows}
@@ -1330,7 +1476,7 @@ class Store:
         view = alert_view(alert)
         subject = "fleet.alert.resolved" if change == "resolved" else f"fleet.alert.{alert['severity']}"
         fields = {k: v for k, v in view.items() if k not in ("id", "machine")}
-        self._event(c, "alert", subject, machine=alert["machine"], alert_id=alert["id"], change=change, **fields)
+        self.store.event(c, "alert", subject, machine=alert["machine"], alert_id=alert["id"], change=change, **fields)
         return {**view, "change": change}
 
     def alerts(self, state: str, source: str | None, machine: str | None, limit: int) -> list[dict[str, Any]]:
@@ -1340,104 +1486,57 @@ class Store:
             if value:
                 where += f" AND {column} = ?"
                 args.append(value)
-        rows = self.read(f"SELECT * FROM alerts WHERE {where} ORDER BY CASE severity WHEN 'critical' THEN 0"
+        rows = self.store.read(f"SELECT * FROM alerts WHERE {where} ORDER BY CASE severity WHEN 'critical' THEN 0"
                          f" WHEN 'warning' THEN 1 ELSE 2 END, opened_at LIMIT ?", (*args, limit))
         return [alert_view(r) for r in rows]
 
     def record_health(self, machine: str, source: str, report: dict[str, Any], findings: list[dict[str, Any]]) -> None:
         """The latest report of a machine (one row each), published as fleet.health.<machine>."""
         now = time.time()
-        with self.tx() as c:
+        with self.store.tx() as c:
             c.execute("INSERT OR REPLACE INTO health(machine, source, at, report, findings) VALUES (?, ?, ?, ?, ?)",
                       (machine, source, now, json.dumps(report), json.dumps(findings)))
             subject = "fleet.health." + re.sub(r"[^A-Za-z0-9_-]", "_", machine)
-            self._event(c, "health", subject, machine=machine, source=source, findings=findings, report=report)
+            self.store.event(c, "health", subject, machine=machine, source=source, findings=findings, report=report)
 
     def health(self) -> list[dict[str, Any]]:
-        rows = self.read("SELECT * FROM health ORDER BY machine")
+        rows = self.store.read("SELECT * FROM health ORDER BY machine")
         return [{"machine": r["machine"], "source": r["source"], "at": iso(r["at"]),
                  "findings": json.loads(r["findings"]), "report": json.loads(r["report"])} for r in rows]
 
     def request_run(self, daemon: str) -> None:
-        with self.tx() as c:
-            self._event(c, "daemon.requested", f"fleet.daemon.{daemon}.requested", daemon=daemon, by=OPERATOR)
-
-    # -- memory, status, housekeeping ----------------------------------------
+        with self.store.tx() as c:
+            self.store.event(c, "daemon.requested", f"fleet.daemon.{daemon}.requested", daemon=daemon, by=OPERATOR)
 
     def memory(self) -> dict[str, Any]:
-        rows = self.read("SELECT * FROM memory WHERE id = 1")
+        rows = self.store.read("SELECT * FROM memory WHERE id = 1")
         if not rows:
             return {"text": "", "updated_at": None, "updated_by": None}
         return {"text": rows[0]["text"], "updated_at": iso(rows[0]["updated_at"]), "updated_by": rows[0]["updated_by"]}
 
     def set_memory(self, text: str, author: str) -> None:
-        limit = self.cfg.broker.memory_max_bytes
+        limit = self.store.cfg.broker.memory_max_bytes
         if len(text.encode()) > limit:
             raise ApiError(413, f"memory is {len(text.encode())} bytes; the limit is {limit}")
-        with self.tx() as c:
+        with self.store.tx() as c:
             c.execute("INSERT INTO memory(id, text, updated_at, updated_by) VALUES (1, ?, ?, ?) ON CONFLICT(id)"
                       " DO UPDATE SET text = excluded.text, updated_at = excluded.updated_at,"
                       " updated_by = excluded.updated_by", (text, time.time(), author))
-            self._event(c, "memory.updated", "fleet.memory.updated", by=author, bytes=len(text.encode()))
-
-    def counts(self) -> dict[str, Any]:
-        states = dict(self.read("SELECT state, COUNT(*) FROM messages GROUP BY state"))
-        return {
-            "sessions_live": len(self.peers("all", {})),
-            "messages": {s: states.get(s, 0) for s in ("queued", "delivered", "read", "undeliverable")},
-            "events": self.read("SELECT COUNT(*) FROM events")[0][0],
-            "last_event_seq": self.last_event_seq(),
-        }
-
-    def prune(self) -> None:
-        """Keep idle cost flat: drop finished messages, ended sessions and old events past
-        retention (with NATS configured, only events already in the stream)."""
-        cutoff = time.time() - self.cfg.broker.retention_days * 86400
-        with self.tx() as c:
-            c.execute("DELETE FROM messages WHERE sent_at < ? AND state IN ('read', 'undeliverable', 'delivered')",
-                      (cutoff,))
-            c.execute("DELETE FROM sessions WHERE live = 0 AND last_seen < ?", (cutoff,))
-            c.execute("DELETE FROM alerts WHERE resolved_at < ?", (cutoff,))
-            published = " AND published_at IS NOT NULL" if self.cfg.nats_url else ""
-            c.execute(f"DELETE FROM events WHERE at < ?{published}", (cutoff,))
-
-    # -- the outbox, drained by the relay ------------------------------------------
-
-    def unpublished(self, limit: int) -> list[tuple[int, str, str, bytes]]:
-        """(seq, id, subject, payload) of the oldest events not yet in the stream."""
-        rows = self.read("SELECT seq, id, subject, payload FROM events WHERE published_at IS NULL ORDER BY seq"
-                         " LIMIT ?", (limit,))
-        return [(r["seq"], r["id"], r["subject"], r["payload"].encode()) for r in rows]
-
-    def mark_published(self, seqs: list[int]) -> None:
-        now = time.time()
-        with self.tx() as c:
-            c.executemany("UPDATE events SET published_at = ? WHERE seq = ?", [(now, seq) for seq in seqs])
-
-    def backlog(self) -> int:
-        return self.read("SELECT COUNT(*) FROM events WHERE published_at IS NULL")[0][0]
-
-
-def alert_view(row: Any) -> dict[str, Any]:
-    return {"id": row["id"], "source": row["source"], "machine": row["machine"], "check": row["check_name"],
-            "key": row["key"], "severity": row["severity"], "title": row["title"], "detail": row["detail"],
-            "diagnosis": row["diagnosis"], "opened_at": iso(row["opened_at"]), "last_seen": iso(row["last_seen"]),
-            "resolved_at": iso(row["resolved_at"])}
-
-
-def in_scope(scope: str, ref: dict[str, Any], row: Any) -> bool:
-    if scope == "all":
-        return True
-    if scope == "machine":
-        return row["machine"] == ref.get("machine")
-    if scope == "repo" and ref.get("git_root"):
-        return row["git_root"] == ref.get("git_root") and row["machine"] == ref.get("machine")
-    return row["cwd"] == ref.get("cwd") and row["machine"] == ref.get("machine")
-
+            self.store.event(c, "memory.updated", "fleet.memory.updated", by=author, bytes=len(text.encode()))
 
 # ===========================================================================
 # Events on NATS JetStream: the embedded server and the outbox relay
 # ===========================================================================
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcards: '*' matches one token, '>' one or more trailing tokens."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or token not in ("*", have[i]):
+            return False
+    return len(want) == len(have)
 
 
 def find_nats_server() -> str | None:
@@ -1794,30 +1893,6 @@ HEALTH_SCHEMA: Schema = {
     "findings": Field(list, True, 500, FINDING_SCHEMA),
 }
 EMPTY_SCHEMA: Schema = {}
-
-
-def storable_text(value: str) -> bool:
-    """True if sqlite can store the string: a lone surrogate (a JSON "\\ud800") cannot be UTF-8."""
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def json_strings(value: Any) -> Iterator[str]:
-    """Every string in a JSON value, keys included."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield key
-            yield from json_strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from json_strings(item)
-
-
 KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
 
 
@@ -1864,6 +1939,51 @@ def validate(body: Any, schema: Schema, prefix: str = "") -> dict[str, Any]:
     return clean
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json_body(headers: dict[str, str], body: bytes) -> Any:
+    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise ApiError(415, "POST bodies must be Content-Type: application/json")
+    try:
+        return json.loads(body or b"{}", parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply") from None
+
+
+class HttpError(Exception):
+    """A request that cannot be parsed as HTTP/1.1: answered, then the connection closes."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+HEADER_LIMIT = 16384
+
+
+def parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+    """Request line and headers (names lower-cased) of one HTTP/1.1 request."""
+    if len(head) > HEADER_LIMIT:
+        raise HttpError(431, "request headers too large")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1].startswith("/"):
+        raise HttpError(400, f"malformed request line {lines[0][:80]!r}")
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise HttpError(400, f"malformed header line {line[:80]!r}")
+            headers[name.strip().lower()] = value.strip()
+    return parts[0], parts[1], headers
+
+
 class RateLimiter:
     """A token bucket per session: a runaway peer gets 429s, not the whole fleet's attention."""
 
@@ -1897,7 +2017,10 @@ class Broker:
         self.cfg = cfg
         self.token = token
         self.presence = Presence(cfg.broker.stale_after_s, cfg.machine)  #: heartbeats and polls in progress
-        self.store = Store(home / "broker.db", cfg, self.presence)
+        self.store = Store(home / "broker.db", cfg)
+        self.sessions = Sessions(self.store, self.presence)
+        self.messages = Messages(self.store, self.sessions)
+        self.records = Records(self.store)
         self.limiter = RateLimiter(cfg.broker.rate_per_s, cfg.broker.rate_burst)
         # Long-polls waiting right now, until woken or handed mail (a send leases mail to them).
         self.parked: dict[str, asyncio.Future[list[dict[str, Any]] | None]] = {}
@@ -1960,7 +2083,7 @@ class Broker:
                     orphans += [m["id"] for m in messages]
             self.wake(sent.wake)
         if orphans:
-            self.store.release(orphans)
+            self.messages.release(orphans)
         if new_events:
             self.new_events.set()
             self.new_events = asyncio.Event()
@@ -1994,7 +2117,7 @@ class Broker:
             while True:
                 acked, ack = ack, None
                 self.missed.discard(sid)
-                messages, next_lease_end = await self.write(lambda acked=acked: self.store.lease(session, limit, acked))
+                messages, next_lease_end = await self.write(lambda acked=acked: self.messages.lease(session, limit, acked))
                 remaining = deadline - loop.time()
                 if messages or remaining <= 0 or self.stopping.is_set() or hung_up():
                     return messages
@@ -2039,7 +2162,7 @@ class Broker:
             await asyncio.sleep(interval)
             close_idle()
             try:
-                await self.write(self.store.reap)
+                await self.write(self.sessions.reap)
                 if time.time() - last_prune > 3600:
                     await self.write(self.store.prune)
                     last_prune = time.time()
@@ -2055,7 +2178,9 @@ class Broker:
             nats["embedded_error"] = self.embedded.error
         return {"version": __version__, "fleet": self.cfg.fleet.name, "machine": self.store.machine,
                 "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
-                **self.store.counts(), "nats": nats}
+                "sessions_live": len(self.sessions.peers("all", {})), "messages": self.messages.counts(),
+                "events": self.store.read("SELECT COUNT(*) FROM events")[0][0],
+                "last_event_seq": self.store.last_event_seq(), "nats": nats}
 
 
 class Request(SimpleNamespace):
@@ -2065,27 +2190,38 @@ class Request(SimpleNamespace):
 OPERATOR_IDENTITY = {"id": OPERATOR, "name": OPERATOR, "machine": "", "cwd": ""}
 
 
+def _int_query(req: Request, key: str, default: int, low: int, high: int) -> int:
+    raw = req.query.get(key, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"query parameter {key!r} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ApiError(400, f"query parameter {key!r} must be between {low} and {high}")
+    return value
+
+
 def r_status(b: Broker, req: Request) -> Any:
     return b.status()
 
 
 async def r_register(b: Broker, req: Request) -> Any:
-    session = await b.write(lambda: b.store.register(req.body))
+    session = await b.write(lambda: b.sessions.register(req.body))
     return 201, {**session, "stale_after_s": b.cfg.broker.stale_after_s, "lease_s": b.cfg.broker.lease_s,
                  "poll_wait_s": b.cfg.broker.poll_wait_s}
 
 
 def r_whoami(b: Broker, req: Request) -> Any:
-    return {**session_view(req.session), "unread": b.store.unread(req.session)}
+    return {**session_view(req.session), "unread": b.messages.unread(req.session)}
 
 
 async def r_summary(b: Broker, req: Request) -> Any:
-    await b.write(lambda: b.store.set_summary(req.session, req.body["summary"]))
+    await b.write(lambda: b.sessions.set_summary(req.session, req.body["summary"]))
     return {"ok": True}
 
 
 async def r_leave(b: Broker, req: Request) -> Any:
-    await b.write(lambda: b.store.leave(req.session))
+    await b.write(lambda: b.sessions.leave(req.session))
     return {"ok": True}
 
 
@@ -2094,20 +2230,20 @@ def _scope(req: Request) -> str:
 
 
 def r_session_peers(b: Broker, req: Request) -> Any:
-    peers = b.store.peers(_scope(req), req.session, exclude=req.session["id"])
+    peers = b.sessions.peers(_scope(req), req.session, exclude=req.session["id"])
     return {"peers": peers}
 
 
 def r_peers(b: Broker, req: Request) -> Any:
     ref = {k: req.query.get(k, "") for k in ("machine", "git_root", "cwd")}
-    return {"peers": b.store.peers(_scope(req), ref)}
+    return {"peers": b.sessions.peers(_scope(req), ref)}
 
 
 async def _send(b: Broker, sender: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
     scope = body.get("scope", "all")
     if scope not in SCOPES:
         raise ApiError(400, f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
-    sent = await b.write(lambda: b.store.send(sender, body["to"], body["text"], body.get("reply_to"), scope,
+    sent = await b.write(lambda: b.messages.send(sender, body["to"], body["text"], body.get("reply_to"), scope,
                                               b.parked))
     return sent.answer
 
@@ -2131,35 +2267,24 @@ async def r_poll(b: Broker, req: Request) -> Any:
 async def r_ack(b: Broker, req: Request) -> Any:
     if req.body["state"] not in ("delivered", "read"):
         raise ApiError(400, "field 'state' must be 'delivered' or 'read'")
-    changed = await b.write(lambda: b.store.ack(req.session, req.body["ids"], req.body["state"]))
+    changed = await b.write(lambda: b.messages.ack(req.session, req.body["ids"], req.body["state"]))
     return {"changed": changed}
 
 
 async def r_inbox(b: Broker, req: Request) -> Any:
-    return {"messages": await b.write(lambda: b.store.inbox(req.session))}
+    return {"messages": await b.write(lambda: b.messages.inbox(req.session))}
 
 
 def r_session_message(b: Broker, req: Request) -> Any:
-    return b.store.message(req.args[1], req.session)
+    return b.messages.message(req.args[1], req.session)
 
 
 def r_message(b: Broker, req: Request) -> Any:
-    return b.store.message(req.args[0], OPERATOR_IDENTITY)
+    return b.messages.message(req.args[0], OPERATOR_IDENTITY)
 
 
 def r_messages(b: Broker, req: Request) -> Any:
-    return {"messages": b.store.recent_messages(_int_query(req, "limit", 50, 1, 1000))}
-
-
-def _int_query(req: Request, key: str, default: int, low: int, high: int) -> int:
-    raw = req.query.get(key, str(default))
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, f"query parameter {key!r} must be an integer, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ApiError(400, f"query parameter {key!r} must be between {low} and {high}")
-    return value
+    return {"messages": b.messages.recent_messages(_int_query(req, "limit", 50, 1, 1000))}
 
 
 async def r_events(b: Broker, req: Request) -> Any:
@@ -2178,12 +2303,12 @@ async def r_record_run(b: Broker, req: Request) -> Any:
         raise ApiError(400, f"field 'status' must be one of {', '.join(RUN_STATUSES)}")
     if not NAME_RE.match(run["daemon"]):
         raise ApiError(400, f"field 'daemon' is not a daemon name: {run['daemon']!r}")
-    await b.write(lambda: b.store.record_run(run))
+    await b.write(lambda: b.records.record_run(run))
     return {"ok": True}
 
 
 def r_runs(b: Broker, req: Request) -> Any:
-    return {"runs": b.store.runs(req.query.get("daemon"), _int_query(req, "limit", 20, 1, 1000))}
+    return {"runs": b.records.runs(req.query.get("daemon"), _int_query(req, "limit", 20, 1, 1000))}
 
 
 def _check_findings(findings: list[dict[str, Any]]) -> None:
@@ -2198,7 +2323,7 @@ def _check_findings(findings: list[dict[str, Any]]) -> None:
 async def r_sync_alerts(b: Broker, req: Request) -> Any:
     body = req.body
     _check_findings(body["findings"])
-    changes = await b.write(lambda: b.store.sync_alerts(body["source"], body["machine"], body["checks"],
+    changes = await b.write(lambda: b.records.sync_alerts(body["source"], body["machine"], body["checks"],
                                                         body["findings"], max(1, body["repeat_after"])))
     return {"changes": changes}
 
@@ -2207,37 +2332,38 @@ def r_alerts(b: Broker, req: Request) -> Any:
     state = req.query.get("state", "open")
     if state not in ("open", "resolved", "all"):
         raise ApiError(400, "query parameter 'state' must be open, resolved or all")
-    return {"alerts": b.store.alerts(state, req.query.get("source"), req.query.get("machine"),
+    return {"alerts": b.records.alerts(state, req.query.get("source"), req.query.get("machine"),
                                      _int_query(req, "limit", 200, 1, 1000))}
 
 
 async def r_record_health(b: Broker, req: Request) -> Any:
     body = req.body
     _check_findings(body["findings"])
-    await b.write(lambda: b.store.record_health(body["machine"], body["source"], body["report"], body["findings"]))
+    await b.write(lambda: b.records.record_health(body["machine"], body["source"], body["report"], body["findings"]))
     return {"ok": True}
 
 
 def r_health(b: Broker, req: Request) -> Any:
-    return {"machines": b.store.health()}
+    return {"machines": b.records.health()}
 
 
 async def r_request_run(b: Broker, req: Request) -> Any:
-    await b.write(lambda: b.store.request_run(req.args[0]))
+    await b.write(lambda: b.records.request_run(req.args[0]))
     return 202, {"ok": True, "daemon": req.args[0]}
 
 
 def r_memory(b: Broker, req: Request) -> Any:
-    return b.store.memory()
+    return b.records.memory()
 
 
 async def r_set_memory(b: Broker, req: Request) -> Any:
     author = req.session["name"] or req.session["id"] if req.session is not None else OPERATOR
-    await b.write(lambda: b.store.set_memory(req.body["text"], author))
-    return b.store.memory()
+    await b.write(lambda: b.records.set_memory(req.body["text"], author))
+    return b.records.memory()
 
 
 SID = r"([0-9a-f]{10})"
+
 # (method, path pattern, handler, needs a session, body schema for POSTs)
 ROUTES: list[tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool, Schema | None]] = [
     (m, re.compile(f"^{p}$"), h, s, schema) for m, p, h, s, schema in [
@@ -2270,16 +2396,6 @@ ROUTES: list[tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool,
     ]
 ]
 
-
-class HttpError(Exception):
-    """A request that cannot be parsed as HTTP/1.1: answered, then the connection closes."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-HEADER_LIMIT = 16384
 IDLE_TIMEOUT_S = 120.0
 
 
@@ -2386,7 +2502,7 @@ class ApiServer:
             secret = headers.get("x-session-secret")
             if not secret:
                 raise ApiError(401, "missing X-Session-Secret header for a session call")
-            req.session = self.broker.store.authenticate(req.args[0], secret)
+            req.session = self.broker.sessions.authenticate(req.args[0], secret)
             self.broker.presence.heard[req.args[0]] = time.time()
             if not self.broker.limiter.allow(req.args[0]):
                 raise ApiError(429, "rate limit exceeded for this session; slow down")
@@ -2401,40 +2517,6 @@ class ApiServer:
             raise ApiError(401, "missing fleet token (Authorization: Bearer <token>)")
         if not hmac.compare_digest(given.strip().encode(), self.broker.token.encode()):
             raise ApiError(401, "wrong fleet token")
-
-
-def parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
-    """Request line and headers (names lower-cased) of one HTTP/1.1 request."""
-    if len(head) > HEADER_LIMIT:
-        raise HttpError(431, "request headers too large")
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1].startswith("/"):
-        raise HttpError(400, f"malformed request line {lines[0][:80]!r}")
-    headers = {}
-    for line in lines[1:]:
-        if line:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise HttpError(400, f"malformed header line {line[:80]!r}")
-            headers[name.strip().lower()] = value.strip()
-    return parts[0], parts[1], headers
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def parse_json_body(headers: dict[str, str], body: bytes) -> Any:
-    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/json":
-        raise ApiError(415, "POST bodies must be Content-Type: application/json")
-    try:
-        return json.loads(body or b"{}", parse_constant=_refuse_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"malformed JSON: {exc}") from None
-    except RecursionError:
-        raise ApiError(400, "malformed JSON: nested too deeply") from None
 
 
 def is_loopback(host: str) -> bool:
@@ -2463,6 +2545,26 @@ def raise_fd_limit() -> None:
     if hard == resource.RLIM_INFINITY or soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 16, hard))
+
+
+def hold_state_dir(home: Path, listen: str) -> Any:
+    """Lock the state dir for this broker's life (the lock dies with the process, even on
+    SIGKILL): a second broker on the same home would share its db and kill its nats-server."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle = (home / "broker.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid, _, where = handle.read().strip().partition(" ")
+        handle.close()
+        raise UserError(f"{home} is in use by another broker (pid {pid or '?'}, listening on {where or '?'}):"
+                        " stop it first, or give this one its own CLAUDE_PEERS_HOME") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} {listen}\n")
+    handle.flush()
+    return handle
 
 
 async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[str, Broker], None] | None = None,
@@ -2518,7 +2620,7 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
             await embedded.stop()
         for task in nats_tasks:
             task.cancel()
-        broker.store.reap()
+        broker.sessions.reap()
         checkpointer.join()
         broker.store.close()
         lock.close()
@@ -2528,7 +2630,6 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
 # ===========================================================================
 # Broker client: used by the shim, the CLI, the supervisor and bench
 # ===========================================================================
-
 
 class BrokerUnreachable(UserError):
     """The broker did not answer (down, wrong URL, network)."""
@@ -2552,6 +2653,27 @@ def request_parts(token: str, secret: str | None, method: str,
         data = json.dumps(body or {}).encode()
         headers["Content-Type"] = "application/json"
     return headers, data
+
+
+def decode_reply(url: str, status: int, raw: bytes) -> Any:
+    """A broker answer as JSON, or the ApiError it carries."""
+    try:
+        payload = json.loads(raw) if raw else {}
+    except ValueError:
+        raise BrokerUnreachable(f"{url} answered {status} with non-JSON: is it a claude-peers broker?") from None
+    if status >= 400:
+        message = payload.get("error", raw.decode(errors="replace")) if isinstance(payload, dict) else str(payload)
+        raise ApiError(status, message, **{k: v for k, v in payload.items() if k != "error"})
+    return payload
+
+
+async def read_reply(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """(status, body, server closes) of one HTTP/1.1 response with a Content-Length."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    status = int(head[0].split(" ", 2)[1])
+    fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+    body = await reader.readexactly(int(fields.get("content-length", "0")))
+    return status, body, fields.get("connection", "").lower() == "close"
 
 
 class BrokerClient:
@@ -2633,18 +2755,6 @@ class BrokerClient:
         return self.call(method, f"/api/sessions/{self.session_id}{suffix}", body, timeout)
 
 
-def decode_reply(url: str, status: int, raw: bytes) -> Any:
-    """A broker answer as JSON, or the ApiError it carries."""
-    try:
-        payload = json.loads(raw) if raw else {}
-    except ValueError:
-        raise BrokerUnreachable(f"{url} answered {status} with non-JSON: is it a claude-peers broker?") from None
-    if status >= 400:
-        message = payload.get("error", raw.decode(errors="replace")) if isinstance(payload, dict) else str(payload)
-        raise ApiError(status, message, **{k: v for k, v in payload.items() if k != "error"})
-    return payload
-
-
 class AsyncBrokerClient:
     """The broker API from asyncio, for the shim: one keep-alive connection, one call at a
     time (a lock), no thread hop per call. A session's second connection (for its
@@ -2710,15 +2820,6 @@ class AsyncBrokerClient:
             self.streams = None
 
 
-async def read_reply(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
-    """(status, body, server closes) of one HTTP/1.1 response with a Content-Length."""
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-    status = int(head[0].split(" ", 2)[1])
-    fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
-    body = await reader.readexactly(int(fields.get("content-length", "0")))
-    return status, body, fields.get("connection", "").lower() == "close"
-
-
 def client_from_config(cfg: Config, timeout: float = 10.0) -> BrokerClient:
     return BrokerClient(cfg.broker_url, read_token(cfg), timeout)
 
@@ -2743,7 +2844,6 @@ MAX_LINE_BYTES = 8 << 20  # a longer line is answered as a parse error and skipp
 INSTRUCTIONS_MEMORY_BYTES = 2048
 INSTRUCTIONS_PEERS = 20
 SEEN_LIMIT = 100_000
-
 TOOLS: list[dict[str, Any]] = [
     {"name": "list_peers",
      "description": "List the other Claude Code sessions in the claude-peers fleet (other machines, other"
@@ -2778,49 +2878,6 @@ TOOLS: list[dict[str, Any]] = [
                     " and whether the broker is reachable.",
      "inputSchema": {"type": "object", "properties": {}}},
 ]
-
-
-class ToolArgumentError(Exception):
-    """Tool arguments that do not fit the tool's input schema."""
-
-
-def _argument_fits(value: Any, spec: dict[str, Any]) -> bool:
-    kind = spec.get("type", "string")
-    if kind == "string":
-        return isinstance(value, str)
-    if kind == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "array":
-        return isinstance(value, list) and all(_argument_fits(item, spec.get("items", {})) for item in value)
-    return False
-
-
-def check_tool_arguments(tool: str, schema: dict[str, Any], args: Any) -> dict[str, Any]:
-    """Arguments checked against a tool's input schema (types, enums, required, no strangers);
-    null means absent. The shim's tools and the daemons' tools share this one checker."""
-    if not isinstance(args, dict):
-        raise ToolArgumentError(f"{tool}: arguments must be a JSON object")
-    properties = schema.get("properties", {})
-    for key in args:
-        if key not in properties:
-            raise ToolArgumentError(f"{tool}: unknown argument {str(key)[:64]!r}"
-                                    f" (arguments: {', '.join(properties) or 'none'})")
-    clean = {key: value for key, value in args.items() if value is not None}
-    for key in schema.get("required", []):
-        if key not in clean:
-            raise ToolArgumentError(f"{tool}: missing required argument {key!r}")
-    for key, value in clean.items():
-        spec = properties[key]
-        if not _argument_fits(value, spec):
-            kind = {"array": "a list of strings", "integer": "an integer"}.get(spec.get("type"), "a string")
-            raise ToolArgumentError(f"{tool}: argument {key!r} must be {kind}")
-        if "enum" in spec and value not in spec["enum"]:
-            raise ToolArgumentError(f"{tool}: argument {key!r} must be one of {', '.join(map(str, spec['enum']))}")
-        texts = value if isinstance(value, list) else [value]
-        if not all(storable_text(t) for t in texts if isinstance(t, str)):
-            raise ToolArgumentError(f"{tool}: argument {key!r} holds a broken character (a lone surrogate, such as"
-                                    " half of a cut emoji); send it again as valid text")
-    return clean
 
 
 def find_agent_name(explicit: str | None, cwd: Path) -> str | None:
@@ -3318,7 +3375,749 @@ def run_shim(cfg: Config, name: str | None) -> int:
 
 
 # ===========================================================================
-# Supervisor: daemons on schedules and events, as policy-bound agents
+# Machine probes: what fleet-scout sees on a host, and the findings it draws
+# ===========================================================================
+#
+# One read-only shell script per machine, on stdin of `sh -s` (here) or of `ssh ... sh -s`;
+# its sections are parsed into a report, and the report (with what the previous run kept)
+# into findings. Pure code from the report on: no model decides what is wrong.
+
+# The ssh targets that mean this machine: the probe runs here, without ssh.
+SCOUT_LOCAL = ("localhost", "127.0.0.1", "::1", "")
+
+SCOUT_OUTPUT_CAP = 8 * 1024 * 1024  # bytes of probe output kept; the script bounds each section itself
+
+# Filesystems that are not storage a machine can fill: no disk or inode findings for them.
+SCOUT_PSEUDO_FS = frozenset((
+    "tmpfs", "devtmpfs", "ramfs", "overlay", "squashfs", "iso9660", "proc", "sysfs", "cgroup", "cgroup2", "devpts",
+    "mqueue", "debugfs", "tracefs", "securityfs", "pstore", "bpf", "autofs", "hugetlbfs", "configfs", "fusectl",
+    "binfmt_misc", "efivarfs", "nsfs", "rpc_pipefs", "nfsd", "selinuxfs", "fuse.lxcfs", "fuse.gvfsd-fuse",
+    "fuse.portal", "fuse.snapfuse", "none", "shm", "udev"))
+
+# The fixed probe. It only reads; the scout prepends numeric settings as plain assignments. Every
+# section starts with "@@scout-section NAME" and ends with "@@scout-rc STATUS" (or says why it could
+# not run with "@@scout-unavailable REASON"); the journal is cut to its newest scout_lines lines, the
+# other sections to 20000.
+SCOUT_SCRIPT = r"""
+LC_ALL=C
+export LC_ALL
+set -f
+scout_now=$(date +%s)
+case $scout_now in ''|*[!0-9]*) scout_now=0 ;; esac
+if [ "$scout_since" -le 0 ] || [ "$scout_since" -gt "$scout_now" ]; then
+    scout_since=$((scout_now - scout_window_s))
+fi
+if [ "$scout_since" -lt $((scout_now - scout_max_window_s)) ]; then
+    scout_since=$((scout_now - scout_max_window_s))
+fi
+scout_section() { printf '\n@@scout-section %s\n' "$1"; }
+scout_unavailable() { scout_section "$1"; printf '@@scout-unavailable %s\n' "$2"; }
+scout_bounded() {
+    if command -v timeout >/dev/null 2>&1; then timeout "$scout_step_s" "$@"; else "$@"; fi
+}
+scout_run() {
+    scout_section "$1"
+    scout_keep=$2
+    shift 2
+    { scout_bounded "$@" 2>&1; printf '\n@@scout-rc %s\n' "$?"; } | tail -n "$scout_keep"
+}
+scout_section host
+echo "now=$scout_now"
+echo "since=$scout_since"
+{ read -r v < /proc/sys/kernel/random/boot_id && echo "boot_id=$v"; } 2>/dev/null
+{ read -r v rest < /proc/uptime && echo "uptime_s=$v"; } 2>/dev/null
+{ read -r a b c rest < /proc/loadavg && echo "load=$a $b $c"; } 2>/dev/null
+echo "cores=$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc 2>/dev/null)"
+echo "kernel=$(uname -sr 2>/dev/null)"
+scout_run meminfo 20000 cat /proc/meminfo
+scout_run mounts 20000 cat /proc/mounts
+if [ ! -d /run/systemd/system ]; then
+    scout_unavailable systemd "systemd is not running (no /run/systemd/system)"
+    scout_unavailable journal "systemd-journald is not running (no /run/systemd/system)"
+else
+    if command -v systemctl >/dev/null 2>&1; then
+        scout_run failed 20000 systemctl list-units --state=failed --all --plain --no-legend --no-pager --full
+        scout_units=$(scout_bounded systemctl list-units --type=service --all --plain --no-legend --no-pager \
+            --full 2>/dev/null | while read -r unit rest; do
+                case $unit in *.service) echo "$unit" ;; esac
+            done | head -n 5000)
+        scout_run restarts 20000 systemctl show --property=Id,NRestarts,ActiveState,SubState --no-pager -- $scout_units
+    else
+        scout_unavailable systemd "systemctl not found"
+    fi
+    if command -v journalctl >/dev/null 2>&1; then
+        scout_run journal "$scout_lines" journalctl --priority=err --no-pager --output=json \
+            --output-fields=MESSAGE,PRIORITY,_SYSTEMD_UNIT,_SYSTEMD_USER_UNIT,UNIT,SYSLOG_IDENTIFIER,_COMM,_TRANSPORT \
+            --since="@$scout_since" --until="@$scout_now"
+        scout_section journal_count
+        scout_bounded journalctl --priority=err --quiet --no-pager --output=json --output-fields=PRIORITY \
+            --since="@$scout_since" --until="@$scout_now" 2>/dev/null | wc -l
+    else
+        scout_unavailable journal "journalctl not found"
+    fi
+fi
+if command -v docker >/dev/null 2>&1; then
+    scout_run docker 20000 docker ps --all --format '{{json .}}'
+else
+    scout_unavailable docker "docker not found"
+fi
+scout_run df 20000 df -P -T -k
+scout_run inodes 20000 df -P -T -i
+scout_section end
+exit 0
+"""
+
+
+def scout_limits(thresholds: Any) -> dict[str, Any]:
+    """SCOUT_DEFAULTS overlaid with the given thresholds (a dict or a config namespace)."""
+    given = thresholds if isinstance(thresholds, dict) else vars(thresholds) if thresholds is not None else {}
+    return {key: given.get(key, default) for key, default in SCOUT_DEFAULTS.items()}
+
+
+def _bounded_int(value: Any, low: int, high: int) -> int:
+    """A number for the probe script: an int in [low, high], whatever was given."""
+    try:
+        number = int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        number = low
+    return max(low, min(high, number))
+
+
+def scout_argv(machine: SimpleNamespace, thresholds: Any) -> list[str]:
+    """The one command that runs the probe: `sh -s` here, or ssh to the machine (an argv, never a shell line)."""
+    target = str(machine.ssh)
+    if target in SCOUT_LOCAL:
+        return ["sh", "-s"]
+    if target.startswith("-") or any(c.isspace() or not c.isprintable() for c in target):
+        raise ValueError(f"not an ssh destination: {target!r}")
+    limits = scout_limits(thresholds)
+    checking = limits["host_key_checking"]
+    if checking not in ("yes", "accept-new"):
+        raise ValueError(f'host_key_checking must be "yes" or "accept-new", got {checking!r}')
+    argv = ["ssh", "-T", "-a", "-x", "-o", "BatchMode=yes",
+            "-o", f"ConnectTimeout={_bounded_int(limits['ssh_timeout_s'], 1, 3600)}",
+            "-o", f"StrictHostKeyChecking={checking}", "-o", "ClearAllForwardings=yes"]
+    if limits["known_hosts_file"]:
+        argv += ["-o", f"UserKnownHostsFile={Path(limits['known_hosts_file']).expanduser()}"]
+    identity = getattr(machine, "identity_file", "")
+    if identity:
+        argv += ["-i", str(Path(identity).expanduser()), "-o", "IdentitiesOnly=yes"]
+    return [*argv, "-p", str(_bounded_int(getattr(machine, "port", 22), 1, 65535)), "--", target, "sh", "-s"]
+
+
+def scout_script(thresholds: Any, since: float | None) -> str:
+    """The probe script with its settings: numbers only, so nothing reaches the host's shell but digits."""
+    limits = scout_limits(thresholds)
+    settings = {
+        "scout_since": _bounded_int(since or 0, 0, 2**40),
+        "scout_window_s": _bounded_int(limits["journal_first_window_s"], 1, 86400 * 31),
+        "scout_max_window_s": _bounded_int(limits["journal_max_window_s"], 1, 86400 * 31),
+        "scout_lines": _bounded_int(limits["journal_max_lines"], 10, 100000),
+        "scout_step_s": _bounded_int(limits["step_timeout_s"], 1, 3600),
+    }
+    return "".join(f"{name}={value}\n" for name, value in settings.items()) + SCOUT_SCRIPT
+
+
+def run_capped(argv: list[str], stdin: bytes, timeout: float, cap: int) -> tuple[int | None, bytes, bytes]:
+    """Run argv in its own process group with stdin fed in; (exit status or None if it was killed at the
+    timeout, stdout, stderr), each output cut at cap bytes. The whole group dies at the timeout."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    outputs = (bytearray(), bytearray())
+
+    def pump(stream: Any, keep: bytearray) -> None:
+        with stream:
+            while chunk := os.read(stream.fileno(), 65536):
+                keep += chunk[:max(0, cap - len(keep))]
+
+    pumps = [threading.Thread(target=pump, args=(stream, keep), daemon=True)
+             for stream, keep in zip((proc.stdout, proc.stderr), outputs, strict=True)]
+    for thread in pumps:
+        thread.start()
+    with contextlib.suppress(OSError):
+        assert proc.stdin is not None
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+    try:
+        status: int | None = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # ssh and everything it started
+        proc.wait()
+        status = None
+    for thread in pumps:
+        thread.join(2)  # a straggler outside the group may hold a pipe: take what came
+    return status, bytes(outputs[0]), bytes(outputs[1])
+
+
+def _ssh_failure(status: int | None, stderr: str) -> str:
+    """Why ssh did not run the probe, as 'auth refused: ...', 'host key refused: ...' or 'unreachable: ...'."""
+    lines = [line.strip() for line in stderr.splitlines()
+             if line.strip() and not line.startswith("Warning: Permanently added")]
+    kinds = (("auth refused", ("permission denied", "too many authentication failures")),
+             ("host key refused", ("host key verification failed", "host identification has changed",
+                                   "no matching host key", "has changed and you have requested strict checking")))
+    for kind, needles in kinds:
+        hits = [line for line in lines if any(needle in line.lower() for needle in needles)]
+        if hits:
+            return f"{kind}: {hits[0][:300]}"
+    return f"unreachable: {(lines[-1] if lines else f'exit status {status}')[:300]}"
+
+
+# -- parsing ------------------------------------------------------------------
+
+def _split_sections(text: str) -> dict[str, dict[str, Any]]:
+    sections: dict[str, dict[str, Any]] = {}
+    current: dict[str, Any] | None = None
+    for line in text.splitlines():
+        if line.startswith("@@scout-section "):
+            current = sections[line[16:].strip()] = {"lines": [], "rc": None, "unavailable": None}
+        elif current is None:
+            continue
+        elif line.startswith("@@scout-rc "):
+            current["rc"] = int(line[11:].strip()) if line[11:].strip().isdigit() else -1
+        elif line.startswith("@@scout-unavailable "):
+            current["unavailable"] = line[20:].strip()
+        else:
+            current["lines"].append(line)
+    return sections
+
+
+def _number(text: Any) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _section_state(sections: dict[str, dict[str, Any]], name: str, what: str) -> str:
+    """'' when the section ran fine, else why it is unavailable."""
+    section = sections.get(name)
+    if section is None:
+        return "not in the probe output"
+    if section["unavailable"]:
+        return section["unavailable"]
+    if section["rc"] == 124:
+        return f"{what} timed out"
+    if section["rc"] is None:
+        return f"{what} was cut short"
+    if section["rc"] != 0:
+        detail = " ".join(line.strip() for line in section["lines"] if line.strip())[-300:]
+        return f"{what} failed (exit status {section['rc']}): {detail}" if detail else \
+            f"{what} failed (exit status {section['rc']})"
+    return ""
+
+
+def _parse_host(lines: list[str]) -> dict[str, Any]:
+    values = dict(line.split("=", 1) for line in lines if "=" in line)
+    load = [_number(v) for v in values.get("load", "").split()]
+    cores = _number(values.get("cores"))
+    since, now = _number(values.get("since")), _number(values.get("now"))
+    return {"collected_at": int(now) if now else None, "since": int(since) if since is not None else None,
+            "boot_id": values.get("boot_id", "").strip() or None, "uptime_s": _number(values.get("uptime_s")),
+            "cores": int(cores) if cores and cores >= 1 else None,
+            "load": load if len(load) == 3 and None not in load else None,
+            "kernel": values.get("kernel", "").strip()}
+
+
+def _parse_meminfo(lines: list[str]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    kib: dict[str, float] = {}
+    for line in lines:
+        key, _, rest = line.partition(":")
+        value = _number(rest.split()[0]) if rest.split() else None
+        if value is not None:
+            kib[key.strip()] = value
+    total = kib.get("MemTotal")
+    if not total:
+        return None, None
+    available = kib.get("MemAvailable")
+    if available is None:  # kernels before 3.14: the usual estimate
+        available = kib.get("MemFree", 0) + kib.get("Buffers", 0) + kib.get("Cached", 0)
+    memory = {"total_bytes": int(total * 1024), "available_bytes": int(available * 1024),
+              "available_pct": round(available * 100 / total, 1)}
+    swap_total, swap_free = kib.get("SwapTotal", 0), kib.get("SwapFree", 0)
+    swap = {"total_bytes": int(swap_total * 1024), "free_bytes": int(swap_free * 1024),
+            "used_pct": round((swap_total - swap_free) * 100 / swap_total, 1) if swap_total else None}
+    return memory, swap
+
+
+DF_ROW_RE = re.compile(r"^(\S+)\s+(\S+)\s+(\d+|-)\s+(\d+|-)\s+(\d+|-)\s+(\d+%|-)\s+(/.*)$")
+
+
+def _parse_df(lines: list[str]) -> dict[str, dict[str, Any]]:
+    """`df -P -T` rows by mount point: device, type, total, used, free (blocks or inodes)."""
+    rows = {}
+    for line in lines:
+        found = DF_ROW_RE.match(line.strip())
+        if found:
+            device, fstype, total, used, free, _, mount = found.groups()
+            rows[mount] = {"device": device, "fstype": fstype,
+                           "total": int(total) if total.isdigit() else None,
+                           "used": int(used) if used.isdigit() else None,
+                           "free": int(free) if free.isdigit() else None}
+    return rows
+
+
+def _used_pct(row: dict[str, Any] | None) -> float | None:
+    """Used of (used + free) as df counts it: blocks reserved for root are not free to users."""
+    if not row or row["used"] is None or row["free"] is None or row["used"] + row["free"] <= 0:
+        return None
+    return round(row["used"] * 100 / (row["used"] + row["free"]), 1)
+
+
+def _parse_filesystems(blocks: list[str], inodes: list[str], mounts: list[str]) -> list[dict[str, Any]]:
+    options = {}
+    for line in mounts:
+        parts = line.split()
+        if len(parts) >= 4:
+            mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])
+            options[mount] = (parts[2], parts[3].split(","))
+    by_inodes = _parse_df(inodes)
+    filesystems = []
+    for mount, row in _parse_df(blocks).items():
+        fstype, opts = options.get(mount, (row["fstype"], []))
+        inode_row = by_inodes.get(mount)
+        filesystems.append({
+            "mount": mount, "device": row["device"], "fstype": row["fstype"] or fstype,
+            "read_only": "ro" in opts, "size_bytes": row["total"] * 1024 if row["total"] is not None else None,
+            "used_bytes": row["used"] * 1024 if row["used"] is not None else None,
+            "avail_bytes": row["free"] * 1024 if row["free"] is not None else None,
+            "used_pct": _used_pct(row), "inodes": inode_row["total"] if inode_row else None,
+            "inodes_used_pct": _used_pct(inode_row)})
+    return filesystems
+
+
+def _parse_failed(lines: list[str]) -> list[dict[str, str]]:
+    failed = []
+    for line in lines:
+        parts = line.split(None, 4)
+        if parts and parts[0] in ("●", "*", "×"):
+            parts = line.split(None, 5)[1:]
+        if len(parts) >= 4 and "." in parts[0]:
+            failed.append({"unit": parts[0], "load": parts[1], "active": parts[2], "sub": parts[3],
+                           "description": parts[4] if len(parts) > 4 else "", "line": line.strip()})
+    return failed
+
+
+def _parse_restarts(lines: list[str]) -> tuple[dict[str, int], list[str]]:
+    """`systemctl show` blocks (Key=Value lines, a blank line between units): NRestarts per unit, and the
+    units waiting in activating (auto-restart)."""
+    restarts: dict[str, int] = {}
+    waiting: list[str] = []
+    block: dict[str, str] = {}
+    for line in [*lines, ""]:
+        if "=" in line:
+            key, _, value = line.partition("=")
+            block[key.strip()] = value.strip()
+            continue
+        unit = block.get("Id", "")
+        if unit:
+            if block.get("NRestarts", "").isdigit():
+                restarts[unit] = int(block["NRestarts"])
+            if block.get("ActiveState") == "activating" and block.get("SubState") == "auto-restart":
+                waiting.append(unit)
+        block = {}
+    return restarts, waiting
+
+
+def _journal_text(value: Any) -> str:
+    """A journal JSON field as text: a string, a byte array, null (too large), or a list of those."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(b, int) and 0 <= b < 256 for b in value):
+        return bytes(value).decode(errors="replace")
+    if isinstance(value, list) and value:
+        return _journal_text(value[0])
+    return "" if value is None else str(value)
+
+
+def _journal_unit(entry: dict[str, Any]) -> str:
+    """Who logged it: the unit systemd reported on, the (user) unit, else the syslog identifier."""
+    unit = _journal_text(entry.get("UNIT")) or _journal_text(entry.get("_SYSTEMD_USER_UNIT")) or \
+        _journal_text(entry.get("_SYSTEMD_UNIT"))
+    ident = _journal_text(entry.get("SYSLOG_IDENTIFIER")) or _journal_text(entry.get("_COMM"))
+    if unit and not (unit.endswith(".scope") and ident):  # session scopes are numbered: name the program
+        return unit
+    return ident or ("kernel" if _journal_text(entry.get("_TRANSPORT")) == "kernel" else "unknown")
+
+
+LOG_NOISE = [(re.compile(pattern, re.IGNORECASE), replacement) for pattern, replacement in (
+    (r"\b\d{4}-\d{2}-\d{2}[T ]\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2}\b)?", "<time>"),
+    (r"\b(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)\s+\d{1,2}\s+\d{1,2}:\d{2}:\d{2}\b", "<time>"),
+    (r"\b\d{1,2}:\d{2}:\d{2}(\.\d+)?\b", "<time>"),
+    (r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", "<uuid>"),
+    (r"\b(\d{1,3}\.){3}\d{1,3}(:\d+)?\b", "<ip>"),
+    (r"\b([0-9a-f]{2}:){5}[0-9a-f]{2}\b", "<mac>"),
+    (r"\b0x[0-9a-f]+\b", "<hex>"),
+    (r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{8,}\b", "<hex>"),
+    (r"\d+(\.\d+)?", "<n>"),
+    (r"\s+", " "))]
+
+
+def normalise_log_line(text: str) -> str:
+    """The shape of a log line: times, ids, hex, addresses and numbers replaced by placeholders, so the
+    same error with a new pid, timestamp or counter groups with the others."""
+    for pattern, replacement in LOG_NOISE:
+        text = pattern.sub(replacement, text)
+    return text.strip()[:300]
+
+
+def journal_patterns(lines: list[str]) -> tuple[list[dict[str, Any]], int]:
+    """`journalctl -o json` lines grouped by unit and normalised message: (patterns, most first; entries)."""
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    entries = 0
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            stamp = int(_journal_text(entry.get("__REALTIME_TIMESTAMP"))) / 1e6
+        except (ValueError, TypeError, AttributeError):
+            continue
+        if not isinstance(entry, dict):
+            continue
+        entries += 1
+        message = _journal_text(entry.get("MESSAGE")) or "(message too large or empty)"
+        unit = _journal_unit(entry)
+        group = groups.setdefault((unit, normalise_log_line(message)), {
+            "unit": unit, "pattern": normalise_log_line(message), "count": 0, "first": stamp, "last": stamp,
+            "sample": ""})
+        group["count"] += 1
+        group["first"], group["last"] = min(group["first"], stamp), max(group["last"], stamp)
+        if stamp >= group["last"]:
+            group["sample"] = message.strip()[:500]
+    return sorted(groups.values(), key=lambda g: -g["count"]), entries
+
+
+def _parse_docker(lines: list[str]) -> list[dict[str, str]]:
+    containers = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("Names"):
+            status = str(row.get("Status", ""))
+            state = str(row.get("State") or ("restarting" if status.startswith("Restarting") else
+                                             "running" if status.startswith("Up") else ""))
+            containers.append({"name": str(row["Names"]), "image": str(row.get("Image", "")),
+                               "state": state, "status": status, "id": str(row.get("ID", ""))})
+    return containers
+
+
+def parse_probe(text: str) -> dict[str, Any]:
+    """The report fields from the probe's output. A section that is missing, failed or timed out makes
+    its check unavailable (listed in "unavailable" with the reason); garbage is skipped, never raised."""
+    sections = _split_sections(text)
+    lines = {name: section["lines"] for name, section in sections.items()}
+    report: dict[str, Any] = {"reachable": "host" in sections, "complete": "end" in sections,
+                              **_parse_host(lines.get("host", []))}
+    unavailable = []
+
+    def reason(name: str, what: str, label: str) -> str:
+        """'' when the section ran, else why not (and the check is listed as unavailable)."""
+        why = _section_state(sections, name, what)
+        if why and report["reachable"]:
+            unavailable.append(f"{label}: {why}")
+        return why
+
+    report["memory"], report["swap"] = _parse_meminfo(lines.get("meminfo", []))
+    missing = {"memory": "memory: no MemTotal in /proc/meminfo", "cores": "load: no CPU count (getconf, nproc)",
+               "load": "load: no /proc/loadavg", "boot_id": "reboot: no boot id in /proc",
+               "collected_at": "clock_skew: the host's date +%s failed"}
+    unavailable += [why for field, why in missing.items() if report["reachable"] and not report.get(field)]
+    reason("df", "df", "disk")
+    report["filesystems"] = _parse_filesystems(lines.get("df", []), lines.get("inodes", []),
+                                               lines.get("mounts", []))
+    why = reason("systemd", "", "systemd") if "systemd" in sections else reason("failed", "systemctl", "systemd")
+    restarts, waiting = _parse_restarts(lines.get("restarts", []))
+    report["systemd"] = {"available": not why, "reason": why,
+                         "failed": [] if why else _parse_failed(lines.get("failed", [])),
+                         "restarts": restarts, "auto_restart": waiting}
+    why = reason("journal", "journalctl", "journal")
+    patterns, sampled = journal_patterns(lines.get("journal", []))
+    if not why and any("not seeing messages from other users" in line for line in lines.get("journal", [])):
+        unavailable.append("journal: partly: the ssh user sees only its own entries (add it to systemd-journal"
+                           " or adm)")
+    counted = _number("".join(lines.get("journal_count", [])).strip())
+    report["journal"] = {"available": not why, "reason": why, "since": report.pop("since"),
+                         "until": report["collected_at"], "count": max(int(counted or 0), sampled),
+                         "sampled": sampled, "patterns": [] if why else patterns[:50]}
+    why = reason("docker", "docker ps", "docker")
+    report["docker"] = {"available": not why, "reason": why,
+                        "containers": [] if why else _parse_docker(lines.get("docker", []))}
+    report["unavailable"] = unavailable
+    return report
+
+
+def probe_machine_report(machine: SimpleNamespace, thresholds: Any, since: float | None) -> dict[str, Any]:
+    """One machine probed by one process (ssh, or sh here), killed at probe_timeout_s; the parsed report.
+
+    ``since`` is where the journal window starts, on the host's clock (the previous report's
+    journal "until"); None reads the last journal_first_window_s."""
+    limits = scout_limits(thresholds)
+    timeout = float(limits["probe_timeout_s"])
+    started = time.time()
+    try:
+        argv = scout_argv(machine, limits)
+        status, out, err = run_capped(argv, scout_script(limits, since).encode(), timeout, SCOUT_OUTPUT_CAP)
+    except (OSError, ValueError) as exc:
+        status, out, err = 255, b"", f"cannot run the probe: {exc}".encode()
+    elapsed = time.time() - started
+    report = parse_probe(out.decode(errors="replace"))
+    stderr = err.decode(errors="replace")
+    if status is None:
+        error = f"timeout after {timeout:g}s"
+    elif report["complete"]:
+        error = ""
+    elif not report["reachable"]:
+        error = _ssh_failure(status, stderr)
+    else:
+        error = f"probe output incomplete (exit status {status}): {stderr.strip()[-300:]}".rstrip(": ")
+    report.update(machine=machine.name, error=error, elapsed_s=round(elapsed, 3), started_at=started)
+    return report
+
+
+# -- findings -----------------------------------------------------------------
+
+def _severity(value: float | None, warning: float, critical: float, below: bool = False) -> str | None:
+    if value is None:
+        return None
+    if below:
+        value, warning, critical = -value, -warning, -critical
+    return "critical" if value >= critical else "warning" if value >= warning else None
+
+
+def _human_bytes(count: float | None) -> str:
+    if count is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+class _Findings(list):
+    """Findings of one machine, built with ``add``."""
+
+    def __init__(self, machine: str) -> None:
+        super().__init__()
+        self.machine = machine
+
+    def add(self, check: str, key: str, severity: str, value: Any, threshold: Any, title: str,
+            evidence: list[str]) -> None:
+        self.append({"machine": self.machine, "check": check, "key": key, "severity": severity, "value": value,
+                     "threshold": threshold, "title": title, "evidence": evidence})
+
+    def measure(self, check: str, key: str, value: float | None, limits: dict[str, Any], warning_key: str,
+                title: str, evidence: str, below: bool = False) -> None:
+        """A finding when value reaches limits[warning_key] or its critical twin (at or below, for below)."""
+        critical_key = warning_key.replace("_warning", "_critical")
+        severity = _severity(value, limits[warning_key], limits[critical_key], below)
+        if severity:
+            threshold = limits[critical_key] if severity == "critical" else limits[warning_key]
+            self.add(check, key, severity, value, threshold, title, [evidence])
+
+
+def _check_connection(report: dict[str, Any], found: _Findings) -> None:
+    error = report.get("error") or ""
+    if not error:
+        return
+    if not report.get("reachable"):
+        check = "auth" if error.startswith(("auth refused", "host key refused")) else "unreachable"
+        key = "host_key" if error.startswith("host key") else "ssh"
+        found.add(check, key, "critical", error, None, error.split(":", 1)[0] if check == "auth" else
+                  f"unreachable ({error})" if error.startswith("timeout") else error.split(":", 1)[0],
+                  [error])
+    else:
+        title = f"probe timed out after {error.split()[-1]}" if error.startswith("timeout") else "probe incomplete"
+        found.add("probe", "probe", "warning", error, None, title, [error])
+
+
+def _check_resources(report: dict[str, Any], limits: dict[str, Any], found: _Findings) -> None:
+    for fs in report.get("filesystems") or []:
+        if fs.get("fstype") in SCOUT_PSEUDO_FS or fs.get("read_only"):
+            continue
+        where = f"{fs['device']} ({fs['fstype']}) on {fs['mount']}"
+        used, free, size = (_human_bytes(fs.get(k)) for k in ("used_bytes", "avail_bytes", "size_bytes"))
+        found.measure("disk", fs["mount"], fs.get("used_pct"), limits, "disk_warning_pct",
+                      f"disk {fs['mount']} {fs.get('used_pct') or 0:.0f}% used",
+                      f"{where}: {used} used, {free} free of {size}")
+        found.measure("inodes", fs["mount"], fs.get("inodes_used_pct"), limits, "inode_warning_pct",
+                      f"inodes {fs['mount']} {fs.get('inodes_used_pct') or 0:.0f}% used",
+                      f"{where}: {fs.get('inodes_used_pct')}% of {fs.get('inodes')} inodes used")
+    memory, swap = report.get("memory"), report.get("swap")
+    if memory:
+        available, total = _human_bytes(memory["available_bytes"]), _human_bytes(memory["total_bytes"])
+        found.measure("memory", "available", memory["available_pct"], limits, "mem_available_warning_pct",
+                      f"memory {memory['available_pct']:.1f}% available",
+                      f"MemAvailable {available} of MemTotal {total}", below=True)
+    if swap and swap.get("used_pct") is not None:
+        free, total = _human_bytes(swap["free_bytes"]), _human_bytes(swap["total_bytes"])
+        found.measure("swap", "swap", swap["used_pct"], limits, "swap_used_warning_pct",
+                      f"swap {swap['used_pct']:.0f}% used", f"SwapFree {free} of SwapTotal {total}")
+    load, cores = report.get("load"), report.get("cores")
+    if load and cores:
+        per_core = round(load[2] / cores, 2)
+        found.measure("load", "load", per_core, limits, "load_per_core_warning",
+                      f"load {per_core:.2f} per core over 15 min",
+                      f"load averages {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min) on {cores} cores")
+
+
+def _check_systemd(report: dict[str, Any], previous: dict[str, Any], limits: dict[str, Any],
+                   found: _Findings, same_boot: bool) -> None:
+    systemd = report.get("systemd") or {}
+    if not systemd.get("available"):
+        return
+    for unit in systemd.get("failed") or []:
+        found.add("failed_unit", unit["unit"], "warning", unit["sub"], None, f"{unit['unit']} failed",
+                  [unit["line"]])
+    before = (previous.get("restarts") or {}) if same_boot else {}
+    waiting = set(systemd.get("auto_restart") or [])
+    for unit, count in sorted((systemd.get("restarts") or {}).items()):
+        rose = count - before[unit] if unit in before and count >= before[unit] else 0
+        severity = _severity(rose, limits["restart_warning_count"], limits["restart_critical_count"]) or \
+            ("warning" if unit in waiting else None)
+        if not severity:
+            continue
+        threshold = limits["restart_critical_count"] if severity == "critical" else limits["restart_warning_count"]
+        title = f"{unit} restarted {rose} times since the last check" if rose else \
+            f"{unit} is waiting to restart (activating auto-restart)"
+        evidence = [f"NRestarts {before[unit]} -> {count}" if unit in before else f"NRestarts {count}"]
+        if unit in waiting:
+            evidence.append("ActiveState=activating SubState=auto-restart")
+        found.add("restart_loop", unit, severity, rose, threshold, title, evidence)
+    for unit in sorted(waiting - set(systemd.get("restarts") or {})):
+        found.add("restart_loop", unit, "warning", 0, limits["restart_warning_count"],
+                  f"{unit} is waiting to restart (activating auto-restart)",
+                  ["ActiveState=activating SubState=auto-restart"])
+
+
+def journal_floods(journal: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]]:
+    """The patterns that flood: at least journal_flood_per_min on average over the window (at least a
+    minute), journal_flood_min_count lines, spread over journal_flood_min_span_pct of it. When more lines
+    came than were read, a pattern's share of the newest lines stands for its share of them all."""
+    if not journal.get("available") or journal.get("since") is None or journal.get("until") is None:
+        return []
+    window_s = max(float(journal["until"] - journal["since"]), 60.0)
+    sampled, total = journal.get("sampled") or 0, journal.get("count") or 0
+    patterns = journal.get("patterns") or []
+    scale = total / sampled if sampled and total > sampled else 1.0
+    observed_s = window_s
+    if scale > 1 and patterns:  # only the newest lines were read: spread is judged over what they cover
+        observed_s = max(max(p["last"] for p in patterns) - min(p["first"] for p in patterns), 60.0)
+    floods = []
+    for pattern in patterns:
+        count = round(pattern["count"] * scale)
+        rate = count * 60 / window_s
+        spread = (pattern["last"] - pattern["first"]) * 100 / observed_s
+        if rate >= limits["journal_flood_per_min"] and count >= limits["journal_flood_min_count"] and \
+                spread >= limits["journal_flood_min_span_pct"]:
+            floods.append({**pattern, "count": count, "rate_per_min": round(rate, 1), "window_s": window_s})
+    return floods
+
+
+def _check_journal(report: dict[str, Any], limits: dict[str, Any], found: _Findings) -> None:
+    for flood in journal_floods(report.get("journal") or {}, limits):
+        severity = "critical" if flood["rate_per_min"] >= limits["journal_flood_critical_per_min"] else "warning"
+        threshold = limits["journal_flood_critical_per_min"] if severity == "critical" else \
+            limits["journal_flood_per_min"]
+        minutes = flood["window_s"] / 60
+        found.add("journal_flood", f"{flood['unit']} {sha256_hex(flood['pattern'])[:8]}", severity,
+                  flood["rate_per_min"], threshold,
+                  f"{flood['unit']} logs the same error {flood['rate_per_min']:g}/min "
+                  f"({flood['count']} in {minutes:.0f} min)",
+                  [f"sample: {flood['sample']}", f"pattern: {flood['pattern']}",
+                   f"{flood['count']} lines from {iso(flood['first'])} to {iso(flood['last'])}"])
+
+
+def _check_clock(report: dict[str, Any], limits: dict[str, Any], found: _Findings, scout_now: float) -> None:
+    """The host read its clock (whole seconds) while the probe ran: only the distance outside that span,
+    on the scout's clock, is skew."""
+    host = report.get("collected_at")
+    if host is None:
+        return
+    elapsed = float(report.get("elapsed_s") or 0)
+    start = float(report.get("started_at") or scout_now - elapsed)
+    end = start + elapsed
+    skew = host - end if host > end else host + 1 - start if host + 1 < start else 0.0
+    found.measure("clock_skew", "clock", abs(round(skew, 1)), limits, "clock_skew_warning_s",
+                  f"clock {skew:+.0f}s off the scout's",
+                  f"host clock {iso(host)}, scout clock {iso(start)} to {iso(end)} during the probe")
+
+
+def _check_docker(report: dict[str, Any], found: _Findings) -> None:
+    docker = report.get("docker") or {}
+    for container in docker.get("containers") or [] if docker.get("available") else []:
+        if container["state"] in ("restarting", "dead"):
+            found.add("docker", container["name"], "critical", container["state"], None,
+                      f"container {container['name']} {container['state']}",
+                      [f"{container['name']} ({container['image']}): {container['status']}"])
+        elif "(unhealthy)" in container["status"]:
+            found.add("docker", container["name"], "warning", "unhealthy", None,
+                      f"container {container['name']} unhealthy",
+                      [f"{container['name']} ({container['image']}): {container['status']}"])
+
+
+def find_faults(report: dict[str, Any], previous: dict[str, Any] | None, thresholds: Any,
+                scout_now: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The findings in one machine's report, and the state its next run compares with.
+
+    ``previous`` is the state this returned last time (None: the machine is new, so nothing can have
+    changed). The state keeps the last known boot id, NRestarts per unit and where the journal window
+    ended (host clock), carried over while the machine is unreachable."""
+    limits = scout_limits(thresholds)
+    previous = previous or {}
+    found = _Findings(str(report.get("machine", "")))
+    state = {"boot_id": previous.get("boot_id"), "restarts": previous.get("restarts") or {},
+             "journal_until": previous.get("journal_until"), "checked_at": scout_now,
+             "reachable": bool(report.get("reachable")), "unavailable": list(report.get("unavailable") or [])}
+    _check_connection(report, found)
+    if not report.get("reachable"):
+        return list(found), state
+    boot_id = report.get("boot_id")
+    same_boot = bool(boot_id) and boot_id == previous.get("boot_id")
+    if boot_id and previous.get("boot_id") and not same_boot:
+        uptime = report.get("uptime_s")
+        found.add("reboot", "boot", "warning", uptime, None,
+                  f"rebooted {uptime / 60:.0f} min ago" if uptime is not None else "rebooted",
+                  [f"boot id {previous['boot_id']} -> {boot_id}", f"up {uptime:.0f}s" if uptime else "uptime unknown"])
+    _check_resources(report, limits, found)
+    _check_systemd(report, previous, limits, found, same_boot)
+    _check_journal(report, limits, found)
+    _check_clock(report, limits, found, scout_now)
+    _check_docker(report, found)
+    systemd, journal = report.get("systemd") or {}, report.get("journal") or {}
+    state.update(boot_id=boot_id or previous.get("boot_id"))
+    if systemd.get("available"):
+        state["restarts"] = dict(systemd.get("restarts") or {})
+    if journal.get("available") and journal.get("until"):
+        state["journal_until"] = journal["until"]
+    return list(found), state
+
+
+def probe_fleet(machines: list[SimpleNamespace], thresholds: Any, previous_by_machine: dict[str, Any] | None,
+                scout_now: float) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]:
+    """Every machine probed, at most `parallel` at once, each bounded by its own probe_timeout_s:
+    {name: (report, findings, state)}."""
+    limits = scout_limits(thresholds)
+    previous_by_machine = previous_by_machine or {}
+
+    def one(machine: SimpleNamespace) -> tuple[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]:
+        previous = previous_by_machine.get(machine.name)
+        report = probe_machine_report(machine, limits, (previous or {}).get("journal_until"))
+        findings, state = find_faults(report, previous, limits, scout_now)
+        return machine.name, (report, findings, state)
+
+    if not machines:
+        return {}
+    workers = _bounded_int(limits["parallel"], 1, 256)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, len(machines))) as pool:
+        return dict(pool.map(one, machines))
+
+
+# ===========================================================================
+# Daemon runs: the agent loop, its tools and policy (one child process per run)
 # ===========================================================================
 
 SUPERVISOR_SCHEMA = RUNS_TABLE.format(extra=""",
@@ -3396,31 +4195,6 @@ class SupervisorState:
 
     def forget_cursor(self, name: str) -> None:
         self.db.execute("DELETE FROM cursors WHERE name = ?", (name,))
-
-
-def schedule_spec(daemon: SimpleNamespace) -> str:
-    return f"every={daemon.every} cron={daemon.cron}"
-
-
-def next_due(daemon: SimpleNamespace, after: float, first: bool = False) -> float | None:
-    """When the daemon's schedule fires next after ``after`` (epoch seconds), or None.
-
-    `every` adds up to `jitter` of the interval at random, so a fleet of supervisors
-    started together drifts apart; a daemon seen for the first time starts within
-    that jitter instead of a whole interval later."""
-    candidates = []
-    if daemon.every:
-        interval = parse_duration(daemon.every)
-        spread = random.uniform(0, daemon.jitter * interval)
-        candidates.append(after + spread if first else after + interval + spread)
-    if daemon.cron:
-        local = dt.datetime.fromtimestamp(after)
-        candidates.append(Cron(daemon.cron).next_after(local).timestamp())
-    return min(candidates) if candidates else None
-
-
-# -- the agent loop and its tools (run in the daemon's child process) ---------------------
-
 
 
 class PolicyError(Exception):
@@ -3801,16 +4575,147 @@ def run_report(run: dict[str, Any]) -> dict[str, Any]:
     return {k: run[k] for k in RUN_FIELDS if run[k] is not None}
 
 
-def cmd_run_daemon(cfg: Config, args: argparse.Namespace) -> int:
-    """Internal: one run in the supervisor's child process; the result goes to a file."""
-    daemon = cfg.daemons.get(args.daemon)
-    if daemon is None:
-        raise UserError(f"{cfg.where}: no [daemons.{args.daemon}]")
-    run_dir = data_home() / "runs"
-    result = DaemonRun(cfg, daemon, args.run_id, args.trigger, run_dir / f"{args.run_id}.jsonl").execute(
-        daemon_body(daemon))
-    write_secret(run_dir / f"{args.run_id}.result.json", json.dumps(result))
-    return 0
+# ===========================================================================
+# Daemons: the built-in ones, and the runner each daemon uses
+# ===========================================================================
+
+SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
+SCOUT_CHECKS = ("unreachable", "auth", "probe", "disk", "inodes", "memory", "swap", "load", "failed_unit",
+                "restart_loop", "journal_flood", "reboot", "clock_skew", "docker")
+NEEDS_SECTION = {"systemd": ("failed_unit", "restart_loop"), "journal": ("journal_flood",), "docker": ("docker",)}
+
+
+def scout_checks(report: dict[str, Any]) -> list[str]:
+    """The checks a report let the scout look at; a machine's other alerts stay as they were
+    (an unreachable host's full disk is not resolved by the host going dark)."""
+    if not report.get("reachable"):
+        return ["unreachable", "auth"]
+    if not report.get("complete", True):
+        return ["unreachable", "auth", "probe"]
+    skipped = {check for section, checks in NEEDS_SECTION.items()
+               if not (report.get(section) or {}).get("available") for check in checks}
+    return [check for check in SCOUT_CHECKS if check not in skipped]
+
+
+def as_alert(finding: dict[str, Any]) -> dict[str, Any]:
+    """A scout finding as the broker's alert lifecycle takes it."""
+    measured = "" if finding["value"] is None else f"value {finding['value']}"
+    if finding["threshold"] is not None:
+        measured += f" (threshold {finding['threshold']})"
+    detail = "\n".join([measured.strip(), *finding["evidence"]]).strip()
+    return {"check": finding["check"], "key": str(finding["key"])[:300], "severity": finding["severity"],
+            "title": finding["title"][:300], "detail": detail[:4000]}
+
+
+def scout_report_lines(results: dict[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]) -> list[str]:
+    """One line per machine, worst finding first: what `trigger fleet-scout --here` prints."""
+    lines = []
+    for name, (report, findings, _) in sorted(results.items()):
+        worst = sorted(findings, key=lambda f: SEVERITY_RANK[f["severity"]])
+        status = worst[0]["severity"] if worst else "ok"
+        text = "; ".join(f"{f['title']}" for f in worst[:4]) + (f" (+{len(worst) - 4} more)" if len(worst) > 4 else "")
+        unavailable = f" [not checked: {', '.join(u.split(':')[0] for u in report.get('unavailable') or [])}]" \
+            if report.get("reachable") and report.get("unavailable") else ""
+        lines.append(f"{name:<16} {status:<8} {text or 'no findings'}{unavailable}")
+    return lines
+
+
+def diagnose(run: DaemonRun, machine: str, findings: list[dict[str, Any]]) -> str:
+    """One short diagnosis of a machine's new findings, from the evidence only (one LLM action)."""
+    models = list(getattr(run.cfg.llm, run.daemon.tier))
+    evidence = json.dumps([{k: f[k] for k in ("check", "key", "severity", "title", "detail")} for f in findings])
+    messages = [{"role": "system", "content": (
+                    "You are fleet-scout, watching the machines of a homelab. From the findings and evidence of"
+                    " one machine, say the likely cause and the next step an operator should take, in at most"
+                    " three sentences. Use only the evidence given; say when it is not enough. You change"
+                    " nothing on any host.")},
+                {"role": "user", "content": f"Machine {machine}: {evidence[:12000]}"}]
+    run.actions += 1
+    message, tokens, run.model = chat_completion(run.cfg, models, messages, [], run.log_line)
+    run.tokens += tokens
+    run.log_line("diagnosis", machine=machine, tokens=tokens, text=message.get("content") or "")
+    return (message.get("content") or "").strip()[:2000]
+
+
+def add_diagnoses(run: DaemonRun, alerts_by_machine: dict[str, list[dict[str, Any]]]) -> None:
+    """With an LLM configured, a diagnosis for each machine whose findings are new or changed,
+    within the daemon's max_actions and token_budget; without one the findings stand alone."""
+    if not run.cfg.llm.base_url or not getattr(run.cfg.llm, run.daemon.tier):
+        return
+    known = {(a["machine"], a["check"], a["key"]): a["severity"] for a in run.broker(register=False).call(
+        "GET", f"/api/alerts?source={urllib.parse.quote(run.daemon.name)}&limit=1000")["alerts"]}
+    for machine, alerts in alerts_by_machine.items():
+        fresh = [a for a in alerts if known.get((machine, a["check"], a["key"])) != a["severity"]]
+        if not fresh or run.actions >= run.daemon.max_actions or run.tokens >= run.daemon.token_budget:
+            continue
+        try:
+            text = diagnose(run, machine, fresh)
+        except LlmError as exc:
+            run.log_line("diagnosis_failed", machine=machine, error=str(exc))
+            continue
+        for alert in fresh:
+            alert["diagnosis"] = text
+
+
+def run_fleet_scout(run: DaemonRun) -> dict[str, Any]:
+    """Probe every machine, publish each one's health, and put the findings through the
+    alert lifecycle: deterministic first, the LLM only adds a diagnosis."""
+    daemon, machines = run.daemon, run.cfg.machines
+    previous = {m.name: json.loads(run.state.recall(daemon.name, f"machine:{m.name}") or "null") for m in machines}
+    results = probe_fleet(machines, daemon, previous, time.time())
+    for name, (report, findings, state) in results.items():
+        run.state.remember(daemon.name, f"machine:{name}", json.dumps(state))
+        run.log_line("machine", machine=name, reachable=report["reachable"], error=report.get("error", ""),
+                     elapsed_s=report.get("elapsed_s"), findings=findings, unavailable=report.get("unavailable"))
+    alerts = {name: [as_alert(f) for f in findings] for name, (_, findings, _) in results.items()}
+    lines = scout_report_lines(results)
+    failures = []
+    try:
+        add_diagnoses(run, alerts)
+        for name, (report, _, _) in results.items():
+            if run.dry_run:
+                run.log_line("dry_run", health=name)
+                continue
+            run.broker(register=False).call("POST", "/api/health", {
+                "machine": name, "source": daemon.name, "report": report, "findings": alerts[name]})
+        for name, (report, _, _) in results.items():
+            run.report_alerts(name, scout_checks(report), alerts[name])
+    except (UserError, ApiError) as exc:
+        failures.append(f"could not report to the broker: {exc}")
+    bad = sum(1 for found in alerts.values() if found)
+    head = f"{len(results)} machine(s), {bad} with findings"
+    return run.result("failed" if failures else "ok", "\n".join([head, *lines, *failures]))
+
+
+def daemon_body(daemon: SimpleNamespace) -> Callable[[DaemonRun], dict[str, Any]]:
+    """What a run of this daemon does, by its runner."""
+    return {"agent": DaemonRun.run_agent, "command": DaemonRun.run_command_runner,
+            "fleet-scout": run_fleet_scout}[daemon.runner]
+
+
+# ===========================================================================
+# Supervisor: schedules, event triggers, run records
+# ===========================================================================
+
+def schedule_spec(daemon: SimpleNamespace) -> str:
+    return f"every={daemon.every} cron={daemon.cron}"
+
+
+def next_due(daemon: SimpleNamespace, after: float, first: bool = False) -> float | None:
+    """When the daemon's schedule fires next after ``after`` (epoch seconds), or None.
+
+    `every` adds up to `jitter` of the interval at random, so a fleet of supervisors
+    started together drifts apart; a daemon seen for the first time starts within
+    that jitter instead of a whole interval later."""
+    candidates = []
+    if daemon.every:
+        interval = parse_duration(daemon.every)
+        spread = random.uniform(0, daemon.jitter * interval)
+        candidates.append(after + spread if first else after + interval + spread)
+    if daemon.cron:
+        local = dt.datetime.fromtimestamp(after)
+        candidates.append(Cron(daemon.cron).next_after(local).timestamp())
+    return min(candidates) if candidates else None
 
 
 class NatsUnusable(Exception):
@@ -4190,878 +5095,26 @@ class Supervisor:
                 await task
 
 
-def own_command(cfg: Config, *args: str, config: Path | None = None) -> list[str]:
-    """This program as a child process, on the same config file (or on ``config``)."""
-    path = config or cfg.source
-    return [*module_command(), *(["--config", str(path)] if path else []), *args]
-
-
-def cmd_supervise(cfg: Config, args: argparse.Namespace) -> int:
-    supervisor = Supervisor(cfg)
-    asyncio.run(supervisor.serve(ready=lambda: print(
-        f"claude-peers supervisor running {len(cfg.daemons)} daemons", file=sys.stderr, flush=True)))
-    return 0
-
-
 # ===========================================================================
-# Fleet-scout: probe every machine over SSH, turn what it sees into findings
+# Bench: this hub's figures, measured on this machine
 # ===========================================================================
-
-# [daemons.fleet-scout]: what counts as a fault, and how the machines are reached.
-SCOUT_LOCAL = ("localhost", "127.0.0.1", "::1", "")
-SCOUT_OUTPUT_CAP = 8 * 1024 * 1024  # bytes of probe output kept; the script bounds each section itself
-# Filesystems that are not storage a machine can fill: no disk or inode findings for them.
-SCOUT_PSEUDO_FS = frozenset((
-    "tmpfs", "devtmpfs", "ramfs", "overlay", "squashfs", "iso9660", "proc", "sysfs", "cgroup", "cgroup2", "devpts",
-    "mqueue", "debugfs", "tracefs", "securityfs", "pstore", "bpf", "autofs", "hugetlbfs", "configfs", "fusectl",
-    "binfmt_misc", "efivarfs", "nsfs", "rpc_pipefs", "nfsd", "selinuxfs", "fuse.lxcfs", "fuse.gvfsd-fuse",
-    "fuse.portal", "fuse.snapfuse", "none", "shm", "udev"))
-
-# The fixed probe. It only reads; the scout prepends numeric settings as plain assignments. Every
-# section starts with "@@scout-section NAME" and ends with "@@scout-rc STATUS" (or says why it could
-# not run with "@@scout-unavailable REASON"); the journal is cut to its newest scout_lines lines, the
-# other sections to 20000.
-SCOUT_SCRIPT = r"""
-LC_ALL=C
-export LC_ALL
-set -f
-scout_now=$(date +%s)
-case $scout_now in ''|*[!0-9]*) scout_now=0 ;; esac
-if [ "$scout_since" -le 0 ] || [ "$scout_since" -gt "$scout_now" ]; then
-    scout_since=$((scout_now - scout_window_s))
-fi
-if [ "$scout_since" -lt $((scout_now - scout_max_window_s)) ]; then
-    scout_since=$((scout_now - scout_max_window_s))
-fi
-scout_section() { printf '\n@@scout-section %s\n' "$1"; }
-scout_unavailable() { scout_section "$1"; printf '@@scout-unavailable %s\n' "$2"; }
-scout_bounded() {
-    if command -v timeout >/dev/null 2>&1; then timeout "$scout_step_s" "$@"; else "$@"; fi
-}
-scout_run() {
-    scout_section "$1"
-    scout_keep=$2
-    shift 2
-    { scout_bounded "$@" 2>&1; printf '\n@@scout-rc %s\n' "$?"; } | tail -n "$scout_keep"
-}
-scout_section host
-echo "now=$scout_now"
-echo "since=$scout_since"
-{ read -r v < /proc/sys/kernel/random/boot_id && echo "boot_id=$v"; } 2>/dev/null
-{ read -r v rest < /proc/uptime && echo "uptime_s=$v"; } 2>/dev/null
-{ read -r a b c rest < /proc/loadavg && echo "load=$a $b $c"; } 2>/dev/null
-echo "cores=$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc 2>/dev/null)"
-echo "kernel=$(uname -sr 2>/dev/null)"
-scout_run meminfo 20000 cat /proc/meminfo
-scout_run mounts 20000 cat /proc/mounts
-if [ ! -d /run/systemd/system ]; then
-    scout_unavailable systemd "systemd is not running (no /run/systemd/system)"
-    scout_unavailable journal "systemd-journald is not running (no /run/systemd/system)"
-else
-    if command -v systemctl >/dev/null 2>&1; then
-        scout_run failed 20000 systemctl list-units --state=failed --all --plain --no-legend --no-pager --full
-        scout_units=$(scout_bounded systemctl list-units --type=service --all --plain --no-legend --no-pager \
-            --full 2>/dev/null | while read -r unit rest; do
-                case $unit in *.service) echo "$unit" ;; esac
-            done | head -n 5000)
-        scout_run restarts 20000 systemctl show --property=Id,NRestarts,ActiveState,SubState --no-pager -- $scout_units
-    else
-        scout_unavailable systemd "systemctl not found"
-    fi
-    if command -v journalctl >/dev/null 2>&1; then
-        scout_run journal "$scout_lines" journalctl --priority=err --no-pager --output=json \
-            --output-fields=MESSAGE,PRIORITY,_SYSTEMD_UNIT,_SYSTEMD_USER_UNIT,UNIT,SYSLOG_IDENTIFIER,_COMM,_TRANSPORT \
-            --since="@$scout_since" --until="@$scout_now"
-        scout_section journal_count
-        scout_bounded journalctl --priority=err --quiet --no-pager --output=json --output-fields=PRIORITY \
-            --since="@$scout_since" --until="@$scout_now" 2>/dev/null | wc -l
-    else
-        scout_unavailable journal "journalctl not found"
-    fi
-fi
-if command -v docker >/dev/null 2>&1; then
-    scout_run docker 20000 docker ps --all --format '{{json .}}'
-else
-    scout_unavailable docker "docker not found"
-fi
-scout_run df 20000 df -P -T -k
-scout_run inodes 20000 df -P -T -i
-scout_section end
-exit 0
-"""
-
-
-def scout_limits(thresholds: Any) -> dict[str, Any]:
-    """SCOUT_DEFAULTS overlaid with the given thresholds (a dict or a config namespace)."""
-    given = thresholds if isinstance(thresholds, dict) else vars(thresholds) if thresholds is not None else {}
-    return {key: given.get(key, default) for key, default in SCOUT_DEFAULTS.items()}
-
-
-def _bounded_int(value: Any, low: int, high: int) -> int:
-    """A number for the probe script: an int in [low, high], whatever was given."""
-    try:
-        number = int(float(value))
-    except (TypeError, ValueError, OverflowError):
-        number = low
-    return max(low, min(high, number))
-
-
-def scout_argv(machine: SimpleNamespace, thresholds: Any) -> list[str]:
-    """The one command that runs the probe: `sh -s` here, or ssh to the machine (an argv, never a shell line)."""
-    target = str(machine.ssh)
-    if target in SCOUT_LOCAL:
-        return ["sh", "-s"]
-    if target.startswith("-") or any(c.isspace() or not c.isprintable() for c in target):
-        raise ValueError(f"not an ssh destination: {target!r}")
-    limits = scout_limits(thresholds)
-    checking = limits["host_key_checking"]
-    if checking not in ("yes", "accept-new"):
-        raise ValueError(f'host_key_checking must be "yes" or "accept-new", got {checking!r}')
-    argv = ["ssh", "-T", "-a", "-x", "-o", "BatchMode=yes",
-            "-o", f"ConnectTimeout={_bounded_int(limits['ssh_timeout_s'], 1, 3600)}",
-            "-o", f"StrictHostKeyChecking={checking}", "-o", "ClearAllForwardings=yes"]
-    if limits["known_hosts_file"]:
-        argv += ["-o", f"UserKnownHostsFile={Path(limits['known_hosts_file']).expanduser()}"]
-    identity = getattr(machine, "identity_file", "")
-    if identity:
-        argv += ["-i", str(Path(identity).expanduser()), "-o", "IdentitiesOnly=yes"]
-    return [*argv, "-p", str(_bounded_int(getattr(machine, "port", 22), 1, 65535)), "--", target, "sh", "-s"]
-
-
-def scout_script(thresholds: Any, since: float | None) -> str:
-    """The probe script with its settings: numbers only, so nothing reaches the host's shell but digits."""
-    limits = scout_limits(thresholds)
-    settings = {
-        "scout_since": _bounded_int(since or 0, 0, 2**40),
-        "scout_window_s": _bounded_int(limits["journal_first_window_s"], 1, 86400 * 31),
-        "scout_max_window_s": _bounded_int(limits["journal_max_window_s"], 1, 86400 * 31),
-        "scout_lines": _bounded_int(limits["journal_max_lines"], 10, 100000),
-        "scout_step_s": _bounded_int(limits["step_timeout_s"], 1, 3600),
-    }
-    return "".join(f"{name}={value}\n" for name, value in settings.items()) + SCOUT_SCRIPT
-
-
-def run_capped(argv: list[str], stdin: bytes, timeout: float, cap: int) -> tuple[int | None, bytes, bytes]:
-    """Run argv in its own process group with stdin fed in; (exit status or None if it was killed at the
-    timeout, stdout, stderr), each output cut at cap bytes. The whole group dies at the timeout."""
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    outputs = (bytearray(), bytearray())
-
-    def pump(stream: Any, keep: bytearray) -> None:
-        with stream:
-            while chunk := os.read(stream.fileno(), 65536):
-                keep += chunk[:max(0, cap - len(keep))]
-
-    pumps = [threading.Thread(target=pump, args=(stream, keep), daemon=True)
-             for stream, keep in zip((proc.stdout, proc.stderr), outputs, strict=True)]
-    for thread in pumps:
-        thread.start()
-    with contextlib.suppress(OSError):
-        assert proc.stdin is not None
-        proc.stdin.write(stdin)
-        proc.stdin.close()
-    try:
-        status: int | None = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # ssh and everything it started
-        proc.wait()
-        status = None
-    for thread in pumps:
-        thread.join(2)  # a straggler outside the group may hold a pipe: take what came
-    return status, bytes(outputs[0]), bytes(outputs[1])
-
-
-def _ssh_failure(status: int | None, stderr: str) -> str:
-    """Why ssh did not run the probe, as 'auth refused: ...', 'host key refused: ...' or 'unreachable: ...'."""
-    lines = [line.strip() for line in stderr.splitlines()
-             if line.strip() and not line.startswith("Warning: Permanently added")]
-    kinds = (("auth refused", ("permission denied", "too many authentication failures")),
-             ("host key refused", ("host key verification failed", "host identification has changed",
-                                   "no matching host key", "has changed and you have requested strict checking")))
-    for kind, needles in kinds:
-        hits = [line for line in lines if any(needle in line.lower() for needle in needles)]
-        if hits:
-            return f"{kind}: {hits[0][:300]}"
-    return f"unreachable: {(lines[-1] if lines else f'exit status {status}')[:300]}"
-
-
-def probe_machine_report(machine: SimpleNamespace, thresholds: Any, since: float | None) -> dict[str, Any]:
-    """One machine probed by one process (ssh, or sh here), killed at probe_timeout_s; the parsed report.
-
-    ``since`` is where the journal window starts, on the host's clock (the previous report's
-    journal "until"); None reads the last journal_first_window_s."""
-    limits = scout_limits(thresholds)
-    timeout = float(limits["probe_timeout_s"])
-    started = time.time()
-    try:
-        argv = scout_argv(machine, limits)
-        status, out, err = run_capped(argv, scout_script(limits, since).encode(), timeout, SCOUT_OUTPUT_CAP)
-    except (OSError, ValueError) as exc:
-        status, out, err = 255, b"", f"cannot run the probe: {exc}".encode()
-    elapsed = time.time() - started
-    report = parse_probe(out.decode(errors="replace"))
-    stderr = err.decode(errors="replace")
-    if status is None:
-        error = f"timeout after {timeout:g}s"
-    elif report["complete"]:
-        error = ""
-    elif not report["reachable"]:
-        error = _ssh_failure(status, stderr)
-    else:
-        error = f"probe output incomplete (exit status {status}): {stderr.strip()[-300:]}".rstrip(": ")
-    report.update(machine=machine.name, error=error, elapsed_s=round(elapsed, 3), started_at=started)
-    return report
-
-
-# ---- parsing what the probe printed ----------------------------------------
-
-def _split_sections(text: str) -> dict[str, dict[str, Any]]:
-    sections: dict[str, dict[str, Any]] = {}
-    current: dict[str, Any] | None = None
-    for line in text.splitlines():
-        if line.startswith("@@scout-section "):
-            current = sections[line[16:].strip()] = {"lines": [], "rc": None, "unavailable": None}
-        elif current is None:
-            continue
-        elif line.startswith("@@scout-rc "):
-            current["rc"] = int(line[11:].strip()) if line[11:].strip().isdigit() else -1
-        elif line.startswith("@@scout-unavailable "):
-            current["unavailable"] = line[20:].strip()
-        else:
-            current["lines"].append(line)
-    return sections
-
-
-def _number(text: Any) -> float | None:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _section_state(sections: dict[str, dict[str, Any]], name: str, what: str) -> str:
-    """'' when the section ran fine, else why it is unavailable."""
-    section = sections.get(name)
-    if section is None:
-        return "not in the probe output"
-    if section["unavailable"]:
-        return section["unavailable"]
-    if section["rc"] == 124:
-        return f"{what} timed out"
-    if section["rc"] is None:
-        return f"{what} was cut short"
-    if section["rc"] != 0:
-        detail = " ".join(line.strip() for line in section["lines"] if line.strip())[-300:]
-        return f"{what} failed (exit status {section['rc']}): {detail}" if detail else \
-            f"{what} failed (exit status {section['rc']})"
-    return ""
-
-
-def _parse_host(lines: list[str]) -> dict[str, Any]:
-    values = dict(line.split("=", 1) for line in lines if "=" in line)
-    load = [_number(v) for v in values.get("load", "").split()]
-    cores = _number(values.get("cores"))
-    since, now = _number(values.get("since")), _number(values.get("now"))
-    return {"collected_at": int(now) if now else None, "since": int(since) if since is not None else None,
-            "boot_id": values.get("boot_id", "").strip() or None, "uptime_s": _number(values.get("uptime_s")),
-            "cores": int(cores) if cores and cores >= 1 else None,
-            "load": load if len(load) == 3 and None not in load else None,
-            "kernel": values.get("kernel", "").strip()}
-
-
-def _parse_meminfo(lines: list[str]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    kib: dict[str, float] = {}
-    for line in lines:
-        key, _, rest = line.partition(":")
-        value = _number(rest.split()[0]) if rest.split() else None
-        if value is not None:
-            kib[key.strip()] = value
-    total = kib.get("MemTotal")
-    if not total:
-        return None, None
-    available = kib.get("MemAvailable")
-    if available is None:  # kernels before 3.14: the usual estimate
-        available = kib.get("MemFree", 0) + kib.get("Buffers", 0) + kib.get("Cached", 0)
-    memory = {"total_bytes": int(total * 1024), "available_bytes": int(available * 1024),
-              "available_pct": round(available * 100 / total, 1)}
-    swap_total, swap_free = kib.get("SwapTotal", 0), kib.get("SwapFree", 0)
-    swap = {"total_bytes": int(swap_total * 1024), "free_bytes": int(swap_free * 1024),
-            "used_pct": round((swap_total - swap_free) * 100 / swap_total, 1) if swap_total else None}
-    return memory, swap
-
-
-DF_ROW_RE = re.compile(r"^(\S+)\s+(\S+)\s+(\d+|-)\s+(\d+|-)\s+(\d+|-)\s+(\d+%|-)\s+(/.*)$")
-
-
-def _parse_df(lines: list[str]) -> dict[str, dict[str, Any]]:
-    """`df -P -T` rows by mount point: device, type, total, used, free (blocks or inodes)."""
-    rows = {}
-    for line in lines:
-        found = DF_ROW_RE.match(line.strip())
-        if found:
-            device, fstype, total, used, free, _, mount = found.groups()
-            rows[mount] = {"device": device, "fstype": fstype,
-                           "total": int(total) if total.isdigit() else None,
-                           "used": int(used) if used.isdigit() else None,
-                           "free": int(free) if free.isdigit() else None}
-    return rows
-
-
-def _used_pct(row: dict[str, Any] | None) -> float | None:
-    """Used of (used + free) as df counts it: blocks reserved for root are not free to users."""
-    if not row or row["used"] is None or row["free"] is None or row["used"] + row["free"] <= 0:
-        return None
-    return round(row["used"] * 100 / (row["used"] + row["free"]), 1)
-
-
-def _parse_filesystems(blocks: list[str], inodes: list[str], mounts: list[str]) -> list[dict[str, Any]]:
-    options = {}
-    for line in mounts:
-        parts = line.split()
-        if len(parts) >= 4:
-            mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])
-            options[mount] = (parts[2], parts[3].split(","))
-    by_inodes = _parse_df(inodes)
-    filesystems = []
-    for mount, row in _parse_df(blocks).items():
-        fstype, opts = options.get(mount, (row["fstype"], []))
-        inode_row = by_inodes.get(mount)
-        filesystems.append({
-            "mount": mount, "device": row["device"], "fstype": row["fstype"] or fstype,
-            "read_only": "ro" in opts, "size_bytes": row["total"] * 1024 if row["total"] is not None else None,
-            "used_bytes": row["used"] * 1024 if row["used"] is not None else None,
-            "avail_bytes": row["free"] * 1024 if row["free"] is not None else None,
-            "used_pct": _used_pct(row), "inodes": inode_row["total"] if inode_row else None,
-            "inodes_used_pct": _used_pct(inode_row)})
-    return filesystems
-
-
-def _parse_failed(lines: list[str]) -> list[dict[str, str]]:
-    failed = []
-    for line in lines:
-        parts = line.split(None, 4)
-        if parts and parts[0] in ("●", "*", "×"):
-            parts = line.split(None, 5)[1:]
-        if len(parts) >= 4 and "." in parts[0]:
-            failed.append({"unit": parts[0], "load": parts[1], "active": parts[2], "sub": parts[3],
-                           "description": parts[4] if len(parts) > 4 else "", "line": line.strip()})
-    return failed
-
-
-def _parse_restarts(lines: list[str]) -> tuple[dict[str, int], list[str]]:
-    """`systemctl show` blocks (Key=Value lines, a blank line between units): NRestarts per unit, and the
-    units waiting in activating (auto-restart)."""
-    restarts: dict[str, int] = {}
-    waiting: list[str] = []
-    block: dict[str, str] = {}
-    for line in [*lines, ""]:
-        if "=" in line:
-            key, _, value = line.partition("=")
-            block[key.strip()] = value.strip()
-            continue
-        unit = block.get("Id", "")
-        if unit:
-            if block.get("NRestarts", "").isdigit():
-                restarts[unit] = int(block["NRestarts"])
-            if block.get("ActiveState") == "activating" and block.get("SubState") == "auto-restart":
-                waiting.append(unit)
-        block = {}
-    return restarts, waiting
-
-
-def _journal_text(value: Any) -> str:
-    """A journal JSON field as text: a string, a byte array, null (too large), or a list of those."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and all(isinstance(b, int) and 0 <= b < 256 for b in value):
-        return bytes(value).decode(errors="replace")
-    if isinstance(value, list) and value:
-        return _journal_text(value[0])
-    return "" if value is None else str(value)
-
-
-def _journal_unit(entry: dict[str, Any]) -> str:
-    """Who logged it: the unit systemd reported on, the (user) unit, else the syslog identifier."""
-    unit = _journal_text(entry.get("UNIT")) or _journal_text(entry.get("_SYSTEMD_USER_UNIT")) or \
-        _journal_text(entry.get("_SYSTEMD_UNIT"))
-    ident = _journal_text(entry.get("SYSLOG_IDENTIFIER")) or _journal_text(entry.get("_COMM"))
-    if unit and not (unit.endswith(".scope") and ident):  # session scopes are numbered: name the program
-        return unit
-    return ident or ("kernel" if _journal_text(entry.get("_TRANSPORT")) == "kernel" else "unknown")
-
-
-def journal_patterns(lines: list[str]) -> tuple[list[dict[str, Any]], int]:
-    """`journalctl -o json` lines grouped by unit and normalised message: (patterns, most first; entries)."""
-    groups: dict[tuple[str, str], dict[str, Any]] = {}
-    entries = 0
-    for line in lines:
-        try:
-            entry = json.loads(line)
-            stamp = int(_journal_text(entry.get("__REALTIME_TIMESTAMP"))) / 1e6
-        except (ValueError, TypeError, AttributeError):
-            continue
-        if not isinstance(entry, dict):
-            continue
-        entries += 1
-        message = _journal_text(entry.get("MESSAGE")) or "(message too large or empty)"
-        unit = _journal_unit(entry)
-        group = groups.setdefault((unit, normalise_log_line(message)), {
-            "unit": unit, "pattern": normalise_log_line(message), "count": 0, "first": stamp, "last": stamp,
-            "sample": ""})
-        group["count"] += 1
-        group["first"], group["last"] = min(group["first"], stamp), max(group["last"], stamp)
-        if stamp >= group["last"]:
-            group["sample"] = message.strip()[:500]
-    return sorted(groups.values(), key=lambda g: -g["count"]), entries
-
-
-def _parse_docker(lines: list[str]) -> list[dict[str, str]]:
-    containers = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("Names"):
-            status = str(row.get("Status", ""))
-            state = str(row.get("State") or ("restarting" if status.startswith("Restarting") else
-                                             "running" if status.startswith("Up") else ""))
-            containers.append({"name": str(row["Names"]), "image": str(row.get("Image", "")),
-                               "state": state, "status": status, "id": str(row.get("ID", ""))})
-    return containers
-
-
-def parse_probe(text: str) -> dict[str, Any]:
-    """The report fields from the probe's output. A section that is missing, failed or timed out makes
-    its check unavailable (listed in "unavailable" with the reason); garbage is skipped, never raised."""
-    sections = _split_sections(text)
-    lines = {name: section["lines"] for name, section in sections.items()}
-    report: dict[str, Any] = {"reachable": "host" in sections, "complete": "end" in sections,
-                              **_parse_host(lines.get("host", []))}
-    unavailable = []
-
-    def reason(name: str, what: str, label: str) -> str:
-        """'' when the section ran, else why not (and the check is listed as unavailable)."""
-        why = _section_state(sections, name, what)
-        if why and report["reachable"]:
-            unavailable.append(f"{label}: {why}")
-        return why
-
-    report["memory"], report["swap"] = _parse_meminfo(lines.get("meminfo", []))
-    missing = {"memory": "memory: no MemTotal in /proc/meminfo", "cores": "load: no CPU count (getconf, nproc)",
-               "load": "load: no /proc/loadavg", "boot_id": "reboot: no boot id in /proc",
-               "collected_at": "clock_skew: the host's date +%s failed"}
-    unavailable += [why for field, why in missing.items() if report["reachable"] and not report.get(field)]
-    reason("df", "df", "disk")
-    report["filesystems"] = _parse_filesystems(lines.get("df", []), lines.get("inodes", []),
-                                               lines.get("mounts", []))
-    why = reason("systemd", "", "systemd") if "systemd" in sections else reason("failed", "systemctl", "systemd")
-    restarts, waiting = _parse_restarts(lines.get("restarts", []))
-    report["systemd"] = {"available": not why, "reason": why,
-                         "failed": [] if why else _parse_failed(lines.get("failed", [])),
-                         "restarts": restarts, "auto_restart": waiting}
-    why = reason("journal", "journalctl", "journal")
-    patterns, sampled = journal_patterns(lines.get("journal", []))
-    if not why and any("not seeing messages from other users" in line for line in lines.get("journal", [])):
-        unavailable.append("journal: partly: the ssh user sees only its own entries (add it to systemd-journal"
-                           " or adm)")
-    counted = _number("".join(lines.get("journal_count", [])).strip())
-    report["journal"] = {"available": not why, "reason": why, "since": report.pop("since"),
-                         "until": report["collected_at"], "count": max(int(counted or 0), sampled),
-                         "sampled": sampled, "patterns": [] if why else patterns[:50]}
-    why = reason("docker", "docker ps", "docker")
-    report["docker"] = {"available": not why, "reason": why,
-                        "containers": [] if why else _parse_docker(lines.get("docker", []))}
-    report["unavailable"] = unavailable
-    return report
-
-
-LOG_NOISE = [(re.compile(pattern, re.IGNORECASE), replacement) for pattern, replacement in (
-    (r"\b\d{4}-\d{2}-\d{2}[T ]\d{1,2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2}\b)?", "<time>"),
-    (r"\b(jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)\s+\d{1,2}\s+\d{1,2}:\d{2}:\d{2}\b", "<time>"),
-    (r"\b\d{1,2}:\d{2}:\d{2}(\.\d+)?\b", "<time>"),
-    (r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", "<uuid>"),
-    (r"\b(\d{1,3}\.){3}\d{1,3}(:\d+)?\b", "<ip>"),
-    (r"\b([0-9a-f]{2}:){5}[0-9a-f]{2}\b", "<mac>"),
-    (r"\b0x[0-9a-f]+\b", "<hex>"),
-    (r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{8,}\b", "<hex>"),
-    (r"\d+(\.\d+)?", "<n>"),
-    (r"\s+", " "))]
-
-
-def normalise_log_line(text: str) -> str:
-    """The shape of a log line: times, ids, hex, addresses and numbers replaced by placeholders, so the
-    same error with a new pid, timestamp or counter groups with the others."""
-    for pattern, replacement in LOG_NOISE:
-        text = pattern.sub(replacement, text)
-    return text.strip()[:300]
-
-
-# ---- findings ---------------------------------------------------------------
-
-def _severity(value: float | None, warning: float, critical: float, below: bool = False) -> str | None:
-    if value is None:
-        return None
-    if below:
-        value, warning, critical = -value, -warning, -critical
-    return "critical" if value >= critical else "warning" if value >= warning else None
-
-
-def _human_bytes(count: float | None) -> str:
-    if count is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"
-
-
-class _Findings(list):
-    """Findings of one machine, built with ``add``."""
-
-    def __init__(self, machine: str) -> None:
-        super().__init__()
-        self.machine = machine
-
-    def add(self, check: str, key: str, severity: str, value: Any, threshold: Any, title: str,
-            evidence: list[str]) -> None:
-        self.append({"machine": self.machine, "check": check, "key": key, "severity": severity, "value": value,
-                     "threshold": threshold, "title": title, "evidence": evidence})
-
-    def measure(self, check: str, key: str, value: float | None, limits: dict[str, Any], warning_key: str,
-                title: str, evidence: str, below: bool = False) -> None:
-        """A finding when value reaches limits[warning_key] or its critical twin (at or below, for below)."""
-        critical_key = warning_key.replace("_warning", "_critical")
-        severity = _severity(value, limits[warning_key], limits[critical_key], below)
-        if severity:
-            threshold = limits[critical_key] if severity == "critical" else limits[warning_key]
-            self.add(check, key, severity, value, threshold, title, [evidence])
-
-
-def _check_connection(report: dict[str, Any], found: _Findings) -> None:
-    error = report.get("error") or ""
-    if not error:
-        return
-    if not report.get("reachable"):
-        check = "auth" if error.startswith(("auth refused", "host key refused")) else "unreachable"
-        key = "host_key" if error.startswith("host key") else "ssh"
-        found.add(check, key, "critical", error, None, error.split(":", 1)[0] if check == "auth" else
-                  f"unreachable ({error})" if error.startswith("timeout") else error.split(":", 1)[0],
-                  [error])
-    else:
-        title = f"probe timed out after {error.split()[-1]}" if error.startswith("timeout") else "probe incomplete"
-        found.add("probe", "probe", "warning", error, None, title, [error])
-
-
-def _check_resources(report: dict[str, Any], limits: dict[str, Any], found: _Findings) -> None:
-    for fs in report.get("filesystems") or []:
-        if fs.get("fstype") in SCOUT_PSEUDO_FS or fs.get("read_only"):
-            continue
-        where = f"{fs['device']} ({fs['fstype']}) on {fs['mount']}"
-        used, free, size = (_human_bytes(fs.get(k)) for k in ("used_bytes", "avail_bytes", "size_bytes"))
-        found.measure("disk", fs["mount"], fs.get("used_pct"), limits, "disk_warning_pct",
-                      f"disk {fs['mount']} {fs.get('used_pct') or 0:.0f}% used",
-                      f"{where}: {used} used, {free} free of {size}")
-        found.measure("inodes", fs["mount"], fs.get("inodes_used_pct"), limits, "inode_warning_pct",
-                      f"inodes {fs['mount']} {fs.get('inodes_used_pct') or 0:.0f}% used",
-                      f"{where}: {fs.get('inodes_used_pct')}% of {fs.get('inodes')} inodes used")
-    memory, swap = report.get("memory"), report.get("swap")
-    if memory:
-        available, total = _human_bytes(memory["available_bytes"]), _human_bytes(memory["total_bytes"])
-        found.measure("memory", "available", memory["available_pct"], limits, "mem_available_warning_pct",
-                      f"memory {memory['available_pct']:.1f}% available",
-                      f"MemAvailable {available} of MemTotal {total}", below=True)
-    if swap and swap.get("used_pct") is not None:
-        free, total = _human_bytes(swap["free_bytes"]), _human_bytes(swap["total_bytes"])
-        found.measure("swap", "swap", swap["used_pct"], limits, "swap_used_warning_pct",
-                      f"swap {swap['used_pct']:.0f}% used", f"SwapFree {free} of SwapTotal {total}")
-    load, cores = report.get("load"), report.get("cores")
-    if load and cores:
-        per_core = round(load[2] / cores, 2)
-        found.measure("load", "load", per_core, limits, "load_per_core_warning",
-                      f"load {per_core:.2f} per core over 15 min",
-                      f"load averages {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min) on {cores} cores")
-
-
-def _check_systemd(report: dict[str, Any], previous: dict[str, Any], limits: dict[str, Any],
-                   found: _Findings, same_boot: bool) -> None:
-    systemd = report.get("systemd") or {}
-    if not systemd.get("available"):
-        return
-    for unit in systemd.get("failed") or []:
-        found.add("failed_unit", unit["unit"], "warning", unit["sub"], None, f"{unit['unit']} failed",
-                  [unit["line"]])
-    before = (previous.get("restarts") or {}) if same_boot else {}
-    waiting = set(systemd.get("auto_restart") or [])
-    for unit, count in sorted((systemd.get("restarts") or {}).items()):
-        rose = count - before[unit] if unit in before and count >= before[unit] else 0
-        severity = _severity(rose, limits["restart_warning_count"], limits["restart_critical_count"]) or \
-            ("warning" if unit in waiting else None)
-        if not severity:
-            continue
-        threshold = limits["restart_critical_count"] if severity == "critical" else limits["restart_warning_count"]
-        title = f"{unit} restarted {rose} times since the last check" if rose else \
-            f"{unit} is waiting to restart (activating auto-restart)"
-        evidence = [f"NRestarts {before[unit]} -> {count}" if unit in before else f"NRestarts {count}"]
-        if unit in waiting:
-            evidence.append("ActiveState=activating SubState=auto-restart")
-        found.add("restart_loop", unit, severity, rose, threshold, title, evidence)
-    for unit in sorted(waiting - set(systemd.get("restarts") or {})):
-        found.add("restart_loop", unit, "warning", 0, limits["restart_warning_count"],
-                  f"{unit} is waiting to restart (activating auto-restart)",
-                  ["ActiveState=activating SubState=auto-restart"])
-
-
-def journal_floods(journal: dict[str, Any], limits: dict[str, Any]) -> list[dict[str, Any]]:
-    """The patterns that flood: at least journal_flood_per_min on average over the window (at least a
-    minute), journal_flood_min_count lines, spread over journal_flood_min_span_pct of it. When more lines
-    came than were read, a pattern's share of the newest lines stands for its share of them all."""
-    if not journal.get("available") or journal.get("since") is None or journal.get("until") is None:
-        return []
-    window_s = max(float(journal["until"] - journal["since"]), 60.0)
-    sampled, total = journal.get("sampled") or 0, journal.get("count") or 0
-    patterns = journal.get("patterns") or []
-    scale = total / sampled if sampled and total > sampled else 1.0
-    observed_s = window_s
-    if scale > 1 and patterns:  # only the newest lines were read: spread is judged over what they cover
-        observed_s = max(max(p["last"] for p in patterns) - min(p["first"] for p in patterns), 60.0)
-    floods = []
-    for pattern in patterns:
-        count = round(pattern["count"] * scale)
-        rate = count * 60 / window_s
-        spread = (pattern["last"] - pattern["first"]) * 100 / observed_s
-        if rate >= limits["journal_flood_per_min"] and count >= limits["journal_flood_min_count"] and \
-                spread >= limits["journal_flood_min_span_pct"]:
-            floods.append({**pattern, "count": count, "rate_per_min": round(rate, 1), "window_s": window_s})
-    return floods
-
-
-def _check_journal(report: dict[str, Any], limits: dict[str, Any], found: _Findings) -> None:
-    for flood in journal_floods(report.get("journal") or {}, limits):
-        severity = "critical" if flood["rate_per_min"] >= limits["journal_flood_critical_per_min"] else "warning"
-        threshold = limits["journal_flood_critical_per_min"] if severity == "critical" else \
-            limits["journal_flood_per_min"]
-        minutes = flood["window_s"] / 60
-        found.add("journal_flood", f"{flood['unit']} {sha256_hex(flood['pattern'])[:8]}", severity,
-                  flood["rate_per_min"], threshold,
-                  f"{flood['unit']} logs the same error {flood['rate_per_min']:g}/min "
-                  f"({flood['count']} in {minutes:.0f} min)",
-                  [f"sample: {flood['sample']}", f"pattern: {flood['pattern']}",
-                   f"{flood['count']} lines from {iso(flood['first'])} to {iso(flood['last'])}"])
-
-
-def _check_clock(report: dict[str, Any], limits: dict[str, Any], found: _Findings, scout_now: float) -> None:
-    """The host read its clock (whole seconds) while the probe ran: only the distance outside that span,
-    on the scout's clock, is skew."""
-    host = report.get("collected_at")
-    if host is None:
-        return
-    elapsed = float(report.get("elapsed_s") or 0)
-    start = float(report.get("started_at") or scout_now - elapsed)
-    end = start + elapsed
-    skew = host - end if host > end else host + 1 - start if host + 1 < start else 0.0
-    found.measure("clock_skew", "clock", abs(round(skew, 1)), limits, "clock_skew_warning_s",
-                  f"clock {skew:+.0f}s off the scout's",
-                  f"host clock {iso(host)}, scout clock {iso(start)} to {iso(end)} during the probe")
-
-
-def _check_docker(report: dict[str, Any], found: _Findings) -> None:
-    docker = report.get("docker") or {}
-    for container in docker.get("containers") or [] if docker.get("available") else []:
-        if container["state"] in ("restarting", "dead"):
-            found.add("docker", container["name"], "critical", container["state"], None,
-                      f"container {container['name']} {container['state']}",
-                      [f"{container['name']} ({container['image']}): {container['status']}"])
-        elif "(unhealthy)" in container["status"]:
-            found.add("docker", container["name"], "warning", "unhealthy", None,
-                      f"container {container['name']} unhealthy",
-                      [f"{container['name']} ({container['image']}): {container['status']}"])
-
-
-def find_faults(report: dict[str, Any], previous: dict[str, Any] | None, thresholds: Any,
-                scout_now: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The findings in one machine's report, and the state its next run compares with.
-
-    ``previous`` is the state this returned last time (None: the machine is new, so nothing can have
-    changed). The state keeps the last known boot id, NRestarts per unit and where the journal window
-    ended (host clock), carried over while the machine is unreachable."""
-    limits = scout_limits(thresholds)
-    previous = previous or {}
-    found = _Findings(str(report.get("machine", "")))
-    state = {"boot_id": previous.get("boot_id"), "restarts": previous.get("restarts") or {},
-             "journal_until": previous.get("journal_until"), "checked_at": scout_now,
-             "reachable": bool(report.get("reachable")), "unavailable": list(report.get("unavailable") or [])}
-    _check_connection(report, found)
-    if not report.get("reachable"):
-        return list(found), state
-    boot_id = report.get("boot_id")
-    same_boot = bool(boot_id) and boot_id == previous.get("boot_id")
-    if boot_id and previous.get("boot_id") and not same_boot:
-        uptime = report.get("uptime_s")
-        found.add("reboot", "boot", "warning", uptime, None,
-                  f"rebooted {uptime / 60:.0f} min ago" if uptime is not None else "rebooted",
-                  [f"boot id {previous['boot_id']} -> {boot_id}", f"up {uptime:.0f}s" if uptime else "uptime unknown"])
-    _check_resources(report, limits, found)
-    _check_systemd(report, previous, limits, found, same_boot)
-    _check_journal(report, limits, found)
-    _check_clock(report, limits, found, scout_now)
-    _check_docker(report, found)
-    systemd, journal = report.get("systemd") or {}, report.get("journal") or {}
-    state.update(boot_id=boot_id or previous.get("boot_id"))
-    if systemd.get("available"):
-        state["restarts"] = dict(systemd.get("restarts") or {})
-    if journal.get("available") and journal.get("until"):
-        state["journal_until"] = journal["until"]
-    return list(found), state
-
-
-def probe_fleet(machines: list[SimpleNamespace], thresholds: Any, previous_by_machine: dict[str, Any] | None,
-                scout_now: float) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]:
-    """Every machine probed, at most `parallel` at once, each bounded by its own probe_timeout_s:
-    {name: (report, findings, state)}."""
-    limits = scout_limits(thresholds)
-    previous_by_machine = previous_by_machine or {}
-
-    def one(machine: SimpleNamespace) -> tuple[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]:
-        previous = previous_by_machine.get(machine.name)
-        report = probe_machine_report(machine, limits, (previous or {}).get("journal_until"))
-        findings, state = find_faults(report, previous, limits, scout_now)
-        return machine.name, (report, findings, state)
-
-    if not machines:
-        return {}
-    workers = _bounded_int(limits["parallel"], 1, 256)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, len(machines))) as pool:
-        return dict(pool.map(one, machines))
-
-
-# -- the fleet-scout daemon: probe, publish, alert once per change, diagnose -------------
-
-SCOUT_CHECKS = ("unreachable", "auth", "probe", "disk", "inodes", "memory", "swap", "load", "failed_unit",
-                "restart_loop", "journal_flood", "reboot", "clock_skew", "docker")
-NEEDS_SECTION = {"systemd": ("failed_unit", "restart_loop"), "journal": ("journal_flood",), "docker": ("docker",)}
-SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
-
-
-def scout_checks(report: dict[str, Any]) -> list[str]:
-    """The checks a report let the scout look at; a machine's other alerts stay as they were
-    (an unreachable host's full disk is not resolved by the host going dark)."""
-    if not report.get("reachable"):
-        return ["unreachable", "auth"]
-    if not report.get("complete", True):
-        return ["unreachable", "auth", "probe"]
-    skipped = {check for section, checks in NEEDS_SECTION.items()
-               if not (report.get(section) or {}).get("available") for check in checks}
-    return [check for check in SCOUT_CHECKS if check not in skipped]
-
-
-def as_alert(finding: dict[str, Any]) -> dict[str, Any]:
-    """A scout finding as the broker's alert lifecycle takes it."""
-    measured = "" if finding["value"] is None else f"value {finding['value']}"
-    if finding["threshold"] is not None:
-        measured += f" (threshold {finding['threshold']})"
-    detail = "\n".join([measured.strip(), *finding["evidence"]]).strip()
-    return {"check": finding["check"], "key": str(finding["key"])[:300], "severity": finding["severity"],
-            "title": finding["title"][:300], "detail": detail[:4000]}
-
-
-def scout_report_lines(results: dict[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]) -> list[str]:
-    """One line per machine, worst finding first: what `trigger fleet-scout --here` prints."""
-    lines = []
-    for name, (report, findings, _) in sorted(results.items()):
-        worst = sorted(findings, key=lambda f: SEVERITY_RANK[f["severity"]])
-        status = worst[0]["severity"] if worst else "ok"
-        text = "; ".join(f"{f['title']}" for f in worst[:4]) + (f" (+{len(worst) - 4} more)" if len(worst) > 4 else "")
-        unavailable = f" [not checked: {', '.join(u.split(':')[0] for u in report.get('unavailable') or [])}]" \
-            if report.get("reachable") and report.get("unavailable") else ""
-        lines.append(f"{name:<16} {status:<8} {text or 'no findings'}{unavailable}")
-    return lines
-
-
-def diagnose(run: DaemonRun, machine: str, findings: list[dict[str, Any]]) -> str:
-    """One short diagnosis of a machine's new findings, from the evidence only (one LLM action)."""
-    models = list(getattr(run.cfg.llm, run.daemon.tier))
-    evidence = json.dumps([{k: f[k] for k in ("check", "key", "severity", "title", "detail")} for f in findings])
-    messages = [{"role": "system", "content": (
-                    "You are fleet-scout, watching the machines of a homelab. From the findings and evidence of"
-                    " one machine, say the likely cause and the next step an operator should take, in at most"
-                    " three sentences. Use only the evidence given; say when it is not enough. You change"
-                    " nothing on any host.")},
-                {"role": "user", "content": f"Machine {machine}: {evidence[:12000]}"}]
-    run.actions += 1
-    message, tokens, run.model = chat_completion(run.cfg, models, messages, [], run.log_line)
-    run.tokens += tokens
-    run.log_line("diagnosis", machine=machine, tokens=tokens, text=message.get("content") or "")
-    return (message.get("content") or "").strip()[:2000]
-
-
-def add_diagnoses(run: DaemonRun, alerts_by_machine: dict[str, list[dict[str, Any]]]) -> None:
-    """With an LLM configured, a diagnosis for each machine whose findings are new or changed,
-    within the daemon's max_actions and token_budget; without one the findings stand alone."""
-    if not run.cfg.llm.base_url or not getattr(run.cfg.llm, run.daemon.tier):
-        return
-    known = {(a["machine"], a["check"], a["key"]): a["severity"] for a in run.broker(register=False).call(
-        "GET", f"/api/alerts?source={urllib.parse.quote(run.daemon.name)}&limit=1000")["alerts"]}
-    for machine, alerts in alerts_by_machine.items():
-        fresh = [a for a in alerts if known.get((machine, a["check"], a["key"])) != a["severity"]]
-        if not fresh or run.actions >= run.daemon.max_actions or run.tokens >= run.daemon.token_budget:
-            continue
-        try:
-            text = diagnose(run, machine, fresh)
-        except LlmError as exc:
-            run.log_line("diagnosis_failed", machine=machine, error=str(exc))
-            continue
-        for alert in fresh:
-            alert["diagnosis"] = text
-
-
-def daemon_body(daemon: SimpleNamespace) -> Callable[[DaemonRun], dict[str, Any]]:
-    """What a run of this daemon does, by its runner."""
-    return {"agent": DaemonRun.run_agent, "command": DaemonRun.run_command_runner,
-            "fleet-scout": run_fleet_scout}[daemon.runner]
-
-
-def run_fleet_scout(run: DaemonRun) -> dict[str, Any]:
-    """Probe every machine, publish each one's health, and put the findings through the
-    alert lifecycle: deterministic first, the LLM only adds a diagnosis."""
-    daemon, machines = run.daemon, run.cfg.machines
-    previous = {m.name: json.loads(run.state.recall(daemon.name, f"machine:{m.name}") or "null") for m in machines}
-    results = probe_fleet(machines, daemon, previous, time.time())
-    for name, (report, findings, state) in results.items():
-        run.state.remember(daemon.name, f"machine:{name}", json.dumps(state))
-        run.log_line("machine", machine=name, reachable=report["reachable"], error=report.get("error", ""),
-                     elapsed_s=report.get("elapsed_s"), findings=findings, unavailable=report.get("unavailable"))
-    alerts = {name: [as_alert(f) for f in findings] for name, (_, findings, _) in results.items()}
-    lines = scout_report_lines(results)
-    failures = []
-    try:
-        add_diagnoses(run, alerts)
-        for name, (report, _, _) in results.items():
-            if run.dry_run:
-                run.log_line("dry_run", health=name)
-                continue
-            run.broker(register=False).call("POST", "/api/health", {
-                "machine": name, "source": daemon.name, "report": report, "findings": alerts[name]})
-        for name, (report, _, _) in results.items():
-            run.report_alerts(name, scout_checks(report), alerts[name])
-    except (UserError, ApiError) as exc:
-        failures.append(f"could not report to the broker: {exc}")
-    bad = sum(1 for found in alerts.values() if found)
-    head = f"{len(results)} machine(s), {bad} with findings"
-    return run.result("failed" if failures else "ok", "\n".join([head, *lines, *failures]))
-
-# ===========================================================================
-# Bench: the figures of SPEC.md section 9, measured on this machine
-# ===========================================================================
-
 
 def percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 class BenchBroker:
@@ -5113,21 +5166,15 @@ class BenchBroker:
         self.tmp.cleanup()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def bench_relay(events: int) -> tuple[float | None, int]:
     """Events/s the relay moves from a full outbox into JetStream (embedded nats-server),
     timed from its connection (None: all were moved before a second look)."""
     def fill(home: Path) -> None:
         cfg = Config({}, None)
-        store = Store(home / "broker.db", cfg, Presence(cfg.broker.stale_after_s, cfg.machine))
+        store = Store(home / "broker.db", cfg)
         with store.tx() as c:
             for i in range(events):
-                store._event(c, "message.sent", "fleet.message.sent", message_id=f"{i:012x}", bytes=64)
+                store.event(c, "message.sent", "fleet.message.sent", message_id=f"{i:012x}", bytes=64)
         store.close()
 
     broker = BenchBroker(f'embedded = true\nlisten = "127.0.0.1:{free_port()}"\n', prepare=fill)
@@ -5146,13 +5193,6 @@ def bench_relay(events: int) -> tuple[float | None, int]:
         return 0.0, 0
     finally:
         broker.close()
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _bench_senders(url: str, token: str, senders: list[tuple[str, str]], receivers: list[str], count: int,
@@ -5354,6 +5394,31 @@ class BenchMcpClient:
         self.proc.wait(10)
 
 
+class BenchLoad:
+    """Background senders keeping the broker busy (a forked process, 8 connections)."""
+
+    def __init__(self, broker: BenchBroker) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        self.stop_flag = ctx.Event()
+        self.counter = ctx.Value("i", 0)
+        senders = [broker.session() for _ in range(8)]
+        sink = broker.session()
+        pairs = [(s.session_id, s.session_secret) for s in senders]
+        started = ctx.Event()
+        started.set()
+        self.proc = ctx.Process(target=_bench_senders, args=(broker.url, broker.token, pairs, [sink.session_id], 0,
+                                                             started, self.stop_flag, self.counter))
+        self.proc.start()
+        time.sleep(0.5)
+
+    def stop(self) -> int:
+        self.stop_flag.set()
+        self.proc.join(30)
+        return self.counter.value
+
+
 def bench_shims(broker: BenchBroker, args: argparse.Namespace) -> None:
     """The figures that need real shims: N shim subprocesses driven as MCP clients."""
     count = args.sessions
@@ -5423,31 +5488,6 @@ def bench_shims(broker: BenchBroker, args: argparse.Namespace) -> None:
             client.close()
 
 
-class BenchLoad:
-    """Background senders keeping the broker busy (a forked process, 8 connections)."""
-
-    def __init__(self, broker: BenchBroker) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("fork")
-        self.stop_flag = ctx.Event()
-        self.counter = ctx.Value("i", 0)
-        senders = [broker.session() for _ in range(8)]
-        sink = broker.session()
-        pairs = [(s.session_id, s.session_secret) for s in senders]
-        started = ctx.Event()
-        started.set()
-        self.proc = ctx.Process(target=_bench_senders, args=(broker.url, broker.token, pairs, [sink.session_id], 0,
-                                                             started, self.stop_flag, self.counter))
-        self.proc.start()
-        time.sleep(0.5)
-
-    def stop(self) -> int:
-        self.stop_flag.set()
-        self.proc.join(30)
-        return self.counter.value
-
-
 async def bench_many_sessions(broker: BenchBroker, sessions: int) -> float:
     """Broker RSS (MB) with ``sessions`` registered, each with a long-poll parked."""
     writers = []
@@ -5508,7 +5548,9 @@ def run_bench(args: argparse.Namespace) -> int:
 # ===========================================================================
 # CLI
 # ===========================================================================
-
+#
+# Output helpers first, then one cmd_* per subcommand in the order of the parser (which
+# lists them in --help), then the parser and main.
 
 def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
@@ -5523,6 +5565,103 @@ def ago(stamp: str | None) -> str:
             return f"{int(seconds // size)}{unit} ago"
     return f"{max(0, int(seconds))}s ago"
 
+
+def utf8_argument(what: str, value: str) -> str:
+    """A command-line argument as text; bytes that are not UTF-8 are the user's to fix, not the broker's."""
+    if not storable_text(value):
+        raw = os.fsencode(value)
+        raise UserError(f"{what} is not valid UTF-8 ({raw[:40]!r}); convert it first, e.g. with iconv -t UTF-8")
+    return value
+
+
+def read_user_file(path: str) -> str:
+    """A file the user names ('-': stdin), as UTF-8 text."""
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    return decode_utf8("stdin" if path == "-" else path, data)
+
+
+EXIT_ERROR, EXIT_UNREACHABLE, EXIT_AUTH = 1, 3, 4  # 2 is argparse's usage error
+MIN_CLAUDE_VERSION = (2, 1, 80)  # the first Claude Code with channels
+
+
+def claude_mcp_registration(cwd: Path) -> str | None:
+    """Where Claude Code has the claude-peers MCP server registered, with its command, or None."""
+    places: list[tuple[str, dict[str, Any]]] = []
+    with contextlib.suppress(OSError, ValueError):
+        user = json.loads((Path.home() / ".claude.json").read_text())
+        places.append(("user scope (~/.claude.json)", user.get("mcpServers") or {}))
+        for folder in (cwd, *cwd.parents):
+            project = (user.get("projects") or {}).get(str(folder)) or {}
+            places.append((f"local scope ({folder})", project.get("mcpServers") or {}))
+    for folder in (cwd, *cwd.parents):
+        with contextlib.suppress(OSError, ValueError):
+            places.append((f"project scope ({folder / '.mcp.json'})",
+                           json.loads((folder / ".mcp.json").read_text()).get("mcpServers") or {}))
+    for where, servers in places:
+        server = servers.get(SERVER_NAME)
+        if isinstance(server, dict):
+            return f"{where}: {' '.join([server.get('command', '?'), *server.get('args', [])])}"
+    return None
+
+
+def claude_command(args: list[str]) -> list[str]:
+    """`claude` with the channel flag for this server (idempotent)."""
+    flag = ["--dangerously-load-development-channels", f"server:{SERVER_NAME}"]
+    return ["claude", *([] if flag[1] in args else flag), *args]
+
+
+def doctor_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
+    """(status, check, detail) for each link of the chain; status is ok, warn or FAIL."""
+    yield "ok", "config", str(cfg.source or "built-in defaults (no daemons.toml)")
+    try:
+        token = read_token(cfg)
+        yield "ok", "token", f"{'$CLAUDE_PEERS_TOKEN' if os.environ.get('CLAUDE_PEERS_TOKEN') else cfg.token_path}"
+    except UserError as exc:
+        token = ""
+        yield "FAIL", "token", str(exc)
+    try:
+        status = BrokerClient(cfg.broker_url, token or "-", timeout=5).call("GET", "/api/status")
+        yield "ok", "broker", (f"{cfg.broker_url} answers: version {status['version']}, fleet {status['fleet']},"
+                               f" {status['sessions_live']} live sessions")
+    except BrokerUnreachable as exc:
+        yield "FAIL", "broker", (f"{exc} (start it: claude-peers up (single box) or claude-peers broker;"
+                                 " or set CLAUDE_PEERS_URL)")
+    except ApiError as exc:
+        hint = "copy it from the hub: claude-peers token" if exc.status == 401 else exc.message
+        yield "FAIL", "broker", f"{cfg.broker_url} refused the fleet token ({hint})"
+    claude = shutil.which("claude")
+    if claude is None:
+        yield "FAIL", "claude", "claude not on PATH (npm install -g @anthropic-ai/claude-code)"
+    else:
+        try:
+            out = subprocess.run([claude, "--version"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                 timeout=20, check=False).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            out = ""
+        found = re.search(r"(\d+)\.(\d+)\.(\d+)", out)
+        version = tuple(int(x) for x in found.groups()) if found else None
+        if version is None:
+            yield "warn", "claude", f"{claude}: could not read its version"
+        elif version < MIN_CLAUDE_VERSION:
+            yield "FAIL", "claude", f"{claude} is {'.'.join(map(str, version))}; channels need 2.1.80 or newer"
+        else:
+            yield "ok", "claude", f"{claude} {'.'.join(map(str, version))}"
+    registered = claude_mcp_registration(Path.cwd())
+    if registered:
+        yield "ok", "mcp", f"claude-peers registered, {registered}"
+    else:
+        launcher = shutil.which("claude-peers") or f"{sys.executable} {Path(__file__).resolve()}"
+        yield "FAIL", "mcp", (f"claude-peers is not registered with Claude Code: claude mcp add --scope user"
+                             f" {SERVER_NAME} -- {launcher} shim")
+    yield "ok", "channel", (f"`claude-peers run` starts: {' '.join(claude_command([]))} (plain `claude` gets the"
+                           " tools but no pushes; if Claude Code says 'Channels are not currently available',"
+                           " channels are off for the account and check_messages is the way)")
+
+
+# -- commands, in the parser's order ------------------------------------------
 
 def cmd_broker(cfg: Config, args: argparse.Namespace) -> int:
     asyncio.run(serve_broker(cfg, args.listen, ready=lambda url, _: print(f"claude-peers broker listening on {url}",
@@ -5571,6 +5710,117 @@ def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
+    client = client_from_config(cfg)
+    if args.message_id:
+        message = client.call("GET", f"/api/messages/{urllib.parse.quote(args.message_id)}")
+        if args.json:
+            print_json(message)
+        else:
+            print(f"message {message['id']} to {message['to']}: {message['state']}"
+                  f" (sent {ago(message['sent_at'])}, delivered {ago(message['delivered_at'])},"
+                  f" read {ago(message['read_at'])})")
+        return 0
+    status = client.call("GET", "/api/status")
+    if args.json:
+        print_json(status)
+        return 0
+    counts = status["messages"]
+    print(f"broker {cfg.broker_url}  version {status['version']}  fleet {status['fleet']}"
+          f"  machine {status['machine']}  up {status['uptime_s']:.0f}s")
+    print(f"sessions live: {status['sessions_live']}")
+    print("messages: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"events: {status['events']} (last seq {status['last_event_seq']})")
+    nats = status["nats"]
+    if not nats["configured"]:
+        print("nats: not configured (events stay in the broker's feed)")
+    else:
+        state = "connected" if nats["connected"] else f"disconnected ({nats['error'] or 'connecting'})"
+        embedded = f" (embedded, restarted {nats['embedded_restarts']}x)" if "embedded_restarts" in nats else ""
+        print(f"nats: {state} to {nats['url']}{embedded}, stream {nats['stream']}, last published seq"
+              f" {nats['last_published_seq']}, outbox backlog {nats['backlog']}")
+    return 0
+
+
+def cmd_peers(cfg: Config, args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({"scope": args.scope, "machine": cfg.machine, "cwd": os.getcwd(),
+                                    "git_root": git_info(Path.cwd())[0]})
+    peers = client_from_config(cfg).call("GET", f"/api/peers?{query}")["peers"]
+    if args.json:
+        print_json(peers)
+        return 0
+    if not peers:
+        print(f"no live sessions (scope {args.scope})")
+    for peer in peers:
+        label = peer["name"] or "-"
+        print(f"{peer['id']}  {label:<20} {peer['machine']:<16} {peer['cwd']}"
+              f"{' [' + peer['branch'] + ']' if peer['branch'] else ''}  seen {ago(peer['last_seen'])}")
+        if peer["summary"]:
+            print(f"            {peer['summary']}")
+    return 0
+
+
+def cmd_send(cfg: Config, args: argparse.Namespace) -> int:
+    body = {"to": utf8_argument("TO", args.to), "text": utf8_argument("TEXT", args.text),
+            "reply_to": args.reply_to, "scope": args.scope}
+    result = client_from_config(cfg).call("POST", "/api/send", {k: v for k, v in body.items() if v})
+    if args.json:
+        print_json(result)
+        return 0
+    if not result["messages"]:
+        print("no live sessions in scope: nothing sent")
+    for message in result["messages"]:
+        target = message["to_name"] or message["to_id"]
+        print(f"message {message['id']} to {target}: {message['state']}"
+              f"{'' if message['online'] or message['state'] == 'undeliverable' else ' (recipient offline)'}")
+    return 0
+
+
+def cmd_memory(cfg: Config, args: argparse.Namespace) -> int:
+    client = client_from_config(cfg)
+    if args.set is not None:
+        text = read_user_file(args.set)
+        memory = client.call("POST", "/api/memory", {"text": text})
+    else:
+        memory = client.call("GET", "/api/memory")
+    if args.json:
+        print_json(memory)
+    elif args.set is None:
+        print(memory["text"] or "(fleet memory is empty)")
+    else:
+        print(f"fleet memory replaced ({len(memory['text'].encode())} bytes)")
+    return 0
+
+
+def cmd_shim(cfg: Config, args: argparse.Namespace) -> int:
+    if not args.verbose:  # Claude Code files every stderr line of a server under [ERROR]
+        log.setLevel(logging.WARNING)
+    return run_shim(cfg, args.name)
+
+
+def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
+    if shutil.which("claude") is None:
+        raise UserError("claude not found on PATH: install Claude Code (npm install -g @anthropic-ai/claude-code)")
+    argv = claude_command(args.claude_args)
+    os.execvp(argv[0], argv)
+    return 0  # not reached
+
+
+def cmd_doctor(cfg: Config, args: argparse.Namespace) -> int:
+    failed = False
+    for status, check, detail in doctor_checks(cfg):
+        failed |= status == "FAIL"
+        print(f"{status:<5} {check:<8} {detail}")
+    return EXIT_ERROR if failed else 0
+
+
+def cmd_supervise(cfg: Config, args: argparse.Namespace) -> int:
+    supervisor = Supervisor(cfg)
+    asyncio.run(supervisor.serve(ready=lambda: print(
+        f"claude-peers supervisor running {len(cfg.daemons)} daemons", file=sys.stderr, flush=True)))
+    return 0
+
+
 def cmd_runs(cfg: Config, args: argparse.Namespace) -> int:
     query = urllib.parse.urlencode({k: v for k, v in (("daemon", args.daemon), ("limit", args.limit)) if v})
     runs = client_from_config(cfg).call("GET", f"/api/runs?{query}")["runs"]
@@ -5588,6 +5838,39 @@ def cmd_runs(cfg: Config, args: argparse.Namespace) -> int:
               f" actions {run['actions']} tokens {run['tokens']}{' ' + run['model'] if run['model'] else ''}")
         if run["summary"]:
             print(f"    {run['summary'].splitlines()[0][:150]}")
+    return 0
+
+
+def cmd_health(cfg: Config, args: argparse.Namespace) -> int:
+    machines = client_from_config(cfg).call("GET", "/api/health")["machines"]
+    if args.json:
+        print_json(machines)
+        return 0
+    if not machines:
+        print("no health reports yet (fleet-scout reports every machine of [[machines]]: claude-peers trigger"
+              " fleet-scout)")
+    for machine in machines:
+        worst = sorted(machine["findings"], key=lambda f: SEVERITY_RANK.get(f["severity"], 3))
+        status = worst[0]["severity"] if worst else "ok"
+        text = "; ".join(f["title"] for f in worst[:3]) + (f" (+{len(worst) - 3} more)" if len(worst) > 3 else "")
+        print(f"{machine['machine']:<16} {status:<8} {ago(machine['at']):>8}  {text or 'no findings'}")
+    return 0
+
+
+def cmd_alerts(cfg: Config, args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({"state": "all" if args.all else "open"})
+    alerts = client_from_config(cfg).call("GET", f"/api/alerts?{query}")["alerts"]
+    if args.json:
+        print_json(alerts)
+        return 0
+    if not alerts:
+        print("no open alerts" if not args.all else "no alerts")
+    for alert in alerts:
+        state = f"resolved {ago(alert['resolved_at'])}" if alert["resolved_at"] else f"seen {ago(alert['last_seen'])}"
+        print(f"{alert['severity']:<8} {alert['machine']:<16} {alert['title']}  (since {ago(alert['opened_at'])},"
+              f" {state}; {alert['source']})")
+        if alert["diagnosis"]:
+            print(f"         diagnosis: {alert['diagnosis'].splitlines()[0][:200]}")
     return 0
 
 
@@ -5627,136 +5910,16 @@ def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
     return 0 if run["status"] in ("ok", "limit") else EXIT_ERROR
 
 
-def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
-    client = client_from_config(cfg)
-    if args.message_id:
-        message = client.call("GET", f"/api/messages/{urllib.parse.quote(args.message_id)}")
-        if args.json:
-            print_json(message)
-        else:
-            print(f"message {message['id']} to {message['to']}: {message['state']}"
-                  f" (sent {ago(message['sent_at'])}, delivered {ago(message['delivered_at'])},"
-                  f" read {ago(message['read_at'])})")
-        return 0
-    status = client.call("GET", "/api/status")
-    if args.json:
-        print_json(status)
-        return 0
-    counts = status["messages"]
-    print(f"broker {cfg.broker_url}  version {status['version']}  fleet {status['fleet']}"
-          f"  machine {status['machine']}  up {status['uptime_s']:.0f}s")
-    print(f"sessions live: {status['sessions_live']}")
-    print("messages: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    print(f"events: {status['events']} (last seq {status['last_event_seq']})")
-    nats = status["nats"]
-    if not nats["configured"]:
-        print("nats: not configured (events stay in the broker's feed)")
-    else:
-        state = "connected" if nats["connected"] else f"disconnected ({nats['error'] or 'connecting'})"
-        embedded = f" (embedded, restarted {nats['embedded_restarts']}x)" if "embedded_restarts" in nats else ""
-        print(f"nats: {state} to {nats['url']}{embedded}, stream {nats['stream']}, last published seq"
-              f" {nats['last_published_seq']}, outbox backlog {nats['backlog']}")
+def cmd_run_daemon(cfg: Config, args: argparse.Namespace) -> int:
+    """Internal: one run in the supervisor's child process; the result goes to a file."""
+    daemon = cfg.daemons.get(args.daemon)
+    if daemon is None:
+        raise UserError(f"{cfg.where}: no [daemons.{args.daemon}]")
+    run_dir = data_home() / "runs"
+    result = DaemonRun(cfg, daemon, args.run_id, args.trigger, run_dir / f"{args.run_id}.jsonl").execute(
+        daemon_body(daemon))
+    write_secret(run_dir / f"{args.run_id}.result.json", json.dumps(result))
     return 0
-
-
-def cmd_health(cfg: Config, args: argparse.Namespace) -> int:
-    machines = client_from_config(cfg).call("GET", "/api/health")["machines"]
-    if args.json:
-        print_json(machines)
-        return 0
-    if not machines:
-        print("no health reports yet (fleet-scout reports every machine of [[machines]]: claude-peers trigger"
-              " fleet-scout)")
-    for machine in machines:
-        worst = sorted(machine["findings"], key=lambda f: SEVERITY_RANK.get(f["severity"], 3))
-        status = worst[0]["severity"] if worst else "ok"
-        text = "; ".join(f["title"] for f in worst[:3]) + (f" (+{len(worst) - 3} more)" if len(worst) > 3 else "")
-        print(f"{machine['machine']:<16} {status:<8} {ago(machine['at']):>8}  {text or 'no findings'}")
-    return 0
-
-
-def cmd_alerts(cfg: Config, args: argparse.Namespace) -> int:
-    query = urllib.parse.urlencode({"state": "all" if args.all else "open"})
-    alerts = client_from_config(cfg).call("GET", f"/api/alerts?{query}")["alerts"]
-    if args.json:
-        print_json(alerts)
-        return 0
-    if not alerts:
-        print("no open alerts" if not args.all else "no alerts")
-    for alert in alerts:
-        state = f"resolved {ago(alert['resolved_at'])}" if alert["resolved_at"] else f"seen {ago(alert['last_seen'])}"
-        print(f"{alert['severity']:<8} {alert['machine']:<16} {alert['title']}  (since {ago(alert['opened_at'])},"
-              f" {state}; {alert['source']})")
-        if alert["diagnosis"]:
-            print(f"         diagnosis: {alert['diagnosis'].splitlines()[0][:200]}")
-    return 0
-
-
-def cmd_peers(cfg: Config, args: argparse.Namespace) -> int:
-    query = urllib.parse.urlencode({"scope": args.scope, "machine": cfg.machine, "cwd": os.getcwd(),
-                                    "git_root": git_info(Path.cwd())[0]})
-    peers = client_from_config(cfg).call("GET", f"/api/peers?{query}")["peers"]
-    if args.json:
-        print_json(peers)
-        return 0
-    if not peers:
-        print(f"no live sessions (scope {args.scope})")
-    for peer in peers:
-        label = peer["name"] or "-"
-        print(f"{peer['id']}  {label:<20} {peer['machine']:<16} {peer['cwd']}"
-              f"{' [' + peer['branch'] + ']' if peer['branch'] else ''}  seen {ago(peer['last_seen'])}")
-        if peer["summary"]:
-            print(f"            {peer['summary']}")
-    return 0
-
-
-def utf8_argument(what: str, value: str) -> str:
-    """A command-line argument as text; bytes that are not UTF-8 are the user's to fix, not the broker's."""
-    if not storable_text(value):
-        raw = os.fsencode(value)
-        raise UserError(f"{what} is not valid UTF-8 ({raw[:40]!r}); convert it first, e.g. with iconv -t UTF-8")
-    return value
-
-
-def cmd_send(cfg: Config, args: argparse.Namespace) -> int:
-    body = {"to": utf8_argument("TO", args.to), "text": utf8_argument("TEXT", args.text),
-            "reply_to": args.reply_to, "scope": args.scope}
-    result = client_from_config(cfg).call("POST", "/api/send", {k: v for k, v in body.items() if v})
-    if args.json:
-        print_json(result)
-        return 0
-    if not result["messages"]:
-        print("no live sessions in scope: nothing sent")
-    for message in result["messages"]:
-        target = message["to_name"] or message["to_id"]
-        print(f"message {message['id']} to {target}: {message['state']}"
-              f"{'' if message['online'] or message['state'] == 'undeliverable' else ' (recipient offline)'}")
-    return 0
-
-
-def cmd_memory(cfg: Config, args: argparse.Namespace) -> int:
-    client = client_from_config(cfg)
-    if args.set is not None:
-        text = read_user_file(args.set)
-        memory = client.call("POST", "/api/memory", {"text": text})
-    else:
-        memory = client.call("GET", "/api/memory")
-    if args.json:
-        print_json(memory)
-    elif args.set is None:
-        print(memory["text"] or "(fleet memory is empty)")
-    else:
-        print(f"fleet memory replaced ({len(memory['text'].encode())} bytes)")
-    return 0
-
-
-def read_user_file(path: str) -> str:
-    """A file the user names ('-': stdin), as UTF-8 text."""
-    try:
-        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
-    return decode_utf8("stdin" if path == "-" else path, data)
 
 
 def cmd_token(cfg: Config, args: argparse.Namespace) -> int:
@@ -5764,21 +5927,11 @@ def cmd_token(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def git_info(cwd: Path) -> tuple[str, str]:
-    """(git root, branch) of ``cwd``, or empty strings outside a repository."""
-    try:
-        out = subprocess.run(["git", "-C", str(cwd), "rev-parse", "--show-toplevel", "--abbrev-ref", "HEAD"],
-                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "", ""
-    lines = out.stdout.split()
-    if out.returncode != 0 or len(lines) < 2:
-        return (lines[0], "") if out.returncode == 0 and lines else ("", "")
-    return lines[0], lines[1]
+def run_bench_cmd(cfg: Config, args: argparse.Namespace) -> int:
+    return run_bench(args)
 
 
-EXIT_ERROR, EXIT_UNREACHABLE, EXIT_AUTH = 1, 3, 4  # 2 is argparse's usage error
-
+# -- the parser and main ------------------------------------------------------
 
 def add_common_options(parser: argparse.ArgumentParser, config: Any, verbose: Any) -> None:
     """--config and -v, taken before the subcommand and after it (a subcommand's defaults are
@@ -5849,109 +6002,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-seconds", type=float, default=60.0, help="window for idle request counting")
     p.add_argument("--events", type=int, default=20000, help="outbox size for the relay run")
     return parser
-
-
-MIN_CLAUDE_VERSION = (2, 1, 80)  # the first Claude Code with channels
-
-
-def claude_mcp_registration(cwd: Path) -> str | None:
-    """Where Claude Code has the claude-peers MCP server registered, with its command, or None."""
-    places: list[tuple[str, dict[str, Any]]] = []
-    with contextlib.suppress(OSError, ValueError):
-        user = json.loads((Path.home() / ".claude.json").read_text())
-        places.append(("user scope (~/.claude.json)", user.get("mcpServers") or {}))
-        for folder in (cwd, *cwd.parents):
-            project = (user.get("projects") or {}).get(str(folder)) or {}
-            places.append((f"local scope ({folder})", project.get("mcpServers") or {}))
-    for folder in (cwd, *cwd.parents):
-        with contextlib.suppress(OSError, ValueError):
-            places.append((f"project scope ({folder / '.mcp.json'})",
-                           json.loads((folder / ".mcp.json").read_text()).get("mcpServers") or {}))
-    for where, servers in places:
-        server = servers.get(SERVER_NAME)
-        if isinstance(server, dict):
-            return f"{where}: {' '.join([server.get('command', '?'), *server.get('args', [])])}"
-    return None
-
-
-def doctor_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
-    """(status, check, detail) for each link of the chain; status is ok, warn or FAIL."""
-    yield "ok", "config", str(cfg.source or "built-in defaults (no daemons.toml)")
-    try:
-        token = read_token(cfg)
-        yield "ok", "token", f"{'$CLAUDE_PEERS_TOKEN' if os.environ.get('CLAUDE_PEERS_TOKEN') else cfg.token_path}"
-    except UserError as exc:
-        token = ""
-        yield "FAIL", "token", str(exc)
-    try:
-        status = BrokerClient(cfg.broker_url, token or "-", timeout=5).call("GET", "/api/status")
-        yield "ok", "broker", (f"{cfg.broker_url} answers: version {status['version']}, fleet {status['fleet']},"
-                               f" {status['sessions_live']} live sessions")
-    except BrokerUnreachable as exc:
-        yield "FAIL", "broker", (f"{exc} (start it: claude-peers up (single box) or claude-peers broker;"
-                                 " or set CLAUDE_PEERS_URL)")
-    except ApiError as exc:
-        hint = "copy it from the hub: claude-peers token" if exc.status == 401 else exc.message
-        yield "FAIL", "broker", f"{cfg.broker_url} refused the fleet token ({hint})"
-    claude = shutil.which("claude")
-    if claude is None:
-        yield "FAIL", "claude", "claude not on PATH (npm install -g @anthropic-ai/claude-code)"
-    else:
-        try:
-            out = subprocess.run([claude, "--version"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                 timeout=20, check=False).stdout
-        except (OSError, subprocess.TimeoutExpired):
-            out = ""
-        found = re.search(r"(\d+)\.(\d+)\.(\d+)", out)
-        version = tuple(int(x) for x in found.groups()) if found else None
-        if version is None:
-            yield "warn", "claude", f"{claude}: could not read its version"
-        elif version < MIN_CLAUDE_VERSION:
-            yield "FAIL", "claude", f"{claude} is {'.'.join(map(str, version))}; channels need 2.1.80 or newer"
-        else:
-            yield "ok", "claude", f"{claude} {'.'.join(map(str, version))}"
-    registered = claude_mcp_registration(Path.cwd())
-    if registered:
-        yield "ok", "mcp", f"claude-peers registered, {registered}"
-    else:
-        launcher = shutil.which("claude-peers") or f"{sys.executable} {Path(__file__).resolve()}"
-        yield "FAIL", "mcp", (f"claude-peers is not registered with Claude Code: claude mcp add --scope user"
-                             f" {SERVER_NAME} -- {launcher} shim")
-    yield "ok", "channel", (f"`claude-peers run` starts: {' '.join(claude_command([]))} (plain `claude` gets the"
-                           " tools but no pushes; if Claude Code says 'Channels are not currently available',"
-                           " channels are off for the account and check_messages is the way)")
-
-
-def cmd_doctor(cfg: Config, args: argparse.Namespace) -> int:
-    failed = False
-    for status, check, detail in doctor_checks(cfg):
-        failed |= status == "FAIL"
-        print(f"{status:<5} {check:<8} {detail}")
-    return EXIT_ERROR if failed else 0
-
-
-def cmd_shim(cfg: Config, args: argparse.Namespace) -> int:
-    if not args.verbose:  # Claude Code files every stderr line of a server under [ERROR]
-        log.setLevel(logging.WARNING)
-    return run_shim(cfg, args.name)
-
-
-def claude_command(args: list[str]) -> list[str]:
-    """`claude` with the channel flag for this server (idempotent)."""
-    flag = ["--dangerously-load-development-channels", f"server:{SERVER_NAME}"]
-    return ["claude", *([] if flag[1] in args else flag), *args]
-
-
-def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
-    if shutil.which("claude") is None:
-        raise UserError("claude not found on PATH: install Claude Code (npm install -g @anthropic-ai/claude-code)")
-    argv = claude_command(args.claude_args)
-    os.execvp(argv[0], argv)
-    return 0  # not reached
-
-
-def run_bench_cmd(cfg: Config, args: argparse.Namespace) -> int:
-    return run_bench(args)
 
 
 RUN_OWN_FLAGS = ("-h", "--help", "-v", "--verbose")

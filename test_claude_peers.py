@@ -812,8 +812,8 @@ def test_a_write_that_raises_rolls_back_alone_in_its_group_commit(tmp_path):
                 c.execute("UPDATE sessions SET summary = 'half-done'")
                 raise RuntimeError("a bug")
 
-        calls = [broker.write(lambda: broker.store.register(info)), broker.write(broken),
-                 broker.write(lambda: broker.store.register(info))]
+        calls = [broker.write(lambda: broker.sessions.register(info)), broker.write(broken),
+                 broker.write(lambda: broker.sessions.register(info))]
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
         rows = broker.store.read("SELECT summary FROM sessions")
         broker.store.close()
