@@ -16,7 +16,7 @@ Sections, in dependency order (each uses only what is above it):
   Schedules            durations and cron expressions
   Config               daemons.toml: defaults, checks, the Config object, the fleet token
   Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory
-  Events on NATS       the embedded nats-server and the relay from the outbox to JetStream
+  Events on NATS JetStream  the embedded nats-server, the relay from the outbox
   Broker HTTP          request checks, the group commit, the routes, the HTTP/1.1 server
   Broker client        the sync and asyncio clients every other part uses
   Shim                 the MCP server on stdio: handshake, tools, channel pushes
@@ -27,9 +27,9 @@ Sections, in dependency order (each uses only what is above it):
   Bench                this hub's figures, measured on this machine
   CLI                  output helpers, the commands, the parser, main
 
-Where to start: a message is stored by ``Store.send`` and handed to the recipient's
+Where to start: a message is stored by ``Messages.send`` and handed to the recipient's
 long-poll by ``Broker._committed``; it is pushed by ``Shim._push``. A daemon's tool call is
-checked in ``DaemonRun.call_tool``; its alerts go through ``Store.sync_alerts``.
+checked in ``AgentTools.call``; its alerts go through ``Records.sync_alerts``.
 """
 
 from __future__ import annotations
@@ -4250,6 +4250,146 @@ def chat_completion(cfg: Config, models: list[str], messages: list[dict[str, Any
     raise LlmError("every model failed: " + "; ".join(failures))
 
 
+class AgentTools:
+    """The built-in tools an agent daemon may call, behind its policy: ``call`` refuses a tool
+    outside the daemon's list, arguments outside the tool's schema, and commands, URLs, paths
+    and machines outside the daemon's allowlists, before anything runs."""
+
+    def __init__(self, run: DaemonRun) -> None:
+        self.run = run
+
+    def call(self, name: str, raw_args: Any) -> str:
+        """Policy first: an unlisted tool or a bad argument is refused and told to the model."""
+        tools: dict[str, Callable[..., str]] = {
+            "probe_host": self.tool_probe_host, "http_get": self.tool_http_get, "run_command": self.tool_run_command,
+            "read_file": self.tool_read_file, "list_peers": self.tool_list_peers,
+            "send_message": self.tool_send_message, "read_events": self.tool_read_events,
+            "read_memory": self.tool_read_memory, "write_memory": self.tool_write_memory, "alert": self.tool_alert,
+            "remember": self.tool_remember, "recall": self.tool_recall}
+        policies: dict[str, Callable[..., None]] = {
+            "probe_host": self.check_probe_host, "http_get": self.check_http_get,
+            "run_command": self.check_run_command, "read_file": self.check_read_file}
+        try:
+            if name not in self.run.daemon.tools:
+                raise PolicyError(f"tool {name!r} is not allowed for this daemon")
+            try:
+                args = json.loads(raw_args) if isinstance(raw_args, str) else raw_args
+            except ValueError:
+                raise PolicyError(f"arguments are not valid JSON: {raw_args[:200]!r}") from None
+            try:
+                args = check_tool_arguments(name, DAEMON_TOOLS[name]["inputSchema"], args)
+            except ToolArgumentError as exc:
+                raise PolicyError(str(exc)) from None
+            if name in policies:
+                policies[name](**args)
+            if self.run.dry_run and DAEMON_TOOLS[name]["changes"]:
+                self.run.log_line("dry_run", tool=name, args=args)
+                return f"dry run: {name} was not executed (it would change something)"
+            self.run.log_line("tool_call", tool=name, args=args)
+            output = str(tools[name](**args))[:OUTPUT_CAP]
+            self.run.log_line("tool_result", tool=name, output=output[:2000])
+            return output
+        except PolicyError as exc:
+            self.run.log_line("refused", tool=name, args=raw_args[:500] if isinstance(raw_args, str) else raw_args,
+                          reason=str(exc))
+            return f"error: refused by policy: {exc}"
+        except (UserError, ApiError, OSError, subprocess.SubprocessError, ValueError, TypeError) as exc:
+            self.run.log_line("tool_error", tool=name, error=str(exc))
+            return f"error: {exc}"
+
+    def check_run_command(self, argv: list[str]) -> None:
+        if not argv:
+            raise PolicyError("argv must be a non-empty list of strings")
+        if not any(argv[:len(prefix)] == prefix for prefix in self.run.daemon.commands):
+            raise PolicyError(f"command {json.dumps(argv)} matches no allowed prefix"
+                              f" {json.dumps(self.run.daemon.commands)}")
+
+    def check_http_get(self, url: str) -> None:
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https") or not any(
+                url.startswith(prefix) for prefix in self.run.daemon.urls):
+            raise PolicyError(f"URL {url!r} is not under an allowed prefix {json.dumps(self.run.daemon.urls)}")
+
+    def check_read_file(self, path: str) -> None:
+        real = os.path.realpath(path)
+        if not any(os.path.commonpath([real, os.path.realpath(d)]) == os.path.realpath(d)
+                   for d in self.run.daemon.paths):
+            raise PolicyError(f"{path!r} is outside the allowed directories {json.dumps(self.run.daemon.paths)}")
+
+    def check_probe_host(self, machine: str) -> None:
+        if not any(m.name == machine for m in self.run.cfg.machines):
+            raise PolicyError(f"unknown machine {machine!r} (configured: {', '.join(m.name for m in self.run.cfg.machines)})")
+
+    def tool_run_command(self, argv: list[str]) -> str:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False)
+        out = (proc.stdout + proc.stderr)[-OUTPUT_CAP:].decode(errors="replace")
+        return f"exit {proc.returncode}\n{out}"
+
+    def tool_http_get(self, url: str) -> str:
+        tools = self
+
+        class AllowlistedRedirects(urllib.request.HTTPRedirectHandler):
+            """A redirect is a new URL: it must pass the allowlist too."""
+
+            def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+                tools.check_http_get(newurl)
+                return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+        try:
+            with urllib.request.build_opener(AllowlistedRedirects).open(url, timeout=10) as response:
+                return f"HTTP {response.status}\n{response.read(OUTPUT_CAP).decode(errors='replace')}"
+        except urllib.error.HTTPError as exc:
+            return f"HTTP {exc.code}\n{exc.read(4096).decode(errors='replace')}"
+        except (urllib.error.URLError, TimeoutError) as exc:
+            return f"error: {getattr(exc, 'reason', exc)}"
+
+    def tool_read_file(self, path: str) -> str:
+        with open(path, "rb") as fh:
+            return fh.read(OUTPUT_CAP).decode(errors="replace")
+
+    def tool_probe_host(self, machine: str) -> str:
+        """The scout's probe of one machine: its findings, then the report they came from."""
+        target = next(m for m in self.run.cfg.machines if m.name == machine)
+        limits = {**SCOUT_DEFAULTS, **{k: v for k, v in vars(self.run.daemon).items() if k in SCOUT_DEFAULTS}}
+        report = probe_machine_report(target, limits, None)
+        findings, _ = find_faults(report, None, limits, time.time())
+        return json.dumps({"findings": findings, "report": report})
+
+    def tool_list_peers(self, scope: str = "all") -> str:
+        peers = self.run.broker().session_call("GET", f"/peers?scope={urllib.parse.quote(scope)}")["peers"]
+        return "\n".join(format_peer(p) for p in peers) or "no live sessions"
+
+    def tool_send_message(self, to: str, text: str) -> str:
+        result = self.run.broker().session_call("POST", "/send", {"to": to, "text": text})
+        return f"message {result['id']}: {result['state']}" + ("" if result["online"] else " (recipient offline)")
+
+    def tool_read_events(self, after: int = 0, limit: int = 50) -> str:
+        feed = self.run.broker(register=False).call("GET", f"/api/events?after={int(after)}&limit={min(int(limit), 200)}")
+        return json.dumps(feed["events"])[:OUTPUT_CAP]
+
+    def tool_read_memory(self) -> str:
+        return self.run.broker(register=False).call("GET", "/api/memory")["text"] or "(empty)"
+
+    def tool_write_memory(self, text: str) -> str:
+        self.run.broker().session_call("POST", "/memory", {"text": text})
+        return "fleet memory replaced"
+
+    def tool_alert(self, severity: str, title: str, detail: str = "") -> str:
+        if severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}")
+        self.run.raised[title[:300]] = {"check": "agent", "key": title[:300], "severity": severity,
+                                    "title": title[:300], "detail": detail[:4000]}
+        return (f"alert noted ({severity}): sent when the run ends if it is new or changed, repeated while it"
+                " stays raised run after run, resolved when a run no longer raises it")
+
+    def tool_remember(self, key: str, value: str) -> str:
+        self.run.state.remember(self.run.daemon.name, key[:200], value[:KV_VALUE_CAP])
+        return "remembered"
+
+    def tool_recall(self, key: str) -> str:
+        value = self.run.state.recall(self.run.daemon.name, key)
+        return value if value is not None else "(nothing stored under that key)"
+
+
 class DaemonRun:
     """One run of one daemon: the agent loop (or the external command) under its policy,
     with a JSONL transcript of every step."""
@@ -4269,6 +4409,7 @@ class DaemonRun:
         self.state = SupervisorState(data_home() / "supervisor.db")
         self._broker: BrokerClient | None = None
         self.raised: dict[str, dict[str, Any]] = {}  #: alerts the agent raised in this run, by title
+        self.tools = AgentTools(self)  #: what the model may call, behind the policy
 
     def log_line(self, event: str, **fields: Any) -> None:
         line = json.dumps({"at": iso(time.time()), "event": event, **fields}, default=str)
@@ -4361,75 +4502,12 @@ class DaemonRun:
                     return self.result("limit", f"stopped at max_actions = {self.daemon.max_actions}")
                 self.actions += 1
                 function = call.get("function") or {}
-                output = self.call_tool(function.get("name", ""), function.get("arguments") or "{}")
+                output = self.tools.call(function.get("name", ""), function.get("arguments") or "{}")
                 messages.append({"role": "tool", "tool_call_id": call.get("id", ""), "content": output})
             if self.tokens >= self.daemon.token_budget:
                 return self.result("limit", f"stopped at the token budget ({self.tokens} >= {self.daemon.token_budget})")
 
-    def call_tool(self, name: str, raw_args: Any) -> str:
-        """Policy first: an unlisted tool or a bad argument is refused and told to the model."""
-        tools: dict[str, Callable[..., str]] = {
-            "probe_host": self.tool_probe_host, "http_get": self.tool_http_get, "run_command": self.tool_run_command,
-            "read_file": self.tool_read_file, "list_peers": self.tool_list_peers,
-            "send_message": self.tool_send_message, "read_events": self.tool_read_events,
-            "read_memory": self.tool_read_memory, "write_memory": self.tool_write_memory, "alert": self.tool_alert,
-            "remember": self.tool_remember, "recall": self.tool_recall}
-        policies: dict[str, Callable[..., None]] = {
-            "probe_host": self.check_probe_host, "http_get": self.check_http_get,
-            "run_command": self.check_run_command, "read_file": self.check_read_file}
-        try:
-            if name not in self.daemon.tools:
-                raise PolicyError(f"tool {name!r} is not allowed for this daemon")
-            try:
-                args = json.loads(raw_args) if isinstance(raw_args, str) else raw_args
-            except ValueError:
-                raise PolicyError(f"arguments are not valid JSON: {raw_args[:200]!r}") from None
-            try:
-                args = check_tool_arguments(name, DAEMON_TOOLS[name]["inputSchema"], args)
-            except ToolArgumentError as exc:
-                raise PolicyError(str(exc)) from None
-            if name in policies:
-                policies[name](**args)
-            if self.dry_run and DAEMON_TOOLS[name]["changes"]:
-                self.log_line("dry_run", tool=name, args=args)
-                return f"dry run: {name} was not executed (it would change something)"
-            self.log_line("tool_call", tool=name, args=args)
-            output = str(tools[name](**args))[:OUTPUT_CAP]
-            self.log_line("tool_result", tool=name, output=output[:2000])
-            return output
-        except PolicyError as exc:
-            self.log_line("refused", tool=name, args=raw_args[:500] if isinstance(raw_args, str) else raw_args,
-                          reason=str(exc))
-            return f"error: refused by policy: {exc}"
-        except (UserError, ApiError, OSError, subprocess.SubprocessError, ValueError, TypeError) as exc:
-            self.log_line("tool_error", tool=name, error=str(exc))
-            return f"error: {exc}"
 
-    # -- policy checks -----------------------------------------------------------
-
-    def check_run_command(self, argv: list[str]) -> None:
-        if not argv:
-            raise PolicyError("argv must be a non-empty list of strings")
-        if not any(argv[:len(prefix)] == prefix for prefix in self.daemon.commands):
-            raise PolicyError(f"command {json.dumps(argv)} matches no allowed prefix"
-                              f" {json.dumps(self.daemon.commands)}")
-
-    def check_http_get(self, url: str) -> None:
-        if urllib.parse.urlsplit(url).scheme not in ("http", "https") or not any(
-                url.startswith(prefix) for prefix in self.daemon.urls):
-            raise PolicyError(f"URL {url!r} is not under an allowed prefix {json.dumps(self.daemon.urls)}")
-
-    def check_read_file(self, path: str) -> None:
-        real = os.path.realpath(path)
-        if not any(os.path.commonpath([real, os.path.realpath(d)]) == os.path.realpath(d)
-                   for d in self.daemon.paths):
-            raise PolicyError(f"{path!r} is outside the allowed directories {json.dumps(self.daemon.paths)}")
-
-    def check_probe_host(self, machine: str) -> None:
-        if not any(m.name == machine for m in self.cfg.machines):
-            raise PolicyError(f"unknown machine {machine!r} (configured: {', '.join(m.name for m in self.cfg.machines)})")
-
-    # -- the tools ------------------------------------------------------------------
 
     def broker(self, register: bool = True) -> BrokerClient:
         """The broker, as this daemon's own session (daemon-<name>) once it needs one."""
@@ -4445,68 +4523,6 @@ class DaemonRun:
                     raise
                 self._broker.register(info)
         return self._broker
-
-    def tool_run_command(self, argv: list[str]) -> str:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False)
-        out = (proc.stdout + proc.stderr)[-OUTPUT_CAP:].decode(errors="replace")
-        return f"exit {proc.returncode}\n{out}"
-
-    def tool_http_get(self, url: str) -> str:
-        run = self
-
-        class AllowlistedRedirects(urllib.request.HTTPRedirectHandler):
-            """A redirect is a new URL: it must pass the allowlist too."""
-
-            def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
-                run.check_http_get(newurl)
-                return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-        try:
-            with urllib.request.build_opener(AllowlistedRedirects).open(url, timeout=10) as response:
-                return f"HTTP {response.status}\n{response.read(OUTPUT_CAP).decode(errors='replace')}"
-        except urllib.error.HTTPError as exc:
-            return f"HTTP {exc.code}\n{exc.read(4096).decode(errors='replace')}"
-        except (urllib.error.URLError, TimeoutError) as exc:
-            return f"error: {getattr(exc, 'reason', exc)}"
-
-    def tool_read_file(self, path: str) -> str:
-        with open(path, "rb") as fh:
-            return fh.read(OUTPUT_CAP).decode(errors="replace")
-
-    def tool_probe_host(self, machine: str) -> str:
-        """The scout's probe of one machine: its findings, then the report they came from."""
-        target = next(m for m in self.cfg.machines if m.name == machine)
-        limits = {**SCOUT_DEFAULTS, **{k: v for k, v in vars(self.daemon).items() if k in SCOUT_DEFAULTS}}
-        report = probe_machine_report(target, limits, None)
-        findings, _ = find_faults(report, None, limits, time.time())
-        return json.dumps({"findings": findings, "report": report})
-
-    def tool_list_peers(self, scope: str = "all") -> str:
-        peers = self.broker().session_call("GET", f"/peers?scope={urllib.parse.quote(scope)}")["peers"]
-        return "\n".join(format_peer(p) for p in peers) or "no live sessions"
-
-    def tool_send_message(self, to: str, text: str) -> str:
-        result = self.broker().session_call("POST", "/send", {"to": to, "text": text})
-        return f"message {result['id']}: {result['state']}" + ("" if result["online"] else " (recipient offline)")
-
-    def tool_read_events(self, after: int = 0, limit: int = 50) -> str:
-        feed = self.broker(register=False).call("GET", f"/api/events?after={int(after)}&limit={min(int(limit), 200)}")
-        return json.dumps(feed["events"])[:OUTPUT_CAP]
-
-    def tool_read_memory(self) -> str:
-        return self.broker(register=False).call("GET", "/api/memory")["text"] or "(empty)"
-
-    def tool_write_memory(self, text: str) -> str:
-        self.broker().session_call("POST", "/memory", {"text": text})
-        return "fleet memory replaced"
-
-    def tool_alert(self, severity: str, title: str, detail: str = "") -> str:
-        if severity not in SEVERITIES:
-            raise ValueError(f"severity must be one of {', '.join(SEVERITIES)}")
-        self.raised[title[:300]] = {"check": "agent", "key": title[:300], "severity": severity,
-                                    "title": title[:300], "detail": detail[:4000]}
-        return (f"alert noted ({severity}): sent when the run ends if it is new or changed, repeated while it"
-                " stays raised run after run, resolved when a run no longer raises it")
 
     # -- alerts: one per change, through the broker's lifecycle ---------------------
 
@@ -4548,14 +4564,6 @@ class DaemonRun:
                 urllib.request.urlopen(request, timeout=10).close()
                 told.append("webhook")
         return told
-
-    def tool_remember(self, key: str, value: str) -> str:
-        self.state.remember(self.daemon.name, key[:200], value[:KV_VALUE_CAP])
-        return "remembered"
-
-    def tool_recall(self, key: str) -> str:
-        value = self.state.recall(self.daemon.name, key)
-        return value if value is not None else "(nothing stored under that key)"
 
 
 def new_run_record(cfg: Config, daemon: str, trigger: str, run_dir: Path | None) -> dict[str, Any]:
@@ -4753,6 +4761,143 @@ def event_id_of(data: bytes) -> str:
     return event_id if isinstance(event_id, str) else ""
 
 
+class EventWatcher:
+    """The supervisor's ears: fleet events from its durable JetStream consumer, or from the
+    broker's event feed when there is no NATS or it does not answer; each event goes to the
+    supervisor's ``on_event`` with its id."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.event_source = ""  #: what is being watched, for the log
+        self.feed_clients: list[BrokerClient] = []  #: aborted at stop, so a parked feed poll ends at once
+
+    async def run(self) -> None:
+        await (self.events_from_nats() if self.supervisor.cfg.nats_url else self.events_from_feed())
+
+    def stop(self) -> None:
+        for client in self.feed_clients:
+            client.abort()  # its long-poll thread ends now, not when the poll would have
+
+    async def events_from_nats(self) -> None:
+        """A durable JetStream consumer: events seen while the supervisor was down still arrive.
+
+        A supervisor that cannot reach NATS (nothing listening, refused, no stream) warns once
+        and reads the broker's event feed instead - the same events, from the broker's outbox -
+        so `on` daemons and trigger requests keep working. Every NATS_RETRY_S it tries NATS
+        again and goes back to it once it answers: the durable consumer then also brings what
+        was published meanwhile, and events already handled (by id) are skipped."""
+        feed: asyncio.Task[None] | None = None
+        try:
+            while not self.supervisor.stopping.is_set():
+                problems: list[str] = []
+                try:
+                    nc, sub = await asyncio.wait_for(self._subscribe(problems), NATS_SETUP_S)
+                except Exception as exc:  # noqa: BLE001 - any NATS trouble: the feed, and NATS again later
+                    why = nats_trouble(exc, problems)
+                    if feed is None:
+                        log.warning("event consumer: NATS at %s: %s; reading the broker's event feed instead"
+                                    " (trying NATS again every %.0fs)", self.supervisor.cfg.nats_url, why, NATS_RETRY_S)
+                        feed = asyncio.create_task(self.events_from_feed())
+                    log.debug("event consumer: NATS at %s: %s", self.supervisor.cfg.nats_url, why)
+                    await asyncio.sleep(NATS_RETRY_S)
+                    continue
+                if feed is not None:
+                    self._stop_feed(feed)
+                    feed = None
+                    log.info("event consumer: NATS answers again; back from the broker's event feed")
+                self.supervisor.state.forget_cursor("feed")  # a later fallback starts there and then: NATS has the rest
+                log.info("watching events: %s", self.event_source)
+                try:
+                    await self._consume(nc, sub)
+                except Exception as exc:  # noqa: BLE001 - lost NATS: the next round falls back to the feed
+                    log.debug("event consumer: %s", describe_error(exc))
+                finally:
+                    with contextlib.suppress(Exception):
+                        await nc.close()
+        finally:
+            if feed is not None:
+                self._stop_feed(feed)
+
+    async def _subscribe(self, problems: list[str]) -> tuple[Any, Any]:
+        """Connected to NATS with this machine's durable pull consumer on the stream."""
+        from nats.js.api import ConsumerConfig, DeliverPolicy
+        from nats.js.errors import NotFoundError
+
+        durable = f"supervisor-{re.sub(r'[^A-Za-z0-9_-]', '_', self.supervisor.cfg.machine)}"
+        await self._check_embedded_nats()
+        nc = await connect_nats(self.supervisor.cfg.nats_url, nats_token(self.supervisor.cfg, create=False),
+                                f"claude-peers supervisor {self.supervisor.cfg.machine}", problems.append)
+        try:
+            while True:
+                try:
+                    sub = await nc.jetstream().pull_subscribe(
+                        "fleet.>", durable=durable, stream=self.supervisor.cfg.nats.stream,
+                        config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_wait=30))
+                    break
+                except NotFoundError:  # the broker creates the stream when it first connects
+                    problems.append(f"no stream {self.supervisor.cfg.nats.stream} on that server")
+                    await asyncio.sleep(0.5)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise
+        self.event_source = f"nats {self.supervisor.cfg.nats_url} stream {self.supervisor.cfg.nats.stream} durable {durable}"
+        return nc, sub
+
+    async def _check_embedded_nats(self) -> None:
+        """On the hub's embedded server, ask the broker first: when another process holds that
+        port, whatever answers there is not ours and must not get our token."""
+        if self.supervisor.cfg.nats.url or not self.supervisor.cfg.nats.embedded:
+            return
+        try:
+            client = client_from_config(self.supervisor.cfg, timeout=5)
+            try:
+                nats = (await asyncio.to_thread(client.call, "GET", "/api/status"))["nats"]
+            finally:
+                client.close()
+        except (UserError, ApiError):
+            return  # the broker does not answer: NATS may still
+        if nats.get("embedded_error"):
+            raise NatsUnusable(nats["embedded_error"])
+
+    async def _consume(self, nc: Any, sub: Any) -> None:
+        """Hand the consumer's events to ``on_event`` until NATS goes away."""
+        while not self.supervisor.stopping.is_set():
+            for message in await fetch_events(sub):
+                self.supervisor.on_event(message.subject, event_id_of(message.data))
+                await message.ack()
+            if not nc.is_connected:
+                raise ConnectionError("lost the connection")
+
+    def _stop_feed(self, feed: asyncio.Task[None]) -> None:
+        feed.cancel()
+        for client in self.feed_clients:
+            client.abort()  # its parked long-poll ends now
+        self.feed_clients.clear()
+
+    async def events_from_feed(self) -> None:
+        """Without NATS (or while it does not answer): long-poll the broker's event feed from a persisted cursor."""
+        client: BrokerClient | None = None
+        self.event_source = f"broker feed {self.supervisor.cfg.broker_url}"
+        while not self.supervisor.stopping.is_set():
+            try:
+                if client is None:
+                    client = client_from_config(self.supervisor.cfg, timeout=40)
+                    self.feed_clients.append(client)
+                cursor = self.supervisor.state.cursor("feed")
+                if cursor is None:
+                    cursor = (await asyncio.to_thread(client.call, "GET", "/api/status"))["last_event_seq"]
+                    self.supervisor.state.set_cursor("feed", cursor)
+                feed = await asyncio.to_thread(client.call, "GET", f"/api/events?after={cursor}&limit=500&wait_s=20")
+                for event in feed["events"]:
+                    self.supervisor.on_event(event["subject"], event["id"])
+                self.supervisor.state.set_cursor("feed", feed["cursor"])
+            except (UserError, ApiError) as exc:
+                log.debug("event feed: %s", exc)
+                client = None
+                await asyncio.sleep(2)
+
+
 class Supervisor:
     """Runs the daemons of daemons.toml: on `every` (with jitter), `cron`, `on` events
     (NATS JetStream durable consumer, or the broker's feed), and requests. One run of a
@@ -4771,8 +4916,7 @@ class Supervisor:
         self.debouncing: set[str] = set()
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
-        self.event_source = ""
-        self.feed_clients: list[BrokerClient] = []  # aborted at stop, so a parked feed poll ends at once
+        self.events = EventWatcher(self)  #: where the fleet's events come from
         self.seen: dict[str, None] = {}  # recent event ids, oldest first
 
     # -- config ---------------------------------------------------------------------
@@ -4944,125 +5088,6 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeup.wait(), 2.0)
 
-    async def events_from_nats(self) -> None:
-        """A durable JetStream consumer: events seen while the supervisor was down still arrive.
-
-        A supervisor that cannot reach NATS (nothing listening, refused, no stream) warns once
-        and reads the broker's event feed instead - the same events, from the broker's outbox -
-        so `on` daemons and trigger requests keep working. Every NATS_RETRY_S it tries NATS
-        again and goes back to it once it answers: the durable consumer then also brings what
-        was published meanwhile, and events already handled (by id) are skipped."""
-        feed: asyncio.Task[None] | None = None
-        try:
-            while not self.stopping.is_set():
-                problems: list[str] = []
-                try:
-                    nc, sub = await asyncio.wait_for(self._subscribe(problems), NATS_SETUP_S)
-                except Exception as exc:  # noqa: BLE001 - any NATS trouble: the feed, and NATS again later
-                    why = nats_trouble(exc, problems)
-                    if feed is None:
-                        log.warning("event consumer: NATS at %s: %s; reading the broker's event feed instead"
-                                    " (trying NATS again every %.0fs)", self.cfg.nats_url, why, NATS_RETRY_S)
-                        feed = asyncio.create_task(self.events_from_feed())
-                    log.debug("event consumer: NATS at %s: %s", self.cfg.nats_url, why)
-                    await asyncio.sleep(NATS_RETRY_S)
-                    continue
-                if feed is not None:
-                    self._stop_feed(feed)
-                    feed = None
-                    log.info("event consumer: NATS answers again; back from the broker's event feed")
-                self.state.forget_cursor("feed")  # a later fallback starts there and then: NATS has the rest
-                log.info("watching events: %s", self.event_source)
-                try:
-                    await self._consume(nc, sub)
-                except Exception as exc:  # noqa: BLE001 - lost NATS: the next round falls back to the feed
-                    log.debug("event consumer: %s", describe_error(exc))
-                finally:
-                    with contextlib.suppress(Exception):
-                        await nc.close()
-        finally:
-            if feed is not None:
-                self._stop_feed(feed)
-
-    async def _subscribe(self, problems: list[str]) -> tuple[Any, Any]:
-        """Connected to NATS with this machine's durable pull consumer on the stream."""
-        from nats.js.api import ConsumerConfig, DeliverPolicy
-        from nats.js.errors import NotFoundError
-
-        durable = f"supervisor-{re.sub(r'[^A-Za-z0-9_-]', '_', self.cfg.machine)}"
-        await self._check_embedded_nats()
-        nc = await connect_nats(self.cfg.nats_url, nats_token(self.cfg, create=False),
-                                f"claude-peers supervisor {self.cfg.machine}", problems.append)
-        try:
-            while True:
-                try:
-                    sub = await nc.jetstream().pull_subscribe(
-                        "fleet.>", durable=durable, stream=self.cfg.nats.stream,
-                        config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_wait=30))
-                    break
-                except NotFoundError:  # the broker creates the stream when it first connects
-                    problems.append(f"no stream {self.cfg.nats.stream} on that server")
-                    await asyncio.sleep(0.5)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await nc.close()
-            raise
-        self.event_source = f"nats {self.cfg.nats_url} stream {self.cfg.nats.stream} durable {durable}"
-        return nc, sub
-
-    async def _check_embedded_nats(self) -> None:
-        """On the hub's embedded server, ask the broker first: when another process holds that
-        port, whatever answers there is not ours and must not get our token."""
-        if self.cfg.nats.url or not self.cfg.nats.embedded:
-            return
-        try:
-            client = client_from_config(self.cfg, timeout=5)
-            try:
-                nats = (await asyncio.to_thread(client.call, "GET", "/api/status"))["nats"]
-            finally:
-                client.close()
-        except (UserError, ApiError):
-            return  # the broker does not answer: NATS may still
-        if nats.get("embedded_error"):
-            raise NatsUnusable(nats["embedded_error"])
-
-    async def _consume(self, nc: Any, sub: Any) -> None:
-        """Hand the consumer's events to ``on_event`` until NATS goes away."""
-        while not self.stopping.is_set():
-            for message in await fetch_events(sub):
-                self.on_event(message.subject, event_id_of(message.data))
-                await message.ack()
-            if not nc.is_connected:
-                raise ConnectionError("lost the connection")
-
-    def _stop_feed(self, feed: asyncio.Task[None]) -> None:
-        feed.cancel()
-        for client in self.feed_clients:
-            client.abort()  # its parked long-poll ends now
-        self.feed_clients.clear()
-
-    async def events_from_feed(self) -> None:
-        """Without NATS (or while it does not answer): long-poll the broker's event feed from a persisted cursor."""
-        client: BrokerClient | None = None
-        self.event_source = f"broker feed {self.cfg.broker_url}"
-        while not self.stopping.is_set():
-            try:
-                if client is None:
-                    client = client_from_config(self.cfg, timeout=40)
-                    self.feed_clients.append(client)
-                cursor = self.state.cursor("feed")
-                if cursor is None:
-                    cursor = (await asyncio.to_thread(client.call, "GET", "/api/status"))["last_event_seq"]
-                    self.state.set_cursor("feed", cursor)
-                feed = await asyncio.to_thread(client.call, "GET", f"/api/events?after={cursor}&limit=500&wait_s=20")
-                for event in feed["events"]:
-                    self.on_event(event["subject"], event["id"])
-                self.state.set_cursor("feed", feed["cursor"])
-            except (UserError, ApiError) as exc:
-                log.debug("event feed: %s", exc)
-                client = None
-                await asyncio.sleep(2)
-
     async def watch_parent(self) -> None:
         """Started by `up`: stop when `up` is gone, even if it was killed."""
         parent = os.environ.get("CLAUDE_PEERS_PARENT_PID")
@@ -5078,8 +5103,7 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
         self._sync_schedules()
-        events = self.events_from_nats() if self.cfg.nats_url else self.events_from_feed()
-        tasks = [asyncio.create_task(coro) for coro in (self.scheduler(), self.reporter(), events,
+        tasks = [asyncio.create_task(coro) for coro in (self.scheduler(), self.reporter(), self.events.run(),
                                                         self.watch_parent())]
         log.info("supervisor: %d daemons from %s", len(self.cfg.daemons), self.cfg.where)
         if ready:
@@ -5087,8 +5111,7 @@ class Supervisor:
         await self.stopping.wait()
         for task in tasks:
             task.cancel()
-        for client in self.feed_clients:
-            client.abort()  # its long-poll thread ends now, not when the poll would have
+        self.events.stop()
         for name, task in list(self.running.items()):
             log.info("waiting for the running %s to finish", name)
             with contextlib.suppress(asyncio.CancelledError):

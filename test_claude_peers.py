@@ -153,6 +153,50 @@ def message_state(broker: BrokerProc, mid: str) -> str:
 
 
 # ---------------------------------------------------------------------------
+# The module reads top to bottom
+# ---------------------------------------------------------------------------
+
+
+def backward_references(source: str) -> list[str]:
+    """Top-level definitions that use a module-level name defined further down (annotations aside)."""
+    import ast
+
+    tree = ast.parse(source)
+    defined: dict[str, int] = {}
+    for node in tree.body:
+        targets = [node] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else \
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for target in targets:
+            for name in [target.name] if hasattr(target, "name") else [n.id for n in ast.walk(target)
+                                                                       if isinstance(n, ast.Name)]:
+                defined.setdefault(name, node.lineno)
+    found = set()
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom, ast.If)):
+            continue
+        annotations = {id(part) for sub in ast.walk(node) for attr in ("annotation", "returns")
+                       if getattr(sub, attr, None) is not None for part in ast.walk(getattr(sub, attr))}
+        own = getattr(node, "name", None)
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and id(sub) not in annotations \
+                    and sub.id != own and defined.get(sub.id, 0) > node.lineno:
+                found.add(f"line {node.lineno}: {own or type(node).__name__} uses {sub.id}, defined at"
+                          f" line {defined[sub.id]}")
+    return sorted(found)
+
+
+def test_every_definition_uses_only_names_defined_above_it():
+    assert backward_references(SCRIPT.read_text()) == []
+
+
+def test_the_module_docstring_lists_every_section_in_file_order():
+    text = SCRIPT.read_text()
+    banners = re.findall(r"^# =+\n# ([^\n:]+)", text, re.M)
+    listed = re.findall(r"^  (\S[\w ]*?)  +\S", cp.__doc__, re.M)
+    assert [b.split(":")[0].strip() for b in banners] == [name.strip() for name in listed]
+
+
+# ---------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------
 
