@@ -191,8 +191,8 @@ def test_every_definition_uses_only_names_defined_above_it():
 
 def test_the_module_docstring_lists_every_section_in_file_order():
     text = SCRIPT.read_text()
-    banners = re.findall(r"^# =+\n# ([^\n:]+)", text, re.M)
-    listed = re.findall(r"^  (\S[\w ]*?)  +\S", cp.__doc__, re.M)
+    banners = re.findall(r"^# =+\n# ([^\n:]+)", text, re.MULTILINE)
+    listed = re.findall(r"^  (\S[\w ]*?)  +\S", cp.__doc__, re.MULTILINE)
     assert [b.split(":")[0].strip() for b in banners] == [name.strip() for name in listed]
 
 
