@@ -211,9 +211,16 @@ def test_defaults_load_without_a_file(monkeypatch, tmp_path):
 
 
 def test_repo_template_carries_exactly_the_defaults():
-    raw = cp.tomllib.loads((ROOT / "daemons.toml").read_text())
+    text = (ROOT / "daemons.toml").read_text()
+    raw = cp.tomllib.loads(text)
     for table, defaults in cp.DEFAULTS.items():
         assert raw[table] == defaults, table
+    template, builtin = cp.Config(raw, None), cp.Config({}, None)
+    assert {name: vars(d) for name, d in template.daemons.items()} == \
+        {name: vars(d) for name, d in builtin.daemons.items()}
+    keys = {*cp.DAEMON_DEFAULTS, *(key for keys in cp.RUNNER_DEFAULTS.values() for key in keys), *cp.MACHINE_DEFAULTS}
+    undocumented = [key for key in keys if not re.search(rf"^#? ?{key} = ", text, re.MULTILINE)]
+    assert undocumented == []  # every key a table takes is in the template, with its default
 
 
 @pytest.mark.parametrize(("text", "expected"), [
