@@ -263,6 +263,102 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# Pure parsers and checkers, in process
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("127.0.0.1:7899", ("127.0.0.1", 7899)), ("[::1]:0", ("::1", 0)), ("nas.tailnet:65535", ("nas.tailnet", 65535)),
+    ("7899", ValueError), (":7899", ValueError), ("host:", ValueError), ("host:65536", ValueError),
+    ("host:\u00b2", ValueError)])
+def test_host_and_port_are_parsed_or_refused(value, expected):
+    if expected is ValueError:
+        with pytest.raises(ValueError):
+            cp.parse_hostport(value)
+    else:
+        assert cp.parse_hostport(value) == expected
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("15m", 900), ("1h", 3600), ("2d", 172800),
+                                               ("0m", None), ("15", None), ("1.5h", None), ("15 minutes", None)])
+def test_durations(text, seconds):
+    if seconds is None:
+        with pytest.raises(ValueError, match="bad duration"):
+            cp.parse_duration(text)
+    else:
+        assert cp.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(("head", "expected"), [
+    (b"GET /api/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n\r\n",
+     ("GET", "/api/status", {"host": "x", "authorization": "Bearer t"})),
+    (b"POST /api/send?x=1 HTTP/1.0\r\nContent-Length:  5 \r\n\r\n", ("POST", "/api/send?x=1", {"content-length": "5"})),
+    (b"GET api/status HTTP/1.1\r\n\r\n", 400), (b"GET /x\r\n\r\n", 400), (b"GET /x SMTP/1\r\n\r\n", 400),
+    (b"GET /x HTTP/1.1\r\nno colon here\r\n\r\n", 400), (b"GET /" + b"x" * 20000 + b" HTTP/1.1\r\n\r\n", 431),
+    (b"GET /caf\xe9 HTTP/1.1\r\n\r\n", ("GET", "/caf\xe9", {})),  # bytes beyond ASCII: latin-1, never an error
+])
+def test_request_heads_are_parsed_or_refused_with_their_status(head, expected):
+    if isinstance(expected, int):
+        with pytest.raises(cp.HttpError) as info:
+            cp.parse_head(head)
+        assert info.value.status == expected
+    else:
+        assert cp.parse_head(head) == expected
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    ({"machine": "m", "cwd": "/"}, "missing field 'pid'"),
+    ({"machine": "m", "pid": "1", "cwd": "/"}, "'pid' must be an integer"),
+    ({"machine": "m", "pid": True, "cwd": "/"}, "'pid' must be an integer"),
+    ({"machine": "m", "pid": 1, "cwd": "/", "extra": 1}, "unknown field 'extra'"),
+    ({"machine": "m" * 256, "pid": 1, "cwd": "/"}, "longer than 255"),
+    ({"machine": "m\ud800", "pid": 1, "cwd": "/"}, "lone surrogate"),
+    (["m"], "body must be a JSON object"),
+])
+def test_schema_validation_refuses_with_the_field_named(body, fragment):
+    with pytest.raises(cp.ApiError) as info:
+        cp.validate(body, cp.REGISTER_SCHEMA)
+    assert info.value.status == 400 and fragment in info.value.message
+
+
+def test_schema_validation_checks_lists_of_objects_item_by_item():
+    body = {"source": "s", "machine": "m", "checks": ["disk"], "repeat_after": 1,
+            "findings": [{"check": "disk", "key": "/", "severity": "warning", "title": "t", "detail": None}]}
+    assert cp.validate(body, cp.ALERTS_SCHEMA)["findings"] == [{"check": "disk", "key": "/", "severity": "warning",
+                                                               "title": "t"}]  # null is absent
+    body["findings"].append({"check": "disk", "key": 5, "severity": "warning", "title": "t"})
+    with pytest.raises(cp.ApiError, match=r"'findings\[1\].key' must be a string"):
+        cp.validate(body, cp.ALERTS_SCHEMA)
+
+
+def test_scopes_relate_a_session_to_the_caller():
+    ref = {"machine": "a", "git_root": "/r", "cwd": "/r/x"}
+    rows = {"same-dir": {"machine": "a", "git_root": "/r", "cwd": "/r/x"},
+            "same-repo": {"machine": "a", "git_root": "/r", "cwd": "/r/y"},
+            "same-box": {"machine": "a", "git_root": "", "cwd": "/t"},
+            "elsewhere": {"machine": "b", "git_root": "/r", "cwd": "/r/x"}}
+
+    def matching(scope: str) -> set[str]:
+        return {name for name, row in rows.items() if cp.in_scope(scope, ref, row)}
+
+    assert matching("all") == set(rows)
+    assert matching("machine") == {"same-dir", "same-repo", "same-box"}
+    assert matching("repo") == {"same-dir", "same-repo"}
+    assert matching("directory") == {"same-dir"}
+
+
+def test_the_rate_limiter_allows_a_burst_then_the_rate():
+    limiter = cp.RateLimiter(rate=50.0, burst=3)
+    assert [limiter.allow("a") for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow("b")  # per key
+    began = time.monotonic()
+    while not limiter.allow("a"):
+        assert time.monotonic() - began < 1
+    unlimited = cp.RateLimiter(rate=0.0, burst=1)
+    assert all(unlimited.allow("a") for _ in range(10))
+
+
+# ---------------------------------------------------------------------------
 # Sessions and presence
 # ---------------------------------------------------------------------------
 
@@ -1254,6 +1350,7 @@ def test_install_refuses_bad_arguments_before_writing_anything(tmp_path, args, e
     assert not (tmp_path / "user").exists()
 
 
+@pytest.mark.network  # pip installs from the package index
 def test_install_from_scratch_says_what_it_does_and_runs_the_module_imported(fresh_install, tmp_path):
     base, out = fresh_install
     env = install_env(base)
@@ -1282,6 +1379,7 @@ def test_install_from_scratch_says_what_it_does_and_runs_the_module_imported(fre
     assert f"claude mcp add --scope user claude-peers -- {launcher} shim" in calls(env)
 
 
+@pytest.mark.network  # pip installs from the package index
 def test_install_piped_again_keeps_config_and_token(fresh_install, tmp_path):
     shutil.copytree(fresh_install[0], tmp_path, symlinks=True, dirs_exist_ok=True)
     env = install_env(tmp_path)
@@ -1301,6 +1399,7 @@ def test_install_piped_again_keeps_config_and_token(fresh_install, tmp_path):
     assert not [c for c in calls(env) if c.startswith("claude mcp add")]
 
 
+@pytest.mark.network  # pip installs from the package index
 def test_install_fails_loudly_when_the_config_does_not_load(fresh_install, tmp_path):
     env = seeded_env(fresh_install, tmp_path)
     config_of(env).parent.mkdir(parents=True)
@@ -1318,6 +1417,7 @@ def test_install_fails_loudly_when_the_config_does_not_load(fresh_install, tmp_p
                     f" {config_of(env)}: broker.listen: expected str, got 7899")
 
 
+@pytest.mark.network  # pip installs from the package index
 def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
     """The README's two-machine recipe, as two HOMEs on this box: the hub runs `up` from its launcher,
     the client is installed with --broker-url/--token; its CLI, a shim and a supervisor reach the hub."""
@@ -1390,6 +1490,7 @@ def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
                     proc.wait()
 
 
+@pytest.mark.network  # pip installs from the package index
 def test_install_hub_service_starts_once_and_restarts_only_on_a_change(fresh_install, tmp_path):
     env = seeded_env(fresh_install, tmp_path)
     user = env.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
@@ -1431,6 +1532,7 @@ def test_install_hub_service_starts_once_and_restarts_only_on_a_change(fresh_ins
     assert unit.read_text() == text
 
 
+@pytest.mark.network  # pip installs from the package index
 def test_install_client_supervisor_service_then_uninstall_and_purge(fresh_install, tmp_path):
     env = seeded_env(fresh_install, tmp_path)
     args = ("--role", "client", "--with-supervisor", "--broker-url", f"http://127.0.0.1:{free_port()}",
@@ -1465,6 +1567,7 @@ def test_install_client_supervisor_service_then_uninstall_and_purge(fresh_instal
     assert not (tmp_path / "user/data").exists() and not (tmp_path / "user/config/claude-peers").exists()
 
 
+@pytest.mark.network  # pip installs from the package index
 def test_install_launchd_agent_on_macos(fresh_install, tmp_path):
     env = {**seeded_env(fresh_install, tmp_path), "CLAUDE_PEERS_OS": "Darwin"}
     out = run_install(env, "--role", "hub")
