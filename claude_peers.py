@@ -814,7 +814,8 @@ CREATE TABLE IF NOT EXISTS sessions(
     summary TEXT NOT NULL,
     started_at REAL NOT NULL,
     last_seen REAL NOT NULL,
-    live INTEGER NOT NULL DEFAULT 1
+    live INTEGER NOT NULL DEFAULT 1,
+    credential TEXT NOT NULL DEFAULT 'admin'
 );
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_live_name ON sessions(name) WHERE live = 1 AND name IS NOT NULL;
 CREATE TABLE IF NOT EXISTS messages(
@@ -835,7 +836,8 @@ CREATE TABLE IF NOT EXISTS messages(
     delivered_at REAL,
     read_at REAL,
     lease_until REAL,
-    leased_to TEXT
+    leased_to TEXT,
+    credential TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS messages_queued_session ON messages(to_session, seq) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS messages_queued_name ON messages(to_name, seq) WHERE state = 'queued';
@@ -881,7 +883,21 @@ CREATE TABLE IF NOT EXISTS health(
     report TEXT NOT NULL,
     findings TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS credentials(
+    name TEXT PRIMARY KEY,
+    machine TEXT NOT NULL,
+    role TEXT NOT NULL,
+    secret_hash TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    last_used REAL,
+    expires_at REAL,
+    revoked_at REAL
+);
 """
+# Columns added since the first release: a new database has them from SCHEMA, an older one
+# gets them here when the broker opens it (so an upgrade keeps its data).
+ADDED_COLUMNS = (("sessions", "credential", "TEXT NOT NULL DEFAULT 'admin'"),
+                 ("messages", "credential", "TEXT NOT NULL DEFAULT ''"))
 RUN_STATUSES = ("running", "ok", "failed", "timeout", "limit", "skipped")
 RUN_FINAL = RUN_STATUSES[1:]
 SESSION_FIELDS = ("id", "name", "machine", "pid", "cwd", "git_root", "branch", "tty", "client", "summary")
@@ -1006,6 +1022,9 @@ class Store:
         self.db = self._connect()
         self.db.execute("PRAGMA wal_autocheckpoint=0")
         self.db.executescript(SCHEMA)
+        for table, column, declaration in ADDED_COLUMNS:
+            if column not in {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         self.lock = threading.RLock()
         self.commits = 0  #: committed transactions, for the checkpointer
         self.events_written = 0  #: grows with every event: the broker wakes event readers when it moved
@@ -1168,7 +1187,8 @@ class Sessions:
                     self.live[sid]["last_seen"] = max(ts, self.live[sid]["last_seen"])
             return self._reap(c, time.time())
 
-    def register(self, info: dict[str, Any]) -> dict[str, Any]:
+    def register(self, info: dict[str, Any], credential: str = "admin") -> dict[str, Any]:
+        """A new live session, held by the credential that registered it."""
         now = time.time()
         name = info.get("name") or None
         if name is not None and not valid_name(name):
@@ -1179,7 +1199,7 @@ class Sessions:
                    "pid": info["pid"], "cwd": info["cwd"], "git_root": info.get("git_root") or "",
                    "branch": info.get("branch") or "", "tty": info.get("tty") or "",
                    "client": info.get("client") or "", "summary": info.get("summary") or "",
-                   "started_at": now, "last_seen": now, "live": 1}
+                   "started_at": now, "last_seen": now, "live": 1, "credential": credential}
         with self.store.tx() as c:
             self._reap(c, now)
             holder = self.live.get(self.names.get(name)) if name else None
@@ -1219,6 +1239,14 @@ class Sessions:
             self.store.event(c, "peer.summary", "fleet.peer.summary", machine=session["machine"],
                         session_id=session["id"], name=session["name"], summary=summary)
             session["summary"] = summary
+
+    def end_held_by(self, credential: str) -> list[str]:
+        """End every live session a (revoked) credential holds; returns their ids, to wake."""
+        held = [s for s in self.live.values() if s["credential"] == credential]
+        with self.store.tx() as c:
+            for session in held:
+                self._end_session(c, session, "credential revoked")
+        return [s["id"] for s in held]
 
     def leave(self, session: dict[str, Any]) -> None:
         with self.store.tx() as c:
@@ -1523,6 +1551,86 @@ class Records:
                       " DO UPDATE SET text = excluded.text, updated_at = excluded.updated_at,"
                       " updated_by = excluded.updated_by", (text, time.time(), author))
             self.store.event(c, "memory.updated", "fleet.memory.updated", by=author, bytes=len(text.encode()))
+
+ROLES = ("client", "operator", "admin")
+CREDENTIAL_PREFIX = "cpc_"  # a credential, told apart from the hub's admin token at a glance
+
+
+def credential_view(row: Any) -> dict[str, Any]:
+    return {"name": row["name"], "machine": row["machine"], "role": row["role"], "created_at": iso(row["created_at"]),
+            "last_used": iso(row["last_used"]), "expires_at": iso(row["expires_at"]),
+            "revoked_at": iso(row["revoked_at"])}
+
+
+class Credentials:
+    """Per-machine credentials with roles: created with a secret shown once, stored as its
+    sha256 only, found by that hash (then compared in constant time), revocable at once.
+    When each was last used is kept in memory and written down by the janitor."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.by_hash: dict[str, dict[str, Any]] = {}  #: secret hash -> credential, for the usable ones
+        self.used: dict[str, float] = {}  #: credential name -> last use not yet written down
+        self._load()
+
+    def _load(self) -> None:
+        rows = self.store.read("SELECT * FROM credentials WHERE revoked_at IS NULL")
+        self.by_hash = {r["secret_hash"]: dict(r) for r in rows}
+
+    def create(self, name: str, machine: str, role: str, expires_s: int | None) -> dict[str, Any]:
+        """A new credential (a revoked name may be used again); its token is in the answer only."""
+        if not NAME_RE.match(name) or not NAME_RE.match(machine):
+            raise ApiError(400, "credential and machine names are 1-64 letters, digits, '.', '_' or '-'")
+        if role not in ROLES[:2]:
+            raise ApiError(400, f"role must be client or operator, got {role!r} (the hub's token is the admin)")
+        token = CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
+        now = time.time()
+        row = {"name": name, "machine": machine, "role": role, "secret_hash": sha256_hex(token), "created_at": now,
+               "last_used": None, "expires_at": now + expires_s if expires_s else None, "revoked_at": None}
+        with self.store.tx() as c:
+            if c.execute("SELECT 1 FROM credentials WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone():
+                raise ApiError(409, f"credential {name!r} exists; revoke it first (claude-peers token revoke {name})")
+            c.execute("DELETE FROM credentials WHERE name = ?", (name,))
+            c.execute(f"INSERT INTO credentials({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                      tuple(row.values()))
+            self.store.event(c, "credential.created", "fleet.credential.created", name=name, role=role,
+                             credential_machine=machine)
+        self.by_hash[row["secret_hash"]] = row
+        return {**credential_view(row), "token": token}
+
+    def revoke(self, name: str) -> dict[str, Any]:
+        with self.store.tx() as c:
+            row = c.execute("SELECT * FROM credentials WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone()
+            if row is None:
+                raise ApiError(404, f"no usable credential {name!r} (claude-peers token list shows them)")
+            c.execute("UPDATE credentials SET revoked_at = ? WHERE name = ?", (time.time(), name))
+            self.store.event(c, "credential.revoked", "fleet.credential.revoked", name=name)
+        self.by_hash.pop(row["secret_hash"], None)
+        return credential_view({**dict(row), "revoked_at": time.time()})
+
+    def list(self) -> list[dict[str, Any]]:
+        self.flush_used()
+        return [credential_view(r) for r in self.store.read("SELECT * FROM credentials ORDER BY name")]
+
+    def lookup(self, token: str) -> dict[str, Any] | None:
+        """The usable credential this token is, or None; an expired one raises a 401 that says so."""
+        digest = sha256_hex(token)
+        credential = self.by_hash.get(digest)
+        if credential is None or not hmac.compare_digest(credential["secret_hash"], digest):
+            return None
+        if credential["expires_at"] is not None and credential["expires_at"] < time.time():
+            raise ApiError(401, f"credential {credential['name']!r} expired at {iso(credential['expires_at'])};"
+                                " ask the hub for a new one: claude-peers token create")
+        self.used[credential["name"]] = time.time()
+        return credential
+
+    def flush_used(self) -> None:
+        used, self.used = self.used, {}
+        if used:
+            with self.store.tx() as c:
+                c.executemany("UPDATE credentials SET last_used = ? WHERE name = ?",
+                              [(at, name) for name, at in used.items()])
+
 
 # ===========================================================================
 # Events on NATS JetStream: the embedded server and the outbox relay
@@ -1892,6 +2000,10 @@ HEALTH_SCHEMA: Schema = {
     "machine": Field(str, True, 255), "source": Field(str, True, 64), "report": Field(dict, True, 128 * 1024),
     "findings": Field(list, True, 500, FINDING_SCHEMA),
 }
+CREDENTIAL_SCHEMA: Schema = {
+    "name": Field(str, True, 64), "machine": Field(str, True, 64), "role": Field(str, False, 16),
+    "expires_s": Field(int, False, 100 * 365 * 86400),
+}
 EMPTY_SCHEMA: Schema = {}
 KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
 
@@ -2021,6 +2133,7 @@ class Broker:
         self.sessions = Sessions(self.store, self.presence)
         self.messages = Messages(self.store, self.sessions)
         self.records = Records(self.store)
+        self.credentials = Credentials(self.store)
         self.limiter = RateLimiter(cfg.broker.rate_per_s, cfg.broker.rate_burst)
         # Long-polls waiting right now, until woken or handed mail (a send leases mail to them).
         self.parked: dict[str, asyncio.Future[list[dict[str, Any]] | None]] = {}
@@ -2163,6 +2276,7 @@ class Broker:
             close_idle()
             try:
                 await self.write(self.sessions.reap)
+                await self.write(self.credentials.flush_used)
                 if time.time() - last_prune > 3600:
                     await self.write(self.store.prune)
                     last_prune = time.time()
@@ -2362,6 +2476,24 @@ async def r_set_memory(b: Broker, req: Request) -> Any:
     return b.records.memory()
 
 
+async def r_create_credential(b: Broker, req: Request) -> Any:
+    body = req.body
+    return 201, await b.write(lambda: b.credentials.create(body["name"], body["machine"], body.get("role", "client"),
+                                                           body.get("expires_s")))
+
+
+def r_credentials(b: Broker, req: Request) -> Any:
+    return {"credentials": b.credentials.list()}
+
+
+async def r_revoke_credential(b: Broker, req: Request) -> Any:
+    """Revoked at once: its requests get 401 from now on, and its sessions end (their polls wake)."""
+    revoked = await b.write(lambda: b.credentials.revoke(req.args[0]))
+    ended = await b.write(lambda: b.sessions.end_held_by(req.args[0]))
+    b.wake(ended)
+    return {**revoked, "sessions_ended": len(ended)}
+
+
 SID = r"([0-9a-f]{10})"
 
 # (method, path pattern, handler, needs a session, body schema for POSTs)
@@ -2393,6 +2525,10 @@ ROUTES: list[tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool,
         ("POST", "/api/health", r_record_health, False, HEALTH_SCHEMA),
         ("GET", "/api/health", r_health, False, None),
         ("POST", r"/api/daemons/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/trigger", r_request_run, False, EMPTY_SCHEMA),
+        ("POST", "/api/credentials", r_create_credential, False, CREDENTIAL_SCHEMA),
+        ("GET", "/api/credentials", r_credentials, False, None),
+        ("POST", r"/api/credentials/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/revoke", r_revoke_credential, False,
+         EMPTY_SCHEMA),
     ]
 ]
 
@@ -5946,7 +6082,34 @@ def cmd_run_daemon(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_token(cfg: Config, args: argparse.Namespace) -> int:
-    print(read_token(cfg, create=args.create))
+    """Without an action: the hub's admin token (for the hub only); create/list/revoke: the
+    per-machine credentials, managed with that admin token."""
+    if args.token_action is None:
+        print(read_token(cfg, create=args.create))
+        return 0
+    client = client_from_config(cfg)
+    if args.token_action == "create":
+        body = {"name": args.name, "machine": args.machine, "role": args.role,
+                "expires_s": parse_duration(args.expires) if args.expires else None}
+        created = client.call("POST", "/api/credentials", {k: v for k, v in body.items() if v is not None})
+        print(created["token"])
+        expires = f", expires {created['expires_at']}" if created["expires_at"] else ""
+        print(f"credential {created['name']}: {created['role']} of machine {created['machine']}{expires}."
+              " Shown once; on that machine: install.sh --broker-url URL --token TOKEN", file=sys.stderr)
+    elif args.token_action == "revoke":
+        revoked = client.call("POST", f"/api/credentials/{urllib.parse.quote(args.name)}/revoke")
+        print(f"revoked {revoked['name']}: its requests are refused from now on;"
+              f" {revoked['sessions_ended']} live session(s) ended")
+    else:
+        credentials = client.call("GET", "/api/credentials")["credentials"]
+        if args.json:
+            print_json(credentials)
+        for c in [] if args.json else credentials:
+            state = f"revoked {ago(c['revoked_at'])}" if c["revoked_at"] else f"used {ago(c['last_used'])}"
+            expires = f", expires {c['expires_at'][:10]}" if c["expires_at"] else ""
+            print(f"{c['name']:<20} {c['role']:<9} {c['machine']:<16} created {c['created_at'][:10]}, {state}{expires}")
+        if not credentials and not args.json:
+            print("no credentials yet (claude-peers token create NAME --machine MACHINE)")
     return 0
 
 
@@ -6016,8 +6179,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("daemon")
     p.add_argument("--run-id", required=True)
     p.add_argument("--trigger", required=True)
-    p = command("token", cmd_token, "print the fleet token (to copy to other machines)")
-    p.add_argument("--create", action="store_true", help="create the token file (0600) if missing")
+    p = command("token", cmd_token, "the hub's admin token, or per-machine credentials: create, list, revoke")
+    p.add_argument("--create", action="store_true", help="create the admin token file (0600) if missing")
+    actions = p.add_subparsers(dest="token_action", metavar="ACTION")
+    action = actions.add_parser("create", help="a credential for one machine, printed once")
+    action.add_argument("name", help="the credential's name, e.g. the machine's")
+    action.add_argument("--machine", required=True, help="the machine it may register sessions and report for")
+    action.add_argument("--role", choices=ROLES[:2], default="client",
+                        help="client: that machine's shims, CLI and supervisor; operator: also the operator's rights")
+    action.add_argument("--expires", metavar="DURATION", help="e.g. 90d (default: never)")
+    action = actions.add_parser("list", help="every credential: role, machine, created, last used, expires")
+    action.add_argument("--json", action="store_true", help="machine-readable output")
+    action = actions.add_parser("revoke", help="refuse a credential from now on and end its sessions")
+    action.add_argument("name")
+    for action in actions.choices.values():
+        add_common_options(action, argparse.SUPPRESS, argparse.SUPPRESS)
     p = command("bench", run_bench_cmd, "measure the SPEC section 9 figures on this machine")
     p.add_argument("--messages", type=int, default=8000, help="messages for the throughput runs")
     p.add_argument("--samples", type=int, default=300, help="samples for latency runs")
