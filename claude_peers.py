@@ -531,8 +531,49 @@ def _check_percent(value: Any) -> None:
         raise ValueError(f"must be a percentage from 0 to 100, got {value}")
 
 
-def _raise(message: str) -> None:
-    raise ValueError(message)
+def _check_fraction(value: Any) -> None:
+    if not 0 <= value <= 1:
+        raise ValueError(f"must be between 0 and 1, got {value}")
+
+
+def _check_port(value: Any) -> None:
+    if not 0 < value < 65536:
+        raise ValueError(f"not a port: {value}")
+
+
+def _check_every(value: str) -> None:
+    if value:  # empty: no interval
+        parse_duration(value)
+
+
+def _check_cron(value: str) -> None:
+    if value:  # empty: no cron schedule
+        Cron(value)
+
+
+def _check_tier(value: str) -> None:
+    if value not in TIERS:
+        raise ValueError(f"unknown tier {value!r} (known: {', '.join(TIERS)})")
+
+
+def _check_host_key_checking(value: str) -> None:
+    if value not in ("yes", "accept-new"):
+        raise ValueError(f'must be "yes" or "accept-new", got {value!r}')
+
+
+def _check_stream_name(value: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise ValueError("must be 1-64 letters, digits, '_' or '-'")
+
+
+def _check_http_url(value: str) -> None:
+    if value and not value.startswith(("http://", "https://")):
+        raise ValueError(f"must start with http:// or https://, got {value!r}")
+
+
+def _check_nats_urls(value: str) -> None:
+    if value and not all(url.strip().startswith(("nats://", "tls://")) for url in value.split(",")):
+        raise ValueError(f"must be nats:// or tls:// URLs (a cluster: comma-separated), got {value!r}")
 
 
 def _check_strings(value: list[Any]) -> None:
@@ -577,42 +618,37 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("nats", "listen"): parse_hostport,
     ("nats", "max_age_s"): _check_positive,
     ("nats", "duplicate_window_s"): _check_positive,
-    ("nats", "stream"): lambda v: None if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v) else _raise(
-        "must be 1-64 letters, digits, '_' or '-'"),
-    ("daemon", "every"): lambda v: v and parse_duration(v),
-    ("daemon", "cron"): lambda v: v and Cron(v),
-    ("daemon", "on"): lambda v: _check_subjects(v),
-    ("daemon", "jitter"): lambda v: None if 0 <= v <= 1 else _raise(f"must be between 0 and 1, got {v}"),
+    ("nats", "stream"): _check_stream_name,
+    ("daemon", "every"): _check_every,
+    ("daemon", "cron"): _check_cron,
+    ("daemon", "on"): _check_subjects,
+    ("daemon", "jitter"): _check_fraction,
     ("daemon", "debounce_s"): _check_non_negative,
-    ("daemon", "command"): lambda v: _check_strings(v),
-    ("daemon", "tier"): lambda v: None if v in TIERS else _raise(f"unknown tier {v!r} (known: {', '.join(TIERS)})"),
-    ("daemon", "tools"): lambda v: _check_tools(v),
+    ("daemon", "command"): _check_strings,
+    ("daemon", "tier"): _check_tier,
+    ("daemon", "tools"): _check_tools,
     ("daemon", "commands"): _check_argv_prefixes,
-    ("daemon", "urls"): lambda v: _check_strings(v),
-    ("daemon", "paths"): lambda v: _check_strings(v),
-    ("daemon", "alert_to"): lambda v: _check_strings(v),
+    ("daemon", "urls"): _check_strings,
+    ("daemon", "paths"): _check_strings,
+    ("daemon", "alert_to"): _check_strings,
     ("daemon", "max_runtime_s"): _check_positive,
     ("daemon", "max_actions"): _check_positive,
     ("daemon", "token_budget"): _check_positive,
     ("daemon", "backoff_s"): _check_positive,
     ("daemon", "backoff_max_s"): _check_positive,
     ("llm", "timeout_s"): _check_positive,
-    ("llm", "heavy"): lambda v: _check_strings(v),
-    ("llm", "routine"): lambda v: _check_strings(v),
-    ("llm", "local"): lambda v: _check_strings(v),
-    ("llm", "base_url"): lambda v: None if not v or v.startswith(("http://", "https://")) else _raise(
-        f"must start with http:// or https://, got {v!r}"),
+    ("llm", "heavy"): _check_strings,
+    ("llm", "routine"): _check_strings,
+    ("llm", "local"): _check_strings,
+    ("llm", "base_url"): _check_http_url,
     ("alerts", "repeat_after_cycles"): _check_positive,
     **{("daemon", key): _check_percent for key in SCOUT_DEFAULTS if key.endswith("_pct")},
     **{("daemon", key): _check_positive for key in SCOUT_DEFAULTS if key.endswith(("_s", "_count", "_per_min",
                                                                                    "_warning", "_critical"))
        or key in ("journal_max_lines", "parallel")},
-    ("daemon", "host_key_checking"): lambda v: None if v in ("yes", "accept-new") else _raise(
-        f"must be \"yes\" or \"accept-new\", got {v!r}"),
-    ("machines", "port"): lambda v: None if 0 < v < 65536 else _raise(f"not a port: {v}"),
-    ("nats", "url"): lambda v: None if not v or all(u.strip().startswith(("nats://", "tls://"))
-                                                    for u in v.split(",")) else _raise(
-        f"must be nats:// or tls:// URLs (a cluster: comma-separated), got {v!r}"),
+    ("daemon", "host_key_checking"): _check_host_key_checking,
+    ("machines", "port"): _check_port,
+    ("nats", "url"): _check_nats_urls,
 }
 
 
