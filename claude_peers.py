@@ -1568,9 +1568,10 @@ class Records:
         return [{"machine": r["machine"], "source": r["source"], "at": iso(r["at"]),
                  "findings": json.loads(r["findings"]), "report": json.loads(r["report"])} for r in rows]
 
-    def request_run(self, daemon: str) -> None:
+    def request_run(self, daemon: str, by: str, only_machine: str) -> None:
         with self.store.tx() as c:
-            self.store.event(c, "daemon.requested", f"fleet.daemon.{daemon}.requested", daemon=daemon, by=OPERATOR)
+            self.store.event(c, "daemon.requested", f"fleet.daemon.{daemon}.requested", daemon=daemon, by=by,
+                             only_machine=only_machine)
 
     def memory(self) -> dict[str, Any]:
         rows = self.store.read("SELECT * FROM memory WHERE id = 1")
@@ -2268,7 +2269,8 @@ class Broker:
                 self.missed.discard(sid)
                 messages, next_lease_end = await self.write(lambda acked=acked: self.messages.lease(session, limit, acked))
                 remaining = deadline - loop.time()
-                if messages or remaining <= 0 or self.stopping.is_set() or hung_up():
+                ended = sid not in self.sessions.live  # left, reaped, or its credential revoked
+                if messages or remaining <= 0 or self.stopping.is_set() or hung_up() or ended:
                     return messages
                 if sid in self.missed:  # mail came in the commit after our lease: lease again, do not park
                     continue
@@ -2328,9 +2330,49 @@ class Broker:
             nats["embedded_error"] = self.embedded.error
         return {"version": __version__, "fleet": self.cfg.fleet.name, "machine": self.store.machine,
                 "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
-                "sessions_live": len(self.sessions.peers("all", {})), "messages": self.messages.counts(),
+                "sessions_live": len(self.sessions.peers("all", {})), "polls_parked": len(self.parked),
+                "messages": self.messages.counts(),
                 "events": self.store.read("SELECT COUNT(*) FROM events")[0][0],
                 "last_event_seq": self.store.last_event_seq(), "nats": nats}
+
+
+class Identity(NamedTuple):
+    """Who is calling: the hub's admin token, or a credential of one machine with its role."""
+
+    name: str
+    machine: str  #: '' for the admin: every machine
+    role: str
+
+
+ADMIN = Identity("admin", "", "admin")
+# What a route needs, in the words a refusal uses; and what each role may do.
+PERMISSIONS = {
+    "read": "read the fleet (peers, status, events, runs, alerts, health, memory)",
+    "session": "register and act as its own sessions",
+    "report": "report runs, alerts and health",
+    "trigger": "ask for daemon runs",
+    "operator": "send as the operator, read every message, or replace the fleet memory",
+    "admin": "manage credentials",
+}
+ROLE_PERMISSIONS = {"client": {"read", "session", "report", "trigger"},
+                    "operator": {"read", "session", "report", "trigger", "operator"},
+                    "admin": set(PERMISSIONS)}
+
+
+def require(identity: Identity, permission: str) -> None:
+    """A 403 that names the role and what it lacks, unless the role has the permission."""
+    if permission not in ROLE_PERMISSIONS[identity.role]:
+        needed = next(role for role in ROLES if permission in ROLE_PERMISSIONS[role])
+        raise ApiError(403, f"{identity.role} credential {identity.name!r} may not {PERMISSIONS[permission]}:"
+                            f" that needs the {needed} role")
+
+
+def own_machine(identity: Identity, machine: str) -> str:
+    """The machine a client credential may act for is its own; operator and admin: any."""
+    if identity.role == "client" and machine != identity.machine:
+        raise ApiError(403, f"client credential {identity.name!r} may only act for machine {identity.machine!r},"
+                            f" not {machine!r}")
+    return machine
 
 
 class Request(SimpleNamespace):
@@ -2356,7 +2398,9 @@ def r_status(b: Broker, req: Request) -> Any:
 
 
 async def r_register(b: Broker, req: Request) -> Any:
-    session = await b.write(lambda: b.sessions.register(req.body))
+    """A client credential's sessions are on its machine, whatever the body says."""
+    info = {**req.body, "machine": req.identity.machine} if req.identity.role == "client" else req.body
+    session = await b.write(lambda: b.sessions.register(info, req.identity.name))
     return 201, {**session, "stale_after_s": b.cfg.broker.stale_after_s, "lease_s": b.cfg.broker.lease_s,
                  "poll_wait_s": b.cfg.broker.poll_wait_s}
 
@@ -2444,6 +2488,8 @@ async def r_events(b: Broker, req: Request) -> Any:
     if wait_s:
         await b.wait_events(after, wait_s)
     events = b.store.events_after(after, limit)
+    if "operator" not in ROLE_PERMISSIONS[req.identity.role]:  # message text (publish_text) is not theirs to read
+        events = [{k: v for k, v in e.items() if k != "text"} for e in events]
     return {"events": events, "cursor": events[-1]["seq"] if events else after}
 
 
@@ -2453,6 +2499,7 @@ async def r_record_run(b: Broker, req: Request) -> Any:
         raise ApiError(400, f"field 'status' must be one of {', '.join(RUN_STATUSES)}")
     if not NAME_RE.match(run["daemon"]):
         raise ApiError(400, f"field 'daemon' is not a daemon name: {run['daemon']!r}")
+    own_machine(req.identity, run["machine"])
     await b.write(lambda: b.records.record_run(run))
     return {"ok": True}
 
@@ -2473,6 +2520,7 @@ def _check_findings(findings: list[dict[str, Any]]) -> None:
 async def r_sync_alerts(b: Broker, req: Request) -> Any:
     body = req.body
     _check_findings(body["findings"])
+    own_machine(req.identity, body["machine"])
     changes = await b.write(lambda: b.records.sync_alerts(body["source"], body["machine"], body["checks"],
                                                         body["findings"], max(1, body["repeat_after"])))
     return {"changes": changes}
@@ -2489,6 +2537,7 @@ def r_alerts(b: Broker, req: Request) -> Any:
 async def r_record_health(b: Broker, req: Request) -> Any:
     body = req.body
     _check_findings(body["findings"])
+    own_machine(req.identity, body["machine"])
     await b.write(lambda: b.records.record_health(body["machine"], body["source"], body["report"], body["findings"]))
     return {"ok": True}
 
@@ -2498,7 +2547,9 @@ def r_health(b: Broker, req: Request) -> Any:
 
 
 async def r_request_run(b: Broker, req: Request) -> Any:
-    await b.write(lambda: b.records.request_run(req.args[0]))
+    """A client's request is for the supervisor of its own machine; an operator's, for any."""
+    only = req.identity.machine if req.identity.role == "client" else ""
+    await b.write(lambda: b.records.request_run(req.args[0], req.identity.name, only))
     return 202, {"ok": True, "daemon": req.args[0]}
 
 
@@ -2508,6 +2559,7 @@ def r_memory(b: Broker, req: Request) -> Any:
 
 async def r_set_memory(b: Broker, req: Request) -> Any:
     author = req.session["name"] or req.session["id"] if req.session is not None else OPERATOR
+    author += f" ({req.identity.name})" if req.identity != ADMIN else ""  # the audit: which credential
     await b.write(lambda: b.records.set_memory(req.body["text"], author))
     return b.records.memory()
 
@@ -2532,39 +2584,40 @@ async def r_revoke_credential(b: Broker, req: Request) -> Any:
 
 SID = r"([0-9a-f]{10})"
 
-# (method, path pattern, handler, needs a session, body schema for POSTs)
-ROUTES: list[tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool, Schema | None]] = [
-    (m, re.compile(f"^{p}$"), h, s, schema) for m, p, h, s, schema in [
-        ("GET", "/api/status", r_status, False, None),
-        ("GET", "/api/peers", r_peers, False, None),
-        ("POST", "/api/sessions", r_register, False, REGISTER_SCHEMA),
-        ("GET", f"/api/sessions/{SID}", r_whoami, True, None),
-        ("GET", f"/api/sessions/{SID}/peers", r_session_peers, True, None),
-        ("POST", f"/api/sessions/{SID}/summary", r_summary, True, SUMMARY_SCHEMA),
-        ("POST", f"/api/sessions/{SID}/send", r_session_send, True, SEND_SCHEMA),
-        ("POST", f"/api/sessions/{SID}/poll", r_poll, True, POLL_SCHEMA),
-        ("POST", f"/api/sessions/{SID}/ack", r_ack, True, ACK_SCHEMA),
-        ("POST", f"/api/sessions/{SID}/inbox", r_inbox, True, EMPTY_SCHEMA),
-        ("POST", f"/api/sessions/{SID}/leave", r_leave, True, EMPTY_SCHEMA),
-        ("POST", f"/api/sessions/{SID}/memory", r_set_memory, True, MEMORY_SCHEMA),
-        ("GET", f"/api/sessions/{SID}/messages/([0-9a-f]{{12}})", r_session_message, True, None),
-        ("POST", "/api/send", r_operator_send, False, SEND_SCHEMA),
-        ("GET", "/api/messages", r_messages, False, None),
-        ("GET", "/api/messages/([0-9a-f]{12})", r_message, False, None),
-        ("GET", "/api/events", r_events, False, None),
-        ("GET", "/api/memory", r_memory, False, None),
-        ("POST", "/api/memory", r_set_memory, False, MEMORY_SCHEMA),
-        ("POST", "/api/runs", r_record_run, False, RUN_SCHEMA),
-        ("GET", "/api/runs", r_runs, False, None),
-        ("POST", "/api/alerts", r_sync_alerts, False, ALERTS_SCHEMA),
-        ("GET", "/api/alerts", r_alerts, False, None),
-        ("POST", "/api/health", r_record_health, False, HEALTH_SCHEMA),
-        ("GET", "/api/health", r_health, False, None),
-        ("POST", r"/api/daemons/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/trigger", r_request_run, False, EMPTY_SCHEMA),
-        ("POST", "/api/credentials", r_create_credential, False, CREDENTIAL_SCHEMA),
-        ("GET", "/api/credentials", r_credentials, False, None),
+# (method, path pattern, handler, needs a session, body schema for POSTs, the permission it needs)
+ROUTES: list[tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool, Schema | None, str]] = [
+    (m, re.compile(f"^{p}$"), h, s, schema, permission) for m, p, h, s, schema, permission in [
+        ("GET", "/api/status", r_status, False, None, "read"),
+        ("GET", "/api/peers", r_peers, False, None, "read"),
+        ("POST", "/api/sessions", r_register, False, REGISTER_SCHEMA, "session"),
+        ("GET", f"/api/sessions/{SID}", r_whoami, True, None, "session"),
+        ("GET", f"/api/sessions/{SID}/peers", r_session_peers, True, None, "session"),
+        ("POST", f"/api/sessions/{SID}/summary", r_summary, True, SUMMARY_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/send", r_session_send, True, SEND_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/poll", r_poll, True, POLL_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/ack", r_ack, True, ACK_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/inbox", r_inbox, True, EMPTY_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/leave", r_leave, True, EMPTY_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/memory", r_set_memory, True, MEMORY_SCHEMA, "operator"),
+        ("GET", f"/api/sessions/{SID}/messages/([0-9a-f]{{12}})", r_session_message, True, None, "session"),
+        ("POST", "/api/send", r_operator_send, False, SEND_SCHEMA, "operator"),
+        ("GET", "/api/messages", r_messages, False, None, "operator"),
+        ("GET", "/api/messages/([0-9a-f]{12})", r_message, False, None, "operator"),
+        ("GET", "/api/events", r_events, False, None, "read"),
+        ("GET", "/api/memory", r_memory, False, None, "read"),
+        ("POST", "/api/memory", r_set_memory, False, MEMORY_SCHEMA, "operator"),
+        ("POST", "/api/runs", r_record_run, False, RUN_SCHEMA, "report"),
+        ("GET", "/api/runs", r_runs, False, None, "read"),
+        ("POST", "/api/alerts", r_sync_alerts, False, ALERTS_SCHEMA, "report"),
+        ("GET", "/api/alerts", r_alerts, False, None, "read"),
+        ("POST", "/api/health", r_record_health, False, HEALTH_SCHEMA, "report"),
+        ("GET", "/api/health", r_health, False, None, "read"),
+        ("POST", r"/api/daemons/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/trigger", r_request_run, False, EMPTY_SCHEMA,
+         "trigger"),
+        ("POST", "/api/credentials", r_create_credential, False, CREDENTIAL_SCHEMA, "admin"),
+        ("GET", "/api/credentials", r_credentials, False, None, "admin"),
         ("POST", r"/api/credentials/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/revoke", r_revoke_credential, False,
-         EMPTY_SCHEMA),
+         EMPTY_SCHEMA, "admin"),
     ]
 ]
 
@@ -2666,15 +2719,19 @@ class ApiServer:
             if not allowed:
                 raise ApiError(404, f"no such endpoint {url.path}")
             raise ApiError(405, f"{method} not allowed on {url.path} (use {allowed[0]})")
-        _, pattern, handler, needs_session, schema = route
-        self._check_token(headers)
+        _, pattern, handler, needs_session, schema, permission = route
+        identity = self._identify(headers)
+        require(identity, permission)
         req = Request(args=pattern.match(url.path).groups(), session=None, body={}, hung_up=hung_up,
-                      query=dict(urllib.parse.parse_qsl(url.query)))
+                      query=dict(urllib.parse.parse_qsl(url.query)), identity=identity)
         if needs_session:
             secret = headers.get("x-session-secret")
             if not secret:
                 raise ApiError(401, "missing X-Session-Secret header for a session call")
             req.session = self.broker.sessions.authenticate(req.args[0], secret)
+            if identity.role != "admin" and req.session["credential"] != identity.name:
+                raise ApiError(403, f"session {req.args[0]} was registered by another credential: {identity.role}"
+                                    f" credential {identity.name!r} may act only for its own sessions")
             self.broker.presence.heard[req.args[0]] = time.time()
             if not self.broker.limiter.allow(req.args[0]):
                 raise ApiError(429, "rate limit exceeded for this session; slow down")
@@ -2683,12 +2740,18 @@ class ApiServer:
         result = handler(self.broker, req)
         return await result if asyncio.iscoroutine(result) else result
 
-    def _check_token(self, headers: dict[str, str]) -> None:
+    def _identify(self, headers: dict[str, str]) -> Identity:
+        """The hub's admin token, or a usable credential (both compared in constant time); else 401."""
         scheme, _, given = headers.get("authorization", "").partition(" ")
+        given = given.strip()
         if scheme.lower() != "bearer" or not given:
             raise ApiError(401, "missing fleet token (Authorization: Bearer <token>)")
-        if not hmac.compare_digest(given.strip().encode(), self.broker.token.encode()):
-            raise ApiError(401, "wrong fleet token")
+        if hmac.compare_digest(given.encode(), self.broker.token.encode()):
+            return ADMIN
+        credential = self.broker.credentials.lookup(given)
+        if credential is None:
+            raise ApiError(401, "wrong fleet token (or a revoked credential)")
+        return Identity(credential["name"], credential["machine"], credential["role"])
 
 
 def is_loopback(host: str) -> bool:
@@ -4923,14 +4986,13 @@ async def fetch_events(sub: Any) -> list[Any]:
         return []
 
 
-def event_id_of(data: bytes) -> str:
-    """The id in an event's JSON payload ('' for a message some other publisher sent)."""
+def event_payload(data: bytes) -> dict[str, Any]:
+    """An event's JSON payload ({} for a message some other publisher sent that is not one)."""
     try:
         payload = json.loads(data)
     except ValueError:
-        return ""
-    event_id = payload.get("id") if isinstance(payload, dict) else None
-    return event_id if isinstance(event_id, str) else ""
+        return {}
+    return payload if isinstance(payload, dict) else {}
 
 
 class EventWatcher:
@@ -5036,7 +5098,7 @@ class EventWatcher:
         """Hand the consumer's events to ``on_event`` until NATS goes away."""
         while not self.supervisor.stopping.is_set():
             for message in await fetch_events(sub):
-                self.supervisor.on_event(message.subject, event_id_of(message.data))
+                self.supervisor.on_event(message.subject, event_payload(message.data))
                 await message.ack()
             if not nc.is_connected:
                 raise ConnectionError("lost the connection")
@@ -5062,7 +5124,7 @@ class EventWatcher:
                     self.supervisor.state.set_cursor("feed", cursor)
                 feed = await asyncio.to_thread(client.call, "GET", f"/api/events?after={cursor}&limit=500&wait_s=20")
                 for event in feed["events"]:
-                    self.supervisor.on_event(event["subject"], event["id"])
+                    self.supervisor.on_event(event["subject"], event)
                 self.supervisor.state.set_cursor("feed", feed["cursor"])
             except (UserError, ApiError) as exc:
                 log.debug("event feed: %s", exc)
@@ -5148,8 +5210,10 @@ class Supervisor:
         self.state.save_run(run)
         self.wakeup.set()
 
-    def on_event(self, subject: str, event_id: str = "") -> None:
-        """A fleet event: explicit requests run at once; `on` patterns run after the debounce."""
+    def on_event(self, subject: str, payload: dict[str, Any]) -> None:
+        """A fleet event: explicit requests run at once (a client machine's only there); `on`
+        patterns run after the debounce. An event seen before (by its id) is skipped."""
+        event_id = payload.get("id") if isinstance(payload.get("id"), str) else ""
         if event_id in self.seen:
             return
         if event_id:
@@ -5158,7 +5222,8 @@ class Supervisor:
                 del self.seen[next(iter(self.seen))]
         parts = subject.split(".")
         if len(parts) == 4 and parts[:2] == ["fleet", "daemon"] and parts[3] == "requested":
-            self.trigger(parts[2], "requested")
+            if payload.get("only_machine") in (None, "", self.cfg.machine):
+                self.trigger(parts[2], f"requested by {payload.get('by') or 'the operator'}")
             return
         # Run lifecycle events trigger only patterns that name fleet.daemon explicitly, and never the
         # daemon itself: otherwise two daemons on "fleet.>" would wake each other forever.

@@ -119,6 +119,14 @@ def make_broker(tmp_path: Path) -> Iterator:
         proc.stop()
 
 
+def wait_until_sync(predicate, timeout: float = 15, what: str = "condition") -> None:
+    """Poll an observable state until it holds (the sync twin of the async wait_until)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
 def raw_request(broker: BrokerProc, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=10)
@@ -778,7 +786,7 @@ def test_every_call_needs_the_fleet_token(broker):
     status, body = raw_request(broker, "GET", "/api/status")
     assert status == 401 and "missing fleet token" in body["error"]
     status, body = raw_request(broker, "GET", "/api/status", headers={"Authorization": "Bearer nope"})
-    assert status == 401 and body["error"] == "wrong fleet token"
+    assert status == 401 and body["error"].startswith("wrong fleet token")
     status, _ = raw_request(broker, "POST", "/api/sessions", b'{"machine":"m","pid":1,"cwd":"/"}',
                             {"Content-Type": "application/json"})
     assert status == 401
@@ -1040,7 +1048,7 @@ class FuzzTarget:
 
 ROUTE_TEMPLATES = [(m, p.pattern.strip("^$").replace(cp.SID, "SID").replace("([0-9a-f]{12})", "MID")
                     .replace(r"([A-Za-z0-9][A-Za-z0-9._-]{0,63})", "NAME"), schema or {})
-                   for m, p, _, _, schema in cp.ROUTES]
+                   for m, p, _, _, schema, _ in cp.ROUTES]
 
 
 def fd_count(pid: int) -> int:
@@ -1098,6 +1106,146 @@ def test_refuses_non_loopback_without_a_strong_token(tmp_path):
                          text=True, timeout=30, check=False)
     assert out.returncode == cp.EXIT_ERROR
     assert "refusing to listen on 0.0.0.0" in out.stderr
+
+
+# -- credentials and roles: the authorization matrix -------------------------------------------
+
+
+def credential(broker: BrokerProc, name: str, machine: str, role: str = "client", **extra) -> str:
+    body = {"name": name, "machine": machine, "role": role, **extra}
+    return broker.client().call("POST", "/api/credentials", body)["token"]
+
+
+def as_session(broker: BrokerProc, token: str, **info) -> cp.BrokerClient:
+    client = broker.client(token)
+    client.register({"machine": "somewhere", "pid": os.getpid(), "cwd": "/w", **info})
+    return client
+
+
+def route_call(broker: BrokerProc, route: tuple, token: str | None, session: cp.BrokerClient | None,
+               machine: str) -> int:
+    """One call of a route as a credential, with a body its schema takes, on a session of its own."""
+    method, template, schema = route
+    path = template.replace("SID", session.session_id if session else "0" * 10).replace("MID", "0" * 12)
+    path = path.replace("NAME", "fleet-scout" if "daemons" in path else "nobody")
+    body = next((dict(b) for known, b in VALID_BODIES if known is schema), {}) if method == "POST" else None
+    if body is not None and "machine" in body:
+        body["machine"] = machine
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if session is not None and "/api/sessions/" in path:
+        headers["X-Session-Secret"] = session.session_secret or ""
+    if path.endswith("/poll"):
+        body = {"wait_s": 0}
+    status, _ = raw_request(broker, method, path, json.dumps(body).encode() if body is not None else None, headers)
+    return status
+
+
+def test_every_route_grants_each_role_what_it_may_do_and_refuses_the_rest(make_broker):
+    broker = make_broker("rate_per_s = 0.0\n")
+    tokens = {"client": credential(broker, "laptop", "laptop"), "operator": credential(broker, "ops", "desk",
+                                                                                       "operator"),
+              "admin": broker.token}
+    revoked = credential(broker, "stolen", "laptop")
+    broker.client().call("POST", "/api/credentials/stolen/revoke")
+    other = as_session(broker, credential(broker, "pi", "pi"))  # another machine's session
+    allowed = {role: {p for p, roles in [("read", "coa"), ("session", "coa"), ("report", "coa"), ("trigger", "coa"),
+                                         ("operator", "oa"), ("admin", "a")] if role[0] in roles}
+               for role in tokens}
+    permission = {(m, p.pattern): perm for m, p, _, _, _, perm in cp.ROUTES}
+    for route in ROUTE_TEMPLATES:
+        method, template, _ = route
+        perm = permission[(method, next(p.pattern for m, p, *_ in cp.ROUTES
+                                        if m == method and p.pattern.strip("^$").replace(cp.SID, "SID").replace(
+                                            "([0-9a-f]{12})", "MID").replace(
+                                            r"([A-Za-z0-9][A-Za-z0-9._-]{0,63})", "NAME") == template))]
+        for bad in (None, "not-a-token", revoked):
+            assert route_call(broker, route, bad, None, "laptop") == 401, (route, bad)
+        for role, token in tokens.items():
+            mine = as_session(broker, token)
+            status = route_call(broker, route, token, mine, "laptop")
+            if perm in allowed[role]:
+                assert status not in (401, 403), (role, route, status)
+            else:
+                assert status == 403, (role, route, status)
+        if "SID" in template:  # a client acting for another machine's session
+            assert route_call(broker, route, tokens["client"], other, "laptop") == 403, route
+        if method == "POST" and route[2] is not None and "machine" in route[2] and "sessions" not in template:
+            assert route_call(broker, route, tokens["client"], None, "pi") == 403, route  # reports for pi
+
+
+def test_a_client_registers_for_its_own_machine_and_cannot_read_others_mail(make_broker):
+    broker = make_broker()
+    token = credential(broker, "laptop", "laptop")
+    laptop = as_session(broker, token, machine="pretends-to-be-the-hub", name="laptop-agent")
+    assert laptop.session_call("GET", "")["machine"] == "laptop"  # from the credential, not the body
+    bob = broker.session(name="bob")
+    sent = send(bob, "laptop-agent", "for the laptop")
+    secret = send(bob, "someone-else", "not for the laptop")
+    assert api_error(lambda: broker.client(token).call("GET", "/api/messages")).status == 403
+    assert api_error(lambda: broker.client(token).call("GET", f"/api/messages/{secret['id']}")).status == 403
+    assert [m["id"] for m in poll(laptop)] == [sent["id"]]
+    refused = api_error(lambda: broker.client(token).call("POST", "/api/send", {"to": "bob", "text": "as operator"}))
+    assert refused.status == 403 and "client credential 'laptop' may not send as the operator" in refused.message
+    refused = api_error(lambda: broker.client(token).call("POST", "/api/memory", {"text": "# mine now"}))
+    assert refused.status == 403 and "needs the operator role" in refused.message
+    mine = send(laptop, "bob", "from the laptop")
+    row = sqlite3.connect(broker.home / "broker.db").execute(
+        "SELECT credential FROM sessions WHERE id = ?", (laptop.session_id,)).fetchone()
+    assert row[0] == "laptop" and laptop.session_call("GET", f"/messages/{mine['id']}")["state"] == "queued"
+
+
+def test_a_revoked_credential_is_refused_at_once_and_its_session_stops_receiving(make_broker):
+    broker = make_broker()
+    token = credential(broker, "laptop", "laptop")
+    laptop = as_session(broker, token, name="laptop-agent")
+    parked = threading.Thread(target=lambda: poll(laptop, wait_s=20))
+    parked.start()
+    wait_until_sync(lambda: broker.client().call("GET", "/api/status")["polls_parked"] == 1, what="the poll parked")
+    out = broker.cli("token", "revoke", "laptop")
+    assert out.returncode == 0 and "1 live session(s) ended" in out.stdout
+    parked.join(5)
+    assert not parked.is_alive()  # woken at once, not at the end of its wait
+    assert api_error(lambda: poll(laptop)).status == 401  # its credential is refused, its session ended
+    assert api_error(lambda: broker.client(token).call("GET", "/api/status")).status == 401
+    assert peer_named(broker, "laptop-agent") is None
+    listed = {c["name"]: c for c in broker.client().call("GET", "/api/credentials")["credentials"]}
+    assert listed["laptop"]["revoked_at"] and listed["laptop"]["last_used"]
+
+
+def test_an_expired_credential_says_so(make_broker):
+    broker = make_broker()
+    token = credential(broker, "temp", "laptop", expires_s=1)
+    assert broker.client(token).call("GET", "/api/status")["version"] == cp.__version__  # usable at first
+
+    def refused() -> bool:
+        try:
+            broker.client(token).call("GET", "/api/status")
+        except cp.ApiError as exc:
+            assert exc.status == 401 and "credential 'temp' expired" in exc.message
+            return True
+        return False
+
+    wait_until_sync(refused, timeout=10, what="the credential to expire")
+
+
+def test_token_create_list_revoke_from_the_cli_and_no_secret_is_ever_shown_again(make_broker):
+    broker = make_broker()
+    out = broker.cli("token", "create", "laptop", "--machine", "laptop", "--expires", "90d")
+    assert out.returncode == 0, out.stderr
+    token = out.stdout.strip()
+    assert token.startswith("cpc_") and "client of machine laptop" in out.stderr
+    session = as_session(broker, token, name="laptop-agent")
+    send(session, "bob", "hello")
+    listed = broker.cli("token", "list")
+    assert re.search(r"^laptop\s+client\s+laptop\s+created \S+, used \d+s ago, expires", listed.stdout, re.MULTILINE)
+    duplicate = broker.cli("token", "create", "laptop", "--machine", "laptop")
+    assert duplicate.returncode == cp.EXIT_ERROR and "exists; revoke it first" in duplicate.stderr
+    shown = [broker.cli("status").stdout, broker.cli("status", "--json").stdout, "".join(broker.log),
+             json.dumps(broker.client().call("GET", "/api/events?after=0&limit=1000")),
+             json.dumps(broker.client().call("GET", "/api/credentials"))]
+    assert not any(token in text or cp.sha256_hex(token) in text for text in shown)
 
 
 # ---------------------------------------------------------------------------
@@ -2843,11 +2991,11 @@ def test_interval_runs_never_overlap_and_coalesce(make_broker, supervisors):
 def test_runtime_limit_kills_the_run_and_its_children(make_broker, supervisors, tmp_path):
     child_pid = tmp_path / "child.pid"
     broker = make_broker()
-    write_config(broker, f'[daemons.stuck]\nevery = "1h"\njitter = 0.0\nrunner = "command"\nmax_runtime_s = 1\n'
+    write_config(broker, f'[daemons.stuck]\nevery = "1h"\njitter = 0.0\nrunner = "command"\nmax_runtime_s = 3\n'
                  f'command = ["sh", "-c", "sleep 300 & echo $! > {child_pid}; wait"]\nbackoff_s = 3600\n')
     supervisor = supervisors(broker)
     [run] = supervisor.wait_runs("stuck", 1)
-    assert run["status"] == "timeout" and "max_runtime_s = 1" in run["summary"]
+    assert run["status"] == "timeout" and "max_runtime_s = 3" in run["summary"]
     pid = int(child_pid.read_text())
     deadline = time.monotonic() + 5
     while cp.pid_alive(pid) and time.monotonic() < deadline:
@@ -2863,7 +3011,7 @@ def test_failures_back_off_and_triggers_meanwhile_are_skipped(make_broker, super
     supervisor = supervisors(broker)
     assert broker.cli("trigger", "flaky").returncode == 0
     [failed] = supervisor.wait_runs("flaky", 1)
-    assert failed["status"] == "failed" and failed["trigger"] == "requested"
+    assert failed["status"] == "failed" and failed["trigger"] == "requested by admin"
     broker.cli("trigger", "flaky")
     runs = supervisor.wait_runs("flaky", 2)
     assert runs[1]["status"] == "skipped" and "cooling down" in runs[1]["summary"]
@@ -2990,7 +3138,7 @@ def test_a_supervisor_that_cannot_reach_nats_runs_events_and_triggers_from_the_f
     assert greeted["status"] == "ok" and greeted["trigger"] == "event fleet.peer.joined"
     assert broker.cli("trigger", "manual").returncode == 0
     [manual] = supervisor.wait_runs("manual", 1)
-    assert manual["status"] == "ok" and manual["trigger"] == "requested" and manual["summary"] == "by hand"
+    assert manual["status"] == "ok" and manual["trigger"] == "requested by admin" and manual["summary"] == "by hand"
     assert len([line for line in supervisor.log if "event consumer" in line]) == 1  # said once
 
 
