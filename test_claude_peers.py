@@ -1581,7 +1581,10 @@ def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
     try:
         assert "(embedded), stream FLEET" in started(hub, "Ctrl-C")
         url = f"http://127.0.0.1:{port}"
-        token = (tmp_path / "hub/user/data/token").read_text().strip()
+        admin = (tmp_path / "hub/user/data/token").read_text().strip()
+        created = installed(hub_env, "token", "create", "laptop", "--machine", socket.gethostname())
+        token = created.stdout.strip()  # the README's recipe: a client credential for this machine, from the hub
+        assert created.returncode == 0 and token.startswith(cp.CREDENTIAL_PREFIX), created.stderr
 
         client_env = seeded_env(fresh_install, tmp_path / "client")
         out = run_install(client_env, "--broker-url", url, "--token", token)
@@ -1605,14 +1608,16 @@ def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
                                            args=["shim", "--name", "laptop-web"],
                                            env={k: client_env[k] for k in ("HOME", "XDG_CONFIG_HOME")})
             async with Client(params, mode="legacy", extensions=[recorder]) as client:
-                hub_api = cp.BrokerClient(url, token)
+                hub_api = cp.BrokerClient(url, admin)
                 await wait_until(lambda: any(p["name"] == "laptop-web"
                                              for p in hub_api.call("GET", "/api/peers")["peers"]))
                 assert "laptop-web" in installed(client_env, "peers").stdout
-                sent = installed(client_env, "send", "laptop-web", "hello from the client CLI")
+                refused = installed(client_env, "send", "laptop-web", "as the operator")
+                assert refused.returncode == cp.EXIT_AUTH and "may not send as the operator" in refused.stderr
+                sent = installed(hub_env, "send", "laptop-web", "hello from the hub's CLI")
                 assert sent.returncode == 0, sent.stderr
                 [pushed] = await recorder.wait_for(1)
-                assert pushed.content == "hello from the client CLI"
+                assert pushed.content == "hello from the hub's CLI"
                 assert "laptop-web" in await ShimSession(client, recorder).ok("whoami")
 
         anyio.run(shim_on_the_client)
