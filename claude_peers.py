@@ -1916,6 +1916,7 @@ class Histogram:
         self.count = 0
 
     def observe(self, value: float) -> None:
+        """Count one value in the first bucket it fits (+Inf is the count itself)."""
         self.sum += value
         self.count += 1
         for i, bound in enumerate(self.bounds):
@@ -1950,6 +1951,7 @@ class Metrics:
         self.in_flight: dict[str, tuple[str, float, float]] = {}  #: message id -> (session, sent at, handed at)
 
     def request(self, method: str, target: str, status: int, payload: Any) -> None:
+        """Count one answered request under a bounded label set (unknown paths and methods are "other")."""
         path = target.split("?", 1)[0]
         unmatched = status == 404 and isinstance(payload, dict) and str(payload.get("error", "")).startswith(
             "no such endpoint")
@@ -1960,6 +1962,7 @@ class Metrics:
         self.rate_limited += status == 429
 
     def messages_sent(self, count: int) -> None:
+        """Count a committed send (one message per recipient)."""
         self.sent += count
         self.changed()
 
@@ -2055,10 +2058,12 @@ class Dashboard:
         return self._add(self.sessions, self.SESSION_TTL_S, now)
 
     def cookie(self, value: str, max_age: int) -> str:
+        """The Set-Cookie value: script cannot read it, no other site sends it, TLS keeps it on TLS."""
         secure = "; Secure" if self.secure else ""
         return f"{self.COOKIE}={value}; Max-Age={max_age}; Path=/; HttpOnly; SameSite=Strict{secure}"
 
     def _cookie_value(self, headers: dict[str, str]) -> str:
+        """Our cookie among those the browser sent ('' without it)."""
         for part in headers.get("cookie", "").split(";"):
             name, _, value = part.strip().partition("=")
             if name == self.COOKIE:
@@ -2080,6 +2085,7 @@ class Dashboard:
                                 " dashboard` for a login link")
 
     def logout(self, headers: dict[str, str]) -> None:
+        """End the caller's cookie session here, whatever the browser keeps."""
         key = self._find(self.sessions, self._cookie_value(headers), time.time())
         if key is not None:
             del self.sessions[key]
@@ -2087,6 +2093,7 @@ class Dashboard:
     # -- what the page shows that the store does not keep ------------------------
 
     def changed(self) -> None:
+        """Something the page shows moved: wake the pages waiting for a change."""
         self.version += 1
         if self.moved is not None:
             self.moved.set()
@@ -2117,6 +2124,7 @@ SUPERVISOR_STALE_S = 90.0  # a supervisor silent this long is shown as not repor
 
 
 def _numbers(value: Any, count: int) -> list[float] | None:
+    """``count`` finite numbers from a reporter's JSON, or None: a report may hold anything."""
     ok = isinstance(value, list) and len(value) == count
     return [float(x) for x in value] if ok and all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                                    and math.isfinite(x) for x in value) else None
