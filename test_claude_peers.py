@@ -133,7 +133,10 @@ def raw_request(broker: BrokerProc, method: str, path: str, body: bytes | None =
     try:
         conn.request(method, path, body=body, headers=headers or {})
         response = conn.getresponse()
-        return response.status, json.loads(response.read() or b"{}")
+        raw = response.read()
+        if not response.getheader("Content-Type", "").startswith("application/json"):
+            return response.status, {"body": raw.decode()}  # the dashboard's page, the metrics text
+        return response.status, json.loads(raw or b"{}")
     finally:
         conn.close()
 
@@ -1009,6 +1012,8 @@ VALID_BODIES = [  # one valid body per schema: the fuzzer breaks one field at a 
     (cp.ALERTS_SCHEMA, {"source": "d", "machine": "m", "checks": ["disk"], "repeat_after": 2, "findings": [
         {"check": "disk", "key": "/", "severity": "warning", "title": "t"}]}),
     (cp.HEALTH_SCHEMA, {"source": "d", "machine": "m", "report": {"load": [1]}, "findings": []}),
+    (cp.SCHEDULE_SCHEMA, {"machine": "m", "daemons": [{"name": "d", "next_due": 1.5, "enabled": 1}]}),
+    (cp.DASHBOARD_LOGIN_SCHEMA, {"code": "not-a-code"}),
 ]
 HOSTILE_VALUES = st.sampled_from(["\ud800", "ok\udfff", 2 ** 64, -(2 ** 63) - 1, -1, None, float("nan"),
                                   float("inf"), 1e308, "", [[[[[]]]]], {"a": {}}]) | JSON_VALUES
@@ -1036,6 +1041,13 @@ class FuzzTarget:
         self.broker = broker
         self.client = broker.session(name="fuzzed")
         broker.session(name="bob")
+        self.dashboard = {"X-Claude-Peers": "dashboard"}  # and its cookie, while the fuzzer has not logged out
+        code = broker.client().call("POST", "/api/dashboard/codes", {})["code"]
+        conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=10)
+        conn.request("POST", "/dashboard/login", json.dumps({"code": code}), {**self.dashboard,
+                                                                                "Content-Type": "application/json"})
+        self.dashboard["Cookie"] = conn.getresponse().getheader("Set-Cookie").split(";")[0]
+        conn.close()
 
     def path(self, template: str, query: str) -> str:
         if self.client.session_id not in {p["id"] for p in self.broker.client().call("GET", "/api/peers")["peers"]}:
@@ -1071,7 +1083,7 @@ def test_every_route_answers_every_generated_request_below_500(make_broker):
         if query and "wait_s" in query:
             query = query.replace("wait_s=", "wait_s=0&x=")  # the feed's long-poll: not what is fuzzed here
         status, payload = raw_request(broker, method, target.path(template, query), body,
-                                      session_headers(target.client))
+                                      {**session_headers(target.client), **target.dashboard})
         assert status < 500, (method, template, body[:200] if body else None, payload)
         assert status < 400 or payload.get("error")
 
@@ -1151,7 +1163,7 @@ def test_every_route_grants_each_role_what_it_may_do_and_refuses_the_rest(make_b
     broker.client().call("POST", "/api/credentials/stolen/revoke")
     other = as_session(broker, credential(broker, "pi", "pi"))  # another machine's session
     allowed = {role: {p for p, roles in [("read", "coa"), ("session", "coa"), ("report", "coa"), ("trigger", "coa"),
-                                         ("operator", "oa"), ("admin", "a")] if role[0] in roles}
+                                         ("operator", "oa"), ("metrics", "oa"), ("admin", "a")] if role[0] in roles}
                for role in tokens}
     permission = {(m, p.pattern): perm for m, p, _, _, _, perm in cp.ROUTES}
     for route in ROUTE_TEMPLATES:
@@ -1160,6 +1172,8 @@ def test_every_route_grants_each_role_what_it_may_do_and_refuses_the_rest(make_b
                                         if m == method and p.pattern.strip("^$").replace(cp.SID, "SID").replace(
                                             "([0-9a-f]{12})", "MID").replace(
                                             r"([A-Za-z0-9][A-Za-z0-9._-]{0,63})", "NAME") == template))]
+        if perm == "dashboard":  # the page's cookie, not a bearer token: its own test covers these
+            continue
         for bad in (None, "not-a-token", revoked):
             assert route_call(broker, route, bad, None, "laptop") == 401, (route, bad)
         for role, token in tokens.items():
@@ -4072,6 +4086,411 @@ def test_fleet_scout_efficacy_every_seeded_fault_alerts_in_the_first_cycle_and_h
     finally:
         for name in ("eff-down",):
             scout_lab.hosts.pop(name, None)
+
+
+# ---------------------------------------------------------------------------
+# Dashboard and metrics
+# ---------------------------------------------------------------------------
+
+from prometheus_client.parser import text_string_to_metric_families
+
+METRICS_TOKEN = "metrics-only-token-0123456789"
+DASH = {"X-Claude-Peers": "dashboard"}
+
+
+def http_call(broker: BrokerProc, method: str, path: str, headers: dict[str, str] | None = None,
+              body: dict | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request; the status, the headers (lower-cased names; Set-Cookie kept whole) and the raw body."""
+    conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=30)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data, headers={**({"Content-Type": "application/json"} if data else {}),
+                                                        **(headers or {})})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def scrape(broker: BrokerProc, token: str | None = None) -> tuple[dict[tuple, float], str]:
+    """GET /metrics through prometheus_client's own parser: every sample by (name, sorted labels)."""
+    status, headers, raw = http_call(broker, "GET", "/metrics", {"Authorization": f"Bearer {token or broker.token}"})
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4"), raw
+    text = raw.decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        assert f"# HELP {family.name}" in text or f"# HELP {family.name}_total" in text, family.name
+        for sample in family.samples:
+            assert family.type != "counter" or sample.name.endswith(("_total", "_created")), sample
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples, text
+
+
+def metric(samples: dict[tuple, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def login_code(broker: BrokerProc) -> str:
+    """A login link from `claude-peers dashboard --json`, as an operator gets it."""
+    out = broker.cli("dashboard", "--json")
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["url"].startswith(f"{broker.url}/#login=") and answer["expires_in_s"] == 60
+    return answer["url"]
+
+
+def dashboard_cookie(broker: BrokerProc) -> str:
+    code = login_code(broker).split("#login=")[1]
+    status, headers, raw = http_call(broker, "POST", "/dashboard/login", DASH, {"code": code})
+    assert status == 200, raw
+    return headers["set-cookie"].split(";")[0]
+
+
+def test_metrics_parse_as_prometheus_text_and_move_as_messages_flow(make_broker):
+    broker = make_broker(f'metrics_token = "{METRICS_TOKEN}"\nlease_s = 1\nrate_per_s = 0.5\nrate_burst = 20\n')
+    alice, bob = broker.session(name="alice"), broker.session(name="bob")
+    alice.session_call("POST", "/summary", {"summary": "SECRET-SUMMARY of alice"})
+    first = send(alice, "bob", "SECRET-TEXT one")["id"]
+    before, _ = scrape(broker, METRICS_TOKEN)
+    assert metric(before, "claude_peers_messages_sent_total") == 1
+    assert metric(before, "claude_peers_messages_queued") == 1
+    assert metric(before, "claude_peers_sessions", state="online") == 2
+
+    assert [m["id"] for m in poll(bob)] == [first]
+    ack(bob, [first])
+    second = send(alice, "bob", "SECRET-TEXT two")["id"]
+    assert [m["id"] for m in poll(bob)] == [second]  # handed, never acknowledged: its 1s lease runs out
+    assert [m["id"] for m in poll(bob, wait_s=10)] == [second]  # ... and it is offered again
+    bob.session_call("POST", "/poll", {"wait_s": 0, "ack": [second]})
+    for _ in range(30):  # alice overruns her bucket; bob's is his own
+        with contextlib.suppress(cp.ApiError):
+            alice.session_call("GET", "")
+    after, text = scrape(broker)  # the fleet token reads /metrics too
+    assert metric(after, "claude_peers_messages_sent_total") == 2
+    assert metric(after, "claude_peers_messages_delivered_total") == 3
+    assert metric(after, "claude_peers_messages_acknowledged_total") == 2
+    assert metric(after, "claude_peers_messages_expired_total") == 1
+    assert metric(after, "claude_peers_messages_queued") == 0
+    assert metric(after, "claude_peers_message_ack_latency_seconds_count") == 2
+    assert 1.0 <= metric(after, "claude_peers_message_ack_latency_seconds_sum") < 15
+    assert metric(after, "claude_peers_message_ack_latency_seconds_bucket", le="+Inf") == 2
+    assert metric(after, "claude_peers_http_requests_total", method="POST", route="/api/sessions/{session}/send",
+                  status="201") == 2
+    assert metric(after, "claude_peers_http_requests_total", method="GET", route="/api/sessions/{session}",
+                  status="429") >= 1
+    assert metric(after, "claude_peers_http_rate_limited_total") >= 1
+    assert metric(after, "claude_peers_nats_configured") == 0
+    assert "SECRET" not in text and "alice" not in text  # no text, summary or name in any label
+    assert http_call(broker, "GET", "/metrics", {"Authorization": "Bearer wrong-token-0123456789"})[0] == 401
+    assert http_call(broker, "GET", "/metrics")[0] == 401
+    assert http_call(broker, "GET", "/api/status", {"Authorization": f"Bearer {METRICS_TOKEN}"})[0] == 401
+    assert http_call(broker, "GET", "/", {"Authorization": f"Bearer {METRICS_TOKEN}"})[0] == 200  # the empty page
+
+
+def test_a_short_metrics_token_is_a_config_error(tmp_path):
+    path = tmp_path / "daemons.toml"
+    path.write_text('[broker]\nmetrics_token = "short"\n')
+    with pytest.raises(cp.UserError, match="broker.metrics_token: must be empty or at least 16 characters"):
+        cp.load_config(str(path))
+
+
+def test_request_series_stay_bounded_and_any_health_report_gives_figures_or_nothing():
+    metrics = cp.Metrics(30, lambda: None)
+    metrics.request("GET", "/api/sessions/0123456789/messages/0123456789ab?x=1", 200, {})
+    metrics.request("GET", "/wp-login.php", 404, {"error": "no such endpoint /wp-login.php"})
+    metrics.request("BREW", "/api/status", 405, {"error": "BREW not allowed"})
+    for i in range(cp.MAX_REQUEST_SERIES + 50):
+        metrics.request("GET", f"/api/sessions/0123456789/{i}", 404, {"error": "no such session"})
+    assert metrics.requests[("GET", "/api/sessions/{session}/messages/{message}", 200)] == 1
+    assert metrics.requests[("GET", "other", 404)] >= 51 and metrics.requests[("other", "/api/status", 405)] == 1
+    assert len(metrics.requests) <= cp.MAX_REQUEST_SERIES + 1
+    for report in [{}, {"filesystems": 5, "memory": [], "load": "high", "cores": True},
+                   {"filesystems": [{"mount": "/", "used_pct": float("inf"), "size_bytes": 1}, "x", None],
+                    "memory": {"available_pct": "lots"}, "load": [1, 2], "cores": 0, "reachable": False}]:
+        figures = cp.health_figures(report)
+        assert figures["disks"] == [] and figures["memory_used_pct"] is None and figures["load"] is None
+        assert figures["cores"] is None and figures["reachable"] is (report.get("reachable") is not False)
+
+
+def test_a_schedule_report_with_a_bad_daemon_name_is_refused(broker):
+    error = api_error(lambda: broker.client().call("POST", "/api/schedule", {
+        "machine": "hub", "daemons": [{"name": "no such/name", "next_due": 1.0}]}))
+    assert error.status == 400 and "daemons[0].name" in error.message
+
+
+def health_report(disk_pct: float, memory_available_pct: float, load: list[float]) -> dict:
+    """A fleet-scout report as the scout sends it (the fields the dashboard reads)."""
+    return {"reachable": True, "complete": True, "cores": 4, "load": load, "error": "",
+            "memory": {"total_bytes": 16 << 30, "available_bytes": 4 << 30, "available_pct": memory_available_pct},
+            "filesystems": [
+                {"mount": "/", "device": "/dev/sda2", "fstype": "ext4", "read_only": False, "size_bytes": 200 << 30,
+                 "used_pct": 41.0},
+                {"mount": "/srv", "device": "/dev/sdb1", "fstype": "xfs", "read_only": False, "size_bytes": 4 << 40,
+                 "used_pct": disk_pct},
+                {"mount": "/snap/core/1", "device": "/dev/loop0", "fstype": "squashfs", "read_only": True,
+                 "size_bytes": 1 << 30, "used_pct": 100.0}]}
+
+
+def report_run(broker: BrokerProc, daemon: str, status: str, minutes_ago: float, summary: str = "") -> None:
+    start = time.time() - minutes_ago * 60
+    broker.client().call("POST", "/api/runs", {
+        "id": cp.new_id(8), "daemon": daemon, "trigger": "schedule", "machine": "hub", "started_at": cp.iso(start),
+        "ended_at": cp.iso(start + 4), "status": status, "summary": summary})
+
+
+def seed_fleet(broker: BrokerProc) -> list[cp.BrokerClient]:
+    """A homelab as the dashboard shows it: sessions on four machines, mail, runs, alerts, health."""
+    sessions = [broker.session(name=name, machine=machine, cwd=cwd, branch=branch, summary=summary, client="claude")
+                for name, machine, cwd, branch, summary in [
+                    ("homelab-infra", "nas", "/srv/ansible", "main", "Moving the backup timer to systemd"),
+                    ("build-agent", "desktop", "/home/me/src/app", "feat/ci-cache", "Speeding up CI caches"),
+                    ("pi-watch", "pi", "/opt/sensors", "", "Watching the greenhouse sensors"),
+                    ("notes", "laptop", "/home/me/notes", "main", "")]]
+    infra, build, pi, notes = sessions
+    send(build, "homelab-infra", "Is the NAS backup done before I restart CI?")
+    send(pi, "homelab-infra", "Greenhouse sensor 3 stopped reporting")
+    infra.session_call("POST", "/inbox", {})
+    send(infra, "build-agent", "Yes, finished at 03:10; go ahead.")
+    notes.session_call("POST", "/leave", {})
+    for minutes, status in [(95, "ok"), (80, "ok"), (65, "failed"), (50, "ok"), (35, "ok"), (20, "ok"), (5, "ok")]:
+        report_run(broker, "fleet-scout", status, minutes, "4 machine(s), 1 with findings")
+    report_run(broker, "llm-watchdog", "ok", 12, "llama.cpp answers in 0.8s")
+    report_run(broker, "pr-helper", "failed", 25, "gh: authentication required")
+    for machine, disk, memory, load in [("nas", 91.0, 38.5, [0.3, 0.5, 0.6]), ("desktop", 55.0, 61.0, [1.2, 0.9, 0.8]),
+                                        ("pi", 34.0, 8.0, [2.1, 2.4, 2.6])]:
+        findings = [{"check": "disk", "key": "/srv", "severity": "warning", "title": "disk /srv 91% used"}] \
+            if machine == "nas" else []
+        broker.client().call("POST", "/api/health", {"machine": machine, "source": "fleet-scout", "findings": findings,
+                                                     "report": health_report(disk, memory, load)})
+        broker.client().call("POST", "/api/alerts", {"source": "fleet-scout", "machine": machine, "checks": ["disk"],
+                                                     "findings": findings, "repeat_after": 12})
+    broker.client().call("POST", "/api/schedule", {"machine": "hub", "daemons": [
+        {"name": "fleet-scout", "schedule": "every 15m", "enabled": 1, "next_due": time.time() + 600},
+        {"name": "llm-watchdog", "schedule": "every 5m", "enabled": 1, "next_due": time.time() + 170},
+        {"name": "pr-helper", "schedule": "every 30m", "enabled": 1, "next_due": time.time() + 1100, "failures": 1}]})
+    return sessions[:3]
+
+
+def test_metrics_and_the_dashboard_show_runs_alerts_health_and_a_real_supervisors_schedule(make_broker, supervisors):
+    broker = make_broker('[daemons.fleet-scout]\nenabled = false\n[daemons.tick]\nrunner = "command"\n'
+                         'command = ["true"]\nevery = "1h"\njitter = 0.0\ndescription = "ticks hourly"\n')
+    seed_fleet(broker)
+    supervisors(broker)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # the first run is due at once; then the report says the next
+        samples, text = scrape(broker)
+        if metric(samples, "claude_peers_daemon_runs_total", daemon="tick", status="ok") == 1 and \
+                metric(samples, "claude_peers_daemon_next_due_timestamp_seconds", daemon="tick", machine=socket.gethostname()) > time.time() + 3000:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(text)
+    assert metric(samples, "claude_peers_daemon_runs_total", daemon="fleet-scout", status="ok") == 6
+    assert metric(samples, "claude_peers_daemon_runs_total", daemon="fleet-scout", status="failed") == 1
+    assert 5 * 60 - 10 < metric(samples, "claude_peers_daemon_last_ok_age_seconds", daemon="fleet-scout") < 5 * 60 + 30
+    assert ("claude_peers_daemon_last_ok_age_seconds", (("daemon", "pr-helper"),)) not in samples  # never ok
+    assert metric(samples, "claude_peers_alerts_open", severity="warning") == 1
+    assert metric(samples, "claude_peers_alerts_open", severity="critical") == 0
+    assert metric(samples, "claude_peers_machine_disk_used_ratio", machine="nas", mount="/srv", fstype="xfs") == 0.91
+    assert ("claude_peers_machine_disk_used_ratio", (("fstype", "squashfs"), ("machine", "nas"),
+                                                     ("mount", "/snap/core/1"))) not in samples  # read-only
+    assert metric(samples, "claude_peers_machine_memory_used_ratio", machine="pi") == pytest.approx(0.92)
+    assert metric(samples, "claude_peers_machine_load15", machine="pi") == 2.6
+    assert "Moving the backup" not in text and "Greenhouse" not in text
+
+    status, _, raw = http_call(broker, "GET", "/dashboard/api/state", {**DASH, "Cookie": dashboard_cookie(broker)})
+    assert status == 200, raw
+    state = json.loads(raw)
+    daemons = {d["name"]: d for d in state["daemons"]}
+    assert daemons["tick"]["schedule"] == "every 1h" and daemons["tick"]["next_due"]
+    assert daemons["tick"]["supervisor"] == socket.gethostname() and daemons["tick"]["recent"][0]["status"] == "ok"
+    assert [r["status"] for r in daemons["fleet-scout"]["recent"]][:3] == ["ok", "ok", "ok"]
+    assert daemons["fleet-scout"]["open_alerts"] == 1
+    nas = next(m for m in state["health"] if m["machine"] == "nas")
+    assert max(d["used_pct"] for d in nas["disks"]) == 91.0 and nas["findings"]["warning"] == 1
+    assert {s["name"] for s in state["sessions"] if s["online"]} >= {"homelab-infra", "build-agent", "pi-watch"}
+    assert all("text" not in m and m["bytes"] > 0 for m in state["messages"]["recent"])
+
+
+def test_metrics_show_the_relay_connected_then_a_growing_backlog_when_nats_dies(make_broker, nats_server):
+    broker = make_broker(nats=nats_server.toml())
+    alice, bob = broker.session(), broker.session()
+    send(alice, bob.session_id, "hello")
+    wait_published(broker)
+    samples, _ = scrape(broker)
+    assert metric(samples, "claude_peers_nats_connected") == 1
+    assert metric(samples, "claude_peers_outbox_events") == 0
+    assert metric(samples, "claude_peers_events_relayed_total") >= 3  # two joins and the send
+    nats_server.kill()
+    deadline = time.monotonic() + 20
+    while broker.client().call("GET", "/api/status")["nats"]["connected"]:
+        assert time.monotonic() < deadline, "the relay never noticed NATS died"
+        time.sleep(0.05)
+    send(alice, bob.session_id, "while NATS is down")
+    samples, _ = scrape(broker)
+    assert metric(samples, "claude_peers_nats_connected") == 0
+    assert metric(samples, "claude_peers_outbox_events") >= 1
+    assert metric(samples, "claude_peers_outbox_lag_seconds") > 0
+
+
+def test_a_dashboard_login_code_works_once_and_its_cookie_opens_only_the_dashboard(broker):
+    peer = broker.session(name="secret-agent", summary="a summary only the dashboard shows")
+    mid = broker.client().call("POST", "/api/send", {"to": "secret-agent", "text": "TEXT-ON-REQUEST"})["id"]
+    status, headers, page = http_call(broker, "GET", "/")
+    assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
+    assert b"secret-agent" not in page and b"TEXT-ON-REQUEST" not in page  # the page holds no data
+    csp = headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'sha256-" in csp and "unsafe-inline" not in csp
+    assert "frame-ancestors 'none'" in csp and headers["x-content-type-options"] == "nosniff"
+    assert http_call(broker, "GET", "/dashboard/api/state", DASH)[0] == 401  # no cookie
+    bearer = {"Authorization": f"Bearer {broker.token}"}
+    assert http_call(broker, "GET", "/dashboard/api/state", {**DASH, **bearer})[0] == 401  # the token is no cookie
+
+    code = login_code(broker).split("#login=")[1]
+    assert http_call(broker, "POST", "/dashboard/login", {}, {"code": code})[0] == 403  # no custom header
+    status, headers, raw = http_call(broker, "POST", "/dashboard/login", DASH, {"code": code})
+    assert status == 200, raw
+    cookie_line = headers["set-cookie"]
+    assert "HttpOnly" in cookie_line and "SameSite=Strict" in cookie_line and "Path=/" in cookie_line
+    assert "Secure" not in cookie_line  # plain HTTP here; with tls_cert it is Secure
+    cookie = {"Cookie": cookie_line.split(";")[0]}
+    status, _, raw = http_call(broker, "POST", "/dashboard/login", DASH, {"code": code})
+    assert status == 401 and b"used or expired" in raw  # a code works once
+
+    assert http_call(broker, "GET", "/dashboard/api/state", cookie)[0] == 403  # the cookie alone is not enough
+    status, _, raw = http_call(broker, "GET", "/dashboard/api/state", {**DASH, **cookie})
+    state = json.loads(raw)
+    assert status == 200 and b"TEXT-ON-REQUEST" not in raw
+    assert [m["state"] for m in state["messages"]["recent"] if m["id"] == mid] == ["queued"]
+    assert next(s for s in state["sessions"] if s["id"] == peer.session_id)["summary"].startswith("a summary")
+    status, _, raw = http_call(broker, "GET", f"/dashboard/api/messages/{mid}/text", {**DASH, **cookie})
+    assert status == 200 and json.loads(raw)["text"] == "TEXT-ON-REQUEST"
+    status, _, raw = http_call(broker, "POST", "/dashboard/api/daemons/fleet-scout/trigger", {**DASH, **cookie}, {})
+    assert status == 202
+    events = broker.client().call("GET", "/api/events?after=0")["events"]
+    assert [e["by"] for e in events if e["subject"] == "fleet.daemon.fleet-scout.requested"] == ["dashboard"]
+    for method, path, body in [("GET", "/api/status", None), ("GET", "/api/messages", None), ("GET", "/metrics", None),
+                               ("POST", "/api/send", {"to": "secret-agent", "text": "x"}),
+                               ("POST", "/api/dashboard/codes", {})]:
+        assert http_call(broker, method, path, {**DASH, **cookie}, body)[0] == 401, path  # nothing else
+
+    [handed] = poll(peer)
+    version = json.loads(http_call(broker, "GET", "/dashboard/api/changes?since=0", {**DASH, **cookie})[2])["version"]
+    answers: list[tuple] = []
+    waiting = threading.Thread(target=lambda: answers.append(http_call(
+        broker, "GET", f"/dashboard/api/changes?since={version}&wait_s=30", {**DASH, **cookie})))
+    started = time.monotonic()
+    waiting.start()
+    ack(peer, [handed["id"]])  # an acknowledgement writes no event; the page hears of it all the same
+    waiting.join(10)
+    assert answers and json.loads(answers[0][2])["version"] > version
+    assert time.monotonic() - started < 5
+
+    status, headers, _ = http_call(broker, "POST", "/dashboard/api/logout", {**DASH, **cookie}, {})
+    assert status == 200 and "Max-Age=0" in headers["set-cookie"]
+    assert http_call(broker, "GET", "/dashboard/api/state", {**DASH, **cookie})[0] == 401  # revoked on the server
+
+
+def test_login_codes_and_cookie_sessions_are_kept_hashed_and_expire_on_the_server():
+    dashboard = cp.Dashboard(secure=True)
+    code = dashboard.new_code(now=1000.0)
+    assert code not in str(dashboard.codes) and cp.sha256_hex(code) in dashboard.codes
+    with pytest.raises(cp.ApiError, match="unknown, used or expired"):
+        dashboard.redeem(code, now=1000.0 + cp.Dashboard.CODE_TTL_S + 1)  # a minute later
+    code = dashboard.new_code(now=2000.0)
+    with pytest.raises(cp.ApiError):
+        dashboard.redeem(code[:-1] + ("A" if code[-1] != "A" else "B"), now=2001.0)
+    cookie = dashboard.redeem(code, now=2001.0)
+    assert cookie not in str(dashboard.sessions) and "; Secure" in dashboard.cookie(cookie, 60)
+    headers = {"x-claude-peers": "dashboard", "cookie": f"other=1; {cp.Dashboard.COOKIE}={cookie}"}
+    dashboard.authorise("/dashboard/api/state", headers, now=2002.0)
+    with pytest.raises(cp.ApiError, match="not logged in"):
+        dashboard.authorise("/dashboard/api/state", headers, now=2001.0 + cp.Dashboard.SESSION_TTL_S + 1)
+
+
+def chromium():  # -> selenium.webdriver.Chrome
+    """Debian's chromium under its chromedriver (selenium finds nothing on its own: no downloads here)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1480,1180",
+                "--hide-scrollbars", "--force-device-scale-factor=1"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+def test_the_dashboard_in_chromium_logs_in_and_follows_sessions_and_message_states_live(make_broker, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    broker = make_broker()
+    seed_fleet(broker)
+    driver = chromium()
+    try:
+        def until(condition, what: str, timeout: float = 10) -> float:
+            started = time.monotonic()
+            WebDriverWait(driver, timeout, poll_frequency=0.02).until(lambda d: condition(), what)
+            return time.monotonic() - started
+
+        def shown(css: str) -> list[str]:
+            """The text of each visible element matching ``css`` (read in the page: it re-renders as it goes)."""
+            return driver.execute_script("return [...document.querySelectorAll(arguments[0])]"
+                                         ".filter((e) => e.offsetParent !== null).map((e) => e.textContent)", css)
+
+        def click(css: str) -> None:
+            for _ in range(3):  # the page may re-render between finding the button and clicking it
+                with contextlib.suppress(StaleElementReferenceException):
+                    return driver.find_element(By.CSS_SELECTOR, css).click()
+            raise AssertionError(f"{css} kept going stale")
+
+        def text_of(element_id: str) -> str:
+            return driver.execute_script("return document.getElementById(arguments[0]).innerText", element_id)
+
+        driver.get(broker.url + "/")
+        until(lambda: shown("#login"), "the login card")
+        assert "homelab-infra" not in driver.page_source and not shown("#app")  # no login, no data
+
+        driver.get(login_code(broker))
+        until(lambda: shown('tr[data-session] .name'), "the sessions table")
+        assert "homelab-infra" in text_of("sessions")
+        assert "#login" not in driver.current_url  # the code left the address bar
+        driver.execute_script("window.notReloaded = true")
+
+        newcomer = broker.session(name="newcomer", machine="laptop", cwd="/home/me/newcomer",
+                                  summary="Just joined the fleet")
+        appeared = until(lambda: shown(f'tr[data-session="{newcomer.session_id}"]'), "the new session")
+        mid = broker.client().call("POST", "/api/send", {"to": "newcomer", "text": "Welcome aboard"})["id"]
+        pill = f'tr[data-message="{mid}"] .pill'
+        until(lambda: shown(pill) == ["queued"], "the message, queued")
+        assert "Welcome aboard" not in driver.page_source  # text only on request
+        ack(newcomer, [m["id"] for m in poll(newcomer)])
+        delivered = until(lambda: shown(pill) == ["delivered"], "the message's state change")
+        assert driver.execute_script("return window.notReloaded") is True  # live, no reload
+        assert appeared < 2 and delivered < 2, (appeared, delivered)
+
+        click(f'tr[data-message="{mid}"] button')
+        until(lambda: "Welcome aboard" in text_of("messages"), "the text on request")
+        problems = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"
+                    and "/dashboard/api/state - Failed to load resource: the server responded with a status of 401"
+                    not in e["message"]]  # the first look, before the login
+        assert not problems, problems  # no CSP violation, no script error
+        shot = Path(os.environ.get("CLAUDE_PEERS_SCREENSHOT") or tmp_path / "dashboard.png")
+        driver.set_window_size(1480, driver.execute_script("return document.documentElement.scrollHeight") + 20)
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000  # for the README
+        click(f'tr[data-message="{mid}"] button')
+        until(lambda: "Welcome aboard" not in text_of("messages"), "the text hidden again")
+
+        click("#logout")
+        until(lambda: shown("#login"), "the login card after logging out")
+        assert "homelab-infra" not in text_of("app") and not shown("#app")
+    finally:
+        driver.quit()
 
 
 # ---------------------------------------------------------------------------
