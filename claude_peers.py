@@ -811,6 +811,7 @@ CREATE TABLE IF NOT EXISTS sessions(
     branch TEXT NOT NULL,
     tty TEXT NOT NULL,
     client TEXT NOT NULL,
+    mode TEXT NOT NULL DEFAULT 'push',
     summary TEXT NOT NULL,
     started_at REAL NOT NULL,
     last_seen REAL NOT NULL,
@@ -884,7 +885,8 @@ CREATE TABLE IF NOT EXISTS health(
 """
 RUN_STATUSES = ("running", "ok", "failed", "timeout", "limit", "skipped")
 RUN_FINAL = RUN_STATUSES[1:]
-SESSION_FIELDS = ("id", "name", "machine", "pid", "cwd", "git_root", "branch", "tty", "client", "summary")
+SESSION_FIELDS = ("id", "name", "machine", "pid", "cwd", "git_root", "branch", "tty", "client", "mode", "summary")
+MODES = ("push", "pull")  # how a session gets its mail: pushed into it by its long-poll, or by check_messages
 
 
 def session_view(row: Any, last_seen: float | None = None) -> dict[str, Any]:
@@ -1114,6 +1116,9 @@ class Sessions:
         self.presence = presence  #: the broker's: heartbeats and polls in progress
         self.live: dict[str, dict[str, Any]] = {}  #: id -> session, for the live ones
         self.names: dict[str, str] = {}  #: agent name -> the id of the live session holding it
+        columns = {r["name"] for r in store.db.execute("PRAGMA table_info(sessions)")}
+        if "mode" not in columns:  # a database from before sessions had a mode: theirs was push
+            store.db.execute("ALTER TABLE sessions ADD COLUMN mode TEXT NOT NULL DEFAULT 'push'")
         self._load_live()
         store.on_rollback = self._load_live
 
@@ -1174,11 +1179,14 @@ class Sessions:
         if name is not None and not valid_name(name):
             raise ApiError(400, f"invalid agent name {name!r}: use 1-64 letters, digits, '.', '_' or '-'"
                            " (not a session id, not 'operator')")
+        mode = info.get("mode") or "push"
+        if mode not in MODES:
+            raise ApiError(400, f"field 'mode' must be push or pull, got {mode[:16]!r}")
         sid, secret = new_id(), secrets.token_urlsafe(24)
         session = {"id": sid, "secret_hash": sha256_hex(secret), "name": name, "machine": info["machine"],
                    "pid": info["pid"], "cwd": info["cwd"], "git_root": info.get("git_root") or "",
                    "branch": info.get("branch") or "", "tty": info.get("tty") or "",
-                   "client": info.get("client") or "", "summary": info.get("summary") or "",
+                   "client": info.get("client") or "", "mode": mode, "summary": info.get("summary") or "",
                    "started_at": now, "last_seen": now, "live": 1}
         with self.store.tx() as c:
             self._reap(c, now)
@@ -1245,8 +1253,9 @@ class Messages:
 
     def send(self, sender: dict[str, Any], to: str, text: str, reply_to: str | None, scope: str,
              parked: Container[str]) -> Sent:
-        """Commit a message (one row per recipient). A recipient whose long-poll is ``parked``
-        gets it leased in this transaction, handed over right after the commit; others are woken."""
+        """Commit a message (one row per recipient). A push recipient whose long-poll is ``parked``
+        gets it leased in this transaction, handed over right after the commit; others are woken
+        (a pull session's poll then tells it how much mail waits)."""
         if not text.strip():
             raise ApiError(400, "text is empty")
         if len(text.encode()) > self.store.cfg.broker.max_text_bytes:
@@ -1268,7 +1277,9 @@ class Messages:
             for target in targets:
                 mid = new_id(6)
                 state = "undeliverable" if target["undeliverable"] else "queued"
-                handover = state == "queued" and target["session"] in parked
+                recipient = self.recipient({"to_session": target["session"], "to_name": target["name"]}, now)
+                handover = (state == "queued" and target["session"] in parked and recipient is not None
+                            and recipient["mode"] == "push")
                 row = {"id": mid, "thread_id": thread_id or mid, "reply_to": reply_to, "from_id": sender["id"],
                        "from_name": sender["name"] or sender["id"], "from_machine": sender["machine"],
                        "from_cwd": sender["cwd"], "to_addr": to, "to_session": target["session"],
@@ -1287,7 +1298,8 @@ class Messages:
                             to=to, to_id=target["session"], to_name=target["name"], state=state,
                             bytes=len(text.encode()), **({"text": text} if self.store.cfg.nats.publish_text else {}))
                 results.append({"id": mid, "to_id": target["session"], "to_name": target["name"],
-                                "state": state, "online": target["session"] is not None})
+                                "state": state, "online": target["session"] is not None,
+                                "mode": recipient and recipient["mode"], "client": recipient and recipient["client"]})
         result: dict[str, Any] = {"thread_id": thread_id or (results[0]["id"] if len(results) == 1 else None),
                                   "messages": results}
         if to != "*":
@@ -1383,12 +1395,22 @@ class Messages:
         with self.store.lock:
             return len(self._open(self.store.db, session, columns="seq"))
 
+    def recipient(self, row: Any, now: float) -> dict[str, Any] | None:
+        """The live session a message goes to now: the one it names, else the holder of its name."""
+        for sid in (row["to_session"], self.sessions.names.get(row["to_name"] or "")):
+            session = self.sessions.live.get(sid or "")
+            if session is not None and self.sessions.presence.alive(session, now, pid_max_age=1.0):
+                return session
+        return None
+
     def message(self, mid: str, viewer: dict[str, Any]) -> dict[str, Any]:
+        """A message, and ``to_mode``: how its recipient gets mail now (None: no session of it is live)."""
         rows = self.store.read("SELECT * FROM messages WHERE id = ?", (mid,))
         if not rows or viewer["id"] != OPERATOR and viewer["id"] not in (rows[0]["from_id"], rows[0]["to_session"]) \
                 and (not viewer["name"] or viewer["name"] != rows[0]["to_name"]):
             raise ApiError(404, f"no message {mid}")
-        return message_view(rows[0])
+        recipient = self.recipient(rows[0], time.time())
+        return {**message_view(rows[0]), "to_mode": recipient and recipient["mode"]}
 
     def recent_messages(self, limit: int) -> list[dict[str, Any]]:
         rows = self.store.read("SELECT * FROM messages ORDER BY seq DESC LIMIT ?", (limit,))
@@ -1866,12 +1888,13 @@ REGISTER_SCHEMA: Schema = {
     "machine": Field(str, True, 255), "pid": Field(int, True, (1 << 31) - 1), "cwd": Field(str, True, 4096),
     "git_root": Field(str, False, 4096), "branch": Field(str, False, 255), "tty": Field(str, False, 255),
     "client": Field(str, False, 64), "summary": Field(str, False, 1000), "name": Field(str, False, 64),
+    "mode": Field(str, False, 16),
 }
 SUMMARY_SCHEMA: Schema = {"summary": Field(str, True, 1000)}
 SEND_SCHEMA: Schema = {"to": Field(str, True, 64), "text": Field(str, True, 1 << 30),
                        "reply_to": Field(str, False, 64), "scope": Field(str, False, 16)}
 POLL_SCHEMA: Schema = {"wait_s": Field(float, False, 86400), "max": Field(int, False, JSON_SAFE_INT),
-                       "ack": Field(list, False, 1000)}
+                       "ack": Field(list, False, 1000), "unread": Field(int, False, JSON_SAFE_INT)}
 ACK_SCHEMA: Schema = {"ids": Field(list, True, 1000), "state": Field(str, True, 16)}
 MEMORY_SCHEMA: Schema = {"text": Field(str, True, 1 << 30)}
 RUN_SCHEMA: Schema = {
@@ -2102,9 +2125,10 @@ class Broker:
                 self.missed.add(sid)
 
     async def poll(self, session: dict[str, Any], wait_s: float, limit: int, ack: list[str] | None = None,
-                   hung_up: Callable[[], bool] = lambda: False) -> list[dict[str, Any]]:
+                   hung_up: Callable[[], bool] = lambda: False, lease: bool = True) -> list[dict[str, Any]]:
         """Acknowledge ``ack`` (delivered) and lease mail for a session, waiting up to
         ``wait_s`` for some to arrive; the acknowledgement and the first lease share a commit.
+        Without ``lease`` (a pull session) it leases nothing and returns when mail arrives.
 
         While it waits the session counts as alive; a client that hangs up is
         noticed within CONNECTION_CHECK_S, so it does not linger as a ghost."""
@@ -2117,7 +2141,9 @@ class Broker:
             while True:
                 acked, ack = ack, None
                 self.missed.discard(sid)
-                messages, next_lease_end = await self.write(lambda acked=acked: self.messages.lease(session, limit, acked))
+                messages, next_lease_end = [], None
+                if lease:
+                    messages, next_lease_end = await self.write(lambda acked=acked: self.messages.lease(session, limit, acked))
                 remaining = deadline - loop.time()
                 if messages or remaining <= 0 or self.stopping.is_set() or hung_up():
                     return messages
@@ -2133,8 +2159,8 @@ class Broker:
                 finally:
                     if self.parked.get(sid) is waiter:
                         del self.parked[sid]
-                if handed:
-                    return handed
+                if handed or not lease and not waiter.cancelled():  # mail came (a pull poll is woken, not handed)
+                    return handed or []
         finally:
             polling[sid] -= 1
             if not polling[sid]:
@@ -2257,10 +2283,18 @@ async def r_operator_send(b: Broker, req: Request) -> Any:
 
 
 async def r_poll(b: Broker, req: Request) -> Any:
-    """Acknowledge what the last poll brought (``ack``: delivered ids), then lease more."""
-    wait_s = min(float(req.body.get("wait_s", b.cfg.broker.poll_wait_s)), 60.0)
+    """Acknowledge what the last poll brought (``ack``: delivered ids), then lease more.
+    A pull session's poll leases nothing: it is its heartbeat, and answers how much mail
+    waits (at once when that is not the ``unread`` count it knows, else when mail arrives)."""
+    wait_s = max(0.0, min(float(req.body.get("wait_s", b.cfg.broker.poll_wait_s)), 60.0))
     limit = max(1, min(int(req.body.get("max", 100)), 1000))
-    messages = await b.poll(req.session, max(0.0, wait_s), limit, req.body.get("ack"), req.hung_up)
+    if req.session["mode"] == "pull":
+        unread = b.messages.unread(req.session)
+        if req.body.get("unread", unread) == unread:  # no await in between: mail after this count wakes the poll
+            await b.poll(req.session, wait_s, limit, hung_up=req.hung_up, lease=False)
+            unread = b.messages.unread(req.session)
+        return {"messages": [], "unread": unread}
+    messages = await b.poll(req.session, wait_s, limit, req.body.get("ack"), req.hung_up)
     return {"messages": messages}
 
 
