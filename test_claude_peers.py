@@ -1619,7 +1619,7 @@ def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
         async def shim_on_the_client() -> None:
             recorder = ChannelRecorder()
             params = StdioServerParameters(command=client_env["HOME"] + "/.local/bin/claude-peers",
-                                           args=["shim", "--name", "laptop-web"],
+                                           args=["shim", "--name", "laptop-web", "--mode", "push"],
                                            env={k: client_env[k] for k in ("HOME", "XDG_CONFIG_HOME")})
             async with Client(params, mode="legacy", extensions=[recorder]) as client:
                 hub_api = cp.BrokerClient(url, admin)
@@ -1798,18 +1798,25 @@ import contextlib
 import anyio
 from mcp.client import Client, ClientExtension, NotificationBinding
 from mcp.client.stdio import StdioServerParameters
+from mcp_types import Implementation
 from pydantic import BaseModel, StrictStr
 
-# Copies the shim's stdout to a file as well: the order on the wire is what Claude Code sees.
-TEE = """
+# Plays Claude Code's process: the shim is its child on its stdio, and its command line carries
+# what `claude-peers run` adds (where the shim looks for the channel flag). Given a file, it
+# also copies the shim's stdout there: the order on the wire is what Claude Code sees.
+CLIENT_PROCESS = """
 import subprocess, sys
-log = open(sys.argv[1], "wb")
-child = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE)
+wire_log, command = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
+if not wire_log:
+    sys.exit(subprocess.call(command))
+log = open(wire_log, "wb")
+child = subprocess.Popen(command, stdout=subprocess.PIPE)
 for line in child.stdout:
     log.write(line); log.flush()
     sys.stdout.buffer.write(line); sys.stdout.buffer.flush()
 sys.exit(child.wait())
 """
+CHANNEL_FLAG = ["--dangerously-load-development-channels", "server:claude-peers"]
 
 
 class ChannelParams(BaseModel):
@@ -1859,14 +1866,16 @@ def shim_env(broker: BrokerProc, **extra: str) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def shim_session(broker: BrokerProc, name: str | None = None, mode: str = "legacy", cwd: Path | None = None,
-                       env: dict[str, str] | None = None, wire_log: Path | None = None, channel: bool = True):
-    args = [str(SCRIPT), "shim", *(["--name", name] if name else [])]
-    if wire_log is not None:
-        args = ["-c", TEE, str(wire_log), PY, *args]
+                       env: dict[str, str] | None = None, wire_log: Path | None = None, channel: bool = True,
+                       client_name: str = "claude-code", flag: list[str] = CHANNEL_FLAG):
+    """The shim as Claude Code started by `claude-peers run` runs it (by default): a push session."""
+    args = ["-c", CLIENT_PROCESS, str(wire_log or ""), *flag, "--", PY, str(SCRIPT), "shim",
+            *(["--name", name] if name else [])]
     params = StdioServerParameters(command=PY, args=args, env={**shim_env(broker), **(env or {})},
                                    cwd=str(cwd) if cwd else None)
     recorder = ChannelRecorder()
-    async with Client(params, mode=mode, extensions=[recorder] if channel else []) as client:
+    async with Client(params, mode=mode, extensions=[recorder] if channel else [],
+                      client_info=Implementation(name=client_name, version="2.1.197")) as client:
         yield ShimSession(client, recorder)
 
 
@@ -2367,6 +2376,250 @@ def test_doctor_points_a_single_box_at_up_when_the_broker_is_unreachable(broker)
     out = broker.cli("doctor", env={"CLAUDE_PEERS_URL": f"http://127.0.0.1:{free_port()}"})
     [line] = [line for line in out.stdout.splitlines() if line.split()[1] == "broker"]
     assert line.startswith("FAIL") and "start it: claude-peers up (single box) or claude-peers broker" in line
+
+
+# -- push and pull sessions: pushes only where the model is shown them --------------------
+
+def test_the_channel_flag_is_read_as_claude_code_parses_it():
+    assert cp.channel_servers(["claude", *CHANNEL_FLAG, "--resume", "abc"]) == ["server:claude-peers"]
+    assert cp.channel_servers(["claude", f"{CHANNEL_FLAG[0]}=server:x", "server:claude-peers", "-c"]) == [
+        "server:x", "server:claude-peers"]
+    assert cp.channel_servers(["claude", "server:claude-peers", "mcp", "list"]) == []
+    flagged = ["claude", *CHANNEL_FLAG]
+    assert cp.decide_mode(None, "claude-code", flagged)[0] == "push"
+    assert cp.decide_mode(None, "claude-code", ["claude", CHANNEL_FLAG[0], "server:other"])[0] == "pull"
+    assert cp.decide_mode(None, "claude-code", [])[0] == "pull"  # the parent is gone, or unreadable: unknown
+    mode, why = cp.decide_mode(None, "codex-mcp-client", flagged)
+    assert (mode, why) == ("pull", "its MCP client (codex-mcp-client) has no channel")
+    assert cp.decide_mode("push", "gemini-cli-mcp-client", [])[0] == "push"
+    assert cp.decide_mode("pull", "claude-code", flagged)[0] == "pull"
+
+
+@pytest.mark.anyio
+async def test_claude_code_started_with_the_channel_flag_is_a_push_session(broker):
+    async with shim_session(broker, name="pushed") as shim:
+        assert "<channel source" in shim.client.instructions
+        assert "delivery: push - Claude Code started with --dangerously-load-development-channels" \
+            in await shim.ok("whoami")
+        assert peer_named(broker, "pushed")["mode"] == "push"
+        sent = send(broker.session(), "pushed", "hello")
+        assert sent["mode"] == "push" and cp.recipient_note(sent) == "queued: pushed is online and gets it pushed now"
+        await shim.recorder.wait_for(1)
+        await wait_until(lambda: message_state(broker, sent["id"]) == "delivered")
+
+
+async def notice_of(shim: ShimSession, fragment: str, timeout: float = 15) -> str:
+    """A tool result that carries ``fragment`` (the shim learns of new mail from its poll)."""
+    with anyio.fail_after(timeout):
+        while fragment not in (text := await shim.ok("whoami")):
+            await anyio.sleep(0.02)
+    return text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("client", "flag", "why"), [
+    ("claude-code", [], "started without the channel flag"),
+    ("codex-mcp-client", CHANNEL_FLAG, "its client codex-mcp-client has no channel"),
+    ("gemini-cli-mcp-client", CHANNEL_FLAG, "its client gemini-cli-mcp-client has no channel"),
+])
+async def test_a_session_that_cannot_show_pushes_is_pull_and_its_mail_waits_for_check_messages(
+        broker, tmp_path, client, flag, why):
+    wire_log = tmp_path / "wire.jsonl"
+    sender = broker.session(name="pinger")
+    codex = broker.session(name="codex", mode="pull", client="codex-mcp-client")
+    async with shim_session(broker, name="deaf", client_name=client, flag=flag, wire_log=wire_log) as shim:
+        assert "cannot receive pushed messages" in shim.client.instructions
+        assert "delivery: pull" in await shim.ok("whoami")
+        assert peer_named(broker, "deaf")["mode"] == "pull" and peer_named(broker, "deaf")["client"] == client
+        sent = send(sender, "deaf", "are you there?")
+        assert (sent["state"], sent["online"], sent["mode"]) == ("queued", True, "pull")
+        out = broker.cli("send", "deaf", "the operator asks too")
+        assert f"deaf is online but cannot receive pushes ({why}): queued until it checks its messages" in out.stdout
+        await notice_of(shim, "[claude-peers] 2 peer messages waiting, not yet read - call check_messages")
+        assert message_state(broker, sent["id"]) == "queued"  # the shim knows of it, and it is not delivered
+        assert json.loads(broker.cli("status", sent["id"], "--json").stdout)["delivery"] == "queued-for-pull"
+        assert "queued-for-pull" in broker.cli("status", sent["id"]).stdout
+        answer = await shim.ok("send_message", {"to": "codex", "text": "hi"})
+        assert ("codex is online but cannot receive pushes (its client codex-mcp-client has no channel): queued"
+                " until it checks its messages") in answer
+        assert "2 peer messages waiting" in answer  # every tool result carries the notice
+        inbox = await shim.ok("check_messages")
+        assert inbox.count("are you there?") == 1 and "the operator asks too" in inbox
+        assert "already pushed" not in inbox and "waiting" not in inbox
+        assert message_state(broker, sent["id"]) == "read"
+        assert await shim.ok("check_messages") == "No unread peer messages."
+    assert [m for m in map(json.loads, wire_log.read_text().splitlines()) if m.get("method") == cp.CHANNEL_METHOD] == []
+    assert poll(codex) == []  # a pull session's poll leases nothing, whatever waits
+
+
+@pytest.mark.anyio
+async def test_the_mode_is_set_with_the_mode_option_or_the_environment(broker):
+    async with shim_session(broker, name="told-pull", env={"CLAUDE_PEERS_MODE": "pull"}) as shim:
+        assert "delivery: pull - set with --mode or CLAUDE_PEERS_MODE" in await shim.ok("whoami")
+    async with shim_session(broker, name="told-push", client_name="codex-mcp-client", flag=[],
+                            env={"CLAUDE_PEERS_MODE": "push"}) as shim:
+        assert peer_named(broker, "told-push")["mode"] == "push"
+        send(broker.session(), "told-push", "pushed all the same")
+        [note] = await shim.recorder.wait_for(1)
+        assert note.content == "pushed all the same"
+    out = broker.cli("shim", env={"CLAUDE_PEERS_MODE": "sideways"})
+    assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1
+    assert "CLAUDE_PEERS_MODE='sideways' is not a mode: set it to push or pull" in out.stderr
+
+
+def test_a_pull_sessions_poll_is_a_heartbeat_that_answers_how_much_mail_waits(make_broker):
+    broker = make_broker("stale_after_s = 1\n")
+    assert api_error(lambda: broker.session(mode="sideways")).status == 400
+    reader = broker.session(name="reader", mode="pull")
+    parked = threading.Thread(target=lambda: reader.session_call("POST", "/poll", {"wait_s": 1.6, "unread": 0}))
+    parked.start()
+    time.sleep(1.3)  # longer than stale_after_s: only the parked poll keeps the session alive
+    assert peer_named(broker, "reader") is not None
+    parked.join()
+    sender, answer = broker.session(), {}
+    waiting = threading.Thread(target=lambda: answer.update(reader.session_call("POST", "/poll",
+                                                                                {"wait_s": 30, "unread": 0})))
+    waiting.start()
+    sent = send(sender, "reader", "one")
+    waiting.join(10)
+    assert answer == {"messages": [], "unread": 1}  # woken by the mail, which stays queued and unleased
+    assert reader.session_call("POST", "/poll", {"wait_s": 30, "unread": 0})["unread"] == 1  # told at once
+    assert message_state(broker, sent["id"]) == "queued"
+    assert [m["id"] for m in reader.session_call("POST", "/inbox")["messages"]] == [sent["id"]]
+    assert message_state(broker, sent["id"]) == "read"
+
+
+def test_a_database_from_before_sessions_had_a_mode_opens_with_its_sessions_as_push(tmp_path):
+    import sqlite3
+
+    home = tmp_path / "home"
+    home.mkdir()
+    db = sqlite3.connect(home / "broker.db")
+    db.executescript(cp.SCHEMA.replace("    mode TEXT NOT NULL DEFAULT 'push',\n", ""))
+    db.execute("INSERT INTO sessions(id, secret_hash, machine, pid, cwd, git_root, branch, tty, client, summary,"
+               " started_at, last_seen) VALUES ('0123456789', 'x', 'old', 1, '/', '', '', '', 'mcp', '', 0, 0)")
+    db.commit()
+    db.close()
+    broker = BrokerProc(home).start()
+    try:
+        assert broker.session(name="new", mode="pull")
+        rows = sqlite3.connect(home / "broker.db").execute("SELECT id, mode FROM sessions ORDER BY started_at")
+        assert [tuple(r)[1] for r in rows] == ["push", "pull"]
+    finally:
+        broker.stop()
+
+
+def test_status_and_send_tell_queued_queued_for_pull_delivered_and_read(broker):
+    offline = json.loads(broker.cli("send", "nobody-yet", "later", "--json").stdout)
+    assert offline["mode"] is None
+    assert "queued: nobody-yet is offline" in broker.cli("send", "nobody-yet", "again").stdout
+    assert "queued - the recipient is offline" in broker.cli("status", offline["id"]).stdout
+    pusher = broker.session(name="pusher", client="claude-code")
+    pushed = json.loads(broker.cli("send", "pusher", "in flight", "--json").stdout)
+    assert json.loads(broker.cli("status", pushed["id"], "--json").stdout)["delivery"] == "queued"
+    ack(pusher, [m["id"] for m in poll(pusher)])
+    assert "delivered - pushed into the recipient's session and acknowledged" in broker.cli("status",
+                                                                                         pushed["id"]).stdout
+    pusher.session_call("POST", "/inbox")
+    assert json.loads(broker.cli("status", pushed["id"], "--json").stdout)["delivery"] == "read"
+    broker.session(name="puller", mode="pull", client="claude-code")
+    lines = {line.split()[1]: line for line in broker.cli("peers").stdout.splitlines() if line[:1] != " "}
+    assert lines["pusher"].split()[2] == "push" and lines["puller"].split()[2] == "pull"
+
+
+def test_doctor_lists_the_claude_code_sessions_of_this_machine_without_the_channel_flag(broker):
+    here = cp.load_config(str(broker.config)).machine
+    deaf = broker.session(name="deaf", machine=here, mode="pull", client="claude-code", cwd="/srv/app",
+                          tty="/dev/pts/3")
+    broker.session(name="codex", machine=here, mode="pull", client="codex-mcp-client")
+    broker.session(name="elsewhere", machine="other-box", mode="pull", client="claude-code")
+    broker.session(name="pushed", machine=here, client="claude-code")
+    out = broker.cli("doctor")
+    [line] = [line for line in out.stdout.splitlines() if line.split()[1] == "sessions"]
+    assert line.startswith("warn") and f"{deaf.session_id} deaf in /srv/app on /dev/pts/3" in line
+    assert "start it again in that directory with `claude-peers run --continue`" in line
+    deaf.session_call("POST", "/leave")
+    [line] = [line for line in broker.cli("doctor").stdout.splitlines() if line.split()[1] == "sessions"]
+    assert line.startswith("ok") and "(1 pull: clients without channels)" in line
+
+
+class CodexAppServer:
+    """`codex app-server` on stdio: JSON-RPC lines without the version field; notifications kept."""
+
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.proc = subprocess.Popen(["codex", "app-server"], env=env, cwd=cwd, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.next_id = 0
+
+    def request(self, method: str, params: dict) -> dict:
+        self.next_id += 1
+        self.proc.stdin.write(json.dumps({"id": self.next_id, "method": method, "params": params}) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            message = json.loads(line)
+            if message.get("id") == self.next_id and "method" not in message:
+                assert "error" not in message, message
+                return message["result"]
+        raise AssertionError(f"codex app-server ended before answering {method}")
+
+    close = RawShim.close  # stdin closed, then a wait, then a kill
+
+
+@pytest.mark.skipif(shutil.which("codex") is None, reason="the Codex CLI is not installed (.ci/run installs it)")
+def test_the_real_codex_cli_runs_the_shim_as_a_pull_session(broker, tmp_path):
+    env = {**broker.env, "HOME": str(tmp_path), "CODEX_HOME": str(tmp_path / "codex")}
+    (tmp_path / "codex").mkdir()
+    added = subprocess.run(["codex", "mcp", "add", "claude-peers", "--env", f"CLAUDE_PEERS_HOME={broker.home}",
+                            "--env", f"CLAUDE_PEERS_CONFIG={broker.config}", "--", PY, str(SCRIPT), "shim", "--name",
+                            "codex-peer"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert added.returncode == 0, added.stderr
+    codex = CodexAppServer(env, tmp_path)
+    try:
+        codex.request("initialize", {"clientInfo": {"name": "claude-peers-test", "version": cp.__version__}})
+        [server] = codex.request("mcpServerStatus/list", {})["data"]
+        assert server["name"] == "claude-peers" and sorted(server["tools"]) == sorted(t["name"] for t in cp.TOOLS)
+        thread = codex.request("thread/start", {"cwd": str(tmp_path), "ephemeral": True})["thread"]["id"]
+        deadline = time.monotonic() + 15  # a thread keeps its MCP servers running
+        while (peer := peer_named(broker, "codex-peer")) is None:
+            assert time.monotonic() < deadline, "the shim under codex never registered"
+            time.sleep(0.02)
+        assert (peer["client"], peer["mode"]) == ("codex-mcp-client", "pull")
+        sent = send(broker.session(), "codex-peer", "hello codex")
+        assert sent["mode"] == "pull" and "its client codex-mcp-client has no channel" in cp.recipient_note(sent)
+
+        def call(tool: str) -> str:
+            result = codex.request("mcpServer/tool/call", {"server": "claude-peers", "threadId": thread,
+                                                           "tool": tool, "arguments": {}})
+            return result["content"][0]["text"]
+
+        deadline = time.monotonic() + 15
+        while "1 peer message waiting" not in call("whoami"):
+            assert time.monotonic() < deadline, "the notice never came"
+            time.sleep(0.02)
+        assert "hello codex" in call("check_messages")
+        assert message_state(broker, sent["id"]) == "read"
+    finally:
+        codex.close()
+
+
+@pytest.mark.skipif(shutil.which("gemini") is None, reason="the Gemini CLI is not installed (.ci/run installs it)")
+def test_the_real_gemini_cli_connects_to_the_shim_as_a_pull_session(broker, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    env = {**broker.env, "HOME": str(tmp_path)}
+    added = subprocess.run(["gemini", "mcp", "add", "--scope", "user", "claude-peers", PY, str(SCRIPT), "shim",
+                            "-e", f"CLAUDE_PEERS_HOME={broker.home}", "-e", f"CLAUDE_PEERS_CONFIG={broker.config}",
+                            "-e", "CLAUDE_PEERS_NAME=gemini-peer"], env=env, cwd=project, capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert added.returncode == 0, added.stdout + added.stderr
+    (tmp_path / ".gemini/trustedFolders.json").write_text(json.dumps({str(project): "TRUST_FOLDER"}))
+    listed = subprocess.run(["gemini", "mcp", "list"], env=env, cwd=project, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=120, check=False)
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", listed.stdout + listed.stderr)  # it lists on stderr, in colour
+    line = next((line for line in plain.splitlines() if "claude-peers:" in line), "")
+    assert line.endswith("Connected"), listed.stdout + listed.stderr
+    joined = [e for e in broker.client().call("GET", "/api/events?after=0")["events"] if e["type"] == "peer.joined"]
+    assert [(e["name"], e["client"], e["mode"]) for e in joined] == [("gemini-peer", "mcp-test-client", "pull")]
 
 
 # ---------------------------------------------------------------------------
@@ -3313,8 +3566,13 @@ def test_next_due_for_every_and_cron():
 @pytest.mark.skipif(shutil.which("claude") is None, reason="the Claude Code CLI is not installed (.ci/run installs it)")
 @pytest.mark.parametrize("negotiation", ["legacy", "auto"])
 def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation):
-    """`claude mcp list` starts every registered server and reports it: a real-client handshake."""
-    env = {**broker.env, "HOME": str(tmp_path), "MCP_PROTOCOL_NEGOTIATION": negotiation}
+    """`claude mcp list` starts every registered server and reports it: a real-client handshake, a pull
+    session (no channel flag). `claude-peers run -p` is a push session, listed while Claude Code waits on
+    an API endpoint that never answers (a socket here: no login, no network)."""
+    unanswered = socket.create_server(("127.0.0.1", 0))
+    env = {**broker.env, "HOME": str(tmp_path), "MCP_PROTOCOL_NEGOTIATION": negotiation,
+           "ANTHROPIC_API_KEY": "sk-ant-test", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+           "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{unanswered.getsockname()[1]}"}
     added = subprocess.run(["claude", "mcp", "add", "--scope", "user", "claude-peers", "--", PY, str(SCRIPT), "shim",
                             "--name", "real-claude"], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert added.returncode == 0, added.stderr
@@ -3322,6 +3580,20 @@ def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation
                             check=False)
     line = next(line for line in listed.stdout.splitlines() if line.startswith("claude-peers:"))
     assert "Connected" in line, listed.stdout + listed.stderr
+    [joined] = [e for e in broker.client().call("GET", "/api/events?after=0")["events"] if e["type"] == "peer.joined"]
+    assert (joined["name"], joined["client"], joined["mode"]) == ("real-claude", "claude-code", "pull")
+    run = subprocess.Popen([PY, str(SCRIPT), "run", "-p", "hello"], env=env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while (peer := peer_named(broker, "real-claude")) is None:
+            assert run.poll() is None and time.monotonic() < deadline, "claude-peers run never started the shim"
+            time.sleep(0.02)
+        assert (peer["client"], peer["mode"]) == ("claude-code", "push")
+    finally:
+        run.terminate()
+        run.wait(30)
+        unanswered.close()
     doctor = broker.cli("doctor", env={"HOME": str(tmp_path)})
     mcp = next(line for line in doctor.stdout.splitlines() if line.split()[1] == "mcp")
     assert mcp.startswith("ok") and "user scope" in mcp and "shim --name real-claude" in mcp
