@@ -40,6 +40,7 @@ import collections
 import concurrent.futures
 import contextlib
 import datetime as dt
+import difflib
 import errno
 import fcntl
 import hashlib
@@ -481,7 +482,8 @@ DAEMON_TOOLS: dict[str, dict[str, Any]] = {
     "read_events": _tool("Read fleet events after a sequence number (peer joined/left, messages, daemon runs...).",
                          False, after={"type": "integer"}, limit={"type": "integer"}),
     "read_memory": _tool("Read the fleet memory (shared markdown notes).", False),
-    "write_memory": _tool("Replace the fleet memory with new markdown.", True, ("text",), text={"type": "string"}),
+    "write_memory": _tool("Replace the fleet memory's notes with new markdown (a section a human pinned stays).",
+                          True, ("text",), text={"type": "string"}),
     "alert": _tool("Raise an alert (fleet.alert.<severity>, the daemon's alert_to peers, the webhook): sent once when"
                    " new or changed, repeated while it stays raised run after run, resolved when a run stops raising"
                    " it.", True, ("severity", "title"),
@@ -851,9 +853,11 @@ CREATE TABLE IF NOT EXISTS events(
     published_at REAL
 );
 CREATE INDEX IF NOT EXISTS events_unpublished ON events(seq) WHERE published_at IS NULL;
-CREATE TABLE IF NOT EXISTS memory(
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    text TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS memory_versions(
+    version INTEGER PRIMARY KEY AUTOINCREMENT,
+    pinned TEXT NOT NULL,
+    notes TEXT NOT NULL,
+    part TEXT NOT NULL,
     updated_at REAL NOT NULL,
     updated_by TEXT NOT NULL
 );
@@ -882,6 +886,8 @@ CREATE TABLE IF NOT EXISTS health(
     findings TEXT NOT NULL
 );
 """
+MEMORY_PARTS = ("pinned", "notes")  # a human's pinned section, then the notes daemons (fleet-memory) keep
+MEMORY_VERSIONS_KEPT = 100
 RUN_STATUSES = ("running", "ok", "failed", "timeout", "limit", "skipped")
 RUN_FINAL = RUN_STATUSES[1:]
 SESSION_FIELDS = ("id", "name", "machine", "pid", "cwd", "git_root", "branch", "tty", "client", "summary")
@@ -919,6 +925,20 @@ def alert_view(row: Any) -> dict[str, Any]:
             "key": row["key"], "severity": row["severity"], "title": row["title"], "detail": row["detail"],
             "diagnosis": row["diagnosis"], "opened_at": iso(row["opened_at"]), "last_seen": iso(row["last_seen"]),
             "resolved_at": iso(row["resolved_at"])}
+
+
+def compose_memory(pinned: str, notes: str) -> str:
+    """The memory sessions read: the pinned section first, then the notes."""
+    if pinned.strip() and notes.strip():
+        return pinned.rstrip("\n") + "\n\n" + notes
+    return pinned if pinned.strip() else notes
+
+
+def memory_view(row: Any, max_bytes: int) -> dict[str, Any]:
+    text = compose_memory(row["pinned"], row["notes"])
+    return {"text": text, "pinned": row["pinned"], "notes": row["notes"], "version": row["version"],
+            "part": row["part"], "bytes": len(text.encode()), "updated_at": iso(row["updated_at"]),
+            "updated_by": row["updated_by"], "max_bytes": max_bytes}
 
 
 def in_scope(scope: str, ref: dict[str, Any], row: Any) -> bool:
@@ -1508,21 +1528,71 @@ class Records:
         with self.store.tx() as c:
             self.store.event(c, "daemon.requested", f"fleet.daemon.{daemon}.requested", daemon=daemon, by=OPERATOR)
 
-    def memory(self) -> dict[str, Any]:
-        rows = self.store.read("SELECT * FROM memory WHERE id = 1")
-        if not rows:
-            return {"text": "", "updated_at": None, "updated_by": None}
-        return {"text": rows[0]["text"], "updated_at": iso(rows[0]["updated_at"]), "updated_by": rows[0]["updated_by"]}
+    # -- the fleet memory: versioned, a human's pinned section apart from the daemons' notes ----------
 
-    def set_memory(self, text: str, author: str) -> None:
-        limit = self.store.cfg.broker.memory_max_bytes
-        if len(text.encode()) > limit:
-            raise ApiError(413, f"memory is {len(text.encode())} bytes; the limit is {limit}")
+    def migrate_memory(self) -> None:
+        """A database from before versions: its one memory becomes the first version (a human's stays pinned)."""
         with self.store.tx() as c:
-            c.execute("INSERT INTO memory(id, text, updated_at, updated_by) VALUES (1, ?, ?, ?) ON CONFLICT(id)"
-                      " DO UPDATE SET text = excluded.text, updated_at = excluded.updated_at,"
-                      " updated_by = excluded.updated_by", (text, time.time(), author))
-            self.store.event(c, "memory.updated", "fleet.memory.updated", by=author, bytes=len(text.encode()))
+            if c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'memory'").fetchone():
+                c.execute("INSERT INTO memory_versions(pinned, notes, part, updated_at, updated_by) SELECT"
+                          " CASE WHEN updated_by = ? THEN text ELSE '' END, CASE WHEN updated_by = ? THEN '' ELSE"
+                          " text END, CASE WHEN updated_by = ? THEN 'pinned' ELSE 'notes' END, updated_at,"
+                          " updated_by FROM memory", (OPERATOR,) * 3)
+                c.execute("DROP TABLE memory")
+
+    def memory(self, version: int | None = None) -> dict[str, Any]:
+        """The fleet memory as sessions read it (``version``: an older one, while it is kept)."""
+        limit = self.store.cfg.broker.memory_max_bytes
+        if version is not None:
+            rows = self.store.read("SELECT * FROM memory_versions WHERE version = ?", (version,))
+            if not rows:
+                raise ApiError(404, f"no memory version {version}: the last {MEMORY_VERSIONS_KEPT} versions are kept"
+                               " (claude-peers memory --history)")
+        else:
+            rows = self.store.read("SELECT * FROM memory_versions ORDER BY version DESC LIMIT 1")
+        if not rows:
+            return {"text": "", "pinned": "", "notes": "", "version": 0, "part": None, "bytes": 0,
+                    "updated_at": None, "updated_by": None, "max_bytes": limit}
+        return memory_view(rows[0], limit)
+
+    def set_memory(self, text: str, author: str, part: str) -> None:
+        """Replace one part of the memory: a new version (unless nothing changed), the oldest beyond
+        MEMORY_VERSIONS_KEPT dropped, and a fleet.memory.updated event."""
+        limit = self.store.cfg.broker.memory_max_bytes
+        with self.store.tx() as c:
+            row = c.execute("SELECT pinned, notes FROM memory_versions ORDER BY version DESC LIMIT 1").fetchone()
+            old = {"pinned": row["pinned"], "notes": row["notes"]} if row else {"pinned": "", "notes": ""}
+            new = {**old, part: text}
+            size = len(compose_memory(new["pinned"], new["notes"]).encode())
+            if size > limit:
+                raise ApiError(413, f"memory would be {size} bytes ({part}: {len(text.encode())}, the other part:"
+                               f" {size - len(text.encode())}); the limit is {limit}")
+            if new == old and row is not None:
+                return
+            version = c.execute("INSERT INTO memory_versions(pinned, notes, part, updated_at, updated_by) VALUES"
+                                " (?, ?, ?, ?, ?)", (new["pinned"], new["notes"], part, time.time(), author)).lastrowid
+            c.execute("DELETE FROM memory_versions WHERE version <= ?", (version - MEMORY_VERSIONS_KEPT,))
+            self.store.event(c, "memory.updated", "fleet.memory.updated", by=author, part=part, version=version,
+                             bytes=size)
+
+    def memory_history(self, limit: int) -> list[dict[str, Any]]:
+        """The kept versions, newest first, without their text."""
+        rows = self.store.read("SELECT * FROM memory_versions ORDER BY version DESC LIMIT ?", (limit,))
+        return [{k: v for k, v in memory_view(r, 0).items() if k not in ("text", "pinned", "notes", "max_bytes")}
+                for r in rows]
+
+    def memory_diff(self, old: int | None, new: int | None) -> dict[str, Any]:
+        """A unified diff between two kept versions (by default the one before ``new``, and the latest)."""
+        after = self.memory(new)
+        if old is None:
+            rows = self.store.read("SELECT MAX(version) FROM memory_versions WHERE version < ?", (after["version"],))
+            old = rows[0][0] or 0
+        before = self.memory(old) if old else {"text": "", "version": 0}
+        before_lines, after_lines = ((t + ("" if t.endswith("\n") else "\n")).splitlines(keepends=True) if t else []
+                                     for t in (before["text"], after["text"]))
+        diff = difflib.unified_diff(before_lines, after_lines, f"version {before['version']}",
+                                    f"version {after['version']}")
+        return {"from": before["version"], "to": after["version"], "diff": "".join(diff)}
 
 # ===========================================================================
 # Events on NATS JetStream: the embedded server and the outbox relay
@@ -1874,6 +1944,8 @@ POLL_SCHEMA: Schema = {"wait_s": Field(float, False, 86400), "max": Field(int, F
                        "ack": Field(list, False, 1000)}
 ACK_SCHEMA: Schema = {"ids": Field(list, True, 1000), "state": Field(str, True, 16)}
 MEMORY_SCHEMA: Schema = {"text": Field(str, True, 1 << 30)}
+OPERATOR_MEMORY_SCHEMA: Schema = {"text": Field(str, True, 1 << 30), "part": Field(str, False, 16),
+                                  "by": Field(str, False, 64)}
 RUN_SCHEMA: Schema = {
     "id": Field(str, True, 64), "daemon": Field(str, True, 64), "trigger": Field(str, True, 500),
     "machine": Field(str, True, 255), "started_at": Field(str, True, 40), "ended_at": Field(str, False, 40),
@@ -2021,6 +2093,7 @@ class Broker:
         self.sessions = Sessions(self.store, self.presence)
         self.messages = Messages(self.store, self.sessions)
         self.records = Records(self.store)
+        self.records.migrate_memory()
         self.limiter = RateLimiter(cfg.broker.rate_per_s, cfg.broker.rate_burst)
         # Long-polls waiting right now, until woken or handed mail (a send leases mail to them).
         self.parked: dict[str, asyncio.Future[list[dict[str, Any]] | None]] = {}
@@ -2353,13 +2426,29 @@ async def r_request_run(b: Broker, req: Request) -> Any:
 
 
 def r_memory(b: Broker, req: Request) -> Any:
-    return b.records.memory()
+    return b.records.memory(_int_query(req, "version", 0, 0, 1 << 62) or None)
 
 
 async def r_set_memory(b: Broker, req: Request) -> Any:
-    author = req.session["name"] or req.session["id"] if req.session is not None else OPERATOR
-    await b.write(lambda: b.records.set_memory(req.body["text"], author))
+    """A session (an agent daemon) writes the notes; the operator the pinned section, or with
+    part = "notes" and by = <daemon> the notes as that daemon (fleet-memory)."""
+    part = req.body.get("part", "notes" if req.session is not None else "pinned")
+    if part not in MEMORY_PARTS:
+        raise ApiError(400, f"field 'part' must be one of {', '.join(MEMORY_PARTS)}")
+    if req.body.get("by") and not NAME_RE.match(req.body["by"]):
+        raise ApiError(400, f"field 'by' is not a daemon name: {req.body['by']!r}")
+    author = req.session["name"] or req.session["id"] if req.session is not None else req.body.get("by") or OPERATOR
+    await b.write(lambda: b.records.set_memory(req.body["text"], author, part))
     return b.records.memory()
+
+
+def r_memory_history(b: Broker, req: Request) -> Any:
+    return {"versions": b.records.memory_history(_int_query(req, "limit", MEMORY_VERSIONS_KEPT, 1, 1000))}
+
+
+def r_memory_diff(b: Broker, req: Request) -> Any:
+    old, new = (_int_query(req, key, 0, 0, 1 << 62) or None for key in ("from", "to"))
+    return b.records.memory_diff(old, new)
 
 
 SID = r"([0-9a-f]{10})"
@@ -2385,7 +2474,9 @@ ROUTES: list[tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool,
         ("GET", "/api/messages/([0-9a-f]{12})", r_message, False, None),
         ("GET", "/api/events", r_events, False, None),
         ("GET", "/api/memory", r_memory, False, None),
-        ("POST", "/api/memory", r_set_memory, False, MEMORY_SCHEMA),
+        ("POST", "/api/memory", r_set_memory, False, OPERATOR_MEMORY_SCHEMA),
+        ("GET", "/api/memory/history", r_memory_history, False, None),
+        ("GET", "/api/memory/diff", r_memory_diff, False, None),
         ("POST", "/api/runs", r_record_run, False, RUN_SCHEMA),
         ("GET", "/api/runs", r_runs, False, None),
         ("POST", "/api/alerts", r_sync_alerts, False, ALERTS_SCHEMA),
@@ -5801,17 +5892,38 @@ def cmd_send(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_memory(cfg: Config, args: argparse.Namespace) -> int:
     client = client_from_config(cfg)
+    if args.history:
+        versions = client.call("GET", "/api/memory/history")["versions"]
+        if args.json:
+            print_json(versions)
+        for version in [] if args.json else versions:
+            print(f"version {version['version']:<6} {version['updated_at']}  {version['updated_by']:<24}"
+                  f" {version['part']:<7} {version['bytes']} bytes")
+        if not versions and not args.json:
+            print("(fleet memory is empty: no versions yet)")
+        return 0
+    if args.diff is not None:
+        if len(args.diff) > 2:
+            raise UserError("memory --diff takes at most two versions: OLD NEW (default: the previous and the latest)")
+        old, new = ([None, None] + args.diff)[-2:]
+        query = urllib.parse.urlencode({k: v for k, v in (("from", old), ("to", new)) if v})
+        diff = client.call("GET", f"/api/memory/diff?{query}")
+        if args.json:
+            print_json(diff)
+        else:
+            print(diff["diff"] or f"(no difference between versions {diff['from']} and {diff['to']})", end="")
+        return 0
     if args.set is not None:
-        text = read_user_file(args.set)
-        memory = client.call("POST", "/api/memory", {"text": text})
+        memory = client.call("POST", "/api/memory", {"text": read_user_file(args.set), "part": "pinned"})
     else:
-        memory = client.call("GET", "/api/memory")
+        memory = client.call("GET", "/api/memory" + (f"?version={args.version}" if args.version else ""))
     if args.json:
         print_json(memory)
     elif args.set is None:
         print(memory["text"] or "(fleet memory is empty)")
     else:
-        print(f"fleet memory replaced ({len(memory['text'].encode())} bytes)")
+        print(f"pinned section replaced ({len(memory['pinned'].encode())} bytes; memory version {memory['version']},"
+              f" {memory['bytes']} of {memory['max_bytes']} bytes); the fleet-memory daemon never overwrites it")
     return 0
 
 
@@ -5992,8 +6104,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text")
     p.add_argument("--reply-to", help="message id this answers")
     p.add_argument("--scope", choices=SCOPES, help="broadcast scope (operator: all)")
-    p = command("memory", cmd_memory, "show or replace the fleet memory", json_flag=True)
-    p.add_argument("--set", metavar="FILE", help="replace the memory with FILE's text ('-' for stdin)")
+    p = command("memory", cmd_memory, "show the fleet memory, its versions and their differences; pin a section",
+                json_flag=True)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--set", metavar="FILE", help="replace the pinned section (first in the memory, never"
+                       " overwritten by the fleet-memory daemon) with FILE's text ('-' for stdin)")
+    which.add_argument("--history", action="store_true", help="the kept versions, newest first")
+    which.add_argument("--version", type=int, metavar="N", help="show version N")
+    which.add_argument("--diff", type=int, nargs="*", metavar="VERSION",
+                       help="a unified diff: OLD NEW, or NEW against the one before it; none: the latest change")
     p = command("shim", cmd_shim, "the MCP server Claude Code spawns (stdio); register it with"
                 " `claude mcp add --scope user claude-peers -- claude-peers shim`")
     p.add_argument("--name", help="agent name (default: $CLAUDE_PEERS_NAME, or a .claude-peers-name file)")

@@ -894,6 +894,7 @@ VALID_BODIES = [  # one valid body per schema: the fuzzer breaks one field at a 
     (cp.POLL_SCHEMA, {"wait_s": 0}),
     (cp.ACK_SCHEMA, {"ids": ["0" * 12], "state": "read"}),
     (cp.MEMORY_SCHEMA, {"text": "notes"}),
+    (cp.OPERATOR_MEMORY_SCHEMA, {"text": "notes", "part": "notes", "by": "fleet-memory"}),
     (cp.RUN_SCHEMA, {"id": "r1", "daemon": "d", "trigger": "t", "machine": "m", "started_at": "s", "status": "ok"}),
     (cp.ALERTS_SCHEMA, {"source": "d", "machine": "m", "checks": ["disk"], "repeat_after": 2, "findings": [
         {"check": "disk", "key": "/", "severity": "warning", "title": "t"}]}),
@@ -3765,6 +3766,65 @@ def test_fleet_scout_efficacy_every_seeded_fault_alerts_in_the_first_cycle_and_h
     finally:
         for name in ("eff-down",):
             scout_lab.hosts.pop(name, None)
+
+
+# ---------------------------------------------------------------------------
+# The built-in daemons llm-watchdog, pr-helper and fleet-memory
+# ---------------------------------------------------------------------------
+
+
+def test_fleet_memory_versions_keep_a_pinned_section_a_history_and_diffs(make_broker, tmp_path):
+    old = BrokerProc(tmp_path / "before-versions")  # a database from before versions
+    with contextlib.closing(sqlite3.connect(old.home / "broker.db")) as db, db:
+        db.execute("CREATE TABLE memory(id INTEGER PRIMARY KEY CHECK (id = 1), text TEXT NOT NULL,"
+                   " updated_at REAL NOT NULL, updated_by TEXT NOT NULL)")
+        db.execute("INSERT INTO memory VALUES (1, '# kept\n', 1700000000, 'operator')")
+    old.start()
+    try:
+        memory = old.client().call("GET", "/api/memory")
+        assert (memory["pinned"], memory["version"], memory["updated_by"]) == ("# kept\n", 1, "operator")
+    finally:
+        old.stop()
+
+    broker = make_broker("memory_max_bytes = 400\n")
+    client = broker.client()
+    pin = tmp_path / "pin.md"
+    pin.write_text("# Pinned\nNAS backups run at 02:00.\n")
+    out = broker.cli("memory", "--set", str(pin))
+    assert out.returncode == 0 and "pinned section replaced" in out.stdout
+    write = lambda text: client.call("POST", "/api/memory", {"text": text, "part": "notes", "by": "fleet-memory"})
+    write("notes one\n")
+    assert write("notes one\n")["version"] == 2  # the same text again: no new version
+    memory = write("notes two\n")
+    assert memory["text"] == "# Pinned\nNAS backups run at 02:00.\n\nnotes two\n"
+    assert (memory["version"], memory["updated_by"], memory["part"]) == (3, "fleet-memory", "notes")
+    alice = broker.session(name="alice")
+    alice.session_call("POST", "/memory", {"text": "alice's notes\n"})  # a session writes the notes too
+    assert client.call("GET", "/api/memory")["pinned"] == "# Pinned\nNAS backups run at 02:00.\n"
+    history = [(v["version"], v["part"], v["updated_by"])
+               for v in client.call("GET", "/api/memory/history")["versions"]]
+    assert history == [(4, "notes", "alice"), (3, "notes", "fleet-memory"), (2, "notes", "fleet-memory"),
+                       (1, "pinned", "operator")]
+    diff = client.call("GET", "/api/memory/diff?from=2&to=3")["diff"]
+    assert "--- version 2\n+++ version 3\n" in diff and "-notes one\n+notes two\n" in diff
+    assert "-notes two\n+alice's notes\n" in broker.cli("memory", "--diff").stdout  # the latest change
+    assert broker.cli("memory", "--version", "1").stdout == "# Pinned\nNAS backups run at 02:00.\n\n"
+    assert re.search(r"version 4 .* alice +notes +\d+ bytes", broker.cli("memory", "--history").stdout)
+    too_big = api_error(lambda: write("x" * 380))
+    assert too_big.status == 413 and "the other part: " in too_big.message and "the limit is 400" in too_big.message
+    assert api_error(lambda: client.call("POST", "/api/memory", {"text": "x", "part": "all"})).status == 400
+    assert api_error(lambda: client.call("POST", "/api/memory", {"text": "x", "by": "a b"})).status == 400
+    for i in range(cp.MEMORY_VERSIONS_KEPT):
+        write(f"notes {i}\n")
+    versions = client.call("GET", "/api/memory/history?limit=1000")["versions"]
+    assert len(versions) == cp.MEMORY_VERSIONS_KEPT and versions[-1]["version"] == 5
+    gone = api_error(lambda: client.call("GET", "/api/memory?version=1"))
+    assert gone.status == 404 and "the last 100 versions are kept" in gone.message
+    assert client.call("GET", "/api/memory")["pinned"].startswith("# Pinned")  # pinned outlives its version
+    updates = [e for e in client.call("GET", "/api/events?after=0&limit=1000")["events"]
+               if e["type"] == "memory.updated"]
+    assert len(updates) == 4 + cp.MEMORY_VERSIONS_KEPT and updates[0]["part"] == "pinned"
+    assert updates[-1]["version"] == 104
 
 
 # ---------------------------------------------------------------------------
