@@ -22,7 +22,8 @@ Sections, in dependency order (each uses only what is above it):
   Shim                 the MCP server on stdio: handshake, tools, channel pushes
   Machine probes       what fleet-scout runs on a host over SSH, and the findings it draws
   Daemon runs          one run in a child process: the agent loop, its tools and policy
-  Daemons              the built-in daemons (fleet-scout), and which runner a daemon uses
+  Daemons              the built-in daemons (fleet-scout, llm-watchdog), and which runner a daemon
+                       uses
   Supervisor           schedules, event triggers, run records
   Bench                this hub's figures, measured on this machine
   CLI                  output helpers, the commands, the parser, main
@@ -445,8 +446,36 @@ SCOUT_DEFAULTS: dict[str, Any] = {
     "host_key_checking": "accept-new",  # "yes": only hosts already known; "accept-new": pin a new host's key
 }
 
+# [daemons.<name>] with runner = "llm-watchdog": the LLM servers it watches and when one is slow.
+WATCHDOG_DEFAULTS: dict[str, Any] = {
+    "servers": [],  # LLM servers to watch: tables of LLM_SERVER_DEFAULTS' keys
+    "watch_llm": True,  # also watch the [llm] endpoint when its base_url is set (as the server "llm")
+    "timeout_s": 30,  # each check of a server: the TCP connect, the health route, the 1-token completion
+    "slow_ms": 5000,  # a health route or completion slower than this: the server is slow
+    "restart_after": 3,  # a server's restart command runs after this many down results in a row
+    "restart_interval_s": 1800,  # ... and at most once in this many seconds
+}
+
+# One item of the llm-watchdog's `servers`.
+LLM_SERVER_DEFAULTS: dict[str, Any] = {
+    "name": "",  # required: letters, digits, '_' and '-'; its health is fleet.health.llm.<name>
+    "base_url": "",  # required; openai: the /v1 URL, e.g. http://gpu:4000/v1; ollama, llamacpp: the server's root
+    "kind": "openai",  # openai (GET /models), ollama (GET /api/tags) or llamacpp (GET /health)
+    "model": "",  # the model of the 1-token completion; empty: the first the server lists
+    "api_key_env": "",  # the environment variable holding its API key; empty: none
+    "restart": [],  # argv run when it stays down, e.g. ["systemctl", "--user", "restart", "llama-server"]
+}
+LLM_KINDS = ("openai", "ollama", "llamacpp")
+
 # Runners: the keys a daemon table takes besides DAEMON_DEFAULTS, per runner.
-RUNNER_DEFAULTS: dict[str, dict[str, Any]] = {"agent": {}, "command": {}, "fleet-scout": SCOUT_DEFAULTS}
+RUNNER_DEFAULTS: dict[str, dict[str, Any]] = {"agent": {}, "command": {}, "fleet-scout": SCOUT_DEFAULTS,
+                                              "llm-watchdog": WATCHDOG_DEFAULTS}
+
+# Keys whose value is a list of tables: each item is checked like a table of these keys, the
+# required ones given.
+TABLE_LISTS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "servers": (LLM_SERVER_DEFAULTS, ("name", "base_url")),
+}
 
 # The daemons that exist unless daemons.toml changes them (`enabled = false` turns one off);
 # a [daemons.<name>] table of the same name overrides their keys one by one.
@@ -454,6 +483,9 @@ DEFAULT_DAEMONS: dict[str, dict[str, Any]] = {
     "fleet-scout": {"runner": "fleet-scout", "every": "15m", "max_runtime_s": 120, "max_actions": 10,
                     "description": "checks every machine over SSH: disks, memory, load, failed and restarting"
                                    " units, journal error floods, reboots, clock skew, containers"},
+    "llm-watchdog": {"runner": "llm-watchdog", "every": "5m", "max_runtime_s": 120, "max_actions": 10,
+                     "description": "watches the LLM servers ([llm] and its servers): up, slow or down, an alert"
+                                    " on each change"},
 }
 
 TIERS = ("heavy", "routine", "local")
@@ -564,6 +596,21 @@ def _check_subjects(value: list[Any]) -> None:
                              " '>' = the rest, last only)")
 
 
+def _check_name_token(value: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise ValueError(f"must be 1-64 letters, digits, '_' or '-' (it names a subject token), got {value!r}")
+
+
+def _check_llm_kind(value: str) -> None:
+    if value not in LLM_KINDS:
+        raise ValueError(f"unknown kind {value!r} (known: {', '.join(LLM_KINDS)})")
+
+
+def _check_server_url(value: str) -> None:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"must start with http:// or https://, got {value!r}")
+
+
 # Extra checks beyond the type of the default value.
 KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("broker", "listen"): parse_hostport,
@@ -609,6 +656,12 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     **{("daemon", key): _check_positive for key in SCOUT_DEFAULTS if key.endswith(("_s", "_count", "_per_min",
                                                                                    "_warning", "_critical"))
        or key in ("journal_max_lines", "parallel")},
+    **{("daemon", key): _check_positive for key in ("timeout_s", "slow_ms", "restart_after",
+                                                    "restart_interval_s")},
+    ("servers", "name"): _check_name_token,
+    ("servers", "base_url"): _check_server_url,
+    ("servers", "kind"): _check_llm_kind,
+    ("servers", "restart"): _check_strings,
     ("daemon", "host_key_checking"): lambda v: None if v in ("yes", "accept-new") else _raise(
         f"must be \"yes\" or \"accept-new\", got {v!r}"),
     ("machines", "port"): lambda v: None if 0 < v < 65536 else _raise(f"not a port: {v}"),
@@ -624,6 +677,10 @@ def check_daemon(where: str, daemon: SimpleNamespace) -> None:
         raise UserError(f"{where}: daemons.{daemon.name}.command: required with runner = \"command\"")
     if daemon.runner == "agent" and daemon.command:
         raise UserError(f"{where}: daemons.{daemon.name}.command: only used with runner = \"command\"")
+    names = [server.name for server in getattr(daemon, "servers", [])]
+    if len(set(names)) != len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise UserError(f"{where}: daemons.{daemon.name}.servers: the name {twice!r} is given twice")
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -694,8 +751,26 @@ class Config:
                 KEY_CHECKS.get((kind, key), lambda v: v)(value)
             except ValueError as exc:
                 raise UserError(f"{self.where}: {prefix}.{key}: {exc}") from None
+            if key in TABLE_LISTS:
+                value = self._table_list(key, f"{prefix}.{key}", value)
             values[key] = float(value) if isinstance(defaults[key], float) else value
         return SimpleNamespace(**values)
+
+    def _table_list(self, key: str, prefix: str, items: list[Any]) -> list[SimpleNamespace]:
+        """A list of tables (llm-watchdog's servers): each item checked like a table,
+        its required keys given."""
+        defaults, required = TABLE_LISTS[key]
+        tables = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise UserError(f"{self.where}: {prefix}[{i}]: must be a table with the keys {', '.join(defaults)},"
+                                f" e.g. {{ {required[0]} = \"...\" }}")
+            table = self._table(key, f"{prefix}[{i}]", item, defaults)
+            missing = [name for name in required if not getattr(table, name)]
+            if missing:
+                raise UserError(f"{self.where}: {prefix}[{i}].{missing[0]}: required")
+            tables.append(table)
+        return tables
 
     @property
     def machine(self) -> str:
@@ -886,6 +961,7 @@ CREATE TABLE IF NOT EXISTS health(
     findings TEXT NOT NULL
 );
 """
+HEALTH_KINDS = ("machine", "llm")  # what a health report is of: a machine, or an LLM server (fleet.health.llm.<name>)
 MEMORY_PARTS = ("pinned", "notes")  # a human's pinned section, then the notes daemons (fleet-memory) keep
 MEMORY_VERSIONS_KEPT = 100
 RUN_STATUSES = ("running", "ok", "failed", "timeout", "limit", "skipped")
@@ -1510,14 +1586,18 @@ class Records:
                          f" WHEN 'warning' THEN 1 ELSE 2 END, opened_at LIMIT ?", (*args, limit))
         return [alert_view(r) for r in rows]
 
-    def record_health(self, machine: str, source: str, report: dict[str, Any], findings: list[dict[str, Any]]) -> None:
-        """The latest report of a machine (one row each), published as fleet.health.<machine>."""
+    def record_health(self, machine: str, source: str, report: dict[str, Any], findings: list[dict[str, Any]],
+                      kind: str = "machine") -> None:
+        """The latest report of a machine (one row each), published as fleet.health.<machine>; an
+        LLM server's (kind "llm") is kept as llm.<name> and published as fleet.health.llm.<name>."""
         now = time.time()
+        prefix = "" if kind == "machine" else f"{kind}."
         with self.store.tx() as c:
             c.execute("INSERT OR REPLACE INTO health(machine, source, at, report, findings) VALUES (?, ?, ?, ?, ?)",
-                      (machine, source, now, json.dumps(report), json.dumps(findings)))
-            subject = "fleet.health." + re.sub(r"[^A-Za-z0-9_-]", "_", machine)
-            self.store.event(c, "health", subject, machine=machine, source=source, findings=findings, report=report)
+                      (prefix + machine, source, now, json.dumps(report), json.dumps(findings)))
+            subject = "fleet.health." + prefix + re.sub(r"[^A-Za-z0-9_-]", "_", machine)
+            self.store.event(c, "health", subject, machine=prefix + machine, source=source, findings=findings,
+                             report=report)
 
     def health(self) -> list[dict[str, Any]]:
         rows = self.store.read("SELECT * FROM health ORDER BY machine")
@@ -1962,7 +2042,7 @@ ALERTS_SCHEMA: Schema = {
 }
 HEALTH_SCHEMA: Schema = {
     "machine": Field(str, True, 255), "source": Field(str, True, 64), "report": Field(dict, True, 128 * 1024),
-    "findings": Field(list, True, 500, FINDING_SCHEMA),
+    "findings": Field(list, True, 500, FINDING_SCHEMA), "kind": Field(str, False, 16),
 }
 EMPTY_SCHEMA: Schema = {}
 KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
@@ -2412,7 +2492,10 @@ def r_alerts(b: Broker, req: Request) -> Any:
 async def r_record_health(b: Broker, req: Request) -> Any:
     body = req.body
     _check_findings(body["findings"])
-    await b.write(lambda: b.records.record_health(body["machine"], body["source"], body["report"], body["findings"]))
+    if body.get("kind", "machine") not in HEALTH_KINDS:
+        raise ApiError(400, f"field 'kind' must be one of {', '.join(HEALTH_KINDS)}")
+    await b.write(lambda: b.records.record_health(body["machine"], body["source"], body["report"], body["findings"],
+                                                  body.get("kind", "machine")))
     return {"ok": True}
 
 
@@ -4615,6 +4698,17 @@ class DaemonRun:
                 self._broker.register(info)
         return self._broker
 
+    def run_allowed(self, argv: list[str], cwd: Path | str | None = None, timeout: float = 60,
+                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """A built-in daemon's command, under the same policy as run_command: refused (PolicyError)
+        unless `commands` allows it, run without a shell, logged with its exit code and output."""
+        self.tools.check_run_command(argv)
+        self.log_line("command", argv=argv, cwd=str(cwd or ""))
+        proc = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              errors="replace", timeout=timeout, check=False)
+        self.log_line("command_result", argv=argv[:3], exit=proc.returncode, output=(proc.stdout + proc.stderr)[-2000:])
+        return proc
+
     # -- alerts: one per change, through the broker's lifecycle ---------------------
 
     def report_alerts(self, machine: str, checks: list[str], findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -4786,10 +4880,226 @@ def run_fleet_scout(run: DaemonRun) -> dict[str, Any]:
     return run.result("failed" if failures else "ok", "\n".join([head, *lines, *failures]))
 
 
+# -- llm-watchdog: the fleet's LLM servers, up, slow or down --------------------------------------
+
+LLM_ROUTES = {  # kind -> (health route, completion route), under the server's base_url
+    "openai": ("/models", "/chat/completions"),
+    "ollama": ("/api/tags", "/api/generate"),
+    "llamacpp": ("/health", "/completion"),
+}
+LLM_STATE_SEVERITY = {"down": "critical", "slow": "warning"}
+
+
+def timed_request(url: str, body: dict[str, Any] | None, key: str, timeout: float) -> tuple[int, Any, float]:
+    """(HTTP status, the JSON answer or None, milliseconds) of a GET, or of a POST of ``body``."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), headers=headers,
+                                     method="GET" if body is None else "POST")
+    start = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, data = response.status, response.read(1 << 20)
+    except urllib.error.HTTPError as exc:
+        status, data = exc.code, exc.read(4096)
+    elapsed = (time.monotonic() - start) * 1000
+    try:
+        return status, json.loads(data), elapsed
+    except ValueError:
+        return status, None, elapsed
+
+
+def llm_models(kind: str, payload: Any) -> list[str] | None:
+    """The models a health route lists, from the kind's answer (None: not that answer; llamacpp lists none)."""
+    listed = payload.get({"openai": "data", "ollama": "models"}.get(kind, "")) if isinstance(payload, dict) else None
+    if kind == "llamacpp":
+        return [] if isinstance(payload, dict) and payload.get("status") == "ok" else None
+    if not isinstance(listed, list):
+        return None
+    return [str(m.get("id") or m.get("name") or m.get("model")) for m in listed if isinstance(m, dict)]
+
+
+def completion_request(kind: str, model: str) -> dict[str, Any]:
+    """A 1-token completion in the kind's own shape."""
+    if kind == "openai":
+        return {"model": model, "messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 1}
+    if kind == "ollama":
+        return {"model": model, "prompt": "Say OK.", "stream": False, "options": {"num_predict": 1}}
+    return {"prompt": "Say OK.", "n_predict": 1}
+
+
+def completion_answered(kind: str, payload: Any) -> bool:
+    """True if a completion answer has the kind's shape (choices, response, content)."""
+    if not isinstance(payload, dict):
+        return False
+    if kind == "openai":
+        return isinstance(payload.get("choices"), list) and bool(payload["choices"])
+    return isinstance(payload.get("response" if kind == "ollama" else "content"), str)
+
+
+def llm_error_detail(status: int, payload: Any) -> str:
+    """An error answer in a few words: its status and the server's own message, when it gave one."""
+    error = payload.get("error") if isinstance(payload, dict) else None
+    message = error.get("message") if isinstance(error, dict) else error
+    return f"HTTP {status}" + (f": {str(message)[:200]}" if message else "")
+
+
+def check_llm_server(server: SimpleNamespace, key: str, timeout_s: float, slow_ms: float) -> dict[str, Any]:
+    """One look at an LLM server, each step timed: the TCP connect, the kind's health route, a
+    1-token completion. Down at the first step that fails, slow over slow_ms, up otherwise."""
+    report: dict[str, Any] = {"name": server.name, "kind": server.kind, "base_url": server.base_url, "state": "down",
+                              "reachable": False, "connect_ms": None, "health_ms": None, "completion_ms": None,
+                              "model": server.model, "models": None, "error": ""}
+    base = server.base_url.rstrip("/")
+    health_route, completion_route = LLM_ROUTES[server.kind]
+    where = urllib.parse.urlsplit(base)
+    step = "connect"
+    try:
+        start = time.monotonic()
+        socket.create_connection((where.hostname, where.port or (443 if where.scheme == "https" else 80)),
+                                 timeout_s).close()
+        report.update(reachable=True, connect_ms=round((time.monotonic() - start) * 1000))
+        step = f"GET {health_route}"
+        status, payload, elapsed = timed_request(base + health_route, None, key, timeout_s)
+        models = llm_models(server.kind, payload) if status == 200 else None
+        report.update(health_ms=round(elapsed), models=None if models is None else len(models))
+        if models is None:
+            return {**report, "error": f"{step}: {llm_error_detail(status, payload)}"}
+        report["model"] = server.model or (models[0] if models else "")
+        if not report["model"] and server.kind != "llamacpp":
+            return {**report, "error": f"{step}: the server lists no model (set model)"}
+        step = f"POST {completion_route}"
+        status, payload, elapsed = timed_request(base + completion_route,
+                                                 completion_request(server.kind, report["model"]), key, timeout_s)
+        report["completion_ms"] = round(elapsed)
+        if status != 200 or not completion_answered(server.kind, payload):
+            return {**report, "error": f"{step}: {llm_error_detail(status, payload)}"}
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, TimeoutError):
+            text = f"timed out after {timeout_s:g}s"
+        elif isinstance(reason, OSError) and reason.strerror:
+            text = reason.strerror.lower()
+        else:
+            text = reason if isinstance(reason, str) else describe_error(reason)
+        return {**report, "error": f"{step}: {text}"}
+    slowest = max(report["health_ms"], report["completion_ms"])
+    return {**report, "state": "slow" if slowest > slow_ms else "up"}
+
+
+def watched_llm_servers(cfg: Config, daemon: SimpleNamespace) -> list[tuple[SimpleNamespace, str]]:
+    """The servers to watch, each with its API key: the daemon's list, and the [llm] endpoint
+    (as "llm", kind openai) when it is set and not in the list already."""
+    servers = [(s, os.environ.get(s.api_key_env, "") if s.api_key_env else "") for s in daemon.servers]
+    base = cfg.llm.base_url.rstrip("/")
+    if daemon.watch_llm and base and not any(s.name == "llm" or s.base_url.rstrip("/") == base
+                                             for s in daemon.servers):
+        models = [*getattr(cfg.llm, daemon.tier), *cfg.llm.local, *cfg.llm.routine, *cfg.llm.heavy]
+        try:
+            key = llm_key(cfg)
+        except LlmError:
+            key = ""  # the server then refuses the check, which says so
+        servers.insert(0, (SimpleNamespace(**{**LLM_SERVER_DEFAULTS, "name": "llm", "base_url": base,
+                                              "model": models[0] if models else ""}), key))
+    return servers
+
+
+def track_llm_state(previous: dict[str, Any] | None, state: str, now: float) -> dict[str, Any]:
+    """A server's state across runs: since when it holds, and how many down results in a row."""
+    previous = previous or {}
+    return {"state": state, "since": previous.get("since", now) if previous.get("state") == state else now,
+            "downs": previous.get("downs", 0) + 1 if state == "down" else 0,
+            "restarted_at": previous.get("restarted_at", 0.0)}
+
+
+def llm_findings(report: dict[str, Any], slow_ms: float) -> list[dict[str, Any]]:
+    """A server down (critical) or slow (warning) as an alert finding; up is none."""
+    if report["state"] == "up":
+        return []
+    detail = report["error"] if report["state"] == "down" else (
+        f"health route {report['health_ms']} ms, completion {report['completion_ms']} ms (slow_ms = {slow_ms:g})")
+    return [{"check": "llm", "key": report["name"], "severity": LLM_STATE_SEVERITY[report["state"]],
+             "title": f"LLM server {report['name']} is {report['state']}", "detail": f"{report['base_url']}: {detail}"}]
+
+
+def restart_llm_server(run: DaemonRun, server: SimpleNamespace, tracked: dict[str, Any], now: float) -> str:
+    """A server down restart_after times in a row gets its restart command (allowlisted by
+    `commands`, never in a dry run), at most once per restart_interval_s; returns what happened."""
+    daemon = run.daemon
+    if tracked["state"] != "down" or not server.restart or tracked["downs"] < daemon.restart_after:
+        return ""
+    if now - tracked["restarted_at"] < daemon.restart_interval_s:
+        return f"restart held back: the last one was {now - tracked['restarted_at']:.0f}s ago"
+    if run.dry_run:
+        run.log_line("dry_run", server=server.name, restart=server.restart)
+        return f"dry run: would restart with {json.dumps(server.restart)}"
+    if run.actions >= daemon.max_actions:
+        return f"restart not run: max_actions = {daemon.max_actions} reached"
+    try:
+        proc = run.run_allowed(server.restart, timeout=daemon.timeout_s)
+        outcome = f"restarted with {json.dumps(server.restart)}: exit {proc.returncode}"
+    except PolicyError as exc:
+        run.log_line("refused", server=server.name, restart=server.restart, reason=str(exc))
+        return f"restart refused by policy: {exc}"
+    except (OSError, subprocess.SubprocessError) as exc:
+        outcome = f"restart with {json.dumps(server.restart)} failed: {describe_error(exc)}"
+    run.actions += 1
+    tracked["restarted_at"] = now
+    run.log_line("restart", server=server.name, outcome=outcome)
+    return outcome
+
+
+def llm_report_line(report: dict[str, Any]) -> str:
+    """One server in the run's summary: its state and why (figures stay in the health report)."""
+    if report["state"] == "down":
+        why = f"{report['error']} (down {report['downs']} run(s) in a row)"
+    elif report["state"] == "slow":
+        why = f"health route {report['health_ms']} ms, completion {report['completion_ms']} ms"
+    else:
+        why = f"model {report['model']}" if report["model"] else ""
+    return f"{report['name']:<16} {report['state']:<5} {why}" + (f"; {report['restart']}" if report["restart"] else "")
+
+
+def run_llm_watchdog(run: DaemonRun) -> dict[str, Any]:
+    """Every LLM server checked at once; each one's state kept across runs, its figures published
+    as fleet.health.llm.<name> every run, and an alert on each change through the common lifecycle."""
+    daemon = run.daemon
+    servers = watched_llm_servers(run.cfg, daemon)
+    if not servers:
+        return run.result("ok", f"no LLM servers to watch: set [llm] base_url, or list servers in"
+                                f" [daemons.{daemon.name}]")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(servers)) as pool:
+        reports = list(pool.map(lambda pair: check_llm_server(pair[0], pair[1], daemon.timeout_s, daemon.slow_ms),
+                                servers))
+    now, lines, failures = time.time(), [], []
+    for (server, _), report in zip(servers, reports, strict=True):
+        key = f"server:{server.name}"
+        tracked = track_llm_state(json.loads(run.state.recall(daemon.name, key) or "null"), report["state"], now)
+        report.update(since=iso(tracked["since"]), downs=tracked["downs"],
+                      restart=restart_llm_server(run, server, tracked, now))
+        findings = llm_findings(report, daemon.slow_ms)
+        run.log_line("llm_server", **report)
+        lines.append(llm_report_line(report))
+        try:
+            if run.dry_run:
+                run.log_line("dry_run", health=f"llm.{server.name}")
+            else:
+                run.state.remember(daemon.name, key, json.dumps(tracked))
+                run.broker(register=False).call("POST", "/api/health", {
+                    "machine": server.name, "kind": "llm", "source": daemon.name, "report": report,
+                    "findings": findings})
+            run.report_alerts(f"llm.{server.name}", ["llm"], findings)
+        except (UserError, ApiError) as exc:
+            failures.append(f"could not report {server.name} to the broker: {exc}")
+    states = collections.Counter(r["state"] for r in reports)
+    counts = ", ".join(f"{states[state]} {state}" for state in ("up", "slow", "down") if states[state])
+    head = f"{len(reports)} LLM server(s): {counts}"
+    return run.result("failed" if failures else "ok", "\n".join([head, *lines, *failures]))
+
+
 def daemon_body(daemon: SimpleNamespace) -> Callable[[DaemonRun], dict[str, Any]]:
     """What a run of this daemon does, by its runner."""
-    return {"agent": DaemonRun.run_agent, "command": DaemonRun.run_command_runner,
-            "fleet-scout": run_fleet_scout}[daemon.runner]
+    return {"agent": DaemonRun.run_agent, "command": DaemonRun.run_command_runner, "fleet-scout": run_fleet_scout,
+            "llm-watchdog": run_llm_watchdog}[daemon.runner]
 
 
 # ===========================================================================

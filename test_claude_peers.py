@@ -1041,7 +1041,8 @@ def test_trigger_refuses_a_daemon_the_config_does_not_run(broker):
                  '[daemons.off]\nenabled = false\nrunner = "command"\ncommand = ["true"]\n')
     out = broker.cli("trigger", "knwon")
     assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1
-    assert f"{broker.config}: no [daemons.knwon] (daemons: fleet-scout, known, off)" in out.stderr
+    assert f"{broker.config}: no [daemons.knwon] (daemons: fleet-scout, llm-watchdog, known, off)" \
+        in out.stderr
     out = broker.cli("trigger", "off")
     assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1 and "enabled = false" in out.stderr
     events = broker.client().call("GET", "/api/events?after=0")["events"]
@@ -1343,7 +1344,7 @@ def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
             fh.write(f'\n[daemons.touch]\nrunner = "command"\ncommand = ["touch", "{marker}"]\n')
         supervisor = subprocess.Popen([client_env["HOME"] + "/.local/bin/claude-peers", "supervise"],
                                       env=client_env, stderr=subprocess.PIPE, text=True)
-        started(supervisor, "supervisor running 2 daemons")
+        started(supervisor, "supervisor running 3 daemons")
 
         async def shim_on_the_client() -> None:
             recorder = ChannelRecorder()
@@ -3771,6 +3772,245 @@ def test_fleet_scout_efficacy_every_seeded_fault_alerts_in_the_first_cycle_and_h
 # ---------------------------------------------------------------------------
 # The built-in daemons llm-watchdog, pr-helper and fleet-memory
 # ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('[daemons.llm-watchdog]\nservers = ["http://gpu:8080"]\n', "daemons.llm-watchdog.servers[0]: must be a table"),
+    ('[daemons.llm-watchdog]\nservers = [{ name = "gpu" }]\n', "daemons.llm-watchdog.servers[0].base_url: required"),
+    ('[daemons.llm-watchdog]\nservers = [{ name = "gpu", base_url = "http://gpu", kind = "vllm" }]\n',
+     "daemons.llm-watchdog.servers[0].kind: unknown kind 'vllm' (known: openai, ollama, llamacpp)"),
+    ('[daemons.llm-watchdog]\nservers = [{ name = "gpu.lan", base_url = "http://gpu" }]\n',
+     "daemons.llm-watchdog.servers[0].name: must be 1-64 letters"),
+    ('[daemons.llm-watchdog]\nservers = [{ name = "a", base_url = "gpu:8080" }]\n',
+     "servers[0].base_url: must start with http:// or https://"),
+    ('[daemons.llm-watchdog]\nservers = [{ name = "a", base_url = "http://a", port = 1 }]\n',
+     "servers[0].port: unknown key (known: name, base_url, kind, model, api_key_env, restart)"),
+    ('[daemons.llm-watchdog]\nservers = [{ name = "a", base_url = "http://a" }, { name = "a", base_url = "http://b" }]',
+     "daemons.llm-watchdog.servers: the name 'a' is given twice"),
+    ('[daemons.llm-watchdog]\nslow_ms = 0\n', "daemons.llm-watchdog.slow_ms: must be > 0"),
+])
+def test_built_in_daemon_keys_and_their_lists_of_tables_are_checked_item_by_item(tmp_path, text, expected):
+    test_config_errors_name_file_key_and_reason(tmp_path, text, expected)  # one line: the file, the key, the reason
+
+
+def test_llm_watchdog_watches_the_llm_endpoint_unless_its_list_has_it():
+    cfg = cp.Config(cp.tomllib.loads('[llm]\nbase_url = "http://litellm:4000/v1/"\nroutine = ["qwen", "llama"]\n'
+                                     '[daemons.llm-watchdog]\nservers = [{ name = "gpu", base_url = "http://gpu:8080",'
+                                     ' kind = "llamacpp", api_key_env = "GPU_KEY" }]\n'), None)
+    servers = cp.watched_llm_servers(cfg, cfg.daemons["llm-watchdog"])
+    assert [(s.name, s.base_url, s.kind, s.model) for s, _ in servers] == [
+        ("llm", "http://litellm:4000/v1", "openai", "qwen"), ("gpu", "http://gpu:8080", "llamacpp", "")]
+    listed = cp.Config(cp.tomllib.loads('[llm]\nbase_url = "http://litellm:4000/v1"\n[daemons.llm-watchdog]\n'
+                                        'servers = [{ name = "proxy", base_url = "http://litellm:4000/v1" }]\n'), None)
+    assert [s.name for s, _ in cp.watched_llm_servers(listed, listed.daemons["llm-watchdog"])] == ["proxy"]
+    assert cp.watched_llm_servers(cp.Config({}, None), cp.Config({}, None).daemons["llm-watchdog"]) == []
+
+
+LOCAL_MODELS = {"openai": "qwen2.5-7b-instruct", "ollama": "llama3.2:1b", "llamacpp": ""}
+
+
+class LocalLLMServer:
+    """A local LLM server of one kind on a real socket, with that kind's routes and answers (OpenAI-
+    compatible such as LiteLLM or vLLM, Ollama, llama.cpp's server), switched between healthy, slow,
+    failing (500), refusing connections and hanging."""
+
+    def __init__(self, kind: str, slow_s: float = 0.4) -> None:
+        self.kind, self.slow_s, self.mode = kind, slow_s, "healthy"
+        self.requests: list[tuple[str, str, dict | None]] = []
+        self.release = threading.Event()  # ends hanging handlers when the server stops
+        self.server: http.server.ThreadingHTTPServer | None = None
+        self.port = 0
+        self._listen()
+        self.url = f"http://127.0.0.1:{self.port}" + ("/v1" if kind == "openai" else "")
+
+    def answers(self) -> dict[tuple[str, str], dict]:
+        model = LOCAL_MODELS[self.kind]
+        return {
+            "openai": {("GET", "/v1/models"): {"object": "list", "data": [
+                           {"id": model, "object": "model", "created": 1732000000, "owned_by": "local"}]},
+                       ("POST", "/v1/chat/completions"): {
+                           "id": "chatcmpl-1", "object": "chat.completion", "created": 1732000000, "model": model,
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": "OK"},
+                                        "finish_reason": "length"}],
+                           "usage": {"prompt_tokens": 11, "completion_tokens": 1, "total_tokens": 12}}},
+            "ollama": {("GET", "/api/tags"): {"models": [
+                           {"name": model, "model": model, "modified_at": "2026-11-20T10:00:00.000000Z",
+                            "size": 1321098329, "digest": "baf6a787fdff",
+                            "details": {"format": "gguf", "family": "llama", "parameter_size": "1.2B",
+                                        "quantization_level": "Q8_0"}}]},
+                       ("POST", "/api/generate"): {
+                           "model": model, "created_at": "2026-11-25T10:00:00.000000Z", "response": "OK",
+                           "done": True, "done_reason": "length", "total_duration": 120000000,
+                           "prompt_eval_count": 11, "eval_count": 1}},
+            "llamacpp": {("GET", "/health"): {"status": "ok"},
+                         ("POST", "/completion"): {"content": "OK", "stop": True, "tokens_predicted": 1,
+                                                   "tokens_evaluated": 11, "model": "qwen2.5-7b-q4_k_m.gguf"}},
+        }[self.kind]
+
+    def failure(self) -> dict:
+        return {"openai": {"error": {"message": "upstream model crashed", "type": "server_error", "code": 500}},
+                "ollama": {"error": "llama runner process has terminated: exit status 2"},
+                "llamacpp": {"error": {"code": 500, "message": "slot unavailable", "type": "server_error"}}}[self.kind]
+
+    def _listen(self) -> None:
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def answer(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                server.requests.append((method, self.path, body))
+                if server.mode == "hanging":
+                    server.release.wait(30)
+                    return
+                if server.mode == "slow":
+                    time.sleep(server.slow_s)
+                payload = server.answers().get((method, self.path))
+                status = 404 if payload is None else 500 if server.mode == "failing" else 200
+                data = json.dumps(server.failure() if status == 500 else payload or {"error": "not found"}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self.answer("GET")
+
+            def do_POST(self) -> None:
+                self.answer("POST")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _close(self) -> None:
+        if self.server is not None:
+            self.release.set()
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+            self.release = threading.Event()
+
+    def set(self, mode: str) -> None:
+        """healthy, slow, failing, refusing (nothing listens on the port) or hanging."""
+        if mode == "refusing":
+            self._close()
+        elif self.server is None:
+            self._listen()
+        self.mode = mode
+
+    def stop(self) -> None:
+        self._close()
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama", "llamacpp"])
+def test_llm_watchdog_tells_each_kind_up_slow_and_down_when_failing_refusing_or_hanging(kind):
+    server = LocalLLMServer(kind)
+    spec = SimpleNamespace(**{**cp.LLM_SERVER_DEFAULTS, "name": "box", "base_url": server.url, "kind": kind})
+    health, completion = cp.LLM_ROUTES[kind]
+    prefix = "/v1" if kind == "openai" else ""
+    try:
+        up = cp.check_llm_server(spec, "", 1, 200)
+        assert up["state"] == "up" and up["reachable"] and up["error"] == "", up
+        assert up["model"] == LOCAL_MODELS[kind] and up["models"] == (0 if kind == "llamacpp" else 1)
+        assert all(isinstance(up[k], int) and 0 <= up[k] < 200 for k in ("connect_ms", "health_ms", "completion_ms"))
+        (_, asked, _), (_, completed, body) = server.requests
+        assert (asked, completed) == (prefix + health, prefix + completion)
+        assert body.get("max_tokens", body.get("n_predict", (body.get("options") or {}).get("num_predict"))) == 1
+        server.set("slow")
+        slow = cp.check_llm_server(spec, "", 1, 200)
+        assert slow["state"] == "slow" and slow["health_ms"] >= 400 and slow["completion_ms"] >= 400, slow
+        server.set("failing")
+        down = cp.check_llm_server(spec, "", 1, 200)
+        message = {"openai": "upstream model crashed", "ollama": "llama runner process has terminated",
+                   "llamacpp": "slot unavailable"}[kind]
+        assert down["state"] == "down" and down["error"].startswith(f"GET {health}: HTTP 500: {message}"), down
+        server.set("refusing")
+        refused = cp.check_llm_server(spec, "", 1, 200)
+        assert refused["state"] == "down" and not refused["reachable"]
+        assert refused["error"] == "connect: connection refused"
+        server.set("hanging")
+        started = time.monotonic()
+        hung = cp.check_llm_server(spec, "", 1, 200)
+        assert hung["state"] == "down" and hung["error"] == f"GET {health}: timed out after 1s"
+        assert time.monotonic() - started < 3
+        server.set("healthy")
+        assert cp.check_llm_server(spec, "", 1, 200)["state"] == "up"
+    finally:
+        server.stop()
+
+
+def test_llm_watchdog_alerts_once_per_change_publishes_health_every_run_and_restarts_after_n_downs(
+        make_broker, tmp_path):
+    server = LocalLLMServer("ollama")
+    restarts = tmp_path / "restarts.log"
+    restart = [PY, "-c", f"open({str(restarts)!r}, 'a').write('restarted\\n')"]
+    broker = make_broker("[alerts]\nrepeat_after_cycles = 100\n")
+    write_config(broker, f'[daemons.llm-watchdog]\ntimeout_s = 1\nslow_ms = 200\nrestart_after = 2\n'
+                         f'alert_to = ["ops"]\ncommands = [{json.dumps(restart)}]\nservers = [{{ name = "gpu",'
+                         f' base_url = "{server.url}", kind = "ollama", restart = {json.dumps(restart)} }}]\n')
+    ops = broker.session(name="ops")
+    told = []
+
+    def watch(mode: str, *flags: str) -> str:
+        server.set(mode)
+        out = foreground(broker, "llm-watchdog", *flags)
+        assert out.returncode == 0, out.stdout + out.stderr
+        told.extend(m["text"].split("\n")[0] for m in poll(ops))
+        return out.stdout
+
+    try:
+        assert "1 LLM server(s): 1 up" in watch("healthy")
+        assert "1 slow" in watch("slow")
+        assert "1 down" in watch("failing")
+        assert "dry run: would restart" in watch("refusing", "--dry-run")  # a dry run restarts nothing, keeps nothing
+        assert not restarts.exists()
+        assert "restarted with" in watch("refusing")  # the second down result in a row
+        assert "restart held back" in watch("refusing")  # at most once per restart_interval_s
+        assert restarts.read_text() == "restarted\n"
+        watch("healthy")
+        assert told == ["[warning] llm.gpu: LLM server gpu is slow", "[critical] llm.gpu: LLM server gpu is down",
+                        "[resolved] llm.gpu: LLM server gpu is down"]  # one alert per change, resolved once
+        client = broker.client()
+        published = [e for e in client.call("GET", "/api/events?after=0&limit=1000")["events"]
+                     if e["subject"] == "fleet.health.llm.gpu"]
+        assert [e["report"]["state"] for e in published] == ["up", "slow", "down", "down", "down", "up"]
+        assert published[3]["report"]["restart"].startswith("restarted with") and published[3]["report"]["downs"] == 2
+        assert published[-1]["report"]["completion_ms"] is not None and published[-1]["findings"] == []
+        [gpu] = [m for m in client.call("GET", "/api/health")["machines"] if m["machine"] == "llm.gpu"]
+        assert gpu["source"] == "llm-watchdog" and gpu["report"]["model"] == "llama3.2:1b"
+        runs = client.call("GET", "/api/runs?daemon=llm-watchdog")["runs"]
+        assert len(runs) == 7 and {r["status"] for r in runs} == {"ok"} and runs[2]["actions"] == 1  # newest first
+    finally:
+        server.stop()
+
+
+def test_llm_watchdog_restarts_only_with_an_allowed_command_and_only_once_down_long_enough(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLAUDE_PEERS_HOME", str(tmp_path))
+    cfg = cp.Config(cp.tomllib.loads('[daemons.llm-watchdog]\nrestart_after = 2\ncommands = [["true"]]\nservers = ['
+                                     '{ name = "gpu", base_url = "http://gpu:8080", restart = ["systemctl", "restart",'
+                                     ' "llama"] }, { name = "cpu", base_url = "http://cpu:8080", restart = ["true"] }]'),
+                    None)
+    daemon = cfg.daemons["llm-watchdog"]
+    run = cp.DaemonRun(cfg, daemon, "r1", "manual", tmp_path / "run.jsonl")
+    gpu, cpu = daemon.servers
+    now = time.time()
+    once = cp.track_llm_state(None, "down", now)
+    assert cp.restart_llm_server(run, cpu, once, now) == ""  # one down result: not yet
+    twice = cp.track_llm_state(once, "down", now + 300)
+    refused = cp.restart_llm_server(run, gpu, dict(twice), now + 300)
+    assert refused.startswith('restart refused by policy: command ["systemctl", "restart", "llama"] matches no')
+    assert run.actions == 0
+    assert cp.restart_llm_server(run, cpu, twice, now + 300) == 'restarted with ["true"]: exit 0'
+    assert run.actions == 1 and twice["restarted_at"] == now + 300
+    again = cp.track_llm_state(twice, "down", now + 600)
+    assert cp.restart_llm_server(run, cpu, again, now + 600).startswith("restart held back: the last one was 300s ago")
+    assert cp.track_llm_state(again, "up", now + 900)["downs"] == 0
 
 
 def test_fleet_memory_versions_keep_a_pinned_section_a_history_and_diffs(make_broker, tmp_path):
