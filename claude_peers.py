@@ -22,8 +22,8 @@ Sections, in dependency order (each uses only what is above it):
   Shim                 the MCP server on stdio: handshake, tools, channel pushes
   Machine probes       what fleet-scout runs on a host over SSH, and the findings it draws
   Daemon runs          one run in a child process: the agent loop, its tools and policy
-  Daemons              the built-in daemons (fleet-scout, llm-watchdog), and which runner a daemon
-                       uses
+  Daemons              the built-in daemons (fleet-scout, llm-watchdog, pr-helper), and which runner
+                       a daemon uses
   Supervisor           schedules, event triggers, run records
   Bench                this hub's figures, measured on this machine
   CLI                  output helpers, the commands, the parser, main
@@ -467,14 +467,32 @@ LLM_SERVER_DEFAULTS: dict[str, Any] = {
 }
 LLM_KINDS = ("openai", "ollama", "llamacpp")
 
+# [daemons.<name>] with runner = "pr-helper": the repositories whose pull requests it keeps mergeable.
+PR_HELPER_DEFAULTS: dict[str, Any] = {
+    "repos": [],  # tables of PR_REPO_DEFAULTS' keys
+    "author": "",  # "Name <email>" of its merge and fix commits; empty: git's user.name and user.email
+    "command_timeout_s": 600,  # one git, gh, check or fix command
+    "max_file_bytes": 65536,  # a conflicting file larger than this is not given to the LLM
+}
+
+# One item of the pr-helper's `repos`.
+PR_REPO_DEFAULTS: dict[str, Any] = {
+    "path": "",  # required: a local clone; it is never checked out: the work happens in worktrees of its own
+    "remote": "origin",  # the remote the pull requests' branches live on
+    "base": "main",  # the branch the pull requests go into; never pushed to
+    "check": [],  # required: argv that must pass before anything is pushed, e.g. ["ruff", "check", "."]
+    "fix": [],  # argv that fixes what check finds, e.g. ["ruff", "check", "--fix", "."]; empty: no fixes
+}
+
 # Runners: the keys a daemon table takes besides DAEMON_DEFAULTS, per runner.
 RUNNER_DEFAULTS: dict[str, dict[str, Any]] = {"agent": {}, "command": {}, "fleet-scout": SCOUT_DEFAULTS,
-                                              "llm-watchdog": WATCHDOG_DEFAULTS}
+                                              "llm-watchdog": WATCHDOG_DEFAULTS, "pr-helper": PR_HELPER_DEFAULTS}
 
 # Keys whose value is a list of tables: each item is checked like a table of these keys, the
 # required ones given.
 TABLE_LISTS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "servers": (LLM_SERVER_DEFAULTS, ("name", "base_url")),
+    "repos": (PR_REPO_DEFAULTS, ("path", "check")),
 }
 
 # The daemons that exist unless daemons.toml changes them (`enabled = false` turns one off);
@@ -611,6 +629,16 @@ def _check_server_url(value: str) -> None:
         raise ValueError(f"must start with http:// or https://, got {value!r}")
 
 
+def _check_git_name(value: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._/-]*", value) or ".." in value:
+        raise ValueError(f"not a git remote or branch name: {value!r}")
+
+
+def _check_author(value: str) -> None:
+    if value and not re.fullmatch(r"[^<>\n]+ <[^<>\s]+@[^<>\s]+>", value):
+        raise ValueError(f'must be "Name <email>", got {value!r}')
+
+
 # Extra checks beyond the type of the default value.
 KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("broker", "listen"): parse_hostport,
@@ -656,12 +684,17 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     **{("daemon", key): _check_positive for key in SCOUT_DEFAULTS if key.endswith(("_s", "_count", "_per_min",
                                                                                    "_warning", "_critical"))
        or key in ("journal_max_lines", "parallel")},
-    **{("daemon", key): _check_positive for key in ("timeout_s", "slow_ms", "restart_after",
-                                                    "restart_interval_s")},
+    **{("daemon", key): _check_positive for key in ("timeout_s", "slow_ms", "restart_after", "restart_interval_s",
+                                                    "command_timeout_s", "max_file_bytes")},
+    ("daemon", "author"): _check_author,
     ("servers", "name"): _check_name_token,
     ("servers", "base_url"): _check_server_url,
     ("servers", "kind"): _check_llm_kind,
     ("servers", "restart"): _check_strings,
+    ("repos", "remote"): _check_git_name,
+    ("repos", "base"): _check_git_name,
+    ("repos", "check"): _check_strings,
+    ("repos", "fix"): _check_strings,
     ("daemon", "host_key_checking"): lambda v: None if v in ("yes", "accept-new") else _raise(
         f"must be \"yes\" or \"accept-new\", got {v!r}"),
     ("machines", "port"): lambda v: None if 0 < v < 65536 else _raise(f"not a port: {v}"),
@@ -757,7 +790,7 @@ class Config:
         return SimpleNamespace(**values)
 
     def _table_list(self, key: str, prefix: str, items: list[Any]) -> list[SimpleNamespace]:
-        """A list of tables (llm-watchdog's servers): each item checked like a table,
+        """A list of tables (llm-watchdog's servers, pr-helper's repos): each item checked like a table,
         its required keys given."""
         defaults, required = TABLE_LISTS[key]
         tables = []
@@ -5096,10 +5129,350 @@ def run_llm_watchdog(run: DaemonRun) -> dict[str, Any]:
     return run.result("failed" if failures else "ok", "\n".join([head, *lines, *failures]))
 
 
+# -- pr-helper: pull requests kept mergeable, lint kept green, nothing forced ---------------------
+
+PR_FIELDS = ("number,title,headRefName,headRefOid,baseRefName,mergeable,mergeStateStatus,statusCheckRollup,isDraft,"
+             "isCrossRepository,updatedAt")
+FAILED_CHECK_STATES = ("FAILURE", "ERROR", "TIMED_OUT", "STARTUP_FAILURE")
+CONFLICT_MARKER_RE = re.compile(r"^(<{7}|>{7})(\s|$)", re.MULTILINE)
+RESOLVE_PROMPT = (
+    "You resolve git merge conflicts in a pull request. You get one file with conflict markers: between"
+    " <<<<<<< and ======= is the pull request's side, between ======= and >>>>>>> the base branch's. Answer"
+    " with the complete resolved file and nothing else: no code fence, no explanation. Keep what both sides"
+    " meant; where they cannot both hold, keep the pull request's change and the base's other updates. Leave"
+    " no conflict marker.")
+
+
+class PrLeftAlone(Exception):
+    """A pull request pr-helper leaves as it is this run, for the reason given."""
+
+
+class PrLimit(Exception):
+    """max_actions is spent: the run stops here."""
+
+
+def failing_checks(pr: dict[str, Any]) -> list[str]:
+    """The names of a pull request's failed checks: check runs by conclusion, commit statuses by state."""
+    return [str(c.get("name") or c.get("context") or "?") for c in pr.get("statusCheckRollup") or []
+            if isinstance(c, dict) and str(c.get("conclusion") or c.get("state") or "").upper() in FAILED_CHECK_STATES]
+
+
+def pr_plan(pr: dict[str, Any], repo: SimpleNamespace) -> tuple[str, str]:
+    """What to do with one open pull request, and why: "merge" (it conflicts with its base),
+    "fix" (checks fail and the repo has a fix command) or "skip"."""
+    head = str(pr.get("headRefName") or "")
+    try:
+        _check_git_name(head)
+    except ValueError:
+        return "skip", f"its branch {head!r} is not a name pr-helper pushes to"
+    if pr.get("isDraft"):
+        return "skip", "a draft"
+    if pr.get("baseRefName") != repo.base or head == repo.base:
+        return "skip", f"it goes into {pr.get('baseRefName')}, not {repo.base}"
+    if pr.get("isCrossRepository"):
+        return "skip", "its branch is in a fork"
+    if pr.get("mergeable") == "CONFLICTING" or pr.get("mergeStateStatus") == "DIRTY":
+        return "merge", f"it conflicts with {repo.base}"
+    failing = failing_checks(pr)
+    if failing and repo.fix:
+        return "fix", f"checks fail: {', '.join(failing)}"
+    return "skip", f"checks fail ({', '.join(failing)}) and the repo has no fix command" if failing else "mergeable"
+
+
+def strip_code_fence(text: str) -> str:
+    """A model's answer without the ``` fence it may have put around it."""
+    found = re.fullmatch(r"\s*```[^\n]*\n(.*?)\n?```\s*", text, re.DOTALL)
+    return found.group(1) + "\n" if found else text
+
+
+def author_env(author: str) -> dict[str, str]:
+    """Git's identity variables for "Name <email>" (empty: git's own user.name and user.email)."""
+    if not author:
+        return {}
+    name, _, email = author.rpartition(" <")
+    return {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
+            for what, value in (("NAME", name), ("EMAIL", email.rstrip(">")))}
+
+
+def pr_comment(done: str, why: str, details: str = "") -> str:
+    """What pr-helper did to a pull request and why, as a comment."""
+    return (f"**claude-peers pr-helper** {done}\n\nWhy: {why}." + (f"\n\n{details}" if details else "")
+            + "\n\n<sub>pr-helper never force-pushes, never pushes to the base branch and never merges a pull"
+              " request.</sub>")
+
+
+def command_tail(proc: subprocess.CompletedProcess[str], limit: int = 1500) -> str:
+    return (proc.stdout + proc.stderr).strip()[-limit:]
+
+
+class PrHelper:
+    """One pr-helper run: each repository's open pull requests, listed with gh. One that conflicts
+    gets its base merged in, one failing lint the fix command, each in a worktree of its own under
+    the daemon's state dir (never the user's checkout); a change is pushed plainly once the check
+    passes, and every action is told in a comment on the pull request."""
+
+    def __init__(self, run: DaemonRun) -> None:
+        self.run = run
+        self.daemon = run.daemon
+        self.home = data_home() / "daemons" / run.daemon.name  #: its worktrees
+        self.env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", **author_env(run.daemon.author)}
+        self.models = list(getattr(run.cfg.llm, run.daemon.tier)) if run.cfg.llm.base_url else []
+        self.lines: list[str] = []  #: the summary, a line per pull request it looked at
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        self.failed = False
+
+    def command(self, argv: list[str], cwd: Path | str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """An allowlisted command (PolicyError otherwise); failing, it leaves the pull request alone."""
+        try:
+            proc = self.run.run_allowed(argv, cwd, self.daemon.command_timeout_s, self.env)
+        except subprocess.TimeoutExpired:
+            raise PrLeftAlone(f"{' '.join(argv[:3])} took longer than {self.daemon.command_timeout_s}s") from None
+        except OSError as exc:
+            raise PrLeftAlone(f"{argv[0]}: {exc.strerror or exc}") from None
+        if check and proc.returncode != 0:
+            raise PrLeftAlone(f"{' '.join(argv[:3])} failed (exit {proc.returncode}): {command_tail(proc, 300)}")
+        return proc
+
+    def git(self, cwd: Path | str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.command(["git", *args], cwd, check)
+
+    def act(self, what: str) -> None:
+        """Count one action (a push, a comment, an LLM call) against max_actions."""
+        if self.run.actions >= self.daemon.max_actions:
+            raise PrLimit(f"stopped at max_actions = {self.daemon.max_actions} (before {what})")
+        self.run.actions += 1
+
+    def run_all(self) -> dict[str, Any]:
+        if not self.daemon.repos:
+            return self.run.result("ok", f"no repositories: add repos to [daemons.{self.daemon.name}]")
+        status = "ok"
+        try:
+            for repo in self.daemon.repos:
+                self.repository(repo)
+        except PrLimit as exc:
+            status = "limit"
+            self.lines.append(str(exc))
+        counts = ", ".join(f"{n} {what}" for what, n in self.outcomes.items())
+        head = f"{len(self.daemon.repos)} repo(s), {sum(self.outcomes.values())} open pull request(s)" + (
+            f": {counts}" if counts else "")
+        return self.run.result("failed" if self.failed else status, "\n".join([head, *self.lines]))
+
+    def repository(self, repo: SimpleNamespace) -> None:
+        label = Path(repo.path).name
+        try:
+            if not Path(repo.path, ".git").exists():
+                raise PrLeftAlone(f"{repo.path} is not a git clone")
+            listed = self.command(["gh", "pr", "list", "--state", "open", "--limit", "100", "--json", PR_FIELDS],
+                                  repo.path)
+            prs = json.loads(listed.stdout)
+            if not isinstance(prs, list) or not all(isinstance(pr, dict) and type(pr.get("number")) is int
+                                                    for pr in prs):
+                raise ValueError(f"gh printed no list of numbered pull requests: {listed.stdout[:200]!r}")
+        except (PolicyError, PrLeftAlone, ValueError) as exc:
+            self.failed = True
+            refused = "refused by policy: " if isinstance(exc, PolicyError) else ""
+            self.lines.append(f"{label}: could not list its pull requests: {refused}{exc}")
+            return
+        for pr in sorted(prs, key=lambda p: p["number"]):
+            action, why = pr_plan(pr, repo)
+            kind, outcome = "left alone", f"left alone ({why})"
+            if action != "skip" and self.run.dry_run:
+                kind, outcome = "planned", self.plan_text(repo, action, why)
+                self.run.log_line("dry_run", pr=pr.get("number"), plan=outcome)
+            elif action != "skip":
+                try:
+                    outcome = (self.merge if action == "merge" else self.fix)(repo, pr, why)
+                    kind = ("merged with their base" if action == "merge" else "fixed") if outcome.endswith(
+                        "pushed") else "commented" if outcome.endswith("commented") else kind
+                except PolicyError as exc:
+                    self.failed = True
+                    outcome = f"refused by policy: {exc}"
+                except PrLeftAlone as exc:
+                    outcome = f"left alone: {exc}"
+            self.outcomes[kind] += 1
+            self.lines.append(f"{label}#{pr.get('number')} {pr.get('headRefName')}: {outcome}")
+
+    def plan_text(self, repo: SimpleNamespace, action: str, why: str) -> str:
+        if action == "merge":
+            return (f"dry run: would merge {repo.base} into it in a worktree, run {json.dumps(repo.check)} and push"
+                    f" ({why})")
+        return f"dry run: would run {json.dumps(repo.fix)}, then {json.dumps(repo.check)}, commit and push ({why})"
+
+    @contextlib.contextmanager
+    def worktree(self, repo: SimpleNamespace, pr: dict[str, Any]) -> Iterator[tuple[Path, str, str]]:
+        """The pull request's head and base fetched into refs of the daemon's own, the head checked
+        out (detached) in a worktree under its state dir; all gone afterwards, whatever happened.
+        Yields (worktree, head commit, base commit)."""
+        refs = f"refs/claude-peers/pr-{pr['number']}"
+        tree = self.home / f"{re.sub(r'[^A-Za-z0-9_-]', '_', Path(repo.path).name)}-{sha256_hex(repo.path)[:8]}" \
+                           f"-pr-{pr['number']}"
+        self.clean(repo, tree, refs)
+        try:
+            self.git(repo.path, "fetch", "--no-tags", repo.remote, f"refs/heads/{repo.base}:{refs}/base",
+                     f"refs/heads/{pr['headRefName']}:{refs}/head")
+            self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.git(repo.path, "worktree", "add", "--detach", str(tree), f"{refs}/head")
+            head = self.git(tree, "rev-parse", "HEAD").stdout.strip()
+            base = self.git(tree, "rev-parse", f"{refs}/base").stdout.strip()
+            if pr.get("headRefOid") and pr["headRefOid"] != head:
+                raise PrLeftAlone("its head moved during the run")
+            yield tree, head, base
+        finally:
+            self.clean(repo, tree, refs)
+
+    def clean(self, repo: SimpleNamespace, tree: Path, refs: str) -> None:
+        if tree.exists():
+            self.git(repo.path, "worktree", "remove", "--force", str(tree), check=False)
+            shutil.rmtree(tree, ignore_errors=True)
+            self.git(repo.path, "worktree", "prune", check=False)
+        for name in ("head", "base"):
+            self.git(repo.path, "update-ref", "-d", f"{refs}/{name}", check=False)
+
+    def seen(self, repo: SimpleNamespace, pr: dict[str, Any], commits: dict[str, str]) -> None:
+        """Leave alone a pull request handled at these very commits by an earlier run."""
+        known = self.run.state.recall(self.daemon.name, f"pr:{repo.path}#{pr['number']}")
+        if known and json.loads(known) == commits:
+            raise PrLeftAlone("nothing new since it was handled")
+
+    def handled(self, repo: SimpleNamespace, pr: dict[str, Any], commits: dict[str, str]) -> None:
+        self.run.state.remember(self.daemon.name, f"pr:{repo.path}#{pr['number']}", json.dumps(commits))
+
+    def unmoved(self, repo: SimpleNamespace, pr: dict[str, Any], head: str) -> None:
+        """Leave the pull request alone if its branch is no longer at ``head`` (somebody pushed)."""
+        remote = self.git(repo.path, "ls-remote", repo.remote, f"refs/heads/{pr['headRefName']}").stdout.split()
+        if remote[:1] != [head]:
+            raise PrLeftAlone("its head moved during the run")
+
+    def comment(self, repo: SimpleNamespace, pr: dict[str, Any], head: str, done: str, why: str,
+                details: str = "") -> None:
+        """What was done and why, on the pull request, while its branch is still at ``head``."""
+        self.unmoved(repo, pr, head)
+        self.act("a comment")
+        self.command(["gh", "pr", "comment", str(pr["number"]), "--body", pr_comment(done, why, details)], repo.path)
+
+    def push(self, repo: SimpleNamespace, pr: dict[str, Any], tree: Path, head: str) -> str:
+        """A plain push of the worktree's HEAD to the pull request's branch (never its base), only
+        while the branch is still at the commit fetched; returns the commit pushed."""
+        branch = pr["headRefName"]
+        if branch in (repo.base, pr.get("baseRefName")):
+            raise PrLeftAlone(f"{branch} is a base branch")
+        self.unmoved(repo, pr, head)
+        self.act("a push")
+        self.git(tree, "push", repo.remote, f"HEAD:refs/heads/{branch}")
+        return self.git(tree, "rev-parse", "HEAD").stdout.strip()
+
+    def merge(self, repo: SimpleNamespace, pr: dict[str, Any], why: str) -> str:
+        """Merge the base into the pull request's branch; textual conflicts resolved by the LLM
+        file by file; pushed once the check passes, otherwise the merge is aborted and told."""
+        with self.worktree(repo, pr) as (tree, head, base):
+            commits = {"head": head, "base": base}
+            self.seen(repo, pr, commits)
+            merged = self.git(tree, "merge", "--no-ff", "--no-commit", f"refs/claude-peers/pr-{pr['number']}/base",
+                              check=False)
+            conflicted = [f for f in self.git(tree, "diff", "--name-only", "-z", "--diff-filter=U").stdout.split("\0")
+                          if f]
+            if merged.returncode != 0 and not conflicted:
+                raise PrLeftAlone(f"git merge failed: {command_tail(merged, 300)}")
+            how = "cleanly"
+            if conflicted:
+                failure = self.resolve(tree, conflicted, pr, repo)
+                listing = "\n".join(f"- `{name}`" for name in conflicted)
+                if failure:
+                    self.git(tree, "merge", "--abort", check=False)
+                    self.comment(repo, pr, head, f"could not merge `{repo.base}` into `{pr['headRefName']}`: {failure}."
+                                 " Nothing was pushed.", why, f"Conflicting files:\n{listing}")
+                    self.handled(repo, pr, commits)
+                    return f"conflicts in {', '.join(conflicted)}: {failure}; commented"
+                how = f"resolving {', '.join(conflicted)} with the model {self.run.model}"
+            check = self.command(repo.check, tree, check=False)
+            if check.returncode != 0:
+                self.git(tree, "merge", "--abort", check=False)
+                self.comment(repo, pr, head, f"merged `{repo.base}` into `{pr['headRefName']}` ({how}), but"
+                             f" `{' '.join(repo.check)}` fails on the result, so the merge was aborted and nothing"
+                             " was pushed.", why, f"```\n{command_tail(check)}\n```")
+                self.handled(repo, pr, commits)
+                return "the check failed after the merge: aborted; commented"
+            self.git(tree, "commit", "-m", f"Merge branch '{repo.base}' into {pr['headRefName']}\n\n"
+                                           "Merged by claude-peers pr-helper: the pull request conflicted with its"
+                                           " base.")
+            pushed = self.push(repo, pr, tree, head)
+            self.comment(repo, pr, pushed, f"merged `{repo.base}` into `{pr['headRefName']}` ({how}) and pushed"
+                         f" {pushed[:12]} (a plain push: the branch only moved forward).", why,
+                         f"`{' '.join(repo.check)}` passes on the result.")
+            self.handled(repo, pr, {"head": pushed, "base": base})
+            return f"merged {repo.base} {how}, the check passed, pushed"
+
+    def resolve(self, tree: Path, files: list[str], pr: dict[str, Any], repo: SimpleNamespace) -> str:
+        """Each conflicting file resolved by the model (one action each); why not, or '' when all were."""
+        if not self.models:
+            return "no LLM is configured to resolve the conflicts"
+        for name in files:
+            try:
+                data = (tree / name).read_bytes()
+            except OSError:
+                return f"{name} was deleted on one side"
+            if len(data) > self.daemon.max_file_bytes:
+                return f"{name} is larger than max_file_bytes = {self.daemon.max_file_bytes}"
+            if self.run.tokens >= self.daemon.token_budget:
+                return f"the token budget ({self.daemon.token_budget}) is spent"
+            self.act(f"resolving {name}")
+            messages = [{"role": "system", "content": RESOLVE_PROMPT},
+                        {"role": "user", "content": f"Pull request #{pr['number']}: {pr.get('title', '')}\nMerging"
+                                                    f" {repo.base} into {pr['headRefName']}. File {name}:\n\n"
+                                                    + data.decode(errors="replace")}]
+            try:
+                message, tokens, self.run.model = chat_completion(self.run.cfg, self.models, messages, [],
+                                                                  self.run.log_line)
+            except LlmError as exc:
+                return f"the model failed: {exc}"
+            self.run.tokens += tokens
+            text = strip_code_fence(message.get("content") or "")
+            if not text.strip() or CONFLICT_MARKER_RE.search(text):
+                return f"the model left {name} unresolved"
+            (tree / name).write_text(text + ("\n" if data.endswith(b"\n") and not text.endswith("\n") else ""))
+            self.git(tree, "add", "--", name)
+        return ""
+
+    def fix(self, repo: SimpleNamespace, pr: dict[str, Any], why: str) -> str:
+        """Failing checks: when the check fails here too, the fix command; its changes committed and
+        pushed only if the check passes then."""
+        with self.worktree(repo, pr) as (tree, head, _):
+            commits = {"head": head}
+            self.seen(repo, pr, commits)
+            if self.command(repo.check, tree, check=False).returncode == 0:
+                self.handled(repo, pr, commits)
+                return f"{why}, but {json.dumps(repo.check)} passes here: nothing to fix"
+            self.command(repo.fix, tree, check=False)
+            changed = [f for f in self.git(tree, "diff", "--name-only", "-z").stdout.split("\0") if f]
+            if not changed:
+                self.handled(repo, pr, commits)
+                return f"{json.dumps(repo.fix)} changed nothing"
+            check = self.command(repo.check, tree, check=False)
+            if check.returncode != 0:
+                self.comment(repo, pr, head, f"ran `{' '.join(repo.fix)}`, which changed {len(changed)} file(s), but"
+                             f" `{' '.join(repo.check)}` still fails, so nothing was pushed.", why,
+                             f"```\n{command_tail(check)}\n```")
+                self.handled(repo, pr, commits)
+                return "the fix did not make the check pass; commented"
+            self.git(tree, "add", "-u")
+            self.git(tree, "commit", "-m", f"Fix lint: {' '.join(repo.fix)}\n\nCommitted by claude-peers pr-helper:"
+                                           " the pull request's checks failed.")
+            pushed = self.push(repo, pr, tree, head)
+            self.comment(repo, pr, pushed, f"ran `{' '.join(repo.fix)}` and pushed {pushed[:12]};"
+                         f" `{' '.join(repo.check)}` passes now.", why,
+                         "Changed:\n" + "\n".join(f"- `{name}`" for name in changed))
+            self.handled(repo, pr, {"head": pushed})
+            return f"fixed {', '.join(changed)}, the check passed, pushed"
+
+
+def run_pr_helper(run: DaemonRun) -> dict[str, Any]:
+    return PrHelper(run).run_all()
+
+
 def daemon_body(daemon: SimpleNamespace) -> Callable[[DaemonRun], dict[str, Any]]:
     """What a run of this daemon does, by its runner."""
     return {"agent": DaemonRun.run_agent, "command": DaemonRun.run_command_runner, "fleet-scout": run_fleet_scout,
-            "llm-watchdog": run_llm_watchdog}[daemon.runner]
+            "llm-watchdog": run_llm_watchdog, "pr-helper": run_pr_helper}[daemon.runner]
 
 
 # ===========================================================================

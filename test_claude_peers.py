@@ -3788,6 +3788,12 @@ def test_fleet_scout_efficacy_every_seeded_fault_alerts_in_the_first_cycle_and_h
     ('[daemons.llm-watchdog]\nservers = [{ name = "a", base_url = "http://a" }, { name = "a", base_url = "http://b" }]',
      "daemons.llm-watchdog.servers: the name 'a' is given twice"),
     ('[daemons.llm-watchdog]\nslow_ms = 0\n', "daemons.llm-watchdog.slow_ms: must be > 0"),
+    ('[daemons.prs]\nrunner = "pr-helper"\nrepos = [{ path = "/src/app" }]\n', "daemons.prs.repos[0].check: required"),
+    ('[daemons.prs]\nrunner = "pr-helper"\nrepos = [{ path = "/src/app", check = "ruff check" }]\n',
+     "daemons.prs.repos[0].check: expected list"),
+    ('[daemons.prs]\nrunner = "pr-helper"\nrepos = [{ path = "/a", check = ["x"], base = "--upload-pack=y" }]\n',
+     "daemons.prs.repos[0].base: not a git remote or branch name"),
+    ('[daemons.prs]\nrunner = "pr-helper"\nauthor = "bot"\n', 'daemons.prs.author: must be "Name <email>"'),
 ])
 def test_built_in_daemon_keys_and_their_lists_of_tables_are_checked_item_by_item(tmp_path, text, expected):
     test_config_errors_name_file_key_and_reason(tmp_path, text, expected)  # one line: the file, the key, the reason
@@ -4011,6 +4017,285 @@ def test_llm_watchdog_restarts_only_with_an_allowed_command_and_only_once_down_l
     again = cp.track_llm_state(twice, "down", now + 600)
     assert cp.restart_llm_server(run, cpu, again, now + 600).startswith("restart held back: the last one was 300s ago")
     assert cp.track_llm_state(again, "up", now + 900)["downs"] == 0
+
+
+GH_STAND_IN = r'''
+import json, os, subprocess, sys
+
+path = os.environ["GH_STAND_IN_STATE"]
+with open(path) as fh:
+    state = json.load(fh)
+args = sys.argv[1:]
+state["calls"].append(args)
+
+
+def save():
+    with open(path, "w") as fh:
+        json.dump(state, fh, indent=1)
+
+
+if args[:2] == ["pr", "list"] and "--json" in args:
+    fields = args[args.index("--json") + 1].split(",")
+    listed = []
+    for pr in state["prs"]:
+        head = subprocess.run(["git", "--git-dir", state["origin"], "rev-parse", "refs/heads/" + pr["headRefName"]],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        shown = {**{k: v for k, v in pr.items() if k != "comments"}, "headRefOid": head}
+        unknown = [f for f in fields if f not in shown]
+        if unknown:
+            sys.exit(f'Unknown JSON field: "{unknown[0]}"')
+        listed.append({f: shown[f] for f in fields})
+    save()
+    print(json.dumps(listed, indent=2))
+elif args[:2] == ["pr", "comment"] and "--body" in args:
+    number = int(args[2])
+    next(pr for pr in state["prs"] if pr["number"] == number)["comments"].append(args[args.index("--body") + 1])
+    save()
+    print(f"https://github.com/homelab/app/pull/{number}#issuecomment-{len(state['calls'])}")
+else:
+    sys.exit(f"gh stand-in: unsupported command {args}")
+'''
+
+LINT = r'''
+import os, subprocess, sys
+from pathlib import Path
+
+fix = "--fix" in sys.argv
+race = os.environ.get("PR_RACE_WORKTREE")
+if race and Path.cwd().name.endswith(race) and not fix:  # somebody pushes to the branch while pr-helper works
+    clone = os.environ["PR_RACE_CLONE"]
+    run = lambda *a: subprocess.run(["git", "-c", "user.name=Dev", "-c", "user.email=dev@example.com", *a],
+                                    cwd=clone, check=True, capture_output=True)
+    run("checkout", "-q", os.environ["PR_RACE_BRANCH"])
+    Path(clone, "race.txt").write_text("pushed meanwhile\n")
+    run("add", "race.txt")
+    run("commit", "-qm", "meanwhile")
+    run("push", "-q", "origin", "HEAD:refs/heads/" + os.environ["PR_RACE_BRANCH"])
+bad = 0
+for path in sorted(Path(".").glob("*.txt")):
+    lines = path.read_text().splitlines(keepends=True)
+    if fix:
+        path.write_text("".join(line.rstrip() + "\n" for line in lines))
+    else:
+        for number, line in enumerate(lines, 1):
+            if line.rstrip("\n") != line.rstrip():
+                print(f"{path}:{number}: trailing whitespace")
+                bad += 1
+sys.exit(1 if bad else 0)
+'''
+
+ONE_TO_TEN = "".join(f"{word}\n" for word in ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                                               "ten"))
+
+
+def run_git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=Dev", "-c", "user.email=dev@example.com", "-c",
+                           "init.defaultBranch=main", *args], cwd=cwd, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+class PrLab:
+    """A bare origin, a clone where the test plays the pull requests' authors, the user's own checkout
+    the daemon is pointed at, and the gh stand-in with its pull requests in a JSON file."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path
+        self.origin = tmp_path / "origin.git"
+        run_git(tmp_path, "init", "-q", "--bare", "-b", "main", str(self.origin))
+        self.author = tmp_path / "author"
+        run_git(tmp_path, "clone", "-q", str(self.origin), str(self.author))
+        self.commit("main", {"a.txt": ONE_TO_TEN, "notes.txt": "notes\n"}, "initial", start="")
+        self.checkout = tmp_path / "checkout"  # the user's: pr-helper must never touch its working tree
+        run_git(tmp_path, "clone", "-q", str(self.origin), str(self.checkout))
+        (self.checkout / "mine.txt").write_text("uncommitted work of the user\n")
+        self.bin = tmp_path / "bin"
+        self.bin.mkdir()
+        (self.bin / "gh").write_text(f"#!{PY}\n{GH_STAND_IN}")
+        (self.bin / "gh").chmod(0o755)
+        self.lint = tmp_path / "lint.py"
+        self.lint.write_text(LINT)
+        self.state = tmp_path / "gh-state.json"
+        self.prs: list[dict] = []
+        self.save()
+
+    def commit(self, branch: str, files: dict[str, str], message: str, start: str = "main") -> str:
+        if start:  # else: the first commit, on the unborn branch of the fresh clone
+            run_git(self.author, "checkout", "-q", "-B", branch, f"origin/{start}")
+        for name, text in files.items():
+            (self.author / name).write_text(text)
+        run_git(self.author, "add", *files)
+        run_git(self.author, "commit", "-qm", message)
+        run_git(self.author, "push", "-q", "origin", f"HEAD:refs/heads/{branch}")
+        return self.ref(branch)
+
+    def pr(self, number: int, branch: str, mergeable: str = "MERGEABLE", draft: bool = False,
+           lint: str = "SUCCESS") -> None:
+        self.prs.append({
+            "number": number, "title": f"Change {branch}", "headRefName": branch, "baseRefName": "main",
+            "mergeable": mergeable, "isDraft": draft, "isCrossRepository": False,
+            "mergeStateStatus": "DRAFT" if draft else {"CONFLICTING": "DIRTY"}.get(mergeable, "CLEAN"),
+            "statusCheckRollup": [{"__typename": "CheckRun", "name": "lint", "workflowName": "CI",
+                                   "status": "COMPLETED", "conclusion": lint, "startedAt": "2026-11-25T09:00:00Z",
+                                   "completedAt": "2026-11-25T09:01:00Z",
+                                   "detailsUrl": "https://github.com/homelab/app/actions/runs/1"}],
+            "updatedAt": "2026-11-25T09:01:00Z", "comments": []})
+        self.save()
+
+    def save(self) -> None:
+        self.state.write_text(json.dumps({"origin": str(self.origin), "prs": self.prs, "calls": []}))
+
+    def ref(self, branch: str) -> str:
+        return run_git(self.origin, "rev-parse", f"refs/heads/{branch}")
+
+    def refs(self) -> dict[str, str]:
+        return dict(line.split()[::-1] for line in run_git(self.origin, "for-each-ref",
+                                                           "--format=%(objectname) %(refname:short)").splitlines())
+
+    def parents(self, commit: str) -> list[str]:
+        return run_git(self.origin, "rev-list", "--parents", "-n", "1", commit).split()[1:]
+
+    def is_ancestor(self, old: str, new: str) -> bool:
+        return subprocess.run(["git", "merge-base", "--is-ancestor", old, new], cwd=self.origin,
+                              check=False).returncode == 0
+
+    def gh(self) -> dict:
+        return json.loads(self.state.read_text())
+
+    def comments(self, number: int) -> list[str]:
+        return next(pr for pr in self.gh()["prs"] if pr["number"] == number)["comments"]
+
+    def config(self, commands: str = "", extra: str = "") -> str:
+        allowed = commands or f'[["git"], ["gh", "pr"], {json.dumps([PY, str(self.lint)])}]'
+        return (f'[daemons.pr-helper]\nrunner = "pr-helper"\ncommands = {allowed}\n'
+                f'author = "pr-helper <pr-helper@example.com>"\n{extra}'
+                f'repos = [{{ path = "{self.checkout}", check = {json.dumps([PY, str(self.lint)])},'
+                f' fix = {json.dumps([PY, str(self.lint), "--fix"])} }}]\n')
+
+    def run(self, broker: BrokerProc, *flags: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return broker.cli("trigger", "pr-helper", "--here", *flags, env={
+            "PATH": f"{self.bin}:{os.environ['PATH']}", "GH_STAND_IN_STATE": str(self.state),
+            "CLAUDE_PEERS_LLM_KEY": "sk-test", **env})
+
+    def checkout_untouched(self) -> None:
+        """The user's clone: the same branch and files, no worktree and no ref left behind."""
+        assert run_git(self.checkout, "status", "--porcelain") == "?? mine.txt"
+        assert run_git(self.checkout, "rev-parse", "--abbrev-ref", "HEAD") == "main"
+        assert len(run_git(self.checkout, "worktree", "list").splitlines()) == 1
+        assert "claude-peers" not in run_git(self.checkout, "for-each-ref")
+
+
+def conflicting_lab(tmp_path: Path) -> tuple[PrLab, dict[str, str]]:
+    """Pull requests against a base that moved on: #1 conflicts only by gh's word (git merges it
+    cleanly), #2 and #5 change the line the base changed, #3 is a draft, #4 fails lint."""
+    lab = PrLab(tmp_path)
+    lab.commit("clean-1", {"notes.txt": "notes, revised\n"}, "revise the notes")
+    lab.commit("textual-2", {"a.txt": ONE_TO_TEN.replace("five", "five (pr 2)")}, "pr 2 changes five")
+    lab.commit("draft-3", {"a.txt": ONE_TO_TEN.replace("five", "five (draft)")}, "draft changes five")
+    lab.commit("lint-4", {"lint.txt": "tidy line\nuntidy line   \n"}, "add lint.txt")
+    lab.commit("textual-5", {"a.txt": ONE_TO_TEN.replace("five", "five (pr 5)")}, "pr 5 changes five")
+    lab.commit("main", {"a.txt": ONE_TO_TEN.replace("one", "one (main)").replace("five", "five (main)")},
+               "main changes one and five")
+    for number, branch, mergeable, draft, lint in [(1, "clean-1", "CONFLICTING", False, "SUCCESS"),
+                                                   (2, "textual-2", "CONFLICTING", False, "SUCCESS"),
+                                                   (3, "draft-3", "CONFLICTING", True, "SUCCESS"),
+                                                   (4, "lint-4", "MERGEABLE", False, "FAILURE"),
+                                                   (5, "textual-5", "CONFLICTING", False, "SUCCESS")]:
+        lab.pr(number, branch, mergeable, draft, lint)
+    return lab, lab.refs()
+
+
+def test_pr_helper_without_an_llm_merges_clean_conflicts_fixes_lint_and_comments_textual_conflicts(
+        make_broker, tmp_path):
+    lab, before = conflicting_lab(tmp_path)
+    broker = make_broker()
+    write_config(broker, lab.config(commands='[["git"]]'))
+    out = lab.run(broker)  # gh is not allowlisted: nothing runs but git
+    assert out.returncode == cp.EXIT_ERROR and "refused by policy: command [\"gh\"" in out.stdout
+    assert lab.gh()["calls"] == [] and lab.refs() == before
+
+    write_config(broker, lab.config())
+    out = lab.run(broker, "--dry-run")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"checkout#1 clean-1: dry run: would merge main into it in a worktree", out.stdout)
+    assert re.search(r'checkout#4 lint-4: dry run: would run \[.*"--fix"\], then', out.stdout)
+    assert lab.refs() == before and all(pr["comments"] == [] for pr in lab.gh()["prs"])  # a plan, no change
+
+    out = lab.run(broker)
+    assert out.returncode == 0, out.stdout + out.stderr
+    after = lab.refs()
+    assert after["main"] == before["main"]  # the base branch is never pushed to
+    merged = after["clean-1"]
+    assert lab.parents(merged) == [before["clean-1"], before["main"]] and lab.is_ancestor(before["clean-1"], merged)
+    assert run_git(lab.origin, "show", f"{merged}:a.txt").startswith("one (main)\n")
+    assert "merged `main` into `clean-1` (cleanly) and pushed" in lab.comments(1)[0]
+    assert after["textual-2"] == before["textual-2"] and after["textual-5"] == before["textual-5"]
+    [told] = lab.comments(2)
+    assert "could not merge `main` into `textual-2`: no LLM is configured" in told and "- `a.txt`" in told
+    assert after["draft-3"] == before["draft-3"] and lab.comments(3) == []
+    fixed = after["lint-4"]
+    assert lab.parents(fixed) == [before["lint-4"]]  # one commit on top: no force, no rewrite
+    assert run_git(lab.origin, "show", f"{fixed}:lint.txt") == "tidy line\nuntidy line"
+    assert "ran `" in lab.comments(4)[0] and "- `lint.txt`" in lab.comments(4)[0]
+    assert run_git(lab.origin, "log", "-1", "--format=%an <%ae>", fixed) == "pr-helper <pr-helper@example.com>"
+    assert out.stdout.splitlines()[1].startswith("1 repo(s), 5 open pull request(s)")
+    lab.checkout_untouched()
+
+    out = lab.run(broker)  # nothing new: no second comment, nothing pushed
+    assert "nothing new since it was handled" in out.stdout
+    assert lab.refs() == after and len(lab.comments(2)) == 1 and len(lab.comments(5)) == 1
+    lab.checkout_untouched()
+
+
+def test_pr_helper_resolves_textual_conflicts_with_the_llm_only_when_the_check_passes_and_never_races_a_push(
+        make_broker, llm, tmp_path):
+    lab, before = conflicting_lab(tmp_path)
+    lab.prs = [pr for pr in lab.prs if pr["number"] in (1, 2, 5)]
+    lab.save()
+    resolved = ONE_TO_TEN.replace("one", "one (main)").replace("five", "five (main, and pr 2)")
+    broken = ONE_TO_TEN.replace("one", "one (main)").replace("five", "five (main, pr 5)   ")
+    llm.scripts["good"] = [final(f"```text\n{resolved}```"), final(broken)]
+    broker = make_broker()
+    write_config(broker, llm_toml(llm) + lab.config())
+    out = lab.run(broker, PR_RACE_WORKTREE="pr-1", PR_RACE_CLONE=str(lab.author), PR_RACE_BRANCH="clean-1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    after = lab.refs()
+    assert after["main"] == before["main"]
+    pushed = after["textual-2"]
+    assert lab.parents(pushed) == [before["textual-2"], before["main"]]
+    assert run_git(lab.origin, "show", f"{pushed}:a.txt") == resolved.rstrip("\n")
+    assert "resolving a.txt with the model good" in lab.comments(2)[0]
+    prompt = llm.requests[0]["messages"][1]["content"]
+    assert "<<<<<<<" in prompt and "five (pr 2)" in prompt and "five (main)" in prompt
+    assert after["textual-5"] == before["textual-5"]  # the check failed on the model's resolution: aborted
+    assert "fails on the result, so the merge was aborted" in lab.comments(5)[0] and "trailing whitespace" in \
+        lab.comments(5)[0]
+    raced = after["clean-1"]  # someone pushed while pr-helper checked its merge: left alone, no comment
+    assert lab.parents(raced) == [before["clean-1"]] and lab.comments(1) == []
+    assert "checkout#1 clean-1: left alone: its head moved during the run" in out.stdout
+    assert out.stdout.startswith("pr-helper: ok (5 actions, 100 tokens)")  # 2 LLM calls, 1 push, 2 comments
+    assert len(llm.requests) == 2
+    lab.checkout_untouched()
+
+
+def test_pr_helper_plans_merges_for_conflicts_fixes_for_failing_checks_and_leaves_the_rest_alone():
+    repo = SimpleNamespace(base="main", fix=["ruff", "check", "--fix"])
+    pr = {"number": 7, "headRefName": "feature", "baseRefName": "main", "isDraft": False, "isCrossRepository": False,
+          "mergeable": "MERGEABLE", "mergeStateStatus": "CLEAN", "statusCheckRollup": [
+              {"__typename": "CheckRun", "name": "lint", "status": "COMPLETED", "conclusion": "SUCCESS"},
+              {"__typename": "StatusContext", "context": "ci/tests", "state": "SUCCESS"}]}
+    failing = [{"__typename": "StatusContext", "context": "ci/lint", "state": "FAILURE"}]
+    assert cp.pr_plan(pr, repo) == ("skip", "mergeable")
+    assert cp.pr_plan({**pr, "mergeable": "CONFLICTING"}, repo) == ("merge", "it conflicts with main")
+    assert cp.pr_plan({**pr, "mergeStateStatus": "DIRTY"}, repo)[0] == "merge"
+    assert cp.pr_plan({**pr, "statusCheckRollup": failing}, repo) == ("fix", "checks fail: ci/lint")
+    assert cp.pr_plan({**pr, "statusCheckRollup": failing}, SimpleNamespace(base="main", fix=[]))[1] == \
+        "checks fail (ci/lint) and the repo has no fix command"
+    for change, why in [({"isDraft": True}, "a draft"), ({"baseRefName": "release"}, "it goes into release"),
+                        ({"isCrossRepository": True}, "its branch is in a fork"),
+                        ({"headRefName": "--upload-pack=touch x"}, "is not a name pr-helper pushes to"),
+                        ({"headRefName": "main", "baseRefName": "main"}, "not main")]:
+        action, reason = cp.pr_plan({**pr, "mergeable": "CONFLICTING", **change}, repo)
+        assert action == "skip" and why in reason, (change, reason)
 
 
 def test_fleet_memory_versions_keep_a_pinned_section_a_history_and_diffs(make_broker, tmp_path):
