@@ -22,8 +22,8 @@ Sections, in dependency order (each uses only what is above it):
   Shim                 the MCP server on stdio: handshake, tools, channel pushes
   Machine probes       what fleet-scout runs on a host over SSH, and the findings it draws
   Daemon runs          one run in a child process: the agent loop, its tools and policy
-  Daemons              the built-in daemons (fleet-scout, llm-watchdog, pr-helper), and which runner
-                       a daemon uses
+  Daemons              the built-in daemons (fleet-scout, llm-watchdog, pr-helper, fleet-memory), and
+                       which runner a daemon uses
   Supervisor           schedules, event triggers, run records
   Bench                this hub's figures, measured on this machine
   CLI                  output helpers, the commands, the parser, main
@@ -484,9 +484,18 @@ PR_REPO_DEFAULTS: dict[str, Any] = {
     "fix": [],  # argv that fixes what check finds, e.g. ["ruff", "check", "--fix", "."]; empty: no fixes
 }
 
+# [daemons.<name>] with runner = "fleet-memory": how much of each section the memory keeps.
+MEMORY_DEFAULTS: dict[str, Any] = {
+    "exchanges": 15,  # the most recent message exchanges listed (one line per pair of sessions)
+    "findings": 8,  # the daemons whose latest run is listed
+    "events_per_run": 5000,  # events read per run from its cursor (a longer backlog takes several runs)
+    "condense": True,  # with [llm] set: the model condenses the digest whenever its facts changed
+}
+
 # Runners: the keys a daemon table takes besides DAEMON_DEFAULTS, per runner.
 RUNNER_DEFAULTS: dict[str, dict[str, Any]] = {"agent": {}, "command": {}, "fleet-scout": SCOUT_DEFAULTS,
-                                              "llm-watchdog": WATCHDOG_DEFAULTS, "pr-helper": PR_HELPER_DEFAULTS}
+                                              "llm-watchdog": WATCHDOG_DEFAULTS, "pr-helper": PR_HELPER_DEFAULTS,
+                                              "fleet-memory": MEMORY_DEFAULTS}
 
 # Keys whose value is a list of tables: each item is checked like a table of these keys, the
 # required ones given.
@@ -504,6 +513,10 @@ DEFAULT_DAEMONS: dict[str, dict[str, Any]] = {
     "llm-watchdog": {"runner": "llm-watchdog", "every": "5m", "max_runtime_s": 120, "max_actions": 10,
                      "description": "watches the LLM servers ([llm] and its servers): up, slow or down, an alert"
                                     " on each change"},
+    "fleet-memory": {"runner": "fleet-memory", "on": ["fleet.>"], "debounce_s": 60.0, "every": "1h",
+                     "max_runtime_s": 120, "max_actions": 3,
+                     "description": "keeps the fleet memory new sessions read: who works on what where, exchanges,"
+                                    " health, open alerts, daemon findings"},
 }
 
 TIERS = ("heavy", "routine", "local")
@@ -685,7 +698,8 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
                                                                                    "_warning", "_critical"))
        or key in ("journal_max_lines", "parallel")},
     **{("daemon", key): _check_positive for key in ("timeout_s", "slow_ms", "restart_after", "restart_interval_s",
-                                                    "command_timeout_s", "max_file_bytes")},
+                                                    "command_timeout_s", "max_file_bytes", "exchanges", "findings",
+                                                    "events_per_run")},
     ("daemon", "author"): _check_author,
     ("servers", "name"): _check_name_token,
     ("servers", "base_url"): _check_server_url,
@@ -5469,10 +5483,188 @@ def run_pr_helper(run: DaemonRun) -> dict[str, Any]:
     return PrHelper(run).run_all()
 
 
+# -- fleet-memory: what every new session reads at start ------------------------------------------
+
+MEMORY_TITLE = "# Fleet memory"
+MEMORY_SECTIONS = ("Who is working on what, where", "Recent exchanges", "Fleet health", "Open alerts",
+                   "Recent daemon findings")
+CONDENSE_PROMPT = (
+    "You keep the fleet memory: the notes every new Claude Code session of a homelab reads when it starts."
+    " Rewrite the digest you are given as concise markdown of at most {budget} bytes. Keep its first line"
+    " and these section headings, each once, in this order: {headings}. Keep names, machines, paths,"
+    " branches, numbers and times exactly; merge and shorten lines, drop the least useful first; add"
+    " nothing that is not in the digest. Answer with the markdown only.")
+
+
+def short_time(stamp: str | None) -> str:
+    """An ISO time as 'MM-DD HH:MMZ': short, and stable (the memory changes only with its facts)."""
+    return dt.datetime.fromisoformat(stamp).astimezone(dt.UTC).strftime("%m-%d %H:%MZ") if stamp else "?"
+
+
+def read_events_since(client: BrokerClient, cursor: int | None, most: int) -> tuple[list[dict[str, Any]], int]:
+    """At most ``most`` events after ``cursor`` (None: the newest ``most``), and the cursor after them."""
+    if cursor is None:
+        cursor = max(0, client.call("GET", "/api/status")["last_event_seq"] - most)
+    events: list[dict[str, Any]] = []
+    while len(events) < most:
+        limit = min(1000, most - len(events))
+        feed = client.call("GET", f"/api/events?after={cursor}&limit={limit}")
+        events += feed["events"]
+        cursor = feed["cursor"]
+        if len(feed["events"]) < limit:
+            break
+    return events, cursor
+
+
+def fold_memory_events(state: dict[str, Any], events: list[dict[str, Any]], keep: int) -> None:
+    """Messages (metadata; their text only when publish_text put it in the event) and departures
+    into the rolling lists the memory shows, the newest ``keep`` exchanges kept."""
+    exchanges: dict[str, dict[str, Any]] = state.setdefault("exchanges", {})
+    for event in events:
+        if event.get("type") == "message.sent":
+            sender = str(event.get("from_name") or event.get("from_id") or "?")
+            to = "everyone" if event.get("to") == "*" else str(event.get("to_name") or event.get("to_id") or "?")
+            pair = f"{sender} → everyone" if to == "everyone" else " ↔ ".join(sorted((sender, to)))
+            entry = exchanges.pop(pair, {"messages": 0})  # popped: re-inserted as the newest
+            entry.update(messages=entry["messages"] + 1, last=event.get("at"), last_from=sender)
+            if isinstance(event.get("text"), str):
+                entry["text"] = event["text"][:160]
+            exchanges[pair] = entry
+        elif event.get("type") == "peer.left" and event.get("name") and not event["name"].startswith("daemon-"):
+            state.setdefault("left", []).append({"name": event["name"], "machine": event.get("machine"),
+                                                 "at": event.get("at")})
+    state["exchanges"] = dict(list(exchanges.items())[-keep:])
+    state["left"] = state.get("left", [])[-5:]
+
+
+def memory_sections(facts: dict[str, Any], state: dict[str, Any],
+                    daemon: SimpleNamespace) -> list[tuple[str, list[str]]]:
+    """The memory's sections as lines, from what the broker holds now and what the events told."""
+    who = [f"- **{p['name'] or p['id']}** on {p['machine']}: `{p['cwd']}`" + (f" [{p['branch']}]" if p["branch"]
+                                                                                else "")
+           + (f" — {p['summary']}" if p["summary"] else "") + f" (since {short_time(p['started_at'])})"
+           for p in facts["peers"] if p.get("client") != "daemon"] or ["- no live sessions"]
+    if state.get("left"):
+        who.append("- recently gone: " + ", ".join(f"{g['name']} ({g['machine']}, {short_time(g['at'])})"
+                                                   for g in reversed(state["left"])))
+    exchanges = [f"- {pair}: {e['messages']} message(s); the last from {e['last_from']} at {short_time(e['last'])}"
+                 + (f": “{e['text']}”" if "text" in e else "")
+                 for pair, e in reversed(state.get("exchanges", {}).items())] or ["- none lately"]
+    health = []
+    for machine in facts["health"]:
+        worst = sorted(machine["findings"], key=lambda f: SEVERITY_RANK.get(f["severity"], 3))
+        titles = "; ".join(f["title"] for f in worst[:3]) + (f" (+{len(worst) - 3} more)" if len(worst) > 3 else "")
+        health.append(f"- {machine['machine']}: {worst[0]['severity'] if worst else 'ok'}"
+                      + (f" — {titles}" if titles else "") + f" ({machine['source']})")
+    alerts = [f"- {a['severity']} {a['machine']}: {a['title']} (since {short_time(a['opened_at'])}; {a['source']})"
+              for a in facts["alerts"]]
+    latest: dict[str, dict[str, Any]] = {}
+    for run in facts["runs"]:  # newest first
+        if run["daemon"] != daemon.name and run["status"] != "running":
+            latest.setdefault(run["daemon"], run)
+    findings = [f"- {r['daemon']} {r['status']}: {(r['summary'].splitlines() or ['-'])[0]}"
+                + (f" (at {short_time(r['started_at'])})" if r["status"] not in ("ok", "limit") else "")
+                for r in list(latest.values())[:daemon.findings]]
+    return list(zip(MEMORY_SECTIONS, [who, exchanges, health or ["- no reports yet"], alerts or ["- none"],
+                                      findings or ["- no runs yet"]], strict=True))
+
+
+def render_memory(sections: list[tuple[str, list[str]]], budget: int) -> str:
+    """The memory's markdown within ``budget`` bytes: while too long, the section taking the most room
+    gives up its last line (told as "+N more"); the title and headings stay."""
+    kept = [[line[:400] for line in lines] for _, lines in sections]
+    dropped = [0] * len(kept)
+
+    def render() -> str:
+        parts = [MEMORY_TITLE + "\n"]
+        for (title, _), lines, gone in zip(sections, kept, dropped, strict=True):
+            parts.append(f"\n## {title}\n" + "".join(f"{line}\n" for line in lines)
+                         + (f"- (+{gone} more)\n" if gone else ""))
+        return "".join(parts)
+
+    text = render()
+    while len(text.encode()) > budget and any(kept):
+        longest = max(range(len(kept)), key=lambda i: sum(len(line.encode()) for line in kept[i]))
+        kept[longest].pop()
+        dropped[longest] += 1
+        text = render()
+    return text if len(text.encode()) <= budget else text.encode()[:max(budget, 0)].decode(errors="ignore")
+
+
+def condense_memory(run: DaemonRun, digest: str, budget: int) -> str:
+    """The digest condensed by the model (one action), or '' when there is none, it failed, or its
+    answer breaks the memory's shape (too long, sections missing or out of order)."""
+    models = list(getattr(run.cfg.llm, run.daemon.tier))
+    if not (run.daemon.condense and run.cfg.llm.base_url and models) or run.actions >= run.daemon.max_actions \
+            or run.tokens >= run.daemon.token_budget:
+        return ""
+    prompt = CONDENSE_PROMPT.format(budget=budget, headings=", ".join(f"## {h}" for h in MEMORY_SECTIONS))
+    run.actions += 1
+    try:
+        message, tokens, run.model = chat_completion(run.cfg, models, [{"role": "system", "content": prompt},
+                                                                       {"role": "user", "content": digest}],
+                                                     [], run.log_line)
+    except LlmError as exc:
+        run.log_line("condense_failed", error=str(exc))
+        return ""
+    run.tokens += tokens
+    text = strip_code_fence(message.get("content") or "").strip() + "\n"
+    headings = re.findall(r"^## (.+?)\s*$", text, re.MULTILINE)
+    problem = ("longer than the budget" if len(text.encode()) > budget else
+               "not the memory's sections" if headings != list(MEMORY_SECTIONS) or not text.startswith("# ") else "")
+    if problem:
+        run.log_line("condense_rejected", reason=problem, text=text[:4000])
+        return ""
+    return text
+
+
+def run_fleet_memory(run: DaemonRun) -> dict[str, Any]:
+    """Fold the events since its cursor into its state, read the fleet as it is now (peers, health,
+    open alerts, daemon runs), and write the memory's notes when they changed: a deterministic
+    digest, condensed by the LLM when one is configured. A human's pinned section stays as it is."""
+    daemon, client = run.daemon, run.broker(register=False)
+    state = json.loads(run.state.recall(daemon.name, "state") or "{}")
+    try:
+        events, cursor = read_events_since(client, state.get("cursor"), daemon.events_per_run)
+        facts = {"peers": client.call("GET", "/api/peers")["peers"],
+                 "health": client.call("GET", "/api/health")["machines"],
+                 "alerts": client.call("GET", "/api/alerts?state=open&limit=50")["alerts"],
+                 "runs": client.call("GET", "/api/runs?limit=200")["runs"]}
+        current = client.call("GET", "/api/memory")
+    except (UserError, ApiError) as exc:
+        return run.result("failed", f"could not read the fleet from the broker: {exc}")
+    fold_memory_events(state, events, daemon.exchanges)
+    pinned = current["pinned"].rstrip("\n")
+    budget = current["max_bytes"] - (len(pinned.encode()) + 2 if pinned.strip() else 0)
+    digest = render_memory(memory_sections(facts, state, daemon), budget)
+    text, how = digest, "a deterministic digest"
+    if sha256_hex(digest) == state.get("digest") and sha256_hex(current["notes"]) == state.get("written"):
+        text = current["notes"]  # the facts did not change: what was written stays (the model's, maybe)
+    else:
+        condensed = condense_memory(run, digest, budget)
+        text, how = (condensed, f"condensed by {run.model}") if condensed else (digest, how)
+    state.update(cursor=cursor, digest=sha256_hex(digest), written=sha256_hex(text))
+    if text == current["notes"]:
+        summary = f"memory unchanged (version {current['version']}); {len(events)} new event(s)"
+    elif run.dry_run:
+        run.log_line("dry_run", memory=text)
+        summary = f"dry run: would write the memory ({len(text.encode())} bytes, {how})"
+    else:
+        try:
+            written = client.call("POST", "/api/memory", {"text": text, "part": "notes", "by": daemon.name})
+        except (UserError, ApiError) as exc:
+            return run.result("failed", f"could not write the memory: {exc}")
+        summary = f"memory version {written['version']}: {len(text.encode())} bytes, {how}; {len(events)} new event(s)"
+    if not run.dry_run:
+        run.state.remember(daemon.name, "state", json.dumps(state))
+    return run.result("ok", summary)
+
+
 def daemon_body(daemon: SimpleNamespace) -> Callable[[DaemonRun], dict[str, Any]]:
     """What a run of this daemon does, by its runner."""
     return {"agent": DaemonRun.run_agent, "command": DaemonRun.run_command_runner, "fleet-scout": run_fleet_scout,
-            "llm-watchdog": run_llm_watchdog, "pr-helper": run_pr_helper}[daemon.runner]
+            "llm-watchdog": run_llm_watchdog, "pr-helper": run_pr_helper,
+            "fleet-memory": run_fleet_memory}[daemon.runner]
 
 
 # ===========================================================================
@@ -5513,6 +5705,7 @@ def nats_trouble(exc: Exception, problems: list[str]) -> str:
 
 NATS_SETUP_S = 5.0  # connecting and subscribing may take this long before the feed takes over
 NATS_RETRY_S = 30.0  # a supervisor on the feed tries NATS again this often
+DERIVED_SUBJECTS = ("fleet.daemon.", "fleet.memory.")  # events daemons cause: only patterns naming them wake on them
 SEEN_EVENTS = 10000  # event ids remembered, so a switch between NATS and the feed runs nothing twice
 
 
@@ -5762,11 +5955,12 @@ class Supervisor:
         if len(parts) == 4 and parts[:2] == ["fleet", "daemon"] and parts[3] == "requested":
             self.trigger(parts[2], "requested")
             return
-        # Run lifecycle events trigger only patterns that name fleet.daemon explicitly, and never the
-        # daemon itself: otherwise two daemons on "fleet.>" would wake each other forever.
-        lifecycle = subject.startswith("fleet.daemon.")
+        # What daemons cause themselves (run lifecycle, memory updates) triggers only patterns that name
+        # it explicitly, and a run's events never its own daemon: otherwise daemons on "fleet.>"
+        # (fleet-memory among them) would wake each other, or themselves, forever.
+        derived = next((prefix for prefix in DERIVED_SUBJECTS if subject.startswith(prefix)), "")
         for daemon in self.cfg.daemons.values():
-            patterns = [p for p in daemon.on if not lifecycle or p.startswith("fleet.daemon.")]
+            patterns = [p for p in daemon.on if p.startswith(derived)]
             own = subject.startswith(f"fleet.daemon.{daemon.name}.")
             wanted = daemon.enabled and not own and any(subject_matches(p, subject) for p in patterns)
             if wanted and daemon.name not in self.debouncing:  # the first event opens the window, later ones join

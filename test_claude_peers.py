@@ -1041,7 +1041,7 @@ def test_trigger_refuses_a_daemon_the_config_does_not_run(broker):
                  '[daemons.off]\nenabled = false\nrunner = "command"\ncommand = ["true"]\n')
     out = broker.cli("trigger", "knwon")
     assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1
-    assert f"{broker.config}: no [daemons.knwon] (daemons: fleet-scout, llm-watchdog, known, off)" \
+    assert f"{broker.config}: no [daemons.knwon] (daemons: fleet-scout, llm-watchdog, fleet-memory, known, off)" \
         in out.stderr
     out = broker.cli("trigger", "off")
     assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1 and "enabled = false" in out.stderr
@@ -1344,7 +1344,7 @@ def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
             fh.write(f'\n[daemons.touch]\nrunner = "command"\ncommand = ["touch", "{marker}"]\n')
         supervisor = subprocess.Popen([client_env["HOME"] + "/.local/bin/claude-peers", "supervise"],
                                       env=client_env, stderr=subprocess.PIPE, text=True)
-        started(supervisor, "supervisor running 3 daemons")
+        started(supervisor, "supervisor running 4 daemons")
 
         async def shim_on_the_client() -> None:
             recorder = ChannelRecorder()
@@ -2793,7 +2793,7 @@ def test_event_triggers_with_wildcards_and_debounce(make_broker, supervisors, na
     write_config(broker, '[daemons.greeter]\non = ["fleet.peer.*"]\ndebounce_s = 1.0\nrunner = "command"\n'
                  'command = ["true"]\n[daemons.memo]\non = ["fleet.memory.>"]\ndebounce_s = 0.2\n'
                  'runner = "command"\ncommand = ["true"]\n[daemons.all]\non = ["fleet.>"]\ndebounce_s = 0.2\n'
-                 'runner = "command"\ncommand = ["true"]\n')
+                 'runner = "command"\ncommand = ["true"]\n[daemons.fleet-memory]\nenabled = false\n')  # memo: ours only
     supervisor = supervisors(broker)
     time.sleep(1.5 if source == "nats" else 0.5)  # the consumer / feed cursor is in place
     for i in range(3):
@@ -3794,6 +3794,7 @@ def test_fleet_scout_efficacy_every_seeded_fault_alerts_in_the_first_cycle_and_h
     ('[daemons.prs]\nrunner = "pr-helper"\nrepos = [{ path = "/a", check = ["x"], base = "--upload-pack=y" }]\n',
      "daemons.prs.repos[0].base: not a git remote or branch name"),
     ('[daemons.prs]\nrunner = "pr-helper"\nauthor = "bot"\n', 'daemons.prs.author: must be "Name <email>"'),
+    ('[daemons.fleet-memory]\nexchanges = 0\n', "daemons.fleet-memory.exchanges: must be > 0"),
 ])
 def test_built_in_daemon_keys_and_their_lists_of_tables_are_checked_item_by_item(tmp_path, text, expected):
     test_config_errors_name_file_key_and_reason(tmp_path, text, expected)  # one line: the file, the key, the reason
@@ -4350,6 +4351,132 @@ def test_fleet_memory_versions_keep_a_pinned_section_a_history_and_diffs(make_br
                if e["type"] == "memory.updated"]
     assert len(updates) == 4 + cp.MEMORY_VERSIONS_KEPT and updates[0]["part"] == "pinned"
     assert updates[-1]["version"] == 104
+
+
+def fleet_at_work(broker: BrokerProc) -> tuple[cp.BrokerClient, cp.BrokerClient]:
+    """Two sessions that talk, a machine with a full disk and its alert, and a scout run."""
+    client = broker.client()
+    alice = broker.session(name="alice", summary="migrating postgres to 16", cwd="/srv/db", branch="pg16",
+                           machine="nas")
+    bob = broker.session(name="bob", summary="fixing the web UI", cwd="/home/bob/web", machine="laptop")
+    send(alice, "bob", "secret plan: drop the old tables")
+    send(bob, "alice", "ok")
+    disk = {"check": "disk", "key": "/", "severity": "critical", "title": "disk / 97% used", "detail": ""}
+    client.call("POST", "/api/health", {"machine": "nas", "source": "fleet-scout", "report": {}, "findings": [disk]})
+    client.call("POST", "/api/alerts", {"source": "fleet-scout", "machine": "nas", "checks": ["disk"],
+                                        "findings": [disk], "repeat_after": 10})
+    client.call("POST", "/api/runs", {"id": "r1", "daemon": "fleet-scout", "trigger": "schedule", "machine": "hub",
+                                      "started_at": cp.iso(time.time()), "ended_at": cp.iso(time.time()),
+                                      "status": "ok", "summary": "2 machine(s), 1 with findings\nnas critical disk"})
+    return alice, bob
+
+
+def test_fleet_memory_without_an_llm_writes_a_useful_digest_only_when_the_fleet_changed(make_broker):
+    broker = make_broker()
+    _, bob = fleet_at_work(broker)
+    broker.client().call("POST", "/api/memory", {"text": "# House rules\nAsk bob before touching the NAS.\n"})
+    out = foreground(broker, "fleet-memory")
+    assert out.returncode == 0 and "memory version 2:" in out.stdout and "a deterministic digest" in out.stdout
+    memory = broker.client().call("GET", "/api/memory")
+    text = memory["text"]
+    assert text.startswith("# House rules\nAsk bob before touching the NAS.\n\n# Fleet memory\n")
+    assert re.findall(r"^## (.*)$", text, re.MULTILINE) == list(cp.MEMORY_SECTIONS)
+    assert "- **alice** on nas: `/srv/db` [pg16] — migrating postgres to 16 (since " in text
+    assert "- **bob** on laptop: `/home/bob/web` — fixing the web UI" in text
+    exchange = r"^- alice ↔ bob: 2 message\(s\); the last from bob at \d\d-\d\d \d\d:\d\dZ$"
+    assert re.search(exchange, text, re.MULTILINE)
+    assert "secret plan" not in text  # metadata only: publish_text is off
+    assert "- nas: critical — disk / 97% used (fleet-scout)" in text
+    assert re.search(r"^- critical nas: disk / 97% used \(since .*; fleet-scout\)$", text, re.MULTILINE)
+    assert "- fleet-scout ok: 2 machine(s), 1 with findings" in text
+    assert memory["updated_by"] == "fleet-memory" and memory["part"] == "notes"
+    out = foreground(broker, "fleet-memory")
+    assert "memory unchanged (version 2)" in out.stdout
+    bob.session_call("POST", "/leave")
+    foreground(broker, "fleet-memory")
+    text = broker.client().call("GET", "/api/memory")["text"]
+    assert "**bob**" not in text and re.search(r"- recently gone: bob \(laptop, .*\)", text)
+    assert text.startswith("# House rules\n")  # the pinned section is never the daemon's
+
+
+def test_the_memory_digest_fits_its_budget_and_keeps_every_section():
+    state = {}
+    events = [{"type": "message.sent", "from_name": f"s{i}", "to": "hub", "to_name": "hub", "bytes": 10,
+               "at": "2026-11-25T10:00:00.000Z", **({"text": "deploy at noon"} if i == 7 else {})} for i in range(8)]
+    events.append({"type": "message.sent", "from_name": "hub", "to": "*", "to_name": "s1", "bytes": 5,
+                   "at": "2026-11-25T10:01:00.000Z"})
+    cp.fold_memory_events(state, events, keep=6)
+    assert list(state["exchanges"]) == ["hub ↔ s3", "hub ↔ s4", "hub ↔ s5", "hub ↔ s6", "hub ↔ s7",
+                                        "hub → everyone"]
+    assert state["exchanges"]["hub ↔ s7"]["text"] == "deploy at noon"  # publish_text put it in the event
+    peers = [{"id": f"{i:010x}", "name": f"worker-{i}", "machine": "nas", "cwd": f"/srv/job{i}", "branch": "",
+              "summary": "crunching numbers " * 5, "started_at": "2026-11-25T09:00:00.000Z", "client": "claude"}
+             for i in range(40)]
+    daemon = SimpleNamespace(name="fleet-memory", findings=8)
+    sections = cp.memory_sections({"peers": peers, "health": [], "alerts": [], "runs": []}, state, daemon)
+    text = cp.render_memory(sections, 1500)
+    assert len(text.encode()) <= 1500
+    assert re.findall(r"^## (.*)$", text, re.MULTILINE) == list(cp.MEMORY_SECTIONS)
+    assert re.search(r"^- \(\+\d+ more\)$", text, re.MULTILINE) and "worker-0" in text and "worker-39" not in text
+
+
+def test_fleet_memory_is_condensed_by_the_llm_when_its_facts_change_and_falls_back_when_the_answer_breaks_it(
+        make_broker, llm):
+    broker = make_broker()
+    fleet_at_work(broker)
+    write_config(broker, llm_toml(llm))
+    good = ("# Fleet memory\n\n## Who is working on what, where\n- alice (nas): postgres 16; bob (laptop): web UI;"
+            " carol arrived\n\n## Recent exchanges\n- alice ↔ bob: 2\n\n## Fleet health\n- nas: disk 97%\n\n"
+            "## Open alerts\n- nas disk\n\n## Recent daemon findings\n- fleet-scout ok\n")
+    llm.scripts["good"] = [final("# Fleet memory\n## Who is working on what, where\n- everyone is fine\n"), final(good)]
+    out = foreground(broker, "fleet-memory")
+    assert out.returncode == 0 and "a deterministic digest" in out.stdout  # the answer lost sections: not used
+    assert [e["reason"] for e in transcript_events(out) if e["event"] == "condense_rejected"] == [
+        "not the memory's sections"]
+    assert "migrating postgres to 16" in broker.client().call("GET", "/api/memory")["text"]
+    foreground(broker, "fleet-memory")
+    assert len(llm.requests) == 1  # nothing changed: no second call
+    broker.session(name="carol", machine="pi")
+    out = foreground(broker, "fleet-memory")
+    assert "condensed by good" in out.stdout and "(1 actions" in out.stdout
+    assert broker.client().call("GET", "/api/memory")["notes"] == good
+    assert "## Open alerts" in llm.requests[-1]["messages"][0]["content"]
+    assert "**carol** on pi" in llm.requests[-1]["messages"][1]["content"]  # the digest is what it condenses
+    out = foreground(broker, "fleet-memory")
+    assert "memory unchanged" in out.stdout and len(llm.requests) == 2
+
+
+@pytest.mark.anyio
+async def test_a_session_started_after_fleet_memory_ran_gets_the_new_memory_in_its_instructions(make_broker):
+    broker = make_broker()
+    fleet_at_work(broker)
+    out = await anyio.to_thread.run_sync(foreground, broker, "fleet-memory")
+    assert out.returncode == 0, out.stderr
+    async with shim_session(broker, name="newcomer") as shim:
+        instructions = shim.client.instructions
+    assert "## Who is working on what, where" in instructions
+    assert "- **alice** on nas: `/srv/db` [pg16] — migrating postgres to 16" in instructions
+
+
+def test_fleet_memory_runs_on_fleet_events_and_its_own_update_wakes_only_those_watching_memory(
+        make_broker, supervisors):
+    broker = make_broker("rate_per_s = 0.0\n")
+    write_config(broker, '[daemons.fleet-memory]\ndebounce_s = 0.3\n[daemons.fleet-scout]\nenabled = false\n'
+                         '[daemons.llm-watchdog]\nenabled = false\n[daemons.memo]\non = ["fleet.memory.>"]\n'
+                         'debounce_s = 0.1\nrunner = "command"\ncommand = ["true"]\n[daemons.all]\non = ["fleet.>"]\n'
+                         'debounce_s = 0.1\nrunner = "command"\ncommand = ["true"]\n')
+    supervisor = supervisors(broker)
+    feed_in_place(broker)
+    broker.session(name="newcomer", summary="just arrived")
+    [run] = supervisor.wait_runs("fleet-memory", 1)
+    assert run["status"] == "ok" and run["trigger"] == "event fleet.peer.joined"
+    assert "**newcomer**" in broker.client().call("GET", "/api/memory")["text"]
+    [memo] = supervisor.wait_runs("memo", 1)
+    assert memo["trigger"] == "event fleet.memory.updated"
+    supervisor.wait_runs("all", 1)
+    time.sleep(1.0)  # longer than fleet-memory's debounce: a run woken by its own update would have started
+    assert len(supervisor.runs("fleet-memory")) == 1
+    assert not [r for r in supervisor.runs("all") if "fleet.memory" in r["trigger"] or "fleet.daemon" in r["trigger"]]
 
 
 # ---------------------------------------------------------------------------
