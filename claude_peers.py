@@ -23,7 +23,8 @@ Sections, in dependency order (each uses only what is above it):
   Shim                 the MCP server on stdio: handshake, tools, channel pushes
   Machine probes       what fleet-scout runs on a host over SSH, and the findings it draws
   Daemon runs          one run in a child process: the agent loop, its tools and policy
-  Daemons              the built-in daemons (fleet-scout), and which runner a daemon uses
+  Daemons              the built-in daemons (fleet-scout, llm-watchdog, pr-helper, fleet-memory), and
+                       which runner a daemon uses
   Supervisor           schedules, event triggers, run records
   Bench                this hub's figures, measured on this machine
   CLI                  output helpers, the commands, the parser, main
@@ -42,6 +43,7 @@ import collections
 import concurrent.futures
 import contextlib
 import datetime as dt
+import difflib
 import errno
 import fcntl
 import hashlib
@@ -448,8 +450,63 @@ SCOUT_DEFAULTS: dict[str, Any] = {
     "host_key_checking": "accept-new",  # "yes": only hosts already known; "accept-new": pin a new host's key
 }
 
+# [daemons.<name>] with runner = "llm-watchdog": the LLM servers it watches and when one is slow.
+WATCHDOG_DEFAULTS: dict[str, Any] = {
+    "servers": [],  # LLM servers to watch: tables of LLM_SERVER_DEFAULTS' keys
+    "watch_llm": True,  # also watch the [llm] endpoint when its base_url is set (as the server "llm")
+    "timeout_s": 30,  # each check of a server: the TCP connect, the health route, the 1-token completion
+    "slow_ms": 5000,  # a health route or completion slower than this: the server is slow
+    "restart_after": 3,  # a server's restart command runs after this many down results in a row
+    "restart_interval_s": 1800,  # ... and at most once in this many seconds
+}
+
+# One item of the llm-watchdog's `servers`.
+LLM_SERVER_DEFAULTS: dict[str, Any] = {
+    "name": "",  # required: letters, digits, '_' and '-'; its health is fleet.health.llm.<name>
+    "base_url": "",  # required; openai: the /v1 URL, e.g. http://gpu:4000/v1; ollama, llamacpp: the server's root
+    "kind": "openai",  # openai (GET /models), ollama (GET /api/tags) or llamacpp (GET /health)
+    "model": "",  # the model of the 1-token completion; empty: the first the server lists
+    "api_key_env": "",  # the environment variable holding its API key; empty: none
+    "restart": [],  # argv run when it stays down, e.g. ["systemctl", "--user", "restart", "llama-server"]
+}
+LLM_KINDS = ("openai", "ollama", "llamacpp")
+
+# [daemons.<name>] with runner = "pr-helper": the repositories whose pull requests it keeps mergeable.
+PR_HELPER_DEFAULTS: dict[str, Any] = {
+    "repos": [],  # tables of PR_REPO_DEFAULTS' keys
+    "author": "",  # "Name <email>" of its merge and fix commits; empty: git's user.name and user.email
+    "command_timeout_s": 600,  # one git, gh, check or fix command
+    "max_file_bytes": 65536,  # a conflicting file larger than this is not given to the LLM
+}
+
+# One item of the pr-helper's `repos`.
+PR_REPO_DEFAULTS: dict[str, Any] = {
+    "path": "",  # required: a local clone; it is never checked out: the work happens in worktrees of its own
+    "remote": "origin",  # the remote the pull requests' branches live on
+    "base": "main",  # the branch the pull requests go into; never pushed to
+    "check": [],  # required: argv that must pass before anything is pushed, e.g. ["ruff", "check", "."]
+    "fix": [],  # argv that fixes what check finds, e.g. ["ruff", "check", "--fix", "."]; empty: no fixes
+}
+
+# [daemons.<name>] with runner = "fleet-memory": how much of each section the memory keeps.
+MEMORY_DEFAULTS: dict[str, Any] = {
+    "exchanges": 15,  # the most recent message exchanges listed (one line per pair of sessions)
+    "findings": 8,  # the daemons whose latest run is listed
+    "events_per_run": 5000,  # events read per run from its cursor (a longer backlog takes several runs)
+    "condense": True,  # with [llm] set: the model condenses the digest whenever its facts changed
+}
+
 # Runners: the keys a daemon table takes besides DAEMON_DEFAULTS, per runner.
-RUNNER_DEFAULTS: dict[str, dict[str, Any]] = {"agent": {}, "command": {}, "fleet-scout": SCOUT_DEFAULTS}
+RUNNER_DEFAULTS: dict[str, dict[str, Any]] = {"agent": {}, "command": {}, "fleet-scout": SCOUT_DEFAULTS,
+                                              "llm-watchdog": WATCHDOG_DEFAULTS, "pr-helper": PR_HELPER_DEFAULTS,
+                                              "fleet-memory": MEMORY_DEFAULTS}
+
+# Keys whose value is a list of tables: each item is checked like a table of these keys, the
+# required ones given.
+TABLE_LISTS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "servers": (LLM_SERVER_DEFAULTS, ("name", "base_url")),
+    "repos": (PR_REPO_DEFAULTS, ("path", "check")),
+}
 
 # The daemons that exist unless daemons.toml changes them (`enabled = false` turns one off);
 # a [daemons.<name>] table of the same name overrides their keys one by one.
@@ -457,6 +514,13 @@ DEFAULT_DAEMONS: dict[str, dict[str, Any]] = {
     "fleet-scout": {"runner": "fleet-scout", "every": "15m", "max_runtime_s": 120, "max_actions": 10,
                     "description": "checks every machine over SSH: disks, memory, load, failed and restarting"
                                    " units, journal error floods, reboots, clock skew, containers"},
+    "llm-watchdog": {"runner": "llm-watchdog", "every": "5m", "max_runtime_s": 120, "max_actions": 10,
+                     "description": "watches the LLM servers ([llm] and its servers): up, slow or down, an alert"
+                                    " on each change"},
+    "fleet-memory": {"runner": "fleet-memory", "on": ["fleet.>"], "debounce_s": 60.0, "every": "1h",
+                     "max_runtime_s": 120, "max_actions": 3,
+                     "description": "keeps the fleet memory new sessions read: who works on what where, exchanges,"
+                                    " health, open alerts, daemon findings"},
 }
 
 TIERS = ("heavy", "routine", "local")
@@ -485,7 +549,8 @@ DAEMON_TOOLS: dict[str, dict[str, Any]] = {
     "read_events": _tool("Read fleet events after a sequence number (peer joined/left, messages, daemon runs...).",
                          False, after={"type": "integer"}, limit={"type": "integer"}),
     "read_memory": _tool("Read the fleet memory (shared markdown notes).", False),
-    "write_memory": _tool("Replace the fleet memory with new markdown.", True, ("text",), text={"type": "string"}),
+    "write_memory": _tool("Replace the fleet memory's notes with new markdown (a section a human pinned stays).",
+                          True, ("text",), text={"type": "string"}),
     "alert": _tool("Raise an alert (fleet.alert.<severity>, the daemon's alert_to peers, the webhook): sent once when"
                    " new or changed, repeated while it stays raised run after run, resolved when a run stops raising"
                    " it.", True, ("severity", "title"),
@@ -612,6 +677,31 @@ def _check_subjects(value: list[Any]) -> None:
                              " '>' = the rest, last only)")
 
 
+def _check_name_token(value: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
+        raise ValueError(f"must be 1-64 letters, digits, '_' or '-' (it names a subject token), got {value!r}")
+
+
+def _check_llm_kind(value: str) -> None:
+    if value not in LLM_KINDS:
+        raise ValueError(f"unknown kind {value!r} (known: {', '.join(LLM_KINDS)})")
+
+
+def _check_server_url(value: str) -> None:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(f"must start with http:// or https://, got {value!r}")
+
+
+def _check_git_name(value: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._/-]*", value) or ".." in value:
+        raise ValueError(f"not a git remote or branch name: {value!r}")
+
+
+def _check_author(value: str) -> None:
+    if value and not re.fullmatch(r"[^<>\n]+ <[^<>\s]+@[^<>\s]+>", value):
+        raise ValueError(f'must be "Name <email>", got {value!r}')
+
+
 # Extra checks beyond the type of the default value.
 KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("broker", "listen"): parse_hostport,
@@ -656,6 +746,18 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     **{("daemon", key): _check_positive for key in SCOUT_DEFAULTS if key.endswith(("_s", "_count", "_per_min",
                                                                                    "_warning", "_critical"))
        or key in ("journal_max_lines", "parallel")},
+    **{("daemon", key): _check_positive for key in ("timeout_s", "slow_ms", "restart_after", "restart_interval_s",
+                                                    "command_timeout_s", "max_file_bytes", "exchanges", "findings",
+                                                    "events_per_run")},
+    ("daemon", "author"): _check_author,
+    ("servers", "name"): _check_name_token,
+    ("servers", "base_url"): _check_server_url,
+    ("servers", "kind"): _check_llm_kind,
+    ("servers", "restart"): _check_strings,
+    ("repos", "remote"): _check_git_name,
+    ("repos", "base"): _check_git_name,
+    ("repos", "check"): _check_strings,
+    ("repos", "fix"): _check_strings,
     ("daemon", "host_key_checking"): _check_host_key_checking,
     ("machines", "port"): _check_port,
     ("nats", "url"): _check_nats_urls,
@@ -668,6 +770,10 @@ def check_daemon(where: str, daemon: SimpleNamespace) -> None:
         raise UserError(f"{where}: daemons.{daemon.name}.command: required with runner = \"command\"")
     if daemon.runner == "agent" and daemon.command:
         raise UserError(f"{where}: daemons.{daemon.name}.command: only used with runner = \"command\"")
+    names = [server.name for server in getattr(daemon, "servers", [])]
+    if len(set(names)) != len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise UserError(f"{where}: daemons.{daemon.name}.servers: the name {twice!r} is given twice")
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -738,8 +844,26 @@ class Config:
                 KEY_CHECKS.get((kind, key), lambda v: v)(value)
             except ValueError as exc:
                 raise UserError(f"{self.where}: {prefix}.{key}: {exc}") from None
+            if key in TABLE_LISTS:
+                value = self._table_list(key, f"{prefix}.{key}", value)
             values[key] = float(value) if isinstance(defaults[key], float) else value
         return SimpleNamespace(**values)
+
+    def _table_list(self, key: str, prefix: str, items: list[Any]) -> list[SimpleNamespace]:
+        """A list of tables (llm-watchdog's servers, pr-helper's repos): each item checked like a table,
+        its required keys given."""
+        defaults, required = TABLE_LISTS[key]
+        tables = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise UserError(f"{self.where}: {prefix}[{i}]: must be a table with the keys {', '.join(defaults)},"
+                                f" e.g. {{ {required[0]} = \"...\" }}")
+            table = self._table(key, f"{prefix}[{i}]", item, defaults)
+            missing = [name for name in required if not getattr(table, name)]
+            if missing:
+                raise UserError(f"{self.where}: {prefix}[{i}].{missing[0]}: required")
+            tables.append(table)
+        return tables
 
     @property
     def machine(self) -> str:
@@ -900,9 +1024,11 @@ CREATE TABLE IF NOT EXISTS events(
     published_at REAL
 );
 CREATE INDEX IF NOT EXISTS events_unpublished ON events(seq) WHERE published_at IS NULL;
-CREATE TABLE IF NOT EXISTS memory(
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    text TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS memory_versions(
+    version INTEGER PRIMARY KEY AUTOINCREMENT,
+    pinned TEXT NOT NULL,
+    notes TEXT NOT NULL,
+    part TEXT NOT NULL,
     updated_at REAL NOT NULL,
     updated_by TEXT NOT NULL
 );
@@ -947,6 +1073,9 @@ CREATE TABLE IF NOT EXISTS credentials(
 ADDED_COLUMNS = (("sessions", "credential", "TEXT NOT NULL DEFAULT 'admin'"),
                  ("sessions", "mode", "TEXT NOT NULL DEFAULT 'push'"),  # sessions before modes were pushed
                  ("messages", "credential", "TEXT NOT NULL DEFAULT ''"))
+HEALTH_KINDS = ("machine", "llm")  # what a health report is of: a machine, or an LLM server (fleet.health.llm.<name>)
+MEMORY_PARTS = ("pinned", "notes")  # a human's pinned section, then the notes daemons (fleet-memory) keep
+MEMORY_VERSIONS_KEPT = 100
 RUN_STATUSES = ("running", "ok", "failed", "timeout", "limit", "skipped")
 RUN_FINAL = RUN_STATUSES[1:]
 SESSION_FIELDS = ("id", "name", "machine", "pid", "cwd", "git_root", "branch", "tty", "client", "mode", "summary")
@@ -985,6 +1114,20 @@ def alert_view(row: Any) -> dict[str, Any]:
             "key": row["key"], "severity": row["severity"], "title": row["title"], "detail": row["detail"],
             "diagnosis": row["diagnosis"], "opened_at": iso(row["opened_at"]), "last_seen": iso(row["last_seen"]),
             "resolved_at": iso(row["resolved_at"])}
+
+
+def compose_memory(pinned: str, notes: str) -> str:
+    """The memory sessions read: the pinned section first, then the notes."""
+    if pinned.strip() and notes.strip():
+        return pinned.rstrip("\n") + "\n\n" + notes
+    return pinned if pinned.strip() else notes
+
+
+def memory_view(row: Any, max_bytes: int) -> dict[str, Any]:
+    text = compose_memory(row["pinned"], row["notes"])
+    return {"text": text, "pinned": row["pinned"], "notes": row["notes"], "version": row["version"],
+            "part": row["part"], "bytes": len(text.encode()), "updated_at": iso(row["updated_at"]),
+            "updated_by": row["updated_by"], "max_bytes": max_bytes}
 
 
 def in_scope(scope: str, ref: dict[str, Any], row: Any) -> bool:
@@ -1600,14 +1743,18 @@ class Records:
                          f" WHEN 'warning' THEN 1 ELSE 2 END, opened_at LIMIT ?", (*args, limit))
         return [alert_view(r) for r in rows]
 
-    def record_health(self, machine: str, source: str, report: dict[str, Any], findings: list[dict[str, Any]]) -> None:
-        """The latest report of a machine (one row each), published as fleet.health.<machine>."""
+    def record_health(self, machine: str, source: str, report: dict[str, Any], findings: list[dict[str, Any]],
+                      kind: str = "machine") -> None:
+        """The latest report of a machine (one row each), published as fleet.health.<machine>; an
+        LLM server's (kind "llm") is kept as llm.<name> and published as fleet.health.llm.<name>."""
         now = time.time()
+        prefix = "" if kind == "machine" else f"{kind}."
         with self.store.tx() as c:
             c.execute("INSERT OR REPLACE INTO health(machine, source, at, report, findings) VALUES (?, ?, ?, ?, ?)",
-                      (machine, source, now, json.dumps(report), json.dumps(findings)))
-            subject = "fleet.health." + re.sub(r"[^A-Za-z0-9_-]", "_", machine)
-            self.store.event(c, "health", subject, machine=machine, source=source, findings=findings, report=report)
+                      (prefix + machine, source, now, json.dumps(report), json.dumps(findings)))
+            subject = "fleet.health." + prefix + re.sub(r"[^A-Za-z0-9_-]", "_", machine)
+            self.store.event(c, "health", subject, machine=prefix + machine, source=source, findings=findings,
+                             report=report)
 
     def health(self) -> list[dict[str, Any]]:
         rows = self.store.read("SELECT * FROM health ORDER BY machine")
@@ -1619,21 +1766,71 @@ class Records:
             self.store.event(c, "daemon.requested", f"fleet.daemon.{daemon}.requested", daemon=daemon, by=by,
                              only_machine=only_machine)
 
-    def memory(self) -> dict[str, Any]:
-        rows = self.store.read("SELECT * FROM memory WHERE id = 1")
-        if not rows:
-            return {"text": "", "updated_at": None, "updated_by": None}
-        return {"text": rows[0]["text"], "updated_at": iso(rows[0]["updated_at"]), "updated_by": rows[0]["updated_by"]}
+    # -- the fleet memory: versioned, a human's pinned section apart from the daemons' notes ----------
 
-    def set_memory(self, text: str, author: str) -> None:
-        limit = self.store.cfg.broker.memory_max_bytes
-        if len(text.encode()) > limit:
-            raise ApiError(413, f"memory is {len(text.encode())} bytes; the limit is {limit}")
+    def migrate_memory(self) -> None:
+        """A database from before versions: its one memory becomes the first version (a human's stays pinned)."""
         with self.store.tx() as c:
-            c.execute("INSERT INTO memory(id, text, updated_at, updated_by) VALUES (1, ?, ?, ?) ON CONFLICT(id)"
-                      " DO UPDATE SET text = excluded.text, updated_at = excluded.updated_at,"
-                      " updated_by = excluded.updated_by", (text, time.time(), author))
-            self.store.event(c, "memory.updated", "fleet.memory.updated", by=author, bytes=len(text.encode()))
+            if c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'memory'").fetchone():
+                c.execute("INSERT INTO memory_versions(pinned, notes, part, updated_at, updated_by) SELECT"
+                          " CASE WHEN updated_by = ? THEN text ELSE '' END, CASE WHEN updated_by = ? THEN '' ELSE"
+                          " text END, CASE WHEN updated_by = ? THEN 'pinned' ELSE 'notes' END, updated_at,"
+                          " updated_by FROM memory", (OPERATOR,) * 3)
+                c.execute("DROP TABLE memory")
+
+    def memory(self, version: int | None = None) -> dict[str, Any]:
+        """The fleet memory as sessions read it (``version``: an older one, while it is kept)."""
+        limit = self.store.cfg.broker.memory_max_bytes
+        if version is not None:
+            rows = self.store.read("SELECT * FROM memory_versions WHERE version = ?", (version,))
+            if not rows:
+                raise ApiError(404, f"no memory version {version}: the last {MEMORY_VERSIONS_KEPT} versions are kept"
+                               " (claude-peers memory --history)")
+        else:
+            rows = self.store.read("SELECT * FROM memory_versions ORDER BY version DESC LIMIT 1")
+        if not rows:
+            return {"text": "", "pinned": "", "notes": "", "version": 0, "part": None, "bytes": 0,
+                    "updated_at": None, "updated_by": None, "max_bytes": limit}
+        return memory_view(rows[0], limit)
+
+    def set_memory(self, text: str, author: str, part: str) -> None:
+        """Replace one part of the memory: a new version (unless nothing changed), the oldest beyond
+        MEMORY_VERSIONS_KEPT dropped, and a fleet.memory.updated event."""
+        limit = self.store.cfg.broker.memory_max_bytes
+        with self.store.tx() as c:
+            row = c.execute("SELECT pinned, notes FROM memory_versions ORDER BY version DESC LIMIT 1").fetchone()
+            old = {"pinned": row["pinned"], "notes": row["notes"]} if row else {"pinned": "", "notes": ""}
+            new = {**old, part: text}
+            size = len(compose_memory(new["pinned"], new["notes"]).encode())
+            if size > limit:
+                raise ApiError(413, f"memory would be {size} bytes ({part}: {len(text.encode())}, the other part:"
+                               f" {size - len(text.encode())}); the limit is {limit}")
+            if new == old and row is not None:
+                return
+            version = c.execute("INSERT INTO memory_versions(pinned, notes, part, updated_at, updated_by) VALUES"
+                                " (?, ?, ?, ?, ?)", (new["pinned"], new["notes"], part, time.time(), author)).lastrowid
+            c.execute("DELETE FROM memory_versions WHERE version <= ?", (version - MEMORY_VERSIONS_KEPT,))
+            self.store.event(c, "memory.updated", "fleet.memory.updated", by=author, part=part, version=version,
+                             bytes=size)
+
+    def memory_history(self, limit: int) -> list[dict[str, Any]]:
+        """The kept versions, newest first, without their text."""
+        rows = self.store.read("SELECT * FROM memory_versions ORDER BY version DESC LIMIT ?", (limit,))
+        return [{k: v for k, v in memory_view(r, 0).items() if k not in ("text", "pinned", "notes", "max_bytes")}
+                for r in rows]
+
+    def memory_diff(self, old: int | None, new: int | None) -> dict[str, Any]:
+        """A unified diff between two kept versions (by default the one before ``new``, and the latest)."""
+        after = self.memory(new)
+        if old is None:
+            rows = self.store.read("SELECT MAX(version) FROM memory_versions WHERE version < ?", (after["version"],))
+            old = rows[0][0] or 0
+        before = self.memory(old) if old else {"text": "", "version": 0}
+        before_lines, after_lines = ((t + ("" if t.endswith("\n") else "\n")).splitlines(keepends=True) if t else []
+                                     for t in (before["text"], after["text"]))
+        diff = difflib.unified_diff(before_lines, after_lines, f"version {before['version']}",
+                                    f"version {after['version']}")
+        return {"from": before["version"], "to": after["version"], "diff": "".join(diff)}
 
 ROLES = ("client", "operator", "admin")
 CREDENTIAL_PREFIX = "cpc_"  # a credential, told apart from the hub's admin token at a glance
@@ -3068,6 +3265,8 @@ POLL_SCHEMA: Schema = {"wait_s": Field(float, False, 86400), "max": Field(int, F
                        "ack": Field(list, False, 1000), "unread": Field(int, False, JSON_SAFE_INT)}
 ACK_SCHEMA: Schema = {"ids": Field(list, True, 1000), "state": Field(str, True, 16)}
 MEMORY_SCHEMA: Schema = {"text": Field(str, True, 1 << 30)}
+OPERATOR_MEMORY_SCHEMA: Schema = {"text": Field(str, True, 1 << 30), "part": Field(str, False, 16),
+                                  "by": Field(str, False, 64)}
 RUN_SCHEMA: Schema = {
     "id": Field(str, True, 64), "daemon": Field(str, True, 64), "trigger": Field(str, True, 500),
     "machine": Field(str, True, 255), "started_at": Field(str, True, 40), "ended_at": Field(str, False, 40),
@@ -3084,7 +3283,7 @@ ALERTS_SCHEMA: Schema = {
 }
 HEALTH_SCHEMA: Schema = {
     "machine": Field(str, True, 255), "source": Field(str, True, 64), "report": Field(dict, True, 128 * 1024),
-    "findings": Field(list, True, 500, FINDING_SCHEMA),
+    "findings": Field(list, True, 500, FINDING_SCHEMA), "kind": Field(str, False, 16),
 }
 CREDENTIAL_SCHEMA: Schema = {
     "name": Field(str, True, 64), "machine": Field(str, True, 64), "role": Field(str, False, 16),
@@ -3221,6 +3420,7 @@ class Broker:
         self.messages = Messages(self.store, self.sessions)
         self.records = Records(self.store)
         self.credentials = Credentials(self.store)
+        self.records.migrate_memory()
         self.limiter = RateLimiter(cfg.broker.rate_per_s, cfg.broker.rate_burst)
         # Long-polls waiting right now, until woken or handed mail (a send leases mail to them).
         self.parked: dict[str, asyncio.Future[list[dict[str, Any]] | None]] = {}
@@ -3614,8 +3814,12 @@ def r_alerts(b: Broker, req: Request) -> Any:
 async def r_record_health(b: Broker, req: Request) -> Any:
     body = req.body
     _check_findings(body["findings"])
-    own_machine(req.identity, body["machine"])
-    await b.write(lambda: b.records.record_health(body["machine"], body["source"], body["report"], body["findings"]))
+    if body.get("kind", "machine") not in HEALTH_KINDS:
+        raise ApiError(400, f"field 'kind' must be one of {', '.join(HEALTH_KINDS)}")
+    if body.get("kind", "machine") == "machine":  # an LLM server is no fleet machine: any reporter may watch it
+        own_machine(req.identity, body["machine"])
+    await b.write(lambda: b.records.record_health(body["machine"], body["source"], body["report"], body["findings"],
+                                                  body.get("kind", "machine")))
     return {"ok": True}
 
 
@@ -3631,14 +3835,30 @@ async def r_request_run(b: Broker, req: Request) -> Any:
 
 
 def r_memory(b: Broker, req: Request) -> Any:
-    return b.records.memory()
+    return b.records.memory(_int_query(req, "version", 0, 0, 1 << 62) or None)
 
 
 async def r_set_memory(b: Broker, req: Request) -> Any:
-    author = req.session["name"] or req.session["id"] if req.session is not None else OPERATOR
+    """A session (an agent daemon) writes the notes; the operator the pinned section, or with
+    part = "notes" and by = <daemon> the notes as that daemon (fleet-memory)."""
+    part = req.body.get("part", "notes" if req.session is not None else "pinned")
+    if part not in MEMORY_PARTS:
+        raise ApiError(400, f"field 'part' must be one of {', '.join(MEMORY_PARTS)}")
+    if req.body.get("by") and not NAME_RE.match(req.body["by"]):
+        raise ApiError(400, f"field 'by' is not a daemon name: {req.body['by']!r}")
+    author = req.session["name"] or req.session["id"] if req.session is not None else req.body.get("by") or OPERATOR
     author += f" ({req.identity.name})" if req.identity != ADMIN else ""  # the audit: which credential
-    await b.write(lambda: b.records.set_memory(req.body["text"], author))
+    await b.write(lambda: b.records.set_memory(req.body["text"], author, part))
     return b.records.memory()
+
+
+def r_memory_history(b: Broker, req: Request) -> Any:
+    return {"versions": b.records.memory_history(_int_query(req, "limit", MEMORY_VERSIONS_KEPT, 1, 1000))}
+
+
+def r_memory_diff(b: Broker, req: Request) -> Any:
+    old, new = (_int_query(req, key, 0, 0, 1 << 62) or None for key in ("from", "to"))
+    return b.records.memory_diff(old, new)
 
 
 async def r_create_credential(b: Broker, req: Request) -> Any:
@@ -3750,7 +3970,9 @@ ROUTES: list[tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool,
         ("GET", "/api/messages/([0-9a-f]{12})", r_message, False, None, "operator"),
         ("GET", "/api/events", r_events, False, None, "read"),
         ("GET", "/api/memory", r_memory, False, None, "read"),
-        ("POST", "/api/memory", r_set_memory, False, MEMORY_SCHEMA, "operator"),
+        ("POST", "/api/memory", r_set_memory, False, OPERATOR_MEMORY_SCHEMA, "operator"),
+        ("GET", "/api/memory/history", r_memory_history, False, None, "read"),
+        ("GET", "/api/memory/diff", r_memory_diff, False, None, "read"),
         ("POST", "/api/runs", r_record_run, False, RUN_SCHEMA, "report"),
         ("GET", "/api/runs", r_runs, False, None, "read"),
         ("POST", "/api/alerts", r_sync_alerts, False, ALERTS_SCHEMA, "report"),
@@ -6042,6 +6264,17 @@ class DaemonRun:
                 self._broker.register(info)
         return self._broker
 
+    def run_allowed(self, argv: list[str], cwd: Path | str | None = None, timeout: float = 60,
+                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """A built-in daemon's command, under the same policy as run_command: refused (PolicyError)
+        unless `commands` allows it, run without a shell, logged with its exit code and output."""
+        self.tools.check_run_command(argv)
+        self.log_line("command", argv=argv, cwd=str(cwd or ""))
+        proc = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              errors="replace", timeout=timeout, check=False)
+        self.log_line("command_result", argv=argv[:3], exit=proc.returncode, output=(proc.stdout + proc.stderr)[-2000:])
+        return proc
+
     # -- alerts: one per change, through the broker's lifecycle ---------------------
 
     def report_alerts(self, machine: str, checks: list[str], findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -6213,10 +6446,744 @@ def run_fleet_scout(run: DaemonRun) -> dict[str, Any]:
     return run.result("failed" if failures else "ok", "\n".join([head, *lines, *failures]))
 
 
+# -- llm-watchdog: the fleet's LLM servers, up, slow or down --------------------------------------
+
+LLM_ROUTES = {  # kind -> (health route, completion route), under the server's base_url
+    "openai": ("/models", "/chat/completions"),
+    "ollama": ("/api/tags", "/api/generate"),
+    "llamacpp": ("/health", "/completion"),
+}
+LLM_STATE_SEVERITY = {"down": "critical", "slow": "warning"}
+
+
+def timed_request(url: str, body: dict[str, Any] | None, key: str, timeout: float) -> tuple[int, Any, float]:
+    """(HTTP status, the JSON answer or None, milliseconds) of a GET, or of a POST of ``body``."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), headers=headers,
+                                     method="GET" if body is None else "POST")
+    start = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, data = response.status, response.read(1 << 20)
+    except urllib.error.HTTPError as exc:
+        status, data = exc.code, exc.read(4096)
+    elapsed = (time.monotonic() - start) * 1000
+    try:
+        return status, json.loads(data), elapsed
+    except ValueError:
+        return status, None, elapsed
+
+
+def llm_models(kind: str, payload: Any) -> list[str] | None:
+    """The models a health route lists, from the kind's answer (None: not that answer; llamacpp lists none)."""
+    listed = payload.get({"openai": "data", "ollama": "models"}.get(kind, "")) if isinstance(payload, dict) else None
+    if kind == "llamacpp":
+        return [] if isinstance(payload, dict) and payload.get("status") == "ok" else None
+    if not isinstance(listed, list):
+        return None
+    return [str(m.get("id") or m.get("name") or m.get("model")) for m in listed if isinstance(m, dict)]
+
+
+def completion_request(kind: str, model: str) -> dict[str, Any]:
+    """A 1-token completion in the kind's own shape."""
+    if kind == "openai":
+        return {"model": model, "messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 1}
+    if kind == "ollama":
+        return {"model": model, "prompt": "Say OK.", "stream": False, "options": {"num_predict": 1}}
+    return {"prompt": "Say OK.", "n_predict": 1}
+
+
+def completion_answered(kind: str, payload: Any) -> bool:
+    """True if a completion answer has the kind's shape (choices, response, content)."""
+    if not isinstance(payload, dict):
+        return False
+    if kind == "openai":
+        return isinstance(payload.get("choices"), list) and bool(payload["choices"])
+    return isinstance(payload.get("response" if kind == "ollama" else "content"), str)
+
+
+def llm_error_detail(status: int, payload: Any) -> str:
+    """An error answer in a few words: its status and the server's own message, when it gave one."""
+    error = payload.get("error") if isinstance(payload, dict) else None
+    message = error.get("message") if isinstance(error, dict) else error
+    return f"HTTP {status}" + (f": {str(message)[:200]}" if message else "")
+
+
+def check_llm_server(server: SimpleNamespace, key: str, timeout_s: float, slow_ms: float) -> dict[str, Any]:
+    """One look at an LLM server, each step timed: the TCP connect, the kind's health route, a
+    1-token completion. Down at the first step that fails, slow over slow_ms, up otherwise."""
+    report: dict[str, Any] = {"name": server.name, "kind": server.kind, "base_url": server.base_url, "state": "down",
+                              "reachable": False, "connect_ms": None, "health_ms": None, "completion_ms": None,
+                              "model": server.model, "models": None, "error": ""}
+    base = server.base_url.rstrip("/")
+    health_route, completion_route = LLM_ROUTES[server.kind]
+    where = urllib.parse.urlsplit(base)
+    step = "connect"
+    try:
+        start = time.monotonic()
+        socket.create_connection((where.hostname, where.port or (443 if where.scheme == "https" else 80)),
+                                 timeout_s).close()
+        report.update(reachable=True, connect_ms=round((time.monotonic() - start) * 1000))
+        step = f"GET {health_route}"
+        status, payload, elapsed = timed_request(base + health_route, None, key, timeout_s)
+        models = llm_models(server.kind, payload) if status == 200 else None
+        report.update(health_ms=round(elapsed), models=None if models is None else len(models))
+        if models is None:
+            return {**report, "error": f"{step}: {llm_error_detail(status, payload)}"}
+        report["model"] = server.model or (models[0] if models else "")
+        if not report["model"] and server.kind != "llamacpp":
+            return {**report, "error": f"{step}: the server lists no model (set model)"}
+        step = f"POST {completion_route}"
+        status, payload, elapsed = timed_request(base + completion_route,
+                                                 completion_request(server.kind, report["model"]), key, timeout_s)
+        report["completion_ms"] = round(elapsed)
+        if status != 200 or not completion_answered(server.kind, payload):
+            return {**report, "error": f"{step}: {llm_error_detail(status, payload)}"}
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, TimeoutError):
+            text = f"timed out after {timeout_s:g}s"
+        elif isinstance(reason, OSError) and reason.strerror:
+            text = reason.strerror.lower()
+        else:
+            text = reason if isinstance(reason, str) else describe_error(reason)
+        return {**report, "error": f"{step}: {text}"}
+    slowest = max(report["health_ms"], report["completion_ms"])
+    return {**report, "state": "slow" if slowest > slow_ms else "up"}
+
+
+def watched_llm_servers(cfg: Config, daemon: SimpleNamespace) -> list[tuple[SimpleNamespace, str]]:
+    """The servers to watch, each with its API key: the daemon's list, and the [llm] endpoint
+    (as "llm", kind openai) when it is set and not in the list already."""
+    servers = [(s, os.environ.get(s.api_key_env, "") if s.api_key_env else "") for s in daemon.servers]
+    base = cfg.llm.base_url.rstrip("/")
+    if daemon.watch_llm and base and not any(s.name == "llm" or s.base_url.rstrip("/") == base
+                                             for s in daemon.servers):
+        models = [*getattr(cfg.llm, daemon.tier), *cfg.llm.local, *cfg.llm.routine, *cfg.llm.heavy]
+        try:
+            key = llm_key(cfg)
+        except LlmError:
+            key = ""  # the server then refuses the check, which says so
+        servers.insert(0, (SimpleNamespace(**{**LLM_SERVER_DEFAULTS, "name": "llm", "base_url": base,
+                                              "model": models[0] if models else ""}), key))
+    return servers
+
+
+def track_llm_state(previous: dict[str, Any] | None, state: str, now: float) -> dict[str, Any]:
+    """A server's state across runs: since when it holds, and how many down results in a row."""
+    previous = previous or {}
+    return {"state": state, "since": previous.get("since", now) if previous.get("state") == state else now,
+            "downs": previous.get("downs", 0) + 1 if state == "down" else 0,
+            "restarted_at": previous.get("restarted_at", 0.0)}
+
+
+def llm_findings(report: dict[str, Any], slow_ms: float) -> list[dict[str, Any]]:
+    """A server down (critical) or slow (warning) as an alert finding; up is none."""
+    if report["state"] == "up":
+        return []
+    detail = report["error"] if report["state"] == "down" else (
+        f"health route {report['health_ms']} ms, completion {report['completion_ms']} ms (slow_ms = {slow_ms:g})")
+    return [{"check": "llm", "key": report["name"], "severity": LLM_STATE_SEVERITY[report["state"]],
+             "title": f"LLM server {report['name']} is {report['state']}", "detail": f"{report['base_url']}: {detail}"}]
+
+
+def restart_llm_server(run: DaemonRun, server: SimpleNamespace, tracked: dict[str, Any], now: float) -> str:
+    """A server down restart_after times in a row gets its restart command (allowlisted by
+    `commands`, never in a dry run), at most once per restart_interval_s; returns what happened."""
+    daemon = run.daemon
+    if tracked["state"] != "down" or not server.restart or tracked["downs"] < daemon.restart_after:
+        return ""
+    if now - tracked["restarted_at"] < daemon.restart_interval_s:
+        return f"restart held back: the last one was {now - tracked['restarted_at']:.0f}s ago"
+    if run.dry_run:
+        run.log_line("dry_run", server=server.name, restart=server.restart)
+        return f"dry run: would restart with {json.dumps(server.restart)}"
+    if run.actions >= daemon.max_actions:
+        return f"restart not run: max_actions = {daemon.max_actions} reached"
+    try:
+        proc = run.run_allowed(server.restart, timeout=daemon.timeout_s)
+        outcome = f"restarted with {json.dumps(server.restart)}: exit {proc.returncode}"
+    except PolicyError as exc:
+        run.log_line("refused", server=server.name, restart=server.restart, reason=str(exc))
+        return f"restart refused by policy: {exc}"
+    except (OSError, subprocess.SubprocessError) as exc:
+        outcome = f"restart with {json.dumps(server.restart)} failed: {describe_error(exc)}"
+    run.actions += 1
+    tracked["restarted_at"] = now
+    run.log_line("restart", server=server.name, outcome=outcome)
+    return outcome
+
+
+def llm_report_line(report: dict[str, Any]) -> str:
+    """One server in the run's summary: its state and why (figures stay in the health report)."""
+    if report["state"] == "down":
+        why = f"{report['error']} (down {report['downs']} run(s) in a row)"
+    elif report["state"] == "slow":
+        why = f"health route {report['health_ms']} ms, completion {report['completion_ms']} ms"
+    else:
+        why = f"model {report['model']}" if report["model"] else ""
+    return f"{report['name']:<16} {report['state']:<5} {why}" + (f"; {report['restart']}" if report["restart"] else "")
+
+
+def run_llm_watchdog(run: DaemonRun) -> dict[str, Any]:
+    """Every LLM server checked at once; each one's state kept across runs, its figures published
+    as fleet.health.llm.<name> every run, and an alert on each change through the common lifecycle."""
+    daemon = run.daemon
+    servers = watched_llm_servers(run.cfg, daemon)
+    if not servers:
+        return run.result("ok", f"no LLM servers to watch: set [llm] base_url, or list servers in"
+                                f" [daemons.{daemon.name}]")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(servers)) as pool:
+        reports = list(pool.map(lambda pair: check_llm_server(pair[0], pair[1], daemon.timeout_s, daemon.slow_ms),
+                                servers))
+    now, lines, failures = time.time(), [], []
+    for (server, _), report in zip(servers, reports, strict=True):
+        key = f"server:{server.name}"
+        tracked = track_llm_state(json.loads(run.state.recall(daemon.name, key) or "null"), report["state"], now)
+        report.update(since=iso(tracked["since"]), downs=tracked["downs"],
+                      restart=restart_llm_server(run, server, tracked, now))
+        findings = llm_findings(report, daemon.slow_ms)
+        run.log_line("llm_server", **report)
+        lines.append(llm_report_line(report))
+        try:
+            if run.dry_run:
+                run.log_line("dry_run", health=f"llm.{server.name}")
+            else:
+                run.state.remember(daemon.name, key, json.dumps(tracked))
+                run.broker(register=False).call("POST", "/api/health", {
+                    "machine": server.name, "kind": "llm", "source": daemon.name, "report": report,
+                    "findings": findings})
+            run.report_alerts(f"llm.{server.name}", ["llm"], findings)
+        except (UserError, ApiError) as exc:
+            failures.append(f"could not report {server.name} to the broker: {exc}")
+    states = collections.Counter(r["state"] for r in reports)
+    counts = ", ".join(f"{states[state]} {state}" for state in ("up", "slow", "down") if states[state])
+    head = f"{len(reports)} LLM server(s): {counts}"
+    return run.result("failed" if failures else "ok", "\n".join([head, *lines, *failures]))
+
+
+# -- pr-helper: pull requests kept mergeable, lint kept green, nothing forced ---------------------
+
+PR_FIELDS = ("number,title,headRefName,headRefOid,baseRefName,mergeable,mergeStateStatus,statusCheckRollup,isDraft,"
+             "isCrossRepository,updatedAt")
+FAILED_CHECK_STATES = ("FAILURE", "ERROR", "TIMED_OUT", "STARTUP_FAILURE")
+CONFLICT_MARKER_RE = re.compile(r"^(<{7}|>{7})(\s|$)", re.MULTILINE)
+RESOLVE_PROMPT = (
+    "You resolve git merge conflicts in a pull request. You get one file with conflict markers: between"
+    " <<<<<<< and ======= is the pull request's side, between ======= and >>>>>>> the base branch's. Answer"
+    " with the complete resolved file and nothing else: no code fence, no explanation. Keep what both sides"
+    " meant; where they cannot both hold, keep the pull request's change and the base's other updates. Leave"
+    " no conflict marker.")
+
+
+class PrLeftAlone(Exception):
+    """A pull request pr-helper leaves as it is this run, for the reason given."""
+
+
+class PrLimit(Exception):
+    """max_actions is spent: the run stops here."""
+
+
+def failing_checks(pr: dict[str, Any]) -> list[str]:
+    """The names of a pull request's failed checks: check runs by conclusion, commit statuses by state."""
+    return [str(c.get("name") or c.get("context") or "?") for c in pr.get("statusCheckRollup") or []
+            if isinstance(c, dict) and str(c.get("conclusion") or c.get("state") or "").upper() in FAILED_CHECK_STATES]
+
+
+def pr_plan(pr: dict[str, Any], repo: SimpleNamespace) -> tuple[str, str]:
+    """What to do with one open pull request, and why: "merge" (it conflicts with its base),
+    "fix" (checks fail and the repo has a fix command) or "skip"."""
+    head = str(pr.get("headRefName") or "")
+    try:
+        _check_git_name(head)
+    except ValueError:
+        return "skip", f"its branch {head!r} is not a name pr-helper pushes to"
+    if pr.get("isDraft"):
+        return "skip", "a draft"
+    if pr.get("baseRefName") != repo.base or head == repo.base:
+        return "skip", f"it goes into {pr.get('baseRefName')}, not {repo.base}"
+    if pr.get("isCrossRepository"):
+        return "skip", "its branch is in a fork"
+    if pr.get("mergeable") == "CONFLICTING" or pr.get("mergeStateStatus") == "DIRTY":
+        return "merge", f"it conflicts with {repo.base}"
+    failing = failing_checks(pr)
+    if failing and repo.fix:
+        return "fix", f"checks fail: {', '.join(failing)}"
+    return "skip", f"checks fail ({', '.join(failing)}) and the repo has no fix command" if failing else "mergeable"
+
+
+def strip_code_fence(text: str) -> str:
+    """A model's answer without the ``` fence it may have put around it."""
+    found = re.fullmatch(r"\s*```[^\n]*\n(.*?)\n?```\s*", text, re.DOTALL)
+    return found.group(1) + "\n" if found else text
+
+
+def author_env(author: str) -> dict[str, str]:
+    """Git's identity variables for "Name <email>" (empty: git's own user.name and user.email)."""
+    if not author:
+        return {}
+    name, _, email = author.rpartition(" <")
+    return {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
+            for what, value in (("NAME", name), ("EMAIL", email.rstrip(">")))}
+
+
+def pr_comment(done: str, why: str, details: str = "") -> str:
+    """What pr-helper did to a pull request and why, as a comment."""
+    return (f"**claude-peers pr-helper** {done}\n\nWhy: {why}." + (f"\n\n{details}" if details else "")
+            + "\n\n<sub>pr-helper never force-pushes, never pushes to the base branch and never merges a pull"
+              " request.</sub>")
+
+
+def command_tail(proc: subprocess.CompletedProcess[str], limit: int = 1500) -> str:
+    return (proc.stdout + proc.stderr).strip()[-limit:]
+
+
+class PrHelper:
+    """One pr-helper run: each repository's open pull requests, listed with gh. One that conflicts
+    gets its base merged in, one failing lint the fix command, each in a worktree of its own under
+    the daemon's state dir (never the user's checkout); a change is pushed plainly once the check
+    passes, and every action is told in a comment on the pull request."""
+
+    def __init__(self, run: DaemonRun) -> None:
+        self.run = run
+        self.daemon = run.daemon
+        self.home = data_home() / "daemons" / run.daemon.name  #: its worktrees
+        self.env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", **author_env(run.daemon.author)}
+        self.models = list(getattr(run.cfg.llm, run.daemon.tier)) if run.cfg.llm.base_url else []
+        self.lines: list[str] = []  #: the summary, a line per pull request it looked at
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        self.failed = False
+
+    def command(self, argv: list[str], cwd: Path | str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """An allowlisted command (PolicyError otherwise); failing, it leaves the pull request alone."""
+        try:
+            proc = self.run.run_allowed(argv, cwd, self.daemon.command_timeout_s, self.env)
+        except subprocess.TimeoutExpired:
+            raise PrLeftAlone(f"{' '.join(argv[:3])} took longer than {self.daemon.command_timeout_s}s") from None
+        except OSError as exc:
+            raise PrLeftAlone(f"{argv[0]}: {exc.strerror or exc}") from None
+        if check and proc.returncode != 0:
+            raise PrLeftAlone(f"{' '.join(argv[:3])} failed (exit {proc.returncode}): {command_tail(proc, 300)}")
+        return proc
+
+    def git(self, cwd: Path | str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.command(["git", *args], cwd, check)
+
+    def act(self, what: str) -> None:
+        """Count one action (a push, a comment, an LLM call) against max_actions."""
+        if self.run.actions >= self.daemon.max_actions:
+            raise PrLimit(f"stopped at max_actions = {self.daemon.max_actions} (before {what})")
+        self.run.actions += 1
+
+    def run_all(self) -> dict[str, Any]:
+        if not self.daemon.repos:
+            return self.run.result("ok", f"no repositories: add repos to [daemons.{self.daemon.name}]")
+        status = "ok"
+        try:
+            for repo in self.daemon.repos:
+                self.repository(repo)
+        except PrLimit as exc:
+            status = "limit"
+            self.lines.append(str(exc))
+        counts = ", ".join(f"{n} {what}" for what, n in self.outcomes.items())
+        head = f"{len(self.daemon.repos)} repo(s), {sum(self.outcomes.values())} open pull request(s)" + (
+            f": {counts}" if counts else "")
+        return self.run.result("failed" if self.failed else status, "\n".join([head, *self.lines]))
+
+    def repository(self, repo: SimpleNamespace) -> None:
+        label = Path(repo.path).name
+        try:
+            if not Path(repo.path, ".git").exists():
+                raise PrLeftAlone(f"{repo.path} is not a git clone")
+            listed = self.command(["gh", "pr", "list", "--state", "open", "--limit", "100", "--json", PR_FIELDS],
+                                  repo.path)
+            prs = json.loads(listed.stdout)
+            if not isinstance(prs, list) or not all(isinstance(pr, dict) and type(pr.get("number")) is int
+                                                    for pr in prs):
+                raise ValueError(f"gh printed no list of numbered pull requests: {listed.stdout[:200]!r}")
+        except (PolicyError, PrLeftAlone, ValueError) as exc:
+            self.failed = True
+            refused = "refused by policy: " if isinstance(exc, PolicyError) else ""
+            self.lines.append(f"{label}: could not list its pull requests: {refused}{exc}")
+            return
+        for pr in sorted(prs, key=lambda p: p["number"]):
+            action, why = pr_plan(pr, repo)
+            kind, outcome = "left alone", f"left alone ({why})"
+            if action != "skip" and self.run.dry_run:
+                kind, outcome = "planned", self.plan_text(repo, action, why)
+                self.run.log_line("dry_run", pr=pr.get("number"), plan=outcome)
+            elif action != "skip":
+                try:
+                    outcome = (self.merge if action == "merge" else self.fix)(repo, pr, why)
+                    kind = ("merged with their base" if action == "merge" else "fixed") if outcome.endswith(
+                        "pushed") else "commented" if outcome.endswith("commented") else kind
+                except PolicyError as exc:
+                    self.failed = True
+                    outcome = f"refused by policy: {exc}"
+                except PrLeftAlone as exc:
+                    outcome = f"left alone: {exc}"
+            self.outcomes[kind] += 1
+            self.lines.append(f"{label}#{pr.get('number')} {pr.get('headRefName')}: {outcome}")
+
+    def plan_text(self, repo: SimpleNamespace, action: str, why: str) -> str:
+        if action == "merge":
+            return (f"dry run: would merge {repo.base} into it in a worktree, run {json.dumps(repo.check)} and push"
+                    f" ({why})")
+        return f"dry run: would run {json.dumps(repo.fix)}, then {json.dumps(repo.check)}, commit and push ({why})"
+
+    @contextlib.contextmanager
+    def worktree(self, repo: SimpleNamespace, pr: dict[str, Any]) -> Iterator[tuple[Path, str, str]]:
+        """The pull request's head and base fetched into refs of the daemon's own, the head checked
+        out (detached) in a worktree under its state dir; all gone afterwards, whatever happened.
+        Yields (worktree, head commit, base commit)."""
+        refs = f"refs/claude-peers/pr-{pr['number']}"
+        tree = self.home / f"{re.sub(r'[^A-Za-z0-9_-]', '_', Path(repo.path).name)}-{sha256_hex(repo.path)[:8]}" \
+                           f"-pr-{pr['number']}"
+        self.clean(repo, tree, refs)
+        try:
+            self.git(repo.path, "fetch", "--no-tags", repo.remote, f"refs/heads/{repo.base}:{refs}/base",
+                     f"refs/heads/{pr['headRefName']}:{refs}/head")
+            self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.git(repo.path, "worktree", "add", "--detach", str(tree), f"{refs}/head")
+            head = self.git(tree, "rev-parse", "HEAD").stdout.strip()
+            base = self.git(tree, "rev-parse", f"{refs}/base").stdout.strip()
+            if pr.get("headRefOid") and pr["headRefOid"] != head:
+                raise PrLeftAlone("its head moved during the run")
+            yield tree, head, base
+        finally:
+            self.clean(repo, tree, refs)
+
+    def clean(self, repo: SimpleNamespace, tree: Path, refs: str) -> None:
+        if tree.exists():
+            self.git(repo.path, "worktree", "remove", "--force", str(tree), check=False)
+            shutil.rmtree(tree, ignore_errors=True)
+            self.git(repo.path, "worktree", "prune", check=False)
+        for name in ("head", "base"):
+            self.git(repo.path, "update-ref", "-d", f"{refs}/{name}", check=False)
+
+    def seen(self, repo: SimpleNamespace, pr: dict[str, Any], commits: dict[str, str]) -> None:
+        """Leave alone a pull request handled at these very commits by an earlier run."""
+        known = self.run.state.recall(self.daemon.name, f"pr:{repo.path}#{pr['number']}")
+        if known and json.loads(known) == commits:
+            raise PrLeftAlone("nothing new since it was handled")
+
+    def handled(self, repo: SimpleNamespace, pr: dict[str, Any], commits: dict[str, str]) -> None:
+        self.run.state.remember(self.daemon.name, f"pr:{repo.path}#{pr['number']}", json.dumps(commits))
+
+    def unmoved(self, repo: SimpleNamespace, pr: dict[str, Any], head: str) -> None:
+        """Leave the pull request alone if its branch is no longer at ``head`` (somebody pushed)."""
+        remote = self.git(repo.path, "ls-remote", repo.remote, f"refs/heads/{pr['headRefName']}").stdout.split()
+        if remote[:1] != [head]:
+            raise PrLeftAlone("its head moved during the run")
+
+    def comment(self, repo: SimpleNamespace, pr: dict[str, Any], head: str, done: str, why: str,
+                details: str = "") -> None:
+        """What was done and why, on the pull request, while its branch is still at ``head``."""
+        self.unmoved(repo, pr, head)
+        self.act("a comment")
+        self.command(["gh", "pr", "comment", str(pr["number"]), "--body", pr_comment(done, why, details)], repo.path)
+
+    def push(self, repo: SimpleNamespace, pr: dict[str, Any], tree: Path, head: str) -> str:
+        """A plain push of the worktree's HEAD to the pull request's branch (never its base), only
+        while the branch is still at the commit fetched; returns the commit pushed."""
+        branch = pr["headRefName"]
+        if branch in (repo.base, pr.get("baseRefName")):
+            raise PrLeftAlone(f"{branch} is a base branch")
+        self.unmoved(repo, pr, head)
+        self.act("a push")
+        self.git(tree, "push", repo.remote, f"HEAD:refs/heads/{branch}")
+        return self.git(tree, "rev-parse", "HEAD").stdout.strip()
+
+    def merge(self, repo: SimpleNamespace, pr: dict[str, Any], why: str) -> str:
+        """Merge the base into the pull request's branch; textual conflicts resolved by the LLM
+        file by file; pushed once the check passes, otherwise the merge is aborted and told."""
+        with self.worktree(repo, pr) as (tree, head, base):
+            commits = {"head": head, "base": base}
+            self.seen(repo, pr, commits)
+            merged = self.git(tree, "merge", "--no-ff", "--no-commit", f"refs/claude-peers/pr-{pr['number']}/base",
+                              check=False)
+            conflicted = [f for f in self.git(tree, "diff", "--name-only", "-z", "--diff-filter=U").stdout.split("\0")
+                          if f]
+            if merged.returncode != 0 and not conflicted:
+                raise PrLeftAlone(f"git merge failed: {command_tail(merged, 300)}")
+            how = "cleanly"
+            if conflicted:
+                failure = self.resolve(tree, conflicted, pr, repo)
+                listing = "\n".join(f"- `{name}`" for name in conflicted)
+                if failure:
+                    self.git(tree, "merge", "--abort", check=False)
+                    self.comment(repo, pr, head, f"could not merge `{repo.base}` into `{pr['headRefName']}`: {failure}."
+                                 " Nothing was pushed.", why, f"Conflicting files:\n{listing}")
+                    self.handled(repo, pr, commits)
+                    return f"conflicts in {', '.join(conflicted)}: {failure}; commented"
+                how = f"resolving {', '.join(conflicted)} with the model {self.run.model}"
+            check = self.command(repo.check, tree, check=False)
+            if check.returncode != 0:
+                self.git(tree, "merge", "--abort", check=False)
+                self.comment(repo, pr, head, f"merged `{repo.base}` into `{pr['headRefName']}` ({how}), but"
+                             f" `{' '.join(repo.check)}` fails on the result, so the merge was aborted and nothing"
+                             " was pushed.", why, f"```\n{command_tail(check)}\n```")
+                self.handled(repo, pr, commits)
+                return "the check failed after the merge: aborted; commented"
+            self.git(tree, "commit", "-m", f"Merge branch '{repo.base}' into {pr['headRefName']}\n\n"
+                                           "Merged by claude-peers pr-helper: the pull request conflicted with its"
+                                           " base.")
+            pushed = self.push(repo, pr, tree, head)
+            self.comment(repo, pr, pushed, f"merged `{repo.base}` into `{pr['headRefName']}` ({how}) and pushed"
+                         f" {pushed[:12]} (a plain push: the branch only moved forward).", why,
+                         f"`{' '.join(repo.check)}` passes on the result.")
+            self.handled(repo, pr, {"head": pushed, "base": base})
+            return f"merged {repo.base} {how}, the check passed, pushed"
+
+    def resolve(self, tree: Path, files: list[str], pr: dict[str, Any], repo: SimpleNamespace) -> str:
+        """Each conflicting file resolved by the model (one action each); why not, or '' when all were."""
+        if not self.models:
+            return "no LLM is configured to resolve the conflicts"
+        for name in files:
+            try:
+                data = (tree / name).read_bytes()
+            except OSError:
+                return f"{name} was deleted on one side"
+            if len(data) > self.daemon.max_file_bytes:
+                return f"{name} is larger than max_file_bytes = {self.daemon.max_file_bytes}"
+            if self.run.tokens >= self.daemon.token_budget:
+                return f"the token budget ({self.daemon.token_budget}) is spent"
+            self.act(f"resolving {name}")
+            messages = [{"role": "system", "content": RESOLVE_PROMPT},
+                        {"role": "user", "content": f"Pull request #{pr['number']}: {pr.get('title', '')}\nMerging"
+                                                    f" {repo.base} into {pr['headRefName']}. File {name}:\n\n"
+                                                    + data.decode(errors="replace")}]
+            try:
+                message, tokens, self.run.model = chat_completion(self.run.cfg, self.models, messages, [],
+                                                                  self.run.log_line)
+            except LlmError as exc:
+                return f"the model failed: {exc}"
+            self.run.tokens += tokens
+            text = strip_code_fence(message.get("content") or "")
+            if not text.strip() or CONFLICT_MARKER_RE.search(text):
+                return f"the model left {name} unresolved"
+            (tree / name).write_text(text + ("\n" if data.endswith(b"\n") and not text.endswith("\n") else ""))
+            self.git(tree, "add", "--", name)
+        return ""
+
+    def fix(self, repo: SimpleNamespace, pr: dict[str, Any], why: str) -> str:
+        """Failing checks: when the check fails here too, the fix command; its changes committed and
+        pushed only if the check passes then."""
+        with self.worktree(repo, pr) as (tree, head, _):
+            commits = {"head": head}
+            self.seen(repo, pr, commits)
+            if self.command(repo.check, tree, check=False).returncode == 0:
+                self.handled(repo, pr, commits)
+                return f"{why}, but {json.dumps(repo.check)} passes here: nothing to fix"
+            self.command(repo.fix, tree, check=False)
+            changed = [f for f in self.git(tree, "diff", "--name-only", "-z").stdout.split("\0") if f]
+            if not changed:
+                self.handled(repo, pr, commits)
+                return f"{json.dumps(repo.fix)} changed nothing"
+            check = self.command(repo.check, tree, check=False)
+            if check.returncode != 0:
+                self.comment(repo, pr, head, f"ran `{' '.join(repo.fix)}`, which changed {len(changed)} file(s), but"
+                             f" `{' '.join(repo.check)}` still fails, so nothing was pushed.", why,
+                             f"```\n{command_tail(check)}\n```")
+                self.handled(repo, pr, commits)
+                return "the fix did not make the check pass; commented"
+            self.git(tree, "add", "-u")
+            self.git(tree, "commit", "-m", f"Fix lint: {' '.join(repo.fix)}\n\nCommitted by claude-peers pr-helper:"
+                                           " the pull request's checks failed.")
+            pushed = self.push(repo, pr, tree, head)
+            self.comment(repo, pr, pushed, f"ran `{' '.join(repo.fix)}` and pushed {pushed[:12]};"
+                         f" `{' '.join(repo.check)}` passes now.", why,
+                         "Changed:\n" + "\n".join(f"- `{name}`" for name in changed))
+            self.handled(repo, pr, {"head": pushed})
+            return f"fixed {', '.join(changed)}, the check passed, pushed"
+
+
+def run_pr_helper(run: DaemonRun) -> dict[str, Any]:
+    return PrHelper(run).run_all()
+
+
+# -- fleet-memory: what every new session reads at start ------------------------------------------
+
+MEMORY_TITLE = "# Fleet memory"
+MEMORY_SECTIONS = ("Who is working on what, where", "Recent exchanges", "Fleet health", "Open alerts",
+                   "Recent daemon findings")
+CONDENSE_PROMPT = (
+    "You keep the fleet memory: the notes every new Claude Code session of a homelab reads when it starts."
+    " Rewrite the digest you are given as concise markdown of at most {budget} bytes. Keep its first line"
+    " and these section headings, each once, in this order: {headings}. Keep names, machines, paths,"
+    " branches, numbers and times exactly; merge and shorten lines, drop the least useful first; add"
+    " nothing that is not in the digest. Answer with the markdown only.")
+
+
+def short_time(stamp: str | None) -> str:
+    """An ISO time as 'MM-DD HH:MMZ': short, and stable (the memory changes only with its facts)."""
+    return dt.datetime.fromisoformat(stamp).astimezone(dt.UTC).strftime("%m-%d %H:%MZ") if stamp else "?"
+
+
+def read_events_since(client: BrokerClient, cursor: int | None, most: int) -> tuple[list[dict[str, Any]], int]:
+    """At most ``most`` events after ``cursor`` (None: the newest ``most``), and the cursor after them."""
+    if cursor is None:
+        cursor = max(0, client.call("GET", "/api/status")["last_event_seq"] - most)
+    events: list[dict[str, Any]] = []
+    while len(events) < most:
+        limit = min(1000, most - len(events))
+        feed = client.call("GET", f"/api/events?after={cursor}&limit={limit}")
+        events += feed["events"]
+        cursor = feed["cursor"]
+        if len(feed["events"]) < limit:
+            break
+    return events, cursor
+
+
+def fold_memory_events(state: dict[str, Any], events: list[dict[str, Any]], keep: int) -> None:
+    """Messages (metadata; their text only when publish_text put it in the event) and departures
+    into the rolling lists the memory shows, the newest ``keep`` exchanges kept."""
+    exchanges: dict[str, dict[str, Any]] = state.setdefault("exchanges", {})
+    for event in events:
+        if event.get("type") == "message.sent":
+            sender = str(event.get("from_name") or event.get("from_id") or "?")
+            to = "everyone" if event.get("to") == "*" else str(event.get("to_name") or event.get("to_id") or "?")
+            pair = f"{sender} → everyone" if to == "everyone" else " ↔ ".join(sorted((sender, to)))
+            entry = exchanges.pop(pair, {"messages": 0})  # popped: re-inserted as the newest
+            entry.update(messages=entry["messages"] + 1, last=event.get("at"), last_from=sender)
+            if isinstance(event.get("text"), str):
+                entry["text"] = event["text"][:160]
+            exchanges[pair] = entry
+        elif event.get("type") == "peer.left" and event.get("name") and not event["name"].startswith("daemon-"):
+            state.setdefault("left", []).append({"name": event["name"], "machine": event.get("machine"),
+                                                 "at": event.get("at")})
+    state["exchanges"] = dict(list(exchanges.items())[-keep:])
+    state["left"] = state.get("left", [])[-5:]
+
+
+def memory_sections(facts: dict[str, Any], state: dict[str, Any],
+                    daemon: SimpleNamespace) -> list[tuple[str, list[str]]]:
+    """The memory's sections as lines, from what the broker holds now and what the events told."""
+    who = [f"- **{p['name'] or p['id']}** on {p['machine']}: `{p['cwd']}`" + (f" [{p['branch']}]" if p["branch"]
+                                                                                else "")
+           + (f" — {p['summary']}" if p["summary"] else "") + f" (since {short_time(p['started_at'])})"
+           for p in facts["peers"] if p.get("client") != "daemon"] or ["- no live sessions"]
+    if state.get("left"):
+        who.append("- recently gone: " + ", ".join(f"{g['name']} ({g['machine']}, {short_time(g['at'])})"
+                                                   for g in reversed(state["left"])))
+    exchanges = [f"- {pair}: {e['messages']} message(s); the last from {e['last_from']} at {short_time(e['last'])}"
+                 + (f": “{e['text']}”" if "text" in e else "")
+                 for pair, e in reversed(state.get("exchanges", {}).items())] or ["- none lately"]
+    health = []
+    for machine in facts["health"]:
+        worst = sorted(machine["findings"], key=lambda f: SEVERITY_RANK.get(f["severity"], 3))
+        titles = "; ".join(f["title"] for f in worst[:3]) + (f" (+{len(worst) - 3} more)" if len(worst) > 3 else "")
+        health.append(f"- {machine['machine']}: {worst[0]['severity'] if worst else 'ok'}"
+                      + (f" — {titles}" if titles else "") + f" ({machine['source']})")
+    alerts = [f"- {a['severity']} {a['machine']}: {a['title']} (since {short_time(a['opened_at'])}; {a['source']})"
+              for a in facts["alerts"]]
+    latest: dict[str, dict[str, Any]] = {}
+    for run in facts["runs"]:  # newest first
+        if run["daemon"] != daemon.name and run["status"] != "running":
+            latest.setdefault(run["daemon"], run)
+    findings = [f"- {r['daemon']} {r['status']}: {(r['summary'].splitlines() or ['-'])[0]}"
+                + (f" (at {short_time(r['started_at'])})" if r["status"] not in ("ok", "limit") else "")
+                for r in list(latest.values())[:daemon.findings]]
+    return list(zip(MEMORY_SECTIONS, [who, exchanges, health or ["- no reports yet"], alerts or ["- none"],
+                                      findings or ["- no runs yet"]], strict=True))
+
+
+def render_memory(sections: list[tuple[str, list[str]]], budget: int) -> str:
+    """The memory's markdown within ``budget`` bytes: while too long, the section taking the most room
+    gives up its last line (told as "+N more"); the title and headings stay."""
+    kept = [[line[:400] for line in lines] for _, lines in sections]
+    dropped = [0] * len(kept)
+
+    def render() -> str:
+        parts = [MEMORY_TITLE + "\n"]
+        for (title, _), lines, gone in zip(sections, kept, dropped, strict=True):
+            parts.append(f"\n## {title}\n" + "".join(f"{line}\n" for line in lines)
+                         + (f"- (+{gone} more)\n" if gone else ""))
+        return "".join(parts)
+
+    text = render()
+    while len(text.encode()) > budget and any(kept):
+        longest = max(range(len(kept)), key=lambda i: sum(len(line.encode()) for line in kept[i]))
+        kept[longest].pop()
+        dropped[longest] += 1
+        text = render()
+    return text if len(text.encode()) <= budget else text.encode()[:max(budget, 0)].decode(errors="ignore")
+
+
+def condense_memory(run: DaemonRun, digest: str, budget: int) -> str:
+    """The digest condensed by the model (one action), or '' when there is none, it failed, or its
+    answer breaks the memory's shape (too long, sections missing or out of order)."""
+    models = list(getattr(run.cfg.llm, run.daemon.tier))
+    if not (run.daemon.condense and run.cfg.llm.base_url and models) or run.actions >= run.daemon.max_actions \
+            or run.tokens >= run.daemon.token_budget:
+        return ""
+    prompt = CONDENSE_PROMPT.format(budget=budget, headings=", ".join(f"## {h}" for h in MEMORY_SECTIONS))
+    run.actions += 1
+    try:
+        message, tokens, run.model = chat_completion(run.cfg, models, [{"role": "system", "content": prompt},
+                                                                       {"role": "user", "content": digest}],
+                                                     [], run.log_line)
+    except LlmError as exc:
+        run.log_line("condense_failed", error=str(exc))
+        return ""
+    run.tokens += tokens
+    text = strip_code_fence(message.get("content") or "").strip() + "\n"
+    headings = re.findall(r"^## (.+?)\s*$", text, re.MULTILINE)
+    problem = ("longer than the budget" if len(text.encode()) > budget else
+               "not the memory's sections" if headings != list(MEMORY_SECTIONS) or not text.startswith("# ") else "")
+    if problem:
+        run.log_line("condense_rejected", reason=problem, text=text[:4000])
+        return ""
+    return text
+
+
+def run_fleet_memory(run: DaemonRun) -> dict[str, Any]:
+    """Fold the events since its cursor into its state, read the fleet as it is now (peers, health,
+    open alerts, daemon runs), and write the memory's notes when they changed: a deterministic
+    digest, condensed by the LLM when one is configured. A human's pinned section stays as it is."""
+    daemon, client = run.daemon, run.broker(register=False)
+    state = json.loads(run.state.recall(daemon.name, "state") or "{}")
+    try:
+        events, cursor = read_events_since(client, state.get("cursor"), daemon.events_per_run)
+        facts = {"peers": client.call("GET", "/api/peers")["peers"],
+                 "health": client.call("GET", "/api/health")["machines"],
+                 "alerts": client.call("GET", "/api/alerts?state=open&limit=50")["alerts"],
+                 "runs": client.call("GET", "/api/runs?limit=200")["runs"]}
+        current = client.call("GET", "/api/memory")
+    except (UserError, ApiError) as exc:
+        return run.result("failed", f"could not read the fleet from the broker: {exc}")
+    fold_memory_events(state, events, daemon.exchanges)
+    pinned = current["pinned"].rstrip("\n")
+    budget = current["max_bytes"] - (len(pinned.encode()) + 2 if pinned.strip() else 0)
+    digest = render_memory(memory_sections(facts, state, daemon), budget)
+    text, how = digest, "a deterministic digest"
+    if sha256_hex(digest) == state.get("digest") and sha256_hex(current["notes"]) == state.get("written"):
+        text = current["notes"]  # the facts did not change: what was written stays (the model's, maybe)
+    else:
+        condensed = condense_memory(run, digest, budget)
+        text, how = (condensed, f"condensed by {run.model}") if condensed else (digest, how)
+    state.update(cursor=cursor, digest=sha256_hex(digest), written=sha256_hex(text))
+    if text == current["notes"]:
+        summary = f"memory unchanged (version {current['version']}); {len(events)} new event(s)"
+    elif run.dry_run:
+        run.log_line("dry_run", memory=text)
+        summary = f"dry run: would write the memory ({len(text.encode())} bytes, {how})"
+    else:
+        try:
+            written = client.call("POST", "/api/memory", {"text": text, "part": "notes", "by": daemon.name})
+        except (UserError, ApiError) as exc:
+            return run.result("failed", f"could not write the memory: {exc}")
+        summary = f"memory version {written['version']}: {len(text.encode())} bytes, {how}; {len(events)} new event(s)"
+    if not run.dry_run:
+        run.state.remember(daemon.name, "state", json.dumps(state))
+    return run.result("ok", summary)
+
+
 def daemon_body(daemon: SimpleNamespace) -> Callable[[DaemonRun], dict[str, Any]]:
     """What a run of this daemon does, by its runner."""
-    return {"agent": DaemonRun.run_agent, "command": DaemonRun.run_command_runner,
-            "fleet-scout": run_fleet_scout}[daemon.runner]
+    return {"agent": DaemonRun.run_agent, "command": DaemonRun.run_command_runner, "fleet-scout": run_fleet_scout,
+            "llm-watchdog": run_llm_watchdog, "pr-helper": run_pr_helper,
+            "fleet-memory": run_fleet_memory}[daemon.runner]
 
 
 # ===========================================================================
@@ -6267,6 +7234,7 @@ def nats_trouble(exc: Exception, problems: list[str]) -> str:
 
 NATS_SETUP_S = 5.0  # connecting and subscribing may take this long before the feed takes over
 NATS_RETRY_S = 30.0  # a supervisor on the feed tries NATS again this often
+DERIVED_SUBJECTS = ("fleet.daemon.", "fleet.memory.")  # events daemons cause: only patterns naming them wake on them
 SEEN_EVENTS = 10000  # event ids remembered, so a switch between NATS and the feed runs nothing twice
 
 
@@ -6518,11 +7486,12 @@ class Supervisor:
             if payload.get("only_machine") in (None, "", self.cfg.machine):
                 self.trigger(parts[2], f"requested by {payload.get('by') or 'the operator'}")
             return
-        # Run lifecycle events trigger only patterns that name fleet.daemon explicitly, and never the
-        # daemon itself: otherwise two daemons on "fleet.>" would wake each other forever.
-        lifecycle = subject.startswith("fleet.daemon.")
+        # What daemons cause themselves (run lifecycle, memory updates) triggers only patterns that name
+        # it explicitly, and a run's events never its own daemon: otherwise daemons on "fleet.>"
+        # (fleet-memory among them) would wake each other, or themselves, forever.
+        derived = next((prefix for prefix in DERIVED_SUBJECTS if subject.startswith(prefix)), "")
         for daemon in self.cfg.daemons.values():
-            patterns = [p for p in daemon.on if not lifecycle or p.startswith("fleet.daemon.")]
+            patterns = [p for p in daemon.on if p.startswith(derived)]
             own = subject.startswith(f"fleet.daemon.{daemon.name}.")
             wanted = daemon.enabled and not own and any(subject_matches(p, subject) for p in patterns)
             if wanted and daemon.name not in self.debouncing:  # the first event opens the window, later ones join
@@ -7383,17 +8352,38 @@ def cmd_send(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_memory(cfg: Config, args: argparse.Namespace) -> int:
     client = client_from_config(cfg)
+    if args.history:
+        versions = client.call("GET", "/api/memory/history")["versions"]
+        if args.json:
+            print_json(versions)
+        for version in [] if args.json else versions:
+            print(f"version {version['version']:<6} {version['updated_at']}  {version['updated_by']:<24}"
+                  f" {version['part']:<7} {version['bytes']} bytes")
+        if not versions and not args.json:
+            print("(fleet memory is empty: no versions yet)")
+        return 0
+    if args.diff is not None:
+        if len(args.diff) > 2:
+            raise UserError("memory --diff takes at most two versions: OLD NEW (default: the previous and the latest)")
+        old, new = ([None, None] + args.diff)[-2:]
+        query = urllib.parse.urlencode({k: v for k, v in (("from", old), ("to", new)) if v})
+        diff = client.call("GET", f"/api/memory/diff?{query}")
+        if args.json:
+            print_json(diff)
+        else:
+            print(diff["diff"] or f"(no difference between versions {diff['from']} and {diff['to']})", end="")
+        return 0
     if args.set is not None:
-        text = read_user_file(args.set)
-        memory = client.call("POST", "/api/memory", {"text": text})
+        memory = client.call("POST", "/api/memory", {"text": read_user_file(args.set), "part": "pinned"})
     else:
-        memory = client.call("GET", "/api/memory")
+        memory = client.call("GET", "/api/memory" + (f"?version={args.version}" if args.version else ""))
     if args.json:
         print_json(memory)
     elif args.set is None:
         print(memory["text"] or "(fleet memory is empty)")
     else:
-        print(f"fleet memory replaced ({len(memory['text'].encode())} bytes)")
+        print(f"pinned section replaced ({len(memory['pinned'].encode())} bytes; memory version {memory['version']},"
+              f" {memory['bytes']} of {memory['max_bytes']} bytes); the fleet-memory daemon never overwrites it")
     return 0
 
 
@@ -7624,8 +8614,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text")
     p.add_argument("--reply-to", help="message id this answers")
     p.add_argument("--scope", choices=SCOPES, help="broadcast scope (operator: all)")
-    p = command("memory", cmd_memory, "show or replace the fleet memory", json_flag=True)
-    p.add_argument("--set", metavar="FILE", help="replace the memory with FILE's text ('-' for stdin)")
+    p = command("memory", cmd_memory, "show the fleet memory, its versions and their differences; pin a section",
+                json_flag=True)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--set", metavar="FILE", help="replace the pinned section (first in the memory, never"
+                       " overwritten by the fleet-memory daemon) with FILE's text ('-' for stdin)")
+    which.add_argument("--history", action="store_true", help="the kept versions, newest first")
+    which.add_argument("--version", type=int, metavar="N", help="show version N")
+    which.add_argument("--diff", type=int, nargs="*", metavar="VERSION",
+                       help="a unified diff: OLD NEW, or NEW against the one before it; none: the latest change")
     p = command("shim", cmd_shim, "the MCP server Claude Code spawns (stdio); register it with"
                 " `claude mcp add --scope user claude-peers -- claude-peers shim`")
     p.add_argument("--name", help="agent name (default: $CLAUDE_PEERS_NAME, or a .claude-peers-name file)")

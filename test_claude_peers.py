@@ -1008,6 +1008,7 @@ VALID_BODIES = [  # one valid body per schema: the fuzzer breaks one field at a 
     (cp.POLL_SCHEMA, {"wait_s": 0}),
     (cp.ACK_SCHEMA, {"ids": ["0" * 12], "state": "read"}),
     (cp.MEMORY_SCHEMA, {"text": "notes"}),
+    (cp.OPERATOR_MEMORY_SCHEMA, {"text": "notes", "part": "notes", "by": "fleet-memory"}),
     (cp.RUN_SCHEMA, {"id": "r1", "daemon": "d", "trigger": "t", "machine": "m", "started_at": "s", "status": "ok"}),
     (cp.ALERTS_SCHEMA, {"source": "d", "machine": "m", "checks": ["disk"], "repeat_after": 2, "findings": [
         {"check": "disk", "key": "/", "severity": "warning", "title": "t"}]}),
@@ -1305,7 +1306,8 @@ def test_trigger_refuses_a_daemon_the_config_does_not_run(broker):
                  '[daemons.off]\nenabled = false\nrunner = "command"\ncommand = ["true"]\n')
     out = broker.cli("trigger", "knwon")
     assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1
-    assert f"{broker.config}: no [daemons.knwon] (daemons: fleet-scout, known, off)" in out.stderr
+    assert f"{broker.config}: no [daemons.knwon] (daemons: fleet-scout, llm-watchdog, fleet-memory, known, off)" \
+        in out.stderr
     out = broker.cli("trigger", "off")
     assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1 and "enabled = false" in out.stderr
     events = broker.client().call("GET", "/api/events?after=0")["events"]
@@ -1614,7 +1616,7 @@ def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
             fh.write(f'\n[daemons.touch]\nrunner = "command"\ncommand = ["touch", "{marker}"]\n')
         supervisor = subprocess.Popen([client_env["HOME"] + "/.local/bin/claude-peers", "supervise"],
                                       env=client_env, stderr=subprocess.PIPE, text=True)
-        started(supervisor, "supervisor running 2 daemons")
+        started(supervisor, "supervisor running 4 daemons")
 
         async def shim_on_the_client() -> None:
             recorder = ChannelRecorder()
@@ -3365,7 +3367,7 @@ def test_event_triggers_with_wildcards_and_debounce(make_broker, supervisors, na
     write_config(broker, '[daemons.greeter]\non = ["fleet.peer.*"]\ndebounce_s = 1.0\nrunner = "command"\n'
                  'command = ["true"]\n[daemons.memo]\non = ["fleet.memory.>"]\ndebounce_s = 0.2\n'
                  'runner = "command"\ncommand = ["true"]\n[daemons.all]\non = ["fleet.>"]\ndebounce_s = 0.2\n'
-                 'runner = "command"\ncommand = ["true"]\n')
+                 'runner = "command"\ncommand = ["true"]\n[daemons.fleet-memory]\nenabled = false\n')  # memo: ours only
     supervisor = supervisors(broker)
     time.sleep(1.5 if source == "nats" else 0.5)  # the consumer / feed cursor is in place
     for i in range(3):
@@ -4763,6 +4765,716 @@ def test_the_dashboard_in_chromium_logs_in_and_follows_sessions_and_message_stat
         assert "homelab-infra" not in text_of("app") and not shown("#app")
     finally:
         driver.quit()
+
+
+# ---------------------------------------------------------------------------
+# The built-in daemons llm-watchdog, pr-helper and fleet-memory
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('[daemons.llm-watchdog]\nservers = ["http://gpu:8080"]\n', "daemons.llm-watchdog.servers[0]: must be a table"),
+    ('[daemons.llm-watchdog]\nservers = [{ name = "gpu" }]\n', "daemons.llm-watchdog.servers[0].base_url: required"),
+    ('[daemons.llm-watchdog]\nservers = [{ name = "gpu", base_url = "http://gpu", kind = "vllm" }]\n',
+     "daemons.llm-watchdog.servers[0].kind: unknown kind 'vllm' (known: openai, ollama, llamacpp)"),
+    ('[daemons.llm-watchdog]\nservers = [{ name = "gpu.lan", base_url = "http://gpu" }]\n',
+     "daemons.llm-watchdog.servers[0].name: must be 1-64 letters"),
+    ('[daemons.llm-watchdog]\nservers = [{ name = "a", base_url = "gpu:8080" }]\n',
+     "servers[0].base_url: must start with http:// or https://"),
+    ('[daemons.llm-watchdog]\nservers = [{ name = "a", base_url = "http://a", port = 1 }]\n',
+     "servers[0].port: unknown key (known: name, base_url, kind, model, api_key_env, restart)"),
+    ('[daemons.llm-watchdog]\nservers = [{ name = "a", base_url = "http://a" }, { name = "a", base_url = "http://b" }]',
+     "daemons.llm-watchdog.servers: the name 'a' is given twice"),
+    ('[daemons.llm-watchdog]\nslow_ms = 0\n', "daemons.llm-watchdog.slow_ms: must be > 0"),
+    ('[daemons.prs]\nrunner = "pr-helper"\nrepos = [{ path = "/src/app" }]\n', "daemons.prs.repos[0].check: required"),
+    ('[daemons.prs]\nrunner = "pr-helper"\nrepos = [{ path = "/src/app", check = "ruff check" }]\n',
+     "daemons.prs.repos[0].check: expected list"),
+    ('[daemons.prs]\nrunner = "pr-helper"\nrepos = [{ path = "/a", check = ["x"], base = "--upload-pack=y" }]\n',
+     "daemons.prs.repos[0].base: not a git remote or branch name"),
+    ('[daemons.prs]\nrunner = "pr-helper"\nauthor = "bot"\n', 'daemons.prs.author: must be "Name <email>"'),
+    ('[daemons.fleet-memory]\nexchanges = 0\n', "daemons.fleet-memory.exchanges: must be > 0"),
+])
+def test_built_in_daemon_keys_and_their_lists_of_tables_are_checked_item_by_item(tmp_path, text, expected):
+    test_config_errors_name_file_key_and_reason(tmp_path, text, expected)  # one line: the file, the key, the reason
+
+
+def test_llm_watchdog_watches_the_llm_endpoint_unless_its_list_has_it():
+    cfg = cp.Config(cp.tomllib.loads('[llm]\nbase_url = "http://litellm:4000/v1/"\nroutine = ["qwen", "llama"]\n'
+                                     '[daemons.llm-watchdog]\nservers = [{ name = "gpu", base_url = "http://gpu:8080",'
+                                     ' kind = "llamacpp", api_key_env = "GPU_KEY" }]\n'), None)
+    servers = cp.watched_llm_servers(cfg, cfg.daemons["llm-watchdog"])
+    assert [(s.name, s.base_url, s.kind, s.model) for s, _ in servers] == [
+        ("llm", "http://litellm:4000/v1", "openai", "qwen"), ("gpu", "http://gpu:8080", "llamacpp", "")]
+    listed = cp.Config(cp.tomllib.loads('[llm]\nbase_url = "http://litellm:4000/v1"\n[daemons.llm-watchdog]\n'
+                                        'servers = [{ name = "proxy", base_url = "http://litellm:4000/v1" }]\n'), None)
+    assert [s.name for s, _ in cp.watched_llm_servers(listed, listed.daemons["llm-watchdog"])] == ["proxy"]
+    assert cp.watched_llm_servers(cp.Config({}, None), cp.Config({}, None).daemons["llm-watchdog"]) == []
+
+
+LOCAL_MODELS = {"openai": "qwen2.5-7b-instruct", "ollama": "llama3.2:1b", "llamacpp": ""}
+
+
+class LocalLLMServer:
+    """A local LLM server of one kind on a real socket, with that kind's routes and answers (OpenAI-
+    compatible such as LiteLLM or vLLM, Ollama, llama.cpp's server), switched between healthy, slow,
+    failing (500), refusing connections and hanging."""
+
+    def __init__(self, kind: str, slow_s: float = 0.4) -> None:
+        self.kind, self.slow_s, self.mode = kind, slow_s, "healthy"
+        self.requests: list[tuple[str, str, dict | None]] = []
+        self.release = threading.Event()  # ends hanging handlers when the server stops
+        self.server: http.server.ThreadingHTTPServer | None = None
+        self.port = 0
+        self._listen()
+        self.url = f"http://127.0.0.1:{self.port}" + ("/v1" if kind == "openai" else "")
+
+    def answers(self) -> dict[tuple[str, str], dict]:
+        model = LOCAL_MODELS[self.kind]
+        return {
+            "openai": {("GET", "/v1/models"): {"object": "list", "data": [
+                           {"id": model, "object": "model", "created": 1732000000, "owned_by": "local"}]},
+                       ("POST", "/v1/chat/completions"): {
+                           "id": "chatcmpl-1", "object": "chat.completion", "created": 1732000000, "model": model,
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": "OK"},
+                                        "finish_reason": "length"}],
+                           "usage": {"prompt_tokens": 11, "completion_tokens": 1, "total_tokens": 12}}},
+            "ollama": {("GET", "/api/tags"): {"models": [
+                           {"name": model, "model": model, "modified_at": "2026-11-20T10:00:00.000000Z",
+                            "size": 1321098329, "digest": "baf6a787fdff",
+                            "details": {"format": "gguf", "family": "llama", "parameter_size": "1.2B",
+                                        "quantization_level": "Q8_0"}}]},
+                       ("POST", "/api/generate"): {
+                           "model": model, "created_at": "2026-11-25T10:00:00.000000Z", "response": "OK",
+                           "done": True, "done_reason": "length", "total_duration": 120000000,
+                           "prompt_eval_count": 11, "eval_count": 1}},
+            "llamacpp": {("GET", "/health"): {"status": "ok"},
+                         ("POST", "/completion"): {"content": "OK", "stop": True, "tokens_predicted": 1,
+                                                   "tokens_evaluated": 11, "model": "qwen2.5-7b-q4_k_m.gguf"}},
+        }[self.kind]
+
+    def failure(self) -> dict:
+        return {"openai": {"error": {"message": "upstream model crashed", "type": "server_error", "code": 500}},
+                "ollama": {"error": "llama runner process has terminated: exit status 2"},
+                "llamacpp": {"error": {"code": 500, "message": "slot unavailable", "type": "server_error"}}}[self.kind]
+
+    def _listen(self) -> None:
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def answer(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                server.requests.append((method, self.path, body))
+                if server.mode == "hanging":
+                    server.release.wait(30)
+                    return
+                if server.mode == "slow":
+                    time.sleep(server.slow_s)
+                payload = server.answers().get((method, self.path))
+                status = 404 if payload is None else 500 if server.mode == "failing" else 200
+                data = json.dumps(server.failure() if status == 500 else payload or {"error": "not found"}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self.answer("GET")
+
+            def do_POST(self) -> None:
+                self.answer("POST")
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _close(self) -> None:
+        if self.server is not None:
+            self.release.set()
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+            self.release = threading.Event()
+
+    def set(self, mode: str) -> None:
+        """healthy, slow, failing, refusing (nothing listens on the port) or hanging."""
+        if mode == "refusing":
+            self._close()
+        elif self.server is None:
+            self._listen()
+        self.mode = mode
+
+    def stop(self) -> None:
+        self._close()
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama", "llamacpp"])
+def test_llm_watchdog_tells_each_kind_up_slow_and_down_when_failing_refusing_or_hanging(kind):
+    server = LocalLLMServer(kind)
+    spec = SimpleNamespace(**{**cp.LLM_SERVER_DEFAULTS, "name": "box", "base_url": server.url, "kind": kind})
+    health, completion = cp.LLM_ROUTES[kind]
+    prefix = "/v1" if kind == "openai" else ""
+    try:
+        up = cp.check_llm_server(spec, "", 1, 200)
+        assert up["state"] == "up" and up["reachable"] and up["error"] == "", up
+        assert up["model"] == LOCAL_MODELS[kind] and up["models"] == (0 if kind == "llamacpp" else 1)
+        assert all(isinstance(up[k], int) and 0 <= up[k] < 200 for k in ("connect_ms", "health_ms", "completion_ms"))
+        (_, asked, _), (_, completed, body) = server.requests
+        assert (asked, completed) == (prefix + health, prefix + completion)
+        assert body.get("max_tokens", body.get("n_predict", (body.get("options") or {}).get("num_predict"))) == 1
+        server.set("slow")
+        slow = cp.check_llm_server(spec, "", 1, 200)
+        assert slow["state"] == "slow" and slow["health_ms"] >= 400 and slow["completion_ms"] >= 400, slow
+        server.set("failing")
+        down = cp.check_llm_server(spec, "", 1, 200)
+        message = {"openai": "upstream model crashed", "ollama": "llama runner process has terminated",
+                   "llamacpp": "slot unavailable"}[kind]
+        assert down["state"] == "down" and down["error"].startswith(f"GET {health}: HTTP 500: {message}"), down
+        server.set("refusing")
+        refused = cp.check_llm_server(spec, "", 1, 200)
+        assert refused["state"] == "down" and not refused["reachable"]
+        assert refused["error"] == "connect: connection refused"
+        server.set("hanging")
+        started = time.monotonic()
+        hung = cp.check_llm_server(spec, "", 1, 200)
+        assert hung["state"] == "down" and hung["error"] == f"GET {health}: timed out after 1s"
+        assert time.monotonic() - started < 3
+        server.set("healthy")
+        assert cp.check_llm_server(spec, "", 1, 200)["state"] == "up"
+    finally:
+        server.stop()
+
+
+def test_llm_watchdog_alerts_once_per_change_publishes_health_every_run_and_restarts_after_n_downs(
+        make_broker, tmp_path):
+    server = LocalLLMServer("ollama")
+    restarts = tmp_path / "restarts.log"
+    restart = [PY, "-c", f"open({str(restarts)!r}, 'a').write('restarted\\n')"]
+    broker = make_broker("[alerts]\nrepeat_after_cycles = 100\n")
+    write_config(broker, f'[daemons.llm-watchdog]\ntimeout_s = 1\nslow_ms = 200\nrestart_after = 2\n'
+                         f'alert_to = ["ops"]\ncommands = [{json.dumps(restart)}]\nservers = [{{ name = "gpu",'
+                         f' base_url = "{server.url}", kind = "ollama", restart = {json.dumps(restart)} }}]\n')
+    ops = broker.session(name="ops")
+    told = []
+
+    def watch(mode: str, *flags: str) -> str:
+        server.set(mode)
+        out = foreground(broker, "llm-watchdog", *flags)
+        assert out.returncode == 0, out.stdout + out.stderr
+        told.extend(m["text"].split("\n")[0] for m in poll(ops))
+        return out.stdout
+
+    try:
+        assert "1 LLM server(s): 1 up" in watch("healthy")
+        assert "1 slow" in watch("slow")
+        assert "1 down" in watch("failing")
+        assert "dry run: would restart" in watch("refusing", "--dry-run")  # a dry run restarts nothing, keeps nothing
+        assert not restarts.exists()
+        assert "restarted with" in watch("refusing")  # the second down result in a row
+        assert "restart held back" in watch("refusing")  # at most once per restart_interval_s
+        assert restarts.read_text() == "restarted\n"
+        watch("healthy")
+        assert told == ["[warning] llm.gpu: LLM server gpu is slow", "[critical] llm.gpu: LLM server gpu is down",
+                        "[resolved] llm.gpu: LLM server gpu is down"]  # one alert per change, resolved once
+        client = broker.client()
+        published = [e for e in client.call("GET", "/api/events?after=0&limit=1000")["events"]
+                     if e["subject"] == "fleet.health.llm.gpu"]
+        assert [e["report"]["state"] for e in published] == ["up", "slow", "down", "down", "down", "up"]
+        assert published[3]["report"]["restart"].startswith("restarted with") and published[3]["report"]["downs"] == 2
+        assert published[-1]["report"]["completion_ms"] is not None and published[-1]["findings"] == []
+        [gpu] = [m for m in client.call("GET", "/api/health")["machines"] if m["machine"] == "llm.gpu"]
+        assert gpu["source"] == "llm-watchdog" and gpu["report"]["model"] == "llama3.2:1b"
+        runs = client.call("GET", "/api/runs?daemon=llm-watchdog")["runs"]
+        assert len(runs) == 7 and {r["status"] for r in runs} == {"ok"} and runs[2]["actions"] == 1  # newest first
+    finally:
+        server.stop()
+
+
+def test_llm_watchdog_restarts_only_with_an_allowed_command_and_only_once_down_long_enough(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLAUDE_PEERS_HOME", str(tmp_path))
+    cfg = cp.Config(cp.tomllib.loads('[daemons.llm-watchdog]\nrestart_after = 2\ncommands = [["true"]]\nservers = ['
+                                     '{ name = "gpu", base_url = "http://gpu:8080", restart = ["systemctl", "restart",'
+                                     ' "llama"] }, { name = "cpu", base_url = "http://cpu:8080", restart = ["true"] }]'),
+                    None)
+    daemon = cfg.daemons["llm-watchdog"]
+    run = cp.DaemonRun(cfg, daemon, "r1", "manual", tmp_path / "run.jsonl")
+    gpu, cpu = daemon.servers
+    now = time.time()
+    once = cp.track_llm_state(None, "down", now)
+    assert cp.restart_llm_server(run, cpu, once, now) == ""  # one down result: not yet
+    twice = cp.track_llm_state(once, "down", now + 300)
+    refused = cp.restart_llm_server(run, gpu, dict(twice), now + 300)
+    assert refused.startswith('restart refused by policy: command ["systemctl", "restart", "llama"] matches no')
+    assert run.actions == 0
+    assert cp.restart_llm_server(run, cpu, twice, now + 300) == 'restarted with ["true"]: exit 0'
+    assert run.actions == 1 and twice["restarted_at"] == now + 300
+    again = cp.track_llm_state(twice, "down", now + 600)
+    assert cp.restart_llm_server(run, cpu, again, now + 600).startswith("restart held back: the last one was 300s ago")
+    assert cp.track_llm_state(again, "up", now + 900)["downs"] == 0
+
+
+GH_STAND_IN = r'''
+import json, os, subprocess, sys
+
+path = os.environ["GH_STAND_IN_STATE"]
+with open(path) as fh:
+    state = json.load(fh)
+args = sys.argv[1:]
+state["calls"].append(args)
+
+
+def save():
+    with open(path, "w") as fh:
+        json.dump(state, fh, indent=1)
+
+
+if args[:2] == ["pr", "list"] and "--json" in args:
+    fields = args[args.index("--json") + 1].split(",")
+    listed = []
+    for pr in state["prs"]:
+        head = subprocess.run(["git", "--git-dir", state["origin"], "rev-parse", "refs/heads/" + pr["headRefName"]],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        shown = {**{k: v for k, v in pr.items() if k != "comments"}, "headRefOid": head}
+        unknown = [f for f in fields if f not in shown]
+        if unknown:
+            sys.exit(f'Unknown JSON field: "{unknown[0]}"')
+        listed.append({f: shown[f] for f in fields})
+    save()
+    print(json.dumps(listed, indent=2))
+elif args[:2] == ["pr", "comment"] and "--body" in args:
+    number = int(args[2])
+    next(pr for pr in state["prs"] if pr["number"] == number)["comments"].append(args[args.index("--body") + 1])
+    save()
+    print(f"https://github.com/homelab/app/pull/{number}#issuecomment-{len(state['calls'])}")
+else:
+    sys.exit(f"gh stand-in: unsupported command {args}")
+'''
+
+LINT = r'''
+import os, subprocess, sys
+from pathlib import Path
+
+fix = "--fix" in sys.argv
+race = os.environ.get("PR_RACE_WORKTREE")
+if race and Path.cwd().name.endswith(race) and not fix:  # somebody pushes to the branch while pr-helper works
+    clone = os.environ["PR_RACE_CLONE"]
+    run = lambda *a: subprocess.run(["git", "-c", "user.name=Dev", "-c", "user.email=dev@example.com", *a],
+                                    cwd=clone, check=True, capture_output=True)
+    run("checkout", "-q", os.environ["PR_RACE_BRANCH"])
+    Path(clone, "race.txt").write_text("pushed meanwhile\n")
+    run("add", "race.txt")
+    run("commit", "-qm", "meanwhile")
+    run("push", "-q", "origin", "HEAD:refs/heads/" + os.environ["PR_RACE_BRANCH"])
+bad = 0
+for path in sorted(Path(".").glob("*.txt")):
+    lines = path.read_text().splitlines(keepends=True)
+    if fix:
+        path.write_text("".join(line.rstrip() + "\n" for line in lines))
+    else:
+        for number, line in enumerate(lines, 1):
+            if line.rstrip("\n") != line.rstrip():
+                print(f"{path}:{number}: trailing whitespace")
+                bad += 1
+sys.exit(1 if bad else 0)
+'''
+
+ONE_TO_TEN = "".join(f"{word}\n" for word in ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                                               "ten"))
+
+
+def run_git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=Dev", "-c", "user.email=dev@example.com", "-c",
+                           "init.defaultBranch=main", *args], cwd=cwd, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+class PrLab:
+    """A bare origin, a clone where the test plays the pull requests' authors, the user's own checkout
+    the daemon is pointed at, and the gh stand-in with its pull requests in a JSON file."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path
+        self.origin = tmp_path / "origin.git"
+        run_git(tmp_path, "init", "-q", "--bare", "-b", "main", str(self.origin))
+        self.author = tmp_path / "author"
+        run_git(tmp_path, "clone", "-q", str(self.origin), str(self.author))
+        self.commit("main", {"a.txt": ONE_TO_TEN, "notes.txt": "notes\n"}, "initial", start="")
+        self.checkout = tmp_path / "checkout"  # the user's: pr-helper must never touch its working tree
+        run_git(tmp_path, "clone", "-q", str(self.origin), str(self.checkout))
+        (self.checkout / "mine.txt").write_text("uncommitted work of the user\n")
+        self.bin = tmp_path / "bin"
+        self.bin.mkdir()
+        (self.bin / "gh").write_text(f"#!{PY}\n{GH_STAND_IN}")
+        (self.bin / "gh").chmod(0o755)
+        self.lint = tmp_path / "lint.py"
+        self.lint.write_text(LINT)
+        self.state = tmp_path / "gh-state.json"
+        self.prs: list[dict] = []
+        self.save()
+
+    def commit(self, branch: str, files: dict[str, str], message: str, start: str = "main") -> str:
+        if start:  # else: the first commit, on the unborn branch of the fresh clone
+            run_git(self.author, "checkout", "-q", "-B", branch, f"origin/{start}")
+        for name, text in files.items():
+            (self.author / name).write_text(text)
+        run_git(self.author, "add", *files)
+        run_git(self.author, "commit", "-qm", message)
+        run_git(self.author, "push", "-q", "origin", f"HEAD:refs/heads/{branch}")
+        return self.ref(branch)
+
+    def pr(self, number: int, branch: str, mergeable: str = "MERGEABLE", draft: bool = False,
+           lint: str = "SUCCESS") -> None:
+        self.prs.append({
+            "number": number, "title": f"Change {branch}", "headRefName": branch, "baseRefName": "main",
+            "mergeable": mergeable, "isDraft": draft, "isCrossRepository": False,
+            "mergeStateStatus": "DRAFT" if draft else {"CONFLICTING": "DIRTY"}.get(mergeable, "CLEAN"),
+            "statusCheckRollup": [{"__typename": "CheckRun", "name": "lint", "workflowName": "CI",
+                                   "status": "COMPLETED", "conclusion": lint, "startedAt": "2026-11-25T09:00:00Z",
+                                   "completedAt": "2026-11-25T09:01:00Z",
+                                   "detailsUrl": "https://github.com/homelab/app/actions/runs/1"}],
+            "updatedAt": "2026-11-25T09:01:00Z", "comments": []})
+        self.save()
+
+    def save(self) -> None:
+        self.state.write_text(json.dumps({"origin": str(self.origin), "prs": self.prs, "calls": []}))
+
+    def ref(self, branch: str) -> str:
+        return run_git(self.origin, "rev-parse", f"refs/heads/{branch}")
+
+    def refs(self) -> dict[str, str]:
+        return dict(line.split()[::-1] for line in run_git(self.origin, "for-each-ref",
+                                                           "--format=%(objectname) %(refname:short)").splitlines())
+
+    def parents(self, commit: str) -> list[str]:
+        return run_git(self.origin, "rev-list", "--parents", "-n", "1", commit).split()[1:]
+
+    def is_ancestor(self, old: str, new: str) -> bool:
+        return subprocess.run(["git", "merge-base", "--is-ancestor", old, new], cwd=self.origin,
+                              check=False).returncode == 0
+
+    def gh(self) -> dict:
+        return json.loads(self.state.read_text())
+
+    def comments(self, number: int) -> list[str]:
+        return next(pr for pr in self.gh()["prs"] if pr["number"] == number)["comments"]
+
+    def config(self, commands: str = "", extra: str = "") -> str:
+        allowed = commands or f'[["git"], ["gh", "pr"], {json.dumps([PY, str(self.lint)])}]'
+        return (f'[daemons.pr-helper]\nrunner = "pr-helper"\ncommands = {allowed}\n'
+                f'author = "pr-helper <pr-helper@example.com>"\n{extra}'
+                f'repos = [{{ path = "{self.checkout}", check = {json.dumps([PY, str(self.lint)])},'
+                f' fix = {json.dumps([PY, str(self.lint), "--fix"])} }}]\n')
+
+    def run(self, broker: BrokerProc, *flags: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return broker.cli("trigger", "pr-helper", "--here", *flags, env={
+            "PATH": f"{self.bin}:{os.environ['PATH']}", "GH_STAND_IN_STATE": str(self.state),
+            "CLAUDE_PEERS_LLM_KEY": "sk-test", **env})
+
+    def checkout_untouched(self) -> None:
+        """The user's clone: the same branch and files, no worktree and no ref left behind."""
+        assert run_git(self.checkout, "status", "--porcelain") == "?? mine.txt"
+        assert run_git(self.checkout, "rev-parse", "--abbrev-ref", "HEAD") == "main"
+        assert len(run_git(self.checkout, "worktree", "list").splitlines()) == 1
+        assert "claude-peers" not in run_git(self.checkout, "for-each-ref")
+
+
+def conflicting_lab(tmp_path: Path) -> tuple[PrLab, dict[str, str]]:
+    """Pull requests against a base that moved on: #1 conflicts only by gh's word (git merges it
+    cleanly), #2 and #5 change the line the base changed, #3 is a draft, #4 fails lint."""
+    lab = PrLab(tmp_path)
+    lab.commit("clean-1", {"notes.txt": "notes, revised\n"}, "revise the notes")
+    lab.commit("textual-2", {"a.txt": ONE_TO_TEN.replace("five", "five (pr 2)")}, "pr 2 changes five")
+    lab.commit("draft-3", {"a.txt": ONE_TO_TEN.replace("five", "five (draft)")}, "draft changes five")
+    lab.commit("lint-4", {"lint.txt": "tidy line\nuntidy line   \n"}, "add lint.txt")
+    lab.commit("textual-5", {"a.txt": ONE_TO_TEN.replace("five", "five (pr 5)")}, "pr 5 changes five")
+    lab.commit("main", {"a.txt": ONE_TO_TEN.replace("one", "one (main)").replace("five", "five (main)")},
+               "main changes one and five")
+    for number, branch, mergeable, draft, lint in [(1, "clean-1", "CONFLICTING", False, "SUCCESS"),
+                                                   (2, "textual-2", "CONFLICTING", False, "SUCCESS"),
+                                                   (3, "draft-3", "CONFLICTING", True, "SUCCESS"),
+                                                   (4, "lint-4", "MERGEABLE", False, "FAILURE"),
+                                                   (5, "textual-5", "CONFLICTING", False, "SUCCESS")]:
+        lab.pr(number, branch, mergeable, draft, lint)
+    return lab, lab.refs()
+
+
+def test_pr_helper_without_an_llm_merges_clean_conflicts_fixes_lint_and_comments_textual_conflicts(
+        make_broker, tmp_path):
+    lab, before = conflicting_lab(tmp_path)
+    broker = make_broker()
+    write_config(broker, lab.config(commands='[["git"]]'))
+    out = lab.run(broker)  # gh is not allowlisted: nothing runs but git
+    assert out.returncode == cp.EXIT_ERROR and "refused by policy: command [\"gh\"" in out.stdout
+    assert lab.gh()["calls"] == [] and lab.refs() == before
+
+    write_config(broker, lab.config())
+    out = lab.run(broker, "--dry-run")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"checkout#1 clean-1: dry run: would merge main into it in a worktree", out.stdout)
+    assert re.search(r'checkout#4 lint-4: dry run: would run \[.*"--fix"\], then', out.stdout)
+    assert lab.refs() == before and all(pr["comments"] == [] for pr in lab.gh()["prs"])  # a plan, no change
+
+    out = lab.run(broker)
+    assert out.returncode == 0, out.stdout + out.stderr
+    after = lab.refs()
+    assert after["main"] == before["main"]  # the base branch is never pushed to
+    merged = after["clean-1"]
+    assert lab.parents(merged) == [before["clean-1"], before["main"]] and lab.is_ancestor(before["clean-1"], merged)
+    assert run_git(lab.origin, "show", f"{merged}:a.txt").startswith("one (main)\n")
+    assert "merged `main` into `clean-1` (cleanly) and pushed" in lab.comments(1)[0]
+    assert after["textual-2"] == before["textual-2"] and after["textual-5"] == before["textual-5"]
+    [told] = lab.comments(2)
+    assert "could not merge `main` into `textual-2`: no LLM is configured" in told and "- `a.txt`" in told
+    assert after["draft-3"] == before["draft-3"] and lab.comments(3) == []
+    fixed = after["lint-4"]
+    assert lab.parents(fixed) == [before["lint-4"]]  # one commit on top: no force, no rewrite
+    assert run_git(lab.origin, "show", f"{fixed}:lint.txt") == "tidy line\nuntidy line"
+    assert "ran `" in lab.comments(4)[0] and "- `lint.txt`" in lab.comments(4)[0]
+    assert run_git(lab.origin, "log", "-1", "--format=%an <%ae>", fixed) == "pr-helper <pr-helper@example.com>"
+    assert out.stdout.splitlines()[1].startswith("1 repo(s), 5 open pull request(s)")
+    lab.checkout_untouched()
+
+    out = lab.run(broker)  # nothing new: no second comment, nothing pushed
+    assert "nothing new since it was handled" in out.stdout
+    assert lab.refs() == after and len(lab.comments(2)) == 1 and len(lab.comments(5)) == 1
+    lab.checkout_untouched()
+
+
+def test_pr_helper_resolves_textual_conflicts_with_the_llm_only_when_the_check_passes_and_never_races_a_push(
+        make_broker, llm, tmp_path):
+    lab, before = conflicting_lab(tmp_path)
+    lab.prs = [pr for pr in lab.prs if pr["number"] in (1, 2, 5)]
+    lab.save()
+    resolved = ONE_TO_TEN.replace("one", "one (main)").replace("five", "five (main, and pr 2)")
+    broken = ONE_TO_TEN.replace("one", "one (main)").replace("five", "five (main, pr 5)   ")
+    llm.scripts["good"] = [final(f"```text\n{resolved}```"), final(broken)]
+    broker = make_broker()
+    write_config(broker, llm_toml(llm) + lab.config())
+    out = lab.run(broker, PR_RACE_WORKTREE="pr-1", PR_RACE_CLONE=str(lab.author), PR_RACE_BRANCH="clean-1")
+    assert out.returncode == 0, out.stdout + out.stderr
+    after = lab.refs()
+    assert after["main"] == before["main"]
+    pushed = after["textual-2"]
+    assert lab.parents(pushed) == [before["textual-2"], before["main"]]
+    assert run_git(lab.origin, "show", f"{pushed}:a.txt") == resolved.rstrip("\n")
+    assert "resolving a.txt with the model good" in lab.comments(2)[0]
+    prompt = llm.requests[0]["messages"][1]["content"]
+    assert "<<<<<<<" in prompt and "five (pr 2)" in prompt and "five (main)" in prompt
+    assert after["textual-5"] == before["textual-5"]  # the check failed on the model's resolution: aborted
+    assert "fails on the result, so the merge was aborted" in lab.comments(5)[0] and "trailing whitespace" in \
+        lab.comments(5)[0]
+    raced = after["clean-1"]  # someone pushed while pr-helper checked its merge: left alone, no comment
+    assert lab.parents(raced) == [before["clean-1"]] and lab.comments(1) == []
+    assert "checkout#1 clean-1: left alone: its head moved during the run" in out.stdout
+    assert out.stdout.startswith("pr-helper: ok (5 actions, 100 tokens)")  # 2 LLM calls, 1 push, 2 comments
+    assert len(llm.requests) == 2
+    lab.checkout_untouched()
+
+
+def test_pr_helper_plans_merges_for_conflicts_fixes_for_failing_checks_and_leaves_the_rest_alone():
+    repo = SimpleNamespace(base="main", fix=["ruff", "check", "--fix"])
+    pr = {"number": 7, "headRefName": "feature", "baseRefName": "main", "isDraft": False, "isCrossRepository": False,
+          "mergeable": "MERGEABLE", "mergeStateStatus": "CLEAN", "statusCheckRollup": [
+              {"__typename": "CheckRun", "name": "lint", "status": "COMPLETED", "conclusion": "SUCCESS"},
+              {"__typename": "StatusContext", "context": "ci/tests", "state": "SUCCESS"}]}
+    failing = [{"__typename": "StatusContext", "context": "ci/lint", "state": "FAILURE"}]
+    assert cp.pr_plan(pr, repo) == ("skip", "mergeable")
+    assert cp.pr_plan({**pr, "mergeable": "CONFLICTING"}, repo) == ("merge", "it conflicts with main")
+    assert cp.pr_plan({**pr, "mergeStateStatus": "DIRTY"}, repo)[0] == "merge"
+    assert cp.pr_plan({**pr, "statusCheckRollup": failing}, repo) == ("fix", "checks fail: ci/lint")
+    assert cp.pr_plan({**pr, "statusCheckRollup": failing}, SimpleNamespace(base="main", fix=[]))[1] == \
+        "checks fail (ci/lint) and the repo has no fix command"
+    for change, why in [({"isDraft": True}, "a draft"), ({"baseRefName": "release"}, "it goes into release"),
+                        ({"isCrossRepository": True}, "its branch is in a fork"),
+                        ({"headRefName": "--upload-pack=touch x"}, "is not a name pr-helper pushes to"),
+                        ({"headRefName": "main", "baseRefName": "main"}, "not main")]:
+        action, reason = cp.pr_plan({**pr, "mergeable": "CONFLICTING", **change}, repo)
+        assert action == "skip" and why in reason, (change, reason)
+
+
+def test_fleet_memory_versions_keep_a_pinned_section_a_history_and_diffs(make_broker, tmp_path):
+    old = BrokerProc(tmp_path / "before-versions")  # a database from before versions
+    with contextlib.closing(sqlite3.connect(old.home / "broker.db")) as db, db:
+        db.execute("CREATE TABLE memory(id INTEGER PRIMARY KEY CHECK (id = 1), text TEXT NOT NULL,"
+                   " updated_at REAL NOT NULL, updated_by TEXT NOT NULL)")
+        db.execute("INSERT INTO memory VALUES (1, '# kept\n', 1700000000, 'operator')")
+    old.start()
+    try:
+        memory = old.client().call("GET", "/api/memory")
+        assert (memory["pinned"], memory["version"], memory["updated_by"]) == ("# kept\n", 1, "operator")
+    finally:
+        old.stop()
+
+    broker = make_broker("memory_max_bytes = 400\n")
+    client = broker.client()
+    pin = tmp_path / "pin.md"
+    pin.write_text("# Pinned\nNAS backups run at 02:00.\n")
+    out = broker.cli("memory", "--set", str(pin))
+    assert out.returncode == 0 and "pinned section replaced" in out.stdout
+    write = lambda text: client.call("POST", "/api/memory", {"text": text, "part": "notes", "by": "fleet-memory"})
+    write("notes one\n")
+    assert write("notes one\n")["version"] == 2  # the same text again: no new version
+    memory = write("notes two\n")
+    assert memory["text"] == "# Pinned\nNAS backups run at 02:00.\n\nnotes two\n"
+    assert (memory["version"], memory["updated_by"], memory["part"]) == (3, "fleet-memory", "notes")
+    alice = broker.session(name="alice")
+    alice.session_call("POST", "/memory", {"text": "alice's notes\n"})  # a session writes the notes too
+    assert client.call("GET", "/api/memory")["pinned"] == "# Pinned\nNAS backups run at 02:00.\n"
+    history = [(v["version"], v["part"], v["updated_by"])
+               for v in client.call("GET", "/api/memory/history")["versions"]]
+    assert history == [(4, "notes", "alice"), (3, "notes", "fleet-memory"), (2, "notes", "fleet-memory"),
+                       (1, "pinned", "operator")]
+    diff = client.call("GET", "/api/memory/diff?from=2&to=3")["diff"]
+    assert "--- version 2\n+++ version 3\n" in diff and "-notes one\n+notes two\n" in diff
+    assert "-notes two\n+alice's notes\n" in broker.cli("memory", "--diff").stdout  # the latest change
+    assert broker.cli("memory", "--version", "1").stdout == "# Pinned\nNAS backups run at 02:00.\n\n"
+    assert re.search(r"version 4 .* alice +notes +\d+ bytes", broker.cli("memory", "--history").stdout)
+    too_big = api_error(lambda: write("x" * 380))
+    assert too_big.status == 413 and "the other part: " in too_big.message and "the limit is 400" in too_big.message
+    assert api_error(lambda: client.call("POST", "/api/memory", {"text": "x", "part": "all"})).status == 400
+    assert api_error(lambda: client.call("POST", "/api/memory", {"text": "x", "by": "a b"})).status == 400
+    for i in range(cp.MEMORY_VERSIONS_KEPT):
+        write(f"notes {i}\n")
+    versions = client.call("GET", "/api/memory/history?limit=1000")["versions"]
+    assert len(versions) == cp.MEMORY_VERSIONS_KEPT and versions[-1]["version"] == 5
+    gone = api_error(lambda: client.call("GET", "/api/memory?version=1"))
+    assert gone.status == 404 and "the last 100 versions are kept" in gone.message
+    assert client.call("GET", "/api/memory")["pinned"].startswith("# Pinned")  # pinned outlives its version
+    updates = [e for e in client.call("GET", "/api/events?after=0&limit=1000")["events"]
+               if e["type"] == "memory.updated"]
+    assert len(updates) == 4 + cp.MEMORY_VERSIONS_KEPT and updates[0]["part"] == "pinned"
+    assert updates[-1]["version"] == 104
+
+
+def fleet_at_work(broker: BrokerProc) -> tuple[cp.BrokerClient, cp.BrokerClient]:
+    """Two sessions that talk, a machine with a full disk and its alert, and a scout run."""
+    client = broker.client()
+    alice = broker.session(name="alice", summary="migrating postgres to 16", cwd="/srv/db", branch="pg16",
+                           machine="nas")
+    bob = broker.session(name="bob", summary="fixing the web UI", cwd="/home/bob/web", machine="laptop")
+    send(alice, "bob", "secret plan: drop the old tables")
+    send(bob, "alice", "ok")
+    disk = {"check": "disk", "key": "/", "severity": "critical", "title": "disk / 97% used", "detail": ""}
+    client.call("POST", "/api/health", {"machine": "nas", "source": "fleet-scout", "report": {}, "findings": [disk]})
+    client.call("POST", "/api/alerts", {"source": "fleet-scout", "machine": "nas", "checks": ["disk"],
+                                        "findings": [disk], "repeat_after": 10})
+    client.call("POST", "/api/runs", {"id": "r1", "daemon": "fleet-scout", "trigger": "schedule", "machine": "hub",
+                                      "started_at": cp.iso(time.time()), "ended_at": cp.iso(time.time()),
+                                      "status": "ok", "summary": "2 machine(s), 1 with findings\nnas critical disk"})
+    return alice, bob
+
+
+def test_fleet_memory_without_an_llm_writes_a_useful_digest_only_when_the_fleet_changed(make_broker):
+    broker = make_broker()
+    _, bob = fleet_at_work(broker)
+    broker.client().call("POST", "/api/memory", {"text": "# House rules\nAsk bob before touching the NAS.\n"})
+    out = foreground(broker, "fleet-memory")
+    assert out.returncode == 0 and "memory version 2:" in out.stdout and "a deterministic digest" in out.stdout
+    memory = broker.client().call("GET", "/api/memory")
+    text = memory["text"]
+    assert text.startswith("# House rules\nAsk bob before touching the NAS.\n\n# Fleet memory\n")
+    assert re.findall(r"^## (.*)$", text, re.MULTILINE) == list(cp.MEMORY_SECTIONS)
+    assert "- **alice** on nas: `/srv/db` [pg16] — migrating postgres to 16 (since " in text
+    assert "- **bob** on laptop: `/home/bob/web` — fixing the web UI" in text
+    exchange = r"^- alice ↔ bob: 2 message\(s\); the last from bob at \d\d-\d\d \d\d:\d\dZ$"
+    assert re.search(exchange, text, re.MULTILINE)
+    assert "secret plan" not in text  # metadata only: publish_text is off
+    assert "- nas: critical — disk / 97% used (fleet-scout)" in text
+    assert re.search(r"^- critical nas: disk / 97% used \(since .*; fleet-scout\)$", text, re.MULTILINE)
+    assert "- fleet-scout ok: 2 machine(s), 1 with findings" in text
+    assert memory["updated_by"] == "fleet-memory" and memory["part"] == "notes"
+    out = foreground(broker, "fleet-memory")
+    assert "memory unchanged (version 2)" in out.stdout
+    bob.session_call("POST", "/leave")
+    foreground(broker, "fleet-memory")
+    text = broker.client().call("GET", "/api/memory")["text"]
+    assert "**bob**" not in text and re.search(r"- recently gone: bob \(laptop, .*\)", text)
+    assert text.startswith("# House rules\n")  # the pinned section is never the daemon's
+
+
+def test_the_memory_digest_fits_its_budget_and_keeps_every_section():
+    state = {}
+    events = [{"type": "message.sent", "from_name": f"s{i}", "to": "hub", "to_name": "hub", "bytes": 10,
+               "at": "2026-11-25T10:00:00.000Z", **({"text": "deploy at noon"} if i == 7 else {})} for i in range(8)]
+    events.append({"type": "message.sent", "from_name": "hub", "to": "*", "to_name": "s1", "bytes": 5,
+                   "at": "2026-11-25T10:01:00.000Z"})
+    cp.fold_memory_events(state, events, keep=6)
+    assert list(state["exchanges"]) == ["hub ↔ s3", "hub ↔ s4", "hub ↔ s5", "hub ↔ s6", "hub ↔ s7",
+                                        "hub → everyone"]
+    assert state["exchanges"]["hub ↔ s7"]["text"] == "deploy at noon"  # publish_text put it in the event
+    peers = [{"id": f"{i:010x}", "name": f"worker-{i}", "machine": "nas", "cwd": f"/srv/job{i}", "branch": "",
+              "summary": "crunching numbers " * 5, "started_at": "2026-11-25T09:00:00.000Z", "client": "claude"}
+             for i in range(40)]
+    daemon = SimpleNamespace(name="fleet-memory", findings=8)
+    sections = cp.memory_sections({"peers": peers, "health": [], "alerts": [], "runs": []}, state, daemon)
+    text = cp.render_memory(sections, 1500)
+    assert len(text.encode()) <= 1500
+    assert re.findall(r"^## (.*)$", text, re.MULTILINE) == list(cp.MEMORY_SECTIONS)
+    assert re.search(r"^- \(\+\d+ more\)$", text, re.MULTILINE) and "worker-0" in text and "worker-39" not in text
+
+
+def test_fleet_memory_is_condensed_by_the_llm_when_its_facts_change_and_falls_back_when_the_answer_breaks_it(
+        make_broker, llm):
+    broker = make_broker()
+    fleet_at_work(broker)
+    write_config(broker, llm_toml(llm))
+    good = ("# Fleet memory\n\n## Who is working on what, where\n- alice (nas): postgres 16; bob (laptop): web UI;"
+            " carol arrived\n\n## Recent exchanges\n- alice ↔ bob: 2\n\n## Fleet health\n- nas: disk 97%\n\n"
+            "## Open alerts\n- nas disk\n\n## Recent daemon findings\n- fleet-scout ok\n")
+    llm.scripts["good"] = [final("# Fleet memory\n## Who is working on what, where\n- everyone is fine\n"), final(good)]
+    out = foreground(broker, "fleet-memory")
+    assert out.returncode == 0 and "a deterministic digest" in out.stdout  # the answer lost sections: not used
+    assert [e["reason"] for e in transcript_events(out) if e["event"] == "condense_rejected"] == [
+        "not the memory's sections"]
+    assert "migrating postgres to 16" in broker.client().call("GET", "/api/memory")["text"]
+    foreground(broker, "fleet-memory")
+    assert len(llm.requests) == 1  # nothing changed: no second call
+    broker.session(name="carol", machine="pi")
+    out = foreground(broker, "fleet-memory")
+    assert "condensed by good" in out.stdout and "(1 actions" in out.stdout
+    assert broker.client().call("GET", "/api/memory")["notes"] == good
+    assert "## Open alerts" in llm.requests[-1]["messages"][0]["content"]
+    assert "**carol** on pi" in llm.requests[-1]["messages"][1]["content"]  # the digest is what it condenses
+    out = foreground(broker, "fleet-memory")
+    assert "memory unchanged" in out.stdout and len(llm.requests) == 2
+
+
+@pytest.mark.anyio
+async def test_a_session_started_after_fleet_memory_ran_gets_the_new_memory_in_its_instructions(make_broker):
+    broker = make_broker()
+    fleet_at_work(broker)
+    out = await anyio.to_thread.run_sync(foreground, broker, "fleet-memory")
+    assert out.returncode == 0, out.stderr
+    async with shim_session(broker, name="newcomer") as shim:
+        instructions = shim.client.instructions
+    assert "## Who is working on what, where" in instructions
+    assert "- **alice** on nas: `/srv/db` [pg16] — migrating postgres to 16" in instructions
+
+
+def test_fleet_memory_runs_on_fleet_events_and_its_own_update_wakes_only_those_watching_memory(
+        make_broker, supervisors):
+    broker = make_broker("rate_per_s = 0.0\n")
+    write_config(broker, '[daemons.fleet-memory]\ndebounce_s = 0.3\n[daemons.fleet-scout]\nenabled = false\n'
+                         '[daemons.llm-watchdog]\nenabled = false\n[daemons.memo]\non = ["fleet.memory.>"]\n'
+                         'debounce_s = 0.1\nrunner = "command"\ncommand = ["true"]\n[daemons.all]\non = ["fleet.>"]\n'
+                         'debounce_s = 0.1\nrunner = "command"\ncommand = ["true"]\n')
+    supervisor = supervisors(broker)
+    feed_in_place(broker)
+    broker.session(name="newcomer", summary="just arrived")
+    [run] = supervisor.wait_runs("fleet-memory", 1)
+    assert run["status"] == "ok" and run["trigger"] == "event fleet.peer.joined"
+    assert "**newcomer**" in broker.client().call("GET", "/api/memory")["text"]
+    [memo] = supervisor.wait_runs("memo", 1)
+    assert memo["trigger"] == "event fleet.memory.updated"
+    supervisor.wait_runs("all", 1)
+    time.sleep(1.0)  # longer than fleet-memory's debounce: a run woken by its own update would have started
+    assert len(supervisor.runs("fleet-memory")) == 1
+    assert not [r for r in supervisor.runs("all") if "fleet.memory" in r["trigger"] or "fleet.daemon" in r["trigger"]]
 
 
 # ---------------------------------------------------------------------------
