@@ -3774,13 +3774,40 @@ def test_fleet_scout_efficacy_every_seeded_fault_alerts_in_the_first_cycle_and_h
 
 def test_bench_with_tiny_parameters_prints_every_figure_honestly():
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PEERS_")}
-    out = subprocess.run([PY, str(SCRIPT), "bench", "--messages", "80", "--samples", "5", "--sessions", "0",
-                          "--idle-seconds", "1", "--events", "200"], env=env, capture_output=True, text=True,
-                         timeout=60, check=False)
+    out = subprocess.run([PY, str(SCRIPT), "bench", "--messages", "80", "--samples", "4", "--sessions", "2",
+                          "--idle-seconds", "1", "--events", "200", "--rounds", "1"], env=env, capture_output=True,
+                         text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
-    for figure in ("send requests/s", "delivered messages/s", "long-poll wake-up latency", "shim spawn -> initialize",
-                   "broker resident memory with 1000", "events relayed to JetStream per second"):
+    for figure in ("send requests/s", "delivered messages/s, senders on 8 HTTP", "CPU per delivered message, HTTP",
+                   "one session spawned -> tools/list", "2 sessions spawned at once", "2 idle sessions, p99",
+                   "broker saturated, p50", "through the MCP send tool", "CPU per delivered message, MCP",
+                   "shim RSS", "shim PSS", "requests per idle session", "1000 sessions long-polling",
+                   "events relayed to JetStream per second (200 published)"):
         assert figure in out.stdout, out.stdout
-    assert "all 80 delivered" in out.stdout and "200 published" in out.stdout
-    relayed = re.search(r"relayed to JetStream per second: +(\d+)", out.stdout)
-    assert relayed is None or int(relayed[1]) > 0, out.stdout  # a figure, or says it is too few to time
+    assert "(needs --anchor)" in out.stdout and "anchor" not in out.stdout.splitlines()[1]  # ours only
+    assert "ours 80 sent, 0 lost, 0 duplicated" in out.stdout  # the HTTP path
+    assert "ours 8 sent, 0 lost, 0 duplicated" in out.stdout  # latency: 4 idle, 4 saturated
+    assert "ours 20 sent, 0 lost, 0 duplicated" in out.stdout  # the MCP path: 10 per session
+    assert out.stdout.rstrip().endswith("messages lost or duplicated by ours: none"), out.stdout
+
+
+def test_bench_says_in_one_line_why_it_cannot_run_the_anchor(tmp_path):
+    """--anchor and --bun are checked before anything is measured: one line, exit 1, no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PEERS_")}
+
+    def refused(args: tuple[str, ...], why: str) -> None:
+        out = subprocess.run([PY, str(SCRIPT), "bench", *args], env=env, capture_output=True, text=True,
+                             timeout=30, check=False)
+        assert out.returncode == cp.EXIT_ERROR and out.stdout == "", out
+        assert why in out.stderr and len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr
+
+    checkout = tmp_path / "claude-peers-mcp"
+    checkout.mkdir()
+    refused(("--anchor", str(checkout)), "not a checkout of claude-peers-mcp")
+    (checkout / "server.ts").write_text("")
+    (checkout / "broker.ts").write_text("")
+    refused(("--anchor", str(checkout)), "run `bun install` there")
+    (checkout / "node_modules" / "@modelcontextprotocol" / "sdk").mkdir(parents=True)
+    not_bun = tmp_path / "bun"
+    not_bun.write_text("")
+    refused(("--anchor", str(checkout), "--bun", str(not_bun)), f"--bun: no executable {not_bun}")
