@@ -2365,7 +2365,8 @@ async def r_set_memory(b: Broker, req: Request) -> Any:
 SID = r"([0-9a-f]{10})"
 
 # (method, path pattern, handler, needs a session, body schema for POSTs)
-ROUTES: list[tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool, Schema | None]] = [
+Route = tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool, Schema | None]
+ROUTES: list[Route] = [
     (m, re.compile(f"^{p}$"), h, s, schema) for m, p, h, s, schema in [
         ("GET", "/api/status", r_status, False, None),
         ("GET", "/api/peers", r_peers, False, None),
@@ -2395,6 +2396,40 @@ ROUTES: list[tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool,
         ("POST", r"/api/daemons/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/trigger", r_request_run, False, EMPTY_SCHEMA),
     ]
 ]
+
+def path_shape(path: str) -> tuple[str, int, str]:
+    """What a path is filed under in the route index: its first two segments, how many it has, its last."""
+    parts = path.split("/")
+    return "/".join(parts[:3]), len(parts), parts[-1]
+
+
+def index_routes(routes: list[Route]) -> dict[tuple[str, str, int, str], list[Route]]:
+    """ROUTES by method and path shape (a path group as last segment files under '*'), so a
+    request is matched against one route or two, not scanned against all of them."""
+    index: dict[tuple[str, str, int, str], list[Route]] = {}
+    for route in routes:
+        head, count, last = path_shape(route[1].pattern.strip("^$"))
+        if "(" in head:
+            raise ValueError(f"route {route[1].pattern}: the index files routes under their first two path"
+                             " segments, so those must be literal")
+        index.setdefault((route[0], head, count, "*" if "(" in last else last), []).append(route)
+    return index
+
+
+ROUTE_INDEX = index_routes(ROUTES)
+ROUTE_METHODS = sorted({route[0] for route in ROUTES})
+
+
+def find_route(method: str, path: str) -> tuple[Route, tuple[str, ...]] | None:
+    """The route that serves ``method`` on ``path``, and the path's groups."""
+    head, count, last = path_shape(path)
+    for key in ((method, head, count, last), (method, head, count, "*")):
+        for route in ROUTE_INDEX.get(key, ()):
+            match = route[1].match(path)
+            if match:
+                return route, match.groups()
+    return None
+
 
 IDLE_TIMEOUT_S = 120.0
 
@@ -2487,17 +2522,17 @@ class ApiServer:
 
     async def _route(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
                      hung_up: Callable[[], bool]) -> Any:
-        url = urllib.parse.urlsplit(target)
-        route = next((r for r in ROUTES if r[0] == method and r[1].match(url.path)), None)
-        if route is None:
-            allowed = [r[0] for r in ROUTES if r[1].match(url.path)]
+        path, _, query = target.partition("#")[0].partition("?")
+        found = find_route(method, path)
+        if found is None:
+            allowed = [other for other in ROUTE_METHODS if find_route(other, path)]
             if not allowed:
-                raise ApiError(404, f"no such endpoint {url.path}")
-            raise ApiError(405, f"{method} not allowed on {url.path} (use {allowed[0]})")
-        _, pattern, handler, needs_session, schema = route
+                raise ApiError(404, f"no such endpoint {path}")
+            raise ApiError(405, f"{method} not allowed on {path} (use {allowed[0]})")
+        (_, _, handler, needs_session, schema), args = found
         self._check_token(headers)
-        req = Request(args=pattern.match(url.path).groups(), session=None, body={}, hung_up=hung_up,
-                      query=dict(urllib.parse.parse_qsl(url.query)))
+        req = Request(args=args, session=None, body={}, hung_up=hung_up,
+                      query=dict(urllib.parse.parse_qsl(query)) if query else {})
         if needs_session:
             secret = headers.get("x-session-secret")
             if not secret:
