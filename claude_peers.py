@@ -1114,6 +1114,7 @@ class Sessions:
         self.presence = presence  #: the broker's: heartbeats and polls in progress
         self.live: dict[str, dict[str, Any]] = {}  #: id -> session, for the live ones
         self.names: dict[str, str] = {}  #: agent name -> the id of the live session holding it
+        self.digests: dict[str, str] = {}  #: secret -> its sha256, for secrets that opened a live session
         self._load_live()
         store.on_rollback = self._load_live
 
@@ -1195,6 +1196,14 @@ class Sessions:
                 self.names[name] = sid
         return {**session_view(session), "secret": secret}
 
+    def _remember_digest(self, secret: str, digest: str) -> None:
+        """Keep the sha256 of a secret that opened its session: each session presents the same one
+        with every call (looked up by the secret's keyed hash; the compare above stays constant-time)."""
+        if secret not in self.digests:
+            if len(self.digests) > 2 * len(self.live) + 64:  # ended sessions' secrets: drop them all
+                self.digests.clear()
+            self.digests[secret] = digest
+
     def authenticate(self, sid: str, secret: str) -> dict[str, Any]:
         """The live session ``sid`` if ``secret`` is its secret (the caller records the heartbeat)."""
         with self.store.lock:
@@ -1205,8 +1214,10 @@ class Sessions:
                     raise ApiError(403, f"wrong session secret for session {sid}")
                 state = "has ended" if row else "is unknown"
                 raise ApiError(404, f"session {sid} {state}: register again", code="unknown_session")
-            if not hmac.compare_digest(session["secret_hash"], sha256_hex(secret)):
+            digest = self.digests.get(secret) or sha256_hex(secret)
+            if not hmac.compare_digest(session["secret_hash"], digest):
                 raise ApiError(403, f"wrong session secret for session {sid}")
+            self._remember_digest(secret, digest)
             if not self.presence.alive(session, time.time(), pid_max_age=None):
                 with self.store.tx() as c:
                     self._end_session(c, session, "stale")
@@ -2441,6 +2452,7 @@ class ApiServer:
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
+        self.token = broker.token.encode()
         self.idle_since: dict[asyncio.StreamWriter, float] = {}  # connections between requests
 
     def close_idle(self) -> None:
@@ -2550,7 +2562,7 @@ class ApiServer:
         scheme, _, given = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given:
             raise ApiError(401, "missing fleet token (Authorization: Bearer <token>)")
-        if not hmac.compare_digest(given.strip().encode(), self.broker.token.encode()):
+        if not hmac.compare_digest(given.strip().encode(), self.token):
             raise ApiError(401, "wrong fleet token")
 
 
