@@ -956,7 +956,7 @@ class Presence:
     def __init__(self, stale_after_s: float, machine: str) -> None:
         self.stale_after_s = stale_after_s
         self.machine = machine  #: the broker's machine: only its sessions' pids can be checked
-        self.heard: dict[str, float] = {}  #: heartbeats not yet written down (the janitor's reap does)
+        self.heard: dict[str, float] = {}  #: the last heartbeat of each live session (the janitor's reap writes them down)
         self.polling: dict[str, int] = {}  #: long-polls in progress per session
         self.pid_checked: dict[str, float] = {}  #: when each local session's pid was last seen running
 
@@ -981,10 +981,6 @@ class Presence:
             return False
         self.pid_checked[session["id"]] = now
         return True
-
-    def take_heard(self) -> dict[str, float]:
-        heard, self.heard = self.heard, {}
-        return heard
 
     def forget(self, sid: str) -> None:
         self.heard.pop(sid, None)
@@ -1020,23 +1016,37 @@ class Store:
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction taken up front (BEGIN IMMEDIATE): commit or roll back.
+        """A write transaction taken up front (BEGIN IMMEDIATE): commit, or roll back and raise.
 
-        Inside another transaction (a group commit) it is a savepoint, so one
-        failing operation rolls back alone."""
+        Inside another one (a group commit) it is part of it: when it raises, the whole
+        transaction rolls back, and the group runs again with each write in a ``savepoint``."""
         with self.lock:
-            nested = self.db.in_transaction
-            self.db.execute("SAVEPOINT op" if nested else "BEGIN IMMEDIATE")
+            if self.db.in_transaction:
+                yield self.db
+                return
+            self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
             except BaseException:
-                self.db.execute("ROLLBACK TO op" if nested else "ROLLBACK")
-                if nested:
-                    self.db.execute("RELEASE op")
+                self.db.execute("ROLLBACK")
                 self.on_rollback()
                 raise
-            self.db.execute("RELEASE op" if nested else "COMMIT")
-            self.commits += not nested
+            self.db.execute("COMMIT")
+            self.commits += 1
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside a transaction: a part that rolls back alone when it raises."""
+        with self.lock:
+            self.db.execute("SAVEPOINT op")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK TO op")
+                self.db.execute("RELEASE op")
+                self.on_rollback()
+                raise
+            self.db.execute("RELEASE op")
 
     def checkpoint(self, stop: threading.Event, every_commits: int = 256, every_s: float = 5.0) -> None:
         """Copy the WAL back into the database once enough commits or seconds piled up."""
@@ -1160,14 +1170,17 @@ class Sessions:
 
     def reap(self) -> int:
         """Write heartbeats down, then end dead sessions; returns how many ended."""
-        heard = self.presence.take_heard()
+        heard = dict(self.presence.heard)  # kept: a rolled-back batch runs this again
         with self.store.tx() as c:
             c.executemany("UPDATE sessions SET last_seen = ? WHERE id = ? AND last_seen < ?",
                           [(ts, sid, ts) for sid, ts in heard.items()])
             for sid, ts in heard.items():
                 if sid in self.live:
                     self.live[sid]["last_seen"] = max(ts, self.live[sid]["last_seen"])
-            return self._reap(c, time.time())
+            ended = self._reap(c, time.time())
+            for sid in [sid for sid in heard if sid not in self.live]:  # heard last while it ended
+                self.presence.forget(sid)
+            return ended
 
     def register(self, info: dict[str, Any]) -> dict[str, Any]:
         now = time.time()
@@ -2058,18 +2071,14 @@ class Broker:
         return await future
 
     def _commit_batch(self) -> None:
+        """Commit the writes of this loop turn together. If one of them raises, the shared
+        transaction rolls back whole and the batch runs again with each write in a savepoint,
+        so the one that failed rolls back alone and the others commit: the savepoints are
+        paid only when something failed."""
         batch, self.batch = self.batch, []
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         events_before = self.store.events_written
         try:
-            # A lone operation is its own transaction; several share one, each in a savepoint,
-            # so one that fails (bad input, or a bug) rolls back alone and the others commit.
-            with self.store.tx() if len(batch) > 1 else contextlib.nullcontext():
-                for operation, future in batch:
-                    try:
-                        outcomes.append((future, operation(), None))
-                    except Exception as exc:  # noqa: BLE001 - handed to its own caller, answered there
-                        outcomes.append((future, None, exc))
+            outcomes = self._run_batch(batch, isolate=False) or self._run_batch(batch, isolate=True)
         except sqlite3.Error as exc:  # the commit itself failed: nothing in the batch happened
             outcomes = [(future, None, exc) for _, future in batch]
         self._committed([value for _, value, error in outcomes if error is None],
@@ -2077,6 +2086,29 @@ class Broker:
         for future, value, error in outcomes:
             if not future.done():
                 future.set_result(value) if error is None else future.set_exception(error)
+
+    def _run_batch(self, batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]],
+                   isolate: bool) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        """Run a batch in one transaction (a lone write in its own), each outcome for its caller.
+        Not isolated, a write that raises rolls the whole transaction back and nothing is
+        returned; isolated, each write runs in a savepoint that rolls back alone."""
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        alone = len(batch) == 1
+        try:
+            with contextlib.nullcontext() if alone else self.store.tx():
+                for operation, future in batch:
+                    try:
+                        with self.store.savepoint() if isolate else contextlib.nullcontext():
+                            outcomes.append((future, operation(), None))
+                    except Exception as exc:  # handed to its own caller, answered there
+                        if not (isolate or alone):
+                            raise
+                        outcomes.append((future, None, exc))
+        except Exception:
+            if isolate:
+                raise
+            return []
+        return outcomes
 
     def _committed(self, values: list[Any], new_events: bool) -> None:
         """What wakes whom after a commit: mail leased to a parked poll is handed to it,

@@ -869,6 +869,33 @@ def test_a_write_that_raises_rolls_back_alone_in_its_group_commit(tmp_path):
     assert summaries == ["", ""]
 
 
+def test_a_group_commit_run_again_after_a_failure_keeps_the_heartbeats_it_had_written(tmp_path):
+    """The reap writes heartbeats down in a batch whose other write fails: the batch rolls back
+    and runs again, and the session heard from a moment ago is still alive afterwards."""
+    cfg = cp.Config({}, None)
+
+    async def main() -> list:
+        broker = cp.Broker(cfg, tmp_path, "t" * 32)
+        session = broker.sessions.register({"machine": "elsewhere", "pid": 1, "cwd": "/"})
+        long_ago = time.time() - 10 * cfg.broker.stale_after_s
+        broker.store.db.execute("UPDATE sessions SET last_seen = ?", (long_ago,))
+        broker.sessions.live[session["id"]]["last_seen"] = long_ago
+        broker.presence.heard[session["id"]] = time.time()  # a call just now: alive
+
+        def broken() -> None:
+            raise RuntimeError("a bug")
+
+        outcomes = await asyncio.gather(broker.write(broker.sessions.reap), broker.write(broken),
+                                        return_exceptions=True)
+        live = [p["id"] for p in broker.sessions.peers("all", {})]
+        broker.store.close()
+        return [outcomes, live, session["id"]]
+
+    outcomes, live, sid = asyncio.run(main())
+    assert outcomes[0] == 0 and isinstance(outcomes[1], RuntimeError)
+    assert live == [sid]
+
+
 def test_cli_refuses_text_that_is_not_utf8_at_once(broker):
     broker.session(name="bob")
     began = time.monotonic()
