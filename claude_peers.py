@@ -968,7 +968,7 @@ class Presence:
     def __init__(self, stale_after_s: float, machine: str) -> None:
         self.stale_after_s = stale_after_s
         self.machine = machine  #: the broker's machine: only its sessions' pids can be checked
-        self.heard: dict[str, float] = {}  #: the last heartbeat of each live session (the janitor's reap writes them down)
+        self.heard: dict[str, float] = {}  #: each live session's last heartbeat (the janitor's reap writes it down)
         self.polling: dict[str, int] = {}  #: long-polls in progress per session
         self.pid_checked: dict[str, float] = {}  #: when each local session's pid was last seen running
 
