@@ -6531,7 +6531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trigger", required=True)
     p = command("token", cmd_token, "print the fleet token (to copy to other machines)")
     p.add_argument("--create", action="store_true", help="create the token file (0600) if missing")
-    p = command("bench", run_bench_cmd, "measure the SPEC section 9 figures on this machine")
+    p = command("bench", run_bench_cmd, "measure this hub's figures on this machine, side by side with"
+                " claude-peers-mcp's with --anchor")
     p.add_argument("--messages", type=int, default=8000, help="messages for the throughput runs")
     p.add_argument("--samples", type=int, default=300, help="samples for latency runs")
     p.add_argument("--sessions", type=int, default=20, help="shims driven as MCP clients (0: skip)")
