@@ -5791,8 +5791,8 @@ def bench_shim_round(system: BenchSystem, sessions: int, samples: int, messages:
 
 
 class RequestCounter:
-    """A TCP relay in front of a broker that counts the HTTP requests going through it, for the
-    idle cost of the shims pointed at it (both systems speak HTTP/1.1)."""
+    """A TCP relay in front of a broker that notes when each HTTP request goes through it, per
+    connection, for the idle cost of the shims pointed at it (both systems speak HTTP/1.1)."""
 
     MARK = b" HTTP/1.1\r\n"  # ends every request line; JSON bodies cannot hold a raw CR LF
 
@@ -5800,8 +5800,7 @@ class RequestCounter:
         self.upstream = urllib.parse.urlsplit(upstream)
         self.server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        self.count = 0
-        self.lock = threading.Lock()
+        self.requests: list[list[float]] = []  #: per client connection: when each request came through
         self.sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -5813,21 +5812,32 @@ class RequestCounter:
             except OSError:
                 return
             self.sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+            self.requests.append([])
+            threading.Thread(target=self._pump, args=(client, upstream, self.requests[-1]), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, counting: bool) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, requests: list[float] | None) -> None:
         tail = b""  # shorter than MARK: a mark split across two reads is counted once
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                if counting:
+                if requests is not None:
                     seen = tail + data
-                    with self.lock:
-                        self.count += seen.count(self.MARK)
+                    requests += [time.monotonic()] * seen.count(self.MARK)
                     tail = seen[-(len(self.MARK) - 1):]
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
+
+    def rate(self, since: float) -> float:
+        """Requests per second since ``since`` (monotonic): each connection's from its first
+        request to its last. Shims started together poll in step, so a plain count in a window
+        would move by a whole poll of every shim with where the window falls."""
+        total = 0.0
+        for times in self.requests:
+            seen = [t for t in times if t >= since]
+            if len(seen) > 1 and seen[-1] > seen[0]:
+                total += (len(seen) - 1) / (seen[-1] - seen[0])
+        return total
 
     def close(self) -> None:
         self.server.close()
@@ -5837,7 +5847,7 @@ class RequestCounter:
 
 def bench_idle(systems: Systems, sessions: int, seconds: float) -> dict[str, float]:
     """Broker requests per idle session per minute: every system's shims idle side by side in
-    one window, each group behind a relay that counts what it asks of its broker."""
+    one window, each group behind a relay that notes what it asks of its broker."""
     groups: list[tuple[str, BenchSystem, RequestCounter, list[BenchMcpClient]]] = []
     try:
         for label, start in systems:
@@ -5847,10 +5857,9 @@ def bench_idle(systems: Systems, sessions: int, seconds: float) -> dict[str, flo
             groups[-1][3].extend(spawn_shims(broker, sessions, relay.url)[0])
             broker.addresses(groups[-1][3])
         time.sleep(2.0)  # registrations and first polls are over: from here on, only idle traffic
-        before = [relay.count for _, _, relay, _ in groups]
+        since = time.monotonic()
         time.sleep(seconds)
-        return {label: (relay.count - first) / sessions / (seconds / 60)
-                for (label, _, relay, _), first in zip(groups, before)}
+        return {label: relay.rate(since) * 60 / sessions for label, _, relay, _ in groups}
     finally:
         for _, broker, relay, clients in groups:
             stop_shims(clients)
