@@ -24,7 +24,7 @@ Sections, in dependency order (each uses only what is above it):
   Daemon runs          one run in a child process: the agent loop, its tools and policy
   Daemons              the built-in daemons (fleet-scout), and which runner a daemon uses
   Supervisor           schedules, event triggers, run records
-  Bench                this hub's figures, measured on this machine
+  Bench                this hub's figures on this machine, and claude-peers-mcp's side by side
   CLI                  output helpers, the commands, the parser, main
 
 Where to start: a message is stored by ``Messages.send`` and handed to the recipient's
