@@ -5214,8 +5214,8 @@ class Supervisor:
 # ===========================================================================
 #
 # One driver measures ours and, with --anchor, the original claude-peers-mcp (Bun) from a
-# checkout: the same sessions, the same texts, the same clocks, each side received as its own
-# shim receives. Every run starts a fresh broker (neither meets the other's history), and the
+# checkout: the same sessions, the same texts, the same clocks, each side receiving as its own
+# shim does. Every run starts a fresh broker (neither meets the other's history), and the
 # runs of each figure alternate between the two (ours, anchor, ours, anchor...), so a warmer or
 # busier machine favours neither. Every text a run sends is unique: each phase checks that
 # each one arrived exactly once.
