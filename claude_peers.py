@@ -2120,6 +2120,8 @@ class Broker:
             if isolate:
                 raise
             return []
+        if isolate:  # a rollback reloaded the caches, and writes after it updated what they held before
+            self.store.on_rollback()
         return outcomes
 
     def _committed(self, values: list[Any], new_events: bool) -> None:

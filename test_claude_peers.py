@@ -896,6 +896,27 @@ def test_a_group_commit_run_again_after_a_failure_keeps_the_heartbeats_it_had_wr
     assert live == [sid]
 
 
+def test_a_summary_set_in_a_group_commit_run_again_shows_in_the_peer_list(tmp_path):
+    """A write that failed makes its batch run again; a summary set later in that batch is
+    what the peer list shows afterwards, not the one before."""
+    cfg = cp.Config({}, None)
+
+    async def main() -> list:
+        broker = cp.Broker(cfg, tmp_path, "t" * 32)
+        session = broker.sessions.live[broker.sessions.register({"machine": "elsewhere", "pid": 1, "cwd": "/"})["id"]]
+
+        def broken() -> None:
+            raise RuntimeError("a bug")
+
+        await asyncio.gather(broker.write(broken), broker.write(lambda: broker.sessions.set_summary(session, "new")),
+                             return_exceptions=True)
+        summaries = [p["summary"] for p in broker.sessions.peers("all", {})]
+        broker.store.close()
+        return summaries
+
+    assert asyncio.run(main()) == ["new"]
+
+
 def test_cli_refuses_text_that_is_not_utf8_at_once(broker):
     broker.session(name="bob")
     began = time.monotonic()
