@@ -26,7 +26,7 @@ Sections, in dependency order (each uses only what is above it):
   Daemons              the built-in daemons (fleet-scout, llm-watchdog, pr-helper, fleet-memory), and
                        which runner a daemon uses
   Supervisor           schedules, event triggers, run records
-  Bench                this hub's figures, measured on this machine
+  Bench                this hub's figures on this machine, and claude-peers-mcp's side by side
   CLI                  output helpers, the commands, the parser, main
 
 Where to start: a message is stored by ``Messages.send`` and handed to the recipient's
@@ -46,6 +46,7 @@ import datetime as dt
 import difflib
 import errno
 import fcntl
+import functools
 import hashlib
 import hmac
 import http
@@ -118,12 +119,23 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+@functools.lru_cache(maxsize=64)
+def iso_second(second: int) -> str:
+    """A whole second of epoch time as ISO-8601 UTC date and time, formatted once: every
+    message and event carries a timestamp, most of them within the same few seconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 def iso(ts: float | None) -> str | None:
-    """Epoch seconds as an ISO-8601 UTC string with milliseconds."""
+    """Epoch seconds as an ISO-8601 UTC string with milliseconds (rounded to the microsecond
+    first, then cut, as datetime's isoformat does)."""
     if ts is None:
         return None
-    stamp = dt.datetime.fromtimestamp(ts, dt.UTC)
-    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    second = math.floor(ts)
+    micros = round((ts - second) * 1e6)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    return f"{iso_second(second)}.{micros // 1000:03d}Z"
 
 
 def new_id(nbytes: int = 5) -> str:
@@ -1165,7 +1177,7 @@ class Presence:
     def __init__(self, stale_after_s: float, machine: str) -> None:
         self.stale_after_s = stale_after_s
         self.machine = machine  #: the broker's machine: only its sessions' pids can be checked
-        self.heard: dict[str, float] = {}  #: heartbeats not yet written down (the janitor's reap does)
+        self.heard: dict[str, float] = {}  #: each live session's last heartbeat (the janitor's reap writes it down)
         self.polling: dict[str, int] = {}  #: long-polls in progress per session
         self.pid_checked: dict[str, float] = {}  #: when each local session's pid was last seen running
 
@@ -1190,10 +1202,6 @@ class Presence:
             return False
         self.pid_checked[session["id"]] = now
         return True
-
-    def take_heard(self) -> dict[str, float]:
-        heard, self.heard = self.heard, {}
-        return heard
 
     def forget(self, sid: str) -> None:
         self.heard.pop(sid, None)
@@ -1232,23 +1240,37 @@ class Store:
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction taken up front (BEGIN IMMEDIATE): commit or roll back.
+        """A write transaction taken up front (BEGIN IMMEDIATE): commit, or roll back and raise.
 
-        Inside another transaction (a group commit) it is a savepoint, so one
-        failing operation rolls back alone."""
+        Inside another one (a group commit) it is part of it: when it raises, the whole
+        transaction rolls back, and the group runs again with each write in a ``savepoint``."""
         with self.lock:
-            nested = self.db.in_transaction
-            self.db.execute("SAVEPOINT op" if nested else "BEGIN IMMEDIATE")
+            if self.db.in_transaction:
+                yield self.db
+                return
+            self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
             except BaseException:
-                self.db.execute("ROLLBACK TO op" if nested else "ROLLBACK")
-                if nested:
-                    self.db.execute("RELEASE op")
+                self.db.execute("ROLLBACK")
                 self.on_rollback()
                 raise
-            self.db.execute("RELEASE op" if nested else "COMMIT")
-            self.commits += not nested
+            self.db.execute("COMMIT")
+            self.commits += 1
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside a transaction: a part that rolls back alone when it raises."""
+        with self.lock:
+            self.db.execute("SAVEPOINT op")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK TO op")
+                self.db.execute("RELEASE op")
+                self.on_rollback()
+                raise
+            self.db.execute("RELEASE op")
 
     def checkpoint(self, stop: threading.Event, every_commits: int = 256, every_s: float = 5.0) -> None:
         """Copy the WAL back into the database once enough commits or seconds piled up."""
@@ -1269,12 +1291,12 @@ class Store:
             return self.db.execute(sql, args).fetchall()
 
     def event(self, c: sqlite3.Connection, kind: str, subject: str, **fields: Any) -> None:
-        """Record an event in the caller's transaction (the outbox)."""
-        event_id = new_id(8)
+        """Record an event in the caller's transaction (the outbox). Its id only has to be unique
+        (the stream dedupes on it), so it comes from the fast generator, not the system's."""
+        event_id = f"{random.getrandbits(64):016x}"
         now = time.time()
-        assert not {"id", "type", "at"} & set(fields), "event fields may not shadow the envelope"
-        payload = {"id": event_id, "type": kind, "at": iso(now), "machine": fields.pop("machine", self.machine)}
-        payload.update(fields)
+        assert "id" not in fields and "type" not in fields and "at" not in fields, "fields may not shadow the envelope"
+        payload = {"id": event_id, "type": kind, "at": iso(now), "machine": self.machine, **fields}
         c.execute(
             "INSERT INTO events(id, type, subject, at, payload) VALUES (?,?,?,?,?)",
             (event_id, kind, subject, now, json.dumps(payload)),
@@ -1326,6 +1348,7 @@ class Sessions:
         self.presence = presence  #: the broker's: heartbeats and polls in progress
         self.live: dict[str, dict[str, Any]] = {}  #: id -> session, for the live ones
         self.names: dict[str, str] = {}  #: agent name -> the id of the live session holding it
+        self.digests: dict[str, str] = {}  #: secret -> its sha256, for secrets that opened a live session
         self._load_live()
         store.on_rollback = self._load_live
 
@@ -1371,14 +1394,17 @@ class Sessions:
 
     def reap(self) -> int:
         """Write heartbeats down, then end dead sessions; returns how many ended."""
-        heard = self.presence.take_heard()
+        heard = dict(self.presence.heard)  # kept: a rolled-back batch runs this again
         with self.store.tx() as c:
             c.executemany("UPDATE sessions SET last_seen = ? WHERE id = ? AND last_seen < ?",
                           [(ts, sid, ts) for sid, ts in heard.items()])
             for sid, ts in heard.items():
                 if sid in self.live:
                     self.live[sid]["last_seen"] = max(ts, self.live[sid]["last_seen"])
-            return self._reap(c, time.time())
+            ended = self._reap(c, time.time())
+            for sid in [sid for sid in heard if sid not in self.live]:  # heard last while it ended
+                self.presence.forget(sid)
+            return ended
 
     def register(self, info: dict[str, Any], credential: str = "admin") -> dict[str, Any]:
         """A new live session, held by the credential that registered it."""
@@ -1411,6 +1437,14 @@ class Sessions:
                 self.names[name] = sid
         return {**session_view(session), "secret": secret}
 
+    def _remember_digest(self, secret: str, digest: str) -> None:
+        """Keep the sha256 of a secret that opened its session: each session presents the same one
+        with every call (looked up by the secret's keyed hash; the compare above stays constant-time)."""
+        if secret not in self.digests:
+            if len(self.digests) > 2 * len(self.live) + 64:  # ended sessions' secrets: drop them all
+                self.digests.clear()
+            self.digests[secret] = digest
+
     def authenticate(self, sid: str, secret: str) -> dict[str, Any]:
         """The live session ``sid`` if ``secret`` is its secret (the caller records the heartbeat)."""
         with self.store.lock:
@@ -1421,8 +1455,10 @@ class Sessions:
                     raise ApiError(403, f"wrong session secret for session {sid}")
                 state = "has ended" if row else "is unknown"
                 raise ApiError(404, f"session {sid} {state}: register again", code="unknown_session")
-            if not hmac.compare_digest(session["secret_hash"], sha256_hex(secret)):
+            digest = self.digests.get(secret) or sha256_hex(secret)
+            if not hmac.compare_digest(session["secret_hash"], digest):
                 raise ApiError(403, f"wrong session secret for session {sid}")
+            self._remember_digest(secret, digest)
             if not self.presence.alive(session, time.time(), pid_max_age=None):
                 with self.store.tx() as c:
                     self._end_session(c, session, "stale")
@@ -3449,18 +3485,14 @@ class Broker:
         return await future
 
     def _commit_batch(self) -> None:
+        """Commit the writes of this loop turn together. If one of them raises, the shared
+        transaction rolls back whole and the batch runs again with each write in a savepoint,
+        so the one that failed rolls back alone and the others commit: the savepoints are
+        paid only when something failed."""
         batch, self.batch = self.batch, []
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         events_before = self.store.events_written
         try:
-            # A lone operation is its own transaction; several share one, each in a savepoint,
-            # so one that fails (bad input, or a bug) rolls back alone and the others commit.
-            with self.store.tx() if len(batch) > 1 else contextlib.nullcontext():
-                for operation, future in batch:
-                    try:
-                        outcomes.append((future, operation(), None))
-                    except Exception as exc:  # noqa: BLE001 - handed to its own caller, answered there
-                        outcomes.append((future, None, exc))
+            outcomes = self._run_batch(batch, isolate=False) or self._run_batch(batch, isolate=True)
         except sqlite3.Error as exc:  # the commit itself failed: nothing in the batch happened
             outcomes = [(future, None, exc) for _, future in batch]
         self._committed([value for _, value, error in outcomes if error is None],
@@ -3468,6 +3500,31 @@ class Broker:
         for future, value, error in outcomes:
             if not future.done():
                 future.set_result(value) if error is None else future.set_exception(error)
+
+    def _run_batch(self, batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]],
+                   isolate: bool) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        """Run a batch in one transaction (a lone write in its own), each outcome for its caller.
+        Not isolated, a write that raises rolls the whole transaction back and nothing is
+        returned; isolated, each write runs in a savepoint that rolls back alone."""
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        alone = len(batch) == 1
+        try:
+            with contextlib.nullcontext() if alone else self.store.tx():
+                for operation, future in batch:
+                    try:
+                        with self.store.savepoint() if isolate else contextlib.nullcontext():
+                            outcomes.append((future, operation(), None))
+                    except Exception as exc:  # handed to its own caller, answered there
+                        if not (isolate or alone):
+                            raise
+                        outcomes.append((future, None, exc))
+        except Exception:
+            if isolate:
+                raise
+            return []
+        if isolate:  # a rollback reloaded the caches, and writes after it updated what they held before
+            self.store.on_rollback()
+        return outcomes
 
     def _committed(self, values: list[Any], new_events: bool) -> None:
         """What wakes whom after a commit: mail leased to a parked poll is handed to it,
@@ -3950,7 +4007,8 @@ def r_metrics(b: Broker, req: Request) -> Any:
 SID = r"([0-9a-f]{10})"
 
 # (method, path pattern, handler, needs a session, body schema for POSTs, the permission it needs)
-ROUTES: list[tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool, Schema | None, str]] = [
+Route = tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool, Schema | None, str]
+ROUTES: list[Route] = [
     (m, re.compile(f"^{p}$"), h, s, schema, permission) for m, p, h, s, schema, permission in [
         ("GET", "/api/status", r_status, False, None, "read"),
         ("GET", "/api/peers", r_peers, False, None, "read"),
@@ -3999,6 +4057,40 @@ ROUTES: list[tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool,
     ]
 ]
 
+def path_shape(path: str) -> tuple[str, int, str]:
+    """What a path is filed under in the route index: its first two segments, how many it has, its last."""
+    parts = path.split("/")
+    return "/".join(parts[:3]), len(parts), parts[-1]
+
+
+def index_routes(routes: list[Route]) -> dict[tuple[str, str, int, str], list[Route]]:
+    """ROUTES by method and path shape (a path group as last segment files under '*'), so a
+    request is matched against one route or two, not scanned against all of them."""
+    index: dict[tuple[str, str, int, str], list[Route]] = {}
+    for route in routes:
+        head, count, last = path_shape(route[1].pattern.strip("^$"))
+        if "(" in head:
+            raise ValueError(f"route {route[1].pattern}: the index files routes under their first two path"
+                             " segments, so those must be literal")
+        index.setdefault((route[0], head, count, "*" if "(" in last else last), []).append(route)
+    return index
+
+
+ROUTE_INDEX = index_routes(ROUTES)
+ROUTE_METHODS = sorted({route[0] for route in ROUTES})
+
+
+def find_route(method: str, path: str) -> tuple[Route, tuple[str, ...]] | None:
+    """The route that serves ``method`` on ``path``, and the path's groups."""
+    head, count, last = path_shape(path)
+    for key in ((method, head, count, last), (method, head, count, "*")):
+        for route in ROUTE_INDEX.get(key, ()):
+            match = route[1].match(path)
+            if match:
+                return route, match.groups()
+    return None
+
+
 IDLE_TIMEOUT_S = 120.0
 
 
@@ -4009,6 +4101,7 @@ class ApiServer:
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
+        self.token = broker.token.encode()
         self.idle_since: dict[asyncio.StreamWriter, float] = {}  # connections between requests
 
     def close_idle(self) -> None:
@@ -4100,18 +4193,18 @@ class ApiServer:
 
     async def _route(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
                      hung_up: Callable[[], bool]) -> Any:
-        url = urllib.parse.urlsplit(target)
-        route = next((r for r in ROUTES if r[0] == method and r[1].match(url.path)), None)
-        if route is None:
-            allowed = [r[0] for r in ROUTES if r[1].match(url.path)]
+        path, _, query = target.partition("#")[0].partition("?")
+        found = find_route(method, path)
+        if found is None:
+            allowed = [other for other in ROUTE_METHODS if find_route(other, path)]
             if not allowed:
-                raise ApiError(404, f"no such endpoint {url.path}")
-            raise ApiError(405, f"{method} not allowed on {url.path} (use {allowed[0]})")
-        _, pattern, handler, needs_session, schema, permission = route
-        identity = self._identify(url.path, headers)
+                raise ApiError(404, f"no such endpoint {path}")
+            raise ApiError(405, f"{method} not allowed on {path} (use {allowed[0]})")
+        (_, _, handler, needs_session, schema, permission), args = found
+        identity = self._identify(path, headers)
         require(identity, permission)
-        req = Request(args=pattern.match(url.path).groups(), session=None, body={}, hung_up=hung_up,
-                      query=dict(urllib.parse.parse_qsl(url.query)), identity=identity, headers=headers)
+        req = Request(args=args, session=None, body={}, hung_up=hung_up, identity=identity, headers=headers,
+                      query=dict(urllib.parse.parse_qsl(query)) if query else {})
         if needs_session:
             secret = headers.get("x-session-secret")
             if not secret:
@@ -4150,7 +4243,7 @@ class ApiServer:
         given = given.strip()
         if scheme.lower() != "bearer" or not given:
             raise ApiError(401, "missing fleet token (Authorization: Bearer <token>)")
-        if hmac.compare_digest(given.encode(), self.broker.token.encode()):
+        if hmac.compare_digest(given.encode(), self.token):
             return ADMIN
         credential = self.broker.credentials.lookup(given)
         if credential is None:
@@ -7639,8 +7732,21 @@ class Supervisor:
 
 
 # ===========================================================================
-# Bench: this hub's figures, measured on this machine
+# Bench: this hub's figures, side by side with the anchor's, measured on this machine
 # ===========================================================================
+#
+# One driver measures ours and, with --anchor, the original claude-peers-mcp (Bun) from a
+# checkout: the same sessions, the same texts, the same clocks, each side receiving as its own
+# shim does. Every run starts a fresh broker (neither meets the other's history), and the
+# runs of each figure alternate between the two (ours, anchor, ours, anchor...), so a warmer or
+# busier machine favours neither. Every text a run sends is unique: each phase checks that
+# each one arrived exactly once.
+
+ANCHOR_POLL_S = 1.0  # the anchor's shim polls its broker once a second (server.ts, POLL_INTERVAL_MS)
+DELIVERY_DEADLINE_S = 120.0  # how long a run waits for its last message
+LATENCY_GAP_S = 0.02  # latency samples go out this far apart, round-robin: the sessions stay idle
+HTTP_CONNECTIONS = 8
+
 
 def percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
@@ -7653,19 +7759,190 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+def proc_mb(pid: int, name: str, field: str) -> float:
+    """A kB field of /proc/PID/<name>, in MB (0 when the process is gone)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
     return 0.0
 
 
+def rss_mb(pid: int) -> float:
+    return proc_mb(pid, "status", "VmRSS")
+
+
+def pss_mb(pid: int) -> float:
+    """Proportional set size: each shared page counted in shares, so what N processes cost adds up."""
+    return proc_mb(pid, "smaps_rollup", "Pss")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU a process has used so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tally(expected: Iterable[str], arrived: collections.Counter[str]) -> tuple[int, int]:
+    """(lost, duplicated): texts sent that never arrived, and extra copies of those that did."""
+    counts = [arrived[text] for text in expected]
+    return sum(1 for n in counts if n == 0), sum(n - 1 for n in counts if n > 1)
+
+
+def end_process(proc: subprocess.Popen[bytes], terminate: bool = True) -> None:
+    """Stop a child: SIGTERM (unless it was told to stop another way), 10 s to exit, then SIGKILL."""
+    if terminate:
+        proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class BenchPeer:
+    """A session of ours on an HTTP connection of its own, receiving as the shim does: a
+    long-poll that acknowledges the previous batch."""
+
+    def __init__(self, broker: BenchBroker, identity: tuple[str, str] | None = None) -> None:
+        self.broker = broker
+        self.client = BrokerClient(broker.url, broker.token, 60)
+        if identity is None:
+            self.client.register({"machine": "bench", "pid": os.getpid(), "cwd": "/bench", "client": "bench"})
+        else:
+            self.client.session_id, self.client.session_secret = identity
+        self.address: str = self.client.session_id or ""
+        self.delivered: list[str] = []  #: ids of the last batch received: the next poll acknowledges them
+
+    def twin(self) -> BenchPeer:
+        """The same session on a connection of its own (for another thread or process)."""
+        return BenchPeer(self.broker, (self.address, self.client.session_secret or ""))
+
+    def send(self, to: str, text: str) -> None:
+        self.client.session_call("POST", "/send", {"to": to, "text": text})
+
+    def receive(self) -> list[str]:
+        body = {"wait_s": 1, "max": 1000, "ack": self.delivered}
+        messages = self.client.session_call("POST", "/poll", body)["messages"]
+        self.delivered = [m["id"] for m in messages]
+        return [m["text"] for m in messages]
+
+    def finish(self) -> None:
+        if self.delivered:
+            self.client.session_call("POST", "/ack", {"ids": self.delivered, "state": "delivered"})
+
+
+class AnchorPeer:
+    """A peer of the anchor on an HTTP connection of its own, receiving as its shim does: a
+    poll every ANCHOR_POLL_S, which marks whatever it returns delivered."""
+
+    def __init__(self, url: str, address: str) -> None:
+        self.url = url
+        self.client = BrokerClient(url, "", 60)
+        self.address = address
+        self.next_poll = time.monotonic()
+
+    def twin(self) -> AnchorPeer:
+        return AnchorPeer(self.url, self.address)
+
+    def send(self, to: str, text: str) -> None:
+        answer = self.client.call("POST", "/send-message", {"from_id": self.address, "to_id": to, "text": text})
+        if not answer.get("ok"):
+            raise UserError(f"bench: the anchor refused a send: {answer.get('error')}")
+
+    def receive(self) -> list[str]:
+        self.next_poll += ANCHOR_POLL_S
+        time.sleep(max(0.0, self.next_poll - time.monotonic()))
+        return [m["text"] for m in self.client.call("POST", "/poll-messages", {"id": self.address})["messages"]]
+
+    def finish(self) -> None:
+        """Nothing to acknowledge: the anchor's poll marked everything it returned delivered."""
+
+
+class BenchMcpClient:
+    """A plain JSON-RPC MCP client on a shim's stdio, one reader thread: it timestamps each
+    channel notification the moment its line arrives, keyed by its text, with no client
+    framework in between (the figure is the shim's, not a client library's)."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: str, eof_stops: bool) -> None:
+        self.name = name
+        self.eof_stops = eof_stops  #: the shim exits when its stdin closes (else it needs SIGTERM)
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL)
+        self.arrivals: dict[str, list[float]] = {}  #: channel notification text -> when each copy came
+        self.responses: dict[int, Any] = {}
+        self.changed = threading.Condition()
+        self.next_id = 0
+        self.ready_at = 0.0  #: when `tools/list` was answered (0: not yet)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            at = time.perf_counter()
+            message = json.loads(line)
+            with self.changed:
+                if message.get("method") == CHANNEL_METHOD:
+                    self.arrivals.setdefault(message["params"]["content"], []).append(at)
+                elif "id" in message:
+                    self.responses[message["id"]] = message
+                self.changed.notify_all()
+
+    def request(self, method: str, params: dict[str, Any]) -> Any:
+        self.next_id += 1
+        rid = self.next_id
+        self._send({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
+        with self.changed:
+            if not self.changed.wait_for(lambda: rid in self.responses, 60):
+                raise UserError(f"bench: shim {self.name} did not answer {method} within 60 s")
+            return self.responses.pop(rid).get("result")
+
+    def handshake(self) -> None:
+        """Open the server as Claude Code does: initialize, initialized, tools/list."""
+        with contextlib.suppress(UserError, OSError):
+            self.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
+                                        "clientInfo": {"name": "bench", "version": __version__}})
+            self._send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+            self.request("tools/list", {})
+            self.ready_at = time.perf_counter()
+
+    def wait_arrival(self, text: str, timeout: float) -> float | None:
+        """When the first notification carrying ``text`` arrived (None: not within ``timeout``)."""
+        with self.changed:
+            self.changed.wait_for(lambda: text in self.arrivals, max(0.0, timeout))
+            return self.arrivals[text][0] if text in self.arrivals else None
+
+    def stop(self) -> None:
+        """Close the session as Claude Code does when it exits (the anchor's shim needs SIGTERM)."""
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        if not self.eof_stops:
+            self.proc.terminate()
+
+
+
+def stop_shims(clients: list[BenchMcpClient]) -> None:
+    for client in clients:
+        client.stop()
+    for client in clients:
+        end_process(client.proc, terminate=False)
+
+
 class BenchBroker:
-    """A real broker subprocess in a temp dir, for bench."""
+    """Our broker in a temp dir (a subprocess, from cached bytecode), and our shims on it."""
+
+    label = "ours"
 
     def __init__(self, nats_toml: str = "embedded = false\n", prepare: Callable[[Path], None] | None = None) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="claude-peers-bench-")
-        home = Path(self.tmp.name)
+        self.home = self.tmp.name
+        home = Path(self.home)
         port = free_port()
         self.config = home / "daemons.toml"
         self.config.write_text(f'[broker]\nlisten = "127.0.0.1:{port}"\nrate_per_s = 0.0\n[nats]\n{nats_toml}')
@@ -7676,6 +7953,7 @@ class BenchBroker:
         self.env.pop("CLAUDE_PEERS_TOKEN", None)
         self.proc = subprocess.Popen(module_command("broker"), env=self.env,
                                      stderr=subprocess.DEVNULL)
+        self.pid = self.proc.pid
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -7687,26 +7965,453 @@ class BenchBroker:
                 except (BrokerUnreachable, ApiError):
                     pass
             time.sleep(0.05)
-        raise UserError("bench: the broker did not start")
+        self.close()
+        raise UserError("bench: our broker did not start")
 
     def client(self) -> BrokerClient:
         return BrokerClient(self.url, self.token, 60)
 
-    def session(self, name: str | None = None) -> BrokerClient:
-        client = self.client()
-        client.register({"machine": "bench", "pid": os.getpid(), "cwd": "/bench", "name": name, "client": "bench"})
-        return client
+    def peer(self) -> BenchPeer:
+        return BenchPeer(self)
 
-    def rss_mb(self) -> float:
-        return rss_mb(self.proc.pid)
+    def shim(self, name: str, via: str | None = None) -> BenchMcpClient:
+        """A shim with agent name ``name``, on this broker or on the relay at ``via``."""
+        env = {**self.env, "CLAUDE_PEERS_URL": via} if via else self.env
+        # it plays Claude Code with channels on: its shims push
+        return BenchMcpClient(name, module_command("shim", "--name", name, "--mode", "push"), env, self.home,
+                              eof_stops=True)
+
+    def addresses(self, clients: list[BenchMcpClient]) -> list[str]:
+        """What send_message takes for each shim (its agent name), once every one is registered."""
+        names = [c.name for c in clients]
+        deadline = time.monotonic() + 30
+        while not set(names) <= {p["name"] for p in self.client().call("GET", "/api/peers")["peers"]}:
+            if time.monotonic() > deadline:
+                raise UserError("bench: our shims did not all register within 30 s")
+            time.sleep(0.05)
+        return names
+
+    @staticmethod
+    def send_arguments(to: str, text: str) -> dict[str, str]:
+        return {"to": to, "text": text}
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        end_process(self.proc)
         self.tmp.cleanup()
+
+
+class AnchorBroker:
+    """The anchor, claude-peers-mcp (Bun), from a checkout: its broker on a free port with its
+    db in a temp dir, and its shims run as Claude Code runs them (``bun server.ts``)."""
+
+    label = "anchor"
+
+    def __init__(self, checkout: Path, bun: str) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="claude-peers-bench-anchor-")
+        self.home = self.tmp.name
+        self.checkout, self.bun = checkout, bun
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}  # else its shim asks OpenAI
+        self.env.update(CLAUDE_PEERS_PORT=str(port), CLAUDE_PEERS_DB=str(Path(self.home) / "peers.db"),
+                        PATH=f"{Path(bun).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        self.api = BrokerClient(self.url, "", 30)
+        self.closing = threading.Event()  #: set at close: the threads lending their ids as peer pids end
+        self.proc = subprocess.Popen([bun, str(checkout / "broker.ts")], env=self.env, cwd=self.home,
+                                     stderr=subprocess.DEVNULL)
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with contextlib.suppress(BrokerUnreachable, ApiError):
+                BrokerClient(self.url, "", 1).call("GET", "/health")
+                return
+            time.sleep(0.05)
+        self.close()
+        raise UserError(f"bench: the anchor's broker ({checkout / 'broker.ts'}) did not start")
+
+    def _live_pid(self) -> int:
+        """A pid that stays alive until close: the anchor keys a peer by its pid and drops one
+        whose pid is gone, so each peer the driver registers gets a thread of its own."""
+        ids: list[int] = []
+        lent = threading.Event()
+
+        def lend() -> None:
+            ids.append(threading.get_native_id())
+            lent.set()
+            self.closing.wait()
+
+        threading.Thread(target=lend, daemon=True).start()
+        lent.wait()
+        return ids[0]
+
+    def peer(self) -> AnchorPeer:
+        info = {"pid": self._live_pid(), "cwd": "/bench", "git_root": None, "tty": None, "summary": ""}
+        return AnchorPeer(self.url, self.api.call("POST", "/register", info)["id"])
+
+    def shim(self, name: str, via: str | None = None) -> BenchMcpClient:
+        """Its shim, on this broker or on the relay at ``via`` (its shims only take a port)."""
+        env = {**self.env, "CLAUDE_PEERS_PORT": str(urllib.parse.urlsplit(via).port)} if via else self.env
+        return BenchMcpClient(name, [self.bun, str(self.checkout / "server.ts")], env, self.home, eof_stops=False)
+
+    def addresses(self, clients: list[BenchMcpClient]) -> list[str]:
+        """What its send_message takes for each shim: the peer id it registered under its pid."""
+        deadline = time.monotonic() + 30
+        while True:
+            peers = self.api.call("POST", "/list-peers", {"scope": "machine", "cwd": self.home, "git_root": None})
+            ids = {p["pid"]: p["id"] for p in peers}
+            if all(c.proc.pid in ids for c in clients):
+                return [ids[c.proc.pid] for c in clients]
+            if time.monotonic() > deadline:
+                raise UserError("bench: the anchor's shims did not all register within 30 s")
+            time.sleep(0.05)
+
+    @staticmethod
+    def send_arguments(to: str, text: str) -> dict[str, str]:
+        return {"to_id": to, "message": text}
+
+    def close(self) -> None:
+        self.closing.set()
+        end_process(self.proc)
+        self.tmp.cleanup()
+
+
+BenchSystem = BenchBroker | AnchorBroker
+Systems = list[tuple[str, Callable[[], BenchSystem]]]
+
+
+def interleaved(systems: Systems, runs: int, measure: Callable[[BenchSystem], T]) -> dict[str, list[T]]:
+    """``measure`` on a fresh broker of each system in turn, ``runs`` times: ours, anchor, ours..."""
+    results: dict[str, list[T]] = {label: [] for label, _ in systems}
+    for _ in range(runs):
+        for label, start in systems:
+            broker = start()
+            try:
+                results[label].append(measure(broker))
+            finally:
+                broker.close()
+    return results
+
+
+def _bench_senders(peers: list[Any], receivers: list[str], count: int, start: Any, stop: Any = None,
+                   counter: Any = None) -> None:
+    """A sender process: one thread and connection per peer, cycling over the receivers; each
+    sends ``count`` texts ``bench <its address> <i>`` (0: until ``stop``), counted in ``counter``."""
+    def pump(peer: BenchPeer | AnchorPeer) -> None:
+        peer = peer.twin()
+        i = 0
+        while i < count if count else not stop.is_set():
+            peer.send(receivers[i % len(receivers)], f"bench {peer.address} {i}")
+            i += 1
+            if counter is not None:
+                with counter.get_lock():
+                    counter.value += 1
+
+    threads = [threading.Thread(target=pump, args=(peer,)) for peer in peers]
+    start.wait()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+class Delivery(NamedTuple):
+    """A throughput run: its rate, the broker's CPU per message, and where every text went."""
+    rate: float
+    cpu_ms: float  # broker CPU per message, from the first send to the last delivery
+    sent: int
+    lost: int  # not delivered within DELIVERY_DEADLINE_S
+    duplicated: int
+
+
+def bench_delivery_rate(system: BenchSystem, connections: int, per_connection: int,
+                        receive: bool = True) -> Delivery:
+    """Messages/s through ``connections`` senders (spread over two processes, so the driver's
+    GIL is not what is measured), each cycling over as many receivers that take mail as the
+    system's shim does (``receive``), or that stay idle (then it is the rate of committed
+    sends). Receivers take mail until every text sent arrived or the deadline passed; the rate
+    runs to the last delivery."""
+    import multiprocessing
+
+    senders = [system.peer() for _ in range(connections)]
+    receivers = [system.peer() for _ in range(connections)]
+    expected = [f"bench {s.address} {i}" for s in senders for i in range(per_connection)]
+    arrived: collections.Counter[str] = collections.Counter()
+    last = [0.0]
+    everything = threading.Event()
+    lock = threading.Lock()
+    deadline = time.monotonic() + DELIVERY_DEADLINE_S
+
+    def receive_all(receiver: BenchPeer | AnchorPeer) -> None:
+        while not everything.is_set() and time.monotonic() < deadline:
+            texts = receiver.receive()
+            with lock:
+                arrived.update(texts)
+                if texts:
+                    last[0] = time.perf_counter()
+                if arrived.total() >= len(expected):
+                    everything.set()
+        receiver.finish()
+
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Event()
+    targets = [r.address for r in receivers]
+    procs = [ctx.Process(target=_bench_senders, args=(senders[i::2], targets, per_connection, start))
+             for i in range(2)]
+    for proc in procs:
+        proc.start()
+    threads = [threading.Thread(target=receive_all, args=(r,)) for r in receivers] if receive else []
+    for thread in threads:
+        thread.start()
+    cpu = cpu_seconds(system.pid)
+    began = time.perf_counter()
+    start.set()
+    for proc in procs:
+        proc.join()
+    sends_done = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    cpu_ms = (cpu_seconds(system.pid) - cpu) * 1000 / len(expected)
+    if not receive:
+        return Delivery(len(expected) / (sends_done - began), cpu_ms, len(expected), 0, 0)
+    lost, duplicated = tally(expected, arrived)
+    return Delivery(arrived.total() / ((last[0] or sends_done) - began), cpu_ms, len(expected), lost, duplicated)
+
+
+def spawn_shims(system: BenchSystem, count: int, via: str | None = None) -> tuple[list[BenchMcpClient], float]:
+    """``count`` shims spawned at once and opened as Claude Code opens them; returns them and
+    the seconds from the first spawn to the last `tools/list` answered."""
+    began = time.perf_counter()
+    clients = [system.shim(f"bench-{i}", via) for i in range(count)]
+    threads = [threading.Thread(target=c.handshake) for c in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if not all(c.ready_at for c in clients):
+        stop_shims(clients)
+        raise UserError(f"bench: a shim of {system.label} did not answer tools/list")
+    return clients, max(c.ready_at for c in clients) - began
+
+
+def spawn_one(system: BenchSystem, times: int = 3) -> float:
+    """The median of ``times`` shims spawned one after another, each alone."""
+    spawns = []
+    for _ in range(times):
+        clients, seconds = spawn_shims(system, 1)
+        stop_shims(clients)
+        spawns.append(seconds)
+    return statistics.median(spawns)
+
+
+class Sample(NamedTuple):
+    """Send -> channel notification latencies (ms) of a batch of texts, and what came of them."""
+    latencies: list[float]
+    sent: int
+    lost: int
+    duplicated: int
+
+
+def bench_latency(system: BenchSystem, clients: list[BenchMcpClient], addresses: list[str], samples: int,
+                  tag: str) -> Sample:
+    """Texts sent over HTTP LATENCY_GAP_S apart, round-robin over the shims, each timed from
+    its send to its channel notification."""
+    sender = system.peer()
+    sent = []
+    began = time.perf_counter()
+    for k in range(samples):
+        time.sleep(max(0.0, began + k * LATENCY_GAP_S - time.perf_counter()))
+        at = time.perf_counter()
+        sender.send(addresses[k % len(clients)], f"latency {tag} {k}")
+        sent.append((clients[k % len(clients)], f"latency {tag} {k}", at))
+    deadline = time.monotonic() + 30
+    arrivals = [(client.wait_arrival(text, deadline - time.monotonic()), at) for client, text, at in sent]
+    out = [(arrival - at) * 1000 for arrival, at in arrivals if arrival is not None]
+    copies = sum(len(client.arrivals.get(text, ())) for client, text, _ in sent)
+    return Sample(out, len(sent), len(sent) - len(out), copies - len(out))
+
+
+class BenchLoad:
+    """Background senders keeping a broker busy: a forked process, 8 connections, one sink."""
+
+    def __init__(self, system: BenchSystem) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        self.stop_flag = ctx.Event()
+        self.counter = ctx.Value("i", 0)
+        senders = [system.peer() for _ in range(HTTP_CONNECTIONS)]
+        sink = system.peer()
+        started = ctx.Event()
+        started.set()
+        self.proc = ctx.Process(target=_bench_senders, args=(senders, [sink.address], 0, started, self.stop_flag,
+                                                             self.counter))
+        self.proc.start()
+        deadline = time.monotonic() + 10
+        while self.counter.value < 100 and time.monotonic() < deadline:  # under way
+            time.sleep(0.01)
+
+    def stop(self) -> int:
+        self.stop_flag.set()
+        self.proc.join(30)
+        return self.counter.value
+
+
+def bench_tool_sends(system: BenchSystem, clients: list[BenchMcpClient], addresses: list[str],
+                     per_session: int) -> Delivery:
+    """Every shim sends ``per_session`` texts to the next one through its send tool, all at
+    once; the rate runs from the first call to the last channel notification."""
+    count = len(clients)
+    failed = [0]
+
+    def pump(i: int) -> None:
+        for k in range(per_session):
+            arguments = system.send_arguments(addresses[(i + 1) % count], f"tool {i} {k}")
+            result = clients[i].request("tools/call", {"name": "send_message", "arguments": arguments})
+            failed[0] += bool(result is None or result.get("isError"))
+
+    expected = [(clients[(i + 1) % count], f"tool {i} {k}") for i in range(count) for k in range(per_session)]
+    cpu = cpu_seconds(system.pid)
+    began = time.perf_counter()
+    threads = [threading.Thread(target=pump, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    deadline = time.monotonic() + DELIVERY_DEADLINE_S
+    arrivals = [client.wait_arrival(text, deadline - time.monotonic()) for client, text in expected]
+    cpu_ms = (cpu_seconds(system.pid) - cpu) * 1000 / len(expected)
+    delivered = [at for at in arrivals if at is not None]
+    copies = sum(len(client.arrivals.get(text, ())) for client, text in expected)
+    rate = len(delivered) / (max(delivered) - began) if delivered else 0.0
+    return Delivery(rate, cpu_ms, len(expected), len(expected) - len(delivered), copies - len(delivered))
+
+
+class ShimRound(NamedTuple):
+    """One system's figures from one group of shims running at once."""
+    spawn_s: float
+    idle: Sample
+    busy: Sample
+    background: int  # sends that kept the broker busy meanwhile
+    tools: Delivery
+    rss_mb: float
+    pss_mb: float
+    broker_rss_mb: float
+
+
+def bench_shim_round(system: BenchSystem, sessions: int, samples: int, messages: int) -> ShimRound:
+    """``sessions`` shims spawned at once, then: latency while idle and while the broker is
+    saturated, the send tool's throughput, and their memory with all of them running."""
+    clients, spawn_s = spawn_shims(system, sessions)
+    try:
+        addresses = system.addresses(clients)
+        idle = bench_latency(system, clients, addresses, samples, "idle")
+        load = BenchLoad(system)
+        try:
+            busy = bench_latency(system, clients, addresses, samples, "busy")
+        finally:
+            background = load.stop()
+        tools = bench_tool_sends(system, clients, addresses, max(1, messages // sessions))
+        rss = statistics.mean(rss_mb(c.proc.pid) for c in clients)
+        pss = statistics.mean(pss_mb(c.proc.pid) for c in clients)
+        return ShimRound(spawn_s, idle, busy, background, tools, rss, pss, rss_mb(system.pid))
+    finally:
+        stop_shims(clients)
+
+
+class RequestCounter:
+    """A TCP relay in front of a broker that notes when each HTTP request goes through it, per
+    connection, for the idle cost of the shims pointed at it (both systems speak HTTP/1.1)."""
+
+    MARK = b" HTTP/1.1\r\n"  # ends every request line; JSON bodies cannot hold a raw CR LF
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.requests: list[list[float]] = []  #: per client connection: when each request came through
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+                upstream = socket.create_connection((self.upstream.hostname, self.upstream.port))
+            except OSError:
+                return
+            self.sockets += [client, upstream]
+            self.requests.append([])
+            threading.Thread(target=self._pump, args=(client, upstream, self.requests[-1]), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, requests: list[float] | None) -> None:
+        tail = b""  # shorter than MARK: a mark split across two reads is counted once
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if requests is not None:
+                    seen = tail + data
+                    requests += [time.monotonic()] * seen.count(self.MARK)
+                    tail = seen[-(len(self.MARK) - 1):]
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def rate(self, since: float) -> float:
+        """Requests per second since ``since`` (monotonic): each connection's from its first
+        request to its last. Shims started together poll in step, so a plain count in a window
+        would move by a whole poll of every shim with where the window falls."""
+        total = 0.0
+        for times in self.requests:
+            seen = [t for t in times if t >= since]
+            if len(seen) > 1 and seen[-1] > seen[0]:
+                total += (len(seen) - 1) / (seen[-1] - seen[0])
+        return total
+
+    def close(self) -> None:
+        self.server.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+def bench_idle(systems: Systems, sessions: int, seconds: float) -> dict[str, float]:
+    """Broker requests per idle session per minute: every system's shims idle side by side in
+    one window, each group behind a relay that notes what it asks of its broker."""
+    groups: list[tuple[str, BenchSystem, RequestCounter, list[BenchMcpClient]]] = []
+    try:
+        for label, start in systems:
+            broker = start()
+            relay = RequestCounter(broker.url)
+            groups.append((label, broker, relay, []))
+            groups[-1][3].extend(spawn_shims(broker, sessions, relay.url)[0])
+            broker.addresses(groups[-1][3])
+        time.sleep(min(2.0, seconds))  # registrations and first polls are over: from here on, idle traffic
+        since = time.monotonic()
+        time.sleep(seconds)
+        return {label: relay.rate(since) * 60 / sessions for label, _, relay, _ in groups}
+    finally:
+        for _, broker, relay, clients in groups:
+            stop_shims(clients)
+            relay.close()
+            broker.close()
+
+
+async def bench_many_sessions(broker: BenchBroker, sessions: int) -> float:
+    """Broker RSS (MB) with ``sessions`` registered, each with a long-poll parked."""
+    writers = []
+    for _ in range(sessions):
+        peer = broker.peer()
+        _, writer = await asyncio.open_connection("127.0.0.1", urllib.parse.urlsplit(broker.url).port)
+        body = json.dumps({"wait_s": 60}).encode()
+        writer.write(f"POST /api/sessions/{peer.address}/poll HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {broker.token}\r\nX-Session-Secret: {peer.client.session_secret}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        writers.append(writer)
+        peer.client.close()
+    await asyncio.sleep(1.0)
+    rss = rss_mb(broker.pid)
+    for writer in writers:
+        writer.close()
+    return rss
 
 
 def bench_relay(events: int) -> tuple[float | None, int]:
@@ -7738,355 +8443,179 @@ def bench_relay(events: int) -> tuple[float | None, int]:
         broker.close()
 
 
-def _bench_senders(url: str, token: str, senders: list[tuple[str, str]], receivers: list[str], count: int,
-                   start: Any, stop: Any = None, counter: Any = None) -> None:
-    """A sender process: one keep-alive connection per sender, cycling over the receivers;
-    each sends ``count`` messages (0: until ``stop``), counted in ``counter`` if given."""
-    def pump(sid: str, secret: str) -> None:
-        client = BrokerClient(url, token, 60)
-        client.session_id, client.session_secret = sid, secret
-        i = 0
-        while i < count if count else not stop.is_set():
-            client.session_call("POST", "/send", {"to": receivers[i % len(receivers)], "text": f"bench {i}"})
-            i += 1
-            if counter is not None:
-                with counter.get_lock():
-                    counter.value += 1
+class Target(NamedTuple):
+    """What a figure must reach: ``op`` (<= or >=) ``bound``, times the anchor's if ``relative``."""
+    op: str
+    bound: float
+    relative: bool = False
 
-    threads = [threading.Thread(target=pump, args=pair) for pair in senders]
-    start.wait()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    def __str__(self) -> str:
+        return f"{self.op} {self.bound:g}" + (" x anchor" if self.relative else "")
+
+    def met(self, ours: float, anchor: float | None) -> bool | None:
+        if self.relative and not anchor:
+            return None
+        value = ours / anchor if self.relative and anchor else ours
+        return value <= self.bound if self.op == "<=" else value >= self.bound
 
 
-class Delivery(NamedTuple):
-    """What a delivery run did: its rate, and where every message it sent ended up."""
-    rate: float
-    delivered: int
-    sent: int
-    queued: int  # still queued at the broker when the receivers stopped
+class BenchReport:
+    """Prints each figure for every system measured, the ratio ours/anchor and the target met
+    or missed; keeps count of misses, and of messages lost or duplicated anywhere."""
+
+    def __init__(self, labels: list[str]) -> None:
+        self.labels = labels
+        self.missed: list[str] = []
+        self.faults: list[str] = []  #: ours lost or duplicated a message somewhere
+        columns = "".join(f"{label:>10}" for label in labels) + ("  ours/anchor" if len(labels) > 1 else "")
+        print(f"{'figure':<62}{columns}  target")
+
+    def figure(self, name: str, values: dict[str, float | None], fmt: str = "{:.0f}",
+               target: Target | None = None) -> None:
+        ours, anchor = values["ours"], values.get("anchor")
+        cells = "".join(f"{fmt.format(values.get(label)) if values.get(label) is not None else '-':>10}"
+                        for label in self.labels)
+        if len(self.labels) > 1:
+            cells += f"{ours / anchor:>13.2f}" if ours is not None and anchor else f"{'-':>13}"
+        verdict = ""
+        if target is not None and ours is not None:
+            met = target.met(ours, anchor)
+            verdict = f"  {target} {'ok' if met else 'MISSED' if met is False else '(needs --anchor)'}"
+            if met is False:
+                self.missed.append(name)
+        print(f"{name:<62}{cells}{verdict}")
+
+    def delivery(self, phase: str, runs: dict[str, list[Delivery | Sample]]) -> None:
+        """Every text sent in a phase, per system: how many, lost, shown twice."""
+        parts = []
+        for label in self.labels:
+            sent, lost, duplicated = (sum(getattr(run, key) for run in runs[label])
+                                      for key in ("sent", "lost", "duplicated"))
+            parts.append(f"{label} {sent} sent, {lost} lost, {duplicated} duplicated")
+            if label == "ours" and (lost or duplicated):
+                self.faults.append(f"{phase}: {lost} lost, {duplicated} duplicated")
+        print(f"  delivery check, {phase}: " + "; ".join(parts))
+
+    def summary(self) -> None:
+        print(f"targets missed: {', '.join(self.missed) if self.missed else 'none'}")
+        print(f"messages lost or duplicated by ours: {'; '.join(self.faults) if self.faults else 'none'}")
 
 
-DELIVERY_DEADLINE_S = 120.0
+def medians(runs: dict[str, list[T]], value: Callable[[T], float]) -> dict[str, float | None]:
+    return {label: statistics.median(value(r) for r in results) if results else None
+            for label, results in runs.items()}
 
 
-def delivery_note(run: Delivery) -> str:
-    """The counts as they are: a message not delivered yet is queued, not lost, unless the broker lacks it."""
-    if run.delivered >= run.sent:
-        return f"all {run.sent} delivered"
-    lost = run.sent - run.delivered - run.queued
-    return (f"{run.delivered} of {run.sent} delivered within {DELIVERY_DEADLINE_S:.0f} s, {run.queued} still queued:"
-            f" {lost if lost > 0 else 'none'} lost")
+def bench_http_path(systems: Systems, args: argparse.Namespace, report: BenchReport) -> None:
+    """Committed sends and delivered messages through HTTP senders, both systems interleaved."""
+    per_connection = max(1, args.messages // HTTP_CONNECTIONS)
+    sends = interleaved(systems, args.rounds,
+                        lambda b: bench_delivery_rate(b, HTTP_CONNECTIONS, per_connection, receive=False))
+    report.figure(f"send requests/s, {HTTP_CONNECTIONS} HTTP connections", medians(sends, lambda r: r.rate))
+    runs = interleaved(systems, args.rounds, lambda b: bench_delivery_rate(b, HTTP_CONNECTIONS, per_connection))
+    report.figure(f"delivered messages/s, senders on {HTTP_CONNECTIONS} HTTP connections",
+                  medians(runs, lambda r: r.rate), target=Target(">=", 1.1, relative=True))
+    report.figure("broker CPU per delivered message, HTTP path (ms)", medians(runs, lambda r: r.cpu_ms), "{:.3f}",
+                  Target("<=", 0.45))
+    report.delivery("HTTP path", runs)
 
 
-def bench_delivery_rate(broker: BenchBroker, connections: int, per_connection: int,
-                        receive: bool = True) -> Delivery:
-    """Messages/s through ``connections`` senders (spread over two processes, so the
-    client's GIL is not what is measured), each cycling over as many receivers that
-    long-poll, lease and acknowledge as the shim does (``receive``), or that stay idle
-    (then it is the rate of committed sends). Receivers take mail until every message sent
-    is delivered (or the deadline passes); the rate runs to the last delivery."""
-    import multiprocessing
-
-    senders = [broker.session() for _ in range(connections)]
-    receivers = [broker.session() for _ in range(connections)]
-    sent = connections * per_connection
-    queued_before = broker.client().call("GET", "/api/status")["messages"]["queued"]
-    delivered = [0]
-    last = [0.0]
-    everything = threading.Event()
-    lock = threading.Lock()
-    deadline = time.monotonic() + DELIVERY_DEADLINE_S
-
-    def receive_all(receiver: BrokerClient) -> None:
-        ids: list[str] = []
-        while not everything.is_set() and time.monotonic() < deadline:
-            body = {"wait_s": 1, "max": 1000, "ack": ids}
-            ids = [m["id"] for m in receiver.session_call("POST", "/poll", body)["messages"]]
-            with lock:
-                delivered[0] += len(ids)
-                if ids:
-                    last[0] = time.perf_counter()
-                if delivered[0] >= sent:
-                    everything.set()
-        receiver.session_call("POST", "/ack", {"ids": ids, "state": "delivered"})
-
-    ctx = multiprocessing.get_context("fork")
-    start = ctx.Event()
-    pairs = [(s.session_id, s.session_secret) for s in senders]
-    targets = [r.session_id for r in receivers]
-    procs = [ctx.Process(target=_bench_senders, args=(broker.url, broker.token, pairs[i::2], targets,
-                                                      per_connection, start)) for i in range(2)]
-    for proc in procs:
-        proc.start()
-    threads = [threading.Thread(target=receive_all, args=(r,)) for r in receivers] if receive else []
-    for thread in threads:
-        thread.start()
-    began = time.perf_counter()
-    start.set()
-    for proc in procs:
-        proc.join()
-    sends_done = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    if not receive:
-        return Delivery(sent / (sends_done - began), 0, sent, sent)
-    queued = broker.client().call("GET", "/api/status")["messages"]["queued"] - queued_before
-    return Delivery(delivered[0] / ((last[0] or sends_done) - began), delivered[0], sent, queued)
+def pooled(rounds: dict[str, list[ShimRound]], which: str, pct: float) -> dict[str, float | None]:
+    """A percentile of every latency sample of every round, per system."""
+    return {label: percentile([ms for r in runs for ms in getattr(r, which).latencies], pct)
+            if any(getattr(r, which).latencies for r in runs) else None for label, runs in rounds.items()}
 
 
-def bench_wakeup(broker: BenchBroker, samples: int) -> list[float]:
-    """Latency (ms) from a send returning to the long-polling receiver holding the message."""
-    receiver = broker.session()
-    sender = broker.session()
-    got = threading.Event()
-    arrived: dict[str, float] = {}
-
-    def poller() -> None:
-        poll = broker.client().attach(receiver)
-        while len(arrived) < samples:
-            for message in poll.session_call("POST", "/poll", {"wait_s": 5})["messages"]:
-                arrived[message["id"]] = time.perf_counter()
-                poll.session_call("POST", "/ack", {"ids": [message["id"]], "state": "delivered"})
-                got.set()
-
-    threading.Thread(target=poller, daemon=True).start()
-    latencies = []
-    for _ in range(samples):
-        got.clear()
-        time.sleep(0.005)  # let the poller park in its long-poll
-        sent = time.perf_counter()
-        mid = sender.session_call("POST", "/send", {"to": receiver.session_id, "text": "ping"})["id"]
-        got.wait(5)
-        if mid in arrived:
-            latencies.append((arrived[mid] - sent) * 1000)
-    return latencies
-
-
-def bench_spawn_to_initialize(broker: BenchBroker, runs: int = 5) -> list[float]:
-    """Seconds from spawning a shim to its `initialize` answer, as Claude Code sees it."""
-    request = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "0"}}})
-    times = []
-    for _ in range(runs):
-        began = time.perf_counter()
-        proc = subprocess.Popen(module_command("shim"), env=broker.env, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(request.encode() + b"\n")
-        proc.stdin.flush()
-        proc.stdout.readline()
-        times.append(time.perf_counter() - began)
-        proc.stdin.close()
-        proc.wait(10)
-    return times
-
-
-class BenchMcpClient:
-    """A plain JSON-RPC MCP client on a shim's stdio, one reader thread: it timestamps each
-    channel notification the moment the shim's line arrives, with no client framework
-    in between (the figure is the shim's, not a client library's). It plays Claude Code
-    with channels on, so its shims run with --mode push."""
-
-    def __init__(self, broker: BenchBroker, name: str) -> None:
-        self.proc = subprocess.Popen(module_command("shim", "--name", name, "--mode", "push"), env=broker.env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        self.arrivals: dict[str, float] = {}
-        self.responses: dict[int, Any] = {}
-        self.changed = threading.Condition()
-        self.next_id = 0
-        threading.Thread(target=self._read, daemon=True).start()
-        self.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
-                                    "clientInfo": {"name": "bench", "version": __version__}})
-        self._send({"jsonrpc": "2.0", "method": "notifications/initialized"})
-
-    def _send(self, message: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            at = time.perf_counter()
-            message = json.loads(line)
-            with self.changed:
-                if message.get("method") == CHANNEL_METHOD:
-                    self.arrivals[message["params"]["meta"]["message_id"]] = at
-                elif "id" in message:
-                    self.responses[message["id"]] = message
-                self.changed.notify_all()
-
-    def request(self, method: str, params: dict[str, Any]) -> Any:
-        self.next_id += 1
-        rid = self.next_id
-        self._send({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
-        with self.changed:
-            self.changed.wait_for(lambda: rid in self.responses, 30)
-            return self.responses.pop(rid)["result"]
-
-    def wait_arrival(self, message_id: str, timeout: float = 10) -> float | None:
-        with self.changed:
-            self.changed.wait_for(lambda: message_id in self.arrivals, timeout)
-            return self.arrivals.get(message_id)
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(10)
-
-
-class BenchLoad:
-    """Background senders keeping the broker busy (a forked process, 8 connections)."""
-
-    def __init__(self, broker: BenchBroker) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("fork")
-        self.stop_flag = ctx.Event()
-        self.counter = ctx.Value("i", 0)
-        senders = [broker.session() for _ in range(8)]
-        sink = broker.session()
-        pairs = [(s.session_id, s.session_secret) for s in senders]
-        started = ctx.Event()
-        started.set()
-        self.proc = ctx.Process(target=_bench_senders, args=(broker.url, broker.token, pairs, [sink.session_id], 0,
-                                                             started, self.stop_flag, self.counter))
-        self.proc.start()
-        time.sleep(0.5)
-
-    def stop(self) -> int:
-        self.stop_flag.set()
-        self.proc.join(30)
-        return self.counter.value
-
-
-def bench_shims(broker: BenchBroker, args: argparse.Namespace) -> None:
-    """The figures that need real shims: N shim subprocesses driven as MCP clients."""
+def bench_shim_figures(systems: Systems, args: argparse.Namespace, report: BenchReport) -> None:
+    """The figures that need real shims, driven as Claude Code drives them."""
     count = args.sessions
-    clients = [BenchMcpClient(broker, f"bench-{i}") for i in range(count)]
-    operator = broker.client()
-    try:
-        for client in clients:  # answered once the SDK is loaded: the shims are done starting
-            client.request("tools/list", {})
-        while len(operator.call("GET", "/api/peers")["peers"]) < count:
-            time.sleep(0.05)
-        time.sleep(0.5)  # every shim parks its long-poll
-        sender = broker.session()
-
-        def latencies(samples: int) -> list[float]:
-            out = []
-            for i in range(samples):
-                began = time.perf_counter()
-                sent = sender.session_call("POST", "/send", {"to": f"bench-{i % count}", "text": f"latency {i}"})
-                arrival = clients[i % count].wait_arrival(sent["id"])
-                if arrival is not None:
-                    out.append((arrival - began) * 1000)
-            return out
-
-        idle = latencies(args.samples)
-        print(f"send -> channel notification, {count} idle sessions: p50 {percentile(idle, 50):6.2f} ms"
-              f"  p99 {percentile(idle, 99):6.2f} ms   (target <= 5 / <= 25)")
-        load = BenchLoad(broker)
-        try:
-            busy = latencies(args.samples)
-        finally:
-            sent_under_load = load.stop()
-        print(f"same, broker saturated ({sent_under_load} background sends): p50 {percentile(busy, 50):6.2f} ms"
-              f"  p99 {percentile(busy, 99):6.2f} ms   (target <= 50 / <= 200)")
-
-        per_session = max(1, args.messages // count // 4)
-        sent_ids: list[tuple[int, str]] = []
-        lock = threading.Lock()
-
-        def pump(i: int) -> None:
-            for k in range(per_session):
-                result = clients[i].request("tools/call", {"name": "send_message", "arguments": {
-                    "to": f"bench-{(i + 1) % count}", "text": f"tool {k}"}})
-                with lock:
-                    sent_ids.append(((i + 1) % count, result["content"][0]["text"].split()[2]))
-
-        began = time.perf_counter()
-        threads = [threading.Thread(target=pump, args=(i,)) for i in range(count)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        last = max(clients[to].wait_arrival(mid, 30) or float("inf") for to, mid in sent_ids)
-        print(f"delivered messages/s, {count} sessions sending through the MCP tool: "
-              f"{len(sent_ids) / (last - began):8.0f}   (target >= 1100)")
-
-        before = operator.call("GET", "/api/status")["requests"]
-        time.sleep(args.idle_seconds)
-        after = operator.call("GET", "/api/status")["requests"]
-        per_minute = (after - before - 1) / count / (args.idle_seconds / 60)
-        print(f"broker requests per idle session per minute ({args.idle_seconds:.0f} s window): {per_minute:6.2f}"
-              "   (target <= 3)")
-        shim_rss = [rss_mb(c.proc.pid) for c in clients]
-        print(f"resident memory: per shim {statistics.mean(shim_rss):5.1f} MB, broker with {count} sessions"
-              f" {broker.rss_mb():5.1f} MB   (target <= 40 / <= 60)")
-    finally:
-        for client in clients:
-            client.close()
+    one = interleaved(systems, args.rounds, spawn_one)
+    report.figure("one session spawned -> tools/list answered (ms)", medians(one, lambda s: s * 1000),
+                  target=Target("<=", 200))
+    samples = max(1, args.samples // args.rounds)
+    rounds = interleaved(systems, args.rounds, lambda b: bench_shim_round(b, count, samples, args.messages // 4))
+    report.figure(f"{count} sessions spawned at once -> all tools/list answered (s)",
+                  medians(rounds, lambda r: r.spawn_s), "{:.2f}", Target("<=", 2.5))
+    for which, name, p50, p99 in (("idle", f"{count} idle sessions", 5, 25), ("busy", "broker saturated", 50, 200)):
+        report.figure(f"send -> channel notification, {name}, p50 (ms)", pooled(rounds, which, 50), "{:.1f}",
+                      Target("<=", p50))
+        report.figure(f"send -> channel notification, {name}, p99 (ms)", pooled(rounds, which, 99), "{:.1f}",
+                      Target("<=", p99))
+    report.figure("  (sends that saturated the broker meanwhile)", medians(rounds, lambda r: r.background))
+    report.figure(f"delivered messages/s, {count} sessions through the MCP send tool",
+                  medians(rounds, lambda r: r.tools.rate), target=Target(">=", 1.2, relative=True))
+    report.figure("broker CPU per delivered message, MCP path (ms)", medians(rounds, lambda r: r.tools.cpu_ms),
+                  "{:.3f}", Target("<=", 0.45))
+    report.figure(f"shim RSS with {count} running (MB)", medians(rounds, lambda r: r.rss_mb), "{:.1f}",
+                  Target("<=", 30))
+    report.figure(f"shim PSS with {count} running (MB)", medians(rounds, lambda r: r.pss_mb), "{:.1f}",
+                  Target("<=", 20))
+    report.figure(f"broker RSS with {count} sessions (MB)", medians(rounds, lambda r: r.broker_rss_mb), "{:.1f}",
+                  Target("<=", 60))
+    report.delivery("latency, idle and saturated",
+                    {label: [s for r in runs for s in (r.idle, r.busy)] for label, runs in rounds.items()})
+    report.delivery("MCP path", {label: [r.tools for r in runs] for label, runs in rounds.items()})
+    idle = bench_idle(systems, count, args.idle_seconds)
+    report.figure(f"broker requests per idle session per minute ({args.idle_seconds:.0f} s)", idle, "{:.1f}",
+                  Target("<=", 3))
 
 
-async def bench_many_sessions(broker: BenchBroker, sessions: int) -> float:
-    """Broker RSS (MB) with ``sessions`` registered, each with a long-poll parked."""
-    writers = []
-    for _ in range(sessions):
-        client = broker.session()
-        _, writer = await asyncio.open_connection("127.0.0.1", urllib.parse.urlsplit(broker.url).port)
-        body = json.dumps({"wait_s": 60}).encode()
-        writer.write(f"POST /api/sessions/{client.session_id}/poll HTTP/1.1\r\nHost: x\r\n"
-                     f"Authorization: Bearer {broker.token}\r\nX-Session-Secret: {client.session_secret}\r\n"
-                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        writers.append(writer)
-        client.close()
-    await asyncio.sleep(1.0)
-    rss = broker.rss_mb()
-    for writer in writers:
-        writer.close()
-    return rss
+def bench_systems(args: argparse.Namespace) -> Systems:
+    """Ours, and the anchor when --anchor names a checkout of claude-peers-mcp with its packages."""
+    systems: Systems = [("ours", BenchBroker)]
+    if args.anchor is None:
+        return systems
+    checkout = Path(args.anchor).resolve()
+    if not (checkout / "server.ts").is_file() or not (checkout / "broker.ts").is_file():
+        raise UserError(f"--anchor {args.anchor}: not a checkout of claude-peers-mcp (no server.ts and broker.ts"
+                        " there); clone it and give its directory")
+    if not (checkout / "node_modules" / "@modelcontextprotocol" / "sdk").is_dir():
+        raise UserError(f"--anchor {args.anchor}: its packages are not installed; run `bun install` there")
+    bun = args.bun or shutil.which("bun")
+    if not bun or not os.access(bun, os.X_OK):
+        raise UserError(f"--bun: {'no executable ' + bun if bun else 'bun is not on PATH'};"
+                        " give its path with --bun PATH (npm install bun puts it in node_modules/.bin)")
+    systems.append(("anchor", lambda: AnchorBroker(checkout, bun)))
+    return systems
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def anchor_commit(checkout: str) -> str:
+    """`` (commit abc1234)`` of the anchor's checkout, when git can tell."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["git", "-C", checkout, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True)
+        return f" (commit {out.stdout.strip()})"
+    return ""
+
+
+def run_bench(args: argparse.Namespace) -> bool:
+    """Measure and print every figure; False if ours lost or duplicated a message."""
     raise_fd_limit()
+    systems = bench_systems(args)
+    if args.rounds < 1:
+        raise UserError("--rounds: give 1 or more")
     py_compile.compile(__file__, cfile=importlib.util.cache_from_source(__file__))  # as install.sh does
-    print(f"claude-peers {__version__} bench on {socket.gethostname()} ({os.cpu_count()} cores)")
-    broker = BenchBroker()
-    try:
-        sends = bench_delivery_rate(broker, 8, args.messages // 8, receive=False)
-        print(f"send requests/s, 8 concurrent HTTP connections: {sends.rate:8.0f}")
-        run = bench_delivery_rate(broker, 8, args.messages // 8)
-        print(f"delivered messages/s, senders on 8 HTTP connections: {run.rate:8.0f}   (target >= 2600;"
-              f" {delivery_note(run)})")
-        lat = bench_wakeup(broker, args.samples)
-        print(f"long-poll wake-up latency, HTTP receiver: p50 {percentile(lat, 50):6.2f} ms"
-              f"  p99 {percentile(lat, 99):6.2f} ms")
-    finally:
-        broker.close()
-    spawn = BenchBroker()
-    try:
-        times = bench_spawn_to_initialize(spawn)
-        print(f"shim spawn -> initialize answered: median {statistics.median(times):5.2f} s"
-              f"  max {max(times):5.2f} s   (target <= 1.0)")
-        if args.sessions:
-            bench_shims(spawn, args)
-    finally:
-        spawn.close()
+    print(f"claude-peers {__version__} bench on {socket.gethostname()} ({os.cpu_count()} cores)"
+          + (f", side by side with the anchor at {args.anchor}{anchor_commit(args.anchor)}" if args.anchor else "")
+          + f"; {args.rounds} run(s) per system and figure, interleaved, medians shown")
+    report = BenchReport([label for label, _ in systems])
+    bench_http_path(systems, args, report)
+    if args.sessions:
+        bench_shim_figures(systems, args, report)
     many = BenchBroker()
     try:
         rss = asyncio.run(bench_many_sessions(many, 1000))
-        print(f"broker resident memory with 1000 registered sessions, each long-polling: {rss:6.1f} MB"
-              "   (target <= 150)")
     finally:
         many.close()
+    report.figure("broker RSS, 1000 sessions long-polling (MB)", {"ours": rss, "anchor": None}, "{:.1f}",
+                  Target("<=", 150))
     relayed, published = bench_relay(args.events)
-    rate = f"{relayed:8.0f}" if relayed is not None else "too few events to time (try --events 20000)"
-    print(f"events relayed to JetStream per second: {rate}   (target >= 5000; {published} published)")
-    return 0
+    report.figure(f"events relayed to JetStream per second ({published} published)", {"ours": relayed, "anchor": None},
+                  target=Target(">=", 5000))
+    if relayed is None:
+        print("  (too few events to time the relay: try --events 20000)")
+    report.summary()
+    return not report.faults
 
 
 # ===========================================================================
@@ -8573,7 +9102,7 @@ def cmd_dashboard(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def run_bench_cmd(cfg: Config, args: argparse.Namespace) -> int:
-    return run_bench(args)
+    return 0 if run_bench(args) else EXIT_ERROR
 
 
 # -- the parser and main ------------------------------------------------------
@@ -8668,12 +9197,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("dashboard", cmd_dashboard, "print a one-time login link for the broker's live dashboard",
                 json_flag=True)
     p.add_argument("--open", action="store_true", help="also open it in this machine's browser")
-    p = command("bench", run_bench_cmd, "measure the SPEC section 9 figures on this machine")
+    p = command("bench", run_bench_cmd, "measure this hub's figures on this machine, side by side with"
+                " claude-peers-mcp's with --anchor")
     p.add_argument("--messages", type=int, default=8000, help="messages for the throughput runs")
     p.add_argument("--samples", type=int, default=300, help="samples for latency runs")
     p.add_argument("--sessions", type=int, default=20, help="shims driven as MCP clients (0: skip)")
     p.add_argument("--idle-seconds", type=float, default=60.0, help="window for idle request counting")
     p.add_argument("--events", type=int, default=20000, help="outbox size for the relay run")
+    p.add_argument("--rounds", type=int, default=2, help="runs per system of each figure, interleaved")
+    p.add_argument("--anchor", metavar="DIR", help="a checkout of claude-peers-mcp (packages installed with"
+                   " bun install) to measure side by side with ours")
+    p.add_argument("--bun", metavar="PATH", help="the bun that runs --anchor (default: bun on PATH)")
     return parser
 
 

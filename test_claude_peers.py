@@ -983,6 +983,54 @@ def test_a_write_that_raises_rolls_back_alone_in_its_group_commit(tmp_path):
     assert summaries == ["", ""]
 
 
+def test_a_group_commit_run_again_after_a_failure_keeps_the_heartbeats_it_had_written(tmp_path):
+    """The reap writes heartbeats down in a batch whose other write fails: the batch rolls back
+    and runs again, and the session heard from a moment ago is still alive afterwards."""
+    cfg = cp.Config({}, None)
+
+    async def main() -> list:
+        broker = cp.Broker(cfg, tmp_path, "t" * 32)
+        session = broker.sessions.register({"machine": "elsewhere", "pid": 1, "cwd": "/"})
+        long_ago = time.time() - 10 * cfg.broker.stale_after_s
+        broker.store.db.execute("UPDATE sessions SET last_seen = ?", (long_ago,))
+        broker.sessions.live[session["id"]]["last_seen"] = long_ago
+        broker.presence.heard[session["id"]] = time.time()  # a call just now: alive
+
+        def broken() -> None:
+            raise RuntimeError("a bug")
+
+        outcomes = await asyncio.gather(broker.write(broker.sessions.reap), broker.write(broken),
+                                        return_exceptions=True)
+        live = [p["id"] for p in broker.sessions.peers("all", {})]
+        broker.store.close()
+        return [outcomes, live, session["id"]]
+
+    outcomes, live, sid = asyncio.run(main())
+    assert outcomes[0] == 0 and isinstance(outcomes[1], RuntimeError)
+    assert live == [sid]
+
+
+def test_a_summary_set_in_a_group_commit_run_again_shows_in_the_peer_list(tmp_path):
+    """A write that failed makes its batch run again; a summary set later in that batch is
+    what the peer list shows afterwards, not the one before."""
+    cfg = cp.Config({}, None)
+
+    async def main() -> list:
+        broker = cp.Broker(cfg, tmp_path, "t" * 32)
+        session = broker.sessions.live[broker.sessions.register({"machine": "elsewhere", "pid": 1, "cwd": "/"})["id"]]
+
+        def broken() -> None:
+            raise RuntimeError("a bug")
+
+        await asyncio.gather(broker.write(broken), broker.write(lambda: broker.sessions.set_summary(session, "new")),
+                             return_exceptions=True)
+        summaries = [p["summary"] for p in broker.sessions.peers("all", {})]
+        broker.store.close()
+        return summaries
+
+    assert asyncio.run(main()) == ["new"]
+
+
 def test_cli_refuses_text_that_is_not_utf8_at_once(broker):
     broker.session(name="bob")
     began = time.monotonic()
@@ -5484,13 +5532,40 @@ def test_fleet_memory_runs_on_fleet_events_and_its_own_update_wakes_only_those_w
 
 def test_bench_with_tiny_parameters_prints_every_figure_honestly():
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PEERS_")}
-    out = subprocess.run([PY, str(SCRIPT), "bench", "--messages", "80", "--samples", "5", "--sessions", "0",
-                          "--idle-seconds", "1", "--events", "200"], env=env, capture_output=True, text=True,
-                         timeout=60, check=False)
+    out = subprocess.run([PY, str(SCRIPT), "bench", "--messages", "80", "--samples", "4", "--sessions", "2",
+                          "--idle-seconds", "1", "--events", "200", "--rounds", "1"], env=env, capture_output=True,
+                         text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
-    for figure in ("send requests/s", "delivered messages/s", "long-poll wake-up latency", "shim spawn -> initialize",
-                   "broker resident memory with 1000", "events relayed to JetStream per second"):
+    for figure in ("send requests/s", "delivered messages/s, senders on 8 HTTP", "CPU per delivered message, HTTP",
+                   "one session spawned -> tools/list", "2 sessions spawned at once", "2 idle sessions, p99",
+                   "broker saturated, p50", "through the MCP send tool", "CPU per delivered message, MCP",
+                   "shim RSS", "shim PSS", "requests per idle session", "1000 sessions long-polling",
+                   "events relayed to JetStream per second (200 published)"):
         assert figure in out.stdout, out.stdout
-    assert "all 80 delivered" in out.stdout and "200 published" in out.stdout
-    relayed = re.search(r"relayed to JetStream per second: +(\d+)", out.stdout)
-    assert relayed is None or int(relayed[1]) > 0, out.stdout  # a figure, or says it is too few to time
+    assert "(needs --anchor)" in out.stdout and "anchor" not in out.stdout.splitlines()[1]  # ours only
+    assert "ours 80 sent, 0 lost, 0 duplicated" in out.stdout  # the HTTP path
+    assert "ours 8 sent, 0 lost, 0 duplicated" in out.stdout  # latency: 4 idle, 4 saturated
+    assert "ours 20 sent, 0 lost, 0 duplicated" in out.stdout  # the MCP path: 10 per session
+    assert out.stdout.rstrip().endswith("messages lost or duplicated by ours: none"), out.stdout
+
+
+def test_bench_says_in_one_line_why_it_cannot_run_the_anchor(tmp_path):
+    """--anchor and --bun are checked before anything is measured: one line, exit 1, no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PEERS_")}
+
+    def refused(args: tuple[str, ...], why: str) -> None:
+        out = subprocess.run([PY, str(SCRIPT), "bench", *args], env=env, capture_output=True, text=True,
+                             timeout=30, check=False)
+        assert out.returncode == cp.EXIT_ERROR and out.stdout == "", out
+        assert why in out.stderr and len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr
+
+    checkout = tmp_path / "claude-peers-mcp"
+    checkout.mkdir()
+    refused(("--anchor", str(checkout)), "not a checkout of claude-peers-mcp")
+    (checkout / "server.ts").write_text("")
+    (checkout / "broker.ts").write_text("")
+    refused(("--anchor", str(checkout)), "run `bun install` there")
+    (checkout / "node_modules" / "@modelcontextprotocol" / "sdk").mkdir(parents=True)
+    not_bun = tmp_path / "bun"
+    not_bun.write_text("")
+    refused(("--anchor", str(checkout), "--bun", str(not_bun)), f"--bun: no executable {not_bun}")
