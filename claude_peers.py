@@ -58,6 +58,7 @@ import logging
 import math
 import os
 import py_compile
+import queue
 import random
 import re
 import resource
@@ -3464,6 +3465,7 @@ class Broker:
         self.missed: set[str] = set()
         self.batch: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self.new_events = asyncio.Event()  # replaced each time it fires
+        self.feed_readers = 0  #: event-feed long-polls waiting right now
         self.started = time.time()
         self.requests = 0
         self.relay: EventRelay | None = None
@@ -3612,12 +3614,16 @@ class Broker:
     async def wait_events(self, after: int, wait_s: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
-        while self.store.last_event_seq() <= after and not self.stopping.is_set():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.new_events.wait(), remaining)
+        self.feed_readers += 1
+        try:
+            while self.store.last_event_seq() <= after and not self.stopping.is_set():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.new_events.wait(), remaining)
+        finally:
+            self.feed_readers -= 1
 
     # -- housekeeping ---------------------------------------------------------
 
@@ -3648,6 +3654,7 @@ class Broker:
         return {"version": __version__, "fleet": self.cfg.fleet.name, "machine": self.store.machine,
                 "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
                 "sessions_live": len(self.sessions.peers("all", {})), "polls_parked": len(self.parked),
+                "feed_readers_waiting": self.feed_readers,
                 "messages": self.messages.counts(),
                 "events": self.store.read("SELECT COUNT(*) FROM events")[0][0],
                 "last_event_seq": self.store.last_event_seq(), "nats": nats}
@@ -4279,6 +4286,14 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 16, hard))
 
 
+def note_lock_holder(handle: Any, listen: str) -> None:
+    """Who holds the state dir and where it listens, for the broker a second one is refused by."""
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} {listen}\n")
+    handle.flush()
+
+
 def hold_state_dir(home: Path, listen: str) -> Any:
     """Lock the state dir for this broker's life (the lock dies with the process, even on
     SIGKILL): a second broker on the same home would share its db and kill its nats-server."""
@@ -4292,10 +4307,7 @@ def hold_state_dir(home: Path, listen: str) -> Any:
         handle.close()
         raise UserError(f"{home} is in use by another broker (pid {pid or '?'}, listening on {where or '?'}):"
                         " stop it first, or give this one its own CLAUDE_PEERS_HOME") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()} {listen}\n")
-    handle.flush()
+    note_lock_holder(handle, listen)
     return handle
 
 
@@ -4336,6 +4348,7 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
                                   gate=embedded.not_ready if embedded is not None else None)
         nats_tasks.append(asyncio.create_task(broker.relay.run(broker.stopping)))
     bound = server.sockets[0].getsockname()
+    note_lock_holder(lock, f"{host}:{bound[1]}")  # the port it bound, when it was asked for port 0
     url = f"{'https' if cfg.broker.tls_cert else 'http'}://{host}:{bound[1]}"
     log.info("broker %s listening on %s (db %s)", __version__, url, home / "broker.db")
     if ready:
@@ -7800,6 +7813,79 @@ def end_process(proc: subprocess.Popen[bytes], terminate: bool = True) -> None:
         proc.wait()
 
 
+class BrokerHarness:
+    """A real broker subprocess in a home of its own, for bench and the tests: started from
+    cached bytecode on port 0 (its bound URL read from its own output, then written into its
+    config so clients and restarts use it), its stderr kept in ``log``, stopped or killed."""
+
+    def __init__(self, home: Path, toml: str = "", nats: str = "embedded = false\n", port: int = 0) -> None:
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
+        self.config = home / "daemons.toml"
+        self.port = port  #: the bound port (0: known once started)
+        self.toml, self.nats = toml, nats
+        self._write_config()
+        self.env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(self.config)}
+        for key in ("CLAUDE_PEERS_URL", "CLAUDE_PEERS_TOKEN", "CLAUDE_PEERS_NAME", "CLAUDE_PEERS_MODE"):
+            self.env.pop(key, None)
+        self.url = ""
+        self.token = ""
+        self.proc: subprocess.Popen[str] | None = None
+        self.log: list[str] = []  #: the broker's stderr, line by line
+
+    def _write_config(self) -> None:
+        self.config.write_text(f'[broker]\nlisten = "127.0.0.1:{self.port}"\n{self.toml}\n[nats]\n{self.nats}')
+
+    def start(self, timeout: float = 20) -> BrokerHarness:
+        self.proc = subprocess.Popen(module_command("broker"), env=self.env, stderr=subprocess.PIPE, text=True)
+        bound = queue.Queue()
+
+        def drain(stream: Any) -> None:
+            for line in stream:
+                self.log.append(line)
+                found = re.search(r"listening on (http\S*://127\.0\.0\.1:(\d+))", line)
+                if found:
+                    bound.put(found.groups())
+            bound.put(None)
+
+        threading.Thread(target=drain, args=(self.proc.stderr,), daemon=True).start()
+        try:
+            ready = bound.get(timeout=timeout)
+        except queue.Empty:
+            ready = None
+        if ready is None:
+            self.stop()
+            raise UserError("the broker did not start:\n" + "".join(self.log))
+        self.url, port = ready
+        if not self.port:  # the port it bound: clients find it there, and a restart takes it again
+            self.port = int(port)
+            self._write_config()
+        self.token = (self.home / "token").read_text().strip()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            end_process(self.proc)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def client(self, token: str | None = None, timeout: float = 30) -> BrokerClient:
+        return BrokerClient(self.url, token or self.token, timeout)
+
+    def session(self, **info: Any) -> BrokerClient:
+        client = self.client()
+        client.register({"machine": "testbox", "pid": os.getpid(), "cwd": "/work/a", **info})
+        return client
+
+    def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """This program's command line on this broker's home and config."""
+        return subprocess.run(module_command(*args), env={**self.env, **(env or {})}, capture_output=True,
+                              text=True, timeout=60, check=False)
+
+
 class BenchPeer:
     """A session of ours on an HTTP connection of its own, receiving as the shim does: a
     long-poll that acknowledges the previous batch."""
@@ -7942,34 +8028,20 @@ class BenchBroker:
     def __init__(self, nats_toml: str = "embedded = false\n", prepare: Callable[[Path], None] | None = None) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="claude-peers-bench-")
         self.home = self.tmp.name
-        home = Path(self.home)
-        port = free_port()
-        self.config = home / "daemons.toml"
-        self.config.write_text(f'[broker]\nlisten = "127.0.0.1:{port}"\nrate_per_s = 0.0\n[nats]\n{nats_toml}')
         if prepare is not None:
-            prepare(home)
-        self.env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(self.config)}
-        self.env.pop("CLAUDE_PEERS_URL", None)
-        self.env.pop("CLAUDE_PEERS_TOKEN", None)
-        self.proc = subprocess.Popen(module_command("broker"), env=self.env,
-                                     stderr=subprocess.DEVNULL)
+            prepare(Path(self.home))
+        self.harness = BrokerHarness(Path(self.home), "rate_per_s = 0.0", nats_toml)
+        try:
+            self.harness.start()
+        except UserError:
+            self.tmp.cleanup()
+            raise
+        self.env, self.url, self.token = self.harness.env, self.harness.url, self.harness.token
+        self.proc = self.harness.proc
         self.pid = self.proc.pid
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if (home / "token").exists():
-                self.token = (home / "token").read_text().strip()
-                try:
-                    BrokerClient(self.url, self.token, 1).call("GET", "/api/status")
-                    return
-                except (BrokerUnreachable, ApiError):
-                    pass
-            time.sleep(0.05)
-        self.close()
-        raise UserError("bench: our broker did not start")
 
     def client(self) -> BrokerClient:
-        return BrokerClient(self.url, self.token, 60)
+        return self.harness.client(timeout=60)
 
     def peer(self) -> BenchPeer:
         return BenchPeer(self)
@@ -7996,7 +8068,7 @@ class BenchBroker:
         return {"to": to, "text": text}
 
     def close(self) -> None:
-        end_process(self.proc)
+        self.harness.stop()
         self.tmp.cleanup()
 
 

@@ -38,64 +38,17 @@ PY = sys.executable
 free_port = cp.free_port
 
 
-class BrokerProc:
-    """`claude_peers.py broker` in a temp home, with its stderr collected."""
+BrokerProc = cp.BrokerHarness  # the product's harness: bench measures with it, the tests run on it
 
-    def __init__(self, home: Path, toml: str = "", nats: str = "embedded = false\n") -> None:
-        self.home = home
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.config = home / "daemons.toml"
-        self.config.write_text(f'[broker]\nlisten = "127.0.0.1:{self.port}"\n{toml}\n[nats]\n{nats}')
-        self.env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(self.config)}
-        for key in ("CLAUDE_PEERS_URL", "CLAUDE_PEERS_TOKEN", "CLAUDE_PEERS_NAME"):
-            self.env.pop(key, None)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[str] | None = None
-        self.log: list[str] = []
 
-    def start(self) -> BrokerProc:
-        self.proc = subprocess.Popen([PY, str(SCRIPT), "broker"], env=self.env, stderr=subprocess.PIPE, text=True)
-        ready = threading.Event()
+@pytest.fixture(scope="session", autouse=True)
+def cached_bytecode() -> None:
+    """Every child imports the module: compile it once, as install.sh does (the children do not
+    write bytecode when PYTHONDONTWRITEBYTECODE is set)."""
+    import importlib.util
+    import py_compile
 
-        def drain(stream) -> None:
-            for line in stream:
-                self.log.append(line)
-                if "listening on" in line:
-                    ready.set()
-
-        threading.Thread(target=drain, args=(self.proc.stderr,), daemon=True).start()
-        if not ready.wait(20):
-            self.stop()
-            raise AssertionError("broker did not start:\n" + "".join(self.log))
-        self.token = (self.home / "token").read_text().strip()
-        return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def client(self, token: str | None = None) -> cp.BrokerClient:
-        return cp.BrokerClient(self.url, token or self.token, timeout=30)
-
-    def session(self, **info) -> cp.BrokerClient:
-        client = self.client()
-        client.register({"machine": "testbox", "pid": os.getpid(), "cwd": "/work/a", **info})
-        return client
-
-    def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([PY, str(SCRIPT), *args], env={**self.env, **(env or {})}, capture_output=True,
-                              text=True, timeout=60, check=False)
+    py_compile.compile(str(SCRIPT), cfile=importlib.util.cache_from_source(str(SCRIPT)))
 
 
 @pytest.fixture
@@ -125,6 +78,18 @@ def wait_until_sync(predicate, timeout: float = 15, what: str = "condition") -> 
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+def stays_sync(predicate, seconds: float, what: str) -> None:
+    """An absence check: ``predicate`` holds through ``seconds`` (nothing more arrives, nothing runs)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert predicate(), f"no longer true: {what}"
+        time.sleep(0.02)
+
+
+def broker_status(broker: BrokerProc) -> dict:
+    return broker.client().call("GET", "/api/status")
 
 
 def raw_request(broker: BrokerProc, method: str, path: str, body: bytes | None = None,
@@ -587,7 +552,7 @@ def test_long_poll_wakes_when_a_message_arrives(broker):
 
     waiter = threading.Thread(target=wait)
     waiter.start()
-    time.sleep(0.2)  # let the poll park
+    wait_until_sync(lambda: broker_status(broker)["polls_parked"] == 1, what="the poll to park")
     sent_at = time.monotonic()
     sent = send(alice, bob.session_id, "wake up")
     waiter.join(20)
@@ -693,7 +658,7 @@ def test_event_feed_with_cursor(broker):
     reader = threading.Thread(target=lambda: results.append(
         client.call("GET", f"/api/events?after={feed['cursor']}&wait_s=20")))
     reader.start()
-    time.sleep(0.2)
+    wait_until_sync(lambda: broker_status(broker)["feed_readers_waiting"] == 1, what="the reader to wait")
     alice.session_call("POST", "/summary", {"summary": "done"})
     reader.join(20)
     assert [e["type"] for e in results[0]["events"]] == ["peer.summary"]
@@ -1934,6 +1899,14 @@ def peer_named(broker: BrokerProc, name: str) -> dict | None:
     return next((p for p in peers if p["name"] == name), None)
 
 
+async def stays(predicate, seconds: float, what: str) -> None:
+    """An absence check: ``predicate`` holds through ``seconds``."""
+    with anyio.move_on_after(seconds):
+        while True:
+            assert await anyio.to_thread.run_sync(predicate), f"no longer true: {what}"
+            await anyio.sleep(0.02)
+
+
 async def wait_until(predicate, timeout: float = 15, what: str = "condition") -> None:
     with anyio.fail_after(timeout):
         while not await anyio.to_thread.run_sync(predicate):
@@ -2014,7 +1987,7 @@ async def test_shim_killed_between_lease_and_ack_gets_the_message_once_after_res
         first = await stack.enter_async_context(shim_session(broker, name="victim"))
         await first.ok("whoami")
         pid = peer_named(broker, "victim")["pid"]
-        await anyio.sleep(0.3)  # its long-poll is parked at the broker
+        await wait_until(lambda: broker_status(broker)["polls_parked"] == 1, what="its long-poll to park")
         os.kill(pid, signal.SIGSTOP)  # it can no longer push nor acknowledge
         sent = send(sender, "victim", "do not lose me")
         db = sqlite3.connect(broker.home / "broker.db", check_same_thread=False)
@@ -2029,8 +2002,7 @@ async def test_shim_killed_between_lease_and_ack_gets_the_message_once_after_res
         [note] = await second.recorder.wait_for(1)
         assert note.meta["message_id"] == sent["id"]
         await wait_until(lambda: message_state(broker, sent["id"]) == "delivered")
-        await anyio.sleep(0.5)
-        assert len(second.recorder.received) == 1
+        await stays(lambda: len(second.recorder.received) == 1, 0.5, "no second push of it")
         inbox = await second.ok("check_messages")
         assert inbox.count(f"message_id={sent['id']}") == 1 and "already pushed" in inbox
 
@@ -2190,8 +2162,7 @@ async def test_a_burst_of_a_thousand_is_pushed_once_each_in_order(broker, tmp_pa
         ids = [operator.call("POST", "/api/send", {"to": "sink", "text": f"burst {i}"})["id"] for i in range(1000)]
         received = await shim.recorder.wait_for(1000, timeout=60)
         assert sorted(p.meta["message_id"] for p in received) == sorted(ids)
-        await anyio.sleep(0.5)
-        assert len(shim.recorder.received) == 1000
+        await stays(lambda: len(shim.recorder.received) == 1000, 0.5, "no push twice")
     pushed = [json.loads(line) for line in wire_log.read_text().splitlines()]
     pushed = [m["params"] for m in pushed if m.get("method") == cp.CHANNEL_METHOD]
     assert [p["meta"]["message_id"] for p in pushed] == ids  # on the wire: once each, in send order
@@ -2264,7 +2235,7 @@ async def test_peer_text_is_delivered_verbatim_never_interpreted(broker, tmp_pat
         send(sender, "target", nasty)
         send(sender, "target", "second")
         received = await shim.recorder.wait_for(2)
-        await anyio.sleep(0.3)
+        await stays(lambda: len(received) == 2, 0.3, "nothing more pushed")
         assert [p.content for p in received] == [nasty, "second"]
         assert "$(touch" in await shim.ok("check_messages")
     assert not canary.exists()
@@ -2272,7 +2243,7 @@ async def test_peer_text_is_delivered_verbatim_never_interpreted(broker, tmp_pat
 
 @pytest.mark.anyio
 async def test_broker_down_at_start_then_up(tmp_path):
-    broker = BrokerProc(tmp_path / "home")
+    broker = BrokerProc(tmp_path / "home", port=free_port())  # the shim must know where it will be
     (broker.home / "token").write_text("a-token-for-the-fleet-0123456789\n")
     (broker.home / "token").chmod(0o600)
     async with shim_session(broker, name="early") as shim:
@@ -3417,20 +3388,22 @@ def test_event_triggers_with_wildcards_and_debounce(make_broker, supervisors, na
                  'runner = "command"\ncommand = ["true"]\n[daemons.all]\non = ["fleet.>"]\ndebounce_s = 0.2\n'
                  'runner = "command"\ncommand = ["true"]\n[daemons.fleet-memory]\nenabled = false\n')  # memo: ours only
     supervisor = supervisors(broker)
-    time.sleep(1.5 if source == "nats" else 0.5)  # the consumer / feed cursor is in place
+    if source == "nats":  # its durable consumer is in place, or its feed long-poll waits at the broker
+        logged(supervisor.log, "watching events: nats")
+    else:
+        wait_until_sync(lambda: broker_status(broker)["feed_readers_waiting"] >= 1, what="the supervisor's feed")
     for i in range(3):
         broker.session(name=f"p{i}")
     [run] = supervisor.wait_runs("greeter", 1)
     assert run["trigger"] == "event fleet.peer.joined"
-    time.sleep(1.5)
-    assert len(supervisor.runs("greeter")) == 1  # three events, one debounced run
+    stays_sync(lambda: len(supervisor.runs("greeter")) == 1, 1.5, "three events, one debounced run")
     assert supervisor.runs("memo") == []
     broker.client().call("POST", "/api/memory", {"text": "x"})
     [memo] = supervisor.wait_runs("memo", 1)
     assert memo["trigger"] == "event fleet.memory.updated"
     supervisor.wait_runs("all", 1)
-    time.sleep(2)  # run lifecycle events (its own, or the others') do not wake "fleet.>" daemons
-    assert not [r["trigger"] for r in supervisor.runs("all") if "fleet.daemon." in r["trigger"]]
+    stays_sync(lambda: not [r for r in supervisor.runs("all") if "fleet.daemon." in r["trigger"]], 2,
+               "run lifecycle events (its own, or the others') do not wake a fleet.> daemon")
 
 
 def test_supervisor_restart_keeps_schedule_state(make_broker, supervisors):
@@ -3440,8 +3413,7 @@ def test_supervisor_restart_keeps_schedule_state(make_broker, supervisors):
     first.wait_runs("hourly", 1)
     first.stop()
     second = supervisors(broker)
-    time.sleep(2)
-    assert len(second.runs("hourly")) == 1  # not re-run at start
+    stays_sync(lambda: len(second.runs("hourly")) == 1, 2, "not run again at start")
     due = cp.SupervisorState(broker.home / "supervisor.db").state("hourly")["next_due"]
     assert 3500 < due - time.time() <= 3600
 
@@ -5520,8 +5492,8 @@ def test_fleet_memory_runs_on_fleet_events_and_its_own_update_wakes_only_those_w
     [memo] = supervisor.wait_runs("memo", 1)
     assert memo["trigger"] == "event fleet.memory.updated"
     supervisor.wait_runs("all", 1)
-    time.sleep(1.0)  # longer than fleet-memory's debounce: a run woken by its own update would have started
-    assert len(supervisor.runs("fleet-memory")) == 1
+    stays_sync(lambda: len(supervisor.runs("fleet-memory")) == 1, 1.0,
+               "fleet-memory not woken by its own update (longer than its debounce)")
     assert not [r for r in supervisor.runs("all") if "fleet.memory" in r["trigger"] or "fleet.daemon" in r["trigger"]]
 
 
