@@ -8787,6 +8787,36 @@ def sessions_without_channel(cfg: Config, client: BrokerClient) -> Iterator[tupl
                                    " and start it again in that directory with `claude-peers run --continue`")
 
 
+def shim_handshake(cfg: Config) -> tuple[str, str]:
+    """The official MCP SDK's client against this machine's shim, probing the newer protocol
+    the way Claude Code does: what Claude Code will see (a 2025 handshake, the channel, the tools)."""
+    import anyio
+    from mcp.client import Client
+    from mcp.client.stdio import StdioServerParameters
+
+    launcher = shutil.which("claude-peers")
+    argv = [launcher, "shim"] if launcher else module_command("shim")
+    env = {k: v for k, v in os.environ.items() if k != "CLAUDE_PEERS_NAME"}
+    env.update({"CLAUDE_PEERS_CONFIG": str(cfg.source)} if cfg.source else {})
+    params = StdioServerParameters(command=argv[0], args=argv[1:], env=env, cwd="/")
+
+    async def handshake() -> tuple[str, Any, list[str]]:
+        with anyio.fail_after(20):
+            async with Client(params, mode="auto") as client:
+                tools = [tool.name for tool in (await client.list_tools()).tools]
+                return client.protocol_version, client.server_capabilities.experimental, tools
+
+    try:
+        version, experimental, tools = anyio.run(handshake)
+    except Exception as exc:  # noqa: BLE001 - whatever the client says is the finding
+        return "FAIL", f"{' '.join(argv)}: the MCP handshake failed: {describe_error(exc)}"
+    wanted = [tool["name"] for tool in TOOLS]
+    if version not in HANDSHAKE_VERSIONS or "claude/channel" not in (experimental or {}) or tools != wanted:
+        return "FAIL", (f"{' '.join(argv)} answered protocol {version}, experimental {experimental}, tools {tools}:"
+                        " Claude Code would not see a claude-peers channel")
+    return "ok", f"{' '.join(argv)}: protocol {version}, claude/channel declared, tools {', '.join(tools)}"
+
+
 def doctor_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
     """(status, check, detail) for each link of the chain; status is ok, warn or FAIL."""
     yield "ok", "config", str(cfg.source or "built-in defaults (no daemons.toml)")
@@ -8825,6 +8855,8 @@ def doctor_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
             yield "FAIL", "claude", f"{claude} is {'.'.join(map(str, version))}; channels need 2.1.80 or newer"
         else:
             yield "ok", "claude", f"{claude} {'.'.join(map(str, version))}"
+    status, detail = shim_handshake(cfg)
+    yield status, "shim", detail
     registered = claude_mcp_registration(Path.cwd())
     if registered:
         yield "ok", "mcp", f"claude-peers registered, {registered}"

@@ -2682,14 +2682,21 @@ def test_doctor_walks_the_chain(broker, tmp_path):
     assert lines["claude"].startswith("ok") and "2.1.328" in lines["claude"]
     assert lines["mcp"].startswith("FAIL") and "claude mcp add --scope user claude-peers" in lines["mcp"]
     assert "--dangerously-load-development-channels server:claude-peers" in lines["channel"]
+    # the official SDK's client against the shim, probing the newer protocol as Claude Code does
+    assert lines["shim"].startswith("ok") and "claude/channel declared" in lines["shim"], lines["shim"]
+    assert "protocol 2025-11-25" in lines["shim"] and "send_message" in lines["shim"]
     (home / ".claude.json").write_text(json.dumps({"mcpServers": {"claude-peers": {
         "type": "stdio", "command": "claude-peers", "args": ["shim"]}}}))
     out = broker.cli("doctor", env=env)
     assert out.returncode == 0, out.stdout
     assert "user scope" in out.stdout and "claude-peers shim" in out.stdout
     fake.write_text("#!/bin/sh\necho '2.1.12 (Claude Code)'\n")
+    broken = home / "bin/claude-peers"  # a launcher whose shim does not speak MCP
+    broken.write_text("#!/bin/sh\necho 'Traceback: something broke'\n")
+    broken.chmod(0o755)
     out = broker.cli("doctor", env={**env, "CLAUDE_PEERS_TOKEN": "wrong-wrong-wrong-wrong"})
     lines = {line.split()[1]: line for line in out.stdout.splitlines()}
+    assert lines["shim"].startswith("FAIL") and "the MCP handshake failed" in lines["shim"], lines["shim"]
     assert lines["claude"].startswith("FAIL") and "2.1.80" in lines["claude"]
     assert lines["broker"].startswith("FAIL") and "refused the fleet token" in lines["broker"]
 
