@@ -1085,7 +1085,9 @@ CREATE TABLE IF NOT EXISTS credentials(
 # gets them here when the broker opens it (so an upgrade keeps its data).
 ADDED_COLUMNS = (("sessions", "credential", "TEXT NOT NULL DEFAULT 'admin'"),
                  ("sessions", "mode", "TEXT NOT NULL DEFAULT 'push'"),  # sessions before modes were pushed
-                 ("messages", "credential", "TEXT NOT NULL DEFAULT ''"))
+                 ("messages", "credential", "TEXT NOT NULL DEFAULT ''"),
+                 ("runs", "credential", "TEXT NOT NULL DEFAULT ''"),  # the audit: which credential reported it
+                 ("alerts", "credential", "TEXT NOT NULL DEFAULT ''"))
 HEALTH_KINDS = ("machine", "llm")  # what a health report is of: a machine, or an LLM server (fleet.health.llm.<name>)
 MEMORY_PARTS = ("pinned", "notes")  # a human's pinned section, then the notes daemons (fleet-memory) keep
 MEMORY_VERSIONS_KEPT = 100
@@ -1119,6 +1121,7 @@ def message_view(row: Any) -> dict[str, Any]:
         "sent_at": iso(row["sent_at"]),
         "delivered_at": iso(row["delivered_at"]),
         "read_at": iso(row["read_at"]),
+        "credential": row["credential"],  # the audit: which credential sent it
     }
 
 
@@ -1505,7 +1508,7 @@ class Messages:
         self.sessions = sessions
 
     def send(self, sender: dict[str, Any], to: str, text: str, reply_to: str | None, scope: str,
-             parked: Container[str]) -> Sent:
+             parked: Container[str], credential: str = "") -> Sent:
         """Commit a message (one row per recipient). A push recipient whose long-poll is ``parked``
         gets it leased in this transaction, handed over right after the commit; others are woken
         (a pull session's poll then tells it how much mail waits)."""
@@ -1539,7 +1542,7 @@ class Messages:
                        "to_name": target["name"], "text": text, "state": state, "sent_at": now,
                        "delivered_at": None, "read_at": None,
                        "lease_until": now + self.store.cfg.broker.lease_s if handover else None,
-                       "leased_to": target["session"] if handover else None}
+                       "leased_to": target["session"] if handover else None, "credential": credential}
                 c.execute(f"INSERT INTO messages({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                           tuple(row.values()))
                 if handover:  # leased in this commit, handed to the waiting poll right after it
@@ -1686,11 +1689,12 @@ class Records:
         with self.store.tx() as c:
             old = c.execute("SELECT status FROM runs WHERE id = ?", (run["id"],)).fetchone()
             c.execute("INSERT INTO runs(id, daemon, trigger, machine, started_at, ended_at, status, actions, tokens,"
-                      " model, summary) VALUES (:id, :daemon, :trigger, :machine, :started_at, :ended_at, :status,"
-                      " :actions, :tokens, :model, :summary) ON CONFLICT(id) DO UPDATE SET ended_at ="
-                      " excluded.ended_at, status = excluded.status, actions = excluded.actions, tokens ="
-                      " excluded.tokens, model = excluded.model, summary = excluded.summary",
-                      {"ended_at": None, "actions": 0, "tokens": 0, "model": "", "summary": "", **run})
+                      " model, summary, credential) VALUES (:id, :daemon, :trigger, :machine, :started_at,"
+                      " :ended_at, :status, :actions, :tokens, :model, :summary, :credential) ON CONFLICT(id) DO"
+                      " UPDATE SET ended_at = excluded.ended_at, status = excluded.status, actions ="
+                      " excluded.actions, tokens = excluded.tokens, model = excluded.model, summary = excluded.summary",
+                      {"ended_at": None, "actions": 0, "tokens": 0, "model": "", "summary": "", "credential": "",
+                       **run})
             fields = {k: run.get(k) for k in ("daemon", "trigger", "status", "actions", "tokens", "model",
                                               "summary", "started_at", "ended_at")}
             name = run["daemon"]
@@ -1723,7 +1727,7 @@ class Records:
         return stats
 
     def sync_alerts(self, source: str, machine: str, checks: list[str], findings: list[dict[str, Any]],
-                    repeat_after: int) -> list[dict[str, Any]]:
+                    repeat_after: int, credential: str = "") -> list[dict[str, Any]]:
         """One daemon run's findings for one machine against the open alerts: a new finding or
         a new severity opens or changes an alert, one still bad repeats every ``repeat_after``
         runs, and an open alert of a ``checks`` check no longer found is resolved. Returns
@@ -1740,7 +1744,7 @@ class Records:
                 if alert is None:
                     alert = {"id": new_id(6), "source": source, "machine": machine, "check_name": finding["check"],
                              "key": finding["key"], **fields, "opened_at": now, "last_seen": now, "notified_at": now,
-                             "cycles": 0, "resolved_at": None}
+                             "cycles": 0, "resolved_at": None, "credential": credential}
                     c.execute(f"INSERT INTO alerts({', '.join(alert)}) VALUES ({', '.join('?' * len(alert))})",
                               tuple(alert.values()))
                     change = "new"
@@ -3761,21 +3765,22 @@ def r_peers(b: Broker, req: Request) -> Any:
     return {"peers": b.sessions.peers(_scope(req), ref)}
 
 
-async def _send(b: Broker, sender: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+async def _send(b: Broker, sender: dict[str, Any], req: Request) -> dict[str, Any]:
+    body = req.body
     scope = body.get("scope", "all")
     if scope not in SCOPES:
         raise ApiError(400, f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
     sent = await b.write(lambda: b.messages.send(sender, body["to"], body["text"], body.get("reply_to"), scope,
-                                              b.parked))
+                                              b.parked, req.identity.name))
     return sent.answer
 
 
 async def r_session_send(b: Broker, req: Request) -> Any:
-    return 201, await _send(b, req.session, req.body)
+    return 201, await _send(b, req.session, req)
 
 
 async def r_operator_send(b: Broker, req: Request) -> Any:
-    return 201, await _send(b, OPERATOR_IDENTITY, req.body)
+    return 201, await _send(b, OPERATOR_IDENTITY, req)
 
 
 async def r_poll(b: Broker, req: Request) -> Any:
@@ -3841,7 +3846,7 @@ async def r_record_run(b: Broker, req: Request) -> Any:
     if not NAME_RE.match(run["daemon"]):
         raise ApiError(400, f"field 'daemon' is not a daemon name: {run['daemon']!r}")
     own_machine(req.identity, run["machine"])
-    await b.write(lambda: b.records.record_run(run))
+    await b.write(lambda: b.records.record_run({**run, "credential": req.identity.name}))
     return {"ok": True}
 
 
@@ -3863,7 +3868,8 @@ async def r_sync_alerts(b: Broker, req: Request) -> Any:
     _check_findings(body["findings"])
     own_machine(req.identity, body["machine"])
     changes = await b.write(lambda: b.records.sync_alerts(body["source"], body["machine"], body["checks"],
-                                                        body["findings"], max(1, body["repeat_after"])))
+                                                        body["findings"], max(1, body["repeat_after"]),
+                                                        req.identity.name))
     return {"changes": changes}
 
 
@@ -8927,7 +8933,8 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
             print_json({**message, "delivery": delivery})
         else:
             print(f"message {message['id']} to {message['to']}: {delivery} - {meaning}"
-                  f" (sent {ago(message['sent_at'])}, delivered {ago(message['delivered_at'])},"
+                  f" (sent {ago(message['sent_at'])} by {message['from_name']} with credential"
+                  f" {message['credential'] or '-'}, delivered {ago(message['delivered_at'])},"
                   f" read {ago(message['read_at'])})")
         return 0
     status = client.call("GET", "/api/status")

@@ -2057,6 +2057,11 @@ def test_a_client_registers_for_its_own_machine_and_cannot_read_others_mail(make
     row = sqlite3.connect(broker.home / "broker.db").execute(
         "SELECT credential FROM sessions WHERE id = ?", (laptop.session_id,)).fetchone()
     assert row[0] == "laptop" and laptop.session_call("GET", f"/messages/{mine['id']}")["state"] == "queued"
+    assert "by laptop-agent with credential laptop" in broker.cli("status", mine["id"]).stdout  # the audit
+    run = {"id": "r1", "daemon": "fleet-scout", "trigger": "t", "machine": "laptop", "started_at": "s", "status": "ok"}
+    broker.client(token).call("POST", "/api/runs", run)
+    audit = sqlite3.connect(broker.home / "broker.db").execute("SELECT credential FROM runs WHERE id = 'r1'")
+    assert audit.fetchone()[0] == "laptop"
 
 
 def test_a_revoked_credential_is_refused_at_once_and_its_session_stops_receiving(make_broker):
