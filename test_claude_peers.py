@@ -5415,12 +5415,7 @@ def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
     finally:
         for proc in (supervisor, hub):
             if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                cp.end_process(proc)
 
 
 @pytest.mark.network  # pip installs from the package index
