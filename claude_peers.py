@@ -944,6 +944,15 @@ def write_secret(path: Path, text: str) -> None:
     os.chmod(path, 0o600)
 
 
+def secret_file(path: Path, create: bool) -> str:
+    """A secret kept in a 0600 file, made on first use when asked ('' when it is not there)."""
+    if not path.exists():
+        if not create:
+            return ""
+        write_secret(path, secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
 def read_token(cfg: Config, create: bool = False) -> str:
     """The fleet token: $CLAUDE_PEERS_TOKEN, else the token file (created 0600 if asked)."""
     if os.environ.get("CLAUDE_PEERS_TOKEN"):
@@ -952,7 +961,7 @@ def read_token(cfg: Config, create: bool = False) -> str:
     if not path.exists():
         if not create:
             raise UserError(f"{path}: no fleet token (set CLAUDE_PEERS_TOKEN, or copy it from the hub: claude-peers token)")
-        write_secret(path, secrets.token_urlsafe(32))
+        secret_file(path, create=True)
         log.info("created fleet token %s (mode 0600)", path)
     if path.stat().st_mode & 0o077:
         os.chmod(path, 0o600)
@@ -1984,15 +1993,6 @@ def find_nats_server() -> str | None:
 
 
 NATS_SUBSCRIBER = "subscriber"  # the embedded server's read-only user: supervisors and consumers
-
-
-def secret_file(path: Path, create: bool) -> str:
-    """A secret kept in a 0600 file, made on first use when asked ('' when it is not there)."""
-    if not path.exists():
-        if not create:
-            return ""
-        write_secret(path, secrets.token_urlsafe(32))
-    return path.read_text().strip()
 
 
 def nats_auth(cfg: Config, publisher: bool, create: bool = False) -> tuple[str, str]:
@@ -3884,12 +3884,13 @@ def r_alerts(b: Broker, req: Request) -> Any:
 async def r_record_health(b: Broker, req: Request) -> Any:
     body = req.body
     _check_findings(body["findings"])
-    if body.get("kind", "machine") not in HEALTH_KINDS:
+    kind = body.get("kind", "machine")
+    if kind not in HEALTH_KINDS:
         raise ApiError(400, f"field 'kind' must be one of {', '.join(HEALTH_KINDS)}")
-    if body.get("kind", "machine") == "machine":  # an LLM server is no fleet machine: any reporter may watch it
+    if kind == "machine":  # an LLM server is no fleet machine: any reporter may watch it
         own_machine(req.identity, body["machine"])
     await b.write(lambda: b.records.record_health(body["machine"], body["source"], body["report"], body["findings"],
-                                                  body.get("kind", "machine")))
+                                                  kind))
     return {"ok": True}
 
 
@@ -6451,6 +6452,15 @@ def run_report(run: dict[str, Any]) -> dict[str, Any]:
 # ===========================================================================
 
 SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
+
+
+def worst_first(findings: list[dict[str, Any]], shown: int) -> tuple[str, str]:
+    """A machine's state in a line: its worst severity ('ok' without findings), and the titles
+    of its ``shown`` worst findings with how many more there are."""
+    worst = sorted(findings, key=lambda f: SEVERITY_RANK.get(f["severity"], len(SEVERITY_RANK)))
+    titles = "; ".join(f["title"] for f in worst[:shown]) + (f" (+{len(worst) - shown} more)"
+                                                             if len(worst) > shown else "")
+    return (worst[0]["severity"] if worst else "ok"), titles
 SCOUT_CHECKS = ("unreachable", "auth", "probe", "disk", "inodes", "memory", "swap", "load", "failed_unit",
                 "restart_loop", "journal_flood", "reboot", "clock_skew", "docker")
 NEEDS_SECTION = {"systemd": ("failed_unit", "restart_loop"), "journal": ("journal_flood",), "docker": ("docker",)}
@@ -6482,9 +6492,7 @@ def scout_report_lines(results: dict[str, tuple[dict[str, Any], list[dict[str, A
     """One line per machine, worst finding first: what `trigger fleet-scout --here` prints."""
     lines = []
     for name, (report, findings, _) in sorted(results.items()):
-        worst = sorted(findings, key=lambda f: SEVERITY_RANK[f["severity"]])
-        status = worst[0]["severity"] if worst else "ok"
-        text = "; ".join(f"{f['title']}" for f in worst[:4]) + (f" (+{len(worst) - 4} more)" if len(worst) > 4 else "")
+        status, text = worst_first(findings, 4)
         unavailable = f" [not checked: {', '.join(u.split(':')[0] for u in report.get('unavailable') or [])}]" \
             if report.get("reachable") and report.get("unavailable") else ""
         lines.append(f"{name:<16} {status:<8} {text or 'no findings'}{unavailable}")
@@ -7183,10 +7191,9 @@ def memory_sections(facts: dict[str, Any], state: dict[str, Any],
                  for pair, e in reversed(state.get("exchanges", {}).items())] or ["- none lately"]
     health = []
     for machine in facts["health"]:
-        worst = sorted(machine["findings"], key=lambda f: SEVERITY_RANK.get(f["severity"], 3))
-        titles = "; ".join(f["title"] for f in worst[:3]) + (f" (+{len(worst) - 3} more)" if len(worst) > 3 else "")
-        health.append(f"- {machine['machine']}: {worst[0]['severity'] if worst else 'ok'}"
-                      + (f" — {titles}" if titles else "") + f" ({machine['source']})")
+        status, titles = worst_first(machine["findings"], 3)
+        health.append(f"- {machine['machine']}: {status}" + (f" — {titles}" if titles else "")
+                      + f" ({machine['source']})")
     alerts = [f"- {a['severity']} {a['machine']}: {a['title']} (since {short_time(a['opened_at'])}; {a['source']})"
               for a in facts["alerts"]]
     latest: dict[str, dict[str, Any]] = {}
@@ -9085,9 +9092,7 @@ def cmd_health(cfg: Config, args: argparse.Namespace) -> int:
         print("no health reports yet (fleet-scout reports every machine of [[machines]]: claude-peers trigger"
               " fleet-scout)")
     for machine in machines:
-        worst = sorted(machine["findings"], key=lambda f: SEVERITY_RANK.get(f["severity"], 3))
-        status = worst[0]["severity"] if worst else "ok"
-        text = "; ".join(f["title"] for f in worst[:3]) + (f" (+{len(worst) - 3} more)" if len(worst) > 3 else "")
+        status, text = worst_first(machine["findings"], 3)
         print(f"{machine['machine']:<16} {status:<8} {ago(machine['at']):>8}  {text or 'no findings'}")
     return 0
 
