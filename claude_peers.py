@@ -2509,7 +2509,8 @@ class WebhookDelivery:
         self.write = write  #: the broker's group commit
         self.outcomes: collections.Counter[str] = collections.Counter()  #: attempts since start, by outcome
         self.error = ""  #: why the last attempt failed ('' after a delivery)
-        self.wakeup = asyncio.Event()  #: set after commits with events: an alert change may be queued
+        self.looked_at = 0  #: the store's webhooks_queued when this last read the queue's head
+        self.wakeup = asyncio.Event()  #: set by ``nudge`` when a commit queued a change
 
     @property
     def target(self) -> str:
@@ -2551,24 +2552,23 @@ class WebhookDelivery:
         elif state == "delivered" and row["attempts"]:
             log.info("%s delivered at attempt %d", where, row["attempts"] + 1)
 
+    def nudge(self) -> None:
+        """After a commit: wake the worker if a change was queued since it looked (most commits queue none)."""
+        if self.store.webhooks_queued != self.looked_at:
+            self.wakeup.set()
+
     async def run(self, stopping: threading.Event) -> None:
-        """Post the queue's head whenever it is due; wait for a new change when the queue is empty."""
+        """Post the queue's head whenever it is due; otherwise wait for that, or for a new change."""
         while not stopping.is_set():
-            queued = self.store.webhooks_queued
+            self.looked_at = self.store.webhooks_queued
             head = self.store.webhook_head()
             wait = 1.0 if head is None else head["next_attempt_at"] - time.time()
             if wait <= 0:
                 await self.attempt(head)
                 continue
             self.wakeup.clear()
-            deadline = time.monotonic() + min(wait, 1.0)
-            while self.store.webhooks_queued == queued and not stopping.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wakeup.wait(), remaining)
-                self.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), min(wait, 1.0))
 
 
 # ===========================================================================
@@ -3816,7 +3816,7 @@ class Broker:
             self.new_events = asyncio.Event()
             if self.relay is not None:
                 self.relay.wakeup.set()
-            self.webhooks.wakeup.set()
+            self.webhooks.nudge()
 
     # -- wake-ups -----------------------------------------------------------
 
