@@ -1362,6 +1362,22 @@ def test_a_database_from_before_the_webhook_queue_gets_one_and_its_open_alerts_r
         old.stop()
 
 
+def test_pruning_drops_finished_webhook_deliveries_past_retention_and_keeps_waiting_ones(tmp_path):
+    """In process, real sqlite: a change still waiting for the webhook outlives retention_days."""
+    store = cp.Store(tmp_path / "broker.db", cp.Config({"alerts": {"webhook": "http://127.0.0.1:9/x"}}, None))
+    try:
+        changes = cp.Records(store).sync_alerts("fleet-scout", "nas", ["disk"], [finding("/var"), finding("/home")], 3)
+        long_ago = time.time() - 8 * 86400
+        store.db.execute("UPDATE webhook_deliveries SET queued_at = ?", (long_ago,))
+        store.webhook_attempted(store.webhook_head()["seq"], long_ago, 200, "", "delivered", long_ago)
+        store.prune()
+        kept = store.webhook_deliveries([c["id"] for c in changes])
+        assert [d["change_id"] for ds in kept.values() for d in ds] == [changes[1]["change_id"]]
+        assert store.webhook_waiting()[0] == 1
+    finally:
+        store.close()
+
+
 def test_no_webhook_set_queues_nothing_and_alerts_json_says_so(broker):
     assert sync_alerts(broker, [finding("/var")]) == [("new", "/var", "warning")]
     [alert] = json.loads(broker.cli("alerts", "--json").stdout)
