@@ -2558,14 +2558,19 @@ class WebhookDelivery:
             self.wakeup.set()
 
     async def run(self, stopping: threading.Event) -> None:
-        """Post the queue's head whenever it is due; otherwise wait for that, or for a new change."""
+        """Post the queue's head whenever it is due; otherwise wait for that, or for a new change.
+        A store error (disk full) is logged and the same change tried again: it stays queued."""
         while not stopping.is_set():
             self.looked_at = self.store.webhooks_queued
-            head = self.store.webhook_head()
-            wait = 1.0 if head is None else head["next_attempt_at"] - time.time()
-            if wait <= 0:
-                await self.attempt(head)
-                continue
+            try:
+                head = self.store.webhook_head()
+                wait = 1.0 if head is None else head["next_attempt_at"] - time.time()
+                if wait <= 0:
+                    await self.attempt(head)
+                    continue
+            except sqlite3.Error as exc:
+                log.error("webhook: %s", exc)
+                wait = 1.0
             self.wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeup.wait(), min(wait, 1.0))
@@ -9219,6 +9224,13 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         embedded = f" (embedded, restarted {nats['embedded_restarts']}x)" if "embedded_restarts" in nats else ""
         print(f"nats: {state} to {nats['url']}{embedded}, stream {nats['stream']}, last published seq"
               f" {nats['last_published_seq']}, outbox backlog {nats['backlog']}")
+    webhook = status.get("webhook")  # None: a hub from before the webhook queue
+    if webhook is not None and not webhook["configured"]:
+        print("webhook: none (set [alerts] webhook in the hub's daemons.toml)")
+    elif webhook is not None:
+        trouble = f", last error: {webhook['error']}" if webhook["queued"] and webhook["error"] else ""
+        print(f"webhook: {webhook['target']}, {webhook['queued']} alert change(s) waiting{trouble}; since start"
+              f" {webhook['delivered']} delivered, {webhook['failed']} failed attempts, {webhook['gave_up']} given up")
     return 0
 
 

@@ -1265,6 +1265,8 @@ def test_a_webhook_refusing_then_down_then_back_gets_every_alert_change_in_order
     wait_until_sync(lambda: len(receiver.posts) == 3, what="three refused attempts")
     receiver.down()  # now nothing listens: connection refused
     wait_until_sync(lambda: "refused" in webhook_states(broker)[0]["last_error"], what="a refused connection")
+    assert re.search(r"webhook: http://127\.0\.0\.1:\d+/…, 4 alert change\(s\) waiting, last error: .*refused",
+                     broker.cli("status").stdout)
     head = webhook_states(broker)[0]
     assert head["state"] == "pending" and head["attempts"] >= 4 and head["last_status"] is None
     assert head["next_attempt_at"] and head["delivered_at"] is None
@@ -1381,6 +1383,7 @@ def test_pruning_drops_finished_webhook_deliveries_past_retention_and_keeps_wait
 def test_no_webhook_set_queues_nothing_and_alerts_json_says_so(broker):
     assert sync_alerts(broker, [finding("/var")]) == [("new", "/var", "warning")]
     [alert] = json.loads(broker.cli("alerts", "--json").stdout)
+    assert "webhook: none (set [alerts] webhook in the hub's daemons.toml)" in broker.cli("status").stdout
     assert alert["webhook"] == [] and broker_status(broker)["webhook"] == {
         "configured": False, "target": "", "queued": 0, "lag_s": 0.0, "error": "", "delivered": 0, "failed": 0,
         "gave_up": 0}
