@@ -17,6 +17,7 @@ Sections, in dependency order (each uses only what is above it):
   Config               daemons.toml: defaults, checks, the Config object, the fleet token
   Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory
   Events on NATS JetStream  the embedded nats-server, the relay from the outbox
+  Webhook              alert changes posted by the hub from its queue, in order, retried until answered
   Dashboard and metrics  the live page and its logins, the broker's counters, GET /metrics
   Broker HTTP          request checks, the group commit, the routes, the HTTP/1.1 server
   Broker client        the sync and asyncio clients every other part uses
@@ -398,8 +399,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "local": [],
     },
     "alerts": {
-        "webhook": "",  # ntfy-style: POST the alert text to this URL
+        "webhook": "",  # ntfy-style: the hub POSTs each alert change to this URL (the hub's config counts)
         "repeat_after_cycles": 12,
+        "webhook_timeout_s": 10.0,  # per attempt
+        "webhook_retry_s": 2.0,  # the wait after a first failed attempt, doubled after each one
+        "webhook_retry_max_s": 300.0,  # the longest wait between attempts
+        "webhook_max_attempts": 50,  # then the change is given up
+        "webhook_max_age_s": 86400,  # a change still not delivered this long after it happened is given up
     },
 }
 
@@ -754,7 +760,10 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("llm", "routine"): _check_strings,
     ("llm", "local"): _check_strings,
     ("llm", "base_url"): _check_http_url,
+    ("alerts", "webhook"): _check_http_url,
     ("alerts", "repeat_after_cycles"): _check_positive,
+    **{("alerts", key): _check_positive for key in ("webhook_timeout_s", "webhook_retry_s", "webhook_retry_max_s",
+                                                    "webhook_max_attempts", "webhook_max_age_s")},
     **{("daemon", key): _check_percent for key in SCOUT_DEFAULTS if key.endswith("_pct")},
     **{("daemon", key): _check_positive for key in SCOUT_DEFAULTS if key.endswith(("_s", "_count", "_per_min",
                                                                                    "_warning", "_critical"))
@@ -1071,6 +1080,27 @@ CREATE TABLE IF NOT EXISTS alerts(
     resolved_at REAL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS alerts_open ON alerts(source, machine, check_name, key) WHERE resolved_at IS NULL;
+CREATE TABLE IF NOT EXISTS webhook_deliveries(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    alert_id TEXT NOT NULL,
+    change TEXT NOT NULL,
+    title TEXT NOT NULL,
+    body TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    queued_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_attempt_at REAL,
+    last_status INTEGER,
+    last_error TEXT NOT NULL DEFAULT '',
+    delivered_at REAL,
+    gave_up_at REAL
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_pending ON webhook_deliveries(seq) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS webhook_deliveries_alert ON webhook_deliveries(alert_id, seq);
 CREATE TABLE IF NOT EXISTS health(
     machine TEXT PRIMARY KEY,
     source TEXT NOT NULL,
@@ -1139,6 +1169,26 @@ def alert_view(row: Any) -> dict[str, Any]:
             "key": row["key"], "severity": row["severity"], "title": row["title"], "detail": row["detail"],
             "diagnosis": row["diagnosis"], "opened_at": iso(row["opened_at"]), "last_seen": iso(row["last_seen"]),
             "resolved_at": iso(row["resolved_at"])}
+
+
+def alert_message(change: dict[str, Any]) -> tuple[str, str]:
+    """An alert change as people read it, on a channel or a phone: its title ("[critical] nas:
+    disk / full") and the text that starts with it (the detail and diagnosis; none once resolved)."""
+    label = {"resolved": "resolved", "repeat": f"{change['severity']}, still"}.get(change["change"],
+                                                                                  change["severity"])
+    title = f"[{label}] {change['machine']}: {change['title']}"
+    details = [] if change["change"] == "resolved" else [change["detail"], change["diagnosis"] and
+                                                         f"Diagnosis: {change['diagnosis']}"]
+    return title, "\n".join(part for part in (title, *details) if part)
+
+
+def webhook_delivery_view(row: Any) -> dict[str, Any]:
+    """One alert change's way to the webhook: its idempotency key, each attempt's outcome, what comes next."""
+    return {"change_id": row["id"], "change": row["change"], "state": row["state"], "attempts": row["attempts"],
+            "queued_at": iso(row["queued_at"]), "last_attempt_at": iso(row["last_attempt_at"]),
+            "last_status": row["last_status"], "last_error": row["last_error"],
+            "next_attempt_at": iso(row["next_attempt_at"]) if row["state"] == "pending" else None,
+            "delivered_at": iso(row["delivered_at"]), "gave_up_at": iso(row["gave_up_at"])}
 
 
 def compose_memory(pinned: str, notes: str) -> str:
@@ -1242,6 +1292,7 @@ class Store:
         self.lock = threading.RLock()
         self.commits = 0  #: committed transactions, for the checkpointer
         self.events_written = 0  #: grows with every event: the broker wakes event readers when it moved
+        self.webhooks_queued = 0  #: grows with every alert change queued for the webhook: its worker looks then
         self.on_rollback: Callable[[], None] = lambda: None  #: caches to reload when a transaction rolls back
 
     def _connect(self) -> sqlite3.Connection:
@@ -1303,9 +1354,9 @@ class Store:
         with self.lock:
             return self.db.execute(sql, args).fetchall()
 
-    def event(self, c: sqlite3.Connection, kind: str, subject: str, **fields: Any) -> None:
-        """Record an event in the caller's transaction (the outbox). Its id only has to be unique
-        (the stream dedupes on it), so it comes from the fast generator, not the system's."""
+    def event(self, c: sqlite3.Connection, kind: str, subject: str, **fields: Any) -> str:
+        """Record an event in the caller's transaction (the outbox); returns its id. The id only has
+        to be unique (the stream dedupes on it), so it comes from the fast generator, not the system's."""
         event_id = f"{random.getrandbits(64):016x}"
         now = time.time()
         assert "id" not in fields and "type" not in fields and "at" not in fields, "fields may not shadow the envelope"
@@ -1315,6 +1366,7 @@ class Store:
             (event_id, kind, subject, now, json.dumps(payload)),
         )
         self.events_written += 1
+        return event_id
 
     def events_after(self, after: int, limit: int) -> list[dict[str, Any]]:
         rows = self.read("SELECT seq, subject, payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
@@ -1332,6 +1384,7 @@ class Store:
                       (cutoff,))
             c.execute("DELETE FROM sessions WHERE live = 0 AND last_seen < ?", (cutoff,))
             c.execute("DELETE FROM alerts WHERE resolved_at < ?", (cutoff,))
+            c.execute("DELETE FROM webhook_deliveries WHERE queued_at < ? AND state != 'pending'", (cutoff,))
             published = " AND published_at IS NOT NULL" if self.cfg.nats_url else ""
             c.execute(f"DELETE FROM events WHERE at < ?{published}", (cutoff,))
 
@@ -1348,6 +1401,49 @@ class Store:
 
     def backlog(self) -> int:
         return self.read("SELECT COUNT(*) FROM events WHERE published_at IS NULL")[0][0]
+
+    # -- the webhook's queue: alert changes to post, written with the change (an outbox of its own) --
+
+    def queue_webhook(self, c: sqlite3.Connection, change: dict[str, Any]) -> None:
+        """Queue an alert change for the webhook in the caller's transaction, as ntfy reads it: the
+        title, the text, a priority by severity, and tags; keyed by the change's event id."""
+        title, body = alert_message(change)
+        priority = {"critical": "urgent", "warning": "high"}.get(change["severity"], "default")
+        now = time.time()
+        c.execute("INSERT INTO webhook_deliveries(id, alert_id, change, title, body, priority, tags, queued_at,"
+                  " next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  (change["change_id"], change["id"], change["change"], title[:200], body, priority,
+                   f"claude-peers,{change['change']}", now, now))
+        self.webhooks_queued += 1
+
+    def webhook_head(self) -> sqlite3.Row | None:
+        """The oldest alert change the webhook has not had yet: the next one to post."""
+        rows = self.read("SELECT * FROM webhook_deliveries WHERE state = 'pending' ORDER BY seq LIMIT 1")
+        return rows[0] if rows else None
+
+    def webhook_attempted(self, seq: int, at: float, status: int | None, error: str, state: str,
+                          next_attempt_at: float) -> None:
+        """Write down one attempt at posting a change: its outcome, and the state it leaves the change in."""
+        with self.tx() as c:
+            c.execute("UPDATE webhook_deliveries SET attempts = attempts + 1, last_attempt_at = ?, last_status = ?,"
+                      " last_error = ?, state = ?, next_attempt_at = ?, delivered_at = ?, gave_up_at = ?"
+                      " WHERE seq = ?", (at, status, error, state, next_attempt_at,
+                                         at if state == "delivered" else None, at if state == "gave_up" else None,
+                                         seq))
+
+    def webhook_waiting(self) -> tuple[int, float]:
+        """How many alert changes wait for the webhook, and when the oldest of them happened (0: none)."""
+        count, oldest = self.read("SELECT COUNT(*), MIN(queued_at) FROM webhook_deliveries WHERE state = 'pending'")[0]
+        return count, oldest or 0.0
+
+    def webhook_deliveries(self, alert_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        """Each alert's changes on their way to the webhook, oldest first."""
+        rows = self.read("SELECT * FROM webhook_deliveries WHERE alert_id IN (SELECT value FROM json_each(?))"
+                         " ORDER BY seq", (json.dumps(alert_ids),))
+        found: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            found.setdefault(row["alert_id"], []).append(webhook_delivery_view(row))
+        return found
 
 
 class Sessions:
@@ -1779,10 +1875,16 @@ class Records:
         view = alert_view(alert)
         subject = "fleet.alert.resolved" if change == "resolved" else f"fleet.alert.{alert['severity']}"
         fields = {k: v for k, v in view.items() if k not in ("id", "machine")}
-        self.store.event(c, "alert", subject, machine=alert["machine"], alert_id=alert["id"], change=change, **fields)
-        return {**view, "change": change}
+        change_id = self.store.event(c, "alert", subject, machine=alert["machine"], alert_id=alert["id"],
+                                     change=change, **fields)
+        answer = {**view, "change": change, "change_id": change_id}
+        if self.store.cfg.alerts.webhook:  # the hub posts it, from the queue this transaction writes
+            self.store.queue_webhook(c, answer)
+        return answer
 
-    def alerts(self, state: str, source: str | None, machine: str | None, limit: int) -> list[dict[str, Any]]:
+    def alerts(self, state: str, source: str | None, machine: str | None, limit: int,
+               webhook: bool = False) -> list[dict[str, Any]]:
+        """Alerts worst first; with ``webhook``, each with its changes' way to the webhook."""
         where = {"open": "resolved_at IS NULL", "resolved": "resolved_at IS NOT NULL", "all": "1"}[state]
         args: list[Any] = []
         for column, value in (("source", source), ("machine", machine)):
@@ -1791,7 +1893,12 @@ class Records:
                 args.append(value)
         rows = self.store.read(f"SELECT * FROM alerts WHERE {where} ORDER BY CASE severity WHEN 'critical' THEN 0"
                          f" WHEN 'warning' THEN 1 ELSE 2 END, opened_at LIMIT ?", (*args, limit))
-        return [alert_view(r) for r in rows]
+        alerts = [alert_view(r) for r in rows]
+        if webhook:
+            deliveries = self.store.webhook_deliveries([a["id"] for a in alerts])
+            for alert in alerts:
+                alert["webhook"] = deliveries.get(alert["id"], [])
+        return alerts
 
     def record_health(self, machine: str, source: str, report: dict[str, Any], findings: list[dict[str, Any]],
                       kind: str = "machine") -> None:
@@ -2325,6 +2432,151 @@ class EventRelay:
 
 
 # ===========================================================================
+# Webhook: alert changes posted by the hub from the store's queue, in order, until answered
+# ===========================================================================
+
+def webhook_target(url: str) -> str:
+    """Where a webhook URL points, without its userinfo, path or query (an ntfy topic or a token
+    lives there): what logs, status and the runs may show ('' when none is set)."""
+    if not url:
+        return ""
+    parts = urllib.parse.urlsplit(url)
+    hidden = "/…" if parts.path.strip("/") or parts.query else ""
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{hidden}"
+
+
+class RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A webhook answer of 3xx is no delivery: urllib would repeat a POST as a GET without its body."""
+
+    def redirect_request(self, *args: Any) -> None:
+        return None
+
+
+def post_webhook(url: str, row: Any, timeout: float) -> tuple[int | None, str]:
+    """POST one queued alert change, ntfy-style (the text; Title, Priority and Tags headers) with
+    its change id as Idempotency-Key. Returns (HTTP status or None, '' on 2xx or why it failed)."""
+    request = urllib.request.Request(url, data=row["body"].encode(), method="POST", headers={
+        "Content-Type": "text/plain; charset=utf-8", "Title": row["title"].encode("ascii", "replace").decode(),
+        "Priority": row["priority"], "Tags": row["tags"], "Idempotency-Key": row["id"]})
+    try:
+        with urllib.request.build_opener(RefuseRedirects).open(request, timeout=timeout) as answer:
+            answer.read(65536)
+            return answer.status, ""
+    except urllib.error.HTTPError as exc:
+        return exc.code, f"HTTP {exc.code} {exc.reason}".rstrip()
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        return None, describe_error(reason) if isinstance(reason, BaseException) else str(reason)
+    except (OSError, http.client.HTTPException, ValueError) as exc:  # reset, timeout, a broken answer
+        return None, describe_error(exc)
+
+
+async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` on a daemon thread of its own: the loop serves on meanwhile, and a
+    stopping broker never waits for a receiver that hangs (asyncio.to_thread's pool would)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(error) if error is not None else done.set_result(value)
+
+    def work() -> None:
+        try:
+            value, error = function(*args), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine, raised there
+            value, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits for it any more
+            loop.call_soon_threadsafe(settle, value, error)
+
+    threading.Thread(target=work, name="webhook-post", daemon=True).start()
+    return await done
+
+
+class WebhookDelivery:
+    """Posts the alert changes the store queued (in the transaction of the change) to the hub's
+    [alerts] webhook: oldest first and one at a time, so a receiver sees them in order, each
+    until it answers 2xx. A failed attempt waits webhook_retry_s, doubled after each failure up
+    to webhook_retry_max_s, and the changes after it wait with it; after webhook_max_attempts,
+    or once it is webhook_max_age_s old, it is given up and the next one goes. Every attempt is
+    written down (alerts --json) and counted (/metrics). A restart goes on where it stopped: a
+    change posted but not yet written down is posted again, with the same Idempotency-Key."""
+
+    OUTCOMES = ("delivered", "failed", "gave_up")  # failed: tried again later; gave_up: the last attempt failed
+
+    def __init__(self, store: Store, write: Callable[[Callable[[], None]], Awaitable[None]]) -> None:
+        self.store = store
+        self.write = write  #: the broker's group commit
+        self.outcomes: collections.Counter[str] = collections.Counter()  #: attempts since start, by outcome
+        self.error = ""  #: why the last attempt failed ('' after a delivery)
+        self.looked_at = 0  #: the store's webhooks_queued when this last read the queue's head
+        self.wakeup = asyncio.Event()  #: set by ``nudge`` when a commit queued a change
+
+    @property
+    def target(self) -> str:
+        return webhook_target(self.store.cfg.alerts.webhook)
+
+    def status(self) -> dict[str, Any]:
+        queued, oldest = self.store.webhook_waiting()
+        return {"configured": bool(self.store.cfg.alerts.webhook), "target": self.target, "queued": queued,
+                "lag_s": round(time.time() - oldest, 3) if oldest else 0.0, "error": self.error,
+                **{outcome: self.outcomes[outcome] for outcome in self.OUTCOMES}}
+
+    def _next_state(self, row: Any, now: float, status: int | None) -> tuple[str, float]:
+        """After an attempt: delivered on 2xx; else given up past the bounds, or retried after the backoff."""
+        alerts = self.store.cfg.alerts
+        attempts = row["attempts"] + 1
+        if status is not None and 200 <= status < 300:
+            return "delivered", now
+        if attempts >= alerts.webhook_max_attempts or now - row["queued_at"] >= alerts.webhook_max_age_s:
+            return "gave_up", now
+        return "pending", now + min(alerts.webhook_retry_max_s, alerts.webhook_retry_s * 2 ** (attempts - 1))
+
+    async def attempt(self, row: Any) -> None:
+        """Post one change and write down how it went (logged when a change first fails, gives up,
+        or gets through after failures: a receiver down for an hour is not a line per retry)."""
+        url = self.store.cfg.alerts.webhook
+        status, error = (await in_daemon_thread(post_webhook, url, row, self.store.cfg.alerts.webhook_timeout_s)
+                         if url else (None, "no [alerts] webhook is set on the hub"))
+        now = time.time()
+        state, next_at = self._next_state(row, now, status)
+        await self.write(lambda: self.store.webhook_attempted(row["seq"], now, status, error, state, next_at))
+        outcome = "failed" if state == "pending" else state
+        self.outcomes[outcome] += 1
+        self.error = error
+        where = f"webhook {self.target or '(none)'}: alert change {row['id']} ({row['change']} {row['title']!r})"
+        if state == "gave_up":
+            log.error("%s given up after %d attempts: %s", where, row["attempts"] + 1, error)
+        elif state == "pending" and row["attempts"] == 0:
+            log.warning("%s not delivered: %s; retrying in %.1fs", where, error, next_at - now)
+        elif state == "delivered" and row["attempts"]:
+            log.info("%s delivered at attempt %d", where, row["attempts"] + 1)
+
+    def nudge(self) -> None:
+        """After a commit: wake the worker if a change was queued since it looked (most commits queue none)."""
+        if self.store.webhooks_queued != self.looked_at:
+            self.wakeup.set()
+
+    async def run(self, stopping: threading.Event) -> None:
+        """Post the queue's head whenever it is due; otherwise wait for that, or for a new change.
+        A store error (disk full) is logged and the same change tried again: it stays queued."""
+        while not stopping.is_set():
+            self.looked_at = self.store.webhooks_queued
+            try:
+                head = self.store.webhook_head()
+                wait = 1.0 if head is None else head["next_attempt_at"] - time.time()
+                if wait <= 0:
+                    await self.attempt(head)
+                    continue
+            except sqlite3.Error as exc:
+                log.error("webhook: %s", exc)
+                wait = 1.0
+            self.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeup.wait(), min(wait, 1.0))
+
+
+# ===========================================================================
 # Dashboard and metrics: the live page, its logins, and GET /metrics
 # ===========================================================================
 #
@@ -2792,6 +3044,17 @@ def _expose_health(out: Exposition, b: Broker) -> None:
                [({"machine": e["machine"]}, f["cores"]) for e, f in machines if f["cores"]])
 
 
+def _expose_webhook(out: Exposition, b: Broker) -> None:
+    webhook = b.webhooks.status()
+    out.family("claude_peers_webhook_deliveries_total", "counter", "Attempts at posting an alert change to the"
+               " [alerts] webhook since the broker started, by outcome (failed: tried again later; gave_up: the"
+               " last attempt failed).", [({"outcome": o}, webhook[o]) for o in WebhookDelivery.OUTCOMES])
+    out.family("claude_peers_webhook_queued", "gauge", "Alert changes waiting for the webhook to take them.",
+               [({}, webhook["queued"])])
+    out.family("claude_peers_webhook_lag_seconds", "gauge", "Age of the oldest alert change still waiting for the"
+               " webhook.", [({}, float(webhook["lag_s"]))])
+
+
 def metrics_text(b: Broker) -> str:
     """The broker's figures in Prometheus text format; labels name routes, daemons and machines, never text."""
     out, now = Exposition(), time.time()
@@ -2800,6 +3063,7 @@ def metrics_text(b: Broker) -> str:
     _expose_traffic(out, b, b.metrics)
     _expose_nats(out, b)
     _expose_daemons(out, b, now)
+    _expose_webhook(out, b)
     _expose_health(out, b)
     return out.text()
 
@@ -3474,6 +3738,7 @@ class Broker:
         self.requests = 0
         self.relay: EventRelay | None = None
         self.embedded: EmbeddedNats | None = None
+        self.webhooks = WebhookDelivery(self.store, self.write)  #: alert changes to the [alerts] webhook
         self.stopping = threading.Event()
         self.dashboard = Dashboard(secure=bool(cfg.broker.tls_cert))  #: its logins, schedules, change counter
         self.metrics = Metrics(cfg.broker.lease_s, self.dashboard.changed)  #: what /metrics counts
@@ -3556,6 +3821,7 @@ class Broker:
             self.new_events = asyncio.Event()
             if self.relay is not None:
                 self.relay.wakeup.set()
+            self.webhooks.nudge()
 
     # -- wake-ups -----------------------------------------------------------
 
@@ -3661,7 +3927,7 @@ class Broker:
                 "feed_readers_waiting": self.feed_readers,
                 "messages": self.messages.counts(),
                 "events": self.store.read("SELECT COUNT(*) FROM events")[0][0],
-                "last_event_seq": self.store.last_event_seq(), "nats": nats}
+                "last_event_seq": self.store.last_event_seq(), "nats": nats, "webhook": self.webhooks.status()}
 
 
 class Identity(NamedTuple):
@@ -3870,7 +4136,7 @@ async def r_sync_alerts(b: Broker, req: Request) -> Any:
     changes = await b.write(lambda: b.records.sync_alerts(body["source"], body["machine"], body["checks"],
                                                         body["findings"], max(1, body["repeat_after"]),
                                                         req.identity.name))
-    return {"changes": changes}
+    return {"changes": changes, "webhook": b.webhooks.target}  # the hub posts them there (none: '')
 
 
 def r_alerts(b: Broker, req: Request) -> Any:
@@ -3878,7 +4144,7 @@ def r_alerts(b: Broker, req: Request) -> Any:
     if state not in ("open", "resolved", "all"):
         raise ApiError(400, "query parameter 'state' must be open, resolved or all")
     return {"alerts": b.records.alerts(state, req.query.get("source"), req.query.get("machine"),
-                                     _int_query(req, "limit", 200, 1, 1000))}
+                                     _int_query(req, "limit", 200, 1, 1000), webhook=True)}
 
 
 async def r_record_health(b: Broker, req: Request) -> Any:
@@ -4345,6 +4611,7 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
     checkpointer = threading.Thread(target=broker.store.checkpoint, args=(broker.stopping,), daemon=True)
     checkpointer.start()
     janitor = asyncio.create_task(broker.janitor(api.close_idle))
+    webhooks = asyncio.create_task(broker.webhooks.run(broker.stopping))
     embedded = broker.embedded = EmbeddedNats(cfg, home, broker.credentials.nats_readers) \
         if cfg.nats.embedded and not cfg.nats.url else None
     nats_tasks = []
@@ -4369,6 +4636,7 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
         broker.wake(list(broker.parked))
         server.close()
         janitor.cancel()
+        webhooks.cancel()
         if embedded is not None:
             await embedded.stop()
         for task in nats_tasks:
@@ -6392,41 +6660,35 @@ class DaemonRun:
 
     def report_alerts(self, machine: str, checks: list[str], findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """This run's findings for one machine (``checks``: what it looked at) through the
-        broker's alert lifecycle; each change goes to the daemon's alert_to peers and the webhook."""
+        broker's alert lifecycle; each change goes to the daemon's alert_to peers, and the hub
+        posts it to its own [alerts] webhook (queued with the change, retried until answered)."""
         findings = [{k: f[k] for k in FINDING_SCHEMA if f.get(k) not in (None, "")} for f in findings]
         if self.dry_run:
             if findings:
                 self.log_line("dry_run", alerts=findings, machine=machine)
             return []
-        changes = self.broker(register=False).call("POST", "/api/alerts", {
+        answer = self.broker(register=False).call("POST", "/api/alerts", {
             "source": self.daemon.name, "machine": machine, "checks": checks, "findings": findings,
-            "repeat_after": self.cfg.alerts.repeat_after_cycles})["changes"]
+            "repeat_after": self.cfg.alerts.repeat_after_cycles})
+        changes, hub_webhook = answer["changes"], answer.get("webhook", "")
+        if changes and self.cfg.alerts.webhook and webhook_target(self.cfg.alerts.webhook) != hub_webhook:
+            self.log_line("webhook_not_used", webhook=webhook_target(self.cfg.alerts.webhook),
+                          hub_webhook=hub_webhook, why=f"[alerts] webhook in {self.cfg.where} is not used here: the"
+                          " hub posts alerts to the [alerts] webhook of its own daemons.toml; set it there")
         for change in changes:
+            told = self.notify(change) + ([f"webhook {hub_webhook} (queued on the hub)"] if hub_webhook else [])
             self.log_line("alert", **{k: change[k] for k in ("id", "change", "severity", "machine", "title")},
-                          told=self.notify(change))
+                          told=told)
         return changes
 
     def notify(self, change: dict[str, Any]) -> list[str]:
-        """One alert change as a channel message to each alert_to peer and a POST to the webhook."""
-        label = {"resolved": "resolved", "repeat": f"{change['severity']}, still"}.get(change["change"],
-                                                                                      change["severity"])
-        title = f"[{label}] {change['machine']}: {change['title']}"
-        details = [] if change["change"] == "resolved" else [change["detail"], change["diagnosis"] and
-                                                             f"Diagnosis: {change['diagnosis']}"]
-        text = "\n".join(part for part in (title, *details) if part)
+        """One alert change as a channel message to each alert_to peer (the broker keeps the mail)."""
+        text = alert_message(change)[1]
         told = []
         for name in self.daemon.alert_to:
             with contextlib.suppress(UserError, ApiError):
                 self.broker().session_call("POST", "/send", {"to": name, "text": text[:60000]})
                 told.append(name)
-        if self.cfg.alerts.webhook:
-            priority = {"critical": "urgent", "warning": "high"}.get(change["severity"], "default")
-            request = urllib.request.Request(self.cfg.alerts.webhook, data=text.encode(), method="POST", headers={
-                "Title": title[:200].encode("ascii", "replace").decode(), "Priority": priority,
-                "Tags": f"claude-peers,{change['change']}"})
-            with contextlib.suppress(urllib.error.URLError, TimeoutError, OSError):
-                urllib.request.urlopen(request, timeout=10).close()
-                told.append("webhook")
         return told
 
 
@@ -8962,6 +9224,13 @@ def cmd_status(cfg: Config, args: argparse.Namespace) -> int:
         embedded = f" (embedded, restarted {nats['embedded_restarts']}x)" if "embedded_restarts" in nats else ""
         print(f"nats: {state} to {nats['url']}{embedded}, stream {nats['stream']}, last published seq"
               f" {nats['last_published_seq']}, outbox backlog {nats['backlog']}")
+    webhook = status.get("webhook")  # None: a hub from before the webhook queue
+    if webhook is not None and not webhook["configured"]:
+        print("webhook: none (set [alerts] webhook in the hub's daemons.toml)")
+    elif webhook is not None:
+        trouble = f", last error: {webhook['error']}" if webhook["queued"] and webhook["error"] else ""
+        print(f"webhook: {webhook['target']}, {webhook['queued']} alert change(s) waiting{trouble}; since start"
+              f" {webhook['delivered']} delivered, {webhook['failed']} failed attempts, {webhook['gave_up']} given up")
     return 0
 
 

@@ -328,6 +328,9 @@ def test_repo_template_carries_exactly_the_defaults():
     ('[daemons.scout]\nmax_actions = 0\n', "daemons.scout.max_actions: must be > 0"),
     ('[llm]\nroutine = "gpt"\n', "llm.routine: expected list"),
     ('[nats]\nurl = "nats://a:4222,http://b:4222"\n', "nats.url: must be nats:// or tls:// URLs"),
+    ('[alerts]\nwebhook = "ntfy.sh/fleet"\n', "alerts.webhook: must start with http:// or https://"),
+    ('[alerts]\nwebhook_retry_s = 0\n', "alerts.webhook_retry_s: must be > 0"),
+    ('[alerts]\nwebhook_max_attempts = 2.5\n', "alerts.webhook_max_attempts: expected int"),
 ])
 def test_config_errors_name_file_key_and_reason(tmp_path, text, expected):
     path = tmp_path / "daemons.toml"
@@ -1168,6 +1171,222 @@ def test_a_taken_nats_port_is_one_clear_error_and_nothing_connects_to_that_serve
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
         squatter.close()
+
+
+# ---------------------------------------------------------------------------
+# Webhook: alert changes posted by the hub (a real HTTP receiver on a loopback port)
+# ---------------------------------------------------------------------------
+
+
+class WebhookReceiver:
+    """An ntfy-style receiver on a real loopback port: each POST gets the next status of
+    ``answers`` (200 once they run out) and is kept in ``posts``; ``down()`` closes the port
+    (connection refused), ``up()`` opens the same port again; ``hold`` cleared makes it hang."""
+
+    def __init__(self) -> None:
+        self.answers: list[int] = []
+        self.arrived: list[str] = []  #: the Idempotency-Key of each POST as it arrives, before it is answered
+        self.posts: list[dict] = []  #: every POST answered: the status it got, its path, headers, body
+        self.hold = threading.Event()
+        self.hold.set()
+        self.server: http.server.ThreadingHTTPServer | None = None
+        self.port = 0
+        self.up()
+        self.url = f"http://127.0.0.1:{self.port}/fleet-alerts-s3cret"  # an ntfy topic is its own secret
+
+    def up(self) -> None:
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                receiver.arrived.append(self.headers["Idempotency-Key"])
+                receiver.hold.wait(30)
+                status = receiver.answers.pop(0) if receiver.answers else 200
+                receiver.posts.append({"status": status, "path": self.path, "headers": dict(self.headers),
+                                       "body": body})
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def down(self) -> None:
+        if self.server is not None:
+            self.hold.set()
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def delivered(self) -> list[dict]:
+        return [p for p in self.posts if p["status"] == 200]
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    webhook = WebhookReceiver()
+    yield webhook
+    webhook.down()
+
+
+def webhook_toml(receiver: WebhookReceiver, **keys) -> str:
+    """[alerts] with the receiver as the webhook and retries kept short (a test waits on states, not on time)."""
+    settings = {"webhook_retry_s": 0.05, "webhook_retry_max_s": 0.2, "webhook_max_attempts": 1000, **keys}
+    return f'[alerts]\nwebhook = "{receiver.url}"\n' + "".join(f"{k} = {v}\n" for k, v in settings.items())
+
+
+def webhook_states(broker: BrokerProc) -> list[dict]:
+    """Every alert change's way to the webhook, as `claude-peers alerts --all --json` shows it, oldest first."""
+    out = broker.cli("alerts", "--all", "--json")
+    assert out.returncode == 0, out.stderr
+    return sorted((d for a in json.loads(out.stdout) for d in a["webhook"]), key=lambda d: d["queued_at"])
+
+
+def alert_change_ids(broker: BrokerProc) -> list[str]:
+    """The id of each alert change, in the order the broker recorded them (the feed's order)."""
+    return [e["id"] for e in broker.client().call("GET", "/api/events?after=0&limit=1000")["events"]
+            if e["type"] == "alert"]
+
+
+def test_a_webhook_refusing_then_down_then_back_gets_every_alert_change_in_order_once_each(make_broker, receiver):
+    receiver.answers = [500, 500, 503]
+    broker = make_broker(webhook_toml(receiver))
+    sync_alerts(broker, [finding("/var"), finding("/home")])
+    sync_alerts(broker, [finding("/var", "critical"), finding("/home")])
+    sync_alerts(broker, [finding("/home")])  # /var resolved
+    changes = alert_change_ids(broker)
+    assert len(changes) == 4
+    wait_until_sync(lambda: len(receiver.posts) == 3, what="three refused attempts")
+    receiver.down()  # now nothing listens: connection refused
+    wait_until_sync(lambda: "refused" in webhook_states(broker)[0]["last_error"], what="a refused connection")
+    assert re.search(r"webhook: http://127\.0\.0\.1:\d+/…, 4 alert change\(s\) waiting, last error: .*refused",
+                     broker.cli("status").stdout)
+    head = webhook_states(broker)[0]
+    assert head["state"] == "pending" and head["attempts"] >= 4 and head["last_status"] is None
+    assert head["next_attempt_at"] and head["delivered_at"] is None
+    assert [p["headers"]["Idempotency-Key"] for p in receiver.posts] == [changes[0]] * 3  # the rest waited their turn
+    receiver.up()
+    wait_until_sync(lambda: len(receiver.delivered()) == 4, what="every change delivered")
+    delivered = receiver.delivered()
+    assert [p["headers"]["Idempotency-Key"] for p in delivered] == changes  # in order, once each
+    first = delivered[0]
+    assert first["path"] == "/fleet-alerts-s3cret" and first["headers"]["Title"] == "[warning] nas: disk /var full"
+    assert first["headers"]["Priority"] == "high" and first["headers"]["Tags"] == "claude-peers,new"
+    assert first["body"] == "[warning] nas: disk /var full\n96% used"
+    assert (delivered[2]["headers"]["Title"], delivered[2]["headers"]["Priority"]) == (
+        "[critical] nas: disk /var full", "urgent")
+    assert delivered[3]["body"] == delivered[3]["headers"]["Title"] == "[resolved] nas: disk /var full"
+    assert [p["headers"]["Tags"] for p in delivered] == ["claude-peers,new", "claude-peers,new",
+                                                         "claude-peers,changed", "claude-peers,resolved"]
+    states = webhook_states(broker)
+    assert [d["change_id"] for d in states] == changes and {d["state"] for d in states} == {"delivered"}
+    assert states[0]["attempts"] >= 5 and states[0]["last_status"] == 200 and states[0]["last_error"] == ""
+    assert all(d["delivered_at"] and d["next_attempt_at"] is None for d in states)
+    samples, _ = scrape(broker)
+    assert metric(samples, "claude_peers_webhook_deliveries_total", outcome="delivered") == 4
+    assert metric(samples, "claude_peers_webhook_deliveries_total", outcome="failed") == states[0]["attempts"] - 1
+    assert metric(samples, "claude_peers_webhook_deliveries_total", outcome="gave_up") == 0
+    assert metric(samples, "claude_peers_webhook_queued") == 0
+    status = broker_status(broker)["webhook"]
+    assert status["target"] == f"http://127.0.0.1:{receiver.port}/…" and status["queued"] == 0
+    stays_sync(lambda: len(receiver.posts) == 3 + 4, 0.5, "nothing is posted twice")
+    log = "".join(broker.log)
+    assert "not delivered" in log and "delivered at attempt" in log and "s3cret" not in log  # the topic never logged
+
+
+def test_alert_changes_waiting_for_the_webhook_survive_a_kill_9_of_the_broker(make_broker, receiver):
+    receiver.down()
+    broker = make_broker(webhook_toml(receiver, webhook_retry_s=0.5, webhook_retry_max_s=0.5))
+    sync_alerts(broker, [finding("/var"), finding("/home")])
+    changes = alert_change_ids(broker)
+    wait_until_sync(lambda: webhook_states(broker)[0]["attempts"] >= 1, what="a first failed attempt")
+    assert broker_status(broker)["webhook"]["queued"] == 2
+    broker.kill()
+    receiver.up()
+    broker.start()
+    wait_until_sync(lambda: len(receiver.delivered()) == 2, what="the queue delivered after the restart")
+    assert [p["headers"]["Idempotency-Key"] for p in receiver.delivered()] == changes
+    assert [d["state"] for d in webhook_states(broker)] == ["delivered", "delivered"]
+
+
+def test_an_alert_change_the_webhook_keeps_refusing_is_given_up_visibly_and_the_next_goes(make_broker, receiver):
+    receiver.answers = [500, 500, 500]
+    broker = make_broker(webhook_toml(receiver, webhook_max_attempts=3))
+    sync_alerts(broker, [finding("/var")])
+    sync_alerts(broker, [])
+    changes = alert_change_ids(broker)
+    wait_until_sync(lambda: len(receiver.delivered()) == 1, what="the second change delivered")
+    assert [p["headers"]["Idempotency-Key"] for p in receiver.posts] == [changes[0]] * 3 + [changes[1]]
+    gave_up, resolved = webhook_states(broker)
+    assert gave_up["state"] == "gave_up" and gave_up["attempts"] == 3 and gave_up["last_status"] == 500
+    assert gave_up["last_error"] == "HTTP 500 Internal Server Error" and gave_up["gave_up_at"]
+    assert resolved["state"] == "delivered" and resolved["attempts"] == 1
+    samples, _ = scrape(broker)
+    assert [metric(samples, "claude_peers_webhook_deliveries_total", outcome=o) for o in
+            ("delivered", "failed", "gave_up")] == [1, 2, 1]
+    assert "given up after 3 attempts: HTTP 500" in "".join(broker.log)
+
+
+def test_a_hanging_webhook_blocks_neither_the_api_nor_the_broker_stopping(make_broker, receiver):
+    receiver.hold.clear()
+    broker = make_broker(webhook_toml(receiver, webhook_timeout_s=60.0))
+    sync_alerts(broker, [finding("/var")])
+    wait_until_sync(lambda: len(receiver.arrived) == 1, what="the first post in flight")
+    assert webhook_states(broker)[0]["attempts"] == 0 and receiver.posts == []  # it hangs, unanswered
+    assert sync_alerts(broker, [finding("/var", "critical")]) == [("changed", "/var", "critical")]  # writes go on
+    assert broker_status(broker)["webhook"]["queued"] == 2
+    broker.stop()
+    assert broker.proc.returncode == 0 and "broker stopped" in "".join(broker.log)  # not killed after 10 s
+
+
+def test_a_database_from_before_the_webhook_queue_gets_one_and_its_open_alerts_reach_the_webhook(tmp_path, receiver):
+    old = BrokerProc(tmp_path / "before-webhooks", webhook_toml(receiver))
+    before = re.sub(r"CREATE (TABLE|INDEX) IF NOT EXISTS webhook_deliveries.*?;\n", "", cp.SCHEMA, flags=re.DOTALL)
+    assert "webhook" not in before
+    with contextlib.closing(sqlite3.connect(old.home / "broker.db")) as db:
+        db.executescript(before)
+        db.execute("INSERT INTO alerts VALUES ('a1', 'fleet-scout', 'nas', 'disk', '/var', 'warning', 'disk /var full',"
+                   " '96% used', '', 1700000000, 1700000000, 1700000000, 0, NULL)")
+        db.commit()
+    old.start()
+    try:
+        assert sync_alerts(old, [], checks=("disk",)) == [("resolved", "/var", "warning")]
+        wait_until_sync(lambda: len(receiver.delivered()) == 1, what="the resolved alert at the webhook")
+        assert receiver.delivered()[0]["headers"]["Title"] == "[resolved] nas: disk /var full"
+        assert [d["state"] for d in webhook_states(old)] == ["delivered"]
+    finally:
+        old.stop()
+
+
+def test_pruning_drops_finished_webhook_deliveries_past_retention_and_keeps_waiting_ones(tmp_path):
+    """In process, real sqlite: a change still waiting for the webhook outlives retention_days."""
+    store = cp.Store(tmp_path / "broker.db", cp.Config({"alerts": {"webhook": "http://127.0.0.1:9/x"}}, None))
+    try:
+        changes = cp.Records(store).sync_alerts("fleet-scout", "nas", ["disk"], [finding("/var"), finding("/home")], 3)
+        long_ago = time.time() - 8 * 86400
+        store.db.execute("UPDATE webhook_deliveries SET queued_at = ?", (long_ago,))
+        store.webhook_attempted(store.webhook_head()["seq"], long_ago, 200, "", "delivered", long_ago)
+        store.prune()
+        kept = store.webhook_deliveries([c["id"] for c in changes])
+        assert [d["change_id"] for ds in kept.values() for d in ds] == [changes[1]["change_id"]]
+        assert store.webhook_waiting()[0] == 1
+    finally:
+        store.close()
+
+
+def test_no_webhook_set_queues_nothing_and_alerts_json_says_so(broker):
+    assert sync_alerts(broker, [finding("/var")]) == [("new", "/var", "warning")]
+    [alert] = json.loads(broker.cli("alerts", "--json").stdout)
+    assert "webhook: none (set [alerts] webhook in the hub's daemons.toml)" in broker.cli("status").stdout
+    assert alert["webhook"] == [] and broker_status(broker)["webhook"] == {
+        "configured": False, "target": "", "queued": 0, "lag_s": 0.0, "error": "", "delivered": 0, "failed": 0,
+        "gave_up": 0}
 
 
 # ---------------------------------------------------------------------------
@@ -4498,6 +4717,32 @@ def test_llm_watchdog_alerts_once_per_change_publishes_health_every_run_and_rest
         assert len(runs) == 7 and {r["status"] for r in runs} == {"ok"} and runs[2]["actions"] == 1  # newest first
     finally:
         server.stop()
+
+
+def test_a_run_leaves_the_webhook_to_the_hub_and_says_a_client_machines_own_is_not_used(make_broker, tmp_path):
+    hub_webhook, client_webhook, server = WebhookReceiver(), WebhookReceiver(), LocalLLMServer("ollama")
+    server.set("refusing")
+    try:
+        broker = make_broker(webhook_toml(hub_webhook))
+        client = tmp_path / "client.toml"  # a client machine's config, with a webhook of its own
+        client.write_text(f'[broker]\nurl = "{broker.url}"\n[nats]\nembedded = false\n[alerts]\nwebhook ='
+                          f' "{client_webhook.url}"\n[daemons.llm-watchdog]\ntimeout_s = 1\nservers = [{{ name ='
+                          f' "gpu", base_url = "{server.url}", kind = "ollama" }}]\n')
+        out = broker.cli("trigger", "llm-watchdog", "--here", env={"CLAUDE_PEERS_CONFIG": str(client)})
+        assert out.returncode == 0, out.stdout + out.stderr
+        events = transcript_events(out)
+        hub, own = (f"http://127.0.0.1:{r.port}/…" for r in (hub_webhook, client_webhook))
+        [unused] = [e for e in events if e["event"] == "webhook_not_used"]
+        assert (unused["webhook"], unused["hub_webhook"]) == (own, hub) and str(client) in unused["why"]
+        [alert] = [e for e in events if e["event"] == "alert"]
+        assert alert["told"] == [f"webhook {hub} (queued on the hub)"]
+        wait_until_sync(lambda: len(hub_webhook.delivered()) == 1, what="the hub's webhook to get the alert")
+        assert hub_webhook.delivered()[0]["headers"]["Title"] == "[critical] llm.gpu: LLM server gpu is down"
+        assert client_webhook.arrived == [] and "s3cret" not in out.stdout + out.stderr  # the run posts nothing
+    finally:
+        server.stop()
+        hub_webhook.down()
+        client_webhook.down()
 
 
 def test_llm_watchdog_restarts_only_with_an_allowed_command_and_only_once_down_long_enough(tmp_path, monkeypatch):
