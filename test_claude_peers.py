@@ -2739,6 +2739,28 @@ def test_a_batch_under_a_later_protocol_is_refused_with_one_error_naming_the_ver
     assert raw_shim.batches == [] and not any(m.get("id") == "a" for m in raw_shim.lines)
 
 
+BATCH_ELEMENTS = (JSON_VALUES
+                  | st.builds(lambda rid, method: {"jsonrpc": "2.0", "id": rid, "method": method},
+                              st.text(max_size=4), st.sampled_from(["ping", "tools/list", "initialize", "nope"]))
+                  | st.builds(lambda method: {"jsonrpc": "2.0", "method": method}, st.text(max_size=12)))
+
+
+def test_every_generated_batch_under_2025_03_26_is_answered_and_the_shim_keeps_serving(broker):
+    counter = iter(range(10**9))
+    with initialized_raw_shim(broker, "2025-03-26") as shim:
+
+        @settings(max_examples=60, deadline=None, database=None)
+        @given(batch=st.lists(BATCH_ELEMENTS, max_size=5))
+        def throw(batch: list) -> None:
+            shim.send(json.dumps(batch).encode())
+            probe = f"probe-{next(counter)}"
+            shim.send(json.dumps({"jsonrpc": "2.0", "id": probe, "method": "ping"}).encode())
+            assert shim.answer(probe)["result"] == {}
+
+        throw()
+        assert shim.proc.poll() is None
+
+
 @pytest.mark.parametrize("arguments", ['{"to": "bob", "text": "cut \\ud83d emoji"}',
                                        '{"to": "bob\\udfff", "text": "hi"}'])
 def test_a_tool_call_holding_a_lone_surrogate_is_answered_as_a_tool_error(raw_shim, arguments):
