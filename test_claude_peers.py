@@ -2120,6 +2120,10 @@ VALID_BODIES = [  # one valid body per schema: the fuzzer breaks one field at a 
     (cp.HEALTH_SCHEMA, {"source": "d", "machine": "m", "report": {"load": [1]}, "findings": []}),
     (cp.SCHEDULE_SCHEMA, {"machine": "m", "daemons": [{"name": "d", "next_due": 1.5, "enabled": 1}]}),
     (cp.DASHBOARD_LOGIN_SCHEMA, {"code": "not-a-code"}),
+    (cp.PERMISSION_REQUEST_SCHEMA, {"request_id": "abcde", "tool_name": "Bash", "description": "d",
+                                    "input_preview": "{}"}),
+    (cp.PERMISSION_POLL_SCHEMA, {"wait_s": 0, "ack": []}),
+    (cp.PERMISSION_SETTLE_SCHEMA, {"decision": "allow"}),
 ]
 HOSTILE_VALUES = st.sampled_from(["\ud800", "ok\udfff", 2 ** 64, -(2 ** 63) - 1, -1, None, float("nan"),
                                   float("inf"), 1e308, "", [[[[[]]]]], {"a": {}}]) | JSON_VALUES
@@ -2161,10 +2165,12 @@ class FuzzTarget:
         if template.endswith("/poll"):  # mail waiting: the long-poll answers at once, whatever its wait_s
             self.broker.client().call("POST", "/api/send", {"to": self.client.session_id, "text": "for the poll"})
         path = template.replace("SID", self.client.session_id).replace("MID", "0" * 12).replace("NAME", "scout")
+        path = path.replace("PID", "0" * 8)
         return f"{path}?{query}" if query else path
 
 
 ROUTE_TEMPLATES = [(m, p.pattern.strip("^$").replace(cp.SID, "SID").replace("([0-9a-f]{12})", "MID")
+                    .replace(cp.PID, "PID").replace("(allow|deny)", "allow")
                     .replace(r"([A-Za-z0-9][A-Za-z0-9._-]{0,63})", "NAME"), schema or {})
                    for m, p, _, _, schema, _ in cp.ROUTES]
 
@@ -2245,6 +2251,7 @@ def route_call(broker: BrokerProc, route: tuple, token: str | None, session: cp.
     """One call of a route as a credential, with a body its schema takes, on a session of its own."""
     method, template, schema = route
     path = template.replace("SID", session.session_id if session else "0" * 10).replace("MID", "0" * 12)
+    path = path.replace("PID", "0" * 8)
     path = path.replace("NAME", "fleet-scout" if "daemons" in path else "nobody")
     body = next((dict(b) for known, b in VALID_BODIES if known is schema), {}) if method == "POST" else None
     if body is not None and "machine" in body:
@@ -2269,14 +2276,16 @@ def test_every_route_grants_each_role_what_it_may_do_and_refuses_the_rest(make_b
     broker.client().call("POST", "/api/credentials/stolen/revoke")
     other = as_session(broker, credential(broker, "pi", "pi"))  # another machine's session
     allowed = {role: {p for p, roles in [("read", "coa"), ("session", "coa"), ("report", "coa"), ("trigger", "coa"),
-                                         ("operator", "oa"), ("metrics", "oa"), ("admin", "a")] if role[0] in roles}
+                                         ("operator", "oa"), ("metrics", "oa"), ("approve", "oa"), ("admin", "a")]
+                   if role[0] in roles}
                for role in tokens}
     permission = {(m, p.pattern): perm for m, p, _, _, _, perm in cp.ROUTES}
     for route in ROUTE_TEMPLATES:
         method, template, _ = route
         perm = permission[(method, next(p.pattern for m, p, *_ in cp.ROUTES
                                         if m == method and p.pattern.strip("^$").replace(cp.SID, "SID").replace(
-                                            "([0-9a-f]{12})", "MID").replace(
+                                            "([0-9a-f]{12})", "MID").replace(cp.PID, "PID").replace(
+                                            "(allow|deny)", "allow").replace(
                                             r"([A-Za-z0-9][A-Za-z0-9._-]{0,63})", "NAME") == template))]
         if perm == "dashboard":  # the page's cookie, not a bearer token: its own test covers these
             continue
@@ -2371,6 +2380,118 @@ def test_token_create_list_revoke_from_the_cli_and_no_secret_is_ever_shown_again
              json.dumps(broker.client().call("GET", "/api/events?after=0&limit=1000")),
              json.dumps(broker.client().call("GET", "/api/credentials"))]
     assert not any(token in text or cp.sha256_hex(token) in text for text in shown)
+
+
+# -- permission prompts relayed to the hub: Needs you ------------------------------------------
+
+PROMPT = {"request_id": "tbxkq", "tool_name": "Bash", "description": "Create the marker file",
+          "input_preview": '{"command":"touch /tmp/marker"}'}
+
+
+def relay_prompt(session: cp.BrokerClient, **changes) -> dict:
+    """What a shim does with a prompt Claude Code relayed to it."""
+    return session.session_call("POST", "/permissions", {**PROMPT, **changes})
+
+
+def verdicts(session: cp.BrokerClient, ack: list[str] | None = None, wait_s: float = 0) -> dict:
+    """The shim's wait for verdicts (acknowledging ``ack``)."""
+    return session.session_call("POST", "/permissions/poll", {"wait_s": wait_s, "ack": ack or []})
+
+
+def prompts(broker: BrokerProc, state: str = "all") -> list[dict]:
+    return broker.client().call("GET", f"/api/permissions?state={state}")["permissions"]
+
+
+def test_a_relayed_prompt_waits_until_an_operator_allows_it_and_reaches_its_session_once(make_broker, receiver):
+    broker = make_broker(webhook_toml(receiver))
+    laptop = as_session(broker, credential(broker, "laptop", "laptop"), name="builder")
+    operator = credential(broker, "desk", "desk", "operator")
+    asked = relay_prompt(laptop)
+    assert relay_prompt(laptop)["id"] == asked["id"]  # a shim retrying is the same prompt
+    assert (asked["state"], asked["machine"], asked["session_name"], asked["tool"]) == ("waiting", "laptop", "builder",
+                                                                                        "Bash")
+    pending = broker.cli("pending")
+    assert pending.returncode == 0 and asked["id"] in pending.stdout and "laptop/builder  Bash  waiting" in pending.stdout
+    assert "touch /tmp/marker" in pending.stdout
+    wait_until_sync(lambda: receiver.delivered(), what="the webhook to be told")
+    [post] = receiver.delivered()
+    assert post["headers"]["Title"] == "[needs you] laptop: builder asks to run Bash"
+    assert f"{broker.url}/#permission={asked['id']}" in post["body"] and post["headers"]["Priority"] == "high"
+    client = broker.cli("allow", asked["id"], env={"CLAUDE_PEERS_TOKEN": credential(broker, "pi", "pi")})
+    assert client.returncode == cp.EXIT_AUTH and "may not answer the sessions' permission prompts" in client.stderr
+    assert verdicts(laptop) == {"verdicts": [], "waiting": 1}
+    allowed = broker.cli("allow", asked["id"], env={"CLAUDE_PEERS_TOKEN": operator})
+    assert allowed.returncode == 0 and f"{asked['id']}: allowed - Bash for builder on laptop" in allowed.stdout
+    [verdict] = verdicts(laptop)["verdicts"]
+    assert (verdict["request_id"], verdict["state"], verdict["answered_by"]) == ("tbxkq", "allowed", "desk")
+    assert verdicts(laptop, ack=[verdict["id"]]) == {"verdicts": [], "waiting": 0}  # handed once
+    late = broker.cli("deny", asked["id"], env={"CLAUDE_PEERS_TOKEN": operator})
+    assert late.returncode == cp.EXIT_ERROR and "already allowed by desk" in late.stderr
+    assert "this verdict is dropped" in late.stderr and verdicts(laptop)["verdicts"] == []
+    [shown] = prompts(broker)
+    assert shown["state"] == "allowed" and shown["answered_from"] == "127.0.0.1 (api)"
+    assert [(v["behavior"], v["by"], v["from"], v["outcome"].split(":")[0]) for v in shown["verdicts"]] == [
+        ("allow", "desk", "127.0.0.1 (api)", "applied"), ("deny", "desk", "127.0.0.1 (api)", "dropped")]
+    events = [e for e in broker.client().call("GET", "/api/events?after=0")["events"] if e["type"].startswith("perm")]
+    assert [(e["subject"], e["permission_id"], e["machine"]) for e in events] == [
+        ("fleet.permission.waiting", asked["id"], "laptop"), ("fleet.permission.allowed", asked["id"], "laptop")]
+    assert broker.cli("pending").stdout.strip() == "nothing waits for you"
+
+
+def test_the_credential_a_session_registered_with_may_not_answer_its_prompts_and_the_refusal_is_audited(make_broker):
+    broker = make_broker()
+    own = credential(broker, "laptop-ops", "laptop", "operator")  # an operator credential kept on the laptop
+    session = as_session(broker, own, name="builder")
+    asked = relay_prompt(session)
+    refused = api_error(lambda: broker.client(own).call("POST", f"/api/permissions/{asked['id']}/allow"))
+    assert refused.status == 403 and "registered session builder" in refused.message
+    assert verdicts(session)["verdicts"] == [] and prompts(broker, "waiting")[0]["id"] == asked["id"]
+    other = credential(broker, "desk", "desk", "operator")
+    assert broker.client(other).call("POST", f"/api/permissions/{asked['id']}/deny")["state"] == "denied"
+    assert [(v["by"], v["outcome"].split(":")[0]) for v in prompts(broker)[0]["verdicts"]] == [
+        ("laptop-ops", "refused"), ("desk", "applied")]
+    assert verdicts(session)["verdicts"][0]["state"] == "denied"
+
+
+def test_a_prompt_answered_in_the_terminal_first_is_shown_so_and_a_later_verdict_is_dropped(make_broker):
+    broker = make_broker()
+    session = broker.session(name="builder")
+    asked = relay_prompt(session)
+    settled = session.session_call("POST", f"/permissions/{asked['id']}/settle", {"decision": "deny"})
+    assert settled["state"] == "answered-in-terminal" and settled["answered_by"] == "the terminal (denied)"
+    late = api_error(lambda: broker.client().call("POST", f"/api/permissions/{asked['id']}/allow"))
+    assert late.status == 409 and "already answered-in-terminal" in late.message
+    assert verdicts(session) == {"verdicts": [], "waiting": 0}
+    # a verdict the shim has not handed on yet when the terminal answers: the terminal's wins, the verdict is late
+    second = relay_prompt(session, request_id="mnopq")
+    broker.client().call("POST", f"/api/permissions/{second['id']}/allow")
+    session.session_call("POST", f"/permissions/{second['id']}/settle", {"decision": "allow"})
+    assert verdicts(session)["verdicts"] == []
+    [shown] = [p for p in prompts(broker) if p["id"] == second["id"]]
+    assert shown["state"] == "answered-in-terminal"
+    assert [v["outcome"] for v in shown["verdicts"]] == ["dropped: answered in the terminal first"]
+    assert "answered-in-terminal" in broker.cli("pending", "--all").stdout
+
+
+def test_the_prompts_of_a_session_that_ends_expire_and_cannot_be_answered(make_broker):
+    broker = make_broker()
+    session = broker.session(name="builder")
+    asked = relay_prompt(session)
+    session.session_call("POST", "/leave")
+    [shown] = prompts(broker)
+    assert shown["state"] == "expired"
+    assert api_error(lambda: broker.client().call("POST", f"/api/permissions/{asked['id']}/allow")).status == 409
+    assert "fleet.permission.expired" in [e["subject"] for e in broker.client().call("GET", "/api/events")["events"]]
+
+
+def test_a_prompt_that_is_not_claude_codes_is_refused_and_a_verdict_for_no_prompt_is_a_404(broker):
+    session = broker.session()
+    bad = api_error(lambda: relay_prompt(session, request_id="ABCDE"))
+    assert bad.status == 400 and "not a Claude Code request id" in bad.message
+    missing = broker.cli("allow", "0123abcd")
+    assert missing.returncode == cp.EXIT_ERROR and "no permission prompt '0123abcd'" in missing.stderr
+    typo = broker.cli("deny", "42")
+    assert typo.returncode == cp.EXIT_ERROR and "'42' is not a prompt id" in typo.stderr
 
 
 # ---------------------------------------------------------------------------
