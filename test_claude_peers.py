@@ -2610,7 +2610,7 @@ async def test_shim_handshake_tools_and_channel_push(broker, mode):
     async with shim_session(broker, name="web", mode=mode) as shim:
         client = shim.client
         assert client.protocol_version == "2025-11-25"
-        assert client.server_capabilities.experimental == {"claude/channel": {}}
+        assert client.server_capabilities.experimental == {"claude/channel": {}, "claude/channel/permission": {}}
         instructions = client.instructions
         for fragment in ("agent name web", "send_message", "SendMessage", "set_summary", "<channel source",
                          "db-migrator", "migrating postgres", "backups at 02:00"):
@@ -2630,6 +2630,17 @@ async def test_shim_handshake_tools_and_channel_push(broker, mode):
         await shim.ok("set_summary", {"summary": "building the web UI"})
         assert peer_named(broker, "web")["summary"] == "building the web UI"
         assert me["id"] in await shim.ok("whoami")
+
+
+@pytest.mark.anyio
+async def test_only_push_sessions_ask_for_permission_prompts_and_relay_permissions_false_turns_it_off(make_broker):
+    broker = make_broker()
+    async with shim_session(broker, name="pulled", flag=[]) as pulled:  # no channel flag: a pull session
+        assert pulled.client.server_capabilities.experimental == {"claude/channel": {}}
+    quiet = make_broker(name="quiet", nats="embedded = false\n[shim]\nrelay_permissions = false\n")
+    async with shim_session(quiet, name="pushed") as pushed:
+        assert pushed.client.server_capabilities.experimental == {"claude/channel": {}}
+        assert "delivery: push" in await pushed.ok("whoami")
 
 
 @pytest.mark.anyio
@@ -4734,6 +4745,232 @@ def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation
     doctor = broker.cli("doctor", env={"HOME": str(tmp_path)})
     mcp = next(line for line in doctor.stdout.splitlines() if line.split()[1] == "mcp")
     assert mcp.startswith("ok") and "user scope" in mcp and "shim --name real-claude" in mcp
+
+
+class ScriptedModel:
+    """The Anthropic Messages API on a loopback port, with a script in place of the model: a turn
+    with TRIGGER in it and the Bash tool on offer calls Bash with ``command``; a turn that shows it
+    a tool's result says so and ends; anything else (titles, summaries) is answered "ok". Every
+    tool result it is shown is kept in ``results``."""
+
+    TRIGGER = "RUN-THE-MARKER-COMMAND"
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self.results: list[dict] = []
+        model = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._answer("application/json", b"{}")
+
+            def do_POST(self) -> None:
+                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                if not self.path.startswith("/v1/messages") or "count_tokens" in self.path:
+                    self._answer("application/json", b'{"input_tokens": 10}')
+                    return
+                blocks, stop = model.turn(request)
+                self._answer(*model.encode(request, blocks, stop))
+
+            def _answer(self, content_type: str, body: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def turn(self, request: dict) -> tuple[list[dict], str]:
+        last = request.get("messages", [{}])[-1].get("content")
+        results = [b for b in last if isinstance(b, dict) and b.get("type") == "tool_result"] \
+            if isinstance(last, list) else []
+        if results:
+            self.results += results
+            return [{"type": "text", "text": "the command's result: " + json.dumps(results)[:200]}], "end_turn"
+        if self.TRIGGER in json.dumps(request.get("messages")) and "Bash" in {t.get("name") for t in
+                                                                             request.get("tools", [])}:
+            call = {"type": "tool_use", "id": f"toolu_{len(self.results):02d}", "name": "Bash",
+                    "input": {"command": self.command, "description": "Create the marker file"}}
+            return [call], "tool_use"
+        return [{"type": "text", "text": "ok"}], "end_turn"
+
+    @staticmethod
+    def encode(request: dict, blocks: list[dict], stop: str) -> tuple[str, bytes]:
+        """The answer as the API sends it: server-sent events when asked to stream, else one JSON message."""
+        message = {"id": "msg_scripted", "type": "message", "role": "assistant", "model": request.get("model", ""),
+                   "stop_reason": stop, "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}}
+        if not request.get("stream"):
+            return "application/json", json.dumps({**message, "content": blocks}).encode()
+        events = [("message_start", {"type": "message_start", "message": {**message, "content": [],
+                                                                          "stop_reason": None}})]
+        for i, block in enumerate(blocks):
+            if block["type"] == "text":
+                start, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
+            else:
+                start = {**block, "input": {}}
+                delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+            events += [("content_block_start", {"type": "content_block_start", "index": i, "content_block": start}),
+                       ("content_block_delta", {"type": "content_block_delta", "index": i, "delta": delta}),
+                       ("content_block_stop", {"type": "content_block_stop", "index": i})]
+        events += [("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+                                      "usage": {"output_tokens": 1}}), ("message_stop", {"type": "message_stop"})]
+        return "text/event-stream", "".join(f"event: {e}\ndata: {json.dumps(d)}\n\n" for e, d in events).encode()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+ANSI = re.compile(rb"\x1b(\[[0-9;?<>=]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-_])")
+
+
+class ClaudeTerminal:
+    """Claude Code's interactive terminal UI on a pseudo-terminal, the way a person runs it: keys
+    typed in, the screen read back as text without escape codes or spacing (its cursor moves
+    stand in for spaces)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path) -> None:
+        import fcntl
+        import pty
+        import struct
+        import termios
+
+        self.master, follower = pty.openpty()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+        self.proc = subprocess.Popen(argv, stdin=follower, stdout=follower, stderr=follower, env=env, cwd=cwd,
+                                     start_new_session=True)
+        os.close(follower)
+        self.screen = bytearray()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self.screen += data
+
+    def text(self) -> str:
+        return re.sub(r"\s+", "", ANSI.sub(b"", bytes(self.screen)).decode(errors="replace"))
+
+    def wait_for(self, words: str, timeout: float = 90) -> None:
+        wanted = re.sub(r"\s+", "", words)
+        wait_until_sync(lambda: wanted in self.text() or self.proc.poll() is not None, timeout, f"{words!r} on screen")
+        assert wanted in self.text(), f"claude exited ({self.proc.returncode}) before showing {words!r}: " \
+                                      f"{self.text()[-600:]}"
+
+    def type(self, keys: str) -> None:
+        os.write(self.master, keys.encode())
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)  # Claude Code and the shim it started
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        os.close(self.master)
+
+
+def answer_each_prompt(broker: BrokerProc, verdict: str, token: str, done) -> None:
+    """``claude-peers allow|deny`` for each prompt that waits, until ``done()``: Claude Code 2.1.33x
+    may replace a dialog it opened while it was still starting up, and asks again for the new one
+    (the hub shows both; the first one's verdict reached a dialog that was gone)."""
+    def answered() -> bool:
+        for waiting in prompts(broker, "waiting"):
+            given = broker.cli(verdict, waiting["id"], env={"CLAUDE_PEERS_TOKEN": token})
+            assert given.returncode == 0 or "this verdict is dropped" in given.stderr, given.stderr
+        return bool(done())
+
+    wait_until_sync(answered, 90, f"the command's result after `{verdict}`")
+
+
+CLAUDE_BINARIES = {"pinned": shutil.which("claude"), "newest": os.environ.get("CLAUDE_PEERS_NEWEST_CLAUDE")}
+
+
+def claude_home(tmp_path: Path, work: Path, key: str) -> Path:
+    """A HOME where Claude Code has been set up already: onboarded, this API key accepted, the
+    directory trusted, the shim registered, and channels (with the permission relay) on, as
+    Anthropic's feature flags would have them (those come from Anthropic's servers: none here)."""
+    home = tmp_path / "user-home"  # the broker's home is tmp_path/home
+    home.mkdir()
+    shim = {"type": "stdio", "command": PY, "args": [str(SCRIPT), "shim", "--name", "real-claude"]}
+    (home / ".claude.json").write_text(json.dumps({
+        "hasCompletedOnboarding": True, "numStartups": 3, "theme": "dark",
+        "customApiKeyResponses": {"approved": [key[-20:]], "rejected": []},
+        "cachedGrowthBookFeatures": {"tengu_harbor": True, "tengu_harbor_permissions": True},
+        "projects": {str(work): {"hasTrustDialogAccepted": True, "allowedTools": []}},
+        "mcpServers": {"claude-peers": shim}}))
+    return home
+
+
+@pytest.mark.parametrize("answer", ["allow", "deny", "terminal"])
+@pytest.mark.parametrize("binary", ["pinned", "newest"])
+def test_the_real_claude_codes_permission_prompt_is_answered_from_the_hub_or_its_terminal(make_broker, tmp_path,
+                                                                                        binary, answer):
+    """Claude Code in its terminal UI (on a pseudo-terminal) with a scripted model that runs a Bash
+    command needing permission: the prompt waits on the hub; `allow` from another machine's
+    operator credential lets it run, `deny` stops it; answered in the terminal first, the terminal's
+    answer counts and the hub's late verdict is dropped."""
+    claude = CLAUDE_BINARIES[binary]
+    if not claude:
+        pytest.skip(f"no {binary} Claude Code CLI (pinned: on PATH; newest: $CLAUDE_PEERS_NEWEST_CLAUDE)")
+    broker = make_broker()
+    desk = credential(broker, "desk", "desk", "operator")
+    work = tmp_path / "work"
+    work.mkdir()
+    marker = work / "marker"
+    model = ScriptedModel(f"touch {marker}")
+    key = "sk-ant-api03-" + "t" * 80
+    env = {k: v for k, v in broker.env.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_CODE_", "DISABLE_"))}
+    env.update(HOME=str(claude_home(tmp_path, work, key)), TERM="xterm-256color", ANTHROPIC_API_KEY=key,
+               ANTHROPIC_BASE_URL=model.url, DISABLE_AUTOUPDATER="1",
+               PATH=f"{Path(claude).parent}{os.pathsep}{env['PATH']}")
+    terminal = ClaudeTerminal([PY, str(SCRIPT), "run", "--permission-mode", "default"], env, work)
+    try:
+        terminal.wait_for("I am using this for local development")
+        terminal.type("\r")
+        wait_until_sync(lambda: peer_named(broker, "real-claude"), 60, "the shim to join")
+        terminal.wait_for("? for shortcuts")
+        terminal.type(f"{ScriptedModel.TRIGGER} please")  # typed once the session is up, as a person does
+        terminal.wait_for(ScriptedModel.TRIGGER)
+        terminal.type("\r")
+        terminal.wait_for("Do you want to proceed?")
+        wait_until_sync(lambda: prompts(broker, "waiting"), 60, "the prompt on the hub")
+        [waiting] = prompts(broker, "waiting")
+        pending = broker.cli("pending")
+        assert f"{waiting['id']}  {socket.gethostname()}/real-claude  Bash  waiting" in pending.stdout, pending.stdout
+        assert str(marker) in pending.stdout and "Create the marker file" in pending.stdout
+        if answer == "terminal":
+            terminal.type("\r")  # "1. Yes", in the terminal, first
+            wait_until_sync(lambda: model.results, 60, "the command's result")
+            wait_until_sync(lambda: prompts(broker)[0]["state"] == "answered-in-terminal", 30, "the hub to know")
+            late = broker.cli("deny", waiting["id"], env={"CLAUDE_PEERS_TOKEN": desk})
+            assert late.returncode == cp.EXIT_ERROR and "already answered-in-terminal" in late.stderr
+            assert marker.exists() and not model.results[0].get("is_error")
+        else:
+            answer_each_prompt(broker, answer, desk, lambda: model.results)
+            shown = prompts(broker)[0]  # the newest: the one whose verdict Claude Code took
+            assert shown["state"] == ("allowed" if answer == "allow" else "denied") and shown["answered_by"] == "desk"
+            assert shown["delivered_at"]
+            assert marker.exists() == (answer == "allow")
+            assert bool(model.results[0].get("is_error")) == (answer == "deny")
+    finally:
+        terminal.stop()
+        model.stop()
 
 
 # ---------------------------------------------------------------------------
