@@ -5213,6 +5213,7 @@ INSTRUCTIONS_PEERS = 20
 SEEN_LIMIT = 100_000
 CHANNEL_FLAG = "--dangerously-load-development-channels"  # Claude Code's switch for a channel off its allowlist
 CLAUDE_CODE_CLIENT = "claude-code"  # the clientInfo name Claude Code introduces itself with
+TERMINAL_LOOK_S = 0.5  # how often a shim with prompts waiting reads the transcripts for a terminal's answer
 TOOLS: list[dict[str, Any]] = [
     {"name": "list_peers",
      "description": "List the other Claude Code sessions in the claude-peers fleet (other machines, other"
@@ -5343,6 +5344,70 @@ def mode_override(explicit: str | None) -> str | None:
     return mode
 
 
+def claude_projects_dir(cwd: Path) -> Path:
+    """Where Claude Code writes the transcripts of the sessions it runs in ``cwd``."""
+    root = Path(os.environ.get("CLAUDE_CONFIG_DIR") or Path.home() / ".claude")
+    return root / "projects" / re.sub(r"[^A-Za-z0-9]", "-", str(cwd))
+
+
+def same_call(tool_input: Any, preview: str) -> bool:
+    """True if a tool call's input is what a relayed prompt previewed: Claude Code sends the
+    input as JSON cut to 200 characters (compact or spaced, by version), so compare without whitespace."""
+    def compact(text: str) -> str:
+        return re.sub(r"\s+", "", text)
+    wanted = compact(preview.removesuffix("\u2026"))
+    return bool(wanted) and compact(json.dumps(tool_input, ensure_ascii=False)).startswith(wanted)
+
+
+class TerminalAnswers:
+    """Claude Code tells a channel when a permission prompt opens, never when its terminal
+    answers it; its transcript does, as the tool call's result. This reads the transcripts of
+    this directory from where they stood when the shim started, and yields each tool call that
+    got a result: (tool, input, allowed)."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.folder = claude_projects_dir(cwd)
+        self.offsets = {path: path.stat().st_size for path in self._transcripts()}  #: read up to here
+        self.calls: dict[str, tuple[str, Any]] = {}  #: tool_use id -> (tool, input), until its result
+
+    def _transcripts(self) -> list[Path]:
+        with contextlib.suppress(OSError):
+            return list(self.folder.glob("*.jsonl"))
+        return []
+
+    def _lines(self, path: Path) -> list[bytes]:
+        """The whole lines written to ``path`` since the last look."""
+        try:
+            with path.open("rb") as fh:
+                fh.seek(self.offsets.get(path, 0))
+                data = fh.read(8 << 20)
+        except OSError:
+            return []
+        complete = data[:data.rfind(b"\n") + 1]
+        self.offsets[path] = self.offsets.get(path, 0) + len(complete)
+        return complete.splitlines()
+
+    def answered(self) -> Iterator[tuple[str, Any, bool]]:
+        for path in self._transcripts():
+            for line in self._lines(path):
+                with contextlib.suppress(ValueError):
+                    yield from self._entry(json.loads(line))
+
+    def _entry(self, entry: Any) -> Iterator[tuple[str, Any, bool]]:
+        message = entry.get("message") if isinstance(entry, dict) else None
+        blocks = message.get("content") if isinstance(message, dict) else None
+        for block in blocks if isinstance(blocks, list) else []:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "tool_use" and isinstance(block.get("id"), str):
+                self.calls[block["id"]] = (str(block.get("name")), block.get("input"))
+            elif block.get("type") == "tool_result" and block.get("tool_use_id") in self.calls:
+                tool, tool_input = self.calls.pop(block["tool_use_id"])
+                decision = entry.get("permissionDecision") if isinstance(entry.get("permissionDecision"), dict) else {}
+                allowed = decision.get("decision") == "accept" if "decision" in decision else not block.get("is_error")
+                yield tool, tool_input, allowed
+
+
 def recipient_note(result: dict[str, Any]) -> str:
     """What a sender is told about one recipient: pushed now, queued until it checks its
     messages (a pull session), queued for an offline name, or undeliverable."""
@@ -5432,8 +5497,10 @@ class Shim:
         self.attempted = asyncio.Event()  #: the first registration attempt is over (instructions wait for it)
         self.initialized = asyncio.Event()  #: the client sent notifications/initialized: pushes may flow
         self.verdict_client = AsyncBrokerClient(self.url, token, timeout=cfg.broker.poll_wait_s + 15)
-        self.prompts: dict[str, str] = {}  #: Claude Code's request id -> the prompt's id on the hub, while it waits
+        self.prompts: dict[str, dict[str, Any]] = {}  #: Claude Code's request id -> the prompt on the hub, while it waits
+        self.terminal: TerminalAnswers | None = None  #: this session's transcripts, once a push session relays prompts
         self.verdicts: asyncio.Task[None] | None = None  #: waits for the hub's verdicts while prompts wait
+        self.watcher: asyncio.Task[None] | None = None  #: reads the transcripts for terminal answers meanwhile
         self.background: set[asyncio.Task[None]] = set()  #: prompts on their way to the hub
 
     # -- connection to the broker ----------------------------------------------
@@ -5452,6 +5519,8 @@ class Shim:
             self.client = name.strip()[:64]
         self.mode, self.mode_reason = decide_mode(self.override, self.client, self.parent_argv)
         log.info("delivery mode %s: %s", self.mode, self.mode_reason)
+        if self.relays_permissions:
+            self.terminal = TerminalAnswers(self.cwd)
         self.introduced.set()
 
     async def _register(self, info: dict[str, Any]) -> None:
@@ -5577,10 +5646,28 @@ class Shim:
             log.warning("permission prompt %s (%s) not relayed to the hub: %s; it waits in the terminal",
                         prompt["request_id"], prompt["tool_name"], exc)
             return
-        self.prompts[prompt["request_id"]] = stored["id"]
+        self.prompts[prompt["request_id"]] = stored
         log.info("permission prompt %s relayed as %s", prompt["request_id"], stored["id"])
         if self.verdicts is None or self.verdicts.done():
             self.verdicts = asyncio.get_running_loop().create_task(self._await_verdicts())
+        if self.watcher is None or self.watcher.done():
+            self.watcher = asyncio.get_running_loop().create_task(self._watch_terminal())
+
+    async def _watch_terminal(self) -> None:
+        """While prompts wait: a tool call answered in the terminal first (its result is in the
+        transcript, no verdict of ours went out) is settled on the hub as answered there."""
+        while self.prompts and self.terminal is not None:
+            for tool, tool_input, allowed in await asyncio.to_thread(lambda: list(self.terminal.answered())):
+                match = next((r for r, p in self.prompts.items()
+                              if p["tool"] == tool and same_call(tool_input, p["input_preview"])), None)
+                if match is None:
+                    continue
+                prompt = self.prompts.pop(match)
+                with contextlib.suppress(UserError, ApiError):
+                    await self.tools_client.session_call("POST", f"/permissions/{prompt['id']}/settle",
+                                                         {"decision": "allow" if allowed else "deny"})
+                log.info("permission prompt %s answered in the terminal first", prompt["id"])
+            await asyncio.sleep(TERMINAL_LOOK_S)
 
     def _apply_verdict(self, verdict: dict[str, Any]) -> None:
         """Hand Claude Code a human's verdict (it drops one for a prompt already answered in the terminal)."""
@@ -5954,7 +6041,7 @@ async def serve_stdio(shim: Shim) -> None:
                 server.handle(line)
     finally:
         session.cancel()
-        for task in [*server.inflight.values(), *server.batches, *shim.background, shim.verdicts]:
+        for task in [*server.inflight.values(), *server.batches, *shim.background, shim.verdicts, shim.watcher]:
             if task is not None:
                 task.cancel()
         await shim.leave()

@@ -4874,6 +4874,16 @@ class ClaudeTerminal:
     def type(self, keys: str) -> None:
         os.write(self.master, keys.encode())
 
+    def press_until(self, keys: str, done, what: str, tries: int = 30) -> None:
+        """Type ``keys`` again until ``done()``: a dialog just opened ignores keys for a moment
+        (Claude Code guards against a keystroke meant for the prompt before it)."""
+        for _ in range(tries):
+            self.type(keys)
+            with contextlib.suppress(AssertionError):
+                wait_until_sync(done, 2, what)
+                return
+        raise AssertionError(f"timed out waiting for {what}: {self.text()[-600:]}")
+
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)  # Claude Code and the shim it started
@@ -4883,19 +4893,6 @@ class ClaudeTerminal:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
         os.close(self.master)
-
-
-def answer_each_prompt(broker: BrokerProc, verdict: str, token: str, done) -> None:
-    """``claude-peers allow|deny`` for each prompt that waits, until ``done()``: Claude Code 2.1.33x
-    may replace a dialog it opened while it was still starting up, and asks again for the new one
-    (the hub shows both; the first one's verdict reached a dialog that was gone)."""
-    def answered() -> bool:
-        for waiting in prompts(broker, "waiting"):
-            given = broker.cli(verdict, waiting["id"], env={"CLAUDE_PEERS_TOKEN": token})
-            assert given.returncode == 0 or "this verdict is dropped" in given.stderr, given.stderr
-        return bool(done())
-
-    wait_until_sync(answered, 90, f"the command's result after `{verdict}`")
 
 
 CLAUDE_BINARIES = {"pinned": shutil.which("claude"), "newest": os.environ.get("CLAUDE_PEERS_NEWEST_CLAUDE")}
@@ -4939,11 +4936,14 @@ def test_the_real_claude_codes_permission_prompt_is_answered_from_the_hub_or_its
     env.update(HOME=str(claude_home(tmp_path, work, key)), TERM="xterm-256color", ANTHROPIC_API_KEY=key,
                ANTHROPIC_BASE_URL=model.url, DISABLE_AUTOUPDATER="1",
                PATH=f"{Path(claude).parent}{os.pathsep}{env['PATH']}")
-    terminal = ClaudeTerminal([PY, str(SCRIPT), "run", "--permission-mode", "default"], env, work)
+    terminal = ClaudeTerminal([PY, str(SCRIPT), "run", "--debug", "--permission-mode", "default"], env, work)
+    debug_logs = Path(env["HOME"]) / ".claude" / "debug"
     try:
         terminal.wait_for("I am using this for local development")
         terminal.type("\r")
-        wait_until_sync(lambda: peer_named(broker, "real-claude"), 60, "the shim to join")
+        # Claude Code relays only the prompts it opens once the channel is registered (its debug log says when)
+        wait_until_sync(lambda: any("Channel notifications registered" in log.read_text(errors="replace")
+                                    for log in debug_logs.glob("*.txt")), 60, "the channel to be registered")
         terminal.wait_for("? for shortcuts")
         terminal.type(f"{ScriptedModel.TRIGGER} please")  # typed once the session is up, as a person does
         terminal.wait_for(ScriptedModel.TRIGGER)
@@ -4955,15 +4955,16 @@ def test_the_real_claude_codes_permission_prompt_is_answered_from_the_hub_or_its
         assert f"{waiting['id']}  {socket.gethostname()}/real-claude  Bash  waiting" in pending.stdout, pending.stdout
         assert str(marker) in pending.stdout and "Create the marker file" in pending.stdout
         if answer == "terminal":
-            terminal.type("\r")  # "1. Yes", in the terminal, first
-            wait_until_sync(lambda: model.results, 60, "the command's result")
+            terminal.press_until("\r", lambda: model.results, "the command's result")  # "1. Yes", here, first
             wait_until_sync(lambda: prompts(broker)[0]["state"] == "answered-in-terminal", 30, "the hub to know")
             late = broker.cli("deny", waiting["id"], env={"CLAUDE_PEERS_TOKEN": desk})
             assert late.returncode == cp.EXIT_ERROR and "already answered-in-terminal" in late.stderr
             assert marker.exists() and not model.results[0].get("is_error")
         else:
-            answer_each_prompt(broker, answer, desk, lambda: model.results)
-            shown = prompts(broker)[0]  # the newest: the one whose verdict Claude Code took
+            given = broker.cli(answer, waiting["id"], env={"CLAUDE_PEERS_TOKEN": desk})
+            assert given.returncode == 0, given.stderr
+            wait_until_sync(lambda: model.results, 60, f"the command's result after `{answer}`")
+            [shown] = prompts(broker)
             assert shown["state"] == ("allowed" if answer == "allow" else "denied") and shown["answered_by"] == "desk"
             assert shown["delivered_at"]
             assert marker.exists() == (answer == "allow")
