@@ -3740,7 +3740,10 @@ async function start() {
 }
 
 document.getElementById("logout").addEventListener("click", logout);
-window.addEventListener("hashchange", () => { if (/login=/.test(location.hash)) start(); });
+window.addEventListener("hashchange", () => {
+  if (/login=/.test(location.hash)) start();
+  else if (state) renderNeeds();  // a link to one prompt (#permission=ID, as the webhook sends): pick it out
+});
 setInterval(tick, 1000);
 start();
 """

@@ -1760,36 +1760,45 @@ def chromium():  # -> selenium.webdriver.Chrome
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
-                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
-def test_the_dashboard_in_chromium_logs_in_and_follows_sessions_and_message_states_live(make_broker, tmp_path):
+def page_helpers(driver):
+    """until(condition, what) -> seconds it took; shown(css) -> the text of each visible match (read in
+    the page: it re-renders as it goes); click(css), retried when a re-render replaced it; text_of(id)."""
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    def until(condition, what: str, timeout: float = 10) -> float:
+        started = time.monotonic()
+        WebDriverWait(driver, timeout, poll_frequency=0.02).until(lambda d: condition(), what)
+        return time.monotonic() - started
+
+    def shown(css: str) -> list[str]:
+        return driver.execute_script("return [...document.querySelectorAll(arguments[0])]"
+                                     ".filter((e) => e.offsetParent !== null).map((e) => e.textContent)", css)
+
+    def click(css: str) -> None:
+        for _ in range(3):
+            with contextlib.suppress(StaleElementReferenceException):
+                return driver.find_element(By.CSS_SELECTOR, css).click()
+        raise AssertionError(f"{css} kept going stale")
+
+    def text_of(element_id: str) -> str:
+        return driver.execute_script("return document.getElementById(arguments[0]).innerText", element_id)
+
+    return until, shown, click, text_of
+
+
+CHROMIUM = pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                              reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+
+
+@CHROMIUM
+def test_the_dashboard_in_chromium_logs_in_and_follows_sessions_and_message_states_live(make_broker, tmp_path):
     broker = make_broker()
     seed_fleet(broker)
     driver = chromium()
     try:
-        def until(condition, what: str, timeout: float = 10) -> float:
-            started = time.monotonic()
-            WebDriverWait(driver, timeout, poll_frequency=0.02).until(lambda d: condition(), what)
-            return time.monotonic() - started
-
-        def shown(css: str) -> list[str]:
-            """The text of each visible element matching ``css`` (read in the page: it re-renders as it goes)."""
-            return driver.execute_script("return [...document.querySelectorAll(arguments[0])]"
-                                         ".filter((e) => e.offsetParent !== null).map((e) => e.textContent)", css)
-
-        def click(css: str) -> None:
-            for _ in range(3):  # the page may re-render between finding the button and clicking it
-                with contextlib.suppress(StaleElementReferenceException):
-                    return driver.find_element(By.CSS_SELECTOR, css).click()
-            raise AssertionError(f"{css} kept going stale")
-
-        def text_of(element_id: str) -> str:
-            return driver.execute_script("return document.getElementById(arguments[0]).innerText", element_id)
-
+        until, shown, click, text_of = page_helpers(driver)
         driver.get(broker.url + "/")
         until(lambda: shown("#login"), "the login card")
         assert "homelab-infra" not in driver.page_source and not shown("#app")  # no login, no data
@@ -1827,6 +1836,53 @@ def test_the_dashboard_in_chromium_logs_in_and_follows_sessions_and_message_stat
         click("#logout")
         until(lambda: shown("#login"), "the login card after logging out")
         assert "homelab-infra" not in text_of("app") and not shown("#app")
+    finally:
+        driver.quit()
+
+
+@CHROMIUM
+def test_the_needs_you_panel_shows_prompts_live_and_answers_them_in_one_click_as_its_logins_credential(
+        make_broker, tmp_path):
+    broker = make_broker()
+    infra, build, *_ = seed_fleet(broker)
+    desk = credential(broker, "desk", "desk", "operator")
+    login = broker.cli("dashboard", "--json", env={"CLAUDE_PEERS_TOKEN": desk})
+    assert login.returncode == 0, login.stderr
+    driver = chromium()
+    try:
+        until, shown, click, text_of = page_helpers(driver)
+        driver.get(json.loads(login.stdout)["url"])
+        until(lambda: shown("#needs .empty") == ["Nothing waits for you."], "the empty Needs you panel")
+        driver.execute_script("window.notReloaded = true")
+        cleanup = relay_prompt(infra, request_id="hwzqa", description="Delete the old backup snapshots",
+                               input_preview='{"command":"rm -rf /srv/backups/2026-10-*"}')
+        deploy = relay_prompt(build, request_id="pocek", description="Push the release tag",
+                              input_preview='{"command":"git push origin v2.4.0"}')
+        row = 'tr[data-permission="{}"]'.format
+        appeared = until(lambda: len(shown(f"{row(cleanup['id'])} button, {row(deploy['id'])} button")) == 4,
+                         "both prompts, each with Allow and Deny")
+        assert appeared < 2 and driver.execute_script("return window.notReloaded") is True  # live, no reload
+        assert shown("#needs-count") == ["2 waiting"] and "rm -rf /srv/backups/2026-10-*" in text_of("needs")
+        assert driver.execute_script("return document.getElementById('needs-panel').getBoundingClientRect().top") \
+            < driver.execute_script("return document.getElementById('cards').getBoundingClientRect().top")  # on top
+        driver.get(broker.url + f"/#permission={deploy['id']}")  # the webhook's link
+        until(lambda: driver.execute_script(f"return document.querySelector('{row(deploy['id'])}')?.className")
+              == "focus", "the linked prompt picked out")
+        shot = Path(os.environ.get("CLAUDE_PEERS_NEEDS_YOU_SCREENSHOT") or tmp_path / "needs-you.png")
+        driver.set_window_size(1480, 760)
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000  # for the README
+        click(f'{row(cleanup["id"])} button[data-verdict="allow"]')
+        until(lambda: shown(f"{row(cleanup['id'])} .pill") == ["allowed"], "the prompt allowed")
+        click(f'{row(deploy["id"])} button[data-verdict="deny"]')
+        until(lambda: shown(f"{row(deploy['id'])} .pill") == ["denied"], "the prompt denied")
+        assert shown("#needs-count") == [""] and not shown("#needs button")
+        assert [(v["state"], v["answered_by"]) for v in verdicts(infra)["verdicts"]] == [("allowed", "desk")]
+        assert [(v["state"], v["answered_by"]) for v in verdicts(build)["verdicts"]] == [("denied", "desk")]
+        trail = {p["id"]: p["verdicts"] for p in prompts(broker)}
+        assert [(v["by"], v["from"], v["outcome"]) for v in trail[cleanup["id"]]] == [
+            ("desk", "127.0.0.1 (dashboard)", "applied")]
+        problems = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not problems, problems  # no CSP violation, no script error
     finally:
         driver.quit()
 
