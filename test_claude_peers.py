@@ -2688,6 +2688,48 @@ async def test_shim_handshake_tools_and_channel_push(broker, mode):
         assert me["id"] in await shim.ok("whoami")
 
 
+def transcript_lines(call_id: str, command: str, result: dict) -> str:
+    """A tool call and its result as Claude Code writes them to a session's transcript."""
+    call = {"type": "assistant", "message": {"content": [{"type": "tool_use", "id": call_id, "name": "Bash",
+                                                          "input": {"command": command, "description": "d"}}]}}
+    answer = {"type": "user", "message": {"content": [{"type": "tool_result", "tool_use_id": call_id,
+                                                       **result}]}}
+    return json.dumps(call) + "\n" + json.dumps(answer) + "\n"
+
+
+def test_the_terminals_answers_are_read_from_transcripts_written_after_the_shim_started(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLAUDE_CONFIG_DIR", str(tmp_path / "claude"))
+    cwd = tmp_path / "my project"
+    folder = cp.claude_projects_dir(cwd)
+    assert folder.name == re.sub(r"[^A-Za-z0-9]", "-", str(cwd))
+    folder.mkdir(parents=True)
+    old = folder / "resumed.jsonl"
+    old.write_text(transcript_lines("toolu_old", "touch marker", {"content": "done"}))  # before the shim
+    answers = cp.TerminalAnswers(cwd)
+    assert list(answers.answered()) == []
+    refused = transcript_lines("toolu_a", "touch marker", {"content": "The user doesn't want to proceed",
+                                                           "is_error": True})
+    with old.open("a") as fh:  # the resumed session goes on, and its call's result is half written
+        fh.write(refused[:-20])
+    assert list(answers.answered()) == []
+    with old.open("a") as fh:
+        fh.write(refused[-20:])
+    (folder / "new.jsonl").write_text(transcript_lines("toolu_b", "ls -la /srv", {"content": "ok"}))
+    seen = sorted(answers.answered(), key=lambda answer: answer[1]["command"])
+    assert seen == [("Bash", {"command": "ls -la /srv", "description": "d"}, True),
+                    ("Bash", {"command": "touch marker", "description": "d"}, False)]
+    assert list(answers.answered()) == []  # each once
+
+
+@pytest.mark.parametrize(("preview", "same"), [
+    ('{"command":"touch /tmp/x","description":"d"}', True),  # 2.1.19x: compact JSON
+    ('{ "command": "touch /tmp/x", "description": "d" }', True),  # 2.1.33x: spaced
+    ('{"command":"touch /tm\u2026', True),  # cut at 200 characters
+    ('{"command":"touch /tmp/y"}', False), ("", False)])
+def test_a_tool_call_is_the_prompted_one_when_its_input_is_what_the_prompt_previewed(preview, same):
+    assert cp.same_call({"command": "touch /tmp/x", "description": "d"}, preview) is same
+
+
 @pytest.mark.anyio
 async def test_only_push_sessions_ask_for_permission_prompts_and_relay_permissions_false_turns_it_off(make_broker):
     broker = make_broker()
