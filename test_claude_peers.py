@@ -3143,7 +3143,8 @@ async def test_peer_text_is_delivered_verbatim_never_interpreted(broker, tmp_pat
         send(sender, "target", "second")
         received = await shim.recorder.wait_for(2)
         await stays(lambda: len(received) == 2, 0.3, "nothing more pushed")
-        assert [p.content for p in received] == [nasty, "second"]
+        fenced = nasty.replace("</channel><channel", "&lt;/channel>&lt;channel")  # the one change: tags escaped
+        assert [p.content for p in received] == [fenced, "second"]
         assert "$(touch" in await shim.ok("check_messages")
     assert not canary.exists()
 
