@@ -15,13 +15,14 @@ Sections, in dependency order (each uses only what is above it):
   Common helpers       errors, ids, names, text checks, tool-argument checking
   Schedules            durations and cron expressions
   Config               daemons.toml: defaults, checks, the Config object, the fleet token
-  Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory
+  Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory,
+                       the permission prompts sessions relay (Needs you)
   Events on NATS JetStream  the embedded nats-server, the relay from the outbox
   Webhook              alert changes posted by the hub from its queue, in order, retried until answered
   Dashboard and metrics  the live page and its logins, the broker's counters, GET /metrics
   Broker HTTP          request checks, the group commit, the routes, the HTTP/1.1 server
   Broker client        the sync and asyncio clients every other part uses
-  Shim                 the MCP server on stdio: handshake, tools, channel pushes
+  Shim                 the MCP server on stdio: handshake, tools, channel pushes, permission prompts
   Machine probes       what fleet-scout runs on a host over SSH, and the findings it draws
   Daemon runs          one run in a child process: the agent loop, its tools and policy
   Daemons              the built-in daemons (fleet-scout, llm-watchdog, pr-helper, fleet-memory), and
@@ -5206,6 +5207,10 @@ def client_from_config(cfg: Config, timeout: float = 10.0) -> BrokerClient:
 # Every other session is pull: nothing is pushed nor marked delivered, mail waits for
 # check_messages, and its senders are told so. The client's initialize decides the mode,
 # so the session registers once the handshake arrives.
+#
+# A push session also asks Claude Code for its permission prompts (claude/channel/permission):
+# each goes to the hub, a human's verdict comes back on a long-poll of its own and is written
+# to Claude Code once, and the session's transcript tells when its terminal answered first.
 
 SERVER_NAME = "claude-peers"
 CHANNEL_METHOD = "notifications/claude/channel"
