@@ -962,6 +962,17 @@ def secret_file(path: Path, create: bool) -> str:
     return path.read_text().strip()
 
 
+def onboarding(machine: str = "NAME") -> str:
+    """How a machine gets a credential of its own: the hub's admin token never leaves the hub."""
+    return (f"make this machine a credential on the hub (claude-peers token create {machine} --machine {machine})"
+            " and install it here (install.sh --broker-url URL --token CREDENTIAL)")
+
+
+def token_source(cfg: Config) -> str:
+    """Where this machine's token comes from, for messages about it."""
+    return "$CLAUDE_PEERS_TOKEN" if os.environ.get("CLAUDE_PEERS_TOKEN") else str(cfg.token_path)
+
+
 def read_token(cfg: Config, create: bool = False) -> str:
     """The fleet token: $CLAUDE_PEERS_TOKEN, else the token file (created 0600 if asked)."""
     if os.environ.get("CLAUDE_PEERS_TOKEN"):
@@ -969,7 +980,8 @@ def read_token(cfg: Config, create: bool = False) -> str:
     path = cfg.token_path
     if not path.exists():
         if not create:
-            raise UserError(f"{path}: no fleet token (set CLAUDE_PEERS_TOKEN, or copy it from the hub: claude-peers token)")
+            raise UserError(f"{path}: no fleet token: {onboarding(cfg.machine)}; on the hub itself, claude-peers up"
+                            " creates its admin token")
         secret_file(path, create=True)
         log.info("created fleet token %s (mode 0600)", path)
     if path.stat().st_mode & 0o077:
@@ -2063,8 +2075,9 @@ class Credentials:
         if credential is None or not hmac.compare_digest(credential["secret_hash"], digest):
             return None
         if credential["expires_at"] is not None and credential["expires_at"] < time.time():
-            raise ApiError(401, f"credential {credential['name']!r} expired at {iso(credential['expires_at'])};"
-                                " ask the hub for a new one: claude-peers token create")
+            name, machine = credential["name"], credential["machine"]
+            raise ApiError(401, f"credential {name!r} expired at {iso(credential['expires_at'])}: revoke it on the"
+                                f" hub (claude-peers token revoke {name}), then {onboarding(machine)}")
         self.used[credential["name"]] = time.time()
         return credential
 
@@ -4522,12 +4535,12 @@ class ApiServer:
         scheme, _, given = headers.get("authorization", "").partition(" ")
         given = given.strip()
         if scheme.lower() != "bearer" or not given:
-            raise ApiError(401, "missing fleet token (Authorization: Bearer <token>)")
+            raise ApiError(401, f"missing fleet token (Authorization: Bearer <token>): {onboarding()}")
         if hmac.compare_digest(given.encode(), self.token):
             return ADMIN
         credential = self.broker.credentials.lookup(given)
         if credential is None:
-            raise ApiError(401, "wrong fleet token (or a revoked credential)")
+            raise ApiError(401, f"wrong fleet token (or a revoked credential): {onboarding()}")
         return Identity(credential["name"], credential["machine"], credential["role"])
 
 
@@ -9097,7 +9110,7 @@ def doctor_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
     yield "ok", "config", str(cfg.source or "built-in defaults (no daemons.toml)")
     try:
         token = read_token(cfg)
-        yield "ok", "token", f"{'$CLAUDE_PEERS_TOKEN' if os.environ.get('CLAUDE_PEERS_TOKEN') else cfg.token_path}"
+        yield "ok", "token", token_source(cfg)
     except UserError as exc:
         token = ""
         yield "FAIL", "token", str(exc)
@@ -9111,8 +9124,7 @@ def doctor_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
         yield "FAIL", "broker", (f"{exc} (start it: claude-peers up (single box) or claude-peers broker;"
                                  " or set CLAUDE_PEERS_URL)")
     except ApiError as exc:
-        hint = "copy it from the hub: claude-peers token" if exc.status == 401 else exc.message
-        yield "FAIL", "broker", f"{cfg.broker_url} refused the fleet token ({hint})"
+        yield "FAIL", "broker", f"{cfg.broker_url} refused the fleet token from {token_source(cfg)}: {exc.message}"
     claude = shutil.which("claude")
     if claude is None:
         yield "FAIL", "claude", "claude not on PATH (npm install -g @anthropic-ai/claude-code)"
@@ -9631,6 +9643,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.verbose)
+    cfg: Config | None = None
     try:
         cfg = load_config(args.config)
         return args.func(cfg, args)
@@ -9638,8 +9651,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"claude-peers: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except ApiError as exc:
-        hint = " (check CLAUDE_PEERS_TOKEN or the token file; `claude-peers token` on the hub)" \
-            if exc.status == 401 else ""
+        hint = f" (the token from {token_source(cfg)})" if exc.status == 401 and cfg else ""
         print(f"claude-peers: broker said {exc.status}: {exc.message}{hint}", file=sys.stderr)
         return EXIT_AUTH if exc.status in (401, 403) else EXIT_ERROR
     except UserError as exc:

@@ -2311,6 +2311,10 @@ def test_an_expired_credential_says_so(make_broker):
             broker.client(token).call("GET", "/api/status")
         except cp.ApiError as exc:
             assert exc.status == 401 and "credential 'temp' expired" in exc.message
+            assert exc.message.endswith(": revoke it on the hub (claude-peers token revoke temp), then make this"
+                                        " machine a credential on the hub (claude-peers token create laptop"
+                                        " --machine laptop) and install it here (install.sh --broker-url URL"
+                                        " --token CREDENTIAL)"), exc.message
             return True
         return False
 
@@ -2333,6 +2337,35 @@ def test_token_create_list_revoke_from_the_cli_and_no_secret_is_ever_shown_again
              json.dumps(broker.client().call("GET", "/api/events?after=0&limit=1000")),
              json.dumps(broker.client().call("GET", "/api/credentials"))]
     assert not any(token in text or cp.sha256_hex(token) in text for text in shown)
+
+
+ADMIN_TOKEN_HINT = re.compile(r"claude-peers token(?! (?:create|list|revoke)\b)")  # `token` alone prints the admin's
+
+
+def test_no_message_of_the_module_or_the_installer_points_a_machine_at_the_admin_token():
+    for path in (SCRIPT, ROOT / "install.sh"):
+        lines = [line for line in path.read_text().splitlines() if ADMIN_TOKEN_HINT.search(line)]
+        assert not lines, f"{path.name}: {lines}"
+
+
+def test_a_missing_wrong_or_expired_token_is_answered_with_the_least_privilege_recipe(make_broker, tmp_path):
+    broker = make_broker()
+    recipe = "make this machine a credential on the hub (claude-peers token create NAME --machine NAME)" \
+             " and install it here (install.sh --broker-url URL --token CREDENTIAL)"
+    for headers in ({}, {"Authorization": "Bearer nope"}):  # the broker's own 401s
+        status, body = raw_request(broker, "GET", "/api/status", headers=headers)
+        assert status == 401 and body["error"].endswith(recipe), body
+    out = broker.cli("peers", env={"CLAUDE_PEERS_TOKEN": "wrong-token-0123456789"})
+    assert out.returncode == cp.EXIT_AUTH and out.stderr.count("\n") == 1
+    assert recipe in out.stderr and "(the token from $CLAUDE_PEERS_TOKEN)" in out.stderr
+    doctor = broker.cli("doctor", env={"CLAUDE_PEERS_TOKEN": "wrong-token-0123456789"})
+    [line] = [line for line in doctor.stdout.splitlines() if line.split()[1] == "broker"]
+    assert line.startswith("FAIL") and "refused the fleet token from $CLAUDE_PEERS_TOKEN" in line and recipe in line
+    machine = socket.gethostname()
+    empty = broker.cli("peers", env={"CLAUDE_PEERS_HOME": str(tmp_path / "new-machine")})  # no token at all
+    assert empty.returncode == cp.EXIT_ERROR and empty.stderr.count("\n") == 1
+    assert f"no fleet token: make this machine a credential on the hub (claude-peers token create {machine}" \
+           f" --machine {machine}) and install it here" in empty.stderr, empty.stderr
 
 
 # ---------------------------------------------------------------------------
@@ -5500,11 +5533,15 @@ def test_install_help_is_the_same_piped(tmp_path):
                    "--token TOKEN", "--uninstall", "--purge", "CLAUDE_PEERS_OS"):
         assert option in local.stdout
     assert "set -eu" not in local.stdout
+    token = re.search(r"^  --token TOKEN .*?(?=^  --)", local.stdout, re.MULTILINE | re.DOTALL).group()
+    assert " ".join(token.split()) == ("--token TOKEN this machine's own credential, made on the hub with claude-peers"
+                                       " token create NAME --machine NAME (the hub's admin token stays on the hub)")
     assert not (tmp_path / "user").exists()
 
 
 @pytest.mark.parametrize(("args", "error"), [
-    (["--role", "client", "--broker-url", "http://hub:7899"], "--role client needs --broker-url URL and --token"),
+    (["--role", "client", "--broker-url", "http://hub:7899"], ("--role client needs --broker-url URL and --token"
+     " CREDENTIAL (make it on the hub: claude-peers token create NAME --machine NAME)")),
     (["--role", "server"], "--role is hub or client (got server)"),
     (["--role", "hub", "--broker-url", "http://hub:7899"], "--broker-url is for clients"),
     (["--with-supervisor"], "--with-supervisor goes with --role client"),
@@ -5535,7 +5572,8 @@ def test_install_from_scratch_says_what_it_does_and_runs_the_module_imported(fre
                         r" packages, done", pip)
     dots, count = re.fullmatch(r".* (\.+) (\d+) packages, done", pip).groups()
     assert len(dots) == int(count) > 10
-    assert f"install.sh: created a fleet token in {base}/user/data/token" in out.stdout
+    assert (f"install.sh: created the hub's admin token in {base}/user/data/token: it stays on this machine; each"
+            " other machine gets its own credential (claude-peers token create NAME --machine NAME)") in lines
     assert all(line.startswith(("install.sh: ", "    ")) for line in lines)  # no raw log line
     assert f"    ok    config   {config_of(env)}" in lines  # the closing doctor
     assert not [line for line in lines if "systemctl" in line] and not unit_of(env, "hub").exists()
@@ -5683,6 +5721,11 @@ def test_install_hub_service_starts_once_and_restarts_only_on_a_change(fresh_ins
         "systemctl --user is-enabled claude-peers-hub.service",
         "systemctl --user enable --now claude-peers-hub.service", f"loginctl show-user {user} --property=Linger"]
     assert "install.sh: enabled and started claude-peers-hub.service" in out.stdout
+    nexts = out.stdout[out.stdout.index("install.sh: next:"):].splitlines()
+    assert nexts[1:] == ["install.sh:     claude-peers token create NAME --machine NAME",
+                         "install.sh:   and on that machine install with it (the admin token never leaves this hub):",
+                         ("install.sh:     install.sh --role client --broker-url http://<that address>:7899 --token"
+                         " <the credential it printed>")], nexts
     assert f"loginctl enable-linger {user}" in out.stdout
 
     again = run_install(env)  # no --role: the services installed before are kept and upgraded
