@@ -5077,8 +5077,10 @@ class Shim:
     long-poll that turns leased messages into channel notifications (push), or that only
     keeps the session alive and counts its waiting mail (pull)."""
 
-    def __init__(self, cfg: Config, name: str | None, cwd: Path, wire: StdioWire, mode: str | None = None) -> None:
+    def __init__(self, cfg: Config, name: str | None, cwd: Path, wire: StdioWire, mode: str | None = None,
+                 probe: bool = False) -> None:
         self.cfg = cfg
+        self.probe = probe  #: doctor's check of the handshake: it never registers, so no session is left behind
         self.wire = wire
         self.wanted_name = name
         self.cwd = cwd
@@ -5097,7 +5099,8 @@ class Shim:
         self.poll_client = AsyncBrokerClient(self.url, token, timeout=cfg.broker.poll_wait_s + 15)
         self.session: dict[str, Any] | None = None  #: as registered; None until then or after the broker forgot it
         self.name_note = ""  #: why the wanted name is not held
-        self.last_error = ""  #: the last failure to reach the broker, '' when it answers
+        #: the last failure to reach the broker, '' when it answers (a probe never tries)
+        self.last_error = "a probe (claude-peers doctor): it does not join the fleet" if probe else ""
         self.seen: dict[str, None] = {}  #: message ids pushed or returned: never shown twice
         self.unread: dict[str, dict[str, Any]] = {}  #: pushed, not yet read or answered
         self.unacked: list[str] = []  #: pushed, but the broker has not taken the acknowledgement yet
@@ -5142,6 +5145,9 @@ class Shim:
 
     async def run(self) -> None:
         """The session: register, then long-poll and push until cancelled; retry with backoff."""
+        if self.probe:
+            self.attempted.set()
+            return
         info = await asyncio.to_thread(self._session_info)  # git runs in a subprocess, while the client connects
         await self.introduced.wait()
         info.update(client=self.client, mode=self.mode)
@@ -5501,9 +5507,9 @@ async def serve_stdio(shim: Shim) -> None:
         await shim.leave()
 
 
-def run_shim(cfg: Config, name: str | None, mode: str | None = None) -> int:
+def run_shim(cfg: Config, name: str | None, mode: str | None = None, probe: bool = False) -> int:
     cwd, override = Path.cwd(), mode_override(mode)
-    shim = Shim(cfg, find_agent_name(name, cwd), cwd, StdioWire(), override)
+    shim = Shim(cfg, find_agent_name(name, cwd), cwd, StdioWire(), override, probe)
     asyncio.run(serve_stdio(shim))
     return 0
 
@@ -9080,24 +9086,28 @@ def shim_handshake(cfg: Config) -> tuple[str, str]:
     the way Claude Code does: what Claude Code will see (a 2025 handshake, the channel, the tools)."""
     import anyio
     from mcp.client import Client
-    from mcp.client.stdio import StdioServerParameters
+    from mcp.client.stdio import StdioServerParameters, stdio_client
 
     launcher = shutil.which("claude-peers")
     argv = [launcher, "shim"] if launcher else module_command("shim")
     env = {k: v for k, v in os.environ.items() if k != "CLAUDE_PEERS_NAME"}
     env.update({"CLAUDE_PEERS_CONFIG": str(cfg.source)} if cfg.source else {})
-    params = StdioServerParameters(command=argv[0], args=argv[1:], env=env, cwd="/")
+    params = StdioServerParameters(command=argv[0], args=[*argv[1:], "--probe"], env=env, cwd="/")
 
-    async def handshake() -> tuple[str, Any, list[str]]:
+    async def handshake(errlog: Any) -> tuple[str, Any, list[str]]:
         with anyio.fail_after(20):
-            async with Client(params, mode="auto") as client:
+            async with Client(stdio_client(params, errlog=errlog), mode="auto") as client:
                 tools = [tool.name for tool in (await client.list_tools()).tools]
                 return client.protocol_version, client.server_capabilities.experimental, tools
 
-    try:
-        version, experimental, tools = anyio.run(handshake)
-    except Exception as exc:  # noqa: BLE001 - whatever the client says is the finding
-        return "FAIL", f"{' '.join(argv)}: the MCP handshake failed: {describe_error(exc)}"
+    with tempfile.TemporaryFile("w+") as errlog:  # the shim's stderr: doctor's output is its own lines only
+        try:
+            version, experimental, tools = anyio.run(handshake, errlog)
+        except Exception as exc:  # noqa: BLE001 - whatever the client says is the finding
+            errlog.seek(0)
+            said = next((line.strip() for line in reversed(errlog.readlines()) if line.strip()), "")
+            return "FAIL", (f"{' '.join(argv)}: the MCP handshake failed: {describe_error(exc)}"
+                            + (f"; it said: {said[:300]}" if said else ""))
     wanted = [tool["name"] for tool in TOOLS]
     if version not in HANDSHAKE_VERSIONS or "claude/channel" not in (experimental or {}) or tools != wanted:
         return "FAIL", (f"{' '.join(argv)} answered protocol {version}, experimental {experimental}, tools {tools}:"
@@ -9318,7 +9328,7 @@ def cmd_memory(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_shim(cfg: Config, args: argparse.Namespace) -> int:
     if not args.verbose:  # Claude Code files every stderr line of a server under [ERROR]
         log.setLevel(logging.WARNING)
-    return run_shim(cfg, args.name, args.mode)
+    return run_shim(cfg, args.name, args.mode, args.probe)
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
@@ -9555,6 +9565,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, help="push (messages pushed as channel notifications) or pull (they"
                    " wait for check_messages); default: $CLAUDE_PEERS_MODE, else push only for Claude Code"
                    " started with the channel flag")
+    p.add_argument("--probe", action="store_true", help="answer MCP without joining the fleet (what doctor checks):"
+                   " no session is registered")
     p = command("run", cmd_run, "start Claude Code with claude-peers channel pushes enabled")
     p.add_argument("claude_args", nargs=argparse.REMAINDER, help="arguments passed on to claude untouched"
                    " (after run's own --config, -v, --help; `--` ends those)")

@@ -2964,6 +2964,38 @@ def test_doctor_points_a_single_box_at_up_when_the_broker_is_unreachable(broker)
     assert line.startswith("FAIL") and "start it: claude-peers up (single box) or claude-peers broker" in line
 
 
+def test_doctor_leaves_no_session_behind_and_prints_only_its_own_lines(broker):
+    before, _ = scrape(broker)
+    for env in ({}, {"CLAUDE_PEERS_URL": f"http://127.0.0.1:{free_port()}"}):  # the hub up, and not started yet
+        out = broker.cli("doctor", env=env)
+        assert out.stderr == "", out.stderr  # neither the shim's logs nor the SDK's
+        lines = out.stdout.splitlines()
+        assert all(re.match(r"(ok|warn|FAIL) +[a-z]+ +\S", line) for line in lines), out.stdout
+        [shim] = [line for line in lines if line.split()[1] == "shim"]
+        assert shim.startswith("ok") and "claude/channel declared" in shim, shim
+    after, _ = scrape(broker)
+    assert metric(after, "claude_peers_sessions", state="offline") == metric(before, "claude_peers_sessions",
+                                                                             state="offline") == 0
+    assert metric(after, "claude_peers_sessions", state="online") == 0
+    status, _, raw = http_call(broker, "GET", "/dashboard/api/state", {**DASH, "Cookie": dashboard_cookie(broker)})
+    assert status == 200 and json.loads(raw)["sessions"] == []
+    events = broker.client().call("GET", "/api/events?after=0")["events"]
+    assert not [e for e in events if e["subject"].startswith("fleet.peer.")]
+
+
+def test_doctor_shows_what_a_shim_that_cannot_start_said(broker, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    launcher = bin_dir / "claude-peers"  # an old launcher: its shim has no --probe
+    launcher.write_text("#!/bin/sh\necho 'claude-peers: error: unrecognized arguments: --probe' >&2\nexit 2\n")
+    launcher.chmod(0o755)
+    out = broker.cli("doctor", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    [shim] = [line for line in out.stdout.splitlines() if line.split()[1] == "shim"]
+    assert shim.startswith("FAIL") and "the MCP handshake failed" in shim
+    assert shim.endswith("it said: claude-peers: error: unrecognized arguments: --probe"), shim
+    assert out.stderr == ""
+
+
 # -- push and pull sessions: pushes only where the model is shown them --------------------
 
 def test_the_channel_flag_is_read_as_claude_code_parses_it():
