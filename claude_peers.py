@@ -4800,6 +4800,7 @@ class AsyncBrokerClient:
         self.session_secret: str | None = None
         self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self.lock = asyncio.Lock()
+        self.answered: Callable[[], None] = lambda: None  #: after each call the broker carried out (the shim's cue)
 
     def attach(self, other: AsyncBrokerClient) -> AsyncBrokerClient:
         self.session_id, self.session_secret = other.session_id, other.session_secret
@@ -4834,7 +4835,9 @@ class AsyncBrokerClient:
                     status, raw, close = await asyncio.wait_for(read_reply(reader), timeout or self.timeout)
                     if close:
                         self.close()
-                    return decode_reply(self.url, status, raw)
+                    reply = decode_reply(self.url, status, raw)
+                    self.answered()
+                    return reply
                 except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                         ValueError) as exc:
                     self.close()
@@ -5104,11 +5107,18 @@ class Shim:
         self.seen: dict[str, None] = {}  #: message ids pushed or returned: never shown twice
         self.unread: dict[str, dict[str, Any]] = {}  #: pushed, not yet read or answered
         self.unacked: list[str] = []  #: pushed, but the broker has not taken the acknowledgement yet
+        self.tools_client.answered = self.poll_client.answered = self._answered
         self.introduced = asyncio.Event()  #: initialize arrived: the client and the mode are known
         self.attempted = asyncio.Event()  #: the first registration attempt is over (instructions wait for it)
         self.initialized = asyncio.Event()  #: the client sent notifications/initialized: pushes may flow
 
     # -- connection to the broker ----------------------------------------------
+
+    def _answered(self) -> None:
+        """A call went through: whatever failed before, the broker answers now (whoami and the tools say so)."""
+        if self.last_error:
+            log.warning("broker at %s answers again", self.url)
+            self.last_error = ""
 
     def _session_info(self) -> dict[str, Any]:
         git_root, branch = git_info(self.cwd)
@@ -5184,12 +5194,12 @@ class Shim:
     async def _poll_once(self) -> None:
         """Lease mail (waiting for it), push each message, acknowledge the batch at once.
         A pull session leases nothing: its poll is the heartbeat and brings the count of waiting mail."""
+        wait_s = 0 if self.last_error else self.cfg.broker.poll_wait_s  # after a failure: know at once it is over
         if self.mode == "pull":
-            answer = await self.poll_client.session_call("POST", "/poll", {"wait_s": self.cfg.broker.poll_wait_s,
-                                                                           "unread": self.waiting})
+            answer = await self.poll_client.session_call("POST", "/poll", {"wait_s": wait_s, "unread": self.waiting})
             self.waiting = answer["unread"]
             return
-        body: dict[str, Any] = {"wait_s": self.cfg.broker.poll_wait_s, "max": 100}
+        body: dict[str, Any] = {"wait_s": wait_s, "max": 100}
         if self.unacked:  # an acknowledgement that failed rides on the poll
             body["ack"], self.unacked = self.unacked, []
         try:

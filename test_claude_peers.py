@@ -2747,6 +2747,33 @@ async def test_broker_restart_under_a_live_shim(make_broker):
         assert note.meta["message_id"] == sent["id"]
 
 
+async def whoami_until(shim: ShimSession, fragment: str, timeout: float = 30) -> str:
+    """whoami's answer once it says ``fragment`` (what the shim knows of the broker changes as it finds out)."""
+    with anyio.fail_after(timeout):
+        while fragment not in (text := await shim.ok("whoami")):
+            await anyio.sleep(0.05)
+    return text
+
+
+@pytest.mark.anyio
+async def test_a_shim_whose_session_survives_a_broker_restart_says_the_broker_answers_again(make_broker):
+    broker = make_broker()
+    sender = broker.session(name="sender")
+    async with shim_session(broker, name="steady") as shim:
+        await whoami_until(shim, f"broker: {broker.url} (reachable)")
+        session_id = peer_named(broker, "steady")["id"]
+        broker.kill()
+        down = await whoami_until(shim, "unreachable")
+        assert f"broker: {broker.url} (broker at {broker.url} unreachable" in down
+        broker.start()
+        sent = send(sender, "steady", "are you back?")
+        [note] = await shim.recorder.wait_for(1, timeout=40)
+        assert note.meta["message_id"] == sent["id"]
+        assert peer_named(broker, "steady")["id"] == session_id  # the same session: it never registered again
+        text = await shim.ok("whoami")
+        assert f"broker: {broker.url} (reachable)" in text and "unreachable" not in text, text
+
+
 @pytest.mark.anyio
 async def test_without_a_channel_check_messages_and_notices(broker):
     sender = broker.session(name="pinger")
