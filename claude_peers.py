@@ -3364,8 +3364,8 @@ function renderMessages() {
 
 async function trigger(name) {
   try {
-    await call(`/dashboard/api/daemons/${encodeURIComponent(name)}/trigger`, {});
-    toast(`${name}: run requested`);
+    const answer = await call(`/dashboard/api/daemons/${encodeURIComponent(name)}/trigger`, {});
+    toast(`${name}: run requested from the supervisor on ${answer.machines.join(", ")}`);
   } catch (error) {
     if (!(error instanceof LoggedOut)) toast(error.message);
   }
@@ -3962,11 +3962,12 @@ PERMISSIONS = {
     "trigger": "ask for daemon runs",
     "operator": "send as the operator, read every message, or replace the fleet memory",
     "metrics": "read the metrics",
+    "login": "open the dashboard (it shows every session and message, and runs daemons on any machine)",
     "dashboard": "use the dashboard (its cookie: from `claude-peers dashboard`)",
     "admin": "manage credentials",
 }
 ROLE_PERMISSIONS = {"client": {"read", "session", "report", "trigger"},
-                    "operator": {"read", "session", "report", "trigger", "operator", "metrics"},
+                    "operator": {"read", "session", "report", "trigger", "operator", "metrics", "login"},
                     "admin": set(PERMISSIONS), "dashboard": {"dashboard"}, "metrics": {"metrics"}}
 
 
@@ -4177,11 +4178,38 @@ def r_health(b: Broker, req: Request) -> Any:
     return {"machines": b.records.health()}
 
 
+def supervisors_running(b: Broker, daemon: str) -> list[str]:
+    """The machines whose supervisor reported lately that it runs ``daemon`` (enabled)."""
+    now = time.time()
+    return sorted(machine for machine, report in b.dashboard.schedules.items()
+                  if now - report["at"] <= SUPERVISOR_STALE_S
+                  and any(e["name"] == daemon and e.get("enabled", 1) for e in report["daemons"]))
+
+
+def no_supervisor_for(daemon: str, only: str, elsewhere: list[str]) -> str:
+    """Why a trigger would start nothing anywhere, and what to do instead."""
+    here = f"or run it in the foreground: claude-peers trigger {daemon} --here"
+    if not only:
+        return (f"no running supervisor has {daemon} enabled (none reported in the last {SUPERVISOR_STALE_S:.0f}s):"
+                f" start one (claude-peers up on the hub, claude-peers supervise on another machine), {here}")
+    if elsewhere:
+        return (f"no supervisor on {only} runs {daemon}, and a client credential triggers only its own machine's;"
+                f" the one on {', '.join(elsewhere)} does: trigger it there (or with an operator credential), {here}")
+    return (f"no supervisor on {only} runs {daemon}: start this machine's (claude-peers supervise, or install.sh"
+            f" --role client --with-supervisor as a service), {here}")
+
+
 async def r_request_run(b: Broker, req: Request) -> Any:
-    """A client's request is for the supervisor of its own machine; an operator's, for any."""
+    """A client's request is for the supervisor of its own machine; an operator's, for any. One that
+    no running supervisor would take is refused, saying why: otherwise nothing would run anywhere."""
+    daemon = req.args[0]
     only = req.identity.machine if req.identity.role == "client" else ""
-    await b.write(lambda: b.records.request_run(req.args[0], req.identity.name, only))
-    return 202, {"ok": True, "daemon": req.args[0]}
+    running = supervisors_running(b, daemon)
+    taking = [m for m in running if m == only] if only else running
+    if not taking:
+        raise ApiError(409, no_supervisor_for(daemon, only, running), code="no_supervisor")
+    await b.write(lambda: b.records.request_run(daemon, req.identity.name, only))
+    return 202, {"ok": True, "daemon": daemon, "machines": taking}
 
 
 def r_memory(b: Broker, req: Request) -> Any:
@@ -4337,7 +4365,7 @@ ROUTES: list[Route] = [
         ("POST", r"/api/credentials/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/revoke", r_revoke_credential, False,
          EMPTY_SCHEMA, "admin"),
         ("POST", "/api/schedule", r_schedule, False, SCHEDULE_SCHEMA, "report"),
-        ("POST", "/api/dashboard/codes", r_login_code, False, EMPTY_SCHEMA, "operator"),
+        ("POST", "/api/dashboard/codes", r_login_code, False, EMPTY_SCHEMA, "login"),
         ("GET", "/", r_dashboard_page, False, None, "dashboard"),
         ("POST", "/dashboard/login", r_dashboard_login, False, DASHBOARD_LOGIN_SCHEMA, "dashboard"),
         ("POST", "/dashboard/api/logout", r_dashboard_logout, False, EMPTY_SCHEMA, "dashboard"),
@@ -7612,6 +7640,7 @@ def describe_schedule(daemon: SimpleNamespace) -> str:
 
 
 SCHEDULE_REPORT_S = 30.0  # a supervisor re-sends its unchanged schedule this often (the broker keeps it in memory)
+Told = tuple[dict[str, Any] | None, float]  # the schedule last sent to the broker, and when (monotonic)
 
 
 def next_due(daemon: SimpleNamespace, after: float, first: bool = False) -> float | None:
@@ -7996,24 +8025,27 @@ class Supervisor:
             daemons.append(entry)
         return {"machine": self.cfg.machine, "daemons": daemons}
 
-    async def reporter(self) -> None:
-        """Tell the broker about every run (start and end) and this supervisor's schedule (on a
-        change, and every SCHEDULE_REPORT_S); retried while it is unreachable."""
-        client: BrokerClient | None = None
-        told: tuple[dict[str, Any] | None, float] = (None, 0.0)
+    async def report(self, client: BrokerClient | None, told: Told) -> tuple[BrokerClient | None, Told]:
+        """Tell the broker about every run not yet reported and this supervisor's schedule (on a
+        change, and every SCHEDULE_REPORT_S); the client to use next time (None: make a new one)."""
+        try:
+            client = client or client_from_config(self.cfg, timeout=5)
+            for run in self.state.unreported():
+                await asyncio.to_thread(client.call, "POST", "/api/runs", run_report(run))
+                self.state.mark_reported(run["id"], run["status"])
+            schedule = self.schedule_report()
+            if schedule != told[0] or time.monotonic() - told[1] >= SCHEDULE_REPORT_S:
+                told = (schedule, time.monotonic())  # a refusal is not retried before the next change
+                await asyncio.to_thread(client.call, "POST", "/api/schedule", schedule)
+        except (UserError, ApiError) as exc:
+            log.debug("reporting runs: %s", exc)
+            client = None
+        return client, told
+
+    async def reporter(self, client: BrokerClient | None, told: Told) -> None:
+        """Report (runs as they start and end, the schedule) until stopped; retried while the broker is unreachable."""
         while not self.stopping.is_set():
-            try:
-                client = client or client_from_config(self.cfg, timeout=5)
-                for run in self.state.unreported():
-                    await asyncio.to_thread(client.call, "POST", "/api/runs", run_report(run))
-                    self.state.mark_reported(run["id"], run["status"])
-                schedule = self.schedule_report()
-                if schedule != told[0] or time.monotonic() - told[1] >= SCHEDULE_REPORT_S:
-                    told = (schedule, time.monotonic())  # a refusal is not retried before the next change
-                    await asyncio.to_thread(client.call, "POST", "/api/schedule", schedule)
-            except (UserError, ApiError) as exc:
-                log.debug("reporting runs: %s", exc)
-                client = None
+            client, told = await self.report(client, told)
             self.wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeup.wait(), 2.0)
@@ -8033,7 +8065,8 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
         self._sync_schedules()
-        tasks = [asyncio.create_task(coro) for coro in (self.scheduler(), self.reporter(), self.events.run(),
+        reported = await self.report(None, (None, 0.0))  # before `ready`: a trigger right away finds this supervisor
+        tasks = [asyncio.create_task(coro) for coro in (self.scheduler(), self.reporter(*reported), self.events.run(),
                                                         self.watch_parent())]
         log.info("supervisor: %d daemons from %s", len(self.cfg.daemons), self.cfg.where)
         if ready:
@@ -9432,9 +9465,14 @@ def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
         if not daemon.enabled:
             raise UserError(f"{cfg.where}: [daemons.{daemon.name}] has enabled = false, so a supervisor ignores"
                             " a trigger for it (run it here with --here)")
-        client_from_config(cfg).call("POST", f"/api/daemons/{urllib.parse.quote(args.daemon)}/trigger")
-        print(f"requested a run of {args.daemon}: a running supervisor starts it now (see: claude-peers runs"
-              f" {args.daemon})")
+        try:
+            taken = client_from_config(cfg).call("POST", f"/api/daemons/{urllib.parse.quote(args.daemon)}/trigger")
+        except ApiError as exc:
+            if exc.extra.get("code") != "no_supervisor":
+                raise
+            raise UserError(f"nothing started: {exc.message}") from None
+        print(f"requested a run of {args.daemon}: the supervisor on {', '.join(taken['machines'])} starts it now"
+              f" (see: claude-peers runs {args.daemon})")
         return 0
     run_dir = data_home() / "runs"
     run = new_run_record(cfg, daemon.name, "manual" + (" (dry run)" if args.dry_run else ""), run_dir)
@@ -9501,7 +9539,15 @@ def cmd_token(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_dashboard(cfg: Config, args: argparse.Namespace) -> int:
     """Print (or open) a login link for the broker's dashboard: its code works once, for a minute."""
-    login = client_from_config(cfg).call("POST", "/api/dashboard/codes", {})
+    try:
+        login = client_from_config(cfg).call("POST", "/api/dashboard/codes", {})
+    except ApiError as exc:
+        if exc.status != 403:
+            raise
+        raise UserError(f"{exc.message}; make the link on the hub instead (ssh to it and run claude-peers dashboard:"
+                        " the link opens from any machine that reaches the broker), or give this machine an operator"
+                        " credential (on the hub: claude-peers token create NAME --machine NAME --role operator)"
+                        ) from None
     url = cfg.broker_url + login["path"]
     if args.json:
         print_json({"url": url, "expires_in_s": login["expires_in_s"]})

@@ -1666,7 +1666,11 @@ def test_a_dashboard_login_code_works_once_and_its_cookie_opens_only_the_dashboa
     status, _, raw = http_call(broker, "GET", f"/dashboard/api/messages/{mid}/text", {**DASH, **cookie})
     assert status == 200 and json.loads(raw)["text"] == "TEXT-ON-REQUEST"
     status, _, raw = http_call(broker, "POST", "/dashboard/api/daemons/fleet-scout/trigger", {**DASH, **cookie}, {})
-    assert status == 202
+    assert status == 409 and json.loads(raw)["error"].startswith("no running supervisor has fleet-scout enabled")
+    broker.client().call("POST", "/api/schedule", {"machine": "hub", "daemons": [
+        {"name": "fleet-scout", "schedule": "every 15m", "enabled": 1}]})
+    status, _, raw = http_call(broker, "POST", "/dashboard/api/daemons/fleet-scout/trigger", {**DASH, **cookie}, {})
+    assert status == 202 and json.loads(raw)["machines"] == ["hub"]
     events = broker.client().call("GET", "/api/events?after=0")["events"]
     assert [e["by"] for e in events if e["subject"] == "fleet.daemon.fleet-scout.requested"] == ["dashboard"]
     for method, path, body in [("GET", "/api/status", None), ("GET", "/api/messages", None), ("GET", "/metrics", None),
@@ -1689,6 +1693,20 @@ def test_a_dashboard_login_code_works_once_and_its_cookie_opens_only_the_dashboa
     status, headers, _ = http_call(broker, "POST", "/dashboard/api/logout", {**DASH, **cookie}, {})
     assert status == 200 and "Max-Age=0" in headers["set-cookie"]
     assert http_call(broker, "GET", "/dashboard/api/state", {**DASH, **cookie})[0] == 401  # revoked on the server
+
+
+def test_the_dashboard_with_a_client_credential_says_what_it_needs_and_where_to_get_a_link(broker):
+    laptop = {"CLAUDE_PEERS_TOKEN": credential(broker, "laptop", "laptop")}
+    out = broker.cli("dashboard", env=laptop)
+    assert out.returncode == cp.EXIT_ERROR and out.stdout == "" and out.stderr.count("\n") == 1
+    assert out.stderr.strip() == (
+        "claude-peers: client credential 'laptop' may not open the dashboard (it shows every session and message,"
+        " and runs daemons on any machine): that needs the operator role; make the link on the hub instead (ssh to"
+        " it and run claude-peers dashboard: the link opens from any machine that reaches the broker), or give this"
+        " machine an operator credential (on the hub: claude-peers token create NAME --machine NAME --role operator)")
+    desk = {"CLAUDE_PEERS_TOKEN": credential(broker, "desk", "desk", "operator")}
+    out = broker.cli("dashboard", "--json", env=desk)
+    assert out.returncode == 0 and json.loads(out.stdout)["url"].startswith(f"{broker.url}/#login="), out.stderr
 
 
 def test_login_codes_and_cookie_sessions_are_kept_hashed_and_expire_on_the_server():
@@ -2231,7 +2249,8 @@ def test_every_route_grants_each_role_what_it_may_do_and_refuses_the_rest(make_b
     broker.client().call("POST", "/api/credentials/stolen/revoke")
     other = as_session(broker, credential(broker, "pi", "pi"))  # another machine's session
     allowed = {role: {p for p, roles in [("read", "coa"), ("session", "coa"), ("report", "coa"), ("trigger", "coa"),
-                                         ("operator", "oa"), ("metrics", "oa"), ("admin", "a")] if role[0] in roles}
+                                         ("operator", "oa"), ("metrics", "oa"), ("login", "oa"),
+                                         ("admin", "a")] if role[0] in roles}
                for role in tokens}
     permission = {(m, p.pattern): perm for m, p, _, _, _, perm in cp.ROUTES}
     for route in ROUTE_TEMPLATES:
@@ -5414,6 +5433,34 @@ def test_trigger_refuses_a_daemon_the_config_does_not_run(broker):
     assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1 and "enabled = false" in out.stderr
     events = broker.client().call("GET", "/api/events?after=0")["events"]
     assert not [e for e in events if e["subject"].startswith("fleet.daemon.")]  # nothing was requested
+
+
+def test_a_trigger_no_running_supervisor_would_take_is_refused_with_the_reason_and_the_fix(make_broker, supervisors):
+    broker = make_broker()
+    write_config(broker, '[daemons.touch]\nrunner = "command"\ncommand = ["true"]\n')
+    host = socket.gethostname()
+    laptop = {"CLAUDE_PEERS_TOKEN": credential(broker, "laptop", "laptop")}  # a client of a machine with none
+    out = broker.cli("trigger", "touch", env=laptop)
+    assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1
+    assert out.stderr.strip() == ("claude-peers: nothing started: no supervisor on laptop runs touch: start this"
+                                  " machine's (claude-peers supervise, or install.sh --role client --with-supervisor"
+                                  " as a service), or run it in the foreground: claude-peers trigger touch --here")
+    out = broker.cli("trigger", "touch")  # the admin, with no supervisor anywhere
+    assert out.returncode == cp.EXIT_ERROR and "no running supervisor has touch enabled" in out.stderr
+    events = broker.client().call("GET", "/api/events?after=0")["events"]
+    assert not [e for e in events if e["subject"].startswith("fleet.daemon.")]  # nothing was requested
+
+    supervisor = supervisors(broker)  # this machine's: the credential of laptop still reaches none
+    out = broker.cli("trigger", "touch", env=laptop)
+    assert out.returncode == cp.EXIT_ERROR and (f"no supervisor on laptop runs touch, and a client credential"
+                                                f" triggers only its own machine's; the one on {host} does") in out.stderr
+    here = {"CLAUDE_PEERS_TOKEN": credential(broker, "this-box", host)}  # a client of the machine whose supervisor has it
+    out = broker.cli("trigger", "touch", env=here)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"requested a run of touch: the supervisor on {host} starts it now (see: claude-peers" \
+                                 " runs touch)"
+    [run] = supervisor.wait_runs("touch", 1)
+    assert run["status"] == "ok" and run["trigger"] == "requested by this-box"
 
 
 def test_help_lists_every_subcommand_with_its_help():
