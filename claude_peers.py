@@ -2736,7 +2736,8 @@ class Dashboard:
         self.secure = secure  #: served over TLS: the cookie is Secure
         self.codes: dict[str, float] = {}  #: sha256 of a login code -> when it expires
         self.sessions: dict[str, float] = {}  #: sha256 of a cookie -> when it expires
-        self.schedules: dict[str, dict[str, Any]] = {}  #: machine -> its supervisor's last schedule report
+        #: (machine, credential) -> that supervisor's last schedule report: two on one machine each keep theirs
+        self.schedules: dict[tuple[str, str], dict[str, Any]] = {}
         self.version = 0  #: grows with every change the page shows
         self.moved: asyncio.Event | None = None  #: set when version grows, while a page waits
 
@@ -2827,12 +2828,12 @@ class Dashboard:
                 await asyncio.wait_for(self.moved.wait(), deadline - loop.time())
         return self.version
 
-    def record_schedule(self, machine: str, daemons: list[dict[str, Any]]) -> None:
+    def record_schedule(self, machine: str, by: str, daemons: list[dict[str, Any]]) -> None:
         """A supervisor's schedule (its own sqlite holds it): kept in memory, re-sent by it every 30s and on change."""
-        self.schedules.pop(machine, None)
+        self.schedules.pop((machine, by), None)
         while len(self.schedules) >= self.MAX_LIVE:
             del self.schedules[next(iter(self.schedules))]
-        self.schedules[machine] = {"at": time.time(), "daemons": daemons}
+        self.schedules[(machine, by)] = {"machine": machine, "at": time.time(), "daemons": daemons}
         self.changed()
 
 
@@ -2907,10 +2908,10 @@ def dashboard_daemons(b: Broker, now: float) -> list[dict[str, Any]]:
     daemons: dict[str, dict[str, Any]] = {}
     for name, daemon in b.cfg.daemons.items():
         daemons[name] = {"name": name, "description": daemon.description, "enabled": daemon.enabled}
-    for machine, report in b.dashboard.schedules.items():
+    for report in b.dashboard.schedules.values():
         for entry in report["daemons"]:
             view = daemons.setdefault(entry["name"], {"name": entry["name"]})
-            view.update({k: v for k, v in entry.items() if k != "name"}, supervisor=machine,
+            view.update({k: v for k, v in entry.items() if k != "name"}, supervisor=report["machine"],
                         supervisor_seen=iso(report["at"]), enabled=bool(entry.get("enabled", 1)),
                         supervisor_stale=now - report["at"] > SUPERVISOR_STALE_S)
             for key in ("next_due", "cooldown_until"):
@@ -3029,10 +3030,11 @@ def _expose_daemons(out: Exposition, b: Broker, now: float) -> None:
                [({"daemon": name}, at) for name, at in last_ok.items()])
     out.family("claude_peers_daemon_last_ok_age_seconds", "gauge", "Seconds since each daemon's last ok run ended.",
                [({"daemon": name}, round(now - at, 3)) for name, at in last_ok.items()])
+    next_due = {(e["name"], report["machine"]): e["next_due"] for report in b.dashboard.schedules.values()
+                for e in report["daemons"] if e.get("next_due")}  # one series per daemon and machine
     out.family("claude_peers_daemon_next_due_timestamp_seconds", "gauge", "When a supervisor runs each scheduled"
-               " daemon next, as it last reported.", [({"daemon": e["name"], "machine": machine}, e["next_due"])
-                                                     for machine, report in sorted(b.dashboard.schedules.items())
-                                                     for e in report["daemons"] if e.get("next_due")])
+               " daemon next, as it last reported.", [({"daemon": daemon, "machine": machine}, due)
+                                                     for (daemon, machine), due in sorted(next_due.items())])
     open_alerts = collections.Counter(a["severity"] for a in b.records.alerts("open", None, None, 100000))
     out.family("claude_peers_alerts_open", "gauge", "Open alerts, by severity.",
                [({"severity": s}, open_alerts.get(s, 0)) for s in SEVERITIES])
@@ -4181,9 +4183,9 @@ def r_health(b: Broker, req: Request) -> Any:
 def supervisors_running(b: Broker, daemon: str) -> list[str]:
     """The machines whose supervisor reported lately that it runs ``daemon`` (enabled)."""
     now = time.time()
-    return sorted(machine for machine, report in b.dashboard.schedules.items()
-                  if now - report["at"] <= SUPERVISOR_STALE_S
-                  and any(e["name"] == daemon and e.get("enabled", 1) for e in report["daemons"]))
+    return sorted({report["machine"] for report in b.dashboard.schedules.values()
+                   if now - report["at"] <= SUPERVISOR_STALE_S
+                   and any(e["name"] == daemon and e.get("enabled", 1) for e in report["daemons"])})
 
 
 def no_supervisor_for(daemon: str, only: str, elsewhere: list[str]) -> str:
@@ -4317,7 +4319,7 @@ def r_schedule(b: Broker, req: Request) -> Any:
     for i, entry in enumerate(req.body["daemons"]):
         if not NAME_RE.match(entry["name"]):
             raise ApiError(400, f"field 'daemons[{i}].name' is not a daemon name: {entry['name']!r}")
-    b.dashboard.record_schedule(own_machine(req.identity, req.body["machine"]), req.body["daemons"])
+    b.dashboard.record_schedule(own_machine(req.identity, req.body["machine"]), req.identity.name, req.body["daemons"])
     return {"ok": True}
 
 
