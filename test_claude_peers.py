@@ -5808,6 +5808,20 @@ def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
 
 
 @pytest.mark.network  # pip installs from the package index
+def test_install_a_client_without_its_credential_says_how_to_make_one_on_the_hub(fresh_install, tmp_path):
+    env = seeded_env(fresh_install, tmp_path)
+    out = run_install(env, "--broker-url", f"http://127.0.0.1:{free_port()}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    host = os.uname().nodename
+    assert (f"install.sh: note: no credential for this machine yet: make one on the hub (claude-peers token create"
+            f" {host} --machine {host}) and run install.sh again with --token CREDENTIAL") in out.stdout.splitlines()
+    [token] = [line for line in out.stdout.splitlines() if line.split()[1:2] == ["token"]]
+    assert token.startswith("    FAIL  token") and f"no fleet token: make this machine a credential on the hub" \
+        f" (claude-peers token create {host} --machine {host}) and install it here" in token, token
+    assert not (tmp_path / "user/data/token").exists()
+
+
+@pytest.mark.network  # pip installs from the package index
 def test_install_hub_service_starts_once_and_restarts_only_on_a_change(fresh_install, tmp_path):
     env = seeded_env(fresh_install, tmp_path)
     user = env.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
