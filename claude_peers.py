@@ -3032,11 +3032,11 @@ def _expose_daemons(out: Exposition, b: Broker, now: float) -> None:
                [({"daemon": name}, at) for name, at in last_ok.items()])
     out.family("claude_peers_daemon_last_ok_age_seconds", "gauge", "Seconds since each daemon's last ok run ended.",
                [({"daemon": name}, round(now - at, 3)) for name, at in last_ok.items()])
-    next_due = {(e["name"], report["machine"]): e["next_due"] for report in b.dashboard.schedules.values()
-                for e in report["daemons"] if e.get("next_due")}  # one series per daemon and machine
+    due = {(e["name"], report["machine"]): e["next_due"] for report in b.dashboard.schedules.values()
+           for e in report["daemons"] if e.get("next_due")}  # one series per daemon and machine
     out.family("claude_peers_daemon_next_due_timestamp_seconds", "gauge", "When a supervisor runs each scheduled"
-               " daemon next, as it last reported.", [({"daemon": daemon, "machine": machine}, due)
-                                                     for (daemon, machine), due in sorted(next_due.items())])
+               " daemon next, as it last reported.", [({"daemon": daemon, "machine": machine}, at)
+                                                     for (daemon, machine), at in sorted(due.items())])
     open_alerts = collections.Counter(a["severity"] for a in b.records.alerts("open", None, None, 100000))
     out.family("claude_peers_alerts_open", "gauge", "Open alerts, by severity.",
                [({"severity": s}, open_alerts.get(s, 0)) for s in SEVERITIES])
