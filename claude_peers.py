@@ -962,6 +962,17 @@ def secret_file(path: Path, create: bool) -> str:
     return path.read_text().strip()
 
 
+def onboarding(machine: str = "NAME") -> str:
+    """How a machine gets a credential of its own: the hub's admin token never leaves the hub."""
+    return (f"make this machine a credential on the hub (claude-peers token create {machine} --machine {machine})"
+            " and install it here (install.sh --broker-url URL --token CREDENTIAL)")
+
+
+def token_source(cfg: Config) -> str:
+    """Where this machine's token comes from, for messages about it."""
+    return "$CLAUDE_PEERS_TOKEN" if os.environ.get("CLAUDE_PEERS_TOKEN") else str(cfg.token_path)
+
+
 def read_token(cfg: Config, create: bool = False) -> str:
     """The fleet token: $CLAUDE_PEERS_TOKEN, else the token file (created 0600 if asked)."""
     if os.environ.get("CLAUDE_PEERS_TOKEN"):
@@ -969,7 +980,8 @@ def read_token(cfg: Config, create: bool = False) -> str:
     path = cfg.token_path
     if not path.exists():
         if not create:
-            raise UserError(f"{path}: no fleet token (set CLAUDE_PEERS_TOKEN, or copy it from the hub: claude-peers token)")
+            raise UserError(f"{path}: no fleet token: {onboarding(cfg.machine)}; on the hub itself, claude-peers up"
+                            " creates its admin token")
         secret_file(path, create=True)
         log.info("created fleet token %s (mode 0600)", path)
     if path.stat().st_mode & 0o077:
@@ -2063,8 +2075,9 @@ class Credentials:
         if credential is None or not hmac.compare_digest(credential["secret_hash"], digest):
             return None
         if credential["expires_at"] is not None and credential["expires_at"] < time.time():
-            raise ApiError(401, f"credential {credential['name']!r} expired at {iso(credential['expires_at'])};"
-                                " ask the hub for a new one: claude-peers token create")
+            name, machine = credential["name"], credential["machine"]
+            raise ApiError(401, f"credential {name!r} expired at {iso(credential['expires_at'])}: revoke it on the"
+                                f" hub (claude-peers token revoke {name}), then {onboarding(machine)}")
         self.used[credential["name"]] = time.time()
         return credential
 
@@ -2725,7 +2738,8 @@ class Dashboard:
         self.secure = secure  #: served over TLS: the cookie is Secure
         self.codes: dict[str, float] = {}  #: sha256 of a login code -> when it expires
         self.sessions: dict[str, float] = {}  #: sha256 of a cookie -> when it expires
-        self.schedules: dict[str, dict[str, Any]] = {}  #: machine -> its supervisor's last schedule report
+        #: (machine, credential) -> that supervisor's last schedule report: two on one machine each keep theirs
+        self.schedules: dict[tuple[str, str], dict[str, Any]] = {}
         self.version = 0  #: grows with every change the page shows
         self.moved: asyncio.Event | None = None  #: set when version grows, while a page waits
 
@@ -2816,12 +2830,12 @@ class Dashboard:
                 await asyncio.wait_for(self.moved.wait(), deadline - loop.time())
         return self.version
 
-    def record_schedule(self, machine: str, daemons: list[dict[str, Any]]) -> None:
+    def record_schedule(self, machine: str, by: str, daemons: list[dict[str, Any]]) -> None:
         """A supervisor's schedule (its own sqlite holds it): kept in memory, re-sent by it every 30s and on change."""
-        self.schedules.pop(machine, None)
+        self.schedules.pop((machine, by), None)
         while len(self.schedules) >= self.MAX_LIVE:
             del self.schedules[next(iter(self.schedules))]
-        self.schedules[machine] = {"at": time.time(), "daemons": daemons}
+        self.schedules[(machine, by)] = {"machine": machine, "at": time.time(), "daemons": daemons}
         self.changed()
 
 
@@ -2896,10 +2910,10 @@ def dashboard_daemons(b: Broker, now: float) -> list[dict[str, Any]]:
     daemons: dict[str, dict[str, Any]] = {}
     for name, daemon in b.cfg.daemons.items():
         daemons[name] = {"name": name, "description": daemon.description, "enabled": daemon.enabled}
-    for machine, report in b.dashboard.schedules.items():
+    for report in b.dashboard.schedules.values():
         for entry in report["daemons"]:
             view = daemons.setdefault(entry["name"], {"name": entry["name"]})
-            view.update({k: v for k, v in entry.items() if k != "name"}, supervisor=machine,
+            view.update({k: v for k, v in entry.items() if k != "name"}, supervisor=report["machine"],
                         supervisor_seen=iso(report["at"]), enabled=bool(entry.get("enabled", 1)),
                         supervisor_stale=now - report["at"] > SUPERVISOR_STALE_S)
             for key in ("next_due", "cooldown_until"):
@@ -3018,10 +3032,11 @@ def _expose_daemons(out: Exposition, b: Broker, now: float) -> None:
                [({"daemon": name}, at) for name, at in last_ok.items()])
     out.family("claude_peers_daemon_last_ok_age_seconds", "gauge", "Seconds since each daemon's last ok run ended.",
                [({"daemon": name}, round(now - at, 3)) for name, at in last_ok.items()])
+    due = {(e["name"], report["machine"]): e["next_due"] for report in b.dashboard.schedules.values()
+           for e in report["daemons"] if e.get("next_due")}  # one series per daemon and machine
     out.family("claude_peers_daemon_next_due_timestamp_seconds", "gauge", "When a supervisor runs each scheduled"
-               " daemon next, as it last reported.", [({"daemon": e["name"], "machine": machine}, e["next_due"])
-                                                     for machine, report in sorted(b.dashboard.schedules.items())
-                                                     for e in report["daemons"] if e.get("next_due")])
+               " daemon next, as it last reported.", [({"daemon": daemon, "machine": machine}, at)
+                                                     for (daemon, machine), at in sorted(due.items())])
     open_alerts = collections.Counter(a["severity"] for a in b.records.alerts("open", None, None, 100000))
     out.family("claude_peers_alerts_open", "gauge", "Open alerts, by severity.",
                [({"severity": s}, open_alerts.get(s, 0)) for s in SEVERITIES])
@@ -3353,8 +3368,8 @@ function renderMessages() {
 
 async function trigger(name) {
   try {
-    await call(`/dashboard/api/daemons/${encodeURIComponent(name)}/trigger`, {});
-    toast(`${name}: run requested`);
+    const answer = await call(`/dashboard/api/daemons/${encodeURIComponent(name)}/trigger`, {});
+    toast(`${name}: run requested from the supervisor on ${answer.machines.join(", ")}`);
   } catch (error) {
     if (!(error instanceof LoggedOut)) toast(error.message);
   }
@@ -3951,11 +3966,12 @@ PERMISSIONS = {
     "trigger": "ask for daemon runs",
     "operator": "send as the operator, read every message, or replace the fleet memory",
     "metrics": "read the metrics",
+    "login": "open the dashboard (it shows every session and message, and runs daemons on any machine)",
     "dashboard": "use the dashboard (its cookie: from `claude-peers dashboard`)",
     "admin": "manage credentials",
 }
 ROLE_PERMISSIONS = {"client": {"read", "session", "report", "trigger"},
-                    "operator": {"read", "session", "report", "trigger", "operator", "metrics"},
+                    "operator": {"read", "session", "report", "trigger", "operator", "metrics", "login"},
                     "admin": set(PERMISSIONS), "dashboard": {"dashboard"}, "metrics": {"metrics"}}
 
 
@@ -4166,11 +4182,38 @@ def r_health(b: Broker, req: Request) -> Any:
     return {"machines": b.records.health()}
 
 
+def supervisors_running(b: Broker, daemon: str) -> list[str]:
+    """The machines whose supervisor reported lately that it runs ``daemon`` (enabled)."""
+    now = time.time()
+    return sorted({report["machine"] for report in b.dashboard.schedules.values()
+                   if now - report["at"] <= SUPERVISOR_STALE_S
+                   and any(e["name"] == daemon and e.get("enabled", 1) for e in report["daemons"])})
+
+
+def no_supervisor_for(daemon: str, only: str, elsewhere: list[str]) -> str:
+    """Why a trigger would start nothing anywhere, and what to do instead."""
+    here = f"or run it in the foreground: claude-peers trigger {daemon} --here"
+    if not only:
+        return (f"no running supervisor has {daemon} enabled (none reported in the last {SUPERVISOR_STALE_S:.0f}s):"
+                f" start one (claude-peers up on the hub, claude-peers supervise on another machine), {here}")
+    if elsewhere:
+        return (f"no supervisor on {only} runs {daemon}, and a client credential triggers only its own machine's;"
+                f" the one on {', '.join(elsewhere)} does: trigger it there (or with an operator credential), {here}")
+    return (f"no supervisor on {only} runs {daemon}: start this machine's (claude-peers supervise, or install.sh"
+            f" --role client --with-supervisor as a service), {here}")
+
+
 async def r_request_run(b: Broker, req: Request) -> Any:
-    """A client's request is for the supervisor of its own machine; an operator's, for any."""
+    """A client's request is for the supervisor of its own machine; an operator's, for any. One that
+    no running supervisor would take is refused, saying why: otherwise nothing would run anywhere."""
+    daemon = req.args[0]
     only = req.identity.machine if req.identity.role == "client" else ""
-    await b.write(lambda: b.records.request_run(req.args[0], req.identity.name, only))
-    return 202, {"ok": True, "daemon": req.args[0]}
+    running = supervisors_running(b, daemon)
+    taking = [m for m in running if m == only] if only else running
+    if not taking:
+        raise ApiError(409, no_supervisor_for(daemon, only, running), code="no_supervisor")
+    await b.write(lambda: b.records.request_run(daemon, req.identity.name, only))
+    return 202, {"ok": True, "daemon": daemon, "machines": taking}
 
 
 def r_memory(b: Broker, req: Request) -> Any:
@@ -4278,7 +4321,7 @@ def r_schedule(b: Broker, req: Request) -> Any:
     for i, entry in enumerate(req.body["daemons"]):
         if not NAME_RE.match(entry["name"]):
             raise ApiError(400, f"field 'daemons[{i}].name' is not a daemon name: {entry['name']!r}")
-    b.dashboard.record_schedule(own_machine(req.identity, req.body["machine"]), req.body["daemons"])
+    b.dashboard.record_schedule(own_machine(req.identity, req.body["machine"]), req.identity.name, req.body["daemons"])
     return {"ok": True}
 
 
@@ -4326,7 +4369,7 @@ ROUTES: list[Route] = [
         ("POST", r"/api/credentials/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/revoke", r_revoke_credential, False,
          EMPTY_SCHEMA, "admin"),
         ("POST", "/api/schedule", r_schedule, False, SCHEDULE_SCHEMA, "report"),
-        ("POST", "/api/dashboard/codes", r_login_code, False, EMPTY_SCHEMA, "operator"),
+        ("POST", "/api/dashboard/codes", r_login_code, False, EMPTY_SCHEMA, "login"),
         ("GET", "/", r_dashboard_page, False, None, "dashboard"),
         ("POST", "/dashboard/login", r_dashboard_login, False, DASHBOARD_LOGIN_SCHEMA, "dashboard"),
         ("POST", "/dashboard/api/logout", r_dashboard_logout, False, EMPTY_SCHEMA, "dashboard"),
@@ -4524,12 +4567,12 @@ class ApiServer:
         scheme, _, given = headers.get("authorization", "").partition(" ")
         given = given.strip()
         if scheme.lower() != "bearer" or not given:
-            raise ApiError(401, "missing fleet token (Authorization: Bearer <token>)")
+            raise ApiError(401, f"missing fleet token (Authorization: Bearer <token>): {onboarding()}")
         if hmac.compare_digest(given.encode(), self.token):
             return ADMIN
         credential = self.broker.credentials.lookup(given)
         if credential is None:
-            raise ApiError(401, "wrong fleet token (or a revoked credential)")
+            raise ApiError(401, f"wrong fleet token (or a revoked credential): {onboarding()}")
         return Identity(credential["name"], credential["machine"], credential["role"])
 
 
@@ -4789,6 +4832,7 @@ class AsyncBrokerClient:
         self.session_secret: str | None = None
         self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self.lock = asyncio.Lock()
+        self.answered: Callable[[], None] = lambda: None  #: after each call the broker carried out (the shim's cue)
 
     def attach(self, other: AsyncBrokerClient) -> AsyncBrokerClient:
         self.session_id, self.session_secret = other.session_id, other.session_secret
@@ -4823,7 +4867,9 @@ class AsyncBrokerClient:
                     status, raw, close = await asyncio.wait_for(read_reply(reader), timeout or self.timeout)
                     if close:
                         self.close()
-                    return decode_reply(self.url, status, raw)
+                    reply = decode_reply(self.url, status, raw)
+                    self.answered()
+                    return reply
                 except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                         ValueError) as exc:
                     self.close()
@@ -5066,8 +5112,10 @@ class Shim:
     long-poll that turns leased messages into channel notifications (push), or that only
     keeps the session alive and counts its waiting mail (pull)."""
 
-    def __init__(self, cfg: Config, name: str | None, cwd: Path, wire: StdioWire, mode: str | None = None) -> None:
+    def __init__(self, cfg: Config, name: str | None, cwd: Path, wire: StdioWire, mode: str | None = None,
+                 probe: bool = False) -> None:
         self.cfg = cfg
+        self.probe = probe  #: doctor's check of the handshake: it never registers, so no session is left behind
         self.wire = wire
         self.wanted_name = name
         self.cwd = cwd
@@ -5086,15 +5134,23 @@ class Shim:
         self.poll_client = AsyncBrokerClient(self.url, token, timeout=cfg.broker.poll_wait_s + 15)
         self.session: dict[str, Any] | None = None  #: as registered; None until then or after the broker forgot it
         self.name_note = ""  #: why the wanted name is not held
-        self.last_error = ""  #: the last failure to reach the broker, '' when it answers
+        #: the last failure to reach the broker, '' when it answers (a probe never tries)
+        self.last_error = "a probe (claude-peers doctor): it does not join the fleet" if probe else ""
         self.seen: dict[str, None] = {}  #: message ids pushed or returned: never shown twice
         self.unread: dict[str, dict[str, Any]] = {}  #: pushed, not yet read or answered
         self.unacked: list[str] = []  #: pushed, but the broker has not taken the acknowledgement yet
+        self.tools_client.answered = self.poll_client.answered = self._answered
         self.introduced = asyncio.Event()  #: initialize arrived: the client and the mode are known
         self.attempted = asyncio.Event()  #: the first registration attempt is over (instructions wait for it)
         self.initialized = asyncio.Event()  #: the client sent notifications/initialized: pushes may flow
 
     # -- connection to the broker ----------------------------------------------
+
+    def _answered(self) -> None:
+        """A call went through: whatever failed before, the broker answers now (whoami and the tools say so)."""
+        if self.last_error:
+            log.warning("broker at %s answers again", self.url)
+            self.last_error = ""
 
     def _session_info(self) -> dict[str, Any]:
         git_root, branch = git_info(self.cwd)
@@ -5131,6 +5187,9 @@ class Shim:
 
     async def run(self) -> None:
         """The session: register, then long-poll and push until cancelled; retry with backoff."""
+        if self.probe:
+            self.attempted.set()
+            return
         info = await asyncio.to_thread(self._session_info)  # git runs in a subprocess, while the client connects
         await self.introduced.wait()
         info.update(client=self.client, mode=self.mode)
@@ -5167,12 +5226,12 @@ class Shim:
     async def _poll_once(self) -> None:
         """Lease mail (waiting for it), push each message, acknowledge the batch at once.
         A pull session leases nothing: its poll is the heartbeat and brings the count of waiting mail."""
+        wait_s = 0 if self.last_error else self.cfg.broker.poll_wait_s  # after a failure: know at once it is over
         if self.mode == "pull":
-            answer = await self.poll_client.session_call("POST", "/poll", {"wait_s": self.cfg.broker.poll_wait_s,
-                                                                           "unread": self.waiting})
+            answer = await self.poll_client.session_call("POST", "/poll", {"wait_s": wait_s, "unread": self.waiting})
             self.waiting = answer["unread"]
             return
-        body: dict[str, Any] = {"wait_s": self.cfg.broker.poll_wait_s, "max": 100}
+        body: dict[str, Any] = {"wait_s": wait_s, "max": 100}
         if self.unacked:  # an acknowledgement that failed rides on the poll
             body["ack"], self.unacked = self.unacked, []
         try:
@@ -5548,9 +5607,9 @@ async def serve_stdio(shim: Shim) -> None:
         await shim.leave()
 
 
-def run_shim(cfg: Config, name: str | None, mode: str | None = None) -> int:
+def run_shim(cfg: Config, name: str | None, mode: str | None = None, probe: bool = False) -> int:
     cwd, override = Path.cwd(), mode_override(mode)
-    shim = Shim(cfg, find_agent_name(name, cwd), cwd, StdioWire(), override)
+    shim = Shim(cfg, find_agent_name(name, cwd), cwd, StdioWire(), override, probe)
     asyncio.run(serve_stdio(shim))
     return 0
 
@@ -7643,6 +7702,7 @@ def describe_schedule(daemon: SimpleNamespace) -> str:
 
 
 SCHEDULE_REPORT_S = 30.0  # a supervisor re-sends its unchanged schedule this often (the broker keeps it in memory)
+Told = tuple[dict[str, Any] | None, float]  # the schedule last sent to the broker, and when (monotonic)
 
 
 def next_due(daemon: SimpleNamespace, after: float, first: bool = False) -> float | None:
@@ -8027,24 +8087,27 @@ class Supervisor:
             daemons.append(entry)
         return {"machine": self.cfg.machine, "daemons": daemons}
 
-    async def reporter(self) -> None:
-        """Tell the broker about every run (start and end) and this supervisor's schedule (on a
-        change, and every SCHEDULE_REPORT_S); retried while it is unreachable."""
-        client: BrokerClient | None = None
-        told: tuple[dict[str, Any] | None, float] = (None, 0.0)
+    async def report(self, client: BrokerClient | None, told: Told) -> tuple[BrokerClient | None, Told]:
+        """Tell the broker about every run not yet reported and this supervisor's schedule (on a
+        change, and every SCHEDULE_REPORT_S); the client to use next time (None: make a new one)."""
+        try:
+            client = client or client_from_config(self.cfg, timeout=5)
+            for run in self.state.unreported():
+                await asyncio.to_thread(client.call, "POST", "/api/runs", run_report(run))
+                self.state.mark_reported(run["id"], run["status"])
+            schedule = self.schedule_report()
+            if schedule != told[0] or time.monotonic() - told[1] >= SCHEDULE_REPORT_S:
+                told = (schedule, time.monotonic())  # a refusal is not retried before the next change
+                await asyncio.to_thread(client.call, "POST", "/api/schedule", schedule)
+        except (UserError, ApiError) as exc:
+            log.debug("reporting runs: %s", exc)
+            client = None
+        return client, told
+
+    async def reporter(self, client: BrokerClient | None, told: Told) -> None:
+        """Report (runs as they start and end, the schedule) until stopped; retried while the broker is unreachable."""
         while not self.stopping.is_set():
-            try:
-                client = client or client_from_config(self.cfg, timeout=5)
-                for run in self.state.unreported():
-                    await asyncio.to_thread(client.call, "POST", "/api/runs", run_report(run))
-                    self.state.mark_reported(run["id"], run["status"])
-                schedule = self.schedule_report()
-                if schedule != told[0] or time.monotonic() - told[1] >= SCHEDULE_REPORT_S:
-                    told = (schedule, time.monotonic())  # a refusal is not retried before the next change
-                    await asyncio.to_thread(client.call, "POST", "/api/schedule", schedule)
-            except (UserError, ApiError) as exc:
-                log.debug("reporting runs: %s", exc)
-                client = None
+            client, told = await self.report(client, told)
             self.wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wakeup.wait(), 2.0)
@@ -8064,7 +8127,8 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
         self._sync_schedules()
-        tasks = [asyncio.create_task(coro) for coro in (self.scheduler(), self.reporter(), self.events.run(),
+        reported = await self.report(None, (None, 0.0))  # before `ready`: a trigger right away finds this supervisor
+        tasks = [asyncio.create_task(coro) for coro in (self.scheduler(), self.reporter(*reported), self.events.run(),
                                                         self.watch_parent())]
         log.info("supervisor: %d daemons from %s", len(self.cfg.daemons), self.cfg.where)
         if ready:
@@ -9127,24 +9191,28 @@ def shim_handshake(cfg: Config) -> tuple[str, str]:
     the way Claude Code does: what Claude Code will see (a 2025 handshake, the channel, the tools)."""
     import anyio
     from mcp.client import Client
-    from mcp.client.stdio import StdioServerParameters
+    from mcp.client.stdio import StdioServerParameters, stdio_client
 
     launcher = shutil.which("claude-peers")
     argv = [launcher, "shim"] if launcher else module_command("shim")
     env = {k: v for k, v in os.environ.items() if k != "CLAUDE_PEERS_NAME"}
     env.update({"CLAUDE_PEERS_CONFIG": str(cfg.source)} if cfg.source else {})
-    params = StdioServerParameters(command=argv[0], args=argv[1:], env=env, cwd="/")
+    params = StdioServerParameters(command=argv[0], args=[*argv[1:], "--probe"], env=env, cwd="/")
 
-    async def handshake() -> tuple[str, Any, list[str]]:
+    async def handshake(errlog: Any) -> tuple[str, Any, list[str]]:
         with anyio.fail_after(20):
-            async with Client(params, mode="auto") as client:
+            async with Client(stdio_client(params, errlog=errlog), mode="auto") as client:
                 tools = [tool.name for tool in (await client.list_tools()).tools]
                 return client.protocol_version, client.server_capabilities.experimental, tools
 
-    try:
-        version, experimental, tools = anyio.run(handshake)
-    except Exception as exc:  # noqa: BLE001 - whatever the client says is the finding
-        return "FAIL", f"{' '.join(argv)}: the MCP handshake failed: {describe_error(exc)}"
+    with tempfile.TemporaryFile("w+") as errlog:  # the shim's stderr: doctor's output is its own lines only
+        try:
+            version, experimental, tools = anyio.run(handshake, errlog)
+        except Exception as exc:  # noqa: BLE001 - whatever the client says is the finding
+            errlog.seek(0)
+            said = next((line.strip() for line in reversed(errlog.readlines()) if line.strip()), "")
+            return "FAIL", (f"{' '.join(argv)}: the MCP handshake failed: {describe_error(exc)}"
+                            + (f"; it said: {said[:300]}" if said else ""))
     wanted = [tool["name"] for tool in TOOLS]
     if version not in HANDSHAKE_VERSIONS or "claude/channel" not in (experimental or {}) or tools != wanted:
         return "FAIL", (f"{' '.join(argv)} answered protocol {version}, experimental {experimental}, tools {tools}:"
@@ -9157,7 +9225,7 @@ def doctor_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
     yield "ok", "config", str(cfg.source or "built-in defaults (no daemons.toml)")
     try:
         token = read_token(cfg)
-        yield "ok", "token", f"{'$CLAUDE_PEERS_TOKEN' if os.environ.get('CLAUDE_PEERS_TOKEN') else cfg.token_path}"
+        yield "ok", "token", token_source(cfg)
     except UserError as exc:
         token = ""
         yield "FAIL", "token", str(exc)
@@ -9171,8 +9239,7 @@ def doctor_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
         yield "FAIL", "broker", (f"{exc} (start it: claude-peers up (single box) or claude-peers broker;"
                                  " or set CLAUDE_PEERS_URL)")
     except ApiError as exc:
-        hint = "copy it from the hub: claude-peers token" if exc.status == 401 else exc.message
-        yield "FAIL", "broker", f"{cfg.broker_url} refused the fleet token ({hint})"
+        yield "FAIL", "broker", f"{cfg.broker_url} refused the fleet token from {token_source(cfg)}: {exc.message}"
     claude = shutil.which("claude")
     if claude is None:
         yield "FAIL", "claude", "claude not on PATH (npm install -g @anthropic-ai/claude-code)"
@@ -9366,7 +9433,7 @@ def cmd_memory(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_shim(cfg: Config, args: argparse.Namespace) -> int:
     if not args.verbose:  # Claude Code files every stderr line of a server under [ERROR]
         log.setLevel(logging.WARNING)
-    return run_shim(cfg, args.name, args.mode)
+    return run_shim(cfg, args.name, args.mode, args.probe)
 
 
 def cmd_run(cfg: Config, args: argparse.Namespace) -> int:
@@ -9460,9 +9527,14 @@ def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
         if not daemon.enabled:
             raise UserError(f"{cfg.where}: [daemons.{daemon.name}] has enabled = false, so a supervisor ignores"
                             " a trigger for it (run it here with --here)")
-        client_from_config(cfg).call("POST", f"/api/daemons/{urllib.parse.quote(args.daemon)}/trigger")
-        print(f"requested a run of {args.daemon}: a running supervisor starts it now (see: claude-peers runs"
-              f" {args.daemon})")
+        try:
+            taken = client_from_config(cfg).call("POST", f"/api/daemons/{urllib.parse.quote(args.daemon)}/trigger")
+        except ApiError as exc:
+            if exc.extra.get("code") != "no_supervisor":
+                raise
+            raise UserError(f"nothing started: {exc.message}") from None
+        print(f"requested a run of {args.daemon}: the supervisor on {', '.join(taken['machines'])} starts it now"
+              f" (see: claude-peers runs {args.daemon})")
         return 0
     run_dir = data_home() / "runs"
     run = new_run_record(cfg, daemon.name, "manual" + (" (dry run)" if args.dry_run else ""), run_dir)
@@ -9529,7 +9601,15 @@ def cmd_token(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_dashboard(cfg: Config, args: argparse.Namespace) -> int:
     """Print (or open) a login link for the broker's dashboard: its code works once, for a minute."""
-    login = client_from_config(cfg).call("POST", "/api/dashboard/codes", {})
+    try:
+        login = client_from_config(cfg).call("POST", "/api/dashboard/codes", {})
+    except ApiError as exc:
+        if exc.status != 403:
+            raise
+        raise UserError(f"{exc.message}; make the link on the hub instead (ssh to it and run claude-peers dashboard:"
+                        " the link opens from any machine that reaches the broker), or give this machine an operator"
+                        " credential (on the hub: claude-peers token create NAME --machine NAME --role operator)"
+                        ) from None
     url = cfg.broker_url + login["path"]
     if args.json:
         print_json({"url": url, "expires_in_s": login["expires_in_s"]})
@@ -9603,6 +9683,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, help="push (messages pushed as channel notifications) or pull (they"
                    " wait for check_messages); default: $CLAUDE_PEERS_MODE, else push only for Claude Code"
                    " started with the channel flag")
+    p.add_argument("--probe", action="store_true", help="answer MCP without joining the fleet (what doctor checks):"
+                   " no session is registered")
     p = command("run", cmd_run, "start Claude Code with claude-peers channel pushes enabled")
     p.add_argument("claude_args", nargs=argparse.REMAINDER, help="arguments passed on to claude untouched"
                    " (after run's own --config, -v, --help; `--` ends those)")
@@ -9691,6 +9773,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.verbose)
+    cfg: Config | None = None
     try:
         cfg = load_config(args.config)
         return args.func(cfg, args)
@@ -9698,8 +9781,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"claude-peers: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except ApiError as exc:
-        hint = " (check CLAUDE_PEERS_TOKEN or the token file; `claude-peers token` on the hub)" \
-            if exc.status == 401 else ""
+        hint = f" (the token from {token_source(cfg)})" if exc.status == 401 and cfg else ""
         print(f"claude-peers: broker said {exc.status}: {exc.message}{hint}", file=sys.stderr)
         return EXIT_AUTH if exc.status in (401, 403) else EXIT_ERROR
     except UserError as exc:

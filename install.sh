@@ -27,7 +27,9 @@ and upgrades the services an earlier --role installed.
                       (User= this user) instead of user units
   --broker-url URL    where this machine finds the broker; writes a client config
                       ([broker] url = URL, [nats] embedded = false)
-  --token TOKEN       the fleet token (on the hub: claude-peers token)
+  --token TOKEN       this machine's own credential, made on the hub with
+                      claude-peers token create NAME --machine NAME (the hub's admin token
+                      stays on the hub)
   --source URL        where to fetch the files when piped (default: $CLAUDE_PEERS_SOURCE or GitHub)
   --uninstall         stop and remove the services, the launcher, the venv, the app files and
                       the Claude Code registration; keeps the config and the data (token,
@@ -95,7 +97,7 @@ parse_args() {
         [ -z "$PURGE" ] || die "--purge goes with --uninstall"
     fi
     [ "$ROLE" != client ] || { [ -n "$BROKER_URL" ] && [ -n "$TOKEN" ]; } \
-        || die "--role client needs --broker-url URL and --token TOKEN (on the hub: claude-peers token)"
+        || die "--role client needs --broker-url URL and --token CREDENTIAL (make it on the hub: claude-peers token create NAME --machine NAME)"
     [ "$ROLE" != hub ] || [ -z "$BROKER_URL" ] \
         || die "--broker-url is for clients: the hub's broker listens at its [broker] listen address"
     [ -z "$WITH_SUPERVISOR" ] || [ "$ROLE" = client ] \
@@ -404,12 +406,12 @@ install_config() {
     elif [ -f "$DATA/token" ]; then
         :
     elif [ -n "$BROKER_URL" ]; then
-        say "note: no fleet token yet: copy it from the hub (claude-peers token) into $DATA/token, or run install.sh again with --token"
+        say "note: no credential for this machine yet: make one on the hub (claude-peers token create $(uname -n) --machine $(uname -n)) and run install.sh again with --token CREDENTIAL"
     else
         # its log line would repeat ours: shown only when it fails
         err=$("$BIN/claude-peers" --config "$CONFIG" token --create 2>&1 >/dev/null) \
             || die "could not create the fleet token: $err"
-        say "created a fleet token in $DATA/token (copy it to other machines: claude-peers token)"
+        say "created the hub's admin token in $DATA/token: it stays on this machine; each other machine gets its own credential (claude-peers token create NAME --machine NAME)"
     fi
 }
 
@@ -475,8 +477,10 @@ install_all() {
         *) say "note: $BIN is not on your PATH; add it, e.g. echo 'export PATH=\"$BIN:\$PATH\"' >> ~/.profile" ;;
     esac
     if [ "$ROLE" = hub ]; then
-        say "next: for other machines set [broker] listen in $CONFIG to this machine's mesh address, restart the hub, and on each of them run:"
-        say "    install.sh --role client --broker-url http://<that address>:7899 --token <claude-peers token>"
+        say "next: for other machines set [broker] listen in $CONFIG to this machine's mesh address and restart the hub; then for each machine NAME make its own credential here:"
+        say "    claude-peers token create NAME --machine NAME"
+        say "  and on that machine install with it (the admin token never leaves this hub):"
+        say "    install.sh --role client --broker-url http://<that address>:7899 --token <the credential it printed>"
     elif [ -z "$ROLE$BROKER_URL$wanted" ]; then
         say "next: run the hub in the foreground with: claude-peers up (or as a service: install.sh --role hub)"
     fi

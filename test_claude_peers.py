@@ -1704,7 +1704,11 @@ def test_a_dashboard_login_code_works_once_and_its_cookie_opens_only_the_dashboa
     status, _, raw = http_call(broker, "GET", f"/dashboard/api/messages/{mid}/text", {**DASH, **cookie})
     assert status == 200 and json.loads(raw)["text"] == "TEXT-ON-REQUEST"
     status, _, raw = http_call(broker, "POST", "/dashboard/api/daemons/fleet-scout/trigger", {**DASH, **cookie}, {})
-    assert status == 202
+    assert status == 409 and json.loads(raw)["error"].startswith("no running supervisor has fleet-scout enabled")
+    broker.client().call("POST", "/api/schedule", {"machine": "hub", "daemons": [
+        {"name": "fleet-scout", "schedule": "every 15m", "enabled": 1}]})
+    status, _, raw = http_call(broker, "POST", "/dashboard/api/daemons/fleet-scout/trigger", {**DASH, **cookie}, {})
+    assert status == 202 and json.loads(raw)["machines"] == ["hub"]
     events = broker.client().call("GET", "/api/events?after=0")["events"]
     assert [e["by"] for e in events if e["subject"] == "fleet.daemon.fleet-scout.requested"] == ["dashboard"]
     for method, path, body in [("GET", "/api/status", None), ("GET", "/api/messages", None), ("GET", "/metrics", None),
@@ -1727,6 +1731,20 @@ def test_a_dashboard_login_code_works_once_and_its_cookie_opens_only_the_dashboa
     status, headers, _ = http_call(broker, "POST", "/dashboard/api/logout", {**DASH, **cookie}, {})
     assert status == 200 and "Max-Age=0" in headers["set-cookie"]
     assert http_call(broker, "GET", "/dashboard/api/state", {**DASH, **cookie})[0] == 401  # revoked on the server
+
+
+def test_the_dashboard_with_a_client_credential_says_what_it_needs_and_where_to_get_a_link(broker):
+    laptop = {"CLAUDE_PEERS_TOKEN": credential(broker, "laptop", "laptop")}
+    out = broker.cli("dashboard", env=laptop)
+    assert out.returncode == cp.EXIT_ERROR and out.stdout == "" and out.stderr.count("\n") == 1
+    assert out.stderr.strip() == (
+        "claude-peers: client credential 'laptop' may not open the dashboard (it shows every session and message,"
+        " and runs daemons on any machine): that needs the operator role; make the link on the hub instead (ssh to"
+        " it and run claude-peers dashboard: the link opens from any machine that reaches the broker), or give this"
+        " machine an operator credential (on the hub: claude-peers token create NAME --machine NAME --role operator)")
+    desk = {"CLAUDE_PEERS_TOKEN": credential(broker, "desk", "desk", "operator")}
+    out = broker.cli("dashboard", "--json", env=desk)
+    assert out.returncode == 0 and json.loads(out.stdout)["url"].startswith(f"{broker.url}/#login="), out.stderr
 
 
 def test_login_codes_and_cookie_sessions_are_kept_hashed_and_expire_on_the_server():
@@ -2269,7 +2287,8 @@ def test_every_route_grants_each_role_what_it_may_do_and_refuses_the_rest(make_b
     broker.client().call("POST", "/api/credentials/stolen/revoke")
     other = as_session(broker, credential(broker, "pi", "pi"))  # another machine's session
     allowed = {role: {p for p, roles in [("read", "coa"), ("session", "coa"), ("report", "coa"), ("trigger", "coa"),
-                                         ("operator", "oa"), ("metrics", "oa"), ("admin", "a")] if role[0] in roles}
+                                         ("operator", "oa"), ("metrics", "oa"), ("login", "oa"),
+                                         ("admin", "a")] if role[0] in roles}
                for role in tokens}
     permission = {(m, p.pattern): perm for m, p, _, _, _, perm in cp.ROUTES}
     for route in ROUTE_TEMPLATES:
@@ -2349,6 +2368,10 @@ def test_an_expired_credential_says_so(make_broker):
             broker.client(token).call("GET", "/api/status")
         except cp.ApiError as exc:
             assert exc.status == 401 and "credential 'temp' expired" in exc.message
+            assert exc.message.endswith(": revoke it on the hub (claude-peers token revoke temp), then make this"
+                                        " machine a credential on the hub (claude-peers token create laptop"
+                                        " --machine laptop) and install it here (install.sh --broker-url URL"
+                                        " --token CREDENTIAL)"), exc.message
             return True
         return False
 
@@ -2371,6 +2394,35 @@ def test_token_create_list_revoke_from_the_cli_and_no_secret_is_ever_shown_again
              json.dumps(broker.client().call("GET", "/api/events?after=0&limit=1000")),
              json.dumps(broker.client().call("GET", "/api/credentials"))]
     assert not any(token in text or cp.sha256_hex(token) in text for text in shown)
+
+
+ADMIN_TOKEN_HINT = re.compile(r"claude-peers token(?! (?:create|list|revoke)\b)")  # `token` alone prints the admin's
+
+
+def test_no_message_of_the_module_or_the_installer_points_a_machine_at_the_admin_token():
+    for path in (SCRIPT, ROOT / "install.sh"):
+        lines = [line for line in path.read_text().splitlines() if ADMIN_TOKEN_HINT.search(line)]
+        assert not lines, f"{path.name}: {lines}"
+
+
+def test_a_missing_wrong_or_expired_token_is_answered_with_the_least_privilege_recipe(make_broker, tmp_path):
+    broker = make_broker()
+    recipe = "make this machine a credential on the hub (claude-peers token create NAME --machine NAME)" \
+             " and install it here (install.sh --broker-url URL --token CREDENTIAL)"
+    for headers in ({}, {"Authorization": "Bearer nope"}):  # the broker's own 401s
+        status, body = raw_request(broker, "GET", "/api/status", headers=headers)
+        assert status == 401 and body["error"].endswith(recipe), body
+    out = broker.cli("peers", env={"CLAUDE_PEERS_TOKEN": "wrong-token-0123456789"})
+    assert out.returncode == cp.EXIT_AUTH and out.stderr.count("\n") == 1
+    assert recipe in out.stderr and "(the token from $CLAUDE_PEERS_TOKEN)" in out.stderr
+    doctor = broker.cli("doctor", env={"CLAUDE_PEERS_TOKEN": "wrong-token-0123456789"})
+    [line] = [line for line in doctor.stdout.splitlines() if line.split()[1] == "broker"]
+    assert line.startswith("FAIL") and "refused the fleet token from $CLAUDE_PEERS_TOKEN" in line and recipe in line
+    machine = socket.gethostname()
+    empty = broker.cli("peers", env={"CLAUDE_PEERS_HOME": str(tmp_path / "new-machine")})  # no token at all
+    assert empty.returncode == cp.EXIT_ERROR and empty.stderr.count("\n") == 1
+    assert f"no fleet token: make this machine a credential on the hub (claude-peers token create {machine}" \
+           f" --machine {machine}) and install it here" in empty.stderr, empty.stderr
 
 
 # ---------------------------------------------------------------------------
@@ -2838,6 +2890,33 @@ async def test_broker_restart_under_a_live_shim(make_broker):
         assert note.meta["message_id"] == sent["id"]
 
 
+async def whoami_until(shim: ShimSession, fragment: str, timeout: float = 30) -> str:
+    """whoami's answer once it says ``fragment`` (what the shim knows of the broker changes as it finds out)."""
+    with anyio.fail_after(timeout):
+        while fragment not in (text := await shim.ok("whoami")):
+            await anyio.sleep(0.05)
+    return text
+
+
+@pytest.mark.anyio
+async def test_a_shim_whose_session_survives_a_broker_restart_says_the_broker_answers_again(make_broker):
+    broker = make_broker()
+    sender = broker.session(name="sender")
+    async with shim_session(broker, name="steady") as shim:
+        await whoami_until(shim, f"broker: {broker.url} (reachable)")
+        session_id = peer_named(broker, "steady")["id"]
+        broker.kill()
+        down = await whoami_until(shim, "unreachable")
+        assert f"broker: {broker.url} (broker at {broker.url} unreachable" in down
+        broker.start()
+        sent = send(sender, "steady", "are you back?")
+        [note] = await shim.recorder.wait_for(1, timeout=40)
+        assert note.meta["message_id"] == sent["id"]
+        assert peer_named(broker, "steady")["id"] == session_id  # the same session: it never registered again
+        text = await shim.ok("whoami")
+        assert f"broker: {broker.url} (reachable)" in text and "unreachable" not in text, text
+
+
 @pytest.mark.anyio
 async def test_without_a_channel_check_messages_and_notices(broker):
     sender = broker.session(name="pinger")
@@ -3053,6 +3132,38 @@ def test_doctor_points_a_single_box_at_up_when_the_broker_is_unreachable(broker)
     out = broker.cli("doctor", env={"CLAUDE_PEERS_URL": f"http://127.0.0.1:{free_port()}"})
     [line] = [line for line in out.stdout.splitlines() if line.split()[1] == "broker"]
     assert line.startswith("FAIL") and "start it: claude-peers up (single box) or claude-peers broker" in line
+
+
+def test_doctor_leaves_no_session_behind_and_prints_only_its_own_lines(broker):
+    before, _ = scrape(broker)
+    for env in ({}, {"CLAUDE_PEERS_URL": f"http://127.0.0.1:{free_port()}"}):  # the hub up, and not started yet
+        out = broker.cli("doctor", env=env)
+        assert out.stderr == "", out.stderr  # neither the shim's logs nor the SDK's
+        lines = out.stdout.splitlines()
+        assert all(re.match(r"(ok|warn|FAIL) +[a-z]+ +\S", line) for line in lines), out.stdout
+        [shim] = [line for line in lines if line.split()[1] == "shim"]
+        assert shim.startswith("ok") and "claude/channel declared" in shim, shim
+    after, _ = scrape(broker)
+    assert metric(after, "claude_peers_sessions", state="offline") == metric(before, "claude_peers_sessions",
+                                                                             state="offline") == 0
+    assert metric(after, "claude_peers_sessions", state="online") == 0
+    status, _, raw = http_call(broker, "GET", "/dashboard/api/state", {**DASH, "Cookie": dashboard_cookie(broker)})
+    assert status == 200 and json.loads(raw)["sessions"] == []
+    events = broker.client().call("GET", "/api/events?after=0")["events"]
+    assert not [e for e in events if e["subject"].startswith("fleet.peer.")]
+
+
+def test_doctor_shows_what_a_shim_that_cannot_start_said(broker, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    launcher = bin_dir / "claude-peers"  # an old launcher: its shim has no --probe
+    launcher.write_text("#!/bin/sh\necho 'claude-peers: error: unrecognized arguments: --probe' >&2\nexit 2\n")
+    launcher.chmod(0o755)
+    out = broker.cli("doctor", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    [shim] = [line for line in out.stdout.splitlines() if line.split()[1] == "shim"]
+    assert shim.startswith("FAIL") and "the MCP handshake failed" in shim
+    assert shim.endswith("it said: claude-peers: error: unrecognized arguments: --probe"), shim
+    assert out.stderr == ""
 
 
 # -- push and pull sessions: pushes only where the model is shown them --------------------
@@ -5448,6 +5559,34 @@ def test_trigger_refuses_a_daemon_the_config_does_not_run(broker):
     assert not [e for e in events if e["subject"].startswith("fleet.daemon.")]  # nothing was requested
 
 
+def test_a_trigger_no_running_supervisor_would_take_is_refused_with_the_reason_and_the_fix(make_broker, supervisors):
+    broker = make_broker()
+    write_config(broker, '[daemons.touch]\nrunner = "command"\ncommand = ["true"]\n')
+    host = socket.gethostname()
+    laptop = {"CLAUDE_PEERS_TOKEN": credential(broker, "laptop", "laptop")}  # a client of a machine with none
+    out = broker.cli("trigger", "touch", env=laptop)
+    assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1
+    assert out.stderr.strip() == ("claude-peers: nothing started: no supervisor on laptop runs touch: start this"
+                                  " machine's (claude-peers supervise, or install.sh --role client --with-supervisor"
+                                  " as a service), or run it in the foreground: claude-peers trigger touch --here")
+    out = broker.cli("trigger", "touch")  # the admin, with no supervisor anywhere
+    assert out.returncode == cp.EXIT_ERROR and "no running supervisor has touch enabled" in out.stderr
+    events = broker.client().call("GET", "/api/events?after=0")["events"]
+    assert not [e for e in events if e["subject"].startswith("fleet.daemon.")]  # nothing was requested
+
+    supervisor = supervisors(broker)  # this machine's: the credential of laptop still reaches none
+    out = broker.cli("trigger", "touch", env=laptop)
+    assert out.returncode == cp.EXIT_ERROR and (f"no supervisor on laptop runs touch, and a client credential"
+                                                f" triggers only its own machine's; the one on {host} does") in out.stderr
+    here = {"CLAUDE_PEERS_TOKEN": credential(broker, "this-box", host)}  # a client of the machine whose supervisor has it
+    out = broker.cli("trigger", "touch", env=here)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"requested a run of touch: the supervisor on {host} starts it now (see: claude-peers" \
+                                 " runs touch)"
+    [run] = supervisor.wait_runs("touch", 1)
+    assert run["status"] == "ok" and run["trigger"] == "requested by this-box"
+
+
 def test_help_lists_every_subcommand_with_its_help():
     out = subprocess.run([PY, str(SCRIPT), "--help"], capture_output=True, text=True, check=True).stdout
     listed = {line.split()[0]: line for line in out.splitlines() if line.startswith("    ") and line.split()}
@@ -5624,11 +5763,15 @@ def test_install_help_is_the_same_piped(tmp_path):
                    "--token TOKEN", "--uninstall", "--purge", "CLAUDE_PEERS_OS"):
         assert option in local.stdout
     assert "set -eu" not in local.stdout
+    token = re.search(r"^  --token TOKEN .*?(?=^  --)", local.stdout, re.MULTILINE | re.DOTALL).group()
+    assert " ".join(token.split()) == ("--token TOKEN this machine's own credential, made on the hub with claude-peers"
+                                       " token create NAME --machine NAME (the hub's admin token stays on the hub)")
     assert not (tmp_path / "user").exists()
 
 
 @pytest.mark.parametrize(("args", "error"), [
-    (["--role", "client", "--broker-url", "http://hub:7899"], "--role client needs --broker-url URL and --token"),
+    (["--role", "client", "--broker-url", "http://hub:7899"], ("--role client needs --broker-url URL and --token"
+     " CREDENTIAL (make it on the hub: claude-peers token create NAME --machine NAME)")),
     (["--role", "server"], "--role is hub or client (got server)"),
     (["--role", "hub", "--broker-url", "http://hub:7899"], "--broker-url is for clients"),
     (["--with-supervisor"], "--with-supervisor goes with --role client"),
@@ -5659,7 +5802,8 @@ def test_install_from_scratch_says_what_it_does_and_runs_the_module_imported(fre
                         r" packages, done", pip)
     dots, count = re.fullmatch(r".* (\.+) (\d+) packages, done", pip).groups()
     assert len(dots) == int(count) > 10
-    assert f"install.sh: created a fleet token in {base}/user/data/token" in out.stdout
+    assert (f"install.sh: created the hub's admin token in {base}/user/data/token: it stays on this machine; each"
+            " other machine gets its own credential (claude-peers token create NAME --machine NAME)") in lines
     assert all(line.startswith(("install.sh: ", "    ")) for line in lines)  # no raw log line
     assert f"    ok    config   {config_of(env)}" in lines  # the closing doctor
     assert not [line for line in lines if "systemctl" in line] and not unit_of(env, "hub").exists()
@@ -5788,6 +5932,20 @@ def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
 
 
 @pytest.mark.network  # pip installs from the package index
+def test_install_a_client_without_its_credential_says_how_to_make_one_on_the_hub(fresh_install, tmp_path):
+    env = seeded_env(fresh_install, tmp_path)
+    out = run_install(env, "--broker-url", f"http://127.0.0.1:{free_port()}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    host = os.uname().nodename
+    assert (f"install.sh: note: no credential for this machine yet: make one on the hub (claude-peers token create"
+            f" {host} --machine {host}) and run install.sh again with --token CREDENTIAL") in out.stdout.splitlines()
+    [token] = [line for line in out.stdout.splitlines() if line.split()[1:2] == ["token"]]
+    assert token.startswith("    FAIL  token") and f"no fleet token: make this machine a credential on the hub" \
+        f" (claude-peers token create {host} --machine {host}) and install it here" in token, token
+    assert not (tmp_path / "user/data/token").exists()
+
+
+@pytest.mark.network  # pip installs from the package index
 def test_install_hub_service_starts_once_and_restarts_only_on_a_change(fresh_install, tmp_path):
     env = seeded_env(fresh_install, tmp_path)
     user = env.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
@@ -5807,6 +5965,11 @@ def test_install_hub_service_starts_once_and_restarts_only_on_a_change(fresh_ins
         "systemctl --user is-enabled claude-peers-hub.service",
         "systemctl --user enable --now claude-peers-hub.service", f"loginctl show-user {user} --property=Linger"]
     assert "install.sh: enabled and started claude-peers-hub.service" in out.stdout
+    nexts = out.stdout[out.stdout.index("install.sh: next:"):].splitlines()
+    assert nexts[1:] == ["install.sh:     claude-peers token create NAME --machine NAME",
+                         "install.sh:   and on that machine install with it (the admin token never leaves this hub):",
+                         ("install.sh:     install.sh --role client --broker-url http://<that address>:7899 --token"
+                         " <the credential it printed>")], nexts
     assert f"loginctl enable-linger {user}" in out.stdout
 
     again = run_install(env)  # no --role: the services installed before are kept and upgraded
