@@ -326,6 +326,10 @@ def test_repo_template_carries_exactly_the_defaults():
     ('[daemons.scout]\nrunner = "command"\n', "daemons.scout.command: required"),
     ('[daemons.scout]\ncommands = ["systemctl --failed"]\n', "daemons.scout.commands: must be a list of argv"),
     ('[daemons.scout]\nmax_actions = 0\n', "daemons.scout.max_actions: must be > 0"),
+    ('[daemons.watcher]\ntools = ["alert"]\n', "daemons.watcher.role: required for an agent daemon"),
+    ('[daemons.fleet-scot]\nenabled = false\n', "[daemons.fleet-scot]: no built-in daemon of that name: did you mean"
+                                                " fleet-scout?"),
+    ('[daemons.lm-watchdg]\nslow_ms = 100\n', "did you mean llm-watchdog?"),
     ('[llm]\nroutine = "gpt"\n', "llm.routine: expected list"),
     ('[nats]\nurl = "nats://a:4222,http://b:4222"\n', "nats.url: must be nats:// or tls:// URLs"),
     ('[alerts]\nwebhook = "ntfy.sh/fleet"\n', "alerts.webhook: must start with http:// or https://"),
@@ -339,6 +343,18 @@ def test_config_errors_name_file_key_and_reason(tmp_path, text, expected):
         cp.load_config(str(path))
     assert str(path) in str(info.value)
     assert expected in str(info.value)
+
+
+def test_a_typo_of_a_built_in_daemon_is_refused_in_one_line_and_a_near_name_with_a_role_is_a_daemon(tmp_path):
+    path = tmp_path / "daemons.toml"
+    path.write_text("[daemons.fleet-scot]\nenabled = false\n")
+    out = subprocess.run([PY, str(SCRIPT), "--config", str(path), "trigger", "fleet-scout", "--here", "--dry-run"],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == cp.EXIT_ERROR and out.stdout == ""  # nothing ran
+    assert out.stderr.strip() == (f"claude-peers: {path}: [daemons.fleet-scot]: no built-in daemon of that name: did"
+                                  " you mean fleet-scout? (a new daemon needs a role or a runner)")
+    path.write_text('[daemons.fleet-scouts]\nrole = "You scout the scouts."\n')
+    assert cp.load_config(str(path)).daemons["fleet-scouts"].runner == "agent"  # meant: it says what it is
 
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path):
@@ -4187,7 +4203,7 @@ def test_agent_run_calls_allowed_tools_and_finishes(make_broker, llm, tmp_path):
 def test_refused_tools_and_commands_never_run(make_broker, llm, tmp_path):
     canary = tmp_path / "pwned"
     broker = make_broker()
-    write_config(broker, llm_toml(llm) + '[daemons.guarded]\ntools = ["run_command"]\n'
+    write_config(broker, llm_toml(llm) + '[daemons.guarded]\nrole = "You guard."\ntools = ["run_command"]\n'
                  'commands = [["echo"], ["systemctl", "--failed"]]\n')
     llm.scripts["good"] = [
         tool_call("read_file", {"path": "/etc/shadow"}, "c1"),
@@ -4211,8 +4227,8 @@ def test_refused_tools_and_commands_never_run(make_broker, llm, tmp_path):
 
 def test_max_actions_and_token_budget_stop_the_run(make_broker, llm):
     broker = make_broker()
-    write_config(broker, llm_toml(llm) + '[daemons.busy]\ntools = ["recall"]\nmax_actions = 3\n'
-                 '[daemons.chatty]\ntools = ["recall"]\ntoken_budget = 8000\n')
+    write_config(broker, llm_toml(llm) + '[daemons.busy]\nrole = "You are busy."\ntools = ["recall"]\nmax_actions = 3\n'
+                 '[daemons.chatty]\nrole = "You chat."\ntools = ["recall"]\ntoken_budget = 8000\n')
     llm.scripts["good"] = [tool_call("recall", {"key": "k"}, tokens=10)]
     out = foreground(broker, "busy")
     assert "busy: limit (3 actions" in out.stdout and "max_actions = 3" in out.stdout
@@ -4225,7 +4241,7 @@ def test_max_actions_and_token_budget_stop_the_run(make_broker, llm):
 def test_model_fallback_on_errors_and_timeouts(make_broker, llm):
     broker = make_broker()
     write_config(broker, llm_toml(llm, '["broken", "slow", "good"]', timeout=1)
-                 + '[daemons.resilient]\ntools = []\n')
+                 + '[daemons.resilient]\nrole = "You carry on."\ntools = []\n')
     llm.scripts.update(broken=[503], slow=["hang"], good=[final("fine")])
     out = foreground(broker, "resilient")
     assert out.returncode == 0 and "resilient: ok" in out.stdout
@@ -4241,7 +4257,7 @@ def test_model_fallback_on_errors_and_timeouts(make_broker, llm):
 def test_dry_run_logs_changes_instead_of_making_them(make_broker, llm, tmp_path):
     target = tmp_path / "created"
     broker = make_broker()
-    write_config(broker, llm_toml(llm) + '[daemons.careful]\ntools = ["run_command", "recall"]\n'
+    write_config(broker, llm_toml(llm) + '[daemons.careful]\nrole = "You are careful."\ntools = ["run_command", "recall"]\n'
                  'commands = [["touch"]]\n')
     llm.scripts["good"] = [tool_call("run_command", {"argv": ["touch", str(target)]}),
                            tool_call("recall", {"key": "x"}, "c2"), final("would have touched it")]
@@ -4252,6 +4268,21 @@ def test_dry_run_logs_changes_instead_of_making_them(make_broker, llm, tmp_path)
     assert llm.tool_messages()[1] == "(nothing stored under that key)"  # read-only tools still run
     assert [e["event"] for e in transcript_events(out)].count("dry_run") == 1
     assert "DRY RUN" in llm.requests[0]["messages"][0]["content"]
+
+
+def test_a_dry_run_that_fails_reports_nothing_to_the_hub_now_or_later(make_broker, supervisors):
+    broker = make_broker()
+    write_config(broker, '[daemons.rehearsal]\nrole = "You rehearse."\n'  # no [llm]: the run fails
+                 '[daemons.tick]\nrunner = "command"\ncommand = ["true"]\nevery = "1h"\njitter = 0.0\n'
+                 '[daemons.fleet-scout]\nenabled = false\n[daemons.fleet-memory]\nenabled = false\n')
+    out = foreground(broker, "rehearsal", "--dry-run")
+    assert out.returncode == cp.EXIT_ERROR and "rehearsal: failed" in out.stdout
+    supervisors(broker)  # a supervisor reports the runs the hub missed (oldest first): not this one
+    client = broker.client()
+    wait_until_sync(lambda: client.call("GET", "/api/runs?daemon=tick")["runs"], 30, "the supervisor's own run")
+    assert client.call("GET", "/api/runs?daemon=rehearsal")["runs"] == []
+    events = client.call("GET", "/api/events?after=0&limit=1000")["events"]
+    assert not [e for e in events if e["subject"].startswith("fleet.daemon.rehearsal.")]
 
 
 class SupervisorProc:
@@ -4517,7 +4548,7 @@ def test_fleet_tools_reach_the_broker_and_stay_inside_their_allowlists(make_brok
     threading.Thread(target=redirector.serve_forever, daemon=True).start()
     hop = f"http://127.0.0.1:{redirector.server_address[1]}/hop"
     write_config(broker, llm_toml(llm) + f'[[machines]]\nname = "here"\nssh = "localhost"\n'
-                 '[daemons.ops]\ntools = ["probe_host", "http_get", "read_file", "list_peers", "send_message",'
+                 '[daemons.ops]\nrole = "You run the fleet."\ntools = ["probe_host", "http_get", "read_file", "list_peers", "send_message",'
                  ' "read_events", "read_memory", "write_memory", "alert"]\n'
                  f'urls = ["http://127.0.0.1:{port}/api/", "{hop}"]\npaths = ["{allowed_dir}"]\n'
                  'alert_to = ["homelab-infra"]\n')
