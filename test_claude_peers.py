@@ -327,8 +327,7 @@ def test_repo_template_carries_exactly_the_defaults():
     ('[daemons.scout]\ncommands = ["systemctl --failed"]\n', "daemons.scout.commands: must be a list of argv"),
     ('[daemons.scout]\nmax_actions = 0\n', "daemons.scout.max_actions: must be > 0"),
     ('[daemons.watcher]\ntools = ["alert"]\n', "daemons.watcher.role: required for an agent daemon"),
-    ('[daemons.fleet-scot]\nenabled = false\n', "[daemons.fleet-scot]: no built-in daemon of that name: did you mean"
-                                                " fleet-scout?"),
+    ('[daemons.fleet-scot]\nenabled = false\n', "[daemons.fleet-scot]: no built-in daemon of that name: did you mean fleet-scout?"),
     ('[daemons.lm-watchdg]\nslow_ms = 100\n', "did you mean llm-watchdog?"),
     ('[llm]\nroutine = "gpt"\n', "llm.routine: expected list"),
     ('[nats]\nurl = "nats://a:4222,http://b:4222"\n', "nats.url: must be nats:// or tls:// URLs"),
