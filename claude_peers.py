@@ -4245,8 +4245,9 @@ async def r_forget_machine(b: Broker, req: Request) -> Any:
     if not body.get("source"):
         require(req.identity, "forget")
     own_machine(req.identity, body["machine"])
-    return await b.write(lambda: b.records.forget_machine(body["machine"], body.get("source", ""), by,
+    gone = await b.write(lambda: b.records.forget_machine(body["machine"], body.get("source", ""), by,
                                                           body.get("reason") or f"forgotten by {by}"))
+    return {**gone, "webhook": b.webhooks.target}
 
 
 async def r_request_run(b: Broker, req: Request) -> Any:
@@ -6830,11 +6831,15 @@ class DaemonRun:
             self.log_line("webhook_not_used", webhook=webhook_target(self.cfg.alerts.webhook),
                           hub_webhook=hub_webhook, why=f"[alerts] webhook in {self.cfg.where} is not used here: the"
                           " hub posts alerts to the [alerts] webhook of its own daemons.toml; set it there")
+        self.tell(changes, hub_webhook)
+        return changes
+
+    def tell(self, changes: list[dict[str, Any]], hub_webhook: str) -> None:
+        """Alert changes the hub made to the daemon's alert_to peers, each logged with who heard of it."""
         for change in changes:
             told = self.notify(change) + ([f"webhook {hub_webhook} (queued on the hub)"] if hub_webhook else [])
             self.log_line("alert", **{k: change[k] for k in ("id", "change", "severity", "machine", "title")},
                           told=told)
-        return changes
 
     def notify(self, change: dict[str, Any]) -> list[str]:
         """One alert change as a channel message to each alert_to peer (the broker keeps the mail)."""
@@ -6978,6 +6983,7 @@ def retire_machines(run: DaemonRun, probed: list[str]) -> list[str]:
             "machine": name, "source": daemon.name, "reason": f"no longer probed by {daemon.name} ({run.cfg.where})"})
         run.state.forget(daemon.name, key)
         run.log_line("retired", machine=name, alerts_resolved=gone["alerts_resolved"])
+        run.tell(gone["changes"], gone["webhook"])
         lines.append(f"{name:<16} retired  no longer probed: {gone['alerts_resolved']} alert(s) resolved,"
                      " its health report dropped")
     return lines

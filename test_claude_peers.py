@@ -3917,12 +3917,14 @@ def test_scout_find_faults_on_load_swap_clock_and_pseudo_filesystems():
 # -- the fleet-scout daemon end to end: probes, health, the alert lifecycle, the report -------
 
 
-def scout_config(lab: ScoutLab, hosts: list[ScoutHost], extra: str = "", repeat: int = 2) -> str:
+def scout_config(lab: ScoutLab, hosts: list[ScoutHost], extra: str = "", repeat: int = 2,
+                 include_local: bool = False) -> str:
+    """The lab's hosts as [[machines]]; this box is left out unless asked (its own findings vary)."""
     machines = "".join(f'[[machines]]\nname = "{h.name}"\nssh = "{h.machine.ssh}"\nport = {h.port}\n'
                        f'identity_file = "{lab.client_key}"\n' for h in hosts)
     return (f"[alerts]\nrepeat_after_cycles = {repeat}\n{machines}[daemons.fleet-scout]\n"
             f'known_hosts_file = "{lab.known_hosts}"\nssh_timeout_s = 5\nprobe_timeout_s = 15\n'
-            f'alert_to = ["ops"]\n{extra}')
+            f'alert_to = ["ops"]\n{"" if include_local else "include_local = false"}\n{extra}')
 
 
 def scout_run(broker: BrokerProc) -> subprocess.CompletedProcess[str]:
@@ -4009,6 +4011,77 @@ def test_fleet_scout_runs_out_of_the_box_on_this_machine(broker):
     assert "1 machine(s)" in out.stdout and machine in out.stdout
     [health] = broker.client().call("GET", "/api/health")["machines"]
     assert health["machine"] == machine and health["report"]["reachable"]
+
+
+def forgotten_events(broker: BrokerProc) -> list[dict]:
+    events = broker.client().call("GET", "/api/events?after=0&limit=1000")["events"]
+    return [e for e in events if e["type"] == "machine.forgotten"]
+
+
+def test_a_machine_taken_out_of_machines_resolves_its_alerts_and_leaves_health_once(scout_lab, make_broker):
+    broker = make_broker(name="scout-retire")
+    kept = scout_lab.host("retire-kept")
+    leaving = scout_lab.host("retire-leaving", failed="backup.service loaded failed failed Backup\n")
+    base = broker.config.read_text()
+    broker.config.write_text(base + scout_config(scout_lab, [kept, leaving], repeat=50))
+    ops = broker.session(name="ops")
+    scout_run(broker)
+    [told] = poll(ops)
+    assert told["text"].startswith("[warning] retire-leaving: backup.service failed")
+    assert metric(scrape(broker)[0], "claude_peers_alerts_open", severity="warning") == 1
+    foreground(broker, "fleet-memory")
+    assert "retire-leaving" in broker.client().call("GET", "/api/memory")["text"]
+
+    broker.config.write_text(base + scout_config(scout_lab, [kept], repeat=50))  # the NAS was sold
+    out = scout_run(broker)
+    assert "1 machine(s), 0 with findings; probed: retire-kept" in out.stdout
+    assert re.search(r"retire-leaving\s+retired\s+no longer probed: 1 alert\(s\) resolved", out.stdout), out.stdout
+    assert [m["text"] for m in poll(ops)] == ["[resolved] retire-leaving: backup.service failed"]
+    client = broker.client()
+    assert [m["machine"] for m in client.call("GET", "/api/health")["machines"]] == ["retire-kept"]
+    assert client.call("GET", "/api/alerts")["alerts"] == []
+    assert metric(scrape(broker)[0], "claude_peers_alerts_open", severity="warning") == 0
+    [event] = forgotten_events(broker)
+    assert event["subject"] == "fleet.machine.retire-leaving.forgotten" and event["source"] == "fleet-scout"
+    assert event["health_dropped"] is True and len(event["alerts_resolved"]) == 1
+    foreground(broker, "fleet-memory")
+    assert "retire-leaving" not in client.call("GET", "/api/memory")["text"]
+
+    out = scout_run(broker)  # once: the next run has nothing left to retire
+    assert "retired" not in out.stdout and len(forgotten_events(broker)) == 1 and poll(ops) == []
+
+
+def test_listing_a_first_machine_keeps_probing_this_box_and_the_run_names_what_it_probed(scout_lab, make_broker):
+    broker = make_broker(name="scout-first")
+    first = scout_lab.host("first-nas")
+    here = cp.Config({}, None).machine
+    base = broker.config.read_text()
+    broker.config.write_text(base + scout_config(scout_lab, [first], include_local=True))
+    out = scout_run(broker)
+    assert "2 machine(s)" in out.stdout and f"probed: {here} (this box), first-nas" in out.stdout, out.stdout
+    health = {m["machine"]: m for m in broker.client().call("GET", "/api/health")["machines"]}
+    assert set(health) == {here, "first-nas"} and health[here]["report"]["reachable"]
+
+    broker.config.write_text(base + scout_config(scout_lab, [first]))  # include_local = false: only the list
+    out = scout_run(broker)
+    assert "1 machine(s), 0 with findings; probed: first-nas" in out.stdout
+    assert re.search(rf"{re.escape(here)}\s+retired", out.stdout), out.stdout
+    assert [m["machine"] for m in broker.client().call("GET", "/api/health")["machines"]] == ["first-nas"]
+
+
+def test_alerts_and_health_print_the_cause_of_a_refused_key_once(scout_lab, make_broker):
+    broker = make_broker(name="scout-cause")
+    refused = scout_lab.host("cause-refused", authorized=False)
+    write_config(broker, scout_config(scout_lab, [refused]))
+    scout_run(broker)
+    [alert] = broker.client().call("GET", "/api/alerts")["alerts"]
+    assert alert["title"] == "auth refused" and alert["detail"].count("Permission denied (publickey)") == 1
+    lines = broker.cli("alerts").stdout.splitlines()
+    assert lines[0].startswith("critical cause-refused") and lines[0].endswith(f"; fleet-scout; id {alert['id']})")
+    assert lines[1].startswith("         auth refused: ") and "Permission denied (publickey)" in lines[1]
+    lines = broker.cli("health").stdout.splitlines()
+    assert re.match(r"cause-refused\s+critical\s+\d+s ago\s+auth refused$", lines[0]), lines
+    assert lines[1].strip().startswith("auth refused: ") and "Permission denied (publickey)" in lines[1]
 
 
 def age_scout_state(broker: BrokerProc, seconds: int) -> None:
