@@ -759,6 +759,53 @@ def test_health_keeps_the_latest_report_per_machine_and_publishes_it(broker):
     assert [e["subject"] for e in events] == ["fleet.health.nas"] * 2 and events[1]["report"] == {"load": [2.5]}
 
 
+def test_the_admin_resolves_an_alert_and_forgets_a_retired_machine_from_the_command_line(broker):
+    client = broker.client()
+    client.call("POST", "/api/health", {"machine": "old-nas", "source": "fleet-scout", "report": {"reachable": False},
+                                        "findings": [finding("ssh", "critical", "unreachable")]})
+    sync_alerts(broker, [finding("ssh", "critical", "unreachable")], ("unreachable",), "old-nas")
+    sync_alerts(broker, [finding("/srv")], ("disk",), "old-nas")
+    disk = next(a for a in client.call("GET", "/api/alerts")["alerts"] if a["check"] == "disk")
+    listed = broker.cli("alerts").stdout
+    assert f"; fleet-scout; id {disk['id']})" in listed  # the id to resolve it by
+    out = broker.cli("alerts", "resolve", disk["id"])
+    assert out.returncode == 0 and out.stdout.startswith(f"resolved {disk['id']}: [warning] old-nas: ")
+    again = broker.cli("alerts", "resolve", disk["id"])
+    assert again.returncode == cp.EXIT_ERROR and f"alert {disk['id']} was already resolved at" in again.stderr
+    assert "no alert 0123456789ab" in broker.cli("alerts", "resolve", "0123456789ab").stderr
+
+    operator = broker.client(credential(broker, "ops-laptop", "laptop", "operator"))
+    refused = api_error(lambda: operator.call("POST", "/api/health/forget", {"machine": "old-nas"}))
+    assert refused.status == 403 and "may not resolve alerts by hand and forget machines" in refused.message
+    assert api_error(lambda: operator.call("POST", f"/api/alerts/{disk['id']}/resolve")).status == 403
+    out = broker.cli("health", "forget", "old-nas")
+    assert out.returncode == 0 and out.stdout.startswith("forgot old-nas: 1 open alert(s) resolved, its health"
+                                                         " report dropped"), out.stdout + out.stderr
+    assert client.call("GET", "/api/health")["machines"] == [] and client.call("GET", "/api/alerts")["alerts"] == []
+    events = client.call("GET", "/api/events?after=0&limit=1000")["events"]
+    resolved = [e for e in events if e["subject"] == "fleet.alert.resolved"]
+    assert [e["by"] for e in resolved] == ["admin", "admin"]
+    [gone] = [e for e in events if e["type"] == "machine.forgotten"]
+    assert gone["subject"] == "fleet.machine.old-nas.forgotten" and gone["source"] == "" and gone["by"] == "admin"
+    out = broker.cli("health", "forget", "old-nas")  # once: nothing is left
+    assert out.returncode == cp.EXIT_ERROR and "old-nas: the hub has no health report and no open alert" in out.stderr
+
+
+def test_a_client_withdraws_only_its_own_machines_reports(broker):
+    client = broker.client(credential(broker, "pi-cred", "pi", "client"))
+    for machine in ("pi", "nas"):
+        broker.client().call("POST", "/api/health", {"machine": machine, "source": "fleet-scout", "report": {},
+                                                     "findings": []})
+    assert api_error(lambda: client.call("POST", "/api/health/forget", {"machine": "pi"})).status == 403  # no source
+    assert api_error(lambda: client.call("POST", "/api/health/forget", {"machine": "nas", "source": "fleet-scout"}
+                                         )).status == 403
+    other = client.call("POST", "/api/health/forget", {"machine": "pi", "source": "llm-watchdog"})
+    assert other["health_dropped"] is False  # another daemon's report is not this one's to withdraw
+    gone = client.call("POST", "/api/health/forget", {"machine": "pi", "source": "fleet-scout"})
+    assert gone["health_dropped"] is True
+    assert [m["machine"] for m in broker.client().call("GET", "/api/health")["machines"]] == ["nas"]
+
+
 def test_fleet_memory_read_replace_and_bound(broker):
     client = broker.client()
     assert client.call("GET", "/api/memory")["text"] == ""
