@@ -3154,7 +3154,7 @@ header h1 b { color: var(--accent); }
 #live.off::before { background: var(--warn); }
 #live:empty { display: none; }
 button { font: inherit; font-size: 12px; color: var(--text); background: var(--raised); border: 1px solid var(--line);
-  border-radius: 6px; padding: 3px 10px; cursor: pointer; }
+  border-radius: 6px; padding: 3px 10px; cursor: pointer; white-space: nowrap; }
 button:hover { border-color: var(--accent); color: #fff; }
 button.quiet { background: transparent; color: var(--muted); padding: 1px 7px; }
 main { padding: 18px 22px 28px; display: grid; gap: 16px; max-width: 1680px; margin: 0 auto; }
@@ -3184,6 +3184,10 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .muted { color: var(--muted); }
 .name { font-weight: 600; white-space: nowrap; }
 .clip { max-width: 340px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.clip.short { max-width: 230px; }
+.cause { max-width: 230px; overflow: hidden; overflow-wrap: anywhere; display: -webkit-box; -webkit-line-clamp: 2;
+  -webkit-box-orient: vertical; }
+.detail { white-space: pre-line; overflow-wrap: anywhere; }
 .wrap { max-width: 380px; }
 .dot { display: inline-block; width: 8px; height: 8px; border-radius: 50%; margin-right: 7px; background: var(--muted); }
 .dot.on { background: var(--ok); box-shadow: 0 0 0 3px rgba(63, 185, 80, .15); }
@@ -3201,12 +3205,12 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .runs i.ok { background: var(--ok); }
 .runs i.failed, .runs i.timeout { background: var(--crit); }
 .runs i.limit, .runs i.running { background: var(--warn); }
-.bar { display: flex; align-items: center; gap: 8px; min-width: 120px; }
+.bar { display: flex; align-items: center; gap: 6px; min-width: 84px; }
 .bar .track { flex: 1; height: 7px; background: var(--raised); border-radius: 4px; overflow: hidden; }
 .bar .fill { display: block; height: 100%; background: var(--ok); border-radius: 4px; }
 .bar .fill.warning { background: var(--warn); }
 .bar .fill.critical { background: var(--crit); }
-.bar b { font-weight: 600; font-size: 12px; width: 38px; text-align: right; font-variant-numeric: tabular-nums; }
+.bar b { font-weight: 600; font-size: 12px; width: 34px; text-align: right; font-variant-numeric: tabular-nums; }
 tr.text td { border-top: 0; padding-top: 0; }
 pre.text { margin: 0; padding: 8px 10px; background: #0b0f14; border: 1px solid var(--line); border-radius: 6px;
   white-space: pre-wrap; word-break: break-word; max-height: 220px; overflow: auto; }
@@ -3427,7 +3431,7 @@ function renderDaemons() {
     const last = d.recent[0];
     const supervisor = d.supervisor ? `via ${d.supervisor}` + (d.supervisor_stale ? " (silent)" : "") : "no supervisor reports";
     return h("tr", {"data-daemon": d.name},
-      h("td", {}, h("div", {class: "name"}, d.name), h("div", {class: "muted clip", title: d.description || ""},
+      h("td", {}, h("div", {class: "name"}, d.name), h("div", {class: "muted clip short", title: d.description || ""},
         d.enabled === false ? "disabled" : (d.schedule || d.description || ""))),
       h("td", {}, h("div", {class: "runs", title: "latest runs, oldest to newest"},
         d.recent.slice().reverse().map((r) => h("i", {class: r.status, title: `${r.status} · ${r.started_at}`})))),
@@ -3449,6 +3453,17 @@ function bar(pct, warning, critical) {
   return h("div", {class: "bar"}, h("span", {class: "track"}, fill), h("b", {}, Math.round(pct) + "%"));
 }
 
+// What only an admin's page may do (the broker refuses it to any other): close an alert by hand,
+// and forget a machine that left the fleet. Either shows again if a daemon still reports it.
+async function forget(path, body, done) {
+  try {
+    await call(path, body);
+    toast(done);
+  } catch (error) {
+    if (!(error instanceof LoggedOut)) toast(error.message);
+  }
+}
+
 function renderHealth() {
   const rows = state.health.map((m) => {
     const disk = m.disks.reduce((worst, d) => (!worst || d.used_pct > worst.used_pct ? d : worst), null);
@@ -3457,24 +3472,29 @@ function renderHealth() {
     return h("tr", {"data-machine": m.machine},
       h("td", {}, h("div", {class: "name"}, h("span", {class: "dot" + (m.reachable ? " on" : ""),
                                                        title: m.reachable ? "reachable" : "unreachable"}), m.machine),
-        m.error ? h("div", {class: "muted clip", title: m.error}, m.error) : null),
+        m.error ? h("div", {class: "muted cause", title: m.error}, m.error) : null),
       h("td", {title: disk ? `fullest: ${disk.mount}` : ""}, bar(disk ? disk.used_pct : null, 85, 95),
         disk ? h("div", {class: "muted mono"}, disk.mount) : null),
       h("td", {}, bar(m.memory_used_pct, 90, 95)),
-      h("td", {class: "num mono"}, perCore === null ? "—" : perCore.toFixed(2)),
+      h("td", {class: "num mono", title: "15-minute load average per core"}, perCore === null ? "—" : perCore.toFixed(2)),
       h("td", {title: m.titles.join("\n")}, findings.length ? findings : h("span", {class: "muted"}, "none")),
-      h("td", {class: "num"}, when(m.at)));
+      h("td", {class: "num"}, when(m.at), state.admin ? h("div", {}, h("button", {class: "quiet", "data-forget": m.machine,
+        title: "drop its health report and open alerts (a machine that left the fleet)",
+        click: () => forget("/dashboard/api/health/forget", {machine: m.machine}, `${m.machine}: forgotten`)}, "forget"))
+        : null));
   });
   document.getElementById("health").replaceChildren(table(
-    [["Machine"], ["Disk"], ["Memory"], ["Load/core", "num"], ["Findings"], ["Report", "num"]], rows,
+    [["Machine"], ["Disk"], ["Memory"], ["Load", "num"], ["Findings"], ["Report", "num"]], rows,
     "No health reports yet: fleet-scout reports each machine when it runs."));
 }
 
 function renderAlerts() {
   const items = state.alerts.map((a) => h("li", {},
     h("span", {class: "sev " + a.severity}, a.severity), h("span", {class: "muted"}, `${a.machine} · ${a.source}`),
-    h("span", {}, a.title, a.detail ? h("div", {class: "muted"}, a.detail) : null),
-    h("span", {class: "num"}, when(a.opened_at))));
+    h("span", {}, a.title, a.detail ? h("div", {class: "muted detail"}, a.detail) : null),
+    h("span", {class: "num"}, when(a.opened_at), state.admin ? h("div", {}, h("button", {class: "quiet",
+      "data-resolve": a.id, click: () => forget(`/dashboard/api/alerts/${a.id}/resolve`, {}, `${a.machine}: ${a.title}: resolved`)},
+      "resolve")) : null)));
   document.getElementById("alerts").replaceChildren(
     items.length ? h("ul", {class: "alerts"}, items) : h("div", {class: "empty"}, "No open alerts."));
 }

@@ -1893,6 +1893,84 @@ def test_the_dashboard_in_chromium_logs_in_and_follows_sessions_and_message_stat
         driver.quit()
 
 
+def refused_key_alert(broker: BrokerProc, machine: str) -> None:
+    """A machine whose key the scout's ssh is refused, reported as the scout reports it (its own finding code)."""
+    error = "auth refused: root@192.168.1.77: Permission denied (publickey,password)."
+    report = {"machine": machine, "reachable": False, "complete": False, "error": error}
+    findings = [cp.as_alert(f) for f in cp.find_faults(report, None, {}, time.time())[0]]
+    client = broker.client()
+    client.call("POST", "/api/health", {"machine": machine, "source": "fleet-scout", "report": report,
+                                        "findings": findings})
+    client.call("POST", "/api/alerts", {"source": "fleet-scout", "machine": machine, "checks": cp.scout_checks(report),
+                                        "findings": findings, "repeat_after": 12})
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+def test_the_dashboard_at_1400px_fits_its_tables_shows_a_cause_once_and_lets_only_the_admin_resolve_and_forget(
+        make_broker, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    broker = make_broker()
+    seed_fleet(broker)
+    refused_key_alert(broker, "backup-server-basement")
+    client = broker.client()
+    disk = next(a for a in client.call("GET", "/api/alerts")["alerts"] if a["machine"] == "nas")
+    driver = chromium()
+    try:
+        def until(condition, what: str) -> None:
+            WebDriverWait(driver, 10, poll_frequency=0.02).until(lambda d: condition(), what)
+
+        def count(css: str) -> int:
+            return driver.execute_script("return document.querySelectorAll(arguments[0]).length", css)
+
+        driver.set_window_size(1400, 1100)
+        driver.get(login_code(broker))  # the admin token's link
+        until(lambda: count('tr[data-machine="backup-server-basement"]') and count("[data-resolve]") == 2,
+              "the health table and the admin's buttons")
+        for panel in ("health", "daemons", "sessions", "messages"):
+            widths = driver.execute_script("const e = document.getElementById(arguments[0]);"
+                                           " return [e.scrollWidth, e.clientWidth]", panel)
+            assert widths[0] <= widths[1], (panel, widths)  # no horizontal scrollbar at 1400 px
+        alerts = driver.execute_script("return document.getElementById('alerts').innerText")
+        assert alerts.count("Permission denied (publickey,password)") == 1, alerts
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": 1400, "height": height,
+                                                                       "deviceScaleFactor": 1, "mobile": False})
+        shot = tmp_path / "dashboard-1400.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+        driver.find_element(By.CSS_SELECTOR, f'[data-resolve="{disk["id"]}"]').click()
+        until(lambda: not count(f'[data-resolve="{disk["id"]}"]'), "the resolved alert gone from the page")
+        assert disk["id"] not in {a["id"] for a in client.call("GET", "/api/alerts")["alerts"]}
+        driver.find_element(By.CSS_SELECTOR, '[data-forget="backup-server-basement"]').click()
+        until(lambda: not count('tr[data-machine="backup-server-basement"]'), "the forgotten machine gone")
+        assert "backup-server-basement" not in {m["machine"] for m in client.call("GET", "/api/health")["machines"]}
+        assert client.call("GET", "/api/alerts")["alerts"] == []
+        events = client.call("GET", "/api/events?after=0&limit=1000")["events"]
+        assert [e["by"] for e in events if e["type"] in ("machine.forgotten", "alert") and e.get("by")] == \
+            ["dashboard", "dashboard", "dashboard"]  # the disk alert, the machine's alert, the machine
+        problems = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not problems, problems
+
+        operator = {"CLAUDE_PEERS_TOKEN": credential(broker, "ops-laptop", "laptop", "operator")}
+        link = broker.cli("dashboard", "--json", env=operator)
+        driver.get(json.loads(link.stdout)["url"])
+        until(lambda: count('tr[data-machine="nas"]'), "the operator's page")
+        assert count("[data-forget]") == 0 and count("[data-resolve]") == 0
+    finally:
+        driver.quit()
+    code = json.loads(broker.cli("dashboard", "--json", env=operator).stdout)["url"].split("#login=")[1]
+    status, headers, _ = http_call(broker, "POST", "/dashboard/login", DASH, {"code": code})
+    cookie = {**DASH, "Cookie": headers["set-cookie"].split(";")[0]}
+    assert json.loads(http_call(broker, "GET", "/dashboard/api/state", cookie)[2])["admin"] is False
+    status, _, raw = http_call(broker, "POST", "/dashboard/api/health/forget", cookie, {"machine": "nas"})
+    assert status == 403 and b"that needs the admin role" in raw
+    assert "nas" in {m["machine"] for m in client.call("GET", "/api/health")["machines"]}
+
+
 # ---------------------------------------------------------------------------
 # Security
 # ---------------------------------------------------------------------------
