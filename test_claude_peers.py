@@ -1808,6 +1808,17 @@ def test_login_codes_and_cookie_sessions_are_kept_hashed_and_expire_on_the_serve
         dashboard.authorise("/dashboard/api/state", headers, now=2001.0 + cp.Dashboard.SESSION_TTL_S + 1)
 
 
+def click_fresh(driver, css: str) -> None:
+    """Click the element ``css`` names, found again if the page re-rendered between finding and clicking it."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    for _ in range(3):
+        with contextlib.suppress(StaleElementReferenceException):
+            return driver.find_element(By.CSS_SELECTOR, css).click()
+    raise AssertionError(f"{css} kept going stale")
+
+
 def chromium():  # -> selenium.webdriver.Chrome
     """Debian's chromium under its chromedriver (selenium finds nothing on its own: no downloads here)."""
     from selenium import webdriver
@@ -1825,8 +1836,6 @@ def chromium():  # -> selenium.webdriver.Chrome
 @pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
                     reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
 def test_the_dashboard_in_chromium_logs_in_and_follows_sessions_and_message_states_live(make_broker, tmp_path):
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     broker = make_broker()
@@ -1844,10 +1853,7 @@ def test_the_dashboard_in_chromium_logs_in_and_follows_sessions_and_message_stat
                                          ".filter((e) => e.offsetParent !== null).map((e) => e.textContent)", css)
 
         def click(css: str) -> None:
-            for _ in range(3):  # the page may re-render between finding the button and clicking it
-                with contextlib.suppress(StaleElementReferenceException):
-                    return driver.find_element(By.CSS_SELECTOR, css).click()
-            raise AssertionError(f"{css} kept going stale")
+            click_fresh(driver, css)
 
         def text_of(element_id: str) -> str:
             return driver.execute_script("return document.getElementById(arguments[0]).innerText", element_id)
@@ -1909,7 +1915,6 @@ def refused_key_alert(broker: BrokerProc, machine: str) -> None:
                     reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
 def test_the_dashboard_at_1400px_fits_its_tables_shows_a_cause_once_and_lets_only_the_admin_resolve_and_forget(
         make_broker, tmp_path):
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     broker = make_broker()
@@ -1942,10 +1947,10 @@ def test_the_dashboard_at_1400px_fits_its_tables_shows_a_cause_once_and_lets_onl
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
         driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
-        driver.find_element(By.CSS_SELECTOR, f'[data-resolve="{disk["id"]}"]').click()
+        click_fresh(driver, f'[data-resolve="{disk["id"]}"]')
         until(lambda: not count(f'[data-resolve="{disk["id"]}"]'), "the resolved alert gone from the page")
         assert disk["id"] not in {a["id"] for a in client.call("GET", "/api/alerts")["alerts"]}
-        driver.find_element(By.CSS_SELECTOR, '[data-forget="backup-server-basement"]').click()
+        click_fresh(driver, '[data-forget="backup-server-basement"]')
         until(lambda: not count('tr[data-machine="backup-server-basement"]'), "the forgotten machine gone")
         assert "backup-server-basement" not in {m["machine"] for m in client.call("GET", "/api/health")["machines"]}
         assert client.call("GET", "/api/alerts")["alerts"] == []
@@ -1957,6 +1962,8 @@ def test_the_dashboard_at_1400px_fits_its_tables_shows_a_cause_once_and_lets_onl
 
         operator = {"CLAUDE_PEERS_TOKEN": credential(broker, "ops-laptop", "laptop", "operator")}
         link = broker.cli("dashboard", "--json", env=operator)
+        click_fresh(driver, "#logout")
+        until(lambda: not count('tr[data-machine="nas"]'), "the admin's page logged out")
         driver.get(json.loads(link.stdout)["url"])
         until(lambda: count('tr[data-machine="nas"]'), "the operator's page")
         assert count("[data-forget]") == 0 and count("[data-resolve]") == 0
