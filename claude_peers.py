@@ -807,8 +807,9 @@ def near_builtin(name: str) -> str:
 def check_daemon(where: str, daemon: SimpleNamespace) -> None:
     """Rules across a daemon's keys."""
     if daemon.runner == "agent" and not daemon.role.strip():
+        others = ", ".join(runner for runner in RUNNER_DEFAULTS if runner != "agent")
         raise UserError(f"{where}: daemons.{daemon.name}.role: required for an agent daemon (its system prompt);"
-                        " or set runner = \"command\" with a command")
+                        f" or set its runner ({others})")
     if daemon.runner == "command" and not daemon.command:
         raise UserError(f"{where}: daemons.{daemon.name}.command: required with runner = \"command\"")
     if daemon.runner == "agent" and daemon.command:
