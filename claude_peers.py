@@ -467,6 +467,7 @@ SCOUT_DEFAULTS: dict[str, Any] = {
     "parallel": 8,  # machines probed at once
     "known_hosts_file": "",  # the scout's own known_hosts; empty: ssh's default (~/.ssh/known_hosts)
     "host_key_checking": "accept-new",  # "yes": only hosts already known; "accept-new": pin a new host's key
+    "include_local": True,  # also probe this box (as fleet.machine), whether or not [[machines]] lists it
 }
 
 # [daemons.<name>] with runner = "llm-watchdog": the LLM servers it watches and when one is slow.
@@ -786,8 +787,29 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
 }
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: how many one-character edits turn ``a`` into ``b``."""
+    row = list(range(len(b) + 1))
+    for i, char in enumerate(a, 1):
+        previous, row[0] = row[0], i
+        for j, other in enumerate(b, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (char != other))
+    return row[-1]
+
+
+def near_builtin(name: str) -> str:
+    """The built-in daemon a new daemon's name is one or two edits from (a typo), or ''."""
+    near = [(edit_distance(name, builtin), builtin) for builtin in DEFAULT_DAEMONS if builtin != name]
+    distance, builtin = min(near)
+    return builtin if distance <= 2 else ""
+
+
 def check_daemon(where: str, daemon: SimpleNamespace) -> None:
     """Rules across a daemon's keys."""
+    if daemon.runner == "agent" and not daemon.role.strip():
+        others = ", ".join(runner for runner in RUNNER_DEFAULTS if runner != "agent")
+        raise UserError(f"{where}: daemons.{daemon.name}.role: required for an agent daemon (its system prompt);"
+                        f" or set its runner ({others})")
     if daemon.runner == "command" and not daemon.command:
         raise UserError(f"{where}: daemons.{daemon.name}.command: required with runner = \"command\"")
     if daemon.runner == "agent" and daemon.command:
@@ -827,8 +849,9 @@ class Config:
         for i, machine in enumerate(self.machines):
             if not machine.name:
                 raise UserError(f"{self.where}: machines[{i}].name: required")
-        if not self.machines:  # none listed: the fleet is this box
-            self.machines = [SimpleNamespace(**{**MACHINE_DEFAULTS, "name": self.machine})]
+        self.machines_listed = bool(self.machines)  #: False: none in the file, the fleet is this box
+        if not self.machines:
+            self.machines = [self.local_machine]
         daemons = raw.get("daemons", {})
         if not isinstance(daemons, dict):
             raise UserError(f"{self.where}: daemons: use one [daemons.<name>] table per daemon")
@@ -841,6 +864,10 @@ class Config:
             raise UserError(f"{self.where}: daemons.{name}: a daemon name is letters, digits, '.', '_', '-'")
         if not isinstance(given, dict):
             raise UserError(f"{self.where}: [daemons.{name}] must be a table")
+        typo = near_builtin(name) if name not in DEFAULT_DAEMONS and not {"runner", "role"} & set(given) else ""
+        if typo:
+            raise UserError(f"{self.where}: [daemons.{name}]: no built-in daemon of that name: did you mean {typo}?"
+                            " (a new daemon needs a role or a runner)")
         table = {**DEFAULT_DAEMONS.get(name, {}), **given}
         runner = table.get("runner", DAEMON_DEFAULTS["runner"])
         if runner not in RUNNER_DEFAULTS:
@@ -890,6 +917,11 @@ class Config:
     @property
     def machine(self) -> str:
         return self.fleet.machine or socket.gethostname()
+
+    @property
+    def local_machine(self) -> SimpleNamespace:
+        """This box as a [[machines]] entry: probed here, without ssh."""
+        return SimpleNamespace(**{**MACHINE_DEFAULTS, "name": self.machine})
 
     @property
     def broker_url(self) -> str:
@@ -1876,23 +1908,51 @@ class Records:
                               " WHERE id = :id", alert)
                 if change:
                     changes.append(self._alert_event(c, alert, change))
-            for alert in open_alerts.values():
-                if alert["check_name"] in checks:
-                    c.execute("UPDATE alerts SET resolved_at = ? WHERE id = ?", (now, alert["id"]))
-                    alert["resolved_at"] = now
-                    changes.append(self._alert_event(c, alert, "resolved"))
+            changes += [self._resolve(c, alert, now) for alert in open_alerts.values() if alert["check_name"] in checks]
         return changes
 
-    def _alert_event(self, c: sqlite3.Connection, alert: dict[str, Any], change: str) -> dict[str, Any]:
+    def _alert_event(self, c: sqlite3.Connection, alert: dict[str, Any], change: str, **why: str) -> dict[str, Any]:
         view = alert_view(alert)
         subject = "fleet.alert.resolved" if change == "resolved" else f"fleet.alert.{alert['severity']}"
         fields = {k: v for k, v in view.items() if k not in ("id", "machine")}
         change_id = self.store.event(c, "alert", subject, machine=alert["machine"], alert_id=alert["id"],
-                                     change=change, **fields)
+                                     change=change, **fields, **why)
         answer = {**view, "change": change, "change_id": change_id}
         if self.store.cfg.alerts.webhook:  # the hub posts it, from the queue this transaction writes
             self.store.queue_webhook(c, answer)
         return answer
+
+    def _resolve(self, c: sqlite3.Connection, alert: dict[str, Any], now: float, **why: str) -> dict[str, Any]:
+        """Close one open alert: its "resolved" change, an event (and the webhook's queue) like any other."""
+        c.execute("UPDATE alerts SET resolved_at = ? WHERE id = ?", (now, alert["id"]))
+        alert["resolved_at"] = now
+        return self._alert_event(c, alert, "resolved", **why)
+
+    def resolve_alert(self, alert_id: str, by: str) -> dict[str, Any]:
+        """An operator closes an open alert by hand (its daemon opens a new one if it still finds the problem)."""
+        with self.store.tx() as c:
+            row = c.execute("SELECT * FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+            if row is None:
+                raise ApiError(404, f"no alert {alert_id} (claude-peers alerts --all lists them with their ids)")
+            if row["resolved_at"] is not None:
+                raise ApiError(409, f"alert {alert_id} was already resolved at {iso(row['resolved_at'])}")
+            return self._resolve(c, dict(row), time.time(), by=by)
+
+    def forget_machine(self, machine: str, source: str, by: str, reason: str) -> dict[str, Any]:
+        """A machine that left the fleet: its open alerts resolved and its health report dropped (only
+        what ``source`` reported, when given), with one fleet.machine.<machine>.forgotten event; a
+        machine with nothing left to forget changes nothing."""
+        now, scope, args = time.time(), " AND source = ?" if source else "", (machine, source) if source else (machine,)
+        with self.store.tx() as c:
+            rows = c.execute(f"SELECT * FROM alerts WHERE machine = ? AND resolved_at IS NULL{scope}", args).fetchall()
+            changes = [self._resolve(c, dict(row), now, by=by, reason=reason) for row in rows]
+            dropped = c.execute(f"DELETE FROM health WHERE machine = ?{scope}", args).rowcount > 0
+            if changes or dropped:
+                subject = "fleet.machine." + re.sub(r"[^A-Za-z0-9_-]", "_", machine) + ".forgotten"
+                self.store.event(c, "machine.forgotten", subject, machine=machine, source=source, by=by,
+                                 reason=reason, alerts_resolved=[change["id"] for change in changes],
+                                 health_dropped=dropped)
+        return {"machine": machine, "alerts_resolved": len(changes), "health_dropped": dropped, "changes": changes}
 
     def alerts(self, state: str, source: str | None, machine: str | None, limit: int,
                webhook: bool = False) -> list[dict[str, Any]]:
@@ -2736,8 +2796,8 @@ class Dashboard:
 
     def __init__(self, secure: bool) -> None:
         self.secure = secure  #: served over TLS: the cookie is Secure
-        self.codes: dict[str, float] = {}  #: sha256 of a login code -> when it expires
-        self.sessions: dict[str, float] = {}  #: sha256 of a cookie -> when it expires
+        self.codes: dict[str, tuple[float, bool]] = {}  #: sha256 of a login code -> (expiry, asked for by the admin)
+        self.sessions: dict[str, tuple[float, bool]] = {}  #: sha256 of a cookie -> (expiry, opened by the admin)
         #: (machine, credential) -> that supervisor's last schedule report: two on one machine each keep theirs
         self.schedules: dict[tuple[str, str], dict[str, Any]] = {}
         self.version = 0  #: grows with every change the page shows
@@ -2746,27 +2806,27 @@ class Dashboard:
     # -- logins ---------------------------------------------------------------
 
     @staticmethod
-    def _find(table: dict[str, float], secret: str, now: float) -> str | None:
+    def _find(table: dict[str, tuple[float, bool]], secret: str, now: float) -> str | None:
         """The key of ``secret`` in ``table`` if it is there and not expired, comparing every key in constant time."""
         digest, found = sha256_hex(secret), None
-        for key, until in table.items():
+        for key, (until, _) in table.items():
             if hmac.compare_digest(key, digest) and until > now:
                 found = key
         return found
 
     @classmethod
-    def _add(cls, table: dict[str, float], ttl: float, now: float) -> str:
-        for key in [k for k, until in table.items() if until <= now]:
+    def _add(cls, table: dict[str, tuple[float, bool]], ttl: float, now: float, admin: bool) -> str:
+        for key in [k for k, (until, _) in table.items() if until <= now]:
             del table[key]
         while len(table) >= cls.MAX_LIVE:
             del table[min(table, key=table.__getitem__)]
         secret = secrets.token_urlsafe(32)
-        table[sha256_hex(secret)] = now + ttl
+        table[sha256_hex(secret)] = (now + ttl, admin)
         return secret
 
-    def new_code(self, now: float | None = None) -> str:
-        """A login code: single use, valid for CODE_TTL_S."""
-        return self._add(self.codes, self.CODE_TTL_S, time.time() if now is None else now)
+    def new_code(self, now: float | None = None, admin: bool = False) -> str:
+        """A login code: single use, valid for CODE_TTL_S; the admin's opens a page that may also forget."""
+        return self._add(self.codes, self.CODE_TTL_S, time.time() if now is None else now, admin)
 
     def redeem(self, code: str, now: float | None = None) -> str:
         """Trade a login code for a new cookie session (the code is spent); a 401 if it is unknown, used or late."""
@@ -2775,8 +2835,8 @@ class Dashboard:
         if key is None:
             raise ApiError(401, "this login code is unknown, used or expired (codes last"
                                 f" {self.CODE_TTL_S:.0f}s, once): run `claude-peers dashboard` again")
-        del self.codes[key]
-        return self._add(self.sessions, self.SESSION_TTL_S, now)
+        admin = self.codes.pop(key)[1]
+        return self._add(self.sessions, self.SESSION_TTL_S, now, admin)
 
     def cookie(self, value: str, max_age: int) -> str:
         """The Set-Cookie value: script cannot read it, no other site sends it, TLS keeps it on TLS."""
@@ -2791,19 +2851,22 @@ class Dashboard:
                 return value
         return ""
 
-    def authorise(self, path: str, headers: dict[str, str], now: float | None = None) -> None:
+    def authorise(self, path: str, headers: dict[str, str], now: float | None = None) -> bool:
         """The dashboard's credential: the page itself holds no data; every other call needs the
-        custom header, and all but the login its cookie session. Nothing else takes this cookie."""
+        custom header, and all but the login its cookie session. Nothing else takes this cookie.
+        True when the admin opened this session."""
         if path == "/":
-            return
+            return False
         if headers.get(self.HEADER) != self.HEADER_VALUE:
             raise ApiError(403, f"dashboard calls need the header {self.HEADER}: {self.HEADER_VALUE}")
         if path == "/dashboard/login":
-            return
+            return False
         value = self._cookie_value(headers)
-        if not value or self._find(self.sessions, value, time.time() if now is None else now) is None:
+        key = self._find(self.sessions, value, time.time() if now is None else now) if value else None
+        if key is None:
             raise ApiError(401, "not logged in to the dashboard (or the login expired): run `claude-peers"
                                 " dashboard` for a login link")
+        return self.sessions[key][1]
 
     def logout(self, headers: dict[str, str]) -> None:
         """End the caller's cookie session here, whatever the browser keeps."""
@@ -3107,7 +3170,7 @@ header h1 b { color: var(--accent); }
 #live.off::before { background: var(--warn); }
 #live:empty { display: none; }
 button { font: inherit; font-size: 12px; color: var(--text); background: var(--raised); border: 1px solid var(--line);
-  border-radius: 6px; padding: 3px 10px; cursor: pointer; }
+  border-radius: 6px; padding: 3px 10px; cursor: pointer; white-space: nowrap; }
 button:hover { border-color: var(--accent); color: #fff; }
 button.quiet { background: transparent; color: var(--muted); padding: 1px 7px; }
 main { padding: 18px 22px 28px; display: grid; gap: 16px; max-width: 1680px; margin: 0 auto; }
@@ -3137,6 +3200,10 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .muted { color: var(--muted); }
 .name { font-weight: 600; white-space: nowrap; }
 .clip { max-width: 340px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.clip.short { max-width: 230px; }
+.cause { max-width: 230px; overflow: hidden; overflow-wrap: anywhere; display: -webkit-box; -webkit-line-clamp: 2;
+  -webkit-box-orient: vertical; }
+.detail { white-space: pre-line; overflow-wrap: anywhere; }
 .wrap { max-width: 380px; }
 .dot { display: inline-block; width: 8px; height: 8px; border-radius: 50%; margin-right: 7px; background: var(--muted); }
 .dot.on { background: var(--ok); box-shadow: 0 0 0 3px rgba(63, 185, 80, .15); }
@@ -3154,12 +3221,12 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .runs i.ok { background: var(--ok); }
 .runs i.failed, .runs i.timeout { background: var(--crit); }
 .runs i.limit, .runs i.running { background: var(--warn); }
-.bar { display: flex; align-items: center; gap: 8px; min-width: 120px; }
+.bar { display: flex; align-items: center; gap: 6px; min-width: 84px; }
 .bar .track { flex: 1; height: 7px; background: var(--raised); border-radius: 4px; overflow: hidden; }
 .bar .fill { display: block; height: 100%; background: var(--ok); border-radius: 4px; }
 .bar .fill.warning { background: var(--warn); }
 .bar .fill.critical { background: var(--crit); }
-.bar b { font-weight: 600; font-size: 12px; width: 38px; text-align: right; font-variant-numeric: tabular-nums; }
+.bar b { font-weight: 600; font-size: 12px; width: 34px; text-align: right; font-variant-numeric: tabular-nums; }
 tr.text td { border-top: 0; padding-top: 0; }
 pre.text { margin: 0; padding: 8px 10px; background: #0b0f14; border: 1px solid var(--line); border-radius: 6px;
   white-space: pre-wrap; word-break: break-word; max-height: 220px; overflow: auto; }
@@ -3380,7 +3447,7 @@ function renderDaemons() {
     const last = d.recent[0];
     const supervisor = d.supervisor ? `via ${d.supervisor}` + (d.supervisor_stale ? " (silent)" : "") : "no supervisor reports";
     return h("tr", {"data-daemon": d.name},
-      h("td", {}, h("div", {class: "name"}, d.name), h("div", {class: "muted clip", title: d.description || ""},
+      h("td", {}, h("div", {class: "name"}, d.name), h("div", {class: "muted clip short", title: d.description || ""},
         d.enabled === false ? "disabled" : (d.schedule || d.description || ""))),
       h("td", {}, h("div", {class: "runs", title: "latest runs, oldest to newest"},
         d.recent.slice().reverse().map((r) => h("i", {class: r.status, title: `${r.status} · ${r.started_at}`})))),
@@ -3402,6 +3469,17 @@ function bar(pct, warning, critical) {
   return h("div", {class: "bar"}, h("span", {class: "track"}, fill), h("b", {}, Math.round(pct) + "%"));
 }
 
+// What only an admin's page may do (the broker refuses it to any other): close an alert by hand,
+// and forget a machine that left the fleet. Either shows again if a daemon still reports it.
+async function forget(path, body, done) {
+  try {
+    await call(path, body);
+    toast(done);
+  } catch (error) {
+    if (!(error instanceof LoggedOut)) toast(error.message);
+  }
+}
+
 function renderHealth() {
   const rows = state.health.map((m) => {
     const disk = m.disks.reduce((worst, d) => (!worst || d.used_pct > worst.used_pct ? d : worst), null);
@@ -3410,24 +3488,29 @@ function renderHealth() {
     return h("tr", {"data-machine": m.machine},
       h("td", {}, h("div", {class: "name"}, h("span", {class: "dot" + (m.reachable ? " on" : ""),
                                                        title: m.reachable ? "reachable" : "unreachable"}), m.machine),
-        m.error ? h("div", {class: "muted clip", title: m.error}, m.error) : null),
+        m.error ? h("div", {class: "muted cause", title: m.error}, m.error) : null),
       h("td", {title: disk ? `fullest: ${disk.mount}` : ""}, bar(disk ? disk.used_pct : null, 85, 95),
         disk ? h("div", {class: "muted mono"}, disk.mount) : null),
       h("td", {}, bar(m.memory_used_pct, 90, 95)),
-      h("td", {class: "num mono"}, perCore === null ? "—" : perCore.toFixed(2)),
+      h("td", {class: "num mono", title: "15-minute load average per core"}, perCore === null ? "—" : perCore.toFixed(2)),
       h("td", {title: m.titles.join("\n")}, findings.length ? findings : h("span", {class: "muted"}, "none")),
-      h("td", {class: "num"}, when(m.at)));
+      h("td", {class: "num"}, when(m.at), state.admin ? h("div", {}, h("button", {class: "quiet", "data-forget": m.machine,
+        title: "drop its health report and open alerts (a machine that left the fleet)",
+        click: () => forget("/dashboard/api/health/forget", {machine: m.machine}, `${m.machine}: forgotten`)}, "forget"))
+        : null));
   });
   document.getElementById("health").replaceChildren(table(
-    [["Machine"], ["Disk"], ["Memory"], ["Load/core", "num"], ["Findings"], ["Report", "num"]], rows,
+    [["Machine"], ["Disk"], ["Memory"], ["Load", "num"], ["Findings"], ["Report", "num"]], rows,
     "No health reports yet: fleet-scout reports each machine when it runs."));
 }
 
 function renderAlerts() {
   const items = state.alerts.map((a) => h("li", {},
     h("span", {class: "sev " + a.severity}, a.severity), h("span", {class: "muted"}, `${a.machine} · ${a.source}`),
-    h("span", {}, a.title, a.detail ? h("div", {class: "muted"}, a.detail) : null),
-    h("span", {class: "num"}, when(a.opened_at))));
+    h("span", {}, a.title, a.detail ? h("div", {class: "muted detail"}, a.detail) : null),
+    h("span", {class: "num"}, when(a.opened_at), state.admin ? h("div", {}, h("button", {class: "quiet",
+      "data-resolve": a.id, click: () => forget(`/dashboard/api/alerts/${a.id}/resolve`, {}, `${a.machine}: ${a.title}: resolved`)},
+      "resolve")) : null)));
   document.getElementById("alerts").replaceChildren(
     items.length ? h("ul", {class: "alerts"}, items) : h("div", {class: "empty"}, "No open alerts."));
 }
@@ -3606,6 +3689,9 @@ ALERTS_SCHEMA: Schema = {
 HEALTH_SCHEMA: Schema = {
     "machine": Field(str, True, 255), "source": Field(str, True, 64), "report": Field(dict, True, 128 * 1024),
     "findings": Field(list, True, 500, FINDING_SCHEMA), "kind": Field(str, False, 16),
+}
+FORGET_SCHEMA: Schema = {
+    "machine": Field(str, True, 255), "source": Field(str, False, 64), "reason": Field(str, False, 500),
 }
 CREDENTIAL_SCHEMA: Schema = {
     "name": Field(str, True, 64), "machine": Field(str, True, 64), "role": Field(str, False, 16),
@@ -3957,6 +4043,7 @@ class Identity(NamedTuple):
 
 ADMIN = Identity("admin", "", "admin")
 DASHBOARD = Identity("dashboard", "", "dashboard")  # the page's cookie: the dashboard's own routes only
+DASHBOARD_ADMIN = Identity("dashboard", "", "dashboard-admin")  # ... opened with the admin token: it may forget too
 METRICS = Identity("metrics", "", "metrics")  # [broker] metrics_token: /metrics only
 # What a route needs, in the words a refusal uses; and what each role may do.
 PERMISSIONS = {
@@ -3968,11 +4055,13 @@ PERMISSIONS = {
     "metrics": "read the metrics",
     "login": "open the dashboard (it shows every session and message, and runs daemons on any machine)",
     "dashboard": "use the dashboard (its cookie: from `claude-peers dashboard`)",
+    "forget": "resolve alerts by hand and forget machines",
     "admin": "manage credentials",
 }
 ROLE_PERMISSIONS = {"client": {"read", "session", "report", "trigger"},
                     "operator": {"read", "session", "report", "trigger", "operator", "metrics", "login"},
-                    "admin": set(PERMISSIONS), "dashboard": {"dashboard"}, "metrics": {"metrics"}}
+                    "admin": set(PERMISSIONS), "dashboard": {"dashboard"}, "dashboard-admin": {"dashboard", "forget"},
+                    "metrics": {"metrics"}}
 
 
 def require(identity: Identity, permission: str) -> None:
@@ -4203,6 +4292,22 @@ def no_supervisor_for(daemon: str, only: str, elsewhere: list[str]) -> str:
             f" --role client --with-supervisor as a service), {here}")
 
 
+async def r_resolve_alert(b: Broker, req: Request) -> Any:
+    return await b.write(lambda: b.records.resolve_alert(req.args[0], req.identity.name))
+
+
+async def r_forget_machine(b: Broker, req: Request) -> Any:
+    """A daemon withdraws what it (``source``) reported of a machine no longer in its list; without a
+    source, everything the hub holds of the machine goes, which is the admin's to do."""
+    body, by = req.body, req.identity.name
+    if not body.get("source"):
+        require(req.identity, "forget")
+    own_machine(req.identity, body["machine"])
+    gone = await b.write(lambda: b.records.forget_machine(body["machine"], body.get("source", ""), by,
+                                                          body.get("reason") or f"forgotten by {by}"))
+    return {**gone, "webhook": b.webhooks.target}
+
+
 async def r_request_run(b: Broker, req: Request) -> Any:
     """A client's request is for the supervisor of its own machine; an operator's, for any. One that
     no running supervisor would take is refused, saying why: otherwise nothing would run anywhere."""
@@ -4286,7 +4391,7 @@ def r_dashboard_page(b: Broker, req: Request) -> Any:
 
 def r_login_code(b: Broker, req: Request) -> Any:
     """A one-time login code for the dashboard, for a holder of the fleet token (`claude-peers dashboard`)."""
-    code = b.dashboard.new_code()
+    code = b.dashboard.new_code(admin=req.identity.role == "admin")
     return 201, {"code": code, "path": f"/#login={code}", "expires_in_s": b.dashboard.CODE_TTL_S}
 
 
@@ -4302,7 +4407,7 @@ def r_dashboard_logout(b: Broker, req: Request) -> Any:
 
 
 def r_dashboard_state(b: Broker, req: Request) -> Any:
-    return dashboard_state(b)
+    return {**dashboard_state(b), "admin": req.identity.role == "dashboard-admin"}
 
 
 async def r_dashboard_changes(b: Broker, req: Request) -> Any:
@@ -4362,6 +4467,8 @@ ROUTES: list[Route] = [
         ("GET", "/api/alerts", r_alerts, False, None, "read"),
         ("POST", "/api/health", r_record_health, False, HEALTH_SCHEMA, "report"),
         ("GET", "/api/health", r_health, False, None, "read"),
+        ("POST", "/api/alerts/([0-9a-f]{12})/resolve", r_resolve_alert, False, EMPTY_SCHEMA, "forget"),
+        ("POST", "/api/health/forget", r_forget_machine, False, FORGET_SCHEMA, "report"),
         ("POST", r"/api/daemons/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/trigger", r_request_run, False, EMPTY_SCHEMA,
          "trigger"),
         ("POST", "/api/credentials", r_create_credential, False, CREDENTIAL_SCHEMA, "admin"),
@@ -4378,6 +4485,8 @@ ROUTES: list[Route] = [
         ("GET", "/dashboard/api/messages/([0-9a-f]{12})/text", r_dashboard_text, False, None, "dashboard"),
         ("POST", r"/dashboard/api/daemons/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/trigger", r_request_run, False,
          EMPTY_SCHEMA, "dashboard"),
+        ("POST", "/dashboard/api/alerts/([0-9a-f]{12})/resolve", r_resolve_alert, False, EMPTY_SCHEMA, "forget"),
+        ("POST", "/dashboard/api/health/forget", r_forget_machine, False, FORGET_SCHEMA, "forget"),
         ("GET", "/metrics", r_metrics, False, None, "metrics"),
     ]
 ]
@@ -4551,8 +4660,7 @@ class ApiServer:
         metrics token on /metrics, else the hub's admin token or a usable credential (each
         compared in constant time); else 401."""
         if path == "/" or path.startswith("/dashboard/"):
-            self.broker.dashboard.authorise(path, headers)
-            return DASHBOARD
+            return DASHBOARD_ADMIN if self.broker.dashboard.authorise(path, headers) else DASHBOARD
         if path == "/metrics" and self._is_metrics_token(headers):
             return METRICS
         return self._bearer(headers)
@@ -6426,6 +6534,15 @@ class SupervisorState:
     def remember(self, daemon: str, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO kv(daemon, key, value) VALUES (?, ?, ?)", (daemon, key, value))
 
+    def keys(self, daemon: str, prefix: str) -> list[str]:
+        """The keys a daemon remembered under ``prefix`` (fleet-scout: one per machine it probed)."""
+        rows = self.db.execute("SELECT key FROM kv WHERE daemon = ? AND substr(key, 1, ?) = ? ORDER BY key",
+                               (daemon, len(prefix), prefix))
+        return [row[0] for row in rows]
+
+    def forget(self, daemon: str, key: str) -> None:
+        self.db.execute("DELETE FROM kv WHERE daemon = ? AND key = ?", (daemon, key))
+
     def cursor(self, name: str) -> int | None:
         row = self.db.execute("SELECT value FROM cursors WHERE name = ?", (name,)).fetchone()
         return row[0] if row else None
@@ -6794,11 +6911,15 @@ class DaemonRun:
             self.log_line("webhook_not_used", webhook=webhook_target(self.cfg.alerts.webhook),
                           hub_webhook=hub_webhook, why=f"[alerts] webhook in {self.cfg.where} is not used here: the"
                           " hub posts alerts to the [alerts] webhook of its own daemons.toml; set it there")
+        self.tell(changes, hub_webhook)
+        return changes
+
+    def tell(self, changes: list[dict[str, Any]], hub_webhook: str) -> None:
+        """Alert changes the hub made to the daemon's alert_to peers, each logged with who heard of it."""
         for change in changes:
             told = self.notify(change) + ([f"webhook {hub_webhook} (queued on the hub)"] if hub_webhook else [])
             self.log_line("alert", **{k: change[k] for k in ("id", "change", "severity", "machine", "title")},
                           told=told)
-        return changes
 
     def notify(self, change: dict[str, Any]) -> list[str]:
         """One alert change as a channel message to each alert_to peer (the broker keeps the mail)."""
@@ -6861,7 +6982,8 @@ def scout_checks(report: dict[str, Any]) -> list[str]:
 
 def as_alert(finding: dict[str, Any]) -> dict[str, Any]:
     """A scout finding as the broker's alert lifecycle takes it."""
-    measured = "" if finding["value"] is None else f"value {finding['value']}"
+    value = finding["value"]  # a word or an error is in the evidence already; a measurement is not
+    measured = f"value {value}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
     if finding["threshold"] is not None:
         measured += f" (threshold {finding['threshold']})"
     detail = "\n".join([measured.strip(), *finding["evidence"]]).strip()
@@ -6917,10 +7039,41 @@ def add_diagnoses(run: DaemonRun, alerts_by_machine: dict[str, list[dict[str, An
             alert["diagnosis"] = text
 
 
+def scout_machines(cfg: Config, daemon: SimpleNamespace) -> list[SimpleNamespace]:
+    """What a fleet-scout run probes: [[machines]], and this box first unless it is listed (by its
+    name or a local ssh target) or include_local = false."""
+    listed = cfg.machines if cfg.machines_listed else []
+    here = any(m.name == cfg.machine or m.ssh in SCOUT_LOCAL for m in listed)
+    return ([cfg.local_machine] if daemon.include_local and not here else []) + listed
+
+
+def retire_machines(run: DaemonRun, probed: list[str]) -> list[str]:
+    """The machines this scout probed before and no longer does (taken out of [[machines]]): the hub
+    resolves their alerts and drops their health, once, and the scout forgets them. One line each."""
+    daemon, lines = run.daemon, []
+    for key in run.state.keys(daemon.name, "machine:"):
+        name = key.split(":", 1)[1]
+        if name in probed:
+            continue
+        if run.dry_run:
+            run.log_line("dry_run", retire=name)
+            lines.append(f"{name:<16} retired  (dry run: its alerts and health report stay on the hub)")
+            continue
+        gone = run.broker(register=False).call("POST", "/api/health/forget", {
+            "machine": name, "source": daemon.name, "reason": f"no longer probed by {daemon.name} ({run.cfg.where})"})
+        run.state.forget(daemon.name, key)
+        run.log_line("retired", machine=name, alerts_resolved=gone["alerts_resolved"])
+        run.tell(gone["changes"], gone["webhook"])
+        lines.append(f"{name:<16} retired  no longer probed: {gone['alerts_resolved']} alert(s) resolved,"
+                     " its health report dropped")
+    return lines
+
+
 def run_fleet_scout(run: DaemonRun) -> dict[str, Any]:
     """Probe every machine, publish each one's health, and put the findings through the
     alert lifecycle: deterministic first, the LLM only adds a diagnosis."""
-    daemon, machines = run.daemon, run.cfg.machines
+    daemon = run.daemon
+    machines = scout_machines(run.cfg, daemon)
     previous = {m.name: json.loads(run.state.recall(daemon.name, f"machine:{m.name}") or "null") for m in machines}
     results = probe_fleet(machines, daemon, previous, time.time())
     for name, (report, findings, state) in results.items():
@@ -6940,10 +7093,13 @@ def run_fleet_scout(run: DaemonRun) -> dict[str, Any]:
                 "machine": name, "source": daemon.name, "report": report, "findings": alerts[name]})
         for name, (report, _, _) in results.items():
             run.report_alerts(name, scout_checks(report), alerts[name])
+        lines += retire_machines(run, list(results))
     except (UserError, ApiError) as exc:
         failures.append(f"could not report to the broker: {exc}")
     bad = sum(1 for found in alerts.values() if found)
-    head = f"{len(results)} machine(s), {bad} with findings"
+    probed = ", ".join(m.name + (" (this box)" if m.ssh in SCOUT_LOCAL else "") for m in machines)
+    head = (f"{len(results)} machine(s), {bad} with findings; probed: {probed}" if machines else
+            f"no machines to probe: [[machines]] lists none and [daemons.{daemon.name}] include_local = false")
     return run.result("failed" if failures else "ok", "\n".join([head, *lines, *failures]))
 
 
@@ -9479,7 +9635,35 @@ def cmd_runs(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def detail_lines(detail: str, most: int = 3) -> list[str]:
+    """The first lines of a finding's detail (the cause behind its title), at most 200 characters each."""
+    return [line.strip()[:200] for line in detail.splitlines() if line.strip()][:most]
+
+
+def cause_line(detail: str) -> str:
+    """A finding's cause in one line: its evidence, not the measurement its title already gives."""
+    lines = detail_lines(detail, 100)
+    return next((line for line in lines if not line.startswith("value ")), lines[0] if lines else "")
+
+
+def cmd_health_forget(cfg: Config, args: argparse.Namespace) -> int:
+    """The admin drops a retired machine: its health report and open alerts, whoever reported them."""
+    client = client_from_config(cfg)
+    gone = client.call("POST", "/api/health/forget", {"machine": args.machine,
+                                                      "reason": "forgotten by the operator (health forget)"})
+    if not gone["alerts_resolved"] and not gone["health_dropped"]:
+        known = [m["machine"] for m in client.call("GET", "/api/health")["machines"]]
+        raise UserError(f"{args.machine}: the hub has no health report and no open alert of that machine"
+                        f" (machines: {', '.join(known) or 'none'})")
+    print(f"forgot {args.machine}: {gone['alerts_resolved']} open alert(s) resolved"
+          f"{', its health report dropped' if gone['health_dropped'] else ''}. A daemon that still probes it"
+          " reports it again: take it out of [[machines]] first")
+    return 0
+
+
 def cmd_health(cfg: Config, args: argparse.Namespace) -> int:
+    if args.health_action == "forget":
+        return cmd_health_forget(cfg, args)
     machines = client_from_config(cfg).call("GET", "/api/health")["machines"]
     if args.json:
         print_json(machines)
@@ -9490,12 +9674,21 @@ def cmd_health(cfg: Config, args: argparse.Namespace) -> int:
     for machine in machines:
         status, text = worst_first(machine["findings"], 3)
         print(f"{machine['machine']:<16} {status:<8} {ago(machine['at']):>8}  {text or 'no findings'}")
+        worst = sorted(machine["findings"], key=lambda f: SEVERITY_RANK.get(f["severity"], len(SEVERITY_RANK)))
+        for cause in filter(None, (cause_line(f.get("detail", "")) for f in worst[:3])):
+            print(f"{'':<17}{cause}")
     return 0
 
 
 def cmd_alerts(cfg: Config, args: argparse.Namespace) -> int:
+    client = client_from_config(cfg)
+    if args.alerts_action == "resolve":
+        change = client.call("POST", f"/api/alerts/{urllib.parse.quote(args.id)}/resolve")
+        print(f"resolved {change['id']}: [{change['severity']}] {change['machine']}: {change['title']}"
+              f" ({change['source']} opens a new alert if it still finds this)")
+        return 0
     query = urllib.parse.urlencode({"state": "all" if args.all else "open"})
-    alerts = client_from_config(cfg).call("GET", f"/api/alerts?{query}")["alerts"]
+    alerts = client.call("GET", f"/api/alerts?{query}")["alerts"]
     if args.json:
         print_json(alerts)
         return 0
@@ -9504,7 +9697,9 @@ def cmd_alerts(cfg: Config, args: argparse.Namespace) -> int:
     for alert in alerts:
         state = f"resolved {ago(alert['resolved_at'])}" if alert["resolved_at"] else f"seen {ago(alert['last_seen'])}"
         print(f"{alert['severity']:<8} {alert['machine']:<16} {alert['title']}  (since {ago(alert['opened_at'])},"
-              f" {state}; {alert['source']})")
+              f" {state}; {alert['source']}; id {alert['id']})")
+        for line in detail_lines(alert["detail"]):
+            print(f"         {line}")
         if alert["diagnosis"]:
             print(f"         diagnosis: {alert['diagnosis'].splitlines()[0][:200]}")
     return 0
@@ -9543,9 +9738,12 @@ def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
     finish_run(run, result)
     state = SupervisorState(data_home() / "supervisor.db")
     state.save_run(run)
-    with contextlib.suppress(UserError, ApiError):
-        client_from_config(cfg, timeout=5).call("POST", "/api/runs", run_report(run))
+    if args.dry_run:  # a rehearsal: it stays in this machine's records, and no supervisor reports it later
         state.mark_reported(run["id"], run["status"])
+    else:
+        with contextlib.suppress(UserError, ApiError):
+            client_from_config(cfg, timeout=5).call("POST", "/api/runs", run_report(run))
+            state.mark_reported(run["id"], run["status"])
     print(f"{daemon.name}: {run['status']} ({run['actions']} actions, {run['tokens']} tokens)"
           f"\n{run['summary']}\ntranscript: {run['transcript']}")
     return 0 if run["status"] in ("ok", "limit") else EXIT_ERROR
@@ -9693,9 +9891,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("runs", cmd_runs, "recent daemon runs", json_flag=True)
     p.add_argument("daemon", nargs="?", help="only this daemon")
     p.add_argument("--limit", type=int, default=20)
-    command("health", cmd_health, "each machine's latest health report, worst finding first", json_flag=True)
+    p = command("health", cmd_health, "each machine's latest health report, worst finding first", json_flag=True)
+    actions = p.add_subparsers(dest="health_action", metavar="ACTION")
+    action = actions.add_parser("forget", help="drop a retired machine: its health report and open alerts (admin)")
+    action.add_argument("machine")
+    add_common_options(action, argparse.SUPPRESS, argparse.SUPPRESS)
     p = command("alerts", cmd_alerts, "open alerts of every daemon, worst first", json_flag=True)
     p.add_argument("--all", action="store_true", help="resolved ones too")
+    actions = p.add_subparsers(dest="alerts_action", metavar="ACTION")
+    action = actions.add_parser("resolve", help="close an open alert by hand (admin); its daemon reopens it if"
+                                " the problem is still there")
+    action.add_argument("id", help="the alert's id (claude-peers alerts lists it)")
+    add_common_options(action, argparse.SUPPRESS, argparse.SUPPRESS)
     p = command("trigger", cmd_trigger, "run a daemon now (via the supervisor, or here in the foreground)")
     p.add_argument("daemon")
     p.add_argument("--here", action="store_true", help="run it in this terminal, printing the transcript")

@@ -326,6 +326,9 @@ def test_repo_template_carries_exactly_the_defaults():
     ('[daemons.scout]\nrunner = "command"\n', "daemons.scout.command: required"),
     ('[daemons.scout]\ncommands = ["systemctl --failed"]\n', "daemons.scout.commands: must be a list of argv"),
     ('[daemons.scout]\nmax_actions = 0\n', "daemons.scout.max_actions: must be > 0"),
+    ('[daemons.watcher]\ntools = ["alert"]\n', "daemons.watcher.role: required for an agent daemon"),
+    ('[daemons.fleet-scot]\nenabled = false\n', "[daemons.fleet-scot]: no built-in daemon of that name: did you mean fleet-scout?"),
+    ('[daemons.lm-watchdg]\nslow_ms = 100\n', "did you mean llm-watchdog?"),
     ('[llm]\nroutine = "gpt"\n', "llm.routine: expected list"),
     ('[nats]\nurl = "nats://a:4222,http://b:4222"\n', "nats.url: must be nats:// or tls:// URLs"),
     ('[alerts]\nwebhook = "ntfy.sh/fleet"\n', "alerts.webhook: must start with http:// or https://"),
@@ -339,6 +342,18 @@ def test_config_errors_name_file_key_and_reason(tmp_path, text, expected):
         cp.load_config(str(path))
     assert str(path) in str(info.value)
     assert expected in str(info.value)
+
+
+def test_a_typo_of_a_built_in_daemon_is_refused_in_one_line_and_a_near_name_with_a_role_is_a_daemon(tmp_path):
+    path = tmp_path / "daemons.toml"
+    path.write_text("[daemons.fleet-scot]\nenabled = false\n")
+    out = subprocess.run([PY, str(SCRIPT), "--config", str(path), "trigger", "fleet-scout", "--here", "--dry-run"],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == cp.EXIT_ERROR and out.stdout == ""  # nothing ran
+    assert out.stderr.strip() == (f"claude-peers: {path}: [daemons.fleet-scot]: no built-in daemon of that name: did"
+                                  " you mean fleet-scout? (a new daemon needs a role or a runner)")
+    path.write_text('[daemons.fleet-scouts]\nrole = "You scout the scouts."\n')
+    assert cp.load_config(str(path)).daemons["fleet-scouts"].runner == "agent"  # meant: it says what it is
 
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path):
@@ -742,6 +757,53 @@ def test_health_keeps_the_latest_report_per_machine_and_publishes_it(broker):
     assert nas["report"] == {"load": [2.5]} and nas["findings"][0]["key"] == "/" and nas["at"]
     events = [e for e in client.call("GET", "/api/events?after=0")["events"] if e["type"] == "health"]
     assert [e["subject"] for e in events] == ["fleet.health.nas"] * 2 and events[1]["report"] == {"load": [2.5]}
+
+
+def test_the_admin_resolves_an_alert_and_forgets_a_retired_machine_from_the_command_line(broker):
+    client = broker.client()
+    client.call("POST", "/api/health", {"machine": "old-nas", "source": "fleet-scout", "report": {"reachable": False},
+                                        "findings": [finding("ssh", "critical", "unreachable")]})
+    sync_alerts(broker, [finding("ssh", "critical", "unreachable")], ("unreachable",), "old-nas")
+    sync_alerts(broker, [finding("/srv")], ("disk",), "old-nas")
+    disk = next(a for a in client.call("GET", "/api/alerts")["alerts"] if a["check"] == "disk")
+    listed = broker.cli("alerts").stdout
+    assert f"; fleet-scout; id {disk['id']})" in listed  # the id to resolve it by
+    out = broker.cli("alerts", "resolve", disk["id"])
+    assert out.returncode == 0 and out.stdout.startswith(f"resolved {disk['id']}: [warning] old-nas: ")
+    again = broker.cli("alerts", "resolve", disk["id"])
+    assert again.returncode == cp.EXIT_ERROR and f"alert {disk['id']} was already resolved at" in again.stderr
+    assert "no alert 0123456789ab" in broker.cli("alerts", "resolve", "0123456789ab").stderr
+
+    operator = broker.client(credential(broker, "ops-laptop", "laptop", "operator"))
+    refused = api_error(lambda: operator.call("POST", "/api/health/forget", {"machine": "old-nas"}))
+    assert refused.status == 403 and "may not resolve alerts by hand and forget machines" in refused.message
+    assert api_error(lambda: operator.call("POST", f"/api/alerts/{disk['id']}/resolve")).status == 403
+    out = broker.cli("health", "forget", "old-nas")
+    assert out.returncode == 0 and out.stdout.startswith("forgot old-nas: 1 open alert(s) resolved, its health"
+                                                         " report dropped"), out.stdout + out.stderr
+    assert client.call("GET", "/api/health")["machines"] == [] and client.call("GET", "/api/alerts")["alerts"] == []
+    events = client.call("GET", "/api/events?after=0&limit=1000")["events"]
+    resolved = [e for e in events if e["subject"] == "fleet.alert.resolved"]
+    assert [e["by"] for e in resolved] == ["admin", "admin"]
+    [gone] = [e for e in events if e["type"] == "machine.forgotten"]
+    assert gone["subject"] == "fleet.machine.old-nas.forgotten" and gone["source"] == "" and gone["by"] == "admin"
+    out = broker.cli("health", "forget", "old-nas")  # once: nothing is left
+    assert out.returncode == cp.EXIT_ERROR and "old-nas: the hub has no health report and no open alert" in out.stderr
+
+
+def test_a_client_withdraws_only_its_own_machines_reports(broker):
+    client = broker.client(credential(broker, "pi-cred", "pi", "client"))
+    for machine in ("pi", "nas"):
+        broker.client().call("POST", "/api/health", {"machine": machine, "source": "fleet-scout", "report": {},
+                                                     "findings": []})
+    assert api_error(lambda: client.call("POST", "/api/health/forget", {"machine": "pi"})).status == 403  # no source
+    assert api_error(lambda: client.call("POST", "/api/health/forget", {"machine": "nas", "source": "fleet-scout"}
+                                         )).status == 403
+    other = client.call("POST", "/api/health/forget", {"machine": "pi", "source": "llm-watchdog"})
+    assert other["health_dropped"] is False  # another daemon's report is not this one's to withdraw
+    gone = client.call("POST", "/api/health/forget", {"machine": "pi", "source": "fleet-scout"})
+    assert gone["health_dropped"] is True
+    assert [m["machine"] for m in broker.client().call("GET", "/api/health")["machines"]] == ["nas"]
 
 
 def test_fleet_memory_read_replace_and_bound(broker):
@@ -1764,6 +1826,17 @@ def test_login_codes_and_cookie_sessions_are_kept_hashed_and_expire_on_the_serve
         dashboard.authorise("/dashboard/api/state", headers, now=2001.0 + cp.Dashboard.SESSION_TTL_S + 1)
 
 
+def click_fresh(driver, css: str) -> None:
+    """Click the element ``css`` names, found again if the page re-rendered between finding and clicking it."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    for _ in range(3):
+        with contextlib.suppress(StaleElementReferenceException):
+            return driver.find_element(By.CSS_SELECTOR, css).click()
+    raise AssertionError(f"{css} kept going stale")
+
+
 def chromium():  # -> selenium.webdriver.Chrome
     """Debian's chromium under its chromedriver (selenium finds nothing on its own: no downloads here)."""
     from selenium import webdriver
@@ -1781,8 +1854,6 @@ def chromium():  # -> selenium.webdriver.Chrome
 @pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
                     reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
 def test_the_dashboard_in_chromium_logs_in_and_follows_sessions_and_message_states_live(make_broker, tmp_path):
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     broker = make_broker()
@@ -1800,10 +1871,7 @@ def test_the_dashboard_in_chromium_logs_in_and_follows_sessions_and_message_stat
                                          ".filter((e) => e.offsetParent !== null).map((e) => e.textContent)", css)
 
         def click(css: str) -> None:
-            for _ in range(3):  # the page may re-render between finding the button and clicking it
-                with contextlib.suppress(StaleElementReferenceException):
-                    return driver.find_element(By.CSS_SELECTOR, css).click()
-            raise AssertionError(f"{css} kept going stale")
+            click_fresh(driver, css)
 
         def text_of(element_id: str) -> str:
             return driver.execute_script("return document.getElementById(arguments[0]).innerText", element_id)
@@ -1847,6 +1915,85 @@ def test_the_dashboard_in_chromium_logs_in_and_follows_sessions_and_message_stat
         assert "homelab-infra" not in text_of("app") and not shown("#app")
     finally:
         driver.quit()
+
+
+def refused_key_alert(broker: BrokerProc, machine: str) -> None:
+    """A machine whose key the scout's ssh is refused, reported as the scout reports it (its own finding code)."""
+    error = "auth refused: root@192.168.1.77: Permission denied (publickey,password)."
+    report = {"machine": machine, "reachable": False, "complete": False, "error": error}
+    findings = [cp.as_alert(f) for f in cp.find_faults(report, None, {}, time.time())[0]]
+    client = broker.client()
+    client.call("POST", "/api/health", {"machine": machine, "source": "fleet-scout", "report": report,
+                                        "findings": findings})
+    client.call("POST", "/api/alerts", {"source": "fleet-scout", "machine": machine, "checks": cp.scout_checks(report),
+                                        "findings": findings, "repeat_after": 12})
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+def test_the_dashboard_at_1400px_fits_its_tables_shows_a_cause_once_and_lets_only_the_admin_resolve_and_forget(
+        make_broker, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    broker = make_broker()
+    seed_fleet(broker)
+    refused_key_alert(broker, "backup-server-basement")
+    client = broker.client()
+    disk = next(a for a in client.call("GET", "/api/alerts")["alerts"] if a["machine"] == "nas")
+    driver = chromium()
+    try:
+        def until(condition, what: str) -> None:
+            WebDriverWait(driver, 10, poll_frequency=0.02).until(lambda d: condition(), what)
+
+        def count(css: str) -> int:
+            return driver.execute_script("return document.querySelectorAll(arguments[0]).length", css)
+
+        driver.set_window_size(1400, 1100)
+        driver.get(login_code(broker))  # the admin token's link
+        until(lambda: count('tr[data-machine="backup-server-basement"]') and count("[data-resolve]") == 2,
+              "the health table and the admin's buttons")
+        for panel in ("health", "daemons", "sessions", "messages"):
+            widths = driver.execute_script("const e = document.getElementById(arguments[0]);"
+                                           " return [e.scrollWidth, e.clientWidth]", panel)
+            assert widths[0] <= widths[1], (panel, widths)  # no horizontal scrollbar at 1400 px
+        alerts = driver.execute_script("return document.getElementById('alerts').innerText")
+        assert alerts.count("Permission denied (publickey,password)") == 1, alerts
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": 1400, "height": height,
+                                                                       "deviceScaleFactor": 1, "mobile": False})
+        shot = tmp_path / "dashboard-1400.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+        click_fresh(driver, f'[data-resolve="{disk["id"]}"]')
+        until(lambda: not count(f'[data-resolve="{disk["id"]}"]'), "the resolved alert gone from the page")
+        assert disk["id"] not in {a["id"] for a in client.call("GET", "/api/alerts")["alerts"]}
+        click_fresh(driver, '[data-forget="backup-server-basement"]')
+        until(lambda: not count('tr[data-machine="backup-server-basement"]'), "the forgotten machine gone")
+        assert "backup-server-basement" not in {m["machine"] for m in client.call("GET", "/api/health")["machines"]}
+        assert client.call("GET", "/api/alerts")["alerts"] == []
+        events = client.call("GET", "/api/events?after=0&limit=1000")["events"]
+        assert [e["by"] for e in events if e["type"] in ("machine.forgotten", "alert") and e.get("by")] == \
+            ["dashboard", "dashboard", "dashboard"]  # the disk alert, the machine's alert, the machine
+        problems = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not problems, problems
+
+        operator = {"CLAUDE_PEERS_TOKEN": credential(broker, "ops-laptop", "laptop", "operator")}
+        link = broker.cli("dashboard", "--json", env=operator)
+        click_fresh(driver, "#logout")
+        until(lambda: not count('tr[data-machine="nas"]'), "the admin's page logged out")
+        driver.get(json.loads(link.stdout)["url"])
+        until(lambda: count('tr[data-machine="nas"]'), "the operator's page")
+        assert count("[data-forget]") == 0 and count("[data-resolve]") == 0
+    finally:
+        driver.quit()
+    code = json.loads(broker.cli("dashboard", "--json", env=operator).stdout)["url"].split("#login=")[1]
+    status, headers, _ = http_call(broker, "POST", "/dashboard/login", DASH, {"code": code})
+    cookie = {**DASH, "Cookie": headers["set-cookie"].split(";")[0]}
+    assert json.loads(http_call(broker, "GET", "/dashboard/api/state", cookie)[2])["admin"] is False
+    status, _, raw = http_call(broker, "POST", "/dashboard/api/health/forget", cookie, {"machine": "nas"})
+    assert status == 403 and b"that needs the admin role" in raw
+    assert "nas" in {m["machine"] for m in client.call("GET", "/api/health")["machines"]}
 
 
 # ---------------------------------------------------------------------------
@@ -2138,6 +2285,7 @@ VALID_BODIES = [  # one valid body per schema: the fuzzer breaks one field at a 
     (cp.HEALTH_SCHEMA, {"source": "d", "machine": "m", "report": {"load": [1]}, "findings": []}),
     (cp.SCHEDULE_SCHEMA, {"machine": "m", "daemons": [{"name": "d", "next_due": 1.5, "enabled": 1}]}),
     (cp.DASHBOARD_LOGIN_SCHEMA, {"code": "not-a-code"}),
+    (cp.FORGET_SCHEMA, {"machine": "m", "source": "d", "reason": "r"}),
 ]
 HOSTILE_VALUES = st.sampled_from(["\ud800", "ok\udfff", 2 ** 64, -(2 ** 63) - 1, -1, None, float("nan"),
                                   float("inf"), 1e308, "", [[[[[]]]]], {"a": {}}]) | JSON_VALUES
@@ -2287,7 +2435,7 @@ def test_every_route_grants_each_role_what_it_may_do_and_refuses_the_rest(make_b
     broker.client().call("POST", "/api/credentials/stolen/revoke")
     other = as_session(broker, credential(broker, "pi", "pi"))  # another machine's session
     allowed = {role: {p for p, roles in [("read", "coa"), ("session", "coa"), ("report", "coa"), ("trigger", "coa"),
-                                         ("operator", "oa"), ("metrics", "oa"), ("login", "oa"),
+                                         ("operator", "oa"), ("metrics", "oa"), ("login", "oa"), ("forget", "a"),
                                          ("admin", "a")] if role[0] in roles}
                for role in tokens}
     permission = {(m, p.pattern): perm for m, p, _, _, _, perm in cp.ROUTES}
@@ -2297,7 +2445,7 @@ def test_every_route_grants_each_role_what_it_may_do_and_refuses_the_rest(make_b
                                         if m == method and p.pattern.strip("^$").replace(cp.SID, "SID").replace(
                                             "([0-9a-f]{12})", "MID").replace(
                                             r"([A-Za-z0-9][A-Za-z0-9._-]{0,63})", "NAME") == template))]
-        if perm == "dashboard":  # the page's cookie, not a bearer token: its own test covers these
+        if template.startswith("/dashboard/") or template == "/":  # the page's cookie: its own tests cover these
             continue
         for bad in (None, "not-a-token", revoked):
             assert route_call(broker, route, bad, None, "laptop") == 401, (route, bad)
@@ -4013,12 +4161,14 @@ def test_scout_find_faults_on_load_swap_clock_and_pseudo_filesystems():
 # -- the fleet-scout daemon end to end: probes, health, the alert lifecycle, the report -------
 
 
-def scout_config(lab: ScoutLab, hosts: list[ScoutHost], extra: str = "", repeat: int = 2) -> str:
+def scout_config(lab: ScoutLab, hosts: list[ScoutHost], extra: str = "", repeat: int = 2,
+                 include_local: bool = False) -> str:
+    """The lab's hosts as [[machines]]; this box is left out unless asked (its own findings vary)."""
     machines = "".join(f'[[machines]]\nname = "{h.name}"\nssh = "{h.machine.ssh}"\nport = {h.port}\n'
                        f'identity_file = "{lab.client_key}"\n' for h in hosts)
     return (f"[alerts]\nrepeat_after_cycles = {repeat}\n{machines}[daemons.fleet-scout]\n"
             f'known_hosts_file = "{lab.known_hosts}"\nssh_timeout_s = 5\nprobe_timeout_s = 15\n'
-            f'alert_to = ["ops"]\n{extra}')
+            f'alert_to = ["ops"]\n{"" if include_local else "include_local = false"}\n{extra}')
 
 
 def scout_run(broker: BrokerProc) -> subprocess.CompletedProcess[str]:
@@ -4105,6 +4255,77 @@ def test_fleet_scout_runs_out_of_the_box_on_this_machine(broker):
     assert "1 machine(s)" in out.stdout and machine in out.stdout
     [health] = broker.client().call("GET", "/api/health")["machines"]
     assert health["machine"] == machine and health["report"]["reachable"]
+
+
+def forgotten_events(broker: BrokerProc) -> list[dict]:
+    events = broker.client().call("GET", "/api/events?after=0&limit=1000")["events"]
+    return [e for e in events if e["type"] == "machine.forgotten"]
+
+
+def test_a_machine_taken_out_of_machines_resolves_its_alerts_and_leaves_health_once(scout_lab, make_broker):
+    broker = make_broker(name="scout-retire")
+    kept = scout_lab.host("retire-kept")
+    leaving = scout_lab.host("retire-leaving", failed="backup.service loaded failed failed Backup\n")
+    base = broker.config.read_text()
+    broker.config.write_text(base + scout_config(scout_lab, [kept, leaving], repeat=50))
+    ops = broker.session(name="ops")
+    scout_run(broker)
+    [told] = poll(ops)
+    assert told["text"].startswith("[warning] retire-leaving: backup.service failed")
+    assert metric(scrape(broker)[0], "claude_peers_alerts_open", severity="warning") == 1
+    foreground(broker, "fleet-memory")
+    assert "retire-leaving" in broker.client().call("GET", "/api/memory")["text"]
+
+    broker.config.write_text(base + scout_config(scout_lab, [kept], repeat=50))  # the NAS was sold
+    out = scout_run(broker)
+    assert "1 machine(s), 0 with findings; probed: retire-kept" in out.stdout
+    assert re.search(r"retire-leaving\s+retired\s+no longer probed: 1 alert\(s\) resolved", out.stdout), out.stdout
+    assert [m["text"] for m in poll(ops)] == ["[resolved] retire-leaving: backup.service failed"]
+    client = broker.client()
+    assert [m["machine"] for m in client.call("GET", "/api/health")["machines"]] == ["retire-kept"]
+    assert client.call("GET", "/api/alerts")["alerts"] == []
+    assert metric(scrape(broker)[0], "claude_peers_alerts_open", severity="warning") == 0
+    [event] = forgotten_events(broker)
+    assert event["subject"] == "fleet.machine.retire-leaving.forgotten" and event["source"] == "fleet-scout"
+    assert event["health_dropped"] is True and len(event["alerts_resolved"]) == 1
+    foreground(broker, "fleet-memory")
+    assert "retire-leaving" not in client.call("GET", "/api/memory")["text"]
+
+    out = scout_run(broker)  # once: the next run has nothing left to retire
+    assert "retired" not in out.stdout and len(forgotten_events(broker)) == 1 and poll(ops) == []
+
+
+def test_listing_a_first_machine_keeps_probing_this_box_and_the_run_names_what_it_probed(scout_lab, make_broker):
+    broker = make_broker(name="scout-first")
+    first = scout_lab.host("first-nas")
+    here = cp.Config({}, None).machine
+    base = broker.config.read_text()
+    broker.config.write_text(base + scout_config(scout_lab, [first], include_local=True))
+    out = scout_run(broker)
+    assert "2 machine(s)" in out.stdout and f"probed: {here} (this box), first-nas" in out.stdout, out.stdout
+    health = {m["machine"]: m for m in broker.client().call("GET", "/api/health")["machines"]}
+    assert set(health) == {here, "first-nas"} and health[here]["report"]["reachable"]
+
+    broker.config.write_text(base + scout_config(scout_lab, [first]))  # include_local = false: only the list
+    out = scout_run(broker)
+    assert "1 machine(s), 0 with findings; probed: first-nas" in out.stdout
+    assert re.search(rf"{re.escape(here)}\s+retired", out.stdout), out.stdout
+    assert [m["machine"] for m in broker.client().call("GET", "/api/health")["machines"]] == ["first-nas"]
+
+
+def test_alerts_and_health_print_the_cause_of_a_refused_key_once(scout_lab, make_broker):
+    broker = make_broker(name="scout-cause")
+    refused = scout_lab.host("cause-refused", authorized=False)
+    write_config(broker, scout_config(scout_lab, [refused]))
+    scout_run(broker)
+    [alert] = broker.client().call("GET", "/api/alerts")["alerts"]
+    assert alert["title"] == "auth refused" and alert["detail"].count("Permission denied (publickey)") == 1
+    lines = broker.cli("alerts").stdout.splitlines()
+    assert lines[0].startswith("critical cause-refused") and lines[0].endswith(f"; fleet-scout; id {alert['id']})")
+    assert lines[1].startswith("         auth refused: ") and "Permission denied (publickey)" in lines[1]
+    lines = broker.cli("health").stdout.splitlines()
+    assert re.match(r"cause-refused\s+critical\s+\d+s ago\s+auth refused$", lines[0]), lines
+    assert lines[1].strip().startswith("auth refused: ") and "Permission denied (publickey)" in lines[1]
 
 
 def age_scout_state(broker: BrokerProc, seconds: int) -> None:
@@ -4298,7 +4519,7 @@ def test_agent_run_calls_allowed_tools_and_finishes(make_broker, llm, tmp_path):
 def test_refused_tools_and_commands_never_run(make_broker, llm, tmp_path):
     canary = tmp_path / "pwned"
     broker = make_broker()
-    write_config(broker, llm_toml(llm) + '[daemons.guarded]\ntools = ["run_command"]\n'
+    write_config(broker, llm_toml(llm) + '[daemons.guarded]\nrole = "You guard."\ntools = ["run_command"]\n'
                  'commands = [["echo"], ["systemctl", "--failed"]]\n')
     llm.scripts["good"] = [
         tool_call("read_file", {"path": "/etc/shadow"}, "c1"),
@@ -4322,8 +4543,8 @@ def test_refused_tools_and_commands_never_run(make_broker, llm, tmp_path):
 
 def test_max_actions_and_token_budget_stop_the_run(make_broker, llm):
     broker = make_broker()
-    write_config(broker, llm_toml(llm) + '[daemons.busy]\ntools = ["recall"]\nmax_actions = 3\n'
-                 '[daemons.chatty]\ntools = ["recall"]\ntoken_budget = 8000\n')
+    write_config(broker, llm_toml(llm) + '[daemons.busy]\nrole = "You are busy."\ntools = ["recall"]\nmax_actions = 3\n'
+                 '[daemons.chatty]\nrole = "You chat."\ntools = ["recall"]\ntoken_budget = 8000\n')
     llm.scripts["good"] = [tool_call("recall", {"key": "k"}, tokens=10)]
     out = foreground(broker, "busy")
     assert "busy: limit (3 actions" in out.stdout and "max_actions = 3" in out.stdout
@@ -4336,7 +4557,7 @@ def test_max_actions_and_token_budget_stop_the_run(make_broker, llm):
 def test_model_fallback_on_errors_and_timeouts(make_broker, llm):
     broker = make_broker()
     write_config(broker, llm_toml(llm, '["broken", "slow", "good"]', timeout=1)
-                 + '[daemons.resilient]\ntools = []\n')
+                 + '[daemons.resilient]\nrole = "You carry on."\ntools = []\n')
     llm.scripts.update(broken=[503], slow=["hang"], good=[final("fine")])
     out = foreground(broker, "resilient")
     assert out.returncode == 0 and "resilient: ok" in out.stdout
@@ -4352,7 +4573,7 @@ def test_model_fallback_on_errors_and_timeouts(make_broker, llm):
 def test_dry_run_logs_changes_instead_of_making_them(make_broker, llm, tmp_path):
     target = tmp_path / "created"
     broker = make_broker()
-    write_config(broker, llm_toml(llm) + '[daemons.careful]\ntools = ["run_command", "recall"]\n'
+    write_config(broker, llm_toml(llm) + '[daemons.careful]\nrole = "You are careful."\ntools = ["run_command", "recall"]\n'
                  'commands = [["touch"]]\n')
     llm.scripts["good"] = [tool_call("run_command", {"argv": ["touch", str(target)]}),
                            tool_call("recall", {"key": "x"}, "c2"), final("would have touched it")]
@@ -4363,6 +4584,21 @@ def test_dry_run_logs_changes_instead_of_making_them(make_broker, llm, tmp_path)
     assert llm.tool_messages()[1] == "(nothing stored under that key)"  # read-only tools still run
     assert [e["event"] for e in transcript_events(out)].count("dry_run") == 1
     assert "DRY RUN" in llm.requests[0]["messages"][0]["content"]
+
+
+def test_a_dry_run_that_fails_reports_nothing_to_the_hub_now_or_later(make_broker, supervisors):
+    broker = make_broker()
+    write_config(broker, '[daemons.rehearsal]\nrole = "You rehearse."\n'  # no [llm]: the run fails
+                 '[daemons.tick]\nrunner = "command"\ncommand = ["true"]\nevery = "1h"\njitter = 0.0\n'
+                 '[daemons.fleet-scout]\nenabled = false\n[daemons.fleet-memory]\nenabled = false\n')
+    out = foreground(broker, "rehearsal", "--dry-run")
+    assert out.returncode == cp.EXIT_ERROR and "rehearsal: failed" in out.stdout
+    supervisors(broker)  # a supervisor reports the runs the hub missed (oldest first): not this one
+    client = broker.client()
+    wait_until_sync(lambda: client.call("GET", "/api/runs?daemon=tick")["runs"], 30, "the supervisor's own run")
+    assert client.call("GET", "/api/runs?daemon=rehearsal")["runs"] == []
+    events = client.call("GET", "/api/events?after=0&limit=1000")["events"]
+    assert not [e for e in events if e["subject"].startswith("fleet.daemon.rehearsal.")]
 
 
 class SupervisorProc:
@@ -4628,7 +4864,7 @@ def test_fleet_tools_reach_the_broker_and_stay_inside_their_allowlists(make_brok
     threading.Thread(target=redirector.serve_forever, daemon=True).start()
     hop = f"http://127.0.0.1:{redirector.server_address[1]}/hop"
     write_config(broker, llm_toml(llm) + f'[[machines]]\nname = "here"\nssh = "localhost"\n'
-                 '[daemons.ops]\ntools = ["probe_host", "http_get", "read_file", "list_peers", "send_message",'
+                 '[daemons.ops]\nrole = "You run the fleet."\ntools = ["probe_host", "http_get", "read_file", "list_peers", "send_message",'
                  ' "read_events", "read_memory", "write_memory", "alert"]\n'
                  f'urls = ["http://127.0.0.1:{port}/api/", "{hop}"]\npaths = ["{allowed_dir}"]\n'
                  'alert_to = ["homelab-infra"]\n')
@@ -4949,7 +5185,8 @@ def test_llm_watchdog_alerts_once_per_change_publishes_health_every_run_and_rest
         [gpu] = [m for m in client.call("GET", "/api/health")["machines"] if m["machine"] == "llm.gpu"]
         assert gpu["source"] == "llm-watchdog" and gpu["report"]["model"] == "llama3.2:1b"
         runs = client.call("GET", "/api/runs?daemon=llm-watchdog")["runs"]
-        assert len(runs) == 7 and {r["status"] for r in runs} == {"ok"} and runs[2]["actions"] == 1  # newest first
+        assert len(runs) == 6 and {r["status"] for r in runs} == {"ok"} and runs[2]["actions"] == 1  # newest first;
+        # the dry run stayed off the hub
     finally:
         server.stop()
 
