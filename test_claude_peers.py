@@ -4532,9 +4532,9 @@ def test_reload_keeps_the_last_good_config(make_broker, supervisors):
     broker.config.write_text(good + '[daemons.broken]\nevery = "soon"\n')
     supervisor.proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
-    while not any("reload failed" in line for line in supervisor.log) and time.monotonic() < deadline:
+    while not any("reload refused" in line for line in supervisor.log) and time.monotonic() < deadline:
         time.sleep(0.05)
-    line = next(line for line in supervisor.log if "reload failed" in line)
+    line = next(line for line in supervisor.log if "reload refused" in line)
     assert "keeping the last good config" in line and "daemons.broken.every: bad duration" in line
     assert supervisor.proc.poll() is None
     broker.config.write_text(good + '[daemons.added]\nrunner = "command"\ncommand = ["true"]\nevery = "1s"\n'
@@ -4559,7 +4559,7 @@ def test_runs_after_a_refused_reload_use_the_config_the_supervisor_holds(make_br
     feed_in_place(broker)
     broker.config.write_text(broker.config.read_text() + '[daemons.broken]\nevery = "soon"\n')
     supervisor.proc.send_signal(signal.SIGHUP)
-    logged(supervisor.log, "reload failed")
+    logged(supervisor.log, "reload refused")
     broker.client().call("POST", "/api/daemons/steady/trigger")  # the CLI would refuse the broken file
     [run] = supervisor.wait_runs("steady", 1)
     assert run["status"] == "ok" and run["summary"] == "last good"
