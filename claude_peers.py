@@ -4714,11 +4714,14 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 16, hard))
 
 
+BROKER_LOCK = "broker.lock"  # in the state dir: held by the broker (`broker`, or `up`) while it runs
+
+
 def hold_state_dir(home: Path, command: str, cfg: Config, listen: str) -> ProcessLock:
     """Lock the state dir for this broker's life: a second broker on the same home would share
     its db and kill its nats-server."""
     try:
-        return ProcessLock(home / "broker.lock", command=command, config=str(cfg.source or ""), listen=listen)
+        return ProcessLock(home / BROKER_LOCK, command=command, config=str(cfg.source or ""), listen=listen)
     except LockHeld as held:
         raise UserError(f"{home} is in use by another broker (pid {held.record.get('pid', '?')}, listening on"
                         f" {held.record.get('listen', '?')}): stop it first, or give this one its own"
@@ -8014,11 +8017,14 @@ class EventWatcher:
                 await asyncio.sleep(2)
 
 
+SUPERVISOR_LOCK = "supervisor.lock"  # in the state dir: held by the supervisor while it runs
+
+
 def hold_supervisor_lock(home: Path, cfg: Config) -> ProcessLock:
     """One supervisor per state dir (they share its run database and config snapshot)."""
     parent = os.environ.get("CLAUDE_PEERS_PARENT_PID", "")
     try:
-        return ProcessLock(home / "supervisor.lock", command="supervise", config=str(cfg.source or ""),
+        return ProcessLock(home / SUPERVISOR_LOCK, command="supervise", config=str(cfg.source or ""),
                            parent=int(parent) if parent.isdigit() else None)
     except LockHeld as held:
         raise UserError(f"{home} is in use by another supervisor (pid {held.record.get('pid', '?')}): stop it"
@@ -8064,6 +8070,15 @@ class Supervisor:
         self.lock.reloaded(restart=restart)
         self._sync_schedules()
         self.wakeup.set()
+
+    def _file_changed(self) -> bool:
+        """Whether daemons.toml differs from the text this supervisor runs."""
+        if self.cfg.source is None:
+            return False
+        try:
+            return self.cfg.source.read_bytes().decode(errors="replace") != self.cfg.text
+        except OSError:
+            return True  # gone or unreadable: the reload says so
 
     def _write_snapshot(self) -> None:
         """The config this supervisor runs, for its runs (0600, replaced whole): a run reading
@@ -8262,6 +8277,8 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
         self.lock.note(ready=True)
+        if self._file_changed():  # a reload asked for while it started (and could not take one yet)
+            self.reload()
         self._sync_schedules()
         reported = await self.report(None, (None, 0.0))  # before `ready`: a trigger right away finds this supervisor
         tasks = [asyncio.create_task(coro) for coro in (self.scheduler(), self.reporter(*reported), self.events.run(),
@@ -9451,9 +9468,12 @@ def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
             ready(url, broker)
             starting.append(asyncio.get_running_loop().create_task(start_supervisor()))
 
-        def reload_supervisor() -> None:  # the broker took the file: the supervisor reads it too
+        def reload_supervisor() -> None:
+            """The broker took the file: the supervisor reads it too, once it handles SIGHUP (one
+            still starting reads the file when it gets there)."""
+            record = lock_record(data_home() / SUPERVISOR_LOCK) or {}
             for proc in supervisor:
-                if proc.returncode is None:
+                if proc.returncode is None and record.get("pid") == proc.pid and record.get("ready"):
                     proc.send_signal(signal.SIGHUP)
 
         try:
@@ -9605,7 +9625,7 @@ def cmd_supervise(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-LOCAL_LOCKS = ("broker.lock", "supervisor.lock")  # the hub (`up` or `broker`) first, then the supervisor
+LOCAL_LOCKS = (BROKER_LOCK, SUPERVISOR_LOCK)  # the hub (`up` or `broker`) first, then the supervisor
 RELOAD_CONFIRM_S = 15.0  # how long `reload` waits for each process to say it handled the reload
 
 
@@ -9668,7 +9688,7 @@ def cmd_reload(cfg: Config, args: argparse.Namespace) -> int:
     if not processes:
         raise UserError(f"nothing to reload: no claude-peers up, broker or supervisor runs on {home}"
                         " (another state dir? set CLAUDE_PEERS_HOME)")
-    hub = processes[0]["pid"] if processes[0]["lock"] == "broker.lock" else None
+    hub = processes[0]["pid"] if processes[0]["lock"] == BROKER_LOCK else None
     signalled = []
     for process in processes:
         process = lock_record_when(home, process, lambda r: bool(r.get("ready")), "finish starting")
