@@ -1004,8 +1004,8 @@ def load_config(explicit: str | None = None) -> Config:
 
 
 # What a running hub cannot take on a reload (its sockets, token, TLS, NATS are set up at start).
-RESTART_KEYS: dict[str, tuple[str, ...]] = {"fleet": ("machine",), "broker": ("listen", "token_file", "tls_cert", "tls_key"),
-                                            "nats": tuple(DEFAULTS["nats"])}
+RESTART_KEYS: dict[str, tuple[str, ...]] = {
+    "fleet": ("machine",), "broker": ("listen", "token_file", "tls_cert", "tls_key"), "nats": tuple(DEFAULTS["nats"])}
 
 
 def restart_note(keys: list[str]) -> str:
@@ -9434,7 +9434,7 @@ def cmd_broker(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
-    """Everything for a single box in one foreground process tree; Ctrl-C stops it all."""
+    """Everything for a single box in one foreground process tree; Ctrl-C stops it all, SIGHUP reloads it all."""
     def ready(url: str, broker: Broker) -> None:
         nats = cfg.nats_url
         where = "embedded" if nats and not cfg.nats.url else "external"
@@ -9458,7 +9458,7 @@ def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
                                                                    start_new_session=True))
 
         async def stop_supervisor() -> None:  # first, while the broker and NATS still answer
-            await asyncio.gather(*starting, return_exceptions=True)  # a supervisor being started is stopped too, not left behind
+            await asyncio.gather(*starting, return_exceptions=True)  # one being started is stopped too
             for proc in supervisor:
                 if proc.returncode is None:
                     proc.terminate()
@@ -9703,7 +9703,8 @@ def cmd_reload(cfg: Config, args: argparse.Namespace) -> int:
         record = lock_record_when(home, process, lambda r, before=process["reloads"]: r.get("reloads", 0) > before,
                                   "handle the reload")
         if record.get("error"):
-            refused = refused or f"reload refused: {record['error']}; {process_label(process)} keeps its last good config"
+            refused = refused or (f"reload refused: {record['error']}; {process_label(process)} keeps its last"
+                                  " good config")
             continue
         print(f"{process_label(process)} reloaded {record.get('config') or 'the built-in defaults'}"
               f"{restart_note(record.get('restart', []))}")
@@ -9909,9 +9910,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="machine-readable output")
         return p
 
-    p = command("broker", cmd_broker, "run the broker (HTTP API + sqlite store)")
+    p = command("broker", cmd_broker, "run the broker (HTTP API + sqlite store; SIGHUP reloads)")
     p.add_argument("--listen", help="HOST:PORT (default: [broker] listen, 127.0.0.1:7899)")
-    p = command("up", cmd_up, "broker + embedded NATS + supervisor for a single box, in the foreground")
+    p = command("up", cmd_up, "broker + embedded NATS + supervisor for a single box, in the foreground"
+                " (SIGHUP reloads)")
     p.add_argument("--listen", help="HOST:PORT for the API (default: [broker] listen)")
     p = command("status", cmd_status, "broker status, or one message's delivery state", json_flag=True)
     p.add_argument("message_id", nargs="?", help="a message id to look up")

@@ -33,7 +33,8 @@ and upgrades the services an earlier --role installed.
   --source URL        where to fetch the files when piped (default: $CLAUDE_PEERS_SOURCE or GitHub)
   --uninstall         stop and remove the services, the launcher, the venv, the app files and
                       the Claude Code registration; keeps the config and the data (token,
-                      databases, run transcripts)
+                      databases, run transcripts); refuses while a claude-peers started by
+                      hand (not a service) still runs on the data dir, naming its pid
   --purge             with --uninstall: remove the config and the data too
   -h, --help          this help
 
@@ -495,7 +496,8 @@ refuse_while_running() {
     [ -x "$BIN/claude-peers" ] || return 0
     running=$("$BIN/claude-peers" running 2>/dev/null) || return 0
     pids=$(printf '%s\n' "$running" | sed -n 's/^[a-z]* (pid \([0-9]*\)).*/\1/p' | tr '\n' ' ')
-    die "claude-peers still runs on $DATA: $(printf '%s' "$running" | tr '\n' ';' | sed 's/;/; /g'). Stop it (Ctrl-C where it runs, or kill ${pids% }), then run install.sh --uninstall again"
+    what=$(printf '%s' "$running" | tr '\n' ';' | sed 's/;/; /g')
+    die "claude-peers still runs on $DATA: $what. Stop it (Ctrl-C where it runs, or kill ${pids% }), then run install.sh --uninstall again"
 }
 
 uninstall_all() {

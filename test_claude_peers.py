@@ -1346,7 +1346,8 @@ def test_reload_and_running_say_when_nothing_runs_even_with_a_broken_config(tmp_
     assert (reload.returncode, reload.stderr) == (cp.EXIT_ERROR, (
         f"claude-peers: nothing to reload: no claude-peers up, broker or supervisor runs on {tmp_path / 'home'}"
         " (another state dir? set CLAUDE_PEERS_HOME)\n"))
-    assert (running.returncode, running.stdout) == (cp.EXIT_ERROR, f"nothing of claude-peers runs on {tmp_path / 'home'}\n")
+    assert (running.returncode, running.stdout) == (cp.EXIT_ERROR,
+                                                    f"nothing of claude-peers runs on {tmp_path / 'home'}\n")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
