@@ -173,6 +173,29 @@ class LockHeld(Exception):
         self.record = record
 
 
+def lock_record(path: Path) -> dict[str, Any] | None:
+    """What the live holder of ``path`` wrote there ({} if unreadable), or None when no process holds it."""
+    try:
+        handle = path.open()
+    except FileNotFoundError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # held: read what its holder says
+        else:
+            return None
+        for _ in range(20):  # the holder truncates, then writes: a read in between tries again
+            handle.seek(0)
+            with contextlib.suppress(ValueError):
+                record = json.loads(handle.read())
+                if isinstance(record, dict):
+                    return record
+            time.sleep(0.01)
+    return {}
+
+
 class ProcessLock:
     """An flock'd file that names the process holding it (one JSON line: pid, command, config,
     reloads so far and the last reload's error): a second one on the same state dir is refused,
@@ -205,29 +228,6 @@ class ProcessLock:
 
     def close(self) -> None:
         self.handle.close()
-
-
-def lock_record(path: Path) -> dict[str, Any] | None:
-    """What the live holder of ``path`` wrote there ({} if unreadable), or None when no process holds it."""
-    try:
-        handle = path.open()
-    except FileNotFoundError:
-        return None
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pass  # held: read what its holder says
-        else:
-            return None
-        for _ in range(20):  # the holder truncates, then writes: a read in between tries again
-            handle.seek(0)
-            with contextlib.suppress(ValueError):
-                record = json.loads(handle.read())
-                if isinstance(record, dict):
-                    return record
-            time.sleep(0.01)
-    return {}
 
 
 def module_command(*args: str) -> list[str]:
