@@ -4716,6 +4716,17 @@ def test_reload_keeps_the_last_good_config(make_broker, supervisors):
     assert len(supervisor.runs("steady")) == 1
 
 
+def test_a_supervisor_takes_a_file_changed_before_it_could_handle_sighup(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLAUDE_PEERS_HOME", str(tmp_path))
+    config = tmp_path / "daemons.toml"
+    config.write_text(f'[broker]\nurl = "http://127.0.0.1:{free_port()}"\n[nats]\nembedded = false\n')
+    supervisor = cp.Supervisor(cp.load_config(str(config)))
+    config.write_text(config.read_text() + ADDED_DAEMON)  # `up` skips a supervisor that is still starting
+    asyncio.run(supervisor.serve(ready=supervisor.stopping.set))
+    assert "added" in supervisor.cfg.daemons and supervisor.lock.record["reloads"] == 1
+    assert cp.lock_record(tmp_path / cp.SUPERVISOR_LOCK) is None  # released at stop
+
+
 def feed_in_place(broker: BrokerProc) -> None:
     """The supervisor reads the broker's feed from a cursor: events from now on reach it."""
     deadline = time.monotonic() + 20
