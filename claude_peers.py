@@ -165,6 +165,71 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
+class LockHeld(Exception):
+    """Another live process holds the lock; ``record`` is what it wrote there."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        super().__init__(record)
+        self.record = record
+
+
+def lock_record(path: Path) -> dict[str, Any] | None:
+    """What the live holder of ``path`` wrote there ({} if unreadable), or None when no process holds it."""
+    try:
+        handle = path.open()
+    except FileNotFoundError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # held: read what its holder says
+        else:
+            return None
+        for _ in range(20):  # the holder truncates, then writes: a read in between tries again
+            handle.seek(0)
+            with contextlib.suppress(ValueError):
+                record = json.loads(handle.read())
+                if isinstance(record, dict):
+                    return record
+            time.sleep(0.01)
+    return {}
+
+
+class ProcessLock:
+    """An flock'd file that names the process holding it (one JSON line: pid, command, config,
+    reloads so far and the last reload's error): a second one on the same state dir is refused,
+    and `reload` and `running` find the process through it. The lock dies with the process,
+    even on SIGKILL, so a stale file never names a live process."""
+
+    def __init__(self, path: Path, **record: Any) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.handle = path.open("a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise LockHeld(lock_record(path) or {}) from None
+        self.record: dict[str, Any] = {"pid": os.getpid(), **record, "ready": False, "reloads": 0, "error": "",
+                                       "restart": []}  #: ready: it handles SIGHUP (a reload) from now on
+        self.note()
+
+    def note(self, **changes: Any) -> None:
+        """Rewrite the record with ``changes``, in one write."""
+        self.record.update(changes)
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(json.dumps(self.record) + "\n")
+        self.handle.flush()
+
+    def reloaded(self, error: str = "", restart: list[str] | None = None) -> None:
+        """A reload was handled: refused with ``error``, or taken (``restart``: keys left for a restart)."""
+        self.note(reloads=self.record["reloads"] + 1, error=error, restart=restart or [])
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 def module_command(*args: str) -> list[str]:
     """This program as a child process that imports the module, so it starts from cached
     bytecode (a file run as a script is compiled at every start, and keeps the residue)."""
@@ -968,6 +1033,28 @@ def load_config(explicit: str | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: not valid TOML: {exc}") from None
     return Config(raw, path, text)
+
+
+# What a running hub cannot take on a reload (its sockets, token, TLS, NATS are set up at start).
+RESTART_KEYS: dict[str, tuple[str, ...]] = {
+    "fleet": ("machine",), "broker": ("listen", "token_file", "tls_cert", "tls_key"), "nats": tuple(DEFAULTS["nats"])}
+
+
+def restart_note(keys: list[str]) -> str:
+    """What a reload said about the keys only a restart applies ('' when none changed)."""
+    return f"; {', '.join(keys)} changed: that takes effect at the next restart" if keys else ""
+
+
+def keep_restart_keys(running: Config, new: Config) -> list[str]:
+    """Give a reloaded config the running values of the keys only a restart applies, and name those that changed."""
+    changed = []
+    for table, keys in RESTART_KEYS.items():
+        for key in keys:
+            value = getattr(getattr(running, table), key)
+            if getattr(getattr(new, table), key) != value:
+                setattr(getattr(new, table), key, value)
+                changed.append(f"{table}.{key}")
+    return changed
 
 
 def own_command(cfg: Config, *args: str, config: Path | None = None) -> list[str]:
@@ -3846,6 +3933,16 @@ class Broker:
         self.dashboard = Dashboard(secure=bool(cfg.broker.tls_cert))  #: its logins, schedules, change counter
         self.metrics = Metrics(cfg.broker.lease_s, self.dashboard.changed)  #: what /metrics counts
 
+    def reconfigure(self, cfg: Config) -> list[str]:
+        """A reloaded config in place (the store's too, so new [alerts] apply to the next change);
+        returns the keys that keep their running values until a restart."""
+        restart = keep_restart_keys(self.cfg, cfg)
+        self.cfg = self.store.cfg = cfg
+        self.presence.stale_after_s = cfg.broker.stale_after_s
+        self.limiter.rate, self.limiter.burst = cfg.broker.rate_per_s, cfg.broker.rate_burst
+        self.metrics.lease_s = cfg.broker.lease_s
+        return restart
+
     # -- group commit: the one path for every write ----------------------------
 
     async def write(self, operation: Callable[[], T]) -> T:
@@ -4537,6 +4634,7 @@ class ApiServer:
         self.broker = broker
         self.token = broker.token.encode()
         self.idle_since: dict[asyncio.StreamWriter, float] = {}  # connections between requests
+        self.open: dict[asyncio.StreamWriter, asyncio.Task[Any]] = {}  # every connection, and the task serving it
 
     def close_idle(self) -> None:
         """Drop keep-alive connections idle too long (cheaper than a timeout per read)."""
@@ -4545,7 +4643,18 @@ class ApiServer:
             if since < cutoff:
                 writer.close()
 
+    async def close_all(self, timeout: float = 5.0) -> None:
+        """At stop: end every connection and wait for its task, so none is left for asyncio.run
+        to cancel (Python 3.11 prints a traceback for each cancelled connection task)."""
+        for writer in list(self.open):
+            writer.close()
+        if self.open:
+            await asyncio.wait(list(self.open.values()), timeout=timeout)
+
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.open[writer] = task
         try:
             while not self.broker.stopping.is_set():
                 self.idle_since[writer] = time.monotonic()
@@ -4573,6 +4682,7 @@ class ApiServer:
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
+            self.open.pop(writer, None)
             writer.close()
 
     async def _read_body(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, method: str,
@@ -4712,38 +4822,44 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 16, hard))
 
 
-def note_lock_holder(handle: Any, listen: str) -> None:
-    """Who holds the state dir and where it listens, for the broker a second one is refused by."""
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()} {listen}\n")
-    handle.flush()
+BROKER_LOCK = "broker.lock"  # in the state dir: held by the broker (`broker`, or `up`) while it runs
 
 
-def hold_state_dir(home: Path, listen: str) -> Any:
-    """Lock the state dir for this broker's life (the lock dies with the process, even on
-    SIGKILL): a second broker on the same home would share its db and kill its nats-server."""
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    handle = (home / "broker.lock").open("a+")
+def hold_state_dir(home: Path, command: str, cfg: Config, listen: str) -> ProcessLock:
+    """Lock the state dir for this broker's life: a second broker on the same home would share
+    its db and kill its nats-server."""
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        pid, _, where = handle.read().strip().partition(" ")
-        handle.close()
-        raise UserError(f"{home} is in use by another broker (pid {pid or '?'}, listening on {where or '?'}):"
-                        " stop it first, or give this one its own CLAUDE_PEERS_HOME") from None
-    note_lock_holder(handle, listen)
-    return handle
+        return ProcessLock(home / BROKER_LOCK, command=command, config=str(cfg.source or ""), listen=listen)
+    except LockHeld as held:
+        raise UserError(f"{home} is in use by another broker (pid {held.record.get('pid', '?')}, listening on"
+                        f" {held.record.get('listen', '?')}): stop it first, or give this one its own"
+                        " CLAUDE_PEERS_HOME") from None
+
+
+def reload_broker(broker: Broker, lock: ProcessLock) -> bool:
+    """SIGHUP: the broker takes its config file again if it is valid, else keeps the last good one
+    (one line says which); keys that need a restart keep their running values and are named."""
+    try:
+        cfg = load_config(str(broker.cfg.source) if broker.cfg.source else None)
+    except UserError as exc:
+        log.error("reload refused, keeping the last good config: %s", exc)
+        lock.reloaded(error=str(exc))
+        return False
+    restart = broker.reconfigure(cfg)
+    log.info("reloaded %s%s", cfg.where, restart_note(restart))
+    lock.reloaded(restart=restart)
+    return True
 
 
 async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[str, Broker], None] | None = None,
-                       before_stop: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Run the broker until SIGINT/SIGTERM: loopback by default; anything else needs a strong token."""
+                       before_stop: Callable[[], Awaitable[None]] | None = None,
+                       reloaded: Callable[[], None] | None = None, command: str = "broker") -> None:
+    """Run the broker until SIGINT/SIGTERM, reloading its config on SIGHUP (then ``reloaded``
+    runs): loopback by default; anything else needs a strong token."""
     raise_fd_limit()
     host, port = parse_hostport(listen or cfg.broker.listen)
     home = data_home()
-    lock = hold_state_dir(home, f"{host}:{port}")  # before the db and NATS: one hub per state dir
+    lock = hold_state_dir(home, command, cfg, f"{host}:{port}")  # before the db and NATS: one hub per state dir
     token = read_token(cfg, create=True)
     if not is_loopback(host) and len(token) < MIN_TOKEN_LEN:
         raise UserError(f"refusing to listen on {host}: the fleet token is missing or shorter than"
@@ -4761,6 +4877,12 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+    def reload() -> None:
+        if reload_broker(broker, lock) and reloaded is not None:
+            reloaded()
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     checkpointer = threading.Thread(target=broker.store.checkpoint, args=(broker.stopping,), daemon=True)
     checkpointer.start()
     janitor = asyncio.create_task(broker.janitor(api.close_idle))
@@ -4775,7 +4897,7 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
                                   gate=embedded.not_ready if embedded is not None else None)
         nats_tasks.append(asyncio.create_task(broker.relay.run(broker.stopping)))
     bound = server.sockets[0].getsockname()
-    note_lock_holder(lock, f"{host}:{bound[1]}")  # the port it bound, when it was asked for port 0
+    lock.note(listen=f"{host}:{bound[1]}", ready=True)  # the port it bound, when it was asked for port 0
     url = f"{'https' if cfg.broker.tls_cert else 'http'}://{host}:{bound[1]}"
     log.info("broker %s listening on %s (db %s)", __version__, url, home / "broker.db")
     if ready:
@@ -4788,6 +4910,7 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
         broker.stopping.set()
         broker.wake(list(broker.parked))
         server.close()
+        await api.close_all()
         janitor.cancel()
         webhooks.cancel()
         if embedded is not None:
@@ -8050,6 +8173,20 @@ class EventWatcher:
                 await asyncio.sleep(2)
 
 
+SUPERVISOR_LOCK = "supervisor.lock"  # in the state dir: held by the supervisor while it runs
+
+
+def hold_supervisor_lock(home: Path, cfg: Config) -> ProcessLock:
+    """One supervisor per state dir (they share its run database and config snapshot)."""
+    parent = os.environ.get("CLAUDE_PEERS_PARENT_PID", "")
+    try:
+        return ProcessLock(home / SUPERVISOR_LOCK, command="supervise", config=str(cfg.source or ""),
+                           parent=int(parent) if parent.isdigit() else None)
+    except LockHeld as held:
+        raise UserError(f"{home} is in use by another supervisor (pid {held.record.get('pid', '?')}): stop it"
+                        " first, or give this one its own CLAUDE_PEERS_HOME") from None
+
+
 class Supervisor:
     """Runs the daemons of daemons.toml: on `every` (with jitter), `cron`, `on` events
     (NATS JetStream durable consumer, or the broker's feed), and requests. One run of a
@@ -8060,6 +8197,7 @@ class Supervisor:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.home = data_home()
+        self.lock = hold_supervisor_lock(self.home, cfg)  # first: a second one would run every daemon twice
         self.state = SupervisorState(self.home / "supervisor.db")
         self.snapshot = self.home / "supervisor-config.toml"
         self._write_snapshot()
@@ -8078,13 +8216,25 @@ class Supervisor:
         try:
             cfg = load_config(str(self.cfg.source) if self.cfg.source else None)
         except UserError as exc:
-            log.error("reload failed, keeping the last good config: %s", exc)
+            log.error("reload refused, keeping the last good config: %s", exc)
+            self.lock.reloaded(error=str(exc))
             return
+        restart = keep_restart_keys(self.cfg, cfg)  # its own loops keep the hub's address and NATS
         self.cfg = cfg
         self._write_snapshot()
-        log.info("reloaded %s: %d daemons", cfg.where, len(cfg.daemons))
+        log.info("reloaded %s: %d daemons%s", cfg.where, len(cfg.daemons), restart_note(restart))
+        self.lock.reloaded(restart=restart)
         self._sync_schedules()
         self.wakeup.set()
+
+    def _file_changed(self) -> bool:
+        """Whether daemons.toml differs from the text this supervisor runs."""
+        if self.cfg.source is None:
+            return False
+        try:
+            return self.cfg.source.read_bytes().decode(errors="replace") != self.cfg.text
+        except OSError:
+            return True  # gone or unreadable: the reload says so
 
     def _write_snapshot(self) -> None:
         """The config this supervisor runs, for its runs (0600, replaced whole): a run reading
@@ -8282,6 +8432,9 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
+        self.lock.note(ready=True)
+        if self._file_changed():  # a reload asked for while it started (and could not take one yet)
+            self.reload()
         self._sync_schedules()
         reported = await self.report(None, (None, 0.0))  # before `ready`: a trigger right away finds this supervisor
         tasks = [asyncio.create_task(coro) for coro in (self.scheduler(), self.reporter(*reported), self.events.run(),
@@ -8297,6 +8450,7 @@ class Supervisor:
             log.info("waiting for the running %s to finish", name)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self.lock.close()
 
 
 # ===========================================================================
@@ -9436,7 +9590,7 @@ def cmd_broker(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
-    """Everything for a single box in one foreground process tree; Ctrl-C stops it all."""
+    """Everything for a single box in one foreground process tree; Ctrl-C stops it all, SIGHUP reloads it all."""
     def ready(url: str, broker: Broker) -> None:
         nats = cfg.nats_url
         where = "embedded" if nats and not cfg.nats.url else "external"
@@ -9446,10 +9600,12 @@ def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
               f"{f' NOT STARTED: {trouble}' if trouble else ''}", file=sys.stderr)
         print(f"  state: {data_home()}  token: {cfg.token_path}  config: {cfg.source or 'built-in defaults'}",
               file=sys.stderr)
-        print("  Ctrl-C stops everything", file=sys.stderr, flush=True)
+        print(f"  Ctrl-C stops everything; `claude-peers reload` (or kill -HUP {os.getpid()}) reloads the config",
+              file=sys.stderr, flush=True)
 
     async def up() -> None:
         supervisor: list[asyncio.subprocess.Process] = []
+        starting: list[asyncio.Task[None]] = []
 
         async def start_supervisor() -> None:
             argv = own_command(cfg, "supervise")
@@ -9458,6 +9614,7 @@ def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
                                                                    start_new_session=True))
 
         async def stop_supervisor() -> None:  # first, while the broker and NATS still answer
+            await asyncio.gather(*starting, return_exceptions=True)  # one being started is stopped too
             for proc in supervisor:
                 if proc.returncode is None:
                     proc.terminate()
@@ -9465,10 +9622,19 @@ def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
 
         def started(url: str, broker: Broker) -> None:
             ready(url, broker)
-            asyncio.get_running_loop().create_task(start_supervisor())
+            starting.append(asyncio.get_running_loop().create_task(start_supervisor()))
+
+        def reload_supervisor() -> None:
+            """The broker took the file: the supervisor reads it too, once it handles SIGHUP (one
+            still starting reads the file when it gets there)."""
+            record = lock_record(data_home() / SUPERVISOR_LOCK) or {}
+            for proc in supervisor:
+                if proc.returncode is None and record.get("pid") == proc.pid and record.get("ready"):
+                    proc.send_signal(signal.SIGHUP)
 
         try:
-            await serve_broker(cfg, args.listen, ready=started, before_stop=stop_supervisor)
+            await serve_broker(cfg, args.listen, ready=started, before_stop=stop_supervisor,
+                               reloaded=reload_supervisor, command="up")
         finally:
             await stop_supervisor()
 
@@ -9612,6 +9778,94 @@ def cmd_supervise(cfg: Config, args: argparse.Namespace) -> int:
     supervisor = Supervisor(cfg)
     asyncio.run(supervisor.serve(ready=lambda: print(
         f"claude-peers supervisor running {len(cfg.daemons)} daemons", file=sys.stderr, flush=True)))
+    return 0
+
+
+LOCAL_LOCKS = (BROKER_LOCK, SUPERVISOR_LOCK)  # the hub (`up` or `broker`) first, then the supervisor
+RELOAD_CONFIRM_S = 15.0  # how long `reload` waits for each process to say it handled the reload
+
+
+def local_processes(home: Path) -> list[dict[str, Any]]:
+    """What of claude-peers runs on this state dir, from the records in its lock files."""
+    found = []
+    for name in LOCAL_LOCKS:
+        record = lock_record(home / name)
+        if record is not None:
+            found.append({**record, "lock": name})
+    return found
+
+
+def process_label(process: dict[str, Any]) -> str:
+    return f"{process.get('command', '?')} (pid {process.get('pid', '?')})"
+
+
+def describe_process(process: dict[str, Any]) -> str:
+    """One line for `running`: what runs, where it listens, on which config."""
+    parts = [f"broker on {process['listen']}" if process.get("listen") else "",
+             f"started by pid {process['parent']}" if process.get("parent") else "",
+             f"config {process.get('config') or 'built-in defaults'}", "" if process.get("ready") else "starting"]
+    return f"{process_label(process)}: {', '.join(p for p in parts if p)}"
+
+
+def lock_record_when(home: Path, process: dict[str, Any], done: Callable[[dict[str, Any]], bool],
+                     waiting_for: str) -> dict[str, Any]:
+    """The process's lock record once ``done`` holds for it, or one line saying why not."""
+    deadline = time.monotonic() + RELOAD_CONFIRM_S
+    while True:
+        record = lock_record(home / process["lock"])
+        if record is None or record.get("pid") != process.get("pid"):
+            raise UserError(f"{process_label(process)} stopped while waiting for {waiting_for}: see its log")
+        if done(record):
+            return {**record, "lock": process["lock"]}
+        if time.monotonic() > deadline:
+            raise UserError(f"{process_label(process)} did not {waiting_for} within {RELOAD_CONFIRM_S:.0f}s:"
+                            " see its log")
+        time.sleep(0.05)
+
+
+def cmd_running(cfg: Config, args: argparse.Namespace) -> int:
+    home = data_home()
+    processes = local_processes(home)
+    if args.json:
+        print_json(processes)
+    else:
+        for process in processes:
+            print(describe_process(process))
+        if not processes:
+            print(f"nothing of claude-peers runs on {home}")
+    return 0 if processes else EXIT_ERROR
+
+
+def cmd_reload(cfg: Config, args: argparse.Namespace) -> int:
+    """SIGHUP to the hub and the supervisor of this state dir (a supervisor `up` started gets it from
+    `up`), then what each did with the file: reloaded it, or refused it and kept the last good one."""
+    home = data_home()
+    processes = local_processes(home)
+    if not processes:
+        raise UserError(f"nothing to reload: no claude-peers up, broker or supervisor runs on {home}"
+                        " (another state dir? set CLAUDE_PEERS_HOME)")
+    hub = processes[0]["pid"] if processes[0]["lock"] == BROKER_LOCK else None
+    signalled = []
+    for process in processes:
+        process = lock_record_when(home, process, lambda r: bool(r.get("ready")), "finish starting")
+        process["via_up"] = hub is not None and process.get("parent") == hub  # `up` passes the reload on
+        if not process["via_up"]:
+            os.kill(process["pid"], signal.SIGHUP)
+        signalled.append(process)
+    refused = ""
+    for process in signalled:
+        if refused and process["via_up"]:
+            continue  # `up` passes a reload on to its supervisor only when it took the file itself
+        record = lock_record_when(home, process, lambda r, before=process["reloads"]: r.get("reloads", 0) > before,
+                                  "handle the reload")
+        if record.get("error"):
+            refused = refused or (f"reload refused: {record['error']}; {process_label(process)} keeps its last"
+                                  " good config")
+            continue
+        print(f"{process_label(process)} reloaded {record.get('config') or 'the built-in defaults'}"
+              f"{restart_note(record.get('restart', []))}")
+    if refused:
+        raise UserError(refused)
     return 0
 
 
@@ -9845,17 +10099,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func: Callable[[Config, argparse.Namespace], int], help_text: str | None,
-                json_flag: bool = False) -> argparse.ArgumentParser:
+                json_flag: bool = False, needs_config: bool = True) -> argparse.ArgumentParser:
+        """A subcommand; one that ``needs_config`` = False works on a broken or missing daemons.toml."""
         p = sub.add_parser(name, description=help_text, **({"help": help_text} if help_text else {}))
         add_common_options(p, argparse.SUPPRESS, argparse.SUPPRESS)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, needs_config=needs_config)
         if json_flag:
             p.add_argument("--json", action="store_true", help="machine-readable output")
         return p
 
-    p = command("broker", cmd_broker, "run the broker (HTTP API + sqlite store)")
+    p = command("broker", cmd_broker, "run the broker (HTTP API + sqlite store; SIGHUP reloads)")
     p.add_argument("--listen", help="HOST:PORT (default: [broker] listen, 127.0.0.1:7899)")
-    p = command("up", cmd_up, "broker + embedded NATS + supervisor for a single box, in the foreground")
+    p = command("up", cmd_up, "broker + embedded NATS + supervisor for a single box, in the foreground"
+                " (SIGHUP reloads)")
     p.add_argument("--listen", help="HOST:PORT for the API (default: [broker] listen)")
     p = command("status", cmd_status, "broker status, or one message's delivery state", json_flag=True)
     p.add_argument("message_id", nargs="?", help="a message id to look up")
@@ -9888,6 +10144,10 @@ def build_parser() -> argparse.ArgumentParser:
                    " (after run's own --config, -v, --help; `--` ends those)")
     command("doctor", cmd_doctor, "check config, token, broker, claude, MCP registration and channel flag")
     command("supervise", cmd_supervise, "run the daemons of daemons.toml (SIGHUP reloads)")
+    command("reload", cmd_reload, "reload daemons.toml in the hub (`up` or `broker`) and supervisor running on"
+            " this machine; a broken file is refused and the last good one keeps running", needs_config=False)
+    command("running", cmd_running, "what of claude-peers runs on this machine's state dir (exit 1: nothing)",
+            json_flag=True, needs_config=False)
     p = command("runs", cmd_runs, "recent daemon runs", json_flag=True)
     p.add_argument("daemon", nargs="?", help="only this daemon")
     p.add_argument("--limit", type=int, default=20)
@@ -9982,7 +10242,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     cfg: Config | None = None
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config) if args.needs_config else Config({}, None)
         return args.func(cfg, args)
     except BrokerUnreachable as exc:
         print(f"claude-peers: {exc}", file=sys.stderr)

@@ -33,7 +33,8 @@ and upgrades the services an earlier --role installed.
   --source URL        where to fetch the files when piped (default: $CLAUDE_PEERS_SOURCE or GitHub)
   --uninstall         stop and remove the services, the launcher, the venv, the app files and
                       the Claude Code registration; keeps the config and the data (token,
-                      databases, run transcripts)
+                      databases, run transcripts); refuses while a claude-peers started by
+                      hand (not a service) still runs on the data dir, naming its pid
   --purge             with --uninstall: remove the config and the data too
   -h, --help          this help
 
@@ -158,8 +159,9 @@ Type=simple
 Environment="CLAUDE_PEERS_HOME=$DATA"
 Environment="PATH=$(service_path)"
 ExecStart="$BIN/claude-peers" --config "$CONFIG" $(service_command "$1")
+# systemctl reload: SIGHUP, and the reload fails when daemons.toml is refused (the last good one keeps running)
+ExecReload="$BIN/claude-peers" reload
 UNIT
-    [ "$1" = hub ] || echo 'ExecReload=/bin/kill -HUP $MAINPID'
     [ -z "$SYSTEM" ] || echo "User=$ME"
     cat <<UNIT
 # SIGTERM to claude-peers only: it stops its children itself, in order
@@ -488,6 +490,16 @@ install_all() {
 
 # -- uninstalling ---------------------------------------------------------------------------
 
+# With the services stopped, a claude-peers still running on $DATA (an `up` started by hand) would
+# lose its venv under it: refuse, naming it, before anything else is removed.
+refuse_while_running() {
+    [ -x "$BIN/claude-peers" ] || return 0
+    running=$("$BIN/claude-peers" running 2>/dev/null) || return 0
+    pids=$(printf '%s\n' "$running" | sed -n 's/^[a-z]* (pid \([0-9]*\)).*/\1/p' | tr '\n' ' ')
+    what=$(printf '%s' "$running" | tr '\n' ';' | sed 's/;/; /g')
+    die "claude-peers still runs on $DATA: $what. Stop it (Ctrl-C where it runs, or kill ${pids% }), then run install.sh --uninstall again"
+}
+
 uninstall_all() {
     SYSTEM=""
     for svc in hub supervisor; do remove_service "$svc"; done
@@ -500,6 +512,7 @@ uninstall_all() {
         done
         SYSTEM=""
     fi
+    refuse_while_running
     if command -v claude >/dev/null 2>&1 \
             && claude mcp remove --scope user claude-peers >/dev/null 2>&1 </dev/null; then
         say "removed the MCP server claude-peers from Claude Code (user scope)"

@@ -1173,6 +1173,17 @@ def test_a_nats_server_whose_broker_lives_is_never_taken_for_a_leftover(make_bro
     wait_published(broker)
 
 
+def stop_up(proc: subprocess.Popen) -> None:
+    """Ctrl-C, as a user stops it (SIGKILL only when that did not work within 30 s)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def start_up(tmp_path: Path, nats_port: int | None = None) -> tuple[subprocess.Popen, BrokerProc, int, str]:
     """`up` on ephemeral ports (or on ``nats_port`` for NATS); returns it, a handle on its broker
     (its ``log`` collects up's stderr), the supervisor pid and its banner."""
@@ -1183,6 +1194,16 @@ def start_up(tmp_path: Path, nats_port: int | None = None) -> tuple[subprocess.P
     config.write_text(f'[broker]\nlisten = "127.0.0.1:{api_port}"\n[nats]\nlisten = "127.0.0.1:{nats_port}"\n')
     env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(config)}
     proc = subprocess.Popen([PY, str(SCRIPT), "up"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        return up_started(proc, home, env, api_port)
+    except BaseException:
+        stop_up(proc)
+        raise
+
+
+def up_started(proc: subprocess.Popen, home: Path, env: dict[str, str],
+               api_port: int) -> tuple[subprocess.Popen, BrokerProc, int, str]:
+    """start_up's wait for `up`: its banner, then its supervisor ready for a reload."""
     banner = []
     for line in proc.stderr:
         banner.append(line)
@@ -1195,7 +1216,8 @@ def start_up(tmp_path: Path, nats_port: int | None = None) -> tuple[subprocess.P
         for line in proc.stderr:
             handle.log.append(line)
 
-    threading.Thread(target=drain, daemon=True).start()
+    handle.drained = threading.Thread(target=drain, daemon=True)  # ends when every writer of up's stderr is gone
+    handle.drained.start()
     handle.home, handle.url, handle.port, handle.env = home, f"http://127.0.0.1:{api_port}", api_port, env
     handle.token = (home / "token").read_text().strip()
     deadline = time.monotonic() + 20
@@ -1205,6 +1227,8 @@ def start_up(tmp_path: Path, nats_port: int | None = None) -> tuple[subprocess.P
         supervisor = [int(c) for c in children if b"supervise" in Path(f"/proc/{c}/cmdline").read_bytes()]
         time.sleep(0.05)
     assert supervisor, "up did not start the supervisor"
+    wait_until_sync(lambda: (cp.lock_record(home / cp.SUPERVISOR_LOCK) or {}).get("ready"),
+                    what="the supervisor handling SIGHUP")
     return proc, handle, supervisor[0], "".join(banner)
 
 
@@ -1271,6 +1295,154 @@ def test_a_taken_nats_port_is_one_clear_error_and_nothing_connects_to_that_serve
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
         squatter.close()
+
+
+def runs_of(broker: BrokerProc, daemon: str) -> list[dict]:
+    return broker.client().call("GET", f"/api/runs?daemon={daemon}")["runs"]
+
+
+ADDED_DAEMON = '[daemons.added]\nrunner = "command"\ncommand = ["true"]\nevery = "1h"\njitter = 0.0\n'
+
+
+def test_hup_to_up_reloads_its_broker_and_supervisor_and_both_keep_running_with_nats(tmp_path, receiver):
+    proc, broker, supervisor, banner = start_up(tmp_path)
+    try:
+        assert f"(or kill -HUP {proc.pid}) reloads the config" in banner
+        nats_pid = embedded_pid(broker)
+        config = broker.home / "daemons.toml"
+        config.write_text(config.read_text() + webhook_toml(receiver) + ADDED_DAEMON)
+        proc.send_signal(signal.SIGHUP)
+        assert logged(broker.log, "reloaded").endswith(f"INFO claude-peers: reloaded {config}\n")  # the broker's line
+        logged(broker.log, f"reloaded {config}: 4 daemons")  # and its supervisor's
+        assert broker_status(broker)["webhook"]["target"] == f"http://127.0.0.1:{receiver.port}/…"
+        sync_alerts(broker, [finding("/var")])  # the broker's store took the new [alerts] too
+        wait_until_sync(lambda: len(receiver.delivered()) == 1, what="the alert change at the reloaded webhook")
+        wait_until_sync(lambda: runs_of(broker, "added"), what="a run of the daemon the reload added")
+        assert proc.poll() is None and cp.pid_alive(supervisor) and embedded_pid(broker) == nats_pid
+        assert broker_status(broker)["nats"]["embedded_restarts"] == 0
+        wait_published(broker)
+        assert not [line for line in broker.log if "gone" in line or "Traceback" in line]
+    finally:
+        stop_up(proc)
+
+
+def test_a_broken_daemons_toml_on_hup_is_refused_in_one_line_and_up_keeps_the_last_good_config(tmp_path, receiver):
+    proc, broker, supervisor, _ = start_up(tmp_path)
+    try:
+        nats_pid = embedded_pid(broker)
+        config = broker.home / "daemons.toml"
+        good = config.read_text()
+        config.write_text(good + f'[alerts]\nwebhook = "{receiver.url}"\nrepeat_after_cycles = "often"\n')
+        proc.send_signal(signal.SIGHUP)
+        line = logged(broker.log, "reload refused")
+        assert line.endswith(f"ERROR claude-peers: reload refused, keeping the last good config: {config}:"
+                             " alerts.repeat_after_cycles: expected int, got 'often'\n")
+        assert not broker_status(broker)["webhook"]["configured"]  # the broken file's webhook never applied
+        config.write_text(good + ADDED_DAEMON)
+        assert broker.cli("reload").returncode == 0  # waits for both: every line of the refusal is in the log now
+        said = [x for x in broker.log if re.search(r"(INFO|ERROR) claude-peers: reload", x)]
+        assert len(said) == 3 and said[0] == line  # refused once: up never passed the broken file on
+        assert said[1].endswith(f"reloaded {config}\n") and said[2].endswith(f"reloaded {config}: 4 daemons\n")
+        wait_until_sync(lambda: runs_of(broker, "added"), what="a run of the daemon the good file added")
+        assert proc.poll() is None and cp.pid_alive(supervisor) and embedded_pid(broker) == nats_pid
+    finally:
+        stop_up(proc)
+
+
+def test_claude_peers_reload_refuses_a_broken_file_in_one_line_then_reloads_up_and_its_supervisor(tmp_path):
+    proc, broker, supervisor, _ = start_up(tmp_path)
+    try:
+        nats_pid = embedded_pid(broker)
+        config = broker.home / "daemons.toml"
+        good = config.read_text()
+        config.write_text(good + '[daemons.added]\nrunner = "command"\ncommand = ["true"]\nevery = "soon"\n')
+        out = broker.cli("reload")
+        assert (out.returncode, out.stdout) == (cp.EXIT_ERROR, "")
+        [line] = out.stderr.splitlines()
+        assert line.startswith(f"claude-peers: reload refused: {config}: daemons.added.every: bad duration")
+        assert line.endswith(f"; up (pid {proc.pid}) keeps its last good config")
+        moved = re.sub(r'(\[nats\]\nlisten = "127\.0\.0\.1:)\d+', rf"\g<1>{free_port()}", good)
+        config.write_text(moved + ADDED_DAEMON)
+        out = broker.cli("reload")
+        assert out.returncode == 0, out.stderr
+        later = "; nats.listen changed: that takes effect at the next restart"
+        assert out.stdout.splitlines() == [f"up (pid {proc.pid}) reloaded {config}{later}",
+                                           f"supervise (pid {supervisor}) reloaded {config}{later}"]
+        wait_until_sync(lambda: runs_of(broker, "added"), what="a run of the daemon the reload added")
+        assert embedded_pid(broker) == nats_pid and proc.poll() is None
+        broker.session()
+        wait_published(broker)  # the relay still on the server it started with
+        running = broker.cli("running")
+        assert running.returncode == 0 and running.stdout.splitlines() == [
+            f"up (pid {proc.pid}): broker on 127.0.0.1:{broker.port}, config {config}",
+            f"supervise (pid {supervisor}): started by pid {proc.pid}, config {config}"]
+    finally:
+        stop_up(proc)
+
+
+def test_claude_peers_reload_reaches_a_broker_and_a_supervisor_started_on_their_own(make_broker, supervisors):
+    broker = make_broker()
+    broker.stop()
+    broker.start()  # now on the port its config names (the first start asked for port 0)
+    supervisor = supervisors(broker)
+    write_config(broker, ADDED_DAEMON)
+    out = broker.cli("reload")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"broker (pid {broker.proc.pid}) reloaded {broker.config}",
+                                       f"supervise (pid {supervisor.proc.pid}) reloaded {broker.config}"]
+    supervisor.wait_runs("added", 1)
+    broker.config.write_text(broker.config.read_text() + "[broker]\nlease_s = 0\n")
+    out = broker.cli("reload")
+    assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1, out.stderr
+    assert f"reload refused: {broker.config}: " in out.stderr
+    assert f"; broker (pid {broker.proc.pid}) keeps its last good config" in out.stderr
+    assert broker.proc.poll() is None and supervisor.proc.poll() is None
+
+
+def test_reload_and_running_say_when_nothing_runs_even_with_a_broken_config(tmp_path):
+    config = tmp_path / "daemons.toml"
+    config.write_text("[broker]\nlisten = 7899\n")
+    env = {**os.environ, "CLAUDE_PEERS_HOME": str(tmp_path / "home"), "CLAUDE_PEERS_CONFIG": str(config)}
+    reload, running = (subprocess.run([PY, str(SCRIPT), command], env=env, capture_output=True, text=True,
+                                      timeout=60, check=False) for command in ("reload", "running"))
+    assert (reload.returncode, reload.stderr) == (cp.EXIT_ERROR, (
+        f"claude-peers: nothing to reload: no claude-peers up, broker or supervisor runs on {tmp_path / 'home'}"
+        " (another state dir? set CLAUDE_PEERS_HOME)\n"))
+    assert (running.returncode, running.stdout) == (cp.EXIT_ERROR,
+                                                    f"nothing of claude-peers runs on {tmp_path / 'home'}\n")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_to_up_with_a_session_connected_stops_every_child_without_a_traceback(tmp_path, sig):
+    proc, broker, supervisor, _ = start_up(tmp_path)
+    shim = cp.BenchMcpClient("connected", [PY, str(SCRIPT), "shim", "--name", "connected"], broker.env,
+                             str(tmp_path), eof_stops=True)
+    try:
+        nats_pid = embedded_pid(broker)
+        shim.handshake()
+        wait_until_sync(lambda: peer_named(broker, "connected") is not None, what="the session on the hub")
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0
+        broker.drained.join(30)  # up's stderr, to the end: the supervisor's copy of it closed too
+        assert not broker.drained.is_alive() and not cp.pid_alive(supervisor) and not cp.pid_alive(nats_pid)
+        assert cp.lock_record(broker.home / cp.BROKER_LOCK) is None
+        assert cp.lock_record(broker.home / cp.SUPERVISOR_LOCK) is None
+        log = "".join(broker.log)
+        assert "broker stopped" in log and "Traceback" not in log and "Exception" not in log, log
+    finally:
+        shim.stop()
+        cp.end_process(shim.proc, terminate=False)
+        stop_up(proc)
+
+
+def test_a_second_supervisor_on_the_same_state_dir_is_refused_in_one_line(make_broker, supervisors):
+    broker = make_broker()
+    first = supervisors(broker)
+    out = broker.cli("supervise")
+    assert (out.returncode, out.stderr) == (cp.EXIT_ERROR, (
+        f"claude-peers: {broker.home} is in use by another supervisor (pid {first.proc.pid}): stop it first,"
+        " or give this one its own CLAUDE_PEERS_HOME\n"))
+    assert first.proc.poll() is None
 
 
 # ---------------------------------------------------------------------------
@@ -4768,9 +4940,9 @@ def test_reload_keeps_the_last_good_config(make_broker, supervisors):
     broker.config.write_text(good + '[daemons.broken]\nevery = "soon"\n')
     supervisor.proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
-    while not any("reload failed" in line for line in supervisor.log) and time.monotonic() < deadline:
+    while not any("reload refused" in line for line in supervisor.log) and time.monotonic() < deadline:
         time.sleep(0.05)
-    line = next(line for line in supervisor.log if "reload failed" in line)
+    line = next(line for line in supervisor.log if "reload refused" in line)
     assert "keeping the last good config" in line and "daemons.broken.every: bad duration" in line
     assert supervisor.proc.poll() is None
     broker.config.write_text(good + '[daemons.added]\nrunner = "command"\ncommand = ["true"]\nevery = "1s"\n'
@@ -4778,6 +4950,17 @@ def test_reload_keeps_the_last_good_config(make_broker, supervisors):
     supervisor.proc.send_signal(signal.SIGHUP)
     supervisor.wait_runs("added", 1)
     assert len(supervisor.runs("steady")) == 1
+
+
+def test_a_supervisor_takes_a_file_changed_before_it_could_handle_sighup(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLAUDE_PEERS_HOME", str(tmp_path))
+    config = tmp_path / "daemons.toml"
+    config.write_text(f'[broker]\nurl = "http://127.0.0.1:{free_port()}"\n[nats]\nembedded = false\n')
+    supervisor = cp.Supervisor(cp.load_config(str(config)))
+    config.write_text(config.read_text() + ADDED_DAEMON)  # `up` skips a supervisor that is still starting
+    asyncio.run(supervisor.serve(ready=supervisor.stopping.set))
+    assert "added" in supervisor.cfg.daemons and supervisor.lock.record["reloads"] == 1
+    assert cp.lock_record(tmp_path / cp.SUPERVISOR_LOCK) is None  # released at stop
 
 
 def feed_in_place(broker: BrokerProc) -> None:
@@ -4795,7 +4978,7 @@ def test_runs_after_a_refused_reload_use_the_config_the_supervisor_holds(make_br
     feed_in_place(broker)
     broker.config.write_text(broker.config.read_text() + '[daemons.broken]\nevery = "soon"\n')
     supervisor.proc.send_signal(signal.SIGHUP)
-    logged(supervisor.log, "reload failed")
+    logged(supervisor.log, "reload refused")
     broker.client().call("POST", "/api/daemons/steady/trigger")  # the CLI would refuse the broken file
     [run] = supervisor.wait_runs("steady", 1)
     assert run["status"] == "ok" and run["summary"] == "last good"
@@ -6193,9 +6376,9 @@ def test_install_hub_service_starts_once_and_restarts_only_on_a_change(fresh_ins
     text = unit.read_text()
     for line in (f'ExecStart="{launcher}" --config "{config_of(env)}" up', f'Environment="CLAUDE_PEERS_HOME={data}"',
                  "Restart=on-failure", "KillMode=mixed", "StandardOutput=journal", "StandardError=journal",
-                 "WantedBy=default.target"):
+                 "WantedBy=default.target", f'ExecReload="{launcher}" reload'):
         assert line in text.splitlines()
-    assert "ExecReload" not in text and "User=" not in text
+    assert "User=" not in text
     assert_unit_verifies(unit, tmp_path)
     assert [c for c in calls(env) if not c.startswith("claude")] == [
         "systemctl --user show-environment", "systemctl --user daemon-reload",
@@ -6245,7 +6428,7 @@ def test_install_client_supervisor_service_then_uninstall_and_purge(fresh_instal
     unit = unit_of(env, "supervisor")
     text = unit.read_text().splitlines()
     assert f'ExecStart="{tmp_path}/user/.local/bin/claude-peers" --config "{config_of(env)}" supervise' in text
-    assert "ExecReload=/bin/kill -HUP $MAINPID" in text and "Restart=on-failure" in text
+    assert f'ExecReload="{tmp_path}/user/.local/bin/claude-peers" reload' in text and "Restart=on-failure" in text
     assert not unit_of(env, "hub").exists()
     assert_unit_verifies(unit, tmp_path)
 
@@ -6262,6 +6445,40 @@ def test_install_client_supervisor_service_then_uninstall_and_purge(fresh_instal
     assert f"install.sh: removed {tmp_path}/user/data" in purged.stdout
     assert files_under(tmp_path / "user") == set()
     assert not (tmp_path / "user/data").exists() and not (tmp_path / "user/config/claude-peers").exists()
+
+
+@pytest.mark.network  # pip installs from the package index
+def test_uninstall_refuses_while_a_hand_started_up_runs_naming_its_pid_and_removes_nothing(fresh_install, tmp_path):
+    env = seeded_env(fresh_install, tmp_path)
+    assert run_install(env).returncode == 0
+    config_of(env).write_text(config_of(env).read_text()
+                              .replace('listen = "127.0.0.1:7899"', f'listen = "127.0.0.1:{free_port()}"')
+                              .replace('listen = "127.0.0.1:4222"', f'listen = "127.0.0.1:{free_port()}"'))
+    launcher, data = tmp_path / "user/.local/bin/claude-peers", tmp_path / "user/data"
+    hub = subprocess.Popen([str(launcher), "up"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        started(hub, "Ctrl-C")
+        wait_until_sync(lambda: len(json.loads(installed(env, "running", "--json").stdout)) == 2,
+                        what="up and its supervisor in their lock files")
+        supervisor = json.loads(installed(env, "running", "--json").stdout)[1]["pid"]
+        calls(env)
+        out = run_install(env, "--uninstall")
+        assert out.returncode == 1
+        [line] = out.stderr.splitlines()
+        assert line.startswith(f"install.sh: error: claude-peers still runs on {data}: up (pid {hub.pid}): broker on")
+        assert line.endswith(f"Stop it (Ctrl-C where it runs, or kill {hub.pid} {supervisor}), then run"
+                             " install.sh --uninstall again")
+        assert hub.poll() is None and launcher.exists() and (data / "venv").exists() and (data / "app").exists()
+        assert not [c for c in calls(env) if "remove" in c]  # still registered with Claude Code
+        assert installed(env, "reload").returncode == 0  # and whole: the installed launcher still works
+        hub.send_signal(signal.SIGINT)
+        assert hub.wait(30) == 0
+        out = run_install(env, "--uninstall")
+        assert out.returncode == 0, out.stderr
+        assert f"install.sh: removed {data}/venv" in out.stdout and not launcher.exists()
+    finally:
+        if hub.poll() is None:
+            cp.end_process(hub)
 
 
 @pytest.mark.network  # pip installs from the package index
