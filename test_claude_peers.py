@@ -2453,7 +2453,7 @@ async def test_shim_handshake_tools_and_channel_push(broker, mode):
         assert client.protocol_version == "2025-11-25"
         assert client.server_capabilities.experimental == {"claude/channel": {}}
         instructions = client.instructions
-        for fragment in ("agent name web", "send_message", "SendMessage", "set_summary", "<channel source",
+        for fragment in ("You are web in claude-peers", "send_message", "SendMessage", "set_summary", "<channel source",
                          "db-migrator", "migrating postgres", "backups at 02:00"):
             assert fragment in instructions, fragment
         tools = {t.name: t for t in (await client.list_tools()).tools}
