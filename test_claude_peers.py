@@ -5328,13 +5328,30 @@ def test_bench_with_tiny_parameters_prints_every_figure_honestly():
                    "one session spawned -> tools/list", "2 sessions spawned at once", "2 idle sessions, p99",
                    "broker saturated, p50", "through the MCP send tool", "CPU per delivered message, MCP",
                    "shim RSS", "shim PSS", "requests per idle session", "1000 sessions long-polling",
-                   "events relayed to JetStream per second (200 published)"):
+                   "events relayed to JetStream per second (200 published)",
+                   "shim instructions as the model receives them (bytes)",
+                   "shim tool list as the model receives it (5 tools, bytes)", "longest tool description (bytes)"):
         assert figure in out.stdout, out.stdout
+    if PINNED_CLAUDE:  # measured from the request body of the claude on PATH, as its model would read it
+        assert re.search(r"\(from the request Claude Code 2\.\d+\.\d+ sent to a local model API: instructions whole,"
+                         r" 5 of 5 tools in its tool list\)", out.stdout), out.stdout
     assert "(needs --anchor)" in out.stdout and "anchor" not in out.stdout.splitlines()[1]  # ours only
     assert "ours 80 sent, 0 lost, 0 duplicated" in out.stdout  # the HTTP path
     assert "ours 8 sent, 0 lost, 0 duplicated" in out.stdout  # latency: 4 idle, 4 saturated
     assert "ours 20 sent, 0 lost, 0 duplicated" in out.stdout  # the MCP path: 10 per session
     assert out.stdout.rstrip().endswith("messages lost or duplicated by ours: none"), out.stdout
+
+
+def test_bench_without_claude_measures_the_shim_view_from_the_shims_own_answers(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no claude here
+    report = cp.BenchReport(["ours"])
+    cp.bench_claude_view(report)
+    out = capsys.readouterr().out
+    assert "(from the shim's own initialize and tools/list (no claude on PATH))" in out
+    tools = len(json.dumps(cp.tools_list()["tools"], separators=(",", ":")).encode())
+    assert re.search(rf"shim tool list as the model receives it \(5 tools, bytes\) +{tools}\n", out), out
+    instructions = int(re.search(r"shim instructions as the model receives them \(bytes\) +(\d+)", out).group(1))
+    assert 1000 < instructions <= cp.INSTRUCTIONS_BYTES and not report.missed, out
 
 
 def test_bench_says_in_one_line_why_it_cannot_run_the_anchor(tmp_path):
