@@ -5113,6 +5113,17 @@ def format_message(message: dict[str, Any], shown: bool) -> str:
     return f"{head}\n{body}"
 
 
+def compose_instructions(lead: str, peers: list[dict[str, Any]] | None, memory: str) -> str:
+    """The lead, then the peers (None: not registered, nothing to say) and the memory in the room
+    left: never over INSTRUCTIONS_BYTES, so Claude Code never cuts them."""
+    room = INSTRUCTIONS_BYTES - len(lead.encode()) - 1
+    fleet = [] if peers is None else peer_lines(peers, min(room, INSTRUCTIONS_PEER_BYTES))
+    room -= sum(len(line.encode()) + 1 for line in fleet)
+    if memory.strip() and room > 200:
+        fleet.append(clip_memory(memory, room))
+    return "\n".join([lead, *fleet]).encode()[:INSTRUCTIONS_BYTES].decode(errors="ignore")
+
+
 class ShimError(Exception):
     """A tool call that failed in a way the model should read."""
 
@@ -5293,12 +5304,7 @@ class Shim:
                 memory = (await self.tools_client.call("GET", "/api/memory", timeout=2))["text"]
         lead = instructions_lead(self.session, self.name_note, self.url, self.last_error,
                                  how_messages_arrive(self.mode, self.mode_reason))
-        room = INSTRUCTIONS_BYTES - len(lead.encode())
-        fleet = peer_lines(peers, min(room, INSTRUCTIONS_PEER_BYTES)) if self.session is not None else []
-        room -= sum(len(line.encode()) + 1 for line in fleet)
-        if memory.strip() and room > 200:
-            fleet.append(clip_memory(memory, room - 1))
-        return "\n".join([lead, *fleet])
+        return compose_instructions(lead, peers if self.session is not None else None, memory)
 
     async def call_tool(self, name: str, args: Any) -> str:
         """Run one tool; raises ShimError with a readable message on any failure."""

@@ -2936,6 +2936,28 @@ def test_doctor_points_a_single_box_at_up_when_the_broker_is_unreachable(broker)
 
 # -- push and pull sessions: pushes only where the model is shown them --------------------
 
+PEER_TEXT = st.text(st.characters(codec="utf-8"), max_size=300)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cwd=PEER_TEXT, note=PEER_TEXT, memory=st.text(st.characters(codec="utf-8"), max_size=5000),
+       peers=st.lists(st.fixed_dictionaries({"id": st.text("0123456789abcdef", min_size=10, max_size=10),
+                                             "name": st.none() | PEER_TEXT, "machine": PEER_TEXT, "cwd": PEER_TEXT,
+                                             "branch": PEER_TEXT, "summary": PEER_TEXT,
+                                             "mode": st.sampled_from(cp.MODES)}), max_size=40))
+def test_the_instructions_never_pass_their_byte_budget_and_always_lead_with_who_and_how(cwd, note, memory, peers):
+    """Whatever the fleet holds (long paths, summaries, multi-byte text, a huge memory), Claude Code
+    gets instructions it does not cut, and their start is the lead."""
+    session = {"id": "a1b2c3d4e5", "name": "web", "machine": "nas", "cwd": cwd}
+    lead = cp.instructions_lead(session, note, "http://hub:7899", "", cp.how_messages_arrive("pull", "no flag"))
+    text = cp.compose_instructions(lead, peers, memory)
+    assert len(text.encode()) <= cp.INSTRUCTIONS_BYTES
+    assert text.startswith(lead[:500].encode()[:400].decode(errors="ignore"))
+    if len(lead.encode()) < 1200:
+        assert text.startswith(lead + "\n") and (not peers or f"Live peers ({len(peers)}):" in text)
+        assert not memory.strip() or "Fleet memory" in text
+
+
 def test_the_channel_flag_is_read_as_claude_code_parses_it():
     assert cp.channel_servers(["claude", *CHANNEL_FLAG, "--resume", "abc"]) == ["server:claude-peers"]
     assert cp.channel_servers(["claude", f"{CHANNEL_FLAG[0]}=server:x", "server:claude-peers", "-c"]) == [
