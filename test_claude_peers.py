@@ -3006,7 +3006,9 @@ async def test_a_session_that_cannot_show_pushes_is_pull_and_its_mail_waits_for_
     sender = broker.session(name="pinger")
     codex = broker.session(name="codex", mode="pull", client="codex-mcp-client")
     async with shim_session(broker, name="deaf", client_name=client, flag=flag, wire_log=wire_log) as shim:
-        assert "cannot receive pushed messages" in shim.client.instructions
+        lead = shim.client.instructions.split("\n")[1]
+        assert lead.startswith("Peer mail waits for check_messages (no pushes: ")
+        assert f"({client}) has no channel" in lead or "started without the channel flag" in lead
         assert "delivery: pull" in await shim.ok("whoami")
         assert peer_named(broker, "deaf")["mode"] == "pull" and peer_named(broker, "deaf")["client"] == client
         sent = send(sender, "deaf", "are you there?")
