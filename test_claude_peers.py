@@ -3254,7 +3254,8 @@ def test_the_real_claude_code_gives_the_model_the_instructions_whole_and_leading
     assert "subagents" not in ours and "only reaches your own" not in json.dumps(body)  # the old, false word
     assert "Live peers (16):" in view.instructions and "list_peers shows all" in view.instructions
     assert "\n".join(memory.splitlines()[:5]) in view.instructions  # the memory, in the first turn
-    assert re.search(r"\[\.\.\. the first \d+ of 18\d\d bytes; the whole: `claude-peers memory`\]$", view.instructions)
+    total = len(memory.strip().encode())
+    assert re.search(rf"\[\.\.\. the first \d+ of {total} bytes; the whole: `claude-peers memory`\]$", view.instructions)
     tools = {t["name"].removeprefix("mcp__claude-peers__"): t for t in view.tools}
     assert set(tools) == {t["name"] for t in cp.TOOLS}, [t["name"] for t in body["tools"]]
     for ours in cp.TOOLS:
