@@ -9030,9 +9030,9 @@ class ModelApi:
 
 
 def claude_first_request(claude: str, env: dict[str, str], home: Path, entry: dict[str, Any],
-                         cwd: Path | None = None) -> dict[str, Any]:
-    """The first model request of `claude -p` in ``home``, where claude-peers is registered with
-    ``entry`` (through `claude mcp add-json`, as the README says), its API a local ModelApi."""
+                         options: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The first model request of `claude [options] -p` in ``home``, where claude-peers is registered
+    with ``entry`` (through `claude mcp add-json`, as the README says), its API a local ModelApi."""
     env = {**env, "HOME": str(home), "ANTHROPIC_API_KEY": "sk-ant-offline",
            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
     added = subprocess.run([claude, "mcp", "add-json", "--scope", "user", SERVER_NAME, json.dumps(entry)], env=env,
@@ -9041,7 +9041,7 @@ def claude_first_request(claude: str, env: dict[str, str], home: Path, entry: di
         raise UserError(f"{claude} mcp add-json failed: {(added.stderr or added.stdout).strip()[:300]}")
     api = ModelApi()
     try:
-        ran = subprocess.run([claude, "-p", "hello"], env={**env, "ANTHROPIC_BASE_URL": api.url}, cwd=cwd or home,
+        ran = subprocess.run([claude, *options, "-p", "hello"], env={**env, "ANTHROPIC_BASE_URL": api.url}, cwd=home,
                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False)
     finally:
         api.close()

@@ -3230,23 +3230,26 @@ def fleet_after_fleet_memory(broker: BrokerProc) -> str:
     pytest.param(PINNED_CLAUDE, "readme", id="pinned", marks=NEEDS_PINNED),
     pytest.param(NEWEST_CLAUDE, "readme", id="newest", marks=NEEDS_NEWEST),
     pytest.param(NEWEST_CLAUDE, "made-before-alwaysLoad", id="newest-registered-without-alwaysLoad",
-                 marks=NEEDS_NEWEST)])
+                 marks=NEEDS_NEWEST),
+    pytest.param(NEWEST_CLAUDE, "push", id="newest-push", marks=NEEDS_NEWEST)])
 def test_the_real_claude_code_gives_the_model_the_instructions_whole_and_leading_the_memory_and_our_tools(
         broker, tmp_path, claude, registration):
-    """A plain `claude -p` session started after fleet-memory ran: its first model request carries the
-    instructions whole (lead first, then peers and memory), and the five tools, loaded, uncut - also
-    with a registration made before alwaysLoad (the tools' _meta keeps them loaded)."""
+    """A `claude -p` session started after fleet-memory ran (plain: pull; with the channel flag as `run`
+    adds it: push): its first model request carries the instructions whole (lead first, then peers and
+    memory) and the five tools, loaded, uncut; also with a registration made before alwaysLoad (the
+    tools' _meta keeps them loaded)."""
     memory = fleet_after_fleet_memory(broker)
     entry = cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "real-claude"])
     if registration == "made-before-alwaysLoad":
         entry = {k: v for k, v in entry.items() if k != "alwaysLoad"} | {"env": {}}  # as `claude mcp add` wrote it
-    body = cp.claude_first_request(claude, broker.env, tmp_path, entry)
+    body = cp.claude_first_request(claude, broker.env, tmp_path, entry, tuple(CHANNEL_FLAG) * (registration == "push"))
     view = cp.shim_view(body, cp.instructions_ending(memory))
     assert view.instructions and not view.cut, json.dumps(body)[:3000]
     assert len(view.instructions.encode()) <= cp.INSTRUCTIONS_BYTES < cp.CLAUDE_TEXT_LIMIT
     lead = view.instructions.encode()[:800].decode(errors="ignore")
     assert lead.startswith("You are real-claude in claude-peers, the hub of this homelab's Claude Code sessions")
-    assert "Peer mail waits for check_messages" in lead  # plain claude: a pull session
+    assert ('Peer mail arrives as <channel source="claude-peers" from_id=' if registration == "push"  # `run`
+            else "Peer mail waits for check_messages (no pushes: Claude Code started without") in lead  # plain
     assert "Answer with claude-peers send_message (to = from_id or from_name, reply_to = message_id)" in lead
     assert "Claude Code's own SendMessage and ListAgents reach this user's other Claude Code sessions" in \
         view.instructions
