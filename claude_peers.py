@@ -2116,12 +2116,14 @@ def nats_auth(cfg: Config, publisher: bool, create: bool = False) -> tuple[str, 
 
 
 def nats_permissions(stream: str, publisher: bool) -> dict[str, Any]:
-    """What a user of the embedded server may do: the broker everything; a reader may create and
-    read its consumers of the stream, acknowledge, and subscribe, but publish no event."""
+    """What a user of the embedded server may do: the broker everything; a reader may find the
+    stream by subject, create and read its consumers of it (pull or ordered push, whose flow
+    control it answers), acknowledge, and subscribe, but publish no event."""
     if publisher:
         return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
-    return {"publish": {"allow": ["$JS.API.INFO", f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.MSG.GET.{stream}",
-                                  f"$JS.API.DIRECT.GET.{stream}.>", "$JS.API.CONSUMER.>", f"$JS.ACK.{stream}.>"]},
+    return {"publish": {"allow": ["$JS.API.INFO", "$JS.API.STREAM.NAMES", f"$JS.API.STREAM.INFO.{stream}",
+                                  f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>",
+                                  "$JS.API.CONSUMER.>", f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>"]},
             "subscribe": {"allow": ["_INBOX.>", "fleet.>"]}}
 
 
@@ -4966,8 +4968,8 @@ class StdioWire:
             line = self.reader.readline(MAX_LINE_BYTES)
         return None
 
-    def write(self, message: dict[str, Any]) -> None:
-        """Write one message and flush: when this returns, it is in the client's pipe."""
+    def write(self, message: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Write one message (or a batch's answers) and flush: when this returns, it is in the client's pipe."""
         data = json.dumps(message, separators=(",", ":")).encode()  # ASCII: a lone surrogate stays an escape
         with self.lock:
             self.writer.write(data + b"\n")
@@ -5418,48 +5420,108 @@ class JsonRpcError(Exception):
 
 
 def request_id(message: dict[str, Any]) -> Any:
-    """The id of a request, if it is one JSON-RPC allows (a string or a number, never null)."""
+    """The id of a request, if it is one JSON-RPC allows (a string or a finite number, never null):
+    1e400 parses as infinity, which no JSON can carry back."""
     rid = message.get("id")
+    if isinstance(rid, float) and not math.isfinite(rid):
+        return None
     return rid if isinstance(rid, (str, int, float)) and not isinstance(rid, bool) else None
+
+
+BATCH_VERSION = "2025-03-26"  #: the one handshake version whose spec makes servers accept JSON-RPC batches
+
+
+def error_response(rid: Any, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": message}}
+
+
+def settled(answer: dict[str, Any] | asyncio.Task[dict[str, Any] | None] | None) -> dict[str, Any] | None:
+    """The response an answer came to: a finished task's result (None if it was cancelled) or itself."""
+    if isinstance(answer, asyncio.Task):
+        return None if answer.cancelled() else answer.result()
+    return answer
 
 
 class McpServer:
     """MCP over stdio for one shim: every line gets its answer, in the shape the JSON-RPC
     spec prescribes; requests that wait on the broker run as tasks, so a slow tool call
-    never holds up a ping, and `notifications/cancelled` can stop them."""
+    never holds up a ping, and `notifications/cancelled` can stop them. Under protocol
+    2025-03-26 a line may be a batch, answered by one array once each request in it is."""
 
     def __init__(self, shim: Shim) -> None:
         self.shim = shim
         self.wire = shim.wire
-        self.inflight: dict[Any, asyncio.Task[None]] = {}  #: request id -> the task answering it
+        self.version: str | None = None  #: the protocol version initialize agreed on
+        self.inflight: dict[Any, asyncio.Task[dict[str, Any] | None]] = {}  #: request id -> its answering task
+        self.batches: set[asyncio.Task[None]] = set()  #: batches waiting on their requests
 
     def handle(self, line: bytes | None) -> None:
         """One line from the client (None: a line too long to read)."""
         try:
             if line is None:
                 raise ValueError("line too long")
-            message = json.loads(line)
-        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested beyond reason
-            self._error(None, PARSE_ERROR, f"Parse error: {str(exc)[:200]}")
+            message = json.loads(line, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as exc:  # not JSON (NaN too), not UTF-8, or nested beyond reason
+            self.wire.write(error_response(None, PARSE_ERROR, f"Parse error: {str(exc)[:200]}"))
             return
+        if isinstance(message, list):
+            self._batch(message)
+            return
+        answer = self._route(message)
+        if isinstance(answer, dict):
+            self.wire.write(answer)
+        elif answer is not None:
+            answer.add_done_callback(self._write_answer)
+
+    def _write_answer(self, task: asyncio.Task[dict[str, Any] | None]) -> None:
+        if (response := settled(task)) is not None:
+            self.wire.write(response)
+
+    def _batch(self, messages: list[Any]) -> None:
+        """A JSON-RPC batch: refused (one error, id null) unless 2025-03-26 was negotiated."""
+        if self.version != BATCH_VERSION:
+            agreed = f"this session agreed on {self.version}" if self.version else "no initialize came first"
+            self.wire.write(error_response(None, INVALID_REQUEST, f"Invalid Request: JSON-RPC batches are "
+                                           f"accepted only under protocol {BATCH_VERSION}; {agreed}"))
+        elif not messages:
+            self.wire.write(error_response(None, INVALID_REQUEST, "Invalid Request: an empty batch"))
+        else:
+            answers = [self._route(message, in_batch=True) for message in messages]
+            task = asyncio.get_running_loop().create_task(self._answer_batch(answers))
+            self.batches.add(task)
+            task.add_done_callback(self.batches.discard)
+
+    async def _answer_batch(self, answers: list[Any]) -> None:
+        """Write one array with every answer of the batch (none for notifications or cancelled requests)."""
+        tasks = [answer for answer in answers if isinstance(answer, asyncio.Task)]
+        if tasks:
+            await asyncio.wait(tasks)
+        if responses := [response for response in map(settled, answers) if response is not None]:
+            self.wire.write(responses)
+
+    def _route(self, message: Any, in_batch: bool = False) -> dict[str, Any] | asyncio.Task[Any] | None:
+        """One JSON-RPC message: an error answer now, a task that will answer, or None (nothing to answer)."""
         if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
-            self._error(request_id(message) if isinstance(message, dict) else None, INVALID_REQUEST,
-                        "Invalid Request: expected a JSON-RPC 2.0 object (batches are not part of MCP)")
-            return
+            return error_response(request_id(message) if isinstance(message, dict) else None, INVALID_REQUEST,
+                                  "Invalid Request: expected a JSON-RPC 2.0 object")
         method = message.get("method")
         if method is None and ("result" in message or "error" in message):
-            return  # a response: this server sends no requests, so there is nothing to match
+            return None  # a response: this server sends no requests, so there is nothing to match
         rid = request_id(message)
         if not isinstance(method, str) or "id" in message and rid is None:
-            self._error(rid, INVALID_REQUEST, "Invalid Request: method must be a string, id a string or number")
-        elif "id" not in message:
+            return error_response(rid, INVALID_REQUEST, "Invalid Request: method must be a string, "
+                                  "id a string or a finite number")
+        if in_batch and method == "initialize":
+            return error_response(rid, INVALID_REQUEST, "Invalid Request: initialize must not be part of a batch")
+        if "id" not in message:
             self._notification(method, message.get("params"))
-        elif rid in self.inflight:
-            self._error(rid, INVALID_REQUEST, f"Invalid Request: id {rid!r} is already in use")
-        else:
-            task = asyncio.get_running_loop().create_task(self._answer(rid, method, message.get("params")))
-            self.inflight[rid] = task
-            task.add_done_callback(lambda _: self.inflight.pop(rid, None))
+            return None
+        if rid in self.inflight:
+            return error_response(rid, INVALID_REQUEST, f"Invalid Request: id {rid!r} is already in use")
+        task = asyncio.get_running_loop().create_task(self._answer(rid, method, message.get("params")))
+        self.inflight[rid] = task
+        task.add_done_callback(lambda _: self.inflight.pop(rid, None))
+        return task
 
     def _notification(self, method: str, params: Any) -> None:
         if method == "notifications/initialized":
@@ -5469,25 +5531,26 @@ class McpServer:
             if task is not None:
                 task.cancel()  # the spec: a cancelled request gets no answer
 
-    async def _answer(self, rid: Any, method: str, params: Any) -> None:
+    async def _answer(self, rid: Any, method: str, params: Any) -> dict[str, Any] | None:
         try:
             if params is not None and not isinstance(params, dict):
                 raise JsonRpcError(INVALID_PARAMS, "Invalid params: must be an object")
             result = await self._dispatch(method, params or {})
         except JsonRpcError as exc:
-            self._error(rid, exc.code, str(exc))
+            return error_response(rid, exc.code, str(exc))
         except asyncio.CancelledError:
-            return
+            return None
         except Exception:  # a bug: the client still gets an answer, the log the traceback
             log.exception("internal error answering %s", method)
-            self._error(rid, INTERNAL_ERROR, f"Internal error in claude-peers while answering {method}")
-        else:
-            self.wire.write({"jsonrpc": "2.0", "id": rid, "result": result})
+            return error_response(rid, INTERNAL_ERROR, f"Internal error in claude-peers while answering {method}")
+        return {"jsonrpc": "2.0", "id": rid, "result": result}
 
     async def _dispatch(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         if method == "initialize":  # the 2025 handshake; the 2026 probe (server/discover) is not found below
             self.shim.introduce(params.get("clientInfo"))
-            return initialize_result(params.get("protocolVersion"), await self.shim.instructions())
+            result = initialize_result(params.get("protocolVersion"), await self.shim.instructions())
+            self.version = result["protocolVersion"]
+            return result
         if method == "ping":
             return {}
         if method == "tools/list":
@@ -5502,9 +5565,6 @@ class McpServer:
                 text, error = f"claude-peers: {exc}{self.shim.notice()}", True
             return {"content": [{"type": "text", "text": text}], "isError": error}
         raise JsonRpcError(METHOD_NOT_FOUND, f"Method not found: {method[:100]}")
-
-    def _error(self, rid: Any, code: int, message: str) -> None:
-        self.wire.write({"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": message}})
 
 
 def read_stdin(wire: StdioWire, loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[bytes | None]) -> None:
@@ -5531,7 +5591,7 @@ async def serve_stdio(shim: Shim) -> None:
                 server.handle(line)
     finally:
         session.cancel()
-        for task in list(server.inflight.values()):
+        for task in [*server.inflight.values(), *server.batches]:
             task.cancel()
         await shim.leave()
 
