@@ -4865,6 +4865,11 @@ def client_from_config(cfg: Config, timeout: float = 10.0) -> BrokerClient:
 # Every other session is pull: nothing is pushed nor marked delivered, mail waits for
 # check_messages, and its senders are told so. The client's initialize decides the mode,
 # so the session registers once the handshake arrives.
+#
+# What the model sees is budgeted: Claude Code cuts a server's instructions and each tool
+# description (2,048 characters in 2.1.197), and hides MCP tools behind its tool search unless
+# they are marked alwaysLoad. So the instructions lead with what the model must know first and
+# stay under INSTRUCTIONS_BYTES, and every tool is marked.
 
 SERVER_NAME = "claude-peers"
 CHANNEL_METHOD = "notifications/claude/channel"
