@@ -3390,6 +3390,38 @@ def test_the_real_claude_code_gives_the_model_the_instructions_whole_and_leading
         assert len(ours["description"].encode()) < 1024
 
 
+LONG_TEXT_SERVER = """\
+import json, sys
+text = "".join(f"[{i:05d}]" for i in range(0, 6000, 7))[:6000]  # every offset readable
+for line in sys.stdin:
+    message = json.loads(line)
+    if "id" not in message:
+        continue
+    result = {"initialize": {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}},
+                             "serverInfo": {"name": "long", "version": "1"}, "instructions": text},
+              "tools/list": {"tools": [{"name": "long_tool", "description": text,
+                                        "inputSchema": {"type": "object", "properties": {}}}]}}.get(message["method"], {})
+    print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("claude", CLAUDES)
+def test_claude_code_cuts_instructions_and_tool_descriptions_beyond_the_shims_budget(broker, tmp_path, claude):
+    """The limit the shim's budget rests on, measured: a server with 6,000-character instructions and
+    description is cut, with Claude Code's mark, no shorter than CLAUDE_TEXT_LIMIT characters."""
+    server = tmp_path / "long.py"
+    server.write_text(LONG_TEXT_SERVER)
+    entry = {"type": "stdio", "command": PY, "args": [str(server)], "alwaysLoad": True}
+    body = cp.claude_first_request(claude, broker.env, tmp_path, entry)
+    [text] = [t for t in cp.request_texts(body) if "\n## claude-peers\n[00000]" in t]
+    instructions = text.split("\n## claude-peers\n", 1)[1]
+    kept = instructions.index(cp.CUT_MARK)
+    [tool] = [t for t in body["tools"] if t["name"] == "mcp__claude-peers__long_tool"]
+    assert tool["description"].endswith(cp.CUT_MARK)
+    for cut in (kept, len(tool["description"]) - len(cp.CUT_MARK)):
+        assert cut >= cp.CLAUDE_TEXT_LIMIT > cp.INSTRUCTIONS_BYTES  # 2,048 in 2.1.197, 4,096 in 2.1.332
+
+
 @pytest.mark.parametrize("claude", CLAUDES)
 def test_doctor_warns_a_registration_without_always_load_and_its_fix_line_fixes_it_in_the_real_claude(
         broker, tmp_path, claude):
