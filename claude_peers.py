@@ -5061,6 +5061,33 @@ def instructions_lead(session: dict[str, Any] | None, name_note: str, url: str, 
         "Call set_summary first: 1-2 sentences on your task, so peers know whom to ask."])
 
 
+def unread_notice(mode: str, count: int) -> str:
+    """The line every tool result ends with while mail is unread: pushed and not yet
+    answered, or (pull) waiting for check_messages."""
+    if not count:
+        return ""
+    what = (" waiting, not yet read - call check_messages to read them." if mode == "pull"
+            else " not yet read or answered - call check_messages if you have not seen them.")
+    return f"\n\n[claude-peers] {count} peer message{'s' if count > 1 else ''}{what}"
+
+
+def format_peer(peer: dict[str, Any]) -> str:
+    where = f"{peer['machine']}:{peer['cwd']}" + (f" [{peer['branch']}]" if peer["branch"] else "")
+    line = f"- {peer['id']} {peer['name'] or '(no name)'} on {where} ({peer.get('mode', 'push')})"
+    return line + (f" - {peer['summary']}" if peer["summary"] else "")
+
+
+def format_message(message: dict[str, Any], shown: bool) -> str:
+    head = (f"message_id={message['id']} thread_id={message['thread_id']} from {message['from_name']}"
+            f" ({message['from_id']}, {message['from_machine']}:{message['from_cwd']}) at {message['sent_at']}")
+    if message["reply_to"]:
+        head += f" in reply to {message['reply_to']}"
+    if shown:
+        head += " [already pushed to you as a <channel> message]"
+    body = "\n".join("    " + line for line in message["text"].splitlines() or [""])
+    return f"{head}\n{body}"
+
+
 def peer_lines(peers: list[dict[str, Any]], room: int) -> list[str]:
     """The live peers for the instructions, as many as fit in room bytes (summaries clipped), then
     how many more list_peers shows."""
@@ -5091,33 +5118,6 @@ def clip_memory(memory: str, room: int) -> str:
     kept = text.encode()[:max(0, room - len(head) - len(tail) - 8)].decode(errors="ignore")
     kept = kept[:kept.rfind("\n")] if "\n" in kept else kept
     return head + kept + tail.format(len(kept.encode()))
-
-
-def unread_notice(mode: str, count: int) -> str:
-    """The line every tool result ends with while mail is unread: pushed and not yet
-    answered, or (pull) waiting for check_messages."""
-    if not count:
-        return ""
-    what = (" waiting, not yet read - call check_messages to read them." if mode == "pull"
-            else " not yet read or answered - call check_messages if you have not seen them.")
-    return f"\n\n[claude-peers] {count} peer message{'s' if count > 1 else ''}{what}"
-
-
-def format_peer(peer: dict[str, Any]) -> str:
-    where = f"{peer['machine']}:{peer['cwd']}" + (f" [{peer['branch']}]" if peer["branch"] else "")
-    line = f"- {peer['id']} {peer['name'] or '(no name)'} on {where} ({peer.get('mode', 'push')})"
-    return line + (f" - {peer['summary']}" if peer["summary"] else "")
-
-
-def format_message(message: dict[str, Any], shown: bool) -> str:
-    head = (f"message_id={message['id']} thread_id={message['thread_id']} from {message['from_name']}"
-            f" ({message['from_id']}, {message['from_machine']}:{message['from_cwd']}) at {message['sent_at']}")
-    if message["reply_to"]:
-        head += f" in reply to {message['reply_to']}"
-    if shown:
-        head += " [already pushed to you as a <channel> message]"
-    body = "\n".join("    " + line for line in message["text"].splitlines() or [""])
-    return f"{head}\n{body}"
 
 
 def compose_instructions(lead: str, peers: list[dict[str, Any]] | None, memory: str) -> str:
