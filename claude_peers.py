@@ -4644,13 +4644,18 @@ class ApiServer:
             if since < cutoff:
                 writer.close()
 
-    async def close_all(self, timeout: float = 5.0) -> None:
+    async def close_all(self, grace_s: float = 0.5) -> None:
         """At stop: end every connection and wait for its task, so none is left for asyncio.run
-        to cancel (Python 3.11 prints a traceback for each cancelled connection task)."""
+        to cancel (Python 3.11 prints a traceback for each cancelled connection task). A request
+        being answered gets ``grace_s`` to finish; a parked long-poll, which no close wakes, is
+        cancelled here and awaited."""
         for writer in list(self.open):
             writer.close()
-        if self.open:
-            await asyncio.wait(list(self.open.values()), timeout=timeout)
+        if tasks := list(self.open.values()):
+            _, waiting = await asyncio.wait(tasks, timeout=grace_s)
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -10226,6 +10231,34 @@ def configured_daemon(cfg: Config, name: str, elsewhere: str = "") -> SimpleName
     return daemon
 
 
+def recent_runs(cfg: Config, daemon: str) -> list[dict[str, Any]]:
+    query = urllib.parse.urlencode({"daemon": daemon, "limit": 50})
+    return client_from_config(cfg).call("GET", f"/api/runs?{query}")["runs"]
+
+
+def print_requested_runs(cfg: Config, daemon: str, machines: list[str], before: set[str], wait_s: float) -> int:
+    """Wait for the run each supervisor started on a trigger (a run of ``daemon`` requested after
+    ``before`` was listed) to end, and print its outcome: what `trigger --here` would have said."""
+    deadline = time.monotonic() + wait_s
+    ended: dict[str, dict[str, Any]] = {}
+    while True:
+        for run in recent_runs(cfg, daemon):
+            if (run["id"] not in before and run["machine"] in machines and run["ended_at"]
+                    and run["trigger"].startswith("requested by")):
+                ended.setdefault(run["machine"], run)
+        if len(ended) == len(machines) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    for run in ended.values():
+        print(f"{run['machine']}: {daemon} {run['status']} ({run['actions']} actions, {run['tokens']} tokens)"
+              f"\n{run['summary']}")
+    if missing := sorted(set(machines) - set(ended)):
+        print(f"still running or not reported after {wait_s:.0f}s on {', '.join(missing)}:"
+              f" see claude-peers runs {daemon}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0 if all(run["status"] in ("ok", "limit") for run in ended.values()) else EXIT_ERROR
+
+
 def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
     daemon = configured_daemon(cfg, args.daemon, "" if args.here else
                                "; a daemon only another machine's supervisor has: trigger it from that machine")
@@ -10235,6 +10268,7 @@ def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
         if not daemon.enabled:
             raise UserError(f"{cfg.where}: [daemons.{daemon.name}] has enabled = false, so a supervisor ignores"
                             " a trigger for it (run it here with --here)")
+        before = {run["id"] for run in recent_runs(cfg, args.daemon)} if args.wait is not None else set()
         try:
             taken = client_from_config(cfg).call("POST", f"/api/daemons/{urllib.parse.quote(args.daemon)}/trigger")
         except ApiError as exc:
@@ -10243,7 +10277,8 @@ def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
             raise UserError(f"nothing started: {exc.message}") from None
         print(f"requested a run of {args.daemon}: the supervisor on {', '.join(taken['machines'])} starts it now"
               f" (see: claude-peers runs {args.daemon})")
-        return 0
+        return 0 if args.wait is None else print_requested_runs(cfg, args.daemon, taken["machines"],
+                                                                 before, args.wait)
     run_dir = data_home() / "runs"
     run = new_run_record(cfg, daemon.name, "manual" + (" (dry run)" if args.dry_run else ""), run_dir)
     result = DaemonRun(cfg, daemon, run["id"], run["trigger"], Path(run["transcript"]), dry_run=args.dry_run,
@@ -10426,6 +10461,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("daemon")
     p.add_argument("--here", action="store_true", help="run it in this terminal, printing the transcript")
     p.add_argument("--dry-run", action="store_true", help="with --here: log changing actions, do none")
+    p.add_argument("--wait", type=float, nargs="?", const=600.0, default=None, metavar="SECONDS",
+                   help="via the supervisor: wait (at most SECONDS, default 600) for each run it started and"
+                        " print its outcome and summary (fleet-scout's names the machines it probed)")
     p = command("run-daemon", cmd_run_daemon, None)  # internal: the supervisor's child; no help, not listed
     p.add_argument("daemon")
     p.add_argument("--run-id", required=True)

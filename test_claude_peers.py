@@ -4630,6 +4630,18 @@ def test_listing_a_first_machine_keeps_probing_this_box_and_the_run_names_what_i
     assert [m["machine"] for m in broker.client().call("GET", "/api/health")["machines"]] == ["first-nas"]
 
 
+def test_trigger_wait_prints_what_the_supervisors_run_probed(scout_lab, make_broker, supervisors):
+    broker = make_broker(name="scout-wait")
+    nas = scout_lab.host("wait-nas")
+    write_config(broker, scout_config(scout_lab, [nas], extra='every = "1d"\n'))
+    supervisors(broker)  # started: it has reported that it runs fleet-scout
+    out = broker.cli("trigger", "fleet-scout", "--wait", "60")
+    host = socket.gethostname()
+    assert out.returncode == 0, out.stderr
+    assert f"{host}: fleet-scout ok (" in out.stdout
+    assert "1 machine(s), 0 with findings; probed: wait-nas" in out.stdout, out.stdout
+
+
 def test_alerts_and_health_print_the_cause_of_a_refused_key_once(scout_lab, make_broker):
     broker = make_broker(name="scout-cause")
     refused = scout_lab.host("cause-refused", authorized=False)
