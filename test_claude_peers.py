@@ -3212,7 +3212,8 @@ async def test_broker_restart_under_a_live_shim(make_broker):
 
 
 async def whoami_until(shim: ShimSession, fragment: str, timeout: float = 30) -> str:
-    """whoami's answer once it says ``fragment`` (what the shim knows of the broker changes as it finds out)."""
+    """whoami's answer once it says ``fragment`` (what the shim knows of the broker and of new mail
+    changes as its poll finds out)."""
     with anyio.fail_after(timeout):
         while fragment not in (text := await shim.ok("whoami")):
             await anyio.sleep(0.05)
@@ -3541,14 +3542,6 @@ async def test_claude_code_started_with_the_channel_flag_is_a_push_session(broke
         await wait_until(lambda: message_state(broker, sent["id"]) == "delivered")
 
 
-async def notice_of(shim: ShimSession, fragment: str, timeout: float = 15) -> str:
-    """A tool result that carries ``fragment`` (the shim learns of new mail from its poll)."""
-    with anyio.fail_after(timeout):
-        while fragment not in (text := await shim.ok("whoami")):
-            await anyio.sleep(0.02)
-    return text
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize(("client", "flag", "why"), [
     ("claude-code", [], "started without the channel flag"),
@@ -3570,7 +3563,7 @@ async def test_a_session_that_cannot_show_pushes_is_pull_and_its_mail_waits_for_
         assert (sent["state"], sent["online"], sent["mode"]) == ("queued", True, "pull")
         out = broker.cli("send", "deaf", "the operator asks too")
         assert f"deaf is online but cannot receive pushes ({why}): queued until it checks its messages" in out.stdout
-        await notice_of(shim, "[claude-peers] 2 peer messages waiting, not yet read - call check_messages")
+        await whoami_until(shim, "[claude-peers] 2 peer messages waiting, not yet read - call check_messages")
         assert message_state(broker, sent["id"]) == "queued"  # the shim knows of it, and it is not delivered
         assert json.loads(broker.cli("status", sent["id"], "--json").stdout)["delivery"] == "queued-for-pull"
         assert "queued-for-pull" in broker.cli("status", sent["id"]).stdout
