@@ -206,6 +206,35 @@ def git_info(cwd: Path) -> tuple[str, str]:
     return lines[0], lines[1]
 
 
+def normalise_repo(url: str) -> str:
+    """A git remote as one name for every clone of it: host/path, lower-case host, no scheme,
+    user, port or ".git" (git@github.com:o/r.git and https://github.com/o/r are github.com/o/r)."""
+    url = url.strip()
+    scp = re.match(r"^(?:[^@/:]+@)?([^/:]+):(?!//)(.+)$", url)
+    if scp and "://" not in url:
+        host, path = scp.groups()
+    else:
+        parts = urllib.parse.urlsplit(url)
+        host, path = parts.hostname or "", parts.path
+    path = re.sub(r"\.git$", "", path.strip("/")).rstrip("/")
+    return f"{host.lower()}/{path}" if host else path
+
+
+def repo_identity(cwd: Path) -> str:
+    """The repository ``cwd`` is a clone of, the same on every machine: its normalised origin
+    URL, else its root commit ("root:<sha>"); '' outside a repository."""
+    for argv, shape in ((["remote", "get-url", "origin"], normalise_repo),
+                        (["rev-list", "--max-parents=0", "HEAD"], lambda out: "root:" + out.split()[0])):
+        try:
+            out = subprocess.run(["git", "-C", str(cwd), *argv], stdin=subprocess.DEVNULL, capture_output=True,
+                                 text=True, timeout=5, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        if out.returncode == 0 and out.stdout.strip():
+            return shape(out.stdout.strip())
+    return ""
+
+
 def storable_text(value: str) -> bool:
     """True if sqlite can store the string: a lone surrogate (a JSON "\\ud800") cannot be UTF-8."""
     try:
@@ -1152,6 +1181,29 @@ CREATE TABLE IF NOT EXISTS health(
     report TEXT NOT NULL,
     findings TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tasks(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    text TEXT NOT NULL,
+    repo TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    after TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    created_by TEXT NOT NULL,
+    tell TEXT NOT NULL,
+    credential TEXT NOT NULL,
+    holder TEXT,
+    holder_session TEXT,
+    holder_machine TEXT,
+    holder_credential TEXT,
+    claimed_at REAL,
+    done_at REAL,
+    done_by TEXT,
+    result TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state, seq);
+CREATE INDEX IF NOT EXISTS tasks_holder ON tasks(holder_session) WHERE state = 'claimed';
 CREATE TABLE IF NOT EXISTS credentials(
     name TEXT PRIMARY KEY,
     machine TEXT NOT NULL,
@@ -1428,6 +1480,7 @@ class Store:
                       (cutoff,))
             c.execute("DELETE FROM sessions WHERE live = 0 AND last_seen < ?", (cutoff,))
             c.execute("DELETE FROM alerts WHERE resolved_at < ?", (cutoff,))
+            c.execute("DELETE FROM tasks WHERE state = 'done' AND done_at < ?", (cutoff,))
             c.execute("DELETE FROM webhook_deliveries WHERE queued_at < ? AND state != 'pending'", (cutoff,))
             published = " AND published_at IS NOT NULL" if self.cfg.nats_url else ""
             c.execute(f"DELETE FROM events WHERE at < ?{published}", (cutoff,))
@@ -1502,6 +1555,8 @@ class Sessions:
         self.live: dict[str, dict[str, Any]] = {}  #: id -> session, for the live ones
         self.names: dict[str, str] = {}  #: agent name -> the id of the live session holding it
         self.digests: dict[str, str] = {}  #: secret -> its sha256, for secrets that opened a live session
+        #: what else ends with a session, in the same transaction (the task board reopens what it held)
+        self.on_end: list[Callable[[sqlite3.Connection, dict[str, Any], str], None]] = []
         self._load_live()
         store.on_rollback = self._load_live
 
@@ -1525,6 +1580,8 @@ class Sessions:
         )
         self.store.event(c, "peer.left", "fleet.peer.left", machine=session["machine"], session_id=sid,
                     name=session["name"], reason=reason)
+        for ended in self.on_end:
+            ended(c, session, reason)
         self.live.pop(sid, None)
         self.presence.forget(sid)
         if session["name"] and self.names.get(session["name"]) == sid:
@@ -2060,6 +2117,186 @@ class Records:
         diff = difflib.unified_diff(before_lines, after_lines, f"version {before['version']}",
                                     f"version {after['version']}")
         return {"from": before["version"], "to": after["version"], "diff": "".join(diff)}
+
+TASK_LISTS = ("active", "open", "all")  # what a task list shows: open and claimed ones, open ones only, or done ones too
+
+
+def task_view(row: Any, waiting: list[str]) -> dict[str, Any]:
+    """A task as the API, the CLI and the tools show it; ``waiting``: the tasks it needs that are not done."""
+    return {"id": row["id"], "text": row["text"], "repo": row["repo"], "machine": row["machine"],
+            "after": json.loads(row["after"]), "waiting": waiting, "state": row["state"],
+            "created_at": iso(row["created_at"]), "created_by": row["created_by"], "tell": row["tell"],
+            "holder": row["holder"], "holder_session": row["holder_session"], "holder_machine": row["holder_machine"],
+            "claimed_at": iso(row["claimed_at"]), "done_at": iso(row["done_at"]), "done_by": row["done_by"],
+            "result": row["result"]}
+
+
+def dependency_path(needs: dict[str, list[str]], start: str, goal: str) -> list[str] | None:
+    """A path start -> ... -> goal along ``needs`` (each task -> the tasks it waits for), or None."""
+    stack, seen = [[start]], set()
+    while stack:
+        path = stack.pop()
+        if path[-1] == goal:
+            return path
+        if path[-1] not in seen:
+            seen.add(path[-1])
+            stack += [[*path, after] for after in needs.get(path[-1], [])]
+    return None
+
+
+class Tasks:
+    """The fleet's task board: tasks added by sessions, daemons or the operator, claimed by one
+    holder at a time (a conditional update in the broker's one writer: of two racing claims one
+    wins), reopened when the holder's session ends, held back until the tasks they wait for are
+    done, and finished with a result that is mailed to whoever the creator asked to be told."""
+
+    def __init__(self, store: Store, messages: Messages) -> None:
+        self.store = store
+        self.messages = messages
+
+    def _row(self, c: sqlite3.Connection, task_id: str, field: str = "") -> sqlite3.Row:
+        row = c.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if row is None:
+            raise ApiError(404, f"{field}no task {task_id} (claude-peers task list --all shows every task and its id)")
+        return row
+
+    def _views(self, c: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[dict[str, Any]]:
+        """Tasks with what each still waits for (a task pruned after it was done counts as done)."""
+        needed = sorted({after for row in rows for after in json.loads(row["after"])})
+        states = dict(c.execute("SELECT id, state FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
+                                (json.dumps(needed),)).fetchall())
+        return [task_view(row, [a for a in json.loads(row["after"]) if states.get(a, "done") != "done"])
+                for row in rows]
+
+    def _event(self, c: sqlite3.Connection, task_id: str, kind: str, **why: Any) -> dict[str, Any]:
+        """The task as it is now, also as a fleet.task.<kind> event in this transaction."""
+        [view] = self._views(c, [self._row(c, task_id)])
+        self.store.event(c, f"task.{kind}", f"fleet.task.{kind}", task_id=task_id, task_text=view["text"][:500],
+                         **{k: v for k, v in view.items() if k not in ("id", "machine", "text", "result")},
+                         task_machine=view["machine"], result=view["result"][:500], **why)
+        return view
+
+    def add(self, creator: dict[str, Any], text: str, repo: str, machine: str, after: list[str], tell: str,
+            credential: str) -> dict[str, Any]:
+        """A new open task; every task it waits for must exist (so a new one closes no cycle)."""
+        if not text.strip():
+            raise ApiError(400, "field 'text' is empty: say what the task is")
+        with self.store.tx() as c:
+            for needed in after:
+                self._row(c, needed, "after: ")
+            row = {"id": new_id(6), "text": text, "repo": repo, "machine": machine,
+                   "after": json.dumps(list(dict.fromkeys(after))), "state": "open", "created_at": time.time(),
+                   "created_by": creator["name"] or creator["id"], "tell": tell, "credential": credential}
+            c.execute(f"INSERT INTO tasks({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+            return self._event(c, row["id"], "added")
+
+    def wait_for(self, task_id: str, after: list[str]) -> dict[str, Any]:
+        """Make a task wait for more tasks; one that would close a cycle is refused, and nothing changes."""
+        with self.store.tx() as c:
+            row = self._row(c, task_id)
+            if row["state"] == "done":
+                raise ApiError(409, f"task {task_id} is done: it waits for nothing any more")
+            for needed in after:
+                self._row(c, needed, "after: ")
+            needs = {r["id"]: json.loads(r["after"]) for r in c.execute("SELECT id, after FROM tasks")}
+            for needed in after:
+                path = dependency_path(needs, needed, task_id)
+                if path is not None:
+                    loop = " -> ".join([task_id, *path])
+                    raise ApiError(409, f"after: {loop} would be a cycle (each waits for the next): no task of it"
+                                        " could ever start; nothing was changed")
+            merged = list(dict.fromkeys(json.loads(row["after"]) + after))
+            c.execute("UPDATE tasks SET after = ? WHERE id = ?", (json.dumps(merged), task_id))
+            return self._event(c, task_id, "changed")
+
+    def _refusal(self, c: sqlite3.Connection, row: sqlite3.Row, machine: str) -> str:
+        """Why ``row`` cannot be claimed now by a holder on ``machine`` ('' : any), or ''."""
+        tid = row["id"]
+        if row["state"] == "done":
+            return f"task {tid} is done (by {row['done_by']} at {iso(row['done_at'])})"
+        if row["state"] == "claimed":
+            if row["holder_session"] is None:
+                return f"task {tid} is held by {row['holder']} (from the command line) since {iso(row['claimed_at'])}"
+            return (f"task {tid} is held by {row['holder']} on {row['holder_machine']} since {iso(row['claimed_at'])}:"
+                    f" ask them (send_message to {row['holder']}) or take another")
+        [view] = self._views(c, [row])
+        if view["waiting"]:
+            return f"task {tid} waits for {', '.join(view['waiting'])} (not done yet)"
+        if row["machine"] and machine and row["machine"] != machine:
+            return f"task {tid} is for machine {row['machine']}, not {machine}"
+        return ""
+
+    def claim(self, holder: dict[str, Any], credential: str, task_id: str | None,
+              repo: str | None) -> dict[str, Any] | None:
+        """Give ``holder`` (a session, or the operator) one task: ``task_id``, else the oldest open one
+        it may take in ``repo`` (or with no repository); None when there is none."""
+        with self.store.tx() as c:
+            if task_id:
+                row = self._row(c, task_id)
+                why = self._refusal(c, row, holder["machine"])
+                if why:
+                    raise ApiError(409, why)
+            else:
+                rows = c.execute("SELECT * FROM tasks WHERE state = 'open' AND repo IN ('', ?) ORDER BY seq",
+                                 (repo or "",)).fetchall()
+                row = next((r for r in rows if not self._refusal(c, r, holder["machine"])), None)
+                if row is None:
+                    return None
+            session = holder["id"] if holder["id"] != OPERATOR else None
+            c.execute("UPDATE tasks SET state = 'claimed', holder = ?, holder_session = ?, holder_machine = ?,"
+                      " holder_credential = ?, claimed_at = ? WHERE id = ? AND state = 'open'",
+                      (holder["name"] or holder["id"], session, holder["machine"], credential, time.time(), row["id"]))
+            return self._event(c, row["id"], "claimed")
+
+    def finish(self, finisher: dict[str, Any], credential: str, task_id: str, result: str, any_holder: bool,
+               parked: Container[str]) -> Sent:
+        """Mark a task done with its result (its holder, or ``any_holder``: an operator), and mail the
+        result to the one its creator named to tell, in the same transaction."""
+        with self.store.tx() as c:
+            row = self._row(c, task_id)
+            if row["state"] == "done":
+                raise ApiError(409, f"task {task_id} was already done at {iso(row['done_at'])} by {row['done_by']}")
+            holds = (row["holder_session"] == finisher["id"] if finisher["id"] != OPERATOR
+                     else row["state"] == "claimed" and row["holder_credential"] == credential)
+            if not holds and not any_holder:
+                raise ApiError(409, f"task {task_id} is open: claim it first" if row["state"] == "open" else
+                               f"task {task_id} is held by {row['holder']}: only its holder (or an operator)"
+                               " finishes it")
+            done_by = finisher["name"] or finisher["id"]
+            c.execute("UPDATE tasks SET state = 'done', done_at = ?, done_by = ?, result = ? WHERE id = ?",
+                      (time.time(), done_by, result, task_id))
+            view = self._event(c, task_id, "done")
+            told = None
+            if row["tell"] and row["tell"] not in (finisher["id"], finisher["name"]):
+                text = f"[task {task_id} done by {done_by}] {row['text'][:300]}\nResult: {result or '(none given)'}"
+                told = self.messages.send(finisher, row["tell"], text, None, "all", parked, credential)
+        answer = {"task": view, "told": told and told.answer, "messages": told.answer["messages"] if told else []}
+        return Sent(answer, told.handed if told else {}, told.wake if told else set())
+
+    def reopen_held(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
+        """A session ended: every task it held is open again, for the next one to claim."""
+        held = [r["id"] for r in c.execute("SELECT id FROM tasks WHERE holder_session = ? AND state = 'claimed'",
+                                           (session["id"],))]
+        for task_id in held:
+            c.execute("UPDATE tasks SET state = 'open', holder = NULL, holder_session = NULL, holder_machine = NULL,"
+                      " holder_credential = NULL, claimed_at = NULL WHERE id = ?", (task_id,))
+            self._event(c, task_id, "reopened", reason=f"its holder {session['name'] or session['id']} ended"
+                                                        f" ({reason})")
+
+    def list(self, which: str, repo: str | None, limit: int) -> list[dict[str, Any]]:
+        """Tasks oldest first: ``which`` of TASK_LISTS, in ``repo`` (and those with no repository) when given."""
+        states = {"active": ("open", "claimed"), "open": ("open",), "all": ("open", "claimed", "done")}[which]
+        where = " AND repo IN ('', ?)" if repo is not None else ""
+        with self.store.lock:
+            rows = self.store.db.execute(f"SELECT * FROM tasks WHERE state IN (SELECT value FROM json_each(?)){where}"
+                                         " ORDER BY seq DESC LIMIT ?",
+                                         (json.dumps(states), *([repo] if repo is not None else []), limit)).fetchall()
+            return self._views(self.store.db, rows[::-1])
+
+    def counts(self) -> dict[str, int]:
+        states = dict(self.store.read("SELECT state, COUNT(*) FROM tasks GROUP BY state"))
+        return {s: states.get(s, 0) for s in ("open", "claimed", "done")}
+
 
 ROLES = ("client", "operator", "admin")
 CREDENTIAL_PREFIX = "cpc_"  # a credential, told apart from the hub's admin token at a glance
@@ -3697,6 +3934,11 @@ CREDENTIAL_SCHEMA: Schema = {
     "name": Field(str, True, 64), "machine": Field(str, True, 64), "role": Field(str, False, 16),
     "expires_s": Field(int, False, 100 * 365 * 86400), "nats": Field(bool, False, 0),
 }
+TASK_SCHEMA: Schema = {"text": Field(str, True, 4000), "repo": Field(str, False, 500), "machine": Field(str, False, 255),
+                       "after": Field(list, False, 50), "tell": Field(str, False, 64)}
+TASK_CLAIM_SCHEMA: Schema = {"id": Field(str, False, 64), "repo": Field(str, False, 500)}
+TASK_DONE_SCHEMA: Schema = {"result": Field(str, False, 8000)}
+TASK_AFTER_SCHEMA: Schema = {"after": Field(list, True, 50)}
 EMPTY_SCHEMA: Schema = {}
 KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object",
               bool: "true or false"}
@@ -3828,6 +4070,8 @@ class Broker:
         self.messages = Messages(self.store, self.sessions)
         self.records = Records(self.store)
         self.credentials = Credentials(self.store)
+        self.tasks = Tasks(self.store, self.messages)
+        self.sessions.on_end.append(self.tasks.reopen_held)
         self.records.migrate_memory()
         self.limiter = RateLimiter(cfg.broker.rate_per_s, cfg.broker.rate_burst)
         # Long-polls waiting right now, until woken or handed mail (a send leases mail to them).
@@ -4055,11 +4299,12 @@ PERMISSIONS = {
     "metrics": "read the metrics",
     "login": "open the dashboard (it shows every session and message, and runs daemons on any machine)",
     "dashboard": "use the dashboard (its cookie: from `claude-peers dashboard`)",
+    "task": "add, claim and finish tasks on the task board",
     "forget": "resolve alerts by hand and forget machines",
     "admin": "manage credentials",
 }
-ROLE_PERMISSIONS = {"client": {"read", "session", "report", "trigger"},
-                    "operator": {"read", "session", "report", "trigger", "operator", "metrics", "login"},
+ROLE_PERMISSIONS = {"client": {"read", "session", "report", "trigger", "task"},
+                    "operator": {"read", "session", "report", "trigger", "task", "operator", "metrics", "login"},
                     "admin": set(PERMISSIONS), "dashboard": {"dashboard"}, "dashboard-admin": {"dashboard", "forget"},
                     "metrics": {"metrics"}}
 
@@ -4374,6 +4619,53 @@ async def r_revoke_credential(b: Broker, req: Request) -> Any:
     return {**revoked, "sessions_ended": len(ended)}
 
 
+def task_actor(req: Request) -> dict[str, Any]:
+    """Who acts on the task board: the calling session, else the operator as this credential."""
+    if req.session is not None:
+        return req.session
+    name = OPERATOR if req.identity == ADMIN else f"{OPERATOR} ({req.identity.name})"  # the audit: which credential
+    return {**OPERATOR_IDENTITY, "name": name, "machine": req.identity.machine}
+
+
+def r_tasks(b: Broker, req: Request) -> Any:
+    which = req.query.get("state", "active")
+    if which not in TASK_LISTS:
+        raise ApiError(400, f"query parameter 'state' must be one of {', '.join(TASK_LISTS)}")
+    return {"tasks": b.tasks.list(which, req.query.get("repo"), _int_query(req, "limit", 200, 1, 1000))}
+
+
+async def r_add_task(b: Broker, req: Request) -> Any:
+    """A session's task tells it (its name, else its id) unless it names another; the operator's, whom it names."""
+    body, actor = req.body, task_actor(req)
+    tell = body.get("tell") or (actor["name"] or actor["id"] if req.session is not None else "")
+    if tell and not (valid_name(tell) or SESSION_ID_RE.match(tell)):
+        raise ApiError(400, f"field 'tell' is neither an agent name nor a session id: {tell!r}")
+    machine = body.get("machine", "")
+    if machine and not NAME_RE.match(machine):
+        raise ApiError(400, f"field 'machine' is not a machine name: {machine!r}")
+    task = await b.write(lambda: b.tasks.add(actor, body["text"], body.get("repo", ""), machine,
+                                             body.get("after", []), tell, req.identity.name))
+    return 201, task
+
+
+async def r_claim_task(b: Broker, req: Request) -> Any:
+    """A session claims the task it names or the next one of its repository; the command line, the one it names."""
+    task_id = req.body.get("id") if req.session is not None else req.args[0]
+    task = await b.write(lambda: b.tasks.claim(task_actor(req), req.identity.name, task_id, req.body.get("repo")))
+    return {"task": task}
+
+
+async def r_finish_task(b: Broker, req: Request) -> Any:
+    any_holder = req.session is None and "operator" in ROLE_PERMISSIONS[req.identity.role]
+    sent = await b.write(lambda: b.tasks.finish(task_actor(req), req.identity.name, req.args[-1],
+                                                req.body.get("result", ""), any_holder, b.parked))
+    return {k: v for k, v in sent.answer.items() if k != "messages"}
+
+
+async def r_task_after(b: Broker, req: Request) -> Any:
+    return await b.write(lambda: b.tasks.wait_for(req.args[0], req.body["after"]))
+
+
 # -- the dashboard and /metrics (what they show is built in the section above) --------------
 
 DASHBOARD_LOGIN_SCHEMA: Schema = {"code": Field(str, True, 100)}
@@ -4451,6 +4743,9 @@ ROUTES: list[Route] = [
         ("POST", f"/api/sessions/{SID}/ack", r_ack, True, ACK_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/inbox", r_inbox, True, EMPTY_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/leave", r_leave, True, EMPTY_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/tasks", r_add_task, True, TASK_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/tasks/claim", r_claim_task, True, TASK_CLAIM_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/tasks/([0-9a-f]{{12}})/done", r_finish_task, True, TASK_DONE_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/memory", r_set_memory, True, MEMORY_SCHEMA, "operator"),
         ("GET", f"/api/sessions/{SID}/messages/([0-9a-f]{{12}})", r_session_message, True, None, "session"),
         ("POST", "/api/send", r_operator_send, False, SEND_SCHEMA, "operator"),
@@ -4475,6 +4770,11 @@ ROUTES: list[Route] = [
         ("GET", "/api/credentials", r_credentials, False, None, "admin"),
         ("POST", r"/api/credentials/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/revoke", r_revoke_credential, False,
          EMPTY_SCHEMA, "admin"),
+        ("GET", "/api/tasks", r_tasks, False, None, "read"),
+        ("POST", "/api/tasks", r_add_task, False, TASK_SCHEMA, "task"),
+        ("POST", "/api/tasks/([0-9a-f]{12})/claim", r_claim_task, False, EMPTY_SCHEMA, "task"),
+        ("POST", "/api/tasks/([0-9a-f]{12})/done", r_finish_task, False, TASK_DONE_SCHEMA, "task"),
+        ("POST", "/api/tasks/([0-9a-f]{12})/after", r_task_after, False, TASK_AFTER_SCHEMA, "task"),
         ("POST", "/api/schedule", r_schedule, False, SCHEDULE_SCHEMA, "report"),
         ("POST", "/api/dashboard/codes", r_login_code, False, EMPTY_SCHEMA, "login"),
         ("GET", "/", r_dashboard_page, False, None, "dashboard"),
