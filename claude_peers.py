@@ -605,6 +605,13 @@ DAEMON_TOOLS: dict[str, dict[str, Any]] = {
                    " it.", True, ("severity", "title"),
                    severity={"type": "string", "enum": list(SEVERITIES)}, title={"type": "string"},
                    detail={"type": "string"}),
+    "add_task": _tool("Put a task on the fleet's task board for a Claude Code session to take (a fault to fix, a"
+                      " change to make); its result is mailed to `tell` (default: this daemon's daemon-<name>).",
+                      True, ("text",), text={"type": "string", "description": "what is to be done, and why"},
+                      repo={"type": "string", "description": "the repository, e.g. github.com/owner/name (default:"
+                                                             " any)"},
+                      machine={"type": "string", "description": "only a session on this machine may take it"},
+                      tell={"type": "string", "description": "an agent name to tell the result"}),
     "remember": _tool("Store a small value under a key for this daemon's next runs.", True, ("key", "value"),
                       key={"type": "string"}, value={"type": "string"}),
     "recall": _tool("Read a value this daemon stored with remember.", False, ("key",), key={"type": "string"}),
@@ -5364,6 +5371,17 @@ TOOLS: list[dict[str, Any]] = [
      "description": "Show this session's claude-peers identity (session id, agent name, machine, directory)"
                     " and whether the broker is reachable.",
      "inputSchema": {"type": "object", "properties": {}}},
+    {"name": "tasks",
+     "description": "The fleet's task board for this repository: list its open and claimed tasks, claim one (the"
+                    " next open one, or by id: of sessions racing, one gets it), finish one you hold with a result"
+                    " (its creator is told), or add one for any session to take. A task you hold is open again if"
+                    " this session ends.",
+     "inputSchema": {"type": "object", "required": ["action"], "properties": {
+         "action": {"type": "string", "enum": ["list", "claim", "done", "add"]},
+         "id": {"type": "string", "description": "claim: this task (default: the next open one); done: the task"},
+         "result": {"type": "string", "description": "done: what came of it"},
+         "text": {"type": "string", "description": "add: what is to be done"},
+         "after": {"type": "array", "items": {"type": "string"}, "description": "add: ids of tasks it waits for"}}}},
 ]
 
 
@@ -5511,6 +5529,22 @@ def format_message(message: dict[str, Any], shown: bool) -> str:
     return f"{head}\n{body}"
 
 
+def format_task(task: dict[str, Any]) -> str:
+    """One task in a line (its text's further lines indented): id, state, text, who made and holds it."""
+    if task["state"] == "claimed":
+        state = f"held by {task['holder']}" + (f" on {task['holder_machine']}" if task["holder_machine"] else "")
+    elif task["state"] == "open" and task["waiting"]:
+        state = f"waits for {', '.join(task['waiting'])}"
+    else:
+        state = task["state"] + (f" by {task['done_by']}" if task["done_by"] else "")
+    where = (f" (machine {task['machine']})" if task["machine"] else "") + f" from {task['created_by']}"
+    first, *rest = task["text"].splitlines() or [""]
+    lines = [f"- {task['id']} [{state}] {first}{where}", *("    " + line for line in rest)]
+    if task["result"]:
+        lines += ["    result: " + line for line in task["result"].splitlines()[:1]]
+    return "\n".join(lines)
+
+
 class ShimError(Exception):
     """A tool call that failed in a way the model should read."""
 
@@ -5547,6 +5581,7 @@ class Shim:
         self.seen: dict[str, None] = {}  #: message ids pushed or returned: never shown twice
         self.unread: dict[str, dict[str, Any]] = {}  #: pushed, not yet read or answered
         self.unacked: list[str] = []  #: pushed, but the broker has not taken the acknowledgement yet
+        self.repo: str | None = None  #: this session's repository on the task board, once a task call asked
         self.tools_client.answered = self.poll_client.answered = self._answered
         self.introduced = asyncio.Event()  #: initialize arrived: the client and the mode are known
         self.attempted = asyncio.Event()  #: the first registration attempt is over (instructions wait for it)
@@ -5736,7 +5771,7 @@ class Shim:
         """Run one tool; raises ShimError with a readable message on any failure."""
         handlers = {"list_peers": self.tool_list_peers, "send_message": self.tool_send_message,
                     "set_summary": self.tool_set_summary, "check_messages": self.tool_check_messages,
-                    "whoami": self.tool_whoami}
+                    "whoami": self.tool_whoami, "tasks": self.tool_tasks}
         tool = next((t for t in TOOLS if t["name"] == name), None)
         if tool is None:
             raise ShimError(f"unknown tool {str(name)[:64]!r}; the tools are {', '.join(handlers)}")
@@ -5806,6 +5841,37 @@ class Shim:
         parts = [format_message(m, m["id"] in shown) for m in messages]
         return (f"{len(messages)} peer message(s), oldest first. Each text is from another agent; answer with"
                 " send_message(to=<from id or name>, reply_to=<message_id>).\n\n" + "\n\n".join(parts))
+
+    async def tool_tasks(self, action: str, id: str | None = None, result: str | None = None,
+                         text: str | None = None, after: list[str] | None = None) -> str:
+        """The task board of this session's repository (the same name on every clone of it)."""
+        self._need_session()
+        if self.repo is None:
+            self.repo = await asyncio.to_thread(repo_identity, self.cwd)
+        board = self.repo or "no repository"
+        if action == "list":
+            found = (await self.tools_client.call("GET", "/api/tasks?" + urllib.parse.urlencode({"repo": self.repo})))
+            if not found["tasks"]:
+                return f"No open tasks for {board}."
+            return f"Tasks for {board} ({len(found['tasks'])}):\n" + "\n".join(map(format_task, found["tasks"]))
+        if action == "claim":
+            task = (await self.tools_client.session_call("POST", "/tasks/claim", {"id": id, "repo": self.repo}))["task"]
+            if task is None:
+                return f"No open task to take for {board} (tasks waiting for others are not offered)."
+            return (f"You hold task {task['id']}: {task['text']}\nWhen it is done: tasks(action=\"done\","
+                    f" id=\"{task['id']}\", result=...).")
+        if action == "done":
+            if not id:
+                raise ShimError("tasks: done needs the task's id")
+            done = await self.tools_client.session_call("POST", f"/tasks/{urllib.parse.quote(id, safe='')}/done",
+                                                        {"result": result or ""})
+            told = f" {recipient_note(done['told'])}" if done["told"] else ""
+            return f"Task {id} is done.{told}"
+        if not text:
+            raise ShimError("tasks: add needs the task's text")
+        task = await self.tools_client.session_call("POST", "/tasks", {"text": text, "repo": self.repo,
+                                                                      "after": after or None})
+        return f"Added task {task['id']} for {board}; you are told its result."
 
     async def tool_whoami(self) -> str:
         if self.session is None:
@@ -6922,7 +6988,7 @@ class AgentTools:
             "read_file": self.tool_read_file, "list_peers": self.tool_list_peers,
             "send_message": self.tool_send_message, "read_events": self.tool_read_events,
             "read_memory": self.tool_read_memory, "write_memory": self.tool_write_memory, "alert": self.tool_alert,
-            "remember": self.tool_remember, "recall": self.tool_recall}
+            "add_task": self.tool_add_task, "remember": self.tool_remember, "recall": self.tool_recall}
         policies: dict[str, Callable[..., None]] = {
             "probe_host": self.check_probe_host, "http_get": self.check_http_get,
             "run_command": self.check_run_command, "read_file": self.check_read_file}
@@ -7037,6 +7103,12 @@ class AgentTools:
                                     "title": title[:300], "detail": detail[:4000]}
         return (f"alert noted ({severity}): sent when the run ends if it is new or changed, repeated while it"
                 " stays raised run after run, resolved when a run no longer raises it")
+
+    def tool_add_task(self, text: str, repo: str = "", machine: str = "", tell: str = "") -> str:
+        body = {"text": text[:4000], "repo": normalise_repo(repo) if repo else None, "machine": machine or None,
+                "tell": tell or None}
+        task = self.run.broker().session_call("POST", "/tasks", body)
+        return f"task {task['id']} added for {task['repo'] or 'any repository'}; its result goes to {task['tell']}"
 
     def tool_remember(self, key: str, value: str) -> str:
         self.run.state.remember(self.run.daemon.name, key[:200], value[:KV_VALUE_CAP])
@@ -10005,6 +10077,58 @@ def cmd_alerts(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def repo_argument(value: str) -> str:
+    """--repo as the task board keys it: '.' this directory's repository, 'any' none, else a remote normalised."""
+    if value == ".":
+        return repo_identity(Path.cwd())
+    if value == "any":
+        return ""
+    return value if value.startswith("root:") else normalise_repo(value)
+
+
+def print_tasks(tasks: list[dict[str, Any]]) -> None:
+    """Tasks under their repository, each in its line."""
+    for repo in dict.fromkeys(t["repo"] for t in tasks):
+        print(repo or "(any repository)")
+        for task in (t for t in tasks if t["repo"] == repo):
+            print("  " + format_task(task).replace("\n", "\n  "))
+
+
+def cmd_task(cfg: Config, args: argparse.Namespace) -> int:
+    """The task board from the command line: add, list, claim, done, after (as the operator, or this
+    machine's credential)."""
+    client = client_from_config(cfg)
+    action = args.task_action
+    if action == "add":
+        body = {"text": utf8_argument("the task's text", args.text), "repo": repo_argument(args.repo),
+                "machine": args.machine, "after": args.after or None, "tell": args.tell}
+        task = client.call("POST", "/api/tasks", {k: v for k, v in body.items() if v is not None})
+        waits = f", waiting for {', '.join(task['waiting'])}" if task["waiting"] else ""
+        print(f"added task {task['id']} for {task['repo'] or 'any repository'}{waits}"
+              + (f"; its result goes to {task['tell']}" if task["tell"] else ""))
+    elif action == "claim":
+        task = client.call("POST", f"/api/tasks/{urllib.parse.quote(args.id, safe='')}/claim")["task"]
+        print(f"you hold task {task['id']}: {task['text']} (when done: claude-peers task done {task['id']}"
+              " --result TEXT)")
+    elif action == "done":
+        done = client.call("POST", f"/api/tasks/{urllib.parse.quote(args.id, safe='')}/done",
+                           {"result": utf8_argument("--result", args.result or "")})
+        print(f"task {args.id} done" + (f"; {recipient_note(done['told'])}" if done["told"] else ""))
+    elif action == "after":
+        task = client.call("POST", f"/api/tasks/{urllib.parse.quote(args.id, safe='')}/after", {"after": args.needs})
+        print(f"task {task['id']} waits for {', '.join(task['waiting']) or 'nothing (all of them are done)'}")
+    else:
+        query = {"state": "all" if args.all else "active", **({"repo": repo_argument(args.repo)} if args.repo else {})}
+        tasks = client.call("GET", "/api/tasks?" + urllib.parse.urlencode(query))["tasks"]
+        if args.json:
+            print_json(tasks)
+        elif not tasks:
+            print("no open tasks (claude-peers task add TEXT)" if not args.all else "no tasks")
+        else:
+            print_tasks(tasks)
+    return 0
+
+
 def configured_daemon(cfg: Config, name: str, elsewhere: str = "") -> SimpleNamespace:
     """The daemon a trigger names, as this config has it: an unknown name is a typo to say now."""
     daemon = cfg.daemons.get(name)
@@ -10203,6 +10327,29 @@ def build_parser() -> argparse.ArgumentParser:
                                 " the problem is still there")
     action.add_argument("id", help="the alert's id (claude-peers alerts lists it)")
     add_common_options(action, argparse.SUPPRESS, argparse.SUPPRESS)
+    p = command("task", cmd_task, "the fleet's task board: add, list, claim, done, after")
+    actions = p.add_subparsers(dest="task_action", metavar="ACTION", required=True)
+    action = actions.add_parser("add", help="a task for any session (of its repository) to take")
+    action.add_argument("text")
+    action.add_argument("--repo", default=".", help="its repository: a remote URL, '.' this directory's (default),"
+                        " or 'any'")
+    action.add_argument("--after", action="append", metavar="ID", help="a task it waits for (repeatable)")
+    action.add_argument("--machine", metavar="M", help="only a session on this machine may take it")
+    action.add_argument("--tell", metavar="NAME", help="the agent name or session id its result is mailed to")
+    action = actions.add_parser("list", help="open and claimed tasks, oldest first")
+    action.add_argument("--all", action="store_true", help="done ones too")
+    action.add_argument("--repo", help="only this repository's (and those of any repository); '.' this directory's")
+    action.add_argument("--json", action="store_true", help="machine-readable output")
+    action = actions.add_parser("claim", help="hold a task (as the operator) until it is done")
+    action.add_argument("id")
+    action = actions.add_parser("done", help="finish a task with its result (its creator's `tell` is told)")
+    action.add_argument("id")
+    action.add_argument("--result", help="what came of it")
+    action = actions.add_parser("after", help="make a task wait for other tasks too (a cycle is refused)")
+    action.add_argument("id")
+    action.add_argument("needs", nargs="+", metavar="NEEDS", help="the tasks it waits for")
+    for action in actions.choices.values():
+        add_common_options(action, argparse.SUPPRESS, argparse.SUPPRESS)
     p = command("trigger", cmd_trigger, "run a daemon now (via the supervisor, or here in the foreground)")
     p.add_argument("daemon")
     p.add_argument("--here", action="store_true", help="run it in this terminal, printing the transcript")
