@@ -869,7 +869,7 @@ def test_two_sessions_racing_for_a_task_over_http_one_wins_each_of_100_rounds(ma
     for round_no in range(100):
         task = add_task(operator, f"task {round_no}")
         by_id = round_no % 2 == 0  # even rounds name the task, odd ones take the next open one
-        outcomes = race(racers, lambda racer: claim_task(racer, task["id"] if by_id else None))
+        outcomes = race(racers, lambda racer, wanted=task["id"] if by_id else None: claim_task(racer, wanted))
         won = [o for o in outcomes if isinstance(o, dict)]
         lost = [o for o in outcomes if not isinstance(o, dict)]
         assert len(won) == 1 and won[0]["id"] == task["id"], outcomes
@@ -1112,6 +1112,28 @@ def test_events_reach_jetstream_on_their_subjects(make_broker, nats_server):
     assert [m["payload"]["id"] for m in messages] == event_ids(broker)  # in outbox order
     out = broker.cli("status")
     assert f"nats: connected to {nats_server.url}, stream FLEET" in out.stdout and "backlog 0" in out.stdout
+
+
+def test_task_board_changes_reach_jetstream_as_fleet_task_events(make_broker, nats_server):
+    broker = make_broker(nats=nats_server.toml())
+    creator, worker = broker.session(name="creator"), broker.session(name="worker", machine="m2")
+    task = add_task(creator, "renew the certificates", machine="m2")
+    claim_task(worker, task["id"])
+    worker.session_call("POST", "/leave")
+    again = broker.session(name="worker", machine="m2")
+    claim_task(again, task["id"])
+    again.session_call("POST", f"/tasks/{task['id']}/done", {"result": "renewed until 2027"})
+    wait_published(broker)
+    events = [m["payload"] for m in stream_messages(nats_server.url, token=nats_server.token)
+              if m["subject"].startswith("fleet.task.")]
+    assert [(e["type"], e["state"], e["holder"]) for e in events] == [
+        ("task.added", "open", None), ("task.claimed", "claimed", "worker"), ("task.reopened", "open", None),
+        ("task.claimed", "claimed", "worker"), ("task.done", "done", "worker")]
+    assert {e["task_id"] for e in events} == {task["id"]}
+    assert events[0]["task_text"] == "renew the certificates" and events[0]["task_machine"] == "m2"
+    assert events[0]["repo"] == REPO and events[0]["created_by"] == "creator"
+    assert events[2]["reason"] == "its holder worker ended (left)"
+    assert events[-1]["result"] == "renewed until 2027" and events[-1]["done_by"] == "worker"
 
 
 def test_message_text_is_published_only_when_configured(make_broker, nats_server):
@@ -2268,6 +2290,10 @@ HOSTILE_FIELDS = [
     ("/api/alerts", {"source": "d", "machine": "m", "checks": [], "repeat_after": 3, "findings": [
         {"check": "disk", "key": "/", "severity": "warning", "title": "{}"}]}),
     ("/api/health", {"source": "d", "machine": "m", "findings": [], "report": {"note": "{}"}}),
+    ("/tasks", {"text": "{}"}),
+    ("/tasks", {"text": "t", "repo": "{}"}),
+    ("/api/tasks", {"text": "t", "tell": "{}"}),
+    ("/tasks/claim", {"repo": "{}"}),
 ]
 
 
@@ -2469,6 +2495,10 @@ VALID_BODIES = [  # one valid body per schema: the fuzzer breaks one field at a 
     (cp.SCHEDULE_SCHEMA, {"machine": "m", "daemons": [{"name": "d", "next_due": 1.5, "enabled": 1}]}),
     (cp.DASHBOARD_LOGIN_SCHEMA, {"code": "not-a-code"}),
     (cp.FORGET_SCHEMA, {"machine": "m", "source": "d", "reason": "r"}),
+    (cp.TASK_SCHEMA, {"text": "t", "repo": "github.com/o/r", "machine": "m", "tell": "bob"}),
+    (cp.TASK_CLAIM_SCHEMA, {"repo": "github.com/o/r"}),
+    (cp.TASK_DONE_SCHEMA, {"result": "r"}),
+    (cp.TASK_AFTER_SCHEMA, {"after": ["0" * 12]}),
 ]
 HOSTILE_VALUES = st.sampled_from(["\ud800", "ok\udfff", 2 ** 64, -(2 ** 63) - 1, -1, None, float("nan"),
                                   float("inf"), 1e308, "", [[[[[]]]]], {"a": {}}]) | JSON_VALUES
@@ -2618,7 +2648,7 @@ def test_every_route_grants_each_role_what_it_may_do_and_refuses_the_rest(make_b
     broker.client().call("POST", "/api/credentials/stolen/revoke")
     other = as_session(broker, credential(broker, "pi", "pi"))  # another machine's session
     allowed = {role: {p for p, roles in [("read", "coa"), ("session", "coa"), ("report", "coa"), ("trigger", "coa"),
-                                         ("operator", "oa"), ("metrics", "oa"), ("login", "oa"), ("forget", "a"),
+                                         ("task", "coa"), ("operator", "oa"), ("metrics", "oa"), ("login", "oa"), ("forget", "a"),
                                          ("admin", "a")] if role[0] in roles}
                for role in tokens}
     permission = {(m, p.pattern): perm for m, p, _, _, _, perm in cp.ROUTES}
@@ -2878,7 +2908,7 @@ async def test_shim_handshake_tools_and_channel_push(broker, mode):
                          "db-migrator", "migrating postgres", "backups at 02:00"):
             assert fragment in instructions, fragment
         tools = {t.name: t for t in (await client.list_tools()).tools}
-        assert set(tools) == {"list_peers", "send_message", "set_summary", "check_messages", "whoami"}
+        assert set(tools) == {"list_peers", "send_message", "set_summary", "check_messages", "whoami", "tasks"}
         assert all(len(t.description) > 40 for t in tools.values())
         assert "db-migrator" in await shim.ok("list_peers", {"scope": "all"})
         me = peer_named(broker, "web")
@@ -3326,6 +3356,83 @@ async def test_stdin_eof_unregisters_and_exits(broker):
     await wait_until(lambda: not cp.pid_alive(pid), timeout=5)
     events = broker.client().call("GET", "/api/events?after=0")["events"]
     assert [e["reason"] for e in events if e["type"] == "peer.left" and e["name"] == "leaver"] == ["left"]
+
+
+def machine_config(broker: BrokerProc, machine: str) -> Path:
+    """This broker's config as another machine of the fleet has it (its own [fleet] machine)."""
+    path = broker.home / f"{machine}.toml"
+    path.write_text(f'[fleet]\nmachine = "{machine}"\n' + broker.config.read_text())
+    return path
+
+
+def two_clones(tmp_path: Path) -> tuple[Path, Path]:
+    """One repository cloned twice, its origin spelt two ways (scp-like ssh, https), as on two machines."""
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    clones = []
+    for name, url in (("desk", "git@github.com:homelab/infra.git"), ("laptop", "https://github.com/homelab/infra")):
+        clone = tmp_path / name / "infra"
+        subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True, capture_output=True)
+        subprocess.run(["git", "-C", str(clone), "remote", "set-url", "origin", url], check=True)
+        clones.append(clone)
+    return clones[0], clones[1]
+
+
+def test_the_tasks_tool_fits_well_under_a_kilobyte_of_the_models_context():
+    [tool] = [t for t in cp.TOOLS if t["name"] == "tasks"]
+    assert len(json.dumps(tool)) < 1024
+    assert tool["inputSchema"]["properties"]["action"]["enum"] == ["list", "claim", "done", "add"]
+
+
+@pytest.mark.anyio
+async def test_two_shims_on_two_machines_share_their_repositorys_task_board_and_one_wins_each_of_100_races(
+        make_broker, tmp_path):
+    broker = make_broker("rate_per_s = 0.0\n")
+    desk_dir, laptop_dir = two_clones(tmp_path)
+    laptop_env = {"CLAUDE_PEERS_CONFIG": str(machine_config(broker, "laptop"))}
+    elsewhere = broker.client().call("POST", "/api/tasks", {"text": "another repository's", "repo": "gitlab.com/x/y"})
+    async with shim_session(broker, name="desk", cwd=desk_dir) as desk, \
+            shim_session(broker, name="laptop", cwd=laptop_dir, env=laptop_env) as laptop:
+        added = await desk.ok("tasks", {"action": "add", "text": "review the backup script"})
+        task_id = re.search(r"Added task ([0-9a-f]{12}) for github\.com/homelab/infra", added).group(1)
+        listed = await laptop.ok("tasks", {"action": "list"})
+        assert f"- {task_id} [open] review the backup script from desk" in listed
+        assert elsewhere["id"] not in listed and peer_named(broker, "laptop")["machine"] == "laptop"
+        assert f"You hold task {task_id}" in await laptop.ok("tasks", {"action": "claim"})
+        assert "[held by laptop on laptop] review the backup script" in await desk.ok("tasks", {"action": "list"})
+        error, text = await desk.call("tasks", {"action": "done", "id": task_id, "result": "mine now"})
+        assert error and "is held by laptop: only its holder" in text
+        done = await laptop.ok("tasks", {"action": "done", "id": task_id, "result": "fine, one typo fixed"})
+        assert done == f"Task {task_id} is done. queued: desk is online and gets it pushed now"
+        [note] = await desk.recorder.wait_for(1)
+        assert note.content == (f"[task {task_id} done by laptop] review the backup script\n"
+                                "Result: fine, one typo fixed")
+        assert note.meta["from_name"] == "laptop" and note.meta["from_machine"] == "laptop"
+
+        operator, wins = broker.client(), {"desk": 0, "laptop": 0}
+        for round_no in range(100):
+            task = operator.call("POST", "/api/tasks", {"text": f"round {round_no}", "repo": REPO})
+            by_id = {"id": task["id"]} if round_no % 2 else {}
+            outcomes: dict[str, tuple[bool, str]] = {}
+
+            async def grab(name: str, shim: ShimSession, args: dict = by_id, into: dict = outcomes) -> None:
+                into[name] = await shim.call("tasks", {"action": "claim", **args})
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(grab, "desk", desk)
+                group.start_soon(grab, "laptop", laptop)
+            [winner] = [name for name, (_, text) in outcomes.items() if f"You hold task {task['id']}" in text]
+            [(refused, loss)] = [outcome for name, outcome in outcomes.items() if name != winner]
+            if by_id:  # the named task: the loser is told who holds it
+                assert refused and "is held by" in loss, loss
+            else:  # the next one: nothing else is open
+                assert not refused and loss.startswith("No open task to take for github.com/homelab/infra"), loss
+            wins[winner] += 1
+        assert sum(wins.values()) == 100
+        held = [t for t in operator.call("GET", "/api/tasks")["tasks"] if t["state"] == "claimed"]
+        assert len(held) == 100 and {t["holder"] for t in held} <= {"desk", "laptop"}
+    by_holder = {t["state"] for t in operator.call("GET", "/api/tasks?state=all")["tasks"] if t["repo"] == REPO}
+    assert by_holder == {"open", "done"}  # both shims left: what they held is open again
 
 
 @pytest.mark.anyio
