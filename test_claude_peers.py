@@ -5199,6 +5199,36 @@ def test_fleet_tools_reach_the_broker_and_stay_inside_their_allowlists(make_brok
     assert peer_named(broker, "daemon-ops") is None  # the daemon's session ended with the run
 
 
+def test_an_agent_daemon_files_a_task_with_its_policy_tool_and_is_mailed_the_result(make_broker, llm):
+    broker = make_broker("rate_per_s = 0.0\n")
+    write_config(broker, llm_toml(llm) + '[daemons.ops]\nrole = "You watch the fleet."\ntools = ["add_task"]\n'
+                 '[daemons.quiet]\nrole = "You only watch."\ntools = ["list_peers"]\n')
+    calls = [("add_task", {"text": "nas: /srv is 97% full, prune the old snapshots",
+                           "repo": "git@github.com:homelab/infra.git", "machine": "nas"}),
+             ("add_task", {"text": "a task for no machine", "machine": "not a machine!"})]
+    llm.scripts["good"] = [tool_call(name, args, f"c{i}") for i, (name, args) in enumerate(calls)] + [final("ok")]
+    assert foreground(broker, "ops", "--dry-run").returncode == 0
+    assert llm.tool_messages()[0] == "dry run: add_task was not executed (it would change something)"
+    assert broker.client().call("GET", "/api/tasks")["tasks"] == []
+    llm.scripts["good"] = [tool_call(name, args, f"c{i}") for i, (name, args) in enumerate(calls)] + [final("ok")]
+    out = foreground(broker, "ops")
+    assert out.returncode == 0, out.stderr
+    added, refused = llm.tool_messages()
+    [task] = broker.client().call("GET", "/api/tasks")["tasks"]
+    assert added == f"task {task['id']} added for {REPO}; its result goes to daemon-ops"
+    assert refused.startswith("error: ") and "'machine' is not a machine name" in refused
+    assert (task["machine"], task["created_by"], task["tell"]) == ("nas", "daemon-ops", "daemon-ops")
+    fixer = broker.session(name="fixer", machine="nas")
+    assert claim_task(fixer)["id"] == task["id"]
+    fixer.session_call("POST", f"/tasks/{task['id']}/done", {"result": "pruned 40 snapshots, 61% used"})
+    [mail] = [m for m in broker.client().call("GET", "/api/messages")["messages"] if m["to"] == "daemon-ops"]
+    assert mail["state"] == "queued" and "pruned 40 snapshots" in mail["text"]  # waits for the daemon's next run
+    llm.scripts["good"] = [tool_call("add_task", {"text": "not mine to file"}), final("ok")]
+    assert foreground(broker, "quiet").returncode == 0
+    assert llm.tool_messages() == ["error: refused by policy: tool 'add_task' is not allowed for this daemon"]
+    assert len(broker.client().call("GET", "/api/tasks?state=all")["tasks"]) == 1
+
+
 def test_next_due_for_every_and_cron():
     import datetime as dt
     from types import SimpleNamespace
