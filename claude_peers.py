@@ -3759,7 +3759,8 @@ function renderTasks() {
     const waiting = t.state === "open" && t.waiting.length;
     const label = waiting ? "waiting" : t.state;
     const who = t.state === "claimed" ? `${t.holder}` + (t.holder_machine ? ` on ${t.holder_machine}` : "")
-              : t.state === "done" ? t.done_by : waiting ? "waits for " + t.waiting.join(", ") : "anyone";
+              : t.state === "done" ? t.done_by : waiting ? "waits for " + t.waiting.join(", ")
+              : "anyone" + (t.machine ? " on " + t.machine : "");
     return h("tr", {"data-task": t.id, "data-state": label},
       h("td", {}, h("div", {class: "clip", title: t.text}, t.text.split("\n")[0]),
         h("div", {class: "muted mono"}, t.id + (t.machine ? ` · machine ${t.machine}` : ""))),

@@ -2201,6 +2201,55 @@ def test_the_dashboard_at_1400px_fits_its_tables_shows_a_cause_once_and_lets_onl
     assert "nas" in {m["machine"] for m in client.call("GET", "/api/health")["machines"]}
 
 
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+def test_the_dashboards_task_panel_shows_open_claimed_and_done_tasks_with_who_and_repository_live(
+        make_broker, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    broker = make_broker()
+    operator = broker.client()
+    planner, worker = broker.session(name="planner"), broker.session(name="worker", machine="laptop")
+    first = add_task(planner, "migrate the schema")
+    later = add_task(operator, "update the API models", after=[first["id"]])
+    add_task(operator, "rotate the backup keys", repo="", machine="nas")
+    driver = chromium()
+    try:
+        def until(condition, what: str) -> None:
+            WebDriverWait(driver, 10, poll_frequency=0.02).until(lambda d: condition(), what)
+
+        def row(task_id: str) -> tuple[str, str]:
+            """The task's state and its row's text, as the page shows them now."""
+            return driver.execute_script("const r = document.querySelector(`tr[data-task='${arguments[0]}']`);"
+                                         " return r ? [r.dataset.state, r.innerText] : ['', '']", task_id)
+
+        driver.set_window_size(1400, 1100)
+        driver.get(login_code(broker))
+        until(lambda: row(first["id"])[0] == "open", "the task panel")
+        assert row(later["id"])[0] == "waiting" and f"waits for {first['id']}" in row(later["id"])[1]
+        assert REPO in row(first["id"])[1] and "from planner" in row(first["id"])[1]
+        assert driver.find_element("id", "task-count").text == "3 open · 0 claimed · 0 done"
+        assert "anyone on nas" in driver.find_element("id", "tasks").text  # pinned to a machine
+        driver.execute_script("window.notReloaded = true")
+        claim_task(worker, first["id"])
+        until(lambda: row(first["id"])[0] == "claimed", "the claim, live")
+        assert "worker on laptop" in row(first["id"])[1]
+        worker.session_call("POST", f"/tasks/{first['id']}/done", {"result": "migrated, 3 tables"})
+        until(lambda: row(first["id"])[0] == "done" and row(later["id"])[0] == "open", "done, and the next one free")
+        assert "migrated, 3 tables" in row(first["id"])[1]
+        assert driver.find_element("id", "task-count").text == "2 open · 0 claimed · 1 done"
+        assert driver.execute_script("return window.notReloaded") is True
+        widths = driver.execute_script("const e = document.getElementById('tasks'); return [e.scrollWidth, e.clientWidth]")
+        assert widths[0] <= widths[1], widths  # fits at 1400 px
+        problems = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not problems, problems
+        panel = driver.find_element("css selector", "#tasks").find_element("xpath", "..")
+        shot = Path(os.environ.get("CLAUDE_PEERS_TASKS_SCREENSHOT") or tmp_path / "tasks.png")
+        assert panel.screenshot(str(shot)) and shot.stat().st_size > 5_000
+    finally:
+        driver.quit()
+
+
 # ---------------------------------------------------------------------------
 # Security
 # ---------------------------------------------------------------------------
