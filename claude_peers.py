@@ -4661,7 +4661,8 @@ def task_actor(req: Request) -> dict[str, Any]:
     """Who acts on the task board: the calling session, else the operator as this credential."""
     if req.session is not None:
         return req.session
-    name = OPERATOR if req.identity == ADMIN else f"{OPERATOR} ({req.identity.name})"  # the audit: which credential
+    name = (OPERATOR if req.identity == ADMIN else f"{OPERATOR} ({req.identity.name})" if req.identity.role == OPERATOR
+            else f"{req.identity.name} (command line)")  # the audit: which credential
     return {**OPERATOR_IDENTITY, "name": name, "machine": req.identity.machine}
 
 

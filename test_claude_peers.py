@@ -6141,6 +6141,50 @@ def test_cli_status_peers_send_memory_token(broker):
     assert broker.cli("token").stdout.strip() == broker.token
 
 
+def test_the_task_commands_add_list_claim_and_finish_and_say_in_one_line_what_is_wrong(make_broker, tmp_path):
+    broker = make_broker()
+    desk, _ = two_clones(tmp_path)
+    planner = broker.session(name="planner")
+
+    def task(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(cp.module_command("task", *args), env={**broker.env, **(env or {})}, cwd=desk,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    added = task("add", "tag the release", "--tell", "planner")
+    assert added.returncode == 0, added.stderr
+    first = re.fullmatch(r"added task ([0-9a-f]{12}) for github\.com/homelab/infra; its result goes to planner\n",
+                         added.stdout).group(1)
+    second = re.search(r"added task ([0-9a-f]{12}) for any repository, waiting for " + first,
+                       task("add", "announce it", "--repo", "any", "--after", first).stdout).group(1)
+    listed = task("list").stdout
+    assert listed == (f"github.com/homelab/infra\n  - {first} [open] tag the release from operator\n"
+                      f"(any repository)\n  - {second} [waits for {first}] announce it from operator\n")
+    assert task("claim", first).stdout.startswith(f"you hold task {first}: tag the release")
+    laptop = {"CLAUDE_PEERS_TOKEN": credential(broker, "laptop", "laptop")}
+    for args, env, code, line in [
+        (("claim", first), None, 1, f"broker said 409: task {first} is held by operator (from the command line)"),
+        (("claim", second), None, 1, f"broker said 409: task {second} waits for {first} (not done yet)"),
+        (("after", first, second), None, 1, f"broker said 409: after: {first} -> {second} -> {first} would be"),
+        (("done", "0" * 12), None, 1, "broker said 404: no task 000000000000"),
+        (("done", first), laptop, 1, f"broker said 409: task {first} is held by operator: only its holder"),
+        (("add", "reboot pi", "--machine", "pi"), laptop, 4,
+         "broker said 403: client credential 'laptop' may only act for machine 'laptop', not 'pi'"),
+    ]:
+        out = task(*args, env=env)
+        assert (out.returncode, out.stdout) == (code, ""), (args, out)
+        assert out.stderr.startswith("claude-peers: " + line) and out.stderr.count("\n") == 1, out.stderr
+    assert task("list").stdout == listed.replace("[open] tag", "[held by operator] tag")  # nothing changed
+    done = task("done", first, "--result", "v1.4.0 tagged")
+    assert done.stdout == f"task {first} done; queued: planner is online and gets it pushed now\n"
+    assert poll(planner)[0]["text"] == f"[task {first} done by operator] tag the release\nResult: v1.4.0 tagged"
+    assert task("claim", second, env=laptop).returncode == 0  # a client claims and finishes as its credential
+    assert task("done", second, env=laptop).stdout == f"task {second} done\n"
+    assert task("list").stdout == "no open tasks (claude-peers task add TEXT)\n"
+    every = json.loads(task("list", "--all", "--json").stdout)
+    assert [(t["id"], t["state"], t["done_by"]) for t in every] == [(first, "done", "operator"),
+                                                                     (second, "done", "laptop (command line)")]
+
+
 def test_cli_unreachable_broker_and_wrong_token(broker):
     out = broker.cli("status", env={"CLAUDE_PEERS_URL": f"http://127.0.0.1:{free_port()}"})
     assert out.returncode == cp.EXIT_UNREACHABLE
