@@ -15,7 +15,7 @@ Sections, in dependency order (each uses only what is above it):
   Common helpers       errors, ids, names, text checks, tool-argument checking
   Schedules            durations and cron expressions
   Config               daemons.toml: defaults, checks, the Config object, the fleet token
-  Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory
+  Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory, tasks
   Events on NATS JetStream  the embedded nats-server, the relay from the outbox
   Webhook              alert changes posted by the hub from its queue, in order, retried until answered
   Dashboard and metrics  the live page and its logins, the broker's counters, GET /metrics
@@ -1059,7 +1059,7 @@ def read_token(cfg: Config, create: bool = False) -> str:
 
 
 # ===========================================================================
-# Store: sessions, messages, events, alerts and memory in sqlite (WAL)
+# Store: sessions, messages, events, alerts, memory and tasks in sqlite (WAL)
 # ===========================================================================
 
 # Daemon runs, as the broker and each supervisor keep them (the supervisor adds columns).
@@ -5884,10 +5884,11 @@ class Shim:
             self.repo = await asyncio.to_thread(repo_identity, self.cwd)
         board = self.repo or "no repository"
         if action == "list":
-            found = (await self.tools_client.call("GET", "/api/tasks?" + urllib.parse.urlencode({"repo": self.repo})))
-            if not found["tasks"]:
+            found = await self.tools_client.call("GET", "/api/tasks?" + urllib.parse.urlencode({"repo": self.repo}))
+            tasks = [t for t in found["tasks"] if t["repo"] in ("", self.repo)]  # an empty repo= is no filter
+            if not tasks:
                 return f"No open tasks for {board}."
-            return f"Tasks for {board} ({len(found['tasks'])}):\n" + "\n".join(map(format_task, found["tasks"]))
+            return f"Tasks for {board} ({len(tasks)}):\n" + "\n".join(map(format_task, tasks))
         if action == "claim":
             task = (await self.tools_client.session_call("POST", "/tasks/claim", {"id": id, "repo": self.repo}))["task"]
             if task is None:
