@@ -3507,6 +3507,26 @@ async def test_two_shims_on_two_machines_share_their_repositorys_task_board_and_
 
 
 @pytest.mark.anyio
+async def test_a_task_held_by_a_shim_whose_process_is_killed_is_open_again(broker, tmp_path):
+    desk, _ = two_clones(tmp_path)
+    task = broker.client().call("POST", "/api/tasks", {"text": "held by a doomed session", "repo": REPO})
+    def reopened() -> list[str]:
+        events = broker.client().call("GET", "/api/events?limit=1000")["events"]
+        return [e["reason"] for e in events if e["subject"] == "fleet.task.reopened"]
+
+    stack = contextlib.AsyncExitStack()
+    try:
+        shim = await stack.enter_async_context(shim_session(broker, name="doomed", cwd=desk))
+        assert f"You hold task {task['id']}" in await shim.ok("tasks", {"action": "claim"})
+        os.kill(peer_named(broker, "doomed")["pid"], signal.SIGKILL)
+        await wait_until(lambda: reopened() == ["its holder doomed ended (process exited)"])
+    finally:
+        with contextlib.suppress(Exception):  # only the client's own exit, after its server died under it
+            await stack.aclose()
+    assert [t["state"] for t in broker.client().call("GET", "/api/tasks")["tasks"]] == ["open"]
+
+
+@pytest.mark.anyio
 async def test_agent_name_from_env_and_from_file(broker, tmp_path):
     async with shim_session(broker, env={"CLAUDE_PEERS_NAME": "from-env"}):
         assert peer_named(broker, "from-env") is not None
