@@ -15,7 +15,7 @@ Sections, in dependency order (each uses only what is above it):
   Common helpers       errors, ids, names, text checks, tool-argument checking
   Schedules            durations and cron expressions
   Config               daemons.toml: defaults, checks, the Config object, the fleet token
-  Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory
+  Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory, tasks
   Events on NATS JetStream  the embedded nats-server, the relay from the outbox
   Webhook              alert changes posted by the hub from its queue, in order, retried until answered
   Dashboard and metrics  the live page and its logins, the broker's counters, GET /metrics
@@ -270,6 +270,35 @@ def git_info(cwd: Path) -> tuple[str, str]:
     if out.returncode != 0 or len(lines) < 2:
         return (lines[0], "") if out.returncode == 0 and lines else ("", "")
     return lines[0], lines[1]
+
+
+def normalise_repo(url: str) -> str:
+    """A git remote as one name for every clone of it: host/path, lower-case host, no scheme,
+    user, port or ".git" (git@github.com:o/r.git and https://github.com/o/r are github.com/o/r)."""
+    url = url.strip()
+    scp = re.match(r"^(?:[^@/:]+@)?([^/:]+):(?!//)(.+)$", url)
+    if scp and "://" not in url:
+        host, path = scp.groups()
+    else:
+        parts = urllib.parse.urlsplit(url)
+        host, path = parts.hostname or "", parts.path
+    path = re.sub(r"\.git$", "", path.strip("/")).rstrip("/")
+    return f"{host.lower()}/{path}" if host else path
+
+
+def repo_identity(cwd: Path) -> str:
+    """The repository ``cwd`` is a clone of, the same on every machine: its normalised origin
+    URL, else its root commit ("root:<sha>"); '' outside a repository."""
+    for argv, shape in ((["remote", "get-url", "origin"], normalise_repo),
+                        (["rev-list", "--max-parents=0", "HEAD"], lambda out: "root:" + out.split()[0])):
+        try:
+            out = subprocess.run(["git", "-C", str(cwd), *argv], stdin=subprocess.DEVNULL, capture_output=True,
+                                 text=True, timeout=5, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        if out.returncode == 0 and out.stdout.strip():
+            return shape(out.stdout.strip())
+    return ""
 
 
 def storable_text(value: str) -> bool:
@@ -642,6 +671,13 @@ DAEMON_TOOLS: dict[str, dict[str, Any]] = {
                    " it.", True, ("severity", "title"),
                    severity={"type": "string", "enum": list(SEVERITIES)}, title={"type": "string"},
                    detail={"type": "string"}),
+    "add_task": _tool("Put a task on the fleet's task board for a Claude Code session to take (a fault to fix, a"
+                      " change to make); its result is mailed to `tell` (default: this daemon's daemon-<name>).",
+                      True, ("text",), text={"type": "string", "description": "what is to be done, and why"},
+                      repo={"type": "string", "description": "the repository, e.g. github.com/owner/name (default:"
+                                                             " any)"},
+                      machine={"type": "string", "description": "only a session on this machine may take it"},
+                      tell={"type": "string", "description": "an agent name to tell the result"}),
     "remember": _tool("Store a small value under a key for this daemon's next runs.", True, ("key", "value"),
                       key={"type": "string"}, value={"type": "string"}),
     "recall": _tool("Read a value this daemon stored with remember.", False, ("key",), key={"type": "string"}),
@@ -1111,7 +1147,7 @@ def read_token(cfg: Config, create: bool = False) -> str:
 
 
 # ===========================================================================
-# Store: sessions, messages, events, alerts and memory in sqlite (WAL)
+# Store: sessions, messages, events, alerts, memory and tasks in sqlite (WAL)
 # ===========================================================================
 
 # Daemon runs, as the broker and each supervisor keep them (the supervisor adds columns).
@@ -1240,6 +1276,29 @@ CREATE TABLE IF NOT EXISTS health(
     report TEXT NOT NULL,
     findings TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tasks(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    text TEXT NOT NULL,
+    repo TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    after TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    created_by TEXT NOT NULL,
+    tell TEXT NOT NULL,
+    credential TEXT NOT NULL,
+    holder TEXT,
+    holder_session TEXT,
+    holder_machine TEXT,
+    holder_credential TEXT,
+    claimed_at REAL,
+    done_at REAL,
+    done_by TEXT,
+    result TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state, seq);
+CREATE INDEX IF NOT EXISTS tasks_holder ON tasks(holder_session) WHERE state = 'claimed';
 CREATE TABLE IF NOT EXISTS credentials(
     name TEXT PRIMARY KEY,
     machine TEXT NOT NULL,
@@ -1516,6 +1575,7 @@ class Store:
                       (cutoff,))
             c.execute("DELETE FROM sessions WHERE live = 0 AND last_seen < ?", (cutoff,))
             c.execute("DELETE FROM alerts WHERE resolved_at < ?", (cutoff,))
+            c.execute("DELETE FROM tasks WHERE state = 'done' AND done_at < ?", (cutoff,))
             c.execute("DELETE FROM webhook_deliveries WHERE queued_at < ? AND state != 'pending'", (cutoff,))
             published = " AND published_at IS NOT NULL" if self.cfg.nats_url else ""
             c.execute(f"DELETE FROM events WHERE at < ?{published}", (cutoff,))
@@ -1590,6 +1650,8 @@ class Sessions:
         self.live: dict[str, dict[str, Any]] = {}  #: id -> session, for the live ones
         self.names: dict[str, str] = {}  #: agent name -> the id of the live session holding it
         self.digests: dict[str, str] = {}  #: secret -> its sha256, for secrets that opened a live session
+        #: what else ends with a session, in the same transaction (the task board reopens what it held)
+        self.on_end: list[Callable[[sqlite3.Connection, dict[str, Any], str], None]] = []
         self._load_live()
         store.on_rollback = self._load_live
 
@@ -1613,6 +1675,8 @@ class Sessions:
         )
         self.store.event(c, "peer.left", "fleet.peer.left", machine=session["machine"], session_id=sid,
                     name=session["name"], reason=reason)
+        for ended in self.on_end:
+            ended(c, session, reason)
         self.live.pop(sid, None)
         self.presence.forget(sid)
         if session["name"] and self.names.get(session["name"]) == sid:
@@ -2148,6 +2212,186 @@ class Records:
         diff = difflib.unified_diff(before_lines, after_lines, f"version {before['version']}",
                                     f"version {after['version']}")
         return {"from": before["version"], "to": after["version"], "diff": "".join(diff)}
+
+TASK_LISTS = ("active", "open", "all")  # what a task list shows: open and claimed ones, open ones only, or done ones too
+
+
+def task_view(row: Any, waiting: list[str]) -> dict[str, Any]:
+    """A task as the API, the CLI and the tools show it; ``waiting``: the tasks it needs that are not done."""
+    return {"id": row["id"], "text": row["text"], "repo": row["repo"], "machine": row["machine"],
+            "after": json.loads(row["after"]), "waiting": waiting, "state": row["state"],
+            "created_at": iso(row["created_at"]), "created_by": row["created_by"], "tell": row["tell"],
+            "holder": row["holder"], "holder_session": row["holder_session"], "holder_machine": row["holder_machine"],
+            "claimed_at": iso(row["claimed_at"]), "done_at": iso(row["done_at"]), "done_by": row["done_by"],
+            "result": row["result"]}
+
+
+def dependency_path(needs: dict[str, list[str]], start: str, goal: str) -> list[str] | None:
+    """A path start -> ... -> goal along ``needs`` (each task -> the tasks it waits for), or None."""
+    stack, seen = [[start]], set()
+    while stack:
+        path = stack.pop()
+        if path[-1] == goal:
+            return path
+        if path[-1] not in seen:
+            seen.add(path[-1])
+            stack += [[*path, after] for after in needs.get(path[-1], [])]
+    return None
+
+
+class Tasks:
+    """The fleet's task board: tasks added by sessions, daemons or the operator, claimed by one
+    holder at a time (a conditional update in the broker's one writer: of two racing claims one
+    wins), reopened when the holder's session ends, held back until the tasks they wait for are
+    done, and finished with a result that is mailed to whoever the creator asked to be told."""
+
+    def __init__(self, store: Store, messages: Messages) -> None:
+        self.store = store
+        self.messages = messages
+
+    def _row(self, c: sqlite3.Connection, task_id: str, field: str = "") -> sqlite3.Row:
+        row = c.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        if row is None:
+            raise ApiError(404, f"{field}no task {task_id} (claude-peers task list --all shows every task and its id)")
+        return row
+
+    def _views(self, c: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[dict[str, Any]]:
+        """Tasks with what each still waits for (a task pruned after it was done counts as done)."""
+        needed = sorted({after for row in rows for after in json.loads(row["after"])})
+        states = dict(c.execute("SELECT id, state FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
+                                (json.dumps(needed),)).fetchall())
+        return [task_view(row, [a for a in json.loads(row["after"]) if states.get(a, "done") != "done"])
+                for row in rows]
+
+    def _event(self, c: sqlite3.Connection, task_id: str, kind: str, **why: Any) -> dict[str, Any]:
+        """The task as it is now, also as a fleet.task.<kind> event in this transaction."""
+        [view] = self._views(c, [self._row(c, task_id)])
+        self.store.event(c, f"task.{kind}", f"fleet.task.{kind}", task_id=task_id, task_text=view["text"][:500],
+                         **{k: v for k, v in view.items() if k not in ("id", "machine", "text", "result")},
+                         task_machine=view["machine"], result=view["result"][:500], **why)
+        return view
+
+    def add(self, creator: dict[str, Any], text: str, repo: str, machine: str, after: list[str], tell: str,
+            credential: str) -> dict[str, Any]:
+        """A new open task; every task it waits for must exist (so a new one closes no cycle)."""
+        if not text.strip():
+            raise ApiError(400, "field 'text' is empty: say what the task is")
+        with self.store.tx() as c:
+            for needed in after:
+                self._row(c, needed, "after: ")
+            row = {"id": new_id(6), "text": text, "repo": repo, "machine": machine,
+                   "after": json.dumps(list(dict.fromkeys(after))), "state": "open", "created_at": time.time(),
+                   "created_by": creator["name"] or creator["id"], "tell": tell, "credential": credential}
+            c.execute(f"INSERT INTO tasks({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+            return self._event(c, row["id"], "added")
+
+    def wait_for(self, task_id: str, after: list[str]) -> dict[str, Any]:
+        """Make a task wait for more tasks; one that would close a cycle is refused, and nothing changes."""
+        with self.store.tx() as c:
+            row = self._row(c, task_id)
+            if row["state"] == "done":
+                raise ApiError(409, f"task {task_id} is done: it waits for nothing any more")
+            for needed in after:
+                self._row(c, needed, "after: ")
+            needs = {r["id"]: json.loads(r["after"]) for r in c.execute("SELECT id, after FROM tasks")}
+            for needed in after:
+                path = dependency_path(needs, needed, task_id)
+                if path is not None:
+                    loop = " -> ".join([task_id, *path])
+                    raise ApiError(409, f"after: {loop} would be a cycle (each waits for the next): no task of it"
+                                        " could ever start; nothing was changed")
+            merged = list(dict.fromkeys(json.loads(row["after"]) + after))
+            c.execute("UPDATE tasks SET after = ? WHERE id = ?", (json.dumps(merged), task_id))
+            return self._event(c, task_id, "changed")
+
+    def _refusal(self, c: sqlite3.Connection, row: sqlite3.Row, machine: str) -> str:
+        """Why ``row`` cannot be claimed now by a holder on ``machine`` ('' : any), or ''."""
+        tid = row["id"]
+        if row["state"] == "done":
+            return f"task {tid} is done (by {row['done_by']} at {iso(row['done_at'])})"
+        if row["state"] == "claimed":
+            if row["holder_session"] is None:
+                return f"task {tid} is held by {row['holder']} (from the command line) since {iso(row['claimed_at'])}"
+            return (f"task {tid} is held by {row['holder']} on {row['holder_machine']} since {iso(row['claimed_at'])}:"
+                    f" ask them (send_message to {row['holder']}) or take another")
+        [view] = self._views(c, [row])
+        if view["waiting"]:
+            return f"task {tid} waits for {', '.join(view['waiting'])} (not done yet)"
+        if row["machine"] and machine and row["machine"] != machine:
+            return f"task {tid} is for machine {row['machine']}, not {machine}"
+        return ""
+
+    def claim(self, holder: dict[str, Any], credential: str, task_id: str | None,
+              repo: str | None) -> dict[str, Any] | None:
+        """Give ``holder`` (a session, or the operator) one task: ``task_id``, else the oldest open one
+        it may take in ``repo`` (or with no repository); None when there is none."""
+        with self.store.tx() as c:
+            if task_id:
+                row = self._row(c, task_id)
+                why = self._refusal(c, row, holder["machine"])
+                if why:
+                    raise ApiError(409, why)
+            else:
+                rows = c.execute("SELECT * FROM tasks WHERE state = 'open' AND repo IN ('', ?) ORDER BY seq",
+                                 (repo or "",)).fetchall()
+                row = next((r for r in rows if not self._refusal(c, r, holder["machine"])), None)
+                if row is None:
+                    return None
+            session = holder["id"] if holder["id"] != OPERATOR else None
+            c.execute("UPDATE tasks SET state = 'claimed', holder = ?, holder_session = ?, holder_machine = ?,"
+                      " holder_credential = ?, claimed_at = ? WHERE id = ? AND state = 'open'",
+                      (holder["name"] or holder["id"], session, holder["machine"], credential, time.time(), row["id"]))
+            return self._event(c, row["id"], "claimed")
+
+    def finish(self, finisher: dict[str, Any], credential: str, task_id: str, result: str, any_holder: bool,
+               parked: Container[str]) -> Sent:
+        """Mark a task done with its result (its holder, or ``any_holder``: an operator), and mail the
+        result to the one its creator named to tell, in the same transaction."""
+        with self.store.tx() as c:
+            row = self._row(c, task_id)
+            if row["state"] == "done":
+                raise ApiError(409, f"task {task_id} was already done at {iso(row['done_at'])} by {row['done_by']}")
+            holds = (row["holder_session"] == finisher["id"] if finisher["id"] != OPERATOR
+                     else row["state"] == "claimed" and row["holder_credential"] == credential)
+            if not holds and not any_holder:
+                raise ApiError(409, f"task {task_id} is open: claim it first" if row["state"] == "open" else
+                               f"task {task_id} is held by {row['holder']}: only its holder (or an operator)"
+                               " finishes it")
+            done_by = finisher["name"] or finisher["id"]
+            c.execute("UPDATE tasks SET state = 'done', done_at = ?, done_by = ?, result = ? WHERE id = ?",
+                      (time.time(), done_by, result, task_id))
+            view = self._event(c, task_id, "done")
+            told = None
+            if row["tell"] and row["tell"] not in (finisher["id"], finisher["name"]):
+                text = f"[task {task_id} done by {done_by}] {row['text'][:300]}\nResult: {result or '(none given)'}"
+                told = self.messages.send(finisher, row["tell"], text, None, "all", parked, credential)
+        answer = {"task": view, "told": told and told.answer, "messages": told.answer["messages"] if told else []}
+        return Sent(answer, told.handed if told else {}, told.wake if told else set())
+
+    def reopen_held(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
+        """A session ended: every task it held is open again, for the next one to claim."""
+        held = [r["id"] for r in c.execute("SELECT id FROM tasks WHERE holder_session = ? AND state = 'claimed'",
+                                           (session["id"],))]
+        for task_id in held:
+            c.execute("UPDATE tasks SET state = 'open', holder = NULL, holder_session = NULL, holder_machine = NULL,"
+                      " holder_credential = NULL, claimed_at = NULL WHERE id = ?", (task_id,))
+            self._event(c, task_id, "reopened", reason=f"its holder {session['name'] or session['id']} ended"
+                                                        f" ({reason})")
+
+    def list(self, which: str, repo: str | None, limit: int) -> list[dict[str, Any]]:
+        """Tasks oldest first: ``which`` of TASK_LISTS, in ``repo`` (and those with no repository) when given."""
+        states = {"active": ("open", "claimed"), "open": ("open",), "all": ("open", "claimed", "done")}[which]
+        where = " AND repo IN ('', ?)" if repo is not None else ""
+        with self.store.lock:
+            rows = self.store.db.execute(f"SELECT * FROM tasks WHERE state IN (SELECT value FROM json_each(?)){where}"
+                                         " ORDER BY seq DESC LIMIT ?",
+                                         (json.dumps(states), *([repo] if repo is not None else []), limit)).fetchall()
+            return self._views(self.store.db, rows[::-1])
+
+    def counts(self) -> dict[str, int]:
+        states = dict(self.store.read("SELECT state, COUNT(*) FROM tasks GROUP BY state"))
+        return {s: states.get(s, 0) for s in ("open", "claimed", "done")}
+
 
 ROLES = ("client", "operator", "admin")
 CREDENTIAL_PREFIX = "cpc_"  # a credential, told apart from the hub's admin token at a glance
@@ -3088,6 +3332,12 @@ def dashboard_health(b: Broker) -> list[dict[str, Any]]:
     return machines
 
 
+def dashboard_tasks(b: Broker) -> dict[str, Any]:
+    """The task board: how many are open, claimed and done; the open and claimed ones, then the latest done."""
+    done = [t for t in b.tasks.list("all", None, 40) if t["state"] == "done"][::-1]
+    return {"counts": b.tasks.counts(), "board": b.tasks.list("active", None, 100) + done[:20]}
+
+
 def dashboard_state(b: Broker) -> dict[str, Any]:
     """Everything the page shows, in one answer; message text is never part of it."""
     now = time.time()
@@ -3098,7 +3348,7 @@ def dashboard_state(b: Broker) -> dict[str, Any]:
             "messages": {"counts": b.messages.counts(), "recent": [message_meta(m) for m in
                                                                     b.messages.recent_messages(40)][::-1]},
             "daemons": dashboard_daemons(b, now), "alerts": b.records.alerts("open", None, None, 100),
-            "health": dashboard_health(b), "nats": nats_view(b)}
+            "health": dashboard_health(b), "tasks": dashboard_tasks(b), "nats": nats_view(b)}
 
 
 class Exposition:
@@ -3297,13 +3547,13 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .dot.on { background: var(--ok); box-shadow: 0 0 0 3px rgba(63, 185, 80, .15); }
 .pill { display: inline-block; padding: 1px 8px; border-radius: 999px; font-size: 11.5px; font-weight: 600;
   border: 1px solid transparent; }
-.pill.queued, .pill.running, .pill.warning, .pill.limit { color: var(--warn); background: rgba(210, 153, 34, .12);
+.pill.queued, .pill.running, .pill.warning, .pill.limit, .pill.open { color: var(--warn); background: rgba(210, 153, 34, .12);
   border-color: rgba(210, 153, 34, .3); }
-.pill.delivered, .pill.info { color: var(--info); background: rgba(88, 166, 255, .12); border-color: rgba(88, 166, 255, .3); }
-.pill.read, .pill.ok { color: var(--ok); background: rgba(63, 185, 80, .12); border-color: rgba(63, 185, 80, .3); }
+.pill.delivered, .pill.info, .pill.claimed { color: var(--info); background: rgba(88, 166, 255, .12); border-color: rgba(88, 166, 255, .3); }
+.pill.read, .pill.ok, .pill.done { color: var(--ok); background: rgba(63, 185, 80, .12); border-color: rgba(63, 185, 80, .3); }
 .pill.undeliverable, .pill.failed, .pill.timeout, .pill.critical { color: var(--crit); background: rgba(248, 81, 73, .12);
   border-color: rgba(248, 81, 73, .3); }
-.pill.skipped { color: var(--muted); background: rgba(133, 147, 165, .12); border-color: rgba(133, 147, 165, .3); }
+.pill.skipped, .pill.waiting { color: var(--muted); background: rgba(133, 147, 165, .12); border-color: rgba(133, 147, 165, .3); }
 .runs { display: flex; gap: 3px; }
 .runs i { width: 7px; height: 16px; border-radius: 2px; background: var(--muted); opacity: .8; }
 .runs i.ok { background: var(--ok); }
@@ -3427,7 +3677,7 @@ function loggedOut(why) {
   state = null;
   version = 0;
   texts.clear();
-  for (const id of ["cards", "sessions", "messages", "daemons", "health", "alerts"]) {
+  for (const id of ["cards", "sessions", "messages", "daemons", "health", "tasks", "alerts"]) {
     document.getElementById(id).replaceChildren();
   }
   document.getElementById("app").hidden = true;
@@ -3592,6 +3842,29 @@ function renderHealth() {
     "No health reports yet: fleet-scout reports each machine when it runs."));
 }
 
+function renderTasks() {
+  const rows = state.tasks.board.map((t) => {
+    const waiting = t.state === "open" && t.waiting.length;
+    const label = waiting ? "waiting" : t.state;
+    const who = t.state === "claimed" ? `${t.holder}` + (t.holder_machine ? ` on ${t.holder_machine}` : "")
+              : t.state === "done" ? t.done_by : waiting ? "waits for " + t.waiting.join(", ")
+              : "anyone" + (t.machine ? " on " + t.machine : "");
+    return h("tr", {"data-task": t.id, "data-state": label},
+      h("td", {}, h("div", {class: "clip", title: t.text}, t.text.split("\n")[0]),
+        h("div", {class: "muted mono"}, t.id + (t.machine ? ` · machine ${t.machine}` : ""))),
+      h("td", {class: "mono clip short", title: t.repo}, t.repo || h("span", {class: "muted"}, "any")),
+      h("td", {}, h("span", {class: "pill " + label}, label)),
+      h("td", {}, h("div", {class: "name"}, who), h("div", {class: "muted"}, "from " + t.created_by),
+        t.result ? h("div", {class: "muted clip", title: t.result}, t.result.split("\n")[0]) : null),
+      h("td", {class: "num"}, when(t.done_at || t.claimed_at || t.created_at)));
+  });
+  const c = state.tasks.counts;
+  document.getElementById("task-count").textContent = `${c.open} open · ${c.claimed} claimed · ${c.done} done`;
+  document.getElementById("tasks").replaceChildren(table(
+    [["Task"], ["Repository"], ["State"], ["Who"], ["Since", "num"]], rows,
+    "No tasks: claude-peers task add TEXT, or a session's tasks tool, puts one here."));
+}
+
 function renderAlerts() {
   const items = state.alerts.map((a) => h("li", {},
     h("span", {class: "sev " + a.severity}, a.severity), h("span", {class: "muted"}, `${a.machine} · ${a.source}`),
@@ -3614,6 +3887,7 @@ function render() {
   renderMessages();
   renderDaemons();
   renderHealth();
+  renderTasks();
   renderAlerts();
   document.getElementById("session-count").textContent = `${state.sessions.filter((s) => s.online).length} online`;
   document.getElementById("message-count").textContent = "latest 40, text on request";
@@ -3714,6 +3988,7 @@ this dashboard only.</p></div>
 <section class="panel"><h2>Daemons</h2><div class="scroll" id="daemons"></div></section>
 <section class="panel"><h2>Fleet health</h2><div class="scroll" id="health"></div></section>
 </div>
+<section class="panel"><h2>Tasks <span id="task-count"></span></h2><div class="scroll" id="tasks"></div></section>
 <section class="panel"><h2>Open alerts</h2><div id="alerts"></div></section>
 </main>
 <div id="toast"></div>
@@ -3785,6 +4060,11 @@ CREDENTIAL_SCHEMA: Schema = {
     "name": Field(str, True, 64), "machine": Field(str, True, 64), "role": Field(str, False, 16),
     "expires_s": Field(int, False, 100 * 365 * 86400), "nats": Field(bool, False, 0),
 }
+TASK_SCHEMA: Schema = {"text": Field(str, True, 4000), "repo": Field(str, False, 500), "machine": Field(str, False, 255),
+                       "after": Field(list, False, 50), "tell": Field(str, False, 64)}
+TASK_CLAIM_SCHEMA: Schema = {"id": Field(str, False, 64), "repo": Field(str, False, 500)}
+TASK_DONE_SCHEMA: Schema = {"result": Field(str, False, 8000)}
+TASK_AFTER_SCHEMA: Schema = {"after": Field(list, True, 50)}
 EMPTY_SCHEMA: Schema = {}
 KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object",
               bool: "true or false"}
@@ -3916,6 +4196,8 @@ class Broker:
         self.messages = Messages(self.store, self.sessions)
         self.records = Records(self.store)
         self.credentials = Credentials(self.store)
+        self.tasks = Tasks(self.store, self.messages)
+        self.sessions.on_end.append(self.tasks.reopen_held)
         self.records.migrate_memory()
         self.limiter = RateLimiter(cfg.broker.rate_per_s, cfg.broker.rate_burst)
         # Long-polls waiting right now, until woken or handed mail (a send leases mail to them).
@@ -4153,11 +4435,12 @@ PERMISSIONS = {
     "metrics": "read the metrics",
     "login": "open the dashboard (it shows every session and message, and runs daemons on any machine)",
     "dashboard": "use the dashboard (its cookie: from `claude-peers dashboard`)",
+    "task": "add, claim and finish tasks on the task board",
     "forget": "resolve alerts by hand and forget machines",
     "admin": "manage credentials",
 }
-ROLE_PERMISSIONS = {"client": {"read", "session", "report", "trigger"},
-                    "operator": {"read", "session", "report", "trigger", "operator", "metrics", "login"},
+ROLE_PERMISSIONS = {"client": {"read", "session", "report", "trigger", "task"},
+                    "operator": {"read", "session", "report", "trigger", "task", "operator", "metrics", "login"},
                     "admin": set(PERMISSIONS), "dashboard": {"dashboard"}, "dashboard-admin": {"dashboard", "forget"},
                     "metrics": {"metrics"}}
 
@@ -4472,6 +4755,56 @@ async def r_revoke_credential(b: Broker, req: Request) -> Any:
     return {**revoked, "sessions_ended": len(ended)}
 
 
+def task_actor(req: Request) -> dict[str, Any]:
+    """Who acts on the task board: the calling session, else the operator as this credential."""
+    if req.session is not None:
+        return req.session
+    name = (OPERATOR if req.identity == ADMIN else f"{OPERATOR} ({req.identity.name})" if req.identity.role == OPERATOR
+            else f"{req.identity.name} (command line)")  # the audit: which credential
+    return {**OPERATOR_IDENTITY, "name": name, "machine": req.identity.machine}
+
+
+def r_tasks(b: Broker, req: Request) -> Any:
+    which = req.query.get("state", "active")
+    if which not in TASK_LISTS:
+        raise ApiError(400, f"query parameter 'state' must be one of {', '.join(TASK_LISTS)}")
+    return {"tasks": b.tasks.list(which, req.query.get("repo"), _int_query(req, "limit", 200, 1, 1000))}
+
+
+async def r_add_task(b: Broker, req: Request) -> Any:
+    """A session's task tells it (its name, else its id) unless it names another; the operator's, whom it names."""
+    body, actor = req.body, task_actor(req)
+    tell = body.get("tell") or (actor["name"] or actor["id"] if req.session is not None else "")
+    if tell and not (valid_name(tell) or SESSION_ID_RE.match(tell)):
+        raise ApiError(400, f"field 'tell' is neither an agent name nor a session id: {tell!r}")
+    machine = body.get("machine", "")
+    if machine and not NAME_RE.match(machine):
+        raise ApiError(400, f"field 'machine' is not a machine name: {machine!r}")
+    if machine:  # a client pins tasks to its own machine only: it directs no other machine's sessions
+        own_machine(req.identity, machine)
+    task = await b.write(lambda: b.tasks.add(actor, body["text"], body.get("repo", ""), machine,
+                                             body.get("after", []), tell, req.identity.name))
+    return 201, task
+
+
+async def r_claim_task(b: Broker, req: Request) -> Any:
+    """A session claims the task it names or the next one of its repository; the command line, the one it names."""
+    task_id = req.body.get("id") if req.session is not None else req.args[0]
+    task = await b.write(lambda: b.tasks.claim(task_actor(req), req.identity.name, task_id, req.body.get("repo")))
+    return {"task": task}
+
+
+async def r_finish_task(b: Broker, req: Request) -> Any:
+    any_holder = req.session is None and "operator" in ROLE_PERMISSIONS[req.identity.role]
+    sent = await b.write(lambda: b.tasks.finish(task_actor(req), req.identity.name, req.args[-1],
+                                                req.body.get("result", ""), any_holder, b.parked))
+    return {k: v for k, v in sent.answer.items() if k != "messages"}
+
+
+async def r_task_after(b: Broker, req: Request) -> Any:
+    return await b.write(lambda: b.tasks.wait_for(req.args[0], req.body["after"]))
+
+
 # -- the dashboard and /metrics (what they show is built in the section above) --------------
 
 DASHBOARD_LOGIN_SCHEMA: Schema = {"code": Field(str, True, 100)}
@@ -4549,6 +4882,9 @@ ROUTES: list[Route] = [
         ("POST", f"/api/sessions/{SID}/ack", r_ack, True, ACK_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/inbox", r_inbox, True, EMPTY_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/leave", r_leave, True, EMPTY_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/tasks", r_add_task, True, TASK_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/tasks/claim", r_claim_task, True, TASK_CLAIM_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/tasks/([0-9a-f]{{12}})/done", r_finish_task, True, TASK_DONE_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/memory", r_set_memory, True, MEMORY_SCHEMA, "operator"),
         ("GET", f"/api/sessions/{SID}/messages/([0-9a-f]{{12}})", r_session_message, True, None, "session"),
         ("POST", "/api/send", r_operator_send, False, SEND_SCHEMA, "operator"),
@@ -4573,6 +4909,11 @@ ROUTES: list[Route] = [
         ("GET", "/api/credentials", r_credentials, False, None, "admin"),
         ("POST", r"/api/credentials/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/revoke", r_revoke_credential, False,
          EMPTY_SCHEMA, "admin"),
+        ("GET", "/api/tasks", r_tasks, False, None, "read"),
+        ("POST", "/api/tasks", r_add_task, False, TASK_SCHEMA, "task"),
+        ("POST", "/api/tasks/([0-9a-f]{12})/claim", r_claim_task, False, EMPTY_SCHEMA, "task"),
+        ("POST", "/api/tasks/([0-9a-f]{12})/done", r_finish_task, False, TASK_DONE_SCHEMA, "task"),
+        ("POST", "/api/tasks/([0-9a-f]{12})/after", r_task_after, False, TASK_AFTER_SCHEMA, "task"),
         ("POST", "/api/schedule", r_schedule, False, SCHEDULE_SCHEMA, "report"),
         ("POST", "/api/dashboard/codes", r_login_code, False, EMPTY_SCHEMA, "login"),
         ("GET", "/", r_dashboard_page, False, None, "dashboard"),
@@ -5204,6 +5545,17 @@ TOOLS: list[dict[str, Any]] = [
      "description": "Show this session's claude-peers identity (session id, agent name, machine, directory)"
                     " and whether the broker is reachable.",
      "inputSchema": {"type": "object", "properties": {}}},
+    {"name": "tasks",
+     "description": "The fleet's task board for this repository: list its open and claimed tasks, claim one (the"
+                    " next open one, or by id: of sessions racing, one gets it), finish one you hold with a result"
+                    " (its creator is told), or add one for any session to take. A task you hold is open again if"
+                    " this session ends.",
+     "inputSchema": {"type": "object", "required": ["action"], "properties": {
+         "action": {"type": "string", "enum": ["list", "claim", "done", "add"]},
+         "id": {"type": "string", "description": "claim: this task (default: the next open one); done: the task"},
+         "result": {"type": "string", "description": "done: what came of it"},
+         "text": {"type": "string", "description": "add: what is to be done"},
+         "after": {"type": "array", "items": {"type": "string"}, "description": "add: ids of tasks it waits for"}}}},
 ]
 
 
@@ -5413,6 +5765,22 @@ def compose_instructions(lead: str, peers: list[dict[str, Any]] | None, memory: 
     return "\n".join([lead, *fleet]).encode()[:INSTRUCTIONS_BYTES].decode(errors="ignore")
 
 
+def format_task(task: dict[str, Any]) -> str:
+    """One task in a line (its text's further lines indented): id, state, text, who made and holds it."""
+    if task["state"] == "claimed":
+        state = f"held by {task['holder']}" + (f" on {task['holder_machine']}" if task["holder_machine"] else "")
+    elif task["state"] == "open" and task["waiting"]:
+        state = f"waits for {', '.join(task['waiting'])}"
+    else:
+        state = task["state"] + (f" by {task['done_by']}" if task["done_by"] else "")
+    where = (f" (machine {task['machine']})" if task["machine"] else "") + f" from {task['created_by']}"
+    first, *rest = task["text"].splitlines() or [""]
+    lines = [f"- {task['id']} [{state}] {first}{where}", *("    " + line for line in rest)]
+    if task["result"]:
+        lines += ["    result: " + line for line in task["result"].splitlines()[:1]]
+    return "\n".join(lines)
+
+
 class ShimError(Exception):
     """A tool call that failed in a way the model should read."""
 
@@ -5449,6 +5817,7 @@ class Shim:
         self.seen: dict[str, None] = {}  #: message ids pushed or returned: never shown twice
         self.unread: dict[str, dict[str, Any]] = {}  #: pushed, not yet read or answered
         self.unacked: list[str] = []  #: pushed, but the broker has not taken the acknowledgement yet
+        self.repo: str | None = None  #: this session's repository on the task board, once a task call asked
         self.tools_client.answered = self.poll_client.answered = self._answered
         self.introduced = asyncio.Event()  #: initialize arrived: the client and the mode are known
         self.attempted = asyncio.Event()  #: the first registration attempt is over (instructions wait for it)
@@ -5612,7 +5981,7 @@ class Shim:
         """Run one tool; raises ShimError with a readable message on any failure."""
         handlers = {"list_peers": self.tool_list_peers, "send_message": self.tool_send_message,
                     "set_summary": self.tool_set_summary, "check_messages": self.tool_check_messages,
-                    "whoami": self.tool_whoami}
+                    "whoami": self.tool_whoami, "tasks": self.tool_tasks}
         tool = next((t for t in TOOLS if t["name"] == name), None)
         if tool is None:
             raise ShimError(f"unknown tool {str(name)[:64]!r}; the tools are {', '.join(handlers)}")
@@ -5682,6 +6051,38 @@ class Shim:
         parts = [format_message(m, m["id"] in shown) for m in messages]
         return (f"{len(messages)} peer message(s), oldest first. Each text is from another agent; answer with"
                 " send_message(to=<from id or name>, reply_to=<message_id>).\n\n" + "\n\n".join(parts))
+
+    async def tool_tasks(self, action: str, id: str | None = None, result: str | None = None,
+                         text: str | None = None, after: list[str] | None = None) -> str:
+        """The task board of this session's repository (the same name on every clone of it)."""
+        self._need_session()
+        if self.repo is None:
+            self.repo = await asyncio.to_thread(repo_identity, self.cwd)
+        board = self.repo or "no repository"
+        if action == "list":
+            found = await self.tools_client.call("GET", "/api/tasks?" + urllib.parse.urlencode({"repo": self.repo}))
+            tasks = [t for t in found["tasks"] if t["repo"] in ("", self.repo)]  # an empty repo= is no filter
+            if not tasks:
+                return f"No open tasks for {board}."
+            return f"Tasks for {board} ({len(tasks)}):\n" + "\n".join(map(format_task, tasks))
+        if action == "claim":
+            task = (await self.tools_client.session_call("POST", "/tasks/claim", {"id": id, "repo": self.repo}))["task"]
+            if task is None:
+                return f"No open task to take for {board} (tasks waiting for others are not offered)."
+            return (f"You hold task {task['id']}: {task['text']}\nWhen it is done: tasks(action=\"done\","
+                    f" id=\"{task['id']}\", result=...).")
+        if action == "done":
+            if not id:
+                raise ShimError("tasks: done needs the task's id")
+            done = await self.tools_client.session_call("POST", f"/tasks/{urllib.parse.quote(id, safe='')}/done",
+                                                        {"result": result or ""})
+            told = f" {recipient_note(done['told'])}" if done["told"] else ""
+            return f"Task {id} is done.{told}"
+        if not text:
+            raise ShimError("tasks: add needs the task's text")
+        task = await self.tools_client.session_call("POST", "/tasks", {"text": text, "repo": self.repo,
+                                                                      "after": after or None})
+        return f"Added task {task['id']} for {board}; you are told its result."
 
     async def tool_whoami(self) -> str:
         if self.session is None:
@@ -6814,7 +7215,7 @@ class AgentTools:
             "read_file": self.tool_read_file, "list_peers": self.tool_list_peers,
             "send_message": self.tool_send_message, "read_events": self.tool_read_events,
             "read_memory": self.tool_read_memory, "write_memory": self.tool_write_memory, "alert": self.tool_alert,
-            "remember": self.tool_remember, "recall": self.tool_recall}
+            "add_task": self.tool_add_task, "remember": self.tool_remember, "recall": self.tool_recall}
         policies: dict[str, Callable[..., None]] = {
             "probe_host": self.check_probe_host, "http_get": self.check_http_get,
             "run_command": self.check_run_command, "read_file": self.check_read_file}
@@ -6929,6 +7330,12 @@ class AgentTools:
                                     "title": title[:300], "detail": detail[:4000]}
         return (f"alert noted ({severity}): sent when the run ends if it is new or changed, repeated while it"
                 " stays raised run after run, resolved when a run no longer raises it")
+
+    def tool_add_task(self, text: str, repo: str = "", machine: str = "", tell: str = "") -> str:
+        body = {"text": text[:4000], "repo": normalise_repo(repo) if repo else None, "machine": machine or None,
+                "tell": tell or None}
+        task = self.run.broker().session_call("POST", "/tasks", body)
+        return f"task {task['id']} added for {task['repo'] or 'any repository'}; its result goes to {task['tell']}"
 
     def tool_remember(self, key: str, value: str) -> str:
         self.run.state.remember(self.run.daemon.name, key[:200], value[:KV_VALUE_CAP])
@@ -10223,6 +10630,58 @@ def cmd_alerts(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def repo_argument(value: str) -> str:
+    """--repo as the task board keys it: '.' this directory's repository, 'any' none, else a remote normalised."""
+    if value == ".":
+        return repo_identity(Path.cwd())
+    if value == "any":
+        return ""
+    return value if value.startswith("root:") else normalise_repo(value)
+
+
+def print_tasks(tasks: list[dict[str, Any]]) -> None:
+    """Tasks under their repository, each in its line."""
+    for repo in dict.fromkeys(t["repo"] for t in tasks):
+        print(repo or "(any repository)")
+        for task in (t for t in tasks if t["repo"] == repo):
+            print("  " + format_task(task).replace("\n", "\n  "))
+
+
+def cmd_task(cfg: Config, args: argparse.Namespace) -> int:
+    """The task board from the command line: add, list, claim, done, after (as the operator, or this
+    machine's credential)."""
+    client = client_from_config(cfg)
+    action = args.task_action
+    if action == "add":
+        body = {"text": utf8_argument("the task's text", args.text), "repo": repo_argument(args.repo),
+                "machine": args.machine, "after": args.after or None, "tell": args.tell}
+        task = client.call("POST", "/api/tasks", {k: v for k, v in body.items() if v is not None})
+        waits = f", waiting for {', '.join(task['waiting'])}" if task["waiting"] else ""
+        print(f"added task {task['id']} for {task['repo'] or 'any repository'}{waits}"
+              + (f"; its result goes to {task['tell']}" if task["tell"] else ""))
+    elif action == "claim":
+        task = client.call("POST", f"/api/tasks/{urllib.parse.quote(args.id, safe='')}/claim")["task"]
+        print(f"you hold task {task['id']}: {task['text']} (when done: claude-peers task done {task['id']}"
+              " --result TEXT)")
+    elif action == "done":
+        done = client.call("POST", f"/api/tasks/{urllib.parse.quote(args.id, safe='')}/done",
+                           {"result": utf8_argument("--result", args.result or "")})
+        print(f"task {args.id} done" + (f"; {recipient_note(done['told'])}" if done["told"] else ""))
+    elif action == "after":
+        task = client.call("POST", f"/api/tasks/{urllib.parse.quote(args.id, safe='')}/after", {"after": args.needs})
+        print(f"task {task['id']} waits for {', '.join(task['waiting']) or 'nothing (all of them are done)'}")
+    else:
+        query = {"state": "all" if args.all else "active", **({"repo": repo_argument(args.repo)} if args.repo else {})}
+        tasks = client.call("GET", "/api/tasks?" + urllib.parse.urlencode(query))["tasks"]
+        if args.json:
+            print_json(tasks)
+        elif not tasks:
+            print("no open tasks (claude-peers task add TEXT)" if not args.all else "no tasks")
+        else:
+            print_tasks(tasks)
+    return 0
+
+
 def configured_daemon(cfg: Config, name: str, elsewhere: str = "") -> SimpleNamespace:
     """The daemon a trigger names, as this config has it: an unknown name is a typo to say now."""
     daemon = cfg.daemons.get(name)
@@ -10457,6 +10916,29 @@ def build_parser() -> argparse.ArgumentParser:
                                 " the problem is still there")
     action.add_argument("id", help="the alert's id (claude-peers alerts lists it)")
     add_common_options(action, argparse.SUPPRESS, argparse.SUPPRESS)
+    p = command("task", cmd_task, "the fleet's task board: add, list, claim, done, after")
+    actions = p.add_subparsers(dest="task_action", metavar="ACTION", required=True)
+    action = actions.add_parser("add", help="a task for any session (of its repository) to take")
+    action.add_argument("text")
+    action.add_argument("--repo", default=".", help="its repository: a remote URL, '.' this directory's (default),"
+                        " or 'any'")
+    action.add_argument("--after", action="append", metavar="ID", help="a task it waits for (repeatable)")
+    action.add_argument("--machine", metavar="M", help="only a session on this machine may take it")
+    action.add_argument("--tell", metavar="NAME", help="the agent name or session id its result is mailed to")
+    action = actions.add_parser("list", help="open and claimed tasks, oldest first")
+    action.add_argument("--all", action="store_true", help="done ones too")
+    action.add_argument("--repo", help="only this repository's (and those of any repository); '.' this directory's")
+    action.add_argument("--json", action="store_true", help="machine-readable output")
+    action = actions.add_parser("claim", help="hold a task (as the operator) until it is done")
+    action.add_argument("id")
+    action = actions.add_parser("done", help="finish a task with its result (its creator's `tell` is told)")
+    action.add_argument("id")
+    action.add_argument("--result", help="what came of it")
+    action = actions.add_parser("after", help="make a task wait for other tasks too (a cycle is refused)")
+    action.add_argument("id")
+    action.add_argument("needs", nargs="+", metavar="NEEDS", help="the tasks it waits for")
+    for action in actions.choices.values():
+        add_common_options(action, argparse.SUPPRESS, argparse.SUPPRESS)
     p = command("trigger", cmd_trigger, "run a daemon now (via the supervisor, or here in the foreground)")
     p.add_argument("daemon")
     p.add_argument("--here", action="store_true", help="run it in this terminal, printing the transcript")

