@@ -1013,6 +1013,7 @@ CREATE TABLE IF NOT EXISTS sessions(
     tty TEXT NOT NULL,
     client TEXT NOT NULL,
     mode TEXT NOT NULL DEFAULT 'push',
+    mode_reason TEXT NOT NULL DEFAULT '',
     summary TEXT NOT NULL,
     started_at REAL NOT NULL,
     last_seen REAL NOT NULL,
@@ -1124,6 +1125,7 @@ CREATE TABLE IF NOT EXISTS credentials(
 # gets them here when the broker opens it (so an upgrade keeps its data).
 ADDED_COLUMNS = (("sessions", "credential", "TEXT NOT NULL DEFAULT 'admin'"),
                  ("sessions", "mode", "TEXT NOT NULL DEFAULT 'push'"),  # sessions before modes were pushed
+                 ("sessions", "mode_reason", "TEXT NOT NULL DEFAULT ''"),
                  ("messages", "credential", "TEXT NOT NULL DEFAULT ''"),
                  ("runs", "credential", "TEXT NOT NULL DEFAULT ''"),  # the audit: which credential reported it
                  ("alerts", "credential", "TEXT NOT NULL DEFAULT ''"))
@@ -1132,8 +1134,19 @@ MEMORY_PARTS = ("pinned", "notes")  # a human's pinned section, then the notes d
 MEMORY_VERSIONS_KEPT = 100
 RUN_STATUSES = ("running", "ok", "failed", "timeout", "limit", "skipped")
 RUN_FINAL = RUN_STATUSES[1:]
-SESSION_FIELDS = ("id", "name", "machine", "pid", "cwd", "git_root", "branch", "tty", "client", "mode", "summary")
-MODES = ("push", "pull")  # how a session gets its mail: pushed into it by its long-poll, or by check_messages
+SESSION_FIELDS = ("id", "name", "machine", "pid", "cwd", "git_root", "branch", "tty", "client", "mode", "mode_reason",
+                  "summary")
+# How a session gets its mail: pushed into it as a channel notification, posted into its Claude Code
+# session inbox (both lease it through the long-poll), or fetched by check_messages (pull).
+MODES = ("push", "pull", "inbox")
+LEASED_MODES = ("push", "inbox")
+
+
+def checked_mode(mode: str) -> str:
+    """A delivery mode from a client, or the API error that names the modes."""
+    if mode not in MODES:
+        raise ApiError(400, f"field 'mode' must be one of {', '.join(MODES)}, got {mode[:16]!r}")
+    return mode
 
 
 def session_view(row: Any, last_seen: float | None = None) -> dict[str, Any]:
@@ -1522,14 +1535,13 @@ class Sessions:
         if name is not None and not valid_name(name):
             raise ApiError(400, f"invalid agent name {name!r}: use 1-64 letters, digits, '.', '_' or '-'"
                            " (not a session id, not 'operator')")
-        mode = info.get("mode") or "push"
-        if mode not in MODES:
-            raise ApiError(400, f"field 'mode' must be push or pull, got {mode[:16]!r}")
+        mode = checked_mode(info.get("mode") or "push")
         sid, secret = new_id(), secrets.token_urlsafe(24)
         session = {"id": sid, "secret_hash": sha256_hex(secret), "name": name, "machine": info["machine"],
                    "pid": info["pid"], "cwd": info["cwd"], "git_root": info.get("git_root") or "",
                    "branch": info.get("branch") or "", "tty": info.get("tty") or "",
-                   "client": info.get("client") or "", "mode": mode, "summary": info.get("summary") or "",
+                   "client": info.get("client") or "", "mode": mode, "mode_reason": info.get("mode_reason") or "",
+                   "summary": info.get("summary") or "",
                    "started_at": now, "last_seen": now, "live": 1, "credential": credential}
         with self.store.tx() as c:
             self._reap(c, now)
@@ -1580,6 +1592,15 @@ class Sessions:
             self.store.event(c, "peer.summary", "fleet.peer.summary", machine=session["machine"],
                         session_id=session["id"], name=session["name"], summary=summary)
             session["summary"] = summary
+
+    def set_mode(self, session: dict[str, Any], mode: str, reason: str) -> None:
+        """A session's new way of getting mail (an inbox that failed falls back to pull), and why."""
+        mode = checked_mode(mode)
+        with self.store.tx() as c:
+            c.execute("UPDATE sessions SET mode = ?, mode_reason = ? WHERE id = ?", (mode, reason, session["id"]))
+            self.store.event(c, "peer.mode", "fleet.peer.mode", machine=session["machine"], session_id=session["id"],
+                             name=session["name"], mode=mode, reason=reason)
+            session["mode"], session["mode_reason"] = mode, reason
 
     def end_held_by(self, credential: str) -> list[str]:
         """End every live session a (revoked) credential holds; returns their ids, to wake."""
@@ -1640,7 +1661,7 @@ class Messages:
                 state = "undeliverable" if target["undeliverable"] else "queued"
                 recipient = self.recipient({"to_session": target["session"], "to_name": target["name"]}, now)
                 handover = (state == "queued" and target["session"] in parked and recipient is not None
-                            and recipient["mode"] == "push")
+                            and recipient["mode"] in LEASED_MODES)
                 row = {"id": mid, "thread_id": thread_id or mid, "reply_to": reply_to, "from_id": sender["id"],
                        "from_name": sender["name"] or sender["id"], "from_machine": sender["machine"],
                        "from_cwd": sender["cwd"], "to_addr": to, "to_session": target["session"],
@@ -1660,7 +1681,8 @@ class Messages:
                             bytes=len(text.encode()), **({"text": text} if self.store.cfg.nats.publish_text else {}))
                 results.append({"id": mid, "to_id": target["session"], "to_name": target["name"],
                                 "state": state, "online": target["session"] is not None,
-                                "mode": recipient and recipient["mode"], "client": recipient and recipient["client"]})
+                                "mode": recipient and recipient["mode"], "client": recipient and recipient["client"],
+                                "mode_reason": recipient and recipient["mode_reason"]})
         result: dict[str, Any] = {"thread_id": thread_id or (results[0]["id"] if len(results) == 1 else None),
                                   "messages": results}
         if to != "*":
@@ -3561,8 +3583,9 @@ REGISTER_SCHEMA: Schema = {
     "machine": Field(str, True, 255), "pid": Field(int, True, (1 << 31) - 1), "cwd": Field(str, True, 4096),
     "git_root": Field(str, False, 4096), "branch": Field(str, False, 255), "tty": Field(str, False, 255),
     "client": Field(str, False, 64), "summary": Field(str, False, 1000), "name": Field(str, False, 64),
-    "mode": Field(str, False, 16),
+    "mode": Field(str, False, 16), "mode_reason": Field(str, False, 500),
 }
+MODE_SCHEMA: Schema = {"mode": Field(str, True, 16), "reason": Field(str, True, 500)}
 SUMMARY_SCHEMA: Schema = {"summary": Field(str, True, 1000)}
 SEND_SCHEMA: Schema = {"to": Field(str, True, 64), "text": Field(str, True, 1 << 30),
                        "reply_to": Field(str, False, 64), "scope": Field(str, False, 16)}
@@ -4012,6 +4035,11 @@ async def r_summary(b: Broker, req: Request) -> Any:
     return {"ok": True}
 
 
+async def r_mode(b: Broker, req: Request) -> Any:
+    await b.write(lambda: b.sessions.set_mode(req.session, req.body["mode"], req.body["reason"]))
+    return {"ok": True}
+
+
 async def r_leave(b: Broker, req: Request) -> Any:
     await b.write(lambda: b.sessions.leave(req.session))
     return {"ok": True}
@@ -4296,6 +4324,7 @@ ROUTES: list[Route] = [
         ("GET", f"/api/sessions/{SID}", r_whoami, True, None, "session"),
         ("GET", f"/api/sessions/{SID}/peers", r_session_peers, True, None, "session"),
         ("POST", f"/api/sessions/{SID}/summary", r_summary, True, SUMMARY_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/mode", r_mode, True, MODE_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/send", r_session_send, True, SEND_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/poll", r_poll, True, POLL_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/ack", r_ack, True, ACK_SCHEMA, "session"),
@@ -4859,9 +4888,16 @@ def client_from_config(cfg: Config, timeout: float = 10.0) -> BrokerClient:
 #
 # A session is push only where a pushed message is shown: Claude Code (its clientInfo)
 # started with the channel flag naming this server (its command line, the shim's parent's).
-# Every other session is pull: nothing is pushed nor marked delivered, mail waits for
-# check_messages, and its senders are told so. The client's initialize decides the mode,
-# so the session registers once the handshake arrives.
+# A Claude Code session without the flag is inbox where Claude Code gave it a session inbox
+# (a unix socket named in the shim's environment; an idle session starts a turn on a post):
+# the shim posts its mail there. Every other session is pull: nothing is pushed nor marked
+# delivered, mail waits for check_messages, and its senders are told why. The client's
+# initialize decides the mode, so the session registers once the handshake arrives.
+#
+# The inbox writes nothing back, so a post is accepted when the socket took every byte of
+# it; the message is then "delivered" and stays unread (check_messages returns it, every
+# tool result counts it) until the model reads or answers it. A post that fails leaves the
+# batch unacknowledged (its leases run out, check_messages reads it) and the session pull.
 
 SERVER_NAME = "claude-peers"
 CHANNEL_METHOD = "notifications/claude/channel"
@@ -4873,6 +4909,12 @@ INSTRUCTIONS_PEERS = 20
 SEEN_LIMIT = 100_000
 CHANNEL_FLAG = "--dangerously-load-development-channels"  # Claude Code's switch for a channel off its allowlist
 CLAUDE_CODE_CLIENT = "claude-code"  # the clientInfo name Claude Code introduces itself with
+INBOX_SOCKET_ENV, INBOX_TOKEN_ENV = "CLAUDE_CODE_MESSAGING_SOCKET", "CLAUDE_CODE_MESSAGING_TOKEN"  # set by Claude Code
+INBOX_SWITCH_ENV = "CLAUDE_CODE_HARBOR_KITE"  # 0 turns Claude Code's session inbox off
+INBOX_EACH = 3  # up to this many messages in one batch are posted one by one; more become one notice
+INBOX_TEXT_BYTES = 4096  # a longer message is posted as a notice to call check_messages
+INBOX_POST_TIMEOUT_S = 5.0
+MANAGED_SETTINGS = Path("/etc/claude-code/managed-settings.json")  # Claude Code's policy file on Linux
 TOOLS: list[dict[str, Any]] = [
     {"name": "list_peers",
      "description": "List the other Claude Code sessions in the claude-peers fleet (other machines, other"
@@ -4983,43 +5025,87 @@ def channel_servers(argv: list[str]) -> list[str]:
     return found
 
 
-def decide_mode(override: str | None, client: str, parent_argv: list[str]) -> tuple[str, str]:
-    """(push or pull, why): push only where a channel message is shown to the model, since
-    Claude Code drops it silently without the flag and other clients have no channel."""
-    if override:
+def cross_session_inbound(project: Path) -> tuple[str, str]:
+    """Claude Code's crossSessionInbound setting (accept, hold or refuse) and the file that sets it,
+    read in Claude Code's order (policy, local, project, user), or ('', '') where none does."""
+    config = Path(os.environ.get("CLAUDE_CONFIG_DIR") or Path.home() / ".claude")
+    for path in (MANAGED_SETTINGS, project / ".claude" / "settings.local.json", project / ".claude" / "settings.json",
+                 config / "settings.json"):
+        with contextlib.suppress(OSError, ValueError):
+            settings = json.loads(path.read_text())
+            value = settings.get("crossSessionInbound") if isinstance(settings, dict) else None
+            if value in ("accept", "hold", "refuse"):
+                return value, str(path)
+    return "", ""
+
+
+def session_inbox(env: dict[str, str], project: Path) -> tuple[str, str]:
+    """(the socket of this Claude Code session's inbox, or '' where posts would not reach the model;
+    and why): Claude Code names it in its MCP servers' environment, unless it is switched off."""
+    switch = env.get(INBOX_SWITCH_ENV, "").strip()
+    if switch.lower() in ("0", "false", "no", "off"):
+        return "", f"{INBOX_SWITCH_ENV}={switch} turns Claude Code's session inbox off (unset it)"
+    path = env.get(INBOX_SOCKET_ENV, "")
+    if not path:
+        return "", (f"with no session inbox ({INBOX_SOCKET_ENV} unset: a Claude Code without one, such as 2.1.197 -"
+                    " update it - or its remote flag tengu_harbor_kite is off)")
+    if not Path(path).is_socket():
+        return "", f"its session inbox {path} is {'not a socket' if os.path.lexists(path) else 'gone'}"
+    value, where = cross_session_inbound(project)
+    if value in ("hold", "refuse"):
+        what = "drops posts" if value == "refuse" else "holds posts for the user, unseen by Claude"
+        return "", f'crossSessionInbound is "{value}" in {where}, so Claude Code {what} (set it to "accept")'
+    return path, f"Claude Code's session inbox {path}: an idle session starts a turn"
+
+
+def decide_mode(override: str | None, client: str, parent_argv: list[str],
+                inbox: tuple[str, str] = ("", "no session inbox")) -> tuple[str, str]:
+    """(push, inbox or pull, why): push only where a channel message is shown to the model, since
+    Claude Code drops it silently without the flag and other clients have no channel; else inbox
+    where Claude Code gave the session one (``inbox``: its socket and why, from session_inbox)."""
+    if override in ("push", "pull"):
         return override, "set with --mode or CLAUDE_PEERS_MODE"
-    if client != CLAUDE_CODE_CLIENT:
+    if override is None and client != CLAUDE_CODE_CLIENT:
         return "pull", f"its MCP client ({client}) has no channel"
-    if f"server:{SERVER_NAME}" in channel_servers(parent_argv):
+    if override is None and f"server:{SERVER_NAME}" in channel_servers(parent_argv):
         return "push", f"Claude Code started with {CHANNEL_FLAG} server:{SERVER_NAME}"
-    return "pull", "Claude Code started without the channel flag (claude-peers run adds it)"
+    path, why = inbox
+    if path:
+        return "inbox", why
+    return "pull", f"Claude Code started without the channel flag (claude-peers run adds it) and {why}"
 
 
 def mode_override(explicit: str | None) -> str | None:
     """--mode, else $CLAUDE_PEERS_MODE, else None (the handshake decides)."""
     mode = explicit or os.environ.get("CLAUDE_PEERS_MODE", "").strip() or None
     if mode not in (None, *MODES):
-        raise UserError(f"CLAUDE_PEERS_MODE={mode[:20]!r} is not a mode: set it to push or pull, or unset it")
+        raise UserError(f"CLAUDE_PEERS_MODE={mode[:20]!r} is not a mode: set it to push, pull or inbox, or unset it")
     return mode
 
 
 def recipient_note(result: dict[str, Any]) -> str:
-    """What a sender is told about one recipient: pushed now, queued until it checks its
-    messages (a pull session), queued for an offline name, or undeliverable."""
+    """What a sender is told about one recipient: pushed or posted into its inbox now, queued
+    until it checks its messages (a pull session, and why), queued for an offline name, or undeliverable."""
     target = result["to_name"] or result["to_id"]
     if result["state"] == "undeliverable":
         return f"undeliverable: session {target} has ended and had no agent name"
     if not result["online"]:
         return f"queued: {target} is offline; it gets the message when a session takes the name"
     if result.get("mode") == "pull":
-        why = ("started without the channel flag" if result.get("client") == CLAUDE_CODE_CLIENT
-               else f"its client {result.get('client') or 'mcp'} has no channel")
-        return f"{target} is online but cannot receive pushes ({why}): queued until it checks its messages"
+        why = result.get("mode_reason") or ("started without the channel flag" if result.get("client") == CLAUDE_CODE_CLIENT
+                                            else f"its client {result.get('client') or 'mcp'} has no channel")
+        return f"{target} is online but hears no mail by itself: queued until it checks its messages ({why})"
+    if result.get("mode") == "inbox":
+        return f"queued: {target} is online and gets it posted into its Claude Code session inbox now"
     return f"queued: {target} is online and gets it pushed now"
 
 
 def how_messages_arrive(mode: str, why: str) -> str:
-    """The instructions' word on incoming messages: channel tags (push), or check_messages (pull)."""
+    """The instructions' word on incoming messages: channel tags (push), inbox posts, or check_messages (pull)."""
+    if mode == "inbox":
+        return ("Messages from other sessions are posted into this session as user turns that begin with"
+                " [claude-peers] and carry message_id, thread_id and the sender; several at once come as one"
+                " notice to call check_messages.")
     if mode == "pull":
         return (f"This session cannot receive pushed messages ({why}): messages from other sessions wait until"
                 " you call check_messages, and every claude-peers tool result says when some are waiting. Check"
@@ -5044,15 +5130,44 @@ def format_peer(peer: dict[str, Any]) -> str:
     return line + (f" - {peer['summary']}" if peer["summary"] else "")
 
 
-def format_message(message: dict[str, Any], shown: bool) -> str:
+def format_message(message: dict[str, Any], shown: str) -> str:
+    """A message as check_messages shows it; ``shown``: how it reached the model already, or ''."""
     head = (f"message_id={message['id']} thread_id={message['thread_id']} from {message['from_name']}"
             f" ({message['from_id']}, {message['from_machine']}:{message['from_cwd']}) at {message['sent_at']}")
     if message["reply_to"]:
         head += f" in reply to {message['reply_to']}"
     if shown:
-        head += " [already pushed to you as a <channel> message]"
+        head += f" [already {shown}]"
     body = "\n".join("    " + line for line in message["text"].splitlines() or [""])
     return f"{head}\n{body}"
+
+
+def inbox_posts(messages: list[dict[str, Any]]) -> list[str]:
+    """What a batch of mail becomes in a session's inbox: each message with how to answer it, or one
+    notice to call check_messages (a long batch, or a long message)."""
+    if len(messages) > INBOX_EACH or any(len(m["text"].encode()) > INBOX_TEXT_BYTES for m in messages):
+        senders = ", ".join(dict.fromkeys(m["from_name"] for m in messages))
+        return [(f"[claude-peers] {len(messages)} message{'s' if len(messages) > 1 else ''} from {senders}: call the"
+                 " claude-peers check_messages tool to read them.")]
+    return [(f"[claude-peers] A message through the claude-peers hub; answer with the claude-peers send_message tool"
+             f" (to={m['from_name']}, reply_to={m['id']}).\n{format_message(m, '')}") for m in messages]
+
+
+async def post_to_inbox(path: str, token: str, texts: list[str]) -> None:
+    """Write posts into a Claude Code session's inbox socket, one JSON line each after the token;
+    returns once the socket took every byte (the inbox answers nothing), raises OSError if not."""
+    lines = [{"type": "auth", "token": token}] if token else []
+    lines += [{"type": "user", "message": {"role": "user", "content": text}, "from": SERVER_NAME, "priority": "next"}
+              for text in texts]
+    async with asyncio.timeout(INBOX_POST_TIMEOUT_S):
+        _, writer = await asyncio.open_unix_connection(path)
+        try:
+            writer.write(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+            await writer.drain()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
 
 
 class ShimError(Exception):
@@ -5061,8 +5176,8 @@ class ShimError(Exception):
 
 class Shim:
     """One Claude Code session's link to the broker: registration, tools, and the
-    long-poll that turns leased messages into channel notifications (push), or that only
-    keeps the session alive and counts its waiting mail (pull)."""
+    long-poll that turns leased messages into channel notifications (push) or posts into the
+    session's inbox (inbox), or that only keeps the session alive and counts its waiting mail (pull)."""
 
     def __init__(self, cfg: Config, name: str | None, cwd: Path, wire: StdioWire, mode: str | None = None) -> None:
         self.cfg = cfg
@@ -5072,7 +5187,9 @@ class Shim:
         self.override = mode  #: push or pull as the user set it; None: the handshake decides
         self.parent_argv = process_argv(os.getppid())  #: the client's command line (run puts the channel flag there)
         self.client = "mcp"  #: the client's clientInfo name, from initialize
-        self.mode, self.mode_reason = "pull", "the client has not introduced itself yet"  #: push or pull, and why
+        self.mode, self.mode_reason = "pull", "the client has not introduced itself yet"  #: push, inbox or pull, and why
+        self.mode_told = True  #: the broker has this mode (False after an inbox failed, until it is told)
+        self.inbox = ""  #: the session inbox's socket (inbox mode)
         self.waiting = 0  #: a pull session's unread mail, as the broker last counted it
         self.url = cfg.broker_url
         self.token_error = ""  #: why there is no fleet token (the tools say it)
@@ -5085,7 +5202,7 @@ class Shim:
         self.session: dict[str, Any] | None = None  #: as registered; None until then or after the broker forgot it
         self.name_note = ""  #: why the wanted name is not held
         self.last_error = ""  #: the last failure to reach the broker, '' when it answers
-        self.seen: dict[str, None] = {}  #: message ids pushed or returned: never shown twice
+        self.seen: dict[str, str] = {}  #: message ids shown (id -> how: pushed, posted, '' returned): never twice
         self.unread: dict[str, dict[str, Any]] = {}  #: pushed, not yet read or answered
         self.unacked: list[str] = []  #: pushed, but the broker has not taken the acknowledgement yet
         self.introduced = asyncio.Event()  #: initialize arrived: the client and the mode are known
@@ -5106,12 +5223,16 @@ class Shim:
         name = client_info.get("name") if isinstance(client_info, dict) else None
         if isinstance(name, str) and name.strip() and storable_text(name):
             self.client = name.strip()[:64]
-        self.mode, self.mode_reason = decide_mode(self.override, self.client, self.parent_argv)
+        project = Path(os.environ.get("CLAUDE_PROJECT_DIR") or self.cwd)
+        inbox = session_inbox(dict(os.environ), project)
+        self.mode, self.mode_reason = decide_mode(self.override, self.client, self.parent_argv, inbox)
+        self.inbox = inbox[0] if self.mode == "inbox" else ""
         log.info("delivery mode %s: %s", self.mode, self.mode_reason)
         self.introduced.set()
 
     async def _register(self, info: dict[str, Any]) -> None:
-        info = {**info, "summary": self.session["summary"] if self.session else ""}
+        info = {**info, "summary": self.session["summary"] if self.session else "", "mode": self.mode,
+                "mode_reason": self.mode_reason}
         session = None
         if self.wanted_name:
             try:
@@ -5124,14 +5245,14 @@ class Shim:
         if session is None:
             session = await self.tools_client.register(info)
         self.poll_client.attach(self.tools_client)
-        self.session, self.last_error = session, ""
+        self.session, self.last_error, self.mode_told = session, "", True
         log.info("registered as session %s%s", session["id"], f" ({session['name']})" if session["name"] else "")
 
     async def run(self) -> None:
         """The session: register, then long-poll and push until cancelled; retry with backoff."""
         info = await asyncio.to_thread(self._session_info)  # git runs in a subprocess, while the client connects
         await self.introduced.wait()
-        info.update(client=self.client, mode=self.mode)
+        info["client"] = self.client
         backoff = 0.25
         while True:
             try:
@@ -5163,8 +5284,11 @@ class Shim:
         await asyncio.sleep(backoff)
 
     async def _poll_once(self) -> None:
-        """Lease mail (waiting for it), push each message, acknowledge the batch at once.
+        """Lease mail (waiting for it), push or post each message, acknowledge the batch at once.
         A pull session leases nothing: its poll is the heartbeat and brings the count of waiting mail."""
+        if not self.mode_told:
+            await self.tools_client.session_call("POST", "/mode", {"mode": self.mode, "reason": self.mode_reason})
+            self.mode_told = True
         if self.mode == "pull":
             answer = await self.poll_client.session_call("POST", "/poll", {"wait_s": self.cfg.broker.poll_wait_s,
                                                                            "unread": self.waiting})
@@ -5178,25 +5302,45 @@ class Shim:
         except (UserError, ApiError):
             self.unacked = body.get("ack", []) + self.unacked
             raise
-        for message in messages:
-            self._push(message)
+        fresh = [m for m in messages if m["id"] not in self.seen]
+        if fresh and self.mode == "inbox" and not await self._post(fresh):
+            return  # unacknowledged: the leases run out, and check_messages returns the batch
+        for message in fresh:
+            self._show(message)
         if messages:
             asyncio.get_running_loop().create_task(self._acknowledge([m["id"] for m in messages]))
 
+    async def _post(self, messages: list[dict[str, Any]]) -> bool:
+        """Post a batch into the session's inbox; if the socket does not take it, the session
+        falls back to pull (and the broker is told why before the next poll)."""
+        try:
+            await post_to_inbox(self.inbox, os.environ.get(INBOX_TOKEN_ENV, ""), inbox_posts(messages))
+            return True
+        except OSError as exc:  # gone, refused, full past the timeout
+            why = describe_error(exc) if str(exc) else "timed out"
+            self.mode, self.mode_reason = "pull", f"posting into its session inbox {self.inbox} failed ({why})"
+            self.mode_told = False
+            log.warning("delivery mode pull: %s", self.mode_reason)
+            return False
+
     async def _acknowledge(self, ids: list[str]) -> None:
-        """Delivered: the pushes are in the client's pipe. If the broker cannot take it now,
+        """Delivered: the pushes are in the client's pipe, or the posts in the session's inbox. If the broker cannot take it now,
         the next poll carries it; until then a crash shows these messages again."""
         try:
             await self.tools_client.session_call("POST", "/ack", {"ids": ids, "state": "delivered"})
         except (UserError, ApiError):
             self.unacked += ids
 
-    def _push(self, message: dict[str, Any]) -> None:
-        """Write a channel notification once per message id, ever, in this session."""
-        if message["id"] in self.seen:
-            return
-        self._remember(message["id"])
+    def _show(self, message: dict[str, Any]) -> None:
+        """A message the model is shown now (pushed, or posted): unread until read or answered."""
+        self._remember(message["id"], "posted into your session inbox" if self.mode == "inbox"
+                       else "pushed to you as a <channel> message")
         self.unread[message["id"]] = message
+        if self.mode == "push":
+            self._push(message)
+
+    def _push(self, message: dict[str, Any]) -> None:
+        """Write a channel notification (once per message id, ever, in this session: _show)."""
         meta = {"from_name": message["from_name"], "from_id": message["from_id"],
                 "from_machine": message["from_machine"], "from_cwd": message["from_cwd"],
                 "message_id": message["id"], "thread_id": message["thread_id"], "sent_at": message["sent_at"]}
@@ -5205,8 +5349,8 @@ class Shim:
         self.wire.write({"jsonrpc": "2.0", "method": CHANNEL_METHOD,
                          "params": {"content": message["text"], "meta": {k: str(v) for k, v in meta.items()}}})
 
-    def _remember(self, message_id: str) -> None:
-        self.seen[message_id] = None
+    def _remember(self, message_id: str, how: str = "") -> None:
+        self.seen[message_id] = how
         if len(self.seen) > SEEN_LIMIT:
             del self.seen[next(iter(self.seen))]
 
@@ -5328,13 +5472,13 @@ class Shim:
         self._need_session()
         messages = (await self.tools_client.session_call("POST", "/inbox"))["messages"]
         self.waiting = 0  # the inbox returned every unread message
-        shown = {m["id"] for m in messages if m["id"] in self.seen}
+        shown = {m["id"]: self.seen.get(m["id"], "") for m in messages}
         for message in messages:
             self._remember(message["id"])
             self.unread.pop(message["id"], None)
         if not messages:
             return "No unread peer messages."
-        parts = [format_message(m, m["id"] in shown) for m in messages]
+        parts = [format_message(m, shown[m["id"]]) for m in messages]
         return (f"{len(messages)} peer message(s), oldest first. Each text is from another agent; answer with"
                 " send_message(to=<from id or name>, reply_to=<message_id>).\n\n" + "\n\n".join(parts))
 
@@ -5346,7 +5490,7 @@ class Shim:
                  f"directory: {s['cwd']}", f"git: {s['git_root'] or '-'} {s['branch']}".rstrip(),
                  f"broker: {self.url} ({'reachable' if not self.last_error else self.last_error})",
                  f"delivery: {self.mode} - {self.mode_reason}"
-                 + ("" if self.mode == "push" else "; messages wait for check_messages")]
+                 + ("; messages wait for check_messages" if self.mode == "pull" else "")]
         if self.name_note:
             lines.append(f"note: {self.name_note}")
         return "\n".join(lines)
@@ -9013,10 +9157,13 @@ def message_delivery(message: dict[str, Any]) -> tuple[str, str]:
     state, mode = message["state"], message.get("to_mode")
     if state == "queued" and mode == "pull":
         return "queued-for-pull", ("the recipient is online but cannot receive pushes (started without the"
-                                   " channel flag, or its client has none): it waits until it checks its messages")
-    return state, {"queued": "the recipient is online: being pushed now" if mode else
-                             "the recipient is offline: waits until a session takes its name",
-                   "delivered": "pushed into the recipient's session and acknowledged, not yet answered",
+                                   " channel flag and without a session inbox, or its client has neither): it waits"
+                                   " until it checks its messages (peers shows why)")
+    return state, {"queued": ("the recipient is online: being posted into its session inbox now" if mode == "inbox"
+                              else "the recipient is online: being pushed now" if mode else
+                              "the recipient is offline: waits until a session takes its name"),
+                   "delivered": ("pushed into the recipient's session and acknowledged (or posted into its session"
+                                 " inbox), not yet answered"),
                    "read": "returned by check_messages, or answered",
                    "undeliverable": "its session ended and had no agent name"}.get(state, state)
 
@@ -9048,17 +9195,20 @@ def claude_command(args: list[str]) -> list[str]:
 
 
 def sessions_without_channel(cfg: Config, client: BrokerClient) -> Iterator[tuple[str, str, str]]:
-    """Doctor: the live Claude Code sessions of this machine that get no pushes, and how to restart them."""
+    """Doctor: the live Claude Code sessions of this machine that hear no mail by themselves (neither
+    pushes nor a session inbox), why, and how to restart them."""
     query = urllib.parse.urlencode({"scope": "machine", "machine": cfg.machine})
     peers = client.call("GET", f"/api/peers?{query}")["peers"]
     deaf = [p for p in peers if p["mode"] == "pull" and p["client"] == CLAUDE_CODE_CLIENT]
     if not deaf:
-        pull = sum(p["mode"] == "pull" for p in peers)
-        yield "ok", "sessions", (f"{len(peers)} live on {cfg.machine}, no Claude Code session without the channel"
-                                 f" flag{f' ({pull} pull: clients without channels)' if pull else ''}")
+        pull, inbox = (sum(p["mode"] == mode for p in peers) for mode in ("pull", "inbox"))
+        yield "ok", "sessions", (f"{len(peers)} live on {cfg.machine}, no Claude Code session that hears no mail"
+                                 f"{f'; {inbox} through their session inbox' if inbox else ''}"
+                                 f"{f' ({pull} pull: clients without channels)' if pull else ''}")
     for p in deaf:
+        why = f" ({p['mode_reason']})" if p["mode_reason"] else ""
         yield "warn", "sessions", (f"{p['id']} {p['name'] or '(no name)'} in {p['cwd']}{' on ' + p['tty'] if p['tty'] else ''}"
-                                   " runs without the channel flag: its messages wait for check_messages; quit it"
+                                   f" hears no mail by itself{why}: its messages wait for check_messages; quit it"
                                    " and start it again in that directory with `claude-peers run --continue`")
 
 
@@ -9249,6 +9399,8 @@ def cmd_peers(cfg: Config, args: argparse.Namespace) -> int:
               f"{' [' + peer['branch'] + ']' if peer['branch'] else ''}  seen {ago(peer['last_seen'])}")
         if peer["summary"]:
             print(f"            {peer['summary']}")
+        if peer["mode"] == "pull" and peer["mode_reason"]:
+            print(f"            pull: {peer['mode_reason']}")
     return 0
 
 
@@ -9540,9 +9692,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("shim", cmd_shim, "the MCP server Claude Code spawns (stdio); register it with"
                 " `claude mcp add --scope user claude-peers -- claude-peers shim`")
     p.add_argument("--name", help="agent name (default: $CLAUDE_PEERS_NAME, or a .claude-peers-name file)")
-    p.add_argument("--mode", choices=MODES, help="push (messages pushed as channel notifications) or pull (they"
-                   " wait for check_messages); default: $CLAUDE_PEERS_MODE, else push only for Claude Code"
-                   " started with the channel flag")
+    p.add_argument("--mode", choices=MODES, help="push (messages pushed as channel notifications), pull (they"
+                   " wait for check_messages) or inbox (posted into Claude Code's session inbox); default:"
+                   " $CLAUDE_PEERS_MODE, else push for Claude Code started with the channel flag, inbox for"
+                   " Claude Code with a session inbox")
     p = command("run", cmd_run, "start Claude Code with claude-peers channel pushes enabled")
     p.add_argument("claude_args", nargs=argparse.REMAINDER, help="arguments passed on to claude untouched"
                    " (after run's own --config, -v, --help; `--` ends those)")

@@ -2971,9 +2971,10 @@ async def notice_of(shim: ShimSession, fragment: str, timeout: float = 15) -> st
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(("client", "flag", "why"), [
-    ("claude-code", [], "started without the channel flag"),
-    ("codex-mcp-client", CHANNEL_FLAG, "its client codex-mcp-client has no channel"),
-    ("gemini-cli-mcp-client", CHANNEL_FLAG, "its client gemini-cli-mcp-client has no channel"),
+    ("claude-code", [], "Claude Code started without the channel flag (claude-peers run adds it) and with no session"
+                       " inbox (CLAUDE_CODE_MESSAGING_SOCKET unset"),
+    ("codex-mcp-client", CHANNEL_FLAG, "its MCP client (codex-mcp-client) has no channel"),
+    ("gemini-cli-mcp-client", CHANNEL_FLAG, "its MCP client (gemini-cli-mcp-client) has no channel"),
 ])
 async def test_a_session_that_cannot_show_pushes_is_pull_and_its_mail_waits_for_check_messages(
         broker, tmp_path, client, flag, why):
@@ -2987,14 +2988,14 @@ async def test_a_session_that_cannot_show_pushes_is_pull_and_its_mail_waits_for_
         sent = send(sender, "deaf", "are you there?")
         assert (sent["state"], sent["online"], sent["mode"]) == ("queued", True, "pull")
         out = broker.cli("send", "deaf", "the operator asks too")
-        assert f"deaf is online but cannot receive pushes ({why}): queued until it checks its messages" in out.stdout
+        assert f"deaf is online but hears no mail by itself: queued until it checks its messages ({why}" in out.stdout
         await notice_of(shim, "[claude-peers] 2 peer messages waiting, not yet read - call check_messages")
         assert message_state(broker, sent["id"]) == "queued"  # the shim knows of it, and it is not delivered
         assert json.loads(broker.cli("status", sent["id"], "--json").stdout)["delivery"] == "queued-for-pull"
         assert "queued-for-pull" in broker.cli("status", sent["id"]).stdout
         answer = await shim.ok("send_message", {"to": "codex", "text": "hi"})
-        assert ("codex is online but cannot receive pushes (its client codex-mcp-client has no channel): queued"
-                " until it checks its messages") in answer
+        assert ("codex is online but hears no mail by itself: queued until it checks its messages (its client"
+                " codex-mcp-client has no channel)") in answer
         assert "2 peer messages waiting" in answer  # every tool result carries the notice
         inbox = await shim.ok("check_messages")
         assert inbox.count("are you there?") == 1 and "the operator asks too" in inbox
@@ -3017,7 +3018,7 @@ async def test_the_mode_is_set_with_the_mode_option_or_the_environment(broker):
         assert note.content == "pushed all the same"
     out = broker.cli("shim", env={"CLAUDE_PEERS_MODE": "sideways"})
     assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1
-    assert "CLAUDE_PEERS_MODE='sideways' is not a mode: set it to push or pull" in out.stderr
+    assert "CLAUDE_PEERS_MODE='sideways' is not a mode: set it to push, pull or inbox" in out.stderr
 
 
 def test_a_pull_sessions_poll_is_a_heartbeat_that_answers_how_much_mail_waits(make_broker):
