@@ -8245,7 +8245,8 @@ class BrokerHarness:
         self.toml, self.nats = toml, nats
         self._write_config()
         self.env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(self.config)}
-        for key in ("CLAUDE_PEERS_URL", "CLAUDE_PEERS_TOKEN", "CLAUDE_PEERS_NAME", "CLAUDE_PEERS_MODE"):
+        for key in ("CLAUDE_PEERS_URL", "CLAUDE_PEERS_TOKEN", "CLAUDE_PEERS_NAME", "CLAUDE_PEERS_MODE",
+                    INBOX_SOCKET_ENV, INBOX_TOKEN_ENV):  # run inside a Claude Code session: never post into it
             self.env.pop(key, None)
         self.url = ""
         self.token = ""

@@ -2558,8 +2558,8 @@ class RawShim:
     well-behaved client sends. Every line it writes is checked by the official SDK's model of
     a JSON-RPC message."""
 
-    def __init__(self, broker: BrokerProc) -> None:
-        self.proc = subprocess.Popen([PY, str(SCRIPT), "shim"], env={**broker.env, **shim_env(broker)},
+    def __init__(self, broker: BrokerProc, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen([PY, str(SCRIPT), "shim"], env={**broker.env, **shim_env(broker), **(env or {})},
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.lines: list[dict] = []
         self.arrived = threading.Condition()
@@ -2971,8 +2971,8 @@ async def notice_of(shim: ShimSession, fragment: str, timeout: float = 15) -> st
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(("client", "flag", "why"), [
-    ("claude-code", [], "Claude Code started without the channel flag (claude-peers run adds it) and with no session"
-                       " inbox (CLAUDE_CODE_MESSAGING_SOCKET unset"),
+    ("claude-code", [], ("Claude Code started without the channel flag (claude-peers run adds it) and with no session"
+                       " inbox (CLAUDE_CODE_MESSAGING_SOCKET unset")),
     ("codex-mcp-client", CHANNEL_FLAG, "its MCP client (codex-mcp-client) has no channel"),
     ("gemini-cli-mcp-client", CHANNEL_FLAG, "its MCP client (gemini-cli-mcp-client) has no channel"),
 ])
@@ -3084,17 +3084,191 @@ def test_status_and_send_tell_queued_queued_for_pull_delivered_and_read(broker):
 def test_doctor_lists_the_claude_code_sessions_of_this_machine_without_the_channel_flag(broker):
     here = cp.load_config(str(broker.config)).machine
     deaf = broker.session(name="deaf", machine=here, mode="pull", client="claude-code", cwd="/srv/app",
-                          tty="/dev/pts/3")
+                          tty="/dev/pts/3", mode_reason="CLAUDE_CODE_HARBOR_KITE=0 turns Claude Code's session inbox off")
+    broker.session(name="posted", machine=here, mode="inbox", client="claude-code")
     broker.session(name="codex", machine=here, mode="pull", client="codex-mcp-client")
     broker.session(name="elsewhere", machine="other-box", mode="pull", client="claude-code")
     broker.session(name="pushed", machine=here, client="claude-code")
     out = broker.cli("doctor")
     [line] = [line for line in out.stdout.splitlines() if line.split()[1] == "sessions"]
     assert line.startswith("warn") and f"{deaf.session_id} deaf in /srv/app on /dev/pts/3" in line
+    assert "hears no mail by itself (CLAUDE_CODE_HARBOR_KITE=0 turns Claude Code's session inbox off)" in line
     assert "start it again in that directory with `claude-peers run --continue`" in line
+    assert "posted" not in line  # a session with an inbox hears its mail
     deaf.session_call("POST", "/leave")
     [line] = [line for line in broker.cli("doctor").stdout.splitlines() if line.split()[1] == "sessions"]
-    assert line.startswith("ok") and "(1 pull: clients without channels)" in line
+    assert line.startswith("ok") and "1 through their session inbox (1 pull: clients without channels)" in line
+
+
+class InboxSocket:
+    """A Claude Code session's inbox as the shim sees it: a unix socket that takes lines and answers
+    nothing; it can stop listening (connections refused, the file stays) or vanish (the file goes)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "cc-socks" / "4242.sock"
+        self.path.parent.mkdir(mode=0o700)
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(self.path))
+        self.server.listen()
+        self.received: list[dict] = []
+        self.arrived = threading.Condition()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.server.accept()
+                with conn, conn.makefile("rb") as lines:
+                    for line in lines:
+                        with self.arrived:
+                            self.received.append(json.loads(line))
+                            self.arrived.notify_all()
+
+    def posts(self, count: int, timeout: float = 15) -> list[dict]:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.received) >= count, timeout), self.received
+            return list(self.received)
+
+    def refuse(self) -> None:
+        """Stop listening, the socket file left in place: a connect is refused."""
+        self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+
+    def vanish(self) -> None:
+        self.refuse()
+        self.path.unlink()
+
+    def env(self, home: Path) -> dict[str, str]:
+        """The environment Claude Code gives its MCP servers, in a home of the test's own."""
+        return {"CLAUDE_CODE_MESSAGING_SOCKET": str(self.path), "CLAUDE_CODE_MESSAGING_TOKEN": "f2cddc4fe9e6",
+                "HOME": str(home), "CLAUDE_PROJECT_DIR": str(home)}
+
+
+@pytest.fixture
+def inbox_socket(tmp_path) -> Iterator[InboxSocket]:
+    inbox = InboxSocket(tmp_path)
+    yield inbox
+    with contextlib.suppress(OSError):
+        inbox.refuse()
+
+
+def test_a_session_inbox_is_used_unless_a_setting_or_the_switch_turns_it_off(tmp_path, inbox_socket, monkeypatch):
+    project, home = tmp_path / "project", tmp_path / "home"
+    (project / ".claude").mkdir(parents=True)
+    (home / ".claude").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("CLAUDE_CONFIG_DIR", raising=False)
+    env = {"CLAUDE_CODE_MESSAGING_SOCKET": str(inbox_socket.path)}
+    path, why = cp.session_inbox(env, project)
+    assert path == str(inbox_socket.path) and "an idle session starts a turn" in why
+    assert cp.session_inbox({**env, "CLAUDE_CODE_HARBOR_KITE": "0"}, project) == (
+        "", "CLAUDE_CODE_HARBOR_KITE=0 turns Claude Code's session inbox off (unset it)")
+    assert cp.session_inbox({}, project)[1].startswith("with no session inbox (CLAUDE_CODE_MESSAGING_SOCKET unset")
+    (tmp_path / "file").write_text("")
+    assert cp.session_inbox({"CLAUDE_CODE_MESSAGING_SOCKET": str(tmp_path / "file")}, project)[1].endswith(
+        "is not a socket")
+    assert cp.session_inbox({"CLAUDE_CODE_MESSAGING_SOCKET": str(tmp_path / "9.sock")}, project)[1].endswith("is gone")
+    user = home / ".claude" / "settings.json"
+    user.write_text('{"crossSessionInbound": "hold"}')
+    assert cp.session_inbox(env, project) == ("", (f'crossSessionInbound is "hold" in {user}, so Claude Code holds'
+                                                  ' posts for the user, unseen by Claude (set it to "accept")'))
+    (project / ".claude" / "settings.json").write_text('{"crossSessionInbound": "refuse"}')
+    assert "drops posts" in cp.session_inbox(env, project)[1]  # the project's setting wins over the user's
+    (project / ".claude" / "settings.local.json").write_text('{"crossSessionInbound": "accept"}')
+    assert cp.session_inbox(env, project)[0] == str(inbox_socket.path)  # and the local one over both
+    (project / ".claude" / "settings.local.json").write_text("[not json")
+    assert cp.session_inbox(env, project)[0] == ""  # an unreadable file is skipped, as Claude Code does
+    inbox = (str(inbox_socket.path), "Claude Code's session inbox")
+    assert cp.decide_mode(None, "claude-code", [], inbox) == ("inbox", "Claude Code's session inbox")
+    assert cp.decide_mode(None, "claude-code", ["claude", *CHANNEL_FLAG], inbox)[0] == "push"
+    assert cp.decide_mode(None, "codex-mcp-client", [], inbox)[0] == "pull"
+    assert cp.decide_mode("inbox", "codex-mcp-client", [], inbox)[0] == "inbox"
+    assert cp.decide_mode("inbox", "claude-code", [], ("", "with no session inbox"))[0] == "pull"
+
+
+def test_a_batch_becomes_one_post_per_message_or_one_notice_to_check_messages():
+    def message(n: int, sender: str, text: str = "hello") -> dict:
+        return {"id": f"{n:012x}", "thread_id": f"{n:012x}", "reply_to": None, "from_id": "a1b2c3d4e5",
+                "from_name": sender, "from_machine": "nas", "from_cwd": "/srv", "sent_at": "2026-12-04T19:00:00Z",
+                "text": text}
+
+    posts = cp.inbox_posts([message(1, "db"), message(2, "web")])
+    assert len(posts) == 2 and "send_message tool (to=db, reply_to=000000000001)" in posts[0]
+    assert "message_id=000000000002" in posts[1] and posts[1].endswith("\n    hello")
+    many = cp.inbox_posts([message(n, sender) for n, sender in enumerate(["db", "web", "db", "ci"])])
+    assert many == ["[claude-peers] 4 messages from db, web, ci: call the claude-peers check_messages tool to read them."]
+    assert cp.inbox_posts([message(1, "db", "x" * (cp.INBOX_TEXT_BYTES + 1))]) == [
+        "[claude-peers] 1 message from db: call the claude-peers check_messages tool to read them."]
+
+
+@pytest.mark.anyio
+async def test_a_claude_code_session_with_an_inbox_gets_each_message_posted_there_and_unread_until_read(
+        broker, tmp_path, inbox_socket):
+    sender = broker.session(name="db-migrator")
+    async with shim_session(broker, name="posted", flag=[], env=inbox_socket.env(tmp_path)) as shim:
+        assert "[claude-peers]" in shim.client.instructions
+        assert f"delivery: inbox - Claude Code's session inbox {inbox_socket.path}" in await shim.ok("whoami")
+        peer = peer_named(broker, "posted")
+        assert peer["mode"] == "inbox" and str(inbox_socket.path) in peer["mode_reason"]
+        sent = send(sender, "posted", "schema changed, rebuild your models")
+        assert cp.recipient_note(sent) == "queued: posted is online and gets it posted into its Claude Code session inbox now"
+        auth, post = inbox_socket.posts(2)
+        assert auth == {"type": "auth", "token": "f2cddc4fe9e6"}
+        assert (post["type"], post["message"]["role"], post["priority"]) == ("user", "user", "next")
+        assert f"(to=db-migrator, reply_to={sent['id']})" in post["message"]["content"]
+        assert f"message_id={sent['id']}" in post["message"]["content"]
+        assert post["message"]["content"].endswith("\n    schema changed, rebuild your models")
+        await wait_until(lambda: message_state(broker, sent["id"]) == "delivered")
+        assert "1 peer message not yet read or answered" in await shim.ok("whoami")
+        inbox = await shim.ok("check_messages")
+        assert f"message_id={sent['id']}" in inbox and "[already posted into your session inbox]" in inbox
+        assert message_state(broker, sent["id"]) == "read"
+    assert len(inbox_socket.received) == 2  # posted once
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("failure", "error"), [("refuse", "ConnectionRefusedError"),
+                                                 ("vanish", "FileNotFoundError")])
+async def test_an_inbox_that_refuses_or_is_gone_leaves_the_mail_queued_and_the_session_pull_saying_why(
+        broker, tmp_path, inbox_socket, failure, error):
+    sender = broker.session(name="pinger")
+    async with shim_session(broker, name="posted", flag=[], env=inbox_socket.env(tmp_path)) as shim:
+        assert peer_named(broker, "posted")["mode"] == "inbox"
+        getattr(inbox_socket, failure)()
+        first = send(sender, "posted", "are you there?")
+        await wait_until(lambda: peer_named(broker, "posted")["mode"] == "pull")
+        why = f"posting into its session inbox {inbox_socket.path} failed ({error}"
+        assert why in peer_named(broker, "posted")["mode_reason"]
+        assert message_state(broker, first["id"]) == "queued"  # never acknowledged
+        second = send(sender, "posted", "still there?")
+        assert cp.recipient_note(second).startswith("posted is online but hears no mail by itself: queued until it"
+                                                    f" checks its messages ({why}")
+        assert f"delivery: pull - {why}" in await notice_of(shim, "2 peer messages waiting")
+        inbox = await shim.ok("check_messages")
+        assert "are you there?" in inbox and "still there?" in inbox and "already" not in inbox
+        assert message_state(broker, first["id"]) == "read"
+    assert inbox_socket.received == []
+
+
+def test_a_killed_shim_loses_no_message_it_posted(broker, tmp_path, inbox_socket):
+    sender = broker.session(name="pinger")
+    shim = RawShim(broker, {**inbox_socket.env(tmp_path), "CLAUDE_PEERS_NAME": "posted"})
+    try:
+        shim.send(json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "claude-code"}}}).encode())
+        shim.answer(0)
+        shim.send(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}')
+        wait_until_sync(lambda: peer_named(broker, "posted") is not None, what="the shim registers")
+        sent = send(sender, "posted", "the backup failed")
+        inbox_socket.posts(2)
+        shim.proc.kill()  # SIGKILL: no leave, perhaps not even the acknowledgement
+        shim.proc.wait()
+        wait_until_sync(lambda: peer_named(broker, "posted") is None, what="the hub notices the session is gone")
+    finally:
+        shim.close()
+    assert message_state(broker, sent["id"]) in ("queued", "delivered")  # unread either way
+    successor = broker.session(name="posted")
+    assert [m["id"] for m in successor.session_call("POST", "/inbox")["messages"]] == [sent["id"]]
 
 
 class CodexAppServer:
