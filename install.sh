@@ -413,15 +413,18 @@ install_config() {
     fi
 }
 
+# alwaysLoad keeps the tools in the model's view: Claude Code's tool search defers MCP tools
+# otherwise. `claude mcp add` cannot set it, `claude mcp add-json` can.
 register_mcp() {
+    entry=$("$VPY" -c 'import json, sys; print(json.dumps({"type": "stdio", "command": sys.argv[1], "args": ["shim"], "alwaysLoad": True}))' "$BIN/claude-peers")
     if ! command -v claude >/dev/null 2>&1; then
-        say "note: claude not found; once Claude Code is installed run: claude mcp add --scope user claude-peers -- $BIN/claude-peers shim"
+        say "note: claude not found; once Claude Code is installed run: claude mcp add-json --scope user claude-peers '$entry'"
     elif claude mcp get claude-peers >/dev/null 2>&1 </dev/null; then
-        say "claude-peers is already registered with Claude Code"
-    elif claude mcp add --scope user claude-peers -- "$BIN/claude-peers" shim >/dev/null 2>&1 </dev/null; then
-        say "registered the MCP server with Claude Code (user scope)"
+        say "claude-peers is already registered with Claude Code (doctor below says if it lacks alwaysLoad)"
+    elif claude mcp add-json --scope user claude-peers "$entry" >/dev/null 2>&1 </dev/null; then
+        say "registered the MCP server with Claude Code (user scope, alwaysLoad)"
     else
-        say "note: could not register with Claude Code; run: claude mcp add --scope user claude-peers -- $BIN/claude-peers shim"
+        say "note: could not register with Claude Code; run: claude mcp add-json --scope user claude-peers '$entry'"
     fi
 }
 

@@ -11,6 +11,7 @@ import json
 import os
 import plistlib
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -2453,7 +2454,7 @@ async def test_shim_handshake_tools_and_channel_push(broker, mode):
         assert client.protocol_version == "2025-11-25"
         assert client.server_capabilities.experimental == {"claude/channel": {}}
         instructions = client.instructions
-        for fragment in ("agent name web", "send_message", "SendMessage", "set_summary", "<channel source",
+        for fragment in ("You are web in claude-peers", "send_message", "SendMessage", "set_summary", "<channel source",
                          "db-migrator", "migrating postgres", "backups at 02:00"):
             assert fragment in instructions, fragment
         tools = {t.name: t for t in (await client.list_tools()).tools}
@@ -2904,16 +2905,18 @@ def test_doctor_walks_the_chain(broker, tmp_path):
     assert lines["token"].startswith("ok") and lines["broker"].startswith("ok")
     assert lines["broker"].endswith(f"{broker.url} answers: version {cp.__version__}, fleet homelab, 0 live sessions")
     assert lines["claude"].startswith("ok") and "2.1.328" in lines["claude"]
-    assert lines["mcp"].startswith("FAIL") and "claude mcp add --scope user claude-peers" in lines["mcp"]
+    assert lines["mcp"].startswith("FAIL") and "claude mcp add-json --scope user claude-peers '{" in lines["mcp"]
+    assert '"shim"], "alwaysLoad": true}' in lines["mcp"]
     assert "--dangerously-load-development-channels server:claude-peers" in lines["channel"]
     # the official SDK's client against the shim, probing the newer protocol as Claude Code does
     assert lines["shim"].startswith("ok") and "claude/channel declared" in lines["shim"], lines["shim"]
     assert "protocol 2025-11-25" in lines["shim"] and "send_message" in lines["shim"]
     (home / ".claude.json").write_text(json.dumps({"mcpServers": {"claude-peers": {
-        "type": "stdio", "command": "claude-peers", "args": ["shim"]}}}))
+        "type": "stdio", "command": "claude-peers", "args": ["shim"], "alwaysLoad": True}}}))
     out = broker.cli("doctor", env=env)
     assert out.returncode == 0, out.stdout
-    assert "user scope" in out.stdout and "claude-peers shim" in out.stdout
+    [mcp] = [line for line in out.stdout.splitlines() if line.split()[1] == "mcp"]
+    assert mcp.startswith("ok") and "user scope" in mcp and "claude-peers shim (alwaysLoad)" in mcp
     fake.write_text("#!/bin/sh\necho '2.1.12 (Claude Code)'\n")
     broken = home / "bin/claude-peers"  # a launcher whose shim does not speak MCP
     broken.write_text("#!/bin/sh\necho 'Traceback: something broke'\n")
@@ -2932,6 +2935,28 @@ def test_doctor_points_a_single_box_at_up_when_the_broker_is_unreachable(broker)
 
 
 # -- push and pull sessions: pushes only where the model is shown them --------------------
+
+PEER_TEXT = st.text(st.characters(codec="utf-8"), max_size=300)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cwd=PEER_TEXT, note=PEER_TEXT, memory=st.text(st.characters(codec="utf-8"), max_size=5000),
+       peers=st.lists(st.fixed_dictionaries({"id": st.text("0123456789abcdef", min_size=10, max_size=10),
+                                             "name": st.none() | PEER_TEXT, "machine": PEER_TEXT, "cwd": PEER_TEXT,
+                                             "branch": PEER_TEXT, "summary": PEER_TEXT,
+                                             "mode": st.sampled_from(cp.MODES)}), max_size=40))
+def test_the_instructions_never_pass_their_byte_budget_and_always_lead_with_who_and_how(cwd, note, memory, peers):
+    """Whatever the fleet holds (long paths, summaries, multi-byte text, a huge memory), Claude Code
+    gets instructions it does not cut, and their start is the lead."""
+    session = {"id": "a1b2c3d4e5", "name": "web", "machine": "nas", "cwd": cwd}
+    lead = cp.instructions_lead(session, note, "http://hub:7899", "", cp.how_messages_arrive("pull", "no flag"))
+    text = cp.compose_instructions(lead, peers, memory)
+    assert len(text.encode()) <= cp.INSTRUCTIONS_BYTES
+    assert text.startswith(lead[:500].encode()[:400].decode(errors="ignore"))
+    if len(lead.encode()) < 1200:
+        assert text.startswith(lead + "\n") and (not peers or f"Live peers ({len(peers)}):" in text)
+        assert not memory.strip() or "Fleet memory" in text
+
 
 def test_the_channel_flag_is_read_as_claude_code_parses_it():
     assert cp.channel_servers(["claude", *CHANNEL_FLAG, "--resume", "abc"]) == ["server:claude-peers"]
@@ -2982,7 +3007,7 @@ async def test_a_session_that_cannot_show_pushes_is_pull_and_its_mail_waits_for_
     sender = broker.session(name="pinger")
     codex = broker.session(name="codex", mode="pull", client="codex-mcp-client")
     async with shim_session(broker, name="deaf", client_name=client, flag=flag, wire_log=wire_log) as shim:
-        assert "cannot receive pushed messages" in shim.client.instructions
+        assert "Peer mail waits for check_messages" in shim.client.instructions
         assert "delivery: pull" in await shim.ok("whoami")
         assert peer_named(broker, "deaf")["mode"] == "pull" and peer_named(broker, "deaf")["client"] == client
         sent = send(sender, "deaf", "are you there?")
@@ -3349,6 +3374,88 @@ def test_the_real_gemini_cli_connects_to_the_shim_as_a_pull_session(broker, tmp_
     joined = [e for e in broker.client().call("GET", "/api/events?after=0")["events"] if e["type"] == "peer.joined"]
     assert [(e["name"], e["client"], e["mode"]) for e in joined] == [("gemini-peer", "mcp-test-client", "pull")]
 
+
+# -- the real Claude Code, pinned and newest, with its model API stood in (cp.ModelApi) ------------
+# What the model receives is the API request body: the instructions (a system message), the tool list.
+
+PINNED_CLAUDE = shutil.which("claude")  # .ci/run puts the pinned one on PATH
+NEWEST_CLAUDE = str(ROOT / ".ci/claude-latest/node_modules/.bin/claude")  # .ci/run installs @latest there
+NEEDS_PINNED = pytest.mark.skipif(PINNED_CLAUDE is None, reason="the pinned Claude Code CLI is not on PATH (.ci/run"
+                                  " installs it)")
+NEEDS_NEWEST = pytest.mark.skipif(not os.path.exists(NEWEST_CLAUDE), reason=f"the newest Claude Code CLI is not at"
+                                  f" {NEWEST_CLAUDE} (.ci/run installs @anthropic-ai/claude-code@latest there)")
+CLAUDES = [pytest.param(PINNED_CLAUDE, id="pinned", marks=NEEDS_PINNED),
+           pytest.param(NEWEST_CLAUDE, id="newest", marks=NEEDS_NEWEST)]
+
+
+def fleet_after_fleet_memory(broker: BrokerProc) -> str:
+    """Sixteen sessions at work, then a fleet-memory run: the memory a new session should start with."""
+    fleet_at_work(broker)
+    for n in range(14):
+        broker.session(name=f"worker-{n}", summary=f"porting service {n} to the new queue", cwd=f"/srv/svc-{n}",
+                       machine=f"box{n % 3}", client="claude-code")
+    out = foreground(broker, "fleet-memory")
+    assert out.returncode == 0, out.stderr
+    return broker.client().call("GET", "/api/memory")["text"]
+
+
+@pytest.mark.parametrize(("claude", "registration"), [
+    pytest.param(PINNED_CLAUDE, "readme", id="pinned", marks=NEEDS_PINNED),
+    pytest.param(NEWEST_CLAUDE, "readme", id="newest", marks=NEEDS_NEWEST),
+    pytest.param(NEWEST_CLAUDE, "made-before-alwaysLoad", id="newest-registered-without-alwaysLoad",
+                 marks=NEEDS_NEWEST)])
+def test_the_real_claude_code_gives_the_model_the_instructions_whole_and_leading_the_memory_and_our_tools(
+        broker, tmp_path, claude, registration):
+    """A plain `claude -p` session started after fleet-memory ran: its first model request carries the
+    instructions whole (lead first, then peers and memory), and the five tools, loaded, uncut - also
+    with a registration made before alwaysLoad (the tools' _meta keeps them loaded)."""
+    memory = fleet_after_fleet_memory(broker)
+    entry = cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "real-claude"])
+    if registration == "made-before-alwaysLoad":
+        entry = {k: v for k, v in entry.items() if k != "alwaysLoad"} | {"env": {}}  # as `claude mcp add` wrote it
+    body = cp.claude_first_request(claude, broker.env, tmp_path, entry)
+    view = cp.shim_view(body, cp.instructions_ending(memory))
+    assert view.instructions and not view.cut, json.dumps(body)[:3000]
+    assert len(view.instructions.encode()) <= cp.INSTRUCTIONS_BYTES < cp.CLAUDE_TEXT_LIMIT
+    lead = view.instructions.encode()[:800].decode(errors="ignore")
+    assert lead.startswith("You are real-claude in claude-peers, the hub of this homelab's Claude Code sessions")
+    assert "Peer mail waits for check_messages" in lead  # plain claude: a pull session
+    assert "Answer with claude-peers send_message (to = from_id or from_name, reply_to = message_id)" in lead
+    assert "Claude Code's own SendMessage and ListAgents reach this user's other Claude Code sessions" in \
+        view.instructions
+    ours = view.instructions + json.dumps(view.tools)
+    assert "subagents" not in ours and "only reaches your own" not in json.dumps(body)  # the old, false word
+    assert "Live peers (16):" in view.instructions and "list_peers shows all" in view.instructions
+    assert "\n".join(memory.splitlines()[:5]) in view.instructions  # the memory, in the first turn
+    assert re.search(r"\[\.\.\. the first \d+ of 18\d\d bytes; the whole: `claude-peers memory`\]$", view.instructions)
+    tools = {t["name"].removeprefix("mcp__claude-peers__"): t for t in view.tools}
+    assert set(tools) == {t["name"] for t in cp.TOOLS}, [t["name"] for t in body["tools"]]
+    for ours in cp.TOOLS:
+        assert tools[ours["name"]]["description"] == ours["description"]  # whole
+        assert len(ours["description"].encode()) < 1024
+
+
+@pytest.mark.parametrize("claude", CLAUDES)
+def test_doctor_warns_a_registration_without_always_load_and_its_fix_line_fixes_it_in_the_real_claude(
+        broker, tmp_path, claude):
+    env = {**broker.env, "HOME": str(tmp_path), "PATH": f"{Path(claude).parent}:{os.environ['PATH']}"}
+    old = subprocess.run([claude, "mcp", "add", "--scope", "user", "claude-peers", "--", PY, str(SCRIPT), "shim",
+                          "--name", "mine"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert old.returncode == 0, old.stderr
+
+    def mcp_line() -> str:
+        out = broker.cli("doctor", env=env)
+        return next(line for line in out.stdout.splitlines() if line.split()[1] == "mcp")
+
+    line = mcp_line()
+    assert line.startswith("warn") and "without alwaysLoad" in line and "tool search" in line, line
+    fix = line.split("; fix: ", 1)[1]
+    for command in fix.split(" && "):
+        done = subprocess.run(shlex.split(command), env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+    assert mcp_line().startswith("ok") and mcp_line().endswith(f"{PY} {SCRIPT} shim --name mine (alwaysLoad)")
+    entry = json.loads((tmp_path / ".claude.json").read_text())["mcpServers"]["claude-peers"]
+    assert entry["alwaysLoad"] is True and entry["args"] == [str(SCRIPT), "shim", "--name", "mine"]
 
 # ---------------------------------------------------------------------------
 # Fleet-scout
@@ -4640,8 +4747,9 @@ def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation
     env = {**broker.env, "HOME": str(tmp_path), "MCP_PROTOCOL_NEGOTIATION": negotiation,
            "ANTHROPIC_API_KEY": "sk-ant-test", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
            "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{unanswered.getsockname()[1]}"}
-    added = subprocess.run(["claude", "mcp", "add", "--scope", "user", "claude-peers", "--", PY, str(SCRIPT), "shim",
-                            "--name", "real-claude"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    entry = cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "real-claude"])  # the README's add-json line
+    added = subprocess.run(["claude", "mcp", "add-json", "--scope", "user", "claude-peers", json.dumps(entry)], env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
     assert added.returncode == 0, added.stderr
     listed = subprocess.run(["claude", "mcp", "list"], env=env, capture_output=True, text=True, timeout=120,
                             check=False)
@@ -4663,7 +4771,7 @@ def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation
         unanswered.close()
     doctor = broker.cli("doctor", env={"HOME": str(tmp_path)})
     mcp = next(line for line in doctor.stdout.splitlines() if line.split()[1] == "mcp")
-    assert mcp.startswith("ok") and "user scope" in mcp and "shim --name real-claude" in mcp
+    assert mcp.startswith("ok") and "user scope" in mcp and "shim --name real-claude (alwaysLoad)" in mcp
 
 
 # ---------------------------------------------------------------------------
@@ -5417,13 +5525,30 @@ def test_bench_with_tiny_parameters_prints_every_figure_honestly():
                    "one session spawned -> tools/list", "2 sessions spawned at once", "2 idle sessions, p99",
                    "broker saturated, p50", "through the MCP send tool", "CPU per delivered message, MCP",
                    "shim RSS", "shim PSS", "requests per idle session", "1000 sessions long-polling",
-                   "events relayed to JetStream per second (200 published)"):
+                   "events relayed to JetStream per second (200 published)",
+                   "shim instructions as the model receives them (bytes)",
+                   "shim tool list as the model receives it (5 tools, bytes)", "longest tool description (bytes)"):
         assert figure in out.stdout, out.stdout
+    if PINNED_CLAUDE:  # measured from the request body of the claude on PATH, as its model would read it
+        assert re.search(r"\(from the request Claude Code 2\.\d+\.\d+ sent to a local model API: instructions whole,"
+                         r" 5 of 5 tools in its tool list\)", out.stdout), out.stdout
     assert "(needs --anchor)" in out.stdout and "anchor" not in out.stdout.splitlines()[1]  # ours only
     assert "ours 80 sent, 0 lost, 0 duplicated" in out.stdout  # the HTTP path
     assert "ours 8 sent, 0 lost, 0 duplicated" in out.stdout  # latency: 4 idle, 4 saturated
     assert "ours 20 sent, 0 lost, 0 duplicated" in out.stdout  # the MCP path: 10 per session
     assert out.stdout.rstrip().endswith("messages lost or duplicated by ours: none"), out.stdout
+
+
+def test_bench_without_claude_measures_the_shim_view_from_the_shims_own_answers(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no claude here
+    report = cp.BenchReport(["ours"])
+    cp.bench_claude_view(report)
+    out = capsys.readouterr().out
+    assert "(from the shim's own initialize and tools/list (no claude on PATH))" in out
+    tools = len(json.dumps(cp.tools_list()["tools"], separators=(",", ":")).encode())
+    assert re.search(rf"shim tool list as the model receives it \(5 tools, bytes\) +{tools}\n", out), out
+    instructions = int(re.search(r"shim instructions as the model receives them \(bytes\) +(\d+)", out).group(1))
+    assert 1000 < instructions <= cp.INSTRUCTIONS_BYTES and not report.missed, out
 
 
 def test_bench_says_in_one_line_why_it_cannot_run_the_anchor(tmp_path):
@@ -5559,9 +5684,9 @@ case "$*" in
     "mcp get claude-peers")
         [ -e "$STANDIN_DIR/mcp" ] || { echo "No MCP server found with name: claude-peers" >&2; exit 1; }
         cat "$STANDIN_DIR/mcp" ;;
-    "mcp add --scope user claude-peers -- "*)
-        echo "claude-peers: ${*#*-- }" > "$STANDIN_DIR/mcp"
-        echo "Added stdio MCP server claude-peers with command: ${*#*-- } to user config" ;;
+    "mcp add-json --scope user claude-peers "*)
+        echo "claude-peers: ${*#mcp add-json --scope user claude-peers }" > "$STANDIN_DIR/mcp"
+        echo "Added stdio MCP server claude-peers to user config" ;;
     "mcp remove --scope user claude-peers")
         rm "$STANDIN_DIR/mcp" 2>/dev/null || { echo "No user-scoped MCP server found with name: claude-peers" >&2; exit 1; }
         echo "Removed MCP server claude-peers from user config" ;;
@@ -5724,7 +5849,9 @@ def test_install_from_scratch_says_what_it_does_and_runs_the_module_imported(fre
     (tmp_path / "claude_peers.py").write_text("raise SystemExit('the wrong claude_peers')\n")
     version = installed(env, "--version", cwd=tmp_path)  # a claude_peers.py in the current directory is not it
     assert version.stdout.strip() == f"claude-peers {cp.__version__}", version.stderr
-    assert f"claude mcp add --scope user claude-peers -- {launcher} shim" in calls(env)
+    entry = {"type": "stdio", "command": str(launcher), "args": ["shim"], "alwaysLoad": True}
+    assert f"claude mcp add-json --scope user claude-peers {json.dumps(entry)}" in calls(env)
+    assert "install.sh: registered the MCP server with Claude Code (user scope, alwaysLoad)" in lines
 
 
 @pytest.mark.network  # pip installs from the package index
