@@ -4920,6 +4920,8 @@ INBOX_SWITCH_ENV = "CLAUDE_CODE_HARBOR_KITE"  # 0 turns Claude Code's session in
 INBOX_EACH = 3  # up to this many messages in one batch are posted one by one; more become one notice
 INBOX_TEXT_BYTES = 4096  # a longer message is posted as a notice to call check_messages
 INBOX_POST_TIMEOUT_S = 5.0
+INBOX_TOOLS_WAIT_S = 10.0  # the first post waits this long at most for the client to list the tools
+INBOX_SETTLE_S = 1.0  # and this long after, while Claude Code puts them in the session (it says nothing when done)
 MANAGED_SETTINGS = Path("/etc/claude-code/managed-settings.json")  # Claude Code's policy file on Linux
 TOOLS: list[dict[str, Any]] = [
     {"name": "list_peers",
@@ -5276,6 +5278,8 @@ class Shim:
         self.introduced = asyncio.Event()  #: initialize arrived: the client and the mode are known
         self.attempted = asyncio.Event()  #: the first registration attempt is over (instructions wait for it)
         self.initialized = asyncio.Event()  #: the client sent notifications/initialized: pushes may flow
+        self.listed = asyncio.Event()  #: the client listed the tools: a post can ask the model to use them
+        self.settled = False  #: inbox: the first post's wait for the tools is over
 
     # -- connection to the broker ----------------------------------------------
 
@@ -5331,6 +5335,8 @@ class Shim:
                     backoff = 0.25
                 self.attempted.set()
                 await self.initialized.wait()
+                if self.mode == "inbox" and not self.settled:
+                    await self._tools_loaded()
                 await self._poll_once()
                 backoff = 0.25
             except ApiError as exc:
@@ -5343,6 +5349,14 @@ class Shim:
             except UserError as exc:  # BrokerUnreachable, missing token
                 await self._failed(str(exc), backoff)
                 backoff = min(backoff * 2, 30.0)
+
+    async def _tools_loaded(self) -> None:
+        """Hold the first post until the client has listed the tools and had INBOX_SETTLE_S to load
+        them: a turn that starts earlier asks the model for a tool it does not have yet."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.listed.wait(), INBOX_TOOLS_WAIT_S)
+        await asyncio.sleep(INBOX_SETTLE_S)
+        self.settled = True
 
     async def _failed(self, error: str, backoff: float) -> None:
         if error != self.last_error:
@@ -5634,6 +5648,7 @@ class McpServer:
         if method == "ping":
             return {}
         if method == "tools/list":
+            self.shim.listed.set()
             return tools_list()
         if method == "tools/call":
             name = params.get("name")
@@ -9117,15 +9132,22 @@ CUT_MARK = "… [truncated]"  # what Claude Code puts where it cut
 VIEW_PEERS = 16  # the fleet bench shows Claude Code: 16 live peers, and the memory fleet-memory wrote of them
 
 
+Answer = Callable[[dict[str, Any]], "dict[str, Any] | None"]  # a request body -> the content block to answer with
+
+
 class ModelApi:
     """Anthropic's Messages API stood in on loopback for a real Claude Code: it keeps every request
-    body (what the model would read) and answers each with one streamed word, so `claude -p` ends."""
+    body (what the model would read) and when it came, and answers each with one streamed word, so
+    `claude -p` ends, or with the content block ``answer`` scripts for it (a tool call)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: Answer | None = None) -> None:
         import http.server  # bench and the tests only: the shim never pays for it
 
         api = self
+        self.answer = answer or (lambda body: None)
         self.requests: list[dict[str, Any]] = []
+        self.arrived: list[float] = []  #: time.monotonic() of each request, in order
+        self.came = threading.Condition()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -9135,7 +9157,10 @@ class ModelApi:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-                api.requests.append(body)
+                with api.came:
+                    api.requests.append(body)
+                    api.arrived.append(time.monotonic())
+                    api.came.notify_all()
                 reply, kind = api.reply(self.path, body)
                 self.send_response(200)
                 self.send_header("Content-Type", kind)
@@ -9148,22 +9173,36 @@ class ModelApi:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, name="model-api", daemon=True).start()
 
-    @staticmethod
-    def reply(path: str, body: dict[str, Any]) -> tuple[bytes, str]:
-        """The answer to one request: a token count, or an assistant message saying "ok" (streamed if asked)."""
+    def wait(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> tuple[dict[str, Any], float] | None:
+        """The first request that ``predicate`` holds for and when it came, waiting up to ``timeout``."""
+        def found() -> tuple[dict[str, Any], float] | None:
+            return next(((r, t) for r, t in zip(self.requests, self.arrived, strict=True) if predicate(r)), None)
+
+        with self.came:
+            self.came.wait_for(lambda: found() is not None, timeout)
+            return found()
+
+    def reply(self, path: str, body: dict[str, Any]) -> tuple[bytes, str]:
+        """The answer to one request: a token count, or an assistant message saying "ok" or making the
+        scripted tool call (streamed if asked)."""
         if "count_tokens" in path or "messages" not in body:
             return b'{"input_tokens": 1}', "application/json"
+        block = self.answer(body) or {"type": "text", "text": "ok"}
+        stop = "tool_use" if block["type"] == "tool_use" else "end_turn"
         message = {"id": "msg_" + new_id(), "type": "message", "role": "assistant", "model": body.get("model", ""),
                    "content": [], "stop_reason": None, "stop_sequence": None,
                    "usage": {"input_tokens": 1, "output_tokens": 1}}
         if not body.get("stream"):
-            done = {**message, "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn"}
+            done = {**message, "content": [block], "stop_reason": stop}
             return json.dumps(done).encode(), "application/json"
+        start, delta = ((block | {"input": {}}, {"type": "input_json_delta", "partial_json": json.dumps(block["input"])})
+                        if block["type"] == "tool_use" else
+                        ({"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}))
         events = [{"type": "message_start", "message": message},
-                  {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-                  {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "ok"}},
+                  {"type": "content_block_start", "index": 0, "content_block": start},
+                  {"type": "content_block_delta", "index": 0, "delta": delta},
                   {"type": "content_block_stop", "index": 0},
-                  {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                  {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
                    "usage": {"output_tokens": 1}},
                   {"type": "message_stop"}]
         return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events), "text/event-stream"
@@ -9173,16 +9212,21 @@ class ModelApi:
         self.server.server_close()
 
 
+def register_with_claude(claude: str, env: dict[str, str], entry: dict[str, Any]) -> None:
+    """Register claude-peers in the home ``env`` names, through `claude mcp add-json` as the README says."""
+    added = subprocess.run([claude, "mcp", "add-json", "--scope", "user", SERVER_NAME, json.dumps(entry)], env=env,
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False)
+    if added.returncode:
+        raise UserError(f"{claude} mcp add-json failed: {(added.stderr or added.stdout).strip()[:300]}")
+
+
 def claude_first_request(claude: str, env: dict[str, str], home: Path, entry: dict[str, Any],
                          cwd: Path | None = None) -> dict[str, Any]:
     """The first model request of `claude -p` in ``home``, where claude-peers is registered with
     ``entry`` (through `claude mcp add-json`, as the README says), its API a local ModelApi."""
     env = {**env, "HOME": str(home), "ANTHROPIC_API_KEY": "sk-ant-offline",
            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
-    added = subprocess.run([claude, "mcp", "add-json", "--scope", "user", SERVER_NAME, json.dumps(entry)], env=env,
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False)
-    if added.returncode:
-        raise UserError(f"{claude} mcp add-json failed: {(added.stderr or added.stdout).strip()[:300]}")
+    register_with_claude(claude, env, entry)
     api = ModelApi()
     try:
         ran = subprocess.run([claude, "-p", "hello"], env={**env, "ANTHROPIC_BASE_URL": api.url}, cwd=cwd or home,
@@ -9193,6 +9237,55 @@ def claude_first_request(claude: str, env: dict[str, str], home: Path, entry: di
     if first is None:
         raise UserError(f"{claude} -p made no model request: {(ran.stderr or ran.stdout).strip()[:300]}")
     return first
+
+
+class InteractiveClaude:
+    """A plain interactive `claude` (no channel flag, no wrapper) on a pseudo-terminal, as a user starts
+    it: in a home where onboarding is done, its directory trusted, its API key approved and claude-peers'
+    tools allowed, claude-peers registered with ``entry``, its model the ModelApi at ``api_url``, and
+    its session inbox in a runtime directory of its own (short: a socket path has at most 103 bytes)."""
+
+    KEY = "sk-ant-offline-0123456789abcdefghij"
+
+    def __init__(self, claude: str, env: dict[str, str], home: Path, entry: dict[str, Any], api_url: str,
+                 settings: dict[str, Any] | None = None) -> None:
+        self.cwd, self.runtime = home / "project", Path(tempfile.mkdtemp(prefix="cc-run-"))
+        for folder in (self.cwd, home / ".claude"):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (home / ".claude.json").write_text(json.dumps({
+            "hasCompletedOnboarding": True, "theme": "dark",
+            "customApiKeyResponses": {"approved": [self.KEY[-20:]], "rejected": []},
+            "projects": {str(self.cwd): {"hasTrustDialogAccepted": True, "hasCompletedProjectOnboarding": True}}}))
+        (home / ".claude" / "settings.json").write_text(json.dumps(
+            {"permissions": {"allow": [f"mcp__{SERVER_NAME}"]}, **(settings or {})}))
+        env = {**env, "HOME": str(home), "ANTHROPIC_API_KEY": self.KEY, "ANTHROPIC_BASE_URL": api_url,
+               "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "XDG_RUNTIME_DIR": str(self.runtime),
+               "TERM": "xterm-256color"}
+        register_with_claude(claude, env, entry)
+        self.master, terminal = os.openpty()
+        try:
+            self.proc = subprocess.Popen([claude], stdin=terminal, stdout=terminal, stderr=terminal, cwd=self.cwd,
+                                         env=env, start_new_session=True)
+        finally:
+            os.close(terminal)
+        self.screen = collections.deque(maxlen=64)  #: the terminal's last output chunks (for errors)
+        threading.Thread(target=self._drain, name="claude-tty", daemon=True).start()
+
+    def _drain(self) -> None:
+        """Read the terminal, so Claude Code never blocks writing it."""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(self.master, 65536):
+                self.screen.append(chunk)
+
+    @property
+    def inbox(self) -> Path:
+        """Where Claude Code binds this session's inbox (named after its pid, in the runtime directory)."""
+        return self.runtime / "cc-socks" / f"{self.proc.pid}.sock"
+
+    def close(self) -> None:
+        end_process(self.proc)
+        os.close(self.master)
+        shutil.rmtree(self.runtime, ignore_errors=True)
 
 
 class ShimView(NamedTuple):

@@ -3457,6 +3457,80 @@ def test_doctor_warns_a_registration_without_always_load_and_its_fix_line_fixes_
     entry = json.loads((tmp_path / ".claude.json").read_text())["mcpServers"]["claude-peers"]
     assert entry["alwaysLoad"] is True and entry["args"] == [str(SCRIPT), "shim", "--name", "mine"]
 
+def answer_through_claude_peers(body: dict) -> dict | None:
+    """The scripted model: a claude-peers post it has not answered yet gets a send_message call answering it."""
+    last = ([m for m in body.get("messages", []) if m.get("role") != "system"] or [{}])[-1]  # the date is a system turn
+    seen = json.dumps(last.get("content"))
+    found = re.search(r"send_message tool \(to=([\w.-]+), reply_to=([0-9a-f]{12})\)", seen)
+    if not body.get("tools") or last.get("role") != "user" or found is None or "tool_result" in seen:
+        return None
+    return {"type": "tool_use", "id": "toolu_" + cp.new_id(), "name": "mcp__claude-peers__send_message",
+            "input": {"to": found[1], "text": "on main, tests green", "reply_to": found[2]}}
+
+
+@contextlib.contextmanager
+def plain_claude(broker: BrokerProc, home: Path, claude: str, env: dict | None = None,
+                 settings: dict | None = None) -> Iterator[tuple[cp.InteractiveClaude, cp.ModelApi, dict]]:
+    """A plain interactive `claude` with claude-peers registered as the README says (name: plain), its
+    model scripted to answer peer mail through claude-peers; yields it once its shim registered."""
+    api = cp.ModelApi(answer_through_claude_peers)
+    session = cp.InteractiveClaude(claude, {**broker.env, **(env or {})}, home,
+                                   cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "plain"]), api.url, settings)
+    try:
+        wait_until_sync(lambda: peer_named(broker, "plain") is not None or session.proc.poll() is not None, 90,
+                        "the plain session's shim to register")
+        assert peer_named(broker, "plain"), b"".join(session.screen)[-2000:]
+        yield session, api, peer_named(broker, "plain")
+    finally:
+        session.close()
+        api.close()
+
+
+@NEEDS_NEWEST
+def test_a_plain_interactive_claude_wakes_on_its_inbox_and_its_answer_comes_back_through_the_hub(broker, tmp_path):
+    """No `run`, no alias, no channel flag, nobody typing: the newest Claude Code, idle at its prompt,
+    starts a turn on the shim's post; the model request carries the message, and the model's
+    send_message answer reaches the sender through the hub."""
+    asker = broker.session(name="asker")
+    with plain_claude(broker, tmp_path, NEWEST_CLAUDE) as (session, api, peer):
+        assert (peer["client"], peer["mode"]) == ("claude-code", "inbox")
+        assert f"Claude Code's session inbox {session.inbox}" in peer["mode_reason"]
+        assert session.inbox.is_socket() and stat.S_IMODE(session.inbox.parent.stat().st_mode) == 0o700
+        sent = send(asker, "plain", "which branch are you on?")
+        assert sent["mode"] == "inbox"
+        found = api.wait(lambda body: "which branch are you on?" in json.dumps(body.get("messages")), 30)
+        assert found, b"".join(session.screen)[-2000:]
+        seen = json.dumps(found[0]["messages"])
+        assert f"message_id={sent['id']}" in seen and f"(to=asker, reply_to={sent['id']})" in seen
+        assert "mcp__claude-peers__send_message" in [t["name"] for t in found[0]["tools"]], [t["name"] for t in found[0]["tools"]]
+        replies: list[dict] = []
+        wait_until_sync(lambda: replies.extend(poll(asker, 1)) or replies, 60, "the answer through the hub")
+        assert [(r["from_name"], r["reply_to"], r["text"]) for r in replies] == [
+            ("plain", sent["id"], "on main, tests green")]
+        assert message_state(broker, sent["id"]) == "read"  # answered with reply_to
+
+
+@pytest.mark.parametrize(("claude", "env", "settings", "why"), [
+    pytest.param(PINNED_CLAUDE, {}, {}, "with no session inbox (CLAUDE_CODE_MESSAGING_SOCKET unset", id="pinned",
+                 marks=NEEDS_PINNED),
+    pytest.param(NEWEST_CLAUDE, {"CLAUDE_CODE_HARBOR_KITE": "0"}, {},
+                 "CLAUDE_CODE_HARBOR_KITE=0 turns Claude Code's session inbox off", id="newest-switched-off",
+                 marks=NEEDS_NEWEST),
+    pytest.param(NEWEST_CLAUDE, {}, {"crossSessionInbound": "refuse"}, 'crossSessionInbound is "refuse" in',
+                 id="newest-refusing", marks=NEEDS_NEWEST)])
+def test_a_plain_claude_without_a_usable_inbox_is_pull_and_the_sender_and_doctor_say_why(
+        broker, tmp_path, claude, env, settings, why):
+    asker = broker.session(name="asker")
+    with plain_claude(broker, tmp_path, claude, env, settings) as (_, _, peer):
+        assert peer["mode"] == "pull" and why in peer["mode_reason"], peer
+        sent = send(asker, "plain", "which branch are you on?")
+        assert why in cp.recipient_note(sent) and "queued until it checks its messages" in cp.recipient_note(sent)
+        doctor = broker.cli("doctor", env={"HOME": str(tmp_path)})
+        line = next(line for line in doctor.stdout.splitlines() if line.split()[1] == "sessions")
+        assert line.startswith("warn") and why in line
+        assert message_state(broker, sent["id"]) == "queued"
+
+
 # ---------------------------------------------------------------------------
 # Fleet-scout
 # ---------------------------------------------------------------------------
