@@ -9378,6 +9378,76 @@ def bench_claude_view(report: BenchReport) -> None:
     print(f"  ({source})")
 
 
+def inbox_peer(broker: BenchBroker, session: InteractiveClaude, name: str) -> dict[str, Any] | None:
+    """The session ``name`` once its shim registered (None if Claude Code exits or 90 s pass first)."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and session.proc.poll() is None:
+        peer = next((p for p in broker.client().call("GET", "/api/peers")["peers"] if p["name"] == name), None)
+        if peer is not None:
+            return peer
+        time.sleep(0.05)
+    return None
+
+
+def time_inbox(broker: BenchBroker, session: InteractiveClaude, api: ModelApi, name: str,
+               samples: int) -> dict[str, list[float]]:
+    """Milliseconds from each post (the shim's own post_to_inbox) and each hub send to the model request
+    that carries it, interleaved; a text no request carried within 30 s is not counted."""
+    latencies: dict[str, list[float]] = {"post": [], "send": []}
+    time.sleep(INBOX_SETTLE_S)  # as the shim waits before its first post
+    for n in range(samples):
+        for kind, latency in latencies.items():
+            text = f"bench-{kind}-{n}-{new_id()}"
+            start = time.monotonic()
+            if kind == "post":
+                asyncio.run(post_to_inbox(str(session.inbox), "", [text]))
+            else:
+                broker.client().call("POST", "/api/send", {"to": name, "text": text})
+            found = api.wait(lambda body, text=text: text in json.dumps(body.get("messages", [])), 30)
+            if found is not None:
+                latency.append((found[1] - start) * 1000)
+            time.sleep(0.3)  # the one-word turn ends: the session is idle again
+    return latencies
+
+
+def bench_inbox(report: BenchReport, claude: str | None, samples: int) -> None:
+    """Post -> model request in a plain, idle, interactive `claude` whose shim is in inbox mode, and
+    hub send -> model request through that shim; skipped, saying why, where that cannot run."""
+    figure = "inbox: post -> model request, idle plain claude"
+    if claude is None:
+        print(f"{figure}: skipped (no claude on PATH; give one with --claude)")
+        return
+    version = subprocess.run([claude, "--version"], capture_output=True, text=True, timeout=30,
+                             check=False).stdout.split(" ")[0]
+    broker, api = BenchBroker(), ModelApi()
+    try:
+        with tempfile.TemporaryDirectory(prefix="claude-peers-bench-home-") as home:
+            session = InteractiveClaude(claude, broker.env, Path(home), mcp_registration(
+                module_command("shim", "--name", "bench-inbox")), api.url)
+            try:
+                peer = inbox_peer(broker, session, "bench-inbox")
+                latencies = time_inbox(broker, session, api, "bench-inbox", samples) if peer and \
+                    peer["mode"] == "inbox" else None
+            finally:
+                session.close()
+    finally:
+        api.close()
+        broker.close()
+    if latencies is None:
+        why = f"its shim is {peer['mode']}: {peer['mode_reason']}" if peer else "its shim never registered"
+        print(f"{figure}: skipped (Claude Code {version}: {why})")
+        return
+    for kind, label in (("post", "post"), ("send", "hub send (shim posting)")):
+        values = latencies[kind]
+        for pct, target in ((50, None), (99, Target("<=", 1000) if kind == "send" else None)):
+            report.figure(f"inbox: {label} -> model request, p{pct} (ms)",
+                          {"ours": percentile(values, pct) if values else None}, target=target)
+        if len(values) < samples:
+            report.faults.append(f"inbox {kind}: {samples - len(values)} of {samples} never reached the model")
+    print(f"  (Claude Code {version}, interactive on a pseudo-terminal, idle, its model a local stand-in;"
+          f" {samples} of each)")
+
+
 def bench_systems(args: argparse.Namespace) -> Systems:
     """Ours, and the anchor when --anchor names a checkout of claude-peers-mcp with its packages."""
     systems: Systems = [("ours", BenchBroker)]
@@ -9428,6 +9498,8 @@ def run_bench(args: argparse.Namespace) -> bool:
     report.figure("broker RSS, 1000 sessions long-polling (MB)", {"ours": rss, "anchor": None}, "{:.1f}",
                   Target("<=", 150))
     bench_claude_view(report)
+    if args.inbox_samples:
+        bench_inbox(report, args.claude or shutil.which("claude"), args.inbox_samples)
     relayed, published = bench_relay(args.events)
     report.figure(f"events relayed to JetStream per second ({published} published)", {"ours": relayed, "anchor": None},
                   target=Target(">=", 5000))
@@ -10090,6 +10162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-seconds", type=float, default=60.0, help="window for idle request counting")
     p.add_argument("--events", type=int, default=20000, help="outbox size for the relay run")
     p.add_argument("--rounds", type=int, default=2, help="runs per system of each figure, interleaved")
+    p.add_argument("--claude", metavar="PATH", help="the Claude Code whose session inbox is timed (default: claude"
+                   " on PATH)")
+    p.add_argument("--inbox-samples", type=int, default=20, help="posts and sends timed into a plain claude's"
+                   " session inbox (0: skip)")
     p.add_argument("--anchor", metavar="DIR", help="a checkout of claude-peers-mcp (packages installed with"
                    " bun install) to measure side by side with ours")
     p.add_argument("--bun", metavar="PATH", help="the bun that runs --anchor (default: bun on PATH)")

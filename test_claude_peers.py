@@ -3531,6 +3531,26 @@ def test_a_plain_claude_without_a_usable_inbox_is_pull_and_the_sender_and_doctor
         assert message_state(broker, sent["id"]) == "queued"
 
 
+@pytest.mark.parametrize("claude", [pytest.param(NEWEST_CLAUDE, id="newest", marks=NEEDS_NEWEST),
+                                    pytest.param(PINNED_CLAUDE, id="pinned", marks=NEEDS_PINNED),
+                                    pytest.param(None, id="none")])
+def test_bench_times_an_inbox_post_and_a_hub_send_to_the_model_request_or_says_why_it_cannot(capsys, claude):
+    report = cp.BenchReport(["ours"])
+    cp.bench_inbox(report, claude, 2)
+    out = capsys.readouterr().out
+    if claude == NEWEST_CLAUDE:
+        for figure in ("inbox: post -> model request, p50 (ms)",
+                       "inbox: hub send (shim posting) -> model request, p99 (ms)"):
+            [line] = [line for line in out.splitlines() if line.startswith(figure)]
+            assert float(line[len(figure):].split()[0]) > 0
+        assert report.faults == [] and "2 of each" in out
+    elif claude == PINNED_CLAUDE:
+        assert "inbox: post -> model request, idle plain claude: skipped (Claude Code 2." in out and "its shim is pull:" in out
+        assert "with no session inbox (CLAUDE_CODE_MESSAGING_SOCKET unset" in out
+    else:
+        assert "skipped (no claude on PATH; give one with --claude)" in out
+
+
 # ---------------------------------------------------------------------------
 # Fleet-scout
 # ---------------------------------------------------------------------------
@@ -5592,8 +5612,8 @@ def test_fleet_memory_runs_on_fleet_events_and_its_own_update_wakes_only_those_w
 def test_bench_with_tiny_parameters_prints_every_figure_honestly():
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PEERS_")}
     out = subprocess.run([PY, str(SCRIPT), "bench", "--messages", "80", "--samples", "4", "--sessions", "2",
-                          "--idle-seconds", "1", "--events", "200", "--rounds", "1"], env=env, capture_output=True,
-                         text=True, timeout=120, check=False)
+                          "--idle-seconds", "1", "--events", "200", "--rounds", "1", "--inbox-samples", "2"], env=env,
+                         capture_output=True, text=True, timeout=180, check=False)
     assert out.returncode == 0, out.stderr
     for figure in ("send requests/s", "delivered messages/s, senders on 8 HTTP", "CPU per delivered message, HTTP",
                    "one session spawned -> tools/list", "2 sessions spawned at once", "2 idle sessions, p99",
@@ -5608,6 +5628,7 @@ def test_bench_with_tiny_parameters_prints_every_figure_honestly():
                          r" 5 of 5 tools in its tool list\)", out.stdout), out.stdout
     assert "(needs --anchor)" in out.stdout and "anchor" not in out.stdout.splitlines()[1]  # ours only
     assert "ours 80 sent, 0 lost, 0 duplicated" in out.stdout  # the HTTP path
+    assert "inbox: post -> model request" in out.stdout  # timed, or skipped saying why
     assert "ours 8 sent, 0 lost, 0 duplicated" in out.stdout  # latency: 4 idle, 4 saturated
     assert "ours 20 sent, 0 lost, 0 duplicated" in out.stdout  # the MCP path: 10 per session
     assert out.stdout.rstrip().endswith("messages lost or duplicated by ours: none"), out.stdout
