@@ -5048,22 +5048,31 @@ def cross_session_inbound(project: Path) -> tuple[str, str]:
     return "", ""
 
 
+def inbox_blocked(env: dict[str, str], project: Path) -> str:
+    """Why posts into a Claude Code session's inbox in ``project`` would not reach the model (the
+    switch in the environment, or a crossSessionInbound setting), or ''."""
+    switch = env.get(INBOX_SWITCH_ENV, "").strip()
+    if switch.lower() in ("0", "false", "no", "off"):
+        return f"{INBOX_SWITCH_ENV}={switch} turns Claude Code's session inbox off (unset it)"
+    value, where = cross_session_inbound(project)
+    if value in ("hold", "refuse"):
+        what = "drops posts" if value == "refuse" else "holds posts for the user, unseen by Claude"
+        return f'crossSessionInbound is "{value}" in {where}, so Claude Code {what} (set it to "accept")'
+    return ""
+
+
 def session_inbox(env: dict[str, str], project: Path) -> tuple[str, str]:
     """(the socket of this Claude Code session's inbox, or '' where posts would not reach the model;
     and why): Claude Code names it in its MCP servers' environment, unless it is switched off."""
-    switch = env.get(INBOX_SWITCH_ENV, "").strip()
-    if switch.lower() in ("0", "false", "no", "off"):
-        return "", f"{INBOX_SWITCH_ENV}={switch} turns Claude Code's session inbox off (unset it)"
+    blocked = inbox_blocked(env, project)
+    if blocked:
+        return "", blocked
     path = env.get(INBOX_SOCKET_ENV, "")
     if not path:
         return "", (f"with no session inbox ({INBOX_SOCKET_ENV} unset: a Claude Code without one, such as 2.1.197 -"
                     " update it - or its remote flag tengu_harbor_kite is off)")
     if not Path(path).is_socket():
         return "", f"its session inbox {path} is {'not a socket' if os.path.lexists(path) else 'gone'}"
-    value, where = cross_session_inbound(project)
-    if value in ("hold", "refuse"):
-        what = "drops posts" if value == "refuse" else "holds posts for the user, unseen by Claude"
-        return "", f'crossSessionInbound is "{value}" in {where}, so Claude Code {what} (set it to "accept")'
     return path, f"Claude Code's session inbox {path}: an idle session starts a turn"
 
 
@@ -9549,6 +9558,7 @@ def read_user_file(path: str) -> str:
 
 EXIT_ERROR, EXIT_UNREACHABLE, EXIT_AUTH = 1, 3, 4  # 2 is argparse's usage error
 MIN_CLAUDE_VERSION = (2, 1, 80)  # the first Claude Code with channels
+INBOX_CLAUDE_VERSION = (2, 1, 332)  # the first Claude Code seen giving each session an inbox (2.1.197 gave none)
 
 
 def message_delivery(message: dict[str, Any]) -> tuple[str, str]:
@@ -9636,6 +9646,21 @@ def sessions_without_channel(cfg: Config, client: BrokerClient) -> Iterator[tupl
                                    " and start it again in that directory with `claude-peers run --continue`")
 
 
+def inbox_check(version: tuple[int, ...] | None, cwd: Path) -> tuple[str, str]:
+    """Doctor: whether a plain `claude` started here hears its mail through its session inbox, or
+    which setting, switch or version makes it a pull session."""
+    blocked = inbox_blocked(dict(os.environ), cwd)
+    if blocked:
+        return "warn", f"plain `claude` sessions started here are pull: {blocked}"
+    if version is not None and version < INBOX_CLAUDE_VERSION:
+        found = ".".join(map(str, version))
+        return "warn", (f"Claude Code {found} may give its sessions no inbox (2.1.197 gave none,"
+                        f" {'.'.join(map(str, INBOX_CLAUDE_VERSION))} does): plain `claude` sessions are then pull;"
+                        " update it (npm install -g @anthropic-ai/claude-code@latest) or start them with claude-peers run")
+    return "ok", ("plain `claude` sessions hear their mail through Claude Code's session inbox (where its remote"
+                  " flag tengu_harbor_kite is off they are pull: the sessions line above and `peers` say why)")
+
+
 def shim_handshake(cfg: Config) -> tuple[str, str]:
     """The official MCP SDK's client against this machine's shim, probing the newer protocol
     the way Claude Code does: what Claude Code will see (a 2025 handshake, the channel, the tools)."""
@@ -9704,13 +9729,16 @@ def doctor_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
             yield "FAIL", "claude", f"{claude} is {'.'.join(map(str, version))}; channels need 2.1.80 or newer"
         else:
             yield "ok", "claude", f"{claude} {'.'.join(map(str, version))}"
+        status, detail = inbox_check(version, Path.cwd())
+        yield status, "inbox", detail
     status, detail = shim_handshake(cfg)
     yield status, "shim", detail
     status, detail = registration_check(Path.cwd())
     yield status, "mcp", detail
-    yield "ok", "channel", (f"`claude-peers run` starts: {' '.join(claude_command([]))} (plain `claude` gets the"
-                           " tools but no pushes; if Claude Code says 'Channels are not currently available',"
-                           " channels are off for the account and check_messages is the way)")
+    yield "ok", "channel", (f"`claude-peers run` starts: {' '.join(claude_command([]))} (plain `claude` gets no"
+                           " pushes: its mail is posted into its session inbox, see the inbox line, or waits for"
+                           " check_messages; if Claude Code says 'Channels are not currently available', channels"
+                           " are off for the account)")
 
 
 # -- commands, in the parser's order ------------------------------------------

@@ -3264,6 +3264,9 @@ async def test_an_inbox_that_refuses_or_is_gone_leaves_the_mail_queued_and_the_s
         await wait_until(lambda: peer_named(broker, "posted")["mode"] == "pull")
         why = f"posting into its session inbox {inbox_socket.path} failed ({error}"
         assert why in peer_named(broker, "posted")["mode_reason"]
+        [changed] = [e for e in broker.client().call("GET", "/api/events?after=0")["events"] if e["type"] == "peer.mode"]
+        assert (changed["subject"], changed["name"], changed["mode"]) == ("fleet.peer.mode", "posted", "pull")
+        assert why in changed["reason"]
         assert message_state(broker, first["id"]) == "queued"  # never acknowledged
         second = send(sender, "posted", "still there?")
         assert cp.recipient_note(second).startswith("posted is online but hears no mail by itself: queued until it"
@@ -3549,6 +3552,28 @@ def test_bench_times_an_inbox_post_and_a_hub_send_to_the_model_request_or_says_w
         assert "with no session inbox (CLAUDE_CODE_MESSAGING_SOCKET unset" in out
     else:
         assert "skipped (no claude on PATH; give one with --claude)" in out
+
+
+def doctor_line(broker: BrokerProc, check: str, env: dict[str, str]) -> str:
+    out = broker.cli("doctor", env=env)
+    return next(line for line in out.stdout.splitlines() if line.split()[1] == check)
+
+
+@NEEDS_NEWEST
+@NEEDS_PINNED
+def test_doctor_says_whether_a_plain_claude_here_hears_its_mail_through_its_inbox_and_what_stops_it(broker, tmp_path):
+    newest = {"HOME": str(tmp_path), "PATH": f"{Path(NEWEST_CLAUDE).parent}:{os.environ['PATH']}"}
+    line = doctor_line(broker, "inbox", newest)
+    assert line.startswith("ok") and "plain `claude` sessions hear their mail through Claude Code's session inbox" in line
+    line = doctor_line(broker, "inbox", {**newest, "CLAUDE_CODE_HARBOR_KITE": "0"})
+    assert line.startswith("warn") and "CLAUDE_CODE_HARBOR_KITE=0 turns Claude Code's session inbox off" in line
+    (tmp_path / ".claude").mkdir()
+    (tmp_path / ".claude" / "settings.json").write_text('{"crossSessionInbound": "refuse"}')
+    line = doctor_line(broker, "inbox", newest)
+    assert line.startswith("warn") and f'crossSessionInbound is "refuse" in {tmp_path}/.claude/settings.json' in line
+    pinned = {"HOME": str(tmp_path / "elsewhere"), "PATH": f"{Path(PINNED_CLAUDE).parent}:{os.environ['PATH']}"}
+    line = doctor_line(broker, "inbox", pinned)
+    assert line.startswith("warn") and "may give its sessions no inbox" in line and "claude-peers run" in line
 
 
 # ---------------------------------------------------------------------------
