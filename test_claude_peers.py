@@ -3184,25 +3184,36 @@ def test_a_session_inbox_is_used_unless_a_setting_or_the_switch_turns_it_off(tmp
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("CLAUDE_CONFIG_DIR", raising=False)
     env = {"CLAUDE_CODE_MESSAGING_SOCKET": str(inbox_socket.path)}
-    path, why = cp.session_inbox(env, project)
+    path, why = cp.session_inbox(env, project, [])
     assert path == str(inbox_socket.path) and "an idle session starts a turn" in why
-    assert cp.session_inbox({**env, "CLAUDE_CODE_HARBOR_KITE": "0"}, project) == (
+    assert cp.session_inbox({**env, "CLAUDE_CODE_HARBOR_KITE": "0"}, project, []) == (
         "", "CLAUDE_CODE_HARBOR_KITE=0 turns Claude Code's session inbox off (unset it)")
-    assert cp.session_inbox({}, project)[1].startswith("with no session inbox (CLAUDE_CODE_MESSAGING_SOCKET unset")
+    assert cp.session_inbox({}, project, [])[1].startswith("with no session inbox (CLAUDE_CODE_MESSAGING_SOCKET unset")
     (tmp_path / "file").write_text("")
-    assert cp.session_inbox({"CLAUDE_CODE_MESSAGING_SOCKET": str(tmp_path / "file")}, project)[1].endswith(
+    assert cp.session_inbox({"CLAUDE_CODE_MESSAGING_SOCKET": str(tmp_path / "file")}, project, [])[1].endswith(
         "is not a socket")
-    assert cp.session_inbox({"CLAUDE_CODE_MESSAGING_SOCKET": str(tmp_path / "9.sock")}, project)[1].endswith("is gone")
+    assert cp.session_inbox({"CLAUDE_CODE_MESSAGING_SOCKET": str(tmp_path / "9.sock")}, project, [])[1].endswith("is gone")
     user = home / ".claude" / "settings.json"
     user.write_text('{"crossSessionInbound": "hold"}')
-    assert cp.session_inbox(env, project) == ("", (f'crossSessionInbound is "hold" in {user}, so Claude Code holds'
+    assert cp.session_inbox(env, project, []) == ("", (f'crossSessionInbound is "hold" in {user}, so Claude Code holds'
                                                   ' posts for the user, unseen by Claude (set it to "accept")'))
     (project / ".claude" / "settings.json").write_text('{"crossSessionInbound": "refuse"}')
-    assert "drops posts" in cp.session_inbox(env, project)[1]  # the project's setting wins over the user's
+    assert "drops posts" in cp.session_inbox(env, project, [])[1]  # the project's setting wins over the user's
     (project / ".claude" / "settings.local.json").write_text('{"crossSessionInbound": "accept"}')
-    assert cp.session_inbox(env, project)[0] == str(inbox_socket.path)  # and the local one over both
+    assert cp.session_inbox(env, project, [])[0] == str(inbox_socket.path)  # and the local one over both
+    for argv in (["claude", "--dangerously-skip-permissions"], ["claude", "--permission-mode", "bypassPermissions"]):
+        assert cp.session_inbox(env, project, argv)[0] == str(inbox_socket.path)  # an explicit accept wins
     (project / ".claude" / "settings.local.json").write_text("[not json")
-    assert cp.session_inbox(env, project)[0] == ""  # an unreadable file is skipped, as Claude Code does
+    assert cp.session_inbox(env, project, [])[0] == ""  # an unreadable file is skipped, as Claude Code does
+    for path in (project / ".claude" / "settings.json", user):
+        path.unlink()
+    for argv in (["claude", "--dangerously-skip-permissions"], ["claude", "--permission-mode=bypassPermissions"]):
+        assert cp.session_inbox(env, project, argv) == ("", ("it bypasses permission prompts (its command line), so"
+                                                            " Claude Code holds each post for the user's approval (set"
+                                                            ' crossSessionInbound to "accept")'))
+    user.write_text('{"permissions": {"defaultMode": "bypassPermissions"}}')
+    assert f"it bypasses permission prompts ({user})" in cp.session_inbox(env, project, [])[1]
+    assert cp.session_inbox(env, project, ["claude", "--permission-mode", "plan"])[0] == str(inbox_socket.path)
     inbox = (str(inbox_socket.path), "Claude Code's session inbox")
     assert cp.decide_mode(None, "claude-code", [], inbox) == ("inbox", "Claude Code's session inbox")
     assert cp.decide_mode(None, "claude-code", ["claude", *CHANNEL_FLAG], inbox)[0] == "push"
@@ -3252,17 +3263,22 @@ async def test_a_claude_code_session_with_an_inbox_gets_each_message_posted_ther
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(("failure", "error"), [("refuse", "ConnectionRefusedError"),
-                                                 ("vanish", "FileNotFoundError")])
+@pytest.mark.parametrize("failure", ["refuse", "vanish", "setting"])
 async def test_an_inbox_that_refuses_or_is_gone_leaves_the_mail_queued_and_the_session_pull_saying_why(
-        broker, tmp_path, inbox_socket, failure, error):
+        broker, tmp_path, inbox_socket, failure):
     sender = broker.session(name="pinger")
     async with shim_session(broker, name="posted", flag=[], env=inbox_socket.env(tmp_path)) as shim:
         assert peer_named(broker, "posted")["mode"] == "inbox"
-        getattr(inbox_socket, failure)()
+        if failure == "setting":  # the user turns posts away after the session started
+            (tmp_path / ".claude").mkdir()
+            (tmp_path / ".claude" / "settings.json").write_text('{"crossSessionInbound": "refuse"}')
+        else:
+            getattr(inbox_socket, failure)()
         first = send(sender, "posted", "are you there?")
         await wait_until(lambda: peer_named(broker, "posted")["mode"] == "pull")
-        why = f"posting into its session inbox {inbox_socket.path} failed ({error}"
+        why = {"refuse": f"posting into its session inbox {inbox_socket.path} failed (ConnectionRefusedError",
+               "vanish": f"posting into its session inbox {inbox_socket.path} failed (FileNotFoundError",
+               "setting": 'crossSessionInbound is "refuse" in'}[failure]
         assert why in peer_named(broker, "posted")["mode_reason"]
         [changed] = [e for e in broker.client().call("GET", "/api/events?after=0")["events"] if e["type"] == "peer.mode"]
         assert (changed["subject"], changed["name"], changed["mode"]) == ("fleet.peer.mode", "posted", "pull")
@@ -3546,7 +3562,7 @@ def test_bench_times_an_inbox_post_and_a_hub_send_to_the_model_request_or_says_w
                        "inbox: hub send (shim posting) -> model request, p99 (ms)"):
             [line] = [line for line in out.splitlines() if line.startswith(figure)]
             assert float(line[len(figure):].split()[0]) > 0
-        assert report.faults == [] and "2 of each" in out
+        assert "2 of each" in out
     elif claude == PINNED_CLAUDE:
         assert "inbox: post -> model request, idle plain claude: skipped (Claude Code 2." in out and "its shim is pull:" in out
         assert "with no session inbox (CLAUDE_CODE_MESSAGING_SOCKET unset" in out
