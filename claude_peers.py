@@ -9277,12 +9277,12 @@ class InteractiveClaude:
     KEY = "sk-ant-offline-0123456789abcdefghij"
 
     def __init__(self, claude: str, env: dict[str, str], home: Path, entry: dict[str, Any], api_url: str,
-                 settings: dict[str, Any] | None = None) -> None:
+                 settings: dict[str, Any] | None = None, args: tuple[str, ...] = ()) -> None:
         self.cwd, self.runtime = home / "project", Path(tempfile.mkdtemp(prefix="cc-run-"))
         for folder in (self.cwd, home / ".claude"):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         (home / ".claude.json").write_text(json.dumps({
-            "hasCompletedOnboarding": True, "theme": "dark",
+            "hasCompletedOnboarding": True, "theme": "dark", "bypassPermissionsModeAccepted": True,
             "customApiKeyResponses": {"approved": [self.KEY[-20:]], "rejected": []},
             "projects": {str(self.cwd): {"hasTrustDialogAccepted": True, "hasCompletedProjectOnboarding": True}}}))
         (home / ".claude" / "settings.json").write_text(json.dumps(
@@ -9293,7 +9293,7 @@ class InteractiveClaude:
         register_with_claude(claude, env, entry)
         self.master, terminal = os.openpty()
         try:
-            self.proc = subprocess.Popen([claude], stdin=terminal, stdout=terminal, stderr=terminal, cwd=self.cwd,
+            self.proc = subprocess.Popen([claude, *args], stdin=terminal, stdout=terminal, stderr=terminal, cwd=self.cwd,
                                          env=env, start_new_session=True)
         finally:
             os.close(terminal)

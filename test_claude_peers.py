@@ -3488,13 +3488,14 @@ def answer_through_claude_peers(body: dict) -> dict | None:
 
 
 @contextlib.contextmanager
-def plain_claude(broker: BrokerProc, home: Path, claude: str, env: dict | None = None,
-                 settings: dict | None = None) -> Iterator[tuple[cp.InteractiveClaude, cp.ModelApi, dict]]:
+def plain_claude(broker: BrokerProc, home: Path, claude: str, env: dict | None = None, settings: dict | None = None,
+                 args: tuple[str, ...] = ()) -> Iterator[tuple[cp.InteractiveClaude, cp.ModelApi, dict]]:
     """A plain interactive `claude` with claude-peers registered as the README says (name: plain), its
     model scripted to answer peer mail through claude-peers; yields it once its shim registered."""
     api = cp.ModelApi(answer_through_claude_peers)
     session = cp.InteractiveClaude(claude, {**broker.env, **(env or {})}, home,
-                                   cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "plain"]), api.url, settings)
+                                   cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "plain"]), api.url, settings,
+                                   args)
     try:
         wait_until_sync(lambda: peer_named(broker, "plain") is not None or session.proc.poll() is not None, 90,
                         "the plain session's shim to register")
@@ -3529,18 +3530,20 @@ def test_a_plain_interactive_claude_wakes_on_its_inbox_and_its_answer_comes_back
         assert message_state(broker, sent["id"]) == "read"  # answered with reply_to
 
 
-@pytest.mark.parametrize(("claude", "env", "settings", "why"), [
-    pytest.param(PINNED_CLAUDE, {}, {}, "with no session inbox (CLAUDE_CODE_MESSAGING_SOCKET unset", id="pinned",
+@pytest.mark.parametrize(("claude", "env", "settings", "args", "why"), [
+    pytest.param(PINNED_CLAUDE, {}, {}, (), "with no session inbox (CLAUDE_CODE_MESSAGING_SOCKET unset", id="pinned",
                  marks=NEEDS_PINNED),
-    pytest.param(NEWEST_CLAUDE, {"CLAUDE_CODE_HARBOR_KITE": "0"}, {},
+    pytest.param(NEWEST_CLAUDE, {"CLAUDE_CODE_HARBOR_KITE": "0"}, {}, (),
                  "CLAUDE_CODE_HARBOR_KITE=0 turns Claude Code's session inbox off", id="newest-switched-off",
                  marks=NEEDS_NEWEST),
-    pytest.param(NEWEST_CLAUDE, {}, {"crossSessionInbound": "refuse"}, 'crossSessionInbound is "refuse" in',
-                 id="newest-refusing", marks=NEEDS_NEWEST)])
+    pytest.param(NEWEST_CLAUDE, {}, {"crossSessionInbound": "refuse"}, (), 'crossSessionInbound is "refuse" in',
+                 id="newest-refusing", marks=NEEDS_NEWEST),
+    pytest.param(NEWEST_CLAUDE, {"IS_SANDBOX": "1"}, {}, ("--dangerously-skip-permissions",),  # IS_SANDBOX: as root
+                 "it bypasses permission prompts (its command line)", id="newest-bypassing", marks=NEEDS_NEWEST)])
 def test_a_plain_claude_without_a_usable_inbox_is_pull_and_the_sender_and_doctor_say_why(
-        broker, tmp_path, claude, env, settings, why):
+        broker, tmp_path, claude, env, settings, args, why):
     asker = broker.session(name="asker")
-    with plain_claude(broker, tmp_path, claude, env, settings) as (_, _, peer):
+    with plain_claude(broker, tmp_path, claude, env, settings, args) as (_, _, peer):
         assert peer["mode"] == "pull" and why in peer["mode_reason"], peer
         sent = send(asker, "plain", "which branch are you on?")
         assert why in cp.recipient_note(sent) and "queued until it checks its messages" in cp.recipient_note(sent)
