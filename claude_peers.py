@@ -2139,12 +2139,14 @@ def nats_auth(cfg: Config, publisher: bool, create: bool = False) -> tuple[str, 
 
 
 def nats_permissions(stream: str, publisher: bool) -> dict[str, Any]:
-    """What a user of the embedded server may do: the broker everything; a reader may create and
-    read its consumers of the stream, acknowledge, and subscribe, but publish no event."""
+    """What a user of the embedded server may do: the broker everything; a reader may find the
+    stream by subject, create and read its consumers of it (pull or ordered push, whose flow
+    control it answers), acknowledge, and subscribe, but publish no event."""
     if publisher:
         return {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
-    return {"publish": {"allow": ["$JS.API.INFO", f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.STREAM.MSG.GET.{stream}",
-                                  f"$JS.API.DIRECT.GET.{stream}.>", "$JS.API.CONSUMER.>", f"$JS.ACK.{stream}.>"]},
+    return {"publish": {"allow": ["$JS.API.INFO", "$JS.API.STREAM.NAMES", f"$JS.API.STREAM.INFO.{stream}",
+                                  f"$JS.API.STREAM.MSG.GET.{stream}", f"$JS.API.DIRECT.GET.{stream}.>",
+                                  "$JS.API.CONSUMER.>", f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>"]},
             "subscribe": {"allow": ["_INBOX.>", "fleet.>"]}}
 
 
@@ -4900,6 +4902,11 @@ def client_from_config(cfg: Config, timeout: float = 10.0) -> BrokerClient:
 # it; the message is then "delivered" and stays unread (check_messages returns it, every
 # tool result counts it) until the model reads or answers it. A post that fails leaves the
 # batch unacknowledged (its leases run out, check_messages reads it) and the session pull.
+#
+# What the model sees is budgeted: Claude Code cuts a server's instructions and each tool
+# description (2,048 characters in 2.1.197), and hides MCP tools behind its tool search unless
+# they are marked alwaysLoad. So the instructions lead with what the model must know first and
+# stay under INSTRUCTIONS_BYTES, and every tool is marked.
 
 SERVER_NAME = "claude-peers"
 CHANNEL_METHOD = "notifications/claude/channel"
@@ -5011,8 +5018,8 @@ class StdioWire:
             line = self.reader.readline(MAX_LINE_BYTES)
         return None
 
-    def write(self, message: dict[str, Any]) -> None:
-        """Write one message and flush: when this returns, it is in the client's pipe."""
+    def write(self, message: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Write one message (or a batch's answers) and flush: when this returns, it is in the client's pipe."""
         data = json.dumps(message, separators=(",", ":")).encode()  # ASCII: a lone surrogate stays an escape
         with self.lock:
             self.writer.write(data + b"\n")
@@ -5168,6 +5175,34 @@ def instructions_lead(session: dict[str, Any] | None, name_note: str, url: str, 
         "Call set_summary first: 1-2 sentences on your task, so peers know whom to ask."])
 
 
+def unread_notice(mode: str, count: int) -> str:
+    """The line every tool result ends with while mail is unread: pushed and not yet
+    answered, or (pull) waiting for check_messages."""
+    if not count:
+        return ""
+    what = (" waiting, not yet read - call check_messages to read them." if mode == "pull"
+            else " not yet read or answered - call check_messages if you have not seen them.")
+    return f"\n\n[claude-peers] {count} peer message{'s' if count > 1 else ''}{what}"
+
+
+def format_peer(peer: dict[str, Any]) -> str:
+    where = f"{peer['machine']}:{peer['cwd']}" + (f" [{peer['branch']}]" if peer["branch"] else "")
+    line = f"- {peer['id']} {peer['name'] or '(no name)'} on {where} ({peer.get('mode', 'push')})"
+    return line + (f" - {peer['summary']}" if peer["summary"] else "")
+
+
+def format_message(message: dict[str, Any], shown: str) -> str:
+    """A message as check_messages shows it; ``shown``: how it reached the model already, or ''."""
+    head = (f"message_id={message['id']} thread_id={message['thread_id']} from {message['from_name']}"
+            f" ({message['from_id']}, {message['from_machine']}:{message['from_cwd']}) at {message['sent_at']}")
+    if message["reply_to"]:
+        head += f" in reply to {message['reply_to']}"
+    if shown:
+        head += f" [already {shown}]"
+    body = "\n".join("    " + line for line in message["text"].splitlines() or [""])
+    return f"{head}\n{body}"
+
+
 def peer_lines(peers: list[dict[str, Any]], room: int) -> list[str]:
     """The live peers for the instructions, as many as fit in room bytes (summaries clipped), then
     how many more list_peers shows."""
@@ -5198,34 +5233,6 @@ def clip_memory(memory: str, room: int) -> str:
     kept = text.encode()[:max(0, room - len(head) - len(tail) - 8)].decode(errors="ignore")
     kept = kept[:kept.rfind("\n")] if "\n" in kept else kept
     return head + kept + tail.format(len(kept.encode()))
-
-
-def unread_notice(mode: str, count: int) -> str:
-    """The line every tool result ends with while mail is unread: pushed and not yet
-    answered, or (pull) waiting for check_messages."""
-    if not count:
-        return ""
-    what = (" waiting, not yet read - call check_messages to read them." if mode == "pull"
-            else " not yet read or answered - call check_messages if you have not seen them.")
-    return f"\n\n[claude-peers] {count} peer message{'s' if count > 1 else ''}{what}"
-
-
-def format_peer(peer: dict[str, Any]) -> str:
-    where = f"{peer['machine']}:{peer['cwd']}" + (f" [{peer['branch']}]" if peer["branch"] else "")
-    line = f"- {peer['id']} {peer['name'] or '(no name)'} on {where} ({peer.get('mode', 'push')})"
-    return line + (f" - {peer['summary']}" if peer["summary"] else "")
-
-
-def format_message(message: dict[str, Any], shown: str) -> str:
-    """A message as check_messages shows it; ``shown``: how it reached the model already, or ''."""
-    head = (f"message_id={message['id']} thread_id={message['thread_id']} from {message['from_name']}"
-            f" ({message['from_id']}, {message['from_machine']}:{message['from_cwd']}) at {message['sent_at']}")
-    if message["reply_to"]:
-        head += f" in reply to {message['reply_to']}"
-    if shown:
-        head += f" [already {shown}]"
-    body = "\n".join("    " + line for line in message["text"].splitlines() or [""])
-    return f"{head}\n{body}"
 
 
 def inbox_posts(messages: list[dict[str, Any]]) -> list[str]:
@@ -5604,48 +5611,108 @@ class JsonRpcError(Exception):
 
 
 def request_id(message: dict[str, Any]) -> Any:
-    """The id of a request, if it is one JSON-RPC allows (a string or a number, never null)."""
+    """The id of a request, if it is one JSON-RPC allows (a string or a finite number, never null):
+    1e400 parses as infinity, which no JSON can carry back."""
     rid = message.get("id")
+    if isinstance(rid, float) and not math.isfinite(rid):
+        return None
     return rid if isinstance(rid, (str, int, float)) and not isinstance(rid, bool) else None
+
+
+BATCH_VERSION = "2025-03-26"  #: the one handshake version whose spec makes servers accept JSON-RPC batches
+
+
+def error_response(rid: Any, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": message}}
+
+
+def settled(answer: dict[str, Any] | asyncio.Task[dict[str, Any] | None] | None) -> dict[str, Any] | None:
+    """The response an answer came to: a finished task's result (None if it was cancelled) or itself."""
+    if isinstance(answer, asyncio.Task):
+        return None if answer.cancelled() else answer.result()
+    return answer
 
 
 class McpServer:
     """MCP over stdio for one shim: every line gets its answer, in the shape the JSON-RPC
     spec prescribes; requests that wait on the broker run as tasks, so a slow tool call
-    never holds up a ping, and `notifications/cancelled` can stop them."""
+    never holds up a ping, and `notifications/cancelled` can stop them. Under protocol
+    2025-03-26 a line may be a batch, answered by one array once each request in it is."""
 
     def __init__(self, shim: Shim) -> None:
         self.shim = shim
         self.wire = shim.wire
-        self.inflight: dict[Any, asyncio.Task[None]] = {}  #: request id -> the task answering it
+        self.version: str | None = None  #: the protocol version initialize agreed on
+        self.inflight: dict[Any, asyncio.Task[dict[str, Any] | None]] = {}  #: request id -> its answering task
+        self.batches: set[asyncio.Task[None]] = set()  #: batches waiting on their requests
 
     def handle(self, line: bytes | None) -> None:
         """One line from the client (None: a line too long to read)."""
         try:
             if line is None:
                 raise ValueError("line too long")
-            message = json.loads(line)
-        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested beyond reason
-            self._error(None, PARSE_ERROR, f"Parse error: {str(exc)[:200]}")
+            message = json.loads(line, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as exc:  # not JSON (NaN too), not UTF-8, or nested beyond reason
+            self.wire.write(error_response(None, PARSE_ERROR, f"Parse error: {str(exc)[:200]}"))
             return
+        if isinstance(message, list):
+            self._batch(message)
+            return
+        answer = self._route(message)
+        if isinstance(answer, dict):
+            self.wire.write(answer)
+        elif answer is not None:
+            answer.add_done_callback(self._write_answer)
+
+    def _write_answer(self, task: asyncio.Task[dict[str, Any] | None]) -> None:
+        if (response := settled(task)) is not None:
+            self.wire.write(response)
+
+    def _batch(self, messages: list[Any]) -> None:
+        """A JSON-RPC batch: refused (one error, id null) unless 2025-03-26 was negotiated."""
+        if self.version != BATCH_VERSION:
+            agreed = f"this session agreed on {self.version}" if self.version else "no initialize came first"
+            self.wire.write(error_response(None, INVALID_REQUEST, f"Invalid Request: JSON-RPC batches are "
+                                           f"accepted only under protocol {BATCH_VERSION}; {agreed}"))
+        elif not messages:
+            self.wire.write(error_response(None, INVALID_REQUEST, "Invalid Request: an empty batch"))
+        else:
+            answers = [self._route(message, in_batch=True) for message in messages]
+            task = asyncio.get_running_loop().create_task(self._answer_batch(answers))
+            self.batches.add(task)
+            task.add_done_callback(self.batches.discard)
+
+    async def _answer_batch(self, answers: list[Any]) -> None:
+        """Write one array with every answer of the batch (none for notifications or cancelled requests)."""
+        tasks = [answer for answer in answers if isinstance(answer, asyncio.Task)]
+        if tasks:
+            await asyncio.wait(tasks)
+        if responses := [response for response in map(settled, answers) if response is not None]:
+            self.wire.write(responses)
+
+    def _route(self, message: Any, in_batch: bool = False) -> dict[str, Any] | asyncio.Task[Any] | None:
+        """One JSON-RPC message: an error answer now, a task that will answer, or None (nothing to answer)."""
         if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
-            self._error(request_id(message) if isinstance(message, dict) else None, INVALID_REQUEST,
-                        "Invalid Request: expected a JSON-RPC 2.0 object (batches are not part of MCP)")
-            return
+            return error_response(request_id(message) if isinstance(message, dict) else None, INVALID_REQUEST,
+                                  "Invalid Request: expected a JSON-RPC 2.0 object")
         method = message.get("method")
         if method is None and ("result" in message or "error" in message):
-            return  # a response: this server sends no requests, so there is nothing to match
+            return None  # a response: this server sends no requests, so there is nothing to match
         rid = request_id(message)
         if not isinstance(method, str) or "id" in message and rid is None:
-            self._error(rid, INVALID_REQUEST, "Invalid Request: method must be a string, id a string or number")
-        elif "id" not in message:
+            return error_response(rid, INVALID_REQUEST, "Invalid Request: method must be a string, "
+                                  "id a string or a finite number")
+        if in_batch and method == "initialize":
+            return error_response(rid, INVALID_REQUEST, "Invalid Request: initialize must not be part of a batch")
+        if "id" not in message:
             self._notification(method, message.get("params"))
-        elif rid in self.inflight:
-            self._error(rid, INVALID_REQUEST, f"Invalid Request: id {rid!r} is already in use")
-        else:
-            task = asyncio.get_running_loop().create_task(self._answer(rid, method, message.get("params")))
-            self.inflight[rid] = task
-            task.add_done_callback(lambda _: self.inflight.pop(rid, None))
+            return None
+        if rid in self.inflight:
+            return error_response(rid, INVALID_REQUEST, f"Invalid Request: id {rid!r} is already in use")
+        task = asyncio.get_running_loop().create_task(self._answer(rid, method, message.get("params")))
+        self.inflight[rid] = task
+        task.add_done_callback(lambda _: self.inflight.pop(rid, None))
+        return task
 
     def _notification(self, method: str, params: Any) -> None:
         if method == "notifications/initialized":
@@ -5655,25 +5722,26 @@ class McpServer:
             if task is not None:
                 task.cancel()  # the spec: a cancelled request gets no answer
 
-    async def _answer(self, rid: Any, method: str, params: Any) -> None:
+    async def _answer(self, rid: Any, method: str, params: Any) -> dict[str, Any] | None:
         try:
             if params is not None and not isinstance(params, dict):
                 raise JsonRpcError(INVALID_PARAMS, "Invalid params: must be an object")
             result = await self._dispatch(method, params or {})
         except JsonRpcError as exc:
-            self._error(rid, exc.code, str(exc))
+            return error_response(rid, exc.code, str(exc))
         except asyncio.CancelledError:
-            return
+            return None
         except Exception:  # a bug: the client still gets an answer, the log the traceback
             log.exception("internal error answering %s", method)
-            self._error(rid, INTERNAL_ERROR, f"Internal error in claude-peers while answering {method}")
-        else:
-            self.wire.write({"jsonrpc": "2.0", "id": rid, "result": result})
+            return error_response(rid, INTERNAL_ERROR, f"Internal error in claude-peers while answering {method}")
+        return {"jsonrpc": "2.0", "id": rid, "result": result}
 
     async def _dispatch(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         if method == "initialize":  # the 2025 handshake; the 2026 probe (server/discover) is not found below
             self.shim.introduce(params.get("clientInfo"))
-            return initialize_result(params.get("protocolVersion"), await self.shim.instructions())
+            result = initialize_result(params.get("protocolVersion"), await self.shim.instructions())
+            self.version = result["protocolVersion"]
+            return result
         if method == "ping":
             return {}
         if method == "tools/list":
@@ -5689,9 +5757,6 @@ class McpServer:
                 text, error = f"claude-peers: {exc}{self.shim.notice()}", True
             return {"content": [{"type": "text", "text": text}], "isError": error}
         raise JsonRpcError(METHOD_NOT_FOUND, f"Method not found: {method[:100]}")
-
-    def _error(self, rid: Any, code: int, message: str) -> None:
-        self.wire.write({"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": message}})
 
 
 def read_stdin(wire: StdioWire, loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[bytes | None]) -> None:
@@ -5718,7 +5783,7 @@ async def serve_stdio(shim: Shim) -> None:
                 server.handle(line)
     finally:
         session.cancel()
-        for task in list(server.inflight.values()):
+        for task in [*server.inflight.values(), *server.batches]:
             task.cancel()
         await shim.leave()
 
@@ -9250,15 +9315,15 @@ def register_with_claude(claude: str, env: dict[str, str], entry: dict[str, Any]
 
 
 def claude_first_request(claude: str, env: dict[str, str], home: Path, entry: dict[str, Any],
-                         cwd: Path | None = None) -> dict[str, Any]:
-    """The first model request of `claude -p` in ``home``, where claude-peers is registered with
-    ``entry`` (through `claude mcp add-json`, as the README says), its API a local ModelApi."""
+                         options: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The first model request of `claude [options] -p` in ``home``, where claude-peers is registered
+    with ``entry`` (through `claude mcp add-json`, as the README says), its API a local ModelApi."""
     env = {**env, "HOME": str(home), "ANTHROPIC_API_KEY": "sk-ant-offline",
            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
     register_with_claude(claude, env, entry)
     api = ModelApi()
     try:
-        ran = subprocess.run([claude, "-p", "hello"], env={**env, "ANTHROPIC_BASE_URL": api.url}, cwd=cwd or home,
+        ran = subprocess.run([claude, *options, "-p", "hello"], env={**env, "ANTHROPIC_BASE_URL": api.url}, cwd=home,
                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False)
     finally:
         api.close()

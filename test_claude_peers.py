@@ -1035,6 +1035,44 @@ def test_nats_readers_read_the_stream_but_never_publish_into_it(make_broker):
     assert not nats_connects(url, user="laptop", password=password)  # its NATS user is gone too
 
 
+def test_a_nats_reader_may_find_the_stream_by_subject_and_read_it_with_an_ordered_consumer(make_broker):
+    port = free_port()
+    broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{port}"\n')
+    url = f"nats://127.0.0.1:{port}"
+    created = broker.cli("token", "create", "laptop", "--machine", "laptop", "--nats")
+    password = re.search(r"user laptop, password (\S+);", created.stderr)[1]
+    broker.session(name="one")
+    wait_published(broker)
+
+    async def read_as(auth: dict[str, str]) -> tuple[str, str, list[str]]:
+        refused: list[str] = []
+
+        async def note(exc: Exception) -> None:
+            refused.append(str(exc))
+
+        nc = await nats_client.connect(url, connect_timeout=2, error_cb=note, **auth)
+        try:
+            js = nc.jetstream()
+            pulled = await js.pull_subscribe("fleet.>", durable=f"lookup-{auth['user']}")  # the stream found by subject
+            [first] = await pulled.fetch(1, timeout=5)
+            ordered = await js.subscribe("fleet.>", ordered_consumer=True)
+            pushed = await ordered.next_msg(timeout=5)
+            await nc.publish("$JS.FC.FLEET.reader.1", b"")  # the flow-control reply an ordered consumer sends
+            await nc.publish("fleet.peer.joined", b'{"forged": true}')  # and still no event of its own
+            with anyio.fail_after(5):
+                while not refused:  # the server's -ERR for the forged event, after any for the reply
+                    await nc.flush()
+            await nc.flush()
+            return json.loads(first.data)["type"], json.loads(pushed.data)["type"], refused
+        finally:
+            await nc.close()
+
+    for auth in (subscriber(broker), {"user": "laptop", "password": password}):
+        pulled, pushed, refused = anyio.run(read_as, auth)
+        assert pulled == pushed == "credential.created"
+        assert len(refused) == 1 and "fleet.peer.joined" in refused[0], refused  # only the forged event
+
+
 def test_a_leftover_embedded_server_is_replaced(make_broker):
     port = free_port()
     broker = make_broker(nats=f'embedded = true\nlisten = "127.0.0.1:{port}"\n')
@@ -2563,6 +2601,7 @@ class RawShim:
         self.proc = subprocess.Popen([PY, str(SCRIPT), "shim"], env={**broker.env, **shim_env(broker), **(env or {})},
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.lines: list[dict] = []
+        self.batches: list[list[dict]] = []
         self.arrived = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -2570,9 +2609,11 @@ class RawShim:
         import mcp_types
 
         for raw in self.proc.stdout:
-            mcp_types.jsonrpc_message_adapter.validate_json(raw)  # the SDK accepts every line we write
+            line = json.loads(raw, parse_constant=refuse_json_constant)  # strict JSON: no NaN or Infinity
+            for message in line if isinstance(line, list) else [line]:  # a batch's answers: one array
+                mcp_types.jsonrpc_message_adapter.validate_python(message)  # the SDK accepts every message we write
             with self.arrived:
-                self.lines.append(json.loads(raw))
+                (self.batches if isinstance(line, list) else self.lines).append(line)
                 self.arrived.notify_all()
 
     def send(self, raw: bytes) -> None:
@@ -2584,6 +2625,12 @@ class RawShim:
             assert self.arrived.wait_for(lambda: any(m.get("id") == rid and "method" not in m for m in self.lines),
                                          timeout), f"no answer to id {rid!r}: {self.lines[-3:]}"
             return next(m for m in self.lines if m.get("id") == rid and "method" not in m)
+
+    def batch_answer(self, timeout: float = 15) -> list[dict]:
+        """The next batch's array of answers."""
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: self.batches, timeout), f"no batch answer: {self.lines[-3:]}"
+            return self.batches.pop(0)
 
     def answers_to_null_id(self) -> list[dict]:
         with self.arrived:
@@ -2598,15 +2645,27 @@ class RawShim:
             self.proc.wait()
 
 
-@pytest.fixture
-def raw_shim(broker) -> Iterator[RawShim]:
+def refuse_json_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+@contextlib.contextmanager
+def initialized_raw_shim(broker, version: str) -> Iterator[RawShim]:
     shim = RawShim(broker)
     shim.send(json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}).encode())
-    shim.answer(0)
+        "protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}).encode())
+    assert shim.answer(0)["result"]["protocolVersion"] == version
     shim.send(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}')
-    yield shim
-    shim.close()
+    try:
+        yield shim
+    finally:
+        shim.close()
+
+
+@pytest.fixture
+def raw_shim(broker) -> Iterator[RawShim]:
+    with initialized_raw_shim(broker, "2025-11-25") as shim:
+        yield shim
 
 
 def call_line(rid, name: str, args: dict | str) -> bytes:
@@ -2621,6 +2680,12 @@ def call_line(rid, name: str, args: dict | str) -> bytes:
     (b"[" * 100_000 + b"]" * 100_000, None, cp.PARSE_ERROR),
     (b'[{"jsonrpc": "2.0", "id": 7, "method": "ping"}]', None, cp.INVALID_REQUEST),
     (b'"just a string"', None, cp.INVALID_REQUEST),
+    (b'{"jsonrpc": "2.0", "id": NaN, "method": "ping"}', None, cp.PARSE_ERROR),
+    (b'{"jsonrpc": "2.0", "id": Infinity, "method": "ping"}', None, cp.PARSE_ERROR),
+    (b'{"jsonrpc": "2.0", "id": -Infinity, "method": "ping"}', None, cp.PARSE_ERROR),
+    (b'{"jsonrpc": "2.0", "id": 1e400, "method": "ping"}', None, cp.INVALID_REQUEST),
+    (b'{"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "whoami", "x": NaN}}',
+     None, cp.PARSE_ERROR),
     (b'{"jsonrpc": "1.0", "id": 7, "method": "ping"}', 7, cp.INVALID_REQUEST),
     (b'{"jsonrpc": "2.0", "id": 7, "method": 12}', 7, cp.INVALID_REQUEST),
     (b'{"jsonrpc": "2.0", "id": {"x": 1}, "method": "ping"}', None, cp.INVALID_REQUEST),
@@ -2636,6 +2701,65 @@ def test_the_shim_answers_every_malformed_line_with_the_json_rpc_error(raw_shim,
     assert raw_shim.answer("after")["result"] == {}  # still serving, and in order
     answer = raw_shim.answer(rid) if rid is not None else raw_shim.answers_to_null_id()[before]
     assert answer["error"]["code"] == code
+
+
+def test_a_batch_under_2025_03_26_gets_one_array_with_an_answer_for_each_request_in_it(broker):
+    with initialized_raw_shim(broker, "2025-03-26") as shim:
+        shim.send(b'[{"jsonrpc": "2.0", "id": "a", "method": "ping"},'
+                  b' {"jsonrpc": "2.0", "method": "notifications/whatever"},'
+                  b' {"jsonrpc": "2.0", "id": "b", "method": "tools/list"},'
+                  b' {"jsonrpc": "2.0", "id": "c", "method": "tools/call", "params": {"name": "whoami"}},'
+                  b' {"jsonrpc": "2.0", "id": "d", "method": "nope"},'
+                  b' {"jsonrpc": "2.0", "id": "e", "method": "initialize", "params": {}},'
+                  b' 5]')
+        answers = shim.batch_answer()
+        by_id = {answer["id"]: answer for answer in answers}
+        assert len(answers) == 6 and set(by_id) == {"a", "b", "c", "d", "e", None}  # the notification: none
+        assert by_id["a"]["result"] == {}
+        assert {tool["name"] for tool in by_id["b"]["result"]["tools"]} == {tool["name"] for tool in cp.TOOLS}
+        assert "session id:" in by_id["c"]["result"]["content"][0]["text"]
+        assert by_id["d"]["error"]["code"] == cp.METHOD_NOT_FOUND
+        assert by_id["e"]["error"]["code"] == cp.INVALID_REQUEST and "batch" in by_id["e"]["error"]["message"]
+        assert by_id[None]["error"]["code"] == cp.INVALID_REQUEST
+        shim.send(b"[]")
+        shim.send(b'[{"jsonrpc": "2.0", "method": "notifications/whatever"}]')  # only notifications: no answer
+        shim.send(b'{"jsonrpc": "2.0", "id": "after", "method": "ping"}')
+        assert shim.answer("after")["result"] == {}
+        [empty] = shim.answers_to_null_id()
+        assert empty["error"]["code"] == cp.INVALID_REQUEST and "empty batch" in empty["error"]["message"]
+        assert shim.batches == []
+
+
+def test_a_batch_under_a_later_protocol_is_refused_with_one_error_naming_the_version(raw_shim):
+    raw_shim.send(b'[{"jsonrpc": "2.0", "id": "a", "method": "ping"}]')
+    raw_shim.send(b'{"jsonrpc": "2.0", "id": "after", "method": "ping"}')
+    assert raw_shim.answer("after")["result"] == {}
+    [refused] = raw_shim.answers_to_null_id()
+    assert refused["error"]["code"] == cp.INVALID_REQUEST
+    assert "2025-03-26" in refused["error"]["message"] and "2025-11-25" in refused["error"]["message"]
+    assert raw_shim.batches == [] and not any(m.get("id") == "a" for m in raw_shim.lines)
+
+
+BATCH_ELEMENTS = (JSON_VALUES
+                  | st.builds(lambda rid, method: {"jsonrpc": "2.0", "id": rid, "method": method},
+                              st.text(max_size=4), st.sampled_from(["ping", "tools/list", "initialize", "nope"]))
+                  | st.builds(lambda method: {"jsonrpc": "2.0", "method": method}, st.text(max_size=12)))
+
+
+def test_every_generated_batch_under_2025_03_26_is_answered_and_the_shim_keeps_serving(broker):
+    counter = iter(range(10**9))
+    with initialized_raw_shim(broker, "2025-03-26") as shim:
+
+        @settings(max_examples=60, deadline=None, database=None)
+        @given(batch=st.lists(BATCH_ELEMENTS, max_size=5))
+        def throw(batch: list) -> None:
+            shim.send(json.dumps(batch).encode())
+            probe = f"probe-{next(counter)}"
+            shim.send(json.dumps({"jsonrpc": "2.0", "id": probe, "method": "ping"}).encode())
+            assert shim.answer(probe)["result"] == {}
+
+        throw()
+        assert shim.proc.poll() is None
 
 
 @pytest.mark.parametrize("arguments", ['{"to": "bob", "text": "cut \\ud83d emoji"}',
@@ -3007,7 +3131,9 @@ async def test_a_session_that_cannot_show_pushes_is_pull_and_its_mail_waits_for_
     sender = broker.session(name="pinger")
     codex = broker.session(name="codex", mode="pull", client="codex-mcp-client")
     async with shim_session(broker, name="deaf", client_name=client, flag=flag, wire_log=wire_log) as shim:
-        assert "Peer mail waits for check_messages" in shim.client.instructions
+        lead = shim.client.instructions.split("\n")[1]
+        assert lead.startswith("Peer mail waits for check_messages (no pushes: ")
+        assert f"({client}) has no channel" in lead or "started without the channel flag" in lead
         assert "delivery: pull" in await shim.ok("whoami")
         assert peer_named(broker, "deaf")["mode"] == "pull" and peer_named(broker, "deaf")["client"] == client
         sent = send(sender, "deaf", "are you there?")
@@ -3422,23 +3548,26 @@ def fleet_after_fleet_memory(broker: BrokerProc) -> str:
     pytest.param(PINNED_CLAUDE, "readme", id="pinned", marks=NEEDS_PINNED),
     pytest.param(NEWEST_CLAUDE, "readme", id="newest", marks=NEEDS_NEWEST),
     pytest.param(NEWEST_CLAUDE, "made-before-alwaysLoad", id="newest-registered-without-alwaysLoad",
-                 marks=NEEDS_NEWEST)])
+                 marks=NEEDS_NEWEST),
+    pytest.param(NEWEST_CLAUDE, "push", id="newest-push", marks=NEEDS_NEWEST)])
 def test_the_real_claude_code_gives_the_model_the_instructions_whole_and_leading_the_memory_and_our_tools(
         broker, tmp_path, claude, registration):
-    """A plain `claude -p` session started after fleet-memory ran: its first model request carries the
-    instructions whole (lead first, then peers and memory), and the five tools, loaded, uncut - also
-    with a registration made before alwaysLoad (the tools' _meta keeps them loaded)."""
+    """A `claude -p` session started after fleet-memory ran (plain: pull; with the channel flag as `run`
+    adds it: push): its first model request carries the instructions whole (lead first, then peers and
+    memory) and the five tools, loaded, uncut; also with a registration made before alwaysLoad (the
+    tools' _meta keeps them loaded)."""
     memory = fleet_after_fleet_memory(broker)
     entry = cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "real-claude"])
     if registration == "made-before-alwaysLoad":
         entry = {k: v for k, v in entry.items() if k != "alwaysLoad"} | {"env": {}}  # as `claude mcp add` wrote it
-    body = cp.claude_first_request(claude, broker.env, tmp_path, entry)
+    body = cp.claude_first_request(claude, broker.env, tmp_path, entry, tuple(CHANNEL_FLAG) * (registration == "push"))
     view = cp.shim_view(body, cp.instructions_ending(memory))
     assert view.instructions and not view.cut, json.dumps(body)[:3000]
     assert len(view.instructions.encode()) <= cp.INSTRUCTIONS_BYTES < cp.CLAUDE_TEXT_LIMIT
     lead = view.instructions.encode()[:800].decode(errors="ignore")
     assert lead.startswith("You are real-claude in claude-peers, the hub of this homelab's Claude Code sessions")
-    assert "Peer mail waits for check_messages" in lead  # plain claude: a pull session
+    assert ('Peer mail arrives as <channel source="claude-peers" from_id=' if registration == "push"  # `run`
+            else "Peer mail waits for check_messages (no pushes: Claude Code started without") in lead  # plain
     assert "Answer with claude-peers send_message (to = from_id or from_name, reply_to = message_id)" in lead
     assert "Claude Code's own SendMessage and ListAgents reach this user's other Claude Code sessions" in \
         view.instructions
@@ -3446,12 +3575,45 @@ def test_the_real_claude_code_gives_the_model_the_instructions_whole_and_leading
     assert "subagents" not in ours and "only reaches your own" not in json.dumps(body)  # the old, false word
     assert "Live peers (16):" in view.instructions and "list_peers shows all" in view.instructions
     assert "\n".join(memory.splitlines()[:5]) in view.instructions  # the memory, in the first turn
-    assert re.search(r"\[\.\.\. the first \d+ of 18\d\d bytes; the whole: `claude-peers memory`\]$", view.instructions)
+    total = len(memory.strip().encode())
+    assert re.search(rf"\[\.\.\. the first \d+ of {total} bytes; the whole: `claude-peers memory`\]$", view.instructions)
     tools = {t["name"].removeprefix("mcp__claude-peers__"): t for t in view.tools}
     assert set(tools) == {t["name"] for t in cp.TOOLS}, [t["name"] for t in body["tools"]]
     for ours in cp.TOOLS:
         assert tools[ours["name"]]["description"] == ours["description"]  # whole
         assert len(ours["description"].encode()) < 1024
+
+
+LONG_TEXT_SERVER = """\
+import json, sys
+text = "".join(f"[{i:05d}]" for i in range(0, 6000, 7))[:6000]  # every offset readable
+for line in sys.stdin:
+    message = json.loads(line)
+    if "id" not in message:
+        continue
+    result = {"initialize": {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}},
+                             "serverInfo": {"name": "long", "version": "1"}, "instructions": text},
+              "tools/list": {"tools": [{"name": "long_tool", "description": text,
+                                        "inputSchema": {"type": "object", "properties": {}}}]}}.get(message["method"], {})
+    print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("claude", CLAUDES)
+def test_claude_code_cuts_instructions_and_tool_descriptions_beyond_the_shims_budget(broker, tmp_path, claude):
+    """The limit the shim's budget rests on, measured: a server with 6,000-character instructions and
+    description is cut, with Claude Code's mark, no shorter than CLAUDE_TEXT_LIMIT characters."""
+    server = tmp_path / "long.py"
+    server.write_text(LONG_TEXT_SERVER)
+    entry = {"type": "stdio", "command": PY, "args": [str(server)], "alwaysLoad": True}
+    body = cp.claude_first_request(claude, broker.env, tmp_path, entry)
+    [text] = [t for t in cp.request_texts(body) if "\n## claude-peers\n[00000]" in t]
+    instructions = text.split("\n## claude-peers\n", 1)[1]
+    kept = instructions.index(cp.CUT_MARK)
+    [tool] = [t for t in body["tools"] if t["name"] == "mcp__claude-peers__long_tool"]
+    assert tool["description"].endswith(cp.CUT_MARK)
+    for cut in (kept, len(tool["description"]) - len(cp.CUT_MARK)):
+        assert cut >= cp.CLAUDE_TEXT_LIMIT > cp.INSTRUCTIONS_BYTES  # 2,048 in 2.1.197, 4,096 in 2.1.332
 
 
 @pytest.mark.parametrize("claude", CLAUDES)
