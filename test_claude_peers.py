@@ -3381,6 +3381,7 @@ async def test_a_claude_code_session_with_an_inbox_gets_each_message_posted_ther
         assert f"message_id={sent['id']}" in post["message"]["content"]
         assert post["message"]["content"].endswith("\n    schema changed, rebuild your models")
         await wait_until(lambda: message_state(broker, sent["id"]) == "delivered")
+        assert "(or posted into its session inbox), not yet answered" in broker.cli("status", sent["id"]).stdout
         assert "1 peer message not yet read or answered" in await shim.ok("whoami")
         inbox = await shim.ok("check_messages")
         assert f"message_id={sent['id']}" in inbox and "[already posted into your session inbox]" in inbox
@@ -3414,6 +3415,7 @@ async def test_an_inbox_that_refuses_or_is_gone_leaves_the_mail_queued_and_the_s
         assert cp.recipient_note(second).startswith("posted is online but hears no mail by itself: queued until it"
                                                     f" checks its messages ({why}")
         assert f"delivery: pull - {why}" in await notice_of(shim, "2 peer messages waiting")
+        assert f"            pull: {why}" in broker.cli("peers").stdout
         inbox = await shim.ok("check_messages")
         assert "are you there?" in inbox and "still there?" in inbox and "already" not in inbox
         assert message_state(broker, first["id"]) == "read"
