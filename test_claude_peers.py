@@ -3485,7 +3485,7 @@ def test_the_real_codex_cli_runs_the_shim_as_a_pull_session(broker, tmp_path):
             time.sleep(0.02)
         assert (peer["client"], peer["mode"]) == ("codex-mcp-client", "pull")
         sent = send(broker.session(), "codex-peer", "hello codex")
-        assert sent["mode"] == "pull" and "its client codex-mcp-client has no channel" in cp.recipient_note(sent)
+        assert sent["mode"] == "pull" and "its MCP client (codex-mcp-client) has no channel" in cp.recipient_note(sent)
 
         def call(tool: str) -> str:
             result = codex.request("mcpServer/tool/call", {"server": "claude-peers", "threadId": thread,
