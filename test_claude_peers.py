@@ -3554,8 +3554,8 @@ def fleet_after_fleet_memory(broker: BrokerProc) -> str:
     pytest.param(NEWEST_CLAUDE, "push", id="newest-push", marks=NEEDS_NEWEST)])
 def test_the_real_claude_code_gives_the_model_the_instructions_whole_and_leading_the_memory_and_our_tools(
         broker, tmp_path, claude, registration):
-    """A `claude -p` session started after fleet-memory ran (plain: pull; with the channel flag as `run`
-    adds it: push): its first model request carries the instructions whole (lead first, then peers and
+    """A `claude -p` session started after fleet-memory ran (plain: pull on the pinned Claude Code, inbox
+    on the newest; with the channel flag as `run` adds it: push): its first model request carries the instructions whole (lead first, then peers and
     memory) and the five tools, loaded, uncut; also with a registration made before alwaysLoad (the
     tools' _meta keeps them loaded)."""
     memory = fleet_after_fleet_memory(broker)
@@ -3568,8 +3568,10 @@ def test_the_real_claude_code_gives_the_model_the_instructions_whole_and_leading
     assert len(view.instructions.encode()) <= cp.INSTRUCTIONS_BYTES < cp.CLAUDE_TEXT_LIMIT
     lead = view.instructions.encode()[:800].decode(errors="ignore")
     assert lead.startswith("You are real-claude in claude-peers, the hub of this homelab's Claude Code sessions")
-    assert ('Peer mail arrives as <channel source="claude-peers" from_id=' if registration == "push"  # `run`
-            else "Peer mail waits for check_messages (no pushes: Claude Code started without") in lead  # plain
+    arrival = ('Peer mail arrives as <channel source="claude-peers" from_id=' if registration == "push"  # `run`
+               else "Peer mail is posted into this session as a turn starting [claude-peers]" if claude == NEWEST_CLAUDE
+               else "Peer mail waits for check_messages (no pushes: Claude Code started without")  # plain, no inbox
+    assert arrival in lead
     assert "Answer with claude-peers send_message (to = from_id or from_name, reply_to = message_id)" in lead
     assert "Claude Code's own SendMessage and ListAgents reach this user's other Claude Code sessions" in \
         view.instructions
