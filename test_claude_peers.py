@@ -3410,6 +3410,7 @@ async def test_an_inbox_that_refuses_or_is_gone_leaves_the_mail_queued_and_the_s
         [changed] = [e for e in broker.client().call("GET", "/api/events?after=0")["events"] if e["type"] == "peer.mode"]
         assert (changed["subject"], changed["name"], changed["mode"]) == ("fleet.peer.mode", "posted", "pull")
         assert why in changed["reason"]
+        assert api_error(lambda: sender.session_call("POST", "/mode", {"mode": "sideways", "reason": ""})).status == 400
         assert message_state(broker, first["id"]) == "queued"  # never acknowledged
         second = send(sender, "posted", "still there?")
         assert cp.recipient_note(second).startswith("posted is online but hears no mail by itself: queued until it"
