@@ -6800,7 +6800,7 @@ def test_bench_without_claude_measures_the_shim_view_from_the_shims_own_answers(
     out = capsys.readouterr().out
     assert "(from the shim's own initialize and tools/list (no claude on PATH))" in out
     tools = len(json.dumps(cp.tools_list()["tools"], separators=(",", ":")).encode())
-    assert re.search(rf"shim tool list as the model receives it \(5 tools, bytes\) +{tools}\n", out), out
+    assert re.search(rf"shim tool list as the model receives it \({len(cp.TOOLS)} tools, bytes\) +{tools}\n", out), out
     instructions = int(re.search(r"shim instructions as the model receives them \(bytes\) +(\d+)", out).group(1))
     assert 1000 < instructions <= cp.INSTRUCTIONS_BYTES and not report.missed, out
 
