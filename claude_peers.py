@@ -485,6 +485,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "duplicate_window_s": 120,
         "publish_text": False,
     },
+    "shim": {
+        "inbox_remind_s": 60.0,  # an inbox post still unread this long gets one reminder (Claude Code may drop a post)
+    },
     "llm": {
         "base_url": "",  # OpenAI-compatible, e.g. http://litellm.lan:4000/v1; empty: no LLM
         "api_key_env": "CLAUDE_PEERS_LLM_KEY",
@@ -838,6 +841,7 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("broker", "rate_burst"): _check_positive,
     ("broker", "retention_days"): _check_positive,
     ("broker", "metrics_token"): _check_metrics_token,
+    ("shim", "inbox_remind_s"): _check_positive,
     ("nats", "listen"): parse_hostport,
     ("nats", "max_age_s"): _check_positive,
     ("nats", "duplicate_window_s"): _check_positive,
@@ -5962,6 +5966,7 @@ class Shim:
         self.last_error = "a probe (claude-peers doctor): it does not join the fleet" if probe else ""
         self.seen: dict[str, str] = {}  #: message ids shown (id -> how: pushed, posted, '' returned): never twice
         self.unread: dict[str, dict[str, Any]] = {}  #: pushed, not yet read or answered
+        self.posted: dict[str, float] = {}  #: posted into the inbox and not yet reminded of: id -> when
         self.unacked: list[str] = []  #: pushed, but the broker has not taken the acknowledgement yet
         self.repo: str | None = None  #: this session's repository on the task board, once a task call asked
         self.tools_client.answered = self.poll_client.answered = self._answered
@@ -6074,6 +6079,8 @@ class Shim:
             answer = await self.poll_client.session_call("POST", "/poll", {"wait_s": wait_s, "unread": self.waiting})
             self.waiting = answer["unread"]
             return
+        if self.mode == "inbox":
+            wait_s = min(wait_s, await self._remind())
         body: dict[str, Any] = {"wait_s": wait_s, "max": 100}
         if self.unacked:  # an acknowledgement that failed rides on the poll
             body["ack"], self.unacked = self.unacked, []
@@ -6089,6 +6096,24 @@ class Shim:
             self._show(message)
         if messages:
             asyncio.get_running_loop().create_task(self._acknowledge([m["id"] for m in messages]))
+
+    async def _remind(self) -> float:
+        """One notice for the inbox posts still unread after [shim] inbox_remind_s: now and then
+        Claude Code takes a post and starts no turn, and an idle session would never hear of it.
+        Returns the seconds until the next reminder is due (the poll waits no longer)."""
+        now, remind_s = time.monotonic(), self.cfg.shim.inbox_remind_s
+        self.posted = {mid: at for mid, at in self.posted.items() if mid in self.unread}
+        due = [mid for mid, at in self.posted.items() if now - at >= remind_s]
+        if due:
+            senders = ", ".join(dict.fromkeys(self.unread[mid]["from_name"] for mid in due))
+            notice = (f"[claude-peers] {len(due)} message{'s' if len(due) > 1 else ''} from {senders} posted to you"
+                      f" {remind_s:.0f}s ago {'are' if len(due) > 1 else 'is'} not yet read or answered: if you"
+                      " have not seen them, call the claude-peers check_messages tool.")
+            for mid in due:  # reminded once, whatever comes of it: tool results keep counting them
+                del self.posted[mid]
+            with contextlib.suppress(OSError):  # the next post finds the inbox gone and falls back to pull
+                await post_to_inbox(self.inbox, os.environ.get(INBOX_TOKEN_ENV, ""), [notice])
+        return min((remind_s - (now - at) for at in self.posted.values()), default=math.inf)
 
     async def _post(self, messages: list[dict[str, Any]]) -> bool:
         """Post a batch into the session's inbox; if the socket does not take it, the session
@@ -6120,6 +6145,8 @@ class Shim:
         self.unread[message["id"]] = message
         if self.mode == "push":
             self._push(message)
+        elif self.mode == "inbox":
+            self.posted[message["id"]] = time.monotonic()
 
     def _push(self, message: dict[str, Any]) -> None:
         """Write a channel notification (once per message id, ever, in this session: _show)."""

@@ -4195,6 +4195,25 @@ async def test_a_claude_code_session_with_an_inbox_gets_each_message_posted_ther
 
 
 @pytest.mark.anyio
+async def test_an_inbox_post_left_unread_gets_one_reminder_and_a_read_one_none(make_broker, tmp_path, inbox_socket):
+    broker = make_broker("[shim]\ninbox_remind_s = 1\n")
+    sender = broker.session(name="db-migrator")
+    async with shim_session(broker, name="posted", flag=[], env=inbox_socket.env(tmp_path)) as shim:
+        assert "delivery: inbox" in await shim.ok("whoami")  # Claude Code has listed the tools: posts may start
+        send(sender, "posted", "schema changed")  # as if Claude Code took the post and started no turn
+        inbox_socket.posts(2)
+        _, reminder = inbox_socket.posts(4)[2:]
+        assert reminder["message"]["content"] == (
+            "[claude-peers] 1 message from db-migrator posted to you 1s ago is not yet read or answered: if you have"
+            " not seen them, call the claude-peers check_messages tool.")
+        await stays(lambda: len(inbox_socket.received) == 4, 2.5, "one reminder only")
+        read = send(sender, "posted", "and read this one")
+        inbox_socket.posts(6)
+        assert f"message_id={read['id']}" in await shim.ok("check_messages")
+        await stays(lambda: len(inbox_socket.received) == 6, 2.5, "no reminder for what was read")
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("failure", ["refuse", "vanish", "setting"])
 async def test_an_inbox_that_refuses_or_is_gone_leaves_the_mail_queued_and_the_session_pull_saying_why(
         broker, tmp_path, inbox_socket, failure):
