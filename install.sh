@@ -27,11 +27,14 @@ and upgrades the services an earlier --role installed.
                       (User= this user) instead of user units
   --broker-url URL    where this machine finds the broker; writes a client config
                       ([broker] url = URL, [nats] embedded = false)
-  --token TOKEN       the fleet token (on the hub: claude-peers token)
+  --token TOKEN       this machine's own credential, made on the hub with
+                      claude-peers token create NAME --machine NAME (the hub's admin token
+                      stays on the hub)
   --source URL        where to fetch the files when piped (default: $CLAUDE_PEERS_SOURCE or GitHub)
   --uninstall         stop and remove the services, the launcher, the venv, the app files and
                       the Claude Code registration; keeps the config and the data (token,
-                      databases, run transcripts)
+                      databases, run transcripts); refuses while a claude-peers started by
+                      hand (not a service) still runs on the data dir, naming its pid
   --purge             with --uninstall: remove the config and the data too
   -h, --help          this help
 
@@ -95,7 +98,7 @@ parse_args() {
         [ -z "$PURGE" ] || die "--purge goes with --uninstall"
     fi
     [ "$ROLE" != client ] || { [ -n "$BROKER_URL" ] && [ -n "$TOKEN" ]; } \
-        || die "--role client needs --broker-url URL and --token TOKEN (on the hub: claude-peers token)"
+        || die "--role client needs --broker-url URL and --token CREDENTIAL (make it on the hub: claude-peers token create NAME --machine NAME)"
     [ "$ROLE" != hub ] || [ -z "$BROKER_URL" ] \
         || die "--broker-url is for clients: the hub's broker listens at its [broker] listen address"
     [ -z "$WITH_SUPERVISOR" ] || [ "$ROLE" = client ] \
@@ -156,8 +159,9 @@ Type=simple
 Environment="CLAUDE_PEERS_HOME=$DATA"
 Environment="PATH=$(service_path)"
 ExecStart="$BIN/claude-peers" --config "$CONFIG" $(service_command "$1")
+# systemctl reload: SIGHUP, and the reload fails when daemons.toml is refused (the last good one keeps running)
+ExecReload="$BIN/claude-peers" reload
 UNIT
-    [ "$1" = hub ] || echo 'ExecReload=/bin/kill -HUP $MAINPID'
     [ -z "$SYSTEM" ] || echo "User=$ME"
     cat <<UNIT
 # SIGTERM to claude-peers only: it stops its children itself, in order
@@ -404,24 +408,27 @@ install_config() {
     elif [ -f "$DATA/token" ]; then
         :
     elif [ -n "$BROKER_URL" ]; then
-        say "note: no fleet token yet: copy it from the hub (claude-peers token) into $DATA/token, or run install.sh again with --token"
+        say "note: no credential for this machine yet: make one on the hub (claude-peers token create $(uname -n) --machine $(uname -n)) and run install.sh again with --token CREDENTIAL"
     else
         # its log line would repeat ours: shown only when it fails
         err=$("$BIN/claude-peers" --config "$CONFIG" token --create 2>&1 >/dev/null) \
             || die "could not create the fleet token: $err"
-        say "created a fleet token in $DATA/token (copy it to other machines: claude-peers token)"
+        say "created the hub's admin token in $DATA/token: it stays on this machine; each other machine gets its own credential (claude-peers token create NAME --machine NAME)"
     fi
 }
 
+# alwaysLoad keeps the tools in the model's view: Claude Code's tool search defers MCP tools
+# otherwise. `claude mcp add` cannot set it, `claude mcp add-json` can.
 register_mcp() {
+    entry=$("$VPY" -c 'import json, sys; print(json.dumps({"type": "stdio", "command": sys.argv[1], "args": ["shim"], "alwaysLoad": True}))' "$BIN/claude-peers")
     if ! command -v claude >/dev/null 2>&1; then
-        say "note: claude not found; once Claude Code is installed run: claude mcp add --scope user claude-peers -- $BIN/claude-peers shim"
+        say "note: claude not found; once Claude Code is installed run: claude mcp add-json --scope user claude-peers '$entry'"
     elif claude mcp get claude-peers >/dev/null 2>&1 </dev/null; then
-        say "claude-peers is already registered with Claude Code"
-    elif claude mcp add --scope user claude-peers -- "$BIN/claude-peers" shim >/dev/null 2>&1 </dev/null; then
-        say "registered the MCP server with Claude Code (user scope)"
+        say "claude-peers is already registered with Claude Code (doctor below says if it lacks alwaysLoad)"
+    elif claude mcp add-json --scope user claude-peers "$entry" >/dev/null 2>&1 </dev/null; then
+        say "registered the MCP server with Claude Code (user scope, alwaysLoad)"
     else
-        say "note: could not register with Claude Code; run: claude mcp add --scope user claude-peers -- $BIN/claude-peers shim"
+        say "note: could not register with Claude Code; run: claude mcp add-json --scope user claude-peers '$entry'"
     fi
 }
 
@@ -475,14 +482,26 @@ install_all() {
         *) say "note: $BIN is not on your PATH; add it, e.g. echo 'export PATH=\"$BIN:\$PATH\"' >> ~/.profile" ;;
     esac
     if [ "$ROLE" = hub ]; then
-        say "next: for other machines set [broker] listen in $CONFIG to this machine's mesh address, restart the hub, and on each of them run:"
-        say "    install.sh --role client --broker-url http://<that address>:7899 --token <claude-peers token>"
+        say "next: for other machines set [broker] listen in $CONFIG to this machine's mesh address and restart the hub; then for each machine NAME make its own credential here:"
+        say "    claude-peers token create NAME --machine NAME"
+        say "  and on that machine install with it (the admin token never leaves this hub):"
+        say "    install.sh --role client --broker-url http://<that address>:7899 --token <the credential it printed>"
     elif [ -z "$ROLE$BROKER_URL$wanted" ]; then
         say "next: run the hub in the foreground with: claude-peers up (or as a service: install.sh --role hub)"
     fi
 }
 
 # -- uninstalling ---------------------------------------------------------------------------
+
+# With the services stopped, a claude-peers still running on $DATA (an `up` started by hand) would
+# lose its venv under it: refuse, naming it, before anything else is removed.
+refuse_while_running() {
+    [ -x "$BIN/claude-peers" ] || return 0
+    running=$("$BIN/claude-peers" running 2>/dev/null) || return 0
+    pids=$(printf '%s\n' "$running" | sed -n 's/^[a-z]* (pid \([0-9]*\)).*/\1/p' | tr '\n' ' ')
+    what=$(printf '%s' "$running" | tr '\n' ';' | sed 's/;/; /g')
+    die "claude-peers still runs on $DATA: $what. Stop it (Ctrl-C where it runs, or kill ${pids% }), then run install.sh --uninstall again"
+}
 
 uninstall_all() {
     SYSTEM=""
@@ -496,6 +515,7 @@ uninstall_all() {
         done
         SYSTEM=""
     fi
+    refuse_while_running
     if command -v claude >/dev/null 2>&1 \
             && claude mcp remove --scope user claude-peers >/dev/null 2>&1 </dev/null; then
         say "removed the MCP server claude-peers from Claude Code (user scope)"

@@ -11,6 +11,7 @@ import json
 import os
 import plistlib
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -326,6 +327,9 @@ def test_repo_template_carries_exactly_the_defaults():
     ('[daemons.scout]\nrunner = "command"\n', "daemons.scout.command: required"),
     ('[daemons.scout]\ncommands = ["systemctl --failed"]\n', "daemons.scout.commands: must be a list of argv"),
     ('[daemons.scout]\nmax_actions = 0\n', "daemons.scout.max_actions: must be > 0"),
+    ('[daemons.watcher]\ntools = ["alert"]\n', "daemons.watcher.role: required for an agent daemon"),
+    ('[daemons.fleet-scot]\nenabled = false\n', "[daemons.fleet-scot]: no built-in daemon of that name: did you mean fleet-scout?"),
+    ('[daemons.lm-watchdg]\nslow_ms = 100\n', "did you mean llm-watchdog?"),
     ('[llm]\nroutine = "gpt"\n', "llm.routine: expected list"),
     ('[nats]\nurl = "nats://a:4222,http://b:4222"\n', "nats.url: must be nats:// or tls:// URLs"),
     ('[alerts]\nwebhook = "ntfy.sh/fleet"\n', "alerts.webhook: must start with http:// or https://"),
@@ -339,6 +343,18 @@ def test_config_errors_name_file_key_and_reason(tmp_path, text, expected):
         cp.load_config(str(path))
     assert str(path) in str(info.value)
     assert expected in str(info.value)
+
+
+def test_a_typo_of_a_built_in_daemon_is_refused_in_one_line_and_a_near_name_with_a_role_is_a_daemon(tmp_path):
+    path = tmp_path / "daemons.toml"
+    path.write_text("[daemons.fleet-scot]\nenabled = false\n")
+    out = subprocess.run([PY, str(SCRIPT), "--config", str(path), "trigger", "fleet-scout", "--here", "--dry-run"],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == cp.EXIT_ERROR and out.stdout == ""  # nothing ran
+    assert out.stderr.strip() == (f"claude-peers: {path}: [daemons.fleet-scot]: no built-in daemon of that name: did"
+                                  " you mean fleet-scout? (a new daemon needs a role or a runner)")
+    path.write_text('[daemons.fleet-scouts]\nrole = "You scout the scouts."\n')
+    assert cp.load_config(str(path)).daemons["fleet-scouts"].runner == "agent"  # meant: it says what it is
 
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path):
@@ -744,6 +760,53 @@ def test_health_keeps_the_latest_report_per_machine_and_publishes_it(broker):
     assert [e["subject"] for e in events] == ["fleet.health.nas"] * 2 and events[1]["report"] == {"load": [2.5]}
 
 
+def test_the_admin_resolves_an_alert_and_forgets_a_retired_machine_from_the_command_line(broker):
+    client = broker.client()
+    client.call("POST", "/api/health", {"machine": "old-nas", "source": "fleet-scout", "report": {"reachable": False},
+                                        "findings": [finding("ssh", "critical", "unreachable")]})
+    sync_alerts(broker, [finding("ssh", "critical", "unreachable")], ("unreachable",), "old-nas")
+    sync_alerts(broker, [finding("/srv")], ("disk",), "old-nas")
+    disk = next(a for a in client.call("GET", "/api/alerts")["alerts"] if a["check"] == "disk")
+    listed = broker.cli("alerts").stdout
+    assert f"; fleet-scout; id {disk['id']})" in listed  # the id to resolve it by
+    out = broker.cli("alerts", "resolve", disk["id"])
+    assert out.returncode == 0 and out.stdout.startswith(f"resolved {disk['id']}: [warning] old-nas: ")
+    again = broker.cli("alerts", "resolve", disk["id"])
+    assert again.returncode == cp.EXIT_ERROR and f"alert {disk['id']} was already resolved at" in again.stderr
+    assert "no alert 0123456789ab" in broker.cli("alerts", "resolve", "0123456789ab").stderr
+
+    operator = broker.client(credential(broker, "ops-laptop", "laptop", "operator"))
+    refused = api_error(lambda: operator.call("POST", "/api/health/forget", {"machine": "old-nas"}))
+    assert refused.status == 403 and "may not resolve alerts by hand and forget machines" in refused.message
+    assert api_error(lambda: operator.call("POST", f"/api/alerts/{disk['id']}/resolve")).status == 403
+    out = broker.cli("health", "forget", "old-nas")
+    assert out.returncode == 0 and out.stdout.startswith("forgot old-nas: 1 open alert(s) resolved, its health"
+                                                         " report dropped"), out.stdout + out.stderr
+    assert client.call("GET", "/api/health")["machines"] == [] and client.call("GET", "/api/alerts")["alerts"] == []
+    events = client.call("GET", "/api/events?after=0&limit=1000")["events"]
+    resolved = [e for e in events if e["subject"] == "fleet.alert.resolved"]
+    assert [e["by"] for e in resolved] == ["admin", "admin"]
+    [gone] = [e for e in events if e["type"] == "machine.forgotten"]
+    assert gone["subject"] == "fleet.machine.old-nas.forgotten" and gone["source"] == "" and gone["by"] == "admin"
+    out = broker.cli("health", "forget", "old-nas")  # once: nothing is left
+    assert out.returncode == cp.EXIT_ERROR and "old-nas: the hub has no health report and no open alert" in out.stderr
+
+
+def test_a_client_withdraws_only_its_own_machines_reports(broker):
+    client = broker.client(credential(broker, "pi-cred", "pi", "client"))
+    for machine in ("pi", "nas"):
+        broker.client().call("POST", "/api/health", {"machine": machine, "source": "fleet-scout", "report": {},
+                                                     "findings": []})
+    assert api_error(lambda: client.call("POST", "/api/health/forget", {"machine": "pi"})).status == 403  # no source
+    assert api_error(lambda: client.call("POST", "/api/health/forget", {"machine": "nas", "source": "fleet-scout"}
+                                         )).status == 403
+    other = client.call("POST", "/api/health/forget", {"machine": "pi", "source": "llm-watchdog"})
+    assert other["health_dropped"] is False  # another daemon's report is not this one's to withdraw
+    gone = client.call("POST", "/api/health/forget", {"machine": "pi", "source": "fleet-scout"})
+    assert gone["health_dropped"] is True
+    assert [m["machine"] for m in broker.client().call("GET", "/api/health")["machines"]] == ["nas"]
+
+
 def test_fleet_memory_read_replace_and_bound(broker):
     client = broker.client()
     assert client.call("GET", "/api/memory")["text"] == ""
@@ -754,6 +817,211 @@ def test_fleet_memory_read_replace_and_bound(broker):
     assert memory["text"].endswith("replaced SD card\n") and memory["updated_by"] == "alice"
     assert api_error(lambda: client.call("POST", "/api/memory", {"text": "x" * 20000})).status == 413
     assert client.call("GET", "/api/memory")["updated_by"] == "alice"  # unchanged by the refusal
+
+
+# -- the task board ---------------------------------------------------------------------
+
+REPO = "github.com/homelab/infra"
+
+
+def add_task(client: cp.BrokerClient, text: str, **extra) -> dict:
+    """A task added by a session (``client`` registered) or by the operator (a bare client)."""
+    body = {"text": text, "repo": REPO, **extra}
+    if client.session_id:
+        return client.session_call("POST", "/tasks", body)
+    return client.call("POST", "/api/tasks", body)
+
+
+def claim_task(client: cp.BrokerClient, task_id: str | None = None) -> dict | None:
+    return client.session_call("POST", "/tasks/claim", {"id": task_id, "repo": REPO})["task"]
+
+
+def board(broker: BrokerProc) -> list[tuple[str, str, str | None]]:
+    """Every task's (id, state, holder): what a refused request must leave as it was."""
+    tasks = broker.client().call("GET", "/api/tasks?state=all")["tasks"]
+    return [(t["id"], t["state"], t["holder"]) for t in tasks]
+
+
+def race(callers: list, call) -> list:
+    """``call(caller)`` for each caller at the same moment, each on its own thread and connection."""
+    barrier = threading.Barrier(len(callers))
+    outcomes: list = [None] * len(callers)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[i] = call(callers[i])
+        except cp.ApiError as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(callers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def test_two_sessions_racing_for_a_task_over_http_one_wins_each_of_100_rounds(make_broker):
+    broker = make_broker("rate_per_s = 0.0\n")
+    racers = [broker.session(name="left", machine="m1"), broker.session(name="right", machine="m2")]
+    operator = broker.client()
+    wins = {"left": 0, "right": 0}
+    for round_no in range(100):
+        task = add_task(operator, f"task {round_no}")
+        by_id = round_no % 2 == 0  # even rounds name the task, odd ones take the next open one
+        outcomes = race(racers, lambda racer, wanted=task["id"] if by_id else None: claim_task(racer, wanted))
+        won = [o for o in outcomes if isinstance(o, dict)]
+        lost = [o for o in outcomes if not isinstance(o, dict)]
+        assert len(won) == 1 and won[0]["id"] == task["id"], outcomes
+        if by_id:
+            assert lost[0].status == 409 and "is held by" in lost[0].message
+        else:
+            assert lost == [None]  # nothing else open: nothing for the loser
+        wins[won[0]["holder"]] += 1
+        assert board(broker)[-1] == (task["id"], "claimed", won[0]["holder"])
+    claimed = [e for e in operator.call("GET", "/api/events?limit=1000")["events"] if e["subject"] == "fleet.task.claimed"]
+    assert len(claimed) == 100 and sum(wins.values()) == 100
+
+
+def test_a_task_waits_for_the_tasks_it_needs_and_a_cycle_is_refused_changing_nothing(broker):
+    operator = broker.client()
+    worker = broker.session(name="worker")
+    schema = add_task(operator, "migrate the schema")
+    api = add_task(operator, "update the API", after=[schema["id"]])
+    ui = add_task(operator, "update the UI", after=[api["id"]])
+    assert api["waiting"] == [schema["id"]] and ui["waiting"] == [api["id"]]
+    error = api_error(lambda: claim_task(worker, ui["id"]))
+    assert error.status == 409 and f"waits for {api['id']}" in error.message
+    before = board(broker)
+    for task, needs in ((schema, ui), (schema, schema), (api, ui)):
+        error = api_error(lambda task=task, needs=needs: operator.call(
+            "POST", f"/api/tasks/{task['id']}/after", {"after": [needs["id"]]}))
+        assert error.status == 409 and "would be a cycle" in error.message and "nothing was changed" in error.message
+        assert error.message.startswith(f"after: {task['id']} -> ")
+    assert board(broker) == before
+    assert [t["after"] for t in operator.call("GET", "/api/tasks")["tasks"]] == [[], [schema["id"]], [api["id"]]]
+    assert claim_task(worker)["id"] == schema["id"]  # the only one not waiting
+    assert claim_task(worker) is None
+    worker.session_call("POST", f"/tasks/{schema['id']}/done", {"result": "migrated"})
+    assert claim_task(worker)["id"] == api["id"]
+    docs = add_task(operator, "write the release notes")
+    operator.call("POST", f"/api/tasks/{docs['id']}/after", {"after": [ui["id"]]})  # no cycle: taken
+    assert operator.call("GET", "/api/tasks")["tasks"][-1]["waiting"] == [ui["id"]]
+
+
+def test_bad_task_requests_get_one_clear_error_and_lose_nothing(broker):
+    operator = broker.client()
+    alice, bob = broker.session(name="alice"), broker.session(name="bob")
+    task = add_task(alice, "rotate the backup keys")
+    claim_task(bob, task["id"])
+    before = board(broker)
+    unknown = "0" * 12
+    refusals = [
+        (lambda: claim_task(alice, unknown), 404, f"no task {unknown}"),
+        (lambda: alice.session_call("POST", f"/tasks/{unknown}/done", {}), 404, f"no task {unknown}"),
+        (lambda: operator.call("POST", f"/api/tasks/{unknown}/claim"), 404, f"no task {unknown}"),
+        (lambda: operator.call("POST", f"/api/tasks/{task['id']}/after", {"after": [unknown]}), 404,
+         f"after: no task {unknown}"),
+        (lambda: add_task(alice, "needs a ghost", after=[unknown]), 404, f"after: no task {unknown}"),
+        (lambda: claim_task(alice, task["id"]), 409, "is held by bob on testbox since"),
+        (lambda: operator.call("POST", f"/api/tasks/{task['id']}/claim"), 409, "is held by bob"),
+        (lambda: alice.session_call("POST", f"/tasks/{task['id']}/done", {}), 409,
+         "is held by bob: only its holder (or an operator) finishes it"),
+        (lambda: add_task(alice, "   "), 400, "'text' is empty"),
+        (lambda: add_task(alice, "x", tell="not a name!"), 400, "'tell' is neither an agent name nor a session id"),
+    ]
+    for call, status, fragment in refusals:
+        error = api_error(call)
+        assert (error.status, fragment in error.message) == (status, True), (error.status, error.message)
+        assert board(broker) == before
+    bob.session_call("POST", f"/tasks/{task['id']}/done", {"result": "rotated"})
+    done = board(broker)
+    for call in (lambda: bob.session_call("POST", f"/tasks/{task['id']}/done", {"result": "again"}),
+                 lambda: operator.call("POST", f"/api/tasks/{task['id']}/done", {"result": "again"})):
+        error = api_error(call)
+        assert error.status == 409 and "was already done at" in error.message and "by bob" in error.message
+    assert board(broker) == done
+    assert operator.call("GET", "/api/tasks?state=all")["tasks"][0]["result"] == "rotated"
+    fresh = add_task(alice, "a fresh one")
+    error = api_error(lambda: alice.session_call("POST", f"/tasks/{fresh['id']}/done", {}))
+    assert error.status == 409 and "is open: claim it first" in error.message
+
+
+def test_a_claimed_task_is_open_again_when_its_session_leaves_goes_stale_or_its_process_dies(make_broker):
+    broker = make_broker("stale_after_s = 2\n")
+    operator = broker.client()
+    here = operator.call("GET", "/api/status")["machine"]
+    child = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
+    try:
+        leaver, quiet = broker.session(name="leaver"), broker.session(name="quiet")
+        doomed = broker.session(name="doomed", machine=here, pid=child.pid)
+        tasks = {name: add_task(operator, f"for {name}") for name in ("leaver", "quiet", "doomed")}
+        for name, client in (("leaver", leaver), ("quiet", quiet), ("doomed", doomed)):
+            assert claim_task(client, tasks[name]["id"])["holder"] == name
+        leaver.session_call("POST", "/leave")
+        child.kill()
+        child.wait()
+
+        def reopened() -> dict[str, str]:
+            events = operator.call("GET", "/api/events?limit=1000")["events"]
+            return {e["task_id"]: e["reason"] for e in events if e["subject"] == "fleet.task.reopened"}
+
+        wait_until_sync(lambda: len(reopened()) == 3, what="all three tasks reopened")
+    finally:
+        child.kill()
+        child.wait()
+    reasons = reopened()
+    assert reasons[tasks["leaver"]["id"]] == "its holder leaver ended (left)"
+    assert reasons[tasks["quiet"]["id"]] == "its holder quiet ended (stale)"
+    assert reasons[tasks["doomed"]["id"]] == "its holder doomed ended (process exited)"
+    assert [state for _, state, holder in board(broker) if holder is None] == ["open"] * 3
+    taker = broker.session(name="taker")
+    assert claim_task(taker)["id"] == tasks["leaver"]["id"]  # oldest first, for the next one to take
+
+
+def test_the_creator_is_told_the_result_by_mail_even_after_it_went_offline(broker):
+    planner = broker.session(name="planner")
+    worker = broker.session(name="worker", machine="laptop")
+    task = add_task(planner, "bump the base image")
+    assert task["tell"] == "planner" and task["created_by"] == "planner"
+    planner.session_call("POST", "/leave")
+    claim_task(worker, task["id"])
+    done = worker.session_call("POST", f"/tasks/{task['id']}/done", {"result": "bumped to 12.4, PR #88"})
+    assert done["task"]["state"] == "done" and done["told"]["to_name"] == "planner"
+    assert done["told"]["state"] == "queued" and not done["told"]["online"]
+    back = broker.session(name="planner")  # the next session holding the name gets the mail
+    [message] = back.session_call("POST", "/inbox")["messages"]
+    assert message["from_name"] == "worker" and message["from_machine"] == "laptop"
+    assert message["text"] == (f"[task {task['id']} done by worker] bump the base image\n"
+                               "Result: bumped to 12.4, PR #88")
+    solo = add_task(back, "a note to self")
+    claim_task(back, solo["id"])
+    assert back.session_call("POST", f"/tasks/{solo['id']}/done", {})["told"] is None  # no mail to yourself
+    quiet = broker.client().call("POST", "/api/tasks", {"text": "the operator's, no one to tell"})
+    assert quiet["tell"] == "" and quiet["repo"] == ""
+
+
+def test_pruning_drops_done_tasks_past_retention_and_a_task_that_waited_for_one_is_free(tmp_path):
+    """In process, real sqlite: a done task past retention_days goes; what waited for it no longer waits."""
+    store = cp.Store(tmp_path / "broker.db", cp.Config({}, None))
+    try:
+        sessions = cp.Sessions(store, cp.Presence(45, "testbox"))
+        tasks = cp.Tasks(store, cp.Messages(store, sessions))
+        operator = {**cp.OPERATOR_IDENTITY, "machine": ""}
+        old = tasks.add(operator, "done long ago", "", "", [], "", "admin")
+        open_one = tasks.add(operator, "still open", "", "", [], "", "admin")
+        later = tasks.add(operator, "waits for the old one", "", "", [old["id"]], "", "admin")
+        tasks.claim(operator, "admin", old["id"], None)
+        tasks.finish(operator, "admin", old["id"], "ok", True, set())
+        store.db.execute("UPDATE tasks SET done_at = ?, created_at = ?", (time.time() - 8 * 86400,) * 2)
+        store.prune()
+        board = tasks.list("all", None, 100)
+        assert [t["id"] for t in board] == [open_one["id"], later["id"]]
+        assert board[1]["after"] == [old["id"]] and board[1]["waiting"] == []
+        assert tasks.claim(operator, "admin", later["id"], None)["state"] == "claimed"
+    finally:
+        store.close()
 
 
 # ---------------------------------------------------------------------------
@@ -867,6 +1135,28 @@ def test_events_reach_jetstream_on_their_subjects(make_broker, nats_server):
     assert [m["payload"]["id"] for m in messages] == event_ids(broker)  # in outbox order
     out = broker.cli("status")
     assert f"nats: connected to {nats_server.url}, stream FLEET" in out.stdout and "backlog 0" in out.stdout
+
+
+def test_task_board_changes_reach_jetstream_as_fleet_task_events(make_broker, nats_server):
+    broker = make_broker(nats=nats_server.toml())
+    creator, worker = broker.session(name="creator"), broker.session(name="worker", machine="m2")
+    task = add_task(creator, "renew the certificates", machine="m2")
+    claim_task(worker, task["id"])
+    worker.session_call("POST", "/leave")
+    again = broker.session(name="worker", machine="m2")
+    claim_task(again, task["id"])
+    again.session_call("POST", f"/tasks/{task['id']}/done", {"result": "renewed until 2027"})
+    wait_published(broker)
+    events = [m["payload"] for m in stream_messages(nats_server.url, token=nats_server.token)
+              if m["subject"].startswith("fleet.task.")]
+    assert [(e["type"], e["state"], e["holder"]) for e in events] == [
+        ("task.added", "open", None), ("task.claimed", "claimed", "worker"), ("task.reopened", "open", None),
+        ("task.claimed", "claimed", "worker"), ("task.done", "done", "worker")]
+    assert {e["task_id"] for e in events} == {task["id"]}
+    assert events[0]["task_text"] == "renew the certificates" and events[0]["task_machine"] == "m2"
+    assert events[0]["repo"] == REPO and events[0]["created_by"] == "creator"
+    assert events[2]["reason"] == "its holder worker ended (left)"
+    assert events[-1]["result"] == "renewed until 2027" and events[-1]["done_by"] == "worker"
 
 
 def test_message_text_is_published_only_when_configured(make_broker, nats_server):
@@ -1111,6 +1401,17 @@ def test_a_nats_server_whose_broker_lives_is_never_taken_for_a_leftover(make_bro
     wait_published(broker)
 
 
+def stop_up(proc: subprocess.Popen) -> None:
+    """Ctrl-C, as a user stops it (SIGKILL only when that did not work within 30 s)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def start_up(tmp_path: Path, nats_port: int | None = None) -> tuple[subprocess.Popen, BrokerProc, int, str]:
     """`up` on ephemeral ports (or on ``nats_port`` for NATS); returns it, a handle on its broker
     (its ``log`` collects up's stderr), the supervisor pid and its banner."""
@@ -1121,6 +1422,16 @@ def start_up(tmp_path: Path, nats_port: int | None = None) -> tuple[subprocess.P
     config.write_text(f'[broker]\nlisten = "127.0.0.1:{api_port}"\n[nats]\nlisten = "127.0.0.1:{nats_port}"\n')
     env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(config)}
     proc = subprocess.Popen([PY, str(SCRIPT), "up"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        return up_started(proc, home, env, api_port)
+    except BaseException:
+        stop_up(proc)
+        raise
+
+
+def up_started(proc: subprocess.Popen, home: Path, env: dict[str, str],
+               api_port: int) -> tuple[subprocess.Popen, BrokerProc, int, str]:
+    """start_up's wait for `up`: its banner, then its supervisor ready for a reload."""
     banner = []
     for line in proc.stderr:
         banner.append(line)
@@ -1133,7 +1444,8 @@ def start_up(tmp_path: Path, nats_port: int | None = None) -> tuple[subprocess.P
         for line in proc.stderr:
             handle.log.append(line)
 
-    threading.Thread(target=drain, daemon=True).start()
+    handle.drained = threading.Thread(target=drain, daemon=True)  # ends when every writer of up's stderr is gone
+    handle.drained.start()
     handle.home, handle.url, handle.port, handle.env = home, f"http://127.0.0.1:{api_port}", api_port, env
     handle.token = (home / "token").read_text().strip()
     deadline = time.monotonic() + 20
@@ -1143,6 +1455,8 @@ def start_up(tmp_path: Path, nats_port: int | None = None) -> tuple[subprocess.P
         supervisor = [int(c) for c in children if b"supervise" in Path(f"/proc/{c}/cmdline").read_bytes()]
         time.sleep(0.05)
     assert supervisor, "up did not start the supervisor"
+    wait_until_sync(lambda: (cp.lock_record(home / cp.SUPERVISOR_LOCK) or {}).get("ready"),
+                    what="the supervisor handling SIGHUP")
     return proc, handle, supervisor[0], "".join(banner)
 
 
@@ -1209,6 +1523,154 @@ def test_a_taken_nats_port_is_one_clear_error_and_nothing_connects_to_that_serve
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
         squatter.close()
+
+
+def runs_of(broker: BrokerProc, daemon: str) -> list[dict]:
+    return broker.client().call("GET", f"/api/runs?daemon={daemon}")["runs"]
+
+
+ADDED_DAEMON = '[daemons.added]\nrunner = "command"\ncommand = ["true"]\nevery = "1h"\njitter = 0.0\n'
+
+
+def test_hup_to_up_reloads_its_broker_and_supervisor_and_both_keep_running_with_nats(tmp_path, receiver):
+    proc, broker, supervisor, banner = start_up(tmp_path)
+    try:
+        assert f"(or kill -HUP {proc.pid}) reloads the config" in banner
+        nats_pid = embedded_pid(broker)
+        config = broker.home / "daemons.toml"
+        config.write_text(config.read_text() + webhook_toml(receiver) + ADDED_DAEMON)
+        proc.send_signal(signal.SIGHUP)
+        assert logged(broker.log, "reloaded").endswith(f"INFO claude-peers: reloaded {config}\n")  # the broker's line
+        logged(broker.log, f"reloaded {config}: 4 daemons")  # and its supervisor's
+        assert broker_status(broker)["webhook"]["target"] == f"http://127.0.0.1:{receiver.port}/…"
+        sync_alerts(broker, [finding("/var")])  # the broker's store took the new [alerts] too
+        wait_until_sync(lambda: len(receiver.delivered()) == 1, what="the alert change at the reloaded webhook")
+        wait_until_sync(lambda: runs_of(broker, "added"), what="a run of the daemon the reload added")
+        assert proc.poll() is None and cp.pid_alive(supervisor) and embedded_pid(broker) == nats_pid
+        assert broker_status(broker)["nats"]["embedded_restarts"] == 0
+        wait_published(broker)
+        assert not [line for line in broker.log if "gone" in line or "Traceback" in line]
+    finally:
+        stop_up(proc)
+
+
+def test_a_broken_daemons_toml_on_hup_is_refused_in_one_line_and_up_keeps_the_last_good_config(tmp_path, receiver):
+    proc, broker, supervisor, _ = start_up(tmp_path)
+    try:
+        nats_pid = embedded_pid(broker)
+        config = broker.home / "daemons.toml"
+        good = config.read_text()
+        config.write_text(good + f'[alerts]\nwebhook = "{receiver.url}"\nrepeat_after_cycles = "often"\n')
+        proc.send_signal(signal.SIGHUP)
+        line = logged(broker.log, "reload refused")
+        assert line.endswith(f"ERROR claude-peers: reload refused, keeping the last good config: {config}:"
+                             " alerts.repeat_after_cycles: expected int, got 'often'\n")
+        assert not broker_status(broker)["webhook"]["configured"]  # the broken file's webhook never applied
+        config.write_text(good + ADDED_DAEMON)
+        assert broker.cli("reload").returncode == 0  # waits for both: every line of the refusal is in the log now
+        said = [x for x in broker.log if re.search(r"(INFO|ERROR) claude-peers: reload", x)]
+        assert len(said) == 3 and said[0] == line  # refused once: up never passed the broken file on
+        assert said[1].endswith(f"reloaded {config}\n") and said[2].endswith(f"reloaded {config}: 4 daemons\n")
+        wait_until_sync(lambda: runs_of(broker, "added"), what="a run of the daemon the good file added")
+        assert proc.poll() is None and cp.pid_alive(supervisor) and embedded_pid(broker) == nats_pid
+    finally:
+        stop_up(proc)
+
+
+def test_claude_peers_reload_refuses_a_broken_file_in_one_line_then_reloads_up_and_its_supervisor(tmp_path):
+    proc, broker, supervisor, _ = start_up(tmp_path)
+    try:
+        nats_pid = embedded_pid(broker)
+        config = broker.home / "daemons.toml"
+        good = config.read_text()
+        config.write_text(good + '[daemons.added]\nrunner = "command"\ncommand = ["true"]\nevery = "soon"\n')
+        out = broker.cli("reload")
+        assert (out.returncode, out.stdout) == (cp.EXIT_ERROR, "")
+        [line] = out.stderr.splitlines()
+        assert line.startswith(f"claude-peers: reload refused: {config}: daemons.added.every: bad duration")
+        assert line.endswith(f"; up (pid {proc.pid}) keeps its last good config")
+        moved = re.sub(r'(\[nats\]\nlisten = "127\.0\.0\.1:)\d+', rf"\g<1>{free_port()}", good)
+        config.write_text(moved + ADDED_DAEMON)
+        out = broker.cli("reload")
+        assert out.returncode == 0, out.stderr
+        later = "; nats.listen changed: that takes effect at the next restart"
+        assert out.stdout.splitlines() == [f"up (pid {proc.pid}) reloaded {config}{later}",
+                                           f"supervise (pid {supervisor}) reloaded {config}{later}"]
+        wait_until_sync(lambda: runs_of(broker, "added"), what="a run of the daemon the reload added")
+        assert embedded_pid(broker) == nats_pid and proc.poll() is None
+        broker.session()
+        wait_published(broker)  # the relay still on the server it started with
+        running = broker.cli("running")
+        assert running.returncode == 0 and running.stdout.splitlines() == [
+            f"up (pid {proc.pid}): broker on 127.0.0.1:{broker.port}, config {config}",
+            f"supervise (pid {supervisor}): started by pid {proc.pid}, config {config}"]
+    finally:
+        stop_up(proc)
+
+
+def test_claude_peers_reload_reaches_a_broker_and_a_supervisor_started_on_their_own(make_broker, supervisors):
+    broker = make_broker()
+    broker.stop()
+    broker.start()  # now on the port its config names (the first start asked for port 0)
+    supervisor = supervisors(broker)
+    write_config(broker, ADDED_DAEMON)
+    out = broker.cli("reload")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"broker (pid {broker.proc.pid}) reloaded {broker.config}",
+                                       f"supervise (pid {supervisor.proc.pid}) reloaded {broker.config}"]
+    supervisor.wait_runs("added", 1)
+    broker.config.write_text(broker.config.read_text() + "[broker]\nlease_s = 0\n")
+    out = broker.cli("reload")
+    assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1, out.stderr
+    assert f"reload refused: {broker.config}: " in out.stderr
+    assert f"; broker (pid {broker.proc.pid}) keeps its last good config" in out.stderr
+    assert broker.proc.poll() is None and supervisor.proc.poll() is None
+
+
+def test_reload_and_running_say_when_nothing_runs_even_with_a_broken_config(tmp_path):
+    config = tmp_path / "daemons.toml"
+    config.write_text("[broker]\nlisten = 7899\n")
+    env = {**os.environ, "CLAUDE_PEERS_HOME": str(tmp_path / "home"), "CLAUDE_PEERS_CONFIG": str(config)}
+    reload, running = (subprocess.run([PY, str(SCRIPT), command], env=env, capture_output=True, text=True,
+                                      timeout=60, check=False) for command in ("reload", "running"))
+    assert (reload.returncode, reload.stderr) == (cp.EXIT_ERROR, (
+        f"claude-peers: nothing to reload: no claude-peers up, broker or supervisor runs on {tmp_path / 'home'}"
+        " (another state dir? set CLAUDE_PEERS_HOME)\n"))
+    assert (running.returncode, running.stdout) == (cp.EXIT_ERROR,
+                                                    f"nothing of claude-peers runs on {tmp_path / 'home'}\n")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_to_up_with_a_session_connected_stops_every_child_without_a_traceback(tmp_path, sig):
+    proc, broker, supervisor, _ = start_up(tmp_path)
+    shim = cp.BenchMcpClient("connected", [PY, str(SCRIPT), "shim", "--name", "connected"], broker.env,
+                             str(tmp_path), eof_stops=True)
+    try:
+        nats_pid = embedded_pid(broker)
+        shim.handshake()
+        wait_until_sync(lambda: peer_named(broker, "connected") is not None, what="the session on the hub")
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0
+        broker.drained.join(30)  # up's stderr, to the end: the supervisor's copy of it closed too
+        assert not broker.drained.is_alive() and not cp.pid_alive(supervisor) and not cp.pid_alive(nats_pid)
+        assert cp.lock_record(broker.home / cp.BROKER_LOCK) is None
+        assert cp.lock_record(broker.home / cp.SUPERVISOR_LOCK) is None
+        log = "".join(broker.log)
+        assert "broker stopped" in log and "Traceback" not in log and "Exception" not in log, log
+    finally:
+        shim.stop()
+        cp.end_process(shim.proc, terminate=False)
+        stop_up(proc)
+
+
+def test_a_second_supervisor_on_the_same_state_dir_is_refused_in_one_line(make_broker, supervisors):
+    broker = make_broker()
+    first = supervisors(broker)
+    out = broker.cli("supervise")
+    assert (out.returncode, out.stderr) == (cp.EXIT_ERROR, (
+        f"claude-peers: {broker.home} is in use by another supervisor (pid {first.proc.pid}): stop it first,"
+        " or give this one its own CLAUDE_PEERS_HOME\n"))
+    assert first.proc.poll() is None
 
 
 # ---------------------------------------------------------------------------
@@ -1704,7 +2166,11 @@ def test_a_dashboard_login_code_works_once_and_its_cookie_opens_only_the_dashboa
     status, _, raw = http_call(broker, "GET", f"/dashboard/api/messages/{mid}/text", {**DASH, **cookie})
     assert status == 200 and json.loads(raw)["text"] == "TEXT-ON-REQUEST"
     status, _, raw = http_call(broker, "POST", "/dashboard/api/daemons/fleet-scout/trigger", {**DASH, **cookie}, {})
-    assert status == 202
+    assert status == 409 and json.loads(raw)["error"].startswith("no running supervisor has fleet-scout enabled")
+    broker.client().call("POST", "/api/schedule", {"machine": "hub", "daemons": [
+        {"name": "fleet-scout", "schedule": "every 15m", "enabled": 1}]})
+    status, _, raw = http_call(broker, "POST", "/dashboard/api/daemons/fleet-scout/trigger", {**DASH, **cookie}, {})
+    assert status == 202 and json.loads(raw)["machines"] == ["hub"]
     events = broker.client().call("GET", "/api/events?after=0")["events"]
     assert [e["by"] for e in events if e["subject"] == "fleet.daemon.fleet-scout.requested"] == ["dashboard"]
     for method, path, body in [("GET", "/api/status", None), ("GET", "/api/messages", None), ("GET", "/metrics", None),
@@ -1729,6 +2195,20 @@ def test_a_dashboard_login_code_works_once_and_its_cookie_opens_only_the_dashboa
     assert http_call(broker, "GET", "/dashboard/api/state", {**DASH, **cookie})[0] == 401  # revoked on the server
 
 
+def test_the_dashboard_with_a_client_credential_says_what_it_needs_and_where_to_get_a_link(broker):
+    laptop = {"CLAUDE_PEERS_TOKEN": credential(broker, "laptop", "laptop")}
+    out = broker.cli("dashboard", env=laptop)
+    assert out.returncode == cp.EXIT_ERROR and out.stdout == "" and out.stderr.count("\n") == 1
+    assert out.stderr.strip() == (
+        "claude-peers: client credential 'laptop' may not open the dashboard (it shows every session and message,"
+        " and runs daemons on any machine): that needs the operator role; make the link on the hub instead (ssh to"
+        " it and run claude-peers dashboard: the link opens from any machine that reaches the broker), or give this"
+        " machine an operator credential (on the hub: claude-peers token create NAME --machine NAME --role operator)")
+    desk = {"CLAUDE_PEERS_TOKEN": credential(broker, "desk", "desk", "operator")}
+    out = broker.cli("dashboard", "--json", env=desk)
+    assert out.returncode == 0 and json.loads(out.stdout)["url"].startswith(f"{broker.url}/#login="), out.stderr
+
+
 def test_login_codes_and_cookie_sessions_are_kept_hashed_and_expire_on_the_server():
     dashboard = cp.Dashboard(secure=True)
     code = dashboard.new_code(now=1000.0)
@@ -1744,6 +2224,17 @@ def test_login_codes_and_cookie_sessions_are_kept_hashed_and_expire_on_the_serve
     dashboard.authorise("/dashboard/api/state", headers, now=2002.0)
     with pytest.raises(cp.ApiError, match="not logged in"):
         dashboard.authorise("/dashboard/api/state", headers, now=2001.0 + cp.Dashboard.SESSION_TTL_S + 1)
+
+
+def click_fresh(driver, css: str) -> None:
+    """Click the element ``css`` names, found again if the page re-rendered between finding and clicking it."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    for _ in range(3):
+        with contextlib.suppress(StaleElementReferenceException):
+            return driver.find_element(By.CSS_SELECTOR, css).click()
+    raise AssertionError(f"{css} kept going stale")
 
 
 def chromium():  # -> selenium.webdriver.Chrome
@@ -1763,8 +2254,6 @@ def chromium():  # -> selenium.webdriver.Chrome
 def page_helpers(driver):
     """until(condition, what) -> seconds it took; shown(css) -> the text of each visible match (read in
     the page: it re-renders as it goes); click(css), retried when a re-render replaced it; text_of(id)."""
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     def until(condition, what: str, timeout: float = 10) -> float:
@@ -1777,10 +2266,7 @@ def page_helpers(driver):
                                      ".filter((e) => e.offsetParent !== null).map((e) => e.textContent)", css)
 
     def click(css: str) -> None:
-        for _ in range(3):
-            with contextlib.suppress(StaleElementReferenceException):
-                return driver.find_element(By.CSS_SELECTOR, css).click()
-        raise AssertionError(f"{css} kept going stale")
+        click_fresh(driver, css)
 
     def text_of(element_id: str) -> str:
         return driver.execute_script("return document.getElementById(arguments[0]).innerText", element_id)
@@ -1887,6 +2373,134 @@ def test_the_needs_you_panel_shows_prompts_live_and_answers_them_in_one_click_as
         driver.quit()
 
 
+def refused_key_alert(broker: BrokerProc, machine: str) -> None:
+    """A machine whose key the scout's ssh is refused, reported as the scout reports it (its own finding code)."""
+    error = "auth refused: root@192.168.1.77: Permission denied (publickey,password)."
+    report = {"machine": machine, "reachable": False, "complete": False, "error": error}
+    findings = [cp.as_alert(f) for f in cp.find_faults(report, None, {}, time.time())[0]]
+    client = broker.client()
+    client.call("POST", "/api/health", {"machine": machine, "source": "fleet-scout", "report": report,
+                                        "findings": findings})
+    client.call("POST", "/api/alerts", {"source": "fleet-scout", "machine": machine, "checks": cp.scout_checks(report),
+                                        "findings": findings, "repeat_after": 12})
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+def test_the_dashboard_at_1400px_fits_its_tables_shows_a_cause_once_and_lets_only_the_admin_resolve_and_forget(
+        make_broker, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    broker = make_broker()
+    seed_fleet(broker)
+    refused_key_alert(broker, "backup-server-basement")
+    client = broker.client()
+    disk = next(a for a in client.call("GET", "/api/alerts")["alerts"] if a["machine"] == "nas")
+    driver = chromium()
+    try:
+        def until(condition, what: str) -> None:
+            WebDriverWait(driver, 10, poll_frequency=0.02).until(lambda d: condition(), what)
+
+        def count(css: str) -> int:
+            return driver.execute_script("return document.querySelectorAll(arguments[0]).length", css)
+
+        driver.set_window_size(1400, 1100)
+        driver.get(login_code(broker))  # the admin token's link
+        until(lambda: count('tr[data-machine="backup-server-basement"]') and count("[data-resolve]") == 2,
+              "the health table and the admin's buttons")
+        for panel in ("health", "daemons", "sessions", "messages"):
+            widths = driver.execute_script("const e = document.getElementById(arguments[0]);"
+                                           " return [e.scrollWidth, e.clientWidth]", panel)
+            assert widths[0] <= widths[1], (panel, widths)  # no horizontal scrollbar at 1400 px
+        alerts = driver.execute_script("return document.getElementById('alerts').innerText")
+        assert alerts.count("Permission denied (publickey,password)") == 1, alerts
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": 1400, "height": height,
+                                                                       "deviceScaleFactor": 1, "mobile": False})
+        shot = tmp_path / "dashboard-1400.png"
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+        click_fresh(driver, f'[data-resolve="{disk["id"]}"]')
+        until(lambda: not count(f'[data-resolve="{disk["id"]}"]'), "the resolved alert gone from the page")
+        assert disk["id"] not in {a["id"] for a in client.call("GET", "/api/alerts")["alerts"]}
+        click_fresh(driver, '[data-forget="backup-server-basement"]')
+        until(lambda: not count('tr[data-machine="backup-server-basement"]'), "the forgotten machine gone")
+        assert "backup-server-basement" not in {m["machine"] for m in client.call("GET", "/api/health")["machines"]}
+        assert client.call("GET", "/api/alerts")["alerts"] == []
+        events = client.call("GET", "/api/events?after=0&limit=1000")["events"]
+        assert [e["by"] for e in events if e["type"] in ("machine.forgotten", "alert") and e.get("by")] == \
+            ["dashboard", "dashboard", "dashboard"]  # the disk alert, the machine's alert, the machine
+        problems = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not problems, problems
+
+        operator = {"CLAUDE_PEERS_TOKEN": credential(broker, "ops-laptop", "laptop", "operator")}
+        link = broker.cli("dashboard", "--json", env=operator)
+        click_fresh(driver, "#logout")
+        until(lambda: not count('tr[data-machine="nas"]'), "the admin's page logged out")
+        driver.get(json.loads(link.stdout)["url"])
+        until(lambda: count('tr[data-machine="nas"]'), "the operator's page")
+        assert count("[data-forget]") == 0 and count("[data-resolve]") == 0
+    finally:
+        driver.quit()
+    code = json.loads(broker.cli("dashboard", "--json", env=operator).stdout)["url"].split("#login=")[1]
+    status, headers, _ = http_call(broker, "POST", "/dashboard/login", DASH, {"code": code})
+    cookie = {**DASH, "Cookie": headers["set-cookie"].split(";")[0]}
+    assert json.loads(http_call(broker, "GET", "/dashboard/api/state", cookie)[2])["admin"] is False
+    status, _, raw = http_call(broker, "POST", "/dashboard/api/health/forget", cookie, {"machine": "nas"})
+    assert status == 403 and b"that needs the admin role" in raw
+    assert "nas" in {m["machine"] for m in client.call("GET", "/api/health")["machines"]}
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+def test_the_dashboards_task_panel_shows_open_claimed_and_done_tasks_with_who_and_repository_live(
+        make_broker, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    broker = make_broker()
+    operator = broker.client()
+    planner, worker = broker.session(name="planner"), broker.session(name="worker", machine="laptop")
+    first = add_task(planner, "migrate the schema")
+    later = add_task(operator, "update the API models", after=[first["id"]])
+    add_task(operator, "rotate the backup keys", repo="", machine="nas")
+    driver = chromium()
+    try:
+        def until(condition, what: str) -> None:
+            WebDriverWait(driver, 10, poll_frequency=0.02).until(lambda d: condition(), what)
+
+        def row(task_id: str) -> tuple[str, str]:
+            """The task's state and its row's text, as the page shows them now."""
+            return driver.execute_script("const r = document.querySelector(`tr[data-task='${arguments[0]}']`);"
+                                         " return r ? [r.dataset.state, r.innerText] : ['', '']", task_id)
+
+        driver.set_window_size(1400, 1100)
+        driver.get(login_code(broker))
+        until(lambda: row(first["id"])[0] == "open", "the task panel")
+        assert row(later["id"])[0] == "waiting" and f"waits for {first['id']}" in row(later["id"])[1]
+        assert REPO in row(first["id"])[1] and "from planner" in row(first["id"])[1]
+        assert driver.find_element("id", "task-count").text == "3 open · 0 claimed · 0 done"
+        assert "anyone on nas" in driver.find_element("id", "tasks").text  # pinned to a machine
+        driver.execute_script("window.notReloaded = true")
+        claim_task(worker, first["id"])
+        until(lambda: row(first["id"])[0] == "claimed", "the claim, live")
+        assert "worker on laptop" in row(first["id"])[1]
+        worker.session_call("POST", f"/tasks/{first['id']}/done", {"result": "migrated, 3 tables"})
+        until(lambda: row(first["id"])[0] == "done" and row(later["id"])[0] == "open", "done, and the next one free")
+        assert "migrated, 3 tables" in row(first["id"])[1]
+        assert driver.find_element("id", "task-count").text == "2 open · 0 claimed · 1 done"
+        assert driver.execute_script("return window.notReloaded") is True
+        widths = driver.execute_script("const e = document.getElementById('tasks'); return [e.scrollWidth, e.clientWidth]")
+        assert widths[0] <= widths[1], widths  # fits at 1400 px
+        problems = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not problems, problems
+        panel = driver.find_element("css selector", "#tasks").find_element("xpath", "..")
+        shot = Path(os.environ.get("CLAUDE_PEERS_TASKS_SCREENSHOT") or tmp_path / "tasks.png")
+        assert panel.screenshot(str(shot)) and shot.stat().st_size > 5_000
+    finally:
+        driver.quit()
+
+
 # ---------------------------------------------------------------------------
 # Security
 # ---------------------------------------------------------------------------
@@ -1976,6 +2590,10 @@ HOSTILE_FIELDS = [
     ("/api/alerts", {"source": "d", "machine": "m", "checks": [], "repeat_after": 3, "findings": [
         {"check": "disk", "key": "/", "severity": "warning", "title": "{}"}]}),
     ("/api/health", {"source": "d", "machine": "m", "findings": [], "report": {"note": "{}"}}),
+    ("/tasks", {"text": "{}"}),
+    ("/tasks", {"text": "t", "repo": "{}"}),
+    ("/api/tasks", {"text": "t", "tell": "{}"}),
+    ("/tasks/claim", {"repo": "{}"}),
 ]
 
 
@@ -2180,6 +2798,11 @@ VALID_BODIES = [  # one valid body per schema: the fuzzer breaks one field at a 
                                     "input_preview": "{}"}),
     (cp.PERMISSION_POLL_SCHEMA, {"wait_s": 0, "ack": []}),
     (cp.PERMISSION_SETTLE_SCHEMA, {"decision": "allow"}),
+    (cp.FORGET_SCHEMA, {"machine": "m", "source": "d", "reason": "r"}),
+    (cp.TASK_SCHEMA, {"text": "t", "repo": "github.com/o/r", "machine": "m", "tell": "bob"}),
+    (cp.TASK_CLAIM_SCHEMA, {"repo": "github.com/o/r"}),
+    (cp.TASK_DONE_SCHEMA, {"result": "r"}),
+    (cp.TASK_AFTER_SCHEMA, {"after": ["0" * 12]}),
 ]
 HOSTILE_VALUES = st.sampled_from(["\ud800", "ok\udfff", 2 ** 64, -(2 ** 63) - 1, -1, None, float("nan"),
                                   float("inf"), 1e308, "", [[[[[]]]]], {"a": {}}]) | JSON_VALUES
@@ -2332,8 +2955,8 @@ def test_every_route_grants_each_role_what_it_may_do_and_refuses_the_rest(make_b
     broker.client().call("POST", "/api/credentials/stolen/revoke")
     other = as_session(broker, credential(broker, "pi", "pi"))  # another machine's session
     allowed = {role: {p for p, roles in [("read", "coa"), ("session", "coa"), ("report", "coa"), ("trigger", "coa"),
-                                         ("operator", "oa"), ("metrics", "oa"), ("approve", "oa"), ("admin", "a")]
-                   if role[0] in roles}
+                                         ("task", "coa"), ("operator", "oa"), ("metrics", "oa"), ("login", "oa"), ("forget", "a"),
+                                         ("approve", "oa"), ("admin", "a")] if role[0] in roles}
                for role in tokens}
     permission = {(m, p.pattern): perm for m, p, _, _, _, perm in cp.ROUTES}
     for route in ROUTE_TEMPLATES:
@@ -2343,7 +2966,7 @@ def test_every_route_grants_each_role_what_it_may_do_and_refuses_the_rest(make_b
                                             "([0-9a-f]{12})", "MID").replace(cp.PID, "PID").replace(
                                             "(allow|deny)", "allow").replace(
                                             r"([A-Za-z0-9][A-Za-z0-9._-]{0,63})", "NAME") == template))]
-        if perm == "dashboard":  # the page's cookie, not a bearer token: its own test covers these
+        if template.startswith("/dashboard/") or template == "/":  # the page's cookie: its own tests cover these
             continue
         for bad in (None, "not-a-token", revoked):
             assert route_call(broker, route, bad, None, "laptop") == 401, (route, bad)
@@ -2414,6 +3037,10 @@ def test_an_expired_credential_says_so(make_broker):
             broker.client(token).call("GET", "/api/status")
         except cp.ApiError as exc:
             assert exc.status == 401 and "credential 'temp' expired" in exc.message
+            assert exc.message.endswith(": revoke it on the hub (claude-peers token revoke temp), then make this"
+                                        " machine a credential on the hub (claude-peers token create laptop"
+                                        " --machine laptop) and install it here (install.sh --broker-url URL"
+                                        " --token CREDENTIAL)"), exc.message
             return True
         return False
 
@@ -2550,6 +3177,35 @@ def test_a_prompt_that_is_not_claude_codes_is_refused_and_a_verdict_for_no_promp
     assert typo.returncode == cp.EXIT_ERROR and "'42' is not a prompt id" in typo.stderr
 
 
+ADMIN_TOKEN_HINT = re.compile(r"claude-peers token(?! (?:create|list|revoke)\b)")  # `token` alone prints the admin's
+
+
+def test_no_message_of_the_module_or_the_installer_points_a_machine_at_the_admin_token():
+    for path in (SCRIPT, ROOT / "install.sh"):
+        lines = [line for line in path.read_text().splitlines() if ADMIN_TOKEN_HINT.search(line)]
+        assert not lines, f"{path.name}: {lines}"
+
+
+def test_a_missing_wrong_or_expired_token_is_answered_with_the_least_privilege_recipe(make_broker, tmp_path):
+    broker = make_broker()
+    recipe = "make this machine a credential on the hub (claude-peers token create NAME --machine NAME)" \
+             " and install it here (install.sh --broker-url URL --token CREDENTIAL)"
+    for headers in ({}, {"Authorization": "Bearer nope"}):  # the broker's own 401s
+        status, body = raw_request(broker, "GET", "/api/status", headers=headers)
+        assert status == 401 and body["error"].endswith(recipe), body
+    out = broker.cli("peers", env={"CLAUDE_PEERS_TOKEN": "wrong-token-0123456789"})
+    assert out.returncode == cp.EXIT_AUTH and out.stderr.count("\n") == 1
+    assert recipe in out.stderr and "(the token from $CLAUDE_PEERS_TOKEN)" in out.stderr
+    doctor = broker.cli("doctor", env={"CLAUDE_PEERS_TOKEN": "wrong-token-0123456789"})
+    [line] = [line for line in doctor.stdout.splitlines() if line.split()[1] == "broker"]
+    assert line.startswith("FAIL") and "refused the fleet token from $CLAUDE_PEERS_TOKEN" in line and recipe in line
+    machine = socket.gethostname()
+    empty = broker.cli("peers", env={"CLAUDE_PEERS_HOME": str(tmp_path / "new-machine")})  # no token at all
+    assert empty.returncode == cp.EXIT_ERROR and empty.stderr.count("\n") == 1
+    assert f"no fleet token: make this machine a credential on the hub (claude-peers token create {machine}" \
+           f" --machine {machine}) and install it here" in empty.stderr, empty.stderr
+
+
 # ---------------------------------------------------------------------------
 # Shim: a real subprocess driven by the official MCP SDK client
 # ---------------------------------------------------------------------------
@@ -2668,11 +3324,11 @@ async def test_shim_handshake_tools_and_channel_push(broker, mode):
         assert client.protocol_version == "2025-11-25"
         assert client.server_capabilities.experimental == {"claude/channel": {}, "claude/channel/permission": {}}
         instructions = client.instructions
-        for fragment in ("agent name web", "send_message", "SendMessage", "set_summary", "<channel source",
+        for fragment in ("You are web in claude-peers", "send_message", "SendMessage", "set_summary", "<channel source",
                          "db-migrator", "migrating postgres", "backups at 02:00"):
             assert fragment in instructions, fragment
         tools = {t.name: t for t in (await client.list_tools()).tools}
-        assert set(tools) == {"list_peers", "send_message", "set_summary", "check_messages", "whoami"}
+        assert set(tools) == {"list_peers", "send_message", "set_summary", "check_messages", "whoami", "tasks"}
         assert all(len(t.description) > 40 for t in tools.values())
         assert "db-migrator" in await shim.ok("list_peers", {"scope": "all"})
         me = peer_named(broker, "web")
@@ -2854,8 +3510,8 @@ class RawShim:
     well-behaved client sends. Every line it writes is checked by the official SDK's model of
     a JSON-RPC message."""
 
-    def __init__(self, broker: BrokerProc) -> None:
-        self.proc = subprocess.Popen([PY, str(SCRIPT), "shim"], env={**broker.env, **shim_env(broker)},
+    def __init__(self, broker: BrokerProc, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen([PY, str(SCRIPT), "shim"], env={**broker.env, **shim_env(broker), **(env or {})},
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.lines: list[dict] = []
         self.batches: list[list[dict]] = []
@@ -3096,6 +3752,34 @@ async def test_broker_restart_under_a_live_shim(make_broker):
         assert note.meta["message_id"] == sent["id"]
 
 
+async def whoami_until(shim: ShimSession, fragment: str, timeout: float = 30) -> str:
+    """whoami's answer once it says ``fragment`` (what the shim knows of the broker and of new mail
+    changes as its poll finds out)."""
+    with anyio.fail_after(timeout):
+        while fragment not in (text := await shim.ok("whoami")):
+            await anyio.sleep(0.05)
+    return text
+
+
+@pytest.mark.anyio
+async def test_a_shim_whose_session_survives_a_broker_restart_says_the_broker_answers_again(make_broker):
+    broker = make_broker()
+    sender = broker.session(name="sender")
+    async with shim_session(broker, name="steady") as shim:
+        await whoami_until(shim, f"broker: {broker.url} (reachable)")
+        session_id = peer_named(broker, "steady")["id"]
+        broker.kill()
+        down = await whoami_until(shim, "unreachable")
+        assert f"broker: {broker.url} (broker at {broker.url} unreachable" in down
+        broker.start()
+        sent = send(sender, "steady", "are you back?")
+        [note] = await shim.recorder.wait_for(1, timeout=40)
+        assert note.meta["message_id"] == sent["id"]
+        assert peer_named(broker, "steady")["id"] == session_id  # the same session: it never registered again
+        text = await shim.ok("whoami")
+        assert f"broker: {broker.url} (reachable)" in text and "unreachable" not in text, text
+
+
 @pytest.mark.anyio
 async def test_without_a_channel_check_messages_and_notices(broker):
     sender = broker.session(name="pinger")
@@ -3175,6 +3859,103 @@ async def test_stdin_eof_unregisters_and_exits(broker):
     await wait_until(lambda: not cp.pid_alive(pid), timeout=5)
     events = broker.client().call("GET", "/api/events?after=0")["events"]
     assert [e["reason"] for e in events if e["type"] == "peer.left" and e["name"] == "leaver"] == ["left"]
+
+
+def machine_config(broker: BrokerProc, machine: str) -> Path:
+    """This broker's config as another machine of the fleet has it (its own [fleet] machine)."""
+    path = broker.home / f"{machine}.toml"
+    path.write_text(f'[fleet]\nmachine = "{machine}"\n' + broker.config.read_text())
+    return path
+
+
+def two_clones(tmp_path: Path) -> tuple[Path, Path]:
+    """One repository cloned twice, its origin spelt two ways (scp-like ssh, https), as on two machines."""
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    clones = []
+    for name, url in (("desk", "git@github.com:homelab/infra.git"), ("laptop", "https://github.com/homelab/infra")):
+        clone = tmp_path / name / "infra"
+        subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True, capture_output=True)
+        subprocess.run(["git", "-C", str(clone), "remote", "set-url", "origin", url], check=True)
+        clones.append(clone)
+    return clones[0], clones[1]
+
+
+def test_the_tasks_tool_fits_well_under_a_kilobyte_of_the_models_context():
+    [tool] = [t for t in cp.TOOLS if t["name"] == "tasks"]
+    assert len(json.dumps(tool)) < 1024
+    assert tool["inputSchema"]["properties"]["action"]["enum"] == ["list", "claim", "done", "add"]
+
+
+@pytest.mark.anyio
+async def test_two_shims_on_two_machines_share_their_repositorys_task_board_and_one_wins_each_of_100_races(
+        make_broker, tmp_path):
+    broker = make_broker("rate_per_s = 0.0\n")
+    desk_dir, laptop_dir = two_clones(tmp_path)
+    laptop_env = {"CLAUDE_PEERS_CONFIG": str(machine_config(broker, "laptop"))}
+    elsewhere = broker.client().call("POST", "/api/tasks", {"text": "another repository's", "repo": "gitlab.com/x/y"})
+    async with shim_session(broker, name="desk", cwd=desk_dir) as desk, \
+            shim_session(broker, name="laptop", cwd=laptop_dir, env=laptop_env) as laptop:
+        added = await desk.ok("tasks", {"action": "add", "text": "review the backup script"})
+        task_id = re.search(r"Added task ([0-9a-f]{12}) for github\.com/homelab/infra", added).group(1)
+        listed = await laptop.ok("tasks", {"action": "list"})
+        assert f"- {task_id} [open] review the backup script from desk" in listed
+        assert elsewhere["id"] not in listed and peer_named(broker, "laptop")["machine"] == "laptop"
+        assert f"You hold task {task_id}" in await laptop.ok("tasks", {"action": "claim"})
+        assert "[held by laptop on laptop] review the backup script" in await desk.ok("tasks", {"action": "list"})
+        error, text = await desk.call("tasks", {"action": "done", "id": task_id, "result": "mine now"})
+        assert error and "is held by laptop: only its holder" in text
+        done = await laptop.ok("tasks", {"action": "done", "id": task_id, "result": "fine, one typo fixed"})
+        assert done == f"Task {task_id} is done. queued: desk is online and gets it pushed now"
+        [note] = await desk.recorder.wait_for(1)
+        assert note.content == (f"[task {task_id} done by laptop] review the backup script\n"
+                                "Result: fine, one typo fixed")
+        assert note.meta["from_name"] == "laptop" and note.meta["from_machine"] == "laptop"
+
+        operator, wins = broker.client(), {"desk": 0, "laptop": 0}
+        for round_no in range(100):
+            task = operator.call("POST", "/api/tasks", {"text": f"round {round_no}", "repo": REPO})
+            by_id = {"id": task["id"]} if round_no % 2 else {}
+            outcomes: dict[str, tuple[bool, str]] = {}
+
+            async def grab(name: str, shim: ShimSession, args: dict = by_id, into: dict = outcomes) -> None:
+                into[name] = await shim.call("tasks", {"action": "claim", **args})
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(grab, "desk", desk)
+                group.start_soon(grab, "laptop", laptop)
+            [winner] = [name for name, (_, text) in outcomes.items() if f"You hold task {task['id']}" in text]
+            [(refused, loss)] = [outcome for name, outcome in outcomes.items() if name != winner]
+            if by_id:  # the named task: the loser is told who holds it
+                assert refused and "is held by" in loss, loss
+            else:  # the next one: nothing else is open
+                assert not refused and loss.startswith("No open task to take for github.com/homelab/infra"), loss
+            wins[winner] += 1
+        assert sum(wins.values()) == 100
+        held = [t for t in operator.call("GET", "/api/tasks")["tasks"] if t["state"] == "claimed"]
+        assert len(held) == 100 and {t["holder"] for t in held} <= {"desk", "laptop"}
+    by_holder = {t["state"] for t in operator.call("GET", "/api/tasks?state=all")["tasks"] if t["repo"] == REPO}
+    assert by_holder == {"open", "done"}  # both shims left: what they held is open again
+
+
+@pytest.mark.anyio
+async def test_a_task_held_by_a_shim_whose_process_is_killed_is_open_again(broker, tmp_path):
+    desk, _ = two_clones(tmp_path)
+    task = broker.client().call("POST", "/api/tasks", {"text": "held by a doomed session", "repo": REPO})
+    def reopened() -> list[str]:
+        events = broker.client().call("GET", "/api/events?limit=1000")["events"]
+        return [e["reason"] for e in events if e["subject"] == "fleet.task.reopened"]
+
+    stack = contextlib.AsyncExitStack()
+    try:
+        shim = await stack.enter_async_context(shim_session(broker, name="doomed", cwd=desk))
+        assert f"You hold task {task['id']}" in await shim.ok("tasks", {"action": "claim"})
+        os.kill(peer_named(broker, "doomed")["pid"], signal.SIGKILL)
+        await wait_until(lambda: reopened() == ["its holder doomed ended (process exited)"])
+    finally:
+        with contextlib.suppress(Exception):  # only the client's own exit, after its server died under it
+            await stack.aclose()
+    assert [t["state"] for t in broker.client().call("GET", "/api/tasks")["tasks"]] == ["open"]
 
 
 @pytest.mark.anyio
@@ -3287,16 +4068,18 @@ def test_doctor_walks_the_chain(broker, tmp_path):
     assert lines["token"].startswith("ok") and lines["broker"].startswith("ok")
     assert lines["broker"].endswith(f"{broker.url} answers: version {cp.__version__}, fleet homelab, 0 live sessions")
     assert lines["claude"].startswith("ok") and "2.1.328" in lines["claude"]
-    assert lines["mcp"].startswith("FAIL") and "claude mcp add --scope user claude-peers" in lines["mcp"]
+    assert lines["mcp"].startswith("FAIL") and "claude mcp add-json --scope user claude-peers '{" in lines["mcp"]
+    assert '"shim"], "alwaysLoad": true}' in lines["mcp"]
     assert "--dangerously-load-development-channels server:claude-peers" in lines["channel"]
     # the official SDK's client against the shim, probing the newer protocol as Claude Code does
     assert lines["shim"].startswith("ok") and "claude/channel declared" in lines["shim"], lines["shim"]
     assert "protocol 2025-11-25" in lines["shim"] and "send_message" in lines["shim"]
     (home / ".claude.json").write_text(json.dumps({"mcpServers": {"claude-peers": {
-        "type": "stdio", "command": "claude-peers", "args": ["shim"]}}}))
+        "type": "stdio", "command": "claude-peers", "args": ["shim"], "alwaysLoad": True}}}))
     out = broker.cli("doctor", env=env)
     assert out.returncode == 0, out.stdout
-    assert "user scope" in out.stdout and "claude-peers shim" in out.stdout
+    [mcp] = [line for line in out.stdout.splitlines() if line.split()[1] == "mcp"]
+    assert mcp.startswith("ok") and "user scope" in mcp and "claude-peers shim (alwaysLoad)" in mcp
     fake.write_text("#!/bin/sh\necho '2.1.12 (Claude Code)'\n")
     broken = home / "bin/claude-peers"  # a launcher whose shim does not speak MCP
     broken.write_text("#!/bin/sh\necho 'Traceback: something broke'\n")
@@ -3314,7 +4097,61 @@ def test_doctor_points_a_single_box_at_up_when_the_broker_is_unreachable(broker)
     assert line.startswith("FAIL") and "start it: claude-peers up (single box) or claude-peers broker" in line
 
 
+def test_doctor_leaves_no_session_behind_and_prints_only_its_own_lines(broker):
+    before, _ = scrape(broker)
+    for env in ({}, {"CLAUDE_PEERS_URL": f"http://127.0.0.1:{free_port()}"}):  # the hub up, and not started yet
+        out = broker.cli("doctor", env=env)
+        assert out.stderr == "", out.stderr  # neither the shim's logs nor the SDK's
+        lines = out.stdout.splitlines()
+        assert all(re.match(r"(ok|warn|FAIL) +[a-z]+ +\S", line) for line in lines), out.stdout
+        [shim] = [line for line in lines if line.split()[1] == "shim"]
+        assert shim.startswith("ok") and "claude/channel declared" in shim, shim
+    after, _ = scrape(broker)
+    assert metric(after, "claude_peers_sessions", state="offline") == metric(before, "claude_peers_sessions",
+                                                                             state="offline") == 0
+    assert metric(after, "claude_peers_sessions", state="online") == 0
+    status, _, raw = http_call(broker, "GET", "/dashboard/api/state", {**DASH, "Cookie": dashboard_cookie(broker)})
+    assert status == 200 and json.loads(raw)["sessions"] == []
+    events = broker.client().call("GET", "/api/events?after=0")["events"]
+    assert not [e for e in events if e["subject"].startswith("fleet.peer.")]
+
+
+def test_doctor_shows_what_a_shim_that_cannot_start_said(broker, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    launcher = bin_dir / "claude-peers"  # an old launcher: its shim has no --probe
+    launcher.write_text("#!/bin/sh\necho 'claude-peers: error: unrecognized arguments: --probe' >&2\nexit 2\n")
+    launcher.chmod(0o755)
+    out = broker.cli("doctor", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    [shim] = [line for line in out.stdout.splitlines() if line.split()[1] == "shim"]
+    assert shim.startswith("FAIL") and "the MCP handshake failed" in shim
+    assert shim.endswith("it said: claude-peers: error: unrecognized arguments: --probe"), shim
+    assert out.stderr == ""
+
+
 # -- push and pull sessions: pushes only where the model is shown them --------------------
+
+PEER_TEXT = st.text(st.characters(codec="utf-8"), max_size=300)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cwd=PEER_TEXT, note=PEER_TEXT, memory=st.text(st.characters(codec="utf-8"), max_size=5000),
+       peers=st.lists(st.fixed_dictionaries({"id": st.text("0123456789abcdef", min_size=10, max_size=10),
+                                             "name": st.none() | PEER_TEXT, "machine": PEER_TEXT, "cwd": PEER_TEXT,
+                                             "branch": PEER_TEXT, "summary": PEER_TEXT,
+                                             "mode": st.sampled_from(cp.MODES)}), max_size=40))
+def test_the_instructions_never_pass_their_byte_budget_and_always_lead_with_who_and_how(cwd, note, memory, peers):
+    """Whatever the fleet holds (long paths, summaries, multi-byte text, a huge memory), Claude Code
+    gets instructions it does not cut, and their start is the lead."""
+    session = {"id": "a1b2c3d4e5", "name": "web", "machine": "nas", "cwd": cwd}
+    lead = cp.instructions_lead(session, note, "http://hub:7899", "", cp.how_messages_arrive("pull", "no flag"))
+    text = cp.compose_instructions(lead, peers, memory)
+    assert len(text.encode()) <= cp.INSTRUCTIONS_BYTES
+    assert text.startswith(lead[:500].encode()[:400].decode(errors="ignore"))
+    if len(lead.encode()) < 1200:
+        assert text.startswith(lead + "\n") and (not peers or f"Live peers ({len(peers)}):" in text)
+        assert not memory.strip() or "Fleet memory" in text
+
 
 def test_the_channel_flag_is_read_as_claude_code_parses_it():
     assert cp.channel_servers(["claude", *CHANNEL_FLAG, "--resume", "abc"]) == ["server:claude-peers"]
@@ -3344,19 +4181,12 @@ async def test_claude_code_started_with_the_channel_flag_is_a_push_session(broke
         await wait_until(lambda: message_state(broker, sent["id"]) == "delivered")
 
 
-async def notice_of(shim: ShimSession, fragment: str, timeout: float = 15) -> str:
-    """A tool result that carries ``fragment`` (the shim learns of new mail from its poll)."""
-    with anyio.fail_after(timeout):
-        while fragment not in (text := await shim.ok("whoami")):
-            await anyio.sleep(0.02)
-    return text
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize(("client", "flag", "why"), [
-    ("claude-code", [], "started without the channel flag"),
-    ("codex-mcp-client", CHANNEL_FLAG, "its client codex-mcp-client has no channel"),
-    ("gemini-cli-mcp-client", CHANNEL_FLAG, "its client gemini-cli-mcp-client has no channel"),
+    ("claude-code", [], ("Claude Code started without the channel flag (claude-peers run adds it) and with no session"
+                       " inbox (CLAUDE_CODE_MESSAGING_SOCKET unset")),
+    ("codex-mcp-client", CHANNEL_FLAG, "its MCP client (codex-mcp-client) has no channel"),
+    ("gemini-cli-mcp-client", CHANNEL_FLAG, "its MCP client (gemini-cli-mcp-client) has no channel"),
 ])
 async def test_a_session_that_cannot_show_pushes_is_pull_and_its_mail_waits_for_check_messages(
         broker, tmp_path, client, flag, why):
@@ -3364,20 +4194,22 @@ async def test_a_session_that_cannot_show_pushes_is_pull_and_its_mail_waits_for_
     sender = broker.session(name="pinger")
     codex = broker.session(name="codex", mode="pull", client="codex-mcp-client")
     async with shim_session(broker, name="deaf", client_name=client, flag=flag, wire_log=wire_log) as shim:
-        assert "cannot receive pushed messages" in shim.client.instructions
+        lead = shim.client.instructions.split("\n")[1]
+        assert lead.startswith("Peer mail waits for check_messages (no pushes: ")
+        assert f"({client}) has no channel" in lead or "started without the channel flag" in lead
         assert "delivery: pull" in await shim.ok("whoami")
         assert peer_named(broker, "deaf")["mode"] == "pull" and peer_named(broker, "deaf")["client"] == client
         sent = send(sender, "deaf", "are you there?")
         assert (sent["state"], sent["online"], sent["mode"]) == ("queued", True, "pull")
         out = broker.cli("send", "deaf", "the operator asks too")
-        assert f"deaf is online but cannot receive pushes ({why}): queued until it checks its messages" in out.stdout
-        await notice_of(shim, "[claude-peers] 2 peer messages waiting, not yet read - call check_messages")
+        assert f"deaf is online but hears no mail by itself: queued until it checks its messages ({why}" in out.stdout
+        await whoami_until(shim, "[claude-peers] 2 peer messages waiting, not yet read - call check_messages")
         assert message_state(broker, sent["id"]) == "queued"  # the shim knows of it, and it is not delivered
         assert json.loads(broker.cli("status", sent["id"], "--json").stdout)["delivery"] == "queued-for-pull"
         assert "queued-for-pull" in broker.cli("status", sent["id"]).stdout
         answer = await shim.ok("send_message", {"to": "codex", "text": "hi"})
-        assert ("codex is online but cannot receive pushes (its client codex-mcp-client has no channel): queued"
-                " until it checks its messages") in answer
+        assert ("codex is online but hears no mail by itself: queued until it checks its messages (its client"
+                " codex-mcp-client has no channel)") in answer
         assert "2 peer messages waiting" in answer  # every tool result carries the notice
         inbox = await shim.ok("check_messages")
         assert inbox.count("are you there?") == 1 and "the operator asks too" in inbox
@@ -3400,7 +4232,7 @@ async def test_the_mode_is_set_with_the_mode_option_or_the_environment(broker):
         assert note.content == "pushed all the same"
     out = broker.cli("shim", env={"CLAUDE_PEERS_MODE": "sideways"})
     assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1
-    assert "CLAUDE_PEERS_MODE='sideways' is not a mode: set it to push or pull" in out.stderr
+    assert "CLAUDE_PEERS_MODE='sideways' is not a mode: set it to push, pull or inbox" in out.stderr
 
 
 def test_a_pull_sessions_poll_is_a_heartbeat_that_answers_how_much_mail_waits(make_broker):
@@ -3466,17 +4298,232 @@ def test_status_and_send_tell_queued_queued_for_pull_delivered_and_read(broker):
 def test_doctor_lists_the_claude_code_sessions_of_this_machine_without_the_channel_flag(broker):
     here = cp.load_config(str(broker.config)).machine
     deaf = broker.session(name="deaf", machine=here, mode="pull", client="claude-code", cwd="/srv/app",
-                          tty="/dev/pts/3")
+                          tty="/dev/pts/3", mode_reason="CLAUDE_CODE_HARBOR_KITE=0 turns Claude Code's session inbox off")
+    broker.session(name="posted", machine=here, mode="inbox", client="claude-code")
     broker.session(name="codex", machine=here, mode="pull", client="codex-mcp-client")
     broker.session(name="elsewhere", machine="other-box", mode="pull", client="claude-code")
     broker.session(name="pushed", machine=here, client="claude-code")
     out = broker.cli("doctor")
     [line] = [line for line in out.stdout.splitlines() if line.split()[1] == "sessions"]
     assert line.startswith("warn") and f"{deaf.session_id} deaf in /srv/app on /dev/pts/3" in line
+    assert "hears no mail by itself (CLAUDE_CODE_HARBOR_KITE=0 turns Claude Code's session inbox off)" in line
     assert "start it again in that directory with `claude-peers run --continue`" in line
+    assert "posted" not in line  # a session with an inbox hears its mail
     deaf.session_call("POST", "/leave")
     [line] = [line for line in broker.cli("doctor").stdout.splitlines() if line.split()[1] == "sessions"]
-    assert line.startswith("ok") and "(1 pull: clients without channels)" in line
+    assert line.startswith("ok") and "1 through their session inbox (1 pull: clients without channels)" in line
+
+
+class InboxSocket:
+    """A Claude Code session's inbox as the shim sees it: a unix socket that takes lines and answers
+    nothing; it can stop listening (connections refused, the file stays) or vanish (the file goes)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "cc-socks" / "4242.sock"
+        self.path.parent.mkdir(mode=0o700)
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(self.path))
+        self.server.listen()
+        self.received: list[dict] = []
+        self.arrived = threading.Condition()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.server.accept()
+                with conn, conn.makefile("rb") as lines:
+                    for line in lines:
+                        with self.arrived:
+                            self.received.append(json.loads(line))
+                            self.arrived.notify_all()
+
+    def posts(self, count: int, timeout: float = 15) -> list[dict]:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.received) >= count, timeout), self.received
+            return list(self.received)
+
+    def refuse(self) -> None:
+        """Stop listening, the socket file left in place: a connect is refused."""
+        self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+
+    def vanish(self) -> None:
+        self.refuse()
+        self.path.unlink()
+
+    def env(self, home: Path) -> dict[str, str]:
+        """The environment Claude Code gives its MCP servers, in a home of the test's own."""
+        return {"CLAUDE_CODE_MESSAGING_SOCKET": str(self.path), "CLAUDE_CODE_MESSAGING_TOKEN": "f2cddc4fe9e6",
+                "HOME": str(home), "CLAUDE_PROJECT_DIR": str(home)}
+
+
+@pytest.fixture
+def inbox_socket(tmp_path) -> Iterator[InboxSocket]:
+    inbox = InboxSocket(tmp_path)
+    yield inbox
+    with contextlib.suppress(OSError):
+        inbox.refuse()
+
+
+def test_a_session_inbox_is_used_unless_a_setting_or_the_switch_turns_it_off(tmp_path, inbox_socket, monkeypatch):
+    project, home = tmp_path / "project", tmp_path / "home"
+    (project / ".claude").mkdir(parents=True)
+    (home / ".claude").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("CLAUDE_CONFIG_DIR", raising=False)
+    env = {"CLAUDE_CODE_MESSAGING_SOCKET": str(inbox_socket.path)}
+    path, why = cp.session_inbox(env, project, [])
+    assert path == str(inbox_socket.path) and "an idle session starts a turn" in why
+    assert cp.session_inbox({**env, "CLAUDE_CODE_HARBOR_KITE": "0"}, project, []) == (
+        "", "CLAUDE_CODE_HARBOR_KITE=0 turns Claude Code's session inbox off (unset it)")
+    assert cp.session_inbox({}, project, [])[1].startswith("with no session inbox (CLAUDE_CODE_MESSAGING_SOCKET unset")
+    (tmp_path / "file").write_text("")
+    assert cp.session_inbox({"CLAUDE_CODE_MESSAGING_SOCKET": str(tmp_path / "file")}, project, [])[1].endswith(
+        "is not a socket")
+    assert cp.session_inbox({"CLAUDE_CODE_MESSAGING_SOCKET": str(tmp_path / "9.sock")}, project, [])[1].endswith("is gone")
+    user = home / ".claude" / "settings.json"
+    user.write_text('{"crossSessionInbound": "hold"}')
+    assert cp.session_inbox(env, project, []) == ("", (f'crossSessionInbound is "hold" in {user}, so Claude Code holds'
+                                                  ' posts for the user, unseen by Claude (set it to "accept")'))
+    (project / ".claude" / "settings.json").write_text('{"crossSessionInbound": "refuse"}')
+    assert "drops posts" in cp.session_inbox(env, project, [])[1]  # the project's setting wins over the user's
+    (project / ".claude" / "settings.local.json").write_text('{"crossSessionInbound": "accept"}')
+    assert cp.session_inbox(env, project, [])[0] == str(inbox_socket.path)  # and the local one over both
+    for argv in (["claude", "--dangerously-skip-permissions"], ["claude", "--permission-mode", "bypassPermissions"]):
+        assert cp.session_inbox(env, project, argv)[0] == str(inbox_socket.path)  # an explicit accept wins
+    (project / ".claude" / "settings.local.json").write_text("[not json")
+    assert cp.session_inbox(env, project, [])[0] == ""  # an unreadable file is skipped, as Claude Code does
+    for path in (project / ".claude" / "settings.json", user):
+        path.unlink()
+    for argv in (["claude", "--dangerously-skip-permissions"], ["claude", "--permission-mode=bypassPermissions"]):
+        assert cp.session_inbox(env, project, argv) == ("", ("it bypasses permission prompts (its command line), so"
+                                                            " Claude Code holds each post for the user's approval (set"
+                                                            ' crossSessionInbound to "accept")'))
+    user.write_text('{"permissions": {"defaultMode": "bypassPermissions"}}')
+    assert f"it bypasses permission prompts ({user})" in cp.session_inbox(env, project, [])[1]
+    assert cp.session_inbox(env, project, ["claude", "--permission-mode", "plan"])[0] == str(inbox_socket.path)
+    inbox = (str(inbox_socket.path), "Claude Code's session inbox")
+    assert cp.decide_mode(None, "claude-code", [], inbox) == ("inbox", "Claude Code's session inbox")
+    assert cp.decide_mode(None, "claude-code", ["claude", *CHANNEL_FLAG], inbox)[0] == "push"
+    assert cp.decide_mode(None, "codex-mcp-client", [], inbox)[0] == "pull"
+    assert cp.decide_mode("inbox", "codex-mcp-client", [], inbox)[0] == "inbox"
+    assert cp.decide_mode("inbox", "claude-code", [], ("", "with no session inbox"))[0] == "pull"
+
+
+def test_a_batch_becomes_one_post_per_message_or_one_notice_to_check_messages():
+    def message(n: int, sender: str, text: str = "hello") -> dict:
+        return {"id": f"{n:012x}", "thread_id": f"{n:012x}", "reply_to": None, "from_id": "a1b2c3d4e5",
+                "from_name": sender, "from_machine": "nas", "from_cwd": "/srv", "sent_at": "2026-12-04T19:00:00Z",
+                "text": text}
+
+    posts = cp.inbox_posts([message(1, "db"), message(2, "web")])
+    assert len(posts) == 2 and "send_message tool (to=db, reply_to=000000000001)" in posts[0]
+    assert "message_id=000000000002" in posts[1] and posts[1].endswith("\n    hello")
+    many = cp.inbox_posts([message(n, sender) for n, sender in enumerate(["db", "web", "db", "ci"])])
+    assert many == ["[claude-peers] 4 messages from db, web, ci: call the claude-peers check_messages tool to read them."]
+    assert cp.inbox_posts([message(1, "db", "x" * (cp.INBOX_TEXT_BYTES + 1))]) == [
+        "[claude-peers] 1 message from db: call the claude-peers check_messages tool to read them."]
+
+
+@pytest.mark.anyio
+async def test_a_claude_code_session_with_an_inbox_gets_each_message_posted_there_and_unread_until_read(
+        broker, tmp_path, inbox_socket):
+    sender = broker.session(name="db-migrator")
+    async with shim_session(broker, name="posted", flag=[], env=inbox_socket.env(tmp_path)) as shim:
+        assert "[claude-peers]" in shim.client.instructions
+        assert f"delivery: inbox - Claude Code's session inbox {inbox_socket.path}" in await shim.ok("whoami")
+        peer = peer_named(broker, "posted")
+        assert peer["mode"] == "inbox" and str(inbox_socket.path) in peer["mode_reason"]
+        sent = send(sender, "posted", "schema changed, rebuild your models")
+        assert cp.recipient_note(sent) == "queued: posted is online and gets it posted into its Claude Code session inbox now"
+        auth, post = inbox_socket.posts(2)
+        assert auth == {"type": "auth", "token": "f2cddc4fe9e6"}
+        assert (post["type"], post["message"]["role"], post["priority"]) == ("user", "user", "next")
+        assert f"(to=db-migrator, reply_to={sent['id']})" in post["message"]["content"]
+        assert f"message_id={sent['id']}" in post["message"]["content"]
+        assert post["message"]["content"].endswith("\n    schema changed, rebuild your models")
+        await wait_until(lambda: message_state(broker, sent["id"]) == "delivered")
+        assert "(or posted into its session inbox), not yet answered" in broker.cli("status", sent["id"]).stdout
+        assert "1 peer message not yet read or answered" in await shim.ok("whoami")
+        inbox = await shim.ok("check_messages")
+        assert f"message_id={sent['id']}" in inbox and "[already posted into your session inbox]" in inbox
+        assert message_state(broker, sent["id"]) == "read"
+    assert len(inbox_socket.received) == 2  # posted once
+
+
+@pytest.mark.anyio
+async def test_an_inbox_post_left_unread_gets_one_reminder_and_a_read_one_none(make_broker, tmp_path, inbox_socket):
+    broker = make_broker("[shim]\ninbox_remind_s = 1\n")
+    sender = broker.session(name="db-migrator")
+    async with shim_session(broker, name="posted", flag=[], env=inbox_socket.env(tmp_path)) as shim:
+        assert "delivery: inbox" in await shim.ok("whoami")  # Claude Code has listed the tools: posts may start
+        send(sender, "posted", "schema changed")  # as if Claude Code took the post and started no turn
+        inbox_socket.posts(2)
+        _, reminder = inbox_socket.posts(4)[2:]
+        assert reminder["message"]["content"] == (
+            "[claude-peers] 1 message from db-migrator posted to you 1s ago is not yet read or answered: if you have"
+            " not seen them, call the claude-peers check_messages tool.")
+        await stays(lambda: len(inbox_socket.received) == 4, 2.5, "one reminder only")
+        read = send(sender, "posted", "and read this one")
+        inbox_socket.posts(6)
+        assert f"message_id={read['id']}" in await shim.ok("check_messages")
+        await stays(lambda: len(inbox_socket.received) == 6, 2.5, "no reminder for what was read")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("failure", ["refuse", "vanish", "setting"])
+async def test_an_inbox_that_refuses_or_is_gone_leaves_the_mail_queued_and_the_session_pull_saying_why(
+        broker, tmp_path, inbox_socket, failure):
+    sender = broker.session(name="pinger")
+    async with shim_session(broker, name="posted", flag=[], env=inbox_socket.env(tmp_path)) as shim:
+        assert peer_named(broker, "posted")["mode"] == "inbox"
+        if failure == "setting":  # the user turns posts away after the session started
+            (tmp_path / ".claude").mkdir()
+            (tmp_path / ".claude" / "settings.json").write_text('{"crossSessionInbound": "refuse"}')
+        else:
+            getattr(inbox_socket, failure)()
+        first = send(sender, "posted", "are you there?")
+        await wait_until(lambda: peer_named(broker, "posted")["mode"] == "pull")
+        why = {"refuse": f"posting into its session inbox {inbox_socket.path} failed (ConnectionRefusedError",
+               "vanish": f"posting into its session inbox {inbox_socket.path} failed (FileNotFoundError",
+               "setting": 'crossSessionInbound is "refuse" in'}[failure]
+        assert why in peer_named(broker, "posted")["mode_reason"]
+        [changed] = [e for e in broker.client().call("GET", "/api/events?after=0")["events"] if e["type"] == "peer.mode"]
+        assert (changed["subject"], changed["name"], changed["mode"]) == ("fleet.peer.mode", "posted", "pull")
+        assert why in changed["reason"]
+        assert api_error(lambda: sender.session_call("POST", "/mode", {"mode": "sideways", "reason": ""})).status == 400
+        assert message_state(broker, first["id"]) == "queued"  # never acknowledged
+        second = send(sender, "posted", "still there?")
+        assert cp.recipient_note(second).startswith("posted is online but hears no mail by itself: queued until it"
+                                                    f" checks its messages ({why}")
+        assert f"delivery: pull - {why}" in await whoami_until(shim, "2 peer messages waiting")
+        assert f"            pull: {why}" in broker.cli("peers").stdout
+        inbox = await shim.ok("check_messages")
+        assert "are you there?" in inbox and "still there?" in inbox and "already" not in inbox
+        assert message_state(broker, first["id"]) == "read"
+    assert inbox_socket.received == []
+
+
+def test_a_killed_shim_loses_no_message_it_posted(broker, tmp_path, inbox_socket):
+    sender = broker.session(name="pinger")
+    shim = RawShim(broker, {**inbox_socket.env(tmp_path), "CLAUDE_PEERS_NAME": "posted"})
+    try:
+        shim.send(json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "claude-code"}}}).encode())
+        shim.answer(0)
+        shim.send(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}')
+        wait_until_sync(lambda: peer_named(broker, "posted") is not None, what="the shim registers")
+        sent = send(sender, "posted", "the backup failed")
+        inbox_socket.posts(2)
+        shim.proc.kill()  # SIGKILL: no leave, perhaps not even the acknowledgement
+        shim.proc.wait()
+        wait_until_sync(lambda: peer_named(broker, "posted") is None, what="the hub notices the session is gone")
+    finally:
+        shim.close()
+    assert message_state(broker, sent["id"]) in ("queued", "delivered")  # unread either way
+    successor = broker.session(name="posted")
+    assert [m["id"] for m in successor.session_call("POST", "/inbox")["messages"]] == [sent["id"]]
 
 
 class CodexAppServer:
@@ -3521,7 +4568,7 @@ def test_the_real_codex_cli_runs_the_shim_as_a_pull_session(broker, tmp_path):
             time.sleep(0.02)
         assert (peer["client"], peer["mode"]) == ("codex-mcp-client", "pull")
         sent = send(broker.session(), "codex-peer", "hello codex")
-        assert sent["mode"] == "pull" and "its client codex-mcp-client has no channel" in cp.recipient_note(sent)
+        assert sent["mode"] == "pull" and "its MCP client (codex-mcp-client) has no channel" in cp.recipient_note(sent)
 
         def call(tool: str) -> str:
             result = codex.request("mcpServer/tool/call", {"server": "claude-peers", "threadId": thread,
@@ -3556,6 +4603,245 @@ def test_the_real_gemini_cli_connects_to_the_shim_as_a_pull_session(broker, tmp_
     assert line.endswith("Connected"), listed.stdout + listed.stderr
     joined = [e for e in broker.client().call("GET", "/api/events?after=0")["events"] if e["type"] == "peer.joined"]
     assert [(e["name"], e["client"], e["mode"]) for e in joined] == [("gemini-peer", "mcp-test-client", "pull")]
+
+
+# -- the real Claude Code, pinned and newest, with its model API stood in (cp.ModelApi) ------------
+# What the model receives is the API request body: the instructions (a system message), the tool list.
+
+PINNED_CLAUDE = shutil.which("claude")  # .ci/run puts the pinned one on PATH
+NEWEST_CLAUDE = str(ROOT / ".ci/claude-latest/node_modules/.bin/claude")  # .ci/run installs @latest there
+NEEDS_PINNED = pytest.mark.skipif(PINNED_CLAUDE is None, reason="the pinned Claude Code CLI is not on PATH (.ci/run"
+                                  " installs it)")
+NEEDS_NEWEST = pytest.mark.skipif(not os.path.exists(NEWEST_CLAUDE), reason=f"the newest Claude Code CLI is not at"
+                                  f" {NEWEST_CLAUDE} (.ci/run installs @anthropic-ai/claude-code@latest there)")
+CLAUDES = [pytest.param(PINNED_CLAUDE, id="pinned", marks=NEEDS_PINNED),
+           pytest.param(NEWEST_CLAUDE, id="newest", marks=NEEDS_NEWEST)]
+
+
+def fleet_after_fleet_memory(broker: BrokerProc) -> str:
+    """Sixteen sessions at work, then a fleet-memory run: the memory a new session should start with."""
+    fleet_at_work(broker)
+    for n in range(14):
+        broker.session(name=f"worker-{n}", summary=f"porting service {n} to the new queue", cwd=f"/srv/svc-{n}",
+                       machine=f"box{n % 3}", client="claude-code")
+    out = foreground(broker, "fleet-memory")
+    assert out.returncode == 0, out.stderr
+    return broker.client().call("GET", "/api/memory")["text"]
+
+
+@pytest.mark.parametrize(("claude", "registration"), [
+    pytest.param(PINNED_CLAUDE, "readme", id="pinned", marks=NEEDS_PINNED),
+    pytest.param(NEWEST_CLAUDE, "readme", id="newest", marks=NEEDS_NEWEST),
+    pytest.param(NEWEST_CLAUDE, "made-before-alwaysLoad", id="newest-registered-without-alwaysLoad",
+                 marks=NEEDS_NEWEST),
+    pytest.param(NEWEST_CLAUDE, "push", id="newest-push", marks=NEEDS_NEWEST)])
+def test_the_real_claude_code_gives_the_model_the_instructions_whole_and_leading_the_memory_and_our_tools(
+        broker, tmp_path, claude, registration):
+    """A `claude -p` session started after fleet-memory ran (plain: pull on the pinned Claude Code, inbox
+    on the newest; with the channel flag as `run` adds it: push): its first model request carries the instructions whole (lead first, then peers and
+    memory) and the five tools, loaded, uncut; also with a registration made before alwaysLoad (the
+    tools' _meta keeps them loaded)."""
+    memory = fleet_after_fleet_memory(broker)
+    entry = cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "real-claude"])
+    if registration == "made-before-alwaysLoad":
+        entry = {k: v for k, v in entry.items() if k != "alwaysLoad"} | {"env": {}}  # as `claude mcp add` wrote it
+    body = cp.claude_first_request(claude, broker.env, tmp_path, entry, tuple(CHANNEL_FLAG) * (registration == "push"))
+    view = cp.shim_view(body, cp.instructions_ending(memory))
+    assert view.instructions and not view.cut, json.dumps(body)[:3000]
+    assert len(view.instructions.encode()) <= cp.INSTRUCTIONS_BYTES < cp.CLAUDE_TEXT_LIMIT
+    lead = view.instructions.encode()[:800].decode(errors="ignore")
+    assert lead.startswith("You are real-claude in claude-peers, the hub of this homelab's Claude Code sessions")
+    arrival = ('Peer mail arrives as <channel source="claude-peers" from_id=' if registration == "push"  # `run`
+               else "Peer mail is posted into this session as a turn starting [claude-peers]" if claude == NEWEST_CLAUDE
+               else "Peer mail waits for check_messages (no pushes: Claude Code started without")  # plain, no inbox
+    assert arrival in lead
+    assert "Answer with claude-peers send_message (to = from_id or from_name, reply_to = message_id)" in lead
+    assert "Claude Code's own SendMessage and ListAgents reach this user's other Claude Code sessions" in \
+        view.instructions
+    ours = view.instructions + json.dumps(view.tools)
+    assert "subagents" not in ours and "only reaches your own" not in json.dumps(body)  # the old, false word
+    assert "Live peers (16):" in view.instructions and "list_peers shows all" in view.instructions
+    assert "\n".join(memory.splitlines()[:5]) in view.instructions  # the memory, in the first turn
+    total = len(memory.strip().encode())
+    assert re.search(rf"\[\.\.\. the first \d+ of {total} bytes; the whole: `claude-peers memory`\]$", view.instructions)
+    tools = {t["name"].removeprefix("mcp__claude-peers__"): t for t in view.tools}
+    assert set(tools) == {t["name"] for t in cp.TOOLS}, [t["name"] for t in body["tools"]]
+    for ours in cp.TOOLS:
+        assert tools[ours["name"]]["description"] == ours["description"]  # whole
+        assert len(ours["description"].encode()) < 1024
+
+
+LONG_TEXT_SERVER = """\
+import json, sys
+text = "".join(f"[{i:05d}]" for i in range(0, 6000, 7))[:6000]  # every offset readable
+for line in sys.stdin:
+    message = json.loads(line)
+    if "id" not in message:
+        continue
+    result = {"initialize": {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}},
+                             "serverInfo": {"name": "long", "version": "1"}, "instructions": text},
+              "tools/list": {"tools": [{"name": "long_tool", "description": text,
+                                        "inputSchema": {"type": "object", "properties": {}}}]}}.get(message["method"], {})
+    print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("claude", CLAUDES)
+def test_claude_code_cuts_instructions_and_tool_descriptions_beyond_the_shims_budget(broker, tmp_path, claude):
+    """The limit the shim's budget rests on, measured: a server with 6,000-character instructions and
+    description is cut, with Claude Code's mark, no shorter than CLAUDE_TEXT_LIMIT characters."""
+    server = tmp_path / "long.py"
+    server.write_text(LONG_TEXT_SERVER)
+    entry = {"type": "stdio", "command": PY, "args": [str(server)], "alwaysLoad": True}
+    body = cp.claude_first_request(claude, broker.env, tmp_path, entry)
+    [text] = [t for t in cp.request_texts(body) if "\n## claude-peers\n[00000]" in t]
+    instructions = text.split("\n## claude-peers\n", 1)[1]
+    kept = instructions.index(cp.CUT_MARK)
+    [tool] = [t for t in body["tools"] if t["name"] == "mcp__claude-peers__long_tool"]
+    assert tool["description"].endswith(cp.CUT_MARK)
+    for cut in (kept, len(tool["description"]) - len(cp.CUT_MARK)):
+        assert cut >= cp.CLAUDE_TEXT_LIMIT > cp.INSTRUCTIONS_BYTES  # 2,048 in 2.1.197, 4,096 in 2.1.332
+
+
+@pytest.mark.parametrize("claude", CLAUDES)
+def test_doctor_warns_a_registration_without_always_load_and_its_fix_line_fixes_it_in_the_real_claude(
+        broker, tmp_path, claude):
+    env = {**broker.env, "HOME": str(tmp_path), "PATH": f"{Path(claude).parent}:{os.environ['PATH']}"}
+    old = subprocess.run([claude, "mcp", "add", "--scope", "user", "claude-peers", "--", PY, str(SCRIPT), "shim",
+                          "--name", "mine"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert old.returncode == 0, old.stderr
+
+    def mcp_line() -> str:
+        out = broker.cli("doctor", env=env)
+        return next(line for line in out.stdout.splitlines() if line.split()[1] == "mcp")
+
+    line = mcp_line()
+    assert line.startswith("warn") and "without alwaysLoad" in line and "tool search" in line, line
+    fix = line.split("; fix: ", 1)[1]
+    for command in fix.split(" && "):
+        done = subprocess.run(shlex.split(command), env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+    assert mcp_line().startswith("ok") and mcp_line().endswith(f"{PY} {SCRIPT} shim --name mine (alwaysLoad)")
+    entry = json.loads((tmp_path / ".claude.json").read_text())["mcpServers"]["claude-peers"]
+    assert entry["alwaysLoad"] is True and entry["args"] == [str(SCRIPT), "shim", "--name", "mine"]
+
+def answer_through_claude_peers(body: dict) -> dict | None:
+    """The scripted model: a claude-peers post it has not answered yet gets a send_message call answering it."""
+    last = ([m for m in body.get("messages", []) if m.get("role") != "system"] or [{}])[-1]  # the date is a system turn
+    seen = json.dumps(last.get("content"))
+    found = re.search(r"send_message tool \(to=([\w.-]+), reply_to=([0-9a-f]{12})\)", seen)
+    if not body.get("tools") or last.get("role") != "user" or found is None or "tool_result" in seen:
+        return None
+    return {"type": "tool_use", "id": "toolu_" + cp.new_id(), "name": "mcp__claude-peers__send_message",
+            "input": {"to": found[1], "text": "on main, tests green", "reply_to": found[2]}}
+
+
+@contextlib.contextmanager
+def plain_claude(broker: BrokerProc, home: Path, claude: str, env: dict | None = None, settings: dict | None = None,
+                 args: tuple[str, ...] = ()) -> Iterator[tuple[cp.InteractiveClaude, cp.ModelApi, dict]]:
+    """A plain interactive `claude` with claude-peers registered as the README says (name: plain), its
+    model scripted to answer peer mail through claude-peers; yields it once its shim registered."""
+    api = cp.ModelApi(answer_through_claude_peers)
+    session = cp.InteractiveClaude(claude, {**broker.env, **(env or {})}, home,
+                                   cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "plain"]), api.url, settings,
+                                   args)
+    try:
+        wait_until_sync(lambda: peer_named(broker, "plain") is not None or session.proc.poll() is not None, 90,
+                        "the plain session's shim to register")
+        assert peer_named(broker, "plain"), b"".join(session.screen)[-2000:]
+        yield session, api, peer_named(broker, "plain")
+    finally:
+        session.close()
+        api.close()
+
+
+@NEEDS_NEWEST
+def test_a_plain_interactive_claude_wakes_on_its_inbox_and_its_answer_comes_back_through_the_hub(broker, tmp_path):
+    """No `run`, no alias, no channel flag, nobody typing: the newest Claude Code, idle at its prompt,
+    starts a turn on the shim's post; the model request carries the message, and the model's
+    send_message answer reaches the sender through the hub."""
+    asker = broker.session(name="asker")
+    with plain_claude(broker, tmp_path, NEWEST_CLAUDE) as (session, api, peer):
+        assert (peer["client"], peer["mode"]) == ("claude-code", "inbox")
+        assert f"Claude Code's session inbox {session.inbox}" in peer["mode_reason"]
+        assert session.inbox.is_socket() and stat.S_IMODE(session.inbox.parent.stat().st_mode) == 0o700
+        sent = send(asker, "plain", "which branch are you on?")
+        assert sent["mode"] == "inbox"
+        found = api.wait(lambda body: "which branch are you on?" in json.dumps(body.get("messages")), 30)
+        assert found, b"".join(session.screen)[-2000:]
+        seen = json.dumps(found[0]["messages"])
+        assert f"message_id={sent['id']}" in seen and f"(to=asker, reply_to={sent['id']})" in seen
+        assert "mcp__claude-peers__send_message" in [t["name"] for t in found[0]["tools"]], [t["name"] for t in found[0]["tools"]]
+        replies: list[dict] = []
+        wait_until_sync(lambda: replies.extend(poll(asker, 1)) or replies, 60, "the answer through the hub")
+        assert [(r["from_name"], r["reply_to"], r["text"]) for r in replies] == [
+            ("plain", sent["id"], "on main, tests green")]
+        assert message_state(broker, sent["id"]) == "read"  # answered with reply_to
+
+
+@pytest.mark.parametrize(("claude", "env", "settings", "args", "why"), [
+    pytest.param(PINNED_CLAUDE, {}, {}, (), "with no session inbox (CLAUDE_CODE_MESSAGING_SOCKET unset", id="pinned",
+                 marks=NEEDS_PINNED),
+    pytest.param(NEWEST_CLAUDE, {"CLAUDE_CODE_HARBOR_KITE": "0"}, {}, (),
+                 "CLAUDE_CODE_HARBOR_KITE=0 turns Claude Code's session inbox off", id="newest-switched-off",
+                 marks=NEEDS_NEWEST),
+    pytest.param(NEWEST_CLAUDE, {}, {"crossSessionInbound": "refuse"}, (), 'crossSessionInbound is "refuse" in',
+                 id="newest-refusing", marks=NEEDS_NEWEST),
+    pytest.param(NEWEST_CLAUDE, {"IS_SANDBOX": "1"}, {}, ("--dangerously-skip-permissions",),  # IS_SANDBOX: as root
+                 "it bypasses permission prompts (its command line)", id="newest-bypassing", marks=NEEDS_NEWEST)])
+def test_a_plain_claude_without_a_usable_inbox_is_pull_and_the_sender_and_doctor_say_why(
+        broker, tmp_path, claude, env, settings, args, why):
+    asker = broker.session(name="asker")
+    with plain_claude(broker, tmp_path, claude, env, settings, args) as (_, _, peer):
+        assert peer["mode"] == "pull" and why in peer["mode_reason"], peer
+        sent = send(asker, "plain", "which branch are you on?")
+        assert why in cp.recipient_note(sent) and "queued until it checks its messages" in cp.recipient_note(sent)
+        doctor = broker.cli("doctor", env={"HOME": str(tmp_path)})
+        line = next(line for line in doctor.stdout.splitlines() if line.split()[1] == "sessions")
+        assert line.startswith("warn") and why in line
+        assert message_state(broker, sent["id"]) == "queued"
+
+
+@pytest.mark.parametrize("claude", [pytest.param(NEWEST_CLAUDE, id="newest", marks=NEEDS_NEWEST),
+                                    pytest.param(PINNED_CLAUDE, id="pinned", marks=NEEDS_PINNED),
+                                    pytest.param(None, id="none")])
+def test_bench_times_an_inbox_post_and_a_hub_send_to_the_model_request_or_says_why_it_cannot(capsys, claude):
+    report = cp.BenchReport(["ours"])
+    cp.bench_inbox(report, claude, 2)
+    out = capsys.readouterr().out
+    if claude == NEWEST_CLAUDE:
+        for figure in ("inbox: post -> model request, p50 (ms)",
+                       "inbox: hub send (shim posting) -> model request, p99 (ms)"):
+            [line] = [line for line in out.splitlines() if line.startswith(figure)]
+            assert float(line[len(figure):].split()[0]) > 0
+        assert "2 of each" in out
+    elif claude == PINNED_CLAUDE:
+        assert "inbox: post -> model request, idle plain claude: skipped (Claude Code 2." in out and "its shim is pull:" in out
+        assert "with no session inbox (CLAUDE_CODE_MESSAGING_SOCKET unset" in out
+    else:
+        assert "skipped (no claude on PATH; give one with --claude)" in out
+
+
+def doctor_line(broker: BrokerProc, check: str, env: dict[str, str]) -> str:
+    out = broker.cli("doctor", env=env)
+    return next(line for line in out.stdout.splitlines() if line.split()[1] == check)
+
+
+@NEEDS_NEWEST
+@NEEDS_PINNED
+def test_doctor_says_whether_a_plain_claude_here_hears_its_mail_through_its_inbox_and_what_stops_it(broker, tmp_path):
+    newest = {"HOME": str(tmp_path), "PATH": f"{Path(NEWEST_CLAUDE).parent}:{os.environ['PATH']}"}
+    line = doctor_line(broker, "inbox", newest)
+    assert line.startswith("ok") and "plain `claude` sessions hear their mail through Claude Code's session inbox" in line
+    line = doctor_line(broker, "inbox", {**newest, "CLAUDE_CODE_HARBOR_KITE": "0"})
+    assert line.startswith("warn") and "CLAUDE_CODE_HARBOR_KITE=0 turns Claude Code's session inbox off" in line
+    (tmp_path / ".claude").mkdir()
+    (tmp_path / ".claude" / "settings.json").write_text('{"crossSessionInbound": "refuse"}')
+    line = doctor_line(broker, "inbox", newest)
+    assert line.startswith("warn") and f'crossSessionInbound is "refuse" in {tmp_path}/.claude/settings.json' in line
+    pinned = {"HOME": str(tmp_path / "elsewhere"), "PATH": f"{Path(PINNED_CLAUDE).parent}:{os.environ['PATH']}"}
+    line = doctor_line(broker, "inbox", pinned)
+    assert line.startswith("warn") and "may give its sessions no inbox" in line and "claude-peers run" in line
 
 
 # ---------------------------------------------------------------------------
@@ -4161,12 +5447,14 @@ def test_scout_find_faults_on_load_swap_clock_and_pseudo_filesystems():
 # -- the fleet-scout daemon end to end: probes, health, the alert lifecycle, the report -------
 
 
-def scout_config(lab: ScoutLab, hosts: list[ScoutHost], extra: str = "", repeat: int = 2) -> str:
+def scout_config(lab: ScoutLab, hosts: list[ScoutHost], extra: str = "", repeat: int = 2,
+                 include_local: bool = False) -> str:
+    """The lab's hosts as [[machines]]; this box is left out unless asked (its own findings vary)."""
     machines = "".join(f'[[machines]]\nname = "{h.name}"\nssh = "{h.machine.ssh}"\nport = {h.port}\n'
                        f'identity_file = "{lab.client_key}"\n' for h in hosts)
     return (f"[alerts]\nrepeat_after_cycles = {repeat}\n{machines}[daemons.fleet-scout]\n"
             f'known_hosts_file = "{lab.known_hosts}"\nssh_timeout_s = 5\nprobe_timeout_s = 15\n'
-            f'alert_to = ["ops"]\n{extra}')
+            f'alert_to = ["ops"]\n{"" if include_local else "include_local = false"}\n{extra}')
 
 
 def scout_run(broker: BrokerProc) -> subprocess.CompletedProcess[str]:
@@ -4253,6 +5541,89 @@ def test_fleet_scout_runs_out_of_the_box_on_this_machine(broker):
     assert "1 machine(s)" in out.stdout and machine in out.stdout
     [health] = broker.client().call("GET", "/api/health")["machines"]
     assert health["machine"] == machine and health["report"]["reachable"]
+
+
+def forgotten_events(broker: BrokerProc) -> list[dict]:
+    events = broker.client().call("GET", "/api/events?after=0&limit=1000")["events"]
+    return [e for e in events if e["type"] == "machine.forgotten"]
+
+
+def test_a_machine_taken_out_of_machines_resolves_its_alerts_and_leaves_health_once(scout_lab, make_broker):
+    broker = make_broker(name="scout-retire")
+    kept = scout_lab.host("retire-kept")
+    leaving = scout_lab.host("retire-leaving", failed="backup.service loaded failed failed Backup\n")
+    base = broker.config.read_text()
+    broker.config.write_text(base + scout_config(scout_lab, [kept, leaving], repeat=50))
+    ops = broker.session(name="ops")
+    scout_run(broker)
+    [told] = poll(ops)
+    assert told["text"].startswith("[warning] retire-leaving: backup.service failed")
+    assert metric(scrape(broker)[0], "claude_peers_alerts_open", severity="warning") == 1
+    foreground(broker, "fleet-memory")
+    assert "retire-leaving" in broker.client().call("GET", "/api/memory")["text"]
+
+    broker.config.write_text(base + scout_config(scout_lab, [kept], repeat=50))  # the NAS was sold
+    out = scout_run(broker)
+    assert "1 machine(s), 0 with findings; probed: retire-kept" in out.stdout
+    assert re.search(r"retire-leaving\s+retired\s+no longer probed: 1 alert\(s\) resolved", out.stdout), out.stdout
+    assert [m["text"] for m in poll(ops)] == ["[resolved] retire-leaving: backup.service failed"]
+    client = broker.client()
+    assert [m["machine"] for m in client.call("GET", "/api/health")["machines"]] == ["retire-kept"]
+    assert client.call("GET", "/api/alerts")["alerts"] == []
+    assert metric(scrape(broker)[0], "claude_peers_alerts_open", severity="warning") == 0
+    [event] = forgotten_events(broker)
+    assert event["subject"] == "fleet.machine.retire-leaving.forgotten" and event["source"] == "fleet-scout"
+    assert event["health_dropped"] is True and len(event["alerts_resolved"]) == 1
+    foreground(broker, "fleet-memory")
+    assert "retire-leaving" not in client.call("GET", "/api/memory")["text"]
+
+    out = scout_run(broker)  # once: the next run has nothing left to retire
+    assert "retired" not in out.stdout and len(forgotten_events(broker)) == 1 and poll(ops) == []
+
+
+def test_listing_a_first_machine_keeps_probing_this_box_and_the_run_names_what_it_probed(scout_lab, make_broker):
+    broker = make_broker(name="scout-first")
+    first = scout_lab.host("first-nas")
+    here = cp.Config({}, None).machine
+    base = broker.config.read_text()
+    broker.config.write_text(base + scout_config(scout_lab, [first], include_local=True))
+    out = scout_run(broker)
+    assert "2 machine(s)" in out.stdout and f"probed: {here} (this box), first-nas" in out.stdout, out.stdout
+    health = {m["machine"]: m for m in broker.client().call("GET", "/api/health")["machines"]}
+    assert set(health) == {here, "first-nas"} and health[here]["report"]["reachable"]
+
+    broker.config.write_text(base + scout_config(scout_lab, [first]))  # include_local = false: only the list
+    out = scout_run(broker)
+    assert "1 machine(s), 0 with findings; probed: first-nas" in out.stdout
+    assert re.search(rf"{re.escape(here)}\s+retired", out.stdout), out.stdout
+    assert [m["machine"] for m in broker.client().call("GET", "/api/health")["machines"]] == ["first-nas"]
+
+
+def test_trigger_wait_prints_what_the_supervisors_run_probed(scout_lab, make_broker, supervisors):
+    broker = make_broker(name="scout-wait")
+    nas = scout_lab.host("wait-nas")
+    write_config(broker, scout_config(scout_lab, [nas], extra='every = "1d"\n'))
+    supervisors(broker)  # started: it has reported that it runs fleet-scout
+    out = broker.cli("trigger", "fleet-scout", "--wait", "60")
+    host = socket.gethostname()
+    assert out.returncode == 0, out.stderr
+    assert f"{host}: fleet-scout ok (" in out.stdout
+    assert "1 machine(s), 0 with findings; probed: wait-nas" in out.stdout, out.stdout
+
+
+def test_alerts_and_health_print_the_cause_of_a_refused_key_once(scout_lab, make_broker):
+    broker = make_broker(name="scout-cause")
+    refused = scout_lab.host("cause-refused", authorized=False)
+    write_config(broker, scout_config(scout_lab, [refused]))
+    scout_run(broker)
+    [alert] = broker.client().call("GET", "/api/alerts")["alerts"]
+    assert alert["title"] == "auth refused" and alert["detail"].count("Permission denied (publickey)") == 1
+    lines = broker.cli("alerts").stdout.splitlines()
+    assert lines[0].startswith("critical cause-refused") and lines[0].endswith(f"; fleet-scout; id {alert['id']})")
+    assert lines[1].startswith("         auth refused: ") and "Permission denied (publickey)" in lines[1]
+    lines = broker.cli("health").stdout.splitlines()
+    assert re.match(r"cause-refused\s+critical\s+\d+s ago\s+auth refused$", lines[0]), lines
+    assert lines[1].strip().startswith("auth refused: ") and "Permission denied (publickey)" in lines[1]
 
 
 def age_scout_state(broker: BrokerProc, seconds: int) -> None:
@@ -4446,7 +5817,7 @@ def test_agent_run_calls_allowed_tools_and_finishes(make_broker, llm, tmp_path):
 def test_refused_tools_and_commands_never_run(make_broker, llm, tmp_path):
     canary = tmp_path / "pwned"
     broker = make_broker()
-    write_config(broker, llm_toml(llm) + '[daemons.guarded]\ntools = ["run_command"]\n'
+    write_config(broker, llm_toml(llm) + '[daemons.guarded]\nrole = "You guard."\ntools = ["run_command"]\n'
                  'commands = [["echo"], ["systemctl", "--failed"]]\n')
     llm.scripts["good"] = [
         tool_call("read_file", {"path": "/etc/shadow"}, "c1"),
@@ -4470,8 +5841,8 @@ def test_refused_tools_and_commands_never_run(make_broker, llm, tmp_path):
 
 def test_max_actions_and_token_budget_stop_the_run(make_broker, llm):
     broker = make_broker()
-    write_config(broker, llm_toml(llm) + '[daemons.busy]\ntools = ["recall"]\nmax_actions = 3\n'
-                 '[daemons.chatty]\ntools = ["recall"]\ntoken_budget = 8000\n')
+    write_config(broker, llm_toml(llm) + '[daemons.busy]\nrole = "You are busy."\ntools = ["recall"]\nmax_actions = 3\n'
+                 '[daemons.chatty]\nrole = "You chat."\ntools = ["recall"]\ntoken_budget = 8000\n')
     llm.scripts["good"] = [tool_call("recall", {"key": "k"}, tokens=10)]
     out = foreground(broker, "busy")
     assert "busy: limit (3 actions" in out.stdout and "max_actions = 3" in out.stdout
@@ -4484,7 +5855,7 @@ def test_max_actions_and_token_budget_stop_the_run(make_broker, llm):
 def test_model_fallback_on_errors_and_timeouts(make_broker, llm):
     broker = make_broker()
     write_config(broker, llm_toml(llm, '["broken", "slow", "good"]', timeout=1)
-                 + '[daemons.resilient]\ntools = []\n')
+                 + '[daemons.resilient]\nrole = "You carry on."\ntools = []\n')
     llm.scripts.update(broken=[503], slow=["hang"], good=[final("fine")])
     out = foreground(broker, "resilient")
     assert out.returncode == 0 and "resilient: ok" in out.stdout
@@ -4500,7 +5871,7 @@ def test_model_fallback_on_errors_and_timeouts(make_broker, llm):
 def test_dry_run_logs_changes_instead_of_making_them(make_broker, llm, tmp_path):
     target = tmp_path / "created"
     broker = make_broker()
-    write_config(broker, llm_toml(llm) + '[daemons.careful]\ntools = ["run_command", "recall"]\n'
+    write_config(broker, llm_toml(llm) + '[daemons.careful]\nrole = "You are careful."\ntools = ["run_command", "recall"]\n'
                  'commands = [["touch"]]\n')
     llm.scripts["good"] = [tool_call("run_command", {"argv": ["touch", str(target)]}),
                            tool_call("recall", {"key": "x"}, "c2"), final("would have touched it")]
@@ -4511,6 +5882,21 @@ def test_dry_run_logs_changes_instead_of_making_them(make_broker, llm, tmp_path)
     assert llm.tool_messages()[1] == "(nothing stored under that key)"  # read-only tools still run
     assert [e["event"] for e in transcript_events(out)].count("dry_run") == 1
     assert "DRY RUN" in llm.requests[0]["messages"][0]["content"]
+
+
+def test_a_dry_run_that_fails_reports_nothing_to_the_hub_now_or_later(make_broker, supervisors):
+    broker = make_broker()
+    write_config(broker, '[daemons.rehearsal]\nrole = "You rehearse."\n'  # no [llm]: the run fails
+                 '[daemons.tick]\nrunner = "command"\ncommand = ["true"]\nevery = "1h"\njitter = 0.0\n'
+                 '[daemons.fleet-scout]\nenabled = false\n[daemons.fleet-memory]\nenabled = false\n')
+    out = foreground(broker, "rehearsal", "--dry-run")
+    assert out.returncode == cp.EXIT_ERROR and "rehearsal: failed" in out.stdout
+    supervisors(broker)  # a supervisor reports the runs the hub missed (oldest first): not this one
+    client = broker.client()
+    wait_until_sync(lambda: client.call("GET", "/api/runs?daemon=tick")["runs"], 30, "the supervisor's own run")
+    assert client.call("GET", "/api/runs?daemon=rehearsal")["runs"] == []
+    events = client.call("GET", "/api/events?after=0&limit=1000")["events"]
+    assert not [e for e in events if e["subject"].startswith("fleet.daemon.rehearsal.")]
 
 
 class SupervisorProc:
@@ -4680,9 +6066,9 @@ def test_reload_keeps_the_last_good_config(make_broker, supervisors):
     broker.config.write_text(good + '[daemons.broken]\nevery = "soon"\n')
     supervisor.proc.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
-    while not any("reload failed" in line for line in supervisor.log) and time.monotonic() < deadline:
+    while not any("reload refused" in line for line in supervisor.log) and time.monotonic() < deadline:
         time.sleep(0.05)
-    line = next(line for line in supervisor.log if "reload failed" in line)
+    line = next(line for line in supervisor.log if "reload refused" in line)
     assert "keeping the last good config" in line and "daemons.broken.every: bad duration" in line
     assert supervisor.proc.poll() is None
     broker.config.write_text(good + '[daemons.added]\nrunner = "command"\ncommand = ["true"]\nevery = "1s"\n'
@@ -4690,6 +6076,17 @@ def test_reload_keeps_the_last_good_config(make_broker, supervisors):
     supervisor.proc.send_signal(signal.SIGHUP)
     supervisor.wait_runs("added", 1)
     assert len(supervisor.runs("steady")) == 1
+
+
+def test_a_supervisor_takes_a_file_changed_before_it_could_handle_sighup(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLAUDE_PEERS_HOME", str(tmp_path))
+    config = tmp_path / "daemons.toml"
+    config.write_text(f'[broker]\nurl = "http://127.0.0.1:{free_port()}"\n[nats]\nembedded = false\n')
+    supervisor = cp.Supervisor(cp.load_config(str(config)))
+    config.write_text(config.read_text() + ADDED_DAEMON)  # `up` skips a supervisor that is still starting
+    asyncio.run(supervisor.serve(ready=supervisor.stopping.set))
+    assert "added" in supervisor.cfg.daemons and supervisor.lock.record["reloads"] == 1
+    assert cp.lock_record(tmp_path / cp.SUPERVISOR_LOCK) is None  # released at stop
 
 
 def feed_in_place(broker: BrokerProc) -> None:
@@ -4707,7 +6104,7 @@ def test_runs_after_a_refused_reload_use_the_config_the_supervisor_holds(make_br
     feed_in_place(broker)
     broker.config.write_text(broker.config.read_text() + '[daemons.broken]\nevery = "soon"\n')
     supervisor.proc.send_signal(signal.SIGHUP)
-    logged(supervisor.log, "reload failed")
+    logged(supervisor.log, "reload refused")
     broker.client().call("POST", "/api/daemons/steady/trigger")  # the CLI would refuse the broken file
     [run] = supervisor.wait_runs("steady", 1)
     assert run["status"] == "ok" and run["summary"] == "last good"
@@ -4776,7 +6173,7 @@ def test_fleet_tools_reach_the_broker_and_stay_inside_their_allowlists(make_brok
     threading.Thread(target=redirector.serve_forever, daemon=True).start()
     hop = f"http://127.0.0.1:{redirector.server_address[1]}/hop"
     write_config(broker, llm_toml(llm) + f'[[machines]]\nname = "here"\nssh = "localhost"\n'
-                 '[daemons.ops]\ntools = ["probe_host", "http_get", "read_file", "list_peers", "send_message",'
+                 '[daemons.ops]\nrole = "You run the fleet."\ntools = ["probe_host", "http_get", "read_file", "list_peers", "send_message",'
                  ' "read_events", "read_memory", "write_memory", "alert"]\n'
                  f'urls = ["http://127.0.0.1:{port}/api/", "{hop}"]\npaths = ["{allowed_dir}"]\n'
                  'alert_to = ["homelab-infra"]\n')
@@ -4821,6 +6218,36 @@ def test_fleet_tools_reach_the_broker_and_stay_inside_their_allowlists(make_brok
     assert peer_named(broker, "daemon-ops") is None  # the daemon's session ended with the run
 
 
+def test_an_agent_daemon_files_a_task_with_its_policy_tool_and_is_mailed_the_result(make_broker, llm):
+    broker = make_broker("rate_per_s = 0.0\n")
+    write_config(broker, llm_toml(llm) + '[daemons.ops]\nrole = "You watch the fleet."\ntools = ["add_task"]\n'
+                 '[daemons.quiet]\nrole = "You only watch."\ntools = ["list_peers"]\n')
+    calls = [("add_task", {"text": "nas: /srv is 97% full, prune the old snapshots",
+                           "repo": "git@github.com:homelab/infra.git", "machine": "nas"}),
+             ("add_task", {"text": "a task for no machine", "machine": "not a machine!"})]
+    llm.scripts["good"] = [tool_call(name, args, f"c{i}") for i, (name, args) in enumerate(calls)] + [final("ok")]
+    assert foreground(broker, "ops", "--dry-run").returncode == 0
+    assert llm.tool_messages()[0] == "dry run: add_task was not executed (it would change something)"
+    assert broker.client().call("GET", "/api/tasks")["tasks"] == []
+    llm.scripts["good"] = [tool_call(name, args, f"c{i}") for i, (name, args) in enumerate(calls)] + [final("ok")]
+    out = foreground(broker, "ops")
+    assert out.returncode == 0, out.stderr
+    added, refused = llm.tool_messages()
+    [task] = broker.client().call("GET", "/api/tasks")["tasks"]
+    assert added == f"task {task['id']} added for {REPO}; its result goes to daemon-ops"
+    assert refused.startswith("error: ") and "'machine' is not a machine name" in refused
+    assert (task["machine"], task["created_by"], task["tell"]) == ("nas", "daemon-ops", "daemon-ops")
+    fixer = broker.session(name="fixer", machine="nas")
+    assert claim_task(fixer)["id"] == task["id"]
+    fixer.session_call("POST", f"/tasks/{task['id']}/done", {"result": "pruned 40 snapshots, 61% used"})
+    [mail] = [m for m in broker.client().call("GET", "/api/messages")["messages"] if m["to"] == "daemon-ops"]
+    assert mail["state"] == "queued" and "pruned 40 snapshots" in mail["text"]  # waits for the daemon's next run
+    llm.scripts["good"] = [tool_call("add_task", {"text": "not mine to file"}), final("ok")]
+    assert foreground(broker, "quiet").returncode == 0
+    assert llm.tool_messages() == ["error: refused by policy: tool 'add_task' is not allowed for this daemon"]
+    assert len(broker.client().call("GET", "/api/tasks?state=all")["tasks"]) == 1
+
+
 def test_next_due_for_every_and_cron():
     import datetime as dt
     from types import SimpleNamespace
@@ -4848,8 +6275,9 @@ def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation
     env = {**broker.env, "HOME": str(tmp_path), "MCP_PROTOCOL_NEGOTIATION": negotiation,
            "ANTHROPIC_API_KEY": "sk-ant-test", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
            "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{unanswered.getsockname()[1]}"}
-    added = subprocess.run(["claude", "mcp", "add", "--scope", "user", "claude-peers", "--", PY, str(SCRIPT), "shim",
-                            "--name", "real-claude"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    entry = cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "real-claude"])  # the README's add-json line
+    added = subprocess.run(["claude", "mcp", "add-json", "--scope", "user", "claude-peers", json.dumps(entry)], env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
     assert added.returncode == 0, added.stderr
     listed = subprocess.run(["claude", "mcp", "list"], env=env, capture_output=True, text=True, timeout=120,
                             check=False)
@@ -4871,7 +6299,7 @@ def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation
         unanswered.close()
     doctor = broker.cli("doctor", env={"HOME": str(tmp_path)})
     mcp = next(line for line in doctor.stdout.splitlines() if line.split()[1] == "mcp")
-    assert mcp.startswith("ok") and "user scope" in mcp and "shim --name real-claude" in mcp
+    assert mcp.startswith("ok") and "user scope" in mcp and "shim --name real-claude (alwaysLoad)" in mcp
 
 
 class ScriptedModel:
@@ -5026,7 +6454,7 @@ class ClaudeTerminal:
         os.close(self.master)
 
 
-CLAUDE_BINARIES = {"pinned": shutil.which("claude"), "newest": os.environ.get("CLAUDE_PEERS_NEWEST_CLAUDE")}
+CLAUDE_BINARIES = {"pinned": shutil.which("claude"), "newest": NEWEST_CLAUDE if os.access(NEWEST_CLAUDE, os.X_OK) else None}
 
 
 def claude_home(tmp_path: Path, work: Path, key: str) -> Path:
@@ -5052,7 +6480,7 @@ def real_claude(binary: str, broker: BrokerProc, model: ScriptedModel, tmp_path:
     claude = CLAUDE_BINARIES[binary]
     if not claude:
         model.stop()
-        pytest.skip(f"no {binary} Claude Code CLI (pinned: on PATH; newest: $CLAUDE_PEERS_NEWEST_CLAUDE)")
+        pytest.skip(f"no {binary} Claude Code CLI (pinned: on PATH; newest: {NEWEST_CLAUDE}, as .ci/run installs it)")
     key = "sk-ant-api03-" + "t" * 80
     env = {k: v for k, v in broker.env.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_CODE_", "DISABLE_"))}
     env.update(HOME=str(claude_home(tmp_path, work, key)), TERM="xterm-256color", ANTHROPIC_API_KEY=key,
@@ -5364,7 +6792,8 @@ def test_llm_watchdog_alerts_once_per_change_publishes_health_every_run_and_rest
         [gpu] = [m for m in client.call("GET", "/api/health")["machines"] if m["machine"] == "llm.gpu"]
         assert gpu["source"] == "llm-watchdog" and gpu["report"]["model"] == "llama3.2:1b"
         runs = client.call("GET", "/api/runs?daemon=llm-watchdog")["runs"]
-        assert len(runs) == 7 and {r["status"] for r in runs} == {"ok"} and runs[2]["actions"] == 1  # newest first
+        assert len(runs) == 6 and {r["status"] for r in runs} == {"ok"} and runs[2]["actions"] == 1  # newest first;
+        # the dry run stayed off the hub
     finally:
         server.stop()
 
@@ -5885,20 +7314,39 @@ def test_fleet_memory_runs_on_fleet_events_and_its_own_update_wakes_only_those_w
 def test_bench_with_tiny_parameters_prints_every_figure_honestly():
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PEERS_")}
     out = subprocess.run([PY, str(SCRIPT), "bench", "--messages", "80", "--samples", "4", "--sessions", "2",
-                          "--idle-seconds", "1", "--events", "200", "--rounds", "1"], env=env, capture_output=True,
-                         text=True, timeout=120, check=False)
+                          "--idle-seconds", "1", "--events", "200", "--rounds", "1", "--inbox-samples", "2"], env=env,
+                         capture_output=True, text=True, timeout=180, check=False)
     assert out.returncode == 0, out.stderr
     for figure in ("send requests/s", "delivered messages/s, senders on 8 HTTP", "CPU per delivered message, HTTP",
                    "one session spawned -> tools/list", "2 sessions spawned at once", "2 idle sessions, p99",
                    "broker saturated, p50", "through the MCP send tool", "CPU per delivered message, MCP",
                    "shim RSS", "shim PSS", "requests per idle session", "1000 sessions long-polling",
-                   "events relayed to JetStream per second (200 published)"):
+                   "events relayed to JetStream per second (200 published)",
+                   "shim instructions as the model receives them (bytes)",
+                   f"shim tool list as the model receives it ({len(cp.TOOLS)} tools, bytes)",
+                   "longest tool description (bytes)"):
         assert figure in out.stdout, out.stdout
+    if PINNED_CLAUDE:  # measured from the request body of the claude on PATH, as its model would read it
+        assert re.search(r"\(from the request Claude Code 2\.\d+\.\d+ sent to a local model API: instructions whole,"
+                         rf" {len(cp.TOOLS)} of {len(cp.TOOLS)} tools in its tool list\)", out.stdout), out.stdout
     assert "(needs --anchor)" in out.stdout and "anchor" not in out.stdout.splitlines()[1]  # ours only
     assert "ours 80 sent, 0 lost, 0 duplicated" in out.stdout  # the HTTP path
+    assert "inbox: post -> model request" in out.stdout  # timed, or skipped saying why
     assert "ours 8 sent, 0 lost, 0 duplicated" in out.stdout  # latency: 4 idle, 4 saturated
     assert "ours 20 sent, 0 lost, 0 duplicated" in out.stdout  # the MCP path: 10 per session
     assert out.stdout.rstrip().endswith("messages lost or duplicated by ours: none"), out.stdout
+
+
+def test_bench_without_claude_measures_the_shim_view_from_the_shims_own_answers(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no claude here
+    report = cp.BenchReport(["ours"])
+    cp.bench_claude_view(report)
+    out = capsys.readouterr().out
+    assert "(from the shim's own initialize and tools/list (no claude on PATH))" in out
+    tools = len(json.dumps(cp.tools_list()["tools"], separators=(",", ":")).encode())
+    assert re.search(rf"shim tool list as the model receives it \({len(cp.TOOLS)} tools, bytes\) +{tools}\n", out), out
+    instructions = int(re.search(r"shim instructions as the model receives them \(bytes\) +(\d+)", out).group(1))
+    assert 1000 < instructions <= cp.INSTRUCTIONS_BYTES and not report.missed, out
 
 
 def test_bench_says_in_one_line_why_it_cannot_run_the_anchor(tmp_path):
@@ -5950,6 +7398,50 @@ def test_cli_status_peers_send_memory_token(broker):
     assert broker.cli("token").stdout.strip() == broker.token
 
 
+def test_the_task_commands_add_list_claim_and_finish_and_say_in_one_line_what_is_wrong(make_broker, tmp_path):
+    broker = make_broker()
+    desk, _ = two_clones(tmp_path)
+    planner = broker.session(name="planner")
+
+    def task(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(cp.module_command("task", *args), env={**broker.env, **(env or {})}, cwd=desk,
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    added = task("add", "tag the release", "--tell", "planner")
+    assert added.returncode == 0, added.stderr
+    first = re.fullmatch(r"added task ([0-9a-f]{12}) for github\.com/homelab/infra; its result goes to planner\n",
+                         added.stdout).group(1)
+    second = re.search(r"added task ([0-9a-f]{12}) for any repository, waiting for " + first,
+                       task("add", "announce it", "--repo", "any", "--after", first).stdout).group(1)
+    listed = task("list").stdout
+    assert listed == (f"github.com/homelab/infra\n  - {first} [open] tag the release from operator\n"
+                      f"(any repository)\n  - {second} [waits for {first}] announce it from operator\n")
+    assert task("claim", first).stdout.startswith(f"you hold task {first}: tag the release")
+    laptop = {"CLAUDE_PEERS_TOKEN": credential(broker, "laptop", "laptop")}
+    for args, env, code, line in [
+        (("claim", first), None, 1, f"broker said 409: task {first} is held by operator (from the command line)"),
+        (("claim", second), None, 1, f"broker said 409: task {second} waits for {first} (not done yet)"),
+        (("after", first, second), None, 1, f"broker said 409: after: {first} -> {second} -> {first} would be"),
+        (("done", "0" * 12), None, 1, "broker said 404: no task 000000000000"),
+        (("done", first), laptop, 1, f"broker said 409: task {first} is held by operator: only its holder"),
+        (("add", "reboot pi", "--machine", "pi"), laptop, 4,
+         "broker said 403: client credential 'laptop' may only act for machine 'laptop', not 'pi'"),
+    ]:
+        out = task(*args, env=env)
+        assert (out.returncode, out.stdout) == (code, ""), (args, out)
+        assert out.stderr.startswith("claude-peers: " + line) and out.stderr.count("\n") == 1, out.stderr
+    assert task("list").stdout == listed.replace("[open] tag", "[held by operator] tag")  # nothing changed
+    done = task("done", first, "--result", "v1.4.0 tagged")
+    assert done.stdout == f"task {first} done; queued: planner is online and gets it pushed now\n"
+    assert poll(planner)[0]["text"] == f"[task {first} done by operator] tag the release\nResult: v1.4.0 tagged"
+    assert task("claim", second, env=laptop).returncode == 0  # a client claims and finishes as its credential
+    assert task("done", second, env=laptop).stdout == f"task {second} done\n"
+    assert task("list").stdout == "no open tasks (claude-peers task add TEXT)\n"
+    every = json.loads(task("list", "--all", "--json").stdout)
+    assert [(t["id"], t["state"], t["done_by"]) for t in every] == [(first, "done", "operator"),
+                                                                     (second, "done", "laptop (command line)")]
+
+
 def test_cli_unreachable_broker_and_wrong_token(broker):
     out = broker.cli("status", env={"CLAUDE_PEERS_URL": f"http://127.0.0.1:{free_port()}"})
     assert out.returncode == cp.EXIT_UNREACHABLE
@@ -5972,6 +7464,34 @@ def test_trigger_refuses_a_daemon_the_config_does_not_run(broker):
     assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1 and "enabled = false" in out.stderr
     events = broker.client().call("GET", "/api/events?after=0")["events"]
     assert not [e for e in events if e["subject"].startswith("fleet.daemon.")]  # nothing was requested
+
+
+def test_a_trigger_no_running_supervisor_would_take_is_refused_with_the_reason_and_the_fix(make_broker, supervisors):
+    broker = make_broker()
+    write_config(broker, '[daemons.touch]\nrunner = "command"\ncommand = ["true"]\n')
+    host = socket.gethostname()
+    laptop = {"CLAUDE_PEERS_TOKEN": credential(broker, "laptop", "laptop")}  # a client of a machine with none
+    out = broker.cli("trigger", "touch", env=laptop)
+    assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1
+    assert out.stderr.strip() == ("claude-peers: nothing started: no supervisor on laptop runs touch: start this"
+                                  " machine's (claude-peers supervise, or install.sh --role client --with-supervisor"
+                                  " as a service), or run it in the foreground: claude-peers trigger touch --here")
+    out = broker.cli("trigger", "touch")  # the admin, with no supervisor anywhere
+    assert out.returncode == cp.EXIT_ERROR and "no running supervisor has touch enabled" in out.stderr
+    events = broker.client().call("GET", "/api/events?after=0")["events"]
+    assert not [e for e in events if e["subject"].startswith("fleet.daemon.")]  # nothing was requested
+
+    supervisor = supervisors(broker)  # this machine's: the credential of laptop still reaches none
+    out = broker.cli("trigger", "touch", env=laptop)
+    assert out.returncode == cp.EXIT_ERROR and (f"no supervisor on laptop runs touch, and a client credential"
+                                                f" triggers only its own machine's; the one on {host} does") in out.stderr
+    here = {"CLAUDE_PEERS_TOKEN": credential(broker, "this-box", host)}  # a client of the machine whose supervisor has it
+    out = broker.cli("trigger", "touch", env=here)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"requested a run of touch: the supervisor on {host} starts it now (see: claude-peers" \
+                                 " runs touch)"
+    [run] = supervisor.wait_runs("touch", 1)
+    assert run["status"] == "ok" and run["trigger"] == "requested by this-box"
 
 
 def test_help_lists_every_subcommand_with_its_help():
@@ -6034,9 +7554,9 @@ case "$*" in
     "mcp get claude-peers")
         [ -e "$STANDIN_DIR/mcp" ] || { echo "No MCP server found with name: claude-peers" >&2; exit 1; }
         cat "$STANDIN_DIR/mcp" ;;
-    "mcp add --scope user claude-peers -- "*)
-        echo "claude-peers: ${*#*-- }" > "$STANDIN_DIR/mcp"
-        echo "Added stdio MCP server claude-peers with command: ${*#*-- } to user config" ;;
+    "mcp add-json --scope user claude-peers "*)
+        echo "claude-peers: ${*#mcp add-json --scope user claude-peers }" > "$STANDIN_DIR/mcp"
+        echo "Added stdio MCP server claude-peers to user config" ;;
     "mcp remove --scope user claude-peers")
         rm "$STANDIN_DIR/mcp" 2>/dev/null || { echo "No user-scoped MCP server found with name: claude-peers" >&2; exit 1; }
         echo "Removed MCP server claude-peers from user config" ;;
@@ -6150,11 +7670,15 @@ def test_install_help_is_the_same_piped(tmp_path):
                    "--token TOKEN", "--uninstall", "--purge", "CLAUDE_PEERS_OS"):
         assert option in local.stdout
     assert "set -eu" not in local.stdout
+    token = re.search(r"^  --token TOKEN .*?(?=^  --)", local.stdout, re.MULTILINE | re.DOTALL).group()
+    assert " ".join(token.split()) == ("--token TOKEN this machine's own credential, made on the hub with claude-peers"
+                                       " token create NAME --machine NAME (the hub's admin token stays on the hub)")
     assert not (tmp_path / "user").exists()
 
 
 @pytest.mark.parametrize(("args", "error"), [
-    (["--role", "client", "--broker-url", "http://hub:7899"], "--role client needs --broker-url URL and --token"),
+    (["--role", "client", "--broker-url", "http://hub:7899"], ("--role client needs --broker-url URL and --token"
+     " CREDENTIAL (make it on the hub: claude-peers token create NAME --machine NAME)")),
     (["--role", "server"], "--role is hub or client (got server)"),
     (["--role", "hub", "--broker-url", "http://hub:7899"], "--broker-url is for clients"),
     (["--with-supervisor"], "--with-supervisor goes with --role client"),
@@ -6185,7 +7709,8 @@ def test_install_from_scratch_says_what_it_does_and_runs_the_module_imported(fre
                         r" packages, done", pip)
     dots, count = re.fullmatch(r".* (\.+) (\d+) packages, done", pip).groups()
     assert len(dots) == int(count) > 10
-    assert f"install.sh: created a fleet token in {base}/user/data/token" in out.stdout
+    assert (f"install.sh: created the hub's admin token in {base}/user/data/token: it stays on this machine; each"
+            " other machine gets its own credential (claude-peers token create NAME --machine NAME)") in lines
     assert all(line.startswith(("install.sh: ", "    ")) for line in lines)  # no raw log line
     assert f"    ok    config   {config_of(env)}" in lines  # the closing doctor
     assert not [line for line in lines if "systemctl" in line] and not unit_of(env, "hub").exists()
@@ -6199,7 +7724,9 @@ def test_install_from_scratch_says_what_it_does_and_runs_the_module_imported(fre
     (tmp_path / "claude_peers.py").write_text("raise SystemExit('the wrong claude_peers')\n")
     version = installed(env, "--version", cwd=tmp_path)  # a claude_peers.py in the current directory is not it
     assert version.stdout.strip() == f"claude-peers {cp.__version__}", version.stderr
-    assert f"claude mcp add --scope user claude-peers -- {launcher} shim" in calls(env)
+    entry = {"type": "stdio", "command": str(launcher), "args": ["shim"], "alwaysLoad": True}
+    assert f"claude mcp add-json --scope user claude-peers {json.dumps(entry)}" in calls(env)
+    assert "install.sh: registered the MCP server with Claude Code (user scope, alwaysLoad)" in lines
 
 
 @pytest.mark.network  # pip installs from the package index
@@ -6314,6 +7841,20 @@ def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
 
 
 @pytest.mark.network  # pip installs from the package index
+def test_install_a_client_without_its_credential_says_how_to_make_one_on_the_hub(fresh_install, tmp_path):
+    env = seeded_env(fresh_install, tmp_path)
+    out = run_install(env, "--broker-url", f"http://127.0.0.1:{free_port()}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    host = os.uname().nodename
+    assert (f"install.sh: note: no credential for this machine yet: make one on the hub (claude-peers token create"
+            f" {host} --machine {host}) and run install.sh again with --token CREDENTIAL") in out.stdout.splitlines()
+    [token] = [line for line in out.stdout.splitlines() if line.split()[1:2] == ["token"]]
+    assert token.startswith("    FAIL  token") and f"no fleet token: make this machine a credential on the hub" \
+        f" (claude-peers token create {host} --machine {host}) and install it here" in token, token
+    assert not (tmp_path / "user/data/token").exists()
+
+
+@pytest.mark.network  # pip installs from the package index
 def test_install_hub_service_starts_once_and_restarts_only_on_a_change(fresh_install, tmp_path):
     env = seeded_env(fresh_install, tmp_path)
     user = env.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
@@ -6324,15 +7865,20 @@ def test_install_hub_service_starts_once_and_restarts_only_on_a_change(fresh_ins
     text = unit.read_text()
     for line in (f'ExecStart="{launcher}" --config "{config_of(env)}" up', f'Environment="CLAUDE_PEERS_HOME={data}"',
                  "Restart=on-failure", "KillMode=mixed", "StandardOutput=journal", "StandardError=journal",
-                 "WantedBy=default.target"):
+                 "WantedBy=default.target", f'ExecReload="{launcher}" reload'):
         assert line in text.splitlines()
-    assert "ExecReload" not in text and "User=" not in text
+    assert "User=" not in text
     assert_unit_verifies(unit, tmp_path)
     assert [c for c in calls(env) if not c.startswith("claude")] == [
         "systemctl --user show-environment", "systemctl --user daemon-reload",
         "systemctl --user is-enabled claude-peers-hub.service",
         "systemctl --user enable --now claude-peers-hub.service", f"loginctl show-user {user} --property=Linger"]
     assert "install.sh: enabled and started claude-peers-hub.service" in out.stdout
+    nexts = out.stdout[out.stdout.index("install.sh: next:"):].splitlines()
+    assert nexts[1:] == ["install.sh:     claude-peers token create NAME --machine NAME",
+                         "install.sh:   and on that machine install with it (the admin token never leaves this hub):",
+                         ("install.sh:     install.sh --role client --broker-url http://<that address>:7899 --token"
+                         " <the credential it printed>")], nexts
     assert f"loginctl enable-linger {user}" in out.stdout
 
     again = run_install(env)  # no --role: the services installed before are kept and upgraded
@@ -6371,7 +7917,7 @@ def test_install_client_supervisor_service_then_uninstall_and_purge(fresh_instal
     unit = unit_of(env, "supervisor")
     text = unit.read_text().splitlines()
     assert f'ExecStart="{tmp_path}/user/.local/bin/claude-peers" --config "{config_of(env)}" supervise' in text
-    assert "ExecReload=/bin/kill -HUP $MAINPID" in text and "Restart=on-failure" in text
+    assert f'ExecReload="{tmp_path}/user/.local/bin/claude-peers" reload' in text and "Restart=on-failure" in text
     assert not unit_of(env, "hub").exists()
     assert_unit_verifies(unit, tmp_path)
 
@@ -6388,6 +7934,40 @@ def test_install_client_supervisor_service_then_uninstall_and_purge(fresh_instal
     assert f"install.sh: removed {tmp_path}/user/data" in purged.stdout
     assert files_under(tmp_path / "user") == set()
     assert not (tmp_path / "user/data").exists() and not (tmp_path / "user/config/claude-peers").exists()
+
+
+@pytest.mark.network  # pip installs from the package index
+def test_uninstall_refuses_while_a_hand_started_up_runs_naming_its_pid_and_removes_nothing(fresh_install, tmp_path):
+    env = seeded_env(fresh_install, tmp_path)
+    assert run_install(env).returncode == 0
+    config_of(env).write_text(config_of(env).read_text()
+                              .replace('listen = "127.0.0.1:7899"', f'listen = "127.0.0.1:{free_port()}"')
+                              .replace('listen = "127.0.0.1:4222"', f'listen = "127.0.0.1:{free_port()}"'))
+    launcher, data = tmp_path / "user/.local/bin/claude-peers", tmp_path / "user/data"
+    hub = subprocess.Popen([str(launcher), "up"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        started(hub, "Ctrl-C")
+        wait_until_sync(lambda: len(json.loads(installed(env, "running", "--json").stdout)) == 2,
+                        what="up and its supervisor in their lock files")
+        supervisor = json.loads(installed(env, "running", "--json").stdout)[1]["pid"]
+        calls(env)
+        out = run_install(env, "--uninstall")
+        assert out.returncode == 1
+        [line] = out.stderr.splitlines()
+        assert line.startswith(f"install.sh: error: claude-peers still runs on {data}: up (pid {hub.pid}): broker on")
+        assert line.endswith(f"Stop it (Ctrl-C where it runs, or kill {hub.pid} {supervisor}), then run"
+                             " install.sh --uninstall again")
+        assert hub.poll() is None and launcher.exists() and (data / "venv").exists() and (data / "app").exists()
+        assert not [c for c in calls(env) if "remove" in c]  # still registered with Claude Code
+        assert installed(env, "reload").returncode == 0  # and whole: the installed launcher still works
+        hub.send_signal(signal.SIGINT)
+        assert hub.wait(30) == 0
+        out = run_install(env, "--uninstall")
+        assert out.returncode == 0, out.stderr
+        assert f"install.sh: removed {data}/venv" in out.stdout and not launcher.exists()
+    finally:
+        if hub.poll() is None:
+            cp.end_process(hub)
 
 
 @pytest.mark.network  # pip installs from the package index
