@@ -11045,9 +11045,14 @@ def registration_check(cwd: Path) -> tuple[str, str]:
 
 
 def claude_command(args: list[str]) -> list[str]:
-    """`claude` with the channel flag for this server (idempotent)."""
+    """`claude` with the channel flag for this server (idempotent). The flag takes every argument
+    after it up to the next option, so it goes after the user's (before a `--` of theirs): first,
+    it would swallow a prompt such as `claude-peers run "fix the build"` as a channel name."""
     flag = ["--dangerously-load-development-channels", f"server:{SERVER_NAME}"]
-    return ["claude", *([] if flag[1] in args else flag), *args]
+    if flag[1] in args:
+        return ["claude", *args]
+    end = args.index("--") if "--" in args else len(args)
+    return ["claude", *args[:end], *flag, *args[end:]]
 
 
 def sessions_without_channel(cfg: Config, client: BrokerClient) -> Iterator[tuple[str, str, str]]:

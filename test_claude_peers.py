@@ -3988,8 +3988,11 @@ def peer_named_id(broker: BrokerProc, shim: ShimSession) -> str:
 
 
 def test_run_adds_the_channel_flag(tmp_path):
-    assert cp.claude_command(["-c"]) == ["claude", "--dangerously-load-development-channels", "server:claude-peers",
-                                         "-c"]
+    flag = ["--dangerously-load-development-channels", "server:claude-peers"]
+    assert cp.claude_command(["-c"]) == ["claude", "-c", *flag]
+    assert cp.claude_command(["fix the build"]) == ["claude", "fix the build", *flag]  # a prompt stays a prompt
+    assert cp.claude_command(["-c", "--", "-x"]) == ["claude", "-c", *flag, "--", "-x"]
+    assert cp.claude_command(["-c", *flag]) == ["claude", "-c", *flag]
     fake = tmp_path / "bin/claude"
     fake.parent.mkdir()
     fake.write_text("#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
@@ -3997,8 +4000,7 @@ def test_run_adds_the_channel_flag(tmp_path):
     env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
     out = subprocess.run([PY, str(SCRIPT), "run", "--resume", "abc"], env=env, capture_output=True, text=True,
                          check=False)
-    assert out.stdout.split() == ["--dangerously-load-development-channels", "server:claude-peers", "--resume",
-                                  "abc"]
+    assert out.stdout.split() == ["--resume", "abc", "--dangerously-load-development-channels", "server:claude-peers"]
     missing = subprocess.run([PY, str(SCRIPT), "run"], env={**os.environ, "PATH": str(tmp_path)},
                              capture_output=True, text=True, check=False)
     assert missing.returncode == cp.EXIT_ERROR and "claude not found on PATH" in missing.stderr
@@ -4018,8 +4020,8 @@ def test_run_takes_its_own_options_first_and_hands_the_rest_to_claude_untouched(
                               text=True, check=False)
 
     out = run("--config", str(config), "-v", "--", "--config", "theirs", "-v")
-    assert out.stdout.split()[2:] == ["--config", "theirs", "-v"], out.stderr
-    assert run("--resume", "--config", "x").stdout.split()[2:] == ["--resume", "--config", "x"]
+    assert out.stdout.split()[:-2] == ["--config", "theirs", "-v"], out.stderr
+    assert run("--resume", "--config", "x").stdout.split()[:-2] == ["--resume", "--config", "x"]
     out = run("--config", str(tmp_path / "missing.toml"), "--resume")
     assert out.returncode == cp.EXIT_ERROR and "missing.toml: config file not found" in out.stderr
     out = run("--help", path=str(tmp_path))  # no claude on PATH: help is still help
@@ -6271,7 +6273,7 @@ def test_next_due_for_every_and_cron():
 @pytest.mark.parametrize("negotiation", ["legacy", "auto"])
 def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation):
     """`claude mcp list` starts every registered server and reports it: a real-client handshake, a pull
-    session (no channel flag). `claude-peers run -p` is a push session, listed while Claude Code waits on
+    session (no channel flag). `claude-peers run PROMPT -p` is a push session (the prompt not taken for a channel), listed while Claude Code waits on
     an API endpoint that never answers (a socket here: no login, no network)."""
     unanswered = socket.create_server(("127.0.0.1", 0))
     env = {**broker.env, "HOME": str(tmp_path), "MCP_PROTOCOL_NEGOTIATION": negotiation,
@@ -6287,7 +6289,7 @@ def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation
     assert "Connected" in line, listed.stdout + listed.stderr
     [joined] = [e for e in broker.client().call("GET", "/api/events?after=0")["events"] if e["type"] == "peer.joined"]
     assert (joined["name"], joined["client"], joined["mode"]) == ("real-claude", "claude-code", "pull")
-    run = subprocess.Popen([PY, str(SCRIPT), "run", "-p", "hello"], env=env, stdin=subprocess.DEVNULL,
+    run = subprocess.Popen([PY, str(SCRIPT), "run", "hello", "-p"], env=env, stdin=subprocess.DEVNULL,  # a prompt first
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
