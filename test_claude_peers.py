@@ -3991,7 +3991,7 @@ def test_a_pull_sessions_poll_is_a_heartbeat_that_answers_how_much_mail_waits(ma
     waiting.start()
     sent = send(sender, "reader", "one")
     waiting.join(10)
-    assert answer == {"messages": [], "unread": 1}  # woken by the mail, which stays queued and unleased
+    assert answer == {"messages": [], "unread": 1, "notices": []}  # woken by the mail, which stays queued and unleased
     assert reader.session_call("POST", "/poll", {"wait_s": 30, "unread": 0})["unread"] == 1  # told at once
     assert message_state(broker, sent["id"]) == "queued"
     assert [m["id"] for m in reader.session_call("POST", "/inbox")["messages"]] == [sent["id"]]
