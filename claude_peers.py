@@ -4251,12 +4251,12 @@ def validate(body: Any, schema: Schema, prefix: str = "") -> dict[str, Any]:
         raise ApiError(400, f"{prefix.rstrip('.') or 'body'} must be a JSON object")
     for key in body:
         if key not in schema:
-            raise ApiError(400, f"unknown field {prefix}{str(key)[:64]!r} (allowed: {', '.join(schema) or 'none'})")
+            raise ApiError(400, f"unknown field {prefix + str(key)[:64]!r} (allowed: {', '.join(schema) or 'none'})")
     clean = {}
     for key, field in schema.items():
         if body.get(key) is None:
             if field.required:
-                raise ApiError(400, f"missing field {prefix}{key!r}")
+                raise ApiError(400, f"missing field {prefix + key!r}")
             continue
         clean[key] = _check_field(prefix + key, body[key], field)
         if field.items is not None and field.kind is dict:

