@@ -143,6 +143,12 @@ def message_state(broker: BrokerProc, mid: str) -> str:
     return broker.client().call("GET", f"/api/messages/{mid}")["state"]
 
 
+def run_git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=Dev", "-c", "user.email=dev@example.com", "-c",
+                           "init.defaultBranch=main", *args], cwd=cwd, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
 # ---------------------------------------------------------------------------
 # The module reads top to bottom
 # ---------------------------------------------------------------------------
@@ -3713,10 +3719,20 @@ def machine_config(broker: BrokerProc, machine: str) -> Path:
     return path
 
 
-def two_clones(tmp_path: Path) -> tuple[Path, Path]:
-    """One repository cloned twice, its origin spelt two ways (scp-like ssh, https), as on two machines."""
+def two_clones(tmp_path: Path, files: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """One repository cloned twice, its origin spelt two ways (scp-like ssh, https), as on two machines;
+    with ``files``, main has a first commit of them that each clone tracks."""
     origin = tmp_path / "origin.git"
-    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    subprocess.run(["git", "init", "-q", "--bare", "--initial-branch=main", str(origin)], check=True)
+    if files:
+        seed = tmp_path / "seed"
+        run_git(tmp_path, "clone", "-q", str(origin), str(seed))
+        for name in files:
+            (seed / name).parent.mkdir(parents=True, exist_ok=True)
+            (seed / name).write_text(f"# {name}\n")
+        run_git(seed, "add", ".")
+        run_git(seed, "commit", "-qm", "first")
+        run_git(seed, "push", "-q", "origin", "HEAD:main")
     clones = []
     for name, url in (("desk", "git@github.com:homelab/infra.git"), ("laptop", "https://github.com/homelab/infra")):
         clone = tmp_path / name / "infra"
@@ -3801,6 +3817,111 @@ async def test_a_task_held_by_a_shim_whose_process_is_killed_is_open_again(broke
         with contextlib.suppress(Exception):  # only the client's own exit, after its server died under it
             await stack.aclose()
     assert [t["state"] for t in broker.client().call("GET", "/api/tasks")["tasks"]] == ["open"]
+
+
+def test_the_change_watch_runs_git_only_when_something_changed_and_names_edits_and_unpushed_commits(
+        tmp_path, monkeypatch):
+    clone, _ = two_clones(tmp_path, ("a.py", "b.py", "c.py", "lib/d.py"))
+    calls, real = [], cp.git_output
+    monkeypatch.setattr(cp, "git_output", lambda cwd, *args: calls.append(args) or real(cwd, *args))
+    watch = cp.ChangeWatch(clone)
+    assert watch.look(REPO) == {"repo": REPO, "paths": [], "more": 0} and calls
+    calls.clear()
+    assert watch.look(REPO)["paths"] == [] and calls == []  # nothing changed: no git at all
+    (clone / "a.py").write_text("an edit, not staged\n")
+    assert watch.look(REPO)["paths"] == ["a.py"] and calls
+    calls.clear()
+    assert watch.look(REPO)["paths"] == ["a.py"] and calls == []
+    (clone / "b.py").write_text("committed here, not pushed\n")
+    run_git(clone, "commit", "-qm", "b", "b.py")
+    assert watch.look(REPO)["paths"] == ["a.py", "b.py"]  # b.py only in a commit its upstream lacks
+    (clone / "lib" / "new.py").write_text("")  # a new file next to a tracked one
+    assert watch.look(REPO)["paths"] == ["a.py", "b.py", "lib/new.py"]
+    run_git(clone, "mv", "c.py", "e.py")
+    assert watch.look(REPO)["paths"] == ["a.py", "b.py", "c.py", "e.py", "lib/new.py"]
+    for i in range(250):
+        (clone / f"n{i:03d}.txt").write_text("")
+    many = watch.look(REPO)
+    assert len(many["paths"]) == cp.MAX_CHANGED_PATHS and many["more"] == 255 - cp.MAX_CHANGED_PATHS
+    assert all(args[0] != "-c" and not any(";" in a or "|" in a for a in args) for args in calls)
+    (tmp_path / "plain").mkdir()
+    assert cp.ChangeWatch(tmp_path / "plain").look(REPO) is None  # not a repository: nothing to report
+    monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))
+    assert cp.ChangeWatch(clone).look(REPO) is None  # git missing: nothing either
+
+
+def reported(broker: BrokerProc) -> dict[str, int]:
+    """How many changed files each live session's last overlap report named, as the broker stored it."""
+    with contextlib.closing(sqlite3.connect(broker.home / "broker.db")) as db:
+        rows = db.execute("SELECT s.name, c.paths FROM changes c JOIN sessions s ON s.id = c.session_id").fetchall()
+    return {name: len(json.loads(paths)) for name, paths in rows}
+
+
+async def told_of_overlap(shim: ShimSession) -> str:
+    """A pull session's tool results until one ends with an overlap notice: that one."""
+    with anyio.fail_after(15):
+        while "[claude-peers] Overlap in" not in (text := await shim.ok("whoami")):
+            await anyio.sleep(0.05)
+    return text
+
+
+@pytest.mark.anyio
+async def test_two_shims_on_two_machines_editing_the_same_files_are_each_told_once_with_the_files(
+        make_broker, tmp_path):
+    broker = make_broker("poll_wait_s = 1\n[shim]\nchanges_every_s = 0.1\n")
+    desk_dir, laptop_dir = two_clones(tmp_path, ("backup.sh", "cron.txt", "notes.md"))
+    other = tmp_path / "nas" / "scripts"  # another repository, with a file of the same name
+    run_git(tmp_path, "init", "-q", str(other))
+    (other / "backup.sh").write_text("#!/bin/sh\n")
+    run_git(other, "add", ".")
+    run_git(other, "commit", "-qm", "first")
+    laptop_env = {"CLAUDE_PEERS_CONFIG": str(machine_config(broker, "laptop")), "CLAUDE_PEERS_MODE": "pull"}
+    nas_env = {"CLAUDE_PEERS_CONFIG": str(machine_config(broker, "nas"))}
+    desk_env = {"CLAUDE_PEERS_CONFIG": str(machine_config(broker, "desk"))}
+    async with shim_session(broker, name="desk", cwd=desk_dir, env=desk_env) as desk, \
+            shim_session(broker, name="laptop", cwd=laptop_dir, env=laptop_env) as laptop, \
+            shim_session(broker, name="nas", cwd=other, env=nas_env) as nas:
+        await laptop.ok("set_summary", {"summary": "Making the backup script retry"})
+        (desk_dir / "backup.sh").write_text("desk's edit\n")
+        (desk_dir / "cron.txt").write_text("desk's\n")
+        run_git(desk_dir, "commit", "-qm", "cron", "cron.txt")  # committed, not pushed
+        (other / "backup.sh").write_text("the nas's edit\n")
+        (laptop_dir / "notes.md").write_text("the laptop's\n")  # disjoint from the desk's
+        await wait_until(lambda: reported(broker) == {"desk": 2, "laptop": 1, "nas": 1}, what="three reports")
+        await stays(lambda: not desk.recorder.received, 1.0, "no overlap: another repository, disjoint files")
+        assert "Overlap" not in await laptop.ok("whoami") and "Overlap" not in await nas.ok("whoami")
+
+        (laptop_dir / "backup.sh").write_text("the laptop's edit\n")
+        (laptop_dir / "cron.txt").write_text("the laptop's\n")
+        [note] = await desk.recorder.wait_for(1)
+        assert (note.meta["kind"], note.meta["peer_name"], note.meta["peer_machine"], note.meta["repo"]) == (
+            "overlap", "laptop", "laptop", REPO)
+        assert note.content.startswith(f"[claude-peers] Overlap in {REPO}: laptop (session ")
+        assert f"on laptop:{laptop_dir}" in note.content and "has also changed backup.sh, cron.txt;" in note.content
+        assert 'its summary: "Making the backup script retry"' in note.content and 'send_message(to="laptop")' in note.content
+        told = await told_of_overlap(laptop)
+        assert f"desk (session {peer_named(broker, 'desk')['id']} on desk:{desk_dir} [main]) has also changed" \
+               " backup.sh, cron.txt; it has set no summary." in told
+        assert "Overlap" not in await laptop.ok("whoami")  # told once
+
+        (laptop_dir / "todo.md").write_text("a new file of the laptop's alone\n")  # the same overlap, reported again
+        await wait_until(lambda: reported(broker)["laptop"] == 4, what="the laptop's next report")
+        await stays(lambda: len(desk.recorder.received) == 1, 1.0, "no second notice for the same overlap")
+        assert "Overlap" not in await laptop.ok("whoami")
+
+        (desk_dir / "notes.md").write_text("the desk's too\n")  # a new overlapping file: both told again
+        [_, again] = await desk.recorder.wait_for(2)
+        assert "has also changed backup.sh, cron.txt, notes.md (new: notes.md);" in again.content
+        assert "(new: notes.md)" in await told_of_overlap(laptop)
+        assert "Overlap" not in await nas.ok("whoami")
+        [now] = broker.client().call("GET", "/api/overlaps")["overlaps"]
+        assert now["paths"] == ["backup.sh", "cron.txt", "notes.md"]
+        assert sorted(s["name"] for s in now["sessions"]) == ["desk", "laptop"]
+    events = broker.client().call("GET", "/api/events?limit=1000")["events"]
+    assert [(e["state"], e["paths"]) for e in events if e["subject"] == "fleet.overlap"] == [
+        ("started", ["backup.sh", "cron.txt"]), ("changed", ["backup.sh", "cron.txt", "notes.md"]),
+        ("ended", ["backup.sh", "cron.txt", "notes.md"])]
+    assert broker.client().call("GET", "/api/overlaps")["overlaps"] == []
 
 
 @pytest.mark.anyio
@@ -6155,12 +6276,6 @@ sys.exit(1 if bad else 0)
 
 ONE_TO_TEN = "".join(f"{word}\n" for word in ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
                                                "ten"))
-
-
-def run_git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=Dev", "-c", "user.email=dev@example.com", "-c",
-                           "init.defaultBranch=main", *args], cwd=cwd, check=True, capture_output=True,
-                          text=True).stdout.strip()
 
 
 class PrLab:
