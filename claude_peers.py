@@ -4001,7 +4001,8 @@ function renderOverlaps() {
     ...o.sessions.map((s) => h("td", {},
       h("div", {class: "name"}, (s.name || s.id) + ` on ${s.machine}`),
       h("div", {class: "muted mono clip", title: s.cwd}, s.cwd + (s.branch ? ` [${s.branch}]` : "")),
-      h("div", {class: "muted clip", title: s.summary}, s.summary || `${s.changed} files changed`))),
+      s.summary ? h("div", {class: "clip", title: s.summary}, s.summary) : null,
+      h("div", {class: "muted"}, `${s.changed} files changed`))),
     h("td", {class: "num"}, when(o.since))));
   document.getElementById("overlap-count").textContent = `${state.overlaps.length} now`;
   document.getElementById("overlaps").replaceChildren(table(

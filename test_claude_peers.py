@@ -2554,6 +2554,52 @@ def test_the_dashboards_task_panel_shows_open_claimed_and_done_tasks_with_who_an
         driver.quit()
 
 
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+def test_the_dashboards_overlap_panel_shows_who_changes_which_files_and_clears_when_a_session_leaves(
+        make_broker, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    broker = make_broker()
+    desk = broker.session(name="desk", machine="desk", cwd="/home/me/infra", branch="main",
+                          summary="Moving the backups to restic")
+    laptop = broker.session(name="laptop", machine="laptop", cwd="/Users/me/src/infra", branch="fix-cron")
+    report_changes(desk, ["scripts/backup.sh", "cron/nightly.txt", "README.md", "docs/restore.md"])
+    driver = chromium()
+    try:
+        def until(condition, what: str) -> None:
+            WebDriverWait(driver, 10, poll_frequency=0.02).until(lambda d: condition(), what)
+
+        def panel() -> str:
+            return driver.execute_script("return document.getElementById('overlaps').innerText")
+
+        driver.set_window_size(1400, 1100)
+        driver.get(login_code(broker))
+        until(lambda: "No overlaps" in panel(), "the overlap panel, empty")
+        driver.execute_script("window.notReloaded = true")
+        report_changes(laptop, ["scripts/backup.sh", "cron/nightly.txt", "README.md", "docs/restore.md", "x.py"])
+        until(lambda: "README.md, cron/nightly.txt, docs/restore.md" in panel(), "the overlap, live")
+        text = panel()
+        assert REPO in text and "laptop on laptop" in text and "desk on desk" in text and "and 1 more" in text
+        assert "Moving the backups to restic" in text and "4 files changed" in text and "5 files changed" in text
+        assert "/Users/me/src/infra [fix-cron]" in text
+        assert driver.find_element("id", "overlap-count").text == "1 now"
+        widths = driver.execute_script("const e = document.getElementById('overlaps');"
+                                       " return [e.scrollWidth, e.clientWidth]")
+        assert widths[0] <= widths[1], widths  # fits at 1400 px
+        shot = Path(os.environ.get("CLAUDE_PEERS_OVERLAPS_SCREENSHOT") or tmp_path / "overlaps.png")
+        section = driver.find_element("css selector", "#overlaps").find_element("xpath", "..")
+        assert section.screenshot(str(shot)) and shot.stat().st_size > 5_000
+        laptop.session_call("POST", "/leave")
+        until(lambda: "No overlaps" in panel(), "the overlap cleared when the laptop left")
+        assert driver.find_element("id", "overlap-count").text == "0 now"
+        assert driver.execute_script("return window.notReloaded") is True
+        problems = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not problems, problems
+    finally:
+        driver.quit()
+
+
 # ---------------------------------------------------------------------------
 # Security
 # ---------------------------------------------------------------------------
