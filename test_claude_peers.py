@@ -4498,6 +4498,29 @@ async def test_an_inbox_that_refuses_or_is_gone_leaves_the_mail_queued_and_the_s
     assert inbox_socket.received == []
 
 
+@pytest.mark.anyio
+async def test_an_inbox_session_has_an_overlap_posted_into_its_inbox_or_on_its_next_tool_result_once_refused(
+        make_broker, tmp_path, inbox_socket):
+    broker = make_broker("poll_wait_s = 1\n[shim]\nchanges_every_s = 0.1\n")
+    clone, _ = two_clones(tmp_path, ("backup.sh", "cron.txt"))
+    (clone / "backup.sh").write_text("the inbox session's edit\n")
+    laptop = broker.session(name="laptop", machine="laptop", summary="Retrying the backups")
+    async with shim_session(broker, name="posted", flag=[], cwd=clone, env=inbox_socket.env(tmp_path)) as shim:
+        await wait_until(lambda: reported(broker).get("posted") == 1, what="the inbox session's report")
+        report_changes(laptop, ["backup.sh"])
+        _, post = inbox_socket.posts(2)
+        assert post["message"]["content"].startswith(f"[claude-peers] Overlap in {REPO}: laptop (session ")
+        assert 'has also changed backup.sh; its summary: "Retrying the backups".' in post["message"]["content"]
+        assert "Overlap" not in await shim.ok("whoami")  # posted, so not on a tool result too
+        inbox_socket.refuse()
+        (clone / "cron.txt").write_text("the inbox session's too\n")
+        await wait_until(lambda: reported(broker).get("posted") == 2, what="the next report")
+        report_changes(laptop, ["backup.sh", "cron.txt"])
+        assert "has also changed backup.sh, cron.txt (new: cron.txt)" in await told_of_overlap(shim)
+        assert peer_named(broker, "posted")["mode"] == "pull"
+    assert len(inbox_socket.received) == 2
+
+
 def test_a_killed_shim_loses_no_message_it_posted(broker, tmp_path, inbox_socket):
     sender = broker.session(name="pinger")
     shim = RawShim(broker, {**inbox_socket.env(tmp_path), "CLAUDE_PEERS_NAME": "posted"})
