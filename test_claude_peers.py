@@ -3896,10 +3896,12 @@ def test_the_change_watch_runs_git_only_when_something_changed_and_names_edits_a
     assert cp.ChangeWatch(clone).look(REPO) is None  # git missing: nothing either
 
 
-def reported(broker: BrokerProc) -> dict[str, int]:
-    """How many changed files each live session's last overlap report named, as the broker stored it."""
+def reported(broker: BrokerProc, after: float = 0.0) -> dict[str, int]:
+    """How many changed files each live session's last overlap report named, as the broker stored it
+    (those taken after ``after`` only)."""
     with contextlib.closing(sqlite3.connect(broker.home / "broker.db")) as db:
-        rows = db.execute("SELECT s.name, c.paths FROM changes c JOIN sessions s ON s.id = c.session_id").fetchall()
+        rows = db.execute("SELECT s.name, c.paths FROM changes c JOIN sessions s ON s.id = c.session_id"
+                          " WHERE c.at > ?", (after,)).fetchall()
     return {name: len(json.loads(paths)) for name, paths in rows}
 
 
@@ -3968,6 +3970,28 @@ async def test_two_shims_on_two_machines_editing_the_same_files_are_each_told_on
         ("started", ["backup.sh", "cron.txt"]), ("changed", ["backup.sh", "cron.txt", "notes.md"]),
         ("ended", ["backup.sh", "cron.txt", "notes.md"])]
     assert broker.client().call("GET", "/api/overlaps")["overlaps"] == []
+
+
+@pytest.mark.anyio
+async def test_after_a_hub_restart_the_shims_report_again_and_no_one_is_told_twice(make_broker, tmp_path):
+    broker = make_broker("poll_wait_s = 1\n[shim]\nchanges_every_s = 0.1\n")
+    desk_dir, laptop_dir = two_clones(tmp_path, ("backup.sh",))
+    for clone in (desk_dir, laptop_dir):
+        (clone / "backup.sh").write_text(f"{clone.parent.name}'s edit\n")
+    laptop_env = {"CLAUDE_PEERS_CONFIG": str(machine_config(broker, "laptop"))}
+    async with shim_session(broker, name="desk", cwd=desk_dir) as desk, \
+            shim_session(broker, name="laptop", cwd=laptop_dir, env=laptop_env) as laptop:
+        await desk.recorder.wait_for(1)
+        await laptop.recorder.wait_for(1)
+        broker.kill()
+        restarted = time.time()
+        broker.start()
+        await wait_until(lambda: reported(broker, restarted) == {"desk": 1, "laptop": 1}, timeout=40,
+                         what="both shims report again to the restarted hub")
+        await stays(lambda: len(desk.recorder.received) == len(laptop.recorder.received) == 1, 1.5,
+                    "no one told twice of the overlap it was told of before the restart")
+    assert [e["state"] for e in broker.client().call("GET", "/api/events?limit=1000")["events"]
+            if e["subject"] == "fleet.overlap"] == ["started", "ended"]
 
 
 @pytest.mark.anyio
