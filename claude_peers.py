@@ -6119,14 +6119,22 @@ FINGERPRINT_MAX_FILES = 20_000  #: beyond this many tracked files, git itself lo
 
 def porcelain_paths(out: str) -> list[str]:
     """The paths of `git status --porcelain -z`: each entry's, and a rename's or copy's source too."""
-    fields, paths = out.split("\0"), []
-    entries = iter(fields)
+    paths, entries = [], iter(out.split("\0"))
     for entry in entries:
         if len(entry) > 3:
             paths.append(entry[3:])
             if entry[0] in "RC":
                 paths.append(next(entries, ""))
     return [p for p in paths if p]
+
+
+def stat_stamp(path: Path) -> tuple[int, int]:
+    """A file's mtime and size, (-1, -1) when it is gone: what tells a change without reading it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return -1, -1
+    return st.st_mtime_ns, st.st_size
 
 
 class ChangeWatch:
@@ -6142,18 +6150,11 @@ class ChangeWatch:
         self.fingerprint: Any = None  #: what the last look saw; None: git looks every time
         self.report: dict[str, Any] | None = None  #: the last look's report
 
-    def _stamp(self, path: Path) -> tuple[int, int]:
-        try:
-            st = path.stat()
-        except OSError:
-            return -1, -1
-        return st.st_mtime_ns, st.st_size
-
     def _fingerprint(self) -> Any:
         """A cheap digest of what git would see, or None for a tree too large to stat (git looks then)."""
         assert self.dirs is not None
         root, git_dir, common = map(Path, self.dirs)
-        index = self._stamp(git_dir / "index")
+        index = stat_stamp(git_dir / "index")
         if self.tracked[0] != index:
             listed = git_output(root, "ls-files", "-z")
             self.tracked = (index, [root / p for p in (listed or "").split("\0") if p])
@@ -6165,8 +6166,8 @@ class ChangeWatch:
         refs = [head, git_dir / "logs" / "HEAD", common / "packed-refs", common / "FETCH_HEAD",
                 *([common / ref] if ref.startswith("refs/") and ".." not in ref else [])]
         folders = {root, *(f.parent for f in files)}
-        return hash((index, tuple(map(self._stamp, refs + files)),
-                     tuple(self._stamp(d)[0] for d in sorted(folders))))
+        return hash((index, tuple(map(stat_stamp, refs + files)),
+                     tuple(stat_stamp(d)[0] for d in sorted(folders))))
 
     def _committed(self, root: str) -> list[str]:
         """Files the branch's commits changed since it left its upstream (or origin's default branch)."""
