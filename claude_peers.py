@@ -9751,12 +9751,12 @@ class BenchBroker:
     def peer(self) -> BenchPeer:
         return BenchPeer(self)
 
-    def shim(self, name: str, via: str | None = None) -> BenchMcpClient:
-        """A shim with agent name ``name``, on this broker or on the relay at ``via``."""
+    def shim(self, name: str, via: str | None = None, cwd: Path | None = None) -> BenchMcpClient:
+        """A shim with agent name ``name``, on this broker or on the relay at ``via``, in ``cwd`` (its home)."""
         env = {**self.env, "CLAUDE_PEERS_URL": via} if via else self.env
         # it plays Claude Code with channels on: its shims push
-        return BenchMcpClient(name, module_command("shim", "--name", name, "--mode", "push"), env, self.home,
-                              eof_stops=True)
+        return BenchMcpClient(name, module_command("shim", "--name", name, "--mode", "push"), env,
+                              str(cwd or self.home), eof_stops=True)
 
     def addresses(self, clients: list[BenchMcpClient]) -> list[str]:
         """What send_message takes for each shim (its agent name), once every one is registered."""
@@ -10172,6 +10172,62 @@ def bench_idle(systems: Systems, sessions: int, seconds: float) -> dict[str, flo
             broker.close()
 
 
+def bench_clones(folder: Path, count: int) -> list[Path]:
+    """``count`` clones of one repository of ``count`` files (f0.txt, ...), as on so many machines."""
+    seed = folder / "seed"
+    seed.mkdir(parents=True)
+    for i in range(count):
+        (seed / f"f{i}.txt").write_text("first\n")
+    steps = [(seed, "init", "-q"), (seed, "add", "."),
+             (seed, "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "first"),
+             *((folder, "clone", "-q", str(seed), str(folder / f"clone-{i}")) for i in range(count))]
+    for cwd, *args in steps:
+        if git_output(cwd, *args) is None:
+            raise UserError(f"bench: git {args[0]} failed in {cwd} (is git installed?)")
+    return [folder / f"clone-{i}" for i in range(count)]
+
+
+def keep_editing(clones: list[Path], stop: threading.Event) -> None:
+    """Each clone's own file and the next clone's, rewritten twice a second until ``stop``."""
+    edits = 0
+    while not stop.wait(0.5):
+        for i, clone in enumerate(clones):
+            for name in (f"f{i}.txt", f"f{(i + 1) % len(clones)}.txt"):
+                (clone / name).write_text(f"edit {edits}\n")
+        edits += 1
+
+
+def bench_editing(sessions: int, seconds: float) -> float:
+    """Broker requests per session per minute while each session keeps editing two files of its clone
+    of one repository, one of them also the next session's: counted once every session was told of
+    its overlaps (telling wakes a poll once), so what it counts is the reports riding on the polls."""
+    broker = BenchBroker()
+    relay = RequestCounter(broker.url)
+    clients: list[BenchMcpClient] = []
+    stop = threading.Event()
+    try:
+        clones = bench_clones(Path(broker.home) / "repo", sessions)
+        clients = [broker.shim(f"bench-{i}", relay.url, clone) for i, clone in enumerate(clones)]
+        for client in clients:
+            client.handshake()
+        broker.addresses(clients)
+        threading.Thread(target=keep_editing, args=(clones, stop), daemon=True).start()
+        cfg = Config({}, None)
+        deadline = time.monotonic() + 3 * (cfg.shim.changes_every_s + cfg.broker.poll_wait_s)
+        while not all(client.arrivals for client in clients):
+            if time.monotonic() > deadline:
+                raise UserError("bench: the editing sessions were not told of their overlaps in time")
+            time.sleep(0.1)
+        since = time.monotonic()
+        time.sleep(seconds)
+        return relay.rate(since) * 60 / sessions
+    finally:
+        stop.set()
+        stop_shims(clients)
+        relay.close()
+        broker.close()
+
+
 async def bench_many_sessions(broker: BenchBroker, sessions: int) -> float:
     """Broker RSS (MB) with ``sessions`` registered, each with a long-poll parked."""
     writers = []
@@ -10335,6 +10391,8 @@ def bench_shim_figures(systems: Systems, args: argparse.Namespace, report: Bench
     idle = bench_idle(systems, count, args.idle_seconds)
     report.figure(f"broker requests per idle session per minute ({args.idle_seconds:.0f} s)", idle, "{:.1f}",
                   Target("<=", 3))
+    report.figure(f"broker requests per editing session per minute ({args.idle_seconds:.0f} s)",
+                  {"ours": bench_editing(count, args.idle_seconds)}, "{:.1f}", Target("<=", 4))
 
 
 # -- the shim as Claude Code shows it to the model -------------------------------
