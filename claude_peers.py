@@ -16,7 +16,8 @@ Sections, in dependency order (each uses only what is above it):
   Schedules            durations and cron expressions
   Config               daemons.toml: defaults, checks, the Config object, the fleet token
   Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory, tasks,
-                       the permission prompts sessions relay (Needs you)
+                       the permission prompts sessions relay (Needs you), overlaps (sessions
+                       changing the same files)
   Events on NATS JetStream  the embedded nats-server, the relay from the outbox
   Webhook              alert changes posted by the hub from its queue, in order, retried until answered
   Dashboard and metrics  the live page and its logins, the broker's counters, GET /metrics
@@ -261,17 +262,24 @@ def valid_name(name: str) -> bool:
     return bool(NAME_RE.match(name)) and not SESSION_ID_RE.match(name) and name != OPERATOR
 
 
+GIT_TIMEOUT_S = 5.0
+
+
+def git_output(cwd: Path | str, *args: str) -> str | None:
+    """What a git command printed in ``cwd`` (an argv, never a shell, within GIT_TIMEOUT_S), or None
+    when it failed, timed out or git is missing."""
+    try:
+        out = subprocess.run(["git", "-C", str(cwd), *args], stdin=subprocess.DEVNULL, capture_output=True,
+                             text=True, errors="replace", timeout=GIT_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
 def git_info(cwd: Path) -> tuple[str, str]:
     """(git root, branch) of ``cwd``, or empty strings outside a repository."""
-    try:
-        out = subprocess.run(["git", "-C", str(cwd), "rev-parse", "--show-toplevel", "--abbrev-ref", "HEAD"],
-                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "", ""
-    lines = out.stdout.split()
-    if out.returncode != 0 or len(lines) < 2:
-        return (lines[0], "") if out.returncode == 0 and lines else ("", "")
-    return lines[0], lines[1]
+    lines = (git_output(cwd, "rev-parse", "--show-toplevel", "--abbrev-ref", "HEAD") or "").split()
+    return (lines[0], lines[1]) if len(lines) > 1 else (lines[0], "") if lines else ("", "")
 
 
 def normalise_repo(url: str) -> str:
@@ -293,13 +301,9 @@ def repo_identity(cwd: Path) -> str:
     URL, else its root commit ("root:<sha>"); '' outside a repository."""
     for argv, shape in ((["remote", "get-url", "origin"], normalise_repo),
                         (["rev-list", "--max-parents=0", "HEAD"], lambda out: "root:" + out.split()[0])):
-        try:
-            out = subprocess.run(["git", "-C", str(cwd), *argv], stdin=subprocess.DEVNULL, capture_output=True,
-                                 text=True, timeout=5, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        if out.returncode == 0 and out.stdout.strip():
-            return shape(out.stdout.strip())
+        out = git_output(cwd, *argv)
+        if out is not None and out.strip():
+            return shape(out.strip())
     return ""
 
 
@@ -489,6 +493,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "shim": {
         "inbox_remind_s": 60.0,  # an inbox post still unread this long gets one reminder (Claude Code may drop a post)
         "relay_permissions": True,  # push sessions relay Claude Code's permission prompts to the hub's Needs you
+        "changes_every_s": 30.0,  # how often a session looks at what it changed in git, for overlap warnings
     },
     "llm": {
         "base_url": "",  # OpenAI-compatible, e.g. http://litellm.lan:4000/v1; empty: no LLM
@@ -836,6 +841,7 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("broker", "stale_after_s"): _check_positive,
     ("broker", "lease_s"): _check_positive,
     ("broker", "poll_wait_s"): _check_positive,
+    ("shim", "changes_every_s"): _check_positive,
     ("broker", "max_body_bytes"): _check_positive,
     ("broker", "max_text_bytes"): _check_positive,
     ("broker", "memory_max_bytes"): _check_positive,
@@ -1154,7 +1160,7 @@ def read_token(cfg: Config, create: bool = False) -> str:
 
 
 # ===========================================================================
-# Store: sessions, messages, events, alerts, memory and tasks in sqlite (WAL)
+# Store: sessions, messages, events, alerts, memory, tasks and overlaps in sqlite (WAL)
 # ===========================================================================
 
 # Daemon runs, as the broker and each supervisor keep them (the supervisor adds columns).
@@ -1338,6 +1344,23 @@ CREATE TABLE IF NOT EXISTS tasks(
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state, seq);
 CREATE INDEX IF NOT EXISTS tasks_holder ON tasks(holder_session) WHERE state = 'claimed';
+CREATE TABLE IF NOT EXISTS changes(
+    session_id TEXT PRIMARY KEY,
+    repo TEXT NOT NULL,
+    paths TEXT NOT NULL,
+    more INTEGER NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS overlaps(
+    a TEXT NOT NULL,
+    b TEXT NOT NULL,
+    repo TEXT NOT NULL,
+    paths TEXT NOT NULL,
+    told_a TEXT NOT NULL,
+    told_b TEXT NOT NULL,
+    since REAL NOT NULL,
+    PRIMARY KEY(a, b)
+);
 CREATE TABLE IF NOT EXISTS credentials(
     name TEXT PRIMARY KEY,
     machine TEXT NOT NULL,
@@ -2617,6 +2640,108 @@ class Tasks:
         return {s: states.get(s, 0) for s in ("open", "claimed", "done")}
 
 
+MAX_CHANGED_PATHS = 200  #: the most paths a session's overlap report names; it counts the rest in ``more``
+OVERLAP_EVENT_PATHS = 50  #: the most paths a fleet.overlap event names
+
+
+def overlap_side(session: dict[str, Any]) -> dict[str, Any]:
+    """One session of an overlap as its notice, its event and the dashboard show it."""
+    return {k: session[k] for k in ("id", "name", "machine", "cwd", "branch", "summary")}
+
+
+class Overlaps:
+    """Sessions changing the same files of one repository, on any machines: each session's latest
+    report of what it changed (it rides on the session's poll), the pairs whose changes meet, and
+    which of their paths each side was told of, so each new overlapping path is told to both once.
+    An overlap ends when its files no longer meet or either session ends; fleet.overlap marks each
+    change. ``pending`` holds the sessions with something to be told: their next poll hands it."""
+
+    def __init__(self, store: Store, sessions: Sessions) -> None:
+        self.store = store
+        self.sessions = sessions
+        rows = store.db.execute("SELECT * FROM overlaps").fetchall()
+        self.pending: set[str] = {sid for row in rows for sid, side in ((row["a"], "a"), (row["b"], "b"))
+                                  if set(json.loads(row["paths"])) - set(json.loads(row[f"told_{side}"]))}
+
+    def _event(self, c: sqlite3.Connection, state: str, a: str, b: str, repo: str, paths: list[str],
+               **why: str) -> None:
+        sides = [overlap_side(self.sessions.live[sid]) for sid in (a, b) if sid in self.sessions.live]
+        self.store.event(c, "overlap", "fleet.overlap", state=state, repo=repo, paths=paths[:OVERLAP_EVENT_PATHS],
+                         path_count=len(paths), sessions=sides, **why)
+
+    def _end(self, c: sqlite3.Connection, row: sqlite3.Row, why: str) -> None:
+        c.execute("DELETE FROM overlaps WHERE a = ? AND b = ?", (row["a"], row["b"]))
+        self._event(c, "ended", row["a"], row["b"], row["repo"], json.loads(row["paths"]), reason=why)
+
+    def _meet(self, c: sqlite3.Connection, pair: tuple[str, str], row: sqlite3.Row | None, repo: str,
+              common: list[str]) -> set[str]:
+        """One pair as it stands now: an overlap started, changed or ended; returns who is to be told of it."""
+        if not common:
+            if row is not None:
+                self._end(c, row, "their changed files no longer overlap")
+            return set()
+        if row is not None and row["repo"] == repo and json.loads(row["paths"]) == common:
+            return set()
+        told = {side: sorted(set(json.loads(row[f"told_{side}"])) & set(common)) if row else [] for side in "ab"}
+        c.execute("INSERT OR REPLACE INTO overlaps(a, b, repo, paths, told_a, told_b, since) VALUES (?,?,?,?,?,?,?)",
+                  (*pair, repo, json.dumps(common), json.dumps(told["a"]), json.dumps(told["b"]),
+                   row["since"] if row else time.time()))
+        self._event(c, "changed" if row else "started", *pair, repo, common)
+        return {sid for sid, side in zip(pair, "ab") if set(common) - set(told[side])}
+
+    def report(self, session: dict[str, Any], repo: str, paths: list[str], more: int) -> set[str]:
+        """Take what ``session`` has changed in ``repo``; returns the sessions with a new overlap to be told."""
+        sid, mine = session["id"], sorted(set(paths))
+        with self.store.tx() as c:
+            c.execute("INSERT OR REPLACE INTO changes(session_id, repo, paths, more, at) VALUES (?,?,?,?,?)",
+                      (sid, repo, json.dumps(mine), more, time.time()))
+            others = {r["session_id"]: set(json.loads(r["paths"])) for r in
+                      c.execute("SELECT session_id, paths FROM changes WHERE repo = ? AND session_id != ?", (repo, sid))
+                      if r["session_id"] in self.sessions.live}
+            rows = {(r["a"], r["b"]): r for r in c.execute("SELECT * FROM overlaps WHERE ? IN (a, b)", (sid,))}
+            tell: set[str] = set()
+            for other in sorted(others.keys() | {a if b == sid else b for a, b in rows}):
+                pair = (min(sid, other), max(sid, other))
+                tell |= self._meet(c, pair, rows.get(pair), repo, sorted(others.get(other, set()) & set(mine)))
+            return tell
+
+    def hand(self, session: dict[str, Any]) -> list[dict[str, Any]]:
+        """The overlaps ``session`` was not told of yet, as notices: who, where, which files (the new ones too)."""
+        sid = session["id"]
+        self.pending.discard(sid)
+        notices = []
+        with self.store.tx() as c:
+            for row in c.execute("SELECT * FROM overlaps WHERE ? IN (a, b) ORDER BY since", (sid,)).fetchall():
+                side, other = ("a", row["b"]) if row["a"] == sid else ("b", row["a"])
+                paths, told = json.loads(row["paths"]), set(json.loads(row[f"told_{side}"]))
+                peer = self.sessions.live.get(other)
+                if peer is None or not set(paths) - told:
+                    continue
+                c.execute(f"UPDATE overlaps SET told_{side} = paths WHERE a = ? AND b = ?", (row["a"], row["b"]))
+                notices.append({"kind": "overlap", "repo": row["repo"], "paths": paths,
+                                "new": [p for p in paths if p not in told], "peer": overlap_side(peer)})
+        return notices
+
+    def ended(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
+        """A session ended: its overlaps end with it (the other side's report stays), and its report goes."""
+        who = session["name"] or session["id"]
+        for row in c.execute("SELECT * FROM overlaps WHERE ? IN (a, b)", (session["id"],)).fetchall():
+            self._end(c, row, f"{who} ended ({reason})")
+        c.execute("DELETE FROM changes WHERE session_id = ?", (session["id"],))
+        self.pending.discard(session["id"])
+
+    def current(self) -> list[dict[str, Any]]:
+        """The overlaps now, oldest first: the repository, the files, and both sessions with how much each changed."""
+        with self.store.lock:
+            rows = self.store.db.execute("SELECT * FROM overlaps ORDER BY since").fetchall()
+            counts = {r["session_id"]: len(json.loads(r["paths"])) + r["more"]
+                      for r in self.store.db.execute("SELECT session_id, paths, more FROM changes")}
+        return [{"repo": row["repo"], "paths": json.loads(row["paths"]), "since": iso(row["since"]),
+                 "sessions": [{**overlap_side(self.sessions.live[sid]), "changed": counts.get(sid, 0)}
+                              for sid in (row["a"], row["b"])]}
+                for row in rows if row["a"] in self.sessions.live and row["b"] in self.sessions.live]
+
+
 ROLES = ("client", "operator", "admin")
 CREDENTIAL_PREFIX = "cpc_"  # a credential, told apart from the hub's admin token at a glance
 
@@ -3587,7 +3712,8 @@ def dashboard_state(b: Broker) -> dict[str, Any]:
             "daemons": dashboard_daemons(b, now), "alerts": b.records.alerts("open", None, None, 100),
             "permissions": b.permissions.list("waiting", 100) + [p for p in b.permissions.list("all", 20)
                                                                  if p["state"] != "waiting"],
-            "health": dashboard_health(b), "tasks": dashboard_tasks(b), "nats": nats_view(b)}
+            "health": dashboard_health(b), "tasks": dashboard_tasks(b), "overlaps": b.overlaps.current(),
+            "nats": nats_view(b)}
 
 
 class Exposition:
@@ -3920,7 +4046,7 @@ function loggedOut(why) {
   state = null;
   version = 0;
   texts.clear();
-  for (const id of ["needs", "cards", "sessions", "messages", "daemons", "health", "tasks", "alerts"]) {
+  for (const id of ["needs", "cards", "sessions", "messages", "daemons", "health", "tasks", "overlaps", "alerts"]) {
     document.getElementById(id).replaceChildren();
   }
   document.getElementById("app").hidden = true;
@@ -4139,6 +4265,23 @@ function renderTasks() {
     "No tasks: claude-peers task add TEXT, or a session's tasks tool, puts one here."));
 }
 
+function renderOverlaps() {
+  const rows = state.overlaps.map((o) => h("tr", {"data-overlap": o.sessions.map((s) => s.id).join(" ")},
+    h("td", {class: "mono clip short", title: o.repo}, o.repo),
+    h("td", {}, h("div", {class: "mono clip", title: o.paths.join("\n")}, o.paths.slice(0, 3).join(", ")),
+      o.paths.length > 3 ? h("div", {class: "muted"}, `and ${o.paths.length - 3} more`) : null),
+    ...o.sessions.map((s) => h("td", {},
+      h("div", {class: "name"}, (s.name || s.id) + ` on ${s.machine}`),
+      h("div", {class: "muted mono clip", title: s.cwd}, s.cwd + (s.branch ? ` [${s.branch}]` : "")),
+      s.summary ? h("div", {class: "clip", title: s.summary}, s.summary) : null,
+      h("div", {class: "muted"}, `${s.changed} files changed`))),
+    h("td", {class: "num"}, when(o.since))));
+  document.getElementById("overlap-count").textContent = `${state.overlaps.length} now`;
+  document.getElementById("overlaps").replaceChildren(table(
+    [["Repository"], ["Files both changed"], ["Session"], ["And session"], ["Since", "num"]], rows,
+    "No overlaps: no two live sessions have changed the same file of one repository."));
+}
+
 function renderAlerts() {
   const items = state.alerts.map((a) => h("li", {},
     h("span", {class: "sev " + a.severity}, a.severity), h("span", {class: "muted"}, `${a.machine} · ${a.source}`),
@@ -4163,6 +4306,7 @@ function render() {
   renderDaemons();
   renderHealth();
   renderTasks();
+  renderOverlaps();
   renderAlerts();
   document.getElementById("session-count").textContent = `${state.sessions.filter((s) => s.online).length} online`;
   document.getElementById("message-count").textContent = "latest 40, text on request";
@@ -4268,6 +4412,7 @@ this dashboard only.</p></div>
 <section class="panel"><h2>Fleet health</h2><div class="scroll" id="health"></div></section>
 </div>
 <section class="panel"><h2>Tasks <span id="task-count"></span></h2><div class="scroll" id="tasks"></div></section>
+<section class="panel"><h2>Overlaps <span id="overlap-count"></span></h2><div class="scroll" id="overlaps"></div></section>
 <section class="panel"><h2>Open alerts</h2><div id="alerts"></div></section>
 </main>
 <div id="toast"></div>
@@ -4294,7 +4439,8 @@ class Field(NamedTuple):
     kind: type
     required: bool
     limit: float
-    items: dict[str, Field] | None = None  #: a list of objects, each checked against this schema
+    items: dict[str, Field] | None = None  #: an object, or a list of objects, each checked against this schema
+    item_chars: int = 64  #: the most characters of each string in a list of strings
 
 
 Schema = dict[str, Field]
@@ -4309,8 +4455,12 @@ MODE_SCHEMA: Schema = {"mode": Field(str, True, 16), "reason": Field(str, True, 
 SUMMARY_SCHEMA: Schema = {"summary": Field(str, True, 1000)}
 SEND_SCHEMA: Schema = {"to": Field(str, True, 64), "text": Field(str, True, 1 << 30),
                        "reply_to": Field(str, False, 64), "scope": Field(str, False, 16)}
+CHANGES_SCHEMA: Schema = {"repo": Field(str, True, 500),
+                          "paths": Field(list, True, MAX_CHANGED_PATHS, item_chars=4096),
+                          "more": Field(int, False, JSON_SAFE_INT)}
 POLL_SCHEMA: Schema = {"wait_s": Field(float, False, 86400), "max": Field(int, False, JSON_SAFE_INT),
-                       "ack": Field(list, False, 1000), "unread": Field(int, False, JSON_SAFE_INT)}
+                       "ack": Field(list, False, 1000), "unread": Field(int, False, JSON_SAFE_INT),
+                       "changes": Field(dict, False, 1 << 20, CHANGES_SCHEMA)}
 ACK_SCHEMA: Schema = {"ids": Field(list, True, 1000), "state": Field(str, True, 16)}
 MEMORY_SCHEMA: Schema = {"text": Field(str, True, 1 << 30)}
 OPERATOR_MEMORY_SCHEMA: Schema = {"text": Field(str, True, 1 << 30), "part": Field(str, False, 16),
@@ -4368,10 +4518,10 @@ def _check_field(key: str, value: Any, field: Field) -> Any:
         raise ApiError(413, f"field {key!r} is larger than {limit:g} bytes as JSON")
     if kind is list and len(value) > limit:
         raise ApiError(400, f"field {key!r} must be a list of at most {limit:g} items")
-    if kind is list and field.items is not None:
-        return value  # its items are objects: validate checks each against field.items
-    if kind is list and not all(isinstance(v, str) and len(v) <= 64 for v in value):
-        raise ApiError(400, f"field {key!r} must be a list of strings of up to 64 characters")
+    if field.items is not None:
+        return value  # an object, or a list of them: validate checks each against field.items
+    if kind is list and not all(isinstance(v, str) and len(v) <= field.item_chars for v in value):
+        raise ApiError(400, f"field {key!r} must be a list of strings of up to {field.item_chars} characters")
     if not all(storable_text(v) for v in json_strings(value)):
         raise ApiError(400, f"field {key!r} is not valid Unicode text (a lone surrogate such as \\ud800)")
     return value
@@ -4384,15 +4534,17 @@ def validate(body: Any, schema: Schema, prefix: str = "") -> dict[str, Any]:
         raise ApiError(400, f"{prefix.rstrip('.') or 'body'} must be a JSON object")
     for key in body:
         if key not in schema:
-            raise ApiError(400, f"unknown field {prefix}{str(key)[:64]!r} (allowed: {', '.join(schema) or 'none'})")
+            raise ApiError(400, f"unknown field {prefix + str(key)[:64]!r} (allowed: {', '.join(schema) or 'none'})")
     clean = {}
     for key, field in schema.items():
         if body.get(key) is None:
             if field.required:
-                raise ApiError(400, f"missing field {prefix}{key!r}")
+                raise ApiError(400, f"missing field {prefix + key!r}")
             continue
         clean[key] = _check_field(prefix + key, body[key], field)
-        if field.items is not None:
+        if field.items is not None and field.kind is dict:
+            clean[key] = validate(body[key], field.items, f"{prefix}{key}.")
+        elif field.items is not None:
             clean[key] = [validate(item, field.items, f"{prefix}{key}[{i}].") for i, item in enumerate(body[key])]
     return clean
 
@@ -4484,6 +4636,8 @@ class Broker:
         self.sessions.on_end.append(self.permissions.expire_session)  # nobody can answer an ended session's prompts
         self.tasks = Tasks(self.store, self.messages)
         self.sessions.on_end.append(self.tasks.reopen_held)
+        self.overlaps = Overlaps(self.store, self.sessions)  #: sessions changing the same files of a repository
+        self.sessions.on_end.append(self.overlaps.ended)
         self.records.migrate_memory()
         self.limiter = RateLimiter(cfg.broker.rate_per_s, cfg.broker.rate_burst)
         # Long-polls waiting right now, until woken or handed mail (a send leases mail to them).
@@ -4627,7 +4781,8 @@ class Broker:
                     self.metrics.acked(sid, acked)
                 remaining = deadline - loop.time()
                 ended = sid not in self.sessions.live  # left, reaped, or its credential revoked
-                if messages or remaining <= 0 or self.stopping.is_set() or hung_up() or ended:
+                told = sid in self.overlaps.pending  # an overlap to tell of: the poll's answer carries it
+                if messages or remaining <= 0 or self.stopping.is_set() or hung_up() or ended or told:
                     return messages
                 if sid in self.missed:  # mail came in the commit after our lease: lease again, do not park
                     continue
@@ -4845,21 +5000,53 @@ async def r_operator_send(b: Broker, req: Request) -> Any:
     return 201, await _send(b, OPERATOR_IDENTITY, req)
 
 
+def changed_paths(changes: dict[str, Any]) -> list[str]:
+    """The paths of an overlap report, each relative to its repository's root, or a 400 naming the bad one."""
+    if not changes["repo"].strip():
+        raise ApiError(400, "field 'changes.repo' is empty: name the repository (its normalised origin URL)")
+    for path in changes["paths"]:
+        if not path or path.startswith("/") or "\0" in path or ".." in path.split("/"):
+            raise ApiError(400, f"field 'changes.paths': {path[:80]!r} is not a path inside the repository"
+                                " (relative to its root, no '..')")
+    return changes["paths"]
+
+
+async def take_changes(b: Broker, session: dict[str, Any], changes: dict[str, Any]) -> None:
+    """A session's overlap report: stored, and every session with a new overlap woken to be told of it."""
+    paths = changed_paths(changes)
+    tell = await b.write(lambda: b.overlaps.report(session, changes["repo"], paths, changes.get("more", 0)))
+    b.overlaps.pending |= tell
+    b.wake(tell - {session["id"]})
+
+
+async def overlap_notices(b: Broker, session: dict[str, Any]) -> list[dict[str, Any]]:
+    if session["id"] not in b.overlaps.pending:
+        return []
+    return await b.write(lambda: b.overlaps.hand(session))
+
+
 async def r_poll(b: Broker, req: Request) -> Any:
-    """Acknowledge what the last poll brought (``ack``: delivered ids), then lease more.
-    A pull session's poll leases nothing: it is its heartbeat, and answers how much mail
-    waits (at once when that is not the ``unread`` count it knows, else when mail arrives)."""
+    """Take the overlap report (``changes``) and acknowledge what the last poll brought (``ack``:
+    delivered ids), then lease more. A pull session's poll leases nothing: it is its heartbeat, and
+    answers how much mail waits (at once when that is not the ``unread`` count it knows, else when
+    mail arrives). Either answer carries the overlaps this session is to be told of (``notices``)."""
     wait_s = max(0.0, min(float(req.body.get("wait_s", b.cfg.broker.poll_wait_s)), 60.0))
     limit = max(1, min(int(req.body.get("max", 100)), 1000))
+    if "changes" in req.body:
+        await take_changes(b, req.session, req.body["changes"])
     if req.session["mode"] == "pull":
         unread = b.messages.unread(req.session)
         if req.body.get("unread", unread) == unread:  # no await in between: mail after this count wakes the poll
             await b.poll(req.session, wait_s, limit, hung_up=req.hung_up, lease=False)
             unread = b.messages.unread(req.session)
-        return {"messages": [], "unread": unread}
+        return {"messages": [], "unread": unread, "notices": await overlap_notices(b, req.session)}
     messages = await b.poll(req.session, wait_s, limit, req.body.get("ack"), req.hung_up)
     b.metrics.handed(req.session["id"], messages)
-    return {"messages": messages}
+    return {"messages": messages, "notices": await overlap_notices(b, req.session)}
+
+
+def r_overlaps(b: Broker, req: Request) -> Any:
+    return {"overlaps": b.overlaps.current()}
 
 
 async def r_ack(b: Broker, req: Request) -> Any:
@@ -5278,6 +5465,7 @@ ROUTES: list[Route] = [
         ("POST", r"/api/credentials/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/revoke", r_revoke_credential, False,
          EMPTY_SCHEMA, "admin"),
         ("GET", "/api/tasks", r_tasks, False, None, "read"),
+        ("GET", "/api/overlaps", r_overlaps, False, None, "read"),
         ("POST", "/api/tasks", r_add_task, False, TASK_SCHEMA, "task"),
         ("POST", "/api/tasks/([0-9a-f]{12})/claim", r_claim_task, False, EMPTY_SCHEMA, "task"),
         ("POST", "/api/tasks/([0-9a-f]{12})/done", r_finish_task, False, TASK_DONE_SCHEMA, "task"),
@@ -6355,6 +6543,104 @@ def format_task(task: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+FINGERPRINT_MAX_FILES = 20_000  #: beyond this many tracked files, git itself looks at every change check
+
+
+def porcelain_paths(out: str) -> list[str]:
+    """The paths of `git status --porcelain -z`: each entry's, and a rename's or copy's source too."""
+    paths, entries = [], iter(out.split("\0"))
+    for entry in entries:
+        if len(entry) > 3:
+            paths.append(entry[3:])
+            if entry[0] in "RC":
+                paths.append(next(entries, ""))
+    return [p for p in paths if p]
+
+
+def stat_stamp(path: Path) -> tuple[int, int]:
+    """A file's mtime and size, (-1, -1) when it is gone: what tells a change without reading it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return -1, -1
+    return st.st_mtime_ns, st.st_size
+
+
+class ChangeWatch:
+    """What this session changed in its git repository, for the hub's overlap warnings: the work
+    tree's status and the branch's commits not on its upstream (else origin's default branch), as
+    paths from the root. git runs only when something it would see moved since the last look: the
+    index, HEAD and the refs, or the stat of a tracked file or of a folder holding one (new files)."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
+        self.dirs: tuple[str, str, str] | None = None  #: the work tree's root, its git dir, the common git dir
+        self.tracked: tuple[Any, list[Path]] = (None, [])  #: the index's stat, and the tracked files it lists
+        self.fingerprint: Any = None  #: what the last look saw; None: git looks every time
+        self.report: dict[str, Any] | None = None  #: the last look's report
+
+    def _fingerprint(self) -> Any:
+        """A cheap digest of what git would see, or None for a tree too large to stat (git looks then)."""
+        assert self.dirs is not None
+        root, git_dir, common = map(Path, self.dirs)
+        index = stat_stamp(git_dir / "index")
+        if self.tracked[0] != index:
+            listed = git_output(root, "ls-files", "-z")
+            self.tracked = (index, [root / p for p in (listed or "").split("\0") if p])
+        files = self.tracked[1]
+        if len(files) > FINGERPRINT_MAX_FILES:
+            return None
+        head = git_dir / "HEAD"
+        ref = (head.read_text(errors="replace").partition("ref: ")[2].strip() if head.is_file() else "")
+        refs = [head, git_dir / "logs" / "HEAD", common / "packed-refs", common / "FETCH_HEAD",
+                *([common / ref] if ref.startswith("refs/") and ".." not in ref else [])]
+        folders = {root, *(f.parent for f in files)}
+        return hash((index, tuple(map(stat_stamp, refs + files)),
+                     tuple(stat_stamp(d)[0] for d in sorted(folders))))
+
+    def _committed(self, root: str) -> list[str]:
+        """Files the branch's commits changed since it left its upstream (or origin's default branch)."""
+        for upstream in ("@{upstream}", "refs/remotes/origin/HEAD"):
+            base = git_output(root, "merge-base", "HEAD", upstream)
+            if base and base.strip():
+                out = git_output(root, "diff", "--name-only", "--no-renames", "-z", base.strip(), "HEAD")
+                return [p for p in (out or "").split("\0") if p]
+        return []
+
+    def look(self, repo: str) -> dict[str, Any] | None:
+        """The report now (``repo``, at most MAX_CHANGED_PATHS ``paths``, how many ``more``); None
+        outside a repository or without git."""
+        if self.dirs is None:
+            out = git_output(self.cwd, "rev-parse", "--show-toplevel", "--absolute-git-dir", "--git-common-dir")
+            lines = (out or "").splitlines()
+            if len(lines) < 3:
+                return None
+            self.dirs = (lines[0], lines[1], str(self.cwd / lines[2]))
+        seen = self._fingerprint()
+        if seen is not None and seen == self.fingerprint:
+            return self.report
+        root = self.dirs[0]
+        status = git_output(root, "--no-optional-locks", "status", "--porcelain", "-z")
+        if status is None:
+            return None
+        paths = sorted({*porcelain_paths(status), *self._committed(root)})
+        self.fingerprint = seen
+        self.report = {"repo": repo, "paths": paths[:MAX_CHANGED_PATHS], "more": max(0, len(paths) - MAX_CHANGED_PATHS)}
+        return self.report
+
+
+def overlap_notice(notice: dict[str, Any]) -> str:
+    """An overlap as the model reads it: who, where, which files (the new ones), their summary, what to do."""
+    peer, paths = notice["peer"], notice["paths"]
+    who = peer["name"] or peer["id"]
+    where = f"{peer['machine']}:{peer['cwd']}" + (f" [{peer['branch']}]" if peer["branch"] else "")
+    files = ", ".join(paths[:20]) + (f" and {len(paths) - 20} more" if len(paths) > 20 else "")
+    new = "" if notice["new"] == paths else f" (new: {', '.join(notice['new'][:20])})"
+    summary = f'its summary: "{peer["summary"][:300]}"' if peer["summary"] else "it has set no summary"
+    return (f"[claude-peers] Overlap in {notice['repo']}: {who} (session {peer['id']} on {where}) has also changed"
+            f" {files}{new}; {summary}. Agree who changes what before you both go on: send_message(to=\"{who}\").")
+
+
 class ShimError(Exception):
     """A tool call that failed in a way the model should read."""
 
@@ -6395,7 +6681,12 @@ class Shim:
         self.unread: dict[str, dict[str, Any]] = {}  #: pushed, not yet read or answered
         self.posted: dict[str, float] = {}  #: posted into the inbox and not yet reminded of: id -> when
         self.unacked: list[str] = []  #: pushed, but the broker has not taken the acknowledgement yet
-        self.repo: str | None = None  #: this session's repository on the task board, once a task call asked
+        self.repo: str | None = None  #: this session's repository (task board, overlaps), once something asked
+        self.watch = ChangeWatch(cwd)  #: what this session changed in git, for overlap warnings
+        self.look_due = 0.0  #: when the next look at the changes is due (monotonic seconds)
+        self.changes: dict[str, Any] | None = None  #: the last look's report (None: nothing to report)
+        self.reported: dict[str, Any] | None = None  #: the report the broker took last (None: it hears it again)
+        self.overlap_notes: list[str] = []  #: a pull session's overlap notices, for its next tool result
         self.tools_client.answered = self.poll_client.answered = self._answered
         self.introduced = asyncio.Event()  #: initialize arrived: the client and the mode are known
         self.attempted = asyncio.Event()  #: the first registration attempt is over (instructions wait for it)
@@ -6453,7 +6744,7 @@ class Shim:
             session = await self.tools_client.register(info)
         self.poll_client.attach(self.tools_client)
         self.verdict_client.attach(self.tools_client)
-        self.session, self.last_error, self.mode_told = session, "", True
+        self.session, self.last_error, self.mode_told, self.reported = session, "", True, None
         log.info("registered as session %s%s", session["id"], f" ({session['name']})" if session["name"] else "")
 
     async def run(self) -> None:
@@ -6501,37 +6792,50 @@ class Shim:
         if error != self.last_error:
             log.warning("%s (retrying every %.0fs at most)", error, 30)
         self.last_error = error
+        self.reported = None  # a broker that restarted meanwhile hears the changes again
         self.attempted.set()
         await asyncio.sleep(backoff)
 
     async def _poll_once(self) -> None:
-        """Lease mail (waiting for it), push or post each message, acknowledge the batch at once.
-        A pull session leases nothing: its poll is the heartbeat and brings the count of waiting mail."""
+        """Poll with this session's overlap report: a push or inbox session leases mail (waiting for it);
+        a pull session leases nothing, its poll is the heartbeat and brings the count of waiting mail.
+        Either answer brings the overlaps to tell of."""
         wait_s = 0 if self.last_error else self.cfg.broker.poll_wait_s  # after a failure: know at once it is over
         if not self.mode_told:
             await self.tools_client.session_call("POST", "/mode", {"mode": self.mode, "reason": self.mode_reason})
             self.mode_told = True
-        if self.mode == "pull":
-            answer = await self.poll_client.session_call("POST", "/poll", {"wait_s": wait_s, "unread": self.waiting})
-            self.waiting = answer["unread"]
-            return
+        changes = await self._changes()
         if self.mode == "inbox":
             wait_s = min(wait_s, await self._remind())
-        body: dict[str, Any] = {"wait_s": wait_s, "max": 100}
+        body: dict[str, Any] = {"wait_s": wait_s, **({"changes": changes} if changes else {})}
+        if self.mode == "pull":
+            answer = await self.poll_client.session_call("POST", "/poll", {**body, "unread": self.waiting})
+            self.waiting = answer["unread"]
+        else:
+            answer = await self._lease(body)
+        self.reported = changes or self.reported
+        for notice in answer["notices"]:
+            await self._tell(notice)
+
+    async def _lease(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Lease mail, push or post each message, acknowledge the batch at once; the poll's answer."""
+        body["max"] = 100
         if self.unacked:  # an acknowledgement that failed rides on the poll
             body["ack"], self.unacked = self.unacked, []
         try:
-            messages = (await self.poll_client.session_call("POST", "/poll", body))["messages"]
+            answer = await self.poll_client.session_call("POST", "/poll", body)
         except (UserError, ApiError):
             self.unacked = body.get("ack", []) + self.unacked
             raise
+        messages = answer["messages"]
         fresh = [m for m in messages if m["id"] not in self.seen]
-        if fresh and self.mode == "inbox" and not await self._post(fresh):
-            return  # unacknowledged: the leases run out, and check_messages returns the batch
+        if fresh and self.mode == "inbox" and not await self._post(inbox_posts(fresh)):
+            return answer  # unacknowledged: the leases run out, and check_messages returns the batch
         for message in fresh:
             self._show(message)
         if messages:
             asyncio.get_running_loop().create_task(self._acknowledge([m["id"] for m in messages]))
+        return answer
 
     async def _remind(self) -> float:
         """One notice for the inbox posts still unread after [shim] inbox_remind_s: now and then
@@ -6551,13 +6855,36 @@ class Shim:
                 await post_to_inbox(self.inbox, os.environ.get(INBOX_TOKEN_ENV, ""), [notice])
         return min((remind_s - (now - at) for at in self.posted.values()), default=math.inf)
 
-    async def _post(self, messages: list[dict[str, Any]]) -> bool:
-        """Post a batch into the session's inbox; if the socket does not take it, the session
-        falls back to pull (and the broker is told why before the next poll)."""
+    async def _changes(self) -> dict[str, Any] | None:
+        """The overlap report for this poll: what this session changed (looked at most every
+        [shim] changes_every_s), when the broker has not taken it yet."""
+        if time.monotonic() >= self.look_due:
+            self.look_due = time.monotonic() + self.cfg.shim.changes_every_s
+            if self.repo is None:
+                self.repo = await asyncio.to_thread(repo_identity, self.cwd)
+            if self.repo:
+                self.changes = await asyncio.to_thread(self.watch.look, self.repo)
+        return self.changes if self.changes != self.reported else None
+
+    async def _tell(self, notice: dict[str, Any]) -> None:
+        """An overlap with another session: pushed as a channel notice, posted into the session's inbox,
+        or (pull, or a post the inbox did not take) on the next tool result."""
+        text = overlap_notice(notice)
+        if self.mode == "push":
+            peer = notice["peer"]
+            meta = {"kind": "overlap", "repo": notice["repo"], "peer_id": peer["id"], "peer_name": peer["name"] or "",
+                    "peer_machine": peer["machine"], "paths": ", ".join(notice["paths"][:50])}
+            self.wire.write({"jsonrpc": "2.0", "method": CHANNEL_METHOD, "params": {"content": text, "meta": meta}})
+        elif self.mode == "pull" or not await self._post([text]):
+            self.overlap_notes.append(text)
+
+    async def _post(self, texts: list[str]) -> bool:
+        """Post texts (a batch of mail, a notice) into the session's inbox; if the socket does not take
+        them, the session falls back to pull (and the broker is told why before the next poll)."""
         why = inbox_blocked(dict(os.environ), self.project, self.parent_argv)  # a setting changed since
         if not why:
             try:
-                await post_to_inbox(self.inbox, os.environ.get(INBOX_TOKEN_ENV, ""), inbox_posts(messages))
+                await post_to_inbox(self.inbox, os.environ.get(INBOX_TOKEN_ENV, ""), texts)
                 return True
             except OSError as exc:  # gone, refused, full past the timeout
                 why = (f"posting into its session inbox {self.inbox} failed"
@@ -6737,7 +7064,10 @@ class Shim:
                             " in the background - try again shortly")
 
     def notice(self) -> str:
-        return unread_notice(self.mode, self.waiting if self.mode == "pull" else len(self.unread))
+        """What ends a tool result: the unread mail line, and each overlap notice not shown otherwise, once."""
+        notes, self.overlap_notes = self.overlap_notes, []
+        mail = unread_notice(self.mode, self.waiting if self.mode == "pull" else len(self.unread))
+        return mail + "".join(f"\n\n{note}" for note in notes)
 
     async def tool_list_peers(self, scope: str = "all") -> str:
         self._need_session()
@@ -9970,12 +10300,12 @@ class BenchBroker:
     def peer(self) -> BenchPeer:
         return BenchPeer(self)
 
-    def shim(self, name: str, via: str | None = None) -> BenchMcpClient:
-        """A shim with agent name ``name``, on this broker or on the relay at ``via``."""
+    def shim(self, name: str, via: str | None = None, cwd: Path | None = None) -> BenchMcpClient:
+        """A shim with agent name ``name``, on this broker or on the relay at ``via``, in ``cwd`` (its home)."""
         env = {**self.env, "CLAUDE_PEERS_URL": via} if via else self.env
         # it plays Claude Code with channels on: its shims push
-        return BenchMcpClient(name, module_command("shim", "--name", name, "--mode", "push"), env, self.home,
-                              eof_stops=True)
+        return BenchMcpClient(name, module_command("shim", "--name", name, "--mode", "push"), env,
+                              str(cwd or self.home), eof_stops=True)
 
     def addresses(self, clients: list[BenchMcpClient]) -> list[str]:
         """What send_message takes for each shim (its agent name), once every one is registered."""
@@ -10391,6 +10721,62 @@ def bench_idle(systems: Systems, sessions: int, seconds: float) -> dict[str, flo
             broker.close()
 
 
+def bench_clones(folder: Path, count: int) -> list[Path]:
+    """``count`` clones of one repository of ``count`` files (f0.txt, ...), as on so many machines."""
+    seed = folder / "seed"
+    seed.mkdir(parents=True)
+    for i in range(count):
+        (seed / f"f{i}.txt").write_text("first\n")
+    steps = [(seed, "init", "-q"), (seed, "add", "."),
+             (seed, "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "first"),
+             *((folder, "clone", "-q", str(seed), str(folder / f"clone-{i}")) for i in range(count))]
+    for cwd, *args in steps:
+        if git_output(cwd, *args) is None:
+            raise UserError(f"bench: git {args[0]} failed in {cwd} (is git installed?)")
+    return [folder / f"clone-{i}" for i in range(count)]
+
+
+def keep_editing(clones: list[Path], stop: threading.Event) -> None:
+    """Each clone's own file and the next clone's, rewritten twice a second until ``stop``."""
+    edits = 0
+    while not stop.wait(0.5):
+        for i, clone in enumerate(clones):
+            for name in (f"f{i}.txt", f"f{(i + 1) % len(clones)}.txt"):
+                (clone / name).write_text(f"edit {edits}\n")
+        edits += 1
+
+
+def bench_editing(sessions: int, seconds: float) -> float:
+    """Broker requests per session per minute while each session keeps editing two files of its clone
+    of one repository, one of them also the next session's: counted once every session was told of
+    its overlaps (telling wakes a poll once), so what it counts is the reports riding on the polls."""
+    broker = BenchBroker()
+    relay = RequestCounter(broker.url)
+    clients: list[BenchMcpClient] = []
+    stop = threading.Event()
+    try:
+        clones = bench_clones(Path(broker.home) / "repo", sessions)
+        clients = [broker.shim(f"bench-{i}", relay.url, clone) for i, clone in enumerate(clones)]
+        for client in clients:
+            client.handshake()
+        broker.addresses(clients)
+        threading.Thread(target=keep_editing, args=(clones, stop), daemon=True).start()
+        cfg = Config({}, None)
+        deadline = time.monotonic() + 3 * (cfg.shim.changes_every_s + cfg.broker.poll_wait_s)
+        while not all(client.arrivals for client in clients):
+            if time.monotonic() > deadline:
+                raise UserError("bench: the editing sessions were not told of their overlaps in time")
+            time.sleep(0.1)
+        since = time.monotonic()
+        time.sleep(seconds)
+        return relay.rate(since) * 60 / sessions
+    finally:
+        stop.set()
+        stop_shims(clients)
+        relay.close()
+        broker.close()
+
+
 async def bench_many_sessions(broker: BenchBroker, sessions: int) -> float:
     """Broker RSS (MB) with ``sessions`` registered, each with a long-poll parked."""
     writers = []
@@ -10554,6 +10940,8 @@ def bench_shim_figures(systems: Systems, args: argparse.Namespace, report: Bench
     idle = bench_idle(systems, count, args.idle_seconds)
     report.figure(f"broker requests per idle session per minute ({args.idle_seconds:.0f} s)", idle, "{:.1f}",
                   Target("<=", 3))
+    report.figure(f"broker requests per editing session per minute ({args.idle_seconds:.0f} s)",
+                  {"ours": bench_editing(count, args.idle_seconds)}, "{:.1f}", Target("<=", 4))
 
 
 # -- the shim as Claude Code shows it to the model -------------------------------

@@ -143,6 +143,12 @@ def message_state(broker: BrokerProc, mid: str) -> str:
     return broker.client().call("GET", f"/api/messages/{mid}")["state"]
 
 
+def run_git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=Dev", "-c", "user.email=dev@example.com", "-c",
+                           "init.defaultBranch=main", *args], cwd=cwd, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
 # ---------------------------------------------------------------------------
 # The module reads top to bottom
 # ---------------------------------------------------------------------------
@@ -1022,6 +1028,109 @@ def test_pruning_drops_done_tasks_past_retention_and_a_task_that_waited_for_one_
         assert tasks.claim(operator, "admin", later["id"], None)["state"] == "claimed"
     finally:
         store.close()
+
+
+# -- overlap warnings ---------------------------------------------------------------------
+
+
+def report_changes(client: cp.BrokerClient, paths: list[str], repo: str = REPO, **extra) -> dict:
+    """A poll carrying an overlap report, as the shim sends one; its answer."""
+    return client.session_call("POST", "/poll", {"wait_s": 0, "changes": {"repo": repo, "paths": paths}, **extra})
+
+
+def poll_answer(client: cp.BrokerClient) -> list[dict]:
+    """The overlaps a session's next poll tells it of."""
+    return client.session_call("POST", "/poll", {"wait_s": 0})["notices"]
+
+
+def overlap_states(broker: BrokerProc) -> list[tuple[str, list[str], str]]:
+    events = broker.client().call("GET", "/api/events?limit=1000")["events"]
+    return [(e["state"], e["paths"], e.get("reason", "")) for e in events if e["subject"] == "fleet.overlap"]
+
+
+def test_two_sessions_changing_the_same_files_are_told_once_per_new_overlapping_file(broker):
+    desk = broker.session(name="desk", machine="desk", cwd="/home/me/infra", summary="Moving the backups to restic")
+    laptop = broker.session(name="laptop", machine="laptop", cwd="/Users/me/infra", branch="fix-cron")
+    assert report_changes(desk, ["b.py", "a.py"])["notices"] == []  # nobody else changes anything yet
+    [told] = report_changes(laptop, ["a.py", "b.py", "c.py"])["notices"]
+    assert (told["repo"], told["paths"], told["new"]) == (REPO, ["a.py", "b.py"], ["a.py", "b.py"])
+    assert told["peer"] == {"id": desk.session_id, "name": "desk", "machine": "desk", "cwd": "/home/me/infra",
+                            "branch": "", "summary": "Moving the backups to restic"}
+    [told] = poll_answer(desk)
+    assert told["peer"]["name"] == "laptop" and told["peer"]["branch"] == "fix-cron" and told["paths"] == ["a.py", "b.py"]
+    assert poll_answer(desk) == poll_answer(laptop) == []  # once
+    assert report_changes(laptop, ["a.py", "b.py", "c.py", "d.py"])["notices"] == []  # the same overlap
+    assert report_changes(desk, ["a.py", "b.py"])["notices"] == [] and poll_answer(laptop) == []
+    [told] = report_changes(desk, ["a.py", "b.py", "d.py"])["notices"]  # a new overlapping file: told again
+    assert told["paths"] == ["a.py", "b.py", "d.py"] and told["new"] == ["d.py"]
+    assert [n["new"] for n in poll_answer(laptop)] == [["d.py"]]
+    [now] = broker.client().call("GET", "/api/overlaps")["overlaps"]
+    assert now["repo"] == REPO and now["paths"] == ["a.py", "b.py", "d.py"]
+    assert sorted((s["name"], s["machine"], s["changed"]) for s in now["sessions"]) == [("desk", "desk", 3),
+                                                                                        ("laptop", "laptop", 4)]
+    report_changes(desk, [])  # committed and pushed: the overlap ends
+    assert broker.client().call("GET", "/api/overlaps")["overlaps"] == []
+    told = report_changes(desk, ["c.py"])["notices"]  # a new overlap after the last ended: told again
+    assert [n["paths"] for n in told] == [n["paths"] for n in poll_answer(laptop)] == [["c.py"]]
+    laptop.session_call("POST", "/leave")
+    assert broker.client().call("GET", "/api/overlaps")["overlaps"] == []
+    assert overlap_states(broker) == [
+        ("started", ["a.py", "b.py"], ""), ("changed", ["a.py", "b.py", "d.py"], ""),
+        ("ended", ["a.py", "b.py", "d.py"], "their changed files no longer overlap"), ("started", ["c.py"], ""),
+        ("ended", ["c.py"], "laptop ended (left)")]
+
+
+def test_a_parked_poll_wakes_to_tell_of_a_new_overlap(broker):
+    desk, laptop = broker.session(name="desk"), broker.session(name="laptop", machine="laptop")
+    report_changes(desk, ["a.py"])
+    answers: list[dict] = []
+    parked = threading.Thread(target=lambda: answers.append(desk.session_call("POST", "/poll", {"wait_s": 30})))
+    parked.start()
+    wait_until_sync(lambda: broker_status(broker)["polls_parked"] == 1, what="the desk's poll parked")
+    report_changes(laptop, ["a.py"])
+    parked.join(10)
+    assert [n["peer"]["name"] for n in answers[0]["notices"]] == ["laptop"]
+
+
+def test_no_overlap_for_another_repository_or_disjoint_files(broker):
+    desk, laptop = broker.session(name="desk"), broker.session(name="laptop", machine="laptop")
+    elsewhere = broker.session(name="elsewhere", machine="nas")
+    report_changes(desk, ["a.py", "b.py"])
+    assert report_changes(laptop, ["c.py", "docs/a.py"])["notices"] == []
+    assert report_changes(elsewhere, ["a.py", "b.py"], repo="github.com/homelab/other")["notices"] == []
+    assert report_changes(elsewhere, ["a.py"], repo="root:" + "0" * 40)["notices"] == []
+    assert poll_answer(desk) == poll_answer(laptop) == poll_answer(elsewhere) == []
+    assert broker.client().call("GET", "/api/overlaps")["overlaps"] == [] and overlap_states(broker) == []
+
+
+@pytest.mark.parametrize(("changes", "fragment"), [
+    ({"repo": REPO, "paths": [f"f{i}.py" for i in range(cp.MAX_CHANGED_PATHS + 1)]},
+     "field 'changes.paths' must be a list of at most 200 items"),
+    ({"repo": REPO, "paths": "a.py"}, "field 'changes.paths' must be a list"),
+    ({"repo": REPO, "paths": [7]}, "field 'changes.paths' must be a list of strings of up to 4096 characters"),
+    ({"repo": 7, "paths": ["a.py"]}, "field 'changes.repo' must be a string"),
+    ({"repo": " ", "paths": ["a.py"]}, "field 'changes.repo' is empty"),
+    ({"repo": REPO, "paths": ["../a.py"]}, "'../a.py' is not a path inside the repository"),
+    ({"repo": REPO, "paths": ["/etc/passwd"]}, "'/etc/passwd' is not a path inside the repository"),
+    ({"repo": REPO, "paths": [""]}, "'' is not a path inside the repository"),
+    ({"repo": REPO, "paths": ["a.py"], "more": -1}, "field 'changes.more' must be between 0"),
+    ({"repo": REPO, "paths": ["a.py"], "files": []}, "unknown field 'changes.files'"),
+    ({"paths": ["a.py"]}, "missing field 'changes.repo'"),
+    (["a.py"], "field 'changes' must be an object"),
+])
+def test_a_bad_overlap_report_gets_one_clear_400_and_changes_nothing(broker, changes, fragment):
+    desk, laptop = broker.session(name="desk"), broker.session(name="laptop", machine="laptop")
+    report_changes(desk, ["a.py"])
+    mid = laptop.session_call("POST", "/send", {"to": "desk", "text": "leased by this poll"})["id"]
+    [leased] = poll(desk)
+    report_changes(laptop, ["a.py"])
+    before = (broker.client().call("GET", "/api/overlaps")["overlaps"], overlap_states(broker))
+    error = api_error(lambda: desk.session_call("POST", "/poll", {"wait_s": 0, "ack": [leased["id"]],
+                                                                  "changes": changes}))
+    assert error.status == 400 and fragment in error.message and "\n" not in error.message, error.message
+    assert (broker.client().call("GET", "/api/overlaps")["overlaps"], overlap_states(broker)) == before
+    assert message_state(broker, mid) == "queued"  # the acknowledgement riding on it was not taken either
+    assert [n["peer"]["name"] for n in poll_answer(desk)] == ["laptop"]  # what it was to be told still waits
 
 
 # ---------------------------------------------------------------------------
@@ -2501,6 +2610,53 @@ def test_the_dashboards_task_panel_shows_open_claimed_and_done_tasks_with_who_an
         driver.quit()
 
 
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+def test_the_dashboards_overlap_panel_shows_who_changes_which_files_and_clears_when_a_session_leaves(
+        make_broker, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    broker = make_broker()
+    desk = broker.session(name="desk", machine="desk", cwd="/home/me/infra", branch="main",
+                          summary="Moving the backups to restic")
+    laptop = broker.session(name="laptop", machine="laptop", cwd="/Users/me/src/infra", branch="fix-cron")
+    report_changes(desk, ["scripts/backup.sh", "cron/nightly.txt", "README.md", "docs/restore.md"])
+    driver = chromium()
+    try:
+        def until(condition, what: str) -> None:
+            WebDriverWait(driver, 10, poll_frequency=0.02).until(lambda d: condition(), what)
+
+        def panel() -> str:
+            return driver.execute_script("return document.getElementById('overlaps').innerText")
+
+        driver.set_window_size(1400, 1100)
+        driver.get(login_code(broker))
+        until(lambda: "No overlaps" in panel(), "the overlap panel, empty")
+        driver.execute_script("window.notReloaded = true")
+        report_changes(laptop, ["scripts/backup.sh", "cron/nightly.txt", "README.md", "docs/restore.md", "x.py"])
+        until(lambda: "README.md, cron/nightly.txt, docs/restore.md" in panel(), "the overlap, live")
+        text = panel()
+        assert REPO in text and "laptop on laptop" in text and "desk on desk" in text and "and 1 more" in text
+        assert "Moving the backups to restic" in text and "4 files changed" in text and "5 files changed" in text
+        assert "/Users/me/src/infra [fix-cron]" in text
+        assert driver.find_element("id", "overlap-count").text == "1 now"
+        widths = driver.execute_script("const e = document.getElementById('overlaps');"
+                                       " return [e.scrollWidth, e.clientWidth]")
+        assert widths[0] <= widths[1], widths  # fits at 1400 px
+        shot = Path(os.environ.get("CLAUDE_PEERS_OVERLAPS_SCREENSHOT") or tmp_path / "overlaps.png")
+        section = driver.find_element("css selector", "#overlaps").find_element("xpath", "..")
+        driver.execute_script("arguments[0].scrollIntoView()", section)  # below the fold since Needs you came first
+        assert section.screenshot(str(shot)) and shot.stat().st_size > 5_000
+        laptop.session_call("POST", "/leave")
+        until(lambda: "No overlaps" in panel(), "the overlap cleared when the laptop left")
+        assert driver.find_element("id", "overlap-count").text == "0 now"
+        assert driver.execute_script("return window.notReloaded") is True
+        problems = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not problems, problems
+    finally:
+        driver.quit()
+
+
 # ---------------------------------------------------------------------------
 # Security
 # ---------------------------------------------------------------------------
@@ -3283,7 +3439,7 @@ async def shim_session(broker: BrokerProc, name: str | None = None, mode: str = 
     args = ["-c", CLIENT_PROCESS, str(wire_log or ""), *flag, "--", PY, str(SCRIPT), "shim",
             *(["--name", name] if name else [])]
     params = StdioServerParameters(command=PY, args=args, env={**shim_env(broker), **(env or {})},
-                                   cwd=str(cwd) if cwd else None)
+                                   cwd=str(cwd or broker.home))  # not this checkout: its edits would overlap
     recorder = ChannelRecorder()
     async with Client(params, mode=mode, extensions=[recorder] if channel else [],
                       client_info=Implementation(name=client_name, version="2.1.197")) as client:
@@ -3512,7 +3668,8 @@ class RawShim:
 
     def __init__(self, broker: BrokerProc, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen([PY, str(SCRIPT), "shim"], env={**broker.env, **shim_env(broker), **(env or {})},
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     cwd=broker.home)
         self.lines: list[dict] = []
         self.batches: list[list[dict]] = []
         self.arrived = threading.Condition()
@@ -3868,10 +4025,20 @@ def machine_config(broker: BrokerProc, machine: str) -> Path:
     return path
 
 
-def two_clones(tmp_path: Path) -> tuple[Path, Path]:
-    """One repository cloned twice, its origin spelt two ways (scp-like ssh, https), as on two machines."""
+def two_clones(tmp_path: Path, files: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """One repository cloned twice, its origin spelt two ways (scp-like ssh, https), as on two machines;
+    with ``files``, main has a first commit of them that each clone tracks."""
     origin = tmp_path / "origin.git"
-    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    subprocess.run(["git", "init", "-q", "--bare", "--initial-branch=main", str(origin)], check=True)
+    if files:
+        seed = tmp_path / "seed"
+        run_git(tmp_path, "clone", "-q", str(origin), str(seed))
+        for name in files:
+            (seed / name).parent.mkdir(parents=True, exist_ok=True)
+            (seed / name).write_text(f"# {name}\n")
+        run_git(seed, "add", ".")
+        run_git(seed, "commit", "-qm", "first")
+        run_git(seed, "push", "-q", "origin", "HEAD:main")
     clones = []
     for name, url in (("desk", "git@github.com:homelab/infra.git"), ("laptop", "https://github.com/homelab/infra")):
         clone = tmp_path / name / "infra"
@@ -3956,6 +4123,135 @@ async def test_a_task_held_by_a_shim_whose_process_is_killed_is_open_again(broke
         with contextlib.suppress(Exception):  # only the client's own exit, after its server died under it
             await stack.aclose()
     assert [t["state"] for t in broker.client().call("GET", "/api/tasks")["tasks"]] == ["open"]
+
+
+def test_the_change_watch_runs_git_only_when_something_changed_and_names_edits_and_unpushed_commits(
+        tmp_path, monkeypatch):
+    clone, _ = two_clones(tmp_path, ("a.py", "b.py", "c.py", "lib/d.py"))
+    calls, real = [], cp.git_output
+    monkeypatch.setattr(cp, "git_output", lambda cwd, *args: calls.append(args) or real(cwd, *args))
+    watch = cp.ChangeWatch(clone)
+    assert watch.look(REPO) == {"repo": REPO, "paths": [], "more": 0} and calls
+    calls.clear()
+    assert watch.look(REPO)["paths"] == [] and calls == []  # nothing changed: no git at all
+    (clone / "a.py").write_text("an edit, not staged\n")
+    assert watch.look(REPO)["paths"] == ["a.py"] and calls
+    calls.clear()
+    assert watch.look(REPO)["paths"] == ["a.py"] and calls == []
+    (clone / "b.py").write_text("committed here, not pushed\n")
+    run_git(clone, "commit", "-qm", "b", "b.py")
+    assert watch.look(REPO)["paths"] == ["a.py", "b.py"]  # b.py only in a commit its upstream lacks
+    (clone / "lib" / "new.py").write_text("")  # a new file next to a tracked one
+    assert watch.look(REPO)["paths"] == ["a.py", "b.py", "lib/new.py"]
+    run_git(clone, "mv", "c.py", "e.py")
+    assert watch.look(REPO)["paths"] == ["a.py", "b.py", "c.py", "e.py", "lib/new.py"]
+    for i in range(250):
+        (clone / f"n{i:03d}.txt").write_text("")
+    many = watch.look(REPO)
+    assert len(many["paths"]) == cp.MAX_CHANGED_PATHS and many["more"] == 255 - cp.MAX_CHANGED_PATHS
+    assert all(args[0] != "-c" and not any(";" in a or "|" in a for a in args) for args in calls)
+    (tmp_path / "plain").mkdir()
+    assert cp.ChangeWatch(tmp_path / "plain").look(REPO) is None  # not a repository: nothing to report
+    monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))
+    assert cp.ChangeWatch(clone).look(REPO) is None  # git missing: nothing either
+
+
+def reported(broker: BrokerProc, after: float = 0.0) -> dict[str, int]:
+    """How many changed files each live session's last overlap report named, as the broker stored it
+    (those taken after ``after`` only)."""
+    with contextlib.closing(sqlite3.connect(broker.home / "broker.db")) as db:
+        rows = db.execute("SELECT s.name, c.paths FROM changes c JOIN sessions s ON s.id = c.session_id"
+                          " WHERE c.at > ?", (after,)).fetchall()
+    return {name: len(json.loads(paths)) for name, paths in rows}
+
+
+async def told_of_overlap(shim: ShimSession) -> str:
+    """A pull session's tool results until one ends with an overlap notice: that one."""
+    with anyio.fail_after(15):
+        while "[claude-peers] Overlap in" not in (text := await shim.ok("whoami")):
+            await anyio.sleep(0.05)
+    return text
+
+
+@pytest.mark.anyio
+async def test_two_shims_on_two_machines_editing_the_same_files_are_each_told_once_with_the_files(
+        make_broker, tmp_path):
+    broker = make_broker("poll_wait_s = 1\n[shim]\nchanges_every_s = 0.1\n")
+    desk_dir, laptop_dir = two_clones(tmp_path, ("backup.sh", "cron.txt", "notes.md"))
+    other = tmp_path / "nas" / "scripts"  # another repository, with a file of the same name
+    run_git(tmp_path, "init", "-q", str(other))
+    (other / "backup.sh").write_text("#!/bin/sh\n")
+    run_git(other, "add", ".")
+    run_git(other, "commit", "-qm", "first")
+    laptop_env = {"CLAUDE_PEERS_CONFIG": str(machine_config(broker, "laptop")), "CLAUDE_PEERS_MODE": "pull"}
+    nas_env = {"CLAUDE_PEERS_CONFIG": str(machine_config(broker, "nas"))}
+    desk_env = {"CLAUDE_PEERS_CONFIG": str(machine_config(broker, "desk"))}
+    async with shim_session(broker, name="desk", cwd=desk_dir, env=desk_env) as desk, \
+            shim_session(broker, name="laptop", cwd=laptop_dir, env=laptop_env) as laptop, \
+            shim_session(broker, name="nas", cwd=other, env=nas_env) as nas:
+        await laptop.ok("set_summary", {"summary": "Making the backup script retry"})
+        (desk_dir / "backup.sh").write_text("desk's edit\n")
+        (desk_dir / "cron.txt").write_text("desk's\n")
+        run_git(desk_dir, "commit", "-qm", "cron", "cron.txt")  # committed, not pushed
+        (other / "backup.sh").write_text("the nas's edit\n")
+        (laptop_dir / "notes.md").write_text("the laptop's\n")  # disjoint from the desk's
+        await wait_until(lambda: reported(broker) == {"desk": 2, "laptop": 1, "nas": 1}, what="three reports")
+        await stays(lambda: not desk.recorder.received, 1.0, "no overlap: another repository, disjoint files")
+        assert "Overlap" not in await laptop.ok("whoami") and "Overlap" not in await nas.ok("whoami")
+
+        (laptop_dir / "backup.sh").write_text("the laptop's edit\n")
+        (laptop_dir / "cron.txt").write_text("the laptop's\n")
+        [note] = await desk.recorder.wait_for(1)
+        assert (note.meta["kind"], note.meta["peer_name"], note.meta["peer_machine"], note.meta["repo"]) == (
+            "overlap", "laptop", "laptop", REPO)
+        assert note.content.startswith(f"[claude-peers] Overlap in {REPO}: laptop (session ")
+        assert f"on laptop:{laptop_dir}" in note.content and "has also changed backup.sh, cron.txt;" in note.content
+        assert 'its summary: "Making the backup script retry"' in note.content and 'send_message(to="laptop")' in note.content
+        told = await told_of_overlap(laptop)
+        assert f"desk (session {peer_named(broker, 'desk')['id']} on desk:{desk_dir} [main]) has also changed" \
+               " backup.sh, cron.txt; it has set no summary." in told
+        assert "Overlap" not in await laptop.ok("whoami")  # told once
+
+        (laptop_dir / "todo.md").write_text("a new file of the laptop's alone\n")  # the same overlap, reported again
+        await wait_until(lambda: reported(broker)["laptop"] == 4, what="the laptop's next report")
+        await stays(lambda: len(desk.recorder.received) == 1, 1.0, "no second notice for the same overlap")
+        assert "Overlap" not in await laptop.ok("whoami")
+
+        (desk_dir / "notes.md").write_text("the desk's too\n")  # a new overlapping file: both told again
+        [_, again] = await desk.recorder.wait_for(2)
+        assert "has also changed backup.sh, cron.txt, notes.md (new: notes.md);" in again.content
+        assert "(new: notes.md)" in await told_of_overlap(laptop)
+        assert "Overlap" not in await nas.ok("whoami")
+        [now] = broker.client().call("GET", "/api/overlaps")["overlaps"]
+        assert now["paths"] == ["backup.sh", "cron.txt", "notes.md"]
+        assert sorted(s["name"] for s in now["sessions"]) == ["desk", "laptop"]
+    events = broker.client().call("GET", "/api/events?limit=1000")["events"]
+    assert [(e["state"], e["paths"]) for e in events if e["subject"] == "fleet.overlap"] == [
+        ("started", ["backup.sh", "cron.txt"]), ("changed", ["backup.sh", "cron.txt", "notes.md"]),
+        ("ended", ["backup.sh", "cron.txt", "notes.md"])]
+    assert broker.client().call("GET", "/api/overlaps")["overlaps"] == []
+
+
+@pytest.mark.anyio
+async def test_after_a_hub_restart_the_shims_report_again_and_no_one_is_told_twice(make_broker, tmp_path):
+    broker = make_broker("poll_wait_s = 1\n[shim]\nchanges_every_s = 0.1\n")
+    desk_dir, laptop_dir = two_clones(tmp_path, ("backup.sh",))
+    for clone in (desk_dir, laptop_dir):
+        (clone / "backup.sh").write_text(f"{clone.parent.name}'s edit\n")
+    laptop_env = {"CLAUDE_PEERS_CONFIG": str(machine_config(broker, "laptop"))}
+    async with shim_session(broker, name="desk", cwd=desk_dir) as desk, \
+            shim_session(broker, name="laptop", cwd=laptop_dir, env=laptop_env) as laptop:
+        await desk.recorder.wait_for(1)
+        await laptop.recorder.wait_for(1)
+        broker.kill()
+        restarted = time.time()
+        broker.start()
+        await wait_until(lambda: reported(broker, restarted) == {"desk": 1, "laptop": 1}, timeout=40,
+                         what="both shims report again to the restarted hub")
+        await stays(lambda: len(desk.recorder.received) == len(laptop.recorder.received) == 1, 1.5,
+                    "no one told twice of the overlap it was told of before the restart")
+    assert [e["state"] for e in broker.client().call("GET", "/api/events?limit=1000")["events"]
+            if e["subject"] == "fleet.overlap"] == ["started", "ended"]
 
 
 @pytest.mark.anyio
@@ -4252,7 +4548,7 @@ def test_a_pull_sessions_poll_is_a_heartbeat_that_answers_how_much_mail_waits(ma
     waiting.start()
     sent = send(sender, "reader", "one")
     waiting.join(10)
-    assert answer == {"messages": [], "unread": 1}  # woken by the mail, which stays queued and unleased
+    assert answer == {"messages": [], "unread": 1, "notices": []}  # woken by the mail, which stays queued and unleased
     assert reader.session_call("POST", "/poll", {"wait_s": 30, "unread": 0})["unread"] == 1  # told at once
     assert message_state(broker, sent["id"]) == "queued"
     assert [m["id"] for m in reader.session_call("POST", "/inbox")["messages"]] == [sent["id"]]
@@ -4505,6 +4801,29 @@ async def test_an_inbox_that_refuses_or_is_gone_leaves_the_mail_queued_and_the_s
         assert "are you there?" in inbox and "still there?" in inbox and "already" not in inbox
         assert message_state(broker, first["id"]) == "read"
     assert inbox_socket.received == []
+
+
+@pytest.mark.anyio
+async def test_an_inbox_session_has_an_overlap_posted_into_its_inbox_or_on_its_next_tool_result_once_refused(
+        make_broker, tmp_path, inbox_socket):
+    broker = make_broker("poll_wait_s = 1\n[shim]\nchanges_every_s = 0.1\n")
+    clone, _ = two_clones(tmp_path, ("backup.sh", "cron.txt"))
+    (clone / "backup.sh").write_text("the inbox session's edit\n")
+    laptop = broker.session(name="laptop", machine="laptop", summary="Retrying the backups")
+    async with shim_session(broker, name="posted", flag=[], cwd=clone, env=inbox_socket.env(tmp_path)) as shim:
+        await wait_until(lambda: reported(broker).get("posted") == 1, what="the inbox session's report")
+        report_changes(laptop, ["backup.sh"])
+        _, post = inbox_socket.posts(2)
+        assert post["message"]["content"].startswith(f"[claude-peers] Overlap in {REPO}: laptop (session ")
+        assert 'has also changed backup.sh; its summary: "Retrying the backups".' in post["message"]["content"]
+        assert "Overlap" not in await shim.ok("whoami")  # posted, so not on a tool result too
+        inbox_socket.refuse()
+        (clone / "cron.txt").write_text("the inbox session's too\n")
+        await wait_until(lambda: reported(broker).get("posted") == 2, what="the next report")
+        report_changes(laptop, ["backup.sh", "cron.txt"])
+        assert "has also changed backup.sh, cron.txt (new: cron.txt)" in await told_of_overlap(shim)
+        assert peer_named(broker, "posted")["mode"] == "pull"
+    assert len(inbox_socket.received) == 2
 
 
 def test_a_killed_shim_loses_no_message_it_posted(broker, tmp_path, inbox_socket):
@@ -6920,12 +7239,6 @@ ONE_TO_TEN = "".join(f"{word}\n" for word in ("one", "two", "three", "four", "fi
                                                "ten"))
 
 
-def run_git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=Dev", "-c", "user.email=dev@example.com", "-c",
-                           "init.defaultBranch=main", *args], cwd=cwd, check=True, capture_output=True,
-                          text=True).stdout.strip()
-
-
 class PrLab:
     """A bare origin, a clone where the test plays the pull requests' authors, the user's own checkout
     the daemon is pointed at, and the gh stand-in with its pull requests in a JSON file."""
@@ -7324,7 +7637,8 @@ def test_bench_with_tiny_parameters_prints_every_figure_honestly():
     for figure in ("send requests/s", "delivered messages/s, senders on 8 HTTP", "CPU per delivered message, HTTP",
                    "one session spawned -> tools/list", "2 sessions spawned at once", "2 idle sessions, p99",
                    "broker saturated, p50", "through the MCP send tool", "CPU per delivered message, MCP",
-                   "shim RSS", "shim PSS", "requests per idle session", "1000 sessions long-polling",
+                   "shim RSS", "shim PSS", "requests per idle session", "requests per editing session",
+                   "1000 sessions long-polling",
                    "events relayed to JetStream per second (200 published)",
                    "shim instructions as the model receives them (bytes)",
                    f"shim tool list as the model receives it ({len(cp.TOOLS)} tools, bytes)",
