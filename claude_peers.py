@@ -15,7 +15,8 @@ Sections, in dependency order (each uses only what is above it):
   Common helpers       errors, ids, names, text checks, tool-argument checking
   Schedules            durations and cron expressions
   Config               daemons.toml: defaults, checks, the Config object, the fleet token
-  Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory, tasks
+  Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory, tasks,
+                       file claims
   Events on NATS JetStream  the embedded nats-server, the relay from the outbox
   Webhook              alert changes posted by the hub from its queue, in order, retried until answered
   Dashboard and metrics  the live page and its logins, the broker's counters, GET /metrics
@@ -301,6 +302,19 @@ def repo_identity(cwd: Path) -> str:
     return ""
 
 
+def inside_repo(root: str, base: str, raw: str) -> str | None:
+    """``raw`` (absolute, or relative to ``base``) relative to the repository root ``root``, with the
+    symlinks of its existing directories resolved ('**' for the root itself); None outside it."""
+    full, tail = os.path.normpath(os.path.join(base, raw)), ""
+    while os.path.dirname(full) != full and not os.path.isdir(full):
+        full, name = os.path.split(full)
+        tail = os.path.join(name, tail) if tail else name
+    rel = os.path.relpath(os.path.join(os.path.realpath(full), tail), os.path.realpath(root))
+    if rel == ".." or rel.startswith("../"):
+        return None
+    return "**" if rel == "." else rel
+
+
 def storable_text(value: str) -> bool:
     """True if sqlite can store the string: a lone surrogate (a JSON "\\ud800") cannot be UTF-8."""
     try:
@@ -333,6 +347,8 @@ def _argument_fits(value: Any, spec: dict[str, Any]) -> bool:
         return isinstance(value, str)
     if kind == "integer":
         return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "boolean":
+        return isinstance(value, bool)
     if kind == "array":
         return isinstance(value, list) and all(_argument_fits(item, spec.get("items", {})) for item in value)
     return False
@@ -355,7 +371,8 @@ def check_tool_arguments(tool: str, schema: dict[str, Any], args: Any) -> dict[s
     for key, value in clean.items():
         spec = properties[key]
         if not _argument_fits(value, spec):
-            kind = {"array": "a list of strings", "integer": "an integer"}.get(spec.get("type"), "a string")
+            kind = {"array": "a list of strings", "integer": "an integer", "boolean": "true or false"}.get(
+                spec.get("type"), "a string")
             raise ToolArgumentError(f"{tool}: argument {key!r} must be {kind}")
         if "enum" in spec and value not in spec["enum"]:
             raise ToolArgumentError(f"{tool}: argument {key!r} must be one of {', '.join(map(str, spec['enum']))}")
@@ -1147,7 +1164,7 @@ def read_token(cfg: Config, create: bool = False) -> str:
 
 
 # ===========================================================================
-# Store: sessions, messages, events, alerts, memory and tasks in sqlite (WAL)
+# Store: sessions, messages, events, alerts, memory, tasks and file claims in sqlite (WAL)
 # ===========================================================================
 
 # Daemon runs, as the broker and each supervisor keep them (the supervisor adds columns).
@@ -1299,6 +1316,22 @@ CREATE TABLE IF NOT EXISTS tasks(
 );
 CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state, seq);
 CREATE INDEX IF NOT EXISTS tasks_holder ON tasks(holder_session) WHERE state = 'claimed';
+CREATE TABLE IF NOT EXISTS claims(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    repo TEXT NOT NULL,
+    path TEXT NOT NULL,
+    exclusive INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    minutes INTEGER NOT NULL,
+    holder TEXT NOT NULL,
+    holder_session TEXT NOT NULL,
+    holder_machine TEXT NOT NULL,
+    holder_pid INTEGER NOT NULL,
+    claimed_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS claims_repo ON claims(repo, path);
+CREATE INDEX IF NOT EXISTS claims_holder ON claims(holder_session);
 CREATE TABLE IF NOT EXISTS credentials(
     name TEXT PRIMARY KEY,
     machine TEXT NOT NULL,
@@ -2391,6 +2424,184 @@ class Tasks:
     def counts(self) -> dict[str, int]:
         states = dict(self.store.read("SELECT state, COUNT(*) FROM tasks GROUP BY state"))
         return {s: states.get(s, 0) for s in ("open", "claimed", "done")}
+
+
+CLAIM_MAX_PATHS = 50  # paths or globs one claim call may name
+CLAIM_PATH_CHARS = 500
+CLAIM_MAX_MINUTES = 24 * 60
+CLAIM_DEFAULT_MINUTES = 60
+
+
+def glob_regex(pattern: str) -> str:
+    """A claim's glob as a regex over repository paths: ** any depth, * and ? inside one name, [...]
+    a set; every pattern also covers what is under it (a claimed directory covers its files)."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]+/)*")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        ch = pattern[i]
+        if ch == "[":
+            start = i + 2 if pattern[i + 1:i + 2] in ("!", "^") else i + 1
+            end = pattern.find("]", start + 1)  # a ']' first in the set is one of its characters
+            if end < 0:
+                raise ValueError("has a '[' without its ']'")
+            negate = "^" if start > i + 1 else ""
+            out.append(f"[{negate}{re.escape(pattern[start:end])}]")
+            i = end + 1
+            continue
+        out.append({"*": "[^/]*", "?": "[^/]"}.get(ch) or re.escape(ch))
+        i += 1
+    return "".join(out) + "(?:/.*)?"
+
+
+def claim_pattern(raw: Any) -> str:
+    """A path or glob as claims keep it (relative to the repository's root, no './' or trailing
+    '/'); ApiError 400 naming what is wrong with it and how to give it."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise ApiError(400, f"paths: {raw!r} is not a path: give each path or glob as a non-empty string")
+    pattern = re.sub(r"/+", "/", raw.strip()).removeprefix("./").rstrip("/")
+    if len(pattern) > CLAIM_PATH_CHARS or any(ord(ch) < 32 for ch in pattern):
+        raise ApiError(400, f"paths: {raw[:80]!r} is too long or has control characters")
+    if pattern.startswith("/") or ".." in pattern.split("/") or not pattern:
+        raise ApiError(400, f"paths: {raw[:200]!r} is outside the repository: give paths relative to its root,"
+                            " without '..'")
+    try:
+        re.compile(glob_regex(pattern))
+    except (ValueError, re.error) as exc:
+        raise ApiError(400, f"paths: the glob {raw[:200]!r} {exc}: use *, ?, ** and [...] sets") from None
+    return pattern
+
+
+def claim_covers(pattern: str, path: str) -> bool:
+    """Whether a claim on ``pattern`` covers the repository path ``path``."""
+    return re.fullmatch(glob_regex(pattern), path) is not None
+
+
+def claims_overlap(a: str, b: str) -> bool:
+    """Whether two claimed patterns may name the same file (each read as a path the other covers:
+    src/** and src/*.py overlap, *.py and docs/a.md do not)."""
+    return a == b or claim_covers(a, b) or claim_covers(b, a)
+
+
+def claim_view(row: Any, expires_at: float) -> dict[str, Any]:
+    return {"id": row["id"], "repo": row["repo"], "path": row["path"], "exclusive": bool(row["exclusive"]),
+            "reason": row["reason"], "minutes": row["minutes"], "holder": row["holder"],
+            "holder_session": row["holder_session"], "holder_machine": row["holder_machine"],
+            "holder_pid": row["holder_pid"], "claimed_at": iso(row["claimed_at"]), "expires_at": iso(expires_at)}
+
+
+class Claims:
+    """File claims: paths or globs of one repository a session says it works on, advisory (a
+    warning to others) or exclusive (Claude Code's PreToolUse hook denies other sessions' edits
+    there). A claim holds while its session lives and was heard from within its minutes (every
+    heartbeat renews it), so a crashed machine's claims lapse by themselves; it ends with its session."""
+
+    def __init__(self, store: Store, sessions: Sessions) -> None:
+        self.store = store
+        self.sessions = sessions
+
+    def _expiry(self, row: Any, now: float) -> float | None:
+        """When ``row`` lapses if its session stays silent; None if it is no longer in force."""
+        session = self.sessions.live.get(row["holder_session"])
+        if session is None or not self.sessions.presence.alive(session, now):
+            return None
+        until = self.sessions.presence.last_seen(session) + row["minutes"] * 60
+        return until if until > now else None
+
+    def _event(self, c: sqlite3.Connection, row: Any, kind: str, **why: Any) -> None:
+        self.store.event(c, f"claim.{kind}", f"fleet.claim.{kind}", claim_id=row["id"], repo=row["repo"],
+                         path=row["path"], exclusive=bool(row["exclusive"]), reason=row["reason"],
+                         holder=row["holder"], holder_session=row["holder_session"],
+                         holder_machine=row["holder_machine"], **why)
+
+    def _drop(self, c: sqlite3.Connection, rows: Iterable[Any], kind: str, **why: Any) -> list[dict[str, Any]]:
+        """Delete claims, each as a fleet.claim.<kind> event; returns them as they were."""
+        dropped = []
+        for row in rows:
+            c.execute("DELETE FROM claims WHERE id = ?", (row["id"],))
+            self._event(c, row, kind, **why)
+            dropped.append(claim_view(row, row["claimed_at"]))
+        return dropped
+
+    def _lapse(self, c: sqlite3.Connection, repo: str, now: float) -> None:
+        """Drop the repository's claims no longer in force (their minutes passed in silence)."""
+        rows = c.execute("SELECT * FROM claims WHERE repo = ?", (repo,)).fetchall()
+        self._drop(c, [r for r in rows if self._expiry(r, now) is None], "expired")
+
+    def claim(self, session: dict[str, Any], repo: str, paths: list[Any], minutes: int, reason: str,
+              exclusive: bool) -> dict[str, Any]:
+        """Claim (or renew) paths for ``session``; an exclusive claim overlapping another session's
+        exclusive one is refused. Answers what was taken, refused, and every overlapping claim of others."""
+        if not repo:
+            raise ApiError(400, "field 'repo' is empty: claims are per git repository (this session is in none)")
+        if not paths or len(paths) > CLAIM_MAX_PATHS:
+            raise ApiError(400, f"paths: give 1 to {CLAIM_MAX_PATHS} paths or globs (got {len(paths)}); claim a"
+                                " directory or a glob to cover more")
+        if not 1 <= minutes <= CLAIM_MAX_MINUTES:
+            raise ApiError(400, f"field 'minutes' must be 1 to {CLAIM_MAX_MINUTES}, got {minutes}")
+        patterns = list(dict.fromkeys(claim_pattern(p) for p in paths))
+        now = time.time()
+        with self.store.tx() as c:
+            self._lapse(c, repo, now)
+            others = c.execute("SELECT * FROM claims WHERE repo = ? AND holder_session != ?",
+                               (repo, session["id"])).fetchall()
+            taken, refused, conflicts = [], [], {}
+            for path in patterns:
+                clash = [r for r in others if claims_overlap(r["path"], path)]
+                conflicts.update((r["id"], r) for r in clash)
+                if exclusive and any(r["exclusive"] for r in clash):
+                    refused.append(path)
+                    continue
+                own = c.execute("SELECT id FROM claims WHERE repo = ? AND path = ? AND holder_session = ?",
+                                (repo, path, session["id"])).fetchone()
+                claim_id = own["id"] if own else new_id(6)
+                c.execute("DELETE FROM claims WHERE id = ?", (claim_id,))
+                row = {"id": claim_id, "repo": repo, "path": path, "exclusive": int(exclusive), "reason": reason,
+                       "minutes": minutes, "holder": session["name"] or session["id"], "holder_session": session["id"],
+                       "holder_machine": session["machine"], "holder_pid": session["pid"], "claimed_at": now}
+                c.execute(f"INSERT INTO claims({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                          tuple(row.values()))
+                self._event(c, row, "renewed" if own else "claimed", minutes=minutes)
+                taken.append(claim_view(row, now + minutes * 60))
+            views = [claim_view(r, self._expiry(r, now) or now) for r in conflicts.values()]
+        return {"claims": taken, "refused": refused, "conflicts": views}
+
+    def release(self, session: dict[str, Any], paths: list[Any] | None) -> list[dict[str, Any]]:
+        """End ``session``'s claims on ``paths`` (as it claimed them), or all of them."""
+        patterns = [claim_pattern(p) for p in paths] if paths else None
+        with self.store.tx() as c:
+            rows = c.execute("SELECT * FROM claims WHERE holder_session = ?", (session["id"],)).fetchall()
+            mine = [r for r in rows if patterns is None or r["path"] in patterns]
+            return self._drop(c, mine, "released", by=session["name"] or session["id"])
+
+    def break_claim(self, claim_id: str, by: str) -> dict[str, Any]:
+        """An operator ends someone's claim; the event records who."""
+        with self.store.tx() as c:
+            row = c.execute("SELECT * FROM claims WHERE id = ?", (claim_id,)).fetchone()
+            if row is None:
+                raise ApiError(404, f"no claim {claim_id} (claude-peers claims lists them and their ids)")
+            [view] = self._drop(c, [row], "released", by=by, broken=True)
+            return view
+
+    def end_held(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
+        """A session ended: so did its claims."""
+        rows = c.execute("SELECT * FROM claims WHERE holder_session = ?", (session["id"],)).fetchall()
+        self._drop(c, rows, "ended", why=f"its session ended ({reason})")
+
+    def list(self, repo: str | None = None, session: str | None = None) -> list[dict[str, Any]]:
+        """The claims in force, oldest first: of ``repo``, or of ``session``, or all."""
+        where, args = ("WHERE repo = ?", (repo,)) if repo else ("WHERE holder_session = ?", (session,)) if session \
+            else ("", ())
+        now = time.time()
+        with self.store.lock:
+            rows = self.store.db.execute(f"SELECT * FROM claims {where} ORDER BY seq", args).fetchall()
+            return [claim_view(r, until) for r in rows if (until := self._expiry(r, now)) is not None]
 
 
 ROLES = ("client", "operator", "admin")
@@ -4065,6 +4276,10 @@ TASK_SCHEMA: Schema = {"text": Field(str, True, 4000), "repo": Field(str, False,
 TASK_CLAIM_SCHEMA: Schema = {"id": Field(str, False, 64), "repo": Field(str, False, 500)}
 TASK_DONE_SCHEMA: Schema = {"result": Field(str, False, 8000)}
 TASK_AFTER_SCHEMA: Schema = {"after": Field(list, True, 50)}
+CLAIM_SCHEMA: Schema = {"repo": Field(str, True, 500), "paths": Field(list, True, 1000),
+                        "minutes": Field(int, False, 1_000_000), "reason": Field(str, False, 500),
+                        "exclusive": Field(bool, False, 0)}
+CLAIM_RELEASE_SCHEMA: Schema = {"paths": Field(list, False, 1000)}
 EMPTY_SCHEMA: Schema = {}
 KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object",
               bool: "true or false"}
@@ -4198,6 +4413,8 @@ class Broker:
         self.credentials = Credentials(self.store)
         self.tasks = Tasks(self.store, self.messages)
         self.sessions.on_end.append(self.tasks.reopen_held)
+        self.claims = Claims(self.store, self.sessions)
+        self.sessions.on_end.append(self.claims.end_held)
         self.records.migrate_memory()
         self.limiter = RateLimiter(cfg.broker.rate_per_s, cfg.broker.rate_burst)
         # Long-polls waiting right now, until woken or handed mail (a send leases mail to them).
@@ -4436,11 +4653,13 @@ PERMISSIONS = {
     "login": "open the dashboard (it shows every session and message, and runs daemons on any machine)",
     "dashboard": "use the dashboard (its cookie: from `claude-peers dashboard`)",
     "task": "add, claim and finish tasks on the task board",
+    "claim": "end another session's file claim",
     "forget": "resolve alerts by hand and forget machines",
     "admin": "manage credentials",
 }
 ROLE_PERMISSIONS = {"client": {"read", "session", "report", "trigger", "task"},
-                    "operator": {"read", "session", "report", "trigger", "task", "operator", "metrics", "login"},
+                    "operator": {"read", "session", "report", "trigger", "task", "claim", "operator", "metrics",
+                                 "login"},
                     "admin": set(PERMISSIONS), "dashboard": {"dashboard"}, "dashboard-admin": {"dashboard", "forget"},
                     "metrics": {"metrics"}}
 
@@ -4509,14 +4728,22 @@ def _scope(req: Request) -> str:
     return req.query.get("scope", "all")
 
 
+def with_claims(b: Broker, peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Peers, each with the file claims it holds (list_peers shows them)."""
+    held: dict[str, list[dict[str, Any]]] = {}
+    for claim in b.claims.list():
+        held.setdefault(claim["holder_session"], []).append(claim)
+    return [{**peer, "claims": held.get(peer["id"], [])} for peer in peers]
+
+
 def r_session_peers(b: Broker, req: Request) -> Any:
     peers = b.sessions.peers(_scope(req), req.session, exclude=req.session["id"])
-    return {"peers": peers}
+    return {"peers": with_claims(b, peers)}
 
 
 def r_peers(b: Broker, req: Request) -> Any:
     ref = {k: req.query.get(k, "") for k in ("machine", "git_root", "cwd")}
-    return {"peers": b.sessions.peers(_scope(req), ref)}
+    return {"peers": with_claims(b, b.sessions.peers(_scope(req), ref))}
 
 
 async def _send(b: Broker, sender: dict[str, Any], req: Request) -> dict[str, Any]:
@@ -4805,6 +5032,25 @@ async def r_task_after(b: Broker, req: Request) -> Any:
     return await b.write(lambda: b.tasks.wait_for(req.args[0], req.body["after"]))
 
 
+def r_claims(b: Broker, req: Request) -> Any:
+    return {"claims": b.claims.list(req.query.get("repo"), req.query.get("session"))}
+
+
+async def r_claim(b: Broker, req: Request) -> Any:
+    body = req.body
+    return await b.write(lambda: b.claims.claim(req.session, body["repo"], body["paths"],
+                                                body.get("minutes", CLAIM_DEFAULT_MINUTES), body.get("reason", ""),
+                                                body.get("exclusive", False)))
+
+
+async def r_release_claims(b: Broker, req: Request) -> Any:
+    return {"released": await b.write(lambda: b.claims.release(req.session, req.body.get("paths")))}
+
+
+async def r_break_claim(b: Broker, req: Request) -> Any:
+    return {"released": await b.write(lambda: b.claims.break_claim(req.args[0], task_actor(req)["name"]))}
+
+
 # -- the dashboard and /metrics (what they show is built in the section above) --------------
 
 DASHBOARD_LOGIN_SCHEMA: Schema = {"code": Field(str, True, 100)}
@@ -4885,6 +5131,8 @@ ROUTES: list[Route] = [
         ("POST", f"/api/sessions/{SID}/tasks", r_add_task, True, TASK_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/tasks/claim", r_claim_task, True, TASK_CLAIM_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/tasks/([0-9a-f]{{12}})/done", r_finish_task, True, TASK_DONE_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/claims", r_claim, True, CLAIM_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/claims/release", r_release_claims, True, CLAIM_RELEASE_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/memory", r_set_memory, True, MEMORY_SCHEMA, "operator"),
         ("GET", f"/api/sessions/{SID}/messages/([0-9a-f]{{12}})", r_session_message, True, None, "session"),
         ("POST", "/api/send", r_operator_send, False, SEND_SCHEMA, "operator"),
@@ -4914,6 +5162,8 @@ ROUTES: list[Route] = [
         ("POST", "/api/tasks/([0-9a-f]{12})/claim", r_claim_task, False, EMPTY_SCHEMA, "task"),
         ("POST", "/api/tasks/([0-9a-f]{12})/done", r_finish_task, False, TASK_DONE_SCHEMA, "task"),
         ("POST", "/api/tasks/([0-9a-f]{12})/after", r_task_after, False, TASK_AFTER_SCHEMA, "task"),
+        ("GET", "/api/claims", r_claims, False, None, "read"),
+        ("POST", "/api/claims/([0-9a-f]{12})/release", r_break_claim, False, EMPTY_SCHEMA, "claim"),
         ("POST", "/api/schedule", r_schedule, False, SCHEDULE_SCHEMA, "report"),
         ("POST", "/api/dashboard/codes", r_login_code, False, EMPTY_SCHEMA, "login"),
         ("GET", "/", r_dashboard_page, False, None, "dashboard"),
@@ -5556,6 +5806,19 @@ TOOLS: list[dict[str, Any]] = [
          "result": {"type": "string", "description": "done: what came of it"},
          "text": {"type": "string", "description": "add: what is to be done"},
          "after": {"type": "array", "items": {"type": "string"}, "description": "add: ids of tasks it waits for"}}}},
+    {"name": "claim",
+     "description": "Claim files of this repository before changing them: sessions on every machine see it, and"
+                    " an exclusive claim makes Claude Code deny their edits there. It lasts while this session"
+                    " lives (or `minutes` after it falls silent); the answer names any conflicting claim.",
+     "inputSchema": {"type": "object", "required": ["paths"], "properties": {
+         "paths": {"type": "array", "items": {"type": "string"}, "description": "files, directories or globs"},
+         "minutes": {"type": "integer", "description": f"default {CLAIM_DEFAULT_MINUTES}"},
+         "reason": {"type": "string", "description": "what you are doing there"},
+         "exclusive": {"type": "boolean", "description": "deny others' edits (default: advisory)"}}}},
+    {"name": "release",
+     "description": "Release this session's file claims: the paths given as claimed, or all of them.",
+     "inputSchema": {"type": "object", "properties": {
+         "paths": {"type": "array", "items": {"type": "string"}}}}},
 ]
 
 
@@ -5781,6 +6044,30 @@ def format_task(task: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_claim(claim: dict[str, Any]) -> str:
+    """One claim in a line: path, kind, holder and where, its reason."""
+    kind = "exclusive" if claim["exclusive"] else "advisory"
+    why = f": {claim['reason']}" if claim["reason"] else ""
+    return f"{claim['path']} ({kind}) by {claim['holder']} on {claim['holder_machine']}{why}"
+
+
+def format_claimed(answer: dict[str, Any], repo: str) -> str:
+    """A claim call's answer for the model: what it holds now, what it could not take and whom to ask."""
+    lines = []
+    if answer["claims"]:
+        first = answer["claims"][0]
+        kind = "exclusive" if first["exclusive"] else "advisory"
+        lines.append(f"Claimed in {repo} ({kind}, held while this session lives, {first['minutes']} min if it falls"
+                     f" silent): {', '.join(c['path'] for c in answer['claims'])}.")
+    if answer["refused"]:
+        lines.append(f"Not claimed (claimed exclusively by another session): {', '.join(answer['refused'])}.")
+    if answer["conflicts"]:
+        holders = sorted({c["holder"] for c in answer["conflicts"]})
+        lines += ["Conflicting claims:", *("- " + format_claim(c) for c in answer["conflicts"]),
+                  f"Ask with send_message(to=\"{holders[0]}\") before changing what they hold."]
+    return "\n".join(lines)
+
+
 class ShimError(Exception):
     """A tool call that failed in a way the model should read."""
 
@@ -5981,7 +6268,8 @@ class Shim:
         """Run one tool; raises ShimError with a readable message on any failure."""
         handlers = {"list_peers": self.tool_list_peers, "send_message": self.tool_send_message,
                     "set_summary": self.tool_set_summary, "check_messages": self.tool_check_messages,
-                    "whoami": self.tool_whoami, "tasks": self.tool_tasks}
+                    "whoami": self.tool_whoami, "tasks": self.tool_tasks, "claim": self.tool_claim,
+                    "release": self.tool_release}
         tool = next((t for t in TOOLS if t["name"] == name), None)
         if tool is None:
             raise ShimError(f"unknown tool {str(name)[:64]!r}; the tools are {', '.join(handlers)}")
@@ -6013,7 +6301,8 @@ class Shim:
         peers = (await self.tools_client.session_call("GET", f"/peers?scope={scope}"))["peers"]
         if not peers:
             return f"No other live sessions (scope: {scope})."
-        return f"Live peers (scope: {scope}, {len(peers)}):\n" + "\n".join(format_peer(p) for p in peers)
+        return f"Live peers (scope: {scope}, {len(peers)}):\n" + "\n".join(
+            format_peer(p) + "".join(f"\n    claims {format_claim(c)}" for c in p.get("claims", [])) for p in peers)
 
     async def tool_send_message(self, to: str, text: str, reply_to: str | None = None, scope: str | None = None) -> str:
         self._need_session()
@@ -6052,12 +6341,50 @@ class Shim:
         return (f"{len(messages)} peer message(s), oldest first. Each text is from another agent; answer with"
                 " send_message(to=<from id or name>, reply_to=<message_id>).\n\n" + "\n\n".join(parts))
 
+    async def _repository(self) -> str:
+        """This session's repository, the same name on every clone of it ('' outside one)."""
+        if self.repo is None:
+            self.repo = await asyncio.to_thread(repo_identity, self.cwd)
+        return self.repo
+
+    async def tool_claim(self, paths: list[str], minutes: int | None = None, reason: str | None = None,
+                         exclusive: bool = False) -> str:
+        """Claim paths of this session's repository, given relative to its directory or absolute."""
+        self._need_session()
+        assert self.session is not None
+        repo, root = await self._repository(), self.session["git_root"]
+        if not repo or not root:
+            raise ShimError(f"claim: {self.cwd} is in no git repository, and file claims are per repository")
+        if len(paths) > CLAIM_MAX_PATHS:
+            raise ShimError(f"claim: {len(paths)} paths; at most {CLAIM_MAX_PATHS} at once (claim a directory or"
+                            " a glob to cover more)")
+        relative = []
+        for raw in paths:
+            rel = inside_repo(root, str(self.cwd), raw) if raw.strip() else raw
+            if rel is None:
+                raise ShimError(f"claim: {raw!r} is outside this repository ({root}): claim paths inside it")
+            relative.append(rel)
+        body = {"repo": repo, "paths": relative, "minutes": minutes, "reason": reason, "exclusive": exclusive}
+        answer = await self.tools_client.session_call("POST", "/claims",
+                                                      {k: v for k, v in body.items() if v is not None})
+        return format_claimed(answer, repo)
+
+    async def tool_release(self, paths: list[str] | None = None) -> str:
+        self._need_session()
+        assert self.session is not None
+        root = self.session["git_root"] or str(self.cwd)
+        given = [inside_repo(root, str(self.cwd), p) or p for p in paths] if paths else None
+        released = (await self.tools_client.session_call("POST", "/claims/release",
+                                                         {"paths": given} if given else {}))["released"]
+        if not released:
+            return "No claims of this session " + (f"on {', '.join(given)}." if given else "to release.")
+        return f"Released: {', '.join(c['path'] for c in released)}."
+
     async def tool_tasks(self, action: str, id: str | None = None, result: str | None = None,
                          text: str | None = None, after: list[str] | None = None) -> str:
         """The task board of this session's repository (the same name on every clone of it)."""
         self._need_session()
-        if self.repo is None:
-            self.repo = await asyncio.to_thread(repo_identity, self.cwd)
+        await self._repository()
         board = self.repo or "no repository"
         if action == "list":
             found = await self.tools_client.call("GET", "/api/tasks?" + urllib.parse.urlencode({"repo": self.repo}))
@@ -6095,6 +6422,10 @@ class Shim:
                  + ("" if self.mode == "push" else "; messages wait for check_messages")]
         if self.name_note:
             lines.append(f"note: {self.name_note}")
+        with contextlib.suppress(UserError, ApiError):
+            held = (await self.tools_client.call("GET", "/api/claims?" + urllib.parse.urlencode({"session": s["id"]}),
+                                                 timeout=2))["claims"]
+            lines += [f"claims: {format_claim(c)}" for c in held] or ["claims: none"]
         return "\n".join(lines)
 
 
@@ -10682,6 +11013,182 @@ def cmd_task(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- file claims: the operator's view, and Claude Code's PreToolUse hook ---------------------
+
+EDIT_TOOLS = ("Edit", "Write", "MultiEdit", "NotebookEdit")  # the Claude Code tools the hook guards
+HOOK_COMMAND = "hook pre-tool-use"  # how our entry in Claude Code's settings is told apart
+HOOK_CACHE_S = 2.0  # the hook reuses a repository's claims this long: edits in a burst ask the broker once
+HOOK_FETCH_TIMEOUT_S = 1.5
+
+
+def cmd_claims(cfg: Config, args: argparse.Namespace) -> int:
+    """The file claims in force, or (release ID) an operator ending one, recorded as who did it."""
+    client = client_from_config(cfg)
+    if args.claims_action == "release":
+        gone = client.call("POST", f"/api/claims/{urllib.parse.quote(args.id, safe='')}/release")["released"]
+        print(f"released claim {gone['id']} on {gone['path']} ({gone['repo']}), held by {gone['holder']}")
+        return 0
+    query = {"repo": repo_argument(args.repo)} if args.repo else {}
+    claims = client.call("GET", "/api/claims?" + urllib.parse.urlencode(query))["claims"]
+    if args.json:
+        print_json(claims)
+    elif not claims:
+        print("no file claims (a session makes one with its claim tool)")
+    for repo in dict.fromkeys(c["repo"] for c in claims if not args.json):
+        print(repo)
+        for claim in (c for c in claims if c["repo"] == repo):
+            print(f"  {claim['id']} {format_claim(claim)} (until {claim['expires_at']} if silent)")
+    return 0
+
+
+def parent_pid(pid: int) -> int:
+    """A local process's parent (0 when it is gone or unknown)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
+        out = subprocess.run(["ps", "-o", "ppid=", "-p", str(pid)], capture_output=True, text=True, timeout=2,
+                             check=False)
+        return int(out.stdout.strip() or 0)
+    return 0
+
+
+def ancestors() -> set[int]:
+    """This process's ancestors: the Claude Code that ran the hook is one of them."""
+    found, pid = set(), os.getppid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        pid = parent_pid(pid)
+    return found
+
+
+def own_claim(cfg: Config, claim: dict[str, Any], mine: Callable[[], set[int]]) -> bool:
+    """Whether a claim is this Claude Code's own: its shim, on this machine, is a child of one of our ancestors."""
+    return claim["holder_machine"] == cfg.machine and parent_pid(claim["holder_pid"]) in mine()
+
+
+def cached_claims(cfg: Config, root: str) -> tuple[str, list[dict[str, Any]]]:
+    """The repository at ``root`` and its claims in force: from a cache file younger than HOOK_CACHE_S,
+    else from the broker (BrokerUnreachable, UserError or ApiError when it cannot be asked)."""
+    cache = data_home() / "claims-cache" / (hashlib.sha256(root.encode()).hexdigest()[:24] + ".json")
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        kept = json.loads(cache.read_text())
+        if 0 <= time.time() - kept["at"] < HOOK_CACHE_S and kept["root"] == root:
+            return kept["repo"], kept["claims"]
+    repo = repo_identity(Path(root))
+    query = urllib.parse.urlencode({"repo": repo})
+    claims = client_from_config(cfg, HOOK_FETCH_TIMEOUT_S).call("GET", f"/api/claims?{query}")["claims"]
+    with contextlib.suppress(OSError):
+        cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        part = cache.with_suffix(f".{os.getpid()}.tmp")
+        part.write_text(json.dumps({"at": time.time(), "root": root, "repo": repo, "claims": claims}))
+        part.chmod(0o600)
+        part.replace(cache)
+    return repo, claims
+
+
+def edited_path(payload: Any) -> tuple[str, str] | None:
+    """(the file, the directory it is relative to) a PreToolUse payload edits, or None if it edits none."""
+    if not isinstance(payload, dict) or payload.get("tool_name") not in EDIT_TOOLS:
+        return None
+    tool_input = payload.get("tool_input") if isinstance(payload.get("tool_input"), dict) else {}
+    path = tool_input.get("file_path") or tool_input.get("notebook_path")
+    cwd = payload.get("cwd") if isinstance(payload.get("cwd"), str) else os.getcwd()
+    return (path, cwd) if isinstance(path, str) and path else None
+
+
+def repo_root_of(path: str) -> str:
+    """The git work tree holding ``path`` (which may not exist yet), or ''."""
+    directory = os.path.dirname(path)
+    while directory and not os.path.isdir(directory) and os.path.dirname(directory) != directory:
+        directory = os.path.dirname(directory)
+    return git_info(Path(directory or "/"))[0] if directory else ""
+
+
+def claim_denial(cfg: Config, payload: Any) -> str:
+    """Why Claude Code must not run this tool call (another live session's exclusive claim), or ''."""
+    edit = edited_path(payload)
+    if edit is None:
+        return ""
+    full = os.path.normpath(os.path.join(edit[1], edit[0]))
+    root = repo_root_of(full)
+    rel = inside_repo(root, edit[1], full) if root else None
+    if rel is None:
+        return ""
+    repo, claims = cached_claims(cfg, root)
+    mine = functools.lru_cache(maxsize=1)(ancestors)
+    for claim in claims:
+        if claim["exclusive"] and claim_covers(claim["path"], rel) and not own_claim(cfg, claim, mine):
+            why = f" ({claim['reason']})" if claim["reason"] else ""
+            return (f"claude-peers: {rel} is claimed exclusively by {claim['holder']} on {claim['holder_machine']}"
+                    f"{why} in {repo} (claim {claim['path']}, until {claim['expires_at']} unless renewed). Ask them"
+                    f" with send_message(to=\"{claim['holder']}\") to release it, or work on something else.")
+    return ""
+
+
+def claude_settings_path() -> Path:
+    """Claude Code's user settings file (CLAUDE_CONFIG_DIR moves it, as it moves Claude Code's own)."""
+    return Path(os.environ.get("CLAUDE_CONFIG_DIR") or Path.home() / ".claude") / "settings.json"
+
+
+def without_our_hook(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings with our PreToolUse entry taken out (other hooks kept as they are)."""
+    groups = settings.get("hooks", {}).get("PreToolUse", [])
+    kept = []
+    for group in groups:
+        hooks = [h for h in group.get("hooks", []) if not str(h.get("command", "")).endswith(HOOK_COMMAND)]
+        if hooks or not group.get("hooks"):
+            kept.append({**group, "hooks": hooks})
+    hooks = {**settings.get("hooks", {}), "PreToolUse": kept}
+    if not kept:
+        del hooks["PreToolUse"]
+    return {**settings, "hooks": hooks} if hooks else {k: v for k, v in settings.items() if k != "hooks"}
+
+
+def edit_hook_settings(install: bool) -> str:
+    """Add (or remove) our PreToolUse hook in Claude Code's user settings, keeping everything else; says what it did."""
+    path = claude_settings_path()
+    try:
+        settings = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read it as JSON ({exc}); fix it, then run this again") from None
+    if not isinstance(settings, dict) or not isinstance(settings.get("hooks", {}), dict) or not isinstance(
+            settings.get("hooks", {}).get("PreToolUse", []), list):
+        raise UserError(f"{path}: its hooks are not in Claude Code's shape; fix them, then run this again")
+    changed = without_our_hook(settings)
+    if install:
+        launcher = shutil.which("claude-peers") or f"{shlex.quote(sys.executable)} {shlex.quote(__file__)}"
+        entry = {"matcher": "|".join(EDIT_TOOLS), "hooks": [{"type": "command", "command": f"{launcher} {HOOK_COMMAND}",
+                                                             "timeout": 10}]}
+        hooks = changed.setdefault("hooks", {})
+        hooks["PreToolUse"] = [*hooks.get("PreToolUse", []), entry]
+    if changed == settings:
+        return f"{path}: unchanged"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(".json.claude-peers.tmp")
+    part.write_text(json.dumps(changed, indent=2) + "\n")
+    part.replace(path)
+    return f"{path}: {'registered' if install else 'removed'} the claude-peers PreToolUse hook (file claims)"
+
+
+def cmd_hook(cfg: Config, args: argparse.Namespace) -> int:
+    """pre-tool-use: Claude Code's PreToolUse hook (stdin: its JSON; a denial on stdout); it fails
+    open: whatever goes wrong, the edit goes ahead, with one line on stderr. install/uninstall:
+    register it in Claude Code's user settings, or take it out."""
+    if args.hook_action != "pre-tool-use":
+        print(edit_hook_settings(args.hook_action == "install"))
+        return 0
+    try:
+        cfg = load_config(args.config)
+        reason = claim_denial(cfg, json.loads(sys.stdin.read() or "null"))
+    except (UserError, ApiError, ValueError, OSError) as exc:
+        print(f"claude-peers hook: file claims not checked, edit allowed: {exc}", file=sys.stderr)
+        return 0
+    if reason:
+        print(json.dumps({"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": "deny",
+                                                 "permissionDecisionReason": reason}}))
+    return 0
+
+
 def configured_daemon(cfg: Config, name: str, elsewhere: str = "") -> SimpleNamespace:
     """The daemon a trigger names, as this config has it: an unknown name is a typo to say now."""
     daemon = cfg.daemons.get(name)
@@ -10939,6 +11446,18 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("needs", nargs="+", metavar="NEEDS", help="the tasks it waits for")
     for action in actions.choices.values():
         add_common_options(action, argparse.SUPPRESS, argparse.SUPPRESS)
+    p = command("claims", cmd_claims, "file claims in force (sessions make them with their claim tool)",
+                json_flag=True)
+    p.add_argument("--repo", help="only this repository's: a remote URL, or '.' this directory's")
+    actions = p.add_subparsers(dest="claims_action", metavar="ACTION")
+    action = actions.add_parser("release", help="end a session's claim (as the operator: the event names you)")
+    action.add_argument("id", help="the claim's id (claude-peers claims lists it)")
+    add_common_options(action, argparse.SUPPRESS, argparse.SUPPRESS)
+    p = command("hook", cmd_hook, "Claude Code's PreToolUse hook for file claims; install or uninstall it",
+                needs_config=False)
+    p.add_argument("hook_action", choices=["pre-tool-use", "install", "uninstall"],
+                   help="pre-tool-use: run as the hook (Claude Code calls it); install/uninstall: in"
+                        " ~/.claude/settings.json")
     p = command("trigger", cmd_trigger, "run a daemon now (via the supervisor, or here in the foreground)")
     p.add_argument("daemon")
     p.add_argument("--here", action="store_true", help="run it in this terminal, printing the transcript")

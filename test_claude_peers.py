@@ -3700,6 +3700,182 @@ async def test_a_task_held_by_a_shim_whose_process_is_killed_is_open_again(broke
     assert [t["state"] for t in broker.client().call("GET", "/api/tasks")["tasks"]] == ["open"]
 
 
+def committed_clones(tmp_path: Path) -> tuple[Path, Path]:
+    """two_clones, each with the same two files committed (an edit needs a file to change)."""
+    clones = two_clones(tmp_path)
+    for clone in clones:
+        (clone / "src").mkdir()
+        (clone / "src/app.py").write_text("print('hello')\n")
+        (clone / "README.md").write_text("# infra\n")
+        git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+        subprocess.run([*git, "add", "."], check=True)
+        subprocess.run([*git, "commit", "-qm", "first"], check=True)
+    return clones
+
+
+def pre_tool_use(clone: Path, rel: str, tool: str = "Edit") -> dict:
+    """The stdin JSON Claude Code gives a PreToolUse hook for one tool call in ``clone``."""
+    key = "notebook_path" if tool == "NotebookEdit" else "file_path"
+    return {"session_id": "5f0c3c55-0000-4000-8000-000000000000", "transcript_path": "/tmp/transcript.jsonl",
+            "cwd": str(clone), "permission_mode": "default", "hook_event_name": "PreToolUse", "tool_name": tool,
+            "tool_input": {key: str(clone / rel), "old_string": "hello", "new_string": "bye"},
+            "tool_use_id": "toolu_01"}
+
+
+def run_hook(broker: BrokerProc, config: Path, payload: dict) -> subprocess.CompletedProcess:
+    """`claude-peers hook pre-tool-use` as Claude Code runs it: the payload on stdin."""
+    env = {**os.environ, **shim_env(broker), "CLAUDE_PEERS_CONFIG": str(config)}
+    return subprocess.run([PY, str(SCRIPT), "hook", "pre-tool-use"], input=json.dumps(payload), env=env,
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
+def hook_denial(out: subprocess.CompletedProcess) -> str | None:
+    """The reason of the hook's deny decision (exit 0, JSON on stdout), or None when it lets the call through."""
+    assert out.returncode == 0, out.stderr
+    if not out.stdout.strip():
+        return None
+    decision = json.loads(out.stdout)["hookSpecificOutput"]
+    assert decision["hookEventName"] == "PreToolUse" and decision["permissionDecision"] == "deny", decision
+    return decision["permissionDecisionReason"]
+
+
+def claim_events(broker: BrokerProc) -> list[tuple[str, str, str]]:
+    events = broker.client().call("GET", "/api/events?limit=1000")["events"]
+    return [(e["subject"], e["path"], e.get("by") or e.get("why") or "") for e in events
+            if e["subject"].startswith("fleet.claim.")]
+
+
+@pytest.mark.anyio
+async def test_an_exclusive_claim_makes_the_hook_deny_another_machines_edits_naming_the_holder_until_it_ends(
+        make_broker, tmp_path):
+    """Two shims in two clones of one repository, as two machines: desk's exclusive claim denies
+    laptop's Edit/Write/MultiEdit/NotebookEdit there (the reason names desk and how to ask), lets
+    other paths and tools through, shows in list_peers and whoami, and ends with a release or the session."""
+    broker = make_broker("rate_per_s = 0.0\n")
+    desk_dir, laptop_dir = committed_clones(tmp_path)
+    desk_cfg, laptop_cfg = machine_config(broker, "desk"), machine_config(broker, "laptop")
+    async with shim_session(broker, name="desk", cwd=desk_dir / "src", env={"CLAUDE_PEERS_CONFIG": str(desk_cfg)}) \
+            as desk, shim_session(broker, name="laptop", cwd=laptop_dir, env={"CLAUDE_PEERS_CONFIG": str(laptop_cfg)}) \
+            as laptop:
+        claimed = await desk.ok("claim", {"paths": ["app.py"], "exclusive": True, "reason": "rewriting the loop"})
+        assert claimed.startswith("Claimed in github.com/homelab/infra (exclusive, held while this session lives,"
+                                  " 60 min if it falls silent): src/app.py."), claimed
+        for tool in cp.EDIT_TOOLS:
+            reason = hook_denial(run_hook(broker, laptop_cfg, pre_tool_use(laptop_dir, "src/app.py", tool)))
+            assert reason and "src/app.py is claimed exclusively by desk on desk (rewriting the loop)" in reason
+            assert 'send_message(to="desk")' in reason
+        assert hook_denial(run_hook(broker, laptop_cfg, pre_tool_use(laptop_dir, "README.md"))) is None
+        assert hook_denial(run_hook(broker, laptop_cfg, pre_tool_use(laptop_dir, "src/app.py", "Read"))) is None
+        refused = await laptop.ok("claim", {"paths": ["src/*.py", "README.md"], "exclusive": True})
+        assert "Claimed in github.com/homelab/infra (exclusive" in refused and ": README.md." in refused
+        assert "Not claimed (claimed exclusively by another session): src/*.py." in refused
+        assert "- src/app.py (exclusive) by desk on desk: rewriting the loop" in refused
+        assert 'Ask with send_message(to="desk")' in refused
+        assert "claims src/app.py (exclusive) by desk on desk: rewriting the loop" in await laptop.ok("list_peers")
+        assert "claims: src/app.py (exclusive) by desk on desk" in await desk.ok("whoami")
+        assert await desk.ok("release", {}) == "Released: src/app.py."
+        await wait_until(lambda: hook_denial(run_hook(broker, laptop_cfg, pre_tool_use(laptop_dir, "src/app.py")))
+                         is None)
+        await desk.ok("claim", {"paths": ["."], "exclusive": True})  # its directory: src
+        new_file = pre_tool_use(laptop_dir, "src/new.py", "Write")
+        await wait_until(lambda: "by desk on desk" in (hook_denial(run_hook(broker, laptop_cfg, new_file)) or ""))
+    await wait_until(lambda: hook_denial(run_hook(broker, laptop_cfg, new_file)) is None)
+    events = claim_events(broker)
+    assert events[:4] == [("fleet.claim.claimed", "src/app.py", ""), ("fleet.claim.claimed", "README.md", ""),
+                          ("fleet.claim.released", "src/app.py", "desk"), ("fleet.claim.claimed", "src", "")]
+    assert sorted(events[4:]) == [("fleet.claim.ended", "README.md", "its session ended (left)"),
+                                  ("fleet.claim.ended", "src", "its session ended (left)")]  # both shims left
+
+
+def test_the_hook_lets_every_edit_through_with_one_line_on_stderr_when_the_broker_is_down(broker, tmp_path):
+    desk_dir, _ = committed_clones(tmp_path)
+    broker.stop()
+    out = run_hook(broker, broker.config, pre_tool_use(desk_dir, "src/app.py"))
+    assert out.returncode == 0 and out.stdout == ""
+    [line] = out.stderr.splitlines()
+    assert line.startswith("claude-peers hook: file claims not checked, edit allowed: ") and "broker" in line
+
+
+def test_a_claim_whose_session_stayed_silent_past_its_minutes_lapses_and_stops_counting(tmp_path):
+    cfg = cp.Config({"broker": {"stale_after_s": 3600}}, None)
+
+    async def main() -> tuple[list, list, list]:
+        broker = cp.Broker(cfg, tmp_path, "t" * 32)
+        holder = broker.sessions.register({"machine": "desk", "pid": 1, "cwd": "/", "name": "desk"})
+        other = broker.sessions.register({"machine": "laptop", "pid": 1, "cwd": "/", "name": "laptop"})
+        broker.claims.claim(holder, REPO, ["src/**"], 1, "", True)
+        held = broker.claims.list(REPO)
+        broker.presence.heard[holder["id"]] = broker.sessions.live[holder["id"]]["last_seen"] = time.time() - 61
+        lapsed = broker.claims.list(REPO)
+        taken = broker.claims.claim(other, REPO, ["src/app.py"], 5, "", True)
+        events = [json.loads(p)["type"] for (p,) in broker.store.db.execute("SELECT payload FROM events")]
+        broker.store.close()
+        return held, lapsed, [taken["refused"], events]
+
+    held, lapsed, (refused, events) = asyncio.run(main())
+    assert [c["holder"] for c in held] == ["desk"] and lapsed == []
+    assert refused == [] and "claim.expired" in events
+
+
+@pytest.mark.parametrize(("paths", "error"), [
+    (["src/[ab.py"], "the glob 'src/[ab.py' has a '[' without its ']'"),
+    (["../elsewhere/x.py"], "is outside this repository"),
+    (["/etc/passwd"], "is outside this repository"),
+    ([f"f{n}.py" for n in range(51)], "51 paths; at most 50 at once"),
+    ([""], "is not a path"),
+])
+@pytest.mark.anyio
+async def test_a_bad_claim_gets_one_clear_error_and_claims_nothing(broker, tmp_path, paths, error):
+    desk_dir, _ = committed_clones(tmp_path)
+    async with shim_session(broker, name="desk", cwd=desk_dir) as desk:
+        failed, text = await desk.call("claim", {"paths": paths})
+        assert failed and error in text and "\n" not in text.strip(), text
+    assert broker.client().call("GET", "/api/claims")["claims"] == []
+
+
+def test_an_operator_lists_and_breaks_a_claim_and_the_event_names_who(broker, tmp_path):
+    session = broker.session(name="desk")
+    session.session_call("POST", "/claims", {"repo": REPO, "paths": ["deploy.sh"], "exclusive": True,
+                                             "reason": "release day"})
+    listed = broker.cli("claims")
+    assert listed.returncode == 0 and listed.stdout.startswith(REPO + "\n"), listed.stderr
+    claim_id = re.search(r"^  ([0-9a-f]{12}) deploy\.sh \(exclusive\) by desk on testbox: release day", listed.stdout,
+                         re.MULTILINE).group(1)
+    broke = broker.cli("claims", "release", claim_id)
+    assert broke.stdout == f"released claim {claim_id} on deploy.sh ({REPO}), held by desk\n", broke.stderr
+    assert claim_events(broker)[-1] == ("fleet.claim.released", "deploy.sh", "operator")
+    again = broker.cli("claims", "release", claim_id)
+    assert again.returncode != 0 and again.stderr.count("\n") == 1 and f"no claim {claim_id}" in again.stderr
+
+
+def test_hook_install_merges_into_claude_codes_settings_keeping_other_hooks_and_uninstall_takes_only_ours(tmp_path):
+    settings = tmp_path / ".claude/settings.json"
+    settings.parent.mkdir()
+    theirs = {"matcher": "Bash", "hooks": [{"type": "command", "command": "audit-bash"}]}
+    settings.write_text(json.dumps({"model": "opus", "hooks": {"PreToolUse": [theirs], "Stop": [theirs]}}))
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("CLAUDE_CONFIG_DIR", None)
+    for _ in range(2):  # idempotent
+        out = subprocess.run([PY, str(SCRIPT), "hook", "install"], env=env, capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stderr
+    after = json.loads(settings.read_text())
+    [ours] = [g for g in after["hooks"]["PreToolUse"] if g is not theirs and g != theirs]
+    assert ours["matcher"] == "Edit|Write|MultiEdit|NotebookEdit"
+    assert ours["hooks"][0]["command"].endswith(" hook pre-tool-use") and after["model"] == "opus"
+    assert after["hooks"]["Stop"] == [theirs] and theirs in after["hooks"]["PreToolUse"]
+    out = subprocess.run([PY, str(SCRIPT), "hook", "uninstall"], env=env, capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and json.loads(settings.read_text()) == {
+        "model": "opus", "hooks": {"PreToolUse": [theirs], "Stop": [theirs]}}
+    settings.write_text("{not json")
+    out = subprocess.run([PY, str(SCRIPT), "hook", "install"], env=env, capture_output=True, text=True, check=False)
+    assert out.returncode != 0 and "cannot read it as JSON" in out.stderr and settings.read_text() == "{not json"
+
+
+def test_the_claim_tools_fit_in_a_few_hundred_bytes_of_the_models_context():
+    tools = [t for t in cp.TOOLS if t["name"] in ("claim", "release")]
+    assert len(tools) == 2 and sum(len(json.dumps(t)) for t in tools) < 1100
+
+
 @pytest.mark.anyio
 async def test_agent_name_from_env_and_from_file(broker, tmp_path):
     async with shim_session(broker, env={"CLAUDE_PEERS_NAME": "from-env"}):
