@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http.client
 import http.server
 import itertools
@@ -4369,6 +4370,101 @@ def test_the_real_claude_code_gives_the_model_the_instructions_whole_and_leading
     for ours in cp.TOOLS:
         assert tools[ours["name"]]["description"] == ours["description"]  # whole
         assert len(ours["description"].encode()) < 1024
+
+
+class ScriptedModel(cp.ModelApi):
+    """A model that makes the given tool calls, one per turn, then says "done"; every request is kept."""
+
+    def __init__(self, calls: list[tuple[str, dict]]) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def reply(self, path: str, body: dict) -> tuple[bytes, str]:
+        turn = sum(1 for m in body.get("messages", []) if m.get("role") == "assistant")
+        if "count_tokens" in path or not body.get("tools") or turn >= len(self.calls):
+            return cp.ModelApi.reply(path, body)
+        name, args = self.calls[turn]
+        use = {"type": "tool_use", "id": f"toolu_{turn:02d}{cp.new_id()}", "name": name, "input": {}}
+        message = {"id": "msg_" + cp.new_id(), "type": "message", "role": "assistant", "model": body.get("model", ""),
+                   "content": [], "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": 1, "output_tokens": 1}}
+        if not body.get("stream"):
+            done = {**message, "content": [{**use, "input": args}], "stop_reason": "tool_use"}
+            return json.dumps(done).encode(), "application/json"
+        events = [{"type": "message_start", "message": message},
+                  {"type": "content_block_start", "index": 0, "content_block": use},
+                  {"type": "content_block_delta", "index": 0,
+                   "delta": {"type": "input_json_delta", "partial_json": json.dumps(args)}},
+                  {"type": "content_block_stop", "index": 0},
+                  {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                   "usage": {"output_tokens": 1}},
+                  {"type": "message_stop"}]
+        return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events), "text/event-stream"
+
+
+def tool_results(body: dict) -> dict[str, str]:
+    """The text of every tool result a request gives the model, by the tool_use id it answers."""
+    results = {}
+    for message in body.get("messages", []):
+        for block in message.get("content") if isinstance(message.get("content"), list) else []:
+            if block.get("type") == "tool_result":
+                content = block.get("content")
+                results[block["tool_use_id"]] = content if isinstance(content, str) else "".join(
+                    part.get("text", "") for part in content or [])
+    return results
+
+
+def register_shim_and_hook(env: dict[str, str], entry: dict) -> None:
+    """As the README says: the shim with `claude mcp add-json`, the hook with `claude-peers hook install`."""
+    for argv in ([PINNED_CLAUDE, "mcp", "add-json", "--scope", "user", "claude-peers", json.dumps(entry)],
+                 [PY, str(SCRIPT), "hook", "install"]):
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+
+
+@NEEDS_PINNED
+@pytest.mark.anyio
+async def test_the_real_claude_code_runs_the_hook_and_its_model_reads_why_an_edit_of_a_claimed_file_was_denied(
+        make_broker, tmp_path):
+    """claude -p on desk, with the hook `hook install` registered: the model's Edit of the file laptop
+    claimed exclusively is denied, and the tool result it gets next names laptop and how to ask;
+    then it claims README.md itself (through the shim claude runs) and its own Edit of it goes through."""
+    broker = make_broker("rate_per_s = 0.0\n")
+    desk_dir, laptop_dir = committed_clones(tmp_path)
+    home = tmp_path / "claude-home"
+    home.mkdir()
+    env = {**broker.env, "HOME": str(home), "CLAUDE_PEERS_CONFIG": str(machine_config(broker, "desk")),
+           "ANTHROPIC_API_KEY": "sk-ant-offline", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+    env.pop("CLAUDE_CONFIG_DIR", None)
+    register_shim_and_hook(env, cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "desk-claude"]))
+    app, readme = desk_dir / "src/app.py", desk_dir / "README.md"
+    model = ScriptedModel([("Read", {"file_path": str(app)}),
+                           ("Edit", {"file_path": str(app), "old_string": "hello", "new_string": "bye"}),
+                           ("Read", {"file_path": str(readme)}),
+                           ("mcp__claude-peers__claim", {"paths": ["README.md"], "exclusive": True}),
+                           ("Edit", {"file_path": str(readme), "old_string": "# infra", "new_string": "# infra!"})])
+    laptop_env = {"CLAUDE_PEERS_CONFIG": str(machine_config(broker, "laptop"))}
+    try:
+        async with shim_session(broker, name="laptop", cwd=laptop_dir, env=laptop_env) as laptop:
+            await laptop.ok("claim", {"paths": ["src/app.py"], "exclusive": True, "reason": "fixing the greeting"})
+            ran = await anyio.to_thread.run_sync(functools.partial(
+                subprocess.run, [PINNED_CLAUDE, "--permission-mode", "acceptEdits", "--allowedTools",
+                                 "mcp__claude-peers__claim", "-p", "tidy up"],
+                env={**env, "ANTHROPIC_BASE_URL": model.url}, cwd=desk_dir, stdin=subprocess.DEVNULL,
+                capture_output=True, text=True, timeout=180, check=False))
+    finally:
+        model.close()
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    main = [r for r in model.requests if r.get("tools")]
+    ids = [m["content"][0]["id"] for m in main[-1]["messages"] if m["role"] == "assistant"
+           and m["content"][0].get("type") == "tool_use"]
+    results = tool_results(main[-1])
+    denied, claimed, edited = results[ids[1]], results[ids[3]], results[ids[4]]
+    assert "src/app.py is claimed exclusively by laptop on laptop (fixing the greeting)" in denied, denied
+    assert 'send_message(to="laptop")' in denied
+    assert app.read_text() == "print('hello')\n"  # never edited
+    assert "Claimed in github.com/homelab/infra (exclusive" in claimed, claimed
+    assert readme.read_text() == "# infra!\n", edited  # its own claim: the hook let it through
 
 
 LONG_TEXT_SERVER = """\
