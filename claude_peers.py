@@ -11144,8 +11144,9 @@ def without_our_hook(settings: dict[str, Any]) -> dict[str, Any]:
     return {**settings, "hooks": hooks} if hooks else {k: v for k, v in settings.items() if k != "hooks"}
 
 
-def edit_hook_settings(install: bool) -> str:
-    """Add (or remove) our PreToolUse hook in Claude Code's user settings, keeping everything else; says what it did."""
+def edit_hook_settings(install: bool, launcher: str | None) -> str:
+    """Add (or remove) our PreToolUse hook in Claude Code's user settings, keeping everything else (a
+    file left empty is removed); says what it did."""
     path = claude_settings_path()
     try:
         settings = json.loads(path.read_text()) if path.exists() else {}
@@ -11156,18 +11157,22 @@ def edit_hook_settings(install: bool) -> str:
         raise UserError(f"{path}: its hooks are not in Claude Code's shape; fix them, then run this again")
     changed = without_our_hook(settings)
     if install:
-        launcher = shutil.which("claude-peers") or f"{shlex.quote(sys.executable)} {shlex.quote(__file__)}"
-        entry = {"matcher": "|".join(EDIT_TOOLS), "hooks": [{"type": "command", "command": f"{launcher} {HOOK_COMMAND}",
+        command = shlex.quote(launcher) if launcher else (shutil.which("claude-peers") or shlex.join(
+            [sys.executable, str(Path(__file__).resolve())]))
+        entry = {"matcher": "|".join(EDIT_TOOLS), "hooks": [{"type": "command", "command": f"{command} {HOOK_COMMAND}",
                                                              "timeout": 10}]}
         hooks = changed.setdefault("hooks", {})
         hooks["PreToolUse"] = [*hooks.get("PreToolUse", []), entry]
     if changed == settings:
-        return f"{path}: unchanged"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_suffix(".json.claude-peers.tmp")
-    part.write_text(json.dumps(changed, indent=2) + "\n")
-    part.replace(path)
-    return f"{path}: {'registered' if install else 'removed'} the claude-peers PreToolUse hook (file claims)"
+        return f"the claude-peers PreToolUse hook is {'already' if install else 'not'} in {path}"
+    if changed:
+        part = path.with_suffix(".json.claude-peers.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part.write_text(json.dumps(changed, indent=2) + "\n")
+        part.replace(path)
+    else:
+        path.unlink()
+    return f"{'registered' if install else 'removed'} the claude-peers PreToolUse hook (file claims) in {path}"
 
 
 def cmd_hook(cfg: Config, args: argparse.Namespace) -> int:
@@ -11175,7 +11180,7 @@ def cmd_hook(cfg: Config, args: argparse.Namespace) -> int:
     open: whatever goes wrong, the edit goes ahead, with one line on stderr. install/uninstall:
     register it in Claude Code's user settings, or take it out."""
     if args.hook_action != "pre-tool-use":
-        print(edit_hook_settings(args.hook_action == "install"))
+        print(edit_hook_settings(args.hook_action == "install", args.launcher))
         return 0
     try:
         cfg = load_config(args.config)
@@ -11458,6 +11463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hook_action", choices=["pre-tool-use", "install", "uninstall"],
                    help="pre-tool-use: run as the hook (Claude Code calls it); install/uninstall: in"
                         " ~/.claude/settings.json")
+    p.add_argument("--launcher", metavar="PATH", help="install: the claude-peers command the hook runs (default:"
+                   " the one on PATH)")
     p = command("trigger", cmd_trigger, "run a daemon now (via the supervisor, or here in the foreground)")
     p.add_argument("daemon")
     p.add_argument("--here", action="store_true", help="run it in this terminal, printing the transcript")

@@ -3867,6 +3867,10 @@ def test_hook_install_merges_into_claude_codes_settings_keeping_other_hooks_and_
     out = subprocess.run([PY, str(SCRIPT), "hook", "uninstall"], env=env, capture_output=True, text=True, check=False)
     assert out.returncode == 0 and json.loads(settings.read_text()) == {
         "model": "opus", "hooks": {"PreToolUse": [theirs], "Stop": [theirs]}}
+    settings.write_text(json.dumps({"hooks": {}}))  # only ours in it: the file goes
+    for action in ("install", "uninstall"):
+        subprocess.run([PY, str(SCRIPT), "hook", action], env=env, capture_output=True, text=True, check=True)
+    assert not settings.exists()
     settings.write_text("{not json")
     out = subprocess.run([PY, str(SCRIPT), "hook", "install"], env=env, capture_output=True, text=True, check=False)
     assert out.returncode != 0 and "cannot read it as JSON" in out.stderr and settings.read_text() == "{not json"
@@ -7135,6 +7139,11 @@ def test_install_from_scratch_says_what_it_does_and_runs_the_module_imported(fre
     entry = {"type": "stdio", "command": str(launcher), "args": ["shim"], "alwaysLoad": True}
     assert f"claude mcp add-json --scope user claude-peers {json.dumps(entry)}" in calls(env)
     assert "install.sh: registered the MCP server with Claude Code (user scope, alwaysLoad)" in lines
+    settings = base / "user/.claude/settings.json"
+    assert f"install.sh: registered the claude-peers PreToolUse hook (file claims) in {settings}" in lines
+    [hook] = json.loads(settings.read_text())["hooks"]["PreToolUse"]
+    assert hook == {"matcher": "Edit|Write|MultiEdit|NotebookEdit",
+                    "hooks": [{"type": "command", "command": f"{launcher} hook pre-tool-use", "timeout": 10}]}
 
 
 @pytest.mark.network  # pip installs from the package index
@@ -7334,6 +7343,8 @@ def test_install_client_supervisor_service_then_uninstall_and_purge(fresh_instal
     assert [c for c in calls(env) if "disable" in c or "remove" in c] == [
         "systemctl --user disable --now claude-peers-supervisor.service", "claude mcp remove --scope user claude-peers"]
     assert f"install.sh: kept {tmp_path}/user/config/claude-peers (the config)" in removed.stdout
+    assert ("install.sh: removed the claude-peers PreToolUse hook (file claims) in"
+            f" {tmp_path}/user/.claude/settings.json") in removed.stdout
     assert f"install.sh: removed {tmp_path}/user/data/venv" in removed.stdout
     assert files_under(tmp_path / "user") == {"config/claude-peers/daemons.toml", "data/token"}
 
