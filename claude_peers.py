@@ -3559,7 +3559,8 @@ def dashboard_state(b: Broker) -> dict[str, Any]:
             "messages": {"counts": b.messages.counts(), "recent": [message_meta(m) for m in
                                                                     b.messages.recent_messages(40)][::-1]},
             "daemons": dashboard_daemons(b, now), "alerts": b.records.alerts("open", None, None, 100),
-            "health": dashboard_health(b), "tasks": dashboard_tasks(b), "nats": nats_view(b)}
+            "health": dashboard_health(b), "tasks": dashboard_tasks(b), "claims": b.claims.list()[:200],
+            "nats": nats_view(b)}
 
 
 class Exposition:
@@ -3760,9 +3761,9 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
   border: 1px solid transparent; }
 .pill.queued, .pill.running, .pill.warning, .pill.limit, .pill.open { color: var(--warn); background: rgba(210, 153, 34, .12);
   border-color: rgba(210, 153, 34, .3); }
-.pill.delivered, .pill.info, .pill.claimed { color: var(--info); background: rgba(88, 166, 255, .12); border-color: rgba(88, 166, 255, .3); }
+.pill.delivered, .pill.info, .pill.claimed, .pill.advisory { color: var(--info); background: rgba(88, 166, 255, .12); border-color: rgba(88, 166, 255, .3); }
 .pill.read, .pill.ok, .pill.done { color: var(--ok); background: rgba(63, 185, 80, .12); border-color: rgba(63, 185, 80, .3); }
-.pill.undeliverable, .pill.failed, .pill.timeout, .pill.critical { color: var(--crit); background: rgba(248, 81, 73, .12);
+.pill.undeliverable, .pill.failed, .pill.timeout, .pill.critical, .pill.exclusive { color: var(--crit); background: rgba(248, 81, 73, .12);
   border-color: rgba(248, 81, 73, .3); }
 .pill.skipped, .pill.waiting { color: var(--muted); background: rgba(133, 147, 165, .12); border-color: rgba(133, 147, 165, .3); }
 .runs { display: flex; gap: 3px; }
@@ -3888,7 +3889,7 @@ function loggedOut(why) {
   state = null;
   version = 0;
   texts.clear();
-  for (const id of ["cards", "sessions", "messages", "daemons", "health", "tasks", "alerts"]) {
+  for (const id of ["cards", "sessions", "messages", "daemons", "health", "tasks", "claims", "alerts"]) {
     document.getElementById(id).replaceChildren();
   }
   document.getElementById("app").hidden = true;
@@ -4076,6 +4077,23 @@ function renderTasks() {
     "No tasks: claude-peers task add TEXT, or a session's tasks tool, puts one here."));
 }
 
+function renderClaims() {
+  const rows = state.claims.map((c) => {
+    const kind = c.exclusive ? "exclusive" : "advisory";
+    return h("tr", {"data-claim": c.id, "data-kind": kind},
+      h("td", {}, h("div", {class: "mono clip", title: c.path}, c.path),
+        h("div", {class: "muted clip", title: c.reason}, c.reason || c.id)),
+      h("td", {class: "mono clip short", title: c.repo}, c.repo),
+      h("td", {}, h("span", {class: "pill " + kind}, kind)),
+      h("td", {}, h("div", {class: "name"}, c.holder), h("div", {class: "muted"}, "on " + c.holder_machine)),
+      h("td", {class: "num"}, when(c.claimed_at)));
+  });
+  document.getElementById("claim-count").textContent = `${state.claims.length} in force`;
+  document.getElementById("claims").replaceChildren(table(
+    [["Path"], ["Repository"], ["Kind"], ["Holder"], ["Since", "num"]], rows,
+    "No file claims: a session makes one with its claim tool."));
+}
+
 function renderAlerts() {
   const items = state.alerts.map((a) => h("li", {},
     h("span", {class: "sev " + a.severity}, a.severity), h("span", {class: "muted"}, `${a.machine} · ${a.source}`),
@@ -4099,6 +4117,7 @@ function render() {
   renderDaemons();
   renderHealth();
   renderTasks();
+  renderClaims();
   renderAlerts();
   document.getElementById("session-count").textContent = `${state.sessions.filter((s) => s.online).length} online`;
   document.getElementById("message-count").textContent = "latest 40, text on request";
@@ -4200,6 +4219,7 @@ this dashboard only.</p></div>
 <section class="panel"><h2>Fleet health</h2><div class="scroll" id="health"></div></section>
 </div>
 <section class="panel"><h2>Tasks <span id="task-count"></span></h2><div class="scroll" id="tasks"></div></section>
+<section class="panel"><h2>File claims <span id="claim-count"></span></h2><div class="scroll" id="claims"></div></section>
 <section class="panel"><h2>Open alerts</h2><div id="alerts"></div></section>
 </main>
 <div id="toast"></div>

@@ -2399,6 +2399,34 @@ def test_the_dashboard_at_1400px_fits_its_tables_shows_a_cause_once_and_lets_onl
 
 @pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
                     reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+def test_the_dashboards_claims_panel_shows_each_claim_with_its_holder_and_kind_live(make_broker):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    broker = make_broker()
+    desk, laptop = broker.session(name="desk"), broker.session(name="laptop", machine="laptop")
+    mine = desk.session_call("POST", "/claims", {"repo": REPO, "paths": ["src/**"], "exclusive": True,
+                                                 "reason": "splitting the router"})["claims"][0]
+    driver = chromium()
+    try:
+        def row(claim_id: str) -> tuple[str, str]:
+            return driver.execute_script("const r = document.querySelector(`tr[data-claim='${arguments[0]}']`);"
+                                         " return r ? [r.dataset.kind, r.innerText] : ['', '']", claim_id)
+
+        driver.get(login_code(broker))
+        WebDriverWait(driver, 10, poll_frequency=0.02).until(lambda d: row(mine["id"])[0] == "exclusive")
+        assert "splitting the router" in row(mine["id"])[1] and "desk" in row(mine["id"])[1]
+        assert REPO in row(mine["id"])[1] and driver.find_element("id", "claim-count").text == "1 in force"
+        theirs = laptop.session_call("POST", "/claims", {"repo": REPO, "paths": ["docs"]})["claims"][0]
+        WebDriverWait(driver, 10, poll_frequency=0.02).until(lambda d: row(theirs["id"])[0] == "advisory")
+        assert "on laptop" in row(theirs["id"])[1]
+        desk.session_call("POST", "/claims/release", {})
+        WebDriverWait(driver, 10, poll_frequency=0.02).until(lambda d: row(mine["id"])[0] == "")
+        problems = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not problems, problems
+    finally:
+        driver.quit()
+
+
 def test_the_dashboards_task_panel_shows_open_claimed_and_done_tasks_with_who_and_repository_live(
         make_broker, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
