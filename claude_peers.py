@@ -273,6 +273,16 @@ def git_info(cwd: Path) -> tuple[str, str]:
     return lines[0], lines[1]
 
 
+def work_tree(cwd: Path) -> str:
+    """The top of the git work tree holding ``cwd`` (also in a repository with no commit yet), or ''."""
+    try:
+        out = subprocess.run(["git", "-C", str(cwd), "rev-parse", "--show-toplevel"], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
 def normalise_repo(url: str) -> str:
     """A git remote as one name for every clone of it: host/path, lower-case host, no scheme,
     user, port or ".git" (git@github.com:o/r.git and https://github.com/o/r are github.com/o/r)."""
@@ -6371,8 +6381,7 @@ class Shim:
                          exclusive: bool = False) -> str:
         """Claim paths of this session's repository, given relative to its directory or absolute."""
         self._need_session()
-        assert self.session is not None
-        repo, root = await self._repository(), self.session["git_root"]
+        repo, root = await self._repository(), await asyncio.to_thread(work_tree, self.cwd)
         if not repo or not root:
             raise ShimError(f"claim: {self.cwd} is in no git repository, and file claims are per repository")
         if len(paths) > CLAIM_MAX_PATHS:
@@ -6391,8 +6400,7 @@ class Shim:
 
     async def tool_release(self, paths: list[str] | None = None) -> str:
         self._need_session()
-        assert self.session is not None
-        root = self.session["git_root"] or str(self.cwd)
+        root = await asyncio.to_thread(work_tree, self.cwd) or str(self.cwd)
         given = [inside_repo(root, str(self.cwd), p) or p for p in paths] if paths else None
         released = (await self.tools_client.session_call("POST", "/claims/release",
                                                          {"paths": given} if given else {}))["released"]
@@ -10343,6 +10351,33 @@ def bench_claude_view(report: BenchReport) -> None:
     print(f"  ({source})")
 
 
+def bench_hook(samples: int) -> tuple[float, bool]:
+    """The PreToolUse hook as Claude Code runs it, ``samples`` times on an Edit another machine's
+    session claimed exclusively: its p99 wall time (ms), and whether every run denied it."""
+    broker = BenchBroker()
+    try:
+        repo = Path(broker.home) / "repo"
+        (repo / "src").mkdir(parents=True)
+        for argv in (["init", "-q"], ["remote", "add", "origin", "git@github.com:bench/claims.git"]):
+            subprocess.run(["git", "-C", str(repo), *argv], check=True, capture_output=True, timeout=30)
+        holder = broker.client()
+        holder.register({"machine": "bench-elsewhere", "pid": os.getpid(), "cwd": str(repo), "name": "holder"})
+        holder.session_call("POST", "/claims", {"repo": repo_identity(repo), "paths": ["src"], "exclusive": True})
+        payload = json.dumps({"hook_event_name": "PreToolUse", "tool_name": "Edit", "cwd": str(repo),
+                              "tool_input": {"file_path": str(repo / "src/app.py"), "old_string": "a",
+                                             "new_string": "b"}})
+        times, denied = [], True
+        for _ in range(samples):
+            start = time.perf_counter()
+            out = subprocess.run(module_command("hook", "pre-tool-use"), input=payload, env=broker.env,
+                                 capture_output=True, text=True, timeout=30, check=False)
+            times.append((time.perf_counter() - start) * 1000)
+            denied = denied and '"permissionDecision": "deny"' in out.stdout
+        return percentile(times, 99), denied
+    finally:
+        broker.close()
+
+
 def bench_systems(args: argparse.Namespace) -> Systems:
     """Ours, and the anchor when --anchor names a checkout of claude-peers-mcp with its packages."""
     systems: Systems = [("ours", BenchBroker)]
@@ -10393,13 +10428,18 @@ def run_bench(args: argparse.Namespace) -> bool:
     report.figure("broker RSS, 1000 sessions long-polling (MB)", {"ours": rss, "anchor": None}, "{:.1f}",
                   Target("<=", 150))
     bench_claude_view(report)
+    hook_ms, denied = bench_hook(max(args.samples, 10))
+    report.figure("file-claims PreToolUse hook, one Edit checked, p99 (ms)", {"ours": hook_ms, "anchor": None},
+                  target=Target("<=", 100))
+    if not denied:
+        print("  (FAULT: the hook let an Edit of a claimed file through)")
     relayed, published = bench_relay(args.events)
     report.figure(f"events relayed to JetStream per second ({published} published)", {"ours": relayed, "anchor": None},
                   target=Target(">=", 5000))
     if relayed is None:
         print("  (too few events to time the relay: try --events 20000)")
     report.summary()
-    return not report.faults
+    return not report.faults and denied
 
 
 # ===========================================================================
@@ -11121,7 +11161,7 @@ def repo_root_of(path: str) -> str:
     directory = os.path.dirname(path)
     while directory and not os.path.isdir(directory) and os.path.dirname(directory) != directory:
         directory = os.path.dirname(directory)
-    return git_info(Path(directory or "/"))[0] if directory else ""
+    return work_tree(Path(directory)) if directory else ""
 
 
 def claim_denial(cfg: Config, payload: Any) -> str:

@@ -6765,11 +6765,12 @@ def test_bench_with_tiny_parameters_prints_every_figure_honestly():
                    "shim RSS", "shim PSS", "requests per idle session", "1000 sessions long-polling",
                    "events relayed to JetStream per second (200 published)",
                    "shim instructions as the model receives them (bytes)",
-                   "shim tool list as the model receives it (5 tools, bytes)", "longest tool description (bytes)"):
+                   f"shim tool list as the model receives it ({len(cp.TOOLS)} tools, bytes)",
+                   "longest tool description (bytes)", "file-claims PreToolUse hook, one Edit checked, p99 (ms)"):
         assert figure in out.stdout, out.stdout
     if PINNED_CLAUDE:  # measured from the request body of the claude on PATH, as its model would read it
         assert re.search(r"\(from the request Claude Code 2\.\d+\.\d+ sent to a local model API: instructions whole,"
-                         r" 5 of 5 tools in its tool list\)", out.stdout), out.stdout
+                         rf" {len(cp.TOOLS)} of {len(cp.TOOLS)} tools in its tool list\)", out.stdout), out.stdout
     assert "(needs --anchor)" in out.stdout and "anchor" not in out.stdout.splitlines()[1]  # ours only
     assert "ours 80 sent, 0 lost, 0 duplicated" in out.stdout  # the HTTP path
     assert "ours 8 sent, 0 lost, 0 duplicated" in out.stdout  # latency: 4 idle, 4 saturated
