@@ -11235,15 +11235,11 @@ def edit_hook_settings(install: bool, launcher: str | None) -> str:
     return f"{'registered' if install else 'removed'} the claude-peers PreToolUse hook (file claims) in {path}"
 
 
-def cmd_hook(cfg: Config, args: argparse.Namespace) -> int:
-    """pre-tool-use: Claude Code's PreToolUse hook (stdin: its JSON; a denial on stdout); it fails
-    open: whatever goes wrong, the edit goes ahead, with one line on stderr. install/uninstall:
-    register it in Claude Code's user settings, or take it out."""
-    if args.hook_action != "pre-tool-use":
-        print(edit_hook_settings(args.hook_action == "install", args.launcher))
-        return 0
+def pre_tool_use_hook(config: str | None) -> int:
+    """Claude Code's PreToolUse hook (stdin: its JSON; a denial on stdout). It fails open: whatever
+    goes wrong, the edit goes ahead, with one line on stderr."""
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(config)
         reason = claim_denial(cfg, json.loads(sys.stdin.read() or "null"))
     except (UserError, ApiError, ValueError, OSError) as exc:
         print(f"claude-peers hook: file claims not checked, edit allowed: {exc}", file=sys.stderr)
@@ -11251,6 +11247,14 @@ def cmd_hook(cfg: Config, args: argparse.Namespace) -> int:
     if reason:
         print(json.dumps({"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": "deny",
                                                  "permissionDecisionReason": reason}}))
+    return 0
+
+
+def cmd_hook(cfg: Config, args: argparse.Namespace) -> int:
+    """pre-tool-use: the hook itself; install/uninstall: register it in Claude Code's user settings, or take it out."""
+    if args.hook_action == "pre-tool-use":
+        return pre_tool_use_hook(args.config)
+    print(edit_hook_settings(args.hook_action == "install", args.launcher))
     return 0
 
 
@@ -11603,7 +11607,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == HOOK_COMMAND.split():  # as Claude Code runs it at every edit: no parser to build first
+        return pre_tool_use_hook(None)
+    args = parse_args(argv)
     setup_logging(args.verbose)
     cfg: Config | None = None
     try:
