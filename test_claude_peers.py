@@ -3875,6 +3875,14 @@ def test_an_operator_lists_and_breaks_a_claim_and_the_event_names_who(broker, tm
     assert claim_events(broker)[-1] == ("fleet.claim.released", "deploy.sh", "operator")
     again = broker.cli("claims", "release", claim_id)
     assert again.returncode != 0 and again.stderr.count("\n") == 1 and f"no claim {claim_id}" in again.stderr
+    held = session.session_call("POST", "/claims", {"repo": REPO, "paths": ["deploy.sh"]})["claims"][0]
+    laptop = broker.client(credential(broker, "laptop", "laptop"))
+    with pytest.raises(cp.ApiError) as refused:  # a client reads claims, but ends no one else's
+        laptop.call("POST", f"/api/claims/{held['id']}/release")
+    assert refused.value.status == 403 and [c["id"] for c in laptop.call("GET", "/api/claims")["claims"]] == [held["id"]]
+    ops = broker.client(credential(broker, "ops", "hub", role="operator"))
+    assert ops.call("POST", f"/api/claims/{held['id']}/release")["released"]["holder"] == "desk"
+    assert claim_events(broker)[-1] == ("fleet.claim.released", "deploy.sh", "operator (ops)")
 
 
 def test_hook_install_merges_into_claude_codes_settings_keeping_other_hooks_and_uninstall_takes_only_ours(tmp_path):
