@@ -55,6 +55,7 @@ import http
 import http.client
 import importlib.util
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -511,6 +512,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "duplicate_window_s": 120,
         "publish_text": False,
     },
+    "shim": {
+        "inbox_remind_s": 60.0,  # an inbox post still unread this long gets one reminder (Claude Code may drop a post)
+    },
     "llm": {
         "base_url": "",  # OpenAI-compatible, e.g. http://litellm.lan:4000/v1; empty: no LLM
         "api_key_env": "CLAUDE_PEERS_LLM_KEY",
@@ -864,6 +868,7 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("broker", "rate_burst"): _check_positive,
     ("broker", "retention_days"): _check_positive,
     ("broker", "metrics_token"): _check_metrics_token,
+    ("shim", "inbox_remind_s"): _check_positive,
     ("nats", "listen"): parse_hostport,
     ("nats", "max_age_s"): _check_positive,
     ("nats", "duplicate_window_s"): _check_positive,
@@ -1208,6 +1213,7 @@ CREATE TABLE IF NOT EXISTS sessions(
     tty TEXT NOT NULL,
     client TEXT NOT NULL,
     mode TEXT NOT NULL DEFAULT 'push',
+    mode_reason TEXT NOT NULL DEFAULT '',
     summary TEXT NOT NULL,
     started_at REAL NOT NULL,
     last_seen REAL NOT NULL,
@@ -1358,6 +1364,7 @@ CREATE TABLE IF NOT EXISTS credentials(
 # gets them here when the broker opens it (so an upgrade keeps its data).
 ADDED_COLUMNS = (("sessions", "credential", "TEXT NOT NULL DEFAULT 'admin'"),
                  ("sessions", "mode", "TEXT NOT NULL DEFAULT 'push'"),  # sessions before modes were pushed
+                 ("sessions", "mode_reason", "TEXT NOT NULL DEFAULT ''"),
                  ("messages", "credential", "TEXT NOT NULL DEFAULT ''"),
                  ("runs", "credential", "TEXT NOT NULL DEFAULT ''"),  # the audit: which credential reported it
                  ("alerts", "credential", "TEXT NOT NULL DEFAULT ''"))
@@ -1366,8 +1373,19 @@ MEMORY_PARTS = ("pinned", "notes")  # a human's pinned section, then the notes d
 MEMORY_VERSIONS_KEPT = 100
 RUN_STATUSES = ("running", "ok", "failed", "timeout", "limit", "skipped")
 RUN_FINAL = RUN_STATUSES[1:]
-SESSION_FIELDS = ("id", "name", "machine", "pid", "cwd", "git_root", "branch", "tty", "client", "mode", "summary")
-MODES = ("push", "pull")  # how a session gets its mail: pushed into it by its long-poll, or by check_messages
+SESSION_FIELDS = ("id", "name", "machine", "pid", "cwd", "git_root", "branch", "tty", "client", "mode", "mode_reason",
+                  "summary")
+# How a session gets its mail: pushed into it as a channel notification, posted into its Claude Code
+# session inbox (both lease it through the long-poll), or fetched by check_messages (pull).
+MODES = ("push", "pull", "inbox")
+LEASED_MODES = ("push", "inbox")
+
+
+def checked_mode(mode: str) -> str:
+    """A delivery mode from a client, or the API error that names the modes."""
+    if mode not in MODES:
+        raise ApiError(400, f"field 'mode' must be one of {', '.join(MODES)}, got {mode[:16]!r}")
+    return mode
 
 
 def session_view(row: Any, last_seen: float | None = None) -> dict[str, Any]:
@@ -1761,14 +1779,13 @@ class Sessions:
         if name is not None and not valid_name(name):
             raise ApiError(400, f"invalid agent name {name!r}: use 1-64 letters, digits, '.', '_' or '-'"
                            " (not a session id, not 'operator')")
-        mode = info.get("mode") or "push"
-        if mode not in MODES:
-            raise ApiError(400, f"field 'mode' must be push or pull, got {mode[:16]!r}")
+        mode = checked_mode(info.get("mode") or "push")
         sid, secret = new_id(), secrets.token_urlsafe(24)
         session = {"id": sid, "secret_hash": sha256_hex(secret), "name": name, "machine": info["machine"],
                    "pid": info["pid"], "cwd": info["cwd"], "git_root": info.get("git_root") or "",
                    "branch": info.get("branch") or "", "tty": info.get("tty") or "",
-                   "client": info.get("client") or "", "mode": mode, "summary": info.get("summary") or "",
+                   "client": info.get("client") or "", "mode": mode, "mode_reason": info.get("mode_reason") or "",
+                   "summary": info.get("summary") or "",
                    "started_at": now, "last_seen": now, "live": 1, "credential": credential}
         with self.store.tx() as c:
             self._reap(c, now)
@@ -1819,6 +1836,15 @@ class Sessions:
             self.store.event(c, "peer.summary", "fleet.peer.summary", machine=session["machine"],
                         session_id=session["id"], name=session["name"], summary=summary)
             session["summary"] = summary
+
+    def set_mode(self, session: dict[str, Any], mode: str, reason: str) -> None:
+        """A session's new way of getting mail (an inbox that failed falls back to pull), and why."""
+        mode = checked_mode(mode)
+        with self.store.tx() as c:
+            c.execute("UPDATE sessions SET mode = ?, mode_reason = ? WHERE id = ?", (mode, reason, session["id"]))
+            self.store.event(c, "peer.mode", "fleet.peer.mode", machine=session["machine"], session_id=session["id"],
+                             name=session["name"], mode=mode, reason=reason)
+            session["mode"], session["mode_reason"] = mode, reason
 
     def end_held_by(self, credential: str) -> list[str]:
         """End every live session a (revoked) credential holds; returns their ids, to wake."""
@@ -1879,7 +1905,7 @@ class Messages:
                 state = "undeliverable" if target["undeliverable"] else "queued"
                 recipient = self.recipient({"to_session": target["session"], "to_name": target["name"]}, now)
                 handover = (state == "queued" and target["session"] in parked and recipient is not None
-                            and recipient["mode"] == "push")
+                            and recipient["mode"] in LEASED_MODES)
                 row = {"id": mid, "thread_id": thread_id or mid, "reply_to": reply_to, "from_id": sender["id"],
                        "from_name": sender["name"] or sender["id"], "from_machine": sender["machine"],
                        "from_cwd": sender["cwd"], "to_addr": to, "to_session": target["session"],
@@ -1899,7 +1925,8 @@ class Messages:
                             bytes=len(text.encode()), **({"text": text} if self.store.cfg.nats.publish_text else {}))
                 results.append({"id": mid, "to_id": target["session"], "to_name": target["name"],
                                 "state": state, "online": target["session"] is not None,
-                                "mode": recipient and recipient["mode"], "client": recipient and recipient["client"]})
+                                "mode": recipient and recipient["mode"], "client": recipient and recipient["client"],
+                                "mode_reason": recipient and recipient["mode_reason"]})
         result: dict[str, Any] = {"thread_id": thread_id or (results[0]["id"] if len(results) == 1 else None),
                                   "messages": results}
         if to != "*":
@@ -4265,8 +4292,9 @@ REGISTER_SCHEMA: Schema = {
     "machine": Field(str, True, 255), "pid": Field(int, True, (1 << 31) - 1), "cwd": Field(str, True, 4096),
     "git_root": Field(str, False, 4096), "branch": Field(str, False, 255), "tty": Field(str, False, 255),
     "client": Field(str, False, 64), "summary": Field(str, False, 1000), "name": Field(str, False, 64),
-    "mode": Field(str, False, 16),
+    "mode": Field(str, False, 16), "mode_reason": Field(str, False, 500),
 }
+MODE_SCHEMA: Schema = {"mode": Field(str, True, 16), "reason": Field(str, True, 500)}
 SUMMARY_SCHEMA: Schema = {"summary": Field(str, True, 1000)}
 SEND_SCHEMA: Schema = {"to": Field(str, True, 64), "text": Field(str, True, 1 << 30),
                        "reply_to": Field(str, False, 64), "scope": Field(str, False, 16)}
@@ -4749,6 +4777,11 @@ async def r_summary(b: Broker, req: Request) -> Any:
     return {"ok": True}
 
 
+async def r_mode(b: Broker, req: Request) -> Any:
+    await b.write(lambda: b.sessions.set_mode(req.session, req.body["mode"], req.body["reason"]))
+    return {"ok": True}
+
+
 async def r_leave(b: Broker, req: Request) -> Any:
     await b.write(lambda: b.sessions.leave(req.session))
     return {"ok": True}
@@ -5153,6 +5186,7 @@ ROUTES: list[Route] = [
         ("GET", f"/api/sessions/{SID}", r_whoami, True, None, "session"),
         ("GET", f"/api/sessions/{SID}/peers", r_session_peers, True, None, "session"),
         ("POST", f"/api/sessions/{SID}/summary", r_summary, True, SUMMARY_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/mode", r_mode, True, MODE_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/send", r_session_send, True, SEND_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/poll", r_poll, True, POLL_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/ack", r_ack, True, ACK_SCHEMA, "session"),
@@ -5765,9 +5799,16 @@ def client_from_config(cfg: Config, timeout: float = 10.0) -> BrokerClient:
 #
 # A session is push only where a pushed message is shown: Claude Code (its clientInfo)
 # started with the channel flag naming this server (its command line, the shim's parent's).
-# Every other session is pull: nothing is pushed nor marked delivered, mail waits for
-# check_messages, and its senders are told so. The client's initialize decides the mode,
-# so the session registers once the handshake arrives.
+# A Claude Code session without the flag is inbox where Claude Code gave it a session inbox
+# (a unix socket named in the shim's environment; an idle session starts a turn on a post):
+# the shim posts its mail there. Every other session is pull: nothing is pushed nor marked
+# delivered, mail waits for check_messages, and its senders are told why. The client's
+# initialize decides the mode, so the session registers once the handshake arrives.
+#
+# The inbox writes nothing back, so a post is accepted when the socket took every byte of
+# it; the message is then "delivered" and stays unread (check_messages returns it, every
+# tool result counts it) until the model reads or answers it. A post that fails leaves the
+# batch unacknowledged (its leases run out, check_messages reads it) and the session pull.
 #
 # What the model sees is budgeted: Claude Code cuts a server's instructions and each tool
 # description (2,048 characters in 2.1.197), and hides MCP tools behind its tool search unless
@@ -5789,6 +5830,14 @@ TOOL_META = {"anthropic/alwaysLoad": True}  # Claude Code defers MCP tools behin
 SEEN_LIMIT = 100_000
 CHANNEL_FLAG = "--dangerously-load-development-channels"  # Claude Code's switch for a channel off its allowlist
 CLAUDE_CODE_CLIENT = "claude-code"  # the clientInfo name Claude Code introduces itself with
+INBOX_SOCKET_ENV, INBOX_TOKEN_ENV = "CLAUDE_CODE_MESSAGING_SOCKET", "CLAUDE_CODE_MESSAGING_TOKEN"  # set by Claude Code
+INBOX_SWITCH_ENV = "CLAUDE_CODE_HARBOR_KITE"  # 0 turns Claude Code's session inbox off
+INBOX_EACH = 3  # up to this many messages in one batch are posted one by one; more become one notice
+INBOX_TEXT_BYTES = 4096  # a longer message is posted as a notice to call check_messages
+INBOX_POST_TIMEOUT_S = 5.0
+INBOX_TOOLS_WAIT_S = 10.0  # the first post waits this long at most for the client to list the tools
+INBOX_SETTLE_S = 1.0  # and this long after, while Claude Code puts them in the session (it says nothing when done)
+MANAGED_SETTINGS = Path("/etc/claude-code/managed-settings.json")  # Claude Code's policy file on Linux
 TOOLS: list[dict[str, Any]] = [
     {"name": "list_peers",
      "description": "List the other Claude Code sessions in the claude-peers fleet (other machines, other"
@@ -5924,43 +5973,112 @@ def channel_servers(argv: list[str]) -> list[str]:
     return found
 
 
-def decide_mode(override: str | None, client: str, parent_argv: list[str]) -> tuple[str, str]:
-    """(push or pull, why): push only where a channel message is shown to the model, since
-    Claude Code drops it silently without the flag and other clients have no channel."""
-    if override:
+def claude_setting(project: Path, keys: tuple[str, ...], values: tuple[str, ...]) -> tuple[str, str]:
+    """A Claude Code setting (``keys``: its path in the JSON) that is one of ``values``, and the file
+    that sets it, read in Claude Code's order (policy, local, project, user), or ('', '')."""
+    config = Path(os.environ.get("CLAUDE_CONFIG_DIR") or Path.home() / ".claude")
+    for path in (MANAGED_SETTINGS, project / ".claude" / "settings.local.json", project / ".claude" / "settings.json",
+                 config / "settings.json"):
+        with contextlib.suppress(OSError, ValueError):
+            value: Any = json.loads(path.read_text())
+            for key in keys:
+                value = value.get(key) if isinstance(value, dict) else None
+            if value in values:
+                return value, str(path)
+    return "", ""
+
+
+def bypasses_permissions(argv: list[str], project: Path) -> str:
+    """Where a Claude Code session bypasses permission prompts (its command line, or the file that
+    sets it as the default mode), or ''."""
+    modes = [value for flag, value in itertools.pairwise(argv) if flag == "--permission-mode"]
+    modes += [arg.partition("=")[2] for arg in argv if arg.startswith("--permission-mode=")]
+    if "--dangerously-skip-permissions" in argv or "bypassPermissions" in modes:
+        return "its command line"
+    if modes:
+        return ""  # the command line's mode wins over the settings' default
+    return claude_setting(project, ("permissions", "defaultMode"), ("bypassPermissions",))[1]
+
+
+def inbox_blocked(env: dict[str, str], project: Path, argv: list[str]) -> str:
+    """Why posts into the inbox of a Claude Code session in ``project`` started with ``argv`` would
+    not reach the model (the switch in the environment, a setting, bypassed permissions), or ''."""
+    switch = env.get(INBOX_SWITCH_ENV, "").strip()
+    if switch.lower() in ("0", "false", "no", "off"):
+        return f"{INBOX_SWITCH_ENV}={switch} turns Claude Code's session inbox off (unset it)"
+    value, where = claude_setting(project, ("crossSessionInbound",), ("accept", "hold", "refuse"))
+    if value in ("hold", "refuse"):
+        what = "drops posts" if value == "refuse" else "holds posts for the user, unseen by Claude"
+        return f'crossSessionInbound is "{value}" in {where}, so Claude Code {what} (set it to "accept")'
+    where = bypasses_permissions(argv, project)
+    if where and value != "accept":
+        return (f"it bypasses permission prompts ({where}), so Claude Code holds each post for the user's approval"
+                ' (set crossSessionInbound to "accept")')
+    return ""
+
+
+def session_inbox(env: dict[str, str], project: Path, argv: list[str]) -> tuple[str, str]:
+    """(the socket of this Claude Code session's inbox, or '' where posts would not reach the model;
+    and why): Claude Code names it in its MCP servers' environment, unless it is switched off."""
+    blocked = inbox_blocked(env, project, argv)
+    if blocked:
+        return "", blocked
+    path = env.get(INBOX_SOCKET_ENV, "")
+    if not path:
+        return "", (f"with no session inbox ({INBOX_SOCKET_ENV} unset: a Claude Code without one, such as 2.1.197 -"
+                    " update it - or its remote flag tengu_harbor_kite is off)")
+    if not Path(path).is_socket():
+        return "", f"its session inbox {path} is {'not a socket' if os.path.lexists(path) else 'gone'}"
+    return path, f"Claude Code's session inbox {path}: an idle session starts a turn"
+
+
+def decide_mode(override: str | None, client: str, parent_argv: list[str],
+                inbox: tuple[str, str] = ("", "no session inbox")) -> tuple[str, str]:
+    """(push, inbox or pull, why): push only where a channel message is shown to the model, since
+    Claude Code drops it silently without the flag and other clients have no channel; else inbox
+    where Claude Code gave the session one (``inbox``: its socket and why, from session_inbox)."""
+    if override in ("push", "pull"):
         return override, "set with --mode or CLAUDE_PEERS_MODE"
-    if client != CLAUDE_CODE_CLIENT:
+    if override is None and client != CLAUDE_CODE_CLIENT:
         return "pull", f"its MCP client ({client}) has no channel"
-    if f"server:{SERVER_NAME}" in channel_servers(parent_argv):
+    if override is None and f"server:{SERVER_NAME}" in channel_servers(parent_argv):
         return "push", f"Claude Code started with {CHANNEL_FLAG} server:{SERVER_NAME}"
-    return "pull", "Claude Code started without the channel flag (claude-peers run adds it)"
+    path, why = inbox
+    if path:
+        return "inbox", why
+    return "pull", f"Claude Code started without the channel flag (claude-peers run adds it) and {why}"
 
 
 def mode_override(explicit: str | None) -> str | None:
     """--mode, else $CLAUDE_PEERS_MODE, else None (the handshake decides)."""
     mode = explicit or os.environ.get("CLAUDE_PEERS_MODE", "").strip() or None
     if mode not in (None, *MODES):
-        raise UserError(f"CLAUDE_PEERS_MODE={mode[:20]!r} is not a mode: set it to push or pull, or unset it")
+        raise UserError(f"CLAUDE_PEERS_MODE={mode[:20]!r} is not a mode: set it to push, pull or inbox, or unset it")
     return mode
 
 
 def recipient_note(result: dict[str, Any]) -> str:
-    """What a sender is told about one recipient: pushed now, queued until it checks its
-    messages (a pull session), queued for an offline name, or undeliverable."""
+    """What a sender is told about one recipient: pushed or posted into its inbox now, queued
+    until it checks its messages (a pull session, and why), queued for an offline name, or undeliverable."""
     target = result["to_name"] or result["to_id"]
     if result["state"] == "undeliverable":
         return f"undeliverable: session {target} has ended and had no agent name"
     if not result["online"]:
         return f"queued: {target} is offline; it gets the message when a session takes the name"
     if result.get("mode") == "pull":
-        why = ("started without the channel flag" if result.get("client") == CLAUDE_CODE_CLIENT
-               else f"its client {result.get('client') or 'mcp'} has no channel")
-        return f"{target} is online but cannot receive pushes ({why}): queued until it checks its messages"
+        why = result.get("mode_reason") or ("started without the channel flag" if result.get("client") == CLAUDE_CODE_CLIENT
+                                            else f"its client {result.get('client') or 'mcp'} has no channel")
+        return f"{target} is online but hears no mail by itself: queued until it checks its messages ({why})"
+    if result.get("mode") == "inbox":
+        return f"queued: {target} is online and gets it posted into its Claude Code session inbox now"
     return f"queued: {target} is online and gets it pushed now"
 
 
 def how_messages_arrive(mode: str, why: str) -> str:
-    """The instructions' word on incoming messages: channel tags (push), or check_messages (pull)."""
+    """The instructions' word on incoming messages: channel tags (push), inbox posts, or check_messages (pull)."""
+    if mode == "inbox":
+        return ("Peer mail is posted into this session as a turn starting [claude-peers] (sender, message_id);"
+                " several at once come as one notice to call check_messages.")
     if mode == "pull":
         return (f"Peer mail waits for check_messages (no pushes: {why}); each claude-peers tool result says when"
                 " some waits.")
@@ -6004,13 +6122,14 @@ def format_peer(peer: dict[str, Any]) -> str:
     return line + (f" - {peer['summary']}" if peer["summary"] else "")
 
 
-def format_message(message: dict[str, Any], shown: bool) -> str:
+def format_message(message: dict[str, Any], shown: str) -> str:
+    """A message as check_messages shows it; ``shown``: how it reached the model already, or ''."""
     head = (f"message_id={message['id']} thread_id={message['thread_id']} from {message['from_name']}"
             f" ({message['from_id']}, {message['from_machine']}:{message['from_cwd']}) at {message['sent_at']}")
     if message["reply_to"]:
         head += f" in reply to {message['reply_to']}"
     if shown:
-        head += " [already pushed to you as a <channel> message]"
+        head += f" [already {shown}]"
     body = "\n".join("    " + line for line in message["text"].splitlines() or [""])
     return f"{head}\n{body}"
 
@@ -6045,6 +6164,34 @@ def clip_memory(memory: str, room: int) -> str:
     kept = text.encode()[:max(0, room - len(head) - len(tail) - 8)].decode(errors="ignore")
     kept = kept[:kept.rfind("\n")] if "\n" in kept else kept
     return head + kept + tail.format(len(kept.encode()))
+
+
+def inbox_posts(messages: list[dict[str, Any]]) -> list[str]:
+    """What a batch of mail becomes in a session's inbox: each message with how to answer it, or one
+    notice to call check_messages (a long batch, or a long message)."""
+    if len(messages) > INBOX_EACH or any(len(m["text"].encode()) > INBOX_TEXT_BYTES for m in messages):
+        senders = ", ".join(dict.fromkeys(m["from_name"] for m in messages))
+        return [(f"[claude-peers] {len(messages)} message{'s' if len(messages) > 1 else ''} from {senders}: call the"
+                 " claude-peers check_messages tool to read them.")]
+    return [(f"[claude-peers] A message through the claude-peers hub; answer with the claude-peers send_message tool"
+             f" (to={m['from_name']}, reply_to={m['id']}).\n{format_message(m, '')}") for m in messages]
+
+
+async def post_to_inbox(path: str, token: str, texts: list[str]) -> None:
+    """Write posts into a Claude Code session's inbox socket, one JSON line each after the token;
+    returns once the socket took every byte (the inbox answers nothing), raises OSError if not."""
+    lines = [{"type": "auth", "token": token}] if token else []
+    lines += [{"type": "user", "message": {"role": "user", "content": text}, "from": SERVER_NAME, "priority": "next"}
+              for text in texts]
+    async with asyncio.timeout(INBOX_POST_TIMEOUT_S):
+        _, writer = await asyncio.open_unix_connection(path)
+        try:
+            writer.write(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+            await writer.drain()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
 
 
 def compose_instructions(lead: str, peers: list[dict[str, Any]] | None, memory: str) -> str:
@@ -6104,8 +6251,8 @@ class ShimError(Exception):
 
 class Shim:
     """One Claude Code session's link to the broker: registration, tools, and the
-    long-poll that turns leased messages into channel notifications (push), or that only
-    keeps the session alive and counts its waiting mail (pull)."""
+    long-poll that turns leased messages into channel notifications (push) or posts into the
+    session's inbox (inbox), or that only keeps the session alive and counts its waiting mail (pull)."""
 
     def __init__(self, cfg: Config, name: str | None, cwd: Path, wire: StdioWire, mode: str | None = None,
                  probe: bool = False) -> None:
@@ -6117,7 +6264,10 @@ class Shim:
         self.override = mode  #: push or pull as the user set it; None: the handshake decides
         self.parent_argv = process_argv(os.getppid())  #: the client's command line (run puts the channel flag there)
         self.client = "mcp"  #: the client's clientInfo name, from initialize
-        self.mode, self.mode_reason = "pull", "the client has not introduced itself yet"  #: push or pull, and why
+        self.mode, self.mode_reason = "pull", "the client has not introduced itself yet"  #: push, inbox or pull, and why
+        self.mode_told = True  #: the broker has this mode (False after an inbox failed, until it is told)
+        self.inbox = ""  #: the session inbox's socket (inbox mode)
+        self.project = Path(os.environ.get("CLAUDE_PROJECT_DIR") or cwd)  #: where Claude Code reads project settings
         self.waiting = 0  #: a pull session's unread mail, as the broker last counted it
         self.url = cfg.broker_url
         self.token_error = ""  #: why there is no fleet token (the tools say it)
@@ -6131,14 +6281,17 @@ class Shim:
         self.name_note = ""  #: why the wanted name is not held
         #: the last failure to reach the broker, '' when it answers (a probe never tries)
         self.last_error = "a probe (claude-peers doctor): it does not join the fleet" if probe else ""
-        self.seen: dict[str, None] = {}  #: message ids pushed or returned: never shown twice
+        self.seen: dict[str, str] = {}  #: message ids shown (id -> how: pushed, posted, '' returned): never twice
         self.unread: dict[str, dict[str, Any]] = {}  #: pushed, not yet read or answered
+        self.posted: dict[str, float] = {}  #: posted into the inbox and not yet reminded of: id -> when
         self.unacked: list[str] = []  #: pushed, but the broker has not taken the acknowledgement yet
         self.repo: str | None = None  #: this session's repository on the task board, once a task call asked
         self.tools_client.answered = self.poll_client.answered = self._answered
         self.introduced = asyncio.Event()  #: initialize arrived: the client and the mode are known
         self.attempted = asyncio.Event()  #: the first registration attempt is over (instructions wait for it)
         self.initialized = asyncio.Event()  #: the client sent notifications/initialized: pushes may flow
+        self.listed = asyncio.Event()  #: the client listed the tools: a post can ask the model to use them
+        self.settled = False  #: inbox: the first post's wait for the tools is over
 
     # -- connection to the broker ----------------------------------------------
 
@@ -6160,12 +6313,15 @@ class Shim:
         name = client_info.get("name") if isinstance(client_info, dict) else None
         if isinstance(name, str) and name.strip() and storable_text(name):
             self.client = name.strip()[:64]
-        self.mode, self.mode_reason = decide_mode(self.override, self.client, self.parent_argv)
+        inbox = session_inbox(dict(os.environ), self.project, self.parent_argv)
+        self.mode, self.mode_reason = decide_mode(self.override, self.client, self.parent_argv, inbox)
+        self.inbox = inbox[0] if self.mode == "inbox" else ""
         log.info("delivery mode %s: %s", self.mode, self.mode_reason)
         self.introduced.set()
 
     async def _register(self, info: dict[str, Any]) -> None:
-        info = {**info, "summary": self.session["summary"] if self.session else ""}
+        info = {**info, "summary": self.session["summary"] if self.session else "", "mode": self.mode,
+                "mode_reason": self.mode_reason}
         session = None
         if self.wanted_name:
             try:
@@ -6178,7 +6334,7 @@ class Shim:
         if session is None:
             session = await self.tools_client.register(info)
         self.poll_client.attach(self.tools_client)
-        self.session, self.last_error = session, ""
+        self.session, self.last_error, self.mode_told = session, "", True
         log.info("registered as session %s%s", session["id"], f" ({session['name']})" if session["name"] else "")
 
     async def run(self) -> None:
@@ -6188,7 +6344,7 @@ class Shim:
             return
         info = await asyncio.to_thread(self._session_info)  # git runs in a subprocess, while the client connects
         await self.introduced.wait()
-        info.update(client=self.client, mode=self.mode)
+        info["client"] = self.client
         backoff = 0.25
         while True:
             try:
@@ -6199,6 +6355,8 @@ class Shim:
                     backoff = 0.25
                 self.attempted.set()
                 await self.initialized.wait()
+                if self.mode == "inbox" and not self.settled:
+                    await self._tools_loaded()
                 await self._poll_once()
                 backoff = 0.25
             except ApiError as exc:
@@ -6212,6 +6370,14 @@ class Shim:
                 await self._failed(str(exc), backoff)
                 backoff = min(backoff * 2, 30.0)
 
+    async def _tools_loaded(self) -> None:
+        """Hold the first post until the client has listed the tools and had INBOX_SETTLE_S to load
+        them: a turn that starts earlier asks the model for a tool it does not have yet."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.listed.wait(), INBOX_TOOLS_WAIT_S)
+        await asyncio.sleep(INBOX_SETTLE_S)
+        self.settled = True
+
     async def _failed(self, error: str, backoff: float) -> None:
         if error != self.last_error:
             log.warning("%s (retrying every %.0fs at most)", error, 30)
@@ -6220,13 +6386,18 @@ class Shim:
         await asyncio.sleep(backoff)
 
     async def _poll_once(self) -> None:
-        """Lease mail (waiting for it), push each message, acknowledge the batch at once.
+        """Lease mail (waiting for it), push or post each message, acknowledge the batch at once.
         A pull session leases nothing: its poll is the heartbeat and brings the count of waiting mail."""
         wait_s = 0 if self.last_error else self.cfg.broker.poll_wait_s  # after a failure: know at once it is over
+        if not self.mode_told:
+            await self.tools_client.session_call("POST", "/mode", {"mode": self.mode, "reason": self.mode_reason})
+            self.mode_told = True
         if self.mode == "pull":
             answer = await self.poll_client.session_call("POST", "/poll", {"wait_s": wait_s, "unread": self.waiting})
             self.waiting = answer["unread"]
             return
+        if self.mode == "inbox":
+            wait_s = min(wait_s, await self._remind())
         body: dict[str, Any] = {"wait_s": wait_s, "max": 100}
         if self.unacked:  # an acknowledgement that failed rides on the poll
             body["ack"], self.unacked = self.unacked, []
@@ -6235,25 +6406,67 @@ class Shim:
         except (UserError, ApiError):
             self.unacked = body.get("ack", []) + self.unacked
             raise
-        for message in messages:
-            self._push(message)
+        fresh = [m for m in messages if m["id"] not in self.seen]
+        if fresh and self.mode == "inbox" and not await self._post(fresh):
+            return  # unacknowledged: the leases run out, and check_messages returns the batch
+        for message in fresh:
+            self._show(message)
         if messages:
             asyncio.get_running_loop().create_task(self._acknowledge([m["id"] for m in messages]))
 
+    async def _remind(self) -> float:
+        """One notice for the inbox posts still unread after [shim] inbox_remind_s: now and then
+        Claude Code takes a post and starts no turn, and an idle session would never hear of it.
+        Returns the seconds until the next reminder is due (the poll waits no longer)."""
+        now, remind_s = time.monotonic(), self.cfg.shim.inbox_remind_s
+        self.posted = {mid: at for mid, at in self.posted.items() if mid in self.unread}
+        due = [mid for mid, at in self.posted.items() if now - at >= remind_s]
+        if due:
+            senders = ", ".join(dict.fromkeys(self.unread[mid]["from_name"] for mid in due))
+            notice = (f"[claude-peers] {len(due)} message{'s' if len(due) > 1 else ''} from {senders} posted to you"
+                      f" {remind_s:.0f}s ago {'are' if len(due) > 1 else 'is'} not yet read or answered: if you"
+                      " have not seen them, call the claude-peers check_messages tool.")
+            for mid in due:  # reminded once, whatever comes of it: tool results keep counting them
+                del self.posted[mid]
+            with contextlib.suppress(OSError):  # the next post finds the inbox gone and falls back to pull
+                await post_to_inbox(self.inbox, os.environ.get(INBOX_TOKEN_ENV, ""), [notice])
+        return min((remind_s - (now - at) for at in self.posted.values()), default=math.inf)
+
+    async def _post(self, messages: list[dict[str, Any]]) -> bool:
+        """Post a batch into the session's inbox; if the socket does not take it, the session
+        falls back to pull (and the broker is told why before the next poll)."""
+        why = inbox_blocked(dict(os.environ), self.project, self.parent_argv)  # a setting changed since
+        if not why:
+            try:
+                await post_to_inbox(self.inbox, os.environ.get(INBOX_TOKEN_ENV, ""), inbox_posts(messages))
+                return True
+            except OSError as exc:  # gone, refused, full past the timeout
+                why = (f"posting into its session inbox {self.inbox} failed"
+                       f" ({describe_error(exc) if str(exc) else 'timed out'})")
+        self.mode, self.mode_reason, self.mode_told = "pull", why, False
+        log.warning("delivery mode pull: %s", why)
+        return False
+
     async def _acknowledge(self, ids: list[str]) -> None:
-        """Delivered: the pushes are in the client's pipe. If the broker cannot take it now,
+        """Delivered: the pushes are in the client's pipe, or the posts in the session's inbox. If the broker cannot take it now,
         the next poll carries it; until then a crash shows these messages again."""
         try:
             await self.tools_client.session_call("POST", "/ack", {"ids": ids, "state": "delivered"})
         except (UserError, ApiError):
             self.unacked += ids
 
-    def _push(self, message: dict[str, Any]) -> None:
-        """Write a channel notification once per message id, ever, in this session."""
-        if message["id"] in self.seen:
-            return
-        self._remember(message["id"])
+    def _show(self, message: dict[str, Any]) -> None:
+        """A message the model is shown now (pushed, or posted): unread until read or answered."""
+        self._remember(message["id"], "posted into your session inbox" if self.mode == "inbox"
+                       else "pushed to you as a <channel> message")
         self.unread[message["id"]] = message
+        if self.mode == "push":
+            self._push(message)
+        elif self.mode == "inbox":
+            self.posted[message["id"]] = time.monotonic()
+
+    def _push(self, message: dict[str, Any]) -> None:
+        """Write a channel notification (once per message id, ever, in this session: _show)."""
         meta = {"from_name": message["from_name"], "from_id": message["from_id"],
                 "from_machine": message["from_machine"], "from_cwd": message["from_cwd"],
                 "message_id": message["id"], "thread_id": message["thread_id"], "sent_at": message["sent_at"]}
@@ -6262,8 +6475,8 @@ class Shim:
         self.wire.write({"jsonrpc": "2.0", "method": CHANNEL_METHOD,
                          "params": {"content": message["text"], "meta": {k: str(v) for k, v in meta.items()}}})
 
-    def _remember(self, message_id: str) -> None:
-        self.seen[message_id] = None
+    def _remember(self, message_id: str, how: str = "") -> None:
+        self.seen[message_id] = how
         if len(self.seen) > SEEN_LIMIT:
             del self.seen[next(iter(self.seen))]
 
@@ -6361,13 +6574,13 @@ class Shim:
         self._need_session()
         messages = (await self.tools_client.session_call("POST", "/inbox"))["messages"]
         self.waiting = 0  # the inbox returned every unread message
-        shown = {m["id"] for m in messages if m["id"] in self.seen}
+        shown = {m["id"]: self.seen.get(m["id"], "") for m in messages}
         for message in messages:
             self._remember(message["id"])
             self.unread.pop(message["id"], None)
         if not messages:
             return "No unread peer messages."
-        parts = [format_message(m, m["id"] in shown) for m in messages]
+        parts = [format_message(m, shown[m["id"]]) for m in messages]
         return (f"{len(messages)} peer message(s), oldest first. Each text is from another agent; answer with"
                 " send_message(to=<from id or name>, reply_to=<message_id>).\n\n" + "\n\n".join(parts))
 
@@ -6447,7 +6660,7 @@ class Shim:
                  f"directory: {s['cwd']}", f"git: {s['git_root'] or '-'} {s['branch']}".rstrip(),
                  f"broker: {self.url} ({'reachable' if not self.last_error else self.last_error})",
                  f"delivery: {self.mode} - {self.mode_reason}"
-                 + ("" if self.mode == "push" else "; messages wait for check_messages")]
+                 + ("; messages wait for check_messages" if self.mode == "pull" else "")]
         if self.name_note:
             lines.append(f"note: {self.name_note}")
         with contextlib.suppress(UserError, ApiError):
@@ -6614,6 +6827,7 @@ class McpServer:
         if method == "ping":
             return {}
         if method == "tools/list":
+            self.shim.listed.set()
             return tools_list()
         if method == "tools/call":
             name = params.get("name")
@@ -9370,7 +9584,8 @@ class BrokerHarness:
         self.toml, self.nats = toml, nats
         self._write_config()
         self.env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(self.config)}
-        for key in ("CLAUDE_PEERS_URL", "CLAUDE_PEERS_TOKEN", "CLAUDE_PEERS_NAME", "CLAUDE_PEERS_MODE"):
+        for key in ("CLAUDE_PEERS_URL", "CLAUDE_PEERS_TOKEN", "CLAUDE_PEERS_NAME", "CLAUDE_PEERS_MODE",
+                    INBOX_SOCKET_ENV, INBOX_TOKEN_ENV):  # run inside a Claude Code session: never post into it
             self.env.pop(key, None)
         self.url = ""
         self.token = ""
@@ -10183,15 +10398,22 @@ CUT_MARK = "… [truncated]"  # what Claude Code puts where it cut
 VIEW_PEERS = 16  # the fleet bench shows Claude Code: 16 live peers, and the memory fleet-memory wrote of them
 
 
+Answer = Callable[[dict[str, Any]], "dict[str, Any] | None"]  # a request body -> the content block to answer with
+
+
 class ModelApi:
     """Anthropic's Messages API stood in on loopback for a real Claude Code: it keeps every request
-    body (what the model would read) and answers each with one streamed word, so `claude -p` ends."""
+    body (what the model would read) and when it came, and answers each with one streamed word, so
+    `claude -p` ends, or with the content block ``answer`` scripts for it (a tool call)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: Answer | None = None) -> None:
         import http.server  # bench and the tests only: the shim never pays for it
 
         api = self
+        self.answer = answer or (lambda body: None)
         self.requests: list[dict[str, Any]] = []
+        self.arrived: list[float] = []  #: time.monotonic() of each request, in order
+        self.came = threading.Condition()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -10201,7 +10423,10 @@ class ModelApi:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-                api.requests.append(body)
+                with api.came:
+                    api.requests.append(body)
+                    api.arrived.append(time.monotonic())
+                    api.came.notify_all()
                 reply, kind = api.reply(self.path, body)
                 self.send_response(200)
                 self.send_header("Content-Type", kind)
@@ -10214,22 +10439,36 @@ class ModelApi:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, name="model-api", daemon=True).start()
 
-    @staticmethod
-    def reply(path: str, body: dict[str, Any]) -> tuple[bytes, str]:
-        """The answer to one request: a token count, or an assistant message saying "ok" (streamed if asked)."""
+    def wait(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> tuple[dict[str, Any], float] | None:
+        """The first request that ``predicate`` holds for and when it came, waiting up to ``timeout``."""
+        def found() -> tuple[dict[str, Any], float] | None:
+            return next(((r, t) for r, t in zip(self.requests, self.arrived, strict=True) if predicate(r)), None)
+
+        with self.came:
+            self.came.wait_for(lambda: found() is not None, timeout)
+            return found()
+
+    def reply(self, path: str, body: dict[str, Any]) -> tuple[bytes, str]:
+        """The answer to one request: a token count, or an assistant message saying "ok" or making the
+        scripted tool call (streamed if asked)."""
         if "count_tokens" in path or "messages" not in body:
             return b'{"input_tokens": 1}', "application/json"
+        block = self.answer(body) or {"type": "text", "text": "ok"}
+        stop = "tool_use" if block["type"] == "tool_use" else "end_turn"
         message = {"id": "msg_" + new_id(), "type": "message", "role": "assistant", "model": body.get("model", ""),
                    "content": [], "stop_reason": None, "stop_sequence": None,
                    "usage": {"input_tokens": 1, "output_tokens": 1}}
         if not body.get("stream"):
-            done = {**message, "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn"}
+            done = {**message, "content": [block], "stop_reason": stop}
             return json.dumps(done).encode(), "application/json"
+        start, delta = ((block | {"input": {}}, {"type": "input_json_delta", "partial_json": json.dumps(block["input"])})
+                        if block["type"] == "tool_use" else
+                        ({"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}))
         events = [{"type": "message_start", "message": message},
-                  {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-                  {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "ok"}},
+                  {"type": "content_block_start", "index": 0, "content_block": start},
+                  {"type": "content_block_delta", "index": 0, "delta": delta},
                   {"type": "content_block_stop", "index": 0},
-                  {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                  {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
                    "usage": {"output_tokens": 1}},
                   {"type": "message_stop"}]
         return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events), "text/event-stream"
@@ -10239,16 +10478,21 @@ class ModelApi:
         self.server.server_close()
 
 
+def register_with_claude(claude: str, env: dict[str, str], entry: dict[str, Any]) -> None:
+    """Register claude-peers in the home ``env`` names, through `claude mcp add-json` as the README says."""
+    added = subprocess.run([claude, "mcp", "add-json", "--scope", "user", SERVER_NAME, json.dumps(entry)], env=env,
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False)
+    if added.returncode:
+        raise UserError(f"{claude} mcp add-json failed: {(added.stderr or added.stdout).strip()[:300]}")
+
+
 def claude_first_request(claude: str, env: dict[str, str], home: Path, entry: dict[str, Any],
                          options: tuple[str, ...] = ()) -> dict[str, Any]:
     """The first model request of `claude [options] -p` in ``home``, where claude-peers is registered
     with ``entry`` (through `claude mcp add-json`, as the README says), its API a local ModelApi."""
     env = {**env, "HOME": str(home), "ANTHROPIC_API_KEY": "sk-ant-offline",
            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
-    added = subprocess.run([claude, "mcp", "add-json", "--scope", "user", SERVER_NAME, json.dumps(entry)], env=env,
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False)
-    if added.returncode:
-        raise UserError(f"{claude} mcp add-json failed: {(added.stderr or added.stdout).strip()[:300]}")
+    register_with_claude(claude, env, entry)
     api = ModelApi()
     try:
         ran = subprocess.run([claude, *options, "-p", "hello"], env={**env, "ANTHROPIC_BASE_URL": api.url}, cwd=home,
@@ -10259,6 +10503,55 @@ def claude_first_request(claude: str, env: dict[str, str], home: Path, entry: di
     if first is None:
         raise UserError(f"{claude} -p made no model request: {(ran.stderr or ran.stdout).strip()[:300]}")
     return first
+
+
+class InteractiveClaude:
+    """A plain interactive `claude` (no channel flag, no wrapper) on a pseudo-terminal, as a user starts
+    it: in a home where onboarding is done, its directory trusted, its API key approved and claude-peers'
+    tools allowed, claude-peers registered with ``entry``, its model the ModelApi at ``api_url``, and
+    its session inbox in a runtime directory of its own (short: a socket path has at most 103 bytes)."""
+
+    KEY = "sk-ant-offline-0123456789abcdefghij"
+
+    def __init__(self, claude: str, env: dict[str, str], home: Path, entry: dict[str, Any], api_url: str,
+                 settings: dict[str, Any] | None = None, args: tuple[str, ...] = ()) -> None:
+        self.cwd, self.runtime = home / "project", Path(tempfile.mkdtemp(prefix="cc-run-"))
+        for folder in (self.cwd, home / ".claude"):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (home / ".claude.json").write_text(json.dumps({
+            "hasCompletedOnboarding": True, "theme": "dark", "bypassPermissionsModeAccepted": True,
+            "customApiKeyResponses": {"approved": [self.KEY[-20:]], "rejected": []},
+            "projects": {str(self.cwd): {"hasTrustDialogAccepted": True, "hasCompletedProjectOnboarding": True}}}))
+        (home / ".claude" / "settings.json").write_text(json.dumps(
+            {"permissions": {"allow": [f"mcp__{SERVER_NAME}"]}, **(settings or {})}))
+        env = {**env, "HOME": str(home), "ANTHROPIC_API_KEY": self.KEY, "ANTHROPIC_BASE_URL": api_url,
+               "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "XDG_RUNTIME_DIR": str(self.runtime),
+               "TERM": "xterm-256color"}
+        register_with_claude(claude, env, entry)
+        self.master, terminal = os.openpty()
+        try:
+            self.proc = subprocess.Popen([claude, *args], stdin=terminal, stdout=terminal, stderr=terminal, cwd=self.cwd,
+                                         env=env, start_new_session=True)
+        finally:
+            os.close(terminal)
+        self.screen = collections.deque(maxlen=64)  #: the terminal's last output chunks (for errors)
+        threading.Thread(target=self._drain, name="claude-tty", daemon=True).start()
+
+    def _drain(self) -> None:
+        """Read the terminal, so Claude Code never blocks writing it."""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(self.master, 65536):
+                self.screen.append(chunk)
+
+    @property
+    def inbox(self) -> Path:
+        """Where Claude Code binds this session's inbox (named after its pid, in the runtime directory)."""
+        return self.runtime / "cc-socks" / f"{self.proc.pid}.sock"
+
+    def close(self) -> None:
+        end_process(self.proc)
+        os.close(self.master)
+        shutil.rmtree(self.runtime, ignore_errors=True)
 
 
 class ShimView(NamedTuple):
@@ -10378,6 +10671,76 @@ def bench_hook(samples: int) -> tuple[float, bool]:
         broker.close()
 
 
+def inbox_peer(broker: BenchBroker, session: InteractiveClaude, name: str) -> dict[str, Any] | None:
+    """The session ``name`` once its shim registered (None if Claude Code exits or 90 s pass first)."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and session.proc.poll() is None:
+        peer = next((p for p in broker.client().call("GET", "/api/peers")["peers"] if p["name"] == name), None)
+        if peer is not None:
+            return peer
+        time.sleep(0.05)
+    return None
+
+
+def time_inbox(broker: BenchBroker, session: InteractiveClaude, api: ModelApi, name: str,
+               samples: int) -> dict[str, list[float]]:
+    """Milliseconds from each post (the shim's own post_to_inbox) and each hub send to the model request
+    that carries it, interleaved; a text no request carried within 30 s is not counted."""
+    latencies: dict[str, list[float]] = {"post": [], "send": []}
+    time.sleep(INBOX_SETTLE_S)  # as the shim waits before its first post
+    for n in range(samples):
+        for kind, latency in latencies.items():
+            text = f"bench-{kind}-{n}-{new_id()}"
+            start = time.monotonic()
+            if kind == "post":
+                asyncio.run(post_to_inbox(str(session.inbox), "", [text]))
+            else:
+                broker.client().call("POST", "/api/send", {"to": name, "text": text})
+            found = api.wait(lambda body, text=text: text in json.dumps(body.get("messages", [])), 30)
+            if found is not None:
+                latency.append((found[1] - start) * 1000)
+            while api.arrived and time.monotonic() - api.arrived[-1] < 0.5:  # idle again: no request for 0.5 s
+                time.sleep(0.05)
+    return latencies
+
+
+def bench_inbox(report: BenchReport, claude: str | None, samples: int) -> None:
+    """Post -> model request in a plain, idle, interactive `claude` whose shim is in inbox mode, and
+    hub send -> model request through that shim; skipped, saying why, where that cannot run."""
+    figure = "inbox: post -> model request, idle plain claude"
+    if claude is None:
+        print(f"{figure}: skipped (no claude on PATH; give one with --claude)")
+        return
+    version = subprocess.run([claude, "--version"], capture_output=True, text=True, timeout=30,
+                             check=False).stdout.split(" ")[0]
+    broker, api = BenchBroker(), ModelApi()
+    try:
+        with tempfile.TemporaryDirectory(prefix="claude-peers-bench-home-") as home:
+            session = InteractiveClaude(claude, broker.env, Path(home), mcp_registration(
+                module_command("shim", "--name", "bench-inbox")), api.url)
+            try:
+                peer = inbox_peer(broker, session, "bench-inbox")
+                latencies = time_inbox(broker, session, api, "bench-inbox", samples) if peer and \
+                    peer["mode"] == "inbox" else None
+            finally:
+                session.close()
+    finally:
+        api.close()
+        broker.close()
+    if latencies is None:
+        why = f"its shim is {peer['mode']}: {peer['mode_reason']}" if peer else "its shim never registered"
+        print(f"{figure}: skipped (Claude Code {version}: {why})")
+        return
+    for kind, label in (("post", "post"), ("send", "hub send (shim posting)")):
+        values = latencies[kind]
+        for pct, target in ((50, None), (99, Target("<=", 1000) if kind == "send" else None)):
+            report.figure(f"inbox: {label} -> model request, p{pct} (ms)",
+                          {"ours": percentile(values, pct) if values else None}, target=target)
+    missed = ", ".join(f"{samples - len(values)} {kind}s" for kind, values in latencies.items() if len(values) < samples)
+    print(f"  (Claude Code {version}, interactive on a pseudo-terminal, idle, its model a local stand-in;"
+          f" {samples} of each{'; no model request within 30 s for ' + missed if missed else ''})")
+
+
 def bench_systems(args: argparse.Namespace) -> Systems:
     """Ours, and the anchor when --anchor names a checkout of claude-peers-mcp with its packages."""
     systems: Systems = [("ours", BenchBroker)]
@@ -10433,6 +10796,8 @@ def run_bench(args: argparse.Namespace) -> bool:
                   target=Target("<=", 100))
     if not denied:
         print("  (FAULT: the hook let an Edit of a claimed file through)")
+    if args.inbox_samples:
+        bench_inbox(report, args.claude or shutil.which("claude"), args.inbox_samples)
     relayed, published = bench_relay(args.events)
     report.figure(f"events relayed to JetStream per second ({published} published)", {"ours": relayed, "anchor": None},
                   target=Target(">=", 5000))
@@ -10482,6 +10847,7 @@ def read_user_file(path: str) -> str:
 
 EXIT_ERROR, EXIT_UNREACHABLE, EXIT_AUTH = 1, 3, 4  # 2 is argparse's usage error
 MIN_CLAUDE_VERSION = (2, 1, 80)  # the first Claude Code with channels
+INBOX_CLAUDE_VERSION = (2, 1, 332)  # the first Claude Code seen giving each session an inbox (2.1.197 gave none)
 
 
 def message_delivery(message: dict[str, Any]) -> tuple[str, str]:
@@ -10490,10 +10856,13 @@ def message_delivery(message: dict[str, Any]) -> tuple[str, str]:
     state, mode = message["state"], message.get("to_mode")
     if state == "queued" and mode == "pull":
         return "queued-for-pull", ("the recipient is online but cannot receive pushes (started without the"
-                                   " channel flag, or its client has none): it waits until it checks its messages")
-    return state, {"queued": "the recipient is online: being pushed now" if mode else
-                             "the recipient is offline: waits until a session takes its name",
-                   "delivered": "pushed into the recipient's session and acknowledged, not yet answered",
+                                   " channel flag and without a session inbox, or its client has neither): it waits"
+                                   " until it checks its messages (peers shows why)")
+    return state, {"queued": ("the recipient is online: being posted into its session inbox now" if mode == "inbox"
+                              else "the recipient is online: being pushed now" if mode else
+                              "the recipient is offline: waits until a session takes its name"),
+                   "delivered": ("pushed into the recipient's session and acknowledged (or posted into its session"
+                                 " inbox), not yet answered"),
                    "read": "returned by check_messages, or answered",
                    "undeliverable": "its session ended and had no agent name"}.get(state, state)
 
@@ -10549,18 +10918,36 @@ def claude_command(args: list[str]) -> list[str]:
 
 
 def sessions_without_channel(cfg: Config, client: BrokerClient) -> Iterator[tuple[str, str, str]]:
-    """Doctor: the live Claude Code sessions of this machine that get no pushes, and how to restart them."""
+    """Doctor: the live Claude Code sessions of this machine that hear no mail by themselves (neither
+    pushes nor a session inbox), why, and how to restart them."""
     query = urllib.parse.urlencode({"scope": "machine", "machine": cfg.machine})
     peers = client.call("GET", f"/api/peers?{query}")["peers"]
     deaf = [p for p in peers if p["mode"] == "pull" and p["client"] == CLAUDE_CODE_CLIENT]
     if not deaf:
-        pull = sum(p["mode"] == "pull" for p in peers)
-        yield "ok", "sessions", (f"{len(peers)} live on {cfg.machine}, no Claude Code session without the channel"
-                                 f" flag{f' ({pull} pull: clients without channels)' if pull else ''}")
+        pull, inbox = (sum(p["mode"] == mode for p in peers) for mode in ("pull", "inbox"))
+        yield "ok", "sessions", (f"{len(peers)} live on {cfg.machine}, no Claude Code session that hears no mail"
+                                 f"{f'; {inbox} through their session inbox' if inbox else ''}"
+                                 f"{f' ({pull} pull: clients without channels)' if pull else ''}")
     for p in deaf:
+        why = f" ({p['mode_reason']})" if p["mode_reason"] else ""
         yield "warn", "sessions", (f"{p['id']} {p['name'] or '(no name)'} in {p['cwd']}{' on ' + p['tty'] if p['tty'] else ''}"
-                                   " runs without the channel flag: its messages wait for check_messages; quit it"
+                                   f" hears no mail by itself{why}: its messages wait for check_messages; quit it"
                                    " and start it again in that directory with `claude-peers run --continue`")
+
+
+def inbox_check(version: tuple[int, ...] | None, cwd: Path) -> tuple[str, str]:
+    """Doctor: whether a plain `claude` started here hears its mail through its session inbox, or
+    which setting, switch or version makes it a pull session."""
+    blocked = inbox_blocked(dict(os.environ), cwd, [])
+    if blocked:
+        return "warn", f"plain `claude` sessions started here are pull: {blocked}"
+    if version is not None and version < INBOX_CLAUDE_VERSION:
+        found = ".".join(map(str, version))
+        return "warn", (f"Claude Code {found} may give its sessions no inbox (2.1.197 gave none,"
+                        f" {'.'.join(map(str, INBOX_CLAUDE_VERSION))} does): plain `claude` sessions are then pull;"
+                        " update it (npm install -g @anthropic-ai/claude-code@latest) or start them with claude-peers run")
+    return "ok", ("plain `claude` sessions hear their mail through Claude Code's session inbox (where its remote"
+                  " flag tengu_harbor_kite is off they are pull: the sessions line above and `peers` say why)")
 
 
 def shim_handshake(cfg: Config) -> tuple[str, str]:
@@ -10634,13 +11021,16 @@ def doctor_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
             yield "FAIL", "claude", f"{claude} is {'.'.join(map(str, version))}; channels need 2.1.80 or newer"
         else:
             yield "ok", "claude", f"{claude} {'.'.join(map(str, version))}"
+        status, detail = inbox_check(version, Path.cwd())
+        yield status, "inbox", detail
     status, detail = shim_handshake(cfg)
     yield status, "shim", detail
     status, detail = registration_check(Path.cwd())
     yield status, "mcp", detail
-    yield "ok", "channel", (f"`claude-peers run` starts: {' '.join(claude_command([]))} (plain `claude` gets the"
-                           " tools but no pushes; if Claude Code says 'Channels are not currently available',"
-                           " channels are off for the account and check_messages is the way)")
+    yield "ok", "channel", (f"`claude-peers run` starts: {' '.join(claude_command([]))} (plain `claude` gets no"
+                           " pushes: its mail is posted into its session inbox, see the inbox line, or waits for"
+                           " check_messages; if Claude Code says 'Channels are not currently available', channels"
+                           " are off for the account)")
 
 
 # -- commands, in the parser's order ------------------------------------------
@@ -10760,6 +11150,8 @@ def cmd_peers(cfg: Config, args: argparse.Namespace) -> int:
               f"{' [' + peer['branch'] + ']' if peer['branch'] else ''}  seen {ago(peer['last_seen'])}")
         if peer["summary"]:
             print(f"            {peer['summary']}")
+        if peer["mode"] == "pull" and peer["mode_reason"]:
+            print(f"            pull: {peer['mode_reason']}")
     return 0
 
 
@@ -11463,9 +11855,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("shim", cmd_shim, "the MCP server Claude Code spawns (stdio); register it with `claude mcp"
                 f" add-json --scope user claude-peers '{json.dumps(mcp_registration(['claude-peers', 'shim']))}'`")
     p.add_argument("--name", help="agent name (default: $CLAUDE_PEERS_NAME, or a .claude-peers-name file)")
-    p.add_argument("--mode", choices=MODES, help="push (messages pushed as channel notifications) or pull (they"
-                   " wait for check_messages); default: $CLAUDE_PEERS_MODE, else push only for Claude Code"
-                   " started with the channel flag")
+    p.add_argument("--mode", choices=MODES, help="push (messages pushed as channel notifications), pull (they"
+                   " wait for check_messages) or inbox (posted into Claude Code's session inbox); default:"
+                   " $CLAUDE_PEERS_MODE, else push for Claude Code started with the channel flag, inbox for"
+                   " Claude Code with a session inbox")
     p.add_argument("--probe", action="store_true", help="answer MCP without joining the fleet (what doctor checks):"
                    " no session is registered")
     p = command("run", cmd_run, "start Claude Code with claude-peers channel pushes enabled")
@@ -11568,6 +11961,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-seconds", type=float, default=60.0, help="window for idle request counting")
     p.add_argument("--events", type=int, default=20000, help="outbox size for the relay run")
     p.add_argument("--rounds", type=int, default=2, help="runs per system of each figure, interleaved")
+    p.add_argument("--claude", metavar="PATH", help="the Claude Code whose session inbox is timed (default: claude"
+                   " on PATH)")
+    p.add_argument("--inbox-samples", type=int, default=20, help="posts and sends timed into a plain claude's"
+                   " session inbox (0: skip)")
     p.add_argument("--anchor", metavar="DIR", help="a checkout of claude-peers-mcp (packages installed with"
                    " bun install) to measure side by side with ours")
     p.add_argument("--bun", metavar="PATH", help="the bun that runs --anchor (default: bun on PATH)")

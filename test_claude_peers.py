@@ -3282,8 +3282,8 @@ class RawShim:
     well-behaved client sends. Every line it writes is checked by the official SDK's model of
     a JSON-RPC message."""
 
-    def __init__(self, broker: BrokerProc) -> None:
-        self.proc = subprocess.Popen([PY, str(SCRIPT), "shim"], env={**broker.env, **shim_env(broker)},
+    def __init__(self, broker: BrokerProc, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen([PY, str(SCRIPT), "shim"], env={**broker.env, **shim_env(broker), **(env or {})},
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.lines: list[dict] = []
         self.batches: list[list[dict]] = []
@@ -4142,9 +4142,10 @@ async def test_claude_code_started_with_the_channel_flag_is_a_push_session(broke
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(("client", "flag", "why"), [
-    ("claude-code", [], "started without the channel flag"),
-    ("codex-mcp-client", CHANNEL_FLAG, "its client codex-mcp-client has no channel"),
-    ("gemini-cli-mcp-client", CHANNEL_FLAG, "its client gemini-cli-mcp-client has no channel"),
+    ("claude-code", [], ("Claude Code started without the channel flag (claude-peers run adds it) and with no session"
+                       " inbox (CLAUDE_CODE_MESSAGING_SOCKET unset")),
+    ("codex-mcp-client", CHANNEL_FLAG, "its MCP client (codex-mcp-client) has no channel"),
+    ("gemini-cli-mcp-client", CHANNEL_FLAG, "its MCP client (gemini-cli-mcp-client) has no channel"),
 ])
 async def test_a_session_that_cannot_show_pushes_is_pull_and_its_mail_waits_for_check_messages(
         broker, tmp_path, client, flag, why):
@@ -4160,14 +4161,14 @@ async def test_a_session_that_cannot_show_pushes_is_pull_and_its_mail_waits_for_
         sent = send(sender, "deaf", "are you there?")
         assert (sent["state"], sent["online"], sent["mode"]) == ("queued", True, "pull")
         out = broker.cli("send", "deaf", "the operator asks too")
-        assert f"deaf is online but cannot receive pushes ({why}): queued until it checks its messages" in out.stdout
+        assert f"deaf is online but hears no mail by itself: queued until it checks its messages ({why}" in out.stdout
         await whoami_until(shim, "[claude-peers] 2 peer messages waiting, not yet read - call check_messages")
         assert message_state(broker, sent["id"]) == "queued"  # the shim knows of it, and it is not delivered
         assert json.loads(broker.cli("status", sent["id"], "--json").stdout)["delivery"] == "queued-for-pull"
         assert "queued-for-pull" in broker.cli("status", sent["id"]).stdout
         answer = await shim.ok("send_message", {"to": "codex", "text": "hi"})
-        assert ("codex is online but cannot receive pushes (its client codex-mcp-client has no channel): queued"
-                " until it checks its messages") in answer
+        assert ("codex is online but hears no mail by itself: queued until it checks its messages (its client"
+                " codex-mcp-client has no channel)") in answer
         assert "2 peer messages waiting" in answer  # every tool result carries the notice
         inbox = await shim.ok("check_messages")
         assert inbox.count("are you there?") == 1 and "the operator asks too" in inbox
@@ -4190,7 +4191,7 @@ async def test_the_mode_is_set_with_the_mode_option_or_the_environment(broker):
         assert note.content == "pushed all the same"
     out = broker.cli("shim", env={"CLAUDE_PEERS_MODE": "sideways"})
     assert out.returncode == cp.EXIT_ERROR and out.stderr.count("\n") == 1
-    assert "CLAUDE_PEERS_MODE='sideways' is not a mode: set it to push or pull" in out.stderr
+    assert "CLAUDE_PEERS_MODE='sideways' is not a mode: set it to push, pull or inbox" in out.stderr
 
 
 def test_a_pull_sessions_poll_is_a_heartbeat_that_answers_how_much_mail_waits(make_broker):
@@ -4256,17 +4257,232 @@ def test_status_and_send_tell_queued_queued_for_pull_delivered_and_read(broker):
 def test_doctor_lists_the_claude_code_sessions_of_this_machine_without_the_channel_flag(broker):
     here = cp.load_config(str(broker.config)).machine
     deaf = broker.session(name="deaf", machine=here, mode="pull", client="claude-code", cwd="/srv/app",
-                          tty="/dev/pts/3")
+                          tty="/dev/pts/3", mode_reason="CLAUDE_CODE_HARBOR_KITE=0 turns Claude Code's session inbox off")
+    broker.session(name="posted", machine=here, mode="inbox", client="claude-code")
     broker.session(name="codex", machine=here, mode="pull", client="codex-mcp-client")
     broker.session(name="elsewhere", machine="other-box", mode="pull", client="claude-code")
     broker.session(name="pushed", machine=here, client="claude-code")
     out = broker.cli("doctor")
     [line] = [line for line in out.stdout.splitlines() if line.split()[1] == "sessions"]
     assert line.startswith("warn") and f"{deaf.session_id} deaf in /srv/app on /dev/pts/3" in line
+    assert "hears no mail by itself (CLAUDE_CODE_HARBOR_KITE=0 turns Claude Code's session inbox off)" in line
     assert "start it again in that directory with `claude-peers run --continue`" in line
+    assert "posted" not in line  # a session with an inbox hears its mail
     deaf.session_call("POST", "/leave")
     [line] = [line for line in broker.cli("doctor").stdout.splitlines() if line.split()[1] == "sessions"]
-    assert line.startswith("ok") and "(1 pull: clients without channels)" in line
+    assert line.startswith("ok") and "1 through their session inbox (1 pull: clients without channels)" in line
+
+
+class InboxSocket:
+    """A Claude Code session's inbox as the shim sees it: a unix socket that takes lines and answers
+    nothing; it can stop listening (connections refused, the file stays) or vanish (the file goes)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "cc-socks" / "4242.sock"
+        self.path.parent.mkdir(mode=0o700)
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(self.path))
+        self.server.listen()
+        self.received: list[dict] = []
+        self.arrived = threading.Condition()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.server.accept()
+                with conn, conn.makefile("rb") as lines:
+                    for line in lines:
+                        with self.arrived:
+                            self.received.append(json.loads(line))
+                            self.arrived.notify_all()
+
+    def posts(self, count: int, timeout: float = 15) -> list[dict]:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.received) >= count, timeout), self.received
+            return list(self.received)
+
+    def refuse(self) -> None:
+        """Stop listening, the socket file left in place: a connect is refused."""
+        self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+
+    def vanish(self) -> None:
+        self.refuse()
+        self.path.unlink()
+
+    def env(self, home: Path) -> dict[str, str]:
+        """The environment Claude Code gives its MCP servers, in a home of the test's own."""
+        return {"CLAUDE_CODE_MESSAGING_SOCKET": str(self.path), "CLAUDE_CODE_MESSAGING_TOKEN": "f2cddc4fe9e6",
+                "HOME": str(home), "CLAUDE_PROJECT_DIR": str(home)}
+
+
+@pytest.fixture
+def inbox_socket(tmp_path) -> Iterator[InboxSocket]:
+    inbox = InboxSocket(tmp_path)
+    yield inbox
+    with contextlib.suppress(OSError):
+        inbox.refuse()
+
+
+def test_a_session_inbox_is_used_unless_a_setting_or_the_switch_turns_it_off(tmp_path, inbox_socket, monkeypatch):
+    project, home = tmp_path / "project", tmp_path / "home"
+    (project / ".claude").mkdir(parents=True)
+    (home / ".claude").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("CLAUDE_CONFIG_DIR", raising=False)
+    env = {"CLAUDE_CODE_MESSAGING_SOCKET": str(inbox_socket.path)}
+    path, why = cp.session_inbox(env, project, [])
+    assert path == str(inbox_socket.path) and "an idle session starts a turn" in why
+    assert cp.session_inbox({**env, "CLAUDE_CODE_HARBOR_KITE": "0"}, project, []) == (
+        "", "CLAUDE_CODE_HARBOR_KITE=0 turns Claude Code's session inbox off (unset it)")
+    assert cp.session_inbox({}, project, [])[1].startswith("with no session inbox (CLAUDE_CODE_MESSAGING_SOCKET unset")
+    (tmp_path / "file").write_text("")
+    assert cp.session_inbox({"CLAUDE_CODE_MESSAGING_SOCKET": str(tmp_path / "file")}, project, [])[1].endswith(
+        "is not a socket")
+    assert cp.session_inbox({"CLAUDE_CODE_MESSAGING_SOCKET": str(tmp_path / "9.sock")}, project, [])[1].endswith("is gone")
+    user = home / ".claude" / "settings.json"
+    user.write_text('{"crossSessionInbound": "hold"}')
+    assert cp.session_inbox(env, project, []) == ("", (f'crossSessionInbound is "hold" in {user}, so Claude Code holds'
+                                                  ' posts for the user, unseen by Claude (set it to "accept")'))
+    (project / ".claude" / "settings.json").write_text('{"crossSessionInbound": "refuse"}')
+    assert "drops posts" in cp.session_inbox(env, project, [])[1]  # the project's setting wins over the user's
+    (project / ".claude" / "settings.local.json").write_text('{"crossSessionInbound": "accept"}')
+    assert cp.session_inbox(env, project, [])[0] == str(inbox_socket.path)  # and the local one over both
+    for argv in (["claude", "--dangerously-skip-permissions"], ["claude", "--permission-mode", "bypassPermissions"]):
+        assert cp.session_inbox(env, project, argv)[0] == str(inbox_socket.path)  # an explicit accept wins
+    (project / ".claude" / "settings.local.json").write_text("[not json")
+    assert cp.session_inbox(env, project, [])[0] == ""  # an unreadable file is skipped, as Claude Code does
+    for path in (project / ".claude" / "settings.json", user):
+        path.unlink()
+    for argv in (["claude", "--dangerously-skip-permissions"], ["claude", "--permission-mode=bypassPermissions"]):
+        assert cp.session_inbox(env, project, argv) == ("", ("it bypasses permission prompts (its command line), so"
+                                                            " Claude Code holds each post for the user's approval (set"
+                                                            ' crossSessionInbound to "accept")'))
+    user.write_text('{"permissions": {"defaultMode": "bypassPermissions"}}')
+    assert f"it bypasses permission prompts ({user})" in cp.session_inbox(env, project, [])[1]
+    assert cp.session_inbox(env, project, ["claude", "--permission-mode", "plan"])[0] == str(inbox_socket.path)
+    inbox = (str(inbox_socket.path), "Claude Code's session inbox")
+    assert cp.decide_mode(None, "claude-code", [], inbox) == ("inbox", "Claude Code's session inbox")
+    assert cp.decide_mode(None, "claude-code", ["claude", *CHANNEL_FLAG], inbox)[0] == "push"
+    assert cp.decide_mode(None, "codex-mcp-client", [], inbox)[0] == "pull"
+    assert cp.decide_mode("inbox", "codex-mcp-client", [], inbox)[0] == "inbox"
+    assert cp.decide_mode("inbox", "claude-code", [], ("", "with no session inbox"))[0] == "pull"
+
+
+def test_a_batch_becomes_one_post_per_message_or_one_notice_to_check_messages():
+    def message(n: int, sender: str, text: str = "hello") -> dict:
+        return {"id": f"{n:012x}", "thread_id": f"{n:012x}", "reply_to": None, "from_id": "a1b2c3d4e5",
+                "from_name": sender, "from_machine": "nas", "from_cwd": "/srv", "sent_at": "2026-12-04T19:00:00Z",
+                "text": text}
+
+    posts = cp.inbox_posts([message(1, "db"), message(2, "web")])
+    assert len(posts) == 2 and "send_message tool (to=db, reply_to=000000000001)" in posts[0]
+    assert "message_id=000000000002" in posts[1] and posts[1].endswith("\n    hello")
+    many = cp.inbox_posts([message(n, sender) for n, sender in enumerate(["db", "web", "db", "ci"])])
+    assert many == ["[claude-peers] 4 messages from db, web, ci: call the claude-peers check_messages tool to read them."]
+    assert cp.inbox_posts([message(1, "db", "x" * (cp.INBOX_TEXT_BYTES + 1))]) == [
+        "[claude-peers] 1 message from db: call the claude-peers check_messages tool to read them."]
+
+
+@pytest.mark.anyio
+async def test_a_claude_code_session_with_an_inbox_gets_each_message_posted_there_and_unread_until_read(
+        broker, tmp_path, inbox_socket):
+    sender = broker.session(name="db-migrator")
+    async with shim_session(broker, name="posted", flag=[], env=inbox_socket.env(tmp_path)) as shim:
+        assert "[claude-peers]" in shim.client.instructions
+        assert f"delivery: inbox - Claude Code's session inbox {inbox_socket.path}" in await shim.ok("whoami")
+        peer = peer_named(broker, "posted")
+        assert peer["mode"] == "inbox" and str(inbox_socket.path) in peer["mode_reason"]
+        sent = send(sender, "posted", "schema changed, rebuild your models")
+        assert cp.recipient_note(sent) == "queued: posted is online and gets it posted into its Claude Code session inbox now"
+        auth, post = inbox_socket.posts(2)
+        assert auth == {"type": "auth", "token": "f2cddc4fe9e6"}
+        assert (post["type"], post["message"]["role"], post["priority"]) == ("user", "user", "next")
+        assert f"(to=db-migrator, reply_to={sent['id']})" in post["message"]["content"]
+        assert f"message_id={sent['id']}" in post["message"]["content"]
+        assert post["message"]["content"].endswith("\n    schema changed, rebuild your models")
+        await wait_until(lambda: message_state(broker, sent["id"]) == "delivered")
+        assert "(or posted into its session inbox), not yet answered" in broker.cli("status", sent["id"]).stdout
+        assert "1 peer message not yet read or answered" in await shim.ok("whoami")
+        inbox = await shim.ok("check_messages")
+        assert f"message_id={sent['id']}" in inbox and "[already posted into your session inbox]" in inbox
+        assert message_state(broker, sent["id"]) == "read"
+    assert len(inbox_socket.received) == 2  # posted once
+
+
+@pytest.mark.anyio
+async def test_an_inbox_post_left_unread_gets_one_reminder_and_a_read_one_none(make_broker, tmp_path, inbox_socket):
+    broker = make_broker("[shim]\ninbox_remind_s = 1\n")
+    sender = broker.session(name="db-migrator")
+    async with shim_session(broker, name="posted", flag=[], env=inbox_socket.env(tmp_path)) as shim:
+        assert "delivery: inbox" in await shim.ok("whoami")  # Claude Code has listed the tools: posts may start
+        send(sender, "posted", "schema changed")  # as if Claude Code took the post and started no turn
+        inbox_socket.posts(2)
+        _, reminder = inbox_socket.posts(4)[2:]
+        assert reminder["message"]["content"] == (
+            "[claude-peers] 1 message from db-migrator posted to you 1s ago is not yet read or answered: if you have"
+            " not seen them, call the claude-peers check_messages tool.")
+        await stays(lambda: len(inbox_socket.received) == 4, 2.5, "one reminder only")
+        read = send(sender, "posted", "and read this one")
+        inbox_socket.posts(6)
+        assert f"message_id={read['id']}" in await shim.ok("check_messages")
+        await stays(lambda: len(inbox_socket.received) == 6, 2.5, "no reminder for what was read")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("failure", ["refuse", "vanish", "setting"])
+async def test_an_inbox_that_refuses_or_is_gone_leaves_the_mail_queued_and_the_session_pull_saying_why(
+        broker, tmp_path, inbox_socket, failure):
+    sender = broker.session(name="pinger")
+    async with shim_session(broker, name="posted", flag=[], env=inbox_socket.env(tmp_path)) as shim:
+        assert peer_named(broker, "posted")["mode"] == "inbox"
+        if failure == "setting":  # the user turns posts away after the session started
+            (tmp_path / ".claude").mkdir()
+            (tmp_path / ".claude" / "settings.json").write_text('{"crossSessionInbound": "refuse"}')
+        else:
+            getattr(inbox_socket, failure)()
+        first = send(sender, "posted", "are you there?")
+        await wait_until(lambda: peer_named(broker, "posted")["mode"] == "pull")
+        why = {"refuse": f"posting into its session inbox {inbox_socket.path} failed (ConnectionRefusedError",
+               "vanish": f"posting into its session inbox {inbox_socket.path} failed (FileNotFoundError",
+               "setting": 'crossSessionInbound is "refuse" in'}[failure]
+        assert why in peer_named(broker, "posted")["mode_reason"]
+        [changed] = [e for e in broker.client().call("GET", "/api/events?after=0")["events"] if e["type"] == "peer.mode"]
+        assert (changed["subject"], changed["name"], changed["mode"]) == ("fleet.peer.mode", "posted", "pull")
+        assert why in changed["reason"]
+        assert api_error(lambda: sender.session_call("POST", "/mode", {"mode": "sideways", "reason": ""})).status == 400
+        assert message_state(broker, first["id"]) == "queued"  # never acknowledged
+        second = send(sender, "posted", "still there?")
+        assert cp.recipient_note(second).startswith("posted is online but hears no mail by itself: queued until it"
+                                                    f" checks its messages ({why}")
+        assert f"delivery: pull - {why}" in await whoami_until(shim, "2 peer messages waiting")
+        assert f"            pull: {why}" in broker.cli("peers").stdout
+        inbox = await shim.ok("check_messages")
+        assert "are you there?" in inbox and "still there?" in inbox and "already" not in inbox
+        assert message_state(broker, first["id"]) == "read"
+    assert inbox_socket.received == []
+
+
+def test_a_killed_shim_loses_no_message_it_posted(broker, tmp_path, inbox_socket):
+    sender = broker.session(name="pinger")
+    shim = RawShim(broker, {**inbox_socket.env(tmp_path), "CLAUDE_PEERS_NAME": "posted"})
+    try:
+        shim.send(json.dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "claude-code"}}}).encode())
+        shim.answer(0)
+        shim.send(b'{"jsonrpc": "2.0", "method": "notifications/initialized"}')
+        wait_until_sync(lambda: peer_named(broker, "posted") is not None, what="the shim registers")
+        sent = send(sender, "posted", "the backup failed")
+        inbox_socket.posts(2)
+        shim.proc.kill()  # SIGKILL: no leave, perhaps not even the acknowledgement
+        shim.proc.wait()
+        wait_until_sync(lambda: peer_named(broker, "posted") is None, what="the hub notices the session is gone")
+    finally:
+        shim.close()
+    assert message_state(broker, sent["id"]) in ("queued", "delivered")  # unread either way
+    successor = broker.session(name="posted")
+    assert [m["id"] for m in successor.session_call("POST", "/inbox")["messages"]] == [sent["id"]]
 
 
 class CodexAppServer:
@@ -4311,7 +4527,7 @@ def test_the_real_codex_cli_runs_the_shim_as_a_pull_session(broker, tmp_path):
             time.sleep(0.02)
         assert (peer["client"], peer["mode"]) == ("codex-mcp-client", "pull")
         sent = send(broker.session(), "codex-peer", "hello codex")
-        assert sent["mode"] == "pull" and "its client codex-mcp-client has no channel" in cp.recipient_note(sent)
+        assert sent["mode"] == "pull" and "its MCP client (codex-mcp-client) has no channel" in cp.recipient_note(sent)
 
         def call(tool: str) -> str:
             result = codex.request("mcpServer/tool/call", {"server": "claude-peers", "threadId": thread,
@@ -4380,8 +4596,8 @@ def fleet_after_fleet_memory(broker: BrokerProc) -> str:
     pytest.param(NEWEST_CLAUDE, "push", id="newest-push", marks=NEEDS_NEWEST)])
 def test_the_real_claude_code_gives_the_model_the_instructions_whole_and_leading_the_memory_and_our_tools(
         broker, tmp_path, claude, registration):
-    """A `claude -p` session started after fleet-memory ran (plain: pull; with the channel flag as `run`
-    adds it: push): its first model request carries the instructions whole (lead first, then peers and
+    """A `claude -p` session started after fleet-memory ran (plain: pull on the pinned Claude Code, inbox
+    on the newest; with the channel flag as `run` adds it: push): its first model request carries the instructions whole (lead first, then peers and
     memory) and the five tools, loaded, uncut; also with a registration made before alwaysLoad (the
     tools' _meta keeps them loaded)."""
     memory = fleet_after_fleet_memory(broker)
@@ -4394,8 +4610,10 @@ def test_the_real_claude_code_gives_the_model_the_instructions_whole_and_leading
     assert len(view.instructions.encode()) <= cp.INSTRUCTIONS_BYTES < cp.CLAUDE_TEXT_LIMIT
     lead = view.instructions.encode()[:800].decode(errors="ignore")
     assert lead.startswith("You are real-claude in claude-peers, the hub of this homelab's Claude Code sessions")
-    assert ('Peer mail arrives as <channel source="claude-peers" from_id=' if registration == "push"  # `run`
-            else "Peer mail waits for check_messages (no pushes: Claude Code started without") in lead  # plain
+    arrival = ('Peer mail arrives as <channel source="claude-peers" from_id=' if registration == "push"  # `run`
+               else "Peer mail is posted into this session as a turn starting [claude-peers]" if claude == NEWEST_CLAUDE
+               else "Peer mail waits for check_messages (no pushes: Claude Code started without")  # plain, no inbox
+    assert arrival in lead
     assert "Answer with claude-peers send_message (to = from_id or from_name, reply_to = message_id)" in lead
     assert "Claude Code's own SendMessage and ListAgents reach this user's other Claude Code sessions" in \
         view.instructions
@@ -4412,34 +4630,15 @@ def test_the_real_claude_code_gives_the_model_the_instructions_whole_and_leading
         assert len(ours["description"].encode()) < 1024
 
 
-class ScriptedModel(cp.ModelApi):
-    """A model that makes the given tool calls, one per turn, then says "done"; every request is kept."""
-
-    def __init__(self, calls: list[tuple[str, dict]]) -> None:
-        super().__init__()
-        self.calls = calls
-
-    def reply(self, path: str, body: dict) -> tuple[bytes, str]:
+def tool_calls(calls: list[tuple[str, dict]]):
+    """A ModelApi answer that makes these tool calls, one per turn of the main loop, then says "ok"."""
+    def answer(body: dict) -> dict | None:
         turn = sum(1 for m in body.get("messages", []) if m.get("role") == "assistant")
-        if "count_tokens" in path or not body.get("tools") or turn >= len(self.calls):
-            return cp.ModelApi.reply(path, body)
-        name, args = self.calls[turn]
-        use = {"type": "tool_use", "id": f"toolu_{turn:02d}{cp.new_id()}", "name": name, "input": {}}
-        message = {"id": "msg_" + cp.new_id(), "type": "message", "role": "assistant", "model": body.get("model", ""),
-                   "content": [], "stop_reason": None, "stop_sequence": None,
-                   "usage": {"input_tokens": 1, "output_tokens": 1}}
-        if not body.get("stream"):
-            done = {**message, "content": [{**use, "input": args}], "stop_reason": "tool_use"}
-            return json.dumps(done).encode(), "application/json"
-        events = [{"type": "message_start", "message": message},
-                  {"type": "content_block_start", "index": 0, "content_block": use},
-                  {"type": "content_block_delta", "index": 0,
-                   "delta": {"type": "input_json_delta", "partial_json": json.dumps(args)}},
-                  {"type": "content_block_stop", "index": 0},
-                  {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
-                   "usage": {"output_tokens": 1}},
-                  {"type": "message_stop"}]
-        return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events), "text/event-stream"
+        if not body.get("tools") or turn >= len(calls):
+            return None
+        name, args = calls[turn]
+        return {"type": "tool_use", "id": f"toolu_{turn:02d}{cp.new_id()}", "name": name, "input": args}
+    return answer
 
 
 def tool_results(body: dict) -> dict[str, str]:
@@ -4456,10 +4655,10 @@ def tool_results(body: dict) -> dict[str, str]:
 
 def register_shim_and_hook(env: dict[str, str], entry: dict) -> None:
     """As the README says: the shim with `claude mcp add-json`, the hook with `claude-peers hook install`."""
-    for argv in ([PINNED_CLAUDE, "mcp", "add-json", "--scope", "user", "claude-peers", json.dumps(entry)],
-                 [PY, str(SCRIPT), "hook", "install"]):
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
-        assert done.returncode == 0, done.stderr
+    cp.register_with_claude(PINNED_CLAUDE, env, entry)
+    done = subprocess.run([PY, str(SCRIPT), "hook", "install"], env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
 
 
 @NEEDS_PINNED
@@ -4478,11 +4677,11 @@ async def test_the_real_claude_code_runs_the_hook_and_its_model_reads_why_an_edi
     env.pop("CLAUDE_CONFIG_DIR", None)
     register_shim_and_hook(env, cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "desk-claude"]))
     app, readme = desk_dir / "src/app.py", desk_dir / "README.md"
-    model = ScriptedModel([("Read", {"file_path": str(app)}),
+    model = cp.ModelApi(tool_calls([("Read", {"file_path": str(app)}),
                            ("Edit", {"file_path": str(app), "old_string": "hello", "new_string": "bye"}),
                            ("Read", {"file_path": str(readme)}),
                            ("mcp__claude-peers__claim", {"paths": ["README.md"], "exclusive": True}),
-                           ("Edit", {"file_path": str(readme), "old_string": "# infra", "new_string": "# infra!"})])
+                           ("Edit", {"file_path": str(readme), "old_string": "# infra", "new_string": "# infra!"})]))
     laptop_env = {"CLAUDE_PEERS_CONFIG": str(machine_config(broker, "laptop"))}
     try:
         async with shim_session(broker, name="laptop", cwd=laptop_dir, env=laptop_env) as laptop:
@@ -4560,6 +4759,125 @@ def test_doctor_warns_a_registration_without_always_load_and_its_fix_line_fixes_
     assert mcp_line().startswith("ok") and mcp_line().endswith(f"{PY} {SCRIPT} shim --name mine (alwaysLoad)")
     entry = json.loads((tmp_path / ".claude.json").read_text())["mcpServers"]["claude-peers"]
     assert entry["alwaysLoad"] is True and entry["args"] == [str(SCRIPT), "shim", "--name", "mine"]
+
+def answer_through_claude_peers(body: dict) -> dict | None:
+    """The scripted model: a claude-peers post it has not answered yet gets a send_message call answering it."""
+    last = ([m for m in body.get("messages", []) if m.get("role") != "system"] or [{}])[-1]  # the date is a system turn
+    seen = json.dumps(last.get("content"))
+    found = re.search(r"send_message tool \(to=([\w.-]+), reply_to=([0-9a-f]{12})\)", seen)
+    if not body.get("tools") or last.get("role") != "user" or found is None or "tool_result" in seen:
+        return None
+    return {"type": "tool_use", "id": "toolu_" + cp.new_id(), "name": "mcp__claude-peers__send_message",
+            "input": {"to": found[1], "text": "on main, tests green", "reply_to": found[2]}}
+
+
+@contextlib.contextmanager
+def plain_claude(broker: BrokerProc, home: Path, claude: str, env: dict | None = None, settings: dict | None = None,
+                 args: tuple[str, ...] = ()) -> Iterator[tuple[cp.InteractiveClaude, cp.ModelApi, dict]]:
+    """A plain interactive `claude` with claude-peers registered as the README says (name: plain), its
+    model scripted to answer peer mail through claude-peers; yields it once its shim registered."""
+    api = cp.ModelApi(answer_through_claude_peers)
+    session = cp.InteractiveClaude(claude, {**broker.env, **(env or {})}, home,
+                                   cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "plain"]), api.url, settings,
+                                   args)
+    try:
+        wait_until_sync(lambda: peer_named(broker, "plain") is not None or session.proc.poll() is not None, 90,
+                        "the plain session's shim to register")
+        assert peer_named(broker, "plain"), b"".join(session.screen)[-2000:]
+        yield session, api, peer_named(broker, "plain")
+    finally:
+        session.close()
+        api.close()
+
+
+@NEEDS_NEWEST
+def test_a_plain_interactive_claude_wakes_on_its_inbox_and_its_answer_comes_back_through_the_hub(broker, tmp_path):
+    """No `run`, no alias, no channel flag, nobody typing: the newest Claude Code, idle at its prompt,
+    starts a turn on the shim's post; the model request carries the message, and the model's
+    send_message answer reaches the sender through the hub."""
+    asker = broker.session(name="asker")
+    with plain_claude(broker, tmp_path, NEWEST_CLAUDE) as (session, api, peer):
+        assert (peer["client"], peer["mode"]) == ("claude-code", "inbox")
+        assert f"Claude Code's session inbox {session.inbox}" in peer["mode_reason"]
+        assert session.inbox.is_socket() and stat.S_IMODE(session.inbox.parent.stat().st_mode) == 0o700
+        sent = send(asker, "plain", "which branch are you on?")
+        assert sent["mode"] == "inbox"
+        found = api.wait(lambda body: "which branch are you on?" in json.dumps(body.get("messages")), 30)
+        assert found, b"".join(session.screen)[-2000:]
+        seen = json.dumps(found[0]["messages"])
+        assert f"message_id={sent['id']}" in seen and f"(to=asker, reply_to={sent['id']})" in seen
+        assert "mcp__claude-peers__send_message" in [t["name"] for t in found[0]["tools"]], [t["name"] for t in found[0]["tools"]]
+        replies: list[dict] = []
+        wait_until_sync(lambda: replies.extend(poll(asker, 1)) or replies, 60, "the answer through the hub")
+        assert [(r["from_name"], r["reply_to"], r["text"]) for r in replies] == [
+            ("plain", sent["id"], "on main, tests green")]
+        assert message_state(broker, sent["id"]) == "read"  # answered with reply_to
+
+
+@pytest.mark.parametrize(("claude", "env", "settings", "args", "why"), [
+    pytest.param(PINNED_CLAUDE, {}, {}, (), "with no session inbox (CLAUDE_CODE_MESSAGING_SOCKET unset", id="pinned",
+                 marks=NEEDS_PINNED),
+    pytest.param(NEWEST_CLAUDE, {"CLAUDE_CODE_HARBOR_KITE": "0"}, {}, (),
+                 "CLAUDE_CODE_HARBOR_KITE=0 turns Claude Code's session inbox off", id="newest-switched-off",
+                 marks=NEEDS_NEWEST),
+    pytest.param(NEWEST_CLAUDE, {}, {"crossSessionInbound": "refuse"}, (), 'crossSessionInbound is "refuse" in',
+                 id="newest-refusing", marks=NEEDS_NEWEST),
+    pytest.param(NEWEST_CLAUDE, {"IS_SANDBOX": "1"}, {}, ("--dangerously-skip-permissions",),  # IS_SANDBOX: as root
+                 "it bypasses permission prompts (its command line)", id="newest-bypassing", marks=NEEDS_NEWEST)])
+def test_a_plain_claude_without_a_usable_inbox_is_pull_and_the_sender_and_doctor_say_why(
+        broker, tmp_path, claude, env, settings, args, why):
+    asker = broker.session(name="asker")
+    with plain_claude(broker, tmp_path, claude, env, settings, args) as (_, _, peer):
+        assert peer["mode"] == "pull" and why in peer["mode_reason"], peer
+        sent = send(asker, "plain", "which branch are you on?")
+        assert why in cp.recipient_note(sent) and "queued until it checks its messages" in cp.recipient_note(sent)
+        doctor = broker.cli("doctor", env={"HOME": str(tmp_path)})
+        line = next(line for line in doctor.stdout.splitlines() if line.split()[1] == "sessions")
+        assert line.startswith("warn") and why in line
+        assert message_state(broker, sent["id"]) == "queued"
+
+
+@pytest.mark.parametrize("claude", [pytest.param(NEWEST_CLAUDE, id="newest", marks=NEEDS_NEWEST),
+                                    pytest.param(PINNED_CLAUDE, id="pinned", marks=NEEDS_PINNED),
+                                    pytest.param(None, id="none")])
+def test_bench_times_an_inbox_post_and_a_hub_send_to_the_model_request_or_says_why_it_cannot(capsys, claude):
+    report = cp.BenchReport(["ours"])
+    cp.bench_inbox(report, claude, 2)
+    out = capsys.readouterr().out
+    if claude == NEWEST_CLAUDE:
+        for figure in ("inbox: post -> model request, p50 (ms)",
+                       "inbox: hub send (shim posting) -> model request, p99 (ms)"):
+            [line] = [line for line in out.splitlines() if line.startswith(figure)]
+            assert float(line[len(figure):].split()[0]) > 0
+        assert "2 of each" in out
+    elif claude == PINNED_CLAUDE:
+        assert "inbox: post -> model request, idle plain claude: skipped (Claude Code 2." in out and "its shim is pull:" in out
+        assert "with no session inbox (CLAUDE_CODE_MESSAGING_SOCKET unset" in out
+    else:
+        assert "skipped (no claude on PATH; give one with --claude)" in out
+
+
+def doctor_line(broker: BrokerProc, check: str, env: dict[str, str]) -> str:
+    out = broker.cli("doctor", env=env)
+    return next(line for line in out.stdout.splitlines() if line.split()[1] == check)
+
+
+@NEEDS_NEWEST
+@NEEDS_PINNED
+def test_doctor_says_whether_a_plain_claude_here_hears_its_mail_through_its_inbox_and_what_stops_it(broker, tmp_path):
+    newest = {"HOME": str(tmp_path), "PATH": f"{Path(NEWEST_CLAUDE).parent}:{os.environ['PATH']}"}
+    line = doctor_line(broker, "inbox", newest)
+    assert line.startswith("ok") and "plain `claude` sessions hear their mail through Claude Code's session inbox" in line
+    line = doctor_line(broker, "inbox", {**newest, "CLAUDE_CODE_HARBOR_KITE": "0"})
+    assert line.startswith("warn") and "CLAUDE_CODE_HARBOR_KITE=0 turns Claude Code's session inbox off" in line
+    (tmp_path / ".claude").mkdir()
+    (tmp_path / ".claude" / "settings.json").write_text('{"crossSessionInbound": "refuse"}')
+    line = doctor_line(broker, "inbox", newest)
+    assert line.startswith("warn") and f'crossSessionInbound is "refuse" in {tmp_path}/.claude/settings.json' in line
+    pinned = {"HOME": str(tmp_path / "elsewhere"), "PATH": f"{Path(PINNED_CLAUDE).parent}:{os.environ['PATH']}"}
+    line = doctor_line(broker, "inbox", pinned)
+    assert line.startswith("warn") and "may give its sessions no inbox" in line and "claude-peers run" in line
+
 
 # ---------------------------------------------------------------------------
 # Fleet-scout
@@ -6764,8 +7082,8 @@ def test_fleet_memory_runs_on_fleet_events_and_its_own_update_wakes_only_those_w
 def test_bench_with_tiny_parameters_prints_every_figure_honestly():
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PEERS_")}
     out = subprocess.run([PY, str(SCRIPT), "bench", "--messages", "80", "--samples", "4", "--sessions", "2",
-                          "--idle-seconds", "1", "--events", "200", "--rounds", "1"], env=env, capture_output=True,
-                         text=True, timeout=120, check=False)
+                          "--idle-seconds", "1", "--events", "200", "--rounds", "1", "--inbox-samples", "2"], env=env,
+                         capture_output=True, text=True, timeout=180, check=False)
     assert out.returncode == 0, out.stderr
     for figure in ("send requests/s", "delivered messages/s, senders on 8 HTTP", "CPU per delivered message, HTTP",
                    "one session spawned -> tools/list", "2 sessions spawned at once", "2 idle sessions, p99",
@@ -6781,6 +7099,7 @@ def test_bench_with_tiny_parameters_prints_every_figure_honestly():
                          rf" {len(cp.TOOLS)} of {len(cp.TOOLS)} tools in its tool list\)", out.stdout), out.stdout
     assert "(needs --anchor)" in out.stdout and "anchor" not in out.stdout.splitlines()[1]  # ours only
     assert "ours 80 sent, 0 lost, 0 duplicated" in out.stdout  # the HTTP path
+    assert "inbox: post -> model request" in out.stdout  # timed, or skipped saying why
     assert "ours 8 sent, 0 lost, 0 duplicated" in out.stdout  # latency: 4 idle, 4 saturated
     assert "ours 20 sent, 0 lost, 0 duplicated" in out.stdout  # the MCP path: 10 per session
     assert out.stdout.rstrip().endswith("messages lost or duplicated by ours: none"), out.stdout
@@ -6793,7 +7112,7 @@ def test_bench_without_claude_measures_the_shim_view_from_the_shims_own_answers(
     out = capsys.readouterr().out
     assert "(from the shim's own initialize and tools/list (no claude on PATH))" in out
     tools = len(json.dumps(cp.tools_list()["tools"], separators=(",", ":")).encode())
-    assert re.search(rf"shim tool list as the model receives it \(5 tools, bytes\) +{tools}\n", out), out
+    assert re.search(rf"shim tool list as the model receives it \({len(cp.TOOLS)} tools, bytes\) +{tools}\n", out), out
     instructions = int(re.search(r"shim instructions as the model receives them \(bytes\) +(\d+)", out).group(1))
     assert 1000 < instructions <= cp.INSTRUCTIONS_BYTES and not report.missed, out
 
