@@ -11527,6 +11527,8 @@ def cached_claims(cfg: Config, root: str) -> tuple[str, list[dict[str, Any]]]:
         if 0 <= time.time() - kept["at"] < HOOK_CACHE_S and kept["root"] == root:
             return kept["repo"], kept["claims"]
     repo = repo_identity(Path(root))
+    if not repo:  # no origin and no commit yet: no session can have claimed anything in it
+        return "", []
     query = urllib.parse.urlencode({"repo": repo})
     claims = client_from_config(cfg, HOOK_FETCH_TIMEOUT_S).call("GET", f"/api/claims?{query}")["claims"]
     with contextlib.suppress(OSError):

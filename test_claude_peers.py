@@ -2921,7 +2921,7 @@ def test_every_route_grants_each_role_what_it_may_do_and_refuses_the_rest(make_b
     broker.client().call("POST", "/api/credentials/stolen/revoke")
     other = as_session(broker, credential(broker, "pi", "pi"))  # another machine's session
     allowed = {role: {p for p, roles in [("read", "coa"), ("session", "coa"), ("report", "coa"), ("trigger", "coa"),
-                                         ("task", "coa"), ("operator", "oa"), ("metrics", "oa"), ("login", "oa"), ("forget", "a"),
+                                         ("task", "coa"), ("claim", "oa"), ("operator", "oa"), ("metrics", "oa"), ("login", "oa"), ("forget", "a"),
                                          ("admin", "a")] if role[0] in roles}
                for role in tokens}
     permission = {(m, p.pattern): perm for m, p, _, _, _, perm in cp.ROUTES}
@@ -3823,6 +3823,16 @@ def test_the_hook_lets_every_edit_through_with_one_line_on_stderr_when_the_broke
     assert out.returncode == 0 and out.stdout == ""
     [line] = out.stderr.splitlines()
     assert line.startswith("claude-peers hook: file claims not checked, edit allowed: ") and "broker" in line
+
+
+def test_the_hook_denies_nothing_in_a_repository_no_claim_can_name(broker, tmp_path):
+    """A repository with no origin and no commit has no name on the hub: another repository's claim
+    on everything does not reach into it."""
+    broker.session(name="desk").session_call("POST", "/claims", {"repo": REPO, "paths": ["**"], "exclusive": True})
+    fresh = tmp_path / "scratch"
+    subprocess.run(["git", "init", "-q", str(fresh)], check=True)
+    assert hook_denial(run_hook(broker, broker.config, pre_tool_use(fresh, "notes.md", "Write"))) is None
+    assert hook_denial(run_hook(broker, broker.config, pre_tool_use(tmp_path, "outside.md", "Write"))) is None
 
 
 def test_a_claim_whose_session_stayed_silent_past_its_minutes_lapses_and_stops_counting(tmp_path):
