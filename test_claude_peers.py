@@ -3181,7 +3181,8 @@ async def test_shim_handshake_tools_and_channel_push(broker, mode):
                          "db-migrator", "migrating postgres", "backups at 02:00"):
             assert fragment in instructions, fragment
         tools = {t.name: t for t in (await client.list_tools()).tools}
-        assert set(tools) == {"list_peers", "send_message", "set_summary", "check_messages", "whoami", "tasks"}
+        assert set(tools) == {"list_peers", "send_message", "set_summary", "check_messages", "whoami", "tasks",
+                              "claim", "release"}
         assert all(len(t.description) > 40 for t in tools.values())
         assert "db-migrator" in await shim.ok("list_peers", {"scope": "all"})
         me = peer_named(broker, "web")
