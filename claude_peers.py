@@ -16,13 +16,13 @@ Sections, in dependency order (each uses only what is above it):
   Schedules            durations and cron expressions
   Config               daemons.toml: defaults, checks, the Config object, the fleet token
   Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory, tasks,
-                       file claims
+                       the permission prompts sessions relay (Needs you), file claims
   Events on NATS JetStream  the embedded nats-server, the relay from the outbox
   Webhook              alert changes posted by the hub from its queue, in order, retried until answered
   Dashboard and metrics  the live page and its logins, the broker's counters, GET /metrics
   Broker HTTP          request checks, the group commit, the routes, the HTTP/1.1 server
   Broker client        the sync and asyncio clients every other part uses
-  Shim                 the MCP server on stdio: handshake, tools, channel pushes
+  Shim                 the MCP server on stdio: handshake, tools, channel pushes, permission prompts
   Machine probes       what fleet-scout runs on a host over SSH, and the findings it draws
   Daemon runs          one run in a child process: the agent loop, its tools and policy
   Daemons              the built-in daemons (fleet-scout, llm-watchdog, pr-helper, fleet-memory), and
@@ -514,6 +514,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "shim": {
         "inbox_remind_s": 60.0,  # an inbox post still unread this long gets one reminder (Claude Code may drop a post)
+        "relay_permissions": True,  # push sessions relay Claude Code's permission prompts to the hub's Needs you
     },
     "llm": {
         "base_url": "",  # OpenAI-compatible, e.g. http://litellm.lan:4000/v1; empty: no LLM
@@ -1240,7 +1241,8 @@ CREATE TABLE IF NOT EXISTS messages(
     read_at REAL,
     lease_until REAL,
     leased_to TEXT,
-    credential TEXT NOT NULL DEFAULT ''
+    credential TEXT NOT NULL DEFAULT '',
+    credential_role TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS messages_queued_session ON messages(to_session, seq) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS messages_queued_name ON messages(to_name, seq) WHERE state = 'queued';
@@ -1309,6 +1311,36 @@ CREATE TABLE IF NOT EXISTS health(
     report TEXT NOT NULL,
     findings TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS permissions(
+    id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    session_name TEXT,
+    machine TEXT NOT NULL,
+    credential TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    tool TEXT NOT NULL,
+    description TEXT NOT NULL,
+    input_preview TEXT NOT NULL,
+    requested_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    answered_at REAL,
+    answered_by TEXT NOT NULL DEFAULT '',
+    answered_from TEXT NOT NULL DEFAULT '',
+    delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS permissions_waiting ON permissions(session_id) WHERE state = 'waiting';
+CREATE INDEX IF NOT EXISTS permissions_undelivered ON permissions(session_id)
+    WHERE state IN ('allowed', 'denied') AND delivered_at IS NULL;
+CREATE TABLE IF NOT EXISTS permission_verdicts(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    permission_id TEXT NOT NULL,
+    behavior TEXT NOT NULL,
+    by_credential TEXT NOT NULL,
+    from_addr TEXT NOT NULL,
+    at REAL NOT NULL,
+    outcome TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS permission_verdicts_of ON permission_verdicts(permission_id, seq);
 CREATE TABLE IF NOT EXISTS tasks(
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
@@ -1366,6 +1398,7 @@ ADDED_COLUMNS = (("sessions", "credential", "TEXT NOT NULL DEFAULT 'admin'"),
                  ("sessions", "mode", "TEXT NOT NULL DEFAULT 'push'"),  # sessions before modes were pushed
                  ("sessions", "mode_reason", "TEXT NOT NULL DEFAULT ''"),
                  ("messages", "credential", "TEXT NOT NULL DEFAULT ''"),
+                 ("messages", "credential_role", "TEXT NOT NULL DEFAULT ''"),  # '': sent before roles were kept
                  ("runs", "credential", "TEXT NOT NULL DEFAULT ''"),  # the audit: which credential reported it
                  ("alerts", "credential", "TEXT NOT NULL DEFAULT ''"))
 HEALTH_KINDS = ("machine", "llm")  # what a health report is of: a machine, or an LLM server (fleet.health.llm.<name>)
@@ -1379,6 +1412,12 @@ SESSION_FIELDS = ("id", "name", "machine", "pid", "cwd", "git_root", "branch", "
 # session inbox (both lease it through the long-poll), or fetched by check_messages (pull).
 MODES = ("push", "pull", "inbox")
 LEASED_MODES = ("push", "inbox")
+# A relayed permission prompt: waiting for a human, answered on the hub (allowed, denied), answered in the
+# session's own terminal first, or expired (its session ended, or nobody answered in time).
+PERMISSION_STATES = ("waiting", "allowed", "denied", "answered-in-terminal", "expired")
+PERMISSION_BEHAVIORS = {"allow": "allowed", "deny": "denied"}  # Claude Code's verdict words -> the state they give
+PERMISSION_FIELDS = ("id", "session_id", "session_name", "machine", "request_id", "tool", "description",
+                     "input_preview", "state", "answered_by", "answered_from")
 
 
 def checked_mode(mode: str) -> str:
@@ -1413,6 +1452,7 @@ def message_view(row: Any) -> dict[str, Any]:
         "delivered_at": iso(row["delivered_at"]),
         "read_at": iso(row["read_at"]),
         "credential": row["credential"],  # the audit: which credential sent it
+        "credential_role": row["credential_role"],  # and its role, shown to the recipient's model
     }
 
 
@@ -1441,6 +1481,20 @@ def webhook_delivery_view(row: Any) -> dict[str, Any]:
             "last_status": row["last_status"], "last_error": row["last_error"],
             "next_attempt_at": iso(row["next_attempt_at"]) if row["state"] == "pending" else None,
             "delivered_at": iso(row["delivered_at"]), "gave_up_at": iso(row["gave_up_at"])}
+
+
+def permission_view(row: Any) -> dict[str, Any]:
+    """A relayed permission prompt as the CLI, the dashboard and the events show it."""
+    return {**{key: row[key] for key in PERMISSION_FIELDS}, "requested_at": iso(row["requested_at"]),
+            "answered_at": iso(row["answered_at"]), "delivered_at": iso(row["delivered_at"])}
+
+
+def permission_message(prompt: dict[str, Any], link: str) -> tuple[str, str]:
+    """A prompt as a phone shows it: who waits for what, the command, and where to answer."""
+    who = prompt["session_name"] or prompt["session_id"]
+    title = f"[needs you] {prompt['machine']}: {who} asks to run {prompt['tool']}"
+    return title, "\n".join(part for part in (title, prompt["description"], prompt["input_preview"],
+                                               f"Answer: {link}  (or: claude-peers allow|deny {prompt['id']})") if part)
 
 
 def compose_memory(pinned: str, notes: str) -> str:
@@ -1545,6 +1599,7 @@ class Store:
         self.commits = 0  #: committed transactions, for the checkpointer
         self.events_written = 0  #: grows with every event: the broker wakes event readers when it moved
         self.webhooks_queued = 0  #: grows with every alert change queued for the webhook: its worker looks then
+        self.link = cfg.broker_url  #: the dashboard's address in the webhook's posts (the bound one once known)
         self.on_rollback: Callable[[], None] = lambda: None  #: caches to reload when a transaction rolls back
 
     def _connect(self) -> sqlite3.Connection:
@@ -1657,17 +1712,26 @@ class Store:
 
     # -- the webhook's queue: alert changes to post, written with the change (an outbox of its own) --
 
+    def _queue_post(self, c: sqlite3.Connection, key: str, about: str, change: str, title: str, body: str,
+                    priority: str) -> None:
+        """One post for the webhook in the caller's transaction, keyed (its Idempotency-Key) by ``key``."""
+        now = time.time()
+        c.execute("INSERT INTO webhook_deliveries(id, alert_id, change, title, body, priority, tags, queued_at,"
+                  " next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                  (key, about, change, title[:200], body, priority, f"claude-peers,{change}", now, now))
+        self.webhooks_queued += 1
+
     def queue_webhook(self, c: sqlite3.Connection, change: dict[str, Any]) -> None:
         """Queue an alert change for the webhook in the caller's transaction, as ntfy reads it: the
         title, the text, a priority by severity, and tags; keyed by the change's event id."""
         title, body = alert_message(change)
         priority = {"critical": "urgent", "warning": "high"}.get(change["severity"], "default")
-        now = time.time()
-        c.execute("INSERT INTO webhook_deliveries(id, alert_id, change, title, body, priority, tags, queued_at,"
-                  " next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                  (change["change_id"], change["id"], change["change"], title[:200], body, priority,
-                   f"claude-peers,{change['change']}", now, now))
-        self.webhooks_queued += 1
+        self._queue_post(c, change["change_id"], change["id"], change["change"], title, body, priority)
+
+    def queue_permission(self, c: sqlite3.Connection, prompt: dict[str, Any], event_id: str) -> None:
+        """Queue a waiting permission prompt for the webhook (high priority), with the dashboard link that answers it."""
+        title, body = permission_message(prompt, f"{self.link}/#permission={prompt['id']}")
+        self._queue_post(c, event_id, prompt["id"], "permission", title, body, "high")
 
     def webhook_head(self) -> sqlite3.Row | None:
         """The oldest alert change the webhook has not had yet: the next one to post."""
@@ -1878,7 +1942,7 @@ class Messages:
         self.sessions = sessions
 
     def send(self, sender: dict[str, Any], to: str, text: str, reply_to: str | None, scope: str,
-             parked: Container[str], credential: str = "") -> Sent:
+             parked: Container[str], credential: str = "", role: str = "") -> Sent:
         """Commit a message (one row per recipient). A push recipient whose long-poll is ``parked``
         gets it leased in this transaction, handed over right after the commit; others are woken
         (a pull session's poll then tells it how much mail waits)."""
@@ -1912,7 +1976,8 @@ class Messages:
                        "to_name": target["name"], "text": text, "state": state, "sent_at": now,
                        "delivered_at": None, "read_at": None,
                        "lease_until": now + self.store.cfg.broker.lease_s if handover else None,
-                       "leased_to": target["session"] if handover else None, "credential": credential}
+                       "leased_to": target["session"] if handover else None, "credential": credential,
+                       "credential_role": role}
                 c.execute(f"INSERT INTO messages({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                           tuple(row.values()))
                 if handover:  # leased in this commit, handed to the waiting poll right after it
@@ -2283,6 +2348,137 @@ class Records:
                                     f"version {after['version']}")
         return {"from": before["version"], "to": after["version"], "diff": "".join(diff)}
 
+class Permissions:
+    """Permission prompts Claude Code relayed through a session's shim: kept waiting until a human
+    answers on the hub (the verdict then goes back to that shim, once), the session's terminal
+    answers first, or the session ends. Every verdict anyone gives is audited with who gave it,
+    from where, and what became of it: applied, dropped as late, or refused."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def _event(self, c: sqlite3.Connection, prompt: Any) -> str:
+        """``fleet.permission.<state>`` for a prompt's new state, in the caller's transaction."""
+        view = permission_view(prompt)
+        state = view.pop("state")
+        return self.store.event(c, f"permission.{state}", f"fleet.permission.{state}", permission_id=view.pop("id"),
+                                state=state, **view)
+
+    def get(self, pid: str) -> dict[str, Any]:
+        rows = self.store.read("SELECT * FROM permissions WHERE id = ?", (pid,))
+        if not rows:
+            raise ApiError(404, f"no permission prompt {pid!r} (claude-peers pending lists the waiting ones)")
+        return dict(rows[0])
+
+    def request(self, session: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+        """A prompt from a session's shim: stored waiting, announced, queued for the webhook. The
+        same request id again (a shim retrying after a lost answer) is the same prompt."""
+        with self.store.tx() as c:
+            row = c.execute("SELECT * FROM permissions WHERE session_id = ? AND request_id = ?",
+                            (session["id"], body["request_id"])).fetchone()
+            if row is not None:
+                return permission_view(row)
+            prompt = {"id": new_id(4), "session_id": session["id"], "session_name": session["name"],
+                      "machine": session["machine"], "credential": session["credential"],
+                      "request_id": body["request_id"], "tool": body["tool_name"],
+                      "description": body.get("description", ""), "input_preview": body.get("input_preview", ""),
+                      "requested_at": time.time(), "state": "waiting", "answered_at": None, "answered_by": "",
+                      "answered_from": "", "delivered_at": None}
+            c.execute(f"INSERT INTO permissions({', '.join(prompt)}) VALUES ({', '.join('?' * len(prompt))})",
+                      tuple(prompt.values()))
+            self.store.queue_permission(c, prompt, self._event(c, prompt))
+        return permission_view(prompt)
+
+    def _audit(self, c: sqlite3.Connection, pid: str, behavior: str, by: str, where: str, outcome: str) -> None:
+        c.execute("INSERT INTO permission_verdicts(permission_id, behavior, by_credential, from_addr, at, outcome)"
+                  " VALUES (?, ?, ?, ?, ?, ?)", (pid, behavior, by, where, time.time(), outcome))
+
+    def refused(self, pid: str, behavior: str, by: str, where: str, why: str) -> None:
+        """Audit a verdict the least-privilege rule refused."""
+        with self.store.tx() as c:
+            self._audit(c, pid, behavior, by, where, f"refused: {why}")
+
+    def answer(self, pid: str, behavior: str, by: str, where: str) -> tuple[dict[str, Any], str]:
+        """A human's verdict: applied to a waiting prompt, once; on a prompt already answered (on
+        the hub, or in the terminal first) it is dropped. Returns the prompt and '' or why it was dropped."""
+        with self.store.tx() as c:
+            row = c.execute("SELECT * FROM permissions WHERE id = ?", (pid,)).fetchone()
+            if row is None:
+                raise ApiError(404, f"no permission prompt {pid!r} (claude-peers pending lists the waiting ones)")
+            prompt = dict(row)
+            late = ""
+            if prompt["state"] != "waiting":
+                late = (f"prompt {pid} was already {prompt['state']}"
+                        + (f" by {prompt['answered_by']}" if prompt["answered_by"] else "")
+                        + f" at {iso(prompt['answered_at'])}: this verdict is dropped")
+            else:
+                prompt.update(state=PERMISSION_BEHAVIORS[behavior], answered_at=time.time(), answered_by=by,
+                              answered_from=where)
+                c.execute("UPDATE permissions SET state = ?, answered_at = ?, answered_by = ?, answered_from = ?"
+                          " WHERE id = ?", (prompt["state"], prompt["answered_at"], by, where, pid))
+                self._event(c, prompt)
+            self._audit(c, pid, behavior, by, where, f"dropped: {late}" if late else "applied")
+        return permission_view(prompt), late
+
+    def undelivered(self, session: dict[str, Any]) -> list[dict[str, Any]]:
+        """The session's prompts a human answered whose verdict its shim has not written to Claude Code yet."""
+        rows = self.store.read("SELECT * FROM permissions WHERE session_id = ? AND state IN ('allowed', 'denied')"
+                               " AND delivered_at IS NULL ORDER BY answered_at", (session["id"],))
+        return [permission_view(r) for r in rows]
+
+    def waiting(self, session: dict[str, Any]) -> int:
+        return self.store.read("SELECT COUNT(*) FROM permissions WHERE session_id = ? AND state = 'waiting'",
+                               (session["id"],))[0][0]
+
+    def delivered(self, session: dict[str, Any], ids: list[str]) -> None:
+        """The shim wrote these verdicts to Claude Code: never handed again."""
+        with self.store.tx() as c:
+            c.executemany("UPDATE permissions SET delivered_at = ? WHERE id = ? AND session_id = ?"
+                          " AND delivered_at IS NULL", [(time.time(), pid, session["id"]) for pid in ids])
+
+    def settle(self, session: dict[str, Any], pid: str, decision: str) -> dict[str, Any]:
+        """The shim saw its session's terminal answer the prompt (``decision``: allow or deny) before
+        any verdict from the hub reached Claude Code: shown as such, and a verdict given meanwhile is late."""
+        with self.store.tx() as c:
+            row = c.execute("SELECT * FROM permissions WHERE id = ? AND session_id = ?", (pid, session["id"])).fetchone()
+            if row is None:
+                raise ApiError(404, f"no permission prompt {pid!r} of this session")
+            prompt = dict(row)
+            if prompt["state"] == "waiting" or prompt["delivered_at"] is None and prompt["state"] in ("allowed", "denied"):
+                c.execute("UPDATE permission_verdicts SET outcome = 'dropped: answered in the terminal first'"
+                          " WHERE permission_id = ? AND outcome = 'applied'", (pid,))
+                prompt.update(state="answered-in-terminal", answered_at=time.time(),
+                              answered_by=f"the terminal ({PERMISSION_BEHAVIORS[decision]})", answered_from=session["machine"],
+                              delivered_at=time.time())
+                c.execute("UPDATE permissions SET state = ?, answered_at = ?, answered_by = ?, answered_from = ?,"
+                          " delivered_at = ? WHERE id = ?", (prompt["state"], prompt["answered_at"],
+                                                             prompt["answered_by"], prompt["answered_from"],
+                                                             prompt["delivered_at"], pid))
+                self._event(c, prompt)
+        return permission_view(prompt)
+
+    def expire_session(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
+        """Its session ended: nobody can answer its waiting prompts any more (in the caller's transaction)."""
+        for row in c.execute("SELECT * FROM permissions WHERE session_id = ? AND state = 'waiting'",
+                             (session["id"],)).fetchall():
+            prompt = {**dict(row), "state": "expired", "answered_at": time.time()}
+            c.execute("UPDATE permissions SET state = 'expired', answered_at = ? WHERE id = ?",
+                      (prompt["answered_at"], prompt["id"]))
+            self._event(c, prompt)
+
+    def list(self, state: str, limit: int) -> list[dict[str, Any]]:
+        """Prompts in ``state`` ('all': any), newest first, each with its audit trail."""
+        where = "" if state == "all" else "WHERE state = ?"
+        rows = self.store.read(f"SELECT * FROM permissions {where} ORDER BY requested_at DESC LIMIT ?",
+                               ((state,) if state != "all" else ()) + (limit,))
+        views = [permission_view(r) for r in rows]
+        trail = self.store.read("SELECT * FROM permission_verdicts WHERE permission_id IN"
+                                " (SELECT value FROM json_each(?)) ORDER BY seq", (json.dumps([v["id"] for v in views]),))
+        for view in views:
+            view["verdicts"] = [{"behavior": t["behavior"], "by": t["by_credential"], "from": t["from_addr"],
+                                 "at": iso(t["at"]), "outcome": t["outcome"]} for t in trail
+                                if t["permission_id"] == view["id"]]
+        return views
 TASK_LISTS = ("active", "open", "all")  # what a task list shows: open and claimed ones, open ones only, or done ones too
 
 
@@ -3378,6 +3574,7 @@ class Dashboard:
         self.secure = secure  #: served over TLS: the cookie is Secure
         self.codes: dict[str, tuple[float, bool]] = {}  #: sha256 of a login code -> (expiry, asked for by the admin)
         self.sessions: dict[str, tuple[float, bool]] = {}  #: sha256 of a cookie -> (expiry, opened by the admin)
+        self.owners: dict[str, str] = {}  #: sha256 of a code or cookie -> the credential that asked for the login
         #: (machine, credential) -> that supervisor's last schedule report: two on one machine each keep theirs
         self.schedules: dict[tuple[str, str], dict[str, Any]] = {}
         self.version = 0  #: grows with every change the page shows
@@ -3404,9 +3601,16 @@ class Dashboard:
         table[sha256_hex(secret)] = (now + ttl, admin)
         return secret
 
-    def new_code(self, now: float | None = None, admin: bool = False) -> str:
-        """A login code: single use, valid for CODE_TTL_S; the admin's opens a page that may also forget."""
-        return self._add(self.codes, self.CODE_TTL_S, time.time() if now is None else now, admin)
+    def _own(self, secret: str, owner: str) -> str:
+        """Note whose login a code or cookie is (the audit of the page's verdicts); forget the ones gone."""
+        self.owners = {k: v for k, v in self.owners.items() if k in self.codes or k in self.sessions}
+        self.owners[sha256_hex(secret)] = owner
+        return secret
+
+    def new_code(self, now: float | None = None, admin: bool = False, owner: str = "dashboard") -> str:
+        """A login code for the credential ``owner``: single use, valid for CODE_TTL_S; the admin's opens a
+        page that may also forget."""
+        return self._own(self._add(self.codes, self.CODE_TTL_S, time.time() if now is None else now, admin), owner)
 
     def redeem(self, code: str, now: float | None = None) -> str:
         """Trade a login code for a new cookie session (the code is spent); a 401 if it is unknown, used or late."""
@@ -3416,7 +3620,12 @@ class Dashboard:
             raise ApiError(401, "this login code is unknown, used or expired (codes last"
                                 f" {self.CODE_TTL_S:.0f}s, once): run `claude-peers dashboard` again")
         admin = self.codes.pop(key)[1]
-        return self._add(self.sessions, self.SESSION_TTL_S, now, admin)
+        return self._own(self._add(self.sessions, self.SESSION_TTL_S, now, admin), self.owners.get(key, "dashboard"))
+
+    def owner(self, headers: dict[str, str]) -> str:
+        """The credential whose login code opened the caller's cookie session (authorised already)."""
+        key = self._find(self.sessions, self._cookie_value(headers), time.time())
+        return self.owners.get(key or "", "dashboard")
 
     def cookie(self, value: str, max_age: int) -> str:
         """The Set-Cookie value: script cannot read it, no other site sends it, TLS keeps it on TLS."""
@@ -3596,8 +3805,10 @@ def dashboard_state(b: Broker) -> dict[str, Any]:
             "messages": {"counts": b.messages.counts(), "recent": [message_meta(m) for m in
                                                                     b.messages.recent_messages(40)][::-1]},
             "daemons": dashboard_daemons(b, now), "alerts": b.records.alerts("open", None, None, 100),
-            "health": dashboard_health(b), "tasks": dashboard_tasks(b), "claims": b.claims.list()[:200],
-            "nats": nats_view(b)}
+            "permissions": b.permissions.list("waiting", 100) + [p for p in b.permissions.list("all", 20)
+                                                                 if p["state"] != "waiting"],
+            "health": dashboard_health(b), "tasks": dashboard_tasks(b),
+            "claims": b.claims.list()[:200], "nats": nats_view(b)}
 
 
 class Exposition:
@@ -3796,13 +4007,15 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .dot.on { background: var(--ok); box-shadow: 0 0 0 3px rgba(63, 185, 80, .15); }
 .pill { display: inline-block; padding: 1px 8px; border-radius: 999px; font-size: 11.5px; font-weight: 600;
   border: 1px solid transparent; }
-.pill.queued, .pill.running, .pill.warning, .pill.limit, .pill.open { color: var(--warn); background: rgba(210, 153, 34, .12);
-  border-color: rgba(210, 153, 34, .3); }
-.pill.delivered, .pill.info, .pill.claimed, .pill.advisory { color: var(--info); background: rgba(88, 166, 255, .12); border-color: rgba(88, 166, 255, .3); }
-.pill.read, .pill.ok, .pill.done { color: var(--ok); background: rgba(63, 185, 80, .12); border-color: rgba(63, 185, 80, .3); }
-.pill.undeliverable, .pill.failed, .pill.timeout, .pill.critical, .pill.exclusive { color: var(--crit); background: rgba(248, 81, 73, .12);
+.pill.queued, .pill.running, .pill.warning, .pill.limit, .pill.open, .pill.waiting { color: var(--warn);
+  background: rgba(210, 153, 34, .12); border-color: rgba(210, 153, 34, .3); }
+.pill.delivered, .pill.info, .pill.claimed, .pill.answered-in-terminal,
+  .pill.advisory { color: var(--info); background: rgba(88, 166, 255, .12);
+  border-color: rgba(88, 166, 255, .3); }
+.pill.read, .pill.ok, .pill.done, .pill.allowed { color: var(--ok); background: rgba(63, 185, 80, .12); border-color: rgba(63, 185, 80, .3); }
+.pill.undeliverable, .pill.failed, .pill.timeout, .pill.critical, .pill.denied,
+  .pill.exclusive { color: var(--crit); background: rgba(248, 81, 73, .12);
   border-color: rgba(248, 81, 73, .3); }
-.pill.skipped, .pill.waiting { color: var(--muted); background: rgba(133, 147, 165, .12); border-color: rgba(133, 147, 165, .3); }
 .runs { display: flex; gap: 3px; }
 .runs i { width: 7px; height: 16px; border-radius: 2px; background: var(--muted); opacity: .8; }
 .runs i.ok { background: var(--ok); }
@@ -3836,6 +4049,10 @@ pre.text { margin: 0; padding: 8px 10px; background: #0b0f14; border: 1px solid 
 #toast { position: fixed; right: 20px; bottom: 20px; background: var(--raised); border: 1px solid var(--line);
   border-radius: 8px; padding: 9px 14px; opacity: 0; transition: opacity .25s; pointer-events: none; }
 #toast.show { opacity: 1; }
+section.needs.waiting { border-color: var(--warn); box-shadow: 0 0 0 1px rgba(210, 153, 34, .25); }
+tr.focus td { background: rgba(165, 180, 252, .10); }
+button.allow { border-color: rgba(63, 185, 80, .6); }
+button.deny { border-color: rgba(248, 81, 73, .6); }
 [hidden] { display: none !important; }
 @media (max-width: 1100px) { .row { grid-template-columns: 1fr; } .cards { grid-template-columns: repeat(2, 1fr); } }
 """
@@ -3926,7 +4143,7 @@ function loggedOut(why) {
   state = null;
   version = 0;
   texts.clear();
-  for (const id of ["cards", "sessions", "messages", "daemons", "health", "tasks", "claims", "alerts"]) {
+  for (const id of ["needs", "cards", "sessions", "messages", "daemons", "health", "tasks", "claims", "alerts"]) {
     document.getElementById(id).replaceChildren();
   }
   document.getElementById("app").hidden = true;
@@ -3971,6 +4188,37 @@ function table(head, rows, empty) {
   if (!rows.length) return h("div", {class: "empty"}, empty);
   return h("table", {}, h("thead", {}, h("tr", {}, head.map(([label, cls]) => h("th", {class: cls}, label)))),
            h("tbody", {}, rows));
+}
+
+async function verdict(id, behavior) {
+  try {
+    const prompt = await call(`/dashboard/api/permissions/${id}/${behavior}`, {});
+    toast(`${prompt.tool} for ${prompt.session_name || prompt.session_id}: ${prompt.state}`);
+  } catch (error) {
+    if (!(error instanceof LoggedOut)) toast(error.message);
+  }
+}
+
+// Needs you: the prompts that wait for a human (one click answers), then the last few answered.
+function renderNeeds() {
+  const waiting = state.permissions.filter((p) => p.state === "waiting");
+  const recent = state.permissions.filter((p) => p.state !== "waiting").slice(0, 5);
+  const focus = (/permission=([0-9a-f]{8})/.exec(location.hash) || [])[1];
+  const rows = [...waiting, ...recent].map((p) => h("tr", {"data-permission": p.id, "data-state": p.state,
+      class: p.id === focus ? "focus" : (p.state === "waiting" ? "" : "off")},
+    h("td", {}, h("div", {class: "name"}, p.session_name || p.session_id), h("div", {class: "muted"}, p.machine)),
+    h("td", {class: "wrap"}, h("span", {class: "name"}, p.tool), p.description ? h("div", {}, p.description) : null,
+      p.input_preview ? h("div", {class: "mono muted"}, p.input_preview) : null),
+    h("td", {}, when(p.requested_at)),
+    h("td", {}, h("span", {class: "pill " + p.state}, p.state),
+      p.answered_by ? h("div", {class: "muted"}, p.answered_by) : null),
+    h("td", {class: "num"}, p.state === "waiting" ? [
+      h("button", {class: "allow", "data-verdict": "allow", click: () => verdict(p.id, "allow")}, "Allow"), " ",
+      h("button", {class: "deny", "data-verdict": "deny", click: () => verdict(p.id, "deny")}, "Deny")] : null)));
+  document.getElementById("needs").replaceChildren(table(
+    [["Session"], ["Wants to run"], ["Asked"], ["State"], ["", "num"]], rows, "Nothing waits for you."));
+  document.getElementById("needs-count").textContent = waiting.length ? `${waiting.length} waiting` : "";
+  document.getElementById("needs-panel").classList.toggle("waiting", waiting.length > 0);
 }
 
 function renderSessions() {
@@ -4148,6 +4396,7 @@ function render() {
   document.getElementById("app").hidden = false;
   document.getElementById("logout").hidden = false;
   document.getElementById("login").hidden = true;
+  renderNeeds();
   renderCards();
   renderSessions();
   renderMessages();
@@ -4220,7 +4469,10 @@ async function start() {
 }
 
 document.getElementById("logout").addEventListener("click", logout);
-window.addEventListener("hashchange", () => { if (/login=/.test(location.hash)) start(); });
+window.addEventListener("hashchange", () => {
+  if (/login=/.test(location.hash)) start();
+  else if (state) renderNeeds();  // a link to one prompt (#permission=ID, as the webhook sends): pick it out
+});
 setInterval(tick, 1000);
 start();
 """
@@ -4246,6 +4498,7 @@ DASHBOARD_PAGE = f"""<!doctype html>
 <p>and open the link it prints. Its code works once, for a minute, and leaves this browser a cookie that opens
 this dashboard only.</p></div>
 <main id="app" hidden>
+<section class="panel needs" id="needs-panel"><h2>Needs you <span id="needs-count"></span></h2><div id="needs"></div></section>
 <div class="cards" id="cards"></div>
 <div class="row">
 <section class="panel"><h2>Sessions <span id="session-count"></span></h2><div class="scroll" id="sessions"></div></section>
@@ -4329,6 +4582,10 @@ CREDENTIAL_SCHEMA: Schema = {
     "name": Field(str, True, 64), "machine": Field(str, True, 64), "role": Field(str, False, 16),
     "expires_s": Field(int, False, 100 * 365 * 86400), "nats": Field(bool, False, 0),
 }
+PERMISSION_REQUEST_SCHEMA: Schema = {"request_id": Field(str, True, 16), "tool_name": Field(str, True, 200),
+                                     "description": Field(str, False, 2000), "input_preview": Field(str, False, 2000)}
+PERMISSION_POLL_SCHEMA: Schema = {"wait_s": Field(float, False, 86400), "ack": Field(list, False, 1000)}
+PERMISSION_SETTLE_SCHEMA: Schema = {"decision": Field(str, True, 8)}
 TASK_SCHEMA: Schema = {"text": Field(str, True, 4000), "repo": Field(str, False, 500), "machine": Field(str, False, 255),
                        "after": Field(list, False, 50), "tell": Field(str, False, 64)}
 TASK_CLAIM_SCHEMA: Schema = {"id": Field(str, False, 64), "repo": Field(str, False, 500)}
@@ -4469,6 +4726,8 @@ class Broker:
         self.messages = Messages(self.store, self.sessions)
         self.records = Records(self.store)
         self.credentials = Credentials(self.store)
+        self.permissions = Permissions(self.store)
+        self.sessions.on_end.append(self.permissions.expire_session)  # nobody can answer an ended session's prompts
         self.tasks = Tasks(self.store, self.messages)
         self.sessions.on_end.append(self.tasks.reopen_held)
         self.claims = Claims(self.store, self.sessions)
@@ -4639,17 +4898,22 @@ class Broker:
                 self.missed.discard(sid)
             self.presence.heard[sid] = time.time()
 
-    async def wait_events(self, after: int, wait_s: float) -> None:
+    async def until(self, done: Callable[[], bool], wait_s: float, hung_up: Callable[[], bool] = lambda: False) -> None:
+        """Return once ``done()`` holds (looked at after each commit that wrote events), after
+        ``wait_s``, or when the caller hung up (noticed within CONNECTION_CHECK_S)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
+        while not done() and not self.stopping.is_set() and not hung_up():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.new_events.wait(), min(remaining, CONNECTION_CHECK_S))
+
+    async def wait_events(self, after: int, wait_s: float) -> None:
         self.feed_readers += 1
         try:
-            while self.store.last_event_seq() <= after and not self.stopping.is_set():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.new_events.wait(), remaining)
+            await self.until(lambda: self.store.last_event_seq() > after, wait_s)
         finally:
             self.feed_readers -= 1
 
@@ -4714,10 +4978,11 @@ PERMISSIONS = {
     "claim": "end another session's file claim",
     "forget": "resolve alerts by hand and forget machines",
     "admin": "manage credentials",
+    "approve": "answer the sessions' permission prompts",
 }
 ROLE_PERMISSIONS = {"client": {"read", "session", "report", "trigger", "task"},
-                    "operator": {"read", "session", "report", "trigger", "task", "claim", "operator", "metrics",
-                                 "login"},
+                    "operator": {"read", "session", "report", "trigger", "task", "claim", "operator", "metrics", "login",
+                                 "approve"},
                     "admin": set(PERMISSIONS), "dashboard": {"dashboard"}, "dashboard-admin": {"dashboard", "forget"},
                     "metrics": {"metrics"}}
 
@@ -4738,8 +5003,18 @@ def own_machine(identity: Identity, machine: str) -> str:
     return machine
 
 
+def may_answer(by: str, prompt: dict[str, Any]) -> str:
+    """The least-privilege rule, past the approve permission: a session's own credential (its
+    machine's, which the session itself could use) never answers its prompts; the hub's admin
+    token is the hub owner's. '' when ``by`` may answer, else why not."""
+    if by != ADMIN.name and by == prompt["credential"]:
+        return (f"credential {by!r} registered session {prompt['session_name'] or prompt['session_id']}, so it may"
+                " not answer that session's prompts: answer from another machine's operator credential")
+    return ""
+
+
 class Request(SimpleNamespace):
-    """One parsed API call: path groups, query, JSON body, caller identity."""
+    """One parsed API call: path groups, query, JSON body, caller identity, the caller's address."""
 
 
 OPERATOR_IDENTITY = {"id": OPERATOR, "name": OPERATOR, "machine": "", "cwd": ""}
@@ -4815,7 +5090,7 @@ async def _send(b: Broker, sender: dict[str, Any], req: Request) -> dict[str, An
     if scope not in SCOPES:
         raise ApiError(400, f"unknown scope {scope!r}: use one of {', '.join(SCOPES)}")
     sent = await b.write(lambda: b.messages.send(sender, body["to"], body["text"], body.get("reply_to"), scope,
-                                              b.parked, req.identity.name))
+                                              b.parked, req.identity.name, req.identity.role))
     return sent.answer
 
 
@@ -5045,6 +5320,57 @@ async def r_revoke_credential(b: Broker, req: Request) -> Any:
     return {**revoked, "sessions_ended": len(ended)}
 
 
+REQUEST_ID_RE = re.compile(r"^[a-km-z]{5}$")  # Claude Code's permission request ids: five letters, never an 'l'
+
+
+async def r_permission_request(b: Broker, req: Request) -> Any:
+    """A permission prompt Claude Code relayed to the session's shim."""
+    if not REQUEST_ID_RE.match(req.body["request_id"]):
+        raise ApiError(400, f"field 'request_id' is not a Claude Code request id: {req.body['request_id']!r}")
+    return 201, await b.write(lambda: b.permissions.request(req.session, req.body))
+
+
+async def r_permission_poll(b: Broker, req: Request) -> Any:
+    """The shim's wait for verdicts: acknowledge ``ack`` (written to Claude Code), then answer
+    the verdicts it has not had, once there are some, none of its prompts waits, or after ``wait_s``."""
+    if req.body.get("ack"):
+        await b.write(lambda: b.permissions.delivered(req.session, [str(pid) for pid in req.body["ack"]]))
+    wait_s = max(0.0, min(float(req.body.get("wait_s", b.cfg.broker.poll_wait_s)), 60.0))
+    await b.until(lambda: bool(b.permissions.undelivered(req.session)) or not b.permissions.waiting(req.session),
+                  wait_s, req.hung_up)
+    return {"verdicts": b.permissions.undelivered(req.session), "waiting": b.permissions.waiting(req.session)}
+
+
+async def r_permission_settle(b: Broker, req: Request) -> Any:
+    """The shim saw the session's terminal answer a prompt first."""
+    if req.body["decision"] not in PERMISSION_BEHAVIORS:
+        raise ApiError(400, "field 'decision' must be allow or deny")
+    return await b.write(lambda: b.permissions.settle(req.session, req.args[1], req.body["decision"]))
+
+
+def r_permissions(b: Broker, req: Request) -> Any:
+    state = req.query.get("state", "waiting")
+    if state not in (*PERMISSION_STATES, "all"):
+        raise ApiError(400, f"query parameter 'state' must be one of {', '.join(PERMISSION_STATES)} or all")
+    return {"permissions": b.permissions.list(state, _int_query(req, "limit", 100, 1, 1000))}
+
+
+async def r_permission_verdict(b: Broker, req: Request) -> Any:
+    """A human's allow or deny (the API with the approve permission, or the dashboard as its
+    login's credential): refused under the least-privilege rule, dropped when late, audited always."""
+    pid, behavior = req.args
+    dashboard = req.identity in (DASHBOARD, DASHBOARD_ADMIN)
+    by = b.dashboard.owner(req.headers) if dashboard else req.identity.name
+    where = f"{req.peer or 'unknown address'} ({'dashboard' if dashboard else 'api'})"
+    prompt = b.permissions.get(pid)
+    why = may_answer(by, prompt)
+    if why:
+        await b.write(lambda: b.permissions.refused(pid, behavior, by, where, why))
+        raise ApiError(403, why)
+    answered, late = await b.write(lambda: b.permissions.answer(pid, behavior, by, where))
+    if late:
+        raise ApiError(409, late, permission=answered)
+    return answered
 def task_actor(req: Request) -> dict[str, Any]:
     """Who acts on the task board: the calling session, else the operator as this credential."""
     if req.session is not None:
@@ -5131,7 +5457,7 @@ def r_dashboard_page(b: Broker, req: Request) -> Any:
 
 def r_login_code(b: Broker, req: Request) -> Any:
     """A one-time login code for the dashboard, for a holder of the fleet token (`claude-peers dashboard`)."""
-    code = b.dashboard.new_code(admin=req.identity.role == "admin")
+    code = b.dashboard.new_code(admin=req.identity.role == "admin", owner=req.identity.name)
     return 201, {"code": code, "path": f"/#login={code}", "expires_in_s": b.dashboard.CODE_TTL_S}
 
 
@@ -5175,6 +5501,7 @@ def r_metrics(b: Broker, req: Request) -> Any:
 
 
 SID = r"([0-9a-f]{10})"
+PID = r"([0-9a-f]{8})"  # a permission prompt's id on the hub
 
 # (method, path pattern, handler, needs a session, body schema for POSTs, the permission it needs)
 Route = tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool, Schema | None, str]
@@ -5199,6 +5526,13 @@ ROUTES: list[Route] = [
         ("POST", f"/api/sessions/{SID}/claims/release", r_release_claims, True, CLAIM_RELEASE_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/memory", r_set_memory, True, MEMORY_SCHEMA, "operator"),
         ("GET", f"/api/sessions/{SID}/messages/([0-9a-f]{{12}})", r_session_message, True, None, "session"),
+        ("POST", f"/api/sessions/{SID}/permissions", r_permission_request, True, PERMISSION_REQUEST_SCHEMA,
+         "session"),
+        ("POST", f"/api/sessions/{SID}/permissions/poll", r_permission_poll, True, PERMISSION_POLL_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/permissions/{PID}/settle", r_permission_settle, True,
+         PERMISSION_SETTLE_SCHEMA, "session"),
+        ("GET", "/api/permissions", r_permissions, False, None, "read"),
+        ("POST", f"/api/permissions/{PID}/(allow|deny)", r_permission_verdict, False, EMPTY_SCHEMA, "approve"),
         ("POST", "/api/send", r_operator_send, False, SEND_SCHEMA, "operator"),
         ("GET", "/api/messages", r_messages, False, None, "operator"),
         ("GET", "/api/messages/([0-9a-f]{12})", r_message, False, None, "operator"),
@@ -5238,6 +5572,8 @@ ROUTES: list[Route] = [
         ("GET", "/dashboard/api/messages/([0-9a-f]{12})/text", r_dashboard_text, False, None, "dashboard"),
         ("POST", r"/dashboard/api/daemons/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/trigger", r_request_run, False,
          EMPTY_SCHEMA, "dashboard"),
+        ("POST", f"/dashboard/api/permissions/{PID}/(allow|deny)", r_permission_verdict, False, EMPTY_SCHEMA,
+         "dashboard"),
         ("POST", "/dashboard/api/alerts/([0-9a-f]{12})/resolve", r_resolve_alert, False, EMPTY_SCHEMA, "forget"),
         ("POST", "/dashboard/api/health/forget", r_forget_machine, False, FORGET_SCHEMA, "forget"),
         ("GET", "/metrics", r_metrics, False, None, "metrics"),
@@ -5313,6 +5649,7 @@ class ApiServer:
             await asyncio.gather(*waiting, return_exceptions=True)
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = str((writer.get_extra_info("peername") or ("",))[0])  # where a call comes from, for the audit
         task = asyncio.current_task()
         assert task is not None
         self.open[writer] = task
@@ -5335,7 +5672,7 @@ class ApiServer:
                     await self._write(writer, exc.status, {"error": str(exc)}, close=True)
                     return
                 hung_up = reader.at_eof
-                status, payload = await self.dispatch(method, target, headers, body, hung_up)
+                status, payload = await self.dispatch(method, target, headers, body, hung_up, peer)
                 close = headers.get("connection", "").lower() == "close"
                 await self._write(writer, status, payload, close=close)
                 if close:
@@ -5375,16 +5712,16 @@ class ApiServer:
             await writer.drain()
 
     async def dispatch(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
-                       hung_up: Callable[[], bool] = lambda: False) -> tuple[int, Any]:
-        status, payload = await self._answer(method, target, headers, body, hung_up)
+                       hung_up: Callable[[], bool] = lambda: False, peer: str = "") -> tuple[int, Any]:
+        status, payload = await self._answer(method, target, headers, body, hung_up, peer)
         self.broker.metrics.request(method, target, status, payload)
         return status, payload
 
     async def _answer(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
-                      hung_up: Callable[[], bool]) -> tuple[int, Any]:
+                      hung_up: Callable[[], bool], peer: str) -> tuple[int, Any]:
         try:
             self.broker.requests += 1
-            result = await self._route(method, target, headers, body, hung_up)
+            result = await self._route(method, target, headers, body, hung_up, peer)
             return result if isinstance(result, tuple) else (200, result)
         except ApiError as exc:
             return exc.status, {"error": exc.message, **exc.extra}
@@ -5397,7 +5734,7 @@ class ApiServer:
             return 500, {"error": f"internal error {error_id} (the broker log has the details)"}
 
     async def _route(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
-                     hung_up: Callable[[], bool]) -> Any:
+                     hung_up: Callable[[], bool], peer: str) -> Any:
         path, _, query = target.partition("#")[0].partition("?")
         found = find_route(method, path)
         if found is None:
@@ -5408,7 +5745,7 @@ class ApiServer:
         (_, _, handler, needs_session, schema, permission), args = found
         identity = self._identify(path, headers)
         require(identity, permission)
-        req = Request(args=args, session=None, body={}, hung_up=hung_up, identity=identity, headers=headers,
+        req = Request(args=args, session=None, body={}, hung_up=hung_up, identity=identity, headers=headers, peer=peer,
                       query=dict(urllib.parse.parse_qsl(query)) if query else {})
         if needs_session:
             secret = headers.get("x-session-secret")
@@ -5561,6 +5898,7 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
     lock.note(listen=f"{host}:{bound[1]}", ready=True)  # the port it bound, when it was asked for port 0
     url = f"{'https' if cfg.broker.tls_cert else 'http'}://{host}:{bound[1]}"
     log.info("broker %s listening on %s (db %s)", __version__, url, home / "broker.db")
+    broker.store.link = cfg.broker.url.rstrip("/") or url
     if ready:
         ready(url, broker)
     try:
@@ -5810,13 +6148,16 @@ def client_from_config(cfg: Config, timeout: float = 10.0) -> BrokerClient:
 # tool result counts it) until the model reads or answers it. A post that fails leaves the
 # batch unacknowledged (its leases run out, check_messages reads it) and the session pull.
 #
-# What the model sees is budgeted: Claude Code cuts a server's instructions and each tool
-# description (2,048 characters in 2.1.197), and hides MCP tools behind its tool search unless
-# they are marked alwaysLoad. So the instructions lead with what the model must know first and
-# stay under INSTRUCTIONS_BYTES, and every tool is marked.
+# A push session also asks Claude Code for its permission prompts (claude/channel/permission):
+# each goes to the hub, a human's verdict comes back on a long-poll of its own and is written
+# to Claude Code once, and the session's transcript tells when its terminal answered first.
+#
 
 SERVER_NAME = "claude-peers"
 CHANNEL_METHOD = "notifications/claude/channel"
+PERMISSION_CAPABILITY = "claude/channel/permission"  # declared: Claude Code relays its tool-permission prompts
+PERMISSION_REQUEST_METHOD = "notifications/claude/channel/permission_request"  # a prompt, from Claude Code
+PERMISSION_VERDICT_METHOD = "notifications/claude/channel/permission"  # a human's verdict, to Claude Code
 HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")  # the SDK's 2025 handshake list
 PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR = -32700, -32600, -32601, -32602, -32603
 MAX_LINE_BYTES = 8 << 20  # a longer line is answered as a parse error and skipped
@@ -5830,6 +6171,7 @@ TOOL_META = {"anthropic/alwaysLoad": True}  # Claude Code defers MCP tools behin
 SEEN_LIMIT = 100_000
 CHANNEL_FLAG = "--dangerously-load-development-channels"  # Claude Code's switch for a channel off its allowlist
 CLAUDE_CODE_CLIENT = "claude-code"  # the clientInfo name Claude Code introduces itself with
+TERMINAL_LOOK_S = 0.5  # how often a shim with prompts waiting reads the transcripts for a terminal's answer
 INBOX_SOCKET_ENV, INBOX_TOKEN_ENV = "CLAUDE_CODE_MESSAGING_SOCKET", "CLAUDE_CODE_MESSAGING_TOKEN"  # set by Claude Code
 INBOX_SWITCH_ENV = "CLAUDE_CODE_HARBOR_KITE"  # 0 turns Claude Code's session inbox off
 INBOX_EACH = 3  # up to this many messages in one batch are posted one by one; more become one notice
@@ -6057,6 +6399,70 @@ def mode_override(explicit: str | None) -> str | None:
     return mode
 
 
+def claude_projects_dir(cwd: Path) -> Path:
+    """Where Claude Code writes the transcripts of the sessions it runs in ``cwd``."""
+    root = Path(os.environ.get("CLAUDE_CONFIG_DIR") or Path.home() / ".claude")
+    return root / "projects" / re.sub(r"[^A-Za-z0-9]", "-", str(cwd))
+
+
+def same_call(tool_input: Any, preview: str) -> bool:
+    """True if a tool call's input is what a relayed prompt previewed: Claude Code sends the
+    input as JSON cut to 200 characters (compact or spaced, by version), so compare without whitespace."""
+    def compact(text: str) -> str:
+        return re.sub(r"\s+", "", text)
+    wanted = compact(preview.removesuffix("\u2026"))
+    return bool(wanted) and compact(json.dumps(tool_input, ensure_ascii=False)).startswith(wanted)
+
+
+class TerminalAnswers:
+    """Claude Code tells a channel when a permission prompt opens, never when its terminal
+    answers it; its transcript does, as the tool call's result. This reads the transcripts of
+    this directory from where they stood when the shim started, and yields each tool call that
+    got a result: (tool, input, allowed)."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.folder = claude_projects_dir(cwd)
+        self.offsets = {path: path.stat().st_size for path in self._transcripts()}  #: read up to here
+        self.calls: dict[str, tuple[str, Any]] = {}  #: tool_use id -> (tool, input), until its result
+
+    def _transcripts(self) -> list[Path]:
+        with contextlib.suppress(OSError):
+            return list(self.folder.glob("*.jsonl"))
+        return []
+
+    def _lines(self, path: Path) -> list[bytes]:
+        """The whole lines written to ``path`` since the last look."""
+        try:
+            with path.open("rb") as fh:
+                fh.seek(self.offsets.get(path, 0))
+                data = fh.read(8 << 20)
+        except OSError:
+            return []
+        complete = data[:data.rfind(b"\n") + 1]
+        self.offsets[path] = self.offsets.get(path, 0) + len(complete)
+        return complete.splitlines()
+
+    def answered(self) -> Iterator[tuple[str, Any, bool]]:
+        for path in self._transcripts():
+            for line in self._lines(path):
+                with contextlib.suppress(ValueError):
+                    yield from self._entry(json.loads(line))
+
+    def _entry(self, entry: Any) -> Iterator[tuple[str, Any, bool]]:
+        message = entry.get("message") if isinstance(entry, dict) else None
+        blocks = message.get("content") if isinstance(message, dict) else None
+        for block in blocks if isinstance(blocks, list) else []:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "tool_use" and isinstance(block.get("id"), str):
+                self.calls[block["id"]] = (str(block.get("name")), block.get("input"))
+            elif block.get("type") == "tool_result" and block.get("tool_use_id") in self.calls:
+                tool, tool_input = self.calls.pop(block["tool_use_id"])
+                decision = entry.get("permissionDecision") if isinstance(entry.get("permissionDecision"), dict) else {}
+                allowed = decision.get("decision") == "accept" if "decision" in decision else not block.get("is_error")
+                yield tool, tool_input, allowed
+
+
 def recipient_note(result: dict[str, Any]) -> str:
     """What a sender is told about one recipient: pushed or posted into its inbox now, queued
     until it checks its messages (a pull session, and why), queued for an offline name, or undeliverable."""
@@ -6074,6 +6480,22 @@ def recipient_note(result: dict[str, Any]) -> str:
     return f"queued: {target} is online and gets it pushed now"
 
 
+CHANNEL_TAG = re.compile(r"<(?=\s*/?\s*channel\b)", re.IGNORECASE)
+
+
+def fence(text: str) -> str:
+    """Peer text as the model reads it inside its <channel> tag: every opening or closing channel
+    tag in it is escaped (&lt;channel), so the text can neither end the tag nor forge another."""
+    return CHANNEL_TAG.sub("&lt;", text)
+
+
+def sender_meta(message: dict[str, Any]) -> dict[str, str]:
+    """Who a message is from, as its channel tag says: a human (the operator) or an agent, and
+    the role of the credential it came in with ('unknown' for mail from before roles were kept)."""
+    return {"sender": "human" if message["from_id"] == OPERATOR else "agent",
+            "from_role": message.get("credential_role") or "unknown"}
+
+
 def how_messages_arrive(mode: str, why: str) -> str:
     """The instructions' word on incoming messages: channel tags (push), inbox posts, or check_messages (pull)."""
     if mode == "inbox":
@@ -6082,7 +6504,10 @@ def how_messages_arrive(mode: str, why: str) -> str:
     if mode == "pull":
         return (f"Peer mail waits for check_messages (no pushes: {why}); each claude-peers tool result says when"
                 " some waits.")
-    return "Peer mail arrives as <channel source=\"claude-peers\" from_id=... from_name=... message_id=...>."
+    return ("Peer mail arrives as <channel source=\"claude-peers\" from_id=... from_name=... message_id=... sender=..."
+            " from_role=...>: sender=\"human\" is the fleet's human operator (claude-peers send), sender=\"agent\""
+            " another agent, from_role the role of its credential; a channel tag inside the text is escaped"
+            " (&lt;channel), never a message of its own.")
 
 
 def instructions_lead(session: dict[str, Any] | None, name_note: str, url: str, error: str, arrival: str) -> str:
@@ -6124,13 +6549,15 @@ def format_peer(peer: dict[str, Any]) -> str:
 
 def format_message(message: dict[str, Any], shown: str) -> str:
     """A message as check_messages shows it; ``shown``: how it reached the model already, or ''."""
+    who = sender_meta(message)
     head = (f"message_id={message['id']} thread_id={message['thread_id']} from {message['from_name']}"
-            f" ({message['from_id']}, {message['from_machine']}:{message['from_cwd']}) at {message['sent_at']}")
+            f" ({message['from_id']}, {message['from_machine']}:{message['from_cwd']}; {who['sender']}, credential"
+            f" role {who['from_role']}) at {message['sent_at']}")
     if message["reply_to"]:
         head += f" in reply to {message['reply_to']}"
     if shown:
         head += f" [already {shown}]"
-    body = "\n".join("    " + line for line in message["text"].splitlines() or [""])
+    body = "\n".join("    " + line for line in fence(message["text"]).splitlines() or [""])
     return f"{head}\n{body}"
 
 
@@ -6290,6 +6717,12 @@ class Shim:
         self.introduced = asyncio.Event()  #: initialize arrived: the client and the mode are known
         self.attempted = asyncio.Event()  #: the first registration attempt is over (instructions wait for it)
         self.initialized = asyncio.Event()  #: the client sent notifications/initialized: pushes may flow
+        self.verdict_client = AsyncBrokerClient(self.url, token, timeout=cfg.broker.poll_wait_s + 15)
+        self.prompts: dict[str, dict[str, Any]] = {}  #: Claude Code's request id -> the prompt on the hub, while it waits
+        self.terminal: TerminalAnswers | None = None  #: this session's transcripts, once a push session relays prompts
+        self.verdicts: asyncio.Task[None] | None = None  #: waits for the hub's verdicts while prompts wait
+        self.watcher: asyncio.Task[None] | None = None  #: reads the transcripts for terminal answers meanwhile
+        self.background: set[asyncio.Task[None]] = set()  #: prompts on their way to the hub
         self.listed = asyncio.Event()  #: the client listed the tools: a post can ask the model to use them
         self.settled = False  #: inbox: the first post's wait for the tools is over
 
@@ -6317,6 +6750,8 @@ class Shim:
         self.mode, self.mode_reason = decide_mode(self.override, self.client, self.parent_argv, inbox)
         self.inbox = inbox[0] if self.mode == "inbox" else ""
         log.info("delivery mode %s: %s", self.mode, self.mode_reason)
+        if self.relays_permissions:
+            self.terminal = TerminalAnswers(self.cwd)
         self.introduced.set()
 
     async def _register(self, info: dict[str, Any]) -> None:
@@ -6334,6 +6769,7 @@ class Shim:
         if session is None:
             session = await self.tools_client.register(info)
         self.poll_client.attach(self.tools_client)
+        self.verdict_client.attach(self.tools_client)
         self.session, self.last_error, self.mode_told = session, "", True
         log.info("registered as session %s%s", session["id"], f" ({session['name']})" if session["name"] else "")
 
@@ -6469,11 +6905,93 @@ class Shim:
         """Write a channel notification (once per message id, ever, in this session: _show)."""
         meta = {"from_name": message["from_name"], "from_id": message["from_id"],
                 "from_machine": message["from_machine"], "from_cwd": message["from_cwd"],
-                "message_id": message["id"], "thread_id": message["thread_id"], "sent_at": message["sent_at"]}
+                "message_id": message["id"], "thread_id": message["thread_id"], "sent_at": message["sent_at"],
+                **sender_meta(message)}
         if message["reply_to"]:
             meta["reply_to"] = message["reply_to"]
         self.wire.write({"jsonrpc": "2.0", "method": CHANNEL_METHOD,
-                         "params": {"content": message["text"], "meta": {k: str(v) for k, v in meta.items()}}})
+                         "params": {"content": fence(message["text"]), "meta": {k: str(v) for k, v in meta.items()}}})
+
+    # -- permission prompts relayed to the hub ---------------------------------------
+
+    @property
+    def relays_permissions(self) -> bool:
+        """Claude Code's permission prompts go to the hub in push sessions, unless [shim] relay_permissions is off."""
+        return self.mode == "push" and self.cfg.shim.relay_permissions
+
+    def permission_requested(self, params: Any) -> None:
+        """A prompt Claude Code shows in its terminal and relayed here: sent on to the hub (the
+        terminal's dialog stays open meanwhile, and whichever answer comes first counts)."""
+        if not isinstance(params, dict) or not all(isinstance(params.get(k), str) for k in ("request_id", "tool_name")):
+            log.warning("ignored a permission request without request_id and tool_name")
+            return
+        prompt = {key: str(params.get(key) or "")[:limit] for key, limit in
+                  (("request_id", 16), ("tool_name", 200), ("description", 2000), ("input_preview", 2000))}
+        task = asyncio.get_running_loop().create_task(self._forward_prompt(prompt))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _forward_prompt(self, prompt: dict[str, str]) -> None:
+        try:
+            self._need_session()
+            stored = await self.tools_client.session_call("POST", "/permissions", prompt)
+        except (ShimError, UserError, ApiError) as exc:
+            log.warning("permission prompt %s (%s) not relayed to the hub: %s; it waits in the terminal",
+                        prompt["request_id"], prompt["tool_name"], exc)
+            return
+        self.prompts[prompt["request_id"]] = stored
+        log.info("permission prompt %s relayed as %s", prompt["request_id"], stored["id"])
+        if self.verdicts is None or self.verdicts.done():
+            self.verdicts = asyncio.get_running_loop().create_task(self._await_verdicts())
+        if self.watcher is None or self.watcher.done():
+            self.watcher = asyncio.get_running_loop().create_task(self._watch_terminal())
+
+    async def _watch_terminal(self) -> None:
+        """While prompts wait: a tool call answered in the terminal first (its result is in the
+        transcript, no verdict of ours went out) is settled on the hub as answered there."""
+        while self.prompts and self.terminal is not None:
+            for tool, tool_input, allowed in await asyncio.to_thread(lambda: list(self.terminal.answered())):
+                match = next((r for r, p in self.prompts.items()
+                              if p["tool"] == tool and same_call(tool_input, p["input_preview"])), None)
+                if match is None:
+                    continue
+                prompt = self.prompts.pop(match)
+                with contextlib.suppress(UserError, ApiError):
+                    await self.tools_client.session_call("POST", f"/permissions/{prompt['id']}/settle",
+                                                         {"decision": "allow" if allowed else "deny"})
+                log.info("permission prompt %s answered in the terminal first", prompt["id"])
+            await asyncio.sleep(TERMINAL_LOOK_S)
+
+    def _apply_verdict(self, verdict: dict[str, Any]) -> None:
+        """Hand Claude Code a human's verdict (it drops one for a prompt already answered in the terminal)."""
+        behavior = "allow" if verdict["state"] == "allowed" else "deny"
+        self.wire.write({"jsonrpc": "2.0", "method": PERMISSION_VERDICT_METHOD,
+                         "params": {"request_id": verdict["request_id"], "behavior": behavior}})
+        self.prompts.pop(verdict["request_id"], None)
+        log.info("permission prompt %s: %s by %s", verdict["id"], verdict["state"], verdict["answered_by"])
+
+    async def _await_verdicts(self) -> None:
+        """While prompts wait: long-poll the hub for verdicts, write each to Claude Code once, acknowledge it."""
+        acked: list[str] = []
+        backoff = 0.25
+        while self.prompts or acked:
+            asked_about = list(self.prompts)
+            try:
+                answer = await self.verdict_client.session_call(
+                    "POST", "/permissions/poll", {"wait_s": self.cfg.broker.poll_wait_s if self.prompts else 0,
+                                                  "ack": acked})
+                backoff, acked = 0.25, []
+            except (UserError, ApiError) as exc:
+                log.warning("waiting for permission verdicts: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            for verdict in answer["verdicts"]:
+                self._apply_verdict(verdict)
+                acked.append(verdict["id"])
+            if not answer["waiting"] and not answer["verdicts"]:  # settled or expired on the hub: nothing comes
+                for request in asked_about:
+                    self.prompts.pop(request, None)
 
     def _remember(self, message_id: str, how: str = "") -> None:
         self.seen[message_id] = how
@@ -6675,11 +7193,13 @@ def tools_list() -> dict[str, Any]:
     return {"tools": [{**tool, "_meta": TOOL_META} for tool in TOOLS]}
 
 
-def initialize_result(requested: Any, instructions: str) -> dict[str, Any]:
-    """The 2025 `initialize` answer, exactly as the official SDK builds it for this server."""
+def initialize_result(requested: Any, instructions: str, relay: bool = False) -> dict[str, Any]:
+    """The 2025 `initialize` answer, exactly as the official SDK builds it for this server; with
+    ``relay``, it also asks Claude Code for the session's permission prompts."""
     version = requested if requested in HANDSHAKE_VERSIONS else HANDSHAKE_VERSIONS[-1]
+    experimental: dict[str, Any] = {"claude/channel": {}, **({PERMISSION_CAPABILITY: {}} if relay else {})}
     return {"protocolVersion": version,
-            "capabilities": {"experimental": {"claude/channel": {}}, "tools": {"listChanged": False}},
+            "capabilities": {"experimental": experimental, "tools": {"listChanged": False}},
             "serverInfo": {"name": SERVER_NAME, "version": __version__},
             "instructions": instructions}
 
@@ -6799,6 +7319,8 @@ class McpServer:
     def _notification(self, method: str, params: Any) -> None:
         if method == "notifications/initialized":
             self.shim.initialized.set()
+        elif method == PERMISSION_REQUEST_METHOD and self.shim.relays_permissions:
+            self.shim.permission_requested(params)
         elif method == "notifications/cancelled" and isinstance(params, dict):
             task = self.inflight.get(request_id({"id": params.get("requestId")}))
             if task is not None:
@@ -6821,7 +7343,8 @@ class McpServer:
     async def _dispatch(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         if method == "initialize":  # the 2025 handshake; the 2026 probe (server/discover) is not found below
             self.shim.introduce(params.get("clientInfo"))
-            result = initialize_result(params.get("protocolVersion"), await self.shim.instructions())
+            result = initialize_result(params.get("protocolVersion"), await self.shim.instructions(),
+                                       self.shim.relays_permissions)
             self.version = result["protocolVersion"]
             return result
         if method == "ping":
@@ -6865,8 +7388,9 @@ async def serve_stdio(shim: Shim) -> None:
                 server.handle(line)
     finally:
         session.cancel()
-        for task in [*server.inflight.values(), *server.batches]:
-            task.cancel()
+        for task in [*server.inflight.values(), *server.batches, *shim.background, shim.verdicts, shim.watcher]:
+            if task is not None:
+                task.cancel()
         await shim.leave()
 
 
@@ -11413,6 +11937,41 @@ def cmd_alerts(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def format_prompt(prompt: dict[str, Any]) -> str:
+    """One relayed permission prompt for `pending`: its id, who asks, the tool, what, and its state."""
+    head = (f"{prompt['id']}  {prompt['machine']}/{prompt['session_name'] or prompt['session_id']}  {prompt['tool']}"
+            f"  {prompt['state']}  (asked {ago(prompt['requested_at'])}"
+            + (f"; {prompt['answered_by']} {ago(prompt['answered_at'])}" if prompt["answered_by"] else "") + ")")
+    lines = [head] + [f"    {text.splitlines()[0][:200]}" for text in (prompt["description"], prompt["input_preview"])
+                      if text]
+    return "\n".join(lines)
+
+
+def cmd_pending(cfg: Config, args: argparse.Namespace) -> int:
+    query = urllib.parse.urlencode({"state": "all" if args.all else "waiting"})
+    prompts = client_from_config(cfg).call("GET", f"/api/permissions?{query}")["permissions"]
+    if args.json:
+        print_json(prompts)
+        return 0
+    if not prompts:
+        print("nothing waits for you" if not args.all else "no permission prompts")
+    for prompt in prompts:
+        print(format_prompt(prompt))
+    return 0
+
+
+def cmd_verdict(cfg: Config, args: argparse.Namespace) -> int:
+    """`allow ID` / `deny ID`: answer a waiting prompt; a late one is dropped on the hub and said so."""
+    if not re.fullmatch(r"[0-9a-f]{8}", args.id):
+        raise UserError(f"{args.id!r} is not a prompt id (8 hex digits): `claude-peers pending` lists them")
+    try:
+        prompt = client_from_config(cfg).call("POST", f"/api/permissions/{args.id}/{args.verdict}")
+    except ApiError as exc:
+        if exc.status != 409:
+            raise
+        raise UserError(f"{exc.message} (nothing was sent to the session)") from None
+    print(f"{prompt['id']}: {prompt['state']} - {prompt['tool']} for {prompt['session_name'] or prompt['session_id']}"
+          f" on {prompt['machine']}; the session gets the verdict now")
 def repo_argument(value: str) -> str:
     """--repo as the task board keys it: '.' this directory's repository, 'any' none, else a remote normalised."""
     if value == ".":
@@ -11887,6 +12446,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 " the problem is still there")
     action.add_argument("id", help="the alert's id (claude-peers alerts lists it)")
     add_common_options(action, argparse.SUPPRESS, argparse.SUPPRESS)
+    p = command("pending", cmd_pending, "permission prompts that wait for you (Needs you)", json_flag=True)
+    p.add_argument("--all", action="store_true", help="answered, expired and terminal-answered ones too")
+    for verdict, what in (("allow", "let a session's waiting tool call run"), ("deny", "stop a session's tool call")):
+        p = command(verdict, cmd_verdict, f"{what} (an operator's credential; ids from `pending`)")
+        p.add_argument("id", help="the prompt's id, as `claude-peers pending` shows it")
+        p.set_defaults(verdict=verdict)
     p = command("task", cmd_task, "the fleet's task board: add, list, claim, done, after")
     actions = p.add_subparsers(dest="task_action", metavar="ACTION", required=True)
     action = actions.add_parser("add", help="a task for any session (of its repository) to take")
