@@ -17,7 +17,7 @@ Sections, in dependency order (each uses only what is above it):
   Config               daemons.toml: defaults, checks, the Config object, the fleet token
   Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory, tasks,
                        the permission prompts sessions relay (Needs you), overlaps (sessions
-                       changing the same files)
+                       changing the same files), file claims
   Events on NATS JetStream  the embedded nats-server, the relay from the outbox
   Webhook              alert changes posted by the hub from its queue, in order, retried until answered
   Dashboard and metrics  the live page and its logins, the broker's counters, GET /metrics
@@ -282,6 +282,16 @@ def git_info(cwd: Path) -> tuple[str, str]:
     return (lines[0], lines[1]) if len(lines) > 1 else (lines[0], "") if lines else ("", "")
 
 
+def work_tree(cwd: Path) -> str:
+    """The top of the git work tree holding ``cwd`` (also in a repository with no commit yet), or ''."""
+    try:
+        out = subprocess.run(["git", "-C", str(cwd), "rev-parse", "--show-toplevel"], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
 def normalise_repo(url: str) -> str:
     """A git remote as one name for every clone of it: host/path, lower-case host, no scheme,
     user, port or ".git" (git@github.com:o/r.git and https://github.com/o/r are github.com/o/r)."""
@@ -305,6 +315,19 @@ def repo_identity(cwd: Path) -> str:
         if out is not None and out.strip():
             return shape(out.strip())
     return ""
+
+
+def inside_repo(root: str, base: str, raw: str) -> str | None:
+    """``raw`` (absolute, or relative to ``base``) relative to the repository root ``root``, with the
+    symlinks of its existing directories resolved ('**' for the root itself); None outside it."""
+    full, tail = os.path.normpath(os.path.join(base, raw)), ""
+    while os.path.dirname(full) != full and not os.path.isdir(full):
+        full, name = os.path.split(full)
+        tail = os.path.join(name, tail) if tail else name
+    rel = os.path.relpath(os.path.join(os.path.realpath(full), tail), os.path.realpath(root))
+    if rel == ".." or rel.startswith("../"):
+        return None
+    return "**" if rel == "." else rel
 
 
 def storable_text(value: str) -> bool:
@@ -339,6 +362,8 @@ def _argument_fits(value: Any, spec: dict[str, Any]) -> bool:
         return isinstance(value, str)
     if kind == "integer":
         return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "boolean":
+        return isinstance(value, bool)
     if kind == "array":
         return isinstance(value, list) and all(_argument_fits(item, spec.get("items", {})) for item in value)
     return False
@@ -361,7 +386,8 @@ def check_tool_arguments(tool: str, schema: dict[str, Any], args: Any) -> dict[s
     for key, value in clean.items():
         spec = properties[key]
         if not _argument_fits(value, spec):
-            kind = {"array": "a list of strings", "integer": "an integer"}.get(spec.get("type"), "a string")
+            kind = {"array": "a list of strings", "integer": "an integer", "boolean": "true or false"}.get(
+                spec.get("type"), "a string")
             raise ToolArgumentError(f"{tool}: argument {key!r} must be {kind}")
         if "enum" in spec and value not in spec["enum"]:
             raise ToolArgumentError(f"{tool}: argument {key!r} must be one of {', '.join(map(str, spec['enum']))}")
@@ -1160,7 +1186,7 @@ def read_token(cfg: Config, create: bool = False) -> str:
 
 
 # ===========================================================================
-# Store: sessions, messages, events, alerts, memory, tasks and overlaps in sqlite (WAL)
+# Store: sessions, messages, events, alerts, memory, tasks, overlaps and file claims in sqlite (WAL)
 # ===========================================================================
 
 # Daemon runs, as the broker and each supervisor keep them (the supervisor adds columns).
@@ -1361,6 +1387,22 @@ CREATE TABLE IF NOT EXISTS overlaps(
     since REAL NOT NULL,
     PRIMARY KEY(a, b)
 );
+CREATE TABLE IF NOT EXISTS claims(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    repo TEXT NOT NULL,
+    path TEXT NOT NULL,
+    exclusive INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    minutes INTEGER NOT NULL,
+    holder TEXT NOT NULL,
+    holder_session TEXT NOT NULL,
+    holder_machine TEXT NOT NULL,
+    holder_pid INTEGER NOT NULL,
+    claimed_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS claims_repo ON claims(repo, path);
+CREATE INDEX IF NOT EXISTS claims_holder ON claims(holder_session);
 CREATE TABLE IF NOT EXISTS credentials(
     name TEXT PRIMARY KEY,
     machine TEXT NOT NULL,
@@ -2742,6 +2784,184 @@ class Overlaps:
                 for row in rows if row["a"] in self.sessions.live and row["b"] in self.sessions.live]
 
 
+CLAIM_MAX_PATHS = 50  # paths or globs one claim call may name
+CLAIM_PATH_CHARS = 500
+CLAIM_MAX_MINUTES = 24 * 60
+CLAIM_DEFAULT_MINUTES = 60
+
+
+def glob_regex(pattern: str) -> str:
+    """A claim's glob as a regex over repository paths: ** any depth, * and ? inside one name, [...]
+    a set; every pattern also covers what is under it (a claimed directory covers its files)."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]+/)*")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        ch = pattern[i]
+        if ch == "[":
+            start = i + 2 if pattern[i + 1:i + 2] in ("!", "^") else i + 1
+            end = pattern.find("]", start + 1)  # a ']' first in the set is one of its characters
+            if end < 0:
+                raise ValueError("has a '[' without its ']'")
+            negate = "^" if start > i + 1 else ""
+            out.append(f"[{negate}{re.escape(pattern[start:end])}]")
+            i = end + 1
+            continue
+        out.append({"*": "[^/]*", "?": "[^/]"}.get(ch) or re.escape(ch))
+        i += 1
+    return "".join(out) + "(?:/.*)?"
+
+
+def claim_pattern(raw: Any) -> str:
+    """A path or glob as claims keep it (relative to the repository's root, no './' or trailing
+    '/'); ApiError 400 naming what is wrong with it and how to give it."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise ApiError(400, f"paths: {raw!r} is not a path: give each path or glob as a non-empty string")
+    pattern = re.sub(r"/+", "/", raw.strip()).removeprefix("./").rstrip("/")
+    if len(pattern) > CLAIM_PATH_CHARS or any(ord(ch) < 32 for ch in pattern):
+        raise ApiError(400, f"paths: {raw[:80]!r} is too long or has control characters")
+    if pattern.startswith("/") or ".." in pattern.split("/") or not pattern:
+        raise ApiError(400, f"paths: {raw[:200]!r} is outside the repository: give paths relative to its root,"
+                            " without '..'")
+    try:
+        re.compile(glob_regex(pattern))
+    except (ValueError, re.error) as exc:
+        raise ApiError(400, f"paths: the glob {raw[:200]!r} {exc}: use *, ?, ** and [...] sets") from None
+    return pattern
+
+
+def claim_covers(pattern: str, path: str) -> bool:
+    """Whether a claim on ``pattern`` covers the repository path ``path``."""
+    return re.fullmatch(glob_regex(pattern), path) is not None
+
+
+def claims_overlap(a: str, b: str) -> bool:
+    """Whether two claimed patterns may name the same file (each read as a path the other covers:
+    src/** and src/*.py overlap, *.py and docs/a.md do not)."""
+    return a == b or claim_covers(a, b) or claim_covers(b, a)
+
+
+def claim_view(row: Any, expires_at: float) -> dict[str, Any]:
+    return {"id": row["id"], "repo": row["repo"], "path": row["path"], "exclusive": bool(row["exclusive"]),
+            "reason": row["reason"], "minutes": row["minutes"], "holder": row["holder"],
+            "holder_session": row["holder_session"], "holder_machine": row["holder_machine"],
+            "holder_pid": row["holder_pid"], "claimed_at": iso(row["claimed_at"]), "expires_at": iso(expires_at)}
+
+
+class Claims:
+    """File claims: paths or globs of one repository a session says it works on, advisory (a
+    warning to others) or exclusive (Claude Code's PreToolUse hook denies other sessions' edits
+    there). A claim holds while its session lives and was heard from within its minutes (every
+    heartbeat renews it), so a crashed machine's claims lapse by themselves; it ends with its session."""
+
+    def __init__(self, store: Store, sessions: Sessions) -> None:
+        self.store = store
+        self.sessions = sessions
+
+    def _expiry(self, row: Any, now: float) -> float | None:
+        """When ``row`` lapses if its session stays silent; None if it is no longer in force."""
+        session = self.sessions.live.get(row["holder_session"])
+        if session is None or not self.sessions.presence.alive(session, now):
+            return None
+        until = self.sessions.presence.last_seen(session) + row["minutes"] * 60
+        return until if until > now else None
+
+    def _event(self, c: sqlite3.Connection, row: Any, kind: str, **why: Any) -> None:
+        self.store.event(c, f"claim.{kind}", f"fleet.claim.{kind}", claim_id=row["id"], repo=row["repo"],
+                         path=row["path"], exclusive=bool(row["exclusive"]), reason=row["reason"],
+                         holder=row["holder"], holder_session=row["holder_session"],
+                         holder_machine=row["holder_machine"], **why)
+
+    def _drop(self, c: sqlite3.Connection, rows: Iterable[Any], kind: str, **why: Any) -> list[dict[str, Any]]:
+        """Delete claims, each as a fleet.claim.<kind> event; returns them as they were."""
+        dropped = []
+        for row in rows:
+            c.execute("DELETE FROM claims WHERE id = ?", (row["id"],))
+            self._event(c, row, kind, **why)
+            dropped.append(claim_view(row, row["claimed_at"]))
+        return dropped
+
+    def _lapse(self, c: sqlite3.Connection, repo: str, now: float) -> None:
+        """Drop the repository's claims no longer in force (their minutes passed in silence)."""
+        rows = c.execute("SELECT * FROM claims WHERE repo = ?", (repo,)).fetchall()
+        self._drop(c, [r for r in rows if self._expiry(r, now) is None], "expired")
+
+    def claim(self, session: dict[str, Any], repo: str, paths: list[Any], minutes: int, reason: str,
+              exclusive: bool) -> dict[str, Any]:
+        """Claim (or renew) paths for ``session``; an exclusive claim overlapping another session's
+        exclusive one is refused. Answers what was taken, refused, and every overlapping claim of others."""
+        if not repo:
+            raise ApiError(400, "field 'repo' is empty: claims are per git repository (this session is in none)")
+        if not paths or len(paths) > CLAIM_MAX_PATHS:
+            raise ApiError(400, f"paths: give 1 to {CLAIM_MAX_PATHS} paths or globs (got {len(paths)}); claim a"
+                                " directory or a glob to cover more")
+        if not 1 <= minutes <= CLAIM_MAX_MINUTES:
+            raise ApiError(400, f"field 'minutes' must be 1 to {CLAIM_MAX_MINUTES}, got {minutes}")
+        patterns = list(dict.fromkeys(claim_pattern(p) for p in paths))
+        now = time.time()
+        with self.store.tx() as c:
+            self._lapse(c, repo, now)
+            others = c.execute("SELECT * FROM claims WHERE repo = ? AND holder_session != ?",
+                               (repo, session["id"])).fetchall()
+            taken, refused, conflicts = [], [], {}
+            for path in patterns:
+                clash = [r for r in others if claims_overlap(r["path"], path)]
+                conflicts.update((r["id"], r) for r in clash)
+                if exclusive and any(r["exclusive"] for r in clash):
+                    refused.append(path)
+                    continue
+                own = c.execute("SELECT id FROM claims WHERE repo = ? AND path = ? AND holder_session = ?",
+                                (repo, path, session["id"])).fetchone()
+                claim_id = own["id"] if own else new_id(6)
+                c.execute("DELETE FROM claims WHERE id = ?", (claim_id,))
+                row = {"id": claim_id, "repo": repo, "path": path, "exclusive": int(exclusive), "reason": reason,
+                       "minutes": minutes, "holder": session["name"] or session["id"], "holder_session": session["id"],
+                       "holder_machine": session["machine"], "holder_pid": session["pid"], "claimed_at": now}
+                c.execute(f"INSERT INTO claims({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                          tuple(row.values()))
+                self._event(c, row, "renewed" if own else "claimed", minutes=minutes)
+                taken.append(claim_view(row, now + minutes * 60))
+            views = [claim_view(r, self._expiry(r, now) or now) for r in conflicts.values()]
+        return {"claims": taken, "refused": refused, "conflicts": views}
+
+    def release(self, session: dict[str, Any], paths: list[Any] | None) -> list[dict[str, Any]]:
+        """End ``session``'s claims on ``paths`` (as it claimed them), or all of them."""
+        patterns = [claim_pattern(p) for p in paths] if paths else None
+        with self.store.tx() as c:
+            rows = c.execute("SELECT * FROM claims WHERE holder_session = ?", (session["id"],)).fetchall()
+            mine = [r for r in rows if patterns is None or r["path"] in patterns]
+            return self._drop(c, mine, "released", by=session["name"] or session["id"])
+
+    def break_claim(self, claim_id: str, by: str) -> dict[str, Any]:
+        """An operator ends someone's claim; the event records who."""
+        with self.store.tx() as c:
+            row = c.execute("SELECT * FROM claims WHERE id = ?", (claim_id,)).fetchone()
+            if row is None:
+                raise ApiError(404, f"no claim {claim_id} (claude-peers claims lists them and their ids)")
+            [view] = self._drop(c, [row], "released", by=by, broken=True)
+            return view
+
+    def end_held(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
+        """A session ended: so did its claims."""
+        rows = c.execute("SELECT * FROM claims WHERE holder_session = ?", (session["id"],)).fetchall()
+        self._drop(c, rows, "ended", why=f"its session ended ({reason})")
+
+    def list(self, repo: str | None = None, session: str | None = None) -> list[dict[str, Any]]:
+        """The claims in force, oldest first: of ``repo``, or of ``session``, or all."""
+        where, args = ("WHERE repo = ?", (repo,)) if repo else ("WHERE holder_session = ?", (session,)) if session \
+            else ("", ())
+        now = time.time()
+        with self.store.lock:
+            rows = self.store.db.execute(f"SELECT * FROM claims {where} ORDER BY seq", args).fetchall()
+            return [claim_view(r, until) for r in rows if (until := self._expiry(r, now)) is not None]
+
+
 ROLES = ("client", "operator", "admin")
 CREDENTIAL_PREFIX = "cpc_"  # a credential, told apart from the hub's admin token at a glance
 
@@ -3713,7 +3933,7 @@ def dashboard_state(b: Broker) -> dict[str, Any]:
             "permissions": b.permissions.list("waiting", 100) + [p for p in b.permissions.list("all", 20)
                                                                  if p["state"] != "waiting"],
             "health": dashboard_health(b), "tasks": dashboard_tasks(b), "overlaps": b.overlaps.current(),
-            "nats": nats_view(b)}
+            "claims": b.claims.list()[:200], "nats": nats_view(b)}
 
 
 class Exposition:
@@ -3914,10 +4134,12 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
   border: 1px solid transparent; }
 .pill.queued, .pill.running, .pill.warning, .pill.limit, .pill.open, .pill.waiting { color: var(--warn);
   background: rgba(210, 153, 34, .12); border-color: rgba(210, 153, 34, .3); }
-.pill.delivered, .pill.info, .pill.claimed, .pill.answered-in-terminal { color: var(--info); background: rgba(88, 166, 255, .12);
+.pill.delivered, .pill.info, .pill.claimed, .pill.answered-in-terminal,
+  .pill.advisory { color: var(--info); background: rgba(88, 166, 255, .12);
   border-color: rgba(88, 166, 255, .3); }
 .pill.read, .pill.ok, .pill.done, .pill.allowed { color: var(--ok); background: rgba(63, 185, 80, .12); border-color: rgba(63, 185, 80, .3); }
-.pill.undeliverable, .pill.failed, .pill.timeout, .pill.critical, .pill.denied { color: var(--crit); background: rgba(248, 81, 73, .12);
+.pill.undeliverable, .pill.failed, .pill.timeout, .pill.critical, .pill.denied,
+  .pill.exclusive { color: var(--crit); background: rgba(248, 81, 73, .12);
   border-color: rgba(248, 81, 73, .3); }
 .runs { display: flex; gap: 3px; }
 .runs i { width: 7px; height: 16px; border-radius: 2px; background: var(--muted); opacity: .8; }
@@ -4046,7 +4268,8 @@ function loggedOut(why) {
   state = null;
   version = 0;
   texts.clear();
-  for (const id of ["needs", "cards", "sessions", "messages", "daemons", "health", "tasks", "overlaps", "alerts"]) {
+  for (const id of ["needs", "cards", "sessions", "messages", "daemons", "health", "tasks", "overlaps",
+                    "claims", "alerts"]) {
     document.getElementById(id).replaceChildren();
   }
   document.getElementById("app").hidden = true;
@@ -4282,6 +4505,23 @@ function renderOverlaps() {
     "No overlaps: no two live sessions have changed the same file of one repository."));
 }
 
+function renderClaims() {
+  const rows = state.claims.map((c) => {
+    const kind = c.exclusive ? "exclusive" : "advisory";
+    return h("tr", {"data-claim": c.id, "data-kind": kind},
+      h("td", {}, h("div", {class: "mono clip", title: c.path}, c.path),
+        h("div", {class: "muted clip", title: c.reason}, c.reason || c.id)),
+      h("td", {class: "mono clip short", title: c.repo}, c.repo),
+      h("td", {}, h("span", {class: "pill " + kind}, kind)),
+      h("td", {}, h("div", {class: "name"}, c.holder), h("div", {class: "muted"}, "on " + c.holder_machine)),
+      h("td", {class: "num"}, when(c.claimed_at)));
+  });
+  document.getElementById("claim-count").textContent = `${state.claims.length} in force`;
+  document.getElementById("claims").replaceChildren(table(
+    [["Path"], ["Repository"], ["Kind"], ["Holder"], ["Since", "num"]], rows,
+    "No file claims: a session makes one with its claim tool."));
+}
+
 function renderAlerts() {
   const items = state.alerts.map((a) => h("li", {},
     h("span", {class: "sev " + a.severity}, a.severity), h("span", {class: "muted"}, `${a.machine} · ${a.source}`),
@@ -4307,6 +4547,7 @@ function render() {
   renderHealth();
   renderTasks();
   renderOverlaps();
+  renderClaims();
   renderAlerts();
   document.getElementById("session-count").textContent = `${state.sessions.filter((s) => s.online).length} online`;
   document.getElementById("message-count").textContent = "latest 40, text on request";
@@ -4413,6 +4654,7 @@ this dashboard only.</p></div>
 </div>
 <section class="panel"><h2>Tasks <span id="task-count"></span></h2><div class="scroll" id="tasks"></div></section>
 <section class="panel"><h2>Overlaps <span id="overlap-count"></span></h2><div class="scroll" id="overlaps"></div></section>
+<section class="panel"><h2>File claims <span id="claim-count"></span></h2><div class="scroll" id="claims"></div></section>
 <section class="panel"><h2>Open alerts</h2><div id="alerts"></div></section>
 </main>
 <div id="toast"></div>
@@ -4499,6 +4741,10 @@ TASK_SCHEMA: Schema = {"text": Field(str, True, 4000), "repo": Field(str, False,
 TASK_CLAIM_SCHEMA: Schema = {"id": Field(str, False, 64), "repo": Field(str, False, 500)}
 TASK_DONE_SCHEMA: Schema = {"result": Field(str, False, 8000)}
 TASK_AFTER_SCHEMA: Schema = {"after": Field(list, True, 50)}
+CLAIM_SCHEMA: Schema = {"repo": Field(str, True, 500), "paths": Field(list, True, 1000),
+                        "minutes": Field(int, False, 1_000_000), "reason": Field(str, False, 500),
+                        "exclusive": Field(bool, False, 0)}
+CLAIM_RELEASE_SCHEMA: Schema = {"paths": Field(list, False, 1000)}
 EMPTY_SCHEMA: Schema = {}
 KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object",
               bool: "true or false"}
@@ -4638,6 +4884,8 @@ class Broker:
         self.sessions.on_end.append(self.tasks.reopen_held)
         self.overlaps = Overlaps(self.store, self.sessions)  #: sessions changing the same files of a repository
         self.sessions.on_end.append(self.overlaps.ended)
+        self.claims = Claims(self.store, self.sessions)
+        self.sessions.on_end.append(self.claims.end_held)
         self.records.migrate_memory()
         self.limiter = RateLimiter(cfg.broker.rate_per_s, cfg.broker.rate_burst)
         # Long-polls waiting right now, until woken or handed mail (a send leases mail to them).
@@ -4882,12 +5130,13 @@ PERMISSIONS = {
     "login": "open the dashboard (it shows every session and message, and runs daemons on any machine)",
     "dashboard": "use the dashboard (its cookie: from `claude-peers dashboard`)",
     "task": "add, claim and finish tasks on the task board",
+    "claim": "end another session's file claim",
     "forget": "resolve alerts by hand and forget machines",
     "admin": "manage credentials",
     "approve": "answer the sessions' permission prompts",
 }
 ROLE_PERMISSIONS = {"client": {"read", "session", "report", "trigger", "task"},
-                    "operator": {"read", "session", "report", "trigger", "task", "operator", "metrics", "login",
+                    "operator": {"read", "session", "report", "trigger", "task", "claim", "operator", "metrics", "login",
                                  "approve"},
                     "admin": set(PERMISSIONS), "dashboard": {"dashboard"}, "dashboard-admin": {"dashboard", "forget"},
                     "metrics": {"metrics"}}
@@ -4972,14 +5221,22 @@ def _scope(req: Request) -> str:
     return req.query.get("scope", "all")
 
 
+def with_claims(b: Broker, peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Peers, each with the file claims it holds (list_peers shows them)."""
+    held: dict[str, list[dict[str, Any]]] = {}
+    for claim in b.claims.list():
+        held.setdefault(claim["holder_session"], []).append(claim)
+    return [{**peer, "claims": held.get(peer["id"], [])} for peer in peers]
+
+
 def r_session_peers(b: Broker, req: Request) -> Any:
     peers = b.sessions.peers(_scope(req), req.session, exclude=req.session["id"])
-    return {"peers": peers}
+    return {"peers": with_claims(b, peers)}
 
 
 def r_peers(b: Broker, req: Request) -> Any:
     ref = {k: req.query.get(k, "") for k in ("machine", "git_root", "cwd")}
-    return {"peers": b.sessions.peers(_scope(req), ref)}
+    return {"peers": with_claims(b, b.sessions.peers(_scope(req), ref))}
 
 
 async def _send(b: Broker, sender: dict[str, Any], req: Request) -> dict[str, Any]:
@@ -5351,6 +5608,25 @@ async def r_task_after(b: Broker, req: Request) -> Any:
     return await b.write(lambda: b.tasks.wait_for(req.args[0], req.body["after"]))
 
 
+def r_claims(b: Broker, req: Request) -> Any:
+    return {"claims": b.claims.list(req.query.get("repo"), req.query.get("session"))}
+
+
+async def r_claim(b: Broker, req: Request) -> Any:
+    body = req.body
+    return await b.write(lambda: b.claims.claim(req.session, body["repo"], body["paths"],
+                                                body.get("minutes", CLAIM_DEFAULT_MINUTES), body.get("reason", ""),
+                                                body.get("exclusive", False)))
+
+
+async def r_release_claims(b: Broker, req: Request) -> Any:
+    return {"released": await b.write(lambda: b.claims.release(req.session, req.body.get("paths")))}
+
+
+async def r_break_claim(b: Broker, req: Request) -> Any:
+    return {"released": await b.write(lambda: b.claims.break_claim(req.args[0], task_actor(req)["name"]))}
+
+
 # -- the dashboard and /metrics (what they show is built in the section above) --------------
 
 DASHBOARD_LOGIN_SCHEMA: Schema = {"code": Field(str, True, 100)}
@@ -5433,6 +5709,8 @@ ROUTES: list[Route] = [
         ("POST", f"/api/sessions/{SID}/tasks", r_add_task, True, TASK_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/tasks/claim", r_claim_task, True, TASK_CLAIM_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/tasks/([0-9a-f]{{12}})/done", r_finish_task, True, TASK_DONE_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/claims", r_claim, True, CLAIM_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/claims/release", r_release_claims, True, CLAIM_RELEASE_SCHEMA, "session"),
         ("POST", f"/api/sessions/{SID}/memory", r_set_memory, True, MEMORY_SCHEMA, "operator"),
         ("GET", f"/api/sessions/{SID}/messages/([0-9a-f]{{12}})", r_session_message, True, None, "session"),
         ("POST", f"/api/sessions/{SID}/permissions", r_permission_request, True, PERMISSION_REQUEST_SCHEMA,
@@ -5470,6 +5748,8 @@ ROUTES: list[Route] = [
         ("POST", "/api/tasks/([0-9a-f]{12})/claim", r_claim_task, False, EMPTY_SCHEMA, "task"),
         ("POST", "/api/tasks/([0-9a-f]{12})/done", r_finish_task, False, TASK_DONE_SCHEMA, "task"),
         ("POST", "/api/tasks/([0-9a-f]{12})/after", r_task_after, False, TASK_AFTER_SCHEMA, "task"),
+        ("GET", "/api/claims", r_claims, False, None, "read"),
+        ("POST", "/api/claims/([0-9a-f]{12})/release", r_break_claim, False, EMPTY_SCHEMA, "claim"),
         ("POST", "/api/schedule", r_schedule, False, SCHEDULE_SCHEMA, "report"),
         ("POST", "/api/dashboard/codes", r_login_code, False, EMPTY_SCHEMA, "login"),
         ("GET", "/", r_dashboard_page, False, None, "dashboard"),
@@ -6135,6 +6415,19 @@ TOOLS: list[dict[str, Any]] = [
          "result": {"type": "string", "description": "done: what came of it"},
          "text": {"type": "string", "description": "add: what is to be done"},
          "after": {"type": "array", "items": {"type": "string"}, "description": "add: ids of tasks it waits for"}}}},
+    {"name": "claim",
+     "description": "Claim files of this repository before changing them: sessions on every machine see it, and"
+                    " an exclusive claim makes Claude Code deny their edits there. It lasts while this session"
+                    " lives (or `minutes` after it falls silent); the answer names any conflicting claim.",
+     "inputSchema": {"type": "object", "required": ["paths"], "properties": {
+         "paths": {"type": "array", "items": {"type": "string"}, "description": "files, directories or globs"},
+         "minutes": {"type": "integer", "description": f"default {CLAIM_DEFAULT_MINUTES}"},
+         "reason": {"type": "string", "description": "what you are doing there"},
+         "exclusive": {"type": "boolean", "description": "deny others' edits (default: advisory)"}}}},
+    {"name": "release",
+     "description": "Release this session's file claims: the paths given as claimed, or all of them.",
+     "inputSchema": {"type": "object", "properties": {
+         "paths": {"type": "array", "items": {"type": "string"}}}}},
 ]
 
 
@@ -6641,6 +6934,30 @@ def overlap_notice(notice: dict[str, Any]) -> str:
             f" {files}{new}; {summary}. Agree who changes what before you both go on: send_message(to=\"{who}\").")
 
 
+def format_claim(claim: dict[str, Any]) -> str:
+    """One claim in a line: path, kind, holder and where, its reason."""
+    kind = "exclusive" if claim["exclusive"] else "advisory"
+    why = f": {claim['reason']}" if claim["reason"] else ""
+    return f"{claim['path']} ({kind}) by {claim['holder']} on {claim['holder_machine']}{why}"
+
+
+def format_claimed(answer: dict[str, Any], repo: str) -> str:
+    """A claim call's answer for the model: what it holds now, what it could not take and whom to ask."""
+    lines = []
+    if answer["claims"]:
+        first = answer["claims"][0]
+        kind = "exclusive" if first["exclusive"] else "advisory"
+        lines.append(f"Claimed in {repo} ({kind}, held while this session lives, {first['minutes']} min if it falls"
+                     f" silent): {', '.join(c['path'] for c in answer['claims'])}.")
+    if answer["refused"]:
+        lines.append(f"Not claimed (claimed exclusively by another session): {', '.join(answer['refused'])}.")
+    if answer["conflicts"]:
+        holders = sorted({c["holder"] for c in answer["conflicts"]})
+        lines += ["Conflicting claims:", *("- " + format_claim(c) for c in answer["conflicts"]),
+                  f"Ask with send_message(to=\"{holders[0]}\") before changing what they hold."]
+    return "\n".join(lines)
+
+
 class ShimError(Exception):
     """A tool call that failed in a way the model should read."""
 
@@ -7039,7 +7356,8 @@ class Shim:
         """Run one tool; raises ShimError with a readable message on any failure."""
         handlers = {"list_peers": self.tool_list_peers, "send_message": self.tool_send_message,
                     "set_summary": self.tool_set_summary, "check_messages": self.tool_check_messages,
-                    "whoami": self.tool_whoami, "tasks": self.tool_tasks}
+                    "whoami": self.tool_whoami, "tasks": self.tool_tasks, "claim": self.tool_claim,
+                    "release": self.tool_release}
         tool = next((t for t in TOOLS if t["name"] == name), None)
         if tool is None:
             raise ShimError(f"unknown tool {str(name)[:64]!r}; the tools are {', '.join(handlers)}")
@@ -7074,7 +7392,8 @@ class Shim:
         peers = (await self.tools_client.session_call("GET", f"/peers?scope={scope}"))["peers"]
         if not peers:
             return f"No other live sessions (scope: {scope})."
-        return f"Live peers (scope: {scope}, {len(peers)}):\n" + "\n".join(format_peer(p) for p in peers)
+        return f"Live peers (scope: {scope}, {len(peers)}):\n" + "\n".join(
+            format_peer(p) + "".join(f"\n    claims {format_claim(c)}" for c in p.get("claims", [])) for p in peers)
 
     async def tool_send_message(self, to: str, text: str, reply_to: str | None = None, scope: str | None = None) -> str:
         self._need_session()
@@ -7113,12 +7432,48 @@ class Shim:
         return (f"{len(messages)} peer message(s), oldest first. Each text is from another agent; answer with"
                 " send_message(to=<from id or name>, reply_to=<message_id>).\n\n" + "\n\n".join(parts))
 
+    async def _repository(self) -> str:
+        """This session's repository, the same name on every clone of it ('' outside one)."""
+        if self.repo is None:
+            self.repo = await asyncio.to_thread(repo_identity, self.cwd)
+        return self.repo
+
+    async def tool_claim(self, paths: list[str], minutes: int | None = None, reason: str | None = None,
+                         exclusive: bool = False) -> str:
+        """Claim paths of this session's repository, given relative to its directory or absolute."""
+        self._need_session()
+        repo, root = await self._repository(), await asyncio.to_thread(work_tree, self.cwd)
+        if not repo or not root:
+            raise ShimError(f"claim: {self.cwd} is in no git repository, and file claims are per repository")
+        if len(paths) > CLAIM_MAX_PATHS:
+            raise ShimError(f"claim: {len(paths)} paths; at most {CLAIM_MAX_PATHS} at once (claim a directory or"
+                            " a glob to cover more)")
+        relative = []
+        for raw in paths:
+            rel = inside_repo(root, str(self.cwd), raw) if raw.strip() else raw
+            if rel is None:
+                raise ShimError(f"claim: {raw!r} is outside this repository ({root}): claim paths inside it")
+            relative.append(rel)
+        body = {"repo": repo, "paths": relative, "minutes": minutes, "reason": reason, "exclusive": exclusive}
+        answer = await self.tools_client.session_call("POST", "/claims",
+                                                      {k: v for k, v in body.items() if v is not None})
+        return format_claimed(answer, repo)
+
+    async def tool_release(self, paths: list[str] | None = None) -> str:
+        self._need_session()
+        root = await asyncio.to_thread(work_tree, self.cwd) or str(self.cwd)
+        given = [inside_repo(root, str(self.cwd), p) or p for p in paths] if paths else None
+        released = (await self.tools_client.session_call("POST", "/claims/release",
+                                                         {"paths": given} if given else {}))["released"]
+        if not released:
+            return "No claims of this session " + (f"on {', '.join(given)}." if given else "to release.")
+        return f"Released: {', '.join(c['path'] for c in released)}."
+
     async def tool_tasks(self, action: str, id: str | None = None, result: str | None = None,
                          text: str | None = None, after: list[str] | None = None) -> str:
         """The task board of this session's repository (the same name on every clone of it)."""
         self._need_session()
-        if self.repo is None:
-            self.repo = await asyncio.to_thread(repo_identity, self.cwd)
+        await self._repository()
         board = self.repo or "no repository"
         if action == "list":
             found = await self.tools_client.call("GET", "/api/tasks?" + urllib.parse.urlencode({"repo": self.repo}))
@@ -7156,6 +7511,10 @@ class Shim:
                  + ("; messages wait for check_messages" if self.mode == "pull" else "")]
         if self.name_note:
             lines.append(f"note: {self.name_note}")
+        with contextlib.suppress(UserError, ApiError):
+            held = (await self.tools_client.call("GET", "/api/claims?" + urllib.parse.urlencode({"session": s["id"]}),
+                                                 timeout=2))["claims"]
+            lines += [f"claims: {format_claim(c)}" for c in held] or ["claims: none"]
         return "\n".join(lines)
 
 
@@ -11197,6 +11556,33 @@ def bench_claude_view(report: BenchReport) -> None:
     print(f"  ({source})")
 
 
+def bench_hook(samples: int) -> tuple[float, bool]:
+    """The PreToolUse hook as Claude Code runs it, ``samples`` times on an Edit another machine's
+    session claimed exclusively: its p99 wall time (ms), and whether every run denied it."""
+    broker = BenchBroker()
+    try:
+        repo = Path(broker.home) / "repo"
+        (repo / "src").mkdir(parents=True)
+        for argv in (["init", "-q"], ["remote", "add", "origin", "git@github.com:bench/claims.git"]):
+            subprocess.run(["git", "-C", str(repo), *argv], check=True, capture_output=True, timeout=30)
+        holder = broker.client()
+        holder.register({"machine": "bench-elsewhere", "pid": os.getpid(), "cwd": str(repo), "name": "holder"})
+        holder.session_call("POST", "/claims", {"repo": repo_identity(repo), "paths": ["src"], "exclusive": True})
+        payload = json.dumps({"hook_event_name": "PreToolUse", "tool_name": "Edit", "cwd": str(repo),
+                              "tool_input": {"file_path": str(repo / "src/app.py"), "old_string": "a",
+                                             "new_string": "b"}})
+        times, denied = [], True
+        for _ in range(samples):
+            start = time.perf_counter()
+            out = subprocess.run(module_command("hook", "pre-tool-use"), input=payload, env=broker.env,
+                                 capture_output=True, text=True, timeout=30, check=False)
+            times.append((time.perf_counter() - start) * 1000)
+            denied = denied and '"permissionDecision": "deny"' in out.stdout
+        return percentile(times, 99), denied
+    finally:
+        broker.close()
+
+
 def inbox_peer(broker: BenchBroker, session: InteractiveClaude, name: str) -> dict[str, Any] | None:
     """The session ``name`` once its shim registered (None if Claude Code exits or 90 s pass first)."""
     deadline = time.monotonic() + 90
@@ -11317,6 +11703,11 @@ def run_bench(args: argparse.Namespace) -> bool:
     report.figure("broker RSS, 1000 sessions long-polling (MB)", {"ours": rss, "anchor": None}, "{:.1f}",
                   Target("<=", 150))
     bench_claude_view(report)
+    hook_ms, denied = bench_hook(max(args.samples, 10))
+    report.figure("file-claims PreToolUse hook, one Edit checked, p99 (ms)", {"ours": hook_ms, "anchor": None},
+                  target=Target("<=", 100))
+    if not denied:
+        print("  (FAULT: the hook let an Edit of a claimed file through)")
     if args.inbox_samples:
         bench_inbox(report, args.claude or shutil.which("claude"), args.inbox_samples)
     relayed, published = bench_relay(args.events)
@@ -11325,7 +11716,7 @@ def run_bench(args: argparse.Namespace) -> bool:
     if relayed is None:
         print("  (too few events to time the relay: try --events 20000)")
     report.summary()
-    return not report.faults
+    return not report.faults and denied
 
 
 # ===========================================================================
@@ -12026,6 +12417,193 @@ def cmd_task(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- file claims: the operator's view, and Claude Code's PreToolUse hook ---------------------
+
+EDIT_TOOLS = ("Edit", "Write", "MultiEdit", "NotebookEdit")  # the Claude Code tools the hook guards
+HOOK_COMMAND = "hook pre-tool-use"  # how our entry in Claude Code's settings is told apart
+HOOK_CACHE_S = 2.0  # the hook reuses a repository's claims this long: edits in a burst ask the broker once
+HOOK_FETCH_TIMEOUT_S = 1.5
+
+
+def cmd_claims(cfg: Config, args: argparse.Namespace) -> int:
+    """The file claims in force, or (release ID) an operator ending one, recorded as who did it."""
+    client = client_from_config(cfg)
+    if args.claims_action == "release":
+        gone = client.call("POST", f"/api/claims/{urllib.parse.quote(args.id, safe='')}/release")["released"]
+        print(f"released claim {gone['id']} on {gone['path']} ({gone['repo']}), held by {gone['holder']}")
+        return 0
+    query = {"repo": repo_argument(args.repo)} if args.repo else {}
+    claims = client.call("GET", "/api/claims?" + urllib.parse.urlencode(query))["claims"]
+    if args.json:
+        print_json(claims)
+    elif not claims:
+        print("no file claims (a session makes one with its claim tool)")
+    for repo in dict.fromkeys(c["repo"] for c in claims if not args.json):
+        print(repo)
+        for claim in (c for c in claims if c["repo"] == repo):
+            print(f"  {claim['id']} {format_claim(claim)} (until {claim['expires_at']} if silent)")
+    return 0
+
+
+def parent_pid(pid: int) -> int:
+    """A local process's parent (0 when it is gone or unknown)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
+        out = subprocess.run(["ps", "-o", "ppid=", "-p", str(pid)], capture_output=True, text=True, timeout=2,
+                             check=False)
+        return int(out.stdout.strip() or 0)
+    return 0
+
+
+def ancestors() -> set[int]:
+    """This process's ancestors: the Claude Code that ran the hook is one of them."""
+    found, pid = set(), os.getppid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        pid = parent_pid(pid)
+    return found
+
+
+def own_claim(cfg: Config, claim: dict[str, Any], mine: Callable[[], set[int]]) -> bool:
+    """Whether a claim is this Claude Code's own: its shim, on this machine, is a child of one of our ancestors."""
+    return claim["holder_machine"] == cfg.machine and parent_pid(claim["holder_pid"]) in mine()
+
+
+def cached_claims(cfg: Config, root: str) -> tuple[str, list[dict[str, Any]]]:
+    """The repository at ``root`` and its claims in force: from a cache file younger than HOOK_CACHE_S,
+    else from the broker (BrokerUnreachable, UserError or ApiError when it cannot be asked)."""
+    cache = data_home() / "claims-cache" / (hashlib.sha256(root.encode()).hexdigest()[:24] + ".json")
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        kept = json.loads(cache.read_text())
+        if 0 <= time.time() - kept["at"] < HOOK_CACHE_S and kept["root"] == root:
+            return kept["repo"], kept["claims"]
+    repo = repo_identity(Path(root))
+    if not repo:  # no origin and no commit yet: no session can have claimed anything in it
+        return "", []
+    query = urllib.parse.urlencode({"repo": repo})
+    claims = client_from_config(cfg, HOOK_FETCH_TIMEOUT_S).call("GET", f"/api/claims?{query}")["claims"]
+    with contextlib.suppress(OSError):
+        cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        part = cache.with_suffix(f".{os.getpid()}.tmp")
+        part.write_text(json.dumps({"at": time.time(), "root": root, "repo": repo, "claims": claims}))
+        part.chmod(0o600)
+        part.replace(cache)
+    return repo, claims
+
+
+def edited_path(payload: Any) -> tuple[str, str] | None:
+    """(the file, the directory it is relative to) a PreToolUse payload edits, or None if it edits none."""
+    if not isinstance(payload, dict) or payload.get("tool_name") not in EDIT_TOOLS:
+        return None
+    tool_input = payload.get("tool_input") if isinstance(payload.get("tool_input"), dict) else {}
+    path = tool_input.get("file_path") or tool_input.get("notebook_path")
+    cwd = payload.get("cwd") if isinstance(payload.get("cwd"), str) else os.getcwd()
+    return (path, cwd) if isinstance(path, str) and path else None
+
+
+def repo_root_of(path: str) -> str:
+    """The git work tree holding ``path`` (which may not exist yet), or ''."""
+    directory = os.path.dirname(path)
+    while directory and not os.path.isdir(directory) and os.path.dirname(directory) != directory:
+        directory = os.path.dirname(directory)
+    return work_tree(Path(directory)) if directory else ""
+
+
+def claim_denial(cfg: Config, payload: Any) -> str:
+    """Why Claude Code must not run this tool call (another live session's exclusive claim), or ''."""
+    edit = edited_path(payload)
+    if edit is None:
+        return ""
+    full = os.path.normpath(os.path.join(edit[1], edit[0]))
+    root = repo_root_of(full)
+    rel = inside_repo(root, edit[1], full) if root else None
+    if rel is None:
+        return ""
+    repo, claims = cached_claims(cfg, root)
+    mine = functools.lru_cache(maxsize=1)(ancestors)
+    for claim in claims:
+        if claim["exclusive"] and claim_covers(claim["path"], rel) and not own_claim(cfg, claim, mine):
+            why = f" ({claim['reason']})" if claim["reason"] else ""
+            return (f"claude-peers: {rel} is claimed exclusively by {claim['holder']} on {claim['holder_machine']}"
+                    f"{why} in {repo} (claim {claim['path']}, until {claim['expires_at']} unless renewed). Ask them"
+                    f" with send_message(to=\"{claim['holder']}\") to release it, or work on something else.")
+    return ""
+
+
+def claude_settings_path() -> Path:
+    """Claude Code's user settings file (CLAUDE_CONFIG_DIR moves it, as it moves Claude Code's own)."""
+    return Path(os.environ.get("CLAUDE_CONFIG_DIR") or Path.home() / ".claude") / "settings.json"
+
+
+def without_our_hook(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings with our PreToolUse entry taken out (other hooks kept as they are)."""
+    groups = settings.get("hooks", {}).get("PreToolUse", [])
+    kept = []
+    for group in groups:
+        hooks = [h for h in group.get("hooks", []) if not str(h.get("command", "")).endswith(HOOK_COMMAND)]
+        if hooks or not group.get("hooks"):
+            kept.append({**group, "hooks": hooks})
+    hooks = {**settings.get("hooks", {}), "PreToolUse": kept}
+    if not kept:
+        del hooks["PreToolUse"]
+    return {**settings, "hooks": hooks} if hooks else {k: v for k, v in settings.items() if k != "hooks"}
+
+
+def edit_hook_settings(install: bool, launcher: str | None) -> str:
+    """Add (or remove) our PreToolUse hook in Claude Code's user settings, keeping everything else (a
+    file left empty is removed); says what it did."""
+    path = claude_settings_path()
+    try:
+        settings = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read it as JSON ({exc}); fix it, then run this again") from None
+    if not isinstance(settings, dict) or not isinstance(settings.get("hooks", {}), dict) or not isinstance(
+            settings.get("hooks", {}).get("PreToolUse", []), list):
+        raise UserError(f"{path}: its hooks are not in Claude Code's shape; fix them, then run this again")
+    changed = without_our_hook(settings)
+    if install:
+        command = shlex.quote(launcher) if launcher else (shutil.which("claude-peers") or shlex.join(
+            [sys.executable, str(Path(__file__).resolve())]))
+        entry = {"matcher": "|".join(EDIT_TOOLS), "hooks": [{"type": "command", "command": f"{command} {HOOK_COMMAND}",
+                                                             "timeout": 10}]}
+        hooks = changed.setdefault("hooks", {})
+        hooks["PreToolUse"] = [*hooks.get("PreToolUse", []), entry]
+    if changed == settings:
+        return f"the claude-peers PreToolUse hook is {'already' if install else 'not'} in {path}"
+    if changed:
+        part = path.with_suffix(".json.claude-peers.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part.write_text(json.dumps(changed, indent=2) + "\n")
+        part.replace(path)
+    else:
+        path.unlink()
+    return f"{'registered' if install else 'removed'} the claude-peers PreToolUse hook (file claims) in {path}"
+
+
+def pre_tool_use_hook(config: str | None) -> int:
+    """Claude Code's PreToolUse hook (stdin: its JSON; a denial on stdout). It fails open: whatever
+    goes wrong, the edit goes ahead, with one line on stderr."""
+    try:
+        cfg = load_config(config)
+        reason = claim_denial(cfg, json.loads(sys.stdin.read() or "null"))
+    except (UserError, ApiError, ValueError, OSError) as exc:
+        print(f"claude-peers hook: file claims not checked, edit allowed: {exc}", file=sys.stderr)
+        return 0
+    if reason:
+        print(json.dumps({"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": "deny",
+                                                 "permissionDecisionReason": reason}}))
+    return 0
+
+
+def cmd_hook(cfg: Config, args: argparse.Namespace) -> int:
+    """pre-tool-use: the hook itself; install/uninstall: register it in Claude Code's user settings, or take it out."""
+    if args.hook_action == "pre-tool-use":
+        return pre_tool_use_hook(args.config)
+    print(edit_hook_settings(args.hook_action == "install", args.launcher))
+    return 0
+
+
 def configured_daemon(cfg: Config, name: str, elsewhere: str = "") -> SimpleNamespace:
     """The daemon a trigger names, as this config has it: an unknown name is a typo to say now."""
     daemon = cfg.daemons.get(name)
@@ -12290,6 +12868,20 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("needs", nargs="+", metavar="NEEDS", help="the tasks it waits for")
     for action in actions.choices.values():
         add_common_options(action, argparse.SUPPRESS, argparse.SUPPRESS)
+    p = command("claims", cmd_claims, "file claims in force (sessions make them with their claim tool)",
+                json_flag=True)
+    p.add_argument("--repo", help="only this repository's: a remote URL, or '.' this directory's")
+    actions = p.add_subparsers(dest="claims_action", metavar="ACTION")
+    action = actions.add_parser("release", help="end a session's claim (as the operator: the event names you)")
+    action.add_argument("id", help="the claim's id (claude-peers claims lists it)")
+    add_common_options(action, argparse.SUPPRESS, argparse.SUPPRESS)
+    p = command("hook", cmd_hook, "Claude Code's PreToolUse hook for file claims; install or uninstall it",
+                needs_config=False)
+    p.add_argument("hook_action", choices=["pre-tool-use", "install", "uninstall"],
+                   help="pre-tool-use: run as the hook (Claude Code calls it); install/uninstall: in"
+                        " ~/.claude/settings.json")
+    p.add_argument("--launcher", metavar="PATH", help="install: the claude-peers command the hook runs (default:"
+                   " the one on PATH)")
     p = command("trigger", cmd_trigger, "run a daemon now (via the supervisor, or here in the foreground)")
     p.add_argument("daemon")
     p.add_argument("--here", action="store_true", help="run it in this terminal, printing the transcript")
@@ -12372,7 +12964,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == HOOK_COMMAND.split():  # as Claude Code runs it at every edit: no parser to build first
+        return pre_tool_use_hook(None)
+    args = parse_args(argv)
     setup_logging(args.verbose)
     cfg: Config | None = None
     try:

@@ -13,7 +13,8 @@ only when something changed; config and data are never overwritten).
   Piped:            curl -fsSL https://raw.githubusercontent.com/claude-peers/claude-peers/main/install.sh | sh -s -- [options]
 
 Without --role it installs the launcher (~/.local/bin/claude-peers), the venv, a config and
-a fleet token, registers the MCP server with Claude Code, and starts nothing. A re-run keeps
+a fleet token, registers the MCP server and the file-claims hook with Claude Code, and
+starts nothing. A re-run keeps
 and upgrades the services an earlier --role installed.
 
   --role hub          run the hub as a service: `claude-peers up` (broker, embedded NATS,
@@ -32,9 +33,10 @@ and upgrades the services an earlier --role installed.
                       stays on the hub)
   --source URL        where to fetch the files when piped (default: $CLAUDE_PEERS_SOURCE or GitHub)
   --uninstall         stop and remove the services, the launcher, the venv, the app files and
-                      the Claude Code registration; keeps the config and the data (token,
-                      databases, run transcripts); refuses while a claude-peers started by
-                      hand (not a service) still runs on the data dir, naming its pid
+                      the Claude Code registration (MCP server, file-claims hook); keeps
+                      the config and the data (token, databases, run transcripts); refuses
+                      while a claude-peers started by hand (not a service) still runs on
+                      the data dir, naming its pid
   --purge             with --uninstall: remove the config and the data too
   -h, --help          this help
 
@@ -432,6 +434,18 @@ register_mcp() {
     fi
 }
 
+# The PreToolUse hook that enforces file claims, merged into Claude Code's user settings
+# (~/.claude/settings.json: other hooks and settings stay as they are).
+register_hook() {
+    if ! command -v claude >/dev/null 2>&1; then
+        say "note: claude not found; once Claude Code is installed run: claude-peers hook install"
+    elif said=$("$BIN/claude-peers" hook install --launcher "$BIN/claude-peers" 2>&1 </dev/null); then
+        say "$said"
+    else
+        say "note: could not register the file-claims hook: $said"
+    fi
+}
+
 # The config must load: doctor's first line says so. Its other FAIL lines (a hub not started
 # yet, no claude) are what is left to do, shown but not fatal.
 check_doctor() {
@@ -452,6 +466,7 @@ install_all() {
     install_launcher
     install_config
     register_mcp
+    register_hook
     check_doctor
     app_changed=""
     [ "$(fingerprint)" = "$before" ] || app_changed=1
@@ -519,6 +534,9 @@ uninstall_all() {
     if command -v claude >/dev/null 2>&1 \
             && claude mcp remove --scope user claude-peers >/dev/null 2>&1 </dev/null; then
         say "removed the MCP server claude-peers from Claude Code (user scope)"
+    fi
+    if [ -x "$BIN/claude-peers" ] && said=$("$BIN/claude-peers" hook uninstall 2>&1 </dev/null); then
+        case "$said" in removed*) say "$said" ;; esac
     fi
     for path in "$BIN/claude-peers" "$DATA/venv" "$DATA/app"; do
         [ -e "$path" ] || continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http.client
 import http.server
 import itertools
@@ -2563,6 +2564,34 @@ def test_the_dashboard_at_1400px_fits_its_tables_shows_a_cause_once_and_lets_onl
 
 @pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
                     reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+def test_the_dashboards_claims_panel_shows_each_claim_with_its_holder_and_kind_live(make_broker):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    broker = make_broker()
+    desk, laptop = broker.session(name="desk"), broker.session(name="laptop", machine="laptop")
+    mine = desk.session_call("POST", "/claims", {"repo": REPO, "paths": ["src/**"], "exclusive": True,
+                                                 "reason": "splitting the router"})["claims"][0]
+    driver = chromium()
+    try:
+        def row(claim_id: str) -> tuple[str, str]:
+            return driver.execute_script("const r = document.querySelector(`tr[data-claim='${arguments[0]}']`);"
+                                         " return r ? [r.dataset.kind, r.innerText] : ['', '']", claim_id)
+
+        driver.get(login_code(broker))
+        WebDriverWait(driver, 10, poll_frequency=0.02).until(lambda d: row(mine["id"])[0] == "exclusive")
+        assert "splitting the router" in row(mine["id"])[1] and "desk" in row(mine["id"])[1]
+        assert REPO in row(mine["id"])[1] and driver.find_element("id", "claim-count").text == "1 in force"
+        theirs = laptop.session_call("POST", "/claims", {"repo": REPO, "paths": ["docs"]})["claims"][0]
+        WebDriverWait(driver, 10, poll_frequency=0.02).until(lambda d: row(theirs["id"])[0] == "advisory")
+        assert "on laptop" in row(theirs["id"])[1]
+        desk.session_call("POST", "/claims/release", {})
+        WebDriverWait(driver, 10, poll_frequency=0.02).until(lambda d: row(mine["id"])[0] == "")
+        problems = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not problems, problems
+    finally:
+        driver.quit()
+
+
 def test_the_dashboards_task_panel_shows_open_claimed_and_done_tasks_with_who_and_repository_live(
         make_broker, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
@@ -3111,7 +3140,7 @@ def test_every_route_grants_each_role_what_it_may_do_and_refuses_the_rest(make_b
     broker.client().call("POST", "/api/credentials/stolen/revoke")
     other = as_session(broker, credential(broker, "pi", "pi"))  # another machine's session
     allowed = {role: {p for p, roles in [("read", "coa"), ("session", "coa"), ("report", "coa"), ("trigger", "coa"),
-                                         ("task", "coa"), ("operator", "oa"), ("metrics", "oa"), ("login", "oa"), ("forget", "a"),
+                                         ("task", "coa"), ("claim", "oa"), ("operator", "oa"), ("metrics", "oa"), ("login", "oa"), ("forget", "a"),
                                          ("approve", "oa"), ("admin", "a")] if role[0] in roles}
                for role in tokens}
     permission = {(m, p.pattern): perm for m, p, _, _, _, perm in cp.ROUTES}
@@ -3484,7 +3513,8 @@ async def test_shim_handshake_tools_and_channel_push(broker, mode):
                          "db-migrator", "migrating postgres", "backups at 02:00"):
             assert fragment in instructions, fragment
         tools = {t.name: t for t in (await client.list_tools()).tools}
-        assert set(tools) == {"list_peers", "send_message", "set_summary", "check_messages", "whoami", "tasks"}
+        assert set(tools) == {"list_peers", "send_message", "set_summary", "check_messages", "whoami", "tasks",
+                              "claim", "release"}
         assert all(len(t.description) > 40 for t in tools.values())
         assert "db-migrator" in await shim.ok("list_peers", {"scope": "all"})
         me = peer_named(broker, "web")
@@ -4254,6 +4284,204 @@ async def test_after_a_hub_restart_the_shims_report_again_and_no_one_is_told_twi
             if e["subject"] == "fleet.overlap"] == ["started", "ended"]
 
 
+def committed_clones(tmp_path: Path) -> tuple[Path, Path]:
+    """two_clones, each with the same two files committed (an edit needs a file to change)."""
+    clones = two_clones(tmp_path)
+    for clone in clones:
+        (clone / "src").mkdir()
+        (clone / "src/app.py").write_text("print('hello')\n")
+        (clone / "README.md").write_text("# infra\n")
+        git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+        subprocess.run([*git, "add", "."], check=True)
+        subprocess.run([*git, "commit", "-qm", "first"], check=True)
+    return clones
+
+
+def pre_tool_use(clone: Path, rel: str, tool: str = "Edit") -> dict:
+    """The stdin JSON Claude Code gives a PreToolUse hook for one tool call in ``clone``."""
+    key = "notebook_path" if tool == "NotebookEdit" else "file_path"
+    return {"session_id": "5f0c3c55-0000-4000-8000-000000000000", "transcript_path": "/tmp/transcript.jsonl",
+            "cwd": str(clone), "permission_mode": "default", "hook_event_name": "PreToolUse", "tool_name": tool,
+            "tool_input": {key: str(clone / rel), "old_string": "hello", "new_string": "bye"},
+            "tool_use_id": "toolu_01"}
+
+
+def run_hook(broker: BrokerProc, config: Path, payload: dict) -> subprocess.CompletedProcess:
+    """`claude-peers hook pre-tool-use` as Claude Code runs it: the payload on stdin."""
+    env = {**os.environ, **shim_env(broker), "CLAUDE_PEERS_CONFIG": str(config)}
+    return subprocess.run([PY, str(SCRIPT), "hook", "pre-tool-use"], input=json.dumps(payload), env=env,
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
+def hook_denial(out: subprocess.CompletedProcess) -> str | None:
+    """The reason of the hook's deny decision (exit 0, JSON on stdout), or None when it lets the call through."""
+    assert out.returncode == 0, out.stderr
+    if not out.stdout.strip():
+        return None
+    decision = json.loads(out.stdout)["hookSpecificOutput"]
+    assert decision["hookEventName"] == "PreToolUse" and decision["permissionDecision"] == "deny", decision
+    return decision["permissionDecisionReason"]
+
+
+def claim_events(broker: BrokerProc) -> list[tuple[str, str, str]]:
+    events = broker.client().call("GET", "/api/events?limit=1000")["events"]
+    return [(e["subject"], e["path"], e.get("by") or e.get("why") or "") for e in events
+            if e["subject"].startswith("fleet.claim.")]
+
+
+@pytest.mark.anyio
+async def test_an_exclusive_claim_makes_the_hook_deny_another_machines_edits_naming_the_holder_until_it_ends(
+        make_broker, tmp_path):
+    """Two shims in two clones of one repository, as two machines: desk's exclusive claim denies
+    laptop's Edit/Write/MultiEdit/NotebookEdit there (the reason names desk and how to ask), lets
+    other paths and tools through, shows in list_peers and whoami, and ends with a release or the session."""
+    broker = make_broker("rate_per_s = 0.0\n")
+    desk_dir, laptop_dir = committed_clones(tmp_path)
+    desk_cfg, laptop_cfg = machine_config(broker, "desk"), machine_config(broker, "laptop")
+    async with shim_session(broker, name="desk", cwd=desk_dir / "src", env={"CLAUDE_PEERS_CONFIG": str(desk_cfg)}) \
+            as desk, shim_session(broker, name="laptop", cwd=laptop_dir, env={"CLAUDE_PEERS_CONFIG": str(laptop_cfg)}) \
+            as laptop:
+        claimed = await desk.ok("claim", {"paths": ["app.py"], "exclusive": True, "reason": "rewriting the loop"})
+        assert claimed.startswith("Claimed in github.com/homelab/infra (exclusive, held while this session lives,"
+                                  " 60 min if it falls silent): src/app.py."), claimed
+        for tool in cp.EDIT_TOOLS:
+            reason = hook_denial(run_hook(broker, laptop_cfg, pre_tool_use(laptop_dir, "src/app.py", tool)))
+            assert reason and "src/app.py is claimed exclusively by desk on desk (rewriting the loop)" in reason
+            assert 'send_message(to="desk")' in reason
+        assert hook_denial(run_hook(broker, laptop_cfg, pre_tool_use(laptop_dir, "README.md"))) is None
+        assert hook_denial(run_hook(broker, laptop_cfg, pre_tool_use(laptop_dir, "src/app.py", "Read"))) is None
+        refused = await laptop.ok("claim", {"paths": ["src/*.py", "README.md"], "exclusive": True})
+        assert "Claimed in github.com/homelab/infra (exclusive" in refused and ": README.md." in refused
+        assert "Not claimed (claimed exclusively by another session): src/*.py." in refused
+        assert "- src/app.py (exclusive) by desk on desk: rewriting the loop" in refused
+        assert 'Ask with send_message(to="desk")' in refused
+        assert "claims src/app.py (exclusive) by desk on desk: rewriting the loop" in await laptop.ok("list_peers")
+        assert "claims: src/app.py (exclusive) by desk on desk" in await desk.ok("whoami")
+        assert await desk.ok("release", {}) == "Released: src/app.py."
+        await wait_until(lambda: hook_denial(run_hook(broker, laptop_cfg, pre_tool_use(laptop_dir, "src/app.py")))
+                         is None)
+        await desk.ok("claim", {"paths": ["."], "exclusive": True})  # its directory: src
+        new_file = pre_tool_use(laptop_dir, "src/new.py", "Write")
+        await wait_until(lambda: "by desk on desk" in (hook_denial(run_hook(broker, laptop_cfg, new_file)) or ""))
+    await wait_until(lambda: hook_denial(run_hook(broker, laptop_cfg, new_file)) is None)
+    events = claim_events(broker)
+    assert events[:4] == [("fleet.claim.claimed", "src/app.py", ""), ("fleet.claim.claimed", "README.md", ""),
+                          ("fleet.claim.released", "src/app.py", "desk"), ("fleet.claim.claimed", "src", "")]
+    assert sorted(events[4:]) == [("fleet.claim.ended", "README.md", "its session ended (left)"),
+                                  ("fleet.claim.ended", "src", "its session ended (left)")]  # both shims left
+
+
+def test_the_hook_lets_every_edit_through_with_one_line_on_stderr_when_the_broker_is_down(broker, tmp_path):
+    desk_dir, _ = committed_clones(tmp_path)
+    broker.stop()
+    out = run_hook(broker, broker.config, pre_tool_use(desk_dir, "src/app.py"))
+    assert out.returncode == 0 and out.stdout == ""
+    [line] = out.stderr.splitlines()
+    assert line.startswith("claude-peers hook: file claims not checked, edit allowed: ") and "broker" in line
+
+
+def test_the_hook_denies_nothing_in_a_repository_no_claim_can_name(broker, tmp_path):
+    """A repository with no origin and no commit has no name on the hub: another repository's claim
+    on everything does not reach into it."""
+    broker.session(name="desk").session_call("POST", "/claims", {"repo": REPO, "paths": ["**"], "exclusive": True})
+    fresh = tmp_path / "scratch"
+    subprocess.run(["git", "init", "-q", str(fresh)], check=True)
+    assert hook_denial(run_hook(broker, broker.config, pre_tool_use(fresh, "notes.md", "Write"))) is None
+    assert hook_denial(run_hook(broker, broker.config, pre_tool_use(tmp_path, "outside.md", "Write"))) is None
+
+
+def test_a_claim_whose_session_stayed_silent_past_its_minutes_lapses_and_stops_counting(tmp_path):
+    cfg = cp.Config({"broker": {"stale_after_s": 3600}}, None)
+
+    async def main() -> tuple[list, list, list]:
+        broker = cp.Broker(cfg, tmp_path, "t" * 32)
+        holder = broker.sessions.register({"machine": "desk", "pid": 1, "cwd": "/", "name": "desk"})
+        other = broker.sessions.register({"machine": "laptop", "pid": 1, "cwd": "/", "name": "laptop"})
+        broker.claims.claim(holder, REPO, ["src/**"], 1, "", True)
+        held = broker.claims.list(REPO)
+        broker.presence.heard[holder["id"]] = broker.sessions.live[holder["id"]]["last_seen"] = time.time() - 61
+        lapsed = broker.claims.list(REPO)
+        taken = broker.claims.claim(other, REPO, ["src/app.py"], 5, "", True)
+        events = [json.loads(p)["type"] for (p,) in broker.store.db.execute("SELECT payload FROM events")]
+        broker.store.close()
+        return held, lapsed, [taken["refused"], events]
+
+    held, lapsed, (refused, events) = asyncio.run(main())
+    assert [c["holder"] for c in held] == ["desk"] and lapsed == []
+    assert refused == [] and "claim.expired" in events
+
+
+@pytest.mark.parametrize(("paths", "error"), [
+    (["src/[ab.py"], "the glob 'src/[ab.py' has a '[' without its ']'"),
+    (["../elsewhere/x.py"], "is outside this repository"),
+    (["/etc/passwd"], "is outside this repository"),
+    ([f"f{n}.py" for n in range(51)], "51 paths; at most 50 at once"),
+    ([""], "is not a path"),
+])
+@pytest.mark.anyio
+async def test_a_bad_claim_gets_one_clear_error_and_claims_nothing(broker, tmp_path, paths, error):
+    desk_dir, _ = committed_clones(tmp_path)
+    async with shim_session(broker, name="desk", cwd=desk_dir) as desk:
+        failed, text = await desk.call("claim", {"paths": paths})
+        assert failed and error in text and "\n" not in text.strip(), text
+    assert broker.client().call("GET", "/api/claims")["claims"] == []
+
+
+def test_an_operator_lists_and_breaks_a_claim_and_the_event_names_who(broker, tmp_path):
+    session = broker.session(name="desk")
+    session.session_call("POST", "/claims", {"repo": REPO, "paths": ["deploy.sh"], "exclusive": True,
+                                             "reason": "release day"})
+    listed = broker.cli("claims")
+    assert listed.returncode == 0 and listed.stdout.startswith(REPO + "\n"), listed.stderr
+    claim_id = re.search(r"^  ([0-9a-f]{12}) deploy\.sh \(exclusive\) by desk on testbox: release day", listed.stdout,
+                         re.MULTILINE).group(1)
+    broke = broker.cli("claims", "release", claim_id)
+    assert broke.stdout == f"released claim {claim_id} on deploy.sh ({REPO}), held by desk\n", broke.stderr
+    assert claim_events(broker)[-1] == ("fleet.claim.released", "deploy.sh", "operator")
+    again = broker.cli("claims", "release", claim_id)
+    assert again.returncode != 0 and again.stderr.count("\n") == 1 and f"no claim {claim_id}" in again.stderr
+    held = session.session_call("POST", "/claims", {"repo": REPO, "paths": ["deploy.sh"]})["claims"][0]
+    laptop = broker.client(credential(broker, "laptop", "laptop"))
+    with pytest.raises(cp.ApiError) as refused:  # a client reads claims, but ends no one else's
+        laptop.call("POST", f"/api/claims/{held['id']}/release")
+    assert refused.value.status == 403 and [c["id"] for c in laptop.call("GET", "/api/claims")["claims"]] == [held["id"]]
+    ops = broker.client(credential(broker, "ops", "hub", role="operator"))
+    assert ops.call("POST", f"/api/claims/{held['id']}/release")["released"]["holder"] == "desk"
+    assert claim_events(broker)[-1] == ("fleet.claim.released", "deploy.sh", "operator (ops)")
+
+
+def test_hook_install_merges_into_claude_codes_settings_keeping_other_hooks_and_uninstall_takes_only_ours(tmp_path):
+    settings = tmp_path / ".claude/settings.json"
+    settings.parent.mkdir()
+    theirs = {"matcher": "Bash", "hooks": [{"type": "command", "command": "audit-bash"}]}
+    settings.write_text(json.dumps({"model": "opus", "hooks": {"PreToolUse": [theirs], "Stop": [theirs]}}))
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("CLAUDE_CONFIG_DIR", None)
+    for _ in range(2):  # idempotent
+        out = subprocess.run([PY, str(SCRIPT), "hook", "install"], env=env, capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stderr
+    after = json.loads(settings.read_text())
+    [ours] = [g for g in after["hooks"]["PreToolUse"] if g is not theirs and g != theirs]
+    assert ours["matcher"] == "Edit|Write|MultiEdit|NotebookEdit"
+    assert ours["hooks"][0]["command"].endswith(" hook pre-tool-use") and after["model"] == "opus"
+    assert after["hooks"]["Stop"] == [theirs] and theirs in after["hooks"]["PreToolUse"]
+    out = subprocess.run([PY, str(SCRIPT), "hook", "uninstall"], env=env, capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and json.loads(settings.read_text()) == {
+        "model": "opus", "hooks": {"PreToolUse": [theirs], "Stop": [theirs]}}
+    settings.write_text(json.dumps({"hooks": {}}))  # only ours in it: the file goes
+    for action in ("install", "uninstall"):
+        subprocess.run([PY, str(SCRIPT), "hook", action], env=env, capture_output=True, text=True, check=True)
+    assert not settings.exists()
+    settings.write_text("{not json")
+    out = subprocess.run([PY, str(SCRIPT), "hook", "install"], env=env, capture_output=True, text=True, check=False)
+    assert out.returncode != 0 and "cannot read it as JSON" in out.stderr and settings.read_text() == "{not json"
+
+
+def test_the_claim_tools_fit_in_a_few_hundred_bytes_of_the_models_context():
+    tools = [t for t in cp.TOOLS if t["name"] in ("claim", "release")]
+    assert len(tools) == 2 and sum(len(json.dumps(t)) for t in tools) < 1100
+
+
 @pytest.mark.anyio
 async def test_agent_name_from_env_and_from_file(broker, tmp_path):
     async with shim_session(broker, env={"CLAUDE_PEERS_NAME": "from-env"}):
@@ -4992,6 +5220,82 @@ def test_the_real_claude_code_gives_the_model_the_instructions_whole_and_leading
     for ours in cp.TOOLS:
         assert tools[ours["name"]]["description"] == ours["description"]  # whole
         assert len(ours["description"].encode()) < 1024
+
+
+def tool_calls(calls: list[tuple[str, dict]]):
+    """A ModelApi answer that makes these tool calls, one per turn of the main loop, then says "ok"."""
+    def answer(body: dict) -> dict | None:
+        turn = sum(1 for m in body.get("messages", []) if m.get("role") == "assistant")
+        if not body.get("tools") or turn >= len(calls):
+            return None
+        name, args = calls[turn]
+        return {"type": "tool_use", "id": f"toolu_{turn:02d}{cp.new_id()}", "name": name, "input": args}
+    return answer
+
+
+def tool_results(body: dict) -> dict[str, str]:
+    """The text of every tool result a request gives the model, by the tool_use id it answers."""
+    results = {}
+    for message in body.get("messages", []):
+        for block in message.get("content") if isinstance(message.get("content"), list) else []:
+            if block.get("type") == "tool_result":
+                content = block.get("content")
+                results[block["tool_use_id"]] = content if isinstance(content, str) else "".join(
+                    part.get("text", "") for part in content or [])
+    return results
+
+
+def register_shim_and_hook(env: dict[str, str], entry: dict) -> None:
+    """As the README says: the shim with `claude mcp add-json`, the hook with `claude-peers hook install`."""
+    cp.register_with_claude(PINNED_CLAUDE, env, entry)
+    done = subprocess.run([PY, str(SCRIPT), "hook", "install"], env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+
+
+@NEEDS_PINNED
+@pytest.mark.anyio
+async def test_the_real_claude_code_runs_the_hook_and_its_model_reads_why_an_edit_of_a_claimed_file_was_denied(
+        make_broker, tmp_path):
+    """claude -p on desk, with the hook `hook install` registered: the model's Edit of the file laptop
+    claimed exclusively is denied, and the tool result it gets next names laptop and how to ask;
+    then it claims README.md itself (through the shim claude runs) and its own Edit of it goes through."""
+    broker = make_broker("rate_per_s = 0.0\n")
+    desk_dir, laptop_dir = committed_clones(tmp_path)
+    home = tmp_path / "claude-home"
+    home.mkdir()
+    env = {**broker.env, "HOME": str(home), "CLAUDE_PEERS_CONFIG": str(machine_config(broker, "desk")),
+           "ANTHROPIC_API_KEY": "sk-ant-offline", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+    env.pop("CLAUDE_CONFIG_DIR", None)
+    register_shim_and_hook(env, cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "desk-claude"]))
+    app, readme = desk_dir / "src/app.py", desk_dir / "README.md"
+    model = cp.ModelApi(tool_calls([("Read", {"file_path": str(app)}),
+                           ("Edit", {"file_path": str(app), "old_string": "hello", "new_string": "bye"}),
+                           ("Read", {"file_path": str(readme)}),
+                           ("mcp__claude-peers__claim", {"paths": ["README.md"], "exclusive": True}),
+                           ("Edit", {"file_path": str(readme), "old_string": "# infra", "new_string": "# infra!"})]))
+    laptop_env = {"CLAUDE_PEERS_CONFIG": str(machine_config(broker, "laptop"))}
+    try:
+        async with shim_session(broker, name="laptop", cwd=laptop_dir, env=laptop_env) as laptop:
+            await laptop.ok("claim", {"paths": ["src/app.py"], "exclusive": True, "reason": "fixing the greeting"})
+            ran = await anyio.to_thread.run_sync(functools.partial(
+                subprocess.run, [PINNED_CLAUDE, "--permission-mode", "acceptEdits", "--allowedTools",
+                                 "mcp__claude-peers__claim", "-p", "tidy up"],
+                env={**env, "ANTHROPIC_BASE_URL": model.url}, cwd=desk_dir, stdin=subprocess.DEVNULL,
+                capture_output=True, text=True, timeout=180, check=False))
+    finally:
+        model.close()
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    main = [r for r in model.requests if r.get("tools")]
+    ids = [m["content"][0]["id"] for m in main[-1]["messages"] if m["role"] == "assistant"
+           and m["content"][0].get("type") == "tool_use"]
+    results = tool_results(main[-1])
+    denied, claimed, edited = results[ids[1]], results[ids[3]], results[ids[4]]
+    assert "src/app.py is claimed exclusively by laptop on laptop (fixing the greeting)" in denied, denied
+    assert 'send_message(to="laptop")' in denied
+    assert app.read_text() == "print('hello')\n"  # never edited
+    assert "Claimed in github.com/homelab/infra (exclusive" in claimed, claimed
+    assert readme.read_text() == "# infra!\n", edited  # its own claim: the hook let it through
 
 
 LONG_TEXT_SERVER = """\
@@ -7642,7 +7946,7 @@ def test_bench_with_tiny_parameters_prints_every_figure_honestly():
                    "events relayed to JetStream per second (200 published)",
                    "shim instructions as the model receives them (bytes)",
                    f"shim tool list as the model receives it ({len(cp.TOOLS)} tools, bytes)",
-                   "longest tool description (bytes)"):
+                   "longest tool description (bytes)", "file-claims PreToolUse hook, one Edit checked, p99 (ms)"):
         assert figure in out.stdout, out.stdout
     if PINNED_CLAUDE:  # measured from the request body of the claude on PATH, as its model would read it
         assert re.search(r"\(from the request Claude Code 2\.\d+\.\d+ sent to a local model API: instructions whole,"
@@ -8045,6 +8349,11 @@ def test_install_from_scratch_says_what_it_does_and_runs_the_module_imported(fre
     entry = {"type": "stdio", "command": str(launcher), "args": ["shim"], "alwaysLoad": True}
     assert f"claude mcp add-json --scope user claude-peers {json.dumps(entry)}" in calls(env)
     assert "install.sh: registered the MCP server with Claude Code (user scope, alwaysLoad)" in lines
+    settings = base / "user/.claude/settings.json"
+    assert f"install.sh: registered the claude-peers PreToolUse hook (file claims) in {settings}" in lines
+    [hook] = json.loads(settings.read_text())["hooks"]["PreToolUse"]
+    assert hook == {"matcher": "Edit|Write|MultiEdit|NotebookEdit",
+                    "hooks": [{"type": "command", "command": f"{launcher} hook pre-tool-use", "timeout": 10}]}
 
 
 @pytest.mark.network  # pip installs from the package index
@@ -8244,6 +8553,8 @@ def test_install_client_supervisor_service_then_uninstall_and_purge(fresh_instal
     assert [c for c in calls(env) if "disable" in c or "remove" in c] == [
         "systemctl --user disable --now claude-peers-supervisor.service", "claude mcp remove --scope user claude-peers"]
     assert f"install.sh: kept {tmp_path}/user/config/claude-peers (the config)" in removed.stdout
+    assert ("install.sh: removed the claude-peers PreToolUse hook (file claims) in"
+            f" {tmp_path}/user/.claude/settings.json") in removed.stdout
     assert f"install.sh: removed {tmp_path}/user/data/venv" in removed.stdout
     assert files_under(tmp_path / "user") == {"config/claude-peers/daemons.toml", "data/token"}
 
