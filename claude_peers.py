@@ -8982,10 +8982,15 @@ def run_report(run: dict[str, Any]) -> dict[str, Any]:
 SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
 
 
+def by_severity(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Findings worst first (an unknown severity last)."""
+    return sorted(findings, key=lambda f: SEVERITY_RANK.get(f["severity"], len(SEVERITY_RANK)))
+
+
 def worst_first(findings: list[dict[str, Any]], shown: int) -> tuple[str, str]:
     """A machine's state in a line: its worst severity ('ok' without findings), and the titles
     of its ``shown`` worst findings with how many more there are."""
-    worst = sorted(findings, key=lambda f: SEVERITY_RANK.get(f["severity"], len(SEVERITY_RANK)))
+    worst = by_severity(findings)
     titles = "; ".join(f["title"] for f in worst[:shown]) + (f" (+{len(worst) - shown} more)"
                                                              if len(worst) > shown else "")
     return (worst[0]["severity"] if worst else "ok"), titles
@@ -12299,8 +12304,7 @@ def cmd_health(cfg: Config, args: argparse.Namespace) -> int:
     for machine in machines:
         status, text = worst_first(machine["findings"], 3)
         print(f"{machine['machine']:<16} {status:<8} {ago(machine['at']):>8}  {text or 'no findings'}")
-        worst = sorted(machine["findings"], key=lambda f: SEVERITY_RANK.get(f["severity"], len(SEVERITY_RANK)))
-        for cause in filter(None, (cause_line(f.get("detail", "")) for f in worst[:3])):
+        for cause in filter(None, (cause_line(f.get("detail", "")) for f in by_severity(machine["findings"])[:3])):
             print(f"{'':<17}{cause}")
     return 0
 
