@@ -7168,8 +7168,7 @@ class Shim:
                       " have not seen them, call the claude-peers check_messages tool.")
             for mid in due:  # reminded once, whatever comes of it: tool results keep counting them
                 del self.posted[mid]
-            with contextlib.suppress(OSError):  # the next post finds the inbox gone and falls back to pull
-                await post_to_inbox(self.inbox, os.environ.get(INBOX_TOKEN_ENV, ""), [notice])
+            await self._post([notice])  # an inbox that does not take it: the session falls back to pull
         return min((remind_s - (now - at) for at in self.posted.values()), default=math.inf)
 
     async def _changes(self) -> dict[str, Any] | None:
