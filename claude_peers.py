@@ -8577,6 +8577,10 @@ class PolicyError(Exception):
     """A tool call the daemon's policy does not allow."""
 
 
+class BudgetSpent(Exception):
+    """The run's max_actions or token_budget is spent; its text names which, as the run's summary says it."""
+
+
 class LlmError(Exception):
     """Every model of the tier failed, or the endpoint refused the request."""
 
@@ -8805,6 +8809,17 @@ class DaemonRun:
         return {"status": status, "summary": summary[:4000], "actions": self.actions, "tokens": self.tokens,
                 "model": self.model}
 
+    def spend(self, actions: int = 0, tokens: int = 0, model_call: bool = False) -> None:
+        """The run's budget, counted in this one place: ``tokens`` a model call used are added;
+        ``actions`` about to be taken are refused past max_actions, and a model call about to be
+        made (``model_call``) once the tokens reached token_budget: BudgetSpent, nothing counted."""
+        if model_call and self.tokens >= self.daemon.token_budget:
+            raise BudgetSpent(f"the token budget ({self.tokens} >= {self.daemon.token_budget})")
+        if actions and self.actions + actions > self.daemon.max_actions:
+            raise BudgetSpent(f"max_actions = {self.daemon.max_actions}")
+        self.actions += actions
+        self.tokens += tokens
+
     def execute(self, body: Callable[[DaemonRun], dict[str, Any]]) -> dict[str, Any]:
         """Run ``body`` (the runner: the agent loop, the command, a built-in daemon) and close the run."""
         self.transcript.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -8814,6 +8829,8 @@ class DaemonRun:
             return body(self)
         except LlmError as exc:
             return self.result("failed", f"LLM: {exc}")
+        except BudgetSpent as exc:
+            return self.result("limit", f"stopped at {exc}")
         finally:
             if self.daemon.runner == "agent":  # what it raised this run; what it did not raise again resolves
                 with contextlib.suppress(UserError, ApiError):
@@ -8871,25 +8888,20 @@ class DaemonRun:
             {"role": "system", "content": self.system_prompt()},
             {"role": "user", "content": f"Run now (trigger: {self.trigger})."}]
         while True:
+            self.spend(model_call=True)
             self.log_line("llm_request", models=models, messages=len(messages))
             message, tokens, self.model = chat_completion(self.cfg, models, messages, tools, self.log_line)
-            self.tokens += tokens
+            self.spend(tokens=tokens)
             self.log_line("llm_response", model=self.model, tokens=tokens, message=message)
             messages.append({k: v for k, v in message.items() if k in ("role", "content", "tool_calls")})
             calls = message.get("tool_calls") or []
             if not calls:
                 return self.result("ok", message.get("content") or "")
             for call in calls:
-                if self.actions >= self.daemon.max_actions:
-                    return self.result("limit", f"stopped at max_actions = {self.daemon.max_actions}")
-                self.actions += 1
+                self.spend(actions=1)
                 function = call.get("function") or {}
                 output = self.tools.call(function.get("name", ""), function.get("arguments") or "{}")
                 messages.append({"role": "tool", "tool_call_id": call.get("id", ""), "content": output})
-            if self.tokens >= self.daemon.token_budget:
-                return self.result("limit", f"stopped at the token budget ({self.tokens} >= {self.daemon.token_budget})")
-
-
 
     def broker(self, register: bool = True) -> BrokerClient:
         """The broker, as this daemon's own session (daemon-<name>) once it needs one."""
@@ -9042,9 +9054,9 @@ def diagnose(run: DaemonRun, machine: str, findings: list[dict[str, Any]]) -> st
                     " three sentences. Use only the evidence given; say when it is not enough. You change"
                     " nothing on any host.")},
                 {"role": "user", "content": f"Machine {machine}: {evidence[:12000]}"}]
-    run.actions += 1
+    run.spend(actions=1, model_call=True)
     message, tokens, run.model = chat_completion(run.cfg, models, messages, [], run.log_line)
-    run.tokens += tokens
+    run.spend(tokens=tokens)
     run.log_line("diagnosis", machine=machine, tokens=tokens, text=message.get("content") or "")
     return (message.get("content") or "").strip()[:2000]
 
@@ -9058,10 +9070,12 @@ def add_diagnoses(run: DaemonRun, alerts_by_machine: dict[str, list[dict[str, An
         "GET", f"/api/alerts?source={urllib.parse.quote(run.daemon.name)}&limit=1000")["alerts"]}
     for machine, alerts in alerts_by_machine.items():
         fresh = [a for a in alerts if known.get((machine, a["check"], a["key"])) != a["severity"]]
-        if not fresh or run.actions >= run.daemon.max_actions or run.tokens >= run.daemon.token_budget:
+        if not fresh:
             continue
         try:
             text = diagnose(run, machine, fresh)
+        except BudgetSpent:
+            continue
         except LlmError as exc:
             run.log_line("diagnosis_failed", machine=machine, error=str(exc))
             continue
@@ -9285,17 +9299,18 @@ def restart_llm_server(run: DaemonRun, server: SimpleNamespace, tracked: dict[st
     if run.dry_run:
         run.log_line("dry_run", server=server.name, restart=server.restart)
         return f"dry run: would restart with {json.dumps(server.restart)}"
-    if run.actions >= daemon.max_actions:
-        return f"restart not run: max_actions = {daemon.max_actions} reached"
     try:
+        run.tools.check_run_command(server.restart)  # a restart the policy refuses is no action
+        run.spend(actions=1)
         proc = run.run_allowed(server.restart, timeout=daemon.timeout_s)
         outcome = f"restarted with {json.dumps(server.restart)}: exit {proc.returncode}"
+    except BudgetSpent as exc:
+        return f"restart not run: {exc} reached"
     except PolicyError as exc:
         run.log_line("refused", server=server.name, restart=server.restart, reason=str(exc))
         return f"restart refused by policy: {exc}"
     except (OSError, subprocess.SubprocessError) as exc:
         outcome = f"restart with {json.dumps(server.restart)} failed: {describe_error(exc)}"
-    run.actions += 1
     tracked["restarted_at"] = now
     run.log_line("restart", server=server.name, outcome=outcome)
     return outcome
@@ -9458,9 +9473,10 @@ class PrHelper:
 
     def act(self, what: str) -> None:
         """Count one action (a push, a comment, an LLM call) against max_actions."""
-        if self.run.actions >= self.daemon.max_actions:
-            raise PrLimit(f"stopped at max_actions = {self.daemon.max_actions} (before {what})")
-        self.run.actions += 1
+        try:
+            self.run.spend(actions=1)
+        except BudgetSpent as exc:
+            raise PrLimit(f"stopped at {exc} (before {what})") from None
 
     def run_all(self) -> dict[str, Any]:
         if not self.daemon.repos:
@@ -9633,7 +9649,9 @@ class PrHelper:
                 return f"{name} was deleted on one side"
             if len(data) > self.daemon.max_file_bytes:
                 return f"{name} is larger than max_file_bytes = {self.daemon.max_file_bytes}"
-            if self.run.tokens >= self.daemon.token_budget:
+            try:
+                self.run.spend(model_call=True)
+            except BudgetSpent:
                 return f"the token budget ({self.daemon.token_budget}) is spent"
             self.act(f"resolving {name}")
             messages = [{"role": "system", "content": RESOLVE_PROMPT},
@@ -9645,7 +9663,7 @@ class PrHelper:
                                                                   self.run.log_line)
             except LlmError as exc:
                 return f"the model failed: {exc}"
-            self.run.tokens += tokens
+            self.run.spend(tokens=tokens)
             text = strip_code_fence(message.get("content") or "")
             if not text.strip() or CONFLICT_MARKER_RE.search(text):
                 return f"the model left {name} unresolved"
@@ -9800,11 +9818,13 @@ def condense_memory(run: DaemonRun, digest: str, budget: int) -> str:
     """The digest condensed by the model (one action), or '' when there is none, it failed, or its
     answer breaks the memory's shape (too long, sections missing or out of order)."""
     models = list(getattr(run.cfg.llm, run.daemon.tier))
-    if not (run.daemon.condense and run.cfg.llm.base_url and models) or run.actions >= run.daemon.max_actions \
-            or run.tokens >= run.daemon.token_budget:
+    if not (run.daemon.condense and run.cfg.llm.base_url and models):
+        return ""
+    try:
+        run.spend(actions=1, model_call=True)
+    except BudgetSpent:
         return ""
     prompt = CONDENSE_PROMPT.format(budget=budget, headings=", ".join(f"## {h}" for h in MEMORY_SECTIONS))
-    run.actions += 1
     try:
         message, tokens, run.model = chat_completion(run.cfg, models, [{"role": "system", "content": prompt},
                                                                        {"role": "user", "content": digest}],
@@ -9812,7 +9832,7 @@ def condense_memory(run: DaemonRun, digest: str, budget: int) -> str:
     except LlmError as exc:
         run.log_line("condense_failed", error=str(exc))
         return ""
-    run.tokens += tokens
+    run.spend(tokens=tokens)
     text = strip_code_fence(message.get("content") or "").strip() + "\n"
     headings = re.findall(r"^## (.+?)\s*$", text, re.MULTILINE)
     problem = ("longer than the budget" if len(text.encode()) > budget else
