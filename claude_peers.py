@@ -570,110 +570,49 @@ DAEMON_DEFAULTS: dict[str, Any] = {
     "backoff_max_s": 3600,
 }
 
-# [daemons.<name>] with runner = "fleet-scout": its thresholds and probe settings.
-SCOUT_DEFAULTS: dict[str, Any] = {
-    "disk_warning_pct": 85.0,  # blocks used on a real filesystem, % (Netdata warns at 80, node_exporter at 90)
-    "disk_critical_pct": 95.0,  # ... critical from here
-    "inode_warning_pct": 85.0,  # inodes used on a real filesystem, %
-    "inode_critical_pct": 95.0,  # ... critical from here
-    "mem_available_warning_pct": 10.0,  # MemAvailable of MemTotal, %: a warning at or below this
-    "mem_available_critical_pct": 5.0,  # ... critical at or below this
-    "swap_used_warning_pct": 80.0,  # swap in use, % (Netdata's swap_fill: 80 / 95); no swap, no check
-    "swap_used_critical_pct": 95.0,  # ... critical from here
-    "load_per_core_warning": 1.5,  # 15-minute load average divided by the online CPUs
-    "load_per_core_critical": 3.0,  # ... critical from here
-    "restart_warning_count": 1,  # a unit's NRestarts rose by this many since the previous run (same boot)
-    "restart_critical_count": 10,  # ... critical from here; a unit waiting in activating (auto-restart) warns
-    "journal_flood_per_min": 4.0,  # one unit logging one error pattern at least this often a minute, on average
-    "journal_flood_critical_per_min": 60.0,  # ... critical from here
-    "journal_flood_min_count": 5,  # and at least this many lines of it in the window
-    "journal_flood_min_span_pct": 50.0,  # and spread over at least this much of the window (a burst is no flood)
-    "journal_first_window_s": 900,  # how far back the first run of a machine reads its journal
-    "journal_max_window_s": 3600,  # never further back than this (after the scout was down)
-    "journal_max_lines": 2000,  # newest error lines read per run; the total is counted apart
-    "clock_skew_warning_s": 30.0,  # the host's clock against the scout's, seconds either way
-    "clock_skew_critical_s": 300.0,  # ... critical from here (Kerberos refuses 5 minutes)
-    "ssh_timeout_s": 10,  # ssh ConnectTimeout: TCP connect and the SSH banner
-    "probe_timeout_s": 30,  # the whole probe of one machine; then ssh and its children are killed
-    "step_timeout_s": 10,  # one command on the host (df on a dead NFS mount, a stuck docker daemon)
-    "parallel": 8,  # machines probed at once
-    "known_hosts_file": "",  # the scout's own known_hosts; empty: ssh's default (~/.ssh/known_hosts)
-    "host_key_checking": "accept-new",  # "yes": only hosts already known; "accept-new": pin a new host's key
-    "include_local": True,  # also probe this box (as fleet.machine), whether or not [[machines]] lists it
-}
 
-# [daemons.<name>] with runner = "llm-watchdog": the LLM servers it watches and when one is slow.
-WATCHDOG_DEFAULTS: dict[str, Any] = {
-    "servers": [],  # LLM servers to watch: tables of LLM_SERVER_DEFAULTS' keys
-    "watch_llm": True,  # also watch the [llm] endpoint when its base_url is set (as the server "llm")
-    "timeout_s": 30,  # each check of a server: the TCP connect, the health route, the 1-token completion
-    "slow_ms": 5000,  # a health route or completion slower than this: the server is slow
-    "restart_after": 3,  # a server's restart command runs after this many down results in a row
-    "restart_interval_s": 1800,  # ... and at most once in this many seconds
-}
+class TableList(NamedTuple):
+    """A daemon key whose value is a list of tables (llm-watchdog's servers, pr-helper's repos):
+    each item is checked like a table of these keys, the required ones given."""
 
-# One item of the llm-watchdog's `servers`.
-LLM_SERVER_DEFAULTS: dict[str, Any] = {
-    "name": "",  # required: letters, digits, '_' and '-'; its health is fleet.health.llm.<name>
-    "base_url": "",  # required; openai: the /v1 URL, e.g. http://gpu:4000/v1; ollama, llamacpp: the server's root
-    "kind": "openai",  # openai (GET /models), ollama (GET /api/tags) or llamacpp (GET /health)
-    "model": "",  # the model of the 1-token completion; empty: the first the server lists
-    "api_key_env": "",  # the environment variable holding its API key; empty: none
-    "restart": [],  # argv run when it stays down, e.g. ["systemctl", "--user", "restart", "llama-server"]
-}
-LLM_KINDS = ("openai", "ollama", "llamacpp")
+    defaults: dict[str, Any]
+    required: tuple[str, ...]
+    checks: dict[str, Callable[[Any], Any]]  # each key's own check, beyond the type of its default
 
-# [daemons.<name>] with runner = "pr-helper": the repositories whose pull requests it keeps mergeable.
-PR_HELPER_DEFAULTS: dict[str, Any] = {
-    "repos": [],  # tables of PR_REPO_DEFAULTS' keys
-    "author": "",  # "Name <email>" of its merge and fix commits; empty: git's user.name and user.email
-    "command_timeout_s": 600,  # one git, gh, check or fix command
-    "max_file_bytes": 65536,  # a conflicting file larger than this is not given to the LLM
-}
 
-# One item of the pr-helper's `repos`.
-PR_REPO_DEFAULTS: dict[str, Any] = {
-    "path": "",  # required: a local clone; it is never checked out: the work happens in worktrees of its own
-    "remote": "origin",  # the remote the pull requests' branches live on
-    "base": "main",  # the branch the pull requests go into; never pushed to
-    "check": [],  # required: argv that must pass before anything is pushed, e.g. ["ruff", "check", "."]
-    "fix": [],  # argv that fixes what check finds, e.g. ["ruff", "check", "--fix", "."]; empty: no fixes
-}
+class Runner(NamedTuple):
+    """What a daemon's runner brings, in one record: the keys its [daemons.<name>] table takes
+    besides DAEMON_DEFAULTS (with their checks and lists of tables), rules across them, its
+    body, and for a built-in daemon the daemon of its name that exists unless daemons.toml
+    changes it. Adding a runner is adding one record (register_runner) next to its code."""
 
-# [daemons.<name>] with runner = "fleet-memory": how much of each section the memory keeps.
-MEMORY_DEFAULTS: dict[str, Any] = {
-    "exchanges": 15,  # the most recent message exchanges listed (one line per pair of sessions)
-    "findings": 8,  # the daemons whose latest run is listed
-    "events_per_run": 5000,  # events read per run from its cursor (a longer backlog takes several runs)
-    "condense": True,  # with [llm] set: the model condenses the digest whenever its facts changed
-}
+    name: str
+    body: Callable[[Any], dict[str, Any]]  # one run: a DaemonRun (defined below) to its result
+    keys: dict[str, Any] = {}  # noqa: RUF012 - a record is never changed: the keys and their defaults
+    checks: dict[str, Callable[[Any], Any]] = {}  # noqa: RUF012 - each key's own check (ValueError: why not)
+    lists: dict[str, TableList] = {}  # noqa: RUF012 - its keys whose value is a list of tables
+    rules: Callable[[str, SimpleNamespace], None] | None = None  # rules across its keys (UserError)
+    description: str = ""  # the built-in daemon's
+    daemon: dict[str, Any] | None = None  # the built-in daemon's schedule and limits; None: a runner only
 
-# Runners: the keys a daemon table takes besides DAEMON_DEFAULTS, per runner.
-RUNNER_DEFAULTS: dict[str, dict[str, Any]] = {"agent": {}, "command": {}, "fleet-scout": SCOUT_DEFAULTS,
-                                              "llm-watchdog": WATCHDOG_DEFAULTS, "pr-helper": PR_HELPER_DEFAULTS,
-                                              "fleet-memory": MEMORY_DEFAULTS}
 
-# Keys whose value is a list of tables: each item is checked like a table of these keys, the
-# required ones given.
-TABLE_LISTS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
-    "servers": (LLM_SERVER_DEFAULTS, ("name", "base_url")),
-    "repos": (PR_REPO_DEFAULTS, ("path", "check")),
-}
+# The runners by name, in the order they register: agent and command (Daemon runs), then the
+# built-in daemons (Daemons). Their records live with their code, below this section, so they
+# register into this table at import; the Config only reads it, when it loads a file.
+RUNNERS: dict[str, Runner] = {}
 
-# The daemons that exist unless daemons.toml changes them (`enabled = false` turns one off);
-# a [daemons.<name>] table of the same name overrides their keys one by one.
-DEFAULT_DAEMONS: dict[str, dict[str, Any]] = {
-    "fleet-scout": {"runner": "fleet-scout", "every": "15m", "max_runtime_s": 120, "max_actions": 10,
-                    "description": "checks every machine over SSH: disks, memory, load, failed and restarting"
-                                   " units, journal error floods, reboots, clock skew, containers"},
-    "llm-watchdog": {"runner": "llm-watchdog", "every": "5m", "max_runtime_s": 120, "max_actions": 10,
-                     "description": "watches the LLM servers ([llm] and its servers): up, slow or down, an alert"
-                                    " on each change"},
-    "fleet-memory": {"runner": "fleet-memory", "on": ["fleet.>"], "debounce_s": 60.0, "every": "1h",
-                     "max_runtime_s": 120, "max_actions": 3,
-                     "description": "keeps the fleet memory new sessions read: who works on what where, exchanges,"
-                                    " health, open alerts, daemon findings"},
-}
+
+def register_runner(runner: Runner) -> None:
+    """Make a runner known to the Config (its keys, checks, built-in daemon) and to the Supervisor (its body)."""
+    RUNNERS[runner.name] = runner
+
+
+def builtin_daemons() -> dict[str, dict[str, Any]]:
+    """The daemons that exist unless daemons.toml changes them (`enabled = false` turns one off),
+    each named after its runner; a [daemons.<name>] table of the same name overrides their keys one by one."""
+    return {runner.name: {"runner": runner.name, "description": runner.description, **runner.daemon}
+            for runner in RUNNERS.values() if runner.daemon is not None}
+
 
 TIERS = ("heavy", "routine", "local")
 
@@ -841,6 +780,9 @@ def _check_name_token(value: str) -> None:
         raise ValueError(f"must be 1-64 letters, digits, '_' or '-' (it names a subject token), got {value!r}")
 
 
+LLM_KINDS = ("openai", "ollama", "llamacpp")
+
+
 def _check_llm_kind(value: str) -> None:
     if value not in LLM_KINDS:
         raise ValueError(f"unknown kind {value!r} (known: {', '.join(LLM_KINDS)})")
@@ -906,23 +848,6 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("alerts", "repeat_after_cycles"): _check_positive,
     **{("alerts", key): _check_positive for key in ("webhook_timeout_s", "webhook_retry_s", "webhook_retry_max_s",
                                                     "webhook_max_attempts", "webhook_max_age_s")},
-    **{("daemon", key): _check_percent for key in SCOUT_DEFAULTS if key.endswith("_pct")},
-    **{("daemon", key): _check_positive for key in SCOUT_DEFAULTS if key.endswith(("_s", "_count", "_per_min",
-                                                                                   "_warning", "_critical"))
-       or key in ("journal_max_lines", "parallel")},
-    **{("daemon", key): _check_positive for key in ("timeout_s", "slow_ms", "restart_after", "restart_interval_s",
-                                                    "command_timeout_s", "max_file_bytes", "exchanges", "findings",
-                                                    "events_per_run")},
-    ("daemon", "author"): _check_author,
-    ("servers", "name"): _check_name_token,
-    ("servers", "base_url"): _check_server_url,
-    ("servers", "kind"): _check_llm_kind,
-    ("servers", "restart"): _check_strings,
-    ("repos", "remote"): _check_git_name,
-    ("repos", "base"): _check_git_name,
-    ("repos", "check"): _check_strings,
-    ("repos", "fix"): _check_strings,
-    ("daemon", "host_key_checking"): _check_host_key_checking,
     ("machines", "port"): _check_port,
     ("nats", "url"): _check_nats_urls,
 }
@@ -940,7 +865,7 @@ def edit_distance(a: str, b: str) -> int:
 
 def near_builtin(name: str) -> str:
     """The built-in daemon a new daemon's name is one or two edits from (a typo), or ''."""
-    near = [(edit_distance(name, builtin), builtin) for builtin in DEFAULT_DAEMONS if builtin != name]
+    near = [(edit_distance(name, builtin), builtin) for builtin in builtin_daemons() if builtin != name]
     distance, builtin = min(near)
     return builtin if distance <= 2 else ""
 
@@ -948,17 +873,16 @@ def near_builtin(name: str) -> str:
 def check_daemon(where: str, daemon: SimpleNamespace) -> None:
     """Rules across a daemon's keys."""
     if daemon.runner == "agent" and not daemon.role.strip():
-        others = ", ".join(runner for runner in RUNNER_DEFAULTS if runner != "agent")
+        others = ", ".join(runner for runner in RUNNERS if runner != "agent")
         raise UserError(f"{where}: daemons.{daemon.name}.role: required for an agent daemon (its system prompt);"
                         f" or set its runner ({others})")
     if daemon.runner == "command" and not daemon.command:
         raise UserError(f"{where}: daemons.{daemon.name}.command: required with runner = \"command\"")
     if daemon.runner == "agent" and daemon.command:
         raise UserError(f"{where}: daemons.{daemon.name}.command: only used with runner = \"command\"")
-    names = [server.name for server in getattr(daemon, "servers", [])]
-    if len(set(names)) != len(names):
-        twice = next(name for name in names if names.count(name) > 1)
-        raise UserError(f"{where}: daemons.{daemon.name}.servers: the name {twice!r} is given twice")
+    rules = RUNNERS[daemon.runner].rules
+    if rules is not None:
+        rules(where, daemon)
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -996,31 +920,37 @@ class Config:
         daemons = raw.get("daemons", {})
         if not isinstance(daemons, dict):
             raise UserError(f"{self.where}: daemons: use one [daemons.<name>] table per daemon")
-        self.daemons = {name: self._daemon(name, daemons.get(name, {}))
-                        for name in [*DEFAULT_DAEMONS, *(n for n in daemons if n not in DEFAULT_DAEMONS)]}
+        builtins = builtin_daemons()
+        self.daemons = {name: self._daemon(name, daemons.get(name, {}), builtins)
+                        for name in [*builtins, *(n for n in daemons if n not in builtins)]}
 
-    def _daemon(self, name: str, given: Any) -> SimpleNamespace:
+    def _daemon(self, name: str, given: Any, builtins: dict[str, dict[str, Any]]) -> SimpleNamespace:
         """One [daemons.<name>] table over the built-in one of that name, with its runner's keys."""
         if not NAME_RE.match(name):
             raise UserError(f"{self.where}: daemons.{name}: a daemon name is letters, digits, '.', '_', '-'")
         if not isinstance(given, dict):
             raise UserError(f"{self.where}: [daemons.{name}] must be a table")
-        typo = near_builtin(name) if name not in DEFAULT_DAEMONS and not {"runner", "role"} & set(given) else ""
+        typo = near_builtin(name) if name not in builtins and not {"runner", "role"} & set(given) else ""
         if typo:
             raise UserError(f"{self.where}: [daemons.{name}]: no built-in daemon of that name: did you mean {typo}?"
                             " (a new daemon needs a role or a runner)")
-        table = {**DEFAULT_DAEMONS.get(name, {}), **given}
-        runner = table.get("runner", DAEMON_DEFAULTS["runner"])
-        if runner not in RUNNER_DEFAULTS:
-            raise UserError(f"{self.where}: daemons.{name}.runner: unknown runner {runner!r}"
-                            f" (known: {', '.join(RUNNER_DEFAULTS)})")
-        daemon = self._table("daemon", f"daemons.{name}", table, {**DAEMON_DEFAULTS, **RUNNER_DEFAULTS[runner]})
+        table = {**builtins.get(name, {}), **given}
+        runner = RUNNERS.get(table.get("runner", DAEMON_DEFAULTS["runner"]))
+        if runner is None:
+            raise UserError(f"{self.where}: daemons.{name}.runner: unknown runner {table['runner']!r}"
+                            f" (known: {', '.join(RUNNERS)})")
+        daemon = self._table("daemon", f"daemons.{name}", table, {**DAEMON_DEFAULTS, **runner.keys}, runner.checks,
+                             runner.lists)
         daemon.name = name
         check_daemon(self.where, daemon)
         return daemon
 
-    def _table(self, kind: str, prefix: str, given: Any, defaults: dict[str, Any]) -> SimpleNamespace:
-        """One table checked against its defaults: unknown keys, types, and the key's own check."""
+    def _table(self, kind: str, prefix: str, given: Any, defaults: dict[str, Any],
+               checks: dict[str, Callable[[Any], Any]] | None = None,
+               lists: dict[str, TableList] | None = None) -> SimpleNamespace:
+        """One table checked against its defaults: unknown keys, types, and the key's own check
+        (KEY_CHECKS', or the runner's: ``checks``), its lists of tables (``lists``) item by item."""
+        checks, lists = checks or {}, lists or {}
         if not isinstance(given, dict):
             raise UserError(f"{self.where}: [{prefix}] must be a table")
         values = dict(defaults)
@@ -1031,24 +961,24 @@ class Config:
                 kind_name = type(defaults[key]).__name__
                 raise UserError(f"{self.where}: {prefix}.{key}: expected {kind_name}, got {value!r}")
             try:
-                KEY_CHECKS.get((kind, key), lambda v: v)(value)
+                (KEY_CHECKS.get((kind, key)) or checks.get(key) or (lambda v: v))(value)
             except ValueError as exc:
                 raise UserError(f"{self.where}: {prefix}.{key}: {exc}") from None
-            if key in TABLE_LISTS:
-                value = self._table_list(key, f"{prefix}.{key}", value)
+            if key in lists:
+                value = self._table_list(key, lists[key], f"{prefix}.{key}", value)
             values[key] = float(value) if isinstance(defaults[key], float) else value
         return SimpleNamespace(**values)
 
-    def _table_list(self, key: str, prefix: str, items: list[Any]) -> list[SimpleNamespace]:
+    def _table_list(self, key: str, spec: TableList, prefix: str, items: list[Any]) -> list[SimpleNamespace]:
         """A list of tables (llm-watchdog's servers, pr-helper's repos): each item checked like a table,
         its required keys given."""
-        defaults, required = TABLE_LISTS[key]
+        defaults, required = spec.defaults, spec.required
         tables = []
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 raise UserError(f"{self.where}: {prefix}[{i}]: must be a table with the keys {', '.join(defaults)},"
                                 f" e.g. {{ {required[0]} = \"...\" }}")
-            table = self._table(key, f"{prefix}[{i}]", item, defaults)
+            table = self._table(key, f"{prefix}[{i}]", item, defaults, spec.checks)
             missing = [name for name in required if not getattr(table, name)]
             if missing:
                 raise UserError(f"{self.where}: {prefix}[{i}].{missing[0]}: required")
@@ -7835,6 +7765,38 @@ exit 0
 """
 
 
+# [daemons.<name>] with runner = "fleet-scout": its thresholds and probe settings.
+SCOUT_DEFAULTS: dict[str, Any] = {
+    "disk_warning_pct": 85.0,  # blocks used on a real filesystem, % (Netdata warns at 80, node_exporter at 90)
+    "disk_critical_pct": 95.0,  # ... critical from here
+    "inode_warning_pct": 85.0,  # inodes used on a real filesystem, %
+    "inode_critical_pct": 95.0,  # ... critical from here
+    "mem_available_warning_pct": 10.0,  # MemAvailable of MemTotal, %: a warning at or below this
+    "mem_available_critical_pct": 5.0,  # ... critical at or below this
+    "swap_used_warning_pct": 80.0,  # swap in use, % (Netdata's swap_fill: 80 / 95); no swap, no check
+    "swap_used_critical_pct": 95.0,  # ... critical from here
+    "load_per_core_warning": 1.5,  # 15-minute load average divided by the online CPUs
+    "load_per_core_critical": 3.0,  # ... critical from here
+    "restart_warning_count": 1,  # a unit's NRestarts rose by this many since the previous run (same boot)
+    "restart_critical_count": 10,  # ... critical from here; a unit waiting in activating (auto-restart) warns
+    "journal_flood_per_min": 4.0,  # one unit logging one error pattern at least this often a minute, on average
+    "journal_flood_critical_per_min": 60.0,  # ... critical from here
+    "journal_flood_min_count": 5,  # and at least this many lines of it in the window
+    "journal_flood_min_span_pct": 50.0,  # and spread over at least this much of the window (a burst is no flood)
+    "journal_first_window_s": 900,  # how far back the first run of a machine reads its journal
+    "journal_max_window_s": 3600,  # never further back than this (after the scout was down)
+    "journal_max_lines": 2000,  # newest error lines read per run; the total is counted apart
+    "clock_skew_warning_s": 30.0,  # the host's clock against the scout's, seconds either way
+    "clock_skew_critical_s": 300.0,  # ... critical from here (Kerberos refuses 5 minutes)
+    "ssh_timeout_s": 10,  # ssh ConnectTimeout: TCP connect and the SSH banner
+    "probe_timeout_s": 30,  # the whole probe of one machine; then ssh and its children are killed
+    "step_timeout_s": 10,  # one command on the host (df on a dead NFS mount, a stuck docker daemon)
+    "parallel": 8,  # machines probed at once
+    "known_hosts_file": "",  # the scout's own known_hosts; empty: ssh's default (~/.ssh/known_hosts)
+    "host_key_checking": "accept-new",  # "yes": only hosts already known; "accept-new": pin a new host's key
+    "include_local": True,  # also probe this box (as fleet.machine), whether or not [[machines]] lists it
+}
+
 def scout_limits(thresholds: Any) -> dict[str, Any]:
     """SCOUT_DEFAULTS overlaid with the given thresholds (a dict or a config namespace)."""
     given = thresholds if isinstance(thresholds, dict) else vars(thresholds) if thresholds is not None else {}
@@ -8969,6 +8931,10 @@ class DaemonRun:
         return told
 
 
+register_runner(Runner("agent", DaemonRun.run_agent))
+register_runner(Runner("command", DaemonRun.run_command_runner))
+
+
 def new_run_record(cfg: Config, daemon: str, trigger: str, run_dir: Path | None) -> dict[str, Any]:
     """A run as it starts; its transcript goes to ``run_dir`` (None: a run that never ran)."""
     run_id = new_id(8)
@@ -9147,7 +9113,39 @@ def run_fleet_scout(run: DaemonRun) -> dict[str, Any]:
     return run.result("failed" if failures else "ok", "\n".join([head, *lines, *failures]))
 
 
+register_runner(Runner(
+    "fleet-scout", run_fleet_scout, SCOUT_DEFAULTS,
+    checks={**{key: _check_percent for key in SCOUT_DEFAULTS if key.endswith("_pct")},
+            **{key: _check_positive for key in SCOUT_DEFAULTS
+               if key.endswith(("_s", "_count", "_per_min", "_warning", "_critical"))
+               or key in ("journal_max_lines", "parallel")},
+            "host_key_checking": _check_host_key_checking},
+    description="checks every machine over SSH: disks, memory, load, failed and restarting units, journal error"
+                " floods, reboots, clock skew, containers",
+    daemon={"every": "15m", "max_runtime_s": 120, "max_actions": 10}))
+
+
 # -- llm-watchdog: the fleet's LLM servers, up, slow or down --------------------------------------
+
+# [daemons.<name>] with runner = "llm-watchdog": the LLM servers it watches and when one is slow.
+WATCHDOG_DEFAULTS: dict[str, Any] = {
+    "servers": [],  # LLM servers to watch: tables of LLM_SERVER_DEFAULTS' keys
+    "watch_llm": True,  # also watch the [llm] endpoint when its base_url is set (as the server "llm")
+    "timeout_s": 30,  # each check of a server: the TCP connect, the health route, the 1-token completion
+    "slow_ms": 5000,  # a health route or completion slower than this: the server is slow
+    "restart_after": 3,  # a server's restart command runs after this many down results in a row
+    "restart_interval_s": 1800,  # ... and at most once in this many seconds
+}
+
+# One item of the llm-watchdog's `servers`.
+LLM_SERVER_DEFAULTS: dict[str, Any] = {
+    "name": "",  # required: letters, digits, '_' and '-'; its health is fleet.health.llm.<name>
+    "base_url": "",  # required; openai: the /v1 URL, e.g. http://gpu:4000/v1; ollama, llamacpp: the server's root
+    "kind": "openai",  # openai (GET /models), ollama (GET /api/tags) or llamacpp (GET /health)
+    "model": "",  # the model of the 1-token completion; empty: the first the server lists
+    "api_key_env": "",  # the environment variable holding its API key; empty: none
+    "restart": [],  # argv run when it stays down, e.g. ["systemctl", "--user", "restart", "llama-server"]
+}
 
 LLM_ROUTES = {  # kind -> (health route, completion route), under the server's base_url
     "openai": ("/models", "/chat/completions"),
@@ -9364,7 +9362,42 @@ def run_llm_watchdog(run: DaemonRun) -> dict[str, Any]:
     return run.result("failed" if failures else "ok", "\n".join([head, *lines, *failures]))
 
 
+def check_watched_servers(where: str, daemon: SimpleNamespace) -> None:
+    """Each server named once: its name is its health report's and its alerts' machine."""
+    names = [server.name for server in daemon.servers]
+    if len(set(names)) != len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise UserError(f"{where}: daemons.{daemon.name}.servers: the name {twice!r} is given twice")
+
+
+register_runner(Runner(
+    "llm-watchdog", run_llm_watchdog, WATCHDOG_DEFAULTS,
+    checks=dict.fromkeys(("timeout_s", "slow_ms", "restart_after", "restart_interval_s"), _check_positive),
+    lists={"servers": TableList(LLM_SERVER_DEFAULTS, ("name", "base_url"), {
+        "name": _check_name_token, "base_url": _check_server_url, "kind": _check_llm_kind, "restart": _check_strings})},
+    rules=check_watched_servers,
+    description="watches the LLM servers ([llm] and its servers): up, slow or down, an alert on each change",
+    daemon={"every": "5m", "max_runtime_s": 120, "max_actions": 10}))
+
+
 # -- pr-helper: pull requests kept mergeable, lint kept green, nothing forced ---------------------
+
+# [daemons.<name>] with runner = "pr-helper": the repositories whose pull requests it keeps mergeable.
+PR_HELPER_DEFAULTS: dict[str, Any] = {
+    "repos": [],  # tables of PR_REPO_DEFAULTS' keys
+    "author": "",  # "Name <email>" of its merge and fix commits; empty: git's user.name and user.email
+    "command_timeout_s": 600,  # one git, gh, check or fix command
+    "max_file_bytes": 65536,  # a conflicting file larger than this is not given to the LLM
+}
+
+# One item of the pr-helper's `repos`.
+PR_REPO_DEFAULTS: dict[str, Any] = {
+    "path": "",  # required: a local clone; it is never checked out: the work happens in worktrees of its own
+    "remote": "origin",  # the remote the pull requests' branches live on
+    "base": "main",  # the branch the pull requests go into; never pushed to
+    "check": [],  # required: argv that must pass before anything is pushed, e.g. ["ruff", "check", "."]
+    "fix": [],  # argv that fixes what check finds, e.g. ["ruff", "check", "--fix", "."]; empty: no fixes
+}
 
 PR_FIELDS = ("number,title,headRefName,headRefOid,baseRefName,mergeable,mergeStateStatus,statusCheckRollup,isDraft,"
              "isCrossRepository,updatedAt")
@@ -9707,7 +9740,22 @@ def run_pr_helper(run: DaemonRun) -> dict[str, Any]:
     return PrHelper(run).run_all()
 
 
+register_runner(Runner(  # no daemon of its own: off until daemons.toml has a table with this runner
+    "pr-helper", run_pr_helper, PR_HELPER_DEFAULTS,
+    checks={"command_timeout_s": _check_positive, "max_file_bytes": _check_positive, "author": _check_author},
+    lists={"repos": TableList(PR_REPO_DEFAULTS, ("path", "check"), {
+        "remote": _check_git_name, "base": _check_git_name, "check": _check_strings, "fix": _check_strings})}))
+
+
 # -- fleet-memory: what every new session reads at start ------------------------------------------
+
+# [daemons.<name>] with runner = "fleet-memory": how much of each section the memory keeps.
+MEMORY_DEFAULTS: dict[str, Any] = {
+    "exchanges": 15,  # the most recent message exchanges listed (one line per pair of sessions)
+    "findings": 8,  # the daemons whose latest run is listed
+    "events_per_run": 5000,  # events read per run from its cursor (a longer backlog takes several runs)
+    "condense": True,  # with [llm] set: the model condenses the digest whenever its facts changed
+}
 
 MEMORY_TITLE = "# Fleet memory"
 MEMORY_SECTIONS = ("Who is working on what, where", "Recent exchanges", "Fleet health", "Open alerts",
@@ -9885,11 +9933,12 @@ def run_fleet_memory(run: DaemonRun) -> dict[str, Any]:
     return run.result("ok", summary)
 
 
-def daemon_body(daemon: SimpleNamespace) -> Callable[[DaemonRun], dict[str, Any]]:
-    """What a run of this daemon does, by its runner."""
-    return {"agent": DaemonRun.run_agent, "command": DaemonRun.run_command_runner, "fleet-scout": run_fleet_scout,
-            "llm-watchdog": run_llm_watchdog, "pr-helper": run_pr_helper,
-            "fleet-memory": run_fleet_memory}[daemon.runner]
+register_runner(Runner(
+    "fleet-memory", run_fleet_memory, MEMORY_DEFAULTS,
+    checks=dict.fromkeys(("exchanges", "findings", "events_per_run"), _check_positive),
+    description="keeps the fleet memory new sessions read: who works on what where, exchanges, health, open alerts,"
+                " daemon findings",
+    daemon={"on": ["fleet.>"], "debounce_s": 60.0, "every": "1h", "max_runtime_s": 120, "max_actions": 3}))
 
 
 # ===========================================================================
@@ -12686,7 +12735,7 @@ def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
     run_dir = data_home() / "runs"
     run = new_run_record(cfg, daemon.name, "manual" + (" (dry run)" if args.dry_run else ""), run_dir)
     result = DaemonRun(cfg, daemon, run["id"], run["trigger"], Path(run["transcript"]), dry_run=args.dry_run,
-                       echo=True).execute(daemon_body(daemon))
+                       echo=True).execute(RUNNERS[daemon.runner].body)
     finish_run(run, result)
     state = SupervisorState(data_home() / "supervisor.db")
     state.save_run(run)
@@ -12708,7 +12757,7 @@ def cmd_run_daemon(cfg: Config, args: argparse.Namespace) -> int:
         raise UserError(f"{cfg.where}: no [daemons.{args.daemon}]")
     run_dir = data_home() / "runs"
     result = DaemonRun(cfg, daemon, args.run_id, args.trigger, run_dir / f"{args.run_id}.jsonl").execute(
-        daemon_body(daemon))
+        RUNNERS[daemon.runner].body)
     write_secret(run_dir / f"{args.run_id}.result.json", json.dumps(result))
     return 0
 

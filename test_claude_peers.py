@@ -312,7 +312,7 @@ def test_repo_template_carries_exactly_the_defaults():
     template, builtin = cp.Config(raw, None), cp.Config({}, None)
     assert {name: vars(d) for name, d in template.daemons.items()} == \
         {name: vars(d) for name, d in builtin.daemons.items()}
-    keys = {*cp.DAEMON_DEFAULTS, *(key for keys in cp.RUNNER_DEFAULTS.values() for key in keys), *cp.MACHINE_DEFAULTS}
+    keys = {*cp.DAEMON_DEFAULTS, *(key for runner in cp.RUNNERS.values() for key in runner.keys), *cp.MACHINE_DEFAULTS}
     undocumented = [key for key in keys if not re.search(rf"^#? ?{key} = ", text, re.MULTILINE)]
     assert undocumented == []  # every key a table takes is in the template, with its default
 
