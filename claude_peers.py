@@ -10163,6 +10163,28 @@ def hold_supervisor_lock(home: Path, cfg: Config) -> ProcessLock:
                         " first, or give this one its own CLAUDE_PEERS_HOME") from None
 
 
+RunExecution = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]  # a run record to the run's result
+
+
+async def recorded_run(cfg: Config, state: SupervisorState, daemon: SimpleNamespace, trigger: str,
+                       execute: RunExecution, told: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """A run's lifecycle, the supervisor's and `trigger --here`'s alike: recorded as running, executed,
+    recorded with its result (an interrupted run as failed, never left running), told at both ends."""
+    run_dir = data_home() / "runs"
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    run = new_run_record(cfg, daemon.name, trigger, run_dir)
+    state.save_run(run)
+    told(run)
+    result = {"status": "failed", "summary": "interrupted before it ended"}
+    try:
+        result = await execute(run)
+    finally:
+        finish_run(run, result)
+        state.save_run(run)
+        told(run)
+    return run
+
+
 class Supervisor:
     """Runs the daemons of daemons.toml: on `every` (with jitter), `cron`, `on` events
     (NATS JetStream durable consumer, or the broker's feed), and requests. One run of a
@@ -10287,15 +10309,9 @@ class Supervisor:
 
     # -- runs -----------------------------------------------------------------------------
 
-    async def _run(self, daemon: SimpleNamespace, reason: str) -> None:
-        run_dir = self.home / "runs"
-        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        run = new_run_record(self.cfg, daemon.name, reason, run_dir)
-        state = self.state.state(daemon.name)
-        state["last_started"] = time.time()
-        self.state.save_state(state)
-        self.state.save_run(run)
-        self.wakeup.set()
+    async def _child(self, daemon: SimpleNamespace, reason: str, run: dict[str, Any]) -> dict[str, Any]:
+        """A run as a child process in its own process group, killed with its children at
+        max_runtime_s: its result is the file it writes."""
         log.info("run %s of %s (%s)", run["id"], daemon.name, reason)
         argv = own_command(self.cfg, "run-daemon", daemon.name, "--run-id", run["id"], "--trigger", reason,
                            config=self.snapshot)
@@ -10304,20 +10320,24 @@ class Supervisor:
                                                         start_new_session=True)
             try:
                 await asyncio.wait_for(proc.wait(), daemon.max_runtime_s)
-                result_file = run_dir / f"{run['id']}.result.json"
-                try:
-                    result = json.loads(result_file.read_text())
-                except (OSError, ValueError):
-                    result = {"status": "failed", "summary": f"the run exited with {proc.returncode} and no result"}
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)  # the run and everything it started
                 await proc.wait()
-                result = {"status": "timeout", "summary": f"killed after max_runtime_s = {daemon.max_runtime_s}"}
+                return {"status": "timeout", "summary": f"killed after max_runtime_s = {daemon.max_runtime_s}"}
         except OSError as exc:
-            result = {"status": "failed", "summary": f"could not start the run: {exc}"}
-        finish_run(run, result)
-        self.state.save_run(run)
+            return {"status": "failed", "summary": f"could not start the run: {exc}"}
+        try:
+            return json.loads(Path(run["transcript"]).with_suffix(".result.json").read_text())
+        except (OSError, ValueError):
+            return {"status": "failed", "summary": f"the run exited with {proc.returncode} and no result"}
+
+    async def _run(self, daemon: SimpleNamespace, reason: str) -> None:
+        state = self.state.state(daemon.name)
+        state["last_started"] = time.time()
+        self.state.save_state(state)
+        run = await recorded_run(self.cfg, self.state, daemon, reason, functools.partial(self._child, daemon, reason),
+                                 lambda _: self.wakeup.set())  # its reporter tells the broker
         state = self.state.state(daemon.name)
         state["last_status"] = run["status"]
         if run["status"] in ("failed", "timeout"):
@@ -12732,19 +12752,28 @@ def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
               f" (see: claude-peers runs {args.daemon})")
         return 0 if args.wait is None else print_requested_runs(cfg, args.daemon, taken["machines"],
                                                                  before, args.wait)
-    run_dir = data_home() / "runs"
-    run = new_run_record(cfg, daemon.name, "manual" + (" (dry run)" if args.dry_run else ""), run_dir)
-    result = DaemonRun(cfg, daemon, run["id"], run["trigger"], Path(run["transcript"]), dry_run=args.dry_run,
-                       echo=True).execute(RUNNERS[daemon.runner].body)
-    finish_run(run, result)
     state = SupervisorState(data_home() / "supervisor.db")
-    state.save_run(run)
-    if args.dry_run:  # a rehearsal: it stays in this machine's records, and no supervisor reports it later
-        state.mark_reported(run["id"], run["status"])
-    else:
-        with contextlib.suppress(UserError, ApiError):
-            client_from_config(cfg, timeout=5).call("POST", "/api/runs", run_report(run))
+
+    async def here(run: dict[str, Any]) -> dict[str, Any]:
+        """The run in this process, its transcript echoed."""
+        return DaemonRun(cfg, daemon, run["id"], run["trigger"], Path(run["transcript"]), dry_run=args.dry_run,
+                         echo=True).execute(RUNNERS[daemon.runner].body)
+
+    def told(run: dict[str, Any]) -> None:
+        """The broker told now (a supervisor here reports it later if the broker does not answer)."""
+        if args.dry_run:  # a rehearsal: it stays in this machine's records, and no supervisor reports it later
             state.mark_reported(run["id"], run["status"])
+        else:
+            with contextlib.suppress(UserError, ApiError):
+                client_from_config(cfg, timeout=5).call("POST", "/api/runs", run_report(run))
+                state.mark_reported(run["id"], run["status"])
+
+    trigger = "manual" + (" (dry run)" if args.dry_run else "")
+    loop = asyncio.new_event_loop()  # not asyncio.run: its SIGINT handler would hold Ctrl-C back until the run ends
+    try:
+        run = loop.run_until_complete(recorded_run(cfg, state, daemon, trigger, here, told))
+    finally:
+        loop.close()
     print(f"{daemon.name}: {run['status']} ({run['actions']} actions, {run['tokens']} tokens)"
           f"\n{run['summary']}\ntranscript: {run['transcript']}")
     return 0 if run["status"] in ("ok", "limit") else EXIT_ERROR
