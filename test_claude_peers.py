@@ -6479,6 +6479,77 @@ def test_max_actions_and_token_budget_stop_the_run(make_broker, llm):
     assert "chatty: limit (2 actions, 10000 tokens)" in out.stdout and "token budget" in out.stdout
 
 
+def test_a_run_spends_its_budget_through_one_method_that_refuses_past_it_and_counts_nothing_then(tmp_path,
+                                                                                                 monkeypatch):
+    monkeypatch.setenv("CLAUDE_PEERS_HOME", str(tmp_path))
+    cfg = cp.Config(cp.tomllib.loads('[daemons.busy]\nrole = "r"\nmax_actions = 2\ntoken_budget = 100\n'), None)
+    run = cp.DaemonRun(cfg, cfg.daemons["busy"], "r1", "manual", tmp_path / "run.jsonl")
+    run.spend(actions=1, model_call=True)
+    run.spend(tokens=150)  # what a model call used is counted, whatever it came to
+    with pytest.raises(cp.BudgetSpent, match=r"^the token budget \(150 >= 100\)$"):
+        run.spend(actions=1, model_call=True)
+    assert (run.actions, run.tokens) == (1, 150)
+    run.spend(actions=1)  # an action that asks no model (a push, a restart) is not held back by tokens
+    with pytest.raises(cp.BudgetSpent, match=r"^max_actions = 2$"):
+        run.spend(actions=1)
+    assert (run.actions, run.tokens) == (2, 150)
+
+
+def test_a_runner_is_one_record_bringing_its_keys_checks_tables_built_in_daemon_and_body(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLAUDE_PEERS_HOME", str(tmp_path))
+
+    def ping(run: cp.DaemonRun) -> dict:
+        return run.result("ok", f"pinged {', '.join(t.host for t in run.daemon.targets) or 'nothing'}")
+
+    def one_target_a_host(where: str, daemon: SimpleNamespace) -> None:
+        if len({t.host for t in daemon.targets}) != len(daemon.targets):
+            raise cp.UserError(f"{where}: daemons.{daemon.name}.targets: a host is given twice")
+
+    monkeypatch.setitem(cp.RUNNERS, "pinger", cp.Runner(
+        "pinger", ping, {"targets": [], "interval_ms": 100}, checks={"interval_ms": cp._check_positive},
+        lists={"targets": cp.TableList({"host": "", "port": 7}, ("host",), {"port": cp._check_port})},
+        rules=one_target_a_host, description="pings the targets", daemon={"every": "1m", "max_actions": 2}))
+    pinger = cp.Config({}, None).daemons["pinger"]  # a built-in daemon now, named after its runner
+    assert (pinger.runner, pinger.every, pinger.max_actions, pinger.description, pinger.interval_ms, pinger.targets) \
+        == ("pinger", "1m", 2, "pings the targets", 100, [])
+    for table, error in [("interval_ms = 0", "daemons.pinger.interval_ms: must be > 0"),
+                         ("targets = [{ port = 8 }]", "daemons.pinger.targets[0].host: required"),
+                         ('targets = [{ host = "a", port = 70000 }]', "daemons.pinger.targets[0].port: not a port"),
+                         ('targets = [{ host = "a" }, { host = "a" }]', "daemons.pinger.targets: a host is given twice"),
+                         ("every_ms = 5", "daemons.pinger.every_ms: unknown key")]:
+        with pytest.raises(cp.UserError, match=re.escape(error)):
+            cp.Config(cp.tomllib.loads(f"[daemons.pinger]\n{table}\n"), None)
+    cfg = cp.Config(cp.tomllib.loads('[daemons.pinger]\ntargets = [{ host = "nas" }]\n'), None)
+    cp.cmd_run_daemon(cfg, SimpleNamespace(daemon="pinger", run_id="r1", trigger="manual"))  # what the supervisor runs
+    result = json.loads((tmp_path / "runs" / "r1.result.json").read_text())
+    assert (result["status"], result["summary"]) == ("ok", "pinged nas")
+
+
+def test_trigger_here_shows_its_run_as_running_from_the_start_and_records_a_ctrl_c_as_failed(make_broker, tmp_path):
+    broker = make_broker()
+    started = tmp_path / "started"
+    write_config(broker, f'[daemons.slow]\nrunner = "command"\ncommand = ["sh", "-c", "touch {started}; exec sleep 60"]\n')
+    # as a terminal's Ctrl-C reaches it: this test's process may ignore SIGINT, and a child inherits that
+    boot = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
+            " sys.path.insert(0, sys.argv.pop(1)); import claude_peers; sys.exit(claude_peers.main())")
+    proc = subprocess.Popen([sys.executable, "-c", boot, str(ROOT), "trigger", "slow", "--here"], env=broker.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_sync(started.exists, timeout=30, what="the run to start its command")
+        [running] = broker.client().call("GET", "/api/runs?daemon=slow")["runs"]
+        assert (running["status"], running["ended_at"]) == ("running", None)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    [run] = cp.SupervisorState(broker.home / "supervisor.db").runs("slow")
+    assert (run["id"], run["status"], run["summary"]) == (running["id"], "failed", "interrupted before it ended")
+    [remote] = broker.client().call("GET", "/api/runs?daemon=slow")["runs"]
+    assert (remote["status"], remote["summary"]) == ("failed", "interrupted before it ended") and remote["ended_at"]
+
+
 def test_model_fallback_on_errors_and_timeouts(make_broker, llm):
     broker = make_broker()
     write_config(broker, llm_toml(llm, '["broken", "slow", "good"]', timeout=1)
