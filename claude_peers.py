@@ -14,7 +14,7 @@ Sections, in dependency order (each uses only what is above it):
 
   Common helpers       errors, ids, names, text checks, tool-argument checking
   Schedules            durations and cron expressions
-  Config               daemons.toml: defaults, checks, the Config object, the fleet token
+  Config               daemons.toml: defaults, checks, the runners' registry, the Config object, the fleet token
   Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory, tasks,
                        the permission prompts sessions relay (Needs you), overlaps (sessions
                        changing the same files), file claims
@@ -596,9 +596,9 @@ class Runner(NamedTuple):
     daemon: dict[str, Any] | None = None  # the built-in daemon's schedule and limits; None: a runner only
 
 
-# The runners by name, in the order they register: agent and command (Daemon runs), then the
-# built-in daemons (Daemons). Their records live with their code, below this section, so they
-# register into this table at import; the Config only reads it, when it loads a file.
+# The runners by name, as they register: agent and command (Daemon runs), then the built-in daemons
+# (Daemons). Each record lives with its code below this section and registers here at import: the
+# Config uses nothing defined below it, it reads this table when it loads a file.
 RUNNERS: dict[str, Runner] = {}
 
 
@@ -728,11 +728,6 @@ def _check_tier(value: str) -> None:
         raise ValueError(f"unknown tier {value!r} (known: {', '.join(TIERS)})")
 
 
-def _check_host_key_checking(value: str) -> None:
-    if value not in ("yes", "accept-new"):
-        raise ValueError(f'must be "yes" or "accept-new", got {value!r}')
-
-
 def _check_stream_name(value: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
         raise ValueError("must be 1-64 letters, digits, '_' or '-'")
@@ -780,14 +775,6 @@ def _check_name_token(value: str) -> None:
         raise ValueError(f"must be 1-64 letters, digits, '_' or '-' (it names a subject token), got {value!r}")
 
 
-LLM_KINDS = ("openai", "ollama", "llamacpp")
-
-
-def _check_llm_kind(value: str) -> None:
-    if value not in LLM_KINDS:
-        raise ValueError(f"unknown kind {value!r} (known: {', '.join(LLM_KINDS)})")
-
-
 def _check_server_url(value: str) -> None:
     if not value.startswith(("http://", "https://")):
         raise ValueError(f"must start with http:// or https://, got {value!r}")
@@ -796,11 +783,6 @@ def _check_server_url(value: str) -> None:
 def _check_git_name(value: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._/-]*", value) or ".." in value:
         raise ValueError(f"not a git remote or branch name: {value!r}")
-
-
-def _check_author(value: str) -> None:
-    if value and not re.fullmatch(r"[^<>\n]+ <[^<>\s]+@[^<>\s]+>", value):
-        raise ValueError(f'must be "Name <email>", got {value!r}')
 
 
 # Extra checks beyond the type of the default value.
@@ -7797,6 +7779,7 @@ SCOUT_DEFAULTS: dict[str, Any] = {
     "include_local": True,  # also probe this box (as fleet.machine), whether or not [[machines]] lists it
 }
 
+
 def scout_limits(thresholds: Any) -> dict[str, Any]:
     """SCOUT_DEFAULTS overlaid with the given thresholds (a dict or a config namespace)."""
     given = thresholds if isinstance(thresholds, dict) else vars(thresholds) if thresholds is not None else {}
@@ -9113,6 +9096,11 @@ def run_fleet_scout(run: DaemonRun) -> dict[str, Any]:
     return run.result("failed" if failures else "ok", "\n".join([head, *lines, *failures]))
 
 
+def _check_host_key_checking(value: str) -> None:
+    if value not in ("yes", "accept-new"):
+        raise ValueError(f'must be "yes" or "accept-new", got {value!r}')
+
+
 register_runner(Runner(
     "fleet-scout", run_fleet_scout, SCOUT_DEFAULTS,
     checks={**{key: _check_percent for key in SCOUT_DEFAULTS if key.endswith("_pct")},
@@ -9146,6 +9134,15 @@ LLM_SERVER_DEFAULTS: dict[str, Any] = {
     "api_key_env": "",  # the environment variable holding its API key; empty: none
     "restart": [],  # argv run when it stays down, e.g. ["systemctl", "--user", "restart", "llama-server"]
 }
+
+
+LLM_KINDS = ("openai", "ollama", "llamacpp")
+
+
+def _check_llm_kind(value: str) -> None:
+    if value not in LLM_KINDS:
+        raise ValueError(f"unknown kind {value!r} (known: {', '.join(LLM_KINDS)})")
+
 
 LLM_ROUTES = {  # kind -> (health route, completion route), under the server's base_url
     "openai": ("/models", "/chat/completions"),
@@ -9398,6 +9395,12 @@ PR_REPO_DEFAULTS: dict[str, Any] = {
     "check": [],  # required: argv that must pass before anything is pushed, e.g. ["ruff", "check", "."]
     "fix": [],  # argv that fixes what check finds, e.g. ["ruff", "check", "--fix", "."]; empty: no fixes
 }
+
+
+def _check_author(value: str) -> None:
+    if value and not re.fullmatch(r"[^<>\n]+ <[^<>\s]+@[^<>\s]+>", value):
+        raise ValueError(f'must be "Name <email>", got {value!r}')
+
 
 PR_FIELDS = ("number,title,headRefName,headRefOid,baseRefName,mergeable,mergeStateStatus,statusCheckRollup,isDraft,"
              "isCrossRepository,updatedAt")
