@@ -12758,7 +12758,7 @@ def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
     state = SupervisorState(data_home() / "supervisor.db")
 
     async def here(run: dict[str, Any]) -> dict[str, Any]:
-        """The run in this process, its transcript echoed."""
+        """The run in this process, its transcript echoed (it holds the loop: nothing else runs on it)."""
         return DaemonRun(cfg, daemon, run["id"], run["trigger"], Path(run["transcript"]), dry_run=args.dry_run,
                          echo=True).execute(RUNNERS[daemon.runner].body)
 
