@@ -84,7 +84,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Container, Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, NotRequired, TypedDict, TypeVar
 
 # ===========================================================================
 # Common helpers
@@ -1389,6 +1389,16 @@ def message_view(row: Any) -> dict[str, Any]:
     }
 
 
+class AlertFinding(TypedDict):
+    """One fault a daemon reports of one machine, as the alert lifecycle takes it (POST /api/alerts)."""
+    check: str
+    key: str
+    severity: str  #: critical, warning or info
+    title: str
+    detail: NotRequired[str]
+    diagnosis: NotRequired[str]  #: the LLM's reading of the evidence, when a diagnosis was asked for
+
+
 def alert_view(row: Any) -> dict[str, Any]:
     return {"id": row["id"], "source": row["source"], "machine": row["machine"], "check": row["check_name"],
             "key": row["key"], "severity": row["severity"], "title": row["title"], "detail": row["detail"],
@@ -2095,7 +2105,7 @@ class Records:
             stat["recent"] = [{**dict(r), "summary": r["summary"][:300]} for r in rows]
         return stats
 
-    def sync_alerts(self, source: str, machine: str, checks: list[str], findings: list[dict[str, Any]],
+    def sync_alerts(self, source: str, machine: str, checks: list[str], findings: list[AlertFinding],
                     repeat_after: int, credential: str = "") -> list[dict[str, Any]]:
         """One daemon run's findings for one machine against the open alerts: a new finding or
         a new severity opens or changes an alert, one still bad repeats every ``repeat_after``
@@ -7828,9 +7838,16 @@ def scout_script(thresholds: Any, since: float | None) -> str:
     return "".join(f"{name}={value}\n" for name, value in settings.items()) + SCOUT_SCRIPT
 
 
-def run_capped(argv: list[str], stdin: bytes, timeout: float, cap: int) -> tuple[int | None, bytes, bytes]:
-    """Run argv in its own process group with stdin fed in; (exit status or None if it was killed at the
-    timeout, stdout, stderr), each output cut at cap bytes. The whole group dies at the timeout."""
+class Captured(NamedTuple):
+    """What a child run by run_capped left: its exit status (None: killed at the timeout) and its output."""
+    status: int | None
+    stdout: bytes
+    stderr: bytes
+
+
+def run_capped(argv: list[str], stdin: bytes, timeout: float, cap: int) -> Captured:
+    """Run argv in its own process group with stdin fed in, each output cut at cap bytes; the whole
+    group dies at the timeout."""
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     outputs = (bytearray(), bytearray())
@@ -7857,7 +7874,7 @@ def run_capped(argv: list[str], stdin: bytes, timeout: float, cap: int) -> tuple
         status = None
     for thread in pumps:
         thread.join(2)  # a straggler outside the group may hold a pipe: take what came
-    return status, bytes(outputs[0]), bytes(outputs[1])
+    return Captured(status, bytes(outputs[0]), bytes(outputs[1]))
 
 
 def _ssh_failure(status: int | None, stderr: str) -> str:
@@ -8169,12 +8186,12 @@ def probe_machine_report(machine: SimpleNamespace, thresholds: Any, since: float
     started = time.time()
     try:
         argv = scout_argv(machine, limits)
-        status, out, err = run_capped(argv, scout_script(limits, since).encode(), timeout, SCOUT_OUTPUT_CAP)
+        ran = run_capped(argv, scout_script(limits, since).encode(), timeout, SCOUT_OUTPUT_CAP)
     except (OSError, ValueError) as exc:
-        status, out, err = 255, b"", f"cannot run the probe: {exc}".encode()
+        ran = Captured(255, b"", f"cannot run the probe: {exc}".encode())
     elapsed = time.time() - started
-    report = parse_probe(out.decode(errors="replace"))
-    stderr = err.decode(errors="replace")
+    report = parse_probe(ran.stdout.decode(errors="replace"))
+    stderr, status = ran.stderr.decode(errors="replace"), ran.status
     if status is None:
         error = f"timeout after {timeout:g}s"
     elif report["complete"]:
@@ -8207,7 +8224,19 @@ def _human_bytes(count: float | None) -> str:
     return f"{count:.1f} TiB"
 
 
-class _Findings(list):
+class Finding(TypedDict):
+    """One fault the scout found on one machine, with the measurement and the threshold behind it."""
+    machine: str
+    check: str  #: one of SCOUT_CHECKS
+    key: str  #: what on the machine: a mount, a unit, a container ('' for the machine itself)
+    severity: str  #: critical or warning
+    value: Any  #: the measurement (a number), or a word or error already in the evidence
+    threshold: Any  #: the limit it crossed, None when there is none
+    title: str
+    evidence: list[str]  #: the lines that show it
+
+
+class _Findings(list[Finding]):
     """Findings of one machine, built with ``add``."""
 
     def __init__(self, machine: str) -> None:
@@ -8370,7 +8399,7 @@ def _check_docker(report: dict[str, Any], found: _Findings) -> None:
 
 
 def find_faults(report: dict[str, Any], previous: dict[str, Any] | None, thresholds: Any,
-                scout_now: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                scout_now: float) -> tuple[list[Finding], dict[str, Any]]:
     """The findings in one machine's report, and the state its next run compares with.
 
     ``previous`` is the state this returned last time (None: the machine is new, so nothing can have
@@ -8406,18 +8435,24 @@ def find_faults(report: dict[str, Any], previous: dict[str, Any] | None, thresho
     return list(found), state
 
 
+class Probed(NamedTuple):
+    """One machine as the scout saw it in one run."""
+    report: dict[str, Any]  #: parse_probe's report, with machine, error, elapsed_s and started_at
+    findings: list[Finding]
+    state: dict[str, Any]  #: what the next run compares with (find_faults' memory of this machine)
+
+
 def probe_fleet(machines: list[SimpleNamespace], thresholds: Any, previous_by_machine: dict[str, Any] | None,
-                scout_now: float) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]:
-    """Every machine probed, at most `parallel` at once, each bounded by its own probe_timeout_s:
-    {name: (report, findings, state)}."""
+                scout_now: float) -> dict[str, Probed]:
+    """Every machine probed, at most `parallel` at once, each bounded by its own probe_timeout_s, by name."""
     limits = scout_limits(thresholds)
     previous_by_machine = previous_by_machine or {}
 
-    def one(machine: SimpleNamespace) -> tuple[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]:
+    def one(machine: SimpleNamespace) -> tuple[str, Probed]:
         previous = previous_by_machine.get(machine.name)
         report = probe_machine_report(machine, limits, (previous or {}).get("journal_until"))
         findings, state = find_faults(report, previous, limits, scout_now)
-        return machine.name, (report, findings, state)
+        return machine.name, Probed(report, findings, state)
 
     if not machines:
         return {}
@@ -8446,8 +8481,33 @@ CREATE TABLE IF NOT EXISTS kv(daemon TEXT NOT NULL, key TEXT NOT NULL, value TEX
                               PRIMARY KEY (daemon, key));
 CREATE TABLE IF NOT EXISTS cursors(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+class RunRecord(TypedDict):
+    """One daemon run as the supervisor keeps it and, but for its transcript, as the broker takes it."""
+    id: str
+    daemon: str
+    trigger: str  #: what started it: a schedule, an event subject, a trigger from the CLI
+    machine: str
+    started_at: str
+    ended_at: str | None  #: None while it runs
+    status: str  #: running, then ok, failed, limit or refused
+    actions: int
+    tokens: int
+    model: str  #: the model that answered last ('' without one)
+    summary: str
+    transcript: str  #: the run's JSON-lines log on this machine ('' for a run that never ran)
+
+
+class RunResult(TypedDict):
+    """What a run ends with: DaemonRun.result's, or only why it failed when it never got that far."""
+    status: str
+    summary: str
+    actions: NotRequired[int]
+    tokens: NotRequired[int]
+    model: NotRequired[str]
+
+
 RUN_FIELDS = ("id", "daemon", "trigger", "machine", "started_at", "ended_at", "status", "actions", "tokens",
-              "model", "summary")
+              "model", "summary")  #: RunRecord as POST /api/runs takes it
 OUTPUT_CAP = 16384
 KV_VALUE_CAP = 8192
 
@@ -8747,7 +8807,7 @@ class DaemonRun:
         if self.echo:
             print(line, file=sys.stderr, flush=True)
 
-    def result(self, status: str, summary: str) -> dict[str, Any]:
+    def result(self, status: str, summary: str) -> RunResult:
         self.log_line("end", status=status, summary=summary, actions=self.actions, tokens=self.tokens)
         return {"status": status, "summary": summary[:4000], "actions": self.actions, "tokens": self.tokens,
                 "model": self.model}
@@ -8874,7 +8934,7 @@ class DaemonRun:
 
     # -- alerts: one per change, through the broker's lifecycle ---------------------
 
-    def report_alerts(self, machine: str, checks: list[str], findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def report_alerts(self, machine: str, checks: list[str], findings: list[AlertFinding]) -> list[dict[str, Any]]:
         """This run's findings for one machine (``checks``: what it looked at) through the
         broker's alert lifecycle; each change goes to the daemon's alert_to peers, and the hub
         posts it to its own [alerts] webhook (queued with the change, retried until answered)."""
@@ -8916,7 +8976,7 @@ register_runner(Runner("agent", DaemonRun.run_agent))
 register_runner(Runner("command", DaemonRun.run_command_runner))
 
 
-def new_run_record(cfg: Config, daemon: str, trigger: str, run_dir: Path | None) -> dict[str, Any]:
+def new_run_record(cfg: Config, daemon: str, trigger: str, run_dir: Path | None) -> RunRecord:
     """A run as it starts; its transcript goes to ``run_dir`` (None: a run that never ran)."""
     run_id = new_id(8)
     return {"id": run_id, "daemon": daemon, "trigger": trigger[:500], "machine": cfg.machine,
@@ -8924,11 +8984,11 @@ def new_run_record(cfg: Config, daemon: str, trigger: str, run_dir: Path | None)
             "model": "", "summary": "", "transcript": str(run_dir / f"{run_id}.jsonl") if run_dir else ""}
 
 
-def finish_run(run: dict[str, Any], result: dict[str, Any]) -> None:
+def finish_run(run: RunRecord, result: RunResult) -> None:
     run.update({k: v for k, v in result.items() if k in RUN_FIELDS}, ended_at=iso(time.time()))
 
 
-def run_report(run: dict[str, Any]) -> dict[str, Any]:
+def run_report(run: RunRecord) -> dict[str, Any]:
     """A run as the broker's POST /api/runs takes it."""
     return {k: run[k] for k in RUN_FIELDS if run[k] is not None}
 
@@ -8969,7 +9029,7 @@ def scout_checks(report: dict[str, Any]) -> list[str]:
     return [check for check in SCOUT_CHECKS if check not in skipped]
 
 
-def as_alert(finding: dict[str, Any]) -> dict[str, Any]:
+def as_alert(finding: Finding) -> AlertFinding:
     """A scout finding as the broker's alert lifecycle takes it."""
     value = finding["value"]  # a word or an error is in the evidence already; a measurement is not
     measured = f"value {value}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
@@ -8980,7 +9040,7 @@ def as_alert(finding: dict[str, Any]) -> dict[str, Any]:
             "title": finding["title"][:300], "detail": detail[:4000]}
 
 
-def scout_report_lines(results: dict[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]) -> list[str]:
+def scout_report_lines(results: dict[str, Probed]) -> list[str]:
     """One line per machine, worst finding first: what `trigger fleet-scout --here` prints."""
     lines = []
     for name, (report, findings, _) in sorted(results.items()):
@@ -8991,7 +9051,7 @@ def scout_report_lines(results: dict[str, tuple[dict[str, Any], list[dict[str, A
     return lines
 
 
-def diagnose(run: DaemonRun, machine: str, findings: list[dict[str, Any]]) -> str:
+def diagnose(run: DaemonRun, machine: str, findings: list[AlertFinding]) -> str:
     """One short diagnosis of a machine's new findings, from the evidence only (one LLM action)."""
     models = list(getattr(run.cfg.llm, run.daemon.tier))
     evidence = json.dumps([{k: f[k] for k in ("check", "key", "severity", "title", "detail")} for f in findings])
@@ -9008,7 +9068,7 @@ def diagnose(run: DaemonRun, machine: str, findings: list[dict[str, Any]]) -> st
     return (message.get("content") or "").strip()[:2000]
 
 
-def add_diagnoses(run: DaemonRun, alerts_by_machine: dict[str, list[dict[str, Any]]]) -> None:
+def add_diagnoses(run: DaemonRun, alerts_by_machine: dict[str, list[AlertFinding]]) -> None:
     """With an LLM configured, a diagnosis for each machine whose findings are new or changed,
     within the daemon's max_actions and token_budget; without one the findings stand alone."""
     if not run.cfg.llm.base_url or not getattr(run.cfg.llm, run.daemon.tier):
@@ -9067,23 +9127,24 @@ def run_fleet_scout(run: DaemonRun) -> dict[str, Any]:
     machines = scout_machines(run.cfg, daemon)
     previous = {m.name: json.loads(run.state.recall(daemon.name, f"machine:{m.name}") or "null") for m in machines}
     results = probe_fleet(machines, daemon, previous, time.time())
-    for name, (report, findings, state) in results.items():
-        run.state.remember(daemon.name, f"machine:{name}", json.dumps(state))
-        run.log_line("machine", machine=name, reachable=report["reachable"], error=report.get("error", ""),
-                     elapsed_s=report.get("elapsed_s"), findings=findings, unavailable=report.get("unavailable"))
-    alerts = {name: [as_alert(f) for f in findings] for name, (_, findings, _) in results.items()}
+    for name, seen in results.items():
+        run.state.remember(daemon.name, f"machine:{name}", json.dumps(seen.state))
+        run.log_line("machine", machine=name, reachable=seen.report["reachable"], error=seen.report.get("error", ""),
+                     elapsed_s=seen.report.get("elapsed_s"), findings=seen.findings,
+                     unavailable=seen.report.get("unavailable"))
+    alerts = {name: [as_alert(f) for f in seen.findings] for name, seen in results.items()}
     lines = scout_report_lines(results)
     failures = []
     try:
         add_diagnoses(run, alerts)
-        for name, (report, _, _) in results.items():
+        for name, seen in results.items():
             if run.dry_run:
                 run.log_line("dry_run", health=name)
                 continue
             run.broker(register=False).call("POST", "/api/health", {
-                "machine": name, "source": daemon.name, "report": report, "findings": alerts[name]})
-        for name, (report, _, _) in results.items():
-            run.report_alerts(name, scout_checks(report), alerts[name])
+                "machine": name, "source": daemon.name, "report": seen.report, "findings": alerts[name]})
+        for name, seen in results.items():
+            run.report_alerts(name, scout_checks(seen.report), alerts[name])
         lines += retire_machines(run, list(results))
     except (UserError, ApiError) as exc:
         failures.append(f"could not report to the broker: {exc}")
@@ -9271,7 +9332,7 @@ def track_llm_state(previous: dict[str, Any] | None, state: str, now: float) -> 
             "restarted_at": previous.get("restarted_at", 0.0)}
 
 
-def llm_findings(report: dict[str, Any], slow_ms: float) -> list[dict[str, Any]]:
+def llm_findings(report: dict[str, Any], slow_ms: float) -> list[AlertFinding]:
     """A server down (critical) or slow (warning) as an alert finding; up is none."""
     if report["state"] == "up":
         return []
@@ -10164,11 +10225,11 @@ def hold_supervisor_lock(home: Path, cfg: Config) -> ProcessLock:
                         " first, or give this one its own CLAUDE_PEERS_HOME") from None
 
 
-RunExecution = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]  # a run record to the run's result
+RunExecution = Callable[[RunRecord], Awaitable[RunResult]]  # a run, recorded as running, to its result
 
 
 async def recorded_run(cfg: Config, state: SupervisorState, daemon: SimpleNamespace, trigger: str,
-                       execute: RunExecution, told: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+                       execute: RunExecution, told: Callable[[RunRecord], None]) -> RunRecord:
     """A run's lifecycle, the supervisor's and `trigger --here`'s alike: recorded as running, executed,
     recorded with its result (an interrupted run as failed, never left running), told at both ends."""
     run_dir = data_home() / "runs"
@@ -10176,7 +10237,7 @@ async def recorded_run(cfg: Config, state: SupervisorState, daemon: SimpleNamesp
     run = new_run_record(cfg, daemon.name, trigger, run_dir)
     state.save_run(run)
     told(run)
-    result = {"status": "failed", "summary": "interrupted before it ended"}
+    result: RunResult = {"status": "failed", "summary": "interrupted before it ended"}
     try:
         result = await execute(run)
     finally:
