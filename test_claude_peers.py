@@ -6039,46 +6039,174 @@ def test_scout_a_flood_larger_than_the_sample_is_rated_by_the_total_count():
     assert flood["value"] == 360.0 and flood["severity"] == "critical"
 
 
-def test_scout_normalise_log_line_groups_the_same_error():
-    same = ["sshd[1234]: error: Failed password for root from 10.0.0.7 port 51234 ssh2",
-            "sshd[98]: error: Failed password for root from 192.168.1.200 port 2200 ssh2"]
-    assert len({cp.normalise_log_line(line) for line in same}) == 1
-    assert cp.normalise_log_line(same[0]) == "sshd[<n>]: error: Failed password for root from <ip> port <n> ssh<n>"
-    assert cp.normalise_log_line("2026-11-25T10:01:02.123+01:00 job 3f2a9c1e-0b4d-4e5f-8a9b-0c1d2e3f4a5b "
-                                 "failed at 0xdeadbeef in /var/lib/app/42/state  (container 4edf61bfedce12)") == \
-        "<time> job <uuid> failed at <hex> in /var/lib/app/<n>/state (container <hex>)"
-    assert cp.normalise_log_line("Nov  5 10:01:02 disk sda1 full") == "<time> disk sda<n> full"
-    assert cp.normalise_log_line("Connection refused") != cp.normalise_log_line("Connection reset")
+# normalise_log_line, a row each: name -> (a log line, its shape). Lines that differ only in pids, addresses,
+# ports and times share a shape (so they group); different words keep different shapes.
+LOG_SHAPES = {
+    "sshd-a-pid-an-address-a-port": ("sshd[1234]: error: Failed password for root from 10.0.0.7 port 51234 ssh2",
+                                     "sshd[<n>]: error: Failed password for root from <ip> port <n> ssh<n>"),
+    "sshd-another-pid-address-and-port-same-shape": (
+        "sshd[98]: error: Failed password for root from 192.168.1.200 port 2200 ssh2",
+        "sshd[<n>]: error: Failed password for root from <ip> port <n> ssh<n>"),
+    "an-iso-time-a-uuid-hex-and-a-container-id": (
+        ("2026-11-25T10:01:02.123+01:00 job 3f2a9c1e-0b4d-4e5f-8a9b-0c1d2e3f4a5b failed at 0xdeadbeef in"
+         " /var/lib/app/42/state  (container 4edf61bfedce12)"),
+        "<time> job <uuid> failed at <hex> in /var/lib/app/<n>/state (container <hex>)"),
+    "a-syslog-time": ("Nov  5 10:01:02 disk sda1 full", "<time> disk sda<n> full"),
+    "connection-refused-keeps-its-words": ("Connection refused", "Connection refused"),
+    "connection-reset-keeps-its-words": ("Connection reset", "Connection reset"),
+}
 
 
-def test_scout_parse_probe_survives_garbage_and_cut_output():
-    blocks, inodes = df_tables(HEALTHY_FILESYSTEMS)
-    full = probe_text(
+@pytest.mark.parametrize("name", list(LOG_SHAPES))
+def test_scout_normalise_log_line_gives_a_line_its_shape(name):
+    line, shape = LOG_SHAPES[name]
+    assert cp.normalise_log_line(line) == shape
+
+
+def dotted(value: Any, path: str) -> Any:
+    """The field a golden row names: "a.b" is value["a"]["b"], "a.*.b" each item's "b" (None where missing)."""
+    if not path:
+        return value
+    key, _, rest = path.partition(".")
+    if key == "*":
+        return [dotted(item, rest) for item in value] if isinstance(value, list) else None
+    return dotted(value.get(key) if isinstance(value, dict) else None, rest)
+
+
+# The probe's output on a 2-core container without systemd or docker, as `sh -s` printed it (trimmed:
+# meminfo's unread lines, the cgroup v1 mounts, a sandbox's own mount).
+CAPTURED_CONTAINER_PROBE = """\
+@@scout-section host
+now=1796593105
+since=1796592205
+boot_id=b866a36a-ad31-4441-b6d5-c33cfb30f770
+uptime_s=863.05
+load=14.35 8.10 3.73
+cores=2
+kernel=Linux 6.18.44-fc-v1272
+
+@@scout-section meminfo
+MemTotal:       24683784 kB
+MemFree:        11264660 kB
+MemAvailable:   12773436 kB
+Buffers:           26900 kB
+Cached:          1697048 kB
+SwapCached:            0 kB
+Active:           687432 kB
+Inactive:       12393312 kB
+SwapTotal:             0 kB
+SwapFree:              0 kB
+Dirty:             21176 kB
+Shmem:             10240 kB
+
+@@scout-rc 0
+
+@@scout-section mounts
+proc /proc proc rw,relatime 0 0
+sysfs /sys sysfs rw,relatime 0 0
+devtmpfs /dev devtmpfs rw,relatime,size=12334792k,nr_inodes=3083698,mode=755 0 0
+tmpfs /dev/shm tmpfs rw,relatime,size=24683784k 0 0
+devpts /dev/pts devpts rw,relatime,mode=600,ptmxmode=000 0 0
+/dev/vda / ext4 rw,relatime,discard,resv_strict,resuid=65534,resgid=65534 0 0
+devpts /dev/pts devpts rw,relatime,mode=600,ptmxmode=000 0 0
+tmpfs /dev/shm tmpfs rw,relatime,size=24683784k 0 0
+tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+
+@@scout-rc 0
+
+@@scout-section systemd
+@@scout-unavailable systemd is not running (no /run/systemd/system)
+
+@@scout-section journal
+@@scout-unavailable systemd-journald is not running (no /run/systemd/system)
+
+@@scout-section docker
+Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?
+
+@@scout-rc 1
+
+@@scout-section df
+Filesystem              Type     1024-blocks     Used Available Capacity Mounted on
+devtmpfs                devtmpfs    12334792        0  12334792       0% /dev
+tmpfs                   tmpfs       24683784       20  24683764       1% /dev/shm
+/dev/vda                ext4       264212084 25337176  81053736      24% /
+tmpfs                   tmpfs       12341892        0  12341892       0% /sys/fs/cgroup
+
+@@scout-rc 0
+
+@@scout-section inodes
+Filesystem              Type       Inodes  IUsed    IFree IUse% Mounted on
+devtmpfs                devtmpfs  3083698    113  3083585    1% /dev
+tmpfs                   tmpfs     3085473      6  3085467    1% /dev/shm
+/dev/vda                ext4     16777216 421764 16355452    3% /
+tmpfs                   tmpfs     3085473     11  3085462    1% /sys/fs/cgroup
+
+@@scout-rc 0
+
+@@scout-section end
+"""
+_BLOCKS, _INODES = df_tables(HEALTHY_FILESYSTEMS)
+# parse_probe, a row each: name -> (probe output, the report's fields by dotted path).
+PROBE_OUTPUTS: dict[str, tuple[str, dict]] = {
+    "a-container-without-systemd-or-docker": (CAPTURED_CONTAINER_PROBE, {
+        "reachable": True, "complete": True, "cores": 2, "load": [14.35, 8.1, 3.73], "memory.available_pct": 51.7,
+        "swap.used_pct": None, "filesystems.*.mount": ["/dev", "/dev/shm", "/", "/sys/fs/cgroup"],
+        "filesystems.*.used_pct": [0.0, 0.0, 23.8, 0.0], "systemd.available": False, "journal.available": False,
+        "docker.available": False, "unavailable": [
+            "systemd: systemd is not running (no /run/systemd/system)",
+            "journal: systemd-journald is not running (no /run/systemd/system)",
+            ("docker: docker ps failed (exit status 1): Cannot connect to the Docker daemon at"
+             " unix:///var/run/docker.sock. Is the docker daemon running?")]}),
+    "garbage-in-every-section": (probe_text(
         host=f"now=1800000000\nsince=1799999100\nboot_id={BOOT_ID}\nuptime_s=12.5\nload=0.1 0.2 0.3\ncores=4\n",
-        meminfo=MEMINFO.format(available=8000000, swap_total=1000, swap_free=100), df=blocks, inodes=inodes,
+        meminfo=MEMINFO.format(available=8000000, swap_total=1000, swap_free=100), df=_BLOCKS, inodes=_INODES,
         failed="● a.service loaded failed failed A\n", restarts=unit_show("b.service", 3) + "\n\nnot a block\n",
         journal='{"__REALTIME_TIMESTAMP" : "1799999500000000", "MESSAGE" : null}\n[1, 2]\n{"MESSAGE": "x"}\n',
-        journal_count="3", docker='{"Names": "x", "Status": "Restarting (2) 1 second ago"}\nnot json\n{}\n')
-    report = cp.parse_probe(full)
-    assert report["complete"] and report["swap"]["used_pct"] == 90.0 and report["cores"] == 4
-    assert [u["unit"] for u in report["systemd"]["failed"]] == ["a.service"]
-    assert report["systemd"]["restarts"] == {"b.service": 3}
-    assert report["journal"]["sampled"] == 1 and report["journal"]["patterns"][0]["sample"] == \
-        "(message too large or empty)"
-    assert report["docker"]["containers"][0]["state"] == "restarting"
-    for cut in range(0, len(full), 7):
-        cp.parse_probe(full[:cut])
-    for noise in ("", "\x00\xff", "@@scout-section host\nload=a b c\ncores=-3\nnow=x", "@@scout-rc 0\n" * 3,
-                  "@@scout-section df\n" + "/dev/x ext4 - - - - /\n" + "@@scout-rc zz\n@@scout-section end"):
-        report = cp.parse_probe(noise)
-        json.dumps(report)
-    hint = probe_text(host="now=9\n", journal="Hint: You are currently not seeing messages from other users and the "
-                      "system.\n      Users in groups 'adm', 'systemd-journal' can see all messages.")
-    assert "journal: partly: the ssh user sees only its own entries" in " ".join(cp.parse_probe(hint)["unavailable"])
-    unreached = cp.parse_probe("")
-    assert not unreached["reachable"] and unreached["unavailable"] == []
-    partial = cp.parse_probe("@@scout-section host\nnow=5\n@@scout-section df\nFilesystem\n@@scout-rc 124\n")
-    assert "disk: df timed out" in partial["unavailable"] and not partial["complete"]
+        journal_count="3", docker='{"Names": "x", "Status": "Restarting (2) 1 second ago"}\nnot json\n{}\n'), {
+        "complete": True, "cores": 4, "swap.used_pct": 90.0, "systemd.failed.*.unit": ["a.service"],
+        "systemd.restarts": {"b.service": 3}, "journal.sampled": 1,
+        "journal.patterns.*.sample": ["(message too large or empty)"], "docker.containers.*.state": ["restarting"],
+        "unavailable": []}),
+    "a-journal-that-shows-the-ssh-user-only-its-own-entries": (probe_text(
+        host="now=9\n", journal="Hint: You are currently not seeing messages from other users and the system.\n"
+        "      Users in groups 'adm', 'systemd-journal' can see all messages."), {
+        "journal.available": True, "unavailable": [
+            "memory: no MemTotal in /proc/meminfo", "load: no CPU count (getconf, nproc)", "load: no /proc/loadavg",
+            "reboot: no boot id in /proc", "disk: not in the probe output", "systemd: not in the probe output",
+            "journal: partly: the ssh user sees only its own entries (add it to systemd-journal or adm)",
+            "docker: not in the probe output"]}),
+    "nothing-answered": ("", {"reachable": False, "complete": False, "unavailable": []}),
+    "df-timed-out-and-the-rest-cut": (
+        "@@scout-section host\nnow=5\n@@scout-section df\nFilesystem\n@@scout-rc 124\n", {
+            "reachable": True, "complete": False, "filesystems": [], "unavailable": [
+                "memory: no MemTotal in /proc/meminfo", "load: no CPU count (getconf, nproc)",
+                "load: no /proc/loadavg", "reboot: no boot id in /proc", "disk: df timed out",
+                "systemd: not in the probe output", "journal: not in the probe output",
+                "docker: not in the probe output"]}),
+}
+# Output that is no probe's: parse_probe skips what it cannot read and never raises.
+PROBE_NOISE = {
+    "binary": "\x00\xff",
+    "host-values-that-are-no-numbers": "@@scout-section host\nload=a b c\ncores=-3\nnow=x",
+    "statuses-without-a-section": "@@scout-rc 0\n" * 3,
+    "a-status-that-is-no-number": "@@scout-section df\n/dev/x ext4 - - - - /\n@@scout-rc zz\n@@scout-section end",
+}
+
+
+@pytest.mark.parametrize("name", list(PROBE_OUTPUTS))
+def test_scout_parse_probe_reads_a_probe_output_into_its_report_fields(name):
+    output, fields = PROBE_OUTPUTS[name]
+    report = cp.parse_probe(output)
+    assert {path: dotted(report, path) for path in fields} == fields
+
+
+@pytest.mark.parametrize("name", list(PROBE_OUTPUTS) + list(PROBE_NOISE))
+def test_scout_parse_probe_gives_a_report_for_noise_and_every_cut_of_an_output(name):
+    output = PROBE_NOISE.get(name) or PROBE_OUTPUTS[name][0]
+    for cut in range(0, len(output) + 1, 7):
+        json.dumps(cp.parse_probe(output[:cut]))
+    json.dumps(cp.parse_probe(output))
 
 
 def test_scout_find_faults_on_load_swap_clock_and_pseudo_filesystems():
@@ -6815,13 +6943,6 @@ OPS_CALLS: dict[str, tuple[str, dict, dict]] = {
     "alert": ("alert", {"severity": "critical", "title": "disk full on here", "detail": "/ at 100%"},
               {"has": ["alert noted (critical)"]}),
 }
-
-
-def dotted(value: Any, path: str) -> Any:
-    """``value["a"]["b"]`` for the path "a.b" (None where a key is missing): a golden row names fields this way."""
-    for key in path.split("."):
-        value = value.get(key) if isinstance(value, dict) else None
-    return value
 
 
 def said_as_expected(reply: str, expect: dict) -> dict:
@@ -7991,6 +8112,7 @@ def test_fleet_memory_runs_on_fleet_events_and_its_own_update_wakes_only_those_w
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(300)  # bench itself may take its 180 s: 106 s measured with -n 2 on the loaded 2 cores
 def test_bench_with_tiny_parameters_prints_every_figure_honestly():
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PEERS_")}
     out = subprocess.run([PY, str(SCRIPT), "bench", "--messages", "80", "--samples", "4", "--sessions", "2",
