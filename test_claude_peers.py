@@ -5111,17 +5111,30 @@ class CodexAppServer:
         self.proc = subprocess.Popen(["codex", "app-server"], env=env, cwd=cwd, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.next_id = 0
+        self.lines: list[dict] = []
+        self.read_all = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
 
-    def request(self, method: str, params: dict) -> dict:
-        self.next_id += 1
-        self.proc.stdin.write(json.dumps({"id": self.next_id, "method": method, "params": params}) + "\n")
-        self.proc.stdin.flush()
+    def _read(self) -> None:
         for line in self.proc.stdout:
-            message = json.loads(line)
-            if message.get("id") == self.next_id and "method" not in message:
-                assert "error" not in message, message
-                return message["result"]
-        raise AssertionError(f"codex app-server ended before answering {method}")
+            self.lines.append(json.loads(line))
+        self.read_all.set()
+
+    def request(self, method: str, params: dict, timeout: float = 60) -> dict:
+        self.next_id += 1
+        rid = self.next_id
+        self.proc.stdin.write(json.dumps({"id": rid, "method": method, "params": params}) + "\n")
+        self.proc.stdin.flush()
+
+        def answer() -> dict | None:
+            ended = self.read_all.is_set()  # first: once it is set, every line is in
+            found = next((m for m in list(self.lines) if m.get("id") == rid and "method" not in m), None)
+            assert found or not ended, f"codex app-server ended before answering {method}"
+            return found
+
+        message = wait_until_sync(answer, timeout, f"codex app-server answering {method}")
+        assert "error" not in message, message
+        return message["result"]
 
     close = RawShim.close  # stdin closed, then a wait, then a kill
 
