@@ -5078,6 +5078,13 @@ def own_machine(identity: Identity, machine: str) -> str:
     return machine
 
 
+def may_report_of(identity: Identity, machine: str) -> None:
+    """A daemon reports of its own machine (with a client credential), or of an LLM server: alerts and
+    health of ``llm.<name>`` belong to no fleet machine, and any reporter may watch one."""
+    if not machine.startswith("llm."):
+        own_machine(identity, machine)
+
+
 def may_answer(by: str, prompt: dict[str, Any]) -> str:
     """The least-privilege rule, past the approve permission: a session's own credential (its
     machine's, which the session itself could use) never answers its prompts; the hub's admin
@@ -5292,7 +5299,7 @@ def _check_findings(findings: list[dict[str, Any]]) -> None:
 async def r_sync_alerts(b: Broker, req: Request) -> Any:
     body = req.body
     _check_findings(body["findings"])
-    own_machine(req.identity, body["machine"])
+    may_report_of(req.identity, body["machine"])
     changes = await b.write(lambda: b.records.sync_alerts(body["source"], body["machine"], body["checks"],
                                                         body["findings"], max(1, body["repeat_after"]),
                                                         req.identity.name))
@@ -5355,7 +5362,10 @@ async def r_forget_machine(b: Broker, req: Request) -> Any:
     body, by = req.body, req.identity.name
     if not body.get("source"):
         require(req.identity, "forget")
-    own_machine(req.identity, body["machine"])
+    if body.get("source"):
+        may_report_of(req.identity, body["machine"])  # withdraws its own report only
+    else:
+        own_machine(req.identity, body["machine"])
     gone = await b.write(lambda: b.records.forget_machine(body["machine"], body.get("source", ""), by,
                                                           body.get("reason") or f"forgotten by {by}"))
     return {**gone, "webhook": b.webhooks.target}
@@ -9098,24 +9108,27 @@ def scout_machines(cfg: Config, daemon: SimpleNamespace) -> list[SimpleNamespace
     return ([cfg.local_machine] if daemon.include_local and not here else []) + listed
 
 
-def retire_machines(run: DaemonRun, probed: list[str]) -> list[str]:
-    """The machines this scout probed before and no longer does (taken out of [[machines]]): the hub
-    resolves their alerts and drops their health, once, and the scout forgets them. One line each."""
+def retire_unwatched(run: DaemonRun, prefix: str, watched: list[str], reported_as: Callable[[str], str],
+                     verb: str) -> list[str]:
+    """What this daemon remembers under ``prefix`` and no longer watches (taken out of its config):
+    the hub resolves its alerts and drops its health report, once, and the daemon forgets it. One
+    line each; ``reported_as`` gives the name the daemon reported it under."""
     daemon, lines = run.daemon, []
-    for key in run.state.keys(daemon.name, "machine:"):
+    for key in run.state.keys(daemon.name, prefix):
         name = key.split(":", 1)[1]
-        if name in probed:
+        if name in watched:
             continue
         if run.dry_run:
-            run.log_line("dry_run", retire=name)
+            run.log_line("dry_run", retire=reported_as(name))
             lines.append(f"{name:<16} retired  (dry run: its alerts and health report stay on the hub)")
             continue
         gone = run.broker(register=False).call("POST", "/api/health/forget", {
-            "machine": name, "source": daemon.name, "reason": f"no longer probed by {daemon.name} ({run.cfg.where})"})
+            "machine": reported_as(name), "source": daemon.name,
+            "reason": f"no longer {verb} by {daemon.name} ({run.cfg.where})"})
         run.state.forget(daemon.name, key)
-        run.log_line("retired", machine=name, alerts_resolved=gone["alerts_resolved"])
+        run.log_line("retired", machine=reported_as(name), alerts_resolved=gone["alerts_resolved"])
         run.tell(gone["changes"], gone["webhook"])
-        lines.append(f"{name:<16} retired  no longer probed: {gone['alerts_resolved']} alert(s) resolved,"
+        lines.append(f"{name:<16} retired  no longer {verb}: {gone['alerts_resolved']} alert(s) resolved,"
                      " its health report dropped")
     return lines
 
@@ -9145,7 +9158,7 @@ def run_fleet_scout(run: DaemonRun) -> dict[str, Any]:
                 "machine": name, "source": daemon.name, "report": seen.report, "findings": alerts[name]})
         for name, seen in results.items():
             run.report_alerts(name, scout_checks(seen.report), alerts[name])
-        lines += retire_machines(run, list(results))
+        lines += retire_unwatched(run, "machine:", list(results), str, "probed")
     except (UserError, ApiError) as exc:
         failures.append(f"could not report to the broker: {exc}")
     bad = sum(1 for found in alerts.values() if found)
@@ -9386,13 +9399,19 @@ def run_llm_watchdog(run: DaemonRun) -> dict[str, Any]:
     as fleet.health.llm.<name> every run, and an alert on each change through the common lifecycle."""
     daemon = run.daemon
     servers = watched_llm_servers(run.cfg, daemon)
+    retired: list[str] = []
+    failures: list[str] = []
+    try:
+        retired = retire_unwatched(run, "server:", [server.name for server, _ in servers], "llm.{}".format, "watched")
+    except (UserError, ApiError) as exc:
+        failures.append(f"could not retire the servers no longer watched: {exc}")
     if not servers:
-        return run.result("ok", f"no LLM servers to watch: set [llm] base_url, or list servers in"
-                                f" [daemons.{daemon.name}]")
+        head = f"no LLM servers to watch: set [llm] base_url, or list servers in [daemons.{daemon.name}]"
+        return run.result("failed" if failures else "ok", "\n".join([head, *retired, *failures]))
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(servers)) as pool:
         reports = list(pool.map(lambda pair: check_llm_server(pair[0], pair[1], daemon.timeout_s, daemon.slow_ms),
                                 servers))
-    now, lines, failures = time.time(), [], []
+    now, lines = time.time(), []
     for (server, _), report in zip(servers, reports, strict=True):
         key = f"server:{server.name}"
         tracked = track_llm_state(json.loads(run.state.recall(daemon.name, key) or "null"), report["state"], now)
@@ -9415,7 +9434,7 @@ def run_llm_watchdog(run: DaemonRun) -> dict[str, Any]:
     states = collections.Counter(r["state"] for r in reports)
     counts = ", ".join(f"{states[state]} {state}" for state in ("up", "slow", "down") if states[state])
     head = f"{len(reports)} LLM server(s): {counts}"
-    return run.result("failed" if failures else "ok", "\n".join([head, *lines, *failures]))
+    return run.result("failed" if failures else "ok", "\n".join([head, *lines, *retired, *failures]))
 
 
 def check_watched_servers(where: str, daemon: SimpleNamespace) -> None:

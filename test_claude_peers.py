@@ -7625,6 +7625,40 @@ def test_llm_watchdog_alerts_once_per_change_publishes_health_every_run_and_rest
         server.stop()
 
 
+def test_llm_watchdog_retires_a_server_taken_out_of_its_list_with_a_client_machines_credential(make_broker, tmp_path):
+    gone, kept = LocalLLMServer("ollama"), LocalLLMServer("ollama")
+    gone.set("refusing")
+    broker = make_broker()
+    token = credential(broker, "watcher", "box")  # a client machine's: llm.gpu is none of its machines
+    client = tmp_path / "client.toml"
+
+    def watch(**servers: LocalLLMServer) -> str:
+        listed = ", ".join(f'{{ name = "{name}", base_url = "{server.url}", kind = "ollama" }}'
+                           for name, server in servers.items())
+        client.write_text(f'[broker]\nurl = "{broker.url}"\ntoken_file = "{tmp_path / "token"}"\n[nats]\n'
+                          f'embedded = false\n[fleet]\nmachine = "box"\n[daemons.llm-watchdog]\ntimeout_s = 1\n'
+                          f'servers = [{listed}]\n')
+        out = broker.cli("trigger", "llm-watchdog", "--here", env={"CLAUDE_PEERS_CONFIG": str(client)})
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    def open_alerts() -> list[str]:
+        return [a["machine"] for a in broker.client().call("GET", "/api/alerts")["alerts"]]
+
+    (tmp_path / "token").write_text(token)
+    (tmp_path / "token").chmod(0o600)
+    try:
+        assert "1 down" in watch(gpu=gone, cpu=kept) and open_alerts() == ["llm.gpu"]
+        out = watch(cpu=kept)  # gpu taken out of the list
+        assert "gpu              retired  no longer watched: 1 alert(s) resolved, its health report dropped" in out
+        assert open_alerts() == []
+        assert [m["machine"] for m in broker.client().call("GET", "/api/health")["machines"]] == ["llm.cpu"]
+        assert "retired" not in watch(cpu=kept)  # once
+    finally:
+        gone.stop()
+        kept.stop()
+
+
 def test_a_run_leaves_the_webhook_to_the_hub_and_says_a_client_machines_own_is_not_used(make_broker, tmp_path):
     hub_webhook, client_webhook, server = WebhookReceiver(), WebhookReceiver(), LocalLLMServer("ollama")
     server.set("refusing")
