@@ -4995,11 +4995,11 @@ class Broker:
     # -- housekeeping ---------------------------------------------------------
 
     async def janitor(self, close_idle: Callable[[], None]) -> None:
-        """Reap dead sessions every few seconds; prune history hourly."""
-        interval = max(0.5, min(5.0, self.cfg.broker.stale_after_s / 3))
+        """Reap dead sessions every few seconds (a third of stale_after_s, read each pass: a reload
+        changes it); prune history hourly."""
         last_prune = 0.0
         while not self.stopping.is_set():
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(0.5, min(5.0, self.cfg.broker.stale_after_s / 3)))
             close_idle()
             self.metrics.sweep(time.time())
             try:
