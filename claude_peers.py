@@ -8643,6 +8643,160 @@ def chat_completion(cfg: Config, models: list[str], messages: list[dict[str, Any
     raise LlmError("every model failed: " + "; ".join(failures))
 
 
+def check_command(daemon: SimpleNamespace, argv: list[str]) -> None:
+    """A command runs only under one of the daemon's `commands` prefixes (its tools' and its own)."""
+    if not argv:
+        raise PolicyError("argv must be a non-empty list of strings")
+    if not any(argv[:len(prefix)] == prefix for prefix in daemon.commands):
+        raise PolicyError(f"command {json.dumps(argv)} matches no allowed prefix {json.dumps(daemon.commands)}")
+
+
+class DaemonRun:
+    """One run of one daemon: the agent loop (or the external command) under its policy,
+    with a JSONL transcript of every step."""
+
+    def __init__(self, cfg: Config, daemon: SimpleNamespace, run_id: str, trigger: str, transcript: Path,
+                 dry_run: bool = False, echo: bool = False) -> None:
+        self.cfg = cfg
+        self.daemon = daemon
+        self.run_id = run_id
+        self.trigger = trigger
+        self.transcript = transcript
+        self.dry_run = dry_run or daemon.dry_run
+        self.echo = echo
+        self.actions = 0
+        self.tokens = 0
+        self.model = ""
+        self.state = SupervisorState(data_home() / "supervisor.db")
+        self._broker: BrokerClient | None = None
+        self.raised: dict[str, dict[str, Any]] = {}  #: alerts the agent raised in this run, by title
+
+    def log_line(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"at": iso(time.time()), "event": event, **fields}, default=str)
+        with self.transcript.open("a") as fh:
+            fh.write(line + "\n")
+        if self.echo:
+            print(line, file=sys.stderr, flush=True)
+
+    def result(self, status: str, summary: str) -> RunResult:
+        self.log_line("end", status=status, summary=summary, actions=self.actions, tokens=self.tokens)
+        return {"status": status, "summary": summary[:4000], "actions": self.actions, "tokens": self.tokens,
+                "model": self.model}
+
+    def spend(self, actions: int = 0, tokens: int = 0, model_call: bool = False) -> None:
+        """The run's budget, counted in this one place: ``tokens`` a model call used are added;
+        ``actions`` about to be taken are refused past max_actions, and a model call about to be
+        made (``model_call``) once the tokens reached token_budget: BudgetSpent, nothing counted."""
+        if model_call and self.tokens >= self.daemon.token_budget:
+            raise BudgetSpent(f"the token budget ({self.tokens} >= {self.daemon.token_budget})")
+        if actions and self.actions + actions > self.daemon.max_actions:
+            raise BudgetSpent(f"max_actions = {self.daemon.max_actions}")
+        self.actions += actions
+        self.tokens += tokens
+
+    def execute(self, body: Callable[[DaemonRun], dict[str, Any]]) -> dict[str, Any]:
+        """Run ``body`` (the runner: the agent loop, the command, a built-in daemon) and close the run."""
+        self.transcript.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.log_line("start", daemon=self.daemon.name, trigger=self.trigger, dry_run=self.dry_run,
+                      runner=self.daemon.runner)
+        try:
+            return body(self)
+        except LlmError as exc:
+            return self.result("failed", f"LLM: {exc}")
+        except BudgetSpent as exc:
+            return self.result("limit", f"stopped at {exc}")
+        finally:
+            if self.daemon.runner == "agent":  # what it raised this run; what it did not raise again resolves
+                with contextlib.suppress(UserError, ApiError):
+                    self.report_alerts(self.cfg.machine, ["agent"], list(self.raised.values()))
+            if self._broker is not None and self._broker.session_id:
+                with contextlib.suppress(UserError, ApiError):
+                    self._broker.session_call("POST", "/leave", timeout=3)
+
+    def run_command_runner(self) -> dict[str, Any]:
+        env = {**os.environ, "CLAUDE_PEERS_DAEMON": self.daemon.name, "CLAUDE_PEERS_TRIGGER": self.trigger}
+        if self.dry_run:
+            self.log_line("dry_run", argv=self.daemon.command)
+            return self.result("ok", f"dry run: would run {json.dumps(self.daemon.command)}")
+        self.log_line("command", argv=self.daemon.command)
+        try:
+            proc = subprocess.run(self.daemon.command, stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                                  timeout=self.daemon.max_runtime_s, check=False)
+        except FileNotFoundError:
+            return self.result("failed", f"command not found: {self.daemon.command[0]}")
+        except subprocess.TimeoutExpired:
+            return self.result("timeout", f"killed after {self.daemon.max_runtime_s}s")
+        out = proc.stdout[-OUTPUT_CAP:].decode(errors="replace")
+        self.log_line("output", exit=proc.returncode, stdout=out, stderr=proc.stderr[-4096:].decode(errors="replace"))
+        summary = out.strip()[-2000:] or f"exit {proc.returncode}"
+        return self.result("ok" if proc.returncode == 0 else "failed", summary)
+
+    def broker(self, register: bool = True) -> BrokerClient:
+        """The broker, as this daemon's own session (daemon-<name>) once it needs one."""
+        if self._broker is None:
+            self._broker = client_from_config(self.cfg, timeout=10)
+        if register and self._broker.session_id is None:
+            info = {"machine": self.cfg.machine, "pid": os.getpid(), "cwd": str(data_home()), "client": "daemon",
+                    "summary": self.daemon.description[:1000]}
+            try:
+                self._broker.register({**info, "name": f"daemon-{self.daemon.name}"})
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+                self._broker.register(info)
+        return self._broker
+
+    def run_allowed(self, argv: list[str], cwd: Path | str | None = None, timeout: float = 60,
+                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """A built-in daemon's command, under the same policy as run_command: refused (PolicyError)
+        unless `commands` allows it, run without a shell, logged with its exit code and output."""
+        check_command(self.daemon, argv)
+        self.log_line("command", argv=argv, cwd=str(cwd or ""))
+        proc = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              errors="replace", timeout=timeout, check=False)
+        self.log_line("command_result", argv=argv[:3], exit=proc.returncode, output=(proc.stdout + proc.stderr)[-2000:])
+        return proc
+
+    # -- alerts: one per change, through the broker's lifecycle ---------------------
+
+    def report_alerts(self, machine: str, checks: list[str], findings: list[AlertFinding]) -> list[dict[str, Any]]:
+        """This run's findings for one machine (``checks``: what it looked at) through the
+        broker's alert lifecycle; each change goes to the daemon's alert_to peers, and the hub
+        posts it to its own [alerts] webhook (queued with the change, retried until answered)."""
+        findings = [{k: f[k] for k in FINDING_SCHEMA if f.get(k) not in (None, "")} for f in findings]
+        if self.dry_run:
+            if findings:
+                self.log_line("dry_run", alerts=findings, machine=machine)
+            return []
+        answer = self.broker(register=False).call("POST", "/api/alerts", {
+            "source": self.daemon.name, "machine": machine, "checks": checks, "findings": findings,
+            "repeat_after": self.cfg.alerts.repeat_after_cycles})
+        changes, hub_webhook = answer["changes"], answer.get("webhook", "")
+        if changes and self.cfg.alerts.webhook and webhook_target(self.cfg.alerts.webhook) != hub_webhook:
+            self.log_line("webhook_not_used", webhook=webhook_target(self.cfg.alerts.webhook),
+                          hub_webhook=hub_webhook, why=f"[alerts] webhook in {self.cfg.where} is not used here: the"
+                          " hub posts alerts to the [alerts] webhook of its own daemons.toml; set it there")
+        self.tell(changes, hub_webhook)
+        return changes
+
+    def tell(self, changes: list[dict[str, Any]], hub_webhook: str) -> None:
+        """Alert changes the hub made to the daemon's alert_to peers, each logged with who heard of it."""
+        for change in changes:
+            told = self.notify(change) + ([f"webhook {hub_webhook} (queued on the hub)"] if hub_webhook else [])
+            self.log_line("alert", **{k: change[k] for k in ("id", "change", "severity", "machine", "title")},
+                          told=told)
+
+    def notify(self, change: dict[str, Any]) -> list[str]:
+        """One alert change as a channel message to each alert_to peer (the broker keeps the mail)."""
+        text = alert_message(change)[1]
+        told = []
+        for name in self.daemon.alert_to:
+            with contextlib.suppress(UserError, ApiError):
+                self.broker().session_call("POST", "/send", {"to": name, "text": text[:60000]})
+                told.append(name)
+        return told
+
+
 class AgentTools:
     """The built-in tools an agent daemon may call, behind its policy: ``call`` refuses a tool
     outside the daemon's list, arguments outside the tool's schema, and commands, URLs, paths
@@ -8691,11 +8845,7 @@ class AgentTools:
             return f"error: {exc}"
 
     def check_run_command(self, argv: list[str]) -> None:
-        if not argv:
-            raise PolicyError("argv must be a non-empty list of strings")
-        if not any(argv[:len(prefix)] == prefix for prefix in self.run.daemon.commands):
-            raise PolicyError(f"command {json.dumps(argv)} matches no allowed prefix"
-                              f" {json.dumps(self.run.daemon.commands)}")
+        check_command(self.run.daemon, argv)
 
     def check_http_get(self, url: str) -> None:
         if urllib.parse.urlsplit(url).scheme not in ("http", "https") or not any(
@@ -8789,200 +8939,58 @@ class AgentTools:
         return value if value is not None else "(nothing stored under that key)"
 
 
-class DaemonRun:
-    """One run of one daemon: the agent loop (or the external command) under its policy,
-    with a JSONL transcript of every step."""
-
-    def __init__(self, cfg: Config, daemon: SimpleNamespace, run_id: str, trigger: str, transcript: Path,
-                 dry_run: bool = False, echo: bool = False) -> None:
-        self.cfg = cfg
-        self.daemon = daemon
-        self.run_id = run_id
-        self.trigger = trigger
-        self.transcript = transcript
-        self.dry_run = dry_run or daemon.dry_run
-        self.echo = echo
-        self.actions = 0
-        self.tokens = 0
-        self.model = ""
-        self.state = SupervisorState(data_home() / "supervisor.db")
-        self._broker: BrokerClient | None = None
-        self.raised: dict[str, dict[str, Any]] = {}  #: alerts the agent raised in this run, by title
-        self.tools = AgentTools(self)  #: what the model may call, behind the policy
-
-    def log_line(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"at": iso(time.time()), "event": event, **fields}, default=str)
-        with self.transcript.open("a") as fh:
-            fh.write(line + "\n")
-        if self.echo:
-            print(line, file=sys.stderr, flush=True)
-
-    def result(self, status: str, summary: str) -> RunResult:
-        self.log_line("end", status=status, summary=summary, actions=self.actions, tokens=self.tokens)
-        return {"status": status, "summary": summary[:4000], "actions": self.actions, "tokens": self.tokens,
-                "model": self.model}
-
-    def spend(self, actions: int = 0, tokens: int = 0, model_call: bool = False) -> None:
-        """The run's budget, counted in this one place: ``tokens`` a model call used are added;
-        ``actions`` about to be taken are refused past max_actions, and a model call about to be
-        made (``model_call``) once the tokens reached token_budget: BudgetSpent, nothing counted."""
-        if model_call and self.tokens >= self.daemon.token_budget:
-            raise BudgetSpent(f"the token budget ({self.tokens} >= {self.daemon.token_budget})")
-        if actions and self.actions + actions > self.daemon.max_actions:
-            raise BudgetSpent(f"max_actions = {self.daemon.max_actions}")
-        self.actions += actions
-        self.tokens += tokens
-
-    def execute(self, body: Callable[[DaemonRun], dict[str, Any]]) -> dict[str, Any]:
-        """Run ``body`` (the runner: the agent loop, the command, a built-in daemon) and close the run."""
-        self.transcript.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.log_line("start", daemon=self.daemon.name, trigger=self.trigger, dry_run=self.dry_run,
-                      runner=self.daemon.runner)
-        try:
-            return body(self)
-        except LlmError as exc:
-            return self.result("failed", f"LLM: {exc}")
-        except BudgetSpent as exc:
-            return self.result("limit", f"stopped at {exc}")
-        finally:
-            if self.daemon.runner == "agent":  # what it raised this run; what it did not raise again resolves
-                with contextlib.suppress(UserError, ApiError):
-                    self.report_alerts(self.cfg.machine, ["agent"], list(self.raised.values()))
-            if self._broker is not None and self._broker.session_id:
-                with contextlib.suppress(UserError, ApiError):
-                    self._broker.session_call("POST", "/leave", timeout=3)
-
-    def run_command_runner(self) -> dict[str, Any]:
-        env = {**os.environ, "CLAUDE_PEERS_DAEMON": self.daemon.name, "CLAUDE_PEERS_TRIGGER": self.trigger}
-        if self.dry_run:
-            self.log_line("dry_run", argv=self.daemon.command)
-            return self.result("ok", f"dry run: would run {json.dumps(self.daemon.command)}")
-        self.log_line("command", argv=self.daemon.command)
-        try:
-            proc = subprocess.run(self.daemon.command, stdin=subprocess.DEVNULL, capture_output=True, env=env,
-                                  timeout=self.daemon.max_runtime_s, check=False)
-        except FileNotFoundError:
-            return self.result("failed", f"command not found: {self.daemon.command[0]}")
-        except subprocess.TimeoutExpired:
-            return self.result("timeout", f"killed after {self.daemon.max_runtime_s}s")
-        out = proc.stdout[-OUTPUT_CAP:].decode(errors="replace")
-        self.log_line("output", exit=proc.returncode, stdout=out, stderr=proc.stderr[-4096:].decode(errors="replace"))
-        summary = out.strip()[-2000:] or f"exit {proc.returncode}"
-        return self.result("ok" if proc.returncode == 0 else "failed", summary)
-
-    def system_prompt(self) -> str:
-        d = self.daemon
-        lines = [d.role or f"You are the {d.name} daemon of a homelab fleet.",
-                 f"Daemon: {d.name} - {d.description}" if d.description else f"Daemon: {d.name}",
-                 (f"Machine: {self.cfg.machine}; time: {dt.datetime.now().astimezone().isoformat(timespec='seconds')};"
-                 f" trigger: {self.trigger}."),
-                 f"Policy: at most {d.max_actions} tool calls and {d.token_budget} tokens; tools outside your list"
-                 " and commands outside your allowlist are refused." + (" DRY RUN: changes are only logged."
-                                                                       if self.dry_run else ""),
-                 "When done, answer with a short report and no tool call."]
-        with contextlib.suppress(UserError, ApiError):
-            peers = self.broker(register=False).call("GET", "/api/peers", timeout=3)["peers"]
-            if peers:
-                lines.append("Live sessions: " + "; ".join(f"{p['name'] or p['id']} on {p['machine']}"
-                                                           + (f" ({p['summary']})" if p["summary"] else "")
-                                                           for p in peers[:20]))
-        return "\n".join(lines)
-
-    def run_agent(self) -> dict[str, Any]:
-        if not self.cfg.llm.base_url:
-            return self.result("failed", "no [llm] base_url configured for this agent daemon")
-        models = list(getattr(self.cfg.llm, self.daemon.tier))
-        if not models:
-            return self.result("failed", f"no models in [llm] {self.daemon.tier}")
-        tools = [{"type": "function", "function": {"name": name, "description": DAEMON_TOOLS[name]["description"],
-                                                   "parameters": DAEMON_TOOLS[name]["inputSchema"]}}
-                 for name in self.daemon.tools]
-        messages: list[dict[str, Any]] = [
-            {"role": "system", "content": self.system_prompt()},
-            {"role": "user", "content": f"Run now (trigger: {self.trigger})."}]
-        while True:
-            self.spend(model_call=True)
-            self.log_line("llm_request", models=models, messages=len(messages))
-            message, tokens, self.model = chat_completion(self.cfg, models, messages, tools, self.log_line)
-            self.spend(tokens=tokens)
-            self.log_line("llm_response", model=self.model, tokens=tokens, message=message)
-            messages.append({k: v for k, v in message.items() if k in ("role", "content", "tool_calls")})
-            calls = message.get("tool_calls") or []
-            if not calls:
-                return self.result("ok", message.get("content") or "")
-            for call in calls:
-                self.spend(actions=1)
-                function = call.get("function") or {}
-                output = self.tools.call(function.get("name", ""), function.get("arguments") or "{}")
-                messages.append({"role": "tool", "tool_call_id": call.get("id", ""), "content": output})
-
-    def broker(self, register: bool = True) -> BrokerClient:
-        """The broker, as this daemon's own session (daemon-<name>) once it needs one."""
-        if self._broker is None:
-            self._broker = client_from_config(self.cfg, timeout=10)
-        if register and self._broker.session_id is None:
-            info = {"machine": self.cfg.machine, "pid": os.getpid(), "cwd": str(data_home()), "client": "daemon",
-                    "summary": self.daemon.description[:1000]}
-            try:
-                self._broker.register({**info, "name": f"daemon-{self.daemon.name}"})
-            except ApiError as exc:
-                if exc.status != 409:
-                    raise
-                self._broker.register(info)
-        return self._broker
-
-    def run_allowed(self, argv: list[str], cwd: Path | str | None = None, timeout: float = 60,
-                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        """A built-in daemon's command, under the same policy as run_command: refused (PolicyError)
-        unless `commands` allows it, run without a shell, logged with its exit code and output."""
-        self.tools.check_run_command(argv)
-        self.log_line("command", argv=argv, cwd=str(cwd or ""))
-        proc = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              errors="replace", timeout=timeout, check=False)
-        self.log_line("command_result", argv=argv[:3], exit=proc.returncode, output=(proc.stdout + proc.stderr)[-2000:])
-        return proc
-
-    # -- alerts: one per change, through the broker's lifecycle ---------------------
-
-    def report_alerts(self, machine: str, checks: list[str], findings: list[AlertFinding]) -> list[dict[str, Any]]:
-        """This run's findings for one machine (``checks``: what it looked at) through the
-        broker's alert lifecycle; each change goes to the daemon's alert_to peers, and the hub
-        posts it to its own [alerts] webhook (queued with the change, retried until answered)."""
-        findings = [{k: f[k] for k in FINDING_SCHEMA if f.get(k) not in (None, "")} for f in findings]
-        if self.dry_run:
-            if findings:
-                self.log_line("dry_run", alerts=findings, machine=machine)
-            return []
-        answer = self.broker(register=False).call("POST", "/api/alerts", {
-            "source": self.daemon.name, "machine": machine, "checks": checks, "findings": findings,
-            "repeat_after": self.cfg.alerts.repeat_after_cycles})
-        changes, hub_webhook = answer["changes"], answer.get("webhook", "")
-        if changes and self.cfg.alerts.webhook and webhook_target(self.cfg.alerts.webhook) != hub_webhook:
-            self.log_line("webhook_not_used", webhook=webhook_target(self.cfg.alerts.webhook),
-                          hub_webhook=hub_webhook, why=f"[alerts] webhook in {self.cfg.where} is not used here: the"
-                          " hub posts alerts to the [alerts] webhook of its own daemons.toml; set it there")
-        self.tell(changes, hub_webhook)
-        return changes
-
-    def tell(self, changes: list[dict[str, Any]], hub_webhook: str) -> None:
-        """Alert changes the hub made to the daemon's alert_to peers, each logged with who heard of it."""
-        for change in changes:
-            told = self.notify(change) + ([f"webhook {hub_webhook} (queued on the hub)"] if hub_webhook else [])
-            self.log_line("alert", **{k: change[k] for k in ("id", "change", "severity", "machine", "title")},
-                          told=told)
-
-    def notify(self, change: dict[str, Any]) -> list[str]:
-        """One alert change as a channel message to each alert_to peer (the broker keeps the mail)."""
-        text = alert_message(change)[1]
-        told = []
-        for name in self.daemon.alert_to:
-            with contextlib.suppress(UserError, ApiError):
-                self.broker().session_call("POST", "/send", {"to": name, "text": text[:60000]})
-                told.append(name)
-        return told
+def agent_prompt(run: DaemonRun) -> str:
+    """The system prompt of an agent daemon's run: who it is, where, its policy, the live sessions."""
+    d = run.daemon
+    lines = [d.role or f"You are the {d.name} daemon of a homelab fleet.",
+             f"Daemon: {d.name} - {d.description}" if d.description else f"Daemon: {d.name}",
+             (f"Machine: {run.cfg.machine}; time: {dt.datetime.now().astimezone().isoformat(timespec='seconds')};"
+             f" trigger: {run.trigger}."),
+             f"Policy: at most {d.max_actions} tool calls and {d.token_budget} tokens; tools outside your list"
+             " and commands outside your allowlist are refused." + (" DRY RUN: changes are only logged."
+                                                                   if run.dry_run else ""),
+             "When done, answer with a short report and no tool call."]
+    with contextlib.suppress(UserError, ApiError):
+        peers = run.broker(register=False).call("GET", "/api/peers", timeout=3)["peers"]
+        if peers:
+            lines.append("Live sessions: " + "; ".join(f"{p['name'] or p['id']} on {p['machine']}"
+                                                       + (f" ({p['summary']})" if p["summary"] else "")
+                                                       for p in peers[:20]))
+    return "\n".join(lines)
 
 
-register_runner(Runner("agent", DaemonRun.run_agent))
+def run_agent(run: DaemonRun) -> dict[str, Any]:
+    """The agent runner: the model and its tools, call after call, within the run's budget."""
+    if not run.cfg.llm.base_url:
+        return run.result("failed", "no [llm] base_url configured for this agent daemon")
+    models = list(getattr(run.cfg.llm, run.daemon.tier))
+    if not models:
+        return run.result("failed", f"no models in [llm] {run.daemon.tier}")
+    tools = AgentTools(run)
+    offered = [{"type": "function", "function": {"name": name, "description": DAEMON_TOOLS[name]["description"],
+                                                 "parameters": DAEMON_TOOLS[name]["inputSchema"]}}
+               for name in run.daemon.tools]
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": agent_prompt(run)},
+        {"role": "user", "content": f"Run now (trigger: {run.trigger})."}]
+    while True:
+        run.spend(model_call=True)
+        run.log_line("llm_request", models=models, messages=len(messages))
+        message, tokens, run.model = chat_completion(run.cfg, models, messages, offered, run.log_line)
+        run.spend(tokens=tokens)
+        run.log_line("llm_response", model=run.model, tokens=tokens, message=message)
+        messages.append({k: v for k, v in message.items() if k in ("role", "content", "tool_calls")})
+        calls = message.get("tool_calls") or []
+        if not calls:
+            return run.result("ok", message.get("content") or "")
+        for call in calls:
+            run.spend(actions=1)
+            function = call.get("function") or {}
+            output = tools.call(function.get("name", ""), function.get("arguments") or "{}")
+            messages.append({"role": "tool", "tool_call_id": call.get("id", ""), "content": output})
+
+
+register_runner(Runner("agent", run_agent))
 register_runner(Runner("command", DaemonRun.run_command_runner))
 
 
@@ -9367,7 +9375,7 @@ def restart_llm_server(run: DaemonRun, server: SimpleNamespace, tracked: dict[st
         run.log_line("dry_run", server=server.name, restart=server.restart)
         return f"dry run: would restart with {json.dumps(server.restart)}"
     try:
-        run.tools.check_run_command(server.restart)  # a restart the policy refuses is no action
+        check_command(daemon, server.restart)  # a restart the policy refuses is no action
         run.spend(actions=1)
         proc = run.run_allowed(server.restart, timeout=daemon.timeout_s)
         outcome = f"restarted with {json.dumps(server.restart)}: exit {proc.returncode}"
@@ -10096,15 +10104,17 @@ def event_payload(data: bytes) -> dict[str, Any]:
 class EventWatcher:
     """The supervisor's ears: fleet events from its durable JetStream consumer, or from the
     broker's event feed when there is no NATS or it does not answer; each event goes to the
-    supervisor's ``on_event`` with its id."""
+    supervisor's ``on_event`` with its id. It is given the supervisor's pieces it uses, not the
+    supervisor: its config as it is now (a reload replaces it), its state, its stop flag."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
+    def __init__(self, config: Callable[[], Config], state: SupervisorState, stopping: asyncio.Event,
+                 on_event: Callable[[str, dict[str, Any]], None]) -> None:
+        self.config, self.state, self.stopping, self.on_event = config, state, stopping, on_event
         self.event_source = ""  #: what is being watched, for the log
         self.feed_clients: list[BrokerClient] = []  #: aborted at stop, so a parked feed poll ends at once
 
     async def run(self) -> None:
-        await (self.events_from_nats() if self.supervisor.cfg.nats_url else self.events_from_feed())
+        await (self.events_from_nats() if self.config().nats_url else self.events_from_feed())
 
     def stop(self) -> None:
         for client in self.feed_clients:
@@ -10120,7 +10130,7 @@ class EventWatcher:
         was published meanwhile, and events already handled (by id) are skipped."""
         feed: asyncio.Task[None] | None = None
         try:
-            while not self.supervisor.stopping.is_set():
+            while not self.stopping.is_set():
                 problems: list[str] = []
                 try:
                     nc, sub = await asyncio.wait_for(self._subscribe(problems), NATS_SETUP_S)
@@ -10128,16 +10138,16 @@ class EventWatcher:
                     why = nats_trouble(exc, problems)
                     if feed is None:
                         log.warning("event consumer: NATS at %s: %s; reading the broker's event feed instead"
-                                    " (trying NATS again every %.0fs)", self.supervisor.cfg.nats_url, why, NATS_RETRY_S)
+                                    " (trying NATS again every %.0fs)", self.config().nats_url, why, NATS_RETRY_S)
                         feed = asyncio.create_task(self.events_from_feed())
-                    log.debug("event consumer: NATS at %s: %s", self.supervisor.cfg.nats_url, why)
+                    log.debug("event consumer: NATS at %s: %s", self.config().nats_url, why)
                     await asyncio.sleep(NATS_RETRY_S)
                     continue
                 if feed is not None:
                     self._stop_feed(feed)
                     feed = None
                     log.info("event consumer: NATS answers again; back from the broker's event feed")
-                self.supervisor.state.forget_cursor("feed")  # a later fallback starts there and then: NATS has the rest
+                self.state.forget_cursor("feed")  # a later fallback starts there and then: NATS has the rest
                 log.info("watching events: %s", self.event_source)
                 try:
                     await self._consume(nc, sub)
@@ -10155,34 +10165,34 @@ class EventWatcher:
         from nats.js.api import ConsumerConfig, DeliverPolicy
         from nats.js.errors import NotFoundError
 
-        durable = f"supervisor-{re.sub(r'[^A-Za-z0-9_-]', '_', self.supervisor.cfg.machine)}"
+        durable = f"supervisor-{re.sub(r'[^A-Za-z0-9_-]', '_', self.config().machine)}"
         await self._check_embedded_nats()
-        nc = await connect_nats(self.supervisor.cfg.nats_url, nats_auth(self.supervisor.cfg, publisher=False),
-                                f"claude-peers supervisor {self.supervisor.cfg.machine}", problems.append)
+        nc = await connect_nats(self.config().nats_url, nats_auth(self.config(), publisher=False),
+                                f"claude-peers supervisor {self.config().machine}", problems.append)
         try:
             while True:
                 try:
                     sub = await nc.jetstream().pull_subscribe(
-                        "fleet.>", durable=durable, stream=self.supervisor.cfg.nats.stream,
+                        "fleet.>", durable=durable, stream=self.config().nats.stream,
                         config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_wait=30))
                     break
                 except NotFoundError:  # the broker creates the stream when it first connects
-                    problems.append(f"no stream {self.supervisor.cfg.nats.stream} on that server")
+                    problems.append(f"no stream {self.config().nats.stream} on that server")
                     await asyncio.sleep(0.5)
         except BaseException:
             with contextlib.suppress(Exception):
                 await nc.close()
             raise
-        self.event_source = f"nats {self.supervisor.cfg.nats_url} stream {self.supervisor.cfg.nats.stream} durable {durable}"
+        self.event_source = f"nats {self.config().nats_url} stream {self.config().nats.stream} durable {durable}"
         return nc, sub
 
     async def _check_embedded_nats(self) -> None:
         """On the hub's embedded server, ask the broker first: when another process holds that
         port, whatever answers there is not ours and must not get our token."""
-        if self.supervisor.cfg.nats.url or not self.supervisor.cfg.nats.embedded:
+        if self.config().nats.url or not self.config().nats.embedded:
             return
         try:
-            client = client_from_config(self.supervisor.cfg, timeout=5)
+            client = client_from_config(self.config(), timeout=5)
             try:
                 nats = (await asyncio.to_thread(client.call, "GET", "/api/status"))["nats"]
             finally:
@@ -10194,9 +10204,9 @@ class EventWatcher:
 
     async def _consume(self, nc: Any, sub: Any) -> None:
         """Hand the consumer's events to ``on_event`` until NATS goes away."""
-        while not self.supervisor.stopping.is_set():
+        while not self.stopping.is_set():
             for message in await fetch_events(sub):
-                self.supervisor.on_event(message.subject, event_payload(message.data))
+                self.on_event(message.subject, event_payload(message.data))
                 await message.ack()
             if not nc.is_connected:
                 raise ConnectionError("lost the connection")
@@ -10210,20 +10220,20 @@ class EventWatcher:
     async def events_from_feed(self) -> None:
         """Without NATS (or while it does not answer): long-poll the broker's event feed from a persisted cursor."""
         client: BrokerClient | None = None
-        self.event_source = f"broker feed {self.supervisor.cfg.broker_url}"
-        while not self.supervisor.stopping.is_set():
+        self.event_source = f"broker feed {self.config().broker_url}"
+        while not self.stopping.is_set():
             try:
                 if client is None:
-                    client = client_from_config(self.supervisor.cfg, timeout=40)
+                    client = client_from_config(self.config(), timeout=40)
                     self.feed_clients.append(client)
-                cursor = self.supervisor.state.cursor("feed")
+                cursor = self.state.cursor("feed")
                 if cursor is None:
                     cursor = (await asyncio.to_thread(client.call, "GET", "/api/status"))["last_event_seq"]
-                    self.supervisor.state.set_cursor("feed", cursor)
+                    self.state.set_cursor("feed", cursor)
                 feed = await asyncio.to_thread(client.call, "GET", f"/api/events?after={cursor}&limit=500&wait_s=20")
                 for event in feed["events"]:
-                    self.supervisor.on_event(event["subject"], event)
-                self.supervisor.state.set_cursor("feed", feed["cursor"])
+                    self.on_event(event["subject"], event)
+                self.state.set_cursor("feed", feed["cursor"])
             except (UserError, ApiError) as exc:
                 log.debug("event feed: %s", exc)
                 client = None
@@ -10285,7 +10295,7 @@ class Supervisor:
         self.debouncing: set[str] = set()
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
-        self.events = EventWatcher(self)  #: where the fleet's events come from
+        self.events = EventWatcher(lambda: self.cfg, self.state, self.stopping, self.on_event)  #: the fleet's events
         self.seen: dict[str, None] = {}  # recent event ids, oldest first
 
     # -- config ---------------------------------------------------------------------
