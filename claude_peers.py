@@ -5516,7 +5516,7 @@ PERMISSIONS = {
     "claim": "end another session's file claim",
     "forget": "resolve alerts by hand and forget machines",
     "admin": "manage credentials",
-    "approve": "answer the sessions' permission prompts",
+    "approve": "answer the sessions' permission prompts, release or refuse held mail, set what reaches a session",
 }
 ROLE_PERMISSIONS = {"client": {"read", "session", "report", "trigger", "task"},
                     "operator": {"read", "session", "report", "trigger", "task", "claim", "operator", "metrics", "login",
