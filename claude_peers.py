@@ -2162,13 +2162,17 @@ class Inbound:
 
     def owners(self, mid: str | None = None, pair: tuple[str, str] | None = None) -> dict[str, str]:
         """Each credential that registered a session a held message (or a paused pair's messages) goes to, and
-        that session's name: the least-privilege rule keeps those credentials from letting the mail in."""
+        that session's name: the least-privilege rule keeps those credentials from letting the mail in. Empty
+        when nothing is held or paused (the answer is then late, or for nothing)."""
         with self.store.lock:
-            rows = self.store.db.execute("SELECT to_session, to_name FROM messages WHERE id = ?", (mid,)).fetchall() \
-                if mid else [{"to_session": sid, "to_name": None} for sid in pair or ()]
+            db = self.store.db
+            rows = db.execute("SELECT to_session, to_name FROM messages WHERE id = ? AND state = 'held'",
+                              (mid,)).fetchall() if mid else \
+                [{"to_session": sid, "to_name": None} for sid in pair or ()
+                 if db.execute("SELECT 1 FROM reply_loops WHERE a = ? AND b = ?", tuple(sorted(pair))).fetchone()]
             found = {}
             for row in rows:
-                session = self.session_row(self.store.db, row["to_session"] or row["to_name"] or "")
+                session = self.session_row(db, row["to_session"] or row["to_name"] or "")
                 if session is not None:
                     found[session["credential"]] = session["name"] or session["id"]
             return found
@@ -4691,11 +4695,11 @@ function letInButtons(path, what, all) {
 function heldRows() {
   const loops = state.loops.map((l) => h("tr", {"data-loop": l.id},
     h("td", {}, h("div", {class: "name"}, `${l.a_name} ⇄ ${l.b_name}`), h("div", {class: "muted"}, "reply loop")),
-    h("td", {class: "wrap"}, `${l.held} message(s) between them wait for you`),
+    h("td", {class: "wrap"}, `${l.held} held message${l.held === 1 ? "" : "s"} between them`),
     h("td", {}, when(l.paused_at)),
     h("td", {}, h("span", {class: "pill paused"}, "paused")),
     h("td", {class: "num"}, letInButtons(`loops/${l.a}/${l.b}`, `${l.a_name} ⇄ ${l.b_name}`, true))));
-  const held = state.held.map((m) => h("tr", {"data-held": m.id},
+  const held = state.held.filter((m) => m.reason !== "reply loop").map((m) => h("tr", {"data-held": m.id},
     h("td", {}, h("div", {class: "name"}, m.to_name || m.to_id || m.to), h("div", {class: "muted"}, "message")),
     h("td", {class: "wrap"}, h("span", {class: "name"}, `from ${m.from_name}`), h("span", {class: "muted"}, ` on ${m.from_machine}`),
       m.first_line ? h("div", {class: "mono"}, m.first_line) : null, h("div", {class: "muted"}, m.reason)),
@@ -4704,6 +4708,8 @@ function heldRows() {
     h("td", {class: "num"}, letInButtons(`messages/${m.id}`, `message to ${m.to_name || m.to_id}`, false))));
   return [...loops, ...held];
 }
+
+const heldCount = () => state.loops.length + state.held.filter((m) => m.reason !== "reply loop").length;
 
 // Needs you: the prompts that wait for a human (one click answers), then the last few answered.
 function renderNeeds() {
@@ -4722,7 +4728,7 @@ function renderNeeds() {
       h("button", {class: "allow", "data-verdict": "allow", click: () => verdict(p.id, "allow")}, "Allow"), " ",
       h("button", {class: "deny", "data-verdict": "deny", click: () => verdict(p.id, "deny")}, "Deny")] : null)));
   rows.splice(waiting.length, 0, ...heldRows());  // what waits first: prompts, then mail; the answered ones last
-  const count = waiting.length + state.loops.length + state.held.length;
+  const count = waiting.length + heldCount();
   document.getElementById("needs").replaceChildren(table(
     [["Session"], ["Wants"], ["Asked"], ["State"], ["", "num"]], rows, "Nothing waits for you."));
   document.getElementById("needs-count").textContent = count ? `${count} waiting` : "";

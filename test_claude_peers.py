@@ -2389,6 +2389,12 @@ def page_helpers(driver):
     return until, shown, click, text_of
 
 
+def audit(broker: BrokerProc, subject: str) -> list[tuple[str, str, str, str]]:
+    rows = sqlite3.connect(broker.home / "broker.db").execute(
+        "SELECT action, by_credential, from_addr, outcome FROM inbound_audit WHERE subject = ? ORDER BY seq", (subject,))
+    return [(a, b, f, o.split(":")[0]) for a, b, f, o in rows]
+
+
 CHROMIUM = pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
                               reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
 
@@ -2444,8 +2450,8 @@ def test_the_dashboard_in_chromium_logs_in_and_follows_sessions_and_message_stat
 @CHROMIUM
 def test_the_needs_you_panel_shows_prompts_live_and_answers_them_in_one_click_as_its_logins_credential(
         make_broker, tmp_path):
-    broker = make_broker()
-    infra, build, *_ = seed_fleet(broker)
+    broker = make_broker("reply_loop_limit = 2\n")
+    infra, build, pi = seed_fleet(broker)
     desk = credential(broker, "desk", "desk", "operator")
     login = broker.cli("dashboard", "--json", env={"CLAUDE_PEERS_TOKEN": desk})
     assert login.returncode == 0, login.stderr
@@ -2464,6 +2470,19 @@ def test_the_needs_you_panel_shows_prompts_live_and_answers_them_in_one_click_as
                          "both prompts, each with Allow and Deny")
         assert appeared < 2 and driver.execute_script("return window.notReloaded") is True  # live, no reload
         assert shown("#needs-count") == ["2 waiting"] and "rm -rf /srv/backups/2026-10-*" in text_of("needs")
+        broker.client().call("POST", "/api/inbound", {"target": "homelab-infra", "policy": "hold", "from": "machine:pi"})
+        kept = send(pi, "homelab-infra", "Sensor 3 is back: may I reboot the greenhouse gateway?\nIt drops every hour.")
+        doubt = send(pi, "homelab-infra", "Shall I wipe the old sensor logs?")
+        looped = send(build, "homelab-infra", "Restarting CI now, ok?")  # the 3rd of a pair within a minute, limit 2
+        assert (kept["state"], doubt["state"], looped["state"], looped["reason"]) == ("held", "held", "held",
+                                                                                      "reply loop")
+        mail = 'tr[data-held="{}"]'.format
+        loop = f'tr[data-loop="{":".join(sorted((build.session_id, infra.session_id)))}"]'
+        until(lambda: len(shown(f"{mail(kept['id'])} button, {mail(doubt['id'])} button, {loop} button")) == 6,
+              "the held messages and the paused pair, each with its two buttons")
+        assert shown("#needs-count") == ["5 waiting"] and not shown(mail(looped["id"]))  # the pair's row has it
+        assert "Sensor 3 is back: may I reboot the greenhouse gateway?" in text_of("needs")
+        assert "It drops every hour" not in text_of("needs")  # the first line only
         assert driver.execute_script("return document.getElementById('needs-panel').getBoundingClientRect().top") \
             < driver.execute_script("return document.getElementById('cards').getBoundingClientRect().top")  # on top
         driver.get(broker.url + f"/#permission={deploy['id']}")  # the webhook's link
@@ -2476,6 +2495,15 @@ def test_the_needs_you_panel_shows_prompts_live_and_answers_them_in_one_click_as
         until(lambda: shown(f"{row(cleanup['id'])} .pill") == ["allowed"], "the prompt allowed")
         click(f'{row(deploy["id"])} button[data-verdict="deny"]')
         until(lambda: shown(f"{row(deploy['id'])} .pill") == ["denied"], "the prompt denied")
+        click(f'{mail(kept["id"])} button[data-answer="release"]')
+        click(f'{mail(doubt["id"])} button[data-answer="refuse"]')
+        click(f'{loop} button[data-answer="release"]')
+        until(lambda: not shown(f"{mail(kept['id'])}, {mail(doubt['id'])}, {loop}"), "the mail answered")
+        assert [message_state(broker, m["id"]) for m in (kept, doubt, looped)] == ["queued", "refused", "queued"]
+        assert [(m["decided_by"], m["text"]) for m in poll(infra)] == [
+            ("desk", "Sensor 3 is back: may I reboot the greenhouse gateway?\nIt drops every hour."),
+            ("desk", "Restarting CI now, ok?")]
+        assert audit(broker, kept["id"]) == [("release", "desk", "127.0.0.1 (dashboard)", "applied")]
         assert shown("#needs-count") == [""] and not shown("#needs button")
         assert [(v["state"], v["answered_by"]) for v in verdicts(infra)["verdicts"]] == [("allowed", "desk")]
         assert [(v["state"], v["answered_by"]) for v in verdicts(build)["verdicts"]] == [("denied", "desk")]
@@ -3381,12 +3409,6 @@ def inbound_events(broker: BrokerProc) -> list[tuple[str, str]]:
     events = broker.client().call("GET", "/api/events?after=0&limit=1000")["events"]
     return [(e["subject"], e["message_id"]) for e in events if e["subject"] in (
         "fleet.message.held", "fleet.message.released", "fleet.message.refused")]
-
-
-def audit(broker: BrokerProc, subject: str) -> list[tuple[str, str, str, str]]:
-    rows = sqlite3.connect(broker.home / "broker.db").execute(
-        "SELECT action, by_credential, from_addr, outcome FROM inbound_audit WHERE subject = ? ORDER BY seq", (subject,))
-    return [(a, b, f, o.split(":")[0]) for a, b, f, o in rows]
 
 
 def test_a_machines_inbound_rule_holds_a_clients_mail_until_an_operator_releases_it_and_it_arrives_once(make_broker):
