@@ -1504,6 +1504,8 @@ LEASED_MODES = ("push", "inbox")
 # session's own terminal first, or expired (its session ended, or nobody answered in time).
 PERMISSION_STATES = ("waiting", "allowed", "denied", "answered-in-terminal", "expired")
 PERMISSION_BEHAVIORS = {"allow": "allowed", "deny": "denied"}  # Claude Code's verdict words -> the state they give
+# The audit trails of what a human decides, and the columns of what was answered and how.
+AUDIT_TABLES = {"permission_verdicts": "permission_id, behavior", "inbound_audit": "subject, action"}
 PERMISSION_FIELDS = ("id", "session_id", "session_name", "machine", "request_id", "tool", "description",
                      "input_preview", "state", "answered_by", "answered_from")
 
@@ -1802,6 +1804,19 @@ class Store:
     def backlog(self) -> int:
         return self.read("SELECT COUNT(*) FROM events WHERE published_at IS NULL")[0][0]
 
+    # -- audit trails: who answered what a human decides, from where, and what became of it --
+
+    def audit(self, c: sqlite3.Connection, table: str, subject: str, action: str, by: str, where: str,
+              outcome: str) -> None:
+        """One line of an audit trail (AUDIT_TABLES) in the caller's transaction."""
+        c.execute(f"INSERT INTO {table}({AUDIT_TABLES[table]}, by_credential, from_addr, at, outcome)"
+                  " VALUES (?, ?, ?, ?, ?, ?)", (subject, action, by, where, time.time(), outcome))
+
+    def audit_refused(self, table: str, subject: str, action: str, by: str, where: str, why: str) -> None:
+        """Audit an answer the least-privilege rule refused (nothing else is written)."""
+        with self.tx() as c:
+            self.audit(c, table, subject, action, by, where, f"refused: {why}")
+
     # -- the webhook's queue: alert changes to post, written with the change (an outbox of its own) --
 
     def _queue_post(self, c: sqlite3.Connection, key: str, about: str, change: str, title: str, body: str,
@@ -2076,13 +2091,11 @@ class Inbound:
         self.exchanges: dict[tuple[str, str], collections.deque[tuple[float, str]]] = {}
 
     def _audit(self, c: sqlite3.Connection, subject: str, action: str, by: str, where: str, outcome: str) -> None:
-        c.execute("INSERT INTO inbound_audit(subject, action, by_credential, from_addr, at, outcome)"
-                  " VALUES (?, ?, ?, ?, ?, ?)", (subject, action, by, where, time.time(), outcome))
+        self.store.audit(c, "inbound_audit", subject, action, by, where, outcome)
 
     def audit_refused(self, subject: str, action: str, by: str, where: str, why: str) -> None:
         """Audit an answer or a policy change the least-privilege rule refused."""
-        with self.store.tx() as c:
-            self._audit(c, subject, action, by, where, f"refused: {why}")
+        self.store.audit_refused("inbound_audit", subject, action, by, where, why)
 
     # -- which policy applies ----------------------------------------------------
 
@@ -2760,13 +2773,11 @@ class Permissions:
         return permission_view(prompt)
 
     def _audit(self, c: sqlite3.Connection, pid: str, behavior: str, by: str, where: str, outcome: str) -> None:
-        c.execute("INSERT INTO permission_verdicts(permission_id, behavior, by_credential, from_addr, at, outcome)"
-                  " VALUES (?, ?, ?, ?, ?, ?)", (pid, behavior, by, where, time.time(), outcome))
+        self.store.audit(c, "permission_verdicts", pid, behavior, by, where, outcome)
 
     def refused(self, pid: str, behavior: str, by: str, where: str, why: str) -> None:
         """Audit a verdict the least-privilege rule refused."""
-        with self.store.tx() as c:
-            self._audit(c, pid, behavior, by, where, f"refused: {why}")
+        self.store.audit_refused("permission_verdicts", pid, behavior, by, where, why)
 
     def answer(self, pid: str, behavior: str, by: str, where: str) -> tuple[dict[str, Any], str]:
         """A human's verdict: applied to a waiting prompt, once; on a prompt already answered (on
