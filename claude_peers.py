@@ -2044,6 +2044,7 @@ HELD_STATES = ("held", "refused")  # a message its recipient's inbound policy he
 SENDER_KINDS = ("machine", "role", "name")  # what a session's inbound policy may single a sender out by
 REPLY_LOOP = "reply loop"  # the hold reason of a paused pair's messages
 REPLY_LOOP_WINDOW_S = 60.0
+REPLY_LOOP_PAIRS_KEPT = 4096  # pairs counted at once before those quiet for a minute are forgotten
 INBOUND_ACTIONS = {"release": "queued", "refuse": "refused"}  # a human's answer to a held message -> its new state
 
 
@@ -2143,6 +2144,9 @@ class Inbound:
 
     def _looping(self, pair: tuple[str, str], sender: str, now: float) -> bool:
         """Count one more message of a pair: more than reply_loop_limit within a minute, both ways, is a loop."""
+        if pair not in self.exchanges and len(self.exchanges) >= REPLY_LOOP_PAIRS_KEPT:  # forget the quiet pairs
+            self.exchanges = {key: seen for key, seen in self.exchanges.items()
+                              if seen and seen[-1][0] >= now - REPLY_LOOP_WINDOW_S}
         recent = self.exchanges.setdefault(pair, collections.deque())
         while recent and recent[0][0] < now - REPLY_LOOP_WINDOW_S:
             recent.popleft()
@@ -7901,6 +7905,7 @@ class Shim:
         if to == "*":
             targets = ", ".join((m["to_name"] or m["to_id"]) + (" (pull: queued until it checks its messages)"
                                                                 if m.get("mode") == "pull" else "")
+                                + (f" ({m['state']}: {m.get('reason')})" if m["state"] in HELD_STATES else "")
                                 for m in result["messages"])
             return (f"Broadcast to {len(result['messages'])} peer(s): {targets}." if result["messages"]
                     else f"No live peers in scope {scope or 'all'}: nothing sent.")
