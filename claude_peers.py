@@ -2233,15 +2233,16 @@ class Inbound:
         wake = {message["to_session"]} if message["state"] == "queued" and message["to_session"] else set()
         return message_view(message), "", wake
 
-    def decide_pair(self, a: str, b: str, action: str, by: str, where: str) -> tuple[dict[str, Any], set[str]]:
+    def decide_pair(self, a: str, b: str, action: str, by: str, where: str) -> tuple[dict[str, Any], set[str], str]:
         """Release or refuse every message a paused pair holds, and resume the pair: its count starts again.
-        Returns what was done and the long-polls to wake."""
+        Returns what was done, the long-polls to wake, and '' or why the answer was dropped."""
         pair = tuple(sorted((a, b)))
         with self.store.tx() as c:
             if c.execute("DELETE FROM reply_loops WHERE a = ? AND b = ?", pair).rowcount == 0:
-                self._audit(c, ":".join(pair), action, by, where, "dropped: not paused")
-                raise ApiError(409, f"sessions {pair[0]} and {pair[1]} are not paused (answered already, or never"
-                                    " in a reply loop): this answer is dropped")
+                late = (f"sessions {pair[0]} and {pair[1]} are not paused (answered already, or never in a reply"
+                        " loop): this answer is dropped")
+                self._audit(c, ":".join(pair), action, by, where, f"dropped: {late}")
+                return {"pair": list(pair), "action": action, "messages": []}, set(), late
             rows = c.execute("SELECT * FROM messages WHERE state = 'held' AND hold_reason = ? AND (from_id = ? AND"
                              " to_session = ? OR from_id = ? AND to_session = ?) ORDER BY seq",
                              (REPLY_LOOP, *pair, *pair[::-1])).fetchall()
@@ -2249,7 +2250,7 @@ class Inbound:
             self._audit(c, ":".join(pair), action, by, where, f"applied to {len(messages)} message(s)")
         self.exchanges.pop(pair, None)
         wake = {m["to_session"] for m in messages if m["state"] == "queued"}
-        return {"pair": list(pair), "action": action, "messages": [message_view(m) for m in messages]}, wake
+        return {"pair": list(pair), "action": action, "messages": [message_view(m) for m in messages]}, wake, ""
 
     def held(self, limit: int, with_text: bool) -> list[dict[str, Any]]:
         rows = self.store.read("SELECT * FROM messages WHERE state = 'held' ORDER BY seq LIMIT ?", (limit,))
@@ -6038,8 +6039,10 @@ async def r_loop_answer(b: Broker, req: Request, action: str) -> Any:
     """A human releases or refuses everything a paused pair holds, and resumes the pair."""
     pair, inbound = (req.args[0], req.args[1]), b.messages.inbound
     by, where = await _let_in_or_not(b, req, ":".join(sorted(pair)), action, inbound.owners(pair=pair))
-    answer, wake = await b.write(lambda: inbound.decide_pair(*pair, action, by, where))
+    answer, wake, late = await b.write(lambda: inbound.decide_pair(*pair, action, by, where))
     b.wake(wake)
+    if late:
+        raise ApiError(409, late)
     return answer
 
 

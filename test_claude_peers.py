@@ -3578,7 +3578,15 @@ def test_two_sessions_replying_to_each_other_more_than_k_times_a_minute_are_paus
     assert held(broker) == {"held": [], "loops": []}
     states = [send(*((ping, "pong") if i % 2 == 0 else (pong, "ping")), f"resumed {i}")["state"] for i in range(3)]
     assert states == ["queued"] * 3  # resuming cleared the count
-    assert api_error(lambda: broker.client().call("POST", f"/api/loops/{pair.replace(':', '/')}/refuse")).status == 409
+    again = send(pong, "ping", "and again")
+    assert (again["state"], again["reason"]) == ("held", "reply loop")
+    refused = broker.cli("refuse", pair)
+    assert refused.returncode == 0 and "1 message(s) refused; the pair is resumed" in refused.stdout
+    assert message_state(broker, again["id"]) == "refused" and "and again" not in [m["text"] for m in poll(ping)]
+    late = api_error(lambda: broker.client().call("POST", f"/api/loops/{pair.replace(':', '/')}/refuse"))
+    assert late.status == 409 and "are not paused" in late.message
+    assert [a[0] for a in audit(broker, pair)] == ["release", "refuse", "refuse"]
+    assert [a[3] for a in audit(broker, pair)] == ["applied to 3 message(s)", "applied to 1 message(s)", "dropped"]
 
 
 ADMIN_TOKEN_HINT = re.compile(r"claude-peers token(?! (?:create|list|revoke)\b)")  # `token` alone prints the admin's
