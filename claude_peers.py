@@ -16,8 +16,8 @@ Sections, in dependency order (each uses only what is above it):
   Schedules            durations and cron expressions
   Config               daemons.toml: defaults, checks, the Config object, the fleet token
   Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory, tasks,
-                       the permission prompts sessions relay (Needs you), overlaps (sessions
-                       changing the same files), file claims
+                       the permission prompts sessions relay and the mail inbound policies hold
+                       (Needs you), overlaps (sessions changing the same files), file claims
   Events on NATS JetStream  the embedded nats-server, the relay from the outbox
   Webhook              alert changes posted by the hub from its queue, in order, retried until answered
   Dashboard and metrics  the live page and its logins, the broker's counters, GET /metrics
@@ -2088,8 +2088,8 @@ class Inbound:
     def __init__(self, store: Store, sessions: Sessions) -> None:
         self.store = store
         self.sessions = sessions
-        #: each pair of sessions' recent messages to each other (when, from whom), since a human last wrote
-        self.exchanges: dict[tuple[str, str], collections.deque[tuple[float, str]]] = {}
+        #: each pair of sessions' recent messages to each other (when, from whom, a digest), since a human last wrote
+        self.exchanges: dict[tuple[str, str], collections.deque[tuple[float, str, int]]] = {}
 
     def _audit(self, c: sqlite3.Connection, subject: str, action: str, by: str, where: str, outcome: str) -> None:
         self.store.audit(c, "inbound_audit", subject, action, by, where, outcome)
@@ -2142,19 +2142,22 @@ class Inbound:
         for pair in [pair for pair in self.exchanges if sid in pair]:
             del self.exchanges[pair]
 
-    def _looping(self, pair: tuple[str, str], sender: str, now: float) -> bool:
-        """Count one more message of a pair: more than reply_loop_limit within a minute, both ways, is a loop."""
+    def _looping(self, pair: tuple[str, str], sender: str, text: str, now: float) -> bool:
+        """Count one more message of a pair: more than reply_loop_limit within a minute, both ways, is a loop.
+        The same send run again within a second (a group commit retried after another write failed) counts once."""
         if pair not in self.exchanges and len(self.exchanges) >= REPLY_LOOP_PAIRS_KEPT:  # forget the quiet pairs
             self.exchanges = {key: seen for key, seen in self.exchanges.items()
                               if seen and seen[-1][0] >= now - REPLY_LOOP_WINDOW_S}
         recent = self.exchanges.setdefault(pair, collections.deque())
         while recent and recent[0][0] < now - REPLY_LOOP_WINDOW_S:
             recent.popleft()
-        recent.append((now, sender))
-        return len(recent) > self.store.cfg.broker.reply_loop_limit and len({who for _, who in recent}) == 2
+        digest = hash(text)
+        if not any(who == sender and seen == digest and now - at < 1.0 for at, who, seen in recent):
+            recent.append((now, sender, digest))
+        return len(recent) > self.store.cfg.broker.reply_loop_limit and len({entry[1] for entry in recent}) == 2
 
     def check(self, c: sqlite3.Connection, sender: dict[str, Any], target: dict[str, Any], role: str,
-              recipient: dict[str, Any] | None, now: float) -> Verdict:
+              recipient: dict[str, Any] | None, text: str, now: float) -> Verdict:
         """What becomes of one recipient's copy of a message, in the send's transaction: a paused pair's
         messages are held, then the recipient's policy speaks, then an accepted one counts towards a loop."""
         if sender["id"] == OPERATOR:  # the human's own messages always pass, and break a loop
@@ -2165,7 +2168,7 @@ class Inbound:
             return Verdict("hold", REPLY_LOOP)
         known = recipient or (self.session_row(c, target["name"]) if target["name"] else None)
         verdict = self.policy(c, target["session"], target["name"], known["machine"] if known else "", sender, role)
-        if verdict.policy == "accept" and pair and self._looping(pair, sender["id"], now):
+        if verdict.policy == "accept" and pair and self._looping(pair, sender["id"], text, now):
             c.execute("INSERT OR IGNORE INTO reply_loops(a, b, paused_at) VALUES (?, ?, ?)", (*pair, now))
             return Verdict("hold", REPLY_LOOP)
         return verdict
@@ -2348,7 +2351,8 @@ class Messages:
                 mid = new_id(6)
                 state = "undeliverable" if target["undeliverable"] else "queued"
                 recipient = self.recipient({"to_session": target["session"], "to_name": target["name"]}, now)
-                verdict = self.inbound.check(c, sender, target, role, recipient, now) if state == "queued" else None
+                verdict = self.inbound.check(c, sender, target, role, recipient, text, now) if state == "queued" \
+                    else None
                 if verdict and verdict.policy != "accept":  # the recipient's inbound policy: held for a human, or refused
                     state = "held" if verdict.policy == "hold" else "refused"
                 handover = (state == "queued" and target["session"] in parked and recipient is not None
