@@ -40,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, StrictStr
 
 import claude_peers as cp
+from bench import figures, harness
 
 ROOT = Path(__file__).resolve().parent
 SCRIPT = ROOT / "claude_peers.py"
@@ -51,10 +52,10 @@ PY = sys.executable
 # ---------------------------------------------------------------------------
 
 
-free_port = cp.free_port
+free_port = harness.free_port
 
 
-BrokerProc = cp.BrokerHarness  # the product's harness: bench measures with it, the tests run on it
+BrokerProc = harness.BrokerHarness  # bench measures with this harness, the tests run on it
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -312,7 +313,7 @@ def test_repo_template_carries_exactly_the_defaults():
     template, builtin = cp.Config(raw, None), cp.Config({}, None)
     assert {name: vars(d) for name, d in template.daemons.items()} == \
         {name: vars(d) for name, d in builtin.daemons.items()}
-    keys = {*cp.DAEMON_DEFAULTS, *(key for keys in cp.RUNNER_DEFAULTS.values() for key in keys), *cp.MACHINE_DEFAULTS}
+    keys = {*cp.DAEMON_DEFAULTS, *(key for runner in cp.RUNNERS.values() for key in runner.keys), *cp.MACHINE_DEFAULTS}
     undocumented = [key for key in keys if not re.search(rf"^#? ?{key} = ", text, re.MULTILINE)]
     assert undocumented == []  # every key a table takes is in the template, with its default
 
@@ -1758,7 +1759,7 @@ def test_reload_and_running_say_when_nothing_runs_even_with_a_broken_config(tmp_
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_sigint_to_up_with_a_session_connected_stops_every_child_without_a_traceback(tmp_path, sig):
     proc, broker, supervisor, _ = start_up(tmp_path)
-    shim = cp.BenchMcpClient("connected", [PY, str(SCRIPT), "shim", "--name", "connected"], broker.env,
+    shim = figures.BenchMcpClient("connected", [PY, str(SCRIPT), "shim", "--name", "connected"], broker.env,
                              str(tmp_path), eof_stops=True)
     try:
         nats_pid = embedded_pid(broker)
@@ -1774,7 +1775,7 @@ def test_sigterm_or_sigint_to_up_with_a_session_connected_stops_every_child_with
         assert "broker stopped" in log and "Traceback" not in log and "Exception" not in log, log
     finally:
         shim.stop()
-        cp.end_process(shim.proc, terminate=False)
+        harness.end_process(shim.proc, terminate=False)
         stop_up(proc)
 
 
@@ -5405,7 +5406,7 @@ def test_the_real_gemini_cli_connects_to_the_shim_as_a_pull_session(broker, tmp_
     assert [(e["name"], e["client"], e["mode"]) for e in joined] == [("gemini-peer", "mcp-test-client", "pull")]
 
 
-# -- the real Claude Code, pinned and newest, with its model API stood in (cp.ModelApi) ------------
+# -- the real Claude Code, pinned and newest, with its model API stood in (harness.ModelApi) ------------
 # What the model receives is the API request body: the instructions (a system message), the tool list.
 
 PINNED_CLAUDE = shutil.which("claude")  # .ci/run puts the pinned one on PATH
@@ -5445,10 +5446,10 @@ def test_the_real_claude_code_gives_the_model_the_instructions_whole_and_leading
     entry = cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "real-claude"])
     if registration == "made-before-alwaysLoad":
         entry = {k: v for k, v in entry.items() if k != "alwaysLoad"} | {"env": {}}  # as `claude mcp add` wrote it
-    body = cp.claude_first_request(claude, broker.env, tmp_path, entry, tuple(CHANNEL_FLAG) * (registration == "push"))
-    view = cp.shim_view(body, cp.instructions_ending(memory))
+    body = harness.claude_first_request(claude, broker.env, tmp_path, entry, tuple(CHANNEL_FLAG) * (registration == "push"))
+    view = figures.shim_view(body, figures.instructions_ending(memory))
     assert view.instructions and not view.cut, json.dumps(body)[:3000]
-    assert len(view.instructions.encode()) <= cp.INSTRUCTIONS_BYTES < cp.CLAUDE_TEXT_LIMIT
+    assert len(view.instructions.encode()) <= cp.INSTRUCTIONS_BYTES < figures.CLAUDE_TEXT_LIMIT
     lead = view.instructions.encode()[:800].decode(errors="ignore")
     assert lead.startswith("You are real-claude in claude-peers, the hub of this homelab's Claude Code sessions")
     arrival = ('Peer mail arrives as <channel source="claude-peers" from_id=' if registration == "push"  # `run`
@@ -5496,7 +5497,7 @@ def tool_results(body: dict) -> dict[str, str]:
 
 def register_shim_and_hook(env: dict[str, str], entry: dict) -> None:
     """As the README says: the shim with `claude mcp add-json`, the hook with `claude-peers hook install`."""
-    cp.register_with_claude(PINNED_CLAUDE, env, entry)
+    harness.register_with_claude(PINNED_CLAUDE, env, entry)
     done = subprocess.run([PY, str(SCRIPT), "hook", "install"], env=env, capture_output=True, text=True, timeout=60,
                           check=False)
     assert done.returncode == 0, done.stderr
@@ -5518,7 +5519,7 @@ async def test_the_real_claude_code_runs_the_hook_and_its_model_reads_why_an_edi
     env.pop("CLAUDE_CONFIG_DIR", None)
     register_shim_and_hook(env, cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "desk-claude"]))
     app, readme = desk_dir / "src/app.py", desk_dir / "README.md"
-    model = cp.ModelApi(tool_calls([("Read", {"file_path": str(app)}),
+    model = harness.ModelApi(tool_calls([("Read", {"file_path": str(app)}),
                            ("Edit", {"file_path": str(app), "old_string": "hello", "new_string": "bye"}),
                            ("Read", {"file_path": str(readme)}),
                            ("mcp__claude-peers__claim", {"paths": ["README.md"], "exclusive": True}),
@@ -5569,14 +5570,14 @@ def test_claude_code_cuts_instructions_and_tool_descriptions_beyond_the_shims_bu
     server = tmp_path / "long.py"
     server.write_text(LONG_TEXT_SERVER)
     entry = {"type": "stdio", "command": PY, "args": [str(server)], "alwaysLoad": True}
-    body = cp.claude_first_request(claude, broker.env, tmp_path, entry)
-    [text] = [t for t in cp.request_texts(body) if "\n## claude-peers\n[00000]" in t]
+    body = harness.claude_first_request(claude, broker.env, tmp_path, entry)
+    [text] = [t for t in figures.request_texts(body) if "\n## claude-peers\n[00000]" in t]
     instructions = text.split("\n## claude-peers\n", 1)[1]
-    kept = instructions.index(cp.CUT_MARK)
+    kept = instructions.index(figures.CUT_MARK)
     [tool] = [t for t in body["tools"] if t["name"] == "mcp__claude-peers__long_tool"]
-    assert tool["description"].endswith(cp.CUT_MARK)
-    for cut in (kept, len(tool["description"]) - len(cp.CUT_MARK)):
-        assert cut >= cp.CLAUDE_TEXT_LIMIT > cp.INSTRUCTIONS_BYTES  # 2,048 in 2.1.197, 4,096 in 2.1.332
+    assert tool["description"].endswith(figures.CUT_MARK)
+    for cut in (kept, len(tool["description"]) - len(figures.CUT_MARK)):
+        assert cut >= figures.CLAUDE_TEXT_LIMIT > cp.INSTRUCTIONS_BYTES  # 2,048 in 2.1.197, 4,096 in 2.1.332
 
 
 @pytest.mark.parametrize("claude", CLAUDES)
@@ -5614,11 +5615,11 @@ def answer_through_claude_peers(body: dict) -> dict | None:
 
 @contextlib.contextmanager
 def plain_claude(broker: BrokerProc, home: Path, claude: str, env: dict | None = None, settings: dict | None = None,
-                 args: tuple[str, ...] = ()) -> Iterator[tuple[cp.InteractiveClaude, cp.ModelApi, dict]]:
+                 args: tuple[str, ...] = ()) -> Iterator[tuple[harness.InteractiveClaude, harness.ModelApi, dict]]:
     """A plain interactive `claude` with claude-peers registered as the README says (name: plain), its
     model scripted to answer peer mail through claude-peers; yields it once its shim registered."""
-    api = cp.ModelApi(answer_through_claude_peers)
-    session = cp.InteractiveClaude(claude, {**broker.env, **(env or {})}, home,
+    api = harness.ModelApi(answer_through_claude_peers)
+    session = harness.InteractiveClaude(claude, {**broker.env, **(env or {})}, home,
                                    cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "plain"]), api.url, settings,
                                    args)
     try:
@@ -5682,8 +5683,8 @@ def test_a_plain_claude_without_a_usable_inbox_is_pull_and_the_sender_and_doctor
                                     pytest.param(PINNED_CLAUDE, id="pinned", marks=NEEDS_PINNED),
                                     pytest.param(None, id="none")])
 def test_bench_times_an_inbox_post_and_a_hub_send_to_the_model_request_or_says_why_it_cannot(capsys, claude):
-    report = cp.BenchReport(["ours"])
-    cp.bench_inbox(report, claude, 2)
+    report = figures.BenchReport(["ours"])
+    figures.bench_inbox(report, claude, 2)
     out = capsys.readouterr().out
     if claude == NEWEST_CLAUDE:
         for figure in ("inbox: post -> model request, p50 (ms)",
@@ -6583,40 +6584,25 @@ def final(text: str, tokens: int = 50) -> dict:
             "usage": {"total_tokens": tokens}}
 
 
-class FakeLLM:
+class FakeLLM(harness.LoopbackApi):
     """POST /v1/chat/completions with scripted replies per model: a dict (200), an int
     (that HTTP status), or "hang" (never answers in time). The last reply repeats."""
 
     def __init__(self) -> None:
         self.scripts: dict[str, list] = {}
         self.requests: list[dict] = []
-        fake = self
+        super().__init__("fake-llm")
+        self.url += "/v1"
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
-                script = fake.scripts.get(body["model"], [500])
-                reply = script.pop(0) if len(script) > 1 else script[0]
-                if reply == "hang":
-                    time.sleep(5)
-                    return
-                status, payload = (reply, {"error": {"message": "scripted failure"}}) if isinstance(reply, int) \
-                    else (200, reply)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def respond(self, path: str, headers: dict[str, str], body: dict) -> tuple[int, bytes, str] | None:
+        self.requests.append({"path": path, "auth": headers.get("Authorization"), **body})
+        script = self.scripts.get(body["model"], [500])
+        reply = script.pop(0) if len(script) > 1 else script[0]
+        if reply == "hang":
+            time.sleep(5)
+            return None
+        status, payload = (reply, {"error": {"message": "scripted failure"}}) if isinstance(reply, int) else (200, reply)
+        return status, json.dumps(payload).encode(), "application/json"
 
     def tool_messages(self) -> list[str]:
         """The tool results the model was shown, from the last request (it carries the history)."""
@@ -6627,7 +6613,7 @@ class FakeLLM:
 def llm() -> Iterator[FakeLLM]:
     fake = FakeLLM()
     yield fake
-    fake.server.shutdown()
+    fake.close()
 
 
 def llm_toml(llm: FakeLLM, models: str = '["good"]', timeout: int = 5) -> str:
@@ -6726,6 +6712,77 @@ def test_max_actions_and_token_budget_stop_the_run(make_broker, llm):
     llm.scripts["good"] = [tool_call("recall", {"key": "k"}, tokens=5000)]
     out = foreground(broker, "chatty")
     assert "chatty: limit (2 actions, 10000 tokens)" in out.stdout and "token budget" in out.stdout
+
+
+def test_a_run_spends_its_budget_through_one_method_that_refuses_past_it_and_counts_nothing_then(tmp_path,
+                                                                                                 monkeypatch):
+    monkeypatch.setenv("CLAUDE_PEERS_HOME", str(tmp_path))
+    cfg = cp.Config(cp.tomllib.loads('[daemons.busy]\nrole = "r"\nmax_actions = 2\ntoken_budget = 100\n'), None)
+    run = cp.DaemonRun(cfg, cfg.daemons["busy"], "r1", "manual", tmp_path / "run.jsonl")
+    run.spend(actions=1, model_call=True)
+    run.spend(tokens=150)  # what a model call used is counted, whatever it came to
+    with pytest.raises(cp.BudgetSpent, match=r"^the token budget \(150 >= 100\)$"):
+        run.spend(actions=1, model_call=True)
+    assert (run.actions, run.tokens) == (1, 150)
+    run.spend(actions=1)  # an action that asks no model (a push, a restart) is not held back by tokens
+    with pytest.raises(cp.BudgetSpent, match=r"^max_actions = 2$"):
+        run.spend(actions=1)
+    assert (run.actions, run.tokens) == (2, 150)
+
+
+def test_a_runner_is_one_record_bringing_its_keys_checks_tables_built_in_daemon_and_body(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLAUDE_PEERS_HOME", str(tmp_path))
+
+    def ping(run: cp.DaemonRun) -> dict:
+        return run.result("ok", f"pinged {', '.join(t.host for t in run.daemon.targets) or 'nothing'}")
+
+    def one_target_a_host(where: str, daemon: SimpleNamespace) -> None:
+        if len({t.host for t in daemon.targets}) != len(daemon.targets):
+            raise cp.UserError(f"{where}: daemons.{daemon.name}.targets: a host is given twice")
+
+    monkeypatch.setitem(cp.RUNNERS, "pinger", cp.Runner(
+        "pinger", ping, {"targets": [], "interval_ms": 100}, checks={"interval_ms": cp._check_positive},
+        lists={"targets": cp.TableList({"host": "", "port": 7}, ("host",), {"port": cp._check_port})},
+        rules=one_target_a_host, description="pings the targets", daemon={"every": "1m", "max_actions": 2}))
+    pinger = cp.Config({}, None).daemons["pinger"]  # a built-in daemon now, named after its runner
+    assert (pinger.runner, pinger.every, pinger.max_actions, pinger.description, pinger.interval_ms, pinger.targets) \
+        == ("pinger", "1m", 2, "pings the targets", 100, [])
+    for table, error in [("interval_ms = 0", "daemons.pinger.interval_ms: must be > 0"),
+                         ("targets = [{ port = 8 }]", "daemons.pinger.targets[0].host: required"),
+                         ('targets = [{ host = "a", port = 70000 }]', "daemons.pinger.targets[0].port: not a port"),
+                         ('targets = [{ host = "a" }, { host = "a" }]', "daemons.pinger.targets: a host is given twice"),
+                         ("every_ms = 5", "daemons.pinger.every_ms: unknown key")]:
+        with pytest.raises(cp.UserError, match=re.escape(error)):
+            cp.Config(cp.tomllib.loads(f"[daemons.pinger]\n{table}\n"), None)
+    cfg = cp.Config(cp.tomllib.loads('[daemons.pinger]\ntargets = [{ host = "nas" }]\n'), None)
+    cp.cmd_run_daemon(cfg, SimpleNamespace(daemon="pinger", run_id="r1", trigger="manual"))  # what the supervisor runs
+    result = json.loads((tmp_path / "runs" / "r1.result.json").read_text())
+    assert (result["status"], result["summary"]) == ("ok", "pinged nas")
+
+
+def test_trigger_here_shows_its_run_as_running_from_the_start_and_records_a_ctrl_c_as_failed(make_broker, tmp_path):
+    broker = make_broker()
+    started = tmp_path / "started"
+    write_config(broker, f'[daemons.slow]\nrunner = "command"\ncommand = ["sh", "-c", "touch {started}; exec sleep 60"]\n')
+    # as a terminal's Ctrl-C reaches it: this test's process may ignore SIGINT, and a child inherits that
+    boot = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
+            " sys.path.insert(0, sys.argv.pop(1)); import claude_peers; sys.exit(claude_peers.main())")
+    proc = subprocess.Popen([sys.executable, "-c", boot, str(ROOT), "trigger", "slow", "--here"], env=broker.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_sync(started.exists, timeout=30, what="the run to start its command")
+        [running] = broker.client().call("GET", "/api/runs?daemon=slow")["runs"]
+        assert (running["status"], running["ended_at"]) == ("running", None)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    [run] = cp.SupervisorState(broker.home / "supervisor.db").runs("slow")
+    assert (run["id"], run["status"], run["summary"]) == (running["id"], "failed", "interrupted before it ended")
+    [remote] = broker.client().call("GET", "/api/runs?daemon=slow")["runs"]
+    assert (remote["status"], remote["summary"]) == ("failed", "interrupted before it ended") and remote["ended_at"]
 
 
 def test_model_fallback_on_errors_and_timeouts(make_broker, llm):
@@ -7178,7 +7235,7 @@ def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation
     assert mcp.startswith("ok") and "user scope" in mcp and "shim --name real-claude (alwaysLoad)" in mcp
 
 
-class ScriptedModel:
+class ScriptedModel(harness.LoopbackApi):
     """The Anthropic Messages API on a loopback port, with a script in place of the model: a turn
     with TRIGGER in it and the Bash tool on offer calls Bash with ``command``; a turn that shows it
     a tool's result says so and ends; anything else (titles, summaries) is answered "ok". Every
@@ -7190,38 +7247,14 @@ class ScriptedModel:
         self.command = command
         self.results: list[dict] = []
         self.turns: list[str] = []  #: the text of each turn's messages, as the model was shown it
-        model = self
+        super().__init__("scripted-model")
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    def respond(self, path: str, headers: dict[str, str], body: dict) -> tuple[int, bytes, str]:
+        if not path.startswith("/v1/messages") or "count_tokens" in path:
+            return 200, b'{"input_tokens": 10}', "application/json"
+        return 200, *harness.assistant_message(body, self.turn(body))
 
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                self._answer("application/json", b"{}")
-
-            def do_POST(self) -> None:
-                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-                if not self.path.startswith("/v1/messages") or "count_tokens" in self.path:
-                    self._answer("application/json", b'{"input_tokens": 10}')
-                    return
-                blocks, stop = model.turn(request)
-                self._answer(*model.encode(request, blocks, stop))
-
-            def _answer(self, content_type: str, body: bytes) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def turn(self, request: dict) -> tuple[list[dict], str]:
+    def turn(self, request: dict) -> list[dict]:
         self.turns.append("\n".join(m["content"] if isinstance(m.get("content"), str) else
                                      "\n".join(b.get("text", "") for b in m.get("content") or [] if isinstance(b, dict))
                                      for m in request.get("messages", [])))
@@ -7230,39 +7263,13 @@ class ScriptedModel:
             if isinstance(last, list) else []
         if results:
             self.results += results
-            return [{"type": "text", "text": "the command's result: " + json.dumps(results)[:200]}], "end_turn"
+            return [{"type": "text", "text": "the command's result: " + json.dumps(results)[:200]}]
         if self.TRIGGER in json.dumps(request.get("messages")) and "Bash" in {t.get("name") for t in
                                                                              request.get("tools", [])}:
             call = {"type": "tool_use", "id": f"toolu_{len(self.results):02d}", "name": "Bash",
                     "input": {"command": self.command, "description": "Create the marker file"}}
-            return [call], "tool_use"
-        return [{"type": "text", "text": "ok"}], "end_turn"
-
-    @staticmethod
-    def encode(request: dict, blocks: list[dict], stop: str) -> tuple[str, bytes]:
-        """The answer as the API sends it: server-sent events when asked to stream, else one JSON message."""
-        message = {"id": "msg_scripted", "type": "message", "role": "assistant", "model": request.get("model", ""),
-                   "stop_reason": stop, "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}}
-        if not request.get("stream"):
-            return "application/json", json.dumps({**message, "content": blocks}).encode()
-        events = [("message_start", {"type": "message_start", "message": {**message, "content": [],
-                                                                          "stop_reason": None}})]
-        for i, block in enumerate(blocks):
-            if block["type"] == "text":
-                start, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
-            else:
-                start = {**block, "input": {}}
-                delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
-            events += [("content_block_start", {"type": "content_block_start", "index": i, "content_block": start}),
-                       ("content_block_delta", {"type": "content_block_delta", "index": i, "delta": delta}),
-                       ("content_block_stop", {"type": "content_block_stop", "index": i})]
-        events += [("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
-                                      "usage": {"output_tokens": 1}}), ("message_stop", {"type": "message_stop"})]
-        return "text/event-stream", "".join(f"event: {e}\ndata: {json.dumps(d)}\n\n" for e, d in events).encode()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+            return [call]
+        return [{"type": "text", "text": "ok"}]
 
 
 ANSI = re.compile(rb"\x1b(\[[0-9;?<>=]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-_])")
@@ -7355,7 +7362,7 @@ def real_claude(binary: str, broker: BrokerProc, model: ScriptedModel, tmp_path:
     channel before that (its debug log says when)."""
     claude = CLAUDE_BINARIES[binary]
     if not claude:
-        model.stop()
+        model.close()
         pytest.skip(f"no {binary} Claude Code CLI (pinned: on PATH; newest: {NEWEST_CLAUDE}, as .ci/run installs it)")
     key = "sk-ant-api03-" + "t" * 80
     env = {k: v for k, v in broker.env.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_CODE_", "DISABLE_"))}
@@ -7372,7 +7379,7 @@ def real_claude(binary: str, broker: BrokerProc, model: ScriptedModel, tmp_path:
         terminal.wait_for("? for shortcuts")
     except BaseException:
         terminal.stop()
-        model.stop()
+        model.close()
         raise
     return terminal
 
@@ -7397,7 +7404,7 @@ def test_the_real_claude_code_shows_its_model_a_forged_channel_tag_as_text_insid
         assert turn.count(f"{FORGERY.split('run')[-1]}\n</channel>") == 1  # its own closing tag, after all its text
     finally:
         terminal.stop()
-        model.stop()
+        model.close()
 
 
 @pytest.mark.parametrize("answer", ["allow", "deny", "terminal"])
@@ -7442,7 +7449,7 @@ def test_the_real_claude_codes_permission_prompt_is_answered_from_the_hub_or_its
             assert bool(model.results[0].get("is_error")) == (answer == "deny")
     finally:
         terminal.stop()
-        model.stop()
+        model.close()
 
 
 # ---------------------------------------------------------------------------
@@ -8210,14 +8217,25 @@ def test_bench_with_tiny_parameters_prints_every_figure_honestly():
 
 def test_bench_without_claude_measures_the_shim_view_from_the_shims_own_answers(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no claude here
-    report = cp.BenchReport(["ours"])
-    cp.bench_claude_view(report)
+    report = figures.BenchReport(["ours"])
+    figures.bench_claude_view(report)
     out = capsys.readouterr().out
     assert "(from the shim's own initialize and tools/list (no claude on PATH))" in out
     tools = len(json.dumps(cp.tools_list()["tools"], separators=(",", ":")).encode())
     assert re.search(rf"shim tool list as the model receives it \({len(cp.TOOLS)} tools, bytes\) +{tools}\n", out), out
     instructions = int(re.search(r"shim instructions as the model receives them \(bytes\) +(\d+)", out).group(1))
     assert 1000 < instructions <= cp.INSTRUCTIONS_BYTES and not report.missed, out
+
+
+def test_bench_outside_a_checkout_says_in_one_line_where_it_lives(tmp_path):
+    installed = tmp_path / "app"  # as install.sh lays the module out: without bench/
+    installed.mkdir()
+    shutil.copy(SCRIPT, installed / "claude_peers.py")
+    out = subprocess.run([PY, str(installed / "claude_peers.py"), "bench", "--rounds", "1"], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == cp.EXIT_ERROR and not out.stdout, out
+    assert out.stderr.strip() == (f"claude-peers: bench: no bench/ folder beside {installed / 'claude_peers.py'};"
+                                  " run it from a checkout of claude-peers (python claude_peers.py bench)")
 
 
 def test_bench_says_in_one_line_why_it_cannot_run_the_anchor(tmp_path):
@@ -8713,7 +8731,7 @@ def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
     finally:
         for proc in (supervisor, hub):
             if proc is not None and proc.poll() is None:
-                cp.end_process(proc)
+                harness.end_process(proc)
 
 
 @pytest.mark.network  # pip installs from the package index
@@ -8845,7 +8863,7 @@ def test_uninstall_refuses_while_a_hand_started_up_runs_naming_its_pid_and_remov
         assert f"install.sh: removed {data}/venv" in out.stdout and not launcher.exists()
     finally:
         if hub.poll() is None:
-            cp.end_process(hub)
+            harness.end_process(hub)
 
 
 @pytest.mark.network  # pip installs from the package index
