@@ -342,6 +342,9 @@ def test_repo_template_carries_exactly_the_defaults():
     ('[alerts]\nwebhook = "ntfy.sh/fleet"\n', "alerts.webhook: must start with http:// or https://"),
     ('[alerts]\nwebhook_retry_s = 0\n', "alerts.webhook_retry_s: must be > 0"),
     ('[alerts]\nwebhook_max_attempts = 2.5\n', "alerts.webhook_max_attempts: expected int"),
+    ("[broker]\nrepeat_window_s = -1\n", "broker.repeat_window_s: must be >= 0"),
+    ("[shim]\nmax_pushes_per_minute = 2.5\n", "shim.max_pushes_per_minute: expected int"),
+    ("[shim]\npush_window_s = 0\n", "shim.push_window_s: must be > 0"),
 ])
 def test_config_errors_name_file_key_and_reason(tmp_path, text, expected):
     path = tmp_path / "daemons.toml"
@@ -364,14 +367,19 @@ def test_a_typo_of_a_built_in_daemon_is_refused_in_one_line_and_a_near_name_with
     assert cp.load_config(str(path)).daemons["fleet-scouts"].runner == "agent"  # meant: it says what it is
 
 
-def test_cli_reports_a_bad_config_in_one_line(tmp_path):
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[broker]\nrate_per_s = 'fast'\n", "broker.rate_per_s: expected float"),
+    ("[broker]\nrepeat_window_s = 'a minute'\n", "broker.repeat_window_s: expected float, got 'a minute'"),
+    ("[shim]\nmax_pushes_per_minute = -3\n", "shim.max_pushes_per_minute: must be >= 0, got -3"),
+])
+def test_cli_reports_a_bad_config_in_one_line(tmp_path, text, expected):
     path = tmp_path / "daemons.toml"
-    path.write_text("[broker]\nrate_per_s = 'fast'\n")
+    path.write_text(text)
     out = subprocess.run([PY, str(SCRIPT), "--config", str(path), "status"], capture_output=True, text=True,
                          check=False)
     assert out.returncode == cp.EXIT_ERROR
     assert out.stderr.strip().count("\n") == 0
-    assert "broker.rate_per_s: expected float" in out.stderr
+    assert expected in out.stderr
 
 
 # ---------------------------------------------------------------------------
@@ -671,6 +679,52 @@ def test_broker_killed_mid_traffic_loses_no_committed_message(make_broker):
     # the session survived the restart too, and its mail is all there, in order
     receiver_ids = [m["id"] for m in receiver.session_call("POST", "/inbox")["messages"]]
     assert set(committed) <= set(receiver_ids)
+
+
+def test_the_same_text_again_to_the_same_recipient_is_dropped_and_the_sender_told_which_message_has_it(broker):
+    alice, carol = broker.session(name="alice"), broker.session(name="carol")
+    bob = broker.session(name="bob")
+    first = send(alice, "bob", "build is green")
+    again = send(alice, bob.session_id, "  Build is\n GREEN ")  # by id, other spacing and case: the same
+    assert (again["state"], again["dropped"], again["id"], again["thread_id"]) == ("dropped", first["id"],
+                                                                                   first["id"], first["thread_id"])
+    assert cp.recipient_note(again) == (f"dropped: bob got this same text from you as message {first['id']} within"
+                                        " [broker] repeat_window_s, so it is not sent again")
+    assert send(alice, "bob", "build is red")["state"] == "queued"  # another text
+    assert send(carol, "bob", "build is green")["state"] == "queued"  # another sender
+    assert send(alice, "carol", "build is green")["state"] == "queued"  # another recipient
+    assert [m["text"] for m in poll(bob)] == ["build is green", "build is red", "build is green"]
+    out = broker.cli("send", "bob", "build is green")  # the operator is a sender too
+    assert out.returncode == 0 and "queued" in out.stdout
+    out = broker.cli("send", "bob", "build is green")
+    assert out.returncode == 0 and "dropped: bob got this same text from you as message" in out.stdout
+    everyone = send(alice, "*", "deploying now")
+    repeat = send(alice, "*", "deploying now")  # a broadcast drops per recipient
+    assert {m["to_name"]: m["state"] for m in repeat["messages"]} == {"bob": "dropped", "carol": "dropped"}
+    assert sorted(m["dropped"] for m in repeat["messages"]) == sorted(m["id"] for m in everyone["messages"])
+    assert broker.client().call("GET", "/api/status")["messages"]["queued"] == 7
+
+
+def test_a_repeat_after_the_window_or_with_the_window_off_is_sent(make_broker):
+    broker = make_broker("repeat_window_s = 0.5\n")
+    alice, bob = broker.session(), broker.session()
+    assert send(alice, bob.session_id, "ping")["state"] == "queued"
+    wait_until_sync(lambda: send(alice, bob.session_id, "ping")["state"] == "queued", 5, "the window to pass")
+    assert [m["text"] for m in poll(bob)] == ["ping", "ping"]  # the ones dropped meanwhile were never stored
+    off = make_broker("repeat_window_s = 0\n", name="off")
+    alice, bob = off.session(), off.session()
+    assert [send(alice, bob.session_id, "ping")["state"] for _ in range(3)] == ["queued"] * 3
+
+
+def test_the_repeat_window_holds_across_a_broker_restart(make_broker):
+    broker = make_broker()
+    alice, bob = broker.session(name="alice"), broker.session(name="bob")
+    first = send(alice, "bob", "disk nearly full")
+    broker.kill()
+    broker.start()  # the sessions survive; the repeat is found in sqlite, not in a map the restart lost
+    again = send(alice, "bob", "disk nearly full")
+    assert (again["state"], again["dropped"]) == ("dropped", first["id"])
+    assert [m["id"] for m in poll(bob)] == [first["id"]]
 
 
 # ---------------------------------------------------------------------------
