@@ -6384,6 +6384,10 @@ def client_from_config(cfg: Config, timeout: float = 10.0) -> BrokerClient:
 # tool result counts it) until the model reads or answers it. A post that fails leaves the
 # batch unacknowledged (its leases run out, check_messages reads it) and the session pull.
 #
+# Past [shim] max_pushes_per_minute a session's leased mail stays in the shim, unacknowledged,
+# and goes as one digest once the window frees a slot: a shim that dies meanwhile leaves it
+# to the leases running out, and the next session gets it.
+#
 # A push session also asks Claude Code for its permission prompts (claude/channel/permission):
 # each goes to the hub, a human's verdict comes back on a long-poll of its own and is written
 # to Claude Code once, and the session's transcript tells when its terminal answered first.
@@ -6760,8 +6764,9 @@ def digest_text(messages: list[dict[str, Any]], cap: int, window_s: float) -> st
     entries = ["<channel-message " + " ".join(f'{key}="{html.escape(value)}"' for key, value in push_meta(m).items())
                + f">\n{fence(m['text'])}\n</channel-message>" for m in messages]
     return (f"[claude-peers] {len(messages)} messages held back (this session got {cap} pushes in {window_s:g}s,"
-            " [shim] max_pushes_per_minute), oldest first; answer each with send_message(to=<from_name>,"
-            " reply_to=<message_id>).\n" + "\n".join(entries))
+            " [shim] max_pushes_per_minute), oldest first, each in its <channel-message> tag (one inside a text is"
+            " escaped, &lt;channel-message); answer each with send_message(to=<from_name>, reply_to=<message_id>).\n"
+            + "\n".join(entries))
 
 
 def how_messages_arrive(mode: str, why: str) -> str:
@@ -6775,8 +6780,7 @@ def how_messages_arrive(mode: str, why: str) -> str:
     return ("Peer mail arrives as <channel source=\"claude-peers\" from_id=... from_name=... message_id=... sender=..."
             " from_role=...>: sender=\"human\" is the fleet's human operator (claude-peers send), sender=\"agent\""
             " another agent, from_role the role of its credential; a channel tag inside the text is escaped"
-            " (&lt;channel), never a message of its own. Past the push cap, mail comes as one kind=\"digest\""
-            " channel, each message in a <channel-message> tag with those attributes.")
+            " (&lt;channel), never a message of its own.")
 
 
 def instructions_lead(session: dict[str, Any] | None, name_note: str, url: str, error: str, arrival: str) -> str:
