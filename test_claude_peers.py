@@ -3799,6 +3799,23 @@ async def test_past_the_push_cap_the_rest_comes_as_one_digest_each_message_once_
 
 
 @pytest.mark.anyio
+async def test_mail_held_for_a_digest_and_read_meanwhile_with_check_messages_is_not_shown_again(make_broker):
+    broker = make_broker("[shim]\nmax_pushes_per_minute = 1\npush_window_s = 1.5\n")
+    sender = broker.session()
+    async with shim_session(broker, name="reader") as shim:
+        await shim.ok("whoami")
+        reader = peer_named(broker, "reader")
+        sent = [send(sender, "reader", f"part {i}")["id"] for i in range(3)]
+        [note] = await shim.recorder.wait_for(1)
+        assert note.meta["message_id"] == sent[0]
+        await wait_until(lambda: leased_to(broker, reader["id"]) == 2, what="the other two held")
+        inbox = await shim.ok("check_messages")
+        assert all(inbox.count(f"message_id={mid}") == 1 for mid in sent)
+        await stays(lambda: len(shim.recorder.received) == 1, 2.5, "no digest of what was read")
+        assert [message_state(broker, mid) for mid in sent] == ["read"] * 3
+
+
+@pytest.mark.anyio
 async def test_a_shim_killed_while_it_holds_a_digest_loses_none_of_it(make_broker, tmp_path):
     broker = make_broker("lease_s = 1\n[shim]\nmax_pushes_per_minute = 3\npush_window_s = 600\n")
     uncapped = tmp_path / "uncapped.toml"  # the next session's config: no cap, so it shows all it gets at once
