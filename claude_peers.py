@@ -878,11 +878,11 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("broker", "rate_per_s"): _check_non_negative,
     ("broker", "rate_burst"): _check_positive,
     ("broker", "repeat_window_s"): _check_non_negative,
-    ("shim", "max_pushes_per_minute"): _check_non_negative,
-    ("shim", "push_window_s"): _check_positive,
     ("broker", "retention_days"): _check_positive,
     ("broker", "metrics_token"): _check_metrics_token,
     ("shim", "inbox_remind_s"): _check_positive,
+    ("shim", "max_pushes_per_minute"): _check_non_negative,
+    ("shim", "push_window_s"): _check_positive,
     ("nats", "listen"): parse_hostport,
     ("nats", "max_age_s"): _check_positive,
     ("nats", "duplicate_window_s"): _check_positive,
@@ -7258,12 +7258,12 @@ class Shim:
             raise
         messages = answer["messages"]
         fresh = [m for m in messages if m["id"] not in self.seen and m["id"] not in self.held]
-        now = fresh[:0 if self.held else self.cap.admit(len(fresh))]  # behind held mail, all of it waits
-        self.held.update((m["id"], m) for m in fresh[len(now):])
-        if now and self.mode == "inbox" and not await self._post(inbox_posts(now)):
+        going = fresh[:0 if self.held else self.cap.admit(len(fresh))]  # behind held mail, all of it waits
+        self.held.update((m["id"], m) for m in fresh[len(going):])
+        if going and self.mode == "inbox" and not await self._post(inbox_posts(going)):
             self.held = {}
             return answer  # unacknowledged: the leases run out, and check_messages returns the batch
-        for message in now:
+        for message in going:
             self._show(message)
         done = [m["id"] for m in messages if m["id"] not in self.held] + await self._flush_held()
         if done:
@@ -10776,7 +10776,9 @@ class BenchBroker:
         self.home = self.tmp.name
         if prepare is not None:
             prepare(Path(self.home))
-        self.harness = BrokerHarness(Path(self.home), "rate_per_s = 0.0", nats_toml)
+        # no rate limit, no push cap: the figures are of delivery at full speed, not of the flood damping
+        self.harness = BrokerHarness(Path(self.home), "rate_per_s = 0.0\n[shim]\nmax_pushes_per_minute = 0",
+                                     nats_toml)
         try:
             self.harness.start()
         except UserError:

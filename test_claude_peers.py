@@ -4054,7 +4054,8 @@ def test_every_generated_line_leaves_the_shim_answering(raw_shim):
 
 
 @pytest.mark.anyio
-async def test_a_burst_of_a_thousand_is_pushed_once_each_in_order(broker, tmp_path):
+async def test_a_burst_of_a_thousand_is_pushed_once_each_in_order(make_broker, tmp_path):
+    broker = make_broker("[shim]\nmax_pushes_per_minute = 0\n")  # no push cap: every message a push of its own
     wire_log = tmp_path / "wire.jsonl"
     async with shim_session(broker, name="sink", wire_log=wire_log) as shim:
         await shim.ok("whoami")
