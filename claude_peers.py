@@ -3673,6 +3673,7 @@ class Metrics:
         self.requests: collections.Counter[tuple[str, str, int]] = collections.Counter()  #: (method, route, status)
         self.rate_limited = 0
         self.sent = 0
+        self.dropped = 0  #: sends not stored: a repeat within [broker] repeat_window_s (per recipient)
         self.delivered = 0
         self.acknowledged = 0
         self.expired = 0
@@ -3690,9 +3691,11 @@ class Metrics:
         self.requests[key] += 1
         self.rate_limited += status == 429
 
-    def messages_sent(self, count: int) -> None:
-        """Count a committed send (one message per recipient)."""
-        self.sent += count
+    def messages_sent(self, results: list[dict[str, Any]]) -> None:
+        """Count a committed send: one message per recipient, a repeat dropped ([broker] repeat_window_s) apart."""
+        dropped = sum(result["state"] == "dropped" for result in results)
+        self.sent += len(results) - dropped
+        self.dropped += dropped
         self.changed()
 
     def handed(self, sid: str, messages: list[dict[str, Any]]) -> None:
@@ -4022,6 +4025,7 @@ def _expose_traffic(out: Exposition, b: Broker, m: Metrics) -> None:
                [({}, len(b.parked))])
     for name, value, text in (
             ("sent", m.sent, "Messages committed (one per recipient)."),
+            ("dropped", m.dropped, "Sends not stored, per recipient: a repeat of a message within repeat_window_s."),
             ("delivered", m.delivered, ("Messages handed to a receiving session by its long-poll or"
                                         " check_messages, re-offers included.")),
             ("acknowledged", m.acknowledged, "Handed messages the receiving session acknowledged."),
@@ -5024,7 +5028,7 @@ class Broker:
         for sent in values:
             if not isinstance(sent, Sent):
                 continue
-            self.metrics.messages_sent(len(sent.answer["messages"]))
+            self.metrics.messages_sent(sent.answer["messages"])
             for sid, messages in sent.handed.items():
                 waiter = self.parked.pop(sid, None)
                 if waiter is not None and not waiter.done():

@@ -2094,6 +2094,16 @@ def metric(samples: dict[tuple, float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def test_a_dropped_repeat_is_counted_apart_from_the_messages_sent(broker):
+    alice, bob, carol = broker.session(name="alice"), broker.session(name="bob"), broker.session(name="carol")
+    for _ in range(3):
+        send(alice, "*", "lunch?")
+    samples, _ = scrape(broker)
+    assert (metric(samples, "claude_peers_messages_sent_total"), metric(samples, "claude_peers_messages_dropped_total")) \
+        == (2, 4)
+    assert [m["text"] for m in poll(bob) + poll(carol)] == ["lunch?", "lunch?"]
+
+
 def login_code(broker: BrokerProc) -> str:
     """A login link from `claude-peers dashboard --json`, as an operator gets it."""
     out = broker.cli("dashboard", "--json")
