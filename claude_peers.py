@@ -54,6 +54,7 @@ import fcntl
 import functools
 import hashlib
 import hmac
+import html
 import http
 import http.client
 import ipaddress
@@ -497,6 +498,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "memory_max_bytes": 16384,
         "rate_per_s": 100.0,
         "rate_burst": 200,
+        "repeat_window_s": 60.0,  # the same text from one sender to one recipient again this soon is dropped; 0: off
         "retention_days": 7,
         "tls_cert": "",
         "tls_key": "",
@@ -519,6 +521,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "inbox_remind_s": 60.0,  # an inbox post still unread this long gets one reminder (Claude Code may drop a post)
         "relay_permissions": True,  # push sessions relay Claude Code's permission prompts to the hub's Needs you
         "changes_every_s": 30.0,  # how often a session looks at what it changed in git, for overlap warnings
+        "max_pushes_per_minute": 20,  # pushes (or inbox posts) per push_window_s; the rest come as one digest; 0: no cap
+        "push_window_s": 60.0,  # the minute max_pushes_per_minute counts over
     },
     "llm": {
         "base_url": "",  # OpenAI-compatible, e.g. http://litellm.lan:4000/v1; empty: no LLM
@@ -831,9 +835,12 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("broker", "memory_max_bytes"): _check_positive,
     ("broker", "rate_per_s"): _check_non_negative,
     ("broker", "rate_burst"): _check_positive,
+    ("broker", "repeat_window_s"): _check_non_negative,
     ("broker", "retention_days"): _check_positive,
     ("broker", "metrics_token"): _check_metrics_token,
     ("shim", "inbox_remind_s"): _check_positive,
+    ("shim", "max_pushes_per_minute"): _check_non_negative,
+    ("shim", "push_window_s"): _check_positive,
     ("nats", "listen"): parse_hostport,
     ("nats", "max_age_s"): _check_positive,
     ("nats", "duplicate_window_s"): _check_positive,
@@ -1403,7 +1410,11 @@ ADDED_COLUMNS = (("sessions", "credential", "TEXT NOT NULL DEFAULT 'admin'"),
                  ("messages", "decided_by", "TEXT NOT NULL DEFAULT ''"),  # who released or refused it, held
                  ("messages", "decided_at", "REAL"),
                  ("runs", "credential", "TEXT NOT NULL DEFAULT ''"),  # the audit: which credential reported it
-                 ("alerts", "credential", "TEXT NOT NULL DEFAULT ''"))
+                 ("alerts", "credential", "TEXT NOT NULL DEFAULT ''"),
+                 ("messages", "repeat_key", "TEXT"))  # Messages.repeat_key; NULL: sent with repeat_window_s = 0
+# The repeat look-up's index (Messages._earlier), made once its column exists.
+REPEAT_INDEX = ("CREATE INDEX IF NOT EXISTS messages_repeat ON messages(repeat_key, sent_at)"
+                " WHERE repeat_key IS NOT NULL")
 HEALTH_KINDS = ("machine", "llm")  # what a health report is of: a machine, or an LLM server (fleet.health.llm.<name>)
 MEMORY_PARTS = ("pinned", "notes")  # a human's pinned section, then the notes daemons (fleet-memory) keep
 MEMORY_VERSIONS_KEPT = 100
@@ -1613,6 +1624,7 @@ class Store:
         for table, column, declaration in ADDED_COLUMNS:
             if column not in {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        self.db.execute(REPEAT_INDEX)
         self.lock = threading.RLock()
         self.commits = 0  #: committed transactions, for the checkpointer
         self.events_written = 0  #: grows with every event: the broker wakes event readers when it moved
@@ -2240,9 +2252,21 @@ class Inbound:
                 "rules": rules, "default": self.store.cfg.inbound.default}
 
 
+def repeat_key(sender: str, recipient: str, text: str) -> str:
+    """What makes two sends the same for [broker] repeat_window_s: sender, recipient and the text with
+    whitespace runs and case folded (a loop re-sending "Done." or "done" is the same flood)."""
+    normalised = " ".join(text.split()).casefold()
+    return hashlib.sha256(f"{sender}\0{recipient}\0{normalised}".encode()).hexdigest()[:32]
+
+
 class Messages:
     """Mail between sessions: committed, leased to the recipient's long-poll, acknowledged,
-    read. Addresses resolve through ``sessions``."""
+    read. Addresses resolve through ``sessions``.
+
+    A repeat (the same text from one sender to one recipient within [broker] repeat_window_s) is
+    found through the indexed ``repeat_key`` column rather than a map in memory: it commits and
+    rolls back with the send itself, so a group commit run again, a restart or a kill -9 of the
+    broker see exactly the messages that exist, and the look-up is one index probe per recipient."""
 
     def __init__(self, store: Store, sessions: Sessions) -> None:
         self.store = store
@@ -2273,9 +2297,15 @@ class Messages:
             targets = self._resolve(c, sender, to, scope, now)
             results, handed, wake = [], {}, set()
             for target in targets:
+                recipient = self.recipient({"to_session": target["session"], "to_name": target["name"]}, now)
+                key = self._repeat_key(sender, target, text)
+                earlier = self._earlier(c, key, now)
+                if earlier is not None:  # not stored again: the sender hears which message has it
+                    results.append({**self._result(earlier["id"], target, "dropped", recipient),
+                                    "dropped": earlier["id"], "thread_id": earlier["thread_id"]})
+                    continue
                 mid = new_id(6)
                 state = "undeliverable" if target["undeliverable"] else "queued"
-                recipient = self.recipient({"to_session": target["session"], "to_name": target["name"]}, now)
                 verdict = self.inbound.check(c, sender, target, role, recipient, text, now) if state == "queued" \
                     else None
                 if verdict and verdict.policy != "accept":  # the recipient's inbound policy: held for a human, or refused
@@ -2290,7 +2320,7 @@ class Messages:
                        "lease_until": now + self.store.cfg.broker.lease_s if handover else None,
                        "leased_to": target["session"] if handover else None, "credential": credential,
                        "credential_role": role, "hold_reason": verdict.reason if state in HELD_STATES else "",
-                       "decided_by": "", "decided_at": None}
+                       "decided_by": "", "decided_at": None, "repeat_key": key}
                 c.execute(f"INSERT INTO messages({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                           tuple(row.values()))
                 if handover:  # leased in this commit, handed to the waiting poll right after it
@@ -2305,15 +2335,33 @@ class Messages:
                     self.store.event(c, f"message.{state}", f"fleet.message.{state}", message_id=mid,
                                      from_id=sender["id"], from_name=sender["name"], to_id=target["session"],
                                      to_name=target["name"], state=state, reason=row["hold_reason"])
-                results.append({"id": mid, "to_id": target["session"], "to_name": target["name"],
-                                "state": state, "reason": row["hold_reason"], "online": target["session"] is not None,
-                                "mode": recipient and recipient["mode"], "client": recipient and recipient["client"],
-                                "mode_reason": recipient and recipient["mode_reason"]})
+                results.append({**self._result(mid, target, state, recipient), "reason": row["hold_reason"]})
         result: dict[str, Any] = {"thread_id": thread_id or (results[0]["id"] if len(results) == 1 else None),
                                   "messages": results}
         if to != "*":
             result.update(results[0])
         return Sent(result, handed, wake)
+
+    @staticmethod
+    def _result(mid: str, target: dict[str, Any], state: str, recipient: dict[str, Any] | None) -> dict[str, Any]:
+        """What the sender is told of one recipient: the message, its state, and how that recipient gets mail."""
+        return {"id": mid, "to_id": target["session"], "to_name": target["name"], "state": state,
+                "online": target["session"] is not None, "mode": recipient and recipient["mode"],
+                "client": recipient and recipient["client"], "mode_reason": recipient and recipient["mode_reason"]}
+
+    def _repeat_key(self, sender: dict[str, Any], target: dict[str, Any], text: str) -> str | None:
+        """This send's repeat key (None with repeat_window_s = 0): a named sender or recipient by its name,
+        so a session that restarts under the same name is still the same one."""
+        if not self.store.cfg.broker.repeat_window_s:
+            return None
+        return repeat_key(sender["name"] or sender["id"], target["name"] or target["session"], text)
+
+    def _earlier(self, c: sqlite3.Connection, key: str | None, now: float) -> sqlite3.Row | None:
+        """The newest message of the same repeat key sent within repeat_window_s, if any."""
+        if key is None:
+            return None
+        return c.execute("SELECT id, thread_id FROM messages WHERE repeat_key = ? AND sent_at > ?"
+                         " ORDER BY sent_at DESC LIMIT 1", (key, now - self.store.cfg.broker.repeat_window_s)).fetchone()
 
     def _resolve(self, c: sqlite3.Connection, sender: dict[str, Any], to: str, scope: str,
                  now: float) -> list[dict[str, Any]]:
@@ -3916,6 +3964,7 @@ class Metrics:
         self.requests: collections.Counter[tuple[str, str, int]] = collections.Counter()  #: (method, route, status)
         self.rate_limited = 0
         self.sent = 0
+        self.dropped = 0  #: sends not stored: a repeat within [broker] repeat_window_s (per recipient)
         self.delivered = 0
         self.acknowledged = 0
         self.expired = 0
@@ -3933,9 +3982,11 @@ class Metrics:
         self.requests[key] += 1
         self.rate_limited += status == 429
 
-    def messages_sent(self, count: int) -> None:
-        """Count a committed send (one message per recipient)."""
-        self.sent += count
+    def messages_sent(self, results: list[dict[str, Any]]) -> None:
+        """Count a committed send: one message per recipient, a repeat dropped ([broker] repeat_window_s) apart."""
+        dropped = sum(result["state"] == "dropped" for result in results)
+        self.sent += len(results) - dropped
+        self.dropped += dropped
         self.changed()
 
     def handed(self, sid: str, messages: list[dict[str, Any]]) -> None:
@@ -4267,6 +4318,7 @@ def _expose_traffic(out: Exposition, b: Broker, m: Metrics) -> None:
                [({}, len(b.parked))])
     for name, value, text in (
             ("sent", m.sent, "Messages committed (one per recipient)."),
+            ("dropped", m.dropped, "Sends not stored, per recipient: a repeat of a message within repeat_window_s."),
             ("delivered", m.delivered, ("Messages handed to a receiving session by its long-poll or"
                                         " check_messages, re-offers included.")),
             ("acknowledged", m.acknowledged, "Handed messages the receiving session acknowledged."),
@@ -5310,7 +5362,7 @@ class Broker:
         for sent in values:
             if not isinstance(sent, Sent):
                 continue
-            self.metrics.messages_sent(len(sent.answer["messages"]))
+            self.metrics.messages_sent(sent.answer["messages"])
             for sid, messages in sent.handed.items():
                 waiter = self.parked.pop(sid, None)
                 if waiter is not None and not waiter.done():
@@ -6775,6 +6827,10 @@ def client_from_config(cfg: Config, timeout: float = 10.0) -> BrokerClient:
 # tool result counts it) until the model reads or answers it. A post that fails leaves the
 # batch unacknowledged (its leases run out, check_messages reads it) and the session pull.
 #
+# Past [shim] max_pushes_per_minute a session's leased mail stays in the shim, unacknowledged,
+# and goes as one digest once the window frees a slot: a shim that dies meanwhile leaves it
+# to the leases running out, and the next session gets it.
+#
 # A push session also asks Claude Code for its permission prompts (claude/channel/permission):
 # each goes to the hub, a human's verdict comes back on a long-poll of its own and is written
 # to Claude Code once, and the session's transcript tells when its terminal answered first.
@@ -7094,6 +7150,9 @@ def recipient_note(result: dict[str, Any]) -> str:
     """What a sender is told about one recipient: pushed or posted into its inbox now, queued
     until it checks its messages (a pull session, and why), queued for an offline name, or undeliverable."""
     target = result["to_name"] or result["to_id"]
+    if result["state"] == "dropped":
+        return (f"dropped: {target} got this same text from you as message {result['dropped']} within [broker]"
+                " repeat_window_s, so it is not sent again")
     if result["state"] == "undeliverable":
         return f"undeliverable: session {target} has ended and had no agent name"
     if result["state"] == "held":
@@ -7112,6 +7171,17 @@ def recipient_note(result: dict[str, Any]) -> str:
     return f"queued: {target} is online and gets it pushed now"
 
 
+def broadcast_target(result: dict[str, Any]) -> str:
+    """One recipient of a broadcast as the sender's tool result lists it: a pull session, a dropped repeat, or
+    mail held or refused by its inbound policy said so."""
+    target = result["to_name"] or result["to_id"]
+    if result["state"] == "dropped":
+        return f"{target} (dropped: a repeat of message {result['dropped']})"
+    if result["state"] in HELD_STATES:
+        return f"{target} ({result['state']}: {result.get('reason')})"
+    return target + (" (pull: queued until it checks its messages)" if result.get("mode") == "pull" else "")
+
+
 CHANNEL_TAG = re.compile(r"<(?=\s*/?\s*channel\b)", re.IGNORECASE)
 
 
@@ -7126,6 +7196,28 @@ def sender_meta(message: dict[str, Any]) -> dict[str, str]:
     the role of the credential it came in with ('unknown' for mail from before roles were kept)."""
     return {"sender": "human" if message["from_id"] == OPERATOR else "agent",
             "from_role": message.get("credential_role") or "unknown"}
+
+
+def push_meta(message: dict[str, Any]) -> dict[str, str]:
+    """A pushed message's channel attributes: who sent it, from where, which message and thread."""
+    meta = {"from_name": message["from_name"], "from_id": message["from_id"], "from_machine": message["from_machine"],
+            "from_cwd": message["from_cwd"], "message_id": message["id"], "thread_id": message["thread_id"],
+            "sent_at": message["sent_at"], **sender_meta(message)}
+    if message["reply_to"]:
+        meta["reply_to"] = message["reply_to"]
+    return {key: str(value) for key, value in meta.items()}
+
+
+def digest_text(messages: list[dict[str, Any]], cap: int, window_s: float) -> str:
+    """The messages held back by the push cap as one channel notification's content: each in a
+    <channel-message> tag carrying its push attributes, its text fenced (fence escapes that tag too,
+    so no text can end its own entry or forge another)."""
+    entries = ["<channel-message " + " ".join(f'{key}="{html.escape(value)}"' for key, value in push_meta(m).items())
+               + f">\n{fence(m['text'])}\n</channel-message>" for m in messages]
+    return (f"[claude-peers] {len(messages)} messages held back (this session got {cap} pushes in {window_s:g}s,"
+            " [shim] max_pushes_per_minute), oldest first, each in its <channel-message> tag (one inside a text is"
+            " escaped, &lt;channel-message); answer each with send_message(to=<from_name>, reply_to=<message_id>).\n"
+            + "\n".join(entries))
 
 
 def how_messages_arrive(mode: str, why: str) -> str:
@@ -7402,6 +7494,29 @@ def format_claimed(answer: dict[str, Any], repo: str) -> str:
     return "\n".join(lines)
 
 
+class PushCap:
+    """[shim] max_pushes_per_minute: the pushes of the last push_window_s, and how many more may go now."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit, self.window_s = limit, window_s
+        self.times: collections.deque[float] = collections.deque()  #: when each push in the window went (monotonic)
+
+    def admit(self, count: int) -> int:
+        """How many of ``count`` pushes may go now (counted as gone); all of them with no cap (0)."""
+        if not self.limit:
+            return count
+        now = time.monotonic()
+        while self.times and self.times[0] <= now - self.window_s:
+            self.times.popleft()
+        allowed = max(0, min(count, self.limit - len(self.times)))
+        self.times.extend([now] * allowed)
+        return allowed
+
+    def frees_in(self) -> float:
+        """Seconds until the oldest push in the window leaves it (then one more may go)."""
+        return max(0.0, self.times[0] + self.window_s - time.monotonic()) if self.times else 0.0
+
+
 class ShimError(Exception):
     """A tool call that failed in a way the model should read."""
 
@@ -7442,6 +7557,8 @@ class Shim:
         self.unread: dict[str, dict[str, Any]] = {}  #: pushed, not yet read or answered
         self.posted: dict[str, float] = {}  #: posted into the inbox and not yet reminded of: id -> when
         self.unacked: list[str] = []  #: pushed, but the broker has not taken the acknowledgement yet
+        self.cap = PushCap(cfg.shim.max_pushes_per_minute, cfg.shim.push_window_s)
+        self.held: dict[str, dict[str, Any]] = {}  #: leased past the push cap, unacknowledged: the next digest
         self.repo: str | None = None  #: this session's repository (task board, overlaps), once something asked
         self.watch = ChangeWatch(cwd)  #: what this session changed in git, for overlap warnings
         self.look_due = 0.0  #: when the next look at the changes is due (monotonic seconds)
@@ -7568,6 +7685,8 @@ class Shim:
         changes = await self._changes()
         if self.mode == "inbox":
             wait_s = min(wait_s, await self._remind())
+        if self.held:  # the digest goes when the push window frees a slot
+            wait_s = min(wait_s, self.cap.frees_in())
         body: dict[str, Any] = {"wait_s": wait_s, **({"changes": changes} if changes else {})}
         if self.mode == "pull":
             answer = await self.poll_client.session_call("POST", "/poll", {**body, "unread": self.waiting})
@@ -7589,14 +7708,35 @@ class Shim:
             self.unacked = body.get("ack", []) + self.unacked
             raise
         messages = answer["messages"]
-        fresh = [m for m in messages if m["id"] not in self.seen]
-        if fresh and self.mode == "inbox" and not await self._post(inbox_posts(fresh)):
+        fresh = [m for m in messages if m["id"] not in self.seen and m["id"] not in self.held]
+        going = fresh[:0 if self.held else self.cap.admit(len(fresh))]  # behind held mail, all of it waits
+        self.held.update((m["id"], m) for m in fresh[len(going):])
+        if going and self.mode == "inbox" and not await self._post(inbox_posts(going)):
+            self.held = {}
             return answer  # unacknowledged: the leases run out, and check_messages returns the batch
-        for message in fresh:
+        for message in going:
             self._show(message)
-        if messages:
-            asyncio.get_running_loop().create_task(self._acknowledge([m["id"] for m in messages]))
+        done = [m["id"] for m in messages if m["id"] not in self.held] + await self._flush_held()
+        if done:
+            asyncio.get_running_loop().create_task(self._acknowledge(done))
         return answer
+
+    async def _flush_held(self) -> list[str]:
+        """Once the push window frees a slot, every held message goes in ONE push: a digest channel
+        notification (a single one as a plain push), or one inbox post; returns the ids now written."""
+        if not self.held or not self.cap.admit(1):
+            return []
+        held, self.held = list(self.held.values()), {}
+        if self.mode == "inbox" and not await self._post(["\n\n".join(inbox_posts(held))]):
+            return []  # unacknowledged: the leases run out, and check_messages returns them
+        if self.mode == "push" and len(held) > 1:
+            ids = ",".join(m["id"] for m in held)
+            content = digest_text(held, self.cap.limit, self.cap.window_s)
+            self.wire.write({"jsonrpc": "2.0", "method": CHANNEL_METHOD, "params": {
+                "content": content, "meta": {"kind": "digest", "messages": str(len(held)), "message_ids": ids}}})
+        for message in held:
+            self._show(message, single=len(held) == 1)
+        return [m["id"] for m in held]
 
     async def _remind(self) -> float:
         """One notice for the inbox posts still unread after [shim] inbox_remind_s: now and then
@@ -7661,26 +7801,21 @@ class Shim:
         except (UserError, ApiError):
             self.unacked += ids
 
-    def _show(self, message: dict[str, Any]) -> None:
-        """A message the model is shown now (pushed, or posted): unread until read or answered."""
+    def _show(self, message: dict[str, Any], single: bool = True) -> None:
+        """A message the model is shown now (pushed on its own or in a digest, or posted): unread until read
+        or answered."""
         self._remember(message["id"], "posted into your session inbox" if self.mode == "inbox"
-                       else "pushed to you as a <channel> message")
+                       else "pushed to you as a <channel> message" if single else "pushed to you in a digest")
         self.unread[message["id"]] = message
-        if self.mode == "push":
+        if self.mode == "push" and single:
             self._push(message)
         elif self.mode == "inbox":
             self.posted[message["id"]] = time.monotonic()
 
     def _push(self, message: dict[str, Any]) -> None:
         """Write a channel notification (once per message id, ever, in this session: _show)."""
-        meta = {"from_name": message["from_name"], "from_id": message["from_id"],
-                "from_machine": message["from_machine"], "from_cwd": message["from_cwd"],
-                "message_id": message["id"], "thread_id": message["thread_id"], "sent_at": message["sent_at"],
-                **sender_meta(message)}
-        if message["reply_to"]:
-            meta["reply_to"] = message["reply_to"]
         self.wire.write({"jsonrpc": "2.0", "method": CHANNEL_METHOD,
-                         "params": {"content": fence(message["text"]), "meta": {k: str(v) for k, v in meta.items()}}})
+                         "params": {"content": fence(message["text"]), "meta": push_meta(message)}})
 
     # -- permission prompts relayed to the hub ---------------------------------------
 
@@ -7845,12 +7980,11 @@ class Shim:
         if reply_to:
             self.unread.pop(reply_to, None)
         if to == "*":
-            targets = ", ".join((m["to_name"] or m["to_id"]) + (" (pull: queued until it checks its messages)"
-                                                                if m.get("mode") == "pull" else "")
-                                + (f" ({m['state']}: {m.get('reason')})" if m["state"] in HELD_STATES else "")
-                                for m in result["messages"])
+            targets = ", ".join(map(broadcast_target, result["messages"]))
             return (f"Broadcast to {len(result['messages'])} peer(s): {targets}." if result["messages"]
                     else f"No live peers in scope {scope or 'all'}: nothing sent.")
+        if result["state"] == "dropped":
+            return f"Not sent: {recipient_note(result)}."
         if result["state"] == "undeliverable":
             return f"Message {result['id']} is {recipient_note(result)}. Use list_peers to find a live session."
         if result["state"] in HELD_STATES:  # the recipient's inbound policy: a human decides, not the model
@@ -7874,6 +8008,7 @@ class Shim:
         for message in messages:
             self._remember(message["id"])
             self.unread.pop(message["id"], None)
+            self.held.pop(message["id"], None)  # read now: no digest shows it again
         if not messages:
             return "No unread peer messages."
         parts = [format_message(m, shown[m["id"]]) for m in messages]
