@@ -2123,6 +2123,228 @@ def test_request_series_stay_bounded_and_any_health_report_gives_figures_or_noth
         assert figures["cores"] is None and figures["reachable"] is (report.get("reachable") is not False)
 
 
+# ---------------------------------------------------------------------------
+# The docs: each reference table true to the code, and every link lands
+# ---------------------------------------------------------------------------
+
+DOCS = ROOT / "docs"
+
+
+def prose_lines(path: Path) -> Iterator[str]:
+    """A markdown file's lines outside its code fences (a fence's `# x` is no heading, its `|` no table)."""
+    fenced = False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            yield line
+
+
+def first_cells(page: str, header: str) -> list[str]:
+    """The first cell of each row of every table in docs/``page`` whose first column is headed ``header``."""
+    cells, heading = [], None
+    for line in prose_lines(DOCS / page):
+        row = [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])] if line.startswith("|") else None
+        if row is None:
+            heading = None
+        elif heading is None:
+            heading = row[0]
+        elif heading == header and not set(row[0]) <= set("-: "):
+            cells.append(row[0])
+    return cells
+
+
+def cell_names(cell: str, sep: str | None) -> list[str]:
+    """The names a first cell holds, each in backticks. With ``sep``, a short one after the first
+    (`broker.rate_per_s` / `rate_burst`, `..._sent_total` / `_delivered_total`) replaces as many of
+    the first's last ``sep`` parts as it has, and `[[table]]` `a`, `b` names the keys of a list of tables."""
+    spans = [span.replace("\\|", "|") for span in re.findall(r"`([^`]+)`", cell)]
+    if sep and spans and spans[0].startswith("[["):
+        return [spans[0].strip("[]") + sep + span for span in spans[1:]]
+    if not sep:
+        return spans
+    head, names = spans[0].split(sep)[0], []
+    for span in spans:
+        if not span.startswith(head):
+            parts = names[0].split(sep)
+            span = sep.join(parts[:len(parts) - len(span.lstrip(sep).split(sep))]) + sep + span.lstrip(sep)
+        names.append(span)
+    return names
+
+
+def documented(page: str, header: str, sep: str | None = None) -> list[str]:
+    return [name for cell in first_cells(page, header) for name in cell_names(cell, sep)]
+
+
+def compared(in_code: set[str], in_docs: list[str]) -> dict[str, list[str]]:
+    """What the code has that the page lacks, what the page names that the code does not, and names listed twice."""
+    return {"undocumented": sorted(in_code - set(in_docs)), "not in the code": sorted(set(in_docs) - in_code),
+            "listed twice": sorted({name for name in in_docs if in_docs.count(name) > 1})}
+
+
+NOTHING_AMISS = {"undocumented": [], "not in the code": [], "listed twice": []}
+
+
+def route_shape(path: str) -> list[str]:
+    """A route's path with each id written as {} (a group of words, such as (allow|deny), one path per word)."""
+    words = re.search(r"\(([a-z|-]+)\)", path)
+    if words:
+        return [shape for word in words[1].split("|") for shape in route_shape(path.replace(words[0], word, 1))]
+    return [re.sub(r"\([^)]*\)|\{[^}]*\}", "{}", path)]
+
+
+def config_keys_in_code() -> set[str]:
+    """Every key daemons.toml takes: the Config tables' defaults, [[machines]], every daemon's, and each runner's own."""
+    keys = {f"{table}.{key}" for table, defaults in cp.DEFAULTS.items() for key in defaults}
+    keys |= {f"machines.{key}" for key in cp.MACHINE_DEFAULTS} | {f"daemons.<name>.{key}" for key in cp.DAEMON_DEFAULTS}
+    for runner in cp.RUNNERS.values():
+        keys |= {f"daemons.{runner.name}.{key}" for key in runner.keys}
+        keys |= {f"daemons.{runner.name}.{key}.{sub}" for key, table in runner.lists.items() for sub in table.defaults}
+    return keys
+
+
+def subject_values(node, func, methods: dict, depth: int = 0) -> list[str]:
+    """The strings an expression in the module can be: literal parts kept, anything only known at run
+    time `*`; a variable by its assignments in ``func``, a parameter by what the class's own calls pass."""
+    import ast
+
+    def product(parts: list) -> list[str]:
+        return ["".join(p) for p in itertools.product(*(subject_values(x, func, methods, depth) for x in parts))]
+
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.JoinedStr):
+        return product(node.values)
+    if isinstance(node, ast.FormattedValue):
+        return subject_values(node.value, func, methods, depth)
+    if isinstance(node, ast.IfExp):
+        return subject_values(node.body, func, methods, depth) + subject_values(node.orelse, func, methods, depth)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return product([node.left, node.right])
+    if not isinstance(node, ast.Name) or depth > 3:
+        return ["*"]
+    assigned = [a.value for a in ast.walk(func) if isinstance(a, ast.Assign)
+                for t in a.targets if isinstance(t, ast.Name) and t.id == node.id]
+    if assigned:
+        return [v for value in assigned for v in subject_values(value, func, methods, depth)]
+    params = [a.arg for a in func.args.args]
+    if node.id not in params:
+        return ["*"]
+    passed = [(caller, arg) for caller in methods.values() for call in ast.walk(caller)
+              if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == func.name
+              and isinstance(call.func.value, ast.Name) and call.func.value.id == "self"
+              for arg in [*call.args[params.index(node.id) - 1:][:1],
+                          *(k.value for k in call.keywords if k.arg == node.id)][:1]]
+    return [v for caller, arg in passed for v in subject_values(arg, caller, methods, depth + 1)] or ["*"]
+
+
+def subjects_in_code() -> set[str]:
+    """Every subject the broker publishes: the subject argument of each ``store.event(c, type, subject, ...)``."""
+    import ast
+
+    subjects = set()
+    for cls in ast.walk(ast.parse(SCRIPT.read_text())):
+        if not isinstance(cls, ast.ClassDef):
+            continue
+        methods = {f.name: f for f in cls.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        for func in methods.values():
+            for call in ast.walk(func):
+                if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "event" \
+                        and len(call.args) >= 3:
+                    subjects |= {re.sub(r"[^.]*\*[^.]*", "*", s) for s in subject_values(call.args[2], func, methods)}
+    return subjects
+
+
+def documented_subjects() -> list[str]:
+    """The events page's subjects, a `<name>` as `*`, and `a|b` one subject per word."""
+    names = []
+    for name in documented("events.md", "subject"):
+        parts = [part.split("|") for part in re.sub(r"<[^>]+>", "*", name).split(".")]
+        names += [".".join(words) for words in itertools.product(*parts)]
+    return names
+
+
+def covers(pattern: str, subject: str) -> bool:
+    """Whether a subject of the code (its `*` filled in at run time) can be a documented one."""
+    ours, theirs = pattern.split("."), subject.split(".")
+    return len(ours) == len(theirs) and all(a in ("*", b) for a, b in zip(ours, theirs, strict=True))
+
+
+def commands_in_parser() -> set[str]:
+    """Every command `--help` lists, with its actions (`task add`, `hook install`): a command whose
+    actions are required is only its actions."""
+    import argparse
+
+    sub = next(a for a in cp.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    names = set()
+    for name in (choice.dest for choice in sub._choices_actions):  # run-daemon, the supervisor's own, has no help
+        actions = [a for a in sub.choices[name]._actions if not a.option_strings and a.choices]
+        words = [word for a in actions for word in a.choices]
+        names |= {f"{name} {word}" for word in words}
+        if not any(a.required for a in actions):
+            names.add(name)
+    return names
+
+
+def documented_commands() -> list[str]:
+    """The command line page's commands: the leading words of each backticked usage."""
+    return [" ".join(re.match(r"[a-z][a-z-]*(?: [a-z][a-z-]*)*", usage)[0].split())
+            for usage in documented("cli.md", "command")]
+
+
+def test_every_route_config_key_subject_metric_and_command_is_documented_and_nothing_else(make_broker):
+    routes = {f"{method} {shape}" for method, pattern, *_ in cp.ROUTES for shape in route_shape(pattern.pattern[1:-1])}
+    assert compared(routes, [shape for name in documented("http-api.md", "route", "/")
+                             for shape in route_shape(name)]) == NOTHING_AMISS
+    assert compared(config_keys_in_code(), documented("configuration.md", "key", ".")) == NOTHING_AMISS
+
+    subjects, in_docs = subjects_in_code(), documented_subjects()
+    assert "fleet.task.reopened" in subjects and "fleet.daemon.*.failed" in subjects  # kinds found where passed
+    assert {s for s in subjects if not any(covers(s, d) for d in in_docs)} == set()  # undocumented
+    assert [d for d in in_docs if not any(covers(s, d) for s in subjects)] == []  # not in the code
+    assert len(in_docs) == len(set(in_docs))
+
+    broker = make_broker(nats=f'embedded = false\nurl = "nats://127.0.0.1:{free_port()}"\n')  # every family shown
+    status, _, raw = http_call(broker, "GET", "/metrics", {"Authorization": f"Bearer {broker.token}"})
+    assert status == 200, raw
+    metrics = set(re.findall(r"^# TYPE (\S+) ", raw.decode(), re.MULTILINE))
+    in_docs = [re.sub(r"\{.*\}$", "", name) for name in documented("dashboard-and-metrics.md", "metric", "_")]
+    assert compared(metrics, in_docs) == NOTHING_AMISS
+
+    assert compared(commands_in_parser(), documented_commands()) == NOTHING_AMISS
+
+
+def github_anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens, repeats numbered."""
+    anchors: set[str] = set()
+    for line in prose_lines(path):
+        heading = re.match(r"#+ (.*)", line)
+        if heading:
+            anchor = re.sub(r"[^\w\- ]", "", heading[1].lower()).replace(" ", "-")
+            anchors.add(next(f"{anchor}-{i}" if i else anchor for i in itertools.count()
+                             if (f"{anchor}-{i}" if i else anchor) not in anchors))
+    return anchors
+
+
+def test_every_link_between_the_readme_and_the_docs_lands_on_a_file_and_heading_that_exist():
+    pages = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+    assert {p.name for p in pages} >= {"cli.md", "configuration.md", "http-api.md", "events.md", "daemons.md",
+                                       "dashboard-and-metrics.md", "credentials.md", "sessions.md", "performance.md"}
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", "\n".join(prose_lines(page))):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (page.parent / file).resolve() if file else page
+            if not linked.exists() or anchor and anchor not in github_anchors(linked):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert broken == []
+    front = (ROOT / "README.md").read_text()
+    assert len(front.splitlines()) <= 250  # a front page: the reference is in docs/
+    assert all(f"](docs/{p.name})" in front for p in pages[1:])  # its table of contents names every page
+
+
 def test_a_schedule_report_with_a_bad_daemon_name_is_refused(broker):
     error = api_error(lambda: broker.client().call("POST", "/api/schedule", {
         "machine": "hub", "daemons": [{"name": "no such/name", "next_due": 1.0}]}))
