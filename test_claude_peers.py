@@ -2648,7 +2648,7 @@ def test_the_dashboard_in_chromium_logs_in_and_follows_sessions_and_message_stat
         assert not problems, problems  # no CSP violation, no script error
         shot = Path(os.environ.get("CLAUDE_PEERS_SCREENSHOT") or tmp_path / "dashboard.png")
         driver.set_window_size(1480, driver.execute_script("return document.documentElement.scrollHeight") + 20)
-        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000  # for the README
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000  # for the docs
         click(f'tr[data-message="{mid}"] button')
         until(lambda: "Welcome aboard" not in text_of("messages"), "the text hidden again")
 
@@ -2689,7 +2689,7 @@ def test_the_needs_you_panel_shows_prompts_live_and_answers_them_in_one_click_as
               == "focus", "the linked prompt picked out")
         shot = Path(os.environ.get("CLAUDE_PEERS_NEEDS_YOU_SCREENSHOT") or tmp_path / "needs-you.png")
         driver.set_window_size(1480, 760)
-        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000  # for the README
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000  # for the docs
         click(f'{row(cleanup["id"])} button[data-verdict="allow"]')
         until(lambda: shown(f"{row(cleanup['id'])} .pill") == ["allowed"], "the prompt allowed")
         click(f'{row(deploy["id"])} button[data-verdict="deny"]')
@@ -5469,7 +5469,7 @@ def tool_results(body: dict) -> dict[str, str]:
 
 
 def register_shim_and_hook(env: dict[str, str], entry: dict) -> None:
-    """As the README says: the shim with `claude mcp add-json`, the hook with `claude-peers hook install`."""
+    """As docs/sessions.md says: the shim with `claude mcp add-json`, the hook with `claude-peers hook install`."""
     harness.register_with_claude(PINNED_CLAUDE, env, entry)
     done = subprocess.run([PY, str(SCRIPT), "hook", "install"], env=env, capture_output=True, text=True, timeout=60,
                           check=False)
@@ -5589,7 +5589,7 @@ def answer_through_claude_peers(body: dict) -> dict | None:
 @contextlib.contextmanager
 def plain_claude(broker: BrokerProc, home: Path, claude: str, env: dict | None = None, settings: dict | None = None,
                  args: tuple[str, ...] = ()) -> Iterator[tuple[harness.InteractiveClaude, harness.ModelApi, dict]]:
-    """A plain interactive `claude` with claude-peers registered as the README says (name: plain), its
+    """A plain interactive `claude` with claude-peers registered as docs/sessions.md says (name: plain), its
     model scripted to answer peer mail through claude-peers; yields it once its shim registered."""
     api = harness.ModelApi(answer_through_claude_peers)
     session = harness.InteractiveClaude(claude, {**broker.env, **(env or {})}, home,
@@ -6487,7 +6487,7 @@ def age_scout_state(broker: BrokerProc, seconds: int) -> None:
 
 def test_fleet_scout_efficacy_every_seeded_fault_alerts_in_the_first_cycle_and_healthy_hosts_never(
         scout_lab, make_broker, capsys):
-    """The efficacy figure the README reports: faults seeded on real test hosts between two cycles."""
+    """The efficacy figure docs/daemons.md reports: faults seeded on real test hosts between two cycles."""
     flood = {"every": 5, "fields": {"MESSAGE": "backup: cannot reach 10.0.0.9: Connection refused (pid {pid})",
                                     "PRIORITY": "3", "_SYSTEMD_UNIT": "nas-backup.service",
                                     "SYSLOG_IDENTIFIER": "backup", "_TRANSPORT": "stdout"}}
@@ -7181,7 +7181,7 @@ def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation
     env = {**broker.env, "HOME": str(tmp_path), "MCP_PROTOCOL_NEGOTIATION": negotiation,
            "ANTHROPIC_API_KEY": "sk-ant-test", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
            "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{unanswered.getsockname()[1]}"}
-    entry = cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "real-claude"])  # the README's add-json line
+    entry = cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "real-claude"])  # docs/sessions.md's add-json line
     added = subprocess.run(["claude", "mcp", "add-json", "--scope", "user", "claude-peers", json.dumps(entry)], env=env,
                            capture_output=True, text=True, timeout=120, check=False)
     assert added.returncode == 0, added.stderr
