@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
 import asyncio
+import collections
 import contextlib
 import functools
 import http.client
@@ -24,9 +27,10 @@ import textwrap
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import anyio
 import nats as nats_client
@@ -2140,9 +2144,9 @@ def prose_lines(path: Path) -> Iterator[str]:
             yield line
 
 
-def first_cells(page: str, header: str) -> list[str]:
-    """The first cell of each row of every table in docs/``page`` whose first column is headed ``header``."""
-    cells, heading = [], None
+def table_rows(page: str, header: str) -> list[list[str]]:
+    """The cells of each row of every table in docs/``page`` whose first column is headed ``header``."""
+    rows, heading = [], None
     for line in prose_lines(DOCS / page):
         row = [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])] if line.startswith("|") else None
         if row is None:
@@ -2150,8 +2154,8 @@ def first_cells(page: str, header: str) -> list[str]:
         elif heading is None:
             heading = row[0]
         elif heading == header and not set(row[0]) <= set("-: "):
-            cells.append(row[0])
-    return cells
+            rows.append(row)
+    return rows
 
 
 def cell_names(cell: str, sep: str | None) -> list[str]:
@@ -2173,7 +2177,7 @@ def cell_names(cell: str, sep: str | None) -> list[str]:
 
 
 def documented(page: str, header: str, sep: str | None = None) -> list[str]:
-    return [name for cell in first_cells(page, header) for name in cell_names(cell, sep)]
+    return [name for row in table_rows(page, header) for name in cell_names(row[0], sep)]
 
 
 def compared(in_code: set[str], in_docs: list[str]) -> dict[str, list[str]]:
@@ -2193,22 +2197,52 @@ def route_shape(path: str) -> list[str]:
     return [re.sub(r"\([^)]*\)|\{[^}]*\}", "{}", path)]
 
 
-def config_keys_in_code() -> set[str]:
-    """Every key daemons.toml takes: the Config tables' defaults, [[machines]], every daemon's, and each runner's own."""
-    keys = {f"{table}.{key}" for table, defaults in cp.DEFAULTS.items() for key in defaults}
-    keys |= {f"machines.{key}" for key in cp.MACHINE_DEFAULTS} | {f"daemons.<name>.{key}" for key in cp.DAEMON_DEFAULTS}
+def config_defaults_in_code() -> dict[str, Any]:
+    """Every key daemons.toml takes, with its default: the Config tables', [[machines]], every daemon's, each runner's own."""
+    keys = {f"{table}.{key}": value for table, defaults in cp.DEFAULTS.items() for key, value in defaults.items()}
+    keys |= {f"machines.{key}": value for key, value in cp.MACHINE_DEFAULTS.items()}
+    keys |= {f"daemons.<name>.{key}": value for key, value in cp.DAEMON_DEFAULTS.items()}
     for runner in cp.RUNNERS.values():
-        keys |= {f"daemons.{runner.name}.{key}" for key in runner.keys}
-        keys |= {f"daemons.{runner.name}.{key}.{sub}" for key, table in runner.lists.items() for sub in table.defaults}
+        keys |= {f"daemons.{runner.name}.{key}": value for key, value in runner.keys.items()}
+        keys |= {f"daemons.{runner.name}.{key}.{sub}": value for key, table in runner.lists.items()
+                 for sub, value in table.defaults.items()}
     return keys
 
 
-def subject_values(node, func, methods: dict, depth: int = 0) -> list[str]:
+def toml_value(value: Any) -> str:
+    """A default as daemons.toml writes it."""
+    return json.dumps(value) if isinstance(value, (bool, str, list)) else repr(value)
+
+
+def wrong_defaults(defaults: dict[str, Any]) -> list[str]:
+    """Each documented default not the code's: `a` / `b` for the keys of one cell (one value: the same
+    for each), — for a key that must be given."""
+    wrong = []
+    for row in table_rows("configuration.md", "key"):
+        names, shown = cell_names(row[0], "."), [v.strip().strip("`") for v in row[1].split(" / ")]
+        for name, value in zip(names, shown * len(names) if len(shown) == 1 else shown, strict=True):
+            if name in defaults and value != toml_value(defaults[name]) and not (value == "—" and not defaults[name]):
+                wrong.append(f"{name}: {value} documented, {toml_value(defaults[name])} in the code")
+    return wrong
+
+
+def arguments_passed(func: ast.FunctionDef, param: str,
+                     methods: dict[str, ast.FunctionDef]) -> Iterator[tuple[ast.FunctionDef, ast.AST]]:
+    """What the class's own calls (``self.func(...)``) pass as ``param``, each with the method the call is in."""
+    index = [a.arg for a in func.args.args].index(param) - 1  # self is not passed
+    for caller in methods.values():
+        for call in ast.walk(caller):
+            if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == func.name \
+                    and isinstance(call.func.value, ast.Name) and call.func.value.id == "self":
+                given = call.args[index:index + 1] or [k.value for k in call.keywords if k.arg == param]
+                yield from ((caller, arg) for arg in given)
+
+
+def subject_values(node: ast.AST, func: ast.FunctionDef, methods: dict[str, ast.FunctionDef],
+                   depth: int = 0) -> list[str]:
     """The strings an expression in the module can be: literal parts kept, anything only known at run
     time `*`; a variable by its assignments in ``func``, a parameter by what the class's own calls pass."""
-    import ast
-
-    def product(parts: list) -> list[str]:
+    def product(parts: list[ast.AST]) -> list[str]:
         return ["".join(p) for p in itertools.product(*(subject_values(x, func, methods, depth) for x in parts))]
 
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
@@ -2227,21 +2261,14 @@ def subject_values(node, func, methods: dict, depth: int = 0) -> list[str]:
                 for t in a.targets if isinstance(t, ast.Name) and t.id == node.id]
     if assigned:
         return [v for value in assigned for v in subject_values(value, func, methods, depth)]
-    params = [a.arg for a in func.args.args]
-    if node.id not in params:
+    if node.id not in [a.arg for a in func.args.args]:
         return ["*"]
-    passed = [(caller, arg) for caller in methods.values() for call in ast.walk(caller)
-              if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == func.name
-              and isinstance(call.func.value, ast.Name) and call.func.value.id == "self"
-              for arg in [*call.args[params.index(node.id) - 1:][:1],
-                          *(k.value for k in call.keywords if k.arg == node.id)][:1]]
-    return [v for caller, arg in passed for v in subject_values(arg, caller, methods, depth + 1)] or ["*"]
+    return [v for caller, arg in arguments_passed(func, node.id, methods)
+            for v in subject_values(arg, caller, methods, depth + 1)] or ["*"]
 
 
 def subjects_in_code() -> set[str]:
     """Every subject the broker publishes: the subject argument of each ``store.event(c, type, subject, ...)``."""
-    import ast
-
     subjects = set()
     for cls in ast.walk(ast.parse(SCRIPT.read_text())):
         if not isinstance(cls, ast.ClassDef):
@@ -2264,17 +2291,23 @@ def documented_subjects() -> list[str]:
     return names
 
 
-def covers(pattern: str, subject: str) -> bool:
-    """Whether a subject of the code (its `*` filled in at run time) can be a documented one."""
+def covers(pattern: str, subject: str, words: Container[str] = ()) -> bool:
+    """Whether a subject of the code (its `*` filled in at run time) can be a documented one; with
+    ``words``, a word the documented one has where the code has `*` must be one of them."""
     ours, theirs = pattern.split("."), subject.split(".")
-    return len(ours) == len(theirs) and all(a in ("*", b) for a, b in zip(ours, theirs, strict=True))
+    return len(ours) == len(theirs) and all(a == b or a == "*" and (b == "*" or not words or b in words)
+                                            for a, b in zip(ours, theirs, strict=True))
+
+
+def module_strings() -> set[str]:
+    """Every string literal of the module: the words a subject's `*` can be (states, kinds) are among them."""
+    return {node.value for node in ast.walk(ast.parse(SCRIPT.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)}
 
 
 def commands_in_parser() -> set[str]:
     """Every command `--help` lists, with its actions (`task add`, `hook install`): a command whose
     actions are required is only its actions."""
-    import argparse
-
     sub = next(a for a in cp.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     names = set()
     for name in (choice.dest for choice in sub._choices_actions):  # run-daemon, the supervisor's own, has no help
@@ -2296,12 +2329,15 @@ def test_every_route_config_key_subject_metric_and_command_is_documented_and_not
     routes = {f"{method} {shape}" for method, pattern, *_ in cp.ROUTES for shape in route_shape(pattern.pattern[1:-1])}
     assert compared(routes, [shape for name in documented("http-api.md", "route", "/")
                              for shape in route_shape(name)]) == NOTHING_AMISS
-    assert compared(config_keys_in_code(), documented("configuration.md", "key", ".")) == NOTHING_AMISS
+    defaults = config_defaults_in_code()
+    assert compared(set(defaults), documented("configuration.md", "key", ".")) == NOTHING_AMISS
+    assert wrong_defaults(defaults) == []
 
     subjects, in_docs = subjects_in_code(), documented_subjects()
     assert "fleet.task.reopened" in subjects and "fleet.daemon.*.failed" in subjects  # kinds found where passed
     assert {s for s in subjects if not any(covers(s, d) for d in in_docs)} == set()  # undocumented
-    assert [d for d in in_docs if not any(covers(s, d) for s in subjects)] == []  # not in the code
+    words = module_strings()
+    assert [d for d in in_docs if not any(covers(s, d, words) for s in subjects)] == []  # not in the code
     assert len(in_docs) == len(set(in_docs))
 
     broker = make_broker(nats=f'embedded = false\nurl = "nats://127.0.0.1:{free_port()}"\n')  # every family shown
@@ -2316,13 +2352,13 @@ def test_every_route_config_key_subject_metric_and_command_is_documented_and_not
 
 def github_anchors(path: Path) -> set[str]:
     """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens, repeats numbered."""
-    anchors: set[str] = set()
+    anchors, seen = set(), collections.Counter()
     for line in prose_lines(path):
         heading = re.match(r"#+ (.*)", line)
         if heading:
             anchor = re.sub(r"[^\w\- ]", "", heading[1].lower()).replace(" ", "-")
-            anchors.add(next(f"{anchor}-{i}" if i else anchor for i in itertools.count()
-                             if (f"{anchor}-{i}" if i else anchor) not in anchors))
+            anchors.add(f"{anchor}-{seen[anchor]}" if seen[anchor] else anchor)
+            seen[anchor] += 1
     return anchors
 
 
