@@ -2325,7 +2325,7 @@ def documented_commands() -> list[str]:
             for usage in documented("cli.md", "command")]
 
 
-def test_every_route_config_key_subject_metric_and_command_is_documented_and_nothing_else(make_broker):
+def test_every_route_config_key_subject_metric_command_and_tool_is_documented_and_nothing_else(make_broker):
     routes = {f"{method} {shape}" for method, pattern, *_ in cp.ROUTES for shape in route_shape(pattern.pattern[1:-1])}
     assert compared(routes, [shape for name in documented("http-api.md", "route", "/")
                              for shape in route_shape(name)]) == NOTHING_AMISS
@@ -2348,6 +2348,8 @@ def test_every_route_config_key_subject_metric_and_command_is_documented_and_not
     assert compared(metrics, in_docs) == NOTHING_AMISS
 
     assert compared(commands_in_parser(), documented_commands()) == NOTHING_AMISS
+    tools = [re.match(r"\w+", usage)[0] for usage in documented("sessions.md", "tool")]  # the model's, from the shim
+    assert compared({tool["name"] for tool in cp.TOOLS}, tools) == NOTHING_AMISS
 
 
 def github_anchors(path: Path) -> set[str]:
