@@ -32,7 +32,8 @@ Sections, in dependency order (each uses only what is above it):
   CLI                  output helpers, the commands, the parser, main
 
 Beside the module, in a checkout only (never installed): ``bench/`` — the bench (``figures``)
-and the real processes it and the tests start (``harness``).
+and the real processes it and the tests start (``harness``); ``docs/`` — the reference, whose
+tables of routes, config keys, events, metrics and commands a test holds to this module.
 
 Where to start: a message is stored by ``Messages.send`` and handed to the recipient's
 long-poll by ``Broker._committed``; it is pushed by ``Shim._push``. A daemon's tool call is
