@@ -32,7 +32,8 @@ Sections, in dependency order (each uses only what is above it):
   CLI                  output helpers, the commands, the parser, main
 
 Beside the module, in a checkout only (never installed): ``bench/`` — the bench (``figures``)
-and the real processes it and the tests start (``harness``).
+and the real processes it and the tests start (``harness``); ``docs/`` — the reference, whose
+tables of routes, config keys, events, metrics and commands a test holds to this module.
 
 Where to start: a message is stored by ``Messages.send`` and handed to the recipient's
 long-poll by ``Broker._committed``; it is pushed by ``Shim._push``. A daemon's tool call is
@@ -2134,6 +2135,13 @@ class Inbound:
                     found[session["credential"]] = session["name"] or session["id"]
             return found
 
+    def announce(self, c: sqlite3.Connection, message: dict[str, Any]) -> None:
+        """The event of a message its recipient's policy held for a human, or refused."""
+        self.store.event(c, f"message.{message['state']}", f"fleet.message.{message['state']}",
+                         message_id=message["id"], from_id=message["from_id"], from_name=message["from_name"],
+                         to_id=message["to_session"], to_name=message["to_name"], state=message["state"],
+                         reason=message["hold_reason"])
+
     def _apply(self, c: sqlite3.Connection, row: sqlite3.Row, action: str, by: str, where: str) -> dict[str, Any]:
         """One held message released (queued for its recipient, or undeliverable if that session ended
         without a name) or refused, with its event and its audit line."""
@@ -2332,9 +2340,7 @@ class Messages:
                             to=to, to_id=target["session"], to_name=target["name"], state=state,
                             bytes=len(text.encode()), **({"text": text} if self.store.cfg.nats.publish_text else {}))
                 if state in HELD_STATES:
-                    self.store.event(c, f"message.{state}", f"fleet.message.{state}", message_id=mid,
-                                     from_id=sender["id"], from_name=sender["name"], to_id=target["session"],
-                                     to_name=target["name"], state=state, reason=row["hold_reason"])
+                    self.inbound.announce(c, row)
                 results.append({**self._result(mid, target, state, recipient), "reason": row["hold_reason"]})
         result: dict[str, Any] = {"thread_id": thread_id or (results[0]["id"] if len(results) == 1 else None),
                                   "messages": results}

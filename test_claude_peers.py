@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
 import asyncio
+import collections
 import contextlib
 import functools
 import http.client
@@ -25,7 +28,7 @@ import textwrap
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -2235,6 +2238,267 @@ def test_request_series_stay_bounded_and_any_health_report_gives_figures_or_noth
         assert figures["cores"] is None and figures["reachable"] is (report.get("reachable") is not False)
 
 
+# ---------------------------------------------------------------------------
+# The docs: each reference table true to the code, and every link lands
+# ---------------------------------------------------------------------------
+
+DOCS = ROOT / "docs"
+
+
+def prose_lines(path: Path) -> Iterator[str]:
+    """A markdown file's lines outside its code fences (a fence's `# x` is no heading, its `|` no table)."""
+    fenced = False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            yield line
+
+
+def table_rows(page: str, header: str) -> list[list[str]]:
+    """The cells of each row of every table in docs/``page`` whose first column is headed ``header``."""
+    rows, heading = [], None
+    for line in prose_lines(DOCS / page):
+        row = [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])] if line.startswith("|") else None
+        if row is None:
+            heading = None
+        elif heading is None:
+            heading = row[0]
+        elif heading == header and not set(row[0]) <= set("-: "):
+            rows.append(row)
+    return rows
+
+
+def cell_names(cell: str, sep: str | None) -> list[str]:
+    """The names a first cell holds, each in backticks. With ``sep``, a short one after the first
+    (`broker.rate_per_s` / `rate_burst`, `..._sent_total` / `_delivered_total`) replaces as many of
+    the first's last ``sep`` parts as it has, and `[[table]]` `a`, `b` names the keys of a list of tables."""
+    spans = [span.replace("\\|", "|") for span in re.findall(r"`([^`]+)`", cell)]
+    if sep and spans and spans[0].startswith("[["):
+        return [spans[0].strip("[]") + sep + span for span in spans[1:]]
+    if not sep:
+        return spans
+    head, names = spans[0].split(sep)[0], []
+    for span in spans:
+        if not span.startswith(head):
+            parts = names[0].split(sep)
+            span = sep.join(parts[:len(parts) - len(span.lstrip(sep).split(sep))]) + sep + span.lstrip(sep)
+        names.append(span)
+    return names
+
+
+def documented(page: str, header: str, sep: str | None = None) -> list[str]:
+    return [name for row in table_rows(page, header) for name in cell_names(row[0], sep)]
+
+
+def compared(in_code: set[str], in_docs: list[str]) -> dict[str, list[str]]:
+    """What the code has that the page lacks, what the page names that the code does not, and names listed twice."""
+    return {"undocumented": sorted(in_code - set(in_docs)), "not in the code": sorted(set(in_docs) - in_code),
+            "listed twice": sorted({name for name in in_docs if in_docs.count(name) > 1})}
+
+
+NOTHING_AMISS = {"undocumented": [], "not in the code": [], "listed twice": []}
+
+
+def route_shape(path: str) -> list[str]:
+    """A route's path with each id written as {} (a group of words, such as (allow|deny), one path per word)."""
+    words = re.search(r"\(([a-z|-]+)\)", path)
+    if words:
+        return [shape for word in words[1].split("|") for shape in route_shape(path.replace(words[0], word, 1))]
+    return [re.sub(r"\([^)]*\)|\{[^}]*\}", "{}", path)]
+
+
+def config_defaults_in_code() -> dict[str, Any]:
+    """Every key daemons.toml takes, with its default: the Config tables', [[machines]], every daemon's, each runner's own."""
+    keys = {f"{table}.{key}": value for table, defaults in cp.DEFAULTS.items() for key, value in defaults.items()}
+    keys |= {f"machines.{key}": value for key, value in cp.MACHINE_DEFAULTS.items()}
+    for table, lists in cp.TABLE_LISTS.items():  # [[inbound.rules]]: its rows' keys, not the list itself
+        for key, rows in lists.items():
+            keys.pop(f"{table}.{key}", None)
+            keys |= {f"{table}.{key}.{sub}": value for sub, value in rows.defaults.items()}
+    keys |= {f"daemons.<name>.{key}": value for key, value in cp.DAEMON_DEFAULTS.items()}
+    for runner in cp.RUNNERS.values():
+        keys |= {f"daemons.{runner.name}.{key}": value for key, value in runner.keys.items()}
+        keys |= {f"daemons.{runner.name}.{key}.{sub}": value for key, table in runner.lists.items()
+                 for sub, value in table.defaults.items()}
+    return keys
+
+
+def toml_value(value: Any) -> str:
+    """A default as daemons.toml writes it."""
+    return json.dumps(value) if isinstance(value, (bool, str, list)) else repr(value)
+
+
+def wrong_defaults(defaults: dict[str, Any]) -> list[str]:
+    """Each documented default not the code's: `a` / `b` for the keys of one cell (one value: the same
+    for each), — for a key that must be given."""
+    wrong = []
+    for row in table_rows("configuration.md", "key"):
+        names, shown = cell_names(row[0], "."), [v.strip().strip("`") for v in row[1].split(" / ")]
+        for name, value in zip(names, shown * len(names) if len(shown) == 1 else shown, strict=True):
+            if name in defaults and value != toml_value(defaults[name]) and not (value == "—" and not defaults[name]):
+                wrong.append(f"{name}: {value} documented, {toml_value(defaults[name])} in the code")
+    return wrong
+
+
+def arguments_passed(func: ast.FunctionDef, param: str,
+                     methods: dict[str, ast.FunctionDef]) -> Iterator[tuple[ast.FunctionDef, ast.AST]]:
+    """What the class's own calls (``self.func(...)``) pass as ``param``, each with the method the call is in."""
+    index = [a.arg for a in func.args.args].index(param) - 1  # self is not passed
+    for caller in methods.values():
+        for call in ast.walk(caller):
+            if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == func.name \
+                    and isinstance(call.func.value, ast.Name) and call.func.value.id == "self":
+                given = call.args[index:index + 1] or [k.value for k in call.keywords if k.arg == param]
+                yield from ((caller, arg) for arg in given)
+
+
+def subject_values(node: ast.AST, func: ast.FunctionDef, methods: dict[str, ast.FunctionDef],
+                   depth: int = 0) -> list[str]:
+    """The strings an expression in the module can be: literal parts kept, anything only known at run
+    time `*`; a variable by its assignments in ``func``, a parameter by what the class's own calls pass."""
+    def product(parts: list[ast.AST]) -> list[str]:
+        return ["".join(p) for p in itertools.product(*(subject_values(x, func, methods, depth) for x in parts))]
+
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.JoinedStr):
+        return product(node.values)
+    if isinstance(node, ast.FormattedValue):
+        return subject_values(node.value, func, methods, depth)
+    if isinstance(node, ast.IfExp):
+        return subject_values(node.body, func, methods, depth) + subject_values(node.orelse, func, methods, depth)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return product([node.left, node.right])
+    if not isinstance(node, ast.Name) or depth > 3:
+        return ["*"]
+    assigned = [a.value for a in ast.walk(func) if isinstance(a, ast.Assign)
+                for t in a.targets if isinstance(t, ast.Name) and t.id == node.id]
+    if assigned:
+        return [v for value in assigned for v in subject_values(value, func, methods, depth)]
+    if node.id not in [a.arg for a in func.args.args]:
+        return ["*"]
+    return [v for caller, arg in arguments_passed(func, node.id, methods)
+            for v in subject_values(arg, caller, methods, depth + 1)] or ["*"]
+
+
+def subjects_in_code() -> set[str]:
+    """Every subject the broker publishes: the subject argument of each ``store.event(c, type, subject, ...)``."""
+    subjects = set()
+    for cls in ast.walk(ast.parse(SCRIPT.read_text())):
+        if not isinstance(cls, ast.ClassDef):
+            continue
+        methods = {f.name: f for f in cls.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        for func in methods.values():
+            for call in ast.walk(func):
+                if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "event" \
+                        and len(call.args) >= 3:
+                    subjects |= {re.sub(r"[^.]*\*[^.]*", "*", s) for s in subject_values(call.args[2], func, methods)}
+    return subjects
+
+
+def documented_subjects() -> list[str]:
+    """The events page's subjects, a `<name>` as `*`, and `a|b` one subject per word."""
+    names = []
+    for name in documented("events.md", "subject"):
+        parts = [part.split("|") for part in re.sub(r"<[^>]+>", "*", name).split(".")]
+        names += [".".join(words) for words in itertools.product(*parts)]
+    return names
+
+
+def covers(pattern: str, subject: str, words: Container[str] = ()) -> bool:
+    """Whether a subject of the code (its `*` filled in at run time) can be a documented one; with
+    ``words``, a word the documented one has where the code has `*` must be one of them."""
+    ours, theirs = pattern.split("."), subject.split(".")
+    return len(ours) == len(theirs) and all(a == b or a == "*" and (b == "*" or not words or b in words)
+                                            for a, b in zip(ours, theirs, strict=True))
+
+
+def module_strings() -> set[str]:
+    """Every string literal of the module: the words a subject's `*` can be (states, kinds) are among them."""
+    return {node.value for node in ast.walk(ast.parse(SCRIPT.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+
+
+def commands_in_parser() -> set[str]:
+    """Every command `--help` lists, with its actions (`task add`, `hook install`): a command whose
+    actions are required is only its actions."""
+    sub = next(a for a in cp.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    names = set()
+    for name in (choice.dest for choice in sub._choices_actions):  # run-daemon, the supervisor's own, has no help
+        positional = [a for a in sub.choices[name]._actions if not a.option_strings]
+        actions = positional[:1] if positional and positional[0].choices else []  # `inbound NAME hold`: a value
+        words = [word for a in actions for word in a.choices]
+        names |= {f"{name} {word}" for word in words}
+        if not any(a.required for a in actions):
+            names.add(name)
+    return names
+
+
+def documented_commands() -> list[str]:
+    """The command line page's commands: the leading words of each backticked usage."""
+    return [" ".join(re.match(r"[a-z][a-z-]*(?: [a-z][a-z-]*)*", usage)[0].split())
+            for usage in documented("cli.md", "command")]
+
+
+def test_every_route_config_key_subject_metric_command_and_tool_is_documented_and_nothing_else(make_broker):
+    routes = {f"{method} {shape}" for method, pattern, *_ in cp.ROUTES for shape in route_shape(pattern.pattern[1:-1])}
+    assert compared(routes, [shape for name in documented("http-api.md", "route", "/")
+                             for shape in route_shape(name)]) == NOTHING_AMISS
+    defaults = config_defaults_in_code()
+    assert compared(set(defaults), documented("configuration.md", "key", ".")) == NOTHING_AMISS
+    assert wrong_defaults(defaults) == []
+
+    subjects, in_docs = subjects_in_code(), documented_subjects()
+    assert "fleet.task.reopened" in subjects and "fleet.daemon.*.failed" in subjects  # kinds found where passed
+    assert {s for s in subjects if not any(covers(s, d) for d in in_docs)} == set()  # undocumented
+    words = module_strings()
+    assert [d for d in in_docs if not any(covers(s, d, words) for s in subjects)] == []  # not in the code
+    assert len(in_docs) == len(set(in_docs))
+
+    broker = make_broker(nats=f'embedded = false\nurl = "nats://127.0.0.1:{free_port()}"\n')  # every family shown
+    status, _, raw = http_call(broker, "GET", "/metrics", {"Authorization": f"Bearer {broker.token}"})
+    assert status == 200, raw
+    metrics = set(re.findall(r"^# TYPE (\S+) ", raw.decode(), re.MULTILINE))
+    in_docs = [re.sub(r"\{.*\}$", "", name) for name in documented("dashboard-and-metrics.md", "metric", "_")]
+    assert compared(metrics, in_docs) == NOTHING_AMISS
+
+    assert compared(commands_in_parser(), documented_commands()) == NOTHING_AMISS
+    tools = [re.match(r"\w+", usage)[0] for usage in documented("sessions.md", "tool")]  # the model's, from the shim
+    assert compared({tool["name"] for tool in cp.TOOLS}, tools) == NOTHING_AMISS
+
+
+def github_anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens, repeats numbered."""
+    anchors, seen = set(), collections.Counter()
+    for line in prose_lines(path):
+        heading = re.match(r"#+ (.*)", line)
+        if heading:
+            anchor = re.sub(r"[^\w\- ]", "", heading[1].lower()).replace(" ", "-")
+            anchors.add(f"{anchor}-{seen[anchor]}" if seen[anchor] else anchor)
+            seen[anchor] += 1
+    return anchors
+
+
+def test_every_link_between_the_readme_and_the_docs_lands_on_a_file_and_heading_that_exist():
+    pages = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+    assert {p.name for p in pages} >= {"cli.md", "configuration.md", "http-api.md", "events.md", "daemons.md",
+                                       "dashboard-and-metrics.md", "credentials.md", "sessions.md", "performance.md"}
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", "\n".join(prose_lines(page))):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (page.parent / file).resolve() if file else page
+            if not linked.exists() or anchor and anchor not in github_anchors(linked):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert broken == []
+    front = (ROOT / "README.md").read_text()
+    assert len(front.splitlines()) <= 250  # a front page: the reference is in docs/
+    assert all(f"](docs/{p.name})" in front for p in pages[1:])  # its table of contents names every page
+
+
 def test_a_schedule_report_with_a_bad_daemon_name_is_refused(broker):
     error = api_error(lambda: broker.client().call("POST", "/api/schedule", {
         "machine": "hub", "daemons": [{"name": "no such/name", "next_due": 1.0}]}))
@@ -2543,7 +2807,7 @@ def test_the_dashboard_in_chromium_logs_in_and_follows_sessions_and_message_stat
         assert not problems, problems  # no CSP violation, no script error
         shot = Path(os.environ.get("CLAUDE_PEERS_SCREENSHOT") or tmp_path / "dashboard.png")
         driver.set_window_size(1480, driver.execute_script("return document.documentElement.scrollHeight") + 20)
-        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000  # for the README
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000  # for the docs
         click(f'tr[data-message="{mid}"] button')
         until(lambda: "Welcome aboard" not in text_of("messages"), "the text hidden again")
 
@@ -2597,7 +2861,7 @@ def test_the_needs_you_panel_shows_prompts_live_and_answers_them_in_one_click_as
               == "focus", "the linked prompt picked out")
         shot = Path(os.environ.get("CLAUDE_PEERS_NEEDS_YOU_SCREENSHOT") or tmp_path / "needs-you.png")
         driver.set_window_size(1480, 760)
-        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000  # for the README
+        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000  # for the docs
         click(f'{row(cleanup["id"])} button[data-verdict="allow"]')
         until(lambda: shown(f"{row(cleanup['id'])} .pill") == ["allowed"], "the prompt allowed")
         click(f'{row(deploy["id"])} button[data-verdict="deny"]')
@@ -5711,7 +5975,7 @@ def tool_results(body: dict) -> dict[str, str]:
 
 
 def register_shim_and_hook(env: dict[str, str], entry: dict) -> None:
-    """As the README says: the shim with `claude mcp add-json`, the hook with `claude-peers hook install`."""
+    """As docs/sessions.md says: the shim with `claude mcp add-json`, the hook with `claude-peers hook install`."""
     harness.register_with_claude(PINNED_CLAUDE, env, entry)
     done = subprocess.run([PY, str(SCRIPT), "hook", "install"], env=env, capture_output=True, text=True, timeout=60,
                           check=False)
@@ -5831,7 +6095,7 @@ def answer_through_claude_peers(body: dict) -> dict | None:
 @contextlib.contextmanager
 def plain_claude(broker: BrokerProc, home: Path, claude: str, env: dict | None = None, settings: dict | None = None,
                  args: tuple[str, ...] = ()) -> Iterator[tuple[harness.InteractiveClaude, harness.ModelApi, dict]]:
-    """A plain interactive `claude` with claude-peers registered as the README says (name: plain), its
+    """A plain interactive `claude` with claude-peers registered as docs/sessions.md says (name: plain), its
     model scripted to answer peer mail through claude-peers; yields it once its shim registered."""
     api = harness.ModelApi(answer_through_claude_peers)
     session = harness.InteractiveClaude(claude, {**broker.env, **(env or {})}, home,
@@ -6862,7 +7126,7 @@ def age_scout_state(broker: BrokerProc, seconds: int) -> None:
 
 def test_fleet_scout_efficacy_every_seeded_fault_alerts_in_the_first_cycle_and_healthy_hosts_never(
         scout_lab, make_broker, capsys):
-    """The efficacy figure the README reports: faults seeded on real test hosts between two cycles."""
+    """The efficacy figure docs/daemons.md reports: faults seeded on real test hosts between two cycles."""
     flood = {"every": 5, "fields": {"MESSAGE": "backup: cannot reach 10.0.0.9: Connection refused (pid {pid})",
                                     "PRIORITY": "3", "_SYSTEMD_UNIT": "nas-backup.service",
                                     "SYSLOG_IDENTIFIER": "backup", "_TRANSPORT": "stdout"}}
@@ -7579,7 +7843,7 @@ def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation
     env = {**broker.env, "HOME": str(tmp_path), "MCP_PROTOCOL_NEGOTIATION": negotiation,
            "ANTHROPIC_API_KEY": "sk-ant-test", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
            "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{unanswered.getsockname()[1]}"}
-    entry = cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "real-claude"])  # the README's add-json line
+    entry = cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "real-claude"])  # docs/sessions.md's add-json line
     added = subprocess.run(["claude", "mcp", "add-json", "--scope", "user", "claude-peers", json.dumps(entry)], env=env,
                            capture_output=True, text=True, timeout=120, check=False)
     assert added.returncode == 0, added.stderr
