@@ -2200,6 +2200,13 @@ class Inbound:
         wake = {m["to_session"] for m in messages if m["state"] == "queued"}
         return {"pair": list(pair), "action": action, "messages": [message_view(m) for m in messages]}, wake, ""
 
+    def ended(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
+        """Its session ended: a pair it was paused in is no longer one (in the caller's transaction); the
+        pair's held messages stay held, each one a human's to release or refuse."""
+        c.execute("DELETE FROM reply_loops WHERE a = ? OR b = ?", (session["id"], session["id"]))
+        for pair in [pair for pair in self.exchanges if session["id"] in pair]:
+            del self.exchanges[pair]
+
     def held(self, limit: int, with_text: bool) -> list[dict[str, Any]]:
         rows = self.store.read("SELECT * FROM messages WHERE state = 'held' ORDER BY seq LIMIT ?", (limit,))
         return [held_view(r, with_text) for r in rows]
@@ -5272,6 +5279,7 @@ class Broker:
         self.credentials = Credentials(self.store)
         self.permissions = Permissions(self.store)
         self.sessions.on_end.append(self.permissions.expire_session)  # nobody can answer an ended session's prompts
+        self.sessions.on_end.append(self.messages.inbound.ended)  # a pair with an ended session is paused no more
         self.tasks = Tasks(self.store, self.messages)
         self.sessions.on_end.append(self.tasks.reopen_held)
         self.overlaps = Overlaps(self.store, self.sessions)  #: sessions changing the same files of a repository

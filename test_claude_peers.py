@@ -3960,6 +3960,20 @@ def test_two_sessions_replying_to_each_other_more_than_k_times_a_minute_are_paus
     assert [a[3] for a in audit(broker, pair)] == ["applied to 3 message(s)", "applied to 1 message(s)", "dropped"]
 
 
+def test_a_paused_pair_whose_session_ends_is_no_longer_listed_and_its_held_mail_still_waits_for_a_human(make_broker):
+    broker = make_broker("reply_loop_limit = 1\n")
+    ping, pong = broker.session(name="ping"), broker.session(name="pong")
+    assert [send(ping, "pong", "hi")["state"], send(pong, "ping", "hello")["state"]] == ["queued", "held"]
+    assert len(held(broker)["loops"]) == 1
+    pong.session_call("POST", "/leave")
+    assert held(broker)["loops"] == []
+    [waiting] = held(broker)["held"]
+    assert (waiting["reason"], waiting["to_name"]) == ("reply loop", "ping")
+    released = broker.cli("release", waiting["id"])
+    assert released.returncode == 0, released.stderr
+    assert [m["text"] for m in poll(ping)] == ["hello"]
+
+
 ADMIN_TOKEN_HINT = re.compile(r"claude-peers token(?! (?:create|list|revoke)\b)")  # `token` alone prints the admin's
 
 
