@@ -5282,6 +5282,13 @@ async def overlap_notices(b: Broker, session: dict[str, Any]) -> list[dict[str, 
     return await b.write(lambda: b.overlaps.hand(session))
 
 
+async def acknowledge(b: Broker, session: dict[str, Any], ids: list[str], state: str) -> int:
+    """Mark a session's messages ``state`` in the next group commit, and count them; how many changed."""
+    changed = await b.write(lambda: b.messages.ack(session, ids, state))
+    b.metrics.acked(session["id"], ids)
+    return changed
+
+
 async def r_poll(b: Broker, req: Request) -> Any:
     """Take the overlap report (``changes``) and acknowledge what the last poll brought (``ack``:
     delivered ids), then lease more. A pull session's poll leases nothing: it is its heartbeat, and
@@ -5292,6 +5299,8 @@ async def r_poll(b: Broker, req: Request) -> Any:
     if "changes" in req.body:
         await take_changes(b, req.session, req.body["changes"])
     if req.session["mode"] == "pull":
+        if req.body.get("ack"):  # pushed or posted before the session turned pull
+            await acknowledge(b, req.session, req.body["ack"], "delivered")
         unread = b.messages.unread(req.session)
         if req.body.get("unread", unread) == unread:  # no await in between: mail after this count wakes the poll
             await b.poll(req.session, wait_s, limit, hung_up=req.hung_up, lease=False)
@@ -5309,9 +5318,7 @@ def r_overlaps(b: Broker, req: Request) -> Any:
 async def r_ack(b: Broker, req: Request) -> Any:
     if req.body["state"] not in ("delivered", "read"):
         raise ApiError(400, "field 'state' must be 'delivered' or 'read'")
-    changed = await b.write(lambda: b.messages.ack(req.session, req.body["ids"], req.body["state"]))
-    b.metrics.acked(req.session["id"], req.body["ids"])
-    return {"changed": changed}
+    return {"changed": await acknowledge(b, req.session, req.body["ids"], req.body["state"])}
 
 
 async def r_inbox(b: Broker, req: Request) -> Any:
@@ -7125,25 +7132,24 @@ class Shim:
         if self.mode == "inbox":
             wait_s = min(wait_s, await self._remind())
         body: dict[str, Any] = {"wait_s": wait_s, **({"changes": changes} if changes else {})}
+        acking = list(self.unacked)  # what the last poll brought and was written: this poll acknowledges it
+        if acking:
+            body["ack"] = acking
         if self.mode == "pull":
             answer = await self.poll_client.session_call("POST", "/poll", {**body, "unread": self.waiting})
             self.waiting = answer["unread"]
         else:
             answer = await self._lease(body)
+        del self.unacked[:len(acking)]  # taken: kept until the answer came, so a stop in between acknowledges again
         self.reported = changes or self.reported
         for notice in answer["notices"]:
             await self._tell(notice)
 
     async def _lease(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Lease mail, push or post each message, acknowledge the batch at once; the poll's answer."""
+        """Lease mail, push or post each message, and note the batch for the next poll to acknowledge;
+        the poll's answer."""
         body["max"] = 100
-        if self.unacked:  # an acknowledgement that failed rides on the poll
-            body["ack"], self.unacked = self.unacked, []
-        try:
-            answer = await self.poll_client.session_call("POST", "/poll", body)
-        except (UserError, ApiError):
-            self.unacked = body.get("ack", []) + self.unacked
-            raise
+        answer = await self.poll_client.session_call("POST", "/poll", body)
         messages = answer["messages"]
         fresh = [m for m in messages if m["id"] not in self.seen]
         if fresh and self.mode == "inbox" and not await self._post(inbox_posts(fresh)):
@@ -7151,7 +7157,7 @@ class Shim:
         for message in fresh:
             self._show(message)
         if messages:
-            asyncio.get_running_loop().create_task(self._acknowledge([m["id"] for m in messages]))
+            self._acknowledge([m["id"] for m in messages])
         return answer
 
     async def _remind(self) -> float:
@@ -7209,13 +7215,11 @@ class Shim:
         log.warning("delivery mode pull: %s", why)
         return False
 
-    async def _acknowledge(self, ids: list[str]) -> None:
-        """Delivered: the pushes are in the client's pipe, or the posts in the session's inbox. If the broker cannot take it now,
-        the next poll carries it; until then a crash shows these messages again."""
-        try:
-            await self.tools_client.session_call("POST", "/ack", {"ids": ids, "state": "delivered"})
-        except (UserError, ApiError):
-            self.unacked += ids
+    def _acknowledge(self, ids: list[str]) -> None:
+        """Delivered: the pushes are in the client's pipe, or the posts in the session's inbox. The poll
+        that follows carries the acknowledgement (one request, not two), and leave flushes it; until
+        the broker took it, a crash shows these messages again."""
+        self.unacked += ids
 
     def _show(self, message: dict[str, Any]) -> None:
         """A message the model is shown now (pushed, or posted): unread until read or answered."""

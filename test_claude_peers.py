@@ -3641,6 +3641,17 @@ async def test_message_sent_while_the_shim_is_down_arrives_after_restart(broker)
         assert note.meta["message_id"] == sent["id"]
 
 
+@contextlib.asynccontextmanager
+async def pushed_once_to_the_next(broker: BrokerProc, name: str, mid: str, seconds: float):
+    """The next shim named ``name``: it gets message ``mid`` pushed, acknowledges it, and no second push follows."""
+    async with shim_session(broker, name=name) as shim:
+        [note] = await shim.recorder.wait_for(1)
+        assert note.meta["message_id"] == mid
+        await wait_until(lambda: message_state(broker, mid) == "delivered")
+        await stays(lambda: len(shim.recorder.received) == 1, seconds, "no second push of it")
+        yield shim
+
+
 @pytest.mark.anyio
 async def test_shim_killed_between_lease_and_ack_gets_the_message_once_after_restart(broker):
     import sqlite3
@@ -3661,19 +3672,15 @@ async def test_shim_killed_between_lease_and_ack_gets_the_message_once_after_res
             await stack.aclose()
     assert first.recorder.received == []
     assert message_state(broker, sent["id"]) == "queued"
-    async with shim_session(broker, name="victim") as second:
-        [note] = await second.recorder.wait_for(1)
-        assert note.meta["message_id"] == sent["id"]
-        await wait_until(lambda: message_state(broker, sent["id"]) == "delivered")
-        await stays(lambda: len(second.recorder.received) == 1, 0.5, "no second push of it")
+    async with pushed_once_to_the_next(broker, "victim", sent["id"], 0.5) as second:
         inbox = await second.ok("check_messages")
         assert inbox.count(f"message_id={sent['id']}") == 1 and "already pushed" in inbox
 
 
 @pytest.mark.anyio
 async def test_a_push_is_acknowledged_as_soon_as_it_is_written(broker):
-    """Delivered right after the push is flushed, not when the shim next polls: a kill -9 after
-    that shows the message to no later session again."""
+    """Delivered by the poll that follows the flushed push, not when that poll comes back: a kill -9
+    after that shows the message to no later session again."""
     sender = broker.session()
     async with contextlib.AsyncExitStack() as stack:
         first = await stack.enter_async_context(shim_session(broker, name="quick"))
@@ -3689,6 +3696,108 @@ async def test_a_push_is_acknowledged_as_soon_as_it_is_written(broker):
         later = send(sender, "quick", "the next one")
         [note] = await second.recorder.wait_for(1)
         assert note.meta["message_id"] == later["id"]
+
+
+def requests_to(broker: BrokerProc, route: str) -> float:
+    """How many POSTs to a session route (``/ack``, ``/poll``) the broker answered so far, from /metrics."""
+    samples, _ = scrape(broker)
+    return sum(value for (name, labels), value in samples.items() if name == "claude_peers_http_requests_total"
+               and dict(labels).get("route") == f"/api/sessions/{{session}}{route}" and dict(labels)["method"] == "POST")
+
+
+@pytest.mark.anyio
+async def test_the_poll_after_a_push_carries_its_acknowledgement_and_no_ack_request_is_made(broker):
+    sender = broker.session()
+    async with shim_session(broker, name="lean") as shim:
+        await shim.ok("whoami")
+        sent = []
+        for k in range(5):
+            sent.append(send(sender, "lean", f"number {k}"))
+            await shim.recorder.wait_for(k + 1)
+        await wait_until(lambda: all(message_state(broker, m["id"]) == "delivered" for m in sent),
+                         what="every push acknowledged")
+        assert requests_to(broker, "/ack") == 0
+        assert requests_to(broker, "/poll") <= len(sent) + 2  # one poll per push, with its acknowledgement
+
+
+class PollGate(cp.RequestCounter):
+    """The bench's relay between a shim and the broker, that once ``hold`` is set keeps every poll
+    that comes after: the shim's next poll (the one carrying its acknowledgement) waits here, as
+    if not sent yet, while its other calls (/ack, /leave) go through."""
+
+    POLL = b"/poll HTTP/1.1\r\n"
+
+    def __init__(self, broker: BrokerProc) -> None:
+        self.hold = threading.Event()
+        self.held = threading.Event()  #: a poll is waiting here
+        self.closed = threading.Event()
+        super().__init__(broker.url)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, requests: list[float] | None) -> None:
+        super()._pump(source, sink if requests is None else self.Gated(self, sink), requests)
+
+    class Gated:
+        """The broker's side of a shim's connection: a poll sent once ``hold`` is set never reaches it."""
+
+        def __init__(self, gate: PollGate, sock: socket.socket) -> None:
+            self.gate, self.sock = gate, sock
+
+        def sendall(self, data: bytes) -> None:
+            if self.gate.hold.is_set() and PollGate.POLL in data:
+                self.gate.held.set()
+                self.gate.closed.wait()
+                raise OSError("held until the gate closed")
+            self.sock.sendall(data)
+
+        def shutdown(self, how: int) -> None:
+            self.sock.shutdown(how)
+
+    def close(self) -> None:
+        self.closed.set()
+        super().close()
+
+
+@contextlib.asynccontextmanager
+async def pushed_and_unacknowledged(broker: BrokerProc, name: str):
+    """A shim behind a PollGate that pushed one message and whose next poll, the acknowledgement, is held."""
+    gate = PollGate(broker)
+    try:
+        async with shim_session(broker, name=name, env={"CLAUDE_PEERS_URL": gate.url}) as shim:
+            await shim.ok("whoami")
+            await wait_until(lambda: broker_status(broker)["polls_parked"] == 1, what="its long-poll to park")
+            gate.hold.set()
+            sent = send(broker.session(), name, "written, not yet acknowledged")
+            await shim.recorder.wait_for(1)
+            await wait_until(gate.held.is_set, what="the poll carrying the acknowledgement")
+            assert message_state(broker, sent["id"]) == "queued"
+            yield shim, sent
+    finally:
+        gate.close()
+
+
+@pytest.mark.anyio
+async def test_a_shim_stopped_cleanly_acknowledges_what_it_wrote_and_nothing_is_shown_twice(make_broker):
+    broker = make_broker("lease_s = 1\n")
+    async with pushed_and_unacknowledged(broker, "tidy") as (_, sent):
+        pass  # stdin closes: the shim leaves
+    assert message_state(broker, sent["id"]) == "delivered"
+    assert requests_to(broker, "/ack") == 1
+    async with shim_session(broker, name="tidy") as second:
+        await second.ok("whoami")
+        await stays(lambda: second.recorder.received == [], 2, "no second push after the lease would have run out")
+
+
+@pytest.mark.anyio
+async def test_a_shim_killed_between_its_push_and_the_next_poll_gets_the_message_back_once(make_broker):
+    broker = make_broker("lease_s = 1\n")
+    async with contextlib.AsyncExitStack() as stack:
+        _, sent = await stack.enter_async_context(pushed_and_unacknowledged(broker, "crashy"))
+        os.kill(peer_named(broker, "crashy")["pid"], signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            await stack.aclose()
+    assert message_state(broker, sent["id"]) == "queued"
+    async with pushed_once_to_the_next(broker, "crashy", sent["id"], 2):  # past the 1 s lease: it stays delivered
+        pass
 
 
 class RawShim:
