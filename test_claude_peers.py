@@ -8051,6 +8051,7 @@ def test_bench_with_tiny_parameters_prints_every_figure_honestly():
                    "one session spawned -> tools/list", "2 sessions spawned at once", "2 idle sessions, p99",
                    "broker saturated, p50", "through the MCP send tool", "CPU per delivered message, MCP",
                    "shim RSS", "shim PSS", "requests per idle session", "requests per editing session",
+                   "requests per delivered message, HTTP path", "requests per delivered message, MCP path",
                    "1000 sessions long-polling",
                    "events relayed to JetStream per second (200 published)",
                    "shim instructions as the model receives them (bytes)",
@@ -8065,6 +8066,9 @@ def test_bench_with_tiny_parameters_prints_every_figure_honestly():
     assert "inbox: post -> model request" in out.stdout  # timed, or skipped saying why
     assert "ours 8 sent, 0 lost, 0 duplicated" in out.stdout  # latency: 4 idle, 4 saturated
     assert "ours 20 sent, 0 lost, 0 duplicated" in out.stdout  # the MCP path: 10 per session
+    assert re.search(r"delivery check, MCP path behind a relay: ours 20 sent, 0 lost, 0 duplicated", out.stdout)
+    per_message = re.search(r"requests per delivered message, MCP path \(shims behind a relay\) +([\d.]+)", out.stdout)
+    assert per_message and float(per_message.group(1)) < 3, out.stdout  # a send, a poll that carries its ack
     assert out.stdout.rstrip().endswith("messages lost or duplicated by ours: none"), out.stdout
 
 
