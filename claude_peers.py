@@ -339,6 +339,15 @@ def storable_text(value: str) -> bool:
     return True
 
 
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how an ASCII JSON text spells a surrogate
+
+
+def may_hold_surrogates(body: bytes) -> bool:
+    """Whether a JSON body can decode to a string sqlite cannot store: an ASCII body that escapes no
+    surrogate cannot, so its strings need no one-by-one check (the check is most of a poll's validation)."""
+    return not body.isascii() or SURROGATE_ESCAPE.search(body) is not None
+
+
 def json_strings(value: Any) -> Iterator[str]:
     """Every string in a JSON value, keys included."""
     if isinstance(value, str):
@@ -3575,15 +3584,19 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
                      300.0, 1800.0, 3600.0, 21600.0, 86400.0)
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 MAX_REQUEST_SERIES = 300  # distinct (method, route, status) series; past that a scanner's paths count as "other"
-ROUTE_IDS = ((re.compile(r"^(/api/sessions/)[0-9a-f]{10}(?=/|$)"), r"\1{session}"),
-             (re.compile(r"(/messages/)[0-9a-f]{12}(?=/|$)"), r"\1{message}"),
-             (re.compile(r"^(/(?:dashboard/)?api/daemons/)[^/]+(?=/trigger$)"), r"\1{daemon}"))
+# Every request is labelled, so each id pattern is tried only on a path holding its literal part,
+# and matched with a lookbehind: its placeholder is then a literal (a group reference is expanded per call).
+ROUTE_IDS = (("/api/sessions/", re.compile(r"(?<=^/api/sessions/)[0-9a-f]{10}(?=/|$)"), "{session}"),
+             ("/messages/", re.compile(r"(?<=/messages/)[0-9a-f]{12}(?=/|$)"), "{message}"),
+             ("api/daemons/", re.compile(r"(?:(?<=^/api/daemons/)|(?<=^/dashboard/api/daemons/))[^/]+(?=/trigger$)"),
+              "{daemon}"))
 
 
 def route_label(path: str) -> str:
     """A request path with its ids replaced, so a route is one series whatever it names."""
-    for pattern, placeholder in ROUTE_IDS:
-        path = pattern.sub(placeholder, path)
+    for part, pattern, placeholder in ROUTE_IDS:
+        if part in path:
+            path = pattern.sub(placeholder, path)
     return path
 
 
@@ -4750,8 +4763,9 @@ KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a li
               bool: "true or false"}
 
 
-def _check_field(key: str, value: Any, field: Field) -> Any:
-    """One present, non-null field against its type and limit: 400 (413 for an oversized text)."""
+def _check_field(key: str, value: Any, field: Field, plain: bool = False) -> Any:
+    """One present, non-null field against its type and limit: 400 (413 for an oversized text);
+    ``plain``: the body can hold no lone surrogate (may_hold_surrogates), so its strings are storable."""
     kind, limit = field.kind, field.limit
     ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
     if isinstance(value, bool) is not (kind is bool) or not ok:
@@ -4768,14 +4782,15 @@ def _check_field(key: str, value: Any, field: Field) -> Any:
         return value  # an object, or a list of them: validate checks each against field.items
     if kind is list and not all(isinstance(v, str) and len(v) <= field.item_chars for v in value):
         raise ApiError(400, f"field {key!r} must be a list of strings of up to {field.item_chars} characters")
-    if not all(storable_text(v) for v in json_strings(value)):
+    if not plain and not all(storable_text(v) for v in json_strings(value)):
         raise ApiError(400, f"field {key!r} is not valid Unicode text (a lone surrogate such as \\ud800)")
     return value
 
 
-def validate(body: Any, schema: Schema, prefix: str = "") -> dict[str, Any]:
+def validate(body: Any, schema: Schema, prefix: str = "", plain: bool = False) -> dict[str, Any]:
     """Check a JSON body against a schema and return only what the handler may store:
-    unknown, missing, mistyped, out-of-range and unstorable fields are 400s; null is absent."""
+    unknown, missing, mistyped, out-of-range and unstorable fields are 400s; null is absent
+    (``plain``: see _check_field)."""
     if not isinstance(body, dict):
         raise ApiError(400, f"{prefix.rstrip('.') or 'body'} must be a JSON object")
     for key in body:
@@ -4787,11 +4802,12 @@ def validate(body: Any, schema: Schema, prefix: str = "") -> dict[str, Any]:
             if field.required:
                 raise ApiError(400, f"missing field {prefix + key!r}")
             continue
-        clean[key] = _check_field(prefix + key, body[key], field)
+        clean[key] = _check_field(prefix + key, body[key], field, plain)
         if field.items is not None and field.kind is dict:
-            clean[key] = validate(body[key], field.items, f"{prefix}{key}.")
+            clean[key] = validate(body[key], field.items, f"{prefix}{key}.", plain)
         elif field.items is not None:
-            clean[key] = [validate(item, field.items, f"{prefix}{key}[{i}].") for i, item in enumerate(body[key])]
+            clean[key] = [validate(item, field.items, f"{prefix}{key}[{i}].", plain)
+                          for i, item in enumerate(body[key])]
     return clean
 
 
@@ -4799,12 +4815,15 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+STRICT_JSON = json.JSONDecoder(parse_constant=_refuse_constant)  #: json.loads with parse_constant builds one per call
+
+
 def parse_json_body(headers: dict[str, str], body: bytes) -> Any:
     ctype = headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise ApiError(415, "POST bodies must be Content-Type: application/json")
     try:
-        return json.loads(body or b"{}", parse_constant=_refuse_constant)
+        return STRICT_JSON.decode(body.decode(json.detect_encoding(body), "surrogatepass")) if body else {}
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"malformed JSON: {exc}") from None
     except RecursionError:
@@ -5812,6 +5831,12 @@ def find_route(method: str, path: str) -> tuple[Route, tuple[str, ...]] | None:
 IDLE_TIMEOUT_S = 120.0
 
 
+@functools.cache
+def status_line(status: int) -> str:
+    """``HTTP/1.1 200 OK`` and its CR LF, looked up once per status (the enum lookup is not free)."""
+    return f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
+
+
 class ApiServer:
     """A small HTTP/1.1 server on asyncio streams: keep-alive, Content-Length bodies,
     one write per response. The stdlib's threaded server spent most of its time
@@ -5895,12 +5920,11 @@ class ApiServer:
     async def _write(self, writer: asyncio.StreamWriter, status: int, payload: Any, close: bool = False) -> None:
         reply = payload if isinstance(payload, Reply) else None
         data = reply.body if reply else json.dumps(payload, separators=(",", ":")).encode()
-        reason = http.HTTPStatus(status).phrase
         extra = "Retry-After: 1\r\n" if status == 429 else ""
         if reply:
             extra += "".join(f"{name}: {value}\r\n" for name, value in reply.headers.items())
         content_type = reply.content_type if reply else "application/json"
-        writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+        writer.write(f"{status_line(status)}Content-Type: {content_type}\r\n"
                      f"Content-Length: {len(data)}\r\nCache-Control: no-store\r\n{extra}"
                      f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n".encode() + data)
         if writer.transport.get_write_buffer_size() > 65536:
@@ -5954,7 +5978,7 @@ class ApiServer:
             if not self.broker.limiter.allow(req.args[0]):
                 raise ApiError(429, "rate limit exceeded for this session; slow down")
         if body is not None:
-            req.body = validate(parse_json_body(headers, body), schema or {})
+            req.body = validate(parse_json_body(headers, body), schema or {}, plain=not may_hold_surrogates(body))
         result = handler(self.broker, req)
         return await result if asyncio.iscoroutine(result) else result
 

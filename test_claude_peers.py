@@ -2805,6 +2805,21 @@ def test_a_lone_surrogate_in_any_stored_field_is_a_400(broker, path, template, b
     assert broker.client().call("GET", "/api/status")["messages"]["queued"] == 0
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    ("/send", b'{"to": "bob", "text": "caf\xed\xa0\x80"}'),  # the surrogate's own UTF-8 bytes
+    ("/send", b'{"to": "bob", "text": "caf\\uD800"}'),  # an upper-case escape
+    ("/poll", b'{"wait_s": 0, "ack": ["\\uDcE9"]}'),
+])
+def test_a_lone_surrogate_as_raw_bytes_or_an_upper_case_escape_is_a_400_too(broker, path, body):
+    """The check each string gets is skipped only for an ASCII body that escapes no surrogate."""
+    client = broker.session(name="alice")
+    broker.session(name="bob")
+    status, payload = raw_request(broker, "POST", f"/api/sessions/{client.session_id}{path}", body,
+                                  session_headers(client))
+    assert status == 400 and "lone surrogate" in payload["error"], payload
+    assert broker.client().call("GET", "/api/status")["messages"]["queued"] == 0
+
+
 @pytest.mark.parametrize(("path", "body", "fragment"), [
     ("", '{"machine": "m", "pid": 36893488147419103232, "cwd": "/"}', "'pid' must be between"),
     ("", '{"machine": "m", "pid": -1, "cwd": "/"}', "'pid' must be between"),
