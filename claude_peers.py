@@ -11356,7 +11356,7 @@ def bench_shim_figures(systems: Systems, args: argparse.Namespace, report: Bench
     idle, per_message = bench_relayed(systems, count, args.idle_seconds, max(1, args.messages // 4 // count))
     report.figure(f"broker requests per idle session per minute ({args.idle_seconds:.0f} s)", idle, "{:.1f}",
                   Target("<=", 3))
-    report.figure("broker requests per delivered message, MCP path (shims behind a relay)",
+    report.figure("broker requests per delivered message, MCP path (relayed)",
                   {label: run.requests for label, run in per_message.items()}, "{:.2f}", Target("<=", 2.1))
     report.delivery("MCP path behind a relay", {label: [run] for label, run in per_message.items()})
     report.figure(f"broker requests per editing session per minute ({args.idle_seconds:.0f} s)",

@@ -8082,7 +8082,7 @@ def test_bench_with_tiny_parameters_prints_every_figure_honestly():
     assert "ours 8 sent, 0 lost, 0 duplicated" in out.stdout  # latency: 4 idle, 4 saturated
     assert "ours 20 sent, 0 lost, 0 duplicated" in out.stdout  # the MCP path: 10 per session
     assert re.search(r"delivery check, MCP path behind a relay: ours 20 sent, 0 lost, 0 duplicated", out.stdout)
-    per_message = re.search(r"requests per delivered message, MCP path \(shims behind a relay\) +([\d.]+)", out.stdout)
+    per_message = re.search(r"requests per delivered message, MCP path \(relayed\) +([\d.]+)", out.stdout)
     assert per_message and float(per_message.group(1)) < 3, out.stdout  # a send, a poll that carries its ack
     assert out.stdout.rstrip().endswith("messages lost or duplicated by ours: none"), out.stdout
 
