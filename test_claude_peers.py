@@ -8771,6 +8771,14 @@ def test_install_without_network_says_so(tmp_path):
     assert piped.returncode == 1 and "could not download" in piped.stderr
 
 
+def test_a_pull_sessions_poll_takes_the_acknowledgement_of_what_it_pushed_before_it_turned_pull(broker):
+    alice, bob = broker.session(), broker.session(mode="pull")
+    sent = send(alice, bob.session_id, "posted while it was an inbox session")
+    answer = bob.session_call("POST", "/poll", {"wait_s": 0, "unread": 0, "ack": [sent["id"]]})
+    assert answer["unread"] == 1 and answer["messages"] == []
+    assert message_state(broker, sent["id"]) == "delivered"
+
+
 def test_poll_acknowledges_the_previous_batch(broker):
     alice, bob = broker.session(), broker.session()
     first = send(alice, bob.session_id, "one")
