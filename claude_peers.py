@@ -4,7 +4,7 @@
 Every Claude Code session on every machine of a homelab runs a small MCP server (the shim)
 that registers with one broker. Sessions list each other and send messages; the broker
 commits each message to sqlite, leases it to the recipient's long-poll, and the shim pushes
-it into Claude Code as a channel notification and acknowledges it once written. Every
+it into Claude Code as a channel notification, then acknowledges it on its next poll. Every
 change is also an event: written to an outbox in the same transaction, relayed to NATS
 JetStream. A supervisor runs daemons (fleet-scout and friends, or your own agents) on
 schedules and on those events, under a policy, and their findings become alerts that fire
