@@ -4,7 +4,7 @@
 Every Claude Code session on every machine of a homelab runs a small MCP server (the shim)
 that registers with one broker. Sessions list each other and send messages; the broker
 commits each message to sqlite, leases it to the recipient's long-poll, and the shim pushes
-it into Claude Code as a channel notification and acknowledges it once written. Every
+it into Claude Code as a channel notification, then acknowledges it on its next poll. Every
 change is also an event: written to an outbox in the same transaction, relayed to NATS
 JetStream. A supervisor runs daemons (fleet-scout and friends, or your own agents) on
 schedules and on those events, under a policy, and their findings become alerts that fire
@@ -337,6 +337,15 @@ def storable_text(value: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how an ASCII JSON text spells a surrogate
+
+
+def may_hold_surrogates(body: bytes) -> bool:
+    """Whether a JSON body can decode to a string sqlite cannot store: an ASCII body that escapes no
+    surrogate cannot, so its strings need no one-by-one check (the check is most of a poll's validation)."""
+    return not body.isascii() or SURROGATE_ESCAPE.search(body) is not None
 
 
 def json_strings(value: Any) -> Iterator[str]:
@@ -3927,15 +3936,19 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
                      300.0, 1800.0, 3600.0, 21600.0, 86400.0)
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")
 MAX_REQUEST_SERIES = 300  # distinct (method, route, status) series; past that a scanner's paths count as "other"
-ROUTE_IDS = ((re.compile(r"^(/api/sessions/)[0-9a-f]{10}(?=/|$)"), r"\1{session}"),
-             (re.compile(r"(/messages/)[0-9a-f]{12}(?=/|$)"), r"\1{message}"),
-             (re.compile(r"^(/(?:dashboard/)?api/daemons/)[^/]+(?=/trigger$)"), r"\1{daemon}"))
+# Every request is labelled, so each id pattern is tried only on a path holding its literal part,
+# and matched with a lookbehind: its placeholder is then a literal (a group reference is expanded per call).
+ROUTE_IDS = (("/api/sessions/", re.compile(r"(?<=^/api/sessions/)[0-9a-f]{10}(?=/|$)"), "{session}"),
+             ("/messages/", re.compile(r"(?<=/messages/)[0-9a-f]{12}(?=/|$)"), "{message}"),
+             ("api/daemons/", re.compile(r"(?:(?<=^/api/daemons/)|(?<=^/dashboard/api/daemons/))[^/]+(?=/trigger$)"),
+              "{daemon}"))
 
 
 def route_label(path: str) -> str:
     """A request path with its ids replaced, so a route is one series whatever it names."""
-    for pattern, placeholder in ROUTE_IDS:
-        path = pattern.sub(placeholder, path)
+    for part, pattern, placeholder in ROUTE_IDS:
+        if part in path:
+            path = pattern.sub(placeholder, path)
     return path
 
 
@@ -5149,8 +5162,9 @@ KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a li
               bool: "true or false"}
 
 
-def _check_field(key: str, value: Any, field: Field) -> Any:
-    """One present, non-null field against its type and limit: 400 (413 for an oversized text)."""
+def _check_field(key: str, value: Any, field: Field, plain: bool = False) -> Any:
+    """One present, non-null field against its type and limit: 400 (413 for an oversized text);
+    ``plain``: the body can hold no lone surrogate (may_hold_surrogates), so its strings are storable."""
     kind, limit = field.kind, field.limit
     ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
     if isinstance(value, bool) is not (kind is bool) or not ok:
@@ -5167,14 +5181,15 @@ def _check_field(key: str, value: Any, field: Field) -> Any:
         return value  # an object, or a list of them: validate checks each against field.items
     if kind is list and not all(isinstance(v, str) and len(v) <= field.item_chars for v in value):
         raise ApiError(400, f"field {key!r} must be a list of strings of up to {field.item_chars} characters")
-    if not all(storable_text(v) for v in json_strings(value)):
+    if not plain and not all(storable_text(v) for v in json_strings(value)):
         raise ApiError(400, f"field {key!r} is not valid Unicode text (a lone surrogate such as \\ud800)")
     return value
 
 
-def validate(body: Any, schema: Schema, prefix: str = "") -> dict[str, Any]:
+def validate(body: Any, schema: Schema, prefix: str = "", plain: bool = False) -> dict[str, Any]:
     """Check a JSON body against a schema and return only what the handler may store:
-    unknown, missing, mistyped, out-of-range and unstorable fields are 400s; null is absent."""
+    unknown, missing, mistyped, out-of-range and unstorable fields are 400s; null is absent
+    (``plain``: see _check_field)."""
     if not isinstance(body, dict):
         raise ApiError(400, f"{prefix.rstrip('.') or 'body'} must be a JSON object")
     for key in body:
@@ -5186,11 +5201,12 @@ def validate(body: Any, schema: Schema, prefix: str = "") -> dict[str, Any]:
             if field.required:
                 raise ApiError(400, f"missing field {prefix + key!r}")
             continue
-        clean[key] = _check_field(prefix + key, body[key], field)
+        clean[key] = _check_field(prefix + key, body[key], field, plain)
         if field.items is not None and field.kind is dict:
-            clean[key] = validate(body[key], field.items, f"{prefix}{key}.")
+            clean[key] = validate(body[key], field.items, f"{prefix}{key}.", plain)
         elif field.items is not None:
-            clean[key] = [validate(item, field.items, f"{prefix}{key}[{i}].") for i, item in enumerate(body[key])]
+            clean[key] = [validate(item, field.items, f"{prefix}{key}[{i}].", plain)
+                          for i, item in enumerate(body[key])]
     return clean
 
 
@@ -5198,12 +5214,15 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+STRICT_JSON = json.JSONDecoder(parse_constant=_refuse_constant)  #: json.loads with parse_constant builds one per call
+
+
 def parse_json_body(headers: dict[str, str], body: bytes) -> Any:
     ctype = headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise ApiError(415, "POST bodies must be Content-Type: application/json")
     try:
-        return json.loads(body or b"{}", parse_constant=_refuse_constant)
+        return STRICT_JSON.decode(body.decode(json.detect_encoding(body), "surrogatepass")) if body else {}
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"malformed JSON: {exc}") from None
     except RecursionError:
@@ -5698,6 +5717,13 @@ async def overlap_notices(b: Broker, session: dict[str, Any]) -> list[dict[str, 
     return await b.write(lambda: b.overlaps.hand(session))
 
 
+async def acknowledge(b: Broker, session: dict[str, Any], ids: list[str], state: str) -> int:
+    """Mark a session's messages ``state`` in the next group commit, and count them; how many changed."""
+    changed = await b.write(lambda: b.messages.ack(session, ids, state))
+    b.metrics.acked(session["id"], ids)
+    return changed
+
+
 async def r_poll(b: Broker, req: Request) -> Any:
     """Take the overlap report (``changes``) and acknowledge what the last poll brought (``ack``:
     delivered ids), then lease more. A pull session's poll leases nothing: it is its heartbeat, and
@@ -5708,6 +5734,8 @@ async def r_poll(b: Broker, req: Request) -> Any:
     if "changes" in req.body:
         await take_changes(b, req.session, req.body["changes"])
     if req.session["mode"] == "pull":
+        if req.body.get("ack"):  # pushed or posted before the session turned pull
+            await acknowledge(b, req.session, req.body["ack"], "delivered")
         unread = b.messages.unread(req.session)
         if req.body.get("unread", unread) == unread:  # no await in between: mail after this count wakes the poll
             await b.poll(req.session, wait_s, limit, hung_up=req.hung_up, lease=False)
@@ -5725,9 +5753,7 @@ def r_overlaps(b: Broker, req: Request) -> Any:
 async def r_ack(b: Broker, req: Request) -> Any:
     if req.body["state"] not in ("delivered", "read"):
         raise ApiError(400, "field 'state' must be 'delivered' or 'read'")
-    changed = await b.write(lambda: b.messages.ack(req.session, req.body["ids"], req.body["state"]))
-    b.metrics.acked(req.session["id"], req.body["ids"])
-    return {"changed": changed}
+    return {"changed": await acknowledge(b, req.session, req.body["ids"], req.body["state"])}
 
 
 async def r_inbox(b: Broker, req: Request) -> Any:
@@ -6310,6 +6336,12 @@ def find_route(method: str, path: str) -> tuple[Route, tuple[str, ...]] | None:
 IDLE_TIMEOUT_S = 120.0
 
 
+@functools.cache
+def status_line(status: int) -> str:
+    """``HTTP/1.1 200 OK`` and its CR LF, looked up once per status (the enum lookup is not free)."""
+    return f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
+
+
 class ApiServer:
     """A small HTTP/1.1 server on asyncio streams: keep-alive, Content-Length bodies,
     one write per response. The stdlib's threaded server spent most of its time
@@ -6393,12 +6425,11 @@ class ApiServer:
     async def _write(self, writer: asyncio.StreamWriter, status: int, payload: Any, close: bool = False) -> None:
         reply = payload if isinstance(payload, Reply) else None
         data = reply.body if reply else json.dumps(payload, separators=(",", ":")).encode()
-        reason = http.HTTPStatus(status).phrase
         extra = "Retry-After: 1\r\n" if status == 429 else ""
         if reply:
             extra += "".join(f"{name}: {value}\r\n" for name, value in reply.headers.items())
         content_type = reply.content_type if reply else "application/json"
-        writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+        writer.write(f"{status_line(status)}Content-Type: {content_type}\r\n"
                      f"Content-Length: {len(data)}\r\nCache-Control: no-store\r\n{extra}"
                      f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n".encode() + data)
         if writer.transport.get_write_buffer_size() > 65536:
@@ -6452,7 +6483,7 @@ class ApiServer:
             if not self.broker.limiter.allow(req.args[0]):
                 raise ApiError(429, "rate limit exceeded for this session; slow down")
         if body is not None:
-            req.body = validate(parse_json_body(headers, body), schema or {})
+            req.body = validate(parse_json_body(headers, body), schema or {}, plain=not may_hold_surrogates(body))
         result = handler(self.broker, req)
         return await result if asyncio.iscoroutine(result) else result
 
@@ -7702,25 +7733,24 @@ class Shim:
         if self.held:  # the digest goes when the push window frees a slot
             wait_s = min(wait_s, self.cap.frees_in())
         body: dict[str, Any] = {"wait_s": wait_s, **({"changes": changes} if changes else {})}
+        acking = list(self.unacked)  # what the last poll brought and was written: this poll acknowledges it
+        if acking:
+            body["ack"] = acking
         if self.mode == "pull":
             answer = await self.poll_client.session_call("POST", "/poll", {**body, "unread": self.waiting})
             self.waiting = answer["unread"]
         else:
             answer = await self._lease(body)
+        del self.unacked[:len(acking)]  # taken: kept until the answer came, so a stop in between acknowledges again
         self.reported = changes or self.reported
         for notice in answer["notices"]:
             await self._tell(notice)
 
     async def _lease(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Lease mail, push or post each message, acknowledge the batch at once; the poll's answer."""
+        """Lease mail, push or post each message, and note the batch for the next poll to acknowledge;
+        the poll's answer."""
         body["max"] = 100
-        if self.unacked:  # an acknowledgement that failed rides on the poll
-            body["ack"], self.unacked = self.unacked, []
-        try:
-            answer = await self.poll_client.session_call("POST", "/poll", body)
-        except (UserError, ApiError):
-            self.unacked = body.get("ack", []) + self.unacked
-            raise
+        answer = await self.poll_client.session_call("POST", "/poll", body)
         messages = answer["messages"]
         fresh = [m for m in messages if m["id"] not in self.seen and m["id"] not in self.held]
         going = fresh[:0 if self.held else self.cap.admit(len(fresh))]  # behind held mail, all of it waits
@@ -7732,7 +7762,7 @@ class Shim:
             self._show(message)
         done = [m["id"] for m in messages if m["id"] not in self.held] + await self._flush_held()
         if done:
-            asyncio.get_running_loop().create_task(self._acknowledge(done))
+            self._acknowledge(done)
         return answer
 
     async def _flush_held(self) -> list[str]:
@@ -7807,13 +7837,11 @@ class Shim:
         log.warning("delivery mode pull: %s", why)
         return False
 
-    async def _acknowledge(self, ids: list[str]) -> None:
-        """Delivered: the pushes are in the client's pipe, or the posts in the session's inbox. If the broker cannot take it now,
-        the next poll carries it; until then a crash shows these messages again."""
-        try:
-            await self.tools_client.session_call("POST", "/ack", {"ids": ids, "state": "delivered"})
-        except (UserError, ApiError):
-            self.unacked += ids
+    def _acknowledge(self, ids: list[str]) -> None:
+        """Delivered: the pushes are in the client's pipe, or the posts in the session's inbox. The poll
+        that follows carries the acknowledgement (one request, not two), and leave flushes it; until
+        the broker took it, a crash shows these messages again."""
+        self.unacked += ids
 
     def _show(self, message: dict[str, Any], single: bool = True) -> None:
         """A message the model is shown now (pushed on its own or in a digest, or posted): unread until read

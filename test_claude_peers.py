@@ -3209,6 +3209,21 @@ def test_a_lone_surrogate_in_any_stored_field_is_a_400(broker, path, template, b
     assert broker.client().call("GET", "/api/status")["messages"]["queued"] == 0
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    ("/send", b'{"to": "bob", "text": "caf\xed\xa0\x80"}'),  # the surrogate's own UTF-8 bytes
+    ("/send", b'{"to": "bob", "text": "caf\\uD800"}'),  # an upper-case escape
+    ("/poll", b'{"wait_s": 0, "ack": ["\\uDcE9"]}'),
+])
+def test_a_lone_surrogate_as_raw_bytes_or_an_upper_case_escape_is_a_400_too(broker, path, body):
+    """The check each string gets is skipped only for an ASCII body that escapes no surrogate."""
+    client = broker.session(name="alice")
+    broker.session(name="bob")
+    status, payload = raw_request(broker, "POST", f"/api/sessions/{client.session_id}{path}", body,
+                                  session_headers(client))
+    assert status == 400 and "lone surrogate" in payload["error"], payload
+    assert broker.client().call("GET", "/api/status")["messages"]["queued"] == 0
+
+
 @pytest.mark.parametrize(("path", "body", "fragment"), [
     ("", '{"machine": "m", "pid": 36893488147419103232, "cwd": "/"}', "'pid' must be between"),
     ("", '{"machine": "m", "pid": -1, "cwd": "/"}', "'pid' must be between"),
@@ -3483,9 +3498,9 @@ def test_rate_limit_per_session(make_broker):
     broker = make_broker("rate_per_s = 1.0\nrate_burst = 3\n")
     noisy, calm = broker.session(), broker.session()
     statuses = []
-    for _ in range(6):
+    for i in range(6):
         try:
-            send(noisy, calm.session_id, "spam")
+            send(noisy, calm.session_id, f"spam {i}")  # each text its own: a repeat would be dropped, not limited
             statuses.append(201)
         except cp.ApiError as exc:
             statuses.append(exc.status)
@@ -4262,6 +4277,17 @@ async def test_message_sent_while_the_shim_is_down_arrives_after_restart(broker)
         assert note.meta["message_id"] == sent["id"]
 
 
+@contextlib.asynccontextmanager
+async def pushed_once_to_the_next(broker: BrokerProc, name: str, mid: str, seconds: float):
+    """The next shim named ``name``: it gets message ``mid`` pushed, acknowledges it, and no second push follows."""
+    async with shim_session(broker, name=name) as shim:
+        [note] = await shim.recorder.wait_for(1)
+        assert note.meta["message_id"] == mid
+        await wait_until(lambda: message_state(broker, mid) == "delivered")
+        await stays(lambda: len(shim.recorder.received) == 1, seconds, "no second push of it")
+        yield shim
+
+
 @pytest.mark.anyio
 async def test_shim_killed_between_lease_and_ack_gets_the_message_once_after_restart(broker):
     import sqlite3
@@ -4282,19 +4308,15 @@ async def test_shim_killed_between_lease_and_ack_gets_the_message_once_after_res
             await stack.aclose()
     assert first.recorder.received == []
     assert message_state(broker, sent["id"]) == "queued"
-    async with shim_session(broker, name="victim") as second:
-        [note] = await second.recorder.wait_for(1)
-        assert note.meta["message_id"] == sent["id"]
-        await wait_until(lambda: message_state(broker, sent["id"]) == "delivered")
-        await stays(lambda: len(second.recorder.received) == 1, 0.5, "no second push of it")
+    async with pushed_once_to_the_next(broker, "victim", sent["id"], 0.5) as second:
         inbox = await second.ok("check_messages")
         assert inbox.count(f"message_id={sent['id']}") == 1 and "already pushed" in inbox
 
 
 @pytest.mark.anyio
 async def test_a_push_is_acknowledged_as_soon_as_it_is_written(broker):
-    """Delivered right after the push is flushed, not when the shim next polls: a kill -9 after
-    that shows the message to no later session again."""
+    """Delivered by the poll that follows the flushed push, not when that poll comes back: a kill -9
+    after that shows the message to no later session again."""
     sender = broker.session()
     async with contextlib.AsyncExitStack() as stack:
         first = await stack.enter_async_context(shim_session(broker, name="quick"))
@@ -4406,6 +4428,108 @@ async def test_a_shim_killed_while_it_holds_a_digest_loses_none_of_it(make_broke
         assert [note.meta["message_id"] for note in notes] == sent[3:]
         await wait_until(lambda: all(message_state(broker, mid) == "delivered" for mid in sent), what="all delivered")
         await stays(lambda: len(second.recorder.received) == 7, 0.5, "nothing pushed twice")
+
+
+def requests_to(broker: BrokerProc, route: str) -> float:
+    """How many POSTs to a session route (``/ack``, ``/poll``) the broker answered so far, from /metrics."""
+    samples, _ = scrape(broker)
+    return sum(value for (name, labels), value in samples.items() if name == "claude_peers_http_requests_total"
+               and dict(labels).get("route") == f"/api/sessions/{{session}}{route}" and dict(labels)["method"] == "POST")
+
+
+@pytest.mark.anyio
+async def test_the_poll_after_a_push_carries_its_acknowledgement_and_no_ack_request_is_made(broker):
+    sender = broker.session()
+    async with shim_session(broker, name="lean") as shim:
+        await shim.ok("whoami")
+        sent = []
+        for k in range(5):
+            sent.append(send(sender, "lean", f"number {k}"))
+            await shim.recorder.wait_for(k + 1)
+        await wait_until(lambda: all(message_state(broker, m["id"]) == "delivered" for m in sent),
+                         what="every push acknowledged")
+        assert requests_to(broker, "/ack") == 0
+        assert requests_to(broker, "/poll") <= len(sent) + 2  # one poll per push, with its acknowledgement
+
+
+class PollGate(figures.RequestCounter):
+    """The bench's relay between a shim and the broker, that once ``hold`` is set keeps every poll
+    that comes after: the shim's next poll (the one carrying its acknowledgement) waits here, as
+    if not sent yet, while its other calls (/ack, /leave) go through."""
+
+    POLL = b"/poll HTTP/1.1\r\n"
+
+    def __init__(self, broker: BrokerProc) -> None:
+        self.hold = threading.Event()
+        self.held = threading.Event()  #: a poll is waiting here
+        self.closed = threading.Event()
+        super().__init__(broker.url)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, requests: list[float] | None) -> None:
+        super()._pump(source, sink if requests is None else self.Gated(self, sink), requests)
+
+    class Gated:
+        """The broker's side of a shim's connection: a poll sent once ``hold`` is set never reaches it."""
+
+        def __init__(self, gate: PollGate, sock: socket.socket) -> None:
+            self.gate, self.sock = gate, sock
+
+        def sendall(self, data: bytes) -> None:
+            if self.gate.hold.is_set() and PollGate.POLL in data:
+                self.gate.held.set()
+                self.gate.closed.wait()
+                raise OSError("held until the gate closed")
+            self.sock.sendall(data)
+
+        def shutdown(self, how: int) -> None:
+            self.sock.shutdown(how)
+
+    def close(self) -> None:
+        self.closed.set()
+        super().close()
+
+
+@contextlib.asynccontextmanager
+async def pushed_and_unacknowledged(broker: BrokerProc, name: str):
+    """A shim behind a PollGate that pushed one message and whose next poll, the acknowledgement, is held."""
+    gate = PollGate(broker)
+    try:
+        async with shim_session(broker, name=name, env={"CLAUDE_PEERS_URL": gate.url}) as shim:
+            await shim.ok("whoami")
+            await wait_until(lambda: broker_status(broker)["polls_parked"] == 1, what="its long-poll to park")
+            gate.hold.set()
+            sent = send(broker.session(), name, "written, not yet acknowledged")
+            await shim.recorder.wait_for(1)
+            await wait_until(gate.held.is_set, what="the poll carrying the acknowledgement")
+            assert message_state(broker, sent["id"]) == "queued"
+            yield shim, sent
+    finally:
+        gate.close()
+
+
+@pytest.mark.anyio
+async def test_a_shim_stopped_cleanly_acknowledges_what_it_wrote_and_nothing_is_shown_twice(make_broker):
+    broker = make_broker("lease_s = 1\n")
+    async with pushed_and_unacknowledged(broker, "tidy") as (_, sent):
+        pass  # stdin closes: the shim leaves
+    assert message_state(broker, sent["id"]) == "delivered"
+    assert requests_to(broker, "/ack") == 1
+    async with shim_session(broker, name="tidy") as second:
+        await second.ok("whoami")
+        await stays(lambda: second.recorder.received == [], 2, "no second push after the lease would have run out")
+
+
+@pytest.mark.anyio
+async def test_a_shim_killed_between_its_push_and_the_next_poll_gets_the_message_back_once(make_broker):
+    broker = make_broker("lease_s = 1\n")
+    async with contextlib.AsyncExitStack() as stack:
+        _, sent = await stack.enter_async_context(pushed_and_unacknowledged(broker, "crashy"))
+        os.kill(peer_named(broker, "crashy")["pid"], signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            await stack.aclose()
+    assert message_state(broker, sent["id"]) == "queued"
+    async with pushed_once_to_the_next(broker, "crashy", sent["id"], 2):  # past the 1 s lease: it stays delivered
+        pass
 
 
 class RawShim:
@@ -8910,6 +9034,7 @@ def test_bench_with_tiny_parameters_prints_every_figure_honestly():
                    "one session spawned -> tools/list", "2 sessions spawned at once", "2 idle sessions, p99",
                    "broker saturated, p50", "through the MCP send tool", "CPU per delivered message, MCP",
                    "shim RSS", "shim PSS", "requests per idle session", "requests per editing session",
+                   "requests per delivered message, HTTP path", "requests per delivered message, MCP path",
                    "1000 sessions long-polling",
                    "events relayed to JetStream per second (200 published)",
                    "shim instructions as the model receives them (bytes)",
@@ -8924,6 +9049,9 @@ def test_bench_with_tiny_parameters_prints_every_figure_honestly():
     assert "inbox: post -> model request" in out.stdout  # timed, or skipped saying why
     assert "ours 8 sent, 0 lost, 0 duplicated" in out.stdout  # latency: 4 idle, 4 saturated
     assert "ours 20 sent, 0 lost, 0 duplicated" in out.stdout  # the MCP path: 10 per session
+    assert re.search(r"delivery check, MCP path behind a relay: ours 20 sent, 0 lost, 0 duplicated", out.stdout)
+    per_message = re.search(r"requests per delivered message, MCP path \(relayed\) +([\d.]+)", out.stdout)
+    assert per_message and float(per_message.group(1)) < 3, out.stdout  # a send, a poll that carries its ack
     assert out.stdout.rstrip().endswith("messages lost or duplicated by ours: none"), out.stdout
 
 
@@ -9616,6 +9744,14 @@ def test_install_without_network_says_so(tmp_path):
     piped = subprocess.run(f"cat {ROOT / 'install.sh'} | sh -s -- --source http://127.0.0.1:{free_port()}",
                            shell=True, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert piped.returncode == 1 and "could not download" in piped.stderr
+
+
+def test_a_pull_sessions_poll_takes_the_acknowledgement_of_what_it_pushed_before_it_turned_pull(broker):
+    alice, bob = broker.session(), broker.session(mode="pull")
+    sent = send(alice, bob.session_id, "posted while it was an inbox session")
+    answer = bob.session_call("POST", "/poll", {"wait_s": 0, "unread": 0, "ack": [sent["id"]]})
+    assert answer["unread"] == 1 and answer["messages"] == []
+    assert message_state(broker, sent["id"]) == "delivered"
 
 
 def test_poll_acknowledges_the_previous_batch(broker):
