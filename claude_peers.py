@@ -17,7 +17,8 @@ Sections, in dependency order (each uses only what is above it):
   Config               daemons.toml: defaults, checks, the Config object, the fleet token
   Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory, tasks,
                        the permission prompts sessions relay (Needs you), overlaps (sessions
-                       changing the same files), file claims
+                       changing the same files), file claims, session states (working, waiting
+                       on a human) and their waiting alerts
   Events on NATS JetStream  the embedded nats-server, the relay from the outbox
   Webhook              alert changes posted by the hub from its queue, in order, retried until answered
   Dashboard and metrics  the live page and its logins, the broker's counters, GET /metrics
@@ -1571,8 +1572,9 @@ def open_sqlite(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
 
 class Presence:
     """Who is alive, from what the broker hears rather than from sqlite: heartbeats not yet
-    written down, long-polls in progress (a waiting poll is a live connection), and local
-    pids checked lately. The broker owns it and records what it hears; the store asks it."""
+    written down, long-polls in progress (a waiting poll is a live connection), local pids
+    checked lately, and what each shim's heartbeat tells of its session (for its state). The
+    broker owns it and records what it hears; the store asks it."""
 
     def __init__(self, stale_after_s: float, machine: str) -> None:
         self.stale_after_s = stale_after_s
@@ -3151,10 +3153,12 @@ class SessionStates:
                 findings.setdefault(session["machine"], []).append(waiting_finding(session, state))
         if self.alerted is None:  # since the broker started: the open ones the database holds
             self.alerted = self._open_alerts()
+        unheard = set(self.sessions.live) - set(self.sessions.presence.reports)  # no poll since the broker started
         source, check = WAITING_ALERT
         for machine in set(findings) | set(self.alerted):
             keys = {finding["key"] for finding in findings.get(machine, [])}
-            if keys != self.alerted.get(machine, set()):
+            alerted = self.alerted.get(machine, set())
+            if keys != alerted and not (alerted - keys) & unheard:  # its unread mail is told with its next poll
                 self.records.sync_alerts(source, machine, [check], findings.get(machine, []),
                                          sys.maxsize)  # never repeated: one alert per wait
                 self.alerted[machine] = keys
@@ -7458,7 +7462,7 @@ class Shim:
         """While prompts wait: a tool call answered in the terminal first (its result is in the
         transcript, no verdict of ours went out) is settled on the hub as answered there."""
         while self.prompts and self.terminal is not None:
-            for tool, tool_input, allowed in await asyncio.to_thread(lambda: list(self.terminal.answered())):
+            for tool, tool_input, allowed in await asyncio.to_thread(self.terminal.answered):
                 match = next((r for r, p in self.prompts.items()
                               if p["tool"] == tool and same_call(tool_input, p["input_preview"])), None)
                 if match is None:

@@ -3680,6 +3680,25 @@ async def test_a_session_waiting_on_a_human_raises_one_alert_resolved_when_answe
     assert changes == ["new", "resolved", "new", "resolved"]
 
 
+def test_after_a_broker_restart_a_waiting_alert_waits_for_the_sessions_next_poll_and_stays_the_same_one(make_broker):
+    broker = make_broker(QUICK_STATES.replace("stale_after_s = 3", "stale_after_s = 15"))  # janitor: every 5 s
+    session = broker.session(name="web")
+    session.session_call("POST", "/poll", {"wait_s": 0, "unread_s": 100.0})  # a shim's heartbeat: mail unread
+    wait_until_sync(lambda: waiting_alerts(broker, "open"), what="the unread mail's alert")
+    [alert] = waiting_alerts(broker, "open")
+    assert alert["title"] == "session web has unread mail and waits for you"
+    broker.stop()
+    broker.start()  # it knows the open alert, not yet the session's unread mail
+    stays_sync(lambda: [a["id"] for a in waiting_alerts(broker, "open")] == [alert["id"]], 6, "open until heard")
+    session.session_call("POST", "/poll", {"wait_s": 0, "unread_s": 110.0})
+    stays_sync(lambda: [a["id"] for a in waiting_alerts(broker, "open")] == [alert["id"]], 5.5, "the same alert")
+    session.session_call("POST", "/poll", {"wait_s": 0, "idle_s": 0.0})  # read: the session is at work
+    wait_until_sync(lambda: not waiting_alerts(broker, "open"), what="resolved once read")
+    changes = [e["change"] for e in broker.client().call("GET", "/api/events?after=0")["events"]
+               if e["type"] == "alert" and e["source"] == "hub"]
+    assert changes == ["new", "resolved"]
+
+
 def test_a_pull_sessions_mail_is_unread_until_it_checks_its_messages(make_broker):
     broker = make_broker(QUICK_STATES)
     with initialized_raw_shim(broker, "2025-11-25") as shim:
