@@ -7507,6 +7507,7 @@ def test_the_real_claude_codes_permission_prompt_is_answered_from_the_hub_or_its
         [waiting] = prompts(broker, "waiting")
         pending = broker.cli("pending")
         assert f"{waiting['id']}  {socket.gethostname()}/real-claude  Bash  waiting" in pending.stdout, pending.stdout
+        assert peer_named(broker, "real-claude")["state"] == "waiting for permission"
         assert str(marker) in pending.stdout and "Create the marker file" in pending.stdout
         if answer == "terminal":
             terminal.press_until("\r", lambda: model.results, "the command's result")  # "1. Yes", here, first
