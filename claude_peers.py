@@ -17,7 +17,8 @@ Sections, in dependency order (each uses only what is above it):
   Config               daemons.toml: defaults, checks, the runners' registry, the Config object, the fleet token
   Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory, tasks,
                        the permission prompts sessions relay and the mail inbound policies hold
-                       (Needs you), overlaps (sessions changing the same files), file claims
+                       (Needs you), overlaps (sessions changing the same files), file claims, session
+                       states (working, waiting on a human) and their waiting alerts
   Events on NATS JetStream  the embedded nats-server, the relay from the outbox
   Webhook              alert changes posted by the hub from its queue, in order, retried until answered
   Dashboard and metrics  the live page and its logins, the broker's counters, GET /metrics
@@ -534,6 +535,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_pushes_per_minute": 20,  # pushes (or inbox posts) per push_window_s; the rest come as one digest; 0: no cap
         "push_window_s": 60.0,  # the minute max_pushes_per_minute counts over
     },
+    "states": {
+        "working_for": "2m",  # a session active this recently is working
+        "unread_after": "10m",  # mail shown to a session and not read this long: unread mail
+        "quiet_after": "10m",  # a session holding a claimed task and silent this long: quiet mid-task
+    },
     "llm": {
         "base_url": "",  # OpenAI-compatible, e.g. http://litellm.lan:4000/v1; empty: no LLM
         "api_key_env": "CLAUDE_PEERS_LLM_KEY",
@@ -555,6 +561,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "webhook_retry_max_s": 300.0,  # the longest wait between attempts
         "webhook_max_attempts": 50,  # then the change is given up
         "webhook_max_age_s": 86400,  # a change still not delivered this long after it happened is given up
+        "waiting_after": "15m",  # a session waiting on a human this long raises one alert
     },
 }
 
@@ -879,6 +886,8 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("llm", "base_url"): _check_http_url,
     ("alerts", "webhook"): _check_http_url,
     ("alerts", "repeat_after_cycles"): _check_positive,
+    ("alerts", "waiting_after"): parse_duration,
+    **{("states", key): parse_duration for key in ("working_for", "unread_after", "quiet_after")},
     **{("alerts", key): _check_positive for key in ("webhook_timeout_s", "webhook_retry_s", "webhook_retry_max_s",
                                                     "webhook_max_attempts", "webhook_max_age_s")},
     ("machines", "port"): _check_port,
@@ -1579,8 +1588,9 @@ def open_sqlite(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
 
 class Presence:
     """Who is alive, from what the broker hears rather than from sqlite: heartbeats not yet
-    written down, long-polls in progress (a waiting poll is a live connection), and local
-    pids checked lately. The broker owns it and records what it hears; the store asks it."""
+    written down, long-polls in progress (a waiting poll is a live connection), local pids
+    checked lately, and what each shim's heartbeat tells of its session (for its state). The
+    broker owns it and records what it hears; the store asks it."""
 
     def __init__(self, stale_after_s: float, machine: str) -> None:
         self.stale_after_s = stale_after_s
@@ -1588,6 +1598,8 @@ class Presence:
         self.heard: dict[str, float] = {}  #: each live session's last heartbeat (the janitor's reap writes it down)
         self.polling: dict[str, int] = {}  #: long-polls in progress per session
         self.pid_checked: dict[str, float] = {}  #: when each local session's pid was last seen running
+        #: what each session's shim last told of it: (last active, oldest unread mail shown), broker time or None
+        self.reports: dict[str, tuple[float | None, float | None]] = {}
 
     def last_seen(self, session: dict[str, Any]) -> float:
         if session["id"] in self.polling:
@@ -1611,9 +1623,17 @@ class Presence:
         self.pid_checked[session["id"]] = now
         return True
 
+    def report(self, sid: str, heartbeat: dict[str, Any]) -> None:
+        """A shim's heartbeat tells how long ago its session was last active and how long its oldest
+        unread mail has waited: ages, so the machines' clocks need not agree; kept as broker times."""
+        now = time.time()
+        active, unread = (now - heartbeat[key] if key in heartbeat else None for key in ("idle_s", "unread_s"))
+        self.reports[sid] = (active, unread)
+
     def forget(self, sid: str) -> None:
         self.heard.pop(sid, None)
         self.pid_checked.pop(sid, None)
+        self.reports.pop(sid, None)
 
 
 class Store:
@@ -3411,6 +3431,103 @@ class Credentials:
                               [(at, name) for name, at in used.items()])
 
 
+WAITING_STATES = ("waiting for permission", "unread mail")  #: a human is needed: these raise the waiting alert
+WAITING_ALERT = ("hub", "waiting")  #: the waiting alerts' source and check
+
+
+def session_state(prompt_at: float | None, active_at: float | None, unread_since: float | None,
+                  claimed_at: float | None, limits: tuple[int, int, int], now: float) -> tuple[str, float | None]:
+    """The one state a session is in, first match wins, and since when (the wait's start, else its
+    last sign of life); ``limits``: [states] working_for, unread_after, quiet_after in seconds."""
+    working_for, unread_after, quiet_after = limits
+    if prompt_at is not None:
+        return "waiting for permission", prompt_at
+    if unread_since is not None and now - unread_since > unread_after:
+        return "unread mail", unread_since
+    if active_at is not None and now - active_at <= working_for:
+        return "working", active_at
+    if claimed_at is not None:  # a task claimed counts as a sign of life, then silence makes it quiet
+        alive = max(active_at or 0.0, claimed_at)
+        return ("working" if now - alive <= quiet_after else "quiet mid-task"), alive
+    return "idle", active_at
+
+
+def waiting_finding(session: dict[str, Any], state: str) -> dict[str, Any]:
+    """A session waiting on a human, as the waiting alert's finding (one per session)."""
+    who = session["name"] or session["id"]
+    what = "asks for permission" if state == "waiting for permission" else "has unread mail"
+    return {"check": WAITING_ALERT[1], "key": session["id"], "severity": "warning",
+            "title": f"session {who} {what} and waits for you",
+            "detail": f"{who} ({session['cwd']}) is {state}: see the dashboard's Needs you, or claude-peers peers"}
+
+
+class SessionStates:
+    """What each live session is doing, derived when asked from its shim's heartbeats (``Presence.reports``),
+    its waiting permission prompts and the tasks it holds; one waiting alert per session waiting on a
+    human longer than [alerts] waiting_after, resolved once it is answered or the session ends."""
+
+    def __init__(self, store: Store, sessions: Sessions, records: Records) -> None:
+        self.store = store
+        self.sessions = sessions
+        self.records = records
+        self.alerted: dict[str, set[str]] | None = None  #: machine -> sessions alerted, as synced (None: not yet)
+        self.last: dict[str, str] = {}  #: each live session's state at the last look
+
+    def _oldest(self, sql: str) -> dict[str, float]:
+        return {row[0]: row[1] for row in self.store.read(sql)}
+
+    def derive(self, now: float) -> dict[str, tuple[str, float | None]]:
+        """Every live session's state and since when: two indexed queries, whatever the fleet's size."""
+        cfg = self.store.cfg.states
+        limits = (parse_duration(cfg.working_for), parse_duration(cfg.unread_after), parse_duration(cfg.quiet_after))
+        prompts = self._oldest("SELECT session_id, MIN(requested_at) FROM permissions WHERE state = 'waiting'"
+                               " GROUP BY session_id")
+        tasks = self._oldest("SELECT holder_session, MAX(claimed_at) FROM tasks WHERE state = 'claimed'"
+                             " GROUP BY holder_session")
+        reports = self.sessions.presence.reports
+        return {sid: session_state(prompts.get(sid), *reports.get(sid, (None, None)), tasks.get(sid), limits, now)
+                for sid in list(self.sessions.live)}
+
+    def annotate(self, peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Peers with their ``state`` and ``state_since``."""
+        states = self.derive(time.time())
+        return [{**peer, "state": states[peer["id"]][0], "state_since": iso(states[peer["id"]][1])}
+                if peer["id"] in states else peer for peer in peers]
+
+    def _open_alerts(self) -> dict[str, set[str]]:
+        alerted: dict[str, set[str]] = {}
+        for row in self.store.read("SELECT machine, key FROM alerts WHERE source = ? AND check_name = ? AND"
+                                   " resolved_at IS NULL", WAITING_ALERT):
+            alerted.setdefault(row[0], set()).add(row[1])
+        return alerted
+
+    def watch(self) -> bool:
+        """Raise and resolve the waiting alerts (through ``Records.sync_alerts``, only for a machine whose
+        waiting sessions changed); True if any session's state changed since the last look."""
+        now = time.time()
+        states = self.derive(now)
+        wait_s = parse_duration(self.store.cfg.alerts.waiting_after)
+        findings: dict[str, list[dict[str, Any]]] = {}
+        for sid, (state, since) in states.items():
+            session = self.sessions.live.get(sid)
+            if session is not None and state in WAITING_STATES and since is not None and now - since > wait_s:
+                findings.setdefault(session["machine"], []).append(waiting_finding(session, state))
+        if self.alerted is None:  # since the broker started: the open ones the database holds
+            self.alerted = self._open_alerts()
+        unheard = set(self.sessions.live) - set(self.sessions.presence.reports)  # no poll since the broker started
+        source, check = WAITING_ALERT
+        for machine in set(findings) | set(self.alerted):
+            keys = {finding["key"] for finding in findings.get(machine, [])}
+            alerted = self.alerted.get(machine, set())
+            if keys != alerted and not (alerted - keys) & unheard:  # its unread mail is told with its next poll
+                self.records.sync_alerts(source, machine, [check], findings.get(machine, []),
+                                         sys.maxsize)  # never repeated: one alert per wait
+                self.alerted[machine] = keys
+        shown = {sid: state for sid, (state, _) in states.items()}
+        changed, self.last = shown != self.last, shown
+        return changed
+
+
 # ===========================================================================
 # Events on NATS JetStream: the embedded server and the outbox relay
 # ===========================================================================
@@ -4229,7 +4346,7 @@ def nats_view(b: Broker) -> dict[str, Any]:
 
 def dashboard_sessions(b: Broker, now: float) -> list[dict[str, Any]]:
     """Online sessions, then those gone quiet or ended in the last day whose name nobody holds now (at most 50)."""
-    online = b.sessions.peers("all", {})
+    online = b.states.annotate(b.sessions.peers("all", {}))
     seen = {s["id"] for s in online} | {s["name"] for s in online if s["name"]}
     offline = []
     for row in b.store.read("SELECT * FROM sessions WHERE last_seen > ? ORDER BY last_seen DESC LIMIT 200",
@@ -4504,14 +4621,14 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .pill { display: inline-block; padding: 1px 8px; border-radius: 999px; font-size: 11.5px; font-weight: 600;
   border: 1px solid transparent; }
 .pill.queued, .pill.running, .pill.warning, .pill.limit, .pill.open, .pill.waiting, .pill.held,
-  .pill.paused { color: var(--warn);
+  .pill.paused, .pill.waiting-for-permission, .pill.unread-mail { color: var(--warn);
   background: rgba(210, 153, 34, .12); border-color: rgba(210, 153, 34, .3); }
 .pill.delivered, .pill.info, .pill.claimed, .pill.answered-in-terminal,
   .pill.advisory { color: var(--info); background: rgba(88, 166, 255, .12);
   border-color: rgba(88, 166, 255, .3); }
-.pill.read, .pill.ok, .pill.done, .pill.allowed { color: var(--ok); background: rgba(63, 185, 80, .12); border-color: rgba(63, 185, 80, .3); }
+.pill.read, .pill.ok, .pill.done, .pill.allowed, .pill.working { color: var(--ok); background: rgba(63, 185, 80, .12); border-color: rgba(63, 185, 80, .3); }
 .pill.undeliverable, .pill.failed, .pill.timeout, .pill.critical, .pill.denied, .pill.refused,
-  .pill.exclusive { color: var(--crit); background: rgba(248, 81, 73, .12);
+  .pill.exclusive, .pill.quiet-mid-task { color: var(--crit); background: rgba(248, 81, 73, .12);
   border-color: rgba(248, 81, 73, .3); }
 .runs { display: flex; gap: 3px; }
 .runs i { width: 7px; height: 16px; border-radius: 2px; background: var(--muted); opacity: .8; }
@@ -4601,9 +4718,17 @@ function age(iso, future) {
   return span(-seconds) + " ago";
 }
 
+// How long something has waited for a human, counting up live.
+function waited(iso) {
+  return h("time", {"data-since": iso, title: iso}, "waiting " + span((now() - Date.parse(iso)) / 1000));
+}
+
 function tick() {
   for (const node of document.querySelectorAll("time[data-at]")) {
     node.textContent = age(node.dataset.at, node.dataset.future === "1");
+  }
+  for (const node of document.querySelectorAll("time[data-since]")) {
+    node.textContent = "waiting " + span((now() - Date.parse(node.dataset.since)) / 1000);
   }
 }
 
@@ -4744,7 +4869,7 @@ function renderNeeds() {
     h("td", {}, h("div", {class: "name"}, p.session_name || p.session_id), h("div", {class: "muted"}, p.machine)),
     h("td", {class: "wrap"}, h("span", {class: "name"}, p.tool), p.description ? h("div", {}, p.description) : null,
       p.input_preview ? h("div", {class: "mono muted"}, p.input_preview) : null),
-    h("td", {}, when(p.requested_at)),
+    h("td", {}, p.state === "waiting" ? waited(p.requested_at) : when(p.requested_at)),
     h("td", {}, h("span", {class: "pill " + p.state}, p.state),
       p.answered_by ? h("div", {class: "muted"}, p.answered_by) : null),
     h("td", {class: "num"}, p.state === "waiting" ? [
@@ -4766,9 +4891,12 @@ function renderSessions() {
     h("td", {}, s.machine),
     h("td", {}, h("div", {class: "mono clip", title: s.cwd}, s.cwd), s.branch ? h("div", {class: "muted"}, "⎇ " + s.branch) : null),
     h("td", {class: "wrap"}, s.summary || h("span", {class: "muted"}, "—")),
+    h("td", {}, s.state ? h("span", {class: "pill state " + s.state.replaceAll(" ", "-"), title: s.state_since
+                                     ? "since " + s.state_since : "no activity reported yet"}, s.state)
+                        : h("span", {class: "muted"}, s.online ? "—" : "ended")),
     h("td", {class: "num"}, s.online ? h("span", {class: "muted"}, "now") : when(s.last_seen))));
   document.getElementById("sessions").replaceChildren(table(
-    [["Agent"], ["Machine"], ["Directory"], ["Summary"], ["Last seen", "num"]], rows, "No sessions yet."));
+    [["Agent"], ["Machine"], ["Directory"], ["Summary"], ["State"], ["Last seen", "num"]], rows, "No sessions yet."));
 }
 
 async function toggleText(id) {
@@ -5113,7 +5241,8 @@ CHANGES_SCHEMA: Schema = {"repo": Field(str, True, 500),
                           "more": Field(int, False, JSON_SAFE_INT)}
 POLL_SCHEMA: Schema = {"wait_s": Field(float, False, 86400), "max": Field(int, False, JSON_SAFE_INT),
                        "ack": Field(list, False, 1000), "unread": Field(int, False, JSON_SAFE_INT),
-                       "changes": Field(dict, False, 1 << 20, CHANGES_SCHEMA)}
+                       "changes": Field(dict, False, 1 << 20, CHANGES_SCHEMA),
+                       "idle_s": Field(float, False, JSON_SAFE_INT), "unread_s": Field(float, False, JSON_SAFE_INT)}
 ACK_SCHEMA: Schema = {"ids": Field(list, True, 1000), "state": Field(str, True, 16)}
 MEMORY_SCHEMA: Schema = {"text": Field(str, True, 1 << 30)}
 OPERATOR_MEMORY_SCHEMA: Schema = {"text": Field(str, True, 1 << 30), "part": Field(str, False, 16),
@@ -5305,6 +5434,7 @@ class Broker:
         self.sessions.on_end.append(self.overlaps.ended)
         self.claims = Claims(self.store, self.sessions)
         self.sessions.on_end.append(self.claims.end_held)
+        self.states = SessionStates(self.store, self.sessions, self.records)  #: working, idle, waiting on a human
         self.records.migrate_memory()
         self.limiter = RateLimiter(cfg.broker.rate_per_s, cfg.broker.rate_burst)
         # Long-polls waiting right now, until woken or handed mail (a send leases mail to them).
@@ -5503,6 +5633,8 @@ class Broker:
             self.metrics.sweep(time.time())
             try:
                 await self.write(self.sessions.reap)
+                if await self.write(self.states.watch):  # time alone moves states: the page shows it
+                    self.dashboard.changed()
                 await self.write(self.credentials.flush_used)
                 if time.time() - last_prune > 3600:
                     await self.write(self.store.prune)
@@ -5657,11 +5789,11 @@ def _scope(req: Request) -> str:
 
 
 def with_claims(b: Broker, peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Peers, each with the file claims it holds (list_peers shows them)."""
+    """Peers, each with its state and the file claims it holds (list_peers shows them)."""
     held: dict[str, list[dict[str, Any]]] = {}
     for claim in b.claims.list():
         held.setdefault(claim["holder_session"], []).append(claim)
-    return [{**peer, "claims": held.get(peer["id"], [])} for peer in peers]
+    return [{**peer, "claims": held.get(peer["id"], [])} for peer in b.states.annotate(peers)]
 
 
 def r_session_peers(b: Broker, req: Request) -> Any:
@@ -5731,6 +5863,7 @@ async def r_poll(b: Broker, req: Request) -> Any:
     mail arrives). Either answer carries the overlaps this session is to be told of (``notices``)."""
     wait_s = max(0.0, min(float(req.body.get("wait_s", b.cfg.broker.poll_wait_s)), 60.0))
     limit = max(1, min(int(req.body.get("max", 100)), 1000))
+    b.presence.report(req.session["id"], req.body)
     if "changes" in req.body:
         await take_changes(b, req.session, req.body["changes"])
     if req.session["mode"] == "pull":
@@ -6899,6 +7032,7 @@ TOOL_META = {"anthropic/alwaysLoad": True}  # Claude Code defers MCP tools behin
 SEEN_LIMIT = 100_000
 CHANNEL_FLAG = "--dangerously-load-development-channels"  # Claude Code's switch for a channel off its allowlist
 CLAUDE_CODE_CLIENT = "claude-code"  # the clientInfo name Claude Code introduces itself with
+TRANSCRIPT_RESULTS_KEPT = 256  # tool results read while no prompt waits, kept for the next prompt's watcher
 TERMINAL_LOOK_S = 0.5  # how often a shim with prompts waiting reads the transcripts for a terminal's answer
 INBOX_SOCKET_ENV, INBOX_TOKEN_ENV = "CLAUDE_CODE_MESSAGING_SOCKET", "CLAUDE_CODE_MESSAGING_TOKEN"  # set by Claude Code
 INBOX_SWITCH_ENV = "CLAUDE_CODE_HARBOR_KITE"  # 0 turns Claude Code's session inbox off
@@ -7142,16 +7276,28 @@ def same_call(tool_input: Any, preview: str) -> bool:
     return bool(wanted) and compact(json.dumps(tool_input, ensure_ascii=False)).startswith(wanted)
 
 
+def entry_time(entry: dict[str, Any]) -> float:
+    """When Claude Code wrote a transcript entry (its ISO timestamp, never later than now), else now."""
+    stamp = entry.get("timestamp")
+    if isinstance(stamp, str):
+        with contextlib.suppress(ValueError):
+            return min(time.time(), dt.datetime.fromisoformat(stamp).timestamp())
+    return time.time()
+
+
 class TerminalAnswers:
     """Claude Code tells a channel when a permission prompt opens, never when its terminal
     answers it; its transcript does, as the tool call's result. This reads the transcripts of
-    this directory from where they stood when the shim started, and yields each tool call that
-    got a result: (tool, input, allowed)."""
+    this directory from where they stood when the shim started: each tool call that got a result
+    waits for ``answered`` as (tool, input, allowed), and each assistant entry marks the session active."""
 
     def __init__(self, cwd: Path) -> None:
         self.folder = claude_projects_dir(cwd)
         self.offsets = {path: path.stat().st_size for path in self._transcripts()}  #: read up to here
         self.calls: dict[str, tuple[str, Any]] = {}  #: tool_use id -> (tool, input), until its result
+        self.results: collections.deque[tuple[str, Any, bool]] = collections.deque(maxlen=TRANSCRIPT_RESULTS_KEPT)
+        self.active_at: float | None = None  #: when the newest assistant entry was written (epoch seconds)
+        self.lock = threading.Lock()  #: the poll and the prompts' watcher read from threads of their own
 
     def _transcripts(self) -> list[Path]:
         with contextlib.suppress(OSError):
@@ -7159,8 +7305,10 @@ class TerminalAnswers:
         return []
 
     def _lines(self, path: Path) -> list[bytes]:
-        """The whole lines written to ``path`` since the last look."""
+        """The whole lines written to ``path`` since the last look (a file that did not grow is not opened)."""
         try:
+            if path.stat().st_size <= self.offsets.get(path, 0):
+                return []
             with path.open("rb") as fh:
                 fh.seek(self.offsets.get(path, 0))
                 data = fh.read(8 << 20)
@@ -7170,14 +7318,28 @@ class TerminalAnswers:
         self.offsets[path] = self.offsets.get(path, 0) + len(complete)
         return complete.splitlines()
 
-    def answered(self) -> Iterator[tuple[str, Any, bool]]:
-        for path in self._transcripts():
-            for line in self._lines(path):
-                with contextlib.suppress(ValueError):
-                    yield from self._entry(json.loads(line))
+    def read(self) -> None:
+        """Take the whole lines written since the last look."""
+        with self.lock:
+            for path in self._transcripts():
+                for line in self._lines(path):
+                    with contextlib.suppress(ValueError):
+                        self._entry(json.loads(line))
 
-    def _entry(self, entry: Any) -> Iterator[tuple[str, Any, bool]]:
-        message = entry.get("message") if isinstance(entry, dict) else None
+    def answered(self) -> list[tuple[str, Any, bool]]:
+        """The tool calls that got a result since the last call, each once."""
+        self.read()
+        with self.lock:
+            taken = list(self.results)
+            self.results.clear()
+        return taken
+
+    def _entry(self, entry: Any) -> None:
+        if not isinstance(entry, dict):
+            return
+        if entry.get("type") == "assistant":
+            self.active_at = max(self.active_at or 0.0, entry_time(entry))
+        message = entry.get("message")
         blocks = message.get("content") if isinstance(message, dict) else None
         for block in blocks if isinstance(blocks, list) else []:
             if not isinstance(block, dict):
@@ -7188,7 +7350,7 @@ class TerminalAnswers:
                 tool, tool_input = self.calls.pop(block["tool_use_id"])
                 decision = entry.get("permissionDecision") if isinstance(entry.get("permissionDecision"), dict) else {}
                 allowed = decision.get("decision") == "accept" if "decision" in decision else not block.get("is_error")
-                yield tool, tool_input, allowed
+                self.results.append((tool, tool_input, allowed))
 
 
 def recipient_note(result: dict[str, Any]) -> str:
@@ -7312,7 +7474,8 @@ def unread_notice(mode: str, count: int) -> str:
 
 def format_peer(peer: dict[str, Any]) -> str:
     where = f"{peer['machine']}:{peer['cwd']}" + (f" [{peer['branch']}]" if peer["branch"] else "")
-    line = f"- {peer['id']} {peer['name'] or '(no name)'} on {where} ({peer.get('mode', 'push')})"
+    state = f", {peer['state']}" if peer.get("state") else ""
+    line = f"- {peer['id']} {peer['name'] or '(no name)'} on {where} ({peer.get('mode', 'push')}{state})"
     return line + (f" - {peer['summary']}" if peer["summary"] else "")
 
 
@@ -7586,6 +7749,9 @@ class Shim:
         self.inbox = ""  #: the session inbox's socket (inbox mode)
         self.project = Path(os.environ.get("CLAUDE_PROJECT_DIR") or cwd)  #: where Claude Code reads project settings
         self.waiting = 0  #: a pull session's unread mail, as the broker last counted it
+        self.waiting_since: float | None = None  #: when that count last rose from none (epoch seconds)
+        self.active_at: float | None = None  #: when the client last called a tool (epoch seconds)
+        self.shown_at: dict[str, float] = {}  #: when each message still unread was pushed or posted
         self.url = cfg.broker_url
         self.token_error = ""  #: why there is no fleet token (the tools say it)
         try:
@@ -7616,7 +7782,7 @@ class Shim:
         self.initialized = asyncio.Event()  #: the client sent notifications/initialized: pushes may flow
         self.verdict_client = AsyncBrokerClient(self.url, token, timeout=cfg.broker.poll_wait_s + 15)
         self.prompts: dict[str, dict[str, Any]] = {}  #: Claude Code's request id -> the prompt on the hub, while it waits
-        self.terminal: TerminalAnswers | None = None  #: this session's transcripts, once a push session relays prompts
+        self.terminal: TerminalAnswers | None = None  #: this session's transcripts (answers, activity), once introduced
         self.verdicts: asyncio.Task[None] | None = None  #: waits for the hub's verdicts while prompts wait
         self.watcher: asyncio.Task[None] | None = None  #: reads the transcripts for terminal answers meanwhile
         self.background: set[asyncio.Task[None]] = set()  #: prompts on their way to the hub
@@ -7647,8 +7813,7 @@ class Shim:
         self.mode, self.mode_reason = decide_mode(self.override, self.client, self.parent_argv, inbox)
         self.inbox = inbox[0] if self.mode == "inbox" else ""
         log.info("delivery mode %s: %s", self.mode, self.mode_reason)
-        if self.relays_permissions:
-            self.terminal = TerminalAnswers(self.cwd)
+        self.terminal = TerminalAnswers(self.cwd)
         self.introduced.set()
 
     async def _register(self, info: dict[str, Any]) -> None:
@@ -7732,19 +7897,38 @@ class Shim:
             wait_s = min(wait_s, await self._remind())
         if self.held:  # the digest goes when the push window frees a slot
             wait_s = min(wait_s, self.cap.frees_in())
-        body: dict[str, Any] = {"wait_s": wait_s, **({"changes": changes} if changes else {})}
+        body: dict[str, Any] = {"wait_s": wait_s, **({"changes": changes} if changes else {}),
+                                **await self._heartbeat()}
         acking = list(self.unacked)  # what the last poll brought and was written: this poll acknowledges it
         if acking:
             body["ack"] = acking
         if self.mode == "pull":
             answer = await self.poll_client.session_call("POST", "/poll", {**body, "unread": self.waiting})
             self.waiting = answer["unread"]
+            self.waiting_since = (self.waiting_since or time.time()) if self.waiting else None
         else:
             answer = await self._lease(body)
         del self.unacked[:len(acking)]  # taken: kept until the answer came, so a stop in between acknowledges again
         self.reported = changes or self.reported
         for notice in answer["notices"]:
             await self._tell(notice)
+
+    async def _heartbeat(self) -> dict[str, float]:
+        """What the poll tells of this session, for its state on the hub: seconds since its last tool call
+        or transcript entry, and how long its oldest unread mail has waited (a push counts as read once
+        the session was active after it; a post or pull mail once the model read or answered it)."""
+        written = 0.0
+        if self.terminal is not None:
+            await asyncio.to_thread(self.terminal.read)
+            written = self.terminal.active_at or 0.0
+        now, active = time.time(), max(self.active_at or 0.0, written)
+        self.shown_at = {mid: at for mid, at in self.shown_at.items() if mid in self.unread}
+        after = active if self.mode == "push" else 0.0
+        unread = [at for at in self.shown_at.values() if at > after]
+        if self.waiting:
+            unread.append(self.waiting_since or now)
+        return {**({"idle_s": round(max(0.0, now - active), 1)} if active else {}),
+                **({"unread_s": round(max(0.0, now - min(unread)), 1)} if unread else {})}
 
     async def _lease(self, body: dict[str, Any]) -> dict[str, Any]:
         """Lease mail, push or post each message, and note the batch for the next poll to acknowledge;
@@ -7849,6 +8033,7 @@ class Shim:
         self._remember(message["id"], "posted into your session inbox" if self.mode == "inbox"
                        else "pushed to you as a <channel> message" if single else "pushed to you in a digest")
         self.unread[message["id"]] = message
+        self.shown_at[message["id"]] = time.time()
         if self.mode == "push" and single:
             self._push(message)
         elif self.mode == "inbox":
@@ -7897,7 +8082,7 @@ class Shim:
         """While prompts wait: a tool call answered in the terminal first (its result is in the
         transcript, no verdict of ours went out) is settled on the hub as answered there."""
         while self.prompts and self.terminal is not None:
-            for tool, tool_input, allowed in await asyncio.to_thread(lambda: list(self.terminal.answered())):
+            for tool, tool_input, allowed in await asyncio.to_thread(self.terminal.answered):
                 match = next((r for r, p in self.prompts.items()
                               if p["tool"] == tool and same_call(tool_input, p["input_preview"])), None)
                 if match is None:
@@ -7974,6 +8159,7 @@ class Shim:
 
     async def call_tool(self, name: str, args: Any) -> str:
         """Run one tool; raises ShimError with a readable message on any failure."""
+        self.active_at = time.time()  # the session is at work: its state on the hub says so
         handlers = {"list_peers": self.tool_list_peers, "send_message": self.tool_send_message,
                     "set_summary": self.tool_set_summary, "check_messages": self.tool_check_messages,
                     "whoami": self.tool_whoami, "tasks": self.tool_tasks, "claim": self.tool_claim,
@@ -8045,7 +8231,7 @@ class Shim:
     async def tool_check_messages(self) -> str:
         self._need_session()
         messages = (await self.tools_client.session_call("POST", "/inbox"))["messages"]
-        self.waiting = 0  # the inbox returned every unread message
+        self.waiting, self.waiting_since = 0, None  # the inbox returned every unread message
         shown = {m["id"]: self.seen.get(m["id"], "") for m in messages}
         for message in messages:
             self._remember(message["id"])
@@ -11588,12 +11774,15 @@ def cmd_peers(cfg: Config, args: argparse.Namespace) -> int:
         print(f"no live sessions (scope {args.scope})")
     for peer in peers:
         label = peer["name"] or "-"
-        print(f"{peer['id']}  {label:<20} {peer['mode']:<5} {peer['machine']:<16} {peer['cwd']}"
+        print(f"{peer['id']}  {label:<20} {peer['mode']:<5} {peer.get('state', '-'):<22} {peer['machine']:<16}"
+              f" {peer['cwd']}"
               f"{' [' + peer['branch'] + ']' if peer['branch'] else ''}  seen {ago(peer['last_seen'])}")
         if peer["summary"]:
             print(f"            {peer['summary']}")
         if peer["mode"] == "pull" and peer["mode_reason"]:
             print(f"            pull: {peer['mode_reason']}")
+        if peer.get("state") in WAITING_STATES:
+            print(f"            waits for you: {peer['state']} since {ago(peer['state_since'])}")
     return 0
 
 
