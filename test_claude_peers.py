@@ -2707,9 +2707,9 @@ def test_login_codes_and_cookie_sessions_are_kept_hashed_and_expire_on_the_serve
     cookie = dashboard.redeem(code, now=2001.0)
     assert cookie not in str(dashboard.sessions) and "; Secure" in dashboard.cookie(cookie, 60)
     headers = {"x-claude-peers": "dashboard", "cookie": f"other=1; {cp.Dashboard.COOKIE}={cookie}"}
-    dashboard.authorise("/dashboard/api/state", headers, now=2002.0)
-    with pytest.raises(cp.ApiError, match="not logged in"):
-        dashboard.authorise("/dashboard/api/state", headers, now=2001.0 + cp.Dashboard.SESSION_TTL_S + 1)
+    assert dashboard.caller(headers, now=2002.0) == "dashboard"
+    late = dashboard.caller(headers, now=2001.0 + cp.Dashboard.SESSION_TTL_S + 1)
+    assert late == "dashboard-visitor" and cp.Dashboard.REFUSALS[late][1].startswith("not logged in")
 
 
 def click_fresh(driver, css: str) -> None:
