@@ -5568,7 +5568,7 @@ def require(identity: Identity, permission: str) -> None:
 
 
 def own_machine(identity: Identity, machine: str) -> None:
-    """The machine a client credential may act for is its own; operator and admin: any."""
+    """The machine a client credential may act for is its own; a role with any_machine (operator, admin): any."""
     if not identity.may("any_machine") and machine != identity.machine:
         raise ApiError(403, f"{identity.role} credential {identity.name!r} may only act for machine"
                             f" {identity.machine!r}, not {machine!r}")
@@ -6199,7 +6199,6 @@ SID = r"([0-9a-f]{10})"
 PID = r"([0-9a-f]{8})"  # a permission prompt's id on the hub
 
 
-
 def _own_session(identity: Identity, req: Request) -> None:
     """A credential acts only for the sessions it registered (each also needs its secret); the admin for any."""
     if not identity.may("any_session") and req.session["credential"] != identity.name:
@@ -6273,6 +6272,7 @@ def authorize(identity: Identity, route: Route, req: Request) -> None:
 
 
 OWN_SESSION = ("own-session",)
+# Every route, a Route's fields a row (the pattern as text): who may call it is decided here, nowhere else.
 ROUTES: list[Route] = [
     Route(m, re.compile(f"^{p}$"), *rest) for m, p, *rest in [
         ("GET", "/api/status", r_status, (), None, "read"),
