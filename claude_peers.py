@@ -5987,14 +5987,10 @@ def answerer(b: Broker, req: Request) -> tuple[str, str]:
 
 async def r_permission_verdict(b: Broker, req: Request) -> Any:
     """A human's allow or deny (the API with the approve permission, or the dashboard as its
-    login's credential): refused under the least-privilege rule, dropped when late, audited always."""
+    login's credential): refused under the least-privilege rule (not-own-prompt), dropped when late,
+    audited always."""
     pid, behavior = req.args
     by, where = answerer(b, req)
-    prompt = b.permissions.get(pid)
-    why = may_answer(by, prompt)
-    if why:
-        await b.write(lambda: b.permissions.refused(pid, behavior, by, where, why))
-        raise ApiError(403, why)
     answered, late = await b.write(lambda: b.permissions.answer(pid, behavior, by, where))
     if late:
         raise ApiError(409, late, permission=answered)
@@ -6035,21 +6031,11 @@ def r_held(b: Broker, req: Request) -> Any:
             "loops": inbound.loops()}
 
 
-async def _let_in_or_not(b: Broker, req: Request, subject: str, action: str, owners: dict[str, str]) -> tuple[str, str]:
-    """Who answers a held message or a paused pair, and from where; a release the least-privilege rule
-    refuses is audited and answered 403."""
-    by, where = answerer(b, req)
-    why = may_let_in(by, owners) if action == "release" else ""
-    if why:
-        await b.write(lambda: b.messages.inbound.audit_refused(subject, action, by, where, why))
-        raise ApiError(403, why)
-    return by, where
-
-
 async def r_held_answer(b: Broker, req: Request, action: str) -> Any:
-    """A human releases or refuses a held message: applied once, a late answer dropped (409), audited always."""
+    """A human releases or refuses a held message: applied once, a late answer dropped (409), audited always
+    (a release the least-privilege rule refuses too: not-own-held-message)."""
     mid, inbound = req.args[0], b.messages.inbound
-    by, where = await _let_in_or_not(b, req, mid, action, inbound.owners(mid=mid))
+    by, where = answerer(b, req)
     message, late, wake = await b.write(lambda: inbound.decide(mid, action, by, where))
     b.wake(wake)
     if late:
@@ -6058,9 +6044,9 @@ async def r_held_answer(b: Broker, req: Request, action: str) -> Any:
 
 
 async def r_loop_answer(b: Broker, req: Request, action: str) -> Any:
-    """A human releases or refuses everything a paused pair holds, and resumes the pair."""
+    """A human releases or refuses everything a paused pair holds, and resumes the pair (not-own-paused-pair)."""
     pair, inbound = (req.args[0], req.args[1]), b.messages.inbound
-    by, where = await _let_in_or_not(b, req, ":".join(sorted(pair)), action, inbound.owners(pair=pair))
+    by, where = answerer(b, req)
     answer, wake, late = await b.write(lambda: inbound.decide_pair(*pair, action, by, where))
     b.wake(wake)
     if late:
@@ -6199,34 +6185,42 @@ SID = r"([0-9a-f]{10})"
 PID = r"([0-9a-f]{8})"  # a permission prompt's id on the hub
 
 
-def _own_session(identity: Identity, req: Request) -> None:
+class Refusal(ApiError):
+    """A 403 under the least-privilege rule, which the hub audits (``audit``: a store write) before answering."""
+
+    def __init__(self, why: str, audit: Callable[[], Any]) -> None:
+        super().__init__(403, why)
+        self.audit = audit
+
+
+def _own_session(b: Broker, identity: Identity, req: Request) -> None:
     """A credential acts only for the sessions it registered (each also needs its secret); the admin for any."""
     if not identity.may("any_session") and req.session["credential"] != identity.name:
         raise ApiError(403, f"session {req.args[0]} was registered by another credential: {identity.role}"
                             f" credential {identity.name!r} may act only for its own sessions")
 
 
-def _named_machine(identity: Identity, req: Request) -> None:
+def _named_machine(b: Broker, identity: Identity, req: Request) -> None:
     own_machine(identity, req.body["machine"])
 
 
-def _pinned_machine(identity: Identity, req: Request) -> None:
+def _pinned_machine(b: Broker, identity: Identity, req: Request) -> None:
     """A client pins tasks to its own machine only: it directs no other machine's sessions."""
     if req.body.get("machine"):
         own_machine(identity, req.body["machine"])
 
 
-def _reported_machine(identity: Identity, req: Request) -> None:
+def _reported_machine(b: Broker, identity: Identity, req: Request) -> None:
     may_report_of(identity, req.body["machine"])
 
 
-def _health_machine(identity: Identity, req: Request) -> None:
+def _health_machine(b: Broker, identity: Identity, req: Request) -> None:
     """An LLM server's health (kind llm) is of no fleet machine: any reporter may watch one."""
     if req.body.get("kind", "machine") != "llm":
         own_machine(identity, req.body["machine"])
 
 
-def _forget_or_own_report(identity: Identity, req: Request) -> None:
+def _forget_or_own_report(b: Broker, identity: Identity, req: Request) -> None:
     """A daemon withdraws what it (``source``) reported of a machine; everything the hub holds of one
     (no source) is the admin's to forget."""
     if req.body.get("source"):
@@ -6235,14 +6229,44 @@ def _forget_or_own_report(identity: Identity, req: Request) -> None:
         require(identity, "forget")
 
 
+def _not_own_prompt(b: Broker, identity: Identity, req: Request) -> None:
+    """The credential that registered a session (which the session itself could use) never answers its prompts."""
+    pid, behavior = req.args
+    by, where = answerer(b, req)
+    why = may_answer(by, b.permissions.get(pid))
+    if why:
+        raise Refusal(why, lambda: b.permissions.refused(pid, behavior, by, where, why))
+
+
+def _let_in_by_another(b: Broker, req: Request, subject: str, owners: dict[str, str]) -> None:
+    by, where = answerer(b, req)
+    why = may_let_in(by, owners)
+    if why:
+        raise Refusal(why, lambda: b.messages.inbound.audit_refused(subject, "release", by, where, why))
+
+
+def _not_own_held_message(b: Broker, identity: Identity, req: Request) -> None:
+    """The credential that registered a session never releases mail held for it."""
+    _let_in_by_another(b, req, req.args[0], b.messages.inbound.owners(mid=req.args[0]))
+
+
+def _not_own_paused_pair(b: Broker, identity: Identity, req: Request) -> None:
+    """... nor what a paused pair holds for it."""
+    pair = (req.args[0], req.args[1])
+    _let_in_by_another(b, req, ":".join(sorted(pair)), b.messages.inbound.owners(pair=pair))
+
+
 # What a route's rules column may name: a check, past its permission, of what this request names.
-ROUTE_RULES: dict[str, Callable[[Identity, Request], None]] = {
+ROUTE_RULES: dict[str, Callable[[Broker, Identity, Request], None]] = {
     "own-session": _own_session,  # also: the route is a session's, its path names the session
     "own-machine": _named_machine,  # the body's machine is the caller's (unless it may act for any machine)
     "pinned-machine": _pinned_machine,  # ... when the body names one
     "reported-machine": _reported_machine,  # ... or an LLM server's (llm.<name>)
     "health-machine": _health_machine,  # ... or the report is of an LLM server (kind llm)
     "forget-or-own-report": _forget_or_own_report,
+    # approve, but not for a session the caller's credential registered (the least-privilege rule)
+    "not-own-prompt": _not_own_prompt, "not-own-held-message": _not_own_held_message,
+    "not-own-paused-pair": _not_own_paused_pair,
 }
 
 
@@ -6262,16 +6286,23 @@ class Route(NamedTuple):
         return "own-session" in self.rules
 
 
-def authorize(identity: Identity, route: Route, req: Request) -> None:
+def authorize(b: Broker, identity: Identity, route: Route, req: Request) -> None:
     """The one decision of who may call what, for every route: the route's permission, then each of its
     rules on this request (its session authenticated already; a rule that reads the body checks it);
     a 403 (or the dashboard's 401) names why not."""
     require(identity, route.permission)
     for rule in route.rules:
-        ROUTE_RULES[rule](identity, req)
+        ROUTE_RULES[rule](b, identity, req)
 
 
 OWN_SESSION = ("own-session",)
+
+
+def releasing(action: str, rule: str) -> tuple[str, ...]:
+    """A held-mail route's rules: letting mail in has the least-privilege rule; refusing it, none."""
+    return (rule,) if action == "release" else ()
+
+
 # Every route, a Route's fields a row (the pattern as text): who may call it is decided here, nowhere else.
 ROUTES: list[Route] = [
     Route(m, re.compile(f"^{p}$"), *rest) for m, p, *rest in [
@@ -6303,14 +6334,15 @@ ROUTES: list[Route] = [
         ("POST", f"/api/sessions/{SID}/permissions/{PID}/settle", r_permission_settle, OWN_SESSION,
          PERMISSION_SETTLE_SCHEMA, "session"),
         ("GET", "/api/permissions", r_permissions, (), None, "read"),
-        ("POST", f"/api/permissions/{PID}/(allow|deny)", r_permission_verdict, (), EMPTY_SCHEMA, "approve"),
+        ("POST", f"/api/permissions/{PID}/(allow|deny)", r_permission_verdict, ("not-own-prompt",), EMPTY_SCHEMA,
+         "approve"),
         ("GET", "/api/inbound", r_inbound, (), None, "read"),
         ("POST", "/api/inbound", r_set_inbound, (), INBOUND_SCHEMA, "approve"),
         ("GET", "/api/held", r_held, (), None, "read"),
         *[("POST", f"/api/messages/([0-9a-f]{{12}})/{action}", functools.partial(r_held_answer, action=action),
-           (), EMPTY_SCHEMA, "approve") for action in INBOUND_ACTIONS],
-        *[("POST", f"/api/loops/{SID}/{SID}/{action}", functools.partial(r_loop_answer, action=action), (),
-           EMPTY_SCHEMA, "approve") for action in INBOUND_ACTIONS],
+           releasing(action, "not-own-held-message"), EMPTY_SCHEMA, "approve") for action in INBOUND_ACTIONS],
+        *[("POST", f"/api/loops/{SID}/{SID}/{action}", functools.partial(r_loop_answer, action=action),
+           releasing(action, "not-own-paused-pair"), EMPTY_SCHEMA, "approve") for action in INBOUND_ACTIONS],
         ("POST", "/api/send", r_operator_send, (), SEND_SCHEMA, "operator"),
         ("GET", "/api/messages", r_messages, (), None, "operator"),
         ("GET", "/api/messages/([0-9a-f]{12})", r_message, (), None, "operator"),
@@ -6351,13 +6383,13 @@ ROUTES: list[Route] = [
         ("GET", "/dashboard/api/messages/([0-9a-f]{12})/text", r_dashboard_text, (), None, "dashboard"),
         ("POST", r"/dashboard/api/daemons/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/trigger", r_request_run, (),
          EMPTY_SCHEMA, "dashboard"),
-        ("POST", f"/dashboard/api/permissions/{PID}/(allow|deny)", r_permission_verdict, (), EMPTY_SCHEMA,
-         "dashboard"),
+        ("POST", f"/dashboard/api/permissions/{PID}/(allow|deny)", r_permission_verdict, ("not-own-prompt",),
+         EMPTY_SCHEMA, "dashboard"),
         *[("POST", f"/dashboard/api/messages/([0-9a-f]{{12}})/{action}",
-           functools.partial(r_held_answer, action=action), (), EMPTY_SCHEMA, "dashboard")
-          for action in INBOUND_ACTIONS],
+           functools.partial(r_held_answer, action=action), releasing(action, "not-own-held-message"), EMPTY_SCHEMA,
+           "dashboard") for action in INBOUND_ACTIONS],
         *[("POST", f"/dashboard/api/loops/{SID}/{SID}/{action}", functools.partial(r_loop_answer, action=action),
-           (), EMPTY_SCHEMA, "dashboard") for action in INBOUND_ACTIONS],
+           releasing(action, "not-own-paused-pair"), EMPTY_SCHEMA, "dashboard") for action in INBOUND_ACTIONS],
         ("POST", "/dashboard/api/alerts/([0-9a-f]{12})/resolve", r_resolve_alert, (), EMPTY_SCHEMA, "forget"),
         ("POST", "/dashboard/api/health/forget", r_forget_machine, ("forget-or-own-report",), FORGET_SCHEMA,
          "forget"),
@@ -6536,7 +6568,11 @@ class ApiServer:
             if not secret:
                 raise ApiError(401, "missing X-Session-Secret header for a session call")
             req.session = self.broker.sessions.authenticate(req.args[0], secret)
-        authorize(identity, route, req)
+        try:
+            authorize(self.broker, identity, route, req)
+        except Refusal as refused:
+            await self.broker.write(refused.audit)
+            raise
         if route.session:
             self.broker.presence.heard[req.args[0]] = time.time()
             if not self.broker.limiter.allow(req.args[0]):
