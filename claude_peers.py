@@ -21,7 +21,8 @@ Sections, in dependency order (each uses only what is above it):
   Events on NATS JetStream  the embedded nats-server, the relay from the outbox
   Webhook              alert changes posted by the hub from its queue, in order, retried until answered
   Dashboard and metrics  the live page and its logins, the broker's counters, GET /metrics
-  Broker HTTP          request checks, the group commit, the routes, the HTTP/1.1 server
+  Broker HTTP          request checks, the group commit, the routes and who may call them (authorize),
+                       the HTTP/1.1 server
   Broker client        the sync and asyncio clients every other part uses
   Shim                 the MCP server on stdio: handshake, tools, channel pushes, permission prompts
   Machine probes       what fleet-scout runs on a host over SSH, and the findings it draws
