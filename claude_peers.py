@@ -22,7 +22,8 @@ Sections, in dependency order (each uses only what is above it):
   Events on NATS JetStream  the embedded nats-server, the relay from the outbox
   Webhook              alert changes posted by the hub from its queue, in order, retried until answered
   Dashboard and metrics  the live page and its logins, the broker's counters, GET /metrics
-  Broker HTTP          request checks, the group commit, the routes, the HTTP/1.1 server
+  Broker HTTP          request checks, the group commit, the routes and who may call them (authorize),
+                       the HTTP/1.1 server
   Broker client        the sync and asyncio clients every other part uses
   Shim                 the MCP server on stdio: handshake, tools, channel pushes, permission prompts
   Machine probes       what fleet-scout runs on a host over SSH, and the findings it draws
@@ -643,7 +644,44 @@ def builtin_daemons() -> dict[str, dict[str, Any]]:
 INBOUND_RULE_DEFAULTS: dict[str, Any] = {"machine": "", "from_machine": "", "from_role": "", "from_name": "",
                                          "policy": ""}
 INBOUND_POLICIES = ("accept", "hold", "refuse")  # from the loosest to the strictest
-ROLES = ("client", "operator", "admin")  # a credential's role: what it may do (ROLE_PERMISSIONS)
+# Who may do what, the one table the broker's authorize reads: each permission in the words a refusal
+# uses, and each role's permissions. A route names the permission it needs (ROUTES); a handler that
+# shapes its answer by what the caller may see asks the same table (Identity.may).
+PERMISSIONS = {
+    "read": "read the fleet (peers, status, events, runs, alerts, health, memory)",
+    "session": "register and act as its own sessions",
+    "report": "report runs, alerts and health",
+    "trigger": "ask for daemon runs",
+    "operator": "send as the operator, read every message, or replace the fleet memory",
+    "metrics": "read the metrics",
+    "login": "open the dashboard (it shows every session and message, and runs daemons on any machine)",
+    "dashboard": "use the dashboard (its cookie: from `claude-peers dashboard`)",
+    "task": "add, claim and finish tasks on the task board",
+    "claim": "end another session's file claim",
+    "forget": "resolve alerts by hand and forget machines",
+    "admin": "manage credentials",
+    "approve": "answer the sessions' permission prompts, release or refuse held mail, set what reaches a session",
+    "read_text": "read message text in the event feed and held mail",
+    "any_machine": "act for any machine (register, report, trigger and pin tasks there)",
+    "any_session": "act for the sessions other credentials registered",
+    "any_task": "finish a task another session holds",
+    "page": "load the dashboard's page (it holds no data)",
+    "dashboard_login": "log in to the dashboard with a login code",
+}
+_CLIENT = frozenset({"read", "session", "report", "trigger", "task"})
+_DASHBOARD = frozenset({"page", "dashboard_login", "dashboard", "any_machine"})
+# The credentials' roles first, least to most (the hub's token is the admin); then the dashboard's callers
+# (a browser loading the page, its calls before a login, a login's cookie, one the admin's code opened)
+# and the [broker] metrics_token.
+ROLE_PERMISSIONS: dict[str, frozenset[str]] = {
+    "client": _CLIENT,
+    "operator": _CLIENT | {"claim", "operator", "metrics", "login", "approve", "read_text", "any_machine", "any_task"},
+    "admin": frozenset(PERMISSIONS),
+    "dashboard-page": frozenset({"page"}), "dashboard-visitor": frozenset({"page", "dashboard_login"}),
+    "dashboard": _DASHBOARD, "dashboard-admin": _DASHBOARD | {"forget"},
+    "metrics": frozenset({"metrics"}),
+}
+ROLES = tuple(ROLE_PERMISSIONS)[:3]  # a credential's role (and the admin's): client, operator, admin
 
 
 TIERS = ("heavy", "routine", "local")
@@ -4179,6 +4217,11 @@ class Dashboard:
     COOKIE = "claude_peers_dashboard"
     HEADER = "x-claude-peers"  # every call from the page carries it: a cross-site page cannot set it
     HEADER_VALUE = "dashboard"
+    #: the refusal for the callers that are not logged in (caller), whatever the route needs of them
+    REFUSALS: dict[str, tuple[int, str]] = {  # noqa: RUF012 - a constant
+        "dashboard-page": (403, f"dashboard calls need the header {HEADER}: {HEADER_VALUE}"),
+        "dashboard-visitor": (401, ("not logged in to the dashboard (or the login expired): run `claude-peers"
+                                    " dashboard` for a login link"))}
 
     def __init__(self, secure: bool) -> None:
         self.secure = secure  #: served over TLS: the cookie is Secure
@@ -4250,22 +4293,17 @@ class Dashboard:
                 return value
         return ""
 
-    def authorise(self, path: str, headers: dict[str, str], now: float | None = None) -> bool:
-        """The dashboard's credential: the page itself holds no data; every other call needs the
-        custom header, and all but the login its cookie session. Nothing else takes this cookie.
-        True when the admin opened this session."""
-        if path == "/":
-            return False
+    def caller(self, headers: dict[str, str], now: float | None = None) -> str:
+        """The role a call on the dashboard's paths has (ROLE_PERMISSIONS): every call from the page
+        carries the custom header, which a cross-site page cannot set, and all but the login its cookie
+        session; nothing else takes this cookie. What each role may call, the broker's authorize decides."""
         if headers.get(self.HEADER) != self.HEADER_VALUE:
-            raise ApiError(403, f"dashboard calls need the header {self.HEADER}: {self.HEADER_VALUE}")
-        if path == "/dashboard/login":
-            return False
+            return "dashboard-page"
         value = self._cookie_value(headers)
         key = self._find(self.sessions, value, time.time() if now is None else now) if value else None
         if key is None:
-            raise ApiError(401, "not logged in to the dashboard (or the login expired): run `claude-peers"
-                                " dashboard` for a login link")
-        return self.sessions[key][1]
+            return "dashboard-visitor"
+        return "dashboard-admin" if self.sessions[key][1] else "dashboard"
 
     def logout(self, headers: dict[str, str]) -> None:
         """End the caller's cookie session here, whatever the browser keeps."""
@@ -5659,54 +5697,41 @@ class Broker:
 
 
 class Identity(NamedTuple):
-    """Who is calling: the hub's admin token, or a credential of one machine with its role."""
+    """Who is calling: the hub's admin token, a credential of one machine with its role, the
+    dashboard's cookie or the metrics token."""
 
     name: str
     machine: str  #: '' for the admin: every machine
-    role: str
+    role: str  #: a key of ROLE_PERMISSIONS
+
+    def may(self, permission: str) -> bool:
+        """Whether this caller's role has ``permission``: for a handler that shapes its answer by it."""
+        return permission in ROLE_PERMISSIONS[self.role]
 
 
 ADMIN = Identity("admin", "", "admin")
 DASHBOARD = Identity("dashboard", "", "dashboard")  # the page's cookie: the dashboard's own routes only
 DASHBOARD_ADMIN = Identity("dashboard", "", "dashboard-admin")  # ... opened with the admin token: it may forget too
 METRICS = Identity("metrics", "", "metrics")  # [broker] metrics_token: /metrics only
-# What a route needs, in the words a refusal uses; and what each role may do.
-PERMISSIONS = {
-    "read": "read the fleet (peers, status, events, runs, alerts, health, memory)",
-    "session": "register and act as its own sessions",
-    "report": "report runs, alerts and health",
-    "trigger": "ask for daemon runs",
-    "operator": "send as the operator, read every message, or replace the fleet memory",
-    "metrics": "read the metrics",
-    "login": "open the dashboard (it shows every session and message, and runs daemons on any machine)",
-    "dashboard": "use the dashboard (its cookie: from `claude-peers dashboard`)",
-    "task": "add, claim and finish tasks on the task board",
-    "claim": "end another session's file claim",
-    "forget": "resolve alerts by hand and forget machines",
-    "admin": "manage credentials",
-    "approve": "answer the sessions' permission prompts, release or refuse held mail, set what reaches a session",
-}
-ROLE_PERMISSIONS = {"client": {"read", "session", "report", "trigger", "task"},
-                    "operator": {"read", "session", "report", "trigger", "task", "claim", "operator", "metrics", "login",
-                                 "approve"},
-                    "admin": set(PERMISSIONS), "dashboard": {"dashboard"}, "dashboard-admin": {"dashboard", "forget"},
-                    "metrics": {"metrics"}}
 
 
 def require(identity: Identity, permission: str) -> None:
-    """A 403 that names the role and what it lacks, unless the role has the permission."""
-    if permission not in ROLE_PERMISSIONS[identity.role]:
-        needed = next(role for role in ROLES if permission in ROLE_PERMISSIONS[role])
-        raise ApiError(403, f"{identity.role} credential {identity.name!r} may not {PERMISSIONS[permission]}:"
-                            f" that needs the {needed} role")
+    """A 403 that names the role and what it lacks, unless the role has the permission (a dashboard
+    caller not logged in is told how to log in)."""
+    if identity.may(permission):
+        return
+    if identity.role in Dashboard.REFUSALS:
+        raise ApiError(*Dashboard.REFUSALS[identity.role])
+    needed = next(role for role in ROLES if permission in ROLE_PERMISSIONS[role])
+    raise ApiError(403, f"{identity.role} credential {identity.name!r} may not {PERMISSIONS[permission]}:"
+                        f" that needs the {needed} role")
 
 
-def own_machine(identity: Identity, machine: str) -> str:
-    """The machine a client credential may act for is its own; operator and admin: any."""
-    if identity.role == "client" and machine != identity.machine:
-        raise ApiError(403, f"client credential {identity.name!r} may only act for machine {identity.machine!r},"
-                            f" not {machine!r}")
-    return machine
+def own_machine(identity: Identity, machine: str) -> None:
+    """The machine a client credential may act for is its own; a role with any_machine (operator, admin): any."""
+    if not identity.may("any_machine") and machine != identity.machine:
+        raise ApiError(403, f"{identity.role} credential {identity.name!r} may only act for machine"
+                            f" {identity.machine!r}, not {machine!r}")
 
 
 def may_report_of(identity: Identity, machine: str) -> None:
@@ -5738,6 +5763,19 @@ def may_let_in(by: str, owners: dict[str, str]) -> str:
 class Request(SimpleNamespace):
     """One parsed API call: path groups, query, JSON body, caller identity, the caller's address."""
 
+    @functools.cached_property
+    def body(self) -> dict[str, Any]:
+        """The JSON body (``raw``) checked against the route's schema when first read: authorize reads it
+        only past the permission and the session's owner, so their 403 comes before a bad body's 400."""
+        if self.raw is None:
+            return {}
+        return validate(parse_json_body(self.headers, self.raw), self.schema or {}, plain=not may_hold_surrogates(self.raw))
+
+    def checked(self) -> Request:
+        """This request with its body checked, whether a rule of its route read it or not."""
+        _ = self.body
+        return self
+
 
 OPERATOR_IDENTITY = {"id": OPERATOR, "name": OPERATOR, "machine": "", "cwd": ""}
 
@@ -5759,7 +5797,7 @@ def r_status(b: Broker, req: Request) -> Any:
 
 async def r_register(b: Broker, req: Request) -> Any:
     """A client credential's sessions are on its machine, whatever the body says."""
-    info = {**req.body, "machine": req.identity.machine} if req.identity.role == "client" else req.body
+    info = req.body if req.identity.may("any_machine") else {**req.body, "machine": req.identity.machine}
     session = await b.write(lambda: b.sessions.register(info, req.identity.name))
     return 201, {**session, "stale_after_s": b.cfg.broker.stale_after_s, "lease_s": b.cfg.broker.lease_s,
                  "poll_wait_s": b.cfg.broker.poll_wait_s}
@@ -5915,7 +5953,7 @@ async def r_events(b: Broker, req: Request) -> Any:
     if wait_s:
         await b.wait_events(after, wait_s)
     events = b.store.events_after(after, limit)
-    if "operator" not in ROLE_PERMISSIONS[req.identity.role]:  # message text (publish_text) is not theirs to read
+    if not req.identity.may("read_text"):  # message text (publish_text) is not theirs to read
         events = [{k: v for k, v in e.items() if k != "text"} for e in events]
     return {"events": events, "cursor": events[-1]["seq"] if events else after}
 
@@ -5926,7 +5964,6 @@ async def r_record_run(b: Broker, req: Request) -> Any:
         raise ApiError(400, f"field 'status' must be one of {', '.join(RUN_STATUSES)}")
     if not NAME_RE.match(run["daemon"]):
         raise ApiError(400, f"field 'daemon' is not a daemon name: {run['daemon']!r}")
-    own_machine(req.identity, run["machine"])
     await b.write(lambda: b.records.record_run({**run, "credential": req.identity.name}))
     return {"ok": True}
 
@@ -5947,7 +5984,6 @@ def _check_findings(findings: list[dict[str, Any]]) -> None:
 async def r_sync_alerts(b: Broker, req: Request) -> Any:
     body = req.body
     _check_findings(body["findings"])
-    may_report_of(req.identity, body["machine"])
     changes = await b.write(lambda: b.records.sync_alerts(body["source"], body["machine"], body["checks"],
                                                         body["findings"], max(1, body["repeat_after"]),
                                                         req.identity.name))
@@ -5968,8 +6004,6 @@ async def r_record_health(b: Broker, req: Request) -> Any:
     kind = body.get("kind", "machine")
     if kind not in HEALTH_KINDS:
         raise ApiError(400, f"field 'kind' must be one of {', '.join(HEALTH_KINDS)}")
-    if kind == "machine":  # an LLM server is no fleet machine: any reporter may watch it
-        own_machine(req.identity, body["machine"])
     await b.write(lambda: b.records.record_health(body["machine"], body["source"], body["report"], body["findings"],
                                                   kind))
     return {"ok": True}
@@ -6006,14 +6040,8 @@ async def r_resolve_alert(b: Broker, req: Request) -> Any:
 
 async def r_forget_machine(b: Broker, req: Request) -> Any:
     """A daemon withdraws what it (``source``) reported of a machine no longer in its list; without a
-    source, everything the hub holds of the machine goes, which is the admin's to do."""
+    source, everything the hub holds of the machine goes (the forget-or-own-report rule: the admin's)."""
     body, by = req.body, req.identity.name
-    if not body.get("source"):
-        require(req.identity, "forget")
-    if body.get("source"):
-        may_report_of(req.identity, body["machine"])  # withdraws its own report only
-    else:
-        own_machine(req.identity, body["machine"])
     gone = await b.write(lambda: b.records.forget_machine(body["machine"], body.get("source", ""), by,
                                                           body.get("reason") or f"forgotten by {by}"))
     return {**gone, "webhook": b.webhooks.target}
@@ -6023,7 +6051,7 @@ async def r_request_run(b: Broker, req: Request) -> Any:
     """A client's request is for the supervisor of its own machine; an operator's, for any. One that
     no running supervisor would take is refused, saying why: otherwise nothing would run anywhere."""
     daemon = req.args[0]
-    only = req.identity.machine if req.identity.role == "client" else ""
+    only = "" if req.identity.may("any_machine") else req.identity.machine
     running = supervisors_running(b, daemon)
     taking = [m for m in running if m == only] if only else running
     if not taking:
@@ -6129,14 +6157,10 @@ def answerer(b: Broker, req: Request) -> tuple[str, str]:
 
 async def r_permission_verdict(b: Broker, req: Request) -> Any:
     """A human's allow or deny (the API with the approve permission, or the dashboard as its
-    login's credential): refused under the least-privilege rule, dropped when late, audited always."""
+    login's credential): refused under the least-privilege rule (not-own-prompt), dropped when late,
+    audited always."""
     pid, behavior = req.args
     by, where = answerer(b, req)
-    prompt = b.permissions.get(pid)
-    why = may_answer(by, prompt)
-    if why:
-        await b.write(lambda: b.permissions.refused(pid, behavior, by, where, why))
-        raise ApiError(403, why)
     answered, late = await b.write(lambda: b.permissions.answer(pid, behavior, by, where))
     if late:
         raise ApiError(409, late, permission=answered)
@@ -6172,26 +6196,16 @@ async def r_set_inbound(b: Broker, req: Request) -> Any:
 
 def r_held(b: Broker, req: Request) -> Any:
     """Held messages and paused pairs; a held message's first line only for those who may read mail."""
-    may_read = "operator" in ROLE_PERMISSIONS[req.identity.role]
     inbound = b.messages.inbound
-    return {"held": inbound.held(_int_query(req, "limit", 100, 1, 1000), may_read), "loops": inbound.loops()}
-
-
-async def _let_in_or_not(b: Broker, req: Request, subject: str, action: str, owners: dict[str, str]) -> tuple[str, str]:
-    """Who answers a held message or a paused pair, and from where; a release the least-privilege rule
-    refuses is audited and answered 403."""
-    by, where = answerer(b, req)
-    why = may_let_in(by, owners) if action == "release" else ""
-    if why:
-        await b.write(lambda: b.messages.inbound.audit_refused(subject, action, by, where, why))
-        raise ApiError(403, why)
-    return by, where
+    return {"held": inbound.held(_int_query(req, "limit", 100, 1, 1000), req.identity.may("read_text")),
+            "loops": inbound.loops()}
 
 
 async def r_held_answer(b: Broker, req: Request, action: str) -> Any:
-    """A human releases or refuses a held message: applied once, a late answer dropped (409), audited always."""
+    """A human releases or refuses a held message: applied once, a late answer dropped (409), audited always
+    (a release the least-privilege rule refuses too: not-own-held-message)."""
     mid, inbound = req.args[0], b.messages.inbound
-    by, where = await _let_in_or_not(b, req, mid, action, inbound.owners(mid=mid))
+    by, where = answerer(b, req)
     message, late, wake = await b.write(lambda: inbound.decide(mid, action, by, where))
     b.wake(wake)
     if late:
@@ -6200,9 +6214,9 @@ async def r_held_answer(b: Broker, req: Request, action: str) -> Any:
 
 
 async def r_loop_answer(b: Broker, req: Request, action: str) -> Any:
-    """A human releases or refuses everything a paused pair holds, and resumes the pair."""
+    """A human releases or refuses everything a paused pair holds, and resumes the pair (not-own-paused-pair)."""
     pair, inbound = (req.args[0], req.args[1]), b.messages.inbound
-    by, where = await _let_in_or_not(b, req, ":".join(sorted(pair)), action, inbound.owners(pair=pair))
+    by, where = answerer(b, req)
     answer, wake, late = await b.write(lambda: inbound.decide_pair(*pair, action, by, where))
     b.wake(wake)
     if late:
@@ -6214,7 +6228,7 @@ def task_actor(req: Request) -> dict[str, Any]:
     """Who acts on the task board: the calling session, else the operator as this credential."""
     if req.session is not None:
         return req.session
-    name = (OPERATOR if req.identity == ADMIN else f"{OPERATOR} ({req.identity.name})" if req.identity.role == OPERATOR
+    name = (OPERATOR if req.identity == ADMIN else f"{OPERATOR} ({req.identity.name})" if req.identity.may("operator")
             else f"{req.identity.name} (command line)")  # the audit: which credential
     return {**OPERATOR_IDENTITY, "name": name, "machine": req.identity.machine}
 
@@ -6235,8 +6249,6 @@ async def r_add_task(b: Broker, req: Request) -> Any:
     machine = body.get("machine", "")
     if machine and not NAME_RE.match(machine):
         raise ApiError(400, f"field 'machine' is not a machine name: {machine!r}")
-    if machine:  # a client pins tasks to its own machine only: it directs no other machine's sessions
-        own_machine(req.identity, machine)
     task = await b.write(lambda: b.tasks.add(actor, body["text"], body.get("repo", ""), machine,
                                              body.get("after", []), tell, req.identity.name))
     return 201, task
@@ -6250,7 +6262,7 @@ async def r_claim_task(b: Broker, req: Request) -> Any:
 
 
 async def r_finish_task(b: Broker, req: Request) -> Any:
-    any_holder = req.session is None and "operator" in ROLE_PERMISSIONS[req.identity.role]
+    any_holder = req.session is None and req.identity.may("any_task")
     sent = await b.write(lambda: b.tasks.finish(task_actor(req), req.identity.name, req.args[-1],
                                                 req.body.get("result", ""), any_holder, b.parked))
     return {k: v for k, v in sent.answer.items() if k != "messages"}
@@ -6296,7 +6308,7 @@ def r_dashboard_page(b: Broker, req: Request) -> Any:
 
 def r_login_code(b: Broker, req: Request) -> Any:
     """A one-time login code for the dashboard, for a holder of the fleet token (`claude-peers dashboard`)."""
-    code = b.dashboard.new_code(admin=req.identity.role == "admin", owner=req.identity.name)
+    code = b.dashboard.new_code(admin=req.identity.may("forget"), owner=req.identity.name)
     return 201, {"code": code, "path": f"/#login={code}", "expires_in_s": b.dashboard.CODE_TTL_S}
 
 
@@ -6312,7 +6324,7 @@ def r_dashboard_logout(b: Broker, req: Request) -> Any:
 
 
 def r_dashboard_state(b: Broker, req: Request) -> Any:
-    return {**dashboard_state(b), "admin": req.identity.role == "dashboard-admin"}
+    return {**dashboard_state(b), "admin": req.identity.may("forget")}
 
 
 async def r_dashboard_changes(b: Broker, req: Request) -> Any:
@@ -6331,7 +6343,7 @@ def r_schedule(b: Broker, req: Request) -> Any:
     for i, entry in enumerate(req.body["daemons"]):
         if not NAME_RE.match(entry["name"]):
             raise ApiError(400, f"field 'daemons[{i}].name' is not a daemon name: {entry['name']!r}")
-    b.dashboard.record_schedule(own_machine(req.identity, req.body["machine"]), req.identity.name, req.body["daemons"])
+    b.dashboard.record_schedule(req.body["machine"], req.identity.name, req.body["daemons"])
     return {"ok": True}
 
 
@@ -6342,93 +6354,216 @@ def r_metrics(b: Broker, req: Request) -> Any:
 SID = r"([0-9a-f]{10})"
 PID = r"([0-9a-f]{8})"  # a permission prompt's id on the hub
 
-# (method, path pattern, handler, needs a session, body schema for POSTs, the permission it needs)
-Route = tuple[str, re.Pattern[str], Callable[[Broker, Request], Any], bool, Schema | None, str]
+
+class Refusal(ApiError):
+    """A 403 under the least-privilege rule, which the hub audits (``audit``: a store write) before answering."""
+
+    def __init__(self, why: str, audit: Callable[[], Any]) -> None:
+        super().__init__(403, why)
+        self.audit = audit
+
+
+def _own_session(b: Broker, identity: Identity, req: Request) -> None:
+    """A credential acts only for the sessions it registered (each also needs its secret); the admin for any."""
+    if not identity.may("any_session") and req.session["credential"] != identity.name:
+        raise ApiError(403, f"session {req.args[0]} was registered by another credential: {identity.role}"
+                            f" credential {identity.name!r} may act only for its own sessions")
+
+
+def _named_machine(b: Broker, identity: Identity, req: Request) -> None:
+    own_machine(identity, req.body["machine"])
+
+
+def _pinned_machine(b: Broker, identity: Identity, req: Request) -> None:
+    """A client pins tasks to its own machine only: it directs no other machine's sessions."""
+    if req.body.get("machine"):
+        own_machine(identity, req.body["machine"])
+
+
+def _reported_machine(b: Broker, identity: Identity, req: Request) -> None:
+    may_report_of(identity, req.body["machine"])
+
+
+def _health_machine(b: Broker, identity: Identity, req: Request) -> None:
+    """An LLM server's health (kind llm) is of no fleet machine: any reporter may watch one."""
+    if req.body.get("kind", "machine") != "llm":
+        own_machine(identity, req.body["machine"])
+
+
+def _forget_or_own_report(b: Broker, identity: Identity, req: Request) -> None:
+    """A daemon withdraws what it (``source``) reported of a machine; everything the hub holds of one
+    (no source) is the admin's to forget."""
+    if req.body.get("source"):
+        may_report_of(identity, req.body["machine"])
+    else:
+        require(identity, "forget")
+
+
+def _not_own_prompt(b: Broker, identity: Identity, req: Request) -> None:
+    """The credential that registered a session (which the session itself could use) never answers its prompts."""
+    pid, behavior = req.args
+    by, where = answerer(b, req)
+    why = may_answer(by, b.permissions.get(pid))
+    if why:
+        raise Refusal(why, lambda: b.permissions.refused(pid, behavior, by, where, why))
+
+
+def _let_in_by_another(b: Broker, req: Request, subject: str, owners: dict[str, str]) -> None:
+    by, where = answerer(b, req)
+    why = may_let_in(by, owners)
+    if why:
+        raise Refusal(why, lambda: b.messages.inbound.audit_refused(subject, "release", by, where, why))
+
+
+def _not_own_held_message(b: Broker, identity: Identity, req: Request) -> None:
+    """The credential that registered a session never releases mail held for it."""
+    _let_in_by_another(b, req, req.args[0], b.messages.inbound.owners(mid=req.args[0]))
+
+
+def _not_own_paused_pair(b: Broker, identity: Identity, req: Request) -> None:
+    """... nor what a paused pair holds for it."""
+    pair = (req.args[0], req.args[1])
+    _let_in_by_another(b, req, ":".join(sorted(pair)), b.messages.inbound.owners(pair=pair))
+
+
+# What a route's rules column may name: a check, past its permission, of what this request names.
+ROUTE_RULES: dict[str, Callable[[Broker, Identity, Request], None]] = {
+    "own-session": _own_session,  # also: the route is a session's, its path names the session
+    "own-machine": _named_machine,  # the body's machine is the caller's (unless it may act for any machine)
+    "pinned-machine": _pinned_machine,  # ... when the body names one
+    "reported-machine": _reported_machine,  # ... or an LLM server's (llm.<name>)
+    "health-machine": _health_machine,  # ... or the report is of an LLM server (kind llm)
+    "forget-or-own-report": _forget_or_own_report,
+    # approve, but not for a session the caller's credential registered (the least-privilege rule)
+    "not-own-prompt": _not_own_prompt, "not-own-held-message": _not_own_held_message,
+    "not-own-paused-pair": _not_own_paused_pair,
+}
+
+
+class Route(NamedTuple):
+    """One route: what serves it, and what a caller needs to call it (its permission, then its rules)."""
+
+    method: str
+    pattern: re.Pattern[str]
+    handler: Callable[[Broker, Request], Any]
+    rules: tuple[str, ...]  #: keys of ROUTE_RULES, applied in order after the permission
+    schema: Schema | None  #: the body's, for a POST
+    permission: str  #: the key of PERMISSIONS a caller's role needs
+
+    @property
+    def session(self) -> bool:
+        """A session's route: its first path group is the session, authenticated by its secret."""
+        return "own-session" in self.rules
+
+
+def authorize(b: Broker, identity: Identity, route: Route, req: Request) -> None:
+    """The one decision of who may call what, for every route: the route's permission, then each of its
+    rules on this request (its session authenticated already; a rule that reads the body checks it);
+    a 403 (or the dashboard's 401) names why not."""
+    require(identity, route.permission)
+    for rule in route.rules:
+        ROUTE_RULES[rule](b, identity, req)
+
+
+OWN_SESSION = ("own-session",)
+
+
+def releasing(action: str, rule: str) -> tuple[str, ...]:
+    """A held-mail route's rules: letting mail in has the least-privilege rule; refusing it, none."""
+    return (rule,) if action == "release" else ()
+
+
+# Every route, a Route's fields a row (the pattern as text): who may call it is decided here, nowhere else.
 ROUTES: list[Route] = [
-    (m, re.compile(f"^{p}$"), h, s, schema, permission) for m, p, h, s, schema, permission in [
-        ("GET", "/api/status", r_status, False, None, "read"),
-        ("GET", "/api/peers", r_peers, False, None, "read"),
-        ("POST", "/api/sessions", r_register, False, REGISTER_SCHEMA, "session"),
-        ("GET", f"/api/sessions/{SID}", r_whoami, True, None, "session"),
-        ("GET", f"/api/sessions/{SID}/peers", r_session_peers, True, None, "session"),
-        ("POST", f"/api/sessions/{SID}/summary", r_summary, True, SUMMARY_SCHEMA, "session"),
-        ("POST", f"/api/sessions/{SID}/mode", r_mode, True, MODE_SCHEMA, "session"),
-        ("POST", f"/api/sessions/{SID}/send", r_session_send, True, SEND_SCHEMA, "session"),
-        ("POST", f"/api/sessions/{SID}/poll", r_poll, True, POLL_SCHEMA, "session"),
-        ("POST", f"/api/sessions/{SID}/ack", r_ack, True, ACK_SCHEMA, "session"),
-        ("POST", f"/api/sessions/{SID}/inbox", r_inbox, True, EMPTY_SCHEMA, "session"),
-        ("POST", f"/api/sessions/{SID}/leave", r_leave, True, EMPTY_SCHEMA, "session"),
-        ("POST", f"/api/sessions/{SID}/tasks", r_add_task, True, TASK_SCHEMA, "session"),
-        ("POST", f"/api/sessions/{SID}/tasks/claim", r_claim_task, True, TASK_CLAIM_SCHEMA, "session"),
-        ("POST", f"/api/sessions/{SID}/tasks/([0-9a-f]{{12}})/done", r_finish_task, True, TASK_DONE_SCHEMA, "session"),
-        ("POST", f"/api/sessions/{SID}/claims", r_claim, True, CLAIM_SCHEMA, "session"),
-        ("POST", f"/api/sessions/{SID}/claims/release", r_release_claims, True, CLAIM_RELEASE_SCHEMA, "session"),
-        ("POST", f"/api/sessions/{SID}/memory", r_set_memory, True, MEMORY_SCHEMA, "operator"),
-        ("GET", f"/api/sessions/{SID}/messages/([0-9a-f]{{12}})", r_session_message, True, None, "session"),
-        ("POST", f"/api/sessions/{SID}/permissions", r_permission_request, True, PERMISSION_REQUEST_SCHEMA,
+    Route(m, re.compile(f"^{p}$"), *rest) for m, p, *rest in [
+        ("GET", "/api/status", r_status, (), None, "read"),
+        ("GET", "/api/peers", r_peers, (), None, "read"),
+        ("POST", "/api/sessions", r_register, (), REGISTER_SCHEMA, "session"),
+        ("GET", f"/api/sessions/{SID}", r_whoami, OWN_SESSION, None, "session"),
+        ("GET", f"/api/sessions/{SID}/peers", r_session_peers, OWN_SESSION, None, "session"),
+        ("POST", f"/api/sessions/{SID}/summary", r_summary, OWN_SESSION, SUMMARY_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/mode", r_mode, OWN_SESSION, MODE_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/send", r_session_send, OWN_SESSION, SEND_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/poll", r_poll, OWN_SESSION, POLL_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/ack", r_ack, OWN_SESSION, ACK_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/inbox", r_inbox, OWN_SESSION, EMPTY_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/leave", r_leave, OWN_SESSION, EMPTY_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/tasks", r_add_task, (*OWN_SESSION, "pinned-machine"), TASK_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/tasks/claim", r_claim_task, OWN_SESSION, TASK_CLAIM_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/tasks/([0-9a-f]{{12}})/done", r_finish_task, OWN_SESSION, TASK_DONE_SCHEMA,
          "session"),
-        ("POST", f"/api/sessions/{SID}/permissions/poll", r_permission_poll, True, PERMISSION_POLL_SCHEMA, "session"),
-        ("POST", f"/api/sessions/{SID}/permissions/{PID}/settle", r_permission_settle, True,
+        ("POST", f"/api/sessions/{SID}/claims", r_claim, OWN_SESSION, CLAIM_SCHEMA, "session"),
+        ("POST", f"/api/sessions/{SID}/claims/release", r_release_claims, OWN_SESSION, CLAIM_RELEASE_SCHEMA,
+         "session"),
+        ("POST", f"/api/sessions/{SID}/memory", r_set_memory, OWN_SESSION, MEMORY_SCHEMA, "operator"),
+        ("GET", f"/api/sessions/{SID}/messages/([0-9a-f]{{12}})", r_session_message, OWN_SESSION, None, "session"),
+        ("POST", f"/api/sessions/{SID}/permissions", r_permission_request, OWN_SESSION, PERMISSION_REQUEST_SCHEMA,
+         "session"),
+        ("POST", f"/api/sessions/{SID}/permissions/poll", r_permission_poll, OWN_SESSION, PERMISSION_POLL_SCHEMA,
+         "session"),
+        ("POST", f"/api/sessions/{SID}/permissions/{PID}/settle", r_permission_settle, OWN_SESSION,
          PERMISSION_SETTLE_SCHEMA, "session"),
-        ("GET", "/api/permissions", r_permissions, False, None, "read"),
-        ("POST", f"/api/permissions/{PID}/(allow|deny)", r_permission_verdict, False, EMPTY_SCHEMA, "approve"),
-        ("GET", "/api/inbound", r_inbound, False, None, "read"),
-        ("POST", "/api/inbound", r_set_inbound, False, INBOUND_SCHEMA, "approve"),
-        ("GET", "/api/held", r_held, False, None, "read"),
+        ("GET", "/api/permissions", r_permissions, (), None, "read"),
+        ("POST", f"/api/permissions/{PID}/(allow|deny)", r_permission_verdict, ("not-own-prompt",), EMPTY_SCHEMA,
+         "approve"),
+        ("GET", "/api/inbound", r_inbound, (), None, "read"),
+        ("POST", "/api/inbound", r_set_inbound, (), INBOUND_SCHEMA, "approve"),
+        ("GET", "/api/held", r_held, (), None, "read"),
         *[("POST", f"/api/messages/([0-9a-f]{{12}})/{action}", functools.partial(r_held_answer, action=action),
-           False, EMPTY_SCHEMA, "approve") for action in INBOUND_ACTIONS],
-        *[("POST", f"/api/loops/{SID}/{SID}/{action}", functools.partial(r_loop_answer, action=action), False,
-           EMPTY_SCHEMA, "approve") for action in INBOUND_ACTIONS],
-        ("POST", "/api/send", r_operator_send, False, SEND_SCHEMA, "operator"),
-        ("GET", "/api/messages", r_messages, False, None, "operator"),
-        ("GET", "/api/messages/([0-9a-f]{12})", r_message, False, None, "operator"),
-        ("GET", "/api/events", r_events, False, None, "read"),
-        ("GET", "/api/memory", r_memory, False, None, "read"),
-        ("POST", "/api/memory", r_set_memory, False, OPERATOR_MEMORY_SCHEMA, "operator"),
-        ("GET", "/api/memory/history", r_memory_history, False, None, "read"),
-        ("GET", "/api/memory/diff", r_memory_diff, False, None, "read"),
-        ("POST", "/api/runs", r_record_run, False, RUN_SCHEMA, "report"),
-        ("GET", "/api/runs", r_runs, False, None, "read"),
-        ("POST", "/api/alerts", r_sync_alerts, False, ALERTS_SCHEMA, "report"),
-        ("GET", "/api/alerts", r_alerts, False, None, "read"),
-        ("POST", "/api/health", r_record_health, False, HEALTH_SCHEMA, "report"),
-        ("GET", "/api/health", r_health, False, None, "read"),
-        ("POST", "/api/alerts/([0-9a-f]{12})/resolve", r_resolve_alert, False, EMPTY_SCHEMA, "forget"),
-        ("POST", "/api/health/forget", r_forget_machine, False, FORGET_SCHEMA, "report"),
-        ("POST", r"/api/daemons/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/trigger", r_request_run, False, EMPTY_SCHEMA,
+           releasing(action, "not-own-held-message"), EMPTY_SCHEMA, "approve") for action in INBOUND_ACTIONS],
+        *[("POST", f"/api/loops/{SID}/{SID}/{action}", functools.partial(r_loop_answer, action=action),
+           releasing(action, "not-own-paused-pair"), EMPTY_SCHEMA, "approve") for action in INBOUND_ACTIONS],
+        ("POST", "/api/send", r_operator_send, (), SEND_SCHEMA, "operator"),
+        ("GET", "/api/messages", r_messages, (), None, "operator"),
+        ("GET", "/api/messages/([0-9a-f]{12})", r_message, (), None, "operator"),
+        ("GET", "/api/events", r_events, (), None, "read"),
+        ("GET", "/api/memory", r_memory, (), None, "read"),
+        ("POST", "/api/memory", r_set_memory, (), OPERATOR_MEMORY_SCHEMA, "operator"),
+        ("GET", "/api/memory/history", r_memory_history, (), None, "read"),
+        ("GET", "/api/memory/diff", r_memory_diff, (), None, "read"),
+        ("POST", "/api/runs", r_record_run, ("own-machine",), RUN_SCHEMA, "report"),
+        ("GET", "/api/runs", r_runs, (), None, "read"),
+        ("POST", "/api/alerts", r_sync_alerts, ("reported-machine",), ALERTS_SCHEMA, "report"),
+        ("GET", "/api/alerts", r_alerts, (), None, "read"),
+        ("POST", "/api/health", r_record_health, ("health-machine",), HEALTH_SCHEMA, "report"),
+        ("GET", "/api/health", r_health, (), None, "read"),
+        ("POST", "/api/alerts/([0-9a-f]{12})/resolve", r_resolve_alert, (), EMPTY_SCHEMA, "forget"),
+        ("POST", "/api/health/forget", r_forget_machine, ("forget-or-own-report",), FORGET_SCHEMA, "report"),
+        ("POST", r"/api/daemons/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/trigger", r_request_run, (), EMPTY_SCHEMA,
          "trigger"),
-        ("POST", "/api/credentials", r_create_credential, False, CREDENTIAL_SCHEMA, "admin"),
-        ("GET", "/api/credentials", r_credentials, False, None, "admin"),
-        ("POST", r"/api/credentials/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/revoke", r_revoke_credential, False,
+        ("POST", "/api/credentials", r_create_credential, (), CREDENTIAL_SCHEMA, "admin"),
+        ("GET", "/api/credentials", r_credentials, (), None, "admin"),
+        ("POST", r"/api/credentials/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/revoke", r_revoke_credential, (),
          EMPTY_SCHEMA, "admin"),
-        ("GET", "/api/tasks", r_tasks, False, None, "read"),
-        ("GET", "/api/overlaps", r_overlaps, False, None, "read"),
-        ("POST", "/api/tasks", r_add_task, False, TASK_SCHEMA, "task"),
-        ("POST", "/api/tasks/([0-9a-f]{12})/claim", r_claim_task, False, EMPTY_SCHEMA, "task"),
-        ("POST", "/api/tasks/([0-9a-f]{12})/done", r_finish_task, False, TASK_DONE_SCHEMA, "task"),
-        ("POST", "/api/tasks/([0-9a-f]{12})/after", r_task_after, False, TASK_AFTER_SCHEMA, "task"),
-        ("GET", "/api/claims", r_claims, False, None, "read"),
-        ("POST", "/api/claims/([0-9a-f]{12})/release", r_break_claim, False, EMPTY_SCHEMA, "claim"),
-        ("POST", "/api/schedule", r_schedule, False, SCHEDULE_SCHEMA, "report"),
-        ("POST", "/api/dashboard/codes", r_login_code, False, EMPTY_SCHEMA, "login"),
-        ("GET", "/", r_dashboard_page, False, None, "dashboard"),
-        ("POST", "/dashboard/login", r_dashboard_login, False, DASHBOARD_LOGIN_SCHEMA, "dashboard"),
-        ("POST", "/dashboard/api/logout", r_dashboard_logout, False, EMPTY_SCHEMA, "dashboard"),
-        ("GET", "/dashboard/api/state", r_dashboard_state, False, None, "dashboard"),
-        ("GET", "/dashboard/api/changes", r_dashboard_changes, False, None, "dashboard"),
-        ("GET", "/dashboard/api/messages/([0-9a-f]{12})/text", r_dashboard_text, False, None, "dashboard"),
-        ("POST", r"/dashboard/api/daemons/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/trigger", r_request_run, False,
+        ("GET", "/api/tasks", r_tasks, (), None, "read"),
+        ("GET", "/api/overlaps", r_overlaps, (), None, "read"),
+        ("POST", "/api/tasks", r_add_task, ("pinned-machine",), TASK_SCHEMA, "task"),
+        ("POST", "/api/tasks/([0-9a-f]{12})/claim", r_claim_task, (), EMPTY_SCHEMA, "task"),
+        ("POST", "/api/tasks/([0-9a-f]{12})/done", r_finish_task, (), TASK_DONE_SCHEMA, "task"),
+        ("POST", "/api/tasks/([0-9a-f]{12})/after", r_task_after, (), TASK_AFTER_SCHEMA, "task"),
+        ("GET", "/api/claims", r_claims, (), None, "read"),
+        ("POST", "/api/claims/([0-9a-f]{12})/release", r_break_claim, (), EMPTY_SCHEMA, "claim"),
+        ("POST", "/api/schedule", r_schedule, ("own-machine",), SCHEDULE_SCHEMA, "report"),
+        ("POST", "/api/dashboard/codes", r_login_code, (), EMPTY_SCHEMA, "login"),
+        ("GET", "/", r_dashboard_page, (), None, "page"),
+        ("POST", "/dashboard/login", r_dashboard_login, (), DASHBOARD_LOGIN_SCHEMA, "dashboard_login"),
+        ("POST", "/dashboard/api/logout", r_dashboard_logout, (), EMPTY_SCHEMA, "dashboard"),
+        ("GET", "/dashboard/api/state", r_dashboard_state, (), None, "dashboard"),
+        ("GET", "/dashboard/api/changes", r_dashboard_changes, (), None, "dashboard"),
+        ("GET", "/dashboard/api/messages/([0-9a-f]{12})/text", r_dashboard_text, (), None, "dashboard"),
+        ("POST", r"/dashboard/api/daemons/([A-Za-z0-9][A-Za-z0-9._-]{0,63})/trigger", r_request_run, (),
          EMPTY_SCHEMA, "dashboard"),
-        ("POST", f"/dashboard/api/permissions/{PID}/(allow|deny)", r_permission_verdict, False, EMPTY_SCHEMA,
-         "dashboard"),
+        ("POST", f"/dashboard/api/permissions/{PID}/(allow|deny)", r_permission_verdict, ("not-own-prompt",),
+         EMPTY_SCHEMA, "dashboard"),
         *[("POST", f"/dashboard/api/messages/([0-9a-f]{{12}})/{action}",
-           functools.partial(r_held_answer, action=action), False, EMPTY_SCHEMA, "dashboard")
-          for action in INBOUND_ACTIONS],
+           functools.partial(r_held_answer, action=action), releasing(action, "not-own-held-message"), EMPTY_SCHEMA,
+           "dashboard") for action in INBOUND_ACTIONS],
         *[("POST", f"/dashboard/api/loops/{SID}/{SID}/{action}", functools.partial(r_loop_answer, action=action),
-           False, EMPTY_SCHEMA, "dashboard") for action in INBOUND_ACTIONS],
-        ("POST", "/dashboard/api/alerts/([0-9a-f]{12})/resolve", r_resolve_alert, False, EMPTY_SCHEMA, "forget"),
-        ("POST", "/dashboard/api/health/forget", r_forget_machine, False, FORGET_SCHEMA, "forget"),
-        ("GET", "/metrics", r_metrics, False, None, "metrics"),
+           releasing(action, "not-own-paused-pair"), EMPTY_SCHEMA, "dashboard") for action in INBOUND_ACTIONS],
+        ("POST", "/dashboard/api/alerts/([0-9a-f]{12})/resolve", r_resolve_alert, (), EMPTY_SCHEMA, "forget"),
+        ("POST", "/dashboard/api/health/forget", r_forget_machine, ("forget-or-own-report",), FORGET_SCHEMA,
+         "forget"),
+        ("GET", "/metrics", r_metrics, (), None, "metrics"),
     ]
 ]
 
@@ -6443,16 +6578,16 @@ def index_routes(routes: list[Route]) -> dict[tuple[str, str, int, str], list[Ro
     request is matched against one route or two, not scanned against all of them."""
     index: dict[tuple[str, str, int, str], list[Route]] = {}
     for route in routes:
-        head, count, last = path_shape(route[1].pattern.strip("^$"))
+        head, count, last = path_shape(route.pattern.pattern.strip("^$"))
         if "(" in head:
-            raise ValueError(f"route {route[1].pattern}: the index files routes under their first two path"
+            raise ValueError(f"route {route.pattern.pattern}: the index files routes under their first two path"
                              " segments, so those must be literal")
-        index.setdefault((route[0], head, count, "*" if "(" in last else last), []).append(route)
+        index.setdefault((route.method, head, count, "*" if "(" in last else last), []).append(route)
     return index
 
 
 ROUTE_INDEX = index_routes(ROUTES)
-ROUTE_METHODS = sorted({route[0] for route in ROUTES})
+ROUTE_METHODS = sorted({route.method for route in ROUTES})
 
 
 def find_route(method: str, path: str) -> tuple[Route, tuple[str, ...]] | None:
@@ -6460,7 +6595,7 @@ def find_route(method: str, path: str) -> tuple[Route, tuple[str, ...]] | None:
     head, count, last = path_shape(path)
     for key in ((method, head, count, last), (method, head, count, "*")):
         for route in ROUTE_INDEX.get(key, ()):
-            match = route[1].match(path)
+            match = route.pattern.match(path)
             if match:
                 return route, match.groups()
     return None
@@ -6599,33 +6734,33 @@ class ApiServer:
             if not allowed:
                 raise ApiError(404, f"no such endpoint {path}")
             raise ApiError(405, f"{method} not allowed on {path} (use {allowed[0]})")
-        (_, _, handler, needs_session, schema, permission), args = found
+        route, args = found
         identity = self._identify(path, headers)
-        require(identity, permission)
-        req = Request(args=args, session=None, body={}, hung_up=hung_up, identity=identity, headers=headers, peer=peer,
-                      query=dict(urllib.parse.parse_qsl(query)) if query else {})
-        if needs_session:
+        req = Request(args=args, session=None, raw=body, schema=route.schema, hung_up=hung_up, identity=identity,
+                      headers=headers, peer=peer, query=dict(urllib.parse.parse_qsl(query)) if query else {})
+        if route.session:
             secret = headers.get("x-session-secret")
             if not secret:
                 raise ApiError(401, "missing X-Session-Secret header for a session call")
             req.session = self.broker.sessions.authenticate(req.args[0], secret)
-            if identity.role != "admin" and req.session["credential"] != identity.name:
-                raise ApiError(403, f"session {req.args[0]} was registered by another credential: {identity.role}"
-                                    f" credential {identity.name!r} may act only for its own sessions")
+        try:
+            authorize(self.broker, identity, route, req)
+        except Refusal as refused:
+            await self.broker.write(refused.audit)
+            raise
+        if route.session:
             self.broker.presence.heard[req.args[0]] = time.time()
             if not self.broker.limiter.allow(req.args[0]):
                 raise ApiError(429, "rate limit exceeded for this session; slow down")
-        if body is not None:
-            req.body = validate(parse_json_body(headers, body), schema or {}, plain=not may_hold_surrogates(body))
-        result = handler(self.broker, req)
+        result = route.handler(self.broker, req.checked())
         return await result if asyncio.iscoroutine(result) else result
 
     def _identify(self, path: str, headers: dict[str, str]) -> Identity:
-        """Who calls: the dashboard's cookie on its own paths (its page and login need none), the
-        metrics token on /metrics, else the hub's admin token or a usable credential (each
-        compared in constant time); else 401."""
+        """Who calls (authorize decides what it may): a caller of the dashboard's cookie on its own
+        paths, the metrics token on /metrics, else the hub's admin token or a usable credential
+        (each compared in constant time); else 401."""
         if path == "/" or path.startswith("/dashboard/"):
-            return DASHBOARD_ADMIN if self.broker.dashboard.authorise(path, headers) else DASHBOARD
+            return Identity(DASHBOARD.name, "", self.broker.dashboard.caller(headers))
         if path == "/metrics" and self._is_metrics_token(headers):
             return METRICS
         return self._bearer(headers)
