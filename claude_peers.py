@@ -39,54 +39,49 @@ checked in ``AgentTools.call``; its alerts go through ``Records.sync_alerts``.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
+# Imported in the functions that use them, not here: argparse, asyncio, concurrent.futures, difflib, http,
+# importlib.util, py_compile, queue, resource, sqlite3, ssl, statistics, urllib.request and urllib.error.
+# They are half the start-up of every command, and Claude Code runs `hook pre-tool-use` at every edit.
 import base64
 import collections
-import concurrent.futures
 import contextlib
 import datetime as dt
-import difflib
 import errno
 import fcntl
 import functools
 import hashlib
 import hmac
-import http
-import http.client
-import importlib.util
 import ipaddress
 import itertools
 import json
 import logging
 import math
 import os
-import py_compile
-import queue
 import random
 import re
-import resource
 import secrets
 import shlex
 import shutil
 import signal
 import socket
-import sqlite3
-import ssl
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import tomllib
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Awaitable, Callable, Container, Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+
+if TYPE_CHECKING:  # for the annotations, which stay strings at run time
+    import argparse
+    import asyncio
+    import http.client
+    import sqlite3
+    import ssl
 
 # ===========================================================================
 # Common helpers
@@ -1554,6 +1549,7 @@ class Sent(NamedTuple):
 
 def open_sqlite(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), WAL, rows by name."""
+    import sqlite3
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     db.row_factory = sqlite3.Row
     for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={busy_timeout_ms}", "foreign_keys=ON"):
@@ -2360,6 +2356,7 @@ class Records:
 
     def memory_diff(self, old: int | None, new: int | None) -> dict[str, Any]:
         """A unified diff between two kept versions (by default the one before ``new``, and the latest)."""
+        import difflib
         after = self.memory(new)
         if old is None:
             rows = self.store.read("SELECT MAX(version) FROM memory_versions WHERE version < ?", (after["version"],))
@@ -3243,6 +3240,7 @@ class EmbeddedNats:
     async def run(self) -> None:
         """Keep the server running until ``stop``; back off when it keeps dying, and give up
         with one error when another process holds the port (restarting cannot fix that)."""
+        import asyncio
         binary = self.binary
         backoff = 0.5
         while not self.stopping:
@@ -3271,6 +3269,7 @@ class EmbeddedNats:
             await asyncio.sleep(backoff)
 
     async def stop(self) -> None:
+        import asyncio
         self.stopping = True
         if self.proc is not None and self.proc.returncode is None:
             self.proc.terminate()
@@ -3309,6 +3308,7 @@ class EventRelay:
 
     def __init__(self, cfg: Config, store: Store, url: str, auth: tuple[str, str],
                  gate: Callable[[], str] | None = None) -> None:
+        import asyncio
         self.cfg = cfg
         self.store = store
         self.url = url
@@ -3354,12 +3354,14 @@ class EventRelay:
         self.error = error
 
     async def _close(self) -> None:
+        import asyncio
         if self.nc is not None:
             nc, self.nc, self.js = self.nc, None, None
             with contextlib.suppress(Exception):  # the connection is being thrown away whatever it says
                 await asyncio.wait_for(nc.close(), 2)
 
     async def _publish(self, batch: list[tuple[int, str, str, bytes]]) -> None:
+        import asyncio
         futures = [await self.js.publish_async(subject, payload, headers={"Nats-Msg-Id": event_id})
                    for _, event_id, subject, payload in batch]
         acks = await asyncio.wait_for(asyncio.gather(*futures), 10)
@@ -3368,6 +3370,7 @@ class EventRelay:
         self.last_seq = max(self.last_seq, max(ack.seq for ack in acks))
 
     async def run(self, stopping: threading.Event) -> None:
+        import asyncio
         try:
             import nats  # noqa: F401 - present with the pinned requirements
         except ImportError:
@@ -3421,21 +3424,29 @@ def webhook_target(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{hidden}"
 
 
-class RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """A webhook answer of 3xx is no delivery: urllib would repeat a POST as a GET without its body."""
+def refusing_redirects() -> urllib.request.OpenerDirector:
+    """An opener for webhook posts: an answer of 3xx is no delivery (urllib would repeat a POST as a GET
+    without its body)."""
+    import urllib.request
 
-    def redirect_request(self, *args: Any) -> None:
-        return None
+    class RefuseRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any) -> None:
+            return None
+
+    return urllib.request.build_opener(RefuseRedirects)
 
 
 def post_webhook(url: str, row: Any, timeout: float) -> tuple[int | None, str]:
     """POST one queued alert change, ntfy-style (the text; Title, Priority and Tags headers) with
     its change id as Idempotency-Key. Returns (HTTP status or None, '' on 2xx or why it failed)."""
+    import http.client
+    import urllib.error
+    import urllib.request
     request = urllib.request.Request(url, data=row["body"].encode(), method="POST", headers={
         "Content-Type": "text/plain; charset=utf-8", "Title": row["title"].encode("ascii", "replace").decode(),
         "Priority": row["priority"], "Tags": row["tags"], "Idempotency-Key": row["id"]})
     try:
-        with urllib.request.build_opener(RefuseRedirects).open(request, timeout=timeout) as answer:
+        with refusing_redirects().open(request, timeout=timeout) as answer:
             answer.read(65536)
             return answer.status, ""
     except urllib.error.HTTPError as exc:
@@ -3450,6 +3461,7 @@ def post_webhook(url: str, row: Any, timeout: float) -> tuple[int | None, str]:
 async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
     """``function(*args)`` on a daemon thread of its own: the loop serves on meanwhile, and a
     stopping broker never waits for a receiver that hangs (asyncio.to_thread's pool would)."""
+    import asyncio
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
 
@@ -3481,6 +3493,7 @@ class WebhookDelivery:
     OUTCOMES = ("delivered", "failed", "gave_up")  # failed: tried again later; gave_up: the last attempt failed
 
     def __init__(self, store: Store, write: Callable[[Callable[[], None]], Awaitable[None]]) -> None:
+        import asyncio
         self.store = store
         self.write = write  #: the broker's group commit
         self.outcomes: collections.Counter[str] = collections.Counter()  #: attempts since start, by outcome
@@ -3536,6 +3549,8 @@ class WebhookDelivery:
     async def run(self, stopping: threading.Event) -> None:
         """Post the queue's head whenever it is due; otherwise wait for that, or for a new change.
         A store error (disk full) is logged and the same change tried again: it stays queued."""
+        import asyncio
+        import sqlite3
         while not stopping.is_set():
             self.looked_at = self.store.webhooks_queued
             try:
@@ -3799,6 +3814,7 @@ class Dashboard:
 
     async def wait(self, since: int, wait_s: float) -> int:
         """The version once it passed ``since`` or after ``wait_s`` (a page from before a restart returns at once)."""
+        import asyncio
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while self.version == since and loop.time() < deadline:
@@ -4870,6 +4886,7 @@ class Broker:
     long-polls cost a coroutine each, and store calls never contend for the GIL."""
 
     def __init__(self, cfg: Config, home: Path, token: str) -> None:
+        import asyncio
         self.cfg = cfg
         self.token = token
         self.presence = Presence(cfg.broker.stale_after_s, cfg.machine)  #: heartbeats and polls in progress
@@ -4920,6 +4937,7 @@ class Broker:
         """Run a store write in the next group commit: the writes of every request
         ready in this loop turn share one sqlite transaction, and each caller
         resumes only after that transaction committed."""
+        import asyncio
         future = asyncio.get_running_loop().create_future()
         self.batch.append((operation, future))
         if len(self.batch) == 1:
@@ -4931,6 +4949,7 @@ class Broker:
         transaction rolls back whole and the batch runs again with each write in a savepoint,
         so the one that failed rolls back alone and the others commit: the savepoints are
         paid only when something failed."""
+        import sqlite3
         batch, self.batch = self.batch, []
         events_before = self.store.events_written
         try:
@@ -4972,6 +4991,7 @@ class Broker:
         """What wakes whom after a commit: mail leased to a parked poll is handed to it,
         polls with new mail wake to lease it, and new events wake feed readers and the relay.
         A poll that was woken meanwhile gets handed mail on its next lease: the lease is lifted."""
+        import asyncio
         orphans = []
         for sent in values:
             if not isinstance(sent, Sent):
@@ -5013,6 +5033,7 @@ class Broker:
 
         While it waits the session counts as alive; a client that hangs up is
         noticed within CONNECTION_CHECK_S, so it does not linger as a ghost."""
+        import asyncio
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         sid = session["id"]
@@ -5056,6 +5077,7 @@ class Broker:
     async def until(self, done: Callable[[], bool], wait_s: float, hung_up: Callable[[], bool] = lambda: False) -> None:
         """Return once ``done()`` holds (looked at after each commit that wrote events), after
         ``wait_s``, or when the caller hung up (noticed within CONNECTION_CHECK_S)."""
+        import asyncio
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while not done() and not self.stopping.is_set() and not hung_up():
@@ -5076,6 +5098,8 @@ class Broker:
 
     async def janitor(self, close_idle: Callable[[], None]) -> None:
         """Reap dead sessions every few seconds; prune history hourly."""
+        import asyncio
+        import sqlite3
         interval = max(0.5, min(5.0, self.cfg.broker.stale_after_s / 3))
         last_prune = 0.0
         while not self.stopping.is_set():
@@ -5828,6 +5852,7 @@ class ApiServer:
         to cancel (Python 3.11 prints a traceback for each cancelled connection task). A request
         being answered gets ``grace_s`` to finish; a parked long-poll, which no close wakes, is
         cancelled here and awaited."""
+        import asyncio
         for writer in list(self.open):
             writer.close()
         if tasks := list(self.open.values()):
@@ -5837,6 +5862,7 @@ class ApiServer:
             await asyncio.gather(*waiting, return_exceptions=True)
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import asyncio
         peer = str((writer.get_extra_info("peername") or ("",))[0])  # where a call comes from, for the audit
         task = asyncio.current_task()
         assert task is not None
@@ -5886,6 +5912,7 @@ class ApiServer:
         return await reader.readexactly(length)
 
     async def _write(self, writer: asyncio.StreamWriter, status: int, payload: Any, close: bool = False) -> None:
+        import http
         reply = payload if isinstance(payload, Reply) else None
         data = reply.body if reply else json.dumps(payload, separators=(",", ":")).encode()
         reason = http.HTTPStatus(status).phrase
@@ -5907,6 +5934,7 @@ class ApiServer:
 
     async def _answer(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
                       hung_up: Callable[[], bool], peer: str) -> tuple[int, Any]:
+        import sqlite3
         try:
             self.broker.requests += 1
             result = await self._route(method, target, headers, body, hung_up, peer)
@@ -5923,6 +5951,7 @@ class ApiServer:
 
     async def _route(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
                      hung_up: Callable[[], bool], peer: str) -> Any:
+        import asyncio
         path, _, query = target.partition("#")[0].partition("?")
         found = find_route(method, path)
         if found is None:
@@ -5990,6 +6019,7 @@ def is_loopback(host: str) -> bool:
 
 
 def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    import ssl
     if not cfg.broker.tls_cert:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -6002,6 +6032,7 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
 
 def raise_fd_limit() -> None:
     """One socket per session: lift the soft open-files limit to the hard one."""
+    import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         with contextlib.suppress(ValueError, OSError):
@@ -6042,6 +6073,7 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
                        reloaded: Callable[[], None] | None = None, command: str = "broker") -> None:
     """Run the broker until SIGINT/SIGTERM, reloading its config on SIGHUP (then ``reloaded``
     runs): loopback by default; anything else needs a strong token."""
+    import asyncio
     raise_fd_limit()
     host, port = parse_hostport(listen or cfg.broker.listen)
     home = data_home()
@@ -6175,6 +6207,8 @@ class BrokerClient:
         self.aborted = False
 
     def _connect(self, timeout: float) -> http.client.HTTPConnection:
+        import http.client
+        import ssl
         port = self.parts.port or (443 if self.parts.scheme == "https" else 80)
         if self.parts.scheme == "https":
             return http.client.HTTPSConnection(self.parts.hostname, port, timeout=timeout,
@@ -6198,6 +6232,7 @@ class BrokerClient:
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
              timeout: float | None = None) -> Any:
         """One API call; retried once on a dropped keep-alive connection."""
+        import http.client
         headers, data = request_parts(self.token, self.session_secret, method, body)
         with self.lock:
             for attempt in (0, 1):
@@ -6245,6 +6280,7 @@ class AsyncBrokerClient:
     long-poll) shares the credentials through ``attach``."""
 
     def __init__(self, url: str, token: str, timeout: float = 10.0) -> None:
+        import asyncio
         self.url, self.parts, self.token, self.timeout = url, broker_url_parts(url), token, timeout
         self.session_id: str | None = None
         self.session_secret: str | None = None
@@ -6270,6 +6306,7 @@ class AsyncBrokerClient:
     async def call(self, method: str, path: str, body: dict[str, Any] | None = None,
                    timeout: float | None = None) -> Any:
         """One API call; retried once on a dropped keep-alive connection."""
+        import asyncio
         headers, data = request_parts(self.token, self.session_secret, method, body)
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         request = (f"{method} {path} HTTP/1.1\r\nHost: {self.parts.netloc}\r\n{head}Content-Length:"
@@ -6297,6 +6334,8 @@ class AsyncBrokerClient:
         raise AssertionError("unreachable")
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        import asyncio
+        import ssl
         port = self.parts.port or (443 if self.parts.scheme == "https" else 80)
         context = ssl.create_default_context() if self.parts.scheme == "https" else None
         return await asyncio.open_connection(self.parts.hostname, port, ssl=context)
@@ -6795,6 +6834,7 @@ def inbox_posts(messages: list[dict[str, Any]]) -> list[str]:
 async def post_to_inbox(path: str, token: str, texts: list[str]) -> None:
     """Write posts into a Claude Code session's inbox socket, one JSON line each after the token;
     returns once the socket took every byte (the inbox answers nothing), raises OSError if not."""
+    import asyncio
     lines = [{"type": "auth", "token": token}] if token else []
     lines += [{"type": "user", "message": {"role": "user", "content": text}, "from": SERVER_NAME, "priority": "next"}
               for text in texts]
@@ -6969,6 +7009,7 @@ class Shim:
 
     def __init__(self, cfg: Config, name: str | None, cwd: Path, wire: StdioWire, mode: str | None = None,
                  probe: bool = False) -> None:
+        import asyncio
         self.cfg = cfg
         self.probe = probe  #: doctor's check of the handshake: it never registers, so no session is left behind
         self.wire = wire
@@ -7066,6 +7107,7 @@ class Shim:
 
     async def run(self) -> None:
         """The session: register, then long-poll and push until cancelled; retry with backoff."""
+        import asyncio
         if self.probe:
             self.attempted.set()
             return
@@ -7100,12 +7142,14 @@ class Shim:
     async def _tools_loaded(self) -> None:
         """Hold the first post until the client has listed the tools and had INBOX_SETTLE_S to load
         them: a turn that starts earlier asks the model for a tool it does not have yet."""
+        import asyncio
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.listed.wait(), INBOX_TOOLS_WAIT_S)
         await asyncio.sleep(INBOX_SETTLE_S)
         self.settled = True
 
     async def _failed(self, error: str, backoff: float) -> None:
+        import asyncio
         if error != self.last_error:
             log.warning("%s (retrying every %.0fs at most)", error, 30)
         self.last_error = error
@@ -7136,6 +7180,7 @@ class Shim:
 
     async def _lease(self, body: dict[str, Any]) -> dict[str, Any]:
         """Lease mail, push or post each message, acknowledge the batch at once; the poll's answer."""
+        import asyncio
         body["max"] = 100
         if self.unacked:  # an acknowledgement that failed rides on the poll
             body["ack"], self.unacked = self.unacked, []
@@ -7174,6 +7219,7 @@ class Shim:
     async def _changes(self) -> dict[str, Any] | None:
         """The overlap report for this poll: what this session changed (looked at most every
         [shim] changes_every_s), when the broker has not taken it yet."""
+        import asyncio
         if time.monotonic() >= self.look_due:
             self.look_due = time.monotonic() + self.cfg.shim.changes_every_s
             if self.repo is None:
@@ -7248,6 +7294,7 @@ class Shim:
     def permission_requested(self, params: Any) -> None:
         """A prompt Claude Code shows in its terminal and relayed here: sent on to the hub (the
         terminal's dialog stays open meanwhile, and whichever answer comes first counts)."""
+        import asyncio
         if not isinstance(params, dict) or not all(isinstance(params.get(k), str) for k in ("request_id", "tool_name")):
             log.warning("ignored a permission request without request_id and tool_name")
             return
@@ -7258,6 +7305,7 @@ class Shim:
         task.add_done_callback(self.background.discard)
 
     async def _forward_prompt(self, prompt: dict[str, str]) -> None:
+        import asyncio
         try:
             self._need_session()
             stored = await self.tools_client.session_call("POST", "/permissions", prompt)
@@ -7275,6 +7323,7 @@ class Shim:
     async def _watch_terminal(self) -> None:
         """While prompts wait: a tool call answered in the terminal first (its result is in the
         transcript, no verdict of ours went out) is settled on the hub as answered there."""
+        import asyncio
         while self.prompts and self.terminal is not None:
             for tool, tool_input, allowed in await asyncio.to_thread(lambda: list(self.terminal.answered())):
                 match = next((r for r, p in self.prompts.items()
@@ -7298,6 +7347,7 @@ class Shim:
 
     async def _await_verdicts(self) -> None:
         """While prompts wait: long-poll the hub for verdicts, write each to Claude Code once, acknowledge it."""
+        import asyncio
         acked: list[str] = []
         backoff = 0.25
         while self.prompts or acked:
@@ -7340,6 +7390,7 @@ class Shim:
     async def instructions(self) -> str:
         """The system-prompt addition, leading with what the model must know first (who it is, how
         mail arrives, to answer through the hub), then the fleet now: within INSTRUCTIONS_BYTES."""
+        import asyncio
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.attempted.wait(), 3.0)
         peers, memory = [], ""
@@ -7433,6 +7484,7 @@ class Shim:
 
     async def _repository(self) -> str:
         """This session's repository, the same name on every clone of it ('' outside one)."""
+        import asyncio
         if self.repo is None:
             self.repo = await asyncio.to_thread(repo_identity, self.cwd)
         return self.repo
@@ -7440,6 +7492,7 @@ class Shim:
     async def tool_claim(self, paths: list[str], minutes: int | None = None, reason: str | None = None,
                          exclusive: bool = False) -> str:
         """Claim paths of this session's repository, given relative to its directory or absolute."""
+        import asyncio
         self._need_session()
         repo, root = await self._repository(), await asyncio.to_thread(work_tree, self.cwd)
         if not repo or not root:
@@ -7459,6 +7512,7 @@ class Shim:
         return format_claimed(answer, repo)
 
     async def tool_release(self, paths: list[str] | None = None) -> str:
+        import asyncio
         self._need_session()
         root = await asyncio.to_thread(work_tree, self.cwd) or str(self.cwd)
         given = [inside_repo(root, str(self.cwd), p) or p for p in paths] if paths else None
@@ -7559,6 +7613,7 @@ def error_response(rid: Any, code: int, message: str) -> dict[str, Any]:
 
 def settled(answer: dict[str, Any] | asyncio.Task[dict[str, Any] | None] | None) -> dict[str, Any] | None:
     """The response an answer came to: a finished task's result (None if it was cancelled) or itself."""
+    import asyncio
     if isinstance(answer, asyncio.Task):
         return None if answer.cancelled() else answer.result()
     return answer
@@ -7601,6 +7656,7 @@ class McpServer:
 
     def _batch(self, messages: list[Any]) -> None:
         """A JSON-RPC batch: refused (one error, id null) unless 2025-03-26 was negotiated."""
+        import asyncio
         if self.version != BATCH_VERSION:
             agreed = f"this session agreed on {self.version}" if self.version else "no initialize came first"
             self.wire.write(error_response(None, INVALID_REQUEST, f"Invalid Request: JSON-RPC batches are "
@@ -7615,6 +7671,7 @@ class McpServer:
 
     async def _answer_batch(self, answers: list[Any]) -> None:
         """Write one array with every answer of the batch (none for notifications or cancelled requests)."""
+        import asyncio
         tasks = [answer for answer in answers if isinstance(answer, asyncio.Task)]
         if tasks:
             await asyncio.wait(tasks)
@@ -7623,6 +7680,7 @@ class McpServer:
 
     def _route(self, message: Any, in_batch: bool = False) -> dict[str, Any] | asyncio.Task[Any] | None:
         """One JSON-RPC message: an error answer now, a task that will answer, or None (nothing to answer)."""
+        import asyncio
         if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
             return error_response(request_id(message) if isinstance(message, dict) else None, INVALID_REQUEST,
                                   "Invalid Request: expected a JSON-RPC 2.0 object")
@@ -7656,6 +7714,7 @@ class McpServer:
                 task.cancel()  # the spec: a cancelled request gets no answer
 
     async def _answer(self, rid: Any, method: str, params: Any) -> dict[str, Any] | None:
+        import asyncio
         try:
             if params is not None and not isinstance(params, dict):
                 raise JsonRpcError(INVALID_PARAMS, "Invalid params: must be an object")
@@ -7705,6 +7764,7 @@ def read_stdin(wire: StdioWire, loop: asyncio.AbstractEventLoop, lines: asyncio.
 
 async def serve_stdio(shim: Shim) -> None:
     """Answer the client until stdin closes (or SIGTERM), then leave the fleet."""
+    import asyncio
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[bytes | None] = asyncio.Queue()
     threading.Thread(target=read_stdin, args=(shim.wire, loop, lines), name="stdin", daemon=True).start()
@@ -7735,6 +7795,7 @@ def add_json_command(entry: dict[str, Any], scope: str = "user") -> str:
 
 
 def run_shim(cfg: Config, name: str | None, mode: str | None = None, probe: bool = False) -> int:
+    import asyncio
     cwd, override = Path.cwd(), mode_override(mode)
     shim = Shim(cfg, find_agent_name(name, cwd), cwd, StdioWire(), override, probe)
     asyncio.run(serve_stdio(shim))
@@ -8467,6 +8528,7 @@ def probe_fleet(machines: list[SimpleNamespace], thresholds: Any, previous_by_ma
                 scout_now: float) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]:
     """Every machine probed, at most `parallel` at once, each bounded by its own probe_timeout_s:
     {name: (report, findings, state)}."""
+    import concurrent.futures
     limits = scout_limits(thresholds)
     previous_by_machine = previous_by_machine or {}
 
@@ -8594,6 +8656,8 @@ def chat_completion(cfg: Config, models: list[str], messages: list[dict[str, Any
                     log_line: Callable[..., None]) -> tuple[dict[str, Any], int, str]:
     """One completion, down the tier's model list on connection errors, timeouts and 5xx.
     Returns (assistant message, tokens used, model)."""
+    import urllib.error
+    import urllib.request
     key = llm_key(cfg)
     url = cfg.llm.base_url.rstrip("/") + "/chat/completions"
     failures = []
@@ -8701,6 +8765,8 @@ class AgentTools:
         return f"exit {proc.returncode}\n{out}"
 
     def tool_http_get(self, url: str) -> str:
+        import urllib.error
+        import urllib.request
         tools = self
 
         class AllowlistedRedirects(urllib.request.HTTPRedirectHandler):
@@ -9145,6 +9211,8 @@ LLM_STATE_SEVERITY = {"down": "critical", "slow": "warning"}
 
 def timed_request(url: str, body: dict[str, Any] | None, key: str, timeout: float) -> tuple[int, Any, float]:
     """(HTTP status, the JSON answer or None, milliseconds) of a GET, or of a POST of ``body``."""
+    import urllib.error
+    import urllib.request
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), headers=headers,
                                      method="GET" if body is None else "POST")
@@ -9199,6 +9267,7 @@ def llm_error_detail(status: int, payload: Any) -> str:
 def check_llm_server(server: SimpleNamespace, key: str, timeout_s: float, slow_ms: float) -> dict[str, Any]:
     """One look at an LLM server, each step timed: the TCP connect, the kind's health route, a
     1-token completion. Down at the first step that fails, slow over slow_ms, up otherwise."""
+    import http.client
     report: dict[str, Any] = {"name": server.name, "kind": server.kind, "base_url": server.base_url, "state": "down",
                               "reachable": False, "connect_ms": None, "health_ms": None, "completion_ms": None,
                               "model": server.model, "models": None, "error": ""}
@@ -9315,6 +9384,7 @@ def llm_report_line(report: dict[str, Any]) -> str:
 def run_llm_watchdog(run: DaemonRun) -> dict[str, Any]:
     """Every LLM server checked at once; each one's state kept across runs, its figures published
     as fleet.health.llm.<name> every run, and an alert on each change through the common lifecycle."""
+    import concurrent.futures
     daemon = run.daemon
     servers = watched_llm_servers(run.cfg, daemon)
     if not servers:
@@ -9968,6 +10038,7 @@ class EventWatcher:
         so `on` daemons and trigger requests keep working. Every NATS_RETRY_S it tries NATS
         again and goes back to it once it answers: the durable consumer then also brings what
         was published meanwhile, and events already handled (by id) are skipped."""
+        import asyncio
         feed: asyncio.Task[None] | None = None
         try:
             while not self.supervisor.stopping.is_set():
@@ -10002,6 +10073,8 @@ class EventWatcher:
 
     async def _subscribe(self, problems: list[str]) -> tuple[Any, Any]:
         """Connected to NATS with this machine's durable pull consumer on the stream."""
+        import asyncio
+
         from nats.js.api import ConsumerConfig, DeliverPolicy
         from nats.js.errors import NotFoundError
 
@@ -10029,6 +10102,7 @@ class EventWatcher:
     async def _check_embedded_nats(self) -> None:
         """On the hub's embedded server, ask the broker first: when another process holds that
         port, whatever answers there is not ours and must not get our token."""
+        import asyncio
         if self.supervisor.cfg.nats.url or not self.supervisor.cfg.nats.embedded:
             return
         try:
@@ -10059,6 +10133,7 @@ class EventWatcher:
 
     async def events_from_feed(self) -> None:
         """Without NATS (or while it does not answer): long-poll the broker's event feed from a persisted cursor."""
+        import asyncio
         client: BrokerClient | None = None
         self.event_source = f"broker feed {self.supervisor.cfg.broker_url}"
         while not self.supervisor.stopping.is_set():
@@ -10102,6 +10177,7 @@ class Supervisor:
     Failures cool down exponentially. State survives restarts."""
 
     def __init__(self, cfg: Config) -> None:
+        import asyncio
         self.cfg = cfg
         self.home = data_home()
         self.lock = hold_supervisor_lock(self.home, cfg)  # first: a second one would run every daemon twice
@@ -10163,6 +10239,7 @@ class Supervisor:
     # -- triggering ---------------------------------------------------------------------
 
     def trigger(self, name: str, reason: str) -> None:
+        import asyncio
         daemon = self.cfg.daemons.get(name)
         if daemon is None or not daemon.enabled:
             log.info("trigger for %s ignored: %s", name, "no such daemon" if daemon is None else "disabled")
@@ -10188,6 +10265,7 @@ class Supervisor:
     def on_event(self, subject: str, payload: dict[str, Any]) -> None:
         """A fleet event: explicit requests run at once (a client machine's only there); `on`
         patterns run after the debounce. An event seen before (by its id) is skipped."""
+        import asyncio
         event_id = payload.get("id") if isinstance(payload.get("id"), str) else ""
         if event_id in self.seen:
             return
@@ -10219,6 +10297,7 @@ class Supervisor:
     # -- runs -----------------------------------------------------------------------------
 
     async def _run(self, daemon: SimpleNamespace, reason: str) -> None:
+        import asyncio
         run_dir = self.home / "runs"
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         run = new_run_record(self.cfg, daemon.name, reason, run_dir)
@@ -10267,6 +10346,7 @@ class Supervisor:
     # -- loops ------------------------------------------------------------------------------
 
     async def scheduler(self) -> None:
+        import asyncio
         while not self.stopping.is_set():
             now = time.time()
             soonest = now + 60
@@ -10303,6 +10383,7 @@ class Supervisor:
     async def report(self, client: BrokerClient | None, told: Told) -> tuple[BrokerClient | None, Told]:
         """Tell the broker about every run not yet reported and this supervisor's schedule (on a
         change, and every SCHEDULE_REPORT_S); the client to use next time (None: make a new one)."""
+        import asyncio
         try:
             client = client or client_from_config(self.cfg, timeout=5)
             for run in self.state.unreported():
@@ -10319,6 +10400,7 @@ class Supervisor:
 
     async def reporter(self, client: BrokerClient | None, told: Told) -> None:
         """Report (runs as they start and end, the schedule) until stopped; retried while the broker is unreachable."""
+        import asyncio
         while not self.stopping.is_set():
             client, told = await self.report(client, told)
             self.wakeup.clear()
@@ -10327,6 +10409,7 @@ class Supervisor:
 
     async def watch_parent(self) -> None:
         """Started by `up`: stop when `up` is gone, even if it was killed."""
+        import asyncio
         parent = os.environ.get("CLAUDE_PEERS_PARENT_PID")
         while parent and not self.stopping.is_set():
             if str(os.getppid()) != parent:
@@ -10335,6 +10418,7 @@ class Supervisor:
             await asyncio.sleep(1)
 
     async def serve(self, ready: Callable[[], None] | None = None) -> None:
+        import asyncio
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -10454,6 +10538,7 @@ class BrokerHarness:
         self.config.write_text(f'[broker]\nlisten = "127.0.0.1:{self.port}"\n{self.toml}\n[nats]\n{self.nats}')
 
     def start(self, timeout: float = 20) -> BrokerHarness:
+        import queue
         self.proc = subprocess.Popen(module_command("broker"), env=self.env, stderr=subprocess.PIPE, text=True)
         bound = queue.Queue()
 
@@ -10884,6 +10969,7 @@ def spawn_shims(system: BenchSystem, count: int, via: str | None = None) -> tupl
 
 def spawn_one(system: BenchSystem, times: int = 3) -> float:
     """The median of ``times`` shims spawned one after another, each alone."""
+    import statistics
     spawns = []
     for _ in range(times):
         clients, seconds = spawn_shims(system, 1)
@@ -10990,6 +11076,7 @@ class ShimRound(NamedTuple):
 def bench_shim_round(system: BenchSystem, sessions: int, samples: int, messages: int) -> ShimRound:
     """``sessions`` shims spawned at once, then: latency while idle and while the broker is
     saturated, the send tool's throughput, and their memory with all of them running."""
+    import statistics
     clients, spawn_s = spawn_shims(system, sessions)
     try:
         addresses = system.addresses(clients)
@@ -11142,6 +11229,7 @@ def bench_editing(sessions: int, seconds: float) -> float:
 
 async def bench_many_sessions(broker: BenchBroker, sessions: int) -> float:
     """Broker RSS (MB) with ``sessions`` registered, each with a long-poll parked."""
+    import asyncio
     writers = []
     for _ in range(sessions):
         peer = broker.peer()
@@ -11247,6 +11335,7 @@ class BenchReport:
 
 
 def medians(runs: dict[str, list[T]], value: Callable[[T], float]) -> dict[str, float | None]:
+    import statistics
     return {label: statistics.median(value(r) for r in results) if results else None
             for label, results in runs.items()}
 
@@ -11637,6 +11726,7 @@ def time_inbox(broker: BenchBroker, session: InteractiveClaude, api: ModelApi, n
                samples: int) -> dict[str, list[float]]:
     """Milliseconds from each post (the shim's own post_to_inbox) and each hub send to the model request
     that carries it, interleaved; a text no request carried within 30 s is not counted."""
+    import asyncio
     latencies: dict[str, list[float]] = {"post": [], "send": []}
     time.sleep(INBOX_SETTLE_S)  # as the shim waits before its first post
     for n in range(samples):
@@ -11722,6 +11812,9 @@ def anchor_commit(checkout: str) -> str:
 
 def run_bench(args: argparse.Namespace) -> bool:
     """Measure and print every figure; False if ours lost or duplicated a message."""
+    import asyncio
+    import importlib.util
+    import py_compile
     raise_fd_limit()
     systems = bench_systems(args)
     if args.rounds < 1:
@@ -11992,6 +12085,7 @@ def doctor_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
 # -- commands, in the parser's order ------------------------------------------
 
 def cmd_broker(cfg: Config, args: argparse.Namespace) -> int:
+    import asyncio
     asyncio.run(serve_broker(cfg, args.listen, ready=lambda url, _: print(f"claude-peers broker listening on {url}",
                                                                          file=sys.stderr, flush=True)))
     return 0
@@ -11999,6 +12093,7 @@ def cmd_broker(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
     """Everything for a single box in one foreground process tree; Ctrl-C stops it all, SIGHUP reloads it all."""
+    import asyncio
     def ready(url: str, broker: Broker) -> None:
         nats = cfg.nats_url
         where = "embedded" if nats and not cfg.nats.url else "external"
@@ -12185,6 +12280,7 @@ def cmd_doctor(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_supervise(cfg: Config, args: argparse.Namespace) -> int:
+    import asyncio
     supervisor = Supervisor(cfg)
     asyncio.run(supervisor.serve(ready=lambda: print(
         f"claude-peers supervisor running {len(cfg.daemons)} daemons", file=sys.stderr, flush=True)))
@@ -12806,6 +12902,7 @@ def add_common_options(parser: argparse.ArgumentParser, config: Any, verbose: An
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
     parser = argparse.ArgumentParser(prog="claude-peers", description="Fleet hub for Claude Code sessions.")
     add_common_options(parser, None, False)
     parser.add_argument("--version", action="version", version=f"claude-peers {__version__}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import functools
@@ -8119,7 +8120,7 @@ def test_a_trigger_no_running_supervisor_would_take_is_refused_with_the_reason_a
 def test_help_lists_every_subcommand_with_its_help():
     out = subprocess.run([PY, str(SCRIPT), "--help"], capture_output=True, text=True, check=True).stdout
     listed = {line.split()[0]: line for line in out.splitlines() if line.startswith("    ") and line.split()}
-    [commands] = [a for a in cp.build_parser()._actions if isinstance(a, cp.argparse._SubParsersAction)]
+    [commands] = [a for a in cp.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     for name, parser in commands.choices.items():
         if name == "run-daemon":  # internal: the supervisor's child
             assert name not in listed
