@@ -231,9 +231,18 @@ class ProcessLock:
 
 def module_command(*args: str) -> list[str]:
     """This program as a child process that imports the module, so it starts from cached
-    bytecode (a file run as a script is compiled at every start, and keeps the residue)."""
+    bytecode (a file run as a script is compiled at every start, and keeps the residue); -P
+    keeps the directory it runs in off the path, as install.sh's launcher does."""
     boot = "import sys; sys.path.insert(0, sys.argv.pop(1)); import claude_peers; sys.exit(claude_peers.main())"
-    return [sys.executable, "-c", boot, str(Path(__file__).resolve().parent), *args]
+    return [sys.executable, "-P", "-c", boot, str(Path(__file__).resolve().parent), *args]
+
+
+def cache_bytecode() -> None:
+    """Compile this module into its __pycache__ as install.sh does, so that every child started with
+    ``module_command`` (or a hook command) imports it from bytecode even where Python writes none."""
+    import importlib.util
+    import py_compile
+    py_compile.compile(__file__, cfile=importlib.util.cache_from_source(__file__), doraise=True)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -11813,13 +11822,11 @@ def anchor_commit(checkout: str) -> str:
 def run_bench(args: argparse.Namespace) -> bool:
     """Measure and print every figure; False if ours lost or duplicated a message."""
     import asyncio
-    import importlib.util
-    import py_compile
     raise_fd_limit()
     systems = bench_systems(args)
     if args.rounds < 1:
         raise UserError("--rounds: give 1 or more")
-    py_compile.compile(__file__, cfile=importlib.util.cache_from_source(__file__))  # as install.sh does
+    cache_bytecode()
     print(f"claude-peers {__version__} bench on {socket.gethostname()} ({os.cpu_count()} cores)"
           + (f", side by side with the anchor at {args.anchor}{anchor_commit(args.anchor)}" if args.anchor else "")
           + f"; {args.rounds} run(s) per system and figure, interleaved, medians shown")
@@ -12684,6 +12691,17 @@ def without_our_hook(settings: dict[str, Any]) -> dict[str, Any]:
     return {**settings, "hooks": hooks} if hooks else {k: v for k, v in settings.items() if k != "hooks"}
 
 
+def hook_command(launcher: str | None) -> str:
+    """The shell command Claude Code runs at every edit: ``launcher`` (else claude-peers on PATH) with
+    HOOK_COMMAND, or this checkout's module imported from its bytecode (a script would be compiled each time)."""
+    found = launcher or shutil.which("claude-peers")
+    if found:
+        return f"{shlex.quote(found)} {HOOK_COMMAND}"
+    with contextlib.suppress(OSError):  # a read-only checkout: the hook still runs, compiled at every start
+        cache_bytecode()
+    return shlex.join(module_command(*HOOK_COMMAND.split()))
+
+
 def edit_hook_settings(install: bool, launcher: str | None) -> str:
     """Add (or remove) our PreToolUse hook in Claude Code's user settings, keeping everything else (a
     file left empty is removed); says what it did."""
@@ -12697,9 +12715,7 @@ def edit_hook_settings(install: bool, launcher: str | None) -> str:
         raise UserError(f"{path}: its hooks are not in Claude Code's shape; fix them, then run this again")
     changed = without_our_hook(settings)
     if install:
-        command = shlex.quote(launcher) if launcher else (shutil.which("claude-peers") or shlex.join(
-            [sys.executable, str(Path(__file__).resolve())]))
-        entry = {"matcher": "|".join(EDIT_TOOLS), "hooks": [{"type": "command", "command": f"{command} {HOOK_COMMAND}",
+        entry = {"matcher": "|".join(EDIT_TOOLS), "hooks": [{"type": "command", "command": hook_command(launcher),
                                                              "timeout": 10}]}
         hooks = changed.setdefault("hooks", {})
         hooks["PreToolUse"] = [*hooks.get("PreToolUse", []), entry]

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import http.client
 import http.server
+import importlib.util
 import itertools
 import json
 import os
@@ -62,10 +63,7 @@ BrokerProc = cp.BrokerHarness  # the product's harness: bench measures with it, 
 def cached_bytecode() -> None:
     """Every child imports the module: compile it once, as install.sh does (the children do not
     write bytecode when PYTHONDONTWRITEBYTECODE is set)."""
-    import importlib.util
-    import py_compile
-
-    py_compile.compile(str(SCRIPT), cfile=importlib.util.cache_from_source(str(SCRIPT)))
+    cp.cache_bytecode()
 
 
 @pytest.fixture
@@ -4476,6 +4474,33 @@ def test_hook_install_merges_into_claude_codes_settings_keeping_other_hooks_and_
     settings.write_text("{not json")
     out = subprocess.run([PY, str(SCRIPT), "hook", "install"], env=env, capture_output=True, text=True, check=False)
     assert out.returncode != 0 and "cannot read it as JSON" in out.stderr and settings.read_text() == "{not json"
+
+
+def test_the_hook_command_hook_install_writes_for_a_checkout_imports_the_module_from_bytecode(tmp_path):
+    """Without a claude-peers on PATH the hook runs this checkout's module: imported from the bytecode
+    `hook install` compiled (even where Python writes none), never compiled again at every edit, and
+    not shadowed by the project directory Claude Code runs it in."""
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copy(SCRIPT, app / "claude_peers.py")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "json.py").write_text("raise SystemExit('the project json.py')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_")}
+    env.update(HOME=str(tmp_path), PATH="/usr/bin:/bin", PYTHONDONTWRITEBYTECODE="1")
+    done = subprocess.run([PY, str(app / "claude_peers.py"), "hook", "install"], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    [group] = json.loads((tmp_path / ".claude/settings.json").read_text())["hooks"]["PreToolUse"]
+    command = group["hooks"][0]["command"]
+    ran = subprocess.run(["/bin/sh", "-c", command], input=json.dumps(pre_tool_use(project, "notes.md")),
+                         env={**env, "PYTHONVERBOSE": "1"}, cwd=project, capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert ran.returncode == 0 and ran.stdout == "", ran.stderr[-2000:]
+    pyc = importlib.util.cache_from_source(str(app / "claude_peers.py"))
+    assert f"# code object from '{pyc}'" in ran.stderr, ran.stderr[-2000:]
+    assert "claude_peers.py" not in ran.stderr.replace(f"{app}/claude_peers.py", "")  # no other copy
+    assert "the project json.py" not in ran.stderr
 
 
 def test_the_claim_tools_fit_in_a_few_hundred_bytes_of_the_models_context():
