@@ -7985,6 +7985,17 @@ def test_bench_with_tiny_parameters_prints_every_figure_honestly():
     assert out.stdout.rstrip().endswith("messages lost or duplicated by ours: none"), out.stdout
 
 
+def test_bench_only_hook_times_the_installed_hook_command_and_nothing_else():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_")}
+    out = subprocess.run([PY, str(SCRIPT), "bench", "--only", "hook", "--samples", "3"], env=env,
+                         capture_output=True, text=True, timeout=180, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    figures = [line.split("  ")[0] for line in out.stdout.splitlines()[2:-2]]
+    assert figures == ["file-claims PreToolUse hook, one Edit checked, p50 (ms)",
+                       "file-claims PreToolUse hook, one Edit checked, p99 (ms)"], out.stdout
+    assert "FAULT" not in out.stdout and out.stdout.rstrip().endswith("messages lost or duplicated by ours: none")
+
+
 def test_bench_without_claude_measures_the_shim_view_from_the_shims_own_answers(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no claude here
     report = cp.BenchReport(["ours"])
@@ -8380,6 +8391,10 @@ def test_install_from_scratch_says_what_it_does_and_runs_the_module_imported(fre
     [hook] = json.loads(settings.read_text())["hooks"]["PreToolUse"]
     assert hook == {"matcher": "Edit|Write|MultiEdit|NotebookEdit",
                     "hooks": [{"type": "command", "command": f"{launcher} hook pre-tool-use", "timeout": 10}]}
+    ran = subprocess.run(["/bin/sh", "-c", hook["hooks"][0]["command"]], input="null", cwd=tmp_path, text=True,
+                         env={**env, "PYTHONVERBOSE": "1"}, capture_output=True, timeout=60, check=False)
+    assert ran.returncode == 0 and ran.stdout == "", ran.stderr[-2000:]  # from the bytecode install.sh compiled
+    assert f"# code object from '{base}/user/data/app/__pycache__/claude_peers.cpython-" in ran.stderr
 
 
 @pytest.mark.network  # pip installs from the package index
