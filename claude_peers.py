@@ -11945,8 +11945,8 @@ def registration_check(cwd: Path) -> tuple[str, str]:
     registered = claude_mcp_registration(cwd)
     if registered is None:
         found = shutil.which("claude-peers")
-        launcher = [found] if found else [sys.executable, str(Path(__file__).resolve())]
-        entry = mcp_registration([*launcher, "shim"])
+        # a checkout: the module imported from its bytecode, not a script compiled at every session start
+        entry = mcp_registration([found, "shim"] if found else module_command("shim"))
         return "FAIL", f"claude-peers is not registered with Claude Code: {add_json_command(entry)}"
     where, entry = registered
     command = " ".join([str(entry.get("command", "?")), *map(str, entry.get("args", []))])
