@@ -14,7 +14,7 @@ Sections, in dependency order (each uses only what is above it):
 
   Common helpers       errors, ids, names, text checks, tool-argument checking
   Schedules            durations and cron expressions
-  Config               daemons.toml: defaults, checks, the Config object, the fleet token
+  Config               daemons.toml: defaults, checks, the runners' registry, the Config object, the fleet token
   Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory, tasks,
                        the permission prompts sessions relay (Needs you), overlaps (sessions
                        changing the same files), file claims
@@ -29,8 +29,10 @@ Sections, in dependency order (each uses only what is above it):
   Daemons              the built-in daemons (fleet-scout, llm-watchdog, pr-helper, fleet-memory), and
                        which runner a daemon uses
   Supervisor           schedules, event triggers, run records
-  Bench                this hub's figures on this machine, and claude-peers-mcp's side by side
   CLI                  output helpers, the commands, the parser, main
+
+Beside the module, in a checkout only (never installed): ``bench/`` — the bench (``figures``)
+and the real processes it and the tests start (``harness``).
 
 Where to start: a message is stored by ``Messages.send`` and handed to the recipient's
 long-poll by ``Broker._committed``; it is pushed by ``Shim._push``. A daemon's tool call is
@@ -40,8 +42,8 @@ checked in ``AgentTools.call``; its alerts go through ``Records.sync_alerts``.
 from __future__ import annotations
 
 # Imported in the functions that use them, not here: argparse, asyncio, concurrent.futures, difflib, http,
-# importlib.util, py_compile, queue, resource, sqlite3, ssl, statistics, urllib.request and urllib.error.
-# They are half the start-up of every command, and Claude Code runs `hook pre-tool-use` at every edit.
+# resource, sqlite3, ssl, urllib.request and urllib.error. They are half the start-up of every command,
+# and Claude Code runs `hook pre-tool-use` at every edit.
 import base64
 import collections
 import contextlib
@@ -74,7 +76,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Container, Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, NotRequired, TypedDict, TypeVar
 
 if TYPE_CHECKING:  # for the annotations, which stay strings at run time
     import argparse
@@ -574,110 +576,49 @@ DAEMON_DEFAULTS: dict[str, Any] = {
     "backoff_max_s": 3600,
 }
 
-# [daemons.<name>] with runner = "fleet-scout": its thresholds and probe settings.
-SCOUT_DEFAULTS: dict[str, Any] = {
-    "disk_warning_pct": 85.0,  # blocks used on a real filesystem, % (Netdata warns at 80, node_exporter at 90)
-    "disk_critical_pct": 95.0,  # ... critical from here
-    "inode_warning_pct": 85.0,  # inodes used on a real filesystem, %
-    "inode_critical_pct": 95.0,  # ... critical from here
-    "mem_available_warning_pct": 10.0,  # MemAvailable of MemTotal, %: a warning at or below this
-    "mem_available_critical_pct": 5.0,  # ... critical at or below this
-    "swap_used_warning_pct": 80.0,  # swap in use, % (Netdata's swap_fill: 80 / 95); no swap, no check
-    "swap_used_critical_pct": 95.0,  # ... critical from here
-    "load_per_core_warning": 1.5,  # 15-minute load average divided by the online CPUs
-    "load_per_core_critical": 3.0,  # ... critical from here
-    "restart_warning_count": 1,  # a unit's NRestarts rose by this many since the previous run (same boot)
-    "restart_critical_count": 10,  # ... critical from here; a unit waiting in activating (auto-restart) warns
-    "journal_flood_per_min": 4.0,  # one unit logging one error pattern at least this often a minute, on average
-    "journal_flood_critical_per_min": 60.0,  # ... critical from here
-    "journal_flood_min_count": 5,  # and at least this many lines of it in the window
-    "journal_flood_min_span_pct": 50.0,  # and spread over at least this much of the window (a burst is no flood)
-    "journal_first_window_s": 900,  # how far back the first run of a machine reads its journal
-    "journal_max_window_s": 3600,  # never further back than this (after the scout was down)
-    "journal_max_lines": 2000,  # newest error lines read per run; the total is counted apart
-    "clock_skew_warning_s": 30.0,  # the host's clock against the scout's, seconds either way
-    "clock_skew_critical_s": 300.0,  # ... critical from here (Kerberos refuses 5 minutes)
-    "ssh_timeout_s": 10,  # ssh ConnectTimeout: TCP connect and the SSH banner
-    "probe_timeout_s": 30,  # the whole probe of one machine; then ssh and its children are killed
-    "step_timeout_s": 10,  # one command on the host (df on a dead NFS mount, a stuck docker daemon)
-    "parallel": 8,  # machines probed at once
-    "known_hosts_file": "",  # the scout's own known_hosts; empty: ssh's default (~/.ssh/known_hosts)
-    "host_key_checking": "accept-new",  # "yes": only hosts already known; "accept-new": pin a new host's key
-    "include_local": True,  # also probe this box (as fleet.machine), whether or not [[machines]] lists it
-}
 
-# [daemons.<name>] with runner = "llm-watchdog": the LLM servers it watches and when one is slow.
-WATCHDOG_DEFAULTS: dict[str, Any] = {
-    "servers": [],  # LLM servers to watch: tables of LLM_SERVER_DEFAULTS' keys
-    "watch_llm": True,  # also watch the [llm] endpoint when its base_url is set (as the server "llm")
-    "timeout_s": 30,  # each check of a server: the TCP connect, the health route, the 1-token completion
-    "slow_ms": 5000,  # a health route or completion slower than this: the server is slow
-    "restart_after": 3,  # a server's restart command runs after this many down results in a row
-    "restart_interval_s": 1800,  # ... and at most once in this many seconds
-}
+class TableList(NamedTuple):
+    """A daemon key whose value is a list of tables (llm-watchdog's servers, pr-helper's repos):
+    each item is checked like a table of these keys, the required ones given."""
 
-# One item of the llm-watchdog's `servers`.
-LLM_SERVER_DEFAULTS: dict[str, Any] = {
-    "name": "",  # required: letters, digits, '_' and '-'; its health is fleet.health.llm.<name>
-    "base_url": "",  # required; openai: the /v1 URL, e.g. http://gpu:4000/v1; ollama, llamacpp: the server's root
-    "kind": "openai",  # openai (GET /models), ollama (GET /api/tags) or llamacpp (GET /health)
-    "model": "",  # the model of the 1-token completion; empty: the first the server lists
-    "api_key_env": "",  # the environment variable holding its API key; empty: none
-    "restart": [],  # argv run when it stays down, e.g. ["systemctl", "--user", "restart", "llama-server"]
-}
-LLM_KINDS = ("openai", "ollama", "llamacpp")
+    defaults: dict[str, Any]
+    required: tuple[str, ...]
+    checks: dict[str, Callable[[Any], Any]]  # each key's own check, beyond the type of its default
 
-# [daemons.<name>] with runner = "pr-helper": the repositories whose pull requests it keeps mergeable.
-PR_HELPER_DEFAULTS: dict[str, Any] = {
-    "repos": [],  # tables of PR_REPO_DEFAULTS' keys
-    "author": "",  # "Name <email>" of its merge and fix commits; empty: git's user.name and user.email
-    "command_timeout_s": 600,  # one git, gh, check or fix command
-    "max_file_bytes": 65536,  # a conflicting file larger than this is not given to the LLM
-}
 
-# One item of the pr-helper's `repos`.
-PR_REPO_DEFAULTS: dict[str, Any] = {
-    "path": "",  # required: a local clone; it is never checked out: the work happens in worktrees of its own
-    "remote": "origin",  # the remote the pull requests' branches live on
-    "base": "main",  # the branch the pull requests go into; never pushed to
-    "check": [],  # required: argv that must pass before anything is pushed, e.g. ["ruff", "check", "."]
-    "fix": [],  # argv that fixes what check finds, e.g. ["ruff", "check", "--fix", "."]; empty: no fixes
-}
+class Runner(NamedTuple):
+    """What a daemon's runner brings, in one record: the keys its [daemons.<name>] table takes
+    besides DAEMON_DEFAULTS (with their checks and lists of tables), rules across them, its
+    body, and for a built-in daemon the daemon of its name that exists unless daemons.toml
+    changes it. Adding a runner is adding one record (register_runner) next to its code."""
 
-# [daemons.<name>] with runner = "fleet-memory": how much of each section the memory keeps.
-MEMORY_DEFAULTS: dict[str, Any] = {
-    "exchanges": 15,  # the most recent message exchanges listed (one line per pair of sessions)
-    "findings": 8,  # the daemons whose latest run is listed
-    "events_per_run": 5000,  # events read per run from its cursor (a longer backlog takes several runs)
-    "condense": True,  # with [llm] set: the model condenses the digest whenever its facts changed
-}
+    name: str
+    body: Callable[[Any], dict[str, Any]]  # one run: a DaemonRun (defined below) to its result
+    keys: dict[str, Any] = {}  # noqa: RUF012 - a record is never changed: the keys and their defaults
+    checks: dict[str, Callable[[Any], Any]] = {}  # noqa: RUF012 - each key's own check (ValueError: why not)
+    lists: dict[str, TableList] = {}  # noqa: RUF012 - its keys whose value is a list of tables
+    rules: Callable[[str, SimpleNamespace], None] | None = None  # rules across its keys (UserError)
+    description: str = ""  # the built-in daemon's
+    daemon: dict[str, Any] | None = None  # the built-in daemon's schedule and limits; None: a runner only
 
-# Runners: the keys a daemon table takes besides DAEMON_DEFAULTS, per runner.
-RUNNER_DEFAULTS: dict[str, dict[str, Any]] = {"agent": {}, "command": {}, "fleet-scout": SCOUT_DEFAULTS,
-                                              "llm-watchdog": WATCHDOG_DEFAULTS, "pr-helper": PR_HELPER_DEFAULTS,
-                                              "fleet-memory": MEMORY_DEFAULTS}
 
-# Keys whose value is a list of tables: each item is checked like a table of these keys, the
-# required ones given.
-TABLE_LISTS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
-    "servers": (LLM_SERVER_DEFAULTS, ("name", "base_url")),
-    "repos": (PR_REPO_DEFAULTS, ("path", "check")),
-}
+# The runners by name, as they register: agent and command (Daemon runs), then the built-in daemons
+# (Daemons). Each record lives with its code below this section and registers here at import: the
+# Config uses nothing defined below it, it reads this table when it loads a file.
+RUNNERS: dict[str, Runner] = {}
 
-# The daemons that exist unless daemons.toml changes them (`enabled = false` turns one off);
-# a [daemons.<name>] table of the same name overrides their keys one by one.
-DEFAULT_DAEMONS: dict[str, dict[str, Any]] = {
-    "fleet-scout": {"runner": "fleet-scout", "every": "15m", "max_runtime_s": 120, "max_actions": 10,
-                    "description": "checks every machine over SSH: disks, memory, load, failed and restarting"
-                                   " units, journal error floods, reboots, clock skew, containers"},
-    "llm-watchdog": {"runner": "llm-watchdog", "every": "5m", "max_runtime_s": 120, "max_actions": 10,
-                     "description": "watches the LLM servers ([llm] and its servers): up, slow or down, an alert"
-                                    " on each change"},
-    "fleet-memory": {"runner": "fleet-memory", "on": ["fleet.>"], "debounce_s": 60.0, "every": "1h",
-                     "max_runtime_s": 120, "max_actions": 3,
-                     "description": "keeps the fleet memory new sessions read: who works on what where, exchanges,"
-                                    " health, open alerts, daemon findings"},
-}
+
+def register_runner(runner: Runner) -> None:
+    """Make a runner known to the Config (its keys, checks, built-in daemon) and to the Supervisor (its body)."""
+    RUNNERS[runner.name] = runner
+
+
+def builtin_daemons() -> dict[str, dict[str, Any]]:
+    """The daemons that exist unless daemons.toml changes them (`enabled = false` turns one off),
+    each named after its runner; a [daemons.<name>] table of the same name overrides their keys one by one."""
+    return {runner.name: {"runner": runner.name, "description": runner.description, **runner.daemon}
+            for runner in RUNNERS.values() if runner.daemon is not None}
+
 
 TIERS = ("heavy", "routine", "local")
 
@@ -793,11 +734,6 @@ def _check_tier(value: str) -> None:
         raise ValueError(f"unknown tier {value!r} (known: {', '.join(TIERS)})")
 
 
-def _check_host_key_checking(value: str) -> None:
-    if value not in ("yes", "accept-new"):
-        raise ValueError(f'must be "yes" or "accept-new", got {value!r}')
-
-
 def _check_stream_name(value: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value):
         raise ValueError("must be 1-64 letters, digits, '_' or '-'")
@@ -845,11 +781,6 @@ def _check_name_token(value: str) -> None:
         raise ValueError(f"must be 1-64 letters, digits, '_' or '-' (it names a subject token), got {value!r}")
 
 
-def _check_llm_kind(value: str) -> None:
-    if value not in LLM_KINDS:
-        raise ValueError(f"unknown kind {value!r} (known: {', '.join(LLM_KINDS)})")
-
-
 def _check_server_url(value: str) -> None:
     if not value.startswith(("http://", "https://")):
         raise ValueError(f"must start with http:// or https://, got {value!r}")
@@ -858,11 +789,6 @@ def _check_server_url(value: str) -> None:
 def _check_git_name(value: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._/-]*", value) or ".." in value:
         raise ValueError(f"not a git remote or branch name: {value!r}")
-
-
-def _check_author(value: str) -> None:
-    if value and not re.fullmatch(r"[^<>\n]+ <[^<>\s]+@[^<>\s]+>", value):
-        raise ValueError(f'must be "Name <email>", got {value!r}')
 
 
 # Extra checks beyond the type of the default value.
@@ -910,23 +836,6 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("alerts", "repeat_after_cycles"): _check_positive,
     **{("alerts", key): _check_positive for key in ("webhook_timeout_s", "webhook_retry_s", "webhook_retry_max_s",
                                                     "webhook_max_attempts", "webhook_max_age_s")},
-    **{("daemon", key): _check_percent for key in SCOUT_DEFAULTS if key.endswith("_pct")},
-    **{("daemon", key): _check_positive for key in SCOUT_DEFAULTS if key.endswith(("_s", "_count", "_per_min",
-                                                                                   "_warning", "_critical"))
-       or key in ("journal_max_lines", "parallel")},
-    **{("daemon", key): _check_positive for key in ("timeout_s", "slow_ms", "restart_after", "restart_interval_s",
-                                                    "command_timeout_s", "max_file_bytes", "exchanges", "findings",
-                                                    "events_per_run")},
-    ("daemon", "author"): _check_author,
-    ("servers", "name"): _check_name_token,
-    ("servers", "base_url"): _check_server_url,
-    ("servers", "kind"): _check_llm_kind,
-    ("servers", "restart"): _check_strings,
-    ("repos", "remote"): _check_git_name,
-    ("repos", "base"): _check_git_name,
-    ("repos", "check"): _check_strings,
-    ("repos", "fix"): _check_strings,
-    ("daemon", "host_key_checking"): _check_host_key_checking,
     ("machines", "port"): _check_port,
     ("nats", "url"): _check_nats_urls,
 }
@@ -944,7 +853,7 @@ def edit_distance(a: str, b: str) -> int:
 
 def near_builtin(name: str) -> str:
     """The built-in daemon a new daemon's name is one or two edits from (a typo), or ''."""
-    near = [(edit_distance(name, builtin), builtin) for builtin in DEFAULT_DAEMONS if builtin != name]
+    near = [(edit_distance(name, builtin), builtin) for builtin in builtin_daemons() if builtin != name]
     distance, builtin = min(near)
     return builtin if distance <= 2 else ""
 
@@ -952,17 +861,16 @@ def near_builtin(name: str) -> str:
 def check_daemon(where: str, daemon: SimpleNamespace) -> None:
     """Rules across a daemon's keys."""
     if daemon.runner == "agent" and not daemon.role.strip():
-        others = ", ".join(runner for runner in RUNNER_DEFAULTS if runner != "agent")
+        others = ", ".join(runner for runner in RUNNERS if runner != "agent")
         raise UserError(f"{where}: daemons.{daemon.name}.role: required for an agent daemon (its system prompt);"
                         f" or set its runner ({others})")
     if daemon.runner == "command" and not daemon.command:
         raise UserError(f"{where}: daemons.{daemon.name}.command: required with runner = \"command\"")
     if daemon.runner == "agent" and daemon.command:
         raise UserError(f"{where}: daemons.{daemon.name}.command: only used with runner = \"command\"")
-    names = [server.name for server in getattr(daemon, "servers", [])]
-    if len(set(names)) != len(names):
-        twice = next(name for name in names if names.count(name) > 1)
-        raise UserError(f"{where}: daemons.{daemon.name}.servers: the name {twice!r} is given twice")
+    rules = RUNNERS[daemon.runner].rules
+    if rules is not None:
+        rules(where, daemon)
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -1000,31 +908,37 @@ class Config:
         daemons = raw.get("daemons", {})
         if not isinstance(daemons, dict):
             raise UserError(f"{self.where}: daemons: use one [daemons.<name>] table per daemon")
-        self.daemons = {name: self._daemon(name, daemons.get(name, {}))
-                        for name in [*DEFAULT_DAEMONS, *(n for n in daemons if n not in DEFAULT_DAEMONS)]}
+        builtins = builtin_daemons()
+        self.daemons = {name: self._daemon(name, daemons.get(name, {}), builtins)
+                        for name in [*builtins, *(n for n in daemons if n not in builtins)]}
 
-    def _daemon(self, name: str, given: Any) -> SimpleNamespace:
+    def _daemon(self, name: str, given: Any, builtins: dict[str, dict[str, Any]]) -> SimpleNamespace:
         """One [daemons.<name>] table over the built-in one of that name, with its runner's keys."""
         if not NAME_RE.match(name):
             raise UserError(f"{self.where}: daemons.{name}: a daemon name is letters, digits, '.', '_', '-'")
         if not isinstance(given, dict):
             raise UserError(f"{self.where}: [daemons.{name}] must be a table")
-        typo = near_builtin(name) if name not in DEFAULT_DAEMONS and not {"runner", "role"} & set(given) else ""
+        typo = near_builtin(name) if name not in builtins and not {"runner", "role"} & set(given) else ""
         if typo:
             raise UserError(f"{self.where}: [daemons.{name}]: no built-in daemon of that name: did you mean {typo}?"
                             " (a new daemon needs a role or a runner)")
-        table = {**DEFAULT_DAEMONS.get(name, {}), **given}
-        runner = table.get("runner", DAEMON_DEFAULTS["runner"])
-        if runner not in RUNNER_DEFAULTS:
-            raise UserError(f"{self.where}: daemons.{name}.runner: unknown runner {runner!r}"
-                            f" (known: {', '.join(RUNNER_DEFAULTS)})")
-        daemon = self._table("daemon", f"daemons.{name}", table, {**DAEMON_DEFAULTS, **RUNNER_DEFAULTS[runner]})
+        table = {**builtins.get(name, {}), **given}
+        runner = RUNNERS.get(table.get("runner", DAEMON_DEFAULTS["runner"]))
+        if runner is None:
+            raise UserError(f"{self.where}: daemons.{name}.runner: unknown runner {table['runner']!r}"
+                            f" (known: {', '.join(RUNNERS)})")
+        daemon = self._table("daemon", f"daemons.{name}", table, {**DAEMON_DEFAULTS, **runner.keys}, runner.checks,
+                             runner.lists)
         daemon.name = name
         check_daemon(self.where, daemon)
         return daemon
 
-    def _table(self, kind: str, prefix: str, given: Any, defaults: dict[str, Any]) -> SimpleNamespace:
-        """One table checked against its defaults: unknown keys, types, and the key's own check."""
+    def _table(self, kind: str, prefix: str, given: Any, defaults: dict[str, Any],
+               checks: dict[str, Callable[[Any], Any]] | None = None,
+               lists: dict[str, TableList] | None = None) -> SimpleNamespace:
+        """One table checked against its defaults: unknown keys, types, and the key's own check
+        (KEY_CHECKS', or the runner's: ``checks``), its lists of tables (``lists``) item by item."""
+        checks, lists = checks or {}, lists or {}
         if not isinstance(given, dict):
             raise UserError(f"{self.where}: [{prefix}] must be a table")
         values = dict(defaults)
@@ -1035,24 +949,24 @@ class Config:
                 kind_name = type(defaults[key]).__name__
                 raise UserError(f"{self.where}: {prefix}.{key}: expected {kind_name}, got {value!r}")
             try:
-                KEY_CHECKS.get((kind, key), lambda v: v)(value)
+                (KEY_CHECKS.get((kind, key)) or checks.get(key) or (lambda v: v))(value)
             except ValueError as exc:
                 raise UserError(f"{self.where}: {prefix}.{key}: {exc}") from None
-            if key in TABLE_LISTS:
-                value = self._table_list(key, f"{prefix}.{key}", value)
+            if key in lists:
+                value = self._table_list(key, lists[key], f"{prefix}.{key}", value)
             values[key] = float(value) if isinstance(defaults[key], float) else value
         return SimpleNamespace(**values)
 
-    def _table_list(self, key: str, prefix: str, items: list[Any]) -> list[SimpleNamespace]:
+    def _table_list(self, key: str, spec: TableList, prefix: str, items: list[Any]) -> list[SimpleNamespace]:
         """A list of tables (llm-watchdog's servers, pr-helper's repos): each item checked like a table,
         its required keys given."""
-        defaults, required = TABLE_LISTS[key]
+        defaults, required = spec.defaults, spec.required
         tables = []
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 raise UserError(f"{self.where}: {prefix}[{i}]: must be a table with the keys {', '.join(defaults)},"
                                 f" e.g. {{ {required[0]} = \"...\" }}")
-            table = self._table(key, f"{prefix}[{i}]", item, defaults)
+            table = self._table(key, f"{prefix}[{i}]", item, defaults, spec.checks)
             missing = [name for name in required if not getattr(table, name)]
             if missing:
                 raise UserError(f"{self.where}: {prefix}[{i}].{missing[0]}: required")
@@ -1481,6 +1395,16 @@ def message_view(row: Any) -> dict[str, Any]:
         "credential": row["credential"],  # the audit: which credential sent it
         "credential_role": row["credential_role"],  # and its role, shown to the recipient's model
     }
+
+
+class AlertFinding(TypedDict):
+    """One fault a daemon reports of one machine, as the alert lifecycle takes it (POST /api/alerts)."""
+    check: str
+    key: str
+    severity: str  #: critical, warning or info
+    title: str
+    detail: NotRequired[str]
+    diagnosis: NotRequired[str]  #: the LLM's reading of the evidence, when a diagnosis was asked for
 
 
 def alert_view(row: Any) -> dict[str, Any]:
@@ -2190,7 +2114,7 @@ class Records:
             stat["recent"] = [{**dict(r), "summary": r["summary"][:300]} for r in rows]
         return stats
 
-    def sync_alerts(self, source: str, machine: str, checks: list[str], findings: list[dict[str, Any]],
+    def sync_alerts(self, source: str, machine: str, checks: list[str], findings: list[AlertFinding],
                     repeat_after: int, credential: str = "") -> list[dict[str, Any]]:
         """One daemon run's findings for one machine against the open alerts: a new finding or
         a new severity opens or changes an alert, one still bad repeats every ``repeat_after``
@@ -5106,13 +5030,13 @@ class Broker:
     # -- housekeeping ---------------------------------------------------------
 
     async def janitor(self, close_idle: Callable[[], None]) -> None:
-        """Reap dead sessions every few seconds; prune history hourly."""
+        """Reap dead sessions every few seconds (a third of stale_after_s, read each pass: a reload
+        changes it); prune history hourly."""
         import asyncio
         import sqlite3
-        interval = max(0.5, min(5.0, self.cfg.broker.stale_after_s / 3))
         last_prune = 0.0
         while not self.stopping.is_set():
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(0.5, min(5.0, self.cfg.broker.stale_after_s / 3)))
             close_idle()
             self.metrics.sweep(time.time())
             try:
@@ -5189,6 +5113,13 @@ def own_machine(identity: Identity, machine: str) -> str:
         raise ApiError(403, f"client credential {identity.name!r} may only act for machine {identity.machine!r},"
                             f" not {machine!r}")
     return machine
+
+
+def may_report_of(identity: Identity, machine: str) -> None:
+    """A daemon reports of its own machine (with a client credential), or of an LLM server: alerts and
+    health of ``llm.<name>`` belong to no fleet machine, and any reporter may watch one."""
+    if not machine.startswith("llm."):
+        own_machine(identity, machine)
 
 
 def may_answer(by: str, prompt: dict[str, Any]) -> str:
@@ -5405,7 +5336,7 @@ def _check_findings(findings: list[dict[str, Any]]) -> None:
 async def r_sync_alerts(b: Broker, req: Request) -> Any:
     body = req.body
     _check_findings(body["findings"])
-    own_machine(req.identity, body["machine"])
+    may_report_of(req.identity, body["machine"])
     changes = await b.write(lambda: b.records.sync_alerts(body["source"], body["machine"], body["checks"],
                                                         body["findings"], max(1, body["repeat_after"]),
                                                         req.identity.name))
@@ -5468,7 +5399,10 @@ async def r_forget_machine(b: Broker, req: Request) -> Any:
     body, by = req.body, req.identity.name
     if not body.get("source"):
         require(req.identity, "forget")
-    own_machine(req.identity, body["machine"])
+    if body.get("source"):
+        may_report_of(req.identity, body["machine"])  # withdraws its own report only
+    else:
+        own_machine(req.identity, body["machine"])
     gone = await b.write(lambda: b.records.forget_machine(body["machine"], body.get("source", ""), by,
                                                           body.get("reason") or f"forgotten by {by}"))
     return {**gone, "webhook": b.webhooks.target}
@@ -7905,6 +7839,39 @@ exit 0
 """
 
 
+# [daemons.<name>] with runner = "fleet-scout": its thresholds and probe settings.
+SCOUT_DEFAULTS: dict[str, Any] = {
+    "disk_warning_pct": 85.0,  # blocks used on a real filesystem, % (Netdata warns at 80, node_exporter at 90)
+    "disk_critical_pct": 95.0,  # ... critical from here
+    "inode_warning_pct": 85.0,  # inodes used on a real filesystem, %
+    "inode_critical_pct": 95.0,  # ... critical from here
+    "mem_available_warning_pct": 10.0,  # MemAvailable of MemTotal, %: a warning at or below this
+    "mem_available_critical_pct": 5.0,  # ... critical at or below this
+    "swap_used_warning_pct": 80.0,  # swap in use, % (Netdata's swap_fill: 80 / 95); no swap, no check
+    "swap_used_critical_pct": 95.0,  # ... critical from here
+    "load_per_core_warning": 1.5,  # 15-minute load average divided by the online CPUs
+    "load_per_core_critical": 3.0,  # ... critical from here
+    "restart_warning_count": 1,  # a unit's NRestarts rose by this many since the previous run (same boot)
+    "restart_critical_count": 10,  # ... critical from here; a unit waiting in activating (auto-restart) warns
+    "journal_flood_per_min": 4.0,  # one unit logging one error pattern at least this often a minute, on average
+    "journal_flood_critical_per_min": 60.0,  # ... critical from here
+    "journal_flood_min_count": 5,  # and at least this many lines of it in the window
+    "journal_flood_min_span_pct": 50.0,  # and spread over at least this much of the window (a burst is no flood)
+    "journal_first_window_s": 900,  # how far back the first run of a machine reads its journal
+    "journal_max_window_s": 3600,  # never further back than this (after the scout was down)
+    "journal_max_lines": 2000,  # newest error lines read per run; the total is counted apart
+    "clock_skew_warning_s": 30.0,  # the host's clock against the scout's, seconds either way
+    "clock_skew_critical_s": 300.0,  # ... critical from here (Kerberos refuses 5 minutes)
+    "ssh_timeout_s": 10,  # ssh ConnectTimeout: TCP connect and the SSH banner
+    "probe_timeout_s": 30,  # the whole probe of one machine; then ssh and its children are killed
+    "step_timeout_s": 10,  # one command on the host (df on a dead NFS mount, a stuck docker daemon)
+    "parallel": 8,  # machines probed at once
+    "known_hosts_file": "",  # the scout's own known_hosts; empty: ssh's default (~/.ssh/known_hosts)
+    "host_key_checking": "accept-new",  # "yes": only hosts already known; "accept-new": pin a new host's key
+    "include_local": True,  # also probe this box (as fleet.machine), whether or not [[machines]] lists it
+}
+
+
 def scout_limits(thresholds: Any) -> dict[str, Any]:
     """SCOUT_DEFAULTS overlaid with the given thresholds (a dict or a config namespace)."""
     given = thresholds if isinstance(thresholds, dict) else vars(thresholds) if thresholds is not None else {}
@@ -7955,9 +7922,16 @@ def scout_script(thresholds: Any, since: float | None) -> str:
     return "".join(f"{name}={value}\n" for name, value in settings.items()) + SCOUT_SCRIPT
 
 
-def run_capped(argv: list[str], stdin: bytes, timeout: float, cap: int) -> tuple[int | None, bytes, bytes]:
-    """Run argv in its own process group with stdin fed in; (exit status or None if it was killed at the
-    timeout, stdout, stderr), each output cut at cap bytes. The whole group dies at the timeout."""
+class Captured(NamedTuple):
+    """What a child run by run_capped left: its exit status (None: killed at the timeout) and its output."""
+    status: int | None
+    stdout: bytes
+    stderr: bytes
+
+
+def run_capped(argv: list[str], stdin: bytes, timeout: float, cap: int) -> Captured:
+    """Run argv in its own process group with stdin fed in, each output cut at cap bytes; the whole
+    group dies at the timeout."""
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     outputs = (bytearray(), bytearray())
@@ -7984,7 +7958,7 @@ def run_capped(argv: list[str], stdin: bytes, timeout: float, cap: int) -> tuple
         status = None
     for thread in pumps:
         thread.join(2)  # a straggler outside the group may hold a pipe: take what came
-    return status, bytes(outputs[0]), bytes(outputs[1])
+    return Captured(status, bytes(outputs[0]), bytes(outputs[1]))
 
 
 def _ssh_failure(status: int | None, stderr: str) -> str:
@@ -8296,12 +8270,12 @@ def probe_machine_report(machine: SimpleNamespace, thresholds: Any, since: float
     started = time.time()
     try:
         argv = scout_argv(machine, limits)
-        status, out, err = run_capped(argv, scout_script(limits, since).encode(), timeout, SCOUT_OUTPUT_CAP)
+        ran = run_capped(argv, scout_script(limits, since).encode(), timeout, SCOUT_OUTPUT_CAP)
     except (OSError, ValueError) as exc:
-        status, out, err = 255, b"", f"cannot run the probe: {exc}".encode()
+        ran = Captured(255, b"", f"cannot run the probe: {exc}".encode())
     elapsed = time.time() - started
-    report = parse_probe(out.decode(errors="replace"))
-    stderr = err.decode(errors="replace")
+    report = parse_probe(ran.stdout.decode(errors="replace"))
+    stderr, status = ran.stderr.decode(errors="replace"), ran.status
     if status is None:
         error = f"timeout after {timeout:g}s"
     elif report["complete"]:
@@ -8334,7 +8308,19 @@ def _human_bytes(count: float | None) -> str:
     return f"{count:.1f} TiB"
 
 
-class _Findings(list):
+class Finding(TypedDict):
+    """One fault the scout found on one machine, with the measurement and the threshold behind it."""
+    machine: str
+    check: str  #: one of SCOUT_CHECKS
+    key: str  #: what on the machine: a mount, a unit, a container ('' for the machine itself)
+    severity: str  #: critical or warning
+    value: Any  #: the measurement (a number), or a word or error already in the evidence
+    threshold: Any  #: the limit it crossed, None when there is none
+    title: str
+    evidence: list[str]  #: the lines that show it
+
+
+class _Findings(list[Finding]):
     """Findings of one machine, built with ``add``."""
 
     def __init__(self, machine: str) -> None:
@@ -8497,7 +8483,7 @@ def _check_docker(report: dict[str, Any], found: _Findings) -> None:
 
 
 def find_faults(report: dict[str, Any], previous: dict[str, Any] | None, thresholds: Any,
-                scout_now: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                scout_now: float) -> tuple[list[Finding], dict[str, Any]]:
     """The findings in one machine's report, and the state its next run compares with.
 
     ``previous`` is the state this returned last time (None: the machine is new, so nothing can have
@@ -8533,19 +8519,25 @@ def find_faults(report: dict[str, Any], previous: dict[str, Any] | None, thresho
     return list(found), state
 
 
+class Probed(NamedTuple):
+    """One machine as the scout saw it in one run."""
+    report: dict[str, Any]  #: parse_probe's report, with machine, error, elapsed_s and started_at
+    findings: list[Finding]
+    state: dict[str, Any]  #: what the next run compares with (find_faults' memory of this machine)
+
+
 def probe_fleet(machines: list[SimpleNamespace], thresholds: Any, previous_by_machine: dict[str, Any] | None,
-                scout_now: float) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]:
-    """Every machine probed, at most `parallel` at once, each bounded by its own probe_timeout_s:
-    {name: (report, findings, state)}."""
+                scout_now: float) -> dict[str, Probed]:
+    """Every machine probed, at most `parallel` at once, each bounded by its own probe_timeout_s, by name."""
     import concurrent.futures
     limits = scout_limits(thresholds)
     previous_by_machine = previous_by_machine or {}
 
-    def one(machine: SimpleNamespace) -> tuple[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]:
+    def one(machine: SimpleNamespace) -> tuple[str, Probed]:
         previous = previous_by_machine.get(machine.name)
         report = probe_machine_report(machine, limits, (previous or {}).get("journal_until"))
         findings, state = find_faults(report, previous, limits, scout_now)
-        return machine.name, (report, findings, state)
+        return machine.name, Probed(report, findings, state)
 
     if not machines:
         return {}
@@ -8574,8 +8566,33 @@ CREATE TABLE IF NOT EXISTS kv(daemon TEXT NOT NULL, key TEXT NOT NULL, value TEX
                               PRIMARY KEY (daemon, key));
 CREATE TABLE IF NOT EXISTS cursors(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+class RunRecord(TypedDict):
+    """One daemon run as the supervisor keeps it and, but for its transcript, as the broker takes it."""
+    id: str
+    daemon: str
+    trigger: str  #: what started it: a schedule, an event subject, a trigger from the CLI
+    machine: str
+    started_at: str
+    ended_at: str | None  #: None while it runs
+    status: str  #: running, then ok, failed, limit or refused
+    actions: int
+    tokens: int
+    model: str  #: the model that answered last ('' without one)
+    summary: str
+    transcript: str  #: the run's JSON-lines log on this machine ('' for a run that never ran)
+
+
+class RunResult(TypedDict):
+    """What a run ends with: DaemonRun.result's, or only why it failed when it never got that far."""
+    status: str
+    summary: str
+    actions: NotRequired[int]
+    tokens: NotRequired[int]
+    model: NotRequired[str]
+
+
 RUN_FIELDS = ("id", "daemon", "trigger", "machine", "started_at", "ended_at", "status", "actions", "tokens",
-              "model", "summary")
+              "model", "summary")  #: RunRecord as POST /api/runs takes it
 OUTPUT_CAP = 16384
 KV_VALUE_CAP = 8192
 
@@ -8646,6 +8663,10 @@ class SupervisorState:
 
 class PolicyError(Exception):
     """A tool call the daemon's policy does not allow."""
+
+
+class BudgetSpent(Exception):
+    """The run's max_actions or token_budget is spent; its text names which, as the run's summary says it."""
 
 
 class LlmError(Exception):
@@ -8875,10 +8896,21 @@ class DaemonRun:
         if self.echo:
             print(line, file=sys.stderr, flush=True)
 
-    def result(self, status: str, summary: str) -> dict[str, Any]:
+    def result(self, status: str, summary: str) -> RunResult:
         self.log_line("end", status=status, summary=summary, actions=self.actions, tokens=self.tokens)
         return {"status": status, "summary": summary[:4000], "actions": self.actions, "tokens": self.tokens,
                 "model": self.model}
+
+    def spend(self, actions: int = 0, tokens: int = 0, model_call: bool = False) -> None:
+        """The run's budget, counted in this one place: ``tokens`` a model call used are added;
+        ``actions`` about to be taken are refused past max_actions, and a model call about to be
+        made (``model_call``) once the tokens reached token_budget: BudgetSpent, nothing counted."""
+        if model_call and self.tokens >= self.daemon.token_budget:
+            raise BudgetSpent(f"the token budget ({self.tokens} >= {self.daemon.token_budget})")
+        if actions and self.actions + actions > self.daemon.max_actions:
+            raise BudgetSpent(f"max_actions = {self.daemon.max_actions}")
+        self.actions += actions
+        self.tokens += tokens
 
     def execute(self, body: Callable[[DaemonRun], dict[str, Any]]) -> dict[str, Any]:
         """Run ``body`` (the runner: the agent loop, the command, a built-in daemon) and close the run."""
@@ -8889,6 +8921,8 @@ class DaemonRun:
             return body(self)
         except LlmError as exc:
             return self.result("failed", f"LLM: {exc}")
+        except BudgetSpent as exc:
+            return self.result("limit", f"stopped at {exc}")
         finally:
             if self.daemon.runner == "agent":  # what it raised this run; what it did not raise again resolves
                 with contextlib.suppress(UserError, ApiError):
@@ -8946,25 +8980,20 @@ class DaemonRun:
             {"role": "system", "content": self.system_prompt()},
             {"role": "user", "content": f"Run now (trigger: {self.trigger})."}]
         while True:
+            self.spend(model_call=True)
             self.log_line("llm_request", models=models, messages=len(messages))
             message, tokens, self.model = chat_completion(self.cfg, models, messages, tools, self.log_line)
-            self.tokens += tokens
+            self.spend(tokens=tokens)
             self.log_line("llm_response", model=self.model, tokens=tokens, message=message)
             messages.append({k: v for k, v in message.items() if k in ("role", "content", "tool_calls")})
             calls = message.get("tool_calls") or []
             if not calls:
                 return self.result("ok", message.get("content") or "")
             for call in calls:
-                if self.actions >= self.daemon.max_actions:
-                    return self.result("limit", f"stopped at max_actions = {self.daemon.max_actions}")
-                self.actions += 1
+                self.spend(actions=1)
                 function = call.get("function") or {}
                 output = self.tools.call(function.get("name", ""), function.get("arguments") or "{}")
                 messages.append({"role": "tool", "tool_call_id": call.get("id", ""), "content": output})
-            if self.tokens >= self.daemon.token_budget:
-                return self.result("limit", f"stopped at the token budget ({self.tokens} >= {self.daemon.token_budget})")
-
-
 
     def broker(self, register: bool = True) -> BrokerClient:
         """The broker, as this daemon's own session (daemon-<name>) once it needs one."""
@@ -8994,7 +9023,7 @@ class DaemonRun:
 
     # -- alerts: one per change, through the broker's lifecycle ---------------------
 
-    def report_alerts(self, machine: str, checks: list[str], findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def report_alerts(self, machine: str, checks: list[str], findings: list[AlertFinding]) -> list[dict[str, Any]]:
         """This run's findings for one machine (``checks``: what it looked at) through the
         broker's alert lifecycle; each change goes to the daemon's alert_to peers, and the hub
         posts it to its own [alerts] webhook (queued with the change, retried until answered)."""
@@ -9032,7 +9061,11 @@ class DaemonRun:
         return told
 
 
-def new_run_record(cfg: Config, daemon: str, trigger: str, run_dir: Path | None) -> dict[str, Any]:
+register_runner(Runner("agent", DaemonRun.run_agent))
+register_runner(Runner("command", DaemonRun.run_command_runner))
+
+
+def new_run_record(cfg: Config, daemon: str, trigger: str, run_dir: Path | None) -> RunRecord:
     """A run as it starts; its transcript goes to ``run_dir`` (None: a run that never ran)."""
     run_id = new_id(8)
     return {"id": run_id, "daemon": daemon, "trigger": trigger[:500], "machine": cfg.machine,
@@ -9040,11 +9073,11 @@ def new_run_record(cfg: Config, daemon: str, trigger: str, run_dir: Path | None)
             "model": "", "summary": "", "transcript": str(run_dir / f"{run_id}.jsonl") if run_dir else ""}
 
 
-def finish_run(run: dict[str, Any], result: dict[str, Any]) -> None:
+def finish_run(run: RunRecord, result: RunResult) -> None:
     run.update({k: v for k, v in result.items() if k in RUN_FIELDS}, ended_at=iso(time.time()))
 
 
-def run_report(run: dict[str, Any]) -> dict[str, Any]:
+def run_report(run: RunRecord) -> dict[str, Any]:
     """A run as the broker's POST /api/runs takes it."""
     return {k: run[k] for k in RUN_FIELDS if run[k] is not None}
 
@@ -9085,7 +9118,7 @@ def scout_checks(report: dict[str, Any]) -> list[str]:
     return [check for check in SCOUT_CHECKS if check not in skipped]
 
 
-def as_alert(finding: dict[str, Any]) -> dict[str, Any]:
+def as_alert(finding: Finding) -> AlertFinding:
     """A scout finding as the broker's alert lifecycle takes it."""
     value = finding["value"]  # a word or an error is in the evidence already; a measurement is not
     measured = f"value {value}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
@@ -9096,7 +9129,7 @@ def as_alert(finding: dict[str, Any]) -> dict[str, Any]:
             "title": finding["title"][:300], "detail": detail[:4000]}
 
 
-def scout_report_lines(results: dict[str, tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]) -> list[str]:
+def scout_report_lines(results: dict[str, Probed]) -> list[str]:
     """One line per machine, worst finding first: what `trigger fleet-scout --here` prints."""
     lines = []
     for name, (report, findings, _) in sorted(results.items()):
@@ -9107,7 +9140,7 @@ def scout_report_lines(results: dict[str, tuple[dict[str, Any], list[dict[str, A
     return lines
 
 
-def diagnose(run: DaemonRun, machine: str, findings: list[dict[str, Any]]) -> str:
+def diagnose(run: DaemonRun, machine: str, findings: list[AlertFinding]) -> str:
     """One short diagnosis of a machine's new findings, from the evidence only (one LLM action)."""
     models = list(getattr(run.cfg.llm, run.daemon.tier))
     evidence = json.dumps([{k: f[k] for k in ("check", "key", "severity", "title", "detail")} for f in findings])
@@ -9117,14 +9150,14 @@ def diagnose(run: DaemonRun, machine: str, findings: list[dict[str, Any]]) -> st
                     " three sentences. Use only the evidence given; say when it is not enough. You change"
                     " nothing on any host.")},
                 {"role": "user", "content": f"Machine {machine}: {evidence[:12000]}"}]
-    run.actions += 1
+    run.spend(actions=1, model_call=True)
     message, tokens, run.model = chat_completion(run.cfg, models, messages, [], run.log_line)
-    run.tokens += tokens
+    run.spend(tokens=tokens)
     run.log_line("diagnosis", machine=machine, tokens=tokens, text=message.get("content") or "")
     return (message.get("content") or "").strip()[:2000]
 
 
-def add_diagnoses(run: DaemonRun, alerts_by_machine: dict[str, list[dict[str, Any]]]) -> None:
+def add_diagnoses(run: DaemonRun, alerts_by_machine: dict[str, list[AlertFinding]]) -> None:
     """With an LLM configured, a diagnosis for each machine whose findings are new or changed,
     within the daemon's max_actions and token_budget; without one the findings stand alone."""
     if not run.cfg.llm.base_url or not getattr(run.cfg.llm, run.daemon.tier):
@@ -9133,10 +9166,12 @@ def add_diagnoses(run: DaemonRun, alerts_by_machine: dict[str, list[dict[str, An
         "GET", f"/api/alerts?source={urllib.parse.quote(run.daemon.name)}&limit=1000")["alerts"]}
     for machine, alerts in alerts_by_machine.items():
         fresh = [a for a in alerts if known.get((machine, a["check"], a["key"])) != a["severity"]]
-        if not fresh or run.actions >= run.daemon.max_actions or run.tokens >= run.daemon.token_budget:
+        if not fresh:
             continue
         try:
             text = diagnose(run, machine, fresh)
+        except BudgetSpent:
+            continue
         except LlmError as exc:
             run.log_line("diagnosis_failed", machine=machine, error=str(exc))
             continue
@@ -9152,24 +9187,27 @@ def scout_machines(cfg: Config, daemon: SimpleNamespace) -> list[SimpleNamespace
     return ([cfg.local_machine] if daemon.include_local and not here else []) + listed
 
 
-def retire_machines(run: DaemonRun, probed: list[str]) -> list[str]:
-    """The machines this scout probed before and no longer does (taken out of [[machines]]): the hub
-    resolves their alerts and drops their health, once, and the scout forgets them. One line each."""
+def retire_unwatched(run: DaemonRun, prefix: str, watched: list[str], reported_as: Callable[[str], str],
+                     verb: str) -> list[str]:
+    """What this daemon remembers under ``prefix`` and no longer watches (taken out of its config):
+    the hub resolves its alerts and drops its health report, once, and the daemon forgets it. One
+    line each; ``reported_as`` gives the name the daemon reported it under."""
     daemon, lines = run.daemon, []
-    for key in run.state.keys(daemon.name, "machine:"):
+    for key in run.state.keys(daemon.name, prefix):
         name = key.split(":", 1)[1]
-        if name in probed:
+        if name in watched:
             continue
         if run.dry_run:
-            run.log_line("dry_run", retire=name)
+            run.log_line("dry_run", retire=reported_as(name))
             lines.append(f"{name:<16} retired  (dry run: its alerts and health report stay on the hub)")
             continue
         gone = run.broker(register=False).call("POST", "/api/health/forget", {
-            "machine": name, "source": daemon.name, "reason": f"no longer probed by {daemon.name} ({run.cfg.where})"})
+            "machine": reported_as(name), "source": daemon.name,
+            "reason": f"no longer {verb} by {daemon.name} ({run.cfg.where})"})
         run.state.forget(daemon.name, key)
-        run.log_line("retired", machine=name, alerts_resolved=gone["alerts_resolved"])
+        run.log_line("retired", machine=reported_as(name), alerts_resolved=gone["alerts_resolved"])
         run.tell(gone["changes"], gone["webhook"])
-        lines.append(f"{name:<16} retired  no longer probed: {gone['alerts_resolved']} alert(s) resolved,"
+        lines.append(f"{name:<16} retired  no longer {verb}: {gone['alerts_resolved']} alert(s) resolved,"
                      " its health report dropped")
     return lines
 
@@ -9181,24 +9219,25 @@ def run_fleet_scout(run: DaemonRun) -> dict[str, Any]:
     machines = scout_machines(run.cfg, daemon)
     previous = {m.name: json.loads(run.state.recall(daemon.name, f"machine:{m.name}") or "null") for m in machines}
     results = probe_fleet(machines, daemon, previous, time.time())
-    for name, (report, findings, state) in results.items():
-        run.state.remember(daemon.name, f"machine:{name}", json.dumps(state))
-        run.log_line("machine", machine=name, reachable=report["reachable"], error=report.get("error", ""),
-                     elapsed_s=report.get("elapsed_s"), findings=findings, unavailable=report.get("unavailable"))
-    alerts = {name: [as_alert(f) for f in findings] for name, (_, findings, _) in results.items()}
+    for name, seen in results.items():
+        run.state.remember(daemon.name, f"machine:{name}", json.dumps(seen.state))
+        run.log_line("machine", machine=name, reachable=seen.report["reachable"], error=seen.report.get("error", ""),
+                     elapsed_s=seen.report.get("elapsed_s"), findings=seen.findings,
+                     unavailable=seen.report.get("unavailable"))
+    alerts = {name: [as_alert(f) for f in seen.findings] for name, seen in results.items()}
     lines = scout_report_lines(results)
     failures = []
     try:
         add_diagnoses(run, alerts)
-        for name, (report, _, _) in results.items():
+        for name, seen in results.items():
             if run.dry_run:
                 run.log_line("dry_run", health=name)
                 continue
             run.broker(register=False).call("POST", "/api/health", {
-                "machine": name, "source": daemon.name, "report": report, "findings": alerts[name]})
-        for name, (report, _, _) in results.items():
-            run.report_alerts(name, scout_checks(report), alerts[name])
-        lines += retire_machines(run, list(results))
+                "machine": name, "source": daemon.name, "report": seen.report, "findings": alerts[name]})
+        for name, seen in results.items():
+            run.report_alerts(name, scout_checks(seen.report), alerts[name])
+        lines += retire_unwatched(run, "machine:", list(results), str, "probed")
     except (UserError, ApiError) as exc:
         failures.append(f"could not report to the broker: {exc}")
     bad = sum(1 for found in alerts.values() if found)
@@ -9208,7 +9247,53 @@ def run_fleet_scout(run: DaemonRun) -> dict[str, Any]:
     return run.result("failed" if failures else "ok", "\n".join([head, *lines, *failures]))
 
 
+def _check_host_key_checking(value: str) -> None:
+    if value not in ("yes", "accept-new"):
+        raise ValueError(f'must be "yes" or "accept-new", got {value!r}')
+
+
+register_runner(Runner(
+    "fleet-scout", run_fleet_scout, SCOUT_DEFAULTS,
+    checks={**{key: _check_percent for key in SCOUT_DEFAULTS if key.endswith("_pct")},
+            **{key: _check_positive for key in SCOUT_DEFAULTS
+               if key.endswith(("_s", "_count", "_per_min", "_warning", "_critical"))
+               or key in ("journal_max_lines", "parallel")},
+            "host_key_checking": _check_host_key_checking},
+    description="checks every machine over SSH: disks, memory, load, failed and restarting units, journal error"
+                " floods, reboots, clock skew, containers",
+    daemon={"every": "15m", "max_runtime_s": 120, "max_actions": 10}))
+
+
 # -- llm-watchdog: the fleet's LLM servers, up, slow or down --------------------------------------
+
+# [daemons.<name>] with runner = "llm-watchdog": the LLM servers it watches and when one is slow.
+WATCHDOG_DEFAULTS: dict[str, Any] = {
+    "servers": [],  # LLM servers to watch: tables of LLM_SERVER_DEFAULTS' keys
+    "watch_llm": True,  # also watch the [llm] endpoint when its base_url is set (as the server "llm")
+    "timeout_s": 30,  # each check of a server: the TCP connect, the health route, the 1-token completion
+    "slow_ms": 5000,  # a health route or completion slower than this: the server is slow
+    "restart_after": 3,  # a server's restart command runs after this many down results in a row
+    "restart_interval_s": 1800,  # ... and at most once in this many seconds
+}
+
+# One item of the llm-watchdog's `servers`.
+LLM_SERVER_DEFAULTS: dict[str, Any] = {
+    "name": "",  # required: letters, digits, '_' and '-'; its health is fleet.health.llm.<name>
+    "base_url": "",  # required; openai: the /v1 URL, e.g. http://gpu:4000/v1; ollama, llamacpp: the server's root
+    "kind": "openai",  # openai (GET /models), ollama (GET /api/tags) or llamacpp (GET /health)
+    "model": "",  # the model of the 1-token completion; empty: the first the server lists
+    "api_key_env": "",  # the environment variable holding its API key; empty: none
+    "restart": [],  # argv run when it stays down, e.g. ["systemctl", "--user", "restart", "llama-server"]
+}
+
+
+LLM_KINDS = ("openai", "ollama", "llamacpp")
+
+
+def _check_llm_kind(value: str) -> None:
+    if value not in LLM_KINDS:
+        raise ValueError(f"unknown kind {value!r} (known: {', '.join(LLM_KINDS)})")
+
 
 LLM_ROUTES = {  # kind -> (health route, completion route), under the server's base_url
     "openai": ("/models", "/chat/completions"),
@@ -9342,7 +9427,7 @@ def track_llm_state(previous: dict[str, Any] | None, state: str, now: float) -> 
             "restarted_at": previous.get("restarted_at", 0.0)}
 
 
-def llm_findings(report: dict[str, Any], slow_ms: float) -> list[dict[str, Any]]:
+def llm_findings(report: dict[str, Any], slow_ms: float) -> list[AlertFinding]:
     """A server down (critical) or slow (warning) as an alert finding; up is none."""
     if report["state"] == "up":
         return []
@@ -9363,17 +9448,18 @@ def restart_llm_server(run: DaemonRun, server: SimpleNamespace, tracked: dict[st
     if run.dry_run:
         run.log_line("dry_run", server=server.name, restart=server.restart)
         return f"dry run: would restart with {json.dumps(server.restart)}"
-    if run.actions >= daemon.max_actions:
-        return f"restart not run: max_actions = {daemon.max_actions} reached"
     try:
+        run.tools.check_run_command(server.restart)  # a restart the policy refuses is no action
+        run.spend(actions=1)
         proc = run.run_allowed(server.restart, timeout=daemon.timeout_s)
         outcome = f"restarted with {json.dumps(server.restart)}: exit {proc.returncode}"
+    except BudgetSpent as exc:
+        return f"restart not run: {exc} reached"
     except PolicyError as exc:
         run.log_line("refused", server=server.name, restart=server.restart, reason=str(exc))
         return f"restart refused by policy: {exc}"
     except (OSError, subprocess.SubprocessError) as exc:
         outcome = f"restart with {json.dumps(server.restart)} failed: {describe_error(exc)}"
-    run.actions += 1
     tracked["restarted_at"] = now
     run.log_line("restart", server=server.name, outcome=outcome)
     return outcome
@@ -9396,13 +9482,19 @@ def run_llm_watchdog(run: DaemonRun) -> dict[str, Any]:
     import concurrent.futures
     daemon = run.daemon
     servers = watched_llm_servers(run.cfg, daemon)
+    retired: list[str] = []
+    failures: list[str] = []
+    try:
+        retired = retire_unwatched(run, "server:", [server.name for server, _ in servers], "llm.{}".format, "watched")
+    except (UserError, ApiError) as exc:
+        failures.append(f"could not retire the servers no longer watched: {exc}")
     if not servers:
-        return run.result("ok", f"no LLM servers to watch: set [llm] base_url, or list servers in"
-                                f" [daemons.{daemon.name}]")
+        head = f"no LLM servers to watch: set [llm] base_url, or list servers in [daemons.{daemon.name}]"
+        return run.result("failed" if failures else "ok", "\n".join([head, *retired, *failures]))
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(servers)) as pool:
         reports = list(pool.map(lambda pair: check_llm_server(pair[0], pair[1], daemon.timeout_s, daemon.slow_ms),
                                 servers))
-    now, lines, failures = time.time(), [], []
+    now, lines = time.time(), []
     for (server, _), report in zip(servers, reports, strict=True):
         key = f"server:{server.name}"
         tracked = track_llm_state(json.loads(run.state.recall(daemon.name, key) or "null"), report["state"], now)
@@ -9425,10 +9517,51 @@ def run_llm_watchdog(run: DaemonRun) -> dict[str, Any]:
     states = collections.Counter(r["state"] for r in reports)
     counts = ", ".join(f"{states[state]} {state}" for state in ("up", "slow", "down") if states[state])
     head = f"{len(reports)} LLM server(s): {counts}"
-    return run.result("failed" if failures else "ok", "\n".join([head, *lines, *failures]))
+    return run.result("failed" if failures else "ok", "\n".join([head, *lines, *retired, *failures]))
+
+
+def check_watched_servers(where: str, daemon: SimpleNamespace) -> None:
+    """Each server named once: its name is its health report's and its alerts' machine."""
+    names = [server.name for server in daemon.servers]
+    if len(set(names)) != len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise UserError(f"{where}: daemons.{daemon.name}.servers: the name {twice!r} is given twice")
+
+
+register_runner(Runner(
+    "llm-watchdog", run_llm_watchdog, WATCHDOG_DEFAULTS,
+    checks=dict.fromkeys(("timeout_s", "slow_ms", "restart_after", "restart_interval_s"), _check_positive),
+    lists={"servers": TableList(LLM_SERVER_DEFAULTS, ("name", "base_url"), {
+        "name": _check_name_token, "base_url": _check_server_url, "kind": _check_llm_kind, "restart": _check_strings})},
+    rules=check_watched_servers,
+    description="watches the LLM servers ([llm] and its servers): up, slow or down, an alert on each change",
+    daemon={"every": "5m", "max_runtime_s": 120, "max_actions": 10}))
 
 
 # -- pr-helper: pull requests kept mergeable, lint kept green, nothing forced ---------------------
+
+# [daemons.<name>] with runner = "pr-helper": the repositories whose pull requests it keeps mergeable.
+PR_HELPER_DEFAULTS: dict[str, Any] = {
+    "repos": [],  # tables of PR_REPO_DEFAULTS' keys
+    "author": "",  # "Name <email>" of its merge and fix commits; empty: git's user.name and user.email
+    "command_timeout_s": 600,  # one git, gh, check or fix command
+    "max_file_bytes": 65536,  # a conflicting file larger than this is not given to the LLM
+}
+
+# One item of the pr-helper's `repos`.
+PR_REPO_DEFAULTS: dict[str, Any] = {
+    "path": "",  # required: a local clone; it is never checked out: the work happens in worktrees of its own
+    "remote": "origin",  # the remote the pull requests' branches live on
+    "base": "main",  # the branch the pull requests go into; never pushed to
+    "check": [],  # required: argv that must pass before anything is pushed, e.g. ["ruff", "check", "."]
+    "fix": [],  # argv that fixes what check finds, e.g. ["ruff", "check", "--fix", "."]; empty: no fixes
+}
+
+
+def _check_author(value: str) -> None:
+    if value and not re.fullmatch(r"[^<>\n]+ <[^<>\s]+@[^<>\s]+>", value):
+        raise ValueError(f'must be "Name <email>", got {value!r}')
+
 
 PR_FIELDS = ("number,title,headRefName,headRefOid,baseRefName,mergeable,mergeStateStatus,statusCheckRollup,isDraft,"
              "isCrossRepository,updatedAt")
@@ -9537,9 +9670,10 @@ class PrHelper:
 
     def act(self, what: str) -> None:
         """Count one action (a push, a comment, an LLM call) against max_actions."""
-        if self.run.actions >= self.daemon.max_actions:
-            raise PrLimit(f"stopped at max_actions = {self.daemon.max_actions} (before {what})")
-        self.run.actions += 1
+        try:
+            self.run.spend(actions=1)
+        except BudgetSpent as exc:
+            raise PrLimit(f"stopped at {exc} (before {what})") from None
 
     def run_all(self) -> dict[str, Any]:
         if not self.daemon.repos:
@@ -9712,7 +9846,9 @@ class PrHelper:
                 return f"{name} was deleted on one side"
             if len(data) > self.daemon.max_file_bytes:
                 return f"{name} is larger than max_file_bytes = {self.daemon.max_file_bytes}"
-            if self.run.tokens >= self.daemon.token_budget:
+            try:
+                self.run.spend(model_call=True)
+            except BudgetSpent:
                 return f"the token budget ({self.daemon.token_budget}) is spent"
             self.act(f"resolving {name}")
             messages = [{"role": "system", "content": RESOLVE_PROMPT},
@@ -9724,7 +9860,7 @@ class PrHelper:
                                                                   self.run.log_line)
             except LlmError as exc:
                 return f"the model failed: {exc}"
-            self.run.tokens += tokens
+            self.run.spend(tokens=tokens)
             text = strip_code_fence(message.get("content") or "")
             if not text.strip() or CONFLICT_MARKER_RE.search(text):
                 return f"the model left {name} unresolved"
@@ -9768,7 +9904,22 @@ def run_pr_helper(run: DaemonRun) -> dict[str, Any]:
     return PrHelper(run).run_all()
 
 
+register_runner(Runner(  # no daemon of its own: off until daemons.toml has a table with this runner
+    "pr-helper", run_pr_helper, PR_HELPER_DEFAULTS,
+    checks={"command_timeout_s": _check_positive, "max_file_bytes": _check_positive, "author": _check_author},
+    lists={"repos": TableList(PR_REPO_DEFAULTS, ("path", "check"), {
+        "remote": _check_git_name, "base": _check_git_name, "check": _check_strings, "fix": _check_strings})}))
+
+
 # -- fleet-memory: what every new session reads at start ------------------------------------------
+
+# [daemons.<name>] with runner = "fleet-memory": how much of each section the memory keeps.
+MEMORY_DEFAULTS: dict[str, Any] = {
+    "exchanges": 15,  # the most recent message exchanges listed (one line per pair of sessions)
+    "findings": 8,  # the daemons whose latest run is listed
+    "events_per_run": 5000,  # events read per run from its cursor (a longer backlog takes several runs)
+    "condense": True,  # with [llm] set: the model condenses the digest whenever its facts changed
+}
 
 MEMORY_TITLE = "# Fleet memory"
 MEMORY_SECTIONS = ("Who is working on what, where", "Recent exchanges", "Fleet health", "Open alerts",
@@ -9879,11 +10030,13 @@ def condense_memory(run: DaemonRun, digest: str, budget: int) -> str:
     """The digest condensed by the model (one action), or '' when there is none, it failed, or its
     answer breaks the memory's shape (too long, sections missing or out of order)."""
     models = list(getattr(run.cfg.llm, run.daemon.tier))
-    if not (run.daemon.condense and run.cfg.llm.base_url and models) or run.actions >= run.daemon.max_actions \
-            or run.tokens >= run.daemon.token_budget:
+    if not (run.daemon.condense and run.cfg.llm.base_url and models):
+        return ""
+    try:
+        run.spend(actions=1, model_call=True)
+    except BudgetSpent:
         return ""
     prompt = CONDENSE_PROMPT.format(budget=budget, headings=", ".join(f"## {h}" for h in MEMORY_SECTIONS))
-    run.actions += 1
     try:
         message, tokens, run.model = chat_completion(run.cfg, models, [{"role": "system", "content": prompt},
                                                                        {"role": "user", "content": digest}],
@@ -9891,7 +10044,7 @@ def condense_memory(run: DaemonRun, digest: str, budget: int) -> str:
     except LlmError as exc:
         run.log_line("condense_failed", error=str(exc))
         return ""
-    run.tokens += tokens
+    run.spend(tokens=tokens)
     text = strip_code_fence(message.get("content") or "").strip() + "\n"
     headings = re.findall(r"^## (.+?)\s*$", text, re.MULTILINE)
     problem = ("longer than the budget" if len(text.encode()) > budget else
@@ -9944,11 +10097,12 @@ def run_fleet_memory(run: DaemonRun) -> dict[str, Any]:
     return run.result("ok", summary)
 
 
-def daemon_body(daemon: SimpleNamespace) -> Callable[[DaemonRun], dict[str, Any]]:
-    """What a run of this daemon does, by its runner."""
-    return {"agent": DaemonRun.run_agent, "command": DaemonRun.run_command_runner, "fleet-scout": run_fleet_scout,
-            "llm-watchdog": run_llm_watchdog, "pr-helper": run_pr_helper,
-            "fleet-memory": run_fleet_memory}[daemon.runner]
+register_runner(Runner(
+    "fleet-memory", run_fleet_memory, MEMORY_DEFAULTS,
+    checks=dict.fromkeys(("exchanges", "findings", "events_per_run"), _check_positive),
+    description="keeps the fleet memory new sessions read: who works on what where, exchanges, health, open alerts,"
+                " daemon findings",
+    daemon={"on": ["fleet.>"], "debounce_s": 60.0, "every": "1h", "max_runtime_s": 120, "max_actions": 3}))
 
 
 # ===========================================================================
@@ -10178,6 +10332,28 @@ def hold_supervisor_lock(home: Path, cfg: Config) -> ProcessLock:
                         " first, or give this one its own CLAUDE_PEERS_HOME") from None
 
 
+RunExecution = Callable[[RunRecord], Awaitable[RunResult]]  # a run, recorded as running, to its result
+
+
+async def recorded_run(cfg: Config, state: SupervisorState, daemon: SimpleNamespace, trigger: str,
+                       execute: RunExecution, told: Callable[[RunRecord], None]) -> RunRecord:
+    """A run's lifecycle, the supervisor's and `trigger --here`'s alike: recorded as running, executed,
+    recorded with its result (an interrupted run as failed, never left running), told at both ends."""
+    run_dir = data_home() / "runs"
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    run = new_run_record(cfg, daemon.name, trigger, run_dir)
+    state.save_run(run)
+    told(run)
+    result: RunResult = {"status": "failed", "summary": "interrupted before it ended"}
+    try:
+        result = await execute(run)
+    finally:
+        finish_run(run, result)
+        state.save_run(run)
+        told(run)
+    return run
+
+
 class Supervisor:
     """Runs the daemons of daemons.toml: on `every` (with jitter), `cron`, `on` events
     (NATS JetStream durable consumer, or the broker's feed), and requests. One run of a
@@ -10305,16 +10481,10 @@ class Supervisor:
 
     # -- runs -----------------------------------------------------------------------------
 
-    async def _run(self, daemon: SimpleNamespace, reason: str) -> None:
+    async def _child(self, daemon: SimpleNamespace, reason: str, run: dict[str, Any]) -> dict[str, Any]:
+        """A run as a child process in its own process group, killed with its children at
+        max_runtime_s: its result is the file it writes."""
         import asyncio
-        run_dir = self.home / "runs"
-        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        run = new_run_record(self.cfg, daemon.name, reason, run_dir)
-        state = self.state.state(daemon.name)
-        state["last_started"] = time.time()
-        self.state.save_state(state)
-        self.state.save_run(run)
-        self.wakeup.set()
         log.info("run %s of %s (%s)", run["id"], daemon.name, reason)
         argv = own_command(self.cfg, "run-daemon", daemon.name, "--run-id", run["id"], "--trigger", reason,
                            config=self.snapshot)
@@ -10323,20 +10493,24 @@ class Supervisor:
                                                         start_new_session=True)
             try:
                 await asyncio.wait_for(proc.wait(), daemon.max_runtime_s)
-                result_file = run_dir / f"{run['id']}.result.json"
-                try:
-                    result = json.loads(result_file.read_text())
-                except (OSError, ValueError):
-                    result = {"status": "failed", "summary": f"the run exited with {proc.returncode} and no result"}
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)  # the run and everything it started
                 await proc.wait()
-                result = {"status": "timeout", "summary": f"killed after max_runtime_s = {daemon.max_runtime_s}"}
+                return {"status": "timeout", "summary": f"killed after max_runtime_s = {daemon.max_runtime_s}"}
         except OSError as exc:
-            result = {"status": "failed", "summary": f"could not start the run: {exc}"}
-        finish_run(run, result)
-        self.state.save_run(run)
+            return {"status": "failed", "summary": f"could not start the run: {exc}"}
+        try:
+            return json.loads(Path(run["transcript"]).with_suffix(".result.json").read_text())
+        except (OSError, ValueError):
+            return {"status": "failed", "summary": f"the run exited with {proc.returncode} and no result"}
+
+    async def _run(self, daemon: SimpleNamespace, reason: str) -> None:
+        state = self.state.state(daemon.name)
+        state["last_started"] = time.time()
+        self.state.save_state(state)
+        run = await recorded_run(self.cfg, self.state, daemon, reason, functools.partial(self._child, daemon, reason),
+                                 lambda _: self.wakeup.set())  # its reporter tells the broker
         state = self.state.state(daemon.name)
         state["last_status"] = run["status"]
         if run["status"] in ("failed", "timeout"):
@@ -10451,1415 +10625,6 @@ class Supervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.lock.close()
-
-
-# ===========================================================================
-# Bench: this hub's figures, side by side with the anchor's, measured on this machine
-# ===========================================================================
-#
-# One driver measures ours and, with --anchor, the original claude-peers-mcp (Bun) from a
-# checkout: the same sessions, the same texts, the same clocks, each side receiving as its own
-# shim does. Every run starts a fresh broker (neither meets the other's history), and the
-# runs of each figure alternate between the two (ours, anchor, ours, anchor...), so a warmer or
-# busier machine favours neither. Every text a run sends is unique: each phase checks that
-# each one arrived exactly once.
-
-ANCHOR_POLL_S = 1.0  # the anchor's shim polls its broker once a second (server.ts, POLL_INTERVAL_MS)
-DELIVERY_DEADLINE_S = 120.0  # how long a run waits for its last message
-LATENCY_GAP_S = 0.02  # latency samples go out this far apart, round-robin: the sessions stay idle
-HTTP_CONNECTIONS = 8
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def proc_mb(pid: int, name: str, field: str) -> float:
-    """A kB field of /proc/PID/<name>, in MB (0 when the process is gone)."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def rss_mb(pid: int) -> float:
-    return proc_mb(pid, "status", "VmRSS")
-
-
-def pss_mb(pid: int) -> float:
-    """Proportional set size: each shared page counted in shares, so what N processes cost adds up."""
-    return proc_mb(pid, "smaps_rollup", "Pss")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU a process has used so far, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def tally(expected: Iterable[str], arrived: collections.Counter[str]) -> tuple[int, int]:
-    """(lost, duplicated): texts sent that never arrived, and extra copies of those that did."""
-    counts = [arrived[text] for text in expected]
-    return sum(1 for n in counts if n == 0), sum(n - 1 for n in counts if n > 1)
-
-
-def end_process(proc: subprocess.Popen[bytes], terminate: bool = True) -> None:
-    """Stop a child: SIGTERM (unless it was told to stop another way), 10 s to exit, then SIGKILL."""
-    if terminate:
-        proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-class BrokerHarness:
-    """A real broker subprocess in a home of its own, for bench and the tests: started from
-    cached bytecode on port 0 (its bound URL read from its own output, then written into its
-    config so clients and restarts use it), its stderr kept in ``log``, stopped or killed."""
-
-    def __init__(self, home: Path, toml: str = "", nats: str = "embedded = false\n", port: int = 0) -> None:
-        self.home = home
-        home.mkdir(parents=True, exist_ok=True)
-        self.config = home / "daemons.toml"
-        self.port = port  #: the bound port (0: known once started)
-        self.toml, self.nats = toml, nats
-        self._write_config()
-        self.env = {**os.environ, "CLAUDE_PEERS_HOME": str(home), "CLAUDE_PEERS_CONFIG": str(self.config)}
-        for key in ("CLAUDE_PEERS_URL", "CLAUDE_PEERS_TOKEN", "CLAUDE_PEERS_NAME", "CLAUDE_PEERS_MODE",
-                    INBOX_SOCKET_ENV, INBOX_TOKEN_ENV):  # run inside a Claude Code session: never post into it
-            self.env.pop(key, None)
-        self.url = ""
-        self.token = ""
-        self.proc: subprocess.Popen[str] | None = None
-        self.log: list[str] = []  #: the broker's stderr, line by line
-
-    def _write_config(self) -> None:
-        self.config.write_text(f'[broker]\nlisten = "127.0.0.1:{self.port}"\n{self.toml}\n[nats]\n{self.nats}')
-
-    def start(self, timeout: float = 20) -> BrokerHarness:
-        import queue
-        self.proc = subprocess.Popen(module_command("broker"), env=self.env, stderr=subprocess.PIPE, text=True)
-        bound = queue.Queue()
-
-        def drain(stream: Any) -> None:
-            for line in stream:
-                self.log.append(line)
-                found = re.search(r"listening on (http\S*://127\.0\.0\.1:(\d+))", line)
-                if found:
-                    bound.put(found.groups())
-            bound.put(None)
-
-        threading.Thread(target=drain, args=(self.proc.stderr,), daemon=True).start()
-        try:
-            ready = bound.get(timeout=timeout)
-        except queue.Empty:
-            ready = None
-        if ready is None:
-            self.stop()
-            raise UserError("the broker did not start:\n" + "".join(self.log))
-        self.url, port = ready
-        if not self.port:  # the port it bound: clients find it there, and a restart takes it again
-            self.port = int(port)
-            self._write_config()
-        self.token = (self.home / "token").read_text().strip()
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            end_process(self.proc)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def client(self, token: str | None = None, timeout: float = 30) -> BrokerClient:
-        return BrokerClient(self.url, token or self.token, timeout)
-
-    def session(self, **info: Any) -> BrokerClient:
-        client = self.client()
-        client.register({"machine": "testbox", "pid": os.getpid(), "cwd": "/work/a", **info})
-        return client
-
-    def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        """This program's command line on this broker's home and config."""
-        return subprocess.run(module_command(*args), env={**self.env, **(env or {})}, capture_output=True,
-                              text=True, timeout=60, check=False)
-
-
-class BenchPeer:
-    """A session of ours on an HTTP connection of its own, receiving as the shim does: a
-    long-poll that acknowledges the previous batch."""
-
-    def __init__(self, broker: BenchBroker, identity: tuple[str, str] | None = None) -> None:
-        self.broker = broker
-        self.client = BrokerClient(broker.url, broker.token, 60)
-        if identity is None:
-            self.client.register({"machine": "bench", "pid": os.getpid(), "cwd": "/bench", "client": "bench"})
-        else:
-            self.client.session_id, self.client.session_secret = identity
-        self.address: str = self.client.session_id or ""
-        self.delivered: list[str] = []  #: ids of the last batch received: the next poll acknowledges them
-
-    def twin(self) -> BenchPeer:
-        """The same session on a connection of its own (for another thread or process)."""
-        return BenchPeer(self.broker, (self.address, self.client.session_secret or ""))
-
-    def send(self, to: str, text: str) -> None:
-        self.client.session_call("POST", "/send", {"to": to, "text": text})
-
-    def receive(self) -> list[str]:
-        body = {"wait_s": 1, "max": 1000, "ack": self.delivered}
-        messages = self.client.session_call("POST", "/poll", body)["messages"]
-        self.delivered = [m["id"] for m in messages]
-        return [m["text"] for m in messages]
-
-    def finish(self) -> None:
-        if self.delivered:
-            self.client.session_call("POST", "/ack", {"ids": self.delivered, "state": "delivered"})
-
-
-class AnchorPeer:
-    """A peer of the anchor on an HTTP connection of its own, receiving as its shim does: a
-    poll every ANCHOR_POLL_S, which marks whatever it returns delivered."""
-
-    def __init__(self, url: str, address: str) -> None:
-        self.url = url
-        self.client = BrokerClient(url, "", 60)
-        self.address = address
-        self.next_poll = time.monotonic()
-
-    def twin(self) -> AnchorPeer:
-        return AnchorPeer(self.url, self.address)
-
-    def send(self, to: str, text: str) -> None:
-        answer = self.client.call("POST", "/send-message", {"from_id": self.address, "to_id": to, "text": text})
-        if not answer.get("ok"):
-            raise UserError(f"bench: the anchor refused a send: {answer.get('error')}")
-
-    def receive(self) -> list[str]:
-        self.next_poll += ANCHOR_POLL_S
-        time.sleep(max(0.0, self.next_poll - time.monotonic()))
-        return [m["text"] for m in self.client.call("POST", "/poll-messages", {"id": self.address})["messages"]]
-
-    def finish(self) -> None:
-        """Nothing to acknowledge: the anchor's poll marked everything it returned delivered."""
-
-
-class BenchMcpClient:
-    """A plain JSON-RPC MCP client on a shim's stdio, one reader thread: it timestamps each
-    channel notification the moment its line arrives, keyed by its text, with no client
-    framework in between (the figure is the shim's, not a client library's)."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: str, eof_stops: bool) -> None:
-        self.name = name
-        self.eof_stops = eof_stops  #: the shim exits when its stdin closes (else it needs SIGTERM)
-        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL)
-        self.arrivals: dict[str, list[float]] = {}  #: channel notification text -> when each copy came
-        self.responses: dict[int, Any] = {}
-        self.changed = threading.Condition()
-        self.next_id = 0
-        self.ready_at = 0.0  #: when `tools/list` was answered (0: not yet)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _send(self, message: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            at = time.perf_counter()
-            message = json.loads(line)
-            with self.changed:
-                if message.get("method") == CHANNEL_METHOD:
-                    self.arrivals.setdefault(message["params"]["content"], []).append(at)
-                elif "id" in message:
-                    self.responses[message["id"]] = message
-                self.changed.notify_all()
-
-    def request(self, method: str, params: dict[str, Any]) -> Any:
-        self.next_id += 1
-        rid = self.next_id
-        self._send({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
-        with self.changed:
-            if not self.changed.wait_for(lambda: rid in self.responses, 60):
-                raise UserError(f"bench: shim {self.name} did not answer {method} within 60 s")
-            return self.responses.pop(rid).get("result")
-
-    def handshake(self) -> None:
-        """Open the server as Claude Code does: initialize, initialized, tools/list."""
-        with contextlib.suppress(UserError, OSError):
-            self.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
-                                        "clientInfo": {"name": "bench", "version": __version__}})
-            self._send({"jsonrpc": "2.0", "method": "notifications/initialized"})
-            self.request("tools/list", {})
-            self.ready_at = time.perf_counter()
-
-    def wait_arrival(self, text: str, timeout: float) -> float | None:
-        """When the first notification carrying ``text`` arrived (None: not within ``timeout``)."""
-        with self.changed:
-            self.changed.wait_for(lambda: text in self.arrivals, max(0.0, timeout))
-            return self.arrivals[text][0] if text in self.arrivals else None
-
-    def stop(self) -> None:
-        """Close the session as Claude Code does when it exits (the anchor's shim needs SIGTERM)."""
-        assert self.proc.stdin is not None
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()
-        if not self.eof_stops:
-            self.proc.terminate()
-
-
-
-def stop_shims(clients: list[BenchMcpClient]) -> None:
-    for client in clients:
-        client.stop()
-    for client in clients:
-        end_process(client.proc, terminate=False)
-
-
-class BenchBroker:
-    """Our broker in a temp dir (a subprocess, from cached bytecode), and our shims on it."""
-
-    label = "ours"
-
-    def __init__(self, nats_toml: str = "embedded = false\n", prepare: Callable[[Path], None] | None = None) -> None:
-        self.tmp = tempfile.TemporaryDirectory(prefix="claude-peers-bench-")
-        self.home = self.tmp.name
-        if prepare is not None:
-            prepare(Path(self.home))
-        self.harness = BrokerHarness(Path(self.home), "rate_per_s = 0.0", nats_toml)
-        try:
-            self.harness.start()
-        except UserError:
-            self.tmp.cleanup()
-            raise
-        self.env, self.url, self.token = self.harness.env, self.harness.url, self.harness.token
-        self.proc = self.harness.proc
-        self.pid = self.proc.pid
-
-    def client(self) -> BrokerClient:
-        return self.harness.client(timeout=60)
-
-    def peer(self) -> BenchPeer:
-        return BenchPeer(self)
-
-    def shim(self, name: str, via: str | None = None, cwd: Path | None = None) -> BenchMcpClient:
-        """A shim with agent name ``name``, on this broker or on the relay at ``via``, in ``cwd`` (its home)."""
-        env = {**self.env, "CLAUDE_PEERS_URL": via} if via else self.env
-        # it plays Claude Code with channels on: its shims push
-        return BenchMcpClient(name, module_command("shim", "--name", name, "--mode", "push"), env,
-                              str(cwd or self.home), eof_stops=True)
-
-    def addresses(self, clients: list[BenchMcpClient]) -> list[str]:
-        """What send_message takes for each shim (its agent name), once every one is registered."""
-        names = [c.name for c in clients]
-        deadline = time.monotonic() + 30
-        while not set(names) <= {p["name"] for p in self.client().call("GET", "/api/peers")["peers"]}:
-            if time.monotonic() > deadline:
-                raise UserError("bench: our shims did not all register within 30 s")
-            time.sleep(0.05)
-        return names
-
-    @staticmethod
-    def send_arguments(to: str, text: str) -> dict[str, str]:
-        return {"to": to, "text": text}
-
-    def close(self) -> None:
-        self.harness.stop()
-        self.tmp.cleanup()
-
-
-class AnchorBroker:
-    """The anchor, claude-peers-mcp (Bun), from a checkout: its broker on a free port with its
-    db in a temp dir, and its shims run as Claude Code runs them (``bun server.ts``)."""
-
-    label = "anchor"
-
-    def __init__(self, checkout: Path, bun: str) -> None:
-        self.tmp = tempfile.TemporaryDirectory(prefix="claude-peers-bench-anchor-")
-        self.home = self.tmp.name
-        self.checkout, self.bun = checkout, bun
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}  # else its shim asks OpenAI
-        self.env.update(CLAUDE_PEERS_PORT=str(port), CLAUDE_PEERS_DB=str(Path(self.home) / "peers.db"),
-                        PATH=f"{Path(bun).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-        self.api = BrokerClient(self.url, "", 30)
-        self.closing = threading.Event()  #: set at close: the threads lending their ids as peer pids end
-        self.proc = subprocess.Popen([bun, str(checkout / "broker.ts")], env=self.env, cwd=self.home,
-                                     stderr=subprocess.DEVNULL)
-        self.pid = self.proc.pid
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            with contextlib.suppress(BrokerUnreachable, ApiError):
-                BrokerClient(self.url, "", 1).call("GET", "/health")
-                return
-            time.sleep(0.05)
-        self.close()
-        raise UserError(f"bench: the anchor's broker ({checkout / 'broker.ts'}) did not start")
-
-    def _live_pid(self) -> int:
-        """A pid that stays alive until close: the anchor keys a peer by its pid and drops one
-        whose pid is gone, so each peer the driver registers gets a thread of its own."""
-        ids: list[int] = []
-        lent = threading.Event()
-
-        def lend() -> None:
-            ids.append(threading.get_native_id())
-            lent.set()
-            self.closing.wait()
-
-        threading.Thread(target=lend, daemon=True).start()
-        lent.wait()
-        return ids[0]
-
-    def peer(self) -> AnchorPeer:
-        info = {"pid": self._live_pid(), "cwd": "/bench", "git_root": None, "tty": None, "summary": ""}
-        return AnchorPeer(self.url, self.api.call("POST", "/register", info)["id"])
-
-    def shim(self, name: str, via: str | None = None) -> BenchMcpClient:
-        """Its shim, on this broker or on the relay at ``via`` (its shims only take a port)."""
-        env = {**self.env, "CLAUDE_PEERS_PORT": str(urllib.parse.urlsplit(via).port)} if via else self.env
-        return BenchMcpClient(name, [self.bun, str(self.checkout / "server.ts")], env, self.home, eof_stops=False)
-
-    def addresses(self, clients: list[BenchMcpClient]) -> list[str]:
-        """What its send_message takes for each shim: the peer id it registered under its pid."""
-        deadline = time.monotonic() + 30
-        while True:
-            peers = self.api.call("POST", "/list-peers", {"scope": "machine", "cwd": self.home, "git_root": None})
-            ids = {p["pid"]: p["id"] for p in peers}
-            if all(c.proc.pid in ids for c in clients):
-                return [ids[c.proc.pid] for c in clients]
-            if time.monotonic() > deadline:
-                raise UserError("bench: the anchor's shims did not all register within 30 s")
-            time.sleep(0.05)
-
-    @staticmethod
-    def send_arguments(to: str, text: str) -> dict[str, str]:
-        return {"to_id": to, "message": text}
-
-    def close(self) -> None:
-        self.closing.set()
-        end_process(self.proc)
-        self.tmp.cleanup()
-
-
-BenchSystem = BenchBroker | AnchorBroker
-Systems = list[tuple[str, Callable[[], BenchSystem]]]
-
-
-def interleaved(systems: Systems, runs: int, measure: Callable[[BenchSystem], T]) -> dict[str, list[T]]:
-    """``measure`` on a fresh broker of each system in turn, ``runs`` times: ours, anchor, ours..."""
-    results: dict[str, list[T]] = {label: [] for label, _ in systems}
-    for _ in range(runs):
-        for label, start in systems:
-            broker = start()
-            try:
-                results[label].append(measure(broker))
-            finally:
-                broker.close()
-    return results
-
-
-def _bench_senders(peers: list[Any], receivers: list[str], count: int, start: Any, stop: Any = None,
-                   counter: Any = None) -> None:
-    """A sender process: one thread and connection per peer, cycling over the receivers; each
-    sends ``count`` texts ``bench <its address> <i>`` (0: until ``stop``), counted in ``counter``."""
-    def pump(peer: BenchPeer | AnchorPeer) -> None:
-        peer = peer.twin()
-        i = 0
-        while i < count if count else not stop.is_set():
-            peer.send(receivers[i % len(receivers)], f"bench {peer.address} {i}")
-            i += 1
-            if counter is not None:
-                with counter.get_lock():
-                    counter.value += 1
-
-    threads = [threading.Thread(target=pump, args=(peer,)) for peer in peers]
-    start.wait()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-
-class Delivery(NamedTuple):
-    """A throughput run: its rate, the broker's CPU per message, and where every text went."""
-    rate: float
-    cpu_ms: float  # broker CPU per message, from the first send to the last delivery
-    sent: int
-    lost: int  # not delivered within DELIVERY_DEADLINE_S
-    duplicated: int
-
-
-def bench_delivery_rate(system: BenchSystem, connections: int, per_connection: int,
-                        receive: bool = True) -> Delivery:
-    """Messages/s through ``connections`` senders (spread over two processes, so the driver's
-    GIL is not what is measured), each cycling over as many receivers that take mail as the
-    system's shim does (``receive``), or that stay idle (then it is the rate of committed
-    sends). Receivers take mail until every text sent arrived or the deadline passed; the rate
-    runs to the last delivery."""
-    import multiprocessing
-
-    senders = [system.peer() for _ in range(connections)]
-    receivers = [system.peer() for _ in range(connections)]
-    expected = [f"bench {s.address} {i}" for s in senders for i in range(per_connection)]
-    arrived: collections.Counter[str] = collections.Counter()
-    last = [0.0]
-    everything = threading.Event()
-    lock = threading.Lock()
-    deadline = time.monotonic() + DELIVERY_DEADLINE_S
-
-    def receive_all(receiver: BenchPeer | AnchorPeer) -> None:
-        while not everything.is_set() and time.monotonic() < deadline:
-            texts = receiver.receive()
-            with lock:
-                arrived.update(texts)
-                if texts:
-                    last[0] = time.perf_counter()
-                if arrived.total() >= len(expected):
-                    everything.set()
-        receiver.finish()
-
-    ctx = multiprocessing.get_context("fork")
-    start = ctx.Event()
-    targets = [r.address for r in receivers]
-    procs = [ctx.Process(target=_bench_senders, args=(senders[i::2], targets, per_connection, start))
-             for i in range(2)]
-    for proc in procs:
-        proc.start()
-    threads = [threading.Thread(target=receive_all, args=(r,)) for r in receivers] if receive else []
-    for thread in threads:
-        thread.start()
-    cpu = cpu_seconds(system.pid)
-    began = time.perf_counter()
-    start.set()
-    for proc in procs:
-        proc.join()
-    sends_done = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    cpu_ms = (cpu_seconds(system.pid) - cpu) * 1000 / len(expected)
-    if not receive:
-        return Delivery(len(expected) / (sends_done - began), cpu_ms, len(expected), 0, 0)
-    lost, duplicated = tally(expected, arrived)
-    return Delivery(arrived.total() / ((last[0] or sends_done) - began), cpu_ms, len(expected), lost, duplicated)
-
-
-def spawn_shims(system: BenchSystem, count: int, via: str | None = None) -> tuple[list[BenchMcpClient], float]:
-    """``count`` shims spawned at once and opened as Claude Code opens them; returns them and
-    the seconds from the first spawn to the last `tools/list` answered."""
-    began = time.perf_counter()
-    clients = [system.shim(f"bench-{i}", via) for i in range(count)]
-    threads = [threading.Thread(target=c.handshake) for c in clients]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if not all(c.ready_at for c in clients):
-        stop_shims(clients)
-        raise UserError(f"bench: a shim of {system.label} did not answer tools/list")
-    return clients, max(c.ready_at for c in clients) - began
-
-
-def spawn_one(system: BenchSystem, times: int = 3) -> float:
-    """The median of ``times`` shims spawned one after another, each alone."""
-    import statistics
-    spawns = []
-    for _ in range(times):
-        clients, seconds = spawn_shims(system, 1)
-        stop_shims(clients)
-        spawns.append(seconds)
-    return statistics.median(spawns)
-
-
-class Sample(NamedTuple):
-    """Send -> channel notification latencies (ms) of a batch of texts, and what came of them."""
-    latencies: list[float]
-    sent: int
-    lost: int
-    duplicated: int
-
-
-def bench_latency(system: BenchSystem, clients: list[BenchMcpClient], addresses: list[str], samples: int,
-                  tag: str) -> Sample:
-    """Texts sent over HTTP LATENCY_GAP_S apart, round-robin over the shims, each timed from
-    its send to its channel notification."""
-    sender = system.peer()
-    sent = []
-    began = time.perf_counter()
-    for k in range(samples):
-        time.sleep(max(0.0, began + k * LATENCY_GAP_S - time.perf_counter()))
-        at = time.perf_counter()
-        sender.send(addresses[k % len(clients)], f"latency {tag} {k}")
-        sent.append((clients[k % len(clients)], f"latency {tag} {k}", at))
-    deadline = time.monotonic() + 30
-    arrivals = [(client.wait_arrival(text, deadline - time.monotonic()), at) for client, text, at in sent]
-    out = [(arrival - at) * 1000 for arrival, at in arrivals if arrival is not None]
-    copies = sum(len(client.arrivals.get(text, ())) for client, text, _ in sent)
-    return Sample(out, len(sent), len(sent) - len(out), copies - len(out))
-
-
-class BenchLoad:
-    """Background senders keeping a broker busy: a forked process, 8 connections, one sink."""
-
-    def __init__(self, system: BenchSystem) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("fork")
-        self.stop_flag = ctx.Event()
-        self.counter = ctx.Value("i", 0)
-        senders = [system.peer() for _ in range(HTTP_CONNECTIONS)]
-        sink = system.peer()
-        started = ctx.Event()
-        started.set()
-        self.proc = ctx.Process(target=_bench_senders, args=(senders, [sink.address], 0, started, self.stop_flag,
-                                                             self.counter))
-        self.proc.start()
-        deadline = time.monotonic() + 10
-        while self.counter.value < 100 and time.monotonic() < deadline:  # under way
-            time.sleep(0.01)
-
-    def stop(self) -> int:
-        self.stop_flag.set()
-        self.proc.join(30)
-        return self.counter.value
-
-
-def bench_tool_sends(system: BenchSystem, clients: list[BenchMcpClient], addresses: list[str],
-                     per_session: int) -> Delivery:
-    """Every shim sends ``per_session`` texts to the next one through its send tool, all at
-    once; the rate runs from the first call to the last channel notification."""
-    count = len(clients)
-    failed = [0]
-
-    def pump(i: int) -> None:
-        for k in range(per_session):
-            arguments = system.send_arguments(addresses[(i + 1) % count], f"tool {i} {k}")
-            result = clients[i].request("tools/call", {"name": "send_message", "arguments": arguments})
-            failed[0] += bool(result is None or result.get("isError"))
-
-    expected = [(clients[(i + 1) % count], f"tool {i} {k}") for i in range(count) for k in range(per_session)]
-    cpu = cpu_seconds(system.pid)
-    began = time.perf_counter()
-    threads = [threading.Thread(target=pump, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    deadline = time.monotonic() + DELIVERY_DEADLINE_S
-    arrivals = [client.wait_arrival(text, deadline - time.monotonic()) for client, text in expected]
-    cpu_ms = (cpu_seconds(system.pid) - cpu) * 1000 / len(expected)
-    delivered = [at for at in arrivals if at is not None]
-    copies = sum(len(client.arrivals.get(text, ())) for client, text in expected)
-    rate = len(delivered) / (max(delivered) - began) if delivered else 0.0
-    return Delivery(rate, cpu_ms, len(expected), len(expected) - len(delivered), copies - len(delivered))
-
-
-class ShimRound(NamedTuple):
-    """One system's figures from one group of shims running at once."""
-    spawn_s: float
-    idle: Sample
-    busy: Sample
-    background: int  # sends that kept the broker busy meanwhile
-    tools: Delivery
-    rss_mb: float
-    pss_mb: float
-    broker_rss_mb: float
-
-
-def bench_shim_round(system: BenchSystem, sessions: int, samples: int, messages: int) -> ShimRound:
-    """``sessions`` shims spawned at once, then: latency while idle and while the broker is
-    saturated, the send tool's throughput, and their memory with all of them running."""
-    import statistics
-    clients, spawn_s = spawn_shims(system, sessions)
-    try:
-        addresses = system.addresses(clients)
-        idle = bench_latency(system, clients, addresses, samples, "idle")
-        load = BenchLoad(system)
-        try:
-            busy = bench_latency(system, clients, addresses, samples, "busy")
-        finally:
-            background = load.stop()
-        tools = bench_tool_sends(system, clients, addresses, max(1, messages // sessions))
-        rss = statistics.mean(rss_mb(c.proc.pid) for c in clients)
-        pss = statistics.mean(pss_mb(c.proc.pid) for c in clients)
-        return ShimRound(spawn_s, idle, busy, background, tools, rss, pss, rss_mb(system.pid))
-    finally:
-        stop_shims(clients)
-
-
-class RequestCounter:
-    """A TCP relay in front of a broker that notes when each HTTP request goes through it, per
-    connection, for the idle cost of the shims pointed at it (both systems speak HTTP/1.1)."""
-
-    MARK = b" HTTP/1.1\r\n"  # ends every request line; JSON bodies cannot hold a raw CR LF
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = urllib.parse.urlsplit(upstream)
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        self.requests: list[list[float]] = []  #: per client connection: when each request came through
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-                upstream = socket.create_connection((self.upstream.hostname, self.upstream.port))
-            except OSError:
-                return
-            self.sockets += [client, upstream]
-            self.requests.append([])
-            threading.Thread(target=self._pump, args=(client, upstream, self.requests[-1]), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, requests: list[float] | None) -> None:
-        tail = b""  # shorter than MARK: a mark split across two reads is counted once
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                if requests is not None:
-                    seen = tail + data
-                    requests += [time.monotonic()] * seen.count(self.MARK)
-                    tail = seen[-(len(self.MARK) - 1):]
-                sink.sendall(data)
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_WR)
-
-    def rate(self, since: float) -> float:
-        """Requests per second since ``since`` (monotonic): each connection's from its first
-        request to its last. Shims started together poll in step, so a plain count in a window
-        would move by a whole poll of every shim with where the window falls."""
-        total = 0.0
-        for times in self.requests:
-            seen = [t for t in times if t >= since]
-            if len(seen) > 1 and seen[-1] > seen[0]:
-                total += (len(seen) - 1) / (seen[-1] - seen[0])
-        return total
-
-    def close(self) -> None:
-        self.server.close()
-        for sock in self.sockets:
-            sock.close()
-
-
-def bench_idle(systems: Systems, sessions: int, seconds: float) -> dict[str, float]:
-    """Broker requests per idle session per minute: every system's shims idle side by side in
-    one window, each group behind a relay that notes what it asks of its broker."""
-    groups: list[tuple[str, BenchSystem, RequestCounter, list[BenchMcpClient]]] = []
-    try:
-        for label, start in systems:
-            broker = start()
-            relay = RequestCounter(broker.url)
-            groups.append((label, broker, relay, []))
-            groups[-1][3].extend(spawn_shims(broker, sessions, relay.url)[0])
-            broker.addresses(groups[-1][3])
-        time.sleep(min(2.0, seconds))  # registrations and first polls are over: from here on, idle traffic
-        since = time.monotonic()
-        time.sleep(seconds)
-        return {label: relay.rate(since) * 60 / sessions for label, _, relay, _ in groups}
-    finally:
-        for _, broker, relay, clients in groups:
-            stop_shims(clients)
-            relay.close()
-            broker.close()
-
-
-def bench_clones(folder: Path, count: int) -> list[Path]:
-    """``count`` clones of one repository of ``count`` files (f0.txt, ...), as on so many machines."""
-    seed = folder / "seed"
-    seed.mkdir(parents=True)
-    for i in range(count):
-        (seed / f"f{i}.txt").write_text("first\n")
-    steps = [(seed, "init", "-q"), (seed, "add", "."),
-             (seed, "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "first"),
-             *((folder, "clone", "-q", str(seed), str(folder / f"clone-{i}")) for i in range(count))]
-    for cwd, *args in steps:
-        if git_output(cwd, *args) is None:
-            raise UserError(f"bench: git {args[0]} failed in {cwd} (is git installed?)")
-    return [folder / f"clone-{i}" for i in range(count)]
-
-
-def keep_editing(clones: list[Path], stop: threading.Event) -> None:
-    """Each clone's own file and the next clone's, rewritten twice a second until ``stop``."""
-    edits = 0
-    while not stop.wait(0.5):
-        for i, clone in enumerate(clones):
-            for name in (f"f{i}.txt", f"f{(i + 1) % len(clones)}.txt"):
-                (clone / name).write_text(f"edit {edits}\n")
-        edits += 1
-
-
-def bench_editing(sessions: int, seconds: float) -> float:
-    """Broker requests per session per minute while each session keeps editing two files of its clone
-    of one repository, one of them also the next session's: counted once every session was told of
-    its overlaps (telling wakes a poll once), so what it counts is the reports riding on the polls."""
-    broker = BenchBroker()
-    relay = RequestCounter(broker.url)
-    clients: list[BenchMcpClient] = []
-    stop = threading.Event()
-    try:
-        clones = bench_clones(Path(broker.home) / "repo", sessions)
-        clients = [broker.shim(f"bench-{i}", relay.url, clone) for i, clone in enumerate(clones)]
-        for client in clients:
-            client.handshake()
-        broker.addresses(clients)
-        threading.Thread(target=keep_editing, args=(clones, stop), daemon=True).start()
-        cfg = Config({}, None)
-        deadline = time.monotonic() + 3 * (cfg.shim.changes_every_s + cfg.broker.poll_wait_s)
-        while not all(client.arrivals for client in clients):
-            if time.monotonic() > deadline:
-                raise UserError("bench: the editing sessions were not told of their overlaps in time")
-            time.sleep(0.1)
-        since = time.monotonic()
-        time.sleep(seconds)
-        return relay.rate(since) * 60 / sessions
-    finally:
-        stop.set()
-        stop_shims(clients)
-        relay.close()
-        broker.close()
-
-
-async def bench_many_sessions(broker: BenchBroker, sessions: int) -> float:
-    """Broker RSS (MB) with ``sessions`` registered, each with a long-poll parked."""
-    import asyncio
-    writers = []
-    for _ in range(sessions):
-        peer = broker.peer()
-        _, writer = await asyncio.open_connection("127.0.0.1", urllib.parse.urlsplit(broker.url).port)
-        body = json.dumps({"wait_s": 60}).encode()
-        writer.write(f"POST /api/sessions/{peer.address}/poll HTTP/1.1\r\nHost: x\r\n"
-                     f"Authorization: Bearer {broker.token}\r\nX-Session-Secret: {peer.client.session_secret}\r\n"
-                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        writers.append(writer)
-        peer.client.close()
-    await asyncio.sleep(1.0)
-    rss = rss_mb(broker.pid)
-    for writer in writers:
-        writer.close()
-    return rss
-
-
-def bench_relay(events: int) -> tuple[float | None, int]:
-    """Events/s the relay moves from a full outbox into JetStream (embedded nats-server),
-    timed from its connection (None: all were moved before a second look)."""
-    def fill(home: Path) -> None:
-        cfg = Config({}, None)
-        store = Store(home / "broker.db", cfg)
-        with store.tx() as c:
-            for i in range(events):
-                store.event(c, "message.sent", "fleet.message.sent", message_id=f"{i:012x}", bytes=64)
-        store.close()
-
-    broker = BenchBroker(f'embedded = true\nlisten = "127.0.0.1:{free_port()}"\n', prepare=fill)
-    try:
-        client = broker.client()
-        first = None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            nats = client.call("GET", "/api/status")["nats"]
-            if first is None and nats["connected"]:
-                first = (time.perf_counter(), nats["published"])
-            if first is not None and nats["backlog"] == 0:
-                moved = nats["published"] - first[1]
-                return (moved / (time.perf_counter() - first[0]) if moved else None), nats["published"]
-            time.sleep(0.01)
-        return 0.0, 0
-    finally:
-        broker.close()
-
-
-class Target(NamedTuple):
-    """What a figure must reach: ``op`` (<= or >=) ``bound``, times the anchor's if ``relative``."""
-    op: str
-    bound: float
-    relative: bool = False
-
-    def __str__(self) -> str:
-        return f"{self.op} {self.bound:g}" + (" x anchor" if self.relative else "")
-
-    def met(self, ours: float, anchor: float | None) -> bool | None:
-        if self.relative and not anchor:
-            return None
-        value = ours / anchor if self.relative and anchor else ours
-        return value <= self.bound if self.op == "<=" else value >= self.bound
-
-
-class BenchReport:
-    """Prints each figure for every system measured, the ratio ours/anchor and the target met
-    or missed; keeps count of misses, and of messages lost or duplicated anywhere."""
-
-    def __init__(self, labels: list[str]) -> None:
-        self.labels = labels
-        self.missed: list[str] = []
-        self.faults: list[str] = []  #: ours lost or duplicated a message somewhere
-        columns = "".join(f"{label:>10}" for label in labels) + ("  ours/anchor" if len(labels) > 1 else "")
-        print(f"{'figure':<62}{columns}  target")
-
-    def figure(self, name: str, values: dict[str, float | None], fmt: str = "{:.0f}",
-               target: Target | None = None) -> None:
-        ours, anchor = values["ours"], values.get("anchor")
-        cells = "".join(f"{fmt.format(values.get(label)) if values.get(label) is not None else '-':>10}"
-                        for label in self.labels)
-        if len(self.labels) > 1:
-            cells += f"{ours / anchor:>13.2f}" if ours is not None and anchor else f"{'-':>13}"
-        verdict = ""
-        if target is not None and ours is not None:
-            met = target.met(ours, anchor)
-            verdict = f"  {target} {'ok' if met else 'MISSED' if met is False else '(needs --anchor)'}"
-            if met is False:
-                self.missed.append(name)
-        print(f"{name:<62}{cells}{verdict}")
-
-    def delivery(self, phase: str, runs: dict[str, list[Delivery | Sample]]) -> None:
-        """Every text sent in a phase, per system: how many, lost, shown twice."""
-        parts = []
-        for label in self.labels:
-            sent, lost, duplicated = (sum(getattr(run, key) for run in runs[label])
-                                      for key in ("sent", "lost", "duplicated"))
-            parts.append(f"{label} {sent} sent, {lost} lost, {duplicated} duplicated")
-            if label == "ours" and (lost or duplicated):
-                self.faults.append(f"{phase}: {lost} lost, {duplicated} duplicated")
-        print(f"  delivery check, {phase}: " + "; ".join(parts))
-
-    def summary(self) -> None:
-        print(f"targets missed: {', '.join(self.missed) if self.missed else 'none'}")
-        print(f"messages lost or duplicated by ours: {'; '.join(self.faults) if self.faults else 'none'}")
-
-
-def medians(runs: dict[str, list[T]], value: Callable[[T], float]) -> dict[str, float | None]:
-    import statistics
-    return {label: statistics.median(value(r) for r in results) if results else None
-            for label, results in runs.items()}
-
-
-def bench_http_path(systems: Systems, args: argparse.Namespace, report: BenchReport) -> None:
-    """Committed sends and delivered messages through HTTP senders, both systems interleaved."""
-    per_connection = max(1, args.messages // HTTP_CONNECTIONS)
-    sends = interleaved(systems, args.rounds,
-                        lambda b: bench_delivery_rate(b, HTTP_CONNECTIONS, per_connection, receive=False))
-    report.figure(f"send requests/s, {HTTP_CONNECTIONS} HTTP connections", medians(sends, lambda r: r.rate))
-    runs = interleaved(systems, args.rounds, lambda b: bench_delivery_rate(b, HTTP_CONNECTIONS, per_connection))
-    report.figure(f"delivered messages/s, senders on {HTTP_CONNECTIONS} HTTP connections",
-                  medians(runs, lambda r: r.rate), target=Target(">=", 1.1, relative=True))
-    report.figure("broker CPU per delivered message, HTTP path (ms)", medians(runs, lambda r: r.cpu_ms), "{:.3f}",
-                  Target("<=", 0.45))
-    report.delivery("HTTP path", runs)
-
-
-def pooled(rounds: dict[str, list[ShimRound]], which: str, pct: float) -> dict[str, float | None]:
-    """A percentile of every latency sample of every round, per system."""
-    return {label: percentile([ms for r in runs for ms in getattr(r, which).latencies], pct)
-            if any(getattr(r, which).latencies for r in runs) else None for label, runs in rounds.items()}
-
-
-def bench_shim_figures(systems: Systems, args: argparse.Namespace, report: BenchReport) -> None:
-    """The figures that need real shims, driven as Claude Code drives them."""
-    count = args.sessions
-    one = interleaved(systems, args.rounds, spawn_one)
-    report.figure("one session spawned -> tools/list answered (ms)", medians(one, lambda s: s * 1000),
-                  target=Target("<=", 200))
-    samples = max(1, args.samples // args.rounds)
-    rounds = interleaved(systems, args.rounds, lambda b: bench_shim_round(b, count, samples, args.messages // 4))
-    report.figure(f"{count} sessions spawned at once -> all tools/list answered (s)",
-                  medians(rounds, lambda r: r.spawn_s), "{:.2f}", Target("<=", 2.5))
-    for which, name, p50, p99 in (("idle", f"{count} idle sessions", 5, 25), ("busy", "broker saturated", 50, 200)):
-        report.figure(f"send -> channel notification, {name}, p50 (ms)", pooled(rounds, which, 50), "{:.1f}",
-                      Target("<=", p50))
-        report.figure(f"send -> channel notification, {name}, p99 (ms)", pooled(rounds, which, 99), "{:.1f}",
-                      Target("<=", p99))
-    report.figure("  (sends that saturated the broker meanwhile)", medians(rounds, lambda r: r.background))
-    report.figure(f"delivered messages/s, {count} sessions through the MCP send tool",
-                  medians(rounds, lambda r: r.tools.rate), target=Target(">=", 1.2, relative=True))
-    report.figure("broker CPU per delivered message, MCP path (ms)", medians(rounds, lambda r: r.tools.cpu_ms),
-                  "{:.3f}", Target("<=", 0.45))
-    report.figure(f"shim RSS with {count} running (MB)", medians(rounds, lambda r: r.rss_mb), "{:.1f}",
-                  Target("<=", 30))
-    report.figure(f"shim PSS with {count} running (MB)", medians(rounds, lambda r: r.pss_mb), "{:.1f}",
-                  Target("<=", 20))
-    report.figure(f"broker RSS with {count} sessions (MB)", medians(rounds, lambda r: r.broker_rss_mb), "{:.1f}",
-                  Target("<=", 60))
-    report.delivery("latency, idle and saturated",
-                    {label: [s for r in runs for s in (r.idle, r.busy)] for label, runs in rounds.items()})
-    report.delivery("MCP path", {label: [r.tools for r in runs] for label, runs in rounds.items()})
-    idle = bench_idle(systems, count, args.idle_seconds)
-    report.figure(f"broker requests per idle session per minute ({args.idle_seconds:.0f} s)", idle, "{:.1f}",
-                  Target("<=", 3))
-    report.figure(f"broker requests per editing session per minute ({args.idle_seconds:.0f} s)",
-                  {"ours": bench_editing(count, args.idle_seconds)}, "{:.1f}", Target("<=", 4))
-
-
-# -- the shim as Claude Code shows it to the model -------------------------------
-
-CLAUDE_TEXT_LIMIT = 2048  # Claude Code 2.1.197 cuts server instructions and tool descriptions here (2.1.332: 4096)
-CUT_MARK = "… [truncated]"  # what Claude Code puts where it cut
-VIEW_PEERS = 16  # the fleet bench shows Claude Code: 16 live peers, and the memory fleet-memory wrote of them
-
-
-Answer = Callable[[dict[str, Any]], "dict[str, Any] | None"]  # a request body -> the content block to answer with
-
-
-class ModelApi:
-    """Anthropic's Messages API stood in on loopback for a real Claude Code: it keeps every request
-    body (what the model would read) and when it came, and answers each with one streamed word, so
-    `claude -p` ends, or with the content block ``answer`` scripts for it (a tool call)."""
-
-    def __init__(self, answer: Answer | None = None) -> None:
-        import http.server  # bench and the tests only: the shim never pays for it
-
-        api = self
-        self.answer = answer or (lambda body: None)
-        self.requests: list[dict[str, Any]] = []
-        self.arrived: list[float] = []  #: time.monotonic() of each request, in order
-        self.came = threading.Condition()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                """Quiet: the requests are kept, not logged."""
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-                with api.came:
-                    api.requests.append(body)
-                    api.arrived.append(time.monotonic())
-                    api.came.notify_all()
-                reply, kind = api.reply(self.path, body)
-                self.send_response(200)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, name="model-api", daemon=True).start()
-
-    def wait(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> tuple[dict[str, Any], float] | None:
-        """The first request that ``predicate`` holds for and when it came, waiting up to ``timeout``."""
-        def found() -> tuple[dict[str, Any], float] | None:
-            return next(((r, t) for r, t in zip(self.requests, self.arrived, strict=True) if predicate(r)), None)
-
-        with self.came:
-            self.came.wait_for(lambda: found() is not None, timeout)
-            return found()
-
-    def reply(self, path: str, body: dict[str, Any]) -> tuple[bytes, str]:
-        """The answer to one request: a token count, or an assistant message saying "ok" or making the
-        scripted tool call (streamed if asked)."""
-        if "count_tokens" in path or "messages" not in body:
-            return b'{"input_tokens": 1}', "application/json"
-        block = self.answer(body) or {"type": "text", "text": "ok"}
-        stop = "tool_use" if block["type"] == "tool_use" else "end_turn"
-        message = {"id": "msg_" + new_id(), "type": "message", "role": "assistant", "model": body.get("model", ""),
-                   "content": [], "stop_reason": None, "stop_sequence": None,
-                   "usage": {"input_tokens": 1, "output_tokens": 1}}
-        if not body.get("stream"):
-            done = {**message, "content": [block], "stop_reason": stop}
-            return json.dumps(done).encode(), "application/json"
-        start, delta = ((block | {"input": {}}, {"type": "input_json_delta", "partial_json": json.dumps(block["input"])})
-                        if block["type"] == "tool_use" else
-                        ({"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}))
-        events = [{"type": "message_start", "message": message},
-                  {"type": "content_block_start", "index": 0, "content_block": start},
-                  {"type": "content_block_delta", "index": 0, "delta": delta},
-                  {"type": "content_block_stop", "index": 0},
-                  {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
-                   "usage": {"output_tokens": 1}},
-                  {"type": "message_stop"}]
-        return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events), "text/event-stream"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def register_with_claude(claude: str, env: dict[str, str], entry: dict[str, Any]) -> None:
-    """Register claude-peers in the home ``env`` names, through `claude mcp add-json` as the README says."""
-    added = subprocess.run([claude, "mcp", "add-json", "--scope", "user", SERVER_NAME, json.dumps(entry)], env=env,
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False)
-    if added.returncode:
-        raise UserError(f"{claude} mcp add-json failed: {(added.stderr or added.stdout).strip()[:300]}")
-
-
-def claude_first_request(claude: str, env: dict[str, str], home: Path, entry: dict[str, Any],
-                         options: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The first model request of `claude [options] -p` in ``home``, where claude-peers is registered
-    with ``entry`` (through `claude mcp add-json`, as the README says), its API a local ModelApi."""
-    env = {**env, "HOME": str(home), "ANTHROPIC_API_KEY": "sk-ant-offline",
-           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
-    register_with_claude(claude, env, entry)
-    api = ModelApi()
-    try:
-        ran = subprocess.run([claude, *options, "-p", "hello"], env={**env, "ANTHROPIC_BASE_URL": api.url}, cwd=home,
-                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False)
-    finally:
-        api.close()
-    first = next((r for r in api.requests if r.get("tools")), None)
-    if first is None:
-        raise UserError(f"{claude} -p made no model request: {(ran.stderr or ran.stdout).strip()[:300]}")
-    return first
-
-
-class InteractiveClaude:
-    """A plain interactive `claude` (no channel flag, no wrapper) on a pseudo-terminal, as a user starts
-    it: in a home where onboarding is done, its directory trusted, its API key approved and claude-peers'
-    tools allowed, claude-peers registered with ``entry``, its model the ModelApi at ``api_url``, and
-    its session inbox in a runtime directory of its own (short: a socket path has at most 103 bytes)."""
-
-    KEY = "sk-ant-offline-0123456789abcdefghij"
-
-    def __init__(self, claude: str, env: dict[str, str], home: Path, entry: dict[str, Any], api_url: str,
-                 settings: dict[str, Any] | None = None, args: tuple[str, ...] = ()) -> None:
-        self.cwd, self.runtime = home / "project", Path(tempfile.mkdtemp(prefix="cc-run-"))
-        for folder in (self.cwd, home / ".claude"):
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (home / ".claude.json").write_text(json.dumps({
-            "hasCompletedOnboarding": True, "theme": "dark", "bypassPermissionsModeAccepted": True,
-            "customApiKeyResponses": {"approved": [self.KEY[-20:]], "rejected": []},
-            "projects": {str(self.cwd): {"hasTrustDialogAccepted": True, "hasCompletedProjectOnboarding": True}}}))
-        (home / ".claude" / "settings.json").write_text(json.dumps(
-            {"permissions": {"allow": [f"mcp__{SERVER_NAME}"]}, **(settings or {})}))
-        env = {**env, "HOME": str(home), "ANTHROPIC_API_KEY": self.KEY, "ANTHROPIC_BASE_URL": api_url,
-               "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "XDG_RUNTIME_DIR": str(self.runtime),
-               "TERM": "xterm-256color"}
-        register_with_claude(claude, env, entry)
-        self.master, terminal = os.openpty()
-        try:
-            self.proc = subprocess.Popen([claude, *args], stdin=terminal, stdout=terminal, stderr=terminal, cwd=self.cwd,
-                                         env=env, start_new_session=True)
-        finally:
-            os.close(terminal)
-        self.screen = collections.deque(maxlen=64)  #: the terminal's last output chunks (for errors)
-        threading.Thread(target=self._drain, name="claude-tty", daemon=True).start()
-
-    def _drain(self) -> None:
-        """Read the terminal, so Claude Code never blocks writing it."""
-        with contextlib.suppress(OSError):
-            while chunk := os.read(self.master, 65536):
-                self.screen.append(chunk)
-
-    @property
-    def inbox(self) -> Path:
-        """Where Claude Code binds this session's inbox (named after its pid, in the runtime directory)."""
-        return self.runtime / "cc-socks" / f"{self.proc.pid}.sock"
-
-    def close(self) -> None:
-        end_process(self.proc)
-        os.close(self.master)
-        shutil.rmtree(self.runtime, ignore_errors=True)
-
-
-class ShimView(NamedTuple):
-    """claude-peers in one model request: its instructions as they arrived, and its tools."""
-    instructions: str  #: from the heading Claude Code gives them to their end, or to CUT_MARK; '' if absent
-    cut: bool  #: Claude Code cut them
-    tools: list[dict[str, Any]]  #: ours, as the request's tool list carries them
-
-
-def request_texts(body: dict[str, Any]) -> Iterator[str]:
-    """Every text a Messages API request shows the model: the system blocks, then each message's."""
-    system = body.get("system") or []
-    yield from [system] if isinstance(system, str) else (b.get("text", "") for b in system)
-    for message in body.get("messages", []):
-        content = message.get("content")
-        yield from [content] if isinstance(content, str) else (b.get("text", "") for b in content or [])
-
-
-def shim_view(body: dict[str, Any], ending: str) -> ShimView:
-    """Find claude-peers in a request: the instructions run from their heading to the regex ``ending``
-    (their known last line), unless Claude Code cut them first."""
-    tools = [t for t in body.get("tools", []) if t.get("name", "").startswith(f"mcp__{SERVER_NAME}__")]
-    for text in request_texts(body):
-        start = text.find(f"\n## {SERVER_NAME}\n")
-        if start < 0:
-            continue
-        start += len(SERVER_NAME) + 5
-        found, cut = re.compile(ending).search(text, start), text.find(CUT_MARK, start)
-        if cut >= 0 and (found is None or cut < found.end()):
-            return ShimView(text[start:cut + len(CUT_MARK)], True, tools)
-        return ShimView(text[start:found.end()] if found else "", False, tools)
-    return ShimView("", False, tools)
-
-
-def instructions_ending(memory: str) -> str:
-    """A regex for the last line of instructions that carry ``memory``: its clip note, or its own last line."""
-    clipped = re.escape(MEMORY_CLIPPED).replace(r"\{kept\}", r"\d+").replace(r"\{total\}", r"\d+")
-    return f"{clipped}|{re.escape(memory.strip().splitlines()[-1])}" if memory.strip() else clipped
-
-
-def view_fleet(broker: BenchBroker) -> None:
-    """The fleet a new session joins: VIEW_PEERS sessions at work, and what fleet-memory wrote of them."""
-    for n in range(VIEW_PEERS):
-        broker.client().register({"machine": f"host{n % 4}", "pid": os.getpid(), "cwd": f"/srv/project-{n}",
-                                  "name": f"peer-{n}", "branch": "main", "client": CLAUDE_CODE_CLIENT,
-                                  "summary": f"working on part {n} of the migration, tests first"})
-    ran = subprocess.run(module_command("trigger", "fleet-memory", "--here"), env=broker.env, capture_output=True,
-                         text=True, timeout=120, check=False)
-    if ran.returncode:
-        raise UserError(f"bench: fleet-memory did not run: {ran.stderr.strip()[-300:]}")
-
-
-def bench_claude_view(report: BenchReport) -> None:
-    """The shim's instructions and tool list in bytes, as the model receives them: from the request
-    a real `claude -p` sends (claude on PATH), else from the shim's own initialize and tools/list."""
-    broker = BenchBroker()
-    try:
-        view_fleet(broker)
-        claude = shutil.which("claude")
-        ending = instructions_ending(broker.client().call("GET", "/api/memory")["text"])
-        if claude:
-            with tempfile.TemporaryDirectory(prefix="claude-peers-bench-home-") as home:
-                body = claude_first_request(claude, broker.env, Path(home), mcp_registration(
-                    module_command("shim", "--name", "bench-view")))
-            view = shim_view(body, ending)
-            version = subprocess.run([claude, "--version"], capture_output=True, text=True, timeout=30,
-                                     check=False).stdout.split(" ")[0]
-            source = (f"from the request Claude Code {version} sent to a local model API: instructions"
-                      f" {'cut' if view.cut else 'whole' if view.instructions else 'absent'},"
-                      f" {len(view.tools)} of {len(TOOLS)} tools in its tool list")
-        else:
-            shim = BenchMcpClient("bench-view", module_command("shim", "--name", "bench-view"), broker.env,
-                                  broker.home, eof_stops=True)
-            try:
-                answer = shim.request("initialize", {"protocolVersion": "2025-11-25", "capabilities": {},
-                                                     "clientInfo": {"name": CLAUDE_CODE_CLIENT, "version": "bench"}})
-                view = ShimView(answer["instructions"], False, shim.request("tools/list", {})["tools"])
-            finally:
-                stop_shims([shim])
-            source = "from the shim's own initialize and tools/list (no claude on PATH)"
-    finally:
-        broker.close()
-    report.figure("shim instructions as the model receives them (bytes)",
-                  {"ours": len(view.instructions.encode()) or None}, target=Target("<=", CLAUDE_TEXT_LIMIT))
-    report.figure(f"shim tool list as the model receives it ({len(view.tools)} tools, bytes)",
-                  {"ours": len(json.dumps(view.tools, separators=(",", ":")).encode()) or None})
-    report.figure("  longest tool description (bytes)",
-                  {"ours": max((len(t.get("description", "").encode()) for t in view.tools), default=None)},
-                  target=Target("<=", CLAUDE_TEXT_LIMIT // 2))
-    print(f"  ({source})")
-
-
-def installed_hook_command(home: Path, env: dict[str, str]) -> str:
-    """The hook command `hook install` writes for a launcher laid out as install.sh lays it out (a venv
-    whose claude_peers.pth names this checkout, the module run with -P -m from its cached bytecode)."""
-    import venv  # bench only
-    venv.EnvBuilder(symlinks=True, with_pip=False).create(home / "venv")
-    site = subprocess.run([str(home / "venv/bin/python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          capture_output=True, text=True, timeout=30, check=True).stdout.strip()
-    Path(site, "claude_peers.pth").write_text(f"{Path(__file__).resolve().parent}\n")
-    launcher = home / "bin/claude-peers"
-    launcher.parent.mkdir()
-    launcher.write_text(f'#!/bin/sh\nexec {shlex.quote(str(home / "venv/bin/python"))} -P -m claude_peers "$@"\n')
-    launcher.chmod(0o755)
-    settings = {**env, "CLAUDE_CONFIG_DIR": str(home / "claude")}
-    subprocess.run([str(launcher), "hook", "install", "--launcher", str(launcher)], env=settings,
-                   capture_output=True, text=True, timeout=30, check=True)
-    [group] = json.loads((home / "claude/settings.json").read_text())["hooks"]["PreToolUse"]
-    return group["hooks"][0]["command"]
-
-
-def bench_hook(samples: int) -> tuple[list[float], str]:
-    """The PreToolUse hook as Claude Code runs the command `hook install` wrote (through a shell),
-    ``samples`` times in a row on an Edit another machine's session claimed exclusively (so the
-    claims come from the hook's cache, and from the broker when it is older than HOOK_CACHE_S):
-    each run's wall time (ms), and what the first run that let it through said on stderr ('' if none did)."""
-    broker = BenchBroker()
-    try:
-        repo = Path(broker.home) / "repo"
-        (repo / "src").mkdir(parents=True)
-        for argv in (["init", "-q"], ["remote", "add", "origin", "git@github.com:bench/claims.git"]):
-            subprocess.run(["git", "-C", str(repo), *argv], check=True, capture_output=True, timeout=30)
-        holder = broker.client()
-        holder.register({"machine": "bench-elsewhere", "pid": os.getpid(), "cwd": str(repo), "name": "holder"})
-        holder.session_call("POST", "/claims", {"repo": repo_identity(repo), "paths": ["src"], "exclusive": True})
-        payload = json.dumps({"hook_event_name": "PreToolUse", "tool_name": "Edit", "cwd": str(repo),
-                              "tool_input": {"file_path": str(repo / "src/app.py"), "old_string": "a",
-                                             "new_string": "b"}})
-        command = installed_hook_command(Path(broker.home), broker.env)
-        times, leak, heard = [], "", time.monotonic()
-        for _ in range(samples):
-            if time.monotonic() - heard > 10:  # as the holder's shim polls: its session (and claim) stays live
-                holder.session_call("GET", "")
-                heard = time.monotonic()
-            start = time.perf_counter()
-            out = subprocess.run(["/bin/sh", "-c", command], input=payload, env=broker.env, cwd=repo,
-                                 capture_output=True, text=True, timeout=30, check=False)
-            times.append((time.perf_counter() - start) * 1000)
-            if '"permissionDecision": "deny"' not in out.stdout:
-                leak = leak or out.stderr.strip() or f"exit {out.returncode}, nothing on stderr"
-        return times, leak
-    finally:
-        broker.close()
-
-
-def report_hook(report: BenchReport, samples: int) -> bool:
-    """The hook's p50 and p99 figures; False (and a FAULT line) if it let an Edit of a claimed file through."""
-    times, leak = bench_hook(samples)
-    report.figure("file-claims PreToolUse hook, one Edit checked, p50 (ms)", {"ours": percentile(times, 50),
-                                                                              "anchor": None})
-    report.figure("file-claims PreToolUse hook, one Edit checked, p99 (ms)", {"ours": percentile(times, 99),
-                                                                              "anchor": None},
-                  target=Target("<=", 100))
-    if leak:
-        print(f"  (FAULT: the hook let an Edit of a claimed file through: {leak[-300:]})")
-    return not leak
-
-
-def inbox_peer(broker: BenchBroker, session: InteractiveClaude, name: str) -> dict[str, Any] | None:
-    """The session ``name`` once its shim registered (None if Claude Code exits or 90 s pass first)."""
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and session.proc.poll() is None:
-        peer = next((p for p in broker.client().call("GET", "/api/peers")["peers"] if p["name"] == name), None)
-        if peer is not None:
-            return peer
-        time.sleep(0.05)
-    return None
-
-
-def time_inbox(broker: BenchBroker, session: InteractiveClaude, api: ModelApi, name: str,
-               samples: int) -> dict[str, list[float]]:
-    """Milliseconds from each post (the shim's own post_to_inbox) and each hub send to the model request
-    that carries it, interleaved; a text no request carried within 30 s is not counted."""
-    import asyncio
-    latencies: dict[str, list[float]] = {"post": [], "send": []}
-    time.sleep(INBOX_SETTLE_S)  # as the shim waits before its first post
-    for n in range(samples):
-        for kind, latency in latencies.items():
-            text = f"bench-{kind}-{n}-{new_id()}"
-            start = time.monotonic()
-            if kind == "post":
-                asyncio.run(post_to_inbox(str(session.inbox), "", [text]))
-            else:
-                broker.client().call("POST", "/api/send", {"to": name, "text": text})
-            found = api.wait(lambda body, text=text: text in json.dumps(body.get("messages", [])), 30)
-            if found is not None:
-                latency.append((found[1] - start) * 1000)
-            while api.arrived and time.monotonic() - api.arrived[-1] < 0.5:  # idle again: no request for 0.5 s
-                time.sleep(0.05)
-    return latencies
-
-
-def bench_inbox(report: BenchReport, claude: str | None, samples: int) -> None:
-    """Post -> model request in a plain, idle, interactive `claude` whose shim is in inbox mode, and
-    hub send -> model request through that shim; skipped, saying why, where that cannot run."""
-    figure = "inbox: post -> model request, idle plain claude"
-    if claude is None:
-        print(f"{figure}: skipped (no claude on PATH; give one with --claude)")
-        return
-    version = subprocess.run([claude, "--version"], capture_output=True, text=True, timeout=30,
-                             check=False).stdout.split(" ")[0]
-    broker, api = BenchBroker(), ModelApi()
-    try:
-        with tempfile.TemporaryDirectory(prefix="claude-peers-bench-home-") as home:
-            session = InteractiveClaude(claude, broker.env, Path(home), mcp_registration(
-                module_command("shim", "--name", "bench-inbox")), api.url)
-            try:
-                peer = inbox_peer(broker, session, "bench-inbox")
-                latencies = time_inbox(broker, session, api, "bench-inbox", samples) if peer and \
-                    peer["mode"] == "inbox" else None
-            finally:
-                session.close()
-    finally:
-        api.close()
-        broker.close()
-    if latencies is None:
-        why = f"its shim is {peer['mode']}: {peer['mode_reason']}" if peer else "its shim never registered"
-        print(f"{figure}: skipped (Claude Code {version}: {why})")
-        return
-    for kind, label in (("post", "post"), ("send", "hub send (shim posting)")):
-        values = latencies[kind]
-        for pct, target in ((50, None), (99, Target("<=", 1000) if kind == "send" else None)):
-            report.figure(f"inbox: {label} -> model request, p{pct} (ms)",
-                          {"ours": percentile(values, pct) if values else None}, target=target)
-    missed = ", ".join(f"{samples - len(values)} {kind}s" for kind, values in latencies.items() if len(values) < samples)
-    print(f"  (Claude Code {version}, interactive on a pseudo-terminal, idle, its model a local stand-in;"
-          f" {samples} of each{'; no model request within 30 s for ' + missed if missed else ''})")
-
-
-def bench_systems(args: argparse.Namespace) -> Systems:
-    """Ours, and the anchor when --anchor names a checkout of claude-peers-mcp with its packages."""
-    systems: Systems = [("ours", BenchBroker)]
-    if args.anchor is None:
-        return systems
-    checkout = Path(args.anchor).resolve()
-    if not (checkout / "server.ts").is_file() or not (checkout / "broker.ts").is_file():
-        raise UserError(f"--anchor {args.anchor}: not a checkout of claude-peers-mcp (no server.ts and broker.ts"
-                        " there); clone it and give its directory")
-    if not (checkout / "node_modules" / "@modelcontextprotocol" / "sdk").is_dir():
-        raise UserError(f"--anchor {args.anchor}: its packages are not installed; run `bun install` there")
-    bun = args.bun or shutil.which("bun")
-    if not bun or not os.access(bun, os.X_OK):
-        raise UserError(f"--bun: {'no executable ' + bun if bun else 'bun is not on PATH'};"
-                        " give its path with --bun PATH (npm install bun puts it in node_modules/.bin)")
-    systems.append(("anchor", lambda: AnchorBroker(checkout, bun)))
-    return systems
-
-
-def anchor_commit(checkout: str) -> str:
-    """`` (commit abc1234)`` of the anchor's checkout, when git can tell."""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["git", "-C", checkout, "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=True)
-        return f" (commit {out.stdout.strip()})"
-    return ""
-
-
-def run_bench(args: argparse.Namespace) -> bool:
-    """Measure and print every figure; False if ours lost or duplicated a message."""
-    import asyncio
-    raise_fd_limit()
-    systems = bench_systems(args)
-    if args.rounds < 1:
-        raise UserError("--rounds: give 1 or more")
-    cache_bytecode()
-    print(f"claude-peers {__version__} bench on {socket.gethostname()} ({os.cpu_count()} cores)"
-          + (f", side by side with the anchor at {args.anchor}{anchor_commit(args.anchor)}" if args.anchor else "")
-          + f"; {args.rounds} run(s) per system and figure, interleaved, medians shown")
-    report = BenchReport([label for label, _ in systems])
-    if args.only == "hook":
-        denied = report_hook(report, max(args.samples, 10))
-        report.summary()
-        return denied
-    bench_http_path(systems, args, report)
-    if args.sessions:
-        bench_shim_figures(systems, args, report)
-    many = BenchBroker()
-    try:
-        rss = asyncio.run(bench_many_sessions(many, 1000))
-    finally:
-        many.close()
-    report.figure("broker RSS, 1000 sessions long-polling (MB)", {"ours": rss, "anchor": None}, "{:.1f}",
-                  Target("<=", 150))
-    bench_claude_view(report)
-    denied = report_hook(report, max(args.samples, 10))
-    if args.inbox_samples:
-        bench_inbox(report, args.claude or shutil.which("claude"), args.inbox_samples)
-    relayed, published = bench_relay(args.events)
-    report.figure(f"events relayed to JetStream per second ({published} published)", {"ours": relayed, "anchor": None},
-                  target=Target(">=", 5000))
-    if relayed is None:
-        print("  (too few events to time the relay: try --events 20000)")
-    report.summary()
-    return not report.faults and denied
 
 
 # ===========================================================================
@@ -12795,6 +11560,7 @@ def print_requested_runs(cfg: Config, daemon: str, machines: list[str], before: 
 
 
 def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
+    import asyncio
     daemon = configured_daemon(cfg, args.daemon, "" if args.here else
                                "; a daemon only another machine's supervisor has: trigger it from that machine")
     if not args.here:
@@ -12814,19 +11580,28 @@ def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
               f" (see: claude-peers runs {args.daemon})")
         return 0 if args.wait is None else print_requested_runs(cfg, args.daemon, taken["machines"],
                                                                  before, args.wait)
-    run_dir = data_home() / "runs"
-    run = new_run_record(cfg, daemon.name, "manual" + (" (dry run)" if args.dry_run else ""), run_dir)
-    result = DaemonRun(cfg, daemon, run["id"], run["trigger"], Path(run["transcript"]), dry_run=args.dry_run,
-                       echo=True).execute(daemon_body(daemon))
-    finish_run(run, result)
     state = SupervisorState(data_home() / "supervisor.db")
-    state.save_run(run)
-    if args.dry_run:  # a rehearsal: it stays in this machine's records, and no supervisor reports it later
-        state.mark_reported(run["id"], run["status"])
-    else:
-        with contextlib.suppress(UserError, ApiError):
-            client_from_config(cfg, timeout=5).call("POST", "/api/runs", run_report(run))
+
+    async def here(run: dict[str, Any]) -> dict[str, Any]:
+        """The run in this process, its transcript echoed (it holds the loop: nothing else runs on it)."""
+        return DaemonRun(cfg, daemon, run["id"], run["trigger"], Path(run["transcript"]), dry_run=args.dry_run,
+                         echo=True).execute(RUNNERS[daemon.runner].body)
+
+    def told(run: dict[str, Any]) -> None:
+        """The broker told now (a supervisor here reports it later if the broker does not answer)."""
+        if args.dry_run:  # a rehearsal: it stays in this machine's records, and no supervisor reports it later
             state.mark_reported(run["id"], run["status"])
+        else:
+            with contextlib.suppress(UserError, ApiError):
+                client_from_config(cfg, timeout=5).call("POST", "/api/runs", run_report(run))
+                state.mark_reported(run["id"], run["status"])
+
+    trigger = "manual" + (" (dry run)" if args.dry_run else "")
+    loop = asyncio.new_event_loop()  # not asyncio.run: its SIGINT handler would hold Ctrl-C back until the run ends
+    try:
+        run = loop.run_until_complete(recorded_run(cfg, state, daemon, trigger, here, told))
+    finally:
+        loop.close()
     print(f"{daemon.name}: {run['status']} ({run['actions']} actions, {run['tokens']} tokens)"
           f"\n{run['summary']}\ntranscript: {run['transcript']}")
     return 0 if run["status"] in ("ok", "limit") else EXIT_ERROR
@@ -12839,7 +11614,7 @@ def cmd_run_daemon(cfg: Config, args: argparse.Namespace) -> int:
         raise UserError(f"{cfg.where}: no [daemons.{args.daemon}]")
     run_dir = data_home() / "runs"
     result = DaemonRun(cfg, daemon, args.run_id, args.trigger, run_dir / f"{args.run_id}.jsonl").execute(
-        daemon_body(daemon))
+        RUNNERS[daemon.runner].body)
     write_secret(run_dir / f"{args.run_id}.result.json", json.dumps(result))
     return 0
 
@@ -12908,7 +11683,17 @@ def cmd_dashboard(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def run_bench_cmd(cfg: Config, args: argparse.Namespace) -> int:
-    return 0 if run_bench(args) else EXIT_ERROR
+    """The bench lives in the checkout's bench/ folder, not in the module every machine runs."""
+    checkout = str(Path(__file__).resolve().parent)
+    if not (Path(checkout) / "bench" / "figures.py").is_file():
+        raise UserError(f"bench: no bench/ folder beside {__file__}; run it from a checkout of claude-peers"
+                        " (python claude_peers.py bench)")
+    if checkout not in sys.path:
+        sys.path.insert(0, checkout)
+    sys.modules.setdefault("claude_peers", sys.modules[__name__])  # run as a script: bench imports this very module
+    # Imported here, not at the top: only bench needs it, and only a checkout has it.
+    from bench import figures
+    return 0 if figures.run_bench(args) else EXIT_ERROR
 
 
 # -- the parser and main ------------------------------------------------------

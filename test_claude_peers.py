@@ -9,6 +9,7 @@ import functools
 import http.client
 import http.server
 import importlib.util
+import inspect
 import itertools
 import json
 import os
@@ -26,9 +27,10 @@ import textwrap
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import anyio
 import nats as nats_client
@@ -42,6 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, StrictStr
 
 import claude_peers as cp
+from bench import figures, harness
 
 ROOT = Path(__file__).resolve().parent
 SCRIPT = ROOT / "claude_peers.py"
@@ -53,10 +56,17 @@ PY = sys.executable
 # ---------------------------------------------------------------------------
 
 
-free_port = cp.free_port
+free_port = harness.free_port
 
 
-BrokerProc = cp.BrokerHarness  # the product's harness: bench measures with it, the tests run on it
+def port_answers(port: int) -> bool:
+    """Something accepts connections on this loopback port: the server there is up."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        return True
+    return False
+
+
+BrokerProc = harness.BrokerHarness  # bench measures with this harness, the tests run on it
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -87,20 +97,57 @@ def make_broker(tmp_path: Path) -> Iterator:
         proc.stop()
 
 
-def wait_until_sync(predicate, timeout: float = 15, what: str = "condition") -> None:
-    """Poll an observable state until it holds (the sync twin of the async wait_until)."""
+Said = str | Callable[[], str]  # a wait's failure text, or what makes it when the wait fails (a log, a last state)
+
+
+def said(what: Said) -> str:
+    """The failure text of a wait: a callable is asked only then, so it can show the state at the time out."""
+    return what() if callable(what) else what
+
+
+def wait_until_sync(predicate: Callable[[], Any], timeout: float = 15, what: Said = "condition",
+                    interval: float = 0.02) -> Any:
+    """Poll an observable state until it holds (the sync twin of the async wait_until); the predicate's value,
+    so a wait for a thing returns the thing."""
     deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {said(what)}"
+        time.sleep(interval)
+    return value
 
 
-def stays_sync(predicate, seconds: float, what: str) -> None:
+def stays_sync(predicate: Callable[[], Any], seconds: float, what: Said, interval: float = 0.02) -> None:
     """An absence check: ``predicate`` holds through ``seconds`` (nothing more arrives, nothing runs)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        assert predicate(), f"no longer true: {what}"
-        time.sleep(0.02)
+        assert predicate(), f"no longer true: {said(what)}"
+        time.sleep(interval)
+
+
+async def outcome(predicate: Callable[[], Any]) -> Any:
+    """A predicate's value in a running event loop: a sync one runs in a thread (it may block on the broker),
+    an async one is awaited."""
+    if inspect.iscoroutinefunction(predicate):
+        return await predicate()
+    return await anyio.to_thread.run_sync(predicate)
+
+
+async def stays(predicate: Callable[[], Any], seconds: float, what: Said, interval: float = 0.02) -> None:
+    """An absence check: ``predicate`` holds through ``seconds``."""
+    with anyio.move_on_after(seconds):
+        while True:
+            assert await outcome(predicate), f"no longer true: {said(what)}"
+            await anyio.sleep(interval)
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 15, what: Said = "condition",
+                     interval: float = 0.02) -> Any:
+    """Poll an observable state until it holds, without blocking the event loop; the predicate's value."""
+    with anyio.move_on_after(timeout):
+        while not (value := await outcome(predicate)):
+            await anyio.sleep(interval)
+        return value
+    raise AssertionError(f"timed out waiting for {said(what)}")
 
 
 def broker_status(broker: BrokerProc) -> dict:
@@ -282,9 +329,7 @@ def test_the_rate_limiter_allows_a_burst_then_the_rate():
     limiter = cp.RateLimiter(rate=50.0, burst=3)
     assert [limiter.allow("a") for _ in range(4)] == [True, True, True, False]
     assert limiter.allow("b")  # per key
-    began = time.monotonic()
-    while not limiter.allow("a"):
-        assert time.monotonic() - began < 1
+    wait_until_sync(lambda: limiter.allow("a"), timeout=1, what="the rate refilling the bucket", interval=0.005)
     unlimited = cp.RateLimiter(rate=0.0, burst=1)
     assert all(unlimited.allow("a") for _ in range(10))
 
@@ -311,7 +356,7 @@ def test_repo_template_carries_exactly_the_defaults():
     template, builtin = cp.Config(raw, None), cp.Config({}, None)
     assert {name: vars(d) for name, d in template.daemons.items()} == \
         {name: vars(d) for name, d in builtin.daemons.items()}
-    keys = {*cp.DAEMON_DEFAULTS, *(key for keys in cp.RUNNER_DEFAULTS.values() for key in keys), *cp.MACHINE_DEFAULTS}
+    keys = {*cp.DAEMON_DEFAULTS, *(key for runner in cp.RUNNERS.values() for key in runner.keys), *cp.MACHINE_DEFAULTS}
     undocumented = [key for key in keys if not re.search(rf"^#? ?{key} = ", text, re.MULTILINE)]
     assert undocumented == []  # every key a table takes is in the template, with its default
 
@@ -414,13 +459,12 @@ def test_stale_session_disappears_at_once(make_broker):
     quiet = broker.session(name="quiet")
     watcher = broker.session()
     assert len(watcher.session_call("GET", "/peers")["peers"]) == 1
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+
+    def quiet_gone() -> bool:
         watcher.session_call("GET", "")  # keep the watcher alive
-        if not watcher.session_call("GET", "/peers")["peers"]:
-            break
-        time.sleep(0.1)
-    assert watcher.session_call("GET", "/peers")["peers"] == []
+        return not watcher.session_call("GET", "/peers")["peers"]
+
+    wait_until_sync(quiet_gone, timeout=5, what="the quiet session gone from the peers", interval=0.1)
     error = api_error(lambda: quiet.session_call("GET", ""))
     assert error.status == 404 and error.extra["code"] == "unknown_session"
 
@@ -658,8 +702,9 @@ def test_broker_killed_mid_traffic_loses_no_committed_message(make_broker):
     threads = [threading.Thread(target=pump, args=(c,)) for c in senders]
     for thread in threads:
         thread.start()
-    while len(committed) < 300:
-        time.sleep(0.01)
+    wait_until_sync(lambda: len(committed) >= 300 or not any(t.is_alive() for t in threads), timeout=60,
+                    what=lambda: f"300 committed sends ({len(committed)} so far)", interval=0.01)
+    assert len(committed) >= 300, f"the senders stopped after {len(committed)} sends"
     broker.kill()
     for thread in threads:
         thread.join(10)
@@ -850,7 +895,7 @@ def board(broker: BrokerProc) -> list[tuple[str, str, str | None]]:
 
 def race(callers: list, call) -> list:
     """``call(caller)`` for each caller at the same moment, each on its own thread and connection."""
-    barrier = threading.Barrier(len(callers))
+    barrier = threading.Barrier(len(callers), timeout=30)
     outcomes: list = [None] * len(callers)
 
     def run(i: int) -> None:
@@ -864,7 +909,8 @@ def race(callers: list, call) -> list:
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(60)
+        assert not thread.is_alive(), "a racing call never returned"
     return outcomes
 
 
@@ -1156,12 +1202,8 @@ class NatsProc:
         self.proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
                                       str(self.dir / "js"), "--auth", self.token],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
-                return self
-            time.sleep(0.05)
-        raise AssertionError("nats-server did not start")
+        wait_until_sync(lambda: port_answers(self.port), timeout=10, what="nats-server listening", interval=0.05)
+        return self
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -1200,13 +1242,17 @@ def stream_messages(url: str, stream: str = "FLEET", **auth: str) -> list[dict]:
 
 
 def wait_published(broker: BrokerProc, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def drained() -> dict | None:
         status = broker.client().call("GET", "/api/status")
-        if status["nats"]["backlog"] == 0 and status["nats"]["connected"]:
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"outbox not drained: {status['nats']}")
+        return status if status["nats"]["backlog"] == 0 and status["nats"]["connected"] else None
+
+    return wait_until_sync(drained, timeout, lambda: f"the outbox drained: {broker_status(broker)['nats']}", 0.05)
+
+
+def nats_disconnected(broker: BrokerProc, timeout: float = 20) -> None:
+    """The relay has noticed its NATS is gone."""
+    wait_until_sync(lambda: not broker_status(broker)["nats"]["connected"], timeout, "the relay noticing NATS died",
+                    0.05)
 
 
 def event_ids(broker: BrokerProc) -> list[str]:
@@ -1288,9 +1334,7 @@ def test_nats_down_then_back_loses_and_doubles_nothing(make_broker, nats_server)
         send(sender, receiver.session_id, f"during {i}")
     status = broker.client().call("GET", "/api/status")["nats"]
     assert status["backlog"] > 0
-    deadline = time.monotonic() + 10
-    while broker.client().call("GET", "/api/status")["nats"]["connected"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    nats_disconnected(broker, timeout=10)
     assert "disconnected" in broker.cli("status").stdout
     nats_server.start()
     for i in range(50):
@@ -1344,15 +1388,22 @@ def test_stream_is_created_with_the_configured_limits(make_broker, nats_server):
     assert str(getattr(config.storage, "value", config.storage)) == "file"
 
 
+def live_pid(pid_file: Path) -> int | None:
+    """The pid a pid file names while that process runs."""
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pid_file.read_text())
+        return pid if cp.pid_alive(pid) else None
+    return None
+
+
 def embedded_pid(broker: BrokerProc) -> int:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, ValueError):
-            pid = int((broker.home / "nats/nats.pid").read_text())
-            if cp.pid_alive(pid):
-                return pid
-        time.sleep(0.05)
-    raise AssertionError("embedded nats-server is not running")
+    return wait_until_sync(lambda: live_pid(broker.home / "nats/nats.pid"), timeout=10,
+                           what="the embedded nats-server running", interval=0.05)
+
+
+def process_gone(pid: int, timeout: float = 10) -> None:
+    """``pid`` has ended (reaped or not: a zombie counts as ended)."""
+    wait_until_sync(lambda: not cp.pid_alive(pid), timeout, f"process {pid} to end", 0.05)
 
 
 def nats_connects(url: str, **auth: str) -> bool:
@@ -1389,10 +1440,8 @@ def test_embedded_nats_needs_its_users_restarts_after_a_crash_and_stops_with_the
     broker.session(name="one")
     wait_published(broker)
     os.kill(first, signal.SIGKILL)  # the broker notices and starts it again
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (cp.pid_alive(first) or embedded_pid(broker) == first):
-        time.sleep(0.05)
-    second = embedded_pid(broker)
+    second = wait_until_sync(lambda: not cp.pid_alive(first) and (pid := embedded_pid(broker)) != first and pid,
+                             timeout=20, what="a new embedded nats-server", interval=0.05)
     assert second != first
     assert broker.client().call("GET", "/api/status")["nats"]["embedded_restarts"] == 1
     broker.session(name="two")
@@ -1457,9 +1506,12 @@ def test_a_nats_reader_may_find_the_stream_by_subject_and_read_it_with_an_ordere
             pushed = await ordered.next_msg(timeout=5)
             await nc.publish("$JS.FC.FLEET.reader.1", b"")  # the flow-control reply an ordered consumer sends
             await nc.publish("fleet.peer.joined", b'{"forged": true}')  # and still no event of its own
-            with anyio.fail_after(5):
-                while not refused:  # the server's -ERR for the forged event, after any for the reply
-                    await nc.flush()
+
+            async def told() -> list[str]:  # the server's -ERR for the forged event, after any for the reply
+                await nc.flush()
+                return refused
+
+            await wait_until(told, timeout=5, what="the server refusing the forged event", interval=0)
             await nc.flush()
             return json.loads(first.data)["type"], json.loads(pushed.data)["type"], refused
         finally:
@@ -1478,10 +1530,8 @@ def test_a_leftover_embedded_server_is_replaced(make_broker):
     broker.kill()  # SIGKILL: the broker cannot stop its nats-server
     assert cp.pid_alive(first)
     broker.start()
-    deadline = time.monotonic() + 15
-    while embedded_pid(broker) == first and time.monotonic() < deadline:
-        time.sleep(0.05)
-    second = embedded_pid(broker)
+    second = wait_until_sync(lambda: (pid := embedded_pid(broker)) != first and pid, timeout=15,
+                             what="a new embedded nats-server", interval=0.05)
     assert second != first and not cp.pid_alive(first)
     broker.session()
     wait_published(broker)
@@ -1541,13 +1591,8 @@ def start_up(tmp_path: Path, nats_port: int | None = None) -> tuple[subprocess.P
 def up_started(proc: subprocess.Popen, home: Path, env: dict[str, str],
                api_port: int) -> tuple[subprocess.Popen, BrokerProc, int, str]:
     """start_up's wait for `up`: its banner, then its supervisor ready for a reload."""
-    banner = []
-    for line in proc.stderr:
-        banner.append(line)
-        if "Ctrl-C" in line:
-            break
     handle = BrokerProc.__new__(BrokerProc)
-    handle.log = list(banner)
+    handle.log = []
 
     def drain() -> None:
         for line in proc.stderr:
@@ -1555,18 +1600,25 @@ def up_started(proc: subprocess.Popen, home: Path, env: dict[str, str],
 
     handle.drained = threading.Thread(target=drain, daemon=True)  # ends when every writer of up's stderr is gone
     handle.drained.start()
+
+    def banner() -> list[str] | None:
+        lines = list(handle.log)
+        end = next((i for i, line in enumerate(lines) if "Ctrl-C" in line), None)
+        assert end is not None or proc.poll() is None, f"up exited ({proc.returncode}):\n{''.join(lines)}"
+        return None if end is None else lines[:end + 1]
+
+    shown = wait_until_sync(banner, timeout=60, what=lambda: "up's banner:\n" + "".join(handle.log))
     handle.home, handle.url, handle.port, handle.env = home, f"http://127.0.0.1:{api_port}", api_port, env
     handle.token = (home / "token").read_text().strip()
-    deadline = time.monotonic() + 20
-    supervisor: list[int] = []
-    while not supervisor and time.monotonic() < deadline:
+
+    def supervisors() -> list[int]:
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        supervisor = [int(c) for c in children if b"supervise" in Path(f"/proc/{c}/cmdline").read_bytes()]
-        time.sleep(0.05)
-    assert supervisor, "up did not start the supervisor"
+        return [int(c) for c in children if b"supervise" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+    supervisor = wait_until_sync(supervisors, timeout=20, what="up starting the supervisor", interval=0.05)
     wait_until_sync(lambda: (cp.lock_record(home / cp.SUPERVISOR_LOCK) or {}).get("ready"),
                     what="the supervisor handling SIGHUP")
-    return proc, handle, supervisor[0], "".join(banner)
+    return proc, handle, supervisor[0], "".join(shown)
 
 
 def test_supervisor_stops_when_up_is_killed(tmp_path):
@@ -1574,10 +1626,7 @@ def test_supervisor_stops_when_up_is_killed(tmp_path):
     nats_pid = embedded_pid(broker)
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 10
-    while cp.pid_alive(supervisor) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not cp.pid_alive(supervisor)
+    process_gone(supervisor)
     os.kill(nats_pid, signal.SIGTERM)  # what the next broker start would do with the leftover
 
 
@@ -1599,13 +1648,8 @@ def test_up_starts_and_stops_the_tree(tmp_path):
 
 def logged(log: list[str], fragment: str, timeout: float = 20) -> str:
     """The first line of ``log`` with ``fragment``, once it is there."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [line for line in list(log) if fragment in line]
-        if found:
-            return found[0]
-        time.sleep(0.05)
-    raise AssertionError(f"never logged {fragment!r}:\n{''.join(log)}")
+    return wait_until_sync(lambda: next((line for line in list(log) if fragment in line), None), timeout,
+                           lambda: f"a log line with {fragment!r}:\n{''.join(log)}", 0.05)
 
 
 def test_a_taken_nats_port_is_one_clear_error_and_nothing_connects_to_that_server(tmp_path):
@@ -1752,7 +1796,7 @@ def test_reload_and_running_say_when_nothing_runs_even_with_a_broken_config(tmp_
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_sigint_to_up_with_a_session_connected_stops_every_child_without_a_traceback(tmp_path, sig):
     proc, broker, supervisor, _ = start_up(tmp_path)
-    shim = cp.BenchMcpClient("connected", [PY, str(SCRIPT), "shim", "--name", "connected"], broker.env,
+    shim = figures.BenchMcpClient("connected", [PY, str(SCRIPT), "shim", "--name", "connected"], broker.env,
                              str(tmp_path), eof_stops=True)
     try:
         nats_pid = embedded_pid(broker)
@@ -1768,7 +1812,7 @@ def test_sigterm_or_sigint_to_up_with_a_session_connected_stops_every_child_with
         assert "broker stopped" in log and "Traceback" not in log and "Exception" not in log, log
     finally:
         shim.stop()
-        cp.end_process(shim.proc, terminate=False)
+        harness.end_process(shim.proc, terminate=False)
         stop_up(proc)
 
 
@@ -2185,15 +2229,17 @@ def test_metrics_and_the_dashboard_show_runs_alerts_health_and_a_real_supervisor
                          'command = ["true"]\nevery = "1h"\njitter = 0.0\ndescription = "ticks hourly"\n')
     seed_fleet(broker)
     supervisors(broker)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:  # the first run is due at once; then the report says the next
+    scraped: list[str] = []
+
+    def ticked() -> tuple[dict, str] | None:  # the first run is due at once; then the report says the next
         samples, text = scrape(broker)
-        if metric(samples, "claude_peers_daemon_runs_total", daemon="tick", status="ok") == 1 and \
-                metric(samples, "claude_peers_daemon_next_due_timestamp_seconds", daemon="tick", machine=socket.gethostname()) > time.time() + 3000:
-            break
-        time.sleep(0.1)
-    else:
-        raise AssertionError(text)
+        scraped[:] = [text]
+        return (samples, text) if metric(samples, "claude_peers_daemon_runs_total", daemon="tick", status="ok") == 1 and \
+            metric(samples, "claude_peers_daemon_next_due_timestamp_seconds", daemon="tick",
+                   machine=socket.gethostname()) > time.time() + 3000 else None
+
+    samples, text = wait_until_sync(ticked, timeout=20, what=lambda: f"the tick's run and next due:\n{scraped[0]}",
+                                    interval=0.1)
     assert metric(samples, "claude_peers_daemon_runs_total", daemon="fleet-scout", status="ok") == 6
     assert metric(samples, "claude_peers_daemon_runs_total", daemon="fleet-scout", status="failed") == 1
     assert 5 * 60 - 10 < metric(samples, "claude_peers_daemon_last_ok_age_seconds", daemon="fleet-scout") < 5 * 60 + 30
@@ -2231,10 +2277,7 @@ def test_metrics_show_the_relay_connected_then_a_growing_backlog_when_nats_dies(
     assert metric(samples, "claude_peers_outbox_events") == 0
     assert metric(samples, "claude_peers_events_relayed_total") >= 3  # two joins and the send
     nats_server.kill()
-    deadline = time.monotonic() + 20
-    while broker.client().call("GET", "/api/status")["nats"]["connected"]:
-        assert time.monotonic() < deadline, "the relay never noticed NATS died"
-        time.sleep(0.05)
+    nats_disconnected(broker)
     send(alice, bob.session_id, "while NATS is down")
     samples, _ = scrape(broker)
     assert metric(samples, "claude_peers_nats_connected") == 0
@@ -3434,9 +3477,10 @@ class ChannelRecorder(ClientExtension):
         self.received.append(params)
 
     async def wait_for(self, count: int, timeout: float = 15) -> list[ChannelParams]:
-        with anyio.fail_after(timeout):
-            while len(self.received) < count:
-                await anyio.sleep(0.005)
+        async def arrived() -> bool:
+            return len(self.received) >= count
+
+        await wait_until(arrived, timeout, f"{count} channel notifications", interval=0.005)
         return self.received
 
 
@@ -3477,20 +3521,6 @@ async def shim_session(broker: BrokerProc, name: str | None = None, mode: str = 
 def peer_named(broker: BrokerProc, name: str) -> dict | None:
     peers = broker.client().call("GET", "/api/peers")["peers"]
     return next((p for p in peers if p["name"] == name), None)
-
-
-async def stays(predicate, seconds: float, what: str) -> None:
-    """An absence check: ``predicate`` holds through ``seconds``."""
-    with anyio.move_on_after(seconds):
-        while True:
-            assert await anyio.to_thread.run_sync(predicate), f"no longer true: {what}"
-            await anyio.sleep(0.02)
-
-
-async def wait_until(predicate, timeout: float = 15, what: str = "condition") -> None:
-    with anyio.fail_after(timeout):
-        while not await anyio.to_thread.run_sync(predicate):
-            await anyio.sleep(0.02)
 
 
 @pytest.fixture
@@ -3941,10 +3971,11 @@ async def test_broker_restart_under_a_live_shim(make_broker):
 async def whoami_until(shim: ShimSession, fragment: str, timeout: float = 30) -> str:
     """whoami's answer once it says ``fragment`` (what the shim knows of the broker and of new mail
     changes as its poll finds out)."""
-    with anyio.fail_after(timeout):
-        while fragment not in (text := await shim.ok("whoami")):
-            await anyio.sleep(0.05)
-    return text
+    async def says() -> str | None:
+        text = await shim.ok("whoami")
+        return text if fragment in text else None
+
+    return await wait_until(says, timeout, f"whoami saying {fragment!r}", interval=0.05)
 
 
 @pytest.mark.anyio
@@ -4196,10 +4227,7 @@ def reported(broker: BrokerProc, after: float = 0.0) -> dict[str, int]:
 
 async def told_of_overlap(shim: ShimSession) -> str:
     """A pull session's tool results until one ends with an overlap notice: that one."""
-    with anyio.fail_after(15):
-        while "[claude-peers] Overlap in" not in (text := await shim.ok("whoami")):
-            await anyio.sleep(0.05)
-    return text
+    return await whoami_until(shim, "[claude-peers] Overlap in", timeout=15)
 
 
 @pytest.mark.anyio
@@ -5110,17 +5138,30 @@ class CodexAppServer:
         self.proc = subprocess.Popen(["codex", "app-server"], env=env, cwd=cwd, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.next_id = 0
+        self.lines: list[dict] = []
+        self.read_all = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
 
-    def request(self, method: str, params: dict) -> dict:
-        self.next_id += 1
-        self.proc.stdin.write(json.dumps({"id": self.next_id, "method": method, "params": params}) + "\n")
-        self.proc.stdin.flush()
+    def _read(self) -> None:
         for line in self.proc.stdout:
-            message = json.loads(line)
-            if message.get("id") == self.next_id and "method" not in message:
-                assert "error" not in message, message
-                return message["result"]
-        raise AssertionError(f"codex app-server ended before answering {method}")
+            self.lines.append(json.loads(line))
+        self.read_all.set()
+
+    def request(self, method: str, params: dict, timeout: float = 60) -> dict:
+        self.next_id += 1
+        rid = self.next_id
+        self.proc.stdin.write(json.dumps({"id": rid, "method": method, "params": params}) + "\n")
+        self.proc.stdin.flush()
+
+        def answer() -> dict | None:
+            ended = self.read_all.is_set()  # first: once it is set, every line is in
+            found = next((m for m in list(self.lines) if m.get("id") == rid and "method" not in m), None)
+            assert found or not ended, f"codex app-server ended before answering {method}"
+            return found
+
+        message = wait_until_sync(answer, timeout, f"codex app-server answering {method}")
+        assert "error" not in message, message
+        return message["result"]
 
     close = RawShim.close  # stdin closed, then a wait, then a kill
 
@@ -5139,10 +5180,8 @@ def test_the_real_codex_cli_runs_the_shim_as_a_pull_session(broker, tmp_path):
         [server] = codex.request("mcpServerStatus/list", {})["data"]
         assert server["name"] == "claude-peers" and sorted(server["tools"]) == sorted(t["name"] for t in cp.TOOLS)
         thread = codex.request("thread/start", {"cwd": str(tmp_path), "ephemeral": True})["thread"]["id"]
-        deadline = time.monotonic() + 15  # a thread keeps its MCP servers running
-        while (peer := peer_named(broker, "codex-peer")) is None:
-            assert time.monotonic() < deadline, "the shim under codex never registered"
-            time.sleep(0.02)
+        peer = wait_until_sync(lambda: peer_named(broker, "codex-peer"),  # a thread keeps its MCP servers running
+                               what="the shim under codex registering")
         assert (peer["client"], peer["mode"]) == ("codex-mcp-client", "pull")
         sent = send(broker.session(), "codex-peer", "hello codex")
         assert sent["mode"] == "pull" and "its MCP client (codex-mcp-client) has no channel" in cp.recipient_note(sent)
@@ -5152,10 +5191,7 @@ def test_the_real_codex_cli_runs_the_shim_as_a_pull_session(broker, tmp_path):
                                                            "tool": tool, "arguments": {}})
             return result["content"][0]["text"]
 
-        deadline = time.monotonic() + 15
-        while "1 peer message waiting" not in call("whoami"):
-            assert time.monotonic() < deadline, "the notice never came"
-            time.sleep(0.02)
+        wait_until_sync(lambda: "1 peer message waiting" in call("whoami"), what="the notice of the message")
         assert "hello codex" in call("check_messages")
         assert message_state(broker, sent["id"]) == "read"
     finally:
@@ -5182,7 +5218,7 @@ def test_the_real_gemini_cli_connects_to_the_shim_as_a_pull_session(broker, tmp_
     assert [(e["name"], e["client"], e["mode"]) for e in joined] == [("gemini-peer", "mcp-test-client", "pull")]
 
 
-# -- the real Claude Code, pinned and newest, with its model API stood in (cp.ModelApi) ------------
+# -- the real Claude Code, pinned and newest, with its model API stood in (harness.ModelApi) ------------
 # What the model receives is the API request body: the instructions (a system message), the tool list.
 
 PINNED_CLAUDE = shutil.which("claude")  # .ci/run puts the pinned one on PATH
@@ -5222,10 +5258,10 @@ def test_the_real_claude_code_gives_the_model_the_instructions_whole_and_leading
     entry = cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "real-claude"])
     if registration == "made-before-alwaysLoad":
         entry = {k: v for k, v in entry.items() if k != "alwaysLoad"} | {"env": {}}  # as `claude mcp add` wrote it
-    body = cp.claude_first_request(claude, broker.env, tmp_path, entry, tuple(CHANNEL_FLAG) * (registration == "push"))
-    view = cp.shim_view(body, cp.instructions_ending(memory))
+    body = harness.claude_first_request(claude, broker.env, tmp_path, entry, tuple(CHANNEL_FLAG) * (registration == "push"))
+    view = figures.shim_view(body, figures.instructions_ending(memory))
     assert view.instructions and not view.cut, json.dumps(body)[:3000]
-    assert len(view.instructions.encode()) <= cp.INSTRUCTIONS_BYTES < cp.CLAUDE_TEXT_LIMIT
+    assert len(view.instructions.encode()) <= cp.INSTRUCTIONS_BYTES < figures.CLAUDE_TEXT_LIMIT
     lead = view.instructions.encode()[:800].decode(errors="ignore")
     assert lead.startswith("You are real-claude in claude-peers, the hub of this homelab's Claude Code sessions")
     arrival = ('Peer mail arrives as <channel source="claude-peers" from_id=' if registration == "push"  # `run`
@@ -5273,7 +5309,7 @@ def tool_results(body: dict) -> dict[str, str]:
 
 def register_shim_and_hook(env: dict[str, str], entry: dict) -> None:
     """As the README says: the shim with `claude mcp add-json`, the hook with `claude-peers hook install`."""
-    cp.register_with_claude(PINNED_CLAUDE, env, entry)
+    harness.register_with_claude(PINNED_CLAUDE, env, entry)
     done = subprocess.run([PY, str(SCRIPT), "hook", "install"], env=env, capture_output=True, text=True, timeout=60,
                           check=False)
     assert done.returncode == 0, done.stderr
@@ -5295,7 +5331,7 @@ async def test_the_real_claude_code_runs_the_hook_and_its_model_reads_why_an_edi
     env.pop("CLAUDE_CONFIG_DIR", None)
     register_shim_and_hook(env, cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "desk-claude"]))
     app, readme = desk_dir / "src/app.py", desk_dir / "README.md"
-    model = cp.ModelApi(tool_calls([("Read", {"file_path": str(app)}),
+    model = harness.ModelApi(tool_calls([("Read", {"file_path": str(app)}),
                            ("Edit", {"file_path": str(app), "old_string": "hello", "new_string": "bye"}),
                            ("Read", {"file_path": str(readme)}),
                            ("mcp__claude-peers__claim", {"paths": ["README.md"], "exclusive": True}),
@@ -5346,14 +5382,14 @@ def test_claude_code_cuts_instructions_and_tool_descriptions_beyond_the_shims_bu
     server = tmp_path / "long.py"
     server.write_text(LONG_TEXT_SERVER)
     entry = {"type": "stdio", "command": PY, "args": [str(server)], "alwaysLoad": True}
-    body = cp.claude_first_request(claude, broker.env, tmp_path, entry)
-    [text] = [t for t in cp.request_texts(body) if "\n## claude-peers\n[00000]" in t]
+    body = harness.claude_first_request(claude, broker.env, tmp_path, entry)
+    [text] = [t for t in figures.request_texts(body) if "\n## claude-peers\n[00000]" in t]
     instructions = text.split("\n## claude-peers\n", 1)[1]
-    kept = instructions.index(cp.CUT_MARK)
+    kept = instructions.index(figures.CUT_MARK)
     [tool] = [t for t in body["tools"] if t["name"] == "mcp__claude-peers__long_tool"]
-    assert tool["description"].endswith(cp.CUT_MARK)
-    for cut in (kept, len(tool["description"]) - len(cp.CUT_MARK)):
-        assert cut >= cp.CLAUDE_TEXT_LIMIT > cp.INSTRUCTIONS_BYTES  # 2,048 in 2.1.197, 4,096 in 2.1.332
+    assert tool["description"].endswith(figures.CUT_MARK)
+    for cut in (kept, len(tool["description"]) - len(figures.CUT_MARK)):
+        assert cut >= figures.CLAUDE_TEXT_LIMIT > cp.INSTRUCTIONS_BYTES  # 2,048 in 2.1.197, 4,096 in 2.1.332
 
 
 @pytest.mark.parametrize("claude", CLAUDES)
@@ -5391,11 +5427,11 @@ def answer_through_claude_peers(body: dict) -> dict | None:
 
 @contextlib.contextmanager
 def plain_claude(broker: BrokerProc, home: Path, claude: str, env: dict | None = None, settings: dict | None = None,
-                 args: tuple[str, ...] = ()) -> Iterator[tuple[cp.InteractiveClaude, cp.ModelApi, dict]]:
+                 args: tuple[str, ...] = ()) -> Iterator[tuple[harness.InteractiveClaude, harness.ModelApi, dict]]:
     """A plain interactive `claude` with claude-peers registered as the README says (name: plain), its
     model scripted to answer peer mail through claude-peers; yields it once its shim registered."""
-    api = cp.ModelApi(answer_through_claude_peers)
-    session = cp.InteractiveClaude(claude, {**broker.env, **(env or {})}, home,
+    api = harness.ModelApi(answer_through_claude_peers)
+    session = harness.InteractiveClaude(claude, {**broker.env, **(env or {})}, home,
                                    cp.mcp_registration([PY, str(SCRIPT), "shim", "--name", "plain"]), api.url, settings,
                                    args)
     try:
@@ -5459,8 +5495,8 @@ def test_a_plain_claude_without_a_usable_inbox_is_pull_and_the_sender_and_doctor
                                     pytest.param(PINNED_CLAUDE, id="pinned", marks=NEEDS_PINNED),
                                     pytest.param(None, id="none")])
 def test_bench_times_an_inbox_post_and_a_hub_send_to_the_model_request_or_says_why_it_cannot(capsys, claude):
-    report = cp.BenchReport(["ours"])
-    cp.bench_inbox(report, claude, 2)
+    report = figures.BenchReport(["ours"])
+    figures.bench_inbox(report, claude, 2)
     out = capsys.readouterr().out
     if claude == NEWEST_CLAUDE:
         for figure in ("inbox: post -> model request, p50 (ms)",
@@ -5694,16 +5730,21 @@ class ScoutHost:
             self.proc = subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "--kill-child", "--propagation",
                                           "private", "sh", "-ec", " && ".join(setup)],
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.time() + 15
-        while time.time() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                if sock.recv(64).startswith(b"SSH-2.0-"):
-                    return self
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        self.stop()
-        raise AssertionError(f"sshd for {self.name} did not start:\n{(self.dir / 'sshd.log').read_text()}")
+        try:
+            wait_until_sync(self.greets, timeout=15, what="sshd's greeting")
+        except AssertionError as failed:
+            self.stop()
+            raise AssertionError(f"sshd for {self.name} did not start ({failed}):\n"
+                                 f"{(self.dir / 'sshd.log').read_text()}") from None
+        return self
+
+    def greets(self) -> bool:
+        """sshd answers with its banner; it fails at once when sshd has exited."""
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+            if sock.recv(64).startswith(b"SSH-2.0-"):
+                return True
+        assert self.proc.poll() is None, f"sshd exited with {self.proc.returncode}"
+        return False
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -6038,46 +6079,174 @@ def test_scout_a_flood_larger_than_the_sample_is_rated_by_the_total_count():
     assert flood["value"] == 360.0 and flood["severity"] == "critical"
 
 
-def test_scout_normalise_log_line_groups_the_same_error():
-    same = ["sshd[1234]: error: Failed password for root from 10.0.0.7 port 51234 ssh2",
-            "sshd[98]: error: Failed password for root from 192.168.1.200 port 2200 ssh2"]
-    assert len({cp.normalise_log_line(line) for line in same}) == 1
-    assert cp.normalise_log_line(same[0]) == "sshd[<n>]: error: Failed password for root from <ip> port <n> ssh<n>"
-    assert cp.normalise_log_line("2026-11-25T10:01:02.123+01:00 job 3f2a9c1e-0b4d-4e5f-8a9b-0c1d2e3f4a5b "
-                                 "failed at 0xdeadbeef in /var/lib/app/42/state  (container 4edf61bfedce12)") == \
-        "<time> job <uuid> failed at <hex> in /var/lib/app/<n>/state (container <hex>)"
-    assert cp.normalise_log_line("Nov  5 10:01:02 disk sda1 full") == "<time> disk sda<n> full"
-    assert cp.normalise_log_line("Connection refused") != cp.normalise_log_line("Connection reset")
+# normalise_log_line, a row each: name -> (a log line, its shape). Lines that differ only in pids, addresses,
+# ports and times share a shape (so they group); different words keep different shapes.
+LOG_SHAPES = {
+    "sshd-a-pid-an-address-a-port": ("sshd[1234]: error: Failed password for root from 10.0.0.7 port 51234 ssh2",
+                                     "sshd[<n>]: error: Failed password for root from <ip> port <n> ssh<n>"),
+    "sshd-another-pid-address-and-port-same-shape": (
+        "sshd[98]: error: Failed password for root from 192.168.1.200 port 2200 ssh2",
+        "sshd[<n>]: error: Failed password for root from <ip> port <n> ssh<n>"),
+    "an-iso-time-a-uuid-hex-and-a-container-id": (
+        ("2026-11-25T10:01:02.123+01:00 job 3f2a9c1e-0b4d-4e5f-8a9b-0c1d2e3f4a5b failed at 0xdeadbeef in"
+         " /var/lib/app/42/state  (container 4edf61bfedce12)"),
+        "<time> job <uuid> failed at <hex> in /var/lib/app/<n>/state (container <hex>)"),
+    "a-syslog-time": ("Nov  5 10:01:02 disk sda1 full", "<time> disk sda<n> full"),
+    "connection-refused-keeps-its-words": ("Connection refused", "Connection refused"),
+    "connection-reset-keeps-its-words": ("Connection reset", "Connection reset"),
+}
 
 
-def test_scout_parse_probe_survives_garbage_and_cut_output():
-    blocks, inodes = df_tables(HEALTHY_FILESYSTEMS)
-    full = probe_text(
+@pytest.mark.parametrize("name", list(LOG_SHAPES))
+def test_scout_normalise_log_line_gives_a_line_its_shape(name):
+    line, shape = LOG_SHAPES[name]
+    assert cp.normalise_log_line(line) == shape
+
+
+def dotted(value: Any, path: str) -> Any:
+    """The field a golden row names: "a.b" is value["a"]["b"], "a.*.b" each item's "b" (None where missing)."""
+    if not path:
+        return value
+    key, _, rest = path.partition(".")
+    if key == "*":
+        return [dotted(item, rest) for item in value] if isinstance(value, list) else None
+    return dotted(value.get(key) if isinstance(value, dict) else None, rest)
+
+
+# The probe's output on a 2-core container without systemd or docker, as `sh -s` printed it (trimmed:
+# meminfo's unread lines, the cgroup v1 mounts, a sandbox's own mount).
+CAPTURED_CONTAINER_PROBE = """\
+@@scout-section host
+now=1796593105
+since=1796592205
+boot_id=b866a36a-ad31-4441-b6d5-c33cfb30f770
+uptime_s=863.05
+load=14.35 8.10 3.73
+cores=2
+kernel=Linux 6.18.44-fc-v1272
+
+@@scout-section meminfo
+MemTotal:       24683784 kB
+MemFree:        11264660 kB
+MemAvailable:   12773436 kB
+Buffers:           26900 kB
+Cached:          1697048 kB
+SwapCached:            0 kB
+Active:           687432 kB
+Inactive:       12393312 kB
+SwapTotal:             0 kB
+SwapFree:              0 kB
+Dirty:             21176 kB
+Shmem:             10240 kB
+
+@@scout-rc 0
+
+@@scout-section mounts
+proc /proc proc rw,relatime 0 0
+sysfs /sys sysfs rw,relatime 0 0
+devtmpfs /dev devtmpfs rw,relatime,size=12334792k,nr_inodes=3083698,mode=755 0 0
+tmpfs /dev/shm tmpfs rw,relatime,size=24683784k 0 0
+devpts /dev/pts devpts rw,relatime,mode=600,ptmxmode=000 0 0
+/dev/vda / ext4 rw,relatime,discard,resv_strict,resuid=65534,resgid=65534 0 0
+devpts /dev/pts devpts rw,relatime,mode=600,ptmxmode=000 0 0
+tmpfs /dev/shm tmpfs rw,relatime,size=24683784k 0 0
+tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+
+@@scout-rc 0
+
+@@scout-section systemd
+@@scout-unavailable systemd is not running (no /run/systemd/system)
+
+@@scout-section journal
+@@scout-unavailable systemd-journald is not running (no /run/systemd/system)
+
+@@scout-section docker
+Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?
+
+@@scout-rc 1
+
+@@scout-section df
+Filesystem              Type     1024-blocks     Used Available Capacity Mounted on
+devtmpfs                devtmpfs    12334792        0  12334792       0% /dev
+tmpfs                   tmpfs       24683784       20  24683764       1% /dev/shm
+/dev/vda                ext4       264212084 25337176  81053736      24% /
+tmpfs                   tmpfs       12341892        0  12341892       0% /sys/fs/cgroup
+
+@@scout-rc 0
+
+@@scout-section inodes
+Filesystem              Type       Inodes  IUsed    IFree IUse% Mounted on
+devtmpfs                devtmpfs  3083698    113  3083585    1% /dev
+tmpfs                   tmpfs     3085473      6  3085467    1% /dev/shm
+/dev/vda                ext4     16777216 421764 16355452    3% /
+tmpfs                   tmpfs     3085473     11  3085462    1% /sys/fs/cgroup
+
+@@scout-rc 0
+
+@@scout-section end
+"""
+_BLOCKS, _INODES = df_tables(HEALTHY_FILESYSTEMS)
+# parse_probe, a row each: name -> (probe output, the report's fields by dotted path).
+PROBE_OUTPUTS: dict[str, tuple[str, dict]] = {
+    "a-container-without-systemd-or-docker": (CAPTURED_CONTAINER_PROBE, {
+        "reachable": True, "complete": True, "cores": 2, "load": [14.35, 8.1, 3.73], "memory.available_pct": 51.7,
+        "swap.used_pct": None, "filesystems.*.mount": ["/dev", "/dev/shm", "/", "/sys/fs/cgroup"],
+        "filesystems.*.used_pct": [0.0, 0.0, 23.8, 0.0], "systemd.available": False, "journal.available": False,
+        "docker.available": False, "unavailable": [
+            "systemd: systemd is not running (no /run/systemd/system)",
+            "journal: systemd-journald is not running (no /run/systemd/system)",
+            ("docker: docker ps failed (exit status 1): Cannot connect to the Docker daemon at"
+             " unix:///var/run/docker.sock. Is the docker daemon running?")]}),
+    "garbage-in-every-section": (probe_text(
         host=f"now=1800000000\nsince=1799999100\nboot_id={BOOT_ID}\nuptime_s=12.5\nload=0.1 0.2 0.3\ncores=4\n",
-        meminfo=MEMINFO.format(available=8000000, swap_total=1000, swap_free=100), df=blocks, inodes=inodes,
+        meminfo=MEMINFO.format(available=8000000, swap_total=1000, swap_free=100), df=_BLOCKS, inodes=_INODES,
         failed="● a.service loaded failed failed A\n", restarts=unit_show("b.service", 3) + "\n\nnot a block\n",
         journal='{"__REALTIME_TIMESTAMP" : "1799999500000000", "MESSAGE" : null}\n[1, 2]\n{"MESSAGE": "x"}\n',
-        journal_count="3", docker='{"Names": "x", "Status": "Restarting (2) 1 second ago"}\nnot json\n{}\n')
-    report = cp.parse_probe(full)
-    assert report["complete"] and report["swap"]["used_pct"] == 90.0 and report["cores"] == 4
-    assert [u["unit"] for u in report["systemd"]["failed"]] == ["a.service"]
-    assert report["systemd"]["restarts"] == {"b.service": 3}
-    assert report["journal"]["sampled"] == 1 and report["journal"]["patterns"][0]["sample"] == \
-        "(message too large or empty)"
-    assert report["docker"]["containers"][0]["state"] == "restarting"
-    for cut in range(0, len(full), 7):
-        cp.parse_probe(full[:cut])
-    for noise in ("", "\x00\xff", "@@scout-section host\nload=a b c\ncores=-3\nnow=x", "@@scout-rc 0\n" * 3,
-                  "@@scout-section df\n" + "/dev/x ext4 - - - - /\n" + "@@scout-rc zz\n@@scout-section end"):
-        report = cp.parse_probe(noise)
-        json.dumps(report)
-    hint = probe_text(host="now=9\n", journal="Hint: You are currently not seeing messages from other users and the "
-                      "system.\n      Users in groups 'adm', 'systemd-journal' can see all messages.")
-    assert "journal: partly: the ssh user sees only its own entries" in " ".join(cp.parse_probe(hint)["unavailable"])
-    unreached = cp.parse_probe("")
-    assert not unreached["reachable"] and unreached["unavailable"] == []
-    partial = cp.parse_probe("@@scout-section host\nnow=5\n@@scout-section df\nFilesystem\n@@scout-rc 124\n")
-    assert "disk: df timed out" in partial["unavailable"] and not partial["complete"]
+        journal_count="3", docker='{"Names": "x", "Status": "Restarting (2) 1 second ago"}\nnot json\n{}\n'), {
+        "complete": True, "cores": 4, "swap.used_pct": 90.0, "systemd.failed.*.unit": ["a.service"],
+        "systemd.restarts": {"b.service": 3}, "journal.sampled": 1,
+        "journal.patterns.*.sample": ["(message too large or empty)"], "docker.containers.*.state": ["restarting"],
+        "unavailable": []}),
+    "a-journal-that-shows-the-ssh-user-only-its-own-entries": (probe_text(
+        host="now=9\n", journal="Hint: You are currently not seeing messages from other users and the system.\n"
+        "      Users in groups 'adm', 'systemd-journal' can see all messages."), {
+        "journal.available": True, "unavailable": [
+            "memory: no MemTotal in /proc/meminfo", "load: no CPU count (getconf, nproc)", "load: no /proc/loadavg",
+            "reboot: no boot id in /proc", "disk: not in the probe output", "systemd: not in the probe output",
+            "journal: partly: the ssh user sees only its own entries (add it to systemd-journal or adm)",
+            "docker: not in the probe output"]}),
+    "nothing-answered": ("", {"reachable": False, "complete": False, "unavailable": []}),
+    "df-timed-out-and-the-rest-cut": (
+        "@@scout-section host\nnow=5\n@@scout-section df\nFilesystem\n@@scout-rc 124\n", {
+            "reachable": True, "complete": False, "filesystems": [], "unavailable": [
+                "memory: no MemTotal in /proc/meminfo", "load: no CPU count (getconf, nproc)",
+                "load: no /proc/loadavg", "reboot: no boot id in /proc", "disk: df timed out",
+                "systemd: not in the probe output", "journal: not in the probe output",
+                "docker: not in the probe output"]}),
+}
+# Output that is no probe's: parse_probe skips what it cannot read and never raises.
+PROBE_NOISE = {
+    "binary": "\x00\xff",
+    "host-values-that-are-no-numbers": "@@scout-section host\nload=a b c\ncores=-3\nnow=x",
+    "statuses-without-a-section": "@@scout-rc 0\n" * 3,
+    "a-status-that-is-no-number": "@@scout-section df\n/dev/x ext4 - - - - /\n@@scout-rc zz\n@@scout-section end",
+}
+
+
+@pytest.mark.parametrize("name", list(PROBE_OUTPUTS))
+def test_scout_parse_probe_reads_a_probe_output_into_its_report_fields(name):
+    output, fields = PROBE_OUTPUTS[name]
+    report = cp.parse_probe(output)
+    assert {path: dotted(report, path) for path in fields} == fields
+
+
+@pytest.mark.parametrize("name", list(PROBE_OUTPUTS) + list(PROBE_NOISE))
+def test_scout_parse_probe_gives_a_report_for_noise_and_every_cut_of_an_output(name):
+    output = PROBE_NOISE.get(name) or PROBE_OUTPUTS[name][0]
+    for cut in range(0, len(output) + 1, 7):
+        json.dumps(cp.parse_probe(output[:cut]))
+    json.dumps(cp.parse_probe(output))
 
 
 def test_scout_find_faults_on_load_swap_clock_and_pseudo_filesystems():
@@ -6360,40 +6529,25 @@ def final(text: str, tokens: int = 50) -> dict:
             "usage": {"total_tokens": tokens}}
 
 
-class FakeLLM:
+class FakeLLM(harness.LoopbackApi):
     """POST /v1/chat/completions with scripted replies per model: a dict (200), an int
     (that HTTP status), or "hang" (never answers in time). The last reply repeats."""
 
     def __init__(self) -> None:
         self.scripts: dict[str, list] = {}
         self.requests: list[dict] = []
-        fake = self
+        super().__init__("fake-llm")
+        self.url += "/v1"
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
-                script = fake.scripts.get(body["model"], [500])
-                reply = script.pop(0) if len(script) > 1 else script[0]
-                if reply == "hang":
-                    time.sleep(5)
-                    return
-                status, payload = (reply, {"error": {"message": "scripted failure"}}) if isinstance(reply, int) \
-                    else (200, reply)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def respond(self, path: str, headers: dict[str, str], body: dict) -> tuple[int, bytes, str] | None:
+        self.requests.append({"path": path, "auth": headers.get("Authorization"), **body})
+        script = self.scripts.get(body["model"], [500])
+        reply = script.pop(0) if len(script) > 1 else script[0]
+        if reply == "hang":
+            time.sleep(5)
+            return None
+        status, payload = (reply, {"error": {"message": "scripted failure"}}) if isinstance(reply, int) else (200, reply)
+        return status, json.dumps(payload).encode(), "application/json"
 
     def tool_messages(self) -> list[str]:
         """The tool results the model was shown, from the last request (it carries the history)."""
@@ -6404,7 +6558,7 @@ class FakeLLM:
 def llm() -> Iterator[FakeLLM]:
     fake = FakeLLM()
     yield fake
-    fake.server.shutdown()
+    fake.close()
 
 
 def llm_toml(llm: FakeLLM, models: str = '["good"]', timeout: int = 5) -> str:
@@ -6505,6 +6659,77 @@ def test_max_actions_and_token_budget_stop_the_run(make_broker, llm):
     assert "chatty: limit (2 actions, 10000 tokens)" in out.stdout and "token budget" in out.stdout
 
 
+def test_a_run_spends_its_budget_through_one_method_that_refuses_past_it_and_counts_nothing_then(tmp_path,
+                                                                                                 monkeypatch):
+    monkeypatch.setenv("CLAUDE_PEERS_HOME", str(tmp_path))
+    cfg = cp.Config(cp.tomllib.loads('[daemons.busy]\nrole = "r"\nmax_actions = 2\ntoken_budget = 100\n'), None)
+    run = cp.DaemonRun(cfg, cfg.daemons["busy"], "r1", "manual", tmp_path / "run.jsonl")
+    run.spend(actions=1, model_call=True)
+    run.spend(tokens=150)  # what a model call used is counted, whatever it came to
+    with pytest.raises(cp.BudgetSpent, match=r"^the token budget \(150 >= 100\)$"):
+        run.spend(actions=1, model_call=True)
+    assert (run.actions, run.tokens) == (1, 150)
+    run.spend(actions=1)  # an action that asks no model (a push, a restart) is not held back by tokens
+    with pytest.raises(cp.BudgetSpent, match=r"^max_actions = 2$"):
+        run.spend(actions=1)
+    assert (run.actions, run.tokens) == (2, 150)
+
+
+def test_a_runner_is_one_record_bringing_its_keys_checks_tables_built_in_daemon_and_body(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLAUDE_PEERS_HOME", str(tmp_path))
+
+    def ping(run: cp.DaemonRun) -> dict:
+        return run.result("ok", f"pinged {', '.join(t.host for t in run.daemon.targets) or 'nothing'}")
+
+    def one_target_a_host(where: str, daemon: SimpleNamespace) -> None:
+        if len({t.host for t in daemon.targets}) != len(daemon.targets):
+            raise cp.UserError(f"{where}: daemons.{daemon.name}.targets: a host is given twice")
+
+    monkeypatch.setitem(cp.RUNNERS, "pinger", cp.Runner(
+        "pinger", ping, {"targets": [], "interval_ms": 100}, checks={"interval_ms": cp._check_positive},
+        lists={"targets": cp.TableList({"host": "", "port": 7}, ("host",), {"port": cp._check_port})},
+        rules=one_target_a_host, description="pings the targets", daemon={"every": "1m", "max_actions": 2}))
+    pinger = cp.Config({}, None).daemons["pinger"]  # a built-in daemon now, named after its runner
+    assert (pinger.runner, pinger.every, pinger.max_actions, pinger.description, pinger.interval_ms, pinger.targets) \
+        == ("pinger", "1m", 2, "pings the targets", 100, [])
+    for table, error in [("interval_ms = 0", "daemons.pinger.interval_ms: must be > 0"),
+                         ("targets = [{ port = 8 }]", "daemons.pinger.targets[0].host: required"),
+                         ('targets = [{ host = "a", port = 70000 }]', "daemons.pinger.targets[0].port: not a port"),
+                         ('targets = [{ host = "a" }, { host = "a" }]', "daemons.pinger.targets: a host is given twice"),
+                         ("every_ms = 5", "daemons.pinger.every_ms: unknown key")]:
+        with pytest.raises(cp.UserError, match=re.escape(error)):
+            cp.Config(cp.tomllib.loads(f"[daemons.pinger]\n{table}\n"), None)
+    cfg = cp.Config(cp.tomllib.loads('[daemons.pinger]\ntargets = [{ host = "nas" }]\n'), None)
+    cp.cmd_run_daemon(cfg, SimpleNamespace(daemon="pinger", run_id="r1", trigger="manual"))  # what the supervisor runs
+    result = json.loads((tmp_path / "runs" / "r1.result.json").read_text())
+    assert (result["status"], result["summary"]) == ("ok", "pinged nas")
+
+
+def test_trigger_here_shows_its_run_as_running_from_the_start_and_records_a_ctrl_c_as_failed(make_broker, tmp_path):
+    broker = make_broker()
+    started = tmp_path / "started"
+    write_config(broker, f'[daemons.slow]\nrunner = "command"\ncommand = ["sh", "-c", "touch {started}; exec sleep 60"]\n')
+    # as a terminal's Ctrl-C reaches it: this test's process may ignore SIGINT, and a child inherits that
+    boot = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
+            " sys.path.insert(0, sys.argv.pop(1)); import claude_peers; sys.exit(claude_peers.main())")
+    proc = subprocess.Popen([sys.executable, "-c", boot, str(ROOT), "trigger", "slow", "--here"], env=broker.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_sync(started.exists, timeout=30, what="the run to start its command")
+        [running] = broker.client().call("GET", "/api/runs?daemon=slow")["runs"]
+        assert (running["status"], running["ended_at"]) == ("running", None)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    [run] = cp.SupervisorState(broker.home / "supervisor.db").runs("slow")
+    assert (run["id"], run["status"], run["summary"]) == (running["id"], "failed", "interrupted before it ended")
+    [remote] = broker.client().call("GET", "/api/runs?daemon=slow")["runs"]
+    assert (remote["status"], remote["summary"]) == ("failed", "interrupted before it ended") and remote["ended_at"]
+
+
 def test_model_fallback_on_errors_and_timeouts(make_broker, llm):
     broker = make_broker()
     write_config(broker, llm_toml(llm, '["broken", "slow", "good"]', timeout=1)
@@ -6581,13 +6806,12 @@ class SupervisorProc:
             return [dict(r) for r in db.execute(f"SELECT * FROM runs {where} ORDER BY started_at", args)]
 
     def wait_runs(self, daemon: str, count: int, timeout: float = 20, final_only: bool = True) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ended() -> list[dict] | None:
             runs = [r for r in self.runs(daemon) if not final_only or r["status"] != "running"]
-            if len(runs) >= count:
-                return runs
-            time.sleep(0.05)
-        raise AssertionError(f"{daemon}: {self.runs(daemon)}\n{''.join(self.log)}")
+            return runs if len(runs) >= count else None
+
+        return wait_until_sync(ended, timeout, lambda: f"{count} runs of {daemon}: {self.runs(daemon)}\n"
+                               f"{''.join(self.log)}", 0.05)
 
 
 @pytest.fixture
@@ -6625,11 +6849,7 @@ def test_runtime_limit_kills_the_run_and_its_children(make_broker, supervisors, 
     supervisor = supervisors(broker)
     [run] = supervisor.wait_runs("stuck", 1)
     assert run["status"] == "timeout" and "max_runtime_s = 3" in run["summary"]
-    pid = int(child_pid.read_text())
-    deadline = time.monotonic() + 5
-    while cp.pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not cp.pid_alive(pid)
+    process_gone(int(child_pid.read_text()), timeout=5)
     state = cp.SupervisorState(broker.home / "supervisor.db").state("stuck")
     assert state["failures"] == 1 and state["cooldown_until"] > time.time() + 3000
 
@@ -6654,12 +6874,9 @@ def test_run_records_reach_sqlite_broker_and_nats(make_broker, supervisors, nats
     [run] = supervisor.wait_runs("reporter", 1)
     assert run["status"] == "ok" and run["summary"] == "fleet is fine"
     assert Path(run["transcript"]).exists()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        remote = broker.client().call("GET", "/api/runs?daemon=reporter")["runs"]
-        if remote and remote[0]["status"] == "ok":
-            break
-        time.sleep(0.05)
+    remote = wait_until_sync(lambda: (runs := broker.client().call("GET", "/api/runs?daemon=reporter")["runs"])
+                             and runs[0]["status"] == "ok" and runs, timeout=10,
+                             what="the run's record at the broker", interval=0.05)
     assert remote[0]["id"] == run["id"] and remote[0]["summary"] == "fleet is fine"
     assert "reporter" in broker.cli("runs").stdout and "fleet is fine" in broker.cli("runs", "reporter").stdout
     wait_published(broker)
@@ -6718,10 +6935,7 @@ def test_reload_keeps_the_last_good_config(make_broker, supervisors):
     good = broker.config.read_text()
     broker.config.write_text(good + '[daemons.broken]\nevery = "soon"\n')
     supervisor.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while not any("reload refused" in line for line in supervisor.log) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    line = next(line for line in supervisor.log if "reload refused" in line)
+    line = logged(supervisor.log, "reload refused", timeout=10)
     assert "keeping the last good config" in line and "daemons.broken.every: bad duration" in line
     assert supervisor.proc.poll() is None
     broker.config.write_text(good + '[daemons.added]\nrunner = "command"\ncommand = ["true"]\nevery = "1s"\n'
@@ -6744,10 +6958,8 @@ def test_a_supervisor_takes_a_file_changed_before_it_could_handle_sighup(tmp_pat
 
 def feed_in_place(broker: BrokerProc) -> None:
     """The supervisor reads the broker's feed from a cursor: events from now on reach it."""
-    deadline = time.monotonic() + 20
-    while cp.SupervisorState(broker.home / "supervisor.db").cursor("feed") is None:
-        assert time.monotonic() < deadline, "the supervisor never read the broker's event feed"
-        time.sleep(0.05)
+    wait_until_sync(lambda: cp.SupervisorState(broker.home / "supervisor.db").cursor("feed") is not None, timeout=20,
+                    what="the supervisor reading the broker's event feed", interval=0.05)
 
 
 def test_runs_after_a_refused_reload_use_the_config_the_supervisor_holds(make_broker, supervisors):
@@ -6796,78 +7008,114 @@ def test_an_idle_supervisor_on_nats_logs_no_warnings(make_broker, supervisors, n
     broker = make_broker(nats=nats_server.toml())
     supervisor = supervisors(broker)
     logged(supervisor.log, "watching events: nats")
-    deadline = time.monotonic() + 5  # five fetches of 1 s with nothing to fetch
-    while time.monotonic() < deadline:
-        assert not [line for line in supervisor.log if "WARNING" in line], "".join(supervisor.log)
-        time.sleep(0.1)
+    stays_sync(lambda: not [line for line in supervisor.log if "WARNING" in line], 5,  # five empty 1 s fetches
+               lambda: "no warning logged:\n" + "".join(supervisor.log), interval=0.1)
 
 
-def test_fleet_tools_reach_the_broker_and_stay_inside_their_allowlists(make_broker, llm, tmp_path):
-    allowed_dir = tmp_path / "logs"
-    allowed_dir.mkdir()
-    (allowed_dir / "app.log").write_text("ERROR disk full\n")
-    (tmp_path / "secret").write_text("no")
-    broker = make_broker("rate_per_s = 0.0\n")
-    watcher = broker.session(name="homelab-infra", summary="on call")
-    broker.client().call("POST", "/api/memory", {"text": "# old notes\n"})
-    port = broker.port
+# The ops daemon's calls in one run, a row each: name -> (tool, arguments, what its result must say). {logs},
+# {api} and {hop} are the run's allowed directory, the broker's API and a server that redirects to the metadata
+# address. A result is checked by: equals (the whole text), starts, has (fragments), json (fields, dotted).
+OPS_CALLS: dict[str, tuple[str, dict, dict]] = {
+    "probe_host-a-listed-machine": ("probe_host", {"machine": "here"},
+                                    {"json": {"report.reachable": True}, "has": ['"load"', '"findings"']}),
+    "probe_host-an-unlisted-machine": ("probe_host", {"machine": "elsewhere"},
+                                       {"has": ["unknown machine 'elsewhere'"]}),
+    "http_get-an-allowed-prefix": ("http_get", {"url": "{api}status"},
+                                   {"starts": "HTTP 401"}),  # reached: the daemon gets what the URL gives
+    "http_get-the-metadata-address": ("http_get", {"url": "http://169.254.169.254/latest/meta-data/"},
+                                      {"has": ["not under an allowed prefix"]}),
+    "http_get-a-redirect-to-the-metadata-address": ("http_get", {"url": "{hop}"},
+                                                    {"has": ["refused by policy", "169.254.169.254"]}),
+    "read_file-under-an-allowed-directory": ("read_file", {"path": "{logs}/app.log"},
+                                             {"equals": "ERROR disk full\n"}),
+    "read_file-dot-dot-out-of-it": ("read_file", {"path": "{logs}/../secret"},
+                                    {"has": ["outside the allowed directories"]}),
+    "list_peers": ("list_peers", {}, {"has": ["homelab-infra", "on call"]}),
+    "send_message": ("send_message", {"to": "homelab-infra", "text": "disk is full on here"},
+                     {"starts": "message ", "has": ["queued"]}),
+    "read_events": ("read_events", {"after": 0, "limit": 5}, {"has": ["peer.joined"]}),
+    "read_memory": ("read_memory", {}, {"equals": "# old notes\n"}),
+    "write_memory": ("write_memory", {"text": "# notes\n- here: disk full\n"}, {"equals": "fleet memory replaced"}),
+    "alert": ("alert", {"severity": "critical", "title": "disk full on here", "detail": "/ at 100%"},
+              {"has": ["alert noted (critical)"]}),
+}
 
-    class Redirect(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(302)
-            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
 
-        def log_message(self, *args) -> None:
-            pass
+def said_as_expected(reply: str, expect: dict) -> dict:
+    """Each check of ``expect`` that ``reply`` fails, by name (empty: it says what it must)."""
+    failed = {}
+    if "equals" in expect and reply != expect["equals"]:
+        failed["equals"] = expect["equals"]
+    if not reply.startswith(expect.get("starts", "")):
+        failed["starts"] = expect["starts"]
+    if missing := [part for part in expect.get("has", []) if part not in reply]:
+        failed["has"] = missing
+    if "json" in expect and {path: dotted(json.loads(reply), path) for path in expect["json"]} != expect["json"]:
+        failed["json"] = expect["json"]
+    return failed
 
-    redirector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+
+class Redirect(http.server.BaseHTTPRequestHandler):
+    """Every GET is sent on to the cloud metadata address: a fetcher must check where a redirect leads."""
+
+    def do_GET(self) -> None:
+        self.send_response(302)
+        self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def ops_run(tmp_path_factory) -> Iterator[SimpleNamespace]:
+    """One foreground run of an ops daemon making every OPS_CALLS call (the call id is the row's name): its
+    results by name, the mail its watcher got, and the broker it ran against."""
+    base = tmp_path_factory.mktemp("ops")
+    logs = base / "logs"
+    logs.mkdir()
+    (logs / "app.log").write_text("ERROR disk full\n")
+    (base / "secret").write_text("no")
+    llm, redirector = FakeLLM(), http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
     threading.Thread(target=redirector.serve_forever, daemon=True).start()
-    hop = f"http://127.0.0.1:{redirector.server_address[1]}/hop"
-    write_config(broker, llm_toml(llm) + f'[[machines]]\nname = "here"\nssh = "localhost"\n'
-                 '[daemons.ops]\nrole = "You run the fleet."\ntools = ["probe_host", "http_get", "read_file", "list_peers", "send_message",'
-                 ' "read_events", "read_memory", "write_memory", "alert"]\n'
-                 f'urls = ["http://127.0.0.1:{port}/api/", "{hop}"]\npaths = ["{allowed_dir}"]\n'
-                 'alert_to = ["homelab-infra"]\n')
-    calls = [("probe_host", {"machine": "here"}), ("probe_host", {"machine": "elsewhere"}),
-             ("http_get", {"url": f"http://127.0.0.1:{port}/api/status"}),
-             ("http_get", {"url": "http://169.254.169.254/latest/meta-data/"}),
-             ("read_file", {"path": str(allowed_dir / "app.log")}),
-             ("read_file", {"path": str(allowed_dir / "../secret")}),
-             ("list_peers", {}), ("send_message", {"to": "homelab-infra", "text": "disk is full on here"}),
-             ("read_events", {"after": 0, "limit": 5}), ("read_memory", {}),
-             ("write_memory", {"text": "# notes\n- here: disk full\n"}),
-             ("alert", {"severity": "critical", "title": "disk full on here", "detail": "/ at 100%"}),
-             ("http_get", {"url": hop})]
-    llm.scripts["good"] = [tool_call(name, args, f"c{i}") for i, (name, args) in enumerate(calls)] + [final("ok")]
-    out = foreground(broker, "ops")
-    assert out.returncode == 0, out.stderr
-    replies = llm.tool_messages()
-    probed = json.loads(replies[0])
-    assert probed["report"]["reachable"] and probed["report"]["load"] and "findings" in probed
-    assert "unknown machine 'elsewhere'" in replies[1]
-    assert replies[2].startswith("HTTP 401")  # reached (no token: the daemon gets what the URL gives)
-    assert "not under an allowed prefix" in replies[3]
-    assert replies[4] == "ERROR disk full\n"
-    assert "outside the allowed directories" in replies[5]
-    assert "homelab-infra" in replies[6] and "on call" in replies[6]
-    assert replies[7].startswith("message ") and "queued" in replies[7]
-    assert "peer.joined" in replies[8]
-    assert replies[9] == "# old notes\n"
-    assert replies[10] == "fleet memory replaced"
-    assert "alert noted (critical)" in replies[11]
-    assert "refused by policy" in replies[12] and "169.254.169.254" in replies[12]  # a redirect is checked too
-    redirector.shutdown()
-    got = poll(watcher)
-    assert got[0]["text"] == "disk is full on here"
-    assert got[1]["text"].startswith("[critical] ") and got[1]["text"].endswith(": disk full on here\n/ at 100%")
-    assert {m["from_name"] for m in got} == {"daemon-ops"}
+    broker = BrokerProc(base / "home", "rate_per_s = 0.0\n", "embedded = false\n").start()
+    try:
+        watcher = broker.session(name="homelab-infra", summary="on call")
+        broker.client().call("POST", "/api/memory", {"text": "# old notes\n"})
+        places = {"logs": str(logs), "api": f"http://127.0.0.1:{broker.port}/api/",
+                  "hop": f"http://127.0.0.1:{redirector.server_address[1]}/hop"}
+        write_config(broker, llm_toml(llm) + '[[machines]]\nname = "here"\nssh = "localhost"\n'
+                     f'[daemons.ops]\nrole = "You run the fleet."\ntools = {json.dumps(sorted({t for t, _, _ in OPS_CALLS.values()}))}\n'
+                     f'urls = ["{places["api"]}", "{places["hop"]}"]\npaths = ["{logs}"]\nalert_to = ["homelab-infra"]\n')
+        llm.scripts["good"] = [tool_call(tool, {k: v.format(**places) if isinstance(v, str) else v
+                                                for k, v in args.items()}, name)
+                               for name, (tool, args, _) in OPS_CALLS.items()] + [final("ok")]
+        out = foreground(broker, "ops")
+        assert out.returncode == 0, out.stderr
+        results = {m["tool_call_id"]: m["content"] for m in llm.requests[-1]["messages"] if m["role"] == "tool"}
+        yield SimpleNamespace(results=results, mail=poll(watcher), broker=broker)
+    finally:
+        broker.stop()
+        redirector.shutdown()
+        llm.server.shutdown()
+
+
+@pytest.mark.parametrize("name", list(OPS_CALLS))
+def test_a_fleet_tool_call_reaches_the_broker_or_stays_inside_its_allowlist(ops_run, name):
+    assert said_as_expected(ops_run.results[name], OPS_CALLS[name][2]) == {}, ops_run.results[name]
+
+
+def test_the_ops_daemons_run_mails_its_watcher_rewrites_the_memory_raises_its_alert_and_ends_its_session(ops_run):
+    broker = ops_run.broker
+    mail = {"alert" if m["text"].startswith("[critical] ") else "message": m["text"] for m in ops_run.mail}
+    assert len(ops_run.mail) == 2 and mail["message"] == "disk is full on here"
+    assert mail["alert"].endswith(": disk full on here\n/ at 100%")
+    assert {m["from_name"] for m in ops_run.mail} == {"daemon-ops"}
     memory = broker.client().call("GET", "/api/memory")
     assert memory["updated_by"] == "daemon-ops" and "disk full" in memory["text"]
-    alerts = [e for e in broker.client().call("GET", "/api/events?after=0&limit=200")["events"]
-              if e["type"] == "alert"]
-    assert alerts[0]["subject"] == "fleet.alert.critical" and alerts[0]["source"] == "ops"
+    alerts = [e for e in broker.client().call("GET", "/api/events?after=0&limit=200")["events"] if e["type"] == "alert"]
+    assert [(e["subject"], e["source"]) for e in alerts] == [("fleet.alert.critical", "ops")]
     assert peer_named(broker, "daemon-ops") is None  # the daemon's session ended with the run
 
 
@@ -6941,10 +7189,12 @@ def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation
     run = subprocess.Popen([PY, str(SCRIPT), "run", "hello", "-p"], env=env, stdin=subprocess.DEVNULL,  # a prompt first
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while (peer := peer_named(broker, "real-claude")) is None:
-            assert run.poll() is None and time.monotonic() < deadline, "claude-peers run never started the shim"
-            time.sleep(0.02)
+
+        def shim_started() -> dict | None:
+            assert run.poll() is None, f"claude-peers run ended ({run.returncode}) before it started the shim"
+            return peer_named(broker, "real-claude")
+
+        peer = wait_until_sync(shim_started, timeout=60, what="claude-peers run starting the shim")
         assert (peer["client"], peer["mode"]) == ("claude-code", "push")
     finally:
         run.terminate()
@@ -6955,7 +7205,7 @@ def test_the_real_claude_code_connects_to_the_shim(broker, tmp_path, negotiation
     assert mcp.startswith("ok") and "user scope" in mcp and "shim --name real-claude (alwaysLoad)" in mcp
 
 
-class ScriptedModel:
+class ScriptedModel(harness.LoopbackApi):
     """The Anthropic Messages API on a loopback port, with a script in place of the model: a turn
     with TRIGGER in it and the Bash tool on offer calls Bash with ``command``; a turn that shows it
     a tool's result says so and ends; anything else (titles, summaries) is answered "ok". Every
@@ -6967,38 +7217,14 @@ class ScriptedModel:
         self.command = command
         self.results: list[dict] = []
         self.turns: list[str] = []  #: the text of each turn's messages, as the model was shown it
-        model = self
+        super().__init__("scripted-model")
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    def respond(self, path: str, headers: dict[str, str], body: dict) -> tuple[int, bytes, str]:
+        if not path.startswith("/v1/messages") or "count_tokens" in path:
+            return 200, b'{"input_tokens": 10}', "application/json"
+        return 200, *harness.assistant_message(body, self.turn(body))
 
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                self._answer("application/json", b"{}")
-
-            def do_POST(self) -> None:
-                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-                if not self.path.startswith("/v1/messages") or "count_tokens" in self.path:
-                    self._answer("application/json", b'{"input_tokens": 10}')
-                    return
-                blocks, stop = model.turn(request)
-                self._answer(*model.encode(request, blocks, stop))
-
-            def _answer(self, content_type: str, body: bytes) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def turn(self, request: dict) -> tuple[list[dict], str]:
+    def turn(self, request: dict) -> list[dict]:
         self.turns.append("\n".join(m["content"] if isinstance(m.get("content"), str) else
                                      "\n".join(b.get("text", "") for b in m.get("content") or [] if isinstance(b, dict))
                                      for m in request.get("messages", [])))
@@ -7007,39 +7233,13 @@ class ScriptedModel:
             if isinstance(last, list) else []
         if results:
             self.results += results
-            return [{"type": "text", "text": "the command's result: " + json.dumps(results)[:200]}], "end_turn"
+            return [{"type": "text", "text": "the command's result: " + json.dumps(results)[:200]}]
         if self.TRIGGER in json.dumps(request.get("messages")) and "Bash" in {t.get("name") for t in
                                                                              request.get("tools", [])}:
             call = {"type": "tool_use", "id": f"toolu_{len(self.results):02d}", "name": "Bash",
                     "input": {"command": self.command, "description": "Create the marker file"}}
-            return [call], "tool_use"
-        return [{"type": "text", "text": "ok"}], "end_turn"
-
-    @staticmethod
-    def encode(request: dict, blocks: list[dict], stop: str) -> tuple[str, bytes]:
-        """The answer as the API sends it: server-sent events when asked to stream, else one JSON message."""
-        message = {"id": "msg_scripted", "type": "message", "role": "assistant", "model": request.get("model", ""),
-                   "stop_reason": stop, "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}}
-        if not request.get("stream"):
-            return "application/json", json.dumps({**message, "content": blocks}).encode()
-        events = [("message_start", {"type": "message_start", "message": {**message, "content": [],
-                                                                          "stop_reason": None}})]
-        for i, block in enumerate(blocks):
-            if block["type"] == "text":
-                start, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
-            else:
-                start = {**block, "input": {}}
-                delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
-            events += [("content_block_start", {"type": "content_block_start", "index": i, "content_block": start}),
-                       ("content_block_delta", {"type": "content_block_delta", "index": i, "delta": delta}),
-                       ("content_block_stop", {"type": "content_block_stop", "index": i})]
-        events += [("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
-                                      "usage": {"output_tokens": 1}}), ("message_stop", {"type": "message_stop"})]
-        return "text/event-stream", "".join(f"event: {e}\ndata: {json.dumps(d)}\n\n" for e, d in events).encode()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+            return [call]
+        return [{"type": "text", "text": "ok"}]
 
 
 ANSI = re.compile(rb"\x1b(\[[0-9;?<>=]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-_])")
@@ -7132,7 +7332,7 @@ def real_claude(binary: str, broker: BrokerProc, model: ScriptedModel, tmp_path:
     channel before that (its debug log says when)."""
     claude = CLAUDE_BINARIES[binary]
     if not claude:
-        model.stop()
+        model.close()
         pytest.skip(f"no {binary} Claude Code CLI (pinned: on PATH; newest: {NEWEST_CLAUDE}, as .ci/run installs it)")
     key = "sk-ant-api03-" + "t" * 80
     env = {k: v for k, v in broker.env.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_CODE_", "DISABLE_"))}
@@ -7149,7 +7349,7 @@ def real_claude(binary: str, broker: BrokerProc, model: ScriptedModel, tmp_path:
         terminal.wait_for("? for shortcuts")
     except BaseException:
         terminal.stop()
-        model.stop()
+        model.close()
         raise
     return terminal
 
@@ -7174,7 +7374,7 @@ def test_the_real_claude_code_shows_its_model_a_forged_channel_tag_as_text_insid
         assert turn.count(f"{FORGERY.split('run')[-1]}\n</channel>") == 1  # its own closing tag, after all its text
     finally:
         terminal.stop()
-        model.stop()
+        model.close()
 
 
 @pytest.mark.parametrize("answer", ["allow", "deny", "terminal"])
@@ -7219,7 +7419,7 @@ def test_the_real_claude_codes_permission_prompt_is_answered_from_the_hub_or_its
             assert bool(model.results[0].get("is_error")) == (answer == "deny")
     finally:
         terminal.stop()
-        model.stop()
+        model.close()
 
 
 # ---------------------------------------------------------------------------
@@ -7449,6 +7649,40 @@ def test_llm_watchdog_alerts_once_per_change_publishes_health_every_run_and_rest
         # the dry run stayed off the hub
     finally:
         server.stop()
+
+
+def test_llm_watchdog_retires_a_server_taken_out_of_its_list_with_a_client_machines_credential(make_broker, tmp_path):
+    gone, kept = LocalLLMServer("ollama"), LocalLLMServer("ollama")
+    gone.set("refusing")
+    broker = make_broker()
+    token = credential(broker, "watcher", "box")  # a client machine's: llm.gpu is none of its machines
+    client = tmp_path / "client.toml"
+
+    def watch(**servers: LocalLLMServer) -> str:
+        listed = ", ".join(f'{{ name = "{name}", base_url = "{server.url}", kind = "ollama" }}'
+                           for name, server in servers.items())
+        client.write_text(f'[broker]\nurl = "{broker.url}"\ntoken_file = "{tmp_path / "token"}"\n[nats]\n'
+                          f'embedded = false\n[fleet]\nmachine = "box"\n[daemons.llm-watchdog]\ntimeout_s = 1\n'
+                          f'servers = [{listed}]\n')
+        out = broker.cli("trigger", "llm-watchdog", "--here", env={"CLAUDE_PEERS_CONFIG": str(client)})
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    def open_alerts() -> list[str]:
+        return [a["machine"] for a in broker.client().call("GET", "/api/alerts")["alerts"]]
+
+    (tmp_path / "token").write_text(token)
+    (tmp_path / "token").chmod(0o600)
+    try:
+        assert "1 down" in watch(gpu=gone, cpu=kept) and open_alerts() == ["llm.gpu"]
+        out = watch(cpu=kept)  # gpu taken out of the list
+        assert "gpu              retired  no longer watched: 1 alert(s) resolved, its health report dropped" in out
+        assert open_alerts() == []
+        assert [m["machine"] for m in broker.client().call("GET", "/api/health")["machines"]] == ["llm.cpu"]
+        assert "retired" not in watch(cpu=kept)  # once
+    finally:
+        gone.stop()
+        kept.stop()
 
 
 def test_a_run_leaves_the_webhook_to_the_hub_and_says_a_client_machines_own_is_not_used(make_broker, tmp_path):
@@ -7958,6 +8192,7 @@ def test_fleet_memory_runs_on_fleet_events_and_its_own_update_wakes_only_those_w
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(300)  # bench itself may take its 180 s: 106 s measured with -n 2 on the loaded 2 cores
 def test_bench_with_tiny_parameters_prints_every_figure_honestly():
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PEERS_")}
     out = subprocess.run([PY, str(SCRIPT), "bench", "--messages", "80", "--samples", "4", "--sessions", "2",
@@ -7998,14 +8233,25 @@ def test_bench_only_hook_times_the_installed_hook_command_and_nothing_else():
 
 def test_bench_without_claude_measures_the_shim_view_from_the_shims_own_answers(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no claude here
-    report = cp.BenchReport(["ours"])
-    cp.bench_claude_view(report)
+    report = figures.BenchReport(["ours"])
+    figures.bench_claude_view(report)
     out = capsys.readouterr().out
     assert "(from the shim's own initialize and tools/list (no claude on PATH))" in out
     tools = len(json.dumps(cp.tools_list()["tools"], separators=(",", ":")).encode())
     assert re.search(rf"shim tool list as the model receives it \({len(cp.TOOLS)} tools, bytes\) +{tools}\n", out), out
     instructions = int(re.search(r"shim instructions as the model receives them \(bytes\) +(\d+)", out).group(1))
     assert 1000 < instructions <= cp.INSTRUCTIONS_BYTES and not report.missed, out
+
+
+def test_bench_outside_a_checkout_says_in_one_line_where_it_lives(tmp_path):
+    installed = tmp_path / "app"  # as install.sh lays the module out: without bench/
+    installed.mkdir()
+    shutil.copy(SCRIPT, installed / "claude_peers.py")
+    out = subprocess.run([PY, str(installed / "claude_peers.py"), "bench", "--rounds", "1"], capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == cp.EXIT_ERROR and not out.stdout, out
+    assert out.stderr.strip() == (f"claude-peers: bench: no bench/ folder beside {installed / 'claude_peers.py'};"
+                                  " run it from a checkout of claude-peers (python claude_peers.py bench)")
 
 
 def test_bench_says_in_one_line_why_it_cannot_run_the_anchor(tmp_path):
@@ -8493,19 +8739,15 @@ def test_install_a_client_that_reaches_the_hub(fresh_install, tmp_path):
         anyio.run(shim_on_the_client)
 
         feed = tmp_path / "client/user/data/supervisor.db"
-        deadline = time.monotonic() + 20
-        while not (feed.exists() and cp.SupervisorState(feed).cursor("feed") is not None):  # reading the feed
-            assert time.monotonic() < deadline, "the client's supervisor never read the hub's event feed"
-            time.sleep(0.05)
+        wait_until_sync(lambda: feed.exists() and cp.SupervisorState(feed).cursor("feed") is not None, timeout=20,
+                        what="the client's supervisor reading the hub's event feed", interval=0.05)
         assert installed(client_env, "trigger", "touch").returncode == 0  # the machine whose config has it
-        deadline = time.monotonic() + 20
-        while not marker.exists():  # run by the supervisor's child: the module run as a script
-            assert time.monotonic() < deadline, "the client's supervisor did not run the triggered daemon"
-            time.sleep(0.05)
+        wait_until_sync(marker.exists, timeout=20,  # run by the supervisor's child: the module run as a script
+                        what="the client's supervisor running the triggered daemon", interval=0.05)
     finally:
         for proc in (supervisor, hub):
             if proc is not None and proc.poll() is None:
-                cp.end_process(proc)
+                harness.end_process(proc)
 
 
 @pytest.mark.network  # pip installs from the package index
@@ -8637,7 +8879,7 @@ def test_uninstall_refuses_while_a_hand_started_up_runs_naming_its_pid_and_remov
         assert f"install.sh: removed {data}/venv" in out.stdout and not launcher.exists()
     finally:
         if hub.poll() is None:
-            cp.end_process(hub)
+            harness.end_process(hub)
 
 
 @pytest.mark.network  # pip installs from the package index
