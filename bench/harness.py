@@ -229,7 +229,7 @@ def assistant_message(request: dict[str, Any], blocks: list[dict[str, Any]]) -> 
 
 
 def register_with_claude(claude: str, env: dict[str, str], entry: dict[str, Any]) -> None:
-    """Register claude-peers in the home ``env`` names, through `claude mcp add-json` as the README says."""
+    """Register claude-peers in the home ``env`` names, through `claude mcp add-json` as docs/sessions.md says."""
     added = subprocess.run([claude, "mcp", "add-json", "--scope", "user", SERVER_NAME, json.dumps(entry)], env=env,
                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False)
     if added.returncode:
@@ -239,7 +239,7 @@ def register_with_claude(claude: str, env: dict[str, str], entry: dict[str, Any]
 def claude_first_request(claude: str, env: dict[str, str], home: Path, entry: dict[str, Any],
                          options: tuple[str, ...] = ()) -> dict[str, Any]:
     """The first model request of `claude [options] -p` in ``home``, where claude-peers is registered
-    with ``entry`` (through `claude mcp add-json`, as the README says), its API a local ModelApi."""
+    with ``entry`` (through `claude mcp add-json`, as docs/sessions.md says), its API a local ModelApi."""
     env = {**env, "HOME": str(home), "ANTHROPIC_API_KEY": "sk-ant-offline",
            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
     register_with_claude(claude, env, entry)
