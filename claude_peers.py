@@ -44,22 +44,19 @@ checked in ``AgentTools.call``; its alerts go through ``Records.sync_alerts``.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
+# Imported in the functions that use them, not here: argparse, asyncio, concurrent.futures, difflib, http,
+# resource, sqlite3, ssl, urllib.request and urllib.error. They are half the start-up of every command,
+# and Claude Code runs `hook pre-tool-use` at every edit.
 import base64
 import collections
-import concurrent.futures
 import contextlib
 import datetime as dt
-import difflib
 import errno
 import fcntl
 import functools
 import hashlib
 import hmac
 import html
-import http
-import http.client
 import ipaddress
 import itertools
 import json
@@ -68,27 +65,29 @@ import math
 import os
 import random
 import re
-import resource
 import secrets
 import shlex
 import shutil
 import signal
 import socket
-import sqlite3
-import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import tomllib
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Awaitable, Callable, Container, Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, NamedTuple, NotRequired, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, NotRequired, TypedDict, TypeVar
+
+if TYPE_CHECKING:  # for the annotations, which stay strings at run time
+    import argparse
+    import asyncio
+    import http.client
+    import sqlite3
+    import ssl
 
 # ===========================================================================
 # Common helpers
@@ -238,9 +237,18 @@ class ProcessLock:
 
 def module_command(*args: str) -> list[str]:
     """This program as a child process that imports the module, so it starts from cached
-    bytecode (a file run as a script is compiled at every start, and keeps the residue)."""
+    bytecode (a file run as a script is compiled at every start, and keeps the residue); -P
+    keeps the directory it runs in off the path, as install.sh's launcher does."""
     boot = "import sys; sys.path.insert(0, sys.argv.pop(1)); import claude_peers; sys.exit(claude_peers.main())"
-    return [sys.executable, "-c", boot, str(Path(__file__).resolve().parent), *args]
+    return [sys.executable, "-P", "-c", boot, str(Path(__file__).resolve().parent), *args]
+
+
+def cache_bytecode() -> None:
+    """Compile this module into its __pycache__ as install.sh does, so that every child started with
+    ``module_command`` (or a hook command) imports it from bytecode even where Python writes none."""
+    import importlib.util
+    import py_compile
+    py_compile.compile(__file__, cfile=importlib.util.cache_from_source(__file__), doraise=True)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -1617,6 +1625,7 @@ class Sent(NamedTuple):
 
 def open_sqlite(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), WAL, rows by name."""
+    import sqlite3
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     db.row_factory = sqlite3.Row
     for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={busy_timeout_ms}", "foreign_keys=ON"):
@@ -2782,6 +2791,7 @@ class Records:
 
     def memory_diff(self, old: int | None, new: int | None) -> dict[str, Any]:
         """A unified diff between two kept versions (by default the one before ``new``, and the latest)."""
+        import difflib
         after = self.memory(new)
         if old is None:
             rows = self.store.read("SELECT MAX(version) FROM memory_versions WHERE version < ?", (after["version"],))
@@ -3759,6 +3769,7 @@ class EmbeddedNats:
     async def run(self) -> None:
         """Keep the server running until ``stop``; back off when it keeps dying, and give up
         with one error when another process holds the port (restarting cannot fix that)."""
+        import asyncio
         binary = self.binary
         backoff = 0.5
         while not self.stopping:
@@ -3787,6 +3798,7 @@ class EmbeddedNats:
             await asyncio.sleep(backoff)
 
     async def stop(self) -> None:
+        import asyncio
         self.stopping = True
         if self.proc is not None and self.proc.returncode is None:
             self.proc.terminate()
@@ -3825,6 +3837,7 @@ class EventRelay:
 
     def __init__(self, cfg: Config, store: Store, url: str, auth: tuple[str, str],
                  gate: Callable[[], str] | None = None) -> None:
+        import asyncio
         self.cfg = cfg
         self.store = store
         self.url = url
@@ -3870,12 +3883,14 @@ class EventRelay:
         self.error = error
 
     async def _close(self) -> None:
+        import asyncio
         if self.nc is not None:
             nc, self.nc, self.js = self.nc, None, None
             with contextlib.suppress(Exception):  # the connection is being thrown away whatever it says
                 await asyncio.wait_for(nc.close(), 2)
 
     async def _publish(self, batch: list[tuple[int, str, str, bytes]]) -> None:
+        import asyncio
         futures = [await self.js.publish_async(subject, payload, headers={"Nats-Msg-Id": event_id})
                    for _, event_id, subject, payload in batch]
         acks = await asyncio.wait_for(asyncio.gather(*futures), 10)
@@ -3884,6 +3899,7 @@ class EventRelay:
         self.last_seq = max(self.last_seq, max(ack.seq for ack in acks))
 
     async def run(self, stopping: threading.Event) -> None:
+        import asyncio
         try:
             import nats  # noqa: F401 - present with the pinned requirements
         except ImportError:
@@ -3937,21 +3953,29 @@ def webhook_target(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{hidden}"
 
 
-class RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """A webhook answer of 3xx is no delivery: urllib would repeat a POST as a GET without its body."""
+def refusing_redirects() -> urllib.request.OpenerDirector:
+    """An opener for webhook posts: an answer of 3xx is no delivery (urllib would repeat a POST as a GET
+    without its body)."""
+    import urllib.request
 
-    def redirect_request(self, *args: Any) -> None:
-        return None
+    class RefuseRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any) -> None:
+            return None
+
+    return urllib.request.build_opener(RefuseRedirects)
 
 
 def post_webhook(url: str, row: Any, timeout: float) -> tuple[int | None, str]:
     """POST one queued alert change, ntfy-style (the text; Title, Priority and Tags headers) with
     its change id as Idempotency-Key. Returns (HTTP status or None, '' on 2xx or why it failed)."""
+    import http.client
+    import urllib.error
+    import urllib.request
     request = urllib.request.Request(url, data=row["body"].encode(), method="POST", headers={
         "Content-Type": "text/plain; charset=utf-8", "Title": row["title"].encode("ascii", "replace").decode(),
         "Priority": row["priority"], "Tags": row["tags"], "Idempotency-Key": row["id"]})
     try:
-        with urllib.request.build_opener(RefuseRedirects).open(request, timeout=timeout) as answer:
+        with refusing_redirects().open(request, timeout=timeout) as answer:
             answer.read(65536)
             return answer.status, ""
     except urllib.error.HTTPError as exc:
@@ -3966,6 +3990,7 @@ def post_webhook(url: str, row: Any, timeout: float) -> tuple[int | None, str]:
 async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
     """``function(*args)`` on a daemon thread of its own: the loop serves on meanwhile, and a
     stopping broker never waits for a receiver that hangs (asyncio.to_thread's pool would)."""
+    import asyncio
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
 
@@ -3997,6 +4022,7 @@ class WebhookDelivery:
     OUTCOMES = ("delivered", "failed", "gave_up")  # failed: tried again later; gave_up: the last attempt failed
 
     def __init__(self, store: Store, write: Callable[[Callable[[], None]], Awaitable[None]]) -> None:
+        import asyncio
         self.store = store
         self.write = write  #: the broker's group commit
         self.outcomes: collections.Counter[str] = collections.Counter()  #: attempts since start, by outcome
@@ -4052,6 +4078,8 @@ class WebhookDelivery:
     async def run(self, stopping: threading.Event) -> None:
         """Post the queue's head whenever it is due; otherwise wait for that, or for a new change.
         A store error (disk full) is logged and the same change tried again: it stays queued."""
+        import asyncio
+        import sqlite3
         while not stopping.is_set():
             self.looked_at = self.store.webhooks_queued
             try:
@@ -4322,6 +4350,7 @@ class Dashboard:
 
     async def wait(self, since: int, wait_s: float) -> int:
         """The version once it passed ``since`` or after ``wait_s`` (a page from before a restart returns at once)."""
+        import asyncio
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while self.version == since and loop.time() < deadline:
@@ -5455,6 +5484,7 @@ class Broker:
     long-polls cost a coroutine each, and store calls never contend for the GIL."""
 
     def __init__(self, cfg: Config, home: Path, token: str) -> None:
+        import asyncio
         self.cfg = cfg
         self.token = token
         self.presence = Presence(cfg.broker.stale_after_s, cfg.machine)  #: heartbeats and polls in progress
@@ -5507,6 +5537,7 @@ class Broker:
         """Run a store write in the next group commit: the writes of every request
         ready in this loop turn share one sqlite transaction, and each caller
         resumes only after that transaction committed."""
+        import asyncio
         future = asyncio.get_running_loop().create_future()
         self.batch.append((operation, future))
         if len(self.batch) == 1:
@@ -5518,6 +5549,7 @@ class Broker:
         transaction rolls back whole and the batch runs again with each write in a savepoint,
         so the one that failed rolls back alone and the others commit: the savepoints are
         paid only when something failed."""
+        import sqlite3
         batch, self.batch = self.batch, []
         events_before = self.store.events_written
         try:
@@ -5559,6 +5591,7 @@ class Broker:
         """What wakes whom after a commit: mail leased to a parked poll is handed to it,
         polls with new mail wake to lease it, and new events wake feed readers and the relay.
         A poll that was woken meanwhile gets handed mail on its next lease: the lease is lifted."""
+        import asyncio
         orphans = []
         for sent in values:
             if not isinstance(sent, Sent):
@@ -5600,6 +5633,7 @@ class Broker:
 
         While it waits the session counts as alive; a client that hangs up is
         noticed within CONNECTION_CHECK_S, so it does not linger as a ghost."""
+        import asyncio
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         sid = session["id"]
@@ -5643,6 +5677,7 @@ class Broker:
     async def until(self, done: Callable[[], bool], wait_s: float, hung_up: Callable[[], bool] = lambda: False) -> None:
         """Return once ``done()`` holds (looked at after each commit that wrote events), after
         ``wait_s``, or when the caller hung up (noticed within CONNECTION_CHECK_S)."""
+        import asyncio
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while not done() and not self.stopping.is_set() and not hung_up():
@@ -5664,6 +5699,8 @@ class Broker:
     async def janitor(self, close_idle: Callable[[], None]) -> None:
         """Reap dead sessions every few seconds (a third of stale_after_s, read each pass: a reload
         changes it); prune history hourly."""
+        import asyncio
+        import sqlite3
         last_prune = 0.0
         while not self.stopping.is_set():
             await asyncio.sleep(max(0.5, min(5.0, self.cfg.broker.stale_after_s / 3)))
@@ -6607,6 +6644,7 @@ IDLE_TIMEOUT_S = 120.0
 @functools.cache
 def status_line(status: int) -> str:
     """``HTTP/1.1 200 OK`` and its CR LF, looked up once per status (the enum lookup is not free)."""
+    import http
     return f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
 
 
@@ -6633,6 +6671,7 @@ class ApiServer:
         to cancel (Python 3.11 prints a traceback for each cancelled connection task). A request
         being answered gets ``grace_s`` to finish; a parked long-poll, which no close wakes, is
         cancelled here and awaited."""
+        import asyncio
         for writer in list(self.open):
             writer.close()
         if tasks := list(self.open.values()):
@@ -6642,6 +6681,7 @@ class ApiServer:
             await asyncio.gather(*waiting, return_exceptions=True)
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import asyncio
         peer = str((writer.get_extra_info("peername") or ("",))[0])  # where a call comes from, for the audit
         task = asyncio.current_task()
         assert task is not None
@@ -6711,6 +6751,7 @@ class ApiServer:
 
     async def _answer(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
                       hung_up: Callable[[], bool], peer: str) -> tuple[int, Any]:
+        import sqlite3
         try:
             self.broker.requests += 1
             result = await self._route(method, target, headers, body, hung_up, peer)
@@ -6727,6 +6768,7 @@ class ApiServer:
 
     async def _route(self, method: str, target: str, headers: dict[str, str], body: bytes | None,
                      hung_up: Callable[[], bool], peer: str) -> Any:
+        import asyncio
         path, _, query = target.partition("#")[0].partition("?")
         found = find_route(method, path)
         if found is None:
@@ -6794,6 +6836,7 @@ def is_loopback(host: str) -> bool:
 
 
 def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    import ssl
     if not cfg.broker.tls_cert:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -6806,6 +6849,7 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
 
 def raise_fd_limit() -> None:
     """One socket per session: lift the soft open-files limit to the hard one."""
+    import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         with contextlib.suppress(ValueError, OSError):
@@ -6846,6 +6890,7 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
                        reloaded: Callable[[], None] | None = None, command: str = "broker") -> None:
     """Run the broker until SIGINT/SIGTERM, reloading its config on SIGHUP (then ``reloaded``
     runs): loopback by default; anything else needs a strong token."""
+    import asyncio
     raise_fd_limit()
     host, port = parse_hostport(listen or cfg.broker.listen)
     home = data_home()
@@ -6979,6 +7024,8 @@ class BrokerClient:
         self.aborted = False
 
     def _connect(self, timeout: float) -> http.client.HTTPConnection:
+        import http.client
+        import ssl
         port = self.parts.port or (443 if self.parts.scheme == "https" else 80)
         if self.parts.scheme == "https":
             return http.client.HTTPSConnection(self.parts.hostname, port, timeout=timeout,
@@ -7002,6 +7049,7 @@ class BrokerClient:
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
              timeout: float | None = None) -> Any:
         """One API call; retried once on a dropped keep-alive connection."""
+        import http.client
         headers, data = request_parts(self.token, self.session_secret, method, body)
         with self.lock:
             for attempt in (0, 1):
@@ -7049,6 +7097,7 @@ class AsyncBrokerClient:
     long-poll) shares the credentials through ``attach``."""
 
     def __init__(self, url: str, token: str, timeout: float = 10.0) -> None:
+        import asyncio
         self.url, self.parts, self.token, self.timeout = url, broker_url_parts(url), token, timeout
         self.session_id: str | None = None
         self.session_secret: str | None = None
@@ -7074,6 +7123,7 @@ class AsyncBrokerClient:
     async def call(self, method: str, path: str, body: dict[str, Any] | None = None,
                    timeout: float | None = None) -> Any:
         """One API call; retried once on a dropped keep-alive connection."""
+        import asyncio
         headers, data = request_parts(self.token, self.session_secret, method, body)
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         request = (f"{method} {path} HTTP/1.1\r\nHost: {self.parts.netloc}\r\n{head}Content-Length:"
@@ -7101,6 +7151,8 @@ class AsyncBrokerClient:
         raise AssertionError("unreachable")
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        import asyncio
+        import ssl
         port = self.parts.port or (443 if self.parts.scheme == "https" else 80)
         context = ssl.create_default_context() if self.parts.scheme == "https" else None
         return await asyncio.open_connection(self.parts.hostname, port, ssl=context)
@@ -7674,6 +7726,7 @@ def inbox_posts(messages: list[dict[str, Any]]) -> list[str]:
 async def post_to_inbox(path: str, token: str, texts: list[str]) -> None:
     """Write posts into a Claude Code session's inbox socket, one JSON line each after the token;
     returns once the socket took every byte (the inbox answers nothing), raises OSError if not."""
+    import asyncio
     lines = [{"type": "auth", "token": token}] if token else []
     lines += [{"type": "user", "message": {"role": "user", "content": text}, "from": SERVER_NAME, "priority": "next"}
               for text in texts]
@@ -7871,6 +7924,7 @@ class Shim:
 
     def __init__(self, cfg: Config, name: str | None, cwd: Path, wire: StdioWire, mode: str | None = None,
                  probe: bool = False) -> None:
+        import asyncio
         self.cfg = cfg
         self.probe = probe  #: doctor's check of the handshake: it never registers, so no session is left behind
         self.wire = wire
@@ -7972,6 +8026,7 @@ class Shim:
 
     async def run(self) -> None:
         """The session: register, then long-poll and push until cancelled; retry with backoff."""
+        import asyncio
         if self.probe:
             self.attempted.set()
             return
@@ -8006,12 +8061,14 @@ class Shim:
     async def _tools_loaded(self) -> None:
         """Hold the first post until the client has listed the tools and had INBOX_SETTLE_S to load
         them: a turn that starts earlier asks the model for a tool it does not have yet."""
+        import asyncio
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.listed.wait(), INBOX_TOOLS_WAIT_S)
         await asyncio.sleep(INBOX_SETTLE_S)
         self.settled = True
 
     async def _failed(self, error: str, backoff: float) -> None:
+        import asyncio
         if error != self.last_error:
             log.warning("%s (retrying every %.0fs at most)", error, 30)
         self.last_error = error
@@ -8052,6 +8109,7 @@ class Shim:
         """What the poll tells of this session, for its state on the hub: seconds since its last tool call
         or transcript entry, and how long its oldest unread mail has waited (a push counts as read once
         the session was active after it; a post or pull mail once the model read or answered it)."""
+        import asyncio
         written = 0.0
         if self.terminal is not None:
             await asyncio.to_thread(self.terminal.read)
@@ -8121,6 +8179,7 @@ class Shim:
     async def _changes(self) -> dict[str, Any] | None:
         """The overlap report for this poll: what this session changed (looked at most every
         [shim] changes_every_s), when the broker has not taken it yet."""
+        import asyncio
         if time.monotonic() >= self.look_due:
             self.look_due = time.monotonic() + self.cfg.shim.changes_every_s
             if self.repo is None:
@@ -8189,6 +8248,7 @@ class Shim:
     def permission_requested(self, params: Any) -> None:
         """A prompt Claude Code shows in its terminal and relayed here: sent on to the hub (the
         terminal's dialog stays open meanwhile, and whichever answer comes first counts)."""
+        import asyncio
         if not isinstance(params, dict) or not all(isinstance(params.get(k), str) for k in ("request_id", "tool_name")):
             log.warning("ignored a permission request without request_id and tool_name")
             return
@@ -8199,6 +8259,7 @@ class Shim:
         task.add_done_callback(self.background.discard)
 
     async def _forward_prompt(self, prompt: dict[str, str]) -> None:
+        import asyncio
         try:
             self._need_session()
             stored = await self.tools_client.session_call("POST", "/permissions", prompt)
@@ -8216,6 +8277,7 @@ class Shim:
     async def _watch_terminal(self) -> None:
         """While prompts wait: a tool call answered in the terminal first (its result is in the
         transcript, no verdict of ours went out) is settled on the hub as answered there."""
+        import asyncio
         while self.prompts and self.terminal is not None:
             for tool, tool_input, allowed in await asyncio.to_thread(self.terminal.answered):
                 match = next((r for r, p in self.prompts.items()
@@ -8239,6 +8301,7 @@ class Shim:
 
     async def _await_verdicts(self) -> None:
         """While prompts wait: long-poll the hub for verdicts, write each to Claude Code once, acknowledge it."""
+        import asyncio
         acked: list[str] = []
         backoff = 0.25
         while self.prompts or acked:
@@ -8281,6 +8344,7 @@ class Shim:
     async def instructions(self) -> str:
         """The system-prompt addition, leading with what the model must know first (who it is, how
         mail arrives, to answer through the hub), then the fleet now: within INSTRUCTIONS_BYTES."""
+        import asyncio
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.attempted.wait(), 3.0)
         peers, memory = [], ""
@@ -8380,6 +8444,7 @@ class Shim:
 
     async def _repository(self) -> str:
         """This session's repository, the same name on every clone of it ('' outside one)."""
+        import asyncio
         if self.repo is None:
             self.repo = await asyncio.to_thread(repo_identity, self.cwd)
         return self.repo
@@ -8387,6 +8452,7 @@ class Shim:
     async def tool_claim(self, paths: list[str], minutes: int | None = None, reason: str | None = None,
                          exclusive: bool = False) -> str:
         """Claim paths of this session's repository, given relative to its directory or absolute."""
+        import asyncio
         self._need_session()
         repo, root = await self._repository(), await asyncio.to_thread(work_tree, self.cwd)
         if not repo or not root:
@@ -8406,6 +8472,7 @@ class Shim:
         return format_claimed(answer, repo)
 
     async def tool_release(self, paths: list[str] | None = None) -> str:
+        import asyncio
         self._need_session()
         root = await asyncio.to_thread(work_tree, self.cwd) or str(self.cwd)
         given = [inside_repo(root, str(self.cwd), p) or p for p in paths] if paths else None
@@ -8506,6 +8573,7 @@ def error_response(rid: Any, code: int, message: str) -> dict[str, Any]:
 
 def settled(answer: dict[str, Any] | asyncio.Task[dict[str, Any] | None] | None) -> dict[str, Any] | None:
     """The response an answer came to: a finished task's result (None if it was cancelled) or itself."""
+    import asyncio
     if isinstance(answer, asyncio.Task):
         return None if answer.cancelled() else answer.result()
     return answer
@@ -8548,6 +8616,7 @@ class McpServer:
 
     def _batch(self, messages: list[Any]) -> None:
         """A JSON-RPC batch: refused (one error, id null) unless 2025-03-26 was negotiated."""
+        import asyncio
         if self.version != BATCH_VERSION:
             agreed = f"this session agreed on {self.version}" if self.version else "no initialize came first"
             self.wire.write(error_response(None, INVALID_REQUEST, f"Invalid Request: JSON-RPC batches are "
@@ -8562,6 +8631,7 @@ class McpServer:
 
     async def _answer_batch(self, answers: list[Any]) -> None:
         """Write one array with every answer of the batch (none for notifications or cancelled requests)."""
+        import asyncio
         tasks = [answer for answer in answers if isinstance(answer, asyncio.Task)]
         if tasks:
             await asyncio.wait(tasks)
@@ -8570,6 +8640,7 @@ class McpServer:
 
     def _route(self, message: Any, in_batch: bool = False) -> dict[str, Any] | asyncio.Task[Any] | None:
         """One JSON-RPC message: an error answer now, a task that will answer, or None (nothing to answer)."""
+        import asyncio
         if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
             return error_response(request_id(message) if isinstance(message, dict) else None, INVALID_REQUEST,
                                   "Invalid Request: expected a JSON-RPC 2.0 object")
@@ -8603,6 +8674,7 @@ class McpServer:
                 task.cancel()  # the spec: a cancelled request gets no answer
 
     async def _answer(self, rid: Any, method: str, params: Any) -> dict[str, Any] | None:
+        import asyncio
         try:
             if params is not None and not isinstance(params, dict):
                 raise JsonRpcError(INVALID_PARAMS, "Invalid params: must be an object")
@@ -8652,6 +8724,7 @@ def read_stdin(wire: StdioWire, loop: asyncio.AbstractEventLoop, lines: asyncio.
 
 async def serve_stdio(shim: Shim) -> None:
     """Answer the client until stdin closes (or SIGTERM), then leave the fleet."""
+    import asyncio
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[bytes | None] = asyncio.Queue()
     threading.Thread(target=read_stdin, args=(shim.wire, loop, lines), name="stdin", daemon=True).start()
@@ -8682,6 +8755,7 @@ def add_json_command(entry: dict[str, Any], scope: str = "user") -> str:
 
 
 def run_shim(cfg: Config, name: str | None, mode: str | None = None, probe: bool = False) -> int:
+    import asyncio
     cwd, override = Path.cwd(), mode_override(mode)
     shim = Shim(cfg, find_agent_name(name, cwd), cwd, StdioWire(), override, probe)
     asyncio.run(serve_stdio(shim))
@@ -9472,6 +9546,7 @@ class Probed(NamedTuple):
 def probe_fleet(machines: list[SimpleNamespace], thresholds: Any, previous_by_machine: dict[str, Any] | None,
                 scout_now: float) -> dict[str, Probed]:
     """Every machine probed, at most `parallel` at once, each bounded by its own probe_timeout_s, by name."""
+    import concurrent.futures
     limits = scout_limits(thresholds)
     previous_by_machine = previous_by_machine or {}
 
@@ -9628,6 +9703,8 @@ def chat_completion(cfg: Config, models: list[str], messages: list[dict[str, Any
                     log_line: Callable[..., None]) -> tuple[dict[str, Any], int, str]:
     """One completion, down the tier's model list on connection errors, timeouts and 5xx.
     Returns (assistant message, tokens used, model)."""
+    import urllib.error
+    import urllib.request
     key = llm_key(cfg)
     url = cfg.llm.base_url.rstrip("/") + "/chat/completions"
     failures = []
@@ -9885,6 +9962,8 @@ class AgentTools:
         return f"exit {proc.returncode}\n{out}"
 
     def tool_http_get(self, url: str) -> str:
+        import urllib.error
+        import urllib.request
         tools = self
 
         class AllowlistedRedirects(urllib.request.HTTPRedirectHandler):
@@ -10251,6 +10330,8 @@ LLM_STATE_SEVERITY = {"down": "critical", "slow": "warning"}
 
 def timed_request(url: str, body: dict[str, Any] | None, key: str, timeout: float) -> tuple[int, Any, float]:
     """(HTTP status, the JSON answer or None, milliseconds) of a GET, or of a POST of ``body``."""
+    import urllib.error
+    import urllib.request
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), headers=headers,
                                      method="GET" if body is None else "POST")
@@ -10305,6 +10386,7 @@ def llm_error_detail(status: int, payload: Any) -> str:
 def check_llm_server(server: SimpleNamespace, key: str, timeout_s: float, slow_ms: float) -> dict[str, Any]:
     """One look at an LLM server, each step timed: the TCP connect, the kind's health route, a
     1-token completion. Down at the first step that fails, slow over slow_ms, up otherwise."""
+    import http.client
     report: dict[str, Any] = {"name": server.name, "kind": server.kind, "base_url": server.base_url, "state": "down",
                               "reachable": False, "connect_ms": None, "health_ms": None, "completion_ms": None,
                               "model": server.model, "models": None, "error": ""}
@@ -10422,6 +10504,7 @@ def llm_report_line(report: dict[str, Any]) -> str:
 def run_llm_watchdog(run: DaemonRun) -> dict[str, Any]:
     """Every LLM server checked at once; each one's state kept across runs, its figures published
     as fleet.health.llm.<name> every run, and an alert on each change through the common lifecycle."""
+    import concurrent.futures
     daemon = run.daemon
     servers = watched_llm_servers(run.cfg, daemon)
     retired: list[str] = []
@@ -11145,6 +11228,7 @@ class EventWatcher:
         so `on` daemons and trigger requests keep working. Every NATS_RETRY_S it tries NATS
         again and goes back to it once it answers: the durable consumer then also brings what
         was published meanwhile, and events already handled (by id) are skipped."""
+        import asyncio
         feed: asyncio.Task[None] | None = None
         try:
             while not self.stopping.is_set():
@@ -11179,6 +11263,8 @@ class EventWatcher:
 
     async def _subscribe(self, problems: list[str]) -> tuple[Any, Any]:
         """Connected to NATS with this machine's durable pull consumer on the stream."""
+        import asyncio
+
         from nats.js.api import ConsumerConfig, DeliverPolicy
         from nats.js.errors import NotFoundError
 
@@ -11206,6 +11292,7 @@ class EventWatcher:
     async def _check_embedded_nats(self) -> None:
         """On the hub's embedded server, ask the broker first: when another process holds that
         port, whatever answers there is not ours and must not get our token."""
+        import asyncio
         if self.config().nats.url or not self.config().nats.embedded:
             return
         try:
@@ -11236,6 +11323,7 @@ class EventWatcher:
 
     async def events_from_feed(self) -> None:
         """Without NATS (or while it does not answer): long-poll the broker's event feed from a persisted cursor."""
+        import asyncio
         client: BrokerClient | None = None
         self.event_source = f"broker feed {self.config().broker_url}"
         while not self.stopping.is_set():
@@ -11301,6 +11389,7 @@ class Supervisor:
     Failures cool down exponentially. State survives restarts."""
 
     def __init__(self, cfg: Config) -> None:
+        import asyncio
         self.cfg = cfg
         self.home = data_home()
         self.lock = hold_supervisor_lock(self.home, cfg)  # first: a second one would run every daemon twice
@@ -11362,6 +11451,7 @@ class Supervisor:
     # -- triggering ---------------------------------------------------------------------
 
     def trigger(self, name: str, reason: str) -> None:
+        import asyncio
         daemon = self.cfg.daemons.get(name)
         if daemon is None or not daemon.enabled:
             log.info("trigger for %s ignored: %s", name, "no such daemon" if daemon is None else "disabled")
@@ -11387,6 +11477,7 @@ class Supervisor:
     def on_event(self, subject: str, payload: dict[str, Any]) -> None:
         """A fleet event: explicit requests run at once (a client machine's only there); `on`
         patterns run after the debounce. An event seen before (by its id) is skipped."""
+        import asyncio
         event_id = payload.get("id") if isinstance(payload.get("id"), str) else ""
         if event_id in self.seen:
             return
@@ -11420,6 +11511,7 @@ class Supervisor:
     async def _child(self, daemon: SimpleNamespace, reason: str, run: dict[str, Any]) -> dict[str, Any]:
         """A run as a child process in its own process group, killed with its children at
         max_runtime_s: its result is the file it writes."""
+        import asyncio
         log.info("run %s of %s (%s)", run["id"], daemon.name, reason)
         argv = own_command(self.cfg, "run-daemon", daemon.name, "--run-id", run["id"], "--trigger", reason,
                            config=self.snapshot)
@@ -11464,6 +11556,7 @@ class Supervisor:
     # -- loops ------------------------------------------------------------------------------
 
     async def scheduler(self) -> None:
+        import asyncio
         while not self.stopping.is_set():
             now = time.time()
             soonest = now + 60
@@ -11500,6 +11593,7 @@ class Supervisor:
     async def report(self, client: BrokerClient | None, told: Told) -> tuple[BrokerClient | None, Told]:
         """Tell the broker about every run not yet reported and this supervisor's schedule (on a
         change, and every SCHEDULE_REPORT_S); the client to use next time (None: make a new one)."""
+        import asyncio
         try:
             client = client or client_from_config(self.cfg, timeout=5)
             for run in self.state.unreported():
@@ -11516,6 +11610,7 @@ class Supervisor:
 
     async def reporter(self, client: BrokerClient | None, told: Told) -> None:
         """Report (runs as they start and end, the schedule) until stopped; retried while the broker is unreachable."""
+        import asyncio
         while not self.stopping.is_set():
             client, told = await self.report(client, told)
             self.wakeup.clear()
@@ -11524,6 +11619,7 @@ class Supervisor:
 
     async def watch_parent(self) -> None:
         """Started by `up`: stop when `up` is gone, even if it was killed."""
+        import asyncio
         parent = os.environ.get("CLAUDE_PEERS_PARENT_PID")
         while parent and not self.stopping.is_set():
             if str(os.getppid()) != parent:
@@ -11532,6 +11628,7 @@ class Supervisor:
             await asyncio.sleep(1)
 
     async def serve(self, ready: Callable[[], None] | None = None) -> None:
+        import asyncio
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -11651,8 +11748,8 @@ def registration_check(cwd: Path) -> tuple[str, str]:
     registered = claude_mcp_registration(cwd)
     if registered is None:
         found = shutil.which("claude-peers")
-        launcher = [found] if found else [sys.executable, str(Path(__file__).resolve())]
-        entry = mcp_registration([*launcher, "shim"])
+        # a checkout: the module imported from its bytecode, not a script compiled at every session start
+        entry = mcp_registration([found, "shim"] if found else module_command("shim"))
         return "FAIL", f"claude-peers is not registered with Claude Code: {add_json_command(entry)}"
     where, entry = registered
     command = " ".join([str(entry.get("command", "?")), *map(str, entry.get("args", []))])
@@ -11799,6 +11896,7 @@ def doctor_checks(cfg: Config) -> Iterator[tuple[str, str, str]]:
 # -- commands, in the parser's order ------------------------------------------
 
 def cmd_broker(cfg: Config, args: argparse.Namespace) -> int:
+    import asyncio
     asyncio.run(serve_broker(cfg, args.listen, ready=lambda url, _: print(f"claude-peers broker listening on {url}",
                                                                          file=sys.stderr, flush=True)))
     return 0
@@ -11806,6 +11904,7 @@ def cmd_broker(cfg: Config, args: argparse.Namespace) -> int:
 
 def cmd_up(cfg: Config, args: argparse.Namespace) -> int:
     """Everything for a single box in one foreground process tree; Ctrl-C stops it all, SIGHUP reloads it all."""
+    import asyncio
     def ready(url: str, broker: Broker) -> None:
         nats = cfg.nats_url
         where = "embedded" if nats and not cfg.nats.url else "external"
@@ -11995,6 +12094,7 @@ def cmd_doctor(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_supervise(cfg: Config, args: argparse.Namespace) -> int:
+    import asyncio
     supervisor = Supervisor(cfg)
     asyncio.run(supervisor.serve(ready=lambda: print(
         f"claude-peers supervisor running {len(cfg.daemons)} daemons", file=sys.stderr, flush=True)))
@@ -12459,6 +12559,17 @@ def without_our_hook(settings: dict[str, Any]) -> dict[str, Any]:
     return {**settings, "hooks": hooks} if hooks else {k: v for k, v in settings.items() if k != "hooks"}
 
 
+def hook_command(launcher: str | None) -> str:
+    """The shell command Claude Code runs at every edit: ``launcher`` (else claude-peers on PATH) with
+    HOOK_COMMAND, or this checkout's module imported from its bytecode (a script would be compiled each time)."""
+    found = launcher or shutil.which("claude-peers")
+    if found:
+        return f"{shlex.quote(found)} {HOOK_COMMAND}"
+    with contextlib.suppress(OSError):  # a read-only checkout: the hook still runs, compiled at every start
+        cache_bytecode()
+    return shlex.join(module_command(*HOOK_COMMAND.split()))
+
+
 def edit_hook_settings(install: bool, launcher: str | None) -> str:
     """Add (or remove) our PreToolUse hook in Claude Code's user settings, keeping everything else (a
     file left empty is removed); says what it did."""
@@ -12472,9 +12583,7 @@ def edit_hook_settings(install: bool, launcher: str | None) -> str:
         raise UserError(f"{path}: its hooks are not in Claude Code's shape; fix them, then run this again")
     changed = without_our_hook(settings)
     if install:
-        command = shlex.quote(launcher) if launcher else (shutil.which("claude-peers") or shlex.join(
-            [sys.executable, str(Path(__file__).resolve())]))
-        entry = {"matcher": "|".join(EDIT_TOOLS), "hooks": [{"type": "command", "command": f"{command} {HOOK_COMMAND}",
+        entry = {"matcher": "|".join(EDIT_TOOLS), "hooks": [{"type": "command", "command": hook_command(launcher),
                                                              "timeout": 10}]}
         hooks = changed.setdefault("hooks", {})
         hooks["PreToolUse"] = [*hooks.get("PreToolUse", []), entry]
@@ -12550,6 +12659,7 @@ def print_requested_runs(cfg: Config, daemon: str, machines: list[str], before: 
 
 
 def cmd_trigger(cfg: Config, args: argparse.Namespace) -> int:
+    import asyncio
     daemon = configured_daemon(cfg, args.daemon, "" if args.here else
                                "; a daemon only another machine's supervisor has: trigger it from that machine")
     if not args.here:
@@ -12696,6 +12806,7 @@ def add_common_options(parser: argparse.ArgumentParser, config: Any, verbose: An
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
     parser = argparse.ArgumentParser(prog="claude-peers", description="Fleet hub for Claude Code sessions.")
     add_common_options(parser, None, False)
     parser.add_argument("--version", action="version", version=f"claude-peers {__version__}")
@@ -12868,6 +12979,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchor", metavar="DIR", help="a checkout of claude-peers-mcp (packages installed with"
                    " bun install) to measure side by side with ours")
     p.add_argument("--bun", metavar="PATH", help="the bun that runs --anchor (default: bun on PATH)")
+    p.add_argument("--only", choices=["hook"], help="measure only this figure (hook: the file-claims PreToolUse"
+                   " hook, --samples runs)")
     return parser
 
 

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import http.client
 import http.server
+import importlib.util
 import inspect
 import itertools
 import json
@@ -74,10 +75,7 @@ BrokerProc = harness.BrokerHarness  # bench measures with this harness, the test
 def cached_bytecode() -> None:
     """Every child imports the module: compile it once, as install.sh does (the children do not
     write bytecode when PYTHONDONTWRITEBYTECODE is set)."""
-    import importlib.util
-    import py_compile
-
-    py_compile.compile(str(SCRIPT), cfile=importlib.util.cache_from_source(str(SCRIPT)))
+    cp.cache_bytecode()
 
 
 @pytest.fixture
@@ -5484,6 +5482,33 @@ def test_hook_install_merges_into_claude_codes_settings_keeping_other_hooks_and_
     assert out.returncode != 0 and "cannot read it as JSON" in out.stderr and settings.read_text() == "{not json"
 
 
+def test_the_hook_command_hook_install_writes_for_a_checkout_imports_the_module_from_bytecode(tmp_path):
+    """Without a claude-peers on PATH the hook runs this checkout's module: imported from the bytecode
+    `hook install` compiled (even where Python writes none), never compiled again at every edit, and
+    not shadowed by the project directory Claude Code runs it in."""
+    app = tmp_path / "app"
+    app.mkdir()
+    shutil.copy(SCRIPT, app / "claude_peers.py")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "json.py").write_text("raise SystemExit('the project json.py')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_")}
+    env.update(HOME=str(tmp_path), PATH="/usr/bin:/bin", PYTHONDONTWRITEBYTECODE="1")
+    done = subprocess.run([PY, str(app / "claude_peers.py"), "hook", "install"], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    [group] = json.loads((tmp_path / ".claude/settings.json").read_text())["hooks"]["PreToolUse"]
+    command = group["hooks"][0]["command"]
+    ran = subprocess.run(["/bin/sh", "-c", command], input=json.dumps(pre_tool_use(project, "notes.md")),
+                         env={**env, "PYTHONVERBOSE": "1"}, cwd=project, capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert ran.returncode == 0 and ran.stdout == "", ran.stderr[-2000:]
+    pyc = importlib.util.cache_from_source(str(app / "claude_peers.py"))
+    assert f"# code object from '{pyc}'" in ran.stderr, ran.stderr[-2000:]
+    assert "claude_peers.py" not in ran.stderr.replace(f"{app}/claude_peers.py", "")  # no other copy
+    assert "the project json.py" not in ran.stderr
+
+
 def test_the_claim_tools_fit_in_a_few_hundred_bytes_of_the_models_context():
     tools = [t for t in cp.TOOLS if t["name"] in ("claim", "release")]
     assert len(tools) == 2 and sum(len(json.dumps(t)) for t in tools) < 1100
@@ -9223,6 +9248,17 @@ def test_bench_with_tiny_parameters_prints_every_figure_honestly():
     assert out.stdout.rstrip().endswith("messages lost or duplicated by ours: none"), out.stdout
 
 
+def test_bench_only_hook_times_the_installed_hook_command_and_nothing_else():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_")}
+    out = subprocess.run([PY, str(SCRIPT), "bench", "--only", "hook", "--samples", "3"], env=env,
+                         capture_output=True, text=True, timeout=180, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    figures = [line.split("  ")[0] for line in out.stdout.splitlines()[2:-2]]
+    assert figures == ["file-claims PreToolUse hook, one Edit checked, p50 (ms)",
+                       "file-claims PreToolUse hook, one Edit checked, p99 (ms)"], out.stdout
+    assert "FAULT" not in out.stdout and out.stdout.rstrip().endswith("messages lost or duplicated by ours: none")
+
+
 def test_bench_without_claude_measures_the_shim_view_from_the_shims_own_answers(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no claude here
     report = figures.BenchReport(["ours"])
@@ -9394,7 +9430,7 @@ def test_a_trigger_no_running_supervisor_would_take_is_refused_with_the_reason_a
 def test_help_lists_every_subcommand_with_its_help():
     out = subprocess.run([PY, str(SCRIPT), "--help"], capture_output=True, text=True, check=True).stdout
     listed = {line.split()[0]: line for line in out.splitlines() if line.startswith("    ") and line.split()}
-    [commands] = [a for a in cp.build_parser()._actions if isinstance(a, cp.argparse._SubParsersAction)]
+    [commands] = [a for a in cp.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     for name, parser in commands.choices.items():
         if name == "run-daemon":  # internal: the supervisor's child
             assert name not in listed
@@ -9629,6 +9665,10 @@ def test_install_from_scratch_says_what_it_does_and_runs_the_module_imported(fre
     [hook] = json.loads(settings.read_text())["hooks"]["PreToolUse"]
     assert hook == {"matcher": "Edit|Write|MultiEdit|NotebookEdit",
                     "hooks": [{"type": "command", "command": f"{launcher} hook pre-tool-use", "timeout": 10}]}
+    ran = subprocess.run(["/bin/sh", "-c", hook["hooks"][0]["command"]], input="null", cwd=tmp_path, text=True,
+                         env={**env, "PYTHONVERBOSE": "1"}, capture_output=True, timeout=60, check=False)
+    assert ran.returncode == 0 and ran.stdout == "", ran.stderr[-2000:]  # from the bytecode install.sh compiled
+    assert f"# code object from '{base}/user/data/app/__pycache__/claude_peers.cpython-" in ran.stderr
 
 
 @pytest.mark.network  # pip installs from the package index
