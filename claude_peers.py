@@ -21,9 +21,14 @@ Sections, in dependency order (each uses only what is above it):
                        states (working, waiting on a human) and their waiting alerts
   Events on NATS JetStream  the embedded nats-server, the relay from the outbox
   Webhook              alert changes posted by the hub from its queue, in order, retried until answered
-  Dashboard and metrics  the live page and its logins, the broker's counters, GET /metrics
-  Broker HTTP          request checks, the group commit, the routes and who may call them (authorize),
-                       the HTTP/1.1 server
+  Dashboard and metrics  the broker's counters, the page's logins, the page itself (its assets in one place)
+  Request checks       JSON bodies against their schemas, HTTP heads, the rate limit
+  Broker               the store behind one asyncio loop: the group commit, parked polls and leases
+  Dashboard and metrics views  what the page and GET /metrics show of the Broker
+  Authorization        identities, permissions and route rules, decided by one authorize
+  Handlers             one r_* per route
+  Routes               the table: each endpoint's handler, rules, schema and permission
+  HTTP server          HTTP/1.1 on asyncio streams; serving the broker with NATS and its janitor
   Broker client        the sync and asyncio clients every other part uses
   Shim                 the MCP server on stdio: handshake, tools, channel pushes, permission prompts
   Machine probes       what fleet-scout runs on a host over SSH, and the findings it draws
@@ -4102,8 +4107,8 @@ class WebhookDelivery:
 #
 # The broker counts what passes through it (Metrics), keeps what the dashboard needs beyond the
 # store (Dashboard: login codes, cookie sessions, the supervisors' schedules, a change counter the
-# page long-polls), and renders both views of one snapshot: JSON for the page, Prometheus text for
-# /metrics. The page is one HTML document with its script and style inline, allowed by hash in a
+# page long-polls); what the page and /metrics show of a snapshot is built below the Broker, in
+# *Dashboard and metrics views*. The page is one HTML document with its script and style inline, allowed by hash in a
 # strict Content-Security-Policy; it builds every element with textContent, never HTML.
 
 class Reply:
@@ -4369,264 +4374,6 @@ class Dashboard:
 
 
 # -- one snapshot, two views ----------------------------------------------------
-
-SUPERVISOR_STALE_S = 90.0  # a supervisor silent this long is shown as not reporting (it reports every 30s)
-
-
-def _numbers(value: Any, count: int) -> list[float] | None:
-    """``count`` finite numbers from a reporter's JSON, or None: a report may hold anything."""
-    ok = isinstance(value, list) and len(value) == count
-    return [float(x) for x in value] if ok and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                   and math.isfinite(x) for x in value) else None
-
-
-def health_figures(report: dict[str, Any]) -> dict[str, Any]:
-    """The figures of a health report (any JSON object a reporter sent) for the dashboard and
-    /metrics: each writable filesystem's use, memory used, load and cores; None where it has none."""
-    filesystems = report.get("filesystems") if isinstance(report.get("filesystems"), list) else []
-    disks = [{"mount": fs["mount"], "fstype": str(fs.get("fstype") or ""), "used_pct": float(fs["used_pct"])}
-             for fs in filesystems if isinstance(fs, dict) and isinstance(fs.get("mount"), str)
-             and _numbers([fs.get("used_pct")], 1) and not fs.get("read_only") and fs.get("size_bytes")]
-    memory = report.get("memory") if isinstance(report.get("memory"), dict) else {}
-    available = _numbers([memory.get("available_pct")], 1)
-    cores = _numbers([report.get("cores")], 1)
-    return {"reachable": report.get("reachable", True) is not False, "error": str(report.get("error") or ""),
-            "disks": disks, "memory_used_pct": round(100 - available[0], 1) if available else None,
-            "load": _numbers(report.get("load"), 3), "cores": int(cores[0]) if cores and cores[0] >= 1 else None}
-
-
-def strip_userinfo(url: str) -> str:
-    """A URL (or comma-separated URLs) without user:password@."""
-    return ",".join(re.sub(r"//[^/@]*@", "//", part) for part in url.split(","))
-
-
-def nats_view(b: Broker) -> dict[str, Any]:
-    """NATS as the dashboard and /metrics show it: connection, backlog, relay lag (no credentials)."""
-    if b.relay is None:
-        return {"configured": False}
-    relay = b.relay.status()
-    return {"configured": True, "connected": relay["connected"], "url": strip_userinfo(relay["url"]),
-            "stream": relay["stream"], "relayed": relay["published"], "error": relay["error"],
-            "backlog": b.store.backlog(), "lag_s": round(b.relay.lag_s(), 3),
-            "embedded_error": b.embedded.error if b.embedded is not None else ""}
-
-
-def dashboard_sessions(b: Broker, now: float) -> list[dict[str, Any]]:
-    """Online sessions, then those gone quiet or ended in the last day whose name nobody holds now (at most 50)."""
-    online = b.states.annotate(b.sessions.peers("all", {}))
-    seen = {s["id"] for s in online} | {s["name"] for s in online if s["name"]}
-    offline = []
-    for row in b.store.read("SELECT * FROM sessions WHERE last_seen > ? ORDER BY last_seen DESC LIMIT 200",
-                            (now - 86400,)):
-        if row["id"] in seen or row["name"] in seen or len(offline) == 50:
-            continue
-        seen.add(row["name"] or row["id"])
-        offline.append({**session_view(row), "online": False})
-    return [{**s, "online": True} for s in online] + offline
-
-
-def message_meta(message: dict[str, Any]) -> dict[str, Any]:
-    """A message for the dashboard: everything but its text, which the operator asks for one at a time."""
-    meta = {k: v for k, v in message.items() if k != "text"}
-    meta["bytes"] = len(message["text"].encode())
-    return meta
-
-
-def dashboard_daemons(b: Broker, now: float) -> list[dict[str, Any]]:
-    """Each daemon as the runs on the broker, its open alerts and its supervisor's schedule show it."""
-    stats = b.records.daemon_stats(recent=12)
-    alerts = collections.Counter(a["source"] for a in b.records.alerts("open", None, None, 1000))
-    daemons: dict[str, dict[str, Any]] = {}
-    for name, daemon in b.cfg.daemons.items():
-        daemons[name] = {"name": name, "description": daemon.description, "enabled": daemon.enabled}
-    for report in b.dashboard.schedules.values():
-        for entry in report["daemons"]:
-            view = daemons.setdefault(entry["name"], {"name": entry["name"]})
-            view.update({k: v for k, v in entry.items() if k != "name"}, supervisor=report["machine"],
-                        supervisor_seen=iso(report["at"]), enabled=bool(entry.get("enabled", 1)),
-                        supervisor_stale=now - report["at"] > SUPERVISOR_STALE_S)
-            for key in ("next_due", "cooldown_until"):
-                view[key] = iso(entry[key]) if entry.get(key) else None
-    for name, stat in stats.items():
-        daemons.setdefault(name, {"name": name}).update(stat)
-    for name, view in daemons.items():
-        view["open_alerts"] = alerts.get(name, 0)
-        view.setdefault("recent", [])
-    return sorted(daemons.values(), key=lambda d: d["name"])
-
-
-def dashboard_health(b: Broker) -> list[dict[str, Any]]:
-    machines = []
-    for entry in b.records.health():
-        figures = health_figures(entry["report"])
-        severities = collections.Counter(f.get("severity") for f in entry["findings"])
-        machines.append({"machine": entry["machine"], "source": entry["source"], "at": entry["at"], **figures,
-                         "findings": {s: severities.get(s, 0) for s in SEVERITIES},
-                         "titles": [f.get("title", "") for f in entry["findings"]][:5]})
-    return machines
-
-
-def dashboard_tasks(b: Broker) -> dict[str, Any]:
-    """The task board: how many are open, claimed and done; the open and claimed ones, then the latest done."""
-    done = [t for t in b.tasks.list("all", None, 40) if t["state"] == "done"][::-1]
-    return {"counts": b.tasks.counts(), "board": b.tasks.list("active", None, 100) + done[:20]}
-
-
-def dashboard_state(b: Broker) -> dict[str, Any]:
-    """Everything the page shows, in one answer; message text is never part of it, but for the first line of
-    each held message (a human decides on it)."""
-    now = time.time()
-    return {"version": b.dashboard.version, "now": iso(now),
-            "broker": {"fleet": b.cfg.fleet.name, "machine": b.store.machine, "version": __version__,
-                       "started_at": iso(b.started)},
-            "sessions": dashboard_sessions(b, now),
-            "messages": {"counts": b.messages.counts(), "recent": [message_meta(m) for m in
-                                                                    b.messages.recent_messages(40)][::-1]},
-            "daemons": dashboard_daemons(b, now), "alerts": b.records.alerts("open", None, None, 100),
-            "permissions": b.permissions.list("waiting", 100) + [p for p in b.permissions.list("all", 20)
-                                                                 if p["state"] != "waiting"],
-            "held": b.messages.inbound.held(100, with_text=True), "loops": b.messages.inbound.loops(),
-            "health": dashboard_health(b), "tasks": dashboard_tasks(b), "overlaps": b.overlaps.current(),
-            "claims": b.claims.list()[:200], "nats": nats_view(b)}
-
-
-class Exposition:
-    """Prometheus text format 0.0.4: one HELP and TYPE per family, then its samples."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def family(self, name: str, kind: str, help_text: str,
-               samples: Iterable[tuple[dict[str, str], float]] = ()) -> None:
-        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]  # our own one-line texts
-        for labels, value in samples:
-            self.sample(name, labels, value)
-
-    def sample(self, name: str, labels: dict[str, str], value: float) -> None:
-        def escape(text: str) -> str:
-            return str(text).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-        inner = ",".join(f'{key}="{escape(text)}"' for key, text in labels.items())
-        number = repr(float(value)) if isinstance(value, float) else str(int(value))  # NaN and inf never occur
-        self.lines.append(f"{name}{{{inner}}} {number}" if inner else f"{name} {number}")
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
-
-
-def _timestamp(stamp: str | None) -> float | None:
-    return dt.datetime.fromisoformat(stamp).timestamp() if stamp else None
-
-
-def _expose_traffic(out: Exposition, b: Broker, m: Metrics) -> None:
-    online = len(b.sessions.peers("all", {}))
-    known = b.store.read("SELECT COUNT(*) FROM sessions")[0][0]
-    out.family("claude_peers_sessions", "gauge", "Sessions known to the broker: online now, or offline (ended or"
-               " silent, kept until retention_days).", [({"state": "online"}, online),
-                                                        ({"state": "offline"}, max(0, known - online))])
-    out.family("claude_peers_long_polls_parked", "gauge", "Session long-polls waiting for mail right now.",
-               [({}, len(b.parked))])
-    for name, value, text in (
-            ("sent", m.sent, "Messages committed (one per recipient)."),
-            ("dropped", m.dropped, "Sends not stored, per recipient: a repeat of a message within repeat_window_s."),
-            ("delivered", m.delivered, ("Messages handed to a receiving session by its long-poll or"
-                                        " check_messages, re-offers included.")),
-            ("acknowledged", m.acknowledged, "Handed messages the receiving session acknowledged."),
-            ("expired", m.expired, "Handed messages whose lease ran out unacknowledged (offered again).")):
-        out.family(f"claude_peers_messages_{name}_total", "counter", text, [({}, value)])
-    out.family("claude_peers_messages_queued", "gauge", "Messages waiting for their recipient now.",
-               [({}, b.messages.counts()["queued"])])
-    out.family("claude_peers_message_ack_latency_seconds", "histogram",
-               "Time from a message's send to its acknowledgement by the receiving session.")
-    for le, count in m.ack_latency.buckets():
-        out.sample("claude_peers_message_ack_latency_seconds_bucket", {"le": le}, count)
-    out.sample("claude_peers_message_ack_latency_seconds_sum", {}, float(m.ack_latency.sum))
-    out.sample("claude_peers_message_ack_latency_seconds_count", {}, m.ack_latency.count)
-    out.family("claude_peers_http_requests_total", "counter", "API requests answered, by method, route and status.",
-               [({"method": k[0], "route": k[1], "status": str(k[2])}, v) for k, v in sorted(m.requests.items())])
-    out.family("claude_peers_http_rate_limited_total", "counter", "Requests refused by a session's rate limit (429).",
-               [({}, m.rate_limited)])
-
-
-def _expose_nats(out: Exposition, b: Broker) -> None:
-    nats = nats_view(b)
-    out.family("claude_peers_nats_configured", "gauge", "1 if events are relayed to NATS JetStream.",
-               [({}, int(nats["configured"]))])
-    if nats["configured"]:
-        out.family("claude_peers_nats_connected", "gauge", "1 while the relay holds a NATS connection.",
-                   [({}, int(nats["connected"]))])
-        out.family("claude_peers_outbox_events", "gauge", "Events in the outbox not yet in the stream (backlog).",
-                   [({}, nats["backlog"])])
-        out.family("claude_peers_outbox_lag_seconds", "gauge", "Age of the oldest event not yet in the stream.",
-                   [({}, float(nats["lag_s"]))])
-        out.family("claude_peers_events_relayed_total", "counter", "Events the stream accepted from this broker.",
-                   [({}, nats["relayed"])])
-
-
-def _expose_daemons(out: Exposition, b: Broker, now: float) -> None:
-    stats = b.records.daemon_stats(recent=0)
-    out.family("claude_peers_daemon_runs_total", "counter", "Finished daemon runs reported to the broker, by daemon"
-               " and status.", [({"daemon": name, "status": status}, count) for name, stat in sorted(stats.items())
-                                for status, count in sorted(stat["counts"].items()) if status != "running"])
-    last_ok = {name: _timestamp(stat["last_ok_at"]) for name, stat in sorted(stats.items()) if stat["last_ok_at"]}
-    out.family("claude_peers_daemon_last_ok_timestamp_seconds", "gauge", "When each daemon's last ok run ended.",
-               [({"daemon": name}, at) for name, at in last_ok.items()])
-    out.family("claude_peers_daemon_last_ok_age_seconds", "gauge", "Seconds since each daemon's last ok run ended.",
-               [({"daemon": name}, round(now - at, 3)) for name, at in last_ok.items()])
-    due = {(e["name"], report["machine"]): e["next_due"] for report in b.dashboard.schedules.values()
-           for e in report["daemons"] if e.get("next_due")}  # one series per daemon and machine
-    out.family("claude_peers_daemon_next_due_timestamp_seconds", "gauge", "When a supervisor runs each scheduled"
-               " daemon next, as it last reported.", [({"daemon": daemon, "machine": machine}, at)
-                                                     for (daemon, machine), at in sorted(due.items())])
-    open_alerts = collections.Counter(a["severity"] for a in b.records.alerts("open", None, None, 100000))
-    out.family("claude_peers_alerts_open", "gauge", "Open alerts, by severity.",
-               [({"severity": s}, open_alerts.get(s, 0)) for s in SEVERITIES])
-
-
-def _expose_health(out: Exposition, b: Broker) -> None:
-    machines = [(entry, health_figures(entry["report"])) for entry in b.records.health()]
-    out.family("claude_peers_machine_health_timestamp_seconds", "gauge", "When each machine's last health report"
-               " came in.", [({"machine": e["machine"]}, _timestamp(e["at"])) for e, _ in machines])
-    out.family("claude_peers_machine_reachable", "gauge", "1 if the last health probe reached the machine.",
-               [({"machine": e["machine"]}, int(f["reachable"])) for e, f in machines])
-    out.family("claude_peers_machine_disk_used_ratio", "gauge", "Used share of each writable filesystem.",
-               [({"machine": e["machine"], "mount": d["mount"], "fstype": d["fstype"]}, d["used_pct"] / 100)
-                for e, f in machines for d in f["disks"]])
-    out.family("claude_peers_machine_memory_used_ratio", "gauge", "Share of memory not available (1 - MemAvailable"
-               " / MemTotal).", [({"machine": e["machine"]}, f["memory_used_pct"] / 100) for e, f in machines
-                                 if f["memory_used_pct"] is not None])
-    for i, minutes in enumerate((1, 5, 15)):
-        out.family(f"claude_peers_machine_load{minutes}", "gauge", f"{minutes}-minute load average.",
-                   [({"machine": e["machine"]}, f["load"][i]) for e, f in machines if f["load"]])
-    out.family("claude_peers_machine_cpu_cores", "gauge", "Online CPUs.",
-               [({"machine": e["machine"]}, f["cores"]) for e, f in machines if f["cores"]])
-
-
-def _expose_webhook(out: Exposition, b: Broker) -> None:
-    webhook = b.webhooks.status()
-    out.family("claude_peers_webhook_deliveries_total", "counter", "Attempts at posting an alert change to the"
-               " [alerts] webhook since the broker started, by outcome (failed: tried again later; gave_up: the"
-               " last attempt failed).", [({"outcome": o}, webhook[o]) for o in WebhookDelivery.OUTCOMES])
-    out.family("claude_peers_webhook_queued", "gauge", "Alert changes waiting for the webhook to take them.",
-               [({}, webhook["queued"])])
-    out.family("claude_peers_webhook_lag_seconds", "gauge", "Age of the oldest alert change still waiting for the"
-               " webhook.", [({}, float(webhook["lag_s"]))])
-
-
-def metrics_text(b: Broker) -> str:
-    """The broker's figures in Prometheus text format; labels name routes, daemons and machines, never text."""
-    out, now = Exposition(), time.time()
-    out.family("claude_peers_build_info", "gauge", "The broker's version.", [({"version": __version__}, 1)])
-    out.family("claude_peers_start_time_seconds", "gauge", "When the broker started.", [({}, b.started)])
-    _expose_traffic(out, b, b.metrics)
-    _expose_nats(out, b)
-    _expose_daemons(out, b, now)
-    _expose_webhook(out, b)
-    _expose_health(out, b)
-    return out.text()
-
-
-# -- the page: one document, its style and script inline and allowed by hash ---------
 
 DASHBOARD_CSS = """
 :root { --bg: #0d1117; --panel: #151b23; --raised: #1b2330; --line: #262f3c; --text: #d6dee8; --muted: #8593a5;
@@ -5277,7 +5024,7 @@ DASHBOARD_HEADERS = {
 
 
 # ===========================================================================
-# Broker HTTP: the JSON API over the store
+# Request checks: JSON bodies against their schemas, HTTP heads, the rate limit
 # ===========================================================================
 
 class Field(NamedTuple):
@@ -5475,6 +5222,10 @@ class RateLimiter:
             self.buckets[key] = (tokens - 1, now)
             return True
 
+
+# ===========================================================================
+# Broker: the store behind one asyncio loop, the group commit, parked polls and leases
+# ===========================================================================
 
 CONNECTION_CHECK_S = 5.0  # how often a parked long-poll checks that its client is still there
 
@@ -5733,6 +5484,272 @@ class Broker:
                 "last_event_seq": self.store.last_event_seq(), "nats": nats, "webhook": self.webhooks.status()}
 
 
+# ===========================================================================
+# Dashboard and metrics views: what the page and GET /metrics show of the Broker
+# ===========================================================================
+
+SUPERVISOR_STALE_S = 90.0  # a supervisor silent this long is shown as not reporting (it reports every 30s)
+
+
+def _numbers(value: Any, count: int) -> list[float] | None:
+    """``count`` finite numbers from a reporter's JSON, or None: a report may hold anything."""
+    ok = isinstance(value, list) and len(value) == count
+    return [float(x) for x in value] if ok and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                   and math.isfinite(x) for x in value) else None
+
+
+def health_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a health report (any JSON object a reporter sent) for the dashboard and
+    /metrics: each writable filesystem's use, memory used, load and cores; None where it has none."""
+    filesystems = report.get("filesystems") if isinstance(report.get("filesystems"), list) else []
+    disks = [{"mount": fs["mount"], "fstype": str(fs.get("fstype") or ""), "used_pct": float(fs["used_pct"])}
+             for fs in filesystems if isinstance(fs, dict) and isinstance(fs.get("mount"), str)
+             and _numbers([fs.get("used_pct")], 1) and not fs.get("read_only") and fs.get("size_bytes")]
+    memory = report.get("memory") if isinstance(report.get("memory"), dict) else {}
+    available = _numbers([memory.get("available_pct")], 1)
+    cores = _numbers([report.get("cores")], 1)
+    return {"reachable": report.get("reachable", True) is not False, "error": str(report.get("error") or ""),
+            "disks": disks, "memory_used_pct": round(100 - available[0], 1) if available else None,
+            "load": _numbers(report.get("load"), 3), "cores": int(cores[0]) if cores and cores[0] >= 1 else None}
+
+
+def strip_userinfo(url: str) -> str:
+    """A URL (or comma-separated URLs) without user:password@."""
+    return ",".join(re.sub(r"//[^/@]*@", "//", part) for part in url.split(","))
+
+
+def nats_view(b: Broker) -> dict[str, Any]:
+    """NATS as the dashboard and /metrics show it: connection, backlog, relay lag (no credentials)."""
+    if b.relay is None:
+        return {"configured": False}
+    relay = b.relay.status()
+    return {"configured": True, "connected": relay["connected"], "url": strip_userinfo(relay["url"]),
+            "stream": relay["stream"], "relayed": relay["published"], "error": relay["error"],
+            "backlog": b.store.backlog(), "lag_s": round(b.relay.lag_s(), 3),
+            "embedded_error": b.embedded.error if b.embedded is not None else ""}
+
+
+def dashboard_sessions(b: Broker, now: float) -> list[dict[str, Any]]:
+    """Online sessions, then those gone quiet or ended in the last day whose name nobody holds now (at most 50)."""
+    online = b.states.annotate(b.sessions.peers("all", {}))
+    seen = {s["id"] for s in online} | {s["name"] for s in online if s["name"]}
+    offline = []
+    for row in b.store.read("SELECT * FROM sessions WHERE last_seen > ? ORDER BY last_seen DESC LIMIT 200",
+                            (now - 86400,)):
+        if row["id"] in seen or row["name"] in seen or len(offline) == 50:
+            continue
+        seen.add(row["name"] or row["id"])
+        offline.append({**session_view(row), "online": False})
+    return [{**s, "online": True} for s in online] + offline
+
+
+def message_meta(message: dict[str, Any]) -> dict[str, Any]:
+    """A message for the dashboard: everything but its text, which the operator asks for one at a time."""
+    meta = {k: v for k, v in message.items() if k != "text"}
+    meta["bytes"] = len(message["text"].encode())
+    return meta
+
+
+def dashboard_daemons(b: Broker, now: float) -> list[dict[str, Any]]:
+    """Each daemon as the runs on the broker, its open alerts and its supervisor's schedule show it."""
+    stats = b.records.daemon_stats(recent=12)
+    alerts = collections.Counter(a["source"] for a in b.records.alerts("open", None, None, 1000))
+    daemons: dict[str, dict[str, Any]] = {}
+    for name, daemon in b.cfg.daemons.items():
+        daemons[name] = {"name": name, "description": daemon.description, "enabled": daemon.enabled}
+    for report in b.dashboard.schedules.values():
+        for entry in report["daemons"]:
+            view = daemons.setdefault(entry["name"], {"name": entry["name"]})
+            view.update({k: v for k, v in entry.items() if k != "name"}, supervisor=report["machine"],
+                        supervisor_seen=iso(report["at"]), enabled=bool(entry.get("enabled", 1)),
+                        supervisor_stale=now - report["at"] > SUPERVISOR_STALE_S)
+            for key in ("next_due", "cooldown_until"):
+                view[key] = iso(entry[key]) if entry.get(key) else None
+    for name, stat in stats.items():
+        daemons.setdefault(name, {"name": name}).update(stat)
+    for name, view in daemons.items():
+        view["open_alerts"] = alerts.get(name, 0)
+        view.setdefault("recent", [])
+    return sorted(daemons.values(), key=lambda d: d["name"])
+
+
+def dashboard_health(b: Broker) -> list[dict[str, Any]]:
+    machines = []
+    for entry in b.records.health():
+        figures = health_figures(entry["report"])
+        severities = collections.Counter(f.get("severity") for f in entry["findings"])
+        machines.append({"machine": entry["machine"], "source": entry["source"], "at": entry["at"], **figures,
+                         "findings": {s: severities.get(s, 0) for s in SEVERITIES},
+                         "titles": [f.get("title", "") for f in entry["findings"]][:5]})
+    return machines
+
+
+def dashboard_tasks(b: Broker) -> dict[str, Any]:
+    """The task board: how many are open, claimed and done; the open and claimed ones, then the latest done."""
+    done = [t for t in b.tasks.list("all", None, 40) if t["state"] == "done"][::-1]
+    return {"counts": b.tasks.counts(), "board": b.tasks.list("active", None, 100) + done[:20]}
+
+
+def dashboard_state(b: Broker) -> dict[str, Any]:
+    """Everything the page shows, in one answer; message text is never part of it, but for the first line of
+    each held message (a human decides on it)."""
+    now = time.time()
+    return {"version": b.dashboard.version, "now": iso(now),
+            "broker": {"fleet": b.cfg.fleet.name, "machine": b.store.machine, "version": __version__,
+                       "started_at": iso(b.started)},
+            "sessions": dashboard_sessions(b, now),
+            "messages": {"counts": b.messages.counts(), "recent": [message_meta(m) for m in
+                                                                    b.messages.recent_messages(40)][::-1]},
+            "daemons": dashboard_daemons(b, now), "alerts": b.records.alerts("open", None, None, 100),
+            "permissions": b.permissions.list("waiting", 100) + [p for p in b.permissions.list("all", 20)
+                                                                 if p["state"] != "waiting"],
+            "held": b.messages.inbound.held(100, with_text=True), "loops": b.messages.inbound.loops(),
+            "health": dashboard_health(b), "tasks": dashboard_tasks(b), "overlaps": b.overlaps.current(),
+            "claims": b.claims.list()[:200], "nats": nats_view(b)}
+
+
+class Exposition:
+    """Prometheus text format 0.0.4: one HELP and TYPE per family, then its samples."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str,
+               samples: Iterable[tuple[dict[str, str], float]] = ()) -> None:
+        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]  # our own one-line texts
+        for labels, value in samples:
+            self.sample(name, labels, value)
+
+    def sample(self, name: str, labels: dict[str, str], value: float) -> None:
+        def escape(text: str) -> str:
+            return str(text).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+        inner = ",".join(f'{key}="{escape(text)}"' for key, text in labels.items())
+        number = repr(float(value)) if isinstance(value, float) else str(int(value))  # NaN and inf never occur
+        self.lines.append(f"{name}{{{inner}}} {number}" if inner else f"{name} {number}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _timestamp(stamp: str | None) -> float | None:
+    return dt.datetime.fromisoformat(stamp).timestamp() if stamp else None
+
+
+def _expose_traffic(out: Exposition, b: Broker, m: Metrics) -> None:
+    online = len(b.sessions.peers("all", {}))
+    known = b.store.read("SELECT COUNT(*) FROM sessions")[0][0]
+    out.family("claude_peers_sessions", "gauge", "Sessions known to the broker: online now, or offline (ended or"
+               " silent, kept until retention_days).", [({"state": "online"}, online),
+                                                        ({"state": "offline"}, max(0, known - online))])
+    out.family("claude_peers_long_polls_parked", "gauge", "Session long-polls waiting for mail right now.",
+               [({}, len(b.parked))])
+    for name, value, text in (
+            ("sent", m.sent, "Messages committed (one per recipient)."),
+            ("dropped", m.dropped, "Sends not stored, per recipient: a repeat of a message within repeat_window_s."),
+            ("delivered", m.delivered, ("Messages handed to a receiving session by its long-poll or"
+                                        " check_messages, re-offers included.")),
+            ("acknowledged", m.acknowledged, "Handed messages the receiving session acknowledged."),
+            ("expired", m.expired, "Handed messages whose lease ran out unacknowledged (offered again).")):
+        out.family(f"claude_peers_messages_{name}_total", "counter", text, [({}, value)])
+    out.family("claude_peers_messages_queued", "gauge", "Messages waiting for their recipient now.",
+               [({}, b.messages.counts()["queued"])])
+    out.family("claude_peers_message_ack_latency_seconds", "histogram",
+               "Time from a message's send to its acknowledgement by the receiving session.")
+    for le, count in m.ack_latency.buckets():
+        out.sample("claude_peers_message_ack_latency_seconds_bucket", {"le": le}, count)
+    out.sample("claude_peers_message_ack_latency_seconds_sum", {}, float(m.ack_latency.sum))
+    out.sample("claude_peers_message_ack_latency_seconds_count", {}, m.ack_latency.count)
+    out.family("claude_peers_http_requests_total", "counter", "API requests answered, by method, route and status.",
+               [({"method": k[0], "route": k[1], "status": str(k[2])}, v) for k, v in sorted(m.requests.items())])
+    out.family("claude_peers_http_rate_limited_total", "counter", "Requests refused by a session's rate limit (429).",
+               [({}, m.rate_limited)])
+
+
+def _expose_nats(out: Exposition, b: Broker) -> None:
+    nats = nats_view(b)
+    out.family("claude_peers_nats_configured", "gauge", "1 if events are relayed to NATS JetStream.",
+               [({}, int(nats["configured"]))])
+    if nats["configured"]:
+        out.family("claude_peers_nats_connected", "gauge", "1 while the relay holds a NATS connection.",
+                   [({}, int(nats["connected"]))])
+        out.family("claude_peers_outbox_events", "gauge", "Events in the outbox not yet in the stream (backlog).",
+                   [({}, nats["backlog"])])
+        out.family("claude_peers_outbox_lag_seconds", "gauge", "Age of the oldest event not yet in the stream.",
+                   [({}, float(nats["lag_s"]))])
+        out.family("claude_peers_events_relayed_total", "counter", "Events the stream accepted from this broker.",
+                   [({}, nats["relayed"])])
+
+
+def _expose_daemons(out: Exposition, b: Broker, now: float) -> None:
+    stats = b.records.daemon_stats(recent=0)
+    out.family("claude_peers_daemon_runs_total", "counter", "Finished daemon runs reported to the broker, by daemon"
+               " and status.", [({"daemon": name, "status": status}, count) for name, stat in sorted(stats.items())
+                                for status, count in sorted(stat["counts"].items()) if status != "running"])
+    last_ok = {name: _timestamp(stat["last_ok_at"]) for name, stat in sorted(stats.items()) if stat["last_ok_at"]}
+    out.family("claude_peers_daemon_last_ok_timestamp_seconds", "gauge", "When each daemon's last ok run ended.",
+               [({"daemon": name}, at) for name, at in last_ok.items()])
+    out.family("claude_peers_daemon_last_ok_age_seconds", "gauge", "Seconds since each daemon's last ok run ended.",
+               [({"daemon": name}, round(now - at, 3)) for name, at in last_ok.items()])
+    due = {(e["name"], report["machine"]): e["next_due"] for report in b.dashboard.schedules.values()
+           for e in report["daemons"] if e.get("next_due")}  # one series per daemon and machine
+    out.family("claude_peers_daemon_next_due_timestamp_seconds", "gauge", "When a supervisor runs each scheduled"
+               " daemon next, as it last reported.", [({"daemon": daemon, "machine": machine}, at)
+                                                     for (daemon, machine), at in sorted(due.items())])
+    open_alerts = collections.Counter(a["severity"] for a in b.records.alerts("open", None, None, 100000))
+    out.family("claude_peers_alerts_open", "gauge", "Open alerts, by severity.",
+               [({"severity": s}, open_alerts.get(s, 0)) for s in SEVERITIES])
+
+
+def _expose_health(out: Exposition, b: Broker) -> None:
+    machines = [(entry, health_figures(entry["report"])) for entry in b.records.health()]
+    out.family("claude_peers_machine_health_timestamp_seconds", "gauge", "When each machine's last health report"
+               " came in.", [({"machine": e["machine"]}, _timestamp(e["at"])) for e, _ in machines])
+    out.family("claude_peers_machine_reachable", "gauge", "1 if the last health probe reached the machine.",
+               [({"machine": e["machine"]}, int(f["reachable"])) for e, f in machines])
+    out.family("claude_peers_machine_disk_used_ratio", "gauge", "Used share of each writable filesystem.",
+               [({"machine": e["machine"], "mount": d["mount"], "fstype": d["fstype"]}, d["used_pct"] / 100)
+                for e, f in machines for d in f["disks"]])
+    out.family("claude_peers_machine_memory_used_ratio", "gauge", "Share of memory not available (1 - MemAvailable"
+               " / MemTotal).", [({"machine": e["machine"]}, f["memory_used_pct"] / 100) for e, f in machines
+                                 if f["memory_used_pct"] is not None])
+    for i, minutes in enumerate((1, 5, 15)):
+        out.family(f"claude_peers_machine_load{minutes}", "gauge", f"{minutes}-minute load average.",
+                   [({"machine": e["machine"]}, f["load"][i]) for e, f in machines if f["load"]])
+    out.family("claude_peers_machine_cpu_cores", "gauge", "Online CPUs.",
+               [({"machine": e["machine"]}, f["cores"]) for e, f in machines if f["cores"]])
+
+
+def _expose_webhook(out: Exposition, b: Broker) -> None:
+    webhook = b.webhooks.status()
+    out.family("claude_peers_webhook_deliveries_total", "counter", "Attempts at posting an alert change to the"
+               " [alerts] webhook since the broker started, by outcome (failed: tried again later; gave_up: the"
+               " last attempt failed).", [({"outcome": o}, webhook[o]) for o in WebhookDelivery.OUTCOMES])
+    out.family("claude_peers_webhook_queued", "gauge", "Alert changes waiting for the webhook to take them.",
+               [({}, webhook["queued"])])
+    out.family("claude_peers_webhook_lag_seconds", "gauge", "Age of the oldest alert change still waiting for the"
+               " webhook.", [({}, float(webhook["lag_s"]))])
+
+
+def metrics_text(b: Broker) -> str:
+    """The broker's figures in Prometheus text format; labels name routes, daemons and machines, never text."""
+    out, now = Exposition(), time.time()
+    out.family("claude_peers_build_info", "gauge", "The broker's version.", [({"version": __version__}, 1)])
+    out.family("claude_peers_start_time_seconds", "gauge", "When the broker started.", [({}, b.started)])
+    _expose_traffic(out, b, b.metrics)
+    _expose_nats(out, b)
+    _expose_daemons(out, b, now)
+    _expose_webhook(out, b)
+    _expose_health(out, b)
+    return out.text()
+
+
+# -- the page: one document, its style and script inline and allowed by hash ---------
+
+# ===========================================================================
+# Authorization: who may call which route, decided in one place
+# ===========================================================================
+
 class Identity(NamedTuple):
     """Who is calling: the hub's admin token, a credential of one machine with its role, the
     dashboard's cookie or the metrics token."""
@@ -5813,6 +5830,140 @@ class Request(SimpleNamespace):
         _ = self.body
         return self
 
+
+SID = r"([0-9a-f]{10})"
+PID = r"([0-9a-f]{8})"  # a permission prompt's id on the hub
+
+
+def answerer(b: Broker, req: Request) -> tuple[str, str]:
+    """Who answers and from where, for the audit: the API's credential, or the dashboard login's."""
+    dashboard = req.identity in (DASHBOARD, DASHBOARD_ADMIN)
+    by = b.dashboard.owner(req.headers) if dashboard else req.identity.name
+    return by, f"{req.peer or 'unknown address'} ({'dashboard' if dashboard else 'api'})"
+
+
+class Refusal(ApiError):
+    """A 403 under the least-privilege rule, which the hub audits (``audit``: a store write) before answering."""
+
+    def __init__(self, why: str, audit: Callable[[], Any]) -> None:
+        super().__init__(403, why)
+        self.audit = audit
+
+
+def _own_session(b: Broker, identity: Identity, req: Request) -> None:
+    """A credential acts only for the sessions it registered (each also needs its secret); the admin for any."""
+    if not identity.may("any_session") and req.session["credential"] != identity.name:
+        raise ApiError(403, f"session {req.args[0]} was registered by another credential: {identity.role}"
+                            f" credential {identity.name!r} may act only for its own sessions")
+
+
+def _named_machine(b: Broker, identity: Identity, req: Request) -> None:
+    own_machine(identity, req.body["machine"])
+
+
+def _pinned_machine(b: Broker, identity: Identity, req: Request) -> None:
+    """A client pins tasks to its own machine only: it directs no other machine's sessions."""
+    if req.body.get("machine"):
+        own_machine(identity, req.body["machine"])
+
+
+def _reported_machine(b: Broker, identity: Identity, req: Request) -> None:
+    may_report_of(identity, req.body["machine"])
+
+
+def _health_machine(b: Broker, identity: Identity, req: Request) -> None:
+    """An LLM server's health (kind llm) is of no fleet machine: any reporter may watch one."""
+    if req.body.get("kind", "machine") != "llm":
+        own_machine(identity, req.body["machine"])
+
+
+def _forget_or_own_report(b: Broker, identity: Identity, req: Request) -> None:
+    """A daemon withdraws what it (``source``) reported of a machine; everything the hub holds of one
+    (no source) is the admin's to forget."""
+    if req.body.get("source"):
+        may_report_of(identity, req.body["machine"])
+    else:
+        require(identity, "forget")
+
+
+def _not_own_prompt(b: Broker, identity: Identity, req: Request) -> None:
+    """The credential that registered a session (which the session itself could use) never answers its prompts."""
+    pid, behavior = req.args
+    by, where = answerer(b, req)
+    why = may_answer(by, b.permissions.get(pid))
+    if why:
+        raise Refusal(why, lambda: b.permissions.refused(pid, behavior, by, where, why))
+
+
+def _let_in_by_another(b: Broker, req: Request, subject: str, owners: dict[str, str]) -> None:
+    by, where = answerer(b, req)
+    why = may_let_in(by, owners)
+    if why:
+        raise Refusal(why, lambda: b.messages.inbound.audit_refused(subject, "release", by, where, why))
+
+
+def _not_own_held_message(b: Broker, identity: Identity, req: Request) -> None:
+    """The credential that registered a session never releases mail held for it."""
+    _let_in_by_another(b, req, req.args[0], b.messages.inbound.owners(mid=req.args[0]))
+
+
+def _not_own_paused_pair(b: Broker, identity: Identity, req: Request) -> None:
+    """... nor what a paused pair holds for it."""
+    pair = (req.args[0], req.args[1])
+    _let_in_by_another(b, req, ":".join(sorted(pair)), b.messages.inbound.owners(pair=pair))
+
+
+# What a route's rules column may name: a check, past its permission, of what this request names.
+ROUTE_RULES: dict[str, Callable[[Broker, Identity, Request], None]] = {
+    "own-session": _own_session,  # also: the route is a session's, its path names the session
+    "own-machine": _named_machine,  # the body's machine is the caller's (unless it may act for any machine)
+    "pinned-machine": _pinned_machine,  # ... when the body names one
+    "reported-machine": _reported_machine,  # ... or an LLM server's (llm.<name>)
+    "health-machine": _health_machine,  # ... or the report is of an LLM server (kind llm)
+    "forget-or-own-report": _forget_or_own_report,
+    # approve, but not for a session the caller's credential registered (the least-privilege rule)
+    "not-own-prompt": _not_own_prompt, "not-own-held-message": _not_own_held_message,
+    "not-own-paused-pair": _not_own_paused_pair,
+}
+
+
+class Route(NamedTuple):
+    """One route: what serves it, and what a caller needs to call it (its permission, then its rules)."""
+
+    method: str
+    pattern: re.Pattern[str]
+    handler: Callable[[Broker, Request], Any]
+    rules: tuple[str, ...]  #: keys of ROUTE_RULES, applied in order after the permission
+    schema: Schema | None  #: the body's, for a POST
+    permission: str  #: the key of PERMISSIONS a caller's role needs
+
+    @property
+    def session(self) -> bool:
+        """A session's route: its first path group is the session, authenticated by its secret."""
+        return "own-session" in self.rules
+
+
+def authorize(b: Broker, identity: Identity, route: Route, req: Request) -> None:
+    """The one decision of who may call what, for every route: the route's permission, then each of its
+    rules on this request (its session authenticated already; a rule that reads the body checks it);
+    a 403 (or the dashboard's 401) names why not."""
+    require(identity, route.permission)
+    for rule in route.rules:
+        ROUTE_RULES[rule](b, identity, req)
+
+
+OWN_SESSION = ("own-session",)
+
+
+def releasing(action: str, rule: str) -> tuple[str, ...]:
+    """A held-mail route's rules: letting mail in has the least-privilege rule; refusing it, none."""
+    return (rule,) if action == "release" else ()
+
+
+# Every route, a Route's fields a row (the pattern as text): who may call it is decided here, nowhere else.
+# ===========================================================================
+# Handlers: one r_* per route, each given the Broker and the checked Request
+# ===========================================================================
 
 OPERATOR_IDENTITY = {"id": OPERATOR, "name": OPERATOR, "machine": "", "cwd": ""}
 
@@ -6185,13 +6336,6 @@ def r_permissions(b: Broker, req: Request) -> Any:
     return {"permissions": b.permissions.list(state, _int_query(req, "limit", 100, 1, 1000))}
 
 
-def answerer(b: Broker, req: Request) -> tuple[str, str]:
-    """Who answers and from where, for the audit: the API's credential, or the dashboard login's."""
-    dashboard = req.identity in (DASHBOARD, DASHBOARD_ADMIN)
-    by = b.dashboard.owner(req.headers) if dashboard else req.identity.name
-    return by, f"{req.peer or 'unknown address'} ({'dashboard' if dashboard else 'api'})"
-
-
 async def r_permission_verdict(b: Broker, req: Request) -> Any:
     """A human's allow or deny (the API with the approve permission, or the dashboard as its
     login's credential): refused under the least-privilege rule (not-own-prompt), dropped when late,
@@ -6388,129 +6532,10 @@ def r_metrics(b: Broker, req: Request) -> Any:
     return Reply(metrics_text(b).encode(), "text/plain; version=0.0.4; charset=utf-8")
 
 
-SID = r"([0-9a-f]{10})"
-PID = r"([0-9a-f]{8})"  # a permission prompt's id on the hub
+# ===========================================================================
+# Routes: the table of every endpoint, its handler, rules, schema and permission
+# ===========================================================================
 
-
-class Refusal(ApiError):
-    """A 403 under the least-privilege rule, which the hub audits (``audit``: a store write) before answering."""
-
-    def __init__(self, why: str, audit: Callable[[], Any]) -> None:
-        super().__init__(403, why)
-        self.audit = audit
-
-
-def _own_session(b: Broker, identity: Identity, req: Request) -> None:
-    """A credential acts only for the sessions it registered (each also needs its secret); the admin for any."""
-    if not identity.may("any_session") and req.session["credential"] != identity.name:
-        raise ApiError(403, f"session {req.args[0]} was registered by another credential: {identity.role}"
-                            f" credential {identity.name!r} may act only for its own sessions")
-
-
-def _named_machine(b: Broker, identity: Identity, req: Request) -> None:
-    own_machine(identity, req.body["machine"])
-
-
-def _pinned_machine(b: Broker, identity: Identity, req: Request) -> None:
-    """A client pins tasks to its own machine only: it directs no other machine's sessions."""
-    if req.body.get("machine"):
-        own_machine(identity, req.body["machine"])
-
-
-def _reported_machine(b: Broker, identity: Identity, req: Request) -> None:
-    may_report_of(identity, req.body["machine"])
-
-
-def _health_machine(b: Broker, identity: Identity, req: Request) -> None:
-    """An LLM server's health (kind llm) is of no fleet machine: any reporter may watch one."""
-    if req.body.get("kind", "machine") != "llm":
-        own_machine(identity, req.body["machine"])
-
-
-def _forget_or_own_report(b: Broker, identity: Identity, req: Request) -> None:
-    """A daemon withdraws what it (``source``) reported of a machine; everything the hub holds of one
-    (no source) is the admin's to forget."""
-    if req.body.get("source"):
-        may_report_of(identity, req.body["machine"])
-    else:
-        require(identity, "forget")
-
-
-def _not_own_prompt(b: Broker, identity: Identity, req: Request) -> None:
-    """The credential that registered a session (which the session itself could use) never answers its prompts."""
-    pid, behavior = req.args
-    by, where = answerer(b, req)
-    why = may_answer(by, b.permissions.get(pid))
-    if why:
-        raise Refusal(why, lambda: b.permissions.refused(pid, behavior, by, where, why))
-
-
-def _let_in_by_another(b: Broker, req: Request, subject: str, owners: dict[str, str]) -> None:
-    by, where = answerer(b, req)
-    why = may_let_in(by, owners)
-    if why:
-        raise Refusal(why, lambda: b.messages.inbound.audit_refused(subject, "release", by, where, why))
-
-
-def _not_own_held_message(b: Broker, identity: Identity, req: Request) -> None:
-    """The credential that registered a session never releases mail held for it."""
-    _let_in_by_another(b, req, req.args[0], b.messages.inbound.owners(mid=req.args[0]))
-
-
-def _not_own_paused_pair(b: Broker, identity: Identity, req: Request) -> None:
-    """... nor what a paused pair holds for it."""
-    pair = (req.args[0], req.args[1])
-    _let_in_by_another(b, req, ":".join(sorted(pair)), b.messages.inbound.owners(pair=pair))
-
-
-# What a route's rules column may name: a check, past its permission, of what this request names.
-ROUTE_RULES: dict[str, Callable[[Broker, Identity, Request], None]] = {
-    "own-session": _own_session,  # also: the route is a session's, its path names the session
-    "own-machine": _named_machine,  # the body's machine is the caller's (unless it may act for any machine)
-    "pinned-machine": _pinned_machine,  # ... when the body names one
-    "reported-machine": _reported_machine,  # ... or an LLM server's (llm.<name>)
-    "health-machine": _health_machine,  # ... or the report is of an LLM server (kind llm)
-    "forget-or-own-report": _forget_or_own_report,
-    # approve, but not for a session the caller's credential registered (the least-privilege rule)
-    "not-own-prompt": _not_own_prompt, "not-own-held-message": _not_own_held_message,
-    "not-own-paused-pair": _not_own_paused_pair,
-}
-
-
-class Route(NamedTuple):
-    """One route: what serves it, and what a caller needs to call it (its permission, then its rules)."""
-
-    method: str
-    pattern: re.Pattern[str]
-    handler: Callable[[Broker, Request], Any]
-    rules: tuple[str, ...]  #: keys of ROUTE_RULES, applied in order after the permission
-    schema: Schema | None  #: the body's, for a POST
-    permission: str  #: the key of PERMISSIONS a caller's role needs
-
-    @property
-    def session(self) -> bool:
-        """A session's route: its first path group is the session, authenticated by its secret."""
-        return "own-session" in self.rules
-
-
-def authorize(b: Broker, identity: Identity, route: Route, req: Request) -> None:
-    """The one decision of who may call what, for every route: the route's permission, then each of its
-    rules on this request (its session authenticated already; a rule that reads the body checks it);
-    a 403 (or the dashboard's 401) names why not."""
-    require(identity, route.permission)
-    for rule in route.rules:
-        ROUTE_RULES[rule](b, identity, req)
-
-
-OWN_SESSION = ("own-session",)
-
-
-def releasing(action: str, rule: str) -> tuple[str, ...]:
-    """A held-mail route's rules: letting mail in has the least-privilege rule; refusing it, none."""
-    return (rule,) if action == "release" else ()
-
-
-# Every route, a Route's fields a row (the pattern as text): who may call it is decided here, nowhere else.
 ROUTES: list[Route] = [
     Route(m, re.compile(f"^{p}$"), *rest) for m, p, *rest in [
         ("GET", "/api/status", r_status, (), None, "read"),
@@ -6637,6 +6662,10 @@ def find_route(method: str, path: str) -> tuple[Route, tuple[str, ...]] | None:
                 return route, match.groups()
     return None
 
+
+# ===========================================================================
+# HTTP server: HTTP/1.1 on asyncio streams, and the broker served with its NATS and janitor
+# ===========================================================================
 
 IDLE_TIMEOUT_S = 120.0
 

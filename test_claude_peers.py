@@ -204,7 +204,7 @@ def run_git(cwd: Path, *args: str) -> str:
 
 
 def backward_references(source: str) -> list[str]:
-    """Top-level definitions that use a module-level name defined further down (annotations aside)."""
+    """Top-level definitions that use a module-level name defined further down, annotations included."""
     import ast
 
     tree = ast.parse(source)
@@ -220,12 +220,10 @@ def backward_references(source: str) -> list[str]:
     for node in tree.body:
         if isinstance(node, (ast.Import, ast.ImportFrom, ast.If)):
             continue
-        annotations = {id(part) for sub in ast.walk(node) for attr in ("annotation", "returns")
-                       if getattr(sub, attr, None) is not None for part in ast.walk(getattr(sub, attr))}
         own = getattr(node, "name", None)
         for sub in ast.walk(node):
-            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and id(sub) not in annotations \
-                    and sub.id != own and defined.get(sub.id, 0) > node.lineno:
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and sub.id != own \
+                    and defined.get(sub.id, 0) > node.lineno:
                 found.add(f"line {node.lineno}: {own or type(node).__name__} uses {sub.id}, defined at"
                           f" line {defined[sub.id]}")
     return sorted(found)
