@@ -2001,7 +2001,8 @@ class Sessions:
             self.digests[secret] = digest
 
     def authenticate(self, sid: str, secret: str) -> dict[str, Any]:
-        """The live session ``sid`` if ``secret`` is its secret (the caller records the heartbeat)."""
+        """The live session ``sid`` if ``secret`` is its secret; the caller ends it if it went stale (a
+        write, so in the group commit) and records the heartbeat."""
         with self.store.lock:
             session = self.live.get(sid)
             if session is None:
@@ -2014,11 +2015,13 @@ class Sessions:
             if not hmac.compare_digest(session["secret_hash"], digest):
                 raise ApiError(403, f"wrong session secret for session {sid}")
             self._remember_digest(secret, digest)
-            if not self.presence.alive(session, time.time(), pid_max_age=None):
-                with self.store.tx() as c:
-                    self._end_session(c, session, "stale")
-                raise ApiError(404, f"session {sid} has ended: register again", code="unknown_session")
             return session
+
+    def end_stale(self, session: dict[str, Any]) -> None:
+        """End a session that went silent past stale_after_s, unless something ended it meanwhile."""
+        with self.store.tx() as c:
+            if self.live.get(session["id"]) is session:
+                self._end_session(c, session, "stale")
 
     def set_summary(self, session: dict[str, Any], summary: str) -> None:
         with self.store.tx() as c:
@@ -3840,11 +3843,12 @@ class EventRelay:
 
     BATCH = 1000
 
-    def __init__(self, cfg: Config, store: Store, url: str, auth: tuple[str, str],
-                 gate: Callable[[], str] | None = None) -> None:
+    def __init__(self, cfg: Config, store: Store, write: Callable[[Callable[[], Any]], Awaitable[Any]], url: str,
+                 auth: tuple[str, str], gate: Callable[[], str] | None = None) -> None:
         import asyncio
         self.cfg = cfg
         self.store = store
+        self.write = write  #: the broker's group commit, the one path for every write
         self.url = url
         self.auth = auth  #: (user, password), or ('', token)
         self.gate = gate  # why not to connect now ('' = go): the embedded server is not ready
@@ -3899,7 +3903,7 @@ class EventRelay:
         futures = [await self.js.publish_async(subject, payload, headers={"Nats-Msg-Id": event_id})
                    for _, event_id, subject, payload in batch]
         acks = await asyncio.wait_for(asyncio.gather(*futures), 10)
-        self.store.mark_published([seq for seq, *_ in batch])
+        await self.write(lambda: self.store.mark_published([seq for seq, *_ in batch]))
         self.published += sum(1 for ack in acks if not ack.duplicate)
         self.last_seq = max(self.last_seq, max(ack.seq for ack in acks))
 
@@ -5232,7 +5236,21 @@ CONNECTION_CHECK_S = 5.0  # how often a parked long-poll checks that its client 
 
 class Broker:
     """The hub: one asyncio loop serves every connection, so thousands of parked
-    long-polls cost a coroutine each, and store calls never contend for the GIL."""
+    long-polls cost a coroutine each, and store calls never contend for the GIL.
+
+    Leases, where they live. A message row is ``queued`` with ``lease_until`` NULL until someone may
+    show it; a lease (``lease_until`` = now + lease_s, ``leased_to`` = the session) is set in two
+    places only: by ``Messages.lease``, when a session's poll takes what waits for it, and by
+    ``Messages.send``, when the recipient's poll is parked right now (``parked``: the polls that found
+    nothing and wait on a future), so the mail is leased in the send's own transaction and handed
+    to that future by ``_committed`` right after the commit - no second query. The acknowledgement
+    (the next poll's ``ack``, or ``/ack``) turns a leased message ``delivered`` (then ``read``);
+    an unacknowledged lease simply runs out and the next lease takes the message again. A poll
+    not parked when mail arrives is woken instead (``wake``): its future resolves empty and it
+    leases again; one between its lease and parking is marked ``missed`` and leases once more.
+    Mail leased to a parked future that was already done (woken meanwhile, or its client gone) is
+    an orphan: its lease is lifted in the next group commit and its session woken, or it would sit
+    out lease_s for nobody."""
 
     def __init__(self, cfg: Config, home: Path, token: str) -> None:
         import asyncio
@@ -5288,12 +5306,17 @@ class Broker:
         """Run a store write in the next group commit: the writes of every request
         ready in this loop turn share one sqlite transaction, and each caller
         resumes only after that transaction committed."""
+        return await self._enqueue(operation)
+
+    def _enqueue(self, operation: Callable[[], T]) -> asyncio.Future[T]:
+        """Put a write in the next group commit; its future resolves once that transaction committed."""
         import asyncio
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self.batch.append((operation, future))
         if len(self.batch) == 1:
-            asyncio.get_running_loop().call_soon(self._commit_batch)
-        return await future
+            loop.call_soon(self._commit_batch)
+        return future
 
     def _commit_batch(self) -> None:
         """Commit the writes of this loop turn together. If one of them raises, the shared
@@ -5343,7 +5366,7 @@ class Broker:
         polls with new mail wake to lease it, and new events wake feed readers and the relay.
         A poll that was woken meanwhile gets handed mail on its next lease: the lease is lifted."""
         import asyncio
-        orphans = []
+        orphans: dict[str, str] = {}  #: message id -> the session it was leased to
         for sent in values:
             if not isinstance(sent, Sent):
                 continue
@@ -5353,10 +5376,11 @@ class Broker:
                 if waiter is not None and not waiter.done():
                     waiter.set_result(messages)
                 else:
-                    orphans += [m["id"] for m in messages]
+                    orphans.update((m["id"], sid) for m in messages)
             self.wake(sent.wake)
-        if orphans:
-            self.messages.release(orphans)
+        if orphans:  # lifted in the next group commit, like any write; then their sessions' polls lease again
+            lifted = self._enqueue(lambda: self.messages.release(list(orphans)))
+            lifted.add_done_callback(lambda _: self.wake(set(orphans.values())))
         if new_events:
             self.dashboard.changed()
             self.new_events.set()
@@ -5444,6 +5468,15 @@ class Broker:
             await self.until(lambda: self.store.last_event_seq() > after, wait_s)
         finally:
             self.feed_readers -= 1
+
+    async def authenticated(self, sid: str, secret: str) -> dict[str, Any]:
+        """The session a call acts for; one silent past stale_after_s is ended here, through the group
+        commit (so its peer.left wakes the feed and the relay like any event), and told to register again."""
+        session = self.sessions.authenticate(sid, secret)
+        if not self.presence.alive(session, time.time(), pid_max_age=None):
+            await self.write(lambda: self.sessions.end_stale(session))
+            raise ApiError(404, f"session {sid} has ended: register again", code="unknown_session")
+        return session
 
     # -- housekeeping ---------------------------------------------------------
 
@@ -6813,7 +6846,7 @@ class ApiServer:
             secret = headers.get("x-session-secret")
             if not secret:
                 raise ApiError(401, "missing X-Session-Secret header for a session call")
-            req.session = self.broker.sessions.authenticate(req.args[0], secret)
+            req.session = await self.broker.authenticated(req.args[0], secret)
         try:
             authorize(self.broker, identity, route, req)
         except Refusal as refused:
@@ -6957,7 +6990,8 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
     if embedded is not None and embedded.prepare():
         nats_tasks.append(asyncio.create_task(embedded.run()))
     if cfg.nats_url:
-        broker.relay = EventRelay(cfg, broker.store, cfg.nats_url, nats_auth(cfg, True, create=embedded is not None),
+        broker.relay = EventRelay(cfg, broker.store, broker.write, cfg.nats_url,
+                                  nats_auth(cfg, True, create=embedded is not None),
                                   gate=embedded.not_ready if embedded is not None else None)
         nats_tasks.append(asyncio.create_task(broker.relay.run(broker.stopping)))
     bound = server.sockets[0].getsockname()
@@ -6982,7 +7016,7 @@ async def serve_broker(cfg: Config, listen: str | None = None, ready: Callable[[
             await embedded.stop()
         for task in nats_tasks:
             task.cancel()
-        broker.sessions.reap()
+        await broker.write(broker.sessions.reap)
         checkpointer.join()
         broker.store.close()
         lock.close()
