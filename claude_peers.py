@@ -1520,6 +1520,12 @@ def session_view(row: Any, last_seen: float | None = None) -> dict[str, Any]:
     return view
 
 
+# A message's states, the words its row, the API and its events use: queued (waiting, or leased to a
+# poll) -> delivered (shown to the session, acknowledged) -> read; undeliverable (its unnamed session
+# ended); held for a human, then queued again or refused, by its recipient's inbound policy.
+QUEUED, DELIVERED, READ, UNDELIVERABLE, HELD, REFUSED = "queued", "delivered", "read", "undeliverable", "held", "refused"
+
+
 def message_view(row: Any) -> dict[str, Any]:
     return {
         "id": row["id"],
@@ -2062,12 +2068,12 @@ class Sessions:
                     if s["id"] != exclude and self.presence.alive(s, now) and in_scope(scope, ref, s)]
 
 
-HELD_STATES = ("held", "refused")  # a message its recipient's inbound policy held for a human, or refused
+HELD_STATES = (HELD, REFUSED)  # a message its recipient's inbound policy held for a human, or refused
 SENDER_KINDS = ("machine", "role", "name")  # what a session's inbound policy may single a sender out by
 REPLY_LOOP = "reply loop"  # the hold reason of a paused pair's messages
 REPLY_LOOP_WINDOW_S = 60.0
 REPLY_LOOP_PAIRS_KEPT = 4096  # pairs counted at once before those quiet for a minute are forgotten
-INBOUND_ACTIONS = {"release": "queued", "refuse": "refused"}  # a human's answer to a held message -> its new state
+INBOUND_ACTIONS = {"release": QUEUED, "refuse": REFUSED}  # a human's answer to a held message -> its new state
 
 
 class Verdict(NamedTuple):
@@ -2230,8 +2236,8 @@ class Inbound:
         """One held message released (queued for its recipient, or undeliverable if that session ended
         without a name) or refused, with its event and its audit line."""
         state = INBOUND_ACTIONS[action]
-        if state == "queued" and row["to_name"] is None and row["to_session"] not in self.sessions.live:
-            state = "undeliverable"
+        if state == QUEUED and row["to_name"] is None and row["to_session"] not in self.sessions.live:
+            state = UNDELIVERABLE
         now = time.time()
         c.execute("UPDATE messages SET state = ?, decided_by = ?, decided_at = ? WHERE id = ? AND state = 'held'",
                   (state, by, now, row["id"]))
@@ -2245,7 +2251,7 @@ class Inbound:
 
     def _late(self, row: sqlite3.Row) -> str:
         if row["decided_by"]:
-            done = "released" if row["state"] != "refused" else "refused"
+            done = "released" if row["state"] != REFUSED else REFUSED
             return (f"message {row['id']} was already {done} by {row['decided_by']} at {iso(row['decided_at'])}:"
                     " this answer is dropped")
         return f"message {row['id']} is {row['state']}, not held: this answer is dropped"
@@ -2257,12 +2263,12 @@ class Inbound:
             row = c.execute("SELECT * FROM messages WHERE id = ?", (mid,)).fetchone()
             if row is None:
                 raise ApiError(404, f"no message {mid!r} (claude-peers pending lists the held ones)")
-            if row["state"] != "held":
+            if row["state"] != HELD:
                 late = self._late(row)
                 self._audit(c, mid, action, by, where, f"dropped: {late}")
                 return message_view(row), late, set()
             message = self._apply(c, row, action, by, where)
-        wake = {message["to_session"]} if message["state"] == "queued" and message["to_session"] else set()
+        wake = {message["to_session"]} if message["state"] == QUEUED and message["to_session"] else set()
         return message_view(message), "", wake
 
     def decide_pair(self, a: str, b: str, action: str, by: str, where: str) -> tuple[dict[str, Any], set[str], str]:
@@ -2281,7 +2287,7 @@ class Inbound:
             messages = [self._apply(c, row, action, by, where) for row in rows]
             self._audit(c, ":".join(pair), action, by, where, f"applied to {len(messages)} message(s)")
         self.exchanges.pop(pair, None)
-        wake = {m["to_session"] for m in messages if m["state"] == "queued"}
+        wake = {m["to_session"] for m in messages if m["state"] == QUEUED}
         return {"pair": list(pair), "action": action, "messages": [message_view(m) for m in messages]}, wake, ""
 
     def ended(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
@@ -2390,7 +2396,7 @@ class Messages:
                         not sender["name"] or sender["name"] != parent["to_name"]):
                     raise ApiError(404, f"reply_to: no message {reply_to} sent to or by you")
                 thread_id = parent["thread_id"]
-                if parent["state"] != "read" and sender["id"] != parent["from_id"]:
+                if parent["state"] != READ and sender["id"] != parent["from_id"]:
                     c.execute("UPDATE messages SET state = 'read', read_at = ?, lease_until = NULL,"
                               " delivered_at = COALESCE(delivered_at, ?) WHERE id = ?", (now, now, reply_to))
             targets = self._resolve(c, sender, to, scope, now)
@@ -2404,12 +2410,12 @@ class Messages:
                                     "dropped": earlier["id"], "thread_id": earlier["thread_id"]})
                     continue
                 mid = new_id(6)
-                state = "undeliverable" if target["undeliverable"] else "queued"
-                verdict = self.inbound.check(c, sender, target, role, recipient, text, now) if state == "queued" \
+                state = UNDELIVERABLE if target["undeliverable"] else QUEUED
+                verdict = self.inbound.check(c, sender, target, role, recipient, text, now) if state == QUEUED \
                     else None
                 if verdict and verdict.policy != "accept":  # the recipient's inbound policy: held for a human, or refused
-                    state = "held" if verdict.policy == "hold" else "refused"
-                handover = (state == "queued" and target["session"] in parked and recipient is not None
+                    state = HELD if verdict.policy == "hold" else REFUSED
+                handover = (state == QUEUED and target["session"] in parked and recipient is not None
                             and recipient["mode"] in LEASED_MODES)
                 row = {"id": mid, "thread_id": thread_id or mid, "reply_to": reply_to, "from_id": sender["id"],
                        "from_name": sender["name"] or sender["id"], "from_machine": sender["machine"],
@@ -2424,7 +2430,7 @@ class Messages:
                           tuple(row.values()))
                 if handover:  # leased in this commit, handed to the waiting poll right after it
                     handed.setdefault(target["session"], []).append(message_view(row))
-                elif target["session"] and state == "queued":
+                elif target["session"] and state == QUEUED:
                     wake.add(target["session"])
                 self.store.event(c, "message.sent", "fleet.message.sent", machine=sender["machine"], message_id=mid,
                             thread_id=thread_id or mid, from_id=sender["id"], from_name=sender["name"],
@@ -2485,7 +2491,7 @@ class Messages:
         holder = self.sessions.live_session(c, self.sessions.names.get(to), now)
         return [{"session": holder["id"] if holder else None, "name": to, "undeliverable": False}]
 
-    def _open(self, c: sqlite3.Connection, session: dict[str, Any], states: tuple[str, ...] = ("queued", "delivered"),
+    def _open(self, c: sqlite3.Connection, session: dict[str, Any], states: tuple[str, ...] = (QUEUED, DELIVERED),
               columns: str = "*") -> list[sqlite3.Row]:
         """Messages in ``states`` addressed to a session, by id or by name, in send order.
 
@@ -2503,13 +2509,13 @@ class Messages:
         also returns when the next lease held elsewhere ends."""
         now = time.time()
         with self.store.lock:
-            rows = self._open(self.store.db, session, ("queued",))  # most polls find nothing: no write transaction
+            rows = self._open(self.store.db, session, (QUEUED,))  # most polls find nothing: no write transaction
             ready = [r for r in rows if r["lease_until"] is None or r["lease_until"] <= now][:limit]
             pending = [r["lease_until"] for r in rows if r["lease_until"] is not None and r["lease_until"] > now]
             if ack or ready:
                 with self.store.tx() as c:
                     if ack:
-                        self.ack(session, ack, "delivered")
+                        self.ack(session, ack, DELIVERED)
                     until = now + self.store.cfg.broker.lease_s
                     c.executemany("UPDATE messages SET lease_until = ?, leased_to = ? WHERE seq = ? AND state ="
                                   " 'queued'", [(until, session["id"], r["seq"]) for r in ready])
@@ -2524,9 +2530,9 @@ class Messages:
     def ack(self, session: dict[str, Any], ids: list[str], state: str) -> int:
         """Mark messages addressed to this session ``delivered`` or ``read``; returns how many changed."""
         now = time.time()
-        allowed = ("queued",) if state == "delivered" else ("queued", "delivered")
+        allowed = (QUEUED,) if state == DELIVERED else (QUEUED, DELIVERED)
         marks = ",".join("?" * len(ids))
-        column = "delivered_at" if state == "delivered" else "read_at"
+        column = "delivered_at" if state == DELIVERED else "read_at"
         with self.store.tx() as c:
             cur = c.execute(
                 f"UPDATE messages SET state = ?, {column} = ?, delivered_at = COALESCE(delivered_at, ?),"
@@ -2572,7 +2578,7 @@ class Messages:
 
     def counts(self) -> dict[str, int]:
         states = dict(self.store.read("SELECT state, COUNT(*) FROM messages GROUP BY state"))
-        return {s: states.get(s, 0) for s in ("queued", "delivered", "read", "undeliverable", *HELD_STATES)}
+        return {s: states.get(s, 0) for s in (QUEUED, DELIVERED, READ, UNDELIVERABLE, *HELD_STATES)}
 
 
 class Records:
@@ -6127,7 +6133,7 @@ async def r_poll(b: Broker, req: Request) -> Any:
         await take_changes(b, req.session, req.body["changes"])
     if req.session["mode"] == "pull":
         if req.body.get("ack"):  # pushed or posted before the session turned pull
-            await acknowledge(b, req.session, req.body["ack"], "delivered")
+            await acknowledge(b, req.session, req.body["ack"], DELIVERED)
         unread = b.messages.unread(req.session)
         if req.body.get("unread", unread) == unread:  # no await in between: mail after this count wakes the poll
             await b.poll(req.session, wait_s, limit, hung_up=req.hung_up, lease=False)
@@ -6143,7 +6149,7 @@ def r_overlaps(b: Broker, req: Request) -> Any:
 
 
 async def r_ack(b: Broker, req: Request) -> Any:
-    if req.body["state"] not in ("delivered", "read"):
+    if req.body["state"] not in (DELIVERED, READ):
         raise ApiError(400, "field 'state' must be 'delivered' or 'read'")
     return {"changed": await acknowledge(b, req.session, req.body["ids"], req.body["state"])}
 
@@ -11766,23 +11772,23 @@ def message_delivery(message: dict[str, Any]) -> tuple[str, str]:
     state, mode = message["state"], message.get("to_mode")
     if state in HELD_STATES:
         return state, (f"{message.get('hold_reason')}: it waits for a human (claude-peers release|refuse"
-                       f" {message['id']})" if state == "held" else
+                       f" {message['id']})" if state == HELD else
                        f"{message.get('hold_reason')}: nothing was delivered"
                        + (f" (refused by {message['decided_by']})" if message.get("decided_by") else ""))
-    if state == "queued" and message.get("decided_by"):
+    if state == QUEUED and message.get("decided_by"):
         return "released", (f"held ({message.get('hold_reason')}), released by {message['decided_by']} at"
                             f" {message.get('decided_at')}: " + message_delivery({**message, "decided_by": ""})[1])
-    if state == "queued" and mode == "pull":
+    if state == QUEUED and mode == "pull":
         return "queued-for-pull", ("the recipient is online but cannot receive pushes (started without the"
                                    " channel flag and without a session inbox, or its client has neither): it waits"
                                    " until it checks its messages (peers shows why)")
-    return state, {"queued": ("the recipient is online: being posted into its session inbox now" if mode == "inbox"
+    return state, {QUEUED: ("the recipient is online: being posted into its session inbox now" if mode == "inbox"
                               else "the recipient is online: being pushed now" if mode else
                               "the recipient is offline: waits until a session takes its name"),
-                   "delivered": ("pushed into the recipient's session and acknowledged (or posted into its session"
+                   DELIVERED: ("pushed into the recipient's session and acknowledged (or posted into its session"
                                  " inbox), not yet answered"),
-                   "read": "returned by check_messages, or answered",
-                   "undeliverable": "its session ended and had no agent name"}.get(state, state)
+                   READ: "returned by check_messages, or answered",
+                   UNDELIVERABLE: "its session ended and had no agent name"}.get(state, state)
 
 
 def claude_mcp_registration(cwd: Path) -> tuple[str, dict[str, Any]] | None:
