@@ -3440,6 +3440,7 @@ class FuzzTarget:
     def __init__(self, broker: BrokerProc) -> None:
         self.broker = broker
         self.client = broker.session(name="fuzzed")
+        self.polls = 0  #: mail sent ahead of each poll
         broker.session(name="bob")
         self.dashboard = {"X-Claude-Peers": "dashboard"}  # and its cookie, while the fuzzer has not logged out
         code = broker.client().call("POST", "/api/dashboard/codes", {})["code"]
@@ -3453,7 +3454,9 @@ class FuzzTarget:
         if self.client.session_id not in {p["id"] for p in self.broker.client().call("GET", "/api/peers")["peers"]}:
             self.client = self.broker.session()
         if template.endswith("/poll"):  # mail waiting: the long-poll answers at once, whatever its wait_s
-            self.broker.client().call("POST", "/api/send", {"to": self.client.session_id, "text": "for the poll"})
+            self.polls += 1  # each text its own: a repeat would be dropped, and the poll would wait
+            self.broker.client().call("POST", "/api/send", {"to": self.client.session_id,
+                                                            "text": f"for poll {self.polls}"})
         path = template.replace("SID", self.client.session_id).replace("MID", "0" * 12).replace("NAME", "scout")
         path = path.replace("PID", "0" * 8)
         return f"{path}?{query}" if query else path
