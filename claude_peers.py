@@ -7269,6 +7269,10 @@ def client_from_config(cfg: Config, timeout: float = 10.0) -> BrokerClient:
 # each goes to the hub, a human's verdict comes back on a long-poll of its own and is written
 # to Claude Code once, and the session's transcript tells when its terminal answered first.
 #
+# A session is made of parts, each using only those above it: BrokerLink (the broker clients and the
+# last failure), DeliveryMode, Mail (what the model was shown), ChangeReport (overlaps), PermissionRelay,
+# ShimTools (the model's tools), and Shim, which registers, long-polls and delivers.
+#
 
 SERVER_NAME = "claude-peers"
 CHANNEL_METHOD = "notifications/claude/channel"
@@ -7986,68 +7990,25 @@ class ShimError(Exception):
     """A tool call that failed in a way the model should read."""
 
 
-class Shim:
-    """One Claude Code session's link to the broker: registration, tools, and the
-    long-poll that turns leased messages into channel notifications (push) or posts into the
-    session's inbox (inbox), or that only keeps the session alive and counts its waiting mail (pull)."""
+class BrokerLink:
+    """The session's broker clients and what the broker last said of it, in one place because delivery, the
+    tools and the permission relay all call it, and whichever call gets through clears the failure for all."""
 
-    def __init__(self, cfg: Config, name: str | None, cwd: Path, wire: StdioWire, mode: str | None = None,
-                 probe: bool = False) -> None:
-        import asyncio
-        self.cfg = cfg
-        self.probe = probe  #: doctor's check of the handshake: it never registers, so no session is left behind
-        self.wire = wire
-        self.wanted_name = name
-        self.cwd = cwd
-        self.override = mode  #: push or pull as the user set it; None: the handshake decides
-        self.parent_argv = process_argv(os.getppid())  #: the client's command line (run puts the channel flag there)
-        self.client = "mcp"  #: the client's clientInfo name, from initialize
-        self.mode, self.mode_reason = "pull", "the client has not introduced itself yet"  #: push, inbox or pull, and why
-        self.mode_told = True  #: the broker has this mode (False after an inbox failed, until it is told)
-        self.inbox = ""  #: the session inbox's socket (inbox mode)
-        self.project = Path(os.environ.get("CLAUDE_PROJECT_DIR") or cwd)  #: where Claude Code reads project settings
-        self.waiting = 0  #: a pull session's unread mail, as the broker last counted it
-        self.waiting_since: float | None = None  #: when that count last rose from none (epoch seconds)
-        self.active_at: float | None = None  #: when the client last called a tool (epoch seconds)
-        self.shown_at: dict[str, float] = {}  #: when each message still unread was pushed or posted
+    def __init__(self, cfg: Config, probe: bool) -> None:
         self.url = cfg.broker_url
         self.token_error = ""  #: why there is no fleet token (the tools say it)
         try:
             token = read_token(cfg)
         except UserError as exc:
             token, self.token_error = "", str(exc)
-        self.tools_client = AsyncBrokerClient(self.url, token)  #: registration, tools, acknowledgements
-        self.poll_client = AsyncBrokerClient(self.url, token, timeout=cfg.broker.poll_wait_s + 15)
+        self.tools = AsyncBrokerClient(self.url, token)  #: registration, tools, acknowledgements
+        self.poll = AsyncBrokerClient(self.url, token, timeout=cfg.broker.poll_wait_s + 15)
+        self.verdicts = AsyncBrokerClient(self.url, token, timeout=cfg.broker.poll_wait_s + 15)
         self.session: dict[str, Any] | None = None  #: as registered; None until then or after the broker forgot it
         self.name_note = ""  #: why the wanted name is not held
         #: the last failure to reach the broker, '' when it answers (a probe never tries)
         self.last_error = "a probe (claude-peers doctor): it does not join the fleet" if probe else ""
-        self.seen: dict[str, str] = {}  #: message ids shown (id -> how: pushed, posted, '' returned): never twice
-        self.unread: dict[str, dict[str, Any]] = {}  #: pushed, not yet read or answered
-        self.posted: dict[str, float] = {}  #: posted into the inbox and not yet reminded of: id -> when
-        self.unacked: list[str] = []  #: pushed, but the broker has not taken the acknowledgement yet
-        self.cap = PushCap(cfg.shim.max_pushes_per_minute, cfg.shim.push_window_s)
-        self.held: dict[str, dict[str, Any]] = {}  #: leased past the push cap, unacknowledged: the next digest
-        self.repo: str | None = None  #: this session's repository (task board, overlaps), once something asked
-        self.watch = ChangeWatch(cwd)  #: what this session changed in git, for overlap warnings
-        self.look_due = 0.0  #: when the next look at the changes is due (monotonic seconds)
-        self.changes: dict[str, Any] | None = None  #: the last look's report (None: nothing to report)
-        self.reported: dict[str, Any] | None = None  #: the report the broker took last (None: it hears it again)
-        self.overlap_notes: list[str] = []  #: a pull session's overlap notices, for its next tool result
-        self.tools_client.answered = self.poll_client.answered = self._answered
-        self.introduced = asyncio.Event()  #: initialize arrived: the client and the mode are known
-        self.attempted = asyncio.Event()  #: the first registration attempt is over (instructions wait for it)
-        self.initialized = asyncio.Event()  #: the client sent notifications/initialized: pushes may flow
-        self.verdict_client = AsyncBrokerClient(self.url, token, timeout=cfg.broker.poll_wait_s + 15)
-        self.prompts: dict[str, dict[str, Any]] = {}  #: Claude Code's request id -> the prompt on the hub, while it waits
-        self.terminal: TerminalAnswers | None = None  #: this session's transcripts (answers, activity), once introduced
-        self.verdicts: asyncio.Task[None] | None = None  #: waits for the hub's verdicts while prompts wait
-        self.watcher: asyncio.Task[None] | None = None  #: reads the transcripts for terminal answers meanwhile
-        self.background: set[asyncio.Task[None]] = set()  #: prompts on their way to the hub
-        self.listed = asyncio.Event()  #: the client listed the tools: a post can ask the model to use them
-        self.settled = False  #: inbox: the first post's wait for the tools is over
-
-    # -- connection to the broker ----------------------------------------------
+        self.tools.answered = self.poll.answered = self._answered
 
     def _answered(self) -> None:
         """A call went through: whatever failed before, the broker answers now (whoami and the tools say so)."""
@@ -8055,264 +8016,190 @@ class Shim:
             log.warning("broker at %s answers again", self.url)
             self.last_error = ""
 
-    def _session_info(self) -> dict[str, Any]:
-        git_root, branch = git_info(self.cwd)
-        return {"machine": self.cfg.machine, "pid": os.getpid(), "cwd": str(self.cwd), "git_root": git_root,
-                "branch": branch, "tty": tty_of(os.getppid()), "summary": ""}
+    def failed(self, error: str) -> None:
+        """The broker could not be reached or refused: logged once per new reason, shown by whoami and the tools."""
+        if error != self.last_error:
+            log.warning("%s (retrying every %.0fs at most)", error, 30)
+        self.last_error = error
 
-    def introduce(self, client_info: Any) -> None:
-        """The client's initialize: who it is decides the mode, once (a session keeps its mode)."""
-        if self.introduced.is_set():
-            return
-        name = client_info.get("name") if isinstance(client_info, dict) else None
-        if isinstance(name, str) and name.strip() and storable_text(name):
-            self.client = name.strip()[:64]
-        inbox = session_inbox(dict(os.environ), self.project, self.parent_argv)
-        self.mode, self.mode_reason = decide_mode(self.override, self.client, self.parent_argv, inbox)
-        self.inbox = inbox[0] if self.mode == "inbox" else ""
-        log.info("delivery mode %s: %s", self.mode, self.mode_reason)
-        self.terminal = TerminalAnswers(self.cwd)
-        self.introduced.set()
+    def need_session(self) -> None:
+        """A tool that needs the registered session says why there is none yet (the session task retries)."""
+        if self.session is None:
+            why = self.last_error or "still connecting"
+            raise ShimError(f"not connected to the claude-peers broker at {self.url} ({why}); it keeps retrying"
+                            " in the background - try again shortly")
 
-    async def _register(self, info: dict[str, Any]) -> None:
-        info = {**info, "summary": self.session["summary"] if self.session else "", "mode": self.mode,
-                "mode_reason": self.mode_reason}
+    async def register(self, info: dict[str, Any], wanted_name: str | None) -> None:
+        """Register under the wanted name, or nameless when another session holds it (name_note says so)."""
         session = None
-        if self.wanted_name:
+        if wanted_name:
             try:
-                session = await self.tools_client.register({**info, "name": self.wanted_name})
+                session = await self.tools.register({**info, "name": wanted_name})
                 self.name_note = ""
             except ApiError as exc:
                 if exc.status != 409:
                     raise
-                self.name_note = f"the agent name {self.wanted_name!r} is taken: {exc.message}"
+                self.name_note = f"the agent name {wanted_name!r} is taken: {exc.message}"
         if session is None:
-            session = await self.tools_client.register(info)
-        self.poll_client.attach(self.tools_client)
-        self.verdict_client.attach(self.tools_client)
-        self.session, self.last_error, self.mode_told, self.reported = session, "", True, None
+            session = await self.tools.register(info)
+        self.poll.attach(self.tools)
+        self.verdicts.attach(self.tools)
+        self.session, self.last_error = session, ""
         log.info("registered as session %s%s", session["id"], f" ({session['name']})" if session["name"] else "")
 
-    async def run(self) -> None:
-        """The session: register, then long-poll and push until cancelled; retry with backoff."""
-        import asyncio
-        if self.probe:
-            self.attempted.set()
-            return
-        info = await asyncio.to_thread(self._session_info)  # git runs in a subprocess, while the client connects
-        await self.introduced.wait()
-        info["client"] = self.client
-        backoff = 0.25
-        while True:
-            try:
-                if self.session is None:
-                    if self.token_error:
-                        raise UserError(self.token_error)
-                    await self._register(info)
-                    backoff = 0.25
-                self.attempted.set()
-                await self.initialized.wait()
-                if self.mode == "inbox" and not self.settled:
-                    await self._tools_loaded()
-                await self._poll_once()
-                backoff = 0.25
-            except ApiError as exc:
-                if exc.extra.get("code") == "unknown_session":
-                    log.info("broker forgot session %s: registering again", self.session and self.session["id"])
-                    self.session = None
-                    continue
-                await self._failed(f"broker refused: {exc.message}", backoff)
-                backoff = min(backoff * 2, 30.0)
-            except UserError as exc:  # BrokerUnreachable, missing token
-                await self._failed(str(exc), backoff)
-                backoff = min(backoff * 2, 30.0)
 
-    async def _tools_loaded(self) -> None:
-        """Hold the first post until the client has listed the tools and had INBOX_SETTLE_S to load
-        them: a turn that starts earlier asks the model for a tool it does not have yet."""
-        import asyncio
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.listed.wait(), INBOX_TOOLS_WAIT_S)
-        await asyncio.sleep(INBOX_SETTLE_S)
-        self.settled = True
+class DeliveryMode:
+    """How this session's mail reaches the model (push, inbox or pull) and why: decided once by the client's
+    initialize, turned pull when the inbox refuses a post, and told to the broker before a poll relies on it."""
 
-    async def _failed(self, error: str, backoff: float) -> None:
-        import asyncio
-        if error != self.last_error:
-            log.warning("%s (retrying every %.0fs at most)", error, 30)
-        self.last_error = error
-        self.reported = None  # a broker that restarted meanwhile hears the changes again
-        self.attempted.set()
-        await asyncio.sleep(backoff)
+    def __init__(self, override: str | None, project: Path) -> None:
+        self.override = override  #: push or pull as the user set it; None: the handshake decides
+        self.project = project  #: where Claude Code reads project settings
+        self.parent_argv = process_argv(os.getppid())  #: the client's command line (run puts the channel flag there)
+        self.client = "mcp"  #: the client's clientInfo name, from initialize
+        self.kind, self.reason = "pull", "the client has not introduced itself yet"  #: push, inbox or pull, and why
+        self.told = True  #: the broker has this mode (False after an inbox failed, until it is told)
+        self.inbox = ""  #: the session inbox's socket (inbox mode)
 
-    async def _poll_once(self) -> None:
-        """Poll with this session's overlap report: a push or inbox session leases mail (waiting for it);
-        a pull session leases nothing, its poll is the heartbeat and brings the count of waiting mail.
-        Either answer brings the overlaps to tell of."""
-        wait_s = 0 if self.last_error else self.cfg.broker.poll_wait_s  # after a failure: know at once it is over
-        if not self.mode_told:
-            await self.tools_client.session_call("POST", "/mode", {"mode": self.mode, "reason": self.mode_reason})
-            self.mode_told = True
-        changes = await self._changes()
-        if self.mode == "inbox":
-            wait_s = min(wait_s, await self._remind())
-        if self.held:  # the digest goes when the push window frees a slot
-            wait_s = min(wait_s, self.cap.frees_in())
-        body: dict[str, Any] = {"wait_s": wait_s, **({"changes": changes} if changes else {}),
-                                **await self._heartbeat()}
-        acking = list(self.unacked)  # what the last poll brought and was written: this poll acknowledges it
-        if acking:
-            body["ack"] = acking
-        if self.mode == "pull":
-            answer = await self.poll_client.session_call("POST", "/poll", {**body, "unread": self.waiting})
-            self.waiting = answer["unread"]
-            self.waiting_since = (self.waiting_since or time.time()) if self.waiting else None
-        else:
-            answer = await self._lease(body)
-        del self.unacked[:len(acking)]  # taken: kept until the answer came, so a stop in between acknowledges again
-        self.reported = changes or self.reported
-        for notice in answer["notices"]:
-            await self._tell(notice)
+    def decide(self, client_info: Any) -> None:
+        """The client's initialize: who it is, its command line and its inbox decide the mode."""
+        name = client_info.get("name") if isinstance(client_info, dict) else None
+        if isinstance(name, str) and name.strip() and storable_text(name):
+            self.client = name.strip()[:64]
+        inbox = session_inbox(dict(os.environ), self.project, self.parent_argv)
+        self.kind, self.reason = decide_mode(self.override, self.client, self.parent_argv, inbox)
+        self.inbox = inbox[0] if self.kind == "inbox" else ""
+        log.info("delivery mode %s: %s", self.kind, self.reason)
 
-    async def _heartbeat(self) -> dict[str, float]:
-        """What the poll tells of this session, for its state on the hub: seconds since its last tool call
-        or transcript entry, and how long its oldest unread mail has waited (a push counts as read once
-        the session was active after it; a post or pull mail once the model read or answered it)."""
-        import asyncio
-        written = 0.0
-        if self.terminal is not None:
-            await asyncio.to_thread(self.terminal.read)
-            written = self.terminal.active_at or 0.0
-        now, active = time.time(), max(self.active_at or 0.0, written)
+    def blocked(self) -> str:
+        """Why the inbox takes no post now ('' when it does): a setting may have changed since the session began."""
+        return inbox_blocked(dict(os.environ), self.project, self.parent_argv)
+
+    def fall_back(self, why: str) -> None:
+        """The inbox did not take a post: the session is pull from now on, and the broker hears why."""
+        self.kind, self.reason, self.told = "pull", why, False
+        log.warning("delivery mode pull: %s", why)
+
+    async def tell(self, link: BrokerLink) -> None:
+        """Tell the broker a mode it does not have yet, before a poll whose shape depends on it."""
+        if not self.told:
+            await link.tools.session_call("POST", "/mode", {"mode": self.kind, "reason": self.reason})
+            self.told = True
+
+
+class Mail:
+    """The session's mail as the model has been shown it (how, and what is still unread, held past the
+    push cap, or waiting on the broker): delivery writes it, the tools read and clear it."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, str] = {}  #: message ids shown (id -> how: pushed, posted, '' returned): never twice
+        self.unread: dict[str, dict[str, Any]] = {}  #: pushed, not yet read or answered
+        self.shown_at: dict[str, float] = {}  #: when each message still unread was pushed or posted
+        self.posted: dict[str, float] = {}  #: posted into the inbox and not yet reminded of: id -> when
+        self.held: dict[str, dict[str, Any]] = {}  #: leased past the push cap, unacknowledged: the next digest
+        self.waiting = 0  #: a pull session's unread mail, as the broker last counted it
+        self.waiting_since: float | None = None  #: when that count last rose from none (epoch seconds)
+        self.overlap_notes: list[str] = []  #: a pull session's overlap notices, for its next tool result
+
+    def remember(self, message_id: str, how: str = "") -> None:
+        """Note a message as shown (``how``), so no poll shows it again; the oldest are forgotten past SEEN_LIMIT."""
+        self.seen[message_id] = how
+        if len(self.seen) > SEEN_LIMIT:
+            del self.seen[next(iter(self.seen))]
+
+    def show(self, message: dict[str, Any], how: str) -> None:
+        """The model is shown ``message`` now: unread until read or answered."""
+        self.remember(message["id"], how)
+        self.unread[message["id"]] = message
+        self.shown_at[message["id"]] = time.time()
+
+    def counted(self, waiting: int) -> None:
+        """A pull poll's count of the mail waiting on the broker."""
+        self.waiting = waiting
+        self.waiting_since = (self.waiting_since or time.time()) if waiting else None
+
+    def read(self, messages: list[dict[str, Any]]) -> dict[str, str]:
+        """check_messages returned every unread message: each is read now; how each was shown before."""
+        self.waiting, self.waiting_since = 0, None
+        shown = {m["id"]: self.seen.get(m["id"], "") for m in messages}
+        for message in messages:
+            self.remember(message["id"])
+            self.unread.pop(message["id"], None)
+            self.held.pop(message["id"], None)  # read now: no digest shows it again
+        return shown
+
+    def oldest_unread(self, after: float, now: float) -> float | None:
+        """When the oldest mail still unread was shown after ``after`` (or counted waiting); None: there is none."""
         self.shown_at = {mid: at for mid, at in self.shown_at.items() if mid in self.unread}
-        after = active if self.mode == "push" else 0.0
         unread = [at for at in self.shown_at.values() if at > after]
         if self.waiting:
             unread.append(self.waiting_since or now)
-        return {**({"idle_s": round(max(0.0, now - active), 1)} if active else {}),
-                **({"unread_s": round(max(0.0, now - min(unread)), 1)} if unread else {})}
+        return min(unread, default=None)
 
-    async def _lease(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Lease mail, push or post each message, and note the batch for the next poll to acknowledge;
-        the poll's answer."""
-        body["max"] = 100
-        answer = await self.poll_client.session_call("POST", "/poll", body)
-        messages = answer["messages"]
-        fresh = [m for m in messages if m["id"] not in self.seen and m["id"] not in self.held]
-        going = fresh[:0 if self.held else self.cap.admit(len(fresh))]  # behind held mail, all of it waits
-        self.held.update((m["id"], m) for m in fresh[len(going):])
-        if going and self.mode == "inbox" and not await self._post(inbox_posts(going)):
-            self.held = {}
-            return answer  # unacknowledged: the leases run out, and check_messages returns the batch
-        for message in going:
-            self._show(message)
-        done = [m["id"] for m in messages if m["id"] not in self.held] + await self._flush_held()
-        if done:
-            self._acknowledge(done)
-        return answer
+    def notice(self, mode: str) -> str:
+        """What ends a tool result: the unread mail line, and each overlap notice not shown otherwise, once."""
+        notes, self.overlap_notes = self.overlap_notes, []
+        mail = unread_notice(mode, self.waiting if mode == "pull" else len(self.unread))
+        return mail + "".join(f"\n\n{note}" for note in notes)
 
-    async def _flush_held(self) -> list[str]:
-        """Once the push window frees a slot, every held message goes in ONE push: a digest channel
-        notification (a single one as a plain push), or one inbox post; returns the ids now written."""
-        if not self.held or not self.cap.admit(1):
-            return []
-        held, self.held = list(self.held.values()), {}
-        if self.mode == "inbox" and not await self._post(["\n\n".join(inbox_posts(held))]):
-            return []  # unacknowledged: the leases run out, and check_messages returns them
-        if self.mode == "push" and len(held) > 1:
-            ids = ",".join(m["id"] for m in held)
-            content = digest_text(held, self.cap.limit, self.cap.window_s)
-            self.wire.write({"jsonrpc": "2.0", "method": CHANNEL_METHOD, "params": {
-                "content": content, "meta": {"kind": "digest", "messages": str(len(held)), "message_ids": ids}}})
-        for message in held:
-            self._show(message, single=len(held) == 1)
-        return [m["id"] for m in held]
 
-    async def _remind(self) -> float:
-        """One notice for the inbox posts still unread after [shim] inbox_remind_s: now and then
-        Claude Code takes a post and starts no turn, and an idle session would never hear of it.
-        Returns the seconds until the next reminder is due (the poll waits no longer)."""
-        now, remind_s = time.monotonic(), self.cfg.shim.inbox_remind_s
-        self.posted = {mid: at for mid, at in self.posted.items() if mid in self.unread}
-        due = [mid for mid, at in self.posted.items() if now - at >= remind_s]
-        if due:
-            senders = ", ".join(dict.fromkeys(self.unread[mid]["from_name"] for mid in due))
-            notice = (f"[claude-peers] {len(due)} message{'s' if len(due) > 1 else ''} from {senders} posted to you"
-                      f" {remind_s:.0f}s ago {'are' if len(due) > 1 else 'is'} not yet read or answered: if you"
-                      " have not seen them, call the claude-peers check_messages tool.")
-            for mid in due:  # reminded once, whatever comes of it: tool results keep counting them
-                del self.posted[mid]
-            await self._post([notice])  # an inbox that does not take it: the session falls back to pull
-        return min((remind_s - (now - at) for at in self.posted.values()), default=math.inf)
+class ChangeReport:
+    """This session's repository and what it changed there, looked at most every [shim] changes_every_s and
+    sent with the polls until the broker took it: the hub's overlap warnings, and the task board's name."""
 
-    async def _changes(self) -> dict[str, Any] | None:
-        """The overlap report for this poll: what this session changed (looked at most every
-        [shim] changes_every_s), when the broker has not taken it yet."""
+    def __init__(self, cwd: Path, every_s: float) -> None:
+        self.cwd, self.every_s = cwd, every_s
+        self.repo: str | None = None  #: this session's repository (task board, overlaps), once something asked
+        self.watch = ChangeWatch(cwd)  #: what this session changed in git, for overlap warnings
+        self.look_due = 0.0  #: when the next look at the changes is due (monotonic seconds)
+        self.changes: dict[str, Any] | None = None  #: the last look's report (None: nothing to report)
+        self.reported: dict[str, Any] | None = None  #: the report the broker took last (None: it hears it again)
+
+    async def repository(self) -> str:
+        """This session's repository, the same name on every clone of it ('' outside one)."""
+        import asyncio
+        if self.repo is None:
+            self.repo = await asyncio.to_thread(repo_identity, self.cwd)
+        return self.repo
+
+    async def due(self) -> dict[str, Any] | None:
+        """The overlap report for this poll, when the broker has not taken it yet."""
         import asyncio
         if time.monotonic() >= self.look_due:
-            self.look_due = time.monotonic() + self.cfg.shim.changes_every_s
-            if self.repo is None:
-                self.repo = await asyncio.to_thread(repo_identity, self.cwd)
-            if self.repo:
-                self.changes = await asyncio.to_thread(self.watch.look, self.repo)
+            self.look_due = time.monotonic() + self.every_s
+            if repo := await self.repository():
+                self.changes = await asyncio.to_thread(self.watch.look, repo)
         return self.changes if self.changes != self.reported else None
 
-    async def _tell(self, notice: dict[str, Any]) -> None:
-        """An overlap with another session: pushed as a channel notice, posted into the session's inbox,
-        or (pull, or a post the inbox did not take) on the next tool result."""
-        text = overlap_notice(notice)
-        if self.mode == "push":
-            peer = notice["peer"]
-            meta = {"kind": "overlap", "repo": notice["repo"], "peer_id": peer["id"], "peer_name": peer["name"] or "",
-                    "peer_machine": peer["machine"], "paths": ", ".join(notice["paths"][:50])}
-            self.wire.write({"jsonrpc": "2.0", "method": CHANNEL_METHOD, "params": {"content": text, "meta": meta}})
-        elif self.mode == "pull" or not await self._post([text]):
-            self.overlap_notes.append(text)
+    def taken(self, changes: dict[str, Any] | None) -> None:
+        """A poll went through: the broker has the report it carried."""
+        self.reported = changes or self.reported
 
-    async def _post(self, texts: list[str]) -> bool:
-        """Post texts (a batch of mail, a notice) into the session's inbox; if the socket does not take
-        them, the session falls back to pull (and the broker is told why before the next poll)."""
-        why = inbox_blocked(dict(os.environ), self.project, self.parent_argv)  # a setting changed since
-        if not why:
-            try:
-                await post_to_inbox(self.inbox, os.environ.get(INBOX_TOKEN_ENV, ""), texts)
-                return True
-            except OSError as exc:  # gone, refused, full past the timeout
-                why = (f"posting into its session inbox {self.inbox} failed"
-                       f" ({describe_error(exc) if str(exc) else 'timed out'})")
-        self.mode, self.mode_reason, self.mode_told = "pull", why, False
-        log.warning("delivery mode pull: %s", why)
-        return False
+    def forget(self) -> None:
+        """The broker may have restarted (a failure, a new registration): it hears the report again."""
+        self.reported = None
 
-    def _acknowledge(self, ids: list[str]) -> None:
-        """Delivered: the pushes are in the client's pipe, or the posts in the session's inbox. The poll
-        that follows carries the acknowledgement (one request, not two), and leave flushes it; until
-        the broker took it, a crash shows these messages again."""
-        self.unacked += ids
 
-    def _show(self, message: dict[str, Any], single: bool = True) -> None:
-        """A message the model is shown now (pushed on its own or in a digest, or posted): unread until read
-        or answered."""
-        self._remember(message["id"], "posted into your session inbox" if self.mode == "inbox"
-                       else "pushed to you as a <channel> message" if single else "pushed to you in a digest")
-        self.unread[message["id"]] = message
-        self.shown_at[message["id"]] = time.time()
-        if self.mode == "push" and single:
-            self._push(message)
-        elif self.mode == "inbox":
-            self.posted[message["id"]] = time.monotonic()
+class PermissionRelay:
+    """Claude Code's permission prompts of a push session, relayed to the hub while its terminal shows them too:
+    the hub's verdict comes back on a long-poll of its own, and the transcript tells when the terminal answered."""
 
-    def _push(self, message: dict[str, Any]) -> None:
-        """Write a channel notification (once per message id, ever, in this session: _show)."""
-        self.wire.write({"jsonrpc": "2.0", "method": CHANNEL_METHOD,
-                         "params": {"content": fence(message["text"]), "meta": push_meta(message)}})
-
-    # -- permission prompts relayed to the hub ---------------------------------------
+    def __init__(self, cfg: Config, wire: StdioWire, link: BrokerLink, mode: DeliveryMode) -> None:
+        self.cfg, self.wire, self.link, self.mode = cfg, wire, link, mode
+        self.prompts: dict[str, dict[str, Any]] = {}  #: Claude Code's request id -> the prompt on the hub, while it waits
+        self.terminal: TerminalAnswers | None = None  #: this session's transcripts, once the client introduced itself
+        self.verdicts: asyncio.Task[None] | None = None  #: waits for the hub's verdicts while prompts wait
+        self.watcher: asyncio.Task[None] | None = None  #: reads the transcripts for terminal answers meanwhile
+        self.background: set[asyncio.Task[None]] = set()  #: prompts on their way to the hub
 
     @property
     def relays_permissions(self) -> bool:
         """Claude Code's permission prompts go to the hub in push sessions, unless [shim] relay_permissions is off."""
-        return self.mode == "push" and self.cfg.shim.relay_permissions
+        return self.mode.kind == "push" and self.cfg.shim.relay_permissions
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """Every task of the relay still to stop when the session ends."""
+        return [*self.background, *(task for task in (self.verdicts, self.watcher) if task is not None)]
 
     def permission_requested(self, params: Any) -> None:
         """A prompt Claude Code shows in its terminal and relayed here: sent on to the hub (the
@@ -8328,10 +8215,11 @@ class Shim:
         task.add_done_callback(self.background.discard)
 
     async def _forward_prompt(self, prompt: dict[str, str]) -> None:
+        """Store the prompt on the hub, and start waiting for its verdict and watching the terminal for an answer."""
         import asyncio
         try:
-            self._need_session()
-            stored = await self.tools_client.session_call("POST", "/permissions", prompt)
+            self.link.need_session()
+            stored = await self.link.tools.session_call("POST", "/permissions", prompt)
         except (ShimError, UserError, ApiError) as exc:
             log.warning("permission prompt %s (%s) not relayed to the hub: %s; it waits in the terminal",
                         prompt["request_id"], prompt["tool_name"], exc)
@@ -8355,8 +8243,8 @@ class Shim:
                     continue
                 prompt = self.prompts.pop(match)
                 with contextlib.suppress(UserError, ApiError):
-                    await self.tools_client.session_call("POST", f"/permissions/{prompt['id']}/settle",
-                                                         {"decision": "allow" if allowed else "deny"})
+                    await self.link.tools.session_call("POST", f"/permissions/{prompt['id']}/settle",
+                                                       {"decision": "allow" if allowed else "deny"})
                 log.info("permission prompt %s answered in the terminal first", prompt["id"])
             await asyncio.sleep(TERMINAL_LOOK_S)
 
@@ -8376,7 +8264,7 @@ class Shim:
         while self.prompts or acked:
             asked_about = list(self.prompts)
             try:
-                answer = await self.verdict_client.session_call(
+                answer = await self.link.verdicts.session_call(
                     "POST", "/permissions/poll", {"wait_s": self.cfg.broker.poll_wait_s if self.prompts else 0,
                                                   "ack": acked})
                 backoff, acked = 0.25, []
@@ -8392,38 +8280,14 @@ class Shim:
                 for request in asked_about:
                     self.prompts.pop(request, None)
 
-    def _remember(self, message_id: str, how: str = "") -> None:
-        self.seen[message_id] = how
-        if len(self.seen) > SEEN_LIMIT:
-            del self.seen[next(iter(self.seen))]
 
-    async def leave(self) -> None:
-        """Flush acknowledgements and unregister (stdin closed: the Claude session ended)."""
-        if self.session is None:
-            return
-        with contextlib.suppress(UserError, ApiError):
-            if self.unacked:
-                await self.tools_client.session_call("POST", "/ack", {"ids": self.unacked, "state": "delivered"},
-                                                     timeout=3)
-            await self.tools_client.session_call("POST", "/leave", timeout=3)
-        log.info("left the fleet")
+class ShimTools:
+    """The tools the model calls (list_peers, send_message, check_messages, tasks, claims, whoami …): each
+    answers in text the model reads, and any failure becomes a ShimError that says what to do."""
 
-    # -- what the model sees -----------------------------------------------------
-
-    async def instructions(self) -> str:
-        """The system-prompt addition, leading with what the model must know first (who it is, how
-        mail arrives, to answer through the hub), then the fleet now: within INSTRUCTIONS_BYTES."""
-        import asyncio
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.attempted.wait(), 3.0)
-        peers, memory = [], ""
-        if self.session is not None:
-            with contextlib.suppress(UserError, ApiError):
-                peers = (await self.tools_client.session_call("GET", "/peers?scope=all", timeout=2))["peers"]
-                memory = (await self.tools_client.call("GET", "/api/memory", timeout=2))["text"]
-        lead = instructions_lead(self.session, self.name_note, self.url, self.last_error,
-                                 how_messages_arrive(self.mode, self.mode_reason))
-        return compose_instructions(lead, peers if self.session is not None else None, memory)
+    def __init__(self, link: BrokerLink, mode: DeliveryMode, mail: Mail, changes: ChangeReport, cwd: Path) -> None:
+        self.link, self.mode, self.mail, self.changes, self.cwd = link, mode, mail, changes, cwd
+        self.active_at: float | None = None  #: when the client last called a tool (epoch seconds)
 
     async def call_tool(self, name: str, args: Any) -> str:
         """Run one tool; raises ShimError with a readable message on any failure."""
@@ -8443,38 +8307,30 @@ class Shim:
             raise ShimError(f"{exc}; claude-peers keeps retrying in the background - try again shortly") from None
         except ApiError as exc:
             if exc.extra.get("code") == "unknown_session":
-                self.session = None  # the session task registers again
+                self.link.session = None  # the session task registers again
                 raise ShimError("the broker no longer knows this session (it restarted or expired);"
                                 " re-registering now - try again in a moment") from None
             raise ShimError(f"the broker refused: {exc.message}") from None
         return text + self.notice()
 
-    def _need_session(self) -> None:
-        if self.session is None:
-            why = self.last_error or "still connecting"
-            raise ShimError(f"not connected to the claude-peers broker at {self.url} ({why}); it keeps retrying"
-                            " in the background - try again shortly")
-
     def notice(self) -> str:
         """What ends a tool result: the unread mail line, and each overlap notice not shown otherwise, once."""
-        notes, self.overlap_notes = self.overlap_notes, []
-        mail = unread_notice(self.mode, self.waiting if self.mode == "pull" else len(self.unread))
-        return mail + "".join(f"\n\n{note}" for note in notes)
+        return self.mail.notice(self.mode.kind)
 
     async def tool_list_peers(self, scope: str = "all") -> str:
-        self._need_session()
-        peers = (await self.tools_client.session_call("GET", f"/peers?scope={scope}"))["peers"]
+        self.link.need_session()
+        peers = (await self.link.tools.session_call("GET", f"/peers?scope={scope}"))["peers"]
         if not peers:
             return f"No other live sessions (scope: {scope})."
         return f"Live peers (scope: {scope}, {len(peers)}):\n" + "\n".join(
             format_peer(p) + "".join(f"\n    claims {format_claim(c)}" for c in p.get("claims", [])) for p in peers)
 
     async def tool_send_message(self, to: str, text: str, reply_to: str | None = None, scope: str | None = None) -> str:
-        self._need_session()
+        self.link.need_session()
         body = {"to": to, "text": text, "reply_to": reply_to, "scope": scope}
-        result = await self.tools_client.session_call("POST", "/send", {k: v for k, v in body.items() if v})
+        result = await self.link.tools.session_call("POST", "/send", {k: v for k, v in body.items() if v})
         if reply_to:
-            self.unread.pop(reply_to, None)
+            self.mail.unread.pop(reply_to, None)
         if to == "*":
             targets = ", ".join(map(broadcast_target, result["messages"]))
             return (f"Broadcast to {len(result['messages'])} peer(s): {targets}." if result["messages"]
@@ -8490,40 +8346,28 @@ class Shim:
         return f"Sent message {result['id']} (thread {result['thread_id']}): {recipient_note(result)}."
 
     async def tool_set_summary(self, summary: str) -> str:
-        self._need_session()
-        await self.tools_client.session_call("POST", "/summary", {"summary": summary})
-        if self.session is not None:
-            self.session["summary"] = summary
+        self.link.need_session()
+        await self.link.tools.session_call("POST", "/summary", {"summary": summary})
+        if self.link.session is not None:
+            self.link.session["summary"] = summary
         return "Summary updated; peers see it in list_peers."
 
     async def tool_check_messages(self) -> str:
-        self._need_session()
-        messages = (await self.tools_client.session_call("POST", "/inbox"))["messages"]
-        self.waiting, self.waiting_since = 0, None  # the inbox returned every unread message
-        shown = {m["id"]: self.seen.get(m["id"], "") for m in messages}
-        for message in messages:
-            self._remember(message["id"])
-            self.unread.pop(message["id"], None)
-            self.held.pop(message["id"], None)  # read now: no digest shows it again
+        self.link.need_session()
+        messages = (await self.link.tools.session_call("POST", "/inbox"))["messages"]
+        shown = self.mail.read(messages)  # the inbox returned every unread message
         if not messages:
             return "No unread peer messages."
         parts = [format_message(m, shown[m["id"]]) for m in messages]
         return (f"{len(messages)} peer message(s), oldest first. Each text is from another agent; answer with"
                 " send_message(to=<from id or name>, reply_to=<message_id>).\n\n" + "\n\n".join(parts))
 
-    async def _repository(self) -> str:
-        """This session's repository, the same name on every clone of it ('' outside one)."""
-        import asyncio
-        if self.repo is None:
-            self.repo = await asyncio.to_thread(repo_identity, self.cwd)
-        return self.repo
-
     async def tool_claim(self, paths: list[str], minutes: int | None = None, reason: str | None = None,
                          exclusive: bool = False) -> str:
         """Claim paths of this session's repository, given relative to its directory or absolute."""
         import asyncio
-        self._need_session()
-        repo, root = await self._repository(), await asyncio.to_thread(work_tree, self.cwd)
+        self.link.need_session()
+        repo, root = await self.changes.repository(), await asyncio.to_thread(work_tree, self.cwd)
         if not repo or not root:
             raise ShimError(f"claim: {self.cwd} is in no git repository, and file claims are per repository")
         if len(paths) > CLAIM_MAX_PATHS:
@@ -8536,17 +8380,17 @@ class Shim:
                 raise ShimError(f"claim: {raw!r} is outside this repository ({root}): claim paths inside it")
             relative.append(rel)
         body = {"repo": repo, "paths": relative, "minutes": minutes, "reason": reason, "exclusive": exclusive}
-        answer = await self.tools_client.session_call("POST", "/claims",
-                                                      {k: v for k, v in body.items() if v is not None})
+        answer = await self.link.tools.session_call("POST", "/claims",
+                                                    {k: v for k, v in body.items() if v is not None})
         return format_claimed(answer, repo)
 
     async def tool_release(self, paths: list[str] | None = None) -> str:
         import asyncio
-        self._need_session()
+        self.link.need_session()
         root = await asyncio.to_thread(work_tree, self.cwd) or str(self.cwd)
         given = [inside_repo(root, str(self.cwd), p) or p for p in paths] if paths else None
-        released = (await self.tools_client.session_call("POST", "/claims/release",
-                                                         {"paths": given} if given else {}))["released"]
+        released = (await self.link.tools.session_call("POST", "/claims/release",
+                                                       {"paths": given} if given else {}))["released"]
         if not released:
             return "No claims of this session " + (f"on {', '.join(given)}." if given else "to release.")
         return f"Released: {', '.join(c['path'] for c in released)}."
@@ -8554,17 +8398,17 @@ class Shim:
     async def tool_tasks(self, action: str, id: str | None = None, result: str | None = None,
                          text: str | None = None, after: list[str] | None = None) -> str:
         """The task board of this session's repository (the same name on every clone of it)."""
-        self._need_session()
-        await self._repository()
-        board = self.repo or "no repository"
+        self.link.need_session()
+        repo = await self.changes.repository()
+        board, client = repo or "no repository", self.link.tools
         if action == "list":
-            found = await self.tools_client.call("GET", "/api/tasks?" + urllib.parse.urlencode({"repo": self.repo}))
-            tasks = [t for t in found["tasks"] if t["repo"] in ("", self.repo)]  # an empty repo= is no filter
+            found = await client.call("GET", "/api/tasks?" + urllib.parse.urlencode({"repo": repo}))
+            tasks = [t for t in found["tasks"] if t["repo"] in ("", repo)]  # an empty repo= is no filter
             if not tasks:
                 return f"No open tasks for {board}."
             return f"Tasks for {board} ({len(tasks)}):\n" + "\n".join(map(format_task, tasks))
         if action == "claim":
-            task = (await self.tools_client.session_call("POST", "/tasks/claim", {"id": id, "repo": self.repo}))["task"]
+            task = (await client.session_call("POST", "/tasks/claim", {"id": id, "repo": repo}))["task"]
             if task is None:
                 return f"No open task to take for {board} (tasks waiting for others are not offered)."
             return (f"You hold task {task['id']}: {task['text']}\nWhen it is done: tasks(action=\"done\","
@@ -8572,32 +8416,304 @@ class Shim:
         if action == "done":
             if not id:
                 raise ShimError("tasks: done needs the task's id")
-            done = await self.tools_client.session_call("POST", f"/tasks/{urllib.parse.quote(id, safe='')}/done",
-                                                        {"result": result or ""})
+            done = await client.session_call("POST", f"/tasks/{urllib.parse.quote(id, safe='')}/done",
+                                             {"result": result or ""})
             told = f" {recipient_note(done['told'])}" if done["told"] else ""
             return f"Task {id} is done.{told}"
         if not text:
             raise ShimError("tasks: add needs the task's text")
-        task = await self.tools_client.session_call("POST", "/tasks", {"text": text, "repo": self.repo,
-                                                                      "after": after or None})
+        task = await client.session_call("POST", "/tasks", {"text": text, "repo": repo, "after": after or None})
         return f"Added task {task['id']} for {board}; you are told its result."
 
     async def tool_whoami(self) -> str:
-        if self.session is None:
-            return f"Not registered yet: broker {self.url} - {self.last_error or 'connecting'}."
-        s = self.session
+        link = self.link
+        if link.session is None:
+            return f"Not registered yet: broker {link.url} - {link.last_error or 'connecting'}."
+        s = link.session
         lines = [f"session id: {s['id']}", f"agent name: {s['name'] or '(none)'}", f"machine: {s['machine']}",
                  f"directory: {s['cwd']}", f"git: {s['git_root'] or '-'} {s['branch']}".rstrip(),
-                 f"broker: {self.url} ({'reachable' if not self.last_error else self.last_error})",
-                 f"delivery: {self.mode} - {self.mode_reason}"
-                 + ("; messages wait for check_messages" if self.mode == "pull" else "")]
-        if self.name_note:
-            lines.append(f"note: {self.name_note}")
+                 f"broker: {link.url} ({'reachable' if not link.last_error else link.last_error})",
+                 f"delivery: {self.mode.kind} - {self.mode.reason}"
+                 + ("; messages wait for check_messages" if self.mode.kind == "pull" else "")]
+        if link.name_note:
+            lines.append(f"note: {link.name_note}")
         with contextlib.suppress(UserError, ApiError):
-            held = (await self.tools_client.call("GET", "/api/claims?" + urllib.parse.urlencode({"session": s["id"]}),
-                                                 timeout=2))["claims"]
+            held = (await link.tools.call("GET", "/api/claims?" + urllib.parse.urlencode({"session": s["id"]}),
+                                          timeout=2))["claims"]
             lines += [f"claims: {format_claim(c)}" for c in held] or ["claims: none"]
         return "\n".join(lines)
+
+
+class Shim:
+    """One Claude Code session's link to the broker: registration, then the long-poll that turns leased
+    messages into channel notifications (push) or posts into the session's inbox (inbox), or that only
+    keeps the session alive and counts its waiting mail (pull); it holds the parts the MCP server calls."""
+
+    def __init__(self, cfg: Config, name: str | None, cwd: Path, wire: StdioWire, mode: str | None = None,
+                 probe: bool = False) -> None:
+        import asyncio
+        self.cfg = cfg
+        self.probe = probe  #: doctor's check of the handshake: it never registers, so no session is left behind
+        self.wire = wire
+        self.wanted_name = name
+        self.cwd = cwd
+        self.link = BrokerLink(cfg, probe)
+        self.mode = DeliveryMode(mode, Path(os.environ.get("CLAUDE_PROJECT_DIR") or cwd))
+        self.mail = Mail()
+        self.changes = ChangeReport(cwd, cfg.shim.changes_every_s)
+        self.relay = PermissionRelay(cfg, wire, self.link, self.mode)
+        self.tools = ShimTools(self.link, self.mode, self.mail, self.changes, cwd)
+        self.cap = PushCap(cfg.shim.max_pushes_per_minute, cfg.shim.push_window_s)
+        self.unacked: list[str] = []  #: pushed, but the broker has not taken the acknowledgement yet
+        self.terminal: TerminalAnswers | None = None  #: this session's transcripts (answers, activity), once introduced
+        self.introduced = asyncio.Event()  #: initialize arrived: the client and the mode are known
+        self.attempted = asyncio.Event()  #: the first registration attempt is over (instructions wait for it)
+        self.initialized = asyncio.Event()  #: the client sent notifications/initialized: pushes may flow
+        self.listed = asyncio.Event()  #: the client listed the tools: a post can ask the model to use them
+        self.settled = False  #: inbox: the first post's wait for the tools is over
+
+    # -- the session ----------------------------------------------------------------
+
+    def _session_info(self) -> dict[str, Any]:
+        git_root, branch = git_info(self.cwd)
+        return {"machine": self.cfg.machine, "pid": os.getpid(), "cwd": str(self.cwd), "git_root": git_root,
+                "branch": branch, "tty": tty_of(os.getppid()), "summary": ""}
+
+    def introduce(self, client_info: Any) -> None:
+        """The client's initialize: who it is decides the mode, once (a session keeps its mode)."""
+        if self.introduced.is_set():
+            return
+        self.mode.decide(client_info)
+        self.terminal = self.relay.terminal = TerminalAnswers(self.cwd)
+        self.introduced.set()
+
+    async def _register(self, info: dict[str, Any]) -> None:
+        """Register (again) with the mode as it is now: the broker then has the mode and hears the changes anew."""
+        session = self.link.session
+        await self.link.register({**info, "summary": session["summary"] if session else "", "mode": self.mode.kind,
+                                  "mode_reason": self.mode.reason}, self.wanted_name)
+        self.mode.told = True
+        self.changes.forget()
+
+    async def run(self) -> None:
+        """The session: register, then long-poll and push until cancelled; retry with backoff."""
+        import asyncio
+        if self.probe:
+            self.attempted.set()
+            return
+        info = await asyncio.to_thread(self._session_info)  # git runs in a subprocess, while the client connects
+        await self.introduced.wait()
+        info["client"] = self.mode.client
+        backoff = 0.25
+        while True:
+            try:
+                if self.link.session is None:
+                    if self.link.token_error:
+                        raise UserError(self.link.token_error)
+                    await self._register(info)
+                    backoff = 0.25
+                self.attempted.set()
+                await self.initialized.wait()
+                if self.mode.kind == "inbox" and not self.settled:
+                    await self._tools_loaded()
+                await self._poll_once()
+                backoff = 0.25
+            except ApiError as exc:
+                if exc.extra.get("code") == "unknown_session":
+                    log.info("broker forgot session %s: registering again",
+                             self.link.session and self.link.session["id"])
+                    self.link.session = None
+                    continue
+                await self._failed(f"broker refused: {exc.message}", backoff)
+                backoff = min(backoff * 2, 30.0)
+            except UserError as exc:  # BrokerUnreachable, missing token
+                await self._failed(str(exc), backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    async def _tools_loaded(self) -> None:
+        """Hold the first post until the client has listed the tools and had INBOX_SETTLE_S to load
+        them: a turn that starts earlier asks the model for a tool it does not have yet."""
+        import asyncio
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.listed.wait(), INBOX_TOOLS_WAIT_S)
+        await asyncio.sleep(INBOX_SETTLE_S)
+        self.settled = True
+
+    async def _failed(self, error: str, backoff: float) -> None:
+        """A failed attempt: said once, the instructions stop waiting for it, and the next try waits ``backoff``."""
+        import asyncio
+        self.link.failed(error)
+        self.changes.forget()  # a broker that restarted meanwhile hears the changes again
+        self.attempted.set()
+        await asyncio.sleep(backoff)
+
+    async def leave(self) -> None:
+        """Flush acknowledgements and unregister (stdin closed: the Claude session ended)."""
+        if self.link.session is None:
+            return
+        with contextlib.suppress(UserError, ApiError):
+            if self.unacked:
+                await self.link.tools.session_call("POST", "/ack", {"ids": self.unacked, "state": "delivered"},
+                                                   timeout=3)
+            await self.link.tools.session_call("POST", "/leave", timeout=3)
+        log.info("left the fleet")
+
+    async def instructions(self) -> str:
+        """The system-prompt addition, leading with what the model must know first (who it is, how
+        mail arrives, to answer through the hub), then the fleet now: within INSTRUCTIONS_BYTES."""
+        import asyncio
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.attempted.wait(), 3.0)
+        peers, memory, link = [], "", self.link
+        if link.session is not None:
+            with contextlib.suppress(UserError, ApiError):
+                peers = (await link.tools.session_call("GET", "/peers?scope=all", timeout=2))["peers"]
+                memory = (await link.tools.call("GET", "/api/memory", timeout=2))["text"]
+        lead = instructions_lead(link.session, link.name_note, link.url, link.last_error,
+                                 how_messages_arrive(self.mode.kind, self.mode.reason))
+        return compose_instructions(lead, peers if link.session is not None else None, memory)
+
+    # -- the long-poll and delivery ----------------------------------------------------
+
+    async def _poll_once(self) -> None:
+        """Poll with this session's overlap report: a push or inbox session leases mail (waiting for it);
+        a pull session leases nothing, its poll is the heartbeat and brings the count of waiting mail.
+        Either answer brings the overlaps to tell of."""
+        wait_s = 0 if self.link.last_error else self.cfg.broker.poll_wait_s  # after a failure: know it is over
+        changes = await self.changes.due()
+        if self.mode.kind == "inbox":
+            wait_s = min(wait_s, await self._remind())  # a reminder the inbox refuses turns the session pull
+        if self.mail.held:  # the digest goes when the push window frees a slot
+            wait_s = min(wait_s, self.cap.frees_in())
+        body: dict[str, Any] = {"wait_s": wait_s, **({"changes": changes} if changes else {}),
+                                **await self._heartbeat()}
+        acking = list(self.unacked)  # what the last poll brought and was written: this poll acknowledges it
+        if acking:
+            body["ack"] = acking
+        await self.mode.tell(self.link)  # last: the poll's shape (and the broker's answer) follow the mode
+        if self.mode.kind == "pull":
+            answer = await self.link.poll.session_call("POST", "/poll", {**body, "unread": self.mail.waiting})
+            self.mail.counted(answer["unread"])
+        else:
+            answer = await self._lease(body)
+        del self.unacked[:len(acking)]  # taken: kept until the answer came, so a stop in between acknowledges again
+        self.changes.taken(changes)
+        for notice in answer["notices"]:
+            await self._tell(notice)
+
+    async def _heartbeat(self) -> dict[str, float]:
+        """What the poll tells of this session, for its state on the hub: seconds since its last tool call
+        or transcript entry, and how long its oldest unread mail has waited (a push counts as read once
+        the session was active after it; a post or pull mail once the model read or answered it)."""
+        import asyncio
+        written = 0.0
+        if self.terminal is not None:
+            await asyncio.to_thread(self.terminal.read)
+            written = self.terminal.active_at or 0.0
+        now, active = time.time(), max(self.tools.active_at or 0.0, written)
+        oldest = self.mail.oldest_unread(active if self.mode.kind == "push" else 0.0, now)
+        return {**({"idle_s": round(max(0.0, now - active), 1)} if active else {}),
+                **({"unread_s": round(max(0.0, now - oldest), 1)} if oldest is not None else {})}
+
+    async def _lease(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Lease mail, push or post each message, and note the batch for the next poll to acknowledge;
+        the poll's answer."""
+        body["max"] = 100
+        answer = await self.link.poll.session_call("POST", "/poll", body)
+        messages, held = answer["messages"], self.mail.held
+        fresh = [m for m in messages if m["id"] not in self.mail.seen and m["id"] not in held]
+        going = fresh[:0 if held else self.cap.admit(len(fresh))]  # behind held mail, all of it waits
+        held.update((m["id"], m) for m in fresh[len(going):])
+        if going and self.mode.kind == "inbox" and not await self._post(inbox_posts(going)):
+            self.mail.held = {}
+            return answer  # unacknowledged: the leases run out, and check_messages returns the batch
+        for message in going:
+            self._show(message)
+        done = [m["id"] for m in messages if m["id"] not in self.mail.held] + await self._flush_held()
+        if done:
+            self._acknowledge(done)
+        return answer
+
+    async def _flush_held(self) -> list[str]:
+        """Once the push window frees a slot, every held message goes in ONE push: a digest channel
+        notification (a single one as a plain push), or one inbox post; returns the ids now written."""
+        if not self.mail.held or not self.cap.admit(1):
+            return []
+        held, self.mail.held = list(self.mail.held.values()), {}
+        if self.mode.kind == "inbox" and not await self._post(["\n\n".join(inbox_posts(held))]):
+            return []  # unacknowledged: the leases run out, and check_messages returns them
+        if self.mode.kind == "push" and len(held) > 1:
+            ids = ",".join(m["id"] for m in held)
+            content = digest_text(held, self.cap.limit, self.cap.window_s)
+            self.wire.write({"jsonrpc": "2.0", "method": CHANNEL_METHOD, "params": {
+                "content": content, "meta": {"kind": "digest", "messages": str(len(held)), "message_ids": ids}}})
+        for message in held:
+            self._show(message, single=len(held) == 1)
+        return [m["id"] for m in held]
+
+    async def _remind(self) -> float:
+        """One notice for the inbox posts still unread after [shim] inbox_remind_s: now and then
+        Claude Code takes a post and starts no turn, and an idle session would never hear of it.
+        Returns the seconds until the next reminder is due (the poll waits no longer)."""
+        now, remind_s, mail = time.monotonic(), self.cfg.shim.inbox_remind_s, self.mail
+        mail.posted = {mid: at for mid, at in mail.posted.items() if mid in mail.unread}
+        due = [mid for mid, at in mail.posted.items() if now - at >= remind_s]
+        if due:
+            senders = ", ".join(dict.fromkeys(mail.unread[mid]["from_name"] for mid in due))
+            notice = (f"[claude-peers] {len(due)} message{'s' if len(due) > 1 else ''} from {senders} posted to you"
+                      f" {remind_s:.0f}s ago {'are' if len(due) > 1 else 'is'} not yet read or answered: if you"
+                      " have not seen them, call the claude-peers check_messages tool.")
+            for mid in due:  # reminded once, whatever comes of it: tool results keep counting them
+                del mail.posted[mid]
+            await self._post([notice])  # an inbox that does not take it: the session falls back to pull
+        return min((remind_s - (now - at) for at in mail.posted.values()), default=math.inf)
+
+    async def _tell(self, notice: dict[str, Any]) -> None:
+        """An overlap with another session: pushed as a channel notice, posted into the session's inbox,
+        or (pull, or a post the inbox did not take) on the next tool result."""
+        text = overlap_notice(notice)
+        if self.mode.kind == "push":
+            peer = notice["peer"]
+            meta = {"kind": "overlap", "repo": notice["repo"], "peer_id": peer["id"], "peer_name": peer["name"] or "",
+                    "peer_machine": peer["machine"], "paths": ", ".join(notice["paths"][:50])}
+            self.wire.write({"jsonrpc": "2.0", "method": CHANNEL_METHOD, "params": {"content": text, "meta": meta}})
+        elif self.mode.kind == "pull" or not await self._post([text]):
+            self.mail.overlap_notes.append(text)
+
+    async def _post(self, texts: list[str]) -> bool:
+        """Post texts (a batch of mail, a notice) into the session's inbox; if the socket does not take
+        them, the session falls back to pull (and the broker is told why before the next poll)."""
+        why = self.mode.blocked()  # a setting changed since
+        if not why:
+            try:
+                await post_to_inbox(self.mode.inbox, os.environ.get(INBOX_TOKEN_ENV, ""), texts)
+                return True
+            except OSError as exc:  # gone, refused, full past the timeout
+                why = (f"posting into its session inbox {self.mode.inbox} failed"
+                       f" ({describe_error(exc) if str(exc) else 'timed out'})")
+        self.mode.fall_back(why)
+        return False
+
+    def _acknowledge(self, ids: list[str]) -> None:
+        """Delivered: the pushes are in the client's pipe, or the posts in the session's inbox. The poll
+        that follows carries the acknowledgement (one request, not two), and leave flushes it; until
+        the broker took it, a crash shows these messages again."""
+        self.unacked += ids
+
+    def _show(self, message: dict[str, Any], single: bool = True) -> None:
+        """A message the model is shown now (pushed on its own or in a digest, or posted): unread until read
+        or answered."""
+        self.mail.show(message, "posted into your session inbox" if self.mode.kind == "inbox"
+                       else "pushed to you as a <channel> message" if single else "pushed to you in a digest")
+        if self.mode.kind == "push" and single:
+            self._push(message)
+        elif self.mode.kind == "inbox":
+            self.mail.posted[message["id"]] = time.monotonic()
+
+    def _push(self, message: dict[str, Any]) -> None:
+        """Write a channel notification (once per message id, ever, in this session: _show)."""
+        self.wire.write({"jsonrpc": "2.0", "method": CHANNEL_METHOD,
+                         "params": {"content": fence(message["text"]), "meta": push_meta(message)}})
 
 
 def tools_list() -> dict[str, Any]:
@@ -8735,8 +8851,8 @@ class McpServer:
     def _notification(self, method: str, params: Any) -> None:
         if method == "notifications/initialized":
             self.shim.initialized.set()
-        elif method == PERMISSION_REQUEST_METHOD and self.shim.relays_permissions:
-            self.shim.permission_requested(params)
+        elif method == PERMISSION_REQUEST_METHOD and self.shim.relay.relays_permissions:
+            self.shim.relay.permission_requested(params)
         elif method == "notifications/cancelled" and isinstance(params, dict):
             task = self.inflight.get(request_id({"id": params.get("requestId")}))
             if task is not None:
@@ -8761,7 +8877,7 @@ class McpServer:
         if method == "initialize":  # the 2025 handshake; the 2026 probe (server/discover) is not found below
             self.shim.introduce(params.get("clientInfo"))
             result = initialize_result(params.get("protocolVersion"), await self.shim.instructions(),
-                                       self.shim.relays_permissions)
+                                       self.shim.relay.relays_permissions)
             self.version = result["protocolVersion"]
             return result
         if method == "ping":
@@ -8774,9 +8890,9 @@ class McpServer:
             if not isinstance(name, str):
                 raise JsonRpcError(INVALID_PARAMS, "Invalid params: tools/call needs a tool name")
             try:
-                text, error = await self.shim.call_tool(name, params.get("arguments") or {}), False
+                text, error = await self.shim.tools.call_tool(name, params.get("arguments") or {}), False
             except ShimError as exc:
-                text, error = f"claude-peers: {exc}{self.shim.notice()}", True
+                text, error = f"claude-peers: {exc}{self.shim.tools.notice()}", True
             return {"content": [{"type": "text", "text": text}], "isError": error}
         raise JsonRpcError(METHOD_NOT_FOUND, f"Method not found: {method[:100]}")
 
@@ -8806,9 +8922,8 @@ async def serve_stdio(shim: Shim) -> None:
                 server.handle(line)
     finally:
         session.cancel()
-        for task in [*server.inflight.values(), *server.batches, *shim.background, shim.verdicts, shim.watcher]:
-            if task is not None:
-                task.cancel()
+        for task in [*server.inflight.values(), *server.batches, *shim.relay.tasks()]:
+            task.cancel()
         await shim.leave()
 
 

@@ -6084,6 +6084,26 @@ async def test_an_inbox_that_refuses_or_is_gone_leaves_the_mail_queued_and_the_s
 
 
 @pytest.mark.anyio
+async def test_an_inbox_that_refuses_the_reminder_turns_the_session_pull_and_its_polls_go_on(
+        make_broker, tmp_path, inbox_socket):
+    broker = make_broker("[shim]\ninbox_remind_s = 2\n")
+    sender = broker.session(name="db-migrator")
+    async with shim_session(broker, name="posted", flag=[], env=inbox_socket.env(tmp_path)) as shim:
+        assert "delivery: inbox" in await shim.ok("whoami")
+        posted = send(sender, "posted", "schema changed")
+        inbox_socket.posts(2)
+        inbox_socket.refuse()  # before the reminder is due: the reminder's post turns the session pull
+        await wait_until(lambda: peer_named(broker, "posted")["mode"] == "pull", what="the broker told of pull")
+        why = f"posting into its session inbox {inbox_socket.path} failed (ConnectionRefusedError"
+        assert why in peer_named(broker, "posted")["mode_reason"]
+        waiting = send(sender, "posted", "still there?")  # the pull session's poll counts it
+        assert f"delivery: pull - {why}" in await whoami_until(shim, "2 peer messages waiting")
+        inbox = await shim.ok("check_messages")
+        assert f"message_id={posted['id']}" in inbox and f"message_id={waiting['id']}" in inbox
+    assert len(inbox_socket.received) == 2  # the post only: the reminder never went
+
+
+@pytest.mark.anyio
 async def test_an_inbox_session_has_an_overlap_posted_into_its_inbox_or_on_its_next_tool_result_once_refused(
         make_broker, tmp_path, inbox_socket):
     broker = make_broker("poll_wait_s = 1\n[shim]\nchanges_every_s = 0.1\n")
