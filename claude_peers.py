@@ -1490,6 +1490,28 @@ MEMORY_PARTS = ("pinned", "notes")  # a human's pinned section, then the notes d
 MEMORY_VERSIONS_KEPT = 100
 RUN_STATUSES = ("running", "ok", "failed", "timeout", "limit", "skipped")
 RUN_FINAL = RUN_STATUSES[1:]
+class Session(TypedDict):
+    """A session as the broker keeps it: its row in the sessions table (Sessions.live holds the live ones);
+    the API shows it through session_view, without its secret and credential."""
+    id: str
+    secret_hash: str
+    name: str | None  #: its agent name, None for a session known by its id alone
+    machine: str
+    pid: int
+    cwd: str
+    git_root: str
+    branch: str
+    tty: str
+    client: str  #: the MCP client that started its shim (claude-code, codex, …)
+    mode: str  #: one of MODES
+    mode_reason: str
+    summary: str
+    started_at: float
+    last_seen: float
+    live: int
+    credential: str  #: the credential that registered it
+
+
 SESSION_FIELDS = ("id", "name", "machine", "pid", "cwd", "git_root", "branch", "tty", "client", "mode", "mode_reason",
                   "summary")
 # How a session gets its mail: pushed into it as a channel notification, posted into its Claude Code
@@ -1526,7 +1548,31 @@ def session_view(row: Any, last_seen: float | None = None) -> dict[str, Any]:
 QUEUED, DELIVERED, READ, UNDELIVERABLE, HELD, REFUSED = "queued", "delivered", "read", "undeliverable", "held", "refused"
 
 
-def message_view(row: Any) -> dict[str, Any]:
+class MessageView(TypedDict):
+    """A message as the API, the shim and the CLI see it (message_view of its row); times in ISO-8601."""
+    id: str
+    thread_id: str
+    reply_to: str | None
+    from_id: str
+    from_name: str
+    from_machine: str
+    from_cwd: str
+    to: str  #: the address it was sent to: a session id, an agent name, or *
+    to_id: str | None
+    to_name: str | None
+    text: str
+    state: str  #: QUEUED, DELIVERED, READ, UNDELIVERABLE, HELD or REFUSED
+    sent_at: str
+    delivered_at: str | None
+    read_at: str | None
+    credential: str  #: the audit: which credential sent it
+    credential_role: str  #: and its role, shown to the recipient's model
+    hold_reason: str  #: why its recipient's inbound policy held or refused it ('' neither)
+    decided_by: str  #: who released or refused it, held ('' nobody)
+    decided_at: str | None
+
+
+def message_view(row: Any) -> MessageView:
     return {
         "id": row["id"],
         "thread_id": row["thread_id"],
@@ -1543,10 +1589,10 @@ def message_view(row: Any) -> dict[str, Any]:
         "sent_at": iso(row["sent_at"]),
         "delivered_at": iso(row["delivered_at"]),
         "read_at": iso(row["read_at"]),
-        "credential": row["credential"],  # the audit: which credential sent it
-        "credential_role": row["credential_role"],  # and its role, shown to the recipient's model
-        "hold_reason": row["hold_reason"],  # why its recipient's inbound policy held or refused it ('' neither)
-        "decided_by": row["decided_by"],  # who released or refused it, held ('' nobody)
+        "credential": row["credential"],
+        "credential_role": row["credential_role"],
+        "hold_reason": row["hold_reason"],
+        "decided_by": row["decided_by"],
         "decided_at": iso(row["decided_at"]),
     }
 
@@ -1659,15 +1705,15 @@ class Presence:
         #: what each session's shim last told of it: (last active, oldest unread mail shown), broker time or None
         self.reports: dict[str, tuple[float | None, float | None]] = {}
 
-    def last_seen(self, session: dict[str, Any]) -> float:
+    def last_seen(self, session: Session) -> float:
         if session["id"] in self.polling:
             return time.time()
         return max(session["last_seen"], self.heard.get(session["id"], 0.0))
 
-    def stale(self, session: dict[str, Any], now: float) -> bool:
+    def stale(self, session: Session, now: float) -> bool:
         return self.last_seen(session) < now - self.stale_after_s
 
-    def alive(self, session: dict[str, Any], now: float, pid_max_age: float | None = 0.0) -> bool:
+    def alive(self, session: Session, now: float, pid_max_age: float | None = 0.0) -> bool:
         """Heard from lately and, on this machine, its pid still runs (checked at most
         ``pid_max_age`` seconds ago; None: the caller is the session itself)."""
         if self.stale(session, now):
@@ -1904,7 +1950,7 @@ class Sessions:
     def __init__(self, store: Store, presence: Presence) -> None:
         self.store = store
         self.presence = presence  #: the broker's: heartbeats and polls in progress
-        self.live: dict[str, dict[str, Any]] = {}  #: id -> session, for the live ones
+        self.live: dict[str, Session] = {}  #: id -> session, for the live ones
         self.names: dict[str, str] = {}  #: agent name -> the id of the live session holding it
         self.digests: dict[str, str] = {}  #: secret -> its sha256, for secrets that opened a live session
         #: what else ends with a session, in the same transaction (the task board reopens what it held)
@@ -1917,7 +1963,7 @@ class Sessions:
         self.live = {r["id"]: dict(r) for r in rows}
         self.names = {r["name"]: r["id"] for r in rows if r["name"]}
 
-    def _end_session(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
+    def _end_session(self, c: sqlite3.Connection, session: Session, reason: str) -> None:
         """Mark a session gone: its unnamed mail becomes undeliverable, named mail waits for the name."""
         sid = session["id"]
         c.execute("UPDATE sessions SET live = 0, last_seen = ? WHERE id = ?", (self.presence.last_seen(session), sid))
@@ -2023,20 +2069,20 @@ class Sessions:
             self._remember_digest(secret, digest)
             return session
 
-    def end_stale(self, session: dict[str, Any]) -> None:
+    def end_stale(self, session: Session) -> None:
         """End a session that went silent past stale_after_s, unless something ended it meanwhile."""
         with self.store.tx() as c:
             if self.live.get(session["id"]) is session:
                 self._end_session(c, session, "stale")
 
-    def set_summary(self, session: dict[str, Any], summary: str) -> None:
+    def set_summary(self, session: Session, summary: str) -> None:
         with self.store.tx() as c:
             c.execute("UPDATE sessions SET summary = ? WHERE id = ?", (summary, session["id"]))
             self.store.event(c, "peer.summary", "fleet.peer.summary", machine=session["machine"],
                         session_id=session["id"], name=session["name"], summary=summary)
             session["summary"] = summary
 
-    def set_mode(self, session: dict[str, Any], mode: str, reason: str) -> None:
+    def set_mode(self, session: Session, mode: str, reason: str) -> None:
         """A session's new way of getting mail (an inbox that failed falls back to pull), and why."""
         mode = checked_mode(mode)
         with self.store.tx() as c:
@@ -2053,7 +2099,7 @@ class Sessions:
                 self._end_session(c, session, "credential revoked")
         return [s["id"] for s in held]
 
-    def leave(self, session: dict[str, Any]) -> None:
+    def leave(self, session: Session) -> None:
         with self.store.tx() as c:
             self._end_session(c, session, "left")
 
@@ -2290,7 +2336,7 @@ class Inbound:
         wake = {m["to_session"] for m in messages if m["state"] == QUEUED}
         return {"pair": list(pair), "action": action, "messages": [message_view(m) for m in messages]}, wake, ""
 
-    def ended(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
+    def ended(self, c: sqlite3.Connection, session: Session, reason: str) -> None:
         """Its session ended: a pair it was paused in is no longer one (in the caller's transaction); the
         pair's held messages stay held, each one a human's to release or refuse."""
         c.execute("DELETE FROM reply_loops WHERE a = ? OR b = ?", (session["id"], session["id"]))
@@ -2491,7 +2537,7 @@ class Messages:
         holder = self.sessions.live_session(c, self.sessions.names.get(to), now)
         return [{"session": holder["id"] if holder else None, "name": to, "undeliverable": False}]
 
-    def _open(self, c: sqlite3.Connection, session: dict[str, Any], states: tuple[str, ...] = (QUEUED, DELIVERED),
+    def _open(self, c: sqlite3.Connection, session: Session, states: tuple[str, ...] = (QUEUED, DELIVERED),
               columns: str = "*") -> list[sqlite3.Row]:
         """Messages in ``states`` addressed to a session, by id or by name, in send order.
 
@@ -2503,7 +2549,7 @@ class Messages:
         sql = " UNION ".join(part for part, _ in parts)
         return c.execute(f"{sql} ORDER BY seq", [value for _, value in parts]).fetchall()
 
-    def lease(self, session: dict[str, Any], limit: int,
+    def lease(self, session: Session, limit: int,
               ack: list[str] | None = None) -> tuple[list[dict[str, Any]], float | None]:
         """Acknowledge ``ack`` as delivered, then lease the session's next queued messages;
         also returns when the next lease held elsewhere ends."""
@@ -2527,7 +2573,7 @@ class Messages:
             c.executemany("UPDATE messages SET lease_until = NULL, leased_to = NULL WHERE id = ? AND state = 'queued'",
                           [(mid,) for mid in ids])
 
-    def ack(self, session: dict[str, Any], ids: list[str], state: str) -> int:
+    def ack(self, session: Session, ids: list[str], state: str) -> int:
         """Mark messages addressed to this session ``delivered`` or ``read``; returns how many changed."""
         now = time.time()
         allowed = (QUEUED,) if state == DELIVERED else (QUEUED, DELIVERED)
@@ -2542,7 +2588,7 @@ class Messages:
             )
             return cur.rowcount
 
-    def inbox(self, session: dict[str, Any]) -> list[dict[str, Any]]:
+    def inbox(self, session: Session) -> list[dict[str, Any]]:
         """Every message to this session not yet read, now marked read (``check_messages``)."""
         now = time.time()
         with self.store.tx() as c:
@@ -2551,7 +2597,7 @@ class Messages:
                           " lease_until = NULL WHERE seq = ?", [(now, now, r["seq"]) for r in rows])
         return [message_view(r) for r in rows]
 
-    def unread(self, session: dict[str, Any]) -> int:
+    def unread(self, session: Session) -> int:
         with self.store.lock:
             return len(self._open(self.store.db, session, columns="seq"))
 
@@ -2839,7 +2885,7 @@ class Permissions:
             raise ApiError(404, f"no permission prompt {pid!r} (claude-peers pending lists the waiting ones)")
         return dict(rows[0])
 
-    def request(self, session: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    def request(self, session: Session, body: dict[str, Any]) -> dict[str, Any]:
         """A prompt from a session's shim: stored waiting, announced, queued for the webhook. The
         same request id again (a shim retrying after a lost answer) is the same prompt."""
         with self.store.tx() as c:
@@ -2887,23 +2933,23 @@ class Permissions:
             self._audit(c, pid, behavior, by, where, f"dropped: {late}" if late else "applied")
         return permission_view(prompt), late
 
-    def undelivered(self, session: dict[str, Any]) -> list[dict[str, Any]]:
+    def undelivered(self, session: Session) -> list[dict[str, Any]]:
         """The session's prompts a human answered whose verdict its shim has not written to Claude Code yet."""
         rows = self.store.read("SELECT * FROM permissions WHERE session_id = ? AND state IN ('allowed', 'denied')"
                                " AND delivered_at IS NULL ORDER BY answered_at", (session["id"],))
         return [permission_view(r) for r in rows]
 
-    def waiting(self, session: dict[str, Any]) -> int:
+    def waiting(self, session: Session) -> int:
         return self.store.read("SELECT COUNT(*) FROM permissions WHERE session_id = ? AND state = 'waiting'",
                                (session["id"],))[0][0]
 
-    def delivered(self, session: dict[str, Any], ids: list[str]) -> None:
+    def delivered(self, session: Session, ids: list[str]) -> None:
         """The shim wrote these verdicts to Claude Code: never handed again."""
         with self.store.tx() as c:
             c.executemany("UPDATE permissions SET delivered_at = ? WHERE id = ? AND session_id = ?"
                           " AND delivered_at IS NULL", [(time.time(), pid, session["id"]) for pid in ids])
 
-    def settle(self, session: dict[str, Any], pid: str, decision: str) -> dict[str, Any]:
+    def settle(self, session: Session, pid: str, decision: str) -> dict[str, Any]:
         """The shim saw its session's terminal answer the prompt (``decision``: allow or deny) before
         any verdict from the hub reached Claude Code: shown as such, and a verdict given meanwhile is late."""
         with self.store.tx() as c:
@@ -2924,7 +2970,7 @@ class Permissions:
                 self._event(c, prompt)
         return permission_view(prompt)
 
-    def expire_session(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
+    def expire_session(self, c: sqlite3.Connection, session: Session, reason: str) -> None:
         """Its session ended: nobody can answer its waiting prompts any more (in the caller's transaction)."""
         for row in c.execute("SELECT * FROM permissions WHERE session_id = ? AND state = 'waiting'",
                              (session["id"],)).fetchall():
@@ -3101,7 +3147,7 @@ class Tasks:
         answer = {"task": view, "told": told and told.answer, "messages": told.answer["messages"] if told else []}
         return Sent(answer, told.handed if told else {}, told.wake if told else set())
 
-    def reopen_held(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
+    def reopen_held(self, c: sqlite3.Connection, session: Session, reason: str) -> None:
         """A session ended: every task it held is open again, for the next one to claim."""
         held = [r["id"] for r in c.execute("SELECT id FROM tasks WHERE holder_session = ? AND state = 'claimed'",
                                            (session["id"],))]
@@ -3130,7 +3176,7 @@ MAX_CHANGED_PATHS = 200  #: the most paths a session's overlap report names; it 
 OVERLAP_EVENT_PATHS = 50  #: the most paths a fleet.overlap event names
 
 
-def overlap_side(session: dict[str, Any]) -> dict[str, Any]:
+def overlap_side(session: Session) -> dict[str, Any]:
     """One session of an overlap as its notice, its event and the dashboard show it."""
     return {k: session[k] for k in ("id", "name", "machine", "cwd", "branch", "summary")}
 
@@ -3175,7 +3221,7 @@ class Overlaps:
         self._event(c, "changed" if row else "started", *pair, repo, common)
         return {sid for sid, side in zip(pair, "ab") if set(common) - set(told[side])}
 
-    def report(self, session: dict[str, Any], repo: str, paths: list[str], more: int) -> set[str]:
+    def report(self, session: Session, repo: str, paths: list[str], more: int) -> set[str]:
         """Take what ``session`` has changed in ``repo``; returns the sessions with a new overlap to be told."""
         sid, mine = session["id"], sorted(set(paths))
         with self.store.tx() as c:
@@ -3191,7 +3237,7 @@ class Overlaps:
                 tell |= self._meet(c, pair, rows.get(pair), repo, sorted(others.get(other, set()) & set(mine)))
             return tell
 
-    def hand(self, session: dict[str, Any]) -> list[dict[str, Any]]:
+    def hand(self, session: Session) -> list[dict[str, Any]]:
         """The overlaps ``session`` was not told of yet, as notices: who, where, which files (the new ones too)."""
         sid = session["id"]
         self.pending.discard(sid)
@@ -3208,7 +3254,7 @@ class Overlaps:
                                 "new": [p for p in paths if p not in told], "peer": overlap_side(peer)})
         return notices
 
-    def ended(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
+    def ended(self, c: sqlite3.Connection, session: Session, reason: str) -> None:
         """A session ended: its overlaps end with it (the other side's report stays), and its report goes."""
         who = session["name"] or session["id"]
         for row in c.execute("SELECT * FROM overlaps WHERE ? IN (a, b)", (session["id"],)).fetchall():
@@ -3336,7 +3382,7 @@ class Claims:
         rows = c.execute("SELECT * FROM claims WHERE repo = ?", (repo,)).fetchall()
         self._drop(c, [r for r in rows if self._expiry(r, now) is None], "expired")
 
-    def claim(self, session: dict[str, Any], repo: str, paths: list[Any], minutes: int, reason: str,
+    def claim(self, session: Session, repo: str, paths: list[Any], minutes: int, reason: str,
               exclusive: bool) -> dict[str, Any]:
         """Claim (or renew) paths for ``session``; an exclusive claim overlapping another session's
         exclusive one is refused. Answers what was taken, refused, and every overlapping claim of others."""
@@ -3374,7 +3420,7 @@ class Claims:
             views = [claim_view(r, self._expiry(r, now) or now) for r in conflicts.values()]
         return {"claims": taken, "refused": refused, "conflicts": views}
 
-    def release(self, session: dict[str, Any], paths: list[Any] | None) -> list[dict[str, Any]]:
+    def release(self, session: Session, paths: list[Any] | None) -> list[dict[str, Any]]:
         """End ``session``'s claims on ``paths`` (as it claimed them), or all of them."""
         patterns = [claim_pattern(p) for p in paths] if paths else None
         with self.store.tx() as c:
@@ -3391,7 +3437,7 @@ class Claims:
             [view] = self._drop(c, [row], "released", by=by, broken=True)
             return view
 
-    def end_held(self, c: sqlite3.Connection, session: dict[str, Any], reason: str) -> None:
+    def end_held(self, c: sqlite3.Connection, session: Session, reason: str) -> None:
         """A session ended: so did its claims."""
         rows = c.execute("SELECT * FROM claims WHERE holder_session = ?", (session["id"],)).fetchall()
         self._drop(c, rows, "ended", why=f"its session ended ({reason})")
@@ -3514,7 +3560,7 @@ def session_state(prompt_at: float | None, active_at: float | None, unread_since
     return "idle", active_at
 
 
-def waiting_finding(session: dict[str, Any], state: str) -> dict[str, Any]:
+def waiting_finding(session: Session, state: str) -> dict[str, Any]:
     """A session waiting on a human, as the waiting alert's finding (one per session)."""
     who = session["name"] or session["id"]
     what = "asks for permission" if state == "waiting for permission" else "has unread mail"
@@ -5406,7 +5452,7 @@ class Broker:
             elif sid in self.presence.polling:
                 self.missed.add(sid)
 
-    async def poll(self, session: dict[str, Any], wait_s: float, limit: int, ack: list[str] | None = None,
+    async def poll(self, session: Session, wait_s: float, limit: int, ack: list[str] | None = None,
                    hung_up: Callable[[], bool] = lambda: False, lease: bool = True) -> list[dict[str, Any]]:
         """Acknowledge ``ack`` (delivered) and lease mail for a session, waiting up to
         ``wait_s`` for some to arrive; the acknowledgement and the first lease share a commit.
@@ -5582,7 +5628,7 @@ def dashboard_sessions(b: Broker, now: float) -> list[dict[str, Any]]:
     return [{**s, "online": True} for s in online] + offline
 
 
-def message_meta(message: dict[str, Any]) -> dict[str, Any]:
+def message_meta(message: MessageView) -> dict[str, Any]:
     """A message for the dashboard: everything but its text, which the operator asks for one at a time."""
     meta = {k: v for k, v in message.items() if k != "text"}
     meta["bytes"] = len(message["text"].encode())
@@ -6100,7 +6146,7 @@ def changed_paths(changes: dict[str, Any]) -> list[str]:
     return changes["paths"]
 
 
-async def take_changes(b: Broker, session: dict[str, Any], changes: dict[str, Any]) -> None:
+async def take_changes(b: Broker, session: Session, changes: dict[str, Any]) -> None:
     """A session's overlap report: stored, and every session with a new overlap woken to be told of it."""
     paths = changed_paths(changes)
     tell = await b.write(lambda: b.overlaps.report(session, changes["repo"], paths, changes.get("more", 0)))
@@ -6108,13 +6154,13 @@ async def take_changes(b: Broker, session: dict[str, Any], changes: dict[str, An
     b.wake(tell - {session["id"]})
 
 
-async def overlap_notices(b: Broker, session: dict[str, Any]) -> list[dict[str, Any]]:
+async def overlap_notices(b: Broker, session: Session) -> list[dict[str, Any]]:
     if session["id"] not in b.overlaps.pending:
         return []
     return await b.write(lambda: b.overlaps.hand(session))
 
 
-async def acknowledge(b: Broker, session: dict[str, Any], ids: list[str], state: str) -> int:
+async def acknowledge(b: Broker, session: Session, ids: list[str], state: str) -> int:
     """Mark a session's messages ``state`` in the next group commit, and count them; how many changed."""
     changed = await b.write(lambda: b.messages.ack(session, ids, state))
     b.metrics.acked(session["id"], ids)
@@ -7658,14 +7704,14 @@ def fence(text: str) -> str:
     return CHANNEL_TAG.sub("&lt;", text)
 
 
-def sender_meta(message: dict[str, Any]) -> dict[str, str]:
+def sender_meta(message: MessageView) -> dict[str, str]:
     """Who a message is from, as its channel tag says: a human (the operator) or an agent, and
     the role of the credential it came in with ('unknown' for mail from before roles were kept)."""
     return {"sender": "human" if message["from_id"] == OPERATOR else "agent",
             "from_role": message.get("credential_role") or "unknown"}
 
 
-def push_meta(message: dict[str, Any]) -> dict[str, str]:
+def push_meta(message: MessageView) -> dict[str, str]:
     """A pushed message's channel attributes: who sent it, from where, which message and thread."""
     meta = {"from_name": message["from_name"], "from_id": message["from_id"], "from_machine": message["from_machine"],
             "from_cwd": message["from_cwd"], "message_id": message["id"], "thread_id": message["thread_id"],
@@ -7739,7 +7785,7 @@ def format_peer(peer: dict[str, Any]) -> str:
     return line + (f" - {peer['summary']}" if peer["summary"] else "")
 
 
-def format_message(message: dict[str, Any], shown: str) -> str:
+def format_message(message: MessageView, shown: str) -> str:
     """A message as check_messages shows it; ``shown``: how it reached the model already, or ''."""
     who = sender_meta(message)
     head = (f"message_id={message['id']} thread_id={message['thread_id']} from {message['from_name']}"
@@ -8107,7 +8153,7 @@ class Mail:
         if len(self.seen) > SEEN_LIMIT:
             del self.seen[next(iter(self.seen))]
 
-    def show(self, message: dict[str, Any], how: str) -> None:
+    def show(self, message: MessageView, how: str) -> None:
         """The model is shown ``message`` now: unread until read or answered."""
         self.remember(message["id"], how)
         self.unread[message["id"]] = message
@@ -8700,7 +8746,7 @@ class Shim:
         the broker took it, a crash shows these messages again."""
         self.unacked += ids
 
-    def _show(self, message: dict[str, Any], single: bool = True) -> None:
+    def _show(self, message: MessageView, single: bool = True) -> None:
         """A message the model is shown now (pushed on its own or in a digest, or posted): unread until read
         or answered."""
         self.mail.show(message, "posted into your session inbox" if self.mode.kind == "inbox"
@@ -8710,7 +8756,7 @@ class Shim:
         elif self.mode.kind == "inbox":
             self.mail.posted[message["id"]] = time.monotonic()
 
-    def _push(self, message: dict[str, Any]) -> None:
+    def _push(self, message: MessageView) -> None:
         """Write a channel notification (once per message id, ever, in this session: _show)."""
         self.wire.write({"jsonrpc": "2.0", "method": CHANNEL_METHOD,
                          "params": {"content": fence(message["text"]), "meta": push_meta(message)}})
@@ -11881,7 +11927,7 @@ MIN_CLAUDE_VERSION = (2, 1, 80)  # the first Claude Code with channels
 INBOX_CLAUDE_VERSION = (2, 1, 332)  # the first Claude Code seen giving each session an inbox (2.1.197 gave none)
 
 
-def message_delivery(message: dict[str, Any]) -> tuple[str, str]:
+def message_delivery(message: MessageView) -> tuple[str, str]:
     """(delivery, what it means) of a message: queued for an offline name, queued for a pull
     session, queued while pushed, delivered (pushed and acknowledged), read, undeliverable."""
     state, mode = message["state"], message.get("to_mode")
